@@ -1,0 +1,1 @@
+"""The activation service: the machine manufacturer activates an enrolled device with its metadata."""

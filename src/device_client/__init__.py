@@ -1,0 +1,1 @@
+"""The device side: factory provisioning, first-boot registration with DPS, telemetry to the hub."""

@@ -1,0 +1,1 @@
+"""The factory service: mints device certificates and enrolls devices in DPS (disabled)."""

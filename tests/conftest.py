@@ -1,0 +1,40 @@
+"""Fixtures every test package may use."""
+
+from __future__ import annotations
+
+import errno
+import random
+import socket
+
+import pytest
+
+# The device SDK always dials port 8883, so every emulator in the tests gets its own loopback address
+# instead of its own port.  Addresses are drawn at random from 127.0.0.0/8 (skipping 127.0.0.0/24, which
+# people use by hand) and probed, so parallel test runs on one machine do not collide.
+MQTT_PORT = 8883
+
+
+def _address_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                return False
+            raise
+    return True
+
+
+def free_loopback_address(port: int = MQTT_PORT) -> str:
+    """A 127.x.y.z address on which ``port`` is currently free."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        host = f"127.{rng.randint(1, 254)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+        if _address_is_free(host, port):
+            return host
+    raise RuntimeError("no free loopback address found for port %d" % port)
+
+
+@pytest.fixture
+def loopback_host() -> str:
+    return free_loopback_address()
