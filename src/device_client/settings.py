@@ -1,0 +1,273 @@
+"""One typed settings object for the device client, resolved once at start-up.
+
+Sources, lowest precedence first: built-in defaults, the config file (``--config`` or
+``DEVICE_CLIENT_CONFIG``; TOML, flat keys as below), the device's own ``settings.toml`` in its state
+directory (written at provisioning), the environment (``DEVICE_CLIENT_<KEY>`` upper-case), then
+command-line flags.  Keys::
+
+    state_root                 directory holding one state directory per device
+    id_scope                   DPS ID scope
+    global_endpoint            DPS global device endpoint host
+    trusted_ca_file            PEM file with the trust anchor for DPS and the hubs (omit: system roots)
+    factory_address            host:port of factory_svc
+    factory_tls                insecure | tls | mtls
+    factory_ca_file            PEM trust anchor for factory_svc (tls, mtls)
+    factory_client_cert_file   client certificate chain PEM (mtls)
+    factory_client_key_file    client private key PEM (mtls)
+    factory_timeout_s          deadline of each factory RPC
+    telemetry_interval_s       seconds between telemetry messages (desired property telemetryIntervalSeconds
+                               overrides it at run time)
+    buffer_max_messages        bound of the persisted outbox; the oldest are dropped beyond it
+    backoff_initial_s          first retry delay (DPS registration, hub connection)
+    backoff_max_s              retry delay cap
+    sdk_timeout_s              deadline of every single SDK call (some SDK failure paths never return)
+    give_up_after_s            stop `run` with an error when DPS/the hub stays unusable this long (0: never)
+    log_format                 auto | json | text
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from device_client.errors import SettingsError
+
+ENV_PREFIX = "DEVICE_CLIENT_"
+
+
+class FactoryTls(StrEnum):
+    INSECURE = "insecure"
+    TLS = "tls"
+    MTLS = "mtls"
+
+
+@dataclass(frozen=True)
+class FactorySettings:
+    address: str
+    tls: FactoryTls
+    ca_file: Path | None
+    client_cert_file: Path | None
+    client_key_file: Path | None
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    id_scope: str | None
+    global_endpoint: str
+    trusted_ca_file: Path | None
+
+    def require_scope(self) -> str:
+        if not self.id_scope:
+            raise SettingsError(
+                "no DPS ID scope configured (id_scope in settings, DEVICE_CLIENT_ID_SCOPE or --id-scope)",
+                "ID_SCOPE_MISSING",
+            )
+        return self.id_scope
+
+    def trusted_ca_pem(self) -> str | None:
+        if self.trusted_ca_file is None:
+            return None
+        try:
+            text = self.trusted_ca_file.read_text()
+        except OSError as exc:
+            raise SettingsError(
+                f"cannot read trusted CA file {self.trusted_ca_file}: {exc.strerror}", "TRUSTED_CA_UNREADABLE"
+            ) from exc
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            raise SettingsError(
+                f"trusted CA file {self.trusted_ca_file} holds no PEM certificate", "TRUSTED_CA_INVALID"
+            )
+        return text
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    telemetry_interval_s: float
+    buffer_max_messages: int
+    backoff_initial_s: float
+    backoff_max_s: float
+    sdk_timeout_s: float
+    give_up_after_s: float
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_root: Path
+    factory: FactorySettings
+    cloud: CloudSettings
+    runtime: RuntimeSettings
+    log_format: str
+
+
+DEFAULTS: dict[str, Any] = {
+    "state_root": "./device-state",
+    "id_scope": None,
+    "global_endpoint": "localhost",
+    "trusted_ca_file": None,
+    "factory_address": "127.0.0.1:50051",
+    "factory_tls": "insecure",
+    "factory_ca_file": None,
+    "factory_client_cert_file": None,
+    "factory_client_key_file": None,
+    "factory_timeout_s": 15.0,
+    "telemetry_interval_s": 5.0,
+    "buffer_max_messages": 10_000,
+    "backoff_initial_s": 2.0,
+    "backoff_max_s": 120.0,
+    "sdk_timeout_s": 30.0,
+    "give_up_after_s": 0.0,
+    "log_format": "auto",
+}
+KEYS = frozenset(DEFAULTS)
+
+
+def read_toml(path: Path, *, source: str) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise SettingsError(f"cannot read {source} {path}: {exc.strerror}", "SETTINGS_UNREADABLE") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{source} {path} is not valid TOML: {exc}", "SETTINGS_INVALID") from exc
+    unknown = sorted(set(data) - KEYS)
+    if unknown:
+        raise SettingsError(f"{source} {path}: unknown key(s) {', '.join(unknown)}", "SETTINGS_UNKNOWN_KEY")
+    # Relative file paths in a settings file are relative to that file.
+    for key in ("trusted_ca_file", "factory_ca_file", "factory_client_cert_file", "factory_client_key_file"):
+        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            data[key] = str(path.parent / data[key])
+    return data
+
+
+def env_layer(env: Mapping[str, str]) -> dict[str, Any]:
+    return {key: env[ENV_PREFIX + key.upper()] for key in KEYS if env.get(ENV_PREFIX + key.upper())}
+
+
+def _num(layers: dict[str, Any], key: str, *, minimum: float, integer: bool = False) -> Any:
+    raw = layers[key]
+    try:
+        value = int(raw) if integer else float(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"setting {key}: {raw!r} is not a number", "SETTINGS_INVALID") from exc
+    if value < minimum:
+        raise SettingsError(f"setting {key}: must be at least {minimum}, got {value}", "SETTINGS_INVALID")
+    return value
+
+
+def _path(layers: dict[str, Any], key: str) -> Path | None:
+    raw = layers.get(key)
+    return Path(str(raw)).expanduser() if raw not in (None, "") else None
+
+
+def _check_address(address: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"factory_address {address!r} must be host:port", "SETTINGS_INVALID")
+    return address
+
+
+def build_settings(layers: dict[str, Any]) -> Settings:
+    """Validate merged layers into :class:`Settings`."""
+    try:
+        tls = FactoryTls(str(layers["factory_tls"]).lower())
+    except ValueError as exc:
+        raise SettingsError(
+            f"factory_tls must be insecure, tls or mtls, got {layers['factory_tls']!r}", "SETTINGS_INVALID"
+        ) from exc
+    factory = FactorySettings(
+        address=_check_address(str(layers["factory_address"])),
+        tls=tls,
+        ca_file=_path(layers, "factory_ca_file"),
+        client_cert_file=_path(layers, "factory_client_cert_file"),
+        client_key_file=_path(layers, "factory_client_key_file"),
+        timeout_s=_num(layers, "factory_timeout_s", minimum=0.1),
+    )
+    if tls is FactoryTls.MTLS and (factory.client_cert_file is None or factory.client_key_file is None):
+        raise SettingsError(
+            "factory_tls=mtls needs factory_client_cert_file and factory_client_key_file", "SETTINGS_INVALID"
+        )
+    if tls is FactoryTls.INSECURE:
+        host = factory.address.rpartition(":")[0].strip("[]")
+        if host != "localhost":
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise SettingsError(
+                    f"factory_tls=insecure is only allowed for a loopback factory address, not {host!r}",
+                    "INSECURE_NOT_LOOPBACK",
+                )
+    scope = layers.get("id_scope")
+    cloud = CloudSettings(
+        id_scope=str(scope) if scope else None,
+        global_endpoint=str(layers["global_endpoint"]),
+        trusted_ca_file=_path(layers, "trusted_ca_file"),
+    )
+    runtime = RuntimeSettings(
+        telemetry_interval_s=_num(layers, "telemetry_interval_s", minimum=0.01),
+        buffer_max_messages=_num(layers, "buffer_max_messages", minimum=1, integer=True),
+        backoff_initial_s=_num(layers, "backoff_initial_s", minimum=0.01),
+        backoff_max_s=_num(layers, "backoff_max_s", minimum=0.01),
+        sdk_timeout_s=_num(layers, "sdk_timeout_s", minimum=0.5),
+        give_up_after_s=_num(layers, "give_up_after_s", minimum=0.0),
+    )
+    if runtime.backoff_max_s < runtime.backoff_initial_s:
+        raise SettingsError("backoff_max_s must not be below backoff_initial_s", "SETTINGS_INVALID")
+    log_format = str(layers["log_format"])
+    if log_format not in ("auto", "json", "text"):
+        raise SettingsError("log_format must be auto, json or text", "SETTINGS_INVALID")
+    return Settings(
+        state_root=Path(str(layers["state_root"])).expanduser(),
+        factory=factory,
+        cloud=cloud,
+        runtime=runtime,
+        log_format=log_format,
+    )
+
+
+def load_settings(
+    *,
+    env: Mapping[str, str],
+    config_file: Path | None = None,
+    device_settings: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the layers described in the module docstring.
+
+    ``device_settings`` is the device's own settings.toml (used when it exists); ``overrides`` are the
+    command-line values (``None`` values are ignored).
+    """
+    layers: dict[str, Any] = dict(DEFAULTS)
+    config = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None)
+    if config is not None:
+        layers.update(read_toml(config, source="config file"))
+    if device_settings is not None and device_settings.exists():
+        device_layer = read_toml(device_settings, source="device settings")
+        device_layer.pop("state_root", None)
+        layers.update(device_layer)
+    layers.update(env_layer(env))
+    layers.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(layers) - KEYS)
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {', '.join(unknown)}", "SETTINGS_UNKNOWN_KEY")
+    return build_settings(layers)
+
+
+def state_root_from(*, env: Mapping[str, str], config_file: Path | None, override: str | None) -> Path:
+    """The state root alone (needed before the device's own settings file can be located)."""
+    return load_settings(env=env, config_file=config_file, overrides={"state_root": override}).state_root
+
+
+def render_device_settings(values: Mapping[str, str]) -> bytes:
+    """A device settings.toml with flat string keys (TOML basic strings accept JSON string escapes)."""
+    import json
+
+    lines = ["# written by `device-client provision`; environment and flags take precedence"]
+    lines += [f"{key} = {json.dumps(str(value))}" for key, value in sorted(values.items()) if key in KEYS]
+    return ("\n".join(lines) + "\n").encode()

@@ -1,0 +1,269 @@
+"""The per-device state directory.
+
+Layout of ``{state_root}/{guid}/`` (everything the device keeps between runs)::
+
+    device.key          private key, PKCS#8 PEM, mode 0600 (never leaves the device in CSR mode)
+    device-chain.pem    certificate chain PEM: leaf, issuing CA, root (the SDK's X509 cert_file)
+    identity.json       metadata: guid, key origin, serial, thumbprints, validity, provisioned_at, enrollment
+    settings.toml       optional per-device settings written at provisioning (id_scope, global_endpoint,
+                        trusted_ca_file), below environment and command line in precedence
+    trusted-ca.pem      optional copy of the trust anchor for DPS / the hub (referenced by settings.toml)
+    assignment.json     cached DPS assignment: assigned_hub, device_id, registered_at (a cache: dropped
+                        when the hub refuses the device)
+    desired.json        last applied desired properties and their $version
+    telemetry.db        SQLite: bounded outbox of telemetry not yet acknowledged + sequence counter
+    run.lock            flock held by the one process running this device
+
+Writes are atomic (temporary file + fsync + rename); the private key is created 0600 from the start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from device_client.errors import IdentityError, IdentityExistsError, StateError
+from device_client.identity import IdentityInfo, check_validity, inspect_identity, load_chain, load_key
+
+log = logging.getLogger(__name__)
+
+KEY_FILE = "device.key"
+CHAIN_FILE = "device-chain.pem"
+IDENTITY_FILE = "identity.json"
+SETTINGS_FILE = "settings.toml"
+TRUSTED_CA_FILE = "trusted-ca.pem"
+ASSIGNMENT_FILE = "assignment.json"
+DESIRED_FILE = "desired.json"
+BUFFER_FILE = "telemetry.db"
+LOCK_FILE = "run.lock"
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat()
+
+
+def _parse_dt(value: Any, *, source: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError as exc:
+        raise StateError(f"{source}: bad timestamp {value!r}", "STATE_CORRUPTED") from exc
+    if parsed.tzinfo is None:
+        raise StateError(f"{source}: timestamp without time zone {value!r}", "STATE_CORRUPTED")
+    return parsed
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Where DPS put the device."""
+
+    assigned_hub: str
+    device_id: str
+    registered_at: datetime
+    id_scope: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "assigned_hub": self.assigned_hub,
+            "device_id": self.device_id,
+            "registered_at": _iso(self.registered_at),
+            "id_scope": self.id_scope,
+        }
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    version: int
+    properties: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StoredIdentity:
+    info: IdentityInfo
+    key_path: Path
+    chain_path: Path
+    metadata: dict[str, Any]
+
+
+class StateDir:
+    """One device's state directory; see the module docstring for the layout."""
+
+    def __init__(self, root: Path, guid: str) -> None:
+        self.root = root
+        self.guid = guid
+        self.path = root / guid
+
+    # -- paths ---------------------------------------------------------------------------------------
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def key_path(self) -> Path:
+        return self.file(KEY_FILE)
+
+    @property
+    def chain_path(self) -> Path:
+        return self.file(CHAIN_FILE)
+
+    @property
+    def buffer_path(self) -> Path:
+        return self.file(BUFFER_FILE)
+
+    @property
+    def settings_path(self) -> Path:
+        return self.file(SETTINGS_FILE)
+
+    # -- identity --------------------------------------------------------------------------------------
+    def has_identity(self) -> bool:
+        return any(self.file(n).exists() for n in (KEY_FILE, CHAIN_FILE, IDENTITY_FILE))
+
+    def require_present(self) -> None:
+        if not self.path.is_dir():
+            raise StateError(
+                f"no state for device {self.guid!r} in {self.root} "
+                f"(run `device-client provision {self.guid}`)",
+                "STATE_DIR_MISSING",
+                {"path": str(self.path)},
+            )
+        missing = [n for n in (KEY_FILE, CHAIN_FILE, IDENTITY_FILE) if not self.file(n).is_file()]
+        if missing:
+            raise StateError(
+                f"state directory {self.path} is incomplete: missing {', '.join(missing)} "
+                f"(re-provision with `device-client provision {self.guid} --force`)",
+                "STATE_INCOMPLETE",
+                {"missing": ",".join(missing)},
+            )
+
+    def write_identity(
+        self, *, key_pem: bytes, chain_pem: bytes, metadata: dict[str, Any], force: bool
+    ) -> None:
+        if self.has_identity() and not force:
+            raise IdentityExistsError(
+                f"device {self.guid!r} already has an identity in {self.path}; use --force to replace it",
+                "IDENTITY_EXISTS",
+            )
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(self.key_path, key_pem, 0o600)
+        atomic_write(self.chain_path, chain_pem)
+        atomic_write(self.file(IDENTITY_FILE), json.dumps(metadata, indent=2, sort_keys=True).encode())
+        # A new certificate makes the cached hub assignment stale: the hub knows the old thumbprint.
+        self.clear_assignment()
+
+    def read_metadata(self) -> dict[str, Any]:
+        path = self.file(IDENTITY_FILE)
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise StateError(f"{path}: unreadable or not JSON", "STATE_CORRUPTED") from exc
+        if not isinstance(data, dict) or str(data.get("guid", "")).lower() != self.guid:
+            raise StateError(f"{path}: does not describe device {self.guid!r}", "STATE_CORRUPTED")
+        return data
+
+    def load_identity(self, *, now: datetime | None = None) -> StoredIdentity:
+        """Load and check the identity; with ``now`` also require the certificate to be valid then."""
+        self.require_present()
+        mode = self.key_path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise StateError(
+                f"{self.key_path}: private key is readable by others (mode {mode:o}); chmod 600 it",
+                "KEY_PERMISSIONS",
+            )
+        metadata = self.read_metadata()
+        try:
+            key = load_key(self.key_path.read_bytes(), source=str(self.key_path))
+            chain = load_chain(self.chain_path.read_bytes(), source=str(self.chain_path))
+        except IdentityError as exc:
+            raise StateError(exc.message, "STATE_CORRUPTED", {"detail": exc.reason}) from exc
+        info = inspect_identity(self.guid, key, chain, source=str(self.path))
+        if now is not None:
+            check_validity(info, now=now, source=str(self.path))
+        return StoredIdentity(
+            info=info, key_path=self.key_path, chain_path=self.chain_path, metadata=metadata
+        )
+
+    # -- assignment cache ------------------------------------------------------------------------------
+    def read_assignment(self) -> Assignment | None:
+        path = self.file(ASSIGNMENT_FILE)
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_bytes())
+            return Assignment(
+                assigned_hub=str(data["assigned_hub"]),
+                device_id=str(data["device_id"]),
+                registered_at=_parse_dt(data["registered_at"], source=str(path)),
+                id_scope=data.get("id_scope"),
+            )
+        except (OSError, ValueError, KeyError, TypeError, StateError):
+            # Only a cache: a broken one costs one DPS registration, not an outage.
+            log.warning("ignoring unreadable assignment cache %s; will register with DPS", path)
+            return None
+
+    def write_assignment(self, assignment: Assignment) -> None:
+        atomic_write(self.file(ASSIGNMENT_FILE), json.dumps(assignment.to_json(), indent=2).encode())
+
+    def clear_assignment(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.file(ASSIGNMENT_FILE).unlink()
+
+    # -- desired properties ----------------------------------------------------------------------------
+    def read_desired(self) -> DesiredState | None:
+        path = self.file(DESIRED_FILE)
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_bytes())
+            return DesiredState(version=int(data["version"]), properties=dict(data["properties"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("ignoring unreadable desired-properties cache %s", path)
+            return None
+
+    def write_desired(self, state: DesiredState) -> None:
+        body = {"version": state.version, "properties": state.properties}
+        atomic_write(self.file(DESIRED_FILE), json.dumps(body, indent=2, sort_keys=True).encode())
+
+    # -- exclusive use -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the device's run lock: one process per device."""
+        self.require_present()
+        fd = os.open(self.file(LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise StateError(
+                    f"device {self.guid!r} is already running (lock {self.file(LOCK_FILE)} is held)",
+                    "STATE_IN_USE",
+                ) from exc
+            yield
+        finally:
+            os.close(fd)

@@ -1,0 +1,60 @@
+"""Telemetry message construction: a JSON body with a sequence number, a timestamp and sample readings."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from azure.iot.device import Message
+
+CONTENT_TYPE = "application/json"
+CONTENT_ENCODING = "utf-8"
+
+
+@dataclass(frozen=True)
+class Readings:
+    temperature_c: float
+    humidity_pct: float
+    supply_voltage_v: float
+
+
+def sample_readings(seq: int, now: datetime) -> Readings:
+    """Plausible, deterministic concentrator readings (a slow daily cycle plus a small sequence ripple)."""
+    day_phase = (now.hour * 3600 + now.minute * 60 + now.second) / 86400 * 2 * math.pi
+    ripple = math.sin(seq * 0.7)
+    return Readings(
+        temperature_c=round(21.0 + 4.0 * math.sin(day_phase) + 0.3 * ripple, 2),
+        humidity_pct=round(45.0 + 10.0 * math.cos(day_phase) - 0.5 * ripple, 2),
+        supply_voltage_v=round(24.0 + 0.2 * math.sin(seq * 0.31), 3),
+    )
+
+
+def build_body(device_id: str, seq: int, now: datetime) -> bytes:
+    readings = sample_readings(seq, now)
+    body = {
+        "deviceId": device_id,
+        "seq": seq,
+        "timestamp": now.isoformat(timespec="milliseconds"),
+        "readings": {
+            "temperatureC": readings.temperature_c,
+            "humidityPct": readings.humidity_pct,
+            "supplyVoltageV": readings.supply_voltage_v,
+        },
+    }
+    return json.dumps(body, separators=(",", ":")).encode(CONTENT_ENCODING)
+
+
+def new_message_id() -> str:
+    return str(uuid.uuid4())
+
+
+def to_sdk_message(seq: int, message_id: str, body: bytes) -> Message:
+    """The SDK message for a buffered body: the same message id on every (re)send."""
+    message = Message(
+        body, message_id=message_id, content_encoding=CONTENT_ENCODING, content_type=CONTENT_TYPE
+    )
+    message.custom_properties["seq"] = str(seq)
+    return message
