@@ -38,6 +38,12 @@ class DeviceClientError(Exception):
         return self.message
 
 
+class UsageError(DeviceClientError):
+    """A bad argument (e.g. a malformed device id)."""
+
+    exit_code = EXIT_USAGE
+
+
 class SettingsError(DeviceClientError):
     exit_code = EXIT_SETTINGS
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from device_client.errors import IdentityError
+from device_client.errors import IdentityError, UsageError
 
 # DPS X.509 registration ids: 1-64 chars, alphanumerics and - . _ :, last char alphanumeric or '-'.
 _GUID_RE = re.compile(r"^[a-z0-9\-._:]{0,63}[a-z0-9\-]$")
@@ -33,7 +33,7 @@ def normalise_guid(raw: str) -> str:
     """The hardware GUID as DPS registration id and hub device id (lower case); raises on bad input."""
     guid = raw.strip().lower()
     if not _GUID_RE.match(guid):
-        raise IdentityError(
+        raise UsageError(
             f"invalid device id {raw!r}: 1-64 characters, letters, digits and - . _ : only, "
             "ending in a letter, digit or '-'",
             "INVALID_DEVICE_ID",

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from certs import TinyCa, make_identity
 
-from device_client.errors import IdentityError, IdentityExistsError, StateError
+from device_client.errors import IdentityError, IdentityExistsError, StateError, UsageError
 from device_client.identity import normalise_guid
 from device_client.state import Assignment, DesiredState, StateDir
 
@@ -139,7 +139,7 @@ def test_lock_is_exclusive(tmp_path, ca):
 
 @pytest.mark.parametrize("raw", ["", "a" * 65, "bad/char", "ends.", "spa ce"])
 def test_guid_rules(raw):
-    with pytest.raises(IdentityError) as err:
+    with pytest.raises(UsageError) as err:
         normalise_guid(raw)
     assert err.value.reason == "INVALID_DEVICE_ID"
 

@@ -1,0 +1,267 @@
+"""`device-client`: provision (factory test bench), run (first boot and every boot), status.
+
+Exit codes: 0 ok, 2 usage, 3 state directory missing/corrupted/in use, 4 identity unusable (key does
+not match certificate, certificate expired), 5 factory unreachable or refused, 6 identity exists (use
+--force), 7 DPS/hub unusable past --give-up-after, 8 invalid settings, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from device_client.errors import EXIT_INTERRUPTED, EXIT_OK, DeviceClientError
+from device_client.identity import KeyType, normalise_guid
+from device_client.logs import configure_logging
+from device_client.settings import Settings, load_settings
+from device_client.state import StateDir
+
+log = logging.getLogger("device_client")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="device-client",
+        description="IoT concentrator device client: factory provisioning, DPS registration, telemetry.",
+        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+    )
+    p.add_argument("--config", type=Path, help="TOML settings file (also DEVICE_CLIENT_CONFIG)")
+    p.add_argument("--state-root", help="directory with one state directory per device")
+    p.add_argument("--log-format", choices=["auto", "json", "text"])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (SDK included)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cloud_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--id-scope", help="DPS ID scope")
+        sp.add_argument("--global-endpoint", help="DPS global device endpoint host")
+        sp.add_argument("--trusted-ca", help="PEM trust anchor for DPS and the hubs")
+
+    prov = sub.add_parser("provision", help="mint the device identity at the factory and enroll it")
+    prov.add_argument("guid", help="hardware GUID (= DPS registration id = hub device id)")
+    prov.add_argument("--force", action="store_true", help="replace an existing identity")
+    prov.add_argument(
+        "--server-keygen",
+        action="store_true",
+        help="let the factory generate the key (for jigs without crypto); default: key made on the device",
+    )
+    prov.add_argument("--key-type", choices=[k.value for k in KeyType], default=KeyType.EC_P256.value)
+    prov.add_argument("--no-enroll", action="store_true", help="mint only; do not create the DPS enrollment")
+    prov.add_argument("--request-id", help="idempotency key for the factory calls (default: random)")
+    prov.add_argument("--factory", help="factory_svc address host:port")
+    prov.add_argument("--factory-tls", choices=["insecure", "tls", "mtls"])
+    prov.add_argument("--factory-ca", help="PEM trust anchor for factory_svc")
+    prov.add_argument("--factory-client-cert", help="client certificate chain PEM (mtls)")
+    prov.add_argument("--factory-client-key", help="client key PEM (mtls)")
+    cloud_flags(prov)
+
+    run = sub.add_parser("run", help="register (first boot), connect and send telemetry until stopped")
+    run.add_argument("guid")
+    run.add_argument("--interval", type=float, help="seconds between telemetry messages (default 5)")
+    run.add_argument("--buffer-max", type=int, help="bound of the persisted outbox (messages)")
+    run.add_argument("--give-up-after", type=float, help="exit 7 when DPS/the hub stays unusable this long")
+    cloud_flags(run)
+
+    st = sub.add_parser("status", help="identity, certificate expiry, assignment, buffered messages")
+    st.add_argument("guid")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    mapping = {
+        "state_root": "state_root",
+        "log_format": "log_format",
+        "id_scope": "id_scope",
+        "global_endpoint": "global_endpoint",
+        "trusted_ca": "trusted_ca_file",
+        "factory": "factory_address",
+        "factory_tls": "factory_tls",
+        "factory_ca": "factory_ca_file",
+        "factory_client_cert": "factory_client_cert_file",
+        "factory_client_key": "factory_client_key_file",
+        "interval": "telemetry_interval_s",
+        "buffer_max": "buffer_max_messages",
+        "give_up_after": "give_up_after_s",
+    }
+    return {
+        key: getattr(args, attr) for attr, key in mapping.items() if getattr(args, attr, None) is not None
+    }
+
+
+def resolve_settings(args: argparse.Namespace, guid: str) -> Settings:
+    env = dict(os.environ)  # the one place the environment is read
+    overrides = _overrides(args)
+    base = load_settings(env=env, config_file=args.config, overrides=overrides)
+    device = StateDir(base.state_root, guid)
+    return load_settings(
+        env=env, config_file=args.config, device_settings=device.settings_path, overrides=overrides
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        guid = normalise_guid(args.guid)
+        settings = resolve_settings(args, guid)
+        configure_logging(settings.log_format, args.verbose)
+        if args.command == "provision":
+            return _provision(args, guid, settings)
+        if args.command == "run":
+            return _run(guid, settings)
+        return _status(guid, settings, as_json=args.json)
+    except DeviceClientError as exc:
+        print(f"device-client: error: {exc.message} [{exc.reason}]", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+# -- provision -------------------------------------------------------------------------------------
+def _provision(args: argparse.Namespace, guid: str, settings: Settings) -> int:
+    from device_client.provisioning import ProvisionRequest, provision
+
+    request = ProvisionRequest(
+        guid=guid,
+        key_type=KeyType(args.key_type),
+        server_keygen=args.server_keygen,
+        enroll=not args.no_enroll,
+        force=args.force,
+        request_id=args.request_id,
+    )
+    result = asyncio.run(provision(request, settings))
+    info = result.identity
+    print(f"device       {guid}")
+    print(f"state        {result.state_path}")
+    print(
+        f"key          {'generated by the factory' if args.server_keygen else 'generated on the device'} "
+        f"({info.key_type})"
+    )
+    print(f"serial       {info.serial_hex}")
+    print(f"thumbprint   {info.thumbprint_sha1} (SHA-1)  {info.thumbprint_sha256} (SHA-256)")
+    print(f"valid until  {info.not_after.isoformat()}")
+    print(f"enrollment   {result.enrollment}")
+    if result.activation_code:
+        # Shown once, for the label next to the GUID; never stored on the device, never logged.
+        print(f"ACTIVATION CODE (shown once, print it on the label): {result.activation_code}")
+    return EXIT_OK
+
+
+# -- run -------------------------------------------------------------------------------------------
+def _run(guid: str, settings: Settings) -> int:
+    from device_client.runtime import DeviceRuntime, RuntimeSnapshot
+
+    last_state: list[str] = []
+
+    def on_change(snap: RuntimeSnapshot) -> None:
+        if not last_state or last_state[-1] != snap.state.value:
+            last_state.append(snap.state.value)
+            log.info("state %s", snap.state.value, extra={"device_id": guid, "state": snap.state.value})
+
+    async def go() -> None:
+        runtime = DeviceRuntime(guid, settings, on_change=on_change)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, runtime.stop)
+        await runtime.run()
+        snap = runtime.snapshot
+        log.info(
+            "stopped: %d message(s) sent this run, %d buffered",
+            snap.telemetry_sent,
+            snap.pending,
+            extra={"device_id": guid},
+        )
+
+    asyncio.run(go())
+    return EXIT_OK
+
+
+# -- status ----------------------------------------------------------------------------------------
+def status_report(guid: str, settings: Settings, *, now: datetime) -> dict[str, Any]:
+    import sqlite3
+
+    from device_client.buffer import TelemetryBuffer
+
+    state = StateDir(settings.state_root, guid)
+    ident = state.load_identity()
+    info = ident.info
+    remaining = info.not_after - now
+    assignment = state.read_assignment()
+    buffered: dict[str, Any] = {"pending": 0, "dropped": 0, "sent": 0, "next_seq": 1, "oldest_seq": None}
+    if state.buffer_path.exists():
+        try:
+            buf = TelemetryBuffer(state.buffer_path, settings.runtime.buffer_max_messages)
+            stats = buf.stats()
+            buf.close()
+            buffered = {
+                "pending": stats.pending,
+                "dropped": stats.dropped,
+                "sent": stats.sent,
+                "next_seq": stats.next_seq,
+                "oldest_seq": stats.oldest_seq,
+            }
+        except sqlite3.OperationalError:
+            buffered["error"] = "buffer busy"
+    desired = state.read_desired()
+    return {
+        "device": guid,
+        "state_dir": str(state.path),
+        "identity": {
+            "key_type": info.key_type,
+            "key_origin": ident.metadata.get("key_origin"),
+            "serial": info.serial_hex,
+            "thumbprint_sha1": info.thumbprint_sha1,
+            "thumbprint_sha256": info.thumbprint_sha256,
+            "issuer": info.issuer,
+            "not_before": info.not_before.isoformat(),
+            "not_after": info.not_after.isoformat(),
+            "expired": remaining.total_seconds() <= 0,
+            "days_left": round(remaining.total_seconds() / 86400, 1),
+            "enrollment": ident.metadata.get("enrollment"),
+        },
+        "assignment": assignment.to_json() if assignment else None,
+        "telemetry": buffered,
+        "desired": {"version": desired.version, "properties": desired.properties} if desired else None,
+    }
+
+
+def _status(guid: str, settings: Settings, *, as_json: bool) -> int:
+    report = status_report(guid, settings, now=datetime.now(UTC))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    ident = report["identity"]
+    expiry = "EXPIRED" if ident["expired"] else f"{ident['days_left']} days left"
+    a = report["assignment"]
+    t = report["telemetry"]
+    print(f"device       {guid}")
+    print(f"state        {report['state_dir']}")
+    print(
+        f"identity     {ident['key_type']} key ({ident['key_origin'] or 'unknown origin'}), "
+        f"serial {ident['serial']}"
+    )
+    print(f"thumbprint   {ident['thumbprint_sha1']}")
+    print(f"certificate  valid until {ident['not_after']} ({expiry})")
+    print(f"enrollment   {ident['enrollment'] or 'unknown'}")
+    if a:
+        print(f"assignment   hub {a['assigned_hub']}, device id {a['device_id']}, since {a['registered_at']}")
+    else:
+        print("assignment   none cached (next run registers with DPS)")
+    print(
+        f"telemetry    {t['pending']} buffered, {t['dropped']} dropped, {t['sent']} sent, "
+        f"next sequence number {t['next_seq']}"
+    )
+    if report["desired"]:
+        print(
+            f"desired      version {report['desired']['version']}: "
+            f"{json.dumps(report['desired']['properties'])}"
+        )
+    return EXIT_OK

@@ -1,0 +1,431 @@
+"""DeviceRuntime: the field run loop of one device, as an importable async API.
+
+    runtime = DeviceRuntime(guid, settings, on_change=print)
+    task = asyncio.create_task(runtime.run())   # returns after stop(); raises DeviceClientError on a
+    ...                                         # fatal problem (bad state dir, expired certificate, ...)
+    runtime.stop()                              # graceful: flush what can be flushed, disconnect
+    await task
+
+What it does: with no cached assignment it registers with DPS (X.509) and caches assignedHub/deviceId;
+while the enrollment is disabled it logs "waiting for activation" and retries with capped exponential
+backoff; it connects to the hub with a fresh SDK client per connection; when the hub refuses a cached
+assignment (device deleted, disabled, moved, new certificate) it registers through DPS again; telemetry is
+produced every interval into the persisted outbox and sent strictly in order, so messages produced during
+an outage leave after reconnecting; desired properties (initial twin included) are applied and
+acknowledged as reported properties; ``telemetryIntervalSeconds`` changes the interval at once.
+
+Several runtimes can run in one event loop (one per device); each reports through ``on_change`` with a
+:class:`RuntimeSnapshot` whenever its lifecycle state changes or a message is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from device_client import dps
+from device_client.backoff import Backoff
+from device_client.buffer import TelemetryBuffer
+from device_client.desired import DesiredOutcome, apply_document, apply_patch
+from device_client.errors import CloudError
+from device_client.hub import HubRefused, HubSession, HubTarget, HubUnavailable
+from device_client.settings import Settings
+from device_client.state import Assignment, DesiredState, StateDir, StoredIdentity
+from device_client.telemetry import build_body, new_message_id
+
+log = logging.getLogger(__name__)
+
+
+class DeviceState(StrEnum):
+    IDLE = "IDLE"
+    REGISTERING = "REGISTERING"
+    WAITING_FOR_ACTIVATION = "WAITING_FOR_ACTIVATION"
+    REGISTERED = "REGISTERED"  # has an assignment, not (yet / any more) connected to its hub
+    CONNECTED = "CONNECTED"  # connected, outbox empty
+    SENDING = "SENDING"  # connected, flushing the outbox
+    STOPPED = "STOPPED"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class RuntimeSnapshot:
+    guid: str
+    state: DeviceState
+    assigned_hub: str | None = None
+    device_id: str | None = None
+    telemetry_sent: int = 0  # acknowledged by the hub during this run
+    last_seq_sent: int | None = None
+    last_message: dict[str, Any] | None = None  # body of the last acknowledged message
+    last_sent_at: datetime | None = None
+    pending: int = 0  # in the outbox
+    dropped: int = 0  # ever dropped because the outbox was full
+    interval_s: float = 5.0
+    registrations: int = 0  # successful DPS registrations during this run
+    last_error: str | None = None
+
+
+Listener = Callable[[RuntimeSnapshot], None]
+
+
+class _Stopped(Exception):
+    """stop() was requested while an SDK call was in flight."""
+
+
+class DeviceRuntime:
+    def __init__(
+        self,
+        guid: str,
+        settings: Settings,
+        *,
+        on_change: Listener | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.guid = guid
+        self.settings = settings
+        self.state_dir = StateDir(settings.state_root, guid)
+        self._listeners: list[Listener] = [on_change] if on_change else []
+        self._clock = clock
+        rt = settings.runtime
+        self._snapshot = RuntimeSnapshot(
+            guid=guid, state=DeviceState.IDLE, interval_s=rt.telemetry_interval_s
+        )
+        self._stop = asyncio.Event()
+        self._wake_sender = asyncio.Event()
+        self._interval_changed = asyncio.Event()
+        self._link_lost = asyncio.Event()
+        self._patches: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._desired_interval: float | None = None
+        self._desired = DesiredState(0, {})
+        self._buffer: TelemetryBuffer | None = None
+        self._session: HubSession | None = None
+        self._producer: asyncio.Task[None] | None = None
+        self._trouble_since: float | None = None
+
+    # -- public API ----------------------------------------------------------------------------------
+    @property
+    def snapshot(self) -> RuntimeSnapshot:
+        return self._snapshot
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def stop(self) -> None:
+        """Ask the runtime to stop gracefully (idempotent; call from the runtime's event loop)."""
+        self._stop.set()
+        self._wake_sender.set()
+
+    @property
+    def interval_s(self) -> float:
+        return self._desired_interval or self.settings.runtime.telemetry_interval_s
+
+    async def run(self) -> None:
+        """Run until :meth:`stop`; raises :class:`DeviceClientError` for fatal, expected problems."""
+        try:
+            identity = self.state_dir.load_identity(now=self._clock())
+            with self.state_dir.locked():
+                await self._run_locked(identity)
+        except Exception as exc:
+            self._update(state=DeviceState.FAILED, last_error=str(exc))
+            raise
+        self._update(state=DeviceState.STOPPED)
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _update(self, **changes: Any) -> None:
+        new = replace(self._snapshot, **changes)
+        if new == self._snapshot:
+            return
+        self._snapshot = new
+        for listener in self._listeners:
+            try:
+                listener(new)
+            except Exception:
+                log.exception("state listener failed")
+
+    def _refresh_buffer_stats(self) -> None:
+        if self._buffer is not None:
+            stats = self._buffer.stats()
+            self._update(pending=stats.pending, dropped=stats.dropped)
+
+    def _log(self, level: int, msg: str, *args: Any, **extra: Any) -> None:
+        log.log(level, msg, *args, extra={"device_id": self.guid, **extra})
+
+    async def _run_locked(self, identity: StoredIdentity) -> None:
+        cloud = self.settings.cloud
+        rt = self.settings.runtime
+        ca_pem = cloud.trusted_ca_pem()
+        self._buffer = TelemetryBuffer(self.state_dir.buffer_path, rt.buffer_max_messages)
+        stored = self.state_dir.read_desired()
+        if stored is not None:
+            self._desired = stored
+            self._desired_interval = apply_document(
+                {**stored.properties, "$version": stored.version}, None
+            ).interval_s
+        self._update(interval_s=self.interval_s)
+        self._refresh_buffer_stats()
+        try:
+            backoff = Backoff(rt.backoff_initial_s, rt.backoff_max_s)
+            assignment = self.state_dir.read_assignment()
+            fresh = False
+            while not self._stop.is_set():
+                if assignment is None:
+                    assignment = await self._register(identity, cloud.require_scope(), ca_pem)
+                    if assignment is None:
+                        break  # stopped while registering
+                    fresh = True
+                self._start_producer()
+                self._update(
+                    state=DeviceState.REGISTERED,
+                    assigned_hub=assignment.assigned_hub,
+                    device_id=assignment.device_id,
+                )
+                try:
+                    await self._serve(identity, assignment, ca_pem)
+                    backoff.reset()
+                    self._trouble_since = None
+                except HubRefused as exc:
+                    self._log(
+                        logging.WARNING,
+                        "hub %s refused the device (%s); registering with DPS again",
+                        assignment.assigned_hub,
+                        exc,
+                        hub=assignment.assigned_hub,
+                    )
+                    self._update(last_error=str(exc))
+                    self.state_dir.clear_assignment()
+                    if fresh:  # refused right after DPS put us there: do not hammer DPS
+                        await self._pause(backoff, "hub refused a fresh assignment")
+                    assignment, fresh = None, False
+                except HubUnavailable as exc:
+                    self._update(last_error=str(exc))
+                    await self._pause(backoff, f"hub {assignment.assigned_hub} unavailable: {exc}")
+        finally:
+            await self._shutdown()
+
+    async def _unless_stopped(self, awaitable: Any) -> Any:
+        """Await ``awaitable`` unless stop() comes first (then cancel it and raise _Stopped)."""
+        task = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise _Stopped
+        return task.result()
+
+    async def _pause(self, backoff: Backoff, why: str) -> None:
+        now = time.monotonic()
+        if self._trouble_since is None:
+            self._trouble_since = now
+        give_up = self.settings.runtime.give_up_after_s
+        if give_up and now - self._trouble_since >= give_up:
+            raise CloudError(f"giving up after {give_up:g} s: {why}", "CLOUD_UNAVAILABLE")
+        delay = backoff.next_delay()
+        self._log(logging.INFO, "%s; retrying in %.1f s", why, delay, delay_s=round(delay, 2))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), delay)
+
+    async def _register(
+        self, identity: StoredIdentity, id_scope: str, ca_pem: str | None
+    ) -> Assignment | None:
+        rt = self.settings.runtime
+        # DPS allows a device 5 polls per 10 s; a registration attempt polls every 2 s, so attempts are
+        # spaced by at least 2 s (capped exponential backoff), keeping well within that limit.
+        backoff = Backoff(max(rt.backoff_initial_s, 0.01), rt.backoff_max_s)
+        target = dps.DpsTarget(self.settings.cloud.global_endpoint, id_scope, ca_pem)
+        waiting_logged = False
+        while not self._stop.is_set():
+            self._update(state=DeviceState.REGISTERING)
+            try:
+                assignment = await self._unless_stopped(
+                    dps.register(
+                        guid=self.guid,
+                        chain_path=identity.chain_path,
+                        key_path=identity.key_path,
+                        target=target,
+                        timeout_s=rt.sdk_timeout_s * 3,
+                    )
+                )
+            except _Stopped:
+                return None
+            except dps.RegistrationRefused as refused:
+                if refused.outcome in (
+                    dps.RegistrationOutcome.NOT_ACTIVATED,
+                    dps.RegistrationOutcome.NOT_ENROLLED,
+                ):
+                    self._update(state=DeviceState.WAITING_FOR_ACTIVATION, last_error=str(refused))
+                    if not waiting_logged:
+                        self._log(
+                            logging.WARNING,
+                            "waiting for activation (%s)",
+                            refused.detail,
+                            reason=refused.outcome.value,
+                        )
+                        waiting_logged = True
+                    # Waiting for a person is not an outage: no give-up deadline here.
+                    delay = backoff.next_delay()
+                    self._log(logging.DEBUG, "next registration attempt in %.1f s", delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), delay)
+                else:
+                    self._update(last_error=str(refused))
+                    await self._pause(backoff, f"registration with DPS failed ({refused})")
+                continue
+            self.state_dir.write_assignment(assignment)
+            self._trouble_since = None
+            self._log(
+                logging.INFO,
+                "registered with DPS: hub %s, device id %s",
+                assignment.assigned_hub,
+                assignment.device_id,
+                hub=assignment.assigned_hub,
+            )
+            self._update(registrations=self._snapshot.registrations + 1, last_error=None)
+            return assignment
+        return None
+
+    # -- one hub connection ------------------------------------------------------------------------------
+    async def _serve(self, identity: StoredIdentity, assignment: Assignment, ca_pem: str | None) -> None:
+        """Connect and run until stop (returns) or the link is lost (raises HubUnavailable/HubRefused)."""
+        self._link_lost.clear()
+        self._patches = asyncio.Queue()
+        session = HubSession(
+            HubTarget(assignment.assigned_hub, assignment.device_id, ca_pem),
+            chain_path=identity.chain_path,
+            key_path=identity.key_path,
+            timeout_s=self.settings.runtime.sdk_timeout_s,
+            on_desired_patch=self._on_desired_patch,
+            on_disconnected=self._on_link_lost,
+        )
+        self._session = session
+        try:
+            try:
+                desired = await self._unless_stopped(session.open())
+            except _Stopped:
+                return
+            self._log(
+                logging.INFO, "connected to hub %s", assignment.assigned_hub, hub=assignment.assigned_hub
+            )
+            self._update(state=DeviceState.CONNECTED, last_error=None)
+            await self._apply_desired(session, apply_document(desired, self._desired_interval))
+            await self._pump(session)
+        finally:
+            self._session = None
+            if self._stop.is_set():
+                await self._flush_on_stop(session)
+            await session.close()
+
+    def _on_desired_patch(self, patch: dict[str, Any]) -> None:
+        self._patches.put_nowait(patch)
+        self._wake_sender.set()
+
+    def _on_link_lost(self) -> None:
+        self._link_lost.set()
+        self._wake_sender.set()
+
+    async def _pump(self, session: HubSession) -> None:
+        """Send the outbox in order and apply desired patches until stop or link loss."""
+        assert self._buffer is not None
+        while not self._stop.is_set():
+            if self._link_lost.is_set() or not session.connected:
+                raise HubUnavailable("connection to the hub lost")
+            while not self._patches.empty():
+                patch = self._patches.get_nowait()
+                await self._apply_desired(
+                    session, apply_patch(self._desired.properties, patch, self._desired_interval)
+                )
+            pending = self._buffer.peek(1)
+            if not pending:
+                self._update(state=DeviceState.CONNECTED)
+                self._wake_sender.clear()
+                await self._wake_sender.wait()
+                continue
+            self._update(state=DeviceState.SENDING)
+            await self._send_one(session)
+
+    async def _send_one(self, session: HubSession) -> None:
+        assert self._buffer is not None
+        (message,) = self._buffer.peek(1)
+        await session.send(message.seq, message.message_id, message.body)
+        self._buffer.acknowledge(message.seq)
+        try:
+            body = json.loads(message.body)
+        except ValueError:
+            body = None
+        stats = self._buffer.stats()
+        self._update(
+            telemetry_sent=self._snapshot.telemetry_sent + 1,
+            last_seq_sent=message.seq,
+            last_message=body,
+            last_sent_at=self._clock(),
+            pending=stats.pending,
+            dropped=stats.dropped,
+        )
+
+    async def _apply_desired(self, session: HubSession, outcome: DesiredOutcome) -> None:
+        self._desired = DesiredState(outcome.version, outcome.properties)
+        self.state_dir.write_desired(self._desired)
+        if outcome.interval_s != self._desired_interval:
+            self._desired_interval = outcome.interval_s
+            self._log(logging.INFO, "telemetry interval now %.3g s", self.interval_s)
+            self._update(interval_s=self.interval_s)
+            self._interval_changed.set()
+        await session.report(outcome.reported_patch)
+
+    async def _flush_on_stop(self, session: HubSession) -> None:
+        """Best effort: send what is buffered within one SDK deadline, then let go."""
+        assert self._buffer is not None
+        deadline = time.monotonic() + self.settings.runtime.sdk_timeout_s
+        with contextlib.suppress(HubUnavailable, HubRefused):
+            while session.connected and self._buffer.peek(1) and time.monotonic() < deadline:
+                await self._send_one(session)
+
+    # -- telemetry production ------------------------------------------------------------------------------
+    def _start_producer(self) -> None:
+        if self._producer is None:
+            self._producer = asyncio.create_task(self._produce(), name=f"telemetry-{self.guid}")
+
+    async def _produce(self) -> None:
+        assert self._buffer is not None
+        while not self._stop.is_set():
+            now = self._clock()
+            self._buffer.append(lambda seq, now=now: (new_message_id(), now, build_body(self.guid, seq, now)))
+            self._refresh_buffer_stats()
+            self._wake_sender.set()
+            self._interval_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                # A new interval takes effect at once (a long old interval is not waited out).
+                await asyncio.wait_for(self._interval_or_stop(), self.interval_s)
+
+    async def _interval_or_stop(self) -> None:
+        stop = asyncio.ensure_future(self._stop.wait())
+        changed = asyncio.ensure_future(self._interval_changed.wait())
+        try:
+            await asyncio.wait({stop, changed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            changed.cancel()
+
+    async def _shutdown(self) -> None:
+        if self._producer is not None:
+            self._producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._producer
+            self._producer = None
+        if self._session is not None:
+            await self._session.close()
+        if self._buffer is not None:
+            self._refresh_buffer_stats()
+            self._buffer.close()
+            self._buffer = None
