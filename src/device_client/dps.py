@@ -41,8 +41,10 @@ class RegistrationRefused(Exception):
         return f"{self.outcome.value}: {self.detail}"
 
 
-_STATUS_RE = re.compile(r"registration status (?:of )?(\w+)", re.IGNORECASE)
-_CODE_RE = re.compile(r"status code (?:of )?(\d{3})")
+# The texts of azure-iot-device 2.14's provisioning ServiceError (pipeline_stages_provisioning.py).
+_INVALID_STATUS_RE = re.compile(r"invalid registration status (\w+)", re.IGNORECASE)
+_FAILED_STATUS = "failed registration status"
+_CODE_RE = re.compile(r"service error status code (\d{3})")
 
 
 def _cause_texts(exc: BaseException) -> list[str]:
@@ -71,12 +73,14 @@ def classify_registration_error(exc: BaseException) -> RegistrationRefused:
     texts = _cause_texts(exc)
     joined = " | ".join(texts)
     for text in texts:
-        match = _STATUS_RE.search(text)
+        match = _INVALID_STATUS_RE.search(text)
         if match:
             status = match.group(1).lower()
             if status == "disabled":
                 return RegistrationRefused(RegistrationOutcome.NOT_ACTIVATED, "the enrollment is disabled")
             return RegistrationRefused(RegistrationOutcome.FAILED, f"registration status {status}")
+        if _FAILED_STATUS in text:
+            return RegistrationRefused(RegistrationOutcome.FAILED, "DPS reported the registration as failed")
         code = _CODE_RE.search(text)
         if code:
             status_code = int(code.group(1))
