@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from azure.iot.device import exceptions
-from azure.iot.device.provisioning.pipeline import exceptions as pipeline_exceptions
 
 from device_client.dps import RegistrationOutcome, classify_registration_error
 
@@ -13,8 +12,8 @@ from device_client.dps import RegistrationOutcome, classify_registration_error
 def _client_error(cause_text: str) -> exceptions.ClientError:
     try:
         try:
-            raise pipeline_exceptions.ServiceError(cause_text)
-        except pipeline_exceptions.ServiceError as cause:
+            raise exceptions.ServiceError(cause_text)
+        except exceptions.ServiceError as cause:
             raise exceptions.ClientError("Unexpected failure") from cause
     except exceptions.ClientError as err:
         return err
