@@ -1,0 +1,163 @@
+"""Durable device-to-cloud telemetry (SQLite table ``hub_messages``).
+
+Every accepted message is written before the device gets its PUBACK.  Readers (the REST endpoint, the
+``messages`` and ``monitor`` CLI commands, possibly in another process on the same file) read by
+sequence number, so tailing is ``after_seq`` polling of an indexed integer column.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from azure_iot_emulator.hub.timefmt import azure_time
+from azure_iot_emulator.hub.topics import PropertyBag
+from azure_iot_emulator.store import Database
+
+MAX_MESSAGE_BYTES = 256 * 1024  # Azure's device-to-cloud message size limit
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS hub_messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        hub TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        enqueued_time TEXT NOT NULL,
+        system_properties TEXT NOT NULL,
+        application_properties TEXT NOT NULL,
+        body BLOB NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS hub_messages_device ON hub_messages (hub, device_id, seq)",
+)
+
+
+class MessageTooLarge(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    seq: int
+    hub: str
+    device_id: str
+    enqueued_time: str
+    system_properties: dict[str, str]
+    application_properties: dict[str, str]
+    body: bytes
+
+    def body_text(self) -> str | None:
+        try:
+            return self.body.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        text = self.body_text()
+        body: Any
+        if text is None:
+            body = None
+        else:
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = text
+        return {
+            "sequenceNumber": self.seq,
+            "deviceId": self.device_id,
+            "hub": self.hub,
+            "enqueuedTimeUtc": self.enqueued_time,
+            "systemProperties": self.system_properties,
+            "properties": self.application_properties,
+            "body": body,
+            "bodyBase64": base64.b64encode(self.body).decode("ascii"),
+        }
+
+
+def _from_row(row: sqlite3.Row) -> StoredMessage:
+    return StoredMessage(
+        seq=row["seq"],
+        hub=row["hub"],
+        device_id=row["device_id"],
+        enqueued_time=row["enqueued_time"],
+        system_properties=json.loads(row["system_properties"]),
+        application_properties=json.loads(row["application_properties"]),
+        body=bytes(row["body"]),
+    )
+
+
+class TelemetryStore:
+    def __init__(self, db: Database, clock: Callable[[], datetime], *, create_schema: bool = True) -> None:
+        self._db = db
+        self._clock = clock
+        if create_schema:
+            db.register_schema(*SCHEMA)
+
+    def append(self, hub: str, device_id: str, properties: PropertyBag, body: bytes) -> StoredMessage:
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise MessageTooLarge(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        enqueued = azure_time(self._clock())
+        with self._db.transaction() as conn:
+            cursor = conn.execute(
+                """INSERT INTO hub_messages (hub, device_id, enqueued_time, system_properties,
+                   application_properties, body) VALUES (?, ?, ?, ?, ?, ?)""",
+                (
+                    hub,
+                    device_id,
+                    enqueued,
+                    json.dumps(properties.system),
+                    json.dumps(properties.application),
+                    body,
+                ),
+            )
+            seq = cursor.lastrowid
+        assert seq is not None
+        return StoredMessage(
+            seq, hub, device_id, enqueued, dict(properties.system), dict(properties.application), body
+        )
+
+    def recent(
+        self, *, hub: str | None = None, device_id: str | None = None, limit: int = 20
+    ) -> list[StoredMessage]:
+        """The newest ``limit`` messages, oldest first."""
+        where, params = self._filters(hub, device_id)
+        rows = self._db.query(
+            f"SELECT * FROM hub_messages {where} ORDER BY seq DESC LIMIT ?",  # noqa: S608 - fixed fragments
+            (*params, limit),
+        )
+        return [_from_row(row) for row in reversed(rows)]
+
+    def after(
+        self, seq: int, *, hub: str | None = None, device_id: str | None = None, limit: int = 500
+    ) -> list[StoredMessage]:
+        """Messages with a sequence number above ``seq``, oldest first (for tailing)."""
+        where, params = self._filters(hub, device_id, extra="seq > ?", extra_params=(seq,))
+        rows = self._db.query(
+            f"SELECT * FROM hub_messages {where} ORDER BY seq ASC LIMIT ?",  # noqa: S608 - fixed fragments
+            (*params, limit),
+        )
+        return [_from_row(row) for row in rows]
+
+    def last_seq(self) -> int:
+        row = self._db.query_one("SELECT COALESCE(MAX(seq), 0) AS seq FROM hub_messages")
+        return int(row["seq"]) if row else 0
+
+    @staticmethod
+    def _filters(
+        hub: str | None, device_id: str | None, extra: str | None = None, extra_params: tuple = ()
+    ) -> tuple[str, tuple]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if hub is not None:
+            clauses.append("hub = ?")
+            params.append(hub)
+        if device_id is not None:
+            clauses.append("device_id = ?")
+            params.append(device_id)
+        if extra:
+            clauses.append(extra)
+            params.extend(extra_params)
+        return ("WHERE " + " AND ".join(clauses)) if clauses else "", tuple(params)
