@@ -1,0 +1,425 @@
+"""The IoT Hub domain: what the service REST API and the device MQTT endpoint both act on.
+
+Plain asyncio, no HTTP and no MQTT here: identity CRUD with etags, twins (service and device views),
+desired-property pushes to connected devices, direct-method correlation, telemetry ingest.  Errors are
+:class:`HubError` carrying Azure's HTTP status and error-code name/number, which the REST layer turns
+into Azure's envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from azure_iot_emulator.hub import topics
+from azure_iot_emulator.hub import twin as twinmodel
+from azure_iot_emulator.hub.registry import (
+    Device,
+    HubRegistry,
+    RegistryError,
+    device_spec_from_json,
+    twin_etag,
+)
+from azure_iot_emulator.hub.telemetry import MessageTooLarge, StoredMessage, TelemetryStore
+
+log = logging.getLogger(__name__)
+
+METHOD_TIMEOUT_DEFAULT = 30
+METHOD_TIMEOUT_MIN = 5
+METHOD_TIMEOUT_MAX = 300
+METHOD_PAYLOAD_MAX_BYTES = 128 * 1024
+PUSH_TIMEOUT_SECONDS = 10.0
+
+
+class HubError(Exception):
+    """An IoT Hub error as Azure reports it."""
+
+    def __init__(self, status: int, code: str, number: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.number = number
+        self.message = message
+
+
+def _not_found(device_id: str) -> HubError:
+    return HubError(404, "DeviceNotFound", 404001, f"Device {device_id} not registered")
+
+
+def _invalid(message: str) -> HubError:
+    return HubError(400, "ArgumentInvalid", 400004, message)
+
+
+def _precondition(message: str = "Precondition failed: etag mismatch") -> HubError:
+    return HubError(412, "PreconditionFailed", 412002, message)
+
+
+class DeviceChannel(Protocol):
+    """The live MQTT connection of a device, as the domain needs it (the core's ``Link``)."""
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None: ...
+
+    def is_subscribed(self, topic: str) -> bool: ...
+
+
+def _etag_matches(if_match: str | None, current: str) -> bool:
+    if if_match is None:
+        return True
+    value = if_match.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    value = value.strip('"')
+    return value == "*" or value == current.strip('"')
+
+
+@dataclass
+class _PendingMethod:
+    hub: str
+    device_id: str
+    future: asyncio.Future[tuple[int, Any]]
+
+
+class HubService:
+    def __init__(
+        self, registry: HubRegistry, telemetry: TelemetryStore, clock: Callable[[], datetime]
+    ) -> None:
+        self.registry = registry
+        self.telemetry = telemetry
+        self._clock = clock
+        self._channels: dict[tuple[str, str], DeviceChannel] = {}
+        self._device_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._pending_methods: dict[str, _PendingMethod] = {}
+        self._telemetry_listeners: list[Callable[[StoredMessage], None]] = []
+
+    @property
+    def hub_hosts(self) -> tuple[str, ...]:
+        return self.registry.hub_hosts
+
+    def _lock(self, hub: str, device_id: str) -> asyncio.Lock:
+        return self._device_locks.setdefault((hub, device_id), asyncio.Lock())
+
+    # ----------------------------------------------------------------------------------- connections
+    def attach(self, hub: str, device_id: str, channel: DeviceChannel) -> None:
+        self._channels[(hub, device_id)] = channel
+        self.registry.set_connection_state(hub, device_id, True)
+
+    def detach(self, hub: str, device_id: str, channel: DeviceChannel) -> None:
+        if self._channels.get((hub, device_id)) is not channel:
+            return  # a newer connection already replaced this one
+        del self._channels[(hub, device_id)]
+        self.registry.set_connection_state(hub, device_id, False)
+        for rid, pending in list(self._pending_methods.items()):
+            if (pending.hub, pending.device_id) == (hub, device_id) and not pending.future.done():
+                pending.future.set_exception(
+                    HubError(404, "DeviceConnectionClosedRemotely", 404104, "device disconnected")
+                )
+                del self._pending_methods[rid]
+
+    def channel(self, hub: str, device_id: str) -> DeviceChannel | None:
+        return self._channels.get((hub, device_id))
+
+    def is_connected(self, hub: str, device_id: str) -> bool:
+        return (hub, device_id) in self._channels
+
+    # --------------------------------------------------------------------------------------- devices
+    def get_device(self, hub: str, device_id: str) -> dict[str, Any]:
+        device = self.registry.get_device(hub, device_id)
+        if device is None:
+            raise _not_found(device_id)
+        return device.to_json()
+
+    def list_devices(self, hub: str, top: int | None = None) -> list[dict[str, Any]]:
+        return [device.to_json() for device in self.registry.list_devices(hub, top)]
+
+    def put_device(self, hub: str, device_id: str, body: Any, if_match: str | None) -> dict[str, Any]:
+        try:
+            spec = device_spec_from_json(device_id, body)
+        except RegistryError as exc:
+            raise _invalid(str(exc)) from exc
+        current = self.registry.get_device(hub, device_id)
+        if current is None:
+            if if_match is not None and if_match.strip().strip('"') != "*":
+                raise _not_found(device_id)
+            return self.registry.create_device(hub, spec).to_json()
+        if if_match is None:
+            raise HubError(
+                409, "DeviceAlreadyExists", 409001, f"A device with ID '{device_id}' is already registered."
+            )
+        if not _etag_matches(if_match, current.etag):
+            raise _precondition()
+        updated = self.registry.update_device(hub, spec)
+        if (
+            updated.status == "disabled"
+            or updated.auth_type != current.auth_type
+            or (updated.primary_thumbprint, updated.secondary_thumbprint)
+            != (current.primary_thumbprint, current.secondary_thumbprint)
+        ):
+            self._drop_connection(hub, device_id)
+        return updated.to_json()
+
+    def delete_device(self, hub: str, device_id: str, if_match: str | None) -> None:
+        current = self.registry.get_device(hub, device_id)
+        if current is None:
+            raise _not_found(device_id)
+        if not _etag_matches(if_match, current.etag):
+            raise _precondition()
+        self.registry.delete_device(hub, device_id)
+        self._drop_connection(hub, device_id)
+
+    def _drop_connection(self, hub: str, device_id: str) -> None:
+        channel = self._channels.get((hub, device_id))
+        close = getattr(channel, "close", None)
+        if callable(close):
+            close()
+
+    def query_devices(self, hub: str, query: str) -> list[dict[str, Any]]:
+        """``SELECT * FROM devices [WHERE ...]``: the twins of all devices (enough to list devices and
+        their connection state; only simple ``WHERE field = 'value'`` conditions joined by AND)."""
+        text = " ".join(query.split())
+        lowered = text.lower()
+        if not lowered.startswith("select * from devices"):
+            raise _invalid("only 'SELECT * FROM devices [WHERE ...]' is supported")
+        conditions: list[tuple[str, str]] = []
+        rest = text[len("select * from devices") :].strip()
+        if rest:
+            if not rest.lower().startswith("where "):
+                raise _invalid(f"cannot parse query: {query!r}")
+            for clause in _split_and(rest[6:]):
+                name, sep, value = clause.partition("=")
+                value = value.strip()
+                if not sep or len(value) < 2 or value[0] != value[-1] or value[0] not in "'\"":
+                    raise _invalid(f"unsupported condition: {clause.strip()!r}")
+                conditions.append((name.strip(), value[1:-1]))
+        results = []
+        for device in self.registry.list_devices(hub):
+            twin = self.registry.get_twin(hub, device.device_id)
+            assert twin is not None
+            doc = self.registry.twin_json(device, twin)
+            if all(_lookup(doc, name) == value for name, value in conditions):
+                results.append(doc)
+        return results
+
+    # ----------------------------------------------------------------------------------------- twins
+    def get_twin(self, hub: str, device_id: str) -> dict[str, Any]:
+        device, twin = self._device_and_twin(hub, device_id)
+        return self.registry.twin_json(device, twin)
+
+    def _device_and_twin(self, hub: str, device_id: str) -> tuple[Device, twinmodel.Twin]:
+        device = self.registry.get_device(hub, device_id)
+        twin = self.registry.get_twin(hub, device_id) if device else None
+        if device is None or twin is None:
+            raise _not_found(device_id)
+        return device, twin
+
+    async def update_twin(
+        self, hub: str, device_id: str, body: Any, if_match: str | None, *, replace_all: bool
+    ) -> dict[str, Any]:
+        """Service PATCH (merge) or PUT (replace) of tags and desired properties."""
+        if not isinstance(body, Mapping):
+            raise _invalid("twin body must be a JSON object")
+        tags = body.get("tags")
+        properties = body.get("properties")
+        if properties is not None and not isinstance(properties, Mapping):
+            raise _invalid("properties must be a JSON object")
+        try:
+            written_reported = (
+                twinmodel.strip_service_readonly(properties.get("reported")) if properties else {}
+            )
+        except twinmodel.TwinError as exc:
+            raise _invalid(str(exc)) from exc
+        if written_reported:
+            raise _invalid("reported properties can only be written by the device")
+        async with self._lock(hub, device_id):
+            device, twin = self._device_and_twin(hub, device_id)
+            if not _etag_matches(if_match, twin_etag(twin.version)):
+                raise _precondition()
+            try:
+                desired = twinmodel.strip_service_readonly(properties.get("desired")) if properties else None
+                if properties is not None and "desired" not in properties:
+                    desired = None
+                clean_tags = twinmodel.strip_service_readonly(tags) if tags is not None else None
+                if replace_all:
+                    clean_tags = clean_tags or {}
+                    desired = desired or {}
+                updated, delta = twinmodel.apply_service_update(
+                    twin,
+                    tags=clean_tags,
+                    desired=desired,
+                    timestamp=self.registry.now(),
+                    replace_all=replace_all,
+                )
+            except twinmodel.TwinError as exc:
+                raise _invalid(str(exc)) from exc
+            if updated is not twin:
+                self.registry.save_twin(hub, device_id, updated)
+            if delta is not None:
+                await self._push_desired(hub, device_id, delta, updated.desired.version)
+            return self.registry.twin_json(device, updated)
+
+    async def _push_desired(self, hub: str, device_id: str, delta: dict[str, Any], version: int) -> None:
+        channel = self._channels.get((hub, device_id))
+        if channel is None:
+            return
+        topic = topics.desired_patch_topic(version)
+        if not channel.is_subscribed(topic):
+            return
+        payload = json.dumps({**delta, "$version": version}).encode("utf-8")
+        try:
+            await asyncio.wait_for(channel.publish(topic, payload, 1), PUSH_TIMEOUT_SECONDS)
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            # The device reconciles on reconnect (twin GET + version compare), as Azure's SDK does.
+            log.info("desired patch to %s/%s not delivered: %s", hub, device_id, exc)
+
+    def device_twin_document(self, hub: str, device_id: str) -> dict[str, Any]:
+        """What a device gets on ``$iothub/twin/GET``: desired and reported with ``$version``."""
+        _, twin = self._device_and_twin(hub, device_id)
+        desired = {**twin.desired.props, "$version": twin.desired.version}
+        reported = {**twin.reported.props, "$version": twin.reported.version}
+        return {"desired": desired, "reported": reported}
+
+    async def patch_reported(self, hub: str, device_id: str, payload: bytes) -> int:
+        """A device's reported patch; returns the new reported ``$version``.  HubError(400) on bad input."""
+        try:
+            patch = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _invalid("reported patch is not JSON") from exc
+        async with self._lock(hub, device_id):
+            _, twin = self._device_and_twin(hub, device_id)
+            try:
+                updated = twinmodel.apply_reported_patch(twin, patch, timestamp=self.registry.now())
+            except twinmodel.TwinError as exc:
+                raise _invalid(str(exc)) from exc
+            self.registry.save_twin(hub, device_id, updated)
+            return updated.reported.version
+
+    # ------------------------------------------------------------------------------------- telemetry
+    def add_telemetry_listener(self, listener: Callable[[StoredMessage], None]) -> None:
+        self._telemetry_listeners.append(listener)
+
+    def ingest(self, hub: str, device_id: str, properties: topics.PropertyBag, body: bytes) -> StoredMessage:
+        try:
+            message = self.telemetry.append(hub, device_id, properties, body)
+        except MessageTooLarge as exc:
+            raise HubError(413, "MessageTooLarge", 413001, str(exc)) from exc
+        for listener in self._telemetry_listeners:
+            listener(message)
+        return message
+
+    def recent_messages(self, hub: str, device_id: str, limit: int) -> list[dict[str, Any]]:
+        if self.registry.get_device(hub, device_id) is None and not self.telemetry.recent(
+            hub=hub, device_id=device_id, limit=1
+        ):
+            raise _not_found(device_id)
+        return [m.to_json() for m in self.telemetry.recent(hub=hub, device_id=device_id, limit=limit)]
+
+    # ---------------------------------------------------------------------------------- direct methods
+    async def invoke_method(self, hub: str, device_id: str, body: Any) -> dict[str, Any]:
+        if not isinstance(body, Mapping):
+            raise _invalid("method invocation body must be a JSON object")
+        name = body.get("methodName")
+        if not isinstance(name, str) or not name or len(name) > 100:
+            raise _invalid("methodName must be a non-empty string")
+        response_timeout = _timeout(body.get("responseTimeoutInSeconds"), METHOD_TIMEOUT_DEFAULT, "response")
+        connect_timeout = _timeout(body.get("connectTimeoutInSeconds"), 0, "connect")
+        payload = json.dumps(body.get("payload")).encode("utf-8")
+        if len(payload) > METHOD_PAYLOAD_MAX_BYTES:
+            raise HubError(413, "MessageTooLarge", 413001, "method payload exceeds 128 KB")
+        if self.registry.get_device(hub, device_id) is None:
+            raise _not_found(device_id)
+        topic_probe = topics.method_request_topic(name, "0")
+        channel = await self._wait_for_method_channel(hub, device_id, topic_probe, connect_timeout)
+        if channel is None:
+            raise HubError(
+                404, "DeviceNotOnline", 404103, f"Timed out waiting for device {device_id} to connect."
+            )
+        rid = uuid.uuid4().hex
+        future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
+        self._pending_methods[rid] = _PendingMethod(hub, device_id, future)
+        try:
+            await asyncio.wait_for(channel.publish(topics.method_request_topic(name, rid), payload, 0), 5)
+            status, result = await asyncio.wait_for(future, response_timeout)
+        except TimeoutError as exc:
+            raise HubError(
+                504,
+                "GatewayTimeoutException",
+                504101,
+                f"Timed out waiting for the response from device {device_id}.",
+            ) from exc
+        finally:
+            self._pending_methods.pop(rid, None)
+        return {"status": status, "payload": result}
+
+    async def _wait_for_method_channel(
+        self, hub: str, device_id: str, probe: str, connect_timeout: float
+    ) -> DeviceChannel | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + connect_timeout
+        while True:
+            channel = self._channels.get((hub, device_id))
+            if channel is not None and channel.is_subscribed(probe):
+                return channel
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(0.1)
+
+    def method_response(self, hub: str, device_id: str, status: int, rid: str, payload: bytes) -> None:
+        pending = self._pending_methods.get(rid)
+        if pending is None or (pending.hub, pending.device_id) != (hub, device_id) or pending.future.done():
+            return  # late, unknown or someone else's: Azure drops it too
+        result: Any
+        try:
+            result = json.loads(payload.decode("utf-8")) if payload else None
+        except (UnicodeDecodeError, ValueError):
+            result = payload.decode("utf-8", errors="replace")
+        pending.future.set_result((status, result))
+
+    async def close(self) -> None:
+        for pending in self._pending_methods.values():
+            if not pending.future.done():
+                pending.future.cancel()
+        self._pending_methods.clear()
+        with contextlib.suppress(Exception):
+            self._channels.clear()
+
+
+def _timeout(value: Any, default: int, what: str) -> float:
+    if value is None:
+        return float(default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _invalid(f"{what}TimeoutInSeconds must be a number")
+    if what == "response" and not METHOD_TIMEOUT_MIN <= value <= METHOD_TIMEOUT_MAX:
+        raise _invalid(
+            f"responseTimeoutInSeconds must be between {METHOD_TIMEOUT_MIN} and {METHOD_TIMEOUT_MAX}"
+        )
+    if what == "connect" and not 0 <= value <= METHOD_TIMEOUT_MAX:
+        raise _invalid(f"connectTimeoutInSeconds must be between 0 and {METHOD_TIMEOUT_MAX}")
+    return float(value)
+
+
+def _split_and(text: str) -> list[str]:
+    parts: list[str] = []
+    current: list[str] = []
+    for word in text.split(" "):
+        if word.lower() == "and":
+            parts.append(" ".join(current))
+            current = []
+        else:
+            current.append(word)
+    parts.append(" ".join(current))
+    return [part for part in parts if part.strip()]
+
+
+def _lookup(doc: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = doc
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value

@@ -1,0 +1,212 @@
+"""The hub service REST app on real HTTPS, driven by azure-iot-hub's IoTHubRegistryManager (unchanged)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import ssl
+import urllib.request
+from datetime import UTC, datetime
+
+import pytest
+from aiohttp import web
+from azure.iot.hub import IoTHubRegistryManager
+from azure.iot.hub.models import CloudToDeviceMethod, Twin, TwinProperties
+from conftest import free_loopback_address
+from hub_certs import make_device_cert, make_server_pki
+from msrest.exceptions import HttpOperationError
+
+from azure_iot_emulator.hub.registry import HubRegistry
+from azure_iot_emulator.hub.rest import build_hub_rest_app
+from azure_iot_emulator.hub.service import HubService
+from azure_iot_emulator.hub.telemetry import TelemetryStore
+from azure_iot_emulator.hub.topics import PropertyBag
+from azure_iot_emulator.store import Database
+
+
+def now():
+    return datetime.now(UTC)
+
+
+@pytest.fixture
+async def hub_rest(tmp_path, monkeypatch):
+    host = free_loopback_address(0)
+    pki = make_server_pki(tmp_path, [host])
+    db = Database(tmp_path / "emulator.db")
+    registry = HubRegistry(db, [host], now)
+    service = HubService(registry, TelemetryStore(db, now), now)
+    key = base64.b64encode(os.urandom(32)).decode()
+    app = build_hub_rest_app(service, host, lambda: {"iothubowner": key})
+    runner = web.AppRunner(app)
+    await runner.setup()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.cert_path, pki.key_path)
+    site = web.TCPSite(runner, host, 0, ssl_context=context)
+    await site.start()
+    port = runner.addresses[0][1]
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki.ca_path))
+    conn = f"HostName={host}:{port};SharedAccessKeyName=iothubowner;SharedAccessKey={key}"
+    yield {
+        "conn": conn,
+        "service": service,
+        "registry": registry,
+        "host": host,
+        "port": port,
+        "pki": pki,
+        "tmp": tmp_path,
+        "key": key,
+    }
+    await runner.cleanup()
+    db.close()
+
+
+async def call(fn, *args):
+    return await asyncio.wait_for(asyncio.to_thread(fn, *args), 30)
+
+
+async def test_device_crud_with_etags(hub_rest):
+    rm = IoTHubRegistryManager.from_connection_string(hub_rest["conn"])
+    cert = make_device_cert(hub_rest["tmp"], "dev-001")
+    created = await call(lambda: rm.create_device_with_x509("dev-001", cert.sha1, cert.sha256, "enabled"))
+    assert created.device_id == "dev-001" and created.authentication.type == "selfSigned"
+    assert created.authentication.x509_thumbprint.primary_thumbprint == cert.sha1
+    with pytest.raises(HttpOperationError) as info:
+        await call(lambda: rm.create_device_with_x509("dev-001", cert.sha1, cert.sha256, "enabled"))
+    assert info.value.response.status_code == 409
+    got = await call(rm.get_device, "dev-001")
+    assert got.connection_state == "Disconnected" and got.etag == created.etag
+    with pytest.raises(HttpOperationError) as info:
+        await call(
+            lambda: rm.update_device_with_x509("dev-001", "wrong-etag", cert.sha1, cert.sha256, "disabled")
+        )
+    assert info.value.response.status_code == 412
+    assert (await call(rm.get_device, "dev-001")).status == "enabled"
+    updated = await call(
+        lambda: rm.update_device_with_x509("dev-001", got.etag, cert.sha1, cert.sha256, "disabled")
+    )
+    assert updated.status == "disabled" and updated.etag != got.etag
+    devices = await call(rm.get_devices)
+    assert [d.device_id for d in devices] == ["dev-001"]
+    await call(rm.delete_device, "dev-001")
+    with pytest.raises(HttpOperationError) as info:
+        await call(rm.get_device, "dev-001")
+    assert info.value.response.status_code == 404
+    assert info.value.response.headers["iothub-errorcode"] == "DeviceNotFound"
+    assert json.loads(info.value.response.text)["Message"].startswith("ErrorCode:DeviceNotFound;")
+    with pytest.raises(HttpOperationError) as info:
+        await call(rm.delete_device, "dev-001")
+    assert info.value.response.status_code == 404
+
+
+async def test_twin_get_update_with_etag_replace_and_query(hub_rest):
+    rm = IoTHubRegistryManager.from_connection_string(hub_rest["conn"])
+    hub_rest["registry"].provision_from_dps(
+        hub=hub_rest["host"],
+        device_id="dev-002",
+        thumbprint_sha1="AA" * 20,
+        thumbprint_sha256="BB" * 32,
+        initial_twin={"tags": {"line": "A"}, "properties": {"desired": {"fw": "1.0"}}},
+        apply_initial_twin=True,
+    )
+    twin = await call(rm.get_twin, "dev-002")
+    assert twin.tags == {"line": "A"}
+    assert twin.properties.desired["fw"] == "1.0" and twin.properties.desired["$version"] == 2
+    patch = Twin(
+        tags={"line": None, "site": "X"}, properties=TwinProperties(desired={"fw": "2.0", "mode": "eco"})
+    )
+    with pytest.raises(HttpOperationError) as info:
+        await call(rm.update_twin, "dev-002", patch, "AAAAAAAAAAA=")
+    assert info.value.response.status_code == 412
+    assert (await call(rm.get_twin, "dev-002")).properties.desired["fw"] == "1.0"
+    updated = await call(rm.update_twin, "dev-002", patch, twin.etag)
+    assert updated.tags == {"site": "X"}
+    assert updated.properties.desired["fw"] == "2.0" and updated.properties.desired["$version"] == 3
+    assert updated.properties.desired["$metadata"]["fw"]["$lastUpdatedVersion"] == 3
+    assert updated.etag != twin.etag and updated.version == twin.version + 1
+    # sending back the fetched twin (with $metadata/$version, deviceId, etag ...) is accepted
+    again = await call(rm.update_twin, "dev-002", updated)
+    assert again.properties.desired["mode"] == "eco"
+    bad = Twin(properties=TwinProperties(desired={"a": {"b": {"c": {"d": {"e": {"f": 1}}}}}}))
+    with pytest.raises(HttpOperationError) as info:
+        await call(rm.update_twin, "dev-002", bad)
+    assert info.value.response.status_code == 400
+    replaced = await call(
+        rm.replace_twin, "dev-002", Twin(tags={"t": 1}, properties=TwinProperties(desired={"only": True}))
+    )
+    assert replaced.tags == {"t": 1} and replaced.properties.desired["only"] is True
+    assert "fw" not in replaced.properties.desired
+    from azure.iot.hub.models import QuerySpecification
+
+    result = await call(rm.query_iot_hub, QuerySpecification(query="SELECT * FROM devices"))
+    assert [item.device_id for item in result.items] == ["dev-002"]
+    assert result.items[0].connection_state == "Disconnected"
+    result = await call(
+        rm.query_iot_hub, QuerySpecification(query="SELECT * FROM devices WHERE tags.t = 'x'")
+    )
+    assert result.items == []
+
+
+async def test_method_to_offline_device_is_404(hub_rest):
+    rm = IoTHubRegistryManager.from_connection_string(hub_rest["conn"])
+    hub_rest["registry"].provision_from_dps(
+        hub=hub_rest["host"],
+        device_id="dev-003",
+        thumbprint_sha1="AA" * 20,
+        thumbprint_sha256="BB" * 32,
+        initial_twin=None,
+        apply_initial_twin=False,
+    )
+    with pytest.raises(HttpOperationError) as info:
+        await call(rm.invoke_device_method, "dev-003", CloudToDeviceMethod(method_name="ping", payload={}))
+    assert info.value.response.status_code == 404
+    assert info.value.response.headers["iothub-errorcode"] == "DeviceNotOnline"
+    with pytest.raises(HttpOperationError) as info:
+        await call(rm.invoke_device_method, "nobody", CloudToDeviceMethod(method_name="ping", payload={}))
+    assert info.value.response.status_code == 404
+
+
+def _get(url, ca_path, headers):
+    context = ssl.create_default_context(cafile=str(ca_path))
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def test_bad_sas_is_401_and_messages_endpoint(hub_rest):
+    from azure_iot_emulator.sas import generate_sas
+
+    base = f"https://{hub_rest['host']}:{hub_rest['port']}"
+    hub_rest["registry"].provision_from_dps(
+        hub=hub_rest["host"],
+        device_id="dev-004",
+        thumbprint_sha1="AA" * 20,
+        thumbprint_sha256="BB" * 32,
+        initial_twin=None,
+        apply_initial_twin=False,
+    )
+    hub_rest["service"].ingest(
+        hub_rest["host"], "dev-004", PropertyBag({"messageId": "m1"}, {"k": "v"}), b'{"t":1}'
+    )
+    good = generate_sas(
+        f"{hub_rest['host']}:{hub_rest['port']}",
+        hub_rest["key"],
+        policy="iothubowner",
+        expiry=int(now().timestamp()) + 600,
+    )
+    expired = generate_sas("x", hub_rest["key"], policy="iothubowner", expiry=int(now().timestamp()) - 1)
+    wrong = generate_sas(
+        "x", base64.b64encode(b"k" * 32).decode(), policy="iothubowner", expiry=int(now().timestamp()) + 600
+    )
+    url = f"{base}/devices/dev-004/messages?top=5&api-version=2021-04-12"
+    for headers in ({}, {"Authorization": expired}, {"Authorization": wrong}):
+        status, body = await asyncio.to_thread(_get, url, hub_rest["pki"].ca_path, headers)
+        assert status == 401 and body["Message"].startswith("ErrorCode:IotHubUnauthorizedAccess")
+    status, body = await asyncio.to_thread(_get, url, hub_rest["pki"].ca_path, {"Authorization": good})
+    assert status == 200
+    assert body[0]["body"] == {"t": 1} and body[0]["properties"] == {"k": "v"}
+    assert body[0]["systemProperties"] == {"messageId": "m1"} and body[0]["enqueuedTimeUtc"].endswith("Z")
