@@ -71,3 +71,56 @@ async def set_desired(emulator, device_id: str, desired: dict, hub: str | None =
 
 async def get_twin(emulator, device_id: str, hub: str | None = None) -> Any:
     return await asyncio.to_thread(lambda: _registry(emulator, hub).get_twin(device_id))
+
+
+def _sas_for(connection_string: str) -> tuple[str, str]:
+    """(host:port, Authorization header) for a hub service connection string (iothubowner)."""
+    import base64
+    import hashlib
+    import hmac
+    import time
+    from urllib.parse import quote, quote_plus
+
+    parts = dict(p.split("=", 1) for p in connection_string.split(";") if p)
+    host = parts["HostName"]
+    expiry = int(time.time()) + 600
+    sr = quote_plus(host)
+    digest = hmac.new(base64.b64decode(parts["SharedAccessKey"]), f"{sr}\n{expiry}".encode(), hashlib.sha256)
+    sig = quote(base64.b64encode(digest.digest()).decode(), safe="")
+    return host, f"SharedAccessSignature sr={sr}&sig={sig}&se={expiry}&skn={parts['SharedAccessKeyName']}"
+
+
+async def received_telemetry(emulator, device_id: str, hub: str | None = None) -> list[dict[str, Any]]:
+    """What the hub received from the device, oldest first (the emulator's telemetry REST extension)."""
+    import ssl
+
+    import aiohttp
+
+    hubs = dict(zip(emulator.hub_hosts, emulator.hub_connection_strings, strict=True))
+    host, auth = _sas_for(hubs[hub or emulator.default_hub])
+    ctx = ssl.create_default_context(cafile=str(emulator.ca_path))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"https://{host}/devices/{device_id}/messages",
+            params={"top": "1000", "api-version": "2021-04-12"},
+            headers={"Authorization": auth},
+            ssl=ctx,
+        ) as resp,
+    ):
+        resp.raise_for_status()
+        messages = await resp.json()
+    out = []
+    for m in messages:
+        body = m["body"] if isinstance(m["body"], dict) else {}
+        sysprops = m.get("systemProperties", {})
+        out.append(
+            {
+                "seq": body.get("seq"),
+                "message_id": sysprops.get("messageId"),
+                "content_type": sysprops.get("contentType"),
+                "content_encoding": sysprops.get("contentEncoding"),
+                "body": body,
+            }
+        )
+    return out
