@@ -105,13 +105,19 @@ class HubSession:
         desired = twin.get("desired", {}) if isinstance(twin, dict) else {}
         return desired if isinstance(desired, dict) else {}
 
-    def _connection_changed(self) -> None:  # SDK handler thread
+    # SDK handler threads hand events to the event loop; events of a closed session are dropped there, so
+    # a late "disconnected" from an old client can never tear down its successor.
+    def _connection_changed(self) -> None:
         if not self._client.connected:
-            self._loop.call_soon_threadsafe(self._on_disconnected)
+            self._loop.call_soon_threadsafe(self._deliver, self._on_disconnected)
 
-    def _patch(self, patch: dict[str, Any]) -> None:  # SDK handler thread
+    def _patch(self, patch: dict[str, Any]) -> None:
         if isinstance(patch, dict):
-            self._loop.call_soon_threadsafe(self._on_desired_patch, patch)
+            self._loop.call_soon_threadsafe(self._deliver, self._on_desired_patch, patch)
+
+    def _deliver(self, callback: Callable[..., None], *args: Any) -> None:
+        if not self._closed:
+            callback(*args)
 
     async def send(self, seq: int, message_id: str, body: bytes) -> None:
         await self._call(

@@ -108,6 +108,7 @@ class DeviceRuntime:
         self._session: HubSession | None = None
         self._producer: asyncio.Task[None] | None = None
         self._trouble_since: float | None = None
+        self._hub_backoff = Backoff(rt.backoff_initial_s, rt.backoff_max_s)
 
     # -- public API ----------------------------------------------------------------------------------
     @property
@@ -171,7 +172,7 @@ class DeviceRuntime:
         self._update(interval_s=self.interval_s)
         self._refresh_buffer_stats()
         try:
-            backoff = Backoff(rt.backoff_initial_s, rt.backoff_max_s)
+            backoff = self._hub_backoff
             assignment = self.state_dir.read_assignment()
             fresh = False
             while not self._stop.is_set():
@@ -188,8 +189,6 @@ class DeviceRuntime:
                 )
                 try:
                     await self._serve(identity, assignment, ca_pem)
-                    backoff.reset()
-                    self._trouble_since = None
                 except HubRefused as exc:
                     self._log(
                         logging.WARNING,
@@ -240,13 +239,15 @@ class DeviceRuntime:
         self, identity: StoredIdentity, id_scope: str, ca_pem: str | None
     ) -> Assignment | None:
         rt = self.settings.runtime
-        # DPS allows a device 5 polls per 10 s; a registration attempt polls every 2 s, so attempts are
-        # spaced by at least 2 s (capped exponential backoff), keeping well within that limit.
-        backoff = Backoff(max(rt.backoff_initial_s, 0.01), rt.backoff_max_s)
+        # DPS allows a device 5 polls per 10 s.  One attempt is a register request plus polls 2 s apart
+        # (the SDK's pace); attempts are spaced by capped exponential backoff starting at
+        # backoff_initial_s (2 s by default), which keeps a waiting device well inside that limit.
+        backoff = Backoff(rt.backoff_initial_s, rt.backoff_max_s)
         target = dps.DpsTarget(self.settings.cloud.global_endpoint, id_scope, ca_pem)
         waiting_logged = False
         while not self._stop.is_set():
-            self._update(state=DeviceState.REGISTERING)
+            if not waiting_logged:  # while waiting for activation, retries do not flap the state
+                self._update(state=DeviceState.REGISTERING)
             try:
                 assignment = await self._unless_stopped(
                     dps.register(
@@ -318,6 +319,8 @@ class DeviceRuntime:
                 logging.INFO, "connected to hub %s", assignment.assigned_hub, hub=assignment.assigned_hub
             )
             self._update(state=DeviceState.CONNECTED, last_error=None)
+            self._hub_backoff.reset()
+            self._trouble_since = None
             await self._apply_desired(session, apply_document(desired, self._desired_interval))
             await self._pump(session)
         finally:
