@@ -1,0 +1,187 @@
+"""The IoT Hub device MQTT endpoint: one per hub host name, plugged into the emulator's MQTT core.
+
+The core owns sockets, TLS, the packet codec, sessions (persisted subscriptions, QoS 1 retries), the
+one-connection-per-client-id rule and QoS 2 refusal; this module decides who may connect, what a device
+may subscribe to and publish, and what each publish means:
+
+- CONNECT: username ``{hubhost}/{deviceid}/?api-version=...``; client id = device id; the device must
+  exist on this hub and be enabled; ``selfSigned`` devices must present a leaf whose SHA-1 or SHA-256
+  thumbprint is registered, ``sas`` devices a valid device SAS.  Anything else -> CONNACK 5.
+- telemetry is stored durably before the core acknowledges it; over 256 KB closes the connection.
+- twin GET / reported PATCH are answered on ``$iothub/twin/res/...`` echoing ``$rid``.
+- method responses complete the service's pending invocation.
+- any other topic (another device's, desired properties, unknown) closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives import hashes
+
+from azure_iot_emulator.hub import topics
+from azure_iot_emulator.hub.service import HubError, HubService
+from azure_iot_emulator.sas import SasError, verify_sas
+
+log = logging.getLogger(__name__)
+
+CONNACK_ACCEPTED = 0
+CONNACK_BAD_CREDENTIALS = 4
+CONNACK_NOT_AUTHORIZED = 5
+
+
+class HubPublishRefused(Exception):
+    """A device publish the hub answers by closing the connection (the core closes it when
+    :meth:`HubEndpoint.on_publish` raises)."""
+
+
+class LinkLike(Protocol):
+    client_id: str
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None: ...
+
+    def is_subscribed(self, topic: str) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def _thumbprints(certificate: Any) -> tuple[str, str] | None:
+    if certificate is None:
+        return None
+    sha1 = certificate.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303 - Azure's thumbprint
+    sha256 = certificate.fingerprint(hashes.SHA256()).hex().upper()
+    return sha1, sha256
+
+
+class HubEndpoint:
+    """The endpoint of hub ``host`` (its ``name`` is the hub host name)."""
+
+    def __init__(
+        self, host: str, service: HubService, violation: type[Exception] = HubPublishRefused
+    ) -> None:
+        self.name = host
+        self.service = service
+        self._violation = violation
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -------------------------------------------------------------------------------------------- connect
+    def claims(self, info: Any) -> bool:
+        parsed = topics.parse_username(getattr(info, "username", None))
+        return parsed is not None and parsed.host.lower() == self.name.lower()
+
+    async def authenticate(self, info: Any) -> int:
+        parsed = topics.parse_username(info.username)
+        if parsed is None or parsed.module_id is not None or info.client_id != parsed.device_id:
+            log.info(
+                "hub %s refused %r: username/client id mismatch or module identity", self.name, info.client_id
+            )
+            return CONNACK_NOT_AUTHORIZED
+        device = self.service.registry.get_device(self.name, parsed.device_id)
+        if device is None:
+            log.info("hub %s refused %s: not registered", self.name, parsed.device_id)
+            return CONNACK_NOT_AUTHORIZED
+        if device.status != "enabled":
+            log.info("hub %s refused %s: disabled", self.name, parsed.device_id)
+            return CONNACK_NOT_AUTHORIZED
+        if device.auth_type == "selfSigned":
+            prints = _thumbprints(getattr(info, "peer_certificate", None))
+            if prints is None or not device.thumbprint_matches(*prints):
+                log.info(
+                    "hub %s refused %s: certificate thumbprint %s not registered",
+                    self.name,
+                    parsed.device_id,
+                    prints[0] if prints else None,
+                )
+                return CONNACK_NOT_AUTHORIZED
+            return CONNACK_ACCEPTED
+        if device.auth_type == "sas":
+            return self._check_device_sas(info, device.device_id, device.primary_key, device.secondary_key)
+        log.info(
+            "hub %s refused %s: authentication type %s unsupported",
+            self.name,
+            device.device_id,
+            device.auth_type,
+        )
+        return CONNACK_NOT_AUTHORIZED
+
+    def _check_device_sas(self, info: Any, device_id: str, *keys: str | None) -> int:
+        password = info.password.decode("utf-8", "replace") if info.password else None
+        for key in keys:
+            if not key:
+                continue
+            try:
+                token = verify_sas(password, key_b64=key, policy=None, now=datetime.now(UTC))
+            except SasError:
+                continue
+            resource = token.resource.lower().rstrip("/")
+            expected = f"{self.name}/devices/{device_id}".lower()
+            if expected == resource or expected.startswith(resource + "/"):
+                return CONNACK_ACCEPTED
+        return CONNACK_BAD_CREDENTIALS
+
+    async def on_connected(self, link: LinkLike) -> None:
+        self.service.attach(self.name, link.client_id, link)
+
+    async def on_closed(self, link: LinkLike) -> None:
+        self.service.detach(self.name, link.client_id, link)
+
+    # ----------------------------------------------------------------------------------------- traffic
+    def may_subscribe(self, link: LinkLike, topic_filter: str) -> bool:
+        return topics.may_subscribe(link.client_id, topic_filter)
+
+    async def on_publish(self, link: LinkLike, topic: str, payload: bytes) -> None:
+        device_id = link.client_id
+        kind = topics.classify_publish(device_id, topic)
+        if isinstance(kind, topics.Forbidden):
+            log.info("hub %s: closing %s: %s", self.name, device_id, kind.why)
+            raise self._violation(kind.why)
+        if isinstance(kind, topics.Telemetry):
+            try:
+                self.service.ingest(self.name, device_id, kind.properties, payload)
+            except HubError as exc:
+                log.info("hub %s: closing %s: %s", self.name, device_id, exc.message)
+                raise self._violation(exc.message) from exc
+            return
+        if isinstance(kind, topics.TwinGet):
+            self._reply(link, self._twin_get(device_id, kind.rid))
+        elif isinstance(kind, topics.TwinReportedPatch):
+            self._reply(link, await self._reported(device_id, kind.rid, payload))
+        elif isinstance(kind, topics.MethodResponse):
+            self.service.method_response(self.name, device_id, kind.status, kind.rid, payload)
+
+    def _twin_get(self, device_id: str, rid: str) -> tuple[str, bytes]:
+        try:
+            document = self.service.device_twin_document(self.name, device_id)
+        except HubError as exc:
+            return topics.twin_response_topic(exc.status, rid), _error_body(exc)
+        return topics.twin_response_topic(200, rid), json.dumps(document).encode("utf-8")
+
+    async def _reported(self, device_id: str, rid: str, payload: bytes) -> tuple[str, bytes]:
+        try:
+            version = await self.service.patch_reported(self.name, device_id, payload)
+        except HubError as exc:
+            return topics.twin_response_topic(exc.status, rid), _error_body(exc)
+        return topics.twin_response_topic(204, rid, version), b""
+
+    def _reply(self, link: LinkLike, message: tuple[str, bytes]) -> None:
+        """Send after the current publish is acknowledged: never await the device inside its own
+        publish handling (its PUBACK could only be read after we return)."""
+        topic, payload = message
+
+        async def send() -> None:
+            try:
+                await link.publish(topic, payload, 1)
+            except Exception as exc:  # the device went away; it retries after reconnecting
+                log.info("hub %s: response to %s not delivered: %s", self.name, link.client_id, exc)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _error_body(exc: HubError) -> bytes:
+    return json.dumps({"errorCode": exc.number, "message": exc.message}).encode("utf-8")

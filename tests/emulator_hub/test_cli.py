@@ -1,0 +1,82 @@
+"""The monitor and messages commands, run as real processes against a real database file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from io import StringIO
+
+from azure_iot_emulator.hub import cli
+from azure_iot_emulator.hub.telemetry import TelemetryStore
+from azure_iot_emulator.hub.topics import PropertyBag
+from azure_iot_emulator.store import Database
+
+
+def _store(tmp_path):
+    return TelemetryStore(Database(tmp_path / "emulator.db"), lambda: datetime.now(UTC))
+
+
+def _parse(argv, data_dir):
+    parser = argparse.ArgumentParser()
+    cli.add_commands(parser.add_subparsers(), data_dir)
+    return parser.parse_args(argv)
+
+
+def test_messages_prints_recent_with_properties(tmp_path):
+    store = _store(tmp_path)
+    store.append(
+        "127.0.0.2", "dev-1", PropertyBag({"messageId": "m1"}, {"alert": "hi there"}), b'{"t": 21.5}'
+    )
+    store.append("127.0.0.2", "dev-2", PropertyBag(), b"other")
+    out = StringIO()
+    assert cli.run_messages(_parse(["messages", "--device", "dev-1", "--json"], tmp_path), out) == 0
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 1
+    assert lines[0]["body"] == {"t": 21.5} and lines[0]["properties"] == {"alert": "hi there"}
+    out = StringIO()
+    cli.run_messages(_parse(["messages", "--device", "dev-2"], tmp_path), out)
+    assert "127.0.0.2/dev-2" in out.getvalue() and out.getvalue().rstrip().endswith("other")
+
+
+def test_monitor_tails_new_messages_only_for_the_device(tmp_path):
+    store = _store(tmp_path)
+    store.append("h", "dev-1", PropertyBag(), b"old")
+    out = StringIO()
+    stop = threading.Event()
+    args = _parse(["monitor", "--device", "dev-1", "--json"], tmp_path)
+    worker = threading.Thread(target=cli.run_monitor, args=(args, out, stop.is_set))
+    worker.start()
+    try:
+        time.sleep(0.5)
+        store.append("h", "dev-2", PropertyBag(), b"not mine")
+        store.append("h", "dev-1", PropertyBag({}, {"k": "v"}), b"new")
+        deadline = time.monotonic() + 10
+        while "new" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        worker.join(5)
+    bodies = [json.loads(line)["body"] for line in out.getvalue().splitlines()]
+    assert bodies == ["new"]
+
+
+def test_messages_without_database_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from azure_iot_emulator.hub import cli; import argparse;"
+            "p=argparse.ArgumentParser(); cli.add_commands(p.add_subparsers(), sys.argv[1]);"
+            "a=p.parse_args(['messages','--device','x']); a.func(a)",
+            str(tmp_path / "none"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "no emulator database" in result.stderr
