@@ -1,0 +1,48 @@
+"""Everything the emulator's wiring needs from the IoT Hub half, in one object.
+
+    hub = HubPart(db, hub_hosts, clock, service_keys=lambda: {"iothubowner": key})
+    hub.registry                 # HubRegistry (DPS calls provision_from_dps on it)
+    hub.endpoints                # one MQTT endpoint per hub host (register with the MQTT core)
+    hub.rest_app(host)           # the aiohttp service REST app of one hub (serve it on {host}:8443)
+    await hub.close()            # at shutdown
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from aiohttp import web
+
+from azure_iot_emulator.hub.endpoint import HubEndpoint, HubPublishRefused
+from azure_iot_emulator.hub.registry import HubRegistry
+from azure_iot_emulator.hub.rest import build_hub_rest_app
+from azure_iot_emulator.hub.service import HubService
+from azure_iot_emulator.hub.telemetry import TelemetryStore
+from azure_iot_emulator.store import Database
+
+
+class HubPart:
+    def __init__(
+        self,
+        db: Database,
+        hub_hosts: Sequence[str],
+        clock: Callable[[], datetime],
+        service_keys: Callable[[], dict[str, str]],
+        *,
+        registry: HubRegistry | None = None,
+        violation: type[Exception] = HubPublishRefused,
+    ) -> None:
+        self.registry = registry or HubRegistry(db, hub_hosts, clock)
+        self.registry.reset_connection_states()  # nobody is connected to a process that just started
+        self.telemetry = TelemetryStore(db, clock)
+        self.service = HubService(self.registry, self.telemetry, clock)
+        self._clock = clock
+        self._keys = service_keys
+        self.endpoints = [HubEndpoint(host, self.service, violation) for host in hub_hosts]
+
+    def rest_app(self, host: str) -> web.Application:
+        return build_hub_rest_app(self.service, host, self._keys, self._clock)
+
+    async def close(self) -> None:
+        await self.service.close()
