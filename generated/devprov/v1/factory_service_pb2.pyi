@@ -1,0 +1,128 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class KeyType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEY_TYPE_UNSPECIFIED: _ClassVar[KeyType]
+    KEY_TYPE_EC_P256: _ClassVar[KeyType]
+    KEY_TYPE_EC_P384: _ClassVar[KeyType]
+    KEY_TYPE_RSA_2048: _ClassVar[KeyType]
+    KEY_TYPE_RSA_3072: _ClassVar[KeyType]
+    KEY_TYPE_RSA_OTHER: _ClassVar[KeyType]
+
+class KeySource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEY_SOURCE_UNSPECIFIED: _ClassVar[KeySource]
+    KEY_SOURCE_CSR: _ClassVar[KeySource]
+    KEY_SOURCE_SERVER_GENERATED: _ClassVar[KeySource]
+KEY_TYPE_UNSPECIFIED: KeyType
+KEY_TYPE_EC_P256: KeyType
+KEY_TYPE_EC_P384: KeyType
+KEY_TYPE_RSA_2048: KeyType
+KEY_TYPE_RSA_3072: KeyType
+KEY_TYPE_RSA_OTHER: KeyType
+KEY_SOURCE_UNSPECIFIED: KeySource
+KEY_SOURCE_CSR: KeySource
+KEY_SOURCE_SERVER_GENERATED: KeySource
+
+class ServerKeyGeneration(_message.Message):
+    __slots__ = ("key_type",)
+    KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    key_type: KeyType
+    def __init__(self, key_type: _Optional[_Union[KeyType, str]] = ...) -> None: ...
+
+class IssuedCertificate(_message.Message):
+    __slots__ = ("serial_number", "device_id", "certificate_pem", "certificate_chain_pem", "sha1_thumbprint", "sha256_thumbprint", "not_before", "not_after", "issue_time", "key_type", "key_source", "caller_identity", "request_id")
+    SERIAL_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    SHA1_THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
+    SHA256_THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ISSUE_TIME_FIELD_NUMBER: _ClassVar[int]
+    KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    KEY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CALLER_IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    serial_number: str
+    device_id: str
+    certificate_pem: str
+    certificate_chain_pem: str
+    sha1_thumbprint: str
+    sha256_thumbprint: str
+    not_before: _timestamp_pb2.Timestamp
+    not_after: _timestamp_pb2.Timestamp
+    issue_time: _timestamp_pb2.Timestamp
+    key_type: KeyType
+    key_source: KeySource
+    caller_identity: str
+    request_id: str
+    def __init__(self, serial_number: _Optional[str] = ..., device_id: _Optional[str] = ..., certificate_pem: _Optional[str] = ..., certificate_chain_pem: _Optional[str] = ..., sha1_thumbprint: _Optional[str] = ..., sha256_thumbprint: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., issue_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_type: _Optional[_Union[KeyType, str]] = ..., key_source: _Optional[_Union[KeySource, str]] = ..., caller_identity: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class MintCertificateRequest(_message.Message):
+    __slots__ = ("device_id", "csr_pem", "server_key_generation", "validity", "request_id")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    SERVER_KEY_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    VALIDITY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    csr_pem: str
+    server_key_generation: ServerKeyGeneration
+    validity: _duration_pb2.Duration
+    request_id: str
+    def __init__(self, device_id: _Optional[str] = ..., csr_pem: _Optional[str] = ..., server_key_generation: _Optional[_Union[ServerKeyGeneration, _Mapping]] = ..., validity: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class MintCertificateResponse(_message.Message):
+    __slots__ = ("certificate", "private_key_pem", "unexpired_certificate_count", "replayed")
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    UNEXPIRED_CERTIFICATE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    certificate: IssuedCertificate
+    private_key_pem: str
+    unexpired_certificate_count: int
+    replayed: bool
+    def __init__(self, certificate: _Optional[_Union[IssuedCertificate, _Mapping]] = ..., private_key_pem: _Optional[str] = ..., unexpired_certificate_count: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class ListCertificatesRequest(_message.Message):
+    __slots__ = ("device_id", "page_size", "page_token")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, device_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListCertificatesResponse(_message.Message):
+    __slots__ = ("certificates", "next_page_token")
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    certificates: _containers.RepeatedCompositeFieldContainer[IssuedCertificate]
+    next_page_token: str
+    def __init__(self, certificates: _Optional[_Iterable[_Union[IssuedCertificate, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetCertificateRequest(_message.Message):
+    __slots__ = ("serial_number",)
+    SERIAL_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    serial_number: str
+    def __init__(self, serial_number: _Optional[str] = ...) -> None: ...
+
+class GetCertificateResponse(_message.Message):
+    __slots__ = ("certificate",)
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    certificate: IssuedCertificate
+    def __init__(self, certificate: _Optional[_Union[IssuedCertificate, _Mapping]] = ...) -> None: ...
