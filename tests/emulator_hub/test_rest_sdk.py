@@ -210,3 +210,72 @@ async def test_bad_sas_is_401_and_messages_endpoint(hub_rest):
     assert status == 200
     assert body[0]["body"] == {"t": 1} and body[0]["properties"] == {"k": "v"}
     assert body[0]["systemProperties"] == {"messageId": "m1"} and body[0]["enqueuedTimeUtc"].endswith("Z")
+
+
+def _send(method, url, ca_path, headers, body=None):
+    context = ssl.create_default_context(cafile=str(ca_path))
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={**headers, "Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            return response.status, dict(response.headers), json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read() or b"null")
+
+
+async def test_bad_bodies_are_400_and_query_pages(hub_rest):
+    from azure_iot_emulator.sas import generate_sas
+
+    base = f"https://{hub_rest['host']}:{hub_rest['port']}"
+    auth = {
+        "Authorization": generate_sas(
+            f"{hub_rest['host']}:{hub_rest['port']}",
+            hub_rest["key"],
+            policy="iothubowner",
+            expiry=int(now().timestamp()) + 600,
+        )
+    }
+    for i in range(5):
+        hub_rest["registry"].provision_from_dps(
+            hub=hub_rest["host"],
+            device_id=f"q-{i}",
+            thumbprint_sha1="AA" * 20,
+            thumbprint_sha256="BB" * 32,
+            initial_twin=None,
+            apply_initial_twin=False,
+        )
+    ca = hub_rest["pki"].ca_path
+    cases = [
+        ("PUT", "/devices/new-1", {"deviceId": "other"}),
+        ("PUT", "/devices/new-1", {"authentication": {"type": "selfSigned"}}),
+        ("PATCH", "/twins/q-0", ["not", "an", "object"]),
+        ("PATCH", "/twins/q-0", {"tags": {"bad key": 1}}),
+        ("PATCH", "/twins/q-0", {"properties": {"reported": {"x": 1}}}),
+        ("POST", "/twins/q-0/methods", {"payload": {}}),
+        ("POST", "/twins/q-0/methods", {"methodName": "m", "responseTimeoutInSeconds": 1}),
+        ("POST", "/devices/query", {"query": "DROP TABLE devices"}),
+    ]
+    before = await asyncio.to_thread(_send, "GET", f"{base}/twins/q-0", ca, auth)
+    for method, path, body in cases:
+        status, headers, answer = await asyncio.to_thread(_send, method, base + path, ca, auth, body)
+        assert status == 400, (method, path, status, answer)
+        assert headers["iothub-errorcode"] == "ArgumentInvalid" and "Retry-After" not in headers
+    after = await asyncio.to_thread(_send, "GET", f"{base}/twins/q-0", ca, auth)
+    assert after[2] == before[2]
+    assert (await asyncio.to_thread(_send, "GET", f"{base}/devices/new-1", ca, auth))[0] == 404
+    seen, continuation = [], None
+    while True:
+        headers = {**auth, "x-ms-max-item-count": "2"}
+        if continuation:
+            headers["x-ms-continuation"] = continuation
+        status, response_headers, page = await asyncio.to_thread(
+            _send, "POST", f"{base}/devices/query", ca, headers, {"query": "SELECT * FROM devices"}
+        )
+        assert status == 200 and len(page) <= 2
+        seen += [twin["deviceId"] for twin in page]
+        continuation = response_headers.get("x-ms-continuation")
+        if not continuation:
+            break
+    assert seen == [f"q-{i}" for i in range(5)]
