@@ -1,0 +1,78 @@
+"""Client channels for the CLIs, the device client, tests and benchmarks.
+
+API
+---
+``ChannelSecurity(ca_pem=None, cert_pem=None, key_pem=None, server_name=None, insecure=False)``
+    ``insecure=True``: plaintext (loopback development).  Otherwise TLS trusting ``ca_pem`` (system roots
+    when None); ``cert_pem`` + ``key_pem`` present a client certificate (mTLS); ``server_name`` overrides the
+    name checked against the server certificate.
+``ChannelSecurity.from_files(ca_file=None, cert_file=None, key_file=None, server_name=None, insecure=False)``
+``create_channel(target, security, *, options=()) -> grpc.aio.Channel``
+    Create it inside the event loop that uses it.
+``request_metadata(request_id) -> tuple``   ``(("x-request-id", request_id),)`` for per-call metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from provkit.grpc_server import REQUEST_ID_HEADER
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    ca_pem: bytes | None = None
+    cert_pem: bytes | None = None
+    key_pem: bytes | None = None
+    server_name: str | None = None
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.cert_pem is None) != (self.key_pem is None):
+            raise ValueError("a client certificate needs its key (and the other way round)")
+        if self.insecure and (self.ca_pem or self.cert_pem):
+            raise ValueError("insecure channels take no certificates")
+
+    def __repr__(self) -> str:
+        mode = "insecure" if self.insecure else ("mtls" if self.cert_pem else "tls")
+        return f"ChannelSecurity({mode}, server_name={self.server_name!r})"
+
+    @classmethod
+    def from_files(
+        cls,
+        ca_file: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+        server_name: str | None = None,
+        insecure: bool = False,
+    ) -> ChannelSecurity:
+        return cls(
+            ca_pem=ca_file.read_bytes() if ca_file else None,
+            cert_pem=cert_file.read_bytes() if cert_file else None,
+            key_pem=key_file.read_bytes() if key_file else None,
+            server_name=server_name,
+            insecure=insecure,
+        )
+
+
+def request_metadata(request_id: str | None) -> tuple[tuple[str, str], ...]:
+    return ((REQUEST_ID_HEADER, request_id),) if request_id else ()
+
+
+def create_channel(
+    target: str, security: ChannelSecurity, *, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
+    opts = list(options)
+    if security.insecure:
+        return grpc.aio.insecure_channel(target, options=opts)
+    if security.server_name:
+        opts.append(("grpc.ssl_target_name_override", security.server_name))
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=security.ca_pem, private_key=security.key_pem, certificate_chain=security.cert_pem
+    )
+    return grpc.aio.secure_channel(target, creds, options=opts)

@@ -1,0 +1,141 @@
+"""A tiny development PKI for the services' own TLS (server certificates, operator client certificates).
+
+For demos, local development and tests: one self-signed CA, server certificates (serverAuth, SANs) and
+client certificates (clientAuth).  Production deployments bring certificates from their own PKI.
+
+API
+---
+``DevTlsAuthority.create(common_name="devprov development TLS CA", *, now=None) -> DevTlsAuthority``
+``.ca_pem: bytes``
+``.server_certificate(names: Sequence[str]) -> TlsPair``     DNS names and/or IP addresses as SANs
+``.client_certificate(common_name: str) -> TlsPair``
+``TlsPair(cert_pem, key_pem)``; ``.write(cert_path, key_path)`` writes the key 0600.
+``write_private_file(path, data: bytes)``   create/replace a file with mode 0600 (atomic rename).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class TlsPair:
+    cert_pem: bytes
+    key_pem: bytes
+
+    def write(self, cert_path: Path, key_path: Path) -> None:
+        cert_path.parent.mkdir(parents=True, exist_ok=True)
+        cert_path.write_bytes(self.cert_pem)
+        write_private_file(key_path, self.key_pem)
+
+    def __repr__(self) -> str:
+        return "TlsPair(<certificate>, <key>)"
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+@dataclass(frozen=True)
+class DevTlsAuthority:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    now: datetime
+
+    @classmethod
+    def create(
+        cls, common_name: str = "devprov development TLS CA", *, now: datetime | None = None
+    ) -> DevTlsAuthority:
+        now = now or datetime.now(UTC)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(cert, key, now)
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def _leaf(self, common_name: str, names: Sequence[str], usage: x509.ObjectIdentifier) -> TlsPair:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self.now - timedelta(minutes=5))
+            .not_valid_after(self.now + timedelta(days=825))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
+            )
+        )
+        if names:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([_san(n) for n in names]), critical=False
+            )
+        cert = builder.sign(self.key, hashes.SHA256())
+        return TlsPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+    def server_certificate(self, names: Sequence[str]) -> TlsPair:
+        if not names:
+            raise ValueError("a server certificate needs at least one name")
+        return self._leaf(names[0], names, ExtendedKeyUsageOID.SERVER_AUTH)
+
+    def client_certificate(self, common_name: str) -> TlsPair:
+        return self._leaf(common_name, (), ExtendedKeyUsageOID.CLIENT_AUTH)

@@ -1,0 +1,70 @@
+"""provkit settings (file + environment, secrets) and structured logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from provkit.context import CallerIdentity, bind_device_id, request_scope
+from provkit.grpc_server import ClientAuth
+from provkit.logging import configure_logging
+from provkit.settings import SettingsError, SettingsSource, server_settings
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_environment_overrides_file_and_paths_resolve_against_the_file(tmp_path: Path) -> None:
+    conf = _write(
+        tmp_path / "svc.toml",
+        '[server]\nhost = "127.0.0.2"\nport = 5000\ntls_cert_file = "tls/server.pem"\n'
+        'tls_key_file = "tls/server.key"\nclient_ca_file = "tls/ca.pem"\n',
+    )
+    source = SettingsSource("SVC", env={"SVC_SERVER_PORT": "6001"}, file=conf)
+    settings = server_settings(source, error_domain="svc")
+    assert (settings.host, settings.port) == ("127.0.0.2", 6001)
+    assert settings.tls is not None
+    assert settings.tls.cert_file == tmp_path / "tls" / "server.pem"
+    assert settings.tls.client_auth is ClientAuth.REQUIRE
+
+
+def test_bad_values_name_the_variable(tmp_path: Path) -> None:
+    source = SettingsSource("SVC", env={"SVC_SERVER_PORT": "eighty", "SVC_SERVER_INSECURE": "maybe"})
+    with pytest.raises(SettingsError, match="SVC_SERVER_PORT"):
+        server_settings(source, error_domain="svc")
+    with pytest.raises(SettingsError, match="SVC_SERVER_INSECURE"):
+        source.flag("server.insecure", False)
+
+
+def test_secret_from_env_or_file_and_never_shown(tmp_path: Path) -> None:
+    secret_file = _write(tmp_path / "pass.txt", "s3cret\n")
+    from_file = SettingsSource("SVC", env={"SVC_CA_KEY_PASSPHRASE_FILE": str(secret_file)}).secret(
+        "ca.key_passphrase"
+    )
+    assert from_file is not None and from_file.reveal() == "s3cret"
+    assert "s3cret" not in repr(from_file) and "s3cret" not in str(from_file)
+    from_env = SettingsSource("SVC", env={"SVC_CA_KEY_PASSPHRASE": "abc"}).secret("ca.key_passphrase")
+    assert from_env is not None and from_env.reveal() == "abc"
+    assert SettingsSource("SVC", env={}).secret("ca.key_passphrase") is None
+
+
+def test_json_logs_carry_request_and_device_ids() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    configure_logging("INFO", json_lines=True, stream=stream)
+    try:
+        with request_scope("req-7", CallerIdentity.internal()), bind_device_id("dev-1"):
+            logging.getLogger("svc").info("minted", extra={"serial": "0A"})
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    entry = json.loads(stream.getvalue().strip().splitlines()[-1])
+    assert entry["message"] == "minted"
+    assert (entry["request_id"], entry["device_id"], entry["serial"]) == ("req-7", "dev-1", "0A")
