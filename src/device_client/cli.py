@@ -21,7 +21,6 @@ from typing import Any
 
 from device_client.errors import EXIT_INTERRUPTED, EXIT_OK, DeviceClientError
 from device_client.identity import KeyType, normalise_guid
-from device_client.logs import configure_logging
 from device_client.settings import Settings, load_settings
 from device_client.state import StateDir
 
@@ -107,12 +106,21 @@ def resolve_settings(args: argparse.Namespace, guid: str) -> Settings:
     )
 
 
+def _configure_logging(fmt: str, verbose: bool) -> None:
+    from provkit.logging import configure_logging
+
+    configure_logging("DEBUG" if verbose else "INFO", json_lines={"json": True, "text": False}.get(fmt))
+    # The SDK logs every pipeline step at INFO; keep it to warnings unless asked.
+    for noisy in ("azure.iot.device", "paho"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         guid = normalise_guid(args.guid)
         settings = resolve_settings(args, guid)
-        configure_logging(settings.log_format, args.verbose)
+        _configure_logging(settings.log_format, args.verbose)
         if args.command == "provision":
             return _provision(args, guid, settings)
         if args.command == "run":

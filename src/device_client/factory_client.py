@@ -1,0 +1,106 @@
+"""The factory side of `provision`: FactoryService over gRPC with the generated stubs.
+
+Insecure (loopback only), TLS, or mutual TLS as configured.  gRPC failures become :class:`FactoryError`
+carrying the service's ErrorInfo reason (or UNAVAILABLE/DEADLINE_EXCEEDED for an unreachable factory).
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from device_client.errors import FactoryError
+from device_client.identity import KeyType
+from device_client.provisioning import EnrollOutcome, MintedCertificate
+from device_client.settings import FactorySettings, FactoryTls
+from devprov.v1 import factory_service_pb2 as pb
+from devprov.v1 import factory_service_pb2_grpc as pb_grpc
+from provkit.channels import ChannelSecurity, create_channel, request_metadata
+from provkit.grpc_errors import error_details
+
+_KEY_TYPES = {
+    KeyType.EC_P256: pb.KEY_TYPE_EC_P256,
+    KeyType.EC_P384: pb.KEY_TYPE_EC_P384,
+    KeyType.RSA_2048: pb.KEY_TYPE_RSA_2048,
+    KeyType.RSA_3072: pb.KEY_TYPE_RSA_3072,
+}
+
+
+def _security(settings: FactorySettings) -> ChannelSecurity:
+    if settings.tls is FactoryTls.INSECURE:
+        return ChannelSecurity(insecure=True)
+    try:
+        return ChannelSecurity.from_files(
+            ca_file=settings.ca_file,
+            cert_file=settings.client_cert_file if settings.tls is FactoryTls.MTLS else None,
+            key_file=settings.client_key_file if settings.tls is FactoryTls.MTLS else None,
+        )
+    except OSError as exc:
+        raise FactoryError(
+            f"cannot read a factory TLS file {exc.filename}: {exc.strerror}", "FACTORY_TLS_FILE_UNREADABLE"
+        ) from exc
+
+
+def to_factory_error(exc: grpc.RpcError, address: str) -> FactoryError:
+    details = error_details(exc)
+    code = details.code
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not details.reason:
+        message = f"factory at {address} is unreachable ({code.name.lower()}): {details.message}"
+        return FactoryError(message, "FACTORY_UNAVAILABLE", {"code": code.name})
+    return FactoryError(
+        f"factory refused the request: {details.message} ({code.name})",
+        details.reason or code.name,
+        dict(details.metadata),
+    )
+
+
+class GrpcFactory:
+    """FactoryPort over gRPC; use as an async context manager."""
+
+    def __init__(self, settings: FactorySettings) -> None:
+        self._settings = settings
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.FactoryServiceStub | None = None
+
+    async def __aenter__(self) -> GrpcFactory:
+        self._channel = create_channel(self._settings.address, _security(self._settings))
+        self._stub = pb_grpc.FactoryServiceStub(self._channel)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, rid: str) -> Any:
+        try:
+            return await method(request, timeout=self._settings.timeout_s, metadata=request_metadata(rid))
+        except grpc.RpcError as exc:
+            raise to_factory_error(exc, self._settings.address) from exc
+
+    async def mint_with_csr(self, guid: str, csr_pem: bytes, request_id: str) -> MintedCertificate:
+        assert self._stub is not None
+        request = pb.MintCertificateRequest(device_id=guid, csr_pem=csr_pem.decode(), request_id=request_id)
+        response = await self._call(self._stub.MintCertificate, request, request_id)
+        return MintedCertificate(response.certificate.certificate_chain_pem.encode(), None)
+
+    async def mint_with_server_key(self, guid: str, key_type: KeyType, request_id: str) -> MintedCertificate:
+        assert self._stub is not None
+        request = pb.MintCertificateRequest(
+            device_id=guid,
+            server_key_generation=pb.ServerKeyGeneration(key_type=_KEY_TYPES[key_type]),
+            request_id=request_id,
+        )
+        response = await self._call(self._stub.MintCertificate, request, request_id)
+        key = response.private_key_pem.encode() if response.private_key_pem else None
+        return MintedCertificate(response.certificate.certificate_chain_pem.encode(), key)
+
+    async def enroll(self, guid: str, certificate_pem: bytes, request_id: str) -> EnrollOutcome:
+        assert self._stub is not None
+        method = getattr(self._stub, "Enroll", None)
+        if method is None or not hasattr(pb, "EnrollRequest"):
+            raise FactoryError("this factory has no Enroll RPC; use --no-enroll", "ENROLL_UNSUPPORTED")
+        raise FactoryError("Enroll is not wired yet", "ENROLL_UNSUPPORTED")
