@@ -1,0 +1,299 @@
+"""The SQLite ledger of issued certificates (and of request ids, for idempotency).
+
+Every issued certificate is committed (WAL, synchronous=FULL) before ``record`` returns.  Writes from
+concurrent RPCs are grouped into one transaction per flush (group commit), each record in its own
+savepoint, so one conflicting record never loses the others.  The connection lives on one dedicated
+thread: SQLite calls block, the event loop must not.
+
+File: ``<data_dir>/ledger.sqlite3`` (plus its ``-wal``/``-shm`` companions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+from factory_svc.keys import KeyType
+from factory_svc.model import IssuedCertificate, KeySource
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS certificates (
+    serial_number TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    certificate_pem TEXT NOT NULL,
+    chain_pem TEXT NOT NULL,
+    sha1_thumbprint TEXT NOT NULL,
+    sha256_thumbprint TEXT NOT NULL,
+    not_before_us INTEGER NOT NULL,
+    not_after_us INTEGER NOT NULL,
+    issued_at_us INTEGER NOT NULL,
+    key_type TEXT NOT NULL,
+    key_source TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    request_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS certificates_by_device ON certificates (device_id, not_after_us);
+CREATE INDEX IF NOT EXISTS certificates_by_time ON certificates (issued_at_us, serial_number);
+CREATE TABLE IF NOT EXISTS mint_requests (
+    request_id TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    serial_number TEXT NOT NULL REFERENCES certificates (serial_number)
+);
+"""
+
+_COLUMNS = (
+    "serial_number, device_id, certificate_pem, chain_pem, sha1_thumbprint, sha256_thumbprint, "
+    "not_before_us, not_after_us, issued_at_us, key_type, key_source, caller, request_id"
+)
+
+_INSERT_CERTIFICATE = (
+    "INSERT INTO certificates (serial_number, device_id, certificate_pem, chain_pem, sha1_thumbprint, "
+    "sha256_thumbprint, not_before_us, not_after_us, issued_at_us, key_type, key_source, caller, request_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_REQUEST = "INSERT INTO mint_requests (request_id, fingerprint, serial_number) VALUES (?, ?, ?)"
+_SELECT_BY_SERIAL = (
+    "SELECT serial_number, device_id, certificate_pem, chain_pem, sha1_thumbprint, sha256_thumbprint, "
+    "not_before_us, not_after_us, issued_at_us, key_type, key_source, caller, request_id "
+    "FROM certificates WHERE serial_number = ?"
+)
+_SELECT_REQUEST = (
+    "SELECT r.fingerprint, c.serial_number, c.device_id, c.certificate_pem, c.chain_pem, c.sha1_thumbprint, "
+    "c.sha256_thumbprint, c.not_before_us, c.not_after_us, c.issued_at_us, c.key_type, c.key_source, "
+    "c.caller, c.request_id FROM mint_requests r JOIN certificates c USING (serial_number) "
+    "WHERE r.request_id = ?"
+)
+_COUNT_UNEXPIRED = "SELECT COUNT(*) FROM certificates WHERE device_id = ? AND not_after_us > ?"
+
+
+def _us(moment: datetime) -> int:
+    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _from_us(value: int) -> datetime:
+    return datetime.fromtimestamp(value // 1_000_000, UTC).replace(microsecond=value % 1_000_000)
+
+
+def _row(cert: IssuedCertificate) -> tuple[object, ...]:
+    return (
+        cert.serial_number,
+        cert.device_id,
+        cert.certificate_pem,
+        cert.chain_pem,
+        cert.sha1_thumbprint,
+        cert.sha256_thumbprint,
+        _us(cert.not_before),
+        _us(cert.not_after),
+        _us(cert.issued_at),
+        cert.key_type.value,
+        cert.key_source.value,
+        cert.caller,
+        cert.request_id,
+    )
+
+
+def _certificate(row: sqlite3.Row | tuple) -> IssuedCertificate:
+    return IssuedCertificate(
+        serial_number=row[0],
+        device_id=row[1],
+        certificate_pem=row[2],
+        chain_pem=row[3],
+        sha1_thumbprint=row[4],
+        sha256_thumbprint=row[5],
+        not_before=_from_us(row[6]),
+        not_after=_from_us(row[7]),
+        issued_at=_from_us(row[8]),
+        key_type=KeyType(row[9]),
+        key_source=KeySource(row[10]),
+        caller=row[11],
+        request_id=row[12],
+    )
+
+
+@dataclass(frozen=True)
+class StoredRequest:
+    fingerprint: str
+    certificate: IssuedCertificate
+
+
+@dataclass(frozen=True)
+class Recorded:
+    unexpired_count: int
+
+
+@dataclass(frozen=True)
+class RequestIdTaken:
+    """Another record with the same request id won the race."""
+
+
+@dataclass(frozen=True)
+class Cursor:
+    issued_at_us: int
+    serial_number: str
+
+
+def cursor_of(certificate: IssuedCertificate) -> Cursor:
+    return Cursor(_us(certificate.issued_at), certificate.serial_number)
+
+
+@dataclass
+class _Pending:
+    certificate: IssuedCertificate
+    fingerprint: str | None
+    now_us: int
+    future: asyncio.Future[Recorded | RequestIdTaken]
+
+
+class SqliteLedger:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        self._conn: sqlite3.Connection | None = None
+        self._pending: list[_Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteLedger:
+        ledger = cls(path)
+        await ledger._call(ledger._connect)
+        return ledger
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            await self._flusher
+        await self._call(self._disconnect)
+        self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------------------------ thread-side helpers
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("the ledger is closed")
+        return self._conn
+
+    def _write_batch(self, batch: list[_Pending]) -> list[Recorded | RequestIdTaken]:
+        db = self._db
+        results: list[Recorded | RequestIdTaken] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for item in batch:
+                db.execute("SAVEPOINT record")
+                try:
+                    db.execute(_INSERT_CERTIFICATE, _row(item.certificate))
+                    if item.fingerprint is not None:
+                        db.execute(
+                            _INSERT_REQUEST,
+                            (item.certificate.request_id, item.fingerprint, item.certificate.serial_number),
+                        )
+                except sqlite3.IntegrityError:
+                    db.execute("ROLLBACK TO record")
+                    db.execute("RELEASE record")
+                    results.append(RequestIdTaken())
+                    continue
+                db.execute("RELEASE record")
+                (count,) = db.execute(
+                    _COUNT_UNEXPIRED,
+                    (item.certificate.device_id, item.now_us),
+                ).fetchone()
+                results.append(Recorded(count))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return results
+
+    # ------------------------------------------------------------------------------------- async API
+    async def record(
+        self, certificate: IssuedCertificate, fingerprint: str | None, now: datetime
+    ) -> Recorded | RequestIdTaken:
+        """Commit one issued certificate (and its request id when ``fingerprint`` is given)."""
+        future: asyncio.Future[Recorded | RequestIdTaken] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(certificate, fingerprint, _us(now), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await self._call(self._write_batch, batch)
+            except Exception as exc:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            for item, result in zip(batch, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)
+
+    async def find_request(self, request_id: str) -> StoredRequest | None:
+        def query() -> StoredRequest | None:
+            row = self._db.execute(_SELECT_REQUEST, (request_id,)).fetchone()
+            return None if row is None else StoredRequest(row[0], _certificate(row[1:]))
+
+        return await self._call(query)
+
+    async def get(self, serial_number: str) -> IssuedCertificate | None:
+        def query() -> IssuedCertificate | None:
+            row = self._db.execute(_SELECT_BY_SERIAL, (serial_number,)).fetchone()
+            return None if row is None else _certificate(row)
+
+        return await self._call(query)
+
+    async def count_unexpired(self, device_id: str, now: datetime) -> int:
+        def query() -> int:
+            (count,) = self._db.execute(
+                _COUNT_UNEXPIRED,
+                (device_id, _us(now)),
+            ).fetchone()
+            return int(count)
+
+        return await self._call(query)
+
+    async def list(self, device_id: str | None, limit: int, after: Cursor | None) -> list[IssuedCertificate]:
+        """Newest first; ``after`` continues below the given (issued_at, serial) position."""
+
+        def query() -> list[IssuedCertificate]:
+            clauses, params = [], []
+            if device_id:
+                clauses.append("device_id = ?")
+                params.append(device_id)
+            if after is not None:
+                clauses.append("(issued_at_us < ? OR (issued_at_us = ? AND serial_number < ?))")
+                params += [after.issued_at_us, after.issued_at_us, after.serial_number]
+            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM certificates {where} "  # noqa: S608 - fixed fragments only
+                "ORDER BY issued_at_us DESC, serial_number DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+            return [_certificate(r) for r in rows]
+
+        return await self._call(query)

@@ -1,0 +1,344 @@
+"""Minting: the rules of MintCertificate, and the read side (get / list).  Plain async Python.
+
+Order of work for ``mint``: validate everything (id, key source, CSR, validity) -> idempotency look-up ->
+make the key (mode B) -> sign -> commit to the ledger -> answer.  Nothing is written for bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from factory_svc.ca import IssuingCA
+from factory_svc.csr import check_csr
+from factory_svc.device_id import normalise_device_id
+from factory_svc.errors import AlreadyExists, FailedPrecondition, NotFound, invalid_field
+from factory_svc.keys import GENERATABLE, KeyType, PublicKey, generate_private_key, private_key_pem
+from factory_svc.ledger import Cursor, Recorded, RequestIdTaken, StoredRequest, cursor_of
+from factory_svc.model import (
+    CertificatePage,
+    CsrKey,
+    IssuedCertificate,
+    KeySource,
+    MintRequest,
+    MintResult,
+    ServerKey,
+)
+from provkit.context import bind_device_id
+
+log = logging.getLogger("factory_svc.minting")
+
+Clock = Callable[[], datetime]
+BACKDATE = timedelta(minutes=5)  # tolerate clock skew on devices
+MIN_VALIDITY = timedelta(hours=1)
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+_SERIAL = re.compile(r"^[0-9A-F]{1,40}$")
+
+
+class Ledger(Protocol):
+    async def record(
+        self, certificate: IssuedCertificate, fingerprint: str | None, now: datetime
+    ) -> Recorded | RequestIdTaken: ...
+
+    async def find_request(self, request_id: str) -> StoredRequest | None: ...
+
+    async def count_unexpired(self, device_id: str, now: datetime) -> int: ...
+
+
+class LedgerReader(Protocol):
+    async def get(self, serial_number: str) -> IssuedCertificate | None: ...
+
+    async def list(
+        self, device_id: str | None, limit: int, after: Cursor | None
+    ) -> list[IssuedCertificate]: ...
+
+
+@dataclass(frozen=True)
+class MintPolicy:
+    default_validity: timedelta = timedelta(days=365)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    device_id: str
+    key_type: KeyType
+    public_key: PublicKey | None  # None: generated later (mode B)
+    not_before: datetime
+    not_after: datetime
+    fingerprint: str
+
+
+def thumbprints(cert: x509.Certificate) -> tuple[str, str]:
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return hashlib.sha1(der, usedforsecurity=False).hexdigest().upper(), hashlib.sha256(
+        der
+    ).hexdigest().upper()
+
+
+def serial_hex(serial: int) -> str:
+    text = f"{serial:X}"
+    return text if len(text) % 2 == 0 else "0" + text
+
+
+def normalise_serial(raw: str) -> str:
+    serial = raw.strip().replace(":", "").upper()
+    if not _SERIAL.match(serial):
+        raise invalid_field(
+            "serial_number", "SERIAL_NUMBER_INVALID", "the serial number must be 1-40 hex digits"
+        )
+    serial = serial.lstrip("0") or "0"
+    return serial if len(serial) % 2 == 0 else "0" + serial
+
+
+class MintingService:
+    def __init__(self, ca: IssuingCA, ledger: Ledger, policy: MintPolicy, clock: Clock) -> None:
+        self._ca = ca
+        self._ledger = ledger
+        self._policy = policy
+        self._clock = clock
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        self._chain_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in ca.chain)
+
+    # ------------------------------------------------------------------------------------- validation
+    def _validity(self, requested: timedelta | None, now: datetime) -> tuple[datetime, datetime]:
+        issuer = self._ca.certificate
+        issuer_end = issuer.not_valid_after_utc
+        if not issuer.not_valid_before_utc <= now < issuer_end:
+            raise FailedPrecondition(
+                "ISSUER_EXPIRED",
+                "the issuing CA is not valid now; the factory cannot issue certificates",
+                metadata={"issuer_not_after": issuer_end.isoformat()},
+            )
+        not_before = max(now - BACKDATE, issuer.not_valid_before_utc)
+        if requested is None:
+            return not_before, min(now + self._policy.default_validity, issuer_end)
+        if requested < MIN_VALIDITY:
+            raise invalid_field(
+                "validity", "VALIDITY_INVALID", f"the validity must be at least {MIN_VALIDITY}"
+            )
+        not_after = now + requested
+        if not_after > issuer_end:
+            raise invalid_field(
+                "validity",
+                "VALIDITY_EXCEEDS_ISSUER",
+                f"the requested validity ends after the issuing CA ({issuer_end.isoformat()})",
+                issuer_not_after=issuer_end.isoformat(),
+            )
+        return not_before, not_after
+
+    def _check(self, request: MintRequest, now: datetime) -> _Checked:
+        device_id = normalise_device_id(request.device_id)
+        if request.request_id and not _REQUEST_ID.match(request.request_id):
+            raise invalid_field(
+                "request_id", "REQUEST_ID_INVALID", "the request id must be 1-128 printable ASCII characters"
+            )
+        public_key: PublicKey | None = None
+        if isinstance(request.key, CsrKey):
+            checked = check_csr(request.key.csr_pem, device_id)
+            key_type, public_key = checked.key_type, checked.public_key
+            key_part = {"mode": "csr", "csr_sha256": hashlib.sha256(checked.der).hexdigest()}
+        elif isinstance(request.key, ServerKey):
+            key_type = request.key.key_type
+            if key_type not in GENERATABLE:
+                raise invalid_field(
+                    "server_key_generation.key_type",
+                    "KEY_TYPE_UNSUPPORTED",
+                    f"the factory cannot generate {key_type.value} keys",
+                )
+            key_part = {"mode": "server", "key_type": key_type.value}
+        else:
+            raise invalid_field(
+                "key_source", "KEY_SOURCE_MISSING", "give a CSR or ask for server-side generation"
+            )
+        not_before, not_after = self._validity(request.validity, now)
+        validity = None if request.validity is None else request.validity.total_seconds()
+        canonical = json.dumps({"device_id": device_id, "validity": validity, **key_part}, sort_keys=True)
+        fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
+        return _Checked(device_id, key_type, public_key, not_before, not_after, fingerprint)
+
+    # ------------------------------------------------------------------------------------------- mint
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, request_id: str) -> AsyncIterator[None]:
+        if not request_id:
+            yield
+            return
+        lock, users = self._locks.setdefault(request_id, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._locks[request_id]
+
+    async def _replay(
+        self, stored: StoredRequest, checked: _Checked, request_id: str, now: datetime
+    ) -> MintResult:
+        if stored.fingerprint != checked.fingerprint:
+            raise AlreadyExists(
+                "REQUEST_ID_REUSED",
+                "this request id was already used for a different request",
+                metadata={"request_id": request_id, "serial_number": stored.certificate.serial_number},
+            )
+        count = await self._ledger.count_unexpired(stored.certificate.device_id, now)
+        log.info("replayed mint", extra={"serial": stored.certificate.serial_number})
+        return MintResult(stored.certificate, None, count, replayed=True)
+
+    async def mint(self, request: MintRequest) -> MintResult:
+        now = self._clock()
+        checked = self._check(request, now)
+        with bind_device_id(checked.device_id):
+            async with self._one_at_a_time(request.request_id):
+                if request.request_id:
+                    stored = await self._ledger.find_request(request.request_id)
+                    if stored is not None:
+                        return await self._replay(stored, checked, request.request_id, now)
+                result = await self._issue(request, checked, now)
+                if isinstance(result, MintResult):
+                    return result
+                stored = await self._ledger.find_request(request.request_id)  # lost a race to another process
+                if stored is None:
+                    raise RuntimeError("the ledger refused a request id that it does not hold")
+                return await self._replay(stored, checked, request.request_id, now)
+
+    async def _issue(
+        self, request: MintRequest, checked: _Checked, now: datetime
+    ) -> MintResult | RequestIdTaken:
+        private_key = None
+        public_key = checked.public_key
+        if public_key is None:
+            if checked.key_type in (KeyType.RSA_2048, KeyType.RSA_3072):
+                private_key = await asyncio.to_thread(
+                    generate_private_key, checked.key_type
+                )  # seconds of CPU
+            else:
+                private_key = generate_private_key(checked.key_type)
+            public_key = private_key.public_key()
+        leaf = await self._ca.sign(self._leaf_builder(checked, public_key))
+        sha1, sha256 = thumbprints(leaf)
+        leaf_pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
+        issued = IssuedCertificate(
+            serial_number=serial_hex(leaf.serial_number),
+            device_id=checked.device_id,
+            certificate_pem=leaf_pem,
+            chain_pem=leaf_pem + self._chain_pem,
+            sha1_thumbprint=sha1,
+            sha256_thumbprint=sha256,
+            not_before=leaf.not_valid_before_utc,
+            not_after=leaf.not_valid_after_utc,
+            issued_at=now,
+            key_type=checked.key_type,
+            key_source=KeySource.SERVER_GENERATED if private_key is not None else KeySource.CSR,
+            caller=request.caller,
+            request_id=request.request_id,
+        )
+        outcome = await self._ledger.record(issued, checked.fingerprint if request.request_id else None, now)
+        if isinstance(outcome, RequestIdTaken):
+            return outcome
+        log.info(
+            "certificate issued",
+            extra={
+                "serial": issued.serial_number,
+                "sha256_thumbprint": sha256,
+                "not_after": issued.not_after.isoformat(),
+                "key_type": checked.key_type.value,
+                "key_source": issued.key_source.value,
+                "caller": request.caller,
+            },
+        )
+        key_pem = private_key_pem(private_key) if private_key is not None else None
+        return MintResult(issued, key_pem, outcome.unexpired_count, replayed=False)
+
+    def _leaf_builder(self, checked: _Checked, public_key: PublicKey) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, checked.device_id)]))
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(checked.not_before)
+            .not_valid_after(checked.not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(self._aki, critical=False)
+        )
+
+
+# ------------------------------------------------------------------------------------------- read side
+def _encode_token(cursor: Cursor, device_id: str) -> str:
+    raw = json.dumps([1, cursor.issued_at_us, cursor.serial_number, device_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str, device_id: str) -> Cursor:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        version, issued_at_us, serial, token_device = json.loads(raw)
+        if version != 1 or not isinstance(issued_at_us, int) or not isinstance(serial, str):
+            raise ValueError("bad token")
+    except (ValueError, TypeError, binascii.Error):
+        raise invalid_field("page_token", "PAGE_TOKEN_INVALID", "the page token is not valid") from None
+    if token_device != device_id:
+        raise invalid_field("page_token", "PAGE_TOKEN_INVALID", "the page token belongs to another listing")
+    return Cursor(issued_at_us, serial)
+
+
+class CertificateCatalog:
+    def __init__(self, ledger: LedgerReader) -> None:
+        self._ledger = ledger
+
+    async def get(self, serial_number: str) -> IssuedCertificate:
+        serial = normalise_serial(serial_number)
+        found = await self._ledger.get(serial)
+        if found is None:
+            raise NotFound(
+                "CERTIFICATE_NOT_FOUND",
+                f"no certificate with serial {serial}",
+                metadata={"serial_number": serial},
+            )
+        return found
+
+    async def list(self, device_id: str, page_size: int, page_token: str) -> CertificatePage:
+        wanted = normalise_device_id(device_id) if device_id.strip() else ""
+        if page_size < 0:
+            raise invalid_field("page_size", "PAGE_SIZE_INVALID", "page_size must not be negative")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_token(page_token, wanted) if page_token else None
+        rows = await self._ledger.list(wanted or None, size + 1, after)
+        page, more = rows[:size], len(rows) > size
+        token = ""
+        if more and page:
+            token = _encode_token(cursor_of(page[-1]), wanted)
+        return CertificatePage(tuple(page), token)

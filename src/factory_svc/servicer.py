@@ -1,0 +1,121 @@
+"""FactoryService over gRPC: convert the proto request, call the domain, convert the result.
+
+To add RPCs (e.g. Enroll) give ``FactoryServicer`` another domain service in its constructor and a thin
+method per RPC; the server builder (``factory_svc.app``) wires the services.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from devprov.v1 import factory_service_pb2 as pb
+from devprov.v1 import factory_service_pb2_grpc as pb_grpc
+from factory_svc.errors import invalid_field
+from factory_svc.keys import KeyType
+from factory_svc.minting import CertificateCatalog, MintingService
+from factory_svc.model import CsrKey, IssuedCertificate, KeySource, MintRequest, ServerKey
+from provkit.context import current_caller
+from provkit.grpc_server import ServiceBinding, binding
+
+KEY_TYPE_TO_PROTO = {
+    KeyType.EC_P256: pb.KEY_TYPE_EC_P256,
+    KeyType.EC_P384: pb.KEY_TYPE_EC_P384,
+    KeyType.RSA_2048: pb.KEY_TYPE_RSA_2048,
+    KeyType.RSA_3072: pb.KEY_TYPE_RSA_3072,
+    KeyType.RSA_OTHER: pb.KEY_TYPE_RSA_OTHER,
+}
+KEY_TYPE_FROM_PROTO = {v: k for k, v in KEY_TYPE_TO_PROTO.items()}
+KEY_SOURCE_TO_PROTO = {
+    KeySource.CSR: pb.KEY_SOURCE_CSR,
+    KeySource.SERVER_GENERATED: pb.KEY_SOURCE_SERVER_GENERATED,
+}
+
+
+def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def certificate_to_proto(cert: IssuedCertificate) -> pb.IssuedCertificate:
+    return pb.IssuedCertificate(
+        serial_number=cert.serial_number,
+        device_id=cert.device_id,
+        certificate_pem=cert.certificate_pem,
+        certificate_chain_pem=cert.chain_pem,
+        sha1_thumbprint=cert.sha1_thumbprint,
+        sha256_thumbprint=cert.sha256_thumbprint,
+        not_before=_timestamp(cert.not_before),
+        not_after=_timestamp(cert.not_after),
+        issue_time=_timestamp(cert.issued_at),
+        key_type=KEY_TYPE_TO_PROTO[cert.key_type],
+        key_source=KEY_SOURCE_TO_PROTO[cert.key_source],
+        caller_identity=cert.caller,
+        request_id=cert.request_id,
+    )
+
+
+def mint_request_from_proto(request: pb.MintCertificateRequest, caller: str) -> MintRequest:
+    source = request.WhichOneof("key_source")
+    key: CsrKey | ServerKey
+    if source == "csr_pem":
+        key = CsrKey(request.csr_pem.encode("utf-8", "replace"))
+    elif source == "server_key_generation":
+        wanted = request.server_key_generation.key_type
+        if wanted == pb.KEY_TYPE_UNSPECIFIED:
+            key = ServerKey(KeyType.EC_P256)
+        elif wanted in KEY_TYPE_FROM_PROTO:
+            key = ServerKey(KEY_TYPE_FROM_PROTO[wanted])
+        else:
+            raise invalid_field(
+                "server_key_generation.key_type", "KEY_TYPE_UNSUPPORTED", f"unknown key type {wanted}"
+            )
+    else:
+        raise invalid_field("key_source", "KEY_SOURCE_MISSING", "set csr_pem or server_key_generation")
+    validity = None
+    if request.HasField("validity"):
+        validity = timedelta(seconds=request.validity.seconds, microseconds=request.validity.nanos // 1000)
+    return MintRequest(request.device_id, key, validity, request.request_id, caller)
+
+
+class FactoryServicer(pb_grpc.FactoryServiceServicer):
+    def __init__(self, minting: MintingService, catalog: CertificateCatalog) -> None:
+        self._minting = minting
+        self._catalog = catalog
+
+    async def MintCertificate(
+        self, request: pb.MintCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MintCertificateResponse:
+        result = await self._minting.mint(mint_request_from_proto(request, str(current_caller())))
+        return pb.MintCertificateResponse(
+            certificate=certificate_to_proto(result.certificate),
+            private_key_pem=(result.private_key_pem or b"").decode(),
+            unexpired_certificate_count=result.unexpired_count,
+            replayed=result.replayed,
+        )
+
+    async def ListCertificates(
+        self, request: pb.ListCertificatesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListCertificatesResponse:
+        page = await self._catalog.list(request.device_id, request.page_size, request.page_token)
+        return pb.ListCertificatesResponse(
+            certificates=[certificate_to_proto(c) for c in page.certificates],
+            next_page_token=page.next_page_token,
+        )
+
+    async def GetCertificate(
+        self, request: pb.GetCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetCertificateResponse:
+        return pb.GetCertificateResponse(
+            certificate=certificate_to_proto(await self._catalog.get(request.serial_number))
+        )
+
+    def binding(self) -> ServiceBinding:
+        return binding(
+            self,
+            pb_grpc.add_FactoryServiceServicer_to_server,
+            pb.DESCRIPTOR.services_by_name["FactoryService"],
+        )
