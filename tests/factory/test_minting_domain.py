@@ -1,0 +1,70 @@
+"""The minting domain without gRPC, with a movable clock: validity limits and the unexpired count."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from factory_env import make_csr, make_key
+
+from factory_svc.ca import open_dev_ca
+from factory_svc.device_id import is_valid_device_id, normalise_device_id
+from factory_svc.errors import FailedPrecondition, InvalidArgument
+from factory_svc.ledger import SqliteLedger
+from factory_svc.minting import MintingService, MintPolicy
+from factory_svc.model import CsrKey, MintRequest
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def test_validity_never_outlives_the_issuing_ca_and_expired_certificates_are_not_counted(
+    tmp_path: Path,
+) -> None:
+    clock = Clock(datetime.now(UTC))
+    ca = open_dev_ca(tmp_path / "ca", clock)
+    ledger = await SqliteLedger.open(tmp_path / "ledger.sqlite3")
+    try:
+        minting = MintingService(ca, ledger, MintPolicy(default_validity=timedelta(days=365)), clock)
+        csr = CsrKey(make_csr(make_key("p256"), "clocked-1").encode())
+
+        short = await minting.mint(MintRequest("clocked-1", csr, validity=timedelta(hours=1)))
+        assert short.unexpired_count == 1
+        clock.now += timedelta(hours=2)  # the first certificate has expired
+        second = await minting.mint(MintRequest("clocked-1", csr))
+        assert second.unexpired_count == 1
+
+        issuer_end = ca.certificate.not_valid_after_utc
+        clock.now = issuer_end - timedelta(days=10)
+        late = await minting.mint(MintRequest("clocked-1", csr))
+        assert late.certificate.not_after == issuer_end  # default validity clamped to the issuer
+        with pytest.raises(InvalidArgument) as caught:
+            await minting.mint(MintRequest("clocked-1", csr, validity=timedelta(days=11)))
+        assert caught.value.reason == "VALIDITY_EXCEEDS_ISSUER"
+
+        clock.now = issuer_end + timedelta(seconds=1)
+        with pytest.raises(FailedPrecondition) as expired:
+            await minting.mint(MintRequest("clocked-1", csr))
+        assert expired.value.reason == "ISSUER_EXPIRED"
+        assert len(await ledger.list("clocked-1", 10, None)) == 3
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("ABC-123", "abc-123"), ("a.b_c:d-", "a.b_c:d-"), ("x" * 64, "x" * 64), (" padded ", "padded")],
+)
+def test_device_ids_are_normalised(raw: str, expected: str) -> None:
+    assert normalise_device_id(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "x" * 65, "a b", "a/b", "ab_", "ab:", "ab.", "ü1"])
+def test_invalid_device_ids(raw: str) -> None:
+    assert not is_valid_device_id(raw)
