@@ -1,0 +1,121 @@
+"""`factory-svc serve` as a real process, driven by the `factory-svc` client commands; SIGTERM stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import stat
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from factory_env import make_csr, make_key, verify_chain
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from provkit.channels import ChannelSecurity, create_channel
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "factory_svc.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def _wait_serving(target: str) -> None:
+    async with create_channel(target, ChannelSecurity(insecure=True)) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(100):
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except Exception:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("factory-svc serve did not become healthy")
+
+
+async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    config = tmp_path / "factory.toml"
+    config.write_text(f'data_dir = "data"\n[server]\ninsecure = true\nport = {port}\n')
+    env = {**os.environ, "FACTORY_CONFIG": str(config)}
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "factory_svc.cli", "serve", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await _wait_serving(target)
+        csr = tmp_path / "device.csr"
+        csr.write_text(make_csr(make_key("p256"), "cli-device-1"))
+        code, out, err = await _cli(
+            "mint",
+            "CLI-Device-1",
+            "--csr",
+            str(csr),
+            "--out",
+            str(tmp_path / "out"),
+            "--target",
+            target,
+            "--insecure",
+        )
+        assert code == 0, err
+        assert "cli-device-1" in out and "sha256" in out
+        leaf, _, _ = verify_chain((tmp_path / "out" / "cli-device-1.chain.pem").read_text())
+        assert f"{leaf.serial_number:X}" in out.upper()
+
+        code, out, err = await _cli(
+            "mint",
+            "jig-9",
+            "--generate-key",
+            "--key-type",
+            "p384",
+            "--out",
+            str(tmp_path / "out"),
+            "--target",
+            target,
+            "--insecure",
+        )
+        assert code == 0, err
+        key_file = tmp_path / "out" / "jig-9.key.pem"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        cert = x509.load_pem_x509_certificate((tmp_path / "out" / "jig-9.cert.pem").read_bytes())
+        assert cert.public_key().curve.name == "secp384r1"
+
+        code, out, err = await _cli("list", "--target", target, "--insecure")
+        assert code == 0 and "cli-device-1" in out and "jig-9" in out
+
+        code, out, err = await _cli(
+            "mint",
+            "bad id",
+            "--csr",
+            str(csr),
+            "--out",
+            str(tmp_path / "out"),
+            "--target",
+            target,
+            "--insecure",
+        )
+        assert code == 1 and "INVALID_ARGUMENT DEVICE_ID_INVALID_CHARACTERS" in err
+        assert (tmp_path / "data" / "ledger.sqlite3").exists()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, log = await asyncio.wait_for(server.communicate(), 30)
+    assert server.returncode == 0, log.decode()
+    assert b"shutting down" in log
