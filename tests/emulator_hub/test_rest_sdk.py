@@ -189,7 +189,7 @@ async def test_bad_sas_is_401_and_messages_endpoint(hub_rest):
         initial_twin=None,
         apply_initial_twin=False,
     )
-    hub_rest["service"].ingest(
+    await hub_rest["service"].ingest(
         hub_rest["host"], "dev-004", PropertyBag({"messageId": "m1"}, {"k": "v"}), b'{"t":1}'
     )
     good = generate_sas(

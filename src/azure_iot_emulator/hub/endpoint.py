@@ -141,7 +141,7 @@ class HubEndpoint:
             raise self._violation(kind.why)
         if isinstance(kind, topics.Telemetry):
             try:
-                self.service.ingest(self.name, device_id, kind.properties, payload)
+                await self.service.ingest(self.name, device_id, kind.properties, payload)
             except HubError as exc:
                 log.info("hub %s: closing %s: %s", self.name, device_id, exc.message)
                 raise self._violation(exc.message) from exc

@@ -1,10 +1,10 @@
 """Everything the emulator's wiring needs from the IoT Hub half, in one object.
 
-    hub = HubPart(db, hub_hosts, clock, service_keys=lambda: {"iothubowner": key})
-    hub.registry                 # HubRegistry (DPS calls provision_from_dps on it)
-    hub.endpoints                # one MQTT endpoint per hub host (register with the MQTT core)
-    hub.rest_app(host)           # the aiohttp service REST app of one hub (serve it on {host}:8443)
-    await hub.close()            # at shutdown
+hub = HubPart(db, hub_hosts, clock, service_keys=lambda: {"iothubowner": key})
+hub.registry                 # HubRegistry (DPS calls provision_from_dps on it)
+hub.endpoints                # one MQTT endpoint per hub host (register with the MQTT core)
+hub.rest_app(host)           # the aiohttp service REST app of one hub (serve it on {host}:8443)
+await hub.close()            # at shutdown
 """
 
 from __future__ import annotations

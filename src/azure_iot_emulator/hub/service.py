@@ -27,7 +27,7 @@ from azure_iot_emulator.hub.registry import (
     device_spec_from_json,
     twin_etag,
 )
-from azure_iot_emulator.hub.telemetry import MessageTooLarge, StoredMessage, TelemetryStore
+from azure_iot_emulator.hub.telemetry import MAX_MESSAGE_BYTES, StoredMessage, TelemetryStore
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,9 @@ class HubService:
         self._device_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._pending_methods: dict[str, _PendingMethod] = {}
         self._telemetry_listeners: list[Callable[[StoredMessage], None]] = []
+        self._ingest_batch: list[
+            tuple[tuple[str, str, topics.PropertyBag, bytes], asyncio.Future[StoredMessage]]
+        ] = []
 
     @property
     def hub_hosts(self) -> tuple[str, ...]:
@@ -303,14 +306,37 @@ class HubService:
     def add_telemetry_listener(self, listener: Callable[[StoredMessage], None]) -> None:
         self._telemetry_listeners.append(listener)
 
-    def ingest(self, hub: str, device_id: str, properties: topics.PropertyBag, body: bytes) -> StoredMessage:
+    async def ingest(
+        self, hub: str, device_id: str, properties: topics.PropertyBag, body: bytes
+    ) -> StoredMessage:
+        """Store one device-to-cloud message durably; returns once it is committed.  Messages arriving
+        in the same event-loop turn (from many devices) share one commit (group commit)."""
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise HubError(413, "MessageTooLarge", 413001, f"message of {len(body)} bytes exceeds 256 KB")
+        future: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
+        self._ingest_batch.append(((hub, device_id, properties, body), future))
+        if len(self._ingest_batch) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_ingest)
+        return await future
+
+    def _flush_ingest(self) -> None:
+        batch, self._ingest_batch = self._ingest_batch, []
+        if not batch:
+            return
         try:
-            message = self.telemetry.append(hub, device_id, properties, body)
-        except MessageTooLarge as exc:
-            raise HubError(413, "MessageTooLarge", 413001, str(exc)) from exc
-        for listener in self._telemetry_listeners:
-            listener(message)
-        return message
+            stored = self.telemetry.append_many([item for item, _ in batch])
+        except Exception as exc:  # the whole batch failed: nobody gets a PUBACK
+            log.exception("telemetry commit failed")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(HubError(500, "ServerError", 500001, f"telemetry not stored: {exc}"))
+            return
+        for (_, future), message in zip(batch, stored, strict=True):
+            if not future.done():
+                future.set_result(message)
+        for message in stored:
+            for listener in self._telemetry_listeners:
+                listener(message)
 
     def recent_messages(self, hub: str, device_id: str, limit: int) -> list[dict[str, Any]]:
         if self.registry.get_device(hub, device_id) is None and not self.telemetry.recent(

@@ -97,27 +97,43 @@ class TelemetryStore:
             db.register_schema(*SCHEMA)
 
     def append(self, hub: str, device_id: str, properties: PropertyBag, body: bytes) -> StoredMessage:
-        if len(body) > MAX_MESSAGE_BYTES:
-            raise MessageTooLarge(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        return self.append_many([(hub, device_id, properties, body)])[0]
+
+    def append_many(self, items: list[tuple[str, str, PropertyBag, bytes]]) -> list[StoredMessage]:
+        """Store several messages in one transaction (all or none)."""
+        for _, _, _, body in items:
+            if len(body) > MAX_MESSAGE_BYTES:
+                raise MessageTooLarge(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
         enqueued = azure_time(self._clock())
+        stored: list[StoredMessage] = []
         with self._db.transaction() as conn:
-            cursor = conn.execute(
-                """INSERT INTO hub_messages (hub, device_id, enqueued_time, system_properties,
-                   application_properties, body) VALUES (?, ?, ?, ?, ?, ?)""",
-                (
-                    hub,
-                    device_id,
-                    enqueued,
-                    json.dumps(properties.system),
-                    json.dumps(properties.application),
-                    body,
-                ),
-            )
-            seq = cursor.lastrowid
-        assert seq is not None
-        return StoredMessage(
-            seq, hub, device_id, enqueued, dict(properties.system), dict(properties.application), body
-        )
+            for hub, device_id, properties, body in items:
+                cursor = conn.execute(
+                    """INSERT INTO hub_messages (hub, device_id, enqueued_time, system_properties,
+                       application_properties, body) VALUES (?, ?, ?, ?, ?, ?)""",
+                    (
+                        hub,
+                        device_id,
+                        enqueued,
+                        json.dumps(properties.system),
+                        json.dumps(properties.application),
+                        body,
+                    ),
+                )
+                seq = cursor.lastrowid
+                assert seq is not None
+                stored.append(
+                    StoredMessage(
+                        seq,
+                        hub,
+                        device_id,
+                        enqueued,
+                        dict(properties.system),
+                        dict(properties.application),
+                        body,
+                    )
+                )
+        return stored
 
     def recent(
         self, *, hub: str | None = None, device_id: str | None = None, limit: int = 20
