@@ -13,6 +13,7 @@ Topic reference (azure-iot-device 2.14 and Azure's MQTT documentation)::
 
 from __future__ import annotations
 
+import functools
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -85,8 +86,10 @@ class PropertyBag:
     application: dict[str, str] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=4096)
 def decode_property_bag(bag: str) -> PropertyBag:
-    """Split a URL-encoded property bag into system properties (by Azure's name) and application
+    """(Cached: a device sends the same few property bags over and over; treat the result as read-only.)
+    Split a URL-encoded property bag into system properties (by Azure's name) and application
     properties.  Later duplicates win, like the hub."""
     system: dict[str, str] = {}
     application: dict[str, str] = {}
