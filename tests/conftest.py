@@ -32,9 +32,42 @@ def free_loopback_address(port: int = MQTT_PORT) -> str:
         host = f"127.{rng.randint(1, 254)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
         if _address_is_free(host, port):
             return host
-    raise RuntimeError("no free loopback address found for port %d" % port)
+    raise RuntimeError(f"no free loopback address found for port {port}")
 
 
 @pytest.fixture
 def loopback_host() -> str:
     return free_loopback_address()
+
+
+@pytest.fixture
+def emulator(tmp_path):
+    """A real emulator subprocess (DPS + 2 hubs on fresh loopback addresses), stopped after the test.
+    See tests/support/emulator.py for what it exposes."""
+    from support.emulator import EmulatorProcess
+
+    emu = EmulatorProcess(tmp_path / "emulator", hubs=2)
+    emu.start()
+    try:
+        yield emu
+    finally:
+        try:
+            emu.stop()
+        finally:
+            emu.kill()
+
+
+@pytest.fixture(scope="module")
+def module_emulator(tmp_path_factory):
+    """One emulator subprocess shared by a test module (tests must not depend on each other's data)."""
+    from support.emulator import EmulatorProcess
+
+    emu = EmulatorProcess(tmp_path_factory.mktemp("emulator") / "data", hubs=2)
+    emu.start()
+    try:
+        yield emu
+    finally:
+        try:
+            emu.stop()
+        finally:
+            emu.kill()

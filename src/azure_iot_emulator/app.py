@@ -1,0 +1,228 @@
+"""The emulator's wiring: one object builds config, CA, database, the DPS and IoT Hub parts, the MQTT
+core with its TLS listeners and the HTTPS REST apps, and starts/stops them.
+
+To add a part: give :meth:`Emulator._build_parts` another endpoint (``self.endpoints``) and/or REST app
+(``self.rest_apps``, a list of ``RestApp(name, address, port, app)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import secrets
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from azure_iot_emulator.config import EmulatorConfig, listen_address
+from azure_iot_emulator.dps.part import DpsPart
+from azure_iot_emulator.hub.part import HubPart
+from azure_iot_emulator.mqtt.broker import Broker
+from azure_iot_emulator.mqtt.endpoint import Endpoint, ProtocolViolation
+from azure_iot_emulator.mqtt.tls import server_context, start_listener
+from azure_iot_emulator.pki import ServerPki, issue_server_certificate
+from azure_iot_emulator.store import Database
+
+log = logging.getLogger(__name__)
+
+CONNECTION_FILE = "connection.json"
+DB_FILE = "emulator.db"
+DPS_POLICY = "provisioningserviceowner"
+HUB_POLICY = "iothubowner"
+
+_META_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS emulator_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+
+
+@dataclass(frozen=True)
+class EmulatorSecrets:
+    id_scope: str
+    dps_key: str
+    hub_key: str
+
+
+@dataclass
+class RestApp:
+    name: str
+    address: str
+    port: int
+    app: web.Application
+    runner: web.AppRunner | None = None
+    bound_port: int = 0
+
+
+def load_or_create_secrets(db: Database) -> EmulatorSecrets:
+    """ID scope and service policy keys: generated on first start, persisted, reused after."""
+    with db.transaction() as conn:
+        conn.execute(_META_SCHEMA[0])
+        values = {r["key"]: r["value"] for r in conn.execute("SELECT key, value FROM emulator_meta")}
+        wanted = {
+            "id_scope": lambda: "0ne" + secrets.token_hex(4).upper(),
+            "dps_key": lambda: base64.b64encode(secrets.token_bytes(32)).decode("ascii"),
+            "hub_key": lambda: base64.b64encode(secrets.token_bytes(32)).decode("ascii"),
+        }
+        for key, make in wanted.items():
+            if key not in values:
+                values[key] = make()
+                conn.execute("INSERT INTO emulator_meta (key, value) VALUES (?, ?)", (key, values[key]))
+    return EmulatorSecrets(values["id_scope"], values["dps_key"], values["hub_key"])
+
+
+def _bind(address: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.listen(512)
+    sock.setblocking(False)
+    return sock
+
+
+class Emulator:
+    def __init__(self, config: EmulatorConfig, clock: Callable[[], datetime] | None = None) -> None:
+        self.config = config
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.db: Database | None = None
+        self.secrets: EmulatorSecrets | None = None
+        self.pki: ServerPki | None = None
+        self.broker: Broker | None = None
+        self.hub: HubPart | None = None
+        self.dps: DpsPart | None = None
+        self.endpoints: list[Endpoint] = []
+        self.rest_apps: list[RestApp] = []
+        self._mqtt_servers: list[asyncio.Server] = []
+        self.connection: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------------------------------- parts
+    def _build_parts(self) -> None:
+        cfg, db, keys = self.config, self.db, self.secrets
+        assert db is not None and keys is not None
+        self.hub = HubPart(
+            db, cfg.hub_hosts, self.clock, service_keys=lambda: {HUB_POLICY: keys.hub_key},
+            violation=ProtocolViolation,
+        )
+        self.dps = DpsPart(
+            db,
+            id_scope=keys.id_scope,
+            hub_hosts=cfg.hub_hosts,
+            registry=self.hub.registry,
+            clock=self.clock,
+            service_keys=lambda: {DPS_POLICY: keys.dps_key},
+        )
+        self.endpoints = [self.dps.endpoint, *self.hub.endpoints]
+        dps_address = listen_address(cfg.dps_host)
+        self.rest_apps = [RestApp("dps", dps_address, cfg.dps_rest_port, self.dps.rest_app())]
+        for host in cfg.hub_hosts:
+            self.rest_apps.append(
+                RestApp(host, listen_address(host), cfg.hub_rest_port, self.hub.rest_app(host))
+            )
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    async def start(self) -> dict[str, Any]:
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(cfg.data_dir / DB_FILE)
+        self.secrets = load_or_create_secrets(self.db)
+        self.pki = issue_server_certificate(cfg.data_dir, [cfg.dps_host, *cfg.hub_hosts], self.clock())
+        self._build_parts()
+        self.broker = Broker(self.db, self.endpoints, max_packet_size=cfg.max_packet_size)
+        try:
+            await self._listen()
+        except BaseException:
+            await self.stop()
+            raise
+        self.connection = self._connection_info()
+        self._write_connection_file()
+        return self.connection
+
+    async def _listen(self) -> None:
+        cfg = self.config
+        assert self.pki is not None and self.broker is not None
+        tls = server_context(self.pki.cert_path, self.pki.key_path)
+        addresses = dict.fromkeys(listen_address(h) for h in (cfg.dps_host, *cfg.hub_hosts))
+        for address in addresses:
+            self._mqtt_servers.append(await start_listener(self.broker, tls, address, cfg.mqtt_port))
+        rest_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        rest_tls.load_cert_chain(self.pki.cert_path, self.pki.key_path)
+        for rest in self.rest_apps:
+            sock = _bind(rest.address, rest.port)
+            rest.bound_port = sock.getsockname()[1]
+            rest.runner = web.AppRunner(rest.app, access_log=None, handle_signals=False)
+            await rest.runner.setup()
+            await web.SockSite(rest.runner, sock, ssl_context=rest_tls).start()
+
+    def _connection_info(self) -> dict[str, Any]:
+        cfg, keys = self.config, self.secrets
+        assert keys is not None and self.pki is not None
+        dps_rest = next(r for r in self.rest_apps if r.name == "dps")
+        dps_endpoint = f"{dps_rest.address}:{dps_rest.bound_port}"
+        hubs = []
+        for host in cfg.hub_hosts:
+            rest = next(r for r in self.rest_apps if r.name == host)
+            endpoint = f"{rest.address}:{rest.bound_port}"
+            hubs.append(
+                {
+                    "host_name": host,
+                    "connection_string": f"HostName={endpoint};SharedAccessKeyName={HUB_POLICY};"
+                    f"SharedAccessKey={keys.hub_key}",
+                    "rest_endpoint": f"https://{endpoint}",
+                }
+            )
+        return {
+            "pid": os.getpid(),
+            "ca_pem_path": str(self.pki.ca_path.resolve()),
+            "id_scope": keys.id_scope,
+            "global_endpoint": cfg.dps_host,
+            "mqtt_port": cfg.mqtt_port,
+            "dps": {
+                "connection_string": f"HostName={dps_endpoint};SharedAccessKeyName={DPS_POLICY};"
+                f"SharedAccessKey={keys.dps_key}",
+                "rest_endpoint": f"https://{dps_endpoint}",
+            },
+            "hubs": hubs,
+            "default_hub": cfg.default_hub,
+        }
+
+    def _write_connection_file(self) -> None:
+        path = self.config.data_dir / CONNECTION_FILE
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds service keys
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self.connection, handle, indent=2)
+        os.replace(tmp, path)
+        if self.config.ready_file is not None:
+            self.config.ready_file.write_text(str(path.resolve()) + "\n")
+
+    async def stop(self) -> None:
+        for server in self._mqtt_servers:
+            server.close()
+        self._mqtt_servers.clear()
+        if self.broker is not None:
+            await self.broker.close()
+        for rest in self.rest_apps:
+            if rest.runner is not None:
+                await rest.runner.cleanup()
+                rest.runner = None
+        if self.hub is not None:
+            await self.hub.close()
+        if self.dps is not None:
+            await self.dps.close()
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+        with_path = self.config.data_dir / CONNECTION_FILE
+        if self.connection and with_path.exists():
+            try:
+                current = json.loads(with_path.read_text())
+            except (OSError, ValueError):
+                current = {}
+            if current.get("pid") == os.getpid():
+                with_path.unlink()

@@ -1,0 +1,111 @@
+"""``iot-emulator`` / ``python -m azure_iot_emulator``: ``serve`` runs the emulator; ``monitor`` and
+``messages`` read telemetry (from the IoT Hub half)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from azure_iot_emulator.config import DEFAULT_DATA_DIR, build_config
+from azure_iot_emulator.hub import cli as hub_cli
+
+log = logging.getLogger("azure_iot_emulator")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iot-emulator", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the local DPS + IoT Hub emulator")
+    serve.add_argument("--config", type=Path, help="TOML or JSON settings file (flags win)")
+    serve.add_argument("--data-dir", type=Path, help=f"state directory (default {DEFAULT_DATA_DIR})")
+    serve.add_argument("--dps-host", help="DPS global device endpoint host name / IP (default localhost)")
+    serve.add_argument(
+        "--hub-host", action="append", dest="hub_hosts", metavar="HOST",
+        help="a linked IoT hub host name / IP, repeatable; the first is the default hub "
+        "(default 127.0.0.2 and 127.0.0.3)",
+    )
+    serve.add_argument("--mqtt-port", type=int, help="MQTT/TLS port (default 8883, the SDK's fixed port)")
+    serve.add_argument("--dps-rest-port", type=int, help="DPS service REST port (default 8444; 0 = any)")
+    serve.add_argument("--hub-rest-port", type=int, help="IoT Hub service REST port (default 8443; 0 = any)")
+    serve.add_argument("--ready-file", type=Path, help="written with the connection.json path when ready")
+    serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
+    serve.set_defaults(func=run_serve)
+    hub_cli.add_commands(sub, DEFAULT_DATA_DIR)
+    return parser
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from azure_iot_emulator.app import Emulator  # heavy imports only for serve
+
+    try:
+        config = build_config(
+            args.config,
+            {
+                "data_dir": args.data_dir,
+                "dps_host": args.dps_host,
+                "hub_hosts": tuple(args.hub_hosts) if args.hub_hosts else None,
+                "mqtt_port": args.mqtt_port,
+                "dps_rest_port": args.dps_rest_port,
+                "hub_rest_port": args.hub_rest_port,
+                "ready_file": args.ready_file,
+                "log_level": args.log_level,
+            },
+        )
+    except (ValueError, OSError) as exc:
+        print(f"iot-emulator: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+    async def main() -> int:
+        emulator = Emulator(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            info = await emulator.start()
+        except OSError as exc:
+            print(f"iot-emulator: cannot listen: {exc}", file=sys.stderr)
+            return 1
+        _print_summary(info, config.data_dir)
+        await stop.wait()
+        log.info("stopping")
+        await emulator.stop()
+        return 0
+
+    return asyncio.run(main())
+
+
+def _print_summary(info: dict, data_dir: Path) -> None:
+    lines = [
+        "Azure IoT emulator ready",
+        f"  ID scope:            {info['id_scope']}",
+        f"  DPS device endpoint: {info['global_endpoint']} (MQTT/TLS port {info['mqtt_port']})",
+        f"  DPS service:         {info['dps']['rest_endpoint']}",
+        f"  CA certificate:      {info['ca_pem_path']}",
+    ]
+    for hub in info["hubs"]:
+        lines.append(f"  IoT hub:             {hub['host_name']} (service {hub['rest_endpoint']})")
+    lines.append(f"  Connection strings (with keys): {(data_dir / 'connection.json').resolve()}")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["json", "main"]

@@ -1,0 +1,92 @@
+"""The emulator's one settings object, resolved once at start (flags, optional TOML/JSON file)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA_DIR = Path(".iot-emulator")
+DEFAULT_DPS_HOST = "localhost"
+DEFAULT_HUB_HOSTS = ("127.0.0.2", "127.0.0.3")
+MQTT_PORT = 8883
+DPS_REST_PORT = 8444
+HUB_REST_PORT = 8443
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    data_dir: Path = DEFAULT_DATA_DIR
+    dps_host: str = DEFAULT_DPS_HOST
+    hub_hosts: tuple[str, ...] = DEFAULT_HUB_HOSTS
+    mqtt_port: int = MQTT_PORT
+    dps_rest_port: int = DPS_REST_PORT
+    hub_rest_port: int = HUB_REST_PORT
+    ready_file: Path | None = None
+    max_packet_size: int = 512 * 1024
+    log_level: str = "INFO"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validated(self) -> EmulatorConfig:
+        if not self.hub_hosts:
+            raise ValueError("at least one hub host is required")
+        lowered = [h.lower() for h in self.hub_hosts]
+        if len(set(lowered)) != len(lowered):
+            raise ValueError("hub host names must be distinct")
+        addresses = [listen_address(h) for h in self.hub_hosts]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError("every hub needs its own address (hub REST is served per address)")
+        for port in (self.mqtt_port, self.dps_rest_port, self.hub_rest_port):
+            if not 0 <= port <= 65535:
+                raise ValueError(f"port {port} out of range")
+        return self
+
+    @property
+    def default_hub(self) -> str:
+        return self.hub_hosts[0]
+
+
+def listen_address(host: str) -> str:
+    """The local address a host name is served on (IP literals as-is, ``localhost`` -> 127.0.0.1)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if host.lower() == "localhost":
+        return "127.0.0.1"
+    return socket.gethostbyname(host)
+
+
+_FILE_KEYS = {
+    "data_dir": Path,
+    "dps_host": str,
+    "hub_hosts": lambda v: tuple(str(h) for h in v),
+    "mqtt_port": int,
+    "dps_rest_port": int,
+    "hub_rest_port": int,
+    "ready_file": Path,
+    "max_packet_size": int,
+    "log_level": str,
+}
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table/object")
+    unknown = set(data) - set(_FILE_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+    return {key: _FILE_KEYS[key](value) for key, value in data.items()}
+
+
+def build_config(file: Path | None, overrides: dict[str, Any]) -> EmulatorConfig:
+    """File values first, then command-line values that were given (not None)."""
+    values: dict[str, Any] = load_file(file) if file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return replace(EmulatorConfig(), **values).validated()

@@ -1,0 +1,213 @@
+"""Individual enrollments: validation and normalisation of what the service API receives (pure)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from azure_iot_emulator.dps.certinfo import CertificateError, certificate_info, parse_certificate
+from azure_iot_emulator.dps.errors import DpsError, bad_request
+
+REGISTRATION_ID = re.compile(r"^[A-Za-z0-9._:-]{0,127}[A-Za-z0-9-]$")
+ALLOCATION_POLICIES = ("hashed", "static", "geoLatency")
+READ_ONLY = ("etag", "createdDateTimeUtc", "lastUpdatedDateTimeUtc", "registrationState")
+
+
+def registration_key(registration_id: str) -> str:
+    """Registration ids are case-insensitive."""
+    return registration_id.lower()
+
+
+def check_registration_id(value: Any) -> str:
+    if not isinstance(value, str) or not REGISTRATION_ID.match(value):
+        raise bad_request(
+            "registrationId must be 1-128 characters of letters, digits, '-', '.', '_', ':' "
+            "ending in a letter, digit or '-'"
+        )
+    return value
+
+
+def strip_etag(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    return value.strip('"')
+
+
+def _dict(value: Any, what: str, *, optional: bool = True) -> dict[str, Any] | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request(f"{what} must be a JSON object")
+    return value
+
+
+def _b64key(value: Any, what: str) -> str:
+    if value is None:
+        return base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+    if not isinstance(value, str):
+        raise bad_request(f"{what} must be a base64 string")
+    try:
+        if len(base64.b64decode(value, validate=True)) < 16:
+            raise bad_request(f"{what} is too short")
+    except binascii.Error as exc:
+        raise bad_request(f"{what} is not base64") from exc
+    return value
+
+
+def _certificate_entry(value: Any, what: str, previous: Mapping[str, Any] | None) -> dict[str, Any]:
+    entry = _dict(value, what, optional=False)
+    assert entry is not None
+    text = entry.get("certificate")
+    if text is None:
+        # A GET result sent back: only `info` -> keep the stored certificate when it is the same one.
+        info = entry.get("info")
+        if (
+            previous
+            and isinstance(info, dict)
+            and info.get("sha256Thumbprint") == previous.get("info", {}).get("sha256Thumbprint")
+        ):
+            return dict(previous)
+        raise bad_request(f"{what}.certificate is required")
+    try:
+        cert = parse_certificate(text)
+    except CertificateError as exc:
+        raise DpsError(400, 400012, f"{what}.certificate: {exc}") from exc
+    return {"certificate": text, "info": certificate_info(cert)}
+
+
+def _attestation(value: Any, previous: Mapping[str, Any] | None) -> dict[str, Any]:
+    att = _dict(value, "attestation", optional=False)
+    assert att is not None
+    kind = att.get("type")
+    prev = previous if previous and previous.get("type") == kind else None
+    if kind == "x509":
+        x509 = _dict(att.get("x509"), "attestation.x509", optional=False)
+        assert x509 is not None
+        if x509.get("caReferences") or x509.get("signingCertificates"):
+            raise bad_request("individual enrollments support attestation.x509.clientCertificates only")
+        client = _dict(x509.get("clientCertificates"), "attestation.x509.clientCertificates", optional=False)
+        assert client is not None
+        if client.get("primary") is None:
+            raise bad_request("attestation.x509.clientCertificates.primary is required")
+        old = ((prev or {}).get("x509") or {}).get("clientCertificates") or {}
+        certs = {"primary": _certificate_entry(client["primary"], "primary", old.get("primary"))}
+        if client.get("secondary") is not None:
+            certs["secondary"] = _certificate_entry(client["secondary"], "secondary", old.get("secondary"))
+        return {"type": "x509", "x509": {"clientCertificates": certs}}
+    if kind == "symmetricKey":
+        keys = _dict(att.get("symmetricKey"), "attestation.symmetricKey") or {}
+        return {
+            "type": "symmetricKey",
+            "symmetricKey": {
+                "primaryKey": _b64key(keys.get("primaryKey"), "primaryKey"),
+                "secondaryKey": _b64key(keys.get("secondaryKey"), "secondaryKey"),
+            },
+        }
+    if kind == "tpm":
+        tpm = _dict(att.get("tpm"), "attestation.tpm", optional=False)
+        assert tpm is not None
+        if not isinstance(tpm.get("endorsementKey"), str):
+            raise bad_request("attestation.tpm.endorsementKey is required")
+        return {"type": "tpm", "tpm": {k: tpm[k] for k in ("endorsementKey", "storageRootKey") if k in tpm}}
+    raise bad_request("attestation.type must be x509, symmetricKey or tpm")
+
+
+def _hub(value: Any, linked: Sequence[str], what: str) -> str:
+    if not isinstance(value, str):
+        raise bad_request(f"{what} must be a string")
+    for hub in linked:
+        if hub.lower() == value.lower():
+            return hub
+    raise bad_request(f"{what} {value!r} is not a linked IoT hub ({', '.join(linked)})", 400011)
+
+
+def _initial_twin(value: Any) -> dict[str, Any] | None:
+    twin = _dict(value, "initialTwin")
+    if twin is None:
+        return None
+    out: dict[str, Any] = {}
+    tags = _dict(twin.get("tags"), "initialTwin.tags")
+    if tags is not None:
+        out["tags"] = tags
+    props = _dict(twin.get("properties"), "initialTwin.properties")
+    if props is not None:
+        desired = _dict(props.get("desired"), "initialTwin.properties.desired")
+        out["properties"] = {"desired": desired if desired is not None else {}}
+    return out
+
+
+def normalise_enrollment(
+    body: Any,
+    *,
+    path_id: str | None,
+    linked_hubs: Sequence[str],
+    previous: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Validate an IndividualEnrollment body completely and return the stored form (read-only fields
+    dropped, defaults filled, certificates parsed and their ``info`` computed)."""
+    if not isinstance(body, dict):
+        raise bad_request("enrollment must be a JSON object")
+    reg_id = body.get("registrationId", path_id)
+    check_registration_id(reg_id)
+    if path_id is not None and registration_key(reg_id) != registration_key(path_id):
+        raise bad_request("registrationId in the body differs from the one in the path")
+    out: dict[str, Any] = {"registrationId": reg_id}
+    if body.get("deviceId") is not None:
+        if not isinstance(body["deviceId"], str) or not body["deviceId"] or len(body["deviceId"]) > 128:
+            raise bad_request("deviceId must be a string of 1-128 characters")
+        out["deviceId"] = body["deviceId"]
+    out["attestation"] = _attestation(body.get("attestation"), (previous or {}).get("attestation"))
+    caps = _dict(body.get("capabilities"), "capabilities") or {}
+    if not isinstance(caps.get("iotEdge", False), bool):
+        raise bad_request("capabilities.iotEdge must be a boolean")
+    out["capabilities"] = {"iotEdge": caps.get("iotEdge", False)}
+    if body.get("iotHubHostName") is not None:
+        out["iotHubHostName"] = _hub(body["iotHubHostName"], linked_hubs, "iotHubHostName")
+    if body.get("iotHubs") is not None:
+        if not isinstance(body["iotHubs"], list):
+            raise bad_request("iotHubs must be a list of host names")
+        out["iotHubs"] = [_hub(h, linked_hubs, "iotHubs entry") for h in body["iotHubs"]]
+    policy = body.get("allocationPolicy")
+    if policy is not None:
+        if policy == "custom":
+            raise bad_request("allocationPolicy custom is not supported by the emulator")
+        if policy not in ALLOCATION_POLICIES:
+            raise bad_request(f"allocationPolicy must be one of {', '.join(ALLOCATION_POLICIES)}")
+        out["allocationPolicy"] = policy
+    status = body.get("provisioningStatus", "enabled")
+    if status not in ("enabled", "disabled"):
+        raise bad_request("provisioningStatus must be enabled or disabled")
+    out["provisioningStatus"] = status
+    twin = _initial_twin(body.get("initialTwin"))
+    if twin is not None:
+        out["initialTwin"] = twin
+    rp = _dict(body.get("reprovisionPolicy"), "reprovisionPolicy") or {}
+    for key in ("updateHubAssignment", "migrateDeviceData"):
+        if not isinstance(rp.get(key, True), bool):
+            raise bad_request(f"reprovisionPolicy.{key} must be a boolean")
+    out["reprovisionPolicy"] = {
+        "updateHubAssignment": rp.get("updateHubAssignment", True),
+        "migrateDeviceData": rp.get("migrateDeviceData", True),
+    }
+    info = _dict(body.get("optionalDeviceInformation"), "optionalDeviceInformation")
+    if info is not None:
+        out["optionalDeviceInformation"] = info
+    custom = _dict(body.get("customAllocationDefinition"), "customAllocationDefinition")
+    if custom is not None:
+        out["customAllocationDefinition"] = custom
+    return out
+
+
+def candidate_hubs(enrollment: Mapping[str, Any], linked: Sequence[str]) -> list[str]:
+    if enrollment.get("iotHubs"):
+        return list(enrollment["iotHubs"])
+    if enrollment.get("iotHubHostName"):
+        return [enrollment["iotHubHostName"]]
+    return list(linked)

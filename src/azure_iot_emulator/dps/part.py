@@ -1,0 +1,36 @@
+"""Everything the emulator's wiring needs from the DPS half, in one object."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from aiohttp import web
+
+from azure_iot_emulator.dps.endpoint import DpsEndpoint
+from azure_iot_emulator.dps.rest import build_dps_rest_app
+from azure_iot_emulator.dps.service import DpsService, HubProvisioner
+from azure_iot_emulator.store import Database
+
+
+class DpsPart:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        id_scope: str,
+        hub_hosts: Sequence[str],
+        registry: HubProvisioner,
+        clock: Callable[[], datetime],
+        service_keys: Callable[[], dict[str, str]],
+    ) -> None:
+        self.service = DpsService(db, id_scope=id_scope, hub_hosts=hub_hosts, registry=registry, clock=clock)
+        self.endpoint = DpsEndpoint(self.service, clock)
+        self._keys = service_keys
+        self._clock = clock
+
+    def rest_app(self) -> web.Application:
+        return build_dps_rest_app(self.service, self._keys, self._clock)
+
+    async def close(self) -> None:
+        await self.endpoint.close()

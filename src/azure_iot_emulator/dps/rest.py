@@ -1,0 +1,145 @@
+"""The DPS service REST API (api-version 2021-10-01) as the azure-iot-deviceprovisioning SDK uses it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from azure_iot_emulator.dps.errors import DpsError, bad_request, unauthorized
+from azure_iot_emulator.dps.service import DpsService
+from azure_iot_emulator.sas import SasError, verify_sas
+
+log = logging.getLogger(__name__)
+
+SERVICE = web.AppKey("service", DpsService)
+CLOCK = web.AppKey("clock", Callable[[], datetime])
+MAX_BODY = 256 * 1024
+
+
+def _error(exc: DpsError, now: datetime) -> web.Response:
+    return web.json_response(exc.body(now), status=exc.status, headers={"x-ms-error-code": str(exc.code)})
+
+
+def _auth_middleware(keys: Callable[[], dict[str, str]], clock: Callable[[], datetime]) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        now = clock()
+        header = request.headers.get("Authorization")
+        authorised = False
+        reason = "MISSING"
+        for policy, key in keys().items():
+            try:
+                verify_sas(header, key_b64=key, policy=policy, now=now)
+            except SasError as exc:
+                reason = exc.reason
+                continue
+            authorised = True
+            break
+        if not authorised:
+            log.info("DPS REST %s %s refused: SAS %s", request.method, request.path, reason)
+            return _error(unauthorized(f"Unauthorized: SAS token {reason.lower().replace('_', ' ')}"), now)
+        try:
+            return await handler(request)
+        except DpsError as exc:
+            return _error(exc, now)
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("DPS REST %s %s failed", request.method, request.path)
+            return _error(DpsError(500, 500000, "Internal error"), now)
+
+    return middleware
+
+
+async def _body(request: web.Request) -> Any:
+    raw = await request.read()
+    if len(raw) > MAX_BODY:
+        raise DpsError(413, 413001, "request body too large")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request("request body is not valid JSON") from exc
+
+
+def _svc(request: web.Request) -> DpsService:
+    return request.app[SERVICE]
+
+
+def _with_etag(body: dict[str, Any]) -> web.Response:
+    return web.json_response(body, headers={"ETag": f'"{body["etag"]}"'})
+
+
+async def put_enrollment(request: web.Request) -> web.Response:
+    body = await _body(request)
+    result = _svc(request).put_enrollment(request.match_info["id"], body, request.headers.get("If-Match"))
+    return _with_etag(result)
+
+
+async def get_enrollment(request: web.Request) -> web.Response:
+    return _with_etag(_svc(request).get_enrollment(request.match_info["id"]))
+
+
+async def delete_enrollment(request: web.Request) -> web.Response:
+    _svc(request).delete_enrollment(request.match_info["id"], request.headers.get("If-Match"))
+    return web.Response(status=204)
+
+
+async def attestation(request: web.Request) -> web.Response:
+    return web.json_response(_svc(request).attestation_mechanism(request.match_info["id"]))
+
+
+async def bulk(request: web.Request) -> web.Response:
+    return web.json_response(_svc(request).bulk(await _body(request)))
+
+
+async def query(request: web.Request) -> web.Response:
+    try:
+        size = int(request.headers.get("x-ms-max-item-count", "100"))
+    except ValueError as exc:
+        raise bad_request("x-ms-max-item-count must be an integer") from exc
+    items, token = _svc(request).query(
+        await _body(request), size, request.headers.get("x-ms-continuation") or None
+    )
+    headers = {"x-ms-item-type": "Enrollment", "x-ms-max-item-count": str(size)}
+    if token:
+        headers["x-ms-continuation"] = token
+    return web.json_response(items, headers=headers)
+
+
+async def get_registration(request: web.Request) -> web.Response:
+    return _with_etag(_svc(request).get_registration(request.match_info["id"]))
+
+
+async def delete_registration(request: web.Request) -> web.Response:
+    _svc(request).delete_registration(request.match_info["id"], request.headers.get("If-Match"))
+    return web.Response(status=204)
+
+
+async def not_supported(request: web.Request) -> web.Response:
+    raise DpsError(404, 404200, "enrollment groups are not supported by this emulator")
+
+
+def build_dps_rest_app(
+    service: DpsService, keys: Callable[[], dict[str, str]], clock: Callable[[], datetime]
+) -> web.Application:
+    app = web.Application(middlewares=[_auth_middleware(keys, clock)], client_max_size=MAX_BODY * 2)
+    app[SERVICE] = service
+    app[CLOCK] = clock
+    r = app.router
+    r.add_post("/enrollments/query", query)
+    r.add_post("/enrollments", bulk)
+    r.add_put("/enrollments/{id}", put_enrollment)
+    r.add_get("/enrollments/{id}", get_enrollment)
+    r.add_delete("/enrollments/{id}", delete_enrollment)
+    r.add_post("/enrollments/{id}/attestationmechanism", attestation)
+    r.add_get("/registrations/{id}", get_registration)
+    r.add_delete("/registrations/{id}", delete_registration)
+    r.add_route("*", "/enrollmentGroups{tail:.*}", not_supported)
+    return app

@@ -1,0 +1,8 @@
+"""The emulator's MQTT 3.1.1 core: a sans-IO codec (:mod:`.codec`) and per-connection state machine
+(:mod:`.connection`), sessions and routing (:mod:`.broker`), a thin asyncio/pyOpenSSL TLS shell
+(:mod:`.tls`).  Services plug in as endpoints; the interface is documented in :mod:`.endpoint`."""
+
+from azure_iot_emulator.mqtt.broker import Broker, Link
+from azure_iot_emulator.mqtt.endpoint import ConnectInfo, Endpoint, ProtocolViolation, topic_matches
+
+__all__ = ["Broker", "ConnectInfo", "Endpoint", "Link", "ProtocolViolation", "topic_matches"]

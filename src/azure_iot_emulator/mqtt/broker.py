@@ -1,0 +1,432 @@
+"""The MQTT core: routes connections to endpoints, keeps sessions, drives the sans-IO state machine.
+
+Transport-agnostic: a transport (the TLS shell in :mod:`azure_iot_emulator.mqtt.tls`) creates a
+:class:`ConnectionDriver` with :meth:`Broker.open_connection` once its handshake is done, hands it the
+plaintext bytes it reads and calls :meth:`ConnectionDriver.connection_lost` when the socket is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cryptography import x509
+
+from azure_iot_emulator.mqtt import connection as sm
+from azure_iot_emulator.mqtt import packets as p
+from azure_iot_emulator.mqtt.endpoint import ConnectInfo, Endpoint, ProtocolViolation, topic_matches
+from azure_iot_emulator.store import Database
+
+log = logging.getLogger(__name__)
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS mqtt_subscriptions (
+        endpoint TEXT NOT NULL,
+        client_id TEXT NOT NULL,
+        topic_filter TEXT NOT NULL,
+        qos INTEGER NOT NULL,
+        PRIMARY KEY (endpoint, client_id, topic_filter)
+    )""",
+)
+
+MAX_INFLIGHT = 1000
+
+
+class Transport(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Session:
+    endpoint: str
+    client_id: str
+    persistent: bool
+    subscriptions: dict[str, int] = field(default_factory=dict)
+    inflight: collections.OrderedDict[int, tuple[str, bytes]] = field(default_factory=collections.OrderedDict)
+    next_id: int = 0
+
+    def new_packet_id(self) -> int:
+        for _ in range(65535):
+            self.next_id = self.next_id % 65535 + 1
+            if self.next_id not in self.inflight:
+                return self.next_id
+        raise RuntimeError("no free packet id")
+
+
+class Link:
+    """The core's handle on one live, accepted connection (given to endpoints)."""
+
+    def __init__(self, driver: ConnectionDriver, endpoint: Endpoint, info: ConnectInfo, session: Session):
+        self._driver = driver
+        self.endpoint_name = endpoint.name
+        self.client_id = info.client_id
+        self.info = info
+        self.session = session
+        self.closed = False
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        """Send PUBLISH to the client (QoS 0 or 1).  QoS 1 messages stay in the session until PUBACKed
+        and are re-sent (DUP) when the client reconnects with ``clean_session=False``.  Returns once
+        the packet is handed to the transport; raises ``ConnectionError`` if the link is closed."""
+        if self.closed:
+            raise ConnectionError(f"{self.endpoint_name}/{self.client_id} is not connected")
+        qos = 1 if qos else 0
+        packet_id = None
+        if qos:
+            packet_id = self.session.new_packet_id()
+            self.session.inflight[packet_id] = (topic, payload)
+            while len(self.session.inflight) > MAX_INFLIGHT:
+                self.session.inflight.popitem(last=False)
+        self._driver.send(p.Publish(topic, payload, qos, packet_id))
+
+    def is_subscribed(self, topic: str) -> bool:
+        return any(topic_matches(f, topic) for f in self.session.subscriptions)
+
+    def close(self) -> None:
+        self._driver.close()
+
+
+class Broker:
+    def __init__(
+        self,
+        db: Database,
+        endpoints: Sequence[Endpoint] = (),
+        *,
+        max_packet_size: int = 512 * 1024,
+        connect_timeout: float = 30.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._db = db
+        db.register_schema(*SCHEMA)
+        self.endpoints: list[Endpoint] = list(endpoints)
+        self.max_packet_size = max_packet_size
+        self.connect_timeout = connect_timeout
+        self._monotonic = monotonic
+        self._links: dict[tuple[str, str], Link] = {}
+        self._sessions: dict[tuple[str, str], Session] = {}
+        self._drivers: set[ConnectionDriver] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def add_endpoint(self, endpoint: Endpoint) -> None:
+        self.endpoints.append(endpoint)
+
+    # ------------------------------------------------------------------------------------ endpoint API
+    def link_for(self, endpoint_name: str, client_id: str) -> Link | None:
+        return self._links.get((endpoint_name, client_id))
+
+    def is_connected(self, endpoint_name: str, client_id: str) -> bool:
+        return (endpoint_name, client_id) in self._links
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._drivers)
+
+    # ----------------------------------------------------------------------------------- transport API
+    def open_connection(
+        self,
+        transport: Transport,
+        *,
+        peer_certificate: x509.Certificate | None,
+        peer_chain: Sequence[x509.Certificate] = (),
+        local_address: tuple[str, int] = ("", 0),
+        remote_address: tuple[str, int] = ("", 0),
+    ) -> ConnectionDriver:
+        driver = ConnectionDriver(
+            self, transport, peer_certificate, tuple(peer_chain), local_address, remote_address
+        )
+        self._drivers.add(driver)
+        self._ensure_sweeper()
+        return driver
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Close connections that never sent CONNECT or went silent past 1.5 x keepalive."""
+        while self._drivers:
+            await asyncio.sleep(min(5.0, self.connect_timeout))
+            now = self._monotonic()
+            for driver in list(self._drivers):
+                driver.check_timeouts(now)
+
+    async def close(self) -> None:
+        for driver in list(self._drivers):
+            driver.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for _ in range(50):
+            if not self._drivers:
+                break
+            await asyncio.sleep(0.02)
+
+    # ------------------------------------------------------------------------------------ internals
+    def _session(self, endpoint: Endpoint, client_id: str, clean: bool) -> tuple[Session, bool]:
+        key = (endpoint.name, client_id)
+        if clean:
+            self._sessions.pop(key, None)
+            with self._db.transaction() as conn:
+                conn.execute(
+                    "DELETE FROM mqtt_subscriptions WHERE endpoint = ? AND client_id = ?", key
+                )
+            return Session(endpoint.name, client_id, persistent=False), False
+        session = self._sessions.get(key)
+        if session is None:
+            rows = self._db.query(
+                "SELECT topic_filter, qos FROM mqtt_subscriptions WHERE endpoint = ? AND client_id = ?", key
+            )
+            session = Session(endpoint.name, client_id, True, {r["topic_filter"]: r["qos"] for r in rows})
+            self._sessions[key] = session
+            return session, bool(rows)
+        return session, True
+
+    def _store_subscriptions(self, session: Session, added: dict[str, int], removed: Sequence[str]) -> None:
+        if not session.persistent:
+            return
+        with self._db.transaction() as conn:
+            for topic_filter, qos in added.items():
+                conn.execute(
+                    "INSERT OR REPLACE INTO mqtt_subscriptions VALUES (?, ?, ?, ?)",
+                    (session.endpoint, session.client_id, topic_filter, qos),
+                )
+            for topic_filter in removed:
+                conn.execute(
+                    "DELETE FROM mqtt_subscriptions"
+                    " WHERE endpoint = ? AND client_id = ? AND topic_filter = ?",
+                    (session.endpoint, session.client_id, topic_filter),
+                )
+
+    def _register(self, link: Link) -> None:
+        key = (link.endpoint_name, link.client_id)
+        old = self._links.get(key)
+        if old is not None:
+            log.info("%s/%s: new connection replaces the old one", *key)
+            old.close()
+        self._links[key] = link
+
+    def _unregister(self, link: Link) -> None:
+        key = (link.endpoint_name, link.client_id)
+        if self._links.get(key) is link:
+            del self._links[key]
+            if not link.session.persistent:
+                self._sessions.pop(key, None)
+
+    def _forget(self, driver: ConnectionDriver) -> None:
+        self._drivers.discard(driver)
+
+
+class ConnectionDriver:
+    """Runs one connection: feeds bytes to the state machine and handles its events in order."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        transport: Transport,
+        peer_certificate: x509.Certificate | None,
+        peer_chain: tuple[x509.Certificate, ...],
+        local_address: tuple[str, int],
+        remote_address: tuple[str, int],
+    ) -> None:
+        self._broker = broker
+        self._transport = transport
+        self._peer = peer_certificate
+        self._chain = peer_chain
+        self._local = local_address
+        self._remote = remote_address
+        self._conn = sm.ServerConnection(broker.max_packet_size)
+        self._events: collections.deque[sm.Event] = collections.deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._endpoint: Endpoint | None = None
+        self.link: Link | None = None
+        self._closed = False
+        self._keepalive = 0
+        self._opened = broker._monotonic()
+        self._last_rx = self._opened
+
+    # --------------------------------------------------------------------------------- transport side
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._last_rx = self._broker._monotonic()
+        events = self._conn.receive(data)
+        self._flush()
+        if events:
+            self._events.extend(events)
+            if self._worker is None:
+                self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    def connection_lost(self) -> None:
+        if self._closed and self.link is None:
+            return
+        self._closed = True
+        self._conn.close()
+        self._events.clear()
+        self._finish()
+
+    def check_timeouts(self, now: float) -> None:
+        if self._closed:
+            return
+        if self._conn.state in (sm.State.AWAIT_CONNECT, sm.State.AUTHENTICATING):
+            if now - self._opened > self._broker.connect_timeout:
+                log.info("connection from %s: no CONNECT in time", self._remote)
+                self.close()
+        elif self._keepalive and now - self._last_rx > 1.5 * self._keepalive:
+            log.info("%s: keepalive expired", self.link.client_id if self.link else self._remote)
+            self.close()
+
+    # -------------------------------------------------------------------------------------- link side
+    def send(self, packet: p.Packet) -> None:
+        if self._closed or self._conn.state is not sm.State.CONNECTED:
+            raise ConnectionError("connection closed")
+        self._conn.send(packet)
+        self._flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._conn.close()
+        self._flush()
+        self._transport.close()
+        self._finish()
+
+    # -------------------------------------------------------------------------------------- internals
+    def _flush(self) -> None:
+        data = self._conn.data_to_send()
+        if data:
+            self._transport.write(data)
+
+    def _finish(self) -> None:
+        link, self.link = self.link, None
+        self._broker._forget(self)
+        if link is None or link.closed:
+            return
+        link.closed = True
+        self._broker._unregister(link)
+        endpoint = self._endpoint
+        if endpoint is not None:
+            task = asyncio.get_running_loop().create_task(self._notify_closed(endpoint, link))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+
+    @staticmethod
+    async def _notify_closed(endpoint: Endpoint, link: Link) -> None:
+        try:
+            await endpoint.on_closed(link)
+        except Exception:
+            log.exception("%s: on_closed failed for %s", endpoint.name, link.client_id)
+
+    async def _work(self) -> None:
+        try:
+            while self._events:
+                event = self._events.popleft()
+                try:
+                    await self._handle(event)
+                except ProtocolViolation as exc:
+                    log.info("%s: closing: %s", self._who(), exc)
+                    self.close()
+                except Exception:
+                    log.exception("%s: unexpected error; closing the connection", self._who())
+                    self.close()
+                if self._closed:
+                    self._events.clear()
+        finally:
+            self._worker = None
+
+    def _who(self) -> str:
+        return self.link.client_id if self.link else f"{self._remote[0]}:{self._remote[1]}"
+
+    async def _handle(self, event: sm.Event) -> None:
+        if isinstance(event, sm.ConnectRequested):
+            await self._on_connect(event.packet)
+        elif isinstance(event, sm.PublishReceived):
+            await self._on_publish(event.packet)
+        elif isinstance(event, sm.SubscribeRequested):
+            self._on_subscribe(event.packet)
+        elif isinstance(event, sm.UnsubscribeRequested):
+            self._on_unsubscribe(event.packet)
+        elif isinstance(event, sm.PubAckReceived):
+            if self.link is not None:
+                self.link.session.inflight.pop(event.packet_id, None)
+        elif isinstance(event, sm.ClientDisconnected):
+            self.close()
+        elif isinstance(event, sm.ProtocolError):
+            log.info("%s: protocol error %s: %s", self._who(), event.reason, event.message)
+            self.close()
+
+    async def _on_connect(self, packet: p.Connect) -> None:
+        info = ConnectInfo(
+            client_id=packet.client_id,
+            username=packet.username,
+            password=packet.password,
+            clean_session=packet.clean_session,
+            keepalive=packet.keepalive,
+            peer_certificate=self._peer,
+            peer_chain=self._chain,
+            local_address=self._local,
+            remote_address=self._remote,
+        )
+        endpoint = next((e for e in self._broker.endpoints if e.claims(info)), None)
+        if endpoint is None:
+            log.info("CONNECT from %s refused: no endpoint for username %r", self._remote, packet.username)
+            rc = p.REFUSED_NOT_AUTHORIZED
+        else:
+            rc = await endpoint.authenticate(info)
+        if self._closed:
+            return
+        if rc != p.ACCEPTED:
+            self._conn.refuse(rc)
+            self.close()
+            return
+        assert endpoint is not None
+        session, present = self._broker._session(endpoint, info.client_id, info.clean_session)
+        self._endpoint = endpoint
+        self._keepalive = packet.keepalive
+        link = Link(self, endpoint, info, session)
+        self._broker._register(link)
+        self.link = link
+        self._conn.accept(present)
+        self._flush()
+        await endpoint.on_connected(link)
+        for packet_id, (topic, payload) in list(session.inflight.items()):
+            if self._closed:
+                break
+            self.send(p.Publish(topic, payload, 1, packet_id, dup=True))
+
+    async def _on_publish(self, packet: p.Publish) -> None:
+        assert self._endpoint is not None and self.link is not None
+        await self._endpoint.on_publish(self.link, packet.topic, packet.payload)
+        if packet.qos == 1 and not self._closed:
+            assert packet.packet_id is not None
+            self.send(p.PubAck(packet.packet_id))
+
+    def _on_subscribe(self, packet: p.Subscribe) -> None:
+        assert self._endpoint is not None and self.link is not None
+        codes = []
+        granted: dict[str, int] = {}
+        for topic_filter, qos in packet.topics:
+            if sm.valid_topic_filter(topic_filter) and self._endpoint.may_subscribe(self.link, topic_filter):
+                granted[topic_filter] = min(qos, 1)
+                codes.append(min(qos, 1))
+            else:
+                codes.append(p.SUBACK_FAILURE)
+        self.link.session.subscriptions.update(granted)
+        self._broker._store_subscriptions(self.link.session, granted, ())
+        self.send(p.SubAck(packet.packet_id, tuple(codes)))
+
+    def _on_unsubscribe(self, packet: p.Unsubscribe) -> None:
+        assert self.link is not None
+        for topic_filter in packet.topics:
+            self.link.session.subscriptions.pop(topic_filter, None)
+        self._broker._store_subscriptions(self.link.session, {}, packet.topics)
+        self.send(p.UnsubAck(packet.packet_id))
+
+
+_background: set[asyncio.Task[None]] = set()

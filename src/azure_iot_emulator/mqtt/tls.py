@@ -1,0 +1,183 @@
+"""The thin asyncio + TLS shell: moves bytes between a socket and the MQTT core.
+
+Python's ``ssl`` module cannot request a client certificate and then accept *any* certificate (it
+has no verify callback), so TLS runs on pyOpenSSL with memory BIOs driven by an asyncio Protocol:
+the server asks for a certificate, accepts whatever is presented (self-signed or CA-signed), and the
+endpoint decides authorisation after the handshake from the presented leaf.  TLS 1.2 and 1.3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from OpenSSL import SSL
+
+from azure_iot_emulator.mqtt.broker import Broker, ConnectionDriver
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 30.0
+_READ_CHUNK = 65536
+
+
+def _accept_any(conn: SSL.Connection, cert: object, errnum: int, depth: int, ok: int) -> bool:
+    return True
+
+
+def server_context(cert_path: Path, key_path: Path) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.use_certificate_chain_file(str(cert_path))
+    ctx.use_privatekey_file(str(key_path))
+    ctx.check_privatekey()
+    ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
+    ctx.set_session_id(b"azure-iot-emulator")
+    return ctx
+
+
+def _to_crypto(cert: object) -> x509.Certificate | None:
+    if cert is None:
+        return None
+    if isinstance(cert, x509.Certificate):
+        return cert
+    return cert.to_cryptography()  # type: ignore[attr-defined]
+
+
+class TlsMqttProtocol(asyncio.Protocol):
+    def __init__(self, ctx: SSL.Context, broker: Broker) -> None:
+        self._ctx = ctx
+        self._broker = broker
+        self._transport: asyncio.Transport | None = None
+        self._ssl: SSL.Connection | None = None
+        self._driver: ConnectionDriver | None = None
+        self._closing = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._ssl = SSL.Connection(self._ctx, None)
+        self._ssl.set_accept_state()
+        self._handshake_timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self.close)
+
+    def data_received(self, data: bytes) -> None:
+        ssl_conn = self._ssl
+        if ssl_conn is None or self._closing:
+            return
+        ssl_conn.bio_write(data)
+        if self._driver is None:
+            try:
+                ssl_conn.do_handshake()
+            except SSL.WantReadError:
+                self._flush_tls()
+                return
+            except SSL.Error as exc:
+                log.info("TLS handshake with %s failed: %s", self._peer(), exc)
+                self._flush_tls()
+                self._abort()
+                return
+            self._flush_tls()
+            self._handshake_done()
+            if self._driver is None:
+                return
+        while not self._closing:
+            try:
+                chunk = ssl_conn.recv(_READ_CHUNK)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self.close()
+                break
+            except SSL.Error as exc:
+                log.info("TLS error from %s: %s", self._peer(), exc)
+                self._abort()
+                break
+            if not chunk:
+                break
+            self._driver.data_received(chunk)
+        self._flush_tls()
+
+    def _handshake_done(self) -> None:
+        assert self._ssl is not None and self._transport is not None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        leaf = _to_crypto(self._ssl.get_peer_certificate())
+        chain: Sequence[x509.Certificate] = [
+            c for c in (_to_crypto(x) for x in (self._ssl.get_peer_cert_chain() or [])) if c is not None
+        ]
+        if leaf is not None and chain and chain[0] == leaf:
+            chain = chain[1:]
+        local = self._transport.get_extra_info("sockname") or ("", 0)
+        remote = self._transport.get_extra_info("peername") or ("", 0)
+        self._driver = self._broker.open_connection(
+            self,
+            peer_certificate=leaf,
+            peer_chain=chain,
+            local_address=(str(local[0]), int(local[1])),
+            remote_address=(str(remote[0]), int(remote[1])),
+        )
+
+    # ----------------------------------------------------------------------- Transport for the driver
+    def write(self, data: bytes) -> None:
+        if self._ssl is None or self._closing:
+            return
+        try:
+            self._ssl.sendall(data)
+        except SSL.Error as exc:
+            log.info("TLS write to %s failed: %s", self._peer(), exc)
+            self._abort()
+            return
+        self._flush_tls()
+
+    def close(self) -> None:
+        if self._closing or self._transport is None:
+            return
+        self._closing = True
+        if self._ssl is not None:
+            with contextlib.suppress(SSL.Error):
+                self._ssl.shutdown()
+            self._flush_tls(force=True)
+        self._transport.close()
+
+    # -------------------------------------------------------------------------------------- internals
+    def _flush_tls(self, force: bool = False) -> None:
+        if self._ssl is None or self._transport is None or (self._closing and not force):
+            return
+        while True:
+            try:
+                out = self._ssl.bio_read(_READ_CHUNK)
+            except SSL.WantReadError:
+                return
+            if not out:
+                return
+            self._transport.write(out)
+
+    def _abort(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _peer(self) -> object:
+        return self._transport.get_extra_info("peername") if self._transport else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if self._driver is not None:
+            self._driver.connection_lost()
+        self._ssl = None
+
+
+async def start_listener(
+    broker: Broker, ctx: SSL.Context, host: str, port: int, *, backlog: int = 4096
+) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: TlsMqttProtocol(ctx, broker), host, port, reuse_address=True, backlog=backlog
+    )
