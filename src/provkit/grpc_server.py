@@ -23,7 +23,9 @@ API
 
 Handlers are plain async servicer methods: they raise ``provkit.errors.DomainError`` (mapped by
 ``provkit.grpc_errors``), read ``provkit.context.current_request_id()`` / ``current_caller()``.  The request
-id comes from the ``x-request-id`` metadata or is generated, and is echoed in the initial metadata.
+id comes from the ``x-request-id`` metadata or is generated, and is echoed in the trailing metadata (and
+in ``ErrorInfo.metadata["request_id"]`` of errors).  The wrapping happens once at registration: each
+``ServiceBinding.add_to_server`` receives a registering proxy, not the raw server.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ import functools
 import inspect
 import ipaddress
 import logging
+import secrets
 import signal
-import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,28 +138,23 @@ def caller_identity(context: grpc.aio.ServicerContext) -> CallerIdentity:
     return CallerIdentity("insecure", peer=peer)
 
 
-# ------------------------------------------------------------------------------------------- interceptor
+# ------------------------------------------------------------------------------------- handler wrapping
+# Handlers are wrapped once, when a service is registered (not by a per-call interceptor, which costs a
+# handler object and an extra await per RPC): the wrapper sets the request scope, enforces a client
+# certificate in OPTIONAL mode, and maps exceptions through the error table.
 def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= 128:
             return value
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)
 
 
-class _Interceptor(grpc.aio.ServerInterceptor):
+class _HandlerWrapper:
     def __init__(self, domain: str, require_client_cert: bool) -> None:
         self._domain = domain
         self._require_client_cert = require_client_cert
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method or ""
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         guarded = self._require_client_cert and not method.lstrip("/").startswith(_OPEN_SERVICES)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -176,7 +173,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
     async def _enter(self, context: grpc.aio.ServicerContext, guarded: bool) -> tuple[str, CallerIdentity]:
         request_id = _request_id(context)
         caller = caller_identity(context)
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         if guarded and not caller.authenticated:
             await self._fail(
                 context,
@@ -237,6 +234,40 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
+class _WrappedGenericHandler(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler, wrapper: _HandlerWrapper) -> None:
+        self._inner = inner
+        self._wrapper = wrapper
+        self._cache: dict[tuple[str, int], grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        key = (handler_call_details.method, id(handler))
+        wrapped = self._cache.get(key)
+        if wrapped is None:
+            wrapped = self._cache[key] = self._wrapper.wrap(handler, handler_call_details.method)
+        return wrapped
+
+
+class _RegisteringServer:
+    """What a ``ServiceBinding.add_to_server`` sees: registers the service's handlers, wrapped."""
+
+    def __init__(self, server: grpc.aio.Server, wrapper: _HandlerWrapper) -> None:
+        self._server = server
+        self._wrapper = wrapper
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers([_WrappedGenericHandler(h, self._wrapper) for h in handlers])
+
+    def add_registered_method_handlers(
+        self, service_name: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        wrapped = {name: self._wrapper.wrap(h, f"/{service_name}/{name}") for name, h in handlers.items()}
+        self._server.add_registered_method_handlers(service_name, wrapped)
+
+
 # ------------------------------------------------------------------------------------------------ server
 def _credentials(tls: ServerTLS) -> grpc.ServerCredentials:
     try:
@@ -286,14 +317,12 @@ class RunningServer:
 async def start_server(settings: ServerSettings, services: Sequence[ServiceBinding]) -> RunningServer:
     check_settings(settings)
     require_cert = settings.tls is not None and settings.tls.client_auth is ClientAuth.OPTIONAL
-    server = grpc.aio.server(
-        interceptors=[_Interceptor(settings.error_domain, require_cert)],
-        options=[("grpc.so_reuseport", 0), *settings.options],
-    )
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *settings.options])
+    registering = _RegisteringServer(server, _HandlerWrapper(settings.error_domain, require_cert))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in services:
-        service.add_to_server(service.servicer, server)
+        service.add_to_server(service.servicer, registering)
     names = tuple(s.name for s in services)
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = (

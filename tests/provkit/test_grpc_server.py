@@ -132,7 +132,7 @@ async def test_request_id_from_metadata_or_generated_and_echoed() -> None:
             call = _call(channel, "Echo")(b"", metadata=request_metadata("abc-1"))
             body = json.loads(await call)
             assert body["request_id"] == "abc-1"
-            assert ("x-request-id", "abc-1") in tuple(await call.initial_metadata())
+            assert ("x-request-id", "abc-1") in tuple(await call.trailing_metadata())
             assert body["caller"].startswith("insecure:")
             generated = json.loads(await _call(channel, "Echo")(b""))
             assert len(generated["request_id"]) == 32
