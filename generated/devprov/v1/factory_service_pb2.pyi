@@ -25,6 +25,29 @@ class KeySource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KEY_SOURCE_UNSPECIFIED: _ClassVar[KeySource]
     KEY_SOURCE_CSR: _ClassVar[KeySource]
     KEY_SOURCE_SERVER_GENERATED: _ClassVar[KeySource]
+
+class EnrollOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENROLL_OUTCOME_UNSPECIFIED: _ClassVar[EnrollOutcome]
+    ENROLL_OUTCOME_CREATED: _ClassVar[EnrollOutcome]
+    ENROLL_OUTCOME_UNCHANGED: _ClassVar[EnrollOutcome]
+    ENROLL_OUTCOME_REPLACED: _ClassVar[EnrollOutcome]
+    ENROLL_OUTCOME_QUEUED: _ClassVar[EnrollOutcome]
+
+class EnrollmentDelivery(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENROLLMENT_DELIVERY_UNSPECIFIED: _ClassVar[EnrollmentDelivery]
+    ENROLLMENT_DELIVERY_LIVE: _ClassVar[EnrollmentDelivery]
+    ENROLLMENT_DELIVERY_QUEUED: _ClassVar[EnrollmentDelivery]
+
+class EnrollmentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENROLLMENT_STATE_UNSPECIFIED: _ClassVar[EnrollmentState]
+    ENROLLMENT_STATE_PENDING: _ClassVar[EnrollmentState]
+    ENROLLMENT_STATE_DELIVERED: _ClassVar[EnrollmentState]
+    ENROLLMENT_STATE_FAILED: _ClassVar[EnrollmentState]
+    ENROLLMENT_STATE_LIVE: _ClassVar[EnrollmentState]
+    ENROLLMENT_STATE_NOT_FOUND: _ClassVar[EnrollmentState]
 KEY_TYPE_UNSPECIFIED: KeyType
 KEY_TYPE_EC_P256: KeyType
 KEY_TYPE_EC_P384: KeyType
@@ -34,6 +57,20 @@ KEY_TYPE_RSA_OTHER: KeyType
 KEY_SOURCE_UNSPECIFIED: KeySource
 KEY_SOURCE_CSR: KeySource
 KEY_SOURCE_SERVER_GENERATED: KeySource
+ENROLL_OUTCOME_UNSPECIFIED: EnrollOutcome
+ENROLL_OUTCOME_CREATED: EnrollOutcome
+ENROLL_OUTCOME_UNCHANGED: EnrollOutcome
+ENROLL_OUTCOME_REPLACED: EnrollOutcome
+ENROLL_OUTCOME_QUEUED: EnrollOutcome
+ENROLLMENT_DELIVERY_UNSPECIFIED: EnrollmentDelivery
+ENROLLMENT_DELIVERY_LIVE: EnrollmentDelivery
+ENROLLMENT_DELIVERY_QUEUED: EnrollmentDelivery
+ENROLLMENT_STATE_UNSPECIFIED: EnrollmentState
+ENROLLMENT_STATE_PENDING: EnrollmentState
+ENROLLMENT_STATE_DELIVERED: EnrollmentState
+ENROLLMENT_STATE_FAILED: EnrollmentState
+ENROLLMENT_STATE_LIVE: EnrollmentState
+ENROLLMENT_STATE_NOT_FOUND: EnrollmentState
 
 class ServerKeyGeneration(_message.Message):
     __slots__ = ("key_type",)
@@ -126,3 +163,115 @@ class GetCertificateResponse(_message.Message):
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     certificate: IssuedCertificate
     def __init__(self, certificate: _Optional[_Union[IssuedCertificate, _Mapping]] = ...) -> None: ...
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("device_id", "certificate_pem", "replace", "request_id")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    certificate_pem: str
+    replace: bool
+    request_id: str
+    def __init__(self, device_id: _Optional[str] = ..., certificate_pem: _Optional[str] = ..., replace: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("device_id", "outcome", "delivery", "activation_code", "sha1_thumbprint", "sha256_thumbprint", "replayed")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_CODE_FIELD_NUMBER: _ClassVar[int]
+    SHA1_THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
+    SHA256_THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    outcome: EnrollOutcome
+    delivery: EnrollmentDelivery
+    activation_code: str
+    sha1_thumbprint: str
+    sha256_thumbprint: str
+    replayed: bool
+    def __init__(self, device_id: _Optional[str] = ..., outcome: _Optional[_Union[EnrollOutcome, str]] = ..., delivery: _Optional[_Union[EnrollmentDelivery, str]] = ..., activation_code: _Optional[str] = ..., sha1_thumbprint: _Optional[str] = ..., sha256_thumbprint: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class EnrollBatchItem(_message.Message):
+    __slots__ = ("device_id", "certificate_pem", "replace")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    certificate_pem: str
+    replace: bool
+    def __init__(self, device_id: _Optional[str] = ..., certificate_pem: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class EnrollBatchRequest(_message.Message):
+    __slots__ = ("items", "request_id")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[EnrollBatchItem]
+    request_id: str
+    def __init__(self, items: _Optional[_Iterable[_Union[EnrollBatchItem, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class EnrollItemError(_message.Message):
+    __slots__ = ("code", "reason", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    reason: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class EnrollBatchResult(_message.Message):
+    __slots__ = ("index", "device_id", "response", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    device_id: str
+    response: EnrollResponse
+    error: EnrollItemError
+    def __init__(self, index: _Optional[int] = ..., device_id: _Optional[str] = ..., response: _Optional[_Union[EnrollResponse, _Mapping]] = ..., error: _Optional[_Union[EnrollItemError, _Mapping]] = ...) -> None: ...
+
+class EnrollBatchResponse(_message.Message):
+    __slots__ = ("results", "enrolled_count", "queued_count", "failed_count", "replayed")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[EnrollBatchResult]
+    enrolled_count: int
+    queued_count: int
+    failed_count: int
+    replayed: bool
+    def __init__(self, results: _Optional[_Iterable[_Union[EnrollBatchResult, _Mapping]]] = ..., enrolled_count: _Optional[int] = ..., queued_count: _Optional[int] = ..., failed_count: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class GetEnrollmentStatusRequest(_message.Message):
+    __slots__ = ("device_id",)
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    def __init__(self, device_id: _Optional[str] = ...) -> None: ...
+
+class GetEnrollmentStatusResponse(_message.Message):
+    __slots__ = ("device_id", "state", "queued_time", "delivered_time", "attempts", "failure_reason", "failure_message", "provisioning_status", "sha256_thumbprint")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_TIME_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_TIME_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PROVISIONING_STATUS_FIELD_NUMBER: _ClassVar[int]
+    SHA256_THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    state: EnrollmentState
+    queued_time: _timestamp_pb2.Timestamp
+    delivered_time: _timestamp_pb2.Timestamp
+    attempts: int
+    failure_reason: str
+    failure_message: str
+    provisioning_status: str
+    sha256_thumbprint: str
+    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[_Union[EnrollmentState, str]] = ..., queued_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., delivered_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., failure_reason: _Optional[str] = ..., failure_message: _Optional[str] = ..., provisioning_status: _Optional[str] = ..., sha256_thumbprint: _Optional[str] = ...) -> None: ...

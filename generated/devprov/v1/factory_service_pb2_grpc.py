@@ -57,6 +57,21 @@ class FactoryServiceStub:
                 request_serializer=devprov_dot_v1_dot_factory__service__pb2.GetCertificateRequest.SerializeToString,
                 response_deserializer=devprov_dot_v1_dot_factory__service__pb2.GetCertificateResponse.FromString,
                 _registered_method=True)
+        self.Enroll = channel.unary_unary(
+                '/devprov.v1.FactoryService/Enroll',
+                request_serializer=devprov_dot_v1_dot_factory__service__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=devprov_dot_v1_dot_factory__service__pb2.EnrollResponse.FromString,
+                _registered_method=True)
+        self.EnrollBatch = channel.unary_unary(
+                '/devprov.v1.FactoryService/EnrollBatch',
+                request_serializer=devprov_dot_v1_dot_factory__service__pb2.EnrollBatchRequest.SerializeToString,
+                response_deserializer=devprov_dot_v1_dot_factory__service__pb2.EnrollBatchResponse.FromString,
+                _registered_method=True)
+        self.GetEnrollmentStatus = channel.unary_unary(
+                '/devprov.v1.FactoryService/GetEnrollmentStatus',
+                request_serializer=devprov_dot_v1_dot_factory__service__pb2.GetEnrollmentStatusRequest.SerializeToString,
+                response_deserializer=devprov_dot_v1_dot_factory__service__pb2.GetEnrollmentStatusResponse.FromString,
+                _registered_method=True)
 
 
 class FactoryServiceServicer:
@@ -92,6 +107,32 @@ class FactoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Enroll(self, request, context):
+        """Creates the device's DPS individual enrollment, DISABLED, for a certificate this factory issued, and
+        returns a one-time activation code (only its salted hash is kept, inside the enrollment).  Checks the
+        certificate before any DPS call.  Enrolling again with the same certificate changes nothing; another
+        certificate is ALREADY_EXISTS unless `replace` is set.  When DPS cannot be reached the enrollment is
+        queued durably and delivered later, in order, exactly once (`delivery` says which).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnrollBatch(self, request, context):
+        """Enrolls many devices (at most 1000 per call) in DPS bulk operations of at most 10; one result per
+        device, in request order; one bad device never fails the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEnrollmentStatus(self, request, context):
+        """Where a device's enrollment stands: queued (pending / failed) in the outbox, or live in DPS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FactoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +150,21 @@ def add_FactoryServiceServicer_to_server(servicer, server):
                     servicer.GetCertificate,
                     request_deserializer=devprov_dot_v1_dot_factory__service__pb2.GetCertificateRequest.FromString,
                     response_serializer=devprov_dot_v1_dot_factory__service__pb2.GetCertificateResponse.SerializeToString,
+            ),
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=devprov_dot_v1_dot_factory__service__pb2.EnrollRequest.FromString,
+                    response_serializer=devprov_dot_v1_dot_factory__service__pb2.EnrollResponse.SerializeToString,
+            ),
+            'EnrollBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollBatch,
+                    request_deserializer=devprov_dot_v1_dot_factory__service__pb2.EnrollBatchRequest.FromString,
+                    response_serializer=devprov_dot_v1_dot_factory__service__pb2.EnrollBatchResponse.SerializeToString,
+            ),
+            'GetEnrollmentStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEnrollmentStatus,
+                    request_deserializer=devprov_dot_v1_dot_factory__service__pb2.GetEnrollmentStatusRequest.FromString,
+                    response_serializer=devprov_dot_v1_dot_factory__service__pb2.GetEnrollmentStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -200,6 +256,87 @@ class FactoryService:
             '/devprov.v1.FactoryService/GetCertificate',
             devprov_dot_v1_dot_factory__service__pb2.GetCertificateRequest.SerializeToString,
             devprov_dot_v1_dot_factory__service__pb2.GetCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devprov.v1.FactoryService/Enroll',
+            devprov_dot_v1_dot_factory__service__pb2.EnrollRequest.SerializeToString,
+            devprov_dot_v1_dot_factory__service__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devprov.v1.FactoryService/EnrollBatch',
+            devprov_dot_v1_dot_factory__service__pb2.EnrollBatchRequest.SerializeToString,
+            devprov_dot_v1_dot_factory__service__pb2.EnrollBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEnrollmentStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devprov.v1.FactoryService/GetEnrollmentStatus',
+            devprov_dot_v1_dot_factory__service__pb2.GetEnrollmentStatusRequest.SerializeToString,
+            devprov_dot_v1_dot_factory__service__pb2.GetEnrollmentStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,364 @@
+"""The services' view of the cloud (DPS and its linked IoT hubs): typed records, small ports, errors and the
+cloud settings.  No Azure SDK import here: the adapters (``provkit.dps``, ``provkit.iothub``) implement the
+ports, the domains (enrollment, activation) only know this module.
+
+API
+---
+Records: ``Enrollment`` (an individual enrollment as the domain sees it, ``raw`` keeps every field DPS sent
+    so an update never drops one), ``RegistrationState``, ``HubDevice``, ``BulkItemError``.
+Ports (Protocols): ``EnrollmentPort`` (get / create / update / bulk_create),
+    ``HubTwinPort`` (get_device / get_twin_document / patch_twin / set_device_status).
+Errors: ``CloudError`` and ``CloudNotFound``, ``CloudAlreadyExists`` (409), ``CloudEtagMismatch`` (412),
+    ``CloudRejected`` (other 4xx: bad body, unauthorised), ``CloudUnavailable`` (cannot reach the service,
+    or 5xx / 429 after the SDK's own retries; ``retry_after`` seconds when known).
+Settings: ``DpsConfig``, ``HubConfig``, ``CloudSettings``;
+    ``load_cloud_settings(source, section="cloud")``.
+
+Settings keys (TOML section ``[cloud]``; environment ``<PREFIX>_CLOUD_<KEY>``, PREFIX e.g. FACTORY or
+ACTIVATION):
+
+- ``emulator_connection_file``: the emulator's connection.json (default ``.iot-emulator/connection.json``
+  when no DPS connection string is set); supplies everything below that is not set explicitly.
+- ``dps_connection_string`` (secret: env, or ``..._FILE`` / ``dps_connection_string_file``).
+- ``ca_file``: CA (PEM) to trust for the REST calls (the emulator's CA; unset: system roots).
+- ``hub_connection_strings`` (secret, comma or newline separated; or ``..._FILE``): linked hubs.
+- ``default_hub``: host name of the default hub (default: the emulator's, else the first hub).
+- ``id_scope``: DPS ID scope (informational).
+- ``retry_total`` (4), ``retry_backoff_max`` (10 s), ``timeout_seconds`` (5 s, connect timeout).
+
+Explicit values win over the emulator file; with no explicit DPS connection string the emulator file is
+required (real Azure: set the connection strings and leave the emulator file out, or point it elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from provkit.settings import Secret, SettingsError, SettingsSource
+
+DEFAULT_EMULATOR_CONNECTION_FILE = Path(".iot-emulator") / "connection.json"
+
+
+# ------------------------------------------------------------------------------------------------ errors
+class CloudError(Exception):
+    """A failed call to DPS or a hub.  ``status`` is the HTTP status when there was a response."""
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class CloudNotFound(CloudError):
+    pass
+
+
+class CloudAlreadyExists(CloudError):
+    pass
+
+
+class CloudEtagMismatch(CloudError):
+    pass
+
+
+class CloudRejected(CloudError):
+    pass
+
+
+class CloudUnavailable(CloudError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class RegistrationState:
+    registration_id: str
+    status: str  # unassigned | assigning | assigned | failed | disabled
+    assigned_hub: str | None = None
+    device_id: str | None = None
+    last_updated: datetime | None = None
+
+    @property
+    def assigned(self) -> bool:
+        return self.status == "assigned" and bool(self.assigned_hub)
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """An individual enrollment.  ``raw`` is the JSON body as DPS returned it (or as it will be sent)."""
+
+    registration_id: str
+    raw: Mapping[str, Any]
+
+    @property
+    def etag(self) -> str | None:
+        value = self.raw.get("etag")
+        return str(value) if value else None
+
+    @property
+    def provisioning_status(self) -> str:
+        return str(self.raw.get("provisioningStatus") or "enabled")
+
+    @property
+    def enabled(self) -> bool:
+        return self.provisioning_status == "enabled"
+
+    @property
+    def certificate(self) -> str | None:
+        x509 = (self.raw.get("attestation") or {}).get("x509") or {}
+        primary = (x509.get("clientCertificates") or {}).get("primary") or {}
+        return primary.get("certificate")
+
+    @property
+    def certificate_info(self) -> Mapping[str, Any]:
+        x509 = (self.raw.get("attestation") or {}).get("x509") or {}
+        primary = (x509.get("clientCertificates") or {}).get("primary") or {}
+        return primary.get("info") or {}
+
+    @property
+    def initial_twin(self) -> Mapping[str, Any] | None:
+        return self.raw.get("initialTwin")
+
+    @property
+    def iot_hubs(self) -> tuple[str, ...]:
+        return tuple(self.raw.get("iotHubs") or ())
+
+    @property
+    def optional_device_information(self) -> Mapping[str, Any]:
+        return self.raw.get("optionalDeviceInformation") or {}
+
+    @property
+    def registration_state(self) -> RegistrationState | None:
+        state = self.raw.get("registrationState")
+        if not state:
+            return None
+        return registration_state_from_json(state)
+
+    def body(self) -> dict[str, Any]:
+        """A mutable deep copy of the raw body (for building an update)."""
+        return json.loads(json.dumps(self.raw))
+
+
+def registration_state_from_json(state: Mapping[str, Any]) -> RegistrationState:
+    updated = state.get("lastUpdatedDateTimeUtc")
+    moment = None
+    if isinstance(updated, str) and updated:
+        moment = parse_azure_time(updated)
+    elif isinstance(updated, datetime):
+        moment = updated
+    return RegistrationState(
+        registration_id=str(state.get("registrationId") or ""),
+        status=str(state.get("status") or "unassigned"),
+        assigned_hub=state.get("assignedHub") or None,
+        device_id=state.get("deviceId") or None,
+        last_updated=moment,
+    )
+
+
+def parse_azure_time(text: str) -> datetime | None:
+    """Azure's timestamps (``2024-05-01T10:11:12.1234567Z``, ``0001-01-01T00:00:00Z`` = never)."""
+    value = text.strip()
+    if not value or value.startswith("0001-01-01"):
+        return None
+    if value.endswith("Z"):
+        value = value[:-1] + "+00:00"
+    if "." in value:
+        head, _, rest = value.partition(".")
+        digits = "".join(c for c in rest if c.isdigit())
+        zone = rest[len(digits) :]
+        value = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    return moment
+
+
+@dataclass(frozen=True)
+class BulkItemError:
+    registration_id: str
+    error_code: int
+    error_status: str
+
+
+@dataclass(frozen=True)
+class HubDevice:
+    device_id: str
+    hub: str
+    status: str  # enabled | disabled
+    connection_state: str
+    last_activity: datetime | None
+    etag: str | None
+    primary_thumbprint: str | None
+    secondary_thumbprint: str | None
+
+
+@dataclass(frozen=True)
+class TwinDocument:
+    etag: str | None
+    tags: Mapping[str, Any]
+    desired: Mapping[str, Any]  # without $metadata / $version
+
+
+# ------------------------------------------------------------------------------------------------- ports
+class EnrollmentPort(Protocol):
+    async def get(self, registration_id: str) -> Enrollment | None: ...
+
+    async def create(self, body: Mapping[str, Any]) -> Enrollment:
+        """Create; ``CloudAlreadyExists`` when the id is taken."""
+        ...
+
+    async def update(self, body: Mapping[str, Any], etag: str) -> Enrollment:
+        """Replace the record if its etag still is ``etag``; ``CloudEtagMismatch`` otherwise."""
+        ...
+
+    async def bulk_create(self, bodies: Sequence[Mapping[str, Any]]) -> list[BulkItemError]:
+        """At most 10 records in one call; the per-record failures (empty: all created)."""
+        ...
+
+
+class HubTwinPort(Protocol):
+    async def get_device(self, hub: str, device_id: str) -> HubDevice | None: ...
+
+    async def get_twin_document(self, hub: str, device_id: str) -> TwinDocument | None: ...
+
+    async def patch_twin(
+        self, hub: str, device_id: str, tags: Mapping[str, Any], desired: Mapping[str, Any], etag: str
+    ) -> None:
+        """Merge-patch tags and desired properties (``None`` deletes a key) if the twin etag matches."""
+        ...
+
+    async def set_device_status(self, hub: str, device: HubDevice, status: str) -> None:
+        """Enable or disable the device identity (etag-guarded by ``device.etag``)."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class DpsConfig:
+    connection_string: Secret
+    ca_file: Path | None = None
+    retry_total: int = 4
+    retry_backoff_max: float = 10.0
+    timeout_seconds: float = 5.0
+
+    @property
+    def host_name(self) -> str:
+        return parse_connection_string(self.connection_string.reveal()).get("hostname", "")
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    host_name: str  # as devices know the hub (DPS's assignedHub)
+    connection_string: Secret
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    dps: DpsConfig
+    hubs: tuple[HubConfig, ...] = ()
+    default_hub: str | None = None
+    id_scope: str | None = None
+    global_endpoint: str | None = None
+    source: str = "explicit"  # or the emulator connection file it came from
+    extra_ca_pem: str | None = field(default=None, repr=False)
+
+    def hub(self, host_name: str) -> HubConfig | None:
+        wanted = host_name.lower()
+        return next((h for h in self.hubs if h.host_name.lower() == wanted), None)
+
+    @property
+    def hub_names(self) -> tuple[str, ...]:
+        return tuple(h.host_name for h in self.hubs)
+
+
+def parse_connection_string(text: str) -> dict[str, str]:
+    parts: dict[str, str] = {}
+    for item in text.split(";"):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SettingsError("a connection string is a ';'-separated list of key=value pairs")
+        parts[key.strip().lower()] = value.strip()
+    return parts
+
+
+def _hub_name_from_connection_string(text: str) -> str:
+    host = parse_connection_string(text).get("hostname", "")
+    if not host:
+        raise SettingsError("a hub connection string has no HostName")
+    return host
+
+
+def _read_emulator_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"cannot read the emulator connection file {path}: {exc}") from exc
+    if not isinstance(data, dict) or "dps" not in data:
+        raise SettingsError(f"{path} is not an emulator connection file (no 'dps' entry)")
+    return data
+
+
+def load_cloud_settings(source: SettingsSource, section: str = "cloud") -> CloudSettings:
+    def key(name: str) -> str:
+        return f"{section}.{name}"
+
+    explicit_dps = source.secret(key("dps_connection_string"))
+    emulator_file = source.path(key("emulator_connection_file"))
+    if emulator_file is None and explicit_dps is None:
+        emulator_file = DEFAULT_EMULATOR_CONNECTION_FILE
+    emulator: dict[str, Any] = _read_emulator_file(emulator_file) if emulator_file is not None else {}
+
+    ca_file = source.path(key("ca_file"))
+    if ca_file is None and emulator.get("ca_pem_path"):
+        ca_file = Path(emulator["ca_pem_path"])
+    dps_secret = explicit_dps or (
+        Secret(emulator["dps"]["connection_string"]) if emulator.get("dps") else None
+    )
+    if dps_secret is None or not dps_secret.reveal():
+        name = source.env_name(key("dps_connection_string"))
+        raise SettingsError(f"set {name} or an emulator connection file")
+    parse_connection_string(dps_secret.reveal())
+
+    hubs: list[HubConfig] = []
+    explicit_hubs = source.secret(key("hub_connection_strings"))
+    if explicit_hubs is not None:
+        for item in explicit_hubs.reveal().replace("\n", ",").split(","):
+            if item.strip():
+                hubs.append(HubConfig(_hub_name_from_connection_string(item), Secret(item.strip())))
+    else:
+        for hub in emulator.get("hubs") or ():
+            hubs.append(HubConfig(str(hub["host_name"]), Secret(str(hub["connection_string"]))))
+    default_hub = (
+        source.text(key("default_hub"))
+        or emulator.get("default_hub")
+        or (hubs[0].host_name if hubs else None)
+    )
+    if default_hub and hubs and not any(h.host_name.lower() == default_hub.lower() for h in hubs):
+        raise SettingsError(f"the default hub {default_hub!r} is not among the configured hubs")
+    retry_total = source.integer(key("retry_total"), 4)
+    if retry_total < 0:
+        raise SettingsError(f"{source.env_name(key('retry_total'))} must not be negative")
+    return CloudSettings(
+        dps=DpsConfig(
+            dps_secret,
+            ca_file,
+            retry_total=retry_total,
+            retry_backoff_max=source.number(key("retry_backoff_max"), 10.0),
+            timeout_seconds=source.number(key("timeout_seconds"), 5.0),
+        ),
+        hubs=tuple(hubs),
+        default_hub=default_hub,
+        id_scope=source.text(key("id_scope")) or emulator.get("id_scope"),
+        global_endpoint=emulator.get("global_endpoint"),
+        source=str(emulator_file) if emulator else "explicit",
+    )

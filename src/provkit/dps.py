@@ -1,0 +1,178 @@
+"""The DPS service adapter: the one module that imports azure-iot-deviceprovisioning (its aio client).
+
+``DpsEnrollments(config)`` implements ``provkit.cloud.EnrollmentPort`` and adds ``get_registration``.
+Open it inside the event loop that uses it (``await DpsEnrollments.open(config)``) and ``await .close()``.
+
+- Authentication: the DPS service connection string (SAS, policy ``provisioningserviceowner``).
+- Trust: ``config.ca_file`` (the emulator's CA) or the system roots.
+- Throttling and outages: the SDK's retry policy honours ``Retry-After`` on 429/503 with a capped
+  exponential backoff (``retry_total``, ``retry_backoff_max``); after that a 429/5xx or a connection
+  failure becomes ``CloudUnavailable`` (with ``retry_after`` when the service said).
+- HTTP statuses map to ``CloudNotFound`` (404), ``CloudAlreadyExists`` (409), ``CloudEtagMismatch`` (412),
+  ``CloudRejected`` (other 4xx).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aiohttp
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.core.pipeline.transport import AioHttpTransport
+from azure.iot.deviceprovisioning.aio import DeviceProvisioningClient
+
+from provkit.cloud import (
+    BulkItemError,
+    CloudAlreadyExists,
+    CloudError,
+    CloudEtagMismatch,
+    CloudNotFound,
+    CloudRejected,
+    CloudUnavailable,
+    DpsConfig,
+    Enrollment,
+    RegistrationState,
+    registration_state_from_json,
+)
+
+MAX_BULK = 10
+
+
+def _retry_after(exc: HttpResponseError) -> float | None:
+    response = exc.response
+    if response is None:
+        return None
+    for header in ("retry-after-ms", "x-ms-retry-after-ms"):
+        value = response.headers.get(header)
+        if value:
+            try:
+                return float(value) / 1000
+            except ValueError:
+                pass
+    value = response.headers.get("retry-after")
+    if value:
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def translate(exc: AzureError, what: str) -> CloudError:
+    """One place that turns the SDK's exceptions into ours."""
+    if isinstance(exc, ServiceRequestError | ServiceResponseError):
+        return CloudUnavailable(f"{what}: DPS unreachable ({type(exc).__name__})")
+    if isinstance(exc, HttpResponseError):
+        status = exc.status_code or 0
+        message = f"{what}: DPS answered {status}"
+        if status == 404:
+            return CloudNotFound(message, status=status)
+        if status == 409:
+            return CloudAlreadyExists(message, status=status)
+        if status == 412:
+            return CloudEtagMismatch(message, status=status)
+        if status == 429 or status >= 500:
+            return CloudUnavailable(message, status=status, retry_after=_retry_after(exc))
+        return CloudRejected(message, status=status)
+    return CloudUnavailable(f"{what}: {type(exc).__name__}")
+
+
+class DpsEnrollments:
+    """Individual enrollments and registration states of one DPS instance."""
+
+    def __init__(self, client: DeviceProvisioningClient, session: aiohttp.ClientSession) -> None:
+        self._client = client
+        self._session = session
+
+    @classmethod
+    async def open(cls, config: DpsConfig, *, pool_size: int = 32) -> DpsEnrollments:
+        context = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=context, limit=pool_size),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.timeout_seconds),
+        )
+        transport = AioHttpTransport(session=session, session_owner=False)
+        client = DeviceProvisioningClient.from_connection_string(
+            config.connection_string.reveal(),
+            transport=transport,
+            retry_total=config.retry_total,
+            retry_connect=min(config.retry_total, 1),
+            retry_backoff_factor=0.2,
+            retry_backoff_max=config.retry_backoff_max,
+            connection_timeout=config.timeout_seconds,
+        )
+        return cls(client, session)
+
+    async def close(self) -> None:
+        await self._client.close()
+        await self._session.close()
+
+    async def get(self, registration_id: str) -> Enrollment | None:
+        try:
+            body = await self._client.enrollment.get(id=registration_id)
+        except HttpResponseError as exc:
+            if exc.status_code == 404:
+                return None
+            raise translate(exc, "get enrollment") from exc
+        except AzureError as exc:
+            raise translate(exc, "get enrollment") from exc
+        return Enrollment(str(body.get("registrationId") or registration_id), body)
+
+    async def create(self, body: Mapping[str, Any]) -> Enrollment:
+        registration_id = str(body["registrationId"])
+        try:
+            created = await self._client.enrollment.create_or_update(
+                id=registration_id, enrollment=dict(body)
+            )
+        except AzureError as exc:
+            raise translate(exc, "create enrollment") from exc
+        return Enrollment(registration_id, created)
+
+    async def update(self, body: Mapping[str, Any], etag: str) -> Enrollment:
+        registration_id = str(body["registrationId"])
+        try:
+            updated = await self._client.enrollment.create_or_update(
+                id=registration_id, enrollment=dict(body), if_match=etag
+            )
+        except AzureError as exc:
+            raise translate(exc, "update enrollment") from exc
+        return Enrollment(registration_id, updated)
+
+    async def bulk_create(self, bodies: Sequence[Mapping[str, Any]]) -> list[BulkItemError]:
+        if not bodies:
+            return []
+        if len(bodies) > MAX_BULK:
+            raise ValueError(f"a DPS bulk operation takes at most {MAX_BULK} enrollments")
+        try:
+            result = await self._client.enrollment.run_bulk_operation(
+                bulk_operation={"mode": "create", "enrollments": [dict(b) for b in bodies]}
+            )
+        except AzureError as exc:
+            raise translate(exc, "bulk create enrollments") from exc
+        errors = (result or {}).get("errors") or []
+        return [
+            BulkItemError(
+                str(e.get("registrationId") or ""),
+                int(e.get("errorCode") or 0),
+                str(e.get("errorStatus") or ""),
+            )
+            for e in errors
+        ]
+
+    async def get_registration(self, registration_id: str) -> RegistrationState | None:
+        try:
+            body = await self._client.device_registration_state.get(id=registration_id)
+        except HttpResponseError as exc:
+            if exc.status_code == 404:
+                return None
+            raise translate(exc, "get registration state") from exc
+        except AzureError as exc:
+            raise translate(exc, "get registration state") from exc
+        return registration_state_from_json(body or {})
