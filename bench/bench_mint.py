@@ -182,6 +182,7 @@ async def run() -> str:
     from provkit.grpc_server import ServerSettings
 
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-mint-") as tmp:
         data = Path(tmp)
         settings = FactorySettings(
@@ -231,6 +232,13 @@ async def run() -> str:
         "",
         f"Goal gRPC >= 50 % of raw: {'met' if ratio >= 0.5 else 'NOT met'} ({ratio:.0%}). Errors: {errors}. "
         f"Certificates in the ledger after the run: {issued:,}. Bench run time {elapsed:.0f} s.",
+        "",
+        f"Machine load: 1-minute load average {load_before:.2f} before the run, "
+        f"{os.getloadavg()[0]:.2f} after "
+        f"({os.cpu_count()} CPUs). The gRPC rows need the server and the client process running at the same "
+        "time; on a machine with two CPUs they share them with each other (and with anything else running), "
+        "while the raw row uses one thread alone, so the ratio here understates what a server with its own "
+        "cores achieves.",
     ]
     return "\n".join(out)
 

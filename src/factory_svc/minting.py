@@ -153,7 +153,11 @@ class MintingService:
         if isinstance(request.key, CsrKey):
             checked = check_csr(request.key.csr_pem, device_id)
             key_type, public_key = checked.key_type, checked.public_key
-            key_part = {"mode": "csr", "csr_sha256": hashlib.sha256(checked.der).hexdigest()}
+            key_part = (
+                {"mode": "csr", "csr_sha256": hashlib.sha256(checked.der).hexdigest()}
+                if request.request_id
+                else {}
+            )
         elif isinstance(request.key, ServerKey):
             key_type = request.key.key_type
             if key_type not in GENERATABLE:
@@ -168,9 +172,11 @@ class MintingService:
                 "key_source", "KEY_SOURCE_MISSING", "give a CSR or ask for server-side generation"
             )
         not_before, not_after = self._validity(request.validity, now)
-        validity = None if request.validity is None else request.validity.total_seconds()
-        canonical = json.dumps({"device_id": device_id, "validity": validity, **key_part}, sort_keys=True)
-        fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
+        fingerprint = ""
+        if request.request_id:  # only idempotent requests need a fingerprint of what was asked
+            validity = None if request.validity is None else request.validity.total_seconds()
+            canonical = json.dumps({"device_id": device_id, "validity": validity, **key_part}, sort_keys=True)
+            fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
         return _Checked(device_id, key_type, public_key, not_before, not_after, fingerprint)
 
     # ------------------------------------------------------------------------------------------- mint
@@ -253,17 +259,18 @@ class MintingService:
         outcome = await self._ledger.record(issued, checked.fingerprint if request.request_id else None, now)
         if isinstance(outcome, RequestIdTaken):
             return outcome
-        log.info(
-            "certificate issued",
-            extra={
-                "serial": issued.serial_number,
-                "sha256_thumbprint": sha256,
-                "not_after": issued.not_after.isoformat(),
-                "key_type": checked.key_type.value,
-                "key_source": issued.key_source.value,
-                "caller": request.caller,
-            },
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "certificate issued",
+                extra={
+                    "serial": issued.serial_number,
+                    "sha256_thumbprint": sha256,
+                    "not_after": issued.not_after.isoformat(),
+                    "key_type": checked.key_type.value,
+                    "key_source": issued.key_source.value,
+                    "caller": request.caller,
+                },
+            )
         key_pem = private_key_pem(private_key) if private_key is not None else None
         return MintResult(issued, key_pem, outcome.unexpired_count, replayed=False)
 
