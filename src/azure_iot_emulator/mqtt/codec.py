@@ -249,19 +249,28 @@ class StreamDecoder:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[p.Packet]:
-        self._buffer += data
+        """Add bytes and return every complete packet (raises on the first malformed one)."""
+        self.append(data)
         out: list[p.Packet] = []
-        while True:
-            header = self._header()
-            if header is None:
-                return out
-            first, header_len, length = header
-            total = header_len + length
-            if len(self._buffer) < total:
-                return out
-            body = bytes(self._buffer[header_len:total])
-            del self._buffer[:total]
-            out.append(decode_packet(first, body))
+        while (packet := self.next_packet()) is not None:
+            out.append(packet)
+        return out
+
+    def append(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_packet(self) -> p.Packet | None:
+        """The next complete packet, or None until more bytes arrive."""
+        header = self._header()
+        if header is None:
+            return None
+        first, header_len, length = header
+        total = header_len + length
+        if len(self._buffer) < total:
+            return None
+        body = bytes(self._buffer[header_len:total])
+        del self._buffer[:total]
+        return decode_packet(first, body)
 
     def _header(self) -> tuple[int, int, int] | None:
         buf = self._buffer

@@ -93,20 +93,22 @@ class ServerConnection:
     def receive(self, data: bytes) -> list[Event]:
         if self.state is State.CLOSED:
             return []
-        try:
-            decoded = self._decoder.feed(data)
-        except MalformedPacket as exc:
-            decoded = None
-            error = ProtocolError(exc.reason, str(exc))
+        if self.state is State.AWAIT_CONNECT and not self._decoder.pending and data and data[0] != 0x10:
+            # Not even the first byte of a CONNECT: refuse before buffering anything (e.g. HTTP, TLS).
+            return [self._fail(ProtocolError("CONNECT_EXPECTED", "first packet is not CONNECT"))]
+        self._decoder.append(data)
         events: list[Event] = []
-        for packet in decoded or []:
+        while self.state is not State.CLOSED:
+            try:
+                packet = self._decoder.next_packet()
+            except MalformedPacket as exc:
+                events.append(self._fail(ProtocolError(exc.reason, str(exc))))
+                break
+            if packet is None:
+                break
             event = self._handle(packet)
             if event is not None:
                 events.append(event)
-            if self.state is State.CLOSED:
-                return events
-        if decoded is None:
-            events.append(self._fail(error))
         return events
 
     def _fail(self, error: ProtocolError) -> ProtocolError:
