@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -68,3 +69,22 @@ def test_device_ids_are_normalised(raw: str, expected: str) -> None:
 @pytest.mark.parametrize("raw", ["", "x" * 65, "a b", "a/b", "ab_", "ab:", "ab.", "ü1"])
 def test_invalid_device_ids(raw: str) -> None:
     assert not is_valid_device_id(raw)
+
+
+async def test_two_services_racing_on_one_request_id_issue_one_certificate(tmp_path: Path) -> None:
+    """Two minting services over one ledger (as two server processes would be): the ledger's request-id
+    constraint decides, the loser answers with the winner's certificate."""
+    clock = Clock(datetime.now(UTC))
+    ca = open_dev_ca(tmp_path / "ca", clock)
+    ledger = await SqliteLedger.open(tmp_path / "ledger.sqlite3")
+    try:
+        services = [MintingService(ca, ledger, MintPolicy(), clock) for _ in range(2)]
+        request = MintRequest(
+            "race-1", CsrKey(make_csr(make_key("p256"), None).encode()), request_id="race-req"
+        )
+        results = await asyncio.gather(*(s.mint(request) for s in services))
+        assert results[0].certificate == results[1].certificate
+        assert sorted(r.replayed for r in results) == [False, True]
+        assert len(await ledger.list("race-1", 10, None)) == 1
+    finally:
+        await ledger.close()
