@@ -238,16 +238,18 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler, wrapper: _HandlerWrapper) -> None:
         self._inner = inner
         self._wrapper = wrapper
-        self._cache: dict[tuple[str, int], grpc.RpcMethodHandler] = {}
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = self._inner.service(handler_call_details)
         if handler is None:
             return None
-        key = (handler_call_details.method, id(handler))
-        wrapped = self._cache.get(key)
-        if wrapped is None:
-            wrapped = self._cache[key] = self._wrapper.wrap(handler, handler_call_details.method)
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrapper.wrap(handler, method)
+        self._cache[method] = (handler, wrapped)  # one entry per method name
         return wrapped
 
 
