@@ -34,8 +34,9 @@ TITLE = "IoT Hub emulator: telemetry ingest vs Mosquitto, memory per connected d
 
 INGEST_DEVICES = 50
 INGEST_WINDOW = 8
-INGEST_SECONDS = 8.0
-IDLE_DEVICES = 1000
+INGEST_SECONDS = 6.0
+INGEST_ROUNDS = 2
+IDLE_DEVICES = 2000
 TARGET_DEVICES = 10_000
 PAYLOAD = json.dumps({"temperature": 21.5, "humidity": 40, "status": "ok", "seq": 0}).encode()
 MQTT_PORT = 8883
@@ -440,35 +441,47 @@ async def run() -> str:
 
 
 def _run_sync() -> str:
+    """Both servers run side by side; ingest is measured in interleaved rounds (emulator, Mosquitto,
+    emulator, Mosquitto) and the best round of each is reported, so background load on the shared
+    machine hits both alike; then memory with idle devices, one server at a time."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         directory = Path(tmp)
         emu_host, mosq_host = _free_loopback(), _free_loopback()
         ca, cert, key, dev_cert, dev_key, thumb = _make_pki(directory, [emu_host, mosq_host])
-        results: dict[str, dict] = {}
         notes: list[str] = []
         ids = [f"ingest-{i:05d}" for i in range(INGEST_DEVICES)] + [
             f"idle-{i:05d}" for i in range(IDLE_DEVICES)
         ]
-        emulator, emu_ca = _start_emulator(directory, emu_host, thumb, ids)
+        processes: list[subprocess.Popen] = []
         try:
-            target = Target("emulator", emu_host, emu_host, emu_ca, dev_cert, dev_key, emulator.pid)
-            results["emulator"] = {"ingest": _ingest(target), "memory": _idle_memory(target, IDLE_DEVICES)}
-        finally:
-            _stop(emulator)
-        binary, why = _ensure_mosquitto()
-        if binary is None:
-            notes.append(f"Mosquitto column skipped: {why}.")
-        else:
-            mosquitto = _start_mosquitto(binary, directory, mosq_host, ca, cert, key)
-            try:
-                target = Target("mosquitto", mosq_host, mosq_host, ca, dev_cert, dev_key, mosquitto.pid)
-                results["mosquitto"] = {
-                    "ingest": _ingest(target),
-                    "memory": _idle_memory(target, IDLE_DEVICES),
+            emulator, emu_ca = _start_emulator(directory, emu_host, thumb, ids)
+            processes.append(emulator)
+            targets = [Target("emulator", emu_host, emu_host, emu_ca, dev_cert, dev_key, emulator.pid)]
+            binary, why = _ensure_mosquitto()
+            if binary is None:
+                notes.append(f"Mosquitto column skipped: {why}.")
+            else:
+                mosquitto = _start_mosquitto(binary, directory, mosq_host, ca, cert, key)
+                processes.append(mosquitto)
+                targets.append(
+                    Target("mosquitto", mosq_host, mosq_host, ca, dev_cert, dev_key, mosquitto.pid)
+                )
+            rounds: dict[str, list[dict]] = {t.name: [] for t in targets}
+            for _ in range(INGEST_ROUNDS):
+                for target in targets:
+                    rounds[target.name].append(_ingest(target))
+            results = {
+                t.name: {
+                    "ingest": max(rounds[t.name], key=lambda r: r["rate"]),
+                    "rounds": [r["rate"] for r in rounds[t.name]],
+                    "memory": _idle_memory(t, IDLE_DEVICES),
                 }
-            finally:
-                _stop(mosquitto)
+                for t in targets
+            }
+        finally:
+            for proc in processes:
+                _stop(proc)
     return _report(results, notes, time.monotonic() - started)
 
 
@@ -481,13 +494,16 @@ def _report(results: dict[str, dict], notes: list[str], elapsed: float) -> str:
         f"{INGEST_SECONDS:.0f} s; "
         "the load generator is one Python process beside the server on the same 2 cores.",
         "",
-        "| server | telemetry ingest (acked msgs/s) | RSS per idle connected device | connect time for "
+        "| server | telemetry ingest (acked msgs/s, best round) | all rounds | RSS per idle connected device "
+        "| connect time for "
         f"{IDLE_DEVICES} devices |",
-        "|---|---|---|---|",
+        "|---|---|---|---|---|",
     ]
     for name, data in results.items():
         lines.append(
-            f"| {name} | {data['ingest']['rate']:,.0f} | {data['memory']['per_device_kib']:.1f} KiB | "
+            f"| {name} | {data['ingest']['rate']:,.0f} | "
+            f"{', '.join(f'{rate:,.0f}' for rate in data['rounds'])} | "
+            f"{data['memory']['per_device_kib']:.1f} KiB | "
             f"{data['memory']['connect_seconds']:.1f} s |"
         )
     lines.append("")

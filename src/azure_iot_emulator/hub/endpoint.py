@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes
 
 from azure_iot_emulator.hub import topics
 from azure_iot_emulator.hub.service import HubError, HubService
+from azure_iot_emulator.mqtt.endpoint import ProtocolViolation
 from azure_iot_emulator.sas import SasError, verify_sas
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,6 @@ log = logging.getLogger(__name__)
 CONNACK_ACCEPTED = 0
 CONNACK_BAD_CREDENTIALS = 4
 CONNACK_NOT_AUTHORIZED = 5
-
-
-class HubPublishRefused(Exception):
-    """A device publish the hub answers by closing the connection (the core closes it when
-    :meth:`HubEndpoint.on_publish` raises)."""
 
 
 class LinkLike(Protocol):
@@ -61,7 +57,7 @@ class HubEndpoint:
     """The endpoint of hub ``host`` (its ``name`` is the hub host name)."""
 
     def __init__(
-        self, host: str, service: HubService, violation: type[Exception] = HubPublishRefused
+        self, host: str, service: HubService, violation: type[Exception] = ProtocolViolation
     ) -> None:
         self.name = host
         self.service = service

@@ -14,11 +14,12 @@ from datetime import datetime
 
 from aiohttp import web
 
-from azure_iot_emulator.hub.endpoint import HubEndpoint, HubPublishRefused
+from azure_iot_emulator.hub.endpoint import HubEndpoint
 from azure_iot_emulator.hub.registry import HubRegistry
 from azure_iot_emulator.hub.rest import build_hub_rest_app
 from azure_iot_emulator.hub.service import HubService
 from azure_iot_emulator.hub.telemetry import TelemetryStore
+from azure_iot_emulator.mqtt.endpoint import ProtocolViolation
 from azure_iot_emulator.store import Database
 
 
@@ -31,7 +32,7 @@ class HubPart:
         service_keys: Callable[[], dict[str, str]],
         *,
         registry: HubRegistry | None = None,
-        violation: type[Exception] = HubPublishRefused,
+        violation: type[Exception] = ProtocolViolation,
     ) -> None:
         self.registry = registry or HubRegistry(db, hub_hosts, clock)
         self.registry.reset_connection_states()  # nobody is connected to a process that just started
