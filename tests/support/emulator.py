@@ -62,11 +62,18 @@ class EmulatorProcess:
     @property
     def command(self) -> list[str]:
         cmd = [
-            sys.executable, "-m", "azure_iot_emulator", "serve",
-            "--data-dir", str(self.data_dir),
-            "--dps-host", self.dps_host,
-            "--dps-rest-port", str(self._dps_rest_port),
-            "--hub-rest-port", str(self._hub_rest_port),
+            sys.executable,
+            "-m",
+            "azure_iot_emulator",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--dps-host",
+            self.dps_host,
+            "--dps-rest-port",
+            str(self._dps_rest_port),
+            "--hub-rest-port",
+            str(self._hub_rest_port),
         ]
         for host in self.hub_hosts:
             cmd += ["--hub-host", host]

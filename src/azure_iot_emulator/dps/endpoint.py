@@ -34,6 +34,7 @@ _OPERATIONS_KEPT = 10_000
 
 class DpsEndpoint:
     name = "dps"
+    persistent_sessions = False  # Azure DPS ignores CleanSession: sessions are never kept
 
     def __init__(self, service: DpsService, clock: Callable[[], datetime]) -> None:
         self._service = service

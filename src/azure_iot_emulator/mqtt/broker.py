@@ -386,7 +386,8 @@ class ConnectionDriver:
             self.close()
             return
         assert endpoint is not None
-        session, present = self._broker._session(endpoint, info.client_id, info.clean_session)
+        clean = info.clean_session or not getattr(endpoint, "persistent_sessions", True)
+        session, present = self._broker._session(endpoint, info.client_id, clean)
         self._endpoint = endpoint
         self._keepalive = packet.keepalive
         link = Link(self, endpoint, info, session)

@@ -23,6 +23,9 @@ the connection rules; an *endpoint* owns the meaning of a connection.  Lifecycle
    connection; the endpoint sees only :meth:`Endpoint.on_closed`.
 7. Close (any cause): :meth:`Endpoint.on_closed` is awaited once, after the link is unregistered.
 
+An endpoint may set ``persistent_sessions = False`` (DPS does, as Azure's DPS ignores CleanSession and
+never keeps sessions): every connection then gets a fresh, unstored session.
+
 Endpoints reach live connections with ``broker.link_for(endpoint_name, client_id)`` /
 ``broker.is_connected(endpoint_name, client_id)``.
 """
