@@ -167,3 +167,49 @@ async def test_unknown_device_and_client_id_mismatch_refused(hub, tmp_path):
     )
     assert rc == 5  # no client certificate
     await client.close()
+
+
+async def test_method_without_response_is_504_and_late_answer_ignored(hub, tmp_path):
+    from azure.iot.hub.models import CloudToDeviceMethod
+    from msrest.exceptions import HttpOperationError
+
+    emulator, host, rm = hub
+    cert = await register(rm, tmp_path, "raw-m")
+    client, rc = await connect(emulator, host, cert)
+    assert rc == 0
+    try:
+        await client.subscribe("$iothub/methods/POST/#")
+        call = asyncio.create_task(
+            asyncio.to_thread(
+                rm.invoke_device_method,
+                "raw-m",
+                CloudToDeviceMethod(method_name="slow", payload={"a": 1}, response_timeout_in_seconds=5),
+            )
+        )
+        request = await asyncio.wait_for(client.messages.get(), 10)
+        assert request.topic.startswith("$iothub/methods/POST/slow/?$rid=")
+        assert json.loads(request.payload) == {"a": 1}
+        with pytest.raises(HttpOperationError) as info:
+            await asyncio.wait_for(call, 30)
+        assert info.value.response.status_code == 504
+        rid = request.topic.split("$rid=", 1)[1]
+        await client.publish(f"$iothub/methods/res/200/?$rid={rid}", b'{"late": true}')
+        assert not client.closed.is_set()
+    finally:
+        await client.close()
+
+
+async def test_device_of_one_hub_is_refused_by_another(hub, tmp_path):
+    emulator, host, rm = hub
+    other = next(h for h in emulator.hub_hosts if h != host)
+    cert = await register(rm, tmp_path, "raw-h")
+    client, rc = await RawMqtt.connect(
+        other,
+        client_id="raw-h",
+        username=f"{other}/raw-h/?api-version=2019-10-01",
+        ca_pem=emulator.ca_pem,
+        cert_path=str(cert.cert_path),
+        key_path=str(cert.key_path),
+    )
+    assert rc == 5
+    await client.close()

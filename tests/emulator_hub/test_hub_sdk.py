@@ -4,6 +4,7 @@ azure-iot-device (aio IoTHubDeviceClient, X.509) and azure-iot-hub (IoTHubRegist
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -310,3 +311,28 @@ async def test_restart_keeps_identities_twins_telemetry_and_subscriptions(hub, t
         await sdk(client.shutdown())
     stored = cli(emulator, "messages", "--device", "persist-1", "--json")
     assert [json.loads(x)["body"] for x in stored.stdout.splitlines()] == ["before restart", "after restart"]
+
+
+async def test_sas_device_connects_with_its_connection_string(hub):
+    emulator, host, rm = hub
+    device = await in_thread(lambda: rm.create_device_with_sas("sas-1", "", "", "enabled"))
+    key = device.authentication.symmetric_key.primary_key
+    assert key
+    client = IoTHubDeviceClient.create_from_connection_string(
+        f"HostName={host};DeviceId=sas-1;SharedAccessKey={key}", server_verification_cert=emulator.ca_pem
+    )
+    try:
+        await sdk(client.connect())
+        await sdk(client.send_message(Message("via sas")))
+    finally:
+        await sdk(client.shutdown())
+    stored = cli(emulator, "messages", "--device", "sas-1", "--json")
+    assert [json.loads(x)["body"] for x in stored.stdout.splitlines()] == ["via sas"]
+    wrong = IoTHubDeviceClient.create_from_connection_string(
+        f"HostName={host};DeviceId=sas-1;SharedAccessKey={base64.b64encode(b'x' * 32).decode()}",
+        server_verification_cert=emulator.ca_pem,
+        connection_retry=False,
+    )
+    with pytest.raises(CredentialError):
+        await sdk(wrong.connect())
+    await sdk(wrong.shutdown())
