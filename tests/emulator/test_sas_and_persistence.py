@@ -39,12 +39,15 @@ def _enrollment(reg_id: str, pem: str) -> dict:
 async def _put(emu, reg_id: str, authorization: str | None, body: dict) -> tuple[int, dict]:
     ctx = ssl.create_default_context(cafile=str(emu.ca_path))
     headers = {"Authorization": authorization} if authorization is not None else {}
-    async with aiohttp.ClientSession() as session, session.put(
-        f"https://{_host(emu)}/enrollments/{reg_id}?api-version=2021-10-01",
-        json=body,
-        headers=headers,
-        ssl=ctx,
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.put(
+            f"https://{_host(emu)}/enrollments/{reg_id}?api-version=2021-10-01",
+            json=body,
+            headers=headers,
+            ssl=ctx,
+        ) as response,
+    ):
         return response.status, await response.json(content_type=None)
 
 
