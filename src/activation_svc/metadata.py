@@ -1,0 +1,164 @@
+"""Device metadata: the seed's ``{"tags": {...}, "properties": {"desired": {...}}}``, checked against Azure's
+twin rules before anything is written.
+
+Rules (Azure IoT Hub device twins): tags <= 8 KB and desired properties <= 32 KB (compact UTF-8 JSON);
+objects nested at most 5 levels below ``tags`` / ``desired``; keys non-empty, at most 1 KB (UTF-8),
+without ``$``, ``.``, spaces or control characters; values are JSON (strings <= 4 KB, finite numbers,
+booleans, objects, arrays); ``null`` is refused (in a twin patch it would mean "delete").
+
+``parse_metadata(text, field="metadata_json") -> TwinMetadata`` raises ``InvalidArgument``
+(reason METADATA_INVALID, or METADATA_NOT_JSON) carrying one field violation per problem found.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from provkit.errors import FieldViolation, InvalidArgument
+
+MAX_TAGS_BYTES = 8 * 1024
+MAX_DESIRED_BYTES = 32 * 1024
+MAX_DEPTH = 5
+MAX_KEY_BYTES = 1024
+MAX_STRING_BYTES = 4 * 1024
+MAX_VIOLATIONS = 20
+
+
+@dataclass(frozen=True)
+class TwinMetadata:
+    tags: Mapping[str, Any]
+    desired: Mapping[str, Any]
+
+    def initial_twin(self) -> dict[str, Any]:
+        return {"tags": dict(self.tags), "properties": {"desired": dict(self.desired)}}
+
+    def canonical(self) -> str:
+        return json.dumps(self.initial_twin(), sort_keys=True, separators=(",", ":"))
+
+
+def _size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+
+
+def _key_problem(key: str) -> str | None:
+    if not key:
+        return "keys must not be empty"
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        return f"keys are at most {MAX_KEY_BYTES} bytes"
+    if "$" in key:
+        return "keys must not contain '$'"
+    if "." in key:
+        return "keys must not contain '.'"
+    if " " in key:
+        return "keys must not contain spaces"
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return "keys must not contain control characters"
+    return None
+
+
+def _check(value: Any, path: str, depth: int, out: list[FieldViolation]) -> None:
+    if len(out) >= MAX_VIOLATIONS:
+        return
+    if isinstance(value, dict):
+        if depth > MAX_DEPTH:
+            out.append(FieldViolation(path, f"objects may be nested at most {MAX_DEPTH} levels deep"))
+            return
+        for key, item in value.items():
+            problem = _key_problem(key)
+            child = f"{path}.{key}"
+            if problem:
+                out.append(FieldViolation(child, problem))
+                continue
+            _check(item, child, depth + 1, out)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check(item, f"{path}[{index}]", depth, out)
+    elif value is None:
+        out.append(FieldViolation(path, "null is not allowed (in a twin it deletes the property)"))
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            out.append(FieldViolation(path, "numbers must be finite"))
+    elif isinstance(value, str):
+        if len(value.encode("utf-8")) > MAX_STRING_BYTES:
+            out.append(FieldViolation(path, f"strings are at most {MAX_STRING_BYTES} bytes"))
+    else:
+        out.append(FieldViolation(path, f"not a JSON value ({type(value).__name__})"))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def validate_metadata(data: Any, field: str = "metadata_json") -> TwinMetadata:
+    violations: list[FieldViolation] = []
+    if not isinstance(data, dict):
+        raise InvalidArgument(
+            "METADATA_INVALID",
+            'the metadata must be a JSON object {"tags": {...}, "properties": {"desired": {...}}}',
+            field_violations=[FieldViolation(field, "must be a JSON object")],
+        )
+    for key in data:
+        if key not in ("tags", "properties"):
+            violations.append(FieldViolation(f"{field}.{key}", "only 'tags' and 'properties' are allowed"))
+    tags = data.get("tags", {})
+    properties = data.get("properties", {})
+    desired: Any = {}
+    if not isinstance(tags, dict):
+        violations.append(FieldViolation(f"{field}.tags", "must be a JSON object"))
+        tags = {}
+    if not isinstance(properties, dict):
+        violations.append(FieldViolation(f"{field}.properties", "must be a JSON object"))
+    else:
+        for key in properties:
+            if key != "desired":
+                violations.append(
+                    FieldViolation(f"{field}.properties.{key}", "only desired properties can be set")
+                )
+        desired = properties.get("desired", {})
+        if not isinstance(desired, dict):
+            violations.append(FieldViolation(f"{field}.properties.desired", "must be a JSON object"))
+            desired = {}
+    _check(tags, f"{field}.tags", 1, violations)
+    _check(desired, f"{field}.properties.desired", 1, violations)
+    if _size(tags) > MAX_TAGS_BYTES:
+        violations.append(
+            FieldViolation(
+                f"{field}.tags", f"tags are {_size(tags)} bytes; at most {MAX_TAGS_BYTES} are allowed"
+            )
+        )
+    if _size(desired) > MAX_DESIRED_BYTES:
+        violations.append(
+            FieldViolation(
+                f"{field}.properties.desired",
+                f"desired properties are {_size(desired)} bytes; at most {MAX_DESIRED_BYTES} are allowed",
+            )
+        )
+    if violations:
+        raise InvalidArgument(
+            "METADATA_INVALID",
+            f"the metadata breaks {len(violations)} twin rule(s); first: "
+            f"{violations[0].field}: {violations[0].description}",
+            metadata={"violations": str(len(violations))},
+            field_violations=violations,
+        )
+    return TwinMetadata(tags, desired)
+
+
+def parse_metadata(text: str, field: str = "metadata_json") -> TwinMetadata:
+    if not text.strip():
+        return TwinMetadata({}, {})
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise InvalidArgument(
+            "METADATA_NOT_JSON",
+            f"the metadata is not valid JSON: {exc}",
+            field_violations=[FieldViolation(field, f"not valid JSON: {exc}")],
+        ) from None
+    return validate_metadata(data, field)

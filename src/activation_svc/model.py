@@ -1,0 +1,72 @@
+"""Typed values of the activation domain."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class Lifecycle(enum.Enum):
+    ENROLLED = "enrolled"
+    ACTIVATED = "activated"
+    REGISTERED = "registered"
+    DEPROVISIONED = "deprovisioned"
+
+
+class ActivationPath(enum.Enum):
+    UNCHANGED = "unchanged"
+    ENROLLMENT = "enrollment"
+    ENROLLMENT_AND_HUB_TWIN = "enrollment+hub-twin"
+
+
+@dataclass(frozen=True)
+class ActivateCommand:
+    device_id: str
+    activation_code: str
+    metadata_json: str
+    hub: str = ""  # empty: the default hub
+    request_id: str = ""
+    caller: str = "internal"
+
+
+@dataclass(frozen=True)
+class ActivateResult:
+    device_id: str
+    hub: str
+    path: ActivationPath
+    lifecycle: Lifecycle
+    enrollment_etag: str
+    registered_hub: str = ""
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class DeactivateCommand:
+    device_id: str
+    activation_code: str
+    request_id: str = ""
+    caller: str = "internal"
+
+
+@dataclass(frozen=True)
+class DeactivateResult:
+    device_id: str
+    changed: bool
+    hub_device_disabled: bool
+    lifecycle: Lifecycle
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    device_id: str
+    lifecycle: Lifecycle
+    provisioning_status: str
+    allocated_hub: str = ""
+    registered_hub: str = ""
+    hub_device_status: str = ""
+    hub_connection_state: str = ""
+    last_activity: datetime | None = None
+    activated_at: datetime | None = None
+    deactivated_at: datetime | None = None

@@ -1,0 +1,105 @@
+"""ActivationService over gRPC: convert the proto request, call the domain, convert the result."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from activation_svc.model import ActivateCommand, ActivationPath, DeactivateCommand, Lifecycle
+from activation_svc.service import ActivationService
+from devprov.v1 import activation_service_pb2 as pb
+from devprov.v1 import activation_service_pb2_grpc as pb_grpc
+from provkit.context import current_caller
+from provkit.grpc_server import ServiceBinding, binding
+
+LIFECYCLE_TO_PROTO = {
+    Lifecycle.ENROLLED: pb.LIFECYCLE_ENROLLED,
+    Lifecycle.ACTIVATED: pb.LIFECYCLE_ACTIVATED,
+    Lifecycle.REGISTERED: pb.LIFECYCLE_REGISTERED,
+    Lifecycle.DEPROVISIONED: pb.LIFECYCLE_DEPROVISIONED,
+}
+PATH_TO_PROTO = {
+    ActivationPath.UNCHANGED: pb.ACTIVATION_PATH_UNCHANGED,
+    ActivationPath.ENROLLMENT: pb.ACTIVATION_PATH_ENROLLMENT,
+    ActivationPath.ENROLLMENT_AND_HUB_TWIN: pb.ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN,
+}
+
+
+def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+class ActivationServicer(pb_grpc.ActivationServiceServicer):
+    def __init__(self, service: ActivationService) -> None:
+        self._service = service
+
+    async def Activate(
+        self, request: pb.ActivateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ActivateResponse:
+        result = await self._service.activate(
+            ActivateCommand(
+                request.device_id,
+                request.activation_code,
+                request.metadata_json,
+                request.hub,
+                request.request_id,
+                str(current_caller()),
+            )
+        )
+        return pb.ActivateResponse(
+            device_id=result.device_id,
+            hub=result.hub,
+            path=PATH_TO_PROTO[result.path],
+            lifecycle=LIFECYCLE_TO_PROTO[result.lifecycle],
+            enrollment_etag=result.enrollment_etag,
+            registered_hub=result.registered_hub,
+            replayed=result.replayed,
+        )
+
+    async def Deactivate(
+        self, request: pb.DeactivateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeactivateResponse:
+        result = await self._service.deactivate(
+            DeactivateCommand(
+                request.device_id, request.activation_code, request.request_id, str(current_caller())
+            )
+        )
+        return pb.DeactivateResponse(
+            device_id=result.device_id,
+            changed=result.changed,
+            hub_device_disabled=result.hub_device_disabled,
+            lifecycle=LIFECYCLE_TO_PROTO[result.lifecycle],
+            replayed=result.replayed,
+        )
+
+    async def GetDeviceStatus(
+        self, request: pb.GetDeviceStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetDeviceStatusResponse:
+        status = await self._service.status(request.device_id, request.activation_code, str(current_caller()))
+        reply = pb.GetDeviceStatusResponse(
+            device_id=status.device_id,
+            lifecycle=LIFECYCLE_TO_PROTO[status.lifecycle],
+            provisioning_status=status.provisioning_status,
+            allocated_hub=status.allocated_hub,
+            registered_hub=status.registered_hub,
+            hub_device_status=status.hub_device_status,
+            hub_connection_state=status.hub_connection_state,
+        )
+        if status.last_activity is not None:
+            reply.last_activity_time.CopyFrom(_timestamp(status.last_activity))
+        if status.activated_at is not None:
+            reply.activated_time.CopyFrom(_timestamp(status.activated_at))
+        if status.deactivated_at is not None:
+            reply.deactivated_time.CopyFrom(_timestamp(status.deactivated_at))
+        return reply
+
+    def binding(self) -> ServiceBinding:
+        return binding(
+            self,
+            pb_grpc.add_ActivationServiceServicer_to_server,
+            pb.DESCRIPTOR.services_by_name["ActivationService"],
+        )

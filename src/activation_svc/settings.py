@@ -1,0 +1,66 @@
+"""activation_svc settings: one typed object, resolved once from the environment (ACTIVATION_*) and/or a
+TOML file (``--config FILE`` or ACTIVATION_CONFIG).
+
+| key (TOML)                        | environment                               | default                    |
+|-----------------------------------|-------------------------------------------|----------------------------|
+| data_dir                          | ACTIVATION_DATA_DIR                       | ./activation-data          |
+| log_level                         | ACTIVATION_LOG_LEVEL                      | INFO                       |
+| server.host / server.port         | ACTIVATION_SERVER_HOST / _PORT            | 127.0.0.1 / 50052          |
+| server.insecure                   | ACTIVATION_SERVER_INSECURE                | false (loopback only)      |
+| server.tls_cert_file / _key_file  | ACTIVATION_SERVER_TLS_CERT_FILE / _KEY_FILE | -                        |
+| server.client_ca_file             | ACTIVATION_SERVER_CLIENT_CA_FILE          | - (set: mTLS, required)    |
+| server.client_auth                | ACTIVATION_SERVER_CLIENT_AUTH             | require with a client CA   |
+| limits.max_failures               | ACTIVATION_LIMITS_MAX_FAILURES            | 5 per id                   |
+| limits.window_seconds             | ACTIVATION_LIMITS_WINDOW_SECONDS          | 900                        |
+| cloud.*                           | ACTIVATION_CLOUD_*                        | see provkit.cloud          |
+
+``cloud.*``: the emulator's connection.json by default (ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE), or the
+DPS / hub connection strings, the CA file and the default hub for real Azure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from provkit.cloud import CloudSettings, load_cloud_settings
+from provkit.grpc_server import ServerSettings
+from provkit.settings import SettingsError, SettingsSource, server_settings
+
+PREFIX = "ACTIVATION"
+DEFAULT_PORT = 50052
+ERROR_DOMAIN = "activation.devprov"
+
+
+@dataclass(frozen=True)
+class ActivationSettings:
+    server: ServerSettings
+    data_dir: Path
+    cloud: CloudSettings
+    max_failures: int = 5
+    failure_window: timedelta = timedelta(minutes=15)
+    log_level: str = "INFO"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.data_dir / "audit.sqlite3"
+
+
+def load_settings(env: Mapping[str, str] | None = None, config: Path | None = None) -> ActivationSettings:
+    probe = SettingsSource(PREFIX, env=env)
+    config = config or probe.path("config")
+    source = SettingsSource(PREFIX, env=env, file=config)
+    max_failures = source.integer("limits.max_failures", 5)
+    window = source.number("limits.window_seconds", 900.0)
+    if max_failures < 1 or window <= 0:
+        raise SettingsError("ACTIVATION_LIMITS_MAX_FAILURES and _WINDOW_SECONDS must be positive")
+    return ActivationSettings(
+        server=server_settings(source, error_domain=ERROR_DOMAIN, default_port=DEFAULT_PORT),
+        data_dir=source.path("data_dir", Path("activation-data")) or Path("activation-data"),
+        cloud=load_cloud_settings(source),
+        max_failures=max_failures,
+        failure_window=timedelta(seconds=window),
+        log_level=(source.text("log_level", "INFO") or "INFO").upper(),
+    )

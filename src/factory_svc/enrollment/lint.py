@@ -1,0 +1,145 @@
+"""Preflight checks of a certificate before it is enrolled (pure: no I/O, nothing written).
+
+Reasons: DEVICE_ID_* (see factory_svc.device_id), CERTIFICATE_MISSING, CERTIFICATE_MALFORMED,
+CERTIFICATE_SUBJECT_MISMATCH, CERTIFICATE_IS_CA, CERTIFICATE_EKU_MISSING, CERTIFICATE_NOT_YET_VALID,
+CERTIFICATE_EXPIRED, CERTIFICATE_VALIDITY_TOO_SHORT, CERTIFICATE_UNTRUSTED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from factory_svc.device_id import normalise_device_id
+from factory_svc.errors import invalid_field
+
+FIELD = "certificate_pem"
+
+
+@dataclass(frozen=True)
+class LintedCertificate:
+    device_id: str
+    leaf: x509.Certificate
+    leaf_pem: str  # the leaf alone, as enrolled in DPS
+    sha1_thumbprint: str
+    sha256_thumbprint: str
+    not_after: datetime
+
+
+@dataclass(frozen=True)
+class LintPolicy:
+    trust_roots: tuple[x509.Certificate, ...]  # the factory CA's root(s)
+    intermediates: tuple[x509.Certificate, ...]  # the factory's issuing CA(s)
+    min_remaining_validity: timedelta = timedelta(days=30)
+
+
+def _leaf_policy() -> ExtensionPolicy:
+    # Azure device certificates carry the id in the subject CN and need no SAN.
+    return ExtensionPolicy.webpki_defaults_ee().may_be_present(
+        x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+    )
+
+
+def lint_certificate(
+    raw_device_id: str, certificate_pem: str, policy: LintPolicy, now: datetime, field_prefix: str = ""
+) -> LintedCertificate:
+    def field(name: str) -> str:
+        return f"{field_prefix}{name}"
+
+    device_id = normalise_device_id(raw_device_id, field("device_id"))
+    if not certificate_pem.strip():
+        raise invalid_field(field(FIELD), "CERTIFICATE_MISSING", "no certificate was given")
+    try:
+        certs = x509.load_pem_x509_certificates(certificate_pem.encode("utf-8", "replace"))
+    except ValueError:
+        raise invalid_field(
+            field(FIELD), "CERTIFICATE_MALFORMED", "certificate_pem is not a PEM certificate"
+        ) from None
+    leaf, extra = certs[0], certs[1:]
+    names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    common_name = str(names[0].value) if names else ""
+    if common_name != device_id:
+        raise invalid_field(
+            field(FIELD),
+            "CERTIFICATE_SUBJECT_MISMATCH",
+            f"the certificate's subject CN {common_name!r} is not the device id {device_id!r}",
+            common_name=common_name,
+        )
+    try:
+        if leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise invalid_field(
+                field(FIELD), "CERTIFICATE_IS_CA", "a CA certificate cannot be a device identity"
+            )
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        has_client_auth = ExtendedKeyUsageOID.CLIENT_AUTH in usages
+    except x509.ExtensionNotFound:
+        has_client_auth = False
+    if not has_client_auth:
+        raise invalid_field(
+            field(FIELD), "CERTIFICATE_EKU_MISSING", "the certificate lacks extended key usage clientAuth"
+        )
+    not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    if now < not_before:
+        raise invalid_field(
+            field(FIELD),
+            "CERTIFICATE_NOT_YET_VALID",
+            f"the certificate is valid from {not_before.isoformat()}",
+        )
+    if now >= not_after:
+        raise invalid_field(
+            field(FIELD), "CERTIFICATE_EXPIRED", f"the certificate expired at {not_after.isoformat()}"
+        )
+    if not_after - now < policy.min_remaining_validity:
+        raise invalid_field(
+            field(FIELD),
+            "CERTIFICATE_VALIDITY_TOO_SHORT",
+            f"the certificate expires at {not_after.isoformat()}; at least "
+            f"{policy.min_remaining_validity.days} days of validity are required",
+        )
+    verifier = (
+        PolicyBuilder()
+        .store(Store(list(policy.trust_roots)))
+        .time(now)
+        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_leaf_policy())
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(leaf, [*extra, *policy.intermediates])
+    except VerificationError as exc:
+        raise invalid_field(
+            field(FIELD),
+            "CERTIFICATE_UNTRUSTED",
+            f"the certificate does not verify to this factory's CA ({exc})",
+        ) from None
+    return LintedCertificate(
+        device_id=device_id,
+        leaf=leaf,
+        leaf_pem=leaf.public_bytes(serialization.Encoding.PEM).decode(),
+        sha1_thumbprint=leaf.fingerprint(hashes.SHA1()).hex().upper(),  # noqa: S303 - Azure's thumbprint
+        sha256_thumbprint=leaf.fingerprint(hashes.SHA256()).hex().upper(),
+        not_after=not_after,
+    )
+
+
+def lint_policy_from_chain(
+    chain: Sequence[x509.Certificate], min_remaining_validity: timedelta
+) -> LintPolicy:
+    """From the factory CA chain (issuing CA ... root): the self-signed tail is the root."""
+    roots = tuple(c for c in chain if c.issuer == c.subject)
+    intermediates = tuple(c for c in chain if c.issuer != c.subject)
+    return LintPolicy(roots or (chain[-1],), intermediates, min_remaining_validity)

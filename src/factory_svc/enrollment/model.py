@@ -1,0 +1,102 @@
+"""Typed values of the enrollment domain."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+
+class EnrollOutcome(enum.Enum):
+    CREATED = "created"
+    UNCHANGED = "unchanged"
+    REPLACED = "replaced"
+    QUEUED = "queued"
+
+
+class Delivery(enum.Enum):
+    LIVE = "live"
+    QUEUED = "queued"
+
+
+class EnrollmentState(enum.Enum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    LIVE = "live"
+    NOT_FOUND = "not_found"
+
+
+@dataclass(frozen=True)
+class EnrollRequest:
+    device_id: str
+    certificate_pem: str
+    replace: bool = False
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    device_id: str
+    outcome: EnrollOutcome
+    delivery: Delivery
+    activation_code: str | None  # only on CREATED / REPLACED / QUEUED, never on a replay
+    sha1_thumbprint: str
+    sha256_thumbprint: str
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class ItemError:
+    kind: str  # provkit.errors.ErrorKind value, e.g. "invalid_argument"
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class BatchItemResult:
+    index: int
+    device_id: str
+    result: EnrollResult | None
+    error: ItemError | None
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    items: tuple[BatchItemResult, ...]
+    replayed: bool = False
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for i in self.items if i.result and i.result.delivery is Delivery.QUEUED)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for i in self.items if i.error is not None)
+
+    @property
+    def enrolled(self) -> int:
+        return sum(1 for i in self.items if i.result and i.result.delivery is Delivery.LIVE)
+
+
+@dataclass(frozen=True)
+class EnrollmentStatus:
+    device_id: str
+    state: EnrollmentState
+    queued_at: datetime | None = None
+    delivered_at: datetime | None = None
+    attempts: int = 0
+    failure_reason: str = ""
+    failure_message: str = ""
+    provisioning_status: str = ""
+    sha256_thumbprint: str = ""
+
+
+@dataclass(frozen=True)
+class EnrollPolicy:
+    min_remaining_validity: timedelta = timedelta(days=30)
+    code_hash_log2_n: int = 10
+    max_batch: int = 1000
+    bulk_concurrency: int = 8
+    delivery_backoff_initial: float = 0.5
+    delivery_backoff_max: float = 30.0

@@ -1,0 +1,240 @@
+"""The durable enrollment outbox (SQLite): enrollments accepted while DPS was unreachable wait here and are
+delivered later, in order (by sequence number), exactly once.
+
+Each entry is committed (WAL, synchronous=FULL) before the Enroll answer is sent, so a killed process loses
+nothing.  Delivery is "at least once" on the wire and "exactly once" in effect: a delivery whose outcome
+was lost in a crash is retried, and the retry recognises its own earlier write (same certificate and same
+activation-code hash in DPS) instead of writing again.  The same file keeps the request ids of Enroll /
+EnrollBatch for idempotent replays.
+
+File: ``<data_dir>/enrollments.sqlite3``.  All SQLite calls run on one worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    mode TEXT NOT NULL CHECK (mode IN ('create', 'replace')),
+    body TEXT NOT NULL,
+    sha256_thumbprint TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    failure_reason TEXT NOT NULL DEFAULT '',
+    failure_message TEXT NOT NULL DEFAULT '',
+    outcome TEXT NOT NULL DEFAULT '',
+    queued_us INTEGER NOT NULL,
+    delivered_us INTEGER
+);
+CREATE INDEX IF NOT EXISTS outbox_by_state ON outbox (state, seq);
+CREATE INDEX IF NOT EXISTS outbox_by_device ON outbox (device_id, seq);
+CREATE TABLE IF NOT EXISTS enroll_requests (
+    request_id TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    response TEXT NOT NULL
+);
+"""
+
+
+class OutboxState(enum.Enum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    seq: int
+    device_id: str
+    mode: str  # create | replace
+    body: dict[str, Any]
+    sha256_thumbprint: str
+    state: OutboxState
+    attempts: int
+    failure_reason: str
+    failure_message: str
+    outcome: str
+    queued_at: datetime
+    delivered_at: datetime | None
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    device_id: str
+    mode: str
+    body: dict[str, Any]
+    sha256_thumbprint: str
+
+
+def _us(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
+
+
+def _moment(us: int | None) -> datetime | None:
+    return None if us is None else datetime.fromtimestamp(us / 1_000_000, UTC)
+
+
+_SELECT = (
+    "SELECT seq, device_id, mode, body, sha256_thumbprint, state, attempts, failure_reason, failure_message, "
+    "outcome, queued_us, delivered_us FROM outbox "
+)
+
+
+def _entry(row: tuple[Any, ...]) -> OutboxEntry:
+    return OutboxEntry(
+        seq=row[0],
+        device_id=row[1],
+        mode=row[2],
+        body=json.loads(row[3]),
+        sha256_thumbprint=row[4],
+        state=OutboxState(row[5]),
+        attempts=row[6],
+        failure_reason=row[7],
+        failure_message=row[8],
+        outcome=row[9],
+        queued_at=_moment(row[10]) or datetime.fromtimestamp(0, UTC),
+        delivered_at=_moment(row[11]),
+    )
+
+
+class Outbox:
+    def __init__(self, connection: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self._db = connection
+        self._executor = executor
+        self.changed = asyncio.Event()  # set when entries are added (wakes the delivery loop)
+
+    @classmethod
+    async def open(cls, path: Path) -> Outbox:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
+
+        def connect() -> sqlite3.Connection:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(SCHEMA)
+            return db
+
+        loop = asyncio.get_running_loop()
+        return cls(await loop.run_in_executor(executor, connect), executor)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._db)
+
+    async def close(self) -> None:
+        await self._run(lambda db: db.close())
+        self._executor.shutdown(wait=True)
+
+    # ----------------------------------------------------------------------------------------- writes
+    async def enqueue(self, entries: Sequence[NewEntry], now: datetime) -> list[int]:
+        def go(db: sqlite3.Connection) -> list[int]:
+            seqs = []
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for e in entries:
+                    cursor = db.execute(
+                        "INSERT INTO outbox (device_id, mode, body, sha256_thumbprint, state, queued_us) "
+                        "VALUES (?, ?, ?, ?, 'pending', ?)",
+                        (e.device_id, e.mode, json.dumps(e.body), e.sha256_thumbprint, _us(now)),
+                    )
+                    seqs.append(int(cursor.lastrowid or 0))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return seqs
+
+        seqs = await self._run(go)
+        self.changed.set()
+        return seqs
+
+    async def record_attempt(self, seq: int, reason: str, message: str) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, failure_reason = ?, failure_message = ? "
+                "WHERE seq = ? AND state = 'pending'",
+                (reason, message, seq),
+            )
+        )
+
+    async def mark_delivered(self, seq: int, outcome: str, now: datetime) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE outbox SET state = 'delivered', attempts = attempts + 1, outcome = ?, "
+                "delivered_us = ?, failure_reason = '', failure_message = '' "
+                "WHERE seq = ? AND state = 'pending'",
+                (outcome, _us(now), seq),
+            )
+        )
+
+    async def mark_failed(self, seq: int, reason: str, message: str) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, failure_reason = ?, "
+                "failure_message = ? WHERE seq = ? AND state = 'pending'",
+                (reason, message, seq),
+            )
+        )
+
+    # ------------------------------------------------------------------------------------------ reads
+    async def oldest_pending(self) -> OutboxEntry | None:
+        def go(db: sqlite3.Connection) -> OutboxEntry | None:
+            row = db.execute(
+                _SELECT + "WHERE state = 'pending' ORDER BY seq LIMIT 1"
+            ).fetchone()
+            return _entry(row) if row else None
+
+        return await self._run(go)
+
+    async def pending_count(self) -> int:
+        return await self._run(
+            lambda db: int(db.execute("SELECT count(*) FROM outbox WHERE state = 'pending'").fetchone()[0])
+        )
+
+    async def latest_for(self, device_id: str) -> OutboxEntry | None:
+        def go(db: sqlite3.Connection) -> OutboxEntry | None:
+            row = db.execute(
+                _SELECT + "WHERE device_id = ? ORDER BY seq DESC LIMIT 1", (device_id,)
+            ).fetchone()
+            return _entry(row) if row else None
+
+        return await self._run(go)
+
+    async def entries(self) -> list[OutboxEntry]:
+        def go(db: sqlite3.Connection) -> list[OutboxEntry]:
+            return [_entry(r) for r in db.execute(_SELECT + "ORDER BY seq").fetchall()]
+
+        return await self._run(go)
+
+    # -------------------------------------------------------------------------------- request ids
+    async def find_request(self, request_id: str) -> tuple[str, dict[str, Any]] | None:
+        def go(db: sqlite3.Connection) -> tuple[str, dict[str, Any]] | None:
+            row = db.execute(
+                "SELECT fingerprint, response FROM enroll_requests WHERE request_id = ?", (request_id,)
+            ).fetchone()
+            return (row[0], json.loads(row[1])) if row else None
+
+        return await self._run(go)
+
+    async def remember_request(self, request_id: str, fingerprint: str, response: dict[str, Any]) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT OR IGNORE INTO enroll_requests (request_id, fingerprint, response) VALUES (?, ?, ?)",
+                (request_id, fingerprint, json.dumps(response)),
+            )
+        )

@@ -1,0 +1,96 @@
+"""Assembly of the enrollment part of factory_svc: settings, the DPS adapter, the outbox and its delivery.
+
+Settings (TOML / environment, prefix FACTORY):
+
+| key                                 | environment                                | default |
+|-------------------------------------|--------------------------------------------|---------|
+| enroll.enabled                      | FACTORY_ENROLL_ENABLED                     | true    |
+| enroll.min_remaining_validity_days  | FACTORY_ENROLL_MIN_REMAINING_VALIDITY_DAYS | 30      |
+| enroll.code_hash_log2_n             | FACTORY_ENROLL_CODE_HASH_LOG2_N            | 10      |
+| enroll.max_batch                    | FACTORY_ENROLL_MAX_BATCH                   | 1000    |
+| enroll.delivery_backoff_max         | FACTORY_ENROLL_DELIVERY_BACKOFF_MAX        | 30 (s)  |
+| cloud.*                             | FACTORY_CLOUD_*                            | see provkit.cloud |
+
+The outbox lives in ``<data_dir>/enrollments.sqlite3``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+
+from factory_svc.enrollment.delivery import OutboxDelivery
+from factory_svc.enrollment.lint import lint_policy_from_chain
+from factory_svc.enrollment.model import EnrollPolicy
+from factory_svc.enrollment.outbox import Outbox
+from factory_svc.enrollment.service import EnrollmentService
+from provkit.cloud import CloudSettings, load_cloud_settings
+from provkit.settings import SettingsError, SettingsSource
+
+
+@dataclass(frozen=True)
+class EnrollSettings:
+    cloud: CloudSettings
+    policy: EnrollPolicy
+
+
+def load_enroll_settings(source: SettingsSource) -> EnrollSettings | None:
+    """None when enrollment is switched off (``enroll.enabled = false``)."""
+    if not source.flag("enroll.enabled", True):
+        return None
+    days = source.integer("enroll.min_remaining_validity_days", 30)
+    log2_n = source.integer("enroll.code_hash_log2_n", 10)
+    if days < 0:
+        raise SettingsError("FACTORY_ENROLL_MIN_REMAINING_VALIDITY_DAYS must not be negative")
+    if not 8 <= log2_n <= 20:
+        raise SettingsError("FACTORY_ENROLL_CODE_HASH_LOG2_N must be within 8..20")
+    policy = EnrollPolicy(
+        min_remaining_validity=timedelta(days=days),
+        code_hash_log2_n=log2_n,
+        max_batch=source.integer("enroll.max_batch", 1000),
+        delivery_backoff_max=source.number("enroll.delivery_backoff_max", 30.0),
+    )
+    return EnrollSettings(load_cloud_settings(source), policy)
+
+
+@dataclass
+class EnrollmentRuntime:
+    service: EnrollmentService
+    delivery: OutboxDelivery
+    outbox: Outbox
+    _close_dps: Callable[[], object]
+
+    @classmethod
+    async def open(
+        cls,
+        settings: EnrollSettings,
+        ca_chain: Sequence[x509.Certificate],
+        data_dir: Path,
+        clock: Callable[[], datetime],
+    ) -> EnrollmentRuntime:
+        from provkit.dps import DpsEnrollments
+
+        dps = await DpsEnrollments.open(settings.cloud.dps)
+        outbox = await Outbox.open(data_dir / "enrollments.sqlite3")
+        lint = lint_policy_from_chain(ca_chain, settings.policy.min_remaining_validity)
+        service = EnrollmentService(dps, outbox, lint, settings.policy, clock)
+        delivery = OutboxDelivery(
+            dps,
+            outbox,
+            clock,
+            backoff_initial=settings.policy.delivery_backoff_initial,
+            backoff_max=settings.policy.delivery_backoff_max,
+        )
+        delivery.start()
+        return cls(service, delivery, outbox, dps.close)
+
+    async def close(self) -> None:
+        await self.delivery.stop()
+        await self.outbox.close()
+        result = self._close_dps()
+        if hasattr(result, "__await__"):
+            await result  # type: ignore[misc]
