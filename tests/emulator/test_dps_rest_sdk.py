@@ -223,3 +223,22 @@ async def test_registration_state_of_an_unknown_device_is_404(dps):
         await dps.device_registration_state.get(id=new_id())
     with pytest.raises(ResourceNotFoundError):
         await dps.device_registration_state.delete(id=new_id())
+
+
+@pytest.mark.parametrize(
+    "twin",
+    [
+        {"tags": {"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}},  # deeper than the hub allows
+        {"properties": {"desired": {"big": "x" * 40_000}}},  # over the desired-properties size limit
+        {"tags": {"has.dot": 1}},
+    ],
+)
+async def test_initial_twin_over_hub_limits_is_refused_at_enrollment(dps, ca, tmp_path, twin):
+    reg_id = new_id()
+    with pytest.raises(HttpResponseError) as info:
+        await dps.enrollment.create_or_update(
+            id=reg_id, enrollment=x509_enrollment(reg_id, ca.issue(tmp_path, reg_id).pem, initialTwin=twin)
+        )
+    assert info.value.status_code == 400
+    with pytest.raises(ResourceNotFoundError):
+        await dps.enrollment.get(id=reg_id)

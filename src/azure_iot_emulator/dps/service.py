@@ -28,6 +28,8 @@ from azure_iot_emulator.dps.errors import (
     precondition_failed,
     unauthorized,
 )
+from azure_iot_emulator.hub import twin as twinmodel
+from azure_iot_emulator.hub.registry import RegistryError
 from azure_iot_emulator.store import Database
 
 SCHEMA = (
@@ -128,6 +130,7 @@ class DpsService:
             body, path_id=path_id, linked_hubs=self.hub_hosts, previous=previous
         )
         reg_id = stored["registrationId"]
+        _check_initial_twin(stored.get("initialTwin"))
         now = azure_time(self._clock())
         if existing is None:
             if mode == "updateIfMatchETag" and if_match not in (None, "*"):
@@ -283,18 +286,25 @@ class DpsService:
             "substatus": substatus,
             "etag": new_etag(),
         }
-        with self._db.transaction() as conn:
-            self._registry.provision_from_dps(
-                hub=hub,
-                device_id=device_id,
-                thumbprint_sha1=sha1,
-                thumbprint_sha256=sha256,
-                initial_twin=enrollment.get("initialTwin"),
-                apply_initial_twin=apply_twin,
-            )
-            conn.execute(
-                "INSERT OR REPLACE INTO dps_registrations (key, body, etag) VALUES (?, ?, ?)",
-                (key, json.dumps(state), state["etag"]),
+        try:
+            with self._db.transaction() as conn:
+                self._registry.provision_from_dps(
+                    hub=hub,
+                    device_id=device_id,
+                    thumbprint_sha1=sha1,
+                    thumbprint_sha256=sha256,
+                    initial_twin=enrollment.get("initialTwin"),
+                    apply_initial_twin=apply_twin,
+                )
+                conn.execute(
+                    "INSERT OR REPLACE INTO dps_registrations (key, body, etag) VALUES (?, ?, ?)",
+                    (key, json.dumps(state), state["etag"]),
+                )
+        except (twinmodel.TwinError, RegistryError) as exc:
+            # The hub refused the identity or twin: nothing was written (one transaction).
+            failed = {**base, "status": "failed", "errorCode": 400209, "errorMessage": str(exc)}
+            return RegistrationOutcome(
+                200, {"operationId": operation_id, "status": "failed", "registrationState": failed}
             )
         return RegistrationOutcome(200, {"operationId": operation_id, "status": "assigned",
                                          "registrationState": state})
@@ -340,6 +350,20 @@ class DpsService:
         if policy.get("migrateDeviceData", True):
             return chosen, "deviceDataMigrated", True
         return chosen, "deviceDataReset", True
+
+
+def _check_initial_twin(initial_twin: Mapping[str, Any] | None) -> None:
+    """The hub's twin rules (key names, depth, value types, sizes) applied when the enrollment is
+    written, so a registration never fails on them later."""
+    try:
+        tags, desired = twinmodel.initial_twin_parts(initial_twin)
+        twinmodel.validate_patch(tags, what="tags")
+        twinmodel.validate_patch(desired, what="desired")
+        for what, section in (("tags", tags), ("desired", desired)):
+            if len(json.dumps(section, separators=(",", ":")).encode()) > twinmodel._limit_for(what):
+                raise twinmodel.TwinError("TWIN_TOO_LARGE", f"initialTwin {what} too large")
+    except twinmodel.TwinError as exc:
+        raise bad_request(f"initialTwin: {exc}") from exc
 
 
 def operation_id() -> str:
