@@ -105,35 +105,31 @@ class TelemetryStore:
             if len(body) > MAX_MESSAGE_BYTES:
                 raise MessageTooLarge(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
         enqueued = azure_time(self._clock())
-        stored: list[StoredMessage] = []
+        rows = [
+            (hub, device_id, enqueued, properties.system_json, properties.application_json, body)
+            for hub, device_id, properties, body in items
+        ]
         with self._db.transaction() as conn:
-            for hub, device_id, properties, body in items:
-                cursor = conn.execute(
-                    """INSERT INTO hub_messages (hub, device_id, enqueued_time, system_properties,
-                       application_properties, body) VALUES (?, ?, ?, ?, ?, ?)""",
-                    (
-                        hub,
-                        device_id,
-                        enqueued,
-                        json.dumps(properties.system),
-                        json.dumps(properties.application),
-                        body,
-                    ),
-                )
-                seq = cursor.lastrowid
-                assert seq is not None
-                stored.append(
-                    StoredMessage(
-                        seq,
-                        hub,
-                        device_id,
-                        enqueued,
-                        dict(properties.system),
-                        dict(properties.application),
-                        body,
-                    )
-                )
-        return stored
+            conn.executemany(
+                """INSERT INTO hub_messages (hub, device_id, enqueued_time, system_properties,
+                   application_properties, body) VALUES (?, ?, ?, ?, ?, ?)""",
+                rows,
+            )
+            # One writer inside one transaction: the batch got consecutive sequence numbers.
+            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        first = last - len(items) + 1
+        return [
+            StoredMessage(
+                first + i,
+                hub,
+                device_id,
+                enqueued,
+                dict(properties.system),
+                dict(properties.application),
+                body,
+            )
+            for i, (hub, device_id, properties, body) in enumerate(items)
+        ]
 
     def recent(
         self, *, hub: str | None = None, device_id: str | None = None, limit: int = 20

@@ -14,6 +14,7 @@ Topic reference (azure-iot-device 2.14 and Azure's MQTT documentation)::
 from __future__ import annotations
 
 import functools
+import json
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -84,6 +85,14 @@ def parse_query(query: str) -> dict[str, str]:
 class PropertyBag:
     system: dict[str, str] = field(default_factory=dict)
     application: dict[str, str] = field(default_factory=dict)
+
+    @functools.cached_property
+    def system_json(self) -> str:
+        return json.dumps(self.system)
+
+    @functools.cached_property
+    def application_json(self) -> str:
+        return json.dumps(self.application)
 
 
 @functools.lru_cache(maxsize=4096)
