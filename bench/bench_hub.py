@@ -445,6 +445,7 @@ def _run_sync() -> str:
     emulator, Mosquitto) and the best round of each is reported, so background load on the shared
     machine hits both alike; then memory with idle devices, one server at a time."""
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         directory = Path(tmp)
         emu_host, mosq_host = _free_loopback(), _free_loopback()
@@ -482,6 +483,10 @@ def _run_sync() -> str:
         finally:
             for proc in processes:
                 _stop(proc)
+    notes.append(
+        f"Machine load average (1 min) before the run: {load_before:.2f} on {os.cpu_count()} CPUs "
+        "(the machine is shared; rates vary between runs, the ratio is taken within one run)."
+    )
     return _report(results, notes, time.monotonic() - started)
 
 
