@@ -242,3 +242,18 @@ async def test_connect_without_a_client_certificate_is_refused(module_emulator, 
         await asyncio.wait_for(client.register(), TIMEOUT)
     with pytest.raises(ResourceNotFoundError):
         await dps.device_registration_state.get(id=reg_id)
+
+
+async def test_registration_state_delete_with_etag(module_emulator, dps, ca, tmp_path):
+    reg_id = new_id()
+    cert = ca.issue(tmp_path, reg_id)
+    await dps.enrollment.create_or_update(id=reg_id, enrollment=enrollment(reg_id, cert.pem))
+    await register(module_emulator, reg_id, cert)
+    state = await dps.device_registration_state.get(id=reg_id)
+    with pytest.raises(Exception) as stale:
+        await dps.device_registration_state.delete(id=reg_id, if_match="stale")
+    assert getattr(stale.value, "status_code", None) == 412
+    await dps.device_registration_state.delete(id=reg_id, if_match=state["etag"])
+    with pytest.raises(ResourceNotFoundError):
+        await dps.device_registration_state.get(id=reg_id)
+    assert "registrationState" not in await dps.enrollment.get(id=reg_id)

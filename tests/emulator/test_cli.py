@@ -1,0 +1,97 @@
+"""``iot-emulator serve`` as a user runs it: settings file + flags, connection.json, ready file, what it
+prints (never a key), refusals of bad settings, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import free_loopback_address
+
+from azure_iot_emulator.config import build_config
+
+
+def _serve(args, tmp_path):
+    log = (tmp_path / "serve.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "azure_iot_emulator", "serve", *args], stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def test_settings_file_flags_connection_file_ready_file_and_sigterm(tmp_path):
+    dps, hub1, hub2 = (free_loopback_address() for _ in range(3))
+    data = tmp_path / "data"
+    config = tmp_path / "emulator.toml"
+    config.write_text(
+        f'data_dir = "{data}"\ndps_host = "{dps}"\nhub_hosts = ["{hub1}", "{hub2}"]\n'
+        "dps_rest_port = 0\nhub_rest_port = 0\n"
+    )
+    ready = tmp_path / "ready"
+    proc = _serve(["--config", str(config), "--hub-host", hub2, "--ready-file", str(ready)], tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        info = json.loads((data / "connection.json").read_text())
+        assert info["pid"] == proc.pid
+        assert info["global_endpoint"] == dps
+        assert [h["host_name"] for h in info["hubs"]] == [hub2]  # the flag replaced the file's list
+        assert info["default_hub"] == hub2
+        assert info["id_scope"].startswith("0ne") and len(info["id_scope"]) == 11
+        dps_cs = info["dps"]["connection_string"]
+        assert (
+            dps_cs.startswith(f"HostName={dps}:")
+            and "SharedAccessKeyName=provisioningserviceowner;" in dps_cs
+        )
+        assert info["hubs"][0]["connection_string"].startswith(f"HostName={hub2}:")
+        assert (data / "emulator-ca.pem").exists()
+        assert (data / "emulator-ca.key").stat().st_mode & 0o777 == 0o600
+        assert (data / "connection.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    out = (tmp_path / "serve.log").read_text()
+    assert info["id_scope"] in out and "ready" in out
+    assert dps_cs.split("SharedAccessKey=")[1] not in out  # keys never printed
+    assert not (data / "connection.json").exists()
+
+
+def test_bad_settings_exit_2_with_a_clear_message(tmp_path):
+    host = free_loopback_address()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hub_hosts": [host], "colour": "blue"}))
+    result = subprocess.run(
+        [sys.executable, "-m", "azure_iot_emulator", "serve", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "unknown settings ['colour']" in result.stderr
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "azure_iot_emulator",
+            "serve",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--hub-host",
+            host,
+            "--hub-host",
+            host,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "distinct" in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_build_config_defaults():
+    cfg = build_config(None, {})
+    assert cfg.dps_host == "localhost" and cfg.hub_hosts == ("127.0.0.2", "127.0.0.3")
+    assert (cfg.mqtt_port, cfg.dps_rest_port, cfg.hub_rest_port) == (8883, 8444, 8443)
