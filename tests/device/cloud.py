@@ -16,12 +16,21 @@ def _dps(emulator) -> DeviceProvisioningClient:
 
 
 async def enroll(
-    emulator, guid: str, leaf_pem: str, *, enabled: bool, initial_twin: dict | None = None
+    emulator,
+    guid: str,
+    leaf_pem: str,
+    *,
+    enabled: bool,
+    initial_twin: dict | None = None,
+    hub: str | None = None,
 ) -> None:
+    """An individual X.509 enrollment, statically allocated to ``hub`` (default: the default hub)."""
     body: dict[str, Any] = {
         "registrationId": guid,
         "deviceId": guid,
         "provisioningStatus": "enabled" if enabled else "disabled",
+        "allocationPolicy": "static",
+        "iotHubs": [hub or emulator.default_hub],
         "attestation": {
             "type": "x509",
             "x509": {"clientCertificates": {"primary": {"certificate": leaf_pem}}},
