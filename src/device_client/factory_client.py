@@ -98,9 +98,15 @@ class GrpcFactory:
         key = response.private_key_pem.encode() if response.private_key_pem else None
         return MintedCertificate(response.certificate.certificate_chain_pem.encode(), key)
 
-    async def enroll(self, guid: str, certificate_pem: bytes, request_id: str) -> EnrollOutcome:
+    async def enroll(
+        self, guid: str, certificate_pem: bytes, request_id: str, *, replace: bool
+    ) -> EnrollOutcome:
         assert self._stub is not None
-        method = getattr(self._stub, "Enroll", None)
-        if method is None or not hasattr(pb, "EnrollRequest"):
-            raise FactoryError("this factory has no Enroll RPC; use --no-enroll", "ENROLL_UNSUPPORTED")
-        raise FactoryError("Enroll is not wired yet", "ENROLL_UNSUPPORTED")
+        request = pb.EnrollRequest(
+            device_id=guid, certificate_pem=certificate_pem.decode(), replace=replace, request_id=request_id
+        )
+        response = await self._call(self._stub.Enroll, request, request_id)
+        status = "queued" if response.delivery == pb.ENROLLMENT_DELIVERY_QUEUED else "live"
+        if response.outcome == pb.ENROLL_OUTCOME_UNCHANGED:
+            status = f"{status} (unchanged)"
+        return EnrollOutcome(status=status, activation_code=response.activation_code or None)

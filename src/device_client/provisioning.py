@@ -35,7 +35,7 @@ from device_client.identity import (
 from device_client.settings import Settings, render_device_settings
 from device_client.state import TRUSTED_CA_FILE, StateDir, atomic_write
 
-ENROLLED_STATES = ("live", "queued")
+ENROLLED_STATES = ("live", "queued", "live (unchanged)", "queued (unchanged)")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ class FactoryPort(Protocol):
         self, guid: str, key_type: KeyType, request_id: str
     ) -> MintedCertificate: ...
 
-    async def enroll(self, guid: str, certificate_pem: bytes, request_id: str) -> EnrollOutcome: ...
+    async def enroll(
+        self, guid: str, certificate_pem: bytes, request_id: str, *, replace: bool
+    ) -> EnrollOutcome: ...
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,10 @@ async def provision_with(
     if not request.enroll:
         return ProvisionResult(stored.info, state.path, "skipped", None, minted)
     leaf_pem = load_chain(stored.chain_path.read_bytes(), source=str(stored.chain_path))[0]
-    outcome = await factory.enroll(request.guid, leaf_pem.public_bytes(Encoding.PEM), f"{base_id}:enroll")
+    # --force (rework, RMA) re-enrolls the new certificate in place of the old one.
+    outcome = await factory.enroll(
+        request.guid, leaf_pem.public_bytes(Encoding.PEM), f"{base_id}:enroll", replace=request.force
+    )
     metadata = dict(stored.metadata, enrollment=outcome.status, enrolled_at=datetime.now(UTC).isoformat())
     atomic_write(state.file("identity.json"), json.dumps(metadata, indent=2, sort_keys=True).encode())
     return ProvisionResult(stored.info, state.path, outcome.status, outcome.activation_code, minted)
