@@ -1,0 +1,128 @@
+"""`device-client run` and `status` as real processes against the emulator: telemetry flows, SIGTERM stops
+cleanly (exit 0, outbox flushed), status reports the cached assignment; a device that is not activated
+logs "waiting for activation" and keeps running."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import uuid
+
+import pytest
+from certs import TinyCa, make_identity
+from cloud import enroll, received_telemetry
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from device_client.state import StateDir
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _identity(root, guid: str) -> str:
+    key_pem, chain_pem = make_identity(TinyCa(), guid)
+    StateDir(root, guid).write_identity(
+        key_pem=key_pem, chain_pem=chain_pem, metadata={"guid": guid}, force=False
+    )
+    return x509.load_pem_x509_certificates(chain_pem)[0].public_bytes(Encoding.PEM).decode()
+
+
+def _env(emulator, root) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVICE_CLIENT_")}
+    env.update(
+        DEVICE_CLIENT_STATE_ROOT=str(root),
+        DEVICE_CLIENT_ID_SCOPE=emulator.id_scope,
+        DEVICE_CLIENT_GLOBAL_ENDPOINT=emulator.dps_host,
+        DEVICE_CLIENT_TRUSTED_CA_FILE=str(emulator.ca_path),
+        DEVICE_CLIENT_BACKOFF_INITIAL_S="0.2",
+        DEVICE_CLIENT_BACKOFF_MAX_S="1",
+        DEVICE_CLIENT_LOG_FORMAT="json",
+    )
+    return env
+
+
+async def _start(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "device_client",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def _eventually(check, timeout: float = 30.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.2)
+
+
+async def test_run_sigterm_and_status(emulator, tmp_path):
+    guid = f"cli-{uuid.uuid4()}"
+    root = tmp_path / "devices"
+    await enroll(emulator, guid, _identity(root, guid), enabled=True)
+    env = _env(emulator, root)
+    proc = await _start(env, "run", guid, "--interval", "0.2")
+
+    async def three_arrived():
+        try:
+            return len(await received_telemetry(emulator, guid)) >= 3
+        except Exception:  # the hub does not know the device before its registration
+            return False
+
+    try:
+        await _eventually(three_arrived)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    stderr = err.decode()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert any(entry["message"] == "state CONNECTED" for entry in lines)
+    assert any(entry["message"].startswith("stopped:") for entry in lines)
+
+    status = await _start(env, "status", guid, "--json")
+    out, err = await asyncio.wait_for(status.communicate(), 60)
+    assert status.returncode == 0, err.decode()
+    report = json.loads(out)
+    assert report["assignment"]["assigned_hub"] == emulator.default_hub
+    sent = report["telemetry"]["sent"]
+    assert sent >= 3
+    assert report["telemetry"]["pending"] + sent == report["telemetry"]["next_seq"] - 1
+    seqs = [m["seq"] for m in await received_telemetry(emulator, guid)]
+    assert seqs[:3] == [1, 2, 3]
+
+
+async def test_run_before_activation_waits(emulator, tmp_path):
+    guid = f"cli-{uuid.uuid4()}"
+    root = tmp_path / "devices"
+    await enroll(emulator, guid, _identity(root, guid), enabled=False)
+    proc = await _start(_env(emulator, root), "run", guid)
+    collected: list[str] = []
+
+    async def waiting_logged():
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        collected.append(line.decode())
+        return "waiting for activation" in collected[-1]
+
+    try:
+        await _eventually(waiting_logged)
+        await asyncio.sleep(1.0)  # several refused attempts later it is still running
+        assert proc.returncode is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, rest = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    assert "Traceback" not in "".join(collected) + rest.decode()
