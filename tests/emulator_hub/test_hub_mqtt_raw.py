@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from azure.iot.hub import IoTHubRegistryManager
 from hub_certs import make_device_cert
-from raw_mqtt import RawMqtt
+from hub_raw_mqtt import RawMqtt
 
 from azure_iot_emulator.sas import generate_sas
 
