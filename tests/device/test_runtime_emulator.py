@@ -232,3 +232,21 @@ async def reported_ack(emulator, device_id: str, predicate, timeout: float = 20.
         if loop.time() > deadline:
             raise AssertionError(f"no matching acknowledgement; reported = {reported}")
         await asyncio.sleep(0.1)
+
+
+async def test_outage_beyond_the_buffer_bound_drops_the_oldest_and_counts(emulator, device):
+    d = device(buffer_max_messages=3)
+    await enroll(emulator, d.guid, d.leaf_pem, enabled=True)
+    d.start()
+    await d.until(lambda s: s.telemetry_sent >= 1)
+    await asyncio.to_thread(emulator.stop)
+    snap = await d.until(lambda s: s.dropped >= 2)
+    assert snap.pending == 3  # the bound holds during the outage
+    await asyncio.to_thread(emulator.start)
+    await d.until(lambda s: s.pending <= 1 and s.telemetry_sent >= snap.telemetry_sent + 3, timeout=60)
+    final = await d.stop()
+    seqs = list(dict.fromkeys(_seqs(await received_telemetry(emulator, d.guid))))
+    assert seqs == sorted(seqs)
+    missing = set(range(1, seqs[-1] + 1)) - set(seqs)
+    assert len(missing) == final.dropped  # exactly the dropped (oldest) messages never arrive
+    assert d.state.read_assignment() is not None
