@@ -384,6 +384,9 @@ class ActivationService:
                     body.pop(key, None)
                 body["provisioningStatus"] = "disabled"
                 record["deactivatedAt"] = self._clock().isoformat()
+                registration = enrollment.registration_state
+                if registration is not None and registration.assigned_hub:
+                    record["registeredHub"] = registration.assigned_hub
                 info = dict(body.get("optionalDeviceInformation") or {})
                 info[LIFECYCLE_KEY] = record
                 body["optionalDeviceInformation"] = info
@@ -409,9 +412,12 @@ class ActivationService:
 
     async def _disable_on_hub(self, enrollment: Enrollment, device_id: str) -> bool:
         registration = enrollment.registration_state
-        if registration is None or not registration.assigned_hub:
+        hub = (registration.assigned_hub if registration else None) or _lifecycle_record(enrollment).get(
+            "registeredHub"
+        )
+        if not hub:
             return False
-        hub = registration.assigned_hub
+        hub = str(hub)
         try:
             for _ in range(_MAX_ATTEMPTS):
                 device = await self._hubs.get_device(hub, device_id)
@@ -434,9 +440,10 @@ class ActivationService:
         record = _lifecycle_record(enrollment)
         registration = enrollment.registration_state
         device: HubDevice | None = None
-        if registration is not None and registration.assigned_hub:
+        hub = (registration.assigned_hub if registration else None) or record.get("registeredHub") or ""
+        if hub:
             try:
-                device = await self._hubs.get_device(registration.assigned_hub, device_id)
+                device = await self._hubs.get_device(str(hub), device_id)
             except CloudUnavailable as exc:
                 raise _unavailable(exc, "HUB") from exc
         activated = "activatedAt" in record
@@ -457,7 +464,7 @@ class ActivationService:
             lifecycle=lifecycle,
             provisioning_status=enrollment.provisioning_status,
             allocated_hub=enrollment.iot_hubs[0] if enrollment.iot_hubs and activated else "",
-            registered_hub=(registration.assigned_hub or "") if registration and device else "",
+            registered_hub=str(hub) if device else "",
             hub_device_status=device.status if device else "",
             hub_connection_state=device.connection_state if device else "",
             last_activity=max(known) if known else None,

@@ -8,6 +8,7 @@ Records: ``Enrollment`` (an individual enrollment as the domain sees it, ``raw``
     so an update never drops one), ``RegistrationState``, ``HubDevice``, ``BulkItemError``.
 Ports (Protocols): ``EnrollmentPort`` (get / create / update / bulk_create),
     ``HubTwinPort`` (get_device / get_twin_document / patch_twin / set_device_status).
+``CloudNotConfigured`` (a SettingsError): nothing configured and no default emulator file.
 Errors: ``CloudError`` and ``CloudNotFound``, ``CloudAlreadyExists`` (409), ``CloudEtagMismatch`` (412),
     ``CloudRejected`` (other 4xx: bad body, unauthorised), ``CloudUnavailable`` (cannot reach the service,
     or 5xx / 429 after the SDK's own retries; ``retry_after`` seconds when known).
@@ -169,8 +170,8 @@ def parse_azure_time(text: str) -> datetime | None:
         value = value[:-1] + "+00:00"
     if "." in value:
         head, _, rest = value.partition(".")
-        digits = "".join(c for c in rest if c.isdigit())
-        zone = rest[len(digits) :]
+        count = len(rest) - len(rest.lstrip("0123456789"))
+        digits, zone = rest[:count], rest[count:]
         value = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
     try:
         moment = datetime.fromisoformat(value)
@@ -298,6 +299,10 @@ def _hub_name_from_connection_string(text: str) -> str:
     return host
 
 
+class CloudNotConfigured(SettingsError):
+    """Neither connection strings nor the (default) emulator connection file are there."""
+
+
 def _read_emulator_file(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -316,6 +321,11 @@ def load_cloud_settings(source: SettingsSource, section: str = "cloud") -> Cloud
     emulator_file = source.path(key("emulator_connection_file"))
     if emulator_file is None and explicit_dps is None:
         emulator_file = DEFAULT_EMULATOR_CONNECTION_FILE
+        if not emulator_file.exists():
+            raise CloudNotConfigured(
+                f"no cloud configured: set {source.env_name(key('dps_connection_string'))} (and the hubs) or "
+                f"{source.env_name(key('emulator_connection_file'))}; {emulator_file} does not exist"
+            )
     emulator: dict[str, Any] = _read_emulator_file(emulator_file) if emulator_file is not None else {}
 
     ca_file = source.path(key("ca_file"))

@@ -194,9 +194,7 @@ class Outbox:
     # ------------------------------------------------------------------------------------------ reads
     async def oldest_pending(self) -> OutboxEntry | None:
         def go(db: sqlite3.Connection) -> OutboxEntry | None:
-            row = db.execute(
-                _SELECT + "WHERE state = 'pending' ORDER BY seq LIMIT 1"
-            ).fetchone()
+            row = db.execute(_SELECT + "WHERE state = 'pending' ORDER BY seq LIMIT 1").fetchone()
             return _entry(row) if row else None
 
         return await self._run(go)

@@ -28,7 +28,7 @@ from factory_svc.enrollment.lint import lint_policy_from_chain
 from factory_svc.enrollment.model import EnrollPolicy
 from factory_svc.enrollment.outbox import Outbox
 from factory_svc.enrollment.service import EnrollmentService
-from provkit.cloud import CloudSettings, load_cloud_settings
+from provkit.cloud import CloudNotConfigured, CloudSettings, load_cloud_settings
 from provkit.settings import SettingsError, SettingsSource
 
 
@@ -39,8 +39,13 @@ class EnrollSettings:
 
 
 def load_enroll_settings(source: SettingsSource) -> EnrollSettings | None:
-    """None when enrollment is switched off (``enroll.enabled = false``)."""
+    """None when enrollment is switched off (``enroll.enabled = false``) or no cloud is configured at all
+    (no DPS connection string, no emulator connection file set, and none at the default place)."""
     if not source.flag("enroll.enabled", True):
+        return None
+    try:
+        cloud = load_cloud_settings(source)
+    except CloudNotConfigured:
         return None
     days = source.integer("enroll.min_remaining_validity_days", 30)
     log2_n = source.integer("enroll.code_hash_log2_n", 10)
@@ -54,7 +59,7 @@ def load_enroll_settings(source: SettingsSource) -> EnrollSettings | None:
         max_batch=source.integer("enroll.max_batch", 1000),
         delivery_backoff_max=source.number("enroll.delivery_backoff_max", 30.0),
     )
-    return EnrollSettings(load_cloud_settings(source), policy)
+    return EnrollSettings(cloud, policy)
 
 
 @dataclass

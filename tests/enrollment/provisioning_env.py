@@ -1,0 +1,240 @@
+"""Shared test helpers for the enrollment and activation tests: real factory_svc / activation_svc gRPC
+servers on loopback (built from their settings, as `serve` builds them), pointed at a real emulator
+process through its connection.json; Microsoft's SDKs for the device and for checking the cloud."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from azure.iot.device import X509
+from azure.iot.device.aio import IoTHubDeviceClient, ProvisioningDeviceClient
+
+from activation_svc.app import ActivationApp
+from activation_svc.settings import load_settings as load_activation_settings
+from devprov.v1 import activation_service_pb2 as apb
+from devprov.v1 import activation_service_pb2_grpc as apb_grpc
+from devprov.v1 import factory_service_pb2 as fpb
+from devprov.v1 import factory_service_pb2_grpc as fpb_grpc
+from factory_svc.app import FactoryApp
+from factory_svc.settings import load_settings as load_factory_settings
+from provkit.channels import ChannelSecurity, create_channel
+from provkit.devpki import DevTlsAuthority, write_private_file
+from provkit.grpc_errors import RpcErrorDetails, error_details
+
+SDK_TIMEOUT = 30.0  # some SDK failures make calls hang forever
+
+
+def connection_file(emulator) -> Path:
+    return Path(emulator.data_dir) / "connection.json"
+
+
+def factory_env(tmp_path: Path, emulator, **extra: str) -> dict[str, str]:
+    return {
+        "FACTORY_DATA_DIR": str(tmp_path / "factory"),
+        "FACTORY_SERVER_INSECURE": "true",
+        "FACTORY_SERVER_PORT": "0",
+        "FACTORY_CLOUD_EMULATOR_CONNECTION_FILE": str(connection_file(emulator)),
+        "FACTORY_CLOUD_RETRY_TOTAL": "1",
+        "FACTORY_ENROLL_DELIVERY_BACKOFF_MAX": "0.5",
+        "FACTORY_ENROLL_CODE_HASH_LOG2_N": "8",
+        **extra,
+    }
+
+
+@contextlib.asynccontextmanager
+async def running_factory(
+    env: Mapping[str, str],
+) -> AsyncIterator[tuple[FactoryApp, fpb_grpc.FactoryServiceStub]]:
+    # TEMPORARY composition until factory_svc.app wires enrollment itself.
+    from factory_svc.enrollment.grpc_api import EnrollmentRpcs
+    from factory_svc.enrollment.runtime import EnrollmentRuntime, load_enroll_settings
+    from factory_svc.servicer import FactoryServicer
+    from provkit.grpc_server import start_server
+    from provkit.settings import SettingsSource
+
+    class _Servicer(EnrollmentRpcs, FactoryServicer):
+        pass
+
+    app = await FactoryApp.open(load_factory_settings(env=dict(env)))
+    enroll = load_enroll_settings(SettingsSource("FACTORY", env=dict(env)))
+    runtime = await EnrollmentRuntime.open(
+        enroll,
+        app.ca.chain,
+        app.settings.data_dir,
+        lambda: __import__("datetime").datetime.now(__import__("datetime").UTC),
+    )
+    servicer = _Servicer(app.minting, app.catalog)
+    servicer._enrollment = runtime.service
+    server = await start_server(app.settings.server, [servicer.binding()])
+    app.enrollment = runtime  # type: ignore[attr-defined]
+    try:
+        async with create_channel(server.address, ChannelSecurity(insecure=True)) as channel:
+            yield app, fpb_grpc.FactoryServiceStub(channel)
+    finally:
+        await server.stop(0)
+        await runtime.close()
+        await app.close()
+
+
+@dataclass(frozen=True)
+class OemTls:
+    """A TLS CA for activation_svc: its server certificate and an OEM client certificate (mTLS)."""
+
+    ca_file: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    client_cn: str
+
+    @classmethod
+    def create(cls, folder: Path, client_cn: str = "oem-backoffice") -> OemTls:
+        authority = DevTlsAuthority.create()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "ca.pem").write_bytes(authority.ca_pem)
+        authority.server_certificate(["127.0.0.1", "localhost"]).write(
+            folder / "server.pem", folder / "server.key"
+        )
+        authority.client_certificate(client_cn).write(folder / "client.pem", folder / "client.key")
+        return cls(
+            folder / "ca.pem",
+            folder / "server.pem",
+            folder / "server.key",
+            folder / "client.pem",
+            folder / "client.key",
+            client_cn,
+        )
+
+    def client_security(self) -> ChannelSecurity:
+        return ChannelSecurity.from_files(self.ca_file, self.client_cert, self.client_key)
+
+
+def activation_env(tmp_path: Path, emulator, tls: OemTls, **extra: str) -> dict[str, str]:
+    return {
+        "ACTIVATION_DATA_DIR": str(tmp_path / "activation"),
+        "ACTIVATION_SERVER_PORT": "0",
+        "ACTIVATION_SERVER_TLS_CERT_FILE": str(tls.server_cert),
+        "ACTIVATION_SERVER_TLS_KEY_FILE": str(tls.server_key),
+        "ACTIVATION_SERVER_CLIENT_CA_FILE": str(tls.ca_file),
+        "ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE": str(connection_file(emulator)),
+        **extra,
+    }
+
+
+@contextlib.asynccontextmanager
+async def running_activation(
+    env: Mapping[str, str], tls: OemTls
+) -> AsyncIterator[tuple[ActivationApp, apb_grpc.ActivationServiceStub]]:
+    app = await ActivationApp.open(load_activation_settings(env=dict(env)))
+    server = await app.start()
+    try:
+        async with create_channel(f"127.0.0.1:{server.port}", tls.client_security()) as channel:
+            yield app, apb_grpc.ActivationServiceStub(channel)
+    finally:
+        await server.stop(0)
+        await app.close()
+
+
+@dataclass(frozen=True)
+class DeviceFiles:
+    device_id: str
+    chain_pem: str
+    cert_path: Path
+    key_path: Path
+    sha1: str
+
+
+async def mint(stub: fpb_grpc.FactoryServiceStub, device_id: str, folder: Path) -> DeviceFiles:
+    reply = await stub.MintCertificate(
+        fpb.MintCertificateRequest(device_id=device_id, server_key_generation=fpb.ServerKeyGeneration())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path = folder / f"{device_id}.chain.pem"
+    cert_path.write_text(reply.certificate.certificate_chain_pem)
+    key_path = folder / f"{device_id}.key.pem"
+    write_private_file(key_path, reply.private_key_pem.encode())
+    return DeviceFiles(
+        device_id,
+        reply.certificate.certificate_chain_pem,
+        cert_path,
+        key_path,
+        reply.certificate.sha1_thumbprint,
+    )
+
+
+async def failure(call) -> RpcErrorDetails:
+    """The decoded error of an awaitable gRPC call that must fail."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return error_details(exc)
+    raise AssertionError("the call succeeded")
+
+
+async def register(emulator, device: DeviceFiles) -> Any:
+    client = ProvisioningDeviceClient.create_from_x509_certificate(
+        provisioning_host=emulator.dps_host,
+        registration_id=device.device_id,
+        id_scope=emulator.id_scope,
+        x509=X509(str(device.cert_path), str(device.key_path)),
+        server_verification_cert=emulator.ca_pem,
+    )
+    try:
+        return await asyncio.wait_for(client.register(), SDK_TIMEOUT)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.shutdown(), 5)
+
+
+async def connect_to_hub(emulator, device: DeviceFiles, hub: str) -> None:
+    """Connect (and disconnect) as the device; raises what the SDK raises."""
+    client = IoTHubDeviceClient.create_from_x509_certificate(
+        x509=X509(str(device.cert_path), str(device.key_path)),
+        hostname=hub,
+        device_id=device.device_id,
+        server_verification_cert=emulator.ca_pem,
+        connection_retry=False,
+    )
+    try:
+        await asyncio.wait_for(client.connect(), SDK_TIMEOUT)
+        await asyncio.wait_for(client.disconnect(), SDK_TIMEOUT)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.shutdown(), 5)
+
+
+def registry(emulator, hub: str):
+    from azure.iot.hub import IoTHubRegistryManager
+
+    manager = IoTHubRegistryManager.from_connection_string(emulator.hub_connection_string(hub))
+    manager.protocol.config.connection.verify = str(emulator.ca_path)
+    return manager
+
+
+async def hub_twin(emulator, hub: str, device_id: str):
+    return await asyncio.wait_for(asyncio.to_thread(lambda: registry(emulator, hub).get_twin(device_id)), 30)
+
+
+async def dps_enrollment(emulator, device_id: str) -> dict | None:
+    from azure.core.exceptions import ResourceNotFoundError
+    from azure.iot.deviceprovisioning.aio import DeviceProvisioningClient
+
+    async with DeviceProvisioningClient.from_connection_string(
+        emulator.dps_connection_string, connection_verify=str(emulator.ca_path)
+    ) as client:
+        try:
+            return await client.enrollment.get(id=device_id)
+        except ResourceNotFoundError:
+            return None
+
+
+def activate_request(device_id: str, code: str, metadata: str, hub: str = "", request_id: str = ""):
+    return apb.ActivateRequest(
+        device_id=device_id, activation_code=code, metadata_json=metadata, hub=hub, request_id=request_id
+    )

@@ -1,0 +1,45 @@
+"""The outbox store: ordered, durable across reopen, states and request ids."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from factory_svc.enrollment.outbox import NewEntry, Outbox, OutboxState
+
+NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+
+
+async def test_order_states_and_reopen(tmp_path):
+    path = tmp_path / "enrollments.sqlite3"
+    box = await Outbox.open(path)
+    seqs = await box.enqueue(
+        [NewEntry(f"dev-{i}", "create", {"registrationId": f"dev-{i}"}, f"T{i}") for i in range(3)], NOW
+    )
+    assert seqs == sorted(seqs)
+    assert box.changed.is_set()
+    first = await box.oldest_pending()
+    assert first is not None and first.device_id == "dev-0" and first.body == {"registrationId": "dev-0"}
+    await box.record_attempt(first.seq, "DPS_UNAVAILABLE", "down")
+    await box.mark_delivered(first.seq, "created", NOW)
+    second = await box.oldest_pending()
+    assert second is not None and second.device_id == "dev-1"
+    await box.mark_failed(second.seq, "ENROLLMENT_EXISTS", "other certificate")
+    await box.remember_request("req-1", "fp", {"a": 1})
+    await box.close()
+
+    box = await Outbox.open(path)
+    assert await box.pending_count() == 1
+    entries = {e.device_id: e for e in await box.entries()}
+    assert entries["dev-0"].state is OutboxState.DELIVERED and entries["dev-0"].attempts == 2
+    assert entries["dev-0"].delivered_at == NOW and entries["dev-0"].failure_reason == ""
+    assert (
+        entries["dev-1"].state is OutboxState.FAILED
+        and entries["dev-1"].failure_reason == "ENROLLMENT_EXISTS"
+    )
+    assert (await box.latest_for("dev-2")).state is OutboxState.PENDING
+    assert await box.find_request("req-1") == ("fp", {"a": 1})
+    assert await box.find_request("req-2") is None
+    # A delivered entry cannot be failed afterwards (updates only apply to pending entries).
+    await box.mark_failed(entries["dev-0"].seq, "X", "y")
+    assert (await box.latest_for("dev-0")).state is OutboxState.DELIVERED
+    await box.close()
