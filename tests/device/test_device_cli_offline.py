@@ -8,7 +8,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from certs import TinyCa, make_identity
+from device_certs import TinyCa, make_identity
 
 from device_client.cli import main
 from device_client.state import Assignment, StateDir

@@ -12,10 +12,10 @@ import sys
 import uuid
 
 import pytest
-from certs import TinyCa, make_identity
-from cloud import enroll, received_telemetry
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from device_certs import TinyCa, make_identity
+from device_cloud import enroll, received_telemetry
 
 from device_client.state import StateDir
 

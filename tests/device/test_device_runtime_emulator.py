@@ -12,10 +12,10 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from certs import TinyCa, make_identity
-from cloud import activate, delete_hub_device, enroll, get_twin, received_telemetry, set_desired
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from device_certs import TinyCa, make_identity
+from device_cloud import activate, delete_hub_device, enroll, get_twin, received_telemetry, set_desired
 
 from device_client.runtime import DeviceRuntime, DeviceState, RuntimeSnapshot
 from device_client.settings import Settings, load_settings

@@ -5,7 +5,7 @@ import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from certs import TinyCa, make_identity
+from device_certs import TinyCa, make_identity
 
 from device_client.errors import IdentityError, IdentityExistsError, StateError, UsageError
 from device_client.identity import normalise_guid
