@@ -162,3 +162,23 @@ def test_device_spec_from_json_validates():
             device_spec_from_json("d", bad)
     sas = device_spec_from_json("d", {"authentication": {"type": "sas"}})
     assert sas.primary_key and sas.secondary_key
+
+
+def test_listeners_hear_when_dps_moves_a_device_or_changes_its_certificate(registry):
+    heard = []
+    registry.credential_listeners.append(lambda hub, device_id: heard.append((hub, device_id)))
+    provision(registry)
+    assert heard == []
+    provision(registry, apply=False)  # same certificate again: nothing to drop
+    assert heard == []
+    provision(registry, hub="127.0.0.3")
+    assert heard == [("127.0.0.2", "dev-001")]
+    registry.provision_from_dps(
+        hub="127.0.0.3",
+        device_id="dev-001",
+        thumbprint_sha1="CD" * 20,
+        thumbprint_sha256="EF" * 32,
+        initial_twin=None,
+        apply_initial_twin=False,
+    )
+    assert heard[-1] == ("127.0.0.3", "dev-001")

@@ -159,6 +159,9 @@ class HubRegistry:
         self._db = db
         self.hub_hosts = tuple(hub_hosts)
         self._clock = clock
+        # called with (hub, device_id) after DPS moved a device away from that hub or changed its
+        # certificate, so a live connection made with the old identity can be closed
+        self.credential_listeners: list[Callable[[str, str], None]] = []
         db.register_schema(*SCHEMA)
 
     # ------------------------------------------------------------------------------------------------ util
@@ -217,11 +220,19 @@ class HubRegistry:
             primary_thumbprint=thumbprint_sha1,
             secondary_thumbprint=None,
         )
+        invalidated: list[tuple[str, str]] = []
         with self._db.transaction() as conn:
+            moved = conn.execute(
+                "SELECT hub FROM hub_devices WHERE device_id = ? AND hub <> ?", (device_id, hub)
+            ).fetchall()
+            invalidated += [(row["hub"], device_id) for row in moved]
             conn.execute("DELETE FROM hub_devices WHERE device_id = ? AND hub <> ?", (device_id, hub))
-            if self.get_device(hub, device_id) is None:
+            current = self.get_device(hub, device_id)
+            if current is None:
                 self.create_device(hub, spec)
             else:
+                if (current.primary_thumbprint or "").upper() != thumbprint_sha1.upper():
+                    invalidated.append((hub, device_id))
                 self.update_device(hub, spec)
             if apply_initial_twin:
                 current = self.get_twin(hub, device_id)
@@ -230,6 +241,9 @@ class HubRegistry:
                     current, tags=tags, desired=desired, timestamp=self.now(), replace_all=True
                 )
                 self.save_twin(hub, device_id, updated)
+        for where, who in invalidated:
+            for listener in self.credential_listeners:
+                listener(where, who)
 
     def device_exists(self, hub: str, device_id: str) -> bool:
         return (

@@ -97,6 +97,7 @@ class HubService:
         self._device_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._pending_methods: dict[str, _PendingMethod] = {}
         self._telemetry_listeners: list[Callable[[StoredMessage], None]] = []
+        registry.credential_listeners.append(self._drop_connection)
         self._ingest_batch: list[
             tuple[tuple[str, str, topics.PropertyBag, bytes], asyncio.Future[StoredMessage]]
         ] = []
