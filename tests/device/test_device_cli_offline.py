@@ -29,7 +29,7 @@ def _provisioned(root, ca, **validity) -> StateDir:
     return state
 
 
-def run_cli(root, *args, env_scope=True):
+def run_cli(root, *args):
     return main(["--state-root", str(root), "--log-format", "text", *args])
 
 
@@ -120,3 +120,24 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 3
     assert "STATE_DIR_MISSING" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_run_with_unreachable_dps_gives_up_when_told(tmp_path, capsys, ca):
+    from conftest import free_loopback_address
+
+    _provisioned(tmp_path, ca)
+    nobody = free_loopback_address()  # nothing listens on 8883 there
+    code = run_cli(
+        tmp_path,
+        "run",
+        GUID,
+        "--id-scope",
+        "0ne00000001",
+        "--global-endpoint",
+        nobody,
+        "--give-up-after",
+        "1",
+    )
+    err = capsys.readouterr().err
+    assert code == 7
+    assert "CLOUD_UNAVAILABLE" in err and "DPS" in err and "Traceback" not in err
