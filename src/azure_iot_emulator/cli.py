@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from azure_iot_emulator import logs
 from azure_iot_emulator.config import DEFAULT_DATA_DIR, build_config
 from azure_iot_emulator.hub import cli as hub_cli
 
@@ -60,10 +61,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"iot-emulator: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logs.configure(config.log_level)
 
     async def main() -> int:
         emulator = Emulator(config)
