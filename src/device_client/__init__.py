@@ -1,1 +1,24 @@
-"""The device side: factory provisioning, first-boot registration with DPS, telemetry to the hub."""
+"""The device side: factory provisioning, first-boot registration with DPS, telemetry to the hub.
+
+CLI (``device-client``; global options ``--config FILE --state-root DIR --log-format auto|json|text -v``)::
+
+    device-client provision GUID [--force] [--server-keygen] [--key-type ec-p256|ec-p384|rsa-2048|rsa-3072]
+                                 [--no-enroll] [--request-id ID] [--factory HOST:PORT]
+                                 [--factory-tls insecure|tls|mtls] [--factory-ca PEM]
+                                 [--factory-client-cert PEM --factory-client-key PEM]
+                                 [--id-scope S --global-endpoint HOST --trusted-ca PEM]
+    device-client run GUID [--interval S] [--buffer-max N] [--give-up-after S] [--id-scope ...]
+    device-client status GUID [--json]
+
+Exit codes: 0 ok, 2 usage, 3 state directory missing/corrupted/in use, 4 identity unusable (key does not
+match the certificate, certificate expired / not yet valid), 5 factory unreachable or refused, 6 identity
+exists (use --force), 7 DPS/hub unusable past --give-up-after, 8 invalid settings, 130 interrupted.
+
+Modules: ``settings`` (one typed settings object: defaults < --config TOML < the device's settings.toml <
+DEVICE_CLIENT_* environment < flags), ``state`` (the per-device state directory and its layout),
+``identity`` (keys, CSR, key/certificate checks), ``buffer`` (bounded persisted SQLite outbox),
+``telemetry`` (message bodies), ``desired`` (desired properties -> reported acknowledgements),
+``provisioning`` + ``factory_client`` (provision over gRPC), ``dps`` + ``hub`` (azure-iot-device aio
+clients, every call under a deadline), ``runtime`` (:class:`DeviceRuntime`, the run loop as an async API),
+``cli``.
+"""
