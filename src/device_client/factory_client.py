@@ -59,14 +59,16 @@ def to_factory_error(exc: grpc.RpcError, address: str) -> FactoryError:
 class GrpcFactory:
     """FactoryPort over gRPC; use as an async context manager."""
 
-    def __init__(self, settings: FactorySettings) -> None:
+    def __init__(self, settings: FactorySettings, *, stub: pb_grpc.FactoryServiceStub | None = None) -> None:
+        """With ``stub`` the caller owns the channel; otherwise one is opened from ``settings``."""
         self._settings = settings
         self._channel: grpc.aio.Channel | None = None
-        self._stub: pb_grpc.FactoryServiceStub | None = None
+        self._stub = stub
 
     async def __aenter__(self) -> GrpcFactory:
-        self._channel = create_channel(self._settings.address, _security(self._settings))
-        self._stub = pb_grpc.FactoryServiceStub(self._channel)
+        if self._stub is None:
+            self._channel = create_channel(self._settings.address, _security(self._settings))
+            self._stub = pb_grpc.FactoryServiceStub(self._channel)
         return self
 
     async def __aexit__(

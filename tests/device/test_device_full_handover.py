@@ -1,0 +1,107 @@
+"""The whole story with real services: `provision` mints (CSR) and enrolls through factory_svc, the device
+waits for activation, the OEM activates it through activation_svc (mTLS) with metadata and a hub, and the
+device reaches telemetry on that hub with the metadata applied and acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+from device_cloud import get_twin, received_telemetry
+from enrollment.provisioning_env import (
+    OemTls,
+    activate_request,
+    activation_env,
+    factory_env,
+    running_activation,
+    running_factory,
+)
+
+from device_client.factory_client import GrpcFactory
+from device_client.provisioning import ProvisionRequest, provision_with
+from device_client.runtime import DeviceRuntime, DeviceState
+from device_client.settings import load_settings
+
+pytestmark = pytest.mark.timeout(180)
+
+
+async def _until(runtime: DeviceRuntime, task: asyncio.Task, predicate, timeout: float = 30.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate(runtime.snapshot):
+        if task.done():
+            task.result()
+            raise AssertionError(f"runtime ended in {runtime.snapshot.state}")
+        if loop.time() > deadline:
+            raise AssertionError(f"not reached; last snapshot {runtime.snapshot}")
+        await asyncio.sleep(0.05)
+    return runtime.snapshot
+
+
+async def test_factory_to_first_telemetry(tmp_path, emulator, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(emulator.ca_path))
+    tls = OemTls.create(tmp_path / "oem-tls")
+    guid = f"gw-{uuid.uuid4().hex[:12]}"
+    async with (
+        running_factory(factory_env(tmp_path, emulator)) as (_factory_app, factory_stub),
+        running_activation(activation_env(tmp_path, emulator, tls), tls) as (_activation_app, activation),
+    ):
+        settings = load_settings(
+            env={},
+            overrides={
+                "state_root": str(tmp_path / "devices"),
+                "id_scope": emulator.id_scope,
+                "global_endpoint": emulator.dps_host,
+                "trusted_ca_file": str(emulator.ca_path),
+                "telemetry_interval_s": 5,
+                "backoff_initial_s": 0.2,
+                "backoff_max_s": 1.0,
+                "sdk_timeout_s": 15,
+            },
+        )
+        async with GrpcFactory(settings.factory, stub=factory_stub) as factory:
+            result = await provision_with(factory, ProvisionRequest(guid), settings)
+        assert result.enrollment == "live"
+        assert result.activation_code  # shown once by the CLI
+        assert result.identity.chain_length == 3
+
+        # The field: the device only has its state directory (settings.toml written at provisioning).
+        field = load_settings(
+            env={},
+            device_settings=tmp_path / "devices" / guid / "settings.toml",
+            overrides={
+                "state_root": str(tmp_path / "devices"),
+                "backoff_initial_s": 0.2,
+                "backoff_max_s": 1.0,
+            },
+        )
+        runtime = DeviceRuntime(guid, field)
+        task = asyncio.create_task(runtime.run())
+        try:
+            await _until(runtime, task, lambda s: s.state is DeviceState.WAITING_FOR_ACTIVATION)
+            hub = emulator.hub_hosts[1]  # the OEM chooses the second hub
+            metadata = {
+                "tags": {"customer": "acme", "machine": "press-7"},
+                "properties": {
+                    "desired": {"telemetryIntervalSeconds": 0.25, "recipe": {"name": "steel", "v": 3}}
+                },
+            }
+            reply = await activation.Activate(
+                activate_request(guid, result.activation_code, json.dumps(metadata), hub)
+            )
+            assert reply.hub == hub
+            snap = await _until(runtime, task, lambda s: s.telemetry_sent >= 3)
+            assert snap.assigned_hub == hub
+            assert snap.interval_s == 0.25
+        finally:
+            runtime.stop()
+            await asyncio.wait_for(task, 30)
+    twin = await get_twin(emulator, guid, hub)
+    assert twin.tags == metadata["tags"]
+    reported = twin.properties.reported
+    assert reported["telemetryIntervalSeconds"]["ac"] == 200
+    assert reported["recipe"]["value"] == {"name": "steel", "v": 3}
+    seqs = [m["seq"] for m in await received_telemetry(emulator, guid, hub)]
+    assert seqs[:3] == [1, 2, 3]
