@@ -1,0 +1,224 @@
+"""The outbox against a real emulator that is down, then up: enrollments accepted while DPS is unreachable
+arrive later, in order, exactly once -- also across a kill -9 of a real factory_svc process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import sys
+import uuid
+from datetime import UTC, datetime
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from provisioning_env import connection_file, dps_enrollment, factory_env, mint, running_factory
+from support.emulator import EmulatorProcess
+
+from devprov.v1 import factory_service_pb2 as pb
+from devprov.v1 import factory_service_pb2_grpc as pb_grpc
+from factory_svc.enrollment.delivery import OutboxDelivery
+from factory_svc.enrollment.lint import LintedCertificate
+from factory_svc.enrollment.outbox import NewEntry, Outbox
+from factory_svc.enrollment.service import new_enrollment_body
+from provkit.activation_code import hash_code, new_code, verify_code
+from provkit.channels import ChannelSecurity, create_channel
+from provkit.cloud import load_cloud_settings
+from provkit.dps import DpsEnrollments
+from provkit.settings import SettingsSource
+
+
+def new_id() -> str:
+    return f"gw-{uuid.uuid4().hex[:12]}"
+
+
+def stopped_emulator(tmp_path) -> tuple[EmulatorProcess, dict[str, str]]:
+    """An emulator that ran once (its keys and CA persist) and is now down, and the factory settings that
+    point at a saved copy of its connection facts (the emulator removes connection.json when it stops)."""
+    emulator = EmulatorProcess(tmp_path / "emulator", hubs=1).start()
+    saved = tmp_path / "cloud-connection.json"
+    saved.write_text(connection_file(emulator).read_text())
+    emulator.stop()
+    return emulator, {**factory_env(tmp_path, emulator), "FACTORY_CLOUD_EMULATOR_CONNECTION_FILE": str(saved)}
+
+
+async def wait_state(
+    stub, device_id: str, state: int, timeout: float = 30.0
+) -> pb.GetEnrollmentStatusResponse:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        reply = await stub.GetEnrollmentStatus(pb.GetEnrollmentStatusRequest(device_id=device_id))
+        if reply.state == state:
+            return reply
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{device_id} stayed {pb.EnrollmentState.Name(reply.state)}")
+        await asyncio.sleep(0.1)
+
+
+async def test_enrollments_queued_while_dps_is_down_arrive_exactly_once(tmp_path):
+    emulator, env = stopped_emulator(tmp_path)
+    try:
+        async with running_factory(env) as (app, stub):
+            devices = [await mint(stub, new_id(), tmp_path / "devices") for _ in range(3)]
+            codes = {}
+            for device in devices:
+                reply = await stub.Enroll(
+                    pb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
+                )
+                assert (
+                    reply.outcome == pb.ENROLL_OUTCOME_QUEUED
+                    and reply.delivery == pb.ENROLLMENT_DELIVERY_QUEUED
+                )
+                codes[device.device_id] = reply.activation_code
+            status = await stub.GetEnrollmentStatus(
+                pb.GetEnrollmentStatusRequest(device_id=devices[0].device_id)
+            )
+            assert status.state == pb.ENROLLMENT_STATE_PENDING
+
+            emulator.start()
+            delivered = [await wait_state(stub, d.device_id, pb.ENROLLMENT_STATE_DELIVERED) for d in devices]
+            assert [d.delivered_time.ToDatetime() for d in delivered] == sorted(
+                d.delivered_time.ToDatetime() for d in delivered
+            ), "delivered in the order accepted"
+            for device in devices:
+                enrollment = await dps_enrollment(emulator, device.device_id)
+                assert enrollment["provisioningStatus"] == "disabled"
+                assert verify_code(
+                    codes[device.device_id], enrollment["optionalDeviceInformation"]["activationCode"]
+                )
+            entries = await app.enrollment.outbox.entries()
+            assert [e.device_id for e in entries] == [d.device_id for d in devices]
+            assert {e.outcome for e in entries} == {"created"}
+
+            late = await mint(stub, new_id(), tmp_path / "devices")
+            reply = await stub.Enroll(
+                pb.EnrollRequest(device_id=late.device_id, certificate_pem=late.chain_pem)
+            )
+            assert reply.delivery == pb.ENROLLMENT_DELIVERY_LIVE
+    finally:
+        emulator.stop()
+
+
+async def test_a_retried_delivery_recognises_its_own_earlier_write(tmp_path, module_emulator):
+    """The crash window: DPS applied the write, the outbox never learnt it; the retry must not write again."""
+    cloud = load_cloud_settings(
+        SettingsSource("T", env={"T_CLOUD_EMULATOR_CONNECTION_FILE": str(connection_file(module_emulator))})
+    )
+    dps = await DpsEnrollments.open(cloud.dps)
+    outbox = await Outbox.open(tmp_path / "enrollments.sqlite3")
+    try:
+        async with running_factory(factory_env(tmp_path, module_emulator)) as (_app, stub):
+            device = await mint(stub, new_id(), tmp_path)
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+
+        leaf = x509.load_pem_x509_certificates(device.chain_pem.encode())[0]
+        linted = LintedCertificate(
+            device.device_id,
+            leaf,
+            leaf.public_bytes(serialization.Encoding.PEM).decode(),
+            device.sha1,
+            leaf.fingerprint(hashes.SHA256()).hex().upper(),
+            leaf.not_valid_after_utc,
+        )
+        body = new_enrollment_body(linted, hash_code(new_code(), log2_n=8))
+        (seq,) = await outbox.enqueue(
+            [NewEntry(device.device_id, "create", body, linted.sha256_thumbprint)], datetime.now(UTC)
+        )
+        applied = await dps.create(body)  # the delivery that "crashed" after DPS applied it
+        entry = await outbox.oldest_pending()
+        assert entry is not None and entry.seq == seq
+        delivery = OutboxDelivery(dps, outbox, lambda: datetime.now(UTC))
+        assert await delivery.deliver(entry) == "already-applied"
+        assert (await dps_enrollment(module_emulator, device.device_id))["etag"] == applied.etag
+
+        other = NewEntry(
+            device.device_id,
+            "create",
+            {**body, "optionalDeviceInformation": {"activationCode": hash_code(new_code(), log2_n=8)}},
+            "0" * 64,
+        )
+        await outbox.enqueue([other], datetime.now(UTC))
+        entries = await outbox.entries()
+        assert (await delivery.deliver(entries[-1])).startswith("failed:ENROLLMENT_EXISTS")
+    finally:
+        await outbox.close()
+        await dps.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def _serve(env: dict[str, str], log_path) -> asyncio.subprocess.Process:
+    log = log_path.open("ab")
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "factory_svc.cli", "serve", env=env, stdout=log, stderr=log
+        )
+    finally:
+        log.close()
+
+
+async def _wait_serving(target: str) -> None:
+    async with create_channel(target, ChannelSecurity(insecure=True)) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(200):
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except Exception:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("factory-svc serve did not become healthy")
+
+
+async def test_kill_9_with_queued_enrollments_then_restart_loses_and_duplicates_nothing(tmp_path):
+    emulator, factory_settings = stopped_emulator(tmp_path)
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    env = {**os.environ, **factory_settings, "FACTORY_SERVER_PORT": str(port)}
+    server = await _serve(env, tmp_path / "factory.log")
+    try:
+        await _wait_serving(target)
+        codes: dict[str, str] = {}
+        async with create_channel(target, ChannelSecurity(insecure=True)) as channel:
+            stub = pb_grpc.FactoryServiceStub(channel)
+            devices = [await mint(stub, new_id(), tmp_path / "devices") for _ in range(5)]
+            reply = await stub.EnrollBatch(
+                pb.EnrollBatchRequest(
+                    items=[
+                        pb.EnrollBatchItem(device_id=d.device_id, certificate_pem=d.chain_pem)
+                        for d in devices
+                    ]
+                )
+            )
+            assert reply.queued_count == 5
+            codes = {r.device_id: r.response.activation_code for r in reply.results}
+        server.send_signal(signal.SIGKILL)
+        await server.wait()
+
+        emulator.start()
+        server = await _serve(env, tmp_path / "factory.log")
+        await _wait_serving(target)
+        async with create_channel(target, ChannelSecurity(insecure=True)) as channel:
+            stub = pb_grpc.FactoryServiceStub(channel)
+            for device in devices:
+                await wait_state(stub, device.device_id, pb.ENROLLMENT_STATE_DELIVERED)
+        for device in devices:
+            enrollment = await dps_enrollment(emulator, device.device_id)
+            assert verify_code(
+                codes[device.device_id], enrollment["optionalDeviceInformation"]["activationCode"]
+            )
+        with sqlite3.connect(tmp_path / "factory" / "enrollments.sqlite3") as db:
+            rows = db.execute("SELECT device_id, state FROM outbox ORDER BY seq").fetchall()
+        assert rows == [(d.device_id, "delivered") for d in devices]
+    finally:
+        if server.returncode is None:
+            server.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(server.wait(), 30)
+        emulator.stop()
