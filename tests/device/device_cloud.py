@@ -54,6 +54,15 @@ async def activate(emulator, guid: str, *, initial_twin: dict | None = None, hub
         await client.enrollment.create_or_update(id=guid, enrollment=current, if_match=current.get("etag"))
 
 
+async def deactivate(emulator, guid: str) -> None:
+    """Disable the enrollment and remove the device from its hub (what an operator's deprovision does)."""
+    async with _dps(emulator) as client:
+        current = await client.enrollment.get(id=guid)
+        current["provisioningStatus"] = "disabled"
+        await client.enrollment.create_or_update(id=guid, enrollment=current, if_match=current.get("etag"))
+    await delete_hub_device(emulator, guid)
+
+
 def _registry(emulator, hub: str | None = None):
     from azure.iot.hub import IoTHubRegistryManager
 

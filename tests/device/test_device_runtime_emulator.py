@@ -15,7 +15,15 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from device_certs import TinyCa, make_identity
-from device_cloud import activate, delete_hub_device, enroll, get_twin, received_telemetry, set_desired
+from device_cloud import (
+    activate,
+    deactivate,
+    delete_hub_device,
+    enroll,
+    get_twin,
+    received_telemetry,
+    set_desired,
+)
 
 from device_client.runtime import DeviceRuntime, DeviceState, RuntimeSnapshot
 from device_client.settings import Settings, load_settings
@@ -250,3 +258,18 @@ async def test_outage_beyond_the_buffer_bound_drops_the_oldest_and_counts(emulat
     missing = set(range(1, seqs[-1] + 1)) - set(seqs)
     assert len(missing) == final.dropped  # exactly the dropped (oldest) messages never arrive
     assert d.state.read_assignment() is not None
+
+
+async def test_deactivated_while_running_goes_back_to_waiting(emulator, device):
+    d = device()
+    await enroll(emulator, d.guid, d.leaf_pem, enabled=True)
+    d.start()
+    await d.until(lambda s: s.telemetry_sent >= 1)
+    await deactivate(emulator, d.guid)  # enrollment disabled + hub device deleted, as Deactivate does
+    snap = await d.until(lambda s: s.state is DeviceState.WAITING_FOR_ACTIVATION)
+    assert d.state.read_assignment() is None  # the refused assignment was dropped
+    assert not d.task.done()
+    await activate(emulator, d.guid)
+    await d.until(
+        lambda s: s.telemetry_sent > snap.telemetry_sent and s.state is not DeviceState.WAITING_FOR_ACTIVATION
+    )
