@@ -28,14 +28,15 @@ ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 CODE_LENGTH = 16  # 16 x 5 bits = 80 bits
 GROUP = 4
 CODE_RECORD_KEY = "activationCode"
-DEFAULT_LOG2_N = 10  # scrypt N = 1024, r = 8: 1 MiB of memory per guess
+DEFAULT_LOG2_N = 8  # scrypt N = 256, r = 8: 256 KiB of memory per guess (80-bit codes: ample)
 _R, _P, _DKLEN = 8, 1, 32
 _MIN_LOG2_N, _MAX_LOG2_N = 8, 20
 _ALIASES = {"O": "0", "I": "1", "L": "1"}
 
 
 def new_code() -> str:
-    raw = "".join(secrets.choice(ALPHABET) for _ in range(CODE_LENGTH))
+    value = int.from_bytes(secrets.token_bytes(CODE_LENGTH * 5 // 8), "big")  # exactly 80 random bits
+    raw = "".join(ALPHABET[(value >> (5 * i)) & 31] for i in range(CODE_LENGTH))
     return format_code(raw)
 
 

@@ -12,15 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from cryptography.x509.verification import (
-    Criticality,
-    ExtensionPolicy,
-    PolicyBuilder,
-    Store,
-    VerificationError,
-)
 
 from factory_svc.device_id import normalise_device_id
 from factory_svc.errors import invalid_field
@@ -45,13 +39,6 @@ class LintPolicy:
     min_remaining_validity: timedelta = timedelta(days=30)
 
 
-def _leaf_policy() -> ExtensionPolicy:
-    # Azure device certificates carry the id in the subject CN and need no SAN.
-    return ExtensionPolicy.webpki_defaults_ee().may_be_present(
-        x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
-    )
-
-
 def lint_certificate(
     raw_device_id: str, certificate_pem: str, policy: LintPolicy, now: datetime, field_prefix: str = ""
 ) -> LintedCertificate:
@@ -67,7 +54,7 @@ def lint_certificate(
         raise invalid_field(
             field(FIELD), "CERTIFICATE_MALFORMED", "certificate_pem is not a PEM certificate"
         ) from None
-    leaf, extra = certs[0], certs[1:]
+    leaf = certs[0]  # any chain after the leaf is ignored: only this factory's issuing CAs count
     names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     common_name = str(names[0].value) if names else ""
     if common_name != device_id:
@@ -111,16 +98,12 @@ def lint_certificate(
             f"the certificate expires at {not_after.isoformat()}; at least "
             f"{policy.min_remaining_validity.days} days of validity are required",
         )
-    verifier = (
-        PolicyBuilder()
-        .store(Store(list(policy.trust_roots)))
-        .time(now)
-        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_leaf_policy())
-        .build_client_verifier()
-    )
+    issuer = next((ca for ca in policy.intermediates if ca.subject == leaf.issuer), None)
     try:
-        verifier.verify(leaf, [*extra, *policy.intermediates])
-    except VerificationError as exc:
+        if issuer is None:
+            raise ValueError(f"issued by {leaf.issuer.rfc4514_string()!r}, not by this factory's issuing CA")
+        leaf.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature) as exc:
         raise invalid_field(
             field(FIELD),
             "CERTIFICATE_UNTRUSTED",
@@ -139,7 +122,15 @@ def lint_certificate(
 def lint_policy_from_chain(
     chain: Sequence[x509.Certificate], min_remaining_validity: timedelta
 ) -> LintPolicy:
-    """From the factory CA chain (issuing CA ... root): the self-signed tail is the root."""
-    roots = tuple(c for c in chain if c.issuer == c.subject)
+    """From the factory CA chain (issuing CA ... root): the self-signed tail is the root.  Each issuing CA's
+    signature is checked against its issuer in the chain once, here; a device certificate then only needs
+    its own signature checked against the issuing CA that signed it."""
+    roots = tuple(c for c in chain if c.issuer == c.subject) or (chain[-1],)
     intermediates = tuple(c for c in chain if c.issuer != c.subject)
-    return LintPolicy(roots or (chain[-1],), intermediates, min_remaining_validity)
+    everyone = (*intermediates, *roots)
+    for ca in intermediates:
+        issuer = next((c for c in everyone if c.subject == ca.issuer and c is not ca), None)
+        if issuer is None:
+            raise ValueError(f"the chain lacks the issuer of {ca.subject.rfc4514_string()}")
+        ca.verify_directly_issued_by(issuer)
+    return LintPolicy(roots, intermediates, min_remaining_validity)

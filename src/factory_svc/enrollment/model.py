@@ -95,7 +95,7 @@ class EnrollmentStatus:
 @dataclass(frozen=True)
 class EnrollPolicy:
     min_remaining_validity: timedelta = timedelta(days=30)
-    code_hash_log2_n: int = 10
+    code_hash_log2_n: int = 8  # provkit.activation_code.DEFAULT_LOG2_N
     max_batch: int = 1000
     bulk_concurrency: int = 8
     delivery_backoff_initial: float = 0.5

@@ -6,7 +6,7 @@ Settings (TOML / environment, prefix FACTORY):
 |-------------------------------------|--------------------------------------------|---------|
 | enroll.enabled                      | FACTORY_ENROLL_ENABLED                     | true    |
 | enroll.min_remaining_validity_days  | FACTORY_ENROLL_MIN_REMAINING_VALIDITY_DAYS | 30      |
-| enroll.code_hash_log2_n             | FACTORY_ENROLL_CODE_HASH_LOG2_N            | 10      |
+| enroll.code_hash_log2_n             | FACTORY_ENROLL_CODE_HASH_LOG2_N            | 8       |
 | enroll.max_batch                    | FACTORY_ENROLL_MAX_BATCH                   | 1000    |
 | enroll.delivery_backoff_max         | FACTORY_ENROLL_DELIVERY_BACKOFF_MAX        | 30 (s)  |
 | cloud.*                             | FACTORY_CLOUD_*                            | see provkit.cloud |
@@ -28,6 +28,7 @@ from factory_svc.enrollment.lint import lint_policy_from_chain
 from factory_svc.enrollment.model import EnrollPolicy
 from factory_svc.enrollment.outbox import Outbox
 from factory_svc.enrollment.service import EnrollmentService
+from provkit.activation_code import DEFAULT_LOG2_N
 from provkit.cloud import CloudNotConfigured, CloudSettings, load_cloud_settings
 from provkit.settings import SettingsError, SettingsSource
 
@@ -48,7 +49,7 @@ def load_enroll_settings(source: SettingsSource) -> EnrollSettings | None:
     except CloudNotConfigured:
         return None
     days = source.integer("enroll.min_remaining_validity_days", 30)
-    log2_n = source.integer("enroll.code_hash_log2_n", 10)
+    log2_n = source.integer("enroll.code_hash_log2_n", DEFAULT_LOG2_N)
     if days < 0:
         raise SettingsError("FACTORY_ENROLL_MIN_REMAINING_VALIDITY_DAYS must not be negative")
     if not 8 <= log2_n <= 20:

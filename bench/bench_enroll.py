@@ -1,0 +1,143 @@
+"""Batched Enroll throughput: EnrollBatch over gRPC (loopback, plaintext) into factory_svc, which lints each
+certificate, makes and hashes its activation code and writes DPS bulk operations of 10 through
+azure-iot-deviceprovisioning into a real emulator process.
+
+The certificates are issued beforehand by the factory's own CA (not timed: minting has its own benchmark).
+Two phases: the default activation-code hash cost (scrypt N = 2^8) and a costlier one (N = 2^10), because
+hashing is a large share of the work.  Bounded: fixed work sizes and a time cap per phase.
+Run alone: ``python -m bench enroll``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+TITLE = "Enroll: batched enrollments per second through factory_svc into the emulator's DPS"
+
+DEVICES_PER_PHASE = 1000
+CALL_SIZE = 100
+CONCURRENT_CALLS = 4
+PHASE_CAP_S = 90.0
+GOAL = 1000.0
+
+_TESTS = Path(__file__).resolve().parent.parent / "tests"
+for extra in (_TESTS, _TESTS / "enrollment"):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+
+def _issue(ca, count: int, prefix: str) -> list[tuple[str, str]]:
+    """(device id, certificate PEM) pairs signed by the factory's issuing CA, one shared key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    out = []
+    for n in range(count):
+        device_id = f"{prefix}-{n:05d}"
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+            .issuer_name(ca.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=365))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.certificate.public_key()),
+                critical=False,
+            )
+            .sign(ca.key, hashes.SHA256())
+        )
+        out.append((device_id, cert.public_bytes(serialization.Encoding.PEM).decode()))
+    return out
+
+
+async def _phase(root: Path, emu, log2_n: int) -> dict[str, float]:
+    from provisioning_env import factory_env, running_factory
+
+    from devprov.v1 import factory_service_pb2 as pb
+
+    env = factory_env(
+        root / f"phase-{log2_n}",
+        emu,
+        FACTORY_ENROLL_CODE_HASH_LOG2_N=str(log2_n),
+        FACTORY_LOG_LEVEL="WARNING",
+    )
+    async with running_factory(env) as (app, stub):
+        devices = await asyncio.to_thread(
+            _issue, app.ca, DEVICES_PER_PHASE, f"b{log2_n}-{uuid.uuid4().hex[:6]}"
+        )
+        calls = [devices[n : n + CALL_SIZE] for n in range(0, len(devices), CALL_SIZE)]
+        gate = asyncio.Semaphore(CONCURRENT_CALLS)
+        created = failed = 0
+        start = time.perf_counter()
+        deadline = start + PHASE_CAP_S
+
+        async def one(part: list[tuple[str, str]]) -> None:
+            nonlocal created, failed
+            async with gate:
+                if time.perf_counter() > deadline:
+                    return
+                reply = await stub.EnrollBatch(
+                    pb.EnrollBatchRequest(
+                        items=[pb.EnrollBatchItem(device_id=d, certificate_pem=c) for d, c in part]
+                    ),
+                    timeout=120,
+                )
+                created += sum(1 for r in reply.results if r.response.outcome == pb.ENROLL_OUTCOME_CREATED)
+                failed += reply.failed_count
+
+        await asyncio.gather(*(one(p) for p in calls))
+        elapsed = time.perf_counter() - start
+    return {
+        "created": created,
+        "failed": failed,
+        "elapsed": elapsed,
+        "rate": created / elapsed if elapsed else 0,
+    }
+
+
+async def run() -> str:
+    from support.emulator import EmulatorProcess
+
+    with tempfile.TemporaryDirectory(prefix="bench-enroll-") as tmp:
+        root = Path(tmp)
+        emu = EmulatorProcess(root / "emulator", hubs=2, extra_args=["--log-level", "WARNING"])
+        emu.start()
+        try:
+            default = await _phase(root, emu, 8)
+            costly = await _phase(root, emu, 10)
+        finally:
+            emu.stop()
+    verdict = "met" if default["rate"] >= GOAL else "NOT met"
+    lines = [
+        f"{DEVICES_PER_PHASE} devices per phase, EnrollBatch calls of {CALL_SIZE}, {CONCURRENT_CALLS} calls "
+        f"in flight, DPS bulk operations of 10; {os.cpu_count()} CPUs shared by client, service, emulator.",
+        "",
+        "| activation-code hash | enrolled | failed | seconds | enrollments/s |",
+        "|---|---|---|---|---|",
+        f"| scrypt N=2^8 (default) | {default['created']:.0f} | {default['failed']:.0f} | "
+        f"{default['elapsed']:.2f} | **{default['rate']:.0f}** |",
+        f"| scrypt N=2^10 | {costly['created']:.0f} | {costly['failed']:.0f} | {costly['elapsed']:.2f} | "
+        f"{costly['rate']:.0f} |",
+        "",
+        f"Goal >= {GOAL:.0f} enrollments/s with the default configuration: **{verdict}**.",
+    ]
+    return "\n".join(lines)
