@@ -308,7 +308,7 @@ def _read_emulator_file(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise SettingsError(f"cannot read the emulator connection file {path}: {exc}") from exc
-    if not isinstance(data, dict) or "dps" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("dps"), dict):
         raise SettingsError(f"{path} is not an emulator connection file (no 'dps' entry)")
     return data
 
