@@ -1,0 +1,77 @@
+"""The DPS adapter honours 429/503 with Retry-After (the emulator does not throttle, so a tiny TLS server
+plays an overloaded DPS answering the way Azure does), and reports what is left as CloudUnavailable."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+from aiohttp import web
+
+from provkit.cloud import CloudUnavailable, DpsConfig
+from provkit.devpki import DevTlsAuthority
+from provkit.dps import DpsEnrollments
+from provkit.settings import Secret
+
+ENROLLMENT = {"registrationId": "dev-1", "provisioningStatus": "disabled", "etag": "e1"}
+
+
+@pytest.fixture
+async def overloaded_dps(tmp_path):
+    """(base config, state) of a DPS stand-in that throttles the first `state["throttle"]` requests."""
+    authority = DevTlsAuthority.create()
+    (tmp_path / "ca.pem").write_bytes(authority.ca_pem)
+    authority.server_certificate(["127.0.0.1"]).write(tmp_path / "server.pem", tmp_path / "server.key")
+    state = {"throttle": 0, "status": 429, "requests": 0, "retry_after": "1"}
+
+    async def handler(request: web.Request) -> web.Response:
+        state["requests"] += 1
+        if state["requests"] <= state["throttle"]:
+            return web.json_response(
+                {"errorCode": 429001, "message": "throttled"},
+                status=state["status"],
+                headers={"Retry-After": state["retry_after"]},
+            )
+        return web.json_response(ENROLLMENT)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    connection = (
+        f"HostName=127.0.0.1:{port};SharedAccessKeyName=provisioningserviceowner;SharedAccessKey=ZHBz"
+    )
+    try:
+        yield DpsConfig(Secret(connection), tmp_path / "ca.pem", retry_total=3, retry_backoff_max=2), state
+    finally:
+        await runner.cleanup()
+
+
+async def test_429_with_retry_after_is_retried_then_succeeds(overloaded_dps):
+    config, state = overloaded_dps
+    state["throttle"] = 2
+    dps = await DpsEnrollments.open(config)
+    try:
+        enrollment = await dps.get("dev-1")
+    finally:
+        await dps.close()
+    assert enrollment is not None and enrollment.etag == "e1"
+    assert state["requests"] == 3
+
+
+async def test_503_beyond_the_retry_budget_is_unavailable_with_the_service_delay(overloaded_dps):
+    config, state = overloaded_dps
+    state.update(throttle=100, status=503, retry_after="1")
+    dps = await DpsEnrollments.open(DpsConfig(config.connection_string, config.ca_file, retry_total=1))
+    try:
+        with pytest.raises(CloudUnavailable) as caught:
+            await dps.get("dev-1")
+    finally:
+        await dps.close()
+    assert caught.value.status == 503 and caught.value.retry_after == 1.0
+    assert state["requests"] == 2
