@@ -73,6 +73,7 @@ async def running_factory(
     servicer._enrollment = runtime.service
     server = await start_server(app.settings.server, [servicer.binding()])
     app.enrollment = runtime  # type: ignore[attr-defined]
+    app.grpc_address = server.address  # type: ignore[attr-defined]
     try:
         async with create_channel(server.address, ChannelSecurity(insecure=True)) as channel:
             yield app, fpb_grpc.FactoryServiceStub(channel)

@@ -67,7 +67,6 @@ class OutboxDelivery:
             self._task = None
 
     async def _wait(self, seconds: float) -> None:
-        self._outbox.changed.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._outbox.changed.wait(), seconds)
 
@@ -75,6 +74,7 @@ class OutboxDelivery:
         delay = self._initial
         while True:
             try:
+                self._outbox.changed.clear()  # before looking: an enqueue from now on wakes the wait below
                 entry = await self._outbox.oldest_pending()
                 if entry is None:
                     await self._wait(60.0)

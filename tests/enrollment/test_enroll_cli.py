@@ -1,0 +1,61 @@
+"""`factory-svc enroll | enroll-batch | enrollment-status` from a shell against a real factory_svc and emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import stat
+import sys
+import uuid
+
+from provisioning_env import dps_enrollment, factory_env, mint, running_factory
+
+from provkit.activation_code import verify_code
+
+
+async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "factory_svc.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_enroll_batch_with_progress_single_enroll_and_status(tmp_path, module_emulator):
+    async with running_factory(factory_env(tmp_path, module_emulator)) as (app, stub):
+        env = {**os.environ, "FACTORY_CLIENT_INSECURE": "true", "FACTORY_CLIENT_TARGET": app.grpc_address}
+        folder = tmp_path / "certs"
+        devices = [await mint(stub, f"gw-{uuid.uuid4().hex[:10]}", folder) for _ in range(7)]
+        (folder / "zz-stranger.chain.pem").write_text(devices[0].chain_pem)  # CN is not "zz-stranger"
+        codes_file = tmp_path / "codes.csv"
+        code, out, err = await _cli(
+            "enroll-batch", "--dir", str(folder), "--chunk", "3", "--codes-out", str(codes_file), env=env
+        )
+        assert code == 1, err  # one device failed
+        assert "[3/8]" in err and "[8/8] enrolled 7, queued 0, failed 1" in err
+        assert "zz-stranger: CERTIFICATE_SUBJECT_MISMATCH" in err
+        assert stat.S_IMODE(codes_file.stat().st_mode) == 0o600
+        rows = {r["device_id"]: r for r in csv.DictReader(codes_file.read_text().splitlines())}
+        for device in devices:
+            assert rows[device.device_id]["outcome"] == "CREATED"
+            enrollment = await dps_enrollment(module_emulator, device.device_id)
+            record = enrollment["optionalDeviceInformation"]["activationCode"]
+            assert verify_code(rows[device.device_id]["activation_code"], record)
+
+        single = await mint(stub, f"gw-{uuid.uuid4().hex[:10]}", tmp_path / "one")
+        code, out, err = await _cli("enroll", single.device_id, "--cert", str(single.cert_path), env=env)
+        assert code == 0, err
+        assert "CREATED" in out and "LIVE" in out and "code " in out
+        code, out, err = await _cli("enroll", single.device_id, "--cert", str(single.cert_path), env=env)
+        assert code == 0 and "UNCHANGED" in out
+        code, out, err = await _cli("enrollment-status", single.device_id, env=env)
+        assert code == 0 and "LIVE" in out and "disabled" in out
+        code, out, err = await _cli("enroll", "bad id", "--cert", str(single.cert_path), env=env)
+        assert code == 1 and "INVALID_ARGUMENT DEVICE_ID_INVALID_CHARACTERS" in err
