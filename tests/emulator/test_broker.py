@@ -22,12 +22,15 @@ class Wire:
         self.decoder = StreamDecoder()
         self.received: list[p.Packet] = []
         self.closed = False
+        self.driver = None
 
     def write(self, data: bytes) -> None:
         self.received += self.decoder.feed(data)
 
     def close(self) -> None:
         self.closed = True
+        if self.driver is not None:  # a real transport reports the loss after flushing
+            asyncio.get_running_loop().call_soon(self.driver.connection_lost)
 
 
 class Recorder:
@@ -76,6 +79,7 @@ async def connect(broker: Broker, endpoint: Recorder, client_id: str, clean: boo
     wire = Wire()
     endpoint.wires[client_id] = wire
     driver = broker.open_connection(wire, peer_certificate=None)
+    wire.driver = driver
     driver.data_received(encode(p.Connect(client_id, clean, 60, f"test/{client_id}")))
     await settle()
     return driver, wire

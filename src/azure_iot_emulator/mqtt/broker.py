@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ SCHEMA = (
 )
 
 MAX_INFLIGHT = 1000
+CLOSE_TIMEOUT = 2.0  # graceful stop: per phase (drain handlers, flush transports)
 
 
 class Transport(Protocol):
@@ -158,14 +160,19 @@ class Broker:
                 driver.check_timeouts(now)
 
     async def close(self) -> None:
-        for driver in list(self._drivers):
+        """Graceful stop: stop reading, let each connection finish what it already received (so every
+        stored publish gets its PUBACK), close, and wait for the transports to flush and go away."""
+        drivers = list(self._drivers)
+        for driver in drivers:
+            driver.stop_reading()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(d.drained() for d in drivers)), CLOSE_TIMEOUT)
+        for driver in drivers:
             driver.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for _ in range(50):
-            if not self._drivers:
-                break
-            await asyncio.sleep(0.02)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(d.transport_gone() for d in drivers)), CLOSE_TIMEOUT)
 
     # ------------------------------------------------------------------------------------ internals
     def _session(self, endpoint: Endpoint, client_id: str, clean: bool) -> tuple[Session, bool]:
@@ -249,10 +256,12 @@ class ConnectionDriver:
         self._keepalive = 0
         self._opened = broker._monotonic()
         self._last_rx = self._opened
+        self._reading = True
+        self._lost = asyncio.Event()
 
     # --------------------------------------------------------------------------------- transport side
     def data_received(self, data: bytes) -> None:
-        if self._closed:
+        if self._closed or not self._reading:
             return
         self._last_rx = self._broker._monotonic()
         events = self._conn.receive(data)
@@ -263,12 +272,24 @@ class ConnectionDriver:
                 self._worker = asyncio.get_running_loop().create_task(self._work())
 
     def connection_lost(self) -> None:
+        self._lost.set()
         if self._closed and self.link is None:
             return
         self._closed = True
         self._conn.close()
         self._events.clear()
         self._finish()
+
+    def stop_reading(self) -> None:
+        self._reading = False
+
+    async def drained(self) -> None:
+        worker = self._worker
+        if worker is not None:
+            await asyncio.wait({worker})
+
+    async def transport_gone(self) -> None:
+        await self._lost.wait()
 
     def check_timeouts(self, now: float) -> None:
         if self._closed:
