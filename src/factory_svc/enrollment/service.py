@@ -24,6 +24,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from factory_svc.device_id import normalise_device_id
 from factory_svc.enrollment.lint import LintedCertificate, LintPolicy, lint_certificate
 from factory_svc.enrollment.model import (
     BatchItemResult,
@@ -399,8 +400,6 @@ class EnrollmentService:
 
     # -------------------------------------------------------------------------------------- status
     async def status(self, raw_device_id: str) -> EnrollmentStatus:
-        from factory_svc.device_id import normalise_device_id
-
         device_id = normalise_device_id(raw_device_id)
         entry = await self._outbox.latest_for(device_id)
         if entry is not None and entry.state is not OutboxState.DELIVERED:
