@@ -57,6 +57,8 @@ class Recorder:
             raise ProtocolViolation("forbidden topic")
         if topic == "crash":
             raise RuntimeError("bug")
+        if topic == "slow":
+            await asyncio.sleep(0.05)
         await asyncio.sleep(0)  # a real write would yield here
         # Durable before acknowledged: record how many PUBACKs the client had when we handled it.
         wire = self.wires[link.client_id]
@@ -219,3 +221,15 @@ async def test_keepalive_and_connect_timeouts(db):
     driver.check_timeouts(clock[0])
     assert wire.closed
     await broker.close()
+
+
+async def test_graceful_close_acknowledges_what_was_already_received(db):
+    endpoint = Recorder()
+    broker = Broker(db, [endpoint])
+    driver, wire = await connect(broker, endpoint, "dev-1")
+    driver.data_received(encode(p.Publish("slow", b"stored", 1, 11)))
+    await settle()  # the handler is now mid-write
+    await broker.close()
+    driver.data_received(encode(p.Publish("data", b"too late", 1, 12)))  # after stop: ignored
+    assert endpoint.published == [("slow", b"stored")]
+    assert wire.received[-1] == p.PubAck(11) and wire.closed
