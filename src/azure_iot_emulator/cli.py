@@ -62,6 +62,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"iot-emulator: invalid configuration: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_level)
+    _raise_open_file_limit()
 
     async def main() -> int:
         emulator = Emulator(config)
@@ -81,6 +82,19 @@ def run_serve(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(main())
+
+
+def _raise_open_file_limit() -> None:
+    """Every connected device is a socket: lift the soft descriptor limit to the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError) as exc:  # pragma: no cover - platform dependent
+        log.warning("cannot raise the open-file limit: %s", exc)
 
 
 def _print_summary(info: dict, data_dir: Path) -> None:
