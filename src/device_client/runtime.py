@@ -37,6 +37,7 @@ from device_client.buffer import TelemetryBuffer
 from device_client.desired import DesiredOutcome, apply_document, apply_patch
 from device_client.errors import CloudError
 from device_client.hub import HubRefused, HubSession, HubTarget, HubUnavailable
+from device_client.identity import check_validity
 from device_client.settings import Settings
 from device_client.state import Assignment, DesiredState, StateDir, StoredIdentity
 from device_client.telemetry import build_body, new_message_id
@@ -246,6 +247,8 @@ class DeviceRuntime:
         target = dps.DpsTarget(self.settings.cloud.global_endpoint, id_scope, ca_pem)
         waiting_logged = False
         while not self._stop.is_set():
+            # A certificate that expired during a long wait is fatal, not a reason to keep knocking.
+            check_validity(identity.info, now=self._clock(), source=str(self.state_dir.path))
             if not waiting_logged:  # while waiting for activation, retries do not flap the state
                 self._update(state=DeviceState.REGISTERING)
             try:

@@ -28,6 +28,7 @@ command-line flags.  Keys::
 from __future__ import annotations
 
 import ipaddress
+import json
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -266,8 +267,6 @@ def state_root_from(*, env: Mapping[str, str], config_file: Path | None, overrid
 
 def render_device_settings(values: Mapping[str, str]) -> bytes:
     """A device settings.toml with flat string keys (TOML basic strings accept JSON string escapes)."""
-    import json
-
     lines = ["# written by `device-client provision`; environment and flags take precedence"]
     lines += [f"{key} = {json.dumps(str(value))}" for key, value in sorted(values.items()) if key in KEYS]
     return ("\n".join(lines) + "\n").encode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,17 @@ from device_client.cli import main
 from device_client.state import Assignment, StateDir
 
 GUID = "0a1b2c3d-0000-4000-8000-00000000cafe"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """main() configures the root logger for its process; undo that so later tests do not log into a
+    closed capture stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")

@@ -255,8 +255,12 @@ async def test_outage_beyond_the_buffer_bound_drops_the_oldest_and_counts(emulat
     final = await d.stop()
     seqs = list(dict.fromkeys(_seqs(await received_telemetry(emulator, d.guid))))
     assert seqs == sorted(seqs)
-    missing = set(range(1, seqs[-1] + 1)) - set(seqs)
-    assert len(missing) == final.dropped  # exactly the dropped (oldest) messages never arrive
+    missing = sorted(set(range(1, seqs[-1] + 1)) - set(seqs))
+    # The dropped messages are the oldest of the outage: one contiguous run.  A message in flight when
+    # the link died may have reached the hub without its acknowledgement reaching us, so it can be
+    # counted as dropped and still have arrived (at-least-once).
+    assert missing == list(range(missing[0], missing[0] + len(missing)))
+    assert final.dropped - 1 <= len(missing) <= final.dropped
     assert d.state.read_assignment() is not None
 
 
