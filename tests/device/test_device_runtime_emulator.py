@@ -180,12 +180,13 @@ async def test_second_run_uses_the_cached_assignment(emulator, device):
     assert max(seqs) > first.last_seq_sent  # numbering continues across runs
 
 
-async def test_emulator_restart_mid_run_keeps_order(emulator, device):
+@pytest.mark.parametrize("how", ["stop", "kill"])
+async def test_emulator_restart_mid_run_keeps_order(emulator, device, how):
     d = device()
     await enroll(emulator, d.guid, d.leaf_pem, enabled=True)
     d.start()
     await d.until(lambda s: s.telemetry_sent >= 2)
-    await asyncio.to_thread(emulator.stop)
+    await asyncio.to_thread(emulator.stop if how == "stop" else emulator.kill)
     await d.until(lambda s: s.pending >= 4)  # produced while the hub is down
     await asyncio.to_thread(emulator.start)
     sent_before = d.runtime.snapshot.telemetry_sent
