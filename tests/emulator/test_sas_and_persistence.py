@@ -160,3 +160,23 @@ async def test_restart_keeps_everything(emulator, tmp_path, monkeypatch):
     again = await asyncio.wait_for(pdc().register(), 45)
     assert again.registration_state.assigned_hub == first.registration_state.assigned_hub
     assert emulator.stop() == 0  # graceful SIGTERM exit code
+
+
+async def test_unknown_paths_and_methods_get_azure_error_bodies(module_emulator):
+    token = generate_sas(
+        _host(module_emulator),
+        _key(module_emulator),
+        policy="provisioningserviceowner",
+        expiry=int(time.time()) + 600,
+    )
+    ctx = ssl.create_default_context(cafile=str(module_emulator.ca_path))
+    base = f"https://{_host(module_emulator)}"
+    async with aiohttp.ClientSession(headers={"Authorization": token}) as session:
+        for method, path, status in (
+            ("GET", "/nothing-here", 404),
+            ("PATCH", "/enrollments/x", 405),
+            ("GET", "/enrollmentGroups/g1", 404),
+        ):
+            async with session.request(method, base + path + "?api-version=2021-10-01", ssl=ctx) as response:
+                body = await response.json()
+                assert response.status == status and body["errorCode"] // 1000 == status, (path, body)

@@ -47,8 +47,11 @@ def _auth_middleware(keys: Callable[[], dict[str, str]], clock: Callable[[], dat
             return await handler(request)
         except DpsError as exc:
             return _error(exc, now)
-        except web.HTTPException:
-            raise
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            # Unknown path or method: Azure's error body rather than aiohttp's text page.
+            return _error(DpsError(exc.status, exc.status * 1000, exc.reason), now)
         except Exception:
             log.exception("DPS REST %s %s failed", request.method, request.path)
             return _error(DpsError(500, 500000, "Internal error"), now)
