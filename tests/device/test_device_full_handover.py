@@ -105,3 +105,26 @@ async def test_factory_to_first_telemetry(tmp_path, emulator, monkeypatch):
     assert reported["recipe"]["value"] == {"name": "steel", "v": 3}
     seqs = [m["seq"] for m in await received_telemetry(emulator, guid, hub)]
     assert seqs[:3] == [1, 2, 3]
+
+
+async def test_enrollment_resumes_for_a_stored_identity(tmp_path, emulator):
+    """Minted but not enrolled (e.g. DPS work failed at the bench): `provision` again enrolls the stored
+    certificate without minting a new one; once enrolled, it refuses without --force."""
+    from device_client.errors import IdentityExistsError
+    from device_client.state import StateDir
+    from devprov.v1 import factory_service_pb2 as fpb
+
+    guid = f"gw-{uuid.uuid4().hex[:12]}"
+    settings = load_settings(env={}, overrides={"state_root": str(tmp_path / "devices")})
+    async with running_factory(factory_env(tmp_path, emulator)) as (_app, stub):
+        async with GrpcFactory(settings.factory, stub=stub) as factory:
+            minted = await provision_with(factory, ProvisionRequest(guid, enroll=False), settings)
+            assert minted.enrollment == "skipped"
+            resumed = await provision_with(factory, ProvisionRequest(guid), settings)
+            assert not resumed.minted and resumed.enrollment == "live" and resumed.activation_code
+            assert resumed.identity.serial_hex == minted.identity.serial_hex
+            with pytest.raises(IdentityExistsError):
+                await provision_with(factory, ProvisionRequest(guid), settings)
+        issued = await stub.ListCertificates(fpb.ListCertificatesRequest(device_id=guid))
+    assert len(issued.certificates) == 1
+    assert StateDir(tmp_path / "devices", guid).read_metadata()["enrollment"] == "live"
