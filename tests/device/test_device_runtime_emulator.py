@@ -278,3 +278,17 @@ async def test_deactivated_while_running_goes_back_to_waiting(emulator, device):
     await d.until(
         lambda s: s.telemetry_sent > snap.telemetry_sent and s.state is not DeviceState.WAITING_FOR_ACTIVATION
     )
+
+
+async def test_first_boot_while_dps_is_down_retries_until_it_is_back(emulator, device):
+    d = device()
+    await enroll(emulator, d.guid, d.leaf_pem, enabled=True)
+    await asyncio.to_thread(emulator.stop)
+    d.start()
+    await d.until(lambda s: s.state is DeviceState.REGISTERING and s.last_error is not None)
+    assert "unreachable" in d.runtime.snapshot.last_error
+    await asyncio.sleep(0.5)
+    assert not d.task.done()
+    await asyncio.to_thread(emulator.start)
+    snap = await d.until(lambda s: s.telemetry_sent >= 1, timeout=60)
+    assert snap.registrations == 1
