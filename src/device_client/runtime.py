@@ -110,6 +110,7 @@ class DeviceRuntime:
         self._producer: asyncio.Task[None] | None = None
         self._trouble_since: float | None = None
         self._hub_backoff = Backoff(rt.backoff_initial_s, rt.backoff_max_s)
+        self._fatal: Exception | None = None
 
     # -- public API ----------------------------------------------------------------------------------
     @property
@@ -134,6 +135,8 @@ class DeviceRuntime:
             identity = self.state_dir.load_identity(now=self._clock())
             with self.state_dir.locked():
                 await self._run_locked(identity)
+            if self._fatal is not None:
+                raise self._fatal
         except Exception as exc:
             self._update(state=DeviceState.FAILED, last_error=str(exc))
             raise
@@ -403,6 +406,16 @@ class DeviceRuntime:
             self._producer = asyncio.create_task(self._produce(), name=f"telemetry-{self.guid}")
 
     async def _produce(self) -> None:
+        try:
+            await self._produce_forever()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # e.g. the outbox's disk failed: stop rather than run without telemetry
+            log.exception("telemetry production failed", extra={"device_id": self.guid})
+            self._fatal = exc
+            self.stop()
+
+    async def _produce_forever(self) -> None:
         assert self._buffer is not None
         while not self._stop.is_set():
             now = self._clock()
