@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from factory_svc.ca import Clock, IssuingCA, load_configured_ca, now_utc, open_dev_ca
+from factory_svc.enrollment.runtime import EnrollmentRuntime
 from factory_svc.ledger import SqliteLedger
 from factory_svc.minting import CertificateCatalog, MintingService
 from factory_svc.servicer import FactoryServicer
@@ -39,21 +40,28 @@ class FactoryApp:
     ledger: SqliteLedger
     minting: MintingService
     catalog: CertificateCatalog
+    enrollment: EnrollmentRuntime | None = None
 
     @classmethod
     async def open(cls, settings: FactorySettings, clock: Clock = now_utc) -> FactoryApp:
         ca = open_ca(settings, clock)
         ledger = await SqliteLedger.open(settings.ledger_path)
         minting = MintingService(ca, ledger, settings.mint, clock)
-        return cls(settings, ca, ledger, minting, CertificateCatalog(ledger))
+        enrollment = None
+        if settings.enroll is not None:
+            enrollment = await EnrollmentRuntime.open(settings.enroll, ca.chain, settings.data_dir, clock)
+        return cls(settings, ca, ledger, minting, CertificateCatalog(ledger), enrollment)
 
     def bindings(self) -> list[ServiceBinding]:
-        return [FactoryServicer(self.minting, self.catalog).binding()]
+        service = self.enrollment.service if self.enrollment is not None else None
+        return [FactoryServicer(self.minting, self.catalog, service).binding()]
 
     async def start(self) -> RunningServer:
         return await start_server(self.settings.server, self.bindings())
 
     async def close(self) -> None:
+        if self.enrollment is not None:
+            await self.enrollment.close()
         await self.ledger.close()
 
 

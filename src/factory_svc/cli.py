@@ -5,6 +5,7 @@
                      --out DIR [--validity-days N] [--request-id ID]
     factory-svc list [ID] [--page-size N] [--all]
     factory-svc get SERIAL
+    factory-svc enroll | enroll-batch | enrollment-status ...   (see factory_svc.enrollment.cli_commands)
 
 Client commands connect with ``--target`` (or FACTORY_CLIENT_TARGET, default 127.0.0.1:50051) using TLS
 with ``--ca-file`` / ``--cert-file`` / ``--key-file`` (mTLS), or ``--insecure`` for a loopback
@@ -27,6 +28,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
+from factory_svc.enrollment import cli_commands as enroll_cli
 from factory_svc.errors import CaConfigError
 from provkit.channels import ChannelSecurity, create_channel, request_metadata
 from provkit.devpki import write_private_file
@@ -76,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--all", action="store_true", help="follow all pages")
     get = client("get", "show one certificate by serial number")
     get.add_argument("serial_number")
+    enroll_cli.add_parsers(client)
     return parser
 
 
@@ -166,6 +169,8 @@ async def _client(args: argparse.Namespace) -> int:
                 return await _mint(stub, args)
             if args.command == "list":
                 return await _list(stub, args)
+            if args.command in enroll_cli.COMMANDS:
+                return await enroll_cli.run(stub, args)
             reply = await stub.GetCertificate(pb.GetCertificateRequest(serial_number=args.serial_number))
             print(_show(reply.certificate))
             return 0

@@ -13,6 +13,8 @@ from google.protobuf import timestamp_pb2
 
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
+from factory_svc.enrollment.grpc_api import EnrollmentRpcs
+from factory_svc.enrollment.service import EnrollmentService
 from factory_svc.errors import invalid_field
 from factory_svc.keys import KeyType
 from factory_svc.minting import CertificateCatalog, MintingService
@@ -81,10 +83,16 @@ def mint_request_from_proto(request: pb.MintCertificateRequest, caller: str) -> 
     return MintRequest(request.device_id, key, validity, request.request_id, caller)
 
 
-class FactoryServicer(pb_grpc.FactoryServiceServicer):
-    def __init__(self, minting: MintingService, catalog: CertificateCatalog) -> None:
+class FactoryServicer(EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
+    def __init__(
+        self,
+        minting: MintingService,
+        catalog: CertificateCatalog,
+        enrollment: EnrollmentService | None = None,
+    ) -> None:
         self._minting = minting
         self._catalog = catalog
+        self._enrollment = enrollment  # Enroll / EnrollBatch / GetEnrollmentStatus (EnrollmentRpcs)
 
     async def MintCertificate(
         self, request: pb.MintCertificateRequest, context: grpc.aio.ServicerContext

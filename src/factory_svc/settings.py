@@ -14,6 +14,7 @@
 | ca.chain_file / ca.key_file   | FACTORY_CA_CHAIN_FILE / _KEY_FILE | - (unset: development CA) |
 | ca.key_passphrase_file        | FACTORY_CA_KEY_PASSPHRASE or FACTORY_CA_KEY_PASSPHRASE_FILE | - |
 | mint.default_validity_days    | FACTORY_MINT_DEFAULT_VALIDITY_DAYS | 365                      |
+| enroll.*, cloud.*             | FACTORY_ENROLL_*, FACTORY_CLOUD_*  | see factory_svc.enrollment.runtime |
 
 The TOML file is given with ``--config FILE`` or ``FACTORY_CONFIG``.
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from factory_svc.enrollment.runtime import EnrollSettings, load_enroll_settings
 from factory_svc.errors import ERROR_DOMAIN
 from factory_svc.minting import MintPolicy
 from provkit.grpc_server import ServerSettings
@@ -48,6 +50,7 @@ class FactorySettings:
     ca: CaSettings
     mint: MintPolicy
     log_level: str = "INFO"
+    enroll: EnrollSettings | None = None  # None: no DPS configured (Enroll answers FAILED_PRECONDITION)
 
     @property
     def ledger_path(self) -> Path:
@@ -74,4 +77,5 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         ca=CaSettings(chain, key, source.secret("ca.key_passphrase")),
         mint=MintPolicy(default_validity=timedelta(days=days)),
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),
+        enroll=load_enroll_settings(source),
     )

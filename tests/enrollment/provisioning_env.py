@@ -51,35 +51,17 @@ def factory_env(tmp_path: Path, emulator, **extra: str) -> dict[str, str]:
 async def running_factory(
     env: Mapping[str, str],
 ) -> AsyncIterator[tuple[FactoryApp, fpb_grpc.FactoryServiceStub]]:
-    # TEMPORARY composition until factory_svc.app wires enrollment itself.
-    from factory_svc.enrollment.grpc_api import EnrollmentRpcs
-    from factory_svc.enrollment.runtime import EnrollmentRuntime, load_enroll_settings
-    from factory_svc.servicer import FactoryServicer
-    from provkit.grpc_server import start_server
-    from provkit.settings import SettingsSource
-
-    class _Servicer(EnrollmentRpcs, FactoryServicer):
-        pass
-
+    """factory_svc as `serve` builds it (enrollment on, pointed at the emulator), on a free loopback port.
+    ``app.grpc_address`` is where it listens."""
     app = await FactoryApp.open(load_factory_settings(env=dict(env)))
-    enroll = load_enroll_settings(SettingsSource("FACTORY", env=dict(env)))
-    runtime = await EnrollmentRuntime.open(
-        enroll,
-        app.ca.chain,
-        app.settings.data_dir,
-        lambda: __import__("datetime").datetime.now(__import__("datetime").UTC),
-    )
-    servicer = _Servicer(app.minting, app.catalog)
-    servicer._enrollment = runtime.service
-    server = await start_server(app.settings.server, [servicer.binding()])
-    app.enrollment = runtime  # type: ignore[attr-defined]
+    assert app.enrollment is not None, "enrollment must be configured"
+    server = await app.start()
     app.grpc_address = server.address  # type: ignore[attr-defined]
     try:
         async with create_channel(server.address, ChannelSecurity(insecure=True)) as channel:
             yield app, fpb_grpc.FactoryServiceStub(channel)
     finally:
         await server.stop(0)
-        await runtime.close()
         await app.close()
 
 

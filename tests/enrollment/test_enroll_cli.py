@@ -1,4 +1,4 @@
-"""`factory-svc enroll | enroll-batch | enrollment-status` from a shell against a real factory_svc and emulator."""
+"""`factory-svc enroll | enroll-batch | enrollment-status` from a shell, against a real service + emulator."""
 
 from __future__ import annotations
 
