@@ -8,12 +8,14 @@ Open it inside the event loop that uses it (``await DpsEnrollments.open(config)`
 - Throttling and outages: the SDK's retry policy honours ``Retry-After`` on 429/503 with a capped
   exponential backoff (``retry_total``, ``retry_backoff_max``); after that a 429/5xx or a connection
   failure becomes ``CloudUnavailable`` (with ``retry_after`` when the service said).
+- azure-core's per-request HTTP log is turned down to WARNING (it logs every call at INFO).
 - HTTP statuses map to ``CloudNotFound`` (404), ``CloudAlreadyExists`` (409), ``CloudEtagMismatch`` (412),
   ``CloudRejected`` (other 4xx).
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,6 +45,8 @@ from provkit.cloud import (
 )
 
 MAX_BULK = 10
+# azure-core logs every request and response at INFO; keep our logs readable (warnings still show).
+_SDK_HTTP_LOG = "azure.core.pipeline.policies.http_logging_policy"
 
 
 def _retry_after(exc: HttpResponseError) -> float | None:
@@ -93,6 +97,7 @@ class DpsEnrollments:
 
     @classmethod
     async def open(cls, config: DpsConfig, *, pool_size: int = 32) -> DpsEnrollments:
+        logging.getLogger(_SDK_HTTP_LOG).setLevel(logging.WARNING)
         context = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=context, limit=pool_size),
