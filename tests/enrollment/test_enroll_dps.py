@@ -139,3 +139,33 @@ async def test_batch_has_per_device_results_and_one_bad_device_fails_no_other(fa
     assert not any(r.response.activation_code for r in replay.results)
     empty = await failure(stub.EnrollBatch(pb.EnrollBatchRequest()))
     assert empty.reason == "BATCH_EMPTY"
+
+
+async def test_without_any_cloud_configured_enroll_is_a_clear_precondition_failure(tmp_path, monkeypatch):
+    from devprov.v1 import factory_service_pb2_grpc as pb_grpc
+    from factory_svc.app import FactoryApp
+    from factory_svc.settings import load_settings
+    from provkit.channels import ChannelSecurity, create_channel
+
+    monkeypatch.chdir(tmp_path)  # no .iot-emulator/connection.json here
+    env = {
+        "FACTORY_DATA_DIR": str(tmp_path / "f"),
+        "FACTORY_SERVER_INSECURE": "true",
+        "FACTORY_SERVER_PORT": "0",
+    }
+    app = await FactoryApp.open(load_settings(env=env))
+    assert app.enrollment is None
+    server = await app.start()
+    try:
+        async with create_channel(server.address, ChannelSecurity(insecure=True)) as channel:
+            stub = pb_grpc.FactoryServiceStub(channel)
+            device = await mint(stub, new_id(), tmp_path)
+            refused = await failure(
+                stub.Enroll(pb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem))
+            )
+    finally:
+        await server.stop(0)
+        await app.close()
+    assert (
+        refused.code is grpc.StatusCode.FAILED_PRECONDITION and refused.reason == "ENROLLMENT_NOT_CONFIGURED"
+    )
