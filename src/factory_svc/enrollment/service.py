@@ -174,6 +174,17 @@ class EnrollmentService:
         record = await asyncio.to_thread(hash_code, code, log2_n=self._policy.code_hash_log2_n)
         return code, record
 
+    async def _new_codes(self, count: int, workers: int = 2) -> list[tuple[str, dict[str, Any]]]:
+        """``count`` codes, hashed in a few worker threads (few hand-offs; scrypt releases the GIL)."""
+        log2_n = self._policy.code_hash_log2_n
+
+        def make(n: int) -> list[tuple[str, dict[str, Any]]]:
+            return [(code, hash_code(code, log2_n=log2_n)) for code in (new_code() for _ in range(n))]
+
+        shares = [count // workers + (1 if k < count % workers else 0) for k in range(workers)]
+        parts = await asyncio.gather(*(asyncio.to_thread(make, n) for n in shares if n))
+        return [item for part in parts for item in part]
+
     def lint(self, request: EnrollRequest, field_prefix: str = "") -> LintedCertificate:
         return lint_certificate(
             request.device_id, request.certificate_pem, self._lint, self._clock(), field_prefix
@@ -334,7 +345,7 @@ class EnrollmentService:
         out: list[tuple[int, BatchItemResult]] = []
         if not valid:
             return out
-        codes = await asyncio.gather(*(self._new_code() for _ in valid))
+        codes = await self._new_codes(len(valid))
         fresh = {index: code for (index, _, _), code in zip(valid, codes, strict=True)}
         if await self._outbox.pending_count() > 0:
             queued = await self._queue_many([(lin, rep, *fresh[i]) for i, lin, rep in valid])
