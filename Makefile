@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: install proto proto-check lint test bench demo up clean
+.PHONY: install proto proto-check lint test bench demo up clean browser
 
 install: $(STAMP)
 
@@ -30,8 +30,29 @@ proto-check: install
 lint: install
 	$(BIN)/ruff check src tests bench
 
-test: proto-check lint
+test: proto-check lint browser
 	$(BIN)/python -m pytest
+
+# Headless Chromium (Debian's package) for the portal's browser tests.  Never fails the build: when it cannot
+# be installed the reason is printed and written to $(VENV)/chromium-unavailable, and those tests skip with it.
+CHROMIUM := /usr/bin/chromium
+browser: install
+	@rm -f $(VENV)/chromium-unavailable; why=""; \
+	if [ -x $(CHROMIUM) ]; then echo "browser: $$($(CHROMIUM) --version 2>/dev/null || echo $(CHROMIUM))"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else why="$(CHROMIUM) is missing and installing it needs root or passwordless sudo"; fi; \
+	if [ -z "$$why" ]; then \
+		if ! command -v apt-get >/dev/null 2>&1; then why="$(CHROMIUM) is missing and there is no apt-get"; \
+		elif ! { $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+			$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+			} >$(VENV)/chromium-install.log 2>&1; then \
+			why="apt-get install chromium failed: $$(tail -n 1 $(VENV)/chromium-install.log)"; \
+		elif [ ! -x $(CHROMIUM) ]; then why="apt-get installed chromium but $(CHROMIUM) is not there"; fi; \
+	fi; \
+	if [ -n "$$why" ]; then echo "browser: $$why; the browser tests will skip" >&2; \
+		echo "$$why" > $(VENV)/chromium-unavailable; \
+	else echo "browser: installed $$($(CHROMIUM) --version 2>/dev/null)"; fi
 
 bench: install
 	$(BIN)/python -m bench
