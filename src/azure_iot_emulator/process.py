@@ -1,0 +1,199 @@
+"""The emulator as a child process (``python -m azure_iot_emulator serve``), for the demo, tests and benches.
+
+    emu = EmulatorProcess(data_dir, dps_host="127.0.0.1", hub_hosts=["127.0.0.2", "127.0.0.3"])
+    emu.start()            # waits until this process has written connection.json
+    emu.dps_connection_string, emu.hub_connection_strings, emu.ca_pem, emu.id_scope, ...
+    emu.restart()          # SIGTERM, then start again on the same addresses and data directory
+    emu.stop()             # SIGTERM (graceful); emu.kill() is SIGKILL
+
+On Linux the child gets SIGTERM when its parent dies, so an interrupted parent never leaves it behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+START_TIMEOUT = 30.0
+
+
+def _exit_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: deliver SIGTERM to this process when the process that started it dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def spawn(
+    command: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` with stdout and stderr appended to ``log_path``, in its own process group (a
+    terminal's Ctrl-C reaches only the parent, which stops its children in order), ended with its parent."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            list(command),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
+            preexec_fn=_exit_with_parent if sys.platform.startswith("linux") else None,
+        )
+
+
+def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> int | None:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit code; raises nothing."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+class EmulatorProcess:
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        dps_host: str,
+        hub_hosts: Sequence[str],
+        dps_rest_port: int,
+        hub_rest_port: int,
+        extra_args: Sequence[str] = (),
+        log_path: Path | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.dps_host = dps_host
+        self.hub_hosts: list[str] = list(hub_hosts)
+        self.dps_rest_port = dps_rest_port
+        self.hub_rest_port = hub_rest_port
+        self.extra_args = list(extra_args)
+        self.log_path = log_path or self.data_dir.parent / f"{self.data_dir.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.connection: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------------------------- lifecycle
+    @property
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "azure_iot_emulator",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--dps-host",
+            self.dps_host,
+            "--dps-rest-port",
+            str(self.dps_rest_port),
+            "--hub-rest-port",
+            str(self.hub_rest_port),
+        ]
+        for host in self.hub_hosts:
+            cmd += ["--hub-host", host]
+        return cmd + self.extra_args
+
+    @property
+    def connection_file(self) -> Path:
+        return self.data_dir / "connection.json"
+
+    def start(self, timeout: float = START_TIMEOUT) -> EmulatorProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.connection_file.unlink(missing_ok=True)
+        self.proc = spawn(self.command, self.log_path)
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self._read_connection()
+            if info.get("pid") == self.proc.pid:
+                self.connection = info
+                return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"the emulator did not start; its log:\n{self.log_text()[-4000:]}")
+            time.sleep(0.05)
+
+    def _read_connection(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.connection_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RuntimeError("the emulator did not stop on SIGTERM") from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> EmulatorProcess:
+        self.stop()
+        return self.start()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # ----------------------------------------------------------------------------- connection facts
+    @property
+    def ca_path(self) -> Path:
+        return Path(self.connection["ca_pem_path"])
+
+    @property
+    def ca_pem(self) -> str:
+        return self.ca_path.read_text()
+
+    @property
+    def id_scope(self) -> str:
+        return self.connection["id_scope"]
+
+    @property
+    def global_endpoint(self) -> str:
+        return self.connection["global_endpoint"]
+
+    @property
+    def dps_connection_string(self) -> str:
+        return self.connection["dps"]["connection_string"]
+
+    @property
+    def dps_rest_endpoint(self) -> str:
+        return self.connection["dps"]["rest_endpoint"]
+
+    @property
+    def hub_connection_strings(self) -> list[str]:
+        return [hub["connection_string"] for hub in self.connection["hubs"]]
+
+    def hub_connection_string(self, host: str) -> str:
+        return next(h["connection_string"] for h in self.connection["hubs"] if h["host_name"] == host)
+
+    @property
+    def default_hub(self) -> str:
+        return self.connection["default_hub"]
