@@ -4,6 +4,7 @@
     activation-svc activate ID [--metadata FILE | --metadata-json JSON] [--hub HOST] [--request-id ID]
     activation-svc deactivate ID [--request-id ID]
     activation-svc status ID
+    activation-svc portal [--listen HOST:PORT] [--config FILE]   (see activation_svc.portal.cli)
 
 The activation code is a secret and never an argument: it is read from ``--code-file FILE``, from the
 environment (ACTIVATION_CLIENT_CODE), or asked for at the terminal (hidden input); ``--code-file -`` reads
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import grpc
 
+from activation_svc.portal.cli import add_portal_command, run_portal
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
 from provkit.channels import ChannelSecurity, create_channel, request_metadata
@@ -72,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     deactivate = client("deactivate", "deprovision a device (enrollment and hub identity disabled)")
     deactivate.add_argument("--request-id", help="idempotency key (default: a new UUID)")
     client("status", "show a device's lifecycle state")
+    add_portal_command(sub)
     return parser
 
 
@@ -215,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             configure_logging(settings.log_level)
             asyncio.run(run_server(settings))
             return 0
+        if args.command == "portal":
+            return run_portal(args)
         return asyncio.run(_call(args))
     except (SettingsError, ServerConfigError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

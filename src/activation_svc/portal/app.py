@@ -1,0 +1,340 @@
+"""The activation portal: an aiohttp app that is only a gRPC client of ActivationService.
+
+API
+---
+``create_app(settings, *, stub=None) -> aiohttp.web.Application``
+    The routes below.  Without ``stub`` the app opens its own channel to ``settings.target`` (with
+    ``settings.security``) when it starts, inside its event loop, and closes it on cleanup.
+``async start_portal(settings) -> RunningPortal``   bind and start (``.url``, ``.port``, ``async .stop()``).
+``async serve(settings, *, on_started=None)``       start, print nothing, wait for SIGINT/SIGTERM, stop.
+
+Routes: ``GET /`` activate form; ``POST /activate`` -> result page or the form again with the service's
+error; ``GET /status[?device_id=]`` status form; ``POST /status`` -> status page; ``GET /static/portal.css``,
+``/static/portal.js``; ``GET /healthz``.  Anything else: an HTML 404 / 405.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC
+
+import grpc
+from aiohttp import web
+
+from activation_svc.portal import pages
+from activation_svc.portal.assets import ASSETS
+from activation_svc.portal.errors import FieldProblem, describe
+from activation_svc.portal.security import CSRF_FIELD, Csrf, add_headers, host_allowed
+from activation_svc.portal.settings import PortalSettings
+from devprov.v1 import activation_service_pb2 as pb
+from devprov.v1 import activation_service_pb2_grpc as pb_grpc
+from provkit.channels import create_channel, request_metadata
+from provkit.grpc_errors import error_details
+
+log = logging.getLogger("activation_svc.portal")
+
+SETTINGS = web.AppKey("settings", PortalSettings)
+STUB = web.AppKey("stub", pb_grpc.ActivationServiceStub)
+CSRF = web.AppKey("csrf", Csrf)
+
+_LIMITS = {
+    "device_id": ("Device ID", pages.MAX_DEVICE_ID),
+    "activation_code": ("Activation code", pages.MAX_CODE),
+    "hub": ("IoT hub", pages.MAX_HUB),
+    "metadata": ("Metadata", pages.MAX_METADATA_CHARS),
+    "request_id": ("Request id", pages.MAX_REQUEST_ID),
+}
+
+
+def _html(body: str, status: int = 200, cookie: tuple[Csrf, str | None] | None = None) -> web.Response:
+    response = web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
+    if cookie is not None and cookie[1] is not None:
+        cookie[0].set_cookie(response, cookie[1])
+    return response
+
+
+def _text_field(form: object, name: str) -> str:
+    value = form.get(name, "")  # type: ignore[attr-defined]
+    return value if isinstance(value, str) else ""
+
+
+def _too_long(values: dict[str, str]) -> tuple[FieldProblem, ...]:
+    problems = []
+    for name, value in values.items():
+        label, limit = _LIMITS[name]
+        if len(value) > limit:
+            problems.append(FieldProblem(name, label, "", f"at most {limit} characters (got {len(value)})"))
+    return tuple(problems)
+
+
+def _name(enum_type: object, value: int, prefix: str) -> str:
+    return enum_type.Name(value).removeprefix(prefix)  # type: ignore[attr-defined]
+
+
+def _when(stamp: object) -> str:
+    if not (stamp.seconds or stamp.nanos):  # type: ignore[attr-defined]
+        return ""
+    moment = stamp.ToDatetime(tzinfo=UTC)  # type: ignore[attr-defined]
+    return moment.replace(microsecond=0).isoformat().replace("+00:00", " UTC").replace("T", " ")
+
+
+# ------------------------------------------------------------------------------------------- handlers
+async def _form_post(request: web.Request) -> tuple[object, web.Response | None]:
+    """The parsed form, or the answer to send instead (403 on a missing or forged CSRF token)."""
+    form = await request.post()  # raises 413 past client_max_size
+    csrf = request.app[CSRF]
+    if not csrf.valid(request, form.get(CSRF_FIELD)):
+        log.warning("CSRF token missing or wrong", extra={"path": request.path})
+        page = pages.message_page(
+            "Form expired",
+            "This form could not be verified (it expired or did not come from this site). "
+            "Open the page again and resend it.",
+        )
+        return form, _html(page, 403, (csrf, csrf.token_for(request)[1]))
+    return form, None
+
+
+async def activate_form(request: web.Request) -> web.Response:
+    csrf = request.app[CSRF]
+    token, fresh = csrf.token_for(request)
+    page = pages.activate_page(pages.ActivateForm(), request.app[SETTINGS].hubs, token, str(uuid.uuid4()))
+    return _html(page, cookie=(csrf, fresh))
+
+
+async def activate(request: web.Request) -> web.Response:
+    form, refusal = await _form_post(request)
+    if refusal is not None:
+        return refusal
+    settings = request.app[SETTINGS]
+    csrf = request.app[CSRF]
+    values = {name: _text_field(form, name) for name in _LIMITS}
+    token, fresh = csrf.token_for(request)
+
+    def again(status: int, **changes: object) -> web.Response:
+        state = pages.ActivateForm(
+            device_id=values["device_id"][: pages.MAX_DEVICE_ID],
+            hub=values["hub"][: pages.MAX_HUB],
+            metadata=values["metadata"][: pages.MAX_METADATA_CHARS],
+            **changes,  # type: ignore[arg-type]
+        )
+        # a new request id: the corrected form is a new request
+        return _html(
+            pages.activate_page(state, settings.hubs, token, str(uuid.uuid4())), status, (csrf, fresh)
+        )
+
+    too_long = _too_long(values)
+    if too_long:
+        return again(400, local_problems=too_long)
+    request_id = values["request_id"] or str(uuid.uuid4())
+    try:
+        reply = await request.app[STUB].Activate(
+            pb.ActivateRequest(
+                device_id=values["device_id"].strip(),
+                activation_code=values["activation_code"],
+                metadata_json=values["metadata"],
+                hub=values["hub"],
+                request_id=request_id,
+            ),
+            metadata=request_metadata(request_id),
+            timeout=settings.timeout_seconds,
+        )
+    except grpc.aio.AioRpcError as exc:
+        problem = describe(error_details(exc))
+        log.info("activation refused", extra={"code": problem.code, "reason": problem.reason})
+        response = again(problem.http_status, problem=problem)
+        if problem.retry_after:
+            response.headers["Retry-After"] = str(max(1, round(problem.retry_after)))
+        return response
+    view = pages.ActivationView(
+        device_id=reply.device_id,
+        hub=reply.hub,
+        path=_name(pb.ActivationPath, reply.path, "ACTIVATION_PATH_"),
+        lifecycle=_name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
+        registered_hub=reply.registered_hub,
+        replayed=reply.replayed,
+    )
+    log.info("activated", extra={"device": view.device_id, "path": view.path, "hub": view.hub})
+    return _html(pages.result_page(view), cookie=(csrf, fresh))
+
+
+async def status_form(request: web.Request) -> web.Response:
+    csrf = request.app[CSRF]
+    token, fresh = csrf.token_for(request)
+    device_id = request.query.get("device_id", "")[: pages.MAX_DEVICE_ID]
+    return _html(pages.status_form_page(pages.StatusForm(device_id=device_id), token), cookie=(csrf, fresh))
+
+
+async def status(request: web.Request) -> web.Response:
+    form, refusal = await _form_post(request)
+    if refusal is not None:
+        return refusal
+    settings = request.app[SETTINGS]
+    csrf = request.app[CSRF]
+    token, fresh = csrf.token_for(request)
+    values = {name: _text_field(form, name) for name in ("device_id", "activation_code")}
+    too_long = _too_long(values)
+    device_id = values["device_id"][: pages.MAX_DEVICE_ID]
+    if too_long:
+        page = pages.status_form_page(pages.StatusForm(device_id, local_problems=too_long), token)
+        return _html(page, 400, (csrf, fresh))
+    try:
+        reply = await request.app[STUB].GetDeviceStatus(
+            pb.GetDeviceStatusRequest(device_id=device_id.strip(), activation_code=values["activation_code"]),
+            timeout=settings.timeout_seconds,
+        )
+    except grpc.aio.AioRpcError as exc:
+        problem = describe(error_details(exc), "No status")
+        page = pages.status_form_page(pages.StatusForm(device_id, problem=problem), token)
+        response = _html(page, problem.http_status, (csrf, fresh))
+        if problem.retry_after:
+            response.headers["Retry-After"] = str(max(1, round(problem.retry_after)))
+        return response
+    view = pages.StatusView(
+        device_id=reply.device_id,
+        lifecycle=_name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
+        provisioning_status=reply.provisioning_status,
+        allocated_hub=reply.allocated_hub,
+        registered_hub=reply.registered_hub,
+        hub_device_status=reply.hub_device_status,
+        hub_connection_state=reply.hub_connection_state,
+        last_activity=_when(reply.last_activity_time),
+        activated=_when(reply.activated_time),
+        deactivated=_when(reply.deactivated_time),
+    )
+    return _html(pages.status_page(view), cookie=(csrf, fresh))
+
+
+async def static(request: web.Request) -> web.StreamResponse:
+    asset = ASSETS.get(request.match_info["name"])
+    if asset is None:
+        raise web.HTTPNotFound()
+    if request.headers.get("If-None-Match") == asset.etag:
+        return web.Response(status=304, headers={"ETag": asset.etag})
+    return web.Response(
+        body=asset.body,
+        content_type=asset.content_type,
+        charset="utf-8",
+        headers={"ETag": asset.etag, "Cache-Control": "no-cache"},
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+# ----------------------------------------------------------------------------------------- middlewares
+@web.middleware
+async def guard(request: web.Request, handler: Callable[[web.Request], object]) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    if not host_allowed(request.headers.get("Host"), settings.host, settings.allowed_hosts):
+        return _html(pages.message_page("Wrong host", "This portal does not answer to that host name."), 421)
+    try:
+        return await handler(request)  # type: ignore[misc]
+    except web.HTTPRequestEntityTooLarge:
+        limit = settings.max_body_bytes
+        page = pages.message_page("Too large", f"The form is larger than {limit} bytes; nothing was sent.")
+        return _html(page, 413)
+    except web.HTTPNotFound:
+        return _html(pages.message_page("Not found", "There is no such page."), 404)
+    except web.HTTPMethodNotAllowed as exc:
+        page = pages.message_page("Method not allowed", f"{request.method} is not allowed here.")
+        response = _html(page, 405)
+        response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+        return response
+
+
+def create_app(
+    settings: PortalSettings, *, stub: pb_grpc.ActivationServiceStub | None = None
+) -> web.Application:
+    settings.check()
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[guard])
+    app[SETTINGS] = settings
+    app[CSRF] = Csrf(settings.https)
+    if stub is not None:
+        app[STUB] = stub
+    else:
+
+        async def channel_ctx(app: web.Application) -> AsyncIterator[None]:
+            channel = create_channel(settings.target, settings.security)
+            app[STUB] = pb_grpc.ActivationServiceStub(channel)
+            try:
+                yield
+            finally:
+                await channel.close()
+
+        app.cleanup_ctx.append(channel_ctx)
+    app.on_response_prepare.append(add_headers(settings.https))
+    app.router.add_get("/", activate_form)
+    app.router.add_post("/activate", activate)
+    app.router.add_get("/status", status_form)
+    app.router.add_post("/status", status)
+    app.router.add_get("/static/{name}", static)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+# ------------------------------------------------------------------------------------------- serving
+def ssl_context(settings: PortalSettings) -> ssl.SSLContext | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    return context
+
+
+@dataclass
+class RunningPortal:
+    runner: web.AppRunner
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_portal(settings: PortalSettings) -> RunningPortal:
+    app = create_app(settings)
+    context = ssl_context(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=context, reuse_address=True)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    port = runner.addresses[0][1] if runner.addresses else settings.port  # port 0: the one chosen
+    running = RunningPortal(runner, "https" if context else "http", settings.host, port)
+    log.info("portal listening", extra={"url": running.url, "target": settings.target})
+    return running
+
+
+async def serve(
+    settings: PortalSettings, *, on_started: Callable[[RunningPortal], None] | None = None
+) -> None:
+    running = await start_portal(settings)
+    if on_started is not None:
+        on_started(running)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        await running.stop()

@@ -1,0 +1,108 @@
+"""The portal's only static files: one stylesheet and one small script (served from /static/, so the CSP
+needs no 'unsafe-inline').  The script only helps: it checks and pretty-prints the metadata JSON in the
+browser; the activation service still validates everything."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+CSS = """\
+:root { color-scheme: light; --ink: #1d2430; --muted: #5b6575; --line: #cfd6e0; --accent: #0b5cad;
+  --ok: #1a7f37; --bad: #b42318; --bg: #f6f8fa; }
+* { box-sizing: border-box; }
+html { -webkit-text-size-adjust: 100%; }
+body { margin: 0; font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  color: var(--ink); background: var(--bg); }
+header { background: #fff; border-bottom: 1px solid var(--line); }
+header .bar, main { max-width: 42rem; margin: 0 auto; padding: 0.75rem 1rem; }
+header .bar { display: flex; flex-wrap: wrap; gap: 0.5rem 1.25rem; align-items: baseline; }
+header strong { font-size: 1.1rem; margin-right: auto; }
+nav a { color: var(--accent); text-decoration: none; padding: 0.25rem 0; }
+nav a[aria-current] { font-weight: 600; border-bottom: 2px solid var(--accent); }
+h1 { font-size: 1.4rem; margin: 0.75rem 0; }
+form { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 1rem; }
+label { display: block; font-weight: 600; margin: 0.9rem 0 0.25rem; }
+label:first-of-type { margin-top: 0; }
+.hint { color: var(--muted); font-size: 0.9rem; margin: 0.2rem 0 0; }
+input, select, textarea { width: 100%; font: inherit; padding: 0.6rem; border: 1px solid var(--line);
+  border-radius: 6px; background: #fff; color: var(--ink); }
+textarea { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 0.9rem;
+  min-height: 14rem; resize: vertical; }
+[aria-invalid="true"] { border-color: var(--bad); outline: 2px solid rgba(180, 35, 24, 0.2); }
+.field-error { color: var(--bad); font-size: 0.9rem; margin: 0.25rem 0 0; }
+.row { display: flex; gap: 0.5rem; align-items: center; flex-wrap: wrap; margin-top: 0.4rem; }
+button { font: inherit; border: 0; border-radius: 6px; padding: 0.7rem 1.2rem; cursor: pointer;
+  background: var(--accent); color: #fff; }
+button.secondary { background: #e8edf3; color: var(--ink); padding: 0.4rem 0.8rem; }
+.actions { margin-top: 1.2rem; }
+.actions button { width: 100%; }
+.panel { border-radius: 8px; padding: 0.9rem 1rem; margin: 0 0 1rem; background: #fff;
+  border: 1px solid var(--line); border-left-width: 6px; }
+.panel.ok { border-left-color: var(--ok); }
+.panel.bad { border-left-color: var(--bad); }
+.panel h2 { font-size: 1.15rem; margin: 0 0 0.3rem; }
+.panel p, .panel ul { margin: 0.3rem 0; }
+.code { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.85rem; color: var(--muted);
+  overflow-wrap: anywhere; }
+dl { display: grid; grid-template-columns: minmax(7rem, max-content) 1fr; gap: 0.35rem 1rem; margin: 0;
+  background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 1rem; }
+dt { color: var(--muted); }
+dd { margin: 0; overflow-wrap: anywhere; }
+.state { font-weight: 700; letter-spacing: 0.03em; }
+#metadata-check.ok { color: var(--ok); }
+#metadata-check.bad { color: var(--bad); }
+footer { max-width: 42rem; margin: 1rem auto; padding: 0 1rem; color: var(--muted); font-size: 0.85rem; }
+@media (max-width: 30rem) { dl { grid-template-columns: 1fr; } dd { margin-bottom: 0.4rem; } }
+"""
+
+JS = """\
+"use strict";
+(function () {
+  var area = document.getElementById("metadata");
+  var note = document.getElementById("metadata-check");
+  var button = document.getElementById("format-json");
+  if (!area || !note || !button) { return; }
+  function check() {
+    var text = area.value.trim();
+    if (text === "") {
+      note.textContent = "Empty: no tags, no desired properties.";
+      note.className = "hint";
+      return null;
+    }
+    try {
+      var value = JSON.parse(text);
+      note.textContent = "Valid JSON.";
+      note.className = "hint ok";
+      return value;
+    } catch (err) {
+      note.textContent = "Not valid JSON: " + err.message;
+      note.className = "hint bad";
+      return undefined;
+    }
+  }
+  button.hidden = false;
+  button.addEventListener("click", function () {
+    var value = check();
+    if (value !== undefined && value !== null) { area.value = JSON.stringify(value, null, 2); }
+  });
+  area.addEventListener("input", check);
+  check();
+})();
+"""
+
+
+@dataclass(frozen=True)
+class Asset:
+    body: bytes
+    content_type: str
+
+    @property
+    def etag(self) -> str:
+        return '"' + hashlib.sha256(self.body).hexdigest()[:32] + '"'
+
+
+ASSETS = {
+    "portal.css": Asset(CSS.encode(), "text/css"),
+    "portal.js": Asset(JS.encode(), "text/javascript"),
+}

@@ -1,0 +1,73 @@
+"""``activation-svc portal``: serve the activation portal.
+
+    activation-svc portal [--listen HOST:PORT] [--config FILE] [--target HOST:PORT]
+                          [--insecure | --ca-file F --cert-file F --key-file F [--server-name N]]
+                          [--tls-cert-file F --tls-key-file F] [--allow-non-loopback]
+
+Options override the settings (ACTIVATION_PORTAL_*, ``[portal]`` in the TOML file; see
+``activation_svc.portal.settings``).  Once bound it prints one line to standard output,
+``portal listening on http://127.0.0.1:8080`` (https with a certificate; the real port with ``:0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+from pathlib import Path
+
+from activation_svc.portal.settings import PortalSettings, load_portal_settings, parse_listen
+from provkit.channels import ChannelSecurity
+from provkit.logging import configure_logging
+from provkit.settings import SettingsError
+
+
+def add_portal_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cmd = sub.add_parser("portal", help="serve the activation web portal (a client of the service)")
+    cmd.add_argument("--config", type=Path, help="TOML settings file (or ACTIVATION_PORTAL_CONFIG)")
+    cmd.add_argument("--listen", help="HOST:PORT to bind (default 127.0.0.1:8080; port 0 = any free)")
+    cmd.add_argument("--allow-non-loopback", action="store_true", help="allow binding a non-loopback host")
+    cmd.add_argument("--tls-cert-file", type=Path, help="serve HTTPS with this certificate (PEM chain)")
+    cmd.add_argument("--tls-key-file", type=Path, help="... and this key")
+    cmd.add_argument("--target", help="activation service host:port (default 127.0.0.1:50052)")
+    cmd.add_argument("--insecure", action="store_true", help="plaintext gRPC to a loopback service")
+    cmd.add_argument("--ca-file", type=Path, help="CA that signed the service's certificate")
+    cmd.add_argument("--cert-file", type=Path, help="the portal's client certificate (mTLS)")
+    cmd.add_argument("--key-file", type=Path, help="the portal's client key (mTLS)")
+    cmd.add_argument("--server-name", help="name to check in the service's certificate")
+
+
+def portal_settings(args: argparse.Namespace) -> PortalSettings:
+    settings = load_portal_settings(config=args.config)
+    changes: dict[str, object] = {}
+    if args.listen:
+        changes["host"], changes["port"] = parse_listen(args.listen)
+    if args.allow_non_loopback:
+        changes["allow_non_loopback"] = True
+    if args.tls_cert_file or args.tls_key_file:
+        changes["tls_cert_file"], changes["tls_key_file"] = args.tls_cert_file, args.tls_key_file
+    if args.target:
+        changes["target"] = args.target
+    if args.insecure or args.ca_file or args.cert_file or args.key_file or args.server_name:
+        try:
+            changes["security"] = ChannelSecurity.from_files(
+                ca_file=args.ca_file,
+                cert_file=args.cert_file,
+                key_file=args.key_file,
+                server_name=args.server_name,
+                insecure=args.insecure,
+            )
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
+    settings = dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
+    settings.check()
+    return settings
+
+
+def run_portal(args: argparse.Namespace) -> int:
+    from activation_svc.portal.app import serve
+
+    settings = portal_settings(args)
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings, on_started=lambda r: print(f"portal listening on {r.url}", flush=True)))
+    return 0

@@ -1,0 +1,112 @@
+"""A failed call to the activation service as a person reads it: a title, a sentence, the fields that are
+wrong (named as the form names them) and an HTTP status.  Branches on the gRPC code and ErrorInfo.reason
+only, never on message text; the service's own message is shown (escaped) under the sentence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from provkit.grpc_errors import RpcErrorDetails
+
+# proto field -> (form field name, label)
+FIELDS = {
+    "device_id": ("device_id", "Device ID"),
+    "activation_code": ("activation_code", "Activation code"),
+    "metadata_json": ("metadata", "Metadata"),
+    "hub": ("hub", "IoT hub"),
+}
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+SENTENCES = {
+    "ACTIVATION_DENIED": "Unknown device or wrong activation code. Check both against the label.",
+    "ACTIVATION_RATE_LIMITED": "Too many failed attempts for this device. Wait, then try again.",
+    "METADATA_NOT_JSON": "The metadata is not valid JSON.",
+    "METADATA_INVALID": "The metadata breaks the device twin rules.",
+    "HUB_UNKNOWN": "The chosen IoT hub is not one of the linked hubs.",
+    "HUB_NOT_CONFIGURED": "No IoT hub is configured for activation.",
+    "REQUEST_ID_REUSED": "This form was already sent with different values. Reload the form and send again.",
+    "ENROLLMENT_CONCURRENTLY_MODIFIED": "The device's enrollment kept changing meanwhile. Try again.",
+    "HUB_TWIN_CONCURRENTLY_MODIFIED": "The device's twin kept changing meanwhile. Try again.",
+    "DPS_UNAVAILABLE": "The provisioning service cannot be reached right now. Try again later.",
+    "HUB_UNAVAILABLE": "The IoT hub cannot be reached right now. Try again later.",
+    "DPS_REFUSED": "The provisioning service refused the change.",
+    "HUB_REFUSED": "The IoT hub refused the change.",
+}
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    name: str  # the form field ("metadata"), or "" when it names none of them
+    label: str  # "Metadata"
+    path: str  # where inside it ("tags.a.b"), "" for the field itself
+    description: str
+
+
+@dataclass(frozen=True)
+class ServiceProblem:
+    title: str
+    sentence: str
+    code: str  # gRPC status name
+    reason: str
+    message: str  # the service's own message
+    fields: tuple[FieldProblem, ...]
+    http_status: int
+    retry_after: float | None = None
+
+    def field_names(self) -> frozenset[str]:
+        return frozenset(f.name for f in self.fields if f.name)
+
+
+def field_problem(field: str, description: str) -> FieldProblem:
+    head, dot, rest = field.partition(".")
+    bracket = head.find("[")
+    if bracket > 0:
+        head, rest = head[:bracket], head[bracket:] + (dot + rest if dot else "")
+    if head in FIELDS:
+        name, label = FIELDS[head]
+        return FieldProblem(name, label, rest, description)
+    return FieldProblem("", field, "", description)
+
+
+def describe(details: RpcErrorDetails, action: str = "Not activated") -> ServiceProblem:
+    code = details.code
+    reason = details.reason
+    if code is grpc.StatusCode.UNAVAILABLE and not reason:
+        sentence = "The activation service cannot be reached right now. Try again later."
+    elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        sentence = "The activation service did not answer in time. Try again."
+    elif code is grpc.StatusCode.UNAUTHENTICATED:
+        sentence = "The portal is not allowed to call the activation service (check its client certificate)."
+    elif reason.startswith("DEVICE_ID_"):
+        sentence = "The device ID is not valid."
+    else:
+        sentence = SENTENCES.get(reason, "The activation service refused the request.")
+    fields = tuple(field_problem(v.field, v.description) for v in details.field_violations)
+    if not fields and reason == "ACTIVATION_DENIED":
+        fields = (
+            FieldProblem("device_id", "Device ID", "", "unknown device, or"),
+            FieldProblem("activation_code", "Activation code", "", "wrong code"),
+        )
+    return ServiceProblem(
+        title=action,
+        sentence=sentence,
+        code=code.name if code is not None else "UNKNOWN",
+        reason=reason,
+        message=details.message,
+        fields=fields,
+        http_status=HTTP_STATUS.get(code, 502),
+        retry_after=details.retry_after,
+    )

@@ -1,0 +1,321 @@
+"""The portal's pages, rendered on the server with every value escaped (``portal.html``).  No page ever
+contains the activation code: forms that come back with an error leave the code field empty."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from string import Template
+from urllib.parse import urlencode
+
+from activation_svc.portal.errors import FieldProblem, ServiceProblem
+from activation_svc.portal.html import Html, attrs, escape, join, render
+from activation_svc.portal.settings import HubChoice
+
+MAX_DEVICE_ID = 128
+MAX_CODE = 64
+MAX_HUB = 255
+MAX_REQUEST_ID = 64
+MAX_METADATA_CHARS = 96 * 1024
+
+SAMPLE_METADATA = json.dumps(
+    {
+        "tags": {"customer": "acme-machines", "machine": {"model": "press-4000", "serial": "PM-0001"}},
+        "properties": {"desired": {"telemetryIntervalSeconds": 5}},
+    },
+    indent=2,
+)
+
+_LAYOUT = Template("""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>$title · Device activation</title>
+<link rel="stylesheet" href="/static/portal.css">
+</head>
+<body>
+<header><div class="bar"><strong>Device activation</strong>
+<nav><a href="/"$nav_activate>Activate</a> · <a href="/status"$nav_status>Status</a></nav></div></header>
+<main>
+<h1>$title</h1>
+$body
+</main>
+<footer>Every rule (activation code, metadata, rate limits, audit) is enforced by the activation service.
+</footer>
+$scripts
+</body>
+</html>
+""")
+
+
+def layout(title: str, body: Html, *, section: str = "", script: bool = False) -> Html:
+    current = Html(' aria-current="page"')
+    return render(
+        _LAYOUT,
+        title=title,
+        body=body,
+        nav_activate=current if section == "activate" else Html(""),
+        nav_status=current if section == "status" else Html(""),
+        scripts=Html('<script src="/static/portal.js" defer></script>') if script else Html(""),
+    )
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _problem_panel(problem: ServiceProblem) -> Html:
+    items = [
+        Html(
+            f"<li><strong>{escape(p.label)}</strong>"
+            + (f' <span class="code">{escape(p.path)}</span>' if p.path else "")
+            + f": {escape(p.description)}</li>"
+        )
+        for p in problem.fields
+    ]
+    retry = (
+        Html(f"<p>Try again in {escape(max(1, round(problem.retry_after)))} s.</p>")
+        if problem.retry_after
+        else Html("")
+    )
+    return Html(
+        '<section class="panel bad" role="alert" id="problem">'
+        f"<h2>{escape(problem.title)}</h2><p>{escape(problem.sentence)}</p>"
+        + (f"<ul>{join(items)}</ul>" if items else "")
+        + retry
+        + f'<p class="code">{escape(problem.code)} {escape(problem.reason)}: {escape(problem.message)}</p>'
+        "</section>"
+    )
+
+
+def _field_errors(problems: Sequence[FieldProblem], name: str) -> Html:
+    lines = [
+        Html(
+            '<p class="field-error">'
+            + (f"{escape(p.path)}: " if p.path else "")
+            + f"{escape(p.description)}</p>"
+        )
+        for p in problems
+        if p.name == name
+    ]
+    return join(lines)
+
+
+def _input_attrs(name: str, invalid: frozenset[str]) -> Html:
+    return attrs(aria_invalid="true" if name in invalid else None, aria_describedby=f"{name}-hint")
+
+
+@dataclass(frozen=True)
+class ActivateForm:
+    device_id: str = ""
+    hub: str = ""
+    metadata: str = SAMPLE_METADATA
+    problem: ServiceProblem | None = None
+    local_problems: tuple[FieldProblem, ...] = field(default=())
+
+
+def activate_page(form: ActivateForm, hubs: HubChoice, csrf_token: str, request_id: str) -> Html:
+    problems = (*form.local_problems, *(form.problem.fields if form.problem else ()))
+    invalid = frozenset(p.name for p in problems if p.name)
+    options = [
+        Html(
+            f'<option value=""{attrs(selected=not form.hub)}>'
+            + escape(f"Default hub ({hubs.default})" if hubs.default else "The service's default hub")
+            + "</option>"
+        )
+    ]
+    for name in hubs.names:
+        chosen = form.hub.lower() == name.lower()
+        options.append(Html(f"<option{attrs(value=name, selected=chosen)}>{escape(name)}</option>"))
+    if form.hub and not any(form.hub.lower() == n.lower() for n in hubs.names):
+        options.append(Html(f"<option{attrs(value=form.hub, selected=True)}>{escape(form.hub)}</option>"))
+    top = Html("")
+    if form.problem is not None:
+        top = _problem_panel(form.problem)
+    elif form.local_problems:
+        top = _problem_panel(
+            ServiceProblem("Not sent", "Some fields are too long.", "", "", "", form.local_problems, 400)
+        )
+    body = Html(
+        f"""{top}<form method="post" action="/activate" autocomplete="off" novalidate>
+<input type="hidden" name="csrf_token" value="{escape(csrf_token)}">
+<input type="hidden" name="request_id" value="{escape(request_id)}">
+<label for="device_id">Device ID (GUID)</label>
+<input id="device_id" name="device_id" value="{escape(form.device_id)}" maxlength="{MAX_DEVICE_ID}" required
+ autocapitalize="off" spellcheck="false"{_input_attrs("device_id", invalid)}>
+<p class="hint" id="device_id-hint">As printed on the label.</p>{_field_errors(problems, "device_id")}
+<label for="activation_code">Activation code</label>
+<input id="activation_code" name="activation_code" value="" maxlength="{MAX_CODE}" required
+ autocapitalize="characters" spellcheck="false"{_input_attrs("activation_code", invalid)}>
+<p class="hint" id="activation_code-hint">From the label; dashes, spaces and case do not matter.</p>\
+{_field_errors(problems, "activation_code")}
+<label for="hub">IoT hub</label>
+<select id="hub" name="hub"{_input_attrs("hub", invalid)}>{join(options)}</select>
+<p class="hint" id="hub-hint">The hub the device will live on.</p>{_field_errors(problems, "hub")}
+<label for="metadata">Metadata (device twin)</label>
+<textarea id="metadata" name="metadata" rows="14" spellcheck="false"{_input_attrs("metadata", invalid)}>\
+{escape(form.metadata)}</textarea>
+<p class="hint" id="metadata-hint">JSON: {{"tags": {{...}}, "properties": {{"desired": {{...}}}}}}.</p>
+<div class="row">
+<button type="button" class="secondary" id="format-json" hidden>Check and format JSON</button>
+<span id="metadata-check" class="hint" aria-live="polite"></span></div>{_field_errors(problems, "metadata")}
+<div class="actions"><button type="submit">Activate</button></div>
+</form>"""
+    )
+    return layout("Activate a device", body, section="activate", script=True)
+
+
+_PATH_TEXT = {
+    "UNCHANGED": (
+        "Already active",
+        "The device was already activated with exactly this metadata and hub: nothing changed.",
+    ),
+    "ENROLLMENT": (
+        "Activated",
+        "The enrollment is enabled with this metadata and hub (a first activation, or new metadata before "
+        "the device registered). The device receives them when it registers.",
+    ),
+    "ENROLLMENT_AND_HUB_TWIN": (
+        "Updated",
+        "The device had registered already: its enrollment and its twin on the hub were both updated.",
+    ),
+}
+
+
+def _details(rows: Mapping[str, object]) -> Html:
+    parts = []
+    for label, value in rows.items():
+        if value in ("", None):
+            continue
+        slug = "v-" + label.lower().replace(" ", "-")
+        parts.append(Html(f"<dt>{escape(label)}</dt><dd{attrs(id_=slug)}>{escape(value)}</dd>"))
+    return Html(f"<dl>{join(parts)}</dl>")
+
+
+@dataclass(frozen=True)
+class ActivationView:
+    device_id: str
+    hub: str
+    path: str  # UNCHANGED | ENROLLMENT | ENROLLMENT_AND_HUB_TWIN
+    lifecycle: str  # ENROLLED | ACTIVATED | REGISTERED | DEPROVISIONED
+    registered_hub: str
+    replayed: bool
+
+
+def result_page(view: ActivationView) -> Html:
+    heading, text = _PATH_TEXT.get(view.path, ("Done", "The activation service accepted the request."))
+    replay = (
+        Html("<p>This form had been sent before: this is the answer to the first sending.</p>")
+        if view.replayed
+        else Html("")
+    )
+    body = Html(
+        f'<section class="panel ok" role="status" id="outcome"><h2>{escape(heading)}</h2>'
+        f"<p>{escape(text)}</p>{replay}</section>"
+        + _details(
+            {
+                "Device ID": view.device_id,
+                "Lifecycle": Html(f'<span class="state">{escape(view.lifecycle)}</span>'),
+                "Hub": view.hub,
+                "Registered hub": view.registered_hub,
+                "Outcome": view.path,
+            }
+        )
+        + f'<p><a href="/status?{escape(_query(view.device_id))}">Check its status</a> · '
+        '<a href="/">Activate another device</a></p>'
+    )
+    return layout(heading, body, section="activate")
+
+
+def _query(device_id: str) -> str:
+    return urlencode({"device_id": device_id})
+
+
+# -------------------------------------------------------------------------------------------- status
+@dataclass(frozen=True)
+class StatusForm:
+    device_id: str = ""
+    problem: ServiceProblem | None = None
+    local_problems: tuple[FieldProblem, ...] = ()
+
+
+def status_form_page(form: StatusForm, csrf_token: str) -> Html:
+    problems = (*form.local_problems, *(form.problem.fields if form.problem else ()))
+    invalid = frozenset(p.name for p in problems if p.name)
+    top = _problem_panel(form.problem) if form.problem else Html("")
+    if not form.problem and form.local_problems:
+        top = _problem_panel(
+            ServiceProblem("Not sent", "Some fields are too long.", "", "", "", form.local_problems, 400)
+        )
+    body = Html(
+        f"""{top}<form method="post" action="/status" autocomplete="off" novalidate>
+<input type="hidden" name="csrf_token" value="{escape(csrf_token)}">
+<label for="device_id">Device ID (GUID)</label>
+<input id="device_id" name="device_id" value="{escape(form.device_id)}" maxlength="{MAX_DEVICE_ID}" required
+ autocapitalize="off" spellcheck="false"{_input_attrs("device_id", invalid)}>
+<p class="hint" id="device_id-hint">As printed on the label.</p>{_field_errors(problems, "device_id")}
+<label for="activation_code">Activation code</label>
+<input id="activation_code" name="activation_code" value="" maxlength="{MAX_CODE}" required
+ autocapitalize="characters" spellcheck="false"{_input_attrs("activation_code", invalid)}>
+<p class="hint" id="activation_code-hint">The status of a device is shown only with its code.</p>\
+{_field_errors(problems, "activation_code")}
+<div class="actions"><button type="submit">Show status</button></div>
+</form>"""
+    )
+    return layout("Device status", body, section="status")
+
+
+@dataclass(frozen=True)
+class StatusView:
+    device_id: str
+    lifecycle: str
+    provisioning_status: str
+    allocated_hub: str
+    registered_hub: str
+    hub_device_status: str
+    hub_connection_state: str
+    last_activity: str
+    activated: str
+    deactivated: str
+
+
+_LIFECYCLE_TEXT = {
+    "ENROLLED": "Enrolled by the factory and still disabled: it cannot come online until it is activated.",
+    "ACTIVATED": "Activated: the device may register with its hub (it has not yet).",
+    "REGISTERED": "Registered with its hub.",
+    "DEPROVISIONED": "Deactivated: it can neither register nor connect.",
+}
+
+
+def status_page(view: StatusView) -> Html:
+    body = Html(
+        f'<section class="panel ok" role="status" id="outcome"><h2>{escape(view.lifecycle)}</h2>'
+        f"<p>{escape(_LIFECYCLE_TEXT.get(view.lifecycle, ''))}</p></section>"
+        + _details(
+            {
+                "Device ID": view.device_id,
+                "Lifecycle": Html(f'<span class="state">{escape(view.lifecycle)}</span>'),
+                "Provisioning": view.provisioning_status,
+                "Allocated hub": view.allocated_hub,
+                "Registered hub": view.registered_hub,
+                "Hub identity": view.hub_device_status,
+                "Connection": view.hub_connection_state,
+                "Last activity": view.last_activity or "never",
+                "Activated": view.activated,
+                "Deactivated": view.deactivated,
+            }
+        )
+        + f'<p><a href="/status?{escape(_query(view.device_id))}">Check again</a> · '
+        '<a href="/">Activate a device</a></p>'
+    )
+    return layout(f"Status of {view.device_id}", body, section="status")
+
+
+# -------------------------------------------------------------------------------------------- errors
+def message_page(title: str, sentence: str) -> Html:
+    body = Html(
+        f'<section class="panel bad" role="alert" id="problem"><h2>{escape(title)}</h2>'
+        f"<p>{escape(sentence)}</p></section>"
+        '<p><a href="/">Activate a device</a> · <a href="/status">Device status</a></p>'
+    )
+    return layout(title, body)

@@ -1,0 +1,146 @@
+"""The portal's settings: one typed object, resolved once from the environment (ACTIVATION_PORTAL_*) and/or
+the activation TOML file (``--config FILE``, ACTIVATION_PORTAL_CONFIG or ACTIVATION_CONFIG; section
+``[portal]``).  The linked hubs offered in the form come from the SAME cloud settings the activation service
+reads (``[cloud]`` / ACTIVATION_CLOUD_*, see ``provkit.cloud``): the proto has no RPC listing them.  Only the
+host names are kept; the connection strings are dropped at once.
+
+| key (TOML ``[portal]``)       | environment                              | default                         |
+|-------------------------------|------------------------------------------|---------------------------------|
+| host / port                   | ACTIVATION_PORTAL_HOST / _PORT           | 127.0.0.1 / 8080 (0 = any free) |
+| allow_non_loopback            | ACTIVATION_PORTAL_ALLOW_NON_LOOPBACK     | false: refuse other addresses   |
+| tls_cert_file / tls_key_file  | ACTIVATION_PORTAL_TLS_CERT_FILE / _KEY_FILE | - (set: HTTPS)               |
+| target                        | ACTIVATION_PORTAL_TARGET                 | 127.0.0.1:50052                 |
+| insecure                      | ACTIVATION_PORTAL_INSECURE               | false (plaintext, loopback only)|
+| ca_file / cert_file / key_file| ACTIVATION_PORTAL_CA_FILE / ...          | - (mTLS client certificate)     |
+| server_name                   | ACTIVATION_PORTAL_SERVER_NAME            | -                               |
+| timeout_seconds               | ACTIVATION_PORTAL_TIMEOUT_SECONDS        | 30                              |
+| max_body_bytes                | ACTIVATION_PORTAL_MAX_BODY_BYTES         | 131072                          |
+| allowed_hosts                 | ACTIVATION_PORTAL_ALLOWED_HOSTS          | loopback bind: loopback names   |
+| log_level                     | ACTIVATION_PORTAL_LOG_LEVEL              | INFO                            |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from provkit.channels import ChannelSecurity
+from provkit.cloud import CloudNotConfigured, load_cloud_settings
+from provkit.grpc_server import is_loopback_host
+from provkit.settings import SettingsError, SettingsSource
+
+PREFIX = "ACTIVATION"
+DEFAULT_PORT = 8080
+DEFAULT_TARGET = "127.0.0.1:50052"
+DEFAULT_MAX_BODY = 128 * 1024
+
+
+@dataclass(frozen=True)
+class HubChoice:
+    """The linked hubs as the activation service's cloud settings name them (empty: not known here)."""
+
+    names: tuple[str, ...] = ()
+    default: str | None = None
+    source: str = "not configured"
+
+
+@dataclass(frozen=True)
+class PortalSettings:
+    security: ChannelSecurity
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    target: str = DEFAULT_TARGET
+    allow_non_loopback: bool = False
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    hubs: HubChoice = HubChoice()
+    timeout_seconds: float = 30.0
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    allowed_hosts: tuple[str, ...] = ()
+    log_level: str = "INFO"
+
+    @property
+    def https(self) -> bool:
+        return self.tls_cert_file is not None
+
+    def check(self) -> None:
+        """Refuse settings that would be unsafe (before anything binds)."""
+        if not is_loopback_host(self.host) and not self.allow_non_loopback:
+            raise SettingsError(
+                f"the portal binds loopback only; refusing {self.host!r} "
+                "(set ACTIVATION_PORTAL_ALLOW_NON_LOOPBACK=true or pass --allow-non-loopback)"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise SettingsError("ACTIVATION_PORTAL_TLS_CERT_FILE and ..._TLS_KEY_FILE go together")
+        for path in (self.tls_cert_file, self.tls_key_file):
+            if path is not None and not path.is_file():
+                raise SettingsError(f"the portal's TLS file {path} does not exist")
+        target_host = self.target.rsplit(":", 1)[0] if ":" in self.target else self.target
+        if self.security.insecure and not is_loopback_host(target_host):
+            raise SettingsError(
+                f"a plaintext channel to the activation service is for loopback only, not {self.target!r}"
+            )
+        if self.max_body_bytes < 1024:
+            raise SettingsError("ACTIVATION_PORTAL_MAX_BODY_BYTES must be at least 1024")
+        if self.timeout_seconds <= 0:
+            raise SettingsError("ACTIVATION_PORTAL_TIMEOUT_SECONDS must be positive")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` / ``[v6]:PORT`` / ``:PORT`` (loopback) -> (host, port)."""
+    head, sep, port_text = text.strip().rpartition(":")
+    if not sep:
+        raise SettingsError(f"--listen takes HOST:PORT, got {text!r}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise SettingsError(f"--listen port must be a number, got {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise SettingsError(f"--listen port out of range: {port}")
+    return (head.strip("[]") or "127.0.0.1"), port
+
+
+def load_hub_choice(source: SettingsSource) -> HubChoice:
+    try:
+        cloud = load_cloud_settings(source)
+    except CloudNotConfigured:
+        return HubChoice()
+    return HubChoice(cloud.hub_names, cloud.default_hub, cloud.source)
+
+
+def load_portal_settings(env: Mapping[str, str] | None = None, config: Path | None = None) -> PortalSettings:
+    probe = SettingsSource(PREFIX, env=env)
+    config = config or probe.path("portal.config") or probe.path("config")
+    source = SettingsSource(PREFIX, env=env, file=config)
+
+    def key(name: str) -> str:
+        return f"portal.{name}"
+
+    try:
+        security = ChannelSecurity.from_files(
+            ca_file=source.path(key("ca_file")),
+            cert_file=source.path(key("cert_file")),
+            key_file=source.path(key("key_file")),
+            server_name=source.text(key("server_name")),
+            insecure=source.flag(key("insecure"), False),
+        )
+    except OSError as exc:
+        raise SettingsError(f"cannot read the portal's client TLS files: {exc}") from exc
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
+    allowed = source.text(key("allowed_hosts"), "") or ""
+    return PortalSettings(
+        security=security,
+        host=source.text(key("host"), "127.0.0.1") or "127.0.0.1",
+        port=source.integer(key("port"), DEFAULT_PORT),
+        target=source.text(key("target"), DEFAULT_TARGET) or DEFAULT_TARGET,
+        allow_non_loopback=source.flag(key("allow_non_loopback"), False),
+        tls_cert_file=source.path(key("tls_cert_file")),
+        tls_key_file=source.path(key("tls_key_file")),
+        hubs=load_hub_choice(source),
+        timeout_seconds=source.number(key("timeout_seconds"), 30.0),
+        max_body_bytes=source.integer(key("max_body_bytes"), DEFAULT_MAX_BODY),
+        allowed_hosts=tuple(h.strip().lower() for h in allowed.split(",") if h.strip()),
+        log_level=(source.text(key("log_level"), "INFO") or "INFO").upper(),
+    )
