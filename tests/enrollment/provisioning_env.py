@@ -114,8 +114,10 @@ def activation_env(tmp_path: Path, emulator, tls: OemTls, **extra: str) -> dict[
 async def running_activation(
     env: Mapping[str, str], tls: OemTls
 ) -> AsyncIterator[tuple[ActivationApp, apb_grpc.ActivationServiceStub]]:
+    """activation_svc as `serve` builds it (mTLS); ``app.grpc_address`` is where it listens."""
     app = await ActivationApp.open(load_activation_settings(env=dict(env)))
     server = await app.start()
+    app.grpc_address = server.address  # type: ignore[attr-defined]
     try:
         async with create_channel(f"127.0.0.1:{server.port}", tls.client_security()) as channel:
             yield app, apb_grpc.ActivationServiceStub(channel)

@@ -80,8 +80,7 @@ def _name(enum_type: object, value: int, prefix: str) -> str:
 def _when(stamp: object) -> str:
     if not (stamp.seconds or stamp.nanos):  # type: ignore[attr-defined]
         return ""
-    moment = stamp.ToDatetime(tzinfo=UTC)  # type: ignore[attr-defined]
-    return moment.replace(microsecond=0).isoformat().replace("+00:00", " UTC").replace("T", " ")
+    return stamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------------------------------- handlers
@@ -161,6 +160,10 @@ async def activate(request: web.Request) -> web.Response:
     )
     log.info("activated", extra={"device": view.device_id, "path": view.path, "hub": view.hub})
     return _html(pages.result_page(view), cookie=(csrf, fresh))
+
+
+async def to_form(request: web.Request) -> web.Response:
+    raise web.HTTPSeeOther("/")
 
 
 async def status_form(request: web.Request) -> web.Response:
@@ -272,6 +275,7 @@ def create_app(
     app.on_response_prepare.append(add_headers(settings.https))
     app.router.add_get("/", activate_form)
     app.router.add_post("/activate", activate)
+    app.router.add_get("/activate", to_form)
     app.router.add_get("/status", status_form)
     app.router.add_post("/status", status)
     app.router.add_get("/static/{name}", static)

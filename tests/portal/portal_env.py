@@ -1,0 +1,114 @@
+"""Shared helpers for the portal tests: the real stack (emulator process, factory_svc and activation_svc gRPC
+servers from tests/enrollment/provisioning_env.py) plus the portal's settings pointing at activation_svc over
+mTLS, and small HTML helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from enrollment.provisioning_env import (
+    DeviceFiles,
+    OemTls,
+    activation_env,
+    connection_file,
+    dps_enrollment,
+    factory_env,
+    mint,
+    running_activation,
+    running_factory,
+)
+
+from activation_svc.app import ActivationApp
+from activation_svc.portal.settings import PortalSettings, load_portal_settings
+from devprov.v1 import activation_service_pb2 as apb
+from devprov.v1 import activation_service_pb2_grpc as apb_grpc
+from devprov.v1 import factory_service_pb2 as fpb
+from devprov.v1 import factory_service_pb2_grpc as fpb_grpc
+
+META = {"tags": {"customer": "acme", "line": {"hall": 3}}, "properties": {"desired": {"interval_s": 5}}}
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "artifacts" / "portal"
+
+
+def portal_env(address: str, tls: OemTls, emulator, **extra: str) -> dict[str, str]:
+    """The portal as an operator would configure it: mTLS to activation_svc, hubs from the same cloud
+    settings (the emulator's connection.json) the service reads."""
+    return {
+        "ACTIVATION_PORTAL_TARGET": address,
+        "ACTIVATION_PORTAL_CA_FILE": str(tls.ca_file),
+        "ACTIVATION_PORTAL_CERT_FILE": str(tls.client_cert),
+        "ACTIVATION_PORTAL_KEY_FILE": str(tls.client_key),
+        "ACTIVATION_PORTAL_PORT": "0",
+        "ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE": str(connection_file(emulator)),
+        **extra,
+    }
+
+
+@dataclass
+class PortalStack:
+    emulator: object
+    factory: fpb_grpc.FactoryServiceStub
+    activation: apb_grpc.ActivationServiceStub
+    activation_app: ActivationApp
+    tls: OemTls
+    settings: PortalSettings
+    folder: Path
+
+    async def enrolled(self) -> tuple[DeviceFiles, str]:
+        """A freshly minted device, enrolled (disabled) through factory_svc, and its activation code."""
+        device = await mint(self.factory, f"gw-{uuid.uuid4().hex[:12]}", self.folder / "devices")
+        reply = await self.factory.Enroll(
+            fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
+        )
+        assert reply.outcome == fpb.ENROLL_OUTCOME_CREATED and reply.activation_code
+        return device, reply.activation_code
+
+    async def status(self, device_id: str, code: str) -> apb.GetDeviceStatusResponse:
+        return await self.activation.GetDeviceStatus(
+            apb.GetDeviceStatusRequest(device_id=device_id, activation_code=code)
+        )
+
+    async def enrollment(self, device_id: str) -> dict:
+        found = await dps_enrollment(self.emulator, device_id)
+        assert found is not None
+        return found
+
+
+@contextlib.asynccontextmanager
+async def portal_stack(folder: Path, emulator, **portal_extra: str) -> AsyncIterator[PortalStack]:
+    tls = OemTls.create(folder / "oem-tls")
+    async with (
+        running_factory(factory_env(folder, emulator)) as (_factory_app, factory),
+        running_activation(activation_env(folder, emulator, tls), tls) as (app, activation),
+    ):
+        address = app.grpc_address  # type: ignore[attr-defined]
+        settings = load_portal_settings(env=portal_env(address, tls, emulator, **portal_extra))
+        yield PortalStack(emulator, factory, activation, app, tls, settings, folder)
+
+
+_HIDDEN = re.compile(r'<input type="hidden" name="(\w+)" value="([^"]*)">')
+
+
+def hidden_fields(page: str) -> dict[str, str]:
+    return dict(_HIDDEN.findall(page))
+
+
+def activate_form(
+    hidden: Mapping[str, str], device_id: str, code: str, metadata: str, hub: str = ""
+) -> dict[str, str]:
+    return {**hidden, "device_id": device_id, "activation_code": code, "metadata": metadata, "hub": hub}
+
+
+def chromium_unavailable() -> str | None:
+    """Why the browser tests cannot run here (None: they can)."""
+    if CHROMIUM.exists():
+        return None
+    note = REPO / ".venv" / "chromium-unavailable"
+    why = note.read_text().strip() if note.exists() else "`make browser` has not run"
+    return f"{CHROMIUM} is missing ({why}); `make browser` installs Debian's chromium"
