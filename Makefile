@@ -9,7 +9,8 @@ PROTOS := $(shell find protos -name '*.proto' | sort)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Reinstall when the project's packages change too (an editable install maps the packages it saw).
+$(STAMP): pyproject.toml $(wildcard src/*/__init__.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -56,6 +57,14 @@ browser: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# The whole flow on the embedded emulator; DEMO_ARGS e.g. "--devices 10 --seconds 60" (see --help).
+demo: install
+	$(BIN)/python -m devprov_demo run $(DEMO_ARGS)
+
+# The stack alone, kept up for driving it by hand with the CLIs (prints how).
+up: install
+	$(BIN)/python -m devprov_demo up $(UP_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

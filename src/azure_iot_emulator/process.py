@@ -40,7 +40,8 @@ def spawn(
     command: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     """Start ``command`` with stdout and stderr appended to ``log_path``, in its own process group (a
-    terminal's Ctrl-C reaches only the parent, which stops its children in order), ended with its parent."""
+    terminal's Ctrl-C reaches only the parent, which stops its children in order), ended with its parent.
+    ``env`` is the child's whole environment (default: this process's)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         return subprocess.Popen(
@@ -48,7 +49,7 @@ def spawn(
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
             start_new_session=True,
             preexec_fn=_exit_with_parent if sys.platform.startswith("linux") else None,
         )

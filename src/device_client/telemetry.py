@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -21,19 +22,21 @@ class Readings:
     supply_voltage_v: float
 
 
-def sample_readings(seq: int, now: datetime) -> Readings:
-    """Plausible, deterministic concentrator readings (a slow daily cycle plus a small sequence ripple)."""
+def sample_readings(seq: int, now: datetime, device_id: str = "") -> Readings:
+    """Plausible, deterministic concentrator readings (a slow daily cycle plus a small sequence ripple),
+    offset per device so that a fleet does not report one identical value."""
     day_phase = (now.hour * 3600 + now.minute * 60 + now.second) / 86400 * 2 * math.pi
     ripple = math.sin(seq * 0.7)
+    site = zlib.crc32(device_id.encode()) % 1000 / 1000  # 0 <= site < 1, stable per device
     return Readings(
-        temperature_c=round(21.0 + 4.0 * math.sin(day_phase) + 0.3 * ripple, 2),
-        humidity_pct=round(45.0 + 10.0 * math.cos(day_phase) - 0.5 * ripple, 2),
+        temperature_c=round(19.0 + 4.0 * site + 4.0 * math.sin(day_phase) + 0.3 * ripple, 2),
+        humidity_pct=round(40.0 + 10.0 * site + 10.0 * math.cos(day_phase) - 0.5 * ripple, 2),
         supply_voltage_v=round(24.0 + 0.2 * math.sin(seq * 0.31), 3),
     )
 
 
 def build_body(device_id: str, seq: int, now: datetime) -> bytes:
-    readings = sample_readings(seq, now)
+    readings = sample_readings(seq, now, device_id)
     body = {
         "deviceId": device_id,
         "seq": seq,

@@ -1,0 +1,258 @@
+"""``python -m devprov_demo`` (``make demo`` / ``make up``).
+
+    run   start the stack, provision a fleet, print the labels, activate the devices, boot them and watch
+          telemetry arrive; Ctrl-C stops everything.  ``--seconds N`` runs N seconds after the devices
+          boot, prints a summary and exits 0 only if every device registered and its hub received
+          telemetry from it (``--summary-json FILE`` also writes it).
+    up    start the stack and keep it up, printing what a person needs to drive the flow by hand.
+
+Both bind loopback only.  Defaults: factory_svc 127.0.0.1:50051, activation_svc 127.0.0.1:50052, DPS device
+endpoint ``localhost``, hubs 127.0.0.2 and 127.0.0.3 (MQTT/TLS 8883), DPS REST 8444, hub REST 8443.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from devprov_demo.fleet import Fleet, activate_fleet, provision_fleet, sample_metadata, summary, write_json
+from devprov_demo.stack import Stack, StackConfig
+from devprov_demo.view import HubWatch, labels_table, live_view, summary_table
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED = 0, 1, 2
+STATUS_EVERY_S = 5.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="devprov-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def stack_options(cmd: argparse.ArgumentParser, work_dir: str) -> None:
+        cmd.add_argument("--work-dir", type=Path, default=Path(work_dir), help=f"default {work_dir}")
+        cmd.add_argument("--dps-host", default="localhost", help="DPS global device endpoint (loopback)")
+        cmd.add_argument(
+            "--hub-host",
+            action="append",
+            dest="hub_hosts",
+            metavar="HOST",
+            help="a linked hub's address, repeatable (default 127.0.0.2 and 127.0.0.3)",
+        )
+        cmd.add_argument("--dps-rest-port", type=int, default=8444)
+        cmd.add_argument("--hub-rest-port", type=int, default=8443)
+        cmd.add_argument("--factory-port", type=int, default=50051)
+        cmd.add_argument("--activation-port", type=int, default=50052)
+
+    run = sub.add_parser("run", help="the whole flow with a live view")
+    stack_options(run, "var/demo")
+    run.add_argument("--devices", type=int, default=5, help="fleet size (default 5)")
+    run.add_argument("--interval", type=float, default=5.0, help="telemetry interval in seconds (default 5)")
+    run.add_argument("--seconds", type=float, help="stop after this long and print a summary")
+    run.add_argument("--summary-json", type=Path, help="also write the summary here")
+
+    up = sub.add_parser("up", help="start the stack and keep it up")
+    stack_options(up, "var/up")
+    up.add_argument("--fresh", action="store_true", help="wipe the work directory first")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> StackConfig:
+    return StackConfig(
+        work_dir=args.work_dir,
+        dps_host=args.dps_host,
+        hub_hosts=tuple(args.hub_hosts or ("127.0.0.2", "127.0.0.3")),
+        dps_rest_port=args.dps_rest_port,
+        hub_rest_port=args.hub_rest_port,
+        factory_port=args.factory_port,
+        activation_port=args.activation_port,
+    )
+
+
+def _log_to_file(path: Path) -> None:
+    """The devices' and SDKs' logs go to a file; the terminal belongs to the view."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _stack_facts(stack: Stack) -> list[tuple[str, str]]:
+    emu = stack.emulator
+    facts = [
+        ("factory_svc (gRPC, mTLS)", stack.config.factory_address),
+        ("activation_svc (gRPC, mTLS)", stack.config.activation_address),
+        ("DPS global endpoint", f"{emu.global_endpoint} (MQTT/TLS 8883)"),
+        ("DPS ID scope", emu.id_scope),
+        ("DPS service connection string", emu.dps_connection_string),
+    ]
+    for host in emu.hub_hosts:
+        facts.append((f"IoT hub {host}", emu.hub_connection_string(host)))
+    facts += [
+        ("emulator CA (DPS, hubs)", str(emu.ca_path)),
+        ("services' TLS CA", str(stack.tls.ca)),
+        ("logs", str(stack.logs)),
+    ]
+    return facts
+
+
+def _print_facts(console: Console, stack: Stack) -> None:
+    width = max(len(k) for k, _ in _stack_facts(stack))
+    for key, value in _stack_facts(stack):
+        console.print(f"  [bold]{key:<{width}}[/]  {value}", highlight=False, soft_wrap=True)
+
+
+async def _start(console: Console, stack: Stack, *, fresh: bool) -> None:
+    with console.status("starting the emulator, factory_svc and activation_svc ..."):
+        await asyncio.to_thread(stack.start, fresh=fresh)
+    console.print("[green]stack up[/] (loopback, TLS)")
+    _print_facts(console, stack)
+
+
+async def _watch(
+    console: Console, fleet: Fleet, watch: HubWatch, stop: asyncio.Event, seconds: float | None
+) -> None:
+    footer = "Ctrl-C stops everything" if seconds is None else f"running for {seconds:g} s"
+    loop = asyncio.get_running_loop()
+    deadline = None if seconds is None else loop.time() + seconds
+
+    def remaining() -> float:
+        return 0.25 if deadline is None else max(0.0, min(0.25, deadline - loop.time()))
+
+    async def tick() -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), remaining())
+        watch.poll()
+        return not stop.is_set() and (deadline is None or loop.time() < deadline)
+
+    if console.is_terminal:
+        with Live(live_view(fleet.tracks, watch, footer), console=console, refresh_per_second=4) as live:
+            while await tick():
+                live.update(live_view(fleet.tracks, watch, footer))
+            live.update(live_view(fleet.tracks, watch, footer))
+        return
+    next_status = loop.time()
+    while await tick():
+        if loop.time() >= next_status:
+            next_status = loop.time() + STATUS_EVERY_S
+            states = ", ".join(
+                f"{t.label.guid[:8]} {t.snapshot.state.value} sent={t.snapshot.telemetry_sent} "
+                f"hub={watch.received.get(t.label.guid, 0)}"
+                for t in fleet.tracks
+            )
+            console.print(f"status: {states}", markup=False, highlight=False, soft_wrap=True)
+
+
+async def run_demo(args: argparse.Namespace, console: Console) -> int:
+    if args.devices < 1 or args.interval <= 0 or (args.seconds is not None and args.seconds <= 0):
+        console.print("[red]--devices, --interval and --seconds must be positive[/]")
+        return EXIT_FAILED
+    stack = Stack(_config(args))
+    stop = _stop_event()
+    fleet: Fleet | None = None
+    watch: HubWatch | None = None
+    try:
+        await _start(console, stack, fresh=True)
+        _log_to_file(stack.logs / "devices.log")
+        if stop.is_set():
+            return EXIT_INCOMPLETE
+        with console.status(f"factory: minting and enrolling {args.devices} devices (disabled) ..."):
+            labels = await provision_fleet(stack, args.devices)
+        console.print(labels_table(labels))
+        with console.status("OEM back office: activating with metadata and a hub ..."):
+            chosen = await activate_fleet(stack, labels, args.interval)
+        for label in labels:
+            console.print(f"  activated {label.guid} on {chosen[label.guid]}", highlight=False)
+        watch = HubWatch(stack.emulator.data_dir)
+        fleet = Fleet(stack, labels)
+        fleet.start()
+        console.print(f"first boot of {len(labels)} devices (logs: {stack.logs / 'devices.log'})")
+        await _watch(console, fleet, watch, stop, args.seconds)
+        await fleet.stop()
+        watch.poll()
+        result = summary(fleet, dict(watch.received), chosen)
+        console.print(summary_table(result))
+        if args.summary_json:
+            write_json(args.summary_json, result)
+        return EXIT_OK if result["ok"] else EXIT_INCOMPLETE
+    except Exception as exc:  # a failed start or party: say what, leave nothing running
+        console.print(f"[red]demo failed:[/] {type(exc).__name__}: {exc}", highlight=False)
+        return EXIT_FAILED
+    finally:
+        if fleet is not None:
+            await fleet.stop()
+        if watch is not None:
+            watch.close()
+        with console.status("stopping ..."):
+            await asyncio.to_thread(stack.stop)
+        console.print(f"stopped; state and logs kept in {stack.root}")
+
+
+async def run_up(args: argparse.Namespace, console: Console) -> int:
+    stack = Stack(_config(args))
+    stop = _stop_event()
+    try:
+        await _start(console, stack, fresh=args.fresh)
+        env_file = stack.write_env_file()
+        sample = stack.root / "sample-metadata.json"
+        sample.write_text(json.dumps(sample_metadata(0, 5.0), indent=2) + "\n")
+        hub = stack.emulator.hub_hosts[-1]
+        console.print(
+            "\nDrive it by hand, in another terminal:\n"
+            f"  source {env_file}\n"
+            "  # 1. factory: mint + enroll (disabled); note the activation code it prints once\n"
+            "  device-client provision 3f2a9c1e-0000-4000-8000-000000000001\n"
+            "  # 2. OEM: activate with metadata and a hub (asks for the code)\n"
+            "  activation-svc activate 3f2a9c1e-0000-4000-8000-000000000001 "
+            f"--metadata {sample} --hub {hub}\n"
+            "  # 3. first boot: DPS, the hub, telemetry every 5 s (Ctrl-C stops it)\n"
+            "  device-client run 3f2a9c1e-0000-4000-8000-000000000001\n"
+            f"  # watch the hubs: iot-emulator monitor --data-dir {stack.emulator.data_dir}\n"
+            "\nUp. Ctrl-C stops the stack.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        await stop.wait()
+        return EXIT_OK
+    except Exception as exc:
+        console.print(f"[red]could not start the stack:[/] {type(exc).__name__}: {exc}", highlight=False)
+        return EXIT_FAILED
+    finally:
+        with console.status("stopping ..."):
+            await asyncio.to_thread(stack.stop)
+        console.print("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: wide enough for a GUID and its columns
+        console = Console(width=120)
+    handler = run_demo if args.command == "run" else run_up
+    return asyncio.run(handler(args, console))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

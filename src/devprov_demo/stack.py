@@ -1,0 +1,238 @@
+"""The local stack: the emulator, factory_svc and activation_svc as child processes on loopback, with TLS.
+
+Everything lives in one work directory::
+
+    tls/            development TLS CA; server certificates of both services; client certificates of the
+                    MES (factory_svc), the OEM back office (activation_svc) and the portal
+    emulator/       the emulator's data (connection.json, its CA, SQLite)
+    factory/        factory_svc data (factory CA, ledger, outbox)
+    activation/     activation_svc data (audit)
+    devices/        one state directory per device
+    logs/           one log file per process
+    env.sh          variables that point the CLIs at this stack (``source`` it)
+
+Each service reads only its own documented settings (FACTORY_*, ACTIVATION_*): the stack is exactly what a
+person would run by hand, started in order, each waited for until it answers.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from azure_iot_emulator.process import EmulatorProcess, spawn, terminate
+from provkit.devpki import DevTlsAuthority
+
+SERVICE_START_TIMEOUT = 60.0
+# Variables of ours that a caller's shell may hold (e.g. real Azure settings): never leak them into the
+# local stack, which must be the same on every machine.
+_OWN_PREFIXES = ("FACTORY_", "ACTIVATION_", "DEVICE_CLIENT_", "IOT_EMULATOR_")
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    work_dir: Path
+    dps_host: str = "localhost"
+    hub_hosts: tuple[str, ...] = ("127.0.0.2", "127.0.0.3")
+    dps_rest_port: int = 8444
+    hub_rest_port: int = 8443
+    service_host: str = "127.0.0.1"
+    factory_port: int = 50051
+    activation_port: int = 50052
+
+    @property
+    def factory_address(self) -> str:
+        return f"{self.service_host}:{self.factory_port}"
+
+    @property
+    def activation_address(self) -> str:
+        return f"{self.service_host}:{self.activation_port}"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Where the stack's service TLS material is (PEM files; keys 0600)."""
+
+    folder: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.pem"
+
+    def cert(self, name: str) -> Path:
+        return self.folder / f"{name}.pem"
+
+    def key(self, name: str) -> Path:
+        return self.folder / f"{name}.key"
+
+    def create(self, service_host: str) -> None:
+        """A fresh development TLS CA with server certificates for both services and client certificates
+        for the parties that call them (written anew at every start)."""
+        authority = DevTlsAuthority.create("devprov demo TLS CA")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.ca.write_bytes(authority.ca_pem)
+        names = list(dict.fromkeys([service_host, "127.0.0.1", "localhost"]))
+        for server in ("factory", "activation"):
+            authority.server_certificate(names).write(self.cert(server), self.key(server))
+        for client in ("mes", "oem", "portal"):
+            authority.client_certificate(f"demo-{client}").write(self.cert(client), self.key(client))
+
+
+def _clean_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
+
+
+class Stack:
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.root = config.work_dir.resolve()
+        self.tls = TlsFiles(self.root / "tls")
+        self.emulator = EmulatorProcess(
+            self.root / "emulator",
+            dps_host=config.dps_host,
+            hub_hosts=config.hub_hosts,
+            dps_rest_port=config.dps_rest_port,
+            hub_rest_port=config.hub_rest_port,
+            log_path=self.logs / "emulator.log",
+        )
+        self._services: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def device_root(self) -> Path:
+        return self.root / "devices"
+
+    @property
+    def pids(self) -> list[int]:
+        procs = [self.emulator.proc, *self._services.values()]
+        return [p.pid for p in procs if p is not None]
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    def start(self, *, fresh: bool) -> None:
+        """Start everything and wait until each part answers; on any failure stop what was started."""
+        if fresh and self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tls.create(self.config.service_host)
+        try:
+            self.emulator.start()
+            connection = str(self.emulator.connection_file)
+            self._start_service(
+                "factory",
+                "factory_svc",
+                "FACTORY",
+                self.config.factory_port,
+                {"FACTORY_CLOUD_EMULATOR_CONNECTION_FILE": connection},
+            )
+            self._start_service(
+                "activation",
+                "activation_svc",
+                "ACTIVATION",
+                self.config.activation_port,
+                {"ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE": connection},
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_service(
+        self, name: str, module: str, prefix: str, port: int, extra: Mapping[str, str]
+    ) -> None:
+        env = {
+            **_clean_environment(),
+            f"{prefix}_DATA_DIR": str(self.root / name),
+            f"{prefix}_SERVER_HOST": self.config.service_host,
+            f"{prefix}_SERVER_PORT": str(port),
+            f"{prefix}_SERVER_TLS_CERT_FILE": str(self.tls.cert(name)),
+            f"{prefix}_SERVER_TLS_KEY_FILE": str(self.tls.key(name)),
+            f"{prefix}_SERVER_CLIENT_CA_FILE": str(self.tls.ca),
+            **extra,
+        }
+        log = self.logs / f"{name}.log"
+        proc = spawn([sys.executable, "-m", module, "serve"], log, env)
+        self._services[name] = proc
+        self._wait_serving(name, proc, f"{self.config.service_host}:{port}", log)
+
+    def _wait_serving(self, name: str, proc: subprocess.Popen[bytes], address: str, log: Path) -> None:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.tls.ca.read_bytes(),
+            private_key=self.tls.key("mes").read_bytes(),
+            certificate_chain=self.tls.cert("mes").read_bytes(),
+        )
+        deadline = time.monotonic() + SERVICE_START_TIMEOUT
+        with grpc.secure_channel(address, creds) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; its log:\n{_tail(log)}")
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not answer on {address}; its log:\n{_tail(log)}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop the services, then the emulator (each SIGTERM, graceful; SIGKILL after a grace period)."""
+        for proc in reversed(list(self._services.values())):
+            terminate(proc)
+        self._services.clear()
+        terminate(self.emulator.proc)
+
+    # --------------------------------------------------------------------------------- what to tell
+    def client_environment(self) -> dict[str, str]:
+        """Variables that point the CLIs (factory-svc, activation-svc, device-client) at this stack."""
+        tls = self.tls
+        return {
+            "FACTORY_CLIENT_TARGET": self.config.factory_address,
+            "FACTORY_CLIENT_CA_FILE": str(tls.ca),
+            "FACTORY_CLIENT_CERT_FILE": str(tls.cert("mes")),
+            "FACTORY_CLIENT_KEY_FILE": str(tls.key("mes")),
+            "ACTIVATION_CLIENT_TARGET": self.config.activation_address,
+            "ACTIVATION_CLIENT_CA_FILE": str(tls.ca),
+            "ACTIVATION_CLIENT_CERT_FILE": str(tls.cert("oem")),
+            "ACTIVATION_CLIENT_KEY_FILE": str(tls.key("oem")),
+            "DEVICE_CLIENT_STATE_ROOT": str(self.device_root),
+            "DEVICE_CLIENT_FACTORY_ADDRESS": self.config.factory_address,
+            "DEVICE_CLIENT_FACTORY_TLS": "mtls",
+            "DEVICE_CLIENT_FACTORY_CA_FILE": str(tls.ca),
+            "DEVICE_CLIENT_FACTORY_CLIENT_CERT_FILE": str(tls.cert("mes")),
+            "DEVICE_CLIENT_FACTORY_CLIENT_KEY_FILE": str(tls.key("mes")),
+            "DEVICE_CLIENT_ID_SCOPE": self.emulator.id_scope,
+            "DEVICE_CLIENT_GLOBAL_ENDPOINT": self.emulator.global_endpoint,
+            "DEVICE_CLIENT_TRUSTED_CA_FILE": str(self.emulator.ca_path),
+        }
+
+    def write_env_file(self) -> Path:
+        bin_dir = Path(sys.executable).parent
+        lines = [
+            "# Generated by the devprov demo stack: `source` this file to point the CLIs at it.",
+            f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"',
+        ]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in self.client_environment().items()]
+        path = self.root / "env.sh"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+
+def _tail(path: Path, limit: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except OSError:
+        return "(no log)"

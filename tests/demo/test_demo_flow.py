@@ -1,0 +1,212 @@
+"""The README's first command, as processes: ``python -m devprov_demo run`` (the whole flow, with a
+summary) and ``up`` driven by hand with the CLIs, each stack on its own loopback addresses and ports.
+
+What the hub received is read from the emulator's own store, not from the demo's claims."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from support.emulator import free_port, fresh_addresses
+
+from azure_iot_emulator.hub.telemetry import TelemetryStore
+from azure_iot_emulator.store import Database
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _stack_args(work_dir: Path) -> list[str]:
+    dps, hub1, hub2 = fresh_addresses(3)
+    return [
+        "--work-dir", str(work_dir),
+        "--dps-host", dps,
+        "--hub-host", hub1,
+        "--hub-host", hub2,
+        "--dps-rest-port", str(free_port(dps)),
+        "--hub-rest-port", str(free_port(hub1)),
+        "--factory-port", str(free_port("127.0.0.1")),
+        "--activation-port", str(free_port("127.0.0.1")),
+    ]  # fmt: skip
+
+
+def _demo(*args: str, **kwargs) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "devprov_demo", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def _hub_messages(work_dir: Path) -> list:
+    db = Database(work_dir / "emulator" / "emulator.db")
+    try:
+        store = TelemetryStore(db, lambda: datetime.now(UTC))
+        return store.recent(limit=100_000)
+    finally:
+        db.close()
+
+
+def _processes_under(work_dir: Path) -> list[str]:
+    """Live processes whose command line or environment names the work directory (the demo's children:
+    the emulator by its --data-dir, the services by their *_DATA_DIR), the demo itself excluded."""
+    found = []
+    marker = str(work_dir).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"devprov_demo" in cmdline:
+            continue
+        if marker in cmdline or marker in environ:
+            words = cmdline.split(b"\0")
+            found.append(f"{entry.name}: {b' '.join(words).decode(errors='replace')}")
+    return found
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_demo_runs_the_whole_flow_and_summarises(tmp_path):
+    work = tmp_path / "demo"
+    summary_file = tmp_path / "summary.json"
+    proc = _demo(
+        "run", *_stack_args(work), "--devices", "3", "--interval", "1", "--seconds", "8",
+        "--summary-json", str(summary_file),
+    )  # fmt: skip
+    output, _ = proc.communicate(timeout=200)
+    assert proc.returncode == 0, output
+    # The labels were printed: GUID and activation code for each device.
+    codes = re.findall(r"[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}", output)
+    assert len(codes) == 3, output
+
+    summary = json.loads(summary_file.read_text())
+    assert summary["ok"] is True
+    devices = summary["devices"]
+    assert len(devices) == 3
+    hubs_used = {d["chosen_hub"] for d in devices}
+    assert len(hubs_used) == 2  # the OEM spread the fleet over both linked hubs
+    received: dict[str, list] = {}
+    for message in _hub_messages(work):
+        received.setdefault(message.device_id, []).append(message)
+    for device in devices:
+        assert "REGISTERED" in device["states_reached"], device
+        assert device["error"] is None, device
+        assert device["assigned_hub"] == device["chosen_hub"]
+        mine = received.get(device["guid"], [])
+        assert mine, f"the hub received nothing from {device['guid']}"
+        assert {m.hub for m in mine} == {device["chosen_hub"]}
+        bodies = [json.loads(m.body) for m in mine]
+        assert [b["seq"] for b in bodies] == list(range(1, len(bodies) + 1))  # in order, none missing
+        assert device["hub_received"] == len(mine)
+    assert _processes_under(work) == []
+
+
+def test_ctrl_c_stops_the_demo_and_leaves_no_process(tmp_path):
+    work = tmp_path / "demo"
+    proc = _demo("run", *_stack_args(work), "--devices", "2", "--interval", "1")
+    try:
+        _wait_for(
+            lambda: len({m.device_id for m in _hub_messages(work)}) == 2
+            if (work / "emulator" / "emulator.db").exists()
+            else False,
+            150,
+            "telemetry from both devices",
+            proc,
+        )
+        assert len(_processes_under(work)) >= 3  # emulator, factory_svc, activation_svc
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert "every device registered" in output
+    assert _processes_under(work) == []
+
+
+def _env_from(env_file: Path) -> dict[str, str]:
+    """The variables `source env.sh` would set (the file is ours: `export NAME=value`, shell-quoted)."""
+    import shlex
+
+    env = dict(os.environ)
+    for line in env_file.read_text().splitlines():
+        if line.startswith("export "):
+            name, _, value = line.removeprefix("export ").partition("=")
+            words = shlex.split(value.replace('"$PATH"', env.get("PATH", "")))
+            env[name] = words[0] if words else ""
+    return env
+
+
+def _cli(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), env=env, input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def test_up_serves_the_manual_three_step_flow(tmp_path):
+    work = tmp_path / "up"
+    proc = _demo("up", *_stack_args(work))
+    device = None
+    try:
+        _wait_for(lambda: (work / "env.sh").exists(), 120, "env.sh", proc)
+        env = _env_from(work / "env.sh")
+        for name in ("FACTORY_CLIENT_TARGET", "ACTIVATION_CLIENT_TARGET", "DEVICE_CLIENT_ID_SCOPE"):
+            assert env[name], name
+        guid = str(uuid.uuid4())
+
+        # 1. factory: mint + enroll (disabled); the code is shown once
+        provision = _cli(env, "device-client", "provision", guid)
+        assert provision.returncode == 0, provision.stdout + provision.stderr
+        code = re.search(r"ACTIVATION CODE .*: (\S+)", provision.stdout).group(1)
+
+        # 2. OEM: activate with the sample metadata on the second hub (the code on standard input)
+        hub = json.loads((work / "emulator" / "connection.json").read_text())["hubs"][1]["host_name"]
+        activate = _cli(
+            env, "activation-svc", "activate", guid, "--metadata", str(work / "sample-metadata.json"),
+            "--hub", hub, "--code-file", "-", stdin=code + "\n",
+        )  # fmt: skip
+        assert activate.returncode == 0, activate.stdout + activate.stderr
+
+        # 3. first boot: the device reaches its hub and sends telemetry
+        device = subprocess.Popen(
+            ["device-client", "run", guid], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        messages = _wait_for(
+            lambda: [m for m in _hub_messages(work) if m.device_id == guid], 60, "telemetry", device
+        )
+        assert messages[0].hub == hub
+        device.send_signal(signal.SIGTERM)
+        assert device.wait(60) == 0
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        for p in (device, proc):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert proc.returncode == 0, output
+    assert "source" in output and "activation-svc activate" in output
+    assert _processes_under(work) == []
