@@ -91,6 +91,12 @@ JS = """\
 })();
 """
 
+ICON = """\
+<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">\
+<rect width="32" height="32" rx="6" fill="#0b5cad"/>\
+<path d="M9 17l5 5 9-11" stroke="#fff" stroke-width="3.5" fill="none" stroke-linecap="round"/></svg>
+"""
+
 
 @dataclass(frozen=True)
 class Asset:
@@ -105,4 +111,5 @@ class Asset:
 ASSETS = {
     "portal.css": Asset(CSS.encode(), "text/css"),
     "portal.js": Asset(JS.encode(), "text/javascript"),
+    "favicon.svg": Asset(ICON.encode(), "image/svg+xml"),
 }

@@ -97,8 +97,8 @@ def describe(details: RpcErrorDetails, action: str = "Not activated") -> Service
     fields = tuple(field_problem(v.field, v.description) for v in details.field_violations)
     if not fields and reason == "ACTIVATION_DENIED":
         fields = (
-            FieldProblem("device_id", "Device ID", "", "unknown device, or"),
-            FieldProblem("activation_code", "Activation code", "", "wrong code"),
+            FieldProblem("device_id", "Device ID", "", "check it (an unknown device gets the same answer)"),
+            FieldProblem("activation_code", "Activation code", "", "not accepted for this device"),
         )
     return ServiceProblem(
         title=action,

@@ -35,6 +35,7 @@ _LAYOUT = Template("""<!doctype html>
 <meta name="referrer" content="no-referrer">
 <title>$title · Device activation</title>
 <link rel="stylesheet" href="/static/portal.css">
+<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">
 </head>
 <body>
 <header><div class="bar"><strong>Device activation</strong>
