@@ -38,7 +38,7 @@ test: proto-check lint browser
 # be installed the reason is printed and written to $(VENV)/chromium-unavailable, and those tests skip with it.
 CHROMIUM := /usr/bin/chromium
 browser: install
-	@rm -f $(VENV)/chromium-unavailable; why=""; \
+	@rm -f $(VENV)/chromium-unavailable 2>/dev/null; why=""; \
 	if [ -x $(CHROMIUM) ]; then echo "browser: $$($(CHROMIUM) --version 2>/dev/null || echo $(CHROMIUM))"; exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then sudo=""; \
 	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
@@ -52,7 +52,7 @@ browser: install
 		elif [ ! -x $(CHROMIUM) ]; then why="apt-get installed chromium but $(CHROMIUM) is not there"; fi; \
 	fi; \
 	if [ -n "$$why" ]; then echo "browser: $$why; the browser tests will skip" >&2; \
-		echo "$$why" > $(VENV)/chromium-unavailable; \
+		{ echo "$$why" > $(VENV)/chromium-unavailable; } 2>/dev/null || true; \
 	else echo "browser: installed $$($(CHROMIUM) --version 2>/dev/null)"; fi
 
 bench: install
