@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -86,6 +86,27 @@ class _PendingMethod:
     future: asyncio.Future[tuple[int, Any]]
 
 
+@dataclass
+class _IngestWaiter:
+    """One caller waiting for ``count`` queued messages from index ``start`` of the pending batch."""
+
+    future: asyncio.Future[list[StoredMessage] | None]
+    start: int
+    count: int
+    wants_messages: bool
+
+
+def _too_large(size: int) -> HubError:
+    return HubError(413, "MessageTooLarge", 413001, f"message of {size} bytes exceeds 256 KB")
+
+
+def _stored(seq: int, enqueued: str, item: tuple[str, str, topics.PropertyBag, bytes]) -> StoredMessage:
+    hub, device_id, properties, body = item
+    return StoredMessage(
+        seq, hub, device_id, enqueued, dict(properties.system), dict(properties.application), body
+    )
+
+
 class HubService:
     def __init__(
         self, registry: HubRegistry, telemetry: TelemetryStore, clock: Callable[[], datetime]
@@ -98,9 +119,8 @@ class HubService:
         self._pending_methods: dict[str, _PendingMethod] = {}
         self._telemetry_listeners: list[Callable[[StoredMessage], None]] = []
         registry.credential_listeners.append(self._drop_connection)
-        self._ingest_batch: list[
-            tuple[tuple[str, str, topics.PropertyBag, bytes], asyncio.Future[StoredMessage]]
-        ] = []
+        self._ingest_items: list[tuple[str, str, topics.PropertyBag, bytes]] = []
+        self._ingest_waiters: list[_IngestWaiter] = []
 
     @property
     def hub_hosts(self) -> tuple[str, ...]:
@@ -313,31 +333,69 @@ class HubService:
         """Store one device-to-cloud message durably; returns once it is committed.  Messages arriving
         in the same event-loop turn (from many devices) share one commit (group commit)."""
         if len(body) > MAX_MESSAGE_BYTES:
-            raise HubError(413, "MessageTooLarge", 413001, f"message of {len(body)} bytes exceeds 256 KB")
-        future: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
-        self._ingest_batch.append(((hub, device_id, properties, body), future))
-        if len(self._ingest_batch) == 1:
+            raise _too_large(len(body))
+        waiter = _IngestWaiter(asyncio.get_running_loop().create_future(), len(self._ingest_items), 1, True)
+        self._queue_ingest([(hub, device_id, properties, body)], waiter)
+        messages = await waiter.future
+        assert messages is not None
+        return messages[0]
+
+    async def ingest_many(
+        self, hub: str, device_id: str, messages: Sequence[tuple[topics.PropertyBag, bytes]]
+    ) -> None:
+        """Store several messages of one device durably, in order; returns once they are committed
+        (they join the same group commit as everything else arriving in this event-loop turn)."""
+        for _, body in messages:
+            if len(body) > MAX_MESSAGE_BYTES:
+                raise _too_large(len(body))
+        waiter = _IngestWaiter(
+            asyncio.get_running_loop().create_future(), len(self._ingest_items), len(messages), False
+        )
+        self._queue_ingest([(hub, device_id, properties, body) for properties, body in messages], waiter)
+        await waiter.future
+
+    def _queue_ingest(
+        self, items: list[tuple[str, str, topics.PropertyBag, bytes]], waiter: _IngestWaiter
+    ) -> None:
+        if not self._ingest_items:
             asyncio.get_running_loop().call_soon(self._flush_ingest)
-        return await future
+        self._ingest_items += items
+        self._ingest_waiters.append(waiter)
 
     def _flush_ingest(self) -> None:
-        batch, self._ingest_batch = self._ingest_batch, []
-        if not batch:
+        """One transaction for everything queued since the last flush; each waiter is released only
+        after the commit (durable before acknowledged)."""
+        items, self._ingest_items = self._ingest_items, []
+        waiters, self._ingest_waiters = self._ingest_waiters, []
+        if not items:
             return
         try:
-            stored = self.telemetry.append_many([item for item, _ in batch])
+            first, enqueued = self.telemetry.insert(items)
         except Exception as exc:  # the whole batch failed: nobody gets a PUBACK
             log.exception("telemetry commit failed")
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(HubError(500, "ServerError", 500001, f"telemetry not stored: {exc}"))
+            error = HubError(500, "ServerError", 500001, f"telemetry not stored: {exc}")
+            for waiter in waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(error)
             return
-        for (_, future), message in zip(batch, stored, strict=True):
-            if not future.done():
-                future.set_result(message)
-        for message in stored:
-            for listener in self._telemetry_listeners:
-                listener(message)
+        listeners = self._telemetry_listeners
+        for waiter in waiters:
+            if waiter.future.done():
+                continue
+            if waiter.wants_messages or listeners:
+                waiter.future.set_result(
+                    [
+                        _stored(first + i, enqueued, items[i])
+                        for i in range(waiter.start, waiter.start + waiter.count)
+                    ]
+                )
+            else:
+                waiter.future.set_result(None)
+        if listeners:
+            for i, item in enumerate(items):
+                message = _stored(first + i, enqueued, item)
+                for listener in listeners:
+                    listener(message)
 
     def recent_messages(self, hub: str, device_id: str, limit: int) -> list[dict[str, Any]]:
         if self.registry.get_device(hub, device_id) is None and not self.telemetry.recent(

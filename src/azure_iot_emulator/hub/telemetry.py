@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -101,23 +101,7 @@ class TelemetryStore:
 
     def append_many(self, items: list[tuple[str, str, PropertyBag, bytes]]) -> list[StoredMessage]:
         """Store several messages in one transaction (all or none)."""
-        for _, _, _, body in items:
-            if len(body) > MAX_MESSAGE_BYTES:
-                raise MessageTooLarge(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
-        enqueued = azure_time(self._clock())
-        rows = [
-            (hub, device_id, enqueued, properties.system_json, properties.application_json, body)
-            for hub, device_id, properties, body in items
-        ]
-        with self._db.transaction() as conn:
-            conn.executemany(
-                """INSERT INTO hub_messages (hub, device_id, enqueued_time, system_properties,
-                   application_properties, body) VALUES (?, ?, ?, ?, ?, ?)""",
-                rows,
-            )
-            # One writer inside one transaction: the batch got consecutive sequence numbers.
-            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-        first = last - len(items) + 1
+        first, enqueued = self.insert(items)
         return [
             StoredMessage(
                 first + i,
@@ -130,6 +114,27 @@ class TelemetryStore:
             )
             for i, (hub, device_id, properties, body) in enumerate(items)
         ]
+
+    def insert(self, items: Sequence[tuple[str, str, PropertyBag, bytes]]) -> tuple[int, str]:
+        """Store ``items`` (hub, device id, property bag, body) in one transaction, all or none, with one
+        enqueue time; returns the first item's sequence number (the rest follow consecutively) and that
+        enqueue time.  No per-message objects beyond the row tuples."""
+        for _, _, _, body in items:
+            if len(body) > MAX_MESSAGE_BYTES:
+                raise MessageTooLarge(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        enqueued = azure_time(self._clock())
+        with self._db.transaction() as conn:
+            conn.executemany(
+                """INSERT INTO hub_messages (hub, device_id, enqueued_time, system_properties,
+                   application_properties, body) VALUES (?, ?, ?, ?, ?, ?)""",
+                [
+                    (hub, device_id, enqueued, properties.system_json, properties.application_json, body)
+                    for hub, device_id, properties, body in items
+                ],
+            )
+            # One writer inside one transaction: the batch got consecutive sequence numbers.
+            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        return last - len(items) + 1, enqueued
 
     def recent(
         self, *, hub: str | None = None, device_id: str | None = None, limit: int = 20

@@ -12,7 +12,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -258,6 +258,7 @@ class ConnectionDriver:
         self._last_rx = self._opened
         self._reading = True
         self._lost = asyncio.Event()
+        self._batch_handler: Callable[[Link, list[p.Publish]], Awaitable[int]] | None = None
 
     # --------------------------------------------------------------------------------- transport side
     def data_received(self, data: bytes) -> None:
@@ -345,11 +346,20 @@ class ConnectionDriver:
             log.exception("%s: on_closed failed for %s", endpoint.name, link.client_id)
 
     async def _work(self) -> None:
+        events = self._events
         try:
-            while self._events:
-                event = self._events.popleft()
+            while events:
+                event = events.popleft()
                 try:
-                    await self._handle(event)
+                    if self._batch_handler is not None and type(event) is sm.PublishReceived:
+                        # Every publish already received back to back goes to the endpoint at once;
+                        # their PUBACKs leave in one write once the endpoint has handled them.
+                        batch = [event.packet]
+                        while events and type(events[0]) is sm.PublishReceived:
+                            batch.append(events.popleft().packet)  # type: ignore[union-attr]
+                        await self._on_publish_batch(batch)
+                    else:
+                        await self._handle(event)
                 except ProtocolViolation as exc:
                     log.info("%s: closing: %s", self._who(), exc)
                     self.close()
@@ -410,6 +420,7 @@ class ConnectionDriver:
         clean = info.clean_session or not getattr(endpoint, "persistent_sessions", True)
         session, present = self._broker._session(endpoint, info.client_id, clean)
         self._endpoint = endpoint
+        self._batch_handler = getattr(endpoint, "on_publish_batch", None)
         self._keepalive = packet.keepalive
         link = Link(self, endpoint, info, session)
         self._broker._register(link)
@@ -428,6 +439,18 @@ class ConnectionDriver:
         if packet.qos == 1 and not self._closed:
             assert packet.packet_id is not None
             self.send(p.PubAck(packet.packet_id))
+
+    async def _on_publish_batch(self, batch: list[p.Publish]) -> None:
+        assert self._batch_handler is not None and self.link is not None
+        handled = await self._batch_handler(self.link, batch)
+        if self._closed:
+            return
+        ids = [packet.packet_id for packet in batch[:handled] if packet.qos]
+        if ids:
+            self._conn.acknowledge(ids)  # type: ignore[arg-type]
+            self._flush()
+        if handled < len(batch):
+            self.close()
 
     def _on_subscribe(self, packet: p.Subscribe) -> None:
         assert self._endpoint is not None and self.link is not None

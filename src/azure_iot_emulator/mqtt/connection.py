@@ -10,10 +10,14 @@ closing (as Azure does), wildcards in PUBLISH topics, PINGREQ answered, size lim
 from __future__ import annotations
 
 import enum
+import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from azure_iot_emulator.mqtt import packets as p
 from azure_iot_emulator.mqtt.codec import MalformedPacket, StreamDecoder, encode
+
+_PUBACK = struct.Struct("!BBH")
 
 
 class State(enum.Enum):
@@ -171,6 +175,14 @@ class ServerConnection:
         if self.state is not State.CONNECTED:
             raise RuntimeError(f"cannot send in state {self.state.value}")
         self._out += encode(packet)
+
+    def acknowledge(self, packet_ids: Iterable[int]) -> None:
+        """Queue a PUBACK for each packet id, in order (one buffer, written with the next flush)."""
+        if self.state is not State.CONNECTED:
+            raise RuntimeError(f"cannot send in state {self.state.value}")
+        out = self._out
+        for packet_id in packet_ids:
+            out += _PUBACK.pack(0x40, 2, packet_id)
 
     def close(self) -> None:
         self.state = State.CLOSED

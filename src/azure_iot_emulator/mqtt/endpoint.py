@@ -19,6 +19,14 @@ the connection rules; an *endpoint* owns the meaning of a connection.  Lifecycle
    Publishes are handled one at a time per connection, in order.  Do not await a reply from the same
    device inside ``on_publish``: its PUBACK is sent only after you return (schedule replies instead;
    :meth:`Link.publish` itself never waits for the device).
+   Optional fast path: an endpoint that defines ``async def on_publish_batch(link, publishes) -> int``
+   gets every PUBLISH the core has already received back to back from one connection in one call
+   (``publishes``: a list of :class:`azure_iot_emulator.mqtt.packets.Publish`, in arrival order; use
+   ``.topic`` and ``.payload``) instead of one :meth:`Endpoint.on_publish` each.  It handles them in
+   order and returns how many it handled; the core then acknowledges exactly those (QoS 1 ones, in one
+   write) and, if that is fewer than it was given, closes the connection (the endpoint logs why).  Any
+   exception closes the connection without acknowledging the batch.  Endpoints without it keep the
+   one-at-a-time behaviour above.
 6. QoS 2 PUBLISH, malformed packets, packets over the size limit, a second CONNECT: the core closes the
    connection; the endpoint sees only :meth:`Endpoint.on_closed`.
 7. Close (any cause): :meth:`Endpoint.on_closed` is awaited once, after the link is unregistered.

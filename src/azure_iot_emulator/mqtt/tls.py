@@ -162,6 +162,8 @@ class TlsMqttProtocol(asyncio.Protocol):
             if not out:
                 return
             self._transport.write(out)
+            if len(out) < _READ_CHUNK:
+                return  # a memory BIO hands over everything it holds: nothing is left (no exception)
 
     def _abort(self) -> None:
         self._closing = True
