@@ -9,6 +9,7 @@ import re
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
+from enrollment.provisioning_env import hub_twin, register
 from portal_env import META, activate_form, hidden_fields, portal_stack
 
 from activation_svc.portal.app import create_app
@@ -247,3 +248,30 @@ async def test_static_assets_health_404_405_and_wrong_host(client):
     response = await client.get("/", headers={"Host": "attacker.example"})
     assert response.status == 421
     assert (await client.get("/", headers={"Host": "localhost:8080"})).status == 200
+
+
+async def test_after_registration_new_metadata_is_shown_as_updated(client, stack):
+    device, code = await stack.enrolled()
+    await post_activate(client, device.device_id, code, json.dumps(META))
+    assert (await register(stack.emulator, device)).status == "assigned"
+    changed = {"tags": {"customer": "acme", "site": "north"}, "properties": {"desired": {"interval_s": 10}}}
+    response, page = await post_activate(client, device.device_id, code, json.dumps(changed))
+    assert response.status == 200
+    assert "Updated" in text_of(page, "outcome") and "twin on the hub" in text_of(page, "outcome")
+    assert text_of(page, "v-lifecycle").strip() == "REGISTERED"
+    assert text_of(page, "v-registered-hub") == stack.emulator.default_hub
+    twin = await hub_twin(stack.emulator, stack.emulator.default_hub, device.device_id)
+    assert twin.tags == changed["tags"]
+
+
+async def test_repeated_wrong_codes_are_rate_limited_by_the_service(client, stack):
+    device, code = await stack.enrolled()
+    statuses = []
+    for _ in range(6):  # the service allows 5 failures per id (its default), then refuses for a while
+        response, page = await post_activate(client, device.device_id, "WRONG-CODE-0000", "{}")
+        statuses.append(response.status)
+    assert statuses == [403] * 5 + [429]
+    assert "ACTIVATION_RATE_LIMITED" in page and "Try again in" in page
+    assert int(response.headers["Retry-After"]) > 0
+    response, page = await post_activate(client, device.device_id, code, "{}")
+    assert response.status == 429  # even the right code waits: the service decides
