@@ -7,7 +7,8 @@
     up    start the stack and keep it up, printing what a person needs to drive the flow by hand.
 
 Both bind loopback only.  Defaults: factory_svc 127.0.0.1:50051, activation_svc 127.0.0.1:50052, DPS device
-endpoint ``localhost``, hubs 127.0.0.2 and 127.0.0.3 (MQTT/TLS 8883), DPS REST 8444, hub REST 8443.
+endpoint ``localhost``, hubs 127.0.0.2 and 127.0.0.3 (MQTT/TLS 8883), DPS REST 8444, hub REST 8443, the
+activation portal http://127.0.0.1:8080/.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--hub-rest-port", type=int, default=8443)
         cmd.add_argument("--factory-port", type=int, default=50051)
         cmd.add_argument("--activation-port", type=int, default=50052)
+        cmd.add_argument("--portal-port", type=int, default=8080, help="the activation portal (HTTP)")
 
     run = sub.add_parser("run", help="the whole flow with a live view")
     stack_options(run, "var/demo")
@@ -76,6 +78,7 @@ def _config(args: argparse.Namespace) -> StackConfig:
         hub_rest_port=args.hub_rest_port,
         factory_port=args.factory_port,
         activation_port=args.activation_port,
+        portal_port=args.portal_port,
     )
 
 
@@ -104,6 +107,7 @@ def _stack_facts(stack: Stack) -> list[tuple[str, str]]:
     facts = [
         ("factory_svc (gRPC, mTLS)", stack.config.factory_address),
         ("activation_svc (gRPC, mTLS)", stack.config.activation_address),
+        ("activation portal (web)", stack.config.portal_url),
         ("DPS global endpoint", f"{emu.global_endpoint} (MQTT/TLS 8883)"),
         ("DPS ID scope", emu.id_scope),
         ("DPS service connection string", emu.dps_connection_string),
@@ -225,6 +229,7 @@ async def run_up(args: argparse.Namespace, console: Console) -> int:
             "  # 1. factory: mint + enroll (disabled); note the activation code it prints once\n"
             "  device-client provision 3f2a9c1e-0000-4000-8000-000000000001\n"
             "  # 2. OEM: activate with metadata and a hub (asks for the code)\n"
+            f"  #    (or in the browser: {stack.config.portal_url})\n"
             "  activation-svc activate 3f2a9c1e-0000-4000-8000-000000000001 "
             f"--metadata {sample} --hub {hub}\n"
             "  # 3. first boot: DPS, the hub, telemetry every 5 s (Ctrl-C stops it)\n"

@@ -49,6 +49,7 @@ class StackConfig:
     service_host: str = "127.0.0.1"
     factory_port: int = 50051
     activation_port: int = 50052
+    portal_port: int = 8080
 
     @property
     def factory_address(self) -> str:
@@ -57,6 +58,10 @@ class StackConfig:
     @property
     def activation_address(self) -> str:
         return f"{self.service_host}:{self.activation_port}"
+
+    @property
+    def portal_url(self) -> str:
+        return f"http://{self.service_host}:{self.portal_port}/"
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,7 @@ class Stack:
                 self.config.activation_port,
                 {"ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE": connection},
             )
+            self._start_portal(connection)
         except BaseException:
             self.stop()
             raise
@@ -187,6 +193,30 @@ class Stack:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not answer on {address}; its log:\n{_tail(log)}")
                 time.sleep(0.1)
+
+    def _start_portal(self, connection: str) -> None:
+        """The activation portal: plain HTTP on loopback, a client of activation_svc with its own
+        certificate; it offers the hubs of the same cloud settings."""
+        env = {
+            **_clean_environment(),
+            "ACTIVATION_PORTAL_HOST": self.config.service_host,
+            "ACTIVATION_PORTAL_PORT": str(self.config.portal_port),
+            "ACTIVATION_PORTAL_TARGET": self.config.activation_address,
+            "ACTIVATION_PORTAL_CA_FILE": str(self.tls.ca),
+            "ACTIVATION_PORTAL_CERT_FILE": str(self.tls.cert("portal")),
+            "ACTIVATION_PORTAL_KEY_FILE": str(self.tls.key("portal")),
+            "ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE": connection,
+        }
+        log = self.logs / "portal.log"
+        proc = spawn([sys.executable, "-m", "activation_svc", "portal"], log, env)
+        self._services["portal"] = proc
+        deadline = time.monotonic() + SERVICE_START_TIMEOUT
+        while "portal listening on" not in _tail(log):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the portal exited with {proc.returncode}; its log:\n{_tail(log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the portal did not start; its log:\n{_tail(log)}")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         """Stop the services, then the emulator (each SIGTERM, graceful; SIGKILL after a grace period)."""

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +37,7 @@ def _stack_args(work_dir: Path) -> list[str]:
         "--hub-rest-port", str(free_port(hub1)),
         "--factory-port", str(free_port("127.0.0.1")),
         "--activation-port", str(free_port("127.0.0.1")),
+        "--portal-port", str(free_port("127.0.0.1")),
     ]  # fmt: skip
 
 
@@ -176,6 +178,14 @@ def test_up_serves_the_manual_three_step_flow(tmp_path):
         for name in ("FACTORY_CLIENT_TARGET", "ACTIVATION_CLIENT_TARGET", "DEVICE_CLIENT_ID_SCOPE"):
             assert env[name], name
         guid = str(uuid.uuid4())
+        connection = json.loads((work / "emulator" / "connection.json").read_text())
+        hubs = [h["host_name"] for h in connection["hubs"]]
+
+        # The portal is up too, offering the linked hubs.
+        url = re.search(r"portal listening on (\S+)", (work / "logs" / "portal.log").read_text()).group(1)
+        with urllib.request.urlopen(url, timeout=30) as page:
+            html = page.read().decode()
+        assert all(hub in html for hub in hubs)
 
         # 1. factory: mint + enroll (disabled); the code is shown once
         provision = _cli(env, "device-client", "provision", guid)
@@ -183,7 +193,7 @@ def test_up_serves_the_manual_three_step_flow(tmp_path):
         code = re.search(r"ACTIVATION CODE .*: (\S+)", provision.stdout).group(1)
 
         # 2. OEM: activate with the sample metadata on the second hub (the code on standard input)
-        hub = json.loads((work / "emulator" / "connection.json").read_text())["hubs"][1]["host_name"]
+        hub = hubs[1]
         activate = _cli(
             env, "activation-svc", "activate", guid, "--metadata", str(work / "sample-metadata.json"),
             "--hub", hub, "--code-file", "-", stdin=code + "\n",
