@@ -72,6 +72,7 @@ async def test_form_page_has_fields_sample_hubs_csrf_cookie_and_security_headers
     assert headers["X-Content-Type-Options"] == "nosniff"
     assert headers["Referrer-Policy"] == "no-referrer"
     assert headers["Cache-Control"] == "no-store"
+    assert "aiohttp" not in headers["Server"]
     cookie = headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
     again = await client.get("/")  # the browser keeps its cookie: no new one

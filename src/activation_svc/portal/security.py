@@ -104,6 +104,7 @@ def add_headers(https: bool) -> Callable[[web.Request, web.StreamResponse], Awai
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         for name, value in HEADERS.items():
             response.headers.setdefault(name, value)
+        response.headers["Server"] = "activation-portal"  # no version banner
         if https:
             response.headers.setdefault("Strict-Transport-Security", HSTS)
         if response.content_type == "text/html":
