@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization
 
 
 class CertificateError(ValueError):
@@ -31,12 +32,29 @@ def parse_certificate(text: str) -> x509.Certificate:
 
 
 def thumbprints(cert: x509.Certificate) -> tuple[str, str]:
-    sha1 = cert.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303 - Azure's thumbprint
-    return sha1, cert.fingerprint(hashes.SHA256()).hex().upper()
+    """(SHA-1, SHA-256) of the DER encoding, upper-case hex (Azure's thumbprints).  One DER encoding and
+    hashlib: about half the cost of two ``cert.fingerprint`` calls."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    sha1 = hashlib.sha1(der).hexdigest().upper()  # noqa: S324 - Azure's thumbprint
+    return sha1, hashlib.sha256(der).hexdigest().upper()
 
 
 def _utc(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    m = moment.astimezone(UTC)  # no strftime: a third of the cost
+    return f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}Z"
+
+
+_ISSUER_NAMES: dict[x509.Name, str] = {}
+
+
+def _issuer_name(name: x509.Name) -> str:
+    """RFC 4514 text of an issuer name; the few issuers (CAs) are remembered."""
+    text = _ISSUER_NAMES.get(name)
+    if text is None:
+        if len(_ISSUER_NAMES) >= 64:
+            _ISSUER_NAMES.clear()
+        text = _ISSUER_NAMES[name] = name.rfc4514_string()
+    return text
 
 
 def certificate_info(cert: x509.Certificate) -> dict[str, Any]:
@@ -45,7 +63,7 @@ def certificate_info(cert: x509.Certificate) -> dict[str, Any]:
         "subjectName": cert.subject.rfc4514_string(),
         "sha1Thumbprint": sha1,
         "sha256Thumbprint": sha256,
-        "issuerName": cert.issuer.rfc4514_string(),
+        "issuerName": _issuer_name(cert.issuer),
         "notBeforeUtc": _utc(cert.not_valid_before_utc),
         "notAfterUtc": _utc(cert.not_valid_after_utc),
         "serialNumber": format(cert.serial_number, "X"),

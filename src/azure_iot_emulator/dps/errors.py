@@ -46,5 +46,8 @@ def unauthorized(message: str = "Unauthorized") -> DpsError:
 
 def azure_time(moment: datetime) -> str:
     """``2024-05-01T10:11:12.1234567Z`` (seven fractional digits, UTC)."""
-    text = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
-    return text + "0Z"
+    m = moment.astimezone(UTC)  # formatted by hand: strftime costs three times as much
+    return (
+        f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}."
+        f"{m.microsecond:06d}0Z"
+    )

@@ -25,22 +25,48 @@ def _error(exc: DpsError, now: datetime) -> web.Response:
     return web.json_response(exc.body(now), status=exc.status, headers={"x-ms-error-code": str(exc.code)})
 
 
+class _VerifiedTokens:
+    """SAS headers already verified (the SDK reuses one token for many requests), with their expiry, so a
+    repeat costs a dictionary look-up instead of parsing and an HMAC.  Keyed by (header, policy, key): a
+    rotated key never matches an old entry; expiry is still checked on every request."""
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._expiry: dict[tuple[str, str, str], int] = {}
+
+    def authorised(self, header: str | None, keys: dict[str, str], now: datetime) -> str | None:
+        """None when authorised, else the refusal reason."""
+        if header is not None:
+            stamp = now.timestamp()
+            for policy, key in keys.items():
+                expiry = self._expiry.get((header, policy, key))
+                if expiry is not None and expiry >= stamp:
+                    return None
+        reason = "MISSING"
+        for policy, key in keys.items():
+            try:
+                token = verify_sas(header, key_b64=key, policy=policy, now=now)
+            except SasError as exc:
+                reason = exc.reason
+                continue
+            if header is not None:
+                if len(self._expiry) >= self.LIMIT:
+                    self._expiry.clear()
+                self._expiry[(header, policy, key)] = token.expiry
+            return None
+        return reason
+
+
 def _auth_middleware(keys: Callable[[], dict[str, str]], clock: Callable[[], datetime]) -> Any:
+    verified = _VerifiedTokens()
+
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         now = clock()
         header = request.headers.get("Authorization")
-        authorised = False
-        reason = "MISSING"
-        for policy, key in keys().items():
-            try:
-                verify_sas(header, key_b64=key, policy=policy, now=now)
-            except SasError as exc:
-                reason = exc.reason
-                continue
-            authorised = True
-            break
-        if not authorised:
+        reason = verified.authorised(header, keys(), now)
+        if reason is not None:
             log.info("DPS REST %s %s refused: SAS %s", request.method, request.path, reason)
             return _error(unauthorized(f"Unauthorized: SAS token {reason.lower().replace('_', ' ')}"), now)
         try:

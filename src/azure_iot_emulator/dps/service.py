@@ -68,7 +68,13 @@ class RegistrationOutcome:
 
 
 def new_etag() -> str:
-    return base64.b64encode(json.dumps(str(uuid.uuid4())).encode()).decode("ascii")
+    """Azure's shape: base64 of a quoted random (version 4) GUID, built without ``uuid.UUID`` objects."""
+    raw = bytearray(secrets.token_bytes(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    h = raw.hex()
+    guid = f'"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"'
+    return base64.b64encode(guid.encode("ascii")).decode("ascii")
 
 
 def hashed_choice(registration_id: str, hubs: Sequence[str]) -> str:
@@ -121,8 +127,11 @@ class DpsService:
             self._put(registration_id, body, model.strip_etag(if_match), mode="put")
             return self.get_enrollment(registration_id)
 
-    def _put(self, path_id: str | None, body: Any, if_match: str | None, *, mode: str) -> str:
-        """One enrollment write (joins the caller's transaction); returns the registration id."""
+    def _put(
+        self, path_id: str | None, body: Any, if_match: str | None, *, mode: str, now: str | None = None
+    ) -> str:
+        """One enrollment write (joins the caller's transaction); returns the registration id.  Every
+        check comes before the write: a refused item writes nothing."""
         reg_id = body.get("registrationId") if isinstance(body, dict) else None
         existing = self._row(path_id or reg_id) if (path_id or isinstance(reg_id, str)) else None
         previous = json.loads(existing["body"]) if existing is not None else None
@@ -130,8 +139,9 @@ class DpsService:
             body, path_id=path_id, linked_hubs=self.hub_hosts, previous=previous
         )
         reg_id = stored["registrationId"]
-        _check_initial_twin(stored.get("initialTwin"))
-        now = azure_time(self._clock())
+        if stored.get("initialTwin") is not None:
+            _check_initial_twin(stored["initialTwin"])
+        now = now or azure_time(self._clock())
         if existing is None:
             if mode == "updateIfMatchETag" and if_match not in (None, "*"):
                 raise precondition_failed(f"Enrollment {reg_id} does not exist")
@@ -178,29 +188,35 @@ class DpsService:
         if len(items) > MAX_BULK:
             raise DpsError(400, 400013, f"at most {MAX_BULK} enrollments per bulk operation")
         errors: list[dict[str, Any]] = []
-        for item in items:
-            reg_id = item.get("registrationId") if isinstance(item, dict) else None
-            try:
-                with self._db.transaction():
+        now = azure_time(self._clock())
+        # One transaction (one commit) for the whole request; each item in its own savepoint, so a refused
+        # item leaves nothing behind and never undoes the others.
+        with self._db.transaction() as conn:
+            for item in items:
+                reg_id = item.get("registrationId") if isinstance(item, dict) else None
+                conn.execute("SAVEPOINT bulk_item")
+                try:
                     if not isinstance(item, dict):
                         raise bad_request("enrollment must be a JSON object")
                     etag = model.strip_etag(item.get("etag")) if isinstance(item.get("etag"), str) else None
                     if mode == "delete":
                         self._delete(model.check_registration_id(reg_id), etag)
                     elif mode == "create":
-                        self._put(None, item, None, mode="create")
+                        self._put(None, item, None, mode="create", now=now)
                     elif mode == "update":
-                        self._put(None, item, "*", mode="update")
+                        self._put(None, item, "*", mode="update", now=now)
                     else:
-                        self._put(None, item, etag or "", mode="updateIfMatchETag")
-            except DpsError as exc:
-                errors.append(
-                    {
-                        "registrationId": reg_id if isinstance(reg_id, str) else None,
-                        "errorCode": exc.code,
-                        "errorStatus": exc.message,
-                    }
-                )
+                        self._put(None, item, etag or "", mode="updateIfMatchETag", now=now)
+                except DpsError as exc:
+                    conn.execute("ROLLBACK TO bulk_item")
+                    errors.append(
+                        {
+                            "registrationId": reg_id if isinstance(reg_id, str) else None,
+                            "errorCode": exc.code,
+                            "errorStatus": exc.message,
+                        }
+                    )
+                conn.execute("RELEASE bulk_item")
         return {"isSuccessful": not errors, "errors": errors}
 
     def query(self, body: Any, page_size: int, continuation: str | None) -> tuple[list[dict], str | None]:
