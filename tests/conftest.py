@@ -71,3 +71,14 @@ def module_emulator(tmp_path_factory):
             emu.stop()
         finally:
             emu.kill()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The device SDK leaves operation-timeout timers (threading.Timer) behind for clients the tests have
+    shut down; at interpreter exit they would fire into its already-closed executors and print tracebacks.
+    Cancel the ones still waiting: their clients are gone."""
+    import threading
+
+    for thread in threading.enumerate():
+        if isinstance(thread, threading.Timer):
+            thread.cancel()
