@@ -19,7 +19,12 @@ MAX_CSR_BYTES = 64 * 1024
 class CheckedCsr:
     public_key: PublicKey
     key_type: KeyType
-    der: bytes
+    csr: x509.CertificateSigningRequest
+
+    @property
+    def der(self) -> bytes:
+        """The CSR's DER (only idempotent requests need it, to fingerprint what was asked)."""
+        return self.csr.public_bytes(Encoding.DER)
 
 
 def check_csr(pem: bytes, device_id: str) -> CheckedCsr:
@@ -54,4 +59,4 @@ def check_csr(pem: bytes, device_id: str) -> CheckedCsr:
                 f"the CSR's subject CN {common_name!r} differs from the device id {device_id!r}",
                 csr_common_name=common_name,
             )
-    return CheckedCsr(public_key, key_type, csr.public_bytes(Encoding.DER))
+    return CheckedCsr(public_key, key_type, csr)

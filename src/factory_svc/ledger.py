@@ -5,6 +5,11 @@ concurrent RPCs are grouped into one transaction per flush (group commit), each 
 savepoint, so one conflicting record never loses the others.  The connection lives on one dedicated
 thread: SQLite calls block, the event loop must not.
 
+One flush costs one hand-off to the ledger thread and one wake-up of the event loop, whatever its size:
+the batch is handed over with ``Executor.submit`` and its results come back in one
+``call_soon_threadsafe`` (no task, no wrapped future per flush); the records that arrive meanwhile form
+the next batch.
+
 File: ``<data_dir>/ledger.sqlite3`` (plus its ``-wal``/``-shm`` companions).
 """
 
@@ -159,7 +164,7 @@ class SqliteLedger:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._conn: sqlite3.Connection | None = None
         self._pending: list[_Pending] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._idle: asyncio.Future[None] | None = None  # set while a flush is on the ledger thread
 
     @classmethod
     async def open(cls, path: Path) -> SqliteLedger:
@@ -168,8 +173,8 @@ class SqliteLedger:
         return ledger
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            await self._flusher
+        if self._idle is not None:
+            await asyncio.shield(self._idle)
         await self._call(self._disconnect)
         self._executor.shutdown(wait=True)
 
@@ -233,25 +238,52 @@ class SqliteLedger:
         self, certificate: IssuedCertificate, fingerprint: str | None, now: datetime
     ) -> Recorded | RequestIdTaken:
         """Commit one issued certificate (and its request id when ``fingerprint`` is given)."""
-        future: asyncio.Future[Recorded | RequestIdTaken] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Recorded | RequestIdTaken] = loop.create_future()
         self._pending.append(_Pending(certificate, fingerprint, _us(now), future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+        if self._idle is None:
+            self._idle = loop.create_future()
+            loop.call_soon(self._start_flush, loop)  # after the callbacks already due: they may add records
         return await future
 
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                results = await self._call(self._write_batch, batch)
-            except Exception as exc:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
+    def _start_flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Event loop: hand everything pending to the ledger thread as one batch."""
+        batch, self._pending = self._pending, []
+        try:
+            self._executor.submit(self._flush_on_thread, batch, loop)
+        except BaseException as exc:  # executor shut down: nobody will answer these records
+            self._flushed(batch, None, exc, loop)
+
+    def _flush_on_thread(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        """Ledger thread: write and commit the batch, then report back to the event loop once."""
+        try:
+            results: list[Recorded | RequestIdTaken] | None = self._write_batch(batch)
+            error: BaseException | None = None
+        except BaseException as exc:
+            results, error = None, exc
+        loop.call_soon_threadsafe(self._flushed, batch, results, error, loop)
+
+    def _flushed(
+        self,
+        batch: list[_Pending],
+        results: list[Recorded | RequestIdTaken] | None,
+        error: BaseException | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """Event loop: answer the batch's records, then flush what arrived meanwhile."""
+        if results is None:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error or RuntimeError("the ledger write failed"))
+        else:
             for item, result in zip(batch, results, strict=True):
                 if not item.future.done():
                     item.future.set_result(result)
+        if self._pending:
+            loop.call_soon(self._start_flush, loop)
+        elif self._idle is not None:
+            idle, self._idle = self._idle, None
+            idle.set_result(None)
 
     async def find_request(self, request_id: str) -> StoredRequest | None:
         def query() -> StoredRequest | None:

@@ -83,6 +83,45 @@ class _Checked:
     fingerprint: str
 
 
+# The leaf's fixed extensions, built once.
+_NOT_A_CA = x509.BasicConstraints(ca=False, path_length=None)
+_SIGNATURE_ONLY = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+_CLIENT_AUTH = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+
+
+def leaf_builder(
+    device_id: str,
+    public_key: PublicKey,
+    not_before: datetime,
+    not_after: datetime,
+    authority_key_id: x509.AuthorityKeyIdentifier,
+) -> x509.CertificateBuilder:
+    """The device certificate, unsigned and without issuer name (the CA sets both)."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(_NOT_A_CA, critical=True)
+        .add_extension(_SIGNATURE_ONLY, critical=True)
+        .add_extension(_CLIENT_AUTH, critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(authority_key_id, critical=False)
+    )
+
+
 def thumbprints(cert: x509.Certificate) -> tuple[str, str]:
     der = cert.public_bytes(serialization.Encoding.DER)
     return hashlib.sha1(der, usedforsecurity=False).hexdigest().upper(), hashlib.sha256(
@@ -212,6 +251,11 @@ class MintingService:
         now = self._clock()
         checked = self._check(request, now)
         with bind_device_id(checked.device_id):
+            if not request.request_id:  # nothing to look up, nothing to serialise
+                result = await self._issue(request, checked, now)
+                if isinstance(result, RequestIdTaken):
+                    raise RuntimeError("the ledger reported a request id clash for a request without one")
+                return result
             async with self._one_at_a_time(request.request_id):
                 if request.request_id:
                     stored = await self._ledger.find_request(request.request_id)
@@ -275,32 +319,7 @@ class MintingService:
         return MintResult(issued, key_pem, outcome.unexpired_count, replayed=False)
 
     def _leaf_builder(self, checked: _Checked, public_key: PublicKey) -> x509.CertificateBuilder:
-        return (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, checked.device_id)]))
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(checked.not_before)
-            .not_valid_after(checked.not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(self._aki, critical=False)
-        )
+        return leaf_builder(checked.device_id, public_key, checked.not_before, checked.not_after, self._aki)
 
 
 # ------------------------------------------------------------------------------------------- read side
