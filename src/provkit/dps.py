@@ -96,7 +96,10 @@ class DpsEnrollments:
         self._session = session
 
     @classmethod
-    async def open(cls, config: DpsConfig, *, pool_size: int = 32) -> DpsEnrollments:
+    async def open(cls, config: DpsConfig, *, pool_size: int = 8) -> DpsEnrollments:
+        """One aiohttp session (keep-alive) for every call.  ``pool_size`` caps the open connections: more
+        requests than that wait for a free connection instead of paying a new TLS handshake on both sides
+        (the service is one event loop; a few connections already keep it busy)."""
         logging.getLogger(_SDK_HTTP_LOG).setLevel(logging.WARNING)
         context = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
         session = aiohttp.ClientSession(

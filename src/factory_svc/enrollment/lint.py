@@ -7,13 +7,14 @@ CERTIFICATE_EXPIRED, CERTIFICATE_VALIDITY_TOO_SHORT, CERTIFICATE_UNTRUSTED.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factory_svc.device_id import normalise_device_id
@@ -98,24 +99,42 @@ def lint_certificate(
             f"the certificate expires at {not_after.isoformat()}; at least "
             f"{policy.min_remaining_validity.days} days of validity are required",
         )
-    issuer = next((ca for ca in policy.intermediates if ca.subject == leaf.issuer), None)
-    try:
-        if issuer is None:
-            raise ValueError(f"issued by {leaf.issuer.rfc4514_string()!r}, not by this factory's issuing CA")
-        leaf.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        raise invalid_field(
-            field(FIELD),
-            "CERTIFICATE_UNTRUSTED",
-            f"the certificate does not verify to this factory's CA ({exc})",
-        ) from None
+    _verify_issued_by_factory(leaf, policy.intermediates, field(FIELD))
+    der = leaf.public_bytes(serialization.Encoding.DER)
     return LintedCertificate(
         device_id=device_id,
         leaf=leaf,
         leaf_pem=leaf.public_bytes(serialization.Encoding.PEM).decode(),
-        sha1_thumbprint=leaf.fingerprint(hashes.SHA1()).hex().upper(),  # noqa: S303 - Azure's thumbprint
-        sha256_thumbprint=leaf.fingerprint(hashes.SHA256()).hex().upper(),
+        # Azure's thumbprints: hashes of the DER encoding (one encoding, two hashlib calls).
+        sha1_thumbprint=hashlib.sha1(der).hexdigest().upper(),  # noqa: S324 - Azure's thumbprint
+        sha256_thumbprint=hashlib.sha256(der).hexdigest().upper(),
         not_after=not_after,
+    )
+
+
+def _verify_issued_by_factory(
+    leaf: x509.Certificate, issuing_cas: Sequence[x509.Certificate], field_name: str
+) -> None:
+    """The leaf's issuer name is an issuing CA's subject and its signature verifies with that CA's key.
+    ``verify_directly_issued_by`` compares the names itself (in Rust): no Python ``Name`` objects."""
+    for ca in issuing_cas:
+        try:
+            leaf.verify_directly_issued_by(ca)
+            return
+        except ValueError:
+            continue  # another issuer name (or a signature algorithm this CA cannot have made)
+        except (TypeError, InvalidSignature) as exc:
+            detail = str(exc) or "the signature does not verify with the issuing CA's key"
+            raise invalid_field(
+                field_name,
+                "CERTIFICATE_UNTRUSTED",
+                f"the certificate does not verify to this factory's CA ({detail})",
+            ) from None
+    raise invalid_field(
+        field_name,
+        "CERTIFICATE_UNTRUSTED",
+        f"the certificate does not verify to this factory's CA (issued by "
+        f"{leaf.issuer.rfc4514_string()!r}, not by this factory's issuing CA)",
     )
 
 

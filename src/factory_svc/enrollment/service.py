@@ -16,7 +16,9 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace as dc_replace
 from datetime import datetime
 from typing import Any
@@ -65,6 +67,10 @@ log = logging.getLogger("factory_svc.enrollment")
 Clock = Callable[[], datetime]
 _MAX_ATTEMPTS = 8
 _BULK = 10
+# Activation codes are hashed here: as many threads as cores (at most 4), shared by every request, so
+# batches in flight queue for the cores instead of multiplying threads.
+_HASH_THREADS = max(1, min(4, os.cpu_count() or 2))
+_HASHERS = ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="code-hash")
 
 
 # ------------------------------------------------------------------------------------- enrollment bodies
@@ -170,19 +176,20 @@ class EnrollmentService:
 
     # ------------------------------------------------------------------------------------- helpers
     async def _new_code(self) -> tuple[str, dict[str, Any]]:
-        code = new_code()
-        record = await asyncio.to_thread(hash_code, code, log2_n=self._policy.code_hash_log2_n)
-        return code, record
+        return (await self._new_codes(1))[0]
 
-    async def _new_codes(self, count: int, workers: int = 2) -> list[tuple[str, dict[str, Any]]]:
-        """``count`` codes, hashed in a few worker threads (few hand-offs; scrypt releases the GIL)."""
+    async def _new_codes(self, count: int) -> list[tuple[str, dict[str, Any]]]:
+        """``count`` codes, hashed in the hashing threads (scrypt releases the GIL): one hand-off per thread
+        and batch, and no more threads than cores, however many batches are in flight."""
         log2_n = self._policy.code_hash_log2_n
 
         def make(n: int) -> list[tuple[str, dict[str, Any]]]:
             return [(code, hash_code(code, log2_n=log2_n)) for code in (new_code() for _ in range(n))]
 
-        shares = [count // workers + (1 if k < count % workers else 0) for k in range(workers)]
-        parts = await asyncio.gather(*(asyncio.to_thread(make, n) for n in shares if n))
+        loop = asyncio.get_running_loop()
+        threads = _HASH_THREADS
+        shares = [count // threads + (1 if k < count % threads else 0) for k in range(threads)]
+        parts = await asyncio.gather(*(loop.run_in_executor(_HASHERS, make, n) for n in shares if n))
         return [item for part in parts for item in part]
 
     def lint(self, request: EnrollRequest, field_prefix: str = "") -> LintedCertificate:
