@@ -208,6 +208,35 @@ def decode_packet(first: int, body: bytes) -> p.Packet:
     return packet
 
 
+def _decode_publish(first: int, buf: bytearray, start: int, end: int) -> p.Publish:
+    """PUBLISH straight from the stream buffer (``buf[start:end]`` is its body); the same checks and
+    reasons as :func:`decode_packet`."""
+    flags = first & 0x0F
+    qos = (flags >> 1) & 0x03
+    if qos == 3:
+        raise MalformedPacket("BAD_QOS", "PUBLISH with QoS 3")
+    if start + 2 > end:
+        raise MalformedPacket("TRUNCATED", "packet body ends early")
+    topic_end = start + 2 + ((buf[start] << 8) | buf[start + 1])
+    if topic_end > end:
+        raise MalformedPacket("TRUNCATED", "packet body ends early")
+    try:
+        topic = buf[start + 2 : topic_end].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedPacket("BAD_UTF8", "string is not UTF-8") from exc
+    if "\x00" in topic:
+        raise MalformedPacket("BAD_UTF8", "string contains U+0000")
+    packet_id = None
+    if qos:
+        if topic_end + 2 > end:
+            raise MalformedPacket("TRUNCATED", "packet body ends early")
+        packet_id = (buf[topic_end] << 8) | buf[topic_end + 1]
+        if packet_id == 0:
+            raise MalformedPacket("BAD_PACKET_ID", "packet id 0")
+        topic_end += 2
+    return p.Publish(topic, bytes(buf[topic_end:end]), qos, packet_id, bool(flags & 0x01), bool(flags & 0x08))
+
+
 def _decode_connect(r: _Reader) -> p.Connect:
     name = r.text()
     level = r.u8()
@@ -268,9 +297,13 @@ class StreamDecoder:
         total = header_len + length
         if len(self._buffer) < total:
             return None
-        body = bytes(self._buffer[header_len:total])
-        del self._buffer[:total]
-        return decode_packet(first, body)
+        buf = self._buffer
+        try:
+            if first >> 4 == p.PUBLISH:  # the hot path: no intermediate body copy, no reader object
+                return _decode_publish(first, buf, header_len, total)
+            return decode_packet(first, bytes(buf[header_len:total]))
+        finally:
+            del buf[:total]
 
     def _header(self) -> tuple[int, int, int] | None:
         buf = self._buffer
