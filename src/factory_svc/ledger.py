@@ -1,8 +1,10 @@
 """The SQLite ledger of issued certificates (and of request ids, for idempotency).
 
 Every issued certificate is committed (WAL, synchronous=FULL) before ``record`` returns.  Writes from
-concurrent RPCs are grouped into one transaction per flush (group commit), each record in its own
-savepoint, so one conflicting record never loses the others.  The connection lives on one dedicated
+concurrent RPCs are grouped into one transaction per flush (group commit), written with one multi-row
+INSERT per table; if one record conflicts the batch is redone record by record, each in its own
+savepoint, so one conflicting record never loses the others.  The unexpired count answered with each
+record is the id's count once its batch is in.  The connection lives on one dedicated
 thread: SQLite calls block, the event loop must not.
 
 One flush costs one hand-off to the ledger thread and one wake-up of the event loop, whatever its size:
@@ -77,6 +79,25 @@ _SELECT_REQUEST = (
     "WHERE r.request_id = ?"
 )
 _COUNT_UNEXPIRED = "SELECT COUNT(*) FROM certificates WHERE device_id = ? AND not_after_us > ?"
+_ROWS_PER_INSERT = 64  # 64 rows x 13 columns stays below SQLite's oldest limit of 999 parameters
+
+
+def _insert_many(statement: str, rows: int) -> str:
+    """``INSERT ... VALUES (?, ...)`` for ``rows`` rows (one statement: one step for the whole chunk)."""
+    head, one = statement.split(" VALUES ")
+    return f"{head} VALUES {', '.join([one] * rows)}"
+
+
+def _count_unexpired_many(ids: int) -> str:
+    marks = ", ".join("?" * ids)
+    return (
+        f"SELECT device_id, COUNT(*) FROM certificates WHERE device_id IN ({marks}) "  # noqa: S608 - marks only
+        "AND not_after_us > ? GROUP BY device_id"
+    )
+
+
+def _chunks(items: list[T], size: int) -> list[list[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _us(moment: datetime) -> int:
@@ -184,7 +205,9 @@ class SqliteLedger:
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, cached_statements=512
+        )  # one cached statement per multi-row size
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
@@ -203,34 +226,63 @@ class SqliteLedger:
         return self._conn
 
     def _write_batch(self, batch: list[_Pending]) -> list[Recorded | RequestIdTaken]:
+        """One transaction for the batch.  Usually a handful of statements whatever its size (each statement
+        is a GIL hand-over between this thread and the event loop); when a record conflicts (request id
+        taken by another process, or a duplicate serial) the batch is redone record by record."""
         db = self._db
-        results: list[Recorded | RequestIdTaken] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            for item in batch:
-                db.execute("SAVEPOINT record")
-                try:
-                    db.execute(_INSERT_CERTIFICATE, _row(item.certificate))
-                    if item.fingerprint is not None:
-                        db.execute(
-                            _INSERT_REQUEST,
-                            (item.certificate.request_id, item.fingerprint, item.certificate.serial_number),
-                        )
-                except sqlite3.IntegrityError:
-                    db.execute("ROLLBACK TO record")
-                    db.execute("RELEASE record")
-                    results.append(RequestIdTaken())
-                    continue
-                db.execute("RELEASE record")
-                (count,) = db.execute(
-                    _COUNT_UNEXPIRED,
-                    (item.certificate.device_id, item.now_us),
-                ).fetchone()
-                results.append(Recorded(count))
+            try:
+                results = self._insert_together(db, batch)
+            except sqlite3.IntegrityError:
+                db.execute("ROLLBACK")
+                db.execute("BEGIN IMMEDIATE")
+                results = self._insert_one_by_one(db, batch)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
+        return results
+
+    @staticmethod
+    def _insert_together(db: sqlite3.Connection, batch: list[_Pending]) -> list[Recorded | RequestIdTaken]:
+        for chunk in _chunks([_row(item.certificate) for item in batch], _ROWS_PER_INSERT):
+            db.execute(_insert_many(_INSERT_CERTIFICATE, len(chunk)), [v for row in chunk for v in row])
+        requests = [
+            (item.certificate.request_id, item.fingerprint, item.certificate.serial_number)
+            for item in batch
+            if item.fingerprint is not None
+        ]
+        for chunk in _chunks(requests, _ROWS_PER_INSERT):
+            db.execute(_insert_many(_INSERT_REQUEST, len(chunk)), [v for row in chunk for v in row])
+        # The unexpired count of each id once the batch is in, at the batch's latest moment.
+        now_us = max(item.now_us for item in batch)
+        counts: dict[str, int] = {}
+        for ids in _chunks(sorted({item.certificate.device_id for item in batch}), _ROWS_PER_INSERT):
+            counts.update(db.execute(_count_unexpired_many(len(ids)), (*ids, now_us)).fetchall())
+        return [Recorded(counts.get(item.certificate.device_id, 0)) for item in batch]
+
+    @staticmethod
+    def _insert_one_by_one(db: sqlite3.Connection, batch: list[_Pending]) -> list[Recorded | RequestIdTaken]:
+        results: list[Recorded | RequestIdTaken] = []
+        for item in batch:
+            db.execute("SAVEPOINT record")
+            try:
+                db.execute(_INSERT_CERTIFICATE, _row(item.certificate))
+                if item.fingerprint is not None:
+                    db.execute(
+                        _INSERT_REQUEST,
+                        (item.certificate.request_id, item.fingerprint, item.certificate.serial_number),
+                    )
+            except sqlite3.IntegrityError:
+                db.execute("ROLLBACK TO record")
+                db.execute("RELEASE record")
+                results.append(RequestIdTaken())
+                continue
+            db.execute("RELEASE record")
+            (count,) = db.execute(_COUNT_UNEXPIRED, (item.certificate.device_id, item.now_us)).fetchone()
+            results.append(Recorded(count))
         return results
 
     # ------------------------------------------------------------------------------------- async API
