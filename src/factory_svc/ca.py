@@ -82,6 +82,10 @@ class LocalIssuingCA:
             raise CaConfigError("the chain must end with the self-signed root certificate")
 
     async def sign(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        return self.sign_now(builder)
+
+    def sign_now(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        """Synchronous signing (a local key needs no waiting); ``sign`` is the interface minting uses."""
         return builder.issuer_name(self.certificate.subject).sign(self.key, _hash_for(self.key))
 
 
