@@ -320,6 +320,8 @@ class EnrollmentService:
         valid: list[tuple[int, LintedCertificate, bool]] = []
         seen: set[str] = set()
         for index, request in enumerate(requests):
+            if index and index % _BULK == 0:
+                await asyncio.sleep(0)  # linting is CPU work: let the loop serve others now and then
             try:
                 linted = self.lint(request, f"items[{index}].")
             except DomainError as exc:
@@ -352,14 +354,20 @@ class EnrollmentService:
         out: list[tuple[int, BatchItemResult]] = []
         if not valid:
             return out
-        codes = await self._new_codes(len(valid))
-        fresh = {index: code for (index, _, _), code in zip(valid, codes, strict=True)}
         if await self._outbox.pending_count() > 0:
-            queued = await self._queue_many([(lin, rep, *fresh[i]) for i, lin, rep in valid])
+            codes = await self._new_codes(len(valid))
+            items = [(lin, rep, *code) for (_, lin, rep), code in zip(valid, codes, strict=True)]
+            queued = await self._queue_many(items)
             return [
                 (i, BatchItemResult(i, lin.device_id, res, None))
                 for (i, lin, _), res in zip(valid, queued, strict=True)
             ]
+        # Codes are hashed per bulk operation, so the first operation goes out after ten hashes rather than
+        # after the whole batch, and hashing (worker threads) overlaps with writing to DPS (event loop).
+        fresh: dict[int, tuple[str, dict[str, Any]]] = {}
+
+        async def hashed(indexes: Sequence[int]) -> None:
+            fresh.update(zip(indexes, await self._new_codes(len(indexes)), strict=True))
         creates = [(i, lin) for i, lin, rep in valid if not rep]
         replaces = [(i, lin) for i, lin, rep in valid if rep]
         gate = asyncio.Semaphore(self._policy.bulk_concurrency)
@@ -376,6 +384,7 @@ class EnrollmentService:
                 out.append((index, _error_item(index, linted.device_id, exc)))
 
         async def chunk(part: Sequence[tuple[int, LintedCertificate]]) -> None:
+            await hashed([i for i, _ in part])
             async with gate:
                 bodies = [new_enrollment_body(lin, fresh[i][1]) for i, lin in part]
                 try:
@@ -411,6 +420,8 @@ class EnrollmentService:
 
         parts = [creates[n : n + _BULK] for n in range(0, len(creates), _BULK)]
         await asyncio.gather(*(chunk(p) for p in parts))
+        if replaces:
+            await hashed([i for i, _ in replaces])
         for i, lin in replaces:
             async with gate:
                 await one(i, lin, True)
