@@ -136,6 +136,21 @@ class HubEndpoint:
     def may_subscribe(self, link: LinkLike, topic_filter: str) -> bool:
         return topics.may_subscribe(link.client_id, topic_filter)
 
+    def submit_publishes(
+        self, link: LinkLike, publishes: Sequence[PublishLike]
+    ) -> asyncio.Future[None] | None:
+        """The core's fastest path: a batch that is all well-formed telemetry of this device joins the
+        next group commit without a coroutine; the future completes after the commit.  Anything else
+        -> ``None`` (the core uses :meth:`on_publish_batch`)."""
+        device_id = link.client_id
+        run: list[tuple[topics.PropertyBag, bytes]] = []
+        for packet in publishes:
+            kind = topics.classify_publish(device_id, packet.topic)
+            if type(kind) is not topics.Telemetry or len(packet.payload) > MAX_MESSAGE_BYTES:
+                return None
+            run.append((kind.properties, packet.payload))
+        return self.service.submit_many(self.name, device_id, run)
+
     async def on_publish_batch(self, link: LinkLike, publishes: Sequence[PublishLike]) -> int:
         """The core's fast path: publishes received back to back from one device.  Each run of
         telemetry is stored with one :meth:`HubService.ingest_many` (one group commit for all of it);

@@ -347,6 +347,13 @@ class HubService:
     ) -> None:
         """Store several messages of one device durably, in order; returns once they are committed
         (they join the same group commit as everything else arriving in this event-loop turn)."""
+        await self.submit_many(hub, device_id, messages)
+
+    def submit_many(
+        self, hub: str, device_id: str, messages: Sequence[tuple[topics.PropertyBag, bytes]]
+    ) -> asyncio.Future[None]:
+        """:meth:`ingest_many` without the coroutine: queue the messages for the next group commit and
+        return a future that completes once they are committed (or fails if the commit fails)."""
         for _, body in messages:
             if len(body) > MAX_MESSAGE_BYTES:
                 raise _too_large(len(body))
@@ -354,7 +361,7 @@ class HubService:
             asyncio.get_running_loop().create_future(), len(self._ingest_items), len(messages), False
         )
         self._queue_ingest([(hub, device_id, properties, body) for properties, body in messages], waiter)
-        await waiter.future
+        return waiter.future  # type: ignore[return-value]
 
     def _queue_ingest(
         self, items: list[tuple[str, str, topics.PropertyBag, bytes]], waiter: _IngestWaiter

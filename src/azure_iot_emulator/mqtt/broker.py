@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -259,6 +260,8 @@ class ConnectionDriver:
         self._reading = True
         self._lost = asyncio.Event()
         self._batch_handler: Callable[[Link, list[p.Publish]], Awaitable[int]] | None = None
+        self._submit: Callable[[Link, list[p.Publish]], asyncio.Future[object] | None] | None = None
+        self._last_submit: asyncio.Future[object] | None = None
 
     # --------------------------------------------------------------------------------- transport side
     def data_received(self, data: bytes) -> None:
@@ -268,6 +271,13 @@ class ConnectionDriver:
         events = self._conn.receive(data)
         self._flush()
         if events:
+            if (
+                self._submit is not None
+                and self._worker is None
+                and all(type(event) is sm.PublishReceived for event in events)
+                and self._submit_batch([event.packet for event in events])  # type: ignore[union-attr]
+            ):
+                return
             self._events.extend(events)
             if self._worker is None:
                 self._worker = asyncio.get_running_loop().create_task(self._work())
@@ -285,9 +295,11 @@ class ConnectionDriver:
         self._reading = False
 
     async def drained(self) -> None:
-        worker = self._worker
-        if worker is not None:
-            await asyncio.wait({worker})
+        while True:
+            waiting = {w for w in (self._worker, self._last_submit) if w is not None}
+            if not waiting:
+                return
+            await asyncio.wait(waiting)
 
     async def transport_gone(self) -> None:
         await self._lost.wait()
@@ -349,6 +361,12 @@ class ConnectionDriver:
         events = self._events
         try:
             while events:
+                if self._last_submit is not None:
+                    # Publishes submitted on the fast path come first (they are acknowledged in order).
+                    await asyncio.wait({self._last_submit})
+                    if self._closed:
+                        events.clear()
+                    continue
                 event = events.popleft()
                 try:
                     if self._batch_handler is not None and type(event) is sm.PublishReceived:
@@ -421,6 +439,7 @@ class ConnectionDriver:
         session, present = self._broker._session(endpoint, info.client_id, clean)
         self._endpoint = endpoint
         self._batch_handler = getattr(endpoint, "on_publish_batch", None)
+        self._submit = getattr(endpoint, "submit_publishes", None)
         self._keepalive = packet.keepalive
         link = Link(self, endpoint, info, session)
         self._broker._register(link)
@@ -439,6 +458,38 @@ class ConnectionDriver:
         if packet.qos == 1 and not self._closed:
             assert packet.packet_id is not None
             self.send(p.PubAck(packet.packet_id))
+
+    def _submit_batch(self, batch: list[p.Publish]) -> bool:
+        """The fast path: hand publishes to the endpoint without a task; their PUBACKs are sent from
+        the future's callback.  False when the endpoint wants the general path for this batch."""
+        assert self._submit is not None and self.link is not None
+        future = self._submit(self.link, batch)
+        if future is None:
+            return False
+        self._last_submit = future
+        future.add_done_callback(functools.partial(self._submitted, batch))
+        return True
+
+    def _submitted(self, batch: list[p.Publish], future: asyncio.Future[object]) -> None:
+        if self._last_submit is future:
+            self._last_submit = None
+        if self._closed:
+            return
+        if future.cancelled():
+            self.close()
+            return
+        exc = future.exception()
+        if exc is not None:
+            if isinstance(exc, ProtocolViolation):
+                log.info("%s: closing: %s", self._who(), exc)
+            else:
+                log.error("%s: publish failed; closing the connection: %s", self._who(), exc)
+            self.close()
+            return
+        ids = [packet.packet_id for packet in batch if packet.qos]
+        if ids:
+            self._conn.acknowledge(ids)  # type: ignore[arg-type]
+            self._flush()
 
     async def _on_publish_batch(self, batch: list[p.Publish]) -> None:
         assert self._batch_handler is not None and self.link is not None

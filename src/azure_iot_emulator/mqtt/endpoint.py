@@ -27,6 +27,12 @@ the connection rules; an *endpoint* owns the meaning of a connection.  Lifecycle
    write) and, if that is fewer than it was given, closes the connection (the endpoint logs why).  Any
    exception closes the connection without acknowledging the batch.  Endpoints without it keep the
    one-at-a-time behaviour above.
+   Optional faster path still: ``submit_publishes(link, publishes) -> asyncio.Future | None`` (plain
+   method, no coroutine), tried first when the connection is otherwise idle and everything just read
+   is a PUBLISH.  It either returns ``None`` (nothing done; the core falls back to the paths above) or
+   takes the whole batch and returns a future that completes once all of it is handled (durable); the
+   core then acknowledges all of it, or closes the connection without acknowledging if the future
+   fails.  Later packets of the connection wait until it completes, so order is kept.
 6. QoS 2 PUBLISH, malformed packets, packets over the size limit, a second CONNECT: the core closes the
    connection; the endpoint sees only :meth:`Endpoint.on_closed`.
 7. Close (any cause): :meth:`Endpoint.on_closed` is awaited once, after the link is unregistered.
