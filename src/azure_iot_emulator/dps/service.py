@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import secrets
+import sqlite3
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -133,6 +134,8 @@ class DpsService:
         """One enrollment write (joins the caller's transaction); returns the registration id.  Every
         check comes before the write: a refused item writes nothing."""
         reg_id = body.get("registrationId") if isinstance(body, dict) else None
+        if mode == "create" and path_id is None:
+            return self._create(body, now)
         existing = self._row(path_id or reg_id) if (path_id or isinstance(reg_id, str)) else None
         previous = json.loads(existing["body"]) if existing is not None else None
         stored = model.normalise_enrollment(
@@ -159,6 +162,34 @@ class DpsService:
             "UPDATE dps_enrollments SET body = ?, etag = ?, updated = ? WHERE key = ?",
             (json.dumps(stored), new_etag(), now, existing["key"]),
         )
+        return reg_id
+
+    def _create(self, body: Any, now: str | None) -> str:
+        """Bulk ``create``: the same checks and answers as ``_put``, without reading the row first -- the
+        primary key refuses a second enrollment of the id (case-insensitive key) and that is the 409."""
+        try:
+            stored = model.normalise_enrollment(body, path_id=None, linked_hubs=self.hub_hosts)
+        except DpsError:
+            # Validated against the existing enrollment (a certificate given by its info only), as _put does.
+            reg_id = body.get("registrationId") if isinstance(body, dict) else None
+            existing = self._row(reg_id) if isinstance(reg_id, str) else None
+            if existing is None:
+                raise
+            model.normalise_enrollment(
+                body, path_id=None, linked_hubs=self.hub_hosts, previous=json.loads(existing["body"])
+            )
+            raise conflict(f"Enrollment {reg_id} already exists") from None
+        reg_id = stored["registrationId"]
+        if stored.get("initialTwin") is not None:
+            _check_initial_twin(stored["initialTwin"])
+        now = now or azure_time(self._clock())
+        try:
+            self._db.connection.execute(
+                "INSERT INTO dps_enrollments (key, body, etag, created, updated) VALUES (?, ?, ?, ?, ?)",
+                (model.registration_key(reg_id), json.dumps(stored), new_etag(), now, now),
+            )
+        except sqlite3.IntegrityError:
+            raise conflict(f"Enrollment {reg_id} already exists") from None
         return reg_id
 
     def delete_enrollment(self, registration_id: str, if_match: str | None) -> None:
