@@ -13,6 +13,7 @@ scrypt runs in libsodium (PyNaCl) when it is there -- the same function, paramet
 API
 ---
 ``new_code() -> str``                         a fresh code (formatted).
+``new_codes(count, *, log2_n) -> list``       fresh codes with their records (batches, worker threads).
 ``normalise(code) -> str | None``             the 16 canonical characters, or None if it cannot be a code.
 ``hash_code(code, *, log2_n=DEFAULT_LOG2_N) -> dict``   the JSON record to store.
 ``verify_code(code, record) -> bool``         constant-time check against a stored record.
@@ -38,10 +39,17 @@ _MIN_LOG2_N, _MAX_LOG2_N = 8, 20
 _ALIASES = {"O": "0", "I": "1", "L": "1"}
 
 
+_CODE_BYTES = CODE_LENGTH * 5 // 8  # exactly 80 random bits
+_SALT_BYTES = 16
+
+
+def _code_from(random: bytes) -> str:
+    value = int.from_bytes(random, "big")
+    return format_code("".join(ALPHABET[(value >> (5 * i)) & 31] for i in range(CODE_LENGTH)))
+
+
 def new_code() -> str:
-    value = int.from_bytes(secrets.token_bytes(CODE_LENGTH * 5 // 8), "big")  # exactly 80 random bits
-    raw = "".join(ALPHABET[(value >> (5 * i)) & 31] for i in range(CODE_LENGTH))
-    return format_code(raw)
+    return _code_from(secrets.token_bytes(_CODE_BYTES))
 
 
 def format_code(canonical: str) -> str:
@@ -89,12 +97,28 @@ def _derive(canonical: str, salt: bytes, log2_n: int) -> bytes:
 
 
 def hash_code(code: str, *, log2_n: int = DEFAULT_LOG2_N) -> dict[str, Any]:
+    return _record(code, secrets.token_bytes(_SALT_BYTES), log2_n)
+
+
+def new_codes(count: int, *, log2_n: int = DEFAULT_LOG2_N) -> list[tuple[str, dict[str, Any]]]:
+    """``count`` fresh codes with their records, as ``new_code`` + ``hash_code`` make them.  All the
+    randomness comes from one ``secrets`` call: in a worker thread every call that releases the GIL
+    (the random source does, as scrypt does) means queueing for it again behind the event loop."""
+    random = secrets.token_bytes(count * (_CODE_BYTES + _SALT_BYTES))
+    out = []
+    for k in range(count):
+        chunk = random[k * (_CODE_BYTES + _SALT_BYTES) : (k + 1) * (_CODE_BYTES + _SALT_BYTES)]
+        code = _code_from(chunk[:_CODE_BYTES])
+        out.append((code, _record(code, chunk[_CODE_BYTES:], log2_n)))
+    return out
+
+
+def _record(code: str, salt: bytes, log2_n: int) -> dict[str, Any]:
     canonical = normalise(code)
     if canonical is None:
         raise ValueError("not an activation code")
     if not _MIN_LOG2_N <= log2_n <= _MAX_LOG2_N:
         raise ValueError(f"scrypt cost log2(N) must be within {_MIN_LOG2_N}..{_MAX_LOG2_N}")
-    salt = secrets.token_bytes(16)
     return {
         "alg": "scrypt",
         "n": 1 << log2_n,

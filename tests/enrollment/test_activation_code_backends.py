@@ -10,7 +10,7 @@ import secrets
 import pytest
 
 from provkit import activation_code
-from provkit.activation_code import hash_code, new_code, normalise, verify_code
+from provkit.activation_code import hash_code, new_code, new_codes, normalise, verify_code
 
 
 def test_the_fast_implementation_is_in_use():
@@ -41,3 +41,12 @@ def test_a_record_verifies_with_hashlib_alone(monkeypatch):
     monkeypatch.setattr(activation_code, "_SCRYPT", activation_code._openssl_scrypt)
     assert verify_code(code, record)
     assert not verify_code(new_code(), record)
+
+
+def test_codes_made_in_a_batch_are_distinct_salted_and_verify():
+    batch = new_codes(50, log2_n=8)
+    codes = [code for code, _ in batch]
+    assert len(set(codes)) == 50 and all(normalise(c) for c in codes)
+    assert len({record["salt"] for _, record in batch}) == 50
+    assert all(verify_code(code, record) for code, record in batch)
+    assert not verify_code(codes[0], batch[1][1])
