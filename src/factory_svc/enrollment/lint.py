@@ -7,6 +7,7 @@ CERTIFICATE_EXPIRED, CERTIFICATE_VALIDITY_TOO_SHORT, CERTIFICATE_UNTRUSTED.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -104,12 +105,19 @@ def lint_certificate(
     return LintedCertificate(
         device_id=device_id,
         leaf=leaf,
-        leaf_pem=leaf.public_bytes(serialization.Encoding.PEM).decode(),
+        leaf_pem=_pem(der),
         # Azure's thumbprints: hashes of the DER encoding (one encoding, two hashlib calls).
         sha1_thumbprint=hashlib.sha1(der).hexdigest().upper(),  # noqa: S324 - Azure's thumbprint
         sha256_thumbprint=hashlib.sha256(der).hexdigest().upper(),
         not_after=not_after,
     )
+
+
+def _pem(der: bytes) -> str:
+    """The PEM text ``public_bytes(Encoding.PEM)`` gives, from the DER already at hand (64-column base64)."""
+    text = base64.b64encode(der).decode("ascii")
+    lines = "\n".join(text[i : i + 64] for i in range(0, len(text), 64))
+    return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
 
 
 def _verify_issued_by_factory(
