@@ -301,6 +301,9 @@ class SqliteLedger:
     def _start_flush(self, loop: asyncio.AbstractEventLoop) -> None:
         """Event loop: hand everything pending to the ledger thread as one batch."""
         batch, self._pending = self._pending, []
+        if not batch:  # nothing arrived after all: the ledger is idle again
+            self._flushed(batch, [], None, loop)
+            return
         try:
             self._executor.submit(self._flush_on_thread, batch, loop)
         except BaseException as exc:  # executor shut down: nobody will answer these records
