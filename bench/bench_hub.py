@@ -880,6 +880,17 @@ def _report(results: dict[str, dict], notes: list[str], elapsed: float) -> str:
         f"criterion: all acknowledged and p99 below the {SCALE_PERIOD:.0f} s period).  Worst ack latency "
         f"per 10 s of the window: {', '.join(f'{w:,.0f}' for w in worst)} ms."
     )
+    slow = [
+        f"{name} {sum(1 for _, worst_ms in data['scale']['timeline'] if worst_ms > 1000)} of "
+        f"{len(data['scale']['timeline'])}"
+        for name, data in results.items()
+    ]
+    lines.append(
+        "Seconds of the window (by send time) in which some ack took over 1 s: "
+        + ", ".join(slow)
+        + " (stalls that hit every server alike, e.g. the generators or the machine pausing, show up in "
+        "both rows)."
+    )
     lines.append(
         f"CPU during the window: emulator {sc['cpu_percent']:.0f} % of one core "
         f"({sc['cpu_ms_per_message']:.2f} ms per message), the two load generators together "

@@ -147,3 +147,20 @@ async def test_graceful_close_waits_for_submitted_publishes(db):
     endpoint.submitted[0][1].set_result(None)
     await asyncio.wait_for(closing, 5)
     assert acks(wire) == [1] and wire.closed
+
+
+async def test_disconnect_after_publishes_stores_them_and_closes(db):
+    endpoint = Batching()
+    broker = Broker(db, [endpoint])
+    driver, wire = await open_client(broker)
+    driver.data_received(publishes(("slow", 1)) + encode(p.Disconnect()))  # one read: general path
+    await settle()
+    assert endpoint.handled == [b"m1"] and wire.closed
+    other, other_wire = await open_client(broker, "dev-2")
+    other.data_received(publishes(("fast/a", 2)))  # fast path, then DISCONNECT in a later read
+    await settle()
+    other.data_received(encode(p.Disconnect()))
+    endpoint.submitted[0][1].set_result(None)
+    await settle()
+    assert other_wire.closed and acks(other_wire) == []  # the client said goodbye: no PUBACK after it
+    await broker.close()

@@ -487,7 +487,7 @@ class ConnectionDriver:
             self.close()
             return
         ids = [packet.packet_id for packet in batch if packet.qos]
-        if ids:
+        if ids and self._conn.state is sm.State.CONNECTED:  # not after the client's DISCONNECT
             self._conn.acknowledge(ids)  # type: ignore[arg-type]
             self._flush()
 
@@ -497,7 +497,7 @@ class ConnectionDriver:
         if self._closed:
             return
         ids = [packet.packet_id for packet in batch[:handled] if packet.qos]
-        if ids:
+        if ids and self._conn.state is sm.State.CONNECTED:  # not after the client's DISCONNECT
             self._conn.acknowledge(ids)  # type: ignore[arg-type]
             self._flush()
         if handled < len(batch):
