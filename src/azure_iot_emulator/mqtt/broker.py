@@ -463,7 +463,12 @@ class ConnectionDriver:
         """The fast path: hand publishes to the endpoint without a task; their PUBACKs are sent from
         the future's callback.  False when the endpoint wants the general path for this batch."""
         assert self._submit is not None and self.link is not None
-        future = self._submit(self.link, batch)
+        try:
+            future = self._submit(self.link, batch)
+        except Exception:
+            log.exception("%s: unexpected error; closing the connection", self._who())
+            self.close()
+            return True
         if future is None:
             return False
         self._last_submit = future
