@@ -67,15 +67,15 @@ log = logging.getLogger("factory_svc.enrollment")
 Clock = Callable[[], datetime]
 _MAX_ATTEMPTS = 8
 _BULK = 10
-# Activation codes are hashed in these threads, shared by every request.  scrypt releases the GIL, but each
-# hash must take it back, and while the event loop runs Python (linting) that waits up to the interpreter's
-# switch interval (5 ms): one thread then manages ~230 hashes/s whatever the cores.  So: several threads,
-# each job a few codes.  (Measured with a busy loop thread: 1 thread 229/s, 2: 475/s, 4 and 8: ~775/s = CPU.)
-_HASH_THREADS = max(4, min(16, 4 * (os.cpu_count() or 2)))
+# Worker threads shared by every request: activation codes are hashed in one pool, batch items linted in
+# another.  scrypt and the ECDSA check release the GIL, but each must take it back afterwards, and while
+# another thread runs Python that waits up to the interpreter's switch interval (5 ms): one hashing thread
+# then manages ~230 hashes/s whatever the cores.  So: several threads, small jobs.  (Measured beside a busy
+# Python thread: 1 hashing thread 229/s, 2: 475/s, 4 and 8: ~775/s, which was all the CPU left.)
+_WORKER_THREADS = max(4, min(16, 4 * (os.cpu_count() or 2)))
 _HASH_JOB = 5
-_HASHERS = ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="code-hash")
-# Batch items are linted in these threads (the ECDSA check inside releases the GIL).
-_LINTERS = ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="enroll-lint")
+_HASHERS = ThreadPoolExecutor(max_workers=_WORKER_THREADS, thread_name_prefix="code-hash")
+_LINTERS = ThreadPoolExecutor(max_workers=_WORKER_THREADS, thread_name_prefix="enroll-lint")
 
 
 # ------------------------------------------------------------------------------------- enrollment bodies
