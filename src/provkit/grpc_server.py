@@ -37,7 +37,6 @@ import inspect
 import ipaddress
 import logging
 import secrets
-import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from grpc_reflection.v1alpha import reflection
 from provkit.context import CallerIdentity, request_scope
 from provkit.errors import DomainError, Unauthenticated
 from provkit.grpc_errors import internal_status, to_grpc_status
+from provkit.signals import wait_for_stop_signal
 
 log = logging.getLogger("provkit.grpc")
 
@@ -362,15 +362,7 @@ async def serve(
     running = await start_server(settings, services)
     if on_started is not None:
         on_started(running)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await stop.wait()
-        log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
-        await running.stop()
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+    await wait_for_stop_signal()
+    log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
+    await running.stop()
     log.info("stopped")

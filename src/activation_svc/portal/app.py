@@ -15,9 +15,7 @@ error; ``GET /status[?device_id=]`` status form; ``POST /status`` -> status page
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +34,7 @@ from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
 from provkit.channels import create_channel, request_metadata
 from provkit.grpc_errors import error_details
+from provkit.signals import wait_for_stop_signal
 
 log = logging.getLogger("activation_svc.portal")
 
@@ -332,13 +331,7 @@ async def serve(
     running = await start_portal(settings)
     if on_started is not None:
         on_started(running)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     try:
-        await stop.wait()
+        await wait_for_stop_signal()
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
         await running.stop()

@@ -115,6 +115,34 @@ class ActivateForm:
     local_problems: tuple[FieldProblem, ...] = field(default=())
 
 
+def _top_panel(problem: ServiceProblem | None, local_problems: tuple[FieldProblem, ...]) -> Html:
+    """The service's answer above a form, or the fields refused before anything was sent."""
+    if problem is not None:
+        return _problem_panel(problem)
+    if local_problems:
+        return _problem_panel(
+            ServiceProblem("Not sent", "Some fields are too long.", "", "", "", local_problems, 400)
+        )
+    return Html("")
+
+
+def _identity_fields(
+    device_id: str, problems: Sequence[FieldProblem], invalid: frozenset[str], code_hint: str
+) -> Html:
+    """The device GUID and activation code inputs (the code is never echoed back)."""
+    return Html(
+        f"""<label for="device_id">Device ID (GUID)</label>
+<input id="device_id" name="device_id" value="{escape(device_id)}" maxlength="{MAX_DEVICE_ID}" required
+ autocapitalize="off" spellcheck="false"{_input_attrs("device_id", invalid)}>
+<p class="hint" id="device_id-hint">As printed on the label.</p>{_field_errors(problems, "device_id")}
+<label for="activation_code">Activation code</label>
+<input id="activation_code" name="activation_code" value="" maxlength="{MAX_CODE}" required
+ autocapitalize="characters" spellcheck="false"{_input_attrs("activation_code", invalid)}>
+<p class="hint" id="activation_code-hint">{escape(code_hint)}</p>\
+{_field_errors(problems, "activation_code")}"""
+    )
+
+
 def activate_page(form: ActivateForm, hubs: HubChoice, csrf_token: str, request_id: str) -> Html:
     problems = (*form.local_problems, *(form.problem.fields if form.problem else ()))
     invalid = frozenset(p.name for p in problems if p.name)
@@ -130,26 +158,15 @@ def activate_page(form: ActivateForm, hubs: HubChoice, csrf_token: str, request_
         options.append(Html(f"<option{attrs(value=name, selected=chosen)}>{escape(name)}</option>"))
     if form.hub and not any(form.hub.lower() == n.lower() for n in hubs.names):
         options.append(Html(f"<option{attrs(value=form.hub, selected=True)}>{escape(form.hub)}</option>"))
-    top = Html("")
-    if form.problem is not None:
-        top = _problem_panel(form.problem)
-    elif form.local_problems:
-        top = _problem_panel(
-            ServiceProblem("Not sent", "Some fields are too long.", "", "", "", form.local_problems, 400)
-        )
+    top = _top_panel(form.problem, form.local_problems)
+    identity = _identity_fields(
+        form.device_id, problems, invalid, "From the label; dashes, spaces and case do not matter."
+    )
     body = Html(
         f"""{top}<form method="post" action="/activate" autocomplete="off" novalidate>
 <input type="hidden" name="csrf_token" value="{escape(csrf_token)}">
 <input type="hidden" name="request_id" value="{escape(request_id)}">
-<label for="device_id">Device ID (GUID)</label>
-<input id="device_id" name="device_id" value="{escape(form.device_id)}" maxlength="{MAX_DEVICE_ID}" required
- autocapitalize="off" spellcheck="false"{_input_attrs("device_id", invalid)}>
-<p class="hint" id="device_id-hint">As printed on the label.</p>{_field_errors(problems, "device_id")}
-<label for="activation_code">Activation code</label>
-<input id="activation_code" name="activation_code" value="" maxlength="{MAX_CODE}" required
- autocapitalize="characters" spellcheck="false"{_input_attrs("activation_code", invalid)}>
-<p class="hint" id="activation_code-hint">From the label; dashes, spaces and case do not matter.</p>\
-{_field_errors(problems, "activation_code")}
+{identity}
 <label for="hub">IoT hub</label>
 <select id="hub" name="hub"{_input_attrs("hub", invalid)}>{join(options)}</select>
 <p class="hint" id="hub-hint">The hub the device will live on.</p>{_field_errors(problems, "hub")}
@@ -243,23 +260,14 @@ class StatusForm:
 def status_form_page(form: StatusForm, csrf_token: str) -> Html:
     problems = (*form.local_problems, *(form.problem.fields if form.problem else ()))
     invalid = frozenset(p.name for p in problems if p.name)
-    top = _problem_panel(form.problem) if form.problem else Html("")
-    if not form.problem and form.local_problems:
-        top = _problem_panel(
-            ServiceProblem("Not sent", "Some fields are too long.", "", "", "", form.local_problems, 400)
-        )
+    top = _top_panel(form.problem, form.local_problems)
+    identity = _identity_fields(
+        form.device_id, problems, invalid, "The status of a device is shown only with its code."
+    )
     body = Html(
         f"""{top}<form method="post" action="/status" autocomplete="off" novalidate>
 <input type="hidden" name="csrf_token" value="{escape(csrf_token)}">
-<label for="device_id">Device ID (GUID)</label>
-<input id="device_id" name="device_id" value="{escape(form.device_id)}" maxlength="{MAX_DEVICE_ID}" required
- autocapitalize="off" spellcheck="false"{_input_attrs("device_id", invalid)}>
-<p class="hint" id="device_id-hint">As printed on the label.</p>{_field_errors(problems, "device_id")}
-<label for="activation_code">Activation code</label>
-<input id="activation_code" name="activation_code" value="" maxlength="{MAX_CODE}" required
- autocapitalize="characters" spellcheck="false"{_input_attrs("activation_code", invalid)}>
-<p class="hint" id="activation_code-hint">The status of a device is shown only with its code.</p>\
-{_field_errors(problems, "activation_code")}
+{identity}
 <div class="actions"><button type="submit">Show status</button></div>
 </form>"""
     )

@@ -1,0 +1,21 @@
+"""Waiting for the signals that stop a server (SIGINT from a terminal, SIGTERM from a supervisor)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+async def wait_for_stop_signal() -> None:
+    """Return when SIGINT or SIGTERM arrives; the handlers are removed again before returning."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
