@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from device_client import dps
+from device_client import abandoned, dps
 from device_client.backoff import Backoff
 from device_client.buffer import TelemetryBuffer
 from device_client.desired import DesiredOutcome, apply_document, apply_patch
@@ -131,6 +131,7 @@ class DeviceRuntime:
 
     async def run(self) -> None:
         """Run until :meth:`stop`; raises :class:`DeviceClientError` for fatal, expected problems."""
+        abandoned.install(asyncio.get_running_loop())  # SDK calls it cancels may fail later, unheard
         try:
             identity = self.state_dir.load_identity(now=self._clock())
             with self.state_dir.locked():
