@@ -31,7 +31,7 @@ import grpc
 from activation_svc.portal.cli import add_portal_command, run_portal
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
-from provkit.channels import ChannelSecurity, create_channel, request_metadata
+from provkit.channels import ChannelSecurity, add_channel_arguments, create_channel, request_metadata
 from provkit.grpc_errors import error_details
 from provkit.grpc_server import ServerConfigError
 from provkit.logging import configure_logging
@@ -51,12 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("device_id")
         cmd.add_argument("--code-file", help="file holding the activation code ('-' = standard input)")
-        cmd.add_argument("--target", help="host:port (or ACTIVATION_CLIENT_TARGET)")
-        cmd.add_argument("--insecure", action="store_true", help="plaintext, loopback development only")
-        cmd.add_argument("--ca-file", type=Path, help="CA that signed the server certificate")
-        cmd.add_argument("--cert-file", type=Path, help="client certificate (mTLS)")
-        cmd.add_argument("--key-file", type=Path, help="client key (mTLS)")
-        cmd.add_argument("--server-name", help="name to check in the server certificate")
+        add_channel_arguments(cmd, target_help="host:port (or ACTIVATION_CLIENT_TARGET)")
         cmd.add_argument("--timeout", type=float, default=60.0)
         cmd.add_argument("--json", action="store_true", help="print the answer as JSON")
         return cmd

@@ -30,7 +30,7 @@ from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.enrollment import cli_commands as enroll_cli
 from factory_svc.errors import CaConfigError
-from provkit.channels import ChannelSecurity, create_channel, request_metadata
+from provkit.channels import ChannelSecurity, add_channel_arguments, create_channel, request_metadata
 from provkit.devpki import write_private_file
 from provkit.grpc_errors import error_details
 from provkit.grpc_server import ServerConfigError
@@ -54,12 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("--target", help="host:port (or FACTORY_CLIENT_TARGET)")
-        cmd.add_argument("--insecure", action="store_true", help="plaintext, loopback development only")
-        cmd.add_argument("--ca-file", type=Path, help="CA that signed the server certificate")
-        cmd.add_argument("--cert-file", type=Path, help="client certificate (mTLS)")
-        cmd.add_argument("--key-file", type=Path, help="client key (mTLS)")
-        cmd.add_argument("--server-name", help="name to check in the server certificate")
+        add_channel_arguments(cmd, target_help="host:port (or FACTORY_CLIENT_TARGET)")
         cmd.add_argument("--timeout", type=float, default=60.0)
         return cmd
 

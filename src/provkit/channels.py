@@ -14,6 +14,7 @@ API
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,3 +77,13 @@ def create_channel(
         root_certificates=security.ca_pem, private_key=security.key_pem, certificate_chain=security.cert_pem
     )
     return grpc.aio.secure_channel(target, creds, options=opts)
+
+
+def add_channel_arguments(parser: argparse.ArgumentParser, *, target_help: str) -> None:
+    """The options every gRPC client command takes: where the service is and how to secure the channel."""
+    parser.add_argument("--target", help=target_help)
+    parser.add_argument("--insecure", action="store_true", help="plaintext, loopback development only")
+    parser.add_argument("--ca-file", type=Path, help="CA that signed the service's certificate")
+    parser.add_argument("--cert-file", type=Path, help="client certificate (mTLS)")
+    parser.add_argument("--key-file", type=Path, help="client key (mTLS)")
+    parser.add_argument("--server-name", help="name to check in the service's certificate")

@@ -17,7 +17,7 @@ import dataclasses
 from pathlib import Path
 
 from activation_svc.portal.settings import PortalSettings, load_portal_settings, parse_listen
-from provkit.channels import ChannelSecurity
+from provkit.channels import ChannelSecurity, add_channel_arguments
 from provkit.logging import configure_logging
 from provkit.settings import SettingsError
 
@@ -29,12 +29,7 @@ def add_portal_command(sub: argparse._SubParsersAction) -> None:  # type: ignore
     cmd.add_argument("--allow-non-loopback", action="store_true", help="allow binding a non-loopback host")
     cmd.add_argument("--tls-cert-file", type=Path, help="serve HTTPS with this certificate (PEM chain)")
     cmd.add_argument("--tls-key-file", type=Path, help="... and this key")
-    cmd.add_argument("--target", help="activation service host:port (default 127.0.0.1:50052)")
-    cmd.add_argument("--insecure", action="store_true", help="plaintext gRPC to a loopback service")
-    cmd.add_argument("--ca-file", type=Path, help="CA that signed the service's certificate")
-    cmd.add_argument("--cert-file", type=Path, help="the portal's client certificate (mTLS)")
-    cmd.add_argument("--key-file", type=Path, help="the portal's client key (mTLS)")
-    cmd.add_argument("--server-name", help="name to check in the service's certificate")
+    add_channel_arguments(cmd, target_help="activation service host:port (default 127.0.0.1:50052)")
 
 
 def portal_settings(args: argparse.Namespace) -> PortalSettings:
