@@ -34,6 +34,7 @@ from azure_iot_emulator.process import EmulatorProcess, spawn, terminate
 from provkit.devpki import DevTlsAuthority
 
 SERVICE_START_TIMEOUT = 60.0
+MARKER = ".devprov-stack"  # only a directory holding it is ever wiped
 # Variables of ours that a caller's shell may hold (e.g. real Azure settings): never leak them into the
 # local stack, which must be the same on every machine.
 _OWN_PREFIXES = ("FACTORY_", "ACTIVATION_", "DEVICE_CLIENT_", "IOT_EMULATOR_")
@@ -120,17 +121,16 @@ class Stack:
     def device_root(self) -> Path:
         return self.root / "devices"
 
-    @property
-    def pids(self) -> list[int]:
-        procs = [self.emulator.proc, *self._services.values()]
-        return [p.pid for p in procs if p is not None]
-
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self, *, fresh: bool) -> None:
         """Start everything and wait until each part answers; on any failure stop what was started."""
+        marker = self.root / MARKER
+        if self.root.exists() and any(self.root.iterdir()) and not marker.exists():
+            raise RuntimeError(f"{self.root} is not empty and not a stack's work directory; choose another")
         if fresh and self.root.exists():
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
+        marker.write_text("a devprov demo stack's work directory (wiped by `run` and `up --fresh`)\n")
         self.tls.create(self.config.service_host)
         try:
             self.emulator.start()
