@@ -185,10 +185,14 @@ async def run_demo(args: argparse.Namespace, console: Console) -> int:
         with console.status(f"factory: minting and enrolling {args.devices} devices (disabled) ..."):
             labels = await provision_fleet(stack, args.devices)
         console.print(labels_table(labels))
+        if stop.is_set():
+            return EXIT_INCOMPLETE
         with console.status("OEM back office: activating with metadata and a hub ..."):
             chosen = await activate_fleet(stack, labels, args.interval)
         for label in labels:
             console.print(f"  activated {label.guid} on {chosen[label.guid]}", highlight=False)
+        if stop.is_set():
+            return EXIT_INCOMPLETE
         watch = HubWatch(stack.emulator.data_dir)
         fleet = Fleet(stack, labels)
         fleet.start()
