@@ -31,13 +31,18 @@ import grpc
 from activation_svc.portal.cli import add_portal_command, run_portal
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
-from provkit.channels import ChannelSecurity, add_channel_arguments, create_channel, request_metadata
-from provkit.grpc_errors import error_details
+from provkit.channels import (
+    EXIT_USAGE,
+    ChannelSecurity,
+    add_channel_arguments,
+    create_channel,
+    report_failed_call,
+    request_metadata,
+)
 from provkit.grpc_server import ServerConfigError
 from provkit.logging import configure_logging
 from provkit.settings import SettingsError, SettingsSource
 
-EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 DEFAULT_TARGET = "127.0.0.1:50052"
 
 
@@ -193,13 +198,7 @@ async def _call(args: argparse.Namespace) -> int:
                 )
             return 0
         except grpc.aio.AioRpcError as exc:
-            details = error_details(exc)
-            print(f"error: {details.code.name} {details.reason}: {details.message}".rstrip(), file=sys.stderr)
-            for violation in details.field_violations:
-                print(f"  {violation.field}: {violation.description}", file=sys.stderr)
-            if details.retry_after is not None:
-                print(f"  retry after {details.retry_after:.0f} s", file=sys.stderr)
-            return EXIT_UNREACHABLE if details.code is grpc.StatusCode.UNAVAILABLE else EXIT_REFUSED
+            return report_failed_call(exc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,9 +30,15 @@ from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.enrollment import cli_commands as enroll_cli
 from factory_svc.errors import CaConfigError
-from provkit.channels import ChannelSecurity, add_channel_arguments, create_channel, request_metadata
+from provkit.channels import (
+    EXIT_USAGE,
+    ChannelSecurity,
+    add_channel_arguments,
+    create_channel,
+    report_failed_call,
+    request_metadata,
+)
 from provkit.devpki import write_private_file
-from provkit.grpc_errors import error_details
 from provkit.grpc_server import ServerConfigError
 from provkit.logging import configure_logging
 from provkit.settings import SettingsError, SettingsSource
@@ -43,7 +49,6 @@ KEY_TYPES = {
     "rsa2048": pb.KEY_TYPE_RSA_2048,
     "rsa3072": pb.KEY_TYPE_RSA_3072,
 }
-EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -170,11 +175,7 @@ async def _client(args: argparse.Namespace) -> int:
             print(_show(reply.certificate))
             return 0
         except grpc.aio.AioRpcError as exc:
-            details = error_details(exc)
-            print(f"error: {details.code.name} {details.reason}: {details.message}".rstrip(), file=sys.stderr)
-            for violation in details.field_violations:
-                print(f"  {violation.field}: {violation.description}", file=sys.stderr)
-            return EXIT_UNREACHABLE if details.code is grpc.StatusCode.UNAVAILABLE else EXIT_REFUSED
+            return report_failed_call(exc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,19 +10,28 @@ API
 ``create_channel(target, security, *, options=()) -> grpc.aio.Channel``
     Create it inside the event loop that uses it.
 ``request_metadata(request_id) -> tuple``   ``(("x-request-id", request_id),)`` for per-call metadata.
+
+For command-line clients: ``add_channel_arguments(parser, target_help=...)`` (--target, --insecure,
+--ca-file, --cert-file, --key-file, --server-name) and ``report_failed_call(exc) -> exit code`` (prints the
+status, reason, field violations and retry delay; ``EXIT_UNREACHABLE`` when the service is unavailable,
+else ``EXIT_REFUSED``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 
+from provkit.grpc_errors import error_details
 from provkit.grpc_server import REQUEST_ID_HEADER
+
+EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -87,3 +96,15 @@ def add_channel_arguments(parser: argparse.ArgumentParser, *, target_help: str) 
     parser.add_argument("--cert-file", type=Path, help="client certificate (mTLS)")
     parser.add_argument("--key-file", type=Path, help="client key (mTLS)")
     parser.add_argument("--server-name", help="name to check in the service's certificate")
+
+
+def report_failed_call(exc: grpc.RpcError, stream: TextIO | None = None) -> int:
+    """Tell a person why a call failed (on standard error); returns the command's exit code."""
+    out = stream or sys.stderr
+    details = error_details(exc)
+    print(f"error: {details.code.name} {details.reason}: {details.message}".rstrip(), file=out)
+    for violation in details.field_violations:
+        print(f"  {violation.field}: {violation.description}", file=out)
+    if details.retry_after is not None:
+        print(f"  retry after {details.retry_after:.0f} s", file=out)
+    return EXIT_UNREACHABLE if details.code is grpc.StatusCode.UNAVAILABLE else EXIT_REFUSED
