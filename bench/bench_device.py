@@ -16,15 +16,11 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 
-from device_client.identity import generate_key, key_to_pem
 from device_client.runtime import DeviceRuntime
 from device_client.settings import load_settings
 from device_client.state import StateDir
@@ -38,53 +34,23 @@ _TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 
 def _emulator_process_class():
-    if str(_TESTS) not in sys.path:
-        sys.path.insert(0, str(_TESTS))
-    from support.emulator import EmulatorProcess  # the same harness the tests use
+    for folder in (_TESTS, _TESTS / "device"):  # the same harness and device CA the tests use
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    from support.emulator import EmulatorProcess
 
     return EmulatorProcess
 
 
-class _BenchCa:
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(UTC)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench device CA")])
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
+def _write_identity(ca, root: Path, guid: str) -> str:
+    """A device identity signed by the tests' tiny CA, stored as `provision` would; returns the leaf PEM."""
+    from device_certs import make_identity
 
-    def device(self, root: Path, guid: str) -> str:
-        key = generate_key()
-        now = datetime.now(UTC)
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, guid)]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        leaf_pem = leaf.public_bytes(serialization.Encoding.PEM)
-        StateDir(root, guid).write_identity(
-            key_pem=key_to_pem(key),
-            chain_pem=leaf_pem + self.cert.public_bytes(serialization.Encoding.PEM),
-            metadata={"guid": guid, "key_origin": "device"},
-            force=False,
-        )
-        return leaf_pem.decode()
+    key_pem, chain_pem = make_identity(ca, guid)
+    StateDir(root, guid).write_identity(
+        key_pem=key_pem, chain_pem=chain_pem, metadata={"guid": guid, "key_origin": "device"}, force=False
+    )
+    return x509.load_pem_x509_certificate(chain_pem).public_bytes(serialization.Encoding.PEM).decode()
 
 
 async def _enroll(emulator, guid: str, leaf_pem: str) -> None:
@@ -156,10 +122,12 @@ async def run() -> str:
                     "sdk_timeout_s": 15,
                 },
             )
-            ca = _BenchCa()
+            from device_certs import TinyCa
+
+            ca = TinyCa()
             guids = [f"bench-{uuid.uuid4()}" for _ in range(DEVICES)]
             for guid in guids:
-                await _enroll(emulator, guid, ca.device(settings.state_root, guid))
+                await _enroll(emulator, guid, _write_identity(ca, settings.state_root, guid))
             first = [await _time_to_first_ack(g, settings) for g in guids]
             cached = [await _time_to_first_ack(g, settings) for g in guids]
         finally:
