@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import random
 import socket
@@ -12,6 +13,8 @@ import pytest
 # instead of its own port.  Addresses are drawn at random from 127.0.0.0/8 (skipping 127.0.0.0/24, which
 # people use by hand) and probed, so parallel test runs on one machine do not collide.
 MQTT_PORT = 8883
+
+pytest_plugins = ["support.dps_fixtures"]
 
 
 def _address_is_free(host: str, port: int) -> bool:
@@ -40,13 +43,11 @@ def loopback_host() -> str:
     return free_loopback_address()
 
 
-@pytest.fixture
-def emulator(tmp_path):
-    """A real emulator subprocess (DPS + 2 hubs on fresh loopback addresses), stopped after the test.
-    See tests/support/emulator.py for what it exposes."""
+@contextlib.contextmanager
+def _running_emulator(data_dir):
     from support.emulator import EmulatorProcess
 
-    emu = EmulatorProcess(tmp_path / "emulator", hubs=2)
+    emu = EmulatorProcess(data_dir, hubs=2)
     emu.start()
     try:
         yield emu
@@ -55,22 +56,21 @@ def emulator(tmp_path):
             emu.stop()
         finally:
             emu.kill()
+
+
+@pytest.fixture
+def emulator(tmp_path):
+    """A real emulator subprocess (DPS + 2 hubs on fresh loopback addresses), stopped after the test.
+    See tests/support/emulator.py for what it exposes."""
+    with _running_emulator(tmp_path / "emulator") as emu:
+        yield emu
 
 
 @pytest.fixture(scope="module")
 def module_emulator(tmp_path_factory):
     """One emulator subprocess shared by a test module (tests must not depend on each other's data)."""
-    from support.emulator import EmulatorProcess
-
-    emu = EmulatorProcess(tmp_path_factory.mktemp("emulator") / "data", hubs=2)
-    emu.start()
-    try:
+    with _running_emulator(tmp_path_factory.mktemp("emulator") / "data") as emu:
         yield emu
-    finally:
-        try:
-            emu.stop()
-        finally:
-            emu.kill()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -12,25 +12,9 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.iot.device import X509
 from azure.iot.device.aio import ProvisioningDeviceClient
 from azure.iot.device.exceptions import ClientError, CredentialError
-from azure.iot.deviceprovisioning.aio import DeviceProvisioningClient
 from azure.iot.hub import IoTHubRegistryManager
-from support.certs import TestCa
 
 TIMEOUT = 45
-
-
-@pytest.fixture(scope="module")
-def ca():
-    return TestCa()
-
-
-@pytest.fixture
-async def dps(module_emulator):
-    client = DeviceProvisioningClient.from_connection_string(
-        module_emulator.dps_connection_string, connection_verify=str(module_emulator.ca_path)
-    )
-    async with client:
-        yield client
 
 
 @pytest.fixture

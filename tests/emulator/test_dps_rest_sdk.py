@@ -8,22 +8,6 @@ import uuid
 
 import pytest
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
-from azure.iot.deviceprovisioning.aio import DeviceProvisioningClient
-from support.certs import TestCa
-
-
-@pytest.fixture(scope="module")
-def ca():
-    return TestCa()
-
-
-@pytest.fixture
-async def dps(module_emulator):
-    client = DeviceProvisioningClient.from_connection_string(
-        module_emulator.dps_connection_string, connection_verify=str(module_emulator.ca_path)
-    )
-    async with client:
-        yield client
 
 
 def new_id(prefix: str = "dev") -> str:

@@ -11,28 +11,12 @@ import uuid
 
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
-from azure.iot.deviceprovisioning.aio import DeviceProvisioningClient
-from support.certs import TestCa
 from support.mqtt_client import MqttTestClient, client_context
 
 from azure_iot_emulator.mqtt import packets as p
 from azure_iot_emulator.mqtt.codec import encode
 
 API = "api-version=2019-03-31&ClientVersion=raw-test"
-
-
-@pytest.fixture(scope="module")
-def ca():
-    return TestCa()
-
-
-@pytest.fixture
-async def dps(module_emulator):
-    client = DeviceProvisioningClient.from_connection_string(
-        module_emulator.dps_connection_string, connection_verify=str(module_emulator.ca_path)
-    )
-    async with client:
-        yield client
 
 
 @pytest.fixture
