@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import uuid
 
@@ -19,49 +18,15 @@ from enrollment.provisioning_env import (
     mint,
     running_factory,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.cli_process import run_module, wait_serving
+from support.emulator import free_port
 
 from devprov.v1 import factory_service_pb2 as fpb
-from provkit.channels import create_channel
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "activation_svc.cli",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
-
-
-async def _wait_serving(target: str, tls: OemTls) -> None:
-    async with create_channel(target, tls.client_security()) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(200):
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except Exception:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("activation-svc serve did not become healthy")
 
 
 async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator):
     tls = OemTls.create(tmp_path / "tls")
-    port = _free_port()
+    port = free_port("127.0.0.1")
     target = f"127.0.0.1:{port}"
     env = {**os.environ, **activation_env(tmp_path, emulator, tls, ACTIVATION_SERVER_PORT=str(port))}
     log = (tmp_path / "activation.log").open("wb")
@@ -69,7 +34,7 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
         sys.executable, "-m", "activation_svc.cli", "serve", env=env, stdout=log, stderr=log
     )
     try:
-        await _wait_serving(target, tls)
+        await wait_serving(target, tls.client_security(), "activation-svc serve")
         async with running_factory(factory_env(tmp_path, emulator)) as (_app, factory):
             device = await mint(factory, f"gw-{uuid.uuid4().hex[:10]}", tmp_path / "devices")
             enrolled = await factory.Enroll(
@@ -86,7 +51,8 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
         }
         meta = json.dumps({"tags": {"customer": "acme"}, "properties": {"desired": {"interval_s": 5}}})
         hub = emulator.hub_hosts[1]
-        code, out, err = await _cli(
+        code, out, err = await run_module(
+            "activation_svc.cli",
             "activate",
             device.device_id,
             "--code-file",
@@ -103,7 +69,8 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
 
         metadata_file = tmp_path / "meta.json"
         metadata_file.write_text(json.dumps({"tags": {"bad key": 1}}))
-        code, out, err = await _cli(
+        code, out, err = await run_module(
+            "activation_svc.cli",
             "activate",
             device.device_id,
             "--code-file",
@@ -116,7 +83,8 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
             code == 1 and "INVALID_ARGUMENT METADATA_INVALID" in err and "metadata_json.tags.bad key" in err
         )
 
-        code, out, err = await _cli(
+        code, out, err = await run_module(
+            "activation_svc.cli",
             "status",
             device.device_id,
             "--json",
@@ -127,17 +95,26 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
 
         wrong = tmp_path / "wrong.txt"
         wrong.write_text("0000-0000-0000-0000")
-        code, out, err = await _cli("deactivate", device.device_id, "--code-file", str(wrong), env=client_env)
+        code, out, err = await run_module(
+            "activation_svc.cli", "deactivate", device.device_id, "--code-file", str(wrong), env=client_env
+        )
         assert code == 1 and "PERMISSION_DENIED ACTIVATION_DENIED" in err
-        code, out, err = await _cli(
-            "deactivate", device.device_id, "--code-file", str(code_file), env=client_env
+        code, out, err = await run_module(
+            "activation_svc.cli",
+            "deactivate",
+            device.device_id,
+            "--code-file",
+            str(code_file),
+            env=client_env,
         )
         assert code == 0, err
         assert "DEPROVISIONED" in out
 
         no_cert = {k: v for k, v in client_env.items() if not k.startswith("ACTIVATION_CLIENT_CERT")}
         no_cert.pop("ACTIVATION_CLIENT_KEY_FILE")
-        code, out, err = await _cli("status", device.device_id, "--code-file", str(code_file), env=no_cert)
+        code, out, err = await run_module(
+            "activation_svc.cli", "status", device.device_id, "--code-file", str(code_file), env=no_cert
+        )
         assert code in (1, 3) and ("UNAVAILABLE" in err or "UNAUTHENTICATED" in err), err
     finally:
         server.send_signal(signal.SIGTERM)

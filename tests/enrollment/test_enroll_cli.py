@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
+import functools
 import os
 import stat
-import sys
 import uuid
 
 from provisioning_env import dps_enrollment, factory_env, mint, running_factory
+from support.cli_process import run_module
 
 from provkit.activation_code import verify_code
 
-
-async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "factory_svc.cli",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    return proc.returncode or 0, out.decode(), err.decode()
+_cli = functools.partial(run_module, "factory_svc.cli", timeout=120)
 
 
 async def test_enroll_batch_with_progress_single_enroll_and_status(tmp_path, module_emulator):

@@ -6,15 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sqlite3
 import sys
 import uuid
 from datetime import UTC, datetime
 
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from provisioning_env import connection_file, dps_enrollment, factory_env, mint, running_factory
-from support.emulator import EmulatorProcess
+from support.cli_process import wait_serving
+from support.emulator import EmulatorProcess, free_port
 
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
@@ -147,12 +146,6 @@ async def test_a_retried_delivery_recognises_its_own_earlier_write(tmp_path, mod
         await dps.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 async def _serve(env: dict[str, str], log_path) -> asyncio.subprocess.Process:
     log = log_path.open("ab")
     try:
@@ -163,28 +156,14 @@ async def _serve(env: dict[str, str], log_path) -> asyncio.subprocess.Process:
         log.close()
 
 
-async def _wait_serving(target: str) -> None:
-    async with create_channel(target, ChannelSecurity(insecure=True)) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(200):
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except Exception:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("factory-svc serve did not become healthy")
-
-
 async def test_kill_9_with_queued_enrollments_then_restart_loses_and_duplicates_nothing(tmp_path):
     emulator, factory_settings = stopped_emulator(tmp_path)
-    port = _free_port()
+    port = free_port("127.0.0.1")
     target = f"127.0.0.1:{port}"
     env = {**os.environ, **factory_settings, "FACTORY_SERVER_PORT": str(port)}
     server = await _serve(env, tmp_path / "factory.log")
     try:
-        await _wait_serving(target)
+        await wait_serving(target, ChannelSecurity(insecure=True), "factory-svc serve")
         codes: dict[str, str] = {}
         async with create_channel(target, ChannelSecurity(insecure=True)) as channel:
             stub = pb_grpc.FactoryServiceStub(channel)
@@ -204,7 +183,7 @@ async def test_kill_9_with_queued_enrollments_then_restart_loses_and_duplicates_
 
         emulator.start()
         server = await _serve(env, tmp_path / "factory.log")
-        await _wait_serving(target)
+        await wait_serving(target, ChannelSecurity(insecure=True), "factory-svc serve")
         async with create_channel(target, ChannelSecurity(insecure=True)) as channel:
             stub = pb_grpc.FactoryServiceStub(channel)
             for device in devices:

@@ -5,54 +5,20 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import stat
 import sys
 from pathlib import Path
 
 from cryptography import x509
 from factory_env import make_csr, make_key, verify_chain
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.cli_process import run_module, wait_serving
+from support.emulator import free_port
 
-from provkit.channels import ChannelSecurity, create_channel
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-async def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "factory_svc.cli",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
-
-
-async def _wait_serving(target: str) -> None:
-    async with create_channel(target, ChannelSecurity(insecure=True)) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(100):
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except Exception:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("factory-svc serve did not become healthy")
+from provkit.channels import ChannelSecurity
 
 
 async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     target = f"127.0.0.1:{port}"
     config = tmp_path / "factory.toml"
     config.write_text(f'data_dir = "data"\n[server]\ninsecure = true\nport = {port}\n')
@@ -61,10 +27,11 @@ async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
         sys.executable, "-m", "factory_svc.cli", "serve", env=env, stderr=asyncio.subprocess.PIPE
     )
     try:
-        await _wait_serving(target)
+        await wait_serving(target, ChannelSecurity(insecure=True), "factory-svc serve", attempts=100)
         csr = tmp_path / "device.csr"
         csr.write_text(make_csr(make_key("p256"), "cli-device-1"))
-        code, out, err = await _cli(
+        code, out, err = await run_module(
+            "factory_svc.cli",
             "mint",
             "CLI-Device-1",
             "--csr",
@@ -80,7 +47,8 @@ async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
         leaf, _, _ = verify_chain((tmp_path / "out" / "cli-device-1.chain.pem").read_text())
         assert f"{leaf.serial_number:X}" in out.upper()
 
-        code, out, err = await _cli(
+        code, out, err = await run_module(
+            "factory_svc.cli",
             "mint",
             "jig-9",
             "--generate-key",
@@ -98,10 +66,11 @@ async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
         cert = x509.load_pem_x509_certificate((tmp_path / "out" / "jig-9.cert.pem").read_bytes())
         assert cert.public_key().curve.name == "secp384r1"
 
-        code, out, err = await _cli("list", "--target", target, "--insecure")
+        code, out, err = await run_module("factory_svc.cli", "list", "--target", target, "--insecure")
         assert code == 0 and "cli-device-1" in out and "jig-9" in out
 
-        code, out, err = await _cli(
+        code, out, err = await run_module(
+            "factory_svc.cli",
             "mint",
             "bad id",
             "--csr",

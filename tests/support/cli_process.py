@@ -1,0 +1,42 @@
+"""Running the services' command lines as real processes in tests."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from provkit.channels import ChannelSecurity, create_channel
+
+
+async def run_module(
+    module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> tuple[int, str, str]:
+    """``python -m module args...`` to completion: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def wait_serving(target: str, security: ChannelSecurity, what: str, attempts: int = 200) -> None:
+    """Poll the gRPC health service until it answers SERVING (0.1 s apart)."""
+    async with create_channel(target, security) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(attempts):
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except Exception:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} did not become healthy")
