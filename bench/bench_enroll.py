@@ -23,6 +23,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from provkit.devpki import SIGNATURE_KEY_USAGE
+
 TITLE = "Enroll: batched enrollments per second through factory_svc into the emulator's DPS"
 
 DEVICES_PER_PHASE = 1000
@@ -87,7 +89,8 @@ def _issue(ca, count: int, prefix: str) -> list[tuple[str, str]]:
             .not_valid_after(now + timedelta(days=365))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+                SIGNATURE_KEY_USAGE,
+                critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -164,7 +167,7 @@ async def _phase(root: Path, emu, log2_n: int, tag: str = "") -> dict[str, float
 async def _raw_bulk(root: Path, emu, tag: str = "") -> dict[str, float]:
     """The ceiling: the same enrollments written straight into DPS bulk operations (no factory_svc)."""
     from factory_svc.ca import open_dev_ca
-    from provkit.cloud import load_cloud_settings
+    from provkit.cloud import Enrollment, ProvisioningStatus, X509Attestation, load_cloud_settings
     from provkit.dps import DpsEnrollments
     from provkit.settings import SettingsSource
 
@@ -172,21 +175,13 @@ async def _raw_bulk(root: Path, emu, tag: str = "") -> dict[str, float]:
     cloud = load_cloud_settings(SettingsSource("BENCH", env={"BENCH_CLOUD_EMULATOR_CONNECTION_FILE": conn}))
     ca = open_dev_ca(root / f"raw-ca{tag}", lambda: datetime.now(UTC))
     devices = await asyncio.to_thread(_issue, ca, DEVICES_PER_PHASE, f"raw-{uuid.uuid4().hex[:6]}")
-    bodies = [
-        {
-            "registrationId": d,
-            "deviceId": d,
-            "provisioningStatus": "disabled",
-            "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": c}}}},
-        }
-        for d, c in devices
-    ]
+    bodies = [Enrollment(d, X509Attestation(c), ProvisioningStatus.DISABLED, device_id=d) for d, c in devices]
     dps = await DpsEnrollments.open(cloud.dps)
     gate = asyncio.Semaphore(CONCURRENT_CALLS * 8)
     created = 0
     first_error: list = []
 
-    async def one(part: list[dict]) -> None:
+    async def one(part: list[Enrollment]) -> None:
         nonlocal created
         async with gate:
             errors = await dps.bulk_create(part)

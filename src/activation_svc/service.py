@@ -10,8 +10,13 @@ allocationPolicy = static, provisioningStatus = enabled.  A concurrent change (4
 again, re-check the code and apply its change on top: no write is lost.  When the device has registered
 already, the metadata is also merged into its hub twin (etag-guarded as well).
 
-Other reasons: DEVICE_ID_* (id rules), METADATA_INVALID / METADATA_NOT_JSON, HUB_UNKNOWN, REQUEST_ID_REUSED,
-ENROLLMENT_CONCURRENTLY_MODIFIED, DPS_UNAVAILABLE, HUB_UNAVAILABLE, DPS_REFUSED, HUB_REFUSED.
+Request ids go through ``provkit.idempotency`` (answers kept in the audit file).  The domain reads and
+writes ``provkit.cloud.Enrollment`` records (activation record, initial twin, hub allocation); the DPS
+JSON is the adapter's.
+
+Other reasons: DEVICE_ID_* (id rules), METADATA_INVALID / METADATA_NOT_JSON, HUB_UNKNOWN,
+REQUEST_ID_INVALID, REQUEST_ID_REUSED, ENROLLMENT_CONCURRENTLY_MODIFIED, DPS_UNAVAILABLE, HUB_UNAVAILABLE,
+DPS_REFUSED, HUB_REFUSED.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict
+from dataclasses import replace as dc_replace
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -38,7 +44,7 @@ from activation_svc.model import (
 )
 from activation_svc.ratelimit import FailureLimiter
 from factory_svc.device_id import normalise_device_id
-from provkit.activation_code import CODE_RECORD_KEY, verify_code
+from provkit.activation_code import verify_code
 from provkit.cloud import (
     CloudEtagMismatch,
     CloudNotFound,
@@ -46,27 +52,29 @@ from provkit.cloud import (
     CloudUnavailable,
     Enrollment,
     EnrollmentPort,
+    HubAllocation,
     HubDevice,
+    HubDeviceStatus,
     HubTwinPort,
-    parse_azure_time,
+    InitialTwin,
+    ProvisioningStatus,
+    TwinPatch,
 )
 from provkit.context import bind_device_id
 from provkit.errors import (
-    Conflict,
+    Aborted,
     FailedPrecondition,
-    InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
     invalid_field,
 )
+from provkit.idempotency import RequestIds, Stored, fingerprint
 
 log = logging.getLogger("activation_svc")
 
 Clock = Callable[[], datetime]
-LIFECYCLE_KEY = "activation"
 _MAX_ATTEMPTS = 16
-_READ_ONLY = ("registrationState", "createdDateTimeUtc", "lastUpdatedDateTimeUtc")
 
 
 class HubSelection(Protocol):
@@ -87,29 +95,16 @@ def _unavailable(exc: CloudUnavailable, what: str) -> Unavailable:
     )
 
 
-def _strip_meta(section: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (section or {}).items() if not k.startswith("$")}
+def _code_hash(enrollment: Enrollment | None) -> Any:
+    return enrollment.code_hash if enrollment is not None else None
 
 
-def _twin_of(enrollment: Enrollment) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    twin = enrollment.initial_twin
-    if not twin:
-        return None
-    return _strip_meta(twin.get("tags")), _strip_meta((twin.get("properties") or {}).get("desired"))
-
-
-def _lifecycle_record(enrollment: Enrollment) -> dict[str, Any]:
-    value = enrollment.optional_device_information.get(LIFECYCLE_KEY)
-    return dict(value) if isinstance(value, Mapping) else {}
-
-
-def _when(record: Mapping[str, Any], key: str) -> datetime | None:
-    value = record.get(key)
-    return parse_azure_time(value) if isinstance(value, str) else None
-
-
-def _fingerprint(*parts: str) -> str:
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+def _changes(wanted: Any, old: Any, current: Any) -> dict[str, Any]:
+    """The merge patch that turns ``current`` (a twin section) into ``wanted``: changed keys, and keys
+    this side wrote earlier (in ``old``) that ``wanted`` no longer has (None deletes them)."""
+    patch = {k: v for k, v in wanted.items() if current.get(k) != v}
+    patch.update({k: None for k in old if k not in wanted and k in current})
+    return patch
 
 
 class ActivationService:
@@ -128,6 +123,7 @@ class ActivationService:
         self._limiter = limiter
         self._audit = audit
         self._clock = clock
+        self._request_ids = RequestIds()
 
     # ------------------------------------------------------------------------------------ helpers
     async def _audit_entry(
@@ -160,8 +156,7 @@ class ActivationService:
                 retry_after=wait,
             )
         enrollment = await self._get(device_id)
-        record = enrollment.optional_device_information.get(CODE_RECORD_KEY) if enrollment else None
-        if not await asyncio.to_thread(verify_code, code or "", record):
+        if not await asyncio.to_thread(verify_code, code or "", _code_hash(enrollment)):
             self._limiter.failed(device_id)
             await self._audit_entry(action, device_id, caller, request_id, "denied")
             raise _denied()
@@ -182,29 +177,19 @@ class ActivationService:
             "hub", "HUB_UNKNOWN", f"{requested!r} is not a linked hub (known: {', '.join(names)})"
         )
 
-    async def _replay(self, request_id: str, fingerprint: str) -> dict[str, Any] | None:
-        if not request_id:
-            return None
+    async def _stored(self, request_id: str) -> Stored[dict[str, Any]] | None:
         found = await self._audit.find_request(request_id)
-        if found is None:
-            return None
-        if found[0] != fingerprint:
-            raise InvalidArgument(
-                "REQUEST_ID_REUSED",
-                "this request_id was used for a different request",
-                metadata={"request_id": request_id},
-            )
-        return json.loads(found[1])
+        return None if found is None else Stored(found[0], json.loads(found[1]))
 
     async def _remember(self, request_id: str, fingerprint: str, result: Any) -> None:
         if request_id:
             data = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(result).items()}
             await self._audit.remember_request(request_id, fingerprint, json.dumps(data, default=str))
 
-    async def _update(self, body: dict[str, Any], etag: str) -> Enrollment | None:
+    async def _update(self, enrollment: Enrollment) -> Enrollment | None:
         """None on an etag mismatch (someone changed it: read again)."""
         try:
-            return await self._dps.update(body, etag)
+            return await self._dps.update(enrollment)
         except (CloudEtagMismatch, CloudNotFound):
             return None
         except CloudUnavailable as exc:
@@ -214,8 +199,7 @@ class ActivationService:
 
     async def _reauthorise(self, device_id: str, code: str) -> Enrollment:
         enrollment = await self._get(device_id)
-        record = enrollment.optional_device_information.get(CODE_RECORD_KEY) if enrollment else None
-        if enrollment is None or not await asyncio.to_thread(verify_code, code, record):
+        if enrollment is None or not await asyncio.to_thread(verify_code, code, _code_hash(enrollment)):
             raise _denied()  # the code was rotated (or the enrollment deleted) meanwhile
         return enrollment
 
@@ -226,19 +210,9 @@ class ActivationService:
         device_id, enrollment = await self._authorised(
             "activate", cmd.device_id, cmd.activation_code, cmd.caller, cmd.request_id
         )
-        with bind_device_id(device_id):
-            fingerprint = _fingerprint("activate", device_id, metadata.canonical(), hub)
-            earlier = await self._replay(cmd.request_id, fingerprint)
-            if earlier is not None:
-                return ActivateResult(
-                    earlier["device_id"],
-                    earlier["hub"],
-                    ActivationPath(earlier["path"]),
-                    Lifecycle(earlier["lifecycle"]),
-                    earlier["enrollment_etag"],
-                    earlier["registered_hub"],
-                    replayed=True,
-                )
+        request_fingerprint = fingerprint(["activate", device_id, metadata.canonical(), hub])
+
+        async def execute() -> ActivateResult:
             try:
                 result = await self._activate(device_id, enrollment, metadata, hub, cmd.activation_code)
             except Exception as exc:
@@ -255,53 +229,57 @@ class ActivationService:
                 "ok",
                 f"path={result.path.value} hub={hub} metadata_sha256={digest}",
             )
-            await self._remember(cmd.request_id, fingerprint, result)
+            await self._remember(cmd.request_id, request_fingerprint, result)
             return result
+
+        with bind_device_id(device_id):
+            return await self._request_ids.run(
+                cmd.request_id,
+                request_fingerprint,
+                find=lambda: self._stored(cmd.request_id),
+                replay=_replayed_activation,
+                execute=execute,
+            )
 
     async def _activate(
         self, device_id: str, enrollment: Enrollment, metadata: TwinMetadata, hub: str, code: str
     ) -> ActivateResult:
-        previous: tuple[dict[str, Any], dict[str, Any]] | None = None
+        wanted_twin = InitialTwin(dict(metadata.tags), dict(metadata.desired))
+        wanted_hubs = HubAllocation((hub,), "static")
+        previous: InitialTwin | None = None
         changed = False
         for _ in range(_MAX_ATTEMPTS):
-            previous = _twin_of(enrollment)
-            record = _lifecycle_record(enrollment)
+            previous = enrollment.initial_twin
+            record = enrollment.activation
             same = (
                 enrollment.enabled
-                and previous == (dict(metadata.tags), dict(metadata.desired))
-                and enrollment.iot_hubs == (hub,)
-                and enrollment.raw.get("allocationPolicy") == "static"
-                and "activatedAt" in record
-                and "deactivatedAt" not in record
+                and previous == wanted_twin
+                and enrollment.allocation == wanted_hubs
+                and record.activated_at is not None
+                and record.deactivated_at is None
             )
             if same:
                 break
-            body = enrollment.body()
-            for key in _READ_ONLY:
-                body.pop(key, None)
-            body["initialTwin"] = metadata.initial_twin()
-            body["iotHubs"] = [hub]
-            body["allocationPolicy"] = "static"
-            body.pop("iotHubHostName", None)
-            body["provisioningStatus"] = "enabled"
-            info = dict(body.get("optionalDeviceInformation") or {})
-            record.pop("deactivatedAt", None)
-            record["activatedAt"] = self._clock().isoformat()
-            info[LIFECYCLE_KEY] = record
-            body["optionalDeviceInformation"] = info
-            updated = await self._update(body, enrollment.etag or "*")
+            activated = dc_replace(
+                enrollment,
+                initial_twin=wanted_twin,
+                allocation=wanted_hubs,
+                provisioning_status=ProvisioningStatus.ENABLED,
+                activation=dc_replace(record, activated_at=self._clock(), deactivated_at=None),
+            )
+            updated = await self._update(activated)
             if updated is not None:
                 enrollment, changed = updated, True
                 break
             enrollment = await self._reauthorise(device_id, code)
         else:
-            raise Conflict("ENROLLMENT_CONCURRENTLY_MODIFIED", "the enrollment kept changing; try again")
+            raise Aborted("ENROLLMENT_CONCURRENTLY_MODIFIED", "the enrollment kept changing; try again")
         registration = enrollment.registration_state
         twin_written = False
         registered_hub = ""
         if registration is not None and registration.assigned:
             registered_hub = registration.assigned_hub or ""
-            twin_written = await self._sync_hub(registered_hub, device_id, metadata, previous)
+            twin_written = await self._sync_hub(registered_hub, device_id, wanted_twin, previous)
         path = (
             ActivationPath.ENROLLMENT_AND_HUB_TWIN
             if twin_written
@@ -314,39 +292,33 @@ class ActivationService:
         return ActivateResult(device_id, hub, path, lifecycle, enrollment.etag or "", registered_hub)
 
     async def _sync_hub(
-        self,
-        hub: str,
-        device_id: str,
-        metadata: TwinMetadata,
-        previous: tuple[dict[str, Any], dict[str, Any]] | None,
+        self, hub: str, device_id: str, wanted: InitialTwin, previous: InitialTwin | None
     ) -> bool:
         """Merge the metadata into the device's hub twin (and re-enable a disabled identity)."""
+        old = previous or InitialTwin()
         try:
             for _ in range(_MAX_ATTEMPTS):
                 device = await self._hubs.get_device(hub, device_id)
                 if device is None:
                     return False
                 wrote = False
-                if device.status != "enabled":
+                if device.status is not HubDeviceStatus.ENABLED:
                     try:
-                        await self._hubs.set_device_status(hub, device, "enabled")
+                        await self._hubs.set_device_status(hub, device, HubDeviceStatus.ENABLED)
                     except CloudEtagMismatch:
                         continue
                     wrote = True
                 twin = await self._hubs.get_twin_document(hub, device_id)
                 if twin is None:
                     return wrote
-                old_tags, old_desired = previous or ({}, {})
-                tags = {k: v for k, v in metadata.tags.items() if twin.tags.get(k) != v}
-                tags.update({k: None for k in old_tags if k not in metadata.tags and k in twin.tags})
-                desired = {k: v for k, v in metadata.desired.items() if twin.desired.get(k) != v}
-                desired.update(
-                    {k: None for k in old_desired if k not in metadata.desired and k in twin.desired}
+                patch = TwinPatch(
+                    _changes(wanted.tags, old.tags, twin.tags),
+                    _changes(wanted.desired, old.desired, twin.desired),
                 )
-                if not tags and not desired:
+                if not patch:
                     return wrote
                 try:
-                    await self._hubs.patch_twin(hub, device_id, tags, desired, twin.etag or "*")
+                    await self._hubs.patch_twin(hub, device_id, patch, twin.etag or "*")
                 except CloudEtagMismatch:
                     continue
                 return True
@@ -354,77 +326,73 @@ class ActivationService:
             raise _unavailable(exc, "HUB") from exc
         except CloudRejected as exc:
             raise FailedPrecondition("HUB_REFUSED", f"the IoT hub refused the update: {exc}") from exc
-        raise Conflict("HUB_TWIN_CONCURRENTLY_MODIFIED", "the hub twin kept changing; try again")
+        raise Aborted("HUB_TWIN_CONCURRENTLY_MODIFIED", "the hub twin kept changing; try again")
 
     # --------------------------------------------------------------------------------- deactivate
     async def deactivate(self, cmd: DeactivateCommand) -> DeactivateResult:
         device_id, enrollment = await self._authorised(
             "deactivate", cmd.device_id, cmd.activation_code, cmd.caller, cmd.request_id
         )
-        with bind_device_id(device_id):
-            fingerprint = _fingerprint("deactivate", device_id)
-            earlier = await self._replay(cmd.request_id, fingerprint)
-            if earlier is not None:
-                return DeactivateResult(
-                    earlier["device_id"],
-                    earlier["changed"],
-                    earlier["hub_device_disabled"],
-                    Lifecycle(earlier["lifecycle"]),
-                    replayed=True,
-                )
-            changed = False
-            for _ in range(_MAX_ATTEMPTS):
-                record = _lifecycle_record(enrollment)
-                if not enrollment.enabled and "deactivatedAt" in record:
-                    break
-                if not enrollment.enabled and "activatedAt" not in record:
-                    break  # never activated: nothing to deprovision
-                body = enrollment.body()
-                for key in _READ_ONLY:
-                    body.pop(key, None)
-                body["provisioningStatus"] = "disabled"
-                record["deactivatedAt"] = self._clock().isoformat()
-                registration = enrollment.registration_state
-                if registration is not None and registration.assigned_hub:
-                    record["registeredHub"] = registration.assigned_hub
-                info = dict(body.get("optionalDeviceInformation") or {})
-                info[LIFECYCLE_KEY] = record
-                body["optionalDeviceInformation"] = info
-                updated = await self._update(body, enrollment.etag or "*")
-                if updated is not None:
-                    enrollment, changed = updated, True
-                    break
-                enrollment = await self._reauthorise(device_id, cmd.activation_code)
-            else:
-                raise Conflict("ENROLLMENT_CONCURRENTLY_MODIFIED", "the enrollment kept changing; try again")
-            hub_disabled = await self._disable_on_hub(enrollment, device_id)
-            lifecycle = (
-                Lifecycle.DEPROVISIONED
-                if "activatedAt" in _lifecycle_record(enrollment)
-                else Lifecycle.ENROLLED
-            )
-            result = DeactivateResult(device_id, changed or hub_disabled, hub_disabled, lifecycle)
+        request_fingerprint = fingerprint(["deactivate", device_id])
+
+        async def execute() -> DeactivateResult:
+            result = await self._deactivate(device_id, enrollment, cmd.activation_code)
             await self._audit_entry(
                 "deactivate", device_id, cmd.caller, cmd.request_id, "ok", f"changed={result.changed}"
             )
-            await self._remember(cmd.request_id, fingerprint, result)
+            await self._remember(cmd.request_id, request_fingerprint, result)
             return result
+
+        with bind_device_id(device_id):
+            return await self._request_ids.run(
+                cmd.request_id,
+                request_fingerprint,
+                find=lambda: self._stored(cmd.request_id),
+                replay=_replayed_deactivation,
+                execute=execute,
+            )
+
+    async def _deactivate(self, device_id: str, enrollment: Enrollment, code: str) -> DeactivateResult:
+        changed = False
+        for _ in range(_MAX_ATTEMPTS):
+            record = enrollment.activation
+            if not enrollment.enabled and record.deactivated_at is not None:
+                break
+            if not enrollment.enabled and record.activated_at is None:
+                break  # never activated: nothing to deprovision
+            registration = enrollment.registration_state
+            if registration is not None and registration.assigned_hub:
+                record = dc_replace(record, registered_hub=registration.assigned_hub)
+            deactivated = dc_replace(
+                enrollment,
+                provisioning_status=ProvisioningStatus.DISABLED,
+                activation=dc_replace(record, deactivated_at=self._clock()),
+            )
+            updated = await self._update(deactivated)
+            if updated is not None:
+                enrollment, changed = updated, True
+                break
+            enrollment = await self._reauthorise(device_id, code)
+        else:
+            raise Aborted("ENROLLMENT_CONCURRENTLY_MODIFIED", "the enrollment kept changing; try again")
+        hub_disabled = await self._disable_on_hub(enrollment, device_id)
+        lifecycle = (
+            Lifecycle.DEPROVISIONED if enrollment.activation.activated_at is not None else Lifecycle.ENROLLED
+        )
+        return DeactivateResult(device_id, changed or hub_disabled, hub_disabled, lifecycle)
 
     async def _disable_on_hub(self, enrollment: Enrollment, device_id: str) -> bool:
         registration = enrollment.registration_state
-        hub = (registration.assigned_hub if registration else None) or _lifecycle_record(enrollment).get(
-            "registeredHub"
-        )
+        hub = (registration.assigned_hub if registration else None) or enrollment.activation.registered_hub
         if not hub:
             return False
-        hub = str(hub)
         try:
             for _ in range(_MAX_ATTEMPTS):
                 device = await self._hubs.get_device(hub, device_id)
-                if device is None or device.status == "disabled":
+                if device is None or device.status is HubDeviceStatus.DISABLED:
                     return False
                 try:
-                    await self._hubs.set_device_status(hub, device, "disabled")
+                    await self._hubs.set_device_status(hub, device, HubDeviceStatus.DISABLED)
                 except CloudEtagMismatch:
                     continue
                 return True
@@ -432,21 +400,21 @@ class ActivationService:
             raise _unavailable(exc, "HUB") from exc
         except CloudRejected as exc:
             raise FailedPrecondition("HUB_REFUSED", f"the IoT hub refused the update: {exc}") from exc
-        raise Conflict("HUB_DEVICE_CONCURRENTLY_MODIFIED", "the hub device kept changing; try again")
+        raise Aborted("HUB_DEVICE_CONCURRENTLY_MODIFIED", "the hub device kept changing; try again")
 
     # ------------------------------------------------------------------------------------- status
     async def status(self, raw_id: str, code: str, caller: str = "internal") -> DeviceStatus:
         device_id, enrollment = await self._authorised("status", raw_id, code, caller, "")
-        record = _lifecycle_record(enrollment)
+        record = enrollment.activation
         registration = enrollment.registration_state
         device: HubDevice | None = None
-        hub = (registration.assigned_hub if registration else None) or record.get("registeredHub") or ""
+        hub = (registration.assigned_hub if registration else None) or record.registered_hub or ""
         if hub:
             try:
-                device = await self._hubs.get_device(str(hub), device_id)
+                device = await self._hubs.get_device(hub, device_id)
             except CloudUnavailable as exc:
                 raise _unavailable(exc, "HUB") from exc
-        activated = "activatedAt" in record
+        activated = record.activated_at is not None
         if not enrollment.enabled:
             lifecycle = Lifecycle.DEPROVISIONED if activated else Lifecycle.ENROLLED
         elif device is not None and registration is not None and registration.assigned:
@@ -456,18 +424,41 @@ class ActivationService:
         moments = [
             device.last_activity if device else None,
             registration.last_updated if registration else None,
-            parse_azure_time(str(enrollment.raw.get("lastUpdatedDateTimeUtc") or "")),
+            enrollment.last_updated,
         ]
         known = [m for m in moments if m is not None]
+        hubs = enrollment.allocation.iot_hubs
         return DeviceStatus(
             device_id=device_id,
             lifecycle=lifecycle,
-            provisioning_status=enrollment.provisioning_status,
-            allocated_hub=enrollment.iot_hubs[0] if enrollment.iot_hubs and activated else "",
-            registered_hub=str(hub) if device else "",
-            hub_device_status=device.status if device else "",
+            provisioning_status=enrollment.provisioning_status.value,
+            allocated_hub=hubs[0] if hubs and activated else "",
+            registered_hub=hub if device else "",
+            hub_device_status=device.status.value if device else "",
             hub_connection_state=device.connection_state if device else "",
             last_activity=max(known) if known else None,
-            activated_at=_when(record, "activatedAt"),
-            deactivated_at=_when(record, "deactivatedAt"),
+            activated_at=record.activated_at,
+            deactivated_at=record.deactivated_at,
         )
+
+
+async def _replayed_activation(earlier: dict[str, Any]) -> ActivateResult:
+    return ActivateResult(
+        earlier["device_id"],
+        earlier["hub"],
+        ActivationPath(earlier["path"]),
+        Lifecycle(earlier["lifecycle"]),
+        earlier["enrollment_etag"],
+        earlier["registered_hub"],
+        replayed=True,
+    )
+
+
+async def _replayed_deactivation(earlier: dict[str, Any]) -> DeactivateResult:
+    return DeactivateResult(
+        earlier["device_id"],
+        earlier["changed"],
+        earlier["hub_device_disabled"],
+        Lifecycle(earlier["lifecycle"]),
+        replayed=True,
+    )

@@ -1,7 +1,8 @@
 """Minting: the rules of MintCertificate, and the read side (get / list).  Plain async Python.
 
-Order of work for ``mint``: validate everything (id, key source, CSR, validity) -> idempotency look-up ->
-make the key (mode B) -> sign -> commit to the ledger -> answer.  Nothing is written for bad input.
+Order of work for ``mint``: validate everything (id, key source, CSR, validity) -> idempotency look-up
+(``provkit.idempotency``; the ledger keeps the answers) -> make the key (mode B) -> sign -> commit to the
+ledger -> answer.  Nothing is written for bad input.
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from factory_svc.ca import IssuingCA
 from factory_svc.csr import check_csr
 from factory_svc.device_id import normalise_device_id
-from factory_svc.errors import AlreadyExists, FailedPrecondition, NotFound, invalid_field
+from factory_svc.errors import FailedPrecondition, NotFound, invalid_field
 from factory_svc.keys import GENERATABLE, KeyType, PublicKey, generate_private_key, private_key_pem
 from factory_svc.ledger import Cursor, Recorded, RequestIdTaken, StoredRequest, cursor_of
 from factory_svc.model import (
@@ -39,6 +39,9 @@ from factory_svc.model import (
     ServerKey,
 )
 from provkit.context import bind_device_id
+from provkit.devpki import SIGNATURE_KEY_USAGE
+from provkit.idempotency import LOST_RACE, LostRace, RequestIds, Stored, check_request_id
+from provkit.idempotency import fingerprint as request_fingerprint
 
 log = logging.getLogger("factory_svc.minting")
 
@@ -46,7 +49,6 @@ Clock = Callable[[], datetime]
 BACKDATE = timedelta(minutes=5)  # tolerate clock skew on devices
 MIN_VALIDITY = timedelta(hours=1)
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
-_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 _SERIAL = re.compile(r"^[0-9A-F]{1,40}$")
 
 
@@ -85,17 +87,6 @@ class _Checked:
 
 # The leaf's fixed extensions, built once.
 _NOT_A_CA = x509.BasicConstraints(ca=False, path_length=None)
-_SIGNATURE_ONLY = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=False,
-    crl_sign=False,
-    encipher_only=False,
-    decipher_only=False,
-)
 _CLIENT_AUTH = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
 
 
@@ -115,7 +106,7 @@ def leaf_builder(
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(_NOT_A_CA, critical=True)
-        .add_extension(_SIGNATURE_ONLY, critical=True)
+        .add_extension(SIGNATURE_KEY_USAGE, critical=True)
         .add_extension(_CLIENT_AUTH, critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(authority_key_id, critical=False)
@@ -150,7 +141,7 @@ class MintingService:
         self._ledger = ledger
         self._policy = policy
         self._clock = clock
-        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._request_ids = RequestIds()
         ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
         self._chain_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in ca.chain)
@@ -184,10 +175,7 @@ class MintingService:
 
     def _check(self, request: MintRequest, now: datetime) -> _Checked:
         device_id = normalise_device_id(request.device_id)
-        if request.request_id and not _REQUEST_ID.match(request.request_id):
-            raise invalid_field(
-                "request_id", "REQUEST_ID_INVALID", "the request id must be 1-128 printable ASCII characters"
-            )
+        check_request_id(request.request_id)
         public_key: PublicKey | None = None
         if isinstance(request.key, CsrKey):
             checked = check_csr(request.key.csr_pem, device_id)
@@ -214,64 +202,32 @@ class MintingService:
         fingerprint = ""
         if request.request_id:  # only idempotent requests need a fingerprint of what was asked
             validity = None if request.validity is None else request.validity.total_seconds()
-            canonical = json.dumps({"device_id": device_id, "validity": validity, **key_part}, sort_keys=True)
-            fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
+            fingerprint = request_fingerprint({"device_id": device_id, "validity": validity, **key_part})
         return _Checked(device_id, key_type, public_key, not_before, not_after, fingerprint)
 
     # ------------------------------------------------------------------------------------------- mint
-    @contextlib.asynccontextmanager
-    async def _one_at_a_time(self, request_id: str) -> AsyncIterator[None]:
-        if not request_id:
-            yield
-            return
-        lock, users = self._locks.setdefault(request_id, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._locks[request_id]
+    async def _stored(self, request_id: str) -> Stored[IssuedCertificate] | None:
+        stored = await self._ledger.find_request(request_id)
+        return None if stored is None else Stored(stored.fingerprint, stored.certificate)
 
-    async def _replay(
-        self, stored: StoredRequest, checked: _Checked, request_id: str, now: datetime
-    ) -> MintResult:
-        if stored.fingerprint != checked.fingerprint:
-            raise AlreadyExists(
-                "REQUEST_ID_REUSED",
-                "this request id was already used for a different request",
-                metadata={"request_id": request_id, "serial_number": stored.certificate.serial_number},
-            )
-        count = await self._ledger.count_unexpired(stored.certificate.device_id, now)
-        log.info("replayed mint", extra={"serial": stored.certificate.serial_number})
-        return MintResult(stored.certificate, None, count, replayed=True)
+    async def _replay(self, certificate: IssuedCertificate, now: datetime) -> MintResult:
+        count = await self._ledger.count_unexpired(certificate.device_id, now)
+        log.info("replayed mint", extra={"serial": certificate.serial_number})
+        return MintResult(certificate, None, count, replayed=True)
 
     async def mint(self, request: MintRequest) -> MintResult:
         now = self._clock()
         checked = self._check(request, now)
         with bind_device_id(checked.device_id):
-            if not request.request_id:  # nothing to look up, nothing to serialise
-                result = await self._issue(request, checked, now)
-                if isinstance(result, RequestIdTaken):
-                    raise RuntimeError("the ledger reported a request id clash for a request without one")
-                return result
-            async with self._one_at_a_time(request.request_id):
-                if request.request_id:
-                    stored = await self._ledger.find_request(request.request_id)
-                    if stored is not None:
-                        return await self._replay(stored, checked, request.request_id, now)
-                result = await self._issue(request, checked, now)
-                if isinstance(result, MintResult):
-                    return result
-                stored = await self._ledger.find_request(request.request_id)  # lost a race to another process
-                if stored is None:
-                    raise RuntimeError("the ledger refused a request id that it does not hold")
-                return await self._replay(stored, checked, request.request_id, now)
+            return await self._request_ids.run(
+                request.request_id,
+                checked.fingerprint,
+                find=lambda: self._stored(request.request_id),
+                replay=lambda certificate: self._replay(certificate, now),
+                execute=lambda: self._issue(request, checked, now),
+            )
 
-    async def _issue(
-        self, request: MintRequest, checked: _Checked, now: datetime
-    ) -> MintResult | RequestIdTaken:
+    async def _issue(self, request: MintRequest, checked: _Checked, now: datetime) -> MintResult | LostRace:
         private_key = None
         public_key = checked.public_key
         if public_key is None:
@@ -300,9 +256,9 @@ class MintingService:
             caller=request.caller,
             request_id=request.request_id,
         )
-        outcome = await self._ledger.record(issued, checked.fingerprint if request.request_id else None, now)
+        outcome = await self._ledger.record(issued, checked.fingerprint or None, now)
         if isinstance(outcome, RequestIdTaken):
-            return outcome
+            return LOST_RACE
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "certificate issued",

@@ -4,8 +4,13 @@ ports, the domains (enrollment, activation) only know this module.
 
 API
 ---
-Records: ``Enrollment`` (an individual enrollment as the domain sees it, ``raw`` keeps every field DPS sent
-    so an update never drops one), ``RegistrationState``, ``HubDevice``, ``BulkItemError``.
+Records (what the domains read and write; no DPS or hub JSON leaves the adapters):
+    ``Enrollment`` (attestation, provisioning status, owner, activation-code hash, activation record,
+    initial twin, hub allocation, etag; ``unmodelled`` keeps what the suite does not use, so an update
+    writes it back untouched), ``X509Attestation``, ``ProvisioningStatus``, ``InitialTwin``,
+    ``HubAllocation``, ``ActivationRecord``, ``RegistrationState``, ``BulkItemError``;
+    ``HubDevice`` / ``HubDeviceStatus``, ``TwinDocument`` (a twin's tags and desired properties),
+    ``TwinPatch``.
 Ports (Protocols): ``EnrollmentPort`` (get / create / update / bulk_create),
     ``HubTwinPort`` (get_device / get_twin_document / patch_twin / set_device_status).
 ``CloudNotConfigured`` (a SettingsError): nothing configured and no default emulator file.
@@ -33,6 +38,7 @@ required (real Azure: set the connection strings and leave the emulator file out
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +82,11 @@ class CloudUnavailable(CloudError):
 
 
 # ----------------------------------------------------------------------------------------------- records
+class ProvisioningStatus(enum.Enum):
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+
+
 @dataclass(frozen=True)
 class RegistrationState:
     registration_id: str
@@ -90,75 +101,71 @@ class RegistrationState:
 
 
 @dataclass(frozen=True)
+class X509Attestation:
+    """The enrollment's X.509 attestation: its primary client certificate.  ``sha256_thumbprint`` is what
+    the service reports about the certificate it holds (read-only; real DPS may omit the PEM itself)."""
+
+    certificate_pem: str | None = None
+    sha256_thumbprint: str | None = None
+
+
+@dataclass(frozen=True)
+class InitialTwin:
+    """Tags and desired properties a device's hub twin starts with (service metadata stripped)."""
+
+    tags: Mapping[str, Any] = field(default_factory=dict)
+    desired: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HubAllocation:
+    """Which linked hubs a registration may land on; ``policy`` is DPS's allocation policy name
+    (``static``, ``hashed``, ``geoLatency``, ``custom``) or None for the service default."""
+
+    iot_hubs: tuple[str, ...] = ()
+    policy: str | None = None
+
+
+@dataclass(frozen=True)
+class ActivationRecord:
+    """What activation_svc wrote about the device's activation (kept with the enrollment)."""
+
+    activated_at: datetime | None = None
+    deactivated_at: datetime | None = None
+    registered_hub: str | None = None  # the hub the device was registered on when deactivated
+
+
+@dataclass(frozen=True)
+class Unmodelled:
+    """The enrollment as the service sent it, for the adapter only: the parts the suite does not model
+    (and the sections the domain leaves unchanged) are written back from here exactly as they were read.
+    Empty for an enrollment the domain builds from scratch."""
+
+    document: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Enrollment:
-    """An individual enrollment.  ``raw`` is the JSON body as DPS returned it (or as it will be sent)."""
+    """An individual enrollment as the domain reads and writes it.  ``etag``, ``registration_state`` and
+    ``last_updated`` are read-only (set by the service); an update is guarded by ``etag``."""
 
     registration_id: str
-    raw: Mapping[str, Any]
-
-    @property
-    def etag(self) -> str | None:
-        value = self.raw.get("etag")
-        return str(value) if value else None
-
-    @property
-    def provisioning_status(self) -> str:
-        return str(self.raw.get("provisioningStatus") or "enabled")
+    attestation: X509Attestation = field(default_factory=X509Attestation)
+    provisioning_status: ProvisioningStatus = ProvisioningStatus.ENABLED
+    device_id: str | None = None
+    code_hash: Mapping[str, Any] | None = None  # provkit.activation_code's record
+    owner: str | None = None  # the OEM that owns the device (kept, not yet enforced)
+    activation: ActivationRecord = field(default_factory=ActivationRecord)
+    initial_twin: InitialTwin | None = None
+    allocation: HubAllocation = field(default_factory=HubAllocation)
+    etag: str | None = None
+    registration_state: RegistrationState | None = None
+    last_updated: datetime | None = None
+    unmodelled: Unmodelled = field(default_factory=Unmodelled, compare=False, repr=False)
 
     @property
     def enabled(self) -> bool:
-        return self.provisioning_status == "enabled"
-
-    @property
-    def certificate(self) -> str | None:
-        x509 = (self.raw.get("attestation") or {}).get("x509") or {}
-        primary = (x509.get("clientCertificates") or {}).get("primary") or {}
-        return primary.get("certificate")
-
-    @property
-    def certificate_info(self) -> Mapping[str, Any]:
-        x509 = (self.raw.get("attestation") or {}).get("x509") or {}
-        primary = (x509.get("clientCertificates") or {}).get("primary") or {}
-        return primary.get("info") or {}
-
-    @property
-    def initial_twin(self) -> Mapping[str, Any] | None:
-        return self.raw.get("initialTwin")
-
-    @property
-    def iot_hubs(self) -> tuple[str, ...]:
-        return tuple(self.raw.get("iotHubs") or ())
-
-    @property
-    def optional_device_information(self) -> Mapping[str, Any]:
-        return self.raw.get("optionalDeviceInformation") or {}
-
-    @property
-    def registration_state(self) -> RegistrationState | None:
-        state = self.raw.get("registrationState")
-        if not state:
-            return None
-        return registration_state_from_json(state)
-
-    def body(self) -> dict[str, Any]:
-        """A mutable deep copy of the raw body (for building an update)."""
-        return json.loads(json.dumps(self.raw))
-
-
-def registration_state_from_json(state: Mapping[str, Any]) -> RegistrationState:
-    updated = state.get("lastUpdatedDateTimeUtc")
-    moment = None
-    if isinstance(updated, str) and updated:
-        moment = parse_azure_time(updated)
-    elif isinstance(updated, datetime):
-        moment = updated
-    return RegistrationState(
-        registration_id=str(state.get("registrationId") or ""),
-        status=str(state.get("status") or "unassigned"),
-        assigned_hub=state.get("assignedHub") or None,
-        device_id=state.get("deviceId") or None,
-        last_updated=moment,
-    )
+        return self.provisioning_status is ProvisioningStatus.ENABLED
 
 
 def parse_azure_time(text: str) -> datetime | None:
@@ -184,16 +191,22 @@ def parse_azure_time(text: str) -> datetime | None:
 
 @dataclass(frozen=True)
 class BulkItemError:
+    """One record a bulk create did not write; ``error`` is ``CloudAlreadyExists`` or ``CloudRejected``."""
+
     registration_id: str
-    error_code: int
-    error_status: str
+    error: CloudError
+
+
+class HubDeviceStatus(enum.Enum):
+    ENABLED = "enabled"
+    DISABLED = "disabled"
 
 
 @dataclass(frozen=True)
 class HubDevice:
     device_id: str
     hub: str
-    status: str  # enabled | disabled
+    status: HubDeviceStatus
     connection_state: str
     last_activity: datetime | None
     etag: str | None
@@ -203,24 +216,37 @@ class HubDevice:
 
 @dataclass(frozen=True)
 class TwinDocument:
+    """A hub twin as the domain sees it: tags and desired properties without ``$metadata`` / ``$version``."""
+
     etag: str | None
     tags: Mapping[str, Any]
-    desired: Mapping[str, Any]  # without $metadata / $version
+    desired: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TwinPatch:
+    """A merge patch of tags and desired properties; a ``None`` value deletes the key."""
+
+    tags: Mapping[str, Any] = field(default_factory=dict)
+    desired: Mapping[str, Any] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.tags or self.desired)
 
 
 # ------------------------------------------------------------------------------------------------- ports
 class EnrollmentPort(Protocol):
     async def get(self, registration_id: str) -> Enrollment | None: ...
 
-    async def create(self, body: Mapping[str, Any]) -> Enrollment:
+    async def create(self, enrollment: Enrollment) -> Enrollment:
         """Create; ``CloudAlreadyExists`` when the id is taken."""
         ...
 
-    async def update(self, body: Mapping[str, Any], etag: str) -> Enrollment:
-        """Replace the record if its etag still is ``etag``; ``CloudEtagMismatch`` otherwise."""
+    async def update(self, enrollment: Enrollment) -> Enrollment:
+        """Replace the record if its etag still is ``enrollment.etag``; ``CloudEtagMismatch`` otherwise."""
         ...
 
-    async def bulk_create(self, bodies: Sequence[Mapping[str, Any]]) -> list[BulkItemError]:
+    async def bulk_create(self, enrollments: Sequence[Enrollment]) -> list[BulkItemError]:
         """At most 10 records in one call; the per-record failures (empty: all created)."""
         ...
 
@@ -230,13 +256,11 @@ class HubTwinPort(Protocol):
 
     async def get_twin_document(self, hub: str, device_id: str) -> TwinDocument | None: ...
 
-    async def patch_twin(
-        self, hub: str, device_id: str, tags: Mapping[str, Any], desired: Mapping[str, Any], etag: str
-    ) -> None:
-        """Merge-patch tags and desired properties (``None`` deletes a key) if the twin etag matches."""
+    async def patch_twin(self, hub: str, device_id: str, patch: TwinPatch, etag: str) -> None:
+        """Merge-patch tags and desired properties if the twin etag matches."""
         ...
 
-    async def set_device_status(self, hub: str, device: HubDevice, status: str) -> None:
+    async def set_device_status(self, hub: str, device: HubDevice, status: HubDeviceStatus) -> None:
         """Enable or disable the device identity (etag-guarded by ``device.etag``)."""
         ...
 

@@ -11,6 +11,8 @@ API
 ``.client_certificate(common_name: str) -> TlsPair``
 ``TlsPair(cert_pem, key_pem)``; ``.write(cert_path, key_path)`` writes the key 0600.
 ``write_private_file(path, data: bytes)``   create/replace a file with mode 0600 (atomic rename).
+``key_usage(*, digital_signature=False, key_cert_sign=False, crl_sign=False) -> x509.KeyUsage``
+    the KeyUsage extension by name (every other bit off); ``CA_KEY_USAGE``, ``SIGNATURE_KEY_USAGE``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,26 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+def key_usage(
+    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+CA_KEY_USAGE = key_usage(key_cert_sign=True, crl_sign=True)
+SIGNATURE_KEY_USAGE = key_usage(digital_signature=True)
 
 
 def write_private_file(path: Path, data: bytes) -> None:
@@ -94,7 +116,8 @@ class DevTlsAuthority:
             .not_valid_after(now + timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+                CA_KEY_USAGE,
+                critical=True,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
@@ -117,7 +140,8 @@ class DevTlsAuthority:
             .not_valid_after(self.now + timedelta(days=825))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+                SIGNATURE_KEY_USAGE,
+                critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)

@@ -10,15 +10,15 @@ Open it inside the event loop that uses it (``await DpsEnrollments.open(config)`
   failure becomes ``CloudUnavailable`` (with ``retry_after`` when the service said).
 - azure-core's per-request HTTP log is turned down to WARNING (it logs every call at INFO).
 - HTTP statuses map to ``CloudNotFound`` (404), ``CloudAlreadyExists`` (409), ``CloudEtagMismatch`` (412),
-  ``CloudRejected`` (other 4xx).
+  ``CloudRejected`` (other 4xx); a bulk operation's per-record error codes (409xxx etc.) the same way.
+- The ports take and return ``provkit.cloud.Enrollment``; the JSON is ``provkit.dps_json``'s business.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import aiohttp
 from azure.core.exceptions import (
@@ -41,6 +41,11 @@ from provkit.cloud import (
     DpsConfig,
     Enrollment,
     RegistrationState,
+)
+from provkit.dps_json import (
+    bulk_errors_from_json,
+    enrollment_from_json,
+    enrollment_to_json,
     registration_state_from_json,
 )
 
@@ -131,48 +136,40 @@ class DpsEnrollments:
             raise translate(exc, "get enrollment") from exc
         except AzureError as exc:
             raise translate(exc, "get enrollment") from exc
-        return Enrollment(str(body.get("registrationId") or registration_id), body)
+        return enrollment_from_json(body, registration_id)
 
-    async def create(self, body: Mapping[str, Any]) -> Enrollment:
-        registration_id = str(body["registrationId"])
+    async def create(self, enrollment: Enrollment) -> Enrollment:
         try:
             created = await self._client.enrollment.create_or_update(
-                id=registration_id, enrollment=dict(body)
+                id=enrollment.registration_id, enrollment=enrollment_to_json(enrollment)
             )
         except AzureError as exc:
             raise translate(exc, "create enrollment") from exc
-        return Enrollment(registration_id, created)
+        return enrollment_from_json(created, enrollment.registration_id)
 
-    async def update(self, body: Mapping[str, Any], etag: str) -> Enrollment:
-        registration_id = str(body["registrationId"])
+    async def update(self, enrollment: Enrollment) -> Enrollment:
         try:
             updated = await self._client.enrollment.create_or_update(
-                id=registration_id, enrollment=dict(body), if_match=etag
+                id=enrollment.registration_id,
+                enrollment=enrollment_to_json(enrollment),
+                if_match=enrollment.etag or "*",
             )
         except AzureError as exc:
             raise translate(exc, "update enrollment") from exc
-        return Enrollment(registration_id, updated)
+        return enrollment_from_json(updated, enrollment.registration_id)
 
-    async def bulk_create(self, bodies: Sequence[Mapping[str, Any]]) -> list[BulkItemError]:
-        if not bodies:
+    async def bulk_create(self, enrollments: Sequence[Enrollment]) -> list[BulkItemError]:
+        if not enrollments:
             return []
-        if len(bodies) > MAX_BULK:
+        if len(enrollments) > MAX_BULK:
             raise ValueError(f"a DPS bulk operation takes at most {MAX_BULK} enrollments")
         try:
             result = await self._client.enrollment.run_bulk_operation(
-                bulk_operation={"mode": "create", "enrollments": [dict(b) for b in bodies]}
+                bulk_operation={"mode": "create", "enrollments": [enrollment_to_json(e) for e in enrollments]}
             )
         except AzureError as exc:
             raise translate(exc, "bulk create enrollments") from exc
-        errors = (result or {}).get("errors") or []
-        return [
-            BulkItemError(
-                str(e.get("registrationId") or ""),
-                int(e.get("errorCode") or 0),
-                str(e.get("errorStatus") or ""),
-            )
-            for e in errors
-        ]
+        return bulk_errors_from_json(result)
 
     async def get_registration(self, registration_id: str) -> RegistrationState | None:
         try:

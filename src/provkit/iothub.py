@@ -1,9 +1,10 @@
 """The IoT Hub service adapter: the one module that imports azure-iot-hub.
 
 ``HubRegistries(hubs, ca_file=None)`` implements ``provkit.cloud.HubTwinPort`` for the configured linked
-hubs.  ``IoTHubRegistryManager`` is synchronous (requests/msrest), so every call runs in a worker thread
-(``asyncio.to_thread``); the event loop never blocks on it.  One manager per hub, created lazily in the
-worker thread and reused (the SDK's HTTP session is not shared between hubs).
+hubs; it takes and returns the typed ``HubDevice`` / ``TwinDocument`` / ``TwinPatch`` (the SDK's models
+and the twin JSON stay here).  ``IoTHubRegistryManager`` is synchronous (requests/msrest), so every call
+runs in a worker thread (``asyncio.to_thread``); the event loop never blocks on it.  One manager per hub,
+created lazily in the worker thread and reused (the SDK's HTTP session is not shared between hubs).
 
 HTTP failures map to ``CloudNotFound`` (404), ``CloudEtagMismatch`` (412), ``CloudUnavailable`` (429,
 5xx, connection errors), ``CloudRejected`` (other 4xx).
@@ -29,7 +30,9 @@ from provkit.cloud import (
     CloudUnavailable,
     HubConfig,
     HubDevice,
+    HubDeviceStatus,
     TwinDocument,
+    TwinPatch,
 )
 
 T = TypeVar("T")
@@ -99,7 +102,7 @@ class HubRegistries:
         return HubDevice(
             device_id=device.device_id,
             hub=hub,
-            status=str(device.status or "enabled"),
+            status=HubDeviceStatus.DISABLED if device.status == "disabled" else HubDeviceStatus.ENABLED,
             connection_state=str(device.connection_state or "Disconnected"),
             last_activity=last if last is not None and last.tzinfo is not None and last.year > 1 else None,
             etag=device.etag,
@@ -115,13 +118,11 @@ class HubRegistries:
         desired = twin.properties.desired if twin.properties is not None else {}
         return TwinDocument(etag=twin.etag, tags=_strip_meta(twin.tags), desired=_strip_meta(desired))
 
-    async def patch_twin(
-        self, hub: str, device_id: str, tags: Mapping[str, Any], desired: Mapping[str, Any], etag: str
-    ) -> None:
-        patch = Twin(tags=dict(tags), properties=TwinProperties(desired=dict(desired)))
-        await self._call(hub, "update twin", lambda m: m.update_twin(device_id, patch, etag))
+    async def patch_twin(self, hub: str, device_id: str, patch: TwinPatch, etag: str) -> None:
+        body = Twin(tags=dict(patch.tags), properties=TwinProperties(desired=dict(patch.desired)))
+        await self._call(hub, "update twin", lambda m: m.update_twin(device_id, body, etag))
 
-    async def set_device_status(self, hub: str, device: HubDevice, status: str) -> None:
+    async def set_device_status(self, hub: str, device: HubDevice, status: HubDeviceStatus) -> None:
         await self._call(
             hub,
             "update device",
@@ -130,7 +131,7 @@ class HubRegistries:
                 device.etag or "*",
                 device.primary_thumbprint,
                 device.secondary_thumbprint,
-                status,
+                status.value,
             ),
         )
 

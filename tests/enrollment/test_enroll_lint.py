@@ -12,7 +12,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factory_svc.ca import open_dev_ca
 from factory_svc.enrollment.lint import lint_certificate, lint_policy_from_chain
-from provkit.devpki import DevTlsAuthority
+from provkit.devpki import DevTlsAuthority, key_usage
 from provkit.errors import InvalidArgument
 
 NOW = datetime.now(UTC)
@@ -40,7 +40,8 @@ def leaf(ca, cn: str, *, days: int = 365, eku: bool = True, is_ca: bool = False,
         .not_valid_after(start + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(True, False, False, False, False, is_ca, False, False, False), critical=True
+            key_usage(digital_signature=True, key_cert_sign=is_ca),
+            critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(

@@ -17,10 +17,10 @@ from support.emulator import EmulatorProcess, free_port
 
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
-from factory_svc.enrollment.delivery import OutboxDelivery
+from factory_svc.enrollment.delivery import Delivered, NotDelivered, OutboxDelivery
 from factory_svc.enrollment.lint import LintedCertificate
-from factory_svc.enrollment.outbox import NewEntry, Outbox
-from factory_svc.enrollment.service import new_enrollment_body
+from factory_svc.enrollment.outbox import NewEntry, Outbox, OutboxMode
+from factory_svc.enrollment.service import new_enrollment
 from provkit.activation_code import hash_code, new_code, verify_code
 from provkit.channels import ChannelSecurity, create_channel
 from provkit.cloud import load_cloud_settings
@@ -121,26 +121,31 @@ async def test_a_retried_delivery_recognises_its_own_earlier_write(tmp_path, mod
             leaf.fingerprint(hashes.SHA256()).hex().upper(),
             leaf.not_valid_after_utc,
         )
-        body = new_enrollment_body(linted, hash_code(new_code(), log2_n=8))
+        code_hash = hash_code(new_code(), log2_n=8)
         (seq,) = await outbox.enqueue(
-            [NewEntry(device.device_id, "create", body, linted.sha256_thumbprint)], datetime.now(UTC)
+            [
+                NewEntry(
+                    device.device_id, OutboxMode.CREATE, linted.leaf_pem, code_hash, linted.sha256_thumbprint
+                )
+            ],
+            datetime.now(UTC),
         )
-        applied = await dps.create(body)  # the delivery that "crashed" after DPS applied it
+        applied = await dps.create(
+            new_enrollment(linted, code_hash)
+        )  # the delivery that "crashed" after DPS applied it
         entry = await outbox.oldest_pending()
         assert entry is not None and entry.seq == seq
         delivery = OutboxDelivery(dps, outbox, lambda: datetime.now(UTC))
-        assert await delivery.deliver(entry) == "already-applied"
+        assert await delivery.deliver(entry) is Delivered.ALREADY_APPLIED
         assert (await dps_enrollment(module_emulator, device.device_id))["etag"] == applied.etag
 
         other = NewEntry(
-            device.device_id,
-            "create",
-            {**body, "optionalDeviceInformation": {"activationCode": hash_code(new_code(), log2_n=8)}},
-            "0" * 64,
+            device.device_id, OutboxMode.CREATE, linted.leaf_pem, hash_code(new_code(), log2_n=8), "0" * 64
         )
         await outbox.enqueue([other], datetime.now(UTC))
         entries = await outbox.entries()
-        assert (await delivery.deliver(entries[-1])).startswith("failed:ENROLLMENT_EXISTS")
+        refused = await delivery.deliver(entries[-1])
+        assert isinstance(refused, NotDelivered) and refused.reason == "ENROLLMENT_EXISTS"
     finally:
         await outbox.close()
         await dps.close()

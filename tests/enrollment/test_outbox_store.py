@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from factory_svc.enrollment.outbox import NewEntry, Outbox, OutboxState
+from factory_svc.enrollment.outbox import NewEntry, Outbox, OutboxMode, OutboxState
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -13,12 +13,13 @@ async def test_order_states_and_reopen(tmp_path):
     path = tmp_path / "enrollments.sqlite3"
     box = await Outbox.open(path)
     seqs = await box.enqueue(
-        [NewEntry(f"dev-{i}", "create", {"registrationId": f"dev-{i}"}, f"T{i}") for i in range(3)], NOW
+        [NewEntry(f"dev-{i}", OutboxMode.CREATE, f"PEM{i}", {"hash": str(i)}, f"T{i}") for i in range(3)], NOW
     )
     assert seqs == sorted(seqs)
     assert box.changed.is_set()
     first = await box.oldest_pending()
-    assert first is not None and first.device_id == "dev-0" and first.body == {"registrationId": "dev-0"}
+    assert first is not None and first.device_id == "dev-0"
+    assert (first.certificate_pem, first.code_hash, first.mode) == ("PEM0", {"hash": "0"}, OutboxMode.CREATE)
     await box.record_attempt(first.seq, "DPS_UNAVAILABLE", "down")
     await box.mark_delivered(first.seq, "created", NOW)
     second = await box.oldest_pending()

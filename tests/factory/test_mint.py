@@ -136,7 +136,7 @@ async def test_same_request_id_replays_and_a_different_request_is_refused(tmp_pa
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await factory.stub.MintCertificate(different)
         details = error_details(caught.value)
-        assert (details.code, details.reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+        assert (details.code, details.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED")
         assert details.domain == "factory.devprov"
 
         concurrent = pb.MintCertificateRequest(

@@ -22,7 +22,7 @@ from factory_svc.app import FactoryApp
 from factory_svc.errors import ERROR_DOMAIN, CaConfigError
 from factory_svc.settings import CaSettings, load_settings
 from provkit.channels import ChannelSecurity
-from provkit.devpki import DevTlsAuthority
+from provkit.devpki import CA_KEY_USAGE, DevTlsAuthority
 from provkit.grpc_errors import error_details
 from provkit.grpc_server import ClientAuth, ServerConfigError, ServerSettings, ServerTLS
 from provkit.settings import Secret
@@ -134,7 +134,8 @@ def _write_configured_ca(folder: Path, passphrase: bytes) -> None:
             .not_valid_after(now + timedelta(days=400))
             .add_extension(x509.BasicConstraints(ca=True, path_length=ca_path), critical=True)
             .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+                CA_KEY_USAGE,
+                critical=True,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
-from factory_svc.enrollment.outbox import Outbox, OutboxEntry
-from factory_svc.enrollment.service import enrolled_sha256
-from provkit.activation_code import CODE_RECORD_KEY
+from factory_svc.enrollment.outbox import Outbox, OutboxEntry, OutboxMode
+from factory_svc.enrollment.service import enrolled_sha256, new_enrollment_of, with_certificate
 from provkit.cloud import (
     CloudAlreadyExists,
     CloudEtagMismatch,
@@ -31,11 +32,24 @@ from provkit.context import bind_device_id
 log = logging.getLogger("factory_svc.outbox")
 
 
+class Delivered(enum.Enum):
+    CREATED = "created"
+    REPLACED = "replaced"
+    ALREADY_APPLIED = "already-applied"  # a retry found its own earlier write
+    UNCHANGED = "unchanged"  # enrolled earlier with this certificate; the earlier code stays valid
+
+
+@dataclass(frozen=True)
+class NotDelivered:
+    """DPS holds something this entry must not overwrite (the entry is marked failed)."""
+
+    reason: str
+    message: str
+
+
 def _ours(existing: Enrollment, entry: OutboxEntry) -> bool:
     """The enrollment in DPS is exactly what this entry writes (a retry of an applied delivery)."""
-    wanted = (entry.body.get("optionalDeviceInformation") or {}).get(CODE_RECORD_KEY)
-    have = existing.optional_device_information.get(CODE_RECORD_KEY)
-    return enrolled_sha256(existing) == entry.sha256_thumbprint and wanted == have
+    return enrolled_sha256(existing) == entry.sha256_thumbprint and existing.code_hash == entry.code_hash
 
 
 class OutboxDelivery:
@@ -94,52 +108,47 @@ class OutboxDelivery:
                         log.warning("queued enrollment refused by DPS", extra={"seq": entry.seq})
                         continue
                     delay = self._initial
-                    if outcome.startswith("failed:"):
-                        reason, _, message = outcome.removeprefix("failed:").partition(":")
-                        await self._outbox.mark_failed(entry.seq, reason, message)
+                    if isinstance(outcome, NotDelivered):
+                        await self._outbox.mark_failed(entry.seq, outcome.reason, outcome.message)
                         log.warning(
-                            "queued enrollment not delivered", extra={"seq": entry.seq, "reason": reason}
+                            "queued enrollment not delivered",
+                            extra={"seq": entry.seq, "reason": outcome.reason},
                         )
                     else:
-                        await self._outbox.mark_delivered(entry.seq, outcome, self._clock())
-                        log.info("queued enrollment delivered", extra={"seq": entry.seq, "outcome": outcome})
+                        await self._outbox.mark_delivered(entry.seq, outcome.value, self._clock())
+                        log.info(
+                            "queued enrollment delivered", extra={"seq": entry.seq, "outcome": outcome.value}
+                        )
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("outbox delivery error")
                 await asyncio.sleep(min(self._max, delay))
 
-    async def deliver(self, entry: OutboxEntry) -> str:
-        """Write one entry: "created", "replaced", "already-applied", "unchanged" or "failed:REASON:msg"."""
+    async def deliver(self, entry: OutboxEntry) -> Delivered | NotDelivered:
+        """Write one entry (raises CloudUnavailable / CloudRejected)."""
         for _ in range(8):
             existing = await self._dps.get(entry.device_id)
             if existing is None:
                 try:
-                    await self._dps.create(entry.body)
+                    await self._dps.create(
+                        new_enrollment_of(entry.device_id, entry.certificate_pem, entry.code_hash)
+                    )
                 except CloudAlreadyExists:
                     continue
-                return "created"
+                return Delivered.CREATED
             if _ours(existing, entry):
-                return "already-applied"
-            same_cert = enrolled_sha256(existing) == entry.sha256_thumbprint
-            if entry.mode == "create":
-                if same_cert:
-                    # Enrolled earlier with this certificate: nothing to do; the earlier code stays valid.
-                    return "unchanged"
-                return (
-                    "failed:ENROLLMENT_EXISTS:the device is enrolled with another certificate; "
-                    "enroll again with replace"
+                return Delivered.ALREADY_APPLIED
+            if entry.mode is OutboxMode.CREATE:
+                if enrolled_sha256(existing) == entry.sha256_thumbprint:
+                    return Delivered.UNCHANGED
+                return NotDelivered(
+                    "ENROLLMENT_EXISTS",
+                    "the device is enrolled with another certificate; enroll again with replace",
                 )
-            body = existing.body()
-            for read_only in ("registrationState", "createdDateTimeUtc", "lastUpdatedDateTimeUtc"):
-                body.pop(read_only, None)
-            body["attestation"] = entry.body["attestation"]
-            info = dict(body.get("optionalDeviceInformation") or {})
-            info[CODE_RECORD_KEY] = entry.body["optionalDeviceInformation"][CODE_RECORD_KEY]
-            body["optionalDeviceInformation"] = info
             try:
-                await self._dps.update(body, existing.etag or "*")
+                await self._dps.update(with_certificate(existing, entry.certificate_pem, entry.code_hash))
             except (CloudEtagMismatch, CloudNotFound):
                 continue
-            return "replaced"
+            return Delivered.REPLACED
         raise CloudUnavailable("the enrollment kept changing while delivering")

@@ -22,7 +22,7 @@ from factory_svc.enrollment.model import (
     EnrollResult,
 )
 from factory_svc.enrollment.service import EnrollmentService
-from provkit.errors import ErrorKind, FailedPrecondition
+from provkit.errors import FailedPrecondition
 
 OUTCOME_TO_PROTO = {
     EnrollOutcome.CREATED: pb.ENROLL_OUTCOME_CREATED,
@@ -41,7 +41,6 @@ STATE_TO_PROTO = {
     EnrollmentState.LIVE: pb.ENROLLMENT_STATE_LIVE,
     EnrollmentState.NOT_FOUND: pb.ENROLLMENT_STATE_NOT_FOUND,
 }
-_CODE_NAMES = {kind.value: kind.name for kind in ErrorKind}
 
 
 def _timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -73,7 +72,7 @@ def batch_to_proto(batch: BatchResult) -> pb.EnrollBatchResponse:
         if item.error is not None:
             entry.error.CopyFrom(
                 pb.EnrollItemError(
-                    code=_CODE_NAMES.get(item.error.kind, "UNKNOWN"),
+                    code=item.error.kind.name,
                     reason=item.error.reason,
                     message=item.error.message,
                 )

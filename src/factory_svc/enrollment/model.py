@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from provkit.errors import ErrorKind
+
 
 class EnrollOutcome(enum.Enum):
     CREATED = "created"
@@ -48,7 +50,7 @@ class EnrollResult:
 
 @dataclass(frozen=True)
 class ItemError:
-    kind: str  # provkit.errors.ErrorKind value, e.g. "invalid_argument"
+    kind: ErrorKind
     reason: str
     message: str
 

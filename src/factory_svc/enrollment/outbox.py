@@ -50,6 +50,11 @@ CREATE TABLE IF NOT EXISTS enroll_requests (
 """
 
 
+class OutboxMode(enum.Enum):
+    CREATE = "create"  # a new enrollment; an enrollment with another certificate is a refusal
+    REPLACE = "replace"  # put this certificate (and code) into the enrollment, whatever it holds
+
+
 class OutboxState(enum.Enum):
     PENDING = "pending"
     DELIVERED = "delivered"
@@ -60,8 +65,9 @@ class OutboxState(enum.Enum):
 class OutboxEntry:
     seq: int
     device_id: str
-    mode: str  # create | replace
-    body: dict[str, Any]
+    mode: OutboxMode
+    certificate_pem: str
+    code_hash: dict[str, Any]  # provkit.activation_code's record of the code handed out
     sha256_thumbprint: str
     state: OutboxState
     attempts: int
@@ -75,9 +81,24 @@ class OutboxEntry:
 @dataclass(frozen=True)
 class NewEntry:
     device_id: str
-    mode: str
-    body: dict[str, Any]
+    mode: OutboxMode
+    certificate_pem: str
+    code_hash: dict[str, Any]
     sha256_thumbprint: str
+
+
+def _body(entry: NewEntry) -> str:
+    return json.dumps({"certificatePem": entry.certificate_pem, "codeHash": entry.code_hash})
+
+
+def _payload(text: str) -> tuple[str, dict[str, Any]]:
+    """The certificate and code hash of a stored entry.  Files written before entries had their own shape
+    hold the DPS enrollment body: the certificate and the code record are read from it."""
+    body = json.loads(text)
+    if "certificatePem" in body:
+        return str(body["certificatePem"]), dict(body["codeHash"])
+    primary = body["attestation"]["x509"]["clientCertificates"]["primary"]
+    return str(primary["certificate"]), dict(body["optionalDeviceInformation"]["activationCode"])
 
 
 def _us(moment: datetime) -> int:
@@ -95,11 +116,13 @@ _SELECT = (
 
 
 def _entry(row: tuple[Any, ...]) -> OutboxEntry:
+    certificate_pem, code_hash = _payload(row[3])
     return OutboxEntry(
         seq=row[0],
         device_id=row[1],
-        mode=row[2],
-        body=json.loads(row[3]),
+        mode=OutboxMode(row[2]),
+        certificate_pem=certificate_pem,
+        code_hash=code_hash,
         sha256_thumbprint=row[4],
         state=OutboxState(row[5]),
         attempts=row[6],
@@ -150,7 +173,7 @@ class Outbox:
                     cursor = db.execute(
                         "INSERT INTO outbox (device_id, mode, body, sha256_thumbprint, state, queued_us) "
                         "VALUES (?, ?, ?, ?, 'pending', ?)",
-                        (e.device_id, e.mode, json.dumps(e.body), e.sha256_thumbprint, _us(now)),
+                        (e.device_id, e.mode.value, _body(e), e.sha256_thumbprint, _us(now)),
                     )
                     seqs.append(int(cursor.lastrowid or 0))
                 db.execute("COMMIT")

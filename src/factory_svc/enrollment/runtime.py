@@ -96,6 +96,7 @@ class EnrollmentRuntime:
 
     async def close(self) -> None:
         await self.delivery.stop()
+        self.service.close()
         await self.outbox.close()
         result = self._close_dps()
         if hasattr(result, "__await__"):

@@ -1,24 +1,26 @@
 """Enroll, EnrollBatch and GetEnrollmentStatus: the enrollment domain (no gRPC, no Azure SDK).
 
 - ``EnrollmentService`` creates DPS individual enrollments (X.509, registrationId = deviceId = the id,
-  provisioning status *disabled*) through an ``EnrollmentPort``, after the preflight lint.
+  provisioning status *disabled*) through an ``EnrollmentPort``, after the preflight lint.  It reads and
+  writes ``provkit.cloud.Enrollment`` records; the DPS JSON is the adapter's.
 - When DPS is unreachable (``CloudUnavailable``) -- or while older entries still wait, to keep the order --
   the enrollment goes to the ``Outbox`` and ``OutboxDelivery`` delivers it later.
+- Request ids go through ``provkit.idempotency`` (answers kept in the outbox file).
+- The service owns its worker threads (code hashing, batch lint): ``close()`` shuts them down.
 
 Reasons raised: the lint reasons (``lint.py``), ENROLLMENT_EXISTS (another certificate, no ``replace``),
 ENROLLMENT_CONCURRENTLY_MODIFIED, DPS_REFUSED, DPS_UNAVAILABLE, BATCH_EMPTY, BATCH_TOO_LARGE,
-DUPLICATE_IN_BATCH, REQUEST_ID_REUSED.
+DUPLICATE_IN_BATCH, REQUEST_ID_INVALID, REQUEST_ID_REUSED.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from datetime import datetime
 from typing import Any
@@ -40,99 +42,82 @@ from factory_svc.enrollment.model import (
     EnrollResult,
     ItemError,
 )
-from factory_svc.enrollment.outbox import NewEntry, Outbox, OutboxEntry, OutboxState
-from provkit.activation_code import CODE_RECORD_KEY, new_codes
+from factory_svc.enrollment.outbox import NewEntry, Outbox, OutboxEntry, OutboxMode, OutboxState
+from provkit.activation_code import new_codes
 from provkit.cloud import (
     CloudAlreadyExists,
+    CloudError,
     CloudEtagMismatch,
     CloudNotFound,
     CloudRejected,
     CloudUnavailable,
     Enrollment,
     EnrollmentPort,
+    ProvisioningStatus,
+    X509Attestation,
 )
 from provkit.context import bind_device_id
 from provkit.errors import (
+    Aborted,
     AlreadyExists,
-    Conflict,
     DomainError,
+    ErrorKind,
     FailedPrecondition,
-    InvalidArgument,
     Unavailable,
     invalid_field,
 )
+from provkit.idempotency import RequestIds, Stored, fingerprint
 
 log = logging.getLogger("factory_svc.enrollment")
 
 Clock = Callable[[], datetime]
+NewCode = tuple[str, dict[str, Any]]  # the code handed out once, and the hash record DPS keeps
 _MAX_ATTEMPTS = 8
 _BULK = 10
-# Worker threads shared by every request: activation codes are hashed in one pool, batch items linted in
-# another.  scrypt and the ECDSA check release the GIL, but each must take it back afterwards, and while
-# another thread runs Python that waits up to the interpreter's switch interval (5 ms): one hashing thread
-# then manages ~230 hashes/s whatever the cores.  So: several threads, small jobs.  (Measured beside a busy
-# Python thread: 1 hashing thread 229/s, 2: 475/s, 4 and 8: ~775/s, which was all the CPU left.)
+# Worker threads, one pool for hashing activation codes, one for linting batch items.  scrypt and the
+# ECDSA check release the GIL, but each must take it back afterwards, and while another thread runs Python
+# that waits up to the interpreter's switch interval (5 ms): one hashing thread then manages ~230 hashes/s
+# whatever the cores.  So: several threads, small jobs.  (Measured beside a busy Python thread: 1 hashing
+# thread 229/s, 2: 475/s, 4 and 8: ~775/s, which was all the CPU left.)
 _WORKER_THREADS = max(4, min(16, 4 * (os.cpu_count() or 2)))
 _HASH_JOB = 5
-_HASHERS = ThreadPoolExecutor(max_workers=_WORKER_THREADS, thread_name_prefix="code-hash")
-_LINTERS = ThreadPoolExecutor(max_workers=_WORKER_THREADS, thread_name_prefix="enroll-lint")
 
 
-# ------------------------------------------------------------------------------------- enrollment bodies
-def new_enrollment_body(linted: LintedCertificate, code_record: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "registrationId": linted.device_id,
-        "deviceId": linted.device_id,
-        "provisioningStatus": "disabled",
-        "attestation": {
-            "type": "x509",
-            "x509": {"clientCertificates": {"primary": {"certificate": linted.leaf_pem}}},
-        },
-        "capabilities": {"iotEdge": False},
-        "optionalDeviceInformation": {CODE_RECORD_KEY: dict(code_record)},
-    }
+# -------------------------------------------------------------------------------------------- enrollments
+def new_enrollment_of(device_id: str, certificate_pem: str, code_hash: Mapping[str, Any]) -> Enrollment:
+    """A fresh enrollment (registration id = device id): disabled until the OEM activates it."""
+    return Enrollment(
+        registration_id=device_id,
+        device_id=device_id,
+        provisioning_status=ProvisioningStatus.DISABLED,
+        attestation=X509Attestation(certificate_pem),
+        code_hash=code_hash,
+    )
 
 
-def replaced_enrollment_body(
-    existing: Enrollment, linted: LintedCertificate, code_record: Mapping[str, Any]
-) -> dict[str, Any]:
-    body = existing.body()
-    for read_only in ("registrationState", "createdDateTimeUtc", "lastUpdatedDateTimeUtc"):
-        body.pop(read_only, None)
-    body["attestation"] = {
-        "type": "x509",
-        "x509": {"clientCertificates": {"primary": {"certificate": linted.leaf_pem}}},
-    }
-    info = dict(body.get("optionalDeviceInformation") or {})
-    info[CODE_RECORD_KEY] = dict(code_record)
-    body["optionalDeviceInformation"] = info
-    return body
+def new_enrollment(linted: LintedCertificate, code_hash: Mapping[str, Any]) -> Enrollment:
+    return new_enrollment_of(linted.device_id, linted.leaf_pem, code_hash)
+
+
+def with_certificate(existing: Enrollment, certificate_pem: str, code_hash: Mapping[str, Any]) -> Enrollment:
+    """``existing`` holding another certificate and code hash (everything else kept)."""
+    return dc_replace(existing, attestation=X509Attestation(certificate_pem), code_hash=code_hash)
 
 
 def enrolled_sha256(enrollment: Enrollment) -> str | None:
     """The SHA-256 thumbprint of the certificate an enrollment holds (from the PEM, else DPS's info)."""
-    pem = enrollment.certificate
-    if pem:
+    pem = enrollment.attestation.certificate_pem
+    if pem and "BEGIN CERTIFICATE" in pem:
         try:
-            text = pem if "BEGIN CERTIFICATE" in pem else None
-            if text is not None:
-                cert = x509.load_pem_x509_certificate(text.encode())
-                return cert.fingerprint(hashes.SHA256()).hex().upper()
+            cert = x509.load_pem_x509_certificate(pem.encode())
+            return cert.fingerprint(hashes.SHA256()).hex().upper()
         except ValueError:
             pass
-    thumb = enrollment.certificate_info.get("sha256Thumbprint")
-    return str(thumb).upper() if thumb else None
-
-
-def _code_record(enrollment: Enrollment) -> Any:
-    return enrollment.optional_device_information.get(CODE_RECORD_KEY)
+    return enrollment.attestation.sha256_thumbprint
 
 
 def _fingerprint(items: Sequence[EnrollRequest]) -> str:
-    canonical = json.dumps(
-        [[i.device_id.strip().lower(), i.certificate_pem.strip(), i.replace] for i in items], sort_keys=True
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return fingerprint([[i.device_id.strip().lower(), i.certificate_pem.strip(), i.replace] for i in items])
 
 
 def _result_json(result: EnrollResult) -> dict[str, Any]:
@@ -157,10 +142,23 @@ def _result_from_json(data: Mapping[str, Any]) -> EnrollResult:
     )
 
 
-def _refused(exc: CloudRejected) -> DomainError:
+def _refused(exc: CloudError) -> DomainError:
     return FailedPrecondition(
         "DPS_REFUSED", f"DPS refused the enrollment: {exc}", metadata={"status": str(exc.status)}
     )
+
+
+@dataclass(frozen=True)
+class _Item:
+    """A batch item that passed the lint."""
+
+    index: int
+    linted: LintedCertificate
+    replace: bool
+
+
+def _item_result(item: _Item, result: EnrollResult) -> BatchItemResult:
+    return BatchItemResult(item.index, item.linted.device_id, result, None)
 
 
 # ------------------------------------------------------------------------------------------------ service
@@ -178,21 +176,27 @@ class EnrollmentService:
         self._lint = lint_policy
         self._policy = policy
         self._clock = clock
+        self._request_ids = RequestIds()
+        self._hashers = ThreadPoolExecutor(max_workers=_WORKER_THREADS, thread_name_prefix="code-hash")
+        self._linters = ThreadPoolExecutor(max_workers=_WORKER_THREADS, thread_name_prefix="enroll-lint")
+
+    def close(self) -> None:
+        """Stop the worker threads (after the last request)."""
+        self._hashers.shutdown(wait=True)
+        self._linters.shutdown(wait=True)
 
     # ------------------------------------------------------------------------------------- helpers
-    async def _new_code(self) -> tuple[str, dict[str, Any]]:
+    async def _new_code(self) -> NewCode:
         return (await self._new_codes(1))[0]
 
-    async def _new_codes(self, count: int) -> list[tuple[str, dict[str, Any]]]:
+    async def _new_codes(self, count: int) -> list[NewCode]:
         """``count`` codes, hashed in the hashing threads, a few codes per job."""
         log2_n = self._policy.code_hash_log2_n
-
-        def make(n: int) -> list[tuple[str, dict[str, Any]]]:
-            return new_codes(n, log2_n=log2_n)
-
         loop = asyncio.get_running_loop()
         jobs = [min(_HASH_JOB, count - k) for k in range(0, count, _HASH_JOB)]
-        parts = await asyncio.gather(*(loop.run_in_executor(_HASHERS, make, n) for n in jobs))
+        parts = await asyncio.gather(
+            *(loop.run_in_executor(self._hashers, _hash_job, n, log2_n) for n in jobs)
+        )
         return [item for part in parts for item in part]
 
     def lint(self, request: EnrollRequest, field_prefix: str = "") -> LintedCertificate:
@@ -208,64 +212,60 @@ class EnrollmentService:
         )
 
     async def _queue_many(
-        self, items: Sequence[tuple[LintedCertificate, bool, str, dict[str, Any]]]
+        self, items: Sequence[tuple[LintedCertificate, bool, NewCode]]
     ) -> list[EnrollResult]:
         entries = [
             NewEntry(
                 linted.device_id,
-                "replace" if replace else "create",
-                new_enrollment_body(linted, record),
+                OutboxMode.REPLACE if replace else OutboxMode.CREATE,
+                linted.leaf_pem,
+                record,
                 linted.sha256_thumbprint,
             )
-            for linted, replace, _code, record in items
+            for linted, replace, (_code, record) in items
         ]
         await self._outbox.enqueue(entries, self._clock())
-        for linted, *_ in items:
+        for linted, _, _ in items:
             log.info("enrollment queued (DPS unreachable)", extra={"enrolled_device": linted.device_id})
         return [
-            self._result(linted, EnrollOutcome.QUEUED, Delivery.QUEUED, code) for linted, _, code, _ in items
+            self._result(linted, EnrollOutcome.QUEUED, Delivery.QUEUED, code)
+            for linted, _, (code, _record) in items
         ]
 
     # ---------------------------------------------------------------------------------- live path
-    async def _live(
-        self, linted: LintedCertificate, replace: bool, fresh: tuple[str, dict[str, Any]] | None
-    ) -> EnrollResult:
+    async def _live(self, linted: LintedCertificate, replace: bool, fresh: NewCode | None) -> EnrollResult:
         """Create or (with ``replace``) update the enrollment now.  Raises CloudUnavailable."""
         for _ in range(_MAX_ATTEMPTS):
             existing = await self._dps.get(linted.device_id)
             if existing is None:
-                code, record = fresh or await self._new_code()
-                fresh = (code, record)
+                fresh = fresh or await self._new_code()
                 try:
-                    await self._dps.create(new_enrollment_body(linted, record))
+                    await self._dps.create(new_enrollment(linted, fresh[1]))
                 except CloudAlreadyExists:
                     continue
                 except CloudRejected as exc:
                     raise _refused(exc) from exc
                 log.info("enrolled (disabled)", extra={"sha256": linted.sha256_thumbprint})
-                return self._result(linted, EnrollOutcome.CREATED, Delivery.LIVE, code)
-            same = enrolled_sha256(existing) == linted.sha256_thumbprint
+                return self._result(linted, EnrollOutcome.CREATED, Delivery.LIVE, fresh[0])
+            enrolled = enrolled_sha256(existing)
             if not replace:
-                if same:
+                if enrolled == linted.sha256_thumbprint:
                     return self._result(linted, EnrollOutcome.UNCHANGED, Delivery.LIVE, None)
                 raise AlreadyExists(
                     "ENROLLMENT_EXISTS",
                     f"{linted.device_id} is enrolled with another certificate; set replace to rework it",
-                    metadata={"enrolled_sha256": enrolled_sha256(existing) or ""},
+                    metadata={"enrolled_sha256": enrolled or ""},
                 )
-            code, record = fresh or await self._new_code()
-            fresh = (code, record)
+            fresh = fresh or await self._new_code()
             try:
-                await self._dps.update(
-                    replaced_enrollment_body(existing, linted, record), existing.etag or "*"
-                )
+                await self._dps.update(with_certificate(existing, linted.leaf_pem, fresh[1]))
             except (CloudEtagMismatch, CloudNotFound):
                 continue
             except CloudRejected as exc:
                 raise _refused(exc) from exc
             log.info("enrollment replaced", extra={"sha256": linted.sha256_thumbprint})
-            return self._result(linted, EnrollOutcome.REPLACED, Delivery.LIVE, code)
-        raise Conflict(
+            return self._result(linted, EnrollOutcome.REPLACED, Delivery.LIVE, fresh[0])
+        raise Aborted(
             "ENROLLMENT_CONCURRENTLY_MODIFIED",
             f"the enrollment of {linted.device_id} kept changing; try again",
         )
@@ -277,33 +277,32 @@ class EnrollmentService:
                     return await self._live(linted, replace, None)
                 except CloudUnavailable:
                     pass
-            code, record = await self._new_code()
-            return (await self._queue_many([(linted, replace, code, record)]))[0]
+            return (await self._queue_many([(linted, replace, await self._new_code())]))[0]
 
     # ------------------------------------------------------------------------------------ requests
-    async def _replay(self, request_id: str, fingerprint: str) -> dict[str, Any] | None:
+    async def _stored(self, request_id: str) -> Stored[dict[str, Any]] | None:
         found = await self._outbox.find_request(request_id)
-        if found is None:
-            return None
-        if found[0] != fingerprint:
-            raise InvalidArgument(
-                "REQUEST_ID_REUSED",
-                "this request_id was used for a different request",
-                metadata={"request_id": request_id},
-            )
-        return found[1]
+        return None if found is None else Stored(found[0], found[1])
 
     async def enroll(self, request: EnrollRequest) -> EnrollResult:
         linted = self.lint(request)
-        fingerprint = _fingerprint([request])
-        if request.request_id:
-            earlier = await self._replay(request.request_id, fingerprint)
-            if earlier is not None:
-                return _result_from_json(earlier)
-        result = await self._enroll_linted(linted, request.replace)
-        if request.request_id:
-            await self._outbox.remember_request(request.request_id, fingerprint, _result_json(result))
-        return result
+        request_fingerprint = _fingerprint([request])
+
+        async def execute() -> EnrollResult:
+            result = await self._enroll_linted(linted, request.replace)
+            if request.request_id:
+                await self._outbox.remember_request(
+                    request.request_id, request_fingerprint, _result_json(result)
+                )
+            return result
+
+        return await self._request_ids.run(
+            request.request_id,
+            request_fingerprint,
+            find=lambda: self._stored(request.request_id),
+            replay=_replayed_result,
+            execute=execute,
+        )
 
     async def enroll_batch(self, requests: Sequence[EnrollRequest], request_id: str = "") -> BatchResult:
         if not requests:
@@ -314,140 +313,127 @@ class EnrollmentService:
                 "BATCH_TOO_LARGE",
                 f"at most {self._policy.max_batch} items per batch (got {len(requests)})",
             )
-        fingerprint = _fingerprint(requests)
-        if request_id:
-            earlier = await self._replay(request_id, fingerprint)
-            if earlier is not None:
-                return _batch_from_json(earlier)
-        results: list[BatchItemResult | None] = [None] * len(requests)
-        valid: list[tuple[int, LintedCertificate, bool]] = []
+        request_fingerprint = _fingerprint(requests)
+
+        async def execute() -> BatchResult:
+            batch = await self._enroll_batch(requests)
+            if request_id:
+                await self._outbox.remember_request(request_id, request_fingerprint, _batch_json(batch))
+            return batch
+
+        return await self._request_ids.run(
+            request_id,
+            request_fingerprint,
+            find=lambda: self._stored(request_id),
+            replay=_replayed_batch,
+            execute=execute,
+        )
+
+    async def _enroll_batch(self, requests: Sequence[EnrollRequest]) -> BatchResult:
+        results: list[BatchItemResult] = []
+        valid: list[_Item] = []
         seen: set[str] = set()
         outcomes = await self._lint_many(requests)
         for index, (request, linted) in enumerate(zip(requests, outcomes, strict=True)):
             if isinstance(linted, DomainError):
-                results[index] = _error_item(index, request.device_id, linted)
-                continue
-            if linted.device_id in seen:
-                results[index] = BatchItemResult(
-                    index,
-                    linted.device_id,
-                    None,
-                    ItemError(
-                        "invalid_argument",
-                        "DUPLICATE_IN_BATCH",
-                        "this device id appears earlier in the batch",
-                    ),
+                results.append(_error_item(index, request.device_id, linted))
+            elif linted.device_id in seen:
+                duplicate = ItemError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "DUPLICATE_IN_BATCH",
+                    "this device id appears earlier in the batch",
                 )
-                continue
-            seen.add(linted.device_id)
-            valid.append((index, linted, request.replace))
-        for index, result in await self._enroll_many(valid):
-            results[index] = result
-        batch = BatchResult(tuple(r for r in results if r is not None))
-        if request_id:
-            await self._outbox.remember_request(request_id, fingerprint, _batch_json(batch))
-        return batch
+                results.append(BatchItemResult(index, linted.device_id, None, duplicate))
+            else:
+                seen.add(linted.device_id)
+                valid.append(_Item(index, linted, request.replace))
+        results.extend(await self._enroll_many(valid))
+        return BatchResult(tuple(sorted(results, key=lambda r: r.index)))
 
     async def _lint_many(self, requests: Sequence[EnrollRequest]) -> list[LintedCertificate | DomainError]:
         """Each item linted (or its lint error), in worker threads a bulk's worth at a time: the signature
         check releases the GIL, so it runs beside the event loop instead of in it."""
-
-        def job(start: int, part: Sequence[EnrollRequest]) -> list[LintedCertificate | DomainError]:
-            out: list[LintedCertificate | DomainError] = []
-            for offset, request in enumerate(part):
-                try:
-                    out.append(self.lint(request, f"items[{start + offset}]."))
-                except DomainError as exc:
-                    out.append(exc)
-            return out
-
         loop = asyncio.get_running_loop()
         parts = await asyncio.gather(
             *(
-                loop.run_in_executor(_LINTERS, job, start, requests[start : start + _BULK])
+                loop.run_in_executor(self._linters, self._lint_part, start, requests[start : start + _BULK])
                 for start in range(0, len(requests), _BULK)
             )
         )
         return [item for part in parts for item in part]
 
-    async def _enroll_many(
-        self, valid: Sequence[tuple[int, LintedCertificate, bool]]
-    ) -> list[tuple[int, BatchItemResult]]:
-        out: list[tuple[int, BatchItemResult]] = []
+    def _lint_part(self, start: int, part: Sequence[EnrollRequest]) -> list[LintedCertificate | DomainError]:
+        out: list[LintedCertificate | DomainError] = []
+        for offset, request in enumerate(part):
+            try:
+                out.append(self.lint(request, f"items[{start + offset}]."))
+            except DomainError as exc:
+                out.append(exc)
+        return out
+
+    async def _enroll_many(self, valid: Sequence[_Item]) -> list[BatchItemResult]:
+        """The linted items: new ones in bulk operations of ten (at most ``bulk_concurrency`` at a time),
+        replacements one by one; everything to the outbox while older entries wait there."""
         if not valid:
-            return out
+            return []
         if await self._outbox.pending_count() > 0:
             codes = await self._new_codes(len(valid))
-            items = [(lin, rep, *code) for (_, lin, rep), code in zip(valid, codes, strict=True)]
-            queued = await self._queue_many(items)
-            return [
-                (i, BatchItemResult(i, lin.device_id, res, None))
-                for (i, lin, _), res in zip(valid, queued, strict=True)
-            ]
-        # Codes are hashed per bulk operation, so the first operation goes out after ten hashes rather than
-        # after the whole batch, and hashing (worker threads) overlaps with writing to DPS (event loop).
-        fresh: dict[int, tuple[str, dict[str, Any]]] = {}
-
-        async def hashed(indexes: Sequence[int]) -> None:
-            fresh.update(zip(indexes, await self._new_codes(len(indexes)), strict=True))
-        creates = [(i, lin) for i, lin, rep in valid if not rep]
-        replaces = [(i, lin) for i, lin, rep in valid if rep]
+            queued = await self._queue_many(
+                [(item.linted, item.replace, code) for item, code in zip(valid, codes, strict=True)]
+            )
+            return [_item_result(item, result) for item, result in zip(valid, queued, strict=True)]
+        creates = [item for item in valid if not item.replace]
+        replaces = [item for item in valid if item.replace]
         gate = asyncio.Semaphore(self._policy.bulk_concurrency)
+        bulks = await asyncio.gather(
+            *(self._create_bulk(creates[n : n + _BULK], gate) for n in range(0, len(creates), _BULK))
+        )
+        results = [result for bulk in bulks for result in bulk]
+        codes = await self._new_codes(len(replaces)) if replaces else []
+        for item, code in zip(replaces, codes, strict=True):
+            results.append(await self._enroll_item(item, code))
+        return results
 
-        async def one(index: int, linted: LintedCertificate, replace: bool) -> None:
+    async def _create_bulk(self, part: Sequence[_Item], gate: asyncio.Semaphore) -> list[BatchItemResult]:
+        """One DPS bulk create for up to ten new items.  Their codes are hashed first (worker threads), so
+        the first operation leaves after ten hashes and hashing overlaps with writing to DPS; an id DPS
+        already holds is retried on the single-record path (it may hold this very certificate)."""
+        codes = await self._new_codes(len(part))
+        records = [new_enrollment(item.linted, record) for item, (_, record) in zip(part, codes, strict=True)]
+        async with gate:
             try:
-                with bind_device_id(linted.device_id):
-                    try:
-                        result = await self._live(linted, replace, fresh[index])
-                    except CloudUnavailable:
-                        result = (await self._queue_many([(linted, replace, *fresh[index])]))[0]
-                out.append((index, BatchItemResult(index, linted.device_id, result, None)))
-            except DomainError as exc:
-                out.append((index, _error_item(index, linted.device_id, exc)))
+                errors = await self._dps.bulk_create(records)
+            except CloudUnavailable:
+                queued = await self._queue_many(
+                    [(item.linted, False, code) for item, code in zip(part, codes, strict=True)]
+                )
+                return [_item_result(item, result) for item, result in zip(part, queued, strict=True)]
+            except CloudRejected as exc:
+                return [_error_item(item.index, item.linted.device_id, _refused(exc)) for item in part]
+        failed = {e.registration_id.lower(): e.error for e in errors}
+        results = []
+        for item, code in zip(part, codes, strict=True):
+            error = failed.get(item.linted.device_id)
+            if error is None:
+                created = self._result(item.linted, EnrollOutcome.CREATED, Delivery.LIVE, code[0])
+                results.append(_item_result(item, created))
+            elif isinstance(error, CloudAlreadyExists):
+                results.append(await self._enroll_item(item, code))
+            else:
+                results.append(_error_item(item.index, item.linted.device_id, _refused(error)))
+        return results
 
-        async def chunk(part: Sequence[tuple[int, LintedCertificate]]) -> None:
-            await hashed([i for i, _ in part])
-            async with gate:
-                bodies = [new_enrollment_body(lin, fresh[i][1]) for i, lin in part]
+    async def _enroll_item(self, item: _Item, code: NewCode) -> BatchItemResult:
+        """One batch item on the single-record path (live, else queued), or its error."""
+        with bind_device_id(item.linted.device_id):
+            try:
                 try:
-                    errors = await self._dps.bulk_create(bodies)
+                    result = await self._live(item.linted, item.replace, code)
                 except CloudUnavailable:
-                    queued = await self._queue_many([(lin, False, *fresh[i]) for i, lin in part])
-                    out.extend(
-                        (i, BatchItemResult(i, lin.device_id, res, None))
-                        for (i, lin), res in zip(part, queued, strict=True)
-                    )
-                    return
-                except CloudRejected as exc:
-                    for i, lin in part:
-                        out.append((i, _error_item(i, lin.device_id, _refused(exc))))
-                    return
-                failed = {e.registration_id.lower(): e for e in errors}
-                retry_one = []
-                for i, lin in part:
-                    error = failed.get(lin.device_id)
-                    if error is None:
-                        result = self._result(lin, EnrollOutcome.CREATED, Delivery.LIVE, fresh[i][0])
-                        out.append((i, BatchItemResult(i, lin.device_id, result, None)))
-                    elif error.error_code // 1000 == 409:
-                        retry_one.append((i, lin))
-                    else:
-                        refused = FailedPrecondition(
-                            "DPS_REFUSED",
-                            f"DPS refused the enrollment: {error.error_status} ({error.error_code})",
-                        )
-                        out.append((i, _error_item(i, lin.device_id, refused)))
-            for i, lin in retry_one:
-                await one(i, lin, False)
-
-        parts = [creates[n : n + _BULK] for n in range(0, len(creates), _BULK)]
-        await asyncio.gather(*(chunk(p) for p in parts))
-        if replaces:
-            await hashed([i for i, _ in replaces])
-        for i, lin in replaces:
-            async with gate:
-                await one(i, lin, True)
-        return out
+                    result = (await self._queue_many([(item.linted, item.replace, code)]))[0]
+            except DomainError as exc:
+                return _error_item(item.index, item.linted.device_id, exc)
+        return _item_result(item, result)
 
     # -------------------------------------------------------------------------------------- status
     async def status(self, raw_device_id: str) -> EnrollmentStatus:
@@ -466,14 +452,14 @@ class EnrollmentService:
         if entry is not None:
             return dc_replace(
                 _status_from_entry(entry),
-                provisioning_status=enrollment.provisioning_status if enrollment else "",
+                provisioning_status=enrollment.provisioning_status.value if enrollment else "",
             )
         if enrollment is None:
             return EnrollmentStatus(device_id, EnrollmentState.NOT_FOUND)
         return EnrollmentStatus(
             device_id,
             EnrollmentState.LIVE,
-            provisioning_status=enrollment.provisioning_status,
+            provisioning_status=enrollment.provisioning_status.value,
             sha256_thumbprint=enrolled_sha256(enrollment) or "",
         )
 
@@ -497,7 +483,7 @@ def _status_from_entry(entry: OutboxEntry) -> EnrollmentStatus:
 
 
 def _error_item(index: int, device_id: str, exc: DomainError) -> BatchItemResult:
-    return BatchItemResult(index, device_id, None, ItemError(exc.kind.value, exc.reason, exc.message))
+    return BatchItemResult(index, device_id, None, ItemError(exc.kind, exc.reason, exc.message))
 
 
 def _batch_json(batch: BatchResult) -> dict[str, Any]:
@@ -507,17 +493,34 @@ def _batch_json(batch: BatchResult) -> dict[str, Any]:
                 "index": item.index,
                 "device_id": item.device_id,
                 "result": _result_json(item.result) if item.result else None,
-                "error": [item.error.kind, item.error.reason, item.error.message] if item.error else None,
+                "error": (
+                    [item.error.kind.value, item.error.reason, item.error.message] if item.error else None
+                ),
             }
             for item in batch.items
         ]
     }
 
 
+async def _replayed_result(data: Mapping[str, Any]) -> EnrollResult:
+    return _result_from_json(data)
+
+
+async def _replayed_batch(data: Mapping[str, Any]) -> BatchResult:
+    return _batch_from_json(data)
+
+
+def _hash_job(count: int, log2_n: int) -> list[NewCode]:
+    return new_codes(count, log2_n=log2_n)
+
+
 def _batch_from_json(data: Mapping[str, Any]) -> BatchResult:
     items = []
     for item in data["items"]:
-        error = ItemError(*item["error"]) if item["error"] else None
+        error = None
+        if item["error"]:
+            kind, reason, message = item["error"]
+            error = ItemError(ErrorKind(kind), reason, message)
         result = _result_from_json(item["result"]) if item["result"] else None
         items.append(BatchItemResult(item["index"], item["device_id"], result, error))
     return BatchResult(tuple(items), replayed=True)
