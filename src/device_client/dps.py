@@ -32,13 +32,14 @@ class RegistrationOutcome(StrEnum):
     UNREACHABLE = "unreachable"  # transport / TLS / timeout
 
 
-@dataclass(frozen=True)
 class RegistrationRefused(Exception):
-    outcome: RegistrationOutcome
-    detail: str
+    """A registration DPS did not complete, with the classified reason.  A plain exception (not a frozen
+    dataclass): Python sets ``__traceback__`` / ``__context__`` on it while it propagates."""
 
-    def __str__(self) -> str:
-        return f"{self.outcome.value}: {self.detail}"
+    def __init__(self, outcome: RegistrationOutcome, detail: str) -> None:
+        super().__init__(f"{outcome.value}: {detail}")
+        self.outcome = outcome
+        self.detail = detail
 
 
 # The texts of azure-iot-device 2.14's provisioning ServiceError (pipeline_stages_provisioning.py).

@@ -44,7 +44,7 @@ class UsageError(DeviceClientError):
     exit_code = EXIT_USAGE
 
 
-class SettingsError(DeviceClientError):
+class DeviceSettingsError(DeviceClientError):
     exit_code = EXIT_SETTINGS
 
 
@@ -70,7 +70,7 @@ class FactoryError(DeviceClientError):
     exit_code = EXIT_FACTORY
 
 
-class CloudError(DeviceClientError):
+class CloudGaveUp(DeviceClientError):
     """DPS or the hub could not be used within the limits we were given."""
 
     exit_code = EXIT_CLOUD

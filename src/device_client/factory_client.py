@@ -13,7 +13,7 @@ import grpc
 
 from device_client.errors import FactoryError
 from device_client.identity import KeyType
-from device_client.provisioning import EnrollOutcome, MintedCertificate
+from device_client.provisioning import EnrollDelivery, EnrollOutcome, MintedCertificate
 from device_client.settings import FactorySettings, FactoryTls
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
@@ -108,7 +108,9 @@ class GrpcFactory:
             device_id=guid, certificate_pem=certificate_pem.decode(), replace=replace, request_id=request_id
         )
         response = await self._call(self._stub.Enroll, request, request_id)
-        status = "queued" if response.delivery == pb.ENROLLMENT_DELIVERY_QUEUED else "live"
-        if response.outcome == pb.ENROLL_OUTCOME_UNCHANGED:
-            status = f"{status} (unchanged)"
-        return EnrollOutcome(status=status, activation_code=response.activation_code or None)
+        queued = response.delivery == pb.ENROLLMENT_DELIVERY_QUEUED
+        return EnrollOutcome(
+            delivery=EnrollDelivery.QUEUED if queued else EnrollDelivery.LIVE,
+            unchanged=response.outcome == pb.ENROLL_OUTCOME_UNCHANGED,
+            activation_code=response.activation_code or None,
+        )

@@ -11,6 +11,7 @@ The identity is stored before Enroll, so a failed Enroll never loses a minted ce
 
 from __future__ import annotations
 
+import enum
 import json
 import shutil
 import uuid
@@ -35,7 +36,10 @@ from device_client.identity import (
 from device_client.settings import Settings, render_device_settings
 from device_client.state import TRUSTED_CA_FILE, StateDir, atomic_write
 
-ENROLLED_STATES = ("live", "queued", "live (unchanged)", "queued (unchanged)")
+
+class EnrollDelivery(enum.Enum):
+    LIVE = "live"  # in DPS now
+    QUEUED = "queued"  # the factory's outbox delivers it later
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,21 @@ class MintedCertificate:
 
 @dataclass(frozen=True)
 class EnrollOutcome:
-    status: str  # "live" (in DPS now) or "queued" (factory outbox delivers it later)
+    delivery: EnrollDelivery
+    unchanged: bool  # enrolled earlier with this certificate (no new activation code)
     activation_code: str | None
+
+    @property
+    def status(self) -> str:
+        """The label kept in the state directory's metadata: "live", "queued", "live (unchanged)"..."""
+        return f"{self.delivery.value} (unchanged)" if self.unchanged else self.delivery.value
+
+
+ENROLLED_STATES = frozenset(
+    EnrollOutcome(delivery, unchanged, None).status
+    for delivery in EnrollDelivery
+    for unchanged in (False, True)
+)
 
 
 class FactoryPort(Protocol):

@@ -36,7 +36,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from device_client.errors import SettingsError
+from device_client.errors import DeviceSettingsError
 
 ENV_PREFIX = "DEVICE_CLIENT_"
 
@@ -65,7 +65,7 @@ class CloudSettings:
 
     def require_scope(self) -> str:
         if not self.id_scope:
-            raise SettingsError(
+            raise DeviceSettingsError(
                 "no DPS ID scope configured (id_scope in settings, DEVICE_CLIENT_ID_SCOPE or --id-scope)",
                 "ID_SCOPE_MISSING",
             )
@@ -77,11 +77,11 @@ class CloudSettings:
         try:
             text = self.trusted_ca_file.read_text()
         except OSError as exc:
-            raise SettingsError(
+            raise DeviceSettingsError(
                 f"cannot read trusted CA file {self.trusted_ca_file}: {exc.strerror}", "TRUSTED_CA_UNREADABLE"
             ) from exc
         if "-----BEGIN CERTIFICATE-----" not in text:
-            raise SettingsError(
+            raise DeviceSettingsError(
                 f"trusted CA file {self.trusted_ca_file} holds no PEM certificate", "TRUSTED_CA_INVALID"
             )
         return text
@@ -132,12 +132,16 @@ def read_toml(path: Path, *, source: str) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
-        raise SettingsError(f"cannot read {source} {path}: {exc.strerror}", "SETTINGS_UNREADABLE") from exc
+        raise DeviceSettingsError(
+            f"cannot read {source} {path}: {exc.strerror}", "SETTINGS_UNREADABLE"
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"{source} {path} is not valid TOML: {exc}", "SETTINGS_INVALID") from exc
+        raise DeviceSettingsError(f"{source} {path} is not valid TOML: {exc}", "SETTINGS_INVALID") from exc
     unknown = sorted(set(data) - KEYS)
     if unknown:
-        raise SettingsError(f"{source} {path}: unknown key(s) {', '.join(unknown)}", "SETTINGS_UNKNOWN_KEY")
+        raise DeviceSettingsError(
+            f"{source} {path}: unknown key(s) {', '.join(unknown)}", "SETTINGS_UNKNOWN_KEY"
+        )
     # Relative file paths in a settings file are relative to that file.
     for key in ("trusted_ca_file", "factory_ca_file", "factory_client_cert_file", "factory_client_key_file"):
         if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
@@ -154,9 +158,11 @@ def _num(layers: dict[str, Any], key: str, *, minimum: float, integer: bool = Fa
     try:
         value = int(raw) if integer else float(raw)
     except (TypeError, ValueError) as exc:
-        raise SettingsError(f"setting {key}: {raw!r} is not a number", "SETTINGS_INVALID") from exc
+        raise DeviceSettingsError(f"setting {key}: {raw!r} is not a number", "SETTINGS_INVALID") from exc
     if value < minimum:
-        raise SettingsError(f"setting {key}: must be at least {minimum}, got {value}", "SETTINGS_INVALID")
+        raise DeviceSettingsError(
+            f"setting {key}: must be at least {minimum}, got {value}", "SETTINGS_INVALID"
+        )
     return value
 
 
@@ -168,7 +174,7 @@ def _path(layers: dict[str, Any], key: str) -> Path | None:
 def _check_address(address: str) -> str:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SettingsError(f"factory_address {address!r} must be host:port", "SETTINGS_INVALID")
+        raise DeviceSettingsError(f"factory_address {address!r} must be host:port", "SETTINGS_INVALID")
     return address
 
 
@@ -177,7 +183,7 @@ def build_settings(layers: dict[str, Any]) -> Settings:
     try:
         tls = FactoryTls(str(layers["factory_tls"]).lower())
     except ValueError as exc:
-        raise SettingsError(
+        raise DeviceSettingsError(
             f"factory_tls must be insecure, tls or mtls, got {layers['factory_tls']!r}", "SETTINGS_INVALID"
         ) from exc
     factory = FactorySettings(
@@ -189,7 +195,7 @@ def build_settings(layers: dict[str, Any]) -> Settings:
         timeout_s=_num(layers, "factory_timeout_s", minimum=0.1),
     )
     if tls is FactoryTls.MTLS and (factory.client_cert_file is None or factory.client_key_file is None):
-        raise SettingsError(
+        raise DeviceSettingsError(
             "factory_tls=mtls needs factory_client_cert_file and factory_client_key_file", "SETTINGS_INVALID"
         )
     if tls is FactoryTls.INSECURE:
@@ -200,7 +206,7 @@ def build_settings(layers: dict[str, Any]) -> Settings:
             except ValueError:
                 loopback = False
             if not loopback:
-                raise SettingsError(
+                raise DeviceSettingsError(
                     f"factory_tls=insecure is only allowed for a loopback factory address, not {host!r}",
                     "INSECURE_NOT_LOOPBACK",
                 )
@@ -219,10 +225,10 @@ def build_settings(layers: dict[str, Any]) -> Settings:
         give_up_after_s=_num(layers, "give_up_after_s", minimum=0.0),
     )
     if runtime.backoff_max_s < runtime.backoff_initial_s:
-        raise SettingsError("backoff_max_s must not be below backoff_initial_s", "SETTINGS_INVALID")
+        raise DeviceSettingsError("backoff_max_s must not be below backoff_initial_s", "SETTINGS_INVALID")
     log_format = str(layers["log_format"])
     if log_format not in ("auto", "json", "text"):
-        raise SettingsError("log_format must be auto, json or text", "SETTINGS_INVALID")
+        raise DeviceSettingsError("log_format must be auto, json or text", "SETTINGS_INVALID")
     return Settings(
         state_root=Path(str(layers["state_root"])).expanduser(),
         factory=factory,
@@ -256,7 +262,7 @@ def load_settings(
     layers.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = sorted(set(layers) - KEYS)
     if unknown:
-        raise SettingsError(f"unknown setting(s) {', '.join(unknown)}", "SETTINGS_UNKNOWN_KEY")
+        raise DeviceSettingsError(f"unknown setting(s) {', '.join(unknown)}", "SETTINGS_UNKNOWN_KEY")
     return build_settings(layers)
 
 

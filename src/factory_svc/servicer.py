@@ -1,7 +1,8 @@
 """FactoryService over gRPC: convert the proto request, call the domain, convert the result.
 
-To add RPCs (e.g. Enroll) give ``FactoryServicer`` another domain service in its constructor and a thin
-method per RPC; the server builder (``factory_svc.app``) wires the services.
+``FactoryServicer`` holds the domain services (minting, the certificate catalog and, when configured,
+enrollment, whose RPCs come from ``EnrollmentRpcs``) and has one thin method per RPC; the server builder
+(``factory_svc.app``) wires the services.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ API
 Subclasses, one per kind of failure (the gRPC layer maps each kind to one status code, see
 ``provkit.grpc_errors.STATUS_BY_KIND``):
     ``InvalidArgument``, ``NotFound``, ``AlreadyExists``, ``FailedPrecondition``, ``PermissionDenied``,
-    ``Unauthenticated``, ``ResourceExhausted``, ``Unavailable``, ``Aborted`` (alias ``Conflict``),
+    ``Unauthenticated``, ``ResourceExhausted``, ``Unavailable``, ``Aborted`` (concurrent work conflicted),
     ``DeadlineExceeded``.
 ``invalid_field(field, reason, description, **metadata) -> InvalidArgument``
     Shorthand for an InvalidArgument with one field violation.
@@ -113,8 +113,6 @@ class Aborted(DomainError):
 
     kind = ErrorKind.ABORTED
 
-
-Conflict = Aborted
 
 
 class DeadlineExceeded(DomainError):

@@ -4,7 +4,7 @@ import pytest
 
 from device_client.backoff import Backoff
 from device_client.desired import apply_document, apply_patch, merge_patch
-from device_client.errors import SettingsError
+from device_client.errors import DeviceSettingsError
 from device_client.settings import FactoryTls, load_settings, render_device_settings
 
 
@@ -78,7 +78,7 @@ def test_settings_layers(tmp_path):
     ],
 )
 def test_bad_settings(overrides, reason):
-    with pytest.raises(SettingsError) as err:
+    with pytest.raises(DeviceSettingsError) as err:
         load_settings(env={}, overrides=overrides)
     assert err.value.reason == reason
 
@@ -86,13 +86,13 @@ def test_bad_settings(overrides, reason):
 def test_unknown_key_in_file(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text("telemetry_intervall = 3\n")
-    with pytest.raises(SettingsError) as err:
+    with pytest.raises(DeviceSettingsError) as err:
         load_settings(env={}, config_file=config)
     assert err.value.reason == "SETTINGS_UNKNOWN_KEY"
 
 
 def test_missing_scope_is_clear():
-    with pytest.raises(SettingsError) as err:
+    with pytest.raises(DeviceSettingsError) as err:
         load_settings(env={}).cloud.require_scope()
     assert err.value.reason == "ID_SCOPE_MISSING"
 
