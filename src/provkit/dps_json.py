@@ -47,6 +47,7 @@ ACTIVATION_KEY = "activation"
 OWNER_KEY = "owner"
 READ_ONLY = ("etag", "registrationState", "createdDateTimeUtc", "lastUpdatedDateTimeUtc")
 _NEW_CAPABILITIES = {"iotEdge": False}
+_NO_ACTIVATION = ActivationRecord()
 
 
 def _object(value: Any) -> Mapping[str, Any]:
@@ -225,14 +226,21 @@ def _new_json(enrollment: Enrollment) -> dict[str, Any]:
         "attestation": _attestation_json(enrollment.attestation),
         "capabilities": dict(_NEW_CAPABILITIES),
     }
-    _set(body, "deviceId", enrollment.device_id)
+    if enrollment.device_id:
+        body["deviceId"] = enrollment.device_id
     if enrollment.initial_twin is not None:
         body["initialTwin"] = _twin_json(enrollment.initial_twin)
-    _set(body, "iotHubs", list(enrollment.allocation.iot_hubs) or None)
-    _set(body, "allocationPolicy", enrollment.allocation.policy)
+    if enrollment.allocation.iot_hubs:
+        body["iotHubs"] = list(enrollment.allocation.iot_hubs)
+    if enrollment.allocation.policy:
+        body["allocationPolicy"] = enrollment.allocation.policy
     info: dict[str, Any] = {}
-    _set(info, CODE_RECORD_KEY, None if enrollment.code_hash is None else dict(enrollment.code_hash))
-    _set(info, ACTIVATION_KEY, _activation_json(enrollment.activation))
-    _set(info, OWNER_KEY, {"oem": enrollment.owner} if enrollment.owner else None)
-    _set(body, "optionalDeviceInformation", info)
+    if enrollment.code_hash is not None:
+        info[CODE_RECORD_KEY] = dict(enrollment.code_hash)
+    if enrollment.activation != _NO_ACTIVATION:
+        info[ACTIVATION_KEY] = _activation_json(enrollment.activation)
+    if enrollment.owner:
+        info[OWNER_KEY] = {"oem": enrollment.owner}
+    if info:
+        body["optionalDeviceInformation"] = info
     return body
