@@ -69,7 +69,7 @@ from provkit.errors import (
     Unavailable,
     invalid_field,
 )
-from provkit.idempotency import RequestIds, Stored, fingerprint
+from provkit.idempotency import RequestIds, Stored, check_request_id, fingerprint
 
 log = logging.getLogger("activation_svc")
 
@@ -205,6 +205,7 @@ class ActivationService:
 
     # ----------------------------------------------------------------------------------- activate
     async def activate(self, cmd: ActivateCommand) -> ActivateResult:
+        check_request_id(cmd.request_id)
         metadata = parse_metadata(cmd.metadata_json)
         hub = self._hub(cmd.hub)
         device_id, enrollment = await self._authorised(
@@ -330,6 +331,7 @@ class ActivationService:
 
     # --------------------------------------------------------------------------------- deactivate
     async def deactivate(self, cmd: DeactivateCommand) -> DeactivateResult:
+        check_request_id(cmd.request_id)
         device_id, enrollment = await self._authorised(
             "deactivate", cmd.device_id, cmd.activation_code, cmd.caller, cmd.request_id
         )

@@ -16,7 +16,8 @@ is per process; across processes the store's unique key decides, and ``execute``
 API
 ---
 ``fingerprint(request) -> str``               the SHA-256 of the request's canonical JSON.
-``check_request_id(request_id, field="request_id")``   the id rules (1-128 printable ASCII).
+``check_request_id(request_id, field="request_id")``   the id rules (1-128 printable ASCII); ``run``
+    checks too, but call it with the rest of the validation, before anything is written or counted.
 ``Stored(fingerprint, answer)``               what a store gives back for an id.
 ``RequestIds.run(request_id, fingerprint, *, find, replay, execute)``   see above.
 ``RequestIdReused`` (InvalidArgument)         the one refusal of a reused id.

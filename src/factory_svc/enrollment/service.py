@@ -66,7 +66,7 @@ from provkit.errors import (
     Unavailable,
     invalid_field,
 )
-from provkit.idempotency import RequestIds, Stored, fingerprint
+from provkit.idempotency import RequestIds, Stored, check_request_id, fingerprint
 
 log = logging.getLogger("factory_svc.enrollment")
 
@@ -286,6 +286,7 @@ class EnrollmentService:
         return None if found is None else Stored(found[0], found[1])
 
     async def enroll(self, request: EnrollRequest) -> EnrollResult:
+        check_request_id(request.request_id)
         linted = self.lint(request)
         request_fingerprint = _fingerprint([request])
 
@@ -306,6 +307,7 @@ class EnrollmentService:
         )
 
     async def enroll_batch(self, requests: Sequence[EnrollRequest], request_id: str = "") -> BatchResult:
+        check_request_id(request_id)
         if not requests:
             raise invalid_field("items", "BATCH_EMPTY", "the batch has no items")
         if len(requests) > self._policy.max_batch:
