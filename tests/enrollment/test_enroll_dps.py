@@ -71,7 +71,13 @@ async def test_idempotent_replays_conflicts_and_replace(factory, tmp_path):
             pb.EnrollRequest(device_id=device.device_id, certificate_pem=rework.chain_pem, request_id="e-1")
         )
     )
-    assert reused.reason == "REQUEST_ID_REUSED"
+    assert (reused.code, reused.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED")
+    malformed = await failure(
+        stub.Enroll(
+            pb.EnrollRequest(device_id=device.device_id, certificate_pem=rework.chain_pem, request_id="a b")
+        )
+    )
+    assert (malformed.code, malformed.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_INVALID")
     assert (await dps_enrollment(emulator, device.device_id))["etag"] == before["etag"]
 
     replaced = await stub.Enroll(
