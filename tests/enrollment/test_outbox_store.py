@@ -44,3 +44,31 @@ async def test_order_states_and_reopen(tmp_path):
     await box.mark_failed(entries["dev-0"].seq, "X", "y")
     assert (await box.latest_for("dev-0")).state is OutboxState.DELIVERED
     await box.close()
+
+
+async def test_entries_written_before_entries_had_their_own_shape_still_read(tmp_path):
+    """Older outbox files hold the DPS enrollment body of each entry; the certificate and the code hash are
+    read from it."""
+    import json
+    import sqlite3
+
+    path = tmp_path / "enrollments.sqlite3"
+    await (await Outbox.open(path)).close()
+    body = {
+        "registrationId": "dev-old",
+        "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": "PEM"}}}},
+        "optionalDeviceInformation": {"activationCode": {"alg": "scrypt", "hash": "h"}},
+    }
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO outbox (device_id, mode, body, sha256_thumbprint, state, queued_us) "
+            "VALUES ('dev-old', 'replace', ?, 'T', 'pending', 0)",
+            (json.dumps(body),),
+        )
+    box = await Outbox.open(path)
+    try:
+        entry = await box.oldest_pending()
+        assert entry is not None and entry.mode is OutboxMode.REPLACE
+        assert (entry.certificate_pem, entry.code_hash) == ("PEM", {"alg": "scrypt", "hash": "h"})
+    finally:
+        await box.close()
