@@ -70,7 +70,7 @@ class FactoryError(DeviceClientError):
     exit_code = EXIT_FACTORY
 
 
-class CloudGaveUp(DeviceClientError):
+class CloudGaveUpError(DeviceClientError):
     """DPS or the hub could not be used within the limits we were given."""
 
     exit_code = EXIT_CLOUD

@@ -35,7 +35,7 @@ from device_client import abandoned, dps
 from device_client.backoff import Backoff
 from device_client.buffer import TelemetryBuffer
 from device_client.desired import DesiredOutcome, apply_document, apply_patch
-from device_client.errors import CloudGaveUp
+from device_client.errors import CloudGaveUpError
 from device_client.hub import HubRefused, HubSession, HubTarget, HubUnavailable
 from device_client.identity import check_validity
 from device_client.settings import Settings
@@ -234,7 +234,7 @@ class DeviceRuntime:
             self._trouble_since = now
         give_up = self.settings.runtime.give_up_after_s
         if give_up and now - self._trouble_since >= give_up:
-            raise CloudGaveUp(f"giving up after {give_up:g} s: {why}", "CLOUD_UNAVAILABLE")
+            raise CloudGaveUpError(f"giving up after {give_up:g} s: {why}", "CLOUD_UNAVAILABLE")
         delay = backoff.next_delay()
         self._log(logging.INFO, "%s; retrying in %.1f s", why, delay, delay_s=round(delay, 2))
         with contextlib.suppress(TimeoutError):
