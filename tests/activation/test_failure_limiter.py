@@ -3,6 +3,7 @@ callers, exact counting of admitted checks (clock injected; no gRPC here)."""
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -81,10 +82,8 @@ def test_admitted_checks_are_counted_before_they_finish() -> None:
     limiter = AttemptLimiter(clock=Clock(), free_failures=5)
     admitted = []
     for _ in range(60):
-        try:
+        with contextlib.suppress(AttemptsExhausted):
             admitted.append(limiter.begin("storm", "dev"))
-        except AttemptsExhausted:
-            pass
     assert len(admitted) == 5
     for attempt in admitted:
         attempt.failed()
