@@ -1,8 +1,10 @@
 """Limits on failed activation attempts: guessing codes must be slow, and nobody's guessing may lock out
 the rightful owner.
 
-Two limits, both on code checks (an attempt is counted when it is let through, before the code is checked,
-so N allowed means N checked, also for concurrent calls):
+Two limits, both on code checks.  An attempt is counted when it is let through, before the code is checked,
+so N allowed means N checked, also for concurrent calls: when the attempts already in flight could use up
+what is left, a new one waits for them to finish and is then admitted (they succeeded) or refused (they
+failed) - concurrent right codes are never refused for being concurrent.
 
 - **per (caller, device)**: ``free_failures`` failures pass without delay; after that one attempt at a time,
   each after a back-off that doubles per further failure (``base_delay``, 2x, 4x ... up to ``max_delay``).
@@ -17,13 +19,14 @@ these counters in the database.
 
 API: ``AttemptLimiter(free_failures=5, base_delay=..., max_delay=..., device_ceiling=100, window=...,
 clock=...)`` (``device_ceiling=None``: none, e.g. the portal's per-address limit over all devices);
-``.begin(caller_key, device_id) -> Attempt`` or raises ``AttemptsExhausted(retry_after)``;
+``async .begin(caller_key, device_id) -> Attempt`` or raises ``AttemptsExhausted(retry_after)``;
 ``Attempt.failed()`` / ``.succeeded()``; leaving ``with attempt:`` without either releases the slot
 uncounted (the check did not happen, e.g. DPS was unreachable).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
@@ -46,6 +49,7 @@ class _Pair:
     in_flight: int = 0
     last_failure: datetime | None = None
     next_allowed: datetime | None = None
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
 
 @dataclass
@@ -111,26 +115,41 @@ class AttemptLimiter:
         return min(self._max, self._base * math.pow(2, exponent))
 
     # --------------------------------------------------------------------------------------- admit
-    def begin(self, caller_key: str, device_id: str) -> Attempt:
-        """Admit one code check now, or raise ``AttemptsExhausted`` (nothing counted then)."""
-        now = self._clock()
-        self._bound(now)
-        device = self._device(device_id, now)
-        if self._ceiling is not None and len(device.failures) + device.in_flight >= self._ceiling:
-            oldest = device.failures[0] if device.failures else now
-            raise AttemptsExhausted(_seconds(oldest + self._window - now))
+    async def begin(self, caller_key: str, device_id: str) -> Attempt:
+        """Admit one code check, or raise ``AttemptsExhausted`` (nothing counted then).  Waits while the
+        pair's attempts in flight decide whether there is room for this one."""
         key = (caller_key, device_id)
-        pair = self._pair(key, now)
-        if pair.failures + pair.in_flight >= self._free:
-            if pair.in_flight:  # one probe at a time once past the free failures
-                raise AttemptsExhausted(_seconds(self.delay_after(pair.failures + pair.in_flight)))
+        while True:
+            now = self._clock()
+            self._bound(now)
+            device = self._device(device_id, now)
+            if self._ceiling is not None and len(device.failures) + device.in_flight >= self._ceiling:
+                oldest = device.failures[0] if device.failures else now
+                raise AttemptsExhausted(_seconds(oldest + self._window - now))
+            pair = self._pair(key, now)
+            if pair.failures + pair.in_flight < self._free:
+                break
+            if pair.in_flight:  # past the free failures one attempt at a time; else wait for the others
+                await self._wait(key, pair)
+                continue
             if pair.next_allowed is not None and now < pair.next_allowed:
                 raise AttemptsExhausted(_seconds(pair.next_allowed - now))
+            break
         pair.in_flight += 1
         device.in_flight += 1
         self._pairs[key] = pair
         self._devices[device_id] = device
         return Attempt(self, key)
+
+    async def _wait(self, key: tuple[str, str], pair: _Pair) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pair.waiters.append(waiter)
+        self._pairs[key] = pair
+        try:
+            await waiter
+        finally:
+            if waiter in pair.waiters:
+                pair.waiters.remove(waiter)
 
     def _finish(self, key: tuple[str, str], *, failed: bool, clear: bool = False) -> None:
         now = self._clock()
@@ -144,11 +163,17 @@ class AttemptLimiter:
             return
         pair.in_flight = max(0, pair.in_flight - 1)
         if clear:
-            del self._pairs[key]
+            pair.failures, pair.last_failure, pair.next_allowed = 0, None, None
         elif failed:
             pair.failures += 1
             pair.last_failure = now
             pair.next_allowed = now + self.delay_after(pair.failures)
+        waiters, pair.waiters = pair.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if not pair.failures and not pair.in_flight and not waiters:
+            del self._pairs[key]
 
     # ------------------------------------------------------------------------------------ upkeep
     def _pair(self, key: tuple[str, str], now: datetime) -> _Pair:
@@ -156,7 +181,7 @@ class AttemptLimiter:
         if pair is None:
             return _Pair()
         idle = pair.last_failure is not None and now - pair.last_failure >= max(self._window, self._max)
-        if idle and not pair.in_flight:
+        if idle and not pair.in_flight and not pair.waiters:
             del self._pairs[key]
             return _Pair()
         return pair

@@ -154,7 +154,7 @@ class ActivationService:
         """The normalised id and its enrollment, or PermissionDenied / ResourceExhausted."""
         device_id = normalise_device_id(raw_id)
         try:
-            attempt = self._limiter.begin(caller.attempt_key, device_id)
+            attempt = await self._limiter.begin(caller.attempt_key, device_id)
         except AttemptsExhausted as exc:
             await self._audit_entry(action, device_id, str(caller), request_id, "rate-limited")
             raise ResourceExhausted(

@@ -85,10 +85,10 @@ def _address(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
-def _begin(request: web.Request) -> Attempt | ServiceProblem:
+async def _begin(request: web.Request) -> Attempt | ServiceProblem:
     """One code check for this client address, or the problem to show (too many wrong codes)."""
     try:
-        return request.app[LIMITER].begin(_address(request), _ALL_DEVICES)
+        return await request.app[LIMITER].begin(_address(request), _ALL_DEVICES)
     except AttemptsExhausted as exc:
         wait = max(1, round(exc.retry_after))
         log.warning("portal rate limit", extra={"client": _address(request), "retry_after": wait})
@@ -176,7 +176,7 @@ async def activate(request: web.Request) -> web.Response:
     if too_long:
         return again(400, local_problems=too_long)
     request_id = values["request_id"] or str(uuid.uuid4())
-    attempt = _begin(request)
+    attempt = await _begin(request)
     if isinstance(attempt, ServiceProblem):
         return _with_retry(again(attempt.http_status, problem=attempt), attempt)
     with attempt:
@@ -234,7 +234,7 @@ async def status(request: web.Request) -> web.Response:
     if too_long:
         page = pages.status_form_page(pages.StatusForm(device_id, local_problems=too_long), token)
         return _html(page, 400, (csrf, fresh))
-    attempt = _begin(request)
+    attempt = await _begin(request)
     if isinstance(attempt, ServiceProblem):
         page = pages.status_form_page(pages.StatusForm(device_id, problem=attempt), token)
         return _with_retry(_html(page, attempt.http_status, (csrf, fresh)), attempt)
