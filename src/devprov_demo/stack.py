@@ -76,12 +76,12 @@ class StackConfig:
         return f"http://{self.service_host}:{self.portal_port}/"
 
 
-# file name -> (role, tenant) of the parties the stack starts or points the CLIs at
-PARTIES: dict[str, tuple[Role, str]] = {
-    "mes": (Role.FACTORY, "plant-1"),
-    "oem": (Role.OEM, "acme"),
-    "portal": (Role.PORTAL, "acme"),
-    "operator": (Role.OPERATOR, "ops"),
+# file name -> (role, tenant, who uses it) of the parties the stack starts or points the CLIs at
+PARTIES: dict[str, tuple[Role, str, str]] = {
+    "mes": (Role.FACTORY, "plant-1", "factory-svc, device-client provision"),
+    "oem": (Role.OEM, "acme", "activation-svc"),
+    "portal": (Role.PORTAL, "acme", "the portal"),
+    "operator": (Role.OPERATOR, "ops", "the stack's readiness probes"),
 }
 
 
@@ -114,7 +114,7 @@ class TlsFiles:
         names = list(dict.fromkeys([service_host, "127.0.0.1", "localhost"]))
         for server in ("factory", "activation"):
             authority.server_certificate(names).write(self.cert(server), self.key(server))
-        for client, (role, tenant) in PARTIES.items():
+        for client, (role, tenant, _users) in PARTIES.items():
             pair = issue_party(authority, role, tenant, common_name=f"demo-{client}")
             pair.write(self.cert(client), self.key(client))
 
