@@ -37,6 +37,7 @@ GRPC_SECONDS = 4.0
 WARMUP_SECONDS = 1.0
 CHANNELS = 4
 IN_FLIGHT = 32
+BENCH_IDENTITY = "urn:devprov:factory:bench"  # who the insecure benchmark server takes its callers for
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -178,7 +179,7 @@ async def _reference_rate(ca_dir: Path | None) -> dict:
         pb_grpc.add_FactoryServiceServicer_to_server,
         pb.DESCRIPTOR.services_by_name["FactoryService"],
     )
-    server = await start_server(ServerSettings(insecure=True), [service])
+    server = await start_server(ServerSettings(insecure=True, insecure_identity=BENCH_IDENTITY), [service])
     try:
         return await _grpc_rate(f"127.0.0.1:{server.port}", request_ids=False)
     finally:
@@ -229,9 +230,10 @@ async def run() -> str:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-mint-") as tmp:
         data = Path(tmp)
-        settings = FactorySettings(
-            ServerSettings(insecure=True, error_domain=ERROR_DOMAIN), data, CaSettings(), MintPolicy()
+        server_settings = ServerSettings(
+            insecure=True, error_domain=ERROR_DOMAIN, insecure_identity=BENCH_IDENTITY
         )
+        settings = FactorySettings(server_settings, data, CaSettings(), MintPolicy())
         app = await FactoryApp.open(settings)
         pool = _csr_pool(CSR_POOL)
         raw_before = _raw_rate(data / "ca", pool, RAW_SECONDS)

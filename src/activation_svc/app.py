@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from activation_svc.audit import AuditLog
-from activation_svc.ratelimit import FailureLimiter
+from activation_svc.ratelimit import AttemptLimiter
 from activation_svc.service import ActivationService
 from activation_svc.servicer import ActivationServicer
 from activation_svc.settings import ActivationSettings
@@ -38,7 +38,12 @@ class ActivationApp:
         dps = await DpsEnrollments.open(settings.cloud.dps)
         hubs = HubRegistries(settings.cloud.hubs, settings.cloud.dps.ca_file)
         audit = await AuditLog.open(settings.audit_path)
-        limiter = FailureLimiter(settings.max_failures, settings.failure_window, clock)
+        limiter = AttemptLimiter(
+            clock=clock,
+            free_failures=settings.max_failures,
+            device_ceiling=settings.device_ceiling,
+            window=settings.failure_window,
+        )
         service = ActivationService(dps, hubs, settings.cloud, limiter, audit, clock)
         return cls(settings, dps, audit, service)
 
@@ -46,7 +51,7 @@ class ActivationApp:
         return [ActivationServicer(self.service).binding()]
 
     async def start(self) -> RunningServer:
-        return await start_server(self.settings.server, self.bindings())
+        return await start_server(self.settings.server, self.bindings(), refusals=self.audit)
 
     async def close(self) -> None:
         await self.dps.close()
@@ -56,6 +61,6 @@ class ActivationApp:
 async def run_server(settings: ActivationSettings) -> None:
     app = await ActivationApp.open(settings)
     try:
-        await serve(settings.server, app.bindings())
+        await serve(settings.server, app.bindings(), refusals=app.audit)
     finally:
         await app.close()

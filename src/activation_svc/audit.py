@@ -2,7 +2,8 @@
 
 File ``<data_dir>/audit.sqlite3``, table ``audit(time_us, action, device_id, caller, request_id, outcome,
 detail)``.  Written before the answer is sent.  Activation codes and metadata values are never recorded
-(the metadata's SHA-256 is).
+(the metadata's SHA-256 is).  Calls the server refused before the service ran (``provkit.authz``) are
+rows too: ``record_refusal`` writes action = the RPC's path, outcome ``refused``, detail = reason and role.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from provkit.authz import Refusal
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -85,6 +88,19 @@ class AuditLog:
                 entry.outcome,
                 entry.detail,
             ),
+        )
+
+    async def record_refusal(self, refusal: Refusal) -> None:
+        await self.record(
+            AuditEntry(
+                refusal.time,
+                refusal.method,
+                refusal.device_id,
+                refusal.caller,
+                refusal.request_id,
+                "refused",
+                refusal.detail,
+            )
         )
 
     async def entries(self, device_id: str | None = None) -> list[AuditEntry]:

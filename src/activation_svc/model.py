@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+
+from provkit.context import Caller
 
 
 class Lifecycle(enum.Enum):
@@ -27,7 +29,7 @@ class ActivateCommand:
     metadata_json: str
     hub: str = ""  # empty: the default hub
     request_id: str = ""
-    caller: str = "internal"
+    caller: Caller = field(default_factory=Caller.internal)  # who asks (from the client certificate)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class DeactivateCommand:
     device_id: str
     activation_code: str
     request_id: str = ""
-    caller: str = "internal"
+    caller: Caller = field(default_factory=Caller.internal)  # who asks (from the client certificate)
 
 
 @dataclass(frozen=True)

@@ -1,52 +1,208 @@
-"""Per-device-id limit on failed activation attempts (guessing codes must be slow).
+"""Limits on failed activation attempts: guessing codes must be slow, and nobody's guessing may lock out
+the rightful owner.
 
-``FailureLimiter(max_failures=5, window=timedelta(minutes=15), clock)``: after ``max_failures`` failures for
-one id within ``window`` further attempts for that id are refused until the oldest failure leaves the
-window.  ``retry_after(id) -> float | None`` (seconds, None when allowed), ``failed(id)``, ``succeeded(id)``.
-Kept in memory: a restart forgives, which is fine for an 80-bit code.  The same limit applies to unknown
-ids, so the limit itself reveals nothing.
+Two limits, both on code checks.  An attempt is counted when it is let through, before the code is checked,
+so N allowed means N checked, also for concurrent calls: when the attempts already in flight could use up
+what is left, a new one waits for them to finish and is then admitted (they succeeded) or refused (they
+failed) - concurrent right codes are never refused for being concurrent.
+
+- **per (caller, device)**: ``free_failures`` failures pass without delay; after that one attempt at a time,
+  each after a back-off that doubles per further failure (``base_delay``, 2x, 4x ... up to ``max_delay``).
+  A success clears the pair; a pair without a failure for ``window`` is forgotten.  One party's storm of
+  wrong codes therefore slows that party only.
+- **per device**: at most ``device_ceiling`` failed checks within ``window`` from all callers together
+  (much higher than the pair limit): the bound against many identities guessing at once.
+
+Unknown device ids are limited the same way, so the limit reveals nothing.  Kept in process memory (one
+process serves the API; a restart forgives, which is fine for an 80-bit code); several replicas would need
+these counters in the database.
+
+API: ``AttemptLimiter(free_failures=5, base_delay=..., max_delay=..., device_ceiling=100, window=...,
+clock=...)`` (``device_ceiling=None``: none, e.g. the portal's per-address limit over all devices);
+``async .begin(caller_key, device_id) -> Attempt`` or raises ``AttemptsExhausted(retry_after)``;
+``Attempt.failed()`` / ``.succeeded()``; leaving ``with attempt:`` without either releases the slot
+uncounted (the check did not happen, e.g. DPS was unreachable).
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import TracebackType
 
-MAX_TRACKED_IDS = 100_000
+MAX_TRACKED = 100_000
 
 
-class FailureLimiter:
-    def __init__(self, max_failures: int, window: timedelta, clock: Callable[[], datetime]) -> None:
-        self._max = max_failures
-        self._window = window
+class AttemptsExhausted(Exception):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"try again in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Pair:
+    failures: int = 0
+    in_flight: int = 0
+    last_failure: datetime | None = None
+    next_allowed: datetime | None = None
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+@dataclass
+class _Device:
+    failures: deque[datetime] = field(default_factory=deque)
+    in_flight: int = 0
+
+
+class Attempt:
+    """One admitted code check; report its outcome once."""
+
+    def __init__(self, limiter: AttemptLimiter, pair_key: tuple[str, str]) -> None:
+        self._limiter = limiter
+        self._key = pair_key
+        self._open = True
+
+    def failed(self) -> None:
+        if self._open:
+            self._open = False
+            self._limiter._finish(self._key, failed=True)
+
+    def succeeded(self) -> None:
+        if self._open:
+            self._open = False
+            self._limiter._finish(self._key, failed=False, clear=True)
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._open:
+            self._open = False
+            self._limiter._finish(self._key, failed=False)
+
+
+class AttemptLimiter:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], datetime],
+        free_failures: int = 5,
+        base_delay: timedelta = timedelta(seconds=2),
+        max_delay: timedelta = timedelta(minutes=15),
+        device_ceiling: int | None = 100,
+        window: timedelta = timedelta(minutes=15),
+    ) -> None:
         self._clock = clock
-        self._failures: dict[str, deque[datetime]] = {}
+        self._free = free_failures
+        self._base = base_delay
+        self._max = max_delay
+        self._ceiling = device_ceiling
+        self._window = window
+        self._pairs: dict[tuple[str, str], _Pair] = {}
+        self._devices: dict[str, _Device] = {}
 
-    def _prune(self, device_id: str, now: datetime) -> deque[datetime] | None:
-        times = self._failures.get(device_id)
-        if times is None:
-            return None
-        while times and now - times[0] >= self._window:
-            times.popleft()
-        if not times:
-            del self._failures[device_id]
-            return None
-        return times
+    def delay_after(self, failures: int) -> timedelta:
+        """The back-off before the next attempt of a pair that has ``failures`` failures."""
+        if failures < self._free:
+            return timedelta(0)
+        exponent = min(failures - self._free, 30)
+        return min(self._max, self._base * math.pow(2, exponent))
 
-    def retry_after(self, device_id: str) -> float | None:
+    # --------------------------------------------------------------------------------------- admit
+    async def begin(self, caller_key: str, device_id: str) -> Attempt:
+        """Admit one code check, or raise ``AttemptsExhausted`` (nothing counted then).  Waits while the
+        pair's attempts in flight decide whether there is room for this one."""
+        key = (caller_key, device_id)
+        while True:
+            now = self._clock()
+            self._bound(now)
+            device = self._device(device_id, now)
+            if self._ceiling is not None and len(device.failures) + device.in_flight >= self._ceiling:
+                oldest = device.failures[0] if device.failures else now
+                raise AttemptsExhausted(_seconds(oldest + self._window - now))
+            pair = self._pair(key, now)
+            if pair.failures + pair.in_flight < self._free:
+                break
+            if pair.in_flight:  # past the free failures one attempt at a time; else wait for the others
+                await self._wait(key, pair)
+                continue
+            if pair.next_allowed is not None and now < pair.next_allowed:
+                raise AttemptsExhausted(_seconds(pair.next_allowed - now))
+            break
+        pair.in_flight += 1
+        device.in_flight += 1
+        self._pairs[key] = pair
+        self._devices[device_id] = device
+        return Attempt(self, key)
+
+    async def _wait(self, key: tuple[str, str], pair: _Pair) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pair.waiters.append(waiter)
+        self._pairs[key] = pair
+        try:
+            await waiter
+        finally:
+            if waiter in pair.waiters:
+                pair.waiters.remove(waiter)
+
+    def _finish(self, key: tuple[str, str], *, failed: bool, clear: bool = False) -> None:
         now = self._clock()
-        times = self._prune(device_id, now)
-        if times is None or len(times) < self._max:
-            return None
-        return max(0.001, (times[0] + self._window - now).total_seconds())
+        pair = self._pairs.get(key)
+        device = self._devices.get(key[1])
+        if device is not None:
+            device.in_flight = max(0, device.in_flight - 1)
+            if failed:
+                device.failures.append(now)
+        if pair is None:
+            return
+        pair.in_flight = max(0, pair.in_flight - 1)
+        if clear:
+            pair.failures, pair.last_failure, pair.next_allowed = 0, None, None
+        elif failed:
+            pair.failures += 1
+            pair.last_failure = now
+            pair.next_allowed = now + self.delay_after(pair.failures)
+        waiters, pair.waiters = pair.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if not pair.failures and not pair.in_flight and not waiters:
+            del self._pairs[key]
 
-    def failed(self, device_id: str) -> None:
-        now = self._clock()
-        if len(self._failures) >= MAX_TRACKED_IDS and device_id not in self._failures:
-            for key in list(self._failures)[: MAX_TRACKED_IDS // 10]:
-                self._prune(key, now)
-        self._failures.setdefault(device_id, deque()).append(now)
+    # ------------------------------------------------------------------------------------ upkeep
+    def _pair(self, key: tuple[str, str], now: datetime) -> _Pair:
+        pair = self._pairs.get(key)
+        if pair is None:
+            return _Pair()
+        idle = pair.last_failure is not None and now - pair.last_failure >= max(self._window, self._max)
+        if idle and not pair.in_flight and not pair.waiters:
+            del self._pairs[key]
+            return _Pair()
+        return pair
 
-    def succeeded(self, device_id: str) -> None:
-        self._failures.pop(device_id, None)
+    def _device(self, device_id: str, now: datetime) -> _Device:
+        device = self._devices.get(device_id) or _Device()
+        while device.failures and now - device.failures[0] >= self._window:
+            device.failures.popleft()
+        return device
+
+    def _bound(self, now: datetime) -> None:
+        """Forget idle entries when too many are tracked (memory stays bounded under a flood of ids)."""
+        if len(self._pairs) < MAX_TRACKED and len(self._devices) < MAX_TRACKED:
+            return
+        for key in list(self._pairs):
+            self._pair(key, now)
+        for device_id in list(self._devices):
+            device = self._device(device_id, now)
+            if not device.failures and not device.in_flight:
+                del self._devices[device_id]
+
+
+def _seconds(delta: timedelta) -> float:
+    return max(1.0, math.ceil(delta.total_seconds()))

@@ -2,8 +2,10 @@
 
 Authorisation: the device's enrollment must hold the hash of the presented activation code
 (``provkit.activation_code``).  Unknown device, missing or wrong code -> PermissionDenied
-ACTIVATION_DENIED, the same answer and the same work either way.  Repeated failures for one id ->
-ResourceExhausted ACTIVATION_RATE_LIMITED (with retry_after).
+ACTIVATION_DENIED, the same answer and the same work either way.  Failed checks are limited per (caller,
+device) with a growing back-off and per device with a higher ceiling (``activation_svc.ratelimit``) ->
+ResourceExhausted ACTIVATION_RATE_LIMITED (with retry_after).  The caller is the ``provkit.context.Caller``
+the server resolved from the client certificate.
 
 Activate writes ONE etag-guarded enrollment update: initialTwin = the metadata, iotHubs = [hub],
 allocationPolicy = static, provisioningStatus = enabled.  A concurrent change (412) makes this side read
@@ -42,7 +44,7 @@ from activation_svc.model import (
     DeviceStatus,
     Lifecycle,
 )
-from activation_svc.ratelimit import FailureLimiter
+from activation_svc.ratelimit import AttemptLimiter, AttemptsExhausted
 from factory_svc.device_id import normalise_device_id
 from provkit.activation_code import verify_code
 from provkit.cloud import (
@@ -60,7 +62,7 @@ from provkit.cloud import (
     ProvisioningStatus,
     TwinPatch,
 )
-from provkit.context import bind_device_id
+from provkit.context import Caller, bind_device_id
 from provkit.errors import (
     Aborted,
     FailedPrecondition,
@@ -113,7 +115,7 @@ class ActivationService:
         dps: EnrollmentPort,
         hubs: HubTwinPort,
         selection: HubSelection,
-        limiter: FailureLimiter,
+        limiter: AttemptLimiter,
         audit: AuditLog,
         clock: Clock,
     ) -> None:
@@ -143,25 +145,27 @@ class ActivationService:
             raise FailedPrecondition("DPS_REFUSED", f"DPS refused the request: {exc}") from exc
 
     async def _authorised(
-        self, action: str, raw_id: str, code: str, caller: str, request_id: str
+        self, action: str, raw_id: str, code: str, caller: Caller, request_id: str
     ) -> tuple[str, Enrollment]:
         """The normalised id and its enrollment, or PermissionDenied / ResourceExhausted."""
         device_id = normalise_device_id(raw_id)
-        wait = self._limiter.retry_after(device_id)
-        if wait is not None:
-            await self._audit_entry(action, device_id, caller, request_id, "rate-limited")
+        try:
+            attempt = await self._limiter.begin(caller.attempt_key, device_id)
+        except AttemptsExhausted as exc:
+            await self._audit_entry(action, device_id, str(caller), request_id, "rate-limited")
             raise ResourceExhausted(
                 "ACTIVATION_RATE_LIMITED",
                 "too many failed attempts for this device; try again later",
-                retry_after=wait,
-            )
-        enrollment = await self._get(device_id)
-        if not await asyncio.to_thread(verify_code, code or "", _code_hash(enrollment)):
-            self._limiter.failed(device_id)
-            await self._audit_entry(action, device_id, caller, request_id, "denied")
-            raise _denied()
+                retry_after=exc.retry_after,
+            ) from None
+        with attempt:
+            enrollment = await self._get(device_id)
+            if not await asyncio.to_thread(verify_code, code or "", _code_hash(enrollment)):
+                attempt.failed()
+                await self._audit_entry(action, device_id, str(caller), request_id, "denied")
+                raise _denied()
+            attempt.succeeded()
         assert enrollment is not None
-        self._limiter.succeeded(device_id)
         return device_id, enrollment
 
     def _hub(self, requested: str) -> str:
@@ -218,14 +222,14 @@ class ActivationService:
                 result = await self._activate(device_id, enrollment, metadata, hub, cmd.activation_code)
             except Exception as exc:
                 await self._audit_entry(
-                    "activate", device_id, cmd.caller, cmd.request_id, "error", type(exc).__name__
+                    "activate", device_id, str(cmd.caller), cmd.request_id, "error", type(exc).__name__
                 )
                 raise
             digest = hashlib.sha256(metadata.canonical().encode()).hexdigest()
             await self._audit_entry(
                 "activate",
                 device_id,
-                cmd.caller,
+                str(cmd.caller),
                 cmd.request_id,
                 "ok",
                 f"path={result.path.value} hub={hub} metadata_sha256={digest}",
@@ -340,7 +344,7 @@ class ActivationService:
         async def execute() -> DeactivateResult:
             result = await self._deactivate(device_id, enrollment, cmd.activation_code)
             await self._audit_entry(
-                "deactivate", device_id, cmd.caller, cmd.request_id, "ok", f"changed={result.changed}"
+                "deactivate", device_id, str(cmd.caller), cmd.request_id, "ok", f"changed={result.changed}"
             )
             await self._remember(cmd.request_id, request_fingerprint, result)
             return result
@@ -405,7 +409,8 @@ class ActivationService:
         raise Aborted("HUB_DEVICE_CONCURRENTLY_MODIFIED", "the hub device kept changing; try again")
 
     # ------------------------------------------------------------------------------------- status
-    async def status(self, raw_id: str, code: str, caller: str = "internal") -> DeviceStatus:
+    async def status(self, raw_id: str, code: str, caller: Caller | None = None) -> DeviceStatus:
+        caller = caller or Caller.internal()
         device_id, enrollment = await self._authorised("status", raw_id, code, caller, "")
         record = enrollment.activation
         registration = enrollment.registration_state

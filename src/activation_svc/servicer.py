@@ -47,7 +47,7 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
                 request.metadata_json,
                 request.hub,
                 request.request_id,
-                str(current_caller()),
+                current_caller(),
             )
         )
         return pb.ActivateResponse(
@@ -65,7 +65,7 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
     ) -> pb.DeactivateResponse:
         result = await self._service.deactivate(
             DeactivateCommand(
-                request.device_id, request.activation_code, request.request_id, str(current_caller())
+                request.device_id, request.activation_code, request.request_id, current_caller()
             )
         )
         return pb.DeactivateResponse(
@@ -79,7 +79,7 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
     async def GetDeviceStatus(
         self, request: pb.GetDeviceStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetDeviceStatusResponse:
-        status = await self._service.status(request.device_id, request.activation_code, str(current_caller()))
+        status = await self._service.status(request.device_id, request.activation_code, current_caller())
         reply = pb.GetDeviceStatusResponse(
             device_id=status.device_id,
             lifecycle=LIFECYCLE_TO_PROTO[status.lifecycle],

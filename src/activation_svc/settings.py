@@ -7,10 +7,12 @@ TOML file (``--config FILE`` or ACTIVATION_CONFIG).
 | log_level                         | ACTIVATION_LOG_LEVEL                      | INFO                       |
 | server.host / server.port         | ACTIVATION_SERVER_HOST / _PORT            | 127.0.0.1 / 50052          |
 | server.insecure                   | ACTIVATION_SERVER_INSECURE                | false (loopback only)      |
+| server.insecure_identity          | ACTIVATION_SERVER_INSECURE_IDENTITY       | - (e.g. urn:devprov:oem:a) |
 | server.tls_cert_file / _key_file  | ACTIVATION_SERVER_TLS_CERT_FILE / _KEY_FILE | -                        |
 | server.client_ca_file             | ACTIVATION_SERVER_CLIENT_CA_FILE          | - (set: mTLS, required)    |
 | server.client_auth                | ACTIVATION_SERVER_CLIENT_AUTH             | require with a client CA   |
-| limits.max_failures               | ACTIVATION_LIMITS_MAX_FAILURES            | 5 per id                   |
+| limits.max_failures               | ACTIVATION_LIMITS_MAX_FAILURES            | 5 per caller+id, back-off |
+| limits.device_ceiling             | ACTIVATION_LIMITS_DEVICE_CEILING          | 100 per id, all callers    |
 | limits.window_seconds             | ACTIVATION_LIMITS_WINDOW_SECONDS          | 900                        |
 | cloud.*                           | ACTIVATION_CLOUD_*                        | see provkit.cloud          |
 
@@ -40,6 +42,7 @@ class ActivationSettings:
     data_dir: Path
     cloud: CloudSettings
     max_failures: int = 5
+    device_ceiling: int = 100
     failure_window: timedelta = timedelta(minutes=15)
     log_level: str = "INFO"
 
@@ -53,14 +56,19 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
     config = config or probe.path("config")
     source = SettingsSource(PREFIX, env=env, file=config)
     max_failures = source.integer("limits.max_failures", 5)
+    device_ceiling = source.integer("limits.device_ceiling", 100)
     window = source.number("limits.window_seconds", 900.0)
-    if max_failures < 1 or window <= 0:
-        raise SettingsError("ACTIVATION_LIMITS_MAX_FAILURES and _WINDOW_SECONDS must be positive")
+    if max_failures < 1 or window <= 0 or device_ceiling < max_failures:
+        raise SettingsError(
+            "ACTIVATION_LIMITS_MAX_FAILURES and _WINDOW_SECONDS must be positive, "
+            "_DEVICE_CEILING at least _MAX_FAILURES"
+        )
     return ActivationSettings(
         server=server_settings(source, error_domain=ERROR_DOMAIN, default_port=DEFAULT_PORT),
         data_dir=source.path("data_dir", Path("activation-data")) or Path("activation-data"),
         cloud=load_cloud_settings(source),
         max_failures=max_failures,
+        device_ceiling=device_ceiling,
         failure_window=timedelta(seconds=window),
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),
     )

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.live import Live
 
 from devprov_demo.fleet import Fleet, activate_fleet, provision_fleet, sample_metadata, summary, write_json
-from devprov_demo.stack import Stack, StackConfig
+from devprov_demo.stack import PARTIES, Stack, StackConfig
 from devprov_demo.view import HubWatch, labels_table, live_view, summary_table
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED = 0, 1, 2
@@ -117,6 +117,10 @@ def _stack_facts(stack: Stack) -> list[tuple[str, str]]:
     facts += [
         ("emulator CA (DPS, hubs)", str(emu.ca_path)),
         ("services' TLS CA", str(stack.tls.ca)),
+        *(
+            (f"party urn:devprov:{role}:{tenant}", f"{stack.tls.cert(name)} ({users})")
+            for name, (role, tenant, users) in PARTIES.items()
+        ),
         ("logs", str(stack.logs)),
     ]
     return facts

@@ -2,8 +2,10 @@
 
 Everything lives in one work directory::
 
-    tls/            development TLS CA; server certificates of both services; client certificates of the
-                    MES (factory_svc), the OEM back office (activation_svc) and the portal
+    tls/            development TLS CA (ca.pem, ca.key: the services' client CA too); server certificates of
+                    both services; one client certificate per party (``PARTIES``), each naming its
+                    ``urn:devprov:<role>:<tenant>`` identity, issued with ``provkit.pki_cli`` (the code of the
+                    ``devprov-pki`` command, which issues more for this stack: ``--ca-dir <work>/tls``)
     emulator/       the emulator's data (connection.json, its CA, SQLite)
     factory/        factory_svc data (factory CA, ledger, outbox)
     activation/     activation_svc data (audit)
@@ -13,6 +15,13 @@ Everything lives in one work directory::
 
 Each service reads only its own documented settings (FACTORY_*, ACTIVATION_*): the stack is exactly what a
 person would run by hand, started in order, each waited for until it answers.
+
+Who uses which certificate (``env.sh`` points each CLI at its party's pair):
+
+    tls/mes.pem       urn:devprov:factory:plant-1   factory-svc (the MES) and device-client provision (bench)
+    tls/oem.pem       urn:devprov:oem:acme          activation-svc (the OEM back office)
+    tls/portal.pem    urn:devprov:portal:acme       the activation portal (acting for OEM acme)
+    tls/operator.pem  urn:devprov:operator:ops      the stack's own readiness probes (health)
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from azure_iot_emulator.process import EmulatorProcess, spawn, terminate
+from provkit.context import Role
 from provkit.devpki import DevTlsAuthority
+from provkit.pki_cli import issue_party
 
 SERVICE_START_TIMEOUT = 60.0
 MARKER = ".devprov-stack"  # only a directory holding it is ever wiped
@@ -65,6 +76,15 @@ class StackConfig:
         return f"http://{self.service_host}:{self.portal_port}/"
 
 
+# file name -> (role, tenant, who uses it) of the parties the stack starts or points the CLIs at
+PARTIES: dict[str, tuple[Role, str, str]] = {
+    "mes": (Role.FACTORY, "plant-1", "factory-svc, device-client provision"),
+    "oem": (Role.OEM, "acme", "activation-svc"),
+    "portal": (Role.PORTAL, "acme", "the portal"),
+    "operator": (Role.OPERATOR, "ops", "the stack's readiness probes"),
+}
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """Where the stack's service TLS material is (PEM files; keys 0600)."""
@@ -75,6 +95,10 @@ class TlsFiles:
     def ca(self) -> Path:
         return self.folder / "ca.pem"
 
+    @property
+    def ca_key(self) -> Path:
+        return self.folder / "ca.key"
+
     def cert(self, name: str) -> Path:
         return self.folder / f"{name}.pem"
 
@@ -82,16 +106,17 @@ class TlsFiles:
         return self.folder / f"{name}.key"
 
     def create(self, service_host: str) -> None:
-        """A fresh development TLS CA with server certificates for both services and client certificates
-        for the parties that call them (written anew at every start)."""
+        """A fresh development TLS CA with server certificates for both services and one client certificate
+        per party (written anew at every start)."""
         authority = DevTlsAuthority.create("devprov demo TLS CA")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.ca.write_bytes(authority.ca_pem)
+        authority.write(self.ca, self.ca_key)
         names = list(dict.fromkeys([service_host, "127.0.0.1", "localhost"]))
         for server in ("factory", "activation"):
             authority.server_certificate(names).write(self.cert(server), self.key(server))
-        for client in ("mes", "oem", "portal"):
-            authority.client_certificate(f"demo-{client}").write(self.cert(client), self.key(client))
+        for client, (role, tenant, _users) in PARTIES.items():
+            pair = issue_party(authority, role, tenant, common_name=f"demo-{client}")
+            pair.write(self.cert(client), self.key(client))
 
 
 def _clean_environment() -> dict[str, str]:
@@ -175,8 +200,8 @@ class Stack:
     def _wait_serving(self, name: str, proc: subprocess.Popen[bytes], address: str, log: Path) -> None:
         creds = grpc.ssl_channel_credentials(
             root_certificates=self.tls.ca.read_bytes(),
-            private_key=self.tls.key("mes").read_bytes(),
-            certificate_chain=self.tls.cert("mes").read_bytes(),
+            private_key=self.tls.key("operator").read_bytes(),
+            certificate_chain=self.tls.cert("operator").read_bytes(),
         )
         deadline = time.monotonic() + SERVICE_START_TIMEOUT
         with grpc.secure_channel(address, creds) as channel:
@@ -227,7 +252,8 @@ class Stack:
 
     # --------------------------------------------------------------------------------- what to tell
     def client_environment(self) -> dict[str, str]:
-        """Variables that point the CLIs (factory-svc, activation-svc, device-client) at this stack."""
+        """Variables that point the CLIs at this stack, each with its party's certificate: factory-svc and
+        device-client (the bench) as the factory, activation-svc as the OEM."""
         tls = self.tls
         return {
             "FACTORY_CLIENT_TARGET": self.config.factory_address,

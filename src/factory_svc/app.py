@@ -57,7 +57,7 @@ class FactoryApp:
         return [FactoryServicer(self.minting, self.catalog, service).binding()]
 
     async def start(self) -> RunningServer:
-        return await start_server(self.settings.server, self.bindings())
+        return await start_server(self.settings.server, self.bindings(), refusals=self.ledger)
 
     async def close(self) -> None:
         if self.enrollment is not None:
@@ -68,6 +68,6 @@ class FactoryApp:
 async def run_server(settings: FactorySettings) -> None:
     app = await FactoryApp.open(settings)
     try:
-        await serve(settings.server, app.bindings())
+        await serve(settings.server, app.bindings(), refusals=app.ledger)
     finally:
         await app.close()

@@ -12,6 +12,10 @@ the batch is handed over with ``Executor.submit`` and its results come back in o
 ``call_soon_threadsafe`` (no task, no wrapped future per flush); the records that arrive meanwhile form
 the next batch.
 
+Calls the server refused before any factory code ran (no party identity, or a role the access table does
+not allow, see ``provkit.authz``) are written to the ``refusals`` table (``record_refusal`` /
+``refusals()``): the factory's trail of who tried what.
+
 File: ``<data_dir>/ledger.sqlite3`` (plus its ``-wal``/``-shm`` companions).
 """
 
@@ -28,6 +32,7 @@ from typing import TypeVar
 
 from factory_svc.keys import KeyType
 from factory_svc.model import IssuedCertificate, KeySource
+from provkit.authz import Refusal
 
 T = TypeVar("T")
 
@@ -53,6 +58,16 @@ CREATE TABLE IF NOT EXISTS mint_requests (
     request_id TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
     serial_number TEXT NOT NULL REFERENCES certificates (serial_number)
+);
+CREATE TABLE IF NOT EXISTS refusals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_us INTEGER NOT NULL,
+    method TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    role TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    reason TEXT NOT NULL
 );
 """
 
@@ -382,5 +397,31 @@ class SqliteLedger:
                 (*params, limit),
             ).fetchall()
             return [_certificate(r) for r in rows]
+
+        return await self._call(query)
+
+    async def record_refusal(self, refusal: Refusal) -> None:
+        await self._call(
+            self._db.execute,
+            "INSERT INTO refusals (time_us, method, caller, role, device_id, request_id, reason) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                _us(refusal.time),
+                refusal.method,
+                refusal.caller,
+                refusal.role,
+                refusal.device_id,
+                refusal.request_id,
+                refusal.reason,
+            ),
+        )
+
+    async def refusals(self) -> list[Refusal]:
+        def query() -> list[Refusal]:
+            rows = self._db.execute(
+                "SELECT time_us, method, caller, role, device_id, request_id, reason "
+                "FROM refusals ORDER BY id"
+            ).fetchall()
+            return [Refusal(_from_us(r[0]), *r[1:]) for r in rows]
 
         return await self._call(query)

@@ -7,6 +7,7 @@
 | server.host / server.port     | FACTORY_SERVER_HOST / _PORT       | 127.0.0.1 / 50051         |
 | server.insecure               | FACTORY_SERVER_INSECURE           | false (loopback only)     |
 | server.allow_insecure_non_loopback | FACTORY_SERVER_ALLOW_INSECURE_NON_LOOPBACK | false     |
+| server.insecure_identity      | FACTORY_SERVER_INSECURE_IDENTITY  | - (e.g. urn:devprov:factory:a) |
 | server.tls_cert_file / tls_key_file | FACTORY_SERVER_TLS_CERT_FILE / _TLS_KEY_FILE | -      |
 | server.client_ca_file         | FACTORY_SERVER_CLIENT_CA_FILE     | - (set: mTLS)             |
 | server.client_auth            | FACTORY_SERVER_CLIENT_AUTH        | require with a client CA  |

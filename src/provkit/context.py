@@ -1,20 +1,32 @@
-"""Per-request context shared by handlers and logs (contextvars, set by the gRPC interceptor).
+"""Per-request context shared by handlers and logs (contextvars, set by the gRPC server's call wrapper).
 
 API
 ---
-``CallerIdentity(kind, common_name=None, sha256_thumbprint=None, peer="")``; ``str(identity)`` is the
-    form written to ledgers/audit logs: ``"<CN> sha256:<THUMBPRINT>"`` for an mTLS caller,
-    ``"tls-anonymous"`` for a TLS caller without a client certificate, ``"insecure:<peer>"`` otherwise.
+``CallerIdentity(kind, common_name=None, sha256_thumbprint=None, peer="")``  what the transport proved:
+    ``str(identity)`` is ``"<CN> sha256:<THUMBPRINT>"`` for an mTLS caller, ``"tls-anonymous"`` for a TLS
+    caller without a client certificate, ``"insecure:<peer>"`` otherwise.
+``Role``        the parties: FACTORY (the MES and the factory test bench that runs ``device-client
+                provision``), OEM (the machine manufacturer's back office), PORTAL (the activation web
+                portal, acting for one OEM), OPERATOR (whoever runs the services); INTERNAL is in-process
+                work (CLIs, tests, start-up) and is never taken from a certificate.
+``Caller(role, tenant, identity, on_behalf_of="")``   who is calling, resolved once per call from the
+                verified client certificate (``provkit.parties``): ``.uri`` (``urn:devprov:<role>:<tenant>``),
+                ``.oem`` (the OEM an OEM or portal caller acts for, else None), ``.on_behalf_of`` (a portal
+                only: the end user's address it forwards in ``x-devprov-on-behalf-of``), ``.attempt_key``
+                (whose failed attempts count together: the uri, plus the end user for a portal),
+                ``str(caller)`` is the form written to ledgers and audit logs:
+                ``"<uri> [for <end user>] <CN> sha256:<THUMBPRINT>"``.
 ``current_request_id() -> str``      the request id of the running RPC ("" outside one).
-``current_caller() -> CallerIdentity``  who is calling (``CallerIdentity.internal()`` outside an RPC).
+``current_caller() -> Caller``       who is calling (``Caller.internal()`` outside an RPC).
 ``bind_device_id(device_id)``        context manager: logs inside carry ``device_id``.
-``request_scope(request_id, caller)``  context manager used by the interceptor (and by tests/CLIs).
+``request_scope(request_id, caller)``  context manager used by the server (and by tests/CLIs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -45,8 +57,47 @@ class CallerIdentity:
         return self.kind
 
 
+class Role(enum.StrEnum):
+    FACTORY = "factory"
+    OEM = "oem"
+    PORTAL = "portal"
+    OPERATOR = "operator"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class Caller:
+    role: Role
+    tenant: str
+    identity: CallerIdentity
+    on_behalf_of: str = ""  # the portal's end user (its client address), as the portal says
+
+    @classmethod
+    def internal(cls) -> Caller:
+        return cls(Role.INTERNAL, "", CallerIdentity.internal())
+
+    @property
+    def uri(self) -> str:
+        return f"urn:devprov:{self.role.value}:{self.tenant}" if self.tenant else f"urn:devprov:{self.role}"
+
+    @property
+    def oem(self) -> str | None:
+        """The OEM this caller acts for: an OEM's own id, or the OEM a portal certificate serves."""
+        return self.tenant if self.role in (Role.OEM, Role.PORTAL) else None
+
+    @property
+    def attempt_key(self) -> str:
+        return f"{self.uri} {self.on_behalf_of}" if self.on_behalf_of else self.uri
+
+    def __str__(self) -> str:
+        if self.role is Role.INTERNAL:
+            return "internal"
+        end_user = f" for {self.on_behalf_of}" if self.on_behalf_of else ""
+        return f"{self.uri}{end_user} {self.identity}"
+
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
-caller_var: contextvars.ContextVar[CallerIdentity | None] = contextvars.ContextVar("caller", default=None)
+caller_var: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
 device_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("device_id", default="")
 
 
@@ -54,8 +105,8 @@ def current_request_id() -> str:
     return request_id_var.get()
 
 
-def current_caller() -> CallerIdentity:
-    return caller_var.get() or CallerIdentity.internal()
+def current_caller() -> Caller:
+    return caller_var.get() or Caller.internal()
 
 
 def current_device_id() -> str:
@@ -72,7 +123,7 @@ def bind_device_id(device_id: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def request_scope(request_id: str, caller: CallerIdentity) -> Iterator[None]:
+def request_scope(request_id: str, caller: Caller) -> Iterator[None]:
     tokens = (request_id_var.set(request_id), caller_var.set(caller), device_id_var.set(""))
     try:
         yield

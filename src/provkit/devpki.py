@@ -6,9 +6,11 @@ client certificates (clientAuth).  Production deployments bring certificates fro
 API
 ---
 ``DevTlsAuthority.create(common_name="devprov development TLS CA", *, now=None) -> DevTlsAuthority``
-``.ca_pem: bytes``
+``DevTlsAuthority.load(cert_pem, key_pem, *, now=None) -> DevTlsAuthority``   an authority written before
+``.ca_pem: bytes``, ``.key_pem: bytes``, ``.write(cert_path, key_path)``
 ``.server_certificate(names: Sequence[str]) -> TlsPair``     DNS names and/or IP addresses as SANs
-``.client_certificate(common_name: str) -> TlsPair``
+``.client_certificate(common_name: str, uris=(), *, days=825) -> TlsPair``
+                                   ``uris``: SAN URIs, e.g. ``urn:devprov:oem:acme`` (provkit.parties)
 ``TlsPair(cert_pem, key_pem)``; ``.write(cert_path, key_path)`` writes the key 0600.
 ``write_private_file(path, data: bytes)``   create/replace a file with mode 0600 (atomic rename).
 ``key_usage(*, digital_signature=False, key_cert_sign=False, crl_sign=False) -> x509.KeyUsage``
@@ -124,11 +126,32 @@ class DevTlsAuthority:
         )
         return cls(cert, key, now)
 
+    @classmethod
+    def load(cls, cert_pem: bytes, key_pem: bytes, *, now: datetime | None = None) -> DevTlsAuthority:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+            raise ValueError("the CA key is not the EC key of the CA certificate")
+        return cls(cert, key, now or datetime.now(UTC))
+
     @property
     def ca_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def _leaf(self, common_name: str, names: Sequence[str], usage: x509.ObjectIdentifier) -> TlsPair:
+    @property
+    def key_pem(self) -> bytes:
+        return _key_pem(self.key)
+
+    def write(self, cert_path: Path, key_path: Path) -> None:
+        TlsPair(self.ca_pem, self.key_pem).write(cert_path, key_path)
+
+    def _leaf(
+        self,
+        common_name: str,
+        names: Sequence[x509.GeneralName],
+        usage: x509.ObjectIdentifier,
+        days: int = 825,
+    ) -> TlsPair:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder()
@@ -137,7 +160,7 @@ class DevTlsAuthority:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(self.now - timedelta(minutes=5))
-            .not_valid_after(self.now + timedelta(days=825))
+            .not_valid_after(self.now + timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 SIGNATURE_KEY_USAGE,
@@ -151,7 +174,7 @@ class DevTlsAuthority:
         )
         if names:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName([_san(n) for n in names]), critical=False
+                x509.SubjectAlternativeName(list(names)), critical=False
             )
         cert = builder.sign(self.key, hashes.SHA256())
         return TlsPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
@@ -159,7 +182,8 @@ class DevTlsAuthority:
     def server_certificate(self, names: Sequence[str]) -> TlsPair:
         if not names:
             raise ValueError("a server certificate needs at least one name")
-        return self._leaf(names[0], names, ExtendedKeyUsageOID.SERVER_AUTH)
+        return self._leaf(names[0], [_san(n) for n in names], ExtendedKeyUsageOID.SERVER_AUTH)
 
-    def client_certificate(self, common_name: str) -> TlsPair:
-        return self._leaf(common_name, (), ExtendedKeyUsageOID.CLIENT_AUTH)
+    def client_certificate(self, common_name: str, uris: Sequence[str] = (), *, days: int = 825) -> TlsPair:
+        sans = [x509.UniformResourceIdentifier(u) for u in uris]
+        return self._leaf(common_name, sans, ExtendedKeyUsageOID.CLIENT_AUTH, days)

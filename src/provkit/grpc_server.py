@@ -1,5 +1,5 @@
 """A grpc.aio server built from settings: TLS / mTLS / loopback-only insecure, health, reflection,
-request ids, caller identity, domain-error mapping, graceful shutdown.
+request ids, caller identity and authorization, domain-error mapping, graceful shutdown.
 
 API
 ---
@@ -8,15 +8,20 @@ API
                                refuses clients without a certificate from the client CA).
 ``ServerTLS(cert_file, key_file, client_ca_file=None, client_auth=ClientAuth.REQUIRE)``
 ``ServerSettings(host="127.0.0.1", port=0, tls=None, insecure=False, allow_insecure_non_loopback=False,
-                 grace_seconds=10.0, error_domain="devprov")``
+                 grace_seconds=10.0, error_domain="devprov", insecure_identity="")``
                                exactly one of ``tls`` / ``insecure=True``; insecure refuses a non-loopback
-                               host unless ``allow_insecure_non_loopback``.
+                               host unless ``allow_insecure_non_loopback``.  Without TLS nobody can prove
+                               who they are: ``insecure_identity`` (a ``urn:devprov:<role>:<tenant>`` URI)
+                               is the party every insecure caller is taken for; empty, every call
+                               except health/reflection is refused.
 ``ServiceBinding(name, servicer, add_to_server)``; ``binding(servicer, add_fn, service_descriptor)``
                                what to serve (the generated ``add_XServicer_to_server`` and the
                                ``DESCRIPTOR.services_by_name[...]`` of the pb2 module).
-``async start_server(settings, services) -> RunningServer``   binds and starts; ``.port``, ``.address``,
+``async start_server(settings, services, *, policy=SUITE_POLICY, refusals=None) -> RunningServer``
+                               binds and starts; ``.port``, ``.address``,
                                ``.health`` (grpc_health aio servicer), ``async .stop(grace=None)``.
-``async serve(settings, services, *, on_started=None) -> None``   start, then wait for SIGINT/SIGTERM and
+``async serve(settings, services, *, on_started=None, policy=SUITE_POLICY, refusals=None) -> None``
+                               start, then wait for SIGINT/SIGTERM and
                                stop gracefully (health NOT_SERVING, no new RPCs, in-flight finish within
                                ``grace_seconds``).
 ``ServerConfigError``          a settings problem (insecure non-loopback bind, missing files...).
@@ -26,37 +31,53 @@ Handlers are plain async servicer methods: they raise ``provkit.errors.DomainErr
 id comes from the ``x-request-id`` metadata or is generated, and is echoed in the trailing metadata (and
 in ``ErrorInfo.metadata["request_id"]`` of errors).  The wrapping happens once at registration: each
 ``ServiceBinding.add_to_server`` receives a registering proxy, not the raw server.
+
+Every call of a registered service goes through one gate before its servicer runs:
+
+1. the caller: the verified client certificate's ``urn:devprov:<role>:<tenant>`` URI (``provkit.parties``)
+   becomes a ``provkit.context.Caller``.  No certificate: UNAUTHENTICATED ``CLIENT_CERTIFICATE_REQUIRED``;
+   a certificate naming no party (or two): UNAUTHENTICATED ``CALLER_IDENTITY_UNRECOGNISED``.
+2. the table (``provkit.authz``, ``policy``): a role it does not list for the method, or a method it does
+   not list at all, is PERMISSION_DENIED ``CALLER_NOT_AUTHORIZED``.
+
+A refusal changes nothing, is logged with the caller and handed to ``refusals`` (the service's audit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import inspect
 import ipaddress
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from provkit.context import CallerIdentity, request_scope
+from provkit.authz import SUITE_POLICY, AccessPolicy, Refusal, RefusalLog, is_open
+from provkit.context import Caller, CallerIdentity, Role, request_scope
 from provkit.errors import DomainError, Unauthenticated
 from provkit.grpc_errors import internal_status, to_grpc_status
+from provkit.parties import (
+    UnrecognisedIdentity,
+    caller_from_certificate,
+    certificate_identity,
+    parse_identity_uri,
+)
 from provkit.signals import wait_for_stop_signal
 
 log = logging.getLogger("provkit.grpc")
 
 REQUEST_ID_HEADER = "x-request-id"
-_OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.")
+ON_BEHALF_OF_HEADER = "x-devprov-on-behalf-of"  # a portal's end user (ignored from any other role)
+_MAX_ON_BEHALF_OF = 64
 
 
 class ServerConfigError(ValueError):
@@ -91,6 +112,7 @@ class ServerSettings:
     grace_seconds: float = 10.0
     error_domain: str = "devprov"
     options: tuple[tuple[str, Any], ...] = field(default=())
+    insecure_identity: str = ""  # urn:devprov:<role>:<tenant>: who an insecure (loopback dev) caller is
 
 
 @dataclass(frozen=True)
@@ -117,31 +139,53 @@ def is_loopback_host(host: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------- caller identity
-@functools.lru_cache(maxsize=1024)
-def _identity_from_pem(pem: bytes) -> tuple[str | None, str]:
-    cert = x509.load_pem_x509_certificate(pem)
-    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    cn = str(names[0].value) if names else None
-    return cn, cert.fingerprint(hashes.SHA256()).hex().upper()
-
-
-def caller_identity(context: grpc.aio.ServicerContext) -> CallerIdentity:
+def transport_identity(context: grpc.aio.ServicerContext) -> tuple[CallerIdentity, bytes]:
+    """What the transport proved (and the client certificate's PEM, empty without one)."""
     auth = context.auth_context() or {}
     peer = context.peer() or ""
     transport = b"".join(auth.get("transport_security_type", []))
     pem = b"".join(auth.get("x509_pem_cert", []))
     if pem:
-        cn, thumb = _identity_from_pem(pem)
-        return CallerIdentity("mtls", cn, thumb, peer)
+        return certificate_identity(pem, peer), pem
     if transport == b"ssl":
-        return CallerIdentity("tls-anonymous", peer=peer)
-    return CallerIdentity("insecure", peer=peer)
+        return CallerIdentity("tls-anonymous", peer=peer), b""
+    return CallerIdentity("insecure", peer=peer), b""
+
+
+def _for_end_user(caller: Caller, context: grpc.aio.ServicerContext) -> Caller:
+    """A portal names the person it calls for (so one web user's failures are not another's)."""
+    if caller.role is not Role.PORTAL:
+        return caller
+    for key, value in context.invocation_metadata() or ():
+        if key == ON_BEHALF_OF_HEADER and isinstance(value, str) and value:
+            return replace(caller, on_behalf_of=value[:_MAX_ON_BEHALF_OF])
+    return caller
+
+
+class _CallerResolver:
+    """The call's ``Caller``, from the verified client certificate only (or the configured insecure one)."""
+
+    def __init__(self, insecure_identity: str) -> None:
+        self._insecure = parse_identity_uri(insecure_identity) if insecure_identity else None
+
+    def resolve(self, context: grpc.aio.ServicerContext) -> Caller:
+        identity, pem = transport_identity(context)
+        if pem:
+            try:
+                return _for_end_user(caller_from_certificate(pem, identity.peer), context)
+            except UnrecognisedIdentity as exc:
+                raise Unauthenticated("CALLER_IDENTITY_UNRECOGNISED", str(exc)) from None
+        if identity.kind == "insecure" and self._insecure is not None:
+            return _for_end_user(Caller(*self._insecure, identity), context)
+        raise Unauthenticated(
+            "CLIENT_CERTIFICATE_REQUIRED", "a client certificate naming a party is required"
+        )
 
 
 # ------------------------------------------------------------------------------------- handler wrapping
 # Handlers are wrapped once, when a service is registered (not by a per-call interceptor, which costs a
-# handler object and an extra await per RPC): the wrapper sets the request scope, enforces a client
-# certificate in OPTIONAL mode, and maps exceptions through the error table.
+# handler object and an extra await per RPC): the wrapper is the server's one interceptor.  It resolves
+# the caller, checks the access table, sets the request scope and maps exceptions through the error table.
 def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= 128:
@@ -149,39 +193,86 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     return secrets.token_hex(16)
 
 
+def _device_id_of(request: Any) -> str:
+    value = getattr(request, "device_id", "")
+    return value if isinstance(value, str) else ""
+
+
 class _HandlerWrapper:
-    def __init__(self, domain: str, require_client_cert: bool) -> None:
+    def __init__(
+        self,
+        domain: str,
+        resolver: _CallerResolver,
+        policy: AccessPolicy,
+        refusals: RefusalLog | None,
+    ) -> None:
         self._domain = domain
-        self._require_client_cert = require_client_cert
+        self._resolver = resolver
+        self._policy = policy
+        self._refusals = refusals
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        guarded = self._require_client_cert and not method.lstrip("/").startswith(_OPEN_SERVICES)
+        if is_open(method):
+            return handler
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, guarded),
+                self._wrap_unary(handler.unary_unary, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, guarded),
+                self._wrap_stream(handler.unary_stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler
+        return _refusing_handler(handler, method)
 
-    async def _enter(self, context: grpc.aio.ServicerContext, guarded: bool) -> tuple[str, CallerIdentity]:
+    async def _enter(
+        self, context: grpc.aio.ServicerContext, method: str, request: Any
+    ) -> tuple[str, Caller]:
+        """The request id and the authorized caller; a refusal is audited and aborts the call here."""
         request_id = _request_id(context)
-        caller = caller_identity(context)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
-        if guarded and not caller.authenticated:
-            await self._fail(
-                context,
-                Unauthenticated("CLIENT_CERTIFICATE_REQUIRED", "a client certificate is required"),
-                request_id,
-                "",
+        caller: Caller | None = None
+        try:
+            caller = self._resolver.resolve(context)
+            self._policy.check(method, caller)
+        except DomainError as exc:
+            seen = str(caller) if caller is not None else str(transport_identity(context)[0])
+            log.warning(
+                "call refused: %s",
+                exc.message,
+                extra={
+                    "reason": exc.reason,
+                    "method": method,
+                    "caller": seen,
+                    "role": caller.role.value if caller else "",
+                    "request_id": request_id,
+                },
             )
+            await self._audit_refusal(
+                Refusal(
+                    datetime.now(UTC),
+                    method,
+                    seen,
+                    caller.role.value if caller else "",
+                    _device_id_of(request),
+                    request_id,
+                    exc.reason,
+                )
+            )
+            await context.abort_with_status(to_grpc_status(exc, self._domain, request_id=request_id))
+        assert caller is not None
         return request_id, caller
+
+    async def _audit_refusal(self, refusal: Refusal) -> None:
+        if self._refusals is None:
+            return
+        try:
+            await self._refusals.record_refusal(refusal)
+        except Exception:  # the call is refused all the same; the log line above keeps the trace
+            log.exception("could not audit a refused call", extra={"method": refusal.method})
 
     async def _fail(
         self, context: grpc.aio.ServicerContext, exc: BaseException, request_id: str, method: str
@@ -203,9 +294,9 @@ class _HandlerWrapper:
         )
         await context.abort_with_status(internal_status(request_id, self._domain))
 
-    def _wrap_unary(self, behavior: Callable[..., Any], method: str, guarded: bool) -> Callable[..., Any]:
+    def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            request_id, caller = await self._enter(context, guarded)
+            request_id, caller = await self._enter(context, method, request)
             with request_scope(request_id, caller):
                 try:
                     result = behavior(request, context)
@@ -219,9 +310,9 @@ class _HandlerWrapper:
 
         return wrapped
 
-    def _wrap_stream(self, behavior: Callable[..., Any], method: str, guarded: bool) -> Callable[..., Any]:
+    def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            request_id, caller = await self._enter(context, guarded)
+            request_id, caller = await self._enter(context, method, request)
             with request_scope(request_id, caller):
                 try:
                     async for item in behavior(request, context):
@@ -232,6 +323,19 @@ class _HandlerWrapper:
                     await self._fail(context, exc, request_id, method)
 
         return wrapped
+
+
+def _refusing_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """A kind of handler the gate cannot wrap (client or bidirectional streaming) is never served."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not served")
+
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    return grpc.unary_stream_rpc_method_handler(refuse)
 
 
 class _WrappedGenericHandler(grpc.GenericRpcHandler):
@@ -295,6 +399,15 @@ def check_settings(settings: ServerSettings) -> None:
             f"insecure mode is for loopback development only; refusing to bind {settings.host!r} "
             "(configure TLS, or force it explicitly)"
         )
+    if settings.insecure_identity:
+        if not settings.insecure:
+            raise ServerConfigError(
+                "an insecure identity is for insecure mode only (with TLS the certificate says who calls)"
+            )
+        try:
+            parse_identity_uri(settings.insecure_identity)
+        except UnrecognisedIdentity as exc:
+            raise ServerConfigError(f"insecure identity: {exc}") from None
 
 
 @dataclass
@@ -316,11 +429,18 @@ class RunningServer:
         await self.server.stop(self.grace_seconds if grace is None else grace)
 
 
-async def start_server(settings: ServerSettings, services: Sequence[ServiceBinding]) -> RunningServer:
+async def start_server(
+    settings: ServerSettings,
+    services: Sequence[ServiceBinding],
+    *,
+    policy: AccessPolicy = SUITE_POLICY,
+    refusals: RefusalLog | None = None,
+) -> RunningServer:
     check_settings(settings)
-    require_cert = settings.tls is not None and settings.tls.client_auth is ClientAuth.OPTIONAL
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *settings.options])
-    registering = _RegisteringServer(server, _HandlerWrapper(settings.error_domain, require_cert))
+    resolver = _CallerResolver(settings.insecure_identity)
+    wrapper = _HandlerWrapper(settings.error_domain, resolver, policy, refusals)
+    registering = _RegisteringServer(server, wrapper)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in services:
@@ -358,8 +478,10 @@ async def serve(
     services: Sequence[ServiceBinding],
     *,
     on_started: Callable[[RunningServer], None] | None = None,
+    policy: AccessPolicy = SUITE_POLICY,
+    refusals: RefusalLog | None = None,
 ) -> None:
-    running = await start_server(settings, services)
+    running = await start_server(settings, services, policy=policy, refusals=refusals)
     if on_started is not None:
         on_started(running)
     await wait_for_stop_signal()

@@ -11,7 +11,8 @@ API
         ``key_file`` in TOML; never from argv.  ``Secret.reveal()`` gives the value; ``repr`` hides it.
 ``server_settings(source, section="server", error_domain=...) -> ServerSettings``   the shared
     ``[server]`` block: host, port, insecure, allow_insecure_non_loopback, grace_seconds, tls_cert_file,
-    tls_key_file, client_ca_file, client_auth (none|optional|require).
+    tls_key_file, client_ca_file, client_auth (none|optional|require), insecure_identity (the
+    ``urn:devprov:<role>:<tenant>`` every caller of an insecure server is taken for; unset: none).
 ``SettingsError``   a missing or malformed value (message names the env variable and the file key).
 """
 
@@ -172,4 +173,5 @@ def server_settings(
         allow_insecure_non_loopback=source.flag(key("allow_insecure_non_loopback"), False),
         grace_seconds=source.number(key("grace_seconds"), 10.0),
         error_domain=error_domain,
+        insecure_identity=source.text(key("insecure_identity"), "") or "",
     )

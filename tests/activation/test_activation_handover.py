@@ -96,7 +96,7 @@ async def test_whole_handover_mint_enroll_refused_activate_register_twin(stack, 
 
     audit = await app.audit.entries(device.device_id)
     assert [(e.action, e.outcome) for e in audit] == [("activate", "ok")]
-    assert audit[0].caller.startswith(f"{tls.client_cn} sha256:")
+    assert audit[0].caller.startswith(f"urn:devprov:oem:acme {tls.client_cn} sha256:")
     assert code not in json.dumps([e.detail for e in audit])
 
 

@@ -1,25 +1,108 @@
-"""Failed activation attempts per id are limited within a window (clock injected)."""
+"""Failed activation attempts: per (caller, device) with a growing back-off, a per-device ceiling over all
+callers, exact counting of admitted checks; concurrent attempts wait for room instead of being refused
+(clock injected; no gRPC here)."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
-from activation_svc.ratelimit import FailureLimiter
+import pytest
+
+from activation_svc.ratelimit import AttemptLimiter, AttemptsExhausted
 
 
-def test_limit_then_window_expiry_then_success_resets():
-    now = [datetime(2026, 1, 1, tzinfo=UTC)]
-    limiter = FailureLimiter(3, timedelta(minutes=10), lambda: now[0])
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+async def fail(limiter: AttemptLimiter, caller: str, device: str = "dev") -> None:
+    with await limiter.begin(caller, device) as attempt:
+        attempt.failed()
+
+
+async def test_free_failures_then_a_doubling_back_off_for_that_caller_only() -> None:
+    clock = Clock()
+    limiter = AttemptLimiter(clock=clock, free_failures=3, base_delay=timedelta(seconds=2))
     for _ in range(3):
-        assert limiter.retry_after("dev") is None
-        limiter.failed("dev")
-    wait = limiter.retry_after("dev")
-    assert wait is not None and 599 <= wait <= 600
-    assert limiter.retry_after("other") is None
-    now[0] += timedelta(minutes=10)
-    assert limiter.retry_after("dev") is None
-    limiter.failed("dev")
-    limiter.failed("dev")
-    limiter.succeeded("dev")
-    limiter.failed("dev")
-    assert limiter.retry_after("dev") is None
+        await fail(limiter, "mallory")
+    with pytest.raises(AttemptsExhausted) as caught:
+        await limiter.begin("mallory", "dev")
+    assert caught.value.retry_after == 2
+    with await limiter.begin("owner", "dev") as attempt:  # another party is not slowed at all
+        attempt.succeeded()
+    waits = []
+    for _ in range(3):
+        clock.advance(limiter.delay_after(3 + len(waits)).total_seconds())
+        await fail(limiter, "mallory")
+        with pytest.raises(AttemptsExhausted) as caught:
+            await limiter.begin("mallory", "dev")
+        waits.append(caught.value.retry_after)
+    assert waits == [4, 8, 16]
+
+
+async def test_a_success_clears_the_pair_and_an_unchecked_attempt_counts_nothing() -> None:
+    clock = Clock()
+    limiter = AttemptLimiter(clock=clock, free_failures=2)
+    await fail(limiter, "oem")
+    with await limiter.begin("oem", "dev") as attempt:
+        attempt.succeeded()
+    for _ in range(5):
+        with await limiter.begin("oem", "dev"):
+            pass  # e.g. DPS unreachable: no check happened
+    await fail(limiter, "oem")
+    await fail(limiter, "oem")
+    with pytest.raises(AttemptsExhausted):
+        await limiter.begin("oem", "dev")
+
+
+async def test_the_device_ceiling_bounds_many_callers_together() -> None:
+    clock = Clock()
+    limiter = AttemptLimiter(clock=clock, free_failures=2, device_ceiling=6, window=timedelta(minutes=10))
+    for caller in ("a", "b", "c"):
+        await fail(limiter, caller)
+        await fail(limiter, caller)
+    with pytest.raises(AttemptsExhausted) as caught:
+        await limiter.begin("d", "dev")
+    assert 599 <= caught.value.retry_after <= 600
+    with await limiter.begin("d", "other-device") as attempt:
+        attempt.failed()
+    clock.advance(600)
+    with await limiter.begin("d", "dev") as attempt:
+        attempt.succeeded()
+
+
+async def test_sixty_concurrent_wrong_codes_get_exactly_the_free_checks_the_rest_wait_then_refused() -> None:
+    limiter = AttemptLimiter(clock=Clock(), free_failures=5)
+    tasks = [asyncio.ensure_future(limiter.begin("storm", "dev")) for _ in range(60)]
+    await asyncio.sleep(0)
+    admitted = [t.result() for t in tasks if t.done()]
+    assert len(admitted) == 5  # the others wait for these to finish
+    for attempt in admitted:
+        attempt.failed()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert sum(isinstance(r, AttemptsExhausted) for r in results) == 55
+
+
+async def test_concurrent_right_codes_wait_for_room_and_are_all_admitted() -> None:
+    limiter = AttemptLimiter(clock=Clock(), free_failures=2)
+    in_flight, most = 0, 0
+
+    async def check() -> None:
+        nonlocal in_flight, most
+        with await limiter.begin("oem", "dev") as attempt:
+            in_flight += 1
+            most = max(most, in_flight)
+            await asyncio.sleep(0)  # the check takes a while
+            in_flight -= 1
+            attempt.succeeded()
+
+    await asyncio.gather(*(check() for _ in range(6)))  # none refused
+    assert most == 2

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from support.parties import FACTORY_URI, party
 
 from device_client.errors import FactoryError, IdentityExistsError
 from device_client.identity import KeyType
@@ -24,6 +25,7 @@ from factory_svc.errors import ERROR_DOMAIN
 from factory_svc.minting import MintPolicy
 from factory_svc.settings import CaSettings, FactorySettings
 from provkit.channels import ChannelSecurity, create_channel
+from provkit.context import Role
 from provkit.devpki import DevTlsAuthority
 from provkit.grpc_server import ClientAuth, ServerSettings, ServerTLS
 
@@ -33,7 +35,8 @@ GUID = "5f0c7a2e-1b3d-4e5f-8a9b-0c1d2e3f4a5b"
 @contextlib.asynccontextmanager
 async def factory(data_dir: Path, server: ServerSettings | None = None) -> AsyncIterator[str]:
     settings = FactorySettings(
-        server=server or ServerSettings(insecure=True, error_domain=ERROR_DOMAIN),
+        server=server
+        or ServerSettings(insecure=True, error_domain=ERROR_DOMAIN, insecure_identity=FACTORY_URI),
         data_dir=data_dir,
         ca=CaSettings(),
         mint=MintPolicy(),
@@ -117,7 +120,7 @@ async def test_mutual_tls(tmp_path):
     files.mkdir()
     (files / "ca.pem").write_bytes(pki.ca_pem)
     pki.server_certificate(["127.0.0.1", "localhost"]).write(files / "server.pem", files / "server.key")
-    pki.client_certificate("test-bench-7").write(files / "client.pem", files / "client.key")
+    party(pki, Role.FACTORY, "plant-1", "test-bench-7").write(files / "client.pem", files / "client.key")
     server = ServerSettings(
         tls=ServerTLS(files / "server.pem", files / "server.key", files / "ca.pem", ClientAuth.REQUIRE),
         error_domain=ERROR_DOMAIN,

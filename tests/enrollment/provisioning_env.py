@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from azure.iot.device import X509
 from azure.iot.device.aio import IoTHubDeviceClient, ProvisioningDeviceClient
+from support.parties import FACTORY_URI, party
 
 from activation_svc.app import ActivationApp
 from activation_svc.settings import load_settings as load_activation_settings
@@ -24,6 +25,7 @@ from devprov.v1 import factory_service_pb2_grpc as fpb_grpc
 from factory_svc.app import FactoryApp
 from factory_svc.settings import load_settings as load_factory_settings
 from provkit.channels import ChannelSecurity, create_channel
+from provkit.context import Role
 from provkit.devpki import DevTlsAuthority, write_private_file
 from provkit.grpc_errors import RpcErrorDetails, error_details
 
@@ -38,6 +40,7 @@ def factory_env(tmp_path: Path, emulator, **extra: str) -> dict[str, str]:
     return {
         "FACTORY_DATA_DIR": str(tmp_path / "factory"),
         "FACTORY_SERVER_INSECURE": "true",
+        "FACTORY_SERVER_INSECURE_IDENTITY": FACTORY_URI,
         "FACTORY_SERVER_PORT": "0",
         "FACTORY_CLOUD_EMULATOR_CONNECTION_FILE": str(connection_file(emulator)),
         "FACTORY_CLOUD_RETRY_TOTAL": "1",
@@ -67,7 +70,8 @@ async def running_factory(
 
 @dataclass(frozen=True)
 class OemTls:
-    """A TLS CA for activation_svc: its server certificate and an OEM client certificate (mTLS)."""
+    """A TLS CA for activation_svc: its server certificate, an OEM client certificate
+    (``urn:devprov:oem:acme``) and the portal's (``urn:devprov:portal:acme``), for mTLS."""
 
     ca_file: Path
     server_cert: Path
@@ -75,6 +79,15 @@ class OemTls:
     client_cert: Path
     client_key: Path
     client_cn: str
+    authority: DevTlsAuthority
+
+    @property
+    def portal_cert(self) -> Path:
+        return self.ca_file.parent / "portal.pem"
+
+    @property
+    def portal_key(self) -> Path:
+        return self.ca_file.parent / "portal.key"
 
     @classmethod
     def create(cls, folder: Path, client_cn: str = "oem-backoffice") -> OemTls:
@@ -84,7 +97,8 @@ class OemTls:
         authority.server_certificate(["127.0.0.1", "localhost"]).write(
             folder / "server.pem", folder / "server.key"
         )
-        authority.client_certificate(client_cn).write(folder / "client.pem", folder / "client.key")
+        party(authority, Role.OEM, "acme", client_cn).write(folder / "client.pem", folder / "client.key")
+        party(authority, Role.PORTAL, "acme", "portal").write(folder / "portal.pem", folder / "portal.key")
         return cls(
             folder / "ca.pem",
             folder / "server.pem",
@@ -92,6 +106,7 @@ class OemTls:
             folder / "client.pem",
             folder / "client.key",
             client_cn,
+            authority,
         )
 
     def client_security(self) -> ChannelSecurity:

@@ -8,6 +8,7 @@ import uuid
 import grpc
 import pytest
 from provisioning_env import dps_enrollment, factory_env, failure, mint, running_factory
+from support.parties import FACTORY_URI
 
 from devprov.v1 import factory_service_pb2 as pb
 from provkit.activation_code import verify_code
@@ -157,6 +158,7 @@ async def test_without_any_cloud_configured_enroll_is_a_clear_precondition_failu
     env = {
         "FACTORY_DATA_DIR": str(tmp_path / "f"),
         "FACTORY_SERVER_INSECURE": "true",
+        "FACTORY_SERVER_INSECURE_IDENTITY": FACTORY_URI,
         "FACTORY_SERVER_PORT": "0",
     }
     app = await FactoryApp.open(load_settings(env=env))

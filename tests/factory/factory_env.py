@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store
+from support.parties import FACTORY_URI
 
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.app import FactoryApp
@@ -24,7 +25,7 @@ from factory_svc.settings import CaSettings, FactorySettings
 from provkit.channels import ChannelSecurity, create_channel
 from provkit.grpc_server import RunningServer, ServerSettings
 
-INSECURE = ServerSettings(insecure=True, error_domain=ERROR_DOMAIN)
+INSECURE = ServerSettings(insecure=True, error_domain=ERROR_DOMAIN, insecure_identity=FACTORY_URI)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from cryptography import x509
 from factory_env import make_csr, make_key, verify_chain
 from support.cli_process import run_module, wait_serving
 from support.emulator import free_port
+from support.parties import FACTORY_URI
 
 from provkit.channels import ChannelSecurity
 
@@ -21,7 +22,8 @@ async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
     port = free_port("127.0.0.1")
     target = f"127.0.0.1:{port}"
     config = tmp_path / "factory.toml"
-    config.write_text(f'data_dir = "data"\n[server]\ninsecure = true\nport = {port}\n')
+    config.write_text(f'data_dir = "data"\n[server]\ninsecure = true\nport = {port}\n'
+        f'insecure_identity = "{FACTORY_URI}"\n')
     env = {**os.environ, "FACTORY_CONFIG": str(config)}
     server = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "factory_svc.cli", "serve", env=env, stderr=asyncio.subprocess.PIPE

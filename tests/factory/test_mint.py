@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from factory_env import factory_settings, make_csr, make_key, public_der, running_factory, verify_chain
 from google.protobuf import duration_pb2
+from support.parties import FACTORY_URI
 
 from devprov.v1 import factory_service_pb2 as pb
 from provkit.grpc_errors import error_details
@@ -72,7 +73,7 @@ async def test_csr_mode_issues_a_verifiable_client_certificate(
     assert cert.not_after.ToDatetime(tzinfo=leaf.not_valid_after_utc.tzinfo) == leaf.not_valid_after_utc
     assert (cert.key_type, cert.key_source) == (expected, pb.KEY_SOURCE_CSR)
     assert reply.private_key_pem == "" and reply.unexpired_certificate_count == 1 and not reply.replayed
-    assert cert.caller_identity.startswith("insecure:")
+    assert cert.caller_identity.startswith(f"{FACTORY_URI} insecure:")
 
 
 async def test_csr_without_common_name_is_accepted(tmp_path: Path) -> None:

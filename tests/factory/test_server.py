@@ -16,12 +16,14 @@ from cryptography.x509.oid import NameOID
 from factory_env import factory_settings, make_csr, make_key, running_factory, verify_chain
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support.parties import FACTORY_URI, party
 
 from devprov.v1 import factory_service_pb2 as pb
 from factory_svc.app import FactoryApp
 from factory_svc.errors import ERROR_DOMAIN, CaConfigError
 from factory_svc.settings import CaSettings, load_settings
 from provkit.channels import ChannelSecurity
+from provkit.context import Role
 from provkit.devpki import CA_KEY_USAGE, DevTlsAuthority
 from provkit.grpc_errors import error_details
 from provkit.grpc_server import ClientAuth, ServerConfigError, ServerSettings, ServerTLS
@@ -59,7 +61,7 @@ async def test_mtls_refuses_anonymous_clients_and_records_the_caller(tmp_path: P
     tls = ServerTLS(
         tmp_path / "tls" / "server.pem", tmp_path / "tls" / "server.key", tmp_path / "tls" / "clients.pem"
     )
-    station = tls_ca.client_certificate("mes-station-7")
+    station = party(tls_ca, Role.FACTORY, "plant-1", "mes-station-7")
     settings = factory_settings(tmp_path / "data", ServerSettings(tls=tls, error_domain=ERROR_DOMAIN))
     anonymous = ChannelSecurity(ca_pem=tls_ca.ca_pem)
     async with running_factory(settings, security=anonymous, target_host="localhost") as factory:
@@ -73,7 +75,7 @@ async def test_mtls_refuses_anonymous_clients_and_records_the_caller(tmp_path: P
         reply = await factory.stub.MintCertificate(_mint("mtls-1"))
         stored = await factory.app.ledger.get(reply.certificate.serial_number)
     thumb = x509.load_pem_x509_certificate(station.cert_pem).fingerprint(hashes.SHA256()).hex().upper()
-    assert reply.certificate.caller_identity == f"mes-station-7 sha256:{thumb}"
+    assert reply.certificate.caller_identity == f"urn:devprov:factory:plant-1 mes-station-7 sha256:{thumb}"
     assert stored is not None and stored.caller == reply.certificate.caller_identity
 
 
@@ -165,6 +167,7 @@ async def test_configured_ca_with_a_passphrase_from_a_file(tmp_path: Path) -> No
     env = {
         "FACTORY_DATA_DIR": str(tmp_path / "data"),
         "FACTORY_SERVER_INSECURE": "true",
+        "FACTORY_SERVER_INSECURE_IDENTITY": FACTORY_URI,
         "FACTORY_SERVER_PORT": "0",
         "FACTORY_CA_CHAIN_FILE": str(tmp_path / "pki" / "chain.pem"),
         "FACTORY_CA_KEY_FILE": str(tmp_path / "pki" / "issuing.key"),

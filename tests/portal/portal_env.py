@@ -42,8 +42,8 @@ def portal_env(address: str, tls: OemTls, emulator, **extra: str) -> dict[str, s
     return {
         "ACTIVATION_PORTAL_TARGET": address,
         "ACTIVATION_PORTAL_CA_FILE": str(tls.ca_file),
-        "ACTIVATION_PORTAL_CERT_FILE": str(tls.client_cert),
-        "ACTIVATION_PORTAL_KEY_FILE": str(tls.client_key),
+        "ACTIVATION_PORTAL_CERT_FILE": str(tls.portal_cert),
+        "ACTIVATION_PORTAL_KEY_FILE": str(tls.portal_key),
         "ACTIVATION_PORTAL_PORT": "0",
         "ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE": str(connection_file(emulator)),
         **extra,

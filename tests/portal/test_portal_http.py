@@ -107,7 +107,8 @@ async def test_activate_through_the_form_then_replay_and_already_active(client, 
     assert (await stack.enrollment(device.device_id))["etag"] == enrollment["etag"]
     audit = await stack.activation_app.audit.entries(device.device_id)
     assert [(e.action, e.outcome) for e in audit] == [("activate", "ok"), ("activate", "ok")]
-    assert audit[0].caller.startswith(f"{stack.tls.client_cn} sha256:")  # the portal's mTLS identity
+    # the portal's mTLS identity, and the end user it acts for
+    assert audit[0].caller.startswith("urn:devprov:portal:acme for 127.0.0.1 portal sha256:")
 
 
 async def test_wrong_code_shows_the_error_keeps_the_input_and_changes_nothing(client, stack):
@@ -265,14 +266,22 @@ async def test_after_registration_new_metadata_is_shown_as_updated(client, stack
     assert twin.tags == changed["tags"]
 
 
-async def test_repeated_wrong_codes_are_rate_limited_by_the_service(client, stack):
+async def test_repeated_wrong_codes_from_one_address_wait_and_are_told_when_others_do_not(client, stack):
     device, code = await stack.enrolled()
     statuses = []
-    for _ in range(6):  # the service allows 5 failures per id (its default), then refuses for a while
+    for _ in range(6):  # the portal allows 5 wrong codes per client address, then a growing back-off
         response, page = await post_activate(client, device.device_id, "WRONG-CODE-0000", "{}")
         statuses.append(response.status)
     assert statuses == [403] * 5 + [429]
-    assert "ACTIVATION_RATE_LIMITED" in page and "Try again in" in page
+    assert "PORTAL_RATE_LIMITED" in page and "Try again in" in page
+    assert "Too many wrong activation codes were sent from your address" in page
     assert int(response.headers["Retry-After"]) > 0
     response, page = await post_activate(client, device.device_id, code, "{}")
-    assert response.status == 429  # even the right code waits: the service decides
+    assert response.status == 429  # this address waits, even with the right code
+    denied = [e for e in await stack.activation_app.audit.entries(device.device_id) if e.outcome == "denied"]
+    assert len(denied) == 5  # the sixth never reached the service
+    # another party (the OEM's back office, its own certificate) is not blocked by the storm
+    reply = await stack.activation.Activate(
+        apb.ActivateRequest(device_id=device.device_id, activation_code=code, metadata_json="{}")
+    )
+    assert reply.lifecycle == apb.LIFECYCLE_ACTIVATED

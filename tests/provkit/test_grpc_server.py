@@ -1,5 +1,6 @@
-"""provkit's gRPC server: error mapping, request ids, caller identity, TLS modes, health, reflection,
-graceful stop.  A real grpc.aio server on loopback serving a small generic probe service."""
+"""provkit's gRPC server: error mapping, request ids, caller identity and the access table, TLS modes,
+health, reflection, graceful stop.  A real grpc.aio server on loopback serving a small generic probe
+service with its own access table."""
 
 from __future__ import annotations
 
@@ -12,21 +13,50 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from provkit.authz import AccessPolicy, Refusal
 from provkit.channels import ChannelSecurity, create_channel, request_metadata
-from provkit.context import current_caller, current_request_id
+from provkit.context import Role, current_caller, current_request_id
 from provkit.devpki import DevTlsAuthority
 from provkit.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from provkit.grpc_errors import error_details
 from provkit.grpc_server import (
     ClientAuth,
+    RunningServer,
     ServerConfigError,
     ServerSettings,
     ServerTLS,
     ServiceBinding,
-    start_server,
 )
+from provkit.grpc_server import start_server as _start_server
+from provkit.pki_cli import issue_party
 
 SERVICE = "probe.v1.ProbeService"
+OPERATOR = "urn:devprov:operator:ops"
+# the probe's table: everything for the operator, Echo for the factory too; "Unlisted" is in no row
+POLICY = AccessPolicy(
+    {
+        **{f"/{SERVICE}/{m}": frozenset({Role.OPERATOR}) for m in ("Invalid", "Throttled", "Boom", "Slow")},
+        f"/{SERVICE}/Echo": frozenset({Role.OPERATOR, Role.FACTORY}),
+    }
+)
+
+
+class Refusals:
+    def __init__(self) -> None:
+        self.seen: list[Refusal] = []
+
+    async def record_refusal(self, refusal: Refusal) -> None:
+        self.seen.append(refusal)
+
+
+async def start_server(
+    settings: ServerSettings, services: list, refusals: Refusals | None = None
+) -> RunningServer:
+    return await _start_server(settings, services, policy=POLICY, refusals=refusals)
+
+
+def insecure(**more: object) -> ServerSettings:
+    return ServerSettings(insecure=True, insecure_identity=OPERATOR, **more)  # type: ignore[arg-type]
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -64,6 +94,7 @@ def _add(servicer: object, server: grpc.aio.Server) -> None:
             "Throttled": _throttled,
             "Boom": _boom,
             "Slow": _slow,
+            "Unlisted": _echo,
         }.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -82,13 +113,24 @@ def pki(tmp_path: Path) -> dict[str, Path | bytes]:
     server = ca.server_certificate(["localhost", "127.0.0.1"])
     server.write(tmp_path / "server.pem", tmp_path / "server.key")
     (tmp_path / "ca.pem").write_bytes(ca.ca_pem)
-    client = ca.client_certificate("mes-line-1")
-    other = DevTlsAuthority.create("someone else").client_certificate("intruder")
-    return {"dir": tmp_path, "ca": ca.ca_pem, "client": client, "other": other}
+    client = issue_party(ca, Role.FACTORY, "plant-1", common_name="mes-line-1")
+    oem = issue_party(ca, Role.OEM, "acme")
+    nameless = ca.client_certificate("no-party")
+    twice = ca.client_certificate("two-parties", ["urn:devprov:oem:acme", "urn:devprov:factory:plant-1"])
+    other = issue_party(DevTlsAuthority.create("someone else"), Role.FACTORY, "plant-1")
+    return {
+        "dir": tmp_path,
+        "ca": ca.ca_pem,
+        "client": client,
+        "oem": oem,
+        "nameless": nameless,
+        "twice": twice,
+        "other": other,
+    }
 
 
 async def test_domain_error_maps_to_status_with_details() -> None:
-    running = await start_server(ServerSettings(insecure=True, error_domain="probe.test"), [PROBE])
+    running = await start_server(insecure(error_domain="probe.test"), [PROBE])
     try:
         async with create_channel(running.address, ChannelSecurity(insecure=True)) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -110,7 +152,7 @@ async def test_domain_error_maps_to_status_with_details() -> None:
 
 
 async def test_unexpected_error_is_internal_and_generic(caplog: pytest.LogCaptureFixture) -> None:
-    running = await start_server(ServerSettings(insecure=True), [PROBE])
+    running = await start_server(insecure(), [PROBE])
     try:
         async with create_channel(running.address, ChannelSecurity(insecure=True)) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -126,14 +168,14 @@ async def test_unexpected_error_is_internal_and_generic(caplog: pytest.LogCaptur
 
 
 async def test_request_id_from_metadata_or_generated_and_echoed() -> None:
-    running = await start_server(ServerSettings(insecure=True), [PROBE])
+    running = await start_server(insecure(), [PROBE])
     try:
         async with create_channel(running.address, ChannelSecurity(insecure=True)) as channel:
             call = _call(channel, "Echo")(b"", metadata=request_metadata("abc-1"))
             body = json.loads(await call)
             assert body["request_id"] == "abc-1"
             assert ("x-request-id", "abc-1") in tuple(await call.trailing_metadata())
-            assert body["caller"].startswith("insecure:")
+            assert body["caller"].startswith(f"{OPERATOR} insecure:")
             generated = json.loads(await _call(channel, "Echo")(b""))
             assert len(generated["request_id"]) == 32
     finally:
@@ -141,7 +183,7 @@ async def test_request_id_from_metadata_or_generated_and_echoed() -> None:
 
 
 async def test_health_and_reflection_answer() -> None:
-    running = await start_server(ServerSettings(insecure=True), [PROBE])
+    running = await start_server(insecure(), [PROBE])
     try:
         async with create_channel(running.address, ChannelSecurity(insecure=True)) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -168,16 +210,99 @@ async def test_insecure_mode_refuses_non_loopback_bind() -> None:
         await start_server(ServerSettings(), [PROBE])  # neither TLS nor insecure chosen
 
 
-async def test_tls_without_client_auth_reports_anonymous_caller(pki: dict) -> None:
+async def test_without_an_identity_every_call_but_health_is_refused_and_audited(pki: dict) -> None:
+    """Plain TLS, optional client auth without a certificate, insecure mode without an insecure identity."""
     d = pki["dir"]
-    tls = ServerTLS(d / "server.pem", d / "server.key", client_auth=ClientAuth.NONE)
-    running = await start_server(ServerSettings(tls=tls), [PROBE])
+    refusals = Refusals()
+    plain_tls = ServerTLS(d / "server.pem", d / "server.key", client_auth=ClientAuth.NONE)
+    optional = ServerTLS(d / "server.pem", d / "server.key", d / "ca.pem", ClientAuth.OPTIONAL)
+    servers = [
+        await start_server(ServerSettings(tls=plain_tls), [PROBE], refusals),
+        await start_server(ServerSettings(tls=optional), [PROBE], refusals),
+        await start_server(ServerSettings(insecure=True), [PROBE], refusals),
+    ]
+    securities = [ChannelSecurity(ca_pem=pki["ca"])] * 2 + [ChannelSecurity(insecure=True)]
     try:
-        async with create_channel(f"localhost:{running.port}", ChannelSecurity(ca_pem=pki["ca"])) as channel:
-            body = json.loads(await _call(channel, "Echo")(b""))
-        assert body["caller"] == "tls-anonymous"
+        for server, security in zip(servers, securities, strict=True):
+            async with create_channel(f"localhost:{server.port}", security) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await _call(channel, "Echo")(b"", metadata=request_metadata("anon-1"))
+                details = error_details(caught.value)
+                assert (details.code, details.reason) == (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "CLIENT_CERTIFICATE_REQUIRED",
+                )
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        for server in servers:
+            await server.stop(0)
+    assert [(r.method, r.role, r.reason, r.request_id) for r in refusals.seen] == [
+        (f"/{SERVICE}/Echo", "", "CLIENT_CERTIFICATE_REQUIRED", "anon-1")
+    ] * 3
+    callers = [r.caller for r in refusals.seen]
+    assert callers[:2] == ["tls-anonymous"] * 2 and callers[2].startswith("insecure:")
+
+
+async def test_the_table_decides_per_role_and_a_method_missing_from_it_is_refused(pki: dict) -> None:
+    d = pki["dir"]
+    tls = ServerTLS(d / "server.pem", d / "server.key", d / "ca.pem", ClientAuth.REQUIRE)
+    refusals = Refusals()
+    running = await start_server(ServerSettings(tls=tls), [PROBE], refusals)
+    target = f"localhost:{running.port}"
+    client, oem = pki["client"], pki["oem"]
+    try:
+        factory = ChannelSecurity(ca_pem=pki["ca"], cert_pem=client.cert_pem, key_pem=client.key_pem)
+        async with create_channel(target, factory) as channel:
+            assert json.loads(await _call(channel, "Echo")(b""))["caller"].startswith("urn:devprov:factory:")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _call(channel, "Unlisted")(b"", metadata=request_metadata("unlisted-1"))
+        details = error_details(caught.value)
+        assert (details.code, details.reason) == (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_AUTHORIZED")
+        assert details.metadata["role"] == "factory" and "factory" in details.message
+        async with create_channel(
+            target, ChannelSecurity(ca_pem=pki["ca"], cert_pem=oem.cert_pem, key_pem=oem.key_pem)
+        ) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _call(channel, "Echo")(b"")
+        details = error_details(caught.value)
+        assert (details.code, details.reason) == (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_AUTHORIZED")
+        assert details.metadata["role"] == "oem"
     finally:
         await running.stop(0)
+    assert [(r.method, r.role, r.reason) for r in refusals.seen] == [
+        (f"/{SERVICE}/Unlisted", "factory", "CALLER_NOT_AUTHORIZED"),
+        (f"/{SERVICE}/Echo", "oem", "CALLER_NOT_AUTHORIZED"),
+    ]
+    assert refusals.seen[1].caller.startswith("urn:devprov:oem:acme oem-acme sha256:")
+
+
+async def test_a_certificate_naming_no_party_or_two_is_unauthenticated(pki: dict) -> None:
+    d = pki["dir"]
+    tls = ServerTLS(d / "server.pem", d / "server.key", d / "ca.pem", ClientAuth.REQUIRE)
+    running = await start_server(ServerSettings(tls=tls), [PROBE])
+    try:
+        for pair in (pki["nameless"], pki["twice"]):
+            security = ChannelSecurity(ca_pem=pki["ca"], cert_pem=pair.cert_pem, key_pem=pair.key_pem)
+            async with create_channel(f"localhost:{running.port}", security) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await _call(channel, "Echo")(b"")
+            details = error_details(caught.value)
+            assert (details.code, details.reason) == (
+                grpc.StatusCode.UNAUTHENTICATED,
+                "CALLER_IDENTITY_UNRECOGNISED",
+            )
+    finally:
+        await running.stop(0)
+
+
+async def test_an_insecure_identity_must_be_a_party_and_is_for_insecure_mode_only(pki: dict) -> None:
+    d = pki["dir"]
+    with pytest.raises(ServerConfigError, match="role"):
+        await start_server(ServerSettings(insecure=True, insecure_identity="urn:devprov:king:x"), [PROBE])
+    tls = ServerTLS(d / "server.pem", d / "server.key", d / "ca.pem")
+    with pytest.raises(ServerConfigError, match="insecure mode only"):
+        await start_server(ServerSettings(tls=tls, insecure_identity=OPERATOR), [PROBE])
 
 
 async def test_mtls_requires_a_certificate_from_the_client_ca(pki: dict) -> None:
@@ -191,7 +316,7 @@ async def test_mtls_requires_a_certificate_from_the_client_ca(pki: dict) -> None
             target, ChannelSecurity(ca_pem=pki["ca"], cert_pem=client.cert_pem, key_pem=client.key_pem)
         ) as channel:
             body = json.loads(await _call(channel, "Echo")(b""))
-        assert body["caller"].startswith("mes-line-1 sha256:")
+        assert body["caller"].startswith("urn:devprov:factory:plant-1 mes-line-1 sha256:")
         assert len(body["caller"].split("sha256:")[1]) == 64
 
         for security in (
@@ -206,27 +331,8 @@ async def test_mtls_requires_a_certificate_from_the_client_ca(pki: dict) -> None
         await running.stop(0)
 
 
-async def test_optional_client_auth_refuses_anonymous_calls_but_not_health(pki: dict) -> None:
-    d = pki["dir"]
-    tls = ServerTLS(d / "server.pem", d / "server.key", d / "ca.pem", ClientAuth.OPTIONAL)
-    running = await start_server(ServerSettings(tls=tls), [PROBE])
-    try:
-        async with create_channel(f"localhost:{running.port}", ChannelSecurity(ca_pem=pki["ca"])) as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await _call(channel, "Echo")(b"")
-            details = error_details(caught.value)
-            assert (details.code, details.reason) == (
-                grpc.StatusCode.UNAUTHENTICATED,
-                "CLIENT_CERTIFICATE_REQUIRED",
-            )
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        await running.stop(0)
-
-
 async def test_graceful_stop_lets_in_flight_calls_finish() -> None:
-    running = await start_server(ServerSettings(insecure=True, grace_seconds=5), [PROBE])
+    running = await start_server(insecure(grace_seconds=5), [PROBE])
     async with create_channel(running.address, ChannelSecurity(insecure=True)) as channel:
         in_flight = asyncio.ensure_future(_call(channel, "Slow")(b""))
         await asyncio.sleep(0.1)

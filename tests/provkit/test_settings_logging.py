@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from provkit.context import CallerIdentity, bind_device_id, request_scope
+from provkit.context import Caller, bind_device_id, request_scope
 from provkit.grpc_server import ClientAuth
 from provkit.logging import configure_logging
 from provkit.settings import SettingsError, SettingsSource, server_settings
@@ -60,7 +60,7 @@ def test_json_logs_carry_request_and_device_ids() -> None:
     saved = (list(root.handlers), root.level)
     configure_logging("INFO", json_lines=True, stream=stream)
     try:
-        with request_scope("req-7", CallerIdentity.internal()), bind_device_id("dev-1"):
+        with request_scope("req-7", Caller.internal()), bind_device_id("dev-1"):
             logging.getLogger("svc").info("minted", extra={"serial": "0A"})
     finally:
         root.handlers[:] = saved[0]

@@ -8,6 +8,11 @@ API
 ``async start_portal(settings) -> RunningPortal``   bind and start (``.url``, ``.port``, ``async .stop()``).
 ``async serve(settings, *, on_started=None)``       start, print nothing, wait for SIGINT/SIGTERM, stop.
 
+Wrong activation codes are limited per client address here too (``activation_svc.ratelimit``, over all
+devices, growing back-off): past the limit the person gets the form again with a sentence saying when to
+try again (HTTP 429, ``Retry-After``), and nothing is sent to the service.  The portal names the address to
+the service (``x-devprov-on-behalf-of``) so the service counts each web user's failures on their own.
+
 Routes: ``GET /`` activate form; ``POST /activate`` -> result page or the form again with the service's
 error; ``GET /status[?device_id=]`` status form; ``POST /status`` -> status page; ``GET /static/portal.css``,
 ``/static/portal.js``; ``GET /healthz``.  Anything else: an HTML 404 / 405.
@@ -20,20 +25,22 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 
 import grpc
 from aiohttp import web
 
 from activation_svc.portal import pages
 from activation_svc.portal.assets import ASSETS
-from activation_svc.portal.errors import FieldProblem, describe
+from activation_svc.portal.errors import FieldProblem, ServiceProblem, describe
 from activation_svc.portal.security import CSRF_FIELD, Csrf, add_headers, host_allowed
 from activation_svc.portal.settings import PortalSettings
+from activation_svc.ratelimit import Attempt, AttemptLimiter, AttemptsExhausted
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
 from provkit.channels import create_channel, request_metadata
 from provkit.grpc_errors import error_details
+from provkit.grpc_server import ON_BEHALF_OF_HEADER
 from provkit.signals import wait_for_stop_signal
 
 log = logging.getLogger("activation_svc.portal")
@@ -41,6 +48,8 @@ log = logging.getLogger("activation_svc.portal")
 SETTINGS = web.AppKey("settings", PortalSettings)
 STUB = web.AppKey("stub", pb_grpc.ActivationServiceStub)
 CSRF = web.AppKey("csrf", Csrf)
+LIMITER = web.AppKey("limiter", AttemptLimiter)
+_ALL_DEVICES = "*"  # the portal's limit is per address over all devices
 
 _LIMITS = {
     "device_id": ("Device ID", pages.MAX_DEVICE_ID),
@@ -70,6 +79,43 @@ def _too_long(values: dict[str, str]) -> tuple[FieldProblem, ...]:
         if len(value) > limit:
             problems.append(FieldProblem(name, label, "", f"at most {limit} characters (got {len(value)})"))
     return tuple(problems)
+
+
+def _address(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+async def _begin(request: web.Request) -> Attempt | ServiceProblem:
+    """One code check for this client address, or the problem to show (too many wrong codes)."""
+    try:
+        return await request.app[LIMITER].begin(_address(request), _ALL_DEVICES)
+    except AttemptsExhausted as exc:
+        wait = max(1, round(exc.retry_after))
+        log.warning("portal rate limit", extra={"client": _address(request), "retry_after": wait})
+        return ServiceProblem(
+            title="Too many attempts",
+            sentence=f"Too many wrong activation codes were sent from your address. Try again in {wait} s.",
+            code="RESOURCE_EXHAUSTED",
+            reason="PORTAL_RATE_LIMITED",
+            message="too many failed attempts from this address",
+            fields=(),
+            http_status=429,
+            retry_after=exc.retry_after,
+        )
+
+
+def _settle(attempt: Attempt, problem: ServiceProblem | None) -> None:
+    """A wrong code (or unknown device) counts against the address; anything else does not."""
+    if problem is None:
+        attempt.succeeded()
+    elif problem.reason == "ACTIVATION_DENIED":
+        attempt.failed()
+
+
+def _with_retry(response: web.Response, problem: ServiceProblem) -> web.Response:
+    if problem.retry_after:
+        response.headers["Retry-After"] = str(max(1, round(problem.retry_after)))
+    return response
 
 
 def _name(enum_type: object, value: int, prefix: str) -> str:
@@ -130,25 +176,28 @@ async def activate(request: web.Request) -> web.Response:
     if too_long:
         return again(400, local_problems=too_long)
     request_id = values["request_id"] or str(uuid.uuid4())
-    try:
-        reply = await request.app[STUB].Activate(
-            pb.ActivateRequest(
-                device_id=values["device_id"].strip(),
-                activation_code=values["activation_code"],
-                metadata_json=values["metadata"],
-                hub=values["hub"],
-                request_id=request_id,
-            ),
-            metadata=request_metadata(request_id),
-            timeout=settings.timeout_seconds,
-        )
-    except grpc.aio.AioRpcError as exc:
-        problem = describe(error_details(exc))
-        log.info("activation refused", extra={"code": problem.code, "reason": problem.reason})
-        response = again(problem.http_status, problem=problem)
-        if problem.retry_after:
-            response.headers["Retry-After"] = str(max(1, round(problem.retry_after)))
-        return response
+    attempt = await _begin(request)
+    if isinstance(attempt, ServiceProblem):
+        return _with_retry(again(attempt.http_status, problem=attempt), attempt)
+    with attempt:
+        try:
+            reply = await request.app[STUB].Activate(
+                pb.ActivateRequest(
+                    device_id=values["device_id"].strip(),
+                    activation_code=values["activation_code"],
+                    metadata_json=values["metadata"],
+                    hub=values["hub"],
+                    request_id=request_id,
+                ),
+                metadata=(*request_metadata(request_id), (ON_BEHALF_OF_HEADER, _address(request))),
+                timeout=settings.timeout_seconds,
+            )
+        except grpc.aio.AioRpcError as exc:
+            problem = describe(error_details(exc))
+            _settle(attempt, problem)
+            log.info("activation refused", extra={"code": problem.code, "reason": problem.reason})
+            return _with_retry(again(problem.http_status, problem=problem), problem)
+        _settle(attempt, None)
     view = pages.ActivationView(
         device_id=reply.device_id,
         hub=reply.hub,
@@ -185,18 +234,25 @@ async def status(request: web.Request) -> web.Response:
     if too_long:
         page = pages.status_form_page(pages.StatusForm(device_id, local_problems=too_long), token)
         return _html(page, 400, (csrf, fresh))
-    try:
-        reply = await request.app[STUB].GetDeviceStatus(
-            pb.GetDeviceStatusRequest(device_id=device_id.strip(), activation_code=values["activation_code"]),
-            timeout=settings.timeout_seconds,
-        )
-    except grpc.aio.AioRpcError as exc:
-        problem = describe(error_details(exc), "No status")
-        page = pages.status_form_page(pages.StatusForm(device_id, problem=problem), token)
-        response = _html(page, problem.http_status, (csrf, fresh))
-        if problem.retry_after:
-            response.headers["Retry-After"] = str(max(1, round(problem.retry_after)))
-        return response
+    attempt = await _begin(request)
+    if isinstance(attempt, ServiceProblem):
+        page = pages.status_form_page(pages.StatusForm(device_id, problem=attempt), token)
+        return _with_retry(_html(page, attempt.http_status, (csrf, fresh)), attempt)
+    with attempt:
+        try:
+            reply = await request.app[STUB].GetDeviceStatus(
+                pb.GetDeviceStatusRequest(
+                    device_id=device_id.strip(), activation_code=values["activation_code"]
+                ),
+                metadata=((ON_BEHALF_OF_HEADER, _address(request)),),
+                timeout=settings.timeout_seconds,
+            )
+        except grpc.aio.AioRpcError as exc:
+            problem = describe(error_details(exc), "No status")
+            _settle(attempt, problem)
+            page = pages.status_form_page(pages.StatusForm(device_id, problem=problem), token)
+            return _with_retry(_html(page, problem.http_status, (csrf, fresh)), problem)
+        _settle(attempt, None)
     view = pages.StatusView(
         device_id=reply.device_id,
         lifecycle=_name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
@@ -258,6 +314,11 @@ def create_app(
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[guard])
     app[SETTINGS] = settings
     app[CSRF] = Csrf(settings.https)
+    app[LIMITER] = AttemptLimiter(
+        clock=lambda: datetime.now(UTC),
+        free_failures=settings.max_failures_per_address,
+        device_ceiling=None,
+    )
     if stub is not None:
         app[STUB] = stub
     else:

@@ -15,6 +15,7 @@ host names are kept; the connection strings are dropped at once.
 | server_name                   | ACTIVATION_PORTAL_SERVER_NAME            | -                               |
 | timeout_seconds               | ACTIVATION_PORTAL_TIMEOUT_SECONDS        | 30                              |
 | max_body_bytes                | ACTIVATION_PORTAL_MAX_BODY_BYTES         | 131072                          |
+| max_failures_per_address      | ACTIVATION_PORTAL_MAX_FAILURES_PER_ADDRESS | 5 wrong codes, then back-off  |
 | allowed_hosts                 | ACTIVATION_PORTAL_ALLOWED_HOSTS          | loopback bind: loopback names   |
 | log_level                     | ACTIVATION_PORTAL_LOG_LEVEL              | INFO                            |
 """
@@ -57,6 +58,7 @@ class PortalSettings:
     hubs: HubChoice = HubChoice()
     timeout_seconds: float = 30.0
     max_body_bytes: int = DEFAULT_MAX_BODY
+    max_failures_per_address: int = 5
     allowed_hosts: tuple[str, ...] = ()
     log_level: str = "INFO"
 
@@ -85,6 +87,8 @@ class PortalSettings:
             raise SettingsError("ACTIVATION_PORTAL_MAX_BODY_BYTES must be at least 1024")
         if self.timeout_seconds <= 0:
             raise SettingsError("ACTIVATION_PORTAL_TIMEOUT_SECONDS must be positive")
+        if self.max_failures_per_address < 1:
+            raise SettingsError("ACTIVATION_PORTAL_MAX_FAILURES_PER_ADDRESS must be at least 1")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -141,6 +145,7 @@ def load_portal_settings(env: Mapping[str, str] | None = None, config: Path | No
         hubs=load_hub_choice(source),
         timeout_seconds=source.number(key("timeout_seconds"), 30.0),
         max_body_bytes=source.integer(key("max_body_bytes"), DEFAULT_MAX_BODY),
+        max_failures_per_address=source.integer(key("max_failures_per_address"), 5),
         allowed_hosts=tuple(h.strip().lower() for h in allowed.split(",") if h.strip()),
         log_level=(source.text(key("log_level"), "INFO") or "INFO").upper(),
     )
