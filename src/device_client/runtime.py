@@ -348,6 +348,9 @@ class DeviceRuntime:
         """Send the outbox in order and apply desired patches until stop or link loss."""
         assert self._buffer is not None
         while not self._stop.is_set():
+            # Cleared before looking: a wake-up that comes while we look (the buffer is read off the loop)
+            # is kept for the wait below, not lost.
+            self._wake_sender.clear()
             if self._link_lost.is_set() or not session.connected:
                 raise HubUnavailable("connection to the hub lost")
             while not self._patches.empty():
@@ -358,7 +361,6 @@ class DeviceRuntime:
             pending = await self._buffer.peek(1)
             if not pending:
                 self._update(state=DeviceState.CONNECTED)
-                self._wake_sender.clear()
                 await self._wake_sender.wait()
                 continue
             self._update(state=DeviceState.SENDING)
