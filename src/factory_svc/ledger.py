@@ -183,7 +183,7 @@ class SqliteLedger:
     def __init__(self, store: Store) -> None:
         self.path = store.path
         self._store = store
-        self._writes = GroupCommit(store, self._write_batch)
+        self._writes: GroupCommit[_Pending, Recorded | RequestIdTaken] = GroupCommit(store, self._write_batch)
 
     @classmethod
     async def open(cls, path: Path) -> SqliteLedger:
