@@ -119,6 +119,30 @@ async def test_many_devices_appending_at_once_keep_every_message(tmp_path: Path)
     assert all(c < per_device for c in commits)  # grouped: fewer commits than messages
 
 
+async def test_a_failed_group_commit_fails_every_append_of_it_and_other_devices_go_on(tmp_path: Path) -> None:
+    """Another process holds the write lock of device A's file past the busy timeout: every append of the
+    group that was waiting fails and none is stored, while device B on the same event loop keeps storing;
+    once the lock is gone, A's next append takes the next sequence number."""
+    a = await TelemetryBuffer.open(tmp_path / "a" / "t.db", capacity=100)
+    b = await TelemetryBuffer.open(tmp_path / "b" / "t.db", capacity=100)
+    await a.append(_factory)
+    other = sqlite3.connect(tmp_path / "a" / "t.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the writer lock, held by "another process"
+        group = asyncio.gather(*(a.append(_factory) for _ in range(5)), return_exceptions=True)
+        stored_by_b = [(await b.append(_factory)).seq for _ in range(3)]  # B has its own thread and file
+        results = await group
+        other.execute("ROLLBACK")
+        assert stored_by_b == [1, 2, 3]
+        assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
+        assert [m.seq for m in await a.peek(10)] == [1]
+        assert (await a.append(_factory)).seq == 2
+    finally:
+        other.close()
+        await a.close()
+        await b.close()
+
+
 def test_message_construction():
     now = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
     body = build_body("dev-1", 42, now)
