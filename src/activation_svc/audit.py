@@ -8,14 +8,17 @@ rows too: ``record_refusal`` writes action = the RPC's path, outcome ``refused``
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
+from litestore import Options, Schema, Store, Synchronous
 from provkit.authz import Refusal
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -36,6 +39,11 @@ CREATE TABLE IF NOT EXISTS activation_requests (
 );
 """
 
+# Version 1 is the original schema (files written before versions were kept have version 0 and these tables).
+MIGRATIONS = (SCHEMA,)
+# FULL: an audit row is written before the answer is sent; it must not vanish with a power cut after that.
+OPTIONS = Options(synchronous=Synchronous.FULL)
+
 
 @dataclass(frozen=True)
 class AuditEntry:
@@ -49,45 +57,34 @@ class AuditEntry:
 
 
 class AuditLog:
-    def __init__(self, db: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
-        self._db = db
-        self._executor = executor
+    def __init__(self, store: Store) -> None:
+        self._store = store
 
     @classmethod
     async def open(cls, path: Path) -> AuditLog:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
+        return cls(await Store.open(path, Schema("audit", MIGRATIONS), OPTIONS))
 
-        def connect() -> sqlite3.Connection:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(SCHEMA)
-            return db
-
-        return cls(await asyncio.get_running_loop().run_in_executor(executor, connect), executor)
-
-    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._store.run(fn)
 
     async def close(self) -> None:
-        await self._run(self._db.close)
-        self._executor.shutdown(wait=True)
+        await self._store.close()
 
     async def record(self, entry: AuditEntry) -> None:
         await self._run(
-            self._db.execute,
-            "INSERT INTO audit (time_us, action, device_id, caller, request_id, outcome, detail) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                int(entry.time.timestamp() * 1_000_000),
-                entry.action,
-                entry.device_id,
-                entry.caller,
-                entry.request_id,
-                entry.outcome,
-                entry.detail,
-            ),
+            lambda db: db.execute(
+                "INSERT INTO audit (time_us, action, device_id, caller, request_id, outcome, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    int(entry.time.timestamp() * 1_000_000),
+                    entry.action,
+                    entry.device_id,
+                    entry.caller,
+                    entry.request_id,
+                    entry.outcome,
+                    entry.detail,
+                ),
+            )
         )
 
     async def record_refusal(self, refusal: Refusal) -> None:
@@ -104,12 +101,12 @@ class AuditLog:
         )
 
     async def entries(self, device_id: str | None = None) -> list[AuditEntry]:
-        def go() -> list[AuditEntry]:
+        def go(db: sqlite3.Connection) -> list[AuditEntry]:
             sql = "SELECT time_us, action, device_id, caller, request_id, outcome, detail FROM audit"
             rows = (
-                self._db.execute(sql + " WHERE device_id = ? ORDER BY id", (device_id,))
+                db.execute(sql + " WHERE device_id = ? ORDER BY id", (device_id,))
                 if device_id
-                else self._db.execute(sql + " ORDER BY id")
+                else db.execute(sql + " ORDER BY id")
             ).fetchall()
             return [
                 AuditEntry(datetime.fromtimestamp(r[0] / 1_000_000, UTC), *r[1:])  # type: ignore[arg-type]
@@ -119,8 +116,8 @@ class AuditLog:
         return await self._run(go)
 
     async def find_request(self, request_id: str) -> tuple[str, str] | None:
-        def go() -> tuple[str, str] | None:
-            row = self._db.execute(
+        def go(db: sqlite3.Connection) -> tuple[str, str] | None:
+            row = db.execute(
                 "SELECT fingerprint, response FROM activation_requests WHERE request_id = ?", (request_id,)
             ).fetchone()
             return (row[0], row[1]) if row else None
@@ -129,7 +126,9 @@ class AuditLog:
 
     async def remember_request(self, request_id: str, fingerprint: str, response: str) -> None:
         await self._run(
-            self._db.execute,
-            "INSERT OR IGNORE INTO activation_requests (request_id, fingerprint, response) VALUES (?, ?, ?)",
-            (request_id, fingerprint, response),
+            lambda db: db.execute(
+                "INSERT OR IGNORE INTO activation_requests (request_id, fingerprint, response) "
+                "VALUES (?, ?, ?)",
+                (request_id, fingerprint, response),
+            )
         )

@@ -5,6 +5,14 @@ data directory, so a restart keeps everything and a write that touches two parts
 that creates the hub identity) is one transaction.  Each part declares its tables with
 :func:`Database.register_schema`; the statements must be idempotent (``CREATE TABLE IF NOT EXISTS``).
 
+The file is opened through litestore (the standalone SQLite helper shared with the suite; the emulator
+still imports nothing from the suite): mode 0600, WAL, a busy timeout, foreign keys, and an explicit
+schema version.  Version 1 is the tables as the parts create them.  A change to a table that already
+exists in released files (a new column, a new constraint) is a new entry of :data:`MIGRATIONS`, written to
+work on an old file; the part's ``CREATE TABLE IF NOT EXISTS`` carries the new shape for fresh files, so
+such a migration must also accept a file where the table does not exist yet.  A file from a newer emulator
+is refused (:class:`litestore.SchemaTooNew`).
+
 Access is synchronous: each statement is a local file operation of microseconds, done on the event loop
 between awaits, which keeps transactions simple and never interleaved.  Commits are durable
 (``synchronous=FULL``): what the emulator has acknowledged -- a PUBACK'd message, a 200 to a REST write --
@@ -18,12 +26,12 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-_PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
-    "PRAGMA synchronous=FULL",
-    "PRAGMA foreign_keys=ON",
-    "PRAGMA busy_timeout=5000",
-)
+import litestore
+
+# Version 1: the parts' tables, created by the parts themselves (register_schema); nothing to migrate.
+MIGRATIONS: tuple[litestore.Migration, ...] = ("",)
+SCHEMA = litestore.Schema("emulator", MIGRATIONS)
+OPTIONS = litestore.Options(synchronous=litestore.Synchronous.FULL, row_factory=sqlite3.Row)
 
 
 class Database:
@@ -31,11 +39,7 @@ class Database:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
-        for pragma in _PRAGMAS:
-            self._conn.execute(pragma)
-        self._depth = 0
+        self._conn = litestore.connect(self.path, SCHEMA, OPTIONS)
 
     @property
     def connection(self) -> sqlite3.Connection:
@@ -51,23 +55,8 @@ class Database:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back on any exception.  Nested use joins the outer
         transaction, so a helper that writes can be called both alone and inside a bigger write."""
-        if self._depth:
-            self._depth += 1
-            try:
-                yield self._conn
-            finally:
-                self._depth -= 1
-            return
-        self._conn.execute("BEGIN IMMEDIATE")
-        self._depth = 1
-        try:
-            yield self._conn
-        except BaseException:
-            self._depth = 0
-            self._conn.execute("ROLLBACK")
-            raise
-        self._depth = 0
-        self._conn.execute("COMMIT")
+        with litestore.transaction(self._conn) as conn:
+            yield conn
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
         return self._conn.execute(sql, params).fetchall()

@@ -196,7 +196,7 @@ def _run(guid: str, settings: Settings) -> int:
 def status_report(guid: str, settings: Settings, *, now: datetime) -> dict[str, Any]:
     import sqlite3
 
-    from device_client.buffer import TelemetryBuffer
+    from device_client.buffer import read_stats
 
     state = StateDir(settings.state_root, guid)
     ident = state.load_identity()
@@ -206,9 +206,7 @@ def status_report(guid: str, settings: Settings, *, now: datetime) -> dict[str, 
     buffered: dict[str, Any] = {"pending": 0, "dropped": 0, "sent": 0, "next_seq": 1, "oldest_seq": None}
     if state.buffer_path.exists():
         try:
-            buf = TelemetryBuffer(state.buffer_path, settings.runtime.buffer_max_messages)
-            stats = buf.stats()
-            buf.close()
+            stats = read_stats(state.buffer_path, settings.runtime.buffer_max_messages)
             buffered = {
                 "pending": stats.pending,
                 "dropped": stats.dropped,

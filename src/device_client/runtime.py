@@ -155,9 +155,9 @@ class DeviceRuntime:
             except Exception:
                 log.exception("state listener failed")
 
-    def _refresh_buffer_stats(self) -> None:
+    async def _refresh_buffer_stats(self) -> None:
         if self._buffer is not None:
-            stats = self._buffer.stats()
+            stats = await self._buffer.stats()
             self._update(pending=stats.pending, dropped=stats.dropped)
 
     def _log(self, level: int, msg: str, *args: Any, **extra: Any) -> None:
@@ -167,7 +167,7 @@ class DeviceRuntime:
         cloud = self.settings.cloud
         rt = self.settings.runtime
         ca_pem = cloud.trusted_ca_pem()
-        self._buffer = TelemetryBuffer(self.state_dir.buffer_path, rt.buffer_max_messages)
+        self._buffer = await TelemetryBuffer.open(self.state_dir.buffer_path, rt.buffer_max_messages)
         stored = self.state_dir.read_desired()
         if stored is not None:
             self._desired = stored
@@ -175,7 +175,7 @@ class DeviceRuntime:
                 {**stored.properties, "$version": stored.version}, None
             ).interval_s
         self._update(interval_s=self.interval_s)
-        self._refresh_buffer_stats()
+        await self._refresh_buffer_stats()
         try:
             backoff = self._hub_backoff
             assignment = self.state_dir.read_assignment()
@@ -348,6 +348,9 @@ class DeviceRuntime:
         """Send the outbox in order and apply desired patches until stop or link loss."""
         assert self._buffer is not None
         while not self._stop.is_set():
+            # Cleared before looking: a wake-up that comes while we look (the buffer is read off the loop)
+            # is kept for the wait below, not lost.
+            self._wake_sender.clear()
             if self._link_lost.is_set() or not session.connected:
                 raise HubUnavailable("connection to the hub lost")
             while not self._patches.empty():
@@ -355,10 +358,9 @@ class DeviceRuntime:
                 await self._apply_desired(
                     session, apply_patch(self._desired.properties, patch, self._desired_interval)
                 )
-            pending = self._buffer.peek(1)
+            pending = await self._buffer.peek(1)
             if not pending:
                 self._update(state=DeviceState.CONNECTED)
-                self._wake_sender.clear()
                 await self._wake_sender.wait()
                 continue
             self._update(state=DeviceState.SENDING)
@@ -366,14 +368,14 @@ class DeviceRuntime:
 
     async def _send_one(self, session: HubSession) -> None:
         assert self._buffer is not None
-        (message,) = self._buffer.peek(1)
+        (message,) = await self._buffer.peek(1)
         await session.send(message.seq, message.message_id, message.body)
-        self._buffer.acknowledge(message.seq)
+        await self._buffer.acknowledge(message.seq)
         try:
             body = json.loads(message.body)
         except ValueError:
             body = None
-        stats = self._buffer.stats()
+        stats = await self._buffer.stats()
         self._update(
             telemetry_sent=self._snapshot.telemetry_sent + 1,
             last_seq_sent=message.seq,
@@ -398,7 +400,7 @@ class DeviceRuntime:
         assert self._buffer is not None
         deadline = time.monotonic() + self.settings.runtime.sdk_timeout_s
         with contextlib.suppress(HubUnavailable, HubRefused):
-            while session.connected and self._buffer.peek(1) and time.monotonic() < deadline:
+            while session.connected and await self._buffer.peek(1) and time.monotonic() < deadline:
                 await self._send_one(session)
 
     # -- telemetry production ------------------------------------------------------------------------------
@@ -420,8 +422,10 @@ class DeviceRuntime:
         assert self._buffer is not None
         while not self._stop.is_set():
             now = self._clock()
-            self._buffer.append(lambda seq, now=now: (new_message_id(), now, build_body(self.guid, seq, now)))
-            self._refresh_buffer_stats()
+            await self._buffer.append(
+                lambda seq, now=now: (new_message_id(), now, build_body(self.guid, seq, now))
+            )
+            await self._refresh_buffer_stats()
             self._wake_sender.set()
             self._interval_changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -446,6 +450,6 @@ class DeviceRuntime:
         if self._session is not None:
             await self._session.close()
         if self._buffer is not None:
-            self._refresh_buffer_stats()
-            self._buffer.close()
+            await self._refresh_buffer_stats()
+            await self._buffer.close()
             self._buffer = None

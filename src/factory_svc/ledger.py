@@ -1,16 +1,12 @@
 """The SQLite ledger of issued certificates (and of request ids, for idempotency).
 
 Every issued certificate is committed (WAL, synchronous=FULL) before ``record`` returns.  Writes from
-concurrent RPCs are grouped into one transaction per flush (group commit), written with one multi-row
-INSERT per table; if one record conflicts the batch is redone record by record, each in its own
+concurrent RPCs are grouped into one transaction per flush (litestore's group commit), written with one
+multi-row INSERT per table; if one record conflicts the batch is redone record by record, each in its own
 savepoint, so one conflicting record never loses the others.  The unexpired count answered with each
-record is the id's count once its batch is in.  The connection lives on one dedicated
-thread: SQLite calls block, the event loop must not.
-
-One flush costs one hand-off to the ledger thread and one wake-up of the event loop, whatever its size:
-the batch is handed over with ``Executor.submit`` and its results come back in one
-``call_soon_threadsafe`` (no task, no wrapped future per flush); the records that arrive meanwhile form
-the next batch.
+record is the id's count once its batch is in.  The connection lives on the store's own thread: SQLite
+calls block, the event loop must not.  One flush costs one hand-off to that thread and one wake-up of the
+event loop, whatever its size; the records that arrive meanwhile form the next batch.
 
 Calls the server refused before any factory code ran (no party identity, or a role the access table does
 not allow, see ``provkit.authz``) are written to the ``refusals`` table (``record_refusal`` /
@@ -21,10 +17,8 @@ File: ``<data_dir>/ledger.sqlite3`` (plus its ``-wal``/``-shm`` companions).
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +26,7 @@ from typing import TypeVar
 
 from factory_svc.keys import KeyType
 from factory_svc.model import IssuedCertificate, KeySource
+from litestore import GroupCommit, Options, Schema, Store, Synchronous
 from provkit.authz import Refusal
 
 T = TypeVar("T")
@@ -70,6 +65,12 @@ CREATE TABLE IF NOT EXISTS refusals (
     reason TEXT NOT NULL
 );
 """
+
+# Version 1 is the original schema (files written before versions were kept have version 0 and these tables).
+MIGRATIONS = (SCHEMA,)
+# FULL: a certificate handed out must stay on record (limits and audits count it) even after a power cut.
+# One statement cache entry per multi-row INSERT size.
+OPTIONS = Options(synchronous=Synchronous.FULL, cached_statements=512)
 
 _COLUMNS = (
     "serial_number, device_id, certificate_pem, chain_pem, sha1_thumbprint, sha256_thumbprint, "
@@ -191,73 +192,37 @@ class _Pending:
     certificate: IssuedCertificate
     fingerprint: str | None
     now_us: int
-    future: asyncio.Future[Recorded | RequestIdTaken]
 
 
 class SqliteLedger:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
-        self._conn: sqlite3.Connection | None = None
-        self._pending: list[_Pending] = []
-        self._idle: asyncio.Future[None] | None = None  # set while a flush is on the ledger thread
+    def __init__(self, store: Store) -> None:
+        self.path = store.path
+        self._store = store
+        self._writes: GroupCommit[_Pending, Recorded | RequestIdTaken] = GroupCommit(store, self._write_batch)
 
     @classmethod
     async def open(cls, path: Path) -> SqliteLedger:
-        ledger = cls(path)
-        await ledger._call(ledger._connect)
-        return ledger
+        return cls(await Store.open(path, Schema("ledger", MIGRATIONS), OPTIONS))
 
     async def close(self) -> None:
-        if self._idle is not None:
-            await asyncio.shield(self._idle)
-        await self._call(self._disconnect)
-        self._executor.shutdown(wait=True)
+        await self._store.close()
 
     # ------------------------------------------------------------------------------ thread-side helpers
-    async def _call(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._store.run(fn)
 
-    def _connect(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, cached_statements=512
-        )  # one cached statement per multi-row size
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.executescript(SCHEMA)
-        self._conn = conn
-
-    def _disconnect(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    @property
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise RuntimeError("the ledger is closed")
-        return self._conn
-
-    def _write_batch(self, batch: list[_Pending]) -> list[Recorded | RequestIdTaken]:
-        """One transaction for the batch.  Usually a handful of statements whatever its size (each statement
+    def _write_batch(self, db: sqlite3.Connection, batch: list[_Pending]) -> list[Recorded | RequestIdTaken]:
+        """Inside the group's transaction.  Usually a handful of statements whatever its size (each statement
         is a GIL hand-over between this thread and the event loop); when a record conflicts (request id
         taken by another process, or a duplicate serial) the batch is redone record by record."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        db.execute("SAVEPOINT together")
         try:
-            try:
-                results = self._insert_together(db, batch)
-            except sqlite3.IntegrityError:
-                db.execute("ROLLBACK")
-                db.execute("BEGIN IMMEDIATE")
-                results = self._insert_one_by_one(db, batch)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+            results = self._insert_together(db, batch)
+        except sqlite3.IntegrityError:
+            db.execute("ROLLBACK TO together")
+            db.execute("RELEASE together")
+            return self._insert_one_by_one(db, batch)
+        db.execute("RELEASE together")
         return results
 
     @staticmethod
@@ -305,73 +270,25 @@ class SqliteLedger:
         self, certificate: IssuedCertificate, fingerprint: str | None, now: datetime
     ) -> Recorded | RequestIdTaken:
         """Commit one issued certificate (and its request id when ``fingerprint`` is given)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Recorded | RequestIdTaken] = loop.create_future()
-        self._pending.append(_Pending(certificate, fingerprint, _us(now), future))
-        if self._idle is None:
-            self._idle = loop.create_future()
-            loop.call_soon(self._start_flush, loop)  # after the callbacks already due: they may add records
-        return await future
-
-    def _start_flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Event loop: hand everything pending to the ledger thread as one batch."""
-        batch, self._pending = self._pending, []
-        if not batch:  # nothing arrived after all: the ledger is idle again
-            self._flushed(batch, [], None, loop)
-            return
-        try:
-            self._executor.submit(self._flush_on_thread, batch, loop)
-        except BaseException as exc:  # executor shut down: nobody will answer these records
-            self._flushed(batch, None, exc, loop)
-
-    def _flush_on_thread(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
-        """Ledger thread: write and commit the batch, then report back to the event loop once."""
-        try:
-            results: list[Recorded | RequestIdTaken] | None = self._write_batch(batch)
-            error: BaseException | None = None
-        except BaseException as exc:
-            results, error = None, exc
-        loop.call_soon_threadsafe(self._flushed, batch, results, error, loop)
-
-    def _flushed(
-        self,
-        batch: list[_Pending],
-        results: list[Recorded | RequestIdTaken] | None,
-        error: BaseException | None,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        """Event loop: answer the batch's records, then flush what arrived meanwhile."""
-        if results is None:
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error or RuntimeError("the ledger write failed"))
-        else:
-            for item, result in zip(batch, results, strict=True):
-                if not item.future.done():
-                    item.future.set_result(result)
-        if self._pending:
-            loop.call_soon(self._start_flush, loop)
-        elif self._idle is not None:
-            idle, self._idle = self._idle, None
-            idle.set_result(None)
+        return await self._writes.submit(_Pending(certificate, fingerprint, _us(now)))
 
     async def find_request(self, request_id: str) -> StoredRequest | None:
-        def query() -> StoredRequest | None:
-            row = self._db.execute(_SELECT_REQUEST, (request_id,)).fetchone()
+        def query(db: sqlite3.Connection) -> StoredRequest | None:
+            row = db.execute(_SELECT_REQUEST, (request_id,)).fetchone()
             return None if row is None else StoredRequest(row[0], _certificate(row[1:]))
 
         return await self._call(query)
 
     async def get(self, serial_number: str) -> IssuedCertificate | None:
-        def query() -> IssuedCertificate | None:
-            row = self._db.execute(_SELECT_BY_SERIAL, (serial_number,)).fetchone()
+        def query(db: sqlite3.Connection) -> IssuedCertificate | None:
+            row = db.execute(_SELECT_BY_SERIAL, (serial_number,)).fetchone()
             return None if row is None else _certificate(row)
 
         return await self._call(query)
 
     async def count_unexpired(self, device_id: str, now: datetime) -> int:
-        def query() -> int:
-            (count,) = self._db.execute(
+        def query(db: sqlite3.Connection) -> int:
+            (count,) = db.execute(
                 _COUNT_UNEXPIRED,
                 (device_id, _us(now)),
             ).fetchone()
@@ -382,7 +299,7 @@ class SqliteLedger:
     async def list(self, device_id: str | None, limit: int, after: Cursor | None) -> list[IssuedCertificate]:
         """Newest first; ``after`` continues below the given (issued_at, serial) position."""
 
-        def query() -> list[IssuedCertificate]:
+        def query(db: sqlite3.Connection) -> list[IssuedCertificate]:
             clauses, params = [], []
             if device_id:
                 clauses.append("device_id = ?")
@@ -391,7 +308,7 @@ class SqliteLedger:
                 clauses.append("(issued_at_us < ? OR (issued_at_us = ? AND serial_number < ?))")
                 params += [after.issued_at_us, after.issued_at_us, after.serial_number]
             where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-            rows = self._db.execute(
+            rows = db.execute(
                 f"SELECT {_COLUMNS} FROM certificates {where} "  # noqa: S608 - fixed fragments only
                 "ORDER BY issued_at_us DESC, serial_number DESC LIMIT ?",
                 (*params, limit),
@@ -401,24 +318,26 @@ class SqliteLedger:
         return await self._call(query)
 
     async def record_refusal(self, refusal: Refusal) -> None:
-        await self._call(
-            self._db.execute,
-            "INSERT INTO refusals (time_us, method, caller, role, device_id, request_id, reason) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                _us(refusal.time),
-                refusal.method,
-                refusal.caller,
-                refusal.role,
-                refusal.device_id,
-                refusal.request_id,
-                refusal.reason,
-            ),
+        row = (
+            _us(refusal.time),
+            refusal.method,
+            refusal.caller,
+            refusal.role,
+            refusal.device_id,
+            refusal.request_id,
+            refusal.reason,
+        )
+        await self._store.transaction(
+            lambda db: db.execute(
+                "INSERT INTO refusals (time_us, method, caller, role, device_id, request_id, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
         )
 
     async def refusals(self) -> list[Refusal]:
-        def query() -> list[Refusal]:
-            rows = self._db.execute(
+        def query(db: sqlite3.Connection) -> list[Refusal]:
+            rows = db.execute(
                 "SELECT time_us, method, caller, role, device_id, request_id, reason "
                 "FROM refusals ORDER BY id"
             ).fetchall()

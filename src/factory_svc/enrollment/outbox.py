@@ -7,7 +7,7 @@ was lost in a crash is retried, and the retry recognises its own earlier write (
 activation-code hash in DPS) instead of writing again.  The same file keeps the request ids of Enroll /
 EnrollBatch for idempotent replays.
 
-File: ``<data_dir>/enrollments.sqlite3``.  All SQLite calls run on one worker thread.
+File: ``<data_dir>/enrollments.sqlite3``.  All SQLite calls run on the store's own thread (litestore).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import enum
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+
+from litestore import Options, Schema, Store, Synchronous
 
 T = TypeVar("T")
 
@@ -48,6 +49,11 @@ CREATE TABLE IF NOT EXISTS enroll_requests (
     response TEXT NOT NULL
 );
 """
+
+# Version 1 is the original schema (files written before versions were kept have version 0 and these tables).
+MIGRATIONS = (SCHEMA,)
+# FULL: an accepted enrollment is promised to the caller; it must survive a power cut, not only a crash.
+OPTIONS = Options(synchronous=Synchronous.FULL)
 
 
 class OutboxMode(enum.Enum):
@@ -135,54 +141,34 @@ def _entry(row: tuple[Any, ...]) -> OutboxEntry:
 
 
 class Outbox:
-    def __init__(self, connection: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
-        self._db = connection
-        self._executor = executor
+    def __init__(self, store: Store) -> None:
+        self._store = store
         self.changed = asyncio.Event()  # set when entries are added (wakes the delivery loop)
 
     @classmethod
     async def open(cls, path: Path) -> Outbox:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
-
-        def connect() -> sqlite3.Connection:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=5000")
-            db.executescript(SCHEMA)
-            return db
-
-        loop = asyncio.get_running_loop()
-        return cls(await loop.run_in_executor(executor, connect), executor)
+        return cls(await Store.open(path, Schema("enrollment outbox", MIGRATIONS), OPTIONS))
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._db)
+        return await self._store.run(fn)
 
     async def close(self) -> None:
-        await self._run(lambda db: db.close())
-        self._executor.shutdown(wait=True)
+        await self._store.close()
 
     # ----------------------------------------------------------------------------------------- writes
     async def enqueue(self, entries: Sequence[NewEntry], now: datetime) -> list[int]:
         def go(db: sqlite3.Connection) -> list[int]:
             seqs = []
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for e in entries:
-                    cursor = db.execute(
-                        "INSERT INTO outbox (device_id, mode, body, sha256_thumbprint, state, queued_us) "
-                        "VALUES (?, ?, ?, ?, 'pending', ?)",
-                        (e.device_id, e.mode.value, _body(e), e.sha256_thumbprint, _us(now)),
-                    )
-                    seqs.append(int(cursor.lastrowid or 0))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            for e in entries:
+                cursor = db.execute(
+                    "INSERT INTO outbox (device_id, mode, body, sha256_thumbprint, state, queued_us) "
+                    "VALUES (?, ?, ?, ?, 'pending', ?)",
+                    (e.device_id, e.mode.value, _body(e), e.sha256_thumbprint, _us(now)),
+                )
+                seqs.append(int(cursor.lastrowid or 0))
             return seqs
 
-        seqs = await self._run(go)
+        seqs = await self._store.transaction(go)
         self.changed.set()
         return seqs
 
