@@ -48,7 +48,7 @@ class ActivationApp:
         return cls(settings, dps, audit, service)
 
     def bindings(self) -> list[ServiceBinding]:
-        return [ActivationServicer(self.service).binding()]
+        return [ActivationServicer(self.service, self.settings.device_ids).binding()]
 
     async def start(self) -> RunningServer:
         return await start_server(self.settings.server, self.bindings(), refusals=self.audit)

@@ -11,8 +11,10 @@ environment (ACTIVATION_CLIENT_CODE), or asked for at the terminal (hidden input
 it from standard input.  Client commands connect with ``--target`` (or ACTIVATION_CLIENT_TARGET, default
 127.0.0.1:50052) over TLS with ``--ca-file`` / ``--cert-file`` / ``--key-file`` (mTLS), or ``--insecure``
 for a loopback development server (the same options as FACTORY_CLIENT_* under ACTIVATION_CLIENT_*).
-Exit codes: 0 done, 1 refused by the service (the reason is printed), 2 bad usage or configuration,
-3 service unreachable.
+Answers are sentences (``--json`` prints the fields for scripts).  The device id is checked before anything
+is sent (``ACTIVATION_CLIENT_DEVICE_IDS``, see ``provkit.device_id``).  Exit codes: 0 done, 1 refused by
+the service (the reason is printed), 2 bad usage or configuration, 3 service unreachable, 130 cancelled
+(Ctrl-C).
 """
 
 from __future__ import annotations
@@ -27,35 +29,54 @@ from datetime import UTC
 from pathlib import Path
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from activation_svc.portal.cli import add_portal_command, run_portal
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
 from provkit.channels import (
+    EXIT_INTERRUPTED,
     EXIT_USAGE,
     ChannelSecurity,
     add_channel_arguments,
     create_channel,
+    describe_os_error,
+    read_input,
     report_failed_call,
     request_metadata,
 )
+from provkit.device_id import check_device_id
+from provkit.errors import InvalidArgument
 from provkit.grpc_server import ServerConfigError
 from provkit.logging import configure_logging
-from provkit.settings import SettingsError, SettingsSource
+from provkit.settings import SettingsError, SettingsSource, device_id_policy
 
 DEFAULT_TARGET = "127.0.0.1:50052"
 
 
+class _RefuseCodeArgument(argparse.Action):
+    """``--code X`` is refused without repeating X: a secret on the command line stays in shell history."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object, **__: object) -> None:
+        parser.error(
+            "the activation code is never a command-line argument (it would stay in the shell history); "
+            "type it at the prompt, or use --code-file FILE or ACTIVATION_CLIENT_CODE"
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="activation-svc", description="Device activation service.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="activation-svc", description="Device activation service."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gRPC service")
+    serve = sub.add_parser("serve", allow_abbrev=False, help="run the gRPC service")
     serve.add_argument("--config", type=Path, help="TOML settings file (or ACTIVATION_CONFIG)")
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, help=help_text)
+        cmd = sub.add_parser(name, allow_abbrev=False, help=help_text)
         cmd.add_argument("device_id")
         cmd.add_argument("--code-file", help="file holding the activation code ('-' = standard input)")
+        cmd.add_argument("--code", nargs="?", action=_RefuseCodeArgument, help=argparse.SUPPRESS)
         add_channel_arguments(cmd, target_help="host:port (or ACTIVATION_CLIENT_TARGET)")
         cmd.add_argument("--timeout", type=float, default=60.0)
         cmd.add_argument("--json", action="store_true", help="print the answer as JSON")
@@ -78,17 +99,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Cancelled(Exception):
+    """The person pressed Ctrl-C (or Ctrl-D) at a prompt."""
+
+
 def _code(args: argparse.Namespace, source: SettingsSource) -> str:
+    """The activation code, read before any event loop runs (so Ctrl-C at the prompt is one press)."""
     if args.code_file == "-":
-        return sys.stdin.readline().strip()
-    if args.code_file:
-        return Path(args.code_file).read_text().strip()
-    secret = source.secret("code")
-    if secret is not None:
-        return secret.reveal().strip()
-    if sys.stdin.isatty():
-        return getpass.getpass("activation code: ").strip()
-    raise ValueError("no activation code: use --code-file, ACTIVATION_CLIENT_CODE or a terminal")
+        code = sys.stdin.readline().strip()
+    elif args.code_file:
+        code = read_input(Path(args.code_file), "code file").strip()
+    elif (secret := source.secret("code")) is not None:
+        code = secret.reveal().strip()
+    elif sys.stdin.isatty():
+        try:
+            code = getpass.getpass("activation code: ").strip()
+        except (KeyboardInterrupt, EOFError):
+            raise Cancelled from None
+    else:
+        raise ValueError("no activation code: use --code-file, ACTIVATION_CLIENT_CODE or a terminal")
+    if not code:
+        raise ValueError("the activation code is empty: type the code printed on the device's label")
+    return code
 
 
 def _security(args: argparse.Namespace, source: SettingsSource) -> ChannelSecurity:
@@ -105,25 +137,71 @@ def _name(enum_type: object, value: int, prefix: str) -> str:
     return enum_type.Name(value).removeprefix(prefix)  # type: ignore[attr-defined]
 
 
-def _print(args: argparse.Namespace, fields: dict[str, object]) -> None:
-    if args.json:
-        print(json.dumps(fields, indent=2))
-        return
+def activation_outcome(reply: pb.ActivateResponse) -> str:
+    """What an activation did, in the OEM's words."""
+    device, hub, registered = reply.device_id, reply.hub, reply.registered_hub
+    if reply.path == pb.ACTIVATION_PATH_UNCHANGED:
+        text = f"{device} was already activated with this metadata on hub {hub}; nothing changed"
+    elif reply.path == pb.ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN:
+        text = f"activated {device}; updated the live device's twin on hub {registered}"
+    else:
+        text = f"activated {device} on hub {hub}; the device will pick it up at its next registration"
+    if registered and registered != hub:
+        text += (
+            f". It is registered on hub {registered} and keeps using it until it registers again, "
+            f"then moves to hub {hub}"
+        )
+    if reply.replayed:
+        text += " (an answer repeated for a retried request)"
+    return text + "."
+
+
+def deactivation_outcome(reply: pb.DeactivateResponse) -> str:
+    device = reply.device_id
+    if not reply.changed:
+        text = f"{device} was already deactivated; nothing changed"
+    elif reply.hub_device_disabled:
+        text = f"deactivated {device}: its enrollment and its hub identity are disabled"
+    else:
+        text = f"deactivated {device}: its enrollment is disabled (it had not registered with a hub)"
+    if reply.replayed:
+        text += " (an answer repeated for a retried request)"
+    return text + "."
+
+
+def _when(stamp: timestamp_pb2.Timestamp) -> str:
+    return stamp.ToDatetime(tzinfo=UTC).isoformat() if stamp.seconds or stamp.nanos else ""
+
+
+def status_fields(reply: pb.GetDeviceStatusResponse) -> dict[str, str]:
+    return {
+        "device id": reply.device_id,
+        "lifecycle": _name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
+        "provisioning": reply.provisioning_status,
+        "allocated hub": reply.allocated_hub,
+        "registered hub": reply.registered_hub,
+        "hub device": reply.hub_device_status,
+        "connection": reply.hub_connection_state,
+        "last activity": _when(reply.last_activity_time),
+        "activated": _when(reply.activated_time),
+        "deactivated": _when(reply.deactivated_time),
+    }
+
+
+def _print_fields(fields: dict[str, str]) -> None:
     width = max(len(k) for k in fields)
     for key, value in fields.items():
-        if value not in ("", None):
+        if value:
             print(f"{key:<{width}}  {value}")
 
 
-async def _call(args: argparse.Namespace) -> int:
-    source = SettingsSource("ACTIVATION_CLIENT")
-    code = _code(args, source)
-    metadata_json = ""
-    if args.command == "activate":
-        if args.metadata is not None:
-            metadata_json = args.metadata.read_text()
-        elif args.metadata_json is not None:
-            metadata_json = args.metadata_json
+def _answer(args: argparse.Namespace, fields: dict[str, object], sentence: str) -> None:
+    print(json.dumps(fields, indent=2) if args.json else sentence)
+
+
+async def _call(
+    args: argparse.Namespace, source: SettingsSource, device_id: str, metadata_json: str, code: str
+) -> int:
     target = args.target or source.text("target", DEFAULT_TARGET) or DEFAULT_TARGET
     async with create_channel(target, _security(args, source)) as channel:
         stub = pb_grpc.ActivationServiceStub(channel)
@@ -132,7 +210,7 @@ async def _call(args: argparse.Namespace) -> int:
                 request_id = args.request_id or str(uuid.uuid4())
                 reply = await stub.Activate(
                     pb.ActivateRequest(
-                        device_id=args.device_id,
+                        device_id=device_id,
                         activation_code=code,
                         metadata_json=metadata_json,
                         hub=args.hub,
@@ -141,64 +219,58 @@ async def _call(args: argparse.Namespace) -> int:
                     metadata=request_metadata(request_id),
                     timeout=args.timeout,
                 )
-                _print(
-                    args,
-                    {
-                        "device id": reply.device_id,
-                        "hub": reply.hub,
-                        "path": _name(pb.ActivationPath, reply.path, "ACTIVATION_PATH_"),
-                        "lifecycle": _name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
-                        "registered hub": reply.registered_hub,
-                        "replayed": reply.replayed or "",
-                    },
-                )
+                fields: dict[str, object] = {
+                    "device id": reply.device_id,
+                    "hub": reply.hub,
+                    "path": _name(pb.ActivationPath, reply.path, "ACTIVATION_PATH_"),
+                    "lifecycle": _name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
+                    "registered hub": reply.registered_hub,
+                    "replayed": reply.replayed,
+                }
+                _answer(args, fields, activation_outcome(reply))
             elif args.command == "deactivate":
                 request_id = args.request_id or str(uuid.uuid4())
                 reply = await stub.Deactivate(
-                    pb.DeactivateRequest(
-                        device_id=args.device_id, activation_code=code, request_id=request_id
-                    ),
+                    pb.DeactivateRequest(device_id=device_id, activation_code=code, request_id=request_id),
                     metadata=request_metadata(request_id),
                     timeout=args.timeout,
                 )
-                _print(
-                    args,
-                    {
-                        "device id": reply.device_id,
-                        "changed": reply.changed,
-                        "hub device disabled": reply.hub_device_disabled,
-                        "lifecycle": _name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
-                    },
-                )
+                fields = {
+                    "device id": reply.device_id,
+                    "changed": reply.changed,
+                    "hub device disabled": reply.hub_device_disabled,
+                    "lifecycle": _name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
+                    "replayed": reply.replayed,
+                }
+                _answer(args, fields, deactivation_outcome(reply))
             else:
                 reply = await stub.GetDeviceStatus(
-                    pb.GetDeviceStatusRequest(device_id=args.device_id, activation_code=code),
+                    pb.GetDeviceStatusRequest(device_id=device_id, activation_code=code),
                     timeout=args.timeout,
                 )
-                stamps = {
-                    "last activity": reply.last_activity_time,
-                    "activated": reply.activated_time,
-                    "deactivated": reply.deactivated_time,
-                }
-                _print(
-                    args,
-                    {
-                        "device id": reply.device_id,
-                        "lifecycle": _name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
-                        "provisioning": reply.provisioning_status,
-                        "allocated hub": reply.allocated_hub,
-                        "registered hub": reply.registered_hub,
-                        "hub device": reply.hub_device_status,
-                        "connection": reply.hub_connection_state,
-                        **{
-                            k: v.ToDatetime(tzinfo=UTC).isoformat() if v.seconds or v.nanos else ""
-                            for k, v in stamps.items()
-                        },
-                    },
-                )
+                if args.json:
+                    print(json.dumps(status_fields(reply), indent=2))
+                else:
+                    _print_fields(status_fields(reply))
             return 0
         except grpc.aio.AioRpcError as exc:
             return report_failed_call(exc)
+
+
+def _client(args: argparse.Namespace) -> int:
+    source = SettingsSource("ACTIVATION_CLIENT")
+    try:
+        device_id = check_device_id(args.device_id, device_id_policy(source))
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
+    metadata_json = ""
+    if args.command == "activate":
+        if args.metadata is not None:
+            metadata_json = read_input(args.metadata, "metadata file")
+        elif args.metadata_json is not None:
+            metadata_json = args.metadata_json
+    code = _code(args, source)  # last: nobody types a secret for a call that cannot be made
+    return asyncio.run(_call(args, source, device_id, metadata_json, code))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,8 +286,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "portal":
             return run_portal(args)
-        return asyncio.run(_call(args))
-    except (SettingsError, ServerConfigError, OSError, ValueError) as exc:
+        return _client(args)
+    except Cancelled:
+        print("\ncancelled; nothing was sent", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (SettingsError, ServerConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -45,7 +45,6 @@ from activation_svc.model import (
     Lifecycle,
 )
 from activation_svc.ratelimit import AttemptLimiter, AttemptsExhausted
-from factory_svc.device_id import normalise_device_id
 from provkit.activation_code import verify_code
 from provkit.cloud import (
     CloudEtagMismatch,
@@ -63,6 +62,7 @@ from provkit.cloud import (
     TwinPatch,
 )
 from provkit.context import Caller, bind_device_id
+from provkit.device_id import normalise_device_id
 from provkit.errors import (
     Aborted,
     FailedPrecondition,

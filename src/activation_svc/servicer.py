@@ -12,6 +12,7 @@ from activation_svc.service import ActivationService
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
 from provkit.context import current_caller
+from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.grpc_server import ServiceBinding, binding
 
 LIFECYCLE_TO_PROTO = {
@@ -34,15 +35,16 @@ def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
 
 
 class ActivationServicer(pb_grpc.ActivationServiceServicer):
-    def __init__(self, service: ActivationService) -> None:
+    def __init__(self, service: ActivationService, device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID) -> None:
         self._service = service
+        self._device_ids = device_ids  # checked here, at the boundary
 
     async def Activate(
         self, request: pb.ActivateRequest, context: grpc.aio.ServicerContext
     ) -> pb.ActivateResponse:
         result = await self._service.activate(
             ActivateCommand(
-                request.device_id,
+                check_device_id(request.device_id, self._device_ids),
                 request.activation_code,
                 request.metadata_json,
                 request.hub,
@@ -65,7 +67,10 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
     ) -> pb.DeactivateResponse:
         result = await self._service.deactivate(
             DeactivateCommand(
-                request.device_id, request.activation_code, request.request_id, current_caller()
+                check_device_id(request.device_id, self._device_ids),
+                request.activation_code,
+                request.request_id,
+                current_caller(),
             )
         )
         return pb.DeactivateResponse(
@@ -79,7 +84,8 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
     async def GetDeviceStatus(
         self, request: pb.GetDeviceStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetDeviceStatusResponse:
-        status = await self._service.status(request.device_id, request.activation_code, current_caller())
+        device_id = check_device_id(request.device_id, self._device_ids)
+        status = await self._service.status(device_id, request.activation_code, current_caller())
         reply = pb.GetDeviceStatusResponse(
             device_id=status.device_id,
             lifecycle=LIFECYCLE_TO_PROTO[status.lifecycle],

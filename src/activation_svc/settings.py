@@ -14,6 +14,7 @@ TOML file (``--config FILE`` or ACTIVATION_CONFIG).
 | limits.max_failures               | ACTIVATION_LIMITS_MAX_FAILURES            | 5 per caller+id, back-off |
 | limits.device_ceiling             | ACTIVATION_LIMITS_DEVICE_CEILING          | 100 per id, all callers    |
 | limits.window_seconds             | ACTIVATION_LIMITS_WINDOW_SECONDS          | 900                        |
+| device_ids                        | ACTIVATION_DEVICE_IDS                     | guid (provkit.device_id)   |
 | cloud.*                           | ACTIVATION_CLOUD_*                        | see provkit.cloud          |
 
 ``cloud.*``: the emulator's connection.json by default (ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE), or the
@@ -28,8 +29,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from provkit.cloud import CloudSettings, load_cloud_settings
+from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ServerSettings
-from provkit.settings import SettingsError, SettingsSource, server_settings
+from provkit.settings import SettingsError, SettingsSource, device_id_policy, server_settings
 
 PREFIX = "ACTIVATION"
 DEFAULT_PORT = 50052
@@ -45,6 +47,7 @@ class ActivationSettings:
     device_ceiling: int = 100
     failure_window: timedelta = timedelta(minutes=15)
     log_level: str = "INFO"
+    device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID
 
     @property
     def audit_path(self) -> Path:
@@ -71,4 +74,5 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         device_ceiling=device_ceiling,
         failure_window=timedelta(seconds=window),
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),
+        device_ids=device_id_policy(source),
     )

@@ -20,14 +20,17 @@ log = logging.getLogger("azure_iot_emulator")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iot-emulator", description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="iot-emulator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the local DPS + IoT Hub emulator")
+    serve = sub.add_parser("serve", allow_abbrev=False, help="run the local DPS + IoT Hub emulator")
     serve.add_argument("--config", type=Path, help="TOML or JSON settings file (flags win)")
     serve.add_argument("--data-dir", type=Path, help=f"state directory (default {DEFAULT_DATA_DIR})")
     serve.add_argument("--dps-host", help="DPS global device endpoint host name / IP (default localhost)")
     serve.add_argument(
-        "--hub-host", action="append", dest="hub_hosts", metavar="HOST",
+        "--hub-host",
+        action="append",
+        dest="hub_hosts",
+        metavar="HOST",
         help="a linked IoT hub host name / IP, repeatable; the first is the default hub "
         "(default 127.0.0.2 and 127.0.0.3)",
     )

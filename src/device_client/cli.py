@@ -17,18 +17,22 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from device_client.errors import EXIT_INTERRUPTED, EXIT_OK, DeviceClientError
 from device_client.identity import KeyType, normalise_guid
 from device_client.settings import Settings, load_settings
 from device_client.state import StateDir
 
+if TYPE_CHECKING:  # the runtime (and the device SDK) load only for `run`
+    from device_client.runtime import RuntimeSnapshot
+
 log = logging.getLogger("device_client")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="device-client",
         description="IoT concentrator device client: factory provisioning, DPS registration, telemetry.",
         epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
@@ -44,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--global-endpoint", help="DPS global device endpoint host")
         sp.add_argument("--trusted-ca", help="PEM trust anchor for DPS and the hubs")
 
-    prov = sub.add_parser("provision", help="mint the device identity at the factory and enroll it")
+    prov = sub.add_parser(
+        "provision", allow_abbrev=False, help="mint the device identity at the factory and enroll it"
+    )
     prov.add_argument("guid", help="hardware GUID (= DPS registration id = hub device id)")
     prov.add_argument("--force", action="store_true", help="replace an existing identity")
     prov.add_argument(
@@ -62,14 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     prov.add_argument("--factory-client-key", help="client key PEM (mtls)")
     cloud_flags(prov)
 
-    run = sub.add_parser("run", help="register (first boot), connect and send telemetry until stopped")
+    run = sub.add_parser(
+        "run", allow_abbrev=False, help="register (first boot), connect and send telemetry until stopped"
+    )
     run.add_argument("guid")
     run.add_argument("--interval", type=float, help="seconds between telemetry messages (default 5)")
     run.add_argument("--buffer-max", type=int, help="bound of the persisted outbox (messages)")
     run.add_argument("--give-up-after", type=float, help="exit 7 when DPS/the hub stays unusable this long")
     cloud_flags(run)
 
-    st = sub.add_parser("status", help="identity, certificate expiry, assignment, buffered messages")
+    st = sub.add_parser(
+        "status", allow_abbrev=False, help="identity, certificate expiry, assignment, buffered messages"
+    )
     st.add_argument("guid")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     return p
@@ -96,14 +106,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def resolve_settings(args: argparse.Namespace, guid: str) -> Settings:
+def resolve_settings(args: argparse.Namespace) -> tuple[str, Settings]:
+    """The checked device id and the settings (the device's own settings file included)."""
     env = dict(os.environ)  # the one place the environment is read
     overrides = _overrides(args)
     base = load_settings(env=env, config_file=args.config, overrides=overrides)
+    guid = normalise_guid(args.guid, base.device_ids)
     device = StateDir(base.state_root, guid)
-    return load_settings(
+    settings = load_settings(
         env=env, config_file=args.config, device_settings=device.settings_path, overrides=overrides
     )
+    return guid, settings
 
 
 def _configure_logging(fmt: str, verbose: bool) -> None:
@@ -118,8 +131,7 @@ def _configure_logging(fmt: str, verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        guid = normalise_guid(args.guid)
-        settings = resolve_settings(args, guid)
+        guid, settings = resolve_settings(args)
         _configure_logging(settings.log_format, args.verbose)
         if args.command == "provision":
             return _provision(args, guid, settings)
@@ -164,18 +176,49 @@ def _provision(args: argparse.Namespace, guid: str, settings: Settings) -> int:
 
 
 # -- run -------------------------------------------------------------------------------------------
+# CONNECTED and SENDING alternate with every message: for a person both are "connected".
+_LOGGED_STATE = {"SENDING": "CONNECTED"}
+# The runtime itself tells of registration results, connections and waiting for activation; a failure is
+# told by the error that ends the run (no FAILED line before it), the end by the "stopped:" line.
+_STATE_TEXT = {"REGISTERING": "registering with DPS"}
+
+
+class RunLogger:
+    """What ``run`` adds to the runtime's own lines: state changes nobody else tells (only when the state
+    really changes) and one line per message the hub acknowledged, with its sequence number."""
+
+    def __init__(self, guid: str) -> None:
+        self._guid = guid
+        self._state: str | None = None
+        self._sent = 0
+
+    def __call__(self, snap: RuntimeSnapshot) -> None:
+        extra = {"device_id": self._guid}
+        state = _LOGGED_STATE.get(snap.state.value, snap.state.value)
+        if state != self._state:
+            self._state = state
+            if state in _STATE_TEXT:
+                log.info("%s", _STATE_TEXT[state], extra={**extra, "state": state})
+        if snap.telemetry_sent > self._sent:
+            self._sent = snap.telemetry_sent
+            log.info(
+                "message %s acknowledged by the hub (%d this run, %d waiting)",
+                snap.last_seq_sent,
+                snap.telemetry_sent,
+                snap.pending,
+                extra={**extra, "seq": snap.last_seq_sent},
+            )
+
+
+
+
 def _run(guid: str, settings: Settings) -> int:
-    from device_client.runtime import DeviceRuntime, RuntimeSnapshot
+    from device_client.runtime import DeviceRuntime
 
-    last_state: list[str] = []
-
-    def on_change(snap: RuntimeSnapshot) -> None:
-        if not last_state or last_state[-1] != snap.state.value:
-            last_state.append(snap.state.value)
-            log.info("state %s", snap.state.value, extra={"device_id": guid, "state": snap.state.value})
+    logger = RunLogger(guid)
 
     async def go() -> None:
-        runtime = DeviceRuntime(guid, settings, on_change=on_change)
+        runtime = DeviceRuntime(guid, settings, on_change=logger)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, runtime.stop)

@@ -3,7 +3,6 @@ key + certificate chain.  Pure functions over bytes; the state directory does th
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -14,9 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from device_client.errors import IdentityError, UsageError
-
-# DPS X.509 registration ids: 1-64 chars, alphanumerics and - . _ :, last char alphanumeric or '-'.
-_GUID_RE = re.compile(r"^[a-z0-9\-._:]{0,63}[a-z0-9\-]$")
+from provkit.device_id import DeviceIdPolicy, check_device_id
+from provkit.errors import InvalidArgument
 
 
 class KeyType(StrEnum):
@@ -29,16 +27,13 @@ class KeyType(StrEnum):
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
-def normalise_guid(raw: str) -> str:
-    """The hardware GUID as DPS registration id and hub device id (lower case); raises on bad input."""
-    guid = raw.strip().lower()
-    if not _GUID_RE.match(guid):
-        raise UsageError(
-            f"invalid device id {raw!r}: 1-64 characters, letters, digits and - . _ : only, "
-            "ending in a letter, digit or '-'",
-            "INVALID_DEVICE_ID",
-        )
-    return guid
+def normalise_guid(raw: str, policy: DeviceIdPolicy = DeviceIdPolicy.GUID) -> str:
+    """The hardware GUID as DPS registration id and hub device id (lower case) under the suite's device id
+    policy (``provkit.device_id``); raises ``UsageError`` on bad input."""
+    try:
+        return check_device_id(raw, policy)
+    except InvalidArgument as exc:
+        raise UsageError(exc.message, exc.reason) from None
 
 
 def generate_key(key_type: KeyType = KeyType.EC_P256) -> PrivateKey:

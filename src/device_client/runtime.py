@@ -369,7 +369,17 @@ class DeviceRuntime:
     async def _send_one(self, session: HubSession) -> None:
         assert self._buffer is not None
         (message,) = await self._buffer.peek(1)
-        await session.send(message.seq, message.message_id, message.body)
+        try:
+            await session.send(message.seq, message.message_id, message.body)
+        except (HubUnavailable, HubRefused) as exc:
+            self._log(
+                logging.INFO,
+                "message %d not acknowledged by the hub (%s); kept to send again",
+                message.seq,
+                exc,
+                seq=message.seq,
+            )
+            raise
         await self._buffer.acknowledge(message.seq)
         try:
             body = json.loads(message.body)
@@ -420,17 +430,24 @@ class DeviceRuntime:
 
     async def _produce_forever(self) -> None:
         assert self._buffer is not None
+        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             now = self._clock()
             await self._buffer.append(
                 lambda seq, now=now: (new_message_id(), now, build_body(self.guid, seq, now))
             )
+            produced_at = loop.time()
             await self._refresh_buffer_stats()
             self._wake_sender.set()
-            self._interval_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                # A new interval takes effect at once (a long old interval is not waited out).
-                await asyncio.wait_for(self._interval_or_stop(), self.interval_s)
+            # The next message is due one interval after this one.  A new interval (from the twin) moves
+            # that moment at once, so a long old interval is not waited out; it does not send early.
+            while not self._stop.is_set():
+                self._interval_changed.clear()
+                wait = produced_at + self.interval_s - loop.time()
+                if wait <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._interval_or_stop(), wait)
 
     async def _interval_or_stop(self) -> None:
         stop = asyncio.ensure_future(self._stop.wait())

@@ -23,6 +23,8 @@ command-line flags.  Keys::
     sdk_timeout_s              deadline of every single SDK call (some SDK failure paths never return)
     give_up_after_s            stop `run` with an error when DPS/the hub stays unusable this long (0: never)
     log_format                 auto | json | text
+    device_ids                 guid (default) | registration-id: which device ids are accepted
+                               (see provkit.device_id)
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from device_client.errors import DeviceSettingsError
+from provkit.device_id import DeviceIdPolicy
 
 ENV_PREFIX = "DEVICE_CLIENT_"
 
@@ -104,6 +107,7 @@ class Settings:
     cloud: CloudSettings
     runtime: RuntimeSettings
     log_format: str
+    device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID
 
 
 DEFAULTS: dict[str, Any] = {
@@ -124,6 +128,7 @@ DEFAULTS: dict[str, Any] = {
     "sdk_timeout_s": 30.0,
     "give_up_after_s": 0.0,
     "log_format": "auto",
+    "device_ids": DeviceIdPolicy.GUID.value,
 }
 KEYS = frozenset(DEFAULTS)
 
@@ -229,12 +234,17 @@ def build_settings(layers: dict[str, Any]) -> Settings:
     log_format = str(layers["log_format"])
     if log_format not in ("auto", "json", "text"):
         raise DeviceSettingsError("log_format must be auto, json or text", "SETTINGS_INVALID")
+    try:
+        device_ids = DeviceIdPolicy.parse(str(layers["device_ids"]))
+    except ValueError as exc:
+        raise DeviceSettingsError(f"setting device_ids: {exc}", "SETTINGS_INVALID") from exc
     return Settings(
         state_root=Path(str(layers["state_root"])).expanduser(),
         factory=factory,
         cloud=cloud,
         runtime=runtime,
         log_format=log_format,
+        device_ids=device_ids,
     )
 
 

@@ -36,7 +36,10 @@ STATUS_EVERY_S = 5.0
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="devprov-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        prog="devprov-demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -56,14 +59,14 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--activation-port", type=int, default=50052)
         cmd.add_argument("--portal-port", type=int, default=8080, help="the activation portal (HTTP)")
 
-    run = sub.add_parser("run", help="the whole flow with a live view")
+    run = sub.add_parser("run", allow_abbrev=False, help="the whole flow with a live view")
     stack_options(run, "var/demo")
     run.add_argument("--devices", type=int, default=5, help="fleet size (default 5)")
     run.add_argument("--interval", type=float, default=5.0, help="telemetry interval in seconds (default 5)")
     run.add_argument("--seconds", type=float, help="stop after this long and print a summary")
     run.add_argument("--summary-json", type=Path, help="also write the summary here")
 
-    up = sub.add_parser("up", help="start the stack and keep it up")
+    up = sub.add_parser("up", allow_abbrev=False, help="start the stack and keep it up")
     stack_options(up, "var/up")
     up.add_argument("--fresh", action="store_true", help="wipe the work directory first")
     return parser

@@ -54,7 +54,7 @@ class FactoryApp:
 
     def bindings(self) -> list[ServiceBinding]:
         service = self.enrollment.service if self.enrollment is not None else None
-        return [FactoryServicer(self.minting, self.catalog, service).binding()]
+        return [FactoryServicer(self.minting, self.catalog, service, self.settings.device_ids).binding()]
 
     async def start(self) -> RunningServer:
         return await start_server(self.settings.server, self.bindings(), refusals=self.ledger)

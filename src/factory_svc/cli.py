@@ -3,21 +3,24 @@
     factory-svc serve [--config FILE]
     factory-svc mint ID (--csr FILE | --generate-key [--key-type p256|p384|rsa2048|rsa3072])
                      --out DIR [--validity-days N] [--request-id ID]
-    factory-svc list [ID] [--page-size N] [--all]
-    factory-svc get SERIAL
+    factory-svc list [ID] [--page-size N] [--all] [--json]
+    factory-svc get SERIAL [--json]
     factory-svc enroll | enroll-batch | enrollment-status ...   (see factory_svc.enrollment.cli_commands)
 
 Client commands connect with ``--target`` (or FACTORY_CLIENT_TARGET, default 127.0.0.1:50051) using TLS
 with ``--ca-file`` / ``--cert-file`` / ``--key-file`` (mTLS), or ``--insecure`` for a loopback
-development server.  ``mint`` writes ``DIR/<id>.chain.pem`` (leaf, issuing CA, root), ``DIR/<id>.cert.pem``
-and, with ``--generate-key``, ``DIR/<id>.key.pem`` (0600).  Exit codes: 0 done, 1 refused by the
-service (the reason is printed), 2 bad usage or configuration, 3 service unreachable.
+development server.  Device ids are checked before anything is sent (``FACTORY_CLIENT_DEVICE_IDS``,
+see ``provkit.device_id``).  ``mint`` writes ``DIR/<id>.chain.pem`` (leaf, issuing CA, root),
+``DIR/<id>.cert.pem`` and, with ``--generate-key``, ``DIR/<id>.key.pem`` (0600).  ``list ID`` of a device
+that never had a certificate says so and exits 1.  Exit codes: 0 done, 1 refused by the service (the
+reason is printed) or nothing found, 2 bad usage or configuration, 3 service unreachable, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import uuid
 from datetime import UTC, timedelta
@@ -31,17 +34,23 @@ from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.enrollment import cli_commands as enroll_cli
 from factory_svc.errors import CaConfigError
 from provkit.channels import (
+    EXIT_INTERRUPTED,
+    EXIT_REFUSED,
     EXIT_USAGE,
     ChannelSecurity,
     add_channel_arguments,
     create_channel,
+    describe_os_error,
+    read_input,
     report_failed_call,
     request_metadata,
 )
+from provkit.device_id import check_device_id
 from provkit.devpki import write_private_file
+from provkit.errors import InvalidArgument
 from provkit.grpc_server import ServerConfigError
 from provkit.logging import configure_logging
-from provkit.settings import SettingsError, SettingsSource
+from provkit.settings import SettingsError, SettingsSource, device_id_policy
 
 KEY_TYPES = {
     "p256": pb.KEY_TYPE_EC_P256,
@@ -52,13 +61,15 @@ KEY_TYPES = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="factory-svc", description="Device certificate factory.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="factory-svc", description="Device certificate factory."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gRPC service")
+    serve = sub.add_parser("serve", allow_abbrev=False, help="run the gRPC service")
     serve.add_argument("--config", type=Path, help="TOML settings file (or FACTORY_CONFIG)")
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, help=help_text)
+        cmd = sub.add_parser(name, allow_abbrev=False, help=help_text)
         add_channel_arguments(cmd, target_help="host:port (or FACTORY_CLIENT_TARGET)")
         cmd.add_argument("--timeout", type=float, default=60.0)
         return cmd
@@ -76,8 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("device_id", nargs="?", default="")
     listing.add_argument("--page-size", type=int, default=50)
     listing.add_argument("--all", action="store_true", help="follow all pages")
+    listing.add_argument("--json", action="store_true", help="one JSON object per certificate")
     get = client("get", "show one certificate by serial number")
     get.add_argument("serial_number")
+    get.add_argument("--json", action="store_true", help="print the certificate's fields as JSON")
     enroll_cli.add_parsers(client)
     return parser
 
@@ -96,6 +109,18 @@ def _when(stamp: timestamp_pb2.Timestamp) -> str:
     return stamp.ToDatetime(tzinfo=UTC).isoformat()
 
 
+def certificate_fields(cert: pb.IssuedCertificate) -> dict[str, str]:
+    return {
+        "device_id": cert.device_id,
+        "serial_number": cert.serial_number,
+        "sha1_thumbprint": cert.sha1_thumbprint,
+        "sha256_thumbprint": cert.sha256_thumbprint,
+        "not_before": _when(cert.not_before),
+        "not_after": _when(cert.not_after),
+        "caller_identity": cert.caller_identity,
+    }
+
+
 def _show(cert: pb.IssuedCertificate) -> str:
     return (
         f"device id   {cert.device_id}\n"
@@ -112,7 +137,7 @@ async def _mint(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> i
         device_id=args.device_id, request_id=args.request_id or str(uuid.uuid4())
     )
     if args.csr:
-        request.csr_pem = args.csr.read_text()
+        request.csr_pem = read_input(args.csr, "CSR file")
     else:
         request.server_key_generation.key_type = KEY_TYPES[args.key_type]
     if args.validity_days is not None:
@@ -144,23 +169,45 @@ async def _mint(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> i
 
 async def _list(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int:
     token = ""
+    shown = 0
     while True:
         reply = await stub.ListCertificates(
             pb.ListCertificatesRequest(device_id=args.device_id, page_size=args.page_size, page_token=token),
             timeout=args.timeout,
         )
         for cert in reply.certificates:
-            print(
-                f"{cert.serial_number}  {cert.device_id}  not_after={_when(cert.not_after)}  "
-                f"sha256={cert.sha256_thumbprint}"
-            )
+            shown += 1
+            if args.json:
+                print(json.dumps(certificate_fields(cert), sort_keys=True))
+            else:
+                print(
+                    f"{cert.serial_number}  {cert.device_id}  not_after={_when(cert.not_after)}  "
+                    f"sha256={cert.sha256_thumbprint}"
+                )
         token = reply.next_page_token
         if not token or not args.all:
-            return 0
+            break
+    if shown:
+        return 0
+    if args.device_id:
+        print(f"error: no certificate was ever issued for device {args.device_id}", file=sys.stderr)
+        return EXIT_REFUSED
+    if not args.json:
+        print("no certificates issued yet", file=sys.stderr)
+    return 0
 
 
-async def _client(args: argparse.Namespace) -> int:
-    source = SettingsSource("FACTORY_CLIENT")
+def _check_ids(args: argparse.Namespace, source: SettingsSource) -> None:
+    """The device ids a command names, checked before anything is sent."""
+    policy = device_id_policy(source)
+    try:
+        if getattr(args, "device_id", ""):
+            args.device_id = check_device_id(args.device_id, policy)
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
+
+
+async def _client(args: argparse.Namespace, source: SettingsSource) -> int:
     target = args.target or source.text("target", "127.0.0.1:50051") or "127.0.0.1:50051"
     async with create_channel(target, _security(args, source)) as channel:
         stub = pb_grpc.FactoryServiceStub(channel)
@@ -172,7 +219,10 @@ async def _client(args: argparse.Namespace) -> int:
             if args.command in enroll_cli.COMMANDS:
                 return await enroll_cli.run(stub, args)
             reply = await stub.GetCertificate(pb.GetCertificateRequest(serial_number=args.serial_number))
-            print(_show(reply.certificate))
+            if args.json:
+                print(json.dumps(certificate_fields(reply.certificate), indent=2, sort_keys=True))
+            else:
+                print(_show(reply.certificate))
             return 0
         except grpc.aio.AioRpcError as exc:
             return report_failed_call(exc)
@@ -189,8 +239,16 @@ def main(argv: list[str] | None = None) -> int:
             configure_logging(settings.log_level)
             asyncio.run(run_server(settings))
             return 0
-        return asyncio.run(_client(args))
-    except (SettingsError, ServerConfigError, CaConfigError, OSError, ValueError) as exc:
+        source = SettingsSource("FACTORY_CLIENT")
+        _check_ids(args, source)
+        return asyncio.run(_client(args, source))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (SettingsError, ServerConfigError, CaConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -25,7 +25,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factory_svc.ca import IssuingCA
 from factory_svc.csr import check_csr
-from factory_svc.device_id import normalise_device_id
 from factory_svc.errors import FailedPrecondition, NotFound, invalid_field
 from factory_svc.keys import GENERATABLE, KeyType, PublicKey, generate_private_key, private_key_pem
 from factory_svc.ledger import Cursor, Recorded, RequestIdTaken, StoredRequest, cursor_of
@@ -39,6 +38,7 @@ from factory_svc.model import (
     ServerKey,
 )
 from provkit.context import bind_device_id
+from provkit.device_id import normalise_device_id
 from provkit.devpki import SIGNATURE_KEY_USAGE
 from provkit.idempotency import LOST_RACE, LostRace, RequestIds, Stored, check_request_id
 from provkit.idempotency import fingerprint as request_fingerprint

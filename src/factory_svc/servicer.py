@@ -21,6 +21,7 @@ from factory_svc.keys import KeyType
 from factory_svc.minting import CertificateCatalog, MintingService
 from factory_svc.model import CsrKey, IssuedCertificate, KeySource, MintRequest, ServerKey
 from provkit.context import current_caller
+from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.grpc_server import ServiceBinding, binding
 
 KEY_TYPE_TO_PROTO = {
@@ -95,7 +96,9 @@ class FactoryServicer(EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
         minting: MintingService,
         catalog: CertificateCatalog,
         enrollment: EnrollmentService | None = None,
+        device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID,
     ) -> None:
+        self._device_ids = device_ids  # checked here, at the boundary (EnrollmentRpcs too)
         self._minting = minting
         self._catalog = catalog
         self._enrollment = enrollment  # Enroll / EnrollBatch / GetEnrollmentStatus (EnrollmentRpcs)
@@ -103,6 +106,7 @@ class FactoryServicer(EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
     async def MintCertificate(
         self, request: pb.MintCertificateRequest, context: grpc.aio.ServicerContext
     ) -> pb.MintCertificateResponse:
+        check_device_id(request.device_id, self._device_ids)
         result = await self._minting.mint(mint_request_from_proto(request, str(current_caller())))
         return pb.MintCertificateResponse(
             certificate=certificate_to_proto(result.certificate),
@@ -114,7 +118,8 @@ class FactoryServicer(EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
     async def ListCertificates(
         self, request: pb.ListCertificatesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListCertificatesResponse:
-        page = await self._catalog.list(request.device_id, request.page_size, request.page_token)
+        device_id = check_device_id(request.device_id, self._device_ids) if request.device_id.strip() else ""
+        page = await self._catalog.list(device_id, request.page_size, request.page_token)
         return pb.ListCertificatesResponse(
             certificates=[certificate_to_proto(c) for c in page.certificates],
             next_page_token=page.next_page_token,

@@ -15,6 +15,7 @@
 | ca.chain_file / ca.key_file   | FACTORY_CA_CHAIN_FILE / _KEY_FILE | - (unset: development CA) |
 | ca.key_passphrase_file        | FACTORY_CA_KEY_PASSPHRASE or FACTORY_CA_KEY_PASSPHRASE_FILE | - |
 | mint.default_validity_days    | FACTORY_MINT_DEFAULT_VALIDITY_DAYS | 365                      |
+| device_ids                    | FACTORY_DEVICE_IDS                | guid (see provkit.device_id) |
 | enroll.*, cloud.*             | FACTORY_ENROLL_*, FACTORY_CLOUD_*  | see factory_svc.enrollment.runtime |
 
 The TOML file is given with ``--config FILE`` or ``FACTORY_CONFIG``.
@@ -30,8 +31,9 @@ from pathlib import Path
 from factory_svc.enrollment.runtime import EnrollSettings, load_enroll_settings
 from factory_svc.errors import ERROR_DOMAIN
 from factory_svc.minting import MintPolicy
+from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ServerSettings
-from provkit.settings import Secret, SettingsError, SettingsSource, server_settings
+from provkit.settings import Secret, SettingsError, SettingsSource, device_id_policy, server_settings
 
 PREFIX = "FACTORY"
 DEFAULT_PORT = 50051
@@ -52,6 +54,7 @@ class FactorySettings:
     mint: MintPolicy
     log_level: str = "INFO"
     enroll: EnrollSettings | None = None  # None: no DPS configured (Enroll answers FAILED_PRECONDITION)
+    device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID
 
     @property
     def ledger_path(self) -> Path:
@@ -79,4 +82,5 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         mint=MintPolicy(default_validity=timedelta(days=days)),
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),
         enroll=load_enroll_settings(source),
+        device_ids=device_id_policy(source),
     )

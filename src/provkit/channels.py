@@ -12,9 +12,11 @@ API
 ``request_metadata(request_id) -> tuple``   ``(("x-request-id", request_id),)`` for per-call metadata.
 
 For command-line clients: ``add_channel_arguments(parser, target_help=...)`` (--target, --insecure,
---ca-file, --cert-file, --key-file, --server-name) and ``report_failed_call(exc) -> exit code`` (prints the
-status, reason, field violations and retry delay; ``EXIT_UNREACHABLE`` when the service is unavailable,
-else ``EXIT_REFUSED``).
+--ca-file, --cert-file, --key-file, --server-name); ``report_failed_call(exc) -> exit code`` (prints the
+service's message with its status and reason, the field violations that add to it and the retry delay;
+``EXIT_UNREACHABLE`` when the service is unavailable, else ``EXIT_REFUSED``); ``read_input(path, what)``
+(a file the person named, or ``ValueError`` with a sentence saying why it cannot be read);
+``describe_os_error(exc)`` (an ``OSError`` as a sentence).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import grpc
 from provkit.grpc_errors import error_details
 from provkit.grpc_server import REQUEST_ID_HEADER
 
-EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 @dataclass(frozen=True)
@@ -99,12 +101,40 @@ def add_channel_arguments(parser: argparse.ArgumentParser, *, target_help: str) 
 
 
 def report_failed_call(exc: grpc.RpcError, stream: TextIO | None = None) -> int:
-    """Tell a person why a call failed (on standard error); returns the command's exit code."""
+    """Tell a person why a call failed (on standard error); returns the command's exit code.
+
+    ``error: <the service's message> [<STATUS> <REASON>]``, then each field violation that says more than
+    the message (a lone violation usually repeats it), then ``try again in N s`` when the service said so.
+    """
     out = stream or sys.stderr
     details = error_details(exc)
-    print(f"error: {details.code.name} {details.reason}: {details.message}".rstrip(), file=out)
+    label = " ".join(part for part in (details.code.name, details.reason) if part)
+    message = details.message.strip() or "the service gave no reason"
+    print(f"error: {message} [{label}]", file=out)
     for violation in details.field_violations:
-        print(f"  {violation.field}: {violation.description}", file=out)
+        if violation.description.strip() != message:
+            print(f"  {violation.field}: {violation.description}", file=out)
     if details.retry_after is not None:
-        print(f"  retry after {details.retry_after:.0f} s", file=out)
+        print(f"  try again in {max(1, round(details.retry_after))} s", file=out)
     return EXIT_UNREACHABLE if details.code is grpc.StatusCode.UNAVAILABLE else EXIT_REFUSED
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``cannot read m.json: no such file or directory`` rather than ``[Errno 2] ...``."""
+    reason = (exc.strerror or str(exc)).rstrip(".")
+    reason = reason[:1].lower() + reason[1:]
+    return f"{exc.filename}: {reason}" if exc.filename else reason
+
+
+def read_input(path: Path, what: str) -> str:
+    """The text of a file the person named (``what`` says which, e.g. "metadata file")."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"the {what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"the {what} {path} is a directory, not a file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"the {what} {path} is not text (UTF-8)") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what}: {describe_os_error(exc)}") from None

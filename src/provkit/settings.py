@@ -13,6 +13,7 @@ API
     ``[server]`` block: host, port, insecure, allow_insecure_non_loopback, grace_seconds, tls_cert_file,
     tls_key_file, client_ca_file, client_auth (none|optional|require), insecure_identity (the
     ``urn:devprov:<role>:<tenant>`` every caller of an insecure server is taken for; unset: none).
+``device_id_policy(source) -> DeviceIdPolicy``   the ``device_ids`` setting (see ``provkit.device_id``).
 ``SettingsError``   a missing or malformed value (message names the env variable and the file key).
 """
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ClientAuth, ServerConfigError, ServerSettings, ServerTLS
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -175,3 +177,11 @@ def server_settings(
         error_domain=error_domain,
         insecure_identity=source.text(key("insecure_identity"), "") or "",
     )
+
+
+def device_id_policy(source: SettingsSource) -> DeviceIdPolicy:
+    """Which device ids this program accepts: ``device_ids = "guid"`` (default) or ``"registration-id"``."""
+    try:
+        return DeviceIdPolicy.parse(source.text("device_ids", DeviceIdPolicy.GUID.value) or "guid")
+    except ValueError as exc:
+        raise SettingsError(f"{source.env_name('device_ids')} / device_ids: {exc}") from None

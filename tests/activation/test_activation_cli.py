@@ -36,7 +36,7 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
     try:
         await wait_serving(target, tls.client_security(), "activation-svc serve")
         async with running_factory(factory_env(tmp_path, emulator)) as (_app, factory):
-            device = await mint(factory, f"gw-{uuid.uuid4().hex[:10]}", tmp_path / "devices")
+            device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
             enrolled = await factory.Enroll(
                 fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
             )

@@ -32,7 +32,7 @@ META = {"tags": {"customer": "acme", "line": {"hall": 3}}, "properties": {"desir
 
 
 def new_id() -> str:
-    return f"gw-{uuid.uuid4().hex[:12]}"
+    return str(uuid.uuid4())
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ async def _eventually(check, timeout: float = 30.0):
 
 
 async def test_run_sigterm_and_status(emulator, tmp_path):
-    guid = f"cli-{uuid.uuid4()}"
+    guid = str(uuid.uuid4())
     root = tmp_path / "devices"
     await enroll(emulator, guid, _identity(root, guid), enabled=True)
     env = _env(emulator, root)
@@ -90,7 +90,11 @@ async def test_run_sigterm_and_status(emulator, tmp_path):
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-    assert any(entry["message"] == "state CONNECTED" for entry in lines)
+    assert sum(entry["message"].startswith("connected to hub") for entry in lines) == 1
+    acked = [entry for entry in lines if entry["message"].startswith("message ")]
+    assert [entry["seq"] for entry in acked[:3]] == [1, 2, 3]
+    assert all(" acknowledged by the hub " in entry["message"] for entry in acked)
+    assert not any("SENDING" in entry["message"] or "FAILED" in entry["message"] for entry in lines)
     assert any(entry["message"].startswith("stopped:") for entry in lines)
 
     status = await _start(env, "status", guid, "--json")
@@ -106,7 +110,7 @@ async def test_run_sigterm_and_status(emulator, tmp_path):
 
 
 async def test_run_before_activation_waits(emulator, tmp_path):
-    guid = f"cli-{uuid.uuid4()}"
+    guid = str(uuid.uuid4())
     root = tmp_path / "devices"
     await enroll(emulator, guid, _identity(root, guid), enabled=False)
     proc = await _start(_env(emulator, root), "run", guid)

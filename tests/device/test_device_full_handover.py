@@ -43,7 +43,7 @@ async def _until(runtime: DeviceRuntime, task: asyncio.Task, predicate, timeout:
 async def test_factory_to_first_telemetry(tmp_path, emulator, monkeypatch):
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(emulator.ca_path))
     tls = OemTls.create(tmp_path / "oem-tls")
-    guid = f"gw-{uuid.uuid4().hex[:12]}"
+    guid = str(uuid.uuid4())
     async with (
         running_factory(factory_env(tmp_path, emulator)) as (_factory_app, factory_stub),
         running_activation(activation_env(tmp_path, emulator, tls), tls) as (_activation_app, activation),
@@ -114,7 +114,7 @@ async def test_enrollment_resumes_for_a_stored_identity(tmp_path, emulator):
     from device_client.state import StateDir
     from devprov.v1 import factory_service_pb2 as fpb
 
-    guid = f"gw-{uuid.uuid4().hex[:12]}"
+    guid = str(uuid.uuid4())
     settings = load_settings(env={}, overrides={"state_root": str(tmp_path / "devices")})
     async with running_factory(factory_env(tmp_path, emulator)) as (_app, stub):
         async with GrpcFactory(settings.factory, stub=stub) as factory:

@@ -10,6 +10,7 @@ from device_certs import TinyCa, make_identity
 from device_client.errors import IdentityError, IdentityExistsError, StateError, UsageError
 from device_client.identity import normalise_guid
 from device_client.state import Assignment, DesiredState, StateDir
+from provkit.device_id import DeviceIdPolicy
 
 GUID = "7c4f3e1a-0b2d-4c6e-9f8a-1234567890ab"
 
@@ -137,13 +138,33 @@ def test_lock_is_exclusive(tmp_path, ca):
         pass
 
 
-@pytest.mark.parametrize("raw", ["", "a" * 65, "bad/char", "ends.", "spa ce"])
-def test_guid_rules(raw):
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("", "DEVICE_ID_EMPTY"),
+        ("a" * 65, "DEVICE_ID_TOO_LONG"),
+        ("bad/char", "DEVICE_ID_INVALID_CHARACTERS"),
+        ("ends.", "DEVICE_ID_INVALID_LAST_CHARACTER"),
+        ("spa ce", "DEVICE_ID_INVALID_CHARACTERS"),
+    ],
+)
+def test_registration_id_rules(raw, reason):
+    with pytest.raises(UsageError) as err:
+        normalise_guid(raw, DeviceIdPolicy.REGISTRATION_ID)
+    assert err.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "raw", ["not-a-guid", "3f2a9c1e-0000-4000-8000-00000000000", "{3f2a9c1e-0000-4000-8000-000000000001}"]
+)
+def test_guid_policy_refuses_what_is_not_a_guid(raw):
     with pytest.raises(UsageError) as err:
         normalise_guid(raw)
-    assert err.value.reason == "INVALID_DEVICE_ID"
+    assert err.value.reason == "DEVICE_ID_NOT_A_GUID"
+    assert err.value.exit_code == 2
 
 
 def test_guid_normalised():
-    assert normalise_guid(" ABC-def:1.2_3 ") == "abc-def:1.2_3"
-    assert normalise_guid("x-") == "x-"
+    assert normalise_guid(" 3F2A9C1E-0000-4000-8000-00000000000A ") == "3f2a9c1e-0000-4000-8000-00000000000a"
+    assert normalise_guid(" ABC-def:1.2_3 ", DeviceIdPolicy.REGISTRATION_ID) == "abc-def:1.2_3"
+    assert normalise_guid("x-", DeviceIdPolicy.REGISTRATION_ID) == "x-"

@@ -20,7 +20,7 @@ async def test_enroll_batch_with_progress_single_enroll_and_status(tmp_path, mod
     async with running_factory(factory_env(tmp_path, module_emulator)) as (app, stub):
         env = {**os.environ, "FACTORY_CLIENT_INSECURE": "true", "FACTORY_CLIENT_TARGET": app.grpc_address}
         folder = tmp_path / "certs"
-        devices = [await mint(stub, f"gw-{uuid.uuid4().hex[:10]}", folder) for _ in range(7)]
+        devices = [await mint(stub, str(uuid.uuid4()), folder) for _ in range(7)]
         (folder / "zz-stranger.chain.pem").write_text(devices[0].chain_pem)  # CN is not "zz-stranger"
         codes_file = tmp_path / "codes.csv"
         code, out, err = await _cli(
@@ -37,7 +37,7 @@ async def test_enroll_batch_with_progress_single_enroll_and_status(tmp_path, mod
             record = enrollment["optionalDeviceInformation"]["activationCode"]
             assert verify_code(rows[device.device_id]["activation_code"], record)
 
-        single = await mint(stub, f"gw-{uuid.uuid4().hex[:10]}", tmp_path / "one")
+        single = await mint(stub, str(uuid.uuid4()), tmp_path / "one")
         code, out, err = await _cli("enroll", single.device_id, "--cert", str(single.cert_path), env=env)
         assert code == 0, err
         assert "CREATED" in out and "LIVE" in out and "code " in out

@@ -15,7 +15,7 @@ from provkit.activation_code import verify_code
 
 
 def new_id() -> str:
-    return f"gw-{uuid.uuid4().hex[:12]}"
+    return str(uuid.uuid4())
 
 
 @pytest.fixture

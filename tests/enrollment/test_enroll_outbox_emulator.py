@@ -29,7 +29,7 @@ from provkit.settings import SettingsSource
 
 
 def new_id() -> str:
-    return f"gw-{uuid.uuid4().hex[:12]}"
+    return str(uuid.uuid4())
 
 
 def stopped_emulator(tmp_path) -> tuple[EmulatorProcess, dict[str, str]]:

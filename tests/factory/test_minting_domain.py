@@ -10,11 +10,11 @@ import pytest
 from factory_env import make_csr, make_key
 
 from factory_svc.ca import open_dev_ca
-from factory_svc.device_id import is_valid_device_id, normalise_device_id
 from factory_svc.errors import FailedPrecondition, InvalidArgument
 from factory_svc.ledger import SqliteLedger
 from factory_svc.minting import MintingService, MintPolicy
 from factory_svc.model import CsrKey, MintRequest
+from provkit.device_id import is_valid_device_id, normalise_device_id
 
 
 class Clock:

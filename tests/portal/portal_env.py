@@ -62,7 +62,7 @@ class PortalStack:
 
     async def enrolled(self) -> tuple[DeviceFiles, str]:
         """A freshly minted device, enrolled (disabled) through factory_svc, and its activation code."""
-        device = await mint(self.factory, f"gw-{uuid.uuid4().hex[:12]}", self.folder / "devices")
+        device = await mint(self.factory, str(uuid.uuid4()), self.folder / "devices")
         reply = await self.factory.Enroll(
             fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
         )

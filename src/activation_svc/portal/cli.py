@@ -23,7 +23,9 @@ from provkit.settings import SettingsError
 
 
 def add_portal_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    cmd = sub.add_parser("portal", help="serve the activation web portal (a client of the service)")
+    cmd = sub.add_parser(
+        "portal", allow_abbrev=False, help="serve the activation web portal (a client of the service)"
+    )
     cmd.add_argument("--config", type=Path, help="TOML settings file (or ACTIVATION_PORTAL_CONFIG)")
     cmd.add_argument("--listen", help="HOST:PORT to bind (default 127.0.0.1:8080; port 0 = any free)")
     cmd.add_argument("--allow-non-loopback", action="store_true", help="allow binding a non-loopback host")

@@ -90,7 +90,7 @@ def run_monitor(
 
 def add_commands(subparsers: argparse._SubParsersAction, default_data_dir: str | Path) -> None:
     """Add ``monitor`` and ``messages`` to the emulator CLI (each sets ``func``)."""
-    monitor = subparsers.add_parser("monitor", help="tail device-to-cloud telemetry live")
+    monitor = subparsers.add_parser("monitor", allow_abbrev=False, help="tail device-to-cloud telemetry live")
     monitor.add_argument("--data-dir", default=str(default_data_dir), help="emulator data directory")
     monitor.add_argument("--device", help="only this device id")
     monitor.add_argument("--hub", help="only this hub host name")
@@ -98,7 +98,7 @@ def add_commands(subparsers: argparse._SubParsersAction, default_data_dir: str |
     monitor.add_argument("--json", action="store_true", help="one JSON object per line")
     monitor.set_defaults(func=run_monitor)
 
-    messages = subparsers.add_parser("messages", help="print a device's recent telemetry")
+    messages = subparsers.add_parser("messages", allow_abbrev=False, help="print a device's recent telemetry")
     messages.add_argument("--data-dir", default=str(default_data_dir), help="emulator data directory")
     messages.add_argument("--device", required=True, help="device id")
     messages.add_argument("--hub", help="only this hub host name")

@@ -2,7 +2,7 @@
 
     factory-svc enroll ID --cert FILE [--replace] [--request-id ID]
     factory-svc enroll-batch (--dir DIR | FILE ...) --codes-out FILE [--replace] [--chunk N]
-    factory-svc enrollment-status ID
+    factory-svc enrollment-status ID [--json]
 
 ``enroll`` prints the outcome and, once, the activation code for the label.  ``enroll-batch`` takes the
 PEM files ``factory-svc mint`` writes (``<id>.chain.pem``; the id is the file name up to the first dot),
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import sys
 import uuid
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
-from provkit.channels import request_metadata
+from provkit.channels import read_input, request_metadata
 from provkit.devpki import write_private_file
 
 COMMANDS = ("enroll", "enroll-batch", "enrollment-status")
@@ -47,6 +48,7 @@ def add_parsers(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
     batch.add_argument("--chunk", type=int, default=100, help="devices per call (at most 1000)")
     status = client("enrollment-status", "where a device's enrollment stands (outbox / DPS)")
     status.add_argument("device_id")
+    status.add_argument("--json", action="store_true", help="print the fields as JSON")
 
 
 def _name(enum_type: object, value: int, prefix: str) -> str:
@@ -82,7 +84,7 @@ async def run(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int
         reply = await stub.Enroll(
             pb.EnrollRequest(
                 device_id=args.device_id,
-                certificate_pem=args.cert.read_text(),
+                certificate_pem=read_input(args.cert, "certificate file"),
                 replace=args.replace,
                 request_id=request_id,
             ),
@@ -95,8 +97,20 @@ async def run(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int
         status = await stub.GetEnrollmentStatus(
             pb.GetEnrollmentStatusRequest(device_id=args.device_id), timeout=args.timeout
         )
+        state = _name(pb.EnrollmentState, status.state, "ENROLLMENT_STATE_")
+        if args.json:
+            fields = {
+                "device_id": status.device_id,
+                "state": state,
+                "provisioning_status": status.provisioning_status,
+                "attempts": status.attempts,
+                "failure_reason": status.failure_reason,
+                "failure_message": status.failure_message,
+            }
+            print(json.dumps(fields, indent=2))
+            return 0
         print(f"device id   {status.device_id}")
-        print(f"state       {_name(pb.EnrollmentState, status.state, 'ENROLLMENT_STATE_')}")
+        print(f"state       {state}")
         if status.provisioning_status:
             print(f"dps status  {status.provisioning_status}")
         if status.attempts:
@@ -118,7 +132,9 @@ async def _batch(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> 
         part = files[start : start + chunk]
         items = [
             pb.EnrollBatchItem(
-                device_id=f.name.split(".", 1)[0], certificate_pem=f.read_text(), replace=args.replace
+                device_id=f.name.split(".", 1)[0],
+                certificate_pem=read_input(f, "certificate file"),
+                replace=args.replace,
             )
             for f in part
         ]

@@ -22,6 +22,7 @@ from factory_svc.enrollment.model import (
     EnrollResult,
 )
 from factory_svc.enrollment.service import EnrollmentService
+from provkit.device_id import DeviceIdPolicy, check_device_id, check_device_ids
 from provkit.errors import FailedPrecondition
 
 OUTCOME_TO_PROTO = {
@@ -106,6 +107,7 @@ def status_to_proto(status: EnrollmentStatus) -> pb.GetEnrollmentStatusResponse:
 
 class EnrollmentRpcs:
     _enrollment: EnrollmentService | None
+    _device_ids: DeviceIdPolicy
 
     def _service(self) -> EnrollmentService:
         if self._enrollment is None:
@@ -115,18 +117,25 @@ class EnrollmentRpcs:
         return self._enrollment
 
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
+        device_id = check_device_id(request.device_id, self._device_ids)
         result = await self._service().enroll(
-            EnrollRequest(request.device_id, request.certificate_pem, request.replace, request.request_id)
+            EnrollRequest(device_id, request.certificate_pem, request.replace, request.request_id)
         )
         return result_to_proto(result)
 
     async def EnrollBatch(
         self, request: pb.EnrollBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.EnrollBatchResponse:
-        items = [EnrollRequest(i.device_id, i.certificate_pem, i.replace) for i in request.items]
+        ids = check_device_ids(
+            [i.device_id for i in request.items], self._device_ids, lambda index: f"items[{index}].device_id"
+        )
+        items = [
+            EnrollRequest(d, i.certificate_pem, i.replace) for d, i in zip(ids, request.items, strict=True)
+        ]
         return batch_to_proto(await self._service().enroll_batch(items, request.request_id))
 
     async def GetEnrollmentStatus(
         self, request: pb.GetEnrollmentStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetEnrollmentStatusResponse:
-        return status_to_proto(await self._service().status(request.device_id))
+        device_id = check_device_id(request.device_id, self._device_ids)
+        return status_to_proto(await self._service().status(device_id))

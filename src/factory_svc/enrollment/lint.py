@@ -1,6 +1,6 @@
 """Preflight checks of a certificate before it is enrolled (pure: no I/O, nothing written).
 
-Reasons: DEVICE_ID_* (see factory_svc.device_id), CERTIFICATE_MISSING, CERTIFICATE_MALFORMED,
+Reasons: DEVICE_ID_* (see provkit.device_id), CERTIFICATE_MISSING, CERTIFICATE_MALFORMED,
 CERTIFICATE_SUBJECT_MISMATCH, CERTIFICATE_IS_CA, CERTIFICATE_EKU_MISSING, CERTIFICATE_NOT_YET_VALID,
 CERTIFICATE_EXPIRED, CERTIFICATE_VALIDITY_TOO_SHORT, CERTIFICATE_UNTRUSTED.
 """
@@ -18,8 +18,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from factory_svc.device_id import normalise_device_id
 from factory_svc.errors import invalid_field
+from provkit.device_id import normalise_device_id
 
 FIELD = "certificate_pem"
 

@@ -28,7 +28,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from factory_svc.device_id import normalise_device_id
 from factory_svc.enrollment.lint import LintedCertificate, LintPolicy, lint_certificate
 from factory_svc.enrollment.model import (
     BatchItemResult,
@@ -57,6 +56,7 @@ from provkit.cloud import (
     X509Attestation,
 )
 from provkit.context import bind_device_id
+from provkit.device_id import normalise_device_id
 from provkit.errors import (
     Aborted,
     AlreadyExists,
