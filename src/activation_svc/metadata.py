@@ -8,6 +8,8 @@ booleans, objects, arrays); ``null`` is refused (in a twin patch it would mean "
 
 ``parse_metadata(text, field="metadata_json") -> TwinMetadata`` raises ``InvalidArgument``
 (reason METADATA_INVALID, or METADATA_NOT_JSON) carrying one field violation per problem found.
+``sample_metadata(index=0, interval_s=5.0)`` an OEM's metadata for its ``index``-th machine: the one sample
+the portal's form, ``make up``'s sample-metadata.json and the demo's fleet all show.
 """
 
 from __future__ import annotations
@@ -162,3 +164,25 @@ def parse_metadata(text: str, field: str = "metadata_json") -> TwinMetadata:
             field_violations=[FieldViolation(field, f"not valid JSON: {exc}")],
         ) from None
     return validate_metadata(data, field)
+
+
+SAMPLE_SITES = (
+    ("Hamburg", "hall 3"),
+    ("Lyon", "line B"),
+    ("Turin", "press shop"),
+    ("Gdansk", "dock 2"),
+    ("Porto", "bottling"),
+)
+
+
+def sample_metadata(index: int = 0, interval_s: float = 5.0) -> dict[str, Any]:
+    city, spot = SAMPLE_SITES[index % len(SAMPLE_SITES)]
+    return {
+        "tags": {
+            "oem": "Acme Vending",
+            "machineModel": "VX-200",
+            "chassisNumber": f"VX200-{2026_0000 + index + 1}",
+            "location": {"city": city, "spot": spot},
+        },
+        "properties": {"desired": {"telemetryIntervalSeconds": interval_s, "site": city}},
+    }

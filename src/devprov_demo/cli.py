@@ -1,13 +1,13 @@
-"""``python -m devprov_demo`` (``make demo`` / ``make up``).
+"""devprov-demo, also python -m devprov_demo (make demo / make up).
 
     run   start the stack, provision a fleet, print the labels, activate the devices, boot them and watch
-          telemetry arrive; Ctrl-C stops everything.  ``--seconds N`` runs N seconds after the devices
-          boot, prints a summary and exits 0 only if every device registered and its hub received
-          telemetry from it (``--summary-json FILE`` also writes it).
+          telemetry arrive; Ctrl-C stops everything.  --seconds N runs N seconds after the devices boot
+          (counted down on screen), prints a summary and exits 0 only if every device registered and its
+          hub received telemetry from it (--summary-json FILE also writes it).
     up    start the stack and keep it up, printing what a person needs to drive the flow by hand.
 
 Both bind loopback only.  Defaults: factory_svc 127.0.0.1:50051, activation_svc 127.0.0.1:50052, DPS device
-endpoint ``localhost``, hubs 127.0.0.2 and 127.0.0.3 (MQTT/TLS 8883), DPS REST 8444, hub REST 8443, the
+endpoint localhost, hubs 127.0.0.2 and 127.0.0.3 (MQTT/TLS 8883), DPS REST 8444, hub REST 8443, the
 activation portal http://127.0.0.1:8080/.
 """
 
@@ -23,12 +23,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
 
-from devprov_demo.fleet import Fleet, activate_fleet, provision_fleet, sample_metadata, summary, write_json
+from activation_svc.metadata import sample_metadata
+from devprov_demo.fleet import Fleet, activate_fleet, provision_fleet, summary, write_json
 from devprov_demo.stack import PARTIES, Stack, StackConfig
-from devprov_demo.view import HubWatch, labels_table, live_view, summary_table
+from devprov_demo.view import HubWatch, countdown, labels_table, live_view, summary_table
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED = 0, 1, 2
 STATUS_EVERY_S = 5.0
@@ -145,32 +146,36 @@ async def _start(console: Console, stack: Stack, *, fresh: bool) -> None:
 async def _watch(
     console: Console, fleet: Fleet, watch: HubWatch, stop: asyncio.Event, seconds: float | None
 ) -> None:
-    footer = "Ctrl-C stops everything" if seconds is None else f"running for {seconds:g} s"
     loop = asyncio.get_running_loop()
     deadline = None if seconds is None else loop.time() + seconds
 
-    def remaining() -> float:
-        return 0.25 if deadline is None else max(0.0, min(0.25, deadline - loop.time()))
+    def remaining() -> float | None:
+        return None if deadline is None else deadline - loop.time()
 
     async def tick() -> bool:
+        left = remaining()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), remaining())
+            await asyncio.wait_for(stop.wait(), 0.25 if left is None else max(0.0, min(0.25, left)))
         watch.poll()
-        return not stop.is_set() and (deadline is None or loop.time() < deadline)
+        left = remaining()
+        return not stop.is_set() and (left is None or left > 0)
+
+    def view() -> RenderableType:  # the terminal's width now: a resized window gets a fitting table
+        return live_view(fleet.tracks, watch, countdown(remaining()), console.width)
 
     if console.is_terminal:
-        with Live(live_view(fleet.tracks, watch, footer), console=console, refresh_per_second=4) as live:
+        with Live(view(), console=console, refresh_per_second=4) as live:
             while await tick():
-                live.update(live_view(fleet.tracks, watch, footer))
-            live.update(live_view(fleet.tracks, watch, footer))
+                live.update(view())
+            live.update(view())
         return
     next_status = loop.time()
     while await tick():
         if loop.time() >= next_status:
             next_status = loop.time() + STATUS_EVERY_S
             states = ", ".join(
-                f"{t.label.guid[:8]} {t.snapshot.state.value} sent={t.snapshot.telemetry_sent} "
-                f"hub={watch.received.get(t.label.guid, 0)}"
+                f"{t.guid[:8]} {t.snapshot.state.value} sent={t.snapshot.telemetry_sent} "
+                f"hub={watch.received.get(t.guid, 0)}"
                 for t in fleet.tracks
             )
             console.print(f"status: {states}", markup=False, highlight=False, soft_wrap=True)
@@ -232,7 +237,7 @@ async def run_up(args: argparse.Namespace, console: Console) -> int:
         await _start(console, stack, fresh=args.fresh)
         env_file = stack.write_env_file()
         sample = stack.root / "sample-metadata.json"
-        sample.write_text(json.dumps(sample_metadata(0, 5.0), indent=2) + "\n")
+        sample.write_text(json.dumps(sample_metadata(), indent=2) + "\n")
         hub = stack.emulator.hub_hosts[-1]
         console.print(
             "\nDrive it by hand, in another terminal:\n"

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from activation_svc.metadata import sample_metadata
 from device_client.factory_client import GrpcFactory
 from device_client.provisioning import ProvisionRequest, provision_with
 from device_client.runtime import DeviceRuntime, DeviceState, RuntimeSnapshot
@@ -26,14 +27,6 @@ from devprov.v1 import activation_service_pb2_grpc as apb_grpc
 from devprov_demo.stack import Stack
 from provkit.channels import ChannelSecurity, create_channel
 
-SITES = (
-    ("Hamburg", "hall 3"),
-    ("Lyon", "line B"),
-    ("Turin", "press shop"),
-    ("Gdansk", "dock 2"),
-    ("Porto", "bottling"),
-)
-
 
 @dataclass(frozen=True)
 class Label:
@@ -41,20 +34,6 @@ class Label:
 
     guid: str
     activation_code: str
-
-
-def sample_metadata(index: int, interval_s: float) -> dict[str, Any]:
-    """The OEM's metadata for its ``index``-th machine, in the seed's shape."""
-    city, spot = SITES[index % len(SITES)]
-    return {
-        "tags": {
-            "oem": "Acme Vending",
-            "machineModel": "VX-200",
-            "chassisNumber": f"VX200-{2026_0000 + index + 1}",
-            "location": {"city": city, "spot": spot},
-        },
-        "properties": {"desired": {"telemetryIntervalSeconds": interval_s, "site": city}},
-    }
 
 
 def device_settings(stack: Stack, **overrides: Any) -> Settings:
@@ -120,6 +99,10 @@ class DeviceTrack:
     def record(self, snapshot: RuntimeSnapshot) -> None:
         if snapshot.state not in self.reached:
             self.reached.append(snapshot.state)
+
+    @property
+    def guid(self) -> str:
+        return self.label.guid
 
     @property
     def snapshot(self) -> RuntimeSnapshot:

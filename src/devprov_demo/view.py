@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 from rich.console import Group, RenderableType
 from rich.panel import Panel
@@ -15,8 +18,8 @@ from rich.text import Text
 
 from azure_iot_emulator.hub.telemetry import StoredMessage, TelemetryStore
 from azure_iot_emulator.store import Database
-from device_client.runtime import DeviceState
-from devprov_demo.fleet import DeviceTrack, Label
+from device_client.runtime import DeviceState, RuntimeSnapshot
+from devprov_demo.fleet import Label
 
 STATE_STYLE = {
     DeviceState.IDLE: "dim",
@@ -76,47 +79,112 @@ def _reading(body: Any) -> str:
     return f"#{body.get('seq', '?')} {shown}"
 
 
-def fleet_table(tracks: list[DeviceTrack], received: Counter[str]) -> Table:
+def shorten_middle(text: str, width: int) -> str:
+    """``ce8b6f4e…bb3fb86a``: both ends of an id stay readable (a GUID is told apart by either end)."""
+    if len(text) <= width:
+        return text
+    head = width // 2
+    tail = width - 1 - head
+    return f"{text[:head]}…{text[len(text) - tail :]}" if tail > 0 else text[:head] + "…"
+
+
+class TrackView(Protocol):
+    """What the live table needs of a device (``devprov_demo.fleet.DeviceTrack``)."""
+
+    @property
+    def guid(self) -> str: ...
+
+    @property
+    def snapshot(self) -> RuntimeSnapshot: ...
+
+    @property
+    def error(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How much of each device fits a terminal ``width`` columns wide.  The essential columns (device,
+    state, hub, sent, hub got) always show; the GUID and long hub names are shortened in the middle; the
+    last message takes what is left, and is left out below ``WITH_LAST_MESSAGE`` columns."""
+
+    width: int
+    guid: int
+    hub: int
+    last_message: bool
+
+    WIDE: ClassVar[int] = 120
+    WITH_LAST_MESSAGE: ClassVar[int] = 100
+
+    @classmethod
+    def for_width(cls, width: int) -> Layout:
+        if width >= cls.WIDE:
+            return cls(width, guid=36, hub=30, last_message=True)
+        if width >= cls.WITH_LAST_MESSAGE:
+            return cls(width, guid=17, hub=20, last_message=True)
+        return cls(width, guid=17 if width >= 80 else 13, hub=15, last_message=False)
+
+
+# Shorter words for the narrow layout; the wide one shows the runtime's own names.
+_NARROW_STATE = {DeviceState.WAITING_FOR_ACTIVATION: "WAITING"}
+
+
+def fleet_table(tracks: Sequence[TrackView], received: Mapping[str, int], layout: Layout) -> Table:
     table = Table(title="Devices in the field", title_justify="left", expand=True)
-    table.add_column("device", no_wrap=True)
-    table.add_column("state", no_wrap=True)
-    table.add_column("hub", no_wrap=True)
-    table.add_column("sent", justify="right")
-    table.add_column("hub got", justify="right")
-    table.add_column("last message", overflow="ellipsis", no_wrap=True)
+    table.add_column("device", no_wrap=True, min_width=layout.guid)
+    table.add_column("state", no_wrap=True, min_width=len("CONNECTED"))
+    table.add_column("hub", no_wrap=True, min_width=3)
+    table.add_column("sent", justify="right", no_wrap=True, min_width=4)
+    table.add_column("hub got", justify="right", no_wrap=True, min_width=7)
+    if layout.last_message:
+        table.add_column("last message", overflow="ellipsis", no_wrap=True, ratio=1)
     for track in tracks:
         snap = track.snapshot
-        state = Text(snap.state.value, style=STATE_STYLE.get(snap.state, ""))
-        last = _reading(snap.last_message) or (track.error or "")
-        table.add_row(
-            track.label.guid,
-            state,
-            snap.assigned_hub or "-",
+        name = snap.state.value if layout.width >= Layout.WIDE else _NARROW_STATE.get(snap.state, snap.state)
+        row: list[RenderableType] = [
+            shorten_middle(track.guid, layout.guid),
+            Text(str(name), style=STATE_STYLE.get(snap.state, "")),
+            shorten_middle(snap.assigned_hub or "-", layout.hub),
             str(snap.telemetry_sent),
-            str(received.get(track.label.guid, 0)),
-            last,
-        )
+            str(received.get(track.guid, 0)),
+        ]
+        if layout.last_message:
+            row.append(_reading(snap.last_message) or (track.error or ""))
+        table.add_row(*row)
     return table
 
 
-def telemetry_panel(tail: deque[StoredMessage]) -> Panel:
-    lines = Text()
+def telemetry_panel(tail: Iterable[StoredMessage], layout: Layout) -> Panel:
+    lines: list[Text] = []
     for message in tail:
         text = message.body_text()
         try:
             shown = _reading(json.loads(text)) if text else f"<{len(message.body)} bytes>"
         except ValueError:
             shown = text[:80]
-        lines.append(f"\n{message.enqueued_time[11:23]} ", style="dim")
-        lines.append(f"{message.hub} ", style="cyan")
-        lines.append(f"{message.device_id} ", style="bold")
-        lines.append(shown)
-    body = lines[1:] if lines else Text("(nothing received yet)", style="dim")
+        line = Text(no_wrap=True, overflow="ellipsis")
+        line.append(f"{message.enqueued_time[11:23]} ", style="dim")
+        line.append(f"{shorten_middle(message.hub, layout.hub)} ", style="cyan")
+        line.append(f"{shorten_middle(message.device_id, layout.guid)} ", style="bold")
+        line.append(shown)
+        lines.append(line)
+    body: RenderableType = Group(*lines) if lines else Text("(nothing received yet)", style="dim")
     return Panel(body, title="IoT hubs receive (newest last)", expand=True)
 
 
-def live_view(tracks: list[DeviceTrack], watch: HubWatch, footer: str) -> RenderableType:
-    return Group(fleet_table(tracks, watch.received), telemetry_panel(watch.tail), Text(footer, style="dim"))
+def countdown(remaining_s: float | None) -> str:
+    """The footer: what stops the view, and when."""
+    if remaining_s is None:
+        return "Ctrl-C stops everything"
+    return f"stops in {max(0, math.ceil(remaining_s))} s (Ctrl-C stops now)"
+
+
+def live_view(tracks: Sequence[TrackView], watch: HubWatch, footer: str, width: int) -> RenderableType:
+    layout = Layout.for_width(width)
+    return Group(
+        fleet_table(tracks, watch.received, layout),
+        telemetry_panel(watch.tail, layout),
+        Text(footer, style="dim"),
+    )
 
 
 def summary_table(summary: dict[str, Any]) -> Table:

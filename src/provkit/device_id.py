@@ -23,8 +23,6 @@ API
     The normalised id, or ``InvalidArgument`` with a stable reason and one field violation.
 ``normalise_device_id(raw, field="device_id") -> str``  the same under the ``registration-id`` rules: the
     floor every id must meet whatever the policy (the domains' own check).
-``check_device_ids(raws, policy, field_of) -> list[str]``  every id of a batch; one ``InvalidArgument``
-    naming each bad item (``field_of(index)``) when any is refused.
 ``is_valid_device_id(raw, policy=...) -> bool``
 """
 
@@ -32,7 +30,6 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Sequence
 
 from provkit.errors import InvalidArgument, invalid_field
 
@@ -94,30 +91,6 @@ def check_device_id(raw: str, policy: DeviceIdPolicy = DeviceIdPolicy.GUID, fiel
             f"the device id {raw!r} is not a GUID: expected 32 hex digits as 8-4-4-4-12, like {GUID_EXAMPLE}",
         )
     return device_id
-
-
-def check_device_ids(
-    raws: Sequence[str], policy: DeviceIdPolicy, field_of: Callable[[int], str]
-) -> list[str]:
-    checked: list[str] = []
-    refused: list[InvalidArgument] = []
-    for index, raw in enumerate(raws):
-        try:
-            checked.append(check_device_id(raw, policy, field_of(index)))
-        except InvalidArgument as exc:
-            refused.append(exc)
-    if not refused:
-        return checked
-    first = refused[0]
-    message = first.message
-    if len(refused) > 1:
-        message = f"{len(refused)} device ids refused; the first: {first.message}"
-    raise InvalidArgument(
-        first.reason,
-        message,
-        metadata={"refused": str(len(refused))},
-        field_violations=[v for exc in refused for v in exc.field_violations],
-    )
 
 
 def normalise_device_id(raw: str, field: str = "device_id") -> str:

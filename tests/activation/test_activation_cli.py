@@ -64,7 +64,11 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
             env=client_env,
         )
         assert code == 0, err
-        assert "ENROLLMENT" in out and hub in out and enrolled.activation_code not in out + err
+        assert out == (
+            f"activated {device.device_id} on hub {hub}; "
+            "the device will pick it up at its next registration.\n"
+        )
+        assert enrolled.activation_code not in out + err
         assert (await dps_enrollment(emulator, device.device_id))["provisioningStatus"] == "enabled"
 
         metadata_file = tmp_path / "meta.json"
@@ -93,6 +97,14 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
         assert code == 0, err
         assert json.loads(out)["lifecycle"] == "ACTIVATED"
 
+        unknown = str(uuid.uuid4())
+        code, out, err = await run_module(
+            "activation_svc.cli", "status", unknown, "--code-file", str(code_file), env=client_env
+        )
+        # An unknown device and a wrong code get the same answer (nobody learns which ids exist).
+        assert (code, out) == (1, "")
+        assert err == "error: unknown device or wrong activation code [PERMISSION_DENIED ACTIVATION_DENIED]\n"
+
         wrong = tmp_path / "wrong.txt"
         wrong.write_text("0000-0000-0000-0000")
         code, out, err = await run_module(
@@ -108,7 +120,10 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
             env=client_env,
         )
         assert code == 0, err
-        assert "DEPROVISIONED" in out
+        assert out == (
+            f"deactivated {device.device_id}: its enrollment is disabled "
+            "(it had not registered with a hub).\n"
+        )
 
         no_cert = {k: v for k, v in client_env.items() if not k.startswith("ACTIVATION_CLIENT_CERT")}
         no_cert.pop("ACTIVATION_CLIENT_KEY_FILE")

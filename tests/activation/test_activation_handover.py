@@ -176,7 +176,8 @@ async def test_bad_input_is_refused_with_field_violations_and_changes_nothing(st
     )
     assert hub.reason == "HUB_UNKNOWN" and hub.field_violations[0].field == "hub"
     bad_id = await failure(activation.Activate(activate_request("bad id!", code, "{}")))
-    assert bad_id.reason == "DEVICE_ID_INVALID_CHARACTERS"
+    assert bad_id.reason == "DEVICE_ID_NOT_A_GUID"
+    assert [v.field for v in bad_id.field_violations] == ["device_id"]
     assert (await dps_enrollment(emulator, device.device_id))["etag"] == before["etag"]
 
 

@@ -80,3 +80,21 @@ def test_messages_without_database_is_a_clear_error(tmp_path):
         timeout=60,
     )
     assert result.returncode != 0 and "no emulator database" in result.stderr
+
+
+def test_each_message_shows_its_devices_own_sequence_number(tmp_path):
+    """Two devices interleaved: the line carries the sequence number in the device's message (what its
+    log says), not the store's running number across devices."""
+    store = _store(tmp_path)
+    for seq in (41, 42):
+        store.append("h", "dev-a", PropertyBag(), json.dumps({"seq": seq, "t": 1}).encode())
+        store.append("h", "dev-b", PropertyBag(), json.dumps({"seq": seq + 100}).encode())
+    store.append("h", "dev-a", PropertyBag(), b"no number")
+    out = StringIO()
+    cli.run_messages(_parse(["messages", "--device", "dev-a"], tmp_path), out)
+    lines = out.getvalue().splitlines()
+    assert [line.split(" ", 1)[1].split(" {")[0] for line in lines[:2]] == [
+        "h/dev-a seq 41",
+        "h/dev-a seq 42",
+    ]
+    assert lines[2].endswith(" h/dev-a no number") and "#" not in out.getvalue()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from azure_iot_emulator.hub.registry import HubRegistry
+from azure_iot_emulator.hub.part import HubPart
+from azure_iot_emulator.hub.registry import DeviceSpec, HubRegistry
 from azure_iot_emulator.hub.service import HubError, HubService
 from azure_iot_emulator.hub.telemetry import TelemetryStore
 from azure_iot_emulator.hub.topics import PropertyBag
@@ -45,3 +46,25 @@ async def test_oversized_message_refused_and_not_stored(service):
         await service.ingest("h", "d", PropertyBag(), b"x" * (256 * 1024 + 1))
     assert info.value.status == 413
     assert service.telemetry.recent() == []
+
+
+async def test_telemetry_moves_the_senders_last_activity_time(tmp_path):
+    """Azure updates a device's lastActivityTime on each device-to-cloud message; so does the emulator,
+    in the commit that stores the message (other devices keep theirs)."""
+    clock = [datetime(2026, 1, 1, 12, 0, tzinfo=UTC)]
+    db = Database(tmp_path / "emulator.db")
+    try:
+        hub = HubPart(db, ["h"], lambda: clock[0], dict)  # as the emulator wires it
+        registry, service = hub.registry, hub.service
+        for device_id in ("sender", "quiet"):
+            registry.create_device("h", DeviceSpec(device_id=device_id))
+        registry.set_connection_state("h", "sender", True)
+        connected_at = registry.get_device("h", "sender").last_activity
+        clock[0] += timedelta(minutes=7)
+        message = await service.ingest("h", "sender", PropertyBag(), b"{}")
+        sender, quiet = registry.get_device("h", "sender"), registry.get_device("h", "quiet")
+        assert sender.last_activity == message.enqueued_time != connected_at
+        assert sender.last_activity.startswith("2026-01-01T12:07:00")
+        assert quiet.last_activity != sender.last_activity
+    finally:
+        db.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import os
 import stat
 import uuid
@@ -21,14 +22,17 @@ async def test_enroll_batch_with_progress_single_enroll_and_status(tmp_path, mod
         env = {**os.environ, "FACTORY_CLIENT_INSECURE": "true", "FACTORY_CLIENT_TARGET": app.grpc_address}
         folder = tmp_path / "certs"
         devices = [await mint(stub, str(uuid.uuid4()), folder) for _ in range(7)]
-        (folder / "zz-stranger.chain.pem").write_text(devices[0].chain_pem)  # CN is not "zz-stranger"
+        stranger = str(uuid.uuid4())
+        (folder / f"{stranger}.chain.pem").write_text(devices[0].chain_pem)  # its CN is another device's
+        (folder / "zz-typo.chain.pem").write_text(devices[1].chain_pem)  # not a GUID
         codes_file = tmp_path / "codes.csv"
         code, out, err = await _cli(
             "enroll-batch", "--dir", str(folder), "--chunk", "3", "--codes-out", str(codes_file), env=env
         )
-        assert code == 1, err  # one device failed
-        assert "[3/8]" in err and "[8/8] enrolled 7, queued 0, failed 1" in err
-        assert "zz-stranger: CERTIFICATE_SUBJECT_MISMATCH" in err
+        assert code == 1, err  # two devices failed, each on its own
+        assert "[3/9]" in err and "[9/9] enrolled 7, queued 0, failed 2" in err
+        assert f"{stranger}: CERTIFICATE_SUBJECT_MISMATCH" in err
+        assert "zz-typo: DEVICE_ID_NOT_A_GUID: the device id 'zz-typo' is not a GUID" in err
         assert stat.S_IMODE(codes_file.stat().st_mode) == 0o600
         rows = {r["device_id"]: r for r in csv.DictReader(codes_file.read_text().splitlines())}
         for device in devices:
@@ -45,5 +49,9 @@ async def test_enroll_batch_with_progress_single_enroll_and_status(tmp_path, mod
         assert code == 0 and "UNCHANGED" in out
         code, out, err = await _cli("enrollment-status", single.device_id, env=env)
         assert code == 0 and "LIVE" in out and "disabled" in out
+        code, out, err = await _cli("enrollment-status", single.device_id, "--json", env=env)
+        assert code == 0 and json.loads(out)["state"] == "LIVE"
         code, out, err = await _cli("enroll", "bad id", "--cert", str(single.cert_path), env=env)
-        assert code == 1 and "INVALID_ARGUMENT DEVICE_ID_INVALID_CHARACTERS" in err
+        assert code == 2 and err.startswith("error: the device id 'bad id' is not a GUID")
+        code, out, err = await _cli("enroll", single.device_id, "--cert", str(tmp_path / "nope.pem"), env=env)
+        assert (code, err) == (2, f"error: the certificate file {tmp_path / 'nope.pem'} does not exist\n")

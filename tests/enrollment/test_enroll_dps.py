@@ -113,7 +113,8 @@ async def test_bad_certificates_are_refused_before_any_dps_call(factory, tmp_pat
     bad_id = await failure(
         stub.Enroll(pb.EnrollRequest(device_id="bad/id", certificate_pem=device.chain_pem))
     )
-    assert bad_id.reason == "DEVICE_ID_INVALID_CHARACTERS"
+    assert bad_id.reason == "DEVICE_ID_NOT_A_GUID"
+    assert [v.field for v in bad_id.field_violations] == ["device_id"]
     assert await dps_enrollment(emulator, other_id) is None
     assert await dps_enrollment(emulator, device.device_id) is None
 

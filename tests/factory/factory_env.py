@@ -23,6 +23,7 @@ from factory_svc.errors import ERROR_DOMAIN
 from factory_svc.minting import MintPolicy
 from factory_svc.settings import CaSettings, FactorySettings
 from provkit.channels import ChannelSecurity, create_channel
+from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import RunningServer, ServerSettings
 
 INSECURE = ServerSettings(insecure=True, error_domain=ERROR_DOMAIN, insecure_identity=FACTORY_URI)
@@ -38,9 +39,16 @@ class Factory:
 
 
 def factory_settings(
-    data_dir: Path, server: ServerSettings = INSECURE, ca: CaSettings | None = None
+    data_dir: Path,
+    server: ServerSettings = INSECURE,
+    ca: CaSettings | None = None,
+    device_ids: DeviceIdPolicy = DeviceIdPolicy.REGISTRATION_ID,
 ) -> FactorySettings:
-    return FactorySettings(server=server, data_dir=data_dir, ca=ca or CaSettings(), mint=MintPolicy())
+    """The minting tests name devices readably ("dev-001"): the documented registration-id setting.  The
+    default GUID policy has its own tests (test_bad_input.py, the CLI tests)."""
+    return FactorySettings(
+        server=server, data_dir=data_dir, ca=ca or CaSettings(), mint=MintPolicy(), device_ids=device_ids
+    )
 
 
 @contextlib.asynccontextmanager

@@ -14,6 +14,7 @@ from factory_env import factory_settings, make_csr, make_key, running_factory
 from google.protobuf import duration_pb2
 
 from devprov.v1 import factory_service_pb2 as pb
+from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_errors import error_details
 
 GOOD_ID = "good-device-1"
@@ -160,3 +161,32 @@ async def test_each_bad_input_has_its_own_reason_and_writes_nothing(tmp_path: Pa
     with sqlite3.connect(tmp_path / "ledger.sqlite3") as db:
         assert db.execute("SELECT COUNT(*) FROM certificates").fetchone() == (0,)
         assert db.execute("SELECT COUNT(*) FROM mint_requests").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "not-a-guid",
+        "3f2a9c1e-0000-4000-8000-00000000000",
+        "3f2a9c1e00004000800000000000000a",
+        "good-device-1",
+    ],
+)
+async def test_by_default_only_a_guid_is_a_device_id(tmp_path: Path, raw: str) -> None:
+    """A typo or a truncated GUID on a label must not become a device: the default policy refuses it at the
+    service's boundary (INVALID_ARGUMENT, its reason, a field violation) and nothing is written."""
+    good_csr = make_csr(make_key("p256"), raw)
+    async with running_factory(factory_settings(tmp_path, device_ids=DeviceIdPolicy.GUID)) as factory:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await factory.stub.MintCertificate(pb.MintCertificateRequest(device_id=raw, csr_pem=good_csr))
+        details = error_details(caught.value)
+        assert (details.code, details.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "DEVICE_ID_NOT_A_GUID")
+        assert [v.field for v in details.field_violations] == ["device_id"]
+        assert raw in details.message
+        guid = "3F2A9C1E-0000-4000-8000-00000000000A"
+        minted = await factory.stub.MintCertificate(
+            pb.MintCertificateRequest(device_id=guid, csr_pem=make_csr(make_key("p256"), guid.lower()))
+        )
+        assert minted.certificate.device_id == guid.lower()
+    with sqlite3.connect(tmp_path / "ledger.sqlite3") as db:
+        assert db.execute("SELECT device_id FROM certificates").fetchall() == [(guid.lower(),)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import stat
@@ -16,6 +17,9 @@ from support.emulator import free_port
 from support.parties import FACTORY_URI
 
 from provkit.channels import ChannelSecurity
+
+FIRST = "c1a0f2e4-5b6d-4e7f-8a9b-0c1d2e3f4a5b"
+JIG = "9d8c7b6a-5f4e-4d3c-9b2a-1f0e9d8c7b6a"
 
 
 async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
@@ -31,11 +35,11 @@ async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
     try:
         await wait_serving(target, ChannelSecurity(insecure=True), "factory-svc serve", attempts=100)
         csr = tmp_path / "device.csr"
-        csr.write_text(make_csr(make_key("p256"), "cli-device-1"))
+        csr.write_text(make_csr(make_key("p256"), FIRST))
         code, out, err = await run_module(
             "factory_svc.cli",
             "mint",
-            "CLI-Device-1",
+            FIRST.upper(),  # ids are case-insensitive, stored in lower case
             "--csr",
             str(csr),
             "--out",
@@ -45,14 +49,14 @@ async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
             "--insecure",
         )
         assert code == 0, err
-        assert "cli-device-1" in out and "sha256" in out
-        leaf, _, _ = verify_chain((tmp_path / "out" / "cli-device-1.chain.pem").read_text())
+        assert FIRST in out and "sha256" in out
+        leaf, _, _ = verify_chain((tmp_path / "out" / f"{FIRST}.chain.pem").read_text())
         assert f"{leaf.serial_number:X}" in out.upper()
 
         code, out, err = await run_module(
             "factory_svc.cli",
             "mint",
-            "jig-9",
+            JIG,
             "--generate-key",
             "--key-type",
             "p384",
@@ -63,13 +67,19 @@ async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
             "--insecure",
         )
         assert code == 0, err
-        key_file = tmp_path / "out" / "jig-9.key.pem"
+        key_file = tmp_path / "out" / f"{JIG}.key.pem"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-        cert = x509.load_pem_x509_certificate((tmp_path / "out" / "jig-9.cert.pem").read_bytes())
+        cert = x509.load_pem_x509_certificate((tmp_path / "out" / f"{JIG}.cert.pem").read_bytes())
         assert cert.public_key().curve.name == "secp384r1"
 
         code, out, err = await run_module("factory_svc.cli", "list", "--target", target, "--insecure")
-        assert code == 0 and "cli-device-1" in out and "jig-9" in out
+        assert code == 0 and FIRST in out and JIG in out
+        code, out, err = await run_module(
+            "factory_svc.cli", "list", FIRST, "--json", "--target", target, "--insecure"
+        )
+        assert code == 0, err
+        (listed,) = [json.loads(line) for line in out.splitlines()]
+        assert listed["device_id"] == FIRST and int(listed["serial_number"], 16) == leaf.serial_number
 
         code, out, err = await run_module(
             "factory_svc.cli",
@@ -83,7 +93,11 @@ async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
             target,
             "--insecure",
         )
-        assert code == 1 and "INVALID_ARGUMENT DEVICE_ID_INVALID_CHARACTERS" in err
+        assert (code, out) == (2, "")  # refused before anything is sent
+        assert err == (
+            "error: the device id 'bad id' is not a GUID: expected 32 hex digits as 8-4-4-4-12, "
+            "like 3f2a9c1e-0000-4000-8000-000000000001\n"
+        )
         assert (tmp_path / "data" / "ledger.sqlite3").exists()
     finally:
         server.send_signal(signal.SIGTERM)

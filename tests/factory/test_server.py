@@ -172,6 +172,7 @@ async def test_configured_ca_with_a_passphrase_from_a_file(tmp_path: Path) -> No
         "FACTORY_CA_CHAIN_FILE": str(tmp_path / "pki" / "chain.pem"),
         "FACTORY_CA_KEY_FILE": str(tmp_path / "pki" / "issuing.key"),
         "FACTORY_CA_KEY_PASSPHRASE_FILE": str(tmp_path / "pki" / "passphrase"),
+        "FACTORY_DEVICE_IDS": "registration-id",  # this fleet's ids are not GUIDs
     }
     settings = load_settings(env=env)
     async with running_factory(settings) as factory:

@@ -3,6 +3,7 @@ and a real emulator process: every route, the service's errors shown precisely, 
 
 from __future__ import annotations
 
+import html
 import json
 import re
 
@@ -12,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from enrollment.provisioning_env import hub_twin, register
 from portal_env import META, activate_form, hidden_fields, portal_stack
 
+from activation_svc.metadata import sample_metadata
 from activation_svc.portal.app import create_app
 from devprov.v1 import activation_service_pb2 as apb
 
@@ -63,7 +65,8 @@ async def test_form_page_has_fields_sample_hubs_csrf_cookie_and_security_headers
         assert f'<option value="{hub}">{hub}</option>' in page
     assert f"Default hub ({emulator.default_hub})" in page
     sample = re.search(r'<textarea id="metadata"[^>]*>(.*?)</textarea>', page, re.S).group(1)
-    assert set(json.loads(sample.replace("&quot;", '"'))) == {"tags", "properties"}
+    # the one sample: what `make up` writes to sample-metadata.json and the demo's fleet is activated with
+    assert json.loads(html.unescape(sample)) == sample_metadata()
     assert "<script>" not in page and ' style="' not in page  # nothing inline: the CSP forbids it
     headers = response.headers
     csp = headers["Content-Security-Policy"]
@@ -86,6 +89,8 @@ async def test_activate_through_the_form_then_replay_and_already_active(client, 
     response, page = await post_activate(client, device.device_id, code, json.dumps(META), chosen, hidden)
     assert response.status == 200
     assert "Activated" in text_of(page, "outcome")
+    visible = re.sub(r"<[^>]+>", " ", page.split("<body>", 1)[1])
+    assert visible.count("Activated") == 1  # the outcome's heading, not repeated as the page's title
     assert text_of(page, "v-lifecycle").strip() == "ACTIVATED"
     assert text_of(page, "v-hub") == chosen
     assert code not in page and code.replace("-", "") not in page

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from string import Template
 from urllib.parse import urlencode
 
+from activation_svc.metadata import sample_metadata
 from activation_svc.portal.errors import FieldProblem, ServiceProblem
 from activation_svc.portal.html import Html, attrs, escape, join, render
 from activation_svc.portal.settings import HubChoice
@@ -19,13 +20,7 @@ MAX_HUB = 255
 MAX_REQUEST_ID = 64
 MAX_METADATA_CHARS = 96 * 1024
 
-SAMPLE_METADATA = json.dumps(
-    {
-        "tags": {"customer": "acme-machines", "machine": {"model": "press-4000", "serial": "PM-0001"}},
-        "properties": {"desired": {"telemetryIntervalSeconds": 5}},
-    },
-    indent=2,
-)
+SAMPLE_METADATA = json.dumps(sample_metadata(), indent=2)  # the same sample `make up` writes
 
 _LAYOUT = Template("""<!doctype html>
 <html lang="en">
@@ -242,7 +237,7 @@ def result_page(view: ActivationView) -> Html:
         + f'<p><a href="/status?{escape(_query(view.device_id))}">Check its status</a> · '
         '<a href="/">Activate another device</a></p>'
     )
-    return layout(heading, body, section="activate")
+    return layout("Activation result", body, section="activate")  # the outcome is the panel's heading
 
 
 def _query(device_id: str) -> str:

@@ -24,6 +24,19 @@ from azure_iot_emulator.store import Database
 POLL_SECONDS = 0.25
 
 
+def device_sequence(message: StoredMessage) -> int | None:
+    """The device's own message number (the ``seq`` of a JSON body), if it numbers its messages: what a
+    person compares with the device's log, unlike the hub store's numbering across all devices."""
+    text = message.body_text()
+    if not text or not text.lstrip().startswith("{"):
+        return None
+    try:
+        seq = json.loads(text).get("seq")
+    except (ValueError, AttributeError):
+        return None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
 def _format(message: StoredMessage, as_json: bool) -> str:
     if as_json:
         return json.dumps(message.to_json(), sort_keys=True)
@@ -36,7 +49,9 @@ def _format(message: StoredMessage, as_json: bool) -> str:
         props += " system=" + json.dumps(message.system_properties, sort_keys=True)
     if message.application_properties:
         props += " properties=" + json.dumps(message.application_properties, sort_keys=True)
-    return f"{message.enqueued_time} {message.hub}/{message.device_id} #{message.seq}{props} {body}"
+    seq = device_sequence(message)
+    number = f" seq {seq}" if seq is not None else ""
+    return f"{message.enqueued_time} {message.hub}/{message.device_id}{number}{props} {body}"
 
 
 def _open_store(data_dir: Path) -> tuple[Database, TelemetryStore]:

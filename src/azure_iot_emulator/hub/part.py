@@ -36,7 +36,7 @@ class HubPart:
     ) -> None:
         self.registry = registry or HubRegistry(db, hub_hosts, clock)
         self.registry.reset_connection_states()  # nobody is connected to a process that just started
-        self.telemetry = TelemetryStore(db, clock)
+        self.telemetry = TelemetryStore(db, clock, on_insert=self.registry.record_activity)
         self.service = HubService(self.registry, self.telemetry, clock)
         self._clock = clock
         self._keys = service_keys

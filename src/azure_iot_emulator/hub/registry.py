@@ -354,6 +354,14 @@ class HubRegistry:
                 (self.now(), hub, device_id),
             )
 
+    @staticmethod
+    def record_activity(conn: sqlite3.Connection, senders: set[tuple[str, str]], when: str) -> None:
+        """Inside the telemetry commit: each sender's lastActivityTime is the enqueue time of its message."""
+        conn.executemany(
+            "UPDATE hub_devices SET last_activity = ? WHERE hub = ? AND device_id = ?",
+            [(when, hub, device_id) for hub, device_id in sorted(senders)],
+        )
+
     def reset_connection_states(self) -> None:
         """At start-up nobody is connected yet."""
         now = self.now()

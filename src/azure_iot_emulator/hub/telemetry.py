@@ -89,10 +89,24 @@ def _from_row(row: sqlite3.Row) -> StoredMessage:
     )
 
 
+# Called inside the transaction that stores a batch: (connection, the batch's (hub, device id) pairs, its
+# enqueue time).  The hub's registry uses it to move each sender's lastActivityTime, as Azure does on every
+# device-to-cloud message, in the same commit as the messages.
+InsertHook = Callable[[sqlite3.Connection, set[tuple[str, str]], str], None]
+
+
 class TelemetryStore:
-    def __init__(self, db: Database, clock: Callable[[], datetime], *, create_schema: bool = True) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Callable[[], datetime],
+        *,
+        create_schema: bool = True,
+        on_insert: InsertHook | None = None,
+    ) -> None:
         self._db = db
         self._clock = clock
+        self._on_insert = on_insert
         if create_schema:
             db.register_schema(*SCHEMA)
 
@@ -134,6 +148,8 @@ class TelemetryStore:
             )
             # One writer inside one transaction: the batch got consecutive sequence numbers.
             last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            if self._on_insert is not None:
+                self._on_insert(conn, {(hub, device_id) for hub, device_id, _, _ in items}, enqueued)
         return last - len(items) + 1, enqueued
 
     def recent(

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
 import grpc
@@ -13,6 +14,7 @@ from google.protobuf import timestamp_pb2
 
 from devprov.v1 import factory_service_pb2 as pb
 from factory_svc.enrollment.model import (
+    BatchItemResult,
     BatchResult,
     Delivery,
     EnrollmentState,
@@ -20,10 +22,11 @@ from factory_svc.enrollment.model import (
     EnrollOutcome,
     EnrollRequest,
     EnrollResult,
+    ItemError,
 )
 from factory_svc.enrollment.service import EnrollmentService
-from provkit.device_id import DeviceIdPolicy, check_device_id, check_device_ids
-from provkit.errors import FailedPrecondition
+from provkit.device_id import DeviceIdPolicy, check_device_id
+from provkit.errors import FailedPrecondition, InvalidArgument
 
 OUTCOME_TO_PROTO = {
     EnrollOutcome.CREATED: pb.ENROLL_OUTCOME_CREATED,
@@ -126,13 +129,23 @@ class EnrollmentRpcs:
     async def EnrollBatch(
         self, request: pb.EnrollBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.EnrollBatchResponse:
-        ids = check_device_ids(
-            [i.device_id for i in request.items], self._device_ids, lambda index: f"items[{index}].device_id"
-        )
-        items = [
-            EnrollRequest(d, i.certificate_pem, i.replace) for d, i in zip(ids, request.items, strict=True)
-        ]
-        return batch_to_proto(await self._service().enroll_batch(items, request.request_id))
+        # The id policy is checked here, item by item: a refused id fails its item, as any bad item does.
+        service = self._service()
+        refused: list[BatchItemResult] = []
+        accepted: list[tuple[int, EnrollRequest]] = []
+        for index, item in enumerate(request.items):
+            try:
+                device_id = check_device_id(item.device_id, self._device_ids, f"items[{index}].device_id")
+            except InvalidArgument as exc:
+                error = ItemError(exc.kind, exc.reason, exc.message)
+                refused.append(BatchItemResult(index, item.device_id, None, error))
+                continue
+            accepted.append((index, EnrollRequest(device_id, item.certificate_pem, item.replace)))
+        batch = BatchResult(())
+        if accepted or not refused:  # an empty batch is the domain's to refuse
+            batch = await service.enroll_batch([r for _, r in accepted], request.request_id)
+        items = [replace(item, index=accepted[item.index][0]) for item in batch.items] + refused
+        return batch_to_proto(BatchResult(tuple(sorted(items, key=lambda i: i.index)), batch.replayed))
 
     async def GetEnrollmentStatus(
         self, request: pb.GetEnrollmentStatusRequest, context: grpc.aio.ServicerContext

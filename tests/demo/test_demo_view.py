@@ -1,0 +1,110 @@
+"""The demo's live view as a person's terminal shows it: rendered by rich's recording console at 80, 120
+and 200 columns, every essential column is there, whole, for every device."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+from rich.console import Console
+
+from azure_iot_emulator.hub.telemetry import TelemetryStore
+from azure_iot_emulator.hub.topics import PropertyBag
+from azure_iot_emulator.store import Database
+from device_client.runtime import DeviceState, RuntimeSnapshot
+from devprov_demo.view import HubWatch, countdown, live_view, shorten_middle
+
+GUIDS = (
+    "ce8b6f4e-410e-499d-812a-bb3fb86a0c11",
+    "0d3c2b1a-9f8e-4d7c-a6b5-c4d3e2f1a0b9",
+    "7e6d5c4b-3a29-4180-9f7e-6d5c4b3a2910",
+)
+
+
+@dataclass(frozen=True)
+class Track:
+    guid: str
+    snapshot: RuntimeSnapshot
+    error: str | None = None
+
+
+def _tracks() -> list[Track]:
+    states = (DeviceState.SENDING, DeviceState.WAITING_FOR_ACTIVATION, DeviceState.CONNECTED)
+    tracks = []
+    for index, (guid, state) in enumerate(zip(GUIDS, states, strict=True)):
+        sent = 1000 + index
+        body = {"seq": sent, "readings": {"temperatureC": 21.5, "humidityPct": 40.1, "supplyVoltageV": 23.9}}
+        snapshot = RuntimeSnapshot(
+            guid=guid,
+            state=state,
+            assigned_hub=f"127.0.0.{2 + index % 2}",
+            telemetry_sent=sent,
+            last_message=body,
+        )
+        tracks.append(Track(guid, snapshot))
+    return tracks
+
+
+@pytest.fixture
+def watch(tmp_path):
+    """The hubs' store as the emulator writes it, with a message from each device, tailed by HubWatch."""
+    db = Database(tmp_path / "emulator.db")
+    store = TelemetryStore(db, lambda: datetime.now(UTC))
+    for index, guid in enumerate(GUIDS):
+        for seq in range(1, 4):
+            body = json.dumps({"seq": seq, "readings": {"temperatureC": 20 + index}}).encode()
+            store.append(f"127.0.0.{2 + index % 2}", guid, PropertyBag(), body)
+    db.close()
+    hub_watch = HubWatch(tmp_path)
+    hub_watch.poll()
+    yield hub_watch
+    hub_watch.close()
+
+
+def _render(width: int, watch: HubWatch, footer: str = "stops in 40 s (Ctrl-C stops now)") -> list[str]:
+    console = Console(record=True, width=width, color_system=None, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(live_view(_tracks(), watch, footer, width))
+    console.file.close()
+    return console.export_text().splitlines()
+
+
+@pytest.mark.parametrize("width", [80, 120, 200])
+def test_every_essential_column_shows_whole_at_each_width(width: int, watch: HubWatch) -> None:
+    lines = _render(width, watch)
+    assert all(len(line) <= width for line in lines)
+    header = next(line for line in lines if "device" in line and "state" in line)
+    for column in ("device", "state", "hub", "sent", "hub got"):
+        assert column in header, (width, column)
+    assert ("last message" in header) is (width >= 100)
+    for track in _tracks():
+        shown_id = track.guid if width >= 120 else shorten_middle(track.guid, 17)
+        row = next(line for line in lines if shown_id in line and "127.0.0." in line and "│" in line)
+        cells = [cell.strip() for cell in row.strip("│").split("│")]
+        assert cells[0] == shown_id
+        assert cells[1] in (track.snapshot.state.value, "WAITING")
+        assert cells[2] == track.snapshot.assigned_hub
+        assert cells[3] == str(track.snapshot.telemetry_sent)
+        assert cells[4] == "3"  # what the hub's store holds for it
+        if width >= 100:  # the last message takes what is left, cut with an ellipsis
+            assert cells[5].startswith(f"#{track.snapshot.telemetry_sent} temp")
+        if width >= 200:
+            readings = "temperatureC=21.5, humidityPct=40.1, supplyVoltageV=23.9"
+            assert cells[5] == f"#{track.snapshot.telemetry_sent} {readings}"
+    assert lines[-1].strip() == "stops in 40 s (Ctrl-C stops now)"
+
+
+def test_a_guid_is_shortened_in_the_middle_not_cut() -> None:
+    guid = GUIDS[0]
+    assert shorten_middle(guid, 17) == "ce8b6f4e…bb3fb86a0c11"[:8] + "…" + guid[-8:]
+    assert shorten_middle(guid, 13) == "ce8b6f…6a0c11"
+    assert shorten_middle(guid, 36) == guid
+    assert len(shorten_middle(guid, 13)) == 13
+
+
+def test_the_footer_counts_down() -> None:
+    assert countdown(40.0) == "stops in 40 s (Ctrl-C stops now)"
+    assert countdown(12.2) == "stops in 13 s (Ctrl-C stops now)"
+    assert countdown(-0.1) == "stops in 0 s (Ctrl-C stops now)"
+    assert countdown(None) == "Ctrl-C stops everything"
