@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import stat
 import sys
@@ -93,12 +94,33 @@ async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
             target,
             "--insecure",
         )
-        assert (code, out) == (2, "")  # refused before anything is sent
+        assert (code, out) == (2, "")  # refused before anything is sent (no field violation echo either)
         assert err == (
             "error: the device id 'bad id' is not a GUID: expected 32 hex digits as 8-4-4-4-12, "
             "like 3f2a9c1e-0000-4000-8000-000000000001\n"
         )
         assert (tmp_path / "data" / "ledger.sqlite3").exists()
+
+        unknown = "0f0e0d0c-0b0a-4909-8807-060504030201"
+        code, out, err = await run_module(
+            "factory_svc.cli", "list", unknown, "--target", target, "--insecure"
+        )
+        assert (code, out, err) == (1, "", f"error: no certificate was ever issued for device {unknown}\n")
+
+        missing = tmp_path / "nope.csr"
+        code, out, err = await run_module(
+            "factory_svc.cli", "mint", unknown, "--csr", str(missing), "--out", str(tmp_path / "out"),
+            "--target", target, "--insecure",
+        )  # fmt: skip
+        assert (code, out, err) == (2, "", f"error: the CSR file {missing} does not exist\n")
+
+        # A refusal with one field violation that says what the message says: printed once.
+        code, out, err = await run_module(
+            "factory_svc.cli", "mint", unknown, "--csr", str(csr), "--out", str(tmp_path / "out"),
+            "--target", target, "--insecure",
+        )  # fmt: skip
+        assert (code, out) == (1, "")
+        assert re.fullmatch(r"error: [^\n]+ \[INVALID_ARGUMENT CSR_SUBJECT_MISMATCH\]\n", err), err
     finally:
         server.send_signal(signal.SIGTERM)
         _, log = await asyncio.wait_for(server.communicate(), 30)

@@ -1,0 +1,165 @@
+"""What `activation-svc` says before it calls anyone, run as a real process: each mistake a person makes at
+the shell is one sentence and exit 2, a secret typed as an option is never echoed, Ctrl-C at the code
+prompt (a real pseudo-terminal) ends it at once with exit 130 and no traceback."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+GUID = "3f2a9c1e-0000-4000-8000-000000000001"
+CODE = "PF0E-0QJ5-KVKM-TGQ4"
+# Nothing listens there: a command that got as far as calling would fail differently (exit 3).
+TARGET = "127.0.0.1:9"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACTIVATION_CLIENT_")}
+    env.update(ACTIVATION_CLIENT_TARGET=TARGET, ACTIVATION_CLIENT_INSECURE="true")
+    return env
+
+
+def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "activation_svc.cli", *args],
+        env=_env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_code_given_as_an_option_is_refused_without_echoing_it() -> None:
+    for argv in (["--code", CODE], [f"--code={CODE}"]):
+        done = _cli("activate", GUID, *argv, "--metadata-json", "{}")
+        assert (done.returncode, done.stdout) == (2, "")
+        assert done.stderr.splitlines()[-1] == (
+            "activation-svc activate: error: the activation code is never a command-line argument "
+            "(it would stay in the shell history); type it at the prompt, "
+            "or use --code-file FILE or ACTIVATION_CLIENT_CODE"
+        )
+        assert CODE not in done.stderr
+
+
+def test_options_are_never_abbreviated(tmp_path: Path) -> None:
+    done = _cli("activate", GUID, "--meta", str(tmp_path / "m.json"))
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].startswith("activation-svc: error: unrecognized arguments: --meta")
+
+
+@pytest.mark.parametrize("command", ["activate", "deactivate", "status"])
+@pytest.mark.parametrize("raw", ["not-a-guid", GUID[:-2]])
+def test_what_is_not_a_guid_is_refused_before_the_code_is_asked_for(command: str, raw: str) -> None:
+    done = _cli(command, raw, "--code-file", "-", stdin=CODE + "\n")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        f"error: the device id '{raw}' is not a GUID: expected 32 hex digits as 8-4-4-4-12, like {GUID}\n"
+    )
+
+
+def test_an_empty_code_is_refused_locally(tmp_path: Path) -> None:
+    empty = tmp_path / "code.txt"
+    empty.write_text("\n")
+    for done in (_cli("activate", GUID, "--code-file", str(empty)), _cli("status", GUID, "--code-file", "-")):
+        assert (done.returncode, done.stdout) == (2, "")
+        assert (
+            done.stderr
+            == "error: the activation code is empty: type the code printed on the device's label\n"
+        )
+
+
+def test_missing_files_are_named_in_a_sentence(tmp_path: Path) -> None:
+    code_file = tmp_path / "code.txt"
+    code_file.write_text(CODE)
+    missing = tmp_path / "m.json"
+    done = _cli("activate", GUID, "--metadata", str(missing), "--code-file", str(code_file))
+    assert (done.returncode, done.stderr) == (2, f"error: the metadata file {missing} does not exist\n")
+    done = _cli("status", GUID, "--code-file", str(tmp_path / "nope.txt"))
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"error: the code file {tmp_path / 'nope.txt'} does not exist\n",
+    )
+    done = _cli("status", GUID, "--code-file", str(tmp_path))
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"error: the code file {tmp_path} is a directory, not a file\n",
+    )
+
+
+def _read_until(fd: int, wanted: bytes, timeout: float = 30.0) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"never saw {wanted!r}; got {seen!r}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:  # the other side closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def _read_rest(fd: int, timeout: float = 30.0) -> bytes:
+    """Everything until the child closes the terminal (it exits), or ``timeout`` seconds."""
+    rest = b""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:  # the other side closed
+            break
+        if not chunk:
+            break
+        rest += chunk
+    return rest
+
+
+def _exit_status(pid: int, timeout: float = 30.0) -> int | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.05)
+    return None
+
+
+def test_ctrl_c_at_the_code_prompt_ends_it_with_one_line() -> None:
+    """A real terminal: the command asks for the code (hidden input), the person presses Ctrl-C once."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: its controlling terminal is the pseudo-terminal
+        os.execve(sys.executable, [sys.executable, "-m", "activation_svc.cli", "activate", GUID], _env())
+    status = None
+    try:
+        _read_until(fd, b"activation code: ")
+        os.write(fd, b"\x03")  # the terminal's interrupt character: SIGINT to the foreground process
+        rest = _read_rest(fd)
+        status = _exit_status(pid)
+    finally:
+        if status is None:  # the test failed before the child ended: do not leave it behind
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert status is not None, f"still running after one Ctrl-C; it said {rest!r}"
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 130
+    said = rest.decode().replace("\r\n", "\n").strip()
+    assert said == "cancelled; nothing was sent"
