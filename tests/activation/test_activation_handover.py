@@ -4,12 +4,17 @@ servers (mTLS for the OEM), and Microsoft's SDKs for the device and for checking
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from datetime import UTC
 
 import grpc
 import pytest
+from azure.iot.device import X509, Message
+from azure.iot.device.aio import IoTHubDeviceClient
 from azure.iot.device.exceptions import ClientError, CredentialError
+from device.device_cloud import received_telemetry
 from enrollment.provisioning_env import (
     OemTls,
     activate_request,
@@ -27,6 +32,26 @@ from enrollment.provisioning_env import (
 
 from devprov.v1 import activation_service_pb2 as apb
 from devprov.v1 import factory_service_pb2 as fpb
+from provkit.cloud import parse_azure_time
+
+
+async def send_one_message(emulator, device, hub: str, body: bytes) -> None:
+    """Connect as the device, send one device-to-cloud message (acknowledged), disconnect."""
+    client = IoTHubDeviceClient.create_from_x509_certificate(
+        x509=X509(str(device.cert_path), str(device.key_path)),
+        hostname=hub,
+        device_id=device.device_id,
+        server_verification_cert=emulator.ca_pem,
+        connection_retry=False,
+    )
+    try:
+        await asyncio.wait_for(client.connect(), 60)
+        await asyncio.wait_for(client.send_message(Message(body)), 60)
+        await asyncio.wait_for(client.disconnect(), 60)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.shutdown(), 5)
+
 
 META = {"tags": {"customer": "acme", "line": {"hall": 3}}, "properties": {"desired": {"interval_s": 5}}}
 
@@ -93,6 +118,17 @@ async def test_whole_handover_mint_enroll_refused_activate_register_twin(stack, 
     assert status.lifecycle == apb.LIFECYCLE_REGISTERED
     assert status.registered_hub == chosen and status.allocated_hub == chosen
     assert status.hub_device_status == "enabled" and status.last_activity_time.seconds > 0
+
+    # "last activity" is the hub's lastActivityTime, which telemetry moves (as on Azure)
+    before = status.last_activity_time.ToDatetime(tzinfo=UTC)
+    await send_one_message(emulator, device, chosen, b'{"seq": 1}')
+    (message,) = await received_telemetry(emulator, device.device_id, chosen)
+    status = await activation.GetDeviceStatus(
+        apb.GetDeviceStatusRequest(device_id=device.device_id, activation_code=code)
+    )
+    enqueued = parse_azure_time(message["enqueued_time"])
+    assert enqueued is not None and enqueued > before
+    assert status.last_activity_time.ToDatetime(tzinfo=UTC) == enqueued
 
     audit = await app.audit.entries(device.device_id)
     assert [(e.action, e.outcome) for e in audit] == [("activate", "ok")]

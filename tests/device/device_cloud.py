@@ -138,6 +138,7 @@ async def received_telemetry(emulator, device_id: str, hub: str | None = None) -
                 "message_id": sysprops.get("messageId"),
                 "content_type": sysprops.get("contentType"),
                 "content_encoding": sysprops.get("contentEncoding"),
+                "enqueued_time": m.get("enqueuedTimeUtc"),
                 "body": body,
             }
         )
