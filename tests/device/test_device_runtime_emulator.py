@@ -8,8 +8,10 @@ service SDKs against the emulator's REST APIs.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 
 import pytest
 from cryptography import x509
@@ -292,3 +294,19 @@ async def test_first_boot_while_dps_is_down_retries_until_it_is_back(emulator, d
     await asyncio.to_thread(emulator.start)
     snap = await d.until(lambda s: s.telemetry_sent >= 1, timeout=60)
     assert snap.registrations == 1
+
+
+async def test_messages_are_one_interval_apart_from_the_first(emulator, device):
+    """The twin's interval arrives with the first connection, after the first message was produced: it
+    moves the next message's due time, it does not send the second message at once."""
+    d = device(telemetry_interval_s=30.0)
+    twin = {"properties": {"desired": {"telemetryIntervalSeconds": 1.0}}}
+    await enroll(emulator, d.guid, d.leaf_pem, enabled=False)
+    await activate(emulator, d.guid, initial_twin=twin)
+    d.start()
+    await d.until(lambda s: s.telemetry_sent >= 3)
+    await d.stop()
+    received = await received_telemetry(emulator, d.guid)
+    stamps = [datetime.fromisoformat(m["body"]["timestamp"]) for m in received[:3]]
+    gaps = [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(stamps)]
+    assert all(gap >= 0.95 for gap in gaps), gaps  # one interval of the device's own clock, not ~0
