@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from activation_svc.cli import activation_outcome
+from devprov.v1 import activation_service_pb2 as apb
+
 GUID = "3f2a9c1e-0000-4000-8000-000000000001"
 CODE = "PF0E-0QJ5-KVKM-TGQ4"
 # Nothing listens there: a command that got as far as calling would fail differently (exit 3).
@@ -163,3 +166,44 @@ def test_ctrl_c_at_the_code_prompt_ends_it_with_one_line() -> None:
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 130
     said = rest.decode().replace("\r\n", "\n").strip()
     assert said == "cancelled; nothing was sent"
+
+
+@pytest.mark.parametrize(
+    ("reply", "sentence"),
+    [
+        (
+            apb.ActivateResponse(device_id=GUID, hub="hub-a", path=apb.ACTIVATION_PATH_ENROLLMENT),
+            f"activated {GUID} on hub hub-a; the device will pick it up at its next registration.",
+        ),
+        (
+            apb.ActivateResponse(
+                device_id=GUID,
+                hub="hub-a",
+                registered_hub="hub-a",
+                path=apb.ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN,
+            ),
+            f"activated {GUID}; updated the live device's twin on hub hub-a.",
+        ),
+        (
+            apb.ActivateResponse(
+                device_id=GUID,
+                hub="hub-b",
+                registered_hub="hub-a",
+                path=apb.ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN,
+            ),
+            f"activated {GUID}; updated the live device's twin on hub hub-a. It is registered on hub hub-a "
+            "and keeps using it until it registers again, then moves to hub hub-b.",
+        ),
+        (
+            apb.ActivateResponse(
+                device_id=GUID, hub="hub-a", path=apb.ACTIVATION_PATH_UNCHANGED, replayed=True
+            ),
+            f"{GUID} was already activated with this metadata on hub hub-a; nothing changed "
+            "(an answer repeated for a retried request).",
+        ),
+    ],
+)
+def test_activation_outcomes_are_sentences_without_service_jargon(reply, sentence: str) -> None:
+    said = activation_outcome(reply)
+    assert said == sentence
+    assert not any(word in said for word in ("ENROLLMENT", "UNCHANGED", "HUB_TWIN", "path"))

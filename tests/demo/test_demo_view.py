@@ -4,6 +4,8 @@ and 200 columns, every essential column is there, whole, for every device."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -108,3 +110,15 @@ def test_the_footer_counts_down() -> None:
     assert countdown(12.2) == "stops in 13 s (Ctrl-C stops now)"
     assert countdown(-0.1) == "stops in 0 s (Ctrl-C stops now)"
     assert countdown(None) == "Ctrl-C stops everything"
+
+
+def test_help_is_plain_text() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "devprov_demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "devprov-demo, also python -m devprov_demo (make demo / make up)." in done.stdout
+    assert "``" not in done.stdout and "--seconds N runs N seconds" in done.stdout
