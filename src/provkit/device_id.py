@@ -52,6 +52,11 @@ class DeviceIdPolicy(enum.StrEnum):
             raise ValueError(f"device id policy {text!r} is unknown; use {choices}") from None
 
 
+def _shown(raw: str) -> str:
+    """The input as the person typed it, quoted, and not a screenful of it."""
+    return repr(raw if len(raw) <= 72 else raw[:72] + "…")
+
+
 def _registration_id(device_id: str, raw: str, field: str) -> str:
     if not device_id:
         raise invalid_field(field, "DEVICE_ID_EMPTY", "the device id is empty")
@@ -67,13 +72,14 @@ def _registration_id(device_id: str, raw: str, field: str) -> str:
         raise invalid_field(
             field,
             "DEVICE_ID_INVALID_CHARACTERS",
-            f"the device id {raw!r} may contain only letters, digits and - . _ : (found {''.join(bad)!r})",
+            f"the device id {_shown(raw)} may contain only letters, digits and - . _ : "
+            f"(found {''.join(bad)!r})",
         )
     if not (device_id[-1].isalnum() or device_id[-1] == "-"):
         raise invalid_field(
             field,
             "DEVICE_ID_INVALID_LAST_CHARACTER",
-            f"the device id {raw!r} must end with a letter, a digit or '-'",
+            f"the device id {_shown(raw)} must end with a letter, a digit or '-'",
         )
     return device_id
 
@@ -88,7 +94,8 @@ def check_device_id(raw: str, policy: DeviceIdPolicy = DeviceIdPolicy.GUID, fiel
         raise invalid_field(
             field,
             "DEVICE_ID_NOT_A_GUID",
-            f"the device id {raw!r} is not a GUID: expected 32 hex digits as 8-4-4-4-12, like {GUID_EXAMPLE}",
+            f"the device id {_shown(raw)} is not a GUID: expected 32 hex digits as 8-4-4-4-12, "
+            f"like {GUID_EXAMPLE}",
         )
     return device_id
 
