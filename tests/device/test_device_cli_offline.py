@@ -109,7 +109,7 @@ def test_run_with_unreadable_trusted_ca(tmp_path, capsys, ca):
 
 def test_invalid_guid_is_a_usage_error(tmp_path, capsys):
     assert run_cli(tmp_path, "status", "not/a/guid") == 2
-    assert "INVALID_DEVICE_ID" in capsys.readouterr().err
+    assert "[DEVICE_ID_NOT_A_GUID]" in capsys.readouterr().err
 
 
 def test_console_script_prints_no_traceback(tmp_path):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -166,7 +167,7 @@ async def test_cli_provision_and_unreachable_factory(tmp_path):
         code, _, err = await cli("provision", GUID, "--factory", address, "--no-enroll")
         assert code == 6 and "IDENTITY_EXISTS" in err
     # The factory is gone now: a clear message and exit 5, no traceback.
-    code, _, err = await cli("provision", "other-device", "--factory", address, "--no-enroll")
+    code, _, err = await cli("provision", str(uuid.uuid4()), "--factory", address, "--no-enroll")
     assert code == 5
     assert "FACTORY_UNAVAILABLE" in err and "Traceback" not in err
     assert not StateDir(tmp_path / "devices", "other-device").has_identity()

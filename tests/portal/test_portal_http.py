@@ -156,7 +156,7 @@ async def test_invalid_json_and_twin_rules_name_the_wrong_field(client, stack):
     assert re.search(r'id="hub"[^>]*aria-invalid="true"', page)
 
     response, page = await post_activate(client, "<script>x</script>", code, "{}")
-    assert response.status == 400 and "DEVICE_ID_INVALID_CHARACTERS" in page
+    assert response.status == 400 and "DEVICE_ID_NOT_A_GUID" in page
     assert "<script>x" not in page and "&lt;script&gt;x&lt;/script&gt;" in page
     status = await stack.status(device.device_id, code)
     assert status.lifecycle == apb.LIFECYCLE_ENROLLED
