@@ -72,13 +72,15 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="devprov-pki", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="devprov-pki", description=__doc__.split("\n\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    init = commands.add_parser("init-ca", help="create a client CA in DIR")
+    init = commands.add_parser("init-ca", allow_abbrev=False, help="create a client CA in DIR")
     init.add_argument("dir", type=Path)
     init.add_argument("--name", default="devprov client CA", help="the CA's common name")
     init.set_defaults(run=_init_ca)
-    issue = commands.add_parser("issue", help="issue a party's client certificate")
+    issue = commands.add_parser("issue", allow_abbrev=False, help="issue a party's client certificate")
     issue.add_argument("--ca-dir", type=Path, required=True, help="folder holding ca.pem and ca.key")
     issue.add_argument("--role", required=True, choices=[r.value for r in PARTY_ROLES])
     issue.add_argument("--tenant", required=True, help="factory site, OEM id, or the portal's OEM")
@@ -86,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
     issue.add_argument("--out", type=Path, default=None, help="output prefix (writes PREFIX.pem/.key)")
     issue.set_defaults(run=_issue)
-    show = commands.add_parser("show", help="the party a client certificate names")
+    show = commands.add_parser("show", allow_abbrev=False, help="the party a client certificate names")
     show.add_argument("cert", type=Path)
     show.set_defaults(run=_show)
     return parser

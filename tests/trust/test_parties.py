@@ -54,7 +54,7 @@ GATE_REASONS = {"CALLER_NOT_AUTHORIZED", "CALLER_IDENTITY_UNRECOGNISED", "CLIENT
 
 
 def new_id() -> str:
-    return f"gw-{uuid.uuid4().hex[:12]}"
+    return str(uuid.uuid4())
 
 
 @dataclass
