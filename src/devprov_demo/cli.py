@@ -213,7 +213,7 @@ async def run_demo(args: argparse.Namespace, console: Console) -> int:
         await fleet.stop()
         watch.poll()
         result = summary(fleet, dict(watch.received), chosen)
-        console.print(summary_table(result))
+        console.print(summary_table(result, console.width))
         if args.summary_json:
             write_json(args.summary_json, result)
         return EXIT_OK if result["ok"] else EXIT_INCOMPLETE

@@ -187,22 +187,23 @@ def live_view(tracks: Sequence[TrackView], watch: HubWatch, footer: str, width: 
     )
 
 
-def summary_table(summary: dict[str, Any]) -> Table:
+def summary_table(summary: dict[str, Any], width: int = Layout.WIDE) -> Table:
+    layout = Layout.for_width(width)
     verdict = "every device registered and its hub received telemetry" if summary["ok"] else "INCOMPLETE"
     table = Table(title=f"Summary: {verdict}", title_justify="left")
-    table.add_column("device", no_wrap=True)
+    table.add_column("device", no_wrap=True, min_width=layout.guid)
     table.add_column("hub", no_wrap=True)
-    table.add_column("registered")
-    table.add_column("acked", justify="right")
-    table.add_column("hub got", justify="right")
+    table.add_column("registered", no_wrap=True, min_width=len("registered"))
+    table.add_column("acked", justify="right", no_wrap=True)
+    table.add_column("hub got", justify="right", no_wrap=True, min_width=len("hub got"))
     errors = any(device["error"] for device in summary["devices"])
     if errors:
         table.add_column("error")
     for device in summary["devices"]:
         registered = DeviceState.REGISTERED.value in device["states_reached"]
         row: list[RenderableType] = [
-            device["guid"],
-            device["assigned_hub"] or "-",
+            shorten_middle(device["guid"], layout.guid),
+            shorten_middle(device["assigned_hub"] or "-", layout.hub),
             Text("yes", style="green") if registered else Text("no", style="red"),
             str(device["telemetry_acknowledged"]),
             str(device["hub_received"]),

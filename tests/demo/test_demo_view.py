@@ -4,6 +4,7 @@ and 200 columns, every essential column is there, whole, for every device."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from azure_iot_emulator.hub.telemetry import TelemetryStore
 from azure_iot_emulator.hub.topics import PropertyBag
 from azure_iot_emulator.store import Database
 from device_client.runtime import DeviceState, RuntimeSnapshot
-from devprov_demo.view import HubWatch, countdown, live_view, shorten_middle
+from devprov_demo.view import HubWatch, countdown, live_view, shorten_middle, summary_table
 
 GUIDS = (
     "ce8b6f4e-410e-499d-812a-bb3fb86a0c11",
@@ -66,7 +67,7 @@ def watch(tmp_path):
 
 
 def _render(width: int, watch: HubWatch, footer: str = "stops in 40 s (Ctrl-C stops now)") -> list[str]:
-    console = Console(record=True, width=width, color_system=None, file=open("/dev/null", "w"))  # noqa: SIM115
+    console = Console(record=True, width=width, color_system=None, file=open(os.devnull, "w"))  # noqa: SIM115
     console.print(live_view(_tracks(), watch, footer, width))
     console.file.close()
     return console.export_text().splitlines()
@@ -122,3 +123,28 @@ def test_help_is_plain_text() -> None:
     )
     assert "devprov-demo, also python -m devprov_demo (make demo / make up)." in done.stdout
     assert "``" not in done.stdout and "--seconds N runs N seconds" in done.stdout
+
+
+@pytest.mark.parametrize("width", [80, 120, 200])
+def test_the_summary_fits_too(width: int) -> None:
+    devices = [
+        {
+            "guid": guid,
+            "assigned_hub": "127.0.0.2",
+            "states_reached": ["IDLE", "REGISTERING", "REGISTERED", "CONNECTED"],
+            "telemetry_acknowledged": 13,
+            "hub_received": 13,
+            "error": None,
+        }
+        for guid in GUIDS
+    ]
+    console = Console(record=True, width=width, color_system=None, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(summary_table({"ok": True, "devices": devices}, width))
+    console.file.close()
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= width for line in lines)
+    header = next(line for line in lines if "device" in line and "┃" in line)
+    assert all(column in header for column in ("device", "hub", "registered", "acked", "hub got"))
+    for guid in GUIDS:
+        shown = guid if width >= 120 else shorten_middle(guid, 17)
+        assert any(f"│ {shown} " in line and " yes " in line for line in lines)
