@@ -29,6 +29,7 @@ from azure_iot_emulator.hub import topics
 from azure_iot_emulator.hub.service import HubError, HubService
 from azure_iot_emulator.hub.telemetry import MAX_MESSAGE_BYTES
 from azure_iot_emulator.mqtt.endpoint import ConnectInfo, ProtocolViolation
+from azure_iot_emulator.mqtt.packets import Publish
 from azure_iot_emulator.sas import SasError, verify_sas
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,6 @@ log = logging.getLogger(__name__)
 CONNACK_ACCEPTED = 0
 CONNACK_BAD_CREDENTIALS = 4
 CONNACK_NOT_AUTHORIZED = 5
-
-
-class PublishLike(Protocol):
-    topic: str
-    payload: bytes
 
 
 class LinkLike(Protocol):
@@ -136,7 +132,7 @@ class HubEndpoint:
     def may_subscribe(self, link: LinkLike, topic_filter: str) -> bool:
         return topics.may_subscribe(link.client_id, topic_filter)
 
-    def submit_publishes(self, link: LinkLike, publishes: Sequence[PublishLike]) -> asyncio.Future[Any]:
+    def submit_publishes(self, link: LinkLike, publishes: Sequence[Publish]) -> asyncio.Future[Any]:
         """The core's one publish call.  A batch that is all well-formed telemetry of this device joins
         the next group commit without a coroutine (the future completes after the commit); anything
         else is handled in order by a task (:meth:`_handle_in_order`)."""
@@ -149,7 +145,7 @@ class HubEndpoint:
             run.append((kind.properties, packet.payload))
         return self.service.submit_many(self.name, device_id, run)
 
-    async def _handle_in_order(self, link: LinkLike, publishes: Sequence[PublishLike]) -> None:
+    async def _handle_in_order(self, link: LinkLike, publishes: Sequence[Publish]) -> None:
         """Each run of telemetry is stored with one :meth:`HubService.ingest_many` (one group commit for
         all of it); anything else goes through :meth:`on_publish`, in order.  A violation stops there,
         counting the publishes handled before it (the core acknowledges those and closes)."""
