@@ -20,7 +20,7 @@ from azure_iot_emulator.store import Database
 class Batching:
     """An endpoint without sessions or connection callbacks.  A batch of only ``fast/...`` topics gets a
     future the test completes; ``explode`` makes ``submit_publishes`` itself raise; otherwise each
-    publish is handled in order by a task (``bad`` is a violation)."""
+    publish is handled in order by a task (``bad`` is a violation, ``ask`` is answered at once)."""
 
     name = "batch"
     keeps_sessions = False
@@ -47,11 +47,13 @@ class Batching:
             future = asyncio.get_running_loop().create_future()
             self.submitted.append(([packet.payload for packet in publishes], future))
             return future
-        return handle_in_order(publishes, self._handle)
+        return handle_in_order(publishes, lambda packet: self._handle(link, packet))
 
-    async def _handle(self, packet: p.Publish) -> None:
+    async def _handle(self, link, packet: p.Publish) -> None:
         if packet.topic == "bad":
             raise ProtocolViolation("bad topic")
+        if packet.topic == "ask":
+            await link.publish("reply", b"answer of " + packet.payload)
         await asyncio.sleep(0)
         self.handled.append(packet.payload)
 
@@ -112,6 +114,20 @@ async def test_packets_after_a_batch_wait_for_it(db):
     endpoint.submitted[0][1].set_result(None)
     await settle()
     assert wire.received[1:] == [p.PubAck(1), p.SubAck(7, (1,))]
+    await broker.close()
+
+
+async def test_a_reply_sent_while_handling_leaves_after_the_puback(db):
+    endpoint = Batching()
+    broker = Broker(db, [endpoint])
+    driver, wire = await open_client(broker)
+    driver.data_received(publishes(("ask", 1), ("slow", 2)))
+    await settle()
+    reply = wire.received[-1]
+    assert wire.received[1:-1] == [p.PubAck(1), p.PubAck(2)]
+    assert isinstance(reply, p.Publish) and (reply.topic, reply.payload) == ("reply", b"answer of m1")
+    link = broker.link_for("batch", "dev")
+    assert link is not None and list(link.session.inflight) == [reply.packet_id]  # kept until PUBACKed
     await broker.close()
 
 
@@ -207,10 +223,10 @@ async def test_an_endpoint_that_keeps_no_sessions_ignores_clean_session_false(db
     driver.data_received(encode(p.Subscribe(1, (("x/#", 1),))))
     await settle()
     link = broker.link_for("batch", "dev")
-    assert link is not None and link.is_subscribed("x/y")
+    assert wire.received[-1] == p.SubAck(1, (1,)) and link is not None and link.is_subscribed("x/y")
     driver.connection_lost()
     await settle()
-    _, wire = await open_client(broker, clean=False)  # asserts CONNACK without session present
+    await open_client(broker, clean=False)  # asserts CONNACK without session present
     link = broker.link_for("batch", "dev")
     assert link is not None and not link.is_subscribed("x/y")
     await broker.close()

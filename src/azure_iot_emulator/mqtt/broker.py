@@ -87,8 +87,9 @@ class Link:
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
         """Send PUBLISH to the client (QoS 0 or 1).  QoS 1 messages stay in the session until PUBACKed
-        and are re-sent (DUP) when the client reconnects with ``clean_session=False``.  Returns once
-        the packet is handed to the transport; raises ``ConnectionError`` if the link is closed."""
+        and are re-sent (DUP) when the client reconnects with ``clean_session=False``.  Never waits for
+        the client: the packet goes to the transport now or, while publishes of this client are being
+        handled, right after their PUBACKs.  Raises ``ConnectionError`` if the link is closed."""
         if self.closed:
             raise ConnectionError(f"{self.endpoint_name}/{self.client_id} is not connected")
         qos = 1 if qos else 0
@@ -268,6 +269,7 @@ class ConnectionDriver:
         self._conn = sm.ServerConnection(broker.max_packet_size)
         self._events: collections.deque[sm.Event] = collections.deque()
         self._step: asyncio.Future[Any] | None = None
+        self._held: list[p.Packet] | None = None  # what the link sends while a batch of publishes is pending
         self._endpoint: Endpoint | None = None
         self.link: Link | None = None
         self._closed = False
@@ -323,8 +325,13 @@ class ConnectionDriver:
 
     # -------------------------------------------------------------------------------------- link side
     def send(self, packet: p.Packet) -> None:
+        """Send now, or, while a batch of publishes is pending, right after its PUBACKs (so a reply
+        never overtakes the acknowledgement of its request)."""
         if self._closed or self._conn.state is not sm.State.CONNECTED:
             raise ConnectionError("connection closed")
+        if self._held is not None:
+            self._held.append(packet)
+            return
         self._conn.send(packet)
         self._flush()
 
@@ -367,12 +374,15 @@ class ConnectionDriver:
 
     def _wait(self, step: asyncio.Future[Any], batch: list[p.Publish]) -> None:
         self._step = step
+        if batch:
+            self._held = []
         step.add_done_callback(functools.partial(self._step_done, batch))
 
     def _step_done(self, batch: list[p.Publish], step: asyncio.Future[Any]) -> None:
         """A waiting step finished: acknowledge what its publishes made durable, go on with the rest."""
         if self._step is step:
             self._step = None
+        held, self._held = self._held, None
         exc = ConnectionError("cancelled") if step.cancelled() else step.exception()
         if self._closed:
             return
@@ -382,6 +392,11 @@ class ConnectionDriver:
             if isinstance(exc, ProtocolViolation):
                 self._acknowledge(batch[: exc.handled])
             self._fail(exc)
+            return
+        if held and self._conn.state is sm.State.CONNECTED:
+            for packet in held:
+                self._conn.send(packet)
+            self._flush()
         self._advance()
 
     def _acknowledge(self, batch: list[p.Publish]) -> None:

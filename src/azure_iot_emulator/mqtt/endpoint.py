@@ -83,9 +83,10 @@ class TrafficHandler(Protocol):
         sends their PUBACKs (one write) only then, and never after the client's DISCONNECT.  Fail it
         with :class:`ProtocolViolation` (``handled`` = how many were handled) to have those
         acknowledged and the connection closed; any other failure closes it acknowledging none.  The
-        core calls again only once the future is done.  Do not wait for the same client inside: its
-        PUBACKs leave after the future completes (schedule replies instead).  Plain methods can return
-        a future they complete themselves (no task); coroutine code uses :func:`handle_in_order`."""
+        core calls again only once the future is done.  What the endpoint publishes to this client
+        meanwhile (a reply) leaves right after these PUBACKs; never wait for the client's answer inside
+        (it could only come after them).  Plain methods can return a future they complete themselves
+        (no task); coroutine code uses :func:`handle_in_order`."""
         ...
 
 
