@@ -53,8 +53,10 @@ class Recorder:
     def may_subscribe(self, link, topic_filter: str) -> bool:
         return topic_filter.startswith(f"to/{link.client_id}/")
 
-    def submit_publishes(self, link, publishes) -> asyncio.Future[None]:
-        return handle_in_order(publishes, lambda packet: self.on_publish(link, packet.topic, packet.payload))
+    def submit_publishes(self, link, publishes, after) -> asyncio.Future[None]:
+        return handle_in_order(
+            publishes, after, lambda packet: self.on_publish(link, packet.topic, packet.payload)
+        )
 
     async def on_publish(self, link, topic: str, payload: bytes) -> None:
         if topic == "forbidden":

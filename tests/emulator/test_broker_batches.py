@@ -1,7 +1,8 @@
 """The MQTT core's one publish path without sockets: every PUBLISH read back to back reaches the
-endpoint in one ``submit_publishes`` call; a PUBACK leaves only after the endpoint's future says the
-publish is handled, in order, never after the client's DISCONNECT; nothing later on the connection is
-looked at before that; a failure closes only that connection, acknowledging exactly what was handled."""
+endpoint in one ``submit_publishes`` call, at once, with the previous batch's future while that is
+pending; a PUBACK leaves only after the endpoint's future says the publish is handled, in arrival order,
+never after the client's DISCONNECT; other packets wait for the publishes before them; a failure closes
+only that connection, acknowledging exactly what was handled."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class Batching:
         self.handled: list[bytes] = []
         self.submitted: list[tuple[list[bytes], asyncio.Future[None]]] = []
         self.calls: list[list[int | None]] = []
+        self.afters: list[asyncio.Future[None] | None] = []
 
     def claims(self, info: ConnectInfo) -> bool:
         return True
@@ -39,15 +41,16 @@ class Batching:
     def may_subscribe(self, link, topic_filter: str) -> bool:
         return True
 
-    def submit_publishes(self, link, publishes) -> asyncio.Future[None]:
+    def submit_publishes(self, link, publishes, after) -> asyncio.Future[None]:
         self.calls.append([packet.packet_id for packet in publishes])
+        self.afters.append(after)
         if any(packet.topic == "explode" for packet in publishes):
             raise RuntimeError("endpoint bug")
         if all(packet.topic.startswith("fast/") for packet in publishes):
             future = asyncio.get_running_loop().create_future()
             self.submitted.append(([packet.payload for packet in publishes], future))
             return future
-        return handle_in_order(publishes, lambda packet: self._handle(link, packet))
+        return handle_in_order(publishes, after, lambda packet: self._handle(link, packet))
 
     async def _handle(self, link, packet: p.Publish) -> None:
         if packet.topic == "bad":
@@ -83,24 +86,48 @@ def acks(wire: Wire) -> list[int]:
     return [packet.packet_id for packet in wire.received if isinstance(packet, p.PubAck)]
 
 
-async def test_publishes_are_acknowledged_only_after_completion_in_order(db):
+async def test_publishes_are_acknowledged_only_after_completion_in_arrival_order(db):
     endpoint = Batching()
     broker = Broker(db, [endpoint])
     driver, wire = await open_client(broker)
     driver.data_received(publishes(("fast/a", 1), ("fast/a", 2)))
-    await settle()
-    assert endpoint.calls == [[1, 2]] and acks(wire) == []  # nothing acknowledged before completion
-    # Read while the first batch is pending: queued, then handed over together once it is done.
     driver.data_received(publishes(("fast/a", 3)))
+    await settle()
+    # Both handed over at once, the second with the first's future; nothing acknowledged yet.
+    (_, first), (_, second) = endpoint.submitted
+    assert endpoint.calls == [[1, 2], [3]] and endpoint.afters == [None, first]
+    assert acks(wire) == []
+    second.set_result(None)  # done first, acknowledged only after the batch before it
+    await settle()
+    assert acks(wire) == []
+    first.set_result(None)
+    await settle()
+    assert acks(wire) == [1, 2, 3] and not wire.closed
     driver.data_received(publishes(("fast/b", 4)))
     await settle()
-    assert endpoint.calls == [[1, 2]] and acks(wire) == []
-    endpoint.submitted[0][1].set_result(None)
+    assert endpoint.afters[-1] is None  # nothing pending any more
+    await broker.close()
+
+
+@pytest.mark.parametrize("first_fails", [False, True])
+async def test_a_task_waits_for_the_batch_before_it(db, first_fails):
+    endpoint = Batching()
+    broker = Broker(db, [endpoint])
+    driver, wire = await open_client(broker)
+    driver.data_received(publishes(("fast/a", 1)))
+    driver.data_received(publishes(("slow", 2)))
     await settle()
-    assert acks(wire) == [1, 2] and endpoint.calls == [[1, 2], [3, 4]]
-    endpoint.submitted[1][1].set_result(None)
+    assert endpoint.handled == [] and acks(wire) == []
+    first = endpoint.submitted[0][1]
+    if first_fails:
+        first.set_exception(RuntimeError("not stored"))
+    else:
+        first.set_result(None)
     await settle()
-    assert acks(wire) == [1, 2, 3, 4] and not wire.closed
+    if first_fails:  # nothing after a failed batch is handled or acknowledged
+        assert wire.closed and endpoint.handled == [] and acks(wire) == []
+    else:
+        assert endpoint.handled == [b"m2"] and acks(wire) == [1, 2] and not wire.closed
     await broker.close()
 
 
@@ -108,12 +135,16 @@ async def test_packets_after_a_batch_wait_for_it(db):
     endpoint = Batching()
     broker = Broker(db, [endpoint])
     driver, wire = await open_client(broker)
-    driver.data_received(publishes(("fast/a", 1)) + encode(p.Subscribe(7, (("x/#", 1),))))
+    driver.data_received(
+        publishes(("fast/a", 1)) + encode(p.Subscribe(7, (("x/#", 1),))) + publishes(("fast/a", 2))
+    )
     await settle()
-    assert wire.received == [p.ConnAck(0)]  # the SUBSCRIBE waits for the publish before it
+    # The SUBSCRIBE waits for the publish before it, and the publish after it for the SUBSCRIBE.
+    assert wire.received == [p.ConnAck(0)] and endpoint.calls == [[1]]
     endpoint.submitted[0][1].set_result(None)
     await settle()
-    assert wire.received[1:] == [p.PubAck(1), p.SubAck(7, (1,))]
+    assert wire.received[1:] == [p.PubAck(1), p.SubAck(7, (1,))] and endpoint.calls == [[1], [2]]
+    assert endpoint.afters[-1] is None
     await broker.close()
 
 

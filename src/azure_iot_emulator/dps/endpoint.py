@@ -65,8 +65,12 @@ class DpsEndpoint:
     def may_subscribe(self, link: Link, topic_filter: str) -> bool:
         return topic_filter == topics.RESPONSE_FILTER
 
-    def submit_publishes(self, link: Link, publishes: Sequence[Publish]) -> asyncio.Future[None]:
-        return handle_in_order(publishes, lambda packet: self.on_publish(link, packet.topic, packet.payload))
+    def submit_publishes(
+        self, link: Link, publishes: Sequence[Publish], after: asyncio.Future[Any] | None
+    ) -> asyncio.Future[None]:
+        return handle_in_order(
+            publishes, after, lambda packet: self.on_publish(link, packet.topic, packet.payload)
+        )
 
     async def on_publish(self, link: Link, topic: str, payload: bytes) -> None:
         request = topics.classify(topic)

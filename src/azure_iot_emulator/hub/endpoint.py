@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from azure_iot_emulator.hub import topics
 from azure_iot_emulator.hub.service import HubError, HubService
 from azure_iot_emulator.hub.telemetry import MAX_MESSAGE_BYTES
-from azure_iot_emulator.mqtt.endpoint import ConnectInfo, ProtocolViolation
+from azure_iot_emulator.mqtt.endpoint import ConnectInfo, ProtocolViolation, wait_for_turn
 from azure_iot_emulator.mqtt.packets import Publish
 from azure_iot_emulator.sas import SasError, verify_sas
 
@@ -132,23 +132,38 @@ class HubEndpoint:
     def may_subscribe(self, link: LinkLike, topic_filter: str) -> bool:
         return topics.may_subscribe(link.client_id, topic_filter)
 
-    def submit_publishes(self, link: LinkLike, publishes: Sequence[Publish]) -> asyncio.Future[Any]:
+    def submit_publishes(
+        self, link: LinkLike, publishes: Sequence[Publish], after: asyncio.Future[Any] | None
+    ) -> asyncio.Future[Any]:
         """The core's one publish call.  A batch that is all well-formed telemetry of this device joins
-        the next group commit without a coroutine (the future completes after the commit); anything
-        else is handled in order by a task (:meth:`_handle_in_order`)."""
-        device_id = link.client_id
+        the next group commit without a coroutine (the future completes after the commit; the commit
+        queue keeps the order) unless a task of this connection is still running; anything else is
+        handled in order by a task (:meth:`_handle_in_order`) after the previous batch."""
+        if not (isinstance(after, asyncio.Task) and not after.done()):
+            run = self._telemetry_only(link.client_id, publishes)
+            if run is not None:
+                return self.service.submit_many(self.name, link.client_id, run)
+        return asyncio.get_running_loop().create_task(self._handle_in_order(link, publishes, after))
+
+    @staticmethod
+    def _telemetry_only(
+        device_id: str, publishes: Sequence[Publish]
+    ) -> list[tuple[topics.PropertyBag, bytes]] | None:
         run: list[tuple[topics.PropertyBag, bytes]] = []
         for packet in publishes:
             kind = topics.classify_publish(device_id, packet.topic)
             if type(kind) is not topics.Telemetry or len(packet.payload) > MAX_MESSAGE_BYTES:
-                return asyncio.get_running_loop().create_task(self._handle_in_order(link, publishes))
+                return None
             run.append((kind.properties, packet.payload))
-        return self.service.submit_many(self.name, device_id, run)
+        return run
 
-    async def _handle_in_order(self, link: LinkLike, publishes: Sequence[Publish]) -> None:
+    async def _handle_in_order(
+        self, link: LinkLike, publishes: Sequence[Publish], after: asyncio.Future[Any] | None
+    ) -> None:
         """Each run of telemetry is stored with one :meth:`HubService.ingest_many` (one group commit for
         all of it); anything else goes through :meth:`on_publish`, in order.  A violation stops there,
         counting the publishes handled before it (the core acknowledges those and closes)."""
+        await wait_for_turn(after)
         device_id = link.client_id
         count = len(publishes)
         index = 0

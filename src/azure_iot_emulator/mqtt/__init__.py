@@ -12,6 +12,7 @@ from azure_iot_emulator.mqtt.endpoint import (
     TrafficHandler,
     handle_in_order,
     topic_matches,
+    wait_for_turn,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "TrafficHandler",
     "handle_in_order",
     "topic_matches",
+    "wait_for_turn",
 ]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -244,9 +243,10 @@ class Broker:
 
 class ConnectionDriver:
     """Runs one connection: feeds the bytes its transport read to the state machine and takes the
-    resulting events one step at a time, in order.  Most steps are immediate (SUBSCRIBE, PUBACK, ...);
-    two wait on a future before the next step starts: a CONNECT (authentication) and a batch of
-    publishes handed to the endpoint (every PUBLISH queued back to back goes in one batch).
+    resulting events in order.  Every PUBLISH read back to back goes to the endpoint as one batch,
+    at once, even while earlier batches are pending (the endpoint keeps their order; the PUBACKs
+    leave in arrival order, each once its batch is done).  Anything else waits until no batch is
+    pending; a CONNECT (authentication) holds everything after it until it is done.
 
     The transport's side is two calls: :meth:`data_received` with plaintext bytes, and
     :meth:`connection_lost` once, when the connection is gone."""
@@ -268,8 +268,9 @@ class ConnectionDriver:
         self._remote = remote_address
         self._conn = sm.ServerConnection(broker.max_packet_size)
         self._events: collections.deque[sm.Event] = collections.deque()
-        self._step: asyncio.Future[Any] | None = None
-        self._held: list[p.Packet] | None = None  # what the link sends while a batch of publishes is pending
+        self._connecting: asyncio.Task[None] | None = None
+        self._batches: collections.deque[tuple[asyncio.Future[Any], list[p.Publish]]] = collections.deque()
+        self._held: list[p.Packet] | None = None  # what the link sends while batches are pending
         self._endpoint: Endpoint | None = None
         self.link: Link | None = None
         self._closed = False
@@ -288,7 +289,7 @@ class ConnectionDriver:
         self._flush()
         if events:
             self._events.extend(events)
-            if self._step is None:
+            if self._connecting is None:
                 self._advance()
 
     def connection_lost(self) -> None:
@@ -305,9 +306,14 @@ class ConnectionDriver:
         self._reading = False
 
     async def drained(self) -> None:
-        """Returns once every step of what was already read is done."""
-        while self._step is not None:
-            await asyncio.wait({self._step})
+        """Returns once everything already read is handled."""
+        while True:
+            pending: set[asyncio.Future[Any]] = {future for future, _ in self._batches}
+            if self._connecting is not None:
+                pending.add(self._connecting)
+            if not pending:
+                return
+            await asyncio.wait(pending)
 
     async def transport_gone(self) -> None:
         await self._lost.wait()
@@ -325,7 +331,7 @@ class ConnectionDriver:
 
     # -------------------------------------------------------------------------------------- link side
     def send(self, packet: p.Packet) -> None:
-        """Send now, or, while a batch of publishes is pending, right after its PUBACKs (so a reply
+        """Send now, or, while publishes are being handled, right after the next PUBACKs (so a reply
         never overtakes the acknowledgement of its request)."""
         if self._closed or self._conn.state is not sm.State.CONNECTED:
             raise ConnectionError("connection closed")
@@ -347,12 +353,13 @@ class ConnectionDriver:
 
     # -------------------------------------------------------------------------------------- the steps
     def _advance(self) -> None:
-        """Take queued events in order until one has to wait (its future resumes here) or none is left."""
+        """Take queued events in order until one has to wait or none is left."""
         events = self._events
-        while events and self._step is None and not self._closed:
-            event = events.popleft()
+        while events and self._connecting is None and not self._closed:
+            event = events[0]
             try:
                 if isinstance(event, sm.PublishReceived):
+                    events.popleft()
                     batch = [event.packet]
                     while events:
                         following = events[0]
@@ -360,50 +367,66 @@ class ConnectionDriver:
                             break
                         events.popleft()
                         batch.append(following.packet)
-                    self._wait(self._submit(batch), batch)
+                    self._submit(batch)
+                elif self._batches:
+                    return  # resumed by _batch_done once no batch is pending
                 elif isinstance(event, sm.ConnectRequested):
-                    self._wait(asyncio.get_running_loop().create_task(self._on_connect(event.packet)), [])
+                    events.popleft()
+                    self._connecting = asyncio.get_running_loop().create_task(self._on_connect(event.packet))
+                    self._connecting.add_done_callback(self._connected)
                 else:
+                    events.popleft()
                     self._handle(event)
             except Exception as exc:
                 self._fail(exc)
 
-    def _submit(self, batch: list[p.Publish]) -> asyncio.Future[Any]:
+    def _submit(self, batch: list[p.Publish]) -> None:
         assert self._endpoint is not None and self.link is not None
-        return self._endpoint.submit_publishes(self.link, batch)
-
-    def _wait(self, step: asyncio.Future[Any], batch: list[p.Publish]) -> None:
-        self._step = step
-        if batch:
+        after = self._batches[-1][0] if self._batches else None
+        future = self._endpoint.submit_publishes(self.link, batch, after)
+        self._batches.append((future, batch))
+        if self._held is None:
             self._held = []
-        step.add_done_callback(functools.partial(self._step_done, batch))
+        future.add_done_callback(self._batch_done)
 
-    def _step_done(self, batch: list[p.Publish], step: asyncio.Future[Any]) -> None:
-        """A waiting step finished: acknowledge what its publishes made durable, go on with the rest."""
-        if self._step is step:
-            self._step = None
-        held, self._held = self._held, None
-        exc = ConnectionError("cancelled") if step.cancelled() else step.exception()
+    def _batch_done(self, _: asyncio.Future[Any]) -> None:
+        """Acknowledge, in arrival order, every batch at the head of the queue that is done; then send
+        what the link held meanwhile, in the same write."""
+        batches = self._batches
+        ids: list[int] = []
+        failure: BaseException | None = None
+        while batches and batches[0][0].done():
+            future, batch = batches.popleft()
+            failure = ConnectionError("cancelled") if future.cancelled() else future.exception()
+            handled = batch if failure is None else batch[: _handled(failure)]
+            ids += [packet.packet_id for packet in handled if packet.packet_id is not None]  # QoS 1
+            if failure is not None:
+                break
+        if self._closed:
+            batches.clear()
+            return
+        held, self._held = self._held, ([] if batches and failure is None else None)
+        if self._conn.state is sm.State.CONNECTED:  # nothing after the client's DISCONNECT
+            if ids:
+                self._conn.acknowledge(ids)
+            if failure is None:
+                for packet in held or ():
+                    self._conn.send(packet)
+            self._flush()
+        if failure is not None:
+            self._fail(failure)
+        elif not batches:
+            self._advance()
+
+    def _connected(self, task: asyncio.Task[None]) -> None:
+        self._connecting = None
+        failure = ConnectionError("cancelled") if task.cancelled() else task.exception()
         if self._closed:
             return
-        if exc is None:
-            self._acknowledge(batch)
+        if failure is not None:
+            self._fail(failure)
         else:
-            if isinstance(exc, ProtocolViolation):
-                self._acknowledge(batch[: exc.handled])
-            self._fail(exc)
-            return
-        if held and self._conn.state is sm.State.CONNECTED:
-            for packet in held:
-                self._conn.send(packet)
-            self._flush()
-        self._advance()
-
-    def _acknowledge(self, batch: list[p.Publish]) -> None:
-        ids = [packet.packet_id for packet in batch if packet.packet_id is not None]  # QoS 1 ones
-        if ids and self._conn.state is sm.State.CONNECTED:  # not after the client's DISCONNECT
-            self._conn.acknowledge(ids)
-            self._flush()
+            self._advance()
 
     def _fail(self, exc: BaseException) -> None:
         """An endpoint error closes this connection only."""
@@ -516,6 +539,10 @@ class ConnectionDriver:
             self.link.session.subscriptions.pop(topic_filter, None)
         self._broker._store_subscriptions(self.link.session, {}, packet.topics)
         self.send(p.UnsubAck(packet.packet_id))
+
+
+def _handled(failure: BaseException) -> int:
+    return failure.handled if isinstance(failure, ProtocolViolation) else 0
 
 
 _background: set[asyncio.Task[None]] = set()

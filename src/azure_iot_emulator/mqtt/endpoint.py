@@ -15,8 +15,8 @@ and close.  Lifecycle of one connection:
 3. SUBSCRIBE: each filter is granted (QoS min(requested, 1)) when :meth:`TrafficHandler.may_subscribe`
    is true, else 0x80.  Kept sessions store their subscriptions in SQLite (they survive reconnects and
    restarts: the device SDK never re-subscribes).
-4. PUBLISH: see :meth:`TrafficHandler.submit_publishes`.  A connection's packets are taken one step at a
-   time, in order: nothing after a batch of publishes is looked at before that batch is done.
+4. PUBLISH: see :meth:`TrafficHandler.submit_publishes`.  Any other packet of the connection waits until
+   the publishes before it are handled.
 5. QoS 2, malformed or oversized packets, a second CONNECT: the core closes the connection.
 6. Close (any cause): :meth:`LinkObserver.on_closed`, once, after the link is unregistered.
 
@@ -77,16 +77,20 @@ class ConnectGate(Protocol):
 class TrafficHandler(Protocol):
     def may_subscribe(self, link: Link, topic_filter: str) -> bool: ...
 
-    def submit_publishes(self, link: Link, publishes: Sequence[Publish]) -> asyncio.Future[Any]:
+    def submit_publishes(
+        self, link: Link, publishes: Sequence[Publish], after: asyncio.Future[Any] | None
+    ) -> asyncio.Future[Any]:
         """Take ``publishes`` (every PUBLISH read back to back from one connection, in arrival order)
         and return at once a future that completes when all of them are handled, durably: the core
-        sends their PUBACKs (one write) only then, and never after the client's DISCONNECT.  Fail it
-        with :class:`ProtocolViolation` (``handled`` = how many were handled) to have those
-        acknowledged and the connection closed; any other failure closes it acknowledging none.  The
-        core calls again only once the future is done.  What the endpoint publishes to this client
-        meanwhile (a reply) leaves right after these PUBACKs; never wait for the client's answer inside
-        (it could only come after them).  Plain methods can return a future they complete themselves
-        (no task); coroutine code uses :func:`handle_in_order`."""
+        sends their PUBACKs only then, in arrival order, and never after the client's DISCONNECT.
+        Fail it with :class:`ProtocolViolation` (``handled`` = how many were handled) to have those
+        acknowledged and the connection closed; any other failure closes it acknowledging none.
+
+        ``after`` is the future of this connection's previous batch while that is still pending (the
+        core does not wait for it): keep the order, e.g. queue at once where the queue keeps it, or
+        start with ``await wait_for_turn(after)``.  What the endpoint publishes to this client
+        meanwhile (a reply) leaves right after the next PUBACKs; never wait for the client's answer
+        inside.  Coroutine code one publish at a time: return :func:`handle_in_order`."""
         ...
 
 
@@ -103,14 +107,28 @@ class LinkObserver(Protocol):
     async def on_closed(self, link: Link) -> None: ...
 
 
+async def wait_for_turn(after: asyncio.Future[Any] | None) -> None:
+    """Wait until the connection's previous batch is handled; raise if it failed (then the connection
+    is closing and nothing after it may be handled)."""
+    if after is None:
+        return
+    if not after.done():
+        await asyncio.wait({after})
+    if after.cancelled() or after.exception() is not None:
+        raise ConnectionError("an earlier publish of this connection failed")
+
+
 def handle_in_order(
-    publishes: Sequence[Publish], handle: Callable[[Publish], Awaitable[None]]
+    publishes: Sequence[Publish],
+    after: asyncio.Future[Any] | None,
+    handle: Callable[[Publish], Awaitable[None]],
 ) -> asyncio.Future[None]:
     """:meth:`TrafficHandler.submit_publishes` for handlers written one publish at a time: a task that
-    awaits ``handle`` for each publish in order and turns a :class:`ProtocolViolation` into one that
-    counts the publishes handled before it."""
+    waits for ``after``, then awaits ``handle`` for each publish in order, and turns a
+    :class:`ProtocolViolation` into one that counts the publishes handled before it."""
 
     async def run() -> None:
+        await wait_for_turn(after)
         for index, packet in enumerate(publishes):
             try:
                 await handle(packet)
