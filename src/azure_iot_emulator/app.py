@@ -26,7 +26,7 @@ from azure_iot_emulator.config import EmulatorConfig, listen_address
 from azure_iot_emulator.dps.part import DpsPart
 from azure_iot_emulator.hub.part import HubPart
 from azure_iot_emulator.mqtt.broker import Broker
-from azure_iot_emulator.mqtt.endpoint import Endpoint, ProtocolViolation
+from azure_iot_emulator.mqtt.endpoint import Endpoint
 from azure_iot_emulator.mqtt.tls import server_context, start_listener
 from azure_iot_emulator.pki import ServerPki, issue_server_certificate
 from azure_iot_emulator.store import Database
@@ -105,10 +105,7 @@ class Emulator:
     def _build_parts(self) -> None:
         cfg, db, keys = self.config, self.db, self.secrets
         assert db is not None and keys is not None
-        self.hub = HubPart(
-            db, cfg.hub_hosts, self.clock, service_keys=lambda: {HUB_POLICY: keys.hub_key},
-            violation=ProtocolViolation,
-        )
+        self.hub = HubPart(db, cfg.hub_hosts, self.clock, service_keys=lambda: {HUB_POLICY: keys.hub_key})
         self.dps = DpsPart(
             db,
             id_scope=keys.id_scope,

@@ -11,7 +11,7 @@ import pytest
 from azure_iot_emulator.mqtt import packets as p
 from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.codec import StreamDecoder, encode
-from azure_iot_emulator.mqtt.endpoint import ConnectInfo, ProtocolViolation
+from azure_iot_emulator.mqtt.endpoint import ConnectInfo, ProtocolViolation, handle_in_order
 from azure_iot_emulator.store import Database
 
 
@@ -35,6 +35,7 @@ class Wire:
 
 class Recorder:
     name = "test"
+    keeps_sessions = True
 
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes]] = []
@@ -51,6 +52,11 @@ class Recorder:
 
     def may_subscribe(self, link, topic_filter: str) -> bool:
         return topic_filter.startswith(f"to/{link.client_id}/")
+
+    def submit_publishes(self, link, publishes, after) -> asyncio.Future[None]:
+        return handle_in_order(
+            publishes, after, lambda packet: self.on_publish(link, packet.topic, packet.payload)
+        )
 
     async def on_publish(self, link, topic: str, payload: bytes) -> None:
         if topic == "forbidden":

@@ -16,7 +16,7 @@ import asyncio
 import collections
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -24,7 +24,8 @@ from azure_iot_emulator.dps import topics
 from azure_iot_emulator.dps.errors import DpsError, bad_request
 from azure_iot_emulator.dps.service import DpsService, operation_id
 from azure_iot_emulator.mqtt.broker import Link
-from azure_iot_emulator.mqtt.endpoint import ConnectInfo, ProtocolViolation
+from azure_iot_emulator.mqtt.endpoint import ConnectInfo, ProtocolViolation, handle_in_order
+from azure_iot_emulator.mqtt.packets import Publish
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ _OPERATIONS_KEPT = 10_000
 
 class DpsEndpoint:
     name = "dps"
-    persistent_sessions = False  # Azure DPS ignores CleanSession: sessions are never kept
+    keeps_sessions = False  # Azure DPS ignores CleanSession: sessions are never kept
 
     def __init__(self, service: DpsService, clock: Callable[[], datetime]) -> None:
         self._service = service
@@ -61,14 +62,15 @@ class DpsEndpoint:
             return 5
         return 0
 
-    async def on_connected(self, link: Link) -> None:
-        return None
-
-    async def on_closed(self, link: Link) -> None:
-        return None
-
     def may_subscribe(self, link: Link, topic_filter: str) -> bool:
         return topic_filter == topics.RESPONSE_FILTER
+
+    def submit_publishes(
+        self, link: Link, publishes: Sequence[Publish], after: asyncio.Future[Any] | None
+    ) -> asyncio.Future[None]:
+        return handle_in_order(
+            publishes, after, lambda packet: self.on_publish(link, packet.topic, packet.payload)
+        )
 
     async def on_publish(self, link: Link, topic: str, payload: bytes) -> None:
         request = topics.classify(topic)

@@ -22,12 +22,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from azure_iot_emulator.hub import topics
 from azure_iot_emulator.hub.service import HubError, HubService
 from azure_iot_emulator.hub.telemetry import MAX_MESSAGE_BYTES
-from azure_iot_emulator.mqtt.endpoint import ProtocolViolation
+from azure_iot_emulator.mqtt.endpoint import ConnectInfo, ProtocolViolation, wait_for_turn
+from azure_iot_emulator.mqtt.packets import Publish
 from azure_iot_emulator.sas import SasError, verify_sas
 
 log = logging.getLogger(__name__)
@@ -35,11 +37,6 @@ log = logging.getLogger(__name__)
 CONNACK_ACCEPTED = 0
 CONNACK_BAD_CREDENTIALS = 4
 CONNACK_NOT_AUTHORIZED = 5
-
-
-class PublishLike(Protocol):
-    topic: str
-    payload: bytes
 
 
 class LinkLike(Protocol):
@@ -52,7 +49,7 @@ class LinkLike(Protocol):
     def close(self) -> None: ...
 
 
-def _thumbprints(certificate: Any) -> tuple[str, str] | None:
+def _thumbprints(certificate: x509.Certificate | None) -> tuple[str, str] | None:
     if certificate is None:
         return None
     sha1 = certificate.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303 - Azure's thumbprint
@@ -63,20 +60,19 @@ def _thumbprints(certificate: Any) -> tuple[str, str] | None:
 class HubEndpoint:
     """The endpoint of hub ``host`` (its ``name`` is the hub host name)."""
 
-    def __init__(
-        self, host: str, service: HubService, violation: type[Exception] = ProtocolViolation
-    ) -> None:
+    keeps_sessions = True
+
+    def __init__(self, host: str, service: HubService) -> None:
         self.name = host
         self.service = service
-        self._violation = violation
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -------------------------------------------------------------------------------------------- connect
-    def claims(self, info: Any) -> bool:
-        parsed = topics.parse_username(getattr(info, "username", None))
+    def claims(self, info: ConnectInfo) -> bool:
+        parsed = topics.parse_username(info.username)
         return parsed is not None and parsed.host.lower() == self.name.lower()
 
-    async def authenticate(self, info: Any) -> int:
+    async def authenticate(self, info: ConnectInfo) -> int:
         parsed = topics.parse_username(info.username)
         if parsed is None or parsed.module_id is not None or info.client_id != parsed.device_id:
             log.info(
@@ -91,7 +87,7 @@ class HubEndpoint:
             log.info("hub %s refused %s: disabled", self.name, parsed.device_id)
             return CONNACK_NOT_AUTHORIZED
         if device.auth_type == "selfSigned":
-            prints = _thumbprints(getattr(info, "peer_certificate", None))
+            prints = _thumbprints(info.peer_certificate)
             if prints is None or not device.thumbprint_matches(*prints):
                 log.info(
                     "hub %s refused %s: certificate thumbprint %s not registered",
@@ -111,7 +107,7 @@ class HubEndpoint:
         )
         return CONNACK_NOT_AUTHORIZED
 
-    def _check_device_sas(self, info: Any, device_id: str, *keys: str | None) -> int:
+    def _check_device_sas(self, info: ConnectInfo, device_id: str, *keys: str | None) -> int:
         password = info.password.decode("utf-8", "replace") if info.password else None
         for key in keys:
             if not key:
@@ -137,25 +133,37 @@ class HubEndpoint:
         return topics.may_subscribe(link.client_id, topic_filter)
 
     def submit_publishes(
-        self, link: LinkLike, publishes: Sequence[PublishLike]
-    ) -> asyncio.Future[None] | None:
-        """The core's fastest path: a batch that is all well-formed telemetry of this device joins the
-        next group commit without a coroutine; the future completes after the commit.  Anything else
-        -> ``None`` (the core uses :meth:`on_publish_batch`)."""
-        device_id = link.client_id
+        self, link: LinkLike, publishes: Sequence[Publish], after: asyncio.Future[Any] | None
+    ) -> asyncio.Future[Any]:
+        """The core's one publish call.  A batch that is all well-formed telemetry of this device joins
+        the next group commit without a coroutine (the future completes after the commit; the commit
+        queue keeps the order) unless a task of this connection is still running; anything else is
+        handled in order by a task (:meth:`_handle_in_order`) after the previous batch."""
+        if not (isinstance(after, asyncio.Task) and not after.done()):
+            run = self._telemetry_only(link.client_id, publishes)
+            if run is not None:
+                return self.service.submit_many(self.name, link.client_id, run)
+        return asyncio.get_running_loop().create_task(self._handle_in_order(link, publishes, after))
+
+    @staticmethod
+    def _telemetry_only(
+        device_id: str, publishes: Sequence[Publish]
+    ) -> list[tuple[topics.PropertyBag, bytes]] | None:
         run: list[tuple[topics.PropertyBag, bytes]] = []
         for packet in publishes:
             kind = topics.classify_publish(device_id, packet.topic)
             if type(kind) is not topics.Telemetry or len(packet.payload) > MAX_MESSAGE_BYTES:
                 return None
             run.append((kind.properties, packet.payload))
-        return self.service.submit_many(self.name, device_id, run)
+        return run
 
-    async def on_publish_batch(self, link: LinkLike, publishes: Sequence[PublishLike]) -> int:
-        """The core's fast path: publishes received back to back from one device.  Each run of
-        telemetry is stored with one :meth:`HubService.ingest_many` (one group commit for all of it);
-        anything else goes through :meth:`on_publish`, in order.  Returns how many were handled; a
-        violation stops there (the core acknowledges the ones before and closes the connection)."""
+    async def _handle_in_order(
+        self, link: LinkLike, publishes: Sequence[Publish], after: asyncio.Future[Any] | None
+    ) -> None:
+        """Each run of telemetry is stored with one :meth:`HubService.ingest_many` (one group commit for
+        all of it); anything else goes through :meth:`on_publish`, in order.  A violation stops there,
+        counting the publishes handled before it (the core acknowledges those and closes)."""
+        await wait_for_turn(after)
         device_id = link.client_id
         count = len(publishes)
         index = 0
@@ -174,23 +182,22 @@ class HubEndpoint:
                 packet = publishes[index]
                 try:
                     await self.on_publish(link, packet.topic, packet.payload)
-                except self._violation:
-                    return index
+                except ProtocolViolation as exc:
+                    raise ProtocolViolation(str(exc), handled=index) from exc
                 index += 1
-        return count
 
     async def on_publish(self, link: LinkLike, topic: str, payload: bytes) -> None:
         device_id = link.client_id
         kind = topics.classify_publish(device_id, topic)
         if isinstance(kind, topics.Forbidden):
             log.info("hub %s: closing %s: %s", self.name, device_id, kind.why)
-            raise self._violation(kind.why)
+            raise ProtocolViolation(kind.why)
         if isinstance(kind, topics.Telemetry):
             try:
                 await self.service.ingest(self.name, device_id, kind.properties, payload)
             except HubError as exc:
                 log.info("hub %s: closing %s: %s", self.name, device_id, exc.message)
-                raise self._violation(exc.message) from exc
+                raise ProtocolViolation(exc.message) from exc
             return
         if isinstance(kind, topics.TwinGet):
             self._reply(link, self._twin_get(device_id, kind.rid))

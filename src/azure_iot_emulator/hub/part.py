@@ -19,7 +19,6 @@ from azure_iot_emulator.hub.registry import HubRegistry
 from azure_iot_emulator.hub.rest import build_hub_rest_app
 from azure_iot_emulator.hub.service import HubService
 from azure_iot_emulator.hub.telemetry import TelemetryStore
-from azure_iot_emulator.mqtt.endpoint import ProtocolViolation
 from azure_iot_emulator.store import Database
 
 
@@ -32,7 +31,6 @@ class HubPart:
         service_keys: Callable[[], dict[str, str]],
         *,
         registry: HubRegistry | None = None,
-        violation: type[Exception] = ProtocolViolation,
     ) -> None:
         self.registry = registry or HubRegistry(db, hub_hosts, clock)
         self.registry.reset_connection_states()  # nobody is connected to a process that just started
@@ -40,7 +38,7 @@ class HubPart:
         self.service = HubService(self.registry, self.telemetry, clock)
         self._clock = clock
         self._keys = service_keys
-        self.endpoints = [HubEndpoint(host, self.service, violation) for host in hub_hosts]
+        self.endpoints = [HubEndpoint(host, self.service) for host in hub_hosts]
 
     def rest_app(self, host: str) -> web.Application:
         return build_hub_rest_app(self.service, host, self._keys, self._clock)

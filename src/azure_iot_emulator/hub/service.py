@@ -351,7 +351,7 @@ class HubService:
 
     def submit_many(
         self, hub: str, device_id: str, messages: Sequence[tuple[topics.PropertyBag, bytes]]
-    ) -> asyncio.Future[None]:
+    ) -> asyncio.Future[list[StoredMessage] | None]:
         """:meth:`ingest_many` without the coroutine: queue the messages for the next group commit and
         return a future that completes once they are committed (or fails if the commit fails)."""
         for _, body in messages:
@@ -361,7 +361,7 @@ class HubService:
             asyncio.get_running_loop().create_future(), len(self._ingest_items), len(messages), False
         )
         self._queue_ingest([(hub, device_id, properties, body) for properties, body in messages], waiter)
-        return waiter.future  # type: ignore[return-value]
+        return waiter.future
 
     def _queue_ingest(
         self, items: list[tuple[str, str, topics.PropertyBag, bytes]], waiter: _IngestWaiter

@@ -3,6 +3,28 @@
 (:mod:`.tls`).  Services plug in as endpoints; the interface is documented in :mod:`.endpoint`."""
 
 from azure_iot_emulator.mqtt.broker import Broker, Link
-from azure_iot_emulator.mqtt.endpoint import ConnectInfo, Endpoint, ProtocolViolation, topic_matches
+from azure_iot_emulator.mqtt.endpoint import (
+    ConnectGate,
+    ConnectInfo,
+    Endpoint,
+    LinkObserver,
+    ProtocolViolation,
+    TrafficHandler,
+    handle_in_order,
+    topic_matches,
+    wait_for_turn,
+)
 
-__all__ = ["Broker", "ConnectInfo", "Endpoint", "Link", "ProtocolViolation", "topic_matches"]
+__all__ = [
+    "Broker",
+    "ConnectGate",
+    "ConnectInfo",
+    "Endpoint",
+    "Link",
+    "LinkObserver",
+    "ProtocolViolation",
+    "TrafficHandler",
+    "handle_in_order",
+    "topic_matches",
+    "wait_for_turn",
+]

@@ -1,8 +1,11 @@
 """The MQTT core: routes connections to endpoints, keeps sessions, drives the sans-IO state machine.
 
-Transport-agnostic: a transport (the TLS shell in :mod:`azure_iot_emulator.mqtt.tls`) creates a
-:class:`ConnectionDriver` with :meth:`Broker.open_connection` once its handshake is done, hands it the
-plaintext bytes it reads and calls :meth:`ConnectionDriver.connection_lost` when the socket is gone.
+Transport-agnostic.  A transport shell (TLS in :mod:`azure_iot_emulator.mqtt.tls`; any other byte
+stream works the same way) does three things: once its handshake is done it calls
+:meth:`Broker.open_connection` with itself (a :class:`Transport`: ``write(bytes)``, ``close()``) and
+what it knows of the peer; it hands every plaintext chunk it reads to the returned driver's
+:meth:`ConnectionDriver.data_received`; it calls :meth:`ConnectionDriver.connection_lost` once when
+the stream is gone (also after the core itself asked it to ``close()``).
 """
 
 from __future__ import annotations
@@ -10,18 +13,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 
 from azure_iot_emulator.mqtt import connection as sm
 from azure_iot_emulator.mqtt import packets as p
-from azure_iot_emulator.mqtt.endpoint import ConnectInfo, Endpoint, ProtocolViolation, topic_matches
+from azure_iot_emulator.mqtt.endpoint import (
+    ConnectInfo,
+    Endpoint,
+    LinkObserver,
+    ProtocolViolation,
+    topic_matches,
+)
 from azure_iot_emulator.store import Database
 
 log = logging.getLogger(__name__)
@@ -41,6 +49,8 @@ CLOSE_TIMEOUT = 2.0  # graceful stop: per phase (drain handlers, flush transport
 
 
 class Transport(Protocol):
+    """The byte stream under one connection, as the core sees it."""
+
     def write(self, data: bytes) -> None: ...
 
     def close(self) -> None: ...
@@ -76,8 +86,9 @@ class Link:
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
         """Send PUBLISH to the client (QoS 0 or 1).  QoS 1 messages stay in the session until PUBACKed
-        and are re-sent (DUP) when the client reconnects with ``clean_session=False``.  Returns once
-        the packet is handed to the transport; raises ``ConnectionError`` if the link is closed."""
+        and are re-sent (DUP) when the client reconnects with ``clean_session=False``.  Never waits for
+        the client: the packet goes to the transport now or, while publishes of this client are being
+        handled, right after their PUBACKs.  Raises ``ConnectionError`` if the link is closed."""
         if self.closed:
             raise ConnectionError(f"{self.endpoint_name}/{self.client_id} is not connected")
         qos = 1 if qos else 0
@@ -231,7 +242,14 @@ class Broker:
 
 
 class ConnectionDriver:
-    """Runs one connection: feeds bytes to the state machine and handles its events in order."""
+    """Runs one connection: feeds the bytes its transport read to the state machine and takes the
+    resulting events in order.  Every PUBLISH read back to back goes to the endpoint as one batch,
+    at once, even while earlier batches are pending (the endpoint keeps their order; the PUBACKs
+    leave in arrival order, each once its batch is done).  Anything else waits until no batch is
+    pending; a CONNECT (authentication) holds everything after it until it is done.
+
+    The transport's side is two calls: :meth:`data_received` with plaintext bytes, and
+    :meth:`connection_lost` once, when the connection is gone."""
 
     def __init__(
         self,
@@ -250,7 +268,9 @@ class ConnectionDriver:
         self._remote = remote_address
         self._conn = sm.ServerConnection(broker.max_packet_size)
         self._events: collections.deque[sm.Event] = collections.deque()
-        self._worker: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._batches: collections.deque[tuple[asyncio.Future[Any], list[p.Publish]]] = collections.deque()
+        self._held: list[p.Packet] | None = None  # what the link sends while batches are pending
         self._endpoint: Endpoint | None = None
         self.link: Link | None = None
         self._closed = False
@@ -259,9 +279,6 @@ class ConnectionDriver:
         self._last_rx = self._opened
         self._reading = True
         self._lost = asyncio.Event()
-        self._batch_handler: Callable[[Link, list[p.Publish]], Awaitable[int]] | None = None
-        self._submit: Callable[[Link, list[p.Publish]], asyncio.Future[object] | None] | None = None
-        self._last_submit: asyncio.Future[object] | None = None
 
     # --------------------------------------------------------------------------------- transport side
     def data_received(self, data: bytes) -> None:
@@ -271,16 +288,9 @@ class ConnectionDriver:
         events = self._conn.receive(data)
         self._flush()
         if events:
-            if (
-                self._submit is not None
-                and self._worker is None
-                and all(type(event) is sm.PublishReceived for event in events)
-                and self._submit_batch([event.packet for event in events])  # type: ignore[union-attr]
-            ):
-                return
             self._events.extend(events)
-            if self._worker is None:
-                self._worker = asyncio.get_running_loop().create_task(self._work())
+            if self._connecting is None:
+                self._advance()
 
     def connection_lost(self) -> None:
         self._lost.set()
@@ -291,15 +301,19 @@ class ConnectionDriver:
         self._events.clear()
         self._finish()
 
+    # ------------------------------------------------------------------------------------ broker side
     def stop_reading(self) -> None:
         self._reading = False
 
     async def drained(self) -> None:
+        """Returns once everything already read is handled."""
         while True:
-            waiting = {w for w in (self._worker, self._last_submit) if w is not None}
-            if not waiting:
+            pending: set[asyncio.Future[Any]] = {future for future, _ in self._batches}
+            if self._connecting is not None:
+                pending.add(self._connecting)
+            if not pending:
                 return
-            await asyncio.wait(waiting)
+            await asyncio.wait(pending)
 
     async def transport_gone(self) -> None:
         await self._lost.wait()
@@ -312,13 +326,18 @@ class ConnectionDriver:
                 log.info("connection from %s: no CONNECT in time", self._remote)
                 self.close()
         elif self._keepalive and now - self._last_rx > 1.5 * self._keepalive:
-            log.info("%s: keepalive expired", self.link.client_id if self.link else self._remote)
+            log.info("%s: keepalive expired", self._who())
             self.close()
 
     # -------------------------------------------------------------------------------------- link side
     def send(self, packet: p.Packet) -> None:
+        """Send now, or, while publishes are being handled, right after the next PUBACKs (so a reply
+        never overtakes the acknowledgement of its request)."""
         if self._closed or self._conn.state is not sm.State.CONNECTED:
             raise ConnectionError("connection closed")
+        if self._held is not None:
+            self._held.append(packet)
+            return
         self._conn.send(packet)
         self._flush()
 
@@ -327,11 +346,114 @@ class ConnectionDriver:
             return
         self._closed = True
         self._conn.close()
+        self._events.clear()
         self._flush()
         self._transport.close()
         self._finish()
 
+    # -------------------------------------------------------------------------------------- the steps
+    def _advance(self) -> None:
+        """Take queued events in order until one has to wait or none is left."""
+        events = self._events
+        while events and self._connecting is None and not self._closed:
+            event = events[0]
+            try:
+                if isinstance(event, sm.PublishReceived):
+                    events.popleft()
+                    batch = [event.packet]
+                    while events:
+                        following = events[0]
+                        if not isinstance(following, sm.PublishReceived):
+                            break
+                        events.popleft()
+                        batch.append(following.packet)
+                    self._submit(batch)
+                elif self._batches:
+                    return  # resumed by _batch_done once no batch is pending
+                elif isinstance(event, sm.ConnectRequested):
+                    events.popleft()
+                    self._connecting = asyncio.get_running_loop().create_task(self._on_connect(event.packet))
+                    self._connecting.add_done_callback(self._connected)
+                else:
+                    events.popleft()
+                    self._handle(event)
+            except Exception as exc:
+                self._fail(exc)
+
+    def _submit(self, batch: list[p.Publish]) -> None:
+        assert self._endpoint is not None and self.link is not None
+        after = self._batches[-1][0] if self._batches else None
+        future = self._endpoint.submit_publishes(self.link, batch, after)
+        self._batches.append((future, batch))
+        if self._held is None:
+            self._held = []
+        future.add_done_callback(self._batch_done)
+
+    def _batch_done(self, _: asyncio.Future[Any]) -> None:
+        """Acknowledge, in arrival order, every batch at the head of the queue that is done; then send
+        what the link held meanwhile, in the same write."""
+        batches = self._batches
+        ids: list[int] = []
+        failure: BaseException | None = None
+        while batches and batches[0][0].done():
+            future, batch = batches.popleft()
+            failure = ConnectionError("cancelled") if future.cancelled() else future.exception()
+            handled = batch if failure is None else batch[: _handled(failure)]
+            ids += [packet.packet_id for packet in handled if packet.packet_id is not None]  # QoS 1
+            if failure is not None:
+                break
+        if self._closed:
+            batches.clear()
+            return
+        held, self._held = self._held, ([] if batches and failure is None else None)
+        if self._conn.state is sm.State.CONNECTED:  # nothing after the client's DISCONNECT
+            if ids:
+                self._conn.acknowledge(ids)
+            if failure is None:
+                for packet in held or ():
+                    self._conn.send(packet)
+            self._flush()
+        if failure is not None:
+            self._fail(failure)
+        elif not batches:
+            self._advance()
+
+    def _connected(self, task: asyncio.Task[None]) -> None:
+        self._connecting = None
+        failure = ConnectionError("cancelled") if task.cancelled() else task.exception()
+        if self._closed:
+            return
+        if failure is not None:
+            self._fail(failure)
+        else:
+            self._advance()
+
+    def _fail(self, exc: BaseException) -> None:
+        """An endpoint error closes this connection only."""
+        if isinstance(exc, ProtocolViolation):
+            log.info("%s: closing: %s", self._who(), exc)
+        else:
+            log.error("%s: unexpected error; closing the connection", self._who(), exc_info=exc)
+        self.close()
+
+    def _handle(self, event: sm.Event) -> None:
+        if isinstance(event, sm.SubscribeRequested):
+            self._on_subscribe(event.packet)
+        elif isinstance(event, sm.UnsubscribeRequested):
+            self._on_unsubscribe(event.packet)
+        elif isinstance(event, sm.PubAckReceived):
+            if self.link is not None:
+                self.link.session.inflight.pop(event.packet_id, None)
+        elif isinstance(event, sm.ClientDisconnected):
+            self.close()
+        elif isinstance(event, sm.ProtocolError):
+            log.info("%s: protocol error %s: %s", self._who(), event.reason, event.message)
+            self.close()
+
     # -------------------------------------------------------------------------------------- internals
+    def _who(self) -> str:
+        return self.link.client_id if self.link else f"{self._remote[0]}:{self._remote[1]}"
+
     def _flush(self) -> None:
         data = self._conn.data_to_send()
         if data:
@@ -345,70 +467,17 @@ class ConnectionDriver:
         link.closed = True
         self._broker._unregister(link)
         endpoint = self._endpoint
-        if endpoint is not None:
+        if isinstance(endpoint, LinkObserver):
             task = asyncio.get_running_loop().create_task(self._notify_closed(endpoint, link))
             _background.add(task)
             task.add_done_callback(_background.discard)
 
     @staticmethod
-    async def _notify_closed(endpoint: Endpoint, link: Link) -> None:
+    async def _notify_closed(endpoint: LinkObserver, link: Link) -> None:
         try:
             await endpoint.on_closed(link)
         except Exception:
-            log.exception("%s: on_closed failed for %s", endpoint.name, link.client_id)
-
-    async def _work(self) -> None:
-        events = self._events
-        try:
-            while events:
-                if self._last_submit is not None:
-                    # Publishes submitted on the fast path come first (they are acknowledged in order).
-                    await asyncio.wait({self._last_submit})
-                    if self._closed:
-                        events.clear()
-                    continue
-                event = events.popleft()
-                try:
-                    if self._batch_handler is not None and type(event) is sm.PublishReceived:
-                        # Every publish already received back to back goes to the endpoint at once;
-                        # their PUBACKs leave in one write once the endpoint has handled them.
-                        batch = [event.packet]
-                        while events and type(events[0]) is sm.PublishReceived:
-                            batch.append(events.popleft().packet)  # type: ignore[union-attr]
-                        await self._on_publish_batch(batch)
-                    else:
-                        await self._handle(event)
-                except ProtocolViolation as exc:
-                    log.info("%s: closing: %s", self._who(), exc)
-                    self.close()
-                except Exception:
-                    log.exception("%s: unexpected error; closing the connection", self._who())
-                    self.close()
-                if self._closed:
-                    self._events.clear()
-        finally:
-            self._worker = None
-
-    def _who(self) -> str:
-        return self.link.client_id if self.link else f"{self._remote[0]}:{self._remote[1]}"
-
-    async def _handle(self, event: sm.Event) -> None:
-        if isinstance(event, sm.ConnectRequested):
-            await self._on_connect(event.packet)
-        elif isinstance(event, sm.PublishReceived):
-            await self._on_publish(event.packet)
-        elif isinstance(event, sm.SubscribeRequested):
-            self._on_subscribe(event.packet)
-        elif isinstance(event, sm.UnsubscribeRequested):
-            self._on_unsubscribe(event.packet)
-        elif isinstance(event, sm.PubAckReceived):
-            if self.link is not None:
-                self.link.session.inflight.pop(event.packet_id, None)
-        elif isinstance(event, sm.ClientDisconnected):
-            self.close()
-        elif isinstance(event, sm.ProtocolError):
-            log.info("%s: protocol error %s: %s", self._who(), event.reason, event.message)
-            self.close()
+            log.exception("%s: on_closed failed for %s", link.endpoint_name, link.client_id)
 
     async def _on_connect(self, packet: p.Connect) -> None:
         info = ConnectInfo(
@@ -430,83 +499,25 @@ class ConnectionDriver:
             rc = await endpoint.authenticate(info)
         if self._closed:
             return
-        if rc != p.ACCEPTED:
+        if endpoint is None or rc != p.ACCEPTED:
             self._conn.refuse(rc)
             self.close()
             return
-        assert endpoint is not None
-        clean = info.clean_session or not getattr(endpoint, "persistent_sessions", True)
+        clean = info.clean_session or not endpoint.keeps_sessions
         session, present = self._broker._session(endpoint, info.client_id, clean)
         self._endpoint = endpoint
-        self._batch_handler = getattr(endpoint, "on_publish_batch", None)
-        self._submit = getattr(endpoint, "submit_publishes", None)
         self._keepalive = packet.keepalive
         link = Link(self, endpoint, info, session)
         self._broker._register(link)
         self.link = link
         self._conn.accept(present)
         self._flush()
-        await endpoint.on_connected(link)
+        if isinstance(endpoint, LinkObserver):
+            await endpoint.on_connected(link)
         for packet_id, (topic, payload) in list(session.inflight.items()):
             if self._closed:
                 break
             self.send(p.Publish(topic, payload, 1, packet_id, dup=True))
-
-    async def _on_publish(self, packet: p.Publish) -> None:
-        assert self._endpoint is not None and self.link is not None
-        await self._endpoint.on_publish(self.link, packet.topic, packet.payload)
-        if packet.qos == 1 and not self._closed:
-            assert packet.packet_id is not None
-            self.send(p.PubAck(packet.packet_id))
-
-    def _submit_batch(self, batch: list[p.Publish]) -> bool:
-        """The fast path: hand publishes to the endpoint without a task; their PUBACKs are sent from
-        the future's callback.  False when the endpoint wants the general path for this batch."""
-        assert self._submit is not None and self.link is not None
-        try:
-            future = self._submit(self.link, batch)
-        except Exception:
-            log.exception("%s: unexpected error; closing the connection", self._who())
-            self.close()
-            return True
-        if future is None:
-            return False
-        self._last_submit = future
-        future.add_done_callback(functools.partial(self._submitted, batch))
-        return True
-
-    def _submitted(self, batch: list[p.Publish], future: asyncio.Future[object]) -> None:
-        if self._last_submit is future:
-            self._last_submit = None
-        if self._closed:
-            return
-        if future.cancelled():
-            self.close()
-            return
-        exc = future.exception()
-        if exc is not None:
-            if isinstance(exc, ProtocolViolation):
-                log.info("%s: closing: %s", self._who(), exc)
-            else:
-                log.error("%s: publish failed; closing the connection: %s", self._who(), exc)
-            self.close()
-            return
-        ids = [packet.packet_id for packet in batch if packet.qos]
-        if ids and self._conn.state is sm.State.CONNECTED:  # not after the client's DISCONNECT
-            self._conn.acknowledge(ids)  # type: ignore[arg-type]
-            self._flush()
-
-    async def _on_publish_batch(self, batch: list[p.Publish]) -> None:
-        assert self._batch_handler is not None and self.link is not None
-        handled = await self._batch_handler(self.link, batch)
-        if self._closed:
-            return
-        ids = [packet.packet_id for packet in batch[:handled] if packet.qos]
-        if ids and self._conn.state is sm.State.CONNECTED:  # not after the client's DISCONNECT
-            self._conn.acknowledge(ids)  # type: ignore[arg-type]
-            self._flush()
-        if handled < len(batch):
-            self.close()
 
     def _on_subscribe(self, packet: p.Subscribe) -> None:
         assert self._endpoint is not None and self.link is not None
@@ -528,6 +539,10 @@ class ConnectionDriver:
             self.link.session.subscriptions.pop(topic_filter, None)
         self._broker._store_subscriptions(self.link.session, {}, packet.topics)
         self.send(p.UnsubAck(packet.packet_id))
+
+
+def _handled(failure: BaseException) -> int:
+    return failure.handled if isinstance(failure, ProtocolViolation) else 0
 
 
 _background: set[asyncio.Task[None]] = set()

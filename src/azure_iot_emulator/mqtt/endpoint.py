@@ -1,62 +1,50 @@
 """The plug-in interface between the MQTT core and the services behind it (DPS, each IoT hub).
 
 The core (:class:`azure_iot_emulator.mqtt.broker.Broker`) owns sockets, TLS, the codec, sessions and
-the connection rules; an *endpoint* owns the meaning of a connection.  Lifecycle of one connection:
+the connection rules; an *endpoint* owns the meaning of a connection.  An endpoint is a
+:class:`ConnectGate` (who may connect) and a :class:`TrafficHandler` (what a connected client may
+subscribe to, what its publishes mean); a :class:`LinkObserver` also hears when its connections open
+and close.  Lifecycle of one connection:
 
-1. TLS handshake (a client certificate is requested, any certificate is accepted at the TLS layer).
-2. CONNECT -> the first endpoint whose :meth:`Endpoint.claims` is true for the :class:`ConnectInfo`
-   (routing by username) gets :meth:`Endpoint.authenticate`; 0 accepts, anything else is the CONNACK
+1. CONNECT -> the first endpoint whose :meth:`ConnectGate.claims` is true for the :class:`ConnectInfo`
+   (routing by username) gets :meth:`ConnectGate.authenticate`; 0 accepts, anything else is the CONNACK
    return code and the connection is closed.  Nobody claims it -> CONNACK 5.
-3. Accepted: a previous connection of the same ``(endpoint.name, client_id)`` is closed, the session
-   (subscriptions, unacknowledged QoS 1 publishes) is resumed unless ``clean_session``, CONNACK 0 is
-   sent, then :meth:`Endpoint.on_connected` is awaited with the :class:`Link`.
-4. SUBSCRIBE: each filter is granted (QoS min(requested, 1)) when :meth:`Endpoint.may_subscribe` is
-   true, else 0x80.  Subscriptions of ``clean_session=False`` clients are stored in SQLite and survive
-   reconnects and restarts (the device SDK never re-subscribes).
-5. PUBLISH from the client: :meth:`Endpoint.on_publish` is awaited *before* the PUBACK is sent
-   (durable before acknowledged).  Raising :class:`ProtocolViolation` closes the connection without a
-   PUBACK (e.g. a publish to another device's topic); any other exception is logged and also closes it.
-   Publishes are handled one at a time per connection, in order.  Do not await a reply from the same
-   device inside ``on_publish``: its PUBACK is sent only after you return (schedule replies instead;
-   :meth:`Link.publish` itself never waits for the device).
-   Optional fast path: an endpoint that defines ``async def on_publish_batch(link, publishes) -> int``
-   gets every PUBLISH the core has already received back to back from one connection in one call
-   (``publishes``: a list of :class:`azure_iot_emulator.mqtt.packets.Publish`, in arrival order; use
-   ``.topic`` and ``.payload``) instead of one :meth:`Endpoint.on_publish` each.  It handles them in
-   order and returns how many it handled; the core then acknowledges exactly those (QoS 1 ones, in one
-   write) and, if that is fewer than it was given, closes the connection (the endpoint logs why).  Any
-   exception closes the connection without acknowledging the batch.  Endpoints without it keep the
-   one-at-a-time behaviour above.
-   Optional faster path still: ``submit_publishes(link, publishes) -> asyncio.Future | None`` (plain
-   method, no coroutine), tried first when the connection is otherwise idle and everything just read
-   is a PUBLISH.  It either returns ``None`` (nothing done; the core falls back to the paths above) or
-   takes the whole batch and returns a future that completes once all of it is handled (durable); the
-   core then acknowledges all of it, or closes the connection without acknowledging if the future
-   fails.  Later packets of the connection wait until it completes, so order is kept.
-6. QoS 2 PUBLISH, malformed packets, packets over the size limit, a second CONNECT: the core closes the
-   connection; the endpoint sees only :meth:`Endpoint.on_closed`.
-7. Close (any cause): :meth:`Endpoint.on_closed` is awaited once, after the link is unregistered.
+2. Accepted: a previous connection of the same ``(endpoint.name, client_id)`` is closed; the session
+   (subscriptions, unacknowledged QoS 1 publishes) is resumed unless ``clean_session`` or the endpoint's
+   ``keeps_sessions`` is false; CONNACK; then :meth:`LinkObserver.on_connected`.
+3. SUBSCRIBE: each filter is granted (QoS min(requested, 1)) when :meth:`TrafficHandler.may_subscribe`
+   is true, else 0x80.  Kept sessions store their subscriptions in SQLite (they survive reconnects and
+   restarts: the device SDK never re-subscribes).
+4. PUBLISH: see :meth:`TrafficHandler.submit_publishes`.  Any other packet of the connection waits until
+   the publishes before it are handled.
+5. QoS 2, malformed or oversized packets, a second CONNECT: the core closes the connection.
+6. Close (any cause): :meth:`LinkObserver.on_closed`, once, after the link is unregistered.
 
-An endpoint may set ``persistent_sessions = False`` (DPS does, as Azure's DPS ignores CleanSession and
-never keeps sessions): every connection then gets a fresh, unstored session.
-
-Endpoints reach live connections with ``broker.link_for(endpoint_name, client_id)`` /
-``broker.is_connected(endpoint_name, client_id)``.
+Endpoints reach live connections with ``broker.link_for(endpoint_name, client_id)``.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from cryptography import x509
+
+from azure_iot_emulator.mqtt.packets import Publish
 
 if TYPE_CHECKING:
     from azure_iot_emulator.mqtt.broker import Link
 
 
 class ProtocolViolation(Exception):
-    """Raised by an endpoint to make the core close the connection (no PUBACK is sent)."""
+    """Raised by an endpoint to make the core close the connection.  ``handled``: how many publishes of
+    the batch at hand were handled before the violation; the core acknowledges those, no others."""
+
+    def __init__(self, message: str, *, handled: int = 0) -> None:
+        super().__init__(message)
+        self.handled = handled
 
 
 @dataclass(frozen=True)
@@ -74,22 +62,80 @@ class ConnectInfo:
     remote_address: tuple[str, int] = ("", 0)
 
 
-@runtime_checkable
-class Endpoint(Protocol):
+class ConnectGate(Protocol):
     name: str
     """``"dps"`` or the hub host name; client-id uniqueness and sessions are per endpoint."""
+    keeps_sessions: bool
+    """False: every connection gets a fresh, unstored session whatever its CleanSession flag (Azure's
+    DPS does that)."""
 
     def claims(self, info: ConnectInfo) -> bool: ...
 
     async def authenticate(self, info: ConnectInfo) -> int: ...
 
+
+class TrafficHandler(Protocol):
     def may_subscribe(self, link: Link, topic_filter: str) -> bool: ...
 
-    async def on_publish(self, link: Link, topic: str, payload: bytes) -> None: ...
+    def submit_publishes(
+        self, link: Link, publishes: Sequence[Publish], after: asyncio.Future[Any] | None
+    ) -> asyncio.Future[Any]:
+        """Take ``publishes`` (every PUBLISH read back to back from one connection, in arrival order)
+        and return at once a future that completes when all of them are handled, durably: the core
+        sends their PUBACKs only then, in arrival order, and never after the client's DISCONNECT.
+        Fail it with :class:`ProtocolViolation` (``handled`` = how many were handled) to have those
+        acknowledged and the connection closed; any other failure closes it acknowledging none.
+
+        ``after`` is the future of this connection's previous batch while that is still pending (the
+        core does not wait for it): keep the order, e.g. queue at once where the queue keeps it, or
+        start with ``await wait_for_turn(after)``.  What the endpoint publishes to this client
+        meanwhile (a reply) leaves right after the next PUBACKs; never wait for the client's answer
+        inside.  Coroutine code one publish at a time: return :func:`handle_in_order`."""
+        ...
+
+
+class Endpoint(ConnectGate, TrafficHandler, Protocol):
+    """What the core needs from every endpoint."""
+
+
+@runtime_checkable
+class LinkObserver(Protocol):
+    """Optional: an endpoint that wants to know its live connections."""
 
     async def on_connected(self, link: Link) -> None: ...
 
     async def on_closed(self, link: Link) -> None: ...
+
+
+async def wait_for_turn(after: asyncio.Future[Any] | None) -> None:
+    """Wait until the connection's previous batch is handled; raise if it failed (then the connection
+    is closing and nothing after it may be handled)."""
+    if after is None:
+        return
+    if not after.done():
+        await asyncio.wait({after})
+    if after.cancelled() or after.exception() is not None:
+        raise ConnectionError("an earlier publish of this connection failed")
+
+
+def handle_in_order(
+    publishes: Sequence[Publish],
+    after: asyncio.Future[Any] | None,
+    handle: Callable[[Publish], Awaitable[None]],
+) -> asyncio.Future[None]:
+    """:meth:`TrafficHandler.submit_publishes` for handlers written one publish at a time: a task that
+    waits for ``after``, then awaits ``handle`` for each publish in order, and turns a
+    :class:`ProtocolViolation` into one that counts the publishes handled before it."""
+
+    async def run() -> None:
+        await wait_for_turn(after)
+        for index, packet in enumerate(publishes):
+            try:
+                await handle(packet)
+            except ProtocolViolation as exc:
+                raise ProtocolViolation(str(exc), handled=index) from exc
+
+    return asyncio.get_running_loop().create_task(run())
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:

@@ -46,14 +46,6 @@ def server_context(cert_path: Path, key_path: Path) -> SSL.Context:
     return ctx
 
 
-def _to_crypto(cert: object) -> x509.Certificate | None:
-    if cert is None:
-        return None
-    if isinstance(cert, x509.Certificate):
-        return cert
-    return cert.to_cryptography()  # type: ignore[attr-defined]
-
-
 class TlsMqttProtocol(asyncio.Protocol):
     def __init__(self, ctx: SSL.Context, broker: Broker) -> None:
         self._ctx = ctx
@@ -112,10 +104,8 @@ class TlsMqttProtocol(asyncio.Protocol):
         assert self._ssl is not None and self._transport is not None
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
-        leaf = _to_crypto(self._ssl.get_peer_certificate())
-        chain: Sequence[x509.Certificate] = [
-            c for c in (_to_crypto(x) for x in (self._ssl.get_peer_cert_chain() or [])) if c is not None
-        ]
+        leaf = self._ssl.get_peer_certificate(as_cryptography=True)
+        chain: Sequence[x509.Certificate] = self._ssl.get_peer_cert_chain(as_cryptography=True) or []
         if leaf is not None and chain and chain[0] == leaf:
             chain = chain[1:]
         local = self._transport.get_extra_info("sockname") or ("", 0)
