@@ -88,6 +88,8 @@ async def test_telemetry_with_properties_is_stored_and_readable(hub, tmp_path):
             "--device",
             "tele-1",
             "--json",
+            "--last",
+            "1",  # the message even when the monitor starts after it was stored (a loaded machine)
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -97,7 +99,6 @@ async def test_telemetry_with_properties_is_stored_and_readable(hub, tmp_path):
         await sdk(client.connect())
         device = await in_thread(rm.get_device, "tele-1")
         assert device.connection_state == "Connected"
-        await asyncio.sleep(1.0)  # let the monitor start tailing
         message = Message(
             json.dumps({"temperature": 21.5}),
             message_id="m-1",
