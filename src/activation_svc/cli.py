@@ -178,6 +178,7 @@ def status_fields(reply: pb.GetDeviceStatusResponse) -> dict[str, str]:
         "device id": reply.device_id,
         "lifecycle": _name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
         "provisioning": reply.provisioning_status,
+        "owner": reply.owner_oem,
         "allocated hub": reply.allocated_hub,
         "registered hub": reply.registered_hub,
         "hub device": reply.hub_device_status,
@@ -225,6 +226,7 @@ async def _call(
                     "path": _name(pb.ActivationPath, reply.path, "ACTIVATION_PATH_"),
                     "lifecycle": _name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
                     "registered hub": reply.registered_hub,
+                    "owner": reply.owner_oem,
                     "replayed": reply.replayed,
                 }
                 _answer(args, fields, activation_outcome(reply))

@@ -30,6 +30,7 @@ class ActivateCommand:
     hub: str = ""  # empty: the default hub
     request_id: str = ""
     caller: Caller = field(default_factory=Caller.internal)  # who asks (from the client certificate)
+    expected_etag: str = ""  # the enrollment etag this change is meant for ("": the one read first)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class ActivateResult:
     enrollment_etag: str
     registered_hub: str = ""
     replayed: bool = False
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,3 +74,5 @@ class DeviceStatus:
     last_activity: datetime | None = None
     activated_at: datetime | None = None
     deactivated_at: datetime | None = None
+    owner: str = ""
+    enrollment_etag: str = ""

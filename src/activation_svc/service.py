@@ -1,23 +1,29 @@
 """Activate, Deactivate and GetDeviceStatus: the activation domain (no gRPC, no Azure SDK).
 
 Authorisation: the device's enrollment must hold the hash of the presented activation code
-(``provkit.activation_code``).  Unknown device, missing or wrong code -> PermissionDenied
-ACTIVATION_DENIED, the same answer and the same work either way.  Failed checks are limited per (caller,
-device) with a growing back-off and per device with a higher ceiling (``activation_svc.ratelimit``) ->
-ResourceExhausted ACTIVATION_RATE_LIMITED (with retry_after).  The caller is the ``provkit.context.Caller``
-the server resolved from the client certificate.
+(``provkit.activation_code``), and when the enrollment names an owner OEM the caller must act for it
+(``Caller.oem``: the OEM itself, or a portal for it; in-process callers are not parties and pass).
+Unknown device, missing or wrong code, another OEM's device -> PermissionDenied ACTIVATION_DENIED, the
+same answer, the same work and the same count in the limiter either way: ownership cannot be probed.
+Failed checks are limited per (caller, device) with a growing back-off and per device with a higher
+ceiling (``activation_svc.ratelimit``) -> ResourceExhausted ACTIVATION_RATE_LIMITED (with retry_after).
+The caller is the ``provkit.context.Caller`` the server resolved from the client certificate.
 
 Activate writes ONE etag-guarded enrollment update: initialTwin = the metadata, iotHubs = [hub],
-allocationPolicy = static, provisioningStatus = enabled.  A concurrent change (412) makes this side read
-again, re-check the code and apply its change on top: no write is lost.  When the device has registered
-already, the metadata is also merged into its hub twin (etag-guarded as well).
+allocationPolicy = static, provisioningStatus = enabled, and the owner (the caller's OEM, when none was
+named: the first activation claims the device).  The update is guarded by the etag the call read (or the
+``expected_etag`` the caller names): when the enrollment changed meanwhile and does not hold this very
+metadata, the call is Aborted ENROLLMENT_CHANGED_CONCURRENTLY and writes nothing (the caller reads the new
+state and decides again); never does one writer silently overwrite another.  When the device has
+registered already, the metadata is also merged into its hub twin (etag-guarded as well).
 
 Request ids go through ``provkit.idempotency`` (answers kept in the audit file).  The domain reads and
 writes ``provkit.cloud.Enrollment`` records (activation record, initial twin, hub allocation); the DPS
 JSON is the adapter's.
 
 Other reasons: DEVICE_ID_* (id rules), METADATA_INVALID / METADATA_NOT_JSON, HUB_UNKNOWN,
-REQUEST_ID_INVALID, REQUEST_ID_REUSED, ENROLLMENT_CONCURRENTLY_MODIFIED, DPS_UNAVAILABLE, HUB_UNAVAILABLE,
+REQUEST_ID_INVALID, REQUEST_ID_REUSED, ENROLLMENT_CHANGED_CONCURRENTLY (metadata ``enrollment_etag``: the
+etag now), ENROLLMENT_CONCURRENTLY_MODIFIED (Deactivate), DPS_UNAVAILABLE, HUB_UNAVAILABLE,
 DPS_REFUSED, HUB_REFUSED.
 """
 
@@ -61,10 +67,11 @@ from provkit.cloud import (
     ProvisioningStatus,
     TwinPatch,
 )
-from provkit.context import Caller, bind_device_id
+from provkit.context import Caller, Role, bind_device_id
 from provkit.device_id import normalise_device_id
 from provkit.errors import (
     Aborted,
+    DomainError,
     FailedPrecondition,
     PermissionDenied,
     ResourceExhausted,
@@ -99,6 +106,22 @@ def _unavailable(exc: CloudUnavailable, what: str) -> Unavailable:
 
 def _code_hash(enrollment: Enrollment | None) -> Any:
     return enrollment.code_hash if enrollment is not None else None
+
+
+def _answers_to(enrollment: Enrollment | None, caller: Caller) -> bool:
+    """Whether the device answers to ``caller``: it has no owner yet, or the caller acts for its owner."""
+    if enrollment is None or enrollment.owner is None or caller.role is Role.INTERNAL:
+        return True
+    return caller.oem == enrollment.owner
+
+
+def _changed_meanwhile(enrollment: Enrollment) -> Aborted:
+    return Aborted(
+        "ENROLLMENT_CHANGED_CONCURRENTLY",
+        "the device's enrollment changed since this call read it (another activation?); "
+        "read its status and activate again against the new state",
+        metadata={"enrollment_etag": enrollment.etag or ""},
+    )
 
 
 def _changes(wanted: Any, old: Any, current: Any) -> dict[str, Any]:
@@ -160,9 +183,13 @@ class ActivationService:
             ) from None
         with attempt:
             enrollment = await self._get(device_id)
-            if not await asyncio.to_thread(verify_code, code or "", _code_hash(enrollment)):
+            right_code = await asyncio.to_thread(verify_code, code or "", _code_hash(enrollment))
+            if not right_code or not _answers_to(enrollment, caller):
                 attempt.failed()
-                await self._audit_entry(action, device_id, str(caller), request_id, "denied")
+                detail = "" if right_code else "wrong code or unknown device"
+                await self._audit_entry(
+                    action, device_id, str(caller), request_id, "denied", detail or "not the owner"
+                )
                 raise _denied()
             attempt.succeeded()
         assert enrollment is not None
@@ -201,10 +228,12 @@ class ActivationService:
         except CloudRejected as exc:
             raise FailedPrecondition("DPS_REFUSED", f"DPS refused the update: {exc}") from exc
 
-    async def _reauthorise(self, device_id: str, code: str) -> Enrollment:
+    async def _reauthorise(self, device_id: str, code: str, caller: Caller) -> Enrollment:
         enrollment = await self._get(device_id)
         if enrollment is None or not await asyncio.to_thread(verify_code, code, _code_hash(enrollment)):
             raise _denied()  # the code was rotated (or the enrollment deleted) meanwhile
+        if not _answers_to(enrollment, caller):
+            raise _denied()  # another OEM claimed it meanwhile
         return enrollment
 
     # ----------------------------------------------------------------------------------- activate
@@ -215,15 +244,17 @@ class ActivationService:
         device_id, enrollment = await self._authorised(
             "activate", cmd.device_id, cmd.activation_code, cmd.caller, cmd.request_id
         )
-        request_fingerprint = fingerprint(["activate", device_id, metadata.canonical(), hub])
+        expected = cmd.expected_etag.strip()
+        request_fingerprint = fingerprint(
+            ["activate", device_id, metadata.canonical(), hub, *([expected] if expected else [])]
+        )
 
         async def execute() -> ActivateResult:
             try:
-                result = await self._activate(device_id, enrollment, metadata, hub, cmd.activation_code)
+                result = await self._activate(device_id, enrollment, metadata, hub, cmd)
             except Exception as exc:
-                await self._audit_entry(
-                    "activate", device_id, str(cmd.caller), cmd.request_id, "error", type(exc).__name__
-                )
+                why = exc.reason if isinstance(exc, DomainError) else type(exc).__name__
+                await self._audit_entry("activate", device_id, str(cmd.caller), cmd.request_id, "error", why)
                 raise
             digest = hashlib.sha256(metadata.canonical().encode()).hexdigest()
             await self._audit_entry(
@@ -247,13 +278,14 @@ class ActivationService:
             )
 
     async def _activate(
-        self, device_id: str, enrollment: Enrollment, metadata: TwinMetadata, hub: str, code: str
+        self, device_id: str, enrollment: Enrollment, metadata: TwinMetadata, hub: str, cmd: ActivateCommand
     ) -> ActivateResult:
         wanted_twin = InitialTwin(dict(metadata.tags), dict(metadata.desired))
         wanted_hubs = HubAllocation((hub,), "static")
+        basis = cmd.expected_etag.strip() or enrollment.etag  # the state this change is meant for
         previous: InitialTwin | None = None
         changed = False
-        for _ in range(_MAX_ATTEMPTS):
+        for _ in range(2):  # the read at authorisation; once more after a 412, to tell "same" from "other"
             previous = enrollment.initial_twin
             record = enrollment.activation
             same = (
@@ -265,20 +297,23 @@ class ActivationService:
             )
             if same:
                 break
+            if enrollment.etag != basis:
+                raise _changed_meanwhile(enrollment)
             activated = dc_replace(
                 enrollment,
                 initial_twin=wanted_twin,
                 allocation=wanted_hubs,
                 provisioning_status=ProvisioningStatus.ENABLED,
                 activation=dc_replace(record, activated_at=self._clock(), deactivated_at=None),
+                owner=enrollment.owner or cmd.caller.oem,  # the first activation claims the device
             )
             updated = await self._update(activated)
             if updated is not None:
                 enrollment, changed = updated, True
                 break
-            enrollment = await self._reauthorise(device_id, code)
+            enrollment = await self._reauthorise(device_id, cmd.activation_code, cmd.caller)
         else:
-            raise Aborted("ENROLLMENT_CONCURRENTLY_MODIFIED", "the enrollment kept changing; try again")
+            raise _changed_meanwhile(enrollment)
         registration = enrollment.registration_state
         twin_written = False
         registered_hub = ""
@@ -294,7 +329,8 @@ class ActivationService:
         )
         lifecycle = Lifecycle.REGISTERED if registered_hub else Lifecycle.ACTIVATED
         log.info("activated", extra={"path": path.value, "hub": hub})
-        return ActivateResult(device_id, hub, path, lifecycle, enrollment.etag or "", registered_hub)
+        etag, owner = enrollment.etag or "", enrollment.owner or ""
+        return ActivateResult(device_id, hub, path, lifecycle, etag, registered_hub, owner=owner)
 
     async def _sync_hub(
         self, hub: str, device_id: str, wanted: InitialTwin, previous: InitialTwin | None
@@ -342,7 +378,7 @@ class ActivationService:
         request_fingerprint = fingerprint(["deactivate", device_id])
 
         async def execute() -> DeactivateResult:
-            result = await self._deactivate(device_id, enrollment, cmd.activation_code)
+            result = await self._deactivate(device_id, enrollment, cmd.activation_code, cmd.caller)
             await self._audit_entry(
                 "deactivate", device_id, str(cmd.caller), cmd.request_id, "ok", f"changed={result.changed}"
             )
@@ -358,7 +394,9 @@ class ActivationService:
                 execute=execute,
             )
 
-    async def _deactivate(self, device_id: str, enrollment: Enrollment, code: str) -> DeactivateResult:
+    async def _deactivate(
+        self, device_id: str, enrollment: Enrollment, code: str, caller: Caller
+    ) -> DeactivateResult:
         changed = False
         for _ in range(_MAX_ATTEMPTS):
             record = enrollment.activation
@@ -378,7 +416,7 @@ class ActivationService:
             if updated is not None:
                 enrollment, changed = updated, True
                 break
-            enrollment = await self._reauthorise(device_id, code)
+            enrollment = await self._reauthorise(device_id, code, caller)
         else:
             raise Aborted("ENROLLMENT_CONCURRENTLY_MODIFIED", "the enrollment kept changing; try again")
         hub_disabled = await self._disable_on_hub(enrollment, device_id)
@@ -446,6 +484,8 @@ class ActivationService:
             last_activity=max(known) if known else None,
             activated_at=record.activated_at,
             deactivated_at=record.deactivated_at,
+            owner=enrollment.owner or "",
+            enrollment_etag=enrollment.etag or "",
         )
 
 
@@ -458,6 +498,7 @@ async def _replayed_activation(earlier: dict[str, Any]) -> ActivateResult:
         earlier["enrollment_etag"],
         earlier["registered_hub"],
         replayed=True,
+        owner=earlier.get("owner", ""),
     )
 
 

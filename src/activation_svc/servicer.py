@@ -50,6 +50,7 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
                 request.hub,
                 request.request_id,
                 current_caller(),
+                request.expected_enrollment_etag,
             )
         )
         return pb.ActivateResponse(
@@ -60,6 +61,7 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
             enrollment_etag=result.enrollment_etag,
             registered_hub=result.registered_hub,
             replayed=result.replayed,
+            owner_oem=result.owner,
         )
 
     async def Deactivate(
@@ -94,6 +96,8 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
             registered_hub=status.registered_hub,
             hub_device_status=status.hub_device_status,
             hub_connection_state=status.hub_connection_state,
+            owner_oem=status.owner,
+            enrollment_etag=status.enrollment_etag,
         )
         if status.last_activity is not None:
             reply.last_activity_time.CopyFrom(_timestamp(status.last_activity))

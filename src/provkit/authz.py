@@ -71,6 +71,8 @@ SUITE_POLICY = AccessPolicy(
         _FACTORY + "Enroll": frozenset({Role.FACTORY}),
         _FACTORY + "EnrollBatch": frozenset({Role.FACTORY}),
         _FACTORY + "GetEnrollmentStatus": frozenset({Role.FACTORY, Role.OPERATOR}),
+        # who owns a device not yet activated is the factory's (the seller's) decision
+        _FACTORY + "TransferOwnership": frozenset({Role.FACTORY}),
         # read-only inventory of issued certificates: the factory and the operator (no secrets in it)
         _FACTORY + "ListCertificates": frozenset({Role.FACTORY, Role.OPERATOR}),
         _FACTORY + "GetCertificate": frozenset({Role.FACTORY, Role.OPERATOR}),

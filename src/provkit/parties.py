@@ -22,6 +22,7 @@ API
 ``parse_identity_uri(uri) -> (Role, tenant)``     raises ``UnrecognisedIdentity``.
 ``caller_from_certificate(pem, peer="") -> Caller``   the caller a PEM client certificate names;
                                                   raises ``UnrecognisedIdentity`` (message says why).
+``is_tenant(value) -> bool``                      whether ``value`` is a well-formed tenant (e.g. an OEM id).
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ def _role(value: str) -> Role:
     raise UnrecognisedIdentity(f"unknown role {value!r} (known: {', '.join(r.value for r in PARTY_ROLES)})")
 
 
+def is_tenant(value: str) -> bool:
+    return bool(_TENANT.match(value))
+
+
 def _tenant(value: str) -> str:
-    if not _TENANT.match(value):
+    if not is_tenant(value):
         raise UnrecognisedIdentity(
             f"tenant {value!r} must be 1-63 characters of a-z, 0-9 and '-' (not at either end)"
         )

@@ -217,20 +217,80 @@ async def test_bad_input_is_refused_with_field_violations_and_changes_nothing(st
     assert (await dps_enrollment(emulator, device.device_id))["etag"] == before["etag"]
 
 
-async def test_concurrent_activations_lose_no_write(stack, tmp_path):
+async def test_five_concurrent_changes_one_wins_the_others_are_aborted_and_may_retry(stack, tmp_path):
+    emulator, factory, activation, app = stack
+    device, code = await enrolled(factory, tmp_path)
+    first = await activation.Activate(activate_request(device.device_id, code, json.dumps(META)))
+    hub = (await register(emulator, device)).registration_state.assigned_hub
+    metas = [
+        {"tags": {"writer": i, "customer": "acme"}, "properties": {"desired": {"n": i}}} for i in range(5)
+    ]
+
+    def change(meta, etag, request_id):
+        request = activate_request(device.device_id, code, json.dumps(meta), request_id=request_id)
+        request.expected_enrollment_etag = etag
+        return activation.Activate(request)
+
+    async def outcome(call):
+        try:
+            return await call
+        except grpc.aio.AioRpcError:
+            return await failure(call)
+
+    outcomes = await asyncio.gather(
+        *(outcome(change(m, first.enrollment_etag, f"c-{i}")) for i, m in enumerate(metas))
+    )
+    won = [i for i, o in enumerate(outcomes) if isinstance(o, apb.ActivateResponse)]
+    assert len(won) == 1
+    winner = won[0]
+    assert outcomes[winner].path == apb.ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN
+    for i, lost in enumerate(outcomes):
+        if i != winner:
+            assert (lost.code, lost.reason) == (grpc.StatusCode.ABORTED, "ENROLLMENT_CHANGED_CONCURRENTLY")
+            assert lost.metadata["enrollment_etag"] == outcomes[winner].enrollment_etag
+    enrollment = await dps_enrollment(emulator, device.device_id)
+    assert enrollment["etag"] == outcomes[winner].enrollment_etag
+    assert enrollment["initialTwin"]["tags"] == metas[winner]["tags"]
+    twin = await hub_twin(emulator, hub, device.device_id)
+    assert twin.tags == metas[winner]["tags"]  # META's "line" is gone too
+    assert twin.properties.desired["n"] == winner and "interval_s" not in twin.properties.desired
+    audit = await app.audit.entries(device.device_id)
+    assert sorted((e.request_id, e.outcome) for e in audit[1:]) == sorted(
+        (f"c-{i}", "ok" if i == winner else "error") for i in range(5)
+    )
+    assert all("ENROLLMENT_CHANGED_CONCURRENTLY" in e.detail for e in audit[1:] if e.outcome == "error")
+
+    # the same metadata against the old etag is the no-op it always was; a loser retries on the new state
+    same = await change(metas[winner], first.enrollment_etag, "c-same")
+    assert same.path == apb.ACTIVATION_PATH_UNCHANGED
+    loser = (winner + 1) % 5
+    retry = await change(metas[loser], lost.metadata["enrollment_etag"], "c-retry")
+    assert retry.path == apb.ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN
+    assert (await hub_twin(emulator, hub, device.device_id)).tags == metas[loser]["tags"]
+
+
+async def test_changes_without_an_expected_etag_never_overwrite_each_other_silently(stack, tmp_path):
+    """Without an etag the state read at authorisation is the basis: a writer that finds another's metadata
+    in DPS at its write is aborted instead of writing on top."""
     emulator, factory, activation, _app = stack
     device, code = await enrolled(factory, tmp_path)
-    metas = [{"tags": {"writer": i}, "properties": {"desired": {"n": i}}} for i in range(6)]
-    replies = await asyncio.gather(
-        *(activation.Activate(activate_request(device.device_id, code, json.dumps(m))) for m in metas)
-    )
-    assert all(r.path == apb.ACTIVATION_PATH_ENROLLMENT for r in replies)
-    etags = [r.enrollment_etag for r in replies]
-    assert len(set(etags)) == len(etags), "every activation wrote its own version"
+    metas = [{"tags": {"writer": i}} for i in range(5)]
+
+    async def outcome(meta):
+        call = activation.Activate(activate_request(device.device_id, code, json.dumps(meta)))
+        try:
+            return await call
+        except grpc.aio.AioRpcError:
+            return await failure(call)
+
+    outcomes = await asyncio.gather(*(outcome(m) for m in metas))
+    won = [o for o in outcomes if isinstance(o, apb.ActivateResponse)]
+    lost = [o for o in outcomes if not isinstance(o, apb.ActivateResponse)]
+    assert won and all(o.reason == "ENROLLMENT_CHANGED_CONCURRENTLY" for o in lost)
+    etags = [o.enrollment_etag for o in won]
+    assert len(set(etags)) == len(etags)  # each success wrote over a state it had read, never over another's
     final = await dps_enrollment(emulator, device.device_id)
-    winner = etags.index(final["etag"])
-    assert final["initialTwin"]["tags"] == metas[winner]["tags"]
-    assert final["provisioningStatus"] == "enabled"
+    assert final["etag"] in etags and final["provisioningStatus"] == "enabled"
 
 
 async def test_deactivate_stops_registering_and_connecting(stack, tmp_path):

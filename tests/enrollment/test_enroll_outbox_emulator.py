@@ -4,11 +4,14 @@ arrive later, in order, exactly once -- also across a kill -9 of a real factory_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
 import sys
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace as dc_replace
 from datetime import UTC, datetime
 
 from provisioning_env import connection_file, dps_enrollment, factory_env, mint, running_factory
@@ -19,11 +22,11 @@ from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.enrollment.delivery import Delivered, NotDelivered, OutboxDelivery
 from factory_svc.enrollment.lint import LintedCertificate
-from factory_svc.enrollment.outbox import NewEntry, Outbox, OutboxMode
-from factory_svc.enrollment.service import new_enrollment
+from factory_svc.enrollment.outbox import EntryIntent, NewEntry, Outbox, OutboxMode
+from factory_svc.enrollment.service import new_enrollment, new_enrollment_of
 from provkit.activation_code import hash_code, new_code, verify_code
 from provkit.channels import ChannelSecurity, create_channel
-from provkit.cloud import load_cloud_settings
+from provkit.cloud import ActivationRecord, load_cloud_settings
 from provkit.dps import DpsEnrollments
 from provkit.settings import SettingsSource
 
@@ -53,6 +56,20 @@ async def wait_state(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"{device_id} stayed {pb.EnrollmentState.Name(reply.state)}")
         await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def dps_and_outbox(tmp_path, emulator) -> AsyncIterator[tuple[DpsEnrollments, Outbox]]:
+    cloud = load_cloud_settings(
+        SettingsSource("T", env={"T_CLOUD_EMULATOR_CONNECTION_FILE": str(connection_file(emulator))})
+    )
+    dps = await DpsEnrollments.open(cloud.dps)
+    outbox = await Outbox.open(tmp_path / "enrollments.sqlite3")
+    try:
+        yield dps, outbox
+    finally:
+        await outbox.close()
+        await dps.close()
 
 
 async def test_enrollments_queued_while_dps_is_down_arrive_exactly_once(tmp_path):
@@ -101,12 +118,7 @@ async def test_enrollments_queued_while_dps_is_down_arrive_exactly_once(tmp_path
 
 async def test_a_retried_delivery_recognises_its_own_earlier_write(tmp_path, module_emulator):
     """The crash window: DPS applied the write, the outbox never learnt it; the retry must not write again."""
-    cloud = load_cloud_settings(
-        SettingsSource("T", env={"T_CLOUD_EMULATOR_CONNECTION_FILE": str(connection_file(module_emulator))})
-    )
-    dps = await DpsEnrollments.open(cloud.dps)
-    outbox = await Outbox.open(tmp_path / "enrollments.sqlite3")
-    try:
+    async with dps_and_outbox(tmp_path, module_emulator) as (dps, outbox):
         async with running_factory(factory_env(tmp_path, module_emulator)) as (_app, stub):
             device = await mint(stub, new_id(), tmp_path)
         from cryptography import x509
@@ -146,9 +158,6 @@ async def test_a_retried_delivery_recognises_its_own_earlier_write(tmp_path, mod
         entries = await outbox.entries()
         refused = await delivery.deliver(entries[-1])
         assert isinstance(refused, NotDelivered) and refused.reason == "ENROLLMENT_EXISTS"
-    finally:
-        await outbox.close()
-        await dps.close()
 
 
 async def _serve(env: dict[str, str], log_path) -> asyncio.subprocess.Process:
@@ -206,3 +215,52 @@ async def test_kill_9_with_queued_enrollments_then_restart_loses_and_duplicates_
             server.send_signal(signal.SIGTERM)
             await asyncio.wait_for(server.wait(), 30)
         emulator.stop()
+
+
+async def test_a_queued_replace_of_an_activated_device_needs_its_reason_keeps_the_owner_and_is_audited(
+    tmp_path, module_emulator
+):
+    """The rules of a live replace hold for one that waited in the outbox: they are checked against what
+    DPS holds at delivery, with the reason and the caller the entry carries."""
+    async with dps_and_outbox(tmp_path, module_emulator) as (dps, outbox):
+        async with running_factory(factory_env(tmp_path, module_emulator)) as (_app, stub):
+            device = await mint(stub, new_id(), tmp_path / "first")
+            rework = await mint(stub, device.device_id, tmp_path / "rework")
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+
+        old_code = new_code()
+        created = await dps.create(
+            new_enrollment_of(device.device_id, device.chain_pem, hash_code(old_code), "acme")
+        )
+        await dps.update(dc_replace(created, activation=ActivationRecord(activated_at=datetime.now(UTC))))
+        leaf = x509.load_pem_x509_certificates(rework.chain_pem.encode())[0]
+        sha256 = leaf.fingerprint(hashes.SHA256()).hex().upper()
+        new = new_code()
+        entries = [
+            NewEntry(device.device_id, OutboxMode.REPLACE, rework.chain_pem, hash_code(new), sha256),
+            NewEntry(
+                device.device_id,
+                OutboxMode.REPLACE,
+                rework.chain_pem,
+                hash_code(new),
+                sha256,
+                EntryIntent("", "board swapped", "urn:devprov:factory:plant-1 mes", "r-7"),
+            ),
+        ]
+        await outbox.enqueue(entries, datetime.now(UTC))
+        delivery = OutboxDelivery(dps, outbox, lambda: datetime.now(UTC))
+        without, with_reason = await outbox.entries()
+        refused = await delivery.deliver(without)
+        assert isinstance(refused, NotDelivered) and refused.reason == "REPLACE_REASON_REQUIRED"
+        assert await delivery.deliver(with_reason) is Delivered.REPLACED
+        enrollment = await dps.get(device.device_id)
+        assert enrollment is not None and enrollment.owner == "acme"
+        assert verify_code(new, enrollment.code_hash) and not verify_code(old_code, enrollment.code_hash)
+        (audit,) = await outbox.audit(device.device_id)
+        assert (audit.action, audit.caller, audit.request_id) == (
+            "replace",
+            "urn:devprov:factory:plant-1 mes",
+            "r-7",
+        )
+        assert "stage=activated" in audit.detail and "reason=board swapped" in audit.detail

@@ -146,6 +146,12 @@ async def _enroll_batch(factory, folder, device, code):
     return fpb.EnrollBatchRequest(items=[item]), fresh.device_id
 
 
+async def _transfer(factory, folder, device, code):
+    fresh, _code = await _enrolled(factory, folder)
+    request = fpb.TransferOwnershipRequest(device_id=fresh.device_id, owner_oem="globex", reason="sold on")
+    return request, fresh.device_id
+
+
 def _about(request_of: Callable[[DeviceFiles, str], Any]) -> Builder:
     async def build(factory, folder, device, code):
         return request_of(device, code), device.device_id
@@ -164,6 +170,7 @@ REQUESTS: dict[str, Builder] = {
     "/devprov.v1.FactoryService/GetEnrollmentStatus": _about(
         lambda d, c: fpb.GetEnrollmentStatusRequest(device_id=d.device_id)
     ),
+    "/devprov.v1.FactoryService/TransferOwnership": _transfer,
     "/devprov.v1.ActivationService/Activate": _about(
         lambda d, c: apb.ActivateRequest(device_id=d.device_id, activation_code=c, metadata_json=META)
     ),

@@ -34,21 +34,23 @@ ACTIVATION_PATH_ENROLLMENT: ActivationPath
 ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN: ActivationPath
 
 class ActivateRequest(_message.Message):
-    __slots__ = ("device_id", "activation_code", "metadata_json", "hub", "request_id")
+    __slots__ = ("device_id", "activation_code", "metadata_json", "hub", "request_id", "expected_enrollment_etag")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_CODE_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     HUB_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_ENROLLMENT_ETAG_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     activation_code: str
     metadata_json: str
     hub: str
     request_id: str
-    def __init__(self, device_id: _Optional[str] = ..., activation_code: _Optional[str] = ..., metadata_json: _Optional[str] = ..., hub: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    expected_enrollment_etag: str
+    def __init__(self, device_id: _Optional[str] = ..., activation_code: _Optional[str] = ..., metadata_json: _Optional[str] = ..., hub: _Optional[str] = ..., request_id: _Optional[str] = ..., expected_enrollment_etag: _Optional[str] = ...) -> None: ...
 
 class ActivateResponse(_message.Message):
-    __slots__ = ("device_id", "hub", "path", "lifecycle", "enrollment_etag", "registered_hub", "replayed")
+    __slots__ = ("device_id", "hub", "path", "lifecycle", "enrollment_etag", "registered_hub", "replayed", "owner_oem")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     HUB_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +58,7 @@ class ActivateResponse(_message.Message):
     ENROLLMENT_ETAG_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_HUB_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    OWNER_OEM_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     hub: str
     path: ActivationPath
@@ -63,7 +66,8 @@ class ActivateResponse(_message.Message):
     enrollment_etag: str
     registered_hub: str
     replayed: bool
-    def __init__(self, device_id: _Optional[str] = ..., hub: _Optional[str] = ..., path: _Optional[_Union[ActivationPath, str]] = ..., lifecycle: _Optional[_Union[Lifecycle, str]] = ..., enrollment_etag: _Optional[str] = ..., registered_hub: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    owner_oem: str
+    def __init__(self, device_id: _Optional[str] = ..., hub: _Optional[str] = ..., path: _Optional[_Union[ActivationPath, str]] = ..., lifecycle: _Optional[_Union[Lifecycle, str]] = ..., enrollment_etag: _Optional[str] = ..., registered_hub: _Optional[str] = ..., replayed: _Optional[bool] = ..., owner_oem: _Optional[str] = ...) -> None: ...
 
 class DeactivateRequest(_message.Message):
     __slots__ = ("device_id", "activation_code", "request_id")
@@ -98,7 +102,7 @@ class GetDeviceStatusRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., activation_code: _Optional[str] = ...) -> None: ...
 
 class GetDeviceStatusResponse(_message.Message):
-    __slots__ = ("device_id", "lifecycle", "provisioning_status", "allocated_hub", "registered_hub", "hub_device_status", "hub_connection_state", "last_activity_time", "activated_time", "deactivated_time")
+    __slots__ = ("device_id", "lifecycle", "provisioning_status", "allocated_hub", "registered_hub", "hub_device_status", "hub_connection_state", "last_activity_time", "activated_time", "deactivated_time", "owner_oem", "enrollment_etag")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
     PROVISIONING_STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +113,8 @@ class GetDeviceStatusResponse(_message.Message):
     LAST_ACTIVITY_TIME_FIELD_NUMBER: _ClassVar[int]
     ACTIVATED_TIME_FIELD_NUMBER: _ClassVar[int]
     DEACTIVATED_TIME_FIELD_NUMBER: _ClassVar[int]
+    OWNER_OEM_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_ETAG_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     lifecycle: Lifecycle
     provisioning_status: str
@@ -119,4 +125,6 @@ class GetDeviceStatusResponse(_message.Message):
     last_activity_time: _timestamp_pb2.Timestamp
     activated_time: _timestamp_pb2.Timestamp
     deactivated_time: _timestamp_pb2.Timestamp
-    def __init__(self, device_id: _Optional[str] = ..., lifecycle: _Optional[_Union[Lifecycle, str]] = ..., provisioning_status: _Optional[str] = ..., allocated_hub: _Optional[str] = ..., registered_hub: _Optional[str] = ..., hub_device_status: _Optional[str] = ..., hub_connection_state: _Optional[str] = ..., last_activity_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., activated_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deactivated_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    owner_oem: str
+    enrollment_etag: str
+    def __init__(self, device_id: _Optional[str] = ..., lifecycle: _Optional[_Union[Lifecycle, str]] = ..., provisioning_status: _Optional[str] = ..., allocated_hub: _Optional[str] = ..., registered_hub: _Optional[str] = ..., hub_device_status: _Optional[str] = ..., hub_connection_state: _Optional[str] = ..., last_activity_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., activated_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deactivated_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner_oem: _Optional[str] = ..., enrollment_etag: _Optional[str] = ...) -> None: ...

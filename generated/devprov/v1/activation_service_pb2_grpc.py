@@ -73,7 +73,12 @@ class ActivationServiceServicer:
     def Activate(self, request, context):
         """Enables the device's enrollment with its initial twin and a static allocation to the chosen hub, in
         one etag-guarded update.  Activating again with the same metadata changes nothing; other metadata is
-        an update, also written to the hub twin when the device has registered already.
+        an update, also written to the hub twin when the device has registered already.  A device answers
+        only to its owner OEM (or a portal acting for it); the first activation of a device without an owner
+        makes the caller's OEM its owner.  Anyone else gets the same PERMISSION_DENIED as for an unknown
+        device.  When the enrollment changed between this call's reading and writing it (another Activate,
+        or not the `expected_enrollment_etag`), the call is ABORTED ENROLLMENT_CHANGED_CONCURRENTLY and wrote
+        nothing: read the new state and decide again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

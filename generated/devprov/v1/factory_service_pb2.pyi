@@ -165,16 +165,20 @@ class GetCertificateResponse(_message.Message):
     def __init__(self, certificate: _Optional[_Union[IssuedCertificate, _Mapping]] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("device_id", "certificate_pem", "replace", "request_id")
+    __slots__ = ("device_id", "certificate_pem", "replace", "request_id", "owner_oem", "replace_reason")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_OEM_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_REASON_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     certificate_pem: str
     replace: bool
     request_id: str
-    def __init__(self, device_id: _Optional[str] = ..., certificate_pem: _Optional[str] = ..., replace: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    owner_oem: str
+    replace_reason: str
+    def __init__(self, device_id: _Optional[str] = ..., certificate_pem: _Optional[str] = ..., replace: _Optional[bool] = ..., request_id: _Optional[str] = ..., owner_oem: _Optional[str] = ..., replace_reason: _Optional[str] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
     __slots__ = ("device_id", "outcome", "delivery", "activation_code", "sha1_thumbprint", "sha256_thumbprint", "replayed")
@@ -195,14 +199,18 @@ class EnrollResponse(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., outcome: _Optional[_Union[EnrollOutcome, str]] = ..., delivery: _Optional[_Union[EnrollmentDelivery, str]] = ..., activation_code: _Optional[str] = ..., sha1_thumbprint: _Optional[str] = ..., sha256_thumbprint: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class EnrollBatchItem(_message.Message):
-    __slots__ = ("device_id", "certificate_pem", "replace")
+    __slots__ = ("device_id", "certificate_pem", "replace", "owner_oem", "replace_reason")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_OEM_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_REASON_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     certificate_pem: str
     replace: bool
-    def __init__(self, device_id: _Optional[str] = ..., certificate_pem: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+    owner_oem: str
+    replace_reason: str
+    def __init__(self, device_id: _Optional[str] = ..., certificate_pem: _Optional[str] = ..., replace: _Optional[bool] = ..., owner_oem: _Optional[str] = ..., replace_reason: _Optional[str] = ...) -> None: ...
 
 class EnrollBatchRequest(_message.Message):
     __slots__ = ("items", "request_id")
@@ -255,7 +263,7 @@ class GetEnrollmentStatusRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ...) -> None: ...
 
 class GetEnrollmentStatusResponse(_message.Message):
-    __slots__ = ("device_id", "state", "queued_time", "delivered_time", "attempts", "failure_reason", "failure_message", "provisioning_status", "sha256_thumbprint")
+    __slots__ = ("device_id", "state", "queued_time", "delivered_time", "attempts", "failure_reason", "failure_message", "provisioning_status", "sha256_thumbprint", "owner_oem")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +273,7 @@ class GetEnrollmentStatusResponse(_message.Message):
     FAILURE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     PROVISIONING_STATUS_FIELD_NUMBER: _ClassVar[int]
     SHA256_THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
+    OWNER_OEM_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     state: EnrollmentState
     queued_time: _timestamp_pb2.Timestamp
@@ -274,4 +283,31 @@ class GetEnrollmentStatusResponse(_message.Message):
     failure_message: str
     provisioning_status: str
     sha256_thumbprint: str
-    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[_Union[EnrollmentState, str]] = ..., queued_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., delivered_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., failure_reason: _Optional[str] = ..., failure_message: _Optional[str] = ..., provisioning_status: _Optional[str] = ..., sha256_thumbprint: _Optional[str] = ...) -> None: ...
+    owner_oem: str
+    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[_Union[EnrollmentState, str]] = ..., queued_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., delivered_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., failure_reason: _Optional[str] = ..., failure_message: _Optional[str] = ..., provisioning_status: _Optional[str] = ..., sha256_thumbprint: _Optional[str] = ..., owner_oem: _Optional[str] = ...) -> None: ...
+
+class TransferOwnershipRequest(_message.Message):
+    __slots__ = ("device_id", "owner_oem", "reason", "request_id")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_OEM_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    owner_oem: str
+    reason: str
+    request_id: str
+    def __init__(self, device_id: _Optional[str] = ..., owner_oem: _Optional[str] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class TransferOwnershipResponse(_message.Message):
+    __slots__ = ("device_id", "owner_oem", "previous_owner_oem", "changed", "replayed")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_OEM_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_OWNER_OEM_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    owner_oem: str
+    previous_owner_oem: str
+    changed: bool
+    replayed: bool
+    def __init__(self, device_id: _Optional[str] = ..., owner_oem: _Optional[str] = ..., previous_owner_oem: _Optional[str] = ..., changed: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...

@@ -72,6 +72,11 @@ class FactoryServiceStub:
                 request_serializer=devprov_dot_v1_dot_factory__service__pb2.GetEnrollmentStatusRequest.SerializeToString,
                 response_deserializer=devprov_dot_v1_dot_factory__service__pb2.GetEnrollmentStatusResponse.FromString,
                 _registered_method=True)
+        self.TransferOwnership = channel.unary_unary(
+                '/devprov.v1.FactoryService/TransferOwnership',
+                request_serializer=devprov_dot_v1_dot_factory__service__pb2.TransferOwnershipRequest.SerializeToString,
+                response_deserializer=devprov_dot_v1_dot_factory__service__pb2.TransferOwnershipResponse.FromString,
+                _registered_method=True)
 
 
 class FactoryServiceServicer:
@@ -133,6 +138,16 @@ class FactoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TransferOwnership(self, request, context):
+        """Names another OEM as the owner of a device that has not been activated yet (the buyer changed).  Only
+        the owner may then activate it, even with the right code.  Etag-guarded, audited with the caller and
+        the reason, idempotent by `request_id`.  An activated device keeps its owner: FAILED_PRECONDITION
+        DEVICE_ALREADY_ACTIVATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FactoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +180,11 @@ def add_FactoryServiceServicer_to_server(servicer, server):
                     servicer.GetEnrollmentStatus,
                     request_deserializer=devprov_dot_v1_dot_factory__service__pb2.GetEnrollmentStatusRequest.FromString,
                     response_serializer=devprov_dot_v1_dot_factory__service__pb2.GetEnrollmentStatusResponse.SerializeToString,
+            ),
+            'TransferOwnership': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferOwnership,
+                    request_deserializer=devprov_dot_v1_dot_factory__service__pb2.TransferOwnershipRequest.FromString,
+                    response_serializer=devprov_dot_v1_dot_factory__service__pb2.TransferOwnershipResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -337,6 +357,33 @@ class FactoryService:
             '/devprov.v1.FactoryService/GetEnrollmentStatus',
             devprov_dot_v1_dot_factory__service__pb2.GetEnrollmentStatusRequest.SerializeToString,
             devprov_dot_v1_dot_factory__service__pb2.GetEnrollmentStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferOwnership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devprov.v1.FactoryService/TransferOwnership',
+            devprov_dot_v1_dot_factory__service__pb2.TransferOwnershipRequest.SerializeToString,
+            devprov_dot_v1_dot_factory__service__pb2.TransferOwnershipResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,9 @@ SENTENCES = {
     "HUB_NOT_CONFIGURED": "No IoT hub is configured for activation.",
     "REQUEST_ID_REUSED": "This form was already sent with different values. Reload the form and send again.",
     "ENROLLMENT_CONCURRENTLY_MODIFIED": "The device's enrollment kept changing meanwhile. Try again.",
+    "ENROLLMENT_CHANGED_CONCURRENTLY": (
+        "Someone else changed this device while you sent the form. Check its status, then send again."
+    ),
     "HUB_TWIN_CONCURRENTLY_MODIFIED": "The device's twin kept changing meanwhile. Try again.",
     "DPS_UNAVAILABLE": "The provisioning service cannot be reached right now. Try again later.",
     "HUB_UNAVAILABLE": "The IoT hub cannot be reached right now. Try again later.",

@@ -1,14 +1,18 @@
 """The enrollment commands of ``factory-svc`` (wired into ``factory_svc.cli``):
 
-    factory-svc enroll ID --cert FILE [--replace] [--request-id ID]
-    factory-svc enroll-batch (--dir DIR | FILE ...) --codes-out FILE [--replace] [--chunk N]
+    factory-svc enroll ID --cert FILE [--owner OEM] [--replace [--reason TEXT]] [--request-id ID]
+    factory-svc enroll-batch (--dir DIR | FILE ...) --codes-out FILE [--owner OEM] [--replace [--reason TEXT]]
+                 [--chunk N]
     factory-svc enrollment-status ID [--json]
+    factory-svc transfer-owner ID --to OEM --reason TEXT [--request-id ID]
 
 ``enroll`` prints the outcome and, once, the activation code for the label.  ``enroll-batch`` takes the
 PEM files ``factory-svc mint`` writes (``<id>.chain.pem``; the id is the file name up to the first dot),
 sends them in chunks (default 100 per call), shows progress on stderr and writes
 ``device_id,outcome,delivery,activation_code,error`` lines to ``--codes-out`` (0600: the codes are
-secrets).
+secrets).  ``--owner`` names the OEM that bought the devices (only it may activate them);
+``transfer-owner`` names another one for a device not activated yet.  Replacing the enrollment of an
+activated or registered device needs ``--reason`` (audited).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from provkit.channels import read_input, request_metadata
 from provkit.devpki import write_private_file
 
-COMMANDS = ("enroll", "enroll-batch", "enrollment-status")
+COMMANDS = ("enroll", "enroll-batch", "enrollment-status", "transfer-owner")
 
 
 def add_parsers(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
@@ -39,16 +43,25 @@ def add_parsers(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
     enroll.add_argument(
         "--replace", action="store_true", help="replace another certificate / rotate the code"
     )
+    enroll.add_argument("--owner", default="", help="the OEM that bought the device (its id, e.g. acme)")
+    enroll.add_argument("--reason", default="", help="why an activated device is enrolled again")
     enroll.add_argument("--request-id", help="idempotency key (default: a new UUID)")
     batch = client("enroll-batch", "enroll many devices, with progress")
     batch.add_argument("files", nargs="*", type=Path, help="<id>.chain.pem files")
     batch.add_argument("--dir", type=Path, help="enroll every *.chain.pem in this directory")
     batch.add_argument("--codes-out", type=Path, required=True, help="CSV of results and codes (0600)")
     batch.add_argument("--replace", action="store_true")
+    batch.add_argument("--owner", default="", help="the OEM that bought these devices")
+    batch.add_argument("--reason", default="", help="why activated devices are enrolled again")
     batch.add_argument("--chunk", type=int, default=100, help="devices per call (at most 1000)")
     status = client("enrollment-status", "where a device's enrollment stands (outbox / DPS)")
     status.add_argument("device_id")
     status.add_argument("--json", action="store_true", help="print the fields as JSON")
+    transfer = client("transfer-owner", "name another OEM as the owner of a device not activated yet")
+    transfer.add_argument("device_id")
+    transfer.add_argument("--to", required=True, dest="owner", help="the OEM's id")
+    transfer.add_argument("--reason", required=True, help="why (audited)")
+    transfer.add_argument("--request-id", help="idempotency key (default: a new UUID)")
 
 
 def _name(enum_type: object, value: int, prefix: str) -> str:
@@ -87,6 +100,8 @@ async def run(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int
                 certificate_pem=read_input(args.cert, "certificate file"),
                 replace=args.replace,
                 request_id=request_id,
+                owner_oem=args.owner,
+                replace_reason=args.reason,
             ),
             metadata=request_metadata(request_id),
             timeout=args.timeout,
@@ -106,6 +121,7 @@ async def run(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int
                 "attempts": status.attempts,
                 "failure_reason": status.failure_reason,
                 "failure_message": status.failure_message,
+                "owner": status.owner_oem,
             }
             print(json.dumps(fields, indent=2))
             return 0
@@ -113,10 +129,24 @@ async def run(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int
         print(f"state       {state}")
         if status.provisioning_status:
             print(f"dps status  {status.provisioning_status}")
+        print(f"owner       {status.owner_oem or '(none yet: the first activation claims it)'}")
         if status.attempts:
             print(f"attempts    {status.attempts}")
         if status.failure_reason:
             print(f"last error  {status.failure_reason}: {status.failure_message}")
+        return 0
+    if args.command == "transfer-owner":
+        request_id = args.request_id or str(uuid.uuid4())
+        moved = await stub.TransferOwnership(
+            pb.TransferOwnershipRequest(
+                device_id=args.device_id, owner_oem=args.owner, reason=args.reason, request_id=request_id
+            ),
+            metadata=request_metadata(request_id),
+            timeout=args.timeout,
+        )
+        before = moved.previous_owner_oem or "(none)"
+        change = f"{before} -> {moved.owner_oem}" if moved.changed else f"{moved.owner_oem} (unchanged)"
+        print(f"device id   {moved.device_id}\nowner       {change}")
         return 0
     return await _batch(stub, args)
 
@@ -135,6 +165,8 @@ async def _batch(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> 
                 device_id=f.name.split(".", 1)[0],
                 certificate_pem=read_input(f, "certificate file"),
                 replace=args.replace,
+                owner_oem=args.owner,
+                replace_reason=args.reason,
             )
             for f in part
         ]

@@ -4,6 +4,8 @@ One entry at a time, in sequence order.  While DPS is unreachable the loop waits
 backoff, or DPS's Retry-After) and tries the same entry again; a refusal (e.g. the id is enrolled with
 another certificate) marks the entry FAILED and moves on.  A retry after a crash recognises its own earlier
 write (same certificate and activation-code hash in DPS) and marks the entry delivered without writing.
+The ownership and replace rules (``ownership.py``) are applied to what DPS holds at delivery, and a
+replacement is audited with the caller and the reason the entry carries.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from factory_svc.enrollment.outbox import Outbox, OutboxEntry, OutboxMode
+from factory_svc.enrollment.outbox import AuditRecord, Outbox, OutboxEntry, OutboxMode
+from factory_svc.enrollment.ownership import owner_refusal, replace_detail, replace_refusal
 from factory_svc.enrollment.service import enrolled_sha256, new_enrollment_of, with_certificate
 from provkit.cloud import (
     CloudAlreadyExists,
@@ -132,23 +135,41 @@ class OutboxDelivery:
             if existing is None:
                 try:
                     await self._dps.create(
-                        new_enrollment_of(entry.device_id, entry.certificate_pem, entry.code_hash)
+                        new_enrollment_of(
+                            entry.device_id, entry.certificate_pem, entry.code_hash, entry.intent.owner
+                        )
                     )
                 except CloudAlreadyExists:
                     continue
                 return Delivered.CREATED
             if _ours(existing, entry):
                 return Delivered.ALREADY_APPLIED
+            intent = entry.intent
             if entry.mode is OutboxMode.CREATE:
-                if enrolled_sha256(existing) == entry.sha256_thumbprint:
-                    return Delivered.UNCHANGED
-                return NotDelivered(
-                    "ENROLLMENT_EXISTS",
-                    "the device is enrolled with another certificate; enroll again with replace",
-                )
+                if enrolled_sha256(existing) != entry.sha256_thumbprint:
+                    return NotDelivered(
+                        "ENROLLMENT_EXISTS",
+                        "the device is enrolled with another certificate; enroll again with replace",
+                    )
+                refusal = owner_refusal(existing, intent.owner)
+                if refusal is not None:
+                    return NotDelivered(refusal.reason, refusal.message)
+                return Delivered.UNCHANGED
+            refusal = replace_refusal(existing, intent.owner, intent.replace_reason)
+            if refusal is not None:
+                return NotDelivered(refusal.reason, refusal.message)
+            replaced = with_certificate(existing, entry.certificate_pem, entry.code_hash, intent.owner)
             try:
-                await self._dps.update(with_certificate(existing, entry.certificate_pem, entry.code_hash))
+                await self._dps.update(replaced)
             except (CloudEtagMismatch, CloudNotFound):
                 continue
+            detail = replace_detail(
+                existing, intent.replace_reason, enrolled_sha256(existing), entry.sha256_thumbprint
+            )
+            await self._outbox.record_audit(
+                AuditRecord(
+                    self._clock(), "replace", entry.device_id, intent.caller, intent.request_id, detail
+                )
+            )
             return Delivered.REPLACED
         raise CloudUnavailable("the enrollment kept changing while delivering")

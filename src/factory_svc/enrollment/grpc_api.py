@@ -1,4 +1,5 @@
-"""The Enroll / EnrollBatch / GetEnrollmentStatus RPCs: proto <-> domain conversions, no business rules.
+"""The Enroll / EnrollBatch / GetEnrollmentStatus / TransferOwnership RPCs: proto <-> domain conversions, no
+business rules.
 
 ``EnrollmentRpcs`` is mixed into ``factory_svc.servicer.FactoryServicer``; it expects ``self._enrollment``
 (an ``EnrollmentService``, or None when enrollment is not configured: FAILED_PRECONDITION).
@@ -23,8 +24,10 @@ from factory_svc.enrollment.model import (
     EnrollRequest,
     EnrollResult,
     ItemError,
+    TransferCommand,
 )
 from factory_svc.enrollment.service import EnrollmentService
+from provkit.context import current_caller
 from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.errors import FailedPrecondition, InvalidArgument
 
@@ -100,6 +103,7 @@ def status_to_proto(status: EnrollmentStatus) -> pb.GetEnrollmentStatusResponse:
         failure_message=status.failure_message,
         provisioning_status=status.provisioning_status,
         sha256_thumbprint=status.sha256_thumbprint,
+        owner_oem=status.owner,
     )
     if status.queued_at is not None:
         reply.queued_time.CopyFrom(_timestamp(status.queued_at))
@@ -122,7 +126,15 @@ class EnrollmentRpcs:
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
         device_id = check_device_id(request.device_id, self._device_ids)
         result = await self._service().enroll(
-            EnrollRequest(device_id, request.certificate_pem, request.replace, request.request_id)
+            EnrollRequest(
+                device_id,
+                request.certificate_pem,
+                request.replace,
+                request.request_id,
+                request.owner_oem,
+                request.replace_reason,
+                current_caller(),
+            )
         )
         return result_to_proto(result)
 
@@ -131,6 +143,7 @@ class EnrollmentRpcs:
     ) -> pb.EnrollBatchResponse:
         # The id policy is checked here, item by item: a refused id fails its item, as any bad item does.
         service = self._service()
+        caller = current_caller()
         refused: list[BatchItemResult] = []
         accepted: list[tuple[int, EnrollRequest]] = []
         for index, item in enumerate(request.items):
@@ -140,12 +153,41 @@ class EnrollmentRpcs:
                 error = ItemError(exc.kind, exc.reason, exc.message)
                 refused.append(BatchItemResult(index, item.device_id, None, error))
                 continue
-            accepted.append((index, EnrollRequest(device_id, item.certificate_pem, item.replace)))
+            accepted.append(
+                (
+                    index,
+                    EnrollRequest(
+                        device_id,
+                        item.certificate_pem,
+                        item.replace,
+                        "",
+                        item.owner_oem,
+                        item.replace_reason,
+                        caller,
+                    ),
+                )
+            )
         batch = BatchResult(())
         if accepted or not refused:  # an empty batch is the domain's to refuse
             batch = await service.enroll_batch([r for _, r in accepted], request.request_id)
         items = [replace(item, index=accepted[item.index][0]) for item in batch.items] + refused
         return batch_to_proto(BatchResult(tuple(sorted(items, key=lambda i: i.index)), batch.replayed))
+
+    async def TransferOwnership(
+        self, request: pb.TransferOwnershipRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TransferOwnershipResponse:
+        device_id = check_device_id(request.device_id, self._device_ids)
+        command = TransferCommand(
+            device_id, request.owner_oem, request.reason, request.request_id, current_caller()
+        )
+        result = await self._service().ownership.transfer(command)
+        return pb.TransferOwnershipResponse(
+            device_id=result.device_id,
+            owner_oem=result.owner,
+            previous_owner_oem=result.previous_owner,
+            changed=result.changed,
+            replayed=result.replayed,
+        )
 
     async def GetEnrollmentStatus(
         self, request: pb.GetEnrollmentStatusRequest, context: grpc.aio.ServicerContext

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from provkit.context import Caller
 from provkit.errors import ErrorKind
 
 
@@ -35,6 +36,9 @@ class EnrollRequest:
     certificate_pem: str
     replace: bool = False
     request_id: str = ""
+    owner: str = ""  # the OEM that bought the device ("": the first to activate it claims it)
+    replace_reason: str = ""  # required to replace the enrollment of an activated or registered device
+    caller: Caller = field(default_factory=Caller.internal)  # who asks (from the client certificate)
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,25 @@ class EnrollmentStatus:
     failure_message: str = ""
     provisioning_status: str = ""
     sha256_thumbprint: str = ""
+    owner: str = ""
+
+
+@dataclass(frozen=True)
+class TransferCommand:
+    device_id: str
+    owner: str
+    reason: str
+    request_id: str = ""
+    caller: Caller = field(default_factory=Caller.internal)
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    device_id: str
+    owner: str
+    previous_owner: str
+    changed: bool
+    replayed: bool = False
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,11 @@ delivered later, in order (by sequence number), exactly once.
 Each entry is committed (WAL, synchronous=FULL) before the Enroll answer is sent, so a killed process loses
 nothing.  Delivery is "at least once" on the wire and "exactly once" in effect: a delivery whose outcome
 was lost in a crash is retried, and the retry recognises its own earlier write (same certificate and same
-activation-code hash in DPS) instead of writing again.  The same file keeps the request ids of Enroll /
-EnrollBatch for idempotent replays.
+activation-code hash in DPS) instead of writing again.  An entry carries what the enrollment decision
+needs at delivery: the owner OEM named, the reason of a replace and the caller (for the audit).  The same
+file keeps the request ids of Enroll / EnrollBatch / TransferOwnership for idempotent replays, and the
+enrollment audit: one row per replaced enrollment and per ownership transfer, with the caller and the
+reason (``enrollment_audit``).
 
 File: ``<data_dir>/enrollments.sqlite3``.  All SQLite calls run on the store's own thread (litestore).
 """
@@ -50,8 +53,22 @@ CREATE TABLE IF NOT EXISTS enroll_requests (
 );
 """
 
+# Version 2: the enrollment audit (replacements and ownership transfers, with caller and reason).
+ENROLLMENT_AUDIT = """
+CREATE TABLE enrollment_audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_us INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX enrollment_audit_by_device ON enrollment_audit (device_id, id);
+"""
+
 # Version 1 is the original schema (files written before versions were kept have version 0 and these tables).
-MIGRATIONS = (SCHEMA,)
+MIGRATIONS = (SCHEMA, ENROLLMENT_AUDIT)
 # FULL: an accepted enrollment is promised to the caller; it must survive a power cut, not only a crash.
 OPTIONS = Options(synchronous=Synchronous.FULL)
 
@@ -75,6 +92,7 @@ class OutboxEntry:
     certificate_pem: str
     code_hash: dict[str, Any]  # provkit.activation_code's record of the code handed out
     sha256_thumbprint: str
+    intent: EntryIntent
     state: OutboxState
     attempts: int
     failure_reason: str
@@ -85,26 +103,66 @@ class OutboxEntry:
 
 
 @dataclass(frozen=True)
+class EntryIntent:
+    """The enrollment decision's inputs beside the certificate: owner named, replace reason, who asked."""
+
+    owner: str = ""
+    replace_reason: str = ""
+    caller: str = ""
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
 class NewEntry:
     device_id: str
     mode: OutboxMode
     certificate_pem: str
     code_hash: dict[str, Any]
     sha256_thumbprint: str
+    intent: EntryIntent = EntryIntent()
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One enrollment decision worth a trail: ``replace`` (certificate and code) or ``transfer`` (owner)."""
+
+    time: datetime
+    action: str
+    device_id: str
+    caller: str
+    request_id: str
+    detail: str
 
 
 def _body(entry: NewEntry) -> str:
-    return json.dumps({"certificatePem": entry.certificate_pem, "codeHash": entry.code_hash})
+    intent = entry.intent
+    return json.dumps(
+        {
+            "certificatePem": entry.certificate_pem,
+            "codeHash": entry.code_hash,
+            "owner": intent.owner,
+            "replaceReason": intent.replace_reason,
+            "caller": intent.caller,
+            "requestId": intent.request_id,
+        }
+    )
 
 
-def _payload(text: str) -> tuple[str, dict[str, Any]]:
-    """The certificate and code hash of a stored entry.  Files written before entries had their own shape
-    hold the DPS enrollment body: the certificate and the code record are read from it."""
+def _payload(text: str) -> tuple[str, dict[str, Any], EntryIntent]:
+    """The certificate, code hash and intent of a stored entry.  Files written before entries had their own
+    shape hold the DPS enrollment body: the certificate and the code record are read from it."""
     body = json.loads(text)
     if "certificatePem" in body:
-        return str(body["certificatePem"]), dict(body["codeHash"])
+        intent = EntryIntent(
+            str(body.get("owner") or ""),
+            str(body.get("replaceReason") or ""),
+            str(body.get("caller") or ""),
+            str(body.get("requestId") or ""),
+        )
+        return str(body["certificatePem"]), dict(body["codeHash"]), intent
     primary = body["attestation"]["x509"]["clientCertificates"]["primary"]
-    return str(primary["certificate"]), dict(body["optionalDeviceInformation"]["activationCode"])
+    code = dict(body["optionalDeviceInformation"]["activationCode"])
+    return str(primary["certificate"]), code, EntryIntent()
 
 
 def _us(moment: datetime) -> int:
@@ -122,7 +180,7 @@ _SELECT = (
 
 
 def _entry(row: tuple[Any, ...]) -> OutboxEntry:
-    certificate_pem, code_hash = _payload(row[3])
+    certificate_pem, code_hash, intent = _payload(row[3])
     return OutboxEntry(
         seq=row[0],
         device_id=row[1],
@@ -130,6 +188,7 @@ def _entry(row: tuple[Any, ...]) -> OutboxEntry:
         certificate_pem=certificate_pem,
         code_hash=code_hash,
         sha256_thumbprint=row[4],
+        intent=intent,
         state=OutboxState(row[5]),
         attempts=row[6],
         failure_reason=row[7],
@@ -245,3 +304,31 @@ class Outbox:
                 (request_id, fingerprint, json.dumps(response)),
             )
         )
+
+    # ---------------------------------------------------------------------------------------- audit
+    async def record_audit(self, record: AuditRecord) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO enrollment_audit (time_us, action, device_id, caller, request_id, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    _us(record.time),
+                    record.action,
+                    record.device_id,
+                    record.caller,
+                    record.request_id,
+                    record.detail,
+                ),
+            )
+        )
+
+    async def audit(self, device_id: str) -> list[AuditRecord]:
+        def go(db: sqlite3.Connection) -> list[AuditRecord]:
+            rows = db.execute(
+                "SELECT time_us, action, device_id, caller, request_id, detail FROM enrollment_audit "
+                "WHERE device_id = ? ORDER BY id",
+                (device_id,),
+            ).fetchall()
+            return [AuditRecord(_moment(r[0]) or datetime.fromtimestamp(0, UTC), *r[1:]) for r in rows]
+
+        return await self._run(go)

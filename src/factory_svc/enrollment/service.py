@@ -8,7 +8,12 @@
 - Request ids go through ``provkit.idempotency`` (answers kept in the outbox file).
 - The service owns its worker threads (code hashing, batch lint): ``close()`` shuts them down.
 
+Ownership and replace rules are ``ownership.py``'s: an owner OEM may be named (kept by every later
+Enroll), and replacing the enrollment of an activated or registered device needs a reason, keeps the
+owner and is audited with the caller (the outbox file's enrollment audit).
+
 Reasons raised: the lint reasons (``lint.py``), ENROLLMENT_EXISTS (another certificate, no ``replace``),
+OWNER_INVALID, REASON_INVALID, OWNER_CHANGE_NEEDS_TRANSFER, REPLACE_REASON_REQUIRED,
 ENROLLMENT_CONCURRENTLY_MODIFIED, DPS_REFUSED, DPS_UNAVAILABLE, BATCH_EMPTY, BATCH_TOO_LARGE,
 DUPLICATE_IN_BATCH, REQUEST_ID_INVALID, REQUEST_ID_REUSED.
 """
@@ -41,7 +46,23 @@ from factory_svc.enrollment.model import (
     EnrollResult,
     ItemError,
 )
-from factory_svc.enrollment.outbox import NewEntry, Outbox, OutboxEntry, OutboxMode, OutboxState
+from factory_svc.enrollment.outbox import (
+    AuditRecord,
+    EntryIntent,
+    NewEntry,
+    Outbox,
+    OutboxEntry,
+    OutboxMode,
+    OutboxState,
+)
+from factory_svc.enrollment.ownership import (
+    OwnershipService,
+    check_owner,
+    check_reason,
+    owner_refusal,
+    replace_detail,
+    replace_refusal,
+)
 from provkit.activation_code import new_codes
 from provkit.cloud import (
     CloudAlreadyExists,
@@ -85,7 +106,9 @@ _HASH_JOB = 10
 
 
 # -------------------------------------------------------------------------------------------- enrollments
-def new_enrollment_of(device_id: str, certificate_pem: str, code_hash: Mapping[str, Any]) -> Enrollment:
+def new_enrollment_of(
+    device_id: str, certificate_pem: str, code_hash: Mapping[str, Any], owner: str = ""
+) -> Enrollment:
     """A fresh enrollment (registration id = device id): disabled until the OEM activates it."""
     return Enrollment(
         registration_id=device_id,
@@ -93,16 +116,25 @@ def new_enrollment_of(device_id: str, certificate_pem: str, code_hash: Mapping[s
         provisioning_status=ProvisioningStatus.DISABLED,
         attestation=X509Attestation(certificate_pem),
         code_hash=code_hash,
+        owner=owner or None,
     )
 
 
-def new_enrollment(linted: LintedCertificate, code_hash: Mapping[str, Any]) -> Enrollment:
-    return new_enrollment_of(linted.device_id, linted.leaf_pem, code_hash)
+def new_enrollment(linted: LintedCertificate, code_hash: Mapping[str, Any], owner: str = "") -> Enrollment:
+    return new_enrollment_of(linted.device_id, linted.leaf_pem, code_hash, owner)
 
 
-def with_certificate(existing: Enrollment, certificate_pem: str, code_hash: Mapping[str, Any]) -> Enrollment:
-    """``existing`` holding another certificate and code hash (everything else kept)."""
-    return dc_replace(existing, attestation=X509Attestation(certificate_pem), code_hash=code_hash)
+def with_certificate(
+    existing: Enrollment, certificate_pem: str, code_hash: Mapping[str, Any], owner: str = ""
+) -> Enrollment:
+    """``existing`` holding another certificate and code hash (the old code stops working); the owner is
+    kept, or ``owner`` when none was named yet; everything else kept."""
+    return dc_replace(
+        existing,
+        attestation=X509Attestation(certificate_pem),
+        code_hash=code_hash,
+        owner=existing.owner or owner or None,
+    )
 
 
 def enrolled_sha256(enrollment: Enrollment) -> str | None:
@@ -118,7 +150,16 @@ def enrolled_sha256(enrollment: Enrollment) -> str | None:
 
 
 def _fingerprint(items: Sequence[EnrollRequest]) -> str:
-    return fingerprint([[i.device_id.strip().lower(), i.certificate_pem.strip(), i.replace] for i in items])
+    return fingerprint(
+        [
+            [i.device_id.strip().lower(), i.certificate_pem.strip(), i.replace, i.owner, i.replace_reason]
+            for i in items
+        ]
+    )
+
+
+def _intent(request: EnrollRequest) -> EntryIntent:
+    return EntryIntent(request.owner, request.replace_reason, str(request.caller), request.request_id)
 
 
 def _result_json(result: EnrollResult) -> dict[str, Any]:
@@ -155,7 +196,7 @@ class _Item:
 
     index: int
     linted: LintedCertificate
-    replace: bool
+    request: EnrollRequest
 
 
 def _item_result(item: _Item, result: EnrollResult) -> BatchItemResult:
@@ -178,6 +219,7 @@ class EnrollmentService:
         self._policy = policy
         self._clock = clock
         self._request_ids = RequestIds()
+        self.ownership = OwnershipService(dps, outbox, clock)  # TransferOwnership
         self._hashers = ThreadPoolExecutor(max_workers=_WORKER_THREADS, thread_name_prefix="code-hash")
         self._linters = ThreadPoolExecutor(max_workers=_WORKER_THREADS, thread_name_prefix="enroll-lint")
 
@@ -201,6 +243,8 @@ class EnrollmentService:
         return [item for part in parts for item in part]
 
     def lint(self, request: EnrollRequest, field_prefix: str = "") -> LintedCertificate:
+        check_owner(request.owner, field_prefix + "owner_oem")
+        check_reason(request.replace_reason, field_prefix + "replace_reason")
         return lint_certificate(
             request.device_id, request.certificate_pem, self._lint, self._clock(), field_prefix
         )
@@ -213,17 +257,18 @@ class EnrollmentService:
         )
 
     async def _queue_many(
-        self, items: Sequence[tuple[LintedCertificate, bool, NewCode]]
+        self, items: Sequence[tuple[LintedCertificate, EnrollRequest, NewCode]]
     ) -> list[EnrollResult]:
         entries = [
             NewEntry(
                 linted.device_id,
-                OutboxMode.REPLACE if replace else OutboxMode.CREATE,
+                OutboxMode.REPLACE if request.replace else OutboxMode.CREATE,
                 linted.leaf_pem,
                 record,
                 linted.sha256_thumbprint,
+                _intent(request),
             )
-            for linted, replace, (_code, record) in items
+            for linted, request, (_code, record) in items
         ]
         await self._outbox.enqueue(entries, self._clock())
         for linted, _, _ in items:
@@ -234,14 +279,16 @@ class EnrollmentService:
         ]
 
     # ---------------------------------------------------------------------------------- live path
-    async def _live(self, linted: LintedCertificate, replace: bool, fresh: NewCode | None) -> EnrollResult:
+    async def _live(
+        self, linted: LintedCertificate, request: EnrollRequest, fresh: NewCode | None
+    ) -> EnrollResult:
         """Create or (with ``replace``) update the enrollment now.  Raises CloudUnavailable."""
         for _ in range(_MAX_ATTEMPTS):
             existing = await self._dps.get(linted.device_id)
             if existing is None:
                 fresh = fresh or await self._new_code()
                 try:
-                    await self._dps.create(new_enrollment(linted, fresh[1]))
+                    await self._dps.create(new_enrollment(linted, fresh[1], request.owner))
                 except CloudAlreadyExists:
                     continue
                 except CloudRejected as exc:
@@ -249,21 +296,37 @@ class EnrollmentService:
                 log.info("enrolled (disabled)", extra={"sha256": linted.sha256_thumbprint})
                 return self._result(linted, EnrollOutcome.CREATED, Delivery.LIVE, fresh[0])
             enrolled = enrolled_sha256(existing)
-            if not replace:
+            if not request.replace:
                 if enrolled == linted.sha256_thumbprint:
+                    refusal = owner_refusal(existing, request.owner)
+                    if refusal is not None:
+                        raise refusal
                     return self._result(linted, EnrollOutcome.UNCHANGED, Delivery.LIVE, None)
                 raise AlreadyExists(
                     "ENROLLMENT_EXISTS",
                     f"{linted.device_id} is enrolled with another certificate; set replace to rework it",
                     metadata={"enrolled_sha256": enrolled or ""},
                 )
+            refusal = replace_refusal(existing, request.owner, request.replace_reason)
+            if refusal is not None:
+                raise refusal
             fresh = fresh or await self._new_code()
             try:
-                await self._dps.update(with_certificate(existing, linted.leaf_pem, fresh[1]))
+                await self._dps.update(with_certificate(existing, linted.leaf_pem, fresh[1], request.owner))
             except (CloudEtagMismatch, CloudNotFound):
                 continue
             except CloudRejected as exc:
                 raise _refused(exc) from exc
+            await self._outbox.record_audit(
+                AuditRecord(
+                    self._clock(),
+                    "replace",
+                    linted.device_id,
+                    str(request.caller),
+                    request.request_id,
+                    replace_detail(existing, request.replace_reason, enrolled, linted.sha256_thumbprint),
+                )
+            )
             log.info("enrollment replaced", extra={"sha256": linted.sha256_thumbprint})
             return self._result(linted, EnrollOutcome.REPLACED, Delivery.LIVE, fresh[0])
         raise Aborted(
@@ -271,14 +334,14 @@ class EnrollmentService:
             f"the enrollment of {linted.device_id} kept changing; try again",
         )
 
-    async def _enroll_linted(self, linted: LintedCertificate, replace: bool) -> EnrollResult:
+    async def _enroll_linted(self, linted: LintedCertificate, request: EnrollRequest) -> EnrollResult:
         with bind_device_id(linted.device_id):
             if await self._outbox.pending_count() == 0:
                 try:
-                    return await self._live(linted, replace, None)
+                    return await self._live(linted, request, None)
                 except CloudUnavailable:
                     pass
-            return (await self._queue_many([(linted, replace, await self._new_code())]))[0]
+            return (await self._queue_many([(linted, request, await self._new_code())]))[0]
 
     # ------------------------------------------------------------------------------------ requests
     async def _stored(self, request_id: str) -> Stored[dict[str, Any]] | None:
@@ -291,7 +354,7 @@ class EnrollmentService:
         request_fingerprint = _fingerprint([request])
 
         async def execute() -> EnrollResult:
-            result = await self._enroll_linted(linted, request.replace)
+            result = await self._enroll_linted(linted, request)
             if request.request_id:
                 await self._outbox.remember_request(
                     request.request_id, request_fingerprint, _result_json(result)
@@ -317,6 +380,7 @@ class EnrollmentService:
                 f"at most {self._policy.max_batch} items per batch (got {len(requests)})",
             )
         request_fingerprint = _fingerprint(requests)
+        requests = [dc_replace(r, request_id=request_id) for r in requests]  # the batch's, for the audit
 
         async def execute() -> BatchResult:
             batch = await self._enroll_batch(requests)
@@ -349,7 +413,7 @@ class EnrollmentService:
                 results.append(BatchItemResult(index, linted.device_id, None, duplicate))
             else:
                 seen.add(linted.device_id)
-                valid.append(_Item(index, linted, request.replace))
+                valid.append(_Item(index, linted, request))
         results.extend(await self._enroll_many(valid))
         return BatchResult(tuple(sorted(results, key=lambda r: r.index)))
 
@@ -382,11 +446,11 @@ class EnrollmentService:
         if await self._outbox.pending_count() > 0:
             codes = await self._new_codes(len(valid))
             queued = await self._queue_many(
-                [(item.linted, item.replace, code) for item, code in zip(valid, codes, strict=True)]
+                [(item.linted, item.request, code) for item, code in zip(valid, codes, strict=True)]
             )
             return [_item_result(item, result) for item, result in zip(valid, queued, strict=True)]
-        creates = [item for item in valid if not item.replace]
-        replaces = [item for item in valid if item.replace]
+        creates = [item for item in valid if not item.request.replace]
+        replaces = [item for item in valid if item.request.replace]
         gate = asyncio.Semaphore(self._policy.bulk_concurrency)
         bulks = await asyncio.gather(
             *(self._create_bulk(creates[n : n + _BULK], gate) for n in range(0, len(creates), _BULK))
@@ -402,13 +466,16 @@ class EnrollmentService:
         the first operation leaves after ten hashes and hashing overlaps with writing to DPS; an id DPS
         already holds is retried on the single-record path (it may hold this very certificate)."""
         codes = await self._new_codes(len(part))
-        records = [new_enrollment(item.linted, record) for item, (_, record) in zip(part, codes, strict=True)]
+        records = [
+            new_enrollment(item.linted, record, item.request.owner)
+            for item, (_, record) in zip(part, codes, strict=True)
+        ]
         async with gate:
             try:
                 errors = await self._dps.bulk_create(records)
             except CloudUnavailable:
                 queued = await self._queue_many(
-                    [(item.linted, False, code) for item, code in zip(part, codes, strict=True)]
+                    [(item.linted, item.request, code) for item, code in zip(part, codes, strict=True)]
                 )
                 return [_item_result(item, result) for item, result in zip(part, queued, strict=True)]
             except CloudRejected as exc:
@@ -431,9 +498,9 @@ class EnrollmentService:
         with bind_device_id(item.linted.device_id):
             try:
                 try:
-                    result = await self._live(item.linted, item.replace, code)
+                    result = await self._live(item.linted, item.request, code)
                 except CloudUnavailable:
-                    result = (await self._queue_many([(item.linted, item.replace, code)]))[0]
+                    result = (await self._queue_many([(item.linted, item.request, code)]))[0]
             except DomainError as exc:
                 return _error_item(item.index, item.linted.device_id, exc)
         return _item_result(item, result)
@@ -456,6 +523,7 @@ class EnrollmentService:
             return dc_replace(
                 _status_from_entry(entry),
                 provisioning_status=enrollment.provisioning_status.value if enrollment else "",
+                owner=(enrollment.owner if enrollment else None) or "",
             )
         if enrollment is None:
             return EnrollmentStatus(device_id, EnrollmentState.NOT_FOUND)
@@ -464,6 +532,7 @@ class EnrollmentService:
             EnrollmentState.LIVE,
             provisioning_status=enrollment.provisioning_status.value,
             sha256_thumbprint=enrolled_sha256(enrollment) or "",
+            owner=enrollment.owner or "",
         )
 
 
@@ -482,6 +551,7 @@ def _status_from_entry(entry: OutboxEntry) -> EnrollmentStatus:
         failure_reason=entry.failure_reason,
         failure_message=entry.failure_message,
         sha256_thumbprint=entry.sha256_thumbprint,
+        owner=entry.intent.owner,
     )
 
 
