@@ -34,6 +34,7 @@ from google.protobuf import timestamp_pb2
 from activation_svc.portal.cli import add_portal_command, run_portal
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
+from provkit import faults
 from provkit.channels import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -277,6 +278,7 @@ def _client(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    faults.arm_from_environment()
     try:
         if args.command == "serve":
             from activation_svc.app import run_server

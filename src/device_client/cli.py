@@ -23,6 +23,7 @@ from device_client.errors import EXIT_INTERRUPTED, EXIT_OK, DeviceClientError
 from device_client.identity import KeyType, normalise_guid
 from device_client.settings import Settings, load_settings
 from device_client.state import StateDir
+from provkit import faults
 
 if TYPE_CHECKING:  # the runtime (and the device SDK) load only for `run`
     from device_client.runtime import RuntimeSnapshot
@@ -130,6 +131,7 @@ def _configure_logging(fmt: str, verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    faults.arm_from_environment()
     try:
         guid, settings = resolve_settings(args)
         _configure_logging(settings.log_format, args.verbose)

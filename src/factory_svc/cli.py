@@ -33,6 +33,7 @@ from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.enrollment import cli_commands as enroll_cli
 from factory_svc.errors import CaConfigError
+from provkit import faults
 from provkit.channels import (
     EXIT_INTERRUPTED,
     EXIT_REFUSED,
@@ -230,6 +231,7 @@ async def _client(args: argparse.Namespace, source: SettingsSource) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    faults.arm_from_environment()
     try:
         if args.command == "serve":
             from factory_svc.app import run_server
