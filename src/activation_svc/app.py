@@ -1,7 +1,8 @@
 """Assembly of the activation service: DPS + hub adapters, rate limiter, audit log, domain, servicer.
 
 API: ``async ActivationApp.open(settings, clock=...)``, ``.bindings()``, ``async .start()``,
-``async .close()``; ``async run_server(settings)`` (serve until SIGINT/SIGTERM).
+``async .close()``; ``async run_server(settings)`` (serve until SIGINT/SIGTERM).  Before serving, the
+activations a crash left unfinished are completed (``ActivationService.complete_open_intents``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ActivationApp:
         return [ActivationServicer(self.service, self.settings.device_ids).binding()]
 
     async def start(self) -> RunningServer:
+        await self.service.complete_open_intents()
         return await start_server(self.settings.server, self.bindings(), refusals=self.audit)
 
     async def close(self) -> None:
@@ -61,6 +63,7 @@ class ActivationApp:
 async def run_server(settings: ActivationSettings) -> None:
     app = await ActivationApp.open(settings)
     try:
+        await app.service.complete_open_intents()
         await serve(settings.server, app.bindings(), refusals=app.audit)
     finally:
         await app.close()

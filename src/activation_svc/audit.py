@@ -4,6 +4,9 @@ File ``<data_dir>/audit.sqlite3``, table ``audit(time_us, action, device_id, cal
 detail)``.  Written before the answer is sent.  Activation codes and metadata values are never recorded
 (the metadata's SHA-256 is).  Calls the server refused before the service ran (``provkit.authz``) are
 rows too: ``record_refusal`` writes action = the RPC's path, outcome ``refused``, detail = reason and role.
+An Activate that changes something outside writes its row when it records its intent (outcome ``pending``,
+``activation_svc.intents``, same file and transaction) and gives it its outcome when the intent is
+finished: ``ok``, or ``error`` with the reason; a row still ``pending`` is a change not completed yet.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+from activation_svc.intents import MIGRATION as INTENTS_MIGRATION
+from activation_svc.intents import ActivationIntent, IntentLog
 from litestore import Options, Schema, Store, Synchronous
 from provkit.authz import Refusal
 
@@ -39,8 +44,9 @@ CREATE TABLE IF NOT EXISTS activation_requests (
 );
 """
 
-# Version 1 is the original schema (files written before versions were kept have version 0 and these tables).
-MIGRATIONS = (SCHEMA,)
+# Version 1 is the original schema (files written before versions were kept have version 0 and these tables);
+# version 2 adds the activation intents (``activation_svc.intents``).
+MIGRATIONS = (SCHEMA, INTENTS_MIGRATION)
 # FULL: an audit row is written before the answer is sent; it must not vanish with a power cut after that.
 OPTIONS = Options(synchronous=Synchronous.FULL)
 
@@ -56,9 +62,22 @@ class AuditEntry:
     detail: str
 
 
+def _row(entry: AuditEntry) -> tuple[object, ...]:
+    return (
+        int(entry.time.timestamp() * 1_000_000),
+        entry.action,
+        entry.device_id,
+        entry.caller,
+        entry.request_id,
+        entry.outcome,
+        entry.detail,
+    )
+
+
 class AuditLog:
     def __init__(self, store: Store) -> None:
         self._store = store
+        self.intents = IntentLog(store)
 
     @classmethod
     async def open(cls, path: Path) -> AuditLog:
@@ -75,17 +94,13 @@ class AuditLog:
             lambda db: db.execute(
                 "INSERT INTO audit (time_us, action, device_id, caller, request_id, outcome, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    int(entry.time.timestamp() * 1_000_000),
-                    entry.action,
-                    entry.device_id,
-                    entry.caller,
-                    entry.request_id,
-                    entry.outcome,
-                    entry.detail,
-                ),
+                _row(entry),
             )
         )
+
+    async def begin_intent(self, intent: ActivationIntent, entry: AuditEntry) -> ActivationIntent:
+        """Record ``intent`` and its audit row ``entry`` durably, in one transaction."""
+        return await self.intents.begin(intent, _row(entry))
 
     async def record_refusal(self, refusal: Refusal) -> None:
         await self.record(

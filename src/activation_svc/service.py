@@ -17,6 +17,12 @@ metadata, the call is Aborted ENROLLMENT_CHANGED_CONCURRENTLY and writes nothing
 state and decides again); never does one writer silently overwrite another.  When the device has
 registered already, the metadata is also merged into its hub twin (etag-guarded as well).
 
+A change is a recorded intent (``activation_svc.intents``, carried out by ``activation_svc.steps``):
+written durably with its audit row before the first external write, each step marked as it completes,
+and what a crash leaves open is finished at start-up (``complete_open_intents``) and before the next call
+for that device.  The hub twin patch comes from the intent (twin before and after), so what a change
+removes is removed on the hub too.
+
 Request ids go through ``provkit.idempotency`` (answers kept in the audit file).  The domain reads and
 writes ``provkit.cloud.Enrollment`` records (activation record, initial twin, hub allocation); the DPS
 JSON is the adapter's.
@@ -34,12 +40,13 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from dataclasses import replace as dc_replace
 from datetime import datetime
 from typing import Any, Protocol
 
 from activation_svc.audit import AuditEntry, AuditLog
+from activation_svc.intents import ActivationIntent
 from activation_svc.metadata import TwinMetadata, parse_metadata
 from activation_svc.model import (
     ActivateCommand,
@@ -51,11 +58,17 @@ from activation_svc.model import (
     Lifecycle,
 )
 from activation_svc.ratelimit import AttemptLimiter, AttemptsExhausted
+from activation_svc.steps import (
+    IntentSteps,
+    get_enrollment,
+    holds,
+    hub_errors,
+    unavailable,
+    update_enrollment,
+)
 from provkit.activation_code import verify_code
 from provkit.cloud import (
     CloudEtagMismatch,
-    CloudNotFound,
-    CloudRejected,
     CloudUnavailable,
     Enrollment,
     EnrollmentPort,
@@ -65,7 +78,6 @@ from provkit.cloud import (
     HubTwinPort,
     InitialTwin,
     ProvisioningStatus,
-    TwinPatch,
 )
 from provkit.context import Caller, Role, bind_device_id
 from provkit.device_id import normalise_device_id
@@ -75,7 +87,6 @@ from provkit.errors import (
     FailedPrecondition,
     PermissionDenied,
     ResourceExhausted,
-    Unavailable,
     invalid_field,
 )
 from provkit.idempotency import RequestIds, Stored, check_request_id, fingerprint
@@ -98,12 +109,6 @@ def _denied() -> PermissionDenied:
     return PermissionDenied("ACTIVATION_DENIED", "unknown device or wrong activation code")
 
 
-def _unavailable(exc: CloudUnavailable, what: str) -> Unavailable:
-    return Unavailable(
-        f"{what}_UNAVAILABLE", f"{what} cannot be reached: {exc}", retry_after=exc.retry_after or 5.0
-    )
-
-
 def _code_hash(enrollment: Enrollment | None) -> Any:
     return enrollment.code_hash if enrollment is not None else None
 
@@ -124,12 +129,11 @@ def _changed_meanwhile(enrollment: Enrollment) -> Aborted:
     )
 
 
-def _changes(wanted: Any, old: Any, current: Any) -> dict[str, Any]:
-    """The merge patch that turns ``current`` (a twin section) into ``wanted``: changed keys, and keys
-    this side wrote earlier (in ``old``) that ``wanted`` no longer has (None deletes them)."""
-    patch = {k: v for k, v in wanted.items() if current.get(k) != v}
-    patch.update({k: None for k in old if k not in wanted and k in current})
-    return patch
+@dataclass
+class _Trail:
+    """Whether this call's audit row exists already (written with its intent)."""
+
+    intent_recorded: bool = False
 
 
 class ActivationService:
@@ -149,6 +153,16 @@ class ActivationService:
         self._audit = audit
         self._clock = clock
         self._request_ids = RequestIds()
+        self._steps = IntentSteps(dps, hubs, audit, clock)
+
+    async def complete_open_intents(self) -> int:
+        """Start-up: finish every activation a crash left open (how many were closed).  One that cannot be
+        finished now (DPS or hub unreachable) stays open for the next call for its device."""
+        try:
+            return await self._steps.complete_open()
+        except DomainError as exc:
+            log.warning("interrupted activations not completed yet", extra={"reason": exc.reason})
+            return 0
 
     # ------------------------------------------------------------------------------------ helpers
     async def _audit_entry(
@@ -160,12 +174,7 @@ class ActivationService:
         log.info("audit", extra={"action": action, "outcome": outcome, "caller": caller, "detail": detail})
 
     async def _get(self, device_id: str) -> Enrollment | None:
-        try:
-            return await self._dps.get(device_id)
-        except CloudUnavailable as exc:
-            raise _unavailable(exc, "DPS") from exc
-        except CloudRejected as exc:
-            raise FailedPrecondition("DPS_REFUSED", f"DPS refused the request: {exc}") from exc
+        return await get_enrollment(self._dps, device_id)
 
     async def _authorised(
         self, action: str, raw_id: str, code: str, caller: Caller, request_id: str
@@ -193,6 +202,10 @@ class ActivationService:
                 raise _denied()
             attempt.succeeded()
         assert enrollment is not None
+        if await self._steps.complete_open(device_id):  # a change a crash interrupted comes first
+            enrollment = await self._get(device_id)
+            if enrollment is None:
+                raise _denied()
         return device_id, enrollment
 
     def _hub(self, requested: str) -> str:
@@ -219,14 +232,7 @@ class ActivationService:
 
     async def _update(self, enrollment: Enrollment) -> Enrollment | None:
         """None on an etag mismatch (someone changed it: read again)."""
-        try:
-            return await self._dps.update(enrollment)
-        except (CloudEtagMismatch, CloudNotFound):
-            return None
-        except CloudUnavailable as exc:
-            raise _unavailable(exc, "DPS") from exc
-        except CloudRejected as exc:
-            raise FailedPrecondition("DPS_REFUSED", f"DPS refused the update: {exc}") from exc
+        return await update_enrollment(self._dps, enrollment)
 
     async def _reauthorise(self, device_id: str, code: str, caller: Caller) -> Enrollment:
         enrollment = await self._get(device_id)
@@ -249,22 +255,29 @@ class ActivationService:
             ["activate", device_id, metadata.canonical(), hub, *([expected] if expected else [])]
         )
 
+        digest = hashlib.sha256(metadata.canonical().encode()).hexdigest()
+        summary = f"hub={hub} metadata_sha256={digest}"
+
         async def execute() -> ActivateResult:
+            trail = _Trail()
             try:
-                result = await self._activate(device_id, enrollment, metadata, hub, cmd)
+                result = await self._activate(device_id, enrollment, metadata, hub, cmd, summary, trail)
             except Exception as exc:
-                why = exc.reason if isinstance(exc, DomainError) else type(exc).__name__
-                await self._audit_entry("activate", device_id, str(cmd.caller), cmd.request_id, "error", why)
+                if not trail.intent_recorded:  # else the intent's audit row says it
+                    why = exc.reason if isinstance(exc, DomainError) else type(exc).__name__
+                    await self._audit_entry(
+                        "activate", device_id, str(cmd.caller), cmd.request_id, "error", why
+                    )
                 raise
-            digest = hashlib.sha256(metadata.canonical().encode()).hexdigest()
-            await self._audit_entry(
-                "activate",
-                device_id,
-                str(cmd.caller),
-                cmd.request_id,
-                "ok",
-                f"path={result.path.value} hub={hub} metadata_sha256={digest}",
-            )
+            if not trail.intent_recorded:
+                await self._audit_entry(
+                    "activate",
+                    device_id,
+                    str(cmd.caller),
+                    cmd.request_id,
+                    "ok",
+                    f"path={result.path.value} {summary}",
+                )
             await self._remember(cmd.request_id, request_fingerprint, result)
             return result
 
@@ -278,96 +291,63 @@ class ActivationService:
             )
 
     async def _activate(
-        self, device_id: str, enrollment: Enrollment, metadata: TwinMetadata, hub: str, cmd: ActivateCommand
+        self,
+        device_id: str,
+        enrollment: Enrollment,
+        metadata: TwinMetadata,
+        hub: str,
+        cmd: ActivateCommand,
+        summary: str,
+        trail: _Trail,
     ) -> ActivateResult:
         wanted_twin = InitialTwin(dict(metadata.tags), dict(metadata.desired))
-        wanted_hubs = HubAllocation((hub,), "static")
-        basis = cmd.expected_etag.strip() or enrollment.etag  # the state this change is meant for
-        previous: InitialTwin | None = None
-        changed = False
-        for _ in range(2):  # the read at authorisation; once more after a 412, to tell "same" from "other"
-            previous = enrollment.initial_twin
-            record = enrollment.activation
-            same = (
-                enrollment.enabled
-                and previous == wanted_twin
-                and enrollment.allocation == wanted_hubs
-                and record.activated_at is not None
-                and record.deactivated_at is None
-            )
-            if same:
-                break
-            if enrollment.etag != basis:
-                raise _changed_meanwhile(enrollment)
-            activated = dc_replace(
-                enrollment,
-                initial_twin=wanted_twin,
-                allocation=wanted_hubs,
-                provisioning_status=ProvisioningStatus.ENABLED,
-                activation=dc_replace(record, activated_at=self._clock(), deactivated_at=None),
-                owner=enrollment.owner or cmd.caller.oem,  # the first activation claims the device
-            )
-            updated = await self._update(activated)
-            if updated is not None:
-                enrollment, changed = updated, True
-                break
-            enrollment = await self._reauthorise(device_id, cmd.activation_code, cmd.caller)
-        else:
-            raise _changed_meanwhile(enrollment)
         registration = enrollment.registration_state
-        twin_written = False
-        registered_hub = ""
-        if registration is not None and registration.assigned:
-            registered_hub = registration.assigned_hub or ""
-            twin_written = await self._sync_hub(registered_hub, device_id, wanted_twin, previous)
-        path = (
-            ActivationPath.ENROLLMENT_AND_HUB_TWIN
-            if twin_written
-            else ActivationPath.ENROLLMENT
-            if changed
-            else ActivationPath.UNCHANGED
+        registered_hub = (registration.assigned_hub or "") if registration and registration.assigned else ""
+        if holds(enrollment, wanted_twin, HubAllocation((hub,), "static")):
+            twin_written = False
+            if registered_hub:  # the twin may have drifted from the enrollment: bring it back
+                twin_written = await self._steps.sync_hub(registered_hub, device_id, wanted_twin, wanted_twin)
+            path = ActivationPath.ENROLLMENT_AND_HUB_TWIN if twin_written else ActivationPath.UNCHANGED
+            return self._result(device_id, hub, path, enrollment, registered_hub)
+        basis = cmd.expected_etag.strip() or enrollment.etag or ""  # the state this change is meant for
+        if enrollment.etag != basis:
+            raise _changed_meanwhile(enrollment)
+        intent = ActivationIntent(
+            device_id=device_id,
+            caller=str(cmd.caller),
+            request_id=cmd.request_id,
+            hub=hub,
+            before=enrollment.initial_twin,
+            after=wanted_twin,
+            owner=cmd.caller.oem or "",
+            basis_etag=basis,
+            summary=summary,
         )
+        entry = AuditEntry(
+            self._clock(),
+            "activate",
+            device_id,
+            str(cmd.caller),
+            cmd.request_id,
+            "pending",
+            f"intent {summary}",
+        )
+        intent = await self._steps.record(intent, entry)
+        trail.intent_recorded = True
+        carried = await self._steps.run(intent, enrollment)
+        if carried is None:
+            raise _changed_meanwhile(await self._get(device_id) or enrollment)
+        return self._result(
+            device_id, hub, carried.path, carried.enrollment or enrollment, carried.registered_hub
+        )
+
+    def _result(
+        self, device_id: str, hub: str, path: ActivationPath, enrollment: Enrollment, registered_hub: str
+    ) -> ActivateResult:
         lifecycle = Lifecycle.REGISTERED if registered_hub else Lifecycle.ACTIVATED
         log.info("activated", extra={"path": path.value, "hub": hub})
         etag, owner = enrollment.etag or "", enrollment.owner or ""
         return ActivateResult(device_id, hub, path, lifecycle, etag, registered_hub, owner=owner)
-
-    async def _sync_hub(
-        self, hub: str, device_id: str, wanted: InitialTwin, previous: InitialTwin | None
-    ) -> bool:
-        """Merge the metadata into the device's hub twin (and re-enable a disabled identity)."""
-        old = previous or InitialTwin()
-        try:
-            for _ in range(_MAX_ATTEMPTS):
-                device = await self._hubs.get_device(hub, device_id)
-                if device is None:
-                    return False
-                wrote = False
-                if device.status is not HubDeviceStatus.ENABLED:
-                    try:
-                        await self._hubs.set_device_status(hub, device, HubDeviceStatus.ENABLED)
-                    except CloudEtagMismatch:
-                        continue
-                    wrote = True
-                twin = await self._hubs.get_twin_document(hub, device_id)
-                if twin is None:
-                    return wrote
-                patch = TwinPatch(
-                    _changes(wanted.tags, old.tags, twin.tags),
-                    _changes(wanted.desired, old.desired, twin.desired),
-                )
-                if not patch:
-                    return wrote
-                try:
-                    await self._hubs.patch_twin(hub, device_id, patch, twin.etag or "*")
-                except CloudEtagMismatch:
-                    continue
-                return True
-        except CloudUnavailable as exc:
-            raise _unavailable(exc, "HUB") from exc
-        except CloudRejected as exc:
-            raise FailedPrecondition("HUB_REFUSED", f"the IoT hub refused the update: {exc}") from exc
-        raise Aborted("HUB_TWIN_CONCURRENTLY_MODIFIED", "the hub twin kept changing; try again")
 
     # --------------------------------------------------------------------------------- deactivate
     async def deactivate(self, cmd: DeactivateCommand) -> DeactivateResult:
@@ -430,7 +410,7 @@ class ActivationService:
         hub = (registration.assigned_hub if registration else None) or enrollment.activation.registered_hub
         if not hub:
             return False
-        try:
+        with hub_errors():
             for _ in range(_MAX_ATTEMPTS):
                 device = await self._hubs.get_device(hub, device_id)
                 if device is None or device.status is HubDeviceStatus.DISABLED:
@@ -440,10 +420,6 @@ class ActivationService:
                 except CloudEtagMismatch:
                     continue
                 return True
-        except CloudUnavailable as exc:
-            raise _unavailable(exc, "HUB") from exc
-        except CloudRejected as exc:
-            raise FailedPrecondition("HUB_REFUSED", f"the IoT hub refused the update: {exc}") from exc
         raise Aborted("HUB_DEVICE_CONCURRENTLY_MODIFIED", "the hub device kept changing; try again")
 
     # ------------------------------------------------------------------------------------- status
@@ -458,7 +434,7 @@ class ActivationService:
             try:
                 device = await self._hubs.get_device(hub, device_id)
             except CloudUnavailable as exc:
-                raise _unavailable(exc, "HUB") from exc
+                raise unavailable(exc, "HUB") from exc
         activated = record.activated_at is not None
         if not enrollment.enabled:
             lifecycle = Lifecycle.DEPROVISIONED if activated else Lifecycle.ENROLLED

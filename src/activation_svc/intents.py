@@ -1,0 +1,197 @@
+"""Activation intents: what an Activate is about to change outside this process, written durably first.
+
+Before its first external write an Activate records an intent (device, caller, request id, hub, the
+initial twin before and the one wanted, the owner to claim, the enrollment etag it read) and, in the same
+transaction, its audit row (outcome ``pending``).  Each step is marked as it completes (``dps`` with the
+new enrollment etag, then ``hub``); the intent is then ``done`` and its audit row ``ok``.  An intent whose
+enrollment was changed by someone else before its own write is ``abandoned`` (audit row ``error``, reason
+in the detail).  What a crash leaves ``open`` is finished by the service (``ActivationService.
+complete_open_intents``): at start-up, and on the next call for that device.
+
+Stored in the audit file (``<data_dir>/audit.sqlite3``, table ``activation_intents``: the audit store's
+schema version 2, ``MIGRATION``), on the audit log's litestore ``Store``, so an intent and its audit row
+are one transaction.
+
+API: ``ActivationIntent``; ``IntentLog(store)``: ``begin(intent, audit_entry) -> ActivationIntent``
+(with ids), ``mark_dps(id, etag)``, ``mark_hub(id)``, ``finish(intent, done, outcome, detail)``,
+``open_intents(device_id=None)``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import replace as dc_replace
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from litestore import Store
+from provkit.cloud import InitialTwin
+
+T = TypeVar("T")
+
+MIGRATION = """
+CREATE TABLE activation_intents (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    hub TEXT NOT NULL,
+    twin_before TEXT,
+    twin_after TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    basis_etag TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'done', 'abandoned')),
+    dps_etag TEXT,
+    hub_done INTEGER NOT NULL DEFAULT 0,
+    audit_id INTEGER NOT NULL,
+    created_us INTEGER NOT NULL
+);
+CREATE INDEX activation_intents_open ON activation_intents (state, device_id, id);
+"""
+
+
+@dataclass(frozen=True)
+class ActivationIntent:
+    device_id: str
+    caller: str
+    request_id: str
+    hub: str  # the hub allocated in the enrollment
+    before: InitialTwin | None  # the enrollment's initial twin before (what the hub twin got from it)
+    after: InitialTwin  # what must be there now
+    owner: str  # the owner to claim when the enrollment names none ("" for none)
+    basis_etag: str  # the enrollment etag the change is meant for
+    summary: str  # "hub=... metadata_sha256=...", for the audit detail
+    id: int = 0
+    audit_id: int = 0
+    dps_etag: str | None = None  # set when the enrollment step completed
+    hub_done: bool = False
+    created: datetime | None = None
+
+    @property
+    def dps_done(self) -> bool:
+        return self.dps_etag is not None
+
+
+def _twin_json(twin: InitialTwin | None) -> str | None:
+    return None if twin is None else json.dumps({"tags": dict(twin.tags), "desired": dict(twin.desired)})
+
+
+def _twin(text: str | None) -> InitialTwin | None:
+    if text is None:
+        return None
+    data: dict[str, Any] = json.loads(text)
+    return InitialTwin(data.get("tags") or {}, data.get("desired") or {})
+
+
+_SELECT_OPEN = (
+    "SELECT id, device_id, caller, request_id, hub, twin_before, twin_after, owner, basis_etag, summary, "
+    "dps_etag, hub_done, audit_id, created_us FROM activation_intents WHERE state = 'open'"
+)
+
+
+def _intent(row: tuple[Any, ...]) -> ActivationIntent:
+    return ActivationIntent(
+        device_id=row[1],
+        caller=row[2],
+        request_id=row[3],
+        hub=row[4],
+        before=_twin(row[5]),
+        after=_twin(row[6]) or InitialTwin(),
+        owner=row[7],
+        basis_etag=row[8],
+        summary=row[9],
+        id=row[0],
+        dps_etag=row[10],
+        hub_done=bool(row[11]),
+        audit_id=row[12],
+        created=datetime.fromtimestamp(row[13] / 1_000_000, UTC),
+    )
+
+
+class IntentLog:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._store.run(fn)
+
+    async def begin(self, intent: ActivationIntent, audit_row: tuple[Any, ...]) -> ActivationIntent:
+        """Record ``intent`` and its audit row (time_us, action, device_id, caller, request_id, outcome,
+        detail) in one transaction; the intent with its ids."""
+
+        def go(db: sqlite3.Connection) -> ActivationIntent:
+            audit_id = db.execute(
+                "INSERT INTO audit (time_us, action, device_id, caller, request_id, outcome, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                audit_row,
+            ).lastrowid
+            intent_id = db.execute(
+                "INSERT INTO activation_intents (device_id, caller, request_id, hub, twin_before, "
+                "twin_after, owner, basis_etag, summary, state, audit_id, created_us) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?)",
+                (
+                    intent.device_id,
+                    intent.caller,
+                    intent.request_id,
+                    intent.hub,
+                    _twin_json(intent.before),
+                    _twin_json(intent.after),
+                    intent.owner,
+                    intent.basis_etag,
+                    intent.summary,
+                    audit_id,
+                    audit_row[0],
+                ),
+            ).lastrowid
+            return dc_replace(intent, id=int(intent_id or 0), audit_id=int(audit_id or 0))
+
+        return await self._store.transaction(go)
+
+    async def mark_dps(self, intent: ActivationIntent, etag: str) -> ActivationIntent:
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE activation_intents SET dps_etag = ? WHERE id = ?", (etag, intent.id)
+            )
+        )
+        return dc_replace(intent, dps_etag=etag)
+
+    async def mark_hub(self, intent: ActivationIntent) -> ActivationIntent:
+        await self._run(
+            lambda db: db.execute("UPDATE activation_intents SET hub_done = 1 WHERE id = ?", (intent.id,))
+        )
+        return dc_replace(intent, hub_done=True)
+
+    async def finish(self, intent: ActivationIntent, done: bool, outcome: str, detail: str) -> None:
+        """Close the intent (``done`` or ``abandoned``) and give its audit row its outcome, together."""
+
+        def go(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE activation_intents SET state = ? WHERE id = ?",
+                ("done" if done else "abandoned", intent.id),
+            )
+            db.execute(
+                "UPDATE audit SET outcome = ?, detail = ? WHERE id = ?", (outcome, detail, intent.audit_id)
+            )
+
+        await self._store.transaction(go)
+
+    async def note(self, intent: ActivationIntent, detail: str) -> None:
+        """Say in the (still pending) audit row why the intent is not finished yet."""
+        await self._run(
+            lambda db: db.execute("UPDATE audit SET detail = ? WHERE id = ?", (detail, intent.audit_id))
+        )
+
+    async def open_intents(self, device_id: str | None = None) -> list[ActivationIntent]:
+        def go(db: sqlite3.Connection) -> list[ActivationIntent]:
+            rows = (
+                db.execute(_SELECT_OPEN + " AND device_id = ? ORDER BY id", (device_id,))
+                if device_id is not None
+                else db.execute(_SELECT_OPEN + " ORDER BY id")
+            ).fetchall()
+            return [_intent(r) for r in rows]
+
+        return await self._run(go)

@@ -1,0 +1,300 @@
+"""The external steps of an activation, driven by its recorded intent (``activation_svc.intents``).
+
+``IntentSteps.run(intent, enrollment)`` carries out a freshly recorded intent; ``complete_open(device_id)``
+finishes what a crash (or an unreachable service) left open: at start-up for every device, and before the
+next call for one device.  Both go through ``carry_out``, which works from the intent alone:
+
+1. **DPS**: when the enrollment already holds the intent's twin and hub (the write happened before the
+   interruption, or someone wrote the very same), the step is done; when it still has the etag the intent
+   was meant for, it is written now (etag-guarded); otherwise someone else changed the device first and the
+   intent is abandoned, nothing of it written.
+2. **Hub twin**, when the device has registered: the patch is computed from the intent's twin before and
+   after (and the twin as it is now), so tags and properties the change removed are removed (set to null)
+   on the hub, whichever run gets there.
+
+Each step is marked in the intent as it completes; the intent's audit row gets its outcome when it is
+closed (``ok`` / ``error`` with the reason).  An unreachable DPS or hub leaves the intent open (its audit
+row ``pending``, saying why) for the next attempt; a refusal closes it as ``error``.
+
+Crash points for the fault-injection tests (``provkit.faults``): ``activate.after_intent``,
+``activate.after_dps`` (DPS written, not yet marked), ``activate.after_hub`` (hub written, not marked).
+
+Also here: the DPS and hub calls with their errors mapped to the domain's (``get_enrollment``,
+``update_enrollment``, ``unavailable``, ``hub_errors()``) and ``holds(enrollment, twin, hubs)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from dataclasses import replace as dc_replace
+from datetime import datetime
+from typing import Any
+
+from activation_svc.audit import AuditEntry, AuditLog
+from activation_svc.intents import ActivationIntent
+from activation_svc.model import ActivationPath
+from provkit.cloud import (
+    CloudEtagMismatch,
+    CloudNotFound,
+    CloudRejected,
+    CloudUnavailable,
+    Enrollment,
+    EnrollmentPort,
+    HubAllocation,
+    HubDeviceStatus,
+    HubTwinPort,
+    InitialTwin,
+    ProvisioningStatus,
+    TwinPatch,
+)
+from provkit.errors import Aborted, DomainError, ErrorKind, FailedPrecondition, Unavailable
+from provkit.faults import crash_point
+
+log = logging.getLogger("activation_svc.steps")
+
+_MAX_ATTEMPTS = 16
+
+
+def unavailable(exc: CloudUnavailable, what: str) -> Unavailable:
+    return Unavailable(
+        f"{what}_UNAVAILABLE", f"{what} cannot be reached: {exc}", retry_after=exc.retry_after or 5.0
+    )
+
+
+async def get_enrollment(dps: EnrollmentPort, device_id: str) -> Enrollment | None:
+    try:
+        return await dps.get(device_id)
+    except CloudUnavailable as exc:
+        raise unavailable(exc, "DPS") from exc
+    except CloudRejected as exc:
+        raise FailedPrecondition("DPS_REFUSED", f"DPS refused the request: {exc}") from exc
+
+
+async def update_enrollment(dps: EnrollmentPort, enrollment: Enrollment) -> Enrollment | None:
+    """None on an etag mismatch (someone changed it meanwhile)."""
+    try:
+        return await dps.update(enrollment)
+    except (CloudEtagMismatch, CloudNotFound):
+        return None
+    except CloudUnavailable as exc:
+        raise unavailable(exc, "DPS") from exc
+    except CloudRejected as exc:
+        raise FailedPrecondition("DPS_REFUSED", f"DPS refused the update: {exc}") from exc
+
+
+@contextlib.contextmanager
+def hub_errors() -> Iterator[None]:
+    """A hub call's failures as the domain's: HUB_UNAVAILABLE (retry later), HUB_REFUSED."""
+    try:
+        yield
+    except CloudUnavailable as exc:
+        raise unavailable(exc, "HUB") from exc
+    except CloudRejected as exc:
+        raise FailedPrecondition("HUB_REFUSED", f"the IoT hub refused the update: {exc}") from exc
+
+
+def holds(enrollment: Enrollment, twin: InitialTwin, hubs: HubAllocation) -> bool:
+    """The enrollment is activated (not deactivated since) with exactly this twin and hub allocation."""
+    record = enrollment.activation
+    return (
+        enrollment.enabled
+        and enrollment.initial_twin == twin
+        and enrollment.allocation == hubs
+        and record.activated_at is not None
+        and record.deactivated_at is None
+    )
+
+
+def _changes(wanted: Any, old: Any, current: Any) -> dict[str, Any]:
+    """The merge patch that turns ``current`` (a twin section) into ``wanted``: changed keys, and keys
+    this side wrote earlier (in ``old``) that ``wanted`` no longer has (None deletes them)."""
+    patch = {k: v for k, v in wanted.items() if current.get(k) != v}
+    patch.update({k: None for k in old if k not in wanted and k in current})
+    return patch
+
+
+@dataclass
+class _Progress:
+    """The intent as its steps are marked (what a failure in the middle has completed)."""
+
+    intent: ActivationIntent
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What running an intent's steps left: the enrollment and whether the hub twin was written."""
+
+    enrollment: Enrollment | None
+    twin_written: bool
+    registered_hub: str
+
+    @property
+    def path(self) -> ActivationPath:
+        return ActivationPath.ENROLLMENT_AND_HUB_TWIN if self.twin_written else ActivationPath.ENROLLMENT
+
+
+class IntentSteps:
+    def __init__(
+        self, dps: EnrollmentPort, hubs: HubTwinPort, audit: AuditLog, clock: Callable[[], datetime]
+    ) -> None:
+        self._dps = dps
+        self._hubs = hubs
+        self._audit = audit
+        self._clock = clock
+        self._running: set[int] = set()  # intents a task of this process is carrying out
+
+    async def record(self, intent: ActivationIntent, entry: AuditEntry) -> ActivationIntent:
+        recorded = await self._audit.begin_intent(intent, entry)
+        crash_point("activate.after_intent")
+        return recorded
+
+    # ------------------------------------------------------------------------------------- running
+    async def run(self, intent: ActivationIntent, enrollment: Enrollment | None) -> Carried | None:
+        """Carry out ``intent`` and close it; None when it was abandoned (someone else changed the
+        enrollment first).  A refusal closes it as ``error``; anything else leaves it open and raises."""
+        self._running.add(intent.id)
+        progress = _Progress(intent)
+        try:
+            try:
+                carried = await self.carry_out(progress, enrollment)
+            except DomainError as exc:
+                intent = progress.intent
+                if exc.kind is ErrorKind.FAILED_PRECONDITION:
+                    done = "enrollment written, " if intent.dps_done else ""
+                    await self._close(intent, False, "error", f"{exc.reason}: {done}not completed")
+                else:
+                    await self._audit.intents.note(intent, f"pending ({exc.reason}): {intent.summary}")
+                raise
+            except Exception as exc:
+                await self._audit.intents.note(intent, f"pending ({type(exc).__name__}): {intent.summary}")
+                raise
+            intent = progress.intent
+            if carried is None:
+                await self._close(
+                    intent,
+                    False,
+                    "error",
+                    f"ENROLLMENT_CHANGED_CONCURRENTLY: nothing written; {intent.summary}",
+                )
+                return None
+            await self._close(intent, True, "ok", f"path={carried.path.value} {intent.summary}")
+            return carried
+        finally:
+            self._running.discard(intent.id)
+
+    async def complete_open(self, device_id: str | None = None) -> int:
+        """Finish the open intents (of one device, or all) no task of this process is running; how many
+        were closed.  Errors propagate (the intent stays open for the next attempt)."""
+        closed = 0
+        for intent in await self._audit.intents.open_intents(device_id):
+            if intent.id in self._running:
+                continue
+            log.info("completing an interrupted activation", extra={"intent": intent.id})
+            self._running.add(intent.id)
+            progress = _Progress(intent)
+            try:
+                carried = await self.carry_out(progress, None)
+                intent = progress.intent
+                if carried is None:
+                    detail = f"ENROLLMENT_CHANGED_CONCURRENTLY: superseded before its write; {intent.summary}"
+                    await self._close(intent, False, "error", detail)
+                else:
+                    detail = f"path={carried.path.value} {intent.summary} (completed after an interruption)"
+                    await self._close(intent, True, "ok", detail)
+                closed += 1
+            finally:
+                self._running.discard(intent.id)
+        return closed
+
+    async def _close(self, intent: ActivationIntent, done: bool, outcome: str, detail: str) -> None:
+        await self._audit.intents.finish(intent, done, outcome, detail)
+        log.info(
+            "audit",
+            extra={"action": "activate", "outcome": outcome, "caller": intent.caller, "detail": detail},
+        )
+
+    # --------------------------------------------------------------------------------------- steps
+    async def carry_out(self, progress: _Progress, enrollment: Enrollment | None) -> Carried | None:
+        """The intent's remaining steps, each marked in ``progress`` as done; None: abandoned (the
+        enrollment holds another change than this one, which wrote nothing)."""
+        intent = progress.intent
+        hubs = HubAllocation((intent.hub,), "static")
+        if not intent.dps_done:
+            current = enrollment or await get_enrollment(self._dps, intent.device_id)
+            for _ in range(2):  # as read; once more after a 412, to tell "the same" from "another"
+                if current is None:
+                    return None
+                if holds(current, intent.after, hubs):
+                    break
+                if current.etag != intent.basis_etag:
+                    return None
+                written = await update_enrollment(self._dps, self._activated(current, intent))
+                if written is not None:
+                    current = written
+                    crash_point("activate.after_dps")
+                    break
+                current = await get_enrollment(self._dps, intent.device_id)
+            else:
+                return None
+            intent = progress.intent = await self._audit.intents.mark_dps(intent, current.etag or "")
+            enrollment = current
+        elif enrollment is None:
+            enrollment = await get_enrollment(self._dps, intent.device_id)
+        registration = enrollment.registration_state if enrollment is not None else None
+        registered_hub = (registration.assigned_hub or "") if registration and registration.assigned else ""
+        twin_written = False
+        if not intent.hub_done:
+            if registered_hub:
+                twin_written = await self.sync_hub(
+                    registered_hub, intent.device_id, intent.after, intent.before
+                )
+                crash_point("activate.after_hub")
+            progress.intent = await self._audit.intents.mark_hub(intent)
+        return Carried(enrollment, twin_written, registered_hub)
+
+    def _activated(self, enrollment: Enrollment, intent: ActivationIntent) -> Enrollment:
+        return dc_replace(
+            enrollment,
+            initial_twin=intent.after,
+            allocation=HubAllocation((intent.hub,), "static"),
+            provisioning_status=ProvisioningStatus.ENABLED,
+            activation=dc_replace(enrollment.activation, activated_at=self._clock(), deactivated_at=None),
+            owner=enrollment.owner or intent.owner or None,  # the first activation claims the device
+        )
+
+    async def sync_hub(
+        self, hub: str, device_id: str, wanted: InitialTwin, previous: InitialTwin | None
+    ) -> bool:
+        """Merge the metadata into the device's hub twin (and re-enable a disabled identity): keys of
+        ``previous`` that ``wanted`` no longer has are removed."""
+        old = previous or InitialTwin()
+        with hub_errors():
+            for _ in range(_MAX_ATTEMPTS):
+                device = await self._hubs.get_device(hub, device_id)
+                if device is None:
+                    return False
+                wrote = False
+                if device.status is not HubDeviceStatus.ENABLED:
+                    try:
+                        await self._hubs.set_device_status(hub, device, HubDeviceStatus.ENABLED)
+                    except CloudEtagMismatch:
+                        continue
+                    wrote = True
+                twin = await self._hubs.get_twin_document(hub, device_id)
+                if twin is None:
+                    return wrote
+                patch = TwinPatch(
+                    _changes(wanted.tags, old.tags, twin.tags),
+                    _changes(wanted.desired, old.desired, twin.desired),
+                )
+                if not patch:
+                    return wrote
+                try:
+                    await self._hubs.patch_twin(hub, device_id, patch, twin.etag or "*")
+                except CloudEtagMismatch:
+                    continue
+                return True
+        raise Aborted("HUB_TWIN_CONCURRENTLY_MODIFIED", "the hub twin kept changing; try again")
