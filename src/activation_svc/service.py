@@ -158,11 +158,7 @@ class ActivationService:
     async def complete_open_intents(self) -> int:
         """Start-up: finish every activation a crash left open (how many were closed).  One that cannot be
         finished now (DPS or hub unreachable) stays open for the next call for its device."""
-        try:
-            return await self._steps.complete_open()
-        except DomainError as exc:
-            log.warning("interrupted activations not completed yet", extra={"reason": exc.reason})
-            return 0
+        return await self._steps.complete_open(keep_going=True)
 
     # ------------------------------------------------------------------------------------ helpers
     async def _audit_entry(

@@ -153,61 +153,61 @@ class IntentSteps:
 
     # ------------------------------------------------------------------------------------- running
     async def run(self, intent: ActivationIntent, enrollment: Enrollment | None) -> Carried | None:
-        """Carry out ``intent`` and close it; None when it was abandoned (someone else changed the
-        enrollment first).  A refusal closes it as ``error``; anything else leaves it open and raises."""
-        self._running.add(intent.id)
-        progress = _Progress(intent)
-        try:
-            try:
-                carried = await self.carry_out(progress, enrollment)
-            except DomainError as exc:
-                intent = progress.intent
-                if exc.kind is ErrorKind.FAILED_PRECONDITION:
-                    done = "enrollment written, " if intent.dps_done else ""
-                    await self._close(intent, False, "error", f"{exc.reason}: {done}not completed")
-                else:
-                    await self._audit.intents.note(intent, f"pending ({exc.reason}): {intent.summary}")
-                raise
-            except Exception as exc:
-                await self._audit.intents.note(intent, f"pending ({type(exc).__name__}): {intent.summary}")
-                raise
-            intent = progress.intent
-            if carried is None:
-                await self._close(
-                    intent,
-                    False,
-                    "error",
-                    f"ENROLLMENT_CHANGED_CONCURRENTLY: nothing written; {intent.summary}",
-                )
-                return None
-            await self._close(intent, True, "ok", f"path={carried.path.value} {intent.summary}")
-            return carried
-        finally:
-            self._running.discard(intent.id)
+        """Carry out a freshly recorded ``intent`` and close it; None when it was abandoned (someone else
+        changed the enrollment first).  A refusal closes it as ``error``; anything else leaves it open
+        (audit row ``pending``, saying why) and raises."""
+        return await self._drive(intent, enrollment, "")
 
-    async def complete_open(self, device_id: str | None = None) -> int:
-        """Finish the open intents (of one device, or all) no task of this process is running; how many
-        were closed.  Errors propagate (the intent stays open for the next attempt)."""
+    async def complete_open(self, device_id: str | None = None, *, keep_going: bool = False) -> int:
+        """Finish the open intents (of one device, or all) that no task of this process is running; how
+        many were closed.  A failure leaves its intent open and propagates, unless ``keep_going`` (start-up)
+        or it is not a domain error (logged): then the next intent is tried."""
         closed = 0
         for intent in await self._audit.intents.open_intents(device_id):
             if intent.id in self._running:
                 continue
             log.info("completing an interrupted activation", extra={"intent": intent.id})
-            self._running.add(intent.id)
-            progress = _Progress(intent)
             try:
-                carried = await self.carry_out(progress, None)
-                intent = progress.intent
-                if carried is None:
-                    detail = f"ENROLLMENT_CHANGED_CONCURRENTLY: superseded before its write; {intent.summary}"
-                    await self._close(intent, False, "error", detail)
-                else:
-                    detail = f"path={carried.path.value} {intent.summary} (completed after an interruption)"
-                    await self._close(intent, True, "ok", detail)
-                closed += 1
-            finally:
-                self._running.discard(intent.id)
+                await self._drive(intent, None, " (completed after an interruption)")
+            except DomainError as exc:
+                if not keep_going:
+                    raise
+                log.warning("interrupted activation not completed yet", extra={"reason": exc.reason})
+                continue
+            except Exception:
+                log.exception("interrupted activation not completed", extra={"intent": intent.id})
+                continue
+            closed += 1
         return closed
+
+    async def _drive(
+        self, intent: ActivationIntent, enrollment: Enrollment | None, note: str
+    ) -> Carried | None:
+        self._running.add(intent.id)
+        progress = _Progress(intent)
+        try:
+            try:
+                carried = await self.carry_out(progress, enrollment)
+            except Exception as exc:
+                intent = progress.intent
+                reason = exc.reason if isinstance(exc, DomainError) else type(exc).__name__
+                if isinstance(exc, DomainError) and exc.kind is ErrorKind.FAILED_PRECONDITION:
+                    done = "enrollment written, " if intent.dps_done else ""
+                    await self._close(
+                        intent, False, "error", f"{reason}: {done}not completed; {intent.summary}"
+                    )
+                else:
+                    await self._audit.intents.note(intent, f"pending ({reason}): {intent.summary}")
+                raise
+            intent = progress.intent
+            if carried is None:
+                detail = f"ENROLLMENT_CHANGED_CONCURRENTLY: nothing written; {intent.summary}"
+                await self._close(intent, False, "error", detail)
+                return None
+            await self._close(intent, True, "ok", f"path={carried.path.value} {intent.summary}{note}")
+            return carried
+        finally:
+            self._running.discard(intent.id)
 
     async def _close(self, intent: ActivationIntent, done: bool, outcome: str, detail: str) -> None:
         await self._audit.intents.finish(intent, done, outcome, detail)

@@ -96,6 +96,7 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
         )
         assert code == 0, err
         assert json.loads(out)["lifecycle"] == "ACTIVATED"
+        assert json.loads(out)["owner"] == "acme"  # the first activation claimed it for the caller's OEM
 
         unknown = str(uuid.uuid4())
         code, out, err = await run_module(

@@ -55,3 +55,28 @@ async def test_enroll_batch_with_progress_single_enroll_and_status(tmp_path, mod
         assert code == 2 and err.startswith("error: the device id 'bad id' is not a GUID")
         code, out, err = await _cli("enroll", single.device_id, "--cert", str(tmp_path / "nope.pem"), env=env)
         assert (code, err) == (2, f"error: the certificate file {tmp_path / 'nope.pem'} does not exist\n")
+
+
+async def test_enroll_for_an_owner_transfer_it_and_see_it_in_the_status(tmp_path, module_emulator):
+    async with running_factory(factory_env(tmp_path, module_emulator)) as (app, stub):
+        env = {**os.environ, "FACTORY_CLIENT_INSECURE": "true", "FACTORY_CLIENT_TARGET": app.grpc_address}
+        device = await mint(stub, str(uuid.uuid4()), tmp_path / "one")
+        code, out, err = await _cli(
+            "enroll", device.device_id, "--cert", str(device.cert_path), "--owner", "acme", env=env
+        )
+        assert code == 0, err
+        code, out, err = await _cli("enrollment-status", device.device_id, env=env)
+        assert code == 0 and "owner       acme" in out
+        code, out, err = await _cli(
+            "transfer-owner", device.device_id, "--to", "globex", "--reason", "order 12 resold", env=env
+        )
+        assert code == 0, err
+        assert "acme -> globex" in out
+        code, out, err = await _cli("enrollment-status", device.device_id, env=env)
+        assert "owner       globex" in out
+        code, out, err = await _cli(
+            "transfer-owner", device.device_id, "--to", "Globex!", "--reason", "x", env=env
+        )
+        assert code == 1 and "INVALID_ARGUMENT OWNER_INVALID" in err
+    enrollment = await dps_enrollment(module_emulator, device.device_id)
+    assert enrollment["optionalDeviceInformation"]["owner"] == {"oem": "globex"}

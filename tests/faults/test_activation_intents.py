@@ -99,7 +99,7 @@ async def crashed(tmp_path, emulator):
 
     async def crash_at(point: str):
         async with running_factory(factory_env(tmp_path, emulator)) as (_app, factory):
-            device = await mint(factory, f"gw-{uuid.uuid4().hex[:12]}", tmp_path / "devices")
+            device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
             enrolled = await factory.Enroll(
                 fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
             )

@@ -212,6 +212,7 @@ async def test_status_page_before_and_after_activation(client, stack):
     assert response.status == 200
     assert text_of(page, "v-lifecycle").strip() == "ENROLLED"
     assert text_of(page, "v-provisioning") == "disabled"
+    assert text_of(page, "v-owner").startswith("none yet")
     assert code not in page
 
     await post_activate(client, device.device_id, code, json.dumps(META))
@@ -221,6 +222,7 @@ async def test_status_page_before_and_after_activation(client, stack):
     page = await response.text()
     assert text_of(page, "v-lifecycle").strip() == "ACTIVATED"
     assert text_of(page, "v-allocated-hub") == stack.emulator.default_hub
+    assert text_of(page, "v-owner") == "acme"  # claimed for the OEM the portal acts for
     assert text_of(page, "v-last-activity").endswith("UTC")
     assert text_of(page, "v-activated").endswith("UTC")
 

@@ -49,7 +49,7 @@ async def test_a_named_owner_alone_activates_and_another_oem_sees_an_unknown_dev
         trust.stubs("portal") as (_f2, acme_portal),
         trust.stubs("oem-globex") as (_f3, globex),
     ):
-        device = await mint(bench, f"gw-{uuid.uuid4().hex[:12]}", trust.folder / "devices")
+        device = await mint(bench, str(uuid.uuid4()), trust.folder / "devices")
         enrolled = await bench.Enroll(
             fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem, owner_oem="acme")
         )
@@ -60,7 +60,7 @@ async def test_a_named_owner_alone_activates_and_another_oem_sees_an_unknown_dev
         assert before is not None and before["optionalDeviceInformation"]["owner"] == {"oem": "acme"}
 
         not_theirs = await _three_calls(globex, device.device_id, code)
-        unknown = await _three_calls(globex, f"gw-{uuid.uuid4().hex[:12]}", code)
+        unknown = await _three_calls(globex, str(uuid.uuid4()), code)
         assert not_theirs == unknown
         assert not_theirs[0][:2] == (grpc.StatusCode.PERMISSION_DENIED, "ACTIVATION_DENIED")
         after = await dps_enrollment(trust.emulator, device.device_id)
@@ -108,7 +108,7 @@ async def test_the_first_activation_claims_the_device_and_probing_it_counts_like
             _answer(await failure(globex.Activate(_activate(device.device_id, code))))
             for _ in range(allowed + 1)
         ]
-        unknown_id = f"gw-{uuid.uuid4().hex[:12]}"
+        unknown_id = str(uuid.uuid4())
         unknown = [
             _answer(await failure(mallory.Activate(_activate(unknown_id, code)))) for _ in range(allowed + 1)
         ]
@@ -129,7 +129,7 @@ async def test_the_factory_transfers_a_device_before_activation_and_not_after(tr
         trust.stubs("oem") as (_f1, acme),
         trust.stubs("oem-globex") as (_f2, globex),
     ):
-        device = await mint(bench, f"gw-{uuid.uuid4().hex[:12]}", trust.folder / "devices")
+        device = await mint(bench, str(uuid.uuid4()), trust.folder / "devices")
         code = (
             await bench.Enroll(
                 fpb.EnrollRequest(
@@ -222,3 +222,22 @@ async def test_reenrolling_an_activated_device_needs_a_reason_keeps_the_owner_an
     assert audit[0].caller.startswith("urn:devprov:factory:plant-1 ")
     assert "stage=activated" in audit[0].detail and "owner=acme" in audit[0].detail
     assert "reason=RMA 4711: main board swapped" in audit[0].detail
+
+
+async def test_a_batch_names_each_devices_owner_and_a_malformed_one_fails_only_its_item(trust: Trust) -> None:
+    owners = ["acme", "globex", "", "Not An Id"]
+    async with trust.stubs("factory") as (bench, _):
+        devices = [await mint(bench, str(uuid.uuid4()), trust.folder / "batch") for _ in owners]
+        items = [
+            fpb.EnrollBatchItem(device_id=d.device_id, certificate_pem=d.chain_pem, owner_oem=owner)
+            for d, owner in zip(devices, owners, strict=True)
+        ]
+        reply = await bench.EnrollBatch(fpb.EnrollBatchRequest(items=items))
+        assert (reply.enrolled_count, reply.failed_count) == (3, 1)
+        assert reply.results[3].error.reason == "OWNER_INVALID"
+        for device, owner in zip(devices[:3], owners[:3], strict=True):
+            status = await bench.GetEnrollmentStatus(
+                fpb.GetEnrollmentStatusRequest(device_id=device.device_id)
+            )
+            assert status.owner_oem == owner
+        assert await dps_enrollment(trust.emulator, devices[3].device_id) is None

@@ -257,6 +257,7 @@ async def status(request: web.Request) -> web.Response:
         device_id=reply.device_id,
         lifecycle=_name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
         provisioning_status=reply.provisioning_status,
+        owner=reply.owner_oem,
         allocated_hub=reply.allocated_hub,
         registered_hub=reply.registered_hub,
         hub_device_status=reply.hub_device_status,

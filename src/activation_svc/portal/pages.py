@@ -274,6 +274,7 @@ class StatusView:
     device_id: str
     lifecycle: str
     provisioning_status: str
+    owner: str  # the OEM that owns the device ("": none yet)
     allocated_hub: str
     registered_hub: str
     hub_device_status: str
@@ -300,6 +301,7 @@ def status_page(view: StatusView) -> Html:
                 "Device ID": view.device_id,
                 "Lifecycle": Html(f'<span class="state">{escape(view.lifecycle)}</span>'),
                 "Provisioning": view.provisioning_status,
+                "Owner": view.owner or "none yet (its first activation claims it)",
                 "Allocated hub": view.allocated_hub,
                 "Registered hub": view.registered_hub,
                 "Hub identity": view.hub_device_status,
