@@ -150,9 +150,12 @@ def enrolled_sha256(enrollment: Enrollment) -> str | None:
 
 
 def _fingerprint(items: Sequence[EnrollRequest]) -> str:
+    """The request as a fingerprint; owner and reason only when given (ids stored before they existed
+    keep answering)."""
     return fingerprint(
         [
-            [i.device_id.strip().lower(), i.certificate_pem.strip(), i.replace, i.owner, i.replace_reason]
+            [i.device_id.strip().lower(), i.certificate_pem.strip(), i.replace]
+            + ([i.owner, i.replace_reason] if i.owner or i.replace_reason else [])
             for i in items
         ]
     )
