@@ -72,3 +72,29 @@ async def test_entries_written_before_entries_had_their_own_shape_still_read(tmp
         assert (entry.certificate_pem, entry.code_hash) == ("PEM", {"alg": "scrypt", "hash": "h"})
     finally:
         await box.close()
+
+
+async def test_a_version_1_file_gains_the_enrollment_audit_and_keeps_its_entries(tmp_path):
+    import sqlite3
+
+    from factory_svc.enrollment.outbox import SCHEMA, AuditRecord
+
+    path = tmp_path / "enrollments.sqlite3"
+    with sqlite3.connect(path) as db:  # a file as the version-1 program left it
+        db.executescript(SCHEMA)
+        db.execute(
+            "INSERT INTO outbox (device_id, mode, body, sha256_thumbprint, state, queued_us) "
+            "VALUES ('dev-old', 'create', ?, 'T', 'pending', 1)",
+            ('{"certificatePem": "PEM", "codeHash": {"hash": "x"}}',),
+        )
+        db.execute("PRAGMA user_version = 1")
+    box = await Outbox.open(path)
+    try:
+        (old,) = await box.entries()
+        assert (old.device_id, old.intent.owner, old.intent.replace_reason) == ("dev-old", "", "")
+        await box.record_audit(AuditRecord(NOW, "transfer", "dev-old", "urn:devprov:factory:p", "r", "why"))
+        assert [(a.action, a.detail) for a in await box.audit("dev-old")] == [("transfer", "why")]
+    finally:
+        await box.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)

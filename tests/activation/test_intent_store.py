@@ -1,0 +1,48 @@
+"""The activation intents in the audit file: a version-1 audit file is migrated (its rows kept), an intent
+and its audit row are written together, marked step by step and closed with the row's outcome."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+
+from activation_svc.audit import SCHEMA, AuditEntry, AuditLog
+from activation_svc.intents import ActivationIntent
+from provkit.cloud import InitialTwin
+
+NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+
+
+async def test_a_version_1_audit_file_gains_intents_and_an_intent_lives_its_life(tmp_path):
+    path = tmp_path / "audit.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA)
+        db.execute(
+            "INSERT INTO audit (time_us, action, device_id, caller, request_id, outcome, detail) "
+            "VALUES (1, 'activate', 'dev', 'urn:devprov:oem:acme', '', 'ok', 'path=enrollment')"
+        )
+        db.execute("PRAGMA user_version = 1")
+    audit = await AuditLog.open(path)
+    try:
+        before = InitialTwin({"line": 3, "customer": "acme"}, {"mode": "eco"})
+        after = InitialTwin({"customer": "acme"}, {})
+        intent = await audit.begin_intent(
+            ActivationIntent(
+                "dev", "urn:devprov:oem:acme", "r-1", "hub.example", before, after, "acme", "e1", "s"
+            ),
+            AuditEntry(NOW, "activate", "dev", "urn:devprov:oem:acme", "r-1", "pending", "intent s"),
+        )
+        (stored,) = await audit.intents.open_intents("dev")
+        assert (stored.id, stored.before, stored.after, stored.dps_done) == (intent.id, before, after, False)
+        intent = await audit.intents.mark_dps(intent, "e2")
+        (stored,) = await audit.intents.open_intents()
+        assert stored.dps_etag == "e2" and not stored.hub_done
+        await audit.intents.mark_hub(intent)
+        await audit.intents.finish(intent, True, "ok", "path=enrollment+hub-twin s")
+        assert await audit.intents.open_intents() == []
+        rows = [(e.request_id, e.outcome, e.detail) for e in await audit.entries("dev")]
+        assert rows == [("", "ok", "path=enrollment"), ("r-1", "ok", "path=enrollment+hub-twin s")]
+    finally:
+        await audit.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
