@@ -161,7 +161,8 @@ class IntentSteps:
     async def complete_open(self, device_id: str | None = None, *, keep_going: bool = False) -> int:
         """Finish the open intents (of one device, or all) that no task of this process is running; how
         many were closed.  A failure leaves its intent open and propagates, unless ``keep_going`` (start-up)
-        or it is not a domain error (logged): then the next intent is tried."""
+        or it is not a domain error (logged): then the next intent is tried, or, when DPS or a hub cannot
+        be reached, none (start-up is not held up; the next call for each device tries again)."""
         closed = 0
         for intent in await self._audit.intents.open_intents(device_id):
             if intent.id in self._running:
@@ -173,6 +174,8 @@ class IntentSteps:
                 if not keep_going:
                     raise
                 log.warning("interrupted activation not completed yet", extra={"reason": exc.reason})
+                if exc.kind is ErrorKind.UNAVAILABLE:
+                    break  # DPS or a hub is away: the next call for each device finishes the rest
                 continue
             except Exception:
                 log.exception("interrupted activation not completed", extra={"intent": intent.id})

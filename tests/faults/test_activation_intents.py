@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 import grpc
@@ -38,6 +39,8 @@ from devprov.v1 import activation_service_pb2 as apb
 from devprov.v1 import activation_service_pb2_grpc as apb_grpc
 from devprov.v1 import factory_service_pb2 as fpb
 from provkit.channels import create_channel
+from provkit.cloud import InitialTwin
+from provkit.dps import DpsEnrollments
 from provkit.faults import CRASH_ENV
 
 pytestmark = pytest.mark.faults
@@ -184,4 +187,34 @@ async def test_killed_before_the_dps_write_the_next_call_for_the_device_complete
         ("activate", "", "ok"),
     ]
     assert "completed after an interruption" in rows[1][3]
+    assert open_intents(data_dir) == []
+
+
+async def test_an_interrupted_change_that_another_change_overtook_is_closed_as_an_error_and_writes_nothing(
+    crashed, emulator
+):
+    _tls, env, data_dir, crash_at = crashed
+    device, _code, hub = await crash_at("activate.after_intent@2")
+    settings = load_activation_settings(env=env)
+    dps = await DpsEnrollments.open(settings.cloud.dps)
+    try:  # meanwhile another replica changes the device (its own intent, finished)
+        current = await dps.get(device.device_id)
+        assert current is not None
+        other = InitialTwin({"customer": "acme", "line": {"hall": 4}}, {"interval_s": 5, "mode": "eco"})
+        await dps.update(dc_replace(current, initial_twin=other))
+    finally:
+        await dps.close()
+
+    app = await ActivationApp.open(settings)
+    try:
+        server = await app.start()  # the start-up pass finds the intent overtaken
+        await server.stop(0)
+    finally:
+        await app.close()
+    enrollment = await dps_enrollment(emulator, device.device_id)
+    assert enrollment["initialTwin"]["tags"] == {"customer": "acme", "line": {"hall": 4}}
+    assert (await hub_twin(emulator, hub, device.device_id)).tags == BEFORE["tags"]
+    rows = audit_rows(data_dir, device.device_id)
+    assert [(r[1], r[2]) for r in rows] == [("", "ok"), ("r-crash", "error")]
+    assert rows[1][3].startswith("ENROLLMENT_CHANGED_CONCURRENTLY")
     assert open_intents(data_dir) == []
