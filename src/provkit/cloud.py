@@ -154,7 +154,7 @@ class Enrollment:
     provisioning_status: ProvisioningStatus = ProvisioningStatus.ENABLED
     device_id: str | None = None
     code_hash: Mapping[str, Any] | None = None  # provkit.activation_code's record
-    owner: str | None = None  # the OEM that owns the device (kept, not yet enforced)
+    owner: str | None = None  # the OEM that owns the device (only its parties may activate it)
     activation: ActivationRecord = field(default_factory=ActivationRecord)
     initial_twin: InitialTwin | None = None
     allocation: HubAllocation = field(default_factory=HubAllocation)

@@ -31,7 +31,8 @@ class ActivationServiceStub:
     properties) and the IoT hub it should live on.
 
     Callers authenticate with mutual TLS; every call is audited with the caller's identity.  A wrong or
-    missing activation code is PERMISSION_DENIED, exactly as for an unknown device (ids cannot be probed);
+    missing activation code, or a device another OEM owns, is PERMISSION_DENIED, exactly as for an unknown
+    device (neither ids nor owners can be probed);
     repeated failures for one id are RESOURCE_EXHAUSTED with a RetryInfo.  Errors carry a google.rpc.Status
     with an ErrorInfo (domain "activation.devprov") whose `reason` is stable.
     """
@@ -65,7 +66,8 @@ class ActivationServiceServicer:
     properties) and the IoT hub it should live on.
 
     Callers authenticate with mutual TLS; every call is audited with the caller's identity.  A wrong or
-    missing activation code is PERMISSION_DENIED, exactly as for an unknown device (ids cannot be probed);
+    missing activation code, or a device another OEM owns, is PERMISSION_DENIED, exactly as for an unknown
+    device (neither ids nor owners can be probed);
     repeated failures for one id are RESOURCE_EXHAUSTED with a RetryInfo.  Errors carry a google.rpc.Status
     with an ErrorInfo (domain "activation.devprov") whose `reason` is stable.
     """
@@ -130,7 +132,8 @@ class ActivationService:
     properties) and the IoT hub it should live on.
 
     Callers authenticate with mutual TLS; every call is audited with the caller's identity.  A wrong or
-    missing activation code is PERMISSION_DENIED, exactly as for an unknown device (ids cannot be probed);
+    missing activation code, or a device another OEM owns, is PERMISSION_DENIED, exactly as for an unknown
+    device (neither ids nor owners can be probed);
     repeated failures for one id are RESOURCE_EXHAUSTED with a RetryInfo.  Errors carry a google.rpc.Status
     with an ErrorInfo (domain "activation.devprov") whose `reason` is stable.
     """
