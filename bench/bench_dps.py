@@ -140,7 +140,11 @@ async def run() -> str:
 
     with tempfile.TemporaryDirectory(prefix="bench-dps-") as tmp:
         root = Path(tmp)
-        emu = EmulatorProcess(root / "emulator", hubs=2, extra_args=["--log-level", "WARNING"])
+        # immediate: measures the registration work itself, not the 202 + poll round trips
+        emu = EmulatorProcess(
+            root / "emulator", hubs=2,
+            extra_args=["--log-level", "WARNING", "--assignment-delay", "immediate"],
+        )
         await asyncio.to_thread(emu.start)
         try:
             ca = TestCa()

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from azure_iot_emulator.config import EmulatorConfig, listen_address
 from azure_iot_emulator.dps.part import DpsPart
+from azure_iot_emulator.https import HttpsListener
 from azure_iot_emulator.hub.part import HubPart
 from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.endpoint import Endpoint
@@ -99,6 +100,8 @@ class Emulator:
         self.endpoints: list[Endpoint] = []
         self.rest_apps: list[RestApp] = []
         self._mqtt_servers: list[asyncio.Server] = []
+        self.https_routes: dict[str, list[web.RouteDef]] = {}
+        self._https: list[HttpsListener] = []
         self.connection: dict[str, Any] = {}
 
     # ---------------------------------------------------------------------------------------- parts
@@ -113,9 +116,13 @@ class Emulator:
             registry=self.hub.registry,
             clock=self.clock,
             service_keys=lambda: {DPS_POLICY: keys.dps_key},
+            assignment_delay=cfg.assignment_delay,
         )
         self.endpoints = [self.dps.endpoint, *self.hub.endpoints]
         dps_address = listen_address(cfg.dps_host)
+        # Port 443 of every host (one aiohttp app per address): the DPS device API on the DPS host.
+        self.https_routes = {listen_address(h): [] for h in (cfg.dps_host, *cfg.hub_hosts)}
+        self.https_routes[dps_address].extend(self.dps.device_api.routes())
         self.rest_apps = [RestApp("dps", dps_address, cfg.dps_rest_port, self.dps.rest_app())]
         for host in cfg.hub_hosts:
             self.rest_apps.append(
@@ -155,6 +162,28 @@ class Emulator:
             rest.runner = web.AppRunner(rest.app, access_log=None, handle_signals=False)
             await rest.runner.setup()
             await web.SockSite(rest.runner, sock, ssl_context=rest_tls).start()
+        await self._listen_https(tls)
+
+    async def _listen_https(self, tls: Any) -> None:
+        """Port 443 needs privileges on most systems: without them the emulator runs without it (the
+        MQTT and REST ports do not depend on it) and says so."""
+        for address, routes in self.https_routes.items():
+            app = web.Application(client_max_size=1024 * 1024)
+            app.add_routes(routes)
+            listener = HttpsListener(app, tls, address, self.config.https_port)
+            try:
+                await listener.start()
+            except PermissionError as exc:
+                log.warning(
+                    "HTTPS port %s not available on %s (%s): no DPS device HTTPS API, no MQTT over "
+                    "WebSockets", self.config.https_port, address, exc,
+                )
+                await listener.stop()
+                continue
+            except BaseException:
+                await listener.stop()
+                raise
+            self._https.append(listener)
 
     def _connection_info(self) -> dict[str, Any]:
         cfg, keys = self.config, self.secrets
@@ -179,6 +208,7 @@ class Emulator:
             "id_scope": keys.id_scope,
             "global_endpoint": cfg.dps_host,
             "mqtt_port": cfg.mqtt_port,
+            "https_port": self._https[0].bound_port if self._https else None,
             "dps": {
                 "connection_string": f"HostName={dps_endpoint};SharedAccessKeyName={DPS_POLICY};"
                 f"SharedAccessKey={keys.dps_key}",
@@ -202,6 +232,9 @@ class Emulator:
         for server in self._mqtt_servers:
             server.close()
         self._mqtt_servers.clear()
+        for listener in self._https:
+            await listener.stop()
+        self._https.clear()
         if self.broker is not None:
             await self.broker.close()
         for rest in self.rest_apps:

@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--mqtt-port", type=int, help="MQTT/TLS port (default 8883, the SDK's fixed port)")
     serve.add_argument("--dps-rest-port", type=int, help="DPS service REST port (default 8444; 0 = any)")
     serve.add_argument("--hub-rest-port", type=int, help="IoT Hub service REST port (default 8443; 0 = any)")
+    serve.add_argument(
+        "--https-port", type=int,
+        help="HTTPS port of every host: DPS device API, MQTT over WebSockets "
+        "(default 443, the SDKs' fixed port)",
+    )
+    serve.add_argument(
+        "--assignment-delay", metavar="SECONDS|immediate",
+        help="DPS registration: seconds until a polled operation is assigned (default 1, Azure's "
+        "202-then-poll flow); 'immediate' answers the register request with the final result",
+    )
     serve.add_argument("--ready-file", type=Path, help="written with the connection.json path when ready")
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
     serve.set_defaults(func=run_serve)
@@ -51,6 +61,8 @@ def run_serve(args: argparse.Namespace) -> int:
         config = build_config(
             args.config,
             {
+                "https_port": args.https_port,
+                "assignment_delay": args.assignment_delay,
                 "data_dir": args.data_dir,
                 "dps_host": args.dps_host,
                 "hub_hosts": tuple(args.hub_hosts) if args.hub_hosts else None,

@@ -16,6 +16,8 @@ DEFAULT_HUB_HOSTS = ("127.0.0.2", "127.0.0.3")
 MQTT_PORT = 8883
 DPS_REST_PORT = 8444
 HUB_REST_PORT = 8443
+HTTPS_PORT = 443
+DEFAULT_ASSIGNMENT_DELAY = 1.0
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,10 @@ class EmulatorConfig:
     mqtt_port: int = MQTT_PORT
     dps_rest_port: int = DPS_REST_PORT
     hub_rest_port: int = HUB_REST_PORT
+    https_port: int = HTTPS_PORT
+    assignment_delay: float | None = DEFAULT_ASSIGNMENT_DELAY
+    """Seconds from a device's register request until DPS answers its poll ``assigned`` (Azure's
+    asynchronous registration); None is ``immediate``: the final answer on the register request."""
     ready_file: Path | None = None
     max_packet_size: int = 512 * 1024
     log_level: str = "INFO"
@@ -40,7 +46,9 @@ class EmulatorConfig:
         addresses = [listen_address(h) for h in self.hub_hosts]
         if len(set(addresses)) != len(addresses):
             raise ValueError("every hub needs its own address (hub REST is served per address)")
-        for port in (self.mqtt_port, self.dps_rest_port, self.hub_rest_port):
+        if self.assignment_delay is not None and not 0 <= self.assignment_delay <= 3600:
+            raise ValueError("assignment_delay must be 'immediate' or 0-3600 seconds")
+        for port in (self.mqtt_port, self.dps_rest_port, self.hub_rest_port, self.https_port):
             if not 0 <= port <= 65535:
                 raise ValueError(f"port {port} out of range")
         return self
@@ -61,6 +69,18 @@ def listen_address(host: str) -> str:
     return socket.gethostbyname(host)
 
 
+def assignment_delay(value: Any) -> float | None:
+    """``immediate`` or a number of seconds (flag text or settings-file value)."""
+    if isinstance(value, str) and value.strip().lower() == "immediate":
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"assignment delay must be 'immediate' or seconds, not {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"assignment delay must be 'immediate' or seconds, not {value!r}") from None
+
+
 _FILE_KEYS = {
     "data_dir": Path,
     "dps_host": str,
@@ -68,6 +88,8 @@ _FILE_KEYS = {
     "mqtt_port": int,
     "dps_rest_port": int,
     "hub_rest_port": int,
+    "https_port": int,
+    "assignment_delay": assignment_delay,
     "ready_file": Path,
     "max_packet_size": int,
     "log_level": str,
@@ -89,4 +111,6 @@ def build_config(file: Path | None, overrides: dict[str, Any]) -> EmulatorConfig
     """File values first, then command-line values that were given (not None)."""
     values: dict[str, Any] = load_file(file) if file else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("assignment_delay"), str):  # the flag's text ("immediate" or seconds)
+        values["assignment_delay"] = assignment_delay(values["assignment_delay"])
     return replace(EmulatorConfig(), **values).validated()

@@ -181,6 +181,11 @@ class EmulatorProcess:
         return self.connection["global_endpoint"]
 
     @property
+    def https_port(self) -> int | None:
+        """Port 443 of every host (DPS device API, MQTT over WebSockets); None if it could not be bound."""
+        return self.connection.get("https_port")
+
+    @property
     def dps_connection_string(self) -> str:
         return self.connection["dps"]["connection_string"]
 

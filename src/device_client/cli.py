@@ -233,7 +233,12 @@ def _run(guid: str, settings: Settings) -> int:
             extra={"device_id": guid},
         )
 
-    asyncio.run(go())
+    from device_client.dps import cancel_leftover_timers
+
+    try:
+        asyncio.run(go())
+    finally:
+        cancel_leftover_timers()
     return EXIT_OK
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -124,6 +125,16 @@ async def _release(client: ProvisioningDeviceClient, timeout_s: float) -> None:
         return
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(done, timeout_s)
+
+
+def cancel_leftover_timers() -> None:
+    """Call once, when the process is done with DPS.  After a registration that polled (Azure answers
+    ``202 assigning`` first) and ended refused, the SDK (2.14) leaves operation timers (``threading.Timer``)
+    of its shut-down client running; at interpreter exit they fire into its already-closed executors,
+    print a traceback and hold the exit up for as long as 30 s.  Their clients are gone: cancel them."""
+    for thread in threading.enumerate():
+        if isinstance(thread, threading.Timer):
+            thread.cancel()
 
 
 async def register(

@@ -9,10 +9,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
-from azure.iot.device import X509
 from azure.iot.device.aio import ProvisioningDeviceClient
 from azure.iot.device.exceptions import ClientError, CredentialError
 from azure.iot.hub import IoTHubRegistryManager
+from support.dps_device import sdk_register
+from support.dps_device import x509_enrollment as enrollment
 
 TIMEOUT = 45
 
@@ -30,23 +31,8 @@ def new_id() -> str:
     return f"dev-{uuid.uuid4().hex[:12]}"
 
 
-def enrollment(reg_id: str, pem: str, **extra) -> dict:
-    return {
-        "registrationId": reg_id,
-        "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": pem}}}},
-        **extra,
-    }
-
-
 async def register(emu, reg_id: str, cert):
-    client = ProvisioningDeviceClient.create_from_x509_certificate(
-        provisioning_host=emu.dps_host,
-        registration_id=reg_id,
-        id_scope=emu.id_scope,
-        x509=X509(str(cert.cert_path), str(cert.key_path)),
-        server_verification_cert=emu.ca_pem,
-    )
-    return await asyncio.wait_for(client.register(), TIMEOUT)
+    return await sdk_register(emu, reg_id, cert, TIMEOUT)
 
 
 async def hub_device(registry: IoTHubRegistryManager, device_id: str):

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
+from support.dps_device import x509_enrollment
 from support.mqtt_client import MqttTestClient, client_context
 
 from azure_iot_emulator.mqtt import packets as p
@@ -24,16 +25,7 @@ async def enrolled(module_emulator, dps, ca, tmp_path):
     """(registration id, device cert) of an enabled enrollment."""
     reg_id = f"raw-{uuid.uuid4().hex[:10]}"
     cert = ca.issue(tmp_path, reg_id)
-    await dps.enrollment.create_or_update(
-        id=reg_id,
-        enrollment={
-            "registrationId": reg_id,
-            "attestation": {
-                "type": "x509",
-                "x509": {"clientCertificates": {"primary": {"certificate": cert.pem}}},
-            },
-        },
-    )
+    await dps.enrollment.create_or_update(id=reg_id, enrollment=x509_enrollment(reg_id, cert.pem))
     return reg_id, cert
 
 
@@ -62,20 +54,18 @@ async def test_raw_registration_topics_rid_and_polling(module_emulator, enrolled
         body = json.dumps({"payload": None, "registrationId": reg_id}, sort_keys=True).encode()
         await client.publish(f"$dps/registrations/PUT/iotdps-register/?$rid={rid}", body)
         response = await client.next_publish()
-        assert response.topic == f"$dps/registrations/res/200/?$rid={rid}"
-        result = json.loads(response.payload)
-        assert result["status"] == "assigned" and result["operationId"]
+        # Azure's asynchronous registration: 202 assigning with an operation id and an integer retry-after
+        assert response.topic == f"$dps/registrations/res/202/?$rid={rid}&retry-after=3"
+        accepted = json.loads(response.payload)
+        assert accepted["status"] == "assigning" and accepted["operationId"]
+
+        result = await poll_until_done(client, accepted["operationId"])
+        assert result["status"] == "assigned" and result["operationId"] == accepted["operationId"]
         assert result["registrationState"]["deviceId"] == reg_id
         assert result["registrationState"]["assignedHub"] in module_emulator.hub_hosts
 
-        poll_rid = str(uuid.uuid4())
-        await client.publish(
-            f"$dps/registrations/GET/iotdps-get-operationstatus/?$rid={poll_rid}&operationId={result['operationId']}",
-            b" ",
-        )
-        polled = await client.next_publish()
-        assert polled.topic == f"$dps/registrations/res/200/?$rid={poll_rid}"
-        assert json.loads(polled.payload) == result
+        # Polling a finished operation again gives the same answer.
+        assert await poll_until_done(client, accepted["operationId"]) == result
 
         await client.publish(
             "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=x1&operationId=4.nope", b" "
@@ -85,6 +75,23 @@ async def test_raw_registration_topics_rid_and_polling(module_emulator, enrolled
         assert json.loads(unknown.payload)["errorCode"] == 404203
     finally:
         await client.close()
+
+
+async def poll_until_done(client: MqttTestClient, op_id: str) -> dict:
+    """Poll the operation (as the SDK does) until it is no longer 202; every 202 carries retry-after."""
+    while True:
+        rid = str(uuid.uuid4())
+        await client.publish(
+            f"$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={op_id}", b" "
+        )
+        response = await client.next_publish()
+        if response.topic.startswith(f"$dps/registrations/res/202/?$rid={rid}&retry-after="):
+            assert int(response.topic.rsplit("=", 1)[1]) >= 1
+            assert json.loads(response.payload) == {"operationId": op_id, "status": "assigning"}
+            await asyncio.sleep(0.2)
+            continue
+        assert response.topic == f"$dps/registrations/res/200/?$rid={rid}"
+        return json.loads(response.payload)
 
 
 async def test_non_json_register_body_is_400_and_writes_nothing(module_emulator, enrolled, dps):
@@ -164,7 +171,7 @@ async def test_bad_streams_close_only_their_connection(module_emulator, enrolled
         body = json.dumps({"payload": None, "registrationId": reg_id}).encode()
         await healthy.publish("$dps/registrations/PUT/iotdps-register/?$rid=ok", body)
         response = await healthy.next_publish()
-        assert response.topic == "$dps/registrations/res/200/?$rid=ok"
+        assert response.topic == "$dps/registrations/res/202/?$rid=ok&retry-after=3"
     finally:
         await bad.close()
         await healthy.close()

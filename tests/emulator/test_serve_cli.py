@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import free_loopback_address
 
 from azure_iot_emulator.config import build_config
@@ -95,3 +96,16 @@ def test_build_config_defaults():
     cfg = build_config(None, {})
     assert cfg.dps_host == "localhost" and cfg.hub_hosts == ("127.0.0.2", "127.0.0.3")
     assert (cfg.mqtt_port, cfg.dps_rest_port, cfg.hub_rest_port) == (8883, 8444, 8443)
+    assert cfg.https_port == 443 and cfg.assignment_delay == 1.0
+
+
+def test_assignment_delay_from_file_and_flag(tmp_path):
+    settings = tmp_path / "s.toml"
+    settings.write_text('assignment_delay = "immediate"\n')
+    assert build_config(settings, {}).assignment_delay is None
+    assert build_config(settings, {"assignment_delay": "2.5"}).assignment_delay == 2.5
+    settings.write_text("assignment_delay = 0\n")
+    assert build_config(settings, {}).assignment_delay == 0.0
+    for bad in ("soon", "-1", "7200"):
+        with pytest.raises(ValueError, match="assignment"):
+            build_config(None, {"assignment_delay": bad})

@@ -4,16 +4,17 @@
   registration id, ID scope must be ours; X.509 only, so a client certificate is required (CONNACK 5
   otherwise).  Whether the certificate fits the enrollment is decided on the register request (401).
 - SUBSCRIBE: only ``$dps/registrations/res/#``.
-- register: the answer is the final one (``200 assigned`` / ``200 disabled``) straight away, which the
-  SDK accepts and which spares it a fixed 2 s wait; errors are ``res/{status}`` with Azure's body.
-- poll (``iotdps-get-operationstatus``): the stored result of the operation, else 404.
+- register: ``202 assigning`` with an ``operationId`` and ``retry-after`` (Azure's way), or the final
+  answer at once in ``immediate`` mode (see ``dps/operations.py``); errors are ``res/{status}`` with
+  Azure's body.
+- poll (``iotdps-get-operationstatus``): ``202`` with ``retry-after`` until the operation is done, then
+  its result; an unknown operation or another device's is 404.
 Replies are sent after the request's PUBACK (scheduled tasks).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -21,28 +22,26 @@ from datetime import datetime
 from typing import Any
 
 from azure_iot_emulator.dps import topics
-from azure_iot_emulator.dps.errors import DpsError, bad_request
-from azure_iot_emulator.dps.service import DpsService, operation_id
+from azure_iot_emulator.dps.errors import DpsError
+from azure_iot_emulator.dps.operations import Answer, Assignments, parse_register_body
+from azure_iot_emulator.dps.service import DpsService
 from azure_iot_emulator.mqtt.broker import Link
 from azure_iot_emulator.mqtt.endpoint import ConnectInfo, ProtocolViolation, handle_in_order
 from azure_iot_emulator.mqtt.packets import Publish
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 96 * 1024
-_OPERATIONS_KEPT = 10_000
-
 
 class DpsEndpoint:
     name = "dps"
     keeps_sessions = False  # Azure DPS ignores CleanSession: sessions are never kept
 
-    def __init__(self, service: DpsService, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, service: DpsService, assignments: Assignments, clock: Callable[[], datetime]
+    ) -> None:
         self._service = service
+        self._assignments = assignments
         self._clock = clock
-        self._operations: collections.OrderedDict[str, tuple[str, dict[str, Any]]] = (
-            collections.OrderedDict()
-        )
         self._tasks: set[asyncio.Task[None]] = set()
 
     def claims(self, info: ConnectInfo) -> bool:
@@ -76,44 +75,20 @@ class DpsEndpoint:
         request = topics.classify(topic)
         if request is None:
             raise ProtocolViolation(f"publish to {topic!r} is not a DPS request")
-        if isinstance(request, topics.Poll):
-            stored = self._operations.get(request.operation_id)
-            if stored is None or stored[0] != link.client_id.lower():
-                self._reply_error(link, request.rid, DpsError(404, 404203, "Operation not found"))
-            else:
-                self._reply(link, topics.response_topic(200, request.rid), stored[1])
-            return
         try:
-            outcome_body = self._register(link, payload)
+            if isinstance(request, topics.Poll):
+                answer = self._assignments.poll(link.client_id, request.operation_id)
+                log.info("DPS poll %s: %s %s", link.client_id, answer.status, answer.body["status"])
+            else:
+                parse_register_body(payload, link.client_id)
+                answer = self._assignments.register(link.client_id, link.info.peer_certificate)
+                log_answer(link.client_id, answer)
         except DpsError as exc:
-            log.info("DPS register %s: %s %s", link.client_id, exc.status, exc.message)
+            what = type(request).__name__.lower()
+            log.info("DPS %s %s: %s %s", what, link.client_id, exc.status, exc.message)
             self._reply_error(link, request.rid, exc)
             return
-        self._reply(link, topics.response_topic(200, request.rid), outcome_body)
-
-    def _register(self, link: Link, payload: bytes) -> dict[str, Any]:
-        if len(payload) > MAX_REQUEST_BYTES:
-            raise DpsError(413, 413001, "registration request too large")
-        try:
-            body = json.loads(payload.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad_request("registration request body is not JSON") from exc
-        if not isinstance(body, dict):
-            raise bad_request("registration request body must be a JSON object")
-        reg_id = body.get("registrationId")
-        if not isinstance(reg_id, str) or reg_id.lower() != link.client_id.lower():
-            raise bad_request("registrationId in the body differs from the connection's")
-        op = operation_id()
-        outcome = self._service.register_x509(link.client_id, link.info.peer_certificate, op)
-        self._operations[op] = (link.client_id.lower(), outcome.body)
-        while len(self._operations) > _OPERATIONS_KEPT:
-            self._operations.popitem(last=False)
-        state = outcome.body.get("registrationState", {})
-        log.info(
-            "DPS register %s: %s hub=%s device=%s", link.client_id, outcome.body["status"],
-            state.get("assignedHub"), state.get("deviceId"),
-        )
-        return outcome.body
+        self._reply(link, topics.response_topic(answer.status, request.rid, answer.retry_after), answer.body)
 
     def _reply_error(self, link: Link, rid: str, exc: DpsError) -> None:
         self._reply(link, topics.response_topic(exc.status, rid), exc.body(self._clock()))
@@ -134,3 +109,11 @@ class DpsEndpoint:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def log_answer(registration_id: str, answer: Answer) -> None:
+    state = answer.body.get("registrationState", {})
+    log.info(
+        "DPS register %s: %s %s hub=%s device=%s", registration_id, answer.status, answer.body["status"],
+        state.get("assignedHub"), state.get("deviceId"),
+    )

@@ -7,7 +7,9 @@ from datetime import datetime
 
 from aiohttp import web
 
+from azure_iot_emulator.dps.device_rest import DpsDeviceApi
 from azure_iot_emulator.dps.endpoint import DpsEndpoint
+from azure_iot_emulator.dps.operations import Assignments
 from azure_iot_emulator.dps.rest import build_dps_rest_app
 from azure_iot_emulator.dps.service import DpsService, HubProvisioner
 from azure_iot_emulator.store import Database
@@ -23,9 +25,12 @@ class DpsPart:
         registry: HubProvisioner,
         clock: Callable[[], datetime],
         service_keys: Callable[[], dict[str, str]],
+        assignment_delay: float | None,
     ) -> None:
         self.service = DpsService(db, id_scope=id_scope, hub_hosts=hub_hosts, registry=registry, clock=clock)
-        self.endpoint = DpsEndpoint(self.service, clock)
+        self.assignments = Assignments(self.service, delay=assignment_delay)
+        self.endpoint = DpsEndpoint(self.service, self.assignments, clock)
+        self.device_api = DpsDeviceApi(id_scope, self.assignments, clock)
         self._keys = service_keys
         self._clock = clock
 

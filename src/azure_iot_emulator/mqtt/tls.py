@@ -1,4 +1,5 @@
-"""The thin asyncio + TLS shell: moves bytes between a socket and the MQTT core.
+"""The thin asyncio + TLS shell: moves bytes between a socket and the MQTT core (or, on the HTTPS
+listener, an HTTP server: see ``azure_iot_emulator/https.py``).
 
 Python's ``ssl`` module cannot request a client certificate and then accept *any* certificate (it
 has no verify callback), so TLS runs on pyOpenSSL with memory BIOs driven by an asyncio Protocol:
@@ -11,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 from OpenSSL import SSL
 
-from azure_iot_emulator.mqtt.broker import Broker, ConnectionDriver
+from azure_iot_emulator.mqtt.broker import Broker
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +49,48 @@ def server_context(cert_path: Path, key_path: Path) -> SSL.Context:
     return ctx
 
 
-class TlsMqttProtocol(asyncio.Protocol):
-    def __init__(self, ctx: SSL.Context, broker: Broker) -> None:
+class Inner(Protocol):
+    """What runs over the TLS connection once the handshake is done (the MQTT core's driver, or an
+    HTTP server)."""
+
+    def data_received(self, data: bytes) -> None: ...
+
+    def connection_lost(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Peer:
+    """What the handshake established about the other end."""
+
+    leaf: x509.Certificate | None
+    chain: Sequence[x509.Certificate]
+    local: tuple[str, int]
+    remote: tuple[str, int]
+
+
+Opener = Callable[["TlsProtocol", Peer], Inner]
+
+
+def mqtt_opener(broker: Broker) -> Opener:
+    def open_mqtt(tls: TlsProtocol, peer: Peer) -> Inner:
+        return broker.open_connection(
+            tls,
+            peer_certificate=peer.leaf,
+            peer_chain=peer.chain,
+            local_address=peer.local,
+            remote_address=peer.remote,
+        )
+
+    return open_mqtt
+
+
+class TlsProtocol(asyncio.Protocol):
+    def __init__(self, ctx: SSL.Context, opener: Opener) -> None:
         self._ctx = ctx
-        self._broker = broker
+        self._opener = opener
         self._transport: asyncio.Transport | None = None
         self._ssl: SSL.Connection | None = None
-        self._driver: ConnectionDriver | None = None
+        self._driver: Inner | None = None
         self._closing = False
         self._handshake_timer: asyncio.TimerHandle | None = None
 
@@ -110,12 +148,8 @@ class TlsMqttProtocol(asyncio.Protocol):
             chain = chain[1:]
         local = self._transport.get_extra_info("sockname") or ("", 0)
         remote = self._transport.get_extra_info("peername") or ("", 0)
-        self._driver = self._broker.open_connection(
-            self,
-            peer_certificate=leaf,
-            peer_chain=chain,
-            local_address=(str(local[0]), int(local[1])),
-            remote_address=(str(remote[0]), int(remote[1])),
+        self._driver = self._opener(
+            self, Peer(leaf, chain, (str(local[0]), int(local[1])), (str(remote[0]), int(remote[1])))
         )
 
     # ----------------------------------------------------------------------- Transport for the driver
@@ -155,6 +189,13 @@ class TlsMqttProtocol(asyncio.Protocol):
             if len(out) < _READ_CHUNK:
                 return  # a memory BIO hands over everything it holds: nothing is left (no exception)
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def abort(self) -> None:
+        self._abort()
+
     def _abort(self) -> None:
         self._closing = True
         if self._transport is not None:
@@ -172,10 +213,16 @@ class TlsMqttProtocol(asyncio.Protocol):
         self._ssl = None
 
 
-async def start_listener(
-    broker: Broker, ctx: SSL.Context, host: str, port: int, *, backlog: int = 4096
+async def start_tls_listener(
+    opener: Opener, ctx: SSL.Context, host: str, port: int, *, backlog: int = 4096
 ) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        lambda: TlsMqttProtocol(ctx, broker), host, port, reuse_address=True, backlog=backlog
+        lambda: TlsProtocol(ctx, opener), host, port, reuse_address=True, backlog=backlog
     )
+
+
+async def start_listener(
+    broker: Broker, ctx: SSL.Context, host: str, port: int, *, backlog: int = 4096
+) -> asyncio.Server:
+    return await start_tls_listener(mqtt_opener(broker), ctx, host, port, backlog=backlog)

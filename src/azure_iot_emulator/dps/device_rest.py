@@ -1,0 +1,76 @@
+"""The DPS device API over HTTPS (api-version 2021-06-01), which the C, Java, .NET and Node SDKs and bare
+firmware use instead of MQTT; served on port 443 of the DPS host (``azure_iot_emulator/https.py``):
+
+    PUT /{idScope}/registrations/{registrationId}/register?api-version=...      {"registrationId": ...}
+    GET /{idScope}/registrations/{registrationId}/operations/{operationId}?api-version=...
+
+X.509 attestation only: the client certificate of the TLS handshake is the device's.  Answers are the
+same as over MQTT (``dps/operations.py``): ``202 assigning`` with ``Retry-After`` until done, then ``200``
+with the registration state; errors carry Azure's error body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+from aiohttp import web
+
+from azure_iot_emulator.dps import model
+from azure_iot_emulator.dps.errors import DpsError, bad_request, unauthorized
+from azure_iot_emulator.dps.operations import MAX_REQUEST_BYTES, Answer, Assignments, parse_register_body
+from azure_iot_emulator.https import peer_certificate
+
+log = logging.getLogger(__name__)
+
+
+class DpsDeviceApi:
+    def __init__(self, id_scope: str, assignments: Assignments, clock: Callable[[], datetime]) -> None:
+        self._id_scope = id_scope
+        self._assignments = assignments
+        self._clock = clock
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.put("/{scope}/registrations/{id}/register", self._guarded(self.register)),
+            web.get("/{scope}/registrations/{id}/operations/{op}", self._guarded(self.poll)),
+        ]
+
+    def _guarded(
+        self, handler: Callable[[web.Request, str], Awaitable[Answer]]
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def run(request: web.Request) -> web.StreamResponse:
+            try:
+                reg_id = self._check(request)
+                answer = await handler(request, reg_id)
+            except DpsError as exc:
+                log.info("DPS device API %s %s: %s %s", request.method, request.path, exc.status, exc.message)
+                return web.json_response(
+                    exc.body(self._clock()), status=exc.status, headers={"x-ms-error-code": str(exc.code)}
+                )
+            headers = {"Retry-After": str(answer.retry_after)} if answer.retry_after is not None else {}
+            return web.json_response(answer.body, status=answer.status, headers=headers)
+
+        return run
+
+    def _check(self, request: web.Request) -> str:
+        if not request.query.get("api-version"):
+            raise bad_request("the api-version query parameter is required")
+        if request.match_info["scope"] != self._id_scope:
+            raise unauthorized("Unauthorized: unknown ID scope")
+        reg_id = model.check_registration_id(request.match_info["id"])
+        if peer_certificate(request) is None:
+            raise unauthorized("Unauthorized: X.509 attestation needs a client certificate")
+        return reg_id
+
+    async def register(self, request: web.Request, reg_id: str) -> Answer:
+        if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
+            raise DpsError(413, 413001, "registration request too large")
+        parse_register_body(await request.read(), reg_id)
+        answer = self._assignments.register(reg_id, peer_certificate(request))
+        log.info("DPS device API register %s: %s %s", reg_id, answer.status, answer.body["status"])
+        return answer
+
+    async def poll(self, request: web.Request, reg_id: str) -> Answer:
+        return self._assignments.poll(reg_id, request.match_info["op"])

@@ -1,0 +1,123 @@
+"""The HTTPS listener on port 443 of a host: an aiohttp application served over the pyOpenSSL TLS shell
+(``mqtt/tls.py``), so a request sees the client certificate the device presented, whatever CA issued it
+(Python's ``ssl`` can only accept certificates of CAs it was given).
+
+What it serves is an ordinary ``web.Application`` per address, assembled by the wiring from routes the
+parts contribute: the DPS device API (``PUT /{idScope}/registrations/{id}/register``, ``GET
+.../operations/{operationId}``), MQTT over WebSockets (``/$iothub/websocket``) and, later, any service REST
+API that moves to 443.  A handler reads the device's leaf with :func:`peer_certificate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from cryptography import x509
+from OpenSSL import SSL
+
+from azure_iot_emulator.mqtt.tls import Inner, Peer, TlsProtocol, start_tls_listener
+
+PEER_CERTIFICATE = "peer_certificate"
+PEER_CHAIN = "peer_chain"
+
+
+class _TlsTransport(asyncio.Transport):
+    """The asyncio transport aiohttp's protocol writes to: plaintext in, TLS records out through the
+    shell.  Flow control is not needed for the small requests served here (pause/resume are no-ops)."""
+
+    def __init__(self, tls: TlsProtocol, extra: dict[str, Any]) -> None:
+        super().__init__(extra)
+        self._tls = tls
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._tls.write(bytes(data))
+
+    def writelines(self, list_of_data: Any) -> None:
+        self._tls.write(b"".join(bytes(d) for d in list_of_data))
+
+    def is_closing(self) -> bool:
+        return self._tls.closing
+
+    def close(self) -> None:
+        self._tls.close()
+
+    def abort(self) -> None:
+        self._tls.abort()
+
+    def pause_reading(self) -> None:
+        return None
+
+    def resume_reading(self) -> None:
+        return None
+
+    def is_reading(self) -> bool:
+        return True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        return None
+
+    def can_write_eof(self) -> bool:
+        return False
+
+
+class _HttpConnection:
+    def __init__(self, protocol: asyncio.Protocol) -> None:
+        self._protocol = protocol
+
+    def data_received(self, data: bytes) -> None:
+        self._protocol.data_received(data)
+
+    def connection_lost(self) -> None:
+        self._protocol.connection_lost(None)
+
+
+class HttpsListener:
+    """One address's 443 listener: ``await start()``, ``await stop()``."""
+
+    def __init__(self, app: web.Application, ctx: SSL.Context, address: str, port: int) -> None:
+        self.app = app
+        self._ctx = ctx
+        self.address = address
+        self.port = port
+        self.bound_port = 0
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        http = self._runner.server
+        assert http is not None
+
+        def open_http(tls: TlsProtocol, peer: Peer) -> Inner:
+            protocol = http()
+            transport = _TlsTransport(
+                tls,
+                {
+                    "peername": peer.remote,
+                    "sockname": peer.local,
+                    PEER_CERTIFICATE: peer.leaf,
+                    PEER_CHAIN: tuple(peer.chain),
+                },
+            )
+            protocol.connection_made(transport)
+            return _HttpConnection(protocol)
+
+        self._server = await start_tls_listener(open_http, self._ctx, self.address, self.port)
+        self.bound_port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        await self._runner.cleanup()
+
+
+def peer_certificate(request: web.Request) -> x509.Certificate | None:
+    """The leaf certificate the client presented in the TLS handshake (None if it presented none)."""
+    transport = request.transport
+    return transport.get_extra_info(PEER_CERTIFICATE) if transport is not None else None
