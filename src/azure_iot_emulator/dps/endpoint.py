@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+from azure_iot_emulator import ids
 from azure_iot_emulator.dps import topics
 from azure_iot_emulator.dps.errors import DpsError
 from azure_iot_emulator.dps.operations import Answer, Assignments, parse_register_body
@@ -50,6 +51,9 @@ class DpsEndpoint:
     async def authenticate(self, info: ConnectInfo) -> int:
         parsed = topics.parse_username(info.username)
         assert parsed is not None
+        if not ids.is_registration_id(parsed.registration_id):
+            log.info("DPS refused %r: %s", info.client_id, ids.REGISTRATION_ID_RULE)
+            return 2  # identifier rejected
         if parsed.id_scope != self._service.id_scope:
             log.info("DPS refused %s: unknown ID scope %s", info.client_id, parsed.id_scope)
             return 5

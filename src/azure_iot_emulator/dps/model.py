@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from azure_iot_emulator import ids
 from azure_iot_emulator.dps.certinfo import CertificateError, certificate_info, parse_certificate
 from azure_iot_emulator.dps.errors import DpsError, bad_request
 
-REGISTRATION_ID = re.compile(r"^[A-Za-z0-9._:-]{0,127}[A-Za-z0-9-]$")
 ALLOCATION_POLICIES = ("hashed", "static", "geoLatency")
 READ_ONLY = ("etag", "createdDateTimeUtc", "lastUpdatedDateTimeUtc", "registrationState")
 
@@ -23,11 +22,8 @@ def registration_key(registration_id: str) -> str:
 
 
 def check_registration_id(value: Any) -> str:
-    if not isinstance(value, str) or not REGISTRATION_ID.match(value):
-        raise bad_request(
-            "registrationId must be 1-128 characters of letters, digits, '-', '.', '_', ':' "
-            "ending in a letter, digit or '-'"
-        )
+    if not ids.is_registration_id(value):
+        raise bad_request(f"invalid registration id {value!r}: {ids.REGISTRATION_ID_RULE}")
     return value
 
 
@@ -160,8 +156,8 @@ def normalise_enrollment(
         raise bad_request("registrationId in the body differs from the one in the path")
     out: dict[str, Any] = {"registrationId": reg_id}
     if body.get("deviceId") is not None:
-        if not isinstance(body["deviceId"], str) or not body["deviceId"] or len(body["deviceId"]) > 128:
-            raise bad_request("deviceId must be a string of 1-128 characters")
+        if not ids.is_device_id(body["deviceId"]):
+            raise bad_request(f"invalid deviceId {body['deviceId']!r}: {ids.DEVICE_ID_RULE}")
         out["deviceId"] = body["deviceId"]
     out["attestation"] = _attestation(body.get("attestation"), (previous or {}).get("attestation"))
     caps = _dict(body.get("capabilities"), "capabilities") or {}

@@ -102,6 +102,7 @@ class DpsService:
 
     # ------------------------------------------------------------------------------------- enrollments
     def _row(self, registration_id: str) -> Any:
+        model.check_registration_id(registration_id)  # every path: nothing is looked up by a bad id
         return self._db.query_one(
             "SELECT * FROM dps_enrollments WHERE key = ?", (model.registration_key(registration_id),)
         )
@@ -271,6 +272,7 @@ class DpsService:
 
     # ---------------------------------------------------------------------------- registration states
     def get_registration(self, registration_id: str) -> dict[str, Any]:
+        model.check_registration_id(registration_id)
         row = self._db.query_one(
             "SELECT body FROM dps_registrations WHERE key = ?", (model.registration_key(registration_id),)
         )
@@ -279,7 +281,7 @@ class DpsService:
         return json.loads(row["body"])
 
     def delete_registration(self, registration_id: str, if_match: str | None) -> None:
-        key = model.registration_key(registration_id)
+        key = model.registration_key(model.check_registration_id(registration_id))
         with self._db.transaction() as conn:
             row = self._db.query_one("SELECT etag FROM dps_registrations WHERE key = ?", (key,))
             if row is None:

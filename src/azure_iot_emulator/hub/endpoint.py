@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from azure_iot_emulator import ids
 from azure_iot_emulator.hub import topics
 from azure_iot_emulator.hub.service import HubError, HubService
 from azure_iot_emulator.hub.telemetry import MAX_MESSAGE_BYTES
@@ -79,6 +80,9 @@ class HubEndpoint:
                 "hub %s refused %r: username/client id mismatch or module identity", self.name, info.client_id
             )
             return CONNACK_NOT_AUTHORIZED
+        if not ids.is_device_id(parsed.device_id):
+            log.info("hub %s refused %r: %s", self.name, parsed.device_id, ids.DEVICE_ID_RULE)
+            return 2  # identifier rejected
         device = self.service.registry.get_device(self.name, parsed.device_id)
         if device is None:
             log.info("hub %s refused %s: not registered", self.name, parsed.device_id)

@@ -30,6 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
+from azure_iot_emulator import ids
 from azure_iot_emulator.hub.service import HubError, HubService
 from azure_iot_emulator.sas import SasError, verify_sas
 
@@ -101,6 +102,16 @@ def _int_param(request: web.Request, name: str, default: int, maximum: int) -> i
     return int(text)
 
 
+def _device_id(request: web.Request) -> str:
+    """The path's device id, refused (400, nothing looked up) unless Azure would accept it."""
+    device_id = request.match_info["device_id"]
+    if not ids.is_device_id(device_id):
+        raise HubError(
+            400, "ArgumentInvalid", 400004, f"invalid device id {device_id!r}: {ids.DEVICE_ID_RULE}"
+        )
+    return device_id
+
+
 def _ctx(request: web.Request) -> tuple[HubService, str]:
     return request.app[_SERVICE_KEY], request.app[_HUB_KEY]
 
@@ -113,20 +124,20 @@ async def list_devices(request: web.Request) -> web.Response:
 
 async def get_device(request: web.Request) -> web.Response:
     service, hub = _ctx(request)
-    return _json(service.get_device(hub, request.match_info["device_id"]))
+    return _json(service.get_device(hub, _device_id(request)))
 
 
 async def put_device(request: web.Request) -> web.Response:
     service, hub = _ctx(request)
     body = await _read_json(request)
     return _json(
-        service.put_device(hub, request.match_info["device_id"], body, request.headers.get("If-Match"))
+        service.put_device(hub, _device_id(request), body, request.headers.get("If-Match"))
     )
 
 
 async def delete_device(request: web.Request) -> web.Response:
     service, hub = _ctx(request)
-    service.delete_device(hub, request.match_info["device_id"], request.headers.get("If-Match"))
+    service.delete_device(hub, _device_id(request), request.headers.get("If-Match"))
     return web.Response(status=204)
 
 
@@ -151,14 +162,14 @@ async def query_devices(request: web.Request) -> web.Response:
 
 async def get_twin(request: web.Request) -> web.Response:
     service, hub = _ctx(request)
-    return _json(service.get_twin(hub, request.match_info["device_id"]))
+    return _json(service.get_twin(hub, _device_id(request)))
 
 
 async def patch_twin(request: web.Request) -> web.Response:
     service, hub = _ctx(request)
     body = await _read_json(request)
     twin = await service.update_twin(
-        hub, request.match_info["device_id"], body, request.headers.get("If-Match"), replace_all=False
+        hub, _device_id(request), body, request.headers.get("If-Match"), replace_all=False
     )
     return _json(twin)
 
@@ -167,7 +178,7 @@ async def put_twin(request: web.Request) -> web.Response:
     service, hub = _ctx(request)
     body = await _read_json(request)
     twin = await service.update_twin(
-        hub, request.match_info["device_id"], body, request.headers.get("If-Match"), replace_all=True
+        hub, _device_id(request), body, request.headers.get("If-Match"), replace_all=True
     )
     return _json(twin)
 
@@ -175,13 +186,13 @@ async def put_twin(request: web.Request) -> web.Response:
 async def invoke_method(request: web.Request) -> web.Response:
     service, hub = _ctx(request)
     body = await _read_json(request)
-    return _json(await service.invoke_method(hub, request.match_info["device_id"], body))
+    return _json(await service.invoke_method(hub, _device_id(request), body))
 
 
 async def device_messages(request: web.Request) -> web.Response:
     service, hub = _ctx(request)
     top = _int_param(request, "top", 20, 1000)
-    return _json(service.recent_messages(hub, request.match_info["device_id"], top))
+    return _json(service.recent_messages(hub, _device_id(request), top))
 
 
 def build_hub_rest_app(
