@@ -15,9 +15,10 @@ import os
 import secrets
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -48,7 +49,11 @@ _META_SCHEMA = (
 class EmulatorSecrets:
     id_scope: str
     dps_key: str
-    hub_key: str
+    hub_keys: Mapping[str, str]
+    """Every hub its own ``iothubowner`` key, by host name (lower case)."""
+
+    def hub_key(self, host: str) -> str:
+        return self.hub_keys[host.lower()]
 
 
 @dataclass
@@ -61,21 +66,41 @@ class RestApp:
     bound_port: int = 0
 
 
-def load_or_create_secrets(db: Database) -> EmulatorSecrets:
-    """ID scope and service policy keys: generated on first start, persisted, reused after."""
+def _new_key() -> str:
+    return base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def load_or_create_secrets(db: Database, hub_hosts: Sequence[str]) -> EmulatorSecrets:
+    """ID scope and service policy keys (the DPS's, and one per hub): generated when first needed,
+    persisted, reused after."""
     with db.transaction() as conn:
         conn.execute(_META_SCHEMA[0])
         values = {r["key"]: r["value"] for r in conn.execute("SELECT key, value FROM emulator_meta")}
-        wanted = {
+        wanted: dict[str, Callable[[], str]] = {
             "id_scope": lambda: "0ne" + secrets.token_hex(4).upper(),
-            "dps_key": lambda: base64.b64encode(secrets.token_bytes(32)).decode("ascii"),
-            "hub_key": lambda: base64.b64encode(secrets.token_bytes(32)).decode("ascii"),
+            "dps_key": _new_key,
         }
+        wanted.update({f"hub_key:{host.lower()}": _new_key for host in hub_hosts})
         for key, make in wanted.items():
             if key not in values:
                 values[key] = make()
                 conn.execute("INSERT INTO emulator_meta (key, value) VALUES (?, ?)", (key, values[key]))
-    return EmulatorSecrets(values["id_scope"], values["dps_key"], values["hub_key"])
+    hub_keys = {host.lower(): values[f"hub_key:{host.lower()}"] for host in hub_hosts}
+    return EmulatorSecrets(values["id_scope"], values["dps_key"], hub_keys)
+
+
+def private_directory(path: Path) -> None:
+    """The data directory holds keys: 0700, also when it already existed."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 if missing (SQLite then gives its -wal/-shm files the same
+    mode); tighten it to 0600 if it exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(fd)
+    os.chmod(path, 0o600)
 
 
 def _bind(address: str, port: int) -> socket.socket:
@@ -108,7 +133,9 @@ class Emulator:
     def _build_parts(self) -> None:
         cfg, db, keys = self.config, self.db, self.secrets
         assert db is not None and keys is not None
-        self.hub = HubPart(db, cfg.hub_hosts, self.clock, service_keys=lambda: {HUB_POLICY: keys.hub_key})
+        self.hub = HubPart(
+            db, cfg.hub_hosts, self.clock, service_keys=lambda host: {HUB_POLICY: keys.hub_key(host)}
+        )
         self.dps = DpsPart(
             db,
             id_scope=keys.id_scope,
@@ -117,6 +144,7 @@ class Emulator:
             clock=self.clock,
             service_keys=lambda: {DPS_POLICY: keys.dps_key},
             assignment_delay=cfg.assignment_delay,
+            names=(cfg.dps_host, listen_address(cfg.dps_host)),
         )
         self.endpoints = [self.dps.endpoint, *self.hub.endpoints]
         dps_address = listen_address(cfg.dps_host)
@@ -126,15 +154,23 @@ class Emulator:
         self.rest_apps = [RestApp("dps", dps_address, cfg.dps_rest_port, self.dps.rest_app())]
         for host in cfg.hub_hosts:
             self.rest_apps.append(
-                RestApp(host, listen_address(host), cfg.hub_rest_port, self.hub.rest_app(host))
+                RestApp(
+                    host, listen_address(host), cfg.hub_rest_port,
+                    self.hub.rest_app(host, names=(listen_address(host),)),
+                )
             )
 
     # ------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> dict[str, Any]:
         cfg = self.config
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        self.db = Database(cfg.data_dir / DB_FILE)
-        self.secrets = load_or_create_secrets(self.db)
+        private_directory(cfg.data_dir)
+        db_path = cfg.data_dir / DB_FILE
+        private_file(db_path)
+        self.db = Database(db_path)
+        for companion in (db_path.with_name(DB_FILE + "-wal"), db_path.with_name(DB_FILE + "-shm")):
+            if companion.exists():
+                os.chmod(companion, 0o600)
+        self.secrets = load_or_create_secrets(self.db, cfg.hub_hosts)
         self.pki = issue_server_certificate(cfg.data_dir, [cfg.dps_host, *cfg.hub_hosts], self.clock())
         self._build_parts()
         self.broker = Broker(self.db, self.endpoints, max_packet_size=cfg.max_packet_size)
@@ -198,7 +234,7 @@ class Emulator:
                 {
                     "host_name": host,
                     "connection_string": f"HostName={endpoint};SharedAccessKeyName={HUB_POLICY};"
-                    f"SharedAccessKey={keys.hub_key}",
+                    f"SharedAccessKey={keys.hub_key(host)}",
                     "rest_endpoint": f"https://{endpoint}",
                 }
             )

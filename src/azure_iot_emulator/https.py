@@ -121,3 +121,9 @@ def peer_certificate(request: web.Request) -> x509.Certificate | None:
     """The leaf certificate the client presented in the TLS handshake (None if it presented none)."""
     transport = request.transport
     return transport.get_extra_info(PEER_CERTIFICATE) if transport is not None else None
+
+
+def local_port(request: web.Request) -> int | None:
+    """The port the request reached (the listener's), whatever the Host header says."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    return int(sockname[1]) if sockname else None

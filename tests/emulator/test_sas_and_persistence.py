@@ -72,8 +72,28 @@ async def _put(emu, reg_id: str, authorization: str | None, body: dict) -> tuple
         lambda emu: generate_sas(
             _host(emu), _key(emu), policy="provisioningserviceowner", expiry=int(time.time()) + 600
         ).replace("sig=", "sig=A"),
+        # Signed with the right key, but for another audience: another host, another port of this host,
+        # or a resource of this DPS that does not cover /enrollments.
+        lambda emu: generate_sas(
+            "evil.example.com", _key(emu), policy="provisioningserviceowner", expiry=int(time.time()) + 600
+        ),
+        lambda emu: generate_sas(
+            _host(emu).rsplit(":", 1)[0] + ":1", _key(emu), policy="provisioningserviceowner",
+            expiry=int(time.time()) + 600,
+        ),
+        lambda emu: generate_sas(
+            _host(emu) + "/registrations", _key(emu), policy="provisioningserviceowner",
+            expiry=int(time.time()) + 600,
+        ),
+        lambda emu: generate_sas(
+            _host(emu) + "/enrollmentsx", _key(emu), policy="provisioningserviceowner",
+            expiry=int(time.time()) + 600,
+        ),
     ],
-    ids=["missing", "empty", "not-sas", "expired", "wrong-key", "wrong-policy", "tampered"],
+    ids=[
+        "missing", "empty", "not-sas", "expired", "wrong-key", "wrong-policy", "tampered",
+        "other-audience", "other-port", "other-resource", "not-a-segment-prefix",
+    ],
 )
 async def test_bad_sas_is_401_and_writes_nothing(module_emulator, token, tmp_path):
     reg_id = f"sas-{uuid.uuid4().hex[:8]}"
@@ -89,6 +109,18 @@ async def test_bad_sas_is_401_and_writes_nothing(module_emulator, token, tmp_pat
     )
     ok_status, created = await _put(module_emulator, reg_id, good, _enrollment(reg_id, cert.pem))
     assert ok_status == 200 and created["registrationId"] == reg_id  # it did not exist before: no 409
+
+
+async def test_a_token_scoped_to_enrollments_is_enough_for_enrollments(module_emulator, tmp_path):
+    host = _host(module_emulator)
+    for resource in (f"{host}/enrollments", f"https://{host}/", f"{host}/Enrollments/"):
+        reg_id = f"scoped-{uuid.uuid4().hex[:8]}"
+        cert = TestCa().issue(tmp_path, reg_id)
+        scoped = generate_sas(
+            resource, _key(module_emulator), policy="provisioningserviceowner", expiry=int(time.time()) + 600
+        )
+        status, created = await _put(module_emulator, reg_id, scoped, _enrollment(reg_id, cert.pem))
+        assert status == 200 and created["registrationId"] == reg_id, resource
 
 
 async def test_sdk_with_wrong_key_gets_client_authentication_error(module_emulator):

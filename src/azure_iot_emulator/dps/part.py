@@ -26,6 +26,7 @@ class DpsPart:
         clock: Callable[[], datetime],
         service_keys: Callable[[], dict[str, str]],
         assignment_delay: float | None,
+        names: Sequence[str],
     ) -> None:
         self.service = DpsService(db, id_scope=id_scope, hub_hosts=hub_hosts, registry=registry, clock=clock)
         self.assignments = Assignments(self.service, delay=assignment_delay)
@@ -33,9 +34,10 @@ class DpsPart:
         self.device_api = DpsDeviceApi(id_scope, self.assignments, clock)
         self._keys = service_keys
         self._clock = clock
+        self._names = tuple(names)
 
     def rest_app(self) -> web.Application:
-        return build_dps_rest_app(self.service, self._keys, self._clock)
+        return build_dps_rest_app(self.service, self._keys, self._clock, self._names)
 
     async def close(self) -> None:
         await self.endpoint.close()

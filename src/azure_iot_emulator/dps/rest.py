@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +12,8 @@ from aiohttp import web
 
 from azure_iot_emulator.dps.errors import DpsError, bad_request, unauthorized
 from azure_iot_emulator.dps.service import DpsService
-from azure_iot_emulator.sas import SasError, verify_sas
+from azure_iot_emulator.https import local_port
+from azure_iot_emulator.sas import SasError, request_resources, resource_allows, verify_sas
 
 log = logging.getLogger(__name__)
 
@@ -26,46 +27,54 @@ def _error(exc: DpsError, now: datetime) -> web.Response:
 
 
 class _VerifiedTokens:
-    """SAS headers already verified (the SDK reuses one token for many requests), with their expiry, so a
-    repeat costs a dictionary look-up instead of parsing and an HMAC.  Keyed by (header, policy, key): a
-    rotated key never matches an old entry; expiry is still checked on every request."""
+    """SAS headers already verified (the SDK reuses one token for many requests), with their expiry and
+    resource, so a repeat costs a dictionary look-up instead of parsing and an HMAC.  Keyed by (header,
+    policy, key): a rotated key never matches an old entry; expiry and audience are still checked on every
+    request."""
 
     LIMIT = 256
 
     def __init__(self) -> None:
-        self._expiry: dict[tuple[str, str, str], int] = {}
+        self._known: dict[tuple[str, str, str], tuple[int, str]] = {}
 
-    def authorised(self, header: str | None, keys: dict[str, str], now: datetime) -> str | None:
+    def authorised(
+        self, header: str | None, keys: dict[str, str], now: datetime, resources: Sequence[str]
+    ) -> str | None:
         """None when authorised, else the refusal reason."""
         if header is not None:
             stamp = now.timestamp()
             for policy, key in keys.items():
-                expiry = self._expiry.get((header, policy, key))
-                if expiry is not None and expiry >= stamp:
-                    return None
+                known = self._known.get((header, policy, key))
+                if known is not None and known[0] >= stamp:
+                    if any(resource_allows(known[1], r) for r in resources):
+                        return None
+                    return "WRONG_AUDIENCE"
         reason = "MISSING"
         for policy, key in keys.items():
             try:
-                token = verify_sas(header, key_b64=key, policy=policy, now=now)
+                token = verify_sas(header, key_b64=key, policy=policy, now=now, resources=resources)
             except SasError as exc:
                 reason = exc.reason
                 continue
             if header is not None:
-                if len(self._expiry) >= self.LIMIT:
-                    self._expiry.clear()
-                self._expiry[(header, policy, key)] = token.expiry
+                if len(self._known) >= self.LIMIT:
+                    self._known.clear()
+                self._known[(header, policy, key)] = (token.expiry, token.resource)
             return None
         return reason
 
 
-def _auth_middleware(keys: Callable[[], dict[str, str]], clock: Callable[[], datetime]) -> Any:
+def _auth_middleware(
+    keys: Callable[[], dict[str, str]], clock: Callable[[], datetime], names: Sequence[str]
+) -> Any:
     verified = _VerifiedTokens()
 
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         now = clock()
         header = request.headers.get("Authorization")
-        reason = verified.authorised(header, keys(), now)
+        resources = request_resources(names, local_port(request), request.path)
+        reason = verified.authorised(header, keys(), now, resources)
         if reason is not None:
             log.info("DPS REST %s %s refused: SAS %s", request.method, request.path, reason)
             return _error(unauthorized(f"Unauthorized: SAS token {reason.lower().replace('_', ' ')}"), now)
@@ -156,9 +165,13 @@ async def not_supported(request: web.Request) -> web.Response:
 
 
 def build_dps_rest_app(
-    service: DpsService, keys: Callable[[], dict[str, str]], clock: Callable[[], datetime]
+    service: DpsService,
+    keys: Callable[[], dict[str, str]],
+    clock: Callable[[], datetime],
+    names: Sequence[str],
 ) -> web.Application:
-    app = web.Application(middlewares=[_auth_middleware(keys, clock)], client_max_size=MAX_BODY * 2)
+    """``names``: what the DPS is called (host name, address); a SAS token's ``sr`` must name it."""
+    app = web.Application(middlewares=[_auth_middleware(keys, clock, names)], client_max_size=MAX_BODY * 2)
     app[SERVICE] = service
     app[CLOCK] = clock
     r = app.router

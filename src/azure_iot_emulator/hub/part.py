@@ -1,6 +1,6 @@
 """Everything the emulator's wiring needs from the IoT Hub half, in one object.
 
-hub = HubPart(db, hub_hosts, clock, service_keys=lambda: {"iothubowner": key})
+hub = HubPart(db, hub_hosts, clock, service_keys=lambda host: {"iothubowner": keys[host]})
 hub.registry                 # HubRegistry (DPS calls provision_from_dps on it)
 hub.endpoints                # one MQTT endpoint per hub host (register with the MQTT core)
 hub.rest_app(host)           # the aiohttp service REST app of one hub (serve it on {host}:8443)
@@ -28,7 +28,7 @@ class HubPart:
         db: Database,
         hub_hosts: Sequence[str],
         clock: Callable[[], datetime],
-        service_keys: Callable[[], dict[str, str]],
+        service_keys: Callable[[str], dict[str, str]],
         *,
         registry: HubRegistry | None = None,
     ) -> None:
@@ -40,8 +40,9 @@ class HubPart:
         self._keys = service_keys
         self.endpoints = [HubEndpoint(host, self.service) for host in hub_hosts]
 
-    def rest_app(self, host: str) -> web.Application:
-        return build_hub_rest_app(self.service, host, self._keys, self._clock)
+    def rest_app(self, host: str, names: Sequence[str] = ()) -> web.Application:
+        """``names``: other names of the hub (its address) a SAS token's ``sr`` may use."""
+        return build_hub_rest_app(self.service, host, lambda: self._keys(host), self._clock, names)
 
     async def close(self) -> None:
         await self.service.close()

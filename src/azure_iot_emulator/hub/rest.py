@@ -24,15 +24,16 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from azure_iot_emulator import ids
+from azure_iot_emulator.https import local_port
 from azure_iot_emulator.hub.service import HubError, HubService
-from azure_iot_emulator.sas import SasError, verify_sas
+from azure_iot_emulator.sas import SasError, request_resources, verify_sas
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return web.json_response(body, status=status, headers=headers)
 
 
-def _make_auth_middleware(keys: Callable[[], dict[str, str]], clock: Callable[[], datetime]) -> Any:
+def _make_auth_middleware(
+    keys: Callable[[], dict[str, str]], clock: Callable[[], datetime], names: Sequence[str]
+) -> Any:
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         header = request.headers.get("Authorization")
@@ -65,7 +68,8 @@ def _make_auth_middleware(keys: Callable[[], dict[str, str]], clock: Callable[[]
             key = keys().get(SERVICE_POLICY)
             if key is None:
                 raise SasError("WRONG_POLICY", "no such policy")
-            verify_sas(header, key_b64=key, policy=SERVICE_POLICY, now=clock())
+            resources = request_resources(names, local_port(request), request.path)
+            verify_sas(header, key_b64=key, policy=SERVICE_POLICY, now=clock(), resources=resources)
         except SasError as exc:
             log.info("hub REST %s %s refused: %s", request.method, request.path, exc.reason)
             return _error_response(401, "IotHubUnauthorizedAccess", f"Unauthorized: {exc}")
@@ -200,10 +204,13 @@ def build_hub_rest_app(
     hub: str,
     keys: Callable[[], dict[str, str]],
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    names: Sequence[str] = (),
 ) -> web.Application:
-    """The REST app of hub ``hub``; ``keys()`` returns {policy name: base64 key} (``iothubowner``)."""
+    """The REST app of hub ``hub``; ``keys()`` returns {policy name: base64 key} (``iothubowner``).  A SAS
+    token's ``sr`` must name this hub: ``hub`` or one of ``names`` (its address), with or without the
+    port the request reached."""
     app = web.Application(
-        middlewares=[_make_auth_middleware(keys, clock)], client_max_size=MAX_BODY_BYTES + 1
+        middlewares=[_make_auth_middleware(keys, clock, (hub, *names))], client_max_size=MAX_BODY_BYTES + 1
     )
     app[_SERVICE_KEY] = service
     app[_HUB_KEY] = hub
