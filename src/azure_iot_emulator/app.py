@@ -31,6 +31,7 @@ from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.endpoint import Endpoint
 from azure_iot_emulator.mqtt.tls import server_context, start_listener
 from azure_iot_emulator.pki import ServerPki, issue_server_certificate
+from azure_iot_emulator.quotas import hub_d2c
 from azure_iot_emulator.store import Database
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,8 @@ class Emulator:
         cfg, db, keys = self.config, self.db, self.secrets
         assert db is not None and keys is not None
         self.hub = HubPart(
-            db, cfg.hub_hosts, self.clock, service_keys=lambda host: {HUB_POLICY: keys.hub_key(host)}
+            db, cfg.hub_hosts, self.clock, service_keys=lambda host: {HUB_POLICY: keys.hub_key(host)},
+            d2c_quota=hub_d2c(cfg.hub_tier) if cfg.azure_quotas else None,
         )
         self.dps = DpsPart(
             db,
@@ -145,6 +147,7 @@ class Emulator:
             service_keys=lambda: {DPS_POLICY: keys.dps_key},
             assignment_delay=cfg.assignment_delay,
             names=(cfg.dps_host, listen_address(cfg.dps_host)),
+            azure_quotas=cfg.azure_quotas,
         )
         self.endpoints = [self.dps.endpoint, *self.hub.endpoints]
         dps_address = listen_address(cfg.dps_host)

@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         help="DPS registration: seconds until a polled operation is assigned (default 1, Azure's "
         "202-then-poll flow); 'immediate' answers the register request with the final result",
     )
+    serve.add_argument(
+        "--azure-quotas", action="store_true", default=None,
+        help="enforce Azure's rate quotas for one unit (DPS operations, registrations, polling: 429 with "
+        "retry-after; hub device-to-cloud rate per --hub-tier)",
+    )
+    serve.add_argument("--hub-tier", help="F1, S1 (default), S2 or S3: the device-to-cloud rate with quotas")
     serve.add_argument("--ready-file", type=Path, help="written with the connection.json path when ready")
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
     serve.set_defaults(func=run_serve)
@@ -63,6 +69,8 @@ def run_serve(args: argparse.Namespace) -> int:
             {
                 "https_port": args.https_port,
                 "assignment_delay": args.assignment_delay,
+                "azure_quotas": args.azure_quotas,
+                "hub_tier": args.hub_tier,
                 "data_dir": args.data_dir,
                 "dps_host": args.dps_host,
                 "hub_hosts": tuple(args.hub_hosts) if args.hub_hosts else None,

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from azure_iot_emulator.quotas import HUB_D2C_PER_SECOND
+
 DEFAULT_DATA_DIR = Path(".iot-emulator")
 DEFAULT_DPS_HOST = "localhost"
 DEFAULT_HUB_HOSTS = ("127.0.0.2", "127.0.0.3")
@@ -32,6 +34,10 @@ class EmulatorConfig:
     assignment_delay: float | None = DEFAULT_ASSIGNMENT_DELAY
     """Seconds from a device's register request until DPS answers its poll ``assigned`` (Azure's
     asynchronous registration); None is ``immediate``: the final answer on the register request."""
+    azure_quotas: bool = False
+    """Enforce Azure's rate quotas for one unit (``quotas.py``)."""
+    hub_tier: str = "S1"
+    """The IoT Hub tier whose device-to-cloud rate applies with ``azure_quotas``."""
     ready_file: Path | None = None
     max_packet_size: int = 512 * 1024
     log_level: str = "INFO"
@@ -48,6 +54,8 @@ class EmulatorConfig:
             raise ValueError("every hub needs its own address (hub REST is served per address)")
         if self.assignment_delay is not None and not 0 <= self.assignment_delay <= 3600:
             raise ValueError("assignment_delay must be 'immediate' or 0-3600 seconds")
+        if self.hub_tier.upper() not in HUB_D2C_PER_SECOND:
+            raise ValueError(f"hub_tier must be one of {', '.join(HUB_D2C_PER_SECOND)}")
         for port in (self.mqtt_port, self.dps_rest_port, self.hub_rest_port, self.https_port):
             if not 0 <= port <= 65535:
                 raise ValueError(f"port {port} out of range")
@@ -81,6 +89,12 @@ def assignment_delay(value: Any) -> float | None:
         raise ValueError(f"assignment delay must be 'immediate' or seconds, not {value!r}") from None
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, not {value!r}")
+    return value
+
+
 _FILE_KEYS = {
     "data_dir": Path,
     "dps_host": str,
@@ -90,6 +104,8 @@ _FILE_KEYS = {
     "hub_rest_port": int,
     "https_port": int,
     "assignment_delay": assignment_delay,
+    "azure_quotas": _boolean,
+    "hub_tier": str,
     "ready_file": Path,
     "max_packet_size": int,
     "log_level": str,

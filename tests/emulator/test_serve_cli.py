@@ -109,3 +109,17 @@ def test_assignment_delay_from_file_and_flag(tmp_path):
     for bad in ("soon", "-1", "7200"):
         with pytest.raises(ValueError, match="assignment"):
             build_config(None, {"assignment_delay": bad})
+
+
+def test_azure_quotas_and_hub_tier_from_file_and_flag(tmp_path):
+    assert build_config(None, {}).azure_quotas is False
+    settings = tmp_path / "s.toml"
+    settings.write_text('azure_quotas = true\nhub_tier = "S2"\n')
+    cfg = build_config(settings, {})
+    assert cfg.azure_quotas is True and cfg.hub_tier == "S2"
+    assert build_config(settings, {"hub_tier": "S3"}).hub_tier == "S3"
+    settings.write_text('azure_quotas = "yes"\n')
+    with pytest.raises(ValueError, match="true or false"):
+        build_config(settings, {})
+    with pytest.raises(ValueError, match="hub_tier"):
+        build_config(None, {"hub_tier": "B1"})

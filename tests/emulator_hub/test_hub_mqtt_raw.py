@@ -44,7 +44,7 @@ async def connect(emulator, host, cert, client_id=None):
     )
 
 
-async def stored(emulator, device_id):
+async def stored(emulator, device_id, top: int = 100):
     """The device's stored telemetry through the hub REST extension GET /devices/{id}/messages."""
     conn = dict(zip(emulator.hub_hosts, emulator.hub_connection_strings, strict=True))[emulator.default_hub]
     parts = dict(part.split("=", 1) for part in conn.split(";"))
@@ -56,7 +56,7 @@ async def stored(emulator, device_id):
         aiohttp.ClientSession() as session,
         session.get(
             f"https://{parts['HostName']}/devices/{device_id}/messages",
-            params={"top": "100"},
+            params={"top": str(top)},
             headers={"Authorization": auth},
             ssl=context,
         ) as response,

@@ -1,5 +1,6 @@
-"""The DPS adapter honours 429/503 with Retry-After (the emulator does not throttle, so a tiny TLS server
-plays an overloaded DPS answering the way Azure does), and reports what is left as CloudUnavailable."""
+"""The DPS adapter honours 429/503 with Retry-After (a tiny TLS server plays an overloaded DPS answering
+the way Azure does, exactly as often as a test needs; the emulator's own quotas, ``--azure-quotas``, are
+met in test_enroll_under_azure_quotas.py), and reports what is left as CloudUnavailable."""
 
 from __future__ import annotations
 

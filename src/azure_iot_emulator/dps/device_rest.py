@@ -46,9 +46,10 @@ class DpsDeviceApi:
                 answer = await handler(request, reg_id)
             except DpsError as exc:
                 log.info("DPS device API %s %s: %s %s", request.method, request.path, exc.status, exc.message)
-                return web.json_response(
-                    exc.body(self._clock()), status=exc.status, headers={"x-ms-error-code": str(exc.code)}
-                )
+                headers = {"x-ms-error-code": str(exc.code)}
+                if exc.retry_after is not None:
+                    headers["Retry-After"] = str(exc.retry_after)
+                return web.json_response(exc.body(self._clock()), status=exc.status, headers=headers)
             headers = {"Retry-After": str(answer.retry_after)} if answer.retry_after is not None else {}
             return web.json_response(answer.body, status=answer.status, headers=headers)
 

@@ -95,7 +95,8 @@ class DpsEndpoint:
         self._reply(link, topics.response_topic(answer.status, request.rid, answer.retry_after), answer.body)
 
     def _reply_error(self, link: Link, rid: str, exc: DpsError) -> None:
-        self._reply(link, topics.response_topic(exc.status, rid), exc.body(self._clock()))
+        topic = topics.response_topic(exc.status, rid, exc.retry_after)
+        self._reply(link, topic, exc.body(self._clock()))
 
     def _reply(self, link: Link, topic: str, body: dict[str, Any]) -> None:
         payload = json.dumps(body).encode("utf-8")

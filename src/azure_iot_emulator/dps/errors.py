@@ -8,11 +8,13 @@ from typing import Any
 
 
 class DpsError(Exception):
-    def __init__(self, status: int, code: int, message: str) -> None:
+    def __init__(self, status: int, code: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
+        """Seconds, on a 429 only (azure-core retries any error carrying Retry-After)."""
 
     def body(self, now: datetime) -> dict[str, Any]:
         return {
@@ -42,6 +44,11 @@ def precondition_failed(message: str = "ETag mismatch") -> DpsError:
 
 def unauthorized(message: str = "Unauthorized") -> DpsError:
     return DpsError(401, 401002, message)
+
+
+def throttled(what: str, retry_after: int) -> DpsError:
+    message = f"Throttled: {what} quota exceeded, retry after {retry_after} s"
+    return DpsError(429, 429001, message, retry_after)
 
 
 def azure_time(moment: datetime) -> str:

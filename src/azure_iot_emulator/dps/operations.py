@@ -25,8 +25,9 @@ from typing import Any
 
 from cryptography import x509
 
-from azure_iot_emulator.dps.errors import DpsError, bad_request
+from azure_iot_emulator.dps.errors import DpsError, bad_request, throttled
 from azure_iot_emulator.dps.service import DpsService, operation_id
+from azure_iot_emulator.quotas import DpsQuotas
 
 MAX_REQUEST_BYTES = 96 * 1024  # Azure DPS: maximum message size
 OPERATIONS_KEPT = 10_000
@@ -71,18 +72,22 @@ class Assignments:
         service: DpsService,
         *,
         delay: float | None,
+        quotas: DpsQuotas | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if delay is not None and delay < 0:
             raise ValueError("assignment delay must be >= 0")
         self._service = service
         self.delay = delay
+        self._quotas = quotas
         self._now = monotonic
         self._operations: collections.OrderedDict[str, _Operation] = collections.OrderedDict()
 
     def register(self, registration_id: str, leaf: x509.Certificate | None) -> Answer:
         """A register request (body already checked with :func:`parse_register_body`).  Refusals are
-        raised as :class:`DpsError`."""
+        raised as :class:`DpsError` (429 with ``retry_after`` past the registration quota)."""
+        if self._quotas is not None and (wait := self._quotas.registrations.take()) is not None:
+            raise throttled("device registrations", wait)
         op = operation_id()
         outcome = self._service.register_x509(registration_id, leaf, op)
         if self.delay is None:
@@ -93,7 +98,11 @@ class Assignments:
 
     def poll(self, registration_id: str, op_id: str) -> Answer:
         """An operation-status request: ``202 assigning`` until the operation is done, then its result.
-        Another device's operation is as unknown as a made-up one (404)."""
+        Another device's operation is as unknown as a made-up one (404).  Past the polling quota: 429."""
+        if self._quotas is not None:
+            wait = self._quotas.polls.take(registration_id.lower())
+            if wait is not None:
+                raise throttled("device polling", wait)
         operation = self._operations.get(op_id)
         if operation is None or operation.owner != registration_id.lower():
             raise DpsError(404, 404203, "Operation not found")

@@ -12,6 +12,7 @@ from azure_iot_emulator.dps.endpoint import DpsEndpoint
 from azure_iot_emulator.dps.operations import Assignments
 from azure_iot_emulator.dps.rest import build_dps_rest_app
 from azure_iot_emulator.dps.service import DpsService, HubProvisioner
+from azure_iot_emulator.quotas import DpsQuotas
 from azure_iot_emulator.store import Database
 
 
@@ -27,9 +28,11 @@ class DpsPart:
         service_keys: Callable[[], dict[str, str]],
         assignment_delay: float | None,
         names: Sequence[str],
+        azure_quotas: bool = False,
     ) -> None:
         self.service = DpsService(db, id_scope=id_scope, hub_hosts=hub_hosts, registry=registry, clock=clock)
-        self.assignments = Assignments(self.service, delay=assignment_delay)
+        self.quotas = DpsQuotas() if azure_quotas else None
+        self.assignments = Assignments(self.service, delay=assignment_delay, quotas=self.quotas)
         self.endpoint = DpsEndpoint(self.service, self.assignments, clock)
         self.device_api = DpsDeviceApi(id_scope, self.assignments, clock)
         self._keys = service_keys
@@ -37,7 +40,10 @@ class DpsPart:
         self._names = tuple(names)
 
     def rest_app(self) -> web.Application:
-        return build_dps_rest_app(self.service, self._keys, self._clock, self._names)
+        return build_dps_rest_app(
+            self.service, self._keys, self._clock, self._names,
+            self.quotas.operations if self.quotas is not None else None,
+        )
 
     async def close(self) -> None:
         await self.endpoint.close()

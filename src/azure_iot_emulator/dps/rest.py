@@ -10,20 +10,25 @@ from typing import Any
 
 from aiohttp import web
 
-from azure_iot_emulator.dps.errors import DpsError, bad_request, unauthorized
+from azure_iot_emulator.dps.errors import DpsError, bad_request, throttled, unauthorized
 from azure_iot_emulator.dps.service import DpsService
 from azure_iot_emulator.https import local_port
+from azure_iot_emulator.quotas import TokenBuckets
 from azure_iot_emulator.sas import SasError, request_resources, resource_allows, verify_sas
 
 log = logging.getLogger(__name__)
 
 SERVICE = web.AppKey("service", DpsService)
 CLOCK = web.AppKey("clock", Callable[[], datetime])
+QUOTA = web.AppKey("quota", TokenBuckets | None)
 MAX_BODY = 256 * 1024
 
 
 def _error(exc: DpsError, now: datetime) -> web.Response:
-    return web.json_response(exc.body(now), status=exc.status, headers={"x-ms-error-code": str(exc.code)})
+    headers = {"x-ms-error-code": str(exc.code)}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    return web.json_response(exc.body(now), status=exc.status, headers=headers)
 
 
 class _VerifiedTokens:
@@ -65,7 +70,10 @@ class _VerifiedTokens:
 
 
 def _auth_middleware(
-    keys: Callable[[], dict[str, str]], clock: Callable[[], datetime], names: Sequence[str]
+    keys: Callable[[], dict[str, str]],
+    clock: Callable[[], datetime],
+    names: Sequence[str],
+    quota: TokenBuckets | None,
 ) -> Any:
     verified = _VerifiedTokens()
 
@@ -79,6 +87,8 @@ def _auth_middleware(
             log.info("DPS REST %s %s refused: SAS %s", request.method, request.path, reason)
             return _error(unauthorized(f"Unauthorized: SAS token {reason.lower().replace('_', ' ')}"), now)
         try:
+            if quota is not None and (wait := quota.take()) is not None:
+                raise throttled("service operations", wait)
             return await handler(request)
         except DpsError as exc:
             return _error(exc, now)
@@ -134,7 +144,14 @@ async def attestation(request: web.Request) -> web.Response:
 
 
 async def bulk(request: web.Request) -> web.Response:
-    return web.json_response(_svc(request).bulk(await _body(request)))
+    body = await _body(request)
+    quota = request.app[QUOTA]
+    items = body.get("enrollments") if isinstance(body, dict) else None
+    # Each enrollment of a bulk call is an operation (the request itself took the first).
+    extra = len(items) - 1 if isinstance(items, list) else 0
+    if quota is not None and extra > 0 and (wait := quota.take(n=extra)) is not None:
+        raise throttled("service operations", wait)
+    return web.json_response(_svc(request).bulk(body))
 
 
 async def query(request: web.Request) -> web.Response:
@@ -169,11 +186,16 @@ def build_dps_rest_app(
     keys: Callable[[], dict[str, str]],
     clock: Callable[[], datetime],
     names: Sequence[str],
+    quota: TokenBuckets | None = None,
 ) -> web.Application:
-    """``names``: what the DPS is called (host name, address); a SAS token's ``sr`` must name it."""
-    app = web.Application(middlewares=[_auth_middleware(keys, clock, names)], client_max_size=MAX_BODY * 2)
+    """``names``: what the DPS is called (host name, address); a SAS token's ``sr`` must name it.
+    ``quota``: the service-operations quota (``--azure-quotas``), else unlimited."""
+    app = web.Application(
+        middlewares=[_auth_middleware(keys, clock, names, quota)], client_max_size=MAX_BODY * 2
+    )
     app[SERVICE] = service
     app[CLOCK] = clock
+    app[QUOTA] = quota
     r = app.router
     r.add_post("/enrollments/query", query)
     r.add_post("/enrollments", bulk)

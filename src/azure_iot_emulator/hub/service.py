@@ -28,6 +28,7 @@ from azure_iot_emulator.hub.registry import (
     twin_etag,
 )
 from azure_iot_emulator.hub.telemetry import MAX_MESSAGE_BYTES, StoredMessage, TelemetryStore
+from azure_iot_emulator.quotas import TokenBuckets
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class _IngestWaiter:
     start: int
     count: int
     wants_messages: bool
+    release_at: float = 0.0  # loop time before which the caller is not told (D2C traffic shaping)
 
 
 def _too_large(size: int) -> HubError:
@@ -108,10 +110,28 @@ def _stored(seq: int, enqueued: str, item: tuple[str, str, topics.PropertyBag, b
     )
 
 
+def _settle(waiter: _IngestWaiter, value: list[StoredMessage] | None) -> None:
+    """Tell the caller its messages are stored, at once or (traffic shaping) at ``release_at``."""
+    future = waiter.future
+    loop = future.get_loop()
+    wait = waiter.release_at - loop.time()
+    if wait <= 0:
+        future.set_result(value)
+    else:
+        loop.call_later(wait, lambda: future.done() or future.set_result(value))
+
+
 class HubService:
     def __init__(
-        self, registry: HubRegistry, telemetry: TelemetryStore, clock: Callable[[], datetime]
+        self,
+        registry: HubRegistry,
+        telemetry: TelemetryStore,
+        clock: Callable[[], datetime],
+        d2c_quota: TokenBuckets | None = None,
     ) -> None:
+        """``d2c_quota``: the device-to-cloud rate per hub (``--azure-quotas``): messages over it are
+        stored at once but acknowledged late, as Azure shapes the traffic of a throttled hub."""
+        self._d2c = d2c_quota
         self.registry = registry
         self.telemetry = telemetry
         self._clock = clock
@@ -376,6 +396,10 @@ class HubService:
                 loop.call_later(wait, self._flush_ingest)
             else:
                 loop.call_soon(self._flush_ingest)
+        if self._d2c is not None and items:
+            shaping = self._d2c.delay(items[0][0], len(items))
+            if shaping > 0:
+                waiter.release_at = asyncio.get_running_loop().time() + shaping
         self._ingest_items += items
         self._ingest_waiters.append(waiter)
 
@@ -401,14 +425,15 @@ class HubService:
             if waiter.future.done():
                 continue
             if waiter.wants_messages or listeners:
-                waiter.future.set_result(
+                _settle(
+                    waiter,
                     [
                         _stored(first + i, enqueued, items[i])
                         for i in range(waiter.start, waiter.start + waiter.count)
-                    ]
+                    ],
                 )
             else:
-                waiter.future.set_result(None)
+                _settle(waiter, None)
         if listeners:
             for i, item in enumerate(items):
                 message = _stored(first + i, enqueued, item)
