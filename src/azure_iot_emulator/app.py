@@ -30,6 +30,7 @@ from azure_iot_emulator.hub.part import HubPart
 from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.endpoint import Endpoint
 from azure_iot_emulator.mqtt.tls import server_context, start_listener
+from azure_iot_emulator.mqtt.websocket import websocket_route
 from azure_iot_emulator.pki import ServerPki, issue_server_certificate
 from azure_iot_emulator.quotas import hub_d2c
 from azure_iot_emulator.store import Database
@@ -151,7 +152,8 @@ class Emulator:
         )
         self.endpoints = [self.dps.endpoint, *self.hub.endpoints]
         dps_address = listen_address(cfg.dps_host)
-        # Port 443 of every host (one aiohttp app per address): the DPS device API on the DPS host.
+        # Port 443 of every host (one aiohttp app per address): the DPS device API on the DPS host, MQTT
+        # over WebSockets everywhere (added with the broker); the service REST APIs can join later.
         self.https_routes = {listen_address(h): [] for h in (cfg.dps_host, *cfg.hub_hosts)}
         self.https_routes[dps_address].extend(self.dps.device_api.routes())
         self.rest_apps = [RestApp("dps", dps_address, cfg.dps_rest_port, self.dps.rest_app())]
@@ -177,6 +179,8 @@ class Emulator:
         self.pki = issue_server_certificate(cfg.data_dir, [cfg.dps_host, *cfg.hub_hosts], self.clock())
         self._build_parts()
         self.broker = Broker(self.db, self.endpoints, max_packet_size=cfg.max_packet_size)
+        for routes in self.https_routes.values():  # MQTT over WebSockets on 443 of every host
+            routes.append(websocket_route(self.broker))
         try:
             await self._listen()
         except BaseException:
