@@ -6,8 +6,9 @@ Routes (``?api-version=...`` accepted and ignored; every request needs an ``ioth
     GET    /devices/{id}                       device identity                    200 | 404
     PUT    /devices/{id}                       create (no If-Match) / update      200 | 409 | 412
     DELETE /devices/{id}                       delete (If-Match optional)         204 | 404 | 412
-    POST   /devices/query                      {"query": "SELECT * FROM devices [WHERE a.b = 'x']"}
-                                               twins, paged with x-ms-max-item-count / x-ms-continuation
+    POST   /devices/query                      {"query": "SELECT ... FROM devices [WHERE ...] [GROUP BY ...]"}
+                                               (hub/query.py), paged with x-ms-max-item-count /
+                                               x-ms-continuation; unsupported syntax: 400
     GET    /twins/{id}                         twin                               200 | 404
     PATCH  /twins/{id}                         merge tags + desired (null deletes) 200 | 400 | 412
     PUT    /twins/{id}                         replace tags + desired             200 | 400 | 412

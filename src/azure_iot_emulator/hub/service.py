@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from azure_iot_emulator.hub import topics
 from azure_iot_emulator.hub import twin as twinmodel
+from azure_iot_emulator.hub.query import QueryError, parse_query
 from azure_iot_emulator.hub.registry import (
     Device,
     HubRegistry,
@@ -226,31 +227,18 @@ class HubService:
             close()
 
     def query_devices(self, hub: str, query: str) -> list[dict[str, Any]]:
-        """``SELECT * FROM devices [WHERE ...]``: the twins of all devices (enough to list devices and
-        their connection state; only simple ``WHERE field = 'value'`` conditions joined by AND)."""
-        text = " ".join(query.split())
-        lowered = text.lower()
-        if not lowered.startswith("select * from devices"):
-            raise _invalid("only 'SELECT * FROM devices [WHERE ...]' is supported")
-        conditions: list[tuple[str, str]] = []
-        rest = text[len("select * from devices") :].strip()
-        if rest:
-            if not rest.lower().startswith("where "):
-                raise _invalid(f"cannot parse query: {query!r}")
-            for clause in _split_and(rest[6:]):
-                name, sep, value = clause.partition("=")
-                value = value.strip()
-                if not sep or len(value) < 2 or value[0] != value[-1] or value[0] not in "'\"":
-                    raise _invalid(f"unsupported condition: {clause.strip()!r}")
-                conditions.append((name.strip(), value[1:-1]))
-        results = []
+        """The twin query language subset of ``hub/query.py`` over this hub's twins; anything it does not
+        implement is a 400 naming the problem, never a guessed answer."""
+        try:
+            parsed = parse_query(query)
+        except QueryError as exc:
+            raise _invalid(f"unsupported or malformed query: {exc}") from exc
+        twins = []
         for device in self.registry.list_devices(hub):
             twin = self.registry.get_twin(hub, device.device_id)
             assert twin is not None
-            doc = self.registry.twin_json(device, twin)
-            if all(_lookup(doc, name) == value for name, value in conditions):
-                results.append(doc)
-        return results
+            twins.append(self.registry.twin_json(device, twin))
+        return parsed.run(twins)
 
     # ----------------------------------------------------------------------------------------- twins
     def get_twin(self, hub: str, device_id: str) -> dict[str, Any]:
@@ -529,25 +517,3 @@ def _timeout(value: Any, default: int, what: str) -> float:
     if what == "connect" and not 0 <= value <= METHOD_TIMEOUT_MAX:
         raise _invalid(f"connectTimeoutInSeconds must be between 0 and {METHOD_TIMEOUT_MAX}")
     return float(value)
-
-
-def _split_and(text: str) -> list[str]:
-    parts: list[str] = []
-    current: list[str] = []
-    for word in text.split(" "):
-        if word.lower() == "and":
-            parts.append(" ".join(current))
-            current = []
-        else:
-            current.append(word)
-    parts.append(" ".join(current))
-    return [part for part in parts if part.strip()]
-
-
-def _lookup(doc: Mapping[str, Any], dotted: str) -> Any:
-    value: Any = doc
-    for part in dotted.split("."):
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(part)
-    return value
