@@ -1,6 +1,7 @@
-"""``--azure-quotas`` against a real emulator process: DPS service operations past 1,000 per minute and a
-device's polls past 5 per 10 s are answered 429 with an integer retry-after and Azure's error body, and
-change nothing; without the flag nothing is limited (every other test)."""
+"""``--azure-quotas`` against a real emulator process: DPS service operations past 1,000 per minute, a
+device's polls past 5 per 10 s and registrations past 1,000 per minute are answered 429 with an integer
+retry-after and Azure's error body, and change nothing; azure-iot-device's ProvisioningDeviceClient waits
+the retry-after out and is assigned.  Without the flag nothing is limited (every other test)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import uuid
 
 import aiohttp
 import pytest
-from support.dps_device import x509_enrollment
+from support.dps_device import sdk_register, x509_enrollment
 from support.emulator import EmulatorProcess
 from support.mqtt_client import MqttTestClient, client_context
 
@@ -128,3 +129,59 @@ async def test_device_polls_past_5_per_10_seconds_are_429_with_retry_after(quota
         assert json.loads(answers[5].payload)["errorCode"] == 429001
     finally:
         await client.close()
+
+
+async def test_device_sdk_waits_out_a_429_on_register_and_is_assigned(tmp_path, ca):
+    """Another client floods register requests (for an id without enrollment: each costs a quota token
+    and is answered 404), so the SDK's own register meets the 1,000 per minute quota; once the emulator
+    has answered it 429, the flood stops and the SDK, having waited the retry-after, is assigned."""
+    emu = EmulatorProcess(tmp_path / "emu", hubs=1, extra_args=["--azure-quotas"])
+    emu.start()
+    try:
+        flooder = ca.issue(tmp_path / "flood", "flooder")
+        client, _ = await MqttTestClient.connect(
+            emu.dps_host,
+            client_context(emu.ca_pem, str(flooder.cert_path), str(flooder.key_path)),
+            client_id="flooder",
+            username=f"{emu.id_scope}/registrations/flooder/api-version=2019-03-31",
+        )
+        await client.subscribe("$dps/registrations/res/#")
+        body = json.dumps({"registrationId": "flooder", "payload": None}).encode()
+        stop = asyncio.Event()
+
+        async def flood() -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                await client.publish(f"$dps/registrations/PUT/iotdps-register/?$rid=f{n}", body)
+                while not client.publishes.empty():
+                    client.publishes.get_nowait()
+
+        flooding = asyncio.create_task(flood())
+        try:
+            for attempt in range(5):  # the SDK may, rarely, catch a refilled token before the flood does
+                reg_id = f"patient-{attempt}-{uuid.uuid4().hex[:6]}"
+                cert = ca.issue(tmp_path / reg_id, reg_id)
+                async with aiohttp.ClientSession() as http:
+                    dps = Dps(http, emu)
+                    while (await dps.call("PUT", reg_id, x509_enrollment(reg_id, cert.pem)))[0] == 429:
+                        await asyncio.sleep(1)
+                stop.clear()
+                if flooding.done():
+                    flooding = asyncio.create_task(flood())
+                registering = asyncio.create_task(sdk_register(emu, reg_id, cert))
+                while f"DPS register {reg_id}: 429" not in emu.log_text() and not registering.done():
+                    await asyncio.sleep(0.1)
+                stop.set()
+                result = await registering
+                assert result.status == "assigned"
+                if f"DPS register {reg_id}: 429" in emu.log_text():
+                    break
+            else:
+                raise AssertionError("the SDK never met the quota in five tries")
+        finally:
+            stop.set()
+            await flooding
+            await client.close()
+    finally:
+        emu.stop()
