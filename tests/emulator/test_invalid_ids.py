@@ -155,3 +155,35 @@ async def test_mqtt_connect_with_an_invalid_id_is_identifier_rejected(module_emu
             assert await client.wait_closed()
         finally:
             await client.close()
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"tags": {"a.b": 1}},
+        {"tags": {"$x": 1}},
+        {"tags": {"with space": 1}},
+        {"tags": {"ctl\x07": 1}},
+        {"tags": {"k" * 1025: 1}},
+        {"tags": {"big": "v" * 4097}},
+        {"tags": {f"k{n}": "v" * 1000 for n in range(9)}},  # over 8 KB of tags
+        {"properties": {"desired": {f"k{n}": "v" * 4000 for n in range(9)}}},  # over 32 KB desired
+        {"tags": {"l1": {"l2": {"l3": {"l4": {"l5": {"l6": 1}}}}}}},  # deeper than 5
+    ],
+    ids=[
+        "dot", "dollar", "space", "control", "long-name", "long-value", "tags-size", "desired-size", "depth",
+    ],
+)
+async def test_hub_refuses_twin_names_and_sizes_azure_refuses_and_changes_nothing(registry, patch):
+    from azure.iot.hub.models import Twin, TwinProperties
+
+    device_id = f"tw-{uuid.uuid4().hex[:8]}"
+    await call(registry.create_device_with_x509, device_id, "AB" * 20, None, "enabled")
+    before = await call(registry.get_twin, device_id)
+    desired = patch.get("properties", {}).get("desired")
+    twin = Twin(tags=patch.get("tags"), properties=TwinProperties(desired=desired))
+    with pytest.raises(HttpOperationError) as refused:
+        await call(registry.update_twin, device_id, twin, "*")
+    assert status_of(refused.value) == 400
+    after = await call(registry.get_twin, device_id)
+    assert (after.etag, after.version, after.tags) == (before.etag, before.version, before.tags)

@@ -126,16 +126,17 @@ def validate_patch(patch: Any, *, what: str) -> dict[str, Any]:
     return patch
 
 
+_READ_ONLY_KEYS = frozenset(("$metadata", "$version"))
+
+
 def strip_service_readonly(section: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Drop ``$``-prefixed keys (``$metadata``, ``$version``) from the root of a service-sent section, as
-    the service SDK sends back whatever it fetched."""
+    """Drop the read-only ``$metadata`` and ``$version`` from the root of a service-sent section, as the
+    service SDK sends back whatever it fetched; any other ``$`` name is left for validation to refuse."""
     if section is None:
         return {}
     if not isinstance(section, Mapping):
         raise TwinError("NOT_AN_OBJECT", "twin section must be a JSON object")
-    return {
-        key: value for key, value in section.items() if not (isinstance(key, str) and key.startswith("$"))
-    }
+    return {key: value for key, value in section.items() if key not in _READ_ONLY_KEYS}
 
 
 # ----------------------------------------------------------------------------------------------------------
