@@ -92,17 +92,11 @@ def load_or_create_secrets(db: Database, hub_hosts: Sequence[str]) -> EmulatorSe
 
 
 def private_directory(path: Path) -> None:
-    """The data directory holds keys: 0700, also when it already existed."""
+    """The data directory holds keys: 0700, also when it already existed (unlike a directory litestore
+    merely finds, this one is the emulator's own).  The database file and its -wal/-shm are made 0600 by
+    litestore when it opens them."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
-
-
-def private_file(path: Path) -> None:
-    """Create ``path`` empty with mode 0600 if missing (SQLite then gives its -wal/-shm files the same
-    mode); tighten it to 0600 if it exists."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    os.close(fd)
-    os.chmod(path, 0o600)
 
 
 def _bind(address: str, port: int) -> socket.socket:
@@ -169,12 +163,7 @@ class Emulator:
     async def start(self) -> dict[str, Any]:
         cfg = self.config
         private_directory(cfg.data_dir)
-        db_path = cfg.data_dir / DB_FILE
-        private_file(db_path)
-        self.db = Database(db_path)
-        for companion in (db_path.with_name(DB_FILE + "-wal"), db_path.with_name(DB_FILE + "-shm")):
-            if companion.exists():
-                os.chmod(companion, 0o600)
+        self.db = Database(cfg.data_dir / DB_FILE)
         self.secrets = load_or_create_secrets(self.db, cfg.hub_hosts)
         self.pki = issue_server_certificate(cfg.data_dir, [cfg.dps_host, *cfg.hub_hosts], self.clock())
         self._build_parts()
