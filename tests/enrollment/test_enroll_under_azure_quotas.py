@@ -56,7 +56,7 @@ async def flood(emu, stop: asyncio.Event, throttled: list[int]) -> None:
 async def test_enroll_batch_under_quotas_completes_with_nothing_lost(tmp_path, quota_emulator):
     env = factory_env(tmp_path, quota_emulator, FACTORY_CLOUD_RETRY_TOTAL="10")
     async with running_factory(env) as (_app, stub):
-        devices = [await mint(stub, f"qb-{uuid.uuid4().hex[:10]}", tmp_path) for _ in range(DEVICES)]
+        devices = [await mint(stub, str(uuid.uuid4()), tmp_path) for _ in range(DEVICES)]
         stop, throttled = asyncio.Event(), []
         flooding = asyncio.create_task(flood(quota_emulator, stop, throttled))
         try:
