@@ -1,14 +1,16 @@
 """Assembly of the activation service: DPS + hub adapters, rate limiter, audit log, domain, servicer.
 
-API: ``async ActivationApp.open(settings, clock=...)``, ``.bindings()``, ``async .start()``,
-``async .close()``; ``async run_server(settings)`` (serve until SIGINT/SIGTERM).  Before serving, the
-activations a crash left unfinished are completed (``ActivationService.complete_open_intents``).
+API: ``async ActivationApp.open(settings, clock=..., observe=None)``, ``.bindings()``, ``async .start()``
+(the gRPC server, and ``/metrics`` when configured: ``.observe.metrics_url``), ``async .close()``;
+``async run_server(settings)`` (serve until SIGINT/SIGTERM).  Before serving, the activations a crash left
+unfinished are completed (``ActivationService.complete_open_intents``).  ``observe`` (``provkit.observe``)
+defaults to what ``settings.observe`` asks for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from activation_svc.audit import AuditLog
@@ -17,8 +19,9 @@ from activation_svc.service import ActivationService
 from activation_svc.servicer import ActivationServicer
 from activation_svc.settings import ActivationSettings
 from provkit.dps import DpsEnrollments
-from provkit.grpc_server import RunningServer, ServiceBinding, serve, start_server
+from provkit.grpc_server import RunningServer, ServiceBinding, serve_app, start_server
 from provkit.iothub import HubRegistries
+from provkit.observe import Observability
 
 
 def now_utc() -> datetime:
@@ -31,13 +34,19 @@ class ActivationApp:
     dps: DpsEnrollments
     audit: AuditLog
     service: ActivationService
+    observe: Observability = field(default_factory=Observability.off)
 
     @classmethod
     async def open(
-        cls, settings: ActivationSettings, clock: Callable[[], datetime] = now_utc
+        cls,
+        settings: ActivationSettings,
+        clock: Callable[[], datetime] = now_utc,
+        observe: Observability | None = None,
     ) -> ActivationApp:
-        dps = await DpsEnrollments.open(settings.cloud.dps)
-        hubs = HubRegistries(settings.cloud.hubs, settings.cloud.dps.ca_file)
+        observe = observe or Observability.open(settings.observe, "activation_svc")
+        dps = await DpsEnrollments.open(settings.cloud.dps, observer=observe.cloud_calls("dps"))
+        hub_calls = observe.cloud_calls("hub")
+        hubs = HubRegistries(settings.cloud.hubs, settings.cloud.dps.ca_file, observer=hub_calls)
         audit = await AuditLog.open(settings.audit_path)
         limiter = AttemptLimiter(
             clock=clock,
@@ -46,24 +55,29 @@ class ActivationApp:
             window=settings.failure_window,
         )
         service = ActivationService(dps, hubs, settings.cloud, limiter, audit, clock)
-        return cls(settings, dps, audit, service)
+        return cls(settings, dps, audit, service, observe)
 
     def bindings(self) -> list[ServiceBinding]:
-        return [ActivationServicer(self.service, self.settings.device_ids).binding()]
+        return [ActivationServicer(self.service, self.settings.device_ids, self.observe.metrics).binding()]
 
     async def start(self) -> RunningServer:
+        """Finish what a crash left open, then ``/metrics`` (when configured: ``.observe.metrics_url``),
+        then the gRPC server."""
         await self.service.complete_open_intents()
-        return await start_server(self.settings.server, self.bindings(), refusals=self.audit)
+        await self.observe.start_endpoint()
+        return await start_server(
+            self.settings.server,
+            self.bindings(),
+            refusals=self.audit,
+            metrics=self.observe.metrics,
+            interceptors=self.observe.server_interceptors(),
+        )
 
     async def close(self) -> None:
         await self.dps.close()
         await self.audit.close()
+        await self.observe.shutdown()
 
 
 async def run_server(settings: ActivationSettings) -> None:
-    app = await ActivationApp.open(settings)
-    try:
-        await app.service.complete_open_intents()
-        await serve(settings.server, app.bindings(), refusals=app.audit)
-    finally:
-        await app.close()
+    await serve_app(await ActivationApp.open(settings))

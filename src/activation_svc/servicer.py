@@ -1,4 +1,5 @@
-"""ActivationService over gRPC: convert the proto request, call the domain, convert the result."""
+"""ActivationService over gRPC: convert the proto request, call the domain, convert the result, count it
+(``provkit.metrics``: activations by outcome, the path taken or ``replayed`` / ``refused``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
 from provkit.context import current_caller
 from provkit.device_id import DeviceIdPolicy, check_device_id
+from provkit.errors import DomainError
 from provkit.grpc_server import ServiceBinding, binding
+from provkit.metrics import NO_METRICS, DomainMetrics
 
 LIFECYCLE_TO_PROTO = {
     Lifecycle.ENROLLED: pb.LIFECYCLE_ENROLLED,
@@ -35,24 +38,35 @@ def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
 
 
 class ActivationServicer(pb_grpc.ActivationServiceServicer):
-    def __init__(self, service: ActivationService, device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID) -> None:
+    def __init__(
+        self,
+        service: ActivationService,
+        device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID,
+        metrics: DomainMetrics = NO_METRICS,
+    ) -> None:
         self._service = service
         self._device_ids = device_ids  # checked here, at the boundary
+        self._metrics = metrics
 
     async def Activate(
         self, request: pb.ActivateRequest, context: grpc.aio.ServicerContext
     ) -> pb.ActivateResponse:
-        result = await self._service.activate(
-            ActivateCommand(
-                check_device_id(request.device_id, self._device_ids),
-                request.activation_code,
-                request.metadata_json,
-                request.hub,
-                request.request_id,
-                current_caller(),
-                request.expected_enrollment_etag,
+        try:
+            result = await self._service.activate(
+                ActivateCommand(
+                    check_device_id(request.device_id, self._device_ids),
+                    request.activation_code,
+                    request.metadata_json,
+                    request.hub,
+                    request.request_id,
+                    current_caller(),
+                    request.expected_enrollment_etag,
+                )
             )
-        )
+        except DomainError:
+            self._metrics.activated("refused")
+            raise
+        self._metrics.activated("replayed" if result.replayed else result.path.value)
         return pb.ActivateResponse(
             device_id=result.device_id,
             hub=result.hub,

@@ -16,6 +16,8 @@ TOML file (``--config FILE`` or ACTIVATION_CONFIG).
 | limits.window_seconds             | ACTIVATION_LIMITS_WINDOW_SECONDS          | 900                        |
 | device_ids                        | ACTIVATION_DEVICE_IDS                     | guid (provkit.device_id)   |
 | cloud.*                           | ACTIVATION_CLOUD_*                        | see provkit.cloud          |
+| metrics.listen                    | ACTIVATION_METRICS_LISTEN                 | - (off; host:port)         |
+| tracing.exporter / otlp_endpoint  | ACTIVATION_TRACING_EXPORTER / _OTLP_ENDPOINT | none (console, otlp)    |
 
 ``cloud.*``: the emulator's connection.json by default (ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE), or the
 DPS / hub connection strings, the CA file and the default hub for real Azure.
@@ -24,13 +26,14 @@ DPS / hub connection strings, the CA file and the default hub for real Azure.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 from provkit.cloud import CloudSettings, load_cloud_settings
 from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ServerSettings
+from provkit.observe import ObserveSettings, observe_settings
 from provkit.settings import SettingsError, SettingsSource, device_id_policy, server_settings
 
 PREFIX = "ACTIVATION"
@@ -48,6 +51,7 @@ class ActivationSettings:
     failure_window: timedelta = timedelta(minutes=15)
     log_level: str = "INFO"
     device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID
+    observe: ObserveSettings = field(default_factory=ObserveSettings)  # /metrics, traces: off by default
 
     @property
     def audit_path(self) -> Path:
@@ -75,4 +79,5 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         failure_window=timedelta(seconds=window),
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),
         device_ids=device_id_policy(source),
+        observe=observe_settings(source),
     )

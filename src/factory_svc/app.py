@@ -8,13 +8,16 @@ Data directory layout (``FactorySettings.data_dir``)::
         root-ca.pem         ECDSA P-384 root, 20 years       root-ca.key     (0600)
         issuing-ca.pem      ECDSA P-256 issuing CA, 10 years issuing-ca.key  (0600)
 
-API: ``async FactoryApp.open(settings, clock=now_utc)``, ``.bindings() -> list[ServiceBinding]``,
-``async .close()``; ``async run_server(settings)`` (serve until SIGINT/SIGTERM).
+API: ``async FactoryApp.open(settings, clock=now_utc, observe=None)``, ``.bindings()``,
+``async .start()`` (the gRPC server, and ``/metrics`` when configured: ``.observe.metrics_url``),
+``async .close()``;
+``async run_server(settings)`` (serve until SIGINT/SIGTERM).  ``observe`` (``provkit.observe``) defaults to
+what ``settings.observe`` asks for.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from factory_svc.ca import Clock, IssuingCA, load_configured_ca, now_utc, open_dev_ca
 from factory_svc.enrollment.runtime import EnrollmentRuntime
@@ -22,7 +25,8 @@ from factory_svc.ledger import SqliteLedger
 from factory_svc.minting import CertificateCatalog, MintingService
 from factory_svc.servicer import FactoryServicer
 from factory_svc.settings import FactorySettings
-from provkit.grpc_server import RunningServer, ServiceBinding, serve, start_server
+from provkit.grpc_server import RunningServer, ServiceBinding, serve_app, start_server
+from provkit.observe import Observability
 
 
 def open_ca(settings: FactorySettings, clock: Clock) -> IssuingCA:
@@ -41,33 +45,56 @@ class FactoryApp:
     minting: MintingService
     catalog: CertificateCatalog
     enrollment: EnrollmentRuntime | None = None
+    observe: Observability = field(default_factory=Observability.off)
+    clock: Clock = now_utc
 
     @classmethod
-    async def open(cls, settings: FactorySettings, clock: Clock = now_utc) -> FactoryApp:
+    async def open(
+        cls, settings: FactorySettings, clock: Clock = now_utc, observe: Observability | None = None
+    ) -> FactoryApp:
+        observe = observe or Observability.open(settings.observe, "factory_svc")
         ca = open_ca(settings, clock)
         ledger = await SqliteLedger.open(settings.ledger_path)
         minting = MintingService(ca, ledger, settings.mint, clock)
         enrollment = None
         if settings.enroll is not None:
-            enrollment = await EnrollmentRuntime.open(settings.enroll, ca.chain, settings.data_dir, clock)
-        return cls(settings, ca, ledger, minting, CertificateCatalog(ledger), enrollment)
+            enrollment = await EnrollmentRuntime.open(
+                settings.enroll, ca.chain, settings.data_dir, clock, observer=observe.cloud_calls("dps")
+            )
+        return cls(settings, ca, ledger, minting, CertificateCatalog(ledger), enrollment, observe, clock)
 
     def bindings(self) -> list[ServiceBinding]:
         service = self.enrollment.service if self.enrollment is not None else None
-        return [FactoryServicer(self.minting, self.catalog, service, self.settings.device_ids).binding()]
+        return [FactoryServicer(
+            self.minting, self.catalog, service, self.settings.device_ids, self.observe.metrics
+        ).binding()]
+
+    async def _outbox_gauges(self) -> None:
+        if self.enrollment is None:
+            return
+        outbox = self.enrollment.outbox
+        depth = await outbox.pending_count()
+        oldest = await outbox.oldest_pending() if depth else None
+        age = (self.clock() - oldest.queued_at).total_seconds() if oldest is not None else 0.0
+        self.observe.metrics.outbox(depth, age)
 
     async def start(self) -> RunningServer:
-        return await start_server(self.settings.server, self.bindings(), refusals=self.ledger)
+        """``/metrics`` (when configured: ``.observe.metrics_url``), then the gRPC server."""
+        await self.observe.start_endpoint(refresh=[self._outbox_gauges])
+        return await start_server(
+            self.settings.server,
+            self.bindings(),
+            refusals=self.ledger,
+            metrics=self.observe.metrics,
+            interceptors=self.observe.server_interceptors(),
+        )
 
     async def close(self) -> None:
         if self.enrollment is not None:
             await self.enrollment.close()
         await self.ledger.close()
+        await self.observe.shutdown()
 
 
 async def run_server(settings: FactorySettings) -> None:
-    app = await FactoryApp.open(settings)
-    try:
-        await serve(settings.server, app.bindings(), refusals=app.ledger)
-    finally:
-        await app.close()
+    await serve_app(await FactoryApp.open(settings))

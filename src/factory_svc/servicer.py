@@ -1,4 +1,5 @@
-"""FactoryService over gRPC: convert the proto request, call the domain, convert the result.
+"""FactoryService over gRPC: convert the proto request, call the domain, convert the result, count it
+(``provkit.metrics``: certificates minted by key source and key type; enrollments by outcome).
 
 ``FactoryServicer`` holds the domain services (minting, the certificate catalog and, when configured,
 enrollment, whose RPCs come from ``EnrollmentRpcs``) and has one thin method per RPC; the server builder
@@ -23,6 +24,7 @@ from factory_svc.model import CsrKey, IssuedCertificate, KeySource, MintRequest,
 from provkit.context import current_caller
 from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.grpc_server import ServiceBinding, binding
+from provkit.metrics import NO_METRICS, SuiteMetrics
 
 KEY_TYPE_TO_PROTO = {
     KeyType.EC_P256: pb.KEY_TYPE_EC_P256,
@@ -97,17 +99,22 @@ class FactoryServicer(EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
         catalog: CertificateCatalog,
         enrollment: EnrollmentService | None = None,
         device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID,
+        metrics: SuiteMetrics = NO_METRICS,
     ) -> None:
         self._device_ids = device_ids  # checked here, at the boundary (EnrollmentRpcs too)
         self._minting = minting
         self._catalog = catalog
         self._enrollment = enrollment  # Enroll / EnrollBatch / GetEnrollmentStatus (EnrollmentRpcs)
+        self._metrics = metrics
 
     async def MintCertificate(
         self, request: pb.MintCertificateRequest, context: grpc.aio.ServicerContext
     ) -> pb.MintCertificateResponse:
         check_device_id(request.device_id, self._device_ids)
         result = await self._minting.mint(mint_request_from_proto(request, str(current_caller())))
+        if not result.replayed:
+            issued = result.certificate
+            self._metrics.minted(issued.key_source.value, issued.key_type.value)
         return pb.MintCertificateResponse(
             certificate=certificate_to_proto(result.certificate),
             private_key_pem=(result.private_key_pem or b"").decode(),

@@ -17,6 +17,8 @@
 | mint.default_validity_days    | FACTORY_MINT_DEFAULT_VALIDITY_DAYS | 365                      |
 | device_ids                    | FACTORY_DEVICE_IDS                | guid (see provkit.device_id) |
 | enroll.*, cloud.*             | FACTORY_ENROLL_*, FACTORY_CLOUD_*  | see factory_svc.enrollment.runtime |
+| metrics.listen                | FACTORY_METRICS_LISTEN            | - (off; host:port serves /metrics) |
+| tracing.exporter / otlp_endpoint | FACTORY_TRACING_EXPORTER / _OTLP_ENDPOINT | none (console, otlp) |
 
 The TOML file is given with ``--config FILE`` or ``FACTORY_CONFIG``.
 """
@@ -24,7 +26,7 @@ The TOML file is given with ``--config FILE`` or ``FACTORY_CONFIG``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from factory_svc.errors import ERROR_DOMAIN
 from factory_svc.minting import MintPolicy
 from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ServerSettings
+from provkit.observe import ObserveSettings, observe_settings
 from provkit.settings import Secret, SettingsError, SettingsSource, device_id_policy, server_settings
 
 PREFIX = "FACTORY"
@@ -55,6 +58,7 @@ class FactorySettings:
     log_level: str = "INFO"
     enroll: EnrollSettings | None = None  # None: no DPS configured (Enroll answers FAILED_PRECONDITION)
     device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID
+    observe: ObserveSettings = field(default_factory=ObserveSettings)  # /metrics, traces: off by default
 
     @property
     def ledger_path(self) -> Path:
@@ -83,4 +87,5 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),
         enroll=load_enroll_settings(source),
         device_ids=device_id_policy(source),
+        observe=observe_settings(source),
     )

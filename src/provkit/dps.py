@@ -11,6 +11,8 @@ Open it inside the event loop that uses it (``await DpsEnrollments.open(config)`
 - azure-core's per-request HTTP log is turned down to WARNING (it logs every call at INFO).
 - HTTP statuses map to ``CloudNotFound`` (404), ``CloudAlreadyExists`` (409), ``CloudEtagMismatch`` (412),
   ``CloudRejected`` (other 4xx); a bulk operation's per-record error codes (409xxx etc.) the same way.
+- Each SDK call runs inside ``provkit.cloud_calls.CallObserver.call`` (a span, a latency, an outcome);
+  every 429 answer the SDK sees (its retries too) is counted through the client's raw response hook.
 - The ports take and return ``provkit.cloud.Enrollment``; the JSON is ``provkit.dps_json``'s business.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Sequence
+from typing import Any
 
 import aiohttp
 from azure.core.exceptions import (
@@ -42,6 +45,7 @@ from provkit.cloud import (
     Enrollment,
     RegistrationState,
 )
+from provkit.cloud_calls import CallObserver
 from provkit.dps_json import (
     bulk_errors_from_json,
     enrollment_from_json,
@@ -96,12 +100,20 @@ def translate(exc: AzureError, what: str) -> CloudError:
 class DpsEnrollments:
     """Individual enrollments and registration states of one DPS instance."""
 
-    def __init__(self, client: DeviceProvisioningClient, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        client: DeviceProvisioningClient,
+        session: aiohttp.ClientSession,
+        observer: CallObserver | None = None,
+    ) -> None:
         self._client = client
         self._session = session
+        self._observer = observer or CallObserver("dps")
 
     @classmethod
-    async def open(cls, config: DpsConfig, *, pool_size: int = 8) -> DpsEnrollments:
+    async def open(
+        cls, config: DpsConfig, *, pool_size: int = 8, observer: CallObserver | None = None
+    ) -> DpsEnrollments:
         """One aiohttp session (keep-alive) for every call.  ``pool_size`` caps the open connections: more
         requests than that wait for a free connection instead of paying a new TLS handshake on both sides
         (the service is one event loop; a few connections already keep it busy)."""
@@ -112,6 +124,12 @@ class DpsEnrollments:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.timeout_seconds),
         )
         transport = AioHttpTransport(session=session, session_owner=False)
+        observer = observer or CallObserver("dps")
+
+        def seen(response: Any) -> None:  # every attempt, the SDK's own retries included
+            if response.http_response.status_code == 429:
+                observer.throttled()
+
         client = DeviceProvisioningClient.from_connection_string(
             config.connection_string.reveal(),
             transport=transport,
@@ -120,42 +138,46 @@ class DpsEnrollments:
             retry_backoff_factor=0.2,
             retry_backoff_max=config.retry_backoff_max,
             connection_timeout=config.timeout_seconds,
+            raw_response_hook=seen,
         )
-        return cls(client, session)
+        return cls(client, session, observer)
 
     async def close(self) -> None:
         await self._client.close()
         await self._session.close()
 
     async def get(self, registration_id: str) -> Enrollment | None:
-        try:
-            body = await self._client.enrollment.get(id=registration_id)
-        except HttpResponseError as exc:
-            if exc.status_code == 404:
-                return None
-            raise translate(exc, "get enrollment") from exc
-        except AzureError as exc:
-            raise translate(exc, "get enrollment") from exc
+        async with self._observer.call("get_enrollment"):
+            try:
+                body = await self._client.enrollment.get(id=registration_id)
+            except HttpResponseError as exc:
+                if exc.status_code == 404:
+                    return None
+                raise translate(exc, "get enrollment") from exc
+            except AzureError as exc:
+                raise translate(exc, "get enrollment") from exc
         return enrollment_from_json(body, registration_id)
 
     async def create(self, enrollment: Enrollment) -> Enrollment:
-        try:
-            created = await self._client.enrollment.create_or_update(
-                id=enrollment.registration_id, enrollment=enrollment_to_json(enrollment)
-            )
-        except AzureError as exc:
-            raise translate(exc, "create enrollment") from exc
+        async with self._observer.call("create_enrollment"):
+            try:
+                created = await self._client.enrollment.create_or_update(
+                    id=enrollment.registration_id, enrollment=enrollment_to_json(enrollment)
+                )
+            except AzureError as exc:
+                raise translate(exc, "create enrollment") from exc
         return enrollment_from_json(created, enrollment.registration_id)
 
     async def update(self, enrollment: Enrollment) -> Enrollment:
-        try:
-            updated = await self._client.enrollment.create_or_update(
-                id=enrollment.registration_id,
-                enrollment=enrollment_to_json(enrollment),
-                if_match=enrollment.etag or "*",
-            )
-        except AzureError as exc:
-            raise translate(exc, "update enrollment") from exc
+        async with self._observer.call("update_enrollment"):
+            try:
+                updated = await self._client.enrollment.create_or_update(
+                    id=enrollment.registration_id,
+                    enrollment=enrollment_to_json(enrollment),
+                    if_match=enrollment.etag or "*",
+                )
+            except AzureError as exc:
+                raise translate(exc, "update enrollment") from exc
         return enrollment_from_json(updated, enrollment.registration_id)
 
     async def bulk_create(self, enrollments: Sequence[Enrollment]) -> list[BulkItemError]:
@@ -163,21 +185,22 @@ class DpsEnrollments:
             return []
         if len(enrollments) > MAX_BULK:
             raise ValueError(f"a DPS bulk operation takes at most {MAX_BULK} enrollments")
-        try:
-            result = await self._client.enrollment.run_bulk_operation(
-                bulk_operation={"mode": "create", "enrollments": [enrollment_to_json(e) for e in enrollments]}
-            )
-        except AzureError as exc:
-            raise translate(exc, "bulk create enrollments") from exc
+        operation = {"mode": "create", "enrollments": [enrollment_to_json(e) for e in enrollments]}
+        async with self._observer.call("bulk_create_enrollments"):
+            try:
+                result = await self._client.enrollment.run_bulk_operation(bulk_operation=operation)
+            except AzureError as exc:
+                raise translate(exc, "bulk create enrollments") from exc
         return bulk_errors_from_json(result)
 
     async def get_registration(self, registration_id: str) -> RegistrationState | None:
-        try:
-            body = await self._client.device_registration_state.get(id=registration_id)
-        except HttpResponseError as exc:
-            if exc.status_code == 404:
-                return None
-            raise translate(exc, "get registration state") from exc
-        except AzureError as exc:
-            raise translate(exc, "get registration state") from exc
+        async with self._observer.call("get_registration"):
+            try:
+                body = await self._client.device_registration_state.get(id=registration_id)
+            except HttpResponseError as exc:
+                if exc.status_code == 404:
+                    return None
+                raise translate(exc, "get registration state") from exc
+            except AzureError as exc:
+                raise translate(exc, "get registration state") from exc
         return registration_state_from_json(body or {})

@@ -17,13 +17,16 @@ API
 ``ServiceBinding(name, servicer, add_to_server)``; ``binding(servicer, add_fn, service_descriptor)``
                                what to serve (the generated ``add_XServicer_to_server`` and the
                                ``DESCRIPTOR.services_by_name[...]`` of the pb2 module).
-``async start_server(settings, services, *, policy=SUITE_POLICY, refusals=None) -> RunningServer``
+``async start_server(settings, services, *, policy=SUITE_POLICY, refusals=None, metrics=NO_METRICS,
+                   interceptors=()) -> RunningServer``
                                binds and starts; ``.port``, ``.address``,
                                ``.health`` (grpc_health aio servicer), ``async .stop(grace=None)``.
-``async serve(settings, services, *, on_started=None, policy=SUITE_POLICY, refusals=None) -> None``
+``async serve(settings, services, *, on_started=None, **same keywords as start_server) -> None``
                                start, then wait for SIGINT/SIGTERM and
                                stop gracefully (health NOT_SERVING, no new RPCs, in-flight finish within
                                ``grace_seconds``).
+``async serve_app(app)``       the same for a ``ServedApp`` (``async start() -> RunningServer``,
+                               ``async close()``): what the services' ``run_server`` use.
 ``ServerConfigError``          a settings problem (insecure non-loopback bind, missing files...).
 
 Handlers are plain async servicer methods: they raise ``provkit.errors.DomainError`` (mapped by
@@ -41,6 +44,11 @@ Every call of a registered service goes through one gate before its servicer run
    not list at all, is PERMISSION_DENIED ``CALLER_NOT_AUTHORIZED``.
 
 A refusal changes nothing, is logged with the caller and handed to ``refusals`` (the service's audit).
+
+The same wrapper reports each call to ``metrics`` (``provkit.metrics.RpcMetrics``): its status code and
+latency, and every refusal under its ``ErrorInfo.reason``, streaming calls included.  ``interceptors``
+(OpenTelemetry's server interceptor when tracing is on, see ``provkit.observe``) run before the wrapper,
+so the call's span is current in its log lines; with none configured there is no per-call layer.
 """
 
 from __future__ import annotations
@@ -51,11 +59,12 @@ import inspect
 import ipaddress
 import logging
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -64,7 +73,8 @@ from grpc_reflection.v1alpha import reflection
 from provkit.authz import SUITE_POLICY, AccessPolicy, Refusal, RefusalLog, is_open
 from provkit.context import Caller, CallerIdentity, Role, request_scope
 from provkit.errors import DomainError, Unauthenticated
-from provkit.grpc_errors import internal_status, to_grpc_status
+from provkit.grpc_errors import STATUS_BY_KIND, internal_status, to_grpc_status
+from provkit.metrics import NO_METRICS, RpcMetrics
 from provkit.parties import (
     UnrecognisedIdentity,
     caller_from_certificate,
@@ -205,11 +215,13 @@ class _HandlerWrapper:
         resolver: _CallerResolver,
         policy: AccessPolicy,
         refusals: RefusalLog | None,
+        metrics: RpcMetrics = NO_METRICS,
     ) -> None:
         self._domain = domain
         self._resolver = resolver
         self._policy = policy
         self._refusals = refusals
+        self._metrics = metrics
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if is_open(method):
@@ -251,6 +263,7 @@ class _HandlerWrapper:
                     "request_id": request_id,
                 },
             )
+            self._metrics.refused(method, exc.reason)
             await self._audit_refusal(
                 Refusal(
                     datetime.now(UTC),
@@ -288,41 +301,95 @@ class _HandlerWrapper:
                     "request_id": request_id,
                 },
             )
+            self._metrics.refused(method, exc.reason)
             await context.abort_with_status(to_grpc_status(exc, self._domain, request_id=request_id))
         log.error(
             "unexpected error in %s", method, exc_info=exc, extra={"method": method, "request_id": request_id}
         )
         await context.abort_with_status(internal_status(request_id, self._domain))
 
+    def _finished(self, method: str, started: float, error: BaseException | None) -> None:
+        """One RPC's status code and latency (the code the error table gives a domain error)."""
+        if error is None:
+            code = grpc.StatusCode.OK
+        elif isinstance(error, DomainError):
+            code = STATUS_BY_KIND[error.kind]
+        elif isinstance(error, _Aborted):
+            code = error.code
+        elif isinstance(error, asyncio.CancelledError):
+            code = grpc.StatusCode.CANCELLED
+        else:
+            code = grpc.StatusCode.INTERNAL
+        self._metrics.rpc_handled(method, code.name, time.perf_counter() - started)
+
     def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            request_id, caller = await self._enter(context, method, request)
-            with request_scope(request_id, caller):
-                try:
-                    result = behavior(request, context)
-                    if inspect.isawaitable(result):
-                        result = await result
-                    return result
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as exc:
-                    await self._fail(context, exc, request_id, method)
+            started = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                request_id, caller = await self._enter(context, method, request)
+                with request_scope(request_id, caller):
+                    try:
+                        result = behavior(request, context)
+                        if inspect.isawaitable(result):
+                            result = await result
+                        return result
+                    except (asyncio.CancelledError, grpc.aio.AbortError):
+                        raise
+                    except Exception as exc:
+                        error = exc
+                        await self._fail(context, exc, request_id, method)
+            except grpc.aio.AbortError as exc:
+                error = error or _aborted(context, exc)
+                raise
+            except asyncio.CancelledError as exc:
+                error = exc
+                raise
+            finally:
+                self._finished(method, started, error)
 
         return wrapped
 
     def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            request_id, caller = await self._enter(context, method, request)
-            with request_scope(request_id, caller):
-                try:
-                    async for item in behavior(request, context):
-                        yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as exc:
-                    await self._fail(context, exc, request_id, method)
+            started = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                request_id, caller = await self._enter(context, method, request)
+                with request_scope(request_id, caller):
+                    try:
+                        async for item in behavior(request, context):
+                            yield item
+                    except (asyncio.CancelledError, grpc.aio.AbortError):
+                        raise
+                    except Exception as exc:
+                        error = exc
+                        await self._fail(context, exc, request_id, method)
+            except grpc.aio.AbortError as exc:
+                error = error or _aborted(context, exc)
+                raise
+            except (asyncio.CancelledError, GeneratorExit) as exc:
+                error = asyncio.CancelledError() if isinstance(exc, GeneratorExit) else exc
+                raise
+            finally:
+                self._finished(method, started, error)
 
         return wrapped
+
+
+class _Aborted(Exception):
+    """An abort that did not come from the error table (the gate's refusal, or a servicer's own abort)."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        super().__init__(code.name)
+        self.code = code
+
+
+def _aborted(context: grpc.aio.ServicerContext, exc: grpc.aio.AbortError) -> BaseException:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return _Aborted(code)
+    return exc
 
 
 def _refusing_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
@@ -435,11 +502,15 @@ async def start_server(
     *,
     policy: AccessPolicy = SUITE_POLICY,
     refusals: RefusalLog | None = None,
+    metrics: RpcMetrics = NO_METRICS,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
     check_settings(settings)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *settings.options])
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 0), *settings.options], interceptors=list(interceptors) or None
+    )
     resolver = _CallerResolver(settings.insecure_identity)
-    wrapper = _HandlerWrapper(settings.error_domain, resolver, policy, refusals)
+    wrapper = _HandlerWrapper(settings.error_domain, resolver, policy, refusals, metrics)
     registering = _RegisteringServer(server, wrapper)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -480,11 +551,35 @@ async def serve(
     on_started: Callable[[RunningServer], None] | None = None,
     policy: AccessPolicy = SUITE_POLICY,
     refusals: RefusalLog | None = None,
+    metrics: RpcMetrics = NO_METRICS,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> None:
-    running = await start_server(settings, services, policy=policy, refusals=refusals)
+    running = await start_server(
+        settings, services, policy=policy, refusals=refusals, metrics=metrics, interceptors=interceptors
+    )
     if on_started is not None:
         on_started(running)
     await wait_for_stop_signal()
     log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
     await running.stop()
     log.info("stopped")
+
+
+class ServedApp(Protocol):
+    """A service assembly: ``start()`` binds its server (and its side endpoints), ``close()`` frees it all."""
+
+    async def start(self) -> RunningServer: ...
+
+    async def close(self) -> None: ...
+
+
+async def serve_app(app: ServedApp) -> None:
+    """Start ``app``, wait for SIGINT/SIGTERM, stop gracefully (in-flight calls finish), then close it."""
+    try:
+        running = await app.start()
+        await wait_for_stop_signal()
+        log.info("shutting down", extra={"grace_seconds": running.grace_seconds})
+        await running.stop()
+        log.info("stopped")
+    finally:
+        await app.close()

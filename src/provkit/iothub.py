@@ -6,6 +6,8 @@ and the twin JSON stay here).  ``IoTHubRegistryManager`` is synchronous (request
 runs in a worker thread (``asyncio.to_thread``); the event loop never blocks on it.  One manager per hub,
 created lazily in the worker thread and reused (the SDK's HTTP session is not shared between hubs).
 
+Each call runs inside ``provkit.cloud_calls.CallObserver.call`` (a span with the hub name, a latency, an
+outcome; a 429 is counted as throttling).
 HTTP failures map to ``CloudNotFound`` (404), ``CloudEtagMismatch`` (412), ``CloudUnavailable`` (429,
 5xx, connection errors), ``CloudRejected`` (other 4xx).
 """
@@ -34,6 +36,7 @@ from provkit.cloud import (
     TwinDocument,
     TwinPatch,
 )
+from provkit.cloud_calls import CallObserver
 
 T = TypeVar("T")
 
@@ -62,7 +65,10 @@ def _strip_meta(section: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 class HubRegistries:
-    def __init__(self, hubs: Sequence[HubConfig], ca_file: Path | None = None) -> None:
+    def __init__(
+        self, hubs: Sequence[HubConfig], ca_file: Path | None = None, observer: CallObserver | None = None
+    ) -> None:
+        self._observer = observer or CallObserver("hub")
         self._hubs = {h.host_name.lower(): h for h in hubs}
         self._ca_file = ca_file
         self._managers: dict[str, IoTHubRegistryManager] = {}
@@ -90,7 +96,13 @@ class HubRegistries:
             except (HttpOperationError, ClientRequestError, OSError) as exc:
                 raise translate(exc, what) from exc
 
-        return await asyncio.to_thread(run)
+        async with self._observer.call(what.replace(" ", "_"), **{"devprov.hub": hub.lower()}):
+            try:
+                return await asyncio.to_thread(run)
+            except CloudUnavailable as exc:
+                if exc.status == 429:
+                    self._observer.throttled()
+                raise
 
     async def get_device(self, hub: str, device_id: str) -> HubDevice | None:
         try:

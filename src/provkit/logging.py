@@ -4,7 +4,8 @@ API
 ---
 ``configure_logging(level="INFO", *, json_lines=None, stream=None) -> None``
     Installs one handler on the root logger.  ``json_lines=None`` picks JSON when ``stream`` is not a TTY.
-    Every record carries ``request_id`` and ``device_id`` from ``provkit.context``; extra fields passed as
+    Every record carries ``request_id`` and ``device_id`` from ``provkit.context`` and, while a trace is
+    recorded (``provkit.observe``), the OpenTelemetry ``trace_id`` (32 hex digits); extra fields passed as
     ``logger.info("minted", extra={"serial": ...})`` are included.  Never log keys, CSRs, tokens or secrets.
 ``JsonFormatter``, ``TextFormatter``   the two formatters (usable with any handler).
 """
@@ -17,9 +18,12 @@ import sys
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from opentelemetry import trace
+
 from provkit.context import current_device_id, current_request_id
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_CONTEXT = ("request_id", "device_id", "trace_id")
 
 
 class _ContextFilter(logging.Filter):
@@ -28,12 +32,20 @@ class _ContextFilter(logging.Filter):
             record.request_id = current_request_id()
         if not getattr(record, "device_id", None):
             record.device_id = current_device_id()
+        if not getattr(record, "trace_id", None):
+            record.trace_id = current_trace_id()
         return True
+
+
+def current_trace_id() -> str:
+    """The current span's trace id (32 hex digits), or "" when no trace is being recorded."""
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else ""
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {
-        k: v for k, v in vars(record).items() if k not in _STANDARD and k not in ("request_id", "device_id")
+        k: v for k, v in vars(record).items() if k not in _STANDARD and k not in _CONTEXT
     }
 
 
@@ -45,7 +57,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("request_id", "device_id"):
+        for key in _CONTEXT:
             value = getattr(record, key, "")
             if value:
                 entry[key] = value
@@ -59,7 +71,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S.%f")[:-3]
         parts = [f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"]
-        context = {k: getattr(record, k, "") for k in ("request_id", "device_id")}
+        context = {k: getattr(record, k, "") for k in _CONTEXT}
         context.update(_extras(record))
         fields = " ".join(f"{k}={v}" for k, v in context.items() if v not in ("", None))
         if fields:

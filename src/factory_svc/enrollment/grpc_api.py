@@ -29,7 +29,8 @@ from factory_svc.enrollment.model import (
 from factory_svc.enrollment.service import EnrollmentService
 from provkit.context import current_caller
 from provkit.device_id import DeviceIdPolicy, check_device_id
-from provkit.errors import FailedPrecondition, InvalidArgument
+from provkit.errors import DomainError, FailedPrecondition, InvalidArgument
+from provkit.metrics import SuiteMetrics
 
 OUTCOME_TO_PROTO = {
     EnrollOutcome.CREATED: pb.ENROLL_OUTCOME_CREATED,
@@ -112,9 +113,19 @@ def status_to_proto(status: EnrollmentStatus) -> pb.GetEnrollmentStatusResponse:
     return reply
 
 
+def count_enrollment(metrics: SuiteMetrics, result: EnrollResult) -> None:
+    if result.replayed:
+        metrics.enrolled("replayed")
+        return
+    metrics.enrolled(result.outcome.value)
+    if result.outcome is EnrollOutcome.REPLACED:
+        metrics.codes_rotated()  # the enrollment now holds a new code; the earlier one no longer works
+
+
 class EnrollmentRpcs:
     _enrollment: EnrollmentService | None
     _device_ids: DeviceIdPolicy
+    _metrics: SuiteMetrics
 
     def _service(self) -> EnrollmentService:
         if self._enrollment is None:
@@ -124,18 +135,23 @@ class EnrollmentRpcs:
         return self._enrollment
 
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
-        device_id = check_device_id(request.device_id, self._device_ids)
-        result = await self._service().enroll(
-            EnrollRequest(
-                device_id,
-                request.certificate_pem,
-                request.replace,
-                request.request_id,
-                request.owner_oem,
-                request.replace_reason,
-                current_caller(),
+        try:
+            device_id = check_device_id(request.device_id, self._device_ids)
+            result = await self._service().enroll(
+                EnrollRequest(
+                    device_id,
+                    request.certificate_pem,
+                    request.replace,
+                    request.request_id,
+                    request.owner_oem,
+                    request.replace_reason,
+                    current_caller(),
+                )
             )
-        )
+        except DomainError:
+            self._metrics.enrolled("refused")
+            raise
+        count_enrollment(self._metrics, result)
         return result_to_proto(result)
 
     async def EnrollBatch(
@@ -171,6 +187,13 @@ class EnrollmentRpcs:
         if accepted or not refused:  # an empty batch is the domain's to refuse
             batch = await service.enroll_batch([r for _, r in accepted], request.request_id)
         items = [replace(item, index=accepted[item.index][0]) for item in batch.items] + refused
+        if batch.replayed:
+            self._metrics.enrolled("replayed", len(items))
+        for item in items if not batch.replayed else ():
+            if item.result is not None:
+                count_enrollment(self._metrics, item.result)
+            else:
+                self._metrics.enrolled("refused")
         return batch_to_proto(BatchResult(tuple(sorted(items, key=lambda i: i.index)), batch.replayed))
 
     async def TransferOwnership(

@@ -30,6 +30,7 @@ from factory_svc.enrollment.outbox import Outbox
 from factory_svc.enrollment.service import EnrollmentService
 from provkit.activation_code import DEFAULT_LOG2_N
 from provkit.cloud import CloudNotConfigured, CloudSettings, load_cloud_settings
+from provkit.cloud_calls import CallObserver
 from provkit.settings import SettingsError, SettingsSource
 
 
@@ -77,10 +78,12 @@ class EnrollmentRuntime:
         ca_chain: Sequence[x509.Certificate],
         data_dir: Path,
         clock: Callable[[], datetime],
+        *,
+        observer: CallObserver | None = None,
     ) -> EnrollmentRuntime:
         from provkit.dps import DpsEnrollments
 
-        dps = await DpsEnrollments.open(settings.cloud.dps)
+        dps = await DpsEnrollments.open(settings.cloud.dps, observer=observer)
         outbox = await Outbox.open(data_dir / "enrollments.sqlite3")
         lint = lint_policy_from_chain(ca_chain, settings.policy.min_remaining_validity)
         service = EnrollmentService(dps, outbox, lint, settings.policy, clock)

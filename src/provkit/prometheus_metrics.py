@@ -1,0 +1,139 @@
+"""The Prometheus adapter of ``provkit.metrics``: counters, histograms and gauges on one registry.
+
+``PrometheusMetrics(registry=None)`` implements ``provkit.metrics.SuiteMetrics`` on its own
+``prometheus_client.CollectorRegistry`` (one per program, so two services in one process never share a
+series).  The names (all label values are closed sets; never a device id):
+
+| metric                                          | labels                          |
+|-------------------------------------------------|---------------------------------|
+| ``grpc_server_handled_total``                   | grpc_service, grpc_method, grpc_code |
+| ``grpc_server_handling_seconds`` (histogram)    | grpc_service, grpc_method       |
+| ``devprov_refusals_total``                      | grpc_method, reason (ErrorInfo.reason) |
+| ``devprov_certificates_minted_total``           | mode (csr, server-generated), key_type |
+| ``devprov_enrollments_total``                   | outcome (created, unchanged, replaced, queued,  |
+|                                                 | replayed, refused)              |
+| ``devprov_activations_total``                   | outcome (enrollment, enrollment_and_hub_twin,   |
+|                                                 | unchanged, replayed, refused)   |
+| ``devprov_activation_codes_rotated_total``      | -                               |
+| ``devprov_certificates_revoked_total``          | -                               |
+| ``devprov_outbox_depth``                        | - (pending enrollments)         |
+| ``devprov_outbox_oldest_age_seconds``           | - (0 when empty)                |
+| ``devprov_cloud_calls_total``                   | service (dps, hub), operation, outcome |
+| ``devprov_cloud_call_seconds`` (histogram)      | service, operation              |
+| ``devprov_cloud_throttled_total``               | service (every 429 seen, retries included) |
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """``/devprov.v1.FactoryService/Enroll`` -> (``devprov.v1.FactoryService``, ``Enroll``)."""
+    service, _, name = method.lstrip("/").partition("/")
+    return service, name
+
+
+class PrometheusMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self._handled = Counter(
+            "grpc_server_handled_total",
+            "RPCs completed on the server, by method and status code.",
+            ["grpc_service", "grpc_method", "grpc_code"],
+            registry=r,
+        )
+        self._handling = Histogram(
+            "grpc_server_handling_seconds",
+            "Time to handle an RPC on the server (caller check, servicer, error mapping).",
+            ["grpc_service", "grpc_method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._refusals = Counter(
+            "devprov_refusals",
+            "Calls refused, by method and google.rpc.ErrorInfo reason.",
+            ["grpc_method", "reason"],
+            registry=r,
+        )
+        self._minted = Counter(
+            "devprov_certificates_minted",
+            "Certificates issued (replays not counted), by key source and key type.",
+            ["mode", "key_type"],
+            registry=r,
+        )
+        self._enrolled = Counter(
+            "devprov_enrollments", "Enrollment answers, by outcome.", ["outcome"], registry=r
+        )
+        self._activated = Counter(
+            "devprov_activations", "Activation answers, by outcome.", ["outcome"], registry=r
+        )
+        self._rotated = Counter(
+            "devprov_activation_codes_rotated", "Activation codes replaced by new ones.", registry=r
+        )
+        self._revoked = Counter("devprov_certificates_revoked", "Certificates revoked.", registry=r)
+        self._outbox_depth = Gauge(
+            "devprov_outbox_depth", "Enrollments waiting in the outbox for DPS.", registry=r
+        )
+        self._outbox_age = Gauge(
+            "devprov_outbox_oldest_age_seconds",
+            "Age of the oldest enrollment waiting in the outbox (0 when none waits).",
+            registry=r,
+        )
+        self._cloud_calls = Counter(
+            "devprov_cloud_calls",
+            "Calls to the DPS and IoT Hub service APIs, by operation and outcome.",
+            ["service", "operation", "outcome"],
+            registry=r,
+        )
+        self._cloud_seconds = Histogram(
+            "devprov_cloud_call_seconds",
+            "Latency of DPS and IoT Hub service API calls (SDK retries included).",
+            ["service", "operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._throttled = Counter(
+            "devprov_cloud_throttled",
+            "HTTP 429 answers seen from DPS or a hub (each retry counts).",
+            ["service"],
+            registry=r,
+        )
+
+    def rpc_handled(self, method: str, code: str, seconds: float) -> None:
+        service, name = split_method(method)
+        self._handled.labels(service, name, code).inc()
+        self._handling.labels(service, name).observe(seconds)
+
+    def refused(self, method: str, reason: str) -> None:
+        self._refusals.labels(split_method(method)[1], reason).inc()
+
+    def minted(self, mode: str, key_type: str) -> None:
+        self._minted.labels(mode, key_type).inc()
+
+    def enrolled(self, outcome: str, count: int = 1) -> None:
+        if count:
+            self._enrolled.labels(outcome).inc(count)
+
+    def activated(self, outcome: str) -> None:
+        self._activated.labels(outcome).inc()
+
+    def codes_rotated(self, count: int = 1) -> None:
+        self._rotated.inc(count)
+
+    def revoked(self, count: int = 1) -> None:
+        self._revoked.inc(count)
+
+    def outbox(self, depth: int, oldest_age_seconds: float) -> None:
+        self._outbox_depth.set(depth)
+        self._outbox_age.set(max(0.0, oldest_age_seconds))
+
+    def cloud_call(self, service: str, operation: str, outcome: str, seconds: float) -> None:
+        self._cloud_calls.labels(service, operation, outcome).inc()
+        self._cloud_seconds.labels(service, operation).observe(seconds)
+
+    def throttled(self, service: str) -> None:
+        self._throttled.labels(service).inc()
