@@ -27,6 +27,7 @@ from azure_iot_emulator.config import EmulatorConfig, listen_address
 from azure_iot_emulator.dps.part import DpsPart
 from azure_iot_emulator.https import HttpsListener
 from azure_iot_emulator.hub.part import HubPart
+from azure_iot_emulator.metrics import EmulatorMetrics
 from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.endpoint import Endpoint
 from azure_iot_emulator.mqtt.tls import server_context, start_listener
@@ -124,6 +125,8 @@ class Emulator:
         self.https_routes: dict[str, list[web.RouteDef]] = {}
         self._https: list[HttpsListener] = []
         self.connection: dict[str, Any] = {}
+        self.metrics = EmulatorMetrics()
+        self.metrics_url = ""
 
     # ---------------------------------------------------------------------------------------- parts
     def _build_parts(self) -> None:
@@ -132,6 +135,7 @@ class Emulator:
         self.hub = HubPart(
             db, cfg.hub_hosts, self.clock, service_keys=lambda host: {HUB_POLICY: keys.hub_key(host)},
             d2c_quota=hub_d2c(cfg.hub_tier) if cfg.azure_quotas else None,
+            metrics=self.metrics,
         )
         self.dps = DpsPart(
             db,
@@ -143,6 +147,7 @@ class Emulator:
             assignment_delay=cfg.assignment_delay,
             names=(cfg.dps_host, listen_address(cfg.dps_host)),
             azure_quotas=cfg.azure_quotas,
+            metrics=self.metrics,
         )
         self.endpoints = [self.dps.endpoint, *self.hub.endpoints]
         dps_address = listen_address(cfg.dps_host)
@@ -170,8 +175,11 @@ class Emulator:
         self.broker = Broker(self.db, self.endpoints, max_packet_size=cfg.max_packet_size)
         for routes in self.https_routes.values():  # MQTT over WebSockets on 443 of every host
             routes.append(websocket_route(self.broker))
+        self._watch(self.broker, self.db.path)
         try:
             await self._listen()
+            if cfg.metrics_listen:
+                self.metrics_url = await self.metrics.serve(cfg.metrics_listen)
         except BaseException:
             await self.stop()
             raise
@@ -217,6 +225,16 @@ class Emulator:
                 raise
             self._https.append(listener)
 
+    def _watch(self, broker: Broker, db_path: Path) -> None:
+        hubs = self.config.hub_hosts
+
+        def connected() -> dict[str, int]:
+            links = broker.links_per_endpoint()
+            return {hub: links.get(hub, 0) for hub in hubs}
+
+        files = [db_path, db_path.with_name(db_path.name + "-wal")]
+        self.metrics.watch(connected, lambda: files)
+
     def _connection_info(self) -> dict[str, Any]:
         cfg, keys = self.config, self.secrets
         assert keys is not None and self.pki is not None
@@ -248,6 +266,7 @@ class Emulator:
             },
             "hubs": hubs,
             "default_hub": cfg.default_hub,
+            **({"metrics_url": self.metrics_url} if self.metrics_url else {}),
         }
 
     def _write_connection_file(self) -> None:
@@ -261,6 +280,7 @@ class Emulator:
             self.config.ready_file.write_text(str(path.resolve()) + "\n")
 
     async def stop(self) -> None:
+        await self.metrics.stop()
         for server in self._mqtt_servers:
             server.close()
         self._mqtt_servers.clear()

@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--hub-tier", help="F1, S1 (default), S2 or S3: the device-to-cloud rate with quotas")
     serve.add_argument("--ready-file", type=Path, help="written with the connection.json path when ready")
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics (off)")
     serve.set_defaults(func=run_serve)
     hub_cli.add_commands(sub, DEFAULT_DATA_DIR)
     return parser
@@ -79,6 +80,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 "hub_rest_port": args.hub_rest_port,
                 "ready_file": args.ready_file,
                 "log_level": args.log_level,
+                "metrics_listen": args.metrics_listen,
             },
         )
     except (ValueError, OSError) as exc:
@@ -130,6 +132,8 @@ def _print_summary(info: dict, data_dir: Path) -> None:
     ]
     for hub in info["hubs"]:
         lines.append(f"  IoT hub:             {hub['host_name']} (service {hub['rest_endpoint']})")
+    if info.get("metrics_url"):
+        lines.append(f"  Metrics:             {info['metrics_url']}")
     lines.append(f"  Connection strings (with keys): {(data_dir / 'connection.json').resolve()}")
     print("\n".join(lines), flush=True)
 

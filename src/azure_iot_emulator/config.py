@@ -41,6 +41,7 @@ class EmulatorConfig:
     ready_file: Path | None = None
     max_packet_size: int = 512 * 1024
     log_level: str = "INFO"
+    metrics_listen: str = ""  # host:port serving /metrics (off when empty)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validated(self) -> EmulatorConfig:
@@ -109,6 +110,7 @@ _FILE_KEYS = {
     "ready_file": Path,
     "max_packet_size": int,
     "log_level": str,
+    "metrics_listen": str,
 }
 
 

@@ -118,6 +118,7 @@ def _stack_facts(stack: Stack) -> list[tuple[str, str]]:
     ]
     for host in emu.hub_hosts:
         facts.append((f"IoT hub {host}", emu.hub_connection_string(host)))
+    facts += [(f"metrics: {name} (Prometheus)", url) for name, url in stack.config.metrics_urls().items()]
     facts += [
         ("emulator CA (DPS, hubs)", str(emu.ca_path)),
         ("services' TLS CA", str(stack.tls.ca)),

@@ -13,6 +13,9 @@ Everything lives in one work directory::
     logs/           one log file per process
     env.sh          variables that point the CLIs at this stack (``source`` it)
 
+Prometheus ``/metrics`` of the four programs listen on ``metrics_port`` .. ``metrics_port + 3`` (factory,
+activation, portal, emulator; ``StackConfig.metrics_urls()``); ``metrics_port=0`` turns them off.
+
 Each service reads only its own documented settings (FACTORY_*, ACTIVATION_*): the stack is exactly what a
 person would run by hand, started in order, each waited for until it answers.
 
@@ -62,6 +65,7 @@ class StackConfig:
     factory_port: int = 50051
     activation_port: int = 50052
     portal_port: int = 8080
+    metrics_port: int = 9101  # /metrics of the 4 programs (METRICS_PROGRAMS) from here on; 0: off
 
     @property
     def factory_address(self) -> str:
@@ -74,6 +78,18 @@ class StackConfig:
     @property
     def portal_url(self) -> str:
         return f"http://{self.service_host}:{self.portal_port}/"
+
+    def metrics_listen(self, program: str) -> str:
+        """Where ``program`` (one of ``METRICS_PROGRAMS``) serves /metrics; empty when metrics are off."""
+        if not self.metrics_port:
+            return ""
+        return f"{self.service_host}:{self.metrics_port + METRICS_PROGRAMS.index(program)}"
+
+    def metrics_urls(self) -> dict[str, str]:
+        return {p: f"http://{self.metrics_listen(p)}/metrics" for p in METRICS_PROGRAMS if self.metrics_port}
+
+
+METRICS_PROGRAMS = ("factory", "activation", "portal", "emulator")
 
 
 # file name -> (role, tenant, who uses it) of the parties the stack starts or points the CLIs at
@@ -135,6 +151,9 @@ class Stack:
             dps_rest_port=config.dps_rest_port,
             hub_rest_port=config.hub_rest_port,
             log_path=self.logs / "emulator.log",
+            extra_args=(
+                ["--metrics-listen", config.metrics_listen("emulator")] if config.metrics_port else []
+            ),
         )
         self._services: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -190,6 +209,7 @@ class Stack:
             f"{prefix}_SERVER_TLS_CERT_FILE": str(self.tls.cert(name)),
             f"{prefix}_SERVER_TLS_KEY_FILE": str(self.tls.key(name)),
             f"{prefix}_SERVER_CLIENT_CA_FILE": str(self.tls.ca),
+            f"{prefix}_METRICS_LISTEN": self.config.metrics_listen(name),
             **extra,
         }
         log = self.logs / f"{name}.log"
@@ -231,6 +251,7 @@ class Stack:
             "ACTIVATION_PORTAL_CERT_FILE": str(self.tls.cert("portal")),
             "ACTIVATION_PORTAL_KEY_FILE": str(self.tls.key("portal")),
             "ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE": connection,
+            "ACTIVATION_PORTAL_METRICS_LISTEN": self.config.metrics_listen("portal"),
         }
         log = self.logs / "portal.log"
         proc = spawn([sys.executable, "-m", "activation_svc", "portal"], log, env)

@@ -7,8 +7,9 @@ API
     when None); ``cert_pem`` + ``key_pem`` present a client certificate (mTLS); ``server_name`` overrides the
     name checked against the server certificate.
 ``ChannelSecurity.from_files(ca_file=None, cert_file=None, key_file=None, server_name=None, insecure=False)``
-``create_channel(target, security, *, options=()) -> grpc.aio.Channel``
-    Create it inside the event loop that uses it.
+``create_channel(target, security, *, options=(), interceptors=()) -> grpc.aio.Channel``
+    Create it inside the event loop that uses it.  ``interceptors``: e.g. OpenTelemetry's client side
+    (``provkit.observe.Observability.client_interceptors()``), so a call carries its trace context.
 ``request_metadata(request_id) -> tuple``   ``(("x-request-id", request_id),)`` for per-call metadata.
 
 For command-line clients: ``add_channel_arguments(parser, target_help=...)`` (--target, --insecure,
@@ -77,17 +78,22 @@ def request_metadata(request_id: str | None) -> tuple[tuple[str, str], ...]:
 
 
 def create_channel(
-    target: str, security: ChannelSecurity, *, options: Sequence[tuple[str, Any]] = ()
+    target: str,
+    security: ChannelSecurity,
+    *,
+    options: Sequence[tuple[str, Any]] = (),
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     opts = list(options)
+    chain = list(interceptors) or None
     if security.insecure:
-        return grpc.aio.insecure_channel(target, options=opts)
+        return grpc.aio.insecure_channel(target, options=opts, interceptors=chain)
     if security.server_name:
         opts.append(("grpc.ssl_target_name_override", security.server_name))
     creds = grpc.ssl_channel_credentials(
         root_certificates=security.ca_pem, private_key=security.key_pem, certificate_chain=security.cert_pem
     )
-    return grpc.aio.secure_channel(target, creds, options=opts)
+    return grpc.aio.secure_channel(target, creds, options=opts, interceptors=chain)
 
 
 def add_channel_arguments(parser: argparse.ArgumentParser, *, target_help: str) -> None:

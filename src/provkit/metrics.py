@@ -10,7 +10,8 @@ API
 ``DomainMetrics``    ``minted(mode, key_type)``, ``enrolled(outcome, count=1)``, ``activated(outcome)``
 ``LifecycleMetrics`` ``codes_rotated(count=1)``, ``revoked(count=1)``, ``outbox(depth, oldest_age_seconds)``
 ``CloudMetrics``     ``cloud_call(service, operation, outcome, seconds)``, ``throttled(service)``
-``SuiteMetrics``     all four (what ``provkit.prometheus_metrics.PrometheusMetrics`` implements)
+``HttpMetrics``      ``http_handled(route, status, seconds)`` (the portal; ``route`` is the route pattern)
+``SuiteMetrics``     all five (what ``provkit.prometheus_metrics.PrometheusMetrics`` implements)
 ``NO_METRICS``       the no-op implementation every component uses unless given another
 """
 
@@ -47,7 +48,11 @@ class CloudMetrics(Protocol):
     def throttled(self, service: str) -> None: ...
 
 
-class SuiteMetrics(RpcMetrics, DomainMetrics, LifecycleMetrics, CloudMetrics, Protocol):
+class HttpMetrics(Protocol):
+    def http_handled(self, route: str, status: int, seconds: float) -> None: ...
+
+
+class SuiteMetrics(RpcMetrics, DomainMetrics, LifecycleMetrics, CloudMetrics, HttpMetrics, Protocol):
     pass
 
 
@@ -82,6 +87,9 @@ class NoMetrics:
         pass
 
     def throttled(self, service: str) -> None:
+        pass
+
+    def http_handled(self, route: str, status: int, seconds: float) -> None:
         pass
 
 

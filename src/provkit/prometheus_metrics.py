@@ -12,7 +12,7 @@ series).  The names (all label values are closed sets; never a device id):
 | ``devprov_certificates_minted_total``           | mode (csr, server-generated), key_type |
 | ``devprov_enrollments_total``                   | outcome (created, unchanged, replaced, queued,  |
 |                                                 | replayed, refused)              |
-| ``devprov_activations_total``                   | outcome (enrollment, enrollment_and_hub_twin,   |
+| ``devprov_activations_total``                   | outcome (enrollment, enrollment+hub-twin,       |
 |                                                 | unchanged, replayed, refused)   |
 | ``devprov_activation_codes_rotated_total``      | -                               |
 | ``devprov_certificates_revoked_total``          | -                               |
@@ -21,6 +21,8 @@ series).  The names (all label values are closed sets; never a device id):
 | ``devprov_cloud_calls_total``                   | service (dps, hub), operation, outcome |
 | ``devprov_cloud_call_seconds`` (histogram)      | service, operation              |
 | ``devprov_cloud_throttled_total``               | service (every 429 seen, retries included) |
+| ``devprov_http_requests_total``                 | route (the pattern), status     |
+| ``devprov_http_request_seconds`` (histogram)    | route                           |
 """
 
 from __future__ import annotations
@@ -103,6 +105,20 @@ class PrometheusMetrics:
             registry=r,
         )
 
+        self._http = Counter(
+            "devprov_http_requests",
+            "Web requests answered, by route pattern and HTTP status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self._http_seconds = Histogram(
+            "devprov_http_request_seconds",
+            "Time to answer a web request, by route pattern.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
     def rpc_handled(self, method: str, code: str, seconds: float) -> None:
         service, name = split_method(method)
         self._handled.labels(service, name, code).inc()
@@ -137,3 +153,7 @@ class PrometheusMetrics:
 
     def throttled(self, service: str) -> None:
         self._throttled.labels(service).inc()
+
+    def http_handled(self, route: str, status: int, seconds: float) -> None:
+        self._http.labels(route, str(status)).inc()
+        self._http_seconds.labels(route).observe(seconds)

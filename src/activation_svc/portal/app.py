@@ -2,10 +2,14 @@
 
 API
 ---
-``create_app(settings, *, stub=None) -> aiohttp.web.Application``
+``create_app(settings, *, stub=None, observe=None) -> aiohttp.web.Application``
     The routes below.  Without ``stub`` the app opens its own channel to ``settings.target`` (with
     ``settings.security``) when it starts, inside its event loop, and closes it on cleanup.
-``async start_portal(settings) -> RunningPortal``   bind and start (``.url``, ``.port``, ``async .stop()``).
+    ``observe`` (``provkit.observe.Observability``, default: what ``settings.observe`` asks for): each
+    request counted by route pattern and status with its latency; with tracing, a server span per request
+    (OpenTelemetry's aiohttp middleware) whose context the gRPC call carries to the service.
+``async start_portal(settings) -> RunningPortal``   bind and start (``.url``, ``.port``, ``.metrics_url``,
+    ``async .stop()``).
 ``async serve(settings, *, on_started=None)``       start, print nothing, wait for SIGINT/SIGTERM, stop.
 
 Wrong activation codes are limited per client address here too (``activation_svc.ratelimit``, over all
@@ -22,10 +26,12 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -41,12 +47,15 @@ from devprov.v1 import activation_service_pb2_grpc as pb_grpc
 from provkit.channels import create_channel, request_metadata
 from provkit.grpc_errors import error_details
 from provkit.grpc_server import ON_BEHALF_OF_HEADER
+from provkit.metrics import HttpMetrics
+from provkit.observe import Observability
 from provkit.signals import wait_for_stop_signal
 
 log = logging.getLogger("activation_svc.portal")
 
 SETTINGS = web.AppKey("settings", PortalSettings)
 STUB = web.AppKey("stub", pb_grpc.ActivationServiceStub)
+OBSERVE = web.AppKey("observe", Observability)
 CSRF = web.AppKey("csrf", Csrf)
 LIMITER = web.AppKey("limiter", AttemptLimiter)
 _ALL_DEVICES = "*"  # the portal's limit is per address over all devices
@@ -308,11 +317,43 @@ async def guard(request: web.Request, handler: Callable[[web.Request], object]) 
         return response
 
 
+def counting(metrics: HttpMetrics) -> Callable[..., Any]:
+    """A middleware counting each answer by route pattern (never the path: it may hold a device id)."""
+
+    @web.middleware
+    async def count(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            info = request.match_info.route.resource
+            route = info.canonical if info is not None else "unmatched"
+            metrics.http_handled(route, status, time.perf_counter() - started)
+
+    return count
+
+
 def create_app(
-    settings: PortalSettings, *, stub: pb_grpc.ActivationServiceStub | None = None
+    settings: PortalSettings,
+    *,
+    stub: pb_grpc.ActivationServiceStub | None = None,
+    observe: Observability | None = None,
 ) -> web.Application:
     settings.check()
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[guard])
+    observe = observe or Observability.open(settings.observe, "activation_portal")
+    middlewares: list[Any] = [counting(observe.metrics), guard]
+    if observe.provider is not None:
+        from opentelemetry.instrumentation.aiohttp_server import create_aiohttp_middleware
+
+        middlewares.insert(0, create_aiohttp_middleware(tracer_provider=observe.provider))
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
+    app[OBSERVE] = observe
     app[SETTINGS] = settings
     app[CSRF] = Csrf(settings.https)
     app[LIMITER] = AttemptLimiter(
@@ -325,7 +366,9 @@ def create_app(
     else:
 
         async def channel_ctx(app: web.Application) -> AsyncIterator[None]:
-            channel = create_channel(settings.target, settings.security)
+            channel = create_channel(
+                settings.target, settings.security, interceptors=observe.client_interceptors()
+            )
             app[STUB] = pb_grpc.ActivationServiceStub(channel)
             try:
                 yield
@@ -360,18 +403,26 @@ class RunningPortal:
     scheme: str
     host: str
     port: int
+    observe: Observability
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return self.observe.metrics_url
+
     async def stop(self) -> None:
         await self.runner.cleanup()
+        await self.observe.shutdown()
 
 
-async def start_portal(settings: PortalSettings) -> RunningPortal:
-    app = create_app(settings)
+async def start_portal(settings: PortalSettings, observe: Observability | None = None) -> RunningPortal:
+    observe = observe or Observability.open(settings.observe, "activation_portal")
+    await observe.start_endpoint()
+    app = create_app(settings, observe=observe)
     context = ssl_context(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
@@ -380,9 +431,10 @@ async def start_portal(settings: PortalSettings) -> RunningPortal:
         await site.start()
     except BaseException:
         await runner.cleanup()
+        await observe.shutdown()
         raise
     port = runner.addresses[0][1] if runner.addresses else settings.port  # port 0: the one chosen
-    running = RunningPortal(runner, "https" if context else "http", settings.host, port)
+    running = RunningPortal(runner, "https" if context else "http", settings.host, port, observe)
     log.info("portal listening", extra={"url": running.url, "target": settings.target})
     return running
 

@@ -18,17 +18,21 @@ host names are kept; the connection strings are dropped at once.
 | max_failures_per_address      | ACTIVATION_PORTAL_MAX_FAILURES_PER_ADDRESS | 5 wrong codes, then back-off  |
 | allowed_hosts                 | ACTIVATION_PORTAL_ALLOWED_HOSTS          | loopback bind: loopback names   |
 | log_level                     | ACTIVATION_PORTAL_LOG_LEVEL              | INFO                            |
+| metrics.listen                | ACTIVATION_PORTAL_METRICS_LISTEN         | - (off; host:port: /metrics)    |
+| tracing.exporter              | ACTIVATION_PORTAL_TRACING_EXPORTER       | none (console, otlp)            |
+| tracing.otlp_endpoint         | ACTIVATION_PORTAL_TRACING_OTLP_ENDPOINT  | -                               |
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from provkit.channels import ChannelSecurity
 from provkit.cloud import CloudNotConfigured, load_cloud_settings
 from provkit.grpc_server import is_loopback_host
+from provkit.observe import ObserveSettings, observe_settings
 from provkit.settings import SettingsError, SettingsSource
 
 PREFIX = "ACTIVATION"
@@ -61,6 +65,7 @@ class PortalSettings:
     max_failures_per_address: int = 5
     allowed_hosts: tuple[str, ...] = ()
     log_level: str = "INFO"
+    observe: ObserveSettings = field(default_factory=ObserveSettings)  # /metrics, traces: off by default
 
     @property
     def https(self) -> bool:
@@ -148,4 +153,5 @@ def load_portal_settings(env: Mapping[str, str] | None = None, config: Path | No
         max_failures_per_address=source.integer(key("max_failures_per_address"), 5),
         allowed_hosts=tuple(h.strip().lower() for h in allowed.split(",") if h.strip()),
         log_level=(source.text(key("log_level"), "INFO") or "INFO").upper(),
+        observe=observe_settings(source, "portal"),
     )

@@ -21,12 +21,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 
 from azure_iot_emulator.dps.errors import DpsError, bad_request, throttled
-from azure_iot_emulator.dps.service import DpsService, operation_id
+from azure_iot_emulator.dps.service import DpsService, RegistrationOutcome, operation_id
 from azure_iot_emulator.quotas import DpsQuotas
 
 MAX_REQUEST_BYTES = 96 * 1024  # Azure DPS: maximum message size
@@ -66,6 +66,10 @@ def parse_register_body(payload: bytes, registration_id: str) -> dict[str, Any]:
     return body
 
 
+class RegistrationMetrics(Protocol):
+    def registration(self, result: str) -> None: ...
+
+
 class Assignments:
     def __init__(
         self,
@@ -74,6 +78,7 @@ class Assignments:
         delay: float | None,
         quotas: DpsQuotas | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        metrics: RegistrationMetrics | None = None,
     ) -> None:
         if delay is not None and delay < 0:
             raise ValueError("assignment delay must be >= 0")
@@ -81,20 +86,36 @@ class Assignments:
         self.delay = delay
         self._quotas = quotas
         self._now = monotonic
+        self._metrics = metrics
         self._operations: collections.OrderedDict[str, _Operation] = collections.OrderedDict()
 
     def register(self, registration_id: str, leaf: x509.Certificate | None) -> Answer:
         """A register request (body already checked with :func:`parse_register_body`).  Refusals are
-        raised as :class:`DpsError` (429 with ``retry_after`` past the registration quota)."""
+        raised as :class:`DpsError` (429 with ``retry_after`` past the registration quota).  Each answer is
+        counted by result (assigned, disabled, failed; refused or throttled)."""
+        try:
+            op, registered = self._register(registration_id, leaf)
+        except DpsError as exc:
+            self._count("throttled" if exc.status == 429 else "refused")
+            raise
+        self._count(str(registered.body.get("status", "unknown")))
+        if self.delay is None:
+            self._keep(op, _Operation(registration_id.lower(), self._now(), registered.body))
+            return Answer(registered.status, registered.body)
+        self._keep(op, _Operation(registration_id.lower(), self._now() + self.delay, registered.body))
+        return Answer(202, _assigning(op), REGISTER_RETRY_AFTER)
+
+    def _count(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.registration(result)
+
+    def _register(
+        self, registration_id: str, leaf: x509.Certificate | None
+    ) -> tuple[str, RegistrationOutcome]:
         if self._quotas is not None and (wait := self._quotas.registrations.take()) is not None:
             raise throttled("device registrations", wait)
         op = operation_id()
-        outcome = self._service.register_x509(registration_id, leaf, op)
-        if self.delay is None:
-            self._keep(op, _Operation(registration_id.lower(), self._now(), outcome.body))
-            return Answer(outcome.status, outcome.body)
-        self._keep(op, _Operation(registration_id.lower(), self._now() + self.delay, outcome.body))
-        return Answer(202, _assigning(op), REGISTER_RETRY_AFTER)
+        return op, self._service.register_x509(registration_id, leaf, op)
 
     def poll(self, registration_id: str, op_id: str) -> Answer:
         """An operation-status request: ``202 assigning`` until the operation is done, then its result.

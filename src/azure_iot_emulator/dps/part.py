@@ -9,7 +9,7 @@ from aiohttp import web
 
 from azure_iot_emulator.dps.device_rest import DpsDeviceApi
 from azure_iot_emulator.dps.endpoint import DpsEndpoint
-from azure_iot_emulator.dps.operations import Assignments
+from azure_iot_emulator.dps.operations import Assignments, RegistrationMetrics
 from azure_iot_emulator.dps.rest import build_dps_rest_app
 from azure_iot_emulator.dps.service import DpsService, HubProvisioner
 from azure_iot_emulator.quotas import DpsQuotas
@@ -29,10 +29,13 @@ class DpsPart:
         assignment_delay: float | None,
         names: Sequence[str],
         azure_quotas: bool = False,
+        metrics: RegistrationMetrics | None = None,
     ) -> None:
         self.service = DpsService(db, id_scope=id_scope, hub_hosts=hub_hosts, registry=registry, clock=clock)
         self.quotas = DpsQuotas() if azure_quotas else None
-        self.assignments = Assignments(self.service, delay=assignment_delay, quotas=self.quotas)
+        self.assignments = Assignments(
+            self.service, delay=assignment_delay, quotas=self.quotas, metrics=metrics
+        )
         self.endpoint = DpsEndpoint(self.service, self.assignments, clock)
         self.device_api = DpsDeviceApi(id_scope, self.assignments, clock)
         self._keys = service_keys

@@ -18,7 +18,7 @@ from azure_iot_emulator.hub.endpoint import HubEndpoint
 from azure_iot_emulator.hub.registry import HubRegistry
 from azure_iot_emulator.hub.rest import build_hub_rest_app
 from azure_iot_emulator.hub.service import HubService
-from azure_iot_emulator.hub.telemetry import TelemetryStore
+from azure_iot_emulator.hub.telemetry import TelemetryMetrics, TelemetryStore
 from azure_iot_emulator.quotas import TokenBuckets
 from azure_iot_emulator.store import Database
 
@@ -33,10 +33,13 @@ class HubPart:
         *,
         registry: HubRegistry | None = None,
         d2c_quota: TokenBuckets | None = None,
+        metrics: TelemetryMetrics | None = None,
     ) -> None:
         self.registry = registry or HubRegistry(db, hub_hosts, clock)
         self.registry.reset_connection_states()  # nobody is connected to a process that just started
-        self.telemetry = TelemetryStore(db, clock, on_insert=self.registry.record_activity)
+        self.telemetry = TelemetryStore(
+            db, clock, on_insert=self.registry.record_activity, metrics=metrics
+        )
         self.service = HubService(self.registry, self.telemetry, clock, d2c_quota)
         self._clock = clock
         self._keys = service_keys

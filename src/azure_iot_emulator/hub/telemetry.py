@@ -10,10 +10,11 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from azure_iot_emulator.hub.timefmt import azure_time
 from azure_iot_emulator.hub.topics import PropertyBag
@@ -95,6 +96,18 @@ def _from_row(row: sqlite3.Row) -> StoredMessage:
 InsertHook = Callable[[sqlite3.Connection, set[tuple[str, str]], str], None]
 
 
+def _per_hub(items: Sequence[tuple[str, str, PropertyBag, bytes]]) -> dict[str, tuple[int, int]]:
+    counts: dict[str, tuple[int, int]] = {}
+    for hub, _, _, body in items:
+        messages, size = counts.get(hub, (0, 0))
+        counts[hub] = (messages + 1, size + len(body))
+    return counts
+
+
+class TelemetryMetrics(Protocol):
+    def telemetry(self, hub_counts: Mapping[str, tuple[int, int]], seconds: float) -> None: ...
+
+
 class TelemetryStore:
     def __init__(
         self,
@@ -103,10 +116,12 @@ class TelemetryStore:
         *,
         create_schema: bool = True,
         on_insert: InsertHook | None = None,
+        metrics: TelemetryMetrics | None = None,
     ) -> None:
         self._db = db
         self._clock = clock
         self._on_insert = on_insert
+        self._metrics = metrics
         if create_schema:
             db.register_schema(*SCHEMA)
 
@@ -137,6 +152,7 @@ class TelemetryStore:
             if len(body) > MAX_MESSAGE_BYTES:
                 raise MessageTooLarge(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
         enqueued = azure_time(self._clock())
+        started = time.perf_counter()
         with self._db.transaction() as conn:
             conn.executemany(
                 """INSERT INTO hub_messages (hub, device_id, enqueued_time, system_properties,
@@ -150,6 +166,8 @@ class TelemetryStore:
             last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
             if self._on_insert is not None:
                 self._on_insert(conn, {(hub, device_id) for hub, device_id, _, _ in items}, enqueued)
+        if self._metrics is not None:
+            self._metrics.telemetry(_per_hub(items), time.perf_counter() - started)
         return last - len(items) + 1, enqueued
 
     def recent(

@@ -142,6 +142,10 @@ class Broker:
     def connection_count(self) -> int:
         return len(self._drivers)
 
+    def links_per_endpoint(self) -> dict[str, int]:
+        """How many clients are connected (CONNECT accepted) to each endpoint now."""
+        return dict(collections.Counter(name for name, _ in self._links))
+
     # ----------------------------------------------------------------------------------- transport API
     def open_connection(
         self,
