@@ -28,6 +28,7 @@ from provkit.channels import ChannelSecurity, create_channel
 from provkit.context import Role
 from provkit.devpki import DevTlsAuthority, write_private_file
 from provkit.grpc_errors import RpcErrorDetails, error_details
+from provkit.observe import Observability
 
 SDK_TIMEOUT = 30.0  # some SDK failures make calls hang forever
 
@@ -52,11 +53,12 @@ def factory_env(tmp_path: Path, emulator, **extra: str) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def running_factory(
-    env: Mapping[str, str],
+    env: Mapping[str, str], observe: Observability | None = None
 ) -> AsyncIterator[tuple[FactoryApp, fpb_grpc.FactoryServiceStub]]:
     """factory_svc as `serve` builds it (enrollment on, pointed at the emulator), on a free loopback port.
     ``app.grpc_address`` is where it listens."""
-    app = await FactoryApp.open(load_factory_settings(env=dict(env)))
+    settings = load_factory_settings(env=dict(env))
+    app = await FactoryApp.open(settings, observe=observe)
     assert app.enrollment is not None, "enrollment must be configured"
     server = await app.start()
     app.grpc_address = server.address  # type: ignore[attr-defined]
@@ -127,10 +129,10 @@ def activation_env(tmp_path: Path, emulator, tls: OemTls, **extra: str) -> dict[
 
 @contextlib.asynccontextmanager
 async def running_activation(
-    env: Mapping[str, str], tls: OemTls
+    env: Mapping[str, str], tls: OemTls, observe: Observability | None = None
 ) -> AsyncIterator[tuple[ActivationApp, apb_grpc.ActivationServiceStub]]:
     """activation_svc as `serve` builds it (mTLS); ``app.grpc_address`` is where it listens."""
-    app = await ActivationApp.open(load_activation_settings(env=dict(env)))
+    app = await ActivationApp.open(load_activation_settings(env=dict(env)), observe=observe)
     server = await app.start()
     app.grpc_address = server.address  # type: ignore[attr-defined]
     try:
