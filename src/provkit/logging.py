@@ -7,7 +7,8 @@ API
     Every record carries ``request_id`` and ``device_id`` from ``provkit.context`` and, while a trace is
     recorded (``provkit.observe``), the OpenTelemetry ``trace_id`` (32 hex digits); extra fields passed as
     ``logger.info("minted", extra={"serial": ...})`` are included.  Never log keys, CSRs, tokens or secrets.
-``JsonFormatter``, ``TextFormatter``   the two formatters (usable with any handler).
+``JsonFormatter``, ``TextFormatter``   the two formatters (usable with any handler); ``ContextFilter`` the
+    filter that adds the context fields; ``current_trace_id()``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskN
 _CONTEXT = ("request_id", "device_id", "trace_id")
 
 
-class _ContextFilter(logging.Filter):
+class ContextFilter(logging.Filter):
+    """Adds the request id, device id and trace id of the current context to each record."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "request_id", None):
             record.request_id = current_request_id()
@@ -90,7 +93,7 @@ def configure_logging(
         json_lines = not (hasattr(stream, "isatty") and stream.isatty())
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
-    handler.addFilter(_ContextFilter())
+    handler.addFilter(ContextFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

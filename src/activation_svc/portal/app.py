@@ -7,7 +7,7 @@ API
     ``settings.security``) when it starts, inside its event loop, and closes it on cleanup.
     ``observe`` (``provkit.observe.Observability``, default: what ``settings.observe`` asks for): each
     request counted by route pattern and status with its latency; with tracing, a server span per request
-    (OpenTelemetry's aiohttp middleware) whose context the gRPC call carries to the service.
+    whose context the gRPC call carries to the service (OpenTelemetry's gRPC client interceptor).
 ``async start_portal(settings) -> RunningPortal``   bind and start (``.url``, ``.port``, ``.metrics_url``,
     ``async .stop()``).
 ``async serve(settings, *, on_started=None)``       start, print nothing, wait for SIGINT/SIGTERM, stop.
@@ -24,6 +24,7 @@ error; ``GET /status[?device_id=]`` status form; ``POST /status`` -> status page
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import time
@@ -35,6 +36,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from opentelemetry import propagate, trace
 
 from activation_svc.portal import pages
 from activation_svc.portal.assets import ASSETS
@@ -317,26 +319,41 @@ async def guard(request: web.Request, handler: Callable[[web.Request], object]) 
         return response
 
 
-def counting(metrics: HttpMetrics) -> Callable[..., Any]:
-    """A middleware counting each answer by route pattern (never the path: it may hold a device id)."""
+def observing(metrics: HttpMetrics, tracer: trace.Tracer | None) -> Callable[..., Any]:
+    """A middleware counting each answer by route pattern (never the path: it may hold a device id) and,
+    with a tracer, running the request in a server span (W3C trace context from the request headers), so
+    the gRPC call it makes is a child of it."""
 
     @web.middleware
-    async def count(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    async def observe(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
         started = time.perf_counter()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
         status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            info = request.match_info.route.resource
-            route = info.canonical if info is not None else "unmatched"
-            metrics.http_handled(route, status, time.perf_counter() - started)
+        with contextlib.ExitStack() as scope:
+            span = None
+            if tracer is not None:
+                span = scope.enter_context(
+                    tracer.start_as_current_span(
+                        f"{request.method} {route}",
+                        context=propagate.extract(dict(request.headers)),
+                        kind=trace.SpanKind.SERVER,
+                        attributes={"http.request.method": request.method, "http.route": route},
+                    )
+                )
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            finally:
+                if span is not None:
+                    span.set_attribute("http.response.status_code", status)
+                metrics.http_handled(route, status, time.perf_counter() - started)
 
-    return count
+    return observe
 
 
 def create_app(
@@ -347,11 +364,8 @@ def create_app(
 ) -> web.Application:
     settings.check()
     observe = observe or Observability.open(settings.observe, "activation_portal")
-    middlewares: list[Any] = [counting(observe.metrics), guard]
-    if observe.provider is not None:
-        from opentelemetry.instrumentation.aiohttp_server import create_aiohttp_middleware
-
-        middlewares.insert(0, create_aiohttp_middleware(tracer_provider=observe.provider))
+    tracer = observe.tracer("activation_svc.portal") if observe.provider is not None else None
+    middlewares = [observing(observe.metrics, tracer), guard]
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[OBSERVE] = observe
     app[SETTINGS] = settings

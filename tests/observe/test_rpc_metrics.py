@@ -1,0 +1,167 @@
+"""The one server wrapper counts every call of a registered service by method and status code, with its
+latency, and every refusal under its ErrorInfo reason: unary and server-streaming handlers alike, refusals
+of the access table included.  Off unless configured: nothing listens, nothing intercepts."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from metrics_text import Scrape, scrape
+from prometheus_client import generate_latest
+
+from provkit.authz import AccessPolicy
+from provkit.context import Role
+from provkit.errors import NotFound
+from provkit.grpc_server import ServerSettings, ServiceBinding, start_server
+from provkit.metrics import NO_METRICS
+from provkit.observe import Observability, ObserveSettings, observe_settings
+from provkit.prometheus_metrics import PrometheusMetrics
+from provkit.settings import SettingsError, SettingsSource
+
+SERVICE = "probe.v1.CountedService"
+POLICY = AccessPolicy(
+    {f"/{SERVICE}/{m}": frozenset({Role.OPERATOR}) for m in ("Ok", "Missing", "Boom", "Items", "Broken")}
+)
+
+
+async def _ok(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return b"ok"
+
+
+async def _missing(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    raise NotFound("WIDGET_NOT_FOUND", "no such widget")
+
+
+async def _boom(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    raise RuntimeError("internals")
+
+
+async def _items(request: bytes, context: grpc.aio.ServicerContext):
+    for n in range(3):
+        yield str(n).encode()
+
+
+async def _broken(request: bytes, context: grpc.aio.ServicerContext):
+    yield b"first"
+    raise NotFound("WIDGET_GONE", "the widget went away")
+
+
+async def _chat(requests, context: grpc.aio.ServicerContext):
+    async for item in requests:
+        yield item
+
+
+def _add(servicer: object, server: grpc.aio.Server) -> None:
+    unary = {n: grpc.unary_unary_rpc_method_handler(f) for n, f in {"Ok": _ok, "Missing": _missing}.items()}
+    handlers = {
+        **unary,
+        "Boom": grpc.unary_unary_rpc_method_handler(_boom),
+        "Unlisted": grpc.unary_unary_rpc_method_handler(_ok),
+        "Items": grpc.unary_stream_rpc_method_handler(_items),
+        "Broken": grpc.unary_stream_rpc_method_handler(_broken),
+        "Chat": grpc.stream_stream_rpc_method_handler(_chat),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+async def _code(call) -> grpc.StatusCode:
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def _stream_code(call) -> tuple[int, grpc.StatusCode]:
+    seen = 0
+    try:
+        async for _ in call:
+            seen += 1
+    except grpc.aio.AioRpcError as exc:
+        return seen, exc.code()
+    return seen, grpc.StatusCode.OK
+
+
+async def test_each_call_is_counted_by_method_and_code_refusals_by_reason() -> None:
+    metrics = PrometheusMetrics()
+    settings = ServerSettings(insecure=True, insecure_identity="urn:devprov:operator:ops")
+    server = await start_server(
+        settings, [ServiceBinding(SERVICE, object(), _add)], policy=POLICY, metrics=metrics
+    )
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            def unary(name: str):
+                return channel.unary_unary(f"/{SERVICE}/{name}")(b"")
+
+            def stream(name: str):
+                return channel.unary_stream(f"/{SERVICE}/{name}")(b"")
+
+            assert await _code(unary("Ok")) == grpc.StatusCode.OK
+            assert await _code(unary("Ok")) == grpc.StatusCode.OK
+            assert await _code(unary("Missing")) == grpc.StatusCode.NOT_FOUND
+            assert await _code(unary("Boom")) == grpc.StatusCode.INTERNAL
+            assert await _code(unary("Unlisted")) == grpc.StatusCode.PERMISSION_DENIED
+            assert await _stream_code(stream("Items")) == (3, grpc.StatusCode.OK)
+            assert await _stream_code(stream("Broken")) == (1, grpc.StatusCode.NOT_FOUND)
+            chat = channel.stream_stream(f"/{SERVICE}/Chat")(iter([b"a"]))
+            assert (await _stream_code(chat))[1] == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(0)
+
+    scraped = Scrape(generate_latest(metrics.registry).decode())
+
+    def handled(method: str, code: str) -> float:
+        labels = {"grpc_service": SERVICE, "grpc_method": method, "grpc_code": code}
+        return scraped.value("grpc_server_handled_total", **labels)
+
+    assert handled("Ok", "OK") == 2
+    assert handled("Missing", "NOT_FOUND") == 1
+    assert handled("Boom", "INTERNAL") == 1
+    assert handled("Unlisted", "PERMISSION_DENIED") == 1
+    assert handled("Items", "OK") == 1
+    assert handled("Broken", "NOT_FOUND") == 1
+    assert scraped.total("grpc_server_handled_total") == 7  # the refused kind (Chat) never reaches a wrapper
+    assert scraped.value("grpc_server_handling_seconds_count", grpc_service=SERVICE, grpc_method="Ok") == 2
+    refusals = "devprov_refusals_total"
+    assert scraped.value(refusals, grpc_method="Missing", reason="WIDGET_NOT_FOUND") == 1
+    assert scraped.value(refusals, grpc_method="Broken", reason="WIDGET_GONE") == 1
+    assert scraped.value(refusals, grpc_method="Unlisted", reason="CALLER_NOT_AUTHORIZED") == 1
+    assert scraped.total("devprov_refusals_total") == 3  # an unexpected error is no refusal
+
+
+async def test_off_unless_configured() -> None:
+    off = Observability.open(ObserveSettings(), "probe")
+    assert off.metrics is NO_METRICS and off.registry is None and off.provider is None
+    assert off.server_interceptors() == [] and off.client_interceptors() == []
+    assert await off.start_endpoint() is None and off.metrics_url == ""
+    source = SettingsSource("PROBE", env={})
+    assert observe_settings(source) == ObserveSettings()
+
+
+def test_observe_settings_are_checked() -> None:
+    env = {"PROBE_METRICS_LISTEN": "127.0.0.1:0", "PROBE_TRACING_EXPORTER": "console"}
+    settings = observe_settings(SettingsSource("PROBE", env=env))
+    assert settings == ObserveSettings("127.0.0.1:0", "console", "")
+    with pytest.raises(SettingsError, match="PROBE_TRACING_EXPORTER"):
+        observe_settings(SettingsSource("PROBE", env={"PROBE_TRACING_EXPORTER": "zipkin"}))
+    with pytest.raises(SettingsError, match="host:port"):
+        observe_settings(SettingsSource("PROBE", env={"PROBE_METRICS_LISTEN": "9101"}))
+
+
+async def test_the_endpoint_serves_the_registry_and_refreshes_gauges_first() -> None:
+    observe = Observability.open(ObserveSettings(metrics_listen="127.0.0.1:0"), "probe")
+    refreshed: list[int] = []
+
+    async def refresh() -> None:
+        refreshed.append(1)
+        observe.metrics.outbox(len(refreshed) + 4, 12.5)
+
+    endpoint = await observe.start_endpoint(refresh=[refresh])
+    assert endpoint is not None and observe.metrics_url.startswith("http://127.0.0.1:")
+    try:
+        scraped = await scrape(observe.metrics_url)
+        assert scraped.value("devprov_outbox_depth") == 5
+        assert scraped.value("devprov_outbox_oldest_age_seconds") == 12.5
+    finally:
+        await observe.shutdown()
+    assert observe.metrics_url == ""
