@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from enrollment.provisioning_env import factory_env, mint, running_factory
 from metrics_text import scrape
@@ -16,7 +18,7 @@ DEVICES = 100
 async def test_a_hundred_devices_add_no_series(tmp_path, emulator):
     env = factory_env(tmp_path, emulator, FACTORY_METRICS_LISTEN="127.0.0.1:0")
     async with running_factory(env) as (app, factory):
-        ids = [f"gw-card-{n:03d}" for n in range(DEVICES)]
+        ids = [str(uuid.uuid4()) for _ in range(DEVICES)]
 
         async def through(device_id: str) -> None:
             device = await mint(factory, device_id, tmp_path / "devices")

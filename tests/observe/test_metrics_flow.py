@@ -97,7 +97,7 @@ async def test_counters_move_by_exactly_what_the_flow_did(tmp_path, emulator):
         assert all(url.startswith("http://127.0.0.1:") for url in urls.values()), urls
         before = {name: await scrape(url) for name, url in urls.items()}
 
-        device = await mint(factory, f"gw-{uuid.uuid4().hex[:12]}", tmp_path / "devices")
+        device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
         enrolled = await factory.Enroll(
             fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
         )

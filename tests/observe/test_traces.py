@@ -82,7 +82,7 @@ async def test_portal_activation_is_one_trace_across_the_grpc_hop(tmp_path, emul
             activation_env(tmp_path, emulator, tls), tls, observe=Observability(provider=provider)
         ) as (app, activation),
     ):
-        device = await mint(factory, f"gw-{uuid.uuid4().hex[:12]}", tmp_path / "devices")
+        device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
         reply = await factory.Enroll(
             fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
         )
