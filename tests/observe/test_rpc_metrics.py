@@ -1,15 +1,20 @@
 """The one server wrapper counts every call of a registered service by method and status code, with its
 latency, and every refusal under its ErrorInfo reason: unary and server-streaming handlers alike, refusals
-of the access table included.  Off unless configured: nothing listens, nothing intercepts."""
+of the access table included.  The portal counts its answers by route pattern.  Off unless configured:
+nothing listens, nothing intercepts."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from metrics_text import Scrape, scrape
 from prometheus_client import generate_latest
 
+from activation_svc.portal.app import create_app
+from activation_svc.portal.settings import PortalSettings
 from provkit.authz import AccessPolicy
+from provkit.channels import ChannelSecurity
 from provkit.context import Role
 from provkit.errors import NotFound
 from provkit.grpc_server import ServerSettings, ServiceBinding, start_server
@@ -165,3 +170,23 @@ async def test_the_endpoint_serves_the_registry_and_refreshes_gauges_first() -> 
     finally:
         await observe.shutdown()
     assert observe.metrics_url == ""
+
+
+async def test_the_portal_counts_answers_by_route_pattern_never_the_path() -> None:
+    metrics = PrometheusMetrics()
+    settings = PortalSettings(ChannelSecurity(insecure=True))
+    app = create_app(settings, observe=Observability(metrics, metrics.registry))
+    async with TestClient(TestServer(app)) as client:
+        assert (await client.get("/")).status == 200
+        assert (await client.get("/static/portal.css")).status == 200
+        assert (await client.get("/devices/3f2a9c1e-0000-4000-8000-000000000001")).status == 404
+        assert (await client.delete("/activate")).status == 405
+    scraped = Scrape(generate_latest(metrics.registry).decode())
+    requests = "devprov_http_requests_total"
+    assert scraped.value(requests, route="/", status="200") == 1
+    assert scraped.value(requests, route="/static/{name}", status="200") == 1
+    assert scraped.value(requests, route="unmatched", status="404") == 1
+    assert scraped.value(requests, route="unmatched", status="405") == 1
+    assert scraped.total(requests) == 4
+    assert scraped.value("devprov_http_request_seconds_count", route="/") == 1
+    assert "3f2a9c1e" not in scraped.text

@@ -435,9 +435,9 @@ class RunningPortal:
 
 async def start_portal(settings: PortalSettings, observe: Observability | None = None) -> RunningPortal:
     observe = observe or Observability.open(settings.observe, "activation_portal")
-    await observe.start_endpoint()
     app = create_app(settings, observe=observe)
     context = ssl_context(settings)
+    await observe.start_endpoint()
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, ssl_context=context, reuse_address=True)
