@@ -12,7 +12,8 @@ Open it inside the event loop that uses it (``await DpsEnrollments.open(config)`
 - HTTP statuses map to ``CloudNotFound`` (404), ``CloudAlreadyExists`` (409), ``CloudEtagMismatch`` (412),
   ``CloudRejected`` (other 4xx); a bulk operation's per-record error codes (409xxx etc.) the same way.
 - Each SDK call runs inside ``provkit.cloud_calls.CallObserver.call`` (a span, a latency, an outcome);
-  every 429 answer the SDK sees (its retries too) is counted through the client's raw response hook.
+  every 429 answer the SDK sees (its retries too) is counted by a pipeline policy placed after the retry
+  policy (``_additional_pipeline_policies``, which this pinned SDK version reads).
 - The ports take and return ``provkit.cloud.Enrollment``; the JSON is ``provkit.dps_json``'s business.
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Sequence
-from typing import Any
 
 import aiohttp
 from azure.core.exceptions import (
@@ -30,7 +30,9 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.core.pipeline.transport import AioHttpTransport
+from azure.core.pipeline import PipelineRequest, PipelineResponse
+from azure.core.pipeline.policies import SansIOHTTPPolicy
+from azure.core.pipeline.transport import AioHttpTransport, AsyncHttpResponse, HttpRequest
 from azure.iot.deviceprovisioning.aio import DeviceProvisioningClient
 
 from provkit.cloud import (
@@ -97,6 +99,22 @@ def translate(exc: AzureError, what: str) -> CloudError:
     return CloudUnavailable(f"{what}: {type(exc).__name__}")
 
 
+class _ThrottleCounter(SansIOHTTPPolicy[HttpRequest, AsyncHttpResponse]):
+    """Counts each 429 answer, the SDK's own retries included."""
+
+    def __init__(self, observer: CallObserver) -> None:
+        super().__init__()
+        self._observer = observer
+
+    def on_response(
+        self,
+        request: PipelineRequest[HttpRequest],
+        response: PipelineResponse[HttpRequest, AsyncHttpResponse],
+    ) -> None:
+        if response.http_response.status_code == 429:
+            self._observer.throttled()
+
+
 class DpsEnrollments:
     """Individual enrollments and registration states of one DPS instance."""
 
@@ -125,11 +143,6 @@ class DpsEnrollments:
         )
         transport = AioHttpTransport(session=session, session_owner=False)
         observer = observer or CallObserver("dps")
-
-        def seen(response: Any) -> None:  # every attempt, the SDK's own retries included
-            if response.http_response.status_code == 429:
-                observer.throttled()
-
         client = DeviceProvisioningClient.from_connection_string(
             config.connection_string.reveal(),
             transport=transport,
@@ -138,7 +151,8 @@ class DpsEnrollments:
             retry_backoff_factor=0.2,
             retry_backoff_max=config.retry_backoff_max,
             connection_timeout=config.timeout_seconds,
-            raw_response_hook=seen,
+            # after the retry policy: sees every attempt (this SDK's pipeline has no raw_response_hook)
+            _additional_pipeline_policies=_ThrottleCounter(observer),
         )
         return cls(client, session, observer)
 

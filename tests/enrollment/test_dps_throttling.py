@@ -1,6 +1,7 @@
 """The DPS adapter honours 429/503 with Retry-After (a tiny TLS server plays an overloaded DPS answering
 the way Azure does, exactly as often as a test needs; the emulator's own quotas, ``--azure-quotas``, are
-met in test_enroll_under_azure_quotas.py), and reports what is left as CloudUnavailable."""
+met in test_enroll_under_azure_quotas.py), and reports what is left as CloudUnavailable; every 429 it sees
+is counted, each call once."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import ssl
 
 import pytest
 from aiohttp import web
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from provkit.cloud import CloudUnavailable, DpsConfig
+from provkit.cloud_calls import CallObserver
 from provkit.devpki import DevTlsAuthority
 from provkit.dps import DpsEnrollments
+from provkit.prometheus_metrics import PrometheusMetrics
 from provkit.settings import Secret
 
 ENROLLMENT = {"registrationId": "dev-1", "provisioningStatus": "disabled", "etag": "e1"}
@@ -76,3 +82,30 @@ async def test_503_beyond_the_retry_budget_is_unavailable_with_the_service_delay
         await dps.close()
     assert caught.value.status == 503 and caught.value.retry_after == 1.0
     assert state["requests"] == 2
+
+
+async def test_every_429_is_counted_and_the_call_once_with_its_outcome(overloaded_dps):
+    config, state = overloaded_dps
+    state["throttle"] = 2
+    metrics = PrometheusMetrics()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    observer = CallObserver("dps", metrics, provider.get_tracer("test"))
+    dps = await DpsEnrollments.open(config, observer=observer)
+    try:
+        assert await dps.get("dev-1") is not None  # after two 429s the SDK's retry gets it
+        state.update(requests=0, throttle=100)
+        with pytest.raises(CloudUnavailable):
+            await dps.get("dev-1")  # 429 on the first try and on each of the 3 retries
+    finally:
+        await dps.close()
+    registry = metrics.registry
+    assert registry.get_sample_value("devprov_cloud_throttled_total", {"service": "dps"}) == 6
+    labels = {"service": "dps", "operation": "get_enrollment"}
+    assert registry.get_sample_value("devprov_cloud_calls_total", {**labels, "outcome": "ok"}) == 1
+    assert registry.get_sample_value("devprov_cloud_calls_total", {**labels, "outcome": "throttled"}) == 1
+    assert registry.get_sample_value("devprov_cloud_call_seconds_count", labels) == 2
+    spans = exporter.get_finished_spans()
+    assert [s.name for s in spans] == ["dps get_enrollment", "dps get_enrollment"]
+    assert spans[1].attributes["devprov.cloud.outcome"] == "throttled"
