@@ -59,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--factory-port", type=int, default=50051)
         cmd.add_argument("--activation-port", type=int, default=50052)
         cmd.add_argument("--portal-port", type=int, default=8080, help="the activation portal (HTTP)")
+        cmd.add_argument(
+            "--metrics-port",
+            type=int,
+            default=9101,
+            help="Prometheus /metrics of factory, activation, portal, emulator on this port and the next "
+            "three (default 9101; 0: off)",
+        )
 
     run = sub.add_parser("run", allow_abbrev=False, help="the whole flow with a live view")
     stack_options(run, "var/demo")
@@ -83,6 +90,7 @@ def _config(args: argparse.Namespace) -> StackConfig:
         factory_port=args.factory_port,
         activation_port=args.activation_port,
         portal_port=args.portal_port,
+        metrics_port=args.metrics_port,
     )
 
 

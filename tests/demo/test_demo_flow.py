@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,23 @@ from azure_iot_emulator.store import Database
 pytestmark = pytest.mark.timeout(240)
 
 
+def _free_port_block(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports (the stack's /metrics ports)."""
+    while True:
+        first = free_port("127.0.0.1")
+        if first + count <= 65535 and all(_bindable(first + n) for n in range(1, count)):
+            return first
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _stack_args(work_dir: Path) -> list[str]:
     dps, hub1, hub2 = fresh_addresses(3)
     return [
@@ -38,6 +56,7 @@ def _stack_args(work_dir: Path) -> list[str]:
         "--factory-port", str(free_port("127.0.0.1")),
         "--activation-port", str(free_port("127.0.0.1")),
         "--portal-port", str(free_port("127.0.0.1")),
+        "--metrics-port", str(_free_port_block(4)),
     ]  # fmt: skip
 
 
@@ -151,6 +170,19 @@ def test_ctrl_c_stops_the_demo_and_leaves_no_process(tmp_path):
     assert _processes_under(work) == []
 
 
+def _printed_metrics(output: str) -> dict[str, str]:
+    """program -> its /metrics URL, as the stack printed them."""
+    return dict(re.findall(r"metrics: (\w+) \(Prometheus\)\s+(http://\S+)", output))
+
+
+def _sample(url: str, name: str, labels: str) -> float:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    found = re.search(rf"^{name}{{{labels}}} (\S+)$", text, re.M)
+    assert found, f"no {name}{{{labels}}} at {url}"
+    return float(found.group(1))
+
+
 def _env_from(env_file: Path) -> dict[str, str]:
     """The variables `source env.sh` would set (the file is ours: `export NAME=value`, shell-quoted)."""
     import shlex
@@ -170,7 +202,13 @@ def _cli(env: dict[str, str], *args: str, stdin: str | None = None) -> subproces
 
 def test_up_serves_the_manual_three_step_flow(tmp_path):
     work = tmp_path / "up"
-    proc = _demo("up", *_stack_args(work))
+    args = _stack_args(work)
+    first = int(args[args.index("--metrics-port") + 1])
+    metrics = {
+        name: f"http://127.0.0.1:{first + n}/metrics"
+        for n, name in enumerate(("factory", "activation", "portal", "emulator"))
+    }
+    proc = _demo("up", *args)
     device = None
     try:
         _wait_for(lambda: (work / "env.sh").exists(), 120, "env.sh", proc)
@@ -209,6 +247,12 @@ def test_up_serves_the_manual_three_step_flow(tmp_path):
             lambda: [m for m in _hub_messages(work) if m.device_id == guid], 60, "telemetry", device
         )
         assert messages[0].hub == hub
+
+        # what the services and the emulator counted, on the /metrics ports given (the stack prints them)
+        assert _sample(metrics["factory"], "devprov_enrollments_total", 'outcome="created"') == 1
+        assert _sample(metrics["activation"], "devprov_activations_total", 'outcome="enrollment"') == 1
+        assert _sample(metrics["emulator"], "iot_emulator_dps_registrations_total", 'result="assigned"') == 1
+        assert _sample(metrics["portal"], "devprov_http_requests_total", 'route="/",status="200"') == 1
         device.send_signal(signal.SIGTERM)
         assert device.wait(60) == 0
         proc.send_signal(signal.SIGINT)
@@ -219,4 +263,5 @@ def test_up_serves_the_manual_three_step_flow(tmp_path):
                 p.kill()
     assert proc.returncode == 0, output
     assert "source" in output and "activation-svc activate" in output
+    assert _printed_metrics(output) == metrics
     assert _processes_under(work) == []
