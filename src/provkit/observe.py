@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,7 +93,7 @@ def observe_settings(source: SettingsSource, section: str = "") -> ObserveSettin
 
 def _exporter(settings: ObserveSettings) -> SpanExporter:
     if settings.exporter == "console":
-        return ConsoleSpanExporter()
+        return ConsoleSpanExporter(out=sys.stdout)  # the stdout of now (the default is bound at import)
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     return OTLPSpanExporter(endpoint=settings.otlp_endpoint) if settings.otlp_endpoint else OTLPSpanExporter()

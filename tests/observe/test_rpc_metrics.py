@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 from activation_svc.portal.app import create_app
 from activation_svc.portal.settings import PortalSettings
 from provkit.authz import AccessPolicy
-from provkit.channels import ChannelSecurity
+from provkit.channels import ChannelSecurity, create_channel
 from provkit.context import Role
 from provkit.errors import NotFound
 from provkit.grpc_server import ServerSettings, ServiceBinding, start_server
@@ -190,3 +190,30 @@ async def test_the_portal_counts_answers_by_route_pattern_never_the_path() -> No
     assert scraped.total(requests) == 4
     assert scraped.value("devprov_http_request_seconds_count", route="/") == 1
     assert "3f2a9c1e" not in scraped.text
+
+
+async def test_console_tracing_prints_each_rpc_span_and_otlp_is_built_from_settings(capsys) -> None:
+    observe = Observability.open(ObserveSettings(exporter="console"), "probe")
+    assert observe.provider is not None and len(observe.server_interceptors()) == 1
+    settings = ServerSettings(insecure=True, insecure_identity="urn:devprov:operator:ops")
+    server = await start_server(
+        settings,
+        [ServiceBinding(SERVICE, object(), _add)],
+        policy=POLICY,
+        interceptors=observe.server_interceptors(),
+    )
+    try:
+        async with create_channel(
+            server.address, ChannelSecurity(insecure=True), interceptors=observe.client_interceptors()
+        ) as channel:
+            assert await channel.unary_unary(f"/{SERVICE}/Ok")(b"") == b"ok"
+    finally:
+        await server.stop(0)
+        await observe.shutdown()  # flushes the batch
+    printed = capsys.readouterr().out
+    assert printed.count(f'"name": "/{SERVICE}/Ok"') == 2  # the client's span and the server's
+    assert '"service.name": "probe"' in printed
+
+    otlp = Observability.open(ObserveSettings(exporter="otlp", otlp_endpoint="http://127.0.0.1:4317"), "p")
+    assert otlp.provider is not None and otlp.client_interceptors()
+    await otlp.shutdown()
