@@ -69,6 +69,8 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from provkit.authz import SUITE_POLICY, AccessPolicy, Refusal, RefusalLog, is_open
 from provkit.context import Caller, CallerIdentity, Role, request_scope
@@ -321,6 +323,8 @@ class _HandlerWrapper:
         else:
             code = grpc.StatusCode.INTERNAL
         self._metrics.rpc_handled(method, code.name, time.perf_counter() - started)
+        if error is not None:
+            _mark_span(code, error)
 
     def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -375,6 +379,17 @@ class _HandlerWrapper:
                 self._finished(method, started, error)
 
         return wrapped
+
+
+def _mark_span(code: grpc.StatusCode, error: BaseException) -> None:
+    """The call's server span (when tracing records one) gets the status code and the refusal's reason."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if isinstance(error, DomainError):
+        span.set_attribute("devprov.reason", error.reason)
+    span.set_status(Status(StatusCode.ERROR, code.name))
 
 
 class _Aborted(Exception):

@@ -1,7 +1,7 @@
 """One activation from the portal is one trace: the portal's request span, the gRPC client span, the
 activation_svc server span (its parent across the gRPC hop is the client span), and under it the spans of
 the DPS and IoT Hub SDK calls.  Spans go to an in-memory exporter; the service's log lines of that request
-carry the trace id."""
+carry the trace id.  A refused call's server span carries its status code and reason."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import logging
 import uuid
 
+import grpc
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from enrollment.provisioning_env import (
@@ -17,6 +18,7 @@ from enrollment.provisioning_env import (
     activate_request,
     activation_env,
     factory_env,
+    failure,
     mint,
     register,
     running_activation,
@@ -25,7 +27,7 @@ from enrollment.provisioning_env import (
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 from portal.portal_env import activate_form, hidden_fields, portal_env
 
 from activation_svc.portal.app import create_app
@@ -104,8 +106,17 @@ async def test_portal_activation_is_one_trace_across_the_grpc_hop(tmp_path, emul
             response = await client.post("/activate", data=form)
             assert response.status == 200
             assert "v-lifecycle" in await response.text()
+        spans = list(exporter.get_finished_spans())
 
-    spans = list(exporter.get_finished_spans())
+        # a refused call: its server span says why
+        exporter.clear()
+        wrong = activate_request(device.device_id, "WRONG-CODE", second, hub)
+        assert (await failure(activation.Activate(wrong))).reason == "ACTIVATION_DENIED"
+        refused = _one(list(exporter.get_finished_spans()), ACTIVATE, SpanKind.SERVER)
+        assert refused.status.status_code is StatusCode.ERROR
+        assert refused.attributes["devprov.reason"] == "ACTIVATION_DENIED"
+        assert refused.attributes["rpc.grpc.status_code"] == grpc.StatusCode.PERMISSION_DENIED.value[0]
+
     by_id = {s.context.span_id: s for s in spans}
     web = _one(spans, "POST /activate", SpanKind.SERVER)
     client_span = _one(spans, ACTIVATE, SpanKind.CLIENT)
