@@ -8,8 +8,8 @@ API
     ``observe`` (``provkit.observe.Observability``, default: what ``settings.observe`` asks for): each
     request counted by route pattern and status with its latency; with tracing, a server span per request
     whose context the gRPC call carries to the service (OpenTelemetry's gRPC client interceptor).
-``async start_portal(settings) -> RunningPortal``   bind and start (``.url``, ``.port``, ``.metrics_url``,
-    ``async .stop()``).
+``async start_portal(settings, observe=None) -> RunningPortal``   bind and start (``.url``, ``.port``,
+    ``.metrics_url``: its ``/metrics`` when configured, ``async .stop()``).
 ``async serve(settings, *, on_started=None)``       start, print nothing, wait for SIGINT/SIGTERM, stop.
 
 Wrong activation codes are limited per client address here too (``activation_svc.ratelimit``, over all
@@ -57,7 +57,6 @@ log = logging.getLogger("activation_svc.portal")
 
 SETTINGS = web.AppKey("settings", PortalSettings)
 STUB = web.AppKey("stub", pb_grpc.ActivationServiceStub)
-OBSERVE = web.AppKey("observe", Observability)
 CSRF = web.AppKey("csrf", Csrf)
 LIMITER = web.AppKey("limiter", AttemptLimiter)
 _ALL_DEVICES = "*"  # the portal's limit is per address over all devices
@@ -367,7 +366,6 @@ def create_app(
     tracer = observe.tracer("activation_svc.portal") if observe.provider is not None else None
     middlewares = [observing(observe.metrics, tracer), guard]
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
-    app[OBSERVE] = observe
     app[SETTINGS] = settings
     app[CSRF] = Csrf(settings.https)
     app[LIMITER] = AttemptLimiter(
