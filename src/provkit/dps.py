@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import aiohttp
 from azure.core.exceptions import (
@@ -61,17 +61,18 @@ _SDK_HTTP_LOG = "azure.core.pipeline.policies.http_logging_policy"
 
 
 def _retry_after(exc: HttpResponseError) -> float | None:
-    response = exc.response
-    if response is None:
+    # azure-core types the error's response as a protocol without headers; every real response has them.
+    headers = getattr(exc.response, "headers", None)
+    if not isinstance(headers, Mapping):
         return None
     for header in ("retry-after-ms", "x-ms-retry-after-ms"):
-        value = response.headers.get(header)
+        value = headers.get(header)
         if value:
             try:
                 return float(value) / 1000
             except ValueError:
                 pass
-    value = response.headers.get("retry-after")
+    value = headers.get("retry-after")
     if value:
         try:
             return float(value)

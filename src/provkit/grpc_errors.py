@@ -14,12 +14,13 @@ API
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -42,9 +43,9 @@ STATUS_BY_KIND: Mapping[ErrorKind, grpc.StatusCode] = MappingProxyType(
 assert set(STATUS_BY_KIND) == set(ErrorKind), "every ErrorKind needs a status code"
 
 
-def _pack(message: object) -> any_pb2.Any:
+def _pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(message)  # type: ignore[arg-type]
+    packed.Pack(message)
     return packed
 
 
@@ -95,14 +96,21 @@ class RpcErrorDetails:
 
 
 def _trailing(exc: grpc.RpcError) -> tuple[tuple[str, str | bytes], ...]:
-    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None  # type: ignore[attr-defined]
-    return tuple(trailing or ())
+    # Sync errors give (key, value) namedtuples, aio errors a Metadata of (key, value) tuples.
+    trailing: Iterable[object] = exc.trailing_metadata() or () if hasattr(exc, "trailing_metadata") else ()
+    pairs: list[tuple[str, str | bytes]] = []
+    for item in trailing:
+        if isinstance(item, tuple) and len(item) == 2:
+            key, value = item
+            if isinstance(key, str) and isinstance(value, str | bytes):
+                pairs.append((key, value))
+    return tuple(pairs)
 
 
 def error_details(exc: grpc.RpcError) -> RpcErrorDetails:
     """Decode a failed call (sync ``grpc.RpcError`` or ``grpc.aio.AioRpcError``)."""
-    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-    message: str = exc.details() or ""  # type: ignore[attr-defined]
+    code = exc.code()
+    message = exc.details() or ""
     status = None
     for key, value in _trailing(exc):
         if key == "grpc-status-details-bin" and isinstance(value, bytes):

@@ -64,7 +64,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -127,11 +127,24 @@ class ServerSettings:
     insecure_identity: str = ""  # urn:devprov:<role>:<tenant>: who an insecure (loopback dev) caller is
 
 
+# Handlers and contexts of any service: the gate wraps them whatever their message types.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+
+class HandlerRegistry(Protocol):
+    """The part of a server a generated ``add_*Servicer_to_server`` function uses."""
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None: ...
+
+    def add_registered_method_handlers(self, service_name: str, handlers: dict[str, Handler]) -> None: ...
+
+
 @dataclass(frozen=True)
 class ServiceBinding:
     name: str  # full service name, e.g. "devprov.v1.FactoryService"
     servicer: object
-    add_to_server: Callable[[object, grpc.aio.Server], None]
+    add_to_server: Callable[[Any, HandlerRegistry], None]
 
 
 def binding(
@@ -151,7 +164,7 @@ def is_loopback_host(host: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------- caller identity
-def transport_identity(context: grpc.aio.ServicerContext) -> tuple[CallerIdentity, bytes]:
+def transport_identity(context: Context) -> tuple[CallerIdentity, bytes]:
     """What the transport proved (and the client certificate's PEM, empty without one)."""
     auth = context.auth_context() or {}
     peer = context.peer() or ""
@@ -164,7 +177,7 @@ def transport_identity(context: grpc.aio.ServicerContext) -> tuple[CallerIdentit
     return CallerIdentity("insecure", peer=peer), b""
 
 
-def _for_end_user(caller: Caller, context: grpc.aio.ServicerContext) -> Caller:
+def _for_end_user(caller: Caller, context: Context) -> Caller:
     """A portal names the person it calls for (so one web user's failures are not another's)."""
     if caller.role is not Role.PORTAL:
         return caller
@@ -180,7 +193,7 @@ class _CallerResolver:
     def __init__(self, insecure_identity: str) -> None:
         self._insecure = parse_identity_uri(insecure_identity) if insecure_identity else None
 
-    def resolve(self, context: grpc.aio.ServicerContext) -> Caller:
+    def resolve(self, context: Context) -> Caller:
         identity, pem = transport_identity(context)
         if pem:
             try:
@@ -198,7 +211,7 @@ class _CallerResolver:
 # Handlers are wrapped once, when a service is registered (not by a per-call interceptor, which costs a
 # handler object and an extra await per RPC): the wrapper is the server's one interceptor.  It resolves
 # the caller, checks the access table, sets the request scope and maps exceptions through the error table.
-def _request_id(context: grpc.aio.ServicerContext) -> str:
+def _request_id(context: Context) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= 128:
             return value
@@ -225,7 +238,7 @@ class _HandlerWrapper:
         self._refusals = refusals
         self._metrics = metrics
 
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: Handler, method: str) -> Handler:
         if is_open(method):
             return handler
         if handler.unary_unary is not None:
@@ -243,7 +256,7 @@ class _HandlerWrapper:
         return _refusing_handler(handler, method)
 
     async def _enter(
-        self, context: grpc.aio.ServicerContext, method: str, request: Any
+        self, context: Context, method: str, request: Any
     ) -> tuple[str, Caller]:
         """The request id and the authorized caller; a refusal is audited and aborts the call here."""
         request_id = _request_id(context)
@@ -290,7 +303,7 @@ class _HandlerWrapper:
             log.exception("could not audit a refused call", extra={"method": refusal.method})
 
     async def _fail(
-        self, context: grpc.aio.ServicerContext, exc: BaseException, request_id: str, method: str
+        self, context: Context, exc: BaseException, request_id: str, method: str
     ) -> None:
         if isinstance(exc, DomainError):
             log.info(
@@ -327,7 +340,7 @@ class _HandlerWrapper:
             _mark_span(code, error)
 
     def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def wrapped(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             error: BaseException | None = None
             try:
@@ -355,7 +368,7 @@ class _HandlerWrapper:
         return wrapped
 
     def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def wrapped(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             error: BaseException | None = None
             try:
@@ -400,17 +413,17 @@ class _Aborted(Exception):
         self.code = code
 
 
-def _aborted(context: grpc.aio.ServicerContext, exc: grpc.aio.AbortError) -> BaseException:
+def _aborted(context: Context, exc: grpc.aio.AbortError) -> BaseException:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return _Aborted(code)
     return exc
 
 
-def _refusing_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _refusing_handler(handler: Handler, method: str) -> Handler:
     """A kind of handler the gate cannot wrap (client or bidirectional streaming) is never served."""
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def refuse(request: Any, context: Context) -> None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not served")
 
     if handler.stream_stream is not None:
@@ -424,9 +437,9 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler, wrapper: _HandlerWrapper) -> None:
         self._inner = inner
         self._wrapper = wrapper
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._cache: dict[str, tuple[Handler, Handler]] = {}
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
         handler = self._inner.service(handler_call_details)
         if handler is None:
             return None
@@ -450,7 +463,7 @@ class _RegisteringServer:
         self._server.add_generic_rpc_handlers([_WrappedGenericHandler(h, self._wrapper) for h in handlers])
 
     def add_registered_method_handlers(
-        self, service_name: str, handlers: dict[str, grpc.RpcMethodHandler]
+        self, service_name: str, handlers: dict[str, Handler]
     ) -> None:
         wrapped = {name: self._wrapper.wrap(h, f"/{service_name}/{name}") for name, h in handlers.items()}
         self._server.add_registered_method_handlers(service_name, wrapped)
