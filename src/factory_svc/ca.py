@@ -51,7 +51,7 @@ class IssuingCA(Protocol):
 CaKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
-def _hash_for(key: CaKey) -> hashes.HashAlgorithm:
+def _hash_for(key: CaKey) -> hashes.SHA256 | hashes.SHA384:
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
         return hashes.SHA384()
     return hashes.SHA256()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
@@ -35,14 +36,14 @@ def check_csr(pem: bytes, device_id: str) -> CheckedCsr:
         public_key = csr.public_key()
     except (ValueError, TypeError):
         raise invalid_field(FIELD, "CSR_MALFORMED", "csr_pem is not a PEM-encoded PKCS#10 request") from None
-    except x509.UnsupportedAlgorithm:
+    except UnsupportedAlgorithm:
         raise invalid_field(
             FIELD, "KEY_ALGORITHM_UNSUPPORTED", "the CSR's key algorithm is not supported"
         ) from None
     key_type, public_key = classify_public_key(public_key, FIELD)
     try:
         signature_ok = csr.is_signature_valid
-    except x509.UnsupportedAlgorithm:
+    except UnsupportedAlgorithm:
         signature_ok = False
     if not signature_ok:
         raise invalid_field(FIELD, "CSR_SIGNATURE_INVALID", "the CSR's signature does not verify")

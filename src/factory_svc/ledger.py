@@ -17,12 +17,13 @@ File: ``<data_dir>/ledger.sqlite3`` (plus its ``-wal``/``-shm`` companions).
 
 from __future__ import annotations
 
+import builtins
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from factory_svc.keys import KeyType
 from factory_svc.model import IssuedCertificate, KeySource
@@ -143,7 +144,7 @@ def _row(cert: IssuedCertificate) -> tuple[object, ...]:
     )
 
 
-def _certificate(row: sqlite3.Row | tuple) -> IssuedCertificate:
+def _certificate(row: sqlite3.Row | tuple[Any, ...]) -> IssuedCertificate:
     return IssuedCertificate(
         serial_number=row[0],
         device_id=row[1],
@@ -234,8 +235,10 @@ class SqliteLedger:
             for item in batch
             if item.fingerprint is not None
         ]
-        for chunk in _chunks(requests, _ROWS_PER_INSERT):
-            db.execute(_insert_many(_INSERT_REQUEST, len(chunk)), [v for row in chunk for v in row])
+        for request_chunk in _chunks(requests, _ROWS_PER_INSERT):
+            db.execute(
+                _insert_many(_INSERT_REQUEST, len(request_chunk)), [v for row in request_chunk for v in row]
+            )
         # The unexpired count of each id once the batch is in, at the batch's latest moment.
         now_us = max(item.now_us for item in batch)
         counts: dict[str, int] = {}
@@ -300,7 +303,8 @@ class SqliteLedger:
         """Newest first; ``after`` continues below the given (issued_at, serial) position."""
 
         def query(db: sqlite3.Connection) -> list[IssuedCertificate]:
-            clauses, params = [], []
+            clauses: list[str] = []
+            params: list[str | int] = []
             if device_id:
                 clauses.append("device_id = ?")
                 params.append(device_id)
@@ -335,8 +339,8 @@ class SqliteLedger:
             )
         )
 
-    async def refusals(self) -> list[Refusal]:
-        def query(db: sqlite3.Connection) -> list[Refusal]:
+    async def refusals(self) -> builtins.list[Refusal]:  # (``list`` here is the method above)
+        def query(db: sqlite3.Connection) -> builtins.list[Refusal]:
             rows = db.execute(
                 "SELECT time_us, method, caller, role, device_id, request_id, reason "
                 "FROM refusals ORDER BY id"

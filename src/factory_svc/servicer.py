@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import grpc
 from google.protobuf import timestamp_pb2
 
 from devprov.v1 import factory_service_pb2 as pb
@@ -23,7 +22,7 @@ from factory_svc.minting import CertificateCatalog, MintingService
 from factory_svc.model import CsrKey, IssuedCertificate, KeySource, MintRequest, ServerKey
 from provkit.context import current_caller
 from provkit.device_id import DeviceIdPolicy, check_device_id
-from provkit.grpc_server import ServiceBinding, binding
+from provkit.grpc_server import Context, ServiceBinding, binding
 from provkit.metrics import NO_METRICS, SuiteMetrics
 
 KEY_TYPE_TO_PROTO = {
@@ -108,7 +107,7 @@ class FactoryServicer(EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
         self._metrics = metrics
 
     async def MintCertificate(
-        self, request: pb.MintCertificateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.MintCertificateRequest, context: Context
     ) -> pb.MintCertificateResponse:
         check_device_id(request.device_id, self._device_ids)
         result = await self._minting.mint(mint_request_from_proto(request, str(current_caller())))
@@ -123,7 +122,7 @@ class FactoryServicer(EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
         )
 
     async def ListCertificates(
-        self, request: pb.ListCertificatesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListCertificatesRequest, context: Context
     ) -> pb.ListCertificatesResponse:
         device_id = check_device_id(request.device_id, self._device_ids) if request.device_id.strip() else ""
         page = await self._catalog.list(device_id, request.page_size, request.page_token)
@@ -133,7 +132,7 @@ class FactoryServicer(EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
         )
 
     async def GetCertificate(
-        self, request: pb.GetCertificateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetCertificateRequest, context: Context
     ) -> pb.GetCertificateResponse:
         return pb.GetCertificateResponse(
             certificate=certificate_to_proto(await self._catalog.get(request.serial_number))

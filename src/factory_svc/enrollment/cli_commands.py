@@ -30,6 +30,7 @@ from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from provkit.channels import read_input, request_metadata
 from provkit.devpki import write_private_file
+from provkit.proto_names import enum_label
 
 COMMANDS = ("enroll", "enroll-batch", "enrollment-status", "transfer-owner")
 
@@ -64,15 +65,11 @@ def add_parsers(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
     transfer.add_argument("--request-id", help="idempotency key (default: a new UUID)")
 
 
-def _name(enum_type: object, value: int, prefix: str) -> str:
-    return enum_type.Name(value).removeprefix(prefix)  # type: ignore[attr-defined]
-
-
 def _show(reply: pb.EnrollResponse) -> str:
     lines = [
         f"device id   {reply.device_id}",
-        f"outcome     {_name(pb.EnrollOutcome, reply.outcome, 'ENROLL_OUTCOME_')}",
-        f"delivery    {_name(pb.EnrollmentDelivery, reply.delivery, 'ENROLLMENT_DELIVERY_')}",
+        f"outcome     {enum_label(pb.EnrollOutcome, reply.outcome, 'ENROLL_OUTCOME_')}",
+        f"delivery    {enum_label(pb.EnrollmentDelivery, reply.delivery, 'ENROLLMENT_DELIVERY_')}",
         f"sha1        {reply.sha1_thumbprint}",
     ]
     if reply.activation_code:
@@ -112,7 +109,7 @@ async def run(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int
         status = await stub.GetEnrollmentStatus(
             pb.GetEnrollmentStatusRequest(device_id=args.device_id), timeout=args.timeout
         )
-        state = _name(pb.EnrollmentState, status.state, "ENROLLMENT_STATE_")
+        state = enum_label(pb.EnrollmentState, status.state, "ENROLLMENT_STATE_")
         if args.json:
             fields = {
                 "device_id": status.device_id,
@@ -187,8 +184,8 @@ async def _batch(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> 
                 writer.writerow(
                     [
                         r.device_id,
-                        _name(pb.EnrollOutcome, r.outcome, "ENROLL_OUTCOME_"),
-                        _name(pb.EnrollmentDelivery, r.delivery, "ENROLLMENT_DELIVERY_"),
+                        enum_label(pb.EnrollOutcome, r.outcome, "ENROLL_OUTCOME_"),
+                        enum_label(pb.EnrollmentDelivery, r.delivery, "ENROLLMENT_DELIVERY_"),
                         r.activation_code,
                         "",
                     ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime
 
-import grpc
 from google.protobuf import timestamp_pb2
 
 from devprov.v1 import factory_service_pb2 as pb
@@ -30,6 +29,7 @@ from factory_svc.enrollment.service import EnrollmentService
 from provkit.context import current_caller
 from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.errors import DomainError, FailedPrecondition, InvalidArgument
+from provkit.grpc_server import Context
 from provkit.metrics import SuiteMetrics
 
 OUTCOME_TO_PROTO = {
@@ -51,9 +51,7 @@ STATE_TO_PROTO = {
 }
 
 
-def _timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if moment is None:
-        return None
+def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(moment)
     return stamp
@@ -134,7 +132,7 @@ class EnrollmentRpcs:
             )
         return self._enrollment
 
-    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
+    async def Enroll(self, request: pb.EnrollRequest, context: Context) -> pb.EnrollResponse:
         try:
             device_id = check_device_id(request.device_id, self._device_ids)
             result = await self._service().enroll(
@@ -155,7 +153,7 @@ class EnrollmentRpcs:
         return result_to_proto(result)
 
     async def EnrollBatch(
-        self, request: pb.EnrollBatchRequest, context: grpc.aio.ServicerContext
+        self, request: pb.EnrollBatchRequest, context: Context
     ) -> pb.EnrollBatchResponse:
         # The id policy is checked here, item by item: a refused id fails its item, as any bad item does.
         service = self._service()
@@ -197,7 +195,7 @@ class EnrollmentRpcs:
         return batch_to_proto(BatchResult(tuple(sorted(items, key=lambda i: i.index)), batch.replayed))
 
     async def TransferOwnership(
-        self, request: pb.TransferOwnershipRequest, context: grpc.aio.ServicerContext
+        self, request: pb.TransferOwnershipRequest, context: Context
     ) -> pb.TransferOwnershipResponse:
         device_id = check_device_id(request.device_id, self._device_ids)
         command = TransferCommand(
@@ -213,7 +211,7 @@ class EnrollmentRpcs:
         )
 
     async def GetEnrollmentStatus(
-        self, request: pb.GetEnrollmentStatusRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetEnrollmentStatusRequest, context: Context
     ) -> pb.GetEnrollmentStatusResponse:
         device_id = check_device_id(request.device_id, self._device_ids)
         return status_to_proto(await self._service().status(device_id))

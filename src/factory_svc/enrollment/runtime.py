@@ -16,6 +16,7 @@ The outbox lives in ``<data_dir>/enrollments.sqlite3``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -102,5 +103,5 @@ class EnrollmentRuntime:
         self.service.close()
         await self.outbox.close()
         result = self._close_dps()
-        if hasattr(result, "__await__"):
-            await result  # type: ignore[misc]
+        if inspect.isawaitable(result):
+            await result
