@@ -124,7 +124,7 @@ class AuditLog:
                 else db.execute(sql + " ORDER BY id")
             ).fetchall()
             return [
-                AuditEntry(datetime.fromtimestamp(r[0] / 1_000_000, UTC), *r[1:])  # type: ignore[arg-type]
+                AuditEntry(datetime.fromtimestamp(r[0] / 1_000_000, UTC), *r[1:])
                 for r in rows
             ]
 

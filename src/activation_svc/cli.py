@@ -50,6 +50,7 @@ from provkit.device_id import check_device_id
 from provkit.errors import InvalidArgument
 from provkit.grpc_server import ServerConfigError
 from provkit.logging import configure_logging
+from provkit.proto_names import enum_label
 from provkit.settings import SettingsError, SettingsSource, device_id_policy
 
 DEFAULT_TARGET = "127.0.0.1:50052"
@@ -134,10 +135,6 @@ def _security(args: argparse.Namespace, source: SettingsSource) -> ChannelSecuri
     )
 
 
-def _name(enum_type: object, value: int, prefix: str) -> str:
-    return enum_type.Name(value).removeprefix(prefix)  # type: ignore[attr-defined]
-
-
 def activation_outcome(reply: pb.ActivateResponse) -> str:
     """What an activation did, in the OEM's words."""
     device, hub, registered = reply.device_id, reply.hub, reply.registered_hub
@@ -177,7 +174,7 @@ def _when(stamp: timestamp_pb2.Timestamp) -> str:
 def status_fields(reply: pb.GetDeviceStatusResponse) -> dict[str, str]:
     return {
         "device id": reply.device_id,
-        "lifecycle": _name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
+        "lifecycle": enum_label(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
         "provisioning": reply.provisioning_status,
         "owner": reply.owner_oem,
         "allocated hub": reply.allocated_hub,
@@ -224,8 +221,8 @@ async def _call(
                 fields: dict[str, object] = {
                     "device id": reply.device_id,
                     "hub": reply.hub,
-                    "path": _name(pb.ActivationPath, reply.path, "ACTIVATION_PATH_"),
-                    "lifecycle": _name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
+                    "path": enum_label(pb.ActivationPath, reply.path, "ACTIVATION_PATH_"),
+                    "lifecycle": enum_label(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
                     "registered hub": reply.registered_hub,
                     "owner": reply.owner_oem,
                     "replayed": reply.replayed,
@@ -242,7 +239,7 @@ async def _call(
                     "device id": reply.device_id,
                     "changed": reply.changed,
                     "hub device disabled": reply.hub_device_disabled,
-                    "lifecycle": _name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
+                    "lifecycle": enum_label(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
                     "replayed": reply.replayed,
                 }
                 _answer(args, fields, deactivation_outcome(reply))

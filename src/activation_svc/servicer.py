@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import grpc
 from google.protobuf import timestamp_pb2
 
 from activation_svc.model import ActivateCommand, ActivationPath, DeactivateCommand, Lifecycle
@@ -15,7 +14,7 @@ from devprov.v1 import activation_service_pb2_grpc as pb_grpc
 from provkit.context import current_caller
 from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.errors import DomainError
-from provkit.grpc_server import ServiceBinding, binding
+from provkit.grpc_server import Context, ServiceBinding, binding
 from provkit.metrics import NO_METRICS, DomainMetrics
 
 LIFECYCLE_TO_PROTO = {
@@ -49,7 +48,7 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
         self._metrics = metrics
 
     async def Activate(
-        self, request: pb.ActivateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ActivateRequest, context: Context
     ) -> pb.ActivateResponse:
         try:
             result = await self._service.activate(
@@ -79,7 +78,7 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
         )
 
     async def Deactivate(
-        self, request: pb.DeactivateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeactivateRequest, context: Context
     ) -> pb.DeactivateResponse:
         result = await self._service.deactivate(
             DeactivateCommand(
@@ -98,7 +97,7 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
         )
 
     async def GetDeviceStatus(
-        self, request: pb.GetDeviceStatusRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetDeviceStatusRequest, context: Context
     ) -> pb.GetDeviceStatusResponse:
         device_id = check_device_id(request.device_id, self._device_ids)
         status = await self._service.status(device_id, request.activation_code, current_caller())

@@ -29,13 +29,14 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from aiohttp import web
+from google.protobuf import timestamp_pb2
 from opentelemetry import propagate, trace
 
 from activation_svc.portal import pages
@@ -51,6 +52,7 @@ from provkit.grpc_errors import error_details
 from provkit.grpc_server import ON_BEHALF_OF_HEADER
 from provkit.metrics import HttpMetrics
 from provkit.observe import Observability
+from provkit.proto_names import enum_label
 from provkit.signals import wait_for_stop_signal
 
 log = logging.getLogger("activation_svc.portal")
@@ -77,8 +79,8 @@ def _html(body: str, status: int = 200, cookie: tuple[Csrf, str | None] | None =
     return response
 
 
-def _text_field(form: object, name: str) -> str:
-    value = form.get(name, "")  # type: ignore[attr-defined]
+def _text_field(form: Mapping[str, object], name: str) -> str:
+    value = form.get(name, "")
     return value if isinstance(value, str) else ""
 
 
@@ -128,18 +130,14 @@ def _with_retry(response: web.Response, problem: ServiceProblem) -> web.Response
     return response
 
 
-def _name(enum_type: object, value: int, prefix: str) -> str:
-    return enum_type.Name(value).removeprefix(prefix)  # type: ignore[attr-defined]
-
-
-def _when(stamp: object) -> str:
-    if not (stamp.seconds or stamp.nanos):  # type: ignore[attr-defined]
+def _when(stamp: timestamp_pb2.Timestamp) -> str:
+    if not (stamp.seconds or stamp.nanos):
         return ""
-    return stamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")  # type: ignore[attr-defined]
+    return stamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 # ------------------------------------------------------------------------------------------- handlers
-async def _form_post(request: web.Request) -> tuple[object, web.Response | None]:
+async def _form_post(request: web.Request) -> tuple[Mapping[str, object], web.Response | None]:
     """The parsed form, or the answer to send instead (403 on a missing or forged CSRF token)."""
     form = await request.post()  # raises 413 past client_max_size
     csrf = request.app[CSRF]
@@ -170,12 +168,15 @@ async def activate(request: web.Request) -> web.Response:
     values = {name: _text_field(form, name) for name in _LIMITS}
     token, fresh = csrf.token_for(request)
 
-    def again(status: int, **changes: object) -> web.Response:
+    def again(
+        status: int, problem: ServiceProblem | None = None, local_problems: tuple[FieldProblem, ...] = ()
+    ) -> web.Response:
         state = pages.ActivateForm(
             device_id=values["device_id"][: pages.MAX_DEVICE_ID],
             hub=values["hub"][: pages.MAX_HUB],
             metadata=values["metadata"][: pages.MAX_METADATA_CHARS],
-            **changes,  # type: ignore[arg-type]
+            problem=problem,
+            local_problems=local_problems,
         )
         # a new request id: the corrected form is a new request
         return _html(
@@ -211,8 +212,8 @@ async def activate(request: web.Request) -> web.Response:
     view = pages.ActivationView(
         device_id=reply.device_id,
         hub=reply.hub,
-        path=_name(pb.ActivationPath, reply.path, "ACTIVATION_PATH_"),
-        lifecycle=_name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
+        path=enum_label(pb.ActivationPath, reply.path, "ACTIVATION_PATH_"),
+        lifecycle=enum_label(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
         registered_hub=reply.registered_hub,
         replayed=reply.replayed,
     )
@@ -265,7 +266,7 @@ async def status(request: web.Request) -> web.Response:
         _settle(attempt, None)
     view = pages.StatusView(
         device_id=reply.device_id,
-        lifecycle=_name(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
+        lifecycle=enum_label(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
         provisioning_status=reply.provisioning_status,
         owner=reply.owner_oem,
         allocated_hub=reply.allocated_hub,
@@ -299,12 +300,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 # ----------------------------------------------------------------------------------------- middlewares
 @web.middleware
-async def guard(request: web.Request, handler: Callable[[web.Request], object]) -> web.StreamResponse:
+async def guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if not host_allowed(request.headers.get("Host"), settings.host, settings.allowed_hosts):
         return _html(pages.message_page("Wrong host", "This portal does not answer to that host name."), 421)
     try:
-        return await handler(request)  # type: ignore[misc]
+        return await handler(request)
     except web.HTTPRequestEntityTooLarge:
         limit = settings.max_body_bytes
         page = pages.message_page("Too large", f"The form is larger than {limit} bytes; nothing was sent.")

@@ -22,7 +22,7 @@ from provkit.logging import configure_logging
 from provkit.settings import SettingsError
 
 
-def add_portal_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_portal_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cmd = sub.add_parser(
         "portal", allow_abbrev=False, help="serve the activation web portal (a client of the service)"
     )
@@ -36,18 +36,19 @@ def add_portal_command(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
 def portal_settings(args: argparse.Namespace) -> PortalSettings:
     settings = load_portal_settings(config=args.config)
-    changes: dict[str, object] = {}
+    replace = dataclasses.replace
     if args.listen:
-        changes["host"], changes["port"] = parse_listen(args.listen)
+        host, port = parse_listen(args.listen)
+        settings = replace(settings, host=host, port=port)
     if args.allow_non_loopback:
-        changes["allow_non_loopback"] = True
+        settings = replace(settings, allow_non_loopback=True)
     if args.tls_cert_file or args.tls_key_file:
-        changes["tls_cert_file"], changes["tls_key_file"] = args.tls_cert_file, args.tls_key_file
+        settings = replace(settings, tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file)
     if args.target:
-        changes["target"] = args.target
+        settings = replace(settings, target=args.target)
     if args.insecure or args.ca_file or args.cert_file or args.key_file or args.server_name:
         try:
-            changes["security"] = ChannelSecurity.from_files(
+            security = ChannelSecurity.from_files(
                 ca_file=args.ca_file,
                 cert_file=args.cert_file,
                 key_file=args.key_file,
@@ -56,7 +57,7 @@ def portal_settings(args: argparse.Namespace) -> PortalSettings:
             )
         except ValueError as exc:
             raise SettingsError(str(exc)) from exc
-    settings = dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
+        settings = replace(settings, security=security)
     settings.check()
     return settings
 
