@@ -116,8 +116,12 @@ async def _release(client: ProvisioningDeviceClient, timeout_s: float) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
 
+    def settle() -> None:
+        if not done.done():
+            done.set_result(None)
+
     def callback(error: BaseException | None = None) -> None:
-        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+        loop.call_soon_threadsafe(settle)
 
     try:
         pipeline.shutdown(callback=callback)

@@ -93,7 +93,8 @@ class HubSession:
     async def open(self) -> dict[str, Any]:
         """Connect, subscribe to desired-property patches, and return the twin's desired document."""
         await self._call("connect", self._client.connect())
-        self._client.on_connection_state_change = self._connection_changed
+        # The SDK annotates this handler as taking one argument (None) but calls it with none.
+        self._client.on_connection_state_change = self._connection_changed  # type: ignore[assignment]
         # The setter subscribes synchronously (it blocks until SUBACK): keep it off the event loop.
         await self._call(
             "subscribe to desired properties",

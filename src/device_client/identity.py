@@ -10,6 +10,7 @@ from enum import StrEnum
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from device_client.errors import IdentityError, UsageError
@@ -109,8 +110,8 @@ def describe_key(key: PrivateKey) -> str:
     return f"rsa-{key.key_size}"
 
 
-def _public_der(public_key: object) -> bytes:
-    return public_key.public_bytes(  # type: ignore[attr-defined]
+def _public_der(public_key: PublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 

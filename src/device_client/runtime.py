@@ -25,11 +25,11 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from device_client import abandoned, dps
 from device_client.backoff import Backoff
@@ -43,6 +43,7 @@ from device_client.state import Assignment, DesiredState, StateDir, StoredIdenti
 from device_client.telemetry import build_body, new_message_id
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class DeviceState(StrEnum):
@@ -213,7 +214,7 @@ class DeviceRuntime:
         finally:
             await self._shutdown()
 
-    async def _unless_stopped(self, awaitable: Any) -> Any:
+    async def _unless_stopped(self, awaitable: Awaitable[T]) -> T:
         """Await ``awaitable`` unless stop() comes first (then cancel it and raise _Stopped)."""
         task = asyncio.ensure_future(awaitable)
         stop = asyncio.ensure_future(self._stop.wait())
@@ -433,9 +434,11 @@ class DeviceRuntime:
         loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             now = self._clock()
-            await self._buffer.append(
-                lambda seq, now=now: (new_message_id(), now, build_body(self.guid, seq, now))
-            )
+
+            def message(seq: int, now: datetime = now) -> tuple[str, datetime, bytes]:
+                return new_message_id(), now, build_body(self.guid, seq, now)
+
+            await self._buffer.append(message)
             produced_at = loop.time()
             await self._refresh_buffer_stats()
             self._wake_sender.set()
