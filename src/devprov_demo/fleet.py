@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from activation_svc.metadata import sample_metadata
 from device_client.factory_client import GrpcFactory
@@ -157,9 +158,25 @@ class Fleet:
                 await task
 
 
-def summary(fleet: Fleet, received: dict[str, int], chosen_hubs: dict[str, str]) -> dict[str, Any]:
+class DeviceSummary(TypedDict):
+    guid: str
+    chosen_hub: str | None
+    assigned_hub: str | None
+    states_reached: list[str]
+    final_state: str
+    telemetry_acknowledged: int
+    hub_received: int
+    error: str | None
+
+
+class FleetSummary(TypedDict):
+    ok: bool
+    devices: list[DeviceSummary]
+
+
+def summary(fleet: Fleet, received: dict[str, int], chosen_hubs: dict[str, str]) -> FleetSummary:
     """What happened to each device; ``ok`` when every device registered and its hub got telemetry."""
-    devices = []
+    devices: list[DeviceSummary] = []
     for track in fleet.tracks:
         snap = track.snapshot
         devices.append(
@@ -180,6 +197,6 @@ def summary(fleet: Fleet, received: dict[str, int], chosen_hubs: dict[str, str])
     return {"ok": ok, "devices": devices}
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: Mapping[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

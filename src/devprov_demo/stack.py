@@ -230,7 +230,9 @@ class Stack:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}; its log:\n{_tail(log)}")
                 try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    # types-grpcio-health-checking declares HealthStub without its methods.
+                    check = health.Check  # type: ignore[attr-defined]
+                    reply = check(health_pb2.HealthCheckRequest(), timeout=1.0)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:

@@ -19,7 +19,7 @@ from rich.text import Text
 from azure_iot_emulator.hub.telemetry import StoredMessage, TelemetryStore
 from azure_iot_emulator.store import Database
 from device_client.runtime import DeviceState, RuntimeSnapshot
-from devprov_demo.fleet import Label
+from devprov_demo.fleet import FleetSummary, Label
 
 STATE_STYLE = {
     DeviceState.IDLE: "dim",
@@ -157,10 +157,13 @@ def telemetry_panel(tail: Iterable[StoredMessage], layout: Layout) -> Panel:
     lines: list[Text] = []
     for message in tail:
         text = message.body_text()
-        try:
-            shown = _reading(json.loads(text)) if text else f"<{len(message.body)} bytes>"
-        except ValueError:
-            shown = text[:80]
+        if not text:
+            shown = f"<{len(message.body)} bytes>"
+        else:
+            try:
+                shown = _reading(json.loads(text))
+            except ValueError:
+                shown = text[:80]
         line = Text(no_wrap=True, overflow="ellipsis")
         line.append(f"{message.enqueued_time[11:23]} ", style="dim")
         line.append(f"{shorten_middle(message.hub, layout.hub)} ", style="cyan")
@@ -187,7 +190,7 @@ def live_view(tracks: Sequence[TrackView], watch: HubWatch, footer: str, width: 
     )
 
 
-def summary_table(summary: dict[str, Any], width: int = Layout.WIDE) -> Table:
+def summary_table(summary: FleetSummary, width: int = Layout.WIDE) -> Table:
     layout = Layout.for_width(width)
     verdict = "every device registered and its hub received telemetry" if summary["ok"] else "INCOMPLETE"
     table = Table(title=f"Summary: {verdict}", title_justify="left")
