@@ -24,6 +24,12 @@ from typing import Any
 from aiohttp import web
 
 from azure_iot_emulator.config import EmulatorConfig, listen_address
+from azure_iot_emulator.connection_info import (
+    CONNECTION_FILE,
+    ConnectionInfo,
+    HubConnection,
+    read_connection_info,
+)
 from azure_iot_emulator.dps.part import DpsPart
 from azure_iot_emulator.https import HttpsListener
 from azure_iot_emulator.hub.part import HubPart
@@ -38,7 +44,6 @@ from azure_iot_emulator.store import Database
 
 log = logging.getLogger(__name__)
 
-CONNECTION_FILE = "connection.json"
 DB_FILE = "emulator.db"
 DPS_POLICY = "provisioningserviceowner"
 HUB_POLICY = "iothubowner"
@@ -124,7 +129,7 @@ class Emulator:
         self._mqtt_servers: list[asyncio.Server] = []
         self.https_routes: dict[str, list[web.RouteDef]] = {}
         self._https: list[HttpsListener] = []
-        self.connection: dict[str, Any] = {}
+        self.connection: ConnectionInfo | None = None
         self.metrics = EmulatorMetrics()
         self.metrics_url = ""
 
@@ -165,7 +170,7 @@ class Emulator:
             )
 
     # ------------------------------------------------------------------------------------ lifecycle
-    async def start(self) -> dict[str, Any]:
+    async def start(self) -> ConnectionInfo:
         cfg = self.config
         private_directory(cfg.data_dir)
         self.db = Database(cfg.data_dir / DB_FILE)
@@ -183,9 +188,9 @@ class Emulator:
         except BaseException:
             await self.stop()
             raise
-        self.connection = self._connection_info()
-        self._write_connection_file()
-        return self.connection
+        self.connection = info = self._connection_info()
+        self._write_connection_file(info)
+        return info
 
     async def _listen(self) -> None:
         cfg = self.config
@@ -235,12 +240,12 @@ class Emulator:
         files = [db_path, db_path.with_name(db_path.name + "-wal")]
         self.metrics.watch(connected, lambda: files)
 
-    def _connection_info(self) -> dict[str, Any]:
+    def _connection_info(self) -> ConnectionInfo:
         cfg, keys = self.config, self.secrets
         assert keys is not None and self.pki is not None
         dps_rest = next(r for r in self.rest_apps if r.name == "dps")
         dps_endpoint = f"{dps_rest.address}:{dps_rest.bound_port}"
-        hubs = []
+        hubs: list[HubConnection] = []
         for host in cfg.hub_hosts:
             rest = next(r for r in self.rest_apps if r.name == host)
             endpoint = f"{rest.address}:{rest.bound_port}"
@@ -252,7 +257,7 @@ class Emulator:
                     "rest_endpoint": f"https://{endpoint}",
                 }
             )
-        return {
+        info: ConnectionInfo = {
             "pid": os.getpid(),
             "ca_pem_path": str(self.pki.ca_path.resolve()),
             "id_scope": keys.id_scope,
@@ -266,15 +271,17 @@ class Emulator:
             },
             "hubs": hubs,
             "default_hub": cfg.default_hub,
-            **({"metrics_url": self.metrics_url} if self.metrics_url else {}),
         }
+        if self.metrics_url:
+            info["metrics_url"] = self.metrics_url
+        return info
 
-    def _write_connection_file(self) -> None:
+    def _write_connection_file(self, info: ConnectionInfo) -> None:
         path = self.config.data_dir / CONNECTION_FILE
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds service keys
         with os.fdopen(fd, "w") as handle:
-            json.dump(self.connection, handle, indent=2)
+            json.dump(info, handle, indent=2)
         os.replace(tmp, path)
         if self.config.ready_file is not None:
             self.config.ready_file.write_text(str(path.resolve()) + "\n")
@@ -301,10 +308,7 @@ class Emulator:
             self.db.close()
             self.db = None
         with_path = self.config.data_dir / CONNECTION_FILE
-        if self.connection and with_path.exists():
-            try:
-                current = json.loads(with_path.read_text())
-            except (OSError, ValueError):
-                current = {}
-            if current.get("pid") == os.getpid():
+        if self.connection is not None and with_path.exists():
+            current = read_connection_info(with_path)
+            if current is not None and current["pid"] == os.getpid():
                 with_path.unlink()

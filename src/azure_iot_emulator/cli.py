@@ -14,6 +14,7 @@ from pathlib import Path
 
 from azure_iot_emulator import logs
 from azure_iot_emulator.config import DEFAULT_DATA_DIR, build_config
+from azure_iot_emulator.connection_info import CONNECTION_FILE, ConnectionInfo
 from azure_iot_emulator.hub import cli as hub_cli
 
 log = logging.getLogger("azure_iot_emulator")
@@ -122,7 +123,7 @@ def _raise_open_file_limit() -> None:
         log.warning("cannot raise the open-file limit: %s", exc)
 
 
-def _print_summary(info: dict, data_dir: Path) -> None:
+def _print_summary(info: ConnectionInfo, data_dir: Path) -> None:
     lines = [
         "Azure IoT emulator ready",
         f"  ID scope:            {info['id_scope']}",
@@ -134,7 +135,7 @@ def _print_summary(info: dict, data_dir: Path) -> None:
         lines.append(f"  IoT hub:             {hub['host_name']} (service {hub['rest_endpoint']})")
     if info.get("metrics_url"):
         lines.append(f"  Metrics:             {info['metrics_url']}")
-    lines.append(f"  Connection strings (with keys): {(data_dir / 'connection.json').resolve()}")
+    lines.append(f"  Connection strings (with keys): {(data_dir / CONNECTION_FILE).resolve()}")
     print("\n".join(lines), flush=True)
 
 

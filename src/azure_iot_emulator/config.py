@@ -6,6 +6,7 @@ import ipaddress
 import json
 import socket
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-_FILE_KEYS = {
+_FILE_KEYS: dict[str, Callable[[Any], object]] = {
     "data_dir": Path,
     "dps_host": str,
     "hub_hosts": lambda v: tuple(str(h) for h in v),

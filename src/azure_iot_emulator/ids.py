@@ -11,7 +11,7 @@ written.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TypeGuard
 
 DEVICE_ID_MAX = 128
 _DEVICE_ID = re.compile(r"[A-Za-z0-9\-:.+%_#*?!(),=@;$']{1,128}")
@@ -27,9 +27,9 @@ REGISTRATION_ID_RULE = (
 )
 
 
-def is_device_id(value: Any) -> bool:
+def is_device_id(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and _DEVICE_ID.fullmatch(value) is not None and value not in (".", "..")
 
 
-def is_registration_id(value: Any) -> bool:
+def is_registration_id(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and _REGISTRATION_ID.fullmatch(value) is not None

@@ -11,7 +11,6 @@ On Linux the child gets SIGTERM when its parent dies, so an interrupted parent n
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,8 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+
+from azure_iot_emulator.connection_info import CONNECTION_FILE, ConnectionInfo, read_connection_info
 
 START_TIMEOUT = 30.0
 
@@ -89,7 +89,7 @@ class EmulatorProcess:
         self.extra_args = list(extra_args)
         self.log_path = log_path or self.data_dir.parent / f"{self.data_dir.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.connection: dict[str, Any] = {}
+        self._connection: ConnectionInfo | None = None
 
     # ----------------------------------------------------------------------------------- lifecycle
     @property
@@ -114,7 +114,7 @@ class EmulatorProcess:
 
     @property
     def connection_file(self) -> Path:
-        return self.data_dir / "connection.json"
+        return self.data_dir / CONNECTION_FILE
 
     def start(self, timeout: float = START_TIMEOUT) -> EmulatorProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -122,20 +122,14 @@ class EmulatorProcess:
         self.proc = spawn(self.command, self.log_path)
         deadline = time.monotonic() + timeout
         while True:
-            info = self._read_connection()
-            if info.get("pid") == self.proc.pid:
-                self.connection = info
+            info = read_connection_info(self.connection_file)
+            if info is not None and info["pid"] == self.proc.pid:
+                self._connection = info
                 return self
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"the emulator did not start; its log:\n{self.log_text()[-4000:]}")
             time.sleep(0.05)
-
-    def _read_connection(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.connection_file.read_text())
-        except (OSError, ValueError):
-            return {}
 
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -165,6 +159,12 @@ class EmulatorProcess:
 
     # ----------------------------------------------------------------------------- connection facts
     @property
+    def connection(self) -> ConnectionInfo:
+        if self._connection is None:
+            raise RuntimeError("the emulator has not started: no connection facts yet")
+        return self._connection
+
+    @property
     def ca_path(self) -> Path:
         return Path(self.connection["ca_pem_path"])
 
@@ -183,7 +183,7 @@ class EmulatorProcess:
     @property
     def https_port(self) -> int | None:
         """Port 443 of every host (DPS device API, MQTT over WebSockets); None if it could not be bound."""
-        return self.connection.get("https_port")
+        return self.connection["https_port"]
 
     @property
     def dps_connection_string(self) -> str:

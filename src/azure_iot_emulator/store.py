@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import litestore
@@ -31,6 +31,7 @@ import litestore
 # Version 1: the parts' tables, created by the parts themselves (register_schema); nothing to migrate.
 MIGRATIONS: tuple[litestore.Migration, ...] = ("",)
 SCHEMA = litestore.Schema("emulator", MIGRATIONS)
+Params = tuple[object, ...] | Mapping[str, object]  # SQL parameters, by position or by name
 OPTIONS = litestore.Options(synchronous=litestore.Synchronous.FULL, row_factory=sqlite3.Row)
 
 
@@ -58,11 +59,12 @@ class Database:
         with litestore.transaction(self._conn) as conn:
             yield conn
 
-    def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         return self._conn.execute(sql, params).fetchall()
 
-    def query_one(self, sql: str, params: tuple | dict = ()) -> sqlite3.Row | None:
-        return self._conn.execute(sql, params).fetchone()
+    def query_one(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._conn.execute(sql, params).fetchone()  # row_factory is sqlite3.Row
+        return row
 
     def close(self) -> None:
         self._conn.close()

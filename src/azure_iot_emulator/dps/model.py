@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,6 +26,14 @@ def check_registration_id(value: Any) -> str:
     if not ids.is_registration_id(value):
         raise bad_request(f"invalid registration id {value!r}: {ids.REGISTRATION_ID_RULE}")
     return value
+
+
+def json_object(value: object) -> dict[str, Any]:
+    """A JSON object, from a document's text or an already parsed value (a stored body, one of its parts)."""
+    parsed = json.loads(value) if isinstance(value, str | bytes) else value
+    if not isinstance(parsed, dict):
+        raise TypeError(f"expected a JSON object, got {type(parsed).__name__}")
+    return parsed
 
 
 def strip_etag(value: str | None) -> str | None:
@@ -150,8 +159,7 @@ def normalise_enrollment(
     dropped, defaults filled, certificates parsed and their ``info`` computed)."""
     if not isinstance(body, dict):
         raise bad_request("enrollment must be a JSON object")
-    reg_id = body.get("registrationId", path_id)
-    check_registration_id(reg_id)
+    reg_id = check_registration_id(body.get("registrationId", path_id))
     if path_id is not None and registration_key(reg_id) != registration_key(path_id):
         raise bad_request("registrationId in the body differs from the one in the path")
     out: dict[str, Any] = {"registrationId": reg_id}

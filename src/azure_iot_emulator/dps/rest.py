@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from azure_iot_emulator.dps.errors import DpsError, bad_request, throttled, unauthorized
 from azure_iot_emulator.dps.service import DpsService
@@ -19,8 +20,8 @@ from azure_iot_emulator.sas import SasError, request_resources, resource_allows,
 log = logging.getLogger(__name__)
 
 SERVICE = web.AppKey("service", DpsService)
-CLOCK = web.AppKey("clock", Callable[[], datetime])
-QUOTA = web.AppKey("quota", TokenBuckets | None)
+CLOCK: web.AppKey[Callable[[], datetime]] = web.AppKey("clock")
+QUOTA: web.AppKey[TokenBuckets | None] = web.AppKey("quota")
 MAX_BODY = 256 * 1024
 
 
@@ -78,7 +79,7 @@ def _auth_middleware(
     verified = _VerifiedTokens()
 
     @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         now = clock()
         header = request.headers.get("Authorization")
         resources = request_resources(names, local_port(request), request.path)

@@ -56,7 +56,7 @@ MAX_PAGE = 1000
 class HubProvisioner(Protocol):
     def provision_from_dps(
         self, *, hub: str, device_id: str, thumbprint_sha1: str, thumbprint_sha256: str,
-        initial_twin: dict | None, apply_initial_twin: bool,
+        initial_twin: Mapping[str, Any] | None, apply_initial_twin: bool,
     ) -> None: ...
 
     def device_exists(self, hub: str, device_id: str) -> bool: ...
@@ -108,13 +108,13 @@ class DpsService:
         )
 
     def _render(self, row: Any) -> dict[str, Any]:
-        body = json.loads(row["body"])
+        body = model.json_object(row["body"])
         body["etag"] = row["etag"]
         body["createdDateTimeUtc"] = row["created"]
         body["lastUpdatedDateTimeUtc"] = row["updated"]
         state = self._db.query_one("SELECT body FROM dps_registrations WHERE key = ?", (row["key"],))
         if state is not None:
-            body["registrationState"] = json.loads(state["body"])
+            body["registrationState"] = model.json_object(state["body"])
         return body
 
     def get_enrollment(self, registration_id: str) -> dict[str, Any]:
@@ -137,12 +137,13 @@ class DpsService:
         reg_id = body.get("registrationId") if isinstance(body, dict) else None
         if mode == "create" and path_id is None:
             return self._create(body, now)
-        existing = self._row(path_id or reg_id) if (path_id or isinstance(reg_id, str)) else None
-        previous = json.loads(existing["body"]) if existing is not None else None
+        key = path_id or (reg_id if isinstance(reg_id, str) else None)
+        existing = self._row(key) if key is not None else None
+        previous = model.json_object(existing["body"]) if existing is not None else None
         stored = model.normalise_enrollment(
             body, path_id=path_id, linked_hubs=self.hub_hosts, previous=previous
         )
-        reg_id = stored["registrationId"]
+        reg_id = model.check_registration_id(stored["registrationId"])
         if stored.get("initialTwin") is not None:
             _check_initial_twin(stored["initialTwin"])
         now = now or azure_time(self._clock())
@@ -177,10 +178,10 @@ class DpsService:
             if existing is None:
                 raise
             model.normalise_enrollment(
-                body, path_id=None, linked_hubs=self.hub_hosts, previous=json.loads(existing["body"])
+                body, path_id=None, linked_hubs=self.hub_hosts, previous=model.json_object(existing["body"])
             )
             raise conflict(f"Enrollment {reg_id} already exists") from None
-        reg_id = stored["registrationId"]
+        reg_id = model.check_registration_id(stored["registrationId"])
         if stored.get("initialTwin") is not None:
             _check_initial_twin(stored["initialTwin"])
         now = now or azure_time(self._clock())
@@ -206,7 +207,7 @@ class DpsService:
         self._db.connection.execute("DELETE FROM dps_enrollments WHERE key = ?", (row["key"],))
 
     def attestation_mechanism(self, registration_id: str) -> dict[str, Any]:
-        return self.get_enrollment(registration_id)["attestation"]
+        return model.json_object(self.get_enrollment(registration_id)["attestation"])
 
     def bulk(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
@@ -251,7 +252,9 @@ class DpsService:
                 conn.execute("RELEASE bulk_item")
         return {"isSuccessful": not errors, "errors": errors}
 
-    def query(self, body: Any, page_size: int, continuation: str | None) -> tuple[list[dict], str | None]:
+    def query(
+        self, body: Any, page_size: int, continuation: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
         if not isinstance(body, dict) or not isinstance(body.get("query"), str) or not body["query"].strip():
             raise bad_request('query specification must be {"query": "..."}')
         after = ""
@@ -278,7 +281,7 @@ class DpsService:
         )
         if row is None:
             raise DpsError(404, 404202, f"Registration {registration_id} not found")
-        return json.loads(row["body"])
+        return model.json_object(row["body"])
 
     def delete_registration(self, registration_id: str, if_match: str | None) -> None:
         key = model.registration_key(model.check_registration_id(registration_id))
@@ -300,13 +303,13 @@ class DpsService:
         row = self._row(registration_id)
         if row is None:
             raise DpsError(404, 404201, f"No enrollment for registration id {registration_id}")
-        enrollment = json.loads(row["body"])
+        enrollment = model.json_object(row["body"])
         self._check_attestation(enrollment, registration_id, leaf)
         assert leaf is not None
         now = self._clock()
         key = row["key"]
         previous = self._db.query_one("SELECT body FROM dps_registrations WHERE key = ?", (key,))
-        prev_state = json.loads(previous["body"]) if previous else None
+        prev_state = model.json_object(previous["body"]) if previous else None
         created = prev_state["createdDateTimeUtc"] if prev_state else azure_time(now)
         cert_info = certificate_info(leaf)
         base = {
@@ -388,14 +391,14 @@ class DpsService:
         else:
             chosen = hashed_choice(enrollment["registrationId"], candidates)
         prev_hub = prev.get("assignedHub") if prev and prev.get("status") == "assigned" else None
-        if prev_hub is None:
+        if prev is None or prev_hub is None:
             return chosen, "initialAssignment", True
         device_id = enrollment.get("deviceId") or enrollment["registrationId"]
         policy = enrollment.get("reprovisionPolicy") or {}
         if prev_hub in candidates or not policy.get("updateHubAssignment", True):
             # Same assignment; a device deleted on its hub is re-created with the initial twin.
             present = self._registry.device_exists(prev_hub, device_id)
-            return prev_hub, prev.get("substatus") or "initialAssignment", not present  # type: ignore[union-attr]
+            return prev_hub, prev.get("substatus") or "initialAssignment", not present
         if policy.get("migrateDeviceData", True):
             return chosen, "deviceDataMigrated", True
         return chosen, "deviceDataReset", True

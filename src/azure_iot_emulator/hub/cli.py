@@ -103,7 +103,9 @@ def run_monitor(
     return 0
 
 
-def add_commands(subparsers: argparse._SubParsersAction, default_data_dir: str | Path) -> None:
+def add_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], default_data_dir: str | Path
+) -> None:
     """Add ``monitor`` and ``messages`` to the emulator CLI (each sets ``func``)."""
     monitor = subparsers.add_parser("monitor", allow_abbrev=False, help="tail device-to-cloud telemetry live")
     monitor.add_argument("--data-dir", default=str(default_data_dir), help="emulator data directory")

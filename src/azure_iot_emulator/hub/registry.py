@@ -202,7 +202,7 @@ class HubRegistry:
         device_id: str,
         thumbprint_sha1: str,
         thumbprint_sha256: str,
-        initial_twin: dict | None,
+        initial_twin: Mapping[str, Any] | None,
         apply_initial_twin: bool,
     ) -> None:
         """Create or update ``device_id`` on ``hub`` as an enabled selfSigned X.509 device whose primary
@@ -235,10 +235,10 @@ class HubRegistry:
                     invalidated.append((hub, device_id))
                 self.update_device(hub, spec)
             if apply_initial_twin:
-                current = self.get_twin(hub, device_id)
-                assert current is not None
+                twin = self.get_twin(hub, device_id)
+                assert twin is not None
                 updated, _ = twinmodel.apply_service_update(
-                    current, tags=tags, desired=desired, timestamp=self.now(), replace_all=True
+                    twin, tags=tags, desired=desired, timestamp=self.now(), replace_all=True
                 )
                 self.save_twin(hub, device_id, updated)
         for where, who in invalidated:
@@ -260,7 +260,7 @@ class HubRegistry:
 
     def list_devices(self, hub: str, limit: int | None = None) -> list[Device]:
         sql = "SELECT * FROM hub_devices WHERE hub = ? ORDER BY device_id"
-        params: tuple = (hub,)
+        params: tuple[object, ...] = (hub,)
         if limit is not None:
             sql += " LIMIT ?"
             params = (hub, limit)

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from azure_iot_emulator import ids
 from azure_iot_emulator.https import local_port
@@ -63,7 +64,7 @@ def _make_auth_middleware(
     keys: Callable[[], dict[str, str]], clock: Callable[[], datetime], names: Sequence[str]
 ) -> Any:
     @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         header = request.headers.get("Authorization")
         try:
             key = keys().get(SERVICE_POLICY)

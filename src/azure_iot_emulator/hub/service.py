@@ -111,6 +111,11 @@ def _stored(seq: int, enqueued: str, item: tuple[str, str, topics.PropertyBag, b
     )
 
 
+def _resolve(future: asyncio.Future[list[StoredMessage] | None], value: list[StoredMessage] | None) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 def _settle(waiter: _IngestWaiter, value: list[StoredMessage] | None) -> None:
     """Tell the caller its messages are stored, at once or (traffic shaping) at ``release_at``."""
     future = waiter.future
@@ -119,7 +124,7 @@ def _settle(waiter: _IngestWaiter, value: list[StoredMessage] | None) -> None:
     if wait <= 0:
         future.set_result(value)
     else:
-        loop.call_later(wait, lambda: future.done() or future.set_result(value))
+        loop.call_later(wait, _resolve, future, value)
 
 
 class HubService:

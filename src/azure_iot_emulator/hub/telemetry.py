@@ -198,8 +198,11 @@ class TelemetryStore:
 
     @staticmethod
     def _filters(
-        hub: str | None, device_id: str | None, extra: str | None = None, extra_params: tuple = ()
-    ) -> tuple[str, tuple]:
+        hub: str | None,
+        device_id: str | None,
+        extra: str | None = None,
+        extra_params: tuple[object, ...] = (),
+    ) -> tuple[str, tuple[object, ...]]:
         clauses: list[str] = []
         params: list[Any] = []
         if hub is not None:

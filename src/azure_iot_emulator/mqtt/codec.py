@@ -8,6 +8,7 @@ raises :class:`MalformedPacket` with a stable ``reason`` and the stream must the
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from azure_iot_emulator.mqtt import packets as p
 
@@ -116,7 +117,7 @@ class _Reader:
         return self.take(1)[0]
 
     def u16(self) -> int:
-        return struct.unpack("!H", self.take(2))[0]
+        return int.from_bytes(self.take(2), "big")
 
     def binary(self) -> bytes:
         return self.take(self.u16())
@@ -145,6 +146,14 @@ _FIXED_FLAGS = {
     p.SUBACK: 0, p.UNSUBSCRIBE: 2, p.UNSUBACK: 0, p.PINGREQ: 0, p.PINGRESP: 0, p.DISCONNECT: 0,
 }
 
+# Packets that are a packet id only, and packets with no body at all.
+_ACKS: dict[int, Callable[[int], p.Packet]] = {
+    p.PUBACK: p.PubAck, p.PUBREC: p.PubRec, p.PUBREL: p.PubRel, p.PUBCOMP: p.PubComp, p.UNSUBACK: p.UnsubAck,
+}
+_EMPTY: dict[int, Callable[[], p.Packet]] = {
+    p.PINGREQ: p.PingReq, p.PINGRESP: p.PingResp, p.DISCONNECT: p.Disconnect,
+}
+
 
 def decode_packet(first: int, body: bytes) -> p.Packet:
     """Decode one packet from its first byte and its body (remaining-length bytes)."""
@@ -168,9 +177,7 @@ def decode_packet(first: int, body: bytes) -> p.Packet:
         return p.Publish(topic, r.rest(), qos, packet_id, bool(flags & 0x01), bool(flags & 0x08))
     if kind in (p.PUBACK, p.PUBREC, p.PUBREL, p.PUBCOMP, p.UNSUBACK):
         pid = r.u16()
-        cls = {p.PUBACK: p.PubAck, p.PUBREC: p.PubRec, p.PUBREL: p.PubRel, p.PUBCOMP: p.PubComp,
-               p.UNSUBACK: p.UnsubAck}[kind]
-        packet = cls(pid)
+        packet = _ACKS[kind](pid)
     elif kind == p.CONNECT:
         packet = _decode_connect(r)
     elif kind == p.CONNACK:
@@ -202,7 +209,7 @@ def decode_packet(first: int, body: bytes) -> p.Packet:
             raise MalformedPacket("EMPTY_UNSUBSCRIBE", "UNSUBSCRIBE without topic filters")
         packet = p.Unsubscribe(pid, tuple(topics_u))
     else:
-        packet = {p.PINGREQ: p.PingReq, p.PINGRESP: p.PingResp, p.DISCONNECT: p.Disconnect}[kind]()
+        packet = _EMPTY[kind]()
     if not r.done():
         raise MalformedPacket("TRAILING_BYTES", "packet has bytes beyond its content")
     return packet

@@ -93,6 +93,10 @@ class ServerConnection:
         self._decoder = StreamDecoder(max_packet_size)
         self._out = bytearray()
 
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
     # ----------------------------------------------------------------------------------------- inbound
     def receive(self, data: bytes) -> list[Event]:
         if self.state is State.CLOSED:
@@ -102,7 +106,7 @@ class ServerConnection:
             return [self._fail(ProtocolError("CONNECT_EXPECTED", "first packet is not CONNECT"))]
         self._decoder.append(data)
         events: list[Event] = []
-        while self.state is not State.CLOSED:
+        while not self.closed:  # (a method, not a narrowed attribute: handling a packet may close)
             try:
                 packet = self._decoder.next_packet()
             except MalformedPacket as exc:

@@ -1,0 +1,78 @@
+"""The emulator's ``connection.json``: what a running emulator tells its clients (endpoints, keys, CA)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NotRequired, TypedDict
+
+CONNECTION_FILE = "connection.json"
+
+
+class DpsConnection(TypedDict):
+    connection_string: str
+    rest_endpoint: str
+
+
+class HubConnection(TypedDict):
+    host_name: str
+    connection_string: str
+    rest_endpoint: str
+
+
+class ConnectionInfo(TypedDict):
+    pid: int
+    ca_pem_path: str
+    id_scope: str
+    global_endpoint: str
+    mqtt_port: int
+    https_port: int | None  # None when port 443 could not be bound
+    dps: DpsConnection
+    hubs: list[HubConnection]
+    default_hub: str
+    metrics_url: NotRequired[str]  # only when the emulator serves /metrics
+
+
+def parse_connection_info(data: object) -> ConnectionInfo | None:
+    """The document's facts, or None when it is not a connection file this emulator writes."""
+    if not isinstance(data, dict):
+        return None
+    try:
+        dps, hubs = data["dps"], data["hubs"]
+        if not isinstance(dps, dict) or not isinstance(hubs, list):
+            return None
+        if not all(isinstance(h, dict) for h in hubs):
+            return None
+        info = ConnectionInfo(
+            pid=int(data["pid"]),
+            ca_pem_path=str(data["ca_pem_path"]),
+            id_scope=str(data["id_scope"]),
+            global_endpoint=str(data["global_endpoint"]),
+            mqtt_port=int(data["mqtt_port"]),
+            https_port=None if data.get("https_port") is None else int(data["https_port"]),
+            dps=DpsConnection(
+                connection_string=str(dps["connection_string"]), rest_endpoint=str(dps["rest_endpoint"])
+            ),
+            hubs=[
+                HubConnection(
+                    host_name=str(h["host_name"]),
+                    connection_string=str(h["connection_string"]),
+                    rest_endpoint=str(h["rest_endpoint"]),
+                )
+                for h in hubs
+            ],
+            default_hub=str(data["default_hub"]),
+        )
+        if data.get("metrics_url"):
+            info["metrics_url"] = str(data["metrics_url"])
+        return info
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def read_connection_info(path: Path) -> ConnectionInfo | None:
+    """The file's facts, or None while it is missing, half-written or not ours."""
+    try:
+        return parse_connection_info(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
