@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: install proto proto-check lint test bench demo up clean browser
+.PHONY: install proto proto-check lint typecheck test bench demo up clean browser
 
 install: $(STAMP)
 
@@ -31,7 +31,11 @@ proto-check: install
 lint: install
 	$(BIN)/ruff check src tests bench
 
-test: proto-check lint browser
+# mypy --strict on src/ (settings in pyproject.toml's [tool.mypy]).
+typecheck: install
+	$(BIN)/mypy
+
+test: proto-check lint typecheck browser
 	$(BIN)/python -m pytest
 
 # Headless Chromium (Debian's package) for the portal's browser tests.  Never fails the build: when it cannot
@@ -67,4 +71,4 @@ up: install
 	$(BIN)/python -m devprov_demo up $(UP_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
