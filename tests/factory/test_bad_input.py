@@ -28,6 +28,15 @@ def _broken_signature_csr() -> str:
     return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
 
 
+def _unknown_key_algorithm_csr() -> str:
+    """An Ed25519 CSR whose key names an algorithm no one defined (1.3.101.127 for 1.3.101.112)."""
+    csr = x509.load_pem_x509_csr(make_csr(make_key("ed25519"), GOOD_ID).encode())
+    der = csr.public_bytes(serialization.Encoding.DER)
+    der = der.replace(b"\x06\x03\x2b\x65\x70", b"\x06\x03\x2b\x65\x7f", 1)  # the key's OID comes first
+    body = base64.encodebytes(der).decode()
+    return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
+
+
 def _server_keygen(key_type: int) -> pb.MintCertificateRequest:
     request = pb.MintCertificateRequest(device_id=GOOD_ID)
     request.server_key_generation.key_type = key_type
@@ -80,6 +89,12 @@ def _cases() -> list[tuple[str, pb.MintCertificateRequest, str, str]]:
         (
             "ed25519",
             pb.MintCertificateRequest(device_id=GOOD_ID, csr_pem=make_csr(make_key("ed25519"), GOOD_ID)),
+            "KEY_ALGORITHM_UNSUPPORTED",
+            "csr_pem",
+        ),
+        (
+            "unknown-key-algorithm",
+            pb.MintCertificateRequest(device_id=GOOD_ID, csr_pem=_unknown_key_algorithm_csr()),
             "KEY_ALGORITHM_UNSUPPORTED",
             "csr_pem",
         ),
