@@ -29,13 +29,14 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from google.protobuf import timestamp_pb2
 from opentelemetry import propagate, trace
 
@@ -300,9 +301,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 # ----------------------------------------------------------------------------------------- middlewares
 @web.middleware
-async def guard(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if not host_allowed(request.headers.get("Host"), settings.host, settings.allowed_hosts):
         return _html(pages.message_page("Wrong host", "This portal does not answer to that host name."), 421)
@@ -327,7 +326,7 @@ def observing(metrics: HttpMetrics, tracer: trace.Tracer | None) -> Callable[...
     the gRPC call it makes is a child of it."""
 
     @web.middleware
-    async def observe(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"

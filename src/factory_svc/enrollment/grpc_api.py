@@ -187,9 +187,9 @@ class EnrollmentRpcs:
         items = [replace(item, index=accepted[item.index][0]) for item in batch.items] + refused
         if batch.replayed:
             self._metrics.enrolled("replayed", len(items))
-        for item in items if not batch.replayed else ():
-            if item.result is not None:
-                count_enrollment(self._metrics, item.result)
+        for outcome in items if not batch.replayed else ():
+            if outcome.result is not None:
+                count_enrollment(self._metrics, outcome.result)
             else:
                 self._metrics.enrolled("refused")
         return batch_to_proto(BatchResult(tuple(sorted(items, key=lambda i: i.index)), batch.replayed))
