@@ -34,7 +34,7 @@ async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
         sys.executable, "-m", "factory_svc.cli", "serve", env=env, stderr=asyncio.subprocess.PIPE
     )
     try:
-        await wait_serving(target, ChannelSecurity(insecure=True), "factory-svc serve", attempts=100)
+        await wait_serving(target, ChannelSecurity(insecure=True), "factory-svc serve")
         csr = tmp_path / "device.csr"
         csr.write_text(make_csr(make_key("p256"), FIRST))
         code, out, err = await run_module(

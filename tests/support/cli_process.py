@@ -27,11 +27,14 @@ async def run_module(
     return proc.returncode or 0, out.decode(), err.decode()
 
 
-async def wait_serving(target: str, security: ChannelSecurity, what: str, attempts: int = 200) -> None:
-    """Poll the gRPC health service until it answers SERVING (0.1 s apart)."""
+async def wait_serving(target: str, security: ChannelSecurity, what: str, timeout: float = 90.0) -> None:
+    """Poll the gRPC health service until it answers SERVING (0.1 s apart), for up to ``timeout`` seconds:
+    a loaded two-core machine can take tens of seconds to start a service with its imports."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     async with create_channel(target, security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(attempts):
+        while loop.time() < deadline:
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -39,4 +42,4 @@ async def wait_serving(target: str, security: ChannelSecurity, what: str, attemp
             except Exception:
                 pass
             await asyncio.sleep(0.1)
-    raise AssertionError(f"{what} did not become healthy")
+    raise AssertionError(f"{what} did not become healthy in {timeout:.0f} s")
