@@ -1,0 +1,276 @@
+"""Activation codes kept, encrypted, until the label is printed: ``RetainedCodes`` (SQLite + AES-GCM).
+
+A code is handed out once, but an answer can be lost (a crash between the DPS write and the reply, a CLI
+killed before it wrote its file).  So every code is stored here, encrypted, *before* its hash is written to
+DPS, and found again by (device id, code id) -- the code id is the salt of its hash record, which is also in
+the enrollment and in the stored answer of a request id.  A row goes when the MES acknowledges that the
+label is printed (``acknowledge``), when a newer code of the device supersedes it (``supersede``), or when
+the retention window has passed (``purge``); after that only the hash in DPS remains.
+
+Encryption: AES-256-GCM with a fresh 96-bit nonce per code; the associated data binds a ciphertext to its
+device id and code id.  The key is 32 random bytes in ``<data_dir>/codes.key``, created 0600 on first
+start; it is never logged.  Anyone holding both the key and the database can read the retained codes:
+that is the price of being able to answer a retry, bounded by the retention window.
+
+The table lives in its own file, ``<data_dir>/codes.sqlite3`` (WAL, synchronous=FULL), with the ledger's
+pattern (one connection, one worker thread); each change also leaves a row in ``code_events`` (the audit
+of rotations and acknowledgements: who, when, which code id -- never the code).
+
+API: ``async RetainedCodes.open(data_dir)``, ``.retain(items, now)``, ``.find(device_id, code_id)``,
+``.find_many(keys)``, ``.supersede(device_id, keep_code_id)``, ``.acknowledge(device_ids, caller, now)``,
+``.purge(older_than)``, ``.record_event(...)``, ``.events(device_id)``, ``.count()``, ``.close()``;
+``code_id(record)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+T = TypeVar("T")
+
+KEY_FILE = "codes.key"
+DB_FILE = "codes.sqlite3"
+_KEY_BYTES = 32
+_NONCE_BYTES = 12
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS retained_codes (
+    device_id TEXT NOT NULL,
+    code_id TEXT NOT NULL,
+    nonce BLOB NOT NULL,
+    ciphertext BLOB NOT NULL,
+    created_us INTEGER NOT NULL,
+    PRIMARY KEY (device_id, code_id)
+);
+CREATE INDEX IF NOT EXISTS retained_by_age ON retained_codes (created_us);
+CREATE TABLE IF NOT EXISTS code_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    event TEXT NOT NULL,
+    code_id TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    at_us INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS code_events_by_device ON code_events (device_id, seq);
+"""
+
+
+def code_id(record: Mapping[str, Any] | None) -> str:
+    """The public id of a code: the salt of its hash record ('' for none)."""
+    return str(record.get("salt", "")) if isinstance(record, Mapping) else ""
+
+
+@dataclass(frozen=True)
+class CodeEvent:
+    device_id: str
+    event: str  # "rotated" | "acknowledged"
+    code_id: str
+    caller: str
+    at: datetime
+
+
+def _us(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
+
+
+def _load_key(path: Path) -> bytes:
+    """The AES key, made 0600 on first start (O_EXCL: two starting processes cannot both write one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) != _KEY_BYTES:
+            raise ValueError(f"{path} is not a {_KEY_BYTES}-byte key") from None
+        return key
+    key = secrets.token_bytes(_KEY_BYTES)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return key
+
+
+def _aad(device_id: str, cid: str) -> bytes:
+    return f"{device_id}\n{cid}".encode()
+
+
+class RetainedCodes:
+    def __init__(self, db: sqlite3.Connection, executor: ThreadPoolExecutor, key: bytes) -> None:
+        self._db = db
+        self._executor = executor
+        self._aead = AESGCM(key)
+
+    @classmethod
+    async def open(cls, data_dir: Path) -> RetainedCodes:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retained-codes")
+
+        def connect() -> tuple[sqlite3.Connection, bytes]:
+            key = _load_key(data_dir / KEY_FILE)
+            db = sqlite3.connect(data_dir / DB_FILE, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=5000")
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise ValueError(
+                    f"{DB_FILE} has schema version {version}; this program knows {SCHEMA_VERSION}"
+                )
+            db.executescript(SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            os.chmod(data_dir / DB_FILE, 0o600)
+            return db, key
+
+        db, key = await asyncio.get_running_loop().run_in_executor(executor, connect)
+        return cls(db, executor, key)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._db)
+
+    async def close(self) -> None:
+        await self._run(lambda db: db.close())
+        self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------------------------------------ writes
+    async def retain(self, items: Sequence[tuple[str, str, Mapping[str, Any]]], now: datetime) -> None:
+        """Keep (device id, code, hash record) triples, encrypted, in one committed transaction."""
+        rows = []
+        for device_id, code, record in items:
+            cid = code_id(record)
+            nonce = secrets.token_bytes(_NONCE_BYTES)
+            rows.append(
+                (device_id, cid, nonce, self._aead.encrypt(nonce, code.encode(), _aad(device_id, cid)))
+            )
+
+        def go(db: sqlite3.Connection) -> None:
+            with_transaction(
+                db,
+                lambda: db.executemany(
+                    "INSERT OR REPLACE INTO retained_codes "
+                    "(device_id, code_id, nonce, ciphertext, created_us) VALUES (?, ?, ?, ?, ?)",
+                    [(*row, _us(now)) for row in rows],
+                ),
+            )
+
+        if rows:
+            await self._run(go)
+
+    async def supersede(self, device_id: str, keep_code_id: str) -> None:
+        """Forget the device's other codes (they no longer open anything)."""
+        await self._run(
+            lambda db: db.execute(
+                "DELETE FROM retained_codes WHERE device_id = ? AND code_id != ?", (device_id, keep_code_id)
+            )
+        )
+
+    async def acknowledge(self, device_ids: Iterable[str], caller: str, now: datetime) -> int:
+        """The labels of these devices are printed: drop their codes.  Returns how many codes went."""
+        ids = sorted(set(device_ids))
+
+        def go(db: sqlite3.Connection) -> int:
+            def body() -> int:
+                gone = 0
+                for device_id in ids:
+                    rows = db.execute(
+                        "DELETE FROM retained_codes WHERE device_id = ? RETURNING code_id", (device_id,)
+                    ).fetchall()
+                    gone += len(rows)
+                    db.executemany(
+                        "INSERT INTO code_events (device_id, event, code_id, caller, at_us) "
+                        "VALUES (?, 'acknowledged', ?, ?, ?)",
+                        [(device_id, row[0], caller, _us(now)) for row in rows],
+                    )
+                return gone
+
+            return with_transaction(db, body)
+
+        return await self._run(go)
+
+    async def purge(self, older_than: datetime) -> int:
+        """Drop codes retained before ``older_than`` (the retention window); returns how many."""
+        return await self._run(
+            lambda db: (
+                db.execute("DELETE FROM retained_codes WHERE created_us < ?", (_us(older_than),)).rowcount
+            )
+        )
+
+    async def record_event(self, device_id: str, event: str, cid: str, caller: str, now: datetime) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO code_events (device_id, event, code_id, caller, at_us) VALUES (?, ?, ?, ?, ?)",
+                (device_id, event, cid, caller, _us(now)),
+            )
+        )
+
+    # ------------------------------------------------------------------------------------------- reads
+    def _open(self, device_id: str, cid: str, nonce: bytes, ciphertext: bytes) -> str | None:
+        try:
+            return self._aead.decrypt(nonce, ciphertext, _aad(device_id, cid)).decode()
+        except InvalidTag:
+            return None  # another key, or a row moved between devices: not a code we can vouch for
+
+    async def find(self, device_id: str, cid: str) -> str | None:
+        return (await self.find_many([(device_id, cid)])).get((device_id, cid))
+
+    async def find_many(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        wanted = [k for k in keys if k[1]]
+
+        def go(db: sqlite3.Connection) -> list[tuple[str, str, bytes, bytes]]:
+            found = []
+            for device_id, cid in wanted:
+                row = db.execute(
+                    "SELECT nonce, ciphertext FROM retained_codes WHERE device_id = ? AND code_id = ?",
+                    (device_id, cid),
+                ).fetchone()
+                if row:
+                    found.append((device_id, cid, row[0], row[1]))
+            return found
+
+        rows = await self._run(go) if wanted else []
+        out = {}
+        for device_id, cid, nonce, ciphertext in rows:
+            code = self._open(device_id, cid, nonce, ciphertext)
+            if code is not None:
+                out[(device_id, cid)] = code
+        return out
+
+    async def count(self) -> int:
+        return await self._run(
+            lambda db: int(db.execute("SELECT count(*) FROM retained_codes").fetchone()[0])
+        )
+
+    async def events(self, device_id: str) -> list[CodeEvent]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT device_id, event, code_id, caller, at_us FROM code_events WHERE device_id = ? "
+                "ORDER BY seq",
+                (device_id,),
+            ).fetchall()
+        )
+        return [
+            CodeEvent(r[0], r[1], r[2], r[3], datetime.fromtimestamp(r[4] / 1_000_000, UTC)) for r in rows
+        ]
+
+
+def with_transaction(db: sqlite3.Connection, body: Callable[[], T]) -> T:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = body()
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return result
