@@ -62,6 +62,12 @@ class RotateResult:
 
 
 @dataclass(frozen=True)
+class AcknowledgeResult:
+    acknowledged: int  # retained codes forgotten
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
 class ItemError:
     kind: ErrorKind
     reason: str

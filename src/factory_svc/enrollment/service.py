@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import hashes
 
 from factory_svc.enrollment.lint import LintedCertificate, LintPolicy, lint_certificate
 from factory_svc.enrollment.model import (
+    AcknowledgeResult,
     BatchItemResult,
     BatchResult,
     Delivery,
@@ -637,21 +638,27 @@ class EnrollmentService:
             "ENROLLMENT_CONCURRENTLY_MODIFIED", f"the enrollment of {device_id} kept changing; try again"
         )
 
-    async def acknowledge_codes(self, raw_device_ids: Sequence[str], request_id: str = "") -> int:
+    async def acknowledge_codes(
+        self, raw_device_ids: Sequence[str], request_id: str = ""
+    ) -> AcknowledgeResult:
         """The MES printed these devices' labels: their retained codes are dropped (only the hashes in DPS
         remain).  Returns how many codes were dropped; unknown or already acknowledged ids count 0."""
         check_request_id(request_id)
         self._check_size("device_ids", len(raw_device_ids), "DEVICE_IDS_EMPTY", "DEVICE_IDS_TOO_MANY")
         device_ids = [normalise_device_id(d) for d in raw_device_ids]
 
-        async def replay(data: Mapping[str, Any]) -> int:
-            return int(data["acknowledged"])
+        async def replay(data: Mapping[str, Any]) -> AcknowledgeResult:
+            return AcknowledgeResult(int(data["acknowledged"]), replayed=True)
+
+        async def work() -> AcknowledgeResult:
+            caller = str(current_caller())
+            return AcknowledgeResult(await self._codes.acknowledge(device_ids, caller, self._clock()))
 
         return await self._once(
             request_id,
             fingerprint(["acknowledge-codes", sorted(device_ids)]),
-            lambda: self._codes.acknowledge(device_ids, str(current_caller()), self._clock()),
-            lambda gone: {"acknowledged": gone},
+            work,
+            lambda result: {"acknowledged": result.acknowledged},
             replay,
         )
 
