@@ -152,9 +152,7 @@ class EnrollmentRpcs:
         count_enrollment(self._metrics, result)
         return result_to_proto(result)
 
-    async def EnrollBatch(
-        self, request: pb.EnrollBatchRequest, context: Context
-    ) -> pb.EnrollBatchResponse:
+    async def EnrollBatch(self, request: pb.EnrollBatchRequest, context: Context) -> pb.EnrollBatchResponse:
         # The id policy is checked here, item by item: a refused id fails its item, as any bad item does.
         service = self._service()
         caller = current_caller()
@@ -217,7 +215,7 @@ class EnrollmentRpcs:
         return status_to_proto(await self._service().status(device_id))
 
     async def RotateActivationCode(
-        self, request: pb.RotateActivationCodeRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RotateActivationCodeRequest, context: Context
     ) -> pb.RotateActivationCodeResponse:
         device_id = check_device_id(request.device_id, self._device_ids)
         result = await self._service().rotate_code(device_id, request.request_id)
@@ -226,7 +224,7 @@ class EnrollmentRpcs:
         )
 
     async def AcknowledgeActivationCodes(
-        self, request: pb.AcknowledgeActivationCodesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AcknowledgeActivationCodesRequest, context: Context
     ) -> pb.AcknowledgeActivationCodesResponse:
         device_ids = [
             check_device_id(raw, self._device_ids, f"device_ids[{index}]")
