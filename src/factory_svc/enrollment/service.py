@@ -340,6 +340,7 @@ class EnrollmentService:
                         raise refusal
                     # a retry of an answer that was lost: the code is given again while it is retained
                     retained = await self._retained_code(existing)
+                    await self._codes.supersede(linted.device_id, code_id(existing.code_hash))  # unused ones
                     return self._result(linted, EnrollOutcome.UNCHANGED, Delivery.LIVE, retained)
                 raise AlreadyExists(
                     "ENROLLMENT_EXISTS",
