@@ -79,7 +79,7 @@ class Factory:
         return code, err
 
     def retained(self) -> int:
-        with sqlite3.connect(Path(self.env["FACTORY_DATA_DIR"]) / "codes.sqlite3") as db:
+        with sqlite3.connect(Path(self.env["FACTORY_DATA_DIR"]) / "enrollments.sqlite3") as db:
             return int(db.execute("SELECT count(*) FROM retained_codes").fetchone()[0])
 
 

@@ -11,7 +11,9 @@ from provisioning_env import dps_enrollment, factory_env, failure, mint, running
 from support.parties import FACTORY_URI
 
 from devprov.v1 import factory_service_pb2 as pb
-from factory_svc.enrollment.retained import DB_FILE, KEY_FILE, RetainedCodes
+from factory_svc.enrollment.outbox import MIGRATIONS, OPTIONS, Outbox
+from factory_svc.enrollment.retained import KEY_FILE, RetainedCodes
+from litestore import Schema, connect, user_version
 from provkit.activation_code import verify_code
 
 
@@ -34,7 +36,7 @@ async def test_a_retry_after_a_restart_returns_the_code_and_the_files_keep_it_en
         )
     data = tmp_path / "factory"
     assert stat.S_IMODE((data / KEY_FILE).stat().st_mode) == 0o600
-    assert stat.S_IMODE((data / DB_FILE).stat().st_mode) == 0o600
+    assert stat.S_IMODE((data / "enrollments.sqlite3").stat().st_mode) == 0o600
     canonical = first.activation_code.replace("-", "").encode()
     for path in data.iterdir():
         if path.is_file():
@@ -110,7 +112,8 @@ async def test_rotation_replaces_the_hash_keeps_the_rest_kills_the_old_code_and_
 
 
 async def test_the_store_purges_by_age_and_refuses_a_ciphertext_moved_to_another_device(tmp_path):
-    codes = await RetainedCodes.open(tmp_path)
+    outbox = await Outbox.open(tmp_path / "enrollments.sqlite3")
+    codes = RetainedCodes.on(outbox.store, tmp_path / KEY_FILE)
     try:
         then = datetime(2026, 1, 1, tzinfo=UTC)
         record_a, record_b = {"salt": "c2FsdC1h"}, {"salt": "c2FsdC1i"}
@@ -121,9 +124,25 @@ async def test_the_store_purges_by_age_and_refuses_a_ciphertext_moved_to_another
         def swap(db):
             db.execute("UPDATE retained_codes SET device_id = 'dev-x' WHERE device_id = 'dev-a'")
 
-        await codes._run(swap)
+        await outbox.store.run(swap)
         assert await codes.find("dev-x", "c2FsdC1h") is None  # bound to its device by the AEAD
         assert await codes.purge(then + timedelta(days=7)) == 1
         assert await codes.count() == 1 and await codes.find("dev-b", "c2FsdC1i") == "EEEE-FFFF-GGGG-HHHH"
     finally:
-        await codes.close()
+        await outbox.close()
+
+
+async def test_an_enrollment_file_of_version_1_gains_the_retained_codes_by_migration(tmp_path):
+    path = tmp_path / "enrollments.sqlite3"
+    old = connect(path, Schema("enrollment outbox", MIGRATIONS[:1]), OPTIONS)
+    old.execute("INSERT INTO enroll_requests (request_id, fingerprint, response) VALUES ('r-0', 'f', '{}')")
+    old.close()
+    outbox = await Outbox.open(path)
+    try:
+        codes = RetainedCodes.on(outbox.store, tmp_path / KEY_FILE)
+        assert await outbox.store.run(user_version) == len(MIGRATIONS) == 3
+        assert await outbox.find_request("r-0") == ("f", {})  # kept
+        await codes.retain([("dev-a", "AAAA-BBBB-CCCC-DDDD", {"salt": "s"})], datetime.now(UTC))
+        assert await codes.find("dev-a", "s") == "AAAA-BBBB-CCCC-DDDD"
+    finally:
+        await outbox.close()

@@ -12,41 +12,39 @@ device id and code id.  The key is 32 random bytes in ``<data_dir>/codes.key``, 
 start; it is never logged.  Anyone holding both the key and the database can read the retained codes:
 that is the price of being able to answer a retry, bounded by the retention window.
 
-The table lives in its own file, ``<data_dir>/codes.sqlite3`` (WAL, synchronous=FULL), with the ledger's
-pattern (one connection, one worker thread); each change also leaves a row in ``code_events`` (the audit
-of rotations and acknowledgements: who, when, which code id -- never the code).
+The tables live in the enrollment file (``<data_dir>/enrollments.sqlite3``, beside the request ids whose
+answers name the code ids), added by its schema migration 3 (``MIGRATION``, through litestore), and use
+its store (its thread, synchronous=FULL).  Each rotation and acknowledgement also leaves a row in
+``code_events`` (who, when, which code id -- never the code).
 
-API: ``async RetainedCodes.open(data_dir)``, ``.retain(items, now)``, ``.find(device_id, code_id)``,
+API: ``RetainedCodes.on(store, key_file)``, ``.retain(items, now)``, ``.find(device_id, code_id)``,
 ``.find_many(keys)``, ``.supersede(device_id, keep_code_id)``, ``.acknowledge(device_ids, caller, now)``,
-``.purge(older_than)``, ``.record_event(...)``, ``.events(device_id)``, ``.count()``, ``.close()``;
-``code_id(record)``.
+``.purge(older_than)``, ``.record_event(...)``, ``.events(device_id)``, ``.count()``; ``code_id(record)``,
+``MIGRATION``, ``KEY_FILE``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-T = TypeVar("T")
+from litestore import Store
 
 KEY_FILE = "codes.key"
-DB_FILE = "codes.sqlite3"
 _KEY_BYTES = 32
 _NONCE_BYTES = 12
-SCHEMA_VERSION = 1
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS retained_codes (
+# Migration 3 of the enrollment file (see enrollment.outbox.MIGRATIONS); never edit it, add another.
+MIGRATION = """
+CREATE TABLE retained_codes (
     device_id TEXT NOT NULL,
     code_id TEXT NOT NULL,
     nonce BLOB NOT NULL,
@@ -54,8 +52,8 @@ CREATE TABLE IF NOT EXISTS retained_codes (
     created_us INTEGER NOT NULL,
     PRIMARY KEY (device_id, code_id)
 );
-CREATE INDEX IF NOT EXISTS retained_by_age ON retained_codes (created_us);
-CREATE TABLE IF NOT EXISTS code_events (
+CREATE INDEX retained_by_age ON retained_codes (created_us);
+CREATE TABLE code_events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     device_id TEXT NOT NULL,
     event TEXT NOT NULL,
@@ -63,7 +61,7 @@ CREATE TABLE IF NOT EXISTS code_events (
     caller TEXT NOT NULL,
     at_us INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS code_events_by_device ON code_events (device_id, seq);
+CREATE INDEX code_events_by_device ON code_events (device_id, seq);
 """
 
 
@@ -109,40 +107,14 @@ def _aad(device_id: str, cid: str) -> bytes:
 
 
 class RetainedCodes:
-    def __init__(self, db: sqlite3.Connection, executor: ThreadPoolExecutor, key: bytes) -> None:
-        self._db = db
-        self._executor = executor
+    def __init__(self, store: Store, key: bytes) -> None:
+        self._store = store
         self._aead = AESGCM(key)
 
     @classmethod
-    async def open(cls, data_dir: Path) -> RetainedCodes:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retained-codes")
-
-        def connect() -> tuple[sqlite3.Connection, bytes]:
-            key = _load_key(data_dir / KEY_FILE)
-            db = sqlite3.connect(data_dir / DB_FILE, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=5000")
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise ValueError(
-                    f"{DB_FILE} has schema version {version}; this program knows {SCHEMA_VERSION}"
-                )
-            db.executescript(SCHEMA)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            os.chmod(data_dir / DB_FILE, 0o600)
-            return db, key
-
-        db, key = await asyncio.get_running_loop().run_in_executor(executor, connect)
-        return cls(db, executor, key)
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._db)
-
-    async def close(self) -> None:
-        await self._run(lambda db: db.close())
-        self._executor.shutdown(wait=True)
+    def on(cls, store: Store, key_file: Path) -> RetainedCodes:
+        """The retained codes in ``store`` (the enrollment file), sealed with the key in ``key_file``."""
+        return cls(store, _load_key(key_file))
 
     # ------------------------------------------------------------------------------------------ writes
     async def retain(self, items: Sequence[tuple[str, str, Mapping[str, Any]]], now: datetime) -> None:
@@ -156,21 +128,18 @@ class RetainedCodes:
             )
 
         def go(db: sqlite3.Connection) -> None:
-            with_transaction(
-                db,
-                lambda: db.executemany(
-                    "INSERT OR REPLACE INTO retained_codes "
-                    "(device_id, code_id, nonce, ciphertext, created_us) VALUES (?, ?, ?, ?, ?)",
-                    [(*row, _us(now)) for row in rows],
-                ),
+            db.executemany(
+                "INSERT OR REPLACE INTO retained_codes "
+                "(device_id, code_id, nonce, ciphertext, created_us) VALUES (?, ?, ?, ?, ?)",
+                [(*row, _us(now)) for row in rows],
             )
 
         if rows:
-            await self._run(go)
+            await self._store.transaction(go)
 
     async def supersede(self, device_id: str, keep_code_id: str) -> None:
         """Forget the device's other codes (they no longer open anything)."""
-        await self._run(
+        await self._store.run(
             lambda db: db.execute(
                 "DELETE FROM retained_codes WHERE device_id = ? AND code_id != ?", (device_id, keep_code_id)
             )
@@ -181,34 +150,31 @@ class RetainedCodes:
         ids = sorted(set(device_ids))
 
         def go(db: sqlite3.Connection) -> int:
-            def body() -> int:
-                gone = 0
-                for device_id in ids:
-                    rows = db.execute(
-                        "DELETE FROM retained_codes WHERE device_id = ? RETURNING code_id", (device_id,)
-                    ).fetchall()
-                    gone += len(rows)
-                    db.executemany(
-                        "INSERT INTO code_events (device_id, event, code_id, caller, at_us) "
-                        "VALUES (?, 'acknowledged', ?, ?, ?)",
-                        [(device_id, row[0], caller, _us(now)) for row in rows],
-                    )
-                return gone
+            gone = 0
+            for device_id in ids:
+                rows = db.execute(
+                    "DELETE FROM retained_codes WHERE device_id = ? RETURNING code_id", (device_id,)
+                ).fetchall()
+                gone += len(rows)
+                db.executemany(
+                    "INSERT INTO code_events (device_id, event, code_id, caller, at_us) "
+                    "VALUES (?, 'acknowledged', ?, ?, ?)",
+                    [(device_id, row[0], caller, _us(now)) for row in rows],
+                )
+            return gone
 
-            return with_transaction(db, body)
-
-        return await self._run(go)
+        return await self._store.transaction(go)
 
     async def purge(self, older_than: datetime) -> int:
         """Drop codes retained before ``older_than`` (the retention window); returns how many."""
-        return await self._run(
+        return await self._store.run(
             lambda db: (
                 db.execute("DELETE FROM retained_codes WHERE created_us < ?", (_us(older_than),)).rowcount
             )
         )
 
     async def record_event(self, device_id: str, event: str, cid: str, caller: str, now: datetime) -> None:
-        await self._run(
+        await self._store.run(
             lambda db: db.execute(
                 "INSERT INTO code_events (device_id, event, code_id, caller, at_us) VALUES (?, ?, ?, ?, ?)",
                 (device_id, event, cid, caller, _us(now)),
@@ -239,7 +205,7 @@ class RetainedCodes:
                     found.append((device_id, cid, row[0], row[1]))
             return found
 
-        rows = await self._run(go) if wanted else []
+        rows = await self._store.run(go) if wanted else []
         out = {}
         for device_id, cid, nonce, ciphertext in rows:
             code = self._open(device_id, cid, nonce, ciphertext)
@@ -248,12 +214,12 @@ class RetainedCodes:
         return out
 
     async def count(self) -> int:
-        return await self._run(
+        return await self._store.run(
             lambda db: int(db.execute("SELECT count(*) FROM retained_codes").fetchone()[0])
         )
 
     async def events(self, device_id: str) -> list[CodeEvent]:
-        rows = await self._run(
+        rows = await self._store.run(
             lambda db: db.execute(
                 "SELECT device_id, event, code_id, caller, at_us FROM code_events WHERE device_id = ? "
                 "ORDER BY seq",
@@ -263,14 +229,3 @@ class RetainedCodes:
         return [
             CodeEvent(r[0], r[1], r[2], r[3], datetime.fromtimestamp(r[4] / 1_000_000, UTC)) for r in rows
         ]
-
-
-def with_transaction(db: sqlite3.Connection, body: Callable[[], T]) -> T:
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        result = body()
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    return result

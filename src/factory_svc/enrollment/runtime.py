@@ -12,9 +12,9 @@ Settings (TOML / environment, prefix FACTORY):
 | enroll.code_retention_hours         | FACTORY_ENROLL_CODE_RETENTION_HOURS        | 168 (7 days) |
 | cloud.*                             | FACTORY_CLOUD_*                            | see provkit.cloud |
 
-The outbox lives in ``<data_dir>/enrollments.sqlite3``; activation codes not yet acknowledged, encrypted, in
-``<data_dir>/codes.sqlite3`` with their key in ``<data_dir>/codes.key`` (0600).  Codes older than the
-retention window are purged at start-up and then every ``min(retention / 4, 1 h)``.
+The outbox lives in ``<data_dir>/enrollments.sqlite3``, and so do the activation codes not yet acknowledged,
+encrypted with the key in ``<data_dir>/codes.key`` (0600).  Codes older than the retention window are
+purged at start-up and then every ``min(retention / 4, 1 h)``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from factory_svc.enrollment.delivery import OutboxDelivery
 from factory_svc.enrollment.lint import lint_policy_from_chain
 from factory_svc.enrollment.model import EnrollPolicy
 from factory_svc.enrollment.outbox import Outbox
-from factory_svc.enrollment.retained import RetainedCodes
+from factory_svc.enrollment.retained import KEY_FILE, RetainedCodes
 from factory_svc.enrollment.service import EnrollmentService
 from provkit.activation_code import DEFAULT_LOG2_N
 from provkit.cloud import CloudNotConfigured, CloudSettings, load_cloud_settings
@@ -101,7 +101,7 @@ class EnrollmentRuntime:
 
         dps = await DpsEnrollments.open(settings.cloud.dps, observer=observer)
         outbox = await Outbox.open(data_dir / "enrollments.sqlite3")
-        codes = await RetainedCodes.open(data_dir)
+        codes = RetainedCodes.on(outbox.store, data_dir / KEY_FILE)
         lint = lint_policy_from_chain(ca_chain, settings.policy.min_remaining_validity)
         service = EnrollmentService(dps, outbox, codes, lint, settings.policy, clock)
         await service.purge_codes()
@@ -126,7 +126,6 @@ class EnrollmentRuntime:
         await self.delivery.stop()
         self.service.close()
         await self.outbox.close()
-        await self.codes.close()
         result = self._close_dps()
         if inspect.isawaitable(result):
             await result
