@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import stat
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -54,6 +55,10 @@ async def test_a_retry_after_a_restart_returns_the_code_and_the_files_keep_it_en
         )
         assert rerun.outcome == pb.ENROLL_OUTCOME_UNCHANGED and rerun.activation_code == first.activation_code
 
+        with sqlite3.connect(data / "enrollments.sqlite3") as db:
+            (sealed,) = db.execute(
+                "SELECT ciphertext FROM retained_codes WHERE device_id = ?", (device.device_id,)
+            ).fetchone()
         ack = await stub.AcknowledgeActivationCodes(
             pb.AcknowledgeActivationCodesRequest(device_ids=[device.device_id.upper()], request_id="a-1")
         )
@@ -62,6 +67,9 @@ async def test_a_retry_after_a_restart_returns_the_code_and_the_files_keep_it_en
             pb.AcknowledgeActivationCodesRequest(device_ids=[device.device_id.upper()], request_id="a-1")
         )
         assert again.replayed and again.acknowledged_count == 1
+        for path in data.iterdir():  # not even the ciphertext is left behind (free pages, the log)
+            if path.is_file():
+                assert bytes(sealed) not in path.read_bytes(), path.name
         after = await stub.Enroll(
             pb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem, request_id="r-1")
         )
@@ -113,7 +121,7 @@ async def test_rotation_replaces_the_hash_keeps_the_rest_kills_the_old_code_and_
 
 async def test_the_store_purges_by_age_and_refuses_a_ciphertext_moved_to_another_device(tmp_path):
     outbox = await Outbox.open(tmp_path / "enrollments.sqlite3")
-    codes = RetainedCodes.on(outbox.store, tmp_path / KEY_FILE)
+    codes = await RetainedCodes.on(outbox.store, tmp_path / KEY_FILE)
     try:
         then = datetime(2026, 1, 1, tzinfo=UTC)
         record_a, record_b = {"salt": "c2FsdC1h"}, {"salt": "c2FsdC1i"}
@@ -139,7 +147,7 @@ async def test_an_enrollment_file_of_version_1_gains_the_retained_codes_by_migra
     old.close()
     outbox = await Outbox.open(path)
     try:
-        codes = RetainedCodes.on(outbox.store, tmp_path / KEY_FILE)
+        codes = await RetainedCodes.on(outbox.store, tmp_path / KEY_FILE)
         assert await outbox.store.run(user_version) == len(MIGRATIONS) == 3
         assert await outbox.find_request("r-0") == ("f", {})  # kept
         await codes.retain([("dev-a", "AAAA-BBBB-CCCC-DDDD", {"salt": "s"})], datetime.now(UTC))

@@ -17,7 +17,7 @@ answers name the code ids), added by its schema migration 3 (``MIGRATION``, thro
 its store (its thread, synchronous=FULL).  Each rotation and acknowledgement also leaves a row in
 ``code_events`` (who, when, which code id -- never the code).
 
-API: ``RetainedCodes.on(store, key_file)``, ``.retain(items, now)``, ``.find(device_id, code_id)``,
+API: ``async RetainedCodes.on(store, key_file)``, ``.retain(items, now)``, ``.find(device_id, code_id)``,
 ``.find_many(keys)``, ``.supersede(device_id, keep_code_id)``, ``.acknowledge(device_ids, caller, now)``,
 ``.purge(older_than)``, ``.record_event(...)``, ``.events(device_id)``, ``.count()``; ``code_id(record)``,
 ``MIGRATION``, ``KEY_FILE``.
@@ -112,9 +112,15 @@ class RetainedCodes:
         self._aead = AESGCM(key)
 
     @classmethod
-    def on(cls, store: Store, key_file: Path) -> RetainedCodes:
-        """The retained codes in ``store`` (the enrollment file), sealed with the key in ``key_file``."""
+    async def on(cls, store: Store, key_file: Path) -> RetainedCodes:
+        """The retained codes in ``store`` (the enrollment file), sealed with the key in ``key_file``.
+        Deleted rows are overwritten (``secure_delete``), and the log is truncated after acknowledgements
+        and purges, so a forgotten ciphertext is not left in free pages for the key to open later."""
+        await store.run(lambda db: db.execute("PRAGMA secure_delete=ON"))
         return cls(store, _load_key(key_file))
+
+    async def _truncate_log(self) -> None:
+        await self._store.run(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
 
     # ------------------------------------------------------------------------------------------ writes
     async def retain(self, items: Sequence[tuple[str, str, Mapping[str, Any]]], now: datetime) -> None:
@@ -163,15 +169,21 @@ class RetainedCodes:
                 )
             return gone
 
-        return await self._store.transaction(go)
+        gone = await self._store.transaction(go)
+        if gone:
+            await self._truncate_log()
+        return gone
 
     async def purge(self, older_than: datetime) -> int:
         """Drop codes retained before ``older_than`` (the retention window); returns how many."""
-        return await self._store.run(
+        gone = await self._store.run(
             lambda db: (
                 db.execute("DELETE FROM retained_codes WHERE created_us < ?", (_us(older_than),)).rowcount
             )
         )
+        if gone:
+            await self._truncate_log()
+        return int(gone)
 
     async def record_event(self, device_id: str, event: str, cid: str, caller: str, now: datetime) -> None:
         await self._store.run(

@@ -101,7 +101,7 @@ class EnrollmentRuntime:
 
         dps = await DpsEnrollments.open(settings.cloud.dps, observer=observer)
         outbox = await Outbox.open(data_dir / "enrollments.sqlite3")
-        codes = RetainedCodes.on(outbox.store, data_dir / KEY_FILE)
+        codes = await RetainedCodes.on(outbox.store, data_dir / KEY_FILE)
         lint = lint_policy_from_chain(ca_chain, settings.policy.min_remaining_validity)
         service = EnrollmentService(dps, outbox, codes, lint, settings.policy, clock)
         await service.purge_codes()
