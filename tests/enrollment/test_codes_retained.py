@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import stat
 import uuid
@@ -9,9 +10,11 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 from provisioning_env import dps_enrollment, factory_env, failure, mint, running_factory
+from support.cli_process import run_module
 from support.parties import FACTORY_URI
 
 from devprov.v1 import factory_service_pb2 as pb
+from factory_svc.enrollment.codes_file import read_codes
 from factory_svc.enrollment.outbox import MIGRATIONS, OPTIONS, Outbox
 from factory_svc.enrollment.retained import KEY_FILE, RetainedCodes
 from litestore import Schema, connect, user_version
@@ -154,3 +157,27 @@ async def test_an_enrollment_file_of_version_1_gains_the_retained_codes_by_migra
         assert await codes.find("dev-a", "s") == "AAAA-BBBB-CCCC-DDDD"
     finally:
         await outbox.close()
+
+
+async def test_rotate_code_command_prints_or_appends_the_new_code(tmp_path, module_emulator):
+    async with running_factory(factory_env(tmp_path, module_emulator)) as (app, stub):
+        env = {**os.environ, "FACTORY_CLIENT_INSECURE": "true", "FACTORY_CLIENT_TARGET": app.grpc_address}
+        device = await mint(stub, new_id(), tmp_path)
+        await stub.Enroll(pb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem))
+
+        status, out, err = await run_module("factory_svc.cli", "rotate-code", device.device_id, env=env)
+        assert status == 0, err
+        printed = out.split("code", 1)[1].split()[0]
+        codes = tmp_path / "codes.csv"
+        status, out, err = await run_module(
+            "factory_svc.cli", "rotate-code", device.device_id, "--codes-out", str(codes), env=env
+        )
+        assert status == 0, err
+        written = read_codes(codes)[device.device_id]
+        assert stat.S_IMODE(codes.stat().st_mode) == 0o600 and written not in out
+        record = _record(await dps_enrollment(module_emulator, device.device_id))
+        assert verify_code(written, record) and not verify_code(printed, record)
+        assert await app.enrollment.codes.count() == 0  # the appended code was acknowledged
+
+        status, _out, err = await run_module("factory_svc.cli", "rotate-code", new_id(), env=env)
+        assert status == 1 and "ENROLLMENT_NOT_FOUND" in err
