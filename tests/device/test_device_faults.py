@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
 
 
 async def test_device_killed_between_the_hub_ack_and_its_commit_resends_with_the_same_id(emulator, tmp_path):
-    guid = f"faults-{uuid.uuid4()}"
+    guid = str(uuid.uuid4())
     root = tmp_path / "devices"
     await enroll(emulator, guid, _identity(root, guid), enabled=True)
     env = _env(emulator, root)

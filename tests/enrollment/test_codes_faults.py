@@ -85,7 +85,7 @@ class Factory:
 
 async def _minted(factory: Factory, folder: Path, count: int) -> list[str]:
     async with factory.stub() as stub:
-        return [(await mint(stub, f"gw-{uuid.uuid4().hex[:12]}", folder)).device_id for _ in range(count)]
+        return [(await mint(stub, str(uuid.uuid4()), folder)).device_id for _ in range(count)]
 
 
 async def _usable(emulator, codes: Path, device_ids: list[str]) -> tuple[int, int]:

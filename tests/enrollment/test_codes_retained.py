@@ -22,7 +22,7 @@ from provkit.activation_code import verify_code
 
 
 def new_id() -> str:
-    return f"gw-{uuid.uuid4().hex[:12]}"
+    return str(uuid.uuid4())
 
 
 def _record(enrollment: dict) -> dict:
@@ -79,6 +79,12 @@ async def test_a_retry_after_a_restart_returns_the_code_and_the_files_keep_it_en
         assert after.replayed and after.activation_code == ""  # only the hash remains
         empty = await failure(stub.AcknowledgeActivationCodes(pb.AcknowledgeActivationCodesRequest()))
         assert (empty.code, empty.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "DEVICE_IDS_EMPTY")
+        typo = await failure(
+            stub.AcknowledgeActivationCodes(
+                pb.AcknowledgeActivationCodesRequest(device_ids=[device.device_id, "not-a-guid"])
+            )
+        )
+        assert (typo.code, typo.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "DEVICE_ID_NOT_A_GUID")
     assert verify_code(
         first.activation_code, _record(await dps_enrollment(module_emulator, device.device_id))
     )
