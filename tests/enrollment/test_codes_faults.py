@@ -190,8 +190,9 @@ async def test_lost_codes_file_and_a_crash_during_rotation_end_with_one_usable_c
 
 
 async def test_factory_killed_during_the_outbox_flush(tmp_path):
-    """DPS down: 6 enrollments queued (codes on disk); DPS back; factory_svc dies after the second delivery
-    reached DPS but before the outbox marked it delivered; after a restart each is delivered exactly once."""
+    """DPS down: 6 enrollments queued (codes on disk), a re-run queues nothing twice; DPS back; factory_svc
+    dies after the second delivery reached DPS but before the outbox marked it delivered; after a restart
+    each is delivered exactly once."""
     emulator, settings = stopped_emulator(tmp_path)
     factory = Factory(settings, tmp_path / "factory.log")
     try:
@@ -201,6 +202,10 @@ async def test_factory_killed_during_the_outbox_flush(tmp_path):
         status, err = await factory.batch(tmp_path / "certs", codes)
         assert status == 0, err
         assert [r["outcome"] for r in _rows(codes)] == ["QUEUED"] * 6
+        # a re-run while DPS is still down queues nothing twice and hands out no second code
+        status, err = await factory.batch(tmp_path / "certs", codes)
+        assert status == 0, err
+        assert [(r["outcome"], r["activation_code"]) for r in _rows(codes)[6:]] == [("QUEUED", "")] * 6
 
         emulator.start()
         assert await factory.killed() == -signal.SIGKILL
@@ -211,7 +216,7 @@ async def test_factory_killed_during_the_outbox_flush(tmp_path):
         assert await _usable(emulator, codes, devices) == (6, 6)
         with sqlite3.connect(tmp_path / "factory" / "enrollments.sqlite3") as db:
             rows = db.execute("SELECT device_id, state, outcome FROM outbox ORDER BY seq").fetchall()
-        assert sorted(d for d, _, _ in rows) == sorted(devices)
+        assert sorted(d for d, _, _ in rows) == sorted(devices)  # one entry each
         assert {state for _, state, _ in rows} == {"delivered"}
         # the second entry's write survived the crash: its retry recognised it instead of writing again
         assert sorted(outcome for _, _, outcome in rows) == ["already-applied"] + ["created"] * 5

@@ -296,23 +296,38 @@ class EnrollmentService:
     async def _queue_many(
         self, items: Sequence[tuple[LintedCertificate, EnrollRequest, NewCode]]
     ) -> list[EnrollResult]:
-        entries = [
-            NewEntry(
-                linted.device_id,
-                OutboxMode.REPLACE if request.replace else OutboxMode.CREATE,
-                linted.leaf_pem,
-                record,
-                linted.sha256_thumbprint,
-                _intent(request),
+        """Queue the items, in order.  A certificate that already waits in the outbox (a retry, or a re-run,
+        while DPS is down) is not queued twice with another code that would never work: it is answered
+        with the waiting entry's code while that is retained (and the code made for this call dropped)."""
+        results: dict[int, EnrollResult] = {}
+        entries: list[tuple[int, NewEntry, NewCode]] = []
+        for k, (linted, request, code) in enumerate(items):
+            waiting = None if request.replace else await self._waiting(linted)
+            if waiting is not None:
+                cid = code_id(waiting.code_hash)
+                await self._codes.supersede(linted.device_id, cid)
+                retained = await self._codes.find(linted.device_id, cid)
+                earlier = (retained, waiting.code_hash) if retained is not None else None
+                results[k] = self._result(linted, EnrollOutcome.QUEUED, Delivery.QUEUED, earlier)
+                continue
+            mode = OutboxMode.REPLACE if request.replace else OutboxMode.CREATE
+            entry = NewEntry(
+                linted.device_id, mode, linted.leaf_pem, code[1], linted.sha256_thumbprint, _intent(request)
             )
-            for linted, request, (_code, record) in items
-        ]
-        await self._outbox.enqueue(entries, self._clock())
-        for linted, _, _ in items:
-            log.info("enrollment queued (DPS unreachable)", extra={"enrolled_device": linted.device_id})
-        return [
-            self._result(linted, EnrollOutcome.QUEUED, Delivery.QUEUED, code) for linted, _, code in items
-        ]
+            entries.append((k, entry, code))
+        if entries:
+            await self._outbox.enqueue([entry for _, entry, _ in entries], self._clock())
+        for k, entry, code in entries:
+            log.info("enrollment queued (DPS unreachable)", extra={"enrolled_device": entry.device_id})
+            results[k] = self._result(items[k][0], EnrollOutcome.QUEUED, Delivery.QUEUED, code)
+        return [results[k] for k in range(len(items))]
+
+    async def _waiting(self, linted: LintedCertificate) -> OutboxEntry | None:
+        """The outbox entry still waiting to deliver this very certificate, if any."""
+        entry = await self._outbox.latest_for(linted.device_id)
+        if entry is None or entry.state is not OutboxState.PENDING:
+            return None
+        return entry if entry.sha256_thumbprint == linted.sha256_thumbprint else None
 
     # ---------------------------------------------------------------------------------- live path
     async def _live(
