@@ -189,19 +189,25 @@ async def test_lost_codes_file_and_a_crash_during_rotation_end_with_one_usable_c
     assert factory.retained() == 0
 
 
-async def test_factory_killed_during_the_outbox_flush(tmp_path):
-    """DPS down: 6 enrollments queued (codes on disk), a re-run queues nothing twice; DPS back; factory_svc
-    dies after the second delivery reached DPS but before the outbox marked it delivered; after a restart
-    each is delivered exactly once."""
+async def test_factory_killed_after_queueing_and_during_the_outbox_flush(tmp_path):
+    """DPS down: factory_svc dies right after queueing 6 enrollments, before answering; restarted, a
+    re-run gets the 6 retained codes, another re-run queues nothing twice; DPS back: factory_svc dies after
+    the second delivery reached DPS but before the outbox marked it delivered; after a restart each is
+    delivered exactly once and every code in the file works."""
     emulator, settings = stopped_emulator(tmp_path)
     factory = Factory(settings, tmp_path / "factory.log")
     try:
-        await factory.start(crash_at="outbox.after_dps_write@2")
+        await factory.start(crash_at="enroll.after_queue@1")
         devices = await _minted(factory, tmp_path / "certs", 6)
         codes = tmp_path / "codes.csv"
         status, err = await factory.batch(tmp_path / "certs", codes)
+        assert status == EXIT_UNREACHABLE and await factory.killed() == -signal.SIGKILL
+        assert "not answered (6)" in err and read_codes(codes) == {}
+
+        await factory.start(crash_at="outbox.after_dps_write@2")
+        status, err = await factory.batch(tmp_path / "certs", codes)
         assert status == 0, err
-        assert [r["outcome"] for r in _rows(codes)] == ["QUEUED"] * 6
+        assert [r["outcome"] for r in _rows(codes)] == ["QUEUED"] * 6 and len(read_codes(codes)) == 6
         # a re-run while DPS is still down queues nothing twice and hands out no second code
         status, err = await factory.batch(tmp_path / "certs", codes)
         assert status == 0, err

@@ -317,6 +317,7 @@ class EnrollmentService:
             entries.append((k, entry, code))
         if entries:
             await self._outbox.enqueue([entry for _, entry, _ in entries], self._clock())
+            crash_point("enroll.after_queue")  # queued (and its codes retained), not yet answered
         for k, entry, code in entries:
             log.info("enrollment queued (DPS unreachable)", extra={"enrolled_device": entry.device_id})
             results[k] = self._result(items[k][0], EnrollOutcome.QUEUED, Delivery.QUEUED, code)
