@@ -145,7 +145,7 @@ async def test_batch_cli_killed_before_or_after_writing_a_chunk(factory, module_
     codes = tmp_path / "codes.csv"
 
     status, _err = await factory.batch(tmp_path / "certs", codes, "--chunk", "10", crash_at=crash_at)
-    assert status == -signal.SIGKILL
+    assert status == -signal.SIGKILL, _err
     after_writing = crash_at.startswith("enroll_batch.after_chunk")
     assert len(read_codes(codes)) == (20 if after_writing else 10)
     # the second chunk answered but not on disk (not acknowledged): its codes are kept, encrypted

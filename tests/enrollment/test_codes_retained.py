@@ -48,7 +48,7 @@ async def test_a_retry_after_a_restart_returns_the_code_and_the_files_keep_it_en
                 canonical not in path.read_bytes() and first.activation_code.encode() not in path.read_bytes()
             )
 
-    async with running_factory(env) as (_app, stub):
+    async with running_factory(env) as (app, stub):
         replay = await stub.Enroll(
             pb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem, request_id="r-1")
         )
@@ -66,6 +66,10 @@ async def test_a_retry_after_a_restart_returns_the_code_and_the_files_keep_it_en
             pb.AcknowledgeActivationCodesRequest(device_ids=[device.device_id.upper()], request_id="a-1")
         )
         assert ack.acknowledged_count == 1 and not ack.replayed
+        (acknowledged,) = [
+            a for a in await app.enrollment.outbox.audit(device.device_id) if a.action == "acknowledge-code"
+        ]
+        assert acknowledged.request_id == "a-1" and acknowledged.caller.startswith(FACTORY_URI + " ")
         again = await stub.AcknowledgeActivationCodes(
             pb.AcknowledgeActivationCodesRequest(device_ids=[device.device_id.upper()], request_id="a-1")
         )
@@ -120,9 +124,9 @@ async def test_rotation_replaces_the_hash_keeps_the_rest_kills_the_old_code_and_
         )
         assert rerun.activation_code == rotated.activation_code  # the old one is no longer retained
 
-        events = await app.enrollment.codes.events(device.device_id)
-        assert [e.event for e in events] == ["rotated"] and events[0].caller.startswith(FACTORY_URI + " ")
-        assert events[0].code_id == _record(after)["salt"]
+        trail = [a for a in await app.enrollment.outbox.audit(device.device_id) if a.action == "rotate-code"]
+        assert len(trail) == 1 and trail[0].caller.startswith(FACTORY_URI + " ")
+        assert (trail[0].request_id, trail[0].detail) == ("rot-1", f"code id {_record(after)['salt']}")
 
         missing = await failure(stub.RotateActivationCode(pb.RotateActivationCodeRequest(device_id=new_id())))
         assert (missing.code, missing.reason) == (grpc.StatusCode.NOT_FOUND, "ENROLLMENT_NOT_FOUND")

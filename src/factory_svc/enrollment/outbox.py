@@ -127,7 +127,8 @@ class NewEntry:
 
 @dataclass(frozen=True)
 class AuditRecord:
-    """One enrollment decision worth a trail: ``replace`` (certificate and code) or ``transfer`` (owner)."""
+    """One enrollment decision worth a trail: ``replace`` (certificate and code), ``transfer`` (owner),
+    ``rotate-code`` (a new activation code) or ``acknowledge-code`` (a retained code forgotten)."""
 
     time: datetime
     action: str
@@ -315,20 +316,21 @@ class Outbox:
 
     # ---------------------------------------------------------------------------------------- audit
     async def record_audit(self, record: AuditRecord) -> None:
-        await self._run(
-            lambda db: db.execute(
+        await self.record_audits([record])
+
+    async def record_audits(self, records: Sequence[AuditRecord]) -> None:
+        """Several audit rows in one transaction (one commit)."""
+        rows = [(_us(r.time), r.action, r.device_id, r.caller, r.request_id, r.detail) for r in records]
+
+        def go(db: sqlite3.Connection) -> None:
+            db.executemany(
                 "INSERT INTO enrollment_audit (time_us, action, device_id, caller, request_id, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    _us(record.time),
-                    record.action,
-                    record.device_id,
-                    record.caller,
-                    record.request_id,
-                    record.detail,
-                ),
+                rows,
             )
-        )
+
+        if rows:
+            await self._store.transaction(go)
 
     async def audit(self, device_id: str) -> list[AuditRecord]:
         def go(db: sqlite3.Connection) -> list[AuditRecord]:

@@ -14,13 +14,12 @@ that is the price of being able to answer a retry, bounded by the retention wind
 
 The tables live in the enrollment file (``<data_dir>/enrollments.sqlite3``, beside the request ids whose
 answers name the code ids), added by its schema migration 3 (``MIGRATION``, through litestore), and use
-its store (its thread, synchronous=FULL).  Each rotation and acknowledgement also leaves a row in
-``code_events`` (who, when, which code id -- never the code).
+its store (its thread, synchronous=FULL).  Rotations and acknowledgements are audited by the service in
+the file's enrollment audit (who, when, which code id -- never the code).
 
 API: ``async RetainedCodes.on(store, key_file)``, ``.retain(items, now)``, ``.find(device_id, code_id)``,
-``.find_many(keys)``, ``.supersede(device_id, keep_code_id)``, ``.acknowledge(device_ids, caller, now)``,
-``.purge(older_than)``, ``.record_event(...)``, ``.events(device_id)``, ``.count()``; ``code_id(record)``,
-``MIGRATION``, ``KEY_FILE``.
+``.find_many(keys)``, ``.supersede(device_id, keep_code_id)``, ``.acknowledge(device_ids)``,
+``.purge(older_than)``, ``.count()``; ``code_id(record)``, ``MIGRATION``, ``KEY_FILE``.
 """
 
 from __future__ import annotations
@@ -29,8 +28,7 @@ import os
 import secrets
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,30 +51,12 @@ CREATE TABLE retained_codes (
     PRIMARY KEY (device_id, code_id)
 );
 CREATE INDEX retained_by_age ON retained_codes (created_us);
-CREATE TABLE code_events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    device_id TEXT NOT NULL,
-    event TEXT NOT NULL,
-    code_id TEXT NOT NULL,
-    caller TEXT NOT NULL,
-    at_us INTEGER NOT NULL
-);
-CREATE INDEX code_events_by_device ON code_events (device_id, seq);
 """
 
 
 def code_id(record: Mapping[str, Any] | None) -> str:
     """The public id of a code: the salt of its hash record ('' for none)."""
     return str(record.get("salt", "")) if isinstance(record, Mapping) else ""
-
-
-@dataclass(frozen=True)
-class CodeEvent:
-    device_id: str
-    event: str  # "rotated" | "acknowledged"
-    code_id: str
-    caller: str
-    at: datetime
 
 
 def _us(moment: datetime) -> int:
@@ -116,11 +96,12 @@ class RetainedCodes:
         """The retained codes in ``store`` (the enrollment file), sealed with the key in ``key_file``.
         Deleted rows are overwritten (``secure_delete``), and the log is truncated after acknowledgements
         and purges, so a forgotten ciphertext is not left in free pages for the key to open later."""
-        await store.run(lambda db: db.execute("PRAGMA secure_delete=ON"))
+        await store.run(lambda db: db.execute("PRAGMA secure_delete=ON").fetchall())
         return cls(store, _load_key(key_file))
 
     async def _truncate_log(self) -> None:
-        await self._store.run(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        # Read the pragma's result row: an unread one leaves its statement open, and the next COMMIT fails.
+        await self._store.run(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
 
     # ------------------------------------------------------------------------------------------ writes
     async def retain(self, items: Sequence[tuple[str, str, Mapping[str, Any]]], now: datetime) -> None:
@@ -151,22 +132,19 @@ class RetainedCodes:
             )
         )
 
-    async def acknowledge(self, device_ids: Iterable[str], caller: str, now: datetime) -> int:
-        """The labels of these devices are printed: drop their codes.  Returns how many codes went."""
+    async def acknowledge(self, device_ids: Iterable[str]) -> list[tuple[str, str]]:
+        """The labels of these devices are printed: drop their codes.  Returns the (device id, code id)
+        pairs that went."""
         ids = sorted(set(device_ids))
 
-        def go(db: sqlite3.Connection) -> int:
-            gone = 0
+        def go(db: sqlite3.Connection) -> list[tuple[str, str]]:
+            gone: list[tuple[str, str]] = []
             for device_id in ids:
                 rows = db.execute(
-                    "DELETE FROM retained_codes WHERE device_id = ? RETURNING code_id", (device_id,)
+                    "SELECT code_id FROM retained_codes WHERE device_id = ?", (device_id,)
                 ).fetchall()
-                gone += len(rows)
-                db.executemany(
-                    "INSERT INTO code_events (device_id, event, code_id, caller, at_us) "
-                    "VALUES (?, 'acknowledged', ?, ?, ?)",
-                    [(device_id, row[0], caller, _us(now)) for row in rows],
-                )
+                db.execute("DELETE FROM retained_codes WHERE device_id = ?", (device_id,))
+                gone.extend((device_id, str(row[0])) for row in rows)
             return gone
 
         gone = await self._store.transaction(go)
@@ -184,14 +162,6 @@ class RetainedCodes:
         if gone:
             await self._truncate_log()
         return int(gone)
-
-    async def record_event(self, device_id: str, event: str, cid: str, caller: str, now: datetime) -> None:
-        await self._store.run(
-            lambda db: db.execute(
-                "INSERT INTO code_events (device_id, event, code_id, caller, at_us) VALUES (?, ?, ?, ?, ?)",
-                (device_id, event, cid, caller, _us(now)),
-            )
-        )
 
     # ------------------------------------------------------------------------------------------- reads
     def _open(self, device_id: str, cid: str, nonce: bytes, ciphertext: bytes) -> str | None:
@@ -229,15 +199,3 @@ class RetainedCodes:
         return await self._store.run(
             lambda db: int(db.execute("SELECT count(*) FROM retained_codes").fetchone()[0])
         )
-
-    async def events(self, device_id: str) -> list[CodeEvent]:
-        rows = await self._store.run(
-            lambda db: db.execute(
-                "SELECT device_id, event, code_id, caller, at_us FROM code_events WHERE device_id = ? "
-                "ORDER BY seq",
-                (device_id,),
-            ).fetchall()
-        )
-        return [
-            CodeEvent(r[0], r[1], r[2], r[3], datetime.fromtimestamp(r[4] / 1_000_000, UTC)) for r in rows
-        ]

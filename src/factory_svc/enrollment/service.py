@@ -598,7 +598,7 @@ class EnrollmentService:
     async def rotate_code(self, raw_device_id: str, request_id: str = "") -> RotateResult:
         """A new code for an enrolled device (its code is lost, its label damaged): the new hash replaces
         the old one in the enrollment (etag-guarded; owner, metadata and certificate kept), so the old code
-        stops working at once.  Audited in the code events with the caller."""
+        stops working at once.  Audited (enrollment audit, ``rotate-code``) with the caller."""
         check_request_id(request_id)
         device_id = normalise_device_id(raw_device_id)
 
@@ -609,12 +609,12 @@ class EnrollmentService:
         return await self._once(
             request_id,
             fingerprint(["rotate-code", device_id]),
-            lambda: self._rotate(device_id),
+            lambda: self._rotate(device_id, request_id),
             lambda result: {"device_id": device_id, "code_id": result.code_id},
             replay,
         )
 
-    async def _rotate(self, device_id: str) -> RotateResult:
+    async def _rotate(self, device_id: str, request_id: str) -> RotateResult:
         with bind_device_id(device_id):
             pending = await self._outbox.latest_for(device_id)
             if pending is not None and pending.state is OutboxState.PENDING:
@@ -646,8 +646,15 @@ class EnrollmentService:
                 cid = code_id(fresh[1])
                 crash_point("rotate.after_dps_write")
                 await self._codes.supersede(device_id, cid)
-                await self._codes.record_event(
-                    device_id, "rotated", cid, str(current_caller()), self._clock()
+                await self._outbox.record_audit(
+                    AuditRecord(
+                        self._clock(),
+                        "rotate-code",
+                        device_id,
+                        str(current_caller()),
+                        request_id,
+                        f"code id {cid}",
+                    )
                 )
                 log.info("activation code rotated", extra={"code_id": cid})
                 return RotateResult(device_id, fresh[0], cid)
@@ -659,7 +666,8 @@ class EnrollmentService:
         self, raw_device_ids: Sequence[str], request_id: str = ""
     ) -> AcknowledgeResult:
         """The MES printed these devices' labels: their retained codes are dropped (only the hashes in DPS
-        remain).  Returns how many codes were dropped; unknown or already acknowledged ids count 0."""
+        remain), each audited (``acknowledge-code``).  Returns how many codes were dropped; unknown or
+        already acknowledged ids count 0."""
         check_request_id(request_id)
         self._check_size("device_ids", len(raw_device_ids), "DEVICE_IDS_EMPTY", "DEVICE_IDS_TOO_MANY")
         device_ids = [normalise_device_id(d) for d in raw_device_ids]
@@ -668,8 +676,12 @@ class EnrollmentService:
             return AcknowledgeResult(int(data["acknowledged"]), replayed=True)
 
         async def work() -> AcknowledgeResult:
-            caller = str(current_caller())
-            return AcknowledgeResult(await self._codes.acknowledge(device_ids, caller, self._clock()))
+            gone = await self._codes.acknowledge(device_ids)
+            caller, now = str(current_caller()), self._clock()
+            await self._outbox.record_audits(
+                [AuditRecord(now, "acknowledge-code", d, caller, request_id, f"code id {c}") for d, c in gone]
+            )
+            return AcknowledgeResult(len(gone))
 
         return await self._once(
             request_id,
