@@ -40,7 +40,8 @@ from device_client.hub import HubRefused, HubSession, HubTarget, HubUnavailable
 from device_client.identity import check_validity
 from device_client.settings import Settings
 from device_client.state import Assignment, DesiredState, StateDir, StoredIdentity
-from device_client.telemetry import build_body, new_message_id
+from device_client.telemetry import build_body, message_id
+from provkit.faults import crash_point
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -381,6 +382,7 @@ class DeviceRuntime:
                 seq=message.seq,
             )
             raise
+        crash_point("telemetry.before_commit")  # the hub has it, the outbox still does: resent, same id
         await self._buffer.acknowledge(message.seq)
         try:
             body = json.loads(message.body)
@@ -436,7 +438,7 @@ class DeviceRuntime:
             now = self._clock()
 
             def message(seq: int, now: datetime = now) -> tuple[str, datetime, bytes]:
-                return new_message_id(), now, build_body(self.guid, seq, now)
+                return message_id(self.guid, seq), now, build_body(self.guid, seq, now)
 
             await self._buffer.append(message)
             produced_at = loop.time()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 import zlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,8 +49,11 @@ def build_body(device_id: str, seq: int, now: datetime) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode(CONTENT_ENCODING)
 
 
-def new_message_id() -> str:
-    return str(uuid.uuid4())
+def message_id(device_id: str, seq: int) -> str:
+    """The message's stable id, ``<device>:<seq>``: the same on every resend (the hub may store a message
+    twice when an acknowledgement is lost), and never reused, as the sequence is persisted with the
+    outbox.  Sent as the message-id system property (``$.mid``), so a consumer drops a repeated id."""
+    return f"{device_id}:{seq}"
 
 
 def to_sdk_message(seq: int, message_id: str, body: bytes) -> Message:

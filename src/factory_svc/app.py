@@ -4,6 +4,9 @@ Data directory layout (``FactorySettings.data_dir``)::
 
     <data_dir>/
       ledger.sqlite3        issued certificates and request ids (SQLite, WAL; plus -wal/-shm files)
+      enrollments.sqlite3   the enrollment outbox, its request ids, the activation codes not yet
+                            acknowledged (AES-GCM encrypted) and their events
+      codes.key             the codes' 32-byte key (0600), created on first start
       ca/                   the development CA (only when no CA is configured), created on first start
         root-ca.pem         ECDSA P-384 root, 20 years       root-ca.key     (0600)
         issuing-ca.pem      ECDSA P-256 issuing CA, 10 years issuing-ca.key  (0600)

@@ -73,6 +73,9 @@ SUITE_POLICY = AccessPolicy(
         _FACTORY + "GetEnrollmentStatus": frozenset({Role.FACTORY, Role.OPERATOR}),
         # who owns a device not yet activated is the factory's (the seller's) decision
         _FACTORY + "TransferOwnership": frozenset({Role.FACTORY}),
+        # activation codes: a new one for a lost label; the MES confirms printed labels (codes forgotten)
+        _FACTORY + "RotateActivationCode": frozenset({Role.FACTORY}),
+        _FACTORY + "AcknowledgeActivationCodes": frozenset({Role.FACTORY}),
         # read-only inventory of issued certificates: the factory and the operator (no secrets in it)
         _FACTORY + "ListCertificates": frozenset({Role.FACTORY, Role.OPERATOR}),
         _FACTORY + "GetCertificate": frozenset({Role.FACTORY, Role.OPERATOR}),

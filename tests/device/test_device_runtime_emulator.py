@@ -134,7 +134,8 @@ async def test_first_run_after_activation_reaches_telemetry(emulator, device):
     first = received[0]
     assert first["content_type"] == "application/json"
     assert first["content_encoding"] == "utf-8"
-    assert first["message_id"]
+    # the message id ($.mid on the wire) is the device and its persisted sequence: a resend repeats it
+    assert [m["message_id"] for m in received[:3]] == [f"{d.guid}:{n}" for n in (1, 2, 3)]
     assert set(first["body"]["readings"]) == {"temperatureC", "humidityPct", "supplyVoltageV"}
 
 

@@ -98,3 +98,24 @@ def test_each_message_shows_its_devices_own_sequence_number(tmp_path):
         "h/dev-a seq 42",
     ]
     assert lines[2].endswith(" h/dev-a no number") and "#" not in out.getvalue()
+
+
+def test_monitor_marks_a_repeated_message_id_per_device(tmp_path):
+    store = _store(tmp_path)
+    for device, mid, body in [
+        ("dev-1", "dev-1:1", b"a"),
+        ("dev-1", "dev-1:2", b"b"),
+        ("dev-2", "dev-1:1", b"same id, another device"),
+        ("dev-1", "dev-1:2", b"b"),  # resent after a lost acknowledgement
+        ("dev-1", "dev-1:3", b"c"),
+    ]:
+        store.append("h", device, PropertyBag({"messageId": mid}), body)
+    out = StringIO()
+    args = _parse(["monitor", "--last", "10", "--json"], tmp_path)
+    assert cli.run_monitor(args, out, lambda: True) == 0
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line.get("repeatOf") for line in lines] == [None, None, None, lines[1]["sequenceNumber"], None]
+    text = StringIO()
+    cli.run_monitor(_parse(["monitor", "--last", "10"], tmp_path), text, lambda: True)
+    marked = [line for line in text.getvalue().splitlines() if "REPEATED id" in line]
+    assert len(marked) == 1 and " h/dev-1 REPEATED id " in marked[0] and marked[0].endswith(" b")

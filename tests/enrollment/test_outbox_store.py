@@ -77,7 +77,7 @@ async def test_entries_written_before_entries_had_their_own_shape_still_read(tmp
 async def test_a_version_1_file_gains_the_enrollment_audit_and_keeps_its_entries(tmp_path):
     import sqlite3
 
-    from factory_svc.enrollment.outbox import SCHEMA, AuditRecord
+    from factory_svc.enrollment.outbox import MIGRATIONS, SCHEMA, AuditRecord
 
     path = tmp_path / "enrollments.sqlite3"
     with sqlite3.connect(path) as db:  # a file as the version-1 program left it
@@ -97,4 +97,4 @@ async def test_a_version_1_file_gains_the_enrollment_audit_and_keeps_its_entries
     finally:
         await box.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)  # and every later one

@@ -152,6 +152,11 @@ async def _transfer(factory, folder, device, code):
     return request, fresh.device_id
 
 
+async def _rotate_code(factory, folder, device, code):
+    fresh, _ = await _enrolled(factory, folder)  # not the shared device: its code must keep working
+    return fpb.RotateActivationCodeRequest(device_id=fresh.device_id), fresh.device_id
+
+
 def _about(request_of: Callable[[DeviceFiles, str], Any]) -> Builder:
     async def build(factory, folder, device, code):
         return request_of(device, code), device.device_id
@@ -171,6 +176,10 @@ REQUESTS: dict[str, Builder] = {
         lambda d, c: fpb.GetEnrollmentStatusRequest(device_id=d.device_id)
     ),
     "/devprov.v1.FactoryService/TransferOwnership": _transfer,
+    "/devprov.v1.FactoryService/RotateActivationCode": _rotate_code,
+    "/devprov.v1.FactoryService/AcknowledgeActivationCodes": _about(
+        lambda d, c: fpb.AcknowledgeActivationCodesRequest(device_ids=[d.device_id])
+    ),
     "/devprov.v1.ActivationService/Activate": _about(
         lambda d, c: apb.ActivateRequest(device_id=d.device_id, activation_code=c, metadata_json=META)
     ),

@@ -311,3 +311,37 @@ class TransferOwnershipResponse(_message.Message):
     changed: bool
     replayed: bool
     def __init__(self, device_id: _Optional[str] = ..., owner_oem: _Optional[str] = ..., previous_owner_oem: _Optional[str] = ..., changed: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class RotateActivationCodeRequest(_message.Message):
+    __slots__ = ("device_id", "request_id")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    request_id: str
+    def __init__(self, device_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RotateActivationCodeResponse(_message.Message):
+    __slots__ = ("device_id", "activation_code", "replayed")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_CODE_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    activation_code: str
+    replayed: bool
+    def __init__(self, device_id: _Optional[str] = ..., activation_code: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class AcknowledgeActivationCodesRequest(_message.Message):
+    __slots__ = ("device_ids", "request_id")
+    DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    device_ids: _containers.RepeatedScalarFieldContainer[str]
+    request_id: str
+    def __init__(self, device_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class AcknowledgeActivationCodesResponse(_message.Message):
+    __slots__ = ("acknowledged_count", "replayed")
+    ACKNOWLEDGED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    acknowledged_count: int
+    replayed: bool
+    def __init__(self, acknowledged_count: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...

@@ -77,6 +77,16 @@ class FactoryServiceStub:
                 request_serializer=devprov_dot_v1_dot_factory__service__pb2.TransferOwnershipRequest.SerializeToString,
                 response_deserializer=devprov_dot_v1_dot_factory__service__pb2.TransferOwnershipResponse.FromString,
                 _registered_method=True)
+        self.RotateActivationCode = channel.unary_unary(
+                '/devprov.v1.FactoryService/RotateActivationCode',
+                request_serializer=devprov_dot_v1_dot_factory__service__pb2.RotateActivationCodeRequest.SerializeToString,
+                response_deserializer=devprov_dot_v1_dot_factory__service__pb2.RotateActivationCodeResponse.FromString,
+                _registered_method=True)
+        self.AcknowledgeActivationCodes = channel.unary_unary(
+                '/devprov.v1.FactoryService/AcknowledgeActivationCodes',
+                request_serializer=devprov_dot_v1_dot_factory__service__pb2.AcknowledgeActivationCodesRequest.SerializeToString,
+                response_deserializer=devprov_dot_v1_dot_factory__service__pb2.AcknowledgeActivationCodesResponse.FromString,
+                _registered_method=True)
 
 
 class FactoryServiceServicer:
@@ -148,6 +158,24 @@ class FactoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateActivationCode(self, request, context):
+        """Issues a new activation code for an enrolled device whose code is lost or whose label is damaged: the
+        new code's hash replaces the old one in the enrollment (etag-guarded; owner, metadata and certificate
+        kept), so the old code stops working at once.  Audited with the caller.  Idempotent by `request_id`
+        (a replay returns the same code while it is retained).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcknowledgeActivationCodes(self, request, context):
+        """The MES confirms that these devices' labels are printed: the factory forgets their retained codes
+        (kept encrypted until now so that a retry could return them); only the hashes in DPS remain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FactoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +213,16 @@ def add_FactoryServiceServicer_to_server(servicer, server):
                     servicer.TransferOwnership,
                     request_deserializer=devprov_dot_v1_dot_factory__service__pb2.TransferOwnershipRequest.FromString,
                     response_serializer=devprov_dot_v1_dot_factory__service__pb2.TransferOwnershipResponse.SerializeToString,
+            ),
+            'RotateActivationCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateActivationCode,
+                    request_deserializer=devprov_dot_v1_dot_factory__service__pb2.RotateActivationCodeRequest.FromString,
+                    response_serializer=devprov_dot_v1_dot_factory__service__pb2.RotateActivationCodeResponse.SerializeToString,
+            ),
+            'AcknowledgeActivationCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcknowledgeActivationCodes,
+                    request_deserializer=devprov_dot_v1_dot_factory__service__pb2.AcknowledgeActivationCodesRequest.FromString,
+                    response_serializer=devprov_dot_v1_dot_factory__service__pb2.AcknowledgeActivationCodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -384,6 +422,60 @@ class FactoryService:
             '/devprov.v1.FactoryService/TransferOwnership',
             devprov_dot_v1_dot_factory__service__pb2.TransferOwnershipRequest.SerializeToString,
             devprov_dot_v1_dot_factory__service__pb2.TransferOwnershipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateActivationCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devprov.v1.FactoryService/RotateActivationCode',
+            devprov_dot_v1_dot_factory__service__pb2.RotateActivationCodeRequest.SerializeToString,
+            devprov_dot_v1_dot_factory__service__pb2.RotateActivationCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcknowledgeActivationCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devprov.v1.FactoryService/AcknowledgeActivationCodes',
+            devprov_dot_v1_dot_factory__service__pb2.AcknowledgeActivationCodesRequest.SerializeToString,
+            devprov_dot_v1_dot_factory__service__pb2.AcknowledgeActivationCodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,7 +1,10 @@
 """``iot-emulator monitor`` and ``iot-emulator messages``: watch and read stored telemetry.
 
 Both read the emulator's SQLite file directly (WAL mode lets a reader run beside the serving process),
-so they work whether or not the emulator is running::
+so they work whether or not the emulator is running.  ``monitor`` marks a message whose message id
+(``$.mid``) it has already shown for that device -- the copy a device resends when the acknowledgement of
+the first was lost -- with ``REPEATED id`` (with ``--json``: ``"repeatOf"``, the hub's ``sequenceNumber``
+of the first copy)::
 
     iot-emulator monitor  [--data-dir DIR] [--device ID] [--hub HOST] [--last N] [--json]
     iot-emulator messages --device ID [--data-dir DIR] [--hub HOST] [--limit N] [--json]
@@ -22,6 +25,7 @@ from azure_iot_emulator.hub.telemetry import StoredMessage, TelemetryStore
 from azure_iot_emulator.store import Database
 
 POLL_SECONDS = 0.25
+_REMEMBERED_IDS = 100_000  # message ids the monitor remembers to spot repeats (oldest forgotten first)
 
 
 def device_sequence(message: StoredMessage) -> int | None:
@@ -37,9 +41,33 @@ def device_sequence(message: StoredMessage) -> int | None:
     return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 
 
-def _format(message: StoredMessage, as_json: bool) -> str:
+class RepeatedIds:
+    """The message ids seen per (hub, device), to mark a repeat with the sequence number of the first."""
+
+    def __init__(self, capacity: int = _REMEMBERED_IDS) -> None:
+        self._first: dict[tuple[str, str, str], int] = {}
+        self._capacity = capacity
+
+    def first_of(self, message: StoredMessage) -> int | None:
+        """The sequence number of an earlier message with this one's id, or None (remembers it)."""
+        mid = message.system_properties.get("messageId")
+        if not mid:
+            return None
+        key = (message.hub, message.device_id, mid)
+        first = self._first.get(key)
+        if first is None:
+            self._first[key] = message.seq
+            if len(self._first) > self._capacity:
+                del self._first[next(iter(self._first))]
+        return first
+
+
+def _format(message: StoredMessage, as_json: bool, repeat_of: int | None = None) -> str:
     if as_json:
-        return json.dumps(message.to_json(), sort_keys=True)
+        data = message.to_json()
+        if repeat_of is not None:
+            data["repeatOf"] = repeat_of
+        return json.dumps(data, sort_keys=True)
     text = message.body_text()
     body = (
         text if text is not None else f"<{len(message.body)} bytes, base64 {message.to_json()['bodyBase64']}>"
@@ -51,7 +79,8 @@ def _format(message: StoredMessage, as_json: bool) -> str:
         props += " properties=" + json.dumps(message.application_properties, sort_keys=True)
     seq = device_sequence(message)
     number = f" seq {seq}" if seq is not None else ""
-    return f"{message.enqueued_time} {message.hub}/{message.device_id}{number}{props} {body}"
+    repeated = " REPEATED id" if repeat_of is not None else ""
+    return f"{message.enqueued_time} {message.hub}/{message.device_id}{number}{repeated}{props} {body}"
 
 
 def _open_store(data_dir: Path) -> tuple[Database, TelemetryStore]:
@@ -80,10 +109,11 @@ def run_monitor(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> int:
     db, store = _open_store(Path(args.data_dir))
+    repeats = RepeatedIds()
     try:
         backlog = store.recent(hub=args.hub, device_id=args.device, limit=args.last) if args.last else []
         for message in backlog:
-            print(_format(message, args.json), file=out, flush=True)
+            print(_format(message, args.json, repeats.first_of(message)), file=out, flush=True)
         cursor = store.last_seq()
         if not args.json:
             target = args.device or "all devices"
@@ -91,7 +121,7 @@ def run_monitor(
         while not should_stop():
             batch = store.after(cursor, hub=args.hub, device_id=args.device)
             for message in batch:
-                print(_format(message, args.json), file=out, flush=True)
+                print(_format(message, args.json, repeats.first_of(message)), file=out, flush=True)
             if batch:
                 cursor = batch[-1].seq
             else:

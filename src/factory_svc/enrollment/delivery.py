@@ -31,6 +31,7 @@ from provkit.cloud import (
     EnrollmentPort,
 )
 from provkit.context import bind_device_id
+from provkit.faults import crash_point
 
 log = logging.getLogger("factory_svc.outbox")
 
@@ -118,6 +119,7 @@ class OutboxDelivery:
                             extra={"seq": entry.seq, "reason": outcome.reason},
                         )
                     else:
+                        crash_point("outbox.after_dps_write")  # a retry recognises its own write
                         await self._outbox.mark_delivered(entry.seq, outcome.value, self._clock())
                         log.info(
                             "queued enrollment delivered", extra={"seq": entry.seq, "outcome": outcome.value}

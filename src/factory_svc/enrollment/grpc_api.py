@@ -1,5 +1,5 @@
-"""The Enroll / EnrollBatch / GetEnrollmentStatus / TransferOwnership RPCs: proto <-> domain conversions, no
-business rules.
+"""The enrollment RPCs (Enroll, EnrollBatch, GetEnrollmentStatus, TransferOwnership, RotateActivationCode,
+AcknowledgeActivationCodes): proto <-> domain conversions, no business rules.
 
 ``EnrollmentRpcs`` is mixed into ``factory_svc.servicer.FactoryServicer``; it expects ``self._enrollment``
 (an ``EnrollmentService``, or None when enrollment is not configured: FAILED_PRECONDITION).
@@ -152,9 +152,7 @@ class EnrollmentRpcs:
         count_enrollment(self._metrics, result)
         return result_to_proto(result)
 
-    async def EnrollBatch(
-        self, request: pb.EnrollBatchRequest, context: Context
-    ) -> pb.EnrollBatchResponse:
+    async def EnrollBatch(self, request: pb.EnrollBatchRequest, context: Context) -> pb.EnrollBatchResponse:
         # The id policy is checked here, item by item: a refused id fails its item, as any bad item does.
         service = self._service()
         caller = current_caller()
@@ -215,3 +213,24 @@ class EnrollmentRpcs:
     ) -> pb.GetEnrollmentStatusResponse:
         device_id = check_device_id(request.device_id, self._device_ids)
         return status_to_proto(await self._service().status(device_id))
+
+    async def RotateActivationCode(
+        self, request: pb.RotateActivationCodeRequest, context: Context
+    ) -> pb.RotateActivationCodeResponse:
+        device_id = check_device_id(request.device_id, self._device_ids)
+        result = await self._service().rotate_code(device_id, request.request_id)
+        return pb.RotateActivationCodeResponse(
+            device_id=result.device_id, activation_code=result.activation_code or "", replayed=result.replayed
+        )
+
+    async def AcknowledgeActivationCodes(
+        self, request: pb.AcknowledgeActivationCodesRequest, context: Context
+    ) -> pb.AcknowledgeActivationCodesResponse:
+        device_ids = [
+            check_device_id(raw, self._device_ids, f"device_ids[{index}]")
+            for index, raw in enumerate(request.device_ids)
+        ]
+        result = await self._service().acknowledge_codes(device_ids, request.request_id)
+        return pb.AcknowledgeActivationCodesResponse(
+            acknowledged_count=result.acknowledged, replayed=result.replayed
+        )

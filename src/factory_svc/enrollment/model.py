@@ -46,9 +46,24 @@ class EnrollResult:
     device_id: str
     outcome: EnrollOutcome
     delivery: Delivery
-    activation_code: str | None  # only on CREATED / REPLACED / QUEUED, never on a replay
+    activation_code: str | None  # the code while it is retained (see enrollment.retained), else None
     sha1_thumbprint: str
     sha256_thumbprint: str
+    replayed: bool = False
+    code_id: str = ""  # the public id of the code (its hash's salt); '' when no code came with it
+
+
+@dataclass(frozen=True)
+class RotateResult:
+    device_id: str
+    activation_code: str | None  # None only on a replay after the code was acknowledged or purged
+    code_id: str
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class AcknowledgeResult:
+    acknowledged: int  # retained codes forgotten
     replayed: bool = False
 
 
@@ -125,3 +140,4 @@ class EnrollPolicy:
     bulk_concurrency: int = 8
     delivery_backoff_initial: float = 0.5
     delivery_backoff_max: float = 30.0
+    code_retention: timedelta = timedelta(days=7)  # unacknowledged codes are kept (encrypted) this long

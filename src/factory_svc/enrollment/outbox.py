@@ -8,7 +8,8 @@ activation-code hash in DPS) instead of writing again.  An entry carries what th
 needs at delivery: the owner OEM named, the reason of a replace and the caller (for the audit).  The same
 file keeps the request ids of Enroll / EnrollBatch / TransferOwnership for idempotent replays, and the
 enrollment audit: one row per replaced enrollment and per ownership transfer, with the caller and the
-reason (``enrollment_audit``).
+reason (``enrollment_audit``); and (migration 3) the activation codes not yet acknowledged
+(``enrollment.retained``).
 
 File: ``<data_dir>/enrollments.sqlite3``.  All SQLite calls run on the store's own thread (litestore).
 """
@@ -25,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from factory_svc.enrollment import retained
 from litestore import Options, Schema, Store, Synchronous
 
 T = TypeVar("T")
@@ -68,7 +70,8 @@ CREATE INDEX enrollment_audit_by_device ON enrollment_audit (device_id, id);
 """
 
 # Version 1 is the original schema (files written before versions were kept have version 0 and these tables).
-MIGRATIONS = (SCHEMA, ENROLLMENT_AUDIT)
+# Version 3: the retained activation codes (``enrollment.retained``).
+MIGRATIONS = (SCHEMA, ENROLLMENT_AUDIT, retained.MIGRATION)
 # FULL: an accepted enrollment is promised to the caller; it must survive a power cut, not only a crash.
 OPTIONS = Options(synchronous=Synchronous.FULL)
 
@@ -124,7 +127,8 @@ class NewEntry:
 
 @dataclass(frozen=True)
 class AuditRecord:
-    """One enrollment decision worth a trail: ``replace`` (certificate and code) or ``transfer`` (owner)."""
+    """One enrollment decision worth a trail: ``replace`` (certificate and code), ``transfer`` (owner),
+    ``rotate-code`` (a new activation code) or ``acknowledge-code`` (a retained code forgotten)."""
 
     time: datetime
     action: str
@@ -207,6 +211,11 @@ class Outbox:
     @classmethod
     async def open(cls, path: Path) -> Outbox:
         return cls(await Store.open(path, Schema("enrollment outbox", MIGRATIONS), OPTIONS))
+
+    @property
+    def store(self) -> Store:
+        """The file's store, shared with ``RetainedCodes``."""
+        return self._store
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._store.run(fn)
@@ -307,20 +316,21 @@ class Outbox:
 
     # ---------------------------------------------------------------------------------------- audit
     async def record_audit(self, record: AuditRecord) -> None:
-        await self._run(
-            lambda db: db.execute(
+        await self.record_audits([record])
+
+    async def record_audits(self, records: Sequence[AuditRecord]) -> None:
+        """Several audit rows in one transaction (one commit)."""
+        rows = [(_us(r.time), r.action, r.device_id, r.caller, r.request_id, r.detail) for r in records]
+
+        def go(db: sqlite3.Connection) -> None:
+            db.executemany(
                 "INSERT INTO enrollment_audit (time_us, action, device_id, caller, request_id, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    _us(record.time),
-                    record.action,
-                    record.device_id,
-                    record.caller,
-                    record.request_id,
-                    record.detail,
-                ),
+                rows,
             )
-        )
+
+        if rows:
+            await self._store.transaction(go)
 
     async def audit(self, device_id: str) -> list[AuditRecord]:
         def go(db: sqlite3.Connection) -> list[AuditRecord]:

@@ -9,14 +9,20 @@ Settings (TOML / environment, prefix FACTORY):
 | enroll.code_hash_log2_n             | FACTORY_ENROLL_CODE_HASH_LOG2_N            | 8       |
 | enroll.max_batch                    | FACTORY_ENROLL_MAX_BATCH                   | 1000    |
 | enroll.delivery_backoff_max         | FACTORY_ENROLL_DELIVERY_BACKOFF_MAX        | 30 (s)  |
+| enroll.code_retention_hours         | FACTORY_ENROLL_CODE_RETENTION_HOURS        | 168 (7 days) |
 | cloud.*                             | FACTORY_CLOUD_*                            | see provkit.cloud |
 
-The outbox lives in ``<data_dir>/enrollments.sqlite3``.
+The outbox lives in ``<data_dir>/enrollments.sqlite3``, and so do the activation codes not yet acknowledged,
+encrypted with the key in ``<data_dir>/codes.key`` (0600).  Codes older than the retention window are
+purged at start-up and then every ``min(retention / 4, 1 h)``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,11 +34,14 @@ from factory_svc.enrollment.delivery import OutboxDelivery
 from factory_svc.enrollment.lint import lint_policy_from_chain
 from factory_svc.enrollment.model import EnrollPolicy
 from factory_svc.enrollment.outbox import Outbox
+from factory_svc.enrollment.retained import KEY_FILE, RetainedCodes
 from factory_svc.enrollment.service import EnrollmentService
 from provkit.activation_code import DEFAULT_LOG2_N
 from provkit.cloud import CloudNotConfigured, CloudSettings, load_cloud_settings
 from provkit.cloud_calls import CallObserver
 from provkit.settings import SettingsError, SettingsSource
+
+log = logging.getLogger("factory_svc.enrollment")
 
 
 @dataclass(frozen=True)
@@ -56,11 +65,15 @@ def load_enroll_settings(source: SettingsSource) -> EnrollSettings | None:
         raise SettingsError("FACTORY_ENROLL_MIN_REMAINING_VALIDITY_DAYS must not be negative")
     if not 8 <= log2_n <= 20:
         raise SettingsError("FACTORY_ENROLL_CODE_HASH_LOG2_N must be within 8..20")
+    retention_hours = source.number("enroll.code_retention_hours", 168.0)
+    if retention_hours <= 0:
+        raise SettingsError("FACTORY_ENROLL_CODE_RETENTION_HOURS must be positive")
     policy = EnrollPolicy(
         min_remaining_validity=timedelta(days=days),
         code_hash_log2_n=log2_n,
         max_batch=source.integer("enroll.max_batch", 1000),
         delivery_backoff_max=source.number("enroll.delivery_backoff_max", 30.0),
+        code_retention=timedelta(hours=retention_hours),
     )
     return EnrollSettings(cloud, policy)
 
@@ -70,7 +83,9 @@ class EnrollmentRuntime:
     service: EnrollmentService
     delivery: OutboxDelivery
     outbox: Outbox
+    codes: RetainedCodes
     _close_dps: Callable[[], object]
+    _purger: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -86,8 +101,10 @@ class EnrollmentRuntime:
 
         dps = await DpsEnrollments.open(settings.cloud.dps, observer=observer)
         outbox = await Outbox.open(data_dir / "enrollments.sqlite3")
+        codes = await RetainedCodes.on(outbox.store, data_dir / KEY_FILE)
         lint = lint_policy_from_chain(ca_chain, settings.policy.min_remaining_validity)
-        service = EnrollmentService(dps, outbox, lint, settings.policy, clock)
+        service = EnrollmentService(dps, outbox, codes, lint, settings.policy, clock)
+        await service.purge_codes()
         delivery = OutboxDelivery(
             dps,
             outbox,
@@ -96,12 +113,28 @@ class EnrollmentRuntime:
             backoff_max=settings.policy.delivery_backoff_max,
         )
         delivery.start()
-        return cls(service, delivery, outbox, dps.close)
+        runtime = cls(service, delivery, outbox, codes, dps.close)
+        period = min(settings.policy.code_retention.total_seconds() / 4, 3600.0)
+        runtime._purger = asyncio.create_task(_purge_every(service, period), name="code-purge")
+        return runtime
 
     async def close(self) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purger
         await self.delivery.stop()
         self.service.close()
         await self.outbox.close()
         result = self._close_dps()
         if inspect.isawaitable(result):
             await result
+
+
+async def _purge_every(service: EnrollmentService, period: float) -> None:
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await service.purge_codes()
+        except Exception:  # a failed purge is retried next period; it must not stop the service
+            log.exception("purging retained activation codes failed")

@@ -6,6 +6,10 @@
 - When DPS is unreachable (``CloudUnavailable``) -- or while older entries still wait, to keep the order --
   the enrollment goes to the ``Outbox`` and ``OutboxDelivery`` delivers it later.
 - Request ids go through ``provkit.idempotency`` (answers kept in the outbox file).
+- Every new activation code is retained, encrypted (``RetainedCodes``), before its hash is written to DPS,
+  so a retry -- same request id, or a re-run that finds the device UNCHANGED -- returns it again until the
+  MES acknowledges the label (``acknowledge_codes``) or the retention window passes.  ``rotate_code``
+  replaces a device's code hash (etag-guarded) when its code is lost or its label damaged.
 - The service owns its worker threads (code hashing, batch lint): ``close()`` shuts them down.
 
 Ownership and replace rules are ``ownership.py``'s: an owner OEM may be named (kept by every later
@@ -15,7 +19,8 @@ owner and is audited with the caller (the outbox file's enrollment audit).
 Reasons raised: the lint reasons (``lint.py``), ENROLLMENT_EXISTS (another certificate, no ``replace``),
 OWNER_INVALID, REASON_INVALID, OWNER_CHANGE_NEEDS_TRANSFER, REPLACE_REASON_REQUIRED,
 ENROLLMENT_CONCURRENTLY_MODIFIED, DPS_REFUSED, DPS_UNAVAILABLE, BATCH_EMPTY, BATCH_TOO_LARGE,
-DUPLICATE_IN_BATCH, REQUEST_ID_INVALID, REQUEST_ID_REUSED.
+DUPLICATE_IN_BATCH, REQUEST_ID_INVALID, REQUEST_ID_REUSED; rotation: ENROLLMENT_NOT_FOUND,
+ENROLLMENT_PENDING; acknowledgement: DEVICE_IDS_EMPTY, DEVICE_IDS_TOO_MANY.
 """
 
 from __future__ import annotations
@@ -23,18 +28,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from factory_svc.enrollment.lint import LintedCertificate, LintPolicy, lint_certificate
 from factory_svc.enrollment.model import (
+    AcknowledgeResult,
     BatchItemResult,
     BatchResult,
     Delivery,
@@ -45,6 +51,7 @@ from factory_svc.enrollment.model import (
     EnrollRequest,
     EnrollResult,
     ItemError,
+    RotateResult,
 )
 from factory_svc.enrollment.outbox import (
     AuditRecord,
@@ -63,6 +70,7 @@ from factory_svc.enrollment.ownership import (
     replace_detail,
     replace_refusal,
 )
+from factory_svc.enrollment.retained import RetainedCodes, code_id
 from provkit.activation_code import new_codes
 from provkit.cloud import (
     CloudAlreadyExists,
@@ -76,7 +84,7 @@ from provkit.cloud import (
     ProvisioningStatus,
     X509Attestation,
 )
-from provkit.context import bind_device_id
+from provkit.context import bind_device_id, current_caller
 from provkit.device_id import normalise_device_id
 from provkit.errors import (
     Aborted,
@@ -84,12 +92,16 @@ from provkit.errors import (
     DomainError,
     ErrorKind,
     FailedPrecondition,
+    NotFound,
     Unavailable,
     invalid_field,
 )
+from provkit.faults import crash_point
 from provkit.idempotency import RequestIds, Stored, check_request_id, fingerprint
 
 log = logging.getLogger("factory_svc.enrollment")
+
+R = TypeVar("R")  # an answer of a request
 
 Clock = Callable[[], datetime]
 NewCode = tuple[str, dict[str, Any]]  # the code handed out once, and the hash record DPS keeps
@@ -172,6 +184,7 @@ def _result_json(result: EnrollResult) -> dict[str, Any]:
         "delivery": result.delivery.value,
         "sha1": result.sha1_thumbprint,
         "sha256": result.sha256_thumbprint,
+        "code_id": result.code_id,
     }
 
 
@@ -184,6 +197,7 @@ def _result_from_json(data: Mapping[str, Any]) -> EnrollResult:
         sha1_thumbprint=data["sha1"],
         sha256_thumbprint=data["sha256"],
         replayed=True,
+        code_id=str(data.get("code_id", "")),
     )
 
 
@@ -212,12 +226,14 @@ class EnrollmentService:
         self,
         dps: EnrollmentPort,
         outbox: Outbox,
+        codes: RetainedCodes,
         lint_policy: LintPolicy,
         policy: EnrollPolicy,
         clock: Clock,
     ) -> None:
         self._dps = dps
         self._outbox = outbox
+        self._codes = codes
         self._lint = lint_policy
         self._policy = policy
         self._clock = clock
@@ -232,18 +248,24 @@ class EnrollmentService:
         self._linters.shutdown(wait=True)
 
     # ------------------------------------------------------------------------------------- helpers
-    async def _new_code(self) -> NewCode:
-        return (await self._new_codes(1))[0]
+    async def _new_code(self, device_id: str) -> NewCode:
+        return (await self._new_codes([device_id]))[0]
 
-    async def _new_codes(self, count: int) -> list[NewCode]:
-        """``count`` codes, hashed in the hashing threads, ten per job."""
+    async def _new_codes(self, device_ids: Sequence[str]) -> list[NewCode]:
+        """A code for each device, hashed in the hashing threads (ten per job), and retained (encrypted,
+        committed) before anyone can write its hash to DPS."""
+        count = len(device_ids)
         log2_n = self._policy.code_hash_log2_n
         loop = asyncio.get_running_loop()
         jobs = [min(_HASH_JOB, count - k) for k in range(0, count, _HASH_JOB)]
         parts = await asyncio.gather(
             *(loop.run_in_executor(self._hashers, _hash_job, n, log2_n) for n in jobs)
         )
-        return [item for part in parts for item in part]
+        codes = [item for part in parts for item in part]
+        await self._codes.retain(
+            [(d, code, record) for d, (code, record) in zip(device_ids, codes, strict=True)], self._clock()
+        )
+        return codes
 
     def lint(self, request: EnrollRequest, field_prefix: str = "") -> LintedCertificate:
         check_owner(request.owner, field_prefix + "owner_oem")
@@ -253,33 +275,60 @@ class EnrollmentService:
         )
 
     def _result(
-        self, linted: LintedCertificate, outcome: EnrollOutcome, delivery: Delivery, code: str | None
+        self, linted: LintedCertificate, outcome: EnrollOutcome, delivery: Delivery, code: NewCode | None
     ) -> EnrollResult:
         return EnrollResult(
-            linted.device_id, outcome, delivery, code, linted.sha1_thumbprint, linted.sha256_thumbprint
+            linted.device_id,
+            outcome,
+            delivery,
+            code[0] if code else None,
+            linted.sha1_thumbprint,
+            linted.sha256_thumbprint,
+            code_id=code_id(code[1]) if code else "",
         )
+
+    async def _retained_code(self, enrollment: Enrollment) -> NewCode | None:
+        """The code whose hash the enrollment holds, while it is retained."""
+        record = enrollment.code_hash
+        code = await self._codes.find(enrollment.registration_id, code_id(record))
+        return None if code is None or record is None else (code, dict(record))
 
     async def _queue_many(
         self, items: Sequence[tuple[LintedCertificate, EnrollRequest, NewCode]]
     ) -> list[EnrollResult]:
-        entries = [
-            NewEntry(
-                linted.device_id,
-                OutboxMode.REPLACE if request.replace else OutboxMode.CREATE,
-                linted.leaf_pem,
-                record,
-                linted.sha256_thumbprint,
-                _intent(request),
+        """Queue the items, in order.  A certificate that already waits in the outbox (a retry, or a re-run,
+        while DPS is down) is not queued twice with another code that would never work: it is answered
+        with the waiting entry's code while that is retained (and the code made for this call dropped)."""
+        results: dict[int, EnrollResult] = {}
+        entries: list[tuple[int, NewEntry, NewCode]] = []
+        for k, (linted, request, code) in enumerate(items):
+            waiting = None if request.replace else await self._waiting(linted)
+            if waiting is not None:
+                cid = code_id(waiting.code_hash)
+                await self._codes.supersede(linted.device_id, cid)
+                retained = await self._codes.find(linted.device_id, cid)
+                earlier = (retained, waiting.code_hash) if retained is not None else None
+                results[k] = self._result(linted, EnrollOutcome.QUEUED, Delivery.QUEUED, earlier)
+                continue
+            mode = OutboxMode.REPLACE if request.replace else OutboxMode.CREATE
+            entry = NewEntry(
+                linted.device_id, mode, linted.leaf_pem, code[1], linted.sha256_thumbprint, _intent(request)
             )
-            for linted, request, (_code, record) in items
-        ]
-        await self._outbox.enqueue(entries, self._clock())
-        for linted, _, _ in items:
-            log.info("enrollment queued (DPS unreachable)", extra={"enrolled_device": linted.device_id})
-        return [
-            self._result(linted, EnrollOutcome.QUEUED, Delivery.QUEUED, code)
-            for linted, _, (code, _record) in items
-        ]
+            entries.append((k, entry, code))
+        if entries:
+            await self._outbox.enqueue([entry for _, entry, _ in entries], self._clock())
+            crash_point("enroll.after_queue")  # queued (and its codes retained), not yet answered
+        for k, entry, code in entries:
+            log.info("enrollment queued (DPS unreachable)", extra={"enrolled_device": entry.device_id})
+            results[k] = self._result(items[k][0], EnrollOutcome.QUEUED, Delivery.QUEUED, code)
+        return [results[k] for k in range(len(items))]
+
+    async def _waiting(self, linted: LintedCertificate) -> OutboxEntry | None:
+        """The outbox entry still waiting to deliver this very certificate, if any."""
+        entry = await self._outbox.latest_for(linted.device_id)
+        if entry is None or entry.state is not OutboxState.PENDING:
+            return None
+        return entry if entry.sha256_thumbprint == linted.sha256_thumbprint else None
 
     # ---------------------------------------------------------------------------------- live path
     async def _live(
@@ -289,22 +338,26 @@ class EnrollmentService:
         for _ in range(_MAX_ATTEMPTS):
             existing = await self._dps.get(linted.device_id)
             if existing is None:
-                fresh = fresh or await self._new_code()
+                fresh = fresh or await self._new_code(linted.device_id)
                 try:
                     await self._dps.create(new_enrollment(linted, fresh[1], request.owner))
                 except CloudAlreadyExists:
                     continue
                 except CloudRejected as exc:
                     raise _refused(exc) from exc
+                crash_point("enroll.after_dps_write")
                 log.info("enrolled (disabled)", extra={"sha256": linted.sha256_thumbprint})
-                return self._result(linted, EnrollOutcome.CREATED, Delivery.LIVE, fresh[0])
+                return self._result(linted, EnrollOutcome.CREATED, Delivery.LIVE, fresh)
             enrolled = enrolled_sha256(existing)
             if not request.replace:
                 if enrolled == linted.sha256_thumbprint:
                     refusal = owner_refusal(existing, request.owner)
                     if refusal is not None:
                         raise refusal
-                    return self._result(linted, EnrollOutcome.UNCHANGED, Delivery.LIVE, None)
+                    # a retry of an answer that was lost: the code is given again while it is retained
+                    retained = await self._retained_code(existing)
+                    await self._codes.supersede(linted.device_id, code_id(existing.code_hash))  # unused ones
+                    return self._result(linted, EnrollOutcome.UNCHANGED, Delivery.LIVE, retained)
                 raise AlreadyExists(
                     "ENROLLMENT_EXISTS",
                     f"{linted.device_id} is enrolled with another certificate; set replace to rework it",
@@ -313,13 +366,14 @@ class EnrollmentService:
             refusal = replace_refusal(existing, request.owner, request.replace_reason)
             if refusal is not None:
                 raise refusal
-            fresh = fresh or await self._new_code()
+            fresh = fresh or await self._new_code(linted.device_id)
             try:
                 await self._dps.update(with_certificate(existing, linted.leaf_pem, fresh[1], request.owner))
             except (CloudEtagMismatch, CloudNotFound):
                 continue
             except CloudRejected as exc:
                 raise _refused(exc) from exc
+            crash_point("enroll.after_dps_write")
             await self._outbox.record_audit(
                 AuditRecord(
                     self._clock(),
@@ -330,8 +384,9 @@ class EnrollmentService:
                     replace_detail(existing, request.replace_reason, enrolled, linted.sha256_thumbprint),
                 )
             )
+            await self._codes.supersede(linted.device_id, code_id(fresh[1]))
             log.info("enrollment replaced", extra={"sha256": linted.sha256_thumbprint})
-            return self._result(linted, EnrollOutcome.REPLACED, Delivery.LIVE, fresh[0])
+            return self._result(linted, EnrollOutcome.REPLACED, Delivery.LIVE, fresh)
         raise Aborted(
             "ENROLLMENT_CONCURRENTLY_MODIFIED",
             f"the enrollment of {linted.device_id} kept changing; try again",
@@ -344,7 +399,7 @@ class EnrollmentService:
                     return await self._live(linted, request, None)
                 except CloudUnavailable:
                     pass
-            return (await self._queue_many([(linted, request, await self._new_code())]))[0]
+            return (await self._queue_many([(linted, request, await self._new_code(linted.device_id))]))[0]
 
     # ------------------------------------------------------------------------------------ requests
     async def _stored(self, request_id: str) -> Stored[dict[str, Any]] | None:
@@ -354,48 +409,56 @@ class EnrollmentService:
     async def enroll(self, request: EnrollRequest) -> EnrollResult:
         check_request_id(request.request_id)
         linted = self.lint(request)
-        request_fingerprint = _fingerprint([request])
-
-        async def execute() -> EnrollResult:
-            result = await self._enroll_linted(linted, request)
-            if request.request_id:
-                await self._outbox.remember_request(
-                    request.request_id, request_fingerprint, _result_json(result)
-                )
-            return result
-
-        return await self._request_ids.run(
+        return await self._once(
             request.request_id,
-            request_fingerprint,
-            find=lambda: self._stored(request.request_id),
-            replay=_replayed_result,
-            execute=execute,
+            _fingerprint([request]),
+            lambda: self._enroll_linted(linted, request),
+            _result_json,
+            self._replayed_result,
         )
 
     async def enroll_batch(self, requests: Sequence[EnrollRequest], request_id: str = "") -> BatchResult:
         check_request_id(request_id)
-        if not requests:
-            raise invalid_field("items", "BATCH_EMPTY", "the batch has no items")
-        if len(requests) > self._policy.max_batch:
-            raise invalid_field(
-                "items",
-                "BATCH_TOO_LARGE",
-                f"at most {self._policy.max_batch} items per batch (got {len(requests)})",
-            )
+        self._check_size("items", len(requests), "BATCH_EMPTY", "BATCH_TOO_LARGE")
         request_fingerprint = _fingerprint(requests)
         requests = [dc_replace(r, request_id=request_id) for r in requests]  # the batch's, for the audit
+        return await self._once(
+            request_id,
+            request_fingerprint,
+            lambda: self._enroll_batch(requests),
+            _batch_json,
+            self._replayed_batch,
+        )
 
-        async def execute() -> BatchResult:
-            batch = await self._enroll_batch(requests)
+    def _check_size(self, field: str, count: int, empty_reason: str, too_many_reason: str) -> None:
+        if count == 0:
+            raise invalid_field(field, empty_reason, f"{field} is empty")
+        if count > self._policy.max_batch:
+            raise invalid_field(
+                field, too_many_reason, f"at most {self._policy.max_batch} {field} per call (got {count})"
+            )
+
+    async def _once(
+        self,
+        request_id: str,
+        request_fingerprint: str,
+        work: Callable[[], Awaitable[R]],
+        to_json: Callable[[R], dict[str, Any]],
+        replay: Callable[[Mapping[str, Any]], Awaitable[R]],
+    ) -> R:
+        """``work`` once per request id: its answer is stored (outbox file) and a retry replays it."""
+
+        async def execute() -> R:
+            result = await work()
             if request_id:
-                await self._outbox.remember_request(request_id, request_fingerprint, _batch_json(batch))
-            return batch
+                await self._outbox.remember_request(request_id, request_fingerprint, to_json(result))
+            return result
 
         return await self._request_ids.run(
             request_id,
             request_fingerprint,
             find=lambda: self._stored(request_id),
-            replay=_replayed_batch,
+            replay=replay,
             execute=execute,
         )
 
@@ -447,7 +510,7 @@ class EnrollmentService:
         if not valid:
             return []
         if await self._outbox.pending_count() > 0:
-            codes = await self._new_codes(len(valid))
+            codes = await self._new_codes([item.linted.device_id for item in valid])
             queued = await self._queue_many(
                 [(item.linted, item.request, code) for item, code in zip(valid, codes, strict=True)]
             )
@@ -459,7 +522,7 @@ class EnrollmentService:
             *(self._create_bulk(creates[n : n + _BULK], gate) for n in range(0, len(creates), _BULK))
         )
         results = [result for bulk in bulks for result in bulk]
-        codes = await self._new_codes(len(replaces)) if replaces else []
+        codes = await self._new_codes([item.linted.device_id for item in replaces]) if replaces else []
         for item, code in zip(replaces, codes, strict=True):
             results.append(await self._enroll_item(item, code))
         return results
@@ -468,7 +531,7 @@ class EnrollmentService:
         """One DPS bulk create for up to ten new items.  Their codes are hashed first (worker threads), so
         the first operation leaves after ten hashes and hashing overlaps with writing to DPS; an id DPS
         already holds is retried on the single-record path (it may hold this very certificate)."""
-        codes = await self._new_codes(len(part))
+        codes = await self._new_codes([item.linted.device_id for item in part])
         records = [
             new_enrollment(item.linted, record, item.request.owner)
             for item, (_, record) in zip(part, codes, strict=True)
@@ -483,12 +546,13 @@ class EnrollmentService:
                 return [_item_result(item, result) for item, result in zip(part, queued, strict=True)]
             except CloudRejected as exc:
                 return [_error_item(item.index, item.linted.device_id, _refused(exc)) for item in part]
+        crash_point("enroll.after_dps_write")
         failed = {e.registration_id.lower(): e.error for e in errors}
         results = []
         for item, code in zip(part, codes, strict=True):
             error = failed.get(item.linted.device_id)
             if error is None:
-                created = self._result(item.linted, EnrollOutcome.CREATED, Delivery.LIVE, code[0])
+                created = self._result(item.linted, EnrollOutcome.CREATED, Delivery.LIVE, code)
                 results.append(_item_result(item, created))
             elif isinstance(error, CloudAlreadyExists):
                 results.append(await self._enroll_item(item, code))
@@ -507,6 +571,132 @@ class EnrollmentService:
             except DomainError as exc:
                 return _error_item(item.index, item.linted.device_id, exc)
         return _item_result(item, result)
+
+    # ---------------------------------------------------------------------------------------- codes
+    async def _with_codes(self, results: Sequence[EnrollResult]) -> dict[str, str]:
+        """The retained codes of replayed results, by device id."""
+        keys = [(r.device_id, r.code_id) for r in results if r.code_id]
+        found = await self._codes.find_many(keys)
+        return {device_id: code for (device_id, _), code in found.items()}
+
+    async def _replayed_result(self, data: Mapping[str, Any]) -> EnrollResult:
+        result = _result_from_json(data)
+        codes = await self._with_codes([result])
+        return dc_replace(result, activation_code=codes.get(result.device_id))
+
+    async def _replayed_batch(self, data: Mapping[str, Any]) -> BatchResult:
+        batch = _batch_from_json(data)
+        codes = await self._with_codes([item.result for item in batch.items if item.result is not None])
+        items = tuple(
+            dc_replace(item, result=dc_replace(item.result, activation_code=codes.get(item.device_id)))
+            if item.result is not None
+            else item
+            for item in batch.items
+        )
+        return dc_replace(batch, items=items)
+
+    async def rotate_code(self, raw_device_id: str, request_id: str = "") -> RotateResult:
+        """A new code for an enrolled device (its code is lost, its label damaged): the new hash replaces
+        the old one in the enrollment (etag-guarded; owner, metadata and certificate kept), so the old code
+        stops working at once.  Audited (enrollment audit, ``rotate-code``) with the caller."""
+        check_request_id(request_id)
+        device_id = normalise_device_id(raw_device_id)
+
+        async def replay(data: Mapping[str, Any]) -> RotateResult:
+            cid = str(data["code_id"])
+            return RotateResult(device_id, await self._codes.find(device_id, cid), cid, replayed=True)
+
+        return await self._once(
+            request_id,
+            fingerprint(["rotate-code", device_id]),
+            lambda: self._rotate(device_id, request_id),
+            lambda result: {"device_id": device_id, "code_id": result.code_id},
+            replay,
+        )
+
+    async def _rotate(self, device_id: str, request_id: str) -> RotateResult:
+        with bind_device_id(device_id):
+            pending = await self._outbox.latest_for(device_id)
+            if pending is not None and pending.state is OutboxState.PENDING:
+                raise FailedPrecondition(
+                    "ENROLLMENT_PENDING",
+                    f"the enrollment of {device_id} still waits in the outbox; rotate after delivery",
+                )
+            fresh: NewCode | None = None
+            for _ in range(_MAX_ATTEMPTS):
+                try:
+                    existing = await self._dps.get(device_id)
+                except CloudUnavailable as exc:
+                    raise Unavailable(
+                        "DPS_UNAVAILABLE", f"DPS cannot be reached: {exc}", retry_after=exc.retry_after or 5.0
+                    ) from exc
+                if existing is None:
+                    raise NotFound("ENROLLMENT_NOT_FOUND", f"{device_id} has no enrollment")
+                fresh = fresh or await self._new_code(device_id)
+                try:
+                    await self._dps.update(dc_replace(existing, code_hash=fresh[1]))
+                except (CloudEtagMismatch, CloudNotFound):
+                    continue
+                except CloudUnavailable as exc:
+                    raise Unavailable(
+                        "DPS_UNAVAILABLE", f"DPS cannot be reached: {exc}", retry_after=exc.retry_after or 5.0
+                    ) from exc
+                except CloudRejected as exc:
+                    raise _refused(exc) from exc
+                cid = code_id(fresh[1])
+                crash_point("rotate.after_dps_write")
+                await self._codes.supersede(device_id, cid)
+                await self._outbox.record_audit(
+                    AuditRecord(
+                        self._clock(),
+                        "rotate-code",
+                        device_id,
+                        str(current_caller()),
+                        request_id,
+                        f"code id {cid}",
+                    )
+                )
+                log.info("activation code rotated", extra={"code_id": cid})
+                return RotateResult(device_id, fresh[0], cid)
+        raise Aborted(
+            "ENROLLMENT_CONCURRENTLY_MODIFIED", f"the enrollment of {device_id} kept changing; try again"
+        )
+
+    async def acknowledge_codes(
+        self, raw_device_ids: Sequence[str], request_id: str = ""
+    ) -> AcknowledgeResult:
+        """The MES printed these devices' labels: their retained codes are dropped (only the hashes in DPS
+        remain), each audited (``acknowledge-code``).  Returns how many codes were dropped; unknown or
+        already acknowledged ids count 0."""
+        check_request_id(request_id)
+        self._check_size("device_ids", len(raw_device_ids), "DEVICE_IDS_EMPTY", "DEVICE_IDS_TOO_MANY")
+        device_ids = [normalise_device_id(d) for d in raw_device_ids]
+
+        async def replay(data: Mapping[str, Any]) -> AcknowledgeResult:
+            return AcknowledgeResult(int(data["acknowledged"]), replayed=True)
+
+        async def work() -> AcknowledgeResult:
+            gone = await self._codes.acknowledge(device_ids)
+            caller, now = str(current_caller()), self._clock()
+            await self._outbox.record_audits(
+                [AuditRecord(now, "acknowledge-code", d, caller, request_id, f"code id {c}") for d, c in gone]
+            )
+            return AcknowledgeResult(len(gone))
+
+        return await self._once(
+            request_id,
+            fingerprint(["acknowledge-codes", sorted(device_ids)]),
+            work,
+            lambda result: {"acknowledged": result.acknowledged},
+            replay,
+        )
+
+    async def purge_codes(self) -> int:
+        """Drop the codes retained longer than the retention window; returns how many."""
+        gone = await self._codes.purge(self._clock() - self._policy.code_retention)
+        if gone:
+            log.info("retained activation codes purged", extra={"purged": gone})
+        return gone
 
     # -------------------------------------------------------------------------------------- status
     async def status(self, raw_device_id: str) -> EnrollmentStatus:
@@ -576,14 +766,6 @@ def _batch_json(batch: BatchResult) -> dict[str, Any]:
             for item in batch.items
         ]
     }
-
-
-async def _replayed_result(data: Mapping[str, Any]) -> EnrollResult:
-    return _result_from_json(data)
-
-
-async def _replayed_batch(data: Mapping[str, Any]) -> BatchResult:
-    return _batch_from_json(data)
 
 
 def _hash_job(count: int, log2_n: int) -> list[NewCode]:

@@ -1,0 +1,75 @@
+"""The codes file of ``factory-svc enroll-batch`` / ``rotate-code``: CSV, appended and fsynced as answers
+come.
+
+Columns: ``device_id,outcome,delivery,activation_code,error``.  The file is created 0600 (the codes are
+secrets) and only ever appended to, each chunk's lines fsynced before the service is told that the labels
+may be printed (AcknowledgeActivationCodes), so a crash at any point loses no code that was answered.  A
+re-run appends to the same file; a device may then have several lines (the same retained code again, or a
+rotated one): **the last line with a code is the device's code**.
+
+API: ``CodesFile.open(path)`` (reads what is there), ``.codes`` (device id -> last code), ``.append(rows)``,
+``.close()``; ``HEADER``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+HEADER = ("device_id", "outcome", "delivery", "activation_code", "error")
+Row = tuple[str, str, str, str, str]
+
+
+class CodesFile:
+    def __init__(self, path: Path, fd: int, codes: dict[str, str]) -> None:
+        self.path = path
+        self._fd = fd
+        self.codes = codes  # device id -> the last code written for it
+
+    @classmethod
+    def open(cls, path: Path) -> CodesFile:
+        codes = read_codes(path) if path.exists() else {}
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)  # also when an older file was more open
+        file = cls(path, fd, codes)
+        size = os.fstat(fd).st_size
+        if size == 0:
+            file._write([HEADER])
+        elif not path.read_bytes().endswith(b"\n"):
+            os.write(fd, b"\n")  # end a line torn by a power cut, so the next one starts clean
+        return file
+
+    def _write(self, rows: Sequence[Sequence[str]]) -> None:
+        out = io.StringIO()
+        csv.writer(out).writerows(rows)
+        data = out.getvalue().encode()
+        while data:
+            written = os.write(self._fd, data)
+            data = data[written:]
+        os.fsync(self._fd)
+
+    def append(self, rows: Sequence[Row]) -> None:
+        """Write and fsync ``rows``; on return they are on disk."""
+        if not rows:
+            return
+        self._write(rows)
+        for row in rows:
+            if row[3]:
+                self.codes[row[0]] = row[3]
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def read_codes(path: Path) -> dict[str, str]:
+    """Device id -> its code (the last line with one) of a codes file.  A torn last line (a crash in the
+    middle of a write) is ignored."""
+    codes: dict[str, str] = {}
+    with path.open(newline="") as handle:
+        for row in csv.reader(handle):
+            if len(row) == len(HEADER) and row[0] != HEADER[0] and row[3]:
+                codes[row[0]] = row[3]
+    return codes

@@ -1,0 +1,201 @@
+"""Activation codes kept, encrypted, until the label is printed: ``RetainedCodes`` (SQLite + AES-GCM).
+
+A code is handed out once, but an answer can be lost (a crash between the DPS write and the reply, a CLI
+killed before it wrote its file).  So every code is stored here, encrypted, *before* its hash is written to
+DPS, and found again by (device id, code id) -- the code id is the salt of its hash record, which is also in
+the enrollment and in the stored answer of a request id.  A row goes when the MES acknowledges that the
+label is printed (``acknowledge``), when a newer code of the device supersedes it (``supersede``), or when
+the retention window has passed (``purge``); after that only the hash in DPS remains.
+
+Encryption: AES-256-GCM with a fresh 96-bit nonce per code; the associated data binds a ciphertext to its
+device id and code id.  The key is 32 random bytes in ``<data_dir>/codes.key``, created 0600 on first
+start; it is never logged.  Anyone holding both the key and the database can read the retained codes:
+that is the price of being able to answer a retry, bounded by the retention window.
+
+The tables live in the enrollment file (``<data_dir>/enrollments.sqlite3``, beside the request ids whose
+answers name the code ids), added by its schema migration 3 (``MIGRATION``, through litestore), and use
+its store (its thread, synchronous=FULL).  Rotations and acknowledgements are audited by the service in
+the file's enrollment audit (who, when, which code id -- never the code).
+
+API: ``async RetainedCodes.on(store, key_file)``, ``.retain(items, now)``, ``.find(device_id, code_id)``,
+``.find_many(keys)``, ``.supersede(device_id, keep_code_id)``, ``.acknowledge(device_ids)``,
+``.purge(older_than)``, ``.count()``; ``code_id(record)``, ``MIGRATION``, ``KEY_FILE``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from litestore import Store
+
+KEY_FILE = "codes.key"
+_KEY_BYTES = 32
+_NONCE_BYTES = 12
+# Migration 3 of the enrollment file (see enrollment.outbox.MIGRATIONS); never edit it, add another.
+MIGRATION = """
+CREATE TABLE retained_codes (
+    device_id TEXT NOT NULL,
+    code_id TEXT NOT NULL,
+    nonce BLOB NOT NULL,
+    ciphertext BLOB NOT NULL,
+    created_us INTEGER NOT NULL,
+    PRIMARY KEY (device_id, code_id)
+);
+CREATE INDEX retained_by_age ON retained_codes (created_us);
+"""
+
+
+def code_id(record: Mapping[str, Any] | None) -> str:
+    """The public id of a code: the salt of its hash record ('' for none)."""
+    return str(record.get("salt", "")) if isinstance(record, Mapping) else ""
+
+
+def _us(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
+
+
+def _load_key(path: Path) -> bytes:
+    """The AES key, made 0600 on first start (O_EXCL: two starting processes cannot both write one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) != _KEY_BYTES:
+            raise ValueError(f"{path} is not a {_KEY_BYTES}-byte key") from None
+        return key
+    key = secrets.token_bytes(_KEY_BYTES)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return key
+
+
+def _aad(device_id: str, cid: str) -> bytes:
+    return f"{device_id}\n{cid}".encode()
+
+
+class RetainedCodes:
+    def __init__(self, store: Store, key: bytes) -> None:
+        self._store = store
+        self._aead = AESGCM(key)
+
+    @classmethod
+    async def on(cls, store: Store, key_file: Path) -> RetainedCodes:
+        """The retained codes in ``store`` (the enrollment file), sealed with the key in ``key_file``.
+        Deleted rows are overwritten (``secure_delete``), and the log is truncated after acknowledgements
+        and purges, so a forgotten ciphertext is not left in free pages for the key to open later."""
+        await store.run(lambda db: db.execute("PRAGMA secure_delete=ON").fetchall())
+        return cls(store, _load_key(key_file))
+
+    async def _truncate_log(self) -> None:
+        # Read the pragma's result row: an unread one leaves its statement open, and the next COMMIT fails.
+        await self._store.run(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+
+    # ------------------------------------------------------------------------------------------ writes
+    async def retain(self, items: Sequence[tuple[str, str, Mapping[str, Any]]], now: datetime) -> None:
+        """Keep (device id, code, hash record) triples, encrypted, in one committed transaction."""
+        rows = []
+        for device_id, code, record in items:
+            cid = code_id(record)
+            nonce = secrets.token_bytes(_NONCE_BYTES)
+            rows.append(
+                (device_id, cid, nonce, self._aead.encrypt(nonce, code.encode(), _aad(device_id, cid)))
+            )
+
+        def go(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT OR REPLACE INTO retained_codes "
+                "(device_id, code_id, nonce, ciphertext, created_us) VALUES (?, ?, ?, ?, ?)",
+                [(*row, _us(now)) for row in rows],
+            )
+
+        if rows:
+            await self._store.transaction(go)
+
+    async def supersede(self, device_id: str, keep_code_id: str) -> None:
+        """Forget the device's other codes (they no longer open anything)."""
+        await self._store.run(
+            lambda db: db.execute(
+                "DELETE FROM retained_codes WHERE device_id = ? AND code_id != ?", (device_id, keep_code_id)
+            )
+        )
+
+    async def acknowledge(self, device_ids: Iterable[str]) -> list[tuple[str, str]]:
+        """The labels of these devices are printed: drop their codes.  Returns the (device id, code id)
+        pairs that went."""
+        ids = sorted(set(device_ids))
+
+        def go(db: sqlite3.Connection) -> list[tuple[str, str]]:
+            gone: list[tuple[str, str]] = []
+            for device_id in ids:
+                rows = db.execute(
+                    "SELECT code_id FROM retained_codes WHERE device_id = ?", (device_id,)
+                ).fetchall()
+                db.execute("DELETE FROM retained_codes WHERE device_id = ?", (device_id,))
+                gone.extend((device_id, str(row[0])) for row in rows)
+            return gone
+
+        gone = await self._store.transaction(go)
+        if gone:
+            await self._truncate_log()
+        return gone
+
+    async def purge(self, older_than: datetime) -> int:
+        """Drop codes retained before ``older_than`` (the retention window); returns how many."""
+        gone = await self._store.run(
+            lambda db: (
+                db.execute("DELETE FROM retained_codes WHERE created_us < ?", (_us(older_than),)).rowcount
+            )
+        )
+        if gone:
+            await self._truncate_log()
+        return int(gone)
+
+    # ------------------------------------------------------------------------------------------- reads
+    def _open(self, device_id: str, cid: str, nonce: bytes, ciphertext: bytes) -> str | None:
+        try:
+            return self._aead.decrypt(nonce, ciphertext, _aad(device_id, cid)).decode()
+        except InvalidTag:
+            return None  # another key, or a row moved between devices: not a code we can vouch for
+
+    async def find(self, device_id: str, cid: str) -> str | None:
+        return (await self.find_many([(device_id, cid)])).get((device_id, cid))
+
+    async def find_many(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        wanted = [k for k in keys if k[1]]
+
+        def go(db: sqlite3.Connection) -> list[tuple[str, str, bytes, bytes]]:
+            found = []
+            for device_id, cid in wanted:
+                row = db.execute(
+                    "SELECT nonce, ciphertext FROM retained_codes WHERE device_id = ? AND code_id = ?",
+                    (device_id, cid),
+                ).fetchone()
+                if row:
+                    found.append((device_id, cid, row[0], row[1]))
+            return found
+
+        rows = await self._store.run(go) if wanted else []
+        out = {}
+        for device_id, cid, nonce, ciphertext in rows:
+            code = self._open(device_id, cid, nonce, ciphertext)
+            if code is not None:
+                out[(device_id, cid)] = code
+        return out
+
+    async def count(self) -> int:
+        return await self._store.run(
+            lambda db: int(db.execute("SELECT count(*) FROM retained_codes").fetchone()[0])
+        )
