@@ -9,10 +9,12 @@ import socket
 
 import pytest
 
-# The device SDK always dials port 8883, so every emulator in the tests gets its own loopback address
-# instead of its own port.  Addresses are drawn at random from 127.0.0.0/8 (skipping 127.0.0.0/24, which
-# people use by hand) and probed, so parallel test runs on one machine do not collide.
+# The SDKs always dial port 8883 (MQTT) and 443 (HTTPS: service REST APIs, the DPS device API, MQTT over
+# WebSockets), so every emulator in the tests gets its own loopback address instead of its own ports.
+# Addresses are drawn at random from 127.0.0.0/8 (skipping 127.0.0.0/24, which people use by hand) and
+# probed, so parallel test runs on one machine do not collide.
 MQTT_PORT = 8883
+HTTPS_PORT = 443
 
 pytest_plugins = ["support.dps_fixtures"]
 
@@ -24,18 +26,20 @@ def _address_is_free(host: str, port: int) -> bool:
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
                 return False
+            if exc.errno == errno.EACCES:  # 443 without the privilege: the emulator says how to get it
+                return True
             raise
     return True
 
 
-def free_loopback_address(port: int = MQTT_PORT) -> str:
-    """A 127.x.y.z address on which ``port`` is currently free."""
+def free_loopback_address(ports: tuple[int, ...] = (MQTT_PORT, HTTPS_PORT)) -> str:
+    """A 127.x.y.z address on which ``ports`` are currently free."""
     rng = random.SystemRandom()
     for _ in range(200):
         host = f"127.{rng.randint(1, 254)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
-        if _address_is_free(host, port):
+        if all(_address_is_free(host, port) for port in ports):
             return host
-    raise RuntimeError(f"no free loopback address found for port {port}")
+    raise RuntimeError(f"no free loopback address found for ports {ports}")
 
 
 @pytest.fixture

@@ -1,8 +1,13 @@
 """The emulator's wiring: one object builds config, CA, database, the DPS and IoT Hub parts, the MQTT
-core with its TLS listeners and the HTTPS REST apps, and starts/stops them.
+core with its TLS listeners and the HTTPS listener of every host, and starts/stops them.
 
-To add a part: give :meth:`Emulator._build_parts` another endpoint (``self.endpoints``) and/or REST app
-(``self.rest_apps``, a list of ``RestApp(name, address, port, app)``).
+Every host is served as Azure serves it: MQTT on 8883 and HTTPS on 443 of its own address, where the host's
+service REST API (``self.service_apps``, one aiohttp app per address) shares the port with the routes that
+authenticate devices themselves (``self.https_routes``: the DPS device API, MQTT over WebSockets).  So
+connection strings are Azure's shape, ``HostName=<host>;SharedAccessKeyName=...;SharedAccessKey=...``.
+
+To add a part: give :meth:`Emulator._build_parts` another endpoint (``self.endpoints``) and/or routes on a
+host's HTTPS port (``self.https_routes``).
 """
 
 from __future__ import annotations
@@ -13,17 +18,16 @@ import json
 import logging
 import os
 import secrets
-import socket
-import ssl
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
+from OpenSSL import SSL
 
-from azure_iot_emulator.config import EmulatorConfig, listen_address
+from azure_iot_emulator.config import HTTPS_PORT, EmulatorConfig, listen_address
 from azure_iot_emulator.connection_info import (
     CONNECTION_FILE,
     ConnectionInfo,
@@ -31,7 +35,7 @@ from azure_iot_emulator.connection_info import (
     read_connection_info,
 )
 from azure_iot_emulator.dps.part import DpsPart
-from azure_iot_emulator.https import HttpsListener
+from azure_iot_emulator.https import HttpsListener, add_self_guarded_routes
 from azure_iot_emulator.hub.part import HubPart
 from azure_iot_emulator.metrics import EmulatorMetrics
 from azure_iot_emulator.mqtt.broker import Broker
@@ -64,14 +68,8 @@ class EmulatorSecrets:
         return self.hub_keys[host.lower()]
 
 
-@dataclass
-class RestApp:
-    name: str
-    address: str
-    port: int
-    app: web.Application
-    runner: web.AppRunner | None = None
-    bound_port: int = 0
+class PrivilegedPortError(PermissionError):
+    """The HTTPS port (443 unless chosen) could not be bound for lack of privilege."""
 
 
 def _new_key() -> str:
@@ -105,13 +103,20 @@ def private_directory(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
-def _bind(address: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((address, port))
-    sock.listen(512)
-    sock.setblocking(False)
-    return sock
+def privileged_port_advice(address: str, port: int) -> str:
+    """The one sentence that says why the HTTPS port could not be bound and the three ways out."""
+    interpreter = os.path.realpath(sys.executable)
+    return (
+        f"cannot listen on port {port} of {address}: binding a port below 1024 needs root or "
+        f"CAP_NET_BIND_SERVICE, so run the emulator as root, grant the interpreter the capability "
+        f"(sudo setcap cap_net_bind_service=+ep {interpreter}), or choose another port with --https-port "
+        f"(https_port in a settings file; connection strings then carry it)"
+    )
+
+
+def endpoint_host(host: str, port: int) -> str:
+    """A service endpoint as connection strings name it: the bare host on Azure's 443, else host:port."""
+    return host if port == HTTPS_PORT else f"{host}:{port}"
 
 
 class Emulator:
@@ -125,10 +130,10 @@ class Emulator:
         self.hub: HubPart | None = None
         self.dps: DpsPart | None = None
         self.endpoints: list[Endpoint] = []
-        self.rest_apps: list[RestApp] = []
         self._mqtt_servers: list[asyncio.Server] = []
+        self.service_apps: dict[str, web.Application] = {}
         self.https_routes: dict[str, list[web.RouteDef]] = {}
-        self._https: list[HttpsListener] = []
+        self._https: dict[str, HttpsListener] = {}
         self.connection: ConnectionInfo | None = None
         self.metrics = EmulatorMetrics()
         self.metrics_url = ""
@@ -155,19 +160,16 @@ class Emulator:
             metrics=self.metrics,
         )
         self.endpoints = [self.dps.endpoint, *self.hub.endpoints]
+        # The HTTPS port of every host (one aiohttp app per address, the config gives each its own): the
+        # host's service REST API, with the DPS device API on the DPS host and MQTT over WebSockets
+        # everywhere (added with the broker).
         dps_address = listen_address(cfg.dps_host)
-        # Port 443 of every host (one aiohttp app per address): the DPS device API on the DPS host, MQTT
-        # over WebSockets everywhere (added with the broker); the service REST APIs can join later.
-        self.https_routes = {listen_address(h): [] for h in (cfg.dps_host, *cfg.hub_hosts)}
-        self.https_routes[dps_address].extend(self.dps.device_api.routes())
-        self.rest_apps = [RestApp("dps", dps_address, cfg.dps_rest_port, self.dps.rest_app())]
+        self.service_apps = {dps_address: self.dps.rest_app()}
         for host in cfg.hub_hosts:
-            self.rest_apps.append(
-                RestApp(
-                    host, listen_address(host), cfg.hub_rest_port,
-                    self.hub.rest_app(host, names=(listen_address(host),)),
-                )
-            )
+            address = listen_address(host)
+            self.service_apps[address] = self.hub.rest_app(host, names=(address,))
+        self.https_routes = {address: [] for address in self.service_apps}
+        self.https_routes[dps_address].extend(self.dps.device_api.routes())
 
     # ------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> ConnectionInfo:
@@ -196,39 +198,31 @@ class Emulator:
         cfg = self.config
         assert self.pki is not None and self.broker is not None
         tls = server_context(self.pki.cert_path, self.pki.key_path)
-        addresses = dict.fromkeys(listen_address(h) for h in (cfg.dps_host, *cfg.hub_hosts))
-        for address in addresses:
+        for address in self.service_apps:
             self._mqtt_servers.append(await start_listener(self.broker, tls, address, cfg.mqtt_port))
-        rest_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        rest_tls.load_cert_chain(self.pki.cert_path, self.pki.key_path)
-        for rest in self.rest_apps:
-            sock = _bind(rest.address, rest.port)
-            rest.bound_port = sock.getsockname()[1]
-            rest.runner = web.AppRunner(rest.app, access_log=None, handle_signals=False)
-            await rest.runner.setup()
-            await web.SockSite(rest.runner, sock, ssl_context=rest_tls).start()
         await self._listen_https(tls)
 
-    async def _listen_https(self, tls: Any) -> None:
-        """Port 443 needs privileges on most systems: without them the emulator runs without it (the
-        MQTT and REST ports do not depend on it) and says so."""
-        for address, routes in self.https_routes.items():
-            app = web.Application(client_max_size=1024 * 1024)
-            app.add_routes(routes)
-            listener = HttpsListener(app, tls, address, self.config.https_port)
+    async def _listen_https(self, tls: SSL.Context) -> None:
+        """Every host's service REST API lives on its HTTPS port, so the emulator cannot run without it:
+        a port it may not bind (443 without root or CAP_NET_BIND_SERVICE) stops the start with one
+        sentence naming the ways out (:func:`privileged_port_advice`)."""
+        port = self.config.https_port
+        for address, app in self.service_apps.items():
+            add_self_guarded_routes(app, self.https_routes[address])
+            listener = HttpsListener(app, tls, address, port)
             try:
                 await listener.start()
             except PermissionError as exc:
-                log.warning(
-                    "HTTPS port %s not available on %s (%s): no DPS device HTTPS API, no MQTT over "
-                    "WebSockets", self.config.https_port, address, exc,
-                )
                 await listener.stop()
-                continue
+                raise PrivilegedPortError(privileged_port_advice(address, port)) from exc
             except BaseException:
                 await listener.stop()
                 raise
-            self._https.append(listener)
+            self._https[address] = listener
+
+    def _endpoint(self, host: str) -> str:
+        """``host`` as its connection string names it, with the port its HTTPS listener bound."""
+        return endpoint_host(host, self._https[listen_address(host)].bound_port)
 
     def _watch(self, broker: Broker, db_path: Path) -> None:
         hubs = self.config.hub_hosts
@@ -243,12 +237,10 @@ class Emulator:
     def _connection_info(self) -> ConnectionInfo:
         cfg, keys = self.config, self.secrets
         assert keys is not None and self.pki is not None
-        dps_rest = next(r for r in self.rest_apps if r.name == "dps")
-        dps_endpoint = f"{dps_rest.address}:{dps_rest.bound_port}"
+        dps_endpoint = self._endpoint(cfg.dps_host)
         hubs: list[HubConnection] = []
         for host in cfg.hub_hosts:
-            rest = next(r for r in self.rest_apps if r.name == host)
-            endpoint = f"{rest.address}:{rest.bound_port}"
+            endpoint = self._endpoint(host)
             hubs.append(
                 {
                     "host_name": host,
@@ -263,7 +255,7 @@ class Emulator:
             "id_scope": keys.id_scope,
             "global_endpoint": cfg.dps_host,
             "mqtt_port": cfg.mqtt_port,
-            "https_port": self._https[0].bound_port if self._https else None,
+            "https_port": self._https[listen_address(cfg.dps_host)].bound_port,
             "dps": {
                 "connection_string": f"HostName={dps_endpoint};SharedAccessKeyName={DPS_POLICY};"
                 f"SharedAccessKey={keys.dps_key}",
@@ -291,15 +283,11 @@ class Emulator:
         for server in self._mqtt_servers:
             server.close()
         self._mqtt_servers.clear()
-        for listener in self._https:
+        for listener in self._https.values():
             await listener.stop()
         self._https.clear()
         if self.broker is not None:
             await self.broker.close()
-        for rest in self.rest_apps:
-            if rest.runner is not None:
-                await rest.runner.cleanup()
-                rest.runner = None
         if self.hub is not None:
             await self.hub.close()
         if self.dps is not None:

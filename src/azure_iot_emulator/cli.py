@@ -36,12 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         "(default 127.0.0.2 and 127.0.0.3)",
     )
     serve.add_argument("--mqtt-port", type=int, help="MQTT/TLS port (default 8883, the SDK's fixed port)")
-    serve.add_argument("--dps-rest-port", type=int, help="DPS service REST port (default 8444; 0 = any)")
-    serve.add_argument("--hub-rest-port", type=int, help="IoT Hub service REST port (default 8443; 0 = any)")
     serve.add_argument(
         "--https-port", type=int,
-        help="HTTPS port of every host: DPS device API, MQTT over WebSockets "
-        "(default 443, the SDKs' fixed port)",
+        help="HTTPS port of every host: its service REST API, the DPS device API, MQTT over WebSockets "
+        "(default 443 as on Azure, so connection strings name the bare host; it needs root or "
+        "CAP_NET_BIND_SERVICE; another port, 0 = any, goes into the connection strings: HostName=host:port)",
     )
     serve.add_argument(
         "--assignment-delay", metavar="SECONDS|immediate",
@@ -63,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from azure_iot_emulator.app import Emulator  # heavy imports only for serve
+    from azure_iot_emulator.app import Emulator, PrivilegedPortError  # heavy imports only for serve
 
     try:
         config = build_config(
@@ -77,8 +76,6 @@ def run_serve(args: argparse.Namespace) -> int:
                 "dps_host": args.dps_host,
                 "hub_hosts": tuple(args.hub_hosts) if args.hub_hosts else None,
                 "mqtt_port": args.mqtt_port,
-                "dps_rest_port": args.dps_rest_port,
-                "hub_rest_port": args.hub_rest_port,
                 "ready_file": args.ready_file,
                 "log_level": args.log_level,
                 "metrics_listen": args.metrics_listen,
@@ -98,6 +95,9 @@ def run_serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             info = await emulator.start()
+        except PrivilegedPortError as exc:
+            print(f"iot-emulator: {exc}", file=sys.stderr)
+            return 1
         except OSError as exc:
             print(f"iot-emulator: cannot listen: {exc}", file=sys.stderr)
             return 1
@@ -127,7 +127,8 @@ def _print_summary(info: ConnectionInfo, data_dir: Path) -> None:
     lines = [
         "Azure IoT emulator ready",
         f"  ID scope:            {info['id_scope']}",
-        f"  DPS device endpoint: {info['global_endpoint']} (MQTT/TLS port {info['mqtt_port']})",
+        f"  DPS device endpoint: {info['global_endpoint']} (MQTT/TLS port {info['mqtt_port']}, "
+        f"HTTPS port {info['https_port']})",
         f"  DPS service:         {info['dps']['rest_endpoint']}",
         f"  CA certificate:      {info['ca_pem_path']}",
     ]

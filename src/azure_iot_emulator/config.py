@@ -17,8 +17,6 @@ DEFAULT_DATA_DIR = Path(".iot-emulator")
 DEFAULT_DPS_HOST = "localhost"
 DEFAULT_HUB_HOSTS = ("127.0.0.2", "127.0.0.3")
 MQTT_PORT = 8883
-DPS_REST_PORT = 8444
-HUB_REST_PORT = 8443
 HTTPS_PORT = 443
 DEFAULT_ASSIGNMENT_DELAY = 1.0
 
@@ -29,9 +27,11 @@ class EmulatorConfig:
     dps_host: str = DEFAULT_DPS_HOST
     hub_hosts: tuple[str, ...] = DEFAULT_HUB_HOSTS
     mqtt_port: int = MQTT_PORT
-    dps_rest_port: int = DPS_REST_PORT
-    hub_rest_port: int = HUB_REST_PORT
     https_port: int = HTTPS_PORT
+    """Every host's HTTPS port, as on Azure: its service REST API (so connection strings name the bare host),
+    the DPS device API and MQTT over WebSockets.  Another port (0: any free one) is for set-ups that cannot
+    bind 443; the connection strings then carry it (``HostName=host:port``), which Python's SDKs accept
+    and the Node.js SDKs do not."""
     assignment_delay: float | None = DEFAULT_ASSIGNMENT_DELAY
     """Seconds from a device's register request until DPS answers its poll ``assigned`` (Azure's
     asynchronous registration); None is ``immediate``: the final answer on the register request."""
@@ -51,14 +51,16 @@ class EmulatorConfig:
         lowered = [h.lower() for h in self.hub_hosts]
         if len(set(lowered)) != len(lowered):
             raise ValueError("hub host names must be distinct")
-        addresses = [listen_address(h) for h in self.hub_hosts]
+        addresses = [listen_address(h) for h in (self.dps_host, *self.hub_hosts)]
         if len(set(addresses)) != len(addresses):
-            raise ValueError("every hub needs its own address (hub REST is served per address)")
+            raise ValueError(
+                "the DPS and every hub need their own address (each serves its REST API on its HTTPS port)"
+            )
         if self.assignment_delay is not None and not 0 <= self.assignment_delay <= 3600:
             raise ValueError("assignment_delay must be 'immediate' or 0-3600 seconds")
         if self.hub_tier.upper() not in HUB_D2C_PER_SECOND:
             raise ValueError(f"hub_tier must be one of {', '.join(HUB_D2C_PER_SECOND)}")
-        for port in (self.mqtt_port, self.dps_rest_port, self.hub_rest_port, self.https_port):
+        for port in (self.mqtt_port, self.https_port):
             if not 0 <= port <= 65535:
                 raise ValueError(f"port {port} out of range")
         return self
@@ -102,8 +104,6 @@ _FILE_KEYS: dict[str, Callable[[Any], object]] = {
     "dps_host": str,
     "hub_hosts": lambda v: tuple(str(h) for h in v),
     "mqtt_port": int,
-    "dps_rest_port": int,
-    "hub_rest_port": int,
     "https_port": int,
     "assignment_delay": assignment_delay,
     "azure_quotas": _boolean,

@@ -26,7 +26,7 @@ class ConnectionInfo(TypedDict):
     id_scope: str
     global_endpoint: str
     mqtt_port: int
-    https_port: int | None  # None when port 443 could not be bound
+    https_port: int  # every host's HTTPS port (service REST APIs, DPS device API, WebSockets)
     dps: DpsConnection
     hubs: list[HubConnection]
     default_hub: str
@@ -49,7 +49,7 @@ def parse_connection_info(data: object) -> ConnectionInfo | None:
             id_scope=str(data["id_scope"]),
             global_endpoint=str(data["global_endpoint"]),
             mqtt_port=int(data["mqtt_port"]),
-            https_port=None if data.get("https_port") is None else int(data["https_port"]),
+            https_port=int(data["https_port"]),
             dps=DpsConnection(
                 connection_string=str(dps["connection_string"]), rest_endpoint=str(dps["rest_endpoint"])
             ),

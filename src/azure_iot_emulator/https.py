@@ -2,15 +2,18 @@
 (``mqtt/tls.py``), so a request sees the client certificate the device presented, whatever CA issued it
 (Python's ``ssl`` can only accept certificates of CAs it was given).
 
-What it serves is an ordinary ``web.Application`` per address, assembled by the wiring from routes the
-parts contribute: the DPS device API (``PUT /{idScope}/registrations/{id}/register``, ``GET
-.../operations/{operationId}``), MQTT over WebSockets (``/$iothub/websocket``) and, later, any service REST
-API that moves to 443.  A handler reads the device's leaf with :func:`peer_certificate`.
+What it serves is an ordinary ``web.Application`` per address, as on Azure: the service REST API of the
+host (the DPS's, or the hub's) is the app, and the routes that authenticate their callers themselves join
+it with :func:`add_self_guarded_routes`: the DPS device API (``PUT /{idScope}/registrations/{id}/register``,
+``GET .../operations/{operationId}``) and MQTT over WebSockets (``/$iothub/websocket``).  The service's SAS
+guard lets those through (:func:`self_guarded`).  A handler reads the device's leaf with
+:func:`peer_certificate`.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +24,7 @@ from azure_iot_emulator.mqtt.tls import Inner, Peer, TlsProtocol, start_tls_list
 
 PEER_CERTIFICATE = "peer_certificate"
 PEER_CHAIN = "peer_chain"
+_SELF_GUARDED: web.AppKey[frozenset[web.AbstractResource]] = web.AppKey("self_guarded_resources", frozenset)
 
 
 class _TlsTransport(asyncio.Transport):
@@ -127,3 +131,23 @@ def local_port(request: web.Request) -> int | None:
     """The port the request reached (the listener's), whatever the Host header says."""
     sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
     return int(sockname[1]) if sockname else None
+
+
+def add_self_guarded_routes(app: web.Application, routes: Iterable[web.RouteDef]) -> None:
+    """Add routes whose handlers authenticate their callers themselves (the DPS device API by the device's
+    certificate, MQTT over WebSockets by its CONNECT) to a service API's app, which then shares its listener
+    with them; the service's guard lets their requests through (:func:`self_guarded`)."""
+    added = {
+        route.resource
+        for definition in routes
+        for route in definition.register(app.router)
+        if route.resource is not None
+    }
+    app[_SELF_GUARDED] = app.get(_SELF_GUARDED, frozenset()) | added
+
+
+def self_guarded(request: web.Request) -> bool:
+    """True when one of the routes added by :func:`add_self_guarded_routes` matched the request (a service
+    guard passes it on untouched); False for the service's own routes and for paths no route matched."""
+    resource = request.match_info.route.resource
+    return resource is not None and resource in request.app.get(_SELF_GUARDED, frozenset())

@@ -1,7 +1,8 @@
 """The emulator as a child process (``python -m azure_iot_emulator serve``), for the demo, tests and benches.
 
     emu = EmulatorProcess(data_dir, dps_host="127.0.0.1", hub_hosts=["127.0.0.2", "127.0.0.3"])
-    emu.start()            # waits until this process has written connection.json
+    emu.start()            # waits until this process has written connection.json (HTTPS on 443 unless
+                           # https_port=... chose another port; 443 needs root or CAP_NET_BIND_SERVICE)
     emu.dps_connection_string, emu.hub_connection_strings, emu.ca_pem, emu.id_scope, ...
     emu.restart()          # SIGTERM, then start again on the same addresses and data directory
     emu.stop()             # SIGTERM (graceful); emu.kill() is SIGKILL
@@ -76,16 +77,14 @@ class EmulatorProcess:
         *,
         dps_host: str,
         hub_hosts: Sequence[str],
-        dps_rest_port: int,
-        hub_rest_port: int,
+        https_port: int | None = None,
         extra_args: Sequence[str] = (),
         log_path: Path | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.dps_host = dps_host
         self.hub_hosts: list[str] = list(hub_hosts)
-        self.dps_rest_port = dps_rest_port
-        self.hub_rest_port = hub_rest_port
+        self.requested_https_port = https_port
         self.extra_args = list(extra_args)
         self.log_path = log_path or self.data_dir.parent / f"{self.data_dir.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -103,11 +102,9 @@ class EmulatorProcess:
             str(self.data_dir),
             "--dps-host",
             self.dps_host,
-            "--dps-rest-port",
-            str(self.dps_rest_port),
-            "--hub-rest-port",
-            str(self.hub_rest_port),
         ]
+        if self.requested_https_port is not None:
+            cmd += ["--https-port", str(self.requested_https_port)]
         for host in self.hub_hosts:
             cmd += ["--hub-host", host]
         return cmd + self.extra_args
@@ -181,8 +178,9 @@ class EmulatorProcess:
         return self.connection["global_endpoint"]
 
     @property
-    def https_port(self) -> int | None:
-        """Port 443 of every host (DPS device API, MQTT over WebSockets); None if it could not be bound."""
+    def https_port(self) -> int:
+        """The HTTPS port of every host (443 unless chosen): service REST APIs, the DPS device API, MQTT over
+        WebSockets."""
         return self.connection["https_port"]
 
     @property

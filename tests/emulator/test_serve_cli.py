@@ -28,7 +28,6 @@ def test_settings_file_flags_connection_file_ready_file_and_sigterm(tmp_path):
     config = tmp_path / "emulator.toml"
     config.write_text(
         f'data_dir = "{data}"\ndps_host = "{dps}"\nhub_hosts = ["{hub1}", "{hub2}"]\n'
-        "dps_rest_port = 0\nhub_rest_port = 0\n"
     )
     ready = tmp_path / "ready"
     proc = _serve(["--config", str(config), "--hub-host", hub2, "--ready-file", str(ready)], tmp_path)
@@ -45,11 +44,10 @@ def test_settings_file_flags_connection_file_ready_file_and_sigterm(tmp_path):
         assert info["default_hub"] == hub2
         assert info["id_scope"].startswith("0ne") and len(info["id_scope"]) == 11
         dps_cs = info["dps"]["connection_string"]
-        assert (
-            dps_cs.startswith(f"HostName={dps}:")
-            and "SharedAccessKeyName=provisioningserviceowner;" in dps_cs
-        )
-        assert info["hubs"][0]["connection_string"].startswith(f"HostName={hub2}:")
+        # Azure's shape: the service REST APIs are on 443 of each host, so no port in HostName.
+        assert dps_cs.startswith(f"HostName={dps};SharedAccessKeyName=provisioningserviceowner;")
+        assert info["hubs"][0]["connection_string"].startswith(f"HostName={hub2};SharedAccessKeyName=")
+        assert info["https_port"] == 443 and info["hubs"][0]["rest_endpoint"] == f"https://{hub2}"
         assert (data / "emulator-ca.pem").exists()
         assert (data / "emulator-ca.key").stat().st_mode & 0o777 == 0o600
         assert (data / "connection.json").stat().st_mode & 0o777 == 0o600
@@ -95,8 +93,7 @@ def test_bad_settings_exit_2_with_a_clear_message(tmp_path):
 def test_build_config_defaults():
     cfg = build_config(None, {})
     assert cfg.dps_host == "localhost" and cfg.hub_hosts == ("127.0.0.2", "127.0.0.3")
-    assert (cfg.mqtt_port, cfg.dps_rest_port, cfg.hub_rest_port) == (8883, 8444, 8443)
-    assert cfg.https_port == 443 and cfg.assignment_delay == 1.0
+    assert (cfg.mqtt_port, cfg.https_port) == (8883, 443) and cfg.assignment_delay == 1.0
 
 
 def test_assignment_delay_from_file_and_flag(tmp_path):

@@ -32,7 +32,7 @@ def now():
 
 @pytest.fixture
 async def hub_rest(tmp_path, monkeypatch):
-    host = free_loopback_address(0)
+    host = free_loopback_address((0,))
     pki = make_server_pki(tmp_path, [host])
     db = Database(tmp_path / "emulator.db")
     registry = HubRegistry(db, [host], now)

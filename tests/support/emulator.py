@@ -1,5 +1,6 @@
-"""The emulator as a real subprocess on fresh loopback addresses and free REST ports, for tests and
-benchmarks (the process handling itself is ``azure_iot_emulator.process.EmulatorProcess``).
+"""The emulator as a real subprocess on fresh loopback addresses, for tests and benchmarks: every host on
+Azure's ports of its own address (MQTT 8883, HTTPS 443), so its connection strings are Azure's shape
+(the process handling itself is ``azure_iot_emulator.process.EmulatorProcess``).
 
     emu = EmulatorProcess(tmp_path / "emu", hubs=2)
     emu.start()            # waits for connection.json
@@ -25,7 +26,7 @@ def free_port(host: str) -> int:
 
 
 def fresh_addresses(count: int, taken: tuple[str, ...] = ()) -> list[str]:
-    """``count`` distinct loopback addresses with port 8883 free, none of them in ``taken``."""
+    """``count`` distinct loopback addresses with ports 8883 and 443 free, none of them in ``taken``."""
     hosts: list[str] = []
     while len(hosts) < count:
         host = free_loopback_address()
@@ -42,6 +43,7 @@ class EmulatorProcess(process.EmulatorProcess):
         hubs: int = 2,
         dps_host: str | None = None,
         hub_hosts: list[str] | None = None,
+        https_port: int | None = None,
         extra_args: list[str] | None = None,
     ) -> None:
         dps_host = dps_host or free_loopback_address()
@@ -50,7 +52,6 @@ class EmulatorProcess(process.EmulatorProcess):
             data_dir,
             dps_host=dps_host,
             hub_hosts=hub_hosts,
-            dps_rest_port=free_port(dps_host),
-            hub_rest_port=free_port(hub_hosts[0]),
+            https_port=https_port,
             extra_args=extra_args or (),
         )

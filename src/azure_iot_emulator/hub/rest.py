@@ -33,7 +33,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from azure_iot_emulator import ids
-from azure_iot_emulator.https import local_port
+from azure_iot_emulator.https import local_port, self_guarded
 from azure_iot_emulator.hub.service import HubError, HubService
 from azure_iot_emulator.sas import SasError, request_resources, verify_sas
 
@@ -65,6 +65,8 @@ def _make_auth_middleware(
 ) -> Any:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self_guarded(request):  # MQTT over WebSockets on the same listener
+            return await handler(request)
         header = request.headers.get("Authorization")
         try:
             key = keys().get(SERVICE_POLICY)
