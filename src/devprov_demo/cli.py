@@ -7,8 +7,9 @@
     up    start the stack and keep it up, printing what a person needs to drive the flow by hand.
 
 Both bind loopback only.  Defaults: factory_svc 127.0.0.1:50051, activation_svc 127.0.0.1:50052, DPS device
-endpoint localhost, hubs 127.0.0.2 and 127.0.0.3 (MQTT/TLS 8883), DPS REST 8444, hub REST 8443, the
-activation portal http://127.0.0.1:8080/.
+endpoint localhost, hubs 127.0.0.2 and 127.0.0.3, each on Azure's ports of its own address (MQTT/TLS 8883;
+HTTPS 443: its service REST API, so the connection strings name the bare host, which needs root or
+CAP_NET_BIND_SERVICE), the activation portal http://127.0.0.1:8080/.
 """
 
 from __future__ import annotations
@@ -54,8 +55,11 @@ def _parser() -> argparse.ArgumentParser:
             metavar="HOST",
             help="a linked hub's address, repeatable (default 127.0.0.2 and 127.0.0.3)",
         )
-        cmd.add_argument("--dps-rest-port", type=int, default=8444)
-        cmd.add_argument("--hub-rest-port", type=int, default=8443)
+        cmd.add_argument(
+            "--https-port", type=int, default=443,
+            help="the emulator's HTTPS port of every host (default 443, Azure's; another one goes into the "
+            "connection strings)",
+        )
         cmd.add_argument("--factory-port", type=int, default=50051)
         cmd.add_argument("--activation-port", type=int, default=50052)
         cmd.add_argument("--portal-port", type=int, default=8080, help="the activation portal (HTTP)")
@@ -85,8 +89,7 @@ def _config(args: argparse.Namespace) -> StackConfig:
         work_dir=args.work_dir,
         dps_host=args.dps_host,
         hub_hosts=tuple(args.hub_hosts or ("127.0.0.2", "127.0.0.3")),
-        dps_rest_port=args.dps_rest_port,
-        hub_rest_port=args.hub_rest_port,
+        https_port=args.https_port,
         factory_port=args.factory_port,
         activation_port=args.activation_port,
         portal_port=args.portal_port,

@@ -59,8 +59,7 @@ class StackConfig:
     work_dir: Path
     dps_host: str = "localhost"
     hub_hosts: tuple[str, ...] = ("127.0.0.2", "127.0.0.3")
-    dps_rest_port: int = 8444
-    hub_rest_port: int = 8443
+    https_port: int = 443  # Azure's: service REST APIs on the hosts themselves (port-less connection strings)
     service_host: str = "127.0.0.1"
     factory_port: int = 50051
     activation_port: int = 50052
@@ -148,8 +147,7 @@ class Stack:
             self.root / "emulator",
             dps_host=config.dps_host,
             hub_hosts=config.hub_hosts,
-            dps_rest_port=config.dps_rest_port,
-            hub_rest_port=config.hub_rest_port,
+            https_port=config.https_port,
             log_path=self.logs / "emulator.log",
             extra_args=(
                 ["--metrics-listen", config.metrics_listen("emulator")] if config.metrics_port else []

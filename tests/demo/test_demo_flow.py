@@ -51,8 +51,6 @@ def _stack_args(work_dir: Path) -> list[str]:
         "--dps-host", dps,
         "--hub-host", hub1,
         "--hub-host", hub2,
-        "--dps-rest-port", str(free_port(dps)),
-        "--hub-rest-port", str(free_port(hub1)),
         "--factory-port", str(free_port("127.0.0.1")),
         "--activation-port", str(free_port("127.0.0.1")),
         "--portal-port", str(free_port("127.0.0.1")),
@@ -218,6 +216,9 @@ def test_up_serves_the_manual_three_step_flow(tmp_path):
         guid = str(uuid.uuid4())
         connection = json.loads((work / "emulator" / "connection.json").read_text())
         hubs = [h["host_name"] for h in connection["hubs"]]
+        # Azure's shape, as `up` prints them: the bare host, its service REST API on 443
+        for host, entry in zip(hubs, connection["hubs"], strict=True):
+            assert entry["connection_string"].startswith(f"HostName={host};SharedAccessKeyName=")
 
         # The portal is up too, offering the linked hubs.
         url = re.search(r"portal listening on (\S+)", (work / "logs" / "portal.log").read_text()).group(1)
@@ -264,4 +265,5 @@ def test_up_serves_the_manual_three_step_flow(tmp_path):
     assert proc.returncode == 0, output
     assert "source" in output and "activation-svc activate" in output
     assert _printed_metrics(output) == metrics
+    assert f"HostName={hubs[0]};SharedAccessKeyName=iothubowner;" in output
     assert _processes_under(work) == []

@@ -92,7 +92,7 @@ async def get_twin(emulator, device_id: str, hub: str | None = None) -> Any:
 
 
 def _sas_for(connection_string: str) -> tuple[str, str]:
-    """(host:port, Authorization header) for a hub service connection string (iothubowner)."""
+    """(HostName, Authorization header) for a hub service connection string (iothubowner)."""
     import base64
     import hashlib
     import hmac

@@ -3,7 +3,7 @@
 hub = HubPart(db, hub_hosts, clock, service_keys=lambda host: {"iothubowner": keys[host]})
 hub.registry                 # HubRegistry (DPS calls provision_from_dps on it)
 hub.endpoints                # one MQTT endpoint per hub host (register with the MQTT core)
-hub.rest_app(host)           # the aiohttp service REST app of one hub (serve it on {host}:8443)
+hub.rest_app(host)           # the aiohttp service REST app of one hub (served on 443 of its host)
 await hub.close()            # at shutdown
 """
 
