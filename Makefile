@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: install proto proto-check lint typecheck test bench demo up clean browser
+.PHONY: install proto proto-check lint typecheck test bench demo up clean browser node
 
 install: $(STAMP)
 
@@ -35,7 +35,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: proto-check lint typecheck browser
+test: proto-check lint typecheck browser node
 	$(BIN)/python -m pytest
 
 # Headless Chromium (Debian's package) for the portal's browser tests.  Never fails the build: when it cannot
@@ -58,6 +58,30 @@ browser: install
 	if [ -n "$$why" ]; then echo "browser: $$why; the browser tests will skip" >&2; \
 		{ echo "$$why" > $(VENV)/chromium-unavailable; } 2>/dev/null || true; \
 	else echo "browser: installed $$($(CHROMIUM) --version 2>/dev/null)"; fi
+
+# Node.js and npm (Debian's packages) for the tests that drive the emulator with Microsoft's Node.js SDKs; the
+# tests install the SDKs pinned in tests/node/package-lock.json into $(VENV)/node/ themselves.  Never fails the
+# build: when they cannot be installed the reason goes to $(VENV)/node-unavailable and those tests skip with it.
+node: install
+	@rm -f $(VENV)/node-unavailable 2>/dev/null; why=""; missing=""; \
+	command -v node >/dev/null 2>&1 || missing="nodejs"; \
+	command -v npm >/dev/null 2>&1 || missing="$${missing:+$$missing }npm"; \
+	if [ -z "$$missing" ]; then echo "node: $$(node --version), npm $$(npm --version)"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else why="$$missing missing and installing needs root or passwordless sudo"; fi; \
+	if [ -z "$$why" ]; then \
+		if ! command -v apt-get >/dev/null 2>&1; then why="$$missing missing and there is no apt-get"; \
+		elif ! { $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+			$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+			} >$(VENV)/node-install.log 2>&1; then \
+			why="apt-get install $$missing failed: $$(tail -n 1 $(VENV)/node-install.log)"; \
+		elif ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then \
+			why="apt-get installed $$missing but node or npm is still not on PATH"; fi; \
+	fi; \
+	if [ -n "$$why" ]; then echo "node: $$why; the Node.js SDK tests will skip" >&2; \
+		{ echo "$$why" > $(VENV)/node-unavailable; } 2>/dev/null || true; \
+	else echo "node: installed $$(node --version), npm $$(npm --version)"; fi
 
 bench: install
 	$(BIN)/python -m bench

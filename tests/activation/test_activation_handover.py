@@ -21,17 +21,16 @@ from enrollment.provisioning_env import (
     activation_env,
     connect_to_hub,
     dps_enrollment,
+    enrolled,
     factory_env,
     failure,
     hub_twin,
-    mint,
     register,
     running_activation,
     running_factory,
 )
 
 from devprov.v1 import activation_service_pb2 as apb
-from devprov.v1 import factory_service_pb2 as fpb
 from provkit.cloud import parse_azure_time
 
 
@@ -74,15 +73,6 @@ async def stack(tmp_path, emulator, tls):
         ) as (activation_app, activation),
     ):
         yield emulator, factory, activation, activation_app
-
-
-async def enrolled(factory, tmp_path, device_id: str | None = None):
-    device = await mint(factory, device_id or new_id(), tmp_path / "devices")
-    reply = await factory.Enroll(
-        fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
-    )
-    assert reply.outcome == fpb.ENROLL_OUTCOME_CREATED and reply.activation_code
-    return device, reply.activation_code
 
 
 async def test_whole_handover_mint_enroll_refused_activate_register_twin(stack, tmp_path, tls):

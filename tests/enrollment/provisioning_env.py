@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,19 @@ async def mint(stub: fpb_grpc.FactoryServiceStub, device_id: str, folder: Path) 
         key_path,
         reply.certificate.sha1_thumbprint,
     )
+
+
+async def enrolled(
+    factory: fpb_grpc.FactoryServiceStub, folder: Path, device_id: str | None = None
+) -> tuple[DeviceFiles, str]:
+    """A device factory_svc minted (server-side key) into ``folder/devices`` and enrolled (disabled), and
+    its activation code."""
+    device = await mint(factory, device_id or str(uuid.uuid4()), folder / "devices")
+    reply = await factory.Enroll(
+        fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
+    )
+    assert reply.outcome == fpb.ENROLL_OUTCOME_CREATED and reply.activation_code
+    return device, reply.activation_code
 
 
 async def failure(call) -> RpcErrorDetails:

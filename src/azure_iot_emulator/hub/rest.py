@@ -2,7 +2,7 @@
 
 Routes (``?api-version=...`` accepted and ignored; every request needs an ``iothubowner`` SAS)::
 
-    GET    /devices?top=N                      list device identities
+    GET    /devices?top=N                      list device identities (also /devices/, as Node's SDK asks)
     GET    /devices/{id}                       device identity                    200 | 404
     PUT    /devices/{id}                       create (no If-Match) / update      200 | 409 | 412
     DELETE /devices/{id}                       delete (If-Match optional)         204 | 404 | 412
@@ -219,6 +219,7 @@ def build_hub_rest_app(
     app[_SERVICE_KEY] = service
     app[_HUB_KEY] = hub
     app.router.add_get("/devices", list_devices)
+    app.router.add_get("/devices/", list_devices)  # azure-iothub (Node.js) lists with the trailing slash
     app.router.add_post("/devices/query", query_devices)
     app.router.add_get("/devices/{device_id}/messages", device_messages)
     app.router.add_get("/devices/{device_id}", get_device)
