@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: install proto proto-check lint typecheck test bench demo up clean browser node
+.PHONY: install proto proto-check lint typecheck test bench demo up clean browser node postgresql
 
 install: $(STAMP)
 
@@ -35,7 +35,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: proto-check lint typecheck browser node
+test: proto-check lint typecheck browser node postgresql
 	$(BIN)/python -m pytest
 
 # Headless Chromium (Debian's package) for the portal's browser tests.  Never fails the build: when it cannot
@@ -82,6 +82,29 @@ node: install
 	if [ -n "$$why" ]; then echo "node: $$why; the Node.js SDK tests will skip" >&2; \
 		{ echo "$$why" > $(VENV)/node-unavailable; } 2>/dev/null || true; \
 	else echo "node: installed $$(node --version), npm $$(npm --version)"; fi
+
+# Debian's PostgreSQL server for the tests that run the stores on PostgreSQL (each test session starts a
+# throwaway cluster of its own from these binaries, see tests/support/pgcluster.py).  Never fails the build:
+# when it cannot be installed the reason is printed and written to $(VENV)/postgresql-unavailable, and those
+# tests skip with it.
+postgresql: install
+	@rm -f $(VENV)/postgresql-unavailable 2>/dev/null; why=""; \
+	found() { ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1; }; \
+	if [ -n "$$(found)" ]; then echo "postgresql: $$($$(found) --version)"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else why="the PostgreSQL server is missing and installing it needs root or passwordless sudo"; fi; \
+	if [ -z "$$why" ]; then \
+		if ! command -v apt-get >/dev/null 2>&1; then why="the PostgreSQL server is missing and there is no apt-get"; \
+		elif ! { $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+			$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; \
+			} >$(VENV)/postgresql-install.log 2>&1; then \
+			why="apt-get install postgresql failed: $$(tail -n 1 $(VENV)/postgresql-install.log)"; \
+		elif [ -z "$$(found)" ]; then why="apt-get installed postgresql but no /usr/lib/postgresql/*/bin/initdb"; fi; \
+	fi; \
+	if [ -n "$$why" ]; then echo "postgresql: $$why; the PostgreSQL tests will skip" >&2; \
+		{ echo "$$why" > $(VENV)/postgresql-unavailable; } 2>/dev/null || true; \
+	else echo "postgresql: installed $$($$(found) --version)"; fi
 
 bench: install
 	$(BIN)/python -m bench

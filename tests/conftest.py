@@ -77,6 +77,27 @@ def module_emulator(tmp_path_factory):
         yield emu
 
 
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster for the whole test session (tests/support/pgcluster.py); the tests that
+    use it skip, with the reason, only where Debian's server could not be installed."""
+    from support import pgcluster
+
+    why = pgcluster.unavailable()
+    if why is not None:
+        pytest.skip(why)
+    with pgcluster.running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_url(pg_cluster):
+    """The URL of a new empty database in the session's cluster, dropped after the test."""
+    url = pg_cluster.create_database()
+    yield url
+    pg_cluster.drop_database(url)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The device SDK leaves operation-timeout timers (threading.Timer) behind for clients the tests have
     shut down; at interpreter exit they would fire into its already-closed executors and print tracebacks.
