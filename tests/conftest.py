@@ -98,6 +98,17 @@ def postgres_url(pg_cluster):
     pg_cluster.drop_database(url)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """Each backend of the services' stores in turn (dbstore.DatabaseUrl): SQLite files in a temporary
+    directory, then a new database in the session's PostgreSQL cluster."""
+    from dbstore import DatabaseUrl
+
+    if request.param == "sqlite":
+        return DatabaseUrl.sqlite(tmp_path / "db")
+    return DatabaseUrl.parse(request.getfixturevalue("postgres_url"))
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The device SDK leaves operation-timeout timers (threading.Timer) behind for clients the tests have
     shut down; at interpreter exit they would fire into its already-closed executors and print tracebacks.
