@@ -47,7 +47,7 @@ class ActivationApp:
         dps = await DpsEnrollments.open(settings.cloud.dps, observer=observe.cloud_calls("dps"))
         hub_calls = observe.cloud_calls("hub")
         hubs = HubRegistries(settings.cloud.hubs, settings.cloud.dps.ca_file, observer=hub_calls)
-        audit = await AuditLog.open(settings.audit_path)
+        audit = await AuditLog.open(settings.database_url)
         limiter = AttemptLimiter(
             clock=clock,
             free_failures=settings.max_failures,

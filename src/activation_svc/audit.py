@@ -1,29 +1,27 @@
-"""The activation audit trail: one durable SQLite row per Activate / Deactivate attempt, with the caller.
+"""The activation audit trail: one durable row per Activate / Deactivate attempt, with the caller.
 
-File ``<data_dir>/audit.sqlite3``, table ``audit(time_us, action, device_id, caller, request_id, outcome,
-detail)``.  Written before the answer is sent.  Activation codes and metadata values are never recorded
-(the metadata's SHA-256 is).  Calls the server refused before the service ran (``provkit.authz``) are
-rows too: ``record_refusal`` writes action = the RPC's path, outcome ``refused``, detail = reason and role.
-An Activate that changes something outside writes its row when it records its intent (outcome ``pending``,
-``activation_svc.intents``, same file and transaction) and gives it its outcome when the intent is
-finished: ``ok``, or ``error`` with the reason; a row still ``pending`` is a change not completed yet.
+Stored through ``dbstore``: the SQLite file ``<data_dir>/audit.sqlite3`` by default, or the service's
+PostgreSQL database (``database_url``; tables shared by all replicas). Table ``audit(time_us, action,
+device_id, caller, request_id, outcome, detail)``. Written before the answer is sent. Activation codes and
+metadata values are never recorded (the metadata's SHA-256 is). Calls the server refused before the service
+ran (``provkit.authz``) are rows too: ``record_refusal`` writes action = the RPC's path, outcome ``refused``,
+detail = reason and role. An Activate that changes something outside writes its row when it records its intent
+(outcome ``pending``, ``activation_svc.intents``, same file and transaction) and gives it its outcome when the
+intent is finished: ``ok``, or ``error`` with the reason; a row still ``pending`` is a change not completed
+yet.
 """
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
 
 from activation_svc.intents import MIGRATION as INTENTS_MIGRATION
 from activation_svc.intents import ActivationIntent, IntentLog
-from litestore import Options, Schema, Store, Synchronous
+from dbstore import Database, DatabaseUrl, Tx, open_database
+from litestore import Options, Schema, Synchronous
 from provkit.authz import Refusal
-
-T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -49,6 +47,8 @@ CREATE TABLE IF NOT EXISTS activation_requests (
 MIGRATIONS = (SCHEMA, INTENTS_MIGRATION)
 # FULL: an audit row is written before the answer is sent; it must not vanish with a power cut after that.
 OPTIONS = Options(synchronous=Synchronous.FULL)
+SCHEMA_VERSIONS = Schema("audit", MIGRATIONS)
+FILE = "audit.sqlite3"
 
 
 @dataclass(frozen=True)
@@ -75,23 +75,25 @@ def _row(entry: AuditEntry) -> tuple[object, ...]:
 
 
 class AuditLog:
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self.intents = IntentLog(store)
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.intents = IntentLog(db)
 
     @classmethod
-    async def open(cls, path: Path) -> AuditLog:
-        return cls(await Store.open(path, Schema("audit", MIGRATIONS), OPTIONS))
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._store.run(fn)
+    async def open(cls, where: Path | DatabaseUrl, *, migrate: bool = False) -> AuditLog:
+        """``where``: the SQLite file, or the service's database URL (see ``dbstore.open_database``)."""
+        if isinstance(where, Path):
+            where, file = DatabaseUrl.sqlite(where.parent), where.name
+        else:
+            file = FILE
+        return cls(await open_database(where, file, SCHEMA_VERSIONS, OPTIONS, migrate=migrate))
 
     async def close(self) -> None:
-        await self._store.close()
+        await self._db.close()
 
     async def record(self, entry: AuditEntry) -> None:
-        await self._run(
-            lambda db: db.execute(
+        await self._db.transaction(
+            lambda tx: tx.execute(
                 "INSERT INTO audit (time_us, action, device_id, caller, request_id, outcome, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 _row(entry),
@@ -116,34 +118,31 @@ class AuditLog:
         )
 
     async def entries(self, device_id: str | None = None) -> list[AuditEntry]:
-        def go(db: sqlite3.Connection) -> list[AuditEntry]:
+        async def go(tx: Tx) -> list[AuditEntry]:
             sql = "SELECT time_us, action, device_id, caller, request_id, outcome, detail FROM audit"
             rows = (
-                db.execute(sql + " WHERE device_id = ? ORDER BY id", (device_id,))
+                await tx.fetchall(sql + " WHERE device_id = ? ORDER BY id", (device_id,))
                 if device_id
-                else db.execute(sql + " ORDER BY id")
-            ).fetchall()
-            return [
-                AuditEntry(datetime.fromtimestamp(r[0] / 1_000_000, UTC), *r[1:])
-                for r in rows
-            ]
+                else await tx.fetchall(sql + " ORDER BY id")
+            )
+            return [AuditEntry(datetime.fromtimestamp(r[0] / 1_000_000, UTC), *r[1:]) for r in rows]
 
-        return await self._run(go)
+        return await self._db.read(go)
 
     async def find_request(self, request_id: str) -> tuple[str, str] | None:
-        def go(db: sqlite3.Connection) -> tuple[str, str] | None:
-            row = db.execute(
+        async def go(tx: Tx) -> tuple[str, str] | None:
+            row = await tx.fetchone(
                 "SELECT fingerprint, response FROM activation_requests WHERE request_id = ?", (request_id,)
-            ).fetchone()
+            )
             return (row[0], row[1]) if row else None
 
-        return await self._run(go)
+        return await self._db.read(go)
 
     async def remember_request(self, request_id: str, fingerprint: str, response: str) -> None:
-        await self._run(
-            lambda db: db.execute(
-                "INSERT OR IGNORE INTO activation_requests (request_id, fingerprint, response) "
-                "VALUES (?, ?, ?)",
+        await self._db.transaction(
+            lambda tx: tx.execute(
+                "INSERT INTO activation_requests (request_id, fingerprint, response) "
+                "VALUES (?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
                 (request_id, fingerprint, response),
             )
         )

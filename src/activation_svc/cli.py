@@ -1,6 +1,7 @@
 """``activation-svc``: run the service, or call it from a shell.
 
     activation-svc serve [--config FILE]
+    activation-svc migrate [--config FILE]     (the database's tables to this version; see dbstore)
     activation-svc activate ID [--metadata FILE | --metadata-json JSON] [--hub HOST] [--request-id ID]
     activation-svc deactivate ID [--request-id ID]
     activation-svc status ID
@@ -34,6 +35,7 @@ from google.protobuf import timestamp_pb2
 from activation_svc.portal.cli import add_portal_command, run_portal
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
+from litestore import SchemaError
 from provkit import faults
 from provkit.channels import (
     EXIT_INTERRUPTED,
@@ -52,6 +54,7 @@ from provkit.grpc_server import ServerConfigError
 from provkit.logging import configure_logging
 from provkit.proto_names import enum_label
 from provkit.settings import SettingsError, SettingsSource, device_id_policy
+from provkit.storage_cli import add_migrate_command, run_migrations
 
 DEFAULT_TARGET = "127.0.0.1:50052"
 
@@ -73,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", allow_abbrev=False, help="run the gRPC service")
     serve.add_argument("--config", type=Path, help="TOML settings file (or ACTIVATION_CONFIG)")
+    add_migrate_command(sub, "ACTIVATION_CONFIG")
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, allow_abbrev=False, help=help_text)
@@ -285,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
             configure_logging(settings.log_level)
             asyncio.run(run_server(settings))
             return 0
+        if args.command == "migrate":
+            from activation_svc.audit import AuditLog
+            from activation_svc.settings import load_settings
+
+            url = load_settings(config=args.config).database_url
+            return run_migrations(url, [("audit", lambda: AuditLog.open(url, migrate=True))])
         if args.command == "portal":
             return run_portal(args)
         return _client(args)
@@ -297,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except (SettingsError, ServerConfigError, ValueError) as exc:
+    except (SettingsError, ServerConfigError, SchemaError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

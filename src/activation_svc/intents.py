@@ -8,11 +8,13 @@ enrollment was changed by someone else before its own write is ``abandoned`` (au
 in the detail).  What a crash leaves ``open`` is finished by the service (``ActivationService.
 complete_open_intents``): at start-up, and on the next call for that device.
 
-Stored in the audit file (``<data_dir>/audit.sqlite3``, table ``activation_intents``: the audit store's
-schema version 2, ``MIGRATION``), on the audit log's litestore ``Store``, so an intent and its audit row
-are one transaction.
+Stored with the audit (table ``activation_intents``: the audit store's schema version 2, ``MIGRATION``),
+on the audit log's database (``dbstore``: the SQLite file ``audit.sqlite3`` or the service's PostgreSQL
+database), so an intent and its audit row are one transaction.  With several replicas on PostgreSQL, the
+replica that finishes an open intent holds its row locked meanwhile (:meth:`IntentLog.claim`), so a
+crashed replica's intents are finished by another one exactly once.
 
-API: ``ActivationIntent``; ``IntentLog(store)``: ``begin(intent, audit_entry) -> ActivationIntent``
+API: ``ActivationIntent``; ``IntentLog(db)``: ``begin(intent, audit_entry) -> ActivationIntent``
 (with ids), ``mark_dps(id, etag)``, ``mark_hub(id)``, ``finish(intent, done, outcome, detail)``,
 ``open_intents(device_id=None)``.
 """
@@ -20,17 +22,13 @@ API: ``ActivationIntent``; ``IntentLog(store)``: ``begin(intent, audit_entry) ->
 from __future__ import annotations
 
 import json
-import sqlite3
-from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
-from litestore import Store
+from dbstore import Database, Tx
 from provkit.cloud import InitialTwin
-
-T = TypeVar("T")
 
 MIGRATION = """
 CREATE TABLE activation_intents (
@@ -113,23 +111,21 @@ def _intent(row: tuple[Any, ...]) -> ActivationIntent:
 
 
 class IntentLog:
-    def __init__(self, store: Store) -> None:
-        self._store = store
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._store.run(fn)
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     async def begin(self, intent: ActivationIntent, audit_row: tuple[Any, ...]) -> ActivationIntent:
         """Record ``intent`` and its audit row (time_us, action, device_id, caller, request_id, outcome,
         detail) in one transaction; the intent with its ids."""
 
-        def go(db: sqlite3.Connection) -> ActivationIntent:
-            audit_id = db.execute(
+        async def go(tx: Tx) -> ActivationIntent:
+            audit_id = await tx.insert(
                 "INSERT INTO audit (time_us, action, device_id, caller, request_id, outcome, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 audit_row,
-            ).lastrowid
-            intent_id = db.execute(
+                "id",
+            )
+            intent_id = await tx.insert(
                 "INSERT INTO activation_intents (device_id, caller, request_id, hub, twin_before, "
                 "twin_after, owner, basis_etag, summary, state, audit_id, created_us) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?)",
@@ -146,52 +142,53 @@ class IntentLog:
                     audit_id,
                     audit_row[0],
                 ),
-            ).lastrowid
-            return dc_replace(intent, id=int(intent_id or 0), audit_id=int(audit_id or 0))
+                "id",
+            )
+            return dc_replace(intent, id=intent_id, audit_id=audit_id)
 
-        return await self._store.transaction(go)
+        return await self._db.transaction(go)
 
     async def mark_dps(self, intent: ActivationIntent, etag: str) -> ActivationIntent:
-        await self._run(
-            lambda db: db.execute(
+        await self._db.transaction(
+            lambda tx: tx.execute(
                 "UPDATE activation_intents SET dps_etag = ? WHERE id = ?", (etag, intent.id)
             )
         )
         return dc_replace(intent, dps_etag=etag)
 
     async def mark_hub(self, intent: ActivationIntent) -> ActivationIntent:
-        await self._run(
-            lambda db: db.execute("UPDATE activation_intents SET hub_done = 1 WHERE id = ?", (intent.id,))
+        await self._db.transaction(
+            lambda tx: tx.execute("UPDATE activation_intents SET hub_done = 1 WHERE id = ?", (intent.id,))
         )
         return dc_replace(intent, hub_done=True)
 
     async def finish(self, intent: ActivationIntent, done: bool, outcome: str, detail: str) -> None:
         """Close the intent (``done`` or ``abandoned``) and give its audit row its outcome, together."""
 
-        def go(db: sqlite3.Connection) -> None:
-            db.execute(
+        async def go(tx: Tx) -> None:
+            await tx.execute(
                 "UPDATE activation_intents SET state = ? WHERE id = ?",
                 ("done" if done else "abandoned", intent.id),
             )
-            db.execute(
+            await tx.execute(
                 "UPDATE audit SET outcome = ?, detail = ? WHERE id = ?", (outcome, detail, intent.audit_id)
             )
 
-        await self._store.transaction(go)
+        await self._db.transaction(go)
 
     async def note(self, intent: ActivationIntent, detail: str) -> None:
         """Say in the (still pending) audit row why the intent is not finished yet."""
-        await self._run(
-            lambda db: db.execute("UPDATE audit SET detail = ? WHERE id = ?", (detail, intent.audit_id))
+        await self._db.transaction(
+            lambda tx: tx.execute("UPDATE audit SET detail = ? WHERE id = ?", (detail, intent.audit_id))
         )
 
     async def open_intents(self, device_id: str | None = None) -> list[ActivationIntent]:
-        def go(db: sqlite3.Connection) -> list[ActivationIntent]:
+        async def go(tx: Tx) -> list[ActivationIntent]:
             rows = (
-                db.execute(_SELECT_OPEN + " AND device_id = ? ORDER BY id", (device_id,))
+                await tx.fetchall(_SELECT_OPEN + " AND device_id = ? ORDER BY id", (device_id,))
                 if device_id is not None
-                else db.execute(_SELECT_OPEN + " ORDER BY id")
-            ).fetchall()
+                else await tx.fetchall(_SELECT_OPEN + " ORDER BY id")
+            )
             return [_intent(r) for r in rows]
 
-        return await self._run(go)
+        return await self._db.read(go)

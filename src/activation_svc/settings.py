@@ -4,6 +4,7 @@ TOML file (``--config FILE`` or ACTIVATION_CONFIG).
 | key (TOML)                        | environment                               | default                    |
 |-----------------------------------|-------------------------------------------|----------------------------|
 | data_dir                          | ACTIVATION_DATA_DIR                       | ./activation-data          |
+| database_url_file                 | ACTIVATION_DATABASE_URL (or _URL_FILE)    | sqlite:///<data_dir>       |
 | log_level                         | ACTIVATION_LOG_LEVEL                      | INFO                       |
 | server.host / server.port         | ACTIVATION_SERVER_HOST / _PORT            | 127.0.0.1 / 50052          |
 | server.insecure                   | ACTIVATION_SERVER_INSECURE                | false (loopback only)      |
@@ -19,6 +20,10 @@ TOML file (``--config FILE`` or ACTIVATION_CONFIG).
 | metrics.listen                    | ACTIVATION_METRICS_LISTEN                 | - (off; host:port)         |
 | tracing.exporter / otlp_endpoint  | ACTIVATION_TRACING_EXPORTER / _OTLP_ENDPOINT | none (console, otlp)    |
 
+``database_url``: ``postgresql://user:password@host:port/db`` keeps the audit, intents, request ids and the
+failure counters in PostgreSQL, shared by every replica (run ``activation-svc migrate`` first); the default
+keeps them in ``<data_dir>/audit.sqlite3`` (one process).
+
 ``cloud.*``: the emulator's connection.json by default (ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE), or the
 DPS / hub connection strings, the CA file and the default hub for real Azure.
 """
@@ -30,11 +35,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from dbstore import DatabaseUrl
 from provkit.cloud import CloudSettings, load_cloud_settings
 from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ServerSettings
 from provkit.observe import ObserveSettings, observe_settings
-from provkit.settings import SettingsError, SettingsSource, device_id_policy, server_settings
+from provkit.settings import SettingsError, SettingsSource, database_url, device_id_policy, server_settings
 
 PREFIX = "ACTIVATION"
 DEFAULT_PORT = 50052
@@ -52,6 +58,11 @@ class ActivationSettings:
     log_level: str = "INFO"
     device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID
     observe: ObserveSettings = field(default_factory=ObserveSettings)  # /metrics, traces: off by default
+    database: DatabaseUrl | None = None  # None: the SQLite files in data_dir
+
+    @property
+    def database_url(self) -> DatabaseUrl:
+        return self.database or DatabaseUrl.sqlite(self.data_dir)
 
     @property
     def audit_path(self) -> Path:
@@ -70,9 +81,11 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
             "ACTIVATION_LIMITS_MAX_FAILURES and _WINDOW_SECONDS must be positive, "
             "_DEVICE_CEILING at least _MAX_FAILURES"
         )
+    data_dir = source.path("data_dir", Path("activation-data")) or Path("activation-data")
     return ActivationSettings(
         server=server_settings(source, error_domain=ERROR_DOMAIN, default_port=DEFAULT_PORT),
-        data_dir=source.path("data_dir", Path("activation-data")) or Path("activation-data"),
+        data_dir=data_dir,
+        database=database_url(source, data_dir),
         cloud=load_cloud_settings(source),
         max_failures=max_failures,
         device_ceiling=device_ceiling,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dbstore import DatabaseUrl, UrlError
 from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ClientAuth, ServerConfigError, ServerSettings, ServerTLS
 
@@ -185,3 +186,16 @@ def device_id_policy(source: SettingsSource) -> DeviceIdPolicy:
         return DeviceIdPolicy.parse(source.text("device_ids", DeviceIdPolicy.GUID.value) or "guid")
     except ValueError as exc:
         raise SettingsError(f"{source.env_name('device_ids')} / device_ids: {exc}") from None
+
+
+def database_url(source: SettingsSource, data_dir: Path) -> DatabaseUrl:
+    """Where the service keeps its state: ``database_url`` (a secret, as it may hold a password; also read
+    from ``<PREFIX>_DATABASE_URL_FILE``) = ``postgresql://user:password@host:port/database`` or
+    ``sqlite:///<directory>``; default ``sqlite:///<data_dir>`` (the SQLite files in the data directory)."""
+    secret = source.secret("database_url")
+    if secret is None:
+        return DatabaseUrl.sqlite(data_dir)
+    try:
+        return DatabaseUrl.parse(secret.reveal().strip())
+    except UrlError as exc:
+        raise SettingsError(f"{source.env_name('database_url')} / database_url: {exc}") from None

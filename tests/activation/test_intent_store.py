@@ -1,28 +1,27 @@
-"""The activation intents in the audit file: a version-1 audit file is migrated (its rows kept), an intent
-and its audit row are written together, marked step by step and closed with the row's outcome."""
+"""The activation intents in the audit store (both backends): a version-1 audit store is migrated (its rows
+kept), an intent and its audit row are written together, marked step by step and closed with the row's
+outcome."""
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime
 
-from activation_svc.audit import SCHEMA, AuditEntry, AuditLog
+from activation_svc.audit import FILE, SCHEMA, AuditEntry, AuditLog
 from activation_svc.intents import ActivationIntent
 from provkit.cloud import InitialTwin
+from support.stores import stored_version, write_at_version
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
 
-async def test_a_version_1_audit_file_gains_intents_and_an_intent_lives_its_life(tmp_path):
-    path = tmp_path / "audit.sqlite3"
-    with sqlite3.connect(path) as db:
-        db.executescript(SCHEMA)
-        db.execute(
-            "INSERT INTO audit (time_us, action, device_id, caller, request_id, outcome, detail) "
-            "VALUES (1, 'activate', 'dev', 'urn:devprov:oem:acme', '', 'ok', 'path=enrollment')"
-        )
-        db.execute("PRAGMA user_version = 1")
-    audit = await AuditLog.open(path)
+async def test_a_version_1_audit_store_gains_intents_and_an_intent_lives_its_life(database_url):
+    row = (
+        "INSERT INTO audit (time_us, action, device_id, caller, request_id, outcome, detail) "
+        "VALUES (1, 'activate', 'dev', 'urn:devprov:oem:acme', '', 'ok', 'path=enrollment')"
+    )
+    await write_at_version(database_url, FILE, "audit", [SCHEMA], [row])
+    assert stored_version(database_url, FILE, "audit") == 1
+    audit = await AuditLog.open(database_url, migrate=True)
     try:
         before = InitialTwin({"line": 3, "customer": "acme"}, {"mode": "eco"})
         after = InitialTwin({"customer": "acme"}, {})
@@ -44,5 +43,4 @@ async def test_a_version_1_audit_file_gains_intents_and_an_intent_lives_its_life
         assert rows == [("", "ok", "path=enrollment"), ("r-1", "ok", "path=enrollment+hub-twin s")]
     finally:
         await audit.close()
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+    assert stored_version(database_url, FILE, "audit") == 2
