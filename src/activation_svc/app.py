@@ -44,10 +44,10 @@ class ActivationApp:
         observe: Observability | None = None,
     ) -> ActivationApp:
         observe = observe or Observability.open(settings.observe, "activation_svc")
+        audit = await AuditLog.open(settings.database_url)  # first: another schema version stops here
         dps = await DpsEnrollments.open(settings.cloud.dps, observer=observe.cloud_calls("dps"))
         hub_calls = observe.cloud_calls("hub")
         hubs = HubRegistries(settings.cloud.hubs, settings.cloud.dps.ca_file, observer=hub_calls)
-        audit = await AuditLog.open(settings.database_url)
         limiter = AttemptLimiter(
             clock=clock,
             free_failures=settings.max_failures,

@@ -82,11 +82,7 @@ class AuditLog:
     @classmethod
     async def open(cls, where: Path | DatabaseUrl, *, migrate: bool = False) -> AuditLog:
         """``where``: the SQLite file, or the service's database URL (see ``dbstore.open_database``)."""
-        if isinstance(where, Path):
-            where, file = DatabaseUrl.sqlite(where.parent), where.name
-        else:
-            file = FILE
-        return cls(await open_database(where, file, SCHEMA_VERSIONS, OPTIONS, migrate=migrate))
+        return cls(await open_database(where, FILE, SCHEMA_VERSIONS, OPTIONS, migrate=migrate))
 
     async def close(self) -> None:
         await self._db.close()

@@ -55,8 +55,9 @@ def pg_sql(sql: str) -> str:
 
 def postgres_dialect(script: str) -> str:
     """A store's migration script (written for SQLite) in PostgreSQL's words: generated keys become
-    ``BIGSERIAL``, integers ``BIGINT`` (microsecond times do not fit 32 bits)."""
+    ``BIGSERIAL``, integers ``BIGINT`` (microsecond times do not fit 32 bits), blobs ``BYTEA``."""
     script = re.sub(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b", "BIGSERIAL PRIMARY KEY", script, flags=re.I)
+    script = re.sub(r"\bBLOB\b", "BYTEA", script)
     return re.sub(r"\bINTEGER\b", "BIGINT", script)
 
 

@@ -50,10 +50,13 @@ class DatabaseUrl:
 
 
 async def open_database(
-    url: DatabaseUrl, file: str, schema: Schema, options: Options, *, migrate: bool = False
+    url: DatabaseUrl | Path, file: str, schema: Schema, options: Options, *, migrate: bool = False
 ) -> Database:
     """One store's database: SQLite ``<directory>/<file>`` (migrated when opened, as always), or the
-    PostgreSQL database (migrated only with ``migrate=True``, else its version checked)."""
+    PostgreSQL database (migrated only with ``migrate=True``, else its version checked).  A ``Path`` is
+    the SQLite file itself (whatever its name)."""
+    if isinstance(url, Path):
+        url, file = DatabaseUrl.sqlite(url.parent), url.name
     if url.backend is Backend.SQLITE:
         from dbstore.sqlite import SqliteDatabase
 

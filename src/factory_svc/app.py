@@ -4,9 +4,11 @@ Data directory layout (``FactorySettings.data_dir``)::
 
     <data_dir>/
       ledger.sqlite3        issued certificates and request ids (SQLite, WAL; plus -wal/-shm files)
-      enrollments.sqlite3   the enrollment outbox, its request ids, the activation codes not yet
-                            acknowledged (AES-GCM encrypted) and their events
-      codes.key             the codes' 32-byte key (0600), created on first start
+      enrollments.sqlite3   the enrollment outbox, its request ids, the enrollment audit, the activation
+                            codes not yet acknowledged (AES-GCM encrypted) and their events (both
+                            files: the default; with database_url = postgresql://... their tables are
+                            in that database instead, shared by replicas)
+      codes.key             the codes' 32-byte key (0600), created on first start (replicas share it)
       ca/                   the development CA (only when no CA is configured), created on first start
         root-ca.pem         ECDSA P-384 root, 20 years       root-ca.key     (0600)
         issuing-ca.pem      ECDSA P-256 issuing CA, 10 years issuing-ca.key  (0600)
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 
 from factory_svc.ca import Clock, IssuingCA, load_configured_ca, now_utc, open_dev_ca
 from factory_svc.enrollment.runtime import EnrollmentRuntime
-from factory_svc.ledger import SqliteLedger
+from factory_svc.ledger import Ledger
 from factory_svc.minting import CertificateCatalog, MintingService
 from factory_svc.servicer import FactoryServicer
 from factory_svc.settings import FactorySettings
@@ -44,7 +46,7 @@ def open_ca(settings: FactorySettings, clock: Clock) -> IssuingCA:
 class FactoryApp:
     settings: FactorySettings
     ca: IssuingCA
-    ledger: SqliteLedger
+    ledger: Ledger
     minting: MintingService
     catalog: CertificateCatalog
     enrollment: EnrollmentRuntime | None = None
@@ -57,12 +59,17 @@ class FactoryApp:
     ) -> FactoryApp:
         observe = observe or Observability.open(settings.observe, "factory_svc")
         ca = open_ca(settings, clock)
-        ledger = await SqliteLedger.open(settings.ledger_path)
+        ledger = await Ledger.open(settings.database_url)
         minting = MintingService(ca, ledger, settings.mint, clock)
         enrollment = None
         if settings.enroll is not None:
             enrollment = await EnrollmentRuntime.open(
-                settings.enroll, ca.chain, settings.data_dir, clock, observer=observe.cloud_calls("dps")
+                settings.enroll,
+                ca.chain,
+                settings.data_dir,
+                settings.database_url,
+                clock,
+                observer=observe.cloud_calls("dps"),
             )
         return cls(settings, ca, ledger, minting, CertificateCatalog(ledger), enrollment, observe, clock)
 

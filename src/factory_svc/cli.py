@@ -1,6 +1,7 @@
 """``factory-svc``: run the service, or call it from a shell.
 
     factory-svc serve [--config FILE]
+    factory-svc migrate [--config FILE]     (the database's tables to this version; see dbstore)
     factory-svc mint ID (--csr FILE | --generate-key [--key-type p256|p384|rsa2048|rsa3072])
                      --out DIR [--validity-days N] [--request-id ID]
     factory-svc list [ID] [--page-size N] [--all] [--json]
@@ -33,6 +34,7 @@ from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.enrollment import cli_commands as enroll_cli
 from factory_svc.errors import CaConfigError
+from litestore import SchemaError
 from provkit import faults
 from provkit.channels import (
     EXIT_INTERRUPTED,
@@ -52,6 +54,7 @@ from provkit.errors import InvalidArgument
 from provkit.grpc_server import ServerConfigError
 from provkit.logging import configure_logging
 from provkit.settings import SettingsError, SettingsSource, device_id_policy
+from provkit.storage_cli import add_migrate_command, run_migrations
 
 KEY_TYPES = {
     "p256": pb.KEY_TYPE_EC_P256,
@@ -68,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", allow_abbrev=False, help="run the gRPC service")
     serve.add_argument("--config", type=Path, help="TOML settings file (or FACTORY_CONFIG)")
+    add_migrate_command(sub, "FACTORY_CONFIG")
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, allow_abbrev=False, help=help_text)
@@ -229,10 +233,27 @@ async def _client(args: argparse.Namespace, source: SettingsSource) -> int:
             return report_failed_call(exc)
 
 
+def _migrate(config: Path | None) -> int:
+    from factory_svc.enrollment.outbox import Outbox
+    from factory_svc.ledger import Ledger
+    from factory_svc.settings import load_settings
+
+    url = load_settings(config=config).database_url
+    return run_migrations(
+        url,
+        [
+            ("ledger", lambda: Ledger.open(url, migrate=True)),
+            ("enrollment outbox", lambda: Outbox.open(url, migrate=True)),
+        ],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     faults.arm_from_environment()
     try:
+        if args.command == "migrate":
+            return _migrate(args.config)
         if args.command == "serve":
             from factory_svc.app import run_server
             from factory_svc.settings import load_settings
@@ -250,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except (SettingsError, ServerConfigError, CaConfigError, ValueError) as exc:
+    except (SettingsError, ServerConfigError, CaConfigError, SchemaError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

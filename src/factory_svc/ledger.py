@@ -1,6 +1,7 @@
-"""The SQLite ledger of issued certificates (and of request ids, for idempotency).
+"""The ledger of issued certificates (and of request ids, for idempotency), through ``dbstore``.
 
-Every issued certificate is committed (WAL, synchronous=FULL) before ``record`` returns.  Writes from
+Every issued certificate is committed before ``record`` returns.  On SQLite (the default, WAL,
+synchronous=FULL) writes from
 concurrent RPCs are grouped into one transaction per flush (litestore's group commit), written with one
 multi-row INSERT per table; if one record conflicts the batch is redone record by record, each in its own
 savepoint, so one conflicting record never loses the others.  The unexpired count answered with each
@@ -12,22 +13,25 @@ Calls the server refused before any factory code ran (no party identity, or a ro
 not allow, see ``provkit.authz``) are written to the ``refusals`` table (``record_refusal`` /
 ``refusals()``): the factory's trail of who tried what.
 
-File: ``<data_dir>/ledger.sqlite3`` (plus its ``-wal``/``-shm`` companions).
+File: ``<data_dir>/ledger.sqlite3`` (plus its ``-wal``/``-shm`` companions).  On PostgreSQL (the service's
+``database_url``, shared by replicas) each record is its own transaction; the primary keys (serial number,
+request id) decide between replicas, and the unexpired count is read in the record's transaction.
 """
 
 from __future__ import annotations
 
 import builtins
 import sqlite3
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dbstore import Conflict, Database, DatabaseUrl, Tx, open_database
+from dbstore.sqlite import SqliteDatabase, SqliteTx, run_now
 from factory_svc.keys import KeyType
 from factory_svc.model import IssuedCertificate, KeySource
-from litestore import GroupCommit, Options, Schema, Store, Synchronous
+from litestore import GroupCommit, Options, Schema, Synchronous
 from provkit.authz import Refusal
 
 T = TypeVar("T")
@@ -72,6 +76,8 @@ MIGRATIONS = (SCHEMA,)
 # FULL: a certificate handed out must stay on record (limits and audits count it) even after a power cut.
 # One statement cache entry per multi-row INSERT size.
 OPTIONS = Options(synchronous=Synchronous.FULL, cached_statements=512)
+SCHEMA_VERSIONS = Schema("ledger", MIGRATIONS)
+FILE = "ledger.sqlite3"
 
 _COLUMNS = (
     "serial_number, device_id, certificate_pem, chain_pem, sha1_thumbprint, sha256_thumbprint, "
@@ -195,23 +201,38 @@ class _Pending:
     now_us: int
 
 
-class SqliteLedger:
-    def __init__(self, store: Store) -> None:
-        self.path = store.path
-        self._store = store
-        self._writes: GroupCommit[_Pending, Recorded | RequestIdTaken] = GroupCommit(store, self._write_batch)
+async def _record_one(tx: Tx, item: _Pending) -> Recorded | RequestIdTaken:
+    """One record in its own savepoint: a taken request id (or serial) leaves nothing of it."""
+    try:
+        async with tx.savepoint():
+            await tx.execute(_INSERT_CERTIFICATE, _row(item.certificate))
+            if item.fingerprint is not None:
+                request = (item.certificate.request_id, item.fingerprint, item.certificate.serial_number)
+                await tx.execute(_INSERT_REQUEST, request)
+    except Conflict:
+        return RequestIdTaken()
+    row = await tx.fetchone(_COUNT_UNEXPIRED, (item.certificate.device_id, item.now_us))
+    return Recorded(int(row[0]) if row else 0)
+
+
+class Ledger:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.path = db.path if isinstance(db, SqliteDatabase) else None
+        # SQLite: one writer thread, so records arriving together share one transaction (group commit).
+        self._writes: GroupCommit[_Pending, Recorded | RequestIdTaken] | None = None
+        if isinstance(db, SqliteDatabase):
+            self._writes = GroupCommit(db.store, self._write_batch)
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteLedger:
-        return cls(await Store.open(path, Schema("ledger", MIGRATIONS), OPTIONS))
+    async def open(cls, where: Path | DatabaseUrl, *, migrate: bool = False) -> Ledger:
+        """``where``: the SQLite file, or the service's database URL (see ``dbstore.open_database``)."""
+        return cls(await open_database(where, FILE, SCHEMA_VERSIONS, OPTIONS, migrate=migrate))
 
     async def close(self) -> None:
-        await self._store.close()
+        await self._db.close()
 
-    # ------------------------------------------------------------------------------ thread-side helpers
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._store.run(fn)
-
+    # ------------------------------------------------------------------------ SQLite's group commit
     def _write_batch(self, db: sqlite3.Connection, batch: list[_Pending]) -> list[Recorded | RequestIdTaken]:
         """Inside the group's transaction.  Usually a handful of statements whatever its size (each statement
         is a GIL hand-over between this thread and the event loop); when a record conflicts (request id
@@ -222,7 +243,8 @@ class SqliteLedger:
         except sqlite3.IntegrityError:
             db.execute("ROLLBACK TO together")
             db.execute("RELEASE together")
-            return self._insert_one_by_one(db, batch)
+            tx = SqliteTx(db)
+            return [run_now(_record_one(tx, item)) for item in batch]
         db.execute("RELEASE together")
         return results
 
@@ -246,80 +268,45 @@ class SqliteLedger:
             counts.update(db.execute(_count_unexpired_many(len(ids)), (*ids, now_us)).fetchall())
         return [Recorded(counts.get(item.certificate.device_id, 0)) for item in batch]
 
-    @staticmethod
-    def _insert_one_by_one(db: sqlite3.Connection, batch: list[_Pending]) -> list[Recorded | RequestIdTaken]:
-        results: list[Recorded | RequestIdTaken] = []
-        for item in batch:
-            db.execute("SAVEPOINT record")
-            try:
-                db.execute(_INSERT_CERTIFICATE, _row(item.certificate))
-                if item.fingerprint is not None:
-                    db.execute(
-                        _INSERT_REQUEST,
-                        (item.certificate.request_id, item.fingerprint, item.certificate.serial_number),
-                    )
-            except sqlite3.IntegrityError:
-                db.execute("ROLLBACK TO record")
-                db.execute("RELEASE record")
-                results.append(RequestIdTaken())
-                continue
-            db.execute("RELEASE record")
-            (count,) = db.execute(_COUNT_UNEXPIRED, (item.certificate.device_id, item.now_us)).fetchone()
-            results.append(Recorded(count))
-        return results
-
     # ------------------------------------------------------------------------------------- async API
     async def record(
         self, certificate: IssuedCertificate, fingerprint: str | None, now: datetime
     ) -> Recorded | RequestIdTaken:
         """Commit one issued certificate (and its request id when ``fingerprint`` is given)."""
-        return await self._writes.submit(_Pending(certificate, fingerprint, _us(now)))
+        item = _Pending(certificate, fingerprint, _us(now))
+        if self._writes is not None:
+            return await self._writes.submit(item)
+        return await self._db.transaction(lambda tx: _record_one(tx, item))
 
     async def find_request(self, request_id: str) -> StoredRequest | None:
-        def query(db: sqlite3.Connection) -> StoredRequest | None:
-            row = db.execute(_SELECT_REQUEST, (request_id,)).fetchone()
-            return None if row is None else StoredRequest(row[0], _certificate(row[1:]))
-
-        return await self._call(query)
+        row = await self._db.read(lambda tx: tx.fetchone(_SELECT_REQUEST, (request_id,)))
+        return None if row is None else StoredRequest(row[0], _certificate(row[1:]))
 
     async def get(self, serial_number: str) -> IssuedCertificate | None:
-        def query(db: sqlite3.Connection) -> IssuedCertificate | None:
-            row = db.execute(_SELECT_BY_SERIAL, (serial_number,)).fetchone()
-            return None if row is None else _certificate(row)
-
-        return await self._call(query)
+        row = await self._db.read(lambda tx: tx.fetchone(_SELECT_BY_SERIAL, (serial_number,)))
+        return None if row is None else _certificate(row)
 
     async def count_unexpired(self, device_id: str, now: datetime) -> int:
-        def query(db: sqlite3.Connection) -> int:
-            (count,) = db.execute(
-                _COUNT_UNEXPIRED,
-                (device_id, _us(now)),
-            ).fetchone()
-            return int(count)
-
-        return await self._call(query)
+        row = await self._db.read(lambda tx: tx.fetchone(_COUNT_UNEXPIRED, (device_id, _us(now))))
+        return int(row[0]) if row else 0
 
     async def list(self, device_id: str | None, limit: int, after: Cursor | None) -> list[IssuedCertificate]:
         """Newest first; ``after`` continues below the given (issued_at, serial) position."""
-
-        def query(db: sqlite3.Connection) -> list[IssuedCertificate]:
-            clauses: list[str] = []
-            params: list[str | int] = []
-            if device_id:
-                clauses.append("device_id = ?")
-                params.append(device_id)
-            if after is not None:
-                clauses.append("(issued_at_us < ? OR (issued_at_us = ? AND serial_number < ?))")
-                params += [after.issued_at_us, after.issued_at_us, after.serial_number]
-            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-            rows = db.execute(
-                f"SELECT {_COLUMNS} FROM certificates {where} "  # noqa: S608 - fixed fragments only
-                "ORDER BY issued_at_us DESC, serial_number DESC LIMIT ?",
-                (*params, limit),
-            ).fetchall()
-            return [_certificate(r) for r in rows]
-
-        return await self._call(query)
+        clauses: list[str] = []
+        params: list[object] = []
+        if device_id:
+            clauses.append("device_id = ?")
+            params.append(device_id)
+        if after is not None:
+            clauses.append("(issued_at_us < ? OR (issued_at_us = ? AND serial_number < ?))")
+            params += [after.issued_at_us, after.issued_at_us, after.serial_number]
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = (
+            f"SELECT {_COLUMNS} FROM certificates {where} "  # noqa: S608 - fixed fragments only
+            "ORDER BY issued_at_us DESC, serial_number DESC LIMIT ?"
+        )
+        rows = await self._db.read(lambda tx: tx.fetchall(sql, (*params, limit)))
+        return [_certificate(r) for r in rows]
 
     async def record_refusal(self, refusal: Refusal) -> None:
         row = (
@@ -331,8 +318,8 @@ class SqliteLedger:
             refusal.request_id,
             refusal.reason,
         )
-        await self._store.transaction(
-            lambda db: db.execute(
+        await self._db.transaction(
+            lambda tx: tx.execute(
                 "INSERT INTO refusals (time_us, method, caller, role, device_id, request_id, reason) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 row,
@@ -340,11 +327,14 @@ class SqliteLedger:
         )
 
     async def refusals(self) -> builtins.list[Refusal]:  # (``list`` here is the method above)
-        def query(db: sqlite3.Connection) -> builtins.list[Refusal]:
-            rows = db.execute(
+        rows = await self._db.read(
+            lambda tx: tx.fetchall(
                 "SELECT time_us, method, caller, role, device_id, request_id, reason "
                 "FROM refusals ORDER BY id"
-            ).fetchall()
-            return [Refusal(_from_us(r[0]), *r[1:]) for r in rows]
+            )
+        )
+        return [Refusal(_from_us(r[0]), *r[1:]) for r in rows]
 
-        return await self._call(query)
+
+# The name the ledger had while SQLite was its only backend.
+SqliteLedger = Ledger

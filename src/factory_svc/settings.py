@@ -3,6 +3,7 @@
 | key (TOML)                    | environment                       | default                   |
 |-------------------------------|-----------------------------------|---------------------------|
 | data_dir                      | FACTORY_DATA_DIR                  | ./factory-data            |
+| database_url_file             | FACTORY_DATABASE_URL (or _URL_FILE) | sqlite:///<data_dir>    |
 | log_level                     | FACTORY_LOG_LEVEL                 | INFO                      |
 | server.host / server.port     | FACTORY_SERVER_HOST / _PORT       | 127.0.0.1 / 50051         |
 | server.insecure               | FACTORY_SERVER_INSECURE           | false (loopback only)     |
@@ -20,6 +21,10 @@
 | metrics.listen                | FACTORY_METRICS_LISTEN            | - (off; host:port serves /metrics) |
 | tracing.exporter / otlp_endpoint | FACTORY_TRACING_EXPORTER / _OTLP_ENDPOINT | none (console, otlp) |
 
+``database_url``: ``postgresql://user:password@host:port/db`` keeps the ledger, the outbox, request ids and
+audits in PostgreSQL, shared by every replica (run ``factory-svc migrate`` first); the default keeps them in
+``<data_dir>/ledger.sqlite3`` and ``<data_dir>/enrollments.sqlite3`` (one process).
+
 The TOML file is given with ``--config FILE`` or ``FACTORY_CONFIG``.
 """
 
@@ -30,13 +35,21 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from dbstore import DatabaseUrl
 from factory_svc.enrollment.runtime import EnrollSettings, load_enroll_settings
 from factory_svc.errors import ERROR_DOMAIN
 from factory_svc.minting import MintPolicy
 from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ServerSettings
 from provkit.observe import ObserveSettings, observe_settings
-from provkit.settings import Secret, SettingsError, SettingsSource, device_id_policy, server_settings
+from provkit.settings import (
+    Secret,
+    SettingsError,
+    SettingsSource,
+    database_url,
+    device_id_policy,
+    server_settings,
+)
 
 PREFIX = "FACTORY"
 DEFAULT_PORT = 50051
@@ -59,6 +72,11 @@ class FactorySettings:
     enroll: EnrollSettings | None = None  # None: no DPS configured (Enroll answers FAILED_PRECONDITION)
     device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID
     observe: ObserveSettings = field(default_factory=ObserveSettings)  # /metrics, traces: off by default
+    database: DatabaseUrl | None = None  # None: the SQLite files in data_dir
+
+    @property
+    def database_url(self) -> DatabaseUrl:
+        return self.database or DatabaseUrl.sqlite(self.data_dir)
 
     @property
     def ledger_path(self) -> Path:
@@ -79,9 +97,11 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
     days = source.integer("mint.default_validity_days", 365)
     if days < 1:
         raise SettingsError("FACTORY_MINT_DEFAULT_VALIDITY_DAYS must be at least 1")
+    data_dir = source.path("data_dir", Path("factory-data")) or Path("factory-data")
     return FactorySettings(
         server=server_settings(source, error_domain=ERROR_DOMAIN, default_port=DEFAULT_PORT),
-        data_dir=source.path("data_dir", Path("factory-data")) or Path("factory-data"),
+        data_dir=data_dir,
+        database=database_url(source, data_dir),
         ca=CaSettings(chain, key, source.secret("ca.key_passphrase")),
         mint=MintPolicy(default_validity=timedelta(days=days)),
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from support.stores import stored_version, write_at_version
+
 from activation_svc.audit import FILE, SCHEMA, AuditEntry, AuditLog
 from activation_svc.intents import ActivationIntent
 from provkit.cloud import InitialTwin
-from support.stores import stored_version, write_at_version
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 

@@ -134,7 +134,7 @@ async def test_rotation_replaces_the_hash_keeps_the_rest_kills_the_old_code_and_
 
 async def test_the_store_purges_by_age_and_refuses_a_ciphertext_moved_to_another_device(tmp_path):
     outbox = await Outbox.open(tmp_path / "enrollments.sqlite3")
-    codes = await RetainedCodes.on(outbox.store, tmp_path / KEY_FILE)
+    codes = await RetainedCodes.on(outbox.database, tmp_path / KEY_FILE)
     try:
         then = datetime(2026, 1, 1, tzinfo=UTC)
         record_a, record_b = {"salt": "c2FsdC1h"}, {"salt": "c2FsdC1i"}
@@ -145,7 +145,7 @@ async def test_the_store_purges_by_age_and_refuses_a_ciphertext_moved_to_another
         def swap(db):
             db.execute("UPDATE retained_codes SET device_id = 'dev-x' WHERE device_id = 'dev-a'")
 
-        await outbox.store.run(swap)
+        await outbox.database.store.run(swap)
         assert await codes.find("dev-x", "c2FsdC1h") is None  # bound to its device by the AEAD
         assert await codes.purge(then + timedelta(days=7)) == 1
         assert await codes.count() == 1 and await codes.find("dev-b", "c2FsdC1i") == "EEEE-FFFF-GGGG-HHHH"
@@ -160,8 +160,8 @@ async def test_an_enrollment_file_of_version_1_gains_the_retained_codes_by_migra
     old.close()
     outbox = await Outbox.open(path)
     try:
-        codes = await RetainedCodes.on(outbox.store, tmp_path / KEY_FILE)
-        assert await outbox.store.run(user_version) == len(MIGRATIONS) == 3
+        codes = await RetainedCodes.on(outbox.database, tmp_path / KEY_FILE)
+        assert await outbox.database.store.run(user_version) == len(MIGRATIONS) == 3
         assert await outbox.find_request("r-0") == ("f", {})  # kept
         await codes.retain([("dev-a", "AAAA-BBBB-CCCC-DDDD", {"salt": "s"})], datetime.now(UTC))
         assert await codes.find("dev-a", "s") == "AAAA-BBBB-CCCC-DDDD"

@@ -1,17 +1,33 @@
-"""The outbox store: ordered, durable across reopen, states and request ids."""
+"""The outbox store on both backends: ordered, durable across reopen, states and request ids; on
+PostgreSQL, replicas' claims never hold one entry twice and keep a device's entries in order."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import UTC, datetime
 
-from factory_svc.enrollment.outbox import NewEntry, Outbox, OutboxMode, OutboxState
+from support.stores import stored_version, write_at_version
+
+from dbstore import DatabaseUrl
+from factory_svc.enrollment.outbox import (
+    FILE,
+    MIGRATIONS,
+    SCHEMA,
+    AuditRecord,
+    Claimed,
+    NewEntry,
+    Outbox,
+    OutboxMode,
+    OutboxState,
+)
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
 
-async def test_order_states_and_reopen(tmp_path):
-    path = tmp_path / "enrollments.sqlite3"
-    box = await Outbox.open(path)
+async def test_order_states_and_reopen(database_url):
+    path = database_url
+    box = await Outbox.open(path, migrate=True)
     seqs = await box.enqueue(
         [NewEntry(f"dev-{i}", OutboxMode.CREATE, f"PEM{i}", {"hash": str(i)}, f"T{i}") for i in range(3)], NOW
     )
@@ -46,26 +62,20 @@ async def test_order_states_and_reopen(tmp_path):
     await box.close()
 
 
-async def test_entries_written_before_entries_had_their_own_shape_still_read(tmp_path):
+async def test_entries_written_before_entries_had_their_own_shape_still_read(database_url):
     """Older outbox files hold the DPS enrollment body of each entry; the certificate and the code hash are
     read from it."""
-    import json
-    import sqlite3
-
-    path = tmp_path / "enrollments.sqlite3"
-    await (await Outbox.open(path)).close()
     body = {
         "registrationId": "dev-old",
         "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": "PEM"}}}},
         "optionalDeviceInformation": {"activationCode": {"alg": "scrypt", "hash": "h"}},
     }
-    with sqlite3.connect(path) as db:
-        db.execute(
-            "INSERT INTO outbox (device_id, mode, body, sha256_thumbprint, state, queued_us) "
-            "VALUES ('dev-old', 'replace', ?, 'T', 'pending', 0)",
-            (json.dumps(body),),
-        )
-    box = await Outbox.open(path)
+    row = (
+        "INSERT INTO outbox (device_id, mode, body, sha256_thumbprint, state, queued_us) "
+        f"VALUES ('dev-old', 'replace', '{json.dumps(body)}', 'T', 'pending', 0)"
+    )
+    await write_at_version(database_url, FILE, "enrollment outbox", MIGRATIONS, [row])
+    box = await Outbox.open(database_url)
     try:
         entry = await box.oldest_pending()
         assert entry is not None and entry.mode is OutboxMode.REPLACE
@@ -74,21 +84,14 @@ async def test_entries_written_before_entries_had_their_own_shape_still_read(tmp
         await box.close()
 
 
-async def test_a_version_1_file_gains_the_enrollment_audit_and_keeps_its_entries(tmp_path):
-    import sqlite3
-
-    from factory_svc.enrollment.outbox import MIGRATIONS, SCHEMA, AuditRecord
-
-    path = tmp_path / "enrollments.sqlite3"
-    with sqlite3.connect(path) as db:  # a file as the version-1 program left it
-        db.executescript(SCHEMA)
-        db.execute(
-            "INSERT INTO outbox (device_id, mode, body, sha256_thumbprint, state, queued_us) "
-            "VALUES ('dev-old', 'create', ?, 'T', 'pending', 1)",
-            ('{"certificatePem": "PEM", "codeHash": {"hash": "x"}}',),
-        )
-        db.execute("PRAGMA user_version = 1")
-    box = await Outbox.open(path)
+async def test_a_version_1_store_gains_the_enrollment_audit_and_keeps_its_entries(database_url):
+    row = (  # a store as the version-1 program left it
+        "INSERT INTO outbox (device_id, mode, body, sha256_thumbprint, state, queued_us) "
+        """VALUES ('dev-old', 'create', '{"certificatePem": "PEM", "codeHash": {"hash": "x"}}', """
+        "'T', 'pending', 1)"
+    )
+    await write_at_version(database_url, FILE, "enrollment outbox", [SCHEMA], [row])
+    box = await Outbox.open(database_url, migrate=True)
     try:
         (old,) = await box.entries()
         assert (old.device_id, old.intent.owner, old.intent.replace_reason) == ("dev-old", "", "")
@@ -96,5 +99,44 @@ async def test_a_version_1_file_gains_the_enrollment_audit_and_keeps_its_entries
         assert [(a.action, a.detail) for a in await box.audit("dev-old")] == [("transfer", "why")]
     finally:
         await box.close()
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)  # and every later one
+    assert stored_version(database_url, FILE, "enrollment outbox") == len(MIGRATIONS)  # and every later one
+
+
+async def test_replicas_claim_different_entries_and_a_device_s_entries_in_order(postgres_url):
+    url = DatabaseUrl.parse(postgres_url)
+    first, second = await Outbox.open(url, migrate=True), await Outbox.open(url)
+    try:
+        await first.enqueue(
+            [
+                NewEntry("dev-a", OutboxMode.CREATE, "A1", {"h": "a1"}, "TA1"),
+                NewEntry("dev-a", OutboxMode.REPLACE, "A2", {"h": "a2"}, "TA2"),
+                NewEntry("dev-b", OutboxMode.CREATE, "B1", {"h": "b1"}, "TB1"),
+            ],
+            NOW,
+        )
+        held, release = asyncio.Event(), asyncio.Event()
+
+        async def hold(claim: Claimed) -> str:
+            held.set()
+            await release.wait()
+            await claim.mark_delivered("created", NOW)
+            return claim.entry.certificate_pem
+
+        async def take(claim: Claimed) -> str:
+            await claim.mark_delivered("created", NOW)
+            return claim.entry.certificate_pem
+
+        holding = asyncio.create_task(first.with_next(hold))
+        await held.wait()
+        # dev-a's first entry is held: the other replica gets dev-b's, never dev-a's second entry.
+        assert await second.with_next(take) == "B1"
+        assert await second.with_next(take) is None
+        release.set()
+        assert await holding == "A1"
+        assert await second.with_next(take) == "A2"
+        assert await first.with_next(take) is None
+        states = [(e.certificate_pem, e.state, e.attempts) for e in await first.entries()]
+        assert states == [(pem, OutboxState.DELIVERED, 1) for pem in ("A1", "A2", "B1")]
+    finally:
+        await first.close()
+        await second.close()

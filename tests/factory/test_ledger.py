@@ -1,5 +1,6 @@
-"""The SQLite ledger's group commit: concurrent records share one transaction, a conflicting record is
-refused alone, counts are per id, and everything answered is on disk (read back by a fresh connection)."""
+"""The ledger: on SQLite, group commit (concurrent records share one transaction, everything answered is
+on disk, read back by a fresh connection); on both backends a conflicting record is refused alone and
+counts are per id."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from factory_svc.keys import KeyType
-from factory_svc.ledger import Recorded, RequestIdTaken, SqliteLedger
+from factory_svc.ledger import Ledger, Recorded, RequestIdTaken
 from factory_svc.model import IssuedCertificate, KeySource
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
@@ -41,7 +42,7 @@ def stored_serials(path: Path) -> list[str]:
 
 async def test_concurrent_records_commit_together_and_each_gets_its_ids_count(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
-    ledger = await SqliteLedger.open(path)
+    ledger = await Ledger.open(path)
     try:
         expired = certificate(1, "dev-a", days=-1)
         results = await asyncio.gather(
@@ -61,9 +62,8 @@ async def test_concurrent_records_commit_together_and_each_gets_its_ids_count(tm
         await ledger.close()
 
 
-async def test_a_conflicting_record_is_refused_alone(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite3"
-    ledger = await SqliteLedger.open(path)
+async def test_a_conflicting_record_is_refused_alone(database_url) -> None:
+    ledger = await Ledger.open(database_url, migrate=True)
     try:
         assert await ledger.record(certificate(10, "dev-c", "taken"), "fp", NOW) == Recorded(1)
         results = await asyncio.gather(
@@ -73,7 +73,7 @@ async def test_a_conflicting_record_is_refused_alone(tmp_path: Path) -> None:
             ledger.record(certificate(10, "dev-e"), None, NOW),  # duplicate serial
         )
         assert results == [Recorded(2), RequestIdTaken(), Recorded(1), RequestIdTaken()]
-        assert stored_serials(path) == ["000A", "000B", "000D"]
+        assert sorted(c.serial_number for c in await ledger.list(None, 10, None)) == ["000A", "000B", "000D"]
         stored = await ledger.find_request("taken")
         assert stored is not None and stored.certificate.serial_number == "000A"
     finally:
@@ -82,7 +82,7 @@ async def test_a_conflicting_record_is_refused_alone(tmp_path: Path) -> None:
 
 async def test_records_arriving_during_a_commit_form_the_next_batch(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
-    ledger = await SqliteLedger.open(path)
+    ledger = await Ledger.open(path)
     try:
         first = asyncio.ensure_future(ledger.record(certificate(20, "dev-f"), None, NOW))
         await asyncio.sleep(0)
@@ -94,7 +94,7 @@ async def test_records_arriving_during_a_commit_form_the_next_batch(tmp_path: Pa
         assert len(stored_serials(path)) == 6
     finally:
         await ledger.close()
-    reopened = await SqliteLedger.open(path)
+    reopened = await Ledger.open(path)
     try:
         assert len(await reopened.list("dev-f", 10, None)) == 6
     finally:

@@ -11,7 +11,7 @@ from factory_env import make_csr, make_key
 
 from factory_svc.ca import open_dev_ca
 from factory_svc.errors import FailedPrecondition, InvalidArgument
-from factory_svc.ledger import SqliteLedger
+from factory_svc.ledger import Ledger
 from factory_svc.minting import MintingService, MintPolicy
 from factory_svc.model import CsrKey, MintRequest
 from provkit.device_id import is_valid_device_id, normalise_device_id
@@ -26,11 +26,11 @@ class Clock:
 
 
 async def test_validity_never_outlives_the_issuing_ca_and_expired_certificates_are_not_counted(
-    tmp_path: Path,
+    tmp_path: Path, database_url
 ) -> None:
     clock = Clock(datetime.now(UTC))
     ca = open_dev_ca(tmp_path / "ca", clock)
-    ledger = await SqliteLedger.open(tmp_path / "ledger.sqlite3")
+    ledger = await Ledger.open(database_url, migrate=True)
     try:
         minting = MintingService(ca, ledger, MintPolicy(default_validity=timedelta(days=365)), clock)
         csr = CsrKey(make_csr(make_key("p256"), "clocked-1").encode())
@@ -71,14 +71,17 @@ def test_invalid_device_ids(raw: str) -> None:
     assert not is_valid_device_id(raw)
 
 
-async def test_two_services_racing_on_one_request_id_issue_one_certificate(tmp_path: Path) -> None:
-    """Two minting services over one ledger (as two server processes would be): the ledger's request-id
-    constraint decides, the loser answers with the winner's certificate."""
+async def test_two_services_racing_on_one_request_id_issue_one_certificate(
+    tmp_path: Path, database_url
+) -> None:
+    """Two minting services, each with its own ledger on one database (as two replicas are): the ledger's
+    request-id constraint decides, the loser answers with the winner's certificate."""
     clock = Clock(datetime.now(UTC))
     ca = open_dev_ca(tmp_path / "ca", clock)
-    ledger = await SqliteLedger.open(tmp_path / "ledger.sqlite3")
+    ledger = await Ledger.open(database_url, migrate=True)
+    other = await Ledger.open(database_url)
     try:
-        services = [MintingService(ca, ledger, MintPolicy(), clock) for _ in range(2)]
+        services = [MintingService(ca, each, MintPolicy(), clock) for each in (ledger, other)]
         request = MintRequest(
             "race-1", CsrKey(make_csr(make_key("p256"), None).encode()), request_id="race-req"
         )
@@ -88,3 +91,4 @@ async def test_two_services_racing_on_one_request_id_issue_one_certificate(tmp_p
         assert len(await ledger.list("race-1", 10, None)) == 1
     finally:
         await ledger.close()
+        await other.close()

@@ -1,6 +1,7 @@
 """``OutboxDelivery``: the background task that delivers queued enrollments to DPS, oldest first.
 
-One entry at a time, in sequence order.  While DPS is unreachable the loop waits (capped exponential
+One entry at a time, in sequence order (per replica: on PostgreSQL each replica claims the next entry no
+other holds, see ``Outbox.with_next``).  While DPS is unreachable the loop waits (capped exponential
 backoff, or DPS's Retry-After) and tries the same entry again; a refusal (e.g. the id is enrolled with
 another certificate) marks the entry FAILED and moves on.  A retry after a crash recognises its own earlier
 write (same certificate and activation-code hash in DPS) and marks the entry delivered without writing.
@@ -13,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from factory_svc.enrollment.outbox import AuditRecord, Outbox, OutboxEntry, OutboxMode
+from factory_svc.enrollment.outbox import AuditRecord, Claimed, Outbox, OutboxEntry, OutboxMode
 from factory_svc.enrollment.ownership import owner_refusal, replace_detail, replace_refusal
 from factory_svc.enrollment.service import enrolled_sha256, new_enrollment_of, with_certificate
 from provkit.cloud import (
@@ -93,42 +95,44 @@ class OutboxDelivery:
         while True:
             try:
                 self._outbox.changed.clear()  # before looking: an enqueue from now on wakes the wait below
-                entry = await self._outbox.oldest_pending()
-                if entry is None:
+                pause = await self._outbox.with_next(functools.partial(self._handle, delay=delay))
+                if pause is None:
                     await self._wait(60.0)
-                    continue
-                with bind_device_id(entry.device_id):
-                    try:
-                        outcome = await self.deliver(entry)
-                    except CloudUnavailable as exc:
-                        await self._outbox.record_attempt(entry.seq, "DPS_UNAVAILABLE", str(exc))
-                        pause = min(self._max, max(delay, exc.retry_after or 0.0))
-                        log.info("DPS unreachable; delivery paused", extra={"seconds": round(pause, 2)})
-                        await asyncio.sleep(pause)
-                        delay = min(self._max, delay * 2)
-                        continue
-                    except CloudRejected as exc:
-                        await self._outbox.mark_failed(entry.seq, "DPS_REFUSED", str(exc))
-                        log.warning("queued enrollment refused by DPS", extra={"seq": entry.seq})
-                        continue
+                elif pause > 0:
+                    log.info("DPS unreachable; delivery paused", extra={"seconds": round(pause, 2)})
+                    await asyncio.sleep(pause)  # the entry is let go meanwhile (another replica may try)
+                    delay = min(self._max, delay * 2)
+                else:
                     delay = self._initial
-                    if isinstance(outcome, NotDelivered):
-                        await self._outbox.mark_failed(entry.seq, outcome.reason, outcome.message)
-                        log.warning(
-                            "queued enrollment not delivered",
-                            extra={"seq": entry.seq, "reason": outcome.reason},
-                        )
-                    else:
-                        crash_point("outbox.after_dps_write")  # a retry recognises its own write
-                        await self._outbox.mark_delivered(entry.seq, outcome.value, self._clock())
-                        log.info(
-                            "queued enrollment delivered", extra={"seq": entry.seq, "outcome": outcome.value}
-                        )
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("outbox delivery error")
                 await asyncio.sleep(min(self._max, delay))
+
+    async def _handle(self, claim: Claimed, delay: float) -> float:
+        """Deliver the claimed entry and mark it; answer how long to pause before the next (0: none)."""
+        entry = claim.entry
+        with bind_device_id(entry.device_id):
+            try:
+                outcome = await self.deliver(entry)
+            except CloudUnavailable as exc:
+                await claim.record_attempt("DPS_UNAVAILABLE", str(exc))
+                return min(self._max, max(delay, exc.retry_after or 0.0))
+            except CloudRejected as exc:
+                await claim.mark_failed("DPS_REFUSED", str(exc))
+                log.warning("queued enrollment refused by DPS", extra={"seq": entry.seq})
+                return 0.0
+            if isinstance(outcome, NotDelivered):
+                await claim.mark_failed(outcome.reason, outcome.message)
+                log.warning(
+                    "queued enrollment not delivered", extra={"seq": entry.seq, "reason": outcome.reason}
+                )
+            else:
+                crash_point("outbox.after_dps_write")  # a retry recognises its own write
+                await claim.mark_delivered(outcome.value, self._clock())
+                log.info("queued enrollment delivered", extra={"seq": entry.seq, "outcome": outcome.value})
+            return 0.0
 
     async def deliver(self, entry: OutboxEntry) -> Delivered | NotDelivered:
         """Write one entry (raises CloudUnavailable / CloudRejected)."""

@@ -1,4 +1,4 @@
-"""The durable enrollment outbox (SQLite): enrollments accepted while DPS was unreachable wait here and are
+"""The durable enrollment outbox: enrollments accepted while DPS was unreachable wait here and are
 delivered later, in order (by sequence number), exactly once.
 
 Each entry is committed (WAL, synchronous=FULL) before the Enroll answer is sent, so a killed process loses
@@ -11,7 +11,13 @@ enrollment audit: one row per replaced enrollment and per ownership transfer, wi
 reason (``enrollment_audit``); and (migration 3) the activation codes not yet acknowledged
 (``enrollment.retained``).
 
-File: ``<data_dir>/enrollments.sqlite3``.  All SQLite calls run on the store's own thread (litestore).
+Stored through ``dbstore``: the SQLite file ``<data_dir>/enrollments.sqlite3`` by default (one process,
+whose delivery loop is the only one), or the service's PostgreSQL database, shared by several replicas.
+There each replica's delivery loop claims the oldest pending entry that no other replica holds and that
+has no older pending entry of its device (``SELECT ... FOR UPDATE SKIP LOCKED``), keeps its row locked
+while it delivers, and marks it in the same transaction (:meth:`Outbox.with_next`): two replicas never
+deliver one entry, a device's entries go in order, and a replica that dies mid-delivery lets go of the
+row with its connection, so another one finishes the entry (recognising a write that was done).
 """
 
 from __future__ import annotations
@@ -19,15 +25,16 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
-import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dbstore import Backend, Database, DatabaseUrl, Tx, open_database
+from dbstore.port import Work
 from factory_svc.enrollment import retained
-from litestore import Options, Schema, Store, Synchronous
+from litestore import Options, Schema, Synchronous
 
 T = TypeVar("T")
 
@@ -74,6 +81,8 @@ CREATE INDEX enrollment_audit_by_device ON enrollment_audit (device_id, id);
 MIGRATIONS = (SCHEMA, ENROLLMENT_AUDIT, retained.MIGRATION)
 # FULL: an accepted enrollment is promised to the caller; it must survive a power cut, not only a crash.
 OPTIONS = Options(synchronous=Synchronous.FULL)
+SCHEMA_VERSIONS = Schema("enrollment outbox", MIGRATIONS)
+FILE = "enrollments.sqlite3"
 
 
 class OutboxMode(enum.Enum):
@@ -203,113 +212,155 @@ def _entry(row: tuple[Any, ...]) -> OutboxEntry:
     )
 
 
+_PENDING_FIRST_OF_DEVICE = (
+    "WHERE state = 'pending' AND NOT EXISTS (SELECT 1 FROM outbox older "
+    "WHERE older.device_id = outbox.device_id AND older.state = 'pending' AND older.seq < outbox.seq) "
+    "ORDER BY seq LIMIT 1"
+)
+
+
+async def _record_attempt(tx: Tx, seq: int, reason: str, message: str) -> None:
+    await tx.execute(
+        "UPDATE outbox SET attempts = attempts + 1, failure_reason = ?, failure_message = ? "
+        "WHERE seq = ? AND state = 'pending'",
+        (reason, message, seq),
+    )
+
+
+async def _mark_delivered(tx: Tx, seq: int, outcome: str, now: datetime) -> None:
+    await tx.execute(
+        "UPDATE outbox SET state = 'delivered', attempts = attempts + 1, outcome = ?, "
+        "delivered_us = ?, failure_reason = '', failure_message = '' "
+        "WHERE seq = ? AND state = 'pending'",
+        (outcome, _us(now), seq),
+    )
+
+
+async def _mark_failed(tx: Tx, seq: int, reason: str, message: str) -> None:
+    await tx.execute(
+        "UPDATE outbox SET state = 'failed', attempts = attempts + 1, failure_reason = ?, "
+        "failure_message = ? WHERE seq = ? AND state = 'pending'",
+        (reason, message, seq),
+    )
+
+
+class Claimed:
+    """The entry a delivery holds; its outcome is written through :meth:`record_attempt` and the marks (in
+    the claim's own transaction on PostgreSQL)."""
+
+    def __init__(self, entry: OutboxEntry, run: Callable[[Work[None]], Awaitable[None]]) -> None:
+        self.entry = entry
+        self._run = run
+
+    async def record_attempt(self, reason: str, message: str) -> None:
+        await self._run(lambda tx: _record_attempt(tx, self.entry.seq, reason, message))
+
+    async def mark_delivered(self, outcome: str, now: datetime) -> None:
+        await self._run(lambda tx: _mark_delivered(tx, self.entry.seq, outcome, now))
+
+    async def mark_failed(self, reason: str, message: str) -> None:
+        await self._run(lambda tx: _mark_failed(tx, self.entry.seq, reason, message))
+
+
 class Outbox:
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, db: Database) -> None:
+        self._db = db
         self.changed = asyncio.Event()  # set when entries are added (wakes the delivery loop)
 
     @classmethod
-    async def open(cls, path: Path) -> Outbox:
-        return cls(await Store.open(path, Schema("enrollment outbox", MIGRATIONS), OPTIONS))
+    async def open(cls, where: Path | DatabaseUrl, *, migrate: bool = False) -> Outbox:
+        """``where``: the SQLite file, or the service's database URL (see ``dbstore.open_database``)."""
+        return cls(await open_database(where, FILE, SCHEMA_VERSIONS, OPTIONS, migrate=migrate))
 
     @property
-    def store(self) -> Store:
-        """The file's store, shared with ``RetainedCodes``."""
-        return self._store
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._store.run(fn)
+    def database(self) -> Database:
+        """The store's database, shared with ``RetainedCodes``."""
+        return self._db
 
     async def close(self) -> None:
-        await self._store.close()
+        await self._db.close()
 
     # ----------------------------------------------------------------------------------------- writes
     async def enqueue(self, entries: Sequence[NewEntry], now: datetime) -> list[int]:
-        def go(db: sqlite3.Connection) -> list[int]:
-            seqs = []
-            for e in entries:
-                cursor = db.execute(
+        async def go(tx: Tx) -> list[int]:
+            return [
+                await tx.insert(
                     "INSERT INTO outbox (device_id, mode, body, sha256_thumbprint, state, queued_us) "
                     "VALUES (?, ?, ?, ?, 'pending', ?)",
                     (e.device_id, e.mode.value, _body(e), e.sha256_thumbprint, _us(now)),
+                    "seq",
                 )
-                seqs.append(int(cursor.lastrowid or 0))
-            return seqs
+                for e in entries
+            ]
 
-        seqs = await self._store.transaction(go)
+        seqs = await self._db.transaction(go)
         self.changed.set()
         return seqs
 
     async def record_attempt(self, seq: int, reason: str, message: str) -> None:
-        await self._run(
-            lambda db: db.execute(
-                "UPDATE outbox SET attempts = attempts + 1, failure_reason = ?, failure_message = ? "
-                "WHERE seq = ? AND state = 'pending'",
-                (reason, message, seq),
-            )
-        )
+        await self._db.transaction(lambda tx: _record_attempt(tx, seq, reason, message))
 
     async def mark_delivered(self, seq: int, outcome: str, now: datetime) -> None:
-        await self._run(
-            lambda db: db.execute(
-                "UPDATE outbox SET state = 'delivered', attempts = attempts + 1, outcome = ?, "
-                "delivered_us = ?, failure_reason = '', failure_message = '' "
-                "WHERE seq = ? AND state = 'pending'",
-                (outcome, _us(now), seq),
-            )
-        )
+        await self._db.transaction(lambda tx: _mark_delivered(tx, seq, outcome, now))
 
     async def mark_failed(self, seq: int, reason: str, message: str) -> None:
-        await self._run(
-            lambda db: db.execute(
-                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, failure_reason = ?, "
-                "failure_message = ? WHERE seq = ? AND state = 'pending'",
-                (reason, message, seq),
-            )
-        )
+        await self._db.transaction(lambda tx: _mark_failed(tx, seq, reason, message))
+
+    async def with_next(self, handle: Callable[[Claimed], Awaitable[T]]) -> T | None:
+        """``handle`` the entry to deliver next (None when there is none), holding it meanwhile.
+
+        SQLite: the oldest pending entry (one process delivers); each mark is its own transaction.
+        PostgreSQL: the oldest pending entry no other replica holds and whose device has no older pending
+        entry, locked for the whole of ``handle``, whose marks commit with the claim when it returns."""
+        if self._db.backend is Backend.SQLITE:
+            entry = await self.oldest_pending()
+            return None if entry is None else await handle(Claimed(entry, self._db.transaction))
+
+        async def claim(tx: Tx) -> T | None:
+            row = await tx.fetchone(_SELECT + _PENDING_FIRST_OF_DEVICE + " FOR UPDATE SKIP LOCKED")
+            if row is None:
+                return None
+            return await handle(Claimed(_entry(row), lambda work: work(tx)))
+
+        return await self._db.transaction(claim)
 
     # ------------------------------------------------------------------------------------------ reads
     async def oldest_pending(self) -> OutboxEntry | None:
-        def go(db: sqlite3.Connection) -> OutboxEntry | None:
-            row = db.execute(_SELECT + "WHERE state = 'pending' ORDER BY seq LIMIT 1").fetchone()
-            return _entry(row) if row else None
-
-        return await self._run(go)
+        row = await self._db.read(
+            lambda tx: tx.fetchone(_SELECT + "WHERE state = 'pending' ORDER BY seq LIMIT 1")
+        )
+        return _entry(row) if row else None
 
     async def pending_count(self) -> int:
-        return await self._run(
-            lambda db: int(db.execute("SELECT count(*) FROM outbox WHERE state = 'pending'").fetchone()[0])
+        row = await self._db.read(
+            lambda tx: tx.fetchone("SELECT count(*) FROM outbox WHERE state = 'pending'")
         )
+        return int(row[0]) if row else 0
 
     async def latest_for(self, device_id: str) -> OutboxEntry | None:
-        def go(db: sqlite3.Connection) -> OutboxEntry | None:
-            row = db.execute(
-                _SELECT + "WHERE device_id = ? ORDER BY seq DESC LIMIT 1", (device_id,)
-            ).fetchone()
-            return _entry(row) if row else None
-
-        return await self._run(go)
+        row = await self._db.read(
+            lambda tx: tx.fetchone(_SELECT + "WHERE device_id = ? ORDER BY seq DESC LIMIT 1", (device_id,))
+        )
+        return _entry(row) if row else None
 
     async def entries(self) -> list[OutboxEntry]:
-        def go(db: sqlite3.Connection) -> list[OutboxEntry]:
-            return [_entry(r) for r in db.execute(_SELECT + "ORDER BY seq").fetchall()]
-
-        return await self._run(go)
+        rows = await self._db.read(lambda tx: tx.fetchall(_SELECT + "ORDER BY seq"))
+        return [_entry(r) for r in rows]
 
     # -------------------------------------------------------------------------------- request ids
     async def find_request(self, request_id: str) -> tuple[str, dict[str, Any]] | None:
-        def go(db: sqlite3.Connection) -> tuple[str, dict[str, Any]] | None:
-            row = db.execute(
+        row = await self._db.read(
+            lambda tx: tx.fetchone(
                 "SELECT fingerprint, response FROM enroll_requests WHERE request_id = ?", (request_id,)
-            ).fetchone()
-            return (row[0], json.loads(row[1])) if row else None
-
-        return await self._run(go)
+            )
+        )
+        return (row[0], json.loads(row[1])) if row else None
 
     async def remember_request(self, request_id: str, fingerprint: str, response: dict[str, Any]) -> None:
-        await self._run(
-            lambda db: db.execute(
-                "INSERT OR IGNORE INTO enroll_requests (request_id, fingerprint, response) VALUES (?, ?, ?)",
+        await self._db.transaction(
+            lambda tx: tx.execute(
+                "INSERT INTO enroll_requests (request_id, fingerprint, response) VALUES (?, ?, ?) "
+                "ON CONFLICT (request_id) DO NOTHING",
                 (request_id, fingerprint, json.dumps(response)),
             )
         )
@@ -322,23 +373,23 @@ class Outbox:
         """Several audit rows in one transaction (one commit)."""
         rows = [(_us(r.time), r.action, r.device_id, r.caller, r.request_id, r.detail) for r in records]
 
-        def go(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "INSERT INTO enrollment_audit (time_us, action, device_id, caller, request_id, detail) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+        async def go(tx: Tx) -> None:
+            for row in rows:
+                await tx.execute(
+                    "INSERT INTO enrollment_audit (time_us, action, device_id, caller, request_id, detail) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    row,
+                )
 
         if rows:
-            await self._store.transaction(go)
+            await self._db.transaction(go)
 
     async def audit(self, device_id: str) -> list[AuditRecord]:
-        def go(db: sqlite3.Connection) -> list[AuditRecord]:
-            rows = db.execute(
+        rows = await self._db.read(
+            lambda tx: tx.fetchall(
                 "SELECT time_us, action, device_id, caller, request_id, detail FROM enrollment_audit "
                 "WHERE device_id = ? ORDER BY id",
                 (device_id,),
-            ).fetchall()
-            return [AuditRecord(_moment(r[0]) or datetime.fromtimestamp(0, UTC), *r[1:]) for r in rows]
-
-        return await self._run(go)
+            )
+        )
+        return [AuditRecord(_moment(r[0]) or datetime.fromtimestamp(0, UTC), *r[1:]) for r in rows]

@@ -17,7 +17,7 @@ answers name the code ids), added by its schema migration 3 (``MIGRATION``, thro
 its store (its thread, synchronous=FULL).  Rotations and acknowledgements are audited by the service in
 the file's enrollment audit (who, when, which code id -- never the code).
 
-API: ``async RetainedCodes.on(store, key_file)``, ``.retain(items, now)``, ``.find(device_id, code_id)``,
+API: ``async RetainedCodes.on(database, key_file)``, ``.retain(items, now)``, ``.find(device_id, code_id)``,
 ``.find_many(keys)``, ``.supersede(device_id, keep_code_id)``, ``.acknowledge(device_ids)``,
 ``.purge(older_than)``, ``.count()``; ``code_id(record)``, ``MIGRATION``, ``KEY_FILE``.
 """
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +34,8 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from litestore import Store
+from dbstore import Database, Tx
+from dbstore.sqlite import SqliteDatabase
 
 KEY_FILE = "codes.key"
 _KEY_BYTES = 32
@@ -87,21 +87,26 @@ def _aad(device_id: str, cid: str) -> bytes:
 
 
 class RetainedCodes:
-    def __init__(self, store: Store, key: bytes) -> None:
-        self._store = store
+    def __init__(self, db: Database, key: bytes) -> None:
+        self._db = db
         self._aead = AESGCM(key)
 
     @classmethod
-    async def on(cls, store: Store, key_file: Path) -> RetainedCodes:
-        """The retained codes in ``store`` (the enrollment file), sealed with the key in ``key_file``.
-        Deleted rows are overwritten (``secure_delete``), and the log is truncated after acknowledgements
-        and purges, so a forgotten ciphertext is not left in free pages for the key to open later."""
-        await store.run(lambda db: db.execute("PRAGMA secure_delete=ON").fetchall())
-        return cls(store, _load_key(key_file))
+    async def on(cls, db: Database, key_file: Path) -> RetainedCodes:
+        """The retained codes in ``db`` (the enrollment store), sealed with the key in ``key_file`` (every
+        replica of a service on PostgreSQL needs the same key file).  On SQLite deleted rows are
+        overwritten (``secure_delete``), and the log is truncated after acknowledgements and purges, so a
+        forgotten ciphertext is not left in free pages for the key to open later."""
+        if isinstance(db, SqliteDatabase):
+            await db.store.run(lambda conn: conn.execute("PRAGMA secure_delete=ON").fetchall())
+        return cls(db, _load_key(key_file))
 
     async def _truncate_log(self) -> None:
-        # Read the pragma's result row: an unread one leaves its statement open, and the next COMMIT fails.
-        await self._store.run(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        if isinstance(self._db, SqliteDatabase):
+            # Read the pragma's result row: an unread one leaves its statement open, and the next COMMIT
+            # fails.
+            truncate = "PRAGMA wal_checkpoint(TRUNCATE)"
+            await self._db.store.run(lambda conn: conn.execute(truncate).fetchall())
 
     # ------------------------------------------------------------------------------------------ writes
     async def retain(self, items: Sequence[tuple[str, str, Mapping[str, Any]]], now: datetime) -> None:
@@ -114,20 +119,23 @@ class RetainedCodes:
                 (device_id, cid, nonce, self._aead.encrypt(nonce, code.encode(), _aad(device_id, cid)))
             )
 
-        def go(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "INSERT OR REPLACE INTO retained_codes "
-                "(device_id, code_id, nonce, ciphertext, created_us) VALUES (?, ?, ?, ?, ?)",
-                [(*row, _us(now)) for row in rows],
-            )
+        async def go(tx: Tx) -> None:
+            for row in rows:
+                await tx.execute(
+                    "INSERT INTO retained_codes (device_id, code_id, nonce, ciphertext, created_us) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, code_id) DO UPDATE SET "
+                    "nonce = excluded.nonce, ciphertext = excluded.ciphertext, "
+                    "created_us = excluded.created_us",
+                    (*row, _us(now)),
+                )
 
         if rows:
-            await self._store.transaction(go)
+            await self._db.transaction(go)
 
     async def supersede(self, device_id: str, keep_code_id: str) -> None:
         """Forget the device's other codes (they no longer open anything)."""
-        await self._store.run(
-            lambda db: db.execute(
+        await self._db.transaction(
+            lambda tx: tx.execute(
                 "DELETE FROM retained_codes WHERE device_id = ? AND code_id != ?", (device_id, keep_code_id)
             )
         )
@@ -137,27 +145,25 @@ class RetainedCodes:
         pairs that went."""
         ids = sorted(set(device_ids))
 
-        def go(db: sqlite3.Connection) -> list[tuple[str, str]]:
+        async def go(tx: Tx) -> list[tuple[str, str]]:
             gone: list[tuple[str, str]] = []
             for device_id in ids:
-                rows = db.execute(
+                rows = await tx.fetchall(
                     "SELECT code_id FROM retained_codes WHERE device_id = ?", (device_id,)
-                ).fetchall()
-                db.execute("DELETE FROM retained_codes WHERE device_id = ?", (device_id,))
+                )
+                await tx.execute("DELETE FROM retained_codes WHERE device_id = ?", (device_id,))
                 gone.extend((device_id, str(row[0])) for row in rows)
             return gone
 
-        gone = await self._store.transaction(go)
+        gone = await self._db.transaction(go)
         if gone:
             await self._truncate_log()
         return gone
 
     async def purge(self, older_than: datetime) -> int:
         """Drop codes retained before ``older_than`` (the retention window); returns how many."""
-        gone = await self._store.run(
-            lambda db: (
-                db.execute("DELETE FROM retained_codes WHERE created_us < ?", (_us(older_than),)).rowcount
-            )
+        gone = await self._db.transaction(
+            lambda tx: tx.execute("DELETE FROM retained_codes WHERE created_us < ?", (_us(older_than),))
         )
         if gone:
             await self._truncate_log()
@@ -176,18 +182,18 @@ class RetainedCodes:
     async def find_many(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
         wanted = [k for k in keys if k[1]]
 
-        def go(db: sqlite3.Connection) -> list[tuple[str, str, bytes, bytes]]:
+        async def go(tx: Tx) -> list[tuple[str, str, bytes, bytes]]:
             found = []
             for device_id, cid in wanted:
-                row = db.execute(
+                row = await tx.fetchone(
                     "SELECT nonce, ciphertext FROM retained_codes WHERE device_id = ? AND code_id = ?",
                     (device_id, cid),
-                ).fetchone()
+                )
                 if row:
-                    found.append((device_id, cid, row[0], row[1]))
+                    found.append((device_id, cid, bytes(row[0]), bytes(row[1])))
             return found
 
-        rows = await self._store.run(go) if wanted else []
+        rows = await self._db.read(go) if wanted else []
         out = {}
         for device_id, cid, nonce, ciphertext in rows:
             code = self._open(device_id, cid, nonce, ciphertext)
@@ -196,6 +202,5 @@ class RetainedCodes:
         return out
 
     async def count(self) -> int:
-        return await self._store.run(
-            lambda db: int(db.execute("SELECT count(*) FROM retained_codes").fetchone()[0])
-        )
+        row = await self._db.read(lambda tx: tx.fetchone("SELECT count(*) FROM retained_codes"))
+        return int(row[0]) if row else 0

@@ -12,9 +12,10 @@ Settings (TOML / environment, prefix FACTORY):
 | enroll.code_retention_hours         | FACTORY_ENROLL_CODE_RETENTION_HOURS        | 168 (7 days) |
 | cloud.*                             | FACTORY_CLOUD_*                            | see provkit.cloud |
 
-The outbox lives in ``<data_dir>/enrollments.sqlite3``, and so do the activation codes not yet acknowledged,
-encrypted with the key in ``<data_dir>/codes.key`` (0600).  Codes older than the retention window are
-purged at start-up and then every ``min(retention / 4, 1 h)``.
+The outbox lives in the service's database (``database_url``; by default ``<data_dir>/enrollments.sqlite3``),
+and so do the activation codes not yet acknowledged, encrypted with the key in ``<data_dir>/codes.key``
+(0600; every replica of a service on PostgreSQL needs the same key file).  Codes older than the retention
+window are purged at start-up and then every ``min(retention / 4, 1 h)``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from dbstore import DatabaseUrl
 from factory_svc.enrollment.delivery import OutboxDelivery
 from factory_svc.enrollment.lint import lint_policy_from_chain
 from factory_svc.enrollment.model import EnrollPolicy
@@ -93,15 +95,16 @@ class EnrollmentRuntime:
         settings: EnrollSettings,
         ca_chain: Sequence[x509.Certificate],
         data_dir: Path,
+        database: DatabaseUrl,
         clock: Callable[[], datetime],
         *,
         observer: CallObserver | None = None,
     ) -> EnrollmentRuntime:
         from provkit.dps import DpsEnrollments
 
+        outbox = await Outbox.open(database)  # first: a database at another schema version stops here
         dps = await DpsEnrollments.open(settings.cloud.dps, observer=observer)
-        outbox = await Outbox.open(data_dir / "enrollments.sqlite3")
-        codes = await RetainedCodes.on(outbox.store, data_dir / KEY_FILE)
+        codes = await RetainedCodes.on(outbox.database, data_dir / KEY_FILE)
         lint = lint_policy_from_chain(ca_chain, settings.policy.min_remaining_validity)
         service = EnrollmentService(dps, outbox, codes, lint, settings.policy, clock)
         await service.purge_codes()
