@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from activation_svc.audit import AuditLog
-from activation_svc.ratelimit import AttemptLimiter
 from activation_svc.service import ActivationService
 from activation_svc.servicer import ActivationServicer
 from activation_svc.settings import ActivationSettings
+from activation_svc.shared_limits import failure_limits
 from provkit.dps import DpsEnrollments
 from provkit.grpc_server import RunningServer, ServiceBinding, serve_app, start_server
 from provkit.iothub import HubRegistries
@@ -48,13 +48,14 @@ class ActivationApp:
         dps = await DpsEnrollments.open(settings.cloud.dps, observer=observe.cloud_calls("dps"))
         hub_calls = observe.cloud_calls("hub")
         hubs = HubRegistries(settings.cloud.hubs, settings.cloud.dps.ca_file, observer=hub_calls)
-        limiter = AttemptLimiter(
+        limits = failure_limits(
+            audit.db,
             clock=clock,
             free_failures=settings.max_failures,
             device_ceiling=settings.device_ceiling,
             window=settings.failure_window,
         )
-        service = ActivationService(dps, hubs, settings.cloud, limiter, audit, clock)
+        service = ActivationService(dps, hubs, settings.cloud, limits, audit, clock)
         return cls(settings, dps, audit, service, observe)
 
     def bindings(self) -> list[ServiceBinding]:

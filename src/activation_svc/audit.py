@@ -19,6 +19,7 @@ from pathlib import Path
 
 from activation_svc.intents import MIGRATION as INTENTS_MIGRATION
 from activation_svc.intents import ActivationIntent, IntentLog
+from activation_svc.shared_limits import MIGRATION as LIMITS_MIGRATION
 from dbstore import Database, DatabaseUrl, Tx, open_database
 from litestore import Options, Schema, Synchronous
 from provkit.authz import Refusal
@@ -44,7 +45,8 @@ CREATE TABLE IF NOT EXISTS activation_requests (
 
 # Version 1 is the original schema (files written before versions were kept have version 0 and these tables);
 # version 2 adds the activation intents (``activation_svc.intents``).
-MIGRATIONS = (SCHEMA, INTENTS_MIGRATION)
+# version 3 the wrong-code limits shared by replicas (``activation_svc.shared_limits``).
+MIGRATIONS = (SCHEMA, INTENTS_MIGRATION, LIMITS_MIGRATION)
 # FULL: an audit row is written before the answer is sent; it must not vanish with a power cut after that.
 OPTIONS = Options(synchronous=Synchronous.FULL)
 SCHEMA_VERSIONS = Schema("audit", MIGRATIONS)
@@ -76,6 +78,7 @@ def _row(entry: AuditEntry) -> tuple[object, ...]:
 
 class AuditLog:
     def __init__(self, db: Database) -> None:
+        self.db = db  # the service's database (the shared wrong-code limits use it too)
         self._db = db
         self.intents = IntentLog(db)
 

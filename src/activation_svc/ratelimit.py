@@ -13,9 +13,9 @@ failed) - concurrent right codes are never refused for being concurrent.
 - **per device**: at most ``device_ceiling`` failed checks within ``window`` from all callers together
   (much higher than the pair limit): the bound against many identities guessing at once.
 
-Unknown device ids are limited the same way, so the limit reveals nothing.  Kept in process memory (one
-process serves the API; a restart forgives, which is fine for an 80-bit code); several replicas would need
-these counters in the database.
+Unknown device ids are limited the same way, so the limit reveals nothing.  Kept in process memory when
+one process serves the API (SQLite; a restart forgives, which is fine for an 80-bit code); several
+replicas on PostgreSQL keep the same limits in the database instead (``activation_svc.shared_limits``).
 
 API: ``AttemptLimiter(free_failures=5, base_delay=..., max_delay=..., device_ceiling=100, window=...,
 clock=...)`` (``device_ceiling=None``: none, e.g. the portal's per-address limit over all devices);
@@ -109,10 +109,7 @@ class AttemptLimiter:
 
     def delay_after(self, failures: int) -> timedelta:
         """The back-off before the next attempt of a pair that has ``failures`` failures."""
-        if failures < self._free:
-            return timedelta(0)
-        exponent = min(failures - self._free, 30)
-        return min(self._max, self._base * math.pow(2, exponent))
+        return backoff(failures, self._free, self._base, self._max)
 
     # --------------------------------------------------------------------------------------- admit
     async def begin(self, caller_key: str, device_id: str) -> Attempt:
@@ -125,7 +122,7 @@ class AttemptLimiter:
             device = self._device(device_id, now)
             if self._ceiling is not None and len(device.failures) + device.in_flight >= self._ceiling:
                 oldest = device.failures[0] if device.failures else now
-                raise AttemptsExhausted(_seconds(oldest + self._window - now))
+                raise AttemptsExhausted(seconds_of(oldest + self._window - now))
             pair = self._pair(key, now)
             if pair.failures + pair.in_flight < self._free:
                 break
@@ -133,7 +130,7 @@ class AttemptLimiter:
                 await self._wait(key, pair)
                 continue
             if pair.next_allowed is not None and now < pair.next_allowed:
-                raise AttemptsExhausted(_seconds(pair.next_allowed - now))
+                raise AttemptsExhausted(seconds_of(pair.next_allowed - now))
             break
         pair.in_flight += 1
         device.in_flight += 1
@@ -204,5 +201,14 @@ class AttemptLimiter:
                 del self._devices[device_id]
 
 
-def _seconds(delta: timedelta) -> float:
+def backoff(failures: int, free: int, base: timedelta, ceiling: timedelta) -> timedelta:
+    """The back-off before a pair's next attempt after ``failures`` failures: none for the first ``free``,
+    then ``base`` doubling per further failure, at most ``ceiling``."""
+    if failures < free:
+        return timedelta(0)
+    exponent = min(failures - free, 30)
+    return min(ceiling, base * math.pow(2, exponent))
+
+
+def seconds_of(delta: timedelta) -> float:
     return max(1.0, math.ceil(delta.total_seconds()))

@@ -57,7 +57,8 @@ from activation_svc.model import (
     DeviceStatus,
     Lifecycle,
 )
-from activation_svc.ratelimit import AttemptLimiter, AttemptsExhausted
+from activation_svc.ratelimit import AttemptsExhausted
+from activation_svc.shared_limits import FailureLimits
 from activation_svc.steps import (
     IntentSteps,
     get_enrollment,
@@ -142,14 +143,14 @@ class ActivationService:
         dps: EnrollmentPort,
         hubs: HubTwinPort,
         selection: HubSelection,
-        limiter: AttemptLimiter,
+        limits: FailureLimits,
         audit: AuditLog,
         clock: Clock,
     ) -> None:
         self._dps = dps
         self._hubs = hubs
         self._selection = selection
-        self._limiter = limiter
+        self._limits = limits
         self._audit = audit
         self._clock = clock
         self._request_ids = RequestIds()
@@ -178,7 +179,7 @@ class ActivationService:
         """The normalised id and its enrollment, or PermissionDenied / ResourceExhausted."""
         device_id = normalise_device_id(raw_id)
         try:
-            attempt = await self._limiter.begin(caller.attempt_key, device_id)
+            slot = await self._limits.begin(caller.attempt_key, device_id)
         except AttemptsExhausted as exc:
             await self._audit_entry(action, device_id, str(caller), request_id, "rate-limited")
             raise ResourceExhausted(
@@ -186,17 +187,19 @@ class ActivationService:
                 "too many failed attempts for this device; try again later",
                 retry_after=exc.retry_after,
             ) from None
-        with attempt:
+        try:
             enrollment = await self._get(device_id)
             right_code = await asyncio.to_thread(verify_code, code or "", _code_hash(enrollment))
             if not right_code or not _answers_to(enrollment, caller):
-                attempt.failed()
+                await slot.failed()
                 detail = "" if right_code else "wrong code or unknown device"
                 await self._audit_entry(
                     action, device_id, str(caller), request_id, "denied", detail or "not the owner"
                 )
                 raise _denied()
-            attempt.succeeded()
+            await slot.succeeded()
+        finally:
+            await slot.release()
         assert enrollment is not None
         if await self._steps.complete_open(device_id):  # a change a crash interrupted comes first
             enrollment = await self._get(device_id)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from support.stores import stored_version, write_at_version
 
-from activation_svc.audit import FILE, SCHEMA, AuditEntry, AuditLog
+from activation_svc.audit import FILE, MIGRATIONS, SCHEMA, AuditEntry, AuditLog
 from activation_svc.intents import ActivationIntent
 from provkit.cloud import InitialTwin
 
@@ -44,4 +44,4 @@ async def test_a_version_1_audit_store_gains_intents_and_an_intent_lives_its_lif
         assert rows == [("", "ok", "path=enrollment"), ("r-1", "ok", "path=enrollment+hub-twin s")]
     finally:
         await audit.close()
-    assert stored_version(database_url, FILE, "audit") == 2
+    assert stored_version(database_url, FILE, "audit") == len(MIGRATIONS)

@@ -1,0 +1,87 @@
+"""The wrong-code limits held in PostgreSQL by two replicas at once: the counts are exact across them (per
+caller+device and per device), a success clears the pair, and a check whose replica died gives its slot
+back when its lease runs out."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from activation_svc.audit import AuditLog
+from activation_svc.ratelimit import AttemptsExhausted
+from activation_svc.shared_limits import CHECK_LEASE, DatabaseLimits, Rules, Slot
+from dbstore import DatabaseUrl
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+async def replicas(postgres_url):
+    """Two audit stores (as two replicas open them) on one database, and a shared clock."""
+    url = DatabaseUrl.parse(postgres_url)
+    stores = [await AuditLog.open(url, migrate=True), await AuditLog.open(url)]
+    yield stores, Clock()
+    for store in stores:
+        await store.close()
+
+
+async def _wrong(limits: DatabaseLimits, caller: str, device: str) -> str:
+    try:
+        slot = await limits.begin(caller, device)
+    except AttemptsExhausted:
+        return "refused"
+    try:
+        await asyncio.sleep(0.01)  # the check takes a moment: others arrive meanwhile
+        await slot.failed()
+        return "checked"
+    finally:
+        await slot.release()
+
+
+async def test_wrong_codes_from_both_replicas_are_counted_exactly(replicas):
+    stores, clock = replicas
+    limits = [DatabaseLimits(s.db, clock=clock, rules=Rules(3, 100)) for s in stores]
+    outcomes = await asyncio.gather(*(_wrong(limits[i % 2], "oem:a", "dev-1") for i in range(12)))
+    assert sorted(outcomes) == ["checked"] * 3 + ["refused"] * 9
+    clock.now += timedelta(seconds=2)  # the back-off after the 3 free failures: one more check, on either
+    outcomes = await asyncio.gather(*(_wrong(limits[i % 2], "oem:a", "dev-1") for i in range(4)))
+    assert sorted(outcomes) == ["checked"] + ["refused"] * 3
+    # another party is not slowed by oem:a's failures
+    assert await _wrong(limits[1], "oem:b", "dev-1") == "checked"
+
+
+async def test_the_device_ceiling_holds_across_callers_and_replicas(replicas):
+    stores, clock = replicas
+    limits = [DatabaseLimits(s.db, clock=clock, rules=Rules(3, 5)) for s in stores]
+    outcomes = await asyncio.gather(*(_wrong(limits[i % 2], f"oem:{i}", "dev-2") for i in range(9)))
+    assert sorted(outcomes) == ["checked"] * 5 + ["refused"] * 4
+    clock.now += timedelta(minutes=15)  # the window has passed
+    assert await _wrong(limits[0], "oem:late", "dev-2") == "checked"
+
+
+async def test_a_success_clears_the_pair_and_a_dead_replica_s_check_comes_back(replicas):
+    stores, clock = replicas
+    first, second = (DatabaseLimits(s.db, clock=clock, rules=Rules(1, 100)) for s in stores)
+    assert await _wrong(first, "oem:a", "dev-3") == "checked"
+    clock.now += timedelta(seconds=2)
+    slot: Slot = await second.begin("oem:a", "dev-3")
+    await slot.succeeded()
+    await slot.release()
+    assert await _wrong(first, "oem:a", "dev-3") == "checked"  # cleared: the free failure again
+    clock.now += timedelta(seconds=2)
+    await first.begin("oem:a", "dev-3")  # its replica dies: never reported
+    waiting = asyncio.create_task(second.begin("oem:a", "dev-3"))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # past the free failure one check at a time: the lost one still holds it
+    clock.now += CHECK_LEASE  # its lease runs out: the slot comes back
+    slot = await waiting
+    await slot.failed()
+    await slot.release()
