@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from activation_svc.intents import HOLD_MIGRATION, ActivationIntent, IntentLog
 from activation_svc.intents import MIGRATION as INTENTS_MIGRATION
-from activation_svc.intents import ActivationIntent, IntentLog
 from activation_svc.shared_limits import MIGRATION as LIMITS_MIGRATION
 from dbstore import Database, DatabaseUrl, Tx, open_database
 from litestore import Options, Schema, Synchronous
@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS activation_requests (
 # Version 1 is the original schema (files written before versions were kept have version 0 and these tables);
 # version 2 adds the activation intents (``activation_svc.intents``).
 # version 3 the wrong-code limits shared by replicas (``activation_svc.shared_limits``).
-MIGRATIONS = (SCHEMA, INTENTS_MIGRATION, LIMITS_MIGRATION)
+# version 4 who holds an open intent (``activation_svc.intents.HOLD_MIGRATION``).
+MIGRATIONS = (SCHEMA, INTENTS_MIGRATION, LIMITS_MIGRATION, HOLD_MIGRATION)
 # FULL: an audit row is written before the answer is sent; it must not vanish with a power cut after that.
 OPTIONS = Options(synchronous=Synchronous.FULL)
 SCHEMA_VERSIONS = Schema("audit", MIGRATIONS)

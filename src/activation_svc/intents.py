@@ -12,7 +12,11 @@ Stored with the audit (table ``activation_intents``: the audit store's schema ve
 on the audit log's database (``dbstore``: the SQLite file ``audit.sqlite3`` or the service's PostgreSQL
 database), so an intent and its audit row are one transaction.  With several replicas on PostgreSQL, the
 replica that finishes an open intent holds its row locked meanwhile (:meth:`IntentLog.claim`), so a
-crashed replica's intents are finished by another one exactly once.
+crashed replica's intents are finished by another one.  Holding is a lease: ``held_by`` (the intent
+log's random id, one per process) and ``held_until_us`` (schema version 4, ``HOLD_MIGRATION``).  The
+replica that begins an intent holds it while it carries it out; another replica's recovery takes only
+intents nobody holds, or whose hold ran out (``HOLD``, far longer than the steps take: the replica died),
+so two replicas never drive one intent at once.  (On SQLite one process serves: holds are not needed.)
 
 API: ``ActivationIntent``; ``IntentLog(db)``: ``begin(intent, audit_entry) -> ActivationIntent``
 (with ids), ``mark_dps(id, etag)``, ``mark_hub(id)``, ``finish(intent, done, outcome, detail)``,
@@ -22,12 +26,15 @@ API: ``ActivationIntent``; ``IntentLog(db)``: ``begin(intent, audit_entry) -> Ac
 from __future__ import annotations
 
 import json
+import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dbstore import Database, Tx
+from dbstore import Backend, Database, Tx
 from provkit.cloud import InitialTwin
 
 MIGRATION = """
@@ -50,6 +57,14 @@ CREATE TABLE activation_intents (
 );
 CREATE INDEX activation_intents_open ON activation_intents (state, device_id, id);
 """
+
+
+# Version 4 of the audit store: who is carrying an open intent out, until when.
+HOLD_MIGRATION = """
+ALTER TABLE activation_intents ADD COLUMN held_by TEXT NOT NULL DEFAULT '';
+ALTER TABLE activation_intents ADD COLUMN held_until_us INTEGER NOT NULL DEFAULT 0;
+"""
+HOLD = timedelta(minutes=1)  # steps take seconds (DPS and hub calls time out well before)
 
 
 @dataclass(frozen=True)
@@ -111,8 +126,40 @@ def _intent(row: tuple[Any, ...]) -> ActivationIntent:
 
 
 class IntentLog:
-    def __init__(self, db: Database) -> None:
+    def __init__(
+        self, db: Database, *, hold: timedelta = HOLD, clock: Callable[[], float] = time.time
+    ) -> None:
         self._db = db
+        self._hold_us = int(hold.total_seconds() * 1_000_000)
+        self._clock = clock  # wall-clock seconds, for the holds only
+        self.holder = secrets.token_hex(8)
+
+    def _until_us(self) -> int:
+        return int(self._clock() * 1_000_000) + self._hold_us
+
+    async def hold(self, intent: ActivationIntent) -> bool:
+        """Take (or renew) the hold of an open intent; False when it is closed or another replica's hold
+        runs.  On SQLite one process serves (a restarted one finishes its own intents at once): always."""
+        if self._db.backend is Backend.SQLITE:
+            return True
+        now_us = int(self._clock() * 1_000_000)
+        changed = await self._db.transaction(
+            lambda tx: tx.execute(
+                "UPDATE activation_intents SET held_by = ?, held_until_us = ? "
+                "WHERE id = ? AND state = 'open' AND (held_by = ? OR held_until_us <= ?)",
+                (self.holder, now_us + self._hold_us, intent.id, self.holder, now_us),
+            )
+        )
+        return changed == 1
+
+    async def let_go(self, intent: ActivationIntent) -> None:
+        """Give up the hold of an intent left open (any replica may try it next)."""
+        await self._db.transaction(
+            lambda tx: tx.execute(
+                "UPDATE activation_intents SET held_by = '', held_until_us = 0 WHERE id = ? AND held_by = ?",
+                (intent.id, self.holder),
+            )
+        )
 
     async def begin(self, intent: ActivationIntent, audit_row: tuple[Any, ...]) -> ActivationIntent:
         """Record ``intent`` and its audit row (time_us, action, device_id, caller, request_id, outcome,
@@ -127,8 +174,9 @@ class IntentLog:
             )
             intent_id = await tx.insert(
                 "INSERT INTO activation_intents (device_id, caller, request_id, hub, twin_before, "
-                "twin_after, owner, basis_etag, summary, state, audit_id, created_us) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?)",
+                "twin_after, owner, basis_etag, summary, state, audit_id, created_us, held_by, "
+                "held_until_us) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?)",
                 (
                     intent.device_id,
                     intent.caller,
@@ -141,6 +189,8 @@ class IntentLog:
                     intent.summary,
                     audit_id,
                     audit_row[0],
+                    self.holder,
+                    self._until_us(),
                 ),
                 "id",
             )

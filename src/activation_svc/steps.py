@@ -165,8 +165,8 @@ class IntentSteps:
         be reached, none (start-up is not held up; the next call for each device tries again)."""
         closed = 0
         for intent in await self._audit.intents.open_intents(device_id):
-            if intent.id in self._running:
-                continue
+            if intent.id in self._running or not await self._audit.intents.hold(intent):
+                continue  # this process or another replica is carrying it out
             log.info("completing an interrupted activation", extra={"intent": intent.id})
             try:
                 await self._drive(intent, None, " (completed after an interruption)")
@@ -201,6 +201,7 @@ class IntentSteps:
                     )
                 else:
                     await self._audit.intents.note(intent, f"pending ({reason}): {intent.summary}")
+                    await self._audit.intents.let_go(intent)
                 raise
             intent = progress.intent
             if carried is None:

@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from support.stores import stored_version, write_at_version
 
 from activation_svc.audit import FILE, MIGRATIONS, SCHEMA, AuditEntry, AuditLog
-from activation_svc.intents import ActivationIntent
+from activation_svc.intents import HOLD, ActivationIntent, IntentLog
+from dbstore import DatabaseUrl
 from provkit.cloud import InitialTwin
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -45,3 +46,28 @@ async def test_a_version_1_audit_store_gains_intents_and_an_intent_lives_its_lif
     finally:
         await audit.close()
     assert stored_version(database_url, FILE, "audit") == len(MIGRATIONS)
+
+
+async def test_replicas_hold_open_intents_and_take_over_a_dead_one_s_when_its_hold_runs_out(postgres_url):
+    url = DatabaseUrl.parse(postgres_url)
+    first, second = await AuditLog.open(url, migrate=True), await AuditLog.open(url)
+    now = [1_800_000_000.0]
+    try:
+        mine = IntentLog(first.db, clock=lambda: now[0])
+        theirs = IntentLog(second.db, clock=lambda: now[0])
+        twin = InitialTwin({"customer": "acme"}, {})
+        row = (1, "activate", "dev", "urn:devprov:oem:acme", "r-1", "pending", "intent s")
+        wanted = ActivationIntent("dev", "oem", "r-1", "hub", None, twin, "", "e1", "s")
+        intent = await mine.begin(wanted, row)
+        assert await mine.hold(intent)  # renewing one's own hold
+        assert not await theirs.hold(intent)  # the first replica carries it out
+        now[0] += HOLD.total_seconds()  # ... and died: its hold ran out
+        assert await theirs.hold(intent)
+        assert not await mine.hold(intent)
+        await theirs.let_go(intent)  # left open after a failure: anyone may try next
+        assert await mine.hold(intent)
+        await mine.finish(intent, True, "ok", "done")
+        assert not await theirs.hold(intent)  # closed
+    finally:
+        await first.close()
+        await second.close()
