@@ -196,13 +196,13 @@ class DatabaseLimits:
             (device_id, _us(now - self._window)),
         )
         if self._ceiling is not None:
-            failures = await tx.fetchone(
+            window_row = await tx.fetchone(
                 "SELECT count(*), min(at_us) FROM wrong_code_failures WHERE device_id = ?", (device_id,)
             )
             in_flight = await _count(
                 tx, "SELECT count(*) FROM wrong_code_checks WHERE device_id = ?", (device_id,)
             )
-            count, oldest_us = (int(failures[0]), failures[1]) if failures else (0, None)
+            count, oldest_us = (int(window_row[0]), window_row[1]) if window_row else (0, None)
             if count + in_flight >= self._ceiling:
                 oldest = now if oldest_us is None else _moment(int(oldest_us))
                 return AttemptsExhausted(seconds_of(oldest + self._window - now))

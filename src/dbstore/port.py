@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
 
@@ -44,7 +44,7 @@ class Tx(Protocol):
         ...
 
 
-Work = Callable[[Tx], Awaitable[T]]
+Work = Callable[[Tx], Coroutine[Any, Any, T]]
 
 
 class Database(Protocol):

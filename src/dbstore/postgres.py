@@ -84,8 +84,8 @@ class PostgresTx:
 
     async def insert(self, sql: str, params: Params, key: str) -> int:
         row = await (await self._run(f"{sql} RETURNING {key}", params)).fetchone()
-        assert row is not None
-        return int(row[0])  # type: ignore[call-overload]
+        assert row is not None and isinstance(row[0], int)
+        return row[0]
 
     @contextlib.asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:

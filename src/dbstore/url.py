@@ -50,13 +50,14 @@ class DatabaseUrl:
 
 
 async def open_database(
-    url: DatabaseUrl | Path, file: str, schema: Schema, options: Options, *, migrate: bool = False
+    where: DatabaseUrl | Path, file: str, schema: Schema, options: Options, *, migrate: bool = False
 ) -> Database:
     """One store's database: SQLite ``<directory>/<file>`` (migrated when opened, as always), or the
     PostgreSQL database (migrated only with ``migrate=True``, else its version checked).  A ``Path`` is
     the SQLite file itself (whatever its name)."""
-    if isinstance(url, Path):
-        url, file = DatabaseUrl.sqlite(url.parent), url.name
+    url = DatabaseUrl.sqlite(where.parent) if isinstance(where, Path) else where
+    if isinstance(where, Path):
+        file = where.name
     if url.backend is Backend.SQLITE:
         from dbstore.sqlite import SqliteDatabase
 
