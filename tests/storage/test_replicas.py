@@ -1,0 +1,138 @@
+"""Two replicas of each service on one PostgreSQL database, against the emulator: the guarantees hold
+across them (idempotent replays, every device enrolled once and every code handed out usable, one winner
+for one device activated from both at once, wrong codes counted exactly)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from contextlib import AsyncExitStack
+
+import grpc
+from enrollment.provisioning_env import (
+    OemTls,
+    activate_request,
+    activation_env,
+    dps_enrollment,
+    factory_env,
+    mint,
+    running_activation,
+    running_factory,
+)
+
+from activation_svc.audit import AuditLog
+from dbstore import DatabaseUrl
+from devprov.v1 import factory_service_pb2 as fpb
+from factory_svc.enrollment.outbox import Outbox
+from factory_svc.ledger import Ledger
+from provkit.activation_code import verify_code
+
+METADATA = json.dumps({"tags": {"customer": "acme"}, "properties": {"desired": {"interval_s": 5}}})
+
+
+async def migrated(url: DatabaseUrl) -> None:
+    for store in (await Ledger.open(url, migrate=True), await Outbox.open(url, migrate=True)):
+        await store.close()
+    await (await AuditLog.open(url, migrate=True)).close()
+
+
+async def test_two_factory_replicas_enroll_one_batch_at_once(tmp_path, emulator, postgres_url):
+    await migrated(DatabaseUrl.parse(postgres_url))
+    async with AsyncExitStack() as stack:
+        replicas = [
+            await stack.enter_async_context(
+                running_factory(
+                    factory_env(tmp_path / f"r{i}", emulator, FACTORY_DATABASE_URL=postgres_url)
+                )
+            )
+            for i in range(2)
+        ]
+        devices = [await mint(replicas[0][1], str(uuid.uuid4()), tmp_path / "devices") for _ in range(6)]
+        items = [fpb.EnrollBatchItem(device_id=d.device_id, certificate_pem=d.chain_pem) for d in devices]
+        answers = await asyncio.gather(
+            *(stub.EnrollBatch(fpb.EnrollBatchRequest(items=items)) for _app, stub in replicas),
+            *(
+                stub.EnrollBatch(fpb.EnrollBatchRequest(items=items, request_id="batch-1"))
+                for _app, stub in replicas
+            ),
+        )
+        for device in devices:
+            enrollment = await dps_enrollment(emulator, device.device_id)
+            assert enrollment is not None
+            record = enrollment["optionalDeviceInformation"]["activationCode"]
+            codes = {
+                result.response.activation_code
+                for answer in answers
+                for result in answer.results
+                if result.device_id == device.device_id and result.response.activation_code
+            }
+            assert codes  # someone handed a code out for every device ...
+            assert all(verify_code(code, record) for code in codes)  # ... and every code handed out works
+        # the replay of batch-1 answers the first answer, whichever replica took it
+        replay = await replicas[1][1].EnrollBatch(fpb.EnrollBatchRequest(items=items, request_id="batch-1"))
+        assert replay.replayed
+        first = answers[2] if not answers[2].replayed else answers[3]
+        assert [r.response.activation_code for r in replay.results] == [
+            r.response.activation_code for r in first.results
+        ]
+
+
+async def test_two_activation_replicas_count_wrong_codes_exactly_and_one_activation_wins(
+    tmp_path, emulator, postgres_url
+):
+    await migrated(DatabaseUrl.parse(postgres_url))
+    tls = OemTls.create(tmp_path / "tls")
+    extra = {"ACTIVATION_DATABASE_URL": postgres_url, "ACTIVATION_LIMITS_MAX_FAILURES": "3"}
+    async with AsyncExitStack() as stack:
+        _app, factory = await stack.enter_async_context(
+            running_factory(factory_env(tmp_path, emulator, FACTORY_DATABASE_URL=postgres_url))
+        )
+        replicas = [
+            await stack.enter_async_context(
+                running_activation(activation_env(tmp_path / f"r{i}", emulator, tls, **extra), tls)
+            )
+            for i in range(2)
+        ]
+        device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
+        enroll = fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
+        code = (await factory.Enroll(enroll)).activation_code
+
+        # wrong codes from both replicas at once: exactly 3 checked (denied), the rest refused
+        async def wrong(stub, attempt: str = "AAAA-AAAA-AAAA-AAAA") -> grpc.StatusCode:
+            try:
+                await stub.Activate(activate_request(device.device_id, attempt, METADATA))
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        codes = await asyncio.gather(*(wrong(replicas[i % 2][1]) for i in range(10)))
+        assert sorted(c.name for c in codes) == ["PERMISSION_DENIED"] * 3 + ["RESOURCE_EXHAUSTED"] * 7
+        for _app, stub in replicas:  # the back-off is the same on both: even the right code waits its turn
+            assert await wrong(stub, code) is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        # the same device activated from both replicas at once: one change wins, nothing is left half-done
+        other = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
+        enrolled = await factory.Enroll(
+            fpb.EnrollRequest(device_id=other.device_id, certificate_pem=other.chain_pem)
+        )
+        wanted = [
+            json.dumps({"tags": {"customer": "acme", "site": site}, "properties": {"desired": {}}})
+            for site in ("north", "south")
+        ]
+
+        async def activate(stub, metadata: str) -> str:
+            try:
+                await stub.Activate(activate_request(other.device_id, enrolled.activation_code, metadata))
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+            return "OK"
+
+        outcomes = await asyncio.gather(*(activate(replicas[i][1], wanted[i]) for i in range(2)))
+        assert "OK" in outcomes and set(outcomes) <= {"OK", "ABORTED", "FAILED_PRECONDITION"}
+        final = (await dps_enrollment(emulator, other.device_id))["initialTwin"]["tags"]
+        assert final in ({"customer": "acme", "site": "north"}, {"customer": "acme", "site": "south"})
+        audit = replicas[0][0].audit
+        assert await audit.intents.open_intents(other.device_id) == []
+        rows = [e.outcome for e in await audit.entries(other.device_id)]
+        assert "pending" not in rows and rows.count("ok") == outcomes.count("OK")
