@@ -44,7 +44,8 @@ class ActivationApp:
         observe: Observability | None = None,
     ) -> ActivationApp:
         observe = observe or Observability.open(settings.observe, "activation_svc")
-        audit = await AuditLog.open(settings.database_url)  # first: another schema version stops here
+        # first: a database at another schema version stops here, before anything outside is opened
+        audit = await AuditLog.open(settings.database_url, intent_hold=settings.intent_hold)
         dps = await DpsEnrollments.open(settings.cloud.dps, observer=observe.cloud_calls("dps"))
         hub_calls = observe.cloud_calls("hub")
         hubs = HubRegistries(settings.cloud.hubs, settings.cloud.dps.ca_file, observer=hub_calls)

@@ -14,10 +14,10 @@ yet.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from activation_svc.intents import HOLD_MIGRATION, ActivationIntent, IntentLog
+from activation_svc.intents import HOLD, HOLD_MIGRATION, ActivationIntent, IntentLog
 from activation_svc.intents import MIGRATION as INTENTS_MIGRATION
 from activation_svc.shared_limits import MIGRATION as LIMITS_MIGRATION
 from dbstore import Database, DatabaseUrl, Tx, open_database
@@ -78,15 +78,17 @@ def _row(entry: AuditEntry) -> tuple[object, ...]:
 
 
 class AuditLog:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, intent_hold: timedelta = HOLD) -> None:
         self.db = db  # the service's database (the shared wrong-code limits use it too)
         self._db = db
-        self.intents = IntentLog(db)
+        self.intents = IntentLog(db, hold=intent_hold)
 
     @classmethod
-    async def open(cls, where: Path | DatabaseUrl, *, migrate: bool = False) -> AuditLog:
+    async def open(
+        cls, where: Path | DatabaseUrl, *, migrate: bool = False, intent_hold: timedelta = HOLD
+    ) -> AuditLog:
         """``where``: the SQLite file, or the service's database URL (see ``dbstore.open_database``)."""
-        return cls(await open_database(where, FILE, SCHEMA_VERSIONS, OPTIONS, migrate=migrate))
+        return cls(await open_database(where, FILE, SCHEMA_VERSIONS, OPTIONS, migrate=migrate), intent_hold)
 
     async def close(self) -> None:
         await self._db.close()

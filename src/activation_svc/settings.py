@@ -16,6 +16,7 @@ TOML file (``--config FILE`` or ACTIVATION_CONFIG).
 | limits.device_ceiling             | ACTIVATION_LIMITS_DEVICE_CEILING          | 100 per id, all callers    |
 | limits.window_seconds             | ACTIVATION_LIMITS_WINDOW_SECONDS          | 900                        |
 | device_ids                        | ACTIVATION_DEVICE_IDS                     | guid (provkit.device_id)   |
+| intents.hold_seconds              | ACTIVATION_INTENTS_HOLD_SECONDS           | 60 (replicas, intents.py)  |
 | cloud.*                           | ACTIVATION_CLOUD_*                        | see provkit.cloud          |
 | metrics.listen                    | ACTIVATION_METRICS_LISTEN                 | - (off; host:port)         |
 | tracing.exporter / otlp_endpoint  | ACTIVATION_TRACING_EXPORTER / _OTLP_ENDPOINT | none (console, otlp)    |
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from activation_svc.intents import HOLD
 from dbstore import DatabaseUrl
 from provkit.cloud import CloudSettings, load_cloud_settings
 from provkit.device_id import DeviceIdPolicy
@@ -55,6 +57,7 @@ class ActivationSettings:
     max_failures: int = 5
     device_ceiling: int = 100
     failure_window: timedelta = timedelta(minutes=15)
+    intent_hold: timedelta = HOLD
     log_level: str = "INFO"
     device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID
     observe: ObserveSettings = field(default_factory=ObserveSettings)  # /metrics, traces: off by default
@@ -76,6 +79,9 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
     max_failures = source.integer("limits.max_failures", 5)
     device_ceiling = source.integer("limits.device_ceiling", 100)
     window = source.number("limits.window_seconds", 900.0)
+    hold = source.number("intents.hold_seconds", HOLD.total_seconds())
+    if hold <= 0:
+        raise SettingsError("ACTIVATION_INTENTS_HOLD_SECONDS must be positive")
     if max_failures < 1 or window <= 0 or device_ceiling < max_failures:
         raise SettingsError(
             "ACTIVATION_LIMITS_MAX_FAILURES and _WINDOW_SECONDS must be positive, "
@@ -90,6 +96,7 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         max_failures=max_failures,
         device_ceiling=device_ceiling,
         failure_window=timedelta(seconds=window),
+        intent_hold=timedelta(seconds=hold),
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),
         device_ids=device_id_policy(source),
         observe=observe_settings(source),

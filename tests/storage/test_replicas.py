@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import uuid
 from contextlib import AsyncExitStack
 
 import grpc
+import pytest
 from enrollment.provisioning_env import (
     OemTls,
     activate_request,
@@ -23,6 +25,7 @@ from enrollment.provisioning_env import (
 
 from activation_svc.audit import AuditLog
 from dbstore import DatabaseUrl
+from devprov.v1 import activation_service_pb2 as apb
 from devprov.v1 import factory_service_pb2 as fpb
 from factory_svc.enrollment.outbox import Outbox
 from factory_svc.ledger import Ledger
@@ -136,3 +139,50 @@ async def test_two_activation_replicas_count_wrong_codes_exactly_and_one_activat
         assert await audit.intents.open_intents(other.device_id) == []
         rows = [e.outcome for e in await audit.entries(other.device_id)]
         assert "pending" not in rows and rows.count("ok") == outcomes.count("OK")
+
+
+@pytest.mark.faults
+async def test_a_replica_killed_mid_activation_is_finished_by_the_other(tmp_path, emulator, postgres_url):
+    """Replica A is killed (SIGKILL) right after its DPS write; once its hold on the intent has run out,
+    replica B finishes the change on the next call for the device: written once, audited once."""
+    from faults.test_activation_intents import activation_process
+
+    await migrated(DatabaseUrl.parse(postgres_url))
+    tls = OemTls.create(tmp_path / "tls")
+    extra = {"ACTIVATION_DATABASE_URL": postgres_url, "ACTIVATION_INTENTS_HOLD_SECONDS": "2"}
+    async with AsyncExitStack() as stack:
+        _app, factory = await stack.enter_async_context(
+            running_factory(factory_env(tmp_path, emulator, FACTORY_DATABASE_URL=postgres_url))
+        )
+        device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
+        enroll = fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
+        code = (await factory.Enroll(enroll)).activation_code
+        env_a = activation_env(tmp_path / "a", emulator, tls, **extra)
+        async with activation_process(env_a, tls, tmp_path / "a.log", crash_at="activate.after_dps") as (
+            proc,
+            stub_a,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as killed:
+                await stub_a.Activate(activate_request(device.device_id, code, METADATA, request_id="r-1"))
+            assert killed.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGKILL
+        app_b, stub_b = await stack.enter_async_context(
+            running_activation(activation_env(tmp_path / "b", emulator, tls, **extra), tls)
+        )
+        written = await dps_enrollment(emulator, device.device_id)
+        assert written["initialTwin"]["tags"] == {"customer": "acme"}  # A's write is in DPS
+        (open_intent,) = await app_b.audit.intents.open_intents(device.device_id)  # held by dead A
+        assert open_intent.request_id == "r-1"
+
+        await asyncio.sleep(2.5)  # A's hold runs out (it never renews it: it is dead)
+        status = await stub_b.GetDeviceStatus(
+            apb.GetDeviceStatusRequest(device_id=device.device_id, activation_code=code)
+        )
+        assert status.owner_oem == "acme"
+        assert await app_b.audit.intents.open_intents(device.device_id) == []
+        rows = [(e.request_id, e.outcome) for e in await app_b.audit.entries(device.device_id)]
+        assert rows.count(("r-1", "ok")) == 1 and ("r-1", "pending") not in rows
+        assert (await dps_enrollment(emulator, device.device_id))["etag"] == written["etag"]  # not rewritten
+        # the caller's retry (A never answered it) finds the change done: nothing written twice
+        retry = await stub_b.Activate(activate_request(device.device_id, code, METADATA, request_id="r-1"))
+        assert retry.path == apb.ACTIVATION_PATH_UNCHANGED
