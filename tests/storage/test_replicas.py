@@ -40,6 +40,14 @@ async def migrated(url: DatabaseUrl) -> None:
     await (await AuditLog.open(url, migrate=True)).close()
 
 
+async def factory_on(stack: AsyncExitStack, tmp_path, emulator, postgres_url: str):
+    """Every store migrated on the database, and one factory replica on it (its stub)."""
+    await migrated(DatabaseUrl.parse(postgres_url))
+    env = factory_env(tmp_path, emulator, FACTORY_DATABASE_URL=postgres_url)
+    _app, stub = await stack.enter_async_context(running_factory(env))
+    return stub
+
+
 async def test_two_factory_replicas_enroll_one_batch_at_once(tmp_path, emulator, postgres_url):
     await migrated(DatabaseUrl.parse(postgres_url))
     async with AsyncExitStack() as stack:
@@ -84,13 +92,10 @@ async def test_two_factory_replicas_enroll_one_batch_at_once(tmp_path, emulator,
 async def test_two_activation_replicas_count_wrong_codes_exactly_and_one_activation_wins(
     tmp_path, emulator, postgres_url
 ):
-    await migrated(DatabaseUrl.parse(postgres_url))
     tls = OemTls.create(tmp_path / "tls")
     extra = {"ACTIVATION_DATABASE_URL": postgres_url, "ACTIVATION_LIMITS_MAX_FAILURES": "3"}
     async with AsyncExitStack() as stack:
-        _app, factory = await stack.enter_async_context(
-            running_factory(factory_env(tmp_path, emulator, FACTORY_DATABASE_URL=postgres_url))
-        )
+        factory = await factory_on(stack, tmp_path, emulator, postgres_url)
         replicas = [
             await stack.enter_async_context(
                 running_activation(activation_env(tmp_path / f"r{i}", emulator, tls, **extra), tls)
@@ -147,13 +152,10 @@ async def test_a_replica_killed_mid_activation_is_finished_by_the_other(tmp_path
     replica B finishes the change on the next call for the device: written once, audited once."""
     from faults.test_activation_intents import activation_process
 
-    await migrated(DatabaseUrl.parse(postgres_url))
     tls = OemTls.create(tmp_path / "tls")
     extra = {"ACTIVATION_DATABASE_URL": postgres_url, "ACTIVATION_INTENTS_HOLD_SECONDS": "2"}
     async with AsyncExitStack() as stack:
-        _app, factory = await stack.enter_async_context(
-            running_factory(factory_env(tmp_path, emulator, FACTORY_DATABASE_URL=postgres_url))
-        )
+        factory = await factory_on(stack, tmp_path, emulator, postgres_url)
         device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
         enroll = fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
         code = (await factory.Enroll(enroll)).activation_code
