@@ -113,7 +113,8 @@ bench: install
 demo: install
 	$(BIN)/python -m devprov_demo run $(DEMO_ARGS)
 
-# The stack alone, kept up for driving it by hand with the CLIs (prints how).
+# The stack alone, kept up for driving it by hand with the CLIs (prints how).  UP_ARGS="--replicas 2": the
+# services' state on PostgreSQL, two replicas of each behind one address (README).
 up: install
 	$(BIN)/python -m devprov_demo up $(UP_ARGS)
 

@@ -81,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", allow_abbrev=False, help="start the stack and keep it up")
     stack_options(up, "var/up")
     up.add_argument("--fresh", action="store_true", help="wipe the work directory first")
+    up.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="N > 1: the services' state in a PostgreSQL cluster of the stack's own, and N replicas of each "
+        "service behind its one address (replica n on the port + 1000 * n; kill one to watch the others "
+        "carry on)",
+    )
     return parser
 
 
@@ -94,6 +102,7 @@ def _config(args: argparse.Namespace) -> StackConfig:
         activation_port=args.activation_port,
         portal_port=args.portal_port,
         metrics_port=args.metrics_port,
+        replicas=max(1, getattr(args, "replicas", 1)),
     )
 
 
@@ -130,6 +139,15 @@ def _stack_facts(stack: Stack) -> list[tuple[str, str]]:
     for host in emu.hub_hosts:
         facts.append((f"IoT hub {host}", emu.hub_connection_string(host)))
     facts += [(f"metrics: {name} (Prometheus)", url) for name, url in stack.config.metrics_urls().items()]
+    config = stack.config
+    if config.replicas > 1:
+        for name, port in (("factory_svc", config.factory_port), ("activation_svc", config.activation_port)):
+            facts += [
+                (f"{name} replica {n} (pid {stack.pid(name.split('_')[0] + f'-{n}')})",
+                 f"{config.service_host}:{port + 1000 * n}")
+                for n in range(1, config.replicas + 1)
+            ]
+        facts += [(f"PostgreSQL: {name}'s state", url) for name, url in stack.database_urls.items()]
     facts += [
         ("emulator CA (DPS, hubs)", str(emu.ca_path)),
         ("services' TLS CA", str(stack.tls.ca)),

@@ -29,6 +29,7 @@ Who uses which certificate (``env.sh`` points each CLI at its party's pair):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -43,6 +44,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from azure_iot_emulator.process import EmulatorProcess, spawn, terminate
+from devprov_demo import pgcluster
 from provkit.context import Role
 from provkit.devpki import DevTlsAuthority
 from provkit.pki_cli import issue_party
@@ -65,6 +67,7 @@ class StackConfig:
     activation_port: int = 50052
     portal_port: int = 8080
     metrics_port: int = 9101  # /metrics of the 4 programs (METRICS_PROGRAMS) from here on; 0: off
+    replicas: int = 1  # >1: PostgreSQL, and that many of each service behind its one address
 
     @property
     def factory_address(self) -> str:
@@ -154,6 +157,8 @@ class Stack:
             ),
         )
         self._services: dict[str, subprocess.Popen[bytes]] = {}
+        self._database = contextlib.ExitStack()  # the PostgreSQL cluster of a replicated stack
+        self.database_urls: dict[str, str] = {}
 
     @property
     def logs(self) -> Path:
@@ -177,29 +182,26 @@ class Stack:
         try:
             self.emulator.start()
             connection = str(self.emulator.connection_file)
-            self._start_service(
-                "factory",
-                "factory_svc",
-                "FACTORY",
-                self.config.factory_port,
-                {"FACTORY_CLOUD_EMULATOR_CONNECTION_FILE": connection},
-            )
-            self._start_service(
-                "activation",
-                "activation_svc",
-                "ACTIVATION",
-                self.config.activation_port,
-                {"ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE": connection},
-            )
+            if self.config.replicas > 1:
+                self._start_database()
+            for name, module, prefix, port in (
+                ("factory", "factory_svc", "FACTORY", self.config.factory_port),
+                ("activation", "activation_svc", "ACTIVATION", self.config.activation_port),
+            ):
+                extra = {f"{prefix}_CLOUD_EMULATOR_CONNECTION_FILE": connection}
+                if self.config.replicas > 1:
+                    self._start_replicas(name, module, prefix, port, extra)
+                else:
+                    self._start_service(name, module, prefix, port, extra)
             self._start_portal(connection)
         except BaseException:
             self.stop()
             raise
 
-    def _start_service(
-        self, name: str, module: str, prefix: str, port: int, extra: Mapping[str, str]
-    ) -> None:
-        env = {
+    def _service_environment(
+        self, name: str, prefix: str, port: int, metrics: bool = True
+    ) -> dict[str, str]:
+        return {
             **_clean_environment(),
             f"{prefix}_DATA_DIR": str(self.root / name),
             f"{prefix}_SERVER_HOST": self.config.service_host,
@@ -207,13 +209,64 @@ class Stack:
             f"{prefix}_SERVER_TLS_CERT_FILE": str(self.tls.cert(name)),
             f"{prefix}_SERVER_TLS_KEY_FILE": str(self.tls.key(name)),
             f"{prefix}_SERVER_CLIENT_CA_FILE": str(self.tls.ca),
-            f"{prefix}_METRICS_LISTEN": self.config.metrics_listen(name),
-            **extra,
+            f"{prefix}_METRICS_LISTEN": self.config.metrics_listen(name) if metrics else "",
         }
-        log = self.logs / f"{name}.log"
+
+    def _start_service(
+        self,
+        name: str,
+        module: str,
+        prefix: str,
+        port: int,
+        extra: Mapping[str, str],
+        *,
+        label: str = "",
+        metrics: bool = True,
+    ) -> None:
+        env = {**self._service_environment(name, prefix, port, metrics), **extra}
+        label = label or name
+        log = self.logs / f"{label}.log"
         proc = spawn([sys.executable, "-m", module, "serve"], log, env)
-        self._services[name] = proc
-        self._wait_serving(name, proc, f"{self.config.service_host}:{port}", log)
+        self._services[label] = proc
+        self._wait_serving(label, proc, f"{self.config.service_host}:{port}", log)
+
+    def _start_database(self) -> None:
+        """A PostgreSQL cluster for the replicas (in a temporary directory, removed when the stack stops),
+        one database per service."""
+        why = pgcluster.unavailable()
+        if why is not None:
+            raise RuntimeError(f"--replicas needs PostgreSQL: {why}")
+        cluster = self._database.enter_context(pgcluster.running_cluster())
+        for name in ("factory", "activation"):
+            self.database_urls[name] = cluster.create_database(name)
+
+    def _start_replicas(
+        self, name: str, module: str, prefix: str, port: int, extra: Mapping[str, str]
+    ) -> None:
+        """``migrate``, then the replicas (each on its own port, ``port + 1000 * n``, sharing the data
+        directory: the development CA), then one balancer on ``port`` in front of them."""
+        extra = {**extra, f"{prefix}_DATABASE_URL": self.database_urls[name]}
+        log = self.logs / f"{name}-migrate.log"
+        with log.open("ab") as out:
+            migrated = subprocess.run(
+                [sys.executable, "-m", module, "migrate"],
+                env={**self._service_environment(name, prefix, port), **extra},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        if migrated.returncode != 0:
+            raise RuntimeError(f"{name} migrate failed; its log:\n{_tail(log)}")
+        backends: list[str] = []
+        for n in range(1, self.config.replicas + 1):
+            replica_port = port + 1000 * n
+            label = f"{name}-{n}"
+            self._start_service(name, module, prefix, replica_port, extra, label=label, metrics=n == 1)
+            backends += ["--backend", f"{self.config.service_host}:{replica_port}"]
+        listen = f"{self.config.service_host}:{port}"
+        log = self.logs / f"{name}-balancer.log"
+        proc = spawn([sys.executable, "-m", "devprov_demo.balancer", "--listen", listen, *backends], log)
+        self._services[f"{name}-balancer"] = proc
+        self._wait_serving(f"{name} (balancer)", proc, listen, log)
 
     def _wait_serving(self, name: str, proc: subprocess.Popen[bytes], address: str, log: Path) -> None:
         creds = grpc.ssl_channel_credentials(
@@ -264,12 +317,17 @@ class Stack:
                 raise RuntimeError(f"the portal did not start; its log:\n{_tail(log)}")
             time.sleep(0.1)
 
+    def pid(self, label: str) -> int:
+        """The process id of a part of the stack (e.g. ``factory-2``), to kill one by hand."""
+        return self._services[label].pid
+
     def stop(self) -> None:
         """Stop the services, then the emulator (each SIGTERM, graceful; SIGKILL after a grace period)."""
         for proc in reversed(list(self._services.values())):
             terminate(proc)
         self._services.clear()
         terminate(self.emulator.proc)
+        self._database.close()
 
     # --------------------------------------------------------------------------------- what to tell
     def client_environment(self) -> dict[str, str]:

@@ -1,158 +1,17 @@
-"""A throwaway PostgreSQL cluster for the tests: Debian's server binaries, a temporary directory, a loopback
-port, an unprivileged user, removed afterwards.
-
-``make postgresql`` installs Debian's ``postgresql`` when it is missing (or writes why it could not to
-``.venv/postgresql-unavailable``; the tests that need the cluster then skip with that reason).  The
-server refuses to run as root, and the tests may run as root: then the cluster belongs to the ``postgres``
-system user that Debian's package creates, and every server command runs through ``runuser``.
-
-The cluster listens on 127.0.0.1 only (a free port), with its Unix socket inside its own directory,
-password authentication (SCRAM) for one superuser whose password is made up per cluster, and ``fsync``
-off: the cluster lives as long as one test session, so only a power cut could tell the difference.
-"""
+"""The tests' throwaway PostgreSQL cluster (``devprov_demo.pgcluster``), and why it may be unavailable."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import pwd
-import secrets
-import shutil
-import socket
-import subprocess
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
+from devprov_demo.pgcluster import Cluster, running_cluster
+from devprov_demo.pgcluster import unavailable as _unavailable
 
 REPO = Path(__file__).resolve().parents[2]
-SUPERUSER = "devprov"
 
-
-def server_binaries() -> Path | None:
-    """The newest ``/usr/lib/postgresql/<major>/bin`` holding initdb, or None."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
-    return found[-1].parent if found else None
+__all__ = ["Cluster", "running_cluster", "unavailable"]
 
 
 def unavailable() -> str | None:
-    """Why no cluster can be started here (None: one can)."""
-    if server_binaries() is None:
-        note = REPO / ".venv" / "postgresql-unavailable"
-        why = note.read_text().strip() if note.exists() else "`make postgresql` has not run"
-        return f"Debian's PostgreSQL server is missing ({why}); `make postgresql` installs it"
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            return "the tests run as root and there is no 'postgres' system user to run the server as"
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass
-class Cluster:
-    directory: Path
-    port: int
-    password: str
-    _databases: int = 0
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://{SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{database}"
-
-    def create_database(self) -> str:
-        """A new empty database; answers its URL."""
-        self._databases += 1
-        name = f"test_{os.getpid()}_{self._databases}"
-        with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
-
-    def drop_database(self, url: str) -> None:
-        name = url.rsplit("/", 1)[1]
-        with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    def server_user(self) -> str:
-        return pwd.getpwuid(self.directory.stat().st_uid).pw_name
-
-
-def _as_server_user(command: list[str], user: str | None) -> list[str]:
-    return ["runuser", "-u", user, "--", *command] if user else command
-
-
-@contextlib.contextmanager
-def running_cluster() -> Iterator[Cluster]:
-    """Start a cluster (initdb + pg_ctl start), yield it, stop it and remove its directory."""
-    binaries = server_binaries()
-    if binaries is None:
-        raise RuntimeError(unavailable() or "no PostgreSQL server")
-    user = "postgres" if os.geteuid() == 0 else None
-    top = Path(tempfile.mkdtemp(prefix="devprov-pg-"))
-    try:
-        data, password = top / "data", secrets.token_urlsafe(18)
-        pwfile = top / "password"
-        pwfile.write_text(password + "\n")
-        if user is not None:
-            entry = pwd.getpwnam(user)
-            os.chown(top, entry.pw_uid, entry.pw_gid)
-            os.chown(pwfile, entry.pw_uid, entry.pw_gid)
-        subprocess.run(
-            _as_server_user(
-                [
-                    str(binaries / "initdb"),
-                    "--pgdata", str(data),
-                    "--username", SUPERUSER,
-                    "--pwfile", str(pwfile),
-                    "--auth", "scram-sha-256",
-                    "--encoding", "UTF8",
-                    "--locale", "C",
-                    "--no-sync",
-                ],
-                user,
-            ),
-            check=True,
-            capture_output=True,
-            cwd=top,
-        )
-        pwfile.unlink()
-        for _ in range(5):  # a port found free may be taken before the server binds it: try another
-            port = _free_port()
-            options = (
-                f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={top} "
-                "-c fsync=off -c max_connections=200"
-            )
-            started = subprocess.run(
-                _as_server_user(
-                    [str(binaries / "pg_ctl"), "start", "--pgdata", str(data), "--wait",
-                     "--log", str(top / "server.log"), "-o", options],
-                    user,
-                ),
-                capture_output=True,
-                cwd=top,
-            )
-            if started.returncode == 0:
-                break
-        else:
-            log = (top / "server.log").read_text() if (top / "server.log").exists() else ""
-            raise RuntimeError(f"PostgreSQL did not start: {started.stderr.decode()} {log[-2000:]}")
-        try:
-            yield Cluster(data, port, password)
-        finally:
-            subprocess.run(
-                _as_server_user(
-                    [str(binaries / "pg_ctl"), "stop", "--pgdata", str(data), "--mode", "immediate"],
-                    user,
-                ),
-                capture_output=True,
-                cwd=top,
-            )
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+    """Why no cluster can be started here; ``make postgresql`` writes its reason into the venv."""
+    return _unavailable(REPO / ".venv" / "postgresql-unavailable")
