@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from support.stores import stored_version, write_at_version
 
@@ -140,3 +140,22 @@ async def test_replicas_claim_different_entries_and_a_device_s_entries_in_order(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_retained_codes_on_both_backends(database_url, tmp_path):
+    from factory_svc.enrollment.retained import KEY_FILE, RetainedCodes
+
+    box = await Outbox.open(database_url, migrate=True)
+    try:
+        codes = await RetainedCodes.on(box.database, tmp_path / KEY_FILE)
+        first = [("dev-a", "AAAA-1111", {"salt": "s1"}), ("dev-b", "BBBB-2222", {"salt": "s2"})]
+        await codes.retain(first, NOW)
+        await codes.retain([("dev-a", "AAAA-3333", {"salt": "s3"})], NOW + timedelta(hours=2))
+        assert await codes.find("dev-a", "s1") == "AAAA-1111" and await codes.count() == 3
+        await codes.supersede("dev-a", "s3")
+        assert await codes.find("dev-a", "s1") is None and await codes.find("dev-a", "s3") == "AAAA-3333"
+        assert await codes.acknowledge(["dev-b", "dev-c"]) == [("dev-b", "s2")]
+        assert await codes.purge(NOW + timedelta(hours=1)) == 0  # dev-a's code is younger
+        assert await codes.purge(NOW + timedelta(hours=3)) == 1 and await codes.count() == 0
+    finally:
+        await box.close()
