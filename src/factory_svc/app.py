@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from factory_svc.ca import Clock, IssuingCA, load_configured_ca, now_utc, open_dev_ca
+from factory_svc.ca import Clock, IssuingCA, load_chain, load_configured_ca, now_utc, open_dev_ca
 from factory_svc.enrollment.runtime import EnrollmentRuntime
 from factory_svc.ledger import SqliteLedger
 from factory_svc.minting import CertificateCatalog, MintingService
+from factory_svc.pkcs11_signer import Pkcs11Signer
 from factory_svc.servicer import FactoryServicer
 from factory_svc.settings import FactorySettings
 from provkit.grpc_server import RunningServer, ServiceBinding, serve_app, start_server
@@ -34,6 +35,14 @@ from provkit.observe import Observability
 
 def open_ca(settings: FactorySettings, clock: Clock) -> IssuingCA:
     ca = settings.ca
+    if ca.pkcs11 is not None and ca.chain_file is not None:
+        chain = load_chain(ca.chain_file)
+        signer = Pkcs11Signer.open(ca.pkcs11.token, ca.pkcs11.pin.reveal())
+        try:
+            return IssuingCA(chain[0], signer, chain)
+        except BaseException:
+            signer.close()
+            raise
     if ca.chain_file is not None and ca.key_file is not None:
         passphrase = ca.key_passphrase.reveal() if ca.key_passphrase else None
         return load_configured_ca(ca.chain_file, ca.key_file, passphrase)
@@ -97,6 +106,7 @@ class FactoryApp:
             await self.enrollment.close()
         await self.ledger.close()
         await self.observe.shutdown()
+        self.ca.close()
 
 
 async def run_server(settings: FactorySettings) -> None:

@@ -31,6 +31,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
+from factory_svc import ca_cli
 from factory_svc.enrollment import cli_commands as enroll_cli
 from factory_svc.errors import CaConfigError
 from provkit import faults
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("serial_number")
     get.add_argument("--json", action="store_true", help="print the certificate's fields as JSON")
     enroll_cli.add_parsers(client)
+    ca_cli.add_parsers(sub)
     return parser
 
 
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             configure_logging(settings.log_level)
             asyncio.run(run_server(settings))
             return 0
+        if args.command == "ca":
+            return ca_cli.run(args)
         source = SettingsSource("FACTORY_CLIENT")
         _check_ids(args, source)
         return asyncio.run(_client(args, source))
