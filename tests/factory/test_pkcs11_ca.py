@@ -11,7 +11,7 @@ import pkcs11
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from factory_env import make_csr, make_key, verify_chain
+from factory_env import FACTORY_URI, make_csr, make_key, verify_chain
 from pkcs11 import Attribute, ObjectClass
 from support.cli_process import run_module
 from support.softhsm import SoftHsm, init_token_ca
@@ -30,6 +30,7 @@ def _env(tmp_path: Path, ca_env: dict[str, str]) -> dict[str, str]:
         "FACTORY_DATA_DIR": str(tmp_path / "data"),
         "FACTORY_SERVER_INSECURE": "true",
         "FACTORY_SERVER_PORT": "0",
+        "FACTORY_SERVER_INSECURE_IDENTITY": FACTORY_URI,
         **ca_env,
     }
 
