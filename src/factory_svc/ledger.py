@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import builtins
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from factory_svc.keys import KeyType
-from factory_svc.model import IssuedCertificate, KeySource
+from factory_svc.model import IssuedCertificate, KeySource, Revocation, RevocationReason
 from litestore import GroupCommit, Options, Schema, Store, Synchronous
 from provkit.authz import Refusal
 
@@ -67,15 +67,33 @@ CREATE TABLE IF NOT EXISTS refusals (
 );
 """
 
+# Version 2: revocation (when and why a certificate was revoked; the audit of each revocation call).
+REVOCATION = """
+ALTER TABLE certificates ADD COLUMN revoked_at_us INTEGER;
+ALTER TABLE certificates ADD COLUMN revocation_reason TEXT;
+CREATE INDEX certificates_by_sha256 ON certificates (sha256_thumbprint);
+CREATE INDEX certificates_revoked ON certificates (revoked_at_us) WHERE revoked_at_us IS NOT NULL;
+CREATE TABLE revocations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_us INTEGER NOT NULL,
+    serial_number TEXT NOT NULL REFERENCES certificates (serial_number),
+    device_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    request_id TEXT NOT NULL
+);
+"""
+
 # Version 1 is the original schema (files written before versions were kept have version 0 and these tables).
-MIGRATIONS = (SCHEMA,)
+MIGRATIONS = (SCHEMA, REVOCATION)
 # FULL: a certificate handed out must stay on record (limits and audits count it) even after a power cut.
 # One statement cache entry per multi-row INSERT size.
 OPTIONS = Options(synchronous=Synchronous.FULL, cached_statements=512)
 
 _COLUMNS = (
     "serial_number, device_id, certificate_pem, chain_pem, sha1_thumbprint, sha256_thumbprint, "
-    "not_before_us, not_after_us, issued_at_us, key_type, key_source, caller, request_id"
+    "not_before_us, not_after_us, issued_at_us, key_type, key_source, caller, request_id, "
+    "revoked_at_us, revocation_reason"
 )
 
 _INSERT_CERTIFICATE = (
@@ -84,16 +102,17 @@ _INSERT_CERTIFICATE = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_REQUEST = "INSERT INTO mint_requests (request_id, fingerprint, serial_number) VALUES (?, ?, ?)"
-_SELECT_BY_SERIAL = (
-    "SELECT serial_number, device_id, certificate_pem, chain_pem, sha1_thumbprint, sha256_thumbprint, "
-    "not_before_us, not_after_us, issued_at_us, key_type, key_source, caller, request_id "
-    "FROM certificates WHERE serial_number = ?"
-)
+_SELECT_BY_SERIAL = f"SELECT {_COLUMNS} FROM certificates WHERE serial_number = ?"  # noqa: S608
 _SELECT_REQUEST = (
     "SELECT r.fingerprint, c.serial_number, c.device_id, c.certificate_pem, c.chain_pem, c.sha1_thumbprint, "
     "c.sha256_thumbprint, c.not_before_us, c.not_after_us, c.issued_at_us, c.key_type, c.key_source, "
-    "c.caller, c.request_id FROM mint_requests r JOIN certificates c USING (serial_number) "
+    "c.caller, c.request_id, c.revoked_at_us, c.revocation_reason "
+    "FROM mint_requests r JOIN certificates c USING (serial_number) "
     "WHERE r.request_id = ?"
+)
+_AUDIT_REVOCATION = (
+    "INSERT INTO revocations (time_us, serial_number, device_id, reason, caller, request_id) "
+    "SELECT ?, serial_number, device_id, ?, ?, ? FROM certificates WHERE serial_number = ?"
 )
 _COUNT_UNEXPIRED = "SELECT COUNT(*) FROM certificates WHERE device_id = ? AND not_after_us > ?"
 _ROWS_PER_INSERT = 64  # 64 rows x 13 columns stays below SQLite's oldest limit of 999 parameters
@@ -159,6 +178,7 @@ def _certificate(row: sqlite3.Row | tuple[Any, ...]) -> IssuedCertificate:
         key_source=KeySource(row[10]),
         caller=row[11],
         request_id=row[12],
+        revocation=None if row[13] is None else Revocation(_from_us(row[13]), RevocationReason(row[14])),
     )
 
 
@@ -346,5 +366,85 @@ class SqliteLedger:
                 "FROM refusals ORDER BY id"
             ).fetchall()
             return [Refusal(_from_us(r[0]), *r[1:]) for r in rows]
+
+        return await self._call(query)
+
+    # ------------------------------------------------------------------------------------- revocation
+    async def certificates_of(self, device_id: str, now: datetime) -> list[IssuedCertificate]:
+        """The device's unexpired certificates (revoked or not), oldest first."""
+
+        def query(db: sqlite3.Connection) -> list[IssuedCertificate]:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM certificates WHERE device_id = ? AND not_after_us > ? "  # noqa: S608
+                "ORDER BY issued_at_us, serial_number",
+                (device_id, _us(now)),
+            ).fetchall()
+            return [_certificate(r) for r in rows]
+
+        return await self._call(query)
+
+    async def revoke(
+        self,
+        serials: Sequence[str],
+        revocation: Revocation,
+        caller: str,
+        request_id: str,
+    ) -> tuple[list[IssuedCertificate], int]:
+        """Mark the certificates revoked (those revoked before keep their first time and reason) and audit
+        the ones this call revoked, in one transaction: (the certificates as they are now, newly revoked)."""
+        at_us = _us(revocation.time)
+
+        def write(db: sqlite3.Connection) -> tuple[list[IssuedCertificate], int]:
+            newly = 0
+            for serial in serials:
+                changed = db.execute(
+                    "UPDATE certificates SET revoked_at_us = ?, revocation_reason = ? "
+                    "WHERE serial_number = ? AND revoked_at_us IS NULL",
+                    (at_us, revocation.reason.value, serial),
+                ).rowcount
+                if changed:
+                    newly += 1
+                    audit = (at_us, revocation.reason.value, caller, request_id, serial)
+                    db.execute(_AUDIT_REVOCATION, audit)
+            rows = [db.execute(_SELECT_BY_SERIAL, (serial,)).fetchone() for serial in serials]
+            return [_certificate(r) for r in rows if r is not None], newly
+
+        return await self._store.transaction(write)
+
+    async def revoked(self, now: datetime) -> list[IssuedCertificate]:
+        """Revoked certificates that have not expired yet (what the CRL lists), in revocation order."""
+
+        def query(db: sqlite3.Connection) -> list[IssuedCertificate]:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM certificates "  # noqa: S608 - fixed fragments only
+                "WHERE revoked_at_us IS NOT NULL AND not_after_us > ? ORDER BY revoked_at_us, serial_number",
+                (_us(now),),
+            ).fetchall()
+            return [_certificate(r) for r in rows]
+
+        return await self._call(query)
+
+    async def revocation_of(self, sha256_thumbprint: str) -> Revocation | None:
+        """The revocation of the certificate with this SHA-256 thumbprint (None: not revoked, or unknown)."""
+
+        def query(db: sqlite3.Connection) -> Revocation | None:
+            row = db.execute(
+                "SELECT revoked_at_us, revocation_reason FROM certificates "
+                "WHERE sha256_thumbprint = ? AND revoked_at_us IS NOT NULL LIMIT 1",
+                (sha256_thumbprint.upper(),),
+            ).fetchone()
+            return None if row is None else Revocation(_from_us(row[0]), RevocationReason(row[1]))
+
+        return await self._call(query)
+
+    async def revocation_audit(self) -> list[tuple[datetime, str, str, str, str, str]]:
+        """Every revocation call's effect: (time, serial, device id, reason, caller, request id)."""
+
+        def query(db: sqlite3.Connection) -> list[tuple[datetime, str, str, str, str, str]]:
+            rows = db.execute(
+                "SELECT time_us, serial_number, device_id, reason, caller, request_id "
+                "FROM revocations ORDER BY id"
+            ).fetchall()
+            return [(_from_us(r[0]), *r[1:]) for r in rows]
 
         return await self._call(query)

@@ -20,6 +20,9 @@
 | ca.pkcs11_pin_file            | FACTORY_CA_PKCS11_PIN or FACTORY_CA_PKCS11_PIN_FILE | - (pkcs11: required) |
 | mint.default_validity_days    | FACTORY_MINT_DEFAULT_VALIDITY_DAYS | 365                      |
 | device_ids                    | FACTORY_DEVICE_IDS                | guid (see provkit.device_id) |
+| crl.dir                       | FACTORY_CRL_DIR                   | <data_dir>/crl            |
+| crl.validity_hours / refresh_hours | FACTORY_CRL_VALIDITY_HOURS / _REFRESH_HOURS | 168 / 24     |
+| crl.http_host / crl.http_port | FACTORY_CRL_HTTP_HOST / _HTTP_PORT | 127.0.0.1 / - (no HTTP)  |
 | enroll.*, cloud.*             | FACTORY_ENROLL_*, FACTORY_CLOUD_*  | see factory_svc.enrollment.runtime |
 | metrics.listen                | FACTORY_METRICS_LISTEN            | - (off; host:port serves /metrics) |
 | tracing.exporter / otlp_endpoint | FACTORY_TRACING_EXPORTER / _OTLP_ENDPOINT | none (console, otlp) |
@@ -35,11 +38,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from factory_svc.crl import CrlSettings
 from factory_svc.enrollment.runtime import EnrollSettings, load_enroll_settings
 from factory_svc.errors import ERROR_DOMAIN
 from factory_svc.minting import MintPolicy
-from provkit.device_id import DeviceIdPolicy
 from factory_svc.pkcs11_signer import DEBIAN_SOFTHSM2, TokenRef
+from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ServerSettings
 from provkit.observe import ObserveSettings, observe_settings
 from provkit.settings import Secret, SettingsError, SettingsSource, device_id_policy, server_settings
@@ -85,6 +89,21 @@ def pkcs11_settings(source: SettingsSource, section: str = "ca") -> Pkcs11Settin
     return Pkcs11Settings(TokenRef(module, token, label), pin)
 
 
+def crl_settings(source: SettingsSource) -> CrlSettings:
+    validity = source.number("crl.validity_hours", 168.0)
+    refresh = source.number("crl.refresh_hours", 24.0)
+    if not 0 < refresh < validity:
+        raise SettingsError("FACTORY_CRL_REFRESH_HOURS must be above 0 and below FACTORY_CRL_VALIDITY_HOURS")
+    port = source.text("crl.http_port")
+    return CrlSettings(
+        directory=source.path("crl.dir"),
+        validity=timedelta(hours=validity),
+        refresh=timedelta(hours=refresh),
+        http_host=source.text("crl.http_host", "127.0.0.1") or "127.0.0.1",
+        http_port=None if not port else source.integer("crl.http_port", 0),
+    )
+
+
 def ca_settings(source: SettingsSource) -> CaSettings:
     backend_name = (source.text("ca.backend", "file") or "file").lower()
     try:
@@ -113,6 +132,7 @@ class FactorySettings:
     enroll: EnrollSettings | None = None  # None: no DPS configured (Enroll answers FAILED_PRECONDITION)
     device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID
     observe: ObserveSettings = field(default_factory=ObserveSettings)  # /metrics, traces: off by default
+    crl: CrlSettings = field(default_factory=CrlSettings)
 
     @property
     def ledger_path(self) -> Path:
@@ -121,6 +141,10 @@ class FactorySettings:
     @property
     def dev_ca_dir(self) -> Path:
         return self.data_dir / "ca"
+
+    @property
+    def crl_dir(self) -> Path:
+        return self.crl.directory or self.data_dir / "crl"
 
 
 def load_settings(env: Mapping[str, str] | None = None, config: Path | None = None) -> FactorySettings:
@@ -139,4 +163,5 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         enroll=load_enroll_settings(source),
         device_ids=device_id_policy(source),
         observe=observe_settings(source),
+        crl=crl_settings(source),
     )
