@@ -27,6 +27,7 @@ from factory_svc.ca import Clock, IssuingCA, load_chain, load_configured_ca, now
 from factory_svc.crl import CrlHttp, CrlPublisher
 from factory_svc.enrollment.runtime import EnrollmentRuntime
 from factory_svc.ledger import SqliteLedger
+from factory_svc.lots import LotService
 from factory_svc.minting import CertificateCatalog, MintingService
 from factory_svc.pkcs11_signer import Pkcs11Signer
 from factory_svc.revocation import CloudSide, RevocationService
@@ -109,6 +110,7 @@ class FactoryApp:
             self.settings.device_ids,
             self.observe.metrics,
             revocation=self.revocation,
+            lots=LotService(self.minting, self.ledger, self.clock, self.settings.device_ids),
         )
         return [servicer.binding()]
 

@@ -31,7 +31,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
-from factory_svc import ca_cli, revoke_cli
+from factory_svc import ca_cli, lot_cli, revoke_cli
 from factory_svc.enrollment import cli_commands as enroll_cli
 from factory_svc.errors import CaConfigError
 from provkit import faults
@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("--json", action="store_true", help="print the certificate's fields as JSON")
     enroll_cli.add_parsers(client)
     revoke_cli.add_parsers(client)
+    lot_cli.add_parsers(client)
     ca_cli.add_parsers(sub)
     return parser
 
@@ -223,6 +224,8 @@ async def _client(args: argparse.Namespace, source: SettingsSource) -> int:
                 return await _list(stub, args)
             if args.command in enroll_cli.COMMANDS:
                 return await enroll_cli.run(stub, args)
+            if args.command in lot_cli.COMMANDS:
+                return await lot_cli.run(stub, args)
             if args.command in revoke_cli.COMMANDS:
                 return await revoke_cli.run(stub, args)
             reply = await stub.GetCertificate(pb.GetCertificateRequest(serial_number=args.serial_number))

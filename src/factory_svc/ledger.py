@@ -84,8 +84,30 @@ CREATE TABLE revocations (
 );
 """
 
+# Version 3: production lots (MintCertificates): each lot's header fingerprint, and which certificate each
+# of its items got; a server-generated key waits in lot_items until the client acknowledges the lot.
+LOTS = """
+CREATE TABLE lots (
+    lot_id TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    item_count INTEGER NOT NULL,
+    caller TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    acknowledged_us INTEGER
+);
+CREATE TABLE lot_items (
+    lot_id TEXT NOT NULL REFERENCES lots (lot_id),
+    item_index INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    serial_number TEXT NOT NULL REFERENCES certificates (serial_number),
+    private_key_pem TEXT,
+    PRIMARY KEY (lot_id, item_index),
+    UNIQUE (lot_id, device_id)
+);
+"""
+
 # Version 1 is the original schema (files written before versions were kept have version 0 and these tables).
-MIGRATIONS = (SCHEMA, REVOCATION)
+MIGRATIONS = (SCHEMA, REVOCATION, LOTS)
 # FULL: a certificate handed out must stay on record (limits and audits count it) even after a power cut.
 # One statement cache entry per multi-row INSERT size.
 OPTIONS = Options(synchronous=Synchronous.FULL, cached_statements=512)
@@ -109,6 +131,11 @@ _SELECT_REQUEST = (
     "c.caller, c.request_id, c.revoked_at_us, c.revocation_reason "
     "FROM mint_requests r JOIN certificates c USING (serial_number) "
     "WHERE r.request_id = ?"
+)
+_PREFIXED = ", ".join(f"c.{column.strip()}" for column in _COLUMNS.split(","))
+_INSERT_LOT_ITEM = (
+    "INSERT INTO lot_items (lot_id, item_index, device_id, serial_number, private_key_pem) "
+    "VALUES (?, ?, ?, ?, ?)"
 )
 _AUDIT_REVOCATION = (
     "INSERT INTO revocations (time_us, serial_number, device_id, reason, caller, request_id) "
@@ -206,6 +233,22 @@ class Cursor:
 
 def cursor_of(certificate: IssuedCertificate) -> Cursor:
     return Cursor(_us(certificate.issued_at), certificate.serial_number)
+
+
+@dataclass(frozen=True)
+class StoredLot:
+    fingerprint: str
+    item_count: int
+    acknowledged: bool
+
+
+@dataclass(frozen=True)
+class LotEntry:
+    """One issued item of a lot, as the ledger keeps it."""
+
+    index: int
+    certificate: IssuedCertificate
+    private_key_pem: str | None  # server-generated, until the lot is acknowledged
 
 
 @dataclass
@@ -448,3 +491,52 @@ class SqliteLedger:
             return [(_from_us(r[0]), *r[1:]) for r in rows]
 
         return await self._call(query)
+
+    # ------------------------------------------------------------------------------------------- lots
+    async def open_lot(
+        self, lot_id: str, fingerprint: str, item_count: int, caller: str, now: datetime
+    ) -> tuple[StoredLot, dict[int, LotEntry]]:
+        """The lot (created now if new) and the items it has issued so far."""
+
+        def work(db: sqlite3.Connection) -> tuple[StoredLot, dict[int, LotEntry]]:
+            db.execute(
+                "INSERT OR IGNORE INTO lots (lot_id, fingerprint, item_count, caller, created_us) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (lot_id, fingerprint, item_count, caller, _us(now)),
+            )
+            stored, count, acknowledged = db.execute(
+                "SELECT fingerprint, item_count, acknowledged_us FROM lots WHERE lot_id = ?", (lot_id,)
+            ).fetchone()
+            rows = db.execute(
+                f"SELECT i.item_index, i.private_key_pem, {_PREFIXED} FROM lot_items i "  # noqa: S608
+                "JOIN certificates c USING (serial_number) WHERE i.lot_id = ?",
+                (lot_id,),
+            ).fetchall()
+            entries = {row[0]: LotEntry(row[0], _certificate(row[2:]), row[1]) for row in rows}
+            return StoredLot(stored, count, acknowledged is not None), entries
+
+        return await self._store.transaction(work)
+
+    async def record_lot_items(self, lot_id: str, entries: Sequence[LotEntry]) -> None:
+        """Commit a chunk of a lot's certificates and their items together: all or none."""
+
+        def write(db: sqlite3.Connection) -> None:
+            for chunk in _chunks([_row(e.certificate) for e in entries], _ROWS_PER_INSERT):
+                db.execute(_insert_many(_INSERT_CERTIFICATE, len(chunk)), [v for row in chunk for v in row])
+            items = [
+                (lot_id, e.index, e.certificate.device_id, e.certificate.serial_number, e.private_key_pem)
+                for e in entries
+            ]
+            for chunk in _chunks(items, _ROWS_PER_INSERT):
+                db.execute(_insert_many(_INSERT_LOT_ITEM, len(chunk)), [v for row in chunk for v in row])
+
+        await self._store.transaction(write)
+
+    async def acknowledge_lot(self, lot_id: str, now: datetime) -> None:
+        """The client has the lot: forget its server-generated keys."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE lot_items SET private_key_pem = NULL WHERE lot_id = ?", (lot_id,))
+            db.execute("UPDATE lots SET acknowledged_us = ? WHERE lot_id = ?", (_us(now), lot_id))
+
+        await self._store.transaction(write)

@@ -18,6 +18,8 @@ from factory_svc.enrollment.grpc_api import EnrollmentRpcs
 from factory_svc.enrollment.service import EnrollmentService
 from factory_svc.errors import FailedPrecondition, invalid_field
 from factory_svc.keys import KeyType
+from factory_svc.lots import LotService
+from factory_svc.lots_grpc import LotRpcs
 from factory_svc.minting import CertificateCatalog, MintingService
 from factory_svc.model import CsrKey, IssuedCertificate, KeySource, MintRequest, RevocationReason, ServerKey
 from factory_svc.revocation import RevocationService, RevokeRequest
@@ -127,7 +129,7 @@ def revoke_request_from_proto(request: pb.RevokeCertificateRequest, caller: str)
     )
 
 
-class FactoryServicer(EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
+class FactoryServicer(LotRpcs, EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
     def __init__(
         self,
         minting: MintingService,
@@ -136,8 +138,11 @@ class FactoryServicer(EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
         device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID,
         metrics: SuiteMetrics = NO_METRICS,
         revocation: RevocationService | None = None,
+        lots: LotService | None = None,
     ) -> None:
         self._device_ids = device_ids  # checked here, at the boundary (EnrollmentRpcs too)
+        if lots is not None:
+            self._lots = lots  # MintCertificates (LotRpcs)
         self._minting = minting
         self._catalog = catalog
         self._revocation = revocation

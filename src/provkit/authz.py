@@ -68,6 +68,7 @@ SUITE_POLICY = AccessPolicy(
     {
         # the factory: the MES and the test bench (`device-client provision`) mint, enroll and follow up
         _FACTORY + "MintCertificate": frozenset({Role.FACTORY}),
+        _FACTORY + "MintCertificates": frozenset({Role.FACTORY}),  # production lots
         _FACTORY + "Enroll": frozenset({Role.FACTORY}),
         _FACTORY + "EnrollBatch": frozenset({Role.FACTORY}),
         _FACTORY + "GetEnrollmentStatus": frozenset({Role.FACTORY, Role.OPERATOR}),

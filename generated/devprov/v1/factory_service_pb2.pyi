@@ -404,3 +404,91 @@ class RevokeCertificateResponse(_message.Message):
     crl_number: int
     crl_this_update: _timestamp_pb2.Timestamp
     def __init__(self, device_id: _Optional[str] = ..., certificates: _Optional[_Iterable[_Union[IssuedCertificate, _Mapping]]] = ..., newly_revoked_count: _Optional[int] = ..., enrollment_disabled: _Optional[bool] = ..., hub_identity_disabled: _Optional[bool] = ..., crl_number: _Optional[int] = ..., crl_this_update: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class LotHeader(_message.Message):
+    __slots__ = ("lot_id", "key_source", "key_type", "item_count", "derive_device_ids", "validity")
+    LOT_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DERIVE_DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    VALIDITY_FIELD_NUMBER: _ClassVar[int]
+    lot_id: str
+    key_source: KeySource
+    key_type: KeyType
+    item_count: int
+    derive_device_ids: bool
+    validity: _duration_pb2.Duration
+    def __init__(self, lot_id: _Optional[str] = ..., key_source: _Optional[_Union[KeySource, str]] = ..., key_type: _Optional[_Union[KeyType, str]] = ..., item_count: _Optional[int] = ..., derive_device_ids: _Optional[bool] = ..., validity: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class LotItem(_message.Message):
+    __slots__ = ("index", "device_id", "csr_pem")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    device_id: str
+    csr_pem: str
+    def __init__(self, index: _Optional[int] = ..., device_id: _Optional[str] = ..., csr_pem: _Optional[str] = ...) -> None: ...
+
+class LotAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MintCertificatesRequest(_message.Message):
+    __slots__ = ("header", "item", "ack")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    header: LotHeader
+    item: LotItem
+    ack: LotAck
+    def __init__(self, header: _Optional[_Union[LotHeader, _Mapping]] = ..., item: _Optional[_Union[LotItem, _Mapping]] = ..., ack: _Optional[_Union[LotAck, _Mapping]] = ...) -> None: ...
+
+class LotItemError(_message.Message):
+    __slots__ = ("code", "reason", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    reason: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class LotItemResult(_message.Message):
+    __slots__ = ("index", "device_id", "certificate", "private_key_pem", "replayed", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    device_id: str
+    certificate: IssuedCertificate
+    private_key_pem: str
+    replayed: bool
+    error: LotItemError
+    def __init__(self, index: _Optional[int] = ..., device_id: _Optional[str] = ..., certificate: _Optional[_Union[IssuedCertificate, _Mapping]] = ..., private_key_pem: _Optional[str] = ..., replayed: _Optional[bool] = ..., error: _Optional[_Union[LotItemError, _Mapping]] = ...) -> None: ...
+
+class LotSummary(_message.Message):
+    __slots__ = ("lot_id", "item_count", "issued_count", "replayed_count", "failed_count")
+    LOT_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    lot_id: str
+    item_count: int
+    issued_count: int
+    replayed_count: int
+    failed_count: int
+    def __init__(self, lot_id: _Optional[str] = ..., item_count: _Optional[int] = ..., issued_count: _Optional[int] = ..., replayed_count: _Optional[int] = ..., failed_count: _Optional[int] = ...) -> None: ...
+
+class MintCertificatesResponse(_message.Message):
+    __slots__ = ("result", "summary")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    result: LotItemResult
+    summary: LotSummary
+    def __init__(self, result: _Optional[_Union[LotItemResult, _Mapping]] = ..., summary: _Optional[_Union[LotSummary, _Mapping]] = ...) -> None: ...

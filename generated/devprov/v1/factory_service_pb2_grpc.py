@@ -92,6 +92,11 @@ class FactoryServiceStub:
                 request_serializer=devprov_dot_v1_dot_factory__service__pb2.RevokeCertificateRequest.SerializeToString,
                 response_deserializer=devprov_dot_v1_dot_factory__service__pb2.RevokeCertificateResponse.FromString,
                 _registered_method=True)
+        self.MintCertificates = channel.stream_stream(
+                '/devprov.v1.FactoryService/MintCertificates',
+                request_serializer=devprov_dot_v1_dot_factory__service__pb2.MintCertificatesRequest.SerializeToString,
+                response_deserializer=devprov_dot_v1_dot_factory__service__pb2.MintCertificatesResponse.FromString,
+                _registered_method=True)
 
 
 class FactoryServiceServicer:
@@ -192,6 +197,19 @@ class FactoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MintCertificates(self, request_iterator, context):
+        """Mints a production lot: the first message is a LotHeader (lot id, key source, item count), then the
+        items (CSRs, or device ids for server-side keys; none when the ids are derived here). Results stream
+        back in item order, each certificate committed to the ledger before it is sent, then a LotSummary.
+        Sending the same lot again (after a disconnect or a restart) resumes it: items already issued are
+        answered from the ledger (`replayed`), never issued twice. Server-generated keys are kept (in the
+        ledger file, 0600) until the client sends a LotAck after the summary, so a resumed lot can still hand
+        them out. The same lot id with another header is INVALID_ARGUMENT REQUEST_ID_REUSED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FactoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -244,6 +262,11 @@ def add_FactoryServiceServicer_to_server(servicer, server):
                     servicer.RevokeCertificate,
                     request_deserializer=devprov_dot_v1_dot_factory__service__pb2.RevokeCertificateRequest.FromString,
                     response_serializer=devprov_dot_v1_dot_factory__service__pb2.RevokeCertificateResponse.SerializeToString,
+            ),
+            'MintCertificates': grpc.stream_stream_rpc_method_handler(
+                    servicer.MintCertificates,
+                    request_deserializer=devprov_dot_v1_dot_factory__service__pb2.MintCertificatesRequest.FromString,
+                    response_serializer=devprov_dot_v1_dot_factory__service__pb2.MintCertificatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -524,6 +547,33 @@ class FactoryService:
             '/devprov.v1.FactoryService/RevokeCertificate',
             devprov_dot_v1_dot_factory__service__pb2.RevokeCertificateRequest.SerializeToString,
             devprov_dot_v1_dot_factory__service__pb2.RevokeCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MintCertificates(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/devprov.v1.FactoryService/MintCertificates',
+            devprov_dot_v1_dot_factory__service__pb2.MintCertificatesRequest.SerializeToString,
+            devprov_dot_v1_dot_factory__service__pb2.MintCertificatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

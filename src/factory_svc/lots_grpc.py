@@ -1,0 +1,129 @@
+"""The MintCertificates RPC: the lot stream <-> ``factory_svc.lots``, no business rules.
+
+``LotRpcs`` is mixed into ``factory_svc.servicer.FactoryServicer``; it expects ``self._lots`` (a
+``LotService``).  The stream: a header first, then (unless the ids are derived) ``item_count`` items; the
+results go out a chunk at a time as soon as the chunk is committed, then the summary; then an optional
+LotAck, after which the lot's server-generated keys are forgotten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import grpc
+
+from devprov.v1 import factory_service_pb2 as pb
+from factory_svc.errors import invalid_field
+from factory_svc.keys import KeyType
+from factory_svc.lots import CHUNK, Lot, LotHeader, LotItem, LotItemResult, LotService
+from provkit.context import current_caller
+
+
+def header_from_proto(message: pb.MintCertificatesRequest, caller: str) -> LotHeader:
+    from factory_svc.servicer import KEY_TYPE_FROM_PROTO
+
+    if message.WhichOneof("part") != "header":
+        raise invalid_field("header", "LOT_HEADER_MISSING", "the first message of a lot is its header")
+    header = message.header
+    if header.key_source not in (pb.KEY_SOURCE_CSR, pb.KEY_SOURCE_SERVER_GENERATED):
+        raise invalid_field("header.key_source", "LOT_KEY_SOURCE_INVALID", "choose CSRs or server-side keys")
+    key_type = KeyType.EC_P256
+    if header.key_type != pb.KEY_TYPE_UNSPECIFIED:
+        if header.key_type not in KEY_TYPE_FROM_PROTO:
+            raise invalid_field(
+                "header.key_type", "KEY_TYPE_UNSUPPORTED", f"unknown key type {header.key_type}"
+            )
+        key_type = KEY_TYPE_FROM_PROTO[header.key_type]
+    validity = None
+    if header.HasField("validity"):
+        validity = timedelta(seconds=header.validity.seconds, microseconds=header.validity.nanos // 1000)
+    return LotHeader(
+        lot_id=header.lot_id,
+        server_keys=header.key_source == pb.KEY_SOURCE_SERVER_GENERATED,
+        key_type=key_type,
+        item_count=header.item_count,
+        derive_device_ids=header.derive_device_ids,
+        validity=validity,
+        caller=caller,
+    )
+
+
+def result_to_proto(result: LotItemResult) -> pb.MintCertificatesResponse:
+    from factory_svc.servicer import certificate_to_proto
+
+    message = pb.LotItemResult(
+        index=result.index,
+        device_id=result.device_id,
+        private_key_pem=result.private_key_pem or "",
+        replayed=result.replayed,
+    )
+    if result.certificate is not None:
+        message.certificate.CopyFrom(certificate_to_proto(result.certificate))
+    if result.error is not None:
+        message.error.CopyFrom(
+            pb.LotItemError(
+                code=result.error.kind.name, reason=result.error.reason, message=result.error.message
+            )
+        )
+    return pb.MintCertificatesResponse(result=message)
+
+
+def _summary(lot: Lot) -> pb.MintCertificatesResponse:
+    return pb.MintCertificatesResponse(
+        summary=pb.LotSummary(
+            lot_id=lot.header.lot_id,
+            item_count=lot.header.item_count,
+            issued_count=lot.issued_now,
+            replayed_count=lot.replayed,
+            failed_count=lot.failed,
+        )
+    )
+
+
+class LotRpcs:
+    _lots: LotService
+
+    async def MintCertificates(
+        self, requests: AsyncIterator[pb.MintCertificatesRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.MintCertificatesResponse]:
+        first = await anext(aiter(requests), None)
+        if first is None:
+            raise invalid_field("header", "LOT_HEADER_MISSING", "the first message of a lot is its header")
+        header = header_from_proto(first, str(current_caller()))
+        async with self._lots.open(header) as lot:
+            if header.derive_device_ids:
+                for start in range(0, header.item_count, CHUNK):
+                    chunk = [lot.derived_item(i) for i in range(start, min(start + CHUNK, header.item_count))]
+                    for result in await self._lots.issue(lot, chunk):
+                        yield result_to_proto(result)
+            else:
+                pending: list[LotItem] = []
+                received = 0
+                async for message in requests:
+                    if message.WhichOneof("part") != "item":
+                        raise invalid_field(
+                            "item", "LOT_ITEM_EXPECTED", "items follow the header, then the ack"
+                        )
+                    item = message.item
+                    pending.append(
+                        LotItem(item.index, item.device_id, item.csr_pem.encode("utf-8", "replace"))
+                    )
+                    received += 1
+                    if len(pending) == CHUNK or received == header.item_count:
+                        for result in await self._lots.issue(lot, pending):
+                            yield result_to_proto(result)
+                        pending = []
+                    if received == header.item_count:
+                        break
+                if received < header.item_count:
+                    raise invalid_field(
+                        "item",
+                        "LOT_INCOMPLETE",
+                        f"the stream ended after {received} of {header.item_count} items",
+                    )
+            yield _summary(lot)
+            async for message in requests:
+                if message.WhichOneof("part") == "ack":
+                    await self._lots.acknowledge(lot)
+                break
