@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import stat
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -215,8 +216,9 @@ async def test_the_lot_command_writes_a_directory_per_device(tmp_path: Path) -> 
         client = ("--target", target, "--insecure")
         csr_dir = tmp_path / "csrs"
         csr_dir.mkdir()
-        for n in range(3):
-            (csr_dir / f"board-{n}.csr").write_text(make_csr(make_key("p256"), f"Board-{n}"))
+        boards = [str(uuid.uuid4()).upper() for _ in range(3)]  # as a label shows it
+        for n, guid in enumerate(boards):
+            (csr_dir / f"board-{n}.csr").write_text(make_csr(make_key("p256"), guid))
         code, out, err = await run_module(
             "factory_svc.cli",
             "lot",
@@ -229,13 +231,14 @@ async def test_the_lot_command_writes_a_directory_per_device(tmp_path: Path) -> 
         )
         assert code == 0, err
         assert "3 item(s), 3 issued" in out
-        for n in range(3):
-            folder = tmp_path / "csr-out" / f"board-{n}"
+        for guid in boards:
+            folder = tmp_path / "csr-out" / guid.lower()
             verify_chain((folder / "chain.pem").read_text())
             assert not (folder / "key.pem").exists()
 
         ids = tmp_path / "ids.txt"
-        ids.write_text("jig-a\njig-b\n")
+        jigs = [str(uuid.uuid4()), str(uuid.uuid4())]
+        ids.write_text("\n".join(jigs) + "\n")
         password = tmp_path / "p12-password"
         password.write_text("correct horse\n")
         code, out, err = await run_module(
@@ -253,11 +256,11 @@ async def test_the_lot_command_writes_a_directory_per_device(tmp_path: Path) -> 
             *client,
         )
         assert code == 0, err
-        bundle = tmp_path / "p12-out" / "jig-b" / "device.p12"
+        bundle = tmp_path / "p12-out" / jigs[1] / "device.p12"
         assert stat.S_IMODE(bundle.stat().st_mode) == 0o600
         key, cert, cas = pkcs12.load_key_and_certificates(bundle.read_bytes(), b"correct horse")
         assert cert is not None and key is not None and len(cas) == 2
-        assert cert.subject.rfc4514_string() == "CN=jig-b" and key.curve.name == "secp384r1"
+        assert cert.subject.rfc4514_string() == f"CN={jigs[1]}" and key.curve.name == "secp384r1"
         assert cert.public_key() == key.public_key()
     finally:
         server.send_signal(signal.SIGTERM)

@@ -5,6 +5,7 @@ start-up error."""
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pkcs11
@@ -51,8 +52,9 @@ async def test_ca_init_then_the_factory_signs_with_the_token_key(
 
     settings = load_settings(env=_env(tmp_path, token_ca.env))
     async with running_factory(settings) as factory:
+        guid = str(uuid.uuid4())
         reply = await factory.stub.MintCertificate(
-            pb.MintCertificateRequest(device_id="hsm-1", csr_pem=make_csr(make_key("p256"), "hsm-1"))
+            pb.MintCertificateRequest(device_id=guid, csr_pem=make_csr(make_key("p256"), guid))
         )
     leaf, issuing, _root = verify_chain(reply.certificate.certificate_chain_pem)
     assert issuing == chain[0]

@@ -39,7 +39,7 @@ META = {"tags": {"line": 3}, "properties": {"desired": {"interval_s": 5}}}
 
 
 def new_id() -> str:
-    return f"gw-{uuid.uuid4().hex[:12]}"
+    return str(uuid.uuid4())
 
 
 async def _fetch(url: str) -> tuple[str, bytes]:
