@@ -49,15 +49,18 @@ BENCH_IDENTITY = "urn:devprov:factory:bench"  # who the insecure benchmark serve
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _csr_pool(count: int, prefix: str = "bench") -> list[tuple[str, str]]:
+def _csr_pool(count: int) -> list[tuple[str, str]]:
+    """(device id, CSR PEM) pairs; the ids are fresh GUIDs, as the factory's default id policy wants."""
+    import uuid
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
     pool = []
-    for i in range(count):
-        device_id = f"{prefix}-{i:05d}"
+    for _ in range(count):
+        device_id = str(uuid.uuid4())
         key = ec.generate_private_key(ec.SECP256R1())
         csr = (
             x509.CertificateSigningRequestBuilder()
@@ -170,7 +173,7 @@ async def _lot_client(args: argparse.Namespace) -> None:
     from provkit.channels import ChannelSecurity, create_channel
 
     lot_id = f"bench-lot-{os.getpid()}-{time.time_ns()}"
-    pool = _csr_pool(args.lot, prefix=lot_id)
+    pool = _csr_pool(args.lot)
     header = pb.LotHeader(lot_id=lot_id, key_source=pb.KEY_SOURCE_CSR, item_count=len(pool))
     messages = [pb.MintCertificatesRequest(header=header)] + [
         pb.MintCertificatesRequest(item=pb.LotItem(index=i, csr_pem=csr)) for i, (_, csr) in enumerate(pool)
