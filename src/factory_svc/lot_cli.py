@@ -42,6 +42,7 @@ from provkit.channels import report_failed_call, request_metadata
 from provkit.devpki import write_private_file
 
 COMMANDS = ("lot",)
+BATCH = 64  # items per request message
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED)
 
 
@@ -160,8 +161,8 @@ async def _attempt(
 
     async def requests() -> AsyncIterator[pb.MintCertificatesRequest]:
         yield pb.MintCertificatesRequest(header=plan.header)
-        for item in plan.items:
-            yield pb.MintCertificatesRequest(item=item)
+        for start in range(0, len(plan.items), BATCH):
+            yield pb.MintCertificatesRequest(items=pb.LotItems(items=plan.items[start : start + BATCH]))
         await summary_seen.wait()
         yield pb.MintCertificatesRequest(ack=pb.LotAck())
 
@@ -173,12 +174,12 @@ async def _attempt(
             summary = response.summary
             summary_seen.set()
             continue
-        result = response.result
-        if result.HasField("error"):
-            failures.append(result)
-        else:
-            writer.write(result, server_keys)
-        progress(1)
+        for result in response.results.results:
+            if result.HasField("error"):
+                failures.append(result)
+            else:
+                writer.write(result, server_keys)
+        progress(len(response.results.results))
     if summary is None:
         raise RuntimeError("the factory ended the lot without a summary")
     for failed in failures:

@@ -39,6 +39,7 @@ from provkit.idempotency import RequestIdReused, check_request_id, fingerprint
 
 MAX_LOT_ITEMS = 100_000
 CHUNK = 64  # items signed, committed and answered together
+MAX_BATCH = 1000  # items in one request message
 _LOT_NAMESPACE = uuid.UUID("5b1f2a0e-4c1d-4c55-9d2e-6a61f2f0c7a1")
 
 

@@ -16,7 +16,7 @@ import grpc
 from devprov.v1 import factory_service_pb2 as pb
 from factory_svc.errors import invalid_field
 from factory_svc.keys import KeyType
-from factory_svc.lots import CHUNK, Lot, LotHeader, LotItem, LotItemResult, LotService
+from factory_svc.lots import CHUNK, MAX_BATCH, Lot, LotHeader, LotItem, LotItemResult, LotService
 from provkit.context import current_caller
 
 
@@ -49,7 +49,7 @@ def header_from_proto(message: pb.MintCertificatesRequest, caller: str) -> LotHe
     )
 
 
-def result_to_proto(result: LotItemResult) -> pb.MintCertificatesResponse:
+def result_to_proto(result: LotItemResult) -> pb.LotItemResult:
     from factory_svc.servicer import certificate_to_proto
 
     message = pb.LotItemResult(
@@ -66,7 +66,13 @@ def result_to_proto(result: LotItemResult) -> pb.MintCertificatesResponse:
                 code=result.error.kind.name, reason=result.error.reason, message=result.error.message
             )
         )
-    return pb.MintCertificatesResponse(result=message)
+    return message
+
+
+def results_to_proto(results: list[LotItemResult]) -> pb.MintCertificatesResponse:
+    return pb.MintCertificatesResponse(
+        results=pb.LotItemResults(results=[result_to_proto(r) for r in results])
+    )
 
 
 def _summary(lot: Lot) -> pb.MintCertificatesResponse:
@@ -95,30 +101,34 @@ class LotRpcs:
             if header.derive_device_ids:
                 for start in range(0, header.item_count, CHUNK):
                     chunk = [lot.derived_item(i) for i in range(start, min(start + CHUNK, header.item_count))]
-                    for result in await self._lots.issue(lot, chunk):
-                        yield result_to_proto(result)
+                    yield results_to_proto(await self._lots.issue(lot, chunk))
             else:
                 pending: list[LotItem] = []
                 received = 0
                 async for message in requests:
-                    if message.WhichOneof("part") != "item":
+                    if message.WhichOneof("part") != "items":
                         raise invalid_field(
-                            "item", "LOT_ITEM_EXPECTED", "items follow the header, then the ack"
+                            "items", "LOT_ITEM_EXPECTED", "items follow the header, then the ack"
                         )
-                    item = message.item
-                    pending.append(
-                        LotItem(item.index, item.device_id, item.csr_pem.encode("utf-8", "replace"))
+                    batch = message.items.items
+                    if len(batch) > MAX_BATCH or received + len(batch) > header.item_count:
+                        raise invalid_field(
+                            "items",
+                            "LOT_BATCH_INVALID",
+                            f"at most {MAX_BATCH} items a batch, {header.item_count} in all",
+                        )
+                    pending.extend(
+                        LotItem(i.index, i.device_id, i.csr_pem.encode("utf-8", "replace")) for i in batch
                     )
-                    received += 1
-                    if len(pending) == CHUNK or received == header.item_count:
-                        for result in await self._lots.issue(lot, pending):
-                            yield result_to_proto(result)
-                        pending = []
+                    received += len(batch)
+                    while len(pending) >= CHUNK or (pending and received == header.item_count):
+                        chunk, pending = pending[:CHUNK], pending[CHUNK:]
+                        yield results_to_proto(await self._lots.issue(lot, chunk))
                     if received == header.item_count:
                         break
                 if received < header.item_count:
                     raise invalid_field(
-                        "item",
+                        "items",
                         "LOT_INCOMPLETE",
                         f"the stream ended after {received} of {header.item_count} items",
                     )

@@ -33,24 +33,22 @@ from provkit.grpc_errors import error_details
 pytestmark = pytest.mark.timeout(240)
 
 
-def _csr_lot(lot_id: str, ids: list[str]) -> list[pb.MintCertificatesRequest]:
+def _csr_lot(lot_id: str, ids: list[str]) -> tuple[pb.LotHeader, list[pb.LotItem]]:
     header = pb.LotHeader(lot_id=lot_id, key_source=pb.KEY_SOURCE_CSR, item_count=len(ids))
     items = [
-        pb.MintCertificatesRequest(
-            item=pb.LotItem(index=i, device_id=d, csr_pem=make_csr(make_key("p256"), d))
-        )
-        for i, d in enumerate(ids)
+        pb.LotItem(index=i, device_id=d, csr_pem=make_csr(make_key("p256"), d)) for i, d in enumerate(ids)
     ]
-    return [pb.MintCertificatesRequest(header=header), *items]
+    return header, items
 
 
-async def _send(stub, messages: list[pb.MintCertificatesRequest], ack: bool = True):
-    """Run one lot stream: (results, summary)."""
+async def _send(stub, header: pb.LotHeader, items: list[pb.LotItem], ack: bool = True, batch: int = 50):
+    """Run one lot stream (the items in batches): (results, summary)."""
     summary_seen = asyncio.Event()
 
     async def requests() -> AsyncIterator[pb.MintCertificatesRequest]:
-        for message in messages:
-            yield message
+        yield pb.MintCertificatesRequest(header=header)
+        for start in range(0, len(items), batch):
+            yield pb.MintCertificatesRequest(items=pb.LotItems(items=items[start : start + batch]))
         await summary_seen.wait()
         if ack:
             yield pb.MintCertificatesRequest(ack=pb.LotAck())
@@ -61,7 +59,7 @@ async def _send(stub, messages: list[pb.MintCertificatesRequest], ack: bool = Tr
             summary = response.summary
             summary_seen.set()
         else:
-            results.append(response.result)
+            results.extend(response.results.results)
     return results, summary
 
 
@@ -71,9 +69,9 @@ async def _ledger_count(factory) -> int:
 
 async def test_a_csr_lot_is_issued_in_order_and_resumes_without_duplicates(tmp_path: Path) -> None:
     ids = [f"lot-a-{n:03d}" for n in range(150)]  # a few chunks
-    messages = _csr_lot("lot-a", ids)
+    header, items = _csr_lot("lot-a", ids)
     async with running_factory(factory_settings(tmp_path)) as factory:
-        results, summary = await _send(factory.stub, messages)
+        results, summary = await _send(factory.stub, header, items)
         assert [r.index for r in results] == list(range(150))
         assert [r.device_id for r in results] == ids
         assert (summary.issued_count, summary.replayed_count, summary.failed_count) == (150, 0, 0)
@@ -81,7 +79,7 @@ async def test_a_csr_lot_is_issued_in_order_and_resumes_without_duplicates(tmp_p
         assert all(r.certificate.request_id == "lot-a" and not r.private_key_pem for r in results)
         assert await _ledger_count(factory) == 150
 
-        again, summary = await _send(factory.stub, messages)  # the same lot: answered from the ledger
+        again, summary = await _send(factory.stub, header, items, batch=7)  # answered from the ledger
         assert (summary.issued_count, summary.replayed_count) == (0, 150)
         assert [r.certificate.serial_number for r in again] == [r.certificate.serial_number for r in results]
         assert all(r.replayed for r in again)
@@ -90,46 +88,46 @@ async def test_a_csr_lot_is_issued_in_order_and_resumes_without_duplicates(tmp_p
 
 async def test_a_partly_sent_lot_resumes_where_the_ledger_stands(tmp_path: Path) -> None:
     ids = [f"lot-b-{n:03d}" for n in range(100)]
-    messages = _csr_lot("lot-b", ids)
+    header, items = _csr_lot("lot-b", ids)
     async with running_factory(factory_settings(tmp_path)) as factory:
-        call = factory.stub.MintCertificates(
-            iter(messages[:71])
-        )  # header + 70 items, then the client is gone
+        partial = [
+            pb.MintCertificatesRequest(header=header),
+            pb.MintCertificatesRequest(items=pb.LotItems(items=items[:40])),
+            pb.MintCertificatesRequest(items=pb.LotItems(items=items[40:70])),
+        ]
+        call = factory.stub.MintCertificates(iter(partial))  # 70 items, then the client is gone
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for _ in call:
                 pass
         assert error_details(caught.value).reason == "LOT_INCOMPLETE"
         committed = await _ledger_count(factory)
         assert committed == 64  # the first chunk was committed (and sent) before the stream broke off
-        results, summary = await _send(factory.stub, messages)
+        results, summary = await _send(factory.stub, header, items)
         assert (summary.issued_count, summary.replayed_count) == (100 - committed, committed)
         assert await _ledger_count(factory) == 100
         assert len({r.device_id for r in results}) == 100
 
 
 async def test_bad_items_are_refused_one_by_one(tmp_path: Path) -> None:
-    messages = _csr_lot("lot-c", ["lot-c-0", "lot-c-1", "lot-c-2", "lot-c-3"])
-    messages[3].item.csr_pem = "not a csr"  # messages[0] is the header
-    messages[4].item.device_id = "lot-c-0"  # the same device twice
-    messages[4].item.csr_pem = make_csr(make_key("p256"), "lot-c-0")
+    header, items = _csr_lot("lot-c", ["lot-c-0", "lot-c-1", "lot-c-2", "lot-c-3"])
+    items[2].csr_pem = "not a csr"
+    items[3].device_id = "lot-c-0"  # the same device twice
+    items[3].csr_pem = make_csr(make_key("p256"), "lot-c-0")
     async with running_factory(factory_settings(tmp_path)) as factory:
-        results, summary = await _send(factory.stub, messages)
+        results, summary = await _send(factory.stub, header, items)
         assert [r.error.reason for r in results] == ["", "", "CSR_MALFORMED", "DUPLICATE_IN_LOT"]
         assert results[2].error.code == "INVALID_ARGUMENT" and not results[2].HasField("certificate")
         assert (summary.issued_count, summary.failed_count) == (2, 2)
         # a resumed lot must send the same device at the same index
-        changed = _csr_lot("lot-c", ["lot-c-0", "other-device", "lot-c-2", "lot-c-3"])
-        results, _ = await _send(factory.stub, changed)
+        results, _ = await _send(
+            factory.stub, *_csr_lot("lot-c", ["lot-c-0", "other-device", "lot-c-2", "lot-c-3"])
+        )
         assert results[1].error.reason == "LOT_ITEM_CHANGED"
         assert results[0].replayed
         # the same lot id with another header
-        other = [
-            pb.MintCertificatesRequest(
-                header=pb.LotHeader(lot_id="lot-c", key_source=pb.KEY_SOURCE_CSR, item_count=5)
-            )
-        ]
+        other = pb.LotHeader(lot_id="lot-c", key_source=pb.KEY_SOURCE_CSR, item_count=5)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await _send(factory.stub, other)
+            await _send(factory.stub, other, [])
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error_details(caught.value).reason == "REQUEST_ID_REUSED"
         # lot-c-0 and lot-c-1 from the first attempt; lot-c-2 and lot-c-3 (refused then) by the second
@@ -163,7 +161,7 @@ async def test_bad_headers_are_refused_and_write_nothing(
 ) -> None:
     async with running_factory(factory_settings(tmp_path)) as factory:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await _send(factory.stub, [pb.MintCertificatesRequest(header=header)])
+            await _send(factory.stub, header, [])
         assert error_details(caught.value).reason == reason
         assert await _ledger_count(factory) == 0
 
@@ -172,15 +170,14 @@ async def test_generated_keys_are_kept_until_the_lot_is_acknowledged(tmp_path: P
     header = pb.LotHeader(
         lot_id="lot-d", key_source=pb.KEY_SOURCE_SERVER_GENERATED, item_count=70, derive_device_ids=True
     )
-    messages = [pb.MintCertificatesRequest(header=header)]
     async with running_factory(factory_settings(tmp_path)) as factory:
-        first, _ = await _send(factory.stub, messages, ack=False)
+        first, _ = await _send(factory.stub, header, [], ack=False)
         assert [r.device_id for r in first] == [derived_device_id("lot-d", i) for i in range(70)]
         assert all(r.private_key_pem for r in first)
-        resumed, summary = await _send(factory.stub, messages, ack=True)
+        resumed, summary = await _send(factory.stub, header, [], ack=True)
         assert summary.replayed_count == 70
         assert [r.private_key_pem for r in resumed] == [r.private_key_pem for r in first]
-        after_ack, _ = await _send(factory.stub, messages)
+        after_ack, _ = await _send(factory.stub, header, [])
         assert all(r.replayed and not r.private_key_pem for r in after_ack)
         assert await _ledger_count(factory) == 70
 
@@ -333,3 +330,13 @@ async def test_a_lot_interrupted_by_kill_9_resumes_to_one_certificate_per_device
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
         assert load_pem_private_key(key.read_bytes(), None).public_key() == cert.public_key()
+
+
+async def test_more_items_than_the_header_announced_are_refused(tmp_path: Path) -> None:
+    header, items = _csr_lot("lot-e", ["lot-e-0", "lot-e-1", "lot-e-2"])
+    header.item_count = 2
+    async with running_factory(factory_settings(tmp_path)) as factory:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _send(factory.stub, header, items)
+        assert error_details(caught.value).reason == "LOT_BATCH_INVALID"
+        assert await _ledger_count(factory) == 0

@@ -169,8 +169,8 @@ async def _lot(factory, folder, device, code):
     header = fpb.LotHeader(
         lot_id=f"lot-{device_id}", key_source=fpb.KEY_SOURCE_SERVER_GENERATED, item_count=1
     )
-    item = fpb.LotItem(index=0, device_id=device_id)
-    return [fpb.MintCertificatesRequest(header=header), fpb.MintCertificatesRequest(item=item)], device_id
+    items = fpb.LotItems(items=[fpb.LotItem(index=0, device_id=device_id)])
+    return [fpb.MintCertificatesRequest(header=header), fpb.MintCertificatesRequest(items=items)], device_id
 
 
 def _about(request_of: Callable[[DeviceFiles, str], Any]) -> Builder:

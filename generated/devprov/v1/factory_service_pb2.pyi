@@ -431,19 +431,25 @@ class LotItem(_message.Message):
     csr_pem: str
     def __init__(self, index: _Optional[int] = ..., device_id: _Optional[str] = ..., csr_pem: _Optional[str] = ...) -> None: ...
 
+class LotItems(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[LotItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[LotItem, _Mapping]]] = ...) -> None: ...
+
 class LotAck(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class MintCertificatesRequest(_message.Message):
-    __slots__ = ("header", "item", "ack")
+    __slots__ = ("header", "items", "ack")
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    ITEM_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     header: LotHeader
-    item: LotItem
+    items: LotItems
     ack: LotAck
-    def __init__(self, header: _Optional[_Union[LotHeader, _Mapping]] = ..., item: _Optional[_Union[LotItem, _Mapping]] = ..., ack: _Optional[_Union[LotAck, _Mapping]] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[LotHeader, _Mapping]] = ..., items: _Optional[_Union[LotItems, _Mapping]] = ..., ack: _Optional[_Union[LotAck, _Mapping]] = ...) -> None: ...
 
 class LotItemError(_message.Message):
     __slots__ = ("code", "reason", "message")
@@ -485,10 +491,16 @@ class LotSummary(_message.Message):
     failed_count: int
     def __init__(self, lot_id: _Optional[str] = ..., item_count: _Optional[int] = ..., issued_count: _Optional[int] = ..., replayed_count: _Optional[int] = ..., failed_count: _Optional[int] = ...) -> None: ...
 
+class LotItemResults(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[LotItemResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[LotItemResult, _Mapping]]] = ...) -> None: ...
+
 class MintCertificatesResponse(_message.Message):
-    __slots__ = ("result", "summary")
-    RESULT_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("results", "summary")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
-    result: LotItemResult
+    results: LotItemResults
     summary: LotSummary
-    def __init__(self, result: _Optional[_Union[LotItemResult, _Mapping]] = ..., summary: _Optional[_Union[LotSummary, _Mapping]] = ...) -> None: ...
+    def __init__(self, results: _Optional[_Union[LotItemResults, _Mapping]] = ..., summary: _Optional[_Union[LotSummary, _Mapping]] = ...) -> None: ...

@@ -199,8 +199,9 @@ class FactoryServiceServicer:
 
     def MintCertificates(self, request_iterator, context):
         """Mints a production lot: the first message is a LotHeader (lot id, key source, item count), then the
-        items (CSRs, or device ids for server-side keys; none when the ids are derived here). Results stream
-        back in item order, each certificate committed to the ledger before it is sent, then a LotSummary.
+        items in batches (CSRs, or device ids for server-side keys; none when the ids are derived here).
+        Results stream back in batches, in item order, each certificate committed to the ledger before it
+        is sent, then a LotSummary.
         Sending the same lot again (after a disconnect or a restart) resumes it: items already issued are
         answered from the ledger (`replayed`), never issued twice. Server-generated keys are kept (in the
         ledger file, 0600) until the client sends a LotAck after the summary, so a resumed lot can still hand
