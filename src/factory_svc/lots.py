@@ -88,6 +88,15 @@ class LotItemResult:
     error: LotItemError | None = None
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A chunk checked and signed, not yet committed: each item's answer (None: new, see ``fresh``)."""
+
+    items: list[LotItem]
+    results: list[LotItemResult | None]
+    fresh: list[LotEntry]
+
+
 @dataclass
 class Lot:
     header: LotHeader
@@ -182,6 +191,11 @@ class LotService:
 
     async def issue(self, lot: Lot, items: Sequence[LotItem]) -> list[LotItemResult]:
         """Answer a chunk of items: replays from the ledger, new certificates committed before returning."""
+        return await self.commit(lot, await self.prepare(lot, items))
+
+    async def prepare(self, lot: Lot, items: Sequence[LotItem]) -> Prepared:
+        """Check and sign a chunk (nothing written yet).  The next chunk may be prepared while this one's
+        ``commit`` waits for the disk; chunks must be committed in the order they were prepared."""
         now = self._clock()
         results: list[LotItemResult | None] = []
         fresh: list[LotEntry] = []
@@ -190,13 +204,17 @@ class LotService:
             results.append(result)
             if entry is not None:
                 fresh.append(entry)
-        if fresh:
-            await self._ledger.record_lot_items(lot.header.lot_id, fresh)
-            for entry in fresh:
+        return Prepared(list(items), results, fresh)
+
+    async def commit(self, lot: Lot, prepared: Prepared) -> list[LotItemResult]:
+        """Commit a prepared chunk's new certificates with the lot's items; then (only then) its answers."""
+        if prepared.fresh:
+            await self._ledger.record_lot_items(lot.header.lot_id, prepared.fresh)
+            for entry in prepared.fresh:
                 lot.issued[entry.index] = entry
         answered: list[LotItemResult] = []
-        fresh_by_index = {entry.index: entry for entry in fresh}
-        for item, result in zip(items, results, strict=True):
+        fresh_by_index = {entry.index: entry for entry in prepared.fresh}
+        for item, result in zip(prepared.items, prepared.results, strict=True):
             if result is None:
                 entry = fresh_by_index[item.index]
                 result = LotItemResult(

@@ -8,6 +8,8 @@ LotAck, after which the lot's server-generated keys are forgotten.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -87,51 +89,63 @@ def _summary(lot: Lot) -> pb.MintCertificatesResponse:
     )
 
 
+async def _chunks(
+    header: LotHeader, lot: Lot, requests: AsyncIterator[pb.MintCertificatesRequest]
+) -> AsyncIterator[list[LotItem]]:
+    """The lot's items, CHUNK at a time: derived here, or read from the stream's batches."""
+    if header.derive_device_ids:
+        for start in range(0, header.item_count, CHUNK):
+            yield [lot.derived_item(i) for i in range(start, min(start + CHUNK, header.item_count))]
+        return
+    pending: list[LotItem] = []
+    received = 0
+    async for message in requests:
+        if message.WhichOneof("part") != "items":
+            raise invalid_field("items", "LOT_ITEM_EXPECTED", "items follow the header, then the ack")
+        batch = message.items.items
+        if len(batch) > MAX_BATCH or received + len(batch) > header.item_count:
+            raise invalid_field(
+                "items", "LOT_BATCH_INVALID", f"at most {MAX_BATCH} items a batch, {header.item_count} in all"
+            )
+        pending.extend(LotItem(i.index, i.device_id, i.csr_pem.encode("utf-8", "replace")) for i in batch)
+        received += len(batch)
+        while len(pending) >= CHUNK or (pending and received == header.item_count):
+            chunk, pending = pending[:CHUNK], pending[CHUNK:]
+            yield chunk
+        if received == header.item_count:
+            return
+    raise invalid_field(
+        "items", "LOT_INCOMPLETE", f"the stream ended after {received} of {header.item_count} items"
+    )
+
+
 class LotRpcs:
     _lots: LotService
 
     async def MintCertificates(
         self, requests: AsyncIterator[pb.MintCertificatesRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.MintCertificatesResponse]:
+        """Chunk N+1 is checked and signed while chunk N's commit waits for the disk; a chunk's answers
+        go out once it is committed; the lot is let go only when no commit is in flight."""
         first = await anext(aiter(requests), None)
         if first is None:
             raise invalid_field("header", "LOT_HEADER_MISSING", "the first message of a lot is its header")
         header = header_from_proto(first, str(current_caller()))
         async with self._lots.open(header) as lot:
-            if header.derive_device_ids:
-                for start in range(0, header.item_count, CHUNK):
-                    chunk = [lot.derived_item(i) for i in range(start, min(start + CHUNK, header.item_count))]
-                    yield results_to_proto(await self._lots.issue(lot, chunk))
-            else:
-                pending: list[LotItem] = []
-                received = 0
-                async for message in requests:
-                    if message.WhichOneof("part") != "items":
-                        raise invalid_field(
-                            "items", "LOT_ITEM_EXPECTED", "items follow the header, then the ack"
-                        )
-                    batch = message.items.items
-                    if len(batch) > MAX_BATCH or received + len(batch) > header.item_count:
-                        raise invalid_field(
-                            "items",
-                            "LOT_BATCH_INVALID",
-                            f"at most {MAX_BATCH} items a batch, {header.item_count} in all",
-                        )
-                    pending.extend(
-                        LotItem(i.index, i.device_id, i.csr_pem.encode("utf-8", "replace")) for i in batch
-                    )
-                    received += len(batch)
-                    while len(pending) >= CHUNK or (pending and received == header.item_count):
-                        chunk, pending = pending[:CHUNK], pending[CHUNK:]
-                        yield results_to_proto(await self._lots.issue(lot, chunk))
-                    if received == header.item_count:
-                        break
-                if received < header.item_count:
-                    raise invalid_field(
-                        "items",
-                        "LOT_INCOMPLETE",
-                        f"the stream ended after {received} of {header.item_count} items",
-                    )
+            committing: asyncio.Future[list[LotItemResult]] | None = None
+            try:
+                async for chunk in _chunks(header, lot, requests):
+                    prepared = await self._lots.prepare(lot, chunk)
+                    if committing is not None:
+                        yield results_to_proto(await committing)
+                    committing = asyncio.ensure_future(self._lots.commit(lot, prepared))
+                if committing is not None:
+                    done, committing = committing, None
+                    yield results_to_proto(await done)
+            finally:
+                if committing is not None:  # the stream broke off: the chunk in flight still lands whole
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(committing)
             yield _summary(lot)
             async for message in requests:
                 if message.WhichOneof("part") == "ack":
