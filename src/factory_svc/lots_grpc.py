@@ -20,6 +20,7 @@ from factory_svc.errors import invalid_field
 from factory_svc.keys import KeyType
 from factory_svc.lots import CHUNK, MAX_BATCH, Lot, LotHeader, LotItem, LotItemResult, LotService
 from provkit.context import current_caller
+from provkit.metrics import SuiteMetrics
 
 
 def header_from_proto(message: pb.MintCertificatesRequest, caller: str) -> LotHeader:
@@ -121,6 +122,14 @@ async def _chunks(
 
 class LotRpcs:
     _lots: LotService
+    _metrics: SuiteMetrics
+
+    def _answer(self, results: list[LotItemResult]) -> pb.MintCertificatesResponse:
+        """A committed chunk's answers (certificates issued now are counted as minted)."""
+        for result in results:
+            if result.certificate is not None and not result.replayed:
+                self._metrics.minted(result.certificate.key_source.value, result.certificate.key_type.value)
+        return results_to_proto(results)
 
     async def MintCertificates(
         self, requests: AsyncIterator[pb.MintCertificatesRequest], context: grpc.aio.ServicerContext
@@ -137,11 +146,11 @@ class LotRpcs:
                 async for chunk in _chunks(header, lot, requests):
                     prepared = await self._lots.prepare(lot, chunk)
                     if committing is not None:
-                        yield results_to_proto(await committing)
+                        yield self._answer(await committing)
                     committing = asyncio.ensure_future(self._lots.commit(lot, prepared))
                 if committing is not None:
                     done, committing = committing, None
-                    yield results_to_proto(await done)
+                    yield self._answer(await done)
             finally:
                 if committing is not None:  # the stream broke off: the chunk in flight still lands whole
                     with contextlib.suppress(Exception):
