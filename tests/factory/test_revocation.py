@@ -33,6 +33,7 @@ from support.cli_process import run_module
 
 from devprov.v1 import factory_service_pb2 as fpb
 from factory_svc.crl import DER_NAME, PEM_NAME
+from factory_svc.minting import serial_hex
 
 pytestmark = pytest.mark.timeout(180)
 META = {"tags": {"line": 3}, "properties": {"desired": {"interval_s": 5}}}
@@ -140,7 +141,7 @@ async def test_revoking_an_active_device(tmp_path: Path, emulator) -> None:
             "factory_svc", "revoke", f"{serial:X}", "--reason", "cessation-of-operation", *client
         )
         assert code_ == 0, err
-        assert f"revoked     {serial:X}  cessation-of-operation" in out.replace(f"{serial:x}", f"{serial:X}")
+        assert f"revoked     {serial_hex(serial)}  cessation-of-operation" in out
         assert "enrollment  disabled now" in out
         code_, out, err = await run_module("factory_svc", "enrollment-status", other.device_id, *client)
         assert code_ == 0, err
@@ -162,11 +163,7 @@ async def test_revoking_an_active_device(tmp_path: Path, emulator) -> None:
         audit = await factory_app.ledger.revocation_audit()
         assert [(a[1], a[2], a[3]) for a in audit] == [
             (revoked.serial_number, device.device_id, "keyCompromise"),
-            (
-                f"{serial:X}".zfill(len(f"{serial:X}") + len(f"{serial:X}") % 2),
-                other.device_id,
-                "cessationOfOperation",
-            ),
+            (serial_hex(serial), other.device_id, "cessationOfOperation"),
         ]
         assert audit[0][5] == "rev-1"
         assert all(entry[4].startswith("urn:devprov:factory:") for entry in audit)  # who revoked
