@@ -39,7 +39,7 @@ from factory_svc.signer import FileSigner
 from provkit.settings import SettingsError, SettingsSource
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ca = sub.add_parser("ca", help="the issuing CA: create it in a PKCS#11 token, or show it")
     actions = ca.add_subparsers(dest="ca_command", required=True)
     init = actions.add_parser("init", help="generate the issuing key in a token and certify it")

@@ -413,10 +413,10 @@ class SqliteLedger:
         return await self._call(query)
 
     # ------------------------------------------------------------------------------------- revocation
-    async def certificates_of(self, device_id: str, now: datetime) -> list[IssuedCertificate]:
+    async def certificates_of(self, device_id: str, now: datetime) -> builtins.list[IssuedCertificate]:
         """The device's unexpired certificates (revoked or not), oldest first."""
 
-        def query(db: sqlite3.Connection) -> list[IssuedCertificate]:
+        def query(db: sqlite3.Connection) -> builtins.list[IssuedCertificate]:
             rows = db.execute(
                 f"SELECT {_COLUMNS} FROM certificates WHERE device_id = ? AND not_after_us > ? "  # noqa: S608
                 "ORDER BY issued_at_us, serial_number",
@@ -432,12 +432,12 @@ class SqliteLedger:
         revocation: Revocation,
         caller: str,
         request_id: str,
-    ) -> tuple[list[IssuedCertificate], int]:
+    ) -> tuple[builtins.list[IssuedCertificate], int]:
         """Mark the certificates revoked (those revoked before keep their first time and reason) and audit
         the ones this call revoked, in one transaction: (the certificates as they are now, newly revoked)."""
         at_us = _us(revocation.time)
 
-        def write(db: sqlite3.Connection) -> tuple[list[IssuedCertificate], int]:
+        def write(db: sqlite3.Connection) -> tuple[builtins.list[IssuedCertificate], int]:
             newly = 0
             for serial in serials:
                 changed = db.execute(
@@ -454,10 +454,10 @@ class SqliteLedger:
 
         return await self._store.transaction(write)
 
-    async def revoked(self, now: datetime) -> list[IssuedCertificate]:
+    async def revoked(self, now: datetime) -> builtins.list[IssuedCertificate]:
         """Revoked certificates that have not expired yet (what the CRL lists), in revocation order."""
 
-        def query(db: sqlite3.Connection) -> list[IssuedCertificate]:
+        def query(db: sqlite3.Connection) -> builtins.list[IssuedCertificate]:
             rows = db.execute(
                 f"SELECT {_COLUMNS} FROM certificates "  # noqa: S608 - fixed fragments only
                 "WHERE revoked_at_us IS NOT NULL AND not_after_us > ? ORDER BY revoked_at_us, serial_number",
@@ -480,10 +480,10 @@ class SqliteLedger:
 
         return await self._call(query)
 
-    async def revocation_audit(self) -> list[tuple[datetime, str, str, str, str, str]]:
+    async def revocation_audit(self) -> builtins.list[tuple[datetime, str, str, str, str, str]]:
         """Every revocation call's effect: (time, serial, device id, reason, caller, request id)."""
 
-        def query(db: sqlite3.Connection) -> list[tuple[datetime, str, str, str, str, str]]:
+        def query(db: sqlite3.Connection) -> builtins.list[tuple[datetime, str, str, str, str, str]]:
             rows = db.execute(
                 "SELECT time_us, serial_number, device_id, reason, caller, request_id "
                 "FROM revocations ORDER BY id"
@@ -523,11 +523,11 @@ class SqliteLedger:
         def write(db: sqlite3.Connection) -> None:
             for chunk in _chunks([_row(e.certificate) for e in entries], _ROWS_PER_INSERT):
                 db.execute(_insert_many(_INSERT_CERTIFICATE, len(chunk)), [v for row in chunk for v in row])
-            items = [
+            lot_rows: builtins.list[tuple[object, ...]] = [
                 (lot_id, e.index, e.certificate.device_id, e.certificate.serial_number, e.private_key_pem)
                 for e in entries
             ]
-            for chunk in _chunks(items, _ROWS_PER_INSERT):
+            for chunk in _chunks(lot_rows, _ROWS_PER_INSERT):
                 db.execute(_insert_many(_INSERT_LOT_ITEM, len(chunk)), [v for row in chunk for v in row])
 
         await self._store.transaction(write)

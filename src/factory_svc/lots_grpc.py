@@ -13,13 +13,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
-import grpc
-
 from devprov.v1 import factory_service_pb2 as pb
 from factory_svc.errors import invalid_field
 from factory_svc.keys import KeyType
 from factory_svc.lots import CHUNK, MAX_BATCH, Lot, LotHeader, LotItem, LotItemResult, LotService
 from provkit.context import current_caller
+from provkit.grpc_server import Context
 from provkit.metrics import SuiteMetrics
 
 
@@ -132,7 +131,7 @@ class LotRpcs:
         return results_to_proto(results)
 
     async def MintCertificates(
-        self, requests: AsyncIterator[pb.MintCertificatesRequest], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[pb.MintCertificatesRequest], context: Context
     ) -> AsyncIterator[pb.MintCertificatesResponse]:
         """Chunk N+1 is checked and signed while chunk N's commit waits for the disk; a chunk's answers
         go out once it is committed; the lot is let go only when no commit is in flight."""

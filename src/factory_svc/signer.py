@@ -41,7 +41,10 @@ class CaSigner(Protocol):
     def close(self) -> None: ...
 
 
-def hash_for(key: CaKey | CaPublicKey) -> hashes.HashAlgorithm:
+HashChoice = hashes.SHA256 | hashes.SHA384
+
+
+def hash_for(key: CaKey | CaPublicKey) -> HashChoice:
     """SHA-384 for P-384 (and larger curves), SHA-256 otherwise."""
     if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) and key.curve.key_size >= 384:
         return hashes.SHA384()
@@ -110,7 +113,7 @@ class ExternalSignature:
     public_key: ec.EllipticCurvePublicKey
     sign_digest: Callable[[bytes], bytes]
     _stand_in: ec.EllipticCurvePrivateKey = field(init=False)
-    _hash: hashes.HashAlgorithm = field(init=False)
+    _hash: HashChoice = field(init=False)
 
     def __post_init__(self) -> None:
         curve = _CURVES.get(self.public_key.curve.key_size)
