@@ -209,7 +209,7 @@ async def test_the_lot_command_writes_a_directory_per_device(tmp_path: Path) -> 
     target = f"127.0.0.1:{port}"
     server = await _start_server(_config(tmp_path, port))
     try:
-        await wait_serving(target, ChannelSecurity(insecure=True), "factory-svc serve", attempts=100)
+        await wait_serving(target, ChannelSecurity(insecure=True), "factory-svc serve")
         client = ("--target", target, "--insecure")
         csr_dir = tmp_path / "csrs"
         csr_dir.mkdir()
@@ -272,7 +272,7 @@ async def test_a_lot_interrupted_by_kill_9_resumes_to_one_certificate_per_device
     out_dir = tmp_path / "out"
     server = await _start_server(config)
     try:
-        await wait_serving(target, ChannelSecurity(insecure=True), "factory-svc serve", attempts=100)
+        await wait_serving(target, ChannelSecurity(insecure=True), "factory-svc serve")
         lot = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
