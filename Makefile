@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: install proto proto-check lint typecheck test bench demo up clean browser node postgresql
+.PHONY: install proto proto-check lint typecheck test bench demo up clean browser node softhsm postgresql
 
 install: $(STAMP)
 
@@ -35,29 +35,38 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: proto-check lint typecheck browser node postgresql
+test: proto-check lint typecheck browser node softhsm postgresql
 	$(BIN)/python -m pytest
 
-# Headless Chromium (Debian's package) for the portal's browser tests.  Never fails the build: when it cannot
-# be installed the reason is printed and written to $(VENV)/chromium-unavailable, and those tests skip with it.
-CHROMIUM := /usr/bin/chromium
-browser: install
-	@rm -f $(VENV)/chromium-unavailable 2>/dev/null; why=""; \
-	if [ -x $(CHROMIUM) ]; then echo "browser: $$($(CHROMIUM) --version 2>/dev/null || echo $(CHROMIUM))"; exit 0; fi; \
+# System packages some tests need, from Debian: $(call apt_package,NAME,PACKAGE,FILE); FILE may be a glob.  Never
+# fails the build: when FILE is missing and PACKAGE cannot be installed, the reason is printed and written to
+# $(VENV)/NAME-unavailable, and the tests that need it skip with that reason.
+define apt_package
+	@rm -f $(VENV)/$(1)-unavailable 2>/dev/null; why=""; \
+	if ls -d $(3) >/dev/null 2>&1; then echo "$(1): $(3) is there"; exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then sudo=""; \
 	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
-	else why="$(CHROMIUM) is missing and installing it needs root or passwordless sudo"; fi; \
+	else why="$(3) is missing and installing $(2) needs root or passwordless sudo"; fi; \
 	if [ -z "$$why" ]; then \
-		if ! command -v apt-get >/dev/null 2>&1; then why="$(CHROMIUM) is missing and there is no apt-get"; \
+		if ! command -v apt-get >/dev/null 2>&1; then why="$(3) is missing and there is no apt-get"; \
 		elif ! { $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-			$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
-			} >$(VENV)/chromium-install.log 2>&1; then \
-			why="apt-get install chromium failed: $$(tail -n 1 $(VENV)/chromium-install.log)"; \
-		elif [ ! -x $(CHROMIUM) ]; then why="apt-get installed chromium but $(CHROMIUM) is not there"; fi; \
+			$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(2); \
+			} >$(VENV)/$(1)-install.log 2>&1; then \
+			why="apt-get install $(2) failed: $$(tail -n 1 $(VENV)/$(1)-install.log)"; \
+		elif ! ls -d $(3) >/dev/null 2>&1; then why="apt-get installed $(2) but $(3) is not there"; fi; \
 	fi; \
-	if [ -n "$$why" ]; then echo "browser: $$why; the browser tests will skip" >&2; \
-		{ echo "$$why" > $(VENV)/chromium-unavailable; } 2>/dev/null || true; \
-	else echo "browser: installed $$($(CHROMIUM) --version 2>/dev/null)"; fi
+	if [ -n "$$why" ]; then echo "$(1): $$why; the tests that need it will skip" >&2; \
+		{ echo "$$why" > $(VENV)/$(1)-unavailable; } 2>/dev/null || true; \
+	else echo "$(1): installed $(2)"; fi
+endef
+
+# Headless Chromium for the portal's browser tests (never `playwright install`).
+browser: install
+	$(call apt_package,chromium,chromium,/usr/bin/chromium)
+
+# SoftHSM2, the PKCS#11 token the factory's HSM-backed CA is tested against.
+softhsm: install
+	$(call apt_package,softhsm2,softhsm2,/usr/lib/softhsm/libsofthsm2.so)
 
 # Node.js and npm (Debian's packages) for the tests that drive the emulator with Microsoft's Node.js SDKs; the
 # tests install the SDKs pinned in tests/node/package-lock.json into $(VENV)/node/ themselves.  Never fails the
@@ -84,27 +93,9 @@ node: install
 	else echo "node: installed $$(node --version), npm $$(npm --version)"; fi
 
 # Debian's PostgreSQL server for the tests that run the stores on PostgreSQL (each test session starts a
-# throwaway cluster of its own from these binaries, see tests/support/pgcluster.py).  Never fails the build:
-# when it cannot be installed the reason is printed and written to $(VENV)/postgresql-unavailable, and those
-# tests skip with it.
+# throwaway cluster of its own from these binaries, see tests/support/pgcluster.py).
 postgresql: install
-	@rm -f $(VENV)/postgresql-unavailable 2>/dev/null; why=""; \
-	found() { ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1; }; \
-	if [ -n "$$(found)" ]; then echo "postgresql: $$($$(found) --version)"; exit 0; fi; \
-	if [ "$$(id -u)" = 0 ]; then sudo=""; \
-	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
-	else why="the PostgreSQL server is missing and installing it needs root or passwordless sudo"; fi; \
-	if [ -z "$$why" ]; then \
-		if ! command -v apt-get >/dev/null 2>&1; then why="the PostgreSQL server is missing and there is no apt-get"; \
-		elif ! { $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-			$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; \
-			} >$(VENV)/postgresql-install.log 2>&1; then \
-			why="apt-get install postgresql failed: $$(tail -n 1 $(VENV)/postgresql-install.log)"; \
-		elif [ -z "$$(found)" ]; then why="apt-get installed postgresql but no /usr/lib/postgresql/*/bin/initdb"; fi; \
-	fi; \
-	if [ -n "$$why" ]; then echo "postgresql: $$why; the PostgreSQL tests will skip" >&2; \
-		{ echo "$$why" > $(VENV)/postgresql-unavailable; } 2>/dev/null || true; \
-	else echo "postgresql: installed $$($$(found) --version)"; fi
+	$(call apt_package,postgresql,postgresql,/usr/lib/postgresql/*/bin/initdb)
 
 bench: install
 	$(BIN)/python -m bench

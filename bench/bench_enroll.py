@@ -85,7 +85,7 @@ def _issue(ca, count: int) -> list[tuple[str, str]]:
     """(device id, certificate PEM) pairs signed by the factory's issuing CA, one shared key; the ids are
     fresh GUIDs, as on the labels."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -94,7 +94,7 @@ def _issue(ca, count: int) -> list[tuple[str, str]]:
     out = []
     for _ in range(count):
         device_id = str(uuid.uuid4())
-        cert = (
+        cert = ca.signer.sign_certificate(
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
             .issuer_name(ca.certificate.subject)
@@ -113,7 +113,6 @@ def _issue(ca, count: int) -> list[tuple[str, str]]:
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.certificate.public_key()),
                 critical=False,
             )
-            .sign(ca.key, hashes.SHA256())
         )
         out.append((device_id, cert.public_bytes(serialization.Encoding.PEM).decode()))
     return out

@@ -16,7 +16,7 @@ import pytest
 MQTT_PORT = 8883
 HTTPS_PORT = 443
 
-pytest_plugins = ["support.dps_fixtures", "support.node_sdks"]
+pytest_plugins = ["support.dps_fixtures", "support.node_sdks", "support.softhsm"]
 
 
 def _address_is_free(host: str, port: int) -> bool:

@@ -69,16 +69,15 @@ from activation_svc.steps import (
 )
 from provkit.activation_code import verify_code
 from provkit.cloud import (
-    CloudEtagMismatch,
     CloudUnavailable,
     Enrollment,
     EnrollmentPort,
     HubAllocation,
     HubDevice,
-    HubDeviceStatus,
     HubTwinPort,
     InitialTwin,
     ProvisioningStatus,
+    disable_hub_device,
 )
 from provkit.context import Caller, Role, bind_device_id
 from provkit.device_id import normalise_device_id
@@ -410,15 +409,9 @@ class ActivationService:
         if not hub:
             return False
         with hub_errors():
-            for _ in range(_MAX_ATTEMPTS):
-                device = await self._hubs.get_device(hub, device_id)
-                if device is None or device.status is HubDeviceStatus.DISABLED:
-                    return False
-                try:
-                    await self._hubs.set_device_status(hub, device, HubDeviceStatus.DISABLED)
-                except CloudEtagMismatch:
-                    continue
-                return True
+            disabled = await disable_hub_device(self._hubs, hub, device_id, _MAX_ATTEMPTS)
+            if disabled is not None:
+                return disabled
         raise Aborted("HUB_DEVICE_CONCURRENTLY_MODIFIED", "the hub device kept changing; try again")
 
     # ------------------------------------------------------------------------------------- status

@@ -107,7 +107,7 @@ class DpsTarget:
     trusted_ca_pem: str | None
 
 
-async def _release(client: ProvisioningDeviceClient, timeout_s: float) -> None:
+async def release(client: ProvisioningDeviceClient, timeout_s: float) -> None:
     """Shut the client's pipeline down: after a refused registration the SDK keeps its MQTT connection
     open and has no public way to close it (2.14), so use the pipeline's shutdown operation."""
     pipeline = getattr(client, "_pipeline", None)
@@ -178,4 +178,4 @@ async def register(
         raise classify_registration_error(exc) from exc
     finally:
         if not assigned:
-            await _release(client, min(timeout_s, 5.0))
+            await release(client, min(timeout_s, 5.0))

@@ -3,7 +3,8 @@
 Data directory layout (``FactorySettings.data_dir``)::
 
     <data_dir>/
-      ledger.sqlite3        issued certificates and request ids (SQLite, WAL; plus -wal/-shm files)
+      ledger.sqlite3        issued certificates, revocations and request ids (SQLite, WAL; plus -wal/-shm)
+      crl/                  the CRL: issuing-ca.crl (DER), issuing-ca.crl.pem (see factory_svc.crl)
       enrollments.sqlite3   the enrollment outbox, its request ids, the enrollment audit, the activation
                             codes not yet acknowledged (AES-GCM encrypted) and their events (both
                             files: the default; with database_url = postgresql://... their tables are
@@ -24,18 +25,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from factory_svc.ca import Clock, IssuingCA, load_configured_ca, now_utc, open_dev_ca
+from factory_svc.ca import Clock, IssuingCA, load_chain, load_configured_ca, now_utc, open_dev_ca
+from factory_svc.crl import CrlHttp, CrlPublisher
 from factory_svc.enrollment.runtime import EnrollmentRuntime
 from factory_svc.ledger import Ledger
+from factory_svc.lots import LotService
 from factory_svc.minting import CertificateCatalog, MintingService
+from factory_svc.pkcs11_signer import Pkcs11Signer
+from factory_svc.revocation import CloudSide, RevocationService
 from factory_svc.servicer import FactoryServicer
 from factory_svc.settings import FactorySettings
 from provkit.grpc_server import RunningServer, ServiceBinding, serve_app, start_server
+from provkit.iothub import HubRegistries
 from provkit.observe import Observability
 
 
 def open_ca(settings: FactorySettings, clock: Clock) -> IssuingCA:
     ca = settings.ca
+    if ca.pkcs11 is not None and ca.chain_file is not None:
+        chain = load_chain(ca.chain_file)
+        signer = Pkcs11Signer.open(ca.pkcs11.token, ca.pkcs11.pin.reveal())
+        try:
+            return IssuingCA(chain[0], signer, chain)
+        except BaseException:
+            signer.close()
+            raise
     if ca.chain_file is not None and ca.key_file is not None:
         passphrase = ca.key_passphrase.reveal() if ca.key_passphrase else None
         return load_configured_ca(ca.chain_file, ca.key_file, passphrase)
@@ -49,7 +63,10 @@ class FactoryApp:
     ledger: Ledger
     minting: MintingService
     catalog: CertificateCatalog
+    crl: CrlPublisher
+    revocation: RevocationService
     enrollment: EnrollmentRuntime | None = None
+    crl_http: CrlHttp | None = None
     observe: Observability = field(default_factory=Observability.off)
     clock: Clock = now_utc
 
@@ -61,7 +78,10 @@ class FactoryApp:
         ca = open_ca(settings, clock)
         ledger = await Ledger.open(settings.database_url)
         minting = MintingService(ca, ledger, settings.mint, clock)
-        enrollment = None
+        crl = CrlPublisher(ca, ledger, settings.crl_dir, settings.crl, clock)
+        await crl.publish()  # a fresh CRL at every start
+        crl.start()
+        enrollment, cloud = None, None
         if settings.enroll is not None:
             enrollment = await EnrollmentRuntime.open(
                 settings.enroll,
@@ -70,14 +90,32 @@ class FactoryApp:
                 settings.database_url,
                 clock,
                 observer=observe.cloud_calls("dps"),
+                revocations=ledger,
             )
-        return cls(settings, ca, ledger, minting, CertificateCatalog(ledger), enrollment, observe, clock)
+            hubs = HubRegistries(settings.enroll.cloud.hubs, settings.enroll.cloud.dps.ca_file)
+            cloud = CloudSide(enrollment.dps, hubs)
+        revocation = RevocationService(ledger, crl, cloud, clock)
+        catalog = CertificateCatalog(ledger)
+        app = cls(
+            settings, ca, ledger, minting, catalog, crl, revocation, enrollment, observe=observe, clock=clock
+        )
+        if settings.crl.http_port is not None:
+            app.crl_http = CrlHttp(crl, settings.crl.http_host, settings.crl.http_port)
+            await app.crl_http.start()
+        return app
 
     def bindings(self) -> list[ServiceBinding]:
         service = self.enrollment.service if self.enrollment is not None else None
-        return [FactoryServicer(
-            self.minting, self.catalog, service, self.settings.device_ids, self.observe.metrics
-        ).binding()]
+        servicer = FactoryServicer(
+            self.minting,
+            self.catalog,
+            service,
+            self.settings.device_ids,
+            self.observe.metrics,
+            revocation=self.revocation,
+            lots=LotService(self.minting, self.ledger, self.clock, self.settings.device_ids),
+        )
+        return [servicer.binding()]
 
     async def _outbox_gauges(self) -> None:
         if self.enrollment is None:
@@ -100,10 +138,14 @@ class FactoryApp:
         )
 
     async def close(self) -> None:
+        if self.crl_http is not None:
+            await self.crl_http.stop()
+        await self.crl.stop()
         if self.enrollment is not None:
             await self.enrollment.close()
         await self.ledger.close()
         await self.observe.shutdown()
+        self.ca.close()
 
 
 async def run_server(settings: FactorySettings) -> None:

@@ -32,6 +32,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
+from factory_svc import ca_cli, lot_cli, revoke_cli
 from factory_svc.enrollment import cli_commands as enroll_cli
 from factory_svc.errors import CaConfigError
 from litestore import SchemaError
@@ -97,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("serial_number")
     get.add_argument("--json", action="store_true", help="print the certificate's fields as JSON")
     enroll_cli.add_parsers(client)
+    revoke_cli.add_parsers(client)
+    lot_cli.add_parsers(client)
+    ca_cli.add_parsers(sub)
     return parser
 
 
@@ -134,6 +138,7 @@ def _show(cert: pb.IssuedCertificate) -> str:
         f"sha256      {cert.sha256_thumbprint}\n"
         f"valid       {_when(cert.not_before)} .. {_when(cert.not_after)}\n"
         f"caller      {cert.caller_identity}"
+        + (f"\nREVOKED     {_when(cert.revocation_time)}" if cert.revoked else "")
     )
 
 
@@ -223,6 +228,10 @@ async def _client(args: argparse.Namespace, source: SettingsSource) -> int:
                 return await _list(stub, args)
             if args.command in enroll_cli.COMMANDS:
                 return await enroll_cli.run(stub, args)
+            if args.command in lot_cli.COMMANDS:
+                return await lot_cli.run(stub, args)
+            if args.command in revoke_cli.COMMANDS:
+                return await revoke_cli.run(stub, args)
             reply = await stub.GetCertificate(pb.GetCertificateRequest(serial_number=args.serial_number))
             if args.json:
                 print(json.dumps(certificate_fields(reply.certificate), indent=2, sort_keys=True))
@@ -262,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             configure_logging(settings.log_level)
             asyncio.run(run_server(settings))
             return 0
+        if args.command == "ca":
+            return ca_cli.run(args)
         source = SettingsSource("FACTORY_CLIENT")
         _check_ids(args, source)
         return asyncio.run(_client(args, source))

@@ -16,12 +16,17 @@ not allow, see ``provkit.authz``) are written to the ``refusals`` table (``recor
 File: ``<data_dir>/ledger.sqlite3`` (plus its ``-wal``/``-shm`` companions).  On PostgreSQL (the service's
 ``database_url``, shared by replicas) each record is its own transaction; the primary keys (serial number,
 request id) decide between replicas, and the unexpired count is read in the record's transaction.
+
+Revocations (the marks on ``certificates`` and the ``revocations`` audit, schema version 2) and production
+lots (``lots`` and ``lot_items``, version 3) are one transaction per call on either backend; between
+replicas an UPDATE's row lock and a lot's primary key decide.
 """
 
 from __future__ import annotations
 
 import builtins
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +35,7 @@ from typing import Any, TypeVar
 from dbstore import Conflict, Database, DatabaseUrl, Tx, open_database
 from dbstore.sqlite import SqliteDatabase, SqliteTx, run_now
 from factory_svc.keys import KeyType
-from factory_svc.model import IssuedCertificate, KeySource
+from factory_svc.model import IssuedCertificate, KeySource, Revocation, RevocationReason
 from litestore import GroupCommit, Options, Schema, Synchronous
 from provkit.authz import Refusal
 
@@ -71,8 +76,47 @@ CREATE TABLE IF NOT EXISTS refusals (
 );
 """
 
+# Version 2: revocation (when and why a certificate was revoked; the audit of each revocation call).
+REVOCATION = """
+ALTER TABLE certificates ADD COLUMN revoked_at_us INTEGER;
+ALTER TABLE certificates ADD COLUMN revocation_reason TEXT;
+CREATE INDEX certificates_by_sha256 ON certificates (sha256_thumbprint);
+CREATE INDEX certificates_revoked ON certificates (revoked_at_us) WHERE revoked_at_us IS NOT NULL;
+CREATE TABLE revocations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_us INTEGER NOT NULL,
+    serial_number TEXT NOT NULL REFERENCES certificates (serial_number),
+    device_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    request_id TEXT NOT NULL
+);
+"""
+
+# Version 3: production lots (MintCertificates): each lot's header fingerprint, and which certificate each
+# of its items got; a server-generated key waits in lot_items until the client acknowledges the lot.
+LOTS = """
+CREATE TABLE lots (
+    lot_id TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    item_count INTEGER NOT NULL,
+    caller TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    acknowledged_us INTEGER
+);
+CREATE TABLE lot_items (
+    lot_id TEXT NOT NULL REFERENCES lots (lot_id),
+    item_index INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    serial_number TEXT NOT NULL REFERENCES certificates (serial_number),
+    private_key_pem TEXT,
+    PRIMARY KEY (lot_id, item_index),
+    UNIQUE (lot_id, device_id)
+);
+"""
+
 # Version 1 is the original schema (files written before versions were kept have version 0 and these tables).
-MIGRATIONS = (SCHEMA,)
+MIGRATIONS = (SCHEMA, REVOCATION, LOTS)
 # FULL: a certificate handed out must stay on record (limits and audits count it) even after a power cut.
 # One statement cache entry per multi-row INSERT size.
 OPTIONS = Options(synchronous=Synchronous.FULL, cached_statements=512)
@@ -81,7 +125,8 @@ FILE = "ledger.sqlite3"
 
 _COLUMNS = (
     "serial_number, device_id, certificate_pem, chain_pem, sha1_thumbprint, sha256_thumbprint, "
-    "not_before_us, not_after_us, issued_at_us, key_type, key_source, caller, request_id"
+    "not_before_us, not_after_us, issued_at_us, key_type, key_source, caller, request_id, "
+    "revoked_at_us, revocation_reason"
 )
 
 _INSERT_CERTIFICATE = (
@@ -90,16 +135,22 @@ _INSERT_CERTIFICATE = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_REQUEST = "INSERT INTO mint_requests (request_id, fingerprint, serial_number) VALUES (?, ?, ?)"
-_SELECT_BY_SERIAL = (
-    "SELECT serial_number, device_id, certificate_pem, chain_pem, sha1_thumbprint, sha256_thumbprint, "
-    "not_before_us, not_after_us, issued_at_us, key_type, key_source, caller, request_id "
-    "FROM certificates WHERE serial_number = ?"
-)
+_SELECT_BY_SERIAL = f"SELECT {_COLUMNS} FROM certificates WHERE serial_number = ?"  # noqa: S608
 _SELECT_REQUEST = (
     "SELECT r.fingerprint, c.serial_number, c.device_id, c.certificate_pem, c.chain_pem, c.sha1_thumbprint, "
     "c.sha256_thumbprint, c.not_before_us, c.not_after_us, c.issued_at_us, c.key_type, c.key_source, "
-    "c.caller, c.request_id FROM mint_requests r JOIN certificates c USING (serial_number) "
+    "c.caller, c.request_id, c.revoked_at_us, c.revocation_reason "
+    "FROM mint_requests r JOIN certificates c USING (serial_number) "
     "WHERE r.request_id = ?"
+)
+_PREFIXED = ", ".join(f"c.{column.strip()}" for column in _COLUMNS.split(","))
+_INSERT_LOT_ITEM = (
+    "INSERT INTO lot_items (lot_id, item_index, device_id, serial_number, private_key_pem) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+_AUDIT_REVOCATION = (
+    "INSERT INTO revocations (time_us, serial_number, device_id, reason, caller, request_id) "
+    "SELECT ?, serial_number, device_id, ?, ?, ? FROM certificates WHERE serial_number = ?"
 )
 _COUNT_UNEXPIRED = "SELECT COUNT(*) FROM certificates WHERE device_id = ? AND not_after_us > ?"
 _ROWS_PER_INSERT = 64  # 64 rows x 13 columns stays below SQLite's oldest limit of 999 parameters
@@ -109,6 +160,12 @@ def _insert_many(statement: str, rows: int) -> str:
     """``INSERT ... VALUES (?, ...)`` for ``rows`` rows (one statement: one step for the whole chunk)."""
     head, one = statement.split(" VALUES ")
     return f"{head} VALUES {', '.join([one] * rows)}"
+
+
+async def _insert_rows(tx: Tx, statement: str, rows: list[tuple[object, ...]]) -> None:
+    """``rows`` by multi-row INSERTs of ``_ROWS_PER_INSERT`` rows at most."""
+    for chunk in _chunks(rows, _ROWS_PER_INSERT):
+        await tx.execute(_insert_many(statement, len(chunk)), [v for row in chunk for v in row])
 
 
 def _count_unexpired_many(ids: int) -> str:
@@ -165,6 +222,7 @@ def _certificate(row: sqlite3.Row | tuple[Any, ...]) -> IssuedCertificate:
         key_source=KeySource(row[10]),
         caller=row[11],
         request_id=row[12],
+        revocation=None if row[13] is None else Revocation(_from_us(row[13]), RevocationReason(row[14])),
     )
 
 
@@ -192,6 +250,22 @@ class Cursor:
 
 def cursor_of(certificate: IssuedCertificate) -> Cursor:
     return Cursor(_us(certificate.issued_at), certificate.serial_number)
+
+
+@dataclass(frozen=True)
+class StoredLot:
+    fingerprint: str
+    item_count: int
+    acknowledged: bool
+
+
+@dataclass(frozen=True)
+class LotEntry:
+    """One issued item of a lot, as the ledger keeps it."""
+
+    index: int
+    certificate: IssuedCertificate
+    private_key_pem: str | None  # server-generated, until the lot is acknowledged
 
 
 @dataclass
@@ -334,6 +408,130 @@ class Ledger:
             )
         )
         return [Refusal(_from_us(r[0]), *r[1:]) for r in rows]
+
+    # ------------------------------------------------------------------------------------- revocation
+    async def certificates_of(self, device_id: str, now: datetime) -> builtins.list[IssuedCertificate]:
+        """The device's unexpired certificates (revoked or not), oldest first."""
+        rows = await self._db.read(
+            lambda tx: tx.fetchall(
+                f"SELECT {_COLUMNS} FROM certificates WHERE device_id = ? AND not_after_us > ? "  # noqa: S608
+                "ORDER BY issued_at_us, serial_number",
+                (device_id, _us(now)),
+            )
+        )
+        return [_certificate(r) for r in rows]
+
+    async def revoke(
+        self,
+        serials: Sequence[str],
+        revocation: Revocation,
+        caller: str,
+        request_id: str,
+    ) -> tuple[builtins.list[IssuedCertificate], int]:
+        """Mark the certificates revoked (those revoked before keep their first time and reason) and audit
+        the ones this call revoked, in one transaction: (the certificates as they are now, newly revoked).
+        Between replicas the row lock decides: a certificate another call revoked meanwhile is not counted."""
+        at_us = _us(revocation.time)
+
+        async def write(tx: Tx) -> tuple[builtins.list[IssuedCertificate], int]:
+            newly = 0
+            for serial in serials:
+                changed = await tx.execute(
+                    "UPDATE certificates SET revoked_at_us = ?, revocation_reason = ? "
+                    "WHERE serial_number = ? AND revoked_at_us IS NULL",
+                    (at_us, revocation.reason.value, serial),
+                )
+                if changed:
+                    newly += 1
+                    await tx.execute(
+                        _AUDIT_REVOCATION, (at_us, revocation.reason.value, caller, request_id, serial)
+                    )
+            rows = [await tx.fetchone(_SELECT_BY_SERIAL, (serial,)) for serial in serials]
+            return [_certificate(r) for r in rows if r is not None], newly
+
+        return await self._db.transaction(write)
+
+    async def revoked(self, now: datetime) -> builtins.list[IssuedCertificate]:
+        """Revoked certificates that have not expired yet (what the CRL lists), in revocation order."""
+        rows = await self._db.read(
+            lambda tx: tx.fetchall(
+                f"SELECT {_COLUMNS} FROM certificates "  # noqa: S608 - fixed fragments only
+                "WHERE revoked_at_us IS NOT NULL AND not_after_us > ? ORDER BY revoked_at_us, serial_number",
+                (_us(now),),
+            )
+        )
+        return [_certificate(r) for r in rows]
+
+    async def revocation_of(self, sha256_thumbprint: str) -> Revocation | None:
+        """The revocation of the certificate with this SHA-256 thumbprint (None: not revoked, or unknown)."""
+        row = await self._db.read(
+            lambda tx: tx.fetchone(
+                "SELECT revoked_at_us, revocation_reason FROM certificates "
+                "WHERE sha256_thumbprint = ? AND revoked_at_us IS NOT NULL LIMIT 1",
+                (sha256_thumbprint.upper(),),
+            )
+        )
+        return None if row is None else Revocation(_from_us(row[0]), RevocationReason(row[1]))
+
+    async def revocation_audit(self) -> builtins.list[tuple[datetime, str, str, str, str, str]]:
+        """Every revocation call's effect: (time, serial, device id, reason, caller, request id)."""
+        rows = await self._db.read(
+            lambda tx: tx.fetchall(
+                "SELECT time_us, serial_number, device_id, reason, caller, request_id "
+                "FROM revocations ORDER BY id"
+            )
+        )
+        return [(_from_us(r[0]), *r[1:]) for r in rows]
+
+    # ------------------------------------------------------------------------------------------- lots
+    async def open_lot(
+        self, lot_id: str, fingerprint: str, item_count: int, caller: str, now: datetime
+    ) -> tuple[StoredLot, dict[int, LotEntry]]:
+        """The lot (created now if new) and the items it has issued so far.  Replicas opening one new lot
+        at once: the primary key keeps the first, the others read it."""
+
+        async def work(tx: Tx) -> tuple[StoredLot, dict[int, LotEntry]]:
+            await tx.execute(
+                "INSERT INTO lots (lot_id, fingerprint, item_count, caller, created_us) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (lot_id) DO NOTHING",
+                (lot_id, fingerprint, item_count, caller, _us(now)),
+            )
+            lot = await tx.fetchone(
+                "SELECT fingerprint, item_count, acknowledged_us FROM lots WHERE lot_id = ?", (lot_id,)
+            )
+            assert lot is not None  # inserted above, or there before
+            rows = await tx.fetchall(
+                f"SELECT i.item_index, i.private_key_pem, {_PREFIXED} FROM lot_items i "  # noqa: S608
+                "JOIN certificates c USING (serial_number) WHERE i.lot_id = ?",
+                (lot_id,),
+            )
+            entries = {row[0]: LotEntry(row[0], _certificate(row[2:]), row[1]) for row in rows}
+            return StoredLot(lot[0], int(lot[1]), lot[2] is not None), entries
+
+        return await self._db.transaction(work)
+
+    async def record_lot_items(self, lot_id: str, entries: Sequence[LotEntry]) -> None:
+        """Commit a chunk of a lot's certificates and their items together: all or none."""
+        certificates = [_row(e.certificate) for e in entries]
+        items: builtins.list[tuple[object, ...]] = [
+            (lot_id, e.index, e.certificate.device_id, e.certificate.serial_number, e.private_key_pem)
+            for e in entries
+        ]
+
+        async def write(tx: Tx) -> None:
+            await _insert_rows(tx, _INSERT_CERTIFICATE, certificates)
+            await _insert_rows(tx, _INSERT_LOT_ITEM, items)
+
+        await self._db.transaction(write)
+
+    async def acknowledge_lot(self, lot_id: str, now: datetime) -> None:
+        """The client has the lot: forget its server-generated keys."""
+
+        async def write(tx: Tx) -> None:
+            await tx.execute("UPDATE lot_items SET private_key_pem = NULL WHERE lot_id = ?", (lot_id,))
+            await tx.execute("UPDATE lots SET acknowledged_us = ? WHERE lot_id = ?", (_us(now), lot_id))
+
+        await self._db.transaction(write)
 
 
 # The name the ledger had while SQLite was its only backend.

@@ -26,7 +26,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from factory_svc.ca import IssuingCA
 from factory_svc.csr import check_csr
 from factory_svc.errors import FailedPrecondition, NotFound, invalid_field
-from factory_svc.keys import GENERATABLE, KeyType, PublicKey, generate_private_key, private_key_pem
+from factory_svc.keys import (
+    GENERATABLE,
+    KeyType,
+    PrivateKey,
+    PublicKey,
+    generate_private_key,
+    private_key_pem,
+)
 from factory_svc.ledger import Cursor, Recorded, RequestIdTaken, StoredRequest, cursor_of
 from factory_svc.model import (
     CertificatePage,
@@ -76,7 +83,7 @@ class MintPolicy:
 
 
 @dataclass(frozen=True)
-class _Checked:
+class Checked:
     device_id: str
     key_type: KeyType
     public_key: PublicKey | None  # None: generated later (mode B)
@@ -173,7 +180,8 @@ class MintingService:
             )
         return not_before, not_after
 
-    def _check(self, request: MintRequest, now: datetime) -> _Checked:
+    def check(self, request: MintRequest, now: datetime) -> Checked:
+        """Every rule of a mint request (id, request id, key source, CSR, validity); nothing is written."""
         device_id = normalise_device_id(request.device_id)
         check_request_id(request.request_id)
         public_key: PublicKey | None = None
@@ -203,7 +211,7 @@ class MintingService:
         if request.request_id:  # only idempotent requests need a fingerprint of what was asked
             validity = None if request.validity is None else request.validity.total_seconds()
             fingerprint = request_fingerprint({"device_id": device_id, "validity": validity, **key_part})
-        return _Checked(device_id, key_type, public_key, not_before, not_after, fingerprint)
+        return Checked(device_id, key_type, public_key, not_before, not_after, fingerprint)
 
     # ------------------------------------------------------------------------------------------- mint
     async def _stored(self, request_id: str) -> Stored[IssuedCertificate] | None:
@@ -217,7 +225,7 @@ class MintingService:
 
     async def mint(self, request: MintRequest) -> MintResult:
         now = self._clock()
-        checked = self._check(request, now)
+        checked = self.check(request, now)
         with bind_device_id(checked.device_id):
             return await self._request_ids.run(
                 request.request_id,
@@ -227,7 +235,30 @@ class MintingService:
                 execute=lambda: self._issue(request, checked, now),
             )
 
-    async def _issue(self, request: MintRequest, checked: _Checked, now: datetime) -> MintResult | LostRace:
+    async def _issue(self, request: MintRequest, checked: Checked, now: datetime) -> MintResult | LostRace:
+        issued, private_key = await self.make_certificate(request, checked, now)
+        outcome = await self._ledger.record(issued, checked.fingerprint or None, now)
+        if isinstance(outcome, RequestIdTaken):
+            return LOST_RACE
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "certificate issued",
+                extra={
+                    "serial": issued.serial_number,
+                    "sha256_thumbprint": issued.sha256_thumbprint,
+                    "not_after": issued.not_after.isoformat(),
+                    "key_type": checked.key_type.value,
+                    "key_source": issued.key_source.value,
+                    "caller": request.caller,
+                },
+            )
+        key_pem = private_key_pem(private_key) if private_key is not None else None
+        return MintResult(issued, key_pem, outcome.unexpired_count, replayed=False)
+
+    async def make_certificate(
+        self, request: MintRequest, checked: Checked, now: datetime
+    ) -> tuple[IssuedCertificate, PrivateKey | None]:
+        """Make the key (mode B) and sign: the certificate as the ledger will hold it, not yet recorded."""
         private_key = None
         public_key = checked.public_key
         if public_key is None:
@@ -256,25 +287,9 @@ class MintingService:
             caller=request.caller,
             request_id=request.request_id,
         )
-        outcome = await self._ledger.record(issued, checked.fingerprint or None, now)
-        if isinstance(outcome, RequestIdTaken):
-            return LOST_RACE
-        if log.isEnabledFor(logging.INFO):
-            log.info(
-                "certificate issued",
-                extra={
-                    "serial": issued.serial_number,
-                    "sha256_thumbprint": sha256,
-                    "not_after": issued.not_after.isoformat(),
-                    "key_type": checked.key_type.value,
-                    "key_source": issued.key_source.value,
-                    "caller": request.caller,
-                },
-            )
-        key_pem = private_key_pem(private_key) if private_key is not None else None
-        return MintResult(issued, key_pem, outcome.unexpired_count, replayed=False)
+        return issued, private_key
 
-    def _leaf_builder(self, checked: _Checked, public_key: PublicKey) -> x509.CertificateBuilder:
+    def _leaf_builder(self, checked: Checked, public_key: PublicKey) -> x509.CertificateBuilder:
         return leaf_builder(checked.device_id, public_key, checked.not_before, checked.not_after, self._aki)
 
 

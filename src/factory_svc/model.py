@@ -37,6 +37,26 @@ class MintRequest:
     caller: str = "internal"  # who asks (recorded in the ledger)
 
 
+class RevocationReason(enum.Enum):
+    """RFC 5280 CRLReason, by its ASN.1 name (the CLI's spelling is the kebab-case of it)."""
+
+    UNSPECIFIED = "unspecified"
+    KEY_COMPROMISE = "keyCompromise"
+    CA_COMPROMISE = "cACompromise"
+    AFFILIATION_CHANGED = "affiliationChanged"
+    SUPERSEDED = "superseded"
+    CESSATION_OF_OPERATION = "cessationOfOperation"
+    CERTIFICATE_HOLD = "certificateHold"
+    PRIVILEGE_WITHDRAWN = "privilegeWithdrawn"
+    AA_COMPROMISE = "aACompromise"
+
+
+@dataclass(frozen=True)
+class Revocation:
+    time: datetime
+    reason: RevocationReason
+
+
 @dataclass(frozen=True)
 class IssuedCertificate:
     serial_number: str  # upper-case hex
@@ -52,6 +72,7 @@ class IssuedCertificate:
     key_source: KeySource
     caller: str
     request_id: str
+    revocation: Revocation | None = None  # set once revoked
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,13 @@ from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.enrollment.grpc_api import EnrollmentRpcs
 from factory_svc.enrollment.service import EnrollmentService
-from factory_svc.errors import invalid_field
+from factory_svc.errors import FailedPrecondition, invalid_field
 from factory_svc.keys import KeyType
+from factory_svc.lots import LotService
+from factory_svc.lots_grpc import LotRpcs
 from factory_svc.minting import CertificateCatalog, MintingService
-from factory_svc.model import CsrKey, IssuedCertificate, KeySource, MintRequest, ServerKey
+from factory_svc.model import CsrKey, IssuedCertificate, KeySource, MintRequest, RevocationReason, ServerKey
+from factory_svc.revocation import RevocationService, RevokeRequest
 from provkit.context import current_caller
 from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.grpc_server import Context, ServiceBinding, binding
@@ -39,6 +42,19 @@ KEY_SOURCE_TO_PROTO = {
 }
 
 
+REASON_TO_PROTO = {
+    RevocationReason.UNSPECIFIED: pb.REVOCATION_REASON_UNSPECIFIED,
+    RevocationReason.KEY_COMPROMISE: pb.REVOCATION_REASON_KEY_COMPROMISE,
+    RevocationReason.CA_COMPROMISE: pb.REVOCATION_REASON_CA_COMPROMISE,
+    RevocationReason.AFFILIATION_CHANGED: pb.REVOCATION_REASON_AFFILIATION_CHANGED,
+    RevocationReason.SUPERSEDED: pb.REVOCATION_REASON_SUPERSEDED,
+    RevocationReason.CESSATION_OF_OPERATION: pb.REVOCATION_REASON_CESSATION_OF_OPERATION,
+    RevocationReason.CERTIFICATE_HOLD: pb.REVOCATION_REASON_CERTIFICATE_HOLD,
+    RevocationReason.PRIVILEGE_WITHDRAWN: pb.REVOCATION_REASON_PRIVILEGE_WITHDRAWN,
+    RevocationReason.AA_COMPROMISE: pb.REVOCATION_REASON_AA_COMPROMISE,
+}
+REASON_FROM_PROTO = {v: k for k, v in REASON_TO_PROTO.items()}
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -51,6 +67,15 @@ def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
 
 
 def certificate_to_proto(cert: IssuedCertificate) -> pb.IssuedCertificate:
+    message = _certificate_message(cert)
+    if cert.revocation is not None:
+        message.revoked = True
+        message.revocation_time.CopyFrom(_timestamp(cert.revocation.time))
+        message.revocation_reason = REASON_TO_PROTO[cert.revocation.reason]
+    return message
+
+
+def _certificate_message(cert: IssuedCertificate) -> pb.IssuedCertificate:
     return pb.IssuedCertificate(
         serial_number=cert.serial_number,
         device_id=cert.device_id,
@@ -91,7 +116,20 @@ def mint_request_from_proto(request: pb.MintCertificateRequest, caller: str) -> 
     return MintRequest(request.device_id, key, validity, request.request_id, caller)
 
 
-class FactoryServicer(EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
+def revoke_request_from_proto(request: pb.RevokeCertificateRequest, caller: str) -> RevokeRequest:
+    if request.reason not in REASON_FROM_PROTO:
+        message = f"unknown revocation reason {request.reason}"
+        raise invalid_field("reason", "REVOCATION_REASON_INVALID", message)
+    return RevokeRequest(
+        device_id=request.device_id,
+        serial_number=request.serial_number,
+        reason=REASON_FROM_PROTO[request.reason],
+        request_id=request.request_id,
+        caller=caller,
+    )
+
+
+class FactoryServicer(LotRpcs, EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
     def __init__(
         self,
         minting: MintingService,
@@ -99,10 +137,15 @@ class FactoryServicer(EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
         enrollment: EnrollmentService | None = None,
         device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID,
         metrics: SuiteMetrics = NO_METRICS,
+        revocation: RevocationService | None = None,
+        lots: LotService | None = None,
     ) -> None:
         self._device_ids = device_ids  # checked here, at the boundary (EnrollmentRpcs too)
+        if lots is not None:
+            self._lots = lots  # MintCertificates (LotRpcs)
         self._minting = minting
         self._catalog = catalog
+        self._revocation = revocation
         self._enrollment = enrollment  # Enroll / EnrollBatch / GetEnrollmentStatus (EnrollmentRpcs)
         self._metrics = metrics
 
@@ -136,6 +179,26 @@ class FactoryServicer(EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
     ) -> pb.GetCertificateResponse:
         return pb.GetCertificateResponse(
             certificate=certificate_to_proto(await self._catalog.get(request.serial_number))
+        )
+
+    async def RevokeCertificate(
+        self, request: pb.RevokeCertificateRequest, context: Context
+    ) -> pb.RevokeCertificateResponse:
+        if self._revocation is None:
+            raise FailedPrecondition("REVOCATION_NOT_CONFIGURED", "this factory cannot revoke certificates")
+        if request.device_id:
+            check_device_id(request.device_id, self._device_ids)
+        result = await self._revocation.revoke(revoke_request_from_proto(request, str(current_caller())))
+        if result.newly_revoked:
+            self._metrics.revoked(result.newly_revoked)
+        return pb.RevokeCertificateResponse(
+            device_id=result.device_id,
+            certificates=[certificate_to_proto(c) for c in result.certificates],
+            newly_revoked_count=result.newly_revoked,
+            enrollment_disabled=result.enrollment_disabled,
+            hub_identity_disabled=result.hub_identity_disabled,
+            crl_number=result.crl.number,
+            crl_this_update=_timestamp(result.crl.crl.last_update_utc),
         )
 
     def binding(self) -> ServiceBinding:

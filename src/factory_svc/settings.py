@@ -13,10 +13,17 @@
 | server.client_ca_file         | FACTORY_SERVER_CLIENT_CA_FILE     | - (set: mTLS)             |
 | server.client_auth            | FACTORY_SERVER_CLIENT_AUTH        | require with a client CA  |
 | server.grace_seconds          | FACTORY_SERVER_GRACE_SECONDS      | 10                        |
+| ca.backend                    | FACTORY_CA_BACKEND                | file (or pkcs11)          |
 | ca.chain_file / ca.key_file   | FACTORY_CA_CHAIN_FILE / _KEY_FILE | - (unset: development CA) |
 | ca.key_passphrase_file        | FACTORY_CA_KEY_PASSPHRASE or FACTORY_CA_KEY_PASSPHRASE_FILE | - |
+| ca.pkcs11_module              | FACTORY_CA_PKCS11_MODULE          | /usr/lib/softhsm/libsofthsm2.so |
+| ca.pkcs11_token / _key_label  | FACTORY_CA_PKCS11_TOKEN / _KEY_LABEL | - / devprov-issuing-ca |
+| ca.pkcs11_pin_file            | FACTORY_CA_PKCS11_PIN or FACTORY_CA_PKCS11_PIN_FILE | - (pkcs11: required) |
 | mint.default_validity_days    | FACTORY_MINT_DEFAULT_VALIDITY_DAYS | 365                      |
 | device_ids                    | FACTORY_DEVICE_IDS                | guid (see provkit.device_id) |
+| crl.dir                       | FACTORY_CRL_DIR                   | <data_dir>/crl            |
+| crl.validity_hours / refresh_hours | FACTORY_CRL_VALIDITY_HOURS / _REFRESH_HOURS | 168 / 24     |
+| crl.http_host / crl.http_port | FACTORY_CRL_HTTP_HOST / _HTTP_PORT | 127.0.0.1 / - (no HTTP)  |
 | enroll.*, cloud.*             | FACTORY_ENROLL_*, FACTORY_CLOUD_*  | see factory_svc.enrollment.runtime |
 | metrics.listen                | FACTORY_METRICS_LISTEN            | - (off; host:port serves /metrics) |
 | tracing.exporter / otlp_endpoint | FACTORY_TRACING_EXPORTER / _OTLP_ENDPOINT | none (console, otlp) |
@@ -30,15 +37,18 @@ The TOML file is given with ``--config FILE`` or ``FACTORY_CONFIG``.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 from dbstore import DatabaseUrl
+from factory_svc.crl import CrlSettings
 from factory_svc.enrollment.runtime import EnrollSettings, load_enroll_settings
 from factory_svc.errors import ERROR_DOMAIN
 from factory_svc.minting import MintPolicy
+from factory_svc.pkcs11_signer import DEBIAN_SOFTHSM2, TokenRef
 from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ServerSettings
 from provkit.observe import ObserveSettings, observe_settings
@@ -55,11 +65,74 @@ PREFIX = "FACTORY"
 DEFAULT_PORT = 50051
 
 
+class CaBackend(enum.Enum):
+    FILE = "file"
+    PKCS11 = "pkcs11"
+
+
+DEFAULT_KEY_LABEL = "devprov-issuing-ca"
+
+
+@dataclass(frozen=True)
+class Pkcs11Settings:
+    token: TokenRef
+    pin: Secret
+
+
 @dataclass(frozen=True)
 class CaSettings:
-    chain_file: Path | None = None  # None: the development CA in <data_dir>/ca
+    chain_file: Path | None = None  # None (file backend only): the development CA in <data_dir>/ca
     key_file: Path | None = None
     key_passphrase: Secret | None = None
+    pkcs11: Pkcs11Settings | None = None  # set: the pkcs11 backend (the key stays in the token)
+
+
+def pkcs11_settings(source: SettingsSource, section: str = "ca") -> Pkcs11Settings:
+    """The token, key label and PIN (PIN from the environment or a file only, never an argument)."""
+    token = source.text(f"{section}.pkcs11_token")
+    if not token:
+        name = source.env_name(section + ".pkcs11_token")
+        raise SettingsError(f"{name} is required for the pkcs11 backend")
+    pin = source.secret(f"{section}.pkcs11_pin")
+    if pin is None:
+        name = source.env_name(section + ".pkcs11_pin")
+        raise SettingsError(f"the token PIN is required: set {name} or {name}_FILE")
+    module = source.path(f"{section}.pkcs11_module", DEBIAN_SOFTHSM2) or DEBIAN_SOFTHSM2
+    label = source.text(f"{section}.pkcs11_key_label", DEFAULT_KEY_LABEL) or DEFAULT_KEY_LABEL
+    return Pkcs11Settings(TokenRef(module, token, label), pin)
+
+
+def crl_settings(source: SettingsSource) -> CrlSettings:
+    validity = source.number("crl.validity_hours", 168.0)
+    refresh = source.number("crl.refresh_hours", 24.0)
+    if not 0 < refresh < validity:
+        raise SettingsError("FACTORY_CRL_REFRESH_HOURS must be above 0 and below FACTORY_CRL_VALIDITY_HOURS")
+    port = source.text("crl.http_port")
+    return CrlSettings(
+        directory=source.path("crl.dir"),
+        validity=timedelta(hours=validity),
+        refresh=timedelta(hours=refresh),
+        http_host=source.text("crl.http_host", "127.0.0.1") or "127.0.0.1",
+        http_port=None if not port else source.integer("crl.http_port", 0),
+    )
+
+
+def ca_settings(source: SettingsSource) -> CaSettings:
+    backend_name = (source.text("ca.backend", "file") or "file").lower()
+    try:
+        backend = CaBackend(backend_name)
+    except ValueError:
+        raise SettingsError(f"FACTORY_CA_BACKEND must be 'file' or 'pkcs11', not {backend_name!r}") from None
+    chain, key = source.path("ca.chain_file"), source.path("ca.key_file")
+    if backend is CaBackend.PKCS11:
+        if chain is None:
+            raise SettingsError("the pkcs11 backend needs FACTORY_CA_CHAIN_FILE (written by 'ca init')")
+        if key is not None:
+            raise SettingsError("FACTORY_CA_KEY_FILE is for the file backend; pkcs11 keys stay in the token")
+        return CaSettings(chain, None, None, pkcs11_settings(source))
+    if (chain is None) != (key is None):
+        raise SettingsError("FACTORY_CA_CHAIN_FILE and FACTORY_CA_KEY_FILE go together")
+    return CaSettings(chain, key, source.secret("ca.key_passphrase"))
 
 
 @dataclass(frozen=True)
@@ -72,6 +145,7 @@ class FactorySettings:
     enroll: EnrollSettings | None = None  # None: no DPS configured (Enroll answers FAILED_PRECONDITION)
     device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID
     observe: ObserveSettings = field(default_factory=ObserveSettings)  # /metrics, traces: off by default
+    crl: CrlSettings = field(default_factory=CrlSettings)
     database: DatabaseUrl | None = None  # None: the SQLite files in data_dir
 
     @property
@@ -86,14 +160,15 @@ class FactorySettings:
     def dev_ca_dir(self) -> Path:
         return self.data_dir / "ca"
 
+    @property
+    def crl_dir(self) -> Path:
+        return self.crl.directory or self.data_dir / "crl"
+
 
 def load_settings(env: Mapping[str, str] | None = None, config: Path | None = None) -> FactorySettings:
     probe = SettingsSource(PREFIX, env=env)
     config = config or probe.path("config")
     source = SettingsSource(PREFIX, env=env, file=config)
-    chain, key = source.path("ca.chain_file"), source.path("ca.key_file")
-    if (chain is None) != (key is None):
-        raise SettingsError("FACTORY_CA_CHAIN_FILE and FACTORY_CA_KEY_FILE go together")
     days = source.integer("mint.default_validity_days", 365)
     if days < 1:
         raise SettingsError("FACTORY_MINT_DEFAULT_VALIDITY_DAYS must be at least 1")
@@ -102,10 +177,11 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         server=server_settings(source, error_domain=ERROR_DOMAIN, default_port=DEFAULT_PORT),
         data_dir=data_dir,
         database=database_url(source, data_dir),
-        ca=CaSettings(chain, key, source.secret("ca.key_passphrase")),
+        ca=ca_settings(source),
         mint=MintPolicy(default_validity=timedelta(days=days)),
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),
         enroll=load_enroll_settings(source),
         device_ids=device_id_policy(source),
         observe=observe_settings(source),
+        crl=crl_settings(source),
     )

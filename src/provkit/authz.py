@@ -68,6 +68,7 @@ SUITE_POLICY = AccessPolicy(
     {
         # the factory: the MES and the test bench (`device-client provision`) mint, enroll and follow up
         _FACTORY + "MintCertificate": frozenset({Role.FACTORY}),
+        _FACTORY + "MintCertificates": frozenset({Role.FACTORY}),  # production lots
         _FACTORY + "Enroll": frozenset({Role.FACTORY}),
         _FACTORY + "EnrollBatch": frozenset({Role.FACTORY}),
         _FACTORY + "GetEnrollmentStatus": frozenset({Role.FACTORY, Role.OPERATOR}),
@@ -76,6 +77,8 @@ SUITE_POLICY = AccessPolicy(
         # activation codes: a new one for a lost label; the MES confirms printed labels (codes forgotten)
         _FACTORY + "RotateActivationCode": frozenset({Role.FACTORY}),
         _FACTORY + "AcknowledgeActivationCodes": frozenset({Role.FACTORY}),
+        # revocation (a leaked key, a scrapped board): the factory, which holds the issuing CA
+        _FACTORY + "RevokeCertificate": frozenset({Role.FACTORY}),
         # read-only inventory of issued certificates: the factory and the operator (no secrets in it)
         _FACTORY + "ListCertificates": frozenset({Role.FACTORY, Role.OPERATOR}),
         _FACTORY + "GetCertificate": frozenset({Role.FACTORY, Role.OPERATOR}),

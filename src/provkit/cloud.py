@@ -12,7 +12,8 @@ Records (what the domains read and write; no DPS or hub JSON leaves the adapters
     ``HubDevice`` / ``HubDeviceStatus``, ``TwinDocument`` (a twin's tags and desired properties),
     ``TwinPatch``.
 Ports (Protocols): ``EnrollmentPort`` (get / create / update / bulk_create),
-    ``HubTwinPort`` (get_device / get_twin_document / patch_twin / set_device_status).
+    ``HubTwinPort`` (get_device / get_twin_document / patch_twin / set_device_status);
+    ``disable_hub_device(hubs, hub, device_id)`` (the etag-guarded disable both services use).
 ``CloudNotConfigured`` (a SettingsError): nothing configured and no default emulator file.
 Errors: ``CloudError`` and ``CloudNotFound``, ``CloudAlreadyExists`` (409), ``CloudEtagMismatch`` (412),
     ``CloudRejected`` (other 4xx: bad body, unauthorised), ``CloudUnavailable`` (cannot reach the service,
@@ -263,6 +264,22 @@ class HubTwinPort(Protocol):
     async def set_device_status(self, hub: str, device: HubDevice, status: HubDeviceStatus) -> None:
         """Enable or disable the device identity (etag-guarded by ``device.etag``)."""
         ...
+
+
+async def disable_hub_device(hubs: HubTwinPort, hub: str, device_id: str, attempts: int = 5) -> bool | None:
+    """Disable a device identity on a hub (etag-guarded, retried on a concurrent change): True when this
+    call disabled it, False when it is absent or disabled already, None when every attempt lost to a
+    concurrent change.  Cloud errors propagate."""
+    for _ in range(attempts):
+        device = await hubs.get_device(hub, device_id)
+        if device is None or device.status is HubDeviceStatus.DISABLED:
+            return False
+        try:
+            await hubs.set_device_status(hub, device, HubDeviceStatus.DISABLED)
+        except CloudEtagMismatch:
+            continue
+        return True
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- settings

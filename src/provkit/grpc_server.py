@@ -253,6 +253,12 @@ class _HandlerWrapper:
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+            return grpc.stream_stream_rpc_method_handler(  # the requests' iterator in place of a request
+                self._wrap_stream(handler.stream_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return _refusing_handler(handler, method)
 
     async def _enter(
@@ -421,7 +427,8 @@ def _aborted(context: Context, exc: grpc.aio.AbortError) -> BaseException:
 
 
 def _refusing_handler(handler: Handler, method: str) -> Handler:
-    """A kind of handler the gate cannot wrap (client or bidirectional streaming) is never served."""
+    """A kind of handler the gate cannot wrap (client streaming; a streaming handler that is not an async
+    generator) is never served."""
 
     async def refuse(request: Any, context: Context) -> None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not served")

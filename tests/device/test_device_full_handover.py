@@ -18,11 +18,13 @@ from enrollment.provisioning_env import (
     running_activation,
     running_factory,
 )
+from support.softhsm import init_token_ca
 
 from device_client.factory_client import GrpcFactory
 from device_client.provisioning import ProvisionRequest, provision_with
 from device_client.runtime import DeviceRuntime, DeviceState
 from device_client.settings import load_settings
+from factory_svc.pkcs11_signer import Pkcs11Signer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -40,12 +42,17 @@ async def _until(runtime: DeviceRuntime, task: asyncio.Task, predicate, timeout:
     return runtime.snapshot
 
 
-async def test_factory_to_first_telemetry(tmp_path, emulator, monkeypatch):
+@pytest.mark.parametrize("ca_backend", ["file", "pkcs11"])
+async def test_factory_to_first_telemetry(tmp_path, emulator, monkeypatch, request, ca_backend):
+    """With the issuing key in a file (development CA) or in a PKCS#11 token (SoftHSM2)."""
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(emulator.ca_path))
+    ca_env: dict[str, str] = {}
+    if ca_backend == "pkcs11":
+        ca_env = (await init_token_ca(request.getfixturevalue("softhsm"), tmp_path / "token-ca")).env
     tls = OemTls.create(tmp_path / "oem-tls")
     guid = str(uuid.uuid4())
     async with (
-        running_factory(factory_env(tmp_path, emulator)) as (_factory_app, factory_stub),
+        running_factory(factory_env(tmp_path, emulator, **ca_env)) as (factory_app, factory_stub),
         running_activation(activation_env(tmp_path, emulator, tls), tls) as (_activation_app, activation),
     ):
         settings = load_settings(
@@ -66,6 +73,9 @@ async def test_factory_to_first_telemetry(tmp_path, emulator, monkeypatch):
         assert result.enrollment == "live"
         assert result.activation_code  # shown once by the CLI
         assert result.identity.chain_length == 3
+        assert factory_app.ca.certificate == factory_app.ca.chain[0]
+        if ca_backend == "pkcs11":
+            assert isinstance(factory_app.ca.signer, Pkcs11Signer)
 
         # The field: the device only has its state directory (settings.toml written at provisioning).
         field = load_settings(

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from azure.iot.device import X509
 from azure.iot.device.aio import IoTHubDeviceClient, ProvisioningDeviceClient
+from support.dps_device import register_once
 from support.parties import FACTORY_URI, party
 
 from activation_svc.app import ActivationApp
@@ -201,11 +202,7 @@ async def register(emulator, device: DeviceFiles) -> Any:
         x509=X509(str(device.cert_path), str(device.key_path)),
         server_verification_cert=emulator.ca_pem,
     )
-    try:
-        return await asyncio.wait_for(client.register(), SDK_TIMEOUT)
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.shutdown(), 5)
+    return await register_once(client, SDK_TIMEOUT)
 
 
 async def connect_to_hub(emulator, device: DeviceFiles, hub: str) -> None:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -52,7 +52,7 @@ def leaf(ca, cn: str, *, days: int = 365, eku: bool = True, is_ca: bool = False,
         builder = builder.add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
-    cert = builder.sign(ca.key, hashes.SHA256())
+    cert = ca.signer.sign_certificate(builder)
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 

@@ -1,6 +1,7 @@
 """The ledger: on SQLite, group commit (concurrent records share one transaction, everything answered is
 on disk, read back by a fresh connection); on both backends a conflicting record is refused alone and
-counts are per id."""
+counts are per id, a certificate is revoked once (its first time and reason kept, one audit row, also when
+two ledgers revoke it at once), and a lot keeps its items and their keys until it is acknowledged."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
+from dbstore import Conflict
 from factory_svc.keys import KeyType
-from factory_svc.ledger import Ledger, Recorded, RequestIdTaken
-from factory_svc.model import IssuedCertificate, KeySource
+from factory_svc.ledger import Ledger, LotEntry, Recorded, RequestIdTaken, StoredLot
+from factory_svc.model import IssuedCertificate, KeySource, Revocation, RevocationReason
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
 
@@ -99,3 +103,70 @@ async def test_records_arriving_during_a_commit_form_the_next_batch(tmp_path: Pa
         assert len(await reopened.list("dev-f", 10, None)) == 6
     finally:
         await reopened.close()
+
+
+async def test_a_certificate_is_revoked_once_and_each_revocation_audited(database_url) -> None:
+    ledger = await Ledger.open(database_url, migrate=True)
+    other = await Ledger.open(database_url)  # another replica's ledger on the same database
+    try:
+        for serial, days in ((30, 365), (31, 365), (32, -1), (33, 365)):
+            await ledger.record(certificate(serial, "dev-r", days=days), None, NOW)
+        assert [c.serial_number for c in await ledger.certificates_of("dev-r", NOW)] == [
+            "001E",
+            "001F",
+            "0021",
+        ]
+        first = Revocation(NOW + timedelta(minutes=1), RevocationReason.KEY_COMPROMISE)
+        second = Revocation(NOW + timedelta(minutes=2), RevocationReason.SUPERSEDED)
+        revoked, newly = await ledger.revoke(["001E"], first, "caller-a", "req-1")
+        assert newly == 1 and [c.revocation for c in revoked] == [first]
+        revoked, newly = await other.revoke(["001E", "001F"], second, "caller-b", "req-2")
+        assert newly == 1 and [c.revocation for c in revoked] == [first, second]  # the first one is kept
+        both = await asyncio.gather(
+            ledger.revoke(["0021"], second, "caller-c", "req-3"),
+            other.revoke(["0021"], second, "caller-d", "req-4"),
+        )
+        assert sorted(n for _, n in both) == [0, 1]
+        assert [c.serial_number for c in await other.revoked(NOW)] == ["001E", "001F", "0021"]
+        assert await ledger.revocation_of(f"{30:064x}") == first  # either case of the thumbprint
+        assert await ledger.revocation_of(f"{32:064X}") is None  # not revoked
+        audit = await other.revocation_audit()
+        assert audit[:2] == [
+            (first.time, "001E", "dev-r", "keyCompromise", "caller-a", "req-1"),
+            (second.time, "001F", "dev-r", "superseded", "caller-b", "req-2"),
+        ]
+        assert [row[1] for row in audit[2:]] == ["0021"]
+    finally:
+        await other.close()
+        await ledger.close()
+
+
+async def test_a_lot_keeps_its_items_and_their_keys_until_acknowledged(database_url) -> None:
+    ledger = await Ledger.open(database_url, migrate=True)
+    other = await Ledger.open(database_url)
+    try:
+        assert await ledger.open_lot("lot-1", "fp", 3, "caller", NOW) == (StoredLot("fp", 3, False), {})
+        issued = [LotEntry(0, certificate(40, "lot-0"), "KEY-0"), LotEntry(1, certificate(41, "lot-1"), None)]
+        await ledger.record_lot_items("lot-1", issued)
+        # a chunk with a duplicate serial is refused whole
+        with pytest.raises(Conflict):
+            clash = [
+                LotEntry(2, certificate(42, "lot-2"), "KEY-2"),
+                LotEntry(3, certificate(40, "lot-3"), None),
+            ]
+            await other.record_lot_items("lot-1", clash)
+        # the lot as first opened, whoever opens it again and with whatever header
+        lot, entries = await other.open_lot("lot-1", "other-fp", 5, "someone", NOW)
+        assert lot == StoredLot("fp", 3, False)
+        assert entries == {entry.index: entry for entry in issued}
+        assert len(await ledger.list(None, 10, None)) == 2
+        await other.acknowledge_lot("lot-1", NOW)
+        lot, entries = await ledger.open_lot("lot-1", "fp", 3, "caller", NOW)
+        assert lot == StoredLot("fp", 3, True)
+        assert [(e.certificate, e.private_key_pem) for e in entries.values()] == [
+            (certificate(40, "lot-0"), None),
+            (certificate(41, "lot-1"), None),
+        ]
+    finally:
+        await other.close()
+        await ledger.close()

@@ -25,7 +25,10 @@ from provkit.settings import SettingsError, SettingsSource
 
 SERVICE = "probe.v1.CountedService"
 POLICY = AccessPolicy(
-    {f"/{SERVICE}/{m}": frozenset({Role.OPERATOR}) for m in ("Ok", "Missing", "Boom", "Items", "Broken")}
+    {
+        f"/{SERVICE}/{m}": frozenset({Role.OPERATOR})
+        for m in ("Ok", "Missing", "Boom", "Items", "Broken", "Chat", "Upload")
+    }
 )
 
 
@@ -56,6 +59,10 @@ async def _chat(requests, context: grpc.aio.ServicerContext):
         yield item
 
 
+async def _upload(requests, context: grpc.aio.ServicerContext) -> bytes:
+    return b"".join([item async for item in requests])
+
+
 def _add(servicer: object, server: grpc.aio.Server) -> None:
     unary = {n: grpc.unary_unary_rpc_method_handler(f) for n, f in {"Ok": _ok, "Missing": _missing}.items()}
     handlers = {
@@ -65,6 +72,7 @@ def _add(servicer: object, server: grpc.aio.Server) -> None:
         "Items": grpc.unary_stream_rpc_method_handler(_items),
         "Broken": grpc.unary_stream_rpc_method_handler(_broken),
         "Chat": grpc.stream_stream_rpc_method_handler(_chat),
+        "Upload": grpc.stream_unary_rpc_method_handler(_upload),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
@@ -108,8 +116,10 @@ async def test_each_call_is_counted_by_method_and_code_refusals_by_reason() -> N
             assert await _code(unary("Unlisted")) == grpc.StatusCode.PERMISSION_DENIED
             assert await _stream_code(stream("Items")) == (3, grpc.StatusCode.OK)
             assert await _stream_code(stream("Broken")) == (1, grpc.StatusCode.NOT_FOUND)
-            chat = channel.stream_stream(f"/{SERVICE}/Chat")(iter([b"a"]))
-            assert (await _stream_code(chat))[1] == grpc.StatusCode.UNIMPLEMENTED
+            chat = channel.stream_stream(f"/{SERVICE}/Chat")(iter([b"a", b"b"]))
+            assert await _stream_code(chat) == (2, grpc.StatusCode.OK)  # bidirectional: served (lots)
+            upload = channel.stream_unary(f"/{SERVICE}/Upload")(iter([b"a"]))
+            assert await _code(upload) == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await server.stop(0)
 
@@ -125,7 +135,8 @@ async def test_each_call_is_counted_by_method_and_code_refusals_by_reason() -> N
     assert handled("Unlisted", "PERMISSION_DENIED") == 1
     assert handled("Items", "OK") == 1
     assert handled("Broken", "NOT_FOUND") == 1
-    assert scraped.total("grpc_server_handled_total") == 7  # the refused kind (Chat) never reaches a wrapper
+    assert handled("Chat", "OK") == 1
+    assert scraped.total("grpc_server_handled_total") == 8  # the refused kind (Upload) is never wrapped
     assert scraped.value("grpc_server_handling_seconds_count", grpc_service=SERVICE, grpc_method="Ok") == 2
     refusals = "devprov_refusals_total"
     assert scraped.value(refusals, grpc_method="Missing", reason="WIDGET_NOT_FOUND") == 1

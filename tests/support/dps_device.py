@@ -8,6 +8,8 @@ import asyncio
 from azure.iot.device import X509
 from azure.iot.device.aio import ProvisioningDeviceClient
 
+from device_client.dps import release
+
 REGISTER_TIMEOUT = 60
 
 
@@ -27,4 +29,18 @@ async def sdk_register(emu, reg_id: str, cert, timeout: float = REGISTER_TIMEOUT
         x509=X509(str(cert.cert_path), str(cert.key_path)),
         server_verification_cert=emu.ca_pem,
     )
-    return await asyncio.wait_for(client.register(), timeout)
+    return await register_once(client, timeout)
+
+
+async def register_once(client: ProvisioningDeviceClient, timeout: float = REGISTER_TIMEOUT):
+    """``client.register()``, then the client closed whatever the outcome.  The SDK closes its connection
+    itself only after "assigned" and has no public close: a refused client stays connected and reconnects
+    when it is dropped, so a later client with the same registration id would be kicked out by it, again
+    and again (the broker lets one connection per client id live)."""
+    result = None
+    try:
+        result = await asyncio.wait_for(client.register(), timeout)
+        return result
+    finally:
+        if result is None or result.status != "assigned":
+            await release(client, 5.0)

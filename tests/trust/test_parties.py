@@ -157,6 +157,22 @@ async def _rotate_code(factory, folder, device, code):
     return fpb.RotateActivationCodeRequest(device_id=fresh.device_id), fresh.device_id
 
 
+async def _revoke(factory, folder, device, code):
+    fresh = await mint(factory, new_id(), folder / "devices")
+    reason = fpb.REVOCATION_REASON_KEY_COMPROMISE
+    return fpb.RevokeCertificateRequest(device_id=fresh.device_id, reason=reason), fresh.device_id
+
+
+async def _lot(factory, folder, device, code):
+    """A production lot of one device (a stream: the header, then the item)."""
+    device_id = new_id()
+    header = fpb.LotHeader(
+        lot_id=f"lot-{device_id}", key_source=fpb.KEY_SOURCE_SERVER_GENERATED, item_count=1
+    )
+    items = fpb.LotItems(items=[fpb.LotItem(index=0, device_id=device_id)])
+    return [fpb.MintCertificatesRequest(header=header), fpb.MintCertificatesRequest(items=items)], device_id
+
+
 def _about(request_of: Callable[[DeviceFiles, str], Any]) -> Builder:
     async def build(factory, folder, device, code):
         return request_of(device, code), device.device_id
@@ -168,6 +184,8 @@ REQUESTS: dict[str, Builder] = {
     "/devprov.v1.FactoryService/MintCertificate": _mint,
     "/devprov.v1.FactoryService/Enroll": _enroll,
     "/devprov.v1.FactoryService/EnrollBatch": _enroll_batch,
+    "/devprov.v1.FactoryService/RevokeCertificate": _revoke,
+    "/devprov.v1.FactoryService/MintCertificates": _lot,
     "/devprov.v1.FactoryService/ListCertificates": _about(
         lambda d, c: fpb.ListCertificatesRequest(device_id=d.device_id)
     ),
@@ -215,7 +233,15 @@ async def _refusals(trust: Trust) -> tuple[list, list]:
 def _call(stubs: tuple, method: str) -> Callable[..., Any]:
     service, name = method.strip("/").split("/")
     stub = stubs[0] if service.endswith("FactoryService") else stubs[1]
-    return getattr(stub, name)
+    call = getattr(stub, name)
+    if name != "MintCertificates":
+        return call
+
+    async def stream(messages: list, timeout: float) -> None:  # the lot's answers, to the end
+        async for _ in call(iter(messages), timeout=timeout):
+            pass
+
+    return stream
 
 
 async def test_every_registered_method_has_a_row_and_every_row_a_method(trust: Trust) -> None:

@@ -11,6 +11,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RevocationReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REVOCATION_REASON_UNSPECIFIED: _ClassVar[RevocationReason]
+    REVOCATION_REASON_KEY_COMPROMISE: _ClassVar[RevocationReason]
+    REVOCATION_REASON_CA_COMPROMISE: _ClassVar[RevocationReason]
+    REVOCATION_REASON_AFFILIATION_CHANGED: _ClassVar[RevocationReason]
+    REVOCATION_REASON_SUPERSEDED: _ClassVar[RevocationReason]
+    REVOCATION_REASON_CESSATION_OF_OPERATION: _ClassVar[RevocationReason]
+    REVOCATION_REASON_CERTIFICATE_HOLD: _ClassVar[RevocationReason]
+    REVOCATION_REASON_PRIVILEGE_WITHDRAWN: _ClassVar[RevocationReason]
+    REVOCATION_REASON_AA_COMPROMISE: _ClassVar[RevocationReason]
+
 class KeyType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     KEY_TYPE_UNSPECIFIED: _ClassVar[KeyType]
@@ -48,6 +60,16 @@ class EnrollmentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENROLLMENT_STATE_FAILED: _ClassVar[EnrollmentState]
     ENROLLMENT_STATE_LIVE: _ClassVar[EnrollmentState]
     ENROLLMENT_STATE_NOT_FOUND: _ClassVar[EnrollmentState]
+    ENROLLMENT_STATE_REVOKED: _ClassVar[EnrollmentState]
+REVOCATION_REASON_UNSPECIFIED: RevocationReason
+REVOCATION_REASON_KEY_COMPROMISE: RevocationReason
+REVOCATION_REASON_CA_COMPROMISE: RevocationReason
+REVOCATION_REASON_AFFILIATION_CHANGED: RevocationReason
+REVOCATION_REASON_SUPERSEDED: RevocationReason
+REVOCATION_REASON_CESSATION_OF_OPERATION: RevocationReason
+REVOCATION_REASON_CERTIFICATE_HOLD: RevocationReason
+REVOCATION_REASON_PRIVILEGE_WITHDRAWN: RevocationReason
+REVOCATION_REASON_AA_COMPROMISE: RevocationReason
 KEY_TYPE_UNSPECIFIED: KeyType
 KEY_TYPE_EC_P256: KeyType
 KEY_TYPE_EC_P384: KeyType
@@ -71,6 +93,7 @@ ENROLLMENT_STATE_DELIVERED: EnrollmentState
 ENROLLMENT_STATE_FAILED: EnrollmentState
 ENROLLMENT_STATE_LIVE: EnrollmentState
 ENROLLMENT_STATE_NOT_FOUND: EnrollmentState
+ENROLLMENT_STATE_REVOKED: EnrollmentState
 
 class ServerKeyGeneration(_message.Message):
     __slots__ = ("key_type",)
@@ -79,7 +102,7 @@ class ServerKeyGeneration(_message.Message):
     def __init__(self, key_type: _Optional[_Union[KeyType, str]] = ...) -> None: ...
 
 class IssuedCertificate(_message.Message):
-    __slots__ = ("serial_number", "device_id", "certificate_pem", "certificate_chain_pem", "sha1_thumbprint", "sha256_thumbprint", "not_before", "not_after", "issue_time", "key_type", "key_source", "caller_identity", "request_id")
+    __slots__ = ("serial_number", "device_id", "certificate_pem", "certificate_chain_pem", "sha1_thumbprint", "sha256_thumbprint", "not_before", "not_after", "issue_time", "key_type", "key_source", "caller_identity", "request_id", "revoked", "revocation_time", "revocation_reason")
     SERIAL_NUMBER_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +116,9 @@ class IssuedCertificate(_message.Message):
     KEY_SOURCE_FIELD_NUMBER: _ClassVar[int]
     CALLER_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    REVOCATION_TIME_FIELD_NUMBER: _ClassVar[int]
+    REVOCATION_REASON_FIELD_NUMBER: _ClassVar[int]
     serial_number: str
     device_id: str
     certificate_pem: str
@@ -106,7 +132,10 @@ class IssuedCertificate(_message.Message):
     key_source: KeySource
     caller_identity: str
     request_id: str
-    def __init__(self, serial_number: _Optional[str] = ..., device_id: _Optional[str] = ..., certificate_pem: _Optional[str] = ..., certificate_chain_pem: _Optional[str] = ..., sha1_thumbprint: _Optional[str] = ..., sha256_thumbprint: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., issue_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_type: _Optional[_Union[KeyType, str]] = ..., key_source: _Optional[_Union[KeySource, str]] = ..., caller_identity: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    revoked: bool
+    revocation_time: _timestamp_pb2.Timestamp
+    revocation_reason: RevocationReason
+    def __init__(self, serial_number: _Optional[str] = ..., device_id: _Optional[str] = ..., certificate_pem: _Optional[str] = ..., certificate_chain_pem: _Optional[str] = ..., sha1_thumbprint: _Optional[str] = ..., sha256_thumbprint: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., issue_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_type: _Optional[_Union[KeyType, str]] = ..., key_source: _Optional[_Union[KeySource, str]] = ..., caller_identity: _Optional[str] = ..., request_id: _Optional[str] = ..., revoked: _Optional[bool] = ..., revocation_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revocation_reason: _Optional[_Union[RevocationReason, str]] = ...) -> None: ...
 
 class MintCertificateRequest(_message.Message):
     __slots__ = ("device_id", "csr_pem", "server_key_generation", "validity", "request_id")
@@ -345,3 +374,133 @@ class AcknowledgeActivationCodesResponse(_message.Message):
     acknowledged_count: int
     replayed: bool
     def __init__(self, acknowledged_count: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class RevokeCertificateRequest(_message.Message):
+    __slots__ = ("device_id", "serial_number", "reason", "request_id")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    serial_number: str
+    reason: RevocationReason
+    request_id: str
+    def __init__(self, device_id: _Optional[str] = ..., serial_number: _Optional[str] = ..., reason: _Optional[_Union[RevocationReason, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RevokeCertificateResponse(_message.Message):
+    __slots__ = ("device_id", "certificates", "newly_revoked_count", "enrollment_disabled", "hub_identity_disabled", "crl_number", "crl_this_update")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    NEWLY_REVOKED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_DISABLED_FIELD_NUMBER: _ClassVar[int]
+    HUB_IDENTITY_DISABLED_FIELD_NUMBER: _ClassVar[int]
+    CRL_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    CRL_THIS_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    certificates: _containers.RepeatedCompositeFieldContainer[IssuedCertificate]
+    newly_revoked_count: int
+    enrollment_disabled: bool
+    hub_identity_disabled: bool
+    crl_number: int
+    crl_this_update: _timestamp_pb2.Timestamp
+    def __init__(self, device_id: _Optional[str] = ..., certificates: _Optional[_Iterable[_Union[IssuedCertificate, _Mapping]]] = ..., newly_revoked_count: _Optional[int] = ..., enrollment_disabled: _Optional[bool] = ..., hub_identity_disabled: _Optional[bool] = ..., crl_number: _Optional[int] = ..., crl_this_update: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class LotHeader(_message.Message):
+    __slots__ = ("lot_id", "key_source", "key_type", "item_count", "derive_device_ids", "validity")
+    LOT_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DERIVE_DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    VALIDITY_FIELD_NUMBER: _ClassVar[int]
+    lot_id: str
+    key_source: KeySource
+    key_type: KeyType
+    item_count: int
+    derive_device_ids: bool
+    validity: _duration_pb2.Duration
+    def __init__(self, lot_id: _Optional[str] = ..., key_source: _Optional[_Union[KeySource, str]] = ..., key_type: _Optional[_Union[KeyType, str]] = ..., item_count: _Optional[int] = ..., derive_device_ids: _Optional[bool] = ..., validity: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class LotItem(_message.Message):
+    __slots__ = ("index", "device_id", "csr_pem")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    device_id: str
+    csr_pem: str
+    def __init__(self, index: _Optional[int] = ..., device_id: _Optional[str] = ..., csr_pem: _Optional[str] = ...) -> None: ...
+
+class LotItems(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[LotItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[LotItem, _Mapping]]] = ...) -> None: ...
+
+class LotAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MintCertificatesRequest(_message.Message):
+    __slots__ = ("header", "items", "ack")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    header: LotHeader
+    items: LotItems
+    ack: LotAck
+    def __init__(self, header: _Optional[_Union[LotHeader, _Mapping]] = ..., items: _Optional[_Union[LotItems, _Mapping]] = ..., ack: _Optional[_Union[LotAck, _Mapping]] = ...) -> None: ...
+
+class LotItemError(_message.Message):
+    __slots__ = ("code", "reason", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    reason: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class LotItemResult(_message.Message):
+    __slots__ = ("index", "device_id", "certificate", "private_key_pem", "replayed", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    device_id: str
+    certificate: IssuedCertificate
+    private_key_pem: str
+    replayed: bool
+    error: LotItemError
+    def __init__(self, index: _Optional[int] = ..., device_id: _Optional[str] = ..., certificate: _Optional[_Union[IssuedCertificate, _Mapping]] = ..., private_key_pem: _Optional[str] = ..., replayed: _Optional[bool] = ..., error: _Optional[_Union[LotItemError, _Mapping]] = ...) -> None: ...
+
+class LotSummary(_message.Message):
+    __slots__ = ("lot_id", "item_count", "issued_count", "replayed_count", "failed_count")
+    LOT_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    lot_id: str
+    item_count: int
+    issued_count: int
+    replayed_count: int
+    failed_count: int
+    def __init__(self, lot_id: _Optional[str] = ..., item_count: _Optional[int] = ..., issued_count: _Optional[int] = ..., replayed_count: _Optional[int] = ..., failed_count: _Optional[int] = ...) -> None: ...
+
+class LotItemResults(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[LotItemResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[LotItemResult, _Mapping]]] = ...) -> None: ...
+
+class MintCertificatesResponse(_message.Message):
+    __slots__ = ("results", "summary")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    results: LotItemResults
+    summary: LotSummary
+    def __init__(self, results: _Optional[_Union[LotItemResults, _Mapping]] = ..., summary: _Optional[_Union[LotSummary, _Mapping]] = ...) -> None: ...

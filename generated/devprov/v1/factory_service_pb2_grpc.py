@@ -87,6 +87,16 @@ class FactoryServiceStub:
                 request_serializer=devprov_dot_v1_dot_factory__service__pb2.AcknowledgeActivationCodesRequest.SerializeToString,
                 response_deserializer=devprov_dot_v1_dot_factory__service__pb2.AcknowledgeActivationCodesResponse.FromString,
                 _registered_method=True)
+        self.RevokeCertificate = channel.unary_unary(
+                '/devprov.v1.FactoryService/RevokeCertificate',
+                request_serializer=devprov_dot_v1_dot_factory__service__pb2.RevokeCertificateRequest.SerializeToString,
+                response_deserializer=devprov_dot_v1_dot_factory__service__pb2.RevokeCertificateResponse.FromString,
+                _registered_method=True)
+        self.MintCertificates = channel.stream_stream(
+                '/devprov.v1.FactoryService/MintCertificates',
+                request_serializer=devprov_dot_v1_dot_factory__service__pb2.MintCertificatesRequest.SerializeToString,
+                response_deserializer=devprov_dot_v1_dot_factory__service__pb2.MintCertificatesResponse.FromString,
+                _registered_method=True)
 
 
 class FactoryServiceServicer:
@@ -142,7 +152,7 @@ class FactoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetEnrollmentStatus(self, request, context):
-        """Where a device's enrollment stands: queued (pending / failed) in the outbox, or live in DPS.
+        """Where a device's enrollment stands: queued (pending / failed) in the outbox, live in DPS, or revoked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,6 +181,31 @@ class FactoryServiceServicer:
     def AcknowledgeActivationCodes(self, request, context):
         """The MES confirms that these devices' labels are printed: the factory forgets their retained codes
         (kept encrypted until now so that a retry could return them); only the hashes in DPS remain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCertificate(self, request, context):
+        """Revokes one certificate (by serial number) or every unexpired certificate of a device (by device id):
+        marks them in the ledger (audited), publishes a new CRL signed by the issuing CA, and disables the
+        device's DPS enrollment and its IoT Hub identity when they hold a revoked certificate, so the device
+        can neither register nor connect. Enroll refuses a revoked certificate afterwards. Revoking again
+        changes nothing in the ledger (the first time and reason stay) and disables the cloud side again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MintCertificates(self, request_iterator, context):
+        """Mints a production lot: the first message is a LotHeader (lot id, key source, item count), then the
+        items in batches (CSRs, or device ids for server-side keys; none when the ids are derived here).
+        Results stream back in batches, in item order, each certificate committed to the ledger before it
+        is sent, then a LotSummary.
+        Sending the same lot again (after a disconnect or a restart) resumes it: items already issued are
+        answered from the ledger (`replayed`), never issued twice. Server-generated keys are kept (in the
+        ledger file, 0600) until the client sends a LotAck after the summary, so a resumed lot can still hand
+        them out. The same lot id with another header is INVALID_ARGUMENT REQUEST_ID_REUSED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -223,6 +258,16 @@ def add_FactoryServiceServicer_to_server(servicer, server):
                     servicer.AcknowledgeActivationCodes,
                     request_deserializer=devprov_dot_v1_dot_factory__service__pb2.AcknowledgeActivationCodesRequest.FromString,
                     response_serializer=devprov_dot_v1_dot_factory__service__pb2.AcknowledgeActivationCodesResponse.SerializeToString,
+            ),
+            'RevokeCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCertificate,
+                    request_deserializer=devprov_dot_v1_dot_factory__service__pb2.RevokeCertificateRequest.FromString,
+                    response_serializer=devprov_dot_v1_dot_factory__service__pb2.RevokeCertificateResponse.SerializeToString,
+            ),
+            'MintCertificates': grpc.stream_stream_rpc_method_handler(
+                    servicer.MintCertificates,
+                    request_deserializer=devprov_dot_v1_dot_factory__service__pb2.MintCertificatesRequest.FromString,
+                    response_serializer=devprov_dot_v1_dot_factory__service__pb2.MintCertificatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -476,6 +521,60 @@ class FactoryService:
             '/devprov.v1.FactoryService/AcknowledgeActivationCodes',
             devprov_dot_v1_dot_factory__service__pb2.AcknowledgeActivationCodesRequest.SerializeToString,
             devprov_dot_v1_dot_factory__service__pb2.AcknowledgeActivationCodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devprov.v1.FactoryService/RevokeCertificate',
+            devprov_dot_v1_dot_factory__service__pb2.RevokeCertificateRequest.SerializeToString,
+            devprov_dot_v1_dot_factory__service__pb2.RevokeCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MintCertificates(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/devprov.v1.FactoryService/MintCertificates',
+            devprov_dot_v1_dot_factory__service__pb2.MintCertificatesRequest.SerializeToString,
+            devprov_dot_v1_dot_factory__service__pb2.MintCertificatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,7 @@ STATE_TO_PROTO = {
     EnrollmentState.FAILED: pb.ENROLLMENT_STATE_FAILED,
     EnrollmentState.LIVE: pb.ENROLLMENT_STATE_LIVE,
     EnrollmentState.NOT_FOUND: pb.ENROLLMENT_STATE_NOT_FOUND,
+    EnrollmentState.REVOKED: pb.ENROLLMENT_STATE_REVOKED,
 }
 
 

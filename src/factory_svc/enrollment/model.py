@@ -28,6 +28,7 @@ class EnrollmentState(enum.Enum):
     FAILED = "failed"
     LIVE = "live"
     NOT_FOUND = "not_found"
+    REVOKED = "revoked"  # the certificate enrolled or queued was revoked
 
 
 @dataclass(frozen=True)

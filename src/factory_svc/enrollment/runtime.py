@@ -37,9 +37,9 @@ from factory_svc.enrollment.lint import lint_policy_from_chain
 from factory_svc.enrollment.model import EnrollPolicy
 from factory_svc.enrollment.outbox import Outbox
 from factory_svc.enrollment.retained import KEY_FILE, RetainedCodes
-from factory_svc.enrollment.service import EnrollmentService
+from factory_svc.enrollment.service import EnrollmentService, RevocationLookup
 from provkit.activation_code import DEFAULT_LOG2_N
-from provkit.cloud import CloudNotConfigured, CloudSettings, load_cloud_settings
+from provkit.cloud import CloudNotConfigured, CloudSettings, EnrollmentPort, load_cloud_settings
 from provkit.cloud_calls import CallObserver
 from provkit.settings import SettingsError, SettingsSource
 
@@ -86,6 +86,7 @@ class EnrollmentRuntime:
     delivery: OutboxDelivery
     outbox: Outbox
     codes: RetainedCodes
+    dps: EnrollmentPort
     _close_dps: Callable[[], object]
     _purger: asyncio.Task[None] | None = None
 
@@ -99,6 +100,7 @@ class EnrollmentRuntime:
         clock: Callable[[], datetime],
         *,
         observer: CallObserver | None = None,
+        revocations: RevocationLookup | None = None,
     ) -> EnrollmentRuntime:
         from provkit.dps import DpsEnrollments
 
@@ -106,7 +108,7 @@ class EnrollmentRuntime:
         dps = await DpsEnrollments.open(settings.cloud.dps, observer=observer)
         codes = await RetainedCodes.on(outbox.database, data_dir / KEY_FILE)
         lint = lint_policy_from_chain(ca_chain, settings.policy.min_remaining_validity)
-        service = EnrollmentService(dps, outbox, codes, lint, settings.policy, clock)
+        service = EnrollmentService(dps, outbox, codes, lint, settings.policy, clock, revocations)
         await service.purge_codes()
         delivery = OutboxDelivery(
             dps,
@@ -116,7 +118,7 @@ class EnrollmentRuntime:
             backoff_max=settings.policy.delivery_backoff_max,
         )
         delivery.start()
-        runtime = cls(service, delivery, outbox, codes, dps.close)
+        runtime = cls(service, delivery, outbox, codes, dps, dps.close)
         period = min(settings.policy.code_retention.total_seconds() / 4, 3600.0)
         runtime._purger = asyncio.create_task(_purge_every(service, period), name="code-purge")
         return runtime

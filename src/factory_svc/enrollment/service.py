@@ -16,10 +16,13 @@ Ownership and replace rules are ``ownership.py``'s: an owner OEM may be named (k
 Enroll), and replacing the enrollment of an activated or registered device needs a reason, keeps the
 owner and is audited with the caller (the outbox file's enrollment audit).
 
-Reasons raised: the lint reasons (``lint.py``), ENROLLMENT_EXISTS (another certificate, no ``replace``),
-OWNER_INVALID, REASON_INVALID, OWNER_CHANGE_NEEDS_TRANSFER, REPLACE_REASON_REQUIRED,
-ENROLLMENT_CONCURRENTLY_MODIFIED, DPS_REFUSED, DPS_UNAVAILABLE, BATCH_EMPTY, BATCH_TOO_LARGE,
-DUPLICATE_IN_BATCH, REQUEST_ID_INVALID, REQUEST_ID_REUSED; rotation: ENROLLMENT_NOT_FOUND,
+A certificate the factory revoked (``RevocationLookup``: the ledger) is refused (CERTIFICATE_REVOKED), and
+the status of an enrollment holding one is REVOKED.
+
+Reasons raised: the lint reasons (``lint.py``), CERTIFICATE_REVOKED, ENROLLMENT_EXISTS (another
+certificate, no ``replace``), OWNER_INVALID, REASON_INVALID, OWNER_CHANGE_NEEDS_TRANSFER,
+REPLACE_REASON_REQUIRED, ENROLLMENT_CONCURRENTLY_MODIFIED, DPS_REFUSED, DPS_UNAVAILABLE, BATCH_EMPTY,
+BATCH_TOO_LARGE, DUPLICATE_IN_BATCH, REQUEST_ID_INVALID, REQUEST_ID_REUSED; rotation: ENROLLMENT_NOT_FOUND,
 ENROLLMENT_PENDING; acknowledgement: DEVICE_IDS_EMPTY, DEVICE_IDS_TOO_MANY.
 """
 
@@ -33,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -71,6 +74,7 @@ from factory_svc.enrollment.ownership import (
     replace_refusal,
 )
 from factory_svc.enrollment.retained import RetainedCodes, code_id
+from factory_svc.model import Revocation
 from provkit.activation_code import new_codes
 from provkit.cloud import (
     CloudAlreadyExists,
@@ -221,6 +225,10 @@ def _item_result(item: _Item, result: EnrollResult) -> BatchItemResult:
 
 
 # ------------------------------------------------------------------------------------------------ service
+class RevocationLookup(Protocol):
+    async def revocation_of(self, sha256_thumbprint: str) -> Revocation | None: ...
+
+
 class EnrollmentService:
     def __init__(
         self,
@@ -230,7 +238,9 @@ class EnrollmentService:
         lint_policy: LintPolicy,
         policy: EnrollPolicy,
         clock: Clock,
+        revocations: RevocationLookup | None = None,
     ) -> None:
+        self._revocations = revocations
         self._dps = dps
         self._outbox = outbox
         self._codes = codes
@@ -273,6 +283,21 @@ class EnrollmentService:
         return lint_certificate(
             request.device_id, request.certificate_pem, self._lint, self._clock(), field_prefix
         )
+
+    async def _refuse_revoked(self, linted: LintedCertificate, field_prefix: str = "") -> None:
+        if self._revocations is None:
+            return
+        revocation = await self._revocations.revocation_of(linted.sha256_thumbprint)
+        if revocation is not None:
+            raise FailedPrecondition(
+                "CERTIFICATE_REVOKED",
+                f"{field_prefix}certificate_pem was revoked ({revocation.reason.value}, "
+                f"{revocation.time.isoformat()}); mint a new certificate",
+                metadata={
+                    "sha256_thumbprint": linted.sha256_thumbprint,
+                    "revocation_reason": revocation.reason.value,
+                },
+            )
 
     def _result(
         self, linted: LintedCertificate, outcome: EnrollOutcome, delivery: Delivery, code: NewCode | None
@@ -409,6 +434,7 @@ class EnrollmentService:
     async def enroll(self, request: EnrollRequest) -> EnrollResult:
         check_request_id(request.request_id)
         linted = self.lint(request)
+        await self._refuse_revoked(linted)
         return await self._once(
             request.request_id,
             _fingerprint([request]),
@@ -468,6 +494,11 @@ class EnrollmentService:
         seen: set[str] = set()
         outcomes = await self._lint_many(requests)
         for index, (request, linted) in enumerate(zip(requests, outcomes, strict=True)):
+            if not isinstance(linted, DomainError):
+                try:
+                    await self._refuse_revoked(linted, f"items[{index}].")
+                except DomainError as exc:
+                    linted = exc
             if isinstance(linted, DomainError):
                 results.append(_error_item(index, request.device_id, linted))
             elif linted.device_id in seen:
@@ -700,6 +731,13 @@ class EnrollmentService:
 
     # -------------------------------------------------------------------------------------- status
     async def status(self, raw_device_id: str) -> EnrollmentStatus:
+        status = await self._status(raw_device_id)
+        revocations, thumbprint = self._revocations, status.sha256_thumbprint
+        if revocations is not None and thumbprint and await revocations.revocation_of(thumbprint) is not None:
+            return dc_replace(status, state=EnrollmentState.REVOKED)
+        return status
+
+    async def _status(self, raw_device_id: str) -> EnrollmentStatus:
         device_id = normalise_device_id(raw_device_id)
         entry = await self._outbox.latest_for(device_id)
         if entry is not None and entry.state is not OutboxState.DELIVERED:
