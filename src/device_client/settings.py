@@ -19,7 +19,7 @@ command-line flags.  Keys::
                                overrides it at run time)
     buffer_max_messages        bound of the persisted outbox; the oldest are dropped beyond it
     backoff_initial_s          first retry delay (DPS registration, hub connection)
-    backoff_max_s              retry delay cap (each delay drawn with full jitter below the capped exponential)
+    backoff_max_s              retry delay cap (delays: full jitter below the capped exponential)
     first_attempt_window_s     spread the first DPS / hub attempt after boot uniformly over this many seconds
                                (0, the default: at once; a simulated fleet booting together uses a few s)
     sdk_timeout_s              deadline of every single SDK call (some SDK failure paths never return)
