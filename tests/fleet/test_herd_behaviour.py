@@ -6,6 +6,7 @@ emulator's own log of the requests it answered, not from the test's clock."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import re
@@ -16,15 +17,15 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "device"))
-from device_certs import TinyCa, make_identity  # noqa: E402
-from device_cloud import enroll  # noqa: E402
-from support.emulator import EmulatorProcess  # noqa: E402
-from support.mqtt_client import MqttTestClient, client_context  # noqa: E402
+from device_certs import TinyCa, make_identity
+from device_cloud import enroll
+from support.emulator import EmulatorProcess
+from support.mqtt_client import MqttTestClient, client_context
 
-from device_client.backoff import Backoff, first_attempt_delay  # noqa: E402
-from device_client.runtime import DeviceRuntime  # noqa: E402
-from device_client.settings import load_settings  # noqa: E402
-from device_client.state import StateDir  # noqa: E402
+from device_client.backoff import Backoff, first_attempt_delay
+from device_client.runtime import DeviceRuntime
+from device_client.settings import load_settings
+from device_client.state import StateDir
 
 
 def _deciles(values: list[float], top: float) -> list[int]:
@@ -143,7 +144,7 @@ async def test_a_device_answered_429_waits_at_least_the_retry_after(tmp_path):
         emu.stop()
     assert runtime.snapshot.registrations == 1
     assert "202" in lines[-1][1] or "200" in lines[-1][1], lines
-    for (when, message), (after, _next) in zip(lines, lines[1:], strict=False):
+    for (when, message), (after, _next) in itertools.pairwise(lines):
         retry = re.search(r"retry after (\d+) s", message)
         if retry:
             assert (after - when).total_seconds() >= int(retry.group(1)), (message, when, after)
