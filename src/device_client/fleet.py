@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import statistics
@@ -40,15 +41,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device_client.runtime import DeviceState, RuntimeSnapshot
 from provkit.signals import exit_with_parent
 
 READY_TIMEOUT_S = 180.0
+DEVICES_PER_WORKER = 100  # measured: 500 devices in one worker stall (see BENCHMARKS.md, fleet)
 LOST = "LOST"
 
 
-def default_workers(devices: int) -> int:
-    """One worker per CPU (each has its own SDK pipeline thread), never more than devices."""
-    return max(1, min(devices, os.cpu_count() or 1))
+def default_workers(devices: int, per_worker: int = DEVICES_PER_WORKER) -> int:
+    """At least one worker per CPU and at most ``per_worker`` devices in each (every device brings an SDK
+    client with its own paho thread and a telemetry-buffer thread, and all of a worker's clients share one
+    SDK pipeline thread), never more workers than devices."""
+    return max(1, min(devices, max(os.cpu_count() or 1, math.ceil(devices / per_worker))))
 
 
 @dataclass
@@ -62,6 +67,23 @@ class DeviceRecord:
     first_ack_s: float | None = None
     first_delay_s: float = 0.0
     error: str | None = None
+    assigned_hub: str | None = None
+    last_message: dict[str, Any] | None = None
+    reached: list[str] = field(default_factory=list)  # states, in the order first reached
+
+    @property
+    def snapshot(self) -> RuntimeSnapshot:
+        """The device as its own runtime would describe it (a lost worker's devices look FAILED)."""
+        state = DeviceState.FAILED if self.state == LOST else DeviceState(self.state)
+        return RuntimeSnapshot(
+            guid=self.guid,
+            state=state,
+            assigned_hub=self.assigned_hub,
+            telemetry_sent=self.sent,
+            last_message=self.last_message,
+            last_error=self.error,
+            backing_off=self.backing_off,
+        )
 
 
 @dataclass
@@ -231,6 +253,9 @@ class FleetRunner:
             record.sent = int(row["sent"])
             record.first_delay_s = float(row.get("first_delay_s") or 0.0)
             record.error = row.get("error")
+            record.assigned_hub = row.get("assigned_hub")
+            record.last_message = row.get("last_message")
+            record.reached = list(row.get("reached") or [])
             record.registered_s = self._since_boot(row.get("registered_at"))
             record.first_ack_s = self._since_boot(row.get("first_ack_at"))
         if kind == "final":

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,12 @@ class _Device:
     first_ack_at: float | None = None
     error: str | None = None
     dirty: bool = True
+    reached: list[str] = field(default_factory=list)
 
     def seen(self, snap: RuntimeSnapshot) -> None:
         now = time.time()
+        if snap.state.value not in self.reached:
+            self.reached.append(snap.state.value)
         if self.registered_at is None and snap.assigned_hub is not None:
             self.registered_at = now
         if self.first_ack_at is None and snap.telemetry_sent > 0:
@@ -54,6 +57,9 @@ class _Device:
             "registered_at": self.registered_at,
             "first_ack_at": self.first_ack_at,
             "first_delay_s": round(self.runtime.first_delay_s, 3),
+            "assigned_hub": snap.assigned_hub,
+            "last_message": snap.last_message,
+            "reached": self.reached,
             "error": self.error or snap.last_error,
         }
 
