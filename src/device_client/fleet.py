@@ -45,7 +45,7 @@ from device_client.runtime import DeviceState, RuntimeSnapshot
 from provkit.signals import exit_with_parent
 
 READY_TIMEOUT_S = 180.0
-DEVICES_PER_WORKER = 100  # measured: 500 devices in one worker stall (see BENCHMARKS.md, fleet)
+DEVICES_PER_WORKER = 50  # measured: 500 devices in one worker stall (see BENCHMARKS.md, fleet)
 LOST = "LOST"
 
 
