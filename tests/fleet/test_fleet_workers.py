@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -67,3 +68,26 @@ async def test_a_hundred_devices_in_two_workers_boot_report_and_a_killed_worker_
     assert not any(_alive(pid) for pid in pids)
     # the survivor stopped gracefully and said so
     assert all(r.state == "STOPPED" for r in runner.records.values() if r.worker == 0)
+
+
+async def test_simulate_boots_the_devices_under_the_state_root_and_reports_json(emulator, tmp_path):
+    root = tmp_path / "devices"
+    guids = await enrolled_fleet(TinyCa(), make_identity, emulator, root, 6)
+    env = {
+        **os.environ,
+        "DEVICE_CLIENT_STATE_ROOT": str(root),
+        "DEVICE_CLIENT_ID_SCOPE": emulator.id_scope,
+        "DEVICE_CLIENT_GLOBAL_ENDPOINT": emulator.dps_host,
+        "DEVICE_CLIENT_TRUSTED_CA_FILE": str(emulator.ca_path),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "device_client", "simulate", "--existing", "--workers", "2",
+        "--spread", "1", "--until-telemetry", "--json",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 240)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    report = json.loads(out)
+    assert report["ok"] and report["workers"] == 2 and not report["lost_workers"]
+    assert report["counts"]["telemetry_acknowledged"] == len(guids) == report["counts"]["devices"]
+    assert "status:" in err.decode()  # the summary goes to stderr when stdout carries the report
