@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (SDK included)")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def prov_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--factory", help="factory_svc address host:port")
+        sp.add_argument("--factory-tls", choices=["insecure", "tls", "mtls"])
+        sp.add_argument("--factory-ca", help="PEM trust anchor for factory_svc")
+        sp.add_argument("--factory-client-cert", help="client certificate chain PEM (mtls)")
+        sp.add_argument("--factory-client-key", help="client key PEM (mtls)")
+
     def cloud_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--id-scope", help="DPS ID scope")
         sp.add_argument("--global-endpoint", help="DPS global device endpoint host")
@@ -62,11 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     prov.add_argument("--key-type", choices=[k.value for k in KeyType], default=KeyType.EC_P256.value)
     prov.add_argument("--no-enroll", action="store_true", help="mint only; do not create the DPS enrollment")
     prov.add_argument("--request-id", help="idempotency key for the factory calls (default: random)")
-    prov.add_argument("--factory", help="factory_svc address host:port")
-    prov.add_argument("--factory-tls", choices=["insecure", "tls", "mtls"])
-    prov.add_argument("--factory-ca", help="PEM trust anchor for factory_svc")
-    prov.add_argument("--factory-client-cert", help="client certificate chain PEM (mtls)")
-    prov.add_argument("--factory-client-key", help="client key PEM (mtls)")
+    prov_flags(prov)
     cloud_flags(prov)
 
     run = sub.add_parser(
@@ -83,6 +86,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("guid")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sim = sub.add_parser(
+        "simulate",
+        allow_abbrev=False,
+        help="a simulated fleet: provision N devices at the factory, boot them at once in worker processes",
+    )
+    sim.add_argument("--devices", type=int, help="provision this many new devices (EnrollBatch) and run them")
+    sim.add_argument("--existing", action="store_true", help="run every device already under --state-root")
+    sim.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
+    sim.add_argument("--batch-size", type=int, default=100, help="devices per EnrollBatch (default 100)")
+    sim.add_argument("--seconds", type=float, help="stop this long after boot (default: at Ctrl-C)")
+    sim.add_argument(
+        "--until-telemetry",
+        action="store_true",
+        help="stop once every device's first message is acknowledged",
+    )
+    sim.add_argument(
+        "--spread", type=float, default=5.0, help="spread first attempts over this many seconds (default 5)"
+    )
+    sim.add_argument("--interval", type=float, help="seconds between telemetry messages (default 5)")
+    sim.add_argument("--labels", type=Path, help="write GUIDs and one-time activation codes here (0600)")
+    sim.add_argument("--json", action="store_true", help="print the final report as JSON")
+    prov_flags(sim)
+    cloud_flags(sim)
     return p
 
 
@@ -133,6 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     faults.arm_from_environment()
     try:
+        if args.command == "simulate":
+            from device_client.simulate import simulate
+
+            base = load_settings(env=dict(os.environ), config_file=args.config, overrides=_overrides(args))
+            return simulate(args, base)
         guid, settings = resolve_settings(args)
         _configure_logging(settings.log_format, args.verbose)
         if args.command == "provision":

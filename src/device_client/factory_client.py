@@ -6,6 +6,7 @@ carrying the service's ErrorInfo reason (or UNAVAILABLE/DEADLINE_EXCEEDED for an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -107,10 +108,28 @@ class GrpcFactory:
         request = pb.EnrollRequest(
             device_id=guid, certificate_pem=certificate_pem.decode(), replace=replace, request_id=request_id
         )
-        response = await self._call(self._stub.Enroll, request, request_id)
-        queued = response.delivery == pb.ENROLLMENT_DELIVERY_QUEUED
-        return EnrollOutcome(
-            delivery=EnrollDelivery.QUEUED if queued else EnrollDelivery.LIVE,
-            unchanged=response.outcome == pb.ENROLL_OUTCOME_UNCHANGED,
-            activation_code=response.activation_code or None,
+        return _outcome(await self._call(self._stub.Enroll, request, request_id))
+
+    async def enroll_batch(
+        self, certificates: Sequence[tuple[str, bytes]], request_id: str
+    ) -> list[EnrollOutcome | str]:
+        """EnrollBatch (at most 1,000 devices): per device, its outcome or why it was refused."""
+        assert self._stub is not None
+        request = pb.EnrollBatchRequest(
+            items=[pb.EnrollBatchItem(device_id=g, certificate_pem=pem.decode()) for g, pem in certificates],
+            request_id=request_id,
         )
+        response = await self._call(self._stub.EnrollBatch, request, request_id)
+        return [
+            _outcome(r.response) if r.HasField("response") else f"{r.error.reason}: {r.error.message}"
+            for r in response.results
+        ]
+
+
+def _outcome(response: pb.EnrollResponse) -> EnrollOutcome:
+    queued = response.delivery == pb.ENROLLMENT_DELIVERY_QUEUED
+    return EnrollOutcome(
+        delivery=EnrollDelivery.QUEUED if queued else EnrollDelivery.LIVE,
+        unchanged=response.outcome == pb.ENROLL_OUTCOME_UNCHANGED,
+        activation_code=response.activation_code or None,
+    )

@@ -114,6 +114,14 @@ def _device_settings(settings: Settings, state: StateDir) -> None:
     atomic_write(state.settings_path, render_device_settings(values))
 
 
+def record_enrollment(state: StateDir, outcome: EnrollOutcome) -> None:
+    """Note in the device's metadata that (and how) its certificate is enrolled."""
+    metadata = dict(
+        state.read_metadata(), enrollment=outcome.status, enrolled_at=datetime.now(UTC).isoformat()
+    )
+    atomic_write(state.file("identity.json"), json.dumps(metadata, indent=2, sort_keys=True).encode())
+
+
 async def provision_with(
     factory: FactoryPort, request: ProvisionRequest, settings: Settings
 ) -> ProvisionResult:
@@ -169,8 +177,7 @@ async def provision_with(
     outcome = await factory.enroll(
         request.guid, leaf_pem.public_bytes(Encoding.PEM), f"{base_id}:enroll", replace=request.force
     )
-    metadata = dict(stored.metadata, enrollment=outcome.status, enrolled_at=datetime.now(UTC).isoformat())
-    atomic_write(state.file("identity.json"), json.dumps(metadata, indent=2, sort_keys=True).encode())
+    record_enrollment(state, outcome)
     return ProvisionResult(stored.info, state.path, outcome.status, outcome.activation_code, minted)
 
 

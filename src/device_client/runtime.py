@@ -32,7 +32,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from device_client import abandoned, dps
-from device_client.backoff import Backoff
+from device_client.backoff import Backoff, first_attempt_delay
 from device_client.buffer import TelemetryBuffer
 from device_client.desired import DesiredOutcome, apply_document, apply_patch
 from device_client.errors import CloudGaveUpError
@@ -73,6 +73,7 @@ class RuntimeSnapshot:
     interval_s: float = 5.0
     registrations: int = 0  # successful DPS registrations during this run
     last_error: str | None = None
+    backing_off: bool = False  # waiting before the next DPS / hub attempt (or the spread first one)
 
 
 Listener = Callable[[RuntimeSnapshot], None]
@@ -113,6 +114,7 @@ class DeviceRuntime:
         self._trouble_since: float | None = None
         self._hub_backoff = Backoff(rt.backoff_initial_s, rt.backoff_max_s)
         self._fatal: Exception | None = None
+        self.first_delay_s = 0.0  # the spread first attempt this run waited (see first_attempt_window_s)
 
     # -- public API ----------------------------------------------------------------------------------
     @property
@@ -182,6 +184,9 @@ class DeviceRuntime:
             backoff = self._hub_backoff
             assignment = self.state_dir.read_assignment()
             fresh = False
+            # A fleet that boots together spreads its first knock on DPS / the hub over a small window.
+            self.first_delay_s = first_attempt_delay(rt.first_attempt_window_s)
+            await self._wait(self.first_delay_s)
             while not self._stop.is_set():
                 if assignment is None:
                     assignment = await self._register(identity, cloud.require_scope(), ca_pem)
@@ -239,8 +244,18 @@ class DeviceRuntime:
             raise CloudGaveUpError(f"giving up after {give_up:g} s: {why}", "CLOUD_UNAVAILABLE")
         delay = backoff.next_delay()
         self._log(logging.INFO, "%s; retrying in %.1f s", why, delay, delay_s=round(delay, 2))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), delay)
+        await self._wait(delay)
+
+    async def _wait(self, delay: float) -> None:
+        """Back off for ``delay`` seconds (shown as ``backing_off``), or less if stop() comes first."""
+        if delay <= 0 or self._stop.is_set():
+            return
+        self._update(backing_off=True)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+        finally:
+            self._update(backing_off=False)
 
     async def _register(
         self, identity: StoredIdentity, id_scope: str, ca_pem: str | None
@@ -286,8 +301,7 @@ class DeviceRuntime:
                     # Waiting for a person is not an outage: no give-up deadline here.
                     delay = backoff.next_delay()
                     self._log(logging.DEBUG, "next registration attempt in %.1f s", delay)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), delay)
+                    await self._wait(delay)
                 else:
                     self._update(last_error=str(refused))
                     await self._pause(backoff, f"registration with DPS failed ({refused})")

@@ -19,7 +19,9 @@ command-line flags.  Keys::
                                overrides it at run time)
     buffer_max_messages        bound of the persisted outbox; the oldest are dropped beyond it
     backoff_initial_s          first retry delay (DPS registration, hub connection)
-    backoff_max_s              retry delay cap
+    backoff_max_s              retry delay cap (delays: full jitter below the capped exponential)
+    first_attempt_window_s     spread the first DPS / hub attempt after boot uniformly over this many seconds
+                               (0, the default: at once; a simulated fleet booting together uses a few s)
     sdk_timeout_s              deadline of every single SDK call (some SDK failure paths never return)
     give_up_after_s            stop `run` with an error when DPS/the hub stays unusable this long (0: never)
     log_format                 auto | json | text
@@ -96,6 +98,7 @@ class RuntimeSettings:
     buffer_max_messages: int
     backoff_initial_s: float
     backoff_max_s: float
+    first_attempt_window_s: float
     sdk_timeout_s: float
     give_up_after_s: float
 
@@ -125,6 +128,7 @@ DEFAULTS: dict[str, Any] = {
     "buffer_max_messages": 10_000,
     "backoff_initial_s": 2.0,
     "backoff_max_s": 120.0,
+    "first_attempt_window_s": 0.0,
     "sdk_timeout_s": 30.0,
     "give_up_after_s": 0.0,
     "log_format": "auto",
@@ -226,6 +230,7 @@ def build_settings(layers: dict[str, Any]) -> Settings:
         buffer_max_messages=_num(layers, "buffer_max_messages", minimum=1, integer=True),
         backoff_initial_s=_num(layers, "backoff_initial_s", minimum=0.01),
         backoff_max_s=_num(layers, "backoff_max_s", minimum=0.01),
+        first_attempt_window_s=_num(layers, "first_attempt_window_s", minimum=0.0),
         sdk_timeout_s=_num(layers, "sdk_timeout_s", minimum=0.5),
         give_up_after_s=_num(layers, "give_up_after_s", minimum=0.0),
     )

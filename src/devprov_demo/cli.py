@@ -237,7 +237,8 @@ async def run_demo(args: argparse.Namespace, console: Console) -> int:
             return EXIT_INCOMPLETE
         watch = HubWatch(stack.emulator.data_dir)
         fleet = Fleet(stack, labels)
-        fleet.start()
+        with console.status("starting the fleet's worker processes ..."):
+            await fleet.start()
         console.print(f"first boot of {len(labels)} devices (logs: {stack.logs / 'devices.log'})")
         await _watch(console, fleet, watch, stop, args.seconds)
         await fleet.stop()

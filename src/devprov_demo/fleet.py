@@ -3,25 +3,25 @@
 1. The factory's test bench provisions each device (``device_client.provisioning``: key made on the device,
    CSR signed by factory_svc over mTLS, enrollment created disabled) and prints its label.
 2. The OEM's back office activates each device through activation_svc (mTLS) with its metadata and a hub.
-3. In the field, each device boots (``device_client.runtime.DeviceRuntime``): DPS, its hub, telemetry.
+3. In the field, each device boots (``device_client.runtime.DeviceRuntime``): DPS, its hub, telemetry --
+   in worker processes (``device_client.fleet``: the SDK queues every client's connect of a process on one
+   thread, so a big fleet in one process stalls).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypedDict
 
 from activation_svc.metadata import sample_metadata
-from device_client.factory_client import GrpcFactory
-from device_client.provisioning import ProvisionRequest, provision_with
-from device_client.runtime import DeviceRuntime, DeviceState, RuntimeSnapshot
+from device_client.batch import provision_batches
+from device_client.fleet import DeviceRecord, FleetRunner, default_workers
+from device_client.runtime import DeviceState, RuntimeSnapshot
 from device_client.settings import Settings, load_settings
 from devprov.v1 import activation_service_pb2 as apb
 from devprov.v1 import activation_service_pb2_grpc as apb_grpc
@@ -50,17 +50,14 @@ def device_settings(stack: Stack, **overrides: Any) -> Settings:
 
 
 async def provision_fleet(stack: Stack, count: int) -> list[Label]:
-    settings = device_settings(stack)
-    async with GrpcFactory(settings.factory) as factory:
-
-        async def one() -> Label:
-            guid = str(uuid.uuid4())
-            result = await provision_with(factory, ProvisionRequest(guid), settings)
-            if result.enrollment != "live" or not result.activation_code:
-                raise RuntimeError(f"{guid}: enrollment {result.enrollment}, expected live")
-            return Label(guid, result.activation_code)
-
-        return list(await asyncio.gather(*(one() for _ in range(count))))
+    """Mint each device's certificate (key made on the device) and enroll them with EnrollBatch."""
+    results = await provision_batches([str(uuid.uuid4()) for _ in range(count)], device_settings(stack))
+    labels = []
+    for result in results:
+        if result.error or not result.activation_code:
+            raise RuntimeError(f"{result.guid}: enrollment {result.error or 'without a code'}")
+        labels.append(Label(result.guid, result.activation_code))
+    return labels
 
 
 def _oem_security(stack: Stack) -> ChannelSecurity:
@@ -90,16 +87,10 @@ async def activate_fleet(stack: Stack, labels: list[Label], interval_s: float) -
 
 @dataclass
 class DeviceTrack:
-    """One device in the field as the demo watches it."""
+    """One device in the field as the demo watches it (its runtime runs in a fleet worker process)."""
 
     label: Label
-    runtime: DeviceRuntime
-    reached: list[DeviceState] = field(default_factory=list)
-    task: asyncio.Task[None] | None = None
-
-    def record(self, snapshot: RuntimeSnapshot) -> None:
-        if snapshot.state not in self.reached:
-            self.reached.append(snapshot.state)
+    record: DeviceRecord
 
     @property
     def guid(self) -> str:
@@ -107,55 +98,40 @@ class DeviceTrack:
 
     @property
     def snapshot(self) -> RuntimeSnapshot:
-        return self.runtime.snapshot
+        return self.record.snapshot
+
+    @property
+    def reached(self) -> list[DeviceState]:
+        return [DeviceState(s) for s in self.record.reached]
 
     @property
     def error(self) -> str | None:
-        if self.task is not None and self.task.done() and not self.task.cancelled():
-            exc = self.task.exception()
-            if exc is not None:
-                return f"{type(exc).__name__}: {exc}"
-        return self.snapshot.last_error
+        return self.record.error
 
 
 class Fleet:
-    """The devices' runtimes, in this process (one asyncio task each)."""
+    """The devices' runtimes, in worker processes (``device_client.fleet``, as ``device-client simulate``)."""
 
     def __init__(self, stack: Stack, labels: list[Label]) -> None:
-        self.tracks: list[DeviceTrack] = []
-        for label in labels:
-            settings = load_settings(
-                env={},
-                device_settings=stack.device_root / label.guid / "settings.toml",
-                overrides={
-                    "state_root": str(stack.device_root),
-                    "backoff_initial_s": 0.5,
-                    "backoff_max_s": 5.0,
-                },
-            )
-            track = DeviceTrack(label, DeviceRuntime(label.guid, settings))
-            track.runtime.add_listener(track.record)
-            track.record(track.runtime.snapshot)
-            self.tracks.append(track)
+        guids = [label.guid for label in labels]
+        self.runner = FleetRunner(
+            guids,
+            stack.device_root,
+            # on top of each device's own settings.toml (written at the factory)
+            {"backoff_initial_s": 0.5, "backoff_max_s": 5.0, "first_attempt_window_s": 2.0},
+            workers=default_workers(len(guids)),
+            log_dir=stack.logs / "fleet",
+        )
+        self.tracks = [DeviceTrack(label, self.runner.records[label.guid]) for label in labels]
         self.started_at: datetime | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self.runner.start()
         self.started_at = datetime.now(UTC)
-        for track in self.tracks:
-            track.task = asyncio.create_task(track.runtime.run(), name=f"device {track.label.guid}")
+        self.runner.go()
 
-    async def stop(self, grace_s: float = 30.0) -> None:
-        for track in self.tracks:
-            track.runtime.stop()
-        tasks = [t.task for t in self.tracks if t.task is not None]
-        if not tasks:
-            return
-        _done, pending = await asyncio.wait(tasks, timeout=grace_s)
-        for task in pending:
-            task.cancel()
-        for task in pending:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    async def stop(self) -> None:
+        await self.runner.stop()
 
 
 class DeviceSummary(TypedDict):

@@ -19,3 +19,15 @@ async def wait_for_stop_signal() -> None:
     finally:
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
+
+
+def exit_with_parent() -> None:  # pragma: no cover - runs in a child between fork and exec
+    """Linux ``preexec_fn``: the child gets SIGTERM when the process that started it dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass

@@ -153,3 +153,18 @@ def test_run_with_unreachable_dps_gives_up_when_told(tmp_path, capsys, ca):
     err = capsys.readouterr().err
     assert code == 7
     assert "CLOUD_UNAVAILABLE" in err and "DPS" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "either --devices N or --existing"),
+        (["--devices", "3", "--existing"], "either --devices N or --existing"),
+        (["--devices", "0"], "at least 1"),
+        (["--existing"], "no device state directories"),
+    ],
+)
+def test_simulate_refuses_unclear_requests_with_a_usage_error(tmp_path, capsys, args, message):
+    assert main(["--state-root", str(tmp_path / "none"), "simulate", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -183,3 +183,20 @@ async def test_counters_move_by_exactly_what_the_flow_did(tmp_path, emulator):
     # bounded labels: no series anywhere names the device
     for name in after:
         assert device.device_id not in after[name].text
+
+
+async def test_a_rotated_code_is_counted_once_and_its_replay_not_at_all(tmp_path, emulator):
+    async with running_factory(
+        factory_env(tmp_path, emulator, FACTORY_METRICS_LISTEN="127.0.0.1:0")
+    ) as (factory_app, factory):
+        url = factory_app.observe.metrics_url
+        device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
+        await factory.Enroll(fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem))
+        before = await scrape(url)
+        rotate = fpb.RotateActivationCodeRequest(device_id=device.device_id, request_id=str(uuid.uuid4()))
+        first = await factory.RotateActivationCode(rotate)
+        again = await factory.RotateActivationCode(rotate)
+        after = await scrape(url)
+    assert not first.replayed and again.replayed and again.activation_code == first.activation_code
+    rotated = "devprov_activation_codes_rotated_total"
+    assert after.total(rotated) - before.total(rotated) == 1

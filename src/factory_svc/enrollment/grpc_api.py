@@ -220,6 +220,8 @@ class EnrollmentRpcs:
     ) -> pb.RotateActivationCodeResponse:
         device_id = check_device_id(request.device_id, self._device_ids)
         result = await self._service().rotate_code(device_id, request.request_id)
+        if not result.replayed:
+            self._metrics.codes_rotated()
         return pb.RotateActivationCodeResponse(
             device_id=result.device_id, activation_code=result.activation_code or "", replayed=result.replayed
         )
