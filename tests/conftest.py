@@ -48,10 +48,11 @@ def loopback_host() -> str:
 
 
 @contextlib.contextmanager
-def _running_emulator(data_dir):
+def running_emulator(data_dir, extra_args: list[str] | None = None):
+    """A started emulator subprocess (DPS + 2 hubs), stopped (killed if need be) on leaving."""
     from support.emulator import EmulatorProcess
 
-    emu = EmulatorProcess(data_dir, hubs=2)
+    emu = EmulatorProcess(data_dir, hubs=2, extra_args=extra_args or [])
     emu.start()
     try:
         yield emu
@@ -66,14 +67,14 @@ def _running_emulator(data_dir):
 def emulator(tmp_path):
     """A real emulator subprocess (DPS + 2 hubs on fresh loopback addresses), stopped after the test.
     See tests/support/emulator.py for what it exposes."""
-    with _running_emulator(tmp_path / "emulator") as emu:
+    with running_emulator(tmp_path / "emulator") as emu:
         yield emu
 
 
 @pytest.fixture(scope="module")
 def module_emulator(tmp_path_factory):
     """One emulator subprocess shared by a test module (tests must not depend on each other's data)."""
-    with _running_emulator(tmp_path_factory.mktemp("emulator") / "data") as emu:
+    with running_emulator(tmp_path_factory.mktemp("emulator") / "data") as emu:
         yield emu
 
 

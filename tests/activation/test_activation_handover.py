@@ -4,15 +4,13 @@ servers (mTLS for the OEM), and Microsoft's SDKs for the device and for checking
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from datetime import UTC
 
 import grpc
 import pytest
-from azure.iot.device import X509, Message
-from azure.iot.device.aio import IoTHubDeviceClient
+from azure.iot.device import Message
 from azure.iot.device.exceptions import ClientError, CredentialError
 from device.device_cloud import received_telemetry
 from enrollment.provisioning_env import (
@@ -24,6 +22,7 @@ from enrollment.provisioning_env import (
     enrolled,
     factory_env,
     failure,
+    hub_session,
     hub_twin,
     register,
     running_activation,
@@ -36,20 +35,8 @@ from provkit.cloud import parse_azure_time
 
 async def send_one_message(emulator, device, hub: str, body: bytes) -> None:
     """Connect as the device, send one device-to-cloud message (acknowledged), disconnect."""
-    client = IoTHubDeviceClient.create_from_x509_certificate(
-        x509=X509(str(device.cert_path), str(device.key_path)),
-        hostname=hub,
-        device_id=device.device_id,
-        server_verification_cert=emulator.ca_pem,
-        connection_retry=False,
-    )
-    try:
-        await asyncio.wait_for(client.connect(), 60)
+    async with hub_session(emulator, device, hub) as client:
         await asyncio.wait_for(client.send_message(Message(body)), 60)
-        await asyncio.wait_for(client.disconnect(), 60)
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.shutdown(), 5)
 
 
 META = {"tags": {"customer": "acme", "line": {"hall": 3}}, "properties": {"desired": {"interval_s": 5}}}

@@ -205,8 +205,10 @@ async def register(emulator, device: DeviceFiles) -> Any:
     return await register_once(client, SDK_TIMEOUT)
 
 
-async def connect_to_hub(emulator, device: DeviceFiles, hub: str) -> None:
-    """Connect (and disconnect) as the device; raises what the SDK raises."""
+@contextlib.asynccontextmanager
+async def hub_session(emulator, device: DeviceFiles, hub: str) -> AsyncIterator[IoTHubDeviceClient]:
+    """The device connected to ``hub`` with Microsoft's device SDK (no automatic reconnect); disconnected
+    and shut down on leaving.  Raises what the SDK raises."""
     client = IoTHubDeviceClient.create_from_x509_certificate(
         x509=X509(str(device.cert_path), str(device.key_path)),
         hostname=hub,
@@ -216,10 +218,17 @@ async def connect_to_hub(emulator, device: DeviceFiles, hub: str) -> None:
     )
     try:
         await asyncio.wait_for(client.connect(), SDK_TIMEOUT)
+        yield client
         await asyncio.wait_for(client.disconnect(), SDK_TIMEOUT)
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.shutdown(), 5)
+
+
+async def connect_to_hub(emulator, device: DeviceFiles, hub: str) -> None:
+    """Connect (and disconnect) as the device; raises what the SDK raises."""
+    async with hub_session(emulator, device, hub):
+        pass
 
 
 def registry(emulator, hub: str):

@@ -6,14 +6,13 @@ prometheus-client's own parser."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 
 import grpc
 import pytest
-from azure.iot.device import X509, Message
-from azure.iot.device.aio import IoTHubDeviceClient
+from azure.iot.device import Message
+from conftest import running_emulator
 from enrollment.provisioning_env import (
     SDK_TIMEOUT,
     OemTls,
@@ -21,13 +20,13 @@ from enrollment.provisioning_env import (
     activation_env,
     factory_env,
     failure,
+    hub_session,
     mint,
     register,
     running_activation,
     running_factory,
 )
 from metrics_text import Scrape, scrape
-from support.emulator import EmulatorProcess
 from support.parties import party
 
 from devprov.v1 import activation_service_pb2_grpc as apb_grpc
@@ -45,15 +44,8 @@ BODIES = ['{"t": 21.5}', '{"t": 21.75, "rpm": 1200}', '{"t": 22}']
 @pytest.fixture
 def emulator(tmp_path):
     """An emulator process serving its own /metrics on a free loopback port."""
-    emu = EmulatorProcess(tmp_path / "emulator", hubs=2, extra_args=["--metrics-listen", "127.0.0.1:0"])
-    emu.start()
-    try:
+    with running_emulator(tmp_path / "emulator", extra_args=["--metrics-listen", "127.0.0.1:0"]) as emu:
         yield emu
-    finally:
-        try:
-            emu.stop()
-        finally:
-            emu.kill()
 
 
 def delta(after: Scrape, before: Scrape, name: str, **labels: str) -> float:
@@ -62,22 +54,10 @@ def delta(after: Scrape, before: Scrape, name: str, **labels: str) -> float:
 
 async def send_telemetry(emulator, device, hub: str, during) -> None:
     """Connect as the device, send ``BODIES``, run ``during()`` while connected, disconnect."""
-    client = IoTHubDeviceClient.create_from_x509_certificate(
-        x509=X509(str(device.cert_path), str(device.key_path)),
-        hostname=hub,
-        device_id=device.device_id,
-        server_verification_cert=emulator.ca_pem,
-        connection_retry=False,
-    )
-    try:
-        await asyncio.wait_for(client.connect(), SDK_TIMEOUT)
+    async with hub_session(emulator, device, hub) as client:
         for body in BODIES:
             await asyncio.wait_for(client.send_message(Message(body)), SDK_TIMEOUT)
         await during()
-        await asyncio.wait_for(client.disconnect(), SDK_TIMEOUT)
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.shutdown(), 5)
 
 
 async def test_counters_move_by_exactly_what_the_flow_did(tmp_path, emulator):
