@@ -21,8 +21,8 @@ Taking turns on one id
    same database as the answers.  It then executes, and the store deletes the reservation in the very
    transaction that stores the answer (for MintCertificate: the transaction that commits the
    certificate), so "answer stored" and "reservation over" are one commit.  While it executes the
-   holder renews its lease every third of ``lease``.  (Crash point ``request.reserved``: reserved, nothing
-   done yet.)
+   holder renews its lease every third of ``lease``.  (Crash point ``request.reserved``: this process
+   holds the id, by the lock alone on SQLite, and is about to execute; nothing done yet.)
 3. A caller on another replica that finds the reservation:
    - another fingerprint: ``REQUEST_ID_REUSED`` at once;
    - the same fingerprint: it waits, polling the store with a growing pause (``POLL_FIRST`` doubling to
@@ -201,9 +201,8 @@ class RequestIds:
                 reservations = self._reservations
                 if reservations is not None:
                     stored = await self._reserve(reservations, request_id, fingerprint, find)
-                    if stored is None:
-                        crash_point("request.reserved")  # held in the database, nothing done yet
                 if stored is None:
+                    crash_point("request.reserved")  # this process holds the id; nothing done yet
                     result = await self._execute(reservations, request_id, execute)
                     if result is not LOST_RACE:
                         return result

@@ -151,7 +151,11 @@ async def test_a_replica_killed_mid_activation_is_finished_by_the_other(tmp_path
     from faults.test_activation_intents import activation_process
 
     tls = OemTls.create(tmp_path / "tls")
-    extra = {"ACTIVATION_DATABASE_URL": postgres_url, "ACTIVATION_INTENTS_HOLD_SECONDS": "2"}
+    extra = {
+        "ACTIVATION_DATABASE_URL": postgres_url,
+        "ACTIVATION_INTENTS_HOLD_SECONDS": "2",
+        "ACTIVATION_REQUESTS_LEASE_SECONDS": "2",  # A's reservation of r-1 runs out as quickly
+    }
     async with AsyncExitStack() as stack:
         factory = await factory_on(stack, tmp_path, emulator, postgres_url)
         device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
@@ -183,6 +187,8 @@ async def test_a_replica_killed_mid_activation_is_finished_by_the_other(tmp_path
         rows = [(e.request_id, e.outcome) for e in await app_b.audit.entries(device.device_id)]
         assert rows.count(("r-1", "ok")) == 1 and ("r-1", "pending") not in rows
         assert (await dps_enrollment(emulator, device.device_id))["etag"] == written["etag"]  # not rewritten
-        # the caller's retry (A never answered it) finds the change done: nothing written twice
+        # the caller's retry (A never answered it) takes dead A's request over: the change is done, nothing
+        # is written twice
         retry = await stub_b.Activate(activate_request(device.device_id, code, METADATA, request_id="r-1"))
-        assert retry.path == apb.ACTIVATION_PATH_UNCHANGED
+        assert retry.path == apb.ACTIVATION_PATH_UNCHANGED and not retry.replayed
+        assert (await dps_enrollment(emulator, device.device_id))["etag"] == written["etag"]

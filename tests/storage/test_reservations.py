@@ -174,3 +174,62 @@ async def test_sqlite_writes_no_reservation(tmp_path):
         assert await effects(db) == 1 and await reservation_rows(db) == 0
     finally:
         await db.close()
+
+
+def _stores():
+    """(store class, file, schema name, migrations, answer table, a previous version's answered id)."""
+    from activation_svc import audit
+    from factory_svc import ledger
+    from factory_svc.enrollment import outbox
+
+    certificate = (
+        "INSERT INTO certificates (serial_number, device_id, certificate_pem, chain_pem, sha1_thumbprint, "
+        "sha256_thumbprint, not_before_us, not_after_us, issued_at_us, key_type, key_source, caller, "
+        "request_id) VALUES ('0A', 'dev', 'pem', 'pem', 'S1', 'S256', 1, 2, 1, 'ec-p256', 'csr', 'c', 'old')"
+    )
+    return [
+        (
+            ledger.Ledger.open,
+            ledger.FILE,
+            "ledger",
+            ledger.MIGRATIONS,
+            [certificate, "INSERT INTO mint_requests VALUES ('old', 'fp', '0A')"],
+        ),
+        (
+            outbox.Outbox.open,
+            outbox.FILE,
+            "enrollment outbox",
+            outbox.MIGRATIONS,
+            ["INSERT INTO enroll_requests VALUES ('old', 'fp', '{}')"],
+        ),
+        (
+            audit.AuditLog.open,
+            audit.FILE,
+            "audit",
+            audit.MIGRATIONS,
+            ["INSERT INTO activation_requests VALUES ('old', 'fp', '{}')"],
+        ),
+    ]
+
+
+@pytest.mark.parametrize("store", range(3), ids=["ledger", "outbox", "audit"])
+async def test_each_store_migrates_from_its_previous_version_to_reservations(database_url, store):
+    from support.stores import stored_version, write_at_version
+
+    open_store, file, name, migrations, rows = _stores()[store]
+    await write_at_version(database_url, file, name, migrations[:-1], rows)
+    assert stored_version(database_url, file, name) == len(migrations) - 1
+    opened = await open_store(database_url, migrate=True)
+    try:
+        now_us = int(time.time() * 1_000_000)
+        mine = opened.reservations
+        assert mine.shared is (database_url.backend is Backend.POSTGRESQL)
+        kinds = [
+            (await mine.claim(request_id, "fp", "me", now_us, now_us + 10**6)).kind
+            for request_id in ("old", "new")
+        ]
+        assert kinds == [reservations.ClaimKind.ANSWERED, reservations.ClaimKind.RESERVED]  # old answer kept
+        assert await mine.holder_of("new") == "me" and await mine.holder_of("old") is None
+    finally:
+        await opened.close()
+    assert stored_version(database_url, file, name) == len(migrations)
