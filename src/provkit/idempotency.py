@@ -196,19 +196,19 @@ class RequestIds:
             return result
         check_request_id(request_id)
         async with self._one_at_a_time(request_id):
-            stored = await find()
+            reservations = self._reservations
+            if reservations is not None:  # the claim looks for an answer too: one round trip for both
+                stored = await self._reserve(reservations, request_id, fingerprint, find)
+            else:
+                stored = await find()
             if stored is None:
-                reservations = self._reservations
-                if reservations is not None:
-                    stored = await self._reserve(reservations, request_id, fingerprint, find)
+                crash_point("request.reserved")  # this process holds the id; nothing done yet
+                result = await self._execute(reservations, request_id, execute)
+                if result is not LOST_RACE:
+                    return result
+                stored = await find()
                 if stored is None:
-                    crash_point("request.reserved")  # this process holds the id; nothing done yet
-                    result = await self._execute(reservations, request_id, execute)
-                    if result is not LOST_RACE:
-                        return result
-                    stored = await find()
-                    if stored is None:
-                        raise RuntimeError("a store refused a request id that it does not hold")
+                    raise RuntimeError("a store refused a request id that it does not hold")
             if stored.fingerprint != fingerprint:
                 raise RequestIdReused(request_id)
             return await replay(stored.answer)
