@@ -39,13 +39,16 @@ Taking turns on one id
      takeover finds and replays: one certificate in the ledger.
    - Enroll / EnrollBatch: codes are retained before their hashes reach DPS, and the work recognises an
      enrollment that already holds the very certificate (UNCHANGED, with the retained code) or a waiting
-     outbox entry of it: one DPS write, one code that works.
+     outbox entry of it: one DPS write, one code that works.  (An item with ``replace`` set is written
+     again, with a new code: the dead holder's never reached anyone.)
    - Activate: a recorded intent (``activation_svc.intents``); the takeover's call finishes the dead
      holder's intent once its hold ran out, or finds the enrollment holding the wanted state (UNCHANGED):
      one etag-guarded DPS write.
    - RotateActivationCode: a takeover rotates once more (the dead holder's code never reached anyone
-     and stops working); TransferOwnership finds the owner already named (``changed`` false);
-     AcknowledgeActivationCodes finds the codes gone (count 0).  Each ends in the state asked for.
+     and stops working); TransferOwnership finds the owner already named (``changed`` false, and the
+     transfer's audit row is missing if the holder died between DPS and the audit); Acknowledge-
+     ActivationCodes finds the codes gone (count 0); Deactivate finds the device disabled.  Each ends in
+     the state asked for.
    A failed execution (an error raised) releases the reservation: the next call with the id runs again,
    as before (error answers are not stored; EnrollBatch stores its per-item errors in its answer).
    A holder stalled longer than its lease (not dead) may finish after a takeover: the second answer
