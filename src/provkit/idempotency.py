@@ -246,8 +246,7 @@ class RequestIds:
             if kind is ClaimKind.ANSWERED:
                 stored = await find()
                 if stored is not None:
-                    return stored
-                continue  # (cannot stay so: an answer is never deleted)
+                    return stored  # (else look again after a pause: an answer is never deleted)
             if deadline is not None and time.monotonic() + pause > deadline - _DEADLINE_MARGIN:
                 raise RequestInProgress(request_id, retry_after=POLL_MAX * 2)
             await asyncio.sleep(pause)
