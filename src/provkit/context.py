@@ -17,12 +17,11 @@ API
                 ``str(caller)`` is the form written to ledgers and audit logs:
                 ``"<uri> [for <end user>] <CN> sha256:<THUMBPRINT>"``.
 ``current_request_id() -> str``      the request id of the running RPC ("" outside one).
+``deadline_scope(deadline)`` / ``current_deadline() -> float | None``   when the running RPC's caller stops
+                waiting (``time.monotonic()`` seconds; None: it set no deadline, or outside an RPC).
 ``current_caller() -> Caller``       who is calling (``Caller.internal()`` outside an RPC).
-``current_deadline() -> float | None``   when the running RPC's caller stops waiting (``time.monotonic()``
-                seconds), None when it set no deadline (or outside an RPC).
 ``bind_device_id(device_id)``        context manager: logs inside carry ``device_id``.
-``request_scope(request_id, caller, deadline=None)``  context manager used by the server (and by
-                tests/CLIs).
+``request_scope(request_id, caller)``  context manager used by the server (and by tests/CLIs).
 """
 
 from __future__ import annotations
@@ -102,7 +101,6 @@ class Caller:
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 caller_var: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
 device_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("device_id", default="")
-deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
 
 def current_request_id() -> str:
@@ -111,10 +109,6 @@ def current_request_id() -> str:
 
 def current_caller() -> Caller:
     return caller_var.get() or Caller.internal()
-
-
-def current_deadline() -> float | None:
-    return deadline_var.get()
 
 
 def current_device_id() -> str:
@@ -131,13 +125,33 @@ def bind_device_id(device_id: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def request_scope(request_id: str, caller: Caller, deadline: float | None = None) -> Iterator[None]:
+def request_scope(request_id: str, caller: Caller) -> Iterator[None]:
     tokens = (request_id_var.set(request_id), caller_var.set(caller), device_id_var.set(""))
-    deadline_token = deadline_var.set(deadline)
     try:
         yield
     finally:
-        deadline_var.reset(deadline_token)
         device_id_var.reset(tokens[2])
         caller_var.reset(tokens[1])
         request_id_var.reset(tokens[0])
+
+
+deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
+
+def current_deadline() -> float | None:
+    return deadline_var.get()
+
+
+class deadline_scope:
+    """``with deadline_scope(deadline):`` the running RPC's deadline (a plain class: set on every call)."""
+
+    __slots__ = ("_deadline", "_token")
+
+    def __init__(self, deadline: float | None) -> None:
+        self._deadline = deadline
+
+    def __enter__(self) -> None:
+        self._token = deadline_var.set(self._deadline)
+
+    def __exit__(self, *exc: object) -> None:
+        deadline_var.reset(self._token)

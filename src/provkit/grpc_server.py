@@ -73,7 +73,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from provkit.authz import SUITE_POLICY, AccessPolicy, Refusal, RefusalLog, is_open
-from provkit.context import Caller, CallerIdentity, Role, request_scope
+from provkit.context import Caller, CallerIdentity, Role, deadline_scope, request_scope
 from provkit.errors import DomainError, Unauthenticated
 from provkit.grpc_errors import STATUS_BY_KIND, internal_status, to_grpc_status
 from provkit.metrics import NO_METRICS, RpcMetrics
@@ -357,7 +357,7 @@ class _HandlerWrapper:
             error: BaseException | None = None
             try:
                 request_id, caller = await self._enter(context, method, request)
-                with request_scope(request_id, caller, _deadline(context)):
+                with request_scope(request_id, caller), deadline_scope(_deadline(context)):
                     try:
                         result = behavior(request, context)
                         if inspect.isawaitable(result):

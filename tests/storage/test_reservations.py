@@ -13,7 +13,7 @@ import pytest
 
 from dbstore import Backend, Database, Tx, open_database, reservations
 from litestore import Options, Schema, Synchronous
-from provkit.context import Caller, request_scope
+from provkit.context import deadline_scope
 from provkit.idempotency import LOST_RACE, LostRace, RequestIdReused, RequestIds, RequestInProgress, Stored
 
 ANSWERS = """
@@ -116,7 +116,7 @@ async def test_a_caller_whose_deadline_comes_first_gets_request_in_progress(shar
     while await reservation_rows(shared) == 0:
         await asyncio.sleep(0.01)
     deadline = time.monotonic() + 0.5
-    with request_scope("req-3", Caller.internal(), deadline), pytest.raises(RequestInProgress) as busy:
+    with deadline_scope(deadline), pytest.raises(RequestInProgress) as busy:
         await b.call("req-3", "fp")
     assert busy.value.reason == "REQUEST_IN_PROGRESS" and busy.value.kind.value == "aborted"
     assert busy.value.retry_after and busy.value.metadata == {"request_id": "req-3"}
@@ -132,7 +132,7 @@ async def test_a_holder_that_stopped_renewing_is_taken_over_after_its_lease(shar
     assert claimed.kind is reservations.ClaimKind.RESERVED
     b = Replica(shared, work_seconds=0.0)
     deadline = time.monotonic() + 0.4
-    with request_scope("req-4", Caller.internal(), deadline), pytest.raises(RequestInProgress):
+    with deadline_scope(deadline), pytest.raises(RequestInProgress):
         await b.call("req-4", "fp")  # the lease still runs: not taken over yet
     assert await dead.holder_of("req-4") == "dead-replica" and await effects(shared) == 0
     assert await b.call("req-4", "fp") == (1, False)  # waits for the lease to run out, then runs it
