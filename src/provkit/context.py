@@ -101,6 +101,26 @@ class Caller:
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 caller_var: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
 device_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("device_id", default="")
+deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
+
+def current_deadline() -> float | None:
+    return deadline_var.get()
+
+
+class deadline_scope:
+    """``with deadline_scope(deadline):`` the running RPC's deadline (a plain class: set on every call)."""
+
+    __slots__ = ("_deadline", "_token")
+
+    def __init__(self, deadline: float | None) -> None:
+        self._deadline = deadline
+
+    def __enter__(self) -> None:
+        self._token = deadline_var.set(self._deadline)
+
+    def __exit__(self, *exc: object) -> None:
+        deadline_var.reset(self._token)
 
 
 def current_request_id() -> str:
@@ -134,24 +154,3 @@ def request_scope(request_id: str, caller: Caller) -> Iterator[None]:
         caller_var.reset(tokens[1])
         request_id_var.reset(tokens[0])
 
-
-deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
-
-
-def current_deadline() -> float | None:
-    return deadline_var.get()
-
-
-class deadline_scope:
-    """``with deadline_scope(deadline):`` the running RPC's deadline (a plain class: set on every call)."""
-
-    __slots__ = ("_deadline", "_token")
-
-    def __init__(self, deadline: float | None) -> None:
-        self._deadline = deadline
-
-    def __enter__(self) -> None:
-        self._token = deadline_var.set(self._deadline)
-
-    def __exit__(self, *exc: object) -> None:
-        deadline_var.reset(self._token)
