@@ -153,4 +153,3 @@ def request_scope(request_id: str, caller: Caller) -> Iterator[None]:
         device_id_var.reset(tokens[2])
         caller_var.reset(tokens[1])
         request_id_var.reset(tokens[0])
-
