@@ -91,9 +91,9 @@ class FactoryApp:
                 settings.data_dir,
                 settings.database_url,
                 clock,
+                request_lease=settings.request_lease,
                 observer=observe.cloud_calls("dps"),
                 revocations=ledger,
-                request_lease=settings.request_lease,
             )
             hubs = HubRegistries(settings.enroll.cloud.hubs, settings.enroll.cloud.dps.ca_file)
             cloud = CloudSide(enrollment.dps, hubs)

@@ -21,10 +21,10 @@
 | ca.pkcs11_pin_file            | FACTORY_CA_PKCS11_PIN or FACTORY_CA_PKCS11_PIN_FILE | - (pkcs11: required) |
 | mint.default_validity_days    | FACTORY_MINT_DEFAULT_VALIDITY_DAYS | 365                      |
 | device_ids                    | FACTORY_DEVICE_IDS                | guid (see provkit.device_id) |
+| requests.lease_seconds        | FACTORY_REQUESTS_LEASE_SECONDS    | 30 (replicas: a request id's lease) |
 | crl.dir                       | FACTORY_CRL_DIR                   | <data_dir>/crl            |
 | crl.validity_hours / refresh_hours | FACTORY_CRL_VALIDITY_HOURS / _REFRESH_HOURS | 168 / 24     |
 | crl.http_host / crl.http_port | FACTORY_CRL_HTTP_HOST / _HTTP_PORT | 127.0.0.1 / - (no HTTP)  |
-| requests.lease_seconds        | FACTORY_REQUESTS_LEASE_SECONDS    | 30 (replicas: a request id's lease) |
 | enroll.*, cloud.*             | FACTORY_ENROLL_*, FACTORY_CLOUD_*  | see factory_svc.enrollment.runtime |
 | metrics.listen                | FACTORY_METRICS_LISTEN            | - (off; host:port serves /metrics) |
 | tracing.exporter / otlp_endpoint | FACTORY_TRACING_EXPORTER / _OTLP_ENDPOINT | none (console, otlp) |
@@ -190,7 +190,7 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),
         enroll=load_enroll_settings(source),
         device_ids=device_id_policy(source),
+        request_lease=request_lease(source),
         observe=observe_settings(source),
         crl=crl_settings(source),
-        request_lease=request_lease(source),
     )
