@@ -20,6 +20,7 @@ from activation_svc.settings import ActivationSettings
 from activation_svc.shared_limits import failure_limits
 from provkit.dps import DpsEnrollments
 from provkit.grpc_server import RunningServer, ServiceBinding, serve_app, start_server
+from provkit.idempotency import RequestIds
 from provkit.iothub import HubRegistries
 from provkit.observe import Observability
 
@@ -56,7 +57,8 @@ class ActivationApp:
             device_ceiling=settings.device_ceiling,
             window=settings.failure_window,
         )
-        service = ActivationService(dps, hubs, settings.cloud, limits, audit, clock)
+        request_ids = RequestIds(audit.reservations, lease=settings.request_lease)
+        service = ActivationService(dps, hubs, settings.cloud, limits, audit, clock, request_ids)
         return cls(settings, dps, audit, service, observe)
 
     def bindings(self) -> list[ServiceBinding]:

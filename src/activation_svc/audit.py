@@ -20,7 +20,7 @@ from pathlib import Path
 from activation_svc.intents import HOLD, HOLD_MIGRATION, ActivationIntent, IntentLog
 from activation_svc.intents import MIGRATION as INTENTS_MIGRATION
 from activation_svc.shared_limits import MIGRATION as LIMITS_MIGRATION
-from dbstore import Database, DatabaseUrl, Tx, open_database
+from dbstore import Database, DatabaseUrl, Tx, open_database, reservations
 from litestore import Options, Schema, Synchronous
 from provkit.authz import Refusal
 
@@ -47,7 +47,16 @@ CREATE TABLE IF NOT EXISTS activation_requests (
 # version 2 adds the activation intents (``activation_svc.intents``).
 # version 3 the wrong-code limits shared by replicas (``activation_svc.shared_limits``).
 # version 4 who holds an open intent (``activation_svc.intents.HOLD_MIGRATION``).
-MIGRATIONS = (SCHEMA, INTENTS_MIGRATION, LIMITS_MIGRATION, HOLD_MIGRATION)
+# version 5 request ids (Activate, Deactivate) reserved before the work, for replicas
+# (``dbstore.reservations``).
+RESERVATIONS = "activation_reservations"
+MIGRATIONS = (
+    SCHEMA,
+    INTENTS_MIGRATION,
+    LIMITS_MIGRATION,
+    HOLD_MIGRATION,
+    reservations.migration(RESERVATIONS),
+)
 # FULL: an audit row is written before the answer is sent; it must not vanish with a power cut after that.
 OPTIONS = Options(synchronous=Synchronous.FULL)
 SCHEMA_VERSIONS = Schema("audit", MIGRATIONS)
@@ -82,6 +91,7 @@ class AuditLog:
         self.db = db  # the service's database (the shared wrong-code limits use it too)
         self._db = db
         self.intents = IntentLog(db, hold=intent_hold)
+        self.reservations = reservations.Reservations(db, RESERVATIONS, "activation_requests")
 
     @classmethod
     async def open(
@@ -140,11 +150,18 @@ class AuditLog:
 
         return await self._db.read(go)
 
-    async def remember_request(self, request_id: str, fingerprint: str, response: str) -> None:
-        await self._db.transaction(
-            lambda tx: tx.execute(
+    async def remember_request(self, request_id: str, fingerprint: str, response: str) -> bool:
+        """Store the answer of ``request_id`` and end its reservation, together; False (nothing written)
+        when the id has an answer already."""
+
+        async def go(tx: Tx) -> bool:
+            stored = await tx.execute(
                 "INSERT INTO activation_requests (request_id, fingerprint, response) "
                 "VALUES (?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
                 (request_id, fingerprint, response),
             )
-        )
+            if stored:
+                await reservations.settle(tx, RESERVATIONS, request_id)
+            return stored == 1
+
+        return await self._db.transaction(go)

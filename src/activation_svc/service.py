@@ -23,7 +23,8 @@ and what a crash leaves open is finished at start-up (``complete_open_intents``)
 for that device.  The hub twin patch comes from the intent (twin before and after), so what a change
 removes is removed on the hub too.
 
-Request ids go through ``provkit.idempotency`` (answers kept in the audit file).  The domain reads and
+Request ids go through ``provkit.idempotency`` (answers kept in the audit database; replicas reserve an id
+there before the work, and wait for, or take over, each other's).  The domain reads and
 writes ``provkit.cloud.Enrollment`` records (activation record, initial twin, hub allocation); the DPS
 JSON is the adapter's.
 
@@ -89,7 +90,7 @@ from provkit.errors import (
     ResourceExhausted,
     invalid_field,
 )
-from provkit.idempotency import RequestIds, Stored, check_request_id, fingerprint
+from provkit.idempotency import LOST_RACE, LostRace, RequestIds, Stored, check_request_id, fingerprint
 
 log = logging.getLogger("activation_svc")
 
@@ -145,6 +146,7 @@ class ActivationService:
         limits: FailureLimits,
         audit: AuditLog,
         clock: Clock,
+        request_ids: RequestIds | None = None,
     ) -> None:
         self._dps = dps
         self._hubs = hubs
@@ -152,7 +154,7 @@ class ActivationService:
         self._limits = limits
         self._audit = audit
         self._clock = clock
-        self._request_ids = RequestIds()
+        self._request_ids = request_ids or RequestIds(audit.reservations)
         self._steps = IntentSteps(dps, hubs, audit, clock)
 
     async def complete_open_intents(self) -> int:
@@ -223,10 +225,12 @@ class ActivationService:
         found = await self._audit.find_request(request_id)
         return None if found is None else Stored(found[0], json.loads(found[1]))
 
-    async def _remember(self, request_id: str, fingerprint: str, result: Any) -> None:
-        if request_id:
-            data = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(result).items()}
-            await self._audit.remember_request(request_id, fingerprint, json.dumps(data, default=str))
+    async def _remember(self, request_id: str, fingerprint: str, result: Any) -> bool:
+        """Store the answer; False when the id had one already (a replica that took it over answered)."""
+        if not request_id:
+            return True
+        data = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(result).items()}
+        return await self._audit.remember_request(request_id, fingerprint, json.dumps(data, default=str))
 
     async def _update(self, enrollment: Enrollment) -> Enrollment | None:
         """None on an etag mismatch (someone changed it: read again)."""
@@ -256,7 +260,7 @@ class ActivationService:
         digest = hashlib.sha256(metadata.canonical().encode()).hexdigest()
         summary = f"hub={hub} metadata_sha256={digest}"
 
-        async def execute() -> ActivateResult:
+        async def execute() -> ActivateResult | LostRace:
             trail = _Trail()
             try:
                 result = await self._activate(device_id, enrollment, metadata, hub, cmd, summary, trail)
@@ -276,7 +280,8 @@ class ActivationService:
                     "ok",
                     f"path={result.path.value} {summary}",
                 )
-            await self._remember(cmd.request_id, request_fingerprint, result)
+            if not await self._remember(cmd.request_id, request_fingerprint, result):
+                return LOST_RACE
             return result
 
         with bind_device_id(device_id):
@@ -355,12 +360,13 @@ class ActivationService:
         )
         request_fingerprint = fingerprint(["deactivate", device_id])
 
-        async def execute() -> DeactivateResult:
+        async def execute() -> DeactivateResult | LostRace:
             result = await self._deactivate(device_id, enrollment, cmd.activation_code, cmd.caller)
             await self._audit_entry(
                 "deactivate", device_id, str(cmd.caller), cmd.request_id, "ok", f"changed={result.changed}"
             )
-            await self._remember(cmd.request_id, request_fingerprint, result)
+            if not await self._remember(cmd.request_id, request_fingerprint, result):
+                return LOST_RACE
             return result
 
         with bind_device_id(device_id):

@@ -17,13 +17,16 @@ TOML file (``--config FILE`` or ACTIVATION_CONFIG).
 | limits.window_seconds             | ACTIVATION_LIMITS_WINDOW_SECONDS          | 900                        |
 | device_ids                        | ACTIVATION_DEVICE_IDS                     | guid (provkit.device_id)   |
 | intents.hold_seconds              | ACTIVATION_INTENTS_HOLD_SECONDS           | 60 (replicas, intents.py)  |
+| requests.lease_seconds            | ACTIVATION_REQUESTS_LEASE_SECONDS         | 30 (replicas)              |
 | cloud.*                           | ACTIVATION_CLOUD_*                        | see provkit.cloud          |
 | metrics.listen                    | ACTIVATION_METRICS_LISTEN                 | - (off; host:port)         |
 | tracing.exporter / otlp_endpoint  | ACTIVATION_TRACING_EXPORTER / _OTLP_ENDPOINT | none (console, otlp)    |
 
 ``database_url``: ``postgresql://user:password@host:port/db`` keeps the audit, intents, request ids and the
 failure counters in PostgreSQL, shared by every replica (run ``activation-svc migrate`` first); the default
-keeps them in ``<data_dir>/audit.sqlite3`` (one process).
+keeps them in ``<data_dir>/audit.sqlite3`` (one process).  ``requests.lease_seconds``: how long a replica's
+reservation of a request id lasts unrenewed (a retry on another replica takes over a dead replica's request
+after it; ``provkit.idempotency``).
 
 ``cloud.*``: the emulator's connection.json by default (ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE), or the
 DPS / hub connection strings, the CA file and the default hub for real Azure.
@@ -41,8 +44,16 @@ from dbstore import DatabaseUrl
 from provkit.cloud import CloudSettings, load_cloud_settings
 from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ServerSettings
+from provkit.idempotency import LEASE
 from provkit.observe import ObserveSettings, observe_settings
-from provkit.settings import SettingsError, SettingsSource, database_url, device_id_policy, server_settings
+from provkit.settings import (
+    SettingsError,
+    SettingsSource,
+    database_url,
+    device_id_policy,
+    request_lease,
+    server_settings,
+)
 
 PREFIX = "ACTIVATION"
 DEFAULT_PORT = 50052
@@ -58,6 +69,7 @@ class ActivationSettings:
     device_ceiling: int = 100
     failure_window: timedelta = timedelta(minutes=15)
     intent_hold: timedelta = HOLD
+    request_lease: timedelta = LEASE
     log_level: str = "INFO"
     device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID
     observe: ObserveSettings = field(default_factory=ObserveSettings)  # /metrics, traces: off by default
@@ -97,6 +109,7 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         device_ceiling=device_ceiling,
         failure_window=timedelta(seconds=window),
         intent_hold=timedelta(seconds=hold),
+        request_lease=request_lease(source),
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),
         device_ids=device_id_policy(source),
         observe=observe_settings(source),

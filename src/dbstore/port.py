@@ -56,7 +56,8 @@ class Database(Protocol):
         ...
 
     async def read(self, work: Work[T]) -> T:
-        """``work(tx)`` without a transaction of its own (each statement on its own): for reads."""
+        """``work(tx)`` without a transaction of its own (each statement on its own): for reads, and on
+        PostgreSQL for writes each of which stands alone (``dbstore.reservations``)."""
         ...
 
     async def close(self) -> None: ...

@@ -36,6 +36,7 @@ from factory_svc.revocation import CloudSide, RevocationService
 from factory_svc.servicer import FactoryServicer
 from factory_svc.settings import FactorySettings
 from provkit.grpc_server import RunningServer, ServiceBinding, serve_app, start_server
+from provkit.idempotency import RequestIds
 from provkit.iothub import HubRegistries
 from provkit.observe import Observability
 
@@ -77,7 +78,8 @@ class FactoryApp:
         observe = observe or Observability.open(settings.observe, "factory_svc")
         ca = open_ca(settings, clock)
         ledger = await Ledger.open(settings.database_url)
-        minting = MintingService(ca, ledger, settings.mint, clock)
+        request_ids = RequestIds(ledger.reservations, lease=settings.request_lease)
+        minting = MintingService(ca, ledger, settings.mint, clock, request_ids)
         crl = CrlPublisher(ca, ledger, settings.crl_dir, settings.crl, clock)
         await crl.publish()  # a fresh CRL at every start
         crl.start()
@@ -89,6 +91,7 @@ class FactoryApp:
                 settings.data_dir,
                 settings.database_url,
                 clock,
+                request_lease=settings.request_lease,
                 observer=observe.cloud_calls("dps"),
                 revocations=ledger,
             )

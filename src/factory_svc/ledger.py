@@ -20,6 +20,10 @@ request id) decide between replicas, and the unexpired count is read in the reco
 Revocations (the marks on ``certificates`` and the ``revocations`` audit, schema version 2) and production
 lots (``lots`` and ``lot_items``, version 3) are one transaction per call on either backend; between
 replicas an UPDATE's row lock and a lot's primary key decide.
+
+MintCertificate request ids are reserved before the work (``mint_reservations``, version 4,
+``dbstore.reservations``; written on PostgreSQL only) and the reservation is deleted in the transaction
+that commits the certificate and its request id (``record``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dbstore import Conflict, Database, DatabaseUrl, Tx, open_database
+from dbstore import Conflict, Database, DatabaseUrl, Tx, open_database, reservations
 from dbstore.sqlite import SqliteDatabase, SqliteTx, run_now
 from factory_svc.keys import KeyType
 from factory_svc.model import IssuedCertificate, KeySource, Revocation, RevocationReason
@@ -115,8 +119,11 @@ CREATE TABLE lot_items (
 );
 """
 
+# Version 4: MintCertificate request ids reserved before the work, for replicas (``dbstore.reservations``).
+RESERVATIONS = "mint_reservations"
+
 # Version 1 is the original schema (files written before versions were kept have version 0 and these tables).
-MIGRATIONS = (SCHEMA, REVOCATION, LOTS)
+MIGRATIONS = (SCHEMA, REVOCATION, LOTS, reservations.migration(RESERVATIONS))
 # FULL: a certificate handed out must stay on record (limits and audits count it) even after a power cut.
 # One statement cache entry per multi-row INSERT size.
 OPTIONS = Options(synchronous=Synchronous.FULL, cached_statements=512)
@@ -283,6 +290,7 @@ async def _record_one(tx: Tx, item: _Pending) -> Recorded | RequestIdTaken:
             if item.fingerprint is not None:
                 request = (item.certificate.request_id, item.fingerprint, item.certificate.serial_number)
                 await tx.execute(_INSERT_REQUEST, request)
+                await reservations.settle(tx, RESERVATIONS, item.certificate.request_id)
     except Conflict:
         return RequestIdTaken()
     row = await tx.fetchone(_COUNT_UNEXPIRED, (item.certificate.device_id, item.now_us))
@@ -293,6 +301,7 @@ class Ledger:
     def __init__(self, db: Database) -> None:
         self._db = db
         self.path = db.path if isinstance(db, SqliteDatabase) else None
+        self.reservations = reservations.Reservations(db, RESERVATIONS, "mint_requests")
         # SQLite: one writer thread, so records arriving together share one transaction (group commit).
         self._writes: GroupCommit[_Pending, Recorded | RequestIdTaken] | None = None
         if isinstance(db, SqliteDatabase):

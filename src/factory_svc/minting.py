@@ -143,12 +143,19 @@ def normalise_serial(raw: str) -> str:
 
 
 class MintingService:
-    def __init__(self, ca: IssuingCA, ledger: Ledger, policy: MintPolicy, clock: Clock) -> None:
+    def __init__(
+        self,
+        ca: IssuingCA,
+        ledger: Ledger,
+        policy: MintPolicy,
+        clock: Clock,
+        request_ids: RequestIds | None = None,  # the ledger's reservations, for replicas
+    ) -> None:
         self._ca = ca
         self._ledger = ledger
         self._policy = policy
         self._clock = clock
-        self._request_ids = RequestIds()
+        self._request_ids = request_ids or RequestIds()
         ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
         self._chain_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in ca.chain)

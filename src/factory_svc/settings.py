@@ -21,6 +21,7 @@
 | ca.pkcs11_pin_file            | FACTORY_CA_PKCS11_PIN or FACTORY_CA_PKCS11_PIN_FILE | - (pkcs11: required) |
 | mint.default_validity_days    | FACTORY_MINT_DEFAULT_VALIDITY_DAYS | 365                      |
 | device_ids                    | FACTORY_DEVICE_IDS                | guid (see provkit.device_id) |
+| requests.lease_seconds        | FACTORY_REQUESTS_LEASE_SECONDS    | 30 (replicas: a request id's lease) |
 | crl.dir                       | FACTORY_CRL_DIR                   | <data_dir>/crl            |
 | crl.validity_hours / refresh_hours | FACTORY_CRL_VALIDITY_HOURS / _REFRESH_HOURS | 168 / 24     |
 | crl.http_host / crl.http_port | FACTORY_CRL_HTTP_HOST / _HTTP_PORT | 127.0.0.1 / - (no HTTP)  |
@@ -31,6 +32,10 @@
 ``database_url``: ``postgresql://user:password@host:port/db`` keeps the ledger, the outbox, request ids and
 audits in PostgreSQL, shared by every replica (run ``factory-svc migrate`` first); the default keeps them in
 ``<data_dir>/ledger.sqlite3`` and ``<data_dir>/enrollments.sqlite3`` (one process).
+
+``requests.lease_seconds``: with replicas, a request id is reserved in the database while one replica
+executes it (``provkit.idempotency``); a retry of it on another replica waits, and takes the request over
+only when the holder stopped renewing (died) for this long.
 
 The TOML file is given with ``--config FILE`` or ``FACTORY_CONFIG``.
 """
@@ -51,6 +56,7 @@ from factory_svc.minting import MintPolicy
 from factory_svc.pkcs11_signer import DEBIAN_SOFTHSM2, TokenRef
 from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ServerSettings
+from provkit.idempotency import LEASE
 from provkit.observe import ObserveSettings, observe_settings
 from provkit.settings import (
     Secret,
@@ -58,6 +64,7 @@ from provkit.settings import (
     SettingsSource,
     database_url,
     device_id_policy,
+    request_lease,
     server_settings,
 )
 
@@ -147,6 +154,7 @@ class FactorySettings:
     observe: ObserveSettings = field(default_factory=ObserveSettings)  # /metrics, traces: off by default
     crl: CrlSettings = field(default_factory=CrlSettings)
     database: DatabaseUrl | None = None  # None: the SQLite files in data_dir
+    request_lease: timedelta = LEASE
 
     @property
     def database_url(self) -> DatabaseUrl:
@@ -182,6 +190,7 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),
         enroll=load_enroll_settings(source),
         device_ids=device_id_policy(source),
+        request_lease=request_lease(source),
         observe=observe_settings(source),
         crl=crl_settings(source),
     )

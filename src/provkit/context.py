@@ -17,6 +17,8 @@ API
                 ``str(caller)`` is the form written to ledgers and audit logs:
                 ``"<uri> [for <end user>] <CN> sha256:<THUMBPRINT>"``.
 ``current_request_id() -> str``      the request id of the running RPC ("" outside one).
+``deadline_scope(deadline)`` / ``current_deadline() -> float | None``   when the running RPC's caller stops
+                waiting (``time.monotonic()`` seconds; None: it set no deadline, or outside an RPC).
 ``current_caller() -> Caller``       who is calling (``Caller.internal()`` outside an RPC).
 ``bind_device_id(device_id)``        context manager: logs inside carry ``device_id``.
 ``request_scope(request_id, caller)``  context manager used by the server (and by tests/CLIs).
@@ -99,6 +101,26 @@ class Caller:
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 caller_var: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
 device_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("device_id", default="")
+deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
+
+def current_deadline() -> float | None:
+    return deadline_var.get()
+
+
+class deadline_scope:
+    """``with deadline_scope(deadline):`` the running RPC's deadline (a plain class: set on every call)."""
+
+    __slots__ = ("_deadline", "_token")
+
+    def __init__(self, deadline: float | None) -> None:
+        self._deadline = deadline
+
+    def __enter__(self) -> None:
+        self._token = deadline_var.set(self._deadline)
+
+    def __exit__(self, *exc: object) -> None:
+        deadline_var.reset(self._token)
 
 
 def current_request_id() -> str:

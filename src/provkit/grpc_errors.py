@@ -3,7 +3,8 @@
 API
 ---
 ``STATUS_BY_KIND: Mapping[ErrorKind, grpc.StatusCode]``   the table.  Reasons every service shares:
-    REQUEST_ID_REUSED and REQUEST_ID_INVALID (``InvalidArgument``, from ``provkit.idempotency``).
+    REQUEST_ID_REUSED and REQUEST_ID_INVALID (``InvalidArgument``), REQUEST_IN_PROGRESS (``Aborted``, with
+    a retry delay), from ``provkit.idempotency``.
 ``to_grpc_status(error: DomainError, domain: str, *, request_id="") -> grpc.Status``
     A ``google.rpc.Status`` (packed by grpcio-status) with ``ErrorInfo(reason, domain, metadata)``, a
     ``BadRequest`` when the error has field violations, ``RetryInfo`` when it has ``retry_after``.

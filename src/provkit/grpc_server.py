@@ -73,7 +73,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from provkit.authz import SUITE_POLICY, AccessPolicy, Refusal, RefusalLog, is_open
-from provkit.context import Caller, CallerIdentity, Role, request_scope
+from provkit.context import Caller, CallerIdentity, Role, deadline_scope, request_scope
 from provkit.errors import DomainError, Unauthenticated
 from provkit.grpc_errors import STATUS_BY_KIND, internal_status, to_grpc_status
 from provkit.metrics import NO_METRICS, RpcMetrics
@@ -218,6 +218,12 @@ def _request_id(context: Context) -> str:
     return secrets.token_hex(16)
 
 
+def _deadline(context: Context) -> float | None:
+    """When the caller stops waiting for this call (``time.monotonic()`` seconds), if it said."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 def _device_id_of(request: Any) -> str:
     value = getattr(request, "device_id", "")
     return value if isinstance(value, str) else ""
@@ -351,7 +357,7 @@ class _HandlerWrapper:
             error: BaseException | None = None
             try:
                 request_id, caller = await self._enter(context, method, request)
-                with request_scope(request_id, caller):
+                with request_scope(request_id, caller), deadline_scope(_deadline(context)):
                     try:
                         result = behavior(request, context)
                         if inspect.isawaitable(result):

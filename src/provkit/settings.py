@@ -14,6 +14,10 @@ API
     tls_key_file, client_ca_file, client_auth (none|optional|require), insecure_identity (the
     ``urn:devprov:<role>:<tenant>`` every caller of an insecure server is taken for; unset: none).
 ``device_id_policy(source) -> DeviceIdPolicy``   the ``device_ids`` setting (see ``provkit.device_id``).
+``request_lease(source) -> timedelta``   ``requests.lease_seconds`` (``<PREFIX>_REQUESTS_LEASE_SECONDS``,
+    default 30): how long a replica's reservation of a request id lasts without renewal, i.e. how long a
+    retry on another replica waits before taking over the request of a replica that died
+    (``provkit.idempotency``).
 ``SettingsError``   a missing or malformed value (message names the env variable and the file key).
 """
 
@@ -23,12 +27,14 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from dbstore import DatabaseUrl, UrlError
 from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ClientAuth, ServerConfigError, ServerSettings, ServerTLS
+from provkit.idempotency import LEASE
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -186,6 +192,13 @@ def device_id_policy(source: SettingsSource) -> DeviceIdPolicy:
         return DeviceIdPolicy.parse(source.text("device_ids", DeviceIdPolicy.GUID.value) or "guid")
     except ValueError as exc:
         raise SettingsError(f"{source.env_name('device_ids')} / device_ids: {exc}") from None
+
+
+def request_lease(source: SettingsSource) -> timedelta:
+    seconds = source.number("requests.lease_seconds", LEASE.total_seconds())
+    if seconds <= 0:
+        raise SettingsError(f"{source.env_name('requests.lease_seconds')} must be positive")
+    return timedelta(seconds=seconds)
 
 
 def database_url(source: SettingsSource, data_dir: Path) -> DatabaseUrl:

@@ -161,7 +161,7 @@ async def test_an_enrollment_file_of_version_1_gains_the_retained_codes_by_migra
     outbox = await Outbox.open(path)
     try:
         codes = await RetainedCodes.on(outbox.database, tmp_path / KEY_FILE)
-        assert await outbox.database.store.run(user_version) == len(MIGRATIONS) == 3
+        assert await outbox.database.store.run(user_version) == len(MIGRATIONS) == 4  # and reservations
         assert await outbox.find_request("r-0") == ("f", {})  # kept
         await codes.retain([("dev-a", "AAAA-BBBB-CCCC-DDDD", {"salt": "s"})], datetime.now(UTC))
         assert await codes.find("dev-a", "s") == "AAAA-BBBB-CCCC-DDDD"

@@ -151,7 +151,11 @@ async def test_a_replica_killed_mid_activation_is_finished_by_the_other(tmp_path
     from faults.test_activation_intents import activation_process
 
     tls = OemTls.create(tmp_path / "tls")
-    extra = {"ACTIVATION_DATABASE_URL": postgres_url, "ACTIVATION_INTENTS_HOLD_SECONDS": "2"}
+    extra = {
+        "ACTIVATION_DATABASE_URL": postgres_url,
+        "ACTIVATION_INTENTS_HOLD_SECONDS": "2",
+        "ACTIVATION_REQUESTS_LEASE_SECONDS": "2",  # A's reservation of r-1 runs out as quickly
+    }
     async with AsyncExitStack() as stack:
         factory = await factory_on(stack, tmp_path, emulator, postgres_url)
         device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")

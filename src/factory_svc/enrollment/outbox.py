@@ -8,8 +8,9 @@ activation-code hash in DPS) instead of writing again.  An entry carries what th
 needs at delivery: the owner OEM named, the reason of a replace and the caller (for the audit).  The same
 file keeps the request ids of Enroll / EnrollBatch / TransferOwnership for idempotent replays, and the
 enrollment audit: one row per replaced enrollment and per ownership transfer, with the caller and the
-reason (``enrollment_audit``); and (migration 3) the activation codes not yet acknowledged
-(``enrollment.retained``).
+reason (``enrollment_audit``); (migration 3) the activation codes not yet acknowledged
+(``enrollment.retained``); and (migration 4) the reservations of request ids being executed
+(``enroll_reservations``, ``dbstore.reservations``), ended in the answer's transaction.
 
 Stored through ``dbstore``: the SQLite file ``<data_dir>/enrollments.sqlite3`` by default (one process,
 whose delivery loop is the only one), or the service's PostgreSQL database, shared by several replicas.
@@ -31,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dbstore import Backend, Database, DatabaseUrl, Tx, open_database
+from dbstore import Backend, Database, DatabaseUrl, Tx, open_database, reservations
 from dbstore.port import Work
 from factory_svc.enrollment import retained
 from litestore import Options, Schema, Synchronous
@@ -76,9 +77,13 @@ CREATE TABLE enrollment_audit (
 CREATE INDEX enrollment_audit_by_device ON enrollment_audit (device_id, id);
 """
 
+# Version 4: request ids (Enroll, EnrollBatch, RotateActivationCode, AcknowledgeActivationCodes,
+# TransferOwnership) reserved before the work, for replicas (``dbstore.reservations``).
+RESERVATIONS = "enroll_reservations"
+
 # Version 1 is the original schema (files written before versions were kept have version 0 and these tables).
 # Version 3: the retained activation codes (``enrollment.retained``).
-MIGRATIONS = (SCHEMA, ENROLLMENT_AUDIT, retained.MIGRATION)
+MIGRATIONS = (SCHEMA, ENROLLMENT_AUDIT, retained.MIGRATION, reservations.migration(RESERVATIONS))
 # FULL: an accepted enrollment is promised to the caller; it must survive a power cut, not only a crash.
 OPTIONS = Options(synchronous=Synchronous.FULL)
 SCHEMA_VERSIONS = Schema("enrollment outbox", MIGRATIONS)
@@ -266,6 +271,7 @@ class Outbox:
     def __init__(self, db: Database) -> None:
         self._db = db
         self.changed = asyncio.Event()  # set when entries are added (wakes the delivery loop)
+        self.reservations = reservations.Reservations(db, RESERVATIONS, "enroll_requests")
 
     @classmethod
     async def open(cls, where: Path | DatabaseUrl, *, migrate: bool = False) -> Outbox:
@@ -356,14 +362,21 @@ class Outbox:
         )
         return (row[0], json.loads(row[1])) if row else None
 
-    async def remember_request(self, request_id: str, fingerprint: str, response: dict[str, Any]) -> None:
-        await self._db.transaction(
-            lambda tx: tx.execute(
+    async def remember_request(self, request_id: str, fingerprint: str, response: dict[str, Any]) -> bool:
+        """Store the answer of ``request_id`` and end its reservation, together; False (nothing written)
+        when the id has an answer already."""
+
+        async def go(tx: Tx) -> bool:
+            stored = await tx.execute(
                 "INSERT INTO enroll_requests (request_id, fingerprint, response) VALUES (?, ?, ?) "
                 "ON CONFLICT (request_id) DO NOTHING",
                 (request_id, fingerprint, json.dumps(response)),
             )
-        )
+            if stored:
+                await reservations.settle(tx, RESERVATIONS, request_id)
+            return stored == 1
+
+        return await self._db.transaction(go)
 
     # ---------------------------------------------------------------------------------------- audit
     async def record_audit(self, record: AuditRecord) -> None:

@@ -36,7 +36,7 @@ from provkit.cloud import (
 from provkit.context import bind_device_id
 from provkit.device_id import normalise_device_id
 from provkit.errors import Aborted, DomainError, FailedPrecondition, NotFound, Unavailable, invalid_field
-from provkit.idempotency import RequestIds, Stored, check_request_id, fingerprint
+from provkit.idempotency import LOST_RACE, LostRace, RequestIds, Stored, check_request_id, fingerprint
 from provkit.parties import is_tenant
 
 log = logging.getLogger("factory_svc.ownership")
@@ -126,11 +126,17 @@ async def _replayed(data: dict[str, Any]) -> TransferResult:
 class OwnershipService:
     """TransferOwnership: name another OEM as the owner of a device not activated yet."""
 
-    def __init__(self, dps: EnrollmentPort, outbox: Outbox, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        dps: EnrollmentPort,
+        outbox: Outbox,
+        clock: Callable[[], datetime],
+        request_ids: RequestIds | None = None,
+    ) -> None:
         self._dps = dps
         self._outbox = outbox
         self._clock = clock
-        self._request_ids = RequestIds()
+        self._request_ids = request_ids or RequestIds(outbox.reservations)
 
     async def _stored(self, request_id: str) -> Stored[dict[str, Any]] | None:
         found = await self._outbox.find_request(request_id)
@@ -147,7 +153,7 @@ class OwnershipService:
             raise invalid_field("reason", "REASON_MISSING", "say why the device changes hands")
         request_fingerprint = fingerprint(["transfer", device_id, owner, reason])
 
-        async def execute() -> TransferResult:
+        async def execute() -> TransferResult | LostRace:
             result = await self._transfer(device_id, owner)
             if result.changed:
                 await self._outbox.record_audit(
@@ -161,10 +167,10 @@ class OwnershipService:
                     )
                 )
                 log.info("ownership transferred", extra={"owner": owner, "previous": result.previous_owner})
-            if command.request_id:
-                await self._outbox.remember_request(
-                    command.request_id, request_fingerprint, _transfer_json(result)
-                )
+            if command.request_id and not await self._outbox.remember_request(
+                command.request_id, request_fingerprint, _transfer_json(result)
+            ):
+                return LOST_RACE
             return result
 
         with bind_device_id(device_id):

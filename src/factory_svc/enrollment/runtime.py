@@ -41,6 +41,7 @@ from factory_svc.enrollment.service import EnrollmentService, RevocationLookup
 from provkit.activation_code import DEFAULT_LOG2_N
 from provkit.cloud import CloudNotConfigured, CloudSettings, EnrollmentPort, load_cloud_settings
 from provkit.cloud_calls import CallObserver
+from provkit.idempotency import LEASE, RequestIds
 from provkit.settings import SettingsError, SettingsSource
 
 log = logging.getLogger("factory_svc.enrollment")
@@ -101,6 +102,7 @@ class EnrollmentRuntime:
         *,
         observer: CallObserver | None = None,
         revocations: RevocationLookup | None = None,
+        request_lease: timedelta = LEASE,
     ) -> EnrollmentRuntime:
         from provkit.dps import DpsEnrollments
 
@@ -108,7 +110,10 @@ class EnrollmentRuntime:
         dps = await DpsEnrollments.open(settings.cloud.dps, observer=observer)
         codes = await RetainedCodes.on(outbox.database, data_dir / KEY_FILE)
         lint = lint_policy_from_chain(ca_chain, settings.policy.min_remaining_validity)
-        service = EnrollmentService(dps, outbox, codes, lint, settings.policy, clock, revocations)
+        request_ids = RequestIds(outbox.reservations, lease=request_lease)
+        service = EnrollmentService(
+            dps, outbox, codes, lint, settings.policy, clock, revocations, request_ids
+        )
         await service.purge_codes()
         delivery = OutboxDelivery(
             dps,

@@ -5,7 +5,8 @@
   writes ``provkit.cloud.Enrollment`` records; the DPS JSON is the adapter's.
 - When DPS is unreachable (``CloudUnavailable``) -- or while older entries still wait, to keep the order --
   the enrollment goes to the ``Outbox`` and ``OutboxDelivery`` delivers it later.
-- Request ids go through ``provkit.idempotency`` (answers kept in the outbox file).
+- Request ids go through ``provkit.idempotency`` (answers kept in the outbox's database; replicas reserve
+  an id there before the work).
 - Every new activation code is retained, encrypted (``RetainedCodes``), before its hash is written to DPS,
   so a retry -- same request id, or a re-run that finds the device UNCHANGED -- returns it again until the
   MES acknowledges the label (``acknowledge_codes``) or the retention window passes.  ``rotate_code``
@@ -101,7 +102,7 @@ from provkit.errors import (
     invalid_field,
 )
 from provkit.faults import crash_point
-from provkit.idempotency import RequestIds, Stored, check_request_id, fingerprint
+from provkit.idempotency import LOST_RACE, LostRace, RequestIds, Stored, check_request_id, fingerprint
 
 log = logging.getLogger("factory_svc.enrollment")
 
@@ -239,6 +240,7 @@ class EnrollmentService:
         policy: EnrollPolicy,
         clock: Clock,
         revocations: RevocationLookup | None = None,
+        request_ids: RequestIds | None = None,
     ) -> None:
         self._revocations = revocations
         self._dps = dps
@@ -247,8 +249,9 @@ class EnrollmentService:
         self._lint = lint_policy
         self._policy = policy
         self._clock = clock
-        self._request_ids = RequestIds()
-        self.ownership = OwnershipService(dps, outbox, clock)  # TransferOwnership
+        # one for every RPC here (their ids share one answer table): reservations in the outbox's database
+        self._request_ids = request_ids or RequestIds(outbox.reservations)
+        self.ownership = OwnershipService(dps, outbox, clock, self._request_ids)  # TransferOwnership
         self._hashers = ThreadPoolExecutor(max_workers=_WORKER_THREADS, thread_name_prefix="code-hash")
         self._linters = ThreadPoolExecutor(max_workers=_WORKER_THREADS, thread_name_prefix="enroll-lint")
 
@@ -474,10 +477,12 @@ class EnrollmentService:
     ) -> R:
         """``work`` once per request id: its answer is stored (outbox file) and a retry replays it."""
 
-        async def execute() -> R:
+        async def execute() -> R | LostRace:
             result = await work()
-            if request_id:
-                await self._outbox.remember_request(request_id, request_fingerprint, to_json(result))
+            if request_id and not await self._outbox.remember_request(
+                request_id, request_fingerprint, to_json(result)
+            ):
+                return LOST_RACE  # a replica that took the id over answered first: its answer stands
             return result
 
         return await self._request_ids.run(
