@@ -168,9 +168,11 @@ async def test_a_revocation_racing_with_delivery_ends_with_the_enrollment_disabl
         # the write landed after the revocation looked: the reopened intent disables it (no code hash left)
         async def disabled() -> bool:
             found = await dps_enrollment(emulator, device.device_id)
-            return found is not None and found["provisioningStatus"] == "disabled" and not (
-                found.get("optionalDeviceInformation") or {}
-            ).get("activationCode")
+            return (
+                found is not None
+                and found["provisioningStatus"] == "disabled"
+                and not (found.get("optionalDeviceInformation") or {}).get("activationCode")
+            )
 
         await eventually(disabled, "the enrollment written with the revoked certificate is disabled")
         intent = await app.ledger.revocation_intent(device.device_id)

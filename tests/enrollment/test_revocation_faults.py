@@ -1,0 +1,100 @@
+"""kill -9 of a real factory_svc process right after a revocation was written to the ledger, before DPS and
+the hub were touched (DEVPROV_CRASH_AT=revoke.after_ledger): the restarted process carries the recorded
+intent out at start-up, so the device can neither register nor connect (Microsoft's device SDK) and the OEM
+cannot activate it again."""
+
+from __future__ import annotations
+
+import json
+import signal
+import uuid
+
+import grpc
+import pytest
+from azure.iot.device.exceptions import ClientError, CredentialError
+from provisioning_env import (
+    OemTls,
+    activate_request,
+    activation_env,
+    connect_to_hub,
+    dps_enrollment,
+    factory_env,
+    failure,
+    mint,
+    register,
+    registry,
+    running_activation,
+)
+from test_codes_faults import Factory
+from test_revocation_enrollment import eventually
+
+from devprov.v1 import factory_service_pb2 as fpb
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
+META = {"tags": {"line": 3}, "properties": {"desired": {"interval_s": 5}}}
+
+
+async def test_a_revocation_killed_after_the_ledger_write_is_finished_at_start_up(tmp_path, emulator):
+    tls = OemTls.create(tmp_path / "oem-tls")
+    factory = Factory(factory_env(tmp_path, emulator), tmp_path / "factory.log")
+    try:
+        await factory.start(crash_at="revoke.after_ledger")
+        async with running_activation(activation_env(tmp_path, emulator, tls), tls) as (_app, activation):
+            async with factory.stub() as stub:
+                device = await mint(stub, str(uuid.uuid4()), tmp_path / "devices")
+                enrolled = await stub.Enroll(
+                    fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
+                )
+                code = enrolled.activation_code
+                await activation.Activate(activate_request(device.device_id, code, json.dumps(META)))
+                hub = (await register(emulator, device)).registration_state.assigned_hub
+                await connect_to_hub(emulator, device, hub)
+
+                killed = await failure(
+                    stub.RevokeCertificate(
+                        fpb.RevokeCertificateRequest(
+                            device_id=device.device_id, reason=fpb.REVOCATION_REASON_KEY_COMPROMISE
+                        ),
+                        timeout=60,
+                    )
+                )
+                assert killed.code == grpc.StatusCode.UNAVAILABLE
+            assert await factory.killed() == -signal.SIGKILL
+            # the crash left the cloud as it was: still enabled, still connecting
+            assert (await dps_enrollment(emulator, device.device_id))["provisioningStatus"] == "enabled"
+            await connect_to_hub(emulator, device, hub)
+
+            await factory.start()  # no crash point: the open intent is carried out at start-up
+
+            async def disabled() -> bool:
+                enrollment = await dps_enrollment(emulator, device.device_id)
+                return enrollment is not None and enrollment["provisioningStatus"] == "disabled"
+
+            await eventually(disabled, "the DPS enrollment disabled after the restart")
+
+            async def hub_disabled() -> bool:
+                twin = registry(emulator, hub).get_device(device.device_id)
+                return twin.status == "disabled"
+
+            await eventually(hub_disabled, "the hub identity disabled after the restart")
+            with pytest.raises(ClientError):
+                await register(emulator, device)
+            with pytest.raises((CredentialError, ClientError)):
+                await connect_to_hub(emulator, device, hub)
+            denied = await failure(
+                activation.Activate(activate_request(device.device_id, code, json.dumps(META)))
+            )
+            assert denied.code == grpc.StatusCode.PERMISSION_DENIED  # the code hash went with the revocation
+
+            async with factory.stub() as stub:
+                status = await stub.GetEnrollmentStatus(
+                    fpb.GetEnrollmentStatusRequest(device_id=device.device_id)
+                )
+                assert status.state == fpb.ENROLLMENT_STATE_REVOKED
+                listed = await stub.ListCertificates(fpb.ListCertificatesRequest(device_id=device.device_id))
+                assert [c.revoked for c in listed.certificates] == [True]
+                again = await stub.RevokeCertificate(fpb.RevokeCertificateRequest(device_id=device.device_id))
+                assert again.newly_revoked_count == 0  # revoked once, by the killed call
+                assert not again.enrollment_disabled and not again.hub_identity_disabled  # done already
+    finally:
+        await factory.stop()
