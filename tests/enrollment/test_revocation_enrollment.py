@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 import grpc
@@ -19,10 +19,14 @@ from test_enroll_outbox_emulator import stopped_emulator
 
 from devprov.v1 import factory_service_pb2 as pb
 from factory_svc.enrollment.delivery import OutboxDelivery
+from factory_svc.enrollment.lint import lint_policy_from_chain
+from factory_svc.enrollment.model import EnrollOutcome, EnrollRequest
 from factory_svc.enrollment.outbox import EntryIntent, NewEntry, Outbox, OutboxMode, OutboxState
+from factory_svc.enrollment.service import EnrollmentService
 from factory_svc.revocation import RevokeRequest
 from provkit.activation_code import hash_code, new_code
-from provkit.cloud import Enrollment, EnrollmentPort
+from provkit.cloud import BulkItemError, Enrollment, EnrollmentPort
+from provkit.errors import DomainError
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -116,6 +120,77 @@ class RevokedBeforeTheWrite:
 
     async def update(self, enrollment: Enrollment) -> Enrollment:
         return await self._dps.update(enrollment)
+
+    async def bulk_create(self, enrollments: Sequence[Enrollment]) -> list[BulkItemError]:
+        if self._revoke is not None:
+            revoke, self._revoke = self._revoke, None
+            await revoke()
+        return await self._dps.bulk_create(enrollments)
+
+
+def _disabled_without_code(emulator, device_id: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        found = await dps_enrollment(emulator, device_id)
+        return (
+            found is not None
+            and found["provisioningStatus"] == "disabled"
+            and not (found.get("optionalDeviceInformation") or {}).get("activationCode")
+        )
+
+    return check
+
+
+async def test_a_revocation_during_a_live_enroll_ends_with_the_enrollment_disabled(tmp_path, emulator):
+    """Enroll checked the certificate, then the revocation ran (finding nothing in DPS), then Enroll wrote:
+    the call answers CERTIFICATE_REVOKED and the device's revocation is carried out again.  Both the
+    single-record path and a batch's bulk write."""
+    async with running_factory(factory_env(tmp_path, emulator)) as (app, stub):
+        single, batched, fine = [await mint(stub, str(uuid.uuid4()), tmp_path / "devices") for _ in range(3)]
+        runtime = app.enrollment
+        policy = app.settings.enroll.policy
+
+        def racing_service(device_id: str) -> EnrollmentService:
+            async def revoke() -> None:
+                await app.revocation.revoke(RevokeRequest(device_id=device_id))
+
+            return EnrollmentService(
+                RevokedBeforeTheWrite(runtime.dps, revoke),
+                runtime.outbox,
+                runtime.codes,
+                lint_policy_from_chain(app.ca.chain, policy.min_remaining_validity),
+                policy,
+                lambda: datetime.now(UTC),
+                app.revocation.intents,
+            )
+
+        service = racing_service(single.device_id)
+        try:
+            with pytest.raises(DomainError) as refused:
+                await service.enroll(EnrollRequest(single.device_id, single.chain_pem))
+            assert refused.value.reason == "CERTIFICATE_REVOKED"
+        finally:
+            service.close()
+
+        service = racing_service(batched.device_id)
+        try:
+            batch = await service.enroll_batch(
+                [
+                    EnrollRequest(batched.device_id, batched.chain_pem),
+                    EnrollRequest(fine.device_id, fine.chain_pem),
+                ]
+            )
+        finally:
+            service.close()
+        first, second = batch.items
+        assert first.error is not None and first.error.reason == "CERTIFICATE_REVOKED"
+        assert second.result is not None and second.result.outcome is EnrollOutcome.CREATED
+
+        for device in (single, batched):
+            await eventually(
+                _disabled_without_code(emulator, device.device_id),
+                "the enrollment written after the revocation",
+            )
+        assert (await dps_enrollment(emulator, fine.device_id))["optionalDeviceInformation"]["activationCode"]
 
 
 async def test_a_revocation_racing_with_delivery_ends_with_the_enrollment_disabled(tmp_path, emulator):
