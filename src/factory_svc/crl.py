@@ -2,7 +2,8 @@
 files and over HTTP, regenerated on every revocation and on a schedule.
 
 Files (``crl.dir``, default ``<data_dir>/crl``): ``issuing-ca.crl`` (DER, what relying parties fetch) and
-``issuing-ca.crl.pem``, both replaced atomically.  HTTP (when ``crl.http_port`` is set):
+``issuing-ca.crl.pem``, both replaced atomically (not when the directory holds a CRL with a higher number
+already: replicas sharing a directory).  HTTP (when ``crl.http_port`` is set):
 ``GET /crl/issuing-ca.crl`` (``application/pkix-crl``) and ``GET /crl/issuing-ca.crl.pem``.
 
 Each CRL carries thisUpdate = now, nextUpdate = now + ``crl.validity_hours``, a CRL number that only grows
@@ -177,12 +178,18 @@ class CrlPublisher:
                 crl.public_bytes(serialization.Encoding.DER),
                 crl.public_bytes(serialization.Encoding.PEM),
             )
-            await asyncio.to_thread(_write_atomically, self.directory / DER_NAME, published.der)
-            await asyncio.to_thread(_write_atomically, self.directory / PEM_NAME, published.pem)
+            await asyncio.to_thread(self._write_files, published)
             self._last_number, self.current = number, published
             self._generation = max(self._generation, content.generation)
             log.info("CRL published", extra={"crl_number": number, "revoked": len(revoked)})
             return published
+
+    def _write_files(self, published: PublishedCrl) -> None:
+        """The files, unless a newer CRL is there already (replicas sharing one directory)."""
+        if _number_on_disk(self.directory) >= published.number:
+            return
+        _write_atomically(self.directory / DER_NAME, published.der)
+        _write_atomically(self.directory / PEM_NAME, published.pem)
 
     async def publish_if_stale(self, min_interval: float = 0.0) -> bool:
         """Publish when a revocation (here or at another replica) changed the ledger since the current CRL

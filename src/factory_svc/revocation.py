@@ -246,6 +246,7 @@ class RevocationService:
                 if c.revocation is not None
             }
             enrollment_disabled, hub = await self._disable_enrollment(self._cloud.dps, device_id, revoked)
+            crash_point("revoke.after_dps_write")  # the enrollment disabled, the hub identity not yet
             hub_disabled = False
             if hub:
                 hub_disabled = await self._disable_hub_identity(self._cloud.hubs, hub, device_id)

@@ -1,7 +1,8 @@
-"""kill -9 of a real factory_svc process right after a revocation was written to the ledger, before DPS and
-the hub were touched (DEVPROV_CRASH_AT=revoke.after_ledger): the restarted process carries the recorded
-intent out at start-up, so the device can neither register nor connect (Microsoft's device SDK) and the OEM
-cannot activate it again."""
+"""kill -9 of a real factory_svc process in the middle of a revocation: right after the ledger write, before
+DPS and the hub were touched (DEVPROV_CRASH_AT=revoke.after_ledger), and right after the DPS enrollment was
+disabled, before the hub (revoke.after_dps_write).  The restarted process carries the recorded intent out
+at start-up, so the device can neither register nor connect (Microsoft's device SDK) and the OEM cannot
+activate it again."""
 
 from __future__ import annotations
 
@@ -34,11 +35,14 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 META = {"tags": {"line": 3}, "properties": {"desired": {"interval_s": 5}}}
 
 
-async def test_a_revocation_killed_after_the_ledger_write_is_finished_at_start_up(tmp_path, emulator):
+@pytest.mark.parametrize(
+    ("crash_at", "left_in_dps"), [("revoke.after_ledger", "enabled"), ("revoke.after_dps_write", "disabled")]
+)
+async def test_a_revocation_killed_midway_is_finished_at_start_up(tmp_path, emulator, crash_at, left_in_dps):
     tls = OemTls.create(tmp_path / "oem-tls")
     factory = Factory(factory_env(tmp_path, emulator), tmp_path / "factory.log")
     try:
-        await factory.start(crash_at="revoke.after_ledger")
+        await factory.start(crash_at=crash_at)
         async with running_activation(activation_env(tmp_path, emulator, tls), tls) as (_app, activation):
             async with factory.stub() as stub:
                 device = await mint(stub, str(uuid.uuid4()), tmp_path / "devices")
@@ -60,8 +64,8 @@ async def test_a_revocation_killed_after_the_ledger_write_is_finished_at_start_u
                 )
                 assert killed.code == grpc.StatusCode.UNAVAILABLE
             assert await factory.killed() == -signal.SIGKILL
-            # the crash left the cloud as it was: still enabled, still connecting
-            assert (await dps_enrollment(emulator, device.device_id))["provisioningStatus"] == "enabled"
+            # what the crash left: the enrollment as the step reached it, the hub identity still connecting
+            assert (await dps_enrollment(emulator, device.device_id))["provisioningStatus"] == left_in_dps
             await connect_to_hub(emulator, device, hub)
 
             await factory.start()  # no crash point: the open intent is carried out at start-up
