@@ -270,6 +270,9 @@ class RevocationService:
                 except DomainError as exc:
                     failed += 1
                     log.warning("revocation intent still open", extra={"reason": exc.reason})
+                except Exception:  # one intent's surprise must not hold up the others
+                    failed += 1
+                    log.exception("revocation intent failed unexpectedly; it stays open")
         return failed
 
     def start(self) -> None:
