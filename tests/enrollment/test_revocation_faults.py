@@ -27,7 +27,7 @@ from provisioning_env import (
     registry,
     running_activation,
 )
-from test_codes_faults import Factory
+from support.factory_process import FactoryProcess
 from test_revocation_enrollment import eventually
 
 from devprov.v1 import factory_service_pb2 as fpb
@@ -41,7 +41,7 @@ META = {"tags": {"line": 3}, "properties": {"desired": {"interval_s": 5}}}
 )
 async def test_a_revocation_killed_midway_is_finished_at_start_up(tmp_path, emulator, crash_at, left_in_dps):
     tls = OemTls.create(tmp_path / "oem-tls")
-    factory = Factory(factory_env(tmp_path, emulator), tmp_path / "factory.log")
+    factory = FactoryProcess(factory_env(tmp_path, emulator), tmp_path / "factory.log")
     try:
         await factory.start(crash_at=crash_at)
         async with running_activation(activation_env(tmp_path, emulator, tls), tls) as (_app, activation):

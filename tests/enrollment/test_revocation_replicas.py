@@ -12,8 +12,8 @@ import pytest
 from cryptography import x509
 from factory.factory_env import make_csr, make_key
 from support.emulator import free_port
+from support.factory_process import FactoryProcess
 from support.parties import FACTORY_URI
-from test_codes_faults import Factory
 from test_revocation_enrollment import eventually
 
 from dbstore import DatabaseUrl
@@ -24,7 +24,7 @@ from factory_svc.ledger import Ledger
 pytestmark = pytest.mark.timeout(240)
 
 
-def _replica(tmp_path: Path, name: str, postgres_url: str) -> tuple[Factory, str]:
+def _replica(tmp_path: Path, name: str, postgres_url: str) -> tuple[FactoryProcess, str]:
     """A replica sharing the data directory (the development CA) with the other, its own CRL directory and
     HTTP port; the generation poll is slow on purpose, so what is seen comes from the request-time check."""
     port = free_port("127.0.0.1")
@@ -39,7 +39,7 @@ def _replica(tmp_path: Path, name: str, postgres_url: str) -> tuple[Factory, str
         "FACTORY_CRL_HTTP_PORT": str(port),
         "FACTORY_CRL_CHECK_SECONDS": "3600",
     }
-    return Factory(env, tmp_path / f"{name}.log"), f"http://127.0.0.1:{port}/crl/{DER_NAME}"
+    return FactoryProcess(env, tmp_path / f"{name}.log"), f"http://127.0.0.1:{port}/crl/{DER_NAME}"
 
 
 async def _crl(url: str) -> x509.CertificateRevocationList:
@@ -54,7 +54,7 @@ def _number(crl: x509.CertificateRevocationList) -> int:
     return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
 
-async def _mint_and_revoke(replica: Factory, device_id: str) -> tuple[int, int]:
+async def _mint_and_revoke(replica: FactoryProcess, device_id: str) -> tuple[int, int]:
     """(serial, the CRL number the revoking replica published)."""
     async with replica.stub() as stub:
         minted = await stub.MintCertificate(

@@ -132,7 +132,7 @@ async def test_a_version_1_ledger_gains_revocation(database_url) -> None:
         revoked, newly = await ledger.revoke(["0A"], revocation, "caller", "req")
         assert newly == 1 and [c.revocation for c in revoked] == [revocation]
         assert await ledger.revocation_of("ab") == revocation
-        # version 4: the CRL state replicas share (one generation step per revoking call, numbers that grow)
+        # version 5: the CRL state replicas share (one generation step per revoking call, numbers that grow)
         assert await ledger.crl_generation() == 1
         first = await ledger.next_crl(now, 5)
         assert (first.number, first.generation, [c.serial_number for c in first.revoked]) == (5, 1, ["0A"])
