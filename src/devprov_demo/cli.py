@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--factory-port", type=int, default=50051)
         cmd.add_argument("--activation-port", type=int, default=50052)
         cmd.add_argument("--portal-port", type=int, default=8080, help="the activation portal (HTTP)")
+        cmd.add_argument("--crl-port", type=int, default=8081, help="factory_svc's CRL over HTTP")
         cmd.add_argument(
             "--metrics-port",
             type=int,
@@ -101,6 +102,7 @@ def _config(args: argparse.Namespace) -> StackConfig:
         factory_port=args.factory_port,
         activation_port=args.activation_port,
         portal_port=args.portal_port,
+        crl_port=args.crl_port,
         metrics_port=args.metrics_port,
         replicas=max(1, getattr(args, "replicas", 1)),
     )
@@ -139,6 +141,7 @@ def _stack_facts(stack: Stack) -> list[tuple[str, str]]:
     for host in emu.hub_hosts:
         facts.append((f"IoT hub {host}", emu.hub_connection_string(host)))
     facts += [(f"metrics: {name} (Prometheus)", url) for name, url in stack.config.metrics_urls().items()]
+    facts.append(("factory CRL (named in every certificate)", stack.config.crl_url))
     config = stack.config
     if config.replicas > 1:
         for name, port in (("factory_svc", config.factory_port), ("activation_svc", config.activation_port)):

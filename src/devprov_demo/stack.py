@@ -66,6 +66,7 @@ class StackConfig:
     factory_port: int = 50051
     activation_port: int = 50052
     portal_port: int = 8080
+    crl_port: int = 8081  # factory_svc's CRL over HTTP (the URL every certificate names)
     metrics_port: int = 9101  # /metrics of the 4 programs (METRICS_PROGRAMS) from here on; 0: off
     replicas: int = 1  # >1: PostgreSQL, and that many of each service behind its one address
 
@@ -76,6 +77,10 @@ class StackConfig:
     @property
     def activation_address(self) -> str:
         return f"{self.service_host}:{self.activation_port}"
+
+    @property
+    def crl_url(self) -> str:
+        return f"http://{self.service_host}:{self.crl_port}/crl/issuing-ca.crl"
 
     @property
     def portal_url(self) -> str:
@@ -210,6 +215,16 @@ class Stack:
             f"{prefix}_SERVER_TLS_KEY_FILE": str(self.tls.key(name)),
             f"{prefix}_SERVER_CLIENT_CA_FILE": str(self.tls.ca),
             f"{prefix}_METRICS_LISTEN": self.config.metrics_listen(name) if metrics else "",
+            **(self._crl_environment(port) if prefix == "FACTORY" else {}),
+        }
+
+    def _crl_environment(self, port: int) -> dict[str, str]:
+        """The factory's CRL over HTTP (a replica on ``port + 1000 * n`` serves it on ``crl_port + 1000 * n``,
+        behind the balancer on ``crl_port``), and its URL in every certificate."""
+        return {
+            "FACTORY_CRL_HTTP_HOST": self.config.service_host,
+            "FACTORY_CRL_HTTP_PORT": str(self.config.crl_port + port - self.config.factory_port),
+            "FACTORY_CRL_URL": self.config.crl_url,
         }
 
     def _start_service(
@@ -256,17 +271,28 @@ class Stack:
             )
         if migrated.returncode != 0:
             raise RuntimeError(f"{name} migrate failed; its log:\n{_tail(log)}")
+        for n in range(1, self.config.replicas + 1):
+            label = f"{name}-{n}"
+            self._start_service(name, module, prefix, port + 1000 * n, extra, label=label, metrics=n == 1)
+        self._start_balancer(name, port)
+        self._wait_serving(
+            f"{name} (balancer)",
+            self._services[f"{name}-balancer"],
+            f"{self.config.service_host}:{port}",
+            self.logs / f"{name}-balancer.log",
+        )
+        if prefix == "FACTORY":
+            self._start_balancer("factory-crl", self.config.crl_port)
+
+    def _start_balancer(self, name: str, port: int) -> None:
+        """One address (``port``) in front of the replicas' ``port + 1000 * n``."""
+        host = self.config.service_host
         backends: list[str] = []
         for n in range(1, self.config.replicas + 1):
-            replica_port = port + 1000 * n
-            label = f"{name}-{n}"
-            self._start_service(name, module, prefix, replica_port, extra, label=label, metrics=n == 1)
-            backends += ["--backend", f"{self.config.service_host}:{replica_port}"]
-        listen = f"{self.config.service_host}:{port}"
+            backends += ["--backend", f"{host}:{port + 1000 * n}"]
         log = self.logs / f"{name}-balancer.log"
-        proc = spawn([sys.executable, "-m", "devprov_demo.balancer", "--listen", listen, *backends], log)
-        self._services[f"{name}-balancer"] = proc
-        self._wait_serving(f"{name} (balancer)", proc, listen, log)
+        command = [sys.executable, "-m", "devprov_demo.balancer", "--listen", f"{host}:{port}", *backends]
+        self._services[f"{name}-balancer"] = spawn(command, log)
 
     def _wait_serving(self, name: str, proc: subprocess.Popen[bytes], address: str, log: Path) -> None:
         creds = grpc.ssl_channel_credentials(

@@ -32,7 +32,7 @@ from factory_svc.ledger import Ledger
 from factory_svc.lots import LotService
 from factory_svc.minting import CertificateCatalog, MintingService
 from factory_svc.pkcs11_signer import Pkcs11Signer
-from factory_svc.revocation import CloudSide, RevocationService
+from factory_svc.revocation import CloudSide, RevocationIntents, RevocationService
 from factory_svc.servicer import FactoryServicer
 from factory_svc.settings import FactorySettings
 from provkit.grpc_server import RunningServer, ServiceBinding, serve_app, start_server
@@ -84,6 +84,7 @@ class FactoryApp:
         await crl.publish()  # a fresh CRL at every start
         crl.start()
         enrollment, cloud = None, None
+        intents = RevocationIntents(ledger, clock)
         if settings.enroll is not None:
             enrollment = await EnrollmentRuntime.open(
                 settings.enroll,
@@ -93,11 +94,12 @@ class FactoryApp:
                 clock,
                 request_lease=settings.request_lease,
                 observer=observe.cloud_calls("dps"),
-                revocations=ledger,
+                revocations=intents,
             )
             hubs = HubRegistries(settings.enroll.cloud.hubs, settings.enroll.cloud.dps.ca_file)
             cloud = CloudSide(enrollment.dps, hubs)
-        revocation = RevocationService(ledger, crl, cloud, clock)
+        revocation = RevocationService(ledger, crl, cloud, clock, intents)
+        revocation.start()  # open revocation intents (a crash, an unreachable cloud) are carried out now
         catalog = CertificateCatalog(ledger)
         app = cls(
             settings, ca, ledger, minting, catalog, crl, revocation, enrollment, observe=observe, clock=clock
@@ -144,6 +146,7 @@ class FactoryApp:
         if self.crl_http is not None:
             await self.crl_http.stop()
         await self.crl.stop()
+        await self.revocation.stop()
         if self.enrollment is not None:
             await self.enrollment.close()
         await self.ledger.close()

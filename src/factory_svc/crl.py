@@ -2,14 +2,25 @@
 files and over HTTP, regenerated on every revocation and on a schedule.
 
 Files (``crl.dir``, default ``<data_dir>/crl``): ``issuing-ca.crl`` (DER, what relying parties fetch) and
-``issuing-ca.crl.pem``, both replaced atomically.  HTTP (when ``crl.http_port`` is set):
+``issuing-ca.crl.pem``, both replaced atomically (not when the directory holds a CRL with a higher number
+already: replicas sharing a directory).  HTTP (when ``crl.http_port`` is set):
 ``GET /crl/issuing-ca.crl`` (``application/pkix-crl``) and ``GET /crl/issuing-ca.crl.pem``.
 
 Each CRL carries thisUpdate = now, nextUpdate = now + ``crl.validity_hours``, a CRL number that only grows
-(milliseconds since the epoch, at least the last file's number + 1), the issuer's key identifier, and one
-entry per revoked certificate that has not expired, with its revocation time and RFC 5280 reason (none for
-"unspecified").  A new one is published every ``crl.refresh_hours`` even without revocations, so relying
-parties never see a CRL past its nextUpdate while the factory runs.
+(at least the milliseconds since the epoch and the last file's number + 1, and above every number handed
+out before: the ledger's ``crl_state`` keeps it, shared by every replica on one PostgreSQL database), the
+issuer's key identifier, and one entry per revoked certificate that has not expired, with its revocation
+time and RFC 5280 reason (none for "unspecified").  A new one is published every ``crl.refresh_hours`` even
+without revocations, so relying parties never see a CRL past its nextUpdate while the factory runs.
+
+Replicas: each revocation increments the ledger's CRL generation.  Every ``crl.check_seconds`` (and, at
+most once a second, when the CRL is asked for over HTTP) a replica compares it with the generation its
+own CRL was built from and publishes a new one when they differ, so a revocation made at another replica
+is in this one's CRL within seconds.
+
+``crl.url`` (``FACTORY_CRL_URL``): where relying parties fetch the CRL (normally this service's HTTP
+address, or a load balancer or CDN in front of it); when set, every certificate the factory issues carries
+it in a CRL Distribution Points extension (RFC 5280 4.2.1.13).
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,11 +40,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from factory_svc.ca import IssuingCA
+from factory_svc.ledger import CrlContent
 from factory_svc.model import IssuedCertificate, RevocationReason
 
 log = logging.getLogger("factory_svc.crl")
 
 DER_NAME, PEM_NAME = "issuing-ca.crl", "issuing-ca.crl.pem"
+_REQUEST_CHECK_INTERVAL = 1.0  # seconds: at most one generation check a second from HTTP requests
 
 _REASON_FLAGS: dict[RevocationReason, x509.ReasonFlags | None] = {
     RevocationReason.UNSPECIFIED: None,
@@ -55,6 +68,19 @@ class CrlSettings:
     refresh: timedelta = timedelta(days=1)
     http_host: str = "127.0.0.1"
     http_port: int | None = None  # None: files only
+    check: timedelta = timedelta(seconds=5)  # how often a replica looks for revocations made elsewhere
+    url: str = ""  # the CRL's public URL, put in every issued certificate (empty: none)
+
+
+def distribution_points(url: str) -> x509.CRLDistributionPoints | None:
+    """The CRL Distribution Points extension naming ``url`` (one full name, no reasons, CRL issuer = the
+    certificate's issuer), or None without a URL."""
+    if not url:
+        return None
+    point = x509.DistributionPoint(
+        full_name=[x509.UniformResourceIdentifier(url)], relative_name=None, reasons=None, crl_issuer=None
+    )
+    return x509.CRLDistributionPoints([point])
 
 
 @dataclass(frozen=True)
@@ -66,7 +92,9 @@ class PublishedCrl:
 
 
 class RevokedSource(Protocol):
-    async def revoked(self, now: datetime) -> list[IssuedCertificate]: ...
+    async def next_crl(self, now: datetime, at_least: int) -> CrlContent: ...
+
+    async def crl_generation(self) -> int: ...
 
 
 def build_crl(
@@ -128,18 +156,21 @@ class CrlPublisher:
         self._clock = clock
         self._lock = asyncio.Lock()
         self._last_number = 0
+        self._generation = -1  # the ledger's CRL generation the current CRL reflects
+        self._checked_at = float("-inf")  # monotonic time of the last generation check
         self.current: PublishedCrl | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def publish(self) -> PublishedCrl:
         """Build, sign and publish a CRL of everything revoked now (one at a time)."""
         async with self._lock:
             now = self._clock()
-            revoked = await self._source.revoked(now)
             if self._last_number == 0:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 self._last_number = await asyncio.to_thread(_number_on_disk, self.directory)
-            number = max(self._last_number + 1, int(now.timestamp() * 1000))
+            at_least = max(self._last_number + 1, int(now.timestamp() * 1000))
+            content = await self._source.next_crl(now, at_least)
+            number, revoked = content.number, content.revoked
             crl = build_crl(self._ca, revoked, now.replace(microsecond=0), self._settings.validity, number)
             published = PublishedCrl(
                 crl,
@@ -147,30 +178,55 @@ class CrlPublisher:
                 crl.public_bytes(serialization.Encoding.DER),
                 crl.public_bytes(serialization.Encoding.PEM),
             )
-            await asyncio.to_thread(_write_atomically, self.directory / DER_NAME, published.der)
-            await asyncio.to_thread(_write_atomically, self.directory / PEM_NAME, published.pem)
+            await asyncio.to_thread(self._write_files, published)
             self._last_number, self.current = number, published
+            self._generation = max(self._generation, content.generation)
             log.info("CRL published", extra={"crl_number": number, "revoked": len(revoked)})
             return published
 
-    def start(self) -> None:
-        """Publish again every ``refresh`` (the first one is ``publish()``'s, awaited by the caller)."""
-        self._task = asyncio.create_task(self._refresh(), name="crl-refresh")
+    def _write_files(self, published: PublishedCrl) -> None:
+        """The files, unless a newer CRL is there already (replicas sharing one directory)."""
+        if _number_on_disk(self.directory) >= published.number:
+            return
+        _write_atomically(self.directory / DER_NAME, published.der)
+        _write_atomically(self.directory / PEM_NAME, published.pem)
 
-    async def _refresh(self) -> None:
+    async def publish_if_stale(self, min_interval: float = 0.0) -> bool:
+        """Publish when a revocation (here or at another replica) changed the ledger since the current CRL
+        was built; the check (one small read) is skipped when the last one is under ``min_interval``
+        seconds old.  True when a new CRL was published."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._checked_at < min_interval:
+            return False
+        self._checked_at = loop.time()
+        if await self._source.crl_generation() == self._generation:
+            return False
+        await self.publish()
+        return True
+
+    def start(self) -> None:
+        """Publish again every ``refresh``, and whenever the generation check finds the CRL stale (the first
+        one is ``publish()``'s, awaited by the caller)."""
+        self._tasks = [
+            asyncio.create_task(self._every(self._settings.refresh, self.publish), name="crl-refresh"),
+            asyncio.create_task(self._every(self._settings.check, self.publish_if_stale), name="crl-check"),
+        ]
+
+    @staticmethod
+    async def _every(period: timedelta, work: Callable[[], Awaitable[object]]) -> None:
         while True:
-            await asyncio.sleep(self._settings.refresh.total_seconds())
+            await asyncio.sleep(period.total_seconds())
             try:
-                await self.publish()
+                await work()
             except Exception:  # the next round tries again; the last CRL stays valid until its nextUpdate
-                log.exception("CRL refresh failed")
+                log.exception("CRL publication failed")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
 
 
 class CrlHttp:
@@ -182,7 +238,11 @@ class CrlHttp:
         self._runner: web.AppRunner | None = None
         self.port = 0
 
-    def _answer(self, pem: bool) -> web.Response:
+    async def _answer(self, pem: bool) -> web.Response:
+        try:
+            await self._publisher.publish_if_stale(_REQUEST_CHECK_INTERVAL)
+        except Exception:  # the database is away: the CRL in hand is still valid until its nextUpdate
+            log.exception("CRL generation check failed")
         current = self._publisher.current
         if current is None:
             return web.Response(status=503, text="no CRL published yet\n")
@@ -191,10 +251,10 @@ class CrlHttp:
         return web.Response(body=current.der, content_type="application/pkix-crl")
 
     async def _der(self, _request: web.Request) -> web.Response:
-        return self._answer(pem=False)
+        return await self._answer(pem=False)
 
     async def _pem(self, _request: web.Request) -> web.Response:
-        return self._answer(pem=True)
+        return await self._answer(pem=True)
 
     async def start(self) -> None:
         app = web.Application()

@@ -24,6 +24,12 @@ replicas an UPDATE's row lock and a lot's primary key decide.
 MintCertificate request ids are reserved before the work (``mint_reservations``, version 4,
 ``dbstore.reservations``; written on PostgreSQL only) and the reservation is deleted in the transaction
 that commits the certificate and its request id (``record``).
+
+Version 5: a revocation's intent (the device's cloud steps still owed, ``revocation_intents``) is written
+in the revocation's transaction, and ``crl_state`` holds what replicas share about the CRL: the last
+number handed out (a CRL number is taken under the row's lock, in the transaction that reads the revoked
+certificates, so a higher number never lists less) and a generation each revocation increments (a cheap
+read tells a replica its CRL is stale).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dbstore import Conflict, Database, DatabaseUrl, Tx, open_database, reservations
+from dbstore.port import Row, Work
 from dbstore.sqlite import SqliteDatabase, SqliteTx, run_now
 from factory_svc.keys import KeyType
 from factory_svc.model import IssuedCertificate, KeySource, Revocation, RevocationReason
@@ -122,8 +129,28 @@ CREATE TABLE lot_items (
 # Version 4: MintCertificate request ids reserved before the work, for replicas (``dbstore.reservations``).
 RESERVATIONS = "mint_reservations"
 
+# Version 5: revocation intents (the cloud steps a revocation still owes: one row per device, open until its
+# DPS enrollment and hub identity are disabled) and the CRL state every replica shares: the last CRL number
+# handed out and a generation that grows with every revocation (a replica republishes when it changes).
+REVOCATION_INTENTS = """
+CREATE TABLE revocation_intents (
+    device_id TEXT PRIMARY KEY,
+    requested_us INTEGER NOT NULL,
+    completed_us INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    failure_reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX revocation_intents_open ON revocation_intents (requested_us) WHERE completed_us IS NULL;
+CREATE TABLE crl_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    crl_number INTEGER NOT NULL,
+    generation INTEGER NOT NULL
+);
+INSERT INTO crl_state (id, crl_number, generation) VALUES (1, 0, 0);
+"""
+
 # Version 1 is the original schema (files written before versions were kept have version 0 and these tables).
-MIGRATIONS = (SCHEMA, REVOCATION, LOTS, reservations.migration(RESERVATIONS))
+MIGRATIONS = (SCHEMA, REVOCATION, LOTS, reservations.migration(RESERVATIONS), REVOCATION_INTENTS)
 # FULL: a certificate handed out must stay on record (limits and audits count it) even after a power cut.
 # One statement cache entry per multi-row INSERT size.
 OPTIONS = Options(synchronous=Synchronous.FULL, cached_statements=512)
@@ -273,6 +300,52 @@ class LotEntry:
     index: int
     certificate: IssuedCertificate
     private_key_pem: str | None  # server-generated, until the lot is acknowledged
+
+
+@dataclass(frozen=True)
+class CrlContent:
+    """What one CRL is made of: its number, the generation it reflects, the revoked certificates."""
+
+    number: int
+    generation: int
+    revoked: list[IssuedCertificate]
+
+
+@dataclass(frozen=True)
+class RevocationIntent:
+    """A device's revocation steps in the cloud, owed since ``requested_us`` (until ``completed``)."""
+
+    device_id: str
+    requested_us: int
+    attempts: int = 0
+    failure_reason: str = ""
+    completed: bool = False
+
+
+async def _open_intent(tx: Tx, device_id: str, at_us: int) -> None:
+    await tx.execute(
+        "INSERT INTO revocation_intents (device_id, requested_us) VALUES (?, ?) "
+        "ON CONFLICT (device_id) DO UPDATE SET requested_us = CASE WHEN revocation_intents.requested_us "
+        ">= excluded.requested_us THEN revocation_intents.requested_us + 1 ELSE excluded.requested_us END, "
+        "completed_us = NULL",
+        (device_id, at_us),
+    )
+
+
+def _fetch_all(sql: str, params: Sequence[object]) -> Work[list[Row]]:
+    async def work(tx: Tx) -> list[Row]:
+        return await tx.fetchall(sql, params)
+
+    return work
+
+
+async def _revoked(tx: Tx, now_us: int) -> list[IssuedCertificate]:
+    rows = await tx.fetchall(
+        f"SELECT {_COLUMNS} FROM certificates "  # noqa: S608 - fixed fragments only
+        "WHERE revoked_at_us IS NOT NULL AND not_after_us > ? ORDER BY revoked_at_us, serial_number",
+        (now_us,),
+    )
+    return [_certificate(r) for r in rows]
 
 
 @dataclass
@@ -436,10 +509,13 @@ class Ledger:
         revocation: Revocation,
         caller: str,
         request_id: str,
+        intent_for: str | None = None,
     ) -> tuple[builtins.list[IssuedCertificate], int]:
         """Mark the certificates revoked (those revoked before keep their first time and reason) and audit
         the ones this call revoked, in one transaction: (the certificates as they are now, newly revoked).
-        Between replicas the row lock decides: a certificate another call revoked meanwhile is not counted."""
+        Between replicas the row lock decides: a certificate another call revoked meanwhile is not counted.
+        ``intent_for``: the device whose cloud steps this revocation owes (its intent is opened in the same
+        transaction).  A call that revoked something increments the CRL generation."""
         at_us = _us(revocation.time)
 
         async def write(tx: Tx) -> tuple[builtins.list[IssuedCertificate], int]:
@@ -455,6 +531,10 @@ class Ledger:
                     await tx.execute(
                         _AUDIT_REVOCATION, (at_us, revocation.reason.value, caller, request_id, serial)
                     )
+            if newly:
+                await tx.execute("UPDATE crl_state SET generation = generation + 1 WHERE id = 1")
+            if intent_for is not None:
+                await _open_intent(tx, intent_for, at_us)
             rows = [await tx.fetchone(_SELECT_BY_SERIAL, (serial,)) for serial in serials]
             return [_certificate(r) for r in rows if r is not None], newly
 
@@ -462,14 +542,91 @@ class Ledger:
 
     async def revoked(self, now: datetime) -> builtins.list[IssuedCertificate]:
         """Revoked certificates that have not expired yet (what the CRL lists), in revocation order."""
+        return await self._db.read(lambda tx: _revoked(tx, _us(now)))
+
+    async def next_crl(self, now: datetime, at_least: int) -> CrlContent:
+        """A new CRL number (above every one handed out before, by any replica, and at least ``at_least``),
+        the generation and the revoked certificates, read in one transaction after the number was taken."""
+
+        async def work(tx: Tx) -> CrlContent:
+            await tx.execute(
+                "UPDATE crl_state SET crl_number = "
+                "CASE WHEN crl_number + 1 > ? THEN crl_number + 1 ELSE ? END WHERE id = 1",
+                (at_least, at_least),
+            )
+            row = await tx.fetchone("SELECT crl_number, generation FROM crl_state WHERE id = 1")
+            assert row is not None  # written by the migration
+            return CrlContent(int(row[0]), int(row[1]), await _revoked(tx, _us(now)))
+
+        return await self._db.transaction(work)
+
+    async def crl_generation(self) -> int:
+        """How many revocation calls changed the ledger (all replicas): a CRL of an older one is stale."""
+        row = await self._db.read(lambda tx: tx.fetchone("SELECT generation FROM crl_state WHERE id = 1"))
+        return int(row[0]) if row else 0
+
+    async def revoked_among(self, sha256_thumbprints: Sequence[str]) -> set[str]:
+        """Those of the SHA-256 thumbprints (upper case) whose certificate is revoked."""
+        wanted = sorted({t.upper() for t in sha256_thumbprints})
+        found: set[str] = set()
+        for chunk in _chunks(wanted, _ROWS_PER_INSERT):
+            marks = ", ".join("?" * len(chunk))
+            sql = (
+                f"SELECT sha256_thumbprint FROM certificates WHERE sha256_thumbprint IN ({marks}) "  # noqa: S608
+                "AND revoked_at_us IS NOT NULL"
+            )
+            found.update(str(r[0]) for r in await self._db.read(_fetch_all(sql, chunk)))
+        return found
+
+    # ------------------------------------------------------------------------------ revocation intents
+    async def open_revocation_intent(self, device_id: str, now: datetime) -> None:
+        """The device's revocation steps are owed (again): its intent is open from now."""
+        await self._db.transaction(lambda tx: _open_intent(tx, device_id, _us(now)))
+
+    async def open_revocation_intents(self) -> builtins.list[RevocationIntent]:
+        """The open intents, oldest first."""
         rows = await self._db.read(
             lambda tx: tx.fetchall(
-                f"SELECT {_COLUMNS} FROM certificates "  # noqa: S608 - fixed fragments only
-                "WHERE revoked_at_us IS NOT NULL AND not_after_us > ? ORDER BY revoked_at_us, serial_number",
-                (_us(now),),
+                "SELECT device_id, requested_us, attempts, failure_reason FROM revocation_intents "
+                "WHERE completed_us IS NULL ORDER BY requested_us, device_id"
             )
         )
-        return [_certificate(r) for r in rows]
+        return [RevocationIntent(r[0], int(r[1]), int(r[2]), r[3]) for r in rows]
+
+    async def revocation_intent(self, device_id: str) -> RevocationIntent | None:
+        """The device's intent (open or completed; None: never revoked with a cloud configured)."""
+        row = await self._db.read(
+            lambda tx: tx.fetchone(
+                "SELECT device_id, requested_us, attempts, failure_reason, completed_us "
+                "FROM revocation_intents WHERE device_id = ?",
+                (device_id,),
+            )
+        )
+        if row is None:
+            return None
+        return RevocationIntent(row[0], int(row[1]), int(row[2]), row[3], row[4] is not None)
+
+    async def close_revocation_intent(self, intent: RevocationIntent, now: datetime) -> bool:
+        """The intent's steps are done: closed unless a newer revocation reopened it meanwhile."""
+        return bool(
+            await self._db.transaction(
+                lambda tx: tx.execute(
+                    "UPDATE revocation_intents SET completed_us = ?, failure_reason = '' "
+                    "WHERE device_id = ? AND requested_us = ? AND completed_us IS NULL",
+                    (_us(now), intent.device_id, intent.requested_us),
+                )
+            )
+        )
+
+    async def revocation_intent_failed(self, intent: RevocationIntent, reason: str) -> None:
+        """One more attempt that could not finish (the intent stays open)."""
+        await self._db.transaction(
+            lambda tx: tx.execute(
+                "UPDATE revocation_intents SET attempts = attempts + 1, failure_reason = ? "
+                "WHERE device_id = ? AND completed_us IS NULL",
+                (reason, intent.device_id),
+            )
+        )
 
     async def revocation_of(self, sha256_thumbprint: str) -> Revocation | None:
         """The revocation of the certificate with this SHA-256 thumbprint (None: not revoked, or unknown)."""

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factory_svc.ca import IssuingCA
+from factory_svc.crl import distribution_points
 from factory_svc.csr import check_csr
 from factory_svc.errors import FailedPrecondition, NotFound, invalid_field
 from factory_svc.keys import (
@@ -80,6 +81,7 @@ class LedgerReader(Protocol):
 @dataclass(frozen=True)
 class MintPolicy:
     default_validity: timedelta = timedelta(days=365)
+    crl_url: str = ""  # set: every leaf names it in a CRL Distribution Points extension
 
 
 @dataclass(frozen=True)
@@ -103,9 +105,10 @@ def leaf_builder(
     not_before: datetime,
     not_after: datetime,
     authority_key_id: x509.AuthorityKeyIdentifier,
+    crl_points: x509.CRLDistributionPoints | None = None,
 ) -> x509.CertificateBuilder:
     """The device certificate, unsigned and without issuer name (the CA sets both)."""
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
         .public_key(public_key)
@@ -118,6 +121,7 @@ def leaf_builder(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(authority_key_id, critical=False)
     )
+    return builder if crl_points is None else builder.add_extension(crl_points, critical=False)
 
 
 def thumbprints(cert: x509.Certificate) -> tuple[str, str]:
@@ -158,6 +162,7 @@ class MintingService:
         self._request_ids = request_ids or RequestIds()
         ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        self._crl_points = distribution_points(policy.crl_url)  # built once, shared by every leaf
         self._chain_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in ca.chain)
 
     # ------------------------------------------------------------------------------------- validation
@@ -297,7 +302,9 @@ class MintingService:
         return issued, private_key
 
     def _leaf_builder(self, checked: Checked, public_key: PublicKey) -> x509.CertificateBuilder:
-        return leaf_builder(checked.device_id, public_key, checked.not_before, checked.not_after, self._aki)
+        return leaf_builder(
+            checked.device_id, public_key, checked.not_before, checked.not_after, self._aki, self._crl_points
+        )
 
 
 # ------------------------------------------------------------------------------------------- read side

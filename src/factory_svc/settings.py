@@ -25,6 +25,8 @@
 | crl.dir                       | FACTORY_CRL_DIR                   | <data_dir>/crl            |
 | crl.validity_hours / refresh_hours | FACTORY_CRL_VALIDITY_HOURS / _REFRESH_HOURS | 168 / 24     |
 | crl.http_host / crl.http_port | FACTORY_CRL_HTTP_HOST / _HTTP_PORT | 127.0.0.1 / - (no HTTP)  |
+| crl.url                       | FACTORY_CRL_URL                   | - (no CRL DP in certificates) |
+| crl.check_seconds             | FACTORY_CRL_CHECK_SECONDS         | 5 (other replicas' revocations) |
 | enroll.*, cloud.*             | FACTORY_ENROLL_*, FACTORY_CLOUD_*  | see factory_svc.enrollment.runtime |
 | metrics.listen                | FACTORY_METRICS_LISTEN            | - (off; host:port serves /metrics) |
 | tracing.exporter / otlp_endpoint | FACTORY_TRACING_EXPORTER / _OTLP_ENDPOINT | none (console, otlp) |
@@ -47,6 +49,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dbstore import DatabaseUrl
 from factory_svc.crl import CrlSettings
@@ -115,12 +118,20 @@ def crl_settings(source: SettingsSource) -> CrlSettings:
     if not 0 < refresh < validity:
         raise SettingsError("FACTORY_CRL_REFRESH_HOURS must be above 0 and below FACTORY_CRL_VALIDITY_HOURS")
     port = source.text("crl.http_port")
+    check = source.number("crl.check_seconds", 5.0)
+    if check <= 0:
+        raise SettingsError("FACTORY_CRL_CHECK_SECONDS must be above 0")
+    url = source.text("crl.url", "") or ""
+    if url and urlsplit(url).scheme not in ("http", "https"):  # RFC 5280: relying parties fetch http(s)
+        raise SettingsError("FACTORY_CRL_URL must be an http:// (or https://) URL")
     return CrlSettings(
         directory=source.path("crl.dir"),
         validity=timedelta(hours=validity),
         refresh=timedelta(hours=refresh),
         http_host=source.text("crl.http_host", "127.0.0.1") or "127.0.0.1",
         http_port=None if not port else source.integer("crl.http_port", 0),
+        check=timedelta(seconds=check),
+        url=url,
     )
 
 
@@ -181,16 +192,17 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
     if days < 1:
         raise SettingsError("FACTORY_MINT_DEFAULT_VALIDITY_DAYS must be at least 1")
     data_dir = source.path("data_dir", Path("factory-data")) or Path("factory-data")
+    crl = crl_settings(source)
     return FactorySettings(
         server=server_settings(source, error_domain=ERROR_DOMAIN, default_port=DEFAULT_PORT),
         data_dir=data_dir,
         database=database_url(source, data_dir),
         ca=ca_settings(source),
-        mint=MintPolicy(default_validity=timedelta(days=days)),
+        mint=MintPolicy(default_validity=timedelta(days=days), crl_url=crl.url),
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),
         enroll=load_enroll_settings(source),
         device_ids=device_id_policy(source),
         request_lease=request_lease(source),
         observe=observe_settings(source),
-        crl=crl_settings(source),
+        crl=crl,
     )

@@ -48,7 +48,7 @@ def test_up_with_two_replicas_carries_on_when_one_is_killed(tmp_path):
         pytest.skip(why)
     work = tmp_path / "up"
     args = _stack_args(work)
-    for option in ("--factory-port", "--activation-port"):
+    for option in ("--factory-port", "--activation-port", "--crl-port"):
         args[args.index(option) + 1] = str(_replica_port_base())
     factory_port = int(args[args.index("--factory-port") + 1])
     clusters_before = set(Path("/tmp").glob("devprov-pg-*"))

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from azure.iot.device import X509
 from azure.iot.device.aio import IoTHubDeviceClient, ProvisioningDeviceClient
+from azure.iot.device.exceptions import ClientError, CredentialError
 from support.dps_device import register_once
 from support.parties import FACTORY_URI, party
 
@@ -229,6 +231,19 @@ async def connect_to_hub(emulator, device: DeviceFiles, hub: str) -> None:
     """Connect (and disconnect) as the device; raises what the SDK raises."""
     async with hub_session(emulator, device, hub):
         pass
+
+
+async def assert_locked_out(
+    emulator, device: DeviceFiles, hub: str, activation: apb_grpc.ActivationServiceStub, code: str, meta: str
+) -> None:
+    """A revoked device: it can neither register nor connect (Microsoft's device SDK), and the OEM cannot
+    enable it again (PERMISSION_DENIED: its activation-code hash went with the revocation)."""
+    with pytest.raises(ClientError):
+        await register(emulator, device)
+    with pytest.raises((CredentialError, ClientError)):
+        await connect_to_hub(emulator, device, hub)
+    denied = await failure(activation.Activate(activate_request(device.device_id, code, meta)))
+    assert denied.code == grpc.StatusCode.PERMISSION_DENIED
 
 
 def registry(emulator, hub: str):

@@ -132,6 +132,20 @@ async def test_a_version_1_ledger_gains_revocation(database_url) -> None:
         revoked, newly = await ledger.revoke(["0A"], revocation, "caller", "req")
         assert newly == 1 and [c.revocation for c in revoked] == [revocation]
         assert await ledger.revocation_of("ab") == revocation
+        # version 5: the CRL state replicas share (one generation step per revoking call, numbers that grow)
+        assert await ledger.crl_generation() == 1
+        first = await ledger.next_crl(now, 5)
+        assert (first.number, first.generation, [c.serial_number for c in first.revoked]) == (5, 1, ["0A"])
+        assert (await ledger.next_crl(now, 0)).number == 6
+        await ledger.revoke(["0A"], revocation, "caller", "again", intent_for="old-dev")
+        assert await ledger.crl_generation() == 1  # nothing newly revoked
+        intent = await ledger.revocation_intent("old-dev")
+        assert intent is not None and not intent.completed
+        assert await ledger.open_revocation_intents() == [intent]
+        await ledger.open_revocation_intent("old-dev", now)  # reopened: the earlier read no longer closes it
+        assert not await ledger.close_revocation_intent(intent, now)
+        assert await ledger.close_revocation_intent((await ledger.open_revocation_intents())[0], now)
+        assert await ledger.open_revocation_intents() == []
     finally:
         await ledger.close()
     assert stored_version(database_url, FILE, "ledger") == len(MIGRATIONS)

@@ -192,7 +192,7 @@ def _stores():
             ledger.Ledger.open,
             ledger.FILE,
             "ledger",
-            ledger.MIGRATIONS,
+            ledger.MIGRATIONS[:4],  # up to version 4, the reservations (later versions follow it)
             [certificate, "INSERT INTO mint_requests VALUES ('old', 'fp', '0A')"],
         ),
         (
@@ -232,4 +232,4 @@ async def test_each_store_migrates_from_its_previous_version_to_reservations(dat
         assert await mine.holder_of("new") == "me" and await mine.holder_of("old") is None
     finally:
         await opened.close()
-    assert stored_version(database_url, file, name) == len(migrations)
+    assert stored_version(database_url, file, name) >= len(migrations)  # and any later version

@@ -7,6 +7,13 @@ another certificate) marks the entry FAILED and moves on.  A retry after a crash
 write (same certificate and activation-code hash in DPS) and marks the entry delivered without writing.
 The ownership and replace rules (``ownership.py``) are applied to what DPS holds at delivery, and a
 replacement is audited with the caller and the reason the entry carries.
+
+Revocation is checked at delivery, inside the entry's claim: an entry whose certificate was revoked after
+it was queued is not written; it is completed as FAILED with reason CERTIFICATE_REVOKED (what
+GetEnrollmentStatus shows, with the state REVOKED) and audited (``refuse-revoked``).  The check runs again
+after a write: a revocation that committed meanwhile may have looked at DPS before the write, so the
+device's revocation intent is reopened (``RevocationLookup.enforce``; the enrollment ends disabled) and the
+entry is completed the same way.  Either way its activation code never enables anything.
 """
 
 from __future__ import annotations
@@ -22,7 +29,13 @@ from datetime import datetime
 
 from factory_svc.enrollment.outbox import AuditRecord, Claimed, Outbox, OutboxEntry, OutboxMode
 from factory_svc.enrollment.ownership import owner_refusal, replace_detail, replace_refusal
-from factory_svc.enrollment.service import enrolled_sha256, new_enrollment_of, with_certificate
+from factory_svc.enrollment.service import (
+    RevocationLookup,
+    enrolled_sha256,
+    new_enrollment_of,
+    revoked_error,
+    with_certificate,
+)
 from provkit.cloud import (
     CloudAlreadyExists,
     CloudEtagMismatch,
@@ -67,7 +80,9 @@ class OutboxDelivery:
         *,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
+        revocations: RevocationLookup | None = None,
     ) -> None:
+        self._revocations = revocations
         self._dps = dps
         self._outbox = outbox
         self._clock = clock
@@ -114,6 +129,8 @@ class OutboxDelivery:
         """Deliver the claimed entry and mark it; answer how long to pause before the next (0: none)."""
         entry = claim.entry
         with bind_device_id(entry.device_id):
+            if await self._refused_as_revoked(claim, written=False):
+                return 0.0
             try:
                 outcome = await self.deliver(entry)
             except CloudUnavailable as exc:
@@ -130,9 +147,39 @@ class OutboxDelivery:
                 )
             else:
                 crash_point("outbox.after_dps_write")  # a retry recognises its own write
+                if await self._refused_as_revoked(claim, written=True):
+                    return 0.0
                 await claim.mark_delivered(outcome.value, self._clock())
                 log.info("queued enrollment delivered", extra={"seq": entry.seq, "outcome": outcome.value})
             return 0.0
+
+    async def _refused_as_revoked(self, claim: Claimed, *, written: bool) -> bool:
+        """The entry's certificate is revoked: its revocation enforced (reopened, in case this or an earlier
+        attempt wrote it to DPS), the refusal audited and the entry completed as FAILED
+        (CERTIFICATE_REVOKED).  False when it is not revoked."""
+        entry = claim.entry
+        if self._revocations is None:
+            return False
+        revocation = await self._revocations.revocation_of(entry.sha256_thumbprint)
+        if revocation is None:
+            return False
+        await self._revocations.enforce(entry.device_id)
+        refusal = revoked_error(entry.sha256_thumbprint, revocation)
+        when = "after it was written to DPS (disabled again)" if written else "before delivery (not written)"
+        await self._outbox.record_audit(
+            AuditRecord(
+                self._clock(),
+                "refuse-revoked",
+                entry.device_id,
+                entry.intent.caller,
+                entry.intent.request_id,
+                f"outbox entry {entry.seq}, sha256 {entry.sha256_thumbprint}: revoked "
+                f"({revocation.reason.value}) {when}",
+            )
+        )
+        await claim.mark_failed(refusal.reason, refusal.message)
+        log.warning("queued enrollment refused: certificate revoked", extra={"seq": entry.seq})
+        return True
 
     async def deliver(self, entry: OutboxEntry) -> Delivered | NotDelivered:
         """Write one entry (raises CloudUnavailable / CloudRejected)."""

@@ -142,7 +142,8 @@ class NewEntry:
 @dataclass(frozen=True)
 class AuditRecord:
     """One enrollment decision worth a trail: ``replace`` (certificate and code), ``transfer`` (owner),
-    ``rotate-code`` (a new activation code) or ``acknowledge-code`` (a retained code forgotten)."""
+    ``rotate-code`` (a new activation code), ``acknowledge-code`` (a retained code forgotten) or
+    ``refuse-revoked`` (a queued enrollment whose certificate was revoked, completed without delivery)."""
 
     time: datetime
     action: str

@@ -121,6 +121,7 @@ class EnrollmentRuntime:
             clock,
             backoff_initial=settings.policy.delivery_backoff_initial,
             backoff_max=settings.policy.delivery_backoff_max,
+            revocations=revocations,
         )
         delivery.start()
         runtime = cls(service, delivery, outbox, codes, dps, dps.close)

@@ -18,7 +18,10 @@ Enroll), and replacing the enrollment of an activated or registered device needs
 owner and is audited with the caller (the outbox file's enrollment audit).
 
 A certificate the factory revoked (``RevocationLookup``: the ledger) is refused (CERTIFICATE_REVOKED), and
-the status of an enrollment holding one is REVOKED.
+the status of an enrollment holding one is REVOKED.  The revocation is checked before the DPS write and
+once more after it: a revocation that committed meanwhile (and may have looked at DPS before the write)
+is enforced again (``RevocationLookup.enforce``: the device's revocation intent reopened, so the
+enrollment ends disabled) and the call answers CERTIFICATE_REVOKED.
 
 Reasons raised: the lint reasons (``lint.py``), CERTIFICATE_REVOKED, ENROLLMENT_EXISTS (another
 certificate, no ``replace``), OWNER_INVALID, REASON_INVALID, OWNER_CHANGE_NEEDS_TRANSFER,
@@ -229,6 +232,27 @@ def _item_result(item: _Item, result: EnrollResult) -> BatchItemResult:
 class RevocationLookup(Protocol):
     async def revocation_of(self, sha256_thumbprint: str) -> Revocation | None: ...
 
+    async def revoked_among(self, sha256_thumbprints: Sequence[str]) -> set[str]: ...
+
+    async def enforce(self, device_id: str) -> None:
+        """A revoked certificate of the device was written to DPS: have its revocation steps run again."""
+        ...
+
+
+def revoked_error(
+    sha256_thumbprint: str, revocation: Revocation | None, field_prefix: str = ""
+) -> DomainError:
+    """CERTIFICATE_REVOKED for the certificate with this thumbprint."""
+    when = f" ({revocation.reason.value}, {revocation.time.isoformat()})" if revocation is not None else ""
+    metadata = {"sha256_thumbprint": sha256_thumbprint}
+    if revocation is not None:
+        metadata["revocation_reason"] = revocation.reason.value
+    return FailedPrecondition(
+        "CERTIFICATE_REVOKED",
+        f"{field_prefix}certificate_pem was revoked{when}; mint a new certificate",
+        metadata=metadata,
+    )
+
 
 class EnrollmentService:
     def __init__(
@@ -292,15 +316,16 @@ class EnrollmentService:
             return
         revocation = await self._revocations.revocation_of(linted.sha256_thumbprint)
         if revocation is not None:
-            raise FailedPrecondition(
-                "CERTIFICATE_REVOKED",
-                f"{field_prefix}certificate_pem was revoked ({revocation.reason.value}, "
-                f"{revocation.time.isoformat()}); mint a new certificate",
-                metadata={
-                    "sha256_thumbprint": linted.sha256_thumbprint,
-                    "revocation_reason": revocation.reason.value,
-                },
-            )
+            raise revoked_error(linted.sha256_thumbprint, revocation, field_prefix)
+
+    async def _revoked_since(self, linted: LintedCertificate) -> None:
+        """After a DPS write of the certificate: revoked meanwhile -> enforced again, CERTIFICATE_REVOKED."""
+        if self._revocations is None:
+            return
+        revocation = await self._revocations.revocation_of(linted.sha256_thumbprint)
+        if revocation is not None:
+            await self._revocations.enforce(linted.device_id)
+            raise revoked_error(linted.sha256_thumbprint, revocation)
 
     def _result(
         self, linted: LintedCertificate, outcome: EnrollOutcome, delivery: Delivery, code: NewCode | None
@@ -374,6 +399,7 @@ class EnrollmentService:
                 except CloudRejected as exc:
                     raise _refused(exc) from exc
                 crash_point("enroll.after_dps_write")
+                await self._revoked_since(linted)
                 log.info("enrolled (disabled)", extra={"sha256": linted.sha256_thumbprint})
                 return self._result(linted, EnrollOutcome.CREATED, Delivery.LIVE, fresh)
             enrolled = enrolled_sha256(existing)
@@ -413,6 +439,7 @@ class EnrollmentService:
                 )
             )
             await self._codes.supersede(linted.device_id, code_id(fresh[1]))
+            await self._revoked_since(linted)
             log.info("enrollment replaced", extra={"sha256": linted.sha256_thumbprint})
             return self._result(linted, EnrollOutcome.REPLACED, Delivery.LIVE, fresh)
         raise Aborted(
@@ -584,10 +611,21 @@ class EnrollmentService:
                 return [_error_item(item.index, item.linted.device_id, _refused(exc)) for item in part]
         crash_point("enroll.after_dps_write")
         failed = {e.registration_id.lower(): e.error for e in errors}
+        revoked = await self._revoked_among(
+            [item.linted for item in part if item.linted.device_id not in failed]
+        )
         results = []
         for item, code in zip(part, codes, strict=True):
             error = failed.get(item.linted.device_id)
-            if error is None:
+            if item.linted.sha256_thumbprint in revoked:
+                results.append(
+                    _error_item(
+                        item.index,
+                        item.linted.device_id,
+                        revoked_error(item.linted.sha256_thumbprint, None, f"items[{item.index}]."),
+                    )
+                )
+            elif error is None:
                 created = self._result(item.linted, EnrollOutcome.CREATED, Delivery.LIVE, code)
                 results.append(_item_result(item, created))
             elif isinstance(error, CloudAlreadyExists):
@@ -595,6 +633,16 @@ class EnrollmentService:
             else:
                 results.append(_error_item(item.index, item.linted.device_id, _refused(error)))
         return results
+
+    async def _revoked_among(self, written: Sequence[LintedCertificate]) -> set[str]:
+        """After a bulk DPS write: the certificates revoked meanwhile (each one's revocation enforced)."""
+        if self._revocations is None or not written:
+            return set()
+        revoked = await self._revocations.revoked_among([linted.sha256_thumbprint for linted in written])
+        for linted in written:
+            if linted.sha256_thumbprint in revoked:
+                await self._revocations.enforce(linted.device_id)
+        return revoked
 
     async def _enroll_item(self, item: _Item, code: NewCode) -> BatchItemResult:
         """One batch item on the single-record path (live, else queued), or its error."""
