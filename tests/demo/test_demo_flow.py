@@ -108,6 +108,10 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | Non
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"process ended ({proc.returncode}) while waiting for {what}")
         time.sleep(0.2)
+    if proc is not None:  # say what the process was doing
+        proc.kill()
+        output, _ = proc.communicate(timeout=30)
+        raise AssertionError(f"timed out waiting for {what}; the process printed:\n{output[-8000:]}")
     raise AssertionError(f"timed out waiting for {what}")
 
 
