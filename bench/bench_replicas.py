@@ -212,19 +212,20 @@ async def _mint_configuration(
             )
             for _proc, port in servers
         ]
-        before = [_cpu(proc.pid) for proc, _port in servers]
-        database_before = _cluster_cpu(cluster_dir)
+        meter = CpuMeter([proc.pid for proc, _port in servers], cluster_dir)
         outputs = await asyncio.gather(*(c.communicate() for c in clients))
-        server_cpu = [_cpu(proc.pid) - cpu for (proc, _port), cpu in zip(servers, before, strict=True)]
-        database_cpu = _cluster_cpu(cluster_dir) - database_before
-    results = [json.loads(out.decode().strip().splitlines()[-1]) for out, _err in outputs]
-    total = sum(r["all"] for r in results)
+        results = [json.loads(out.decode().strip().splitlines()[-1]) for out, _err in outputs]
+        total = sum(r["all"] for r in results)
+        cpu = meter.stop(total)
     return {
         "rate": sum(r["rate"] for r in results),
         "errors": sum(r["errors"] for r in results),
-        "server_cpu_ms": [cpu / max(1, r["all"]) * 1000 for cpu, r in zip(server_cpu, results, strict=True)],
+        # each replica's CPU over the certificates its own client got
+        "server_cpu_ms": [
+            ms * total / max(1, r["all"]) for ms, r in zip(cpu["replicas"], results, strict=True)
+        ],
         "client_cpu_ms": sum(r["client_cpu_ms"] * r["all"] for r in results) / max(1, total),
-        "database_cpu_ms": database_cpu / max(1, total) * 1000,
+        "database_cpu_ms": cpu["database"],
     }
 
 
