@@ -175,8 +175,12 @@ async def test_a_client_retries_its_unanswered_request_id_on_the_other_replica(
 ):
     """An MES client's EnrollBatch (request id ``batch-7``) whose replica dies after the DPS write is
     retried on B with the same id: B answers every device with the code A made and retained (nothing
-    written to DPS twice), and a later replay of ``batch-7`` answers the same."""
-    env = factory_env(tmp_path, emulator, FACTORY_DATABASE_URL=postgres_url)
+    written to DPS twice), and a later replay of ``batch-7`` answers the same.  Where replicas reserve a
+    request id before the work, B takes dead A's reservation over once its lease has run out (a short one
+    here, so the test does not wait the default)."""
+    env = factory_env(
+        tmp_path, emulator, FACTORY_DATABASE_URL=postgres_url, FACTORY_REQUESTS_LEASE_SECONDS="2"
+    )
     async with _replicas(env, tmp_path, crash_at="enroll.after_dps_write@2") as (a, b, _front):
         minted = await _mint_files(b, tmp_path / "certs", 20)
         items = [fpb.EnrollBatchItem(device_id=d, certificate_pem=pem) for d, pem in minted]
