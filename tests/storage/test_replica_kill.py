@@ -99,10 +99,14 @@ async def _minted(factory: FactoryProcess, folder: Path, count: int) -> list[str
     return sorted(d for d, _ in await _mint_files(factory, folder, count))
 
 
+def _csv_rows(codes: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(codes.read_text().splitlines()))
+
+
 def _codes_handed_out(codes: Path) -> dict[str, set[str]]:
     """Every code the codes file received, by device (empty rows: answered without a code)."""
     out: dict[str, set[str]] = {}
-    for row in csv.DictReader(codes.read_text().splitlines()):
+    for row in _csv_rows(codes):
         if row["activation_code"]:
             out.setdefault(row["device_id"], set()).add(row["activation_code"])
     return out
@@ -154,8 +158,14 @@ async def test_a_replica_killed_after_a_chunk_reached_dps_the_batch_finishes_on_
         status, err = await b.batch(tmp_path / "certs", codes, "--chunk", "20", target=front)
         assert status == 0, err
         assert "not answered" not in err and "no code in the file" not in err
-        outcomes = [row["outcome"] for row in csv.DictReader(codes.read_text().splitlines())][20:]
-        assert outcomes.count("CREATED") <= 20 and set(outcomes) <= {"CREATED", "UNCHANGED"}
+        rerun = [(r["outcome"], bool(r["activation_code"])) for r in _csv_rows(codes)][20:]
+        assert rerun[:20] == [("UNCHANGED", False)] * 20  # answered by A, on disk, acknowledged
+        crashed = rerun[20:40]  # A wrote at least the bulk it died after; B hands out the codes A retained
+        assert crashed.count(("UNCHANGED", True)) >= 10 and set(crashed) <= {
+            ("UNCHANGED", True),
+            ("CREATED", True),
+        }
+        assert rerun[40:] == [("CREATED", True)] * 20  # never reached A
 
         handed = await _enrolled_once_with_one_code(emulator, codes, devices)
         _nothing_duplicated(postgres_url, devices)
