@@ -152,7 +152,8 @@ async def test_a_replica_killed_after_a_chunk_reached_dps_the_batch_finishes_on_
         devices = await _minted(b, tmp_path / "certs", 60)
         codes = tmp_path / "codes.csv"
         status, err = await a.batch(tmp_path / "certs", codes, "--chunk", "20")
-        assert status == EXIT_UNREACHABLE and await a.killed() == -signal.SIGKILL, err
+        assert status == EXIT_UNREACHABLE, f"{err}\nreplica A's log ends:\n{a.log_tail()}"
+        assert await a.killed() == -signal.SIGKILL
         assert "not answered (40)" in err and len(read_codes(codes)) == 20
 
         status, err = await b.batch(tmp_path / "certs", codes, "--chunk", "20", target=front)
