@@ -218,11 +218,11 @@ async def test_a_client_retries_its_unanswered_request_id_on_the_other_replica(
     assert {r.response.outcome for r in answer.results} == {fpb.ENROLL_OUTCOME_UNCHANGED}
 
 
-async def _wait_until(what: str, check, timeout: float = 120.0) -> None:
+async def _wait_until(what: str, check, timeout: float = 120.0, detail=lambda: "") -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not await asyncio.to_thread(check):
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not reached in {timeout:.0f} s: {what}")
+            raise AssertionError(f"not reached in {timeout:.0f} s: {what}\n{detail()}")
         await asyncio.sleep(0.05)
 
 
@@ -233,7 +233,8 @@ async def test_a_replica_killed_while_its_outbox_delivers_the_other_delivers_eve
     """DPS down: 80 enrollments queued through A.  DPS back: both replicas' outboxes deliver; A dies
     right after one of its deliveries reached DPS, before marking it (``outbox.after_dps_write@5``), or at
     a random moment of the delivery (SIGKILL).  A's claim dies with its connection: B delivers that entry
-    (recognising A's write) and every other one, exactly once."""
+    (recognising A's write) and every other one, exactly once in effect: each device enrolled in DPS once,
+    with the code the codes file holds."""
     emulator, settings = stopped_emulator(tmp_path)
     env = {**settings, "FACTORY_DATABASE_URL": postgres_url}
     crash_at = "outbox.after_dps_write@5" if kill == "crash-point" else ""
@@ -255,14 +256,20 @@ async def test_a_replica_killed_while_its_outbox_delivers_the_other_delivers_eve
                     f"{moment} delivered", lambda: _rows(postgres_url, delivered)[0][0] >= moment
                 )
                 assert await a.kill() == -signal.SIGKILL
-            await _wait_until("all delivered", lambda: _rows(postgres_url, delivered) == [(80,)])
+            await _wait_until(
+                "all delivered",
+                lambda: _rows(postgres_url, delivered) == [(80,)],
+                detail=lambda: f"replica B's log ends:\n{b.log_tail()}",
+            )
             assert b.process is not None and b.process.returncode is None
         rows = _rows(postgres_url, "SELECT device_id, state, outcome FROM outbox ORDER BY seq")
         assert sorted(d for d, _, _ in rows) == devices and {s for _, s, _ in rows} == {"delivered"}
         outcomes = [o for _, _, o in rows]
+        # "already-applied": a delivery that found its entry's write in DPS (made by A before it died; or by
+        # an attempt whose answer was lost, on a loaded machine) and marked it without writing again
         recognised = outcomes.count("already-applied")
         assert outcomes.count("created") == 80 - recognised
-        assert recognised == 1 if kill == "crash-point" else recognised <= 1
+        assert recognised >= (1 if kill == "crash-point" else 0)
         await _enrolled_once_with_one_code(emulator, codes, devices)
         _nothing_duplicated(postgres_url, devices)
     finally:
