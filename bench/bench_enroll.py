@@ -81,7 +81,7 @@ def _cpu_fields(meter: CpuMeter, created: int) -> dict[str, float]:
     return {"cpu_self_ms": 1000 * own / per, "cpu_emulator_ms": 1000 * emulator / per}
 
 
-def _issue(ca, count: int) -> list[tuple[str, str]]:
+def issue_certificates(ca, count: int) -> list[tuple[str, str]]:
     """(device id, certificate PEM) pairs signed by the factory's issuing CA, one shared key; the ids are
     fresh GUIDs, as on the labels."""
     from cryptography import x509
@@ -130,7 +130,7 @@ async def _phase(root: Path, emu, log2_n: int, tag: str = "") -> dict[str, float
         FACTORY_LOG_LEVEL="WARNING",
     )
     async with running_factory(env) as (app, stub):
-        devices = await asyncio.to_thread(_issue, app.ca, WARMUP_DEVICES + DEVICES_PER_PHASE)
+        devices = await asyncio.to_thread(issue_certificates, app.ca, WARMUP_DEVICES + DEVICES_PER_PHASE)
         warmup, devices = devices[:WARMUP_DEVICES], devices[WARMUP_DEVICES:]
         calls = [devices[n : n + CALL_SIZE] for n in range(0, len(devices), CALL_SIZE)]
         gate = asyncio.Semaphore(CONCURRENT_CALLS)
@@ -186,7 +186,7 @@ async def _raw_bulk(root: Path, emu, tag: str = "") -> dict[str, float]:
     conn = str(Path(emu.data_dir) / "connection.json")
     cloud = load_cloud_settings(SettingsSource("BENCH", env={"BENCH_CLOUD_EMULATOR_CONNECTION_FILE": conn}))
     ca = open_dev_ca(root / f"raw-ca{tag}", lambda: datetime.now(UTC))
-    devices = await asyncio.to_thread(_issue, ca, DEVICES_PER_PHASE)
+    devices = await asyncio.to_thread(issue_certificates, ca, DEVICES_PER_PHASE)
     bodies = [Enrollment(d, X509Attestation(c), ProvisioningStatus.DISABLED, device_id=d) for d, c in devices]
     dps = await DpsEnrollments.open(cloud.dps)
     gate = asyncio.Semaphore(CONCURRENT_CALLS * 8)

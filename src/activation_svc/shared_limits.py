@@ -15,6 +15,8 @@ Tables (the audit store's schema version 3, ``MIGRATION``, on both backends; onl
 
 API: :class:`FailureLimits` (the port the service uses), :class:`MemoryLimits` (the in-memory limiter
 behind it), :class:`DatabaseLimits` (these tables), :func:`failure_limits` (the one for a database).
+The portal's per-address limit (``activation_svc.portal.app``, device ``*``: over all devices) goes through
+the same port, on these tables when the service's database is PostgreSQL.
 """
 
 from __future__ import annotations
@@ -269,15 +271,16 @@ class DatabaseLimits:
 
 
 def failure_limits(
-    db: Database,
+    db: Database | None,
     *,
     clock: Callable[[], datetime],
     free_failures: int,
-    device_ceiling: int,
-    window: timedelta,
+    device_ceiling: int | None,
+    window: timedelta = Rules.window,
 ) -> FailureLimits:
-    """The limits for a service on ``db``: in the database on PostgreSQL (replicas), else in memory."""
-    if db.backend is Backend.POSTGRESQL:
+    """The limits for a program on ``db``: in the database on PostgreSQL (replicas), else (SQLite, or no
+    database: the portal beside a service on SQLite) in memory."""
+    if db is not None and db.backend is Backend.POSTGRESQL:
         return DatabaseLimits(db, clock=clock, rules=Rules(free_failures, device_ceiling, window))
     return MemoryLimits(
         AttemptLimiter(clock=clock, free_failures=free_failures, device_ceiling=device_ceiling, window=window)

@@ -35,6 +35,7 @@ from factory_svc.minting import MintingService
 from factory_svc.model import CsrKey, IssuedCertificate, MintRequest, ServerKey
 from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.errors import DomainError, ErrorKind, invalid_field
+from provkit.faults import crash_point
 from provkit.idempotency import RequestIdReused, check_request_id, fingerprint
 
 MAX_LOT_ITEMS = 100_000
@@ -210,6 +211,7 @@ class LotService:
         """Commit a prepared chunk's new certificates with the lot's items; then (only then) its answers."""
         if prepared.fresh:
             await self._ledger.record_lot_items(lot.header.lot_id, prepared.fresh)
+            crash_point("lot.after_commit")  # committed, not answered: the resumed lot replays it
             for entry in prepared.fresh:
                 lot.issued[entry.index] = entry
         answered: list[LotItemResult] = []

@@ -205,9 +205,14 @@ def database_url(source: SettingsSource, data_dir: Path) -> DatabaseUrl:
     """Where the service keeps its state: ``database_url`` (a secret, as it may hold a password; also read
     from ``<PREFIX>_DATABASE_URL_FILE``) = ``postgresql://user:password@host:port/database`` or
     ``sqlite:///<directory>``; default ``sqlite:///<data_dir>`` (the SQLite files in the data directory)."""
+    return database_url_set(source) or DatabaseUrl.sqlite(data_dir)
+
+
+def database_url_set(source: SettingsSource) -> DatabaseUrl | None:
+    """``database_url`` as :func:`database_url` reads it, or None when it is not set."""
     secret = source.secret("database_url")
     if secret is None:
-        return DatabaseUrl.sqlite(data_dir)
+        return None
     try:
         return DatabaseUrl.parse(secret.reveal().strip())
     except UrlError as exc:

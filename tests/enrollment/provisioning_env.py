@@ -18,6 +18,7 @@ from azure.iot.device import X509
 from azure.iot.device.aio import IoTHubDeviceClient, ProvisioningDeviceClient
 from azure.iot.device.exceptions import ClientError, CredentialError
 from support.dps_device import register_once
+from support.emulator import EmulatorProcess
 from support.parties import FACTORY_URI, party
 
 from activation_svc.app import ActivationApp
@@ -53,6 +54,16 @@ def factory_env(tmp_path: Path, emulator, **extra: str) -> dict[str, str]:
         "FACTORY_ENROLL_CODE_HASH_LOG2_N": "8",
         **extra,
     }
+
+
+def stopped_emulator(tmp_path) -> tuple[EmulatorProcess, dict[str, str]]:
+    """An emulator that ran once (its keys and CA persist) and is now down, and the factory settings that
+    point at a saved copy of its connection facts (the emulator removes connection.json when it stops)."""
+    emulator = EmulatorProcess(tmp_path / "emulator", hubs=1).start()
+    saved = tmp_path / "cloud-connection.json"
+    saved.write_text(connection_file(emulator).read_text())
+    emulator.stop()
+    return emulator, {**factory_env(tmp_path, emulator), "FACTORY_CLOUD_EMULATOR_CONNECTION_FILE": str(saved)}
 
 
 @contextlib.asynccontextmanager
@@ -269,6 +280,17 @@ async def dps_enrollment(emulator, device_id: str) -> dict | None:
             return await client.enrollment.get(id=device_id)
         except ResourceNotFoundError:
             return None
+
+
+async def dps_enrollment_list(emulator) -> list[dict]:
+    """Every individual enrollment DPS holds (its query API, all pages)."""
+    from azure.iot.deviceprovisioning.aio import DeviceProvisioningClient
+
+    async with DeviceProvisioningClient.from_connection_string(
+        emulator.dps_connection_string, connection_verify=str(emulator.ca_path)
+    ) as client:
+        pager = await client.enrollment.query(query_specification={"query": "*"})
+        return [item async for item in pager]
 
 
 def activate_request(device_id: str, code: str, metadata: str, hub: str = "", request_id: str = ""):

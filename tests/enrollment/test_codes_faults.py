@@ -5,79 +5,28 @@ and once the labels are acknowledged the factory keeps no code, only the hashes 
 
 from __future__ import annotations
 
-import asyncio
 import csv
-import os
 import signal
 import sqlite3
-import sys
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from provisioning_env import dps_enrollment, factory_env, mint
-from support.cli_process import run_module, wait_serving
-from support.emulator import free_port
-from test_enroll_outbox_emulator import stopped_emulator, wait_state
+from provisioning_env import dps_enrollment, factory_env, mint, stopped_emulator
+from support.factory_process import FactoryProcess
+from test_enroll_outbox_emulator import wait_state
 
 from devprov.v1 import factory_service_pb2 as pb
-from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.enrollment.codes_file import read_codes
 from provkit.activation_code import verify_code
-from provkit.channels import ChannelSecurity, create_channel
-from provkit.faults import CRASH_ENV
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 
 EXIT_UNREACHABLE = 3
 
 
-class Factory:
-    """factory_svc as a real process (``factory-svc serve``) on its own port, restartable on one data dir."""
-
-    def __init__(self, settings: dict[str, str], log: Path) -> None:
-        self.port = free_port("127.0.0.1")
-        self.target = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, **settings, "FACTORY_SERVER_PORT": str(self.port)}
-        self.env.pop(CRASH_ENV, None)
-        self.log = log
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self, crash_at: str = "") -> None:
-        env = {**self.env, CRASH_ENV: crash_at} if crash_at else self.env
-        with self.log.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "factory_svc.cli", "serve", env=env, stdout=log, stderr=log
-            )
-        await wait_serving(self.target, ChannelSecurity(insecure=True), "factory-svc serve")
-
-    async def killed(self) -> int:
-        """Wait for the process to end (it kills itself at its crash point); its exit status."""
-        assert self.process is not None
-        return await asyncio.wait_for(self.process.wait(), 120)
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(self.process.wait(), 30)
-
-    @asynccontextmanager
-    async def stub(self) -> AsyncIterator[pb_grpc.FactoryServiceStub]:
-        async with create_channel(self.target, ChannelSecurity(insecure=True)) as channel:
-            yield pb_grpc.FactoryServiceStub(channel)
-
-    async def batch(self, certs: Path, codes: Path, *extra: str, crash_at: str = "") -> tuple[int, str]:
-        env = {**self.env, "FACTORY_CLIENT_INSECURE": "true", "FACTORY_CLIENT_TARGET": self.target}
-        if crash_at:
-            env[CRASH_ENV] = crash_at
-        code, _out, err = await run_module(
-            "factory_svc.cli", "enroll-batch", "--dir", str(certs), "--codes-out", str(codes), *extra,
-            env=env, timeout=180,
-        )  # fmt: skip
-        return code, err
-
+class Factory(FactoryProcess):
     def retained(self) -> int:
         with sqlite3.connect(Path(self.env["FACTORY_DATA_DIR"]) / "enrollments.sqlite3") as db:
             return int(db.execute("SELECT count(*) FROM retained_codes").fetchone()[0])

@@ -14,9 +14,16 @@ from collections.abc import AsyncIterator
 from dataclasses import replace as dc_replace
 from datetime import UTC, datetime
 
-from provisioning_env import connection_file, dps_enrollment, factory_env, mint, running_factory
+from provisioning_env import (
+    connection_file,
+    dps_enrollment,
+    factory_env,
+    mint,
+    running_factory,
+    stopped_emulator,
+)
 from support.cli_process import wait_serving
-from support.emulator import EmulatorProcess, free_port
+from support.emulator import free_port
 
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
@@ -33,16 +40,6 @@ from provkit.settings import SettingsSource
 
 def new_id() -> str:
     return str(uuid.uuid4())
-
-
-def stopped_emulator(tmp_path) -> tuple[EmulatorProcess, dict[str, str]]:
-    """An emulator that ran once (its keys and CA persist) and is now down, and the factory settings that
-    point at a saved copy of its connection facts (the emulator removes connection.json when it stops)."""
-    emulator = EmulatorProcess(tmp_path / "emulator", hubs=1).start()
-    saved = tmp_path / "cloud-connection.json"
-    saved.write_text(connection_file(emulator).read_text())
-    emulator.stop()
-    return emulator, {**factory_env(tmp_path, emulator), "FACTORY_CLOUD_EMULATOR_CONNECTION_FILE": str(saved)}
 
 
 async def wait_state(

@@ -65,3 +65,15 @@ def test_settings_from_the_environment_and_the_shared_toml_file(tmp_path, monkey
     assert "SharedAccessKey" not in repr(settings)  # only the hub names are kept
     env = {"ACTIVATION_PORTAL_CONFIG": str(config), "ACTIVATION_PORTAL_PORT": "9000"}
     assert load_portal_settings(env=env).port == 9000  # the environment wins
+
+
+def test_the_limits_are_shared_through_the_services_database_only_when_it_is_postgresql(tmp_path):
+    base = {"ACTIVATION_PORTAL_INSECURE": "true"}
+    assert load_portal_settings(env=base).limits_database is None  # in this process
+    sqlite = {**base, "ACTIVATION_DATABASE_URL": f"sqlite:///{tmp_path}"}
+    assert load_portal_settings(env=sqlite).limits_database is None  # one process beside one service
+    url = "postgresql://activation:secret@db.example:5432/activation"
+    shared = load_portal_settings(env={**base, "ACTIVATION_DATABASE_URL": url}).limits_database
+    assert shared is not None and "secret" not in shared.redacted()
+    with pytest.raises(SettingsError, match="ACTIVATION_DATABASE_URL"):
+        load_portal_settings(env={**base, "ACTIVATION_DATABASE_URL": "mysql://x/y"})

@@ -50,3 +50,16 @@ async def test_serve_refuses_until_migrated_and_migrate_is_repeatable(
         conn.execute("UPDATE schema_versions SET version = version + 1 WHERE store = %s", (stores[0],))
     code, out, err = await run_module(module, "migrate", env=env)
     assert code == 2 and "newer than version" in err
+
+
+async def test_the_portal_beside_a_service_on_postgresql_refuses_an_unmigrated_database(postgres_url):
+    """The portal keeps its per-address limits in the service's database: it checks the schema too."""
+    env = {
+        **os.environ,
+        "ACTIVATION_DATABASE_URL": postgres_url,
+        "ACTIVATION_PORTAL_INSECURE": "true",
+        "ACTIVATION_PORTAL_PORT": "0",
+    }
+    code, out, err = await run_module("activation_svc", "portal", env=env)
+    assert code == 2, (out, err)
+    assert "run this service's `migrate` command" in err and urlsplit(postgres_url).password not in err + out

@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 
 import grpc
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from enrollment.provisioning_env import (
     OemTls,
     activate_request,
@@ -22,8 +23,11 @@ from enrollment.provisioning_env import (
     running_activation,
     running_factory,
 )
+from portal.portal_env import activate_form, hidden_fields, portal_env
 
 from activation_svc.audit import AuditLog
+from activation_svc.portal.app import create_app
+from activation_svc.portal.settings import load_portal_settings
 from dbstore import DatabaseUrl
 from devprov.v1 import activation_service_pb2 as apb
 from devprov.v1 import factory_service_pb2 as fpb
@@ -46,6 +50,23 @@ async def factory_on(stack: AsyncExitStack, tmp_path, emulator, postgres_url: st
     env = factory_env(tmp_path, emulator, FACTORY_DATABASE_URL=postgres_url)
     _app, stub = await stack.enter_async_context(running_factory(env))
     return stub
+
+
+async def activation_replicas(
+    stack: AsyncExitStack, tmp_path, emulator, postgres_url: str, tls: OemTls, extra: dict
+):
+    """A factory replica and two activation replicas (mTLS with ``tls``) on the database, with ``extra``
+    settings, and a device enrolled through the factory: (factory stub, [(app, stub)], device, its code)."""
+    factory = await factory_on(stack, tmp_path, emulator, postgres_url)
+    replicas = [
+        await stack.enter_async_context(
+            running_activation(activation_env(tmp_path / f"r{i}", emulator, tls, **extra), tls)
+        )
+        for i in range(2)
+    ]
+    device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
+    enroll = fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
+    return factory, replicas, device, (await factory.Enroll(enroll)).activation_code
 
 
 async def test_two_factory_replicas_enroll_one_batch_at_once(tmp_path, emulator, postgres_url):
@@ -93,16 +114,9 @@ async def test_two_activation_replicas_count_wrong_codes_exactly_and_one_activat
     tls = OemTls.create(tmp_path / "tls")
     extra = {"ACTIVATION_DATABASE_URL": postgres_url, "ACTIVATION_LIMITS_MAX_FAILURES": "3"}
     async with AsyncExitStack() as stack:
-        factory = await factory_on(stack, tmp_path, emulator, postgres_url)
-        replicas = [
-            await stack.enter_async_context(
-                running_activation(activation_env(tmp_path / f"r{i}", emulator, tls, **extra), tls)
-            )
-            for i in range(2)
-        ]
-        device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
-        enroll = fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
-        code = (await factory.Enroll(enroll)).activation_code
+        factory, replicas, device, code = await activation_replicas(
+            stack, tmp_path, emulator, postgres_url, tls, extra
+        )
 
         # wrong codes from both replicas at once: exactly 3 checked (denied), the rest refused
         async def wrong(stub, attempt: str = "AAAA-AAAA-AAAA-AAAA") -> grpc.StatusCode:
@@ -190,3 +204,43 @@ async def test_a_replica_killed_mid_activation_is_finished_by_the_other(tmp_path
         # the caller's retry (A never answered it) finds the change done: nothing written twice
         retry = await stub_b.Activate(activate_request(device.device_id, code, METADATA, request_id="r-1"))
         assert retry.path == apb.ACTIVATION_PATH_UNCHANGED
+
+
+async def test_two_portal_replicas_count_wrong_codes_from_one_address_exactly(
+    tmp_path, emulator, postgres_url
+):
+    """Two portals, each in front of its own activation replica, beside a service on PostgreSQL: wrong codes
+    from one client address sent to both at once are checked exactly as often as the portal's per-address
+    limit says, in all (the counts are rows in the service's database); the rest are refused by the
+    portals (429) and never reach the service."""
+    tls = OemTls.create(tmp_path / "tls")
+    extra = {"ACTIVATION_DATABASE_URL": postgres_url, "ACTIVATION_LIMITS_MAX_FAILURES": "20"}
+    async with AsyncExitStack() as stack:
+        _factory, replicas, device, code = await activation_replicas(
+            stack, tmp_path, emulator, postgres_url, tls, extra
+        )
+        portals = []
+        for app, _stub in replicas:
+            settings = load_portal_settings(
+                env=portal_env(
+                    app.grpc_address,
+                    tls,
+                    emulator,
+                    ACTIVATION_DATABASE_URL=postgres_url,
+                    ACTIVATION_PORTAL_MAX_FAILURES_PER_ADDRESS="3",
+                )
+            )
+            assert settings.limits_database is not None
+            portals.append(await stack.enter_async_context(TestClient(TestServer(create_app(settings)))))
+
+        async def post(n: int, attempt: str) -> int:
+            portal = portals[n % 2]
+            hidden = hidden_fields(await (await portal.get("/")).text())
+            form = activate_form(hidden, device.device_id, attempt, METADATA)
+            return (await portal.post("/activate", data=form)).status
+
+        statuses = await asyncio.gather(*(post(n, "AAAA-AAAA-AAAA-AAAA") for n in range(10)))
+        assert sorted(statuses) == [403] * 3 + [429] * 7
+        audit = replicas[0][0].audit
+        assert [e.outcome for e in await audit.entries(device.device_id)].count("denied") == 3
+        assert [await post(n, code) for n in range(2)] == [429, 429]  # this address waits, on both portals

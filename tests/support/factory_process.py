@@ -41,7 +41,15 @@ class FactoryProcess:
     async def killed(self) -> int:
         """Wait for the process to end (it kills itself at its crash point); its exit status."""
         assert self.process is not None
-        return await asyncio.wait_for(self.process.wait(), 120)
+        try:
+            return await asyncio.wait_for(self.process.wait(), 120)
+        except TimeoutError:
+            raise AssertionError(
+                f"factory-svc still runs after 120 s; its log ends:\n{self.log_tail()}"
+            ) from None
+
+    def log_tail(self, size: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-size:] if self.log.exists() else "(no log)"
 
     async def kill(self) -> int:
         """kill -9 now (no shutdown, nothing flushed); its exit status."""

@@ -1,4 +1,5 @@
-"""The activation portal: an aiohttp app that is only a gRPC client of ActivationService.
+"""The activation portal: an aiohttp app that is a gRPC client of ActivationService (and nothing else, but
+for the per-address limits it keeps in the service's database when that is PostgreSQL: see below).
 
 API
 ---
@@ -12,10 +13,13 @@ API
     ``.metrics_url``: its ``/metrics`` when configured, ``async .stop()``).
 ``async serve(settings, *, on_started=None)``       start, print nothing, wait for SIGINT/SIGTERM, stop.
 
-Wrong activation codes are limited per client address here too (``activation_svc.ratelimit``, over all
-devices, growing back-off): past the limit the person gets the form again with a sentence saying when to
-try again (HTTP 429, ``Retry-After``), and nothing is sent to the service.  The portal names the address to
-the service (``x-devprov-on-behalf-of``) so the service counts each web user's failures on their own.
+Wrong activation codes are limited per client address here too (``activation_svc.ratelimit``'s rules, over
+all devices, growing back-off): past the limit the person gets the form again with a sentence saying when to
+try again (HTTP 429, ``Retry-After``), and nothing is sent to the service.  The counts are this process's,
+or, when the service's database is PostgreSQL (``settings.limits_database``), rows in it that every portal
+replica shares (``activation_svc.shared_limits``), so the limit holds exactly across replicas.  The portal
+names the address to the service (``x-devprov-on-behalf-of``) so the service counts each web user's
+failures on their own.
 
 Routes: ``GET /`` activate form; ``POST /activate`` -> result page or the form again with the service's
 error; ``GET /status[?device_id=]`` status form; ``POST /status`` -> status page; ``GET /static/portal.css``,
@@ -40,12 +44,14 @@ from aiohttp.typedefs import Handler
 from google.protobuf import timestamp_pb2
 from opentelemetry import propagate, trace
 
+from activation_svc.audit import AuditLog
 from activation_svc.portal import pages
 from activation_svc.portal.assets import ASSETS
 from activation_svc.portal.errors import FieldProblem, ServiceProblem, describe
 from activation_svc.portal.security import CSRF_FIELD, Csrf, add_headers, host_allowed
 from activation_svc.portal.settings import PortalSettings
-from activation_svc.ratelimit import Attempt, AttemptLimiter, AttemptsExhausted
+from activation_svc.ratelimit import AttemptsExhausted
+from activation_svc.shared_limits import FailureLimits, Slot, failure_limits
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
 from provkit.channels import create_channel, request_metadata
@@ -61,7 +67,7 @@ log = logging.getLogger("activation_svc.portal")
 SETTINGS = web.AppKey("settings", PortalSettings)
 STUB = web.AppKey("stub", pb_grpc.ActivationServiceStub)
 CSRF = web.AppKey("csrf", Csrf)
-LIMITER = web.AppKey("limiter", AttemptLimiter)
+LIMITS = web.AppKey[FailureLimits]("limits")
 _ALL_DEVICES = "*"  # the portal's limit is per address over all devices
 
 _LIMITS = {
@@ -98,10 +104,10 @@ def _address(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
-async def _begin(request: web.Request) -> Attempt | ServiceProblem:
+async def _begin(request: web.Request) -> Slot | ServiceProblem:
     """One code check for this client address, or the problem to show (too many wrong codes)."""
     try:
-        return await request.app[LIMITER].begin(_address(request), _ALL_DEVICES)
+        return await request.app[LIMITS].begin(_address(request), _ALL_DEVICES)
     except AttemptsExhausted as exc:
         wait = max(1, round(exc.retry_after))
         log.warning("portal rate limit", extra={"client": _address(request), "retry_after": wait})
@@ -117,12 +123,12 @@ async def _begin(request: web.Request) -> Attempt | ServiceProblem:
         )
 
 
-def _settle(attempt: Attempt, problem: ServiceProblem | None) -> None:
+async def _settle(attempt: Slot, problem: ServiceProblem | None) -> None:
     """A wrong code (or unknown device) counts against the address; anything else does not."""
     if problem is None:
-        attempt.succeeded()
+        await attempt.succeeded()
     elif problem.reason == "ACTIVATION_DENIED":
-        attempt.failed()
+        await attempt.failed()
 
 
 def _with_retry(response: web.Response, problem: ServiceProblem) -> web.Response:
@@ -191,7 +197,7 @@ async def activate(request: web.Request) -> web.Response:
     attempt = await _begin(request)
     if isinstance(attempt, ServiceProblem):
         return _with_retry(again(attempt.http_status, problem=attempt), attempt)
-    with attempt:
+    try:
         try:
             reply = await request.app[STUB].Activate(
                 pb.ActivateRequest(
@@ -206,10 +212,12 @@ async def activate(request: web.Request) -> web.Response:
             )
         except grpc.aio.AioRpcError as exc:
             problem = describe(error_details(exc))
-            _settle(attempt, problem)
+            await _settle(attempt, problem)
             log.info("activation refused", extra={"code": problem.code, "reason": problem.reason})
             return _with_retry(again(problem.http_status, problem=problem), problem)
-        _settle(attempt, None)
+        await _settle(attempt, None)
+    finally:
+        await attempt.release()
     view = pages.ActivationView(
         device_id=reply.device_id,
         hub=reply.hub,
@@ -250,7 +258,7 @@ async def status(request: web.Request) -> web.Response:
     if isinstance(attempt, ServiceProblem):
         page = pages.status_form_page(pages.StatusForm(device_id, problem=attempt), token)
         return _with_retry(_html(page, attempt.http_status, (csrf, fresh)), attempt)
-    with attempt:
+    try:
         try:
             reply = await request.app[STUB].GetDeviceStatus(
                 pb.GetDeviceStatusRequest(
@@ -261,10 +269,12 @@ async def status(request: web.Request) -> web.Response:
             )
         except grpc.aio.AioRpcError as exc:
             problem = describe(error_details(exc), "No status")
-            _settle(attempt, problem)
+            await _settle(attempt, problem)
             page = pages.status_form_page(pages.StatusForm(device_id, problem=problem), token)
             return _with_retry(_html(page, problem.http_status, (csrf, fresh)), problem)
-        _settle(attempt, None)
+        await _settle(attempt, None)
+    finally:
+        await attempt.release()
     view = pages.StatusView(
         device_id=reply.device_id,
         lifecycle=enum_label(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
@@ -357,6 +367,24 @@ def observing(metrics: HttpMetrics, tracer: trace.Tracer | None) -> Callable[...
     return observe
 
 
+async def _limits_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The per-address limits: in the service's PostgreSQL database when there is one (its schema
+    checked: the service's ``migrate`` made the tables), else in this process."""
+    settings = app[SETTINGS]
+    audit = None if settings.limits_database is None else await AuditLog.open(settings.limits_database)
+    app[LIMITS] = failure_limits(
+        None if audit is None else audit.db,
+        clock=lambda: datetime.now(UTC),
+        free_failures=settings.max_failures_per_address,
+        device_ceiling=None,
+    )
+    try:
+        yield
+    finally:
+        if audit is not None:
+            await audit.close()
+
+
 def create_app(
     settings: PortalSettings,
     *,
@@ -370,11 +398,7 @@ def create_app(
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     app[CSRF] = Csrf(settings.https)
-    app[LIMITER] = AttemptLimiter(
-        clock=lambda: datetime.now(UTC),
-        free_failures=settings.max_failures_per_address,
-        device_ceiling=None,
-    )
+    app.cleanup_ctx.append(_limits_ctx)
     if stub is not None:
         app[STUB] = stub
     else:

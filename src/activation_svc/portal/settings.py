@@ -2,7 +2,9 @@
 the activation TOML file (``--config FILE``, ACTIVATION_PORTAL_CONFIG or ACTIVATION_CONFIG; section
 ``[portal]``).  The linked hubs offered in the form come from the SAME cloud settings the activation service
 reads (``[cloud]`` / ACTIVATION_CLOUD_*, see ``provkit.cloud``): the proto has no RPC listing them.  Only the
-host names are kept; the connection strings are dropped at once.
+host names are kept; the connection strings are dropped at once.  Likewise the service's database URL
+(``database_url`` / ACTIVATION_DATABASE_URL): when it is PostgreSQL, the per-address limit of wrong codes is
+kept there, so every portal replica counts the same failures; otherwise each portal process counts its own.
 
 | key (TOML ``[portal]``)       | environment                              | default                         |
 |-------------------------------|------------------------------------------|---------------------------------|
@@ -16,6 +18,7 @@ host names are kept; the connection strings are dropped at once.
 | timeout_seconds               | ACTIVATION_PORTAL_TIMEOUT_SECONDS        | 30                              |
 | max_body_bytes                | ACTIVATION_PORTAL_MAX_BODY_BYTES         | 131072                          |
 | max_failures_per_address      | ACTIVATION_PORTAL_MAX_FAILURES_PER_ADDRESS | 5 wrong codes, then back-off  |
+| database_url (the service's)  | ACTIVATION_DATABASE_URL (or _URL_FILE)   | - (limits in this process)      |
 | allowed_hosts                 | ACTIVATION_PORTAL_ALLOWED_HOSTS          | loopback bind: loopback names   |
 | log_level                     | ACTIVATION_PORTAL_LOG_LEVEL              | INFO                            |
 | metrics.listen                | ACTIVATION_PORTAL_METRICS_LISTEN         | - (off; host:port: /metrics)    |
@@ -29,11 +32,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dbstore import Backend, DatabaseUrl
 from provkit.channels import ChannelSecurity
 from provkit.cloud import CloudNotConfigured, load_cloud_settings
 from provkit.grpc_server import is_loopback_host
 from provkit.observe import ObserveSettings, observe_settings
-from provkit.settings import SettingsError, SettingsSource
+from provkit.settings import SettingsError, SettingsSource, database_url_set
 
 PREFIX = "ACTIVATION"
 DEFAULT_PORT = 8080
@@ -66,6 +70,7 @@ class PortalSettings:
     allowed_hosts: tuple[str, ...] = ()
     log_level: str = "INFO"
     observe: ObserveSettings = field(default_factory=ObserveSettings)  # /metrics, traces: off by default
+    limits_database: DatabaseUrl | None = None  # the service's PostgreSQL database: shared per-address limits
 
     @property
     def https(self) -> bool:
@@ -154,4 +159,10 @@ def load_portal_settings(env: Mapping[str, str] | None = None, config: Path | No
         allowed_hosts=tuple(h.strip().lower() for h in allowed.split(",") if h.strip()),
         log_level=(source.text(key("log_level"), "INFO") or "INFO").upper(),
         observe=observe_settings(source, "portal"),
+        limits_database=_shared(database_url_set(source)),
     )
+
+
+def _shared(url: DatabaseUrl | None) -> DatabaseUrl | None:
+    """The service's database when the portal keeps its limits there (PostgreSQL), else None."""
+    return url if url is not None and url.backend is Backend.POSTGRESQL else None

@@ -1,7 +1,8 @@
 """``OutboxDelivery``: the background task that delivers queued enrollments to DPS, oldest first.
 
 One entry at a time, in sequence order (per replica: on PostgreSQL each replica claims the next entry no
-other holds, see ``Outbox.with_next``).  While DPS is unreachable the loop waits (capped exponential
+other holds, see ``Outbox.with_next``, and an idle replica looks every second for entries the others
+queued: ``Outbox.idle_wait``).  While DPS is unreachable the loop waits (capped exponential
 backoff, or DPS's Retry-After) and tries the same entry again; a refusal (e.g. the id is enrolled with
 another certificate) marks the entry FAILED and moves on.  A retry after a crash recognises its own earlier
 write (same certificate and activation-code hash in DPS) and marks the entry delivered without writing.
@@ -112,7 +113,7 @@ class OutboxDelivery:
                 self._outbox.changed.clear()  # before looking: an enqueue from now on wakes the wait below
                 pause = await self._outbox.with_next(functools.partial(self._handle, delay=delay))
                 if pause is None:
-                    await self._wait(60.0)
+                    await self._wait(self._outbox.idle_wait)
                 elif pause > 0:
                     log.info("DPS unreachable; delivery paused", extra={"seconds": round(pause, 2)})
                     await asyncio.sleep(pause)  # the entry is let go meanwhile (another replica may try)

@@ -18,7 +18,9 @@ There each replica's delivery loop claims the oldest pending entry that no other
 has no older pending entry of its device (``SELECT ... FOR UPDATE SKIP LOCKED``), keeps its row locked
 while it delivers, and marks it in the same transaction (:meth:`Outbox.with_next`): two replicas never
 deliver one entry, a device's entries go in order, and a replica that dies mid-delivery lets go of the
-row with its connection, so another one finishes the entry (recognising a write that was done).
+row with its connection, so another one finishes the entry (recognising a write that was done).  An
+idle delivery loop hears of its own process's new entries at once (``changed``) and looks for the other
+replicas' every second (``idle_wait``).
 """
 
 from __future__ import annotations
@@ -88,6 +90,12 @@ MIGRATIONS = (SCHEMA, ENROLLMENT_AUDIT, retained.MIGRATION, reservations.migrati
 OPTIONS = Options(synchronous=Synchronous.FULL)
 SCHEMA_VERSIONS = Schema("enrollment outbox", MIGRATIONS)
 FILE = "enrollments.sqlite3"
+# How long an idle delivery loop waits before it looks for entries again.  SQLite: the one process that
+# adds entries also delivers them, and adding wakes its loop at once (``Outbox.changed``).  PostgreSQL:
+# other replicas add entries this process never hears of (and one that dies leaves its entries to the
+# others), so an idle loop looks every second: one indexed query.
+IDLE_WAIT_ALONE = 60.0
+IDLE_WAIT_SHARED = 1.0
 
 
 class OutboxMode(enum.Enum):
@@ -283,6 +291,11 @@ class Outbox:
     def database(self) -> Database:
         """The store's database, shared with ``RetainedCodes``."""
         return self._db
+
+    @property
+    def idle_wait(self) -> float:
+        """Seconds an idle delivery loop may wait for ``changed`` before looking again."""
+        return IDLE_WAIT_ALONE if self._db.backend is Backend.SQLITE else IDLE_WAIT_SHARED
 
     async def close(self) -> None:
         await self._db.close()
