@@ -194,13 +194,15 @@ class _CallerResolver:
         self._insecure = parse_identity_uri(insecure_identity) if insecure_identity else None
 
     def resolve(self, context: Context) -> Caller:
-        identity, pem = transport_identity(context)
-        if pem:
+        auth = context.auth_context() or {}
+        pem = b"".join(auth.get("x509_pem_cert", []))
+        if pem:  # the certificate is parsed once (provkit.parties caches it), not on every call
             try:
-                return _for_end_user(caller_from_certificate(pem, identity.peer), context)
+                return _for_end_user(caller_from_certificate(pem, context.peer() or ""), context)
             except UnrecognisedIdentity as exc:
                 raise Unauthenticated("CALLER_IDENTITY_UNRECOGNISED", str(exc)) from None
-        if identity.kind == "insecure" and self._insecure is not None:
+        if self._insecure is not None and b"".join(auth.get("transport_security_type", [])) != b"ssl":
+            identity = CallerIdentity("insecure", peer=context.peer() or "")
             return _for_end_user(Caller(*self._insecure, identity), context)
         raise Unauthenticated(
             "CLIENT_CERTIFICATE_REQUIRED", "a client certificate naming a party is required"
