@@ -1,6 +1,8 @@
 """Benchmark runner: ``python -m bench [NAME ...]`` (``make bench`` runs them all).
 
-Each ``bench/bench_<name>.py`` exposes ``TITLE`` and ``async def run() -> str`` (a markdown section body).
+Each ``bench/bench_<name>.py`` exposes ``TITLE`` and ``async def run() -> str`` (a markdown section body);
+``RUN`` (optional, default ``asyncio.run``) is what runs it: a section whose servers run in this process
+names the event loop their service runs on in production.
 The runner rewrites BENCHMARKS.md: a header describing this machine, then one section per benchmark between
 ``<!-- bench:<name>:start -->`` and ``<!-- bench:<name>:end -->``.  Sections of benchmarks not run this
 time are kept as they were (each says when it was measured).
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         try:
             module = load(name, benches[name])
-            body = asyncio.run(module.run())
+            body = getattr(module, "RUN", asyncio.run)(module.run())
             title = getattr(module, "TITLE", name)
             sections[name] = f"## {title}\n\n_Measured {stamp}._\n\n{body.strip()}\n"
         except Exception:

@@ -15,6 +15,7 @@ with the self-signed root) and its key (PEM, optionally encrypted with the passp
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -65,10 +66,14 @@ class IssuingCA:
             raise CaConfigError("the chain must end with the self-signed root certificate")
 
     async def sign(self, builder: x509.CertificateBuilder) -> x509.Certificate:
-        return self.sign_now(builder)
+        """What asyncio code awaits: inline for a key in memory, on the signer's thread for a token."""
+        thread = self.signer.thread
+        if thread is None:
+            return self.sign_now(builder)
+        return await asyncio.get_running_loop().run_in_executor(thread, self.sign_now, builder)
 
     def sign_now(self, builder: x509.CertificateBuilder) -> x509.Certificate:
-        """Synchronous signing (signers answer without waiting); ``sign`` is what minting awaits."""
+        """Synchronous signing on the caller's thread (the CLI, benchmarks; ``sign`` for asyncio code)."""
         return self.signer.sign_certificate(builder.issuer_name(self.certificate.subject))
 
     def sign_crl(self, builder: x509.CertificateRevocationListBuilder) -> x509.CertificateRevocationList:

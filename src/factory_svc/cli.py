@@ -52,7 +52,7 @@ from provkit.channels import (
 from provkit.device_id import check_device_id
 from provkit.devpki import write_private_file
 from provkit.errors import InvalidArgument
-from provkit.grpc_server import ServerConfigError
+from provkit.grpc_server import ServerConfigError, run_service
 from provkit.logging import configure_logging
 from provkit.settings import SettingsError, SettingsSource, device_id_policy
 from provkit.storage_cli import add_migrate_command, run_migrations
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
             settings = load_settings(config=args.config)
             configure_logging(settings.log_level)
-            asyncio.run(run_server(settings))
+            run_service(run_server(settings))
             return 0
         if args.command == "ca":
             return ca_cli.run(args)

@@ -2,7 +2,10 @@
 
 Order of work for ``mint``: validate everything (id, key source, CSR, validity) -> idempotency look-up
 (``provkit.idempotency``; the ledger keeps the answers) -> make the key (mode B) -> sign -> commit to the
-ledger -> answer.  Nothing is written for bad input.
+ledger -> answer.  Nothing is written for bad input.  In CSR mode on a ledger no other process writes
+(SQLite) the look-up is left to the commit: the ledger refuses a request id it holds, and the certificate
+just signed for it is dropped (never recorded nor answered) and the stored answer replayed; a new id so
+costs one trip to the ledger's thread instead of two.
 """
 
 from __future__ import annotations
@@ -245,6 +248,9 @@ class MintingService:
                 find=lambda: self._stored(request.request_id),
                 replay=lambda certificate: self._replay(certificate, now),
                 execute=lambda: self._issue(request, checked, now),
+                # CSR mode does not look first (see the module's description); a server key (RSA: seconds)
+                # is made only for an id the ledger does not hold
+                look_first=isinstance(request.key, ServerKey),
             )
 
     async def _issue(self, request: MintRequest, checked: Checked, now: datetime) -> MintResult | LostRace:

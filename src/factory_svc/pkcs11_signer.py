@@ -5,12 +5,16 @@ false, CKA_TOKEN true, labelled; afterwards it is found by that label and only e
 (CKM_ECDSA over a digest computed here).  The PIN is handed in by the caller (read from a file or the
 environment by the settings) and never logged.  ECDSA P-256 and P-384 keys.
 
-One session is opened at start-up and kept; signing is synchronous (a token answers in tens of
-microseconds) and happens on the event loop's thread only, so the session is never used concurrently.
+One session is opened at start-up and kept, and a lock makes sure only one thread uses it at a time.  A
+token may take milliseconds (a network HSM, a busy one): asyncio code signs on the signer's own thread
+(``thread``, used by ``IssuingCA.sign``), so the event loop never waits for the token; synchronous callers
+(the CLI, start-up) sign on their own thread under the same lock.
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,8 +121,11 @@ class Pkcs11Signer:
     session: Any
     private_key: Any
     _external: ExternalSignature = field(init=False)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _thread: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkcs11-signer")
         public = _find(self.session, ObjectClass.PUBLIC_KEY, self.private_key.label)
         if public is None:
             raise CaConfigError(f"the token has no public key labelled {self.private_key.label!r}")
@@ -142,7 +149,12 @@ class Pkcs11Signer:
             raise
 
     def _sign_digest(self, digest: bytes) -> bytes:
-        return bytes(self.private_key.sign(digest, mechanism=Mechanism.ECDSA))
+        with self._lock:
+            return bytes(self.private_key.sign(digest, mechanism=Mechanism.ECDSA))
+
+    @property
+    def thread(self) -> Executor:
+        return self._thread
 
     @property
     def public_key(self) -> CaPublicKey:
@@ -155,4 +167,6 @@ class Pkcs11Signer:
         return self._external.sign_crl(builder)
 
     def close(self) -> None:
-        self.session.close()
+        self._thread.shutdown(wait=True)  # signatures under way finish first
+        with self._lock:
+            self.session.close()

@@ -60,37 +60,41 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     """Same value as ``Timestamp.FromDatetime`` for an aware datetime, without its Python-level work."""
-    delta = moment - _EPOCH  # days may be negative; seconds and microseconds never are
-    return timestamp_pb2.Timestamp(
-        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1_000
-    )
-
-
-def certificate_to_proto(cert: IssuedCertificate) -> pb.IssuedCertificate:
-    message = _certificate_message(cert)
-    if cert.revocation is not None:
-        message.revoked = True
-        message.revocation_time.CopyFrom(_timestamp(cert.revocation.time))
-        message.revocation_reason = REASON_TO_PROTO[cert.revocation.reason]
+    message = timestamp_pb2.Timestamp()
+    _set_time(message, moment)
     return message
 
 
-def _certificate_message(cert: IssuedCertificate) -> pb.IssuedCertificate:
-    return pb.IssuedCertificate(
-        serial_number=cert.serial_number,
-        device_id=cert.device_id,
-        certificate_pem=cert.certificate_pem,
-        certificate_chain_pem=cert.chain_pem,
-        sha1_thumbprint=cert.sha1_thumbprint,
-        sha256_thumbprint=cert.sha256_thumbprint,
-        not_before=_timestamp(cert.not_before),
-        not_after=_timestamp(cert.not_after),
-        issue_time=_timestamp(cert.issued_at),
-        key_type=KEY_TYPE_TO_PROTO[cert.key_type],
-        key_source=KEY_SOURCE_TO_PROTO[cert.key_source],
-        caller_identity=cert.caller,
-        request_id=cert.request_id,
-    )
+def _set_time(field: timestamp_pb2.Timestamp, moment: datetime) -> None:
+    delta = moment - _EPOCH  # days may be negative; seconds and microseconds never are
+    field.seconds = delta.days * 86_400 + delta.seconds
+    field.nanos = delta.microseconds * 1_000
+
+
+def certificate_to_proto(
+    cert: IssuedCertificate, message: pb.IssuedCertificate | None = None
+) -> pb.IssuedCertificate:
+    """``cert`` as a message; written into ``message`` (a field of the response being built) when given, so
+    the PEM strings are not copied twice."""
+    message = pb.IssuedCertificate() if message is None else message
+    message.serial_number = cert.serial_number
+    message.device_id = cert.device_id
+    message.certificate_pem = cert.certificate_pem
+    message.certificate_chain_pem = cert.chain_pem
+    message.sha1_thumbprint = cert.sha1_thumbprint
+    message.sha256_thumbprint = cert.sha256_thumbprint
+    _set_time(message.not_before, cert.not_before)
+    _set_time(message.not_after, cert.not_after)
+    _set_time(message.issue_time, cert.issued_at)
+    message.key_type = KEY_TYPE_TO_PROTO[cert.key_type]
+    message.key_source = KEY_SOURCE_TO_PROTO[cert.key_source]
+    message.caller_identity = cert.caller
+    message.request_id = cert.request_id
+    if cert.revocation is not None:
+        message.revoked = True
+        _set_time(message.revocation_time, cert.revocation.time)
+        message.revocation_reason = REASON_TO_PROTO[cert.revocation.reason]
+    return message
 
 
 def mint_request_from_proto(request: pb.MintCertificateRequest, caller: str) -> MintRequest:
@@ -157,12 +161,13 @@ class FactoryServicer(LotRpcs, EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
         if not result.replayed:
             issued = result.certificate
             self._metrics.minted(issued.key_source.value, issued.key_type.value)
-        return pb.MintCertificateResponse(
-            certificate=certificate_to_proto(result.certificate),
-            private_key_pem=(result.private_key_pem or b"").decode(),
-            unexpired_certificate_count=result.unexpired_count,
-            replayed=result.replayed,
+        response = pb.MintCertificateResponse(
+            unexpired_certificate_count=result.unexpired_count, replayed=result.replayed
         )
+        certificate_to_proto(result.certificate, response.certificate)
+        if result.private_key_pem is not None:
+            response.private_key_pem = result.private_key_pem.decode()
+        return response
 
     async def ListCertificates(
         self, request: pb.ListCertificatesRequest, context: Context

@@ -1,7 +1,9 @@
 """CA signers: the only code that uses the issuing CA's private key.
 
 ``CaSigner`` (Protocol): ``public_key``, ``sign_certificate(builder)``, ``sign_crl(builder)`` (the builder
-is complete, issuer name included) and ``close()``.  Backends, chosen by ``ca.backend``:
+is complete, issuer name included), ``close()`` and ``thread``: None when signing is sub-millisecond work in
+this process (asyncio code calls it inline), or the executor asyncio code must sign on so that a slow
+device never stalls the event loop (``IssuingCA.sign`` does).  Backends, chosen by ``ca.backend``:
 
 - ``FileSigner`` (``file``): a key held in memory, loaded from a PEM file (development, or a CA whose key
   lives on disk);
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,6 +42,9 @@ class CaSigner(Protocol):
     def sign_crl(self, builder: x509.CertificateRevocationListBuilder) -> x509.CertificateRevocationList: ...
 
     def close(self) -> None: ...
+
+    @property
+    def thread(self) -> Executor | None: ...
 
 
 HashChoice = hashes.SHA256 | hashes.SHA384
@@ -67,6 +73,10 @@ class FileSigner:
 
     def close(self) -> None:
         return None
+
+    @property
+    def thread(self) -> Executor | None:
+        return None  # a key in memory signs in about 0.1 ms: inline, no thread hand-off
 
 
 # ------------------------------------------------------------------------------------- external signing

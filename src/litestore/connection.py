@@ -2,10 +2,11 @@
 
 Every connection gets: the file (0600) in its directory (created 0700 when missing), WAL journaling
 (readers never block the writer), the ``synchronous`` level its store chose, a busy timeout (another
-process holding the write lock is waited for, not failed on at once), foreign keys enforced, and the
-store's schema version reached by its migrations.  Connections are in autocommit mode
-(``isolation_level=None``): a transaction exists only where :func:`transaction` (or an explicit
-``BEGIN``) opens one, never implicitly.
+process holding the write lock is waited for, not failed on at once), foreign keys enforced, temporary
+data (statement journals of multi-row writes, sorts) kept in memory rather than in files created and
+deleted under /var/tmp, and the store's schema version reached by its migrations.  Connections are in
+autocommit mode (``isolation_level=None``): a transaction exists only where :func:`transaction` (or an
+explicit ``BEGIN``) opens one, never implicitly.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def connect(path: Path, schema: Schema, options: Options) -> sqlite3.Connection:
             raise sqlite3.OperationalError(f"{path}: cannot use WAL journaling (journal mode stays {mode})")
         conn.execute(f"PRAGMA synchronous = {options.synchronous.value}")
         conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA temp_store = MEMORY")
         migrate(conn, schema, path)
     except BaseException:
         conn.close()

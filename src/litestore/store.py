@@ -7,7 +7,9 @@ may run calls in parallel): every call on the connection runs there, one at a ti
 :class:`GroupCommit` lets writes that arrive together share one transaction and so one commit (one
 fsync): while a group is being written on the thread, new writes queue up and form the next group.  A
 writer's ``submit`` answers only after the commit that holds its write has completed; when that commit
-fails, every writer of the group gets the error, and none of the group's writes stays.
+fails, every writer of the group gets the error, and none of the group's writes stays.  With ``gather``
+(seconds), a group that follows a group of several writers waits until as many writers are in, or
+``gather`` at most, before it is written: under load fewer, larger commits; a lone writer never waits.
 """
 
 from __future__ import annotations
@@ -124,6 +126,9 @@ def each_in_savepoint(
     return results
 
 
+GATHER_ENOUGH = 64  # a group this big starts at once, gathering or not
+
+
 @dataclass
 class _Waiting(Generic[I, R]):
     item: I
@@ -137,14 +142,22 @@ class GroupCommit(Generic[I, R]):
     rolled back and every item of the group fails with that error.
 
     One group costs one hand-off to the store's thread and one wake-up of the event loop, whatever its
-    size: results come back in one ``call_soon_threadsafe``, not one future per item.
+    size: results come back in one ``call_soon_threadsafe``, not one future per item.  ``gather``: see
+    the module's description (0, the default: a group starts as soon as the thread is free).
     """
 
     def __init__(
-        self, store: Store, write: Callable[[sqlite3.Connection, list[I]], Sequence[R | Failed]]
+        self,
+        store: Store,
+        write: Callable[[sqlite3.Connection, list[I]], Sequence[R | Failed]],
+        *,
+        gather: float = 0.0,
     ) -> None:
         self._store = store
         self._write = write
+        self._gather = gather
+        self._last_size = 0  # of the last group handed to the thread
+        self._gathering: asyncio.TimerHandle | None = None  # while a group waits for more writers
         self._pending: list[_Waiting[I, R]] = []
         self._idle: asyncio.Future[None] | None = None  # set while a group is on its way
         self.commits = 0  # groups committed so far (for tests and metrics)
@@ -157,8 +170,25 @@ class GroupCommit(Generic[I, R]):
         self._pending.append(_Waiting(item, future))
         if self._idle is None:
             self._idle = loop.create_future()
-            loop.call_soon(self._start, loop)  # after the callbacks already due: they may submit more
+            self._schedule(loop)
+        elif self._gathering is not None and not self._wait_for_more():
+            self._gathering.cancel()
+            self._gathering = None
+            loop.call_soon(self._start, loop)
         return await future
+
+    def _wait_for_more(self) -> bool:
+        """While writers come together (the last group had several) and fewer than that many wait."""
+        return self._last_size > 1 and len(self._pending) < min(self._last_size, GATHER_ENOUGH)
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the next group after the callbacks already due (they may submit more).  With ``gather``,
+        while writers come together, the group waits until as many writers as the last group had are in,
+        or ``gather`` seconds at most: one writer alone, or writers that are all in, never wait."""
+        if self._gather and self._wait_for_more():
+            self._gathering = loop.call_later(self._gather, self._start, loop)
+        else:
+            loop.call_soon(self._start, loop)
 
     async def drain(self) -> None:
         """Wait until every submitted item is answered."""
@@ -167,7 +197,9 @@ class GroupCommit(Generic[I, R]):
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Event loop: hand everything pending to the store's thread as one group."""
+        self._gathering = None
         group, self._pending = self._pending, []
+        self._last_size = len(group)
         if not group:
             self._finished(group, [], None, loop)
             return
@@ -209,7 +241,7 @@ class GroupCommit(Generic[I, R]):
             else:
                 waiting.future.set_result(outcome)
         if self._pending:
-            loop.call_soon(self._start, loop)
+            self._schedule(loop)
         elif self._idle is not None:
             idle, self._idle = self._idle, None
             idle.set_result(None)

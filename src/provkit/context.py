@@ -26,10 +26,8 @@ API
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import enum
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -135,21 +133,40 @@ def current_device_id() -> str:
     return device_id_var.get()
 
 
-@contextlib.contextmanager
-def bind_device_id(device_id: str) -> Iterator[None]:
-    token = device_id_var.set(device_id)
-    try:
-        yield
-    finally:
-        device_id_var.reset(token)
+# Both scopes are entered on every RPC: plain classes, not generator-based context managers (a third of
+# the cost).
+class bind_device_id:
+    """``with bind_device_id(device_id):`` logs inside carry ``device_id``."""
+
+    __slots__ = ("_device_id", "_token")
+
+    def __init__(self, device_id: str) -> None:
+        self._device_id = device_id
+
+    def __enter__(self) -> None:
+        self._token = device_id_var.set(self._device_id)
+
+    def __exit__(self, *exc: object) -> None:
+        device_id_var.reset(self._token)
 
 
-@contextlib.contextmanager
-def request_scope(request_id: str, caller: Caller) -> Iterator[None]:
-    tokens = (request_id_var.set(request_id), caller_var.set(caller), device_id_var.set(""))
-    try:
-        yield
-    finally:
-        device_id_var.reset(tokens[2])
-        caller_var.reset(tokens[1])
-        request_id_var.reset(tokens[0])
+class request_scope:
+    """``with request_scope(request_id, caller):`` the RPC's request id and caller (device id cleared)."""
+
+    __slots__ = ("_caller", "_request_id", "_tokens")
+
+    def __init__(self, request_id: str, caller: Caller) -> None:
+        self._request_id = request_id
+        self._caller = caller
+
+    def __enter__(self) -> None:
+        self._tokens = (
+            request_id_var.set(self._request_id),
+            caller_var.set(self._caller),
+            device_id_var.set(""),
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        device_id_var.reset(self._tokens[2])
+        caller_var.reset(self._tokens[1])
+        request_id_var.reset(self._tokens[0])

@@ -37,6 +37,7 @@ MAX_LENGTH = 64
 GUID_EXAMPLE = "3f2a9c1e-0000-4000-8000-000000000001"
 _GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _ALLOWED_CHAR = re.compile(r"[a-z0-9\-._:]")
+_REGISTRATION_ID = re.compile(r"[a-z0-9\-._:]*[a-z0-9\-]")  # every rule below at once (the common case)
 
 
 class DeviceIdPolicy(enum.StrEnum):
@@ -58,6 +59,8 @@ def _shown(raw: str) -> str:
 
 
 def _registration_id(device_id: str, raw: str, field: str) -> str:
+    if len(device_id) <= MAX_LENGTH and _REGISTRATION_ID.fullmatch(device_id):
+        return device_id
     if not device_id:
         raise invalid_field(field, "DEVICE_ID_EMPTY", "the device id is empty")
     if len(device_id) > MAX_LENGTH:

@@ -27,6 +27,9 @@ API
                                ``grace_seconds``).
 ``async serve_app(app)``       the same for a ``ServedApp`` (``async start() -> RunningServer``,
                                ``async close()``): what the services' ``run_server`` use.
+``run_service(main)``          run a service's top-level coroutine to completion on uvloop (libuv's event
+                               loop; grpc.aio runs on it, and each call costs the loop less than on
+                               asyncio's own: see the mint section of BENCHMARKS.md).
 ``ServerConfigError``          a settings problem (insecure non-loopback bind, missing files...).
 
 Handlers are plain async servicer methods: they raise ``provkit.errors.DomainError`` (mapped by
@@ -60,13 +63,14 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import grpc
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
@@ -194,13 +198,15 @@ class _CallerResolver:
         self._insecure = parse_identity_uri(insecure_identity) if insecure_identity else None
 
     def resolve(self, context: Context) -> Caller:
-        identity, pem = transport_identity(context)
-        if pem:
+        auth = context.auth_context() or {}
+        pem = b"".join(auth.get("x509_pem_cert", []))
+        if pem:  # the certificate is parsed once (provkit.parties caches it), not on every call
             try:
-                return _for_end_user(caller_from_certificate(pem, identity.peer), context)
+                return _for_end_user(caller_from_certificate(pem, context.peer() or ""), context)
             except UnrecognisedIdentity as exc:
                 raise Unauthenticated("CALLER_IDENTITY_UNRECOGNISED", str(exc)) from None
-        if identity.kind == "insecure" and self._insecure is not None:
+        if self._insecure is not None and b"".join(auth.get("transport_security_type", [])) != b"ssl":
+            identity = CallerIdentity("insecure", peer=context.peer() or "")
             return _for_end_user(Caller(*self._insecure, identity), context)
         raise Unauthenticated(
             "CLIENT_CERTIFICATE_REQUIRED", "a client certificate naming a party is required"
@@ -580,6 +586,7 @@ async def start_server(
             "address": f"{settings.host}:{port}",
             "tls": settings.tls is not None,
             "services": list(names),
+            "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
         },
     )
     return RunningServer(server, health_servicer, settings.host, port, settings.grace_seconds, names)
@@ -624,3 +631,11 @@ async def serve_app(app: ServedApp) -> None:
         log.info("stopped")
     finally:
         await app.close()
+
+
+T = TypeVar("T")
+
+
+def run_service(main: Coroutine[Any, Any, T]) -> T:
+    """Run a service's top-level coroutine (``serve_app(...)``) on uvloop, as ``asyncio.run`` would."""
+    return uvloop.run(main)

@@ -64,7 +64,11 @@ API
 ``Stored(fingerprint, answer)``               what a store gives back for an id.
 ``RequestIds(reservations=None, lease=LEASE)``   one per service; ``reservations``: the store's
     ``dbstore.reservations.Reservations`` (None, or a SQLite one: the per-process lock only).
-``RequestIds.run(request_id, fingerprint, *, find, replay, execute)``   see above.
+``RequestIds.run(request_id, fingerprint, *, find, replay, execute, look_first=True)``   see above.
+    ``look_first=False`` (a store no other process writes: no reservations): execute at once and look
+    for a stored answer only when the store refuses the id (``LOST_RACE``): one trip to the store for a
+    new id instead of two; a repeat costs one execution whose result is thrown away, so only for work
+    that leaves nothing behind until it is stored (a certificate signed but never recorded nor answered).
 ``RequestIdReused`` (InvalidArgument)         the one refusal of a reused id.
 ``RequestInProgress`` (Aborted)               another replica still runs it; retry after ``retry_after``.
 ``LOST_RACE`` / ``LostRace``                  what ``execute`` returns when the id had an answer already.
@@ -189,9 +193,11 @@ class RequestIds:
         find: Callable[[], Awaitable[Stored[A] | None]],
         replay: Callable[[A], Awaitable[T]],
         execute: Callable[[], Awaitable[T | LostRace]],
+        look_first: bool = True,
     ) -> T:
         """``execute()`` once per request id (without an id: every time); a repeat gets ``replay(answer)``
-        of the stored answer, or ``RequestIdReused`` when its fingerprint differs."""
+        of the stored answer, or ``RequestIdReused`` when its fingerprint differs.  ``look_first``: see
+        the module's description (ignored with shared reservations, which always look first)."""
         if not request_id:
             result = await execute()
             if result is LOST_RACE:
@@ -202,8 +208,10 @@ class RequestIds:
             reservations = self._reservations
             if reservations is not None:  # the claim looks for an answer too: one round trip for both
                 stored = await self._reserve(reservations, request_id, fingerprint, find)
-            else:
+            elif look_first:
                 stored = await find()
+            else:
+                stored = None  # the store's unique key answers LOST_RACE for an id it holds
             if stored is None:
                 crash_point("request.reserved")  # this process holds the id; nothing done yet
                 result = await self._execute(reservations, request_id, execute)

@@ -126,3 +126,5 @@ async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
         _, log = await asyncio.wait_for(server.communicate(), 30)
     assert server.returncode == 0, log.decode()
     assert b"shutting down" in log
+    (listening,) = [json.loads(line) for line in log.splitlines() if b"gRPC server listening" in line]
+    assert listening["event_loop"] == "uvloop"  # the loop the service runs on in production

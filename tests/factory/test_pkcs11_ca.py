@@ -114,3 +114,44 @@ async def test_a_missing_key_label_is_a_clear_start_up_error(tmp_path: Path, sof
     env = _env(tmp_path, softhsm.env("no-such-key", token_ca.chain_file))
     with pytest.raises(CaConfigError, match="holds no private key labelled 'no-such-key'"):
         await FactoryApp.open(load_settings(env=env))
+
+
+async def test_a_slow_token_signs_off_the_event_loop(tmp_path: Path, softhsm: SoftHsm) -> None:
+    """The token's answer is held back until the event loop itself lets it go: were the signature made on
+    the loop's thread, the loop could never get there and the signature would fail."""
+    import asyncio
+    import threading
+
+    from factory_svc.app import open_ca
+    from factory_svc.ca import now_utc
+    from factory_svc.minting import MintPolicy, leaf_builder
+
+    token_ca = await init_token_ca(softhsm, tmp_path)
+    ca = open_ca(load_settings(env=_env(tmp_path, token_ca.env)), now_utc)
+    try:
+        external = ca.signer._external  # type: ignore[attr-defined]
+        token_sign = external.sign_digest
+        asked, answer = threading.Event(), threading.Event()
+        threads: list[str] = []
+
+        def slow_token(digest: bytes) -> bytes:
+            threads.append(threading.current_thread().name)
+            asked.set()
+            assert answer.wait(30), "the event loop was blocked while the token signed"
+            return token_sign(digest)
+
+        external.sign_digest = slow_token
+        key = make_key("p256")
+        guid = str(uuid.uuid4())
+        ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        now = now_utc()
+        builder = leaf_builder(guid, key.public_key(), now, now + MintPolicy().default_validity, aki)
+        signing = asyncio.create_task(ca.sign(builder))
+        assert await asyncio.to_thread(asked.wait, 30)  # the loop runs while the token works
+        answer.set()
+        leaf = await signing
+    finally:
+        ca.close()
+    assert threads and threads[0].startswith("pkcs11-signer")
+    leaf.verify_directly_issued_by(ca.certificate)

@@ -39,6 +39,14 @@ SCHEMA = Schema(
 OPTIONS = Options(synchronous=Synchronous.FULL)
 
 
+def write_parents(db: sqlite3.Connection, ids: list[int]) -> list[int]:
+    """A group writer: one parent row per item; a group holding 13 raises."""
+    db.executemany("INSERT INTO parents (id) VALUES (?)", [(i,) for i in ids])
+    if 13 in ids:
+        raise LookupError("unlucky group")
+    return ids
+
+
 def committed(path: Path, sql: str) -> list[tuple]:
     with sqlite3.connect(path) as fresh:  # another connection sees only what was committed
         return fresh.execute(sql).fetchall()
@@ -168,13 +176,7 @@ async def test_a_group_writer_that_raises_fails_the_whole_group(tmp_path: Path) 
     path = tmp_path / "t.db"
     store = await Store.open(path, SCHEMA, OPTIONS)
 
-    def write(db: sqlite3.Connection, ids: list[int]) -> list[int]:
-        db.executemany("INSERT INTO parents (id) VALUES (?)", [(i,) for i in ids])
-        if 13 in ids:
-            raise LookupError("unlucky group")
-        return ids
-
-    group: GroupCommit[int, int] = GroupCommit(store, write)
+    group: GroupCommit[int, int] = GroupCommit(store, write_parents)
     try:
         results = await asyncio.gather(*(group.submit(i) for i in (11, 12, 13)), return_exceptions=True)
         assert all(isinstance(r, LookupError) for r in results)
@@ -198,3 +200,33 @@ async def test_close_waits_for_queued_writes_then_refuses_more(tmp_path: Path) -
     assert committed(path, "SELECT COUNT(*) FROM parents") == [(20,)]
     with pytest.raises(StoreClosed):
         await store.run(lambda db: db.execute("SELECT 1"))
+
+
+async def test_a_gathering_group_waits_for_as_many_writers_as_the_last_one_had(tmp_path: Path) -> None:
+    """With ``gather``, after a group of several the next group waits for as many writers (never for the
+    whole ``gather``, an hour here: the test would time out); a lone writer after a lone one never waits;
+    each writer is answered only once its item is committed, and a failing gathered group fails all."""
+    path = tmp_path / "t.db"
+    store = await Store.open(path, SCHEMA, OPTIONS)
+
+    group: GroupCommit[int, int] = GroupCommit(store, write_parents, gather=3600)
+    try:
+        assert await group.submit(1) == 1  # alone after nothing: at once
+        assert await group.submit(2) == 2  # alone after a lone one: at once
+        assert await asyncio.gather(group.submit(3), group.submit(4), group.submit(5)) == [3, 4, 5]
+        assert group.commits == 3
+
+        first = asyncio.ensure_future(group.submit(6))
+        await asyncio.sleep(0.2)  # without gathering, 6 would be written alone by now
+        assert not first.done()
+        assert committed(path, "SELECT id FROM parents WHERE id = 6") == []
+        rest = asyncio.gather(group.submit(7), group.submit(8))  # three are in: the group starts
+        assert [await first, *await rest] == [6, 7, 8]
+        assert group.commits == 4  # 6, 7 and 8 in one commit
+        assert committed(path, "SELECT id FROM parents WHERE id >= 6") == [(6,), (7,), (8,)]
+
+        results = await asyncio.gather(*(group.submit(i) for i in (11, 12, 13)), return_exceptions=True)
+        assert all(isinstance(r, LookupError) for r in results)
+        assert committed(path, "SELECT COUNT(*) FROM parents WHERE id > 10") == [(0,)]
+    finally:
+        await store.close()

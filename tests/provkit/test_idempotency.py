@@ -107,3 +107,40 @@ async def test_a_malformed_request_id_is_refused_before_any_work() -> None:
     with pytest.raises(InvalidArgument) as refused:
         await service.call("has space", "A")
     assert refused.value.reason == "REQUEST_ID_INVALID" and service.executions == 0
+
+
+async def test_without_a_first_look_the_store_refusing_the_id_replays_its_answer() -> None:
+    """``look_first=False``: a new id executes without a look; a repeat executes, the store refuses the id
+    (LOST_RACE) and the stored answer is replayed, or refused when the body differs."""
+    request_ids = RequestIds()
+    stored: dict[str, Stored[int]] = {}
+    looks: list[str] = []
+    executions: list[str] = []
+
+    async def find() -> Stored[int] | None:
+        looks.append("r")
+        return stored.get("r")
+
+    async def replay(value: int) -> Answer:
+        return Answer(value, replayed=True)
+
+    def execute(body_fingerprint: str):
+        async def work() -> Answer | LostRace:
+            executions.append(body_fingerprint)
+            if "r" in stored:  # the store's unique key: the id is taken
+                return LOST_RACE
+            stored["r"] = Stored(body_fingerprint, len(executions))
+            return Answer(len(executions))
+
+        return work
+
+    same, other = fingerprint({"body": "A"}), fingerprint({"body": "B"})
+    run = request_ids.run
+    first = await run("r", same, find=find, replay=replay, execute=execute(same), look_first=False)
+    assert first == Answer(1)
+    assert looks == []  # no look for a new id
+    again = await run("r", same, find=find, replay=replay, execute=execute(same), look_first=False)
+    assert again == Answer(1, replayed=True)
+    with pytest.raises(RequestIdReused):
+        await run("r", other, find=find, replay=replay, execute=execute(other), look_first=False)
+    assert len(executions) == 3 and len(looks) == 2 and stored["r"] == Stored(same, 1)
