@@ -171,7 +171,9 @@ class CrlPublisher:
             at_least = max(self._last_number + 1, int(now.timestamp() * 1000))
             content = await self._source.next_crl(now, at_least)
             number, revoked = content.number, content.revoked
-            crl = build_crl(self._ca, revoked, now.replace(microsecond=0), self._settings.validity, number)
+            crl = await asyncio.to_thread(  # off the loop: a long list, or a token's signature, takes time
+                build_crl, self._ca, revoked, now.replace(microsecond=0), self._settings.validity, number
+            )
             published = PublishedCrl(
                 crl,
                 number,
