@@ -151,6 +151,7 @@ def _stack_facts(stack: Stack) -> list[tuple[str, str]]:
                 for n in range(1, config.replicas + 1)
             ]
         facts += [(f"PostgreSQL: {name}'s state", url) for name, url in stack.database_urls.items()]
+        facts.append(("PostgreSQL cluster (removed at exit)", str(stack.database_directory)))
     facts += [
         ("emulator CA (DPS, hubs)", str(emu.ca_path)),
         ("services' TLS CA", str(stack.tls.ca)),

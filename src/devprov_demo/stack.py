@@ -164,6 +164,7 @@ class Stack:
         self._services: dict[str, subprocess.Popen[bytes]] = {}
         self._database = contextlib.ExitStack()  # the PostgreSQL cluster of a replicated stack
         self.database_urls: dict[str, str] = {}
+        self.database_directory: Path | None = None  # the PostgreSQL cluster's (removed when the stack stops)
 
     @property
     def logs(self) -> Path:
@@ -252,6 +253,7 @@ class Stack:
         if why is not None:
             raise RuntimeError(f"--replicas needs PostgreSQL: {why}")
         cluster = self._database.enter_context(pgcluster.running_cluster())
+        self.database_directory = cluster.directory
         for name in ("factory", "activation"):
             self.database_urls[name] = cluster.create_database(name)
 
