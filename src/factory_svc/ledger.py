@@ -299,6 +299,10 @@ class StoredLot:
     acknowledged: bool
 
 
+class LotItemsTaken(Exception):
+    """A lot's chunk was not recorded: another attempt of the lot committed one of its items first."""
+
+
 @dataclass(frozen=True)
 class LotEntry:
     """One issued item of a lot, as the ledger keeps it."""
@@ -685,7 +689,9 @@ class Ledger:
         return await self._db.transaction(work)
 
     async def record_lot_items(self, lot_id: str, entries: Sequence[LotEntry]) -> None:
-        """Commit a chunk of a lot's certificates and their items together: all or none."""
+        """Commit a chunk of a lot's certificates and their items together: all or none.  Raises
+        ``LotItemsTaken`` (nothing written) when another attempt of the lot committed one of its items
+        first (another replica's stream of the same lot)."""
         certificates = [_row(e.certificate) for e in entries]
         items: builtins.list[tuple[object, ...]] = [
             (lot_id, e.index, e.certificate.device_id, e.certificate.serial_number, e.private_key_pem)
@@ -696,7 +702,10 @@ class Ledger:
             await _insert_rows(tx, _INSERT_CERTIFICATE, certificates)
             await _insert_rows(tx, _INSERT_LOT_ITEM, items)
 
-        await self._db.transaction(write)
+        try:
+            await self._db.transaction(write)
+        except Conflict:
+            raise LotItemsTaken(lot_id) from None
 
     async def acknowledge_lot(self, lot_id: str, now: datetime) -> None:
         """The client has the lot: forget its server-generated keys."""

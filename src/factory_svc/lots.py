@@ -9,10 +9,16 @@ lot's items in one transaction *before* returning them.  A crash between two chu
 client has seen and issues nothing twice: the resumed lot replays what was committed.
 
 One attempt at a time per lot in this process (a resumed stream waits for the old one to wind down).
+Across replicas on one database nothing makes attempts wait: two streams of one lot may sign the same
+items at once, and the lot's primary key lets only one commit each item.  The losing chunk's transaction
+is rolled back whole (nothing of it recorded, its certificates never answered) and its stream ends with
+ABORTED / LOT_IN_PROGRESS and a retry delay; a resume then replays what the other attempt committed.
+The ledger holds one certificate per item, and every certificate a client received is the recorded one.
 
 Reasons: LOT_ID_MISSING, REQUEST_ID_INVALID / REQUEST_ID_REUSED (for the lot id), LOT_SIZE_INVALID,
 LOT_KEY_SOURCE_INVALID, KEY_TYPE_UNSUPPORTED, VALIDITY_*; per item: LOT_INDEX_INVALID, LOT_ITEM_CHANGED
-(a resumed lot sent another device at an index), DUPLICATE_IN_LOT, and MintCertificate's reasons.
+(a resumed lot sent another device at an index), DUPLICATE_IN_LOT, and MintCertificate's reasons; for the
+stream: LOT_IN_PROGRESS (``Aborted``, another attempt of the lot committed one of the chunk's items).
 """
 
 from __future__ import annotations
@@ -30,17 +36,18 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from factory_svc.keys import GENERATABLE, KeyType, private_key_pem
-from factory_svc.ledger import LotEntry, StoredLot
+from factory_svc.ledger import LotEntry, LotItemsTaken, StoredLot
 from factory_svc.minting import MintingService
 from factory_svc.model import CsrKey, IssuedCertificate, MintRequest, ServerKey
 from provkit.device_id import DeviceIdPolicy, check_device_id
-from provkit.errors import DomainError, ErrorKind, invalid_field
+from provkit.errors import Aborted, DomainError, ErrorKind, invalid_field
 from provkit.faults import crash_point
 from provkit.idempotency import RequestIdReused, check_request_id, fingerprint
 
 MAX_LOT_ITEMS = 100_000
 CHUNK = 64  # items signed, committed and answered together
 MAX_BATCH = 1000  # items in one request message
+LOT_RETRY_SECONDS = 1.0  # the retry delay of LOT_IN_PROGRESS
 _LOT_NAMESPACE = uuid.UUID("5b1f2a0e-4c1d-4c55-9d2e-6a61f2f0c7a1")
 
 
@@ -49,7 +56,8 @@ class LotLedger(Protocol):
         self, lot_id: str, fingerprint: str, item_count: int, caller: str, now: datetime
     ) -> tuple[StoredLot, dict[int, LotEntry]]: ...
 
-    async def record_lot_items(self, lot_id: str, entries: Sequence[LotEntry]) -> None: ...
+    async def record_lot_items(self, lot_id: str, entries: Sequence[LotEntry]) -> None:
+        """All or none; ``LotItemsTaken`` when another attempt committed one of the items first."""
 
     async def acknowledge_lot(self, lot_id: str, now: datetime) -> None: ...
 
@@ -112,6 +120,16 @@ class Lot:
 
     def derived_item(self, index: int) -> LotItem:
         return LotItem(index, derived_device_id(self.header.lot_id, index))
+
+
+class LotInProgress(Aborted):
+    def __init__(self, lot_id: str) -> None:
+        super().__init__(
+            "LOT_IN_PROGRESS",
+            "another attempt of this lot is committing its items; resume the lot again",
+            metadata={"lot_id": lot_id},
+            retry_after=LOT_RETRY_SECONDS,
+        )
 
 
 def derived_device_id(lot_id: str, index: int) -> str:
@@ -210,7 +228,10 @@ class LotService:
     async def commit(self, lot: Lot, prepared: Prepared) -> list[LotItemResult]:
         """Commit a prepared chunk's new certificates with the lot's items; then (only then) its answers."""
         if prepared.fresh:
-            await self._ledger.record_lot_items(lot.header.lot_id, prepared.fresh)
+            try:
+                await self._ledger.record_lot_items(lot.header.lot_id, prepared.fresh)
+            except LotItemsTaken:
+                raise LotInProgress(lot.header.lot_id) from None
             crash_point("lot.after_commit")  # committed, not answered: the resumed lot replays it
             for entry in prepared.fresh:
                 lot.issued[entry.index] = entry

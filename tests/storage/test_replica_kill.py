@@ -10,7 +10,8 @@ database and the emulator as DPS: the other replica finishes, nothing is lost or
   (recognising A's write) and the rest, each exactly once;
 - an entry queued by a replica that dies before delivering it is delivered by an idle replica (which
   used to look again only after a minute);
-- a production lot (MintCertificates) whose replica dies is resumed on the other: one certificate per id.
+- a production lot (MintCertificates) whose replica dies is resumed on the other: one certificate per id;
+- two streams of one lot on two replicas at once: one commits each chunk, the other ends LOT_IN_PROGRESS.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from enrollment.provisioning_env import (
     running_factory,
     stopped_emulator,
 )
+from factory.factory_env import make_csr, make_key
 from support.cli_process import run_module
 from support.factory_process import FactoryProcess
 
@@ -54,6 +56,7 @@ from factory_svc.enrollment.codes_file import read_codes
 from factory_svc.enrollment.outbox import NewEntry, Outbox, OutboxMode
 from factory_svc.lots import derived_device_id
 from provkit.activation_code import hash_code, new_code, verify_code
+from provkit.grpc_errors import error_details
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 
@@ -330,3 +333,132 @@ async def test_a_lot_whose_replica_dies_resumes_on_the_other_with_one_certificat
     assert _rows(postgres_url, "SELECT count(*) FROM lot_items WHERE lot_id = 'line-3-night'") == [(count,)]
     assert _rows(postgres_url, "SELECT count(*) FROM lot_items WHERE private_key_pem IS NOT NULL") == [(0,)]
     assert sorted(p.name for p in out_dir.iterdir()) == expected
+
+
+class _Stream:
+    """One MintCertificates stream whose requests the test sends when it chooses (a station's stream)."""
+
+    def __init__(self, stub) -> None:
+        self.outbox: asyncio.Queue[fpb.MintCertificatesRequest | None] = asyncio.Queue()
+        self.call = stub.MintCertificates(self._requests())
+        self.results: list[fpb.LotItemResult] = []
+        self.summary: fpb.LotSummary | None = None
+
+    async def _requests(self) -> AsyncIterator[fpb.MintCertificatesRequest]:
+        while (message := await self.outbox.get()) is not None:
+            yield message
+
+    def send(self, header: fpb.LotHeader | None = None, items: list[fpb.LotItem] = ()) -> None:
+        if header is not None:
+            self.outbox.put_nowait(fpb.MintCertificatesRequest(header=header))
+        if items:
+            self.outbox.put_nowait(fpb.MintCertificatesRequest(items=fpb.LotItems(items=items)))
+
+    async def finish(self) -> grpc.aio.AioRpcError | None:
+        """Read every answer to the end (then close the requests): the call's error, or None."""
+        try:
+            async for response in self.call:
+                if response.WhichOneof("part") == "summary":
+                    self.summary = response.summary
+                    self.outbox.put_nowait(None)
+                else:
+                    self.results.extend(response.results.results)
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        finally:
+            self.outbox.put_nowait(None)
+        return None
+
+
+def _lot_items_committed(url: str, lot_id: str) -> int:
+    return _rows(url, f"SELECT count(*) FROM lot_items WHERE lot_id = '{lot_id}'")[0][0]
+
+
+def _csr_lot(lot_id: str, count: int) -> tuple[list[str], fpb.LotHeader, list[fpb.LotItem]]:
+    """A lot of ``count`` CSR items (new device ids): (ids, header, items)."""
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    header = fpb.LotHeader(lot_id=lot_id, key_source=fpb.KEY_SOURCE_CSR, item_count=count)
+    items = [
+        fpb.LotItem(index=i, device_id=d, csr_pem=make_csr(make_key("p256"), d)) for i, d in enumerate(ids)
+    ]
+    return ids, header, items
+
+
+def _recorded_once(url: str, lot_id: str, ids: list[str]) -> dict[int, str]:
+    """One certificate per id in the ledger, one item per index in the lot: index -> recorded serial."""
+    per_device = _rows(url, "SELECT device_id, count(*) FROM certificates GROUP BY device_id")
+    assert sorted(per_device) == sorted((d, 1) for d in ids)
+    recorded = dict(_rows(url, f"SELECT item_index, serial_number FROM lot_items WHERE lot_id = '{lot_id}'"))
+    assert sorted(recorded) == list(range(len(ids)))
+    return recorded
+
+
+async def test_two_replicas_streaming_one_lot_at_once_keep_one_certificate_per_item(
+    tmp_path, emulator, postgres_url
+):
+    """A key-injection station's stream on A is still open when the station reconnects on B with the same
+    lot (CSR items).  A committed the first chunk; B opens the lot (it replays that chunk) and commits the
+    second; A, which signed the second chunk too, loses the key conflict: its chunk is rolled back, its
+    stream ends with ABORTED / LOT_IN_PROGRESS and a retry delay, and it never sees a certificate that is
+    not the recorded one.  B finishes; a resume answers the whole lot from the ledger."""
+    env = factory_env(tmp_path, emulator, FACTORY_DATABASE_URL=postgres_url)
+    lot_id, count = "line-7-csr", 320
+    ids, header, items = _csr_lot(lot_id, count)
+    committed = lambda: _lot_items_committed(postgres_url, lot_id)  # noqa: E731
+    async with _replicas(env, tmp_path) as (a, b, _front), a.stub() as on_a, b.stub() as on_b:
+        first, second = _Stream(on_a), _Stream(on_b)
+        first.send(header, items[:64])
+        await _wait_until("A committed chunk 0", lambda: committed() == 64, 60)
+        second.send(header, items[:128])
+        await _wait_until("B committed chunk 1", lambda: committed() == 128, 60)
+        first.send(items=items[64:])  # A signs chunk 1 again (it does not know B did)
+        lost = await first.finish()
+        second.send(items=items[128:])
+        assert await second.finish() is None, "B's stream should finish"
+        resumed = _Stream(on_a)
+        resumed.send(header, items)
+        assert await resumed.finish() is None
+    assert lost is not None, "A's stream should not finish"
+    details = error_details(lost)
+    assert (lost.code(), details.reason) == (grpc.StatusCode.ABORTED, "LOT_IN_PROGRESS"), lost
+    assert details.retry_after is not None and details.retry_after > 0
+    recorded = _recorded_once(postgres_url, lot_id, ids)
+    assert [r.index for r in first.results] == list(range(64))  # chunk 0 only: its chunk 1 never came back
+    assert second.summary is not None and (second.summary.issued_count, second.summary.replayed_count) == (
+        count - 64,
+        64,
+    )
+    assert resumed.summary is not None and resumed.summary.replayed_count == count
+    for stream in (first, second, resumed):
+        assert all(recorded[r.index] == r.certificate.serial_number for r in stream.results)
+    assert [r.index for r in resumed.results] == list(range(count))
+
+
+async def test_two_replicas_racing_one_whole_lot_answer_only_recorded_certificates(
+    tmp_path, emulator, postgres_url
+):
+    """The same lot (400 CSR items) sent whole to A and B at the same moment: whichever way the chunks
+    interleave, each stream finishes or ends ABORTED / LOT_IN_PROGRESS, at least one finishes, every answer
+    is the recorded certificate of its index, and a resume answers the whole lot from the ledger."""
+    env = factory_env(tmp_path, emulator, FACTORY_DATABASE_URL=postgres_url)
+    lot_id, count = "line-8-csr", 400
+    ids, header, items = _csr_lot(lot_id, count)
+    async with _replicas(env, tmp_path) as (a, b, _front), a.stub() as on_a, b.stub() as on_b:
+        streams = [_Stream(on_a), _Stream(on_b)]
+        for stream in streams:
+            stream.send(header, items)
+        outcomes = await asyncio.gather(*(s.finish() for s in streams))
+        resumed = _Stream(on_b)
+        resumed.send(header, items)
+        assert await resumed.finish() is None
+    for outcome in outcomes:
+        assert outcome is None or (outcome.code(), error_details(outcome).reason) == (
+            grpc.StatusCode.ABORTED,
+            "LOT_IN_PROGRESS",
+        ), outcome
+    assert None in outcomes
+    recorded = _recorded_once(postgres_url, lot_id, ids)
+    for stream in (*streams, resumed):
+        assert all(recorded[r.index] == r.certificate.serial_number for r in stream.results)
+    assert [r.index for r in resumed.results] == list(range(count))
+    assert resumed.summary is not None and resumed.summary.replayed_count == count
