@@ -693,9 +693,11 @@ class Ledger:
         ``LotItemsTaken`` (nothing written) when another attempt of the lot committed one of its items
         first (another replica's stream of the same lot)."""
         certificates = [_row(e.certificate) for e in entries]
-        items: builtins.list[tuple[object, ...]] = [
+        items: builtins.list[tuple[object, ...]] = [  # in index order: two attempts of one lot that
+            # insert the same items lock them in the same order, so the later waits and then conflicts
+            # (LotItemsTaken) rather than deadlocking with the earlier
             (lot_id, e.index, e.certificate.device_id, e.certificate.serial_number, e.private_key_pem)
-            for e in entries
+            for e in sorted(entries, key=lambda e: e.index)
         ]
 
         async def write(tx: Tx) -> None:
