@@ -701,13 +701,13 @@ class Ledger:
         ]
 
         async def write(tx: Tx) -> None:
-            await _insert_rows(tx, _INSERT_CERTIFICATE, certificates)
-            await _insert_rows(tx, _INSERT_LOT_ITEM, items)
+            await _insert_rows(tx, _INSERT_CERTIFICATE, certificates)  # a clash here stays a Conflict
+            try:
+                await _insert_rows(tx, _INSERT_LOT_ITEM, items)
+            except Conflict:  # an item's index is taken: the whole chunk is rolled back
+                raise LotItemsTaken(lot_id) from None
 
-        try:
-            await self._db.transaction(write)
-        except Conflict:
-            raise LotItemsTaken(lot_id) from None
+        await self._db.transaction(write)
 
     async def acknowledge_lot(self, lot_id: str, now: datetime) -> None:
         """The client has the lot: forget its server-generated keys."""
