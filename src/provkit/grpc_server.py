@@ -168,15 +168,20 @@ def is_loopback_host(host: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------- caller identity
+def _transport(context: Context) -> tuple[bytes, bool]:
+    """The verified client certificate's PEM (empty without one), and whether the channel is TLS."""
+    auth = context.auth_context() or {}
+    tls = b"".join(auth.get("transport_security_type", [])) == b"ssl"
+    return b"".join(auth.get("x509_pem_cert", [])), tls
+
+
 def transport_identity(context: Context) -> tuple[CallerIdentity, bytes]:
     """What the transport proved (and the client certificate's PEM, empty without one)."""
-    auth = context.auth_context() or {}
     peer = context.peer() or ""
-    transport = b"".join(auth.get("transport_security_type", []))
-    pem = b"".join(auth.get("x509_pem_cert", []))
+    pem, tls = _transport(context)
     if pem:
         return certificate_identity(pem, peer), pem
-    if transport == b"ssl":
+    if tls:
         return CallerIdentity("tls-anonymous", peer=peer), b""
     return CallerIdentity("insecure", peer=peer), b""
 
@@ -198,14 +203,13 @@ class _CallerResolver:
         self._insecure = parse_identity_uri(insecure_identity) if insecure_identity else None
 
     def resolve(self, context: Context) -> Caller:
-        auth = context.auth_context() or {}
-        pem = b"".join(auth.get("x509_pem_cert", []))
+        pem, tls = _transport(context)
         if pem:  # the certificate is parsed once (provkit.parties caches it), not on every call
             try:
                 return _for_end_user(caller_from_certificate(pem, context.peer() or ""), context)
             except UnrecognisedIdentity as exc:
                 raise Unauthenticated("CALLER_IDENTITY_UNRECOGNISED", str(exc)) from None
-        if self._insecure is not None and b"".join(auth.get("transport_security_type", [])) != b"ssl":
+        if self._insecure is not None and not tls:
             identity = CallerIdentity("insecure", peer=context.peer() or "")
             return _for_end_user(Caller(*self._insecure, identity), context)
         raise Unauthenticated(
