@@ -54,7 +54,6 @@ class ActivationApp:
             audit.db,
             clock=clock,
             free_failures=settings.max_failures,
-            device_ceiling=settings.device_ceiling,
             window=settings.failure_window,
         )
         request_ids = RequestIds(audit.reservations, lease=settings.request_lease)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from activation_svc.intents import HOLD, HOLD_MIGRATION, ActivationIntent, IntentLog
 from activation_svc.intents import MIGRATION as INTENTS_MIGRATION
+from activation_svc.shared_limits import DROP_DEVICE_CEILING
 from activation_svc.shared_limits import MIGRATION as LIMITS_MIGRATION
 from dbstore import Database, DatabaseUrl, Tx, open_database, reservations
 from litestore import Options, Schema, Synchronous
@@ -49,6 +50,7 @@ CREATE TABLE IF NOT EXISTS activation_requests (
 # version 4 who holds an open intent (``activation_svc.intents.HOLD_MIGRATION``).
 # version 5 request ids (Activate, Deactivate) reserved before the work, for replicas
 # (``dbstore.reservations``).
+# version 6 drops the per-device ceiling's table (``activation_svc.shared_limits.DROP_DEVICE_CEILING``).
 RESERVATIONS = "activation_reservations"
 MIGRATIONS = (
     SCHEMA,
@@ -56,6 +58,7 @@ MIGRATIONS = (
     LIMITS_MIGRATION,
     HOLD_MIGRATION,
     reservations.migration(RESERVATIONS),
+    DROP_DEVICE_CEILING,
 )
 # FULL: an audit row is written before the answer is sent; it must not vanish with a power cut after that.
 OPTIONS = Options(synchronous=Synchronous.FULL)

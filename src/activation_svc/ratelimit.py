@@ -1,24 +1,25 @@
 """Limits on failed activation attempts: guessing codes must be slow, and nobody's guessing may lock out
 the rightful owner.
 
-Two limits, both on code checks.  An attempt is counted when it is let through, before the code is checked,
-so N allowed means N checked, also for concurrent calls: when the attempts already in flight could use up
-what is left, a new one waits for them to finish and is then admitted (they succeeded) or refused (they
-failed) - concurrent right codes are never refused for being concurrent.
+One limit, on code checks, **per (caller, device)**: ``free_failures`` failures pass without delay; after
+that one attempt at a time, each after a back-off that doubles per further failure (``base_delay``, 2x, 4x
+... up to ``max_delay``).  A success clears the pair; a pair without a failure for ``window`` (or
+``max_delay``, the longer) is forgotten.  One party's storm of wrong codes therefore slows that party
+only.  An attempt is counted when it is let through, before the code is checked, so N allowed means N
+checked, also for concurrent calls: when the attempts already in flight could use up what is left, a new
+one waits for them to finish and is then admitted (they succeeded) or refused (they failed) - concurrent
+right codes are never refused for being concurrent.
 
-- **per (caller, device)**: ``free_failures`` failures pass without delay; after that one attempt at a time,
-  each after a back-off that doubles per further failure (``base_delay``, 2x, 4x ... up to ``max_delay``).
-  A success clears the pair; a pair without a failure for ``window`` is forgotten.  One party's storm of
-  wrong codes therefore slows that party only.
-- **per device**: at most ``device_ceiling`` failed checks within ``window`` from all callers together
-  (much higher than the pair limit): the bound against many identities guessing at once.
+There is deliberately no limit per device over all callers: whatever its height, anyone able to fail often
+enough (many certificates, many portal users, many addresses) could reach it and refuse the owner's right
+code.  The bound against many identities guessing at once is the code's 80 bits (the arithmetic is in the
+README); who counts as one caller is the service's decision (``activation_svc.service``).
 
 Unknown device ids are limited the same way, so the limit reveals nothing.  Kept in process memory when
 one process serves the API (SQLite; a restart forgives, which is fine for an 80-bit code); several
 replicas on PostgreSQL keep the same limits in the database instead (``activation_svc.shared_limits``).
 
-API: ``AttemptLimiter(free_failures=5, base_delay=..., max_delay=..., device_ceiling=100, window=...,
-clock=...)`` (``device_ceiling=None``: none, e.g. the portal's per-address limit over all devices);
+API: ``AttemptLimiter(free_failures=5, base_delay=..., max_delay=..., window=..., clock=...)``;
 ``async .begin(caller_key, device_id) -> Attempt`` or raises ``AttemptsExhausted(retry_after)``;
 ``Attempt.failed()`` / ``.succeeded()``; leaving ``with attempt:`` without either releases the slot
 uncounted (the check did not happen, e.g. DPS was unreachable).
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -50,12 +50,6 @@ class _Pair:
     last_failure: datetime | None = None
     next_allowed: datetime | None = None
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
-
-
-@dataclass
-class _Device:
-    failures: deque[datetime] = field(default_factory=deque)
-    in_flight: int = 0
 
 
 class Attempt:
@@ -95,17 +89,14 @@ class AttemptLimiter:
         free_failures: int = 5,
         base_delay: timedelta = timedelta(seconds=2),
         max_delay: timedelta = timedelta(minutes=15),
-        device_ceiling: int | None = 100,
         window: timedelta = timedelta(minutes=15),
     ) -> None:
         self._clock = clock
         self._free = free_failures
         self._base = base_delay
         self._max = max_delay
-        self._ceiling = device_ceiling
         self._window = window
         self._pairs: dict[tuple[str, str], _Pair] = {}
-        self._devices: dict[str, _Device] = {}
 
     def delay_after(self, failures: int) -> timedelta:
         """The back-off before the next attempt of a pair that has ``failures`` failures."""
@@ -119,10 +110,6 @@ class AttemptLimiter:
         while True:
             now = self._clock()
             self._bound(now)
-            device = self._device(device_id, now)
-            if self._ceiling is not None and len(device.failures) + device.in_flight >= self._ceiling:
-                oldest = device.failures[0] if device.failures else now
-                raise AttemptsExhausted(seconds_of(oldest + self._window - now))
             pair = self._pair(key, now)
             if pair.failures + pair.in_flight < self._free:
                 break
@@ -133,9 +120,7 @@ class AttemptLimiter:
                 raise AttemptsExhausted(seconds_of(pair.next_allowed - now))
             break
         pair.in_flight += 1
-        device.in_flight += 1
         self._pairs[key] = pair
-        self._devices[device_id] = device
         return Attempt(self, key)
 
     async def _wait(self, key: tuple[str, str], pair: _Pair) -> None:
@@ -151,11 +136,6 @@ class AttemptLimiter:
     def _finish(self, key: tuple[str, str], *, failed: bool, clear: bool = False) -> None:
         now = self._clock()
         pair = self._pairs.get(key)
-        device = self._devices.get(key[1])
-        if device is not None:
-            device.in_flight = max(0, device.in_flight - 1)
-            if failed:
-                device.failures.append(now)
         if pair is None:
             return
         pair.in_flight = max(0, pair.in_flight - 1)
@@ -183,22 +163,12 @@ class AttemptLimiter:
             return _Pair()
         return pair
 
-    def _device(self, device_id: str, now: datetime) -> _Device:
-        device = self._devices.get(device_id) or _Device()
-        while device.failures and now - device.failures[0] >= self._window:
-            device.failures.popleft()
-        return device
-
     def _bound(self, now: datetime) -> None:
         """Forget idle entries when too many are tracked (memory stays bounded under a flood of ids)."""
-        if len(self._pairs) < MAX_TRACKED and len(self._devices) < MAX_TRACKED:
+        if len(self._pairs) < MAX_TRACKED:
             return
         for key in list(self._pairs):
             self._pair(key, now)
-        for device_id in list(self._devices):
-            device = self._device(device_id, now)
-            if not device.failures and not device.in_flight:
-                del self._devices[device_id]
 
 
 def backoff(failures: int, free: int, base: timedelta, ceiling: timedelta) -> timedelta:

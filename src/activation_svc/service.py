@@ -5,8 +5,9 @@ Authorisation: the device's enrollment must hold the hash of the presented activ
 (``Caller.oem``: the OEM itself, or a portal for it; in-process callers are not parties and pass).
 Unknown device, missing or wrong code, another OEM's device -> PermissionDenied ACTIVATION_DENIED, the
 same answer, the same work and the same count in the limiter either way: ownership cannot be probed.
-Failed checks are limited per (caller, device) with a growing back-off and per device with a higher
-ceiling (``activation_svc.ratelimit``) -> ResourceExhausted ACTIVATION_RATE_LIMITED (with retry_after).
+Failed checks are limited per (caller, device) with a growing back-off (``activation_svc.ratelimit``;
+who counts as one caller: ``_attempt_key``), never per device over all callers, so nobody can use up the
+owner's attempts -> ResourceExhausted ACTIVATION_RATE_LIMITED (with retry_after).
 The caller is the ``provkit.context.Caller`` the server resolved from the client certificate.
 
 Activate writes ONE etag-guarded enrollment update: initialTwin = the metadata, iotHubs = [hub],
@@ -121,6 +122,21 @@ def _answers_to(enrollment: Enrollment | None, caller: Caller) -> bool:
     return caller.oem == enrollment.owner
 
 
+def _attempt_key(caller: Caller, enrollment: Enrollment | None) -> str:
+    """Whose budget of wrong codes a check spends (``activation_svc.ratelimit``, per key and device).
+
+    A party's certificate is one budget (its role and tenant).  A portal serves many people and names the
+    one it acts for (``Caller.on_behalf_of``): each gets a budget of their own, so one person's guessing
+    never blocks another's right code - but only on a device the portal may act on: its OEM's, or one that
+    nobody owns yet (the first activation claims it).  On any other id, another OEM's device or an id that
+    does not exist (the two must look alike), the names it gives are not counted apart and the whole
+    certificate shares one budget: naming end users multiplies nothing there.
+    """
+    if caller.on_behalf_of and enrollment is not None and enrollment.owner in (None, caller.oem):
+        return f"{caller.uri} {caller.on_behalf_of}"
+    return caller.uri
+
+
 def _changed_meanwhile(enrollment: Enrollment) -> Aborted:
     return Aborted(
         "ENROLLMENT_CHANGED_CONCURRENTLY",
@@ -179,8 +195,12 @@ class ActivationService:
     ) -> tuple[str, Enrollment]:
         """The normalised id and its enrollment, or PermissionDenied / ResourceExhausted."""
         device_id = normalise_device_id(raw_id)
+        # A portal's end users get budgets of their own only on a device it may act on, which needs the
+        # enrollment first; everyone else's budget is known without it (no DPS read when refused).
+        read_first = bool(caller.on_behalf_of)
+        enrollment = await self._get(device_id) if read_first else None
         try:
-            slot = await self._limits.begin(caller.attempt_key, device_id)
+            slot = await self._limits.begin(_attempt_key(caller, enrollment), device_id)
         except AttemptsExhausted as exc:
             await self._audit_entry(action, device_id, str(caller), request_id, "rate-limited")
             raise ResourceExhausted(
@@ -189,7 +209,8 @@ class ActivationService:
                 retry_after=exc.retry_after,
             ) from None
         try:
-            enrollment = await self._get(device_id)
+            if not read_first:
+                enrollment = await self._get(device_id)
             right_code = await asyncio.to_thread(verify_code, code or "", _code_hash(enrollment))
             if not right_code or not _answers_to(enrollment, caller):
                 await slot.failed()

@@ -13,7 +13,6 @@ TOML file (``--config FILE`` or ACTIVATION_CONFIG).
 | server.client_ca_file             | ACTIVATION_SERVER_CLIENT_CA_FILE          | - (set: mTLS, required)    |
 | server.client_auth                | ACTIVATION_SERVER_CLIENT_AUTH             | require with a client CA   |
 | limits.max_failures               | ACTIVATION_LIMITS_MAX_FAILURES            | 5 per caller+id, back-off |
-| limits.device_ceiling             | ACTIVATION_LIMITS_DEVICE_CEILING          | 100 per id, all callers    |
 | limits.window_seconds             | ACTIVATION_LIMITS_WINDOW_SECONDS          | 900                        |
 | device_ids                        | ACTIVATION_DEVICE_IDS                     | guid (provkit.device_id)   |
 | intents.hold_seconds              | ACTIVATION_INTENTS_HOLD_SECONDS           | 60 (replicas, intents.py)  |
@@ -66,7 +65,6 @@ class ActivationSettings:
     data_dir: Path
     cloud: CloudSettings
     max_failures: int = 5
-    device_ceiling: int = 100
     failure_window: timedelta = timedelta(minutes=15)
     intent_hold: timedelta = HOLD
     request_lease: timedelta = LEASE
@@ -89,16 +87,18 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
     config = config or probe.path("config")
     source = SettingsSource(PREFIX, env=env, file=config)
     max_failures = source.integer("limits.max_failures", 5)
-    device_ceiling = source.integer("limits.device_ceiling", 100)
+    if source.text("limits.device_ceiling") is not None:
+        raise SettingsError(
+            f"{source.env_name('limits.device_ceiling')} (limits.device_ceiling) is no longer a setting: a "
+            "ceiling of failed codes per device over all callers let anyone lock the owner out; remove it "
+            "(the README's 'Wrong activation codes' says what limits guessing now)"
+        )
     window = source.number("limits.window_seconds", 900.0)
     hold = source.number("intents.hold_seconds", HOLD.total_seconds())
     if hold <= 0:
         raise SettingsError("ACTIVATION_INTENTS_HOLD_SECONDS must be positive")
-    if max_failures < 1 or window <= 0 or device_ceiling < max_failures:
-        raise SettingsError(
-            "ACTIVATION_LIMITS_MAX_FAILURES and _WINDOW_SECONDS must be positive, "
-            "_DEVICE_CEILING at least _MAX_FAILURES"
-        )
+    if max_failures < 1 or window <= 0:
+        raise SettingsError("ACTIVATION_LIMITS_MAX_FAILURES and _WINDOW_SECONDS must be positive")
     data_dir = source.path("data_dir", Path("activation-data")) or Path("activation-data")
     return ActivationSettings(
         server=server_settings(source, error_domain=ERROR_DOMAIN, default_port=DEFAULT_PORT),
@@ -106,7 +106,6 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         database=database_url(source, data_dir),
         cloud=load_cloud_settings(source),
         max_failures=max_failures,
-        device_ceiling=device_ceiling,
         failure_window=timedelta(seconds=window),
         intent_hold=timedelta(seconds=hold),
         request_lease=request_lease(source),

@@ -1,17 +1,17 @@
-"""The wrong-code limits of ``activation_svc.ratelimit``, kept in the database for several replicas.
+"""The wrong-code limit of ``activation_svc.ratelimit``, kept in the database for several replicas.
 
-Same rules, same numbers (per caller+device: ``free_failures`` then one attempt at a time after a doubling
-back-off; per device: at most ``device_ceiling`` failed checks within ``window`` from all callers), but the
-counts are rows that every replica sees, and every decision about a device is taken holding that device's
-row locked (``SELECT ... FOR UPDATE`` on ``wrong_code_devices``): so N admitted means N checked, counted
-exactly across replicas.  An admitted check is a row with a lease (``CHECK_LEASE``): when its replica
-dies before reporting, the slot comes back when the lease runs out.  Where the in-memory limiter waits
-for a future, a replica here polls (``POLL``) until the checks in flight have reported.
+Same rule, same numbers (per caller+device: ``free_failures``, then one attempt at a time after a doubling
+back-off), but the counts are rows that every replica sees, and every decision about a device is taken
+holding that device's row locked (``SELECT ... FOR UPDATE`` on ``wrong_code_devices``): so N admitted means
+N checked, counted exactly across replicas.  An admitted check is a row with a lease (``CHECK_LEASE``): when
+its replica dies before reporting, the slot comes back when the lease runs out.  Where the in-memory limiter
+waits for a future, a replica here polls (``POLL``) until the checks in flight have reported.
 
 Tables (the audit store's schema version 3, ``MIGRATION``, on both backends; only PostgreSQL uses them):
 ``wrong_code_devices`` (the lock), ``wrong_code_pairs`` (failures and back-off per caller+device),
-``wrong_code_failures`` (one row per failed check, for the per-device window), ``wrong_code_checks``
-(checks in flight).
+``wrong_code_checks`` (checks in flight).  Version 6 (``DROP_DEVICE_CEILING``) drops
+``wrong_code_failures``, the per-device window of the ceiling over all callers that let anyone lock the
+owner out (removed: see ``activation_svc.ratelimit``).
 
 API: :class:`FailureLimits` (the port the service uses), :class:`MemoryLimits` (the in-memory limiter
 behind it), :class:`DatabaseLimits` (these tables), :func:`failure_limits` (the one for a database).
@@ -54,6 +54,10 @@ CREATE TABLE wrong_code_checks (
     expires_us INTEGER NOT NULL
 );
 CREATE INDEX wrong_code_checks_by_device ON wrong_code_checks (device_id, caller);
+"""
+DROP_DEVICE_CEILING = """
+DROP INDEX wrong_code_failures_by_device;
+DROP TABLE wrong_code_failures;
 """
 
 CHECK_LEASE = timedelta(minutes=2)  # far longer than a code check (one DPS read and a hash)
@@ -154,10 +158,9 @@ class _DatabaseSlot:
 
 @dataclass(frozen=True)
 class Rules:
-    """The numbers of the limits (see ``activation_svc.ratelimit``)."""
+    """The numbers of the limit (see ``activation_svc.ratelimit``)."""
 
     free_failures: int = 5
-    device_ceiling: int | None = 100
     window: timedelta = timedelta(minutes=15)
     base_delay: timedelta = timedelta(seconds=2)
     max_delay: timedelta = timedelta(minutes=15)
@@ -170,7 +173,6 @@ class DatabaseLimits:
         self._free = rules.free_failures
         self._base = rules.base_delay
         self._max = rules.max_delay
-        self._ceiling = rules.device_ceiling
         self._window = rules.window
 
     async def begin(self, caller_key: str, device_id: str) -> Slot:
@@ -193,21 +195,6 @@ class DatabaseLimits:
         await tx.execute(
             "DELETE FROM wrong_code_checks WHERE device_id = ? AND expires_us <= ?", (device_id, now_us)
         )
-        await tx.execute(
-            "DELETE FROM wrong_code_failures WHERE device_id = ? AND at_us <= ?",
-            (device_id, _us(now - self._window)),
-        )
-        if self._ceiling is not None:
-            window_row = await tx.fetchone(
-                "SELECT count(*), min(at_us) FROM wrong_code_failures WHERE device_id = ?", (device_id,)
-            )
-            in_flight = await _count(
-                tx, "SELECT count(*) FROM wrong_code_checks WHERE device_id = ?", (device_id,)
-            )
-            count, oldest_us = (int(window_row[0]), window_row[1]) if window_row else (0, None)
-            if count + in_flight >= self._ceiling:
-                oldest = now if oldest_us is None else _moment(int(oldest_us))
-                return AttemptsExhausted(seconds_of(oldest + self._window - now))
         pair = await tx.fetchone(
             "SELECT failures, last_failure_us, next_allowed_us FROM wrong_code_pairs "
             "WHERE caller = ? AND device_id = ?",
@@ -249,9 +236,6 @@ class DatabaseLimits:
                 )
             if outcome != "failed":
                 return
-            await tx.execute(
-                "INSERT INTO wrong_code_failures (device_id, at_us) VALUES (?, ?)", (device_id, _us(now))
-            )
             failures = 1 + await _count(
                 tx,
                 "SELECT coalesce(max(failures), 0) FROM wrong_code_pairs WHERE caller = ? AND device_id = ?",
@@ -275,13 +259,10 @@ def failure_limits(
     *,
     clock: Callable[[], datetime],
     free_failures: int,
-    device_ceiling: int | None,
     window: timedelta = Rules.window,
 ) -> FailureLimits:
     """The limits for a program on ``db``: in the database on PostgreSQL (replicas), else (SQLite, or no
     database: the portal beside a service on SQLite) in memory."""
     if db is not None and db.backend is Backend.POSTGRESQL:
-        return DatabaseLimits(db, clock=clock, rules=Rules(free_failures, device_ceiling, window))
-    return MemoryLimits(
-        AttemptLimiter(clock=clock, free_failures=free_failures, device_ceiling=device_ceiling, window=window)
-    )
+        return DatabaseLimits(db, clock=clock, rules=Rules(free_failures, window))
+    return MemoryLimits(AttemptLimiter(clock=clock, free_failures=free_failures, window=window))

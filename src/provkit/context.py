@@ -12,8 +12,7 @@ API
 ``Caller(role, tenant, identity, on_behalf_of="")``   who is calling, resolved once per call from the
                 verified client certificate (``provkit.parties``): ``.uri`` (``urn:devprov:<role>:<tenant>``),
                 ``.oem`` (the OEM an OEM or portal caller acts for, else None), ``.on_behalf_of`` (a portal
-                only: the end user's address it forwards in ``x-devprov-on-behalf-of``), ``.attempt_key``
-                (whose failed attempts count together: the uri, plus the end user for a portal),
+                only: the end user's address it forwards in ``x-devprov-on-behalf-of``),
                 ``str(caller)`` is the form written to ledgers and audit logs:
                 ``"<uri> [for <end user>] <CN> sha256:<THUMBPRINT>"``.
 ``current_request_id() -> str``      the request id of the running RPC ("" outside one).
@@ -84,10 +83,6 @@ class Caller:
     def oem(self) -> str | None:
         """The OEM this caller acts for: an OEM's own id, or the OEM a portal certificate serves."""
         return self.tenant if self.role in (Role.OEM, Role.PORTAL) else None
-
-    @property
-    def attempt_key(self) -> str:
-        return f"{self.uri} {self.on_behalf_of}" if self.on_behalf_of else self.uri
 
     def __str__(self) -> str:
         if self.role is Role.INTERNAL:

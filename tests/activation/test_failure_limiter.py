@@ -1,6 +1,6 @@
-"""Failed activation attempts: per (caller, device) with a growing back-off, a per-device ceiling over all
-callers, exact counting of admitted checks; concurrent attempts wait for room instead of being refused
-(clock injected; no gRPC here)."""
+"""Failed activation attempts: per (caller, device) with a growing back-off and nothing over all callers (no
+number of failing callers refuses another), exact counting of admitted checks; concurrent attempts wait for
+room instead of being refused (clock injected; no gRPC here)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from activation_svc.ratelimit import AttemptLimiter, AttemptsExhausted
+from activation_svc.settings import load_settings
+from provkit.settings import SettingsError
 
 
 class Clock:
@@ -63,19 +65,15 @@ async def test_a_success_clears_the_pair_and_an_unchecked_attempt_counts_nothing
         await limiter.begin("oem", "dev")
 
 
-async def test_the_device_ceiling_bounds_many_callers_together() -> None:
+async def test_no_number_of_failing_callers_refuses_another_callers_check() -> None:
     clock = Clock()
-    limiter = AttemptLimiter(clock=clock, free_failures=2, device_ceiling=6, window=timedelta(minutes=10))
-    for caller in ("a", "b", "c"):
-        await fail(limiter, caller)
-        await fail(limiter, caller)
-    with pytest.raises(AttemptsExhausted) as caught:
-        await limiter.begin("d", "dev")
-    assert 599 <= caught.value.retry_after <= 600
-    with await limiter.begin("d", "other-device") as attempt:
-        attempt.failed()
-    clock.advance(600)
-    with await limiter.begin("d", "dev") as attempt:
+    limiter = AttemptLimiter(clock=clock, free_failures=2, window=timedelta(minutes=10))
+    for caller in range(300):  # 600 failed checks on one device, two from each of 300 callers
+        await fail(limiter, f"guesser-{caller}")
+        await fail(limiter, f"guesser-{caller}")
+    with pytest.raises(AttemptsExhausted):
+        await limiter.begin("guesser-7", "dev")  # each guesser is slowed...
+    with await limiter.begin("owner", "dev") as attempt:  # ...and the owner's first check goes ahead
         attempt.succeeded()
 
 
@@ -106,3 +104,8 @@ async def test_concurrent_right_codes_wait_for_room_and_are_all_admitted() -> No
 
     await asyncio.gather(*(check() for _ in range(6)))  # none refused
     assert most == 2
+
+
+def test_the_removed_per_device_ceiling_is_refused_at_start_up_naming_why() -> None:
+    with pytest.raises(SettingsError, match=r"ACTIVATION_LIMITS_DEVICE_CEILING.*lock the owner out"):
+        load_settings(env={"ACTIVATION_LIMITS_DEVICE_CEILING": "100"})

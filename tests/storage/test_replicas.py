@@ -30,10 +30,16 @@ from activation_svc.portal.app import create_app
 from activation_svc.portal.settings import load_portal_settings
 from dbstore import DatabaseUrl
 from devprov.v1 import activation_service_pb2 as apb
+from devprov.v1 import activation_service_pb2_grpc as apb_grpc
 from devprov.v1 import factory_service_pb2 as fpb
 from factory_svc.enrollment.outbox import Outbox
 from factory_svc.ledger import Ledger
 from provkit.activation_code import verify_code
+from provkit.channels import ChannelSecurity, create_channel
+from provkit.context import Role
+from provkit.grpc_errors import error_details
+from provkit.grpc_server import ON_BEHALF_OF_HEADER
+from provkit.pki_cli import issue_party
 
 METADATA = json.dumps({"tags": {"customer": "acme"}, "properties": {"desired": {"interval_s": 5}}})
 
@@ -74,9 +80,7 @@ async def test_two_factory_replicas_enroll_one_batch_at_once(tmp_path, emulator,
     async with AsyncExitStack() as stack:
         replicas = [
             await stack.enter_async_context(
-                running_factory(
-                    factory_env(tmp_path / f"r{i}", emulator, FACTORY_DATABASE_URL=postgres_url)
-                )
+                running_factory(factory_env(tmp_path / f"r{i}", emulator, FACTORY_DATABASE_URL=postgres_url))
             )
             for i in range(2)
         ]
@@ -106,6 +110,44 @@ async def test_two_factory_replicas_enroll_one_batch_at_once(tmp_path, emulator,
         assert replay.replayed
         replayed = [r.response.activation_code for r in replay.results]
         assert replayed in ([r.response.activation_code for r in answer.results] for answer in answers[2:])
+
+
+async def test_on_two_replicas_another_oems_portal_naming_150_end_users_never_locks_the_owner_out(
+    tmp_path, emulator, postgres_url
+):
+    tls = OemTls.create(tmp_path / "tls")
+    extra = {"ACTIVATION_DATABASE_URL": postgres_url}
+    async with AsyncExitStack() as stack:
+        factory, replicas, _device, _code = await activation_replicas(
+            stack, tmp_path, emulator, postgres_url, tls, extra
+        )
+        device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
+        enroll = fpb.EnrollRequest(
+            device_id=device.device_id, certificate_pem=device.chain_pem, owner_oem="acme"
+        )
+        code = (await factory.Enroll(enroll)).activation_code
+        pair = issue_party(tls.authority, Role.PORTAL, "globex")
+        security = ChannelSecurity(ca_pem=tls.authority.ca_pem, cert_pem=pair.cert_pem, key_pem=pair.key_pem)
+        globex = [
+            apb_grpc.ActivationServiceStub(
+                await stack.enter_async_context(create_channel(app.grpc_address, security))
+            )
+            for app, _stub in replicas
+        ]
+        reasons = []
+        for n in range(150):  # each name on the other replica than the last
+            try:
+                await globex[n % 2].Activate(
+                    activate_request(device.device_id, "AAAA-AAAA-AAAA-AAAA", METADATA),
+                    metadata=((ON_BEHALF_OF_HEADER, f"198.51.100.{n}"),),
+                )
+            except grpc.aio.AioRpcError as exc:
+                reasons.append(error_details(exc).reason)
+        allowed = replicas[0][0].settings.max_failures
+        assert reasons == ["ACTIVATION_DENIED"] * allowed + ["ACTIVATION_RATE_LIMITED"] * (150 - allowed)
+        for _app, acme in replicas:  # the owner's right code, on either replica, at once
+            reply = await acme.Activate(activate_request(device.device_id, code, METADATA))
+            assert reply.lifecycle == apb.LIFECYCLE_ACTIVATED and reply.owner_oem == "acme"
 
 
 async def test_two_activation_replicas_count_wrong_codes_exactly_and_one_activation_wins(

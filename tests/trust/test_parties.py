@@ -87,6 +87,7 @@ def _certificates(tls: OemTls) -> dict[str, TlsPair]:
         **{name: issue_party(ca, role, tenant, common_name=name) for name, (role, tenant) in PARTIES.items()},
         "oem-globex": issue_party(ca, Role.OEM, "globex"),
         "oem-mallory": issue_party(ca, Role.OEM, "mallory"),
+        "portal-globex": issue_party(ca, Role.PORTAL, "globex"),
         "no party": ca.client_certificate("no-party"),
         "another CA": issue_party(DevTlsAuthority.create("another CA"), Role.FACTORY, "plant-1"),
         "expired": issue_party(past, Role.FACTORY, "plant-1", days=1),

@@ -376,7 +376,6 @@ async def _limits_ctx(app: web.Application) -> AsyncIterator[None]:
         None if audit is None else audit.db,
         clock=lambda: datetime.now(UTC),
         free_failures=settings.max_failures_per_address,
-        device_ceiling=None,
     )
     try:
         yield

@@ -1,0 +1,95 @@
+"""Nobody locks the owner out with wrong codes (issue: a portal of another OEM naming 150 end users, or 120
+wrong codes through the web portal from 20 addresses, used to refuse the owner's right code for 15 minutes).
+
+Over real mTLS against real factory_svc / activation_svc servers and the emulator.  What must hold: a party's
+failures spend its own budget only; a portal's end users get budgets of their own only on a device the
+portal may act on (its OEM's, or one nobody owns yet), so on another OEM's device the certificate has one
+budget whatever names it gives - exactly as on an id that does not exist."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+from enrollment.provisioning_env import dps_enrollment, failure, mint
+from trust.test_parties import META, Trust, _enrolled
+from trust.test_parties import trust as trust  # the same stack of real servers
+
+from devprov.v1 import activation_service_pb2 as apb
+from devprov.v1 import activation_service_pb2_grpc as apb_grpc
+from devprov.v1 import factory_service_pb2 as fpb
+from provkit.grpc_server import ON_BEHALF_OF_HEADER
+
+WRONG = "0000-0000-0000-0000"
+NAMES = 150
+
+
+def _activate(device_id: str, code: str) -> apb.ActivateRequest:
+    return apb.ActivateRequest(device_id=device_id, activation_code=code, metadata_json=META)
+
+
+async def _storm(portal: apb_grpc.ActivationServiceStub, device_id: str) -> list[tuple]:
+    """One wrong code for each of NAMES end users, one after another: what each got (code, reason)."""
+    answers = []
+    for n in range(NAMES):
+        details = await failure(
+            portal.Activate(_activate(device_id, WRONG), metadata=((ON_BEHALF_OF_HEADER, f"198.51.100.{n}"),))
+        )
+        answers.append((details.code, details.reason))
+    return answers
+
+
+async def test_another_oems_portal_naming_150_end_users_spends_one_budget_and_the_owner_gets_in_at_once(
+    trust: Trust,
+) -> None:
+    allowed = trust.activation_app.settings.max_failures
+    async with (
+        trust.stubs("factory") as (bench, _),
+        trust.stubs("portal-globex") as (_f1, globex_portal),
+        trust.stubs("oem") as (_f2, acme),
+        trust.stubs("portal") as (_f3, acme_portal),
+    ):
+        device = await mint(bench, str(uuid.uuid4()), trust.folder / "devices")
+        enroll = fpb.EnrollRequest(
+            device_id=device.device_id, certificate_pem=device.chain_pem, owner_oem="acme"
+        )
+        code = (await bench.Enroll(enroll)).activation_code
+        before = await dps_enrollment(trust.emulator, device.device_id)
+
+        on_acmes = await _storm(globex_portal, device.device_id)
+        on_unknown = await _storm(globex_portal, str(uuid.uuid4()))
+        assert on_acmes == [(grpc.StatusCode.PERMISSION_DENIED, "ACTIVATION_DENIED")] * allowed + [
+            (grpc.StatusCode.RESOURCE_EXHAUSTED, "ACTIVATION_RATE_LIMITED")
+        ] * (NAMES - allowed)  # the names multiply nothing: one budget for the certificate
+        assert on_acmes == on_unknown  # and another OEM's device looks like no device at all
+        assert (await dps_enrollment(trust.emulator, device.device_id))["etag"] == before["etag"]
+
+        # the owner, by its back office and by its portal for one of its people, is let in at once
+        reply = await acme.Activate(_activate(device.device_id, code))
+        assert reply.lifecycle == apb.LIFECYCLE_ACTIVATED and reply.owner_oem == "acme"
+        again = await acme_portal.Activate(
+            _activate(device.device_id, code), metadata=((ON_BEHALF_OF_HEADER, "203.0.113.9"),)
+        )
+        assert again.lifecycle == apb.LIFECYCLE_ACTIVATED
+    outcomes = [e.outcome for e in await trust.activation_app.audit.entries(device.device_id)]
+    assert outcomes.count("denied") == allowed and outcomes.count("rate-limited") == NAMES - allowed
+
+
+async def test_before_anyone_owns_it_no_storm_of_names_stops_the_right_code(trust: Trust) -> None:
+    async with (
+        trust.stubs("factory") as (bench, _),
+        trust.stubs("portal-globex") as (_f1, globex_portal),
+        trust.stubs("oem-mallory") as (_f2, mallory),
+        trust.stubs("portal") as (_f3, acme_portal),
+    ):
+        device, code = await _enrolled(bench, trust.folder)  # nobody owns it: the first activation claims it
+        answers = await _storm(globex_portal, device.device_id)
+        assert set(answers) == {(grpc.StatusCode.PERMISSION_DENIED, "ACTIVATION_DENIED")}  # each name once
+        for _ in range(trust.activation_app.settings.max_failures + 1):
+            await failure(mallory.Activate(_activate(device.device_id, WRONG)))
+
+        # a person at acme's portal with the code on the label: claimed at once, nothing waits
+        reply = await acme_portal.Activate(
+            _activate(device.device_id, code), metadata=((ON_BEHALF_OF_HEADER, "203.0.113.7"),)
+        )
+        assert reply.lifecycle == apb.LIFECYCLE_ACTIVATED and reply.owner_oem == "acme"
