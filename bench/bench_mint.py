@@ -93,9 +93,10 @@ def _raw_worker(ca_dir: Path | Any) -> Callable[[str, bytes], tuple[str, str, st
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from factory_svc.ca import now_utc, open_dev_ca
+    from factory_svc.ca import open_dev_ca
     from factory_svc.csr import check_csr
     from factory_svc.minting import BACKDATE, MintPolicy, leaf_builder, thumbprints
+    from provkit.clock import now_utc
 
     ca = open_dev_ca(ca_dir, now_utc) if isinstance(ca_dir, Path) else ca_dir
     ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
@@ -438,9 +439,10 @@ async def _softhsm_part(folder: Path) -> dict | str:
     import subprocess
 
     from factory_svc.app import FactoryApp, open_ca
-    from factory_svc.ca import ROOT_CERT, ROOT_KEY, now_utc, open_dev_ca
+    from factory_svc.ca import ROOT_CERT, ROOT_KEY, open_dev_ca
     from factory_svc.pkcs11_signer import DEBIAN_SOFTHSM2
     from factory_svc.settings import load_settings
+    from provkit.clock import now_utc
 
     if not DEBIAN_SOFTHSM2.exists() or shutil.which("softhsm2-util") is None:
         return "SoftHSM2 is not installed (`make softhsm`)"

@@ -9,24 +9,19 @@ defaults to what ``settings.observe`` asks for.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from activation_svc.audit import AuditLog
 from activation_svc.service import ActivationService
 from activation_svc.servicer import ActivationServicer
 from activation_svc.settings import ActivationSettings
 from activation_svc.shared_limits import failure_limits
+from provkit.clock import Clock, now_utc
 from provkit.dps import DpsEnrollments
 from provkit.grpc_server import RunningServer, ServiceBinding, serve_app, start_server
 from provkit.idempotency import RequestIds
 from provkit.iothub import HubRegistries
 from provkit.observe import Observability
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass
@@ -41,7 +36,7 @@ class ActivationApp:
     async def open(
         cls,
         settings: ActivationSettings,
-        clock: Callable[[], datetime] = now_utc,
+        clock: Clock = now_utc,
         observe: Observability | None = None,
     ) -> ActivationApp:
         observe = observe or Observability.open(settings.observe, "activation_svc")

@@ -34,7 +34,7 @@ from dataclasses import replace as dc_replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dbstore import Backend, Database, Tx
+from dbstore import Database, Tx
 from provkit.cloud import InitialTwin
 
 MIGRATION = """
@@ -139,8 +139,8 @@ class IntentLog:
 
     async def hold(self, intent: ActivationIntent) -> bool:
         """Take (or renew) the hold of an open intent; False when it is closed or another replica's hold
-        runs.  On SQLite one process serves (a restarted one finishes its own intents at once): always."""
-        if self._db.backend is Backend.SQLITE:
+        runs.  On a database of one process (SQLite) it finishes its own intents at once: always."""
+        if not self._db.shared:
             return True
         now_us = int(self._clock() * 1_000_000)
         changed = await self._db.transaction(

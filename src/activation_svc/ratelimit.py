@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
+
+from provkit.clock import Clock
 
 MAX_TRACKED = 100_000
 
@@ -85,7 +86,7 @@ class AttemptLimiter:
     def __init__(
         self,
         *,
-        clock: Callable[[], datetime],
+        clock: Clock,
         free_failures: int = 5,
         base_delay: timedelta = timedelta(seconds=2),
         max_delay: timedelta = timedelta(minutes=15),

@@ -41,10 +41,8 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from dataclasses import replace as dc_replace
-from datetime import datetime
 from typing import Any, Protocol
 
 from activation_svc.audit import AuditEntry, AuditLog
@@ -70,6 +68,7 @@ from activation_svc.steps import (
     update_enrollment,
 )
 from provkit.activation_code import verify_code
+from provkit.clock import Clock
 from provkit.cloud import (
     CloudUnavailable,
     Enrollment,
@@ -95,7 +94,6 @@ from provkit.idempotency import LOST_RACE, LostRace, RequestIds, Stored, check_r
 
 log = logging.getLogger("activation_svc")
 
-Clock = Callable[[], datetime]
 _MAX_ATTEMPTS = 16
 
 

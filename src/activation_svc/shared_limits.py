@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from activation_svc.ratelimit import Attempt, AttemptLimiter, AttemptsExhausted, backoff, seconds_of
-from dbstore import Backend, Database, Tx
+from dbstore import Database, Tx
+from provkit.clock import Clock, from_us, to_us
 
 MIGRATION = """
 CREATE TABLE wrong_code_devices (device_id TEXT PRIMARY KEY);
@@ -105,14 +105,6 @@ class MemoryLimits:
         return _MemorySlot(await self.limiter.begin(caller_key, device_id))
 
 
-def _us(moment: datetime) -> int:
-    return int(moment.timestamp() * 1_000_000)
-
-
-def _moment(us: int) -> datetime:
-    return datetime.fromtimestamp(us / 1_000_000, UTC)
-
-
 @dataclass(frozen=True)
 class _Wait:
     """The pair's checks in flight decide whether there is room: look again soon."""
@@ -167,7 +159,7 @@ class Rules:
 
 
 class DatabaseLimits:
-    def __init__(self, db: Database, *, clock: Callable[[], datetime], rules: Rules = Rules()) -> None:
+    def __init__(self, db: Database, *, clock: Clock, rules: Rules = Rules()) -> None:
         self._db = db
         self._clock = clock
         self._free = rules.free_failures
@@ -190,7 +182,7 @@ class DatabaseLimits:
         self, tx: Tx, *, caller: str, device_id: str, now: datetime
     ) -> int | AttemptsExhausted | _Wait:
         """Under the device's lock: a new check's id, a refusal, or wait."""
-        now_us = _us(now)
+        now_us = to_us(now)
         await _lock_device(tx, device_id)
         await tx.execute(
             "DELETE FROM wrong_code_checks WHERE device_id = ? AND expires_us <= ?", (device_id, now_us)
@@ -202,7 +194,7 @@ class DatabaseLimits:
         )
         failures, next_allowed_us = 0, 0
         if pair is not None:
-            if now - _moment(int(pair[1])) >= max(self._window, self._max):  # idle: forgotten
+            if now - from_us(int(pair[1])) >= max(self._window, self._max):  # idle: forgotten
                 await tx.execute(
                     "DELETE FROM wrong_code_pairs WHERE caller = ? AND device_id = ?", (caller, device_id)
                 )
@@ -217,10 +209,10 @@ class DatabaseLimits:
             if in_flight:  # past the free failures one attempt at a time
                 return _Wait()
             if now_us < next_allowed_us:
-                return AttemptsExhausted(seconds_of(_moment(next_allowed_us) - now))
+                return AttemptsExhausted(seconds_of(from_us(next_allowed_us) - now))
         return await tx.insert(
             "INSERT INTO wrong_code_checks (caller, device_id, expires_us) VALUES (?, ?, ?)",
-            (caller, device_id, _us(now + CHECK_LEASE)),
+            (caller, device_id, to_us(now + CHECK_LEASE)),
             "id",
         )
 
@@ -248,7 +240,7 @@ class DatabaseLimits:
                 "ON CONFLICT (caller, device_id) DO UPDATE SET "
                 "failures = excluded.failures, last_failure_us = excluded.last_failure_us, "
                 "next_allowed_us = excluded.next_allowed_us",
-                (caller, device_id, failures, _us(now), _us(next_allowed)),
+                (caller, device_id, failures, to_us(now), to_us(next_allowed)),
             )
 
         await self._db.transaction(go)
@@ -257,12 +249,12 @@ class DatabaseLimits:
 def failure_limits(
     db: Database | None,
     *,
-    clock: Callable[[], datetime],
+    clock: Clock,
     free_failures: int,
     window: timedelta = Rules.window,
 ) -> FailureLimits:
     """The limits for a program on ``db``: in the database on PostgreSQL (replicas), else (SQLite, or no
     database: the portal beside a service on SQLite) in memory."""
-    if db is not None and db.backend is Backend.POSTGRESQL:
+    if db is not None and db.shared:
         return DatabaseLimits(db, clock=clock, rules=Rules(free_failures, window))
     return MemoryLimits(AttemptLimiter(clock=clock, free_failures=free_failures, window=window))

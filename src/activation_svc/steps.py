@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
-from datetime import datetime
 from typing import Any
 
 from activation_svc.audit import AuditEntry, AuditLog
 from activation_svc.intents import ActivationIntent
 from activation_svc.model import ActivationPath
+from provkit.clock import Clock
 from provkit.cloud import (
     CloudEtagMismatch,
     CloudNotFound,
@@ -138,7 +138,7 @@ class Carried:
 
 class IntentSteps:
     def __init__(
-        self, dps: EnrollmentPort, hubs: HubTwinPort, audit: AuditLog, clock: Callable[[], datetime]
+        self, dps: EnrollmentPort, hubs: HubTwinPort, audit: AuditLog, clock: Clock
     ) -> None:
         self._dps = dps
         self._hubs = hubs

@@ -6,8 +6,10 @@ before) or ``postgresql://user:password@host:port/database`` (one database for a
 through psycopg 3 and a psycopg_pool connection pool).
 
 A store writes its SQL once, in the subset both databases speak (``?`` placeholders, ``ON CONFLICT``,
-``RETURNING`` through :meth:`Tx.insert`), and asks :attr:`Tx.backend` for the few statements that differ
-(row locks, ``SKIP LOCKED``).  Its work is an ``async`` function of a :class:`Tx`, run as one
+``RETURNING`` through :meth:`Tx.insert`).  It asks the database what it can do, never which backend it is:
+:attr:`Database.shared` (replicas use it at once: claim with row locks, hold work with leases) and
+:meth:`Database.compact_log`; only the SQL of a row lock differs by :attr:`Tx.backend`.  Its work is an
+``async`` function of a :class:`Tx`, run as one
 transaction by :meth:`Database.transaction` (or without one by :meth:`Database.read`):
 
 - on SQLite the function runs on the store's own thread (litestore), all of it in one hand-off: it may

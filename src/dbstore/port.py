@@ -48,8 +48,22 @@ Work = Callable[[Tx], Coroutine[Any, Any, T]]
 
 
 class Database(Protocol):
+    """A store's database.  Stores ask what it can do (``shared``, ``compact_log``), never which backend it
+    is; only the SQL of a statement may differ by ``Tx.backend`` (``FOR UPDATE``, ``SKIP LOCKED``)."""
+
     backend: Backend
     name: str
+
+    @property
+    def shared(self) -> bool:
+        """Whether several processes (replicas) use this database at once: a store then claims rows with
+        row locks and holds work with leases.  False: one process, whose single writer orders all writes."""
+        ...
+
+    async def compact_log(self) -> None:
+        """Give back the space of deleted rows in the write-ahead log, so that deleted secrets do not linger
+        in a file (SQLite's WAL, truncated); nothing where the server manages its own log."""
+        ...
 
     async def transaction(self, work: Work[T]) -> T:
         """``work(tx)`` as one transaction: all of it committed, or nothing when it (or the commit) raises."""

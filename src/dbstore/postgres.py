@@ -127,6 +127,7 @@ async def migrate(conn: psycopg.AsyncConnection[tuple[object, ...]], schema: Sch
 
 class PostgresDatabase:
     backend = Backend.POSTGRESQL
+    shared = True  # replicas: every store claims with row locks
 
     def __init__(self, pool: AsyncConnectionPool, name: str) -> None:
         self.pool = pool
@@ -161,6 +162,9 @@ class PostgresDatabase:
     async def read(self, work: Work[T]) -> T:
         async with self.pool.connection() as conn:
             return await work(PostgresTx(conn))
+
+    async def compact_log(self) -> None:
+        """Nothing to do: the server recycles its own write-ahead log."""
 
     async def close(self) -> None:
         await self.pool.close()

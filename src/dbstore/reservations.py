@@ -31,7 +31,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from dbstore.port import Backend, Database, Tx, Work
+from dbstore.port import Database, Tx, Work
 
 T = TypeVar("T")
 
@@ -87,7 +87,7 @@ class Reservations:
     @property
     def shared(self) -> bool:
         """Whether other processes use this database (then reservations are written)."""
-        return self._db.backend is Backend.POSTGRESQL
+        return self._db.shared
 
     async def claim(
         self, request_id: str, fingerprint: str, holder: str, now_us: int, lease_until_us: int

@@ -75,6 +75,7 @@ class SqliteTx:
 
 class SqliteDatabase:
     backend = Backend.SQLITE
+    shared = False  # one process: litestore's single writer thread orders every write
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -90,6 +91,10 @@ class SqliteDatabase:
 
     async def read(self, work: Work[T]) -> T:
         return await self.store.run(lambda conn: run_now(work(SqliteTx(conn))))
+
+    async def compact_log(self) -> None:
+        # Read the pragma's result row: an unread one leaves its statement open, and the next COMMIT fails.
+        await self.store.run(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
 
     async def close(self) -> None:
         await self.store.close()

@@ -34,6 +34,11 @@ class DatabaseUrl:
             return cls(Backend.POSTGRESQL, dsn=text)
         raise UrlError(f"unknown database URL scheme {scheme!r}: use sqlite:///<directory> or postgresql://...")
 
+    @property
+    def shared(self) -> bool:
+        """Whether several processes (replicas) can use this database at once (``Database.shared``)."""
+        return self.backend is Backend.POSTGRESQL
+
     @classmethod
     def sqlite(cls, directory: Path) -> DatabaseUrl:
         return cls(Backend.SQLITE, directory=directory.absolute())

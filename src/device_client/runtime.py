@@ -41,6 +41,7 @@ from device_client.identity import check_validity
 from device_client.settings import Settings
 from device_client.state import Assignment, DesiredState, StateDir, StoredIdentity
 from device_client.telemetry import build_body, message_id
+from provkit.clock import Clock
 from provkit.faults import crash_point
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class DeviceRuntime:
         settings: Settings,
         *,
         on_change: Listener | None = None,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Clock = lambda: datetime.now(UTC),
     ) -> None:
         self.guid = guid
         self.settings = settings

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from factory_svc.ca import Clock, IssuingCA, load_chain, load_configured_ca, now_utc, open_dev_ca
+from factory_svc.ca import IssuingCA, load_chain, load_configured_ca, open_dev_ca
 from factory_svc.crl import CrlHttp, CrlPublisher
 from factory_svc.enrollment.runtime import EnrollmentRuntime
 from factory_svc.ledger import Ledger
@@ -35,6 +35,7 @@ from factory_svc.pkcs11_signer import Pkcs11Signer
 from factory_svc.revocation import CloudSide, RevocationIntents, RevocationService
 from factory_svc.servicer import FactoryServicer
 from factory_svc.settings import FactorySettings
+from provkit.clock import Clock, now_utc
 from provkit.grpc_server import RunningServer, ServiceBinding, serve_app, start_server
 from provkit.idempotency import RequestIds
 from provkit.iothub import HubRegistries

@@ -19,9 +19,8 @@ import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -31,9 +30,8 @@ from cryptography.x509.oid import NameOID
 
 from factory_svc.errors import CaConfigError
 from factory_svc.signer import CaKey, CaPublicKey, CaSigner, FileSigner
+from provkit.clock import Clock
 from provkit.devpki import CA_KEY_USAGE, write_private_file
-
-Clock = Callable[[], datetime]
 
 ROOT_CERT, ROOT_KEY = "root-ca.pem", "root-ca.key"
 ISSUING_CERT, ISSUING_KEY = "issuing-ca.pem", "issuing-ca.key"
@@ -233,6 +231,3 @@ def load_configured_ca(chain_file: Path, key_file: Path, passphrase: str | None)
 def certificate_pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

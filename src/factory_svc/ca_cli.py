@@ -30,12 +30,12 @@ from factory_svc.ca import (
     issuing_ca_certificate,
     load_chain,
     load_key_file,
-    now_utc,
 )
 from factory_svc.errors import CaConfigError
 from factory_svc.pkcs11_signer import CURVES, Pkcs11Signer, create_issuing_key
 from factory_svc.settings import pkcs11_settings
 from factory_svc.signer import FileSigner
+from provkit.clock import now_utc
 from provkit.settings import SettingsError, SettingsSource
 
 

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from factory_svc.ca import IssuingCA
 from factory_svc.ledger import CrlContent
 from factory_svc.model import IssuedCertificate, RevocationReason
+from provkit.clock import Clock
 
 log = logging.getLogger("factory_svc.crl")
 
@@ -147,7 +148,7 @@ class CrlPublisher:
         source: RevokedSource,
         directory: Path,
         settings: CrlSettings,
-        clock: Callable[[], datetime],
+        clock: Clock,
     ) -> None:
         self._ca = ca
         self._source = source

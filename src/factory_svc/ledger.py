@@ -41,7 +41,7 @@ import builtins
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,6 +52,7 @@ from factory_svc.keys import KeyType
 from factory_svc.model import IssuedCertificate, KeySource, Revocation, RevocationReason
 from litestore import GroupCommit, Options, Schema, Synchronous
 from provkit.authz import Refusal
+from provkit.clock import from_us, to_us
 from provkit.faults import crash_point
 
 T = TypeVar("T")
@@ -220,15 +221,6 @@ def _chunks(items: list[T], size: int) -> list[list[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _us(moment: datetime) -> int:
-    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def _from_us(value: int) -> datetime:
-    return datetime.fromtimestamp(value // 1_000_000, UTC).replace(microsecond=value % 1_000_000)
-
-
 def _row(cert: IssuedCertificate) -> tuple[object, ...]:
     return (
         cert.serial_number,
@@ -237,9 +229,9 @@ def _row(cert: IssuedCertificate) -> tuple[object, ...]:
         cert.chain_pem,
         cert.sha1_thumbprint,
         cert.sha256_thumbprint,
-        _us(cert.not_before),
-        _us(cert.not_after),
-        _us(cert.issued_at),
+        to_us(cert.not_before),
+        to_us(cert.not_after),
+        to_us(cert.issued_at),
         cert.key_type.value,
         cert.key_source.value,
         cert.caller,
@@ -255,14 +247,14 @@ def _certificate(row: sqlite3.Row | tuple[Any, ...]) -> IssuedCertificate:
         chain_pem=row[3],
         sha1_thumbprint=row[4],
         sha256_thumbprint=row[5],
-        not_before=_from_us(row[6]),
-        not_after=_from_us(row[7]),
-        issued_at=_from_us(row[8]),
+        not_before=from_us(row[6]),
+        not_after=from_us(row[7]),
+        issued_at=from_us(row[8]),
         key_type=KeyType(row[9]),
         key_source=KeySource(row[10]),
         caller=row[11],
         request_id=row[12],
-        revocation=None if row[13] is None else Revocation(_from_us(row[13]), RevocationReason(row[14])),
+        revocation=None if row[13] is None else Revocation(from_us(row[13]), RevocationReason(row[14])),
     )
 
 
@@ -289,7 +281,7 @@ class Cursor:
 
 
 def cursor_of(certificate: IssuedCertificate) -> Cursor:
-    return Cursor(_us(certificate.issued_at), certificate.serial_number)
+    return Cursor(to_us(certificate.issued_at), certificate.serial_number)
 
 
 @dataclass(frozen=True)
@@ -441,7 +433,7 @@ class Ledger:
         self, certificate: IssuedCertificate, fingerprint: str | None, now: datetime
     ) -> Recorded | RequestIdTaken:
         """Commit one issued certificate (and its request id when ``fingerprint`` is given)."""
-        item = _Pending(certificate, fingerprint, _us(now))
+        item = _Pending(certificate, fingerprint, to_us(now))
         if self._writes is not None:
             return await self._writes.submit(item)
         return await self._db.transaction(lambda tx: _record_one(tx, item))
@@ -455,7 +447,7 @@ class Ledger:
         return None if row is None else _certificate(row)
 
     async def count_unexpired(self, device_id: str, now: datetime) -> int:
-        row = await self._db.read(lambda tx: tx.fetchone(_COUNT_UNEXPIRED, (device_id, _us(now))))
+        row = await self._db.read(lambda tx: tx.fetchone(_COUNT_UNEXPIRED, (device_id, to_us(now))))
         return int(row[0]) if row else 0
 
     async def list(self, device_id: str | None, limit: int, after: Cursor | None) -> list[IssuedCertificate]:
@@ -478,7 +470,7 @@ class Ledger:
 
     async def record_refusal(self, refusal: Refusal) -> None:
         row = (
-            _us(refusal.time),
+            to_us(refusal.time),
             refusal.method,
             refusal.caller,
             refusal.role,
@@ -501,7 +493,7 @@ class Ledger:
                 "FROM refusals ORDER BY id"
             )
         )
-        return [Refusal(_from_us(r[0]), *r[1:]) for r in rows]
+        return [Refusal(from_us(r[0]), *r[1:]) for r in rows]
 
     # ------------------------------------------------------------------------------------- revocation
     async def certificates_of(self, device_id: str, now: datetime) -> builtins.list[IssuedCertificate]:
@@ -510,7 +502,7 @@ class Ledger:
             lambda tx: tx.fetchall(
                 f"SELECT {_COLUMNS} FROM certificates WHERE device_id = ? AND not_after_us > ? "  # noqa: S608
                 "ORDER BY issued_at_us, serial_number",
-                (device_id, _us(now)),
+                (device_id, to_us(now)),
             )
         )
         return [_certificate(r) for r in rows]
@@ -528,7 +520,7 @@ class Ledger:
         Between replicas the row lock decides: a certificate another call revoked meanwhile is not counted.
         ``intent_for``: the device whose cloud steps this revocation owes (its intent is opened in the same
         transaction).  A call that revoked something increments the CRL generation."""
-        at_us = _us(revocation.time)
+        at_us = to_us(revocation.time)
 
         async def write(tx: Tx) -> tuple[builtins.list[IssuedCertificate], int]:
             newly = 0
@@ -554,7 +546,7 @@ class Ledger:
 
     async def revoked(self, now: datetime) -> builtins.list[IssuedCertificate]:
         """Revoked certificates that have not expired yet (what the CRL lists), in revocation order."""
-        return await self._db.read(lambda tx: _revoked(tx, _us(now)))
+        return await self._db.read(lambda tx: _revoked(tx, to_us(now)))
 
     async def next_crl(self, now: datetime, at_least: int) -> CrlContent:
         """A new CRL number (above every one handed out before, by any replica, and at least ``at_least``),
@@ -568,7 +560,7 @@ class Ledger:
             )
             row = await tx.fetchone("SELECT crl_number, generation FROM crl_state WHERE id = 1")
             assert row is not None  # written by the migration
-            return CrlContent(int(row[0]), int(row[1]), await _revoked(tx, _us(now)))
+            return CrlContent(int(row[0]), int(row[1]), await _revoked(tx, to_us(now)))
 
         return await self._db.transaction(work)
 
@@ -593,7 +585,7 @@ class Ledger:
     # ------------------------------------------------------------------------------ revocation intents
     async def open_revocation_intent(self, device_id: str, now: datetime) -> None:
         """The device's revocation steps are owed (again): its intent is open from now."""
-        await self._db.transaction(lambda tx: _open_intent(tx, device_id, _us(now)))
+        await self._db.transaction(lambda tx: _open_intent(tx, device_id, to_us(now)))
 
     async def open_revocation_intents(self) -> builtins.list[RevocationIntent]:
         """The open intents, oldest first."""
@@ -625,7 +617,7 @@ class Ledger:
                 lambda tx: tx.execute(
                     "UPDATE revocation_intents SET completed_us = ?, failure_reason = '' "
                     "WHERE device_id = ? AND requested_us = ? AND completed_us IS NULL",
-                    (_us(now), intent.device_id, intent.requested_us),
+                    (to_us(now), intent.device_id, intent.requested_us),
                 )
             )
         )
@@ -649,7 +641,7 @@ class Ledger:
                 (sha256_thumbprint.upper(),),
             )
         )
-        return None if row is None else Revocation(_from_us(row[0]), RevocationReason(row[1]))
+        return None if row is None else Revocation(from_us(row[0]), RevocationReason(row[1]))
 
     async def revocation_audit(self) -> builtins.list[tuple[datetime, str, str, str, str, str]]:
         """Every revocation call's effect: (time, serial, device id, reason, caller, request id)."""
@@ -659,7 +651,7 @@ class Ledger:
                 "FROM revocations ORDER BY id"
             )
         )
-        return [(_from_us(r[0]), *r[1:]) for r in rows]
+        return [(from_us(r[0]), *r[1:]) for r in rows]
 
     # ------------------------------------------------------------------------------------------- lots
     async def open_lot(
@@ -672,7 +664,7 @@ class Ledger:
             await tx.execute(
                 "INSERT INTO lots (lot_id, fingerprint, item_count, caller, created_us) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (lot_id) DO NOTHING",
-                (lot_id, fingerprint, item_count, caller, _us(now)),
+                (lot_id, fingerprint, item_count, caller, to_us(now)),
             )
             lot = await tx.fetchone(
                 "SELECT fingerprint, item_count, acknowledged_us FROM lots WHERE lot_id = ?", (lot_id,)
@@ -714,7 +706,7 @@ class Ledger:
 
         async def write(tx: Tx) -> None:
             await tx.execute("UPDATE lot_items SET private_key_pem = NULL WHERE lot_id = ?", (lot_id,))
-            await tx.execute("UPDATE lots SET acknowledged_us = ? WHERE lot_id = ?", (_us(now), lot_id))
+            await tx.execute("UPDATE lots SET acknowledged_us = ? WHERE lot_id = ?", (to_us(now), lot_id))
 
         await self._db.transaction(write)
 

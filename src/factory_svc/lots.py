@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
 from datetime import datetime, timedelta
@@ -39,6 +39,7 @@ from factory_svc.keys import GENERATABLE, KeyType, private_key_pem
 from factory_svc.ledger import LotEntry, LotItemsTaken, StoredLot
 from factory_svc.minting import MintingService
 from factory_svc.model import CsrKey, IssuedCertificate, MintRequest, ServerKey
+from provkit.clock import Clock
 from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.errors import Aborted, DomainError, ErrorKind, invalid_field
 from provkit.faults import crash_point
@@ -154,7 +155,7 @@ class LotService:
         self,
         minting: MintingService,
         ledger: LotLedger,
-        clock: Callable[[], datetime],
+        clock: Clock,
         device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID,
     ) -> None:
         self._device_ids = device_ids  # the id policy, item by item (a CSR item's id may come from its CN)

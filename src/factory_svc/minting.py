@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -48,6 +47,7 @@ from factory_svc.model import (
     MintResult,
     ServerKey,
 )
+from provkit.clock import Clock
 from provkit.context import bind_device_id
 from provkit.device_id import normalise_device_id
 from provkit.devpki import SIGNATURE_KEY_USAGE
@@ -56,7 +56,6 @@ from provkit.idempotency import fingerprint as request_fingerprint
 
 log = logging.getLogger("factory_svc.minting")
 
-Clock = Callable[[], datetime]
 BACKDATE = timedelta(minutes=5)  # tolerate clock skew on devices
 MIN_VALIDITY = timedelta(hours=1)
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500

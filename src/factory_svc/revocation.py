@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from datetime import datetime
@@ -42,6 +42,7 @@ from factory_svc.errors import NotFound, invalid_field
 from factory_svc.ledger import RevocationIntent
 from factory_svc.minting import normalise_serial
 from factory_svc.model import IssuedCertificate, Revocation, RevocationReason
+from provkit.clock import Clock
 from provkit.cloud import (
     CloudEtagMismatch,
     CloudNotFound,
@@ -107,7 +108,7 @@ class RevocationIntents:
     certificate of the device reached DPS: its revocation steps are owed again).  ``changed`` wakes the
     intent worker."""
 
-    def __init__(self, ledger: RevocationLedger, clock: Callable[[], datetime]) -> None:
+    def __init__(self, ledger: RevocationLedger, clock: Clock) -> None:
         self._ledger = ledger
         self._clock = clock
         self.changed = asyncio.Event()
@@ -167,7 +168,7 @@ class RevocationService:
         ledger: RevocationLedger,
         crl: CrlPublisher,
         cloud: CloudSide | None,
-        clock: Callable[[], datetime],
+        clock: Clock,
         intents: RevocationIntents | None = None,
     ) -> None:
         self._ledger = ledger

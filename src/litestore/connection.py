@@ -40,6 +40,7 @@ class Options:
     busy_timeout_ms: int = 5000
     cached_statements: int = 128
     row_factory: type | None = None  # e.g. sqlite3.Row
+    secure_delete: bool = False  # overwrite deleted rows (a store that deletes secrets)
 
 
 def connect(path: Path, schema: Schema, options: Options) -> sqlite3.Connection:
@@ -67,6 +68,8 @@ def connect(path: Path, schema: Schema, options: Options) -> sqlite3.Connection:
         conn.execute(f"PRAGMA synchronous = {options.synchronous.value}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA temp_store = MEMORY")
+        if options.secure_delete:
+            conn.execute("PRAGMA secure_delete = ON").fetchall()
         migrate(conn, schema, path)
     except BaseException:
         conn.close()

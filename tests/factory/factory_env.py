@@ -18,11 +18,11 @@ from support.parties import FACTORY_URI
 
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.app import FactoryApp
-from factory_svc.ca import Clock, now_utc
 from factory_svc.errors import ERROR_DOMAIN
 from factory_svc.minting import MintPolicy
 from factory_svc.settings import CaSettings, FactorySettings
 from provkit.channels import ChannelSecurity, create_channel
+from provkit.clock import Clock, now_utc
 from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import RunningServer, ServerSettings
 

@@ -123,8 +123,8 @@ async def test_a_slow_token_signs_off_the_event_loop(tmp_path: Path, softhsm: So
     import threading
 
     from factory_svc.app import open_ca
-    from factory_svc.ca import now_utc
     from factory_svc.minting import MintPolicy, leaf_builder
+    from provkit.clock import now_utc
 
     token_ca = await init_token_ca(softhsm, tmp_path)
     ca = open_ca(load_settings(env=_env(tmp_path, token_ca.env)), now_utc)

@@ -111,7 +111,8 @@ class TokenCa:
 
 async def init_token_ca(softhsm: SoftHsm, folder: Path, curve: str = "p256") -> TokenCa:
     """Run ``factory-svc ca init`` as a process: key in the token, certificate signed by a fresh root."""
-    from factory_svc.ca import ROOT_CERT, ROOT_KEY, now_utc, open_dev_ca
+    from factory_svc.ca import ROOT_CERT, ROOT_KEY, open_dev_ca
+    from provkit.clock import now_utc
     from support.cli_process import run_module
 
     root_dir = folder / "offline-root"

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dbstore import Backend, DatabaseUrl
+from dbstore import DatabaseUrl
 from provkit.channels import ChannelSecurity
 from provkit.cloud import CloudNotConfigured, load_cloud_settings
 from provkit.grpc_server import is_loopback_host
@@ -165,4 +165,4 @@ def load_portal_settings(env: Mapping[str, str] | None = None, config: Path | No
 
 def _shared(url: DatabaseUrl | None) -> DatabaseUrl | None:
     """The service's database when the portal keeps its limits there (PostgreSQL), else None."""
-    return url if url is not None and url.backend is Backend.POSTGRESQL else None
+    return url if url is not None and url.shared else None

@@ -24,9 +24,7 @@ import contextlib
 import enum
 import functools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 
 from factory_svc.enrollment.outbox import AuditRecord, Claimed, Outbox, OutboxEntry, OutboxMode
 from factory_svc.enrollment.ownership import owner_refusal, replace_detail, replace_refusal
@@ -37,6 +35,7 @@ from factory_svc.enrollment.service import (
     revoked_error,
     with_certificate,
 )
+from provkit.clock import Clock
 from provkit.cloud import (
     CloudAlreadyExists,
     CloudEtagMismatch,
@@ -77,7 +76,7 @@ class OutboxDelivery:
         self,
         dps: EnrollmentPort,
         outbox: Outbox,
-        clock: Callable[[], datetime],
+        clock: Clock,
         *,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,

@@ -34,10 +34,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dbstore import Backend, Database, DatabaseUrl, Tx, open_database, reservations
+from dbstore import Database, DatabaseUrl, Tx, open_database, reservations
 from dbstore.port import Work
 from factory_svc.enrollment import retained
 from litestore import Options, Schema, Synchronous
+from provkit.clock import from_us, to_us
 
 T = TypeVar("T")
 
@@ -87,7 +88,9 @@ RESERVATIONS = "enroll_reservations"
 # Version 3: the retained activation codes (``enrollment.retained``).
 MIGRATIONS = (SCHEMA, ENROLLMENT_AUDIT, retained.MIGRATION, reservations.migration(RESERVATIONS))
 # FULL: an accepted enrollment is promised to the caller; it must survive a power cut, not only a crash.
-OPTIONS = Options(synchronous=Synchronous.FULL)
+# secure_delete: the file also holds the retained activation codes (``retained``), whose purged ciphertexts
+# must not stay readable in free pages.
+OPTIONS = Options(synchronous=Synchronous.FULL, secure_delete=True)
 SCHEMA_VERSIONS = Schema("enrollment outbox", MIGRATIONS)
 FILE = "enrollments.sqlite3"
 # How long an idle delivery loop waits before it looks for entries again.  SQLite: the one process that
@@ -192,12 +195,8 @@ def _payload(text: str) -> tuple[str, dict[str, Any], EntryIntent]:
     return str(primary["certificate"]), code, EntryIntent()
 
 
-def _us(moment: datetime) -> int:
-    return int(moment.timestamp() * 1_000_000)
-
-
 def _moment(us: int | None) -> datetime | None:
-    return None if us is None else datetime.fromtimestamp(us / 1_000_000, UTC)
+    return None if us is None else from_us(us)
 
 
 _SELECT = (
@@ -246,7 +245,7 @@ async def _mark_delivered(tx: Tx, seq: int, outcome: str, now: datetime) -> None
         "UPDATE outbox SET state = 'delivered', attempts = attempts + 1, outcome = ?, "
         "delivered_us = ?, failure_reason = '', failure_message = '' "
         "WHERE seq = ? AND state = 'pending'",
-        (outcome, _us(now), seq),
+        (outcome, to_us(now), seq),
     )
 
 
@@ -295,7 +294,7 @@ class Outbox:
     @property
     def idle_wait(self) -> float:
         """Seconds an idle delivery loop may wait for ``changed`` before looking again."""
-        return IDLE_WAIT_ALONE if self._db.backend is Backend.SQLITE else IDLE_WAIT_SHARED
+        return IDLE_WAIT_SHARED if self._db.shared else IDLE_WAIT_ALONE
 
     async def close(self) -> None:
         await self._db.close()
@@ -307,7 +306,7 @@ class Outbox:
                 await tx.insert(
                     "INSERT INTO outbox (device_id, mode, body, sha256_thumbprint, state, queued_us) "
                     "VALUES (?, ?, ?, ?, 'pending', ?)",
-                    (e.device_id, e.mode.value, _body(e), e.sha256_thumbprint, _us(now)),
+                    (e.device_id, e.mode.value, _body(e), e.sha256_thumbprint, to_us(now)),
                     "seq",
                 )
                 for e in entries
@@ -329,10 +328,11 @@ class Outbox:
     async def with_next(self, handle: Callable[[Claimed], Awaitable[T]]) -> T | None:
         """``handle`` the entry to deliver next (None when there is none), holding it meanwhile.
 
-        SQLite: the oldest pending entry (one process delivers); each mark is its own transaction.
-        PostgreSQL: the oldest pending entry no other replica holds and whose device has no older pending
-        entry, locked for the whole of ``handle``, whose marks commit with the claim when it returns."""
-        if self._db.backend is Backend.SQLITE:
+        One process (SQLite): the oldest pending entry; each mark is its own transaction.  A database shared
+        by replicas (PostgreSQL): the oldest pending entry no other replica holds and whose device has no
+        older pending entry, locked for the whole of ``handle``, whose marks commit with the claim when it
+        returns."""
+        if not self._db.shared:
             entry = await self.oldest_pending()
             return None if entry is None else await handle(Claimed(entry, self._db.transaction))
 
@@ -398,7 +398,7 @@ class Outbox:
 
     async def record_audits(self, records: Sequence[AuditRecord]) -> None:
         """Several audit rows in one transaction (one commit)."""
-        rows = [(_us(r.time), r.action, r.device_id, r.caller, r.request_id, r.detail) for r in records]
+        rows = [(to_us(r.time), r.action, r.device_id, r.caller, r.request_id, r.detail) for r in records]
 
         async def go(tx: Tx) -> None:
             for row in rows:

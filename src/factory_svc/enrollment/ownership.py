@@ -18,13 +18,12 @@ REASON_INVALID), ``stage_of(enrollment)``, ``replace_refusal(existing, owner, re
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import replace as dc_replace
-from datetime import datetime
 from typing import Any
 
 from factory_svc.enrollment.model import TransferCommand, TransferResult
 from factory_svc.enrollment.outbox import AuditRecord, Outbox
+from provkit.clock import Clock
 from provkit.cloud import (
     CloudEtagMismatch,
     CloudNotFound,
@@ -130,7 +129,7 @@ class OwnershipService:
         self,
         dps: EnrollmentPort,
         outbox: Outbox,
-        clock: Callable[[], datetime],
+        clock: Clock,
         request_ids: RequestIds | None = None,
     ) -> None:
         self._dps = dps

@@ -35,7 +35,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dbstore import Database, Tx
-from dbstore.sqlite import SqliteDatabase
+from provkit.clock import to_us
 
 KEY_FILE = "codes.key"
 _KEY_BYTES = 32
@@ -57,10 +57,6 @@ CREATE INDEX retained_by_age ON retained_codes (created_us);
 def code_id(record: Mapping[str, Any] | None) -> str:
     """The public id of a code: the salt of its hash record ('' for none)."""
     return str(record.get("salt", "")) if isinstance(record, Mapping) else ""
-
-
-def _us(moment: datetime) -> int:
-    return int(moment.timestamp() * 1_000_000)
 
 
 def _load_key(path: Path) -> bytes:
@@ -95,18 +91,13 @@ class RetainedCodes:
     async def on(cls, db: Database, key_file: Path) -> RetainedCodes:
         """The retained codes in ``db`` (the enrollment store), sealed with the key in ``key_file`` (every
         replica of a service on PostgreSQL needs the same key file).  On SQLite deleted rows are
-        overwritten (``secure_delete``), and the log is truncated after acknowledgements and purges, so a
-        forgotten ciphertext is not left in free pages for the key to open later."""
-        if isinstance(db, SqliteDatabase):
-            await db.store.run(lambda conn: conn.execute("PRAGMA secure_delete=ON").fetchall())
+        overwritten (the enrollment store opens its file with ``secure_delete``), and the log is compacted
+        after acknowledgements and purges, so a forgotten ciphertext is not left in free pages for the key
+        to open later."""
         return cls(db, _load_key(key_file))
 
     async def _truncate_log(self) -> None:
-        if isinstance(self._db, SqliteDatabase):
-            # Read the pragma's result row: an unread one leaves its statement open, and the next COMMIT
-            # fails.
-            truncate = "PRAGMA wal_checkpoint(TRUNCATE)"
-            await self._db.store.run(lambda conn: conn.execute(truncate).fetchall())
+        await self._db.compact_log()
 
     # ------------------------------------------------------------------------------------------ writes
     async def retain(self, items: Sequence[tuple[str, str, Mapping[str, Any]]], now: datetime) -> None:
@@ -126,7 +117,7 @@ class RetainedCodes:
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, code_id) DO UPDATE SET "
                     "nonce = excluded.nonce, ciphertext = excluded.ciphertext, "
                     "created_us = excluded.created_us",
-                    (*row, _us(now)),
+                    (*row, to_us(now)),
                 )
 
         if rows:
@@ -163,7 +154,7 @@ class RetainedCodes:
     async def purge(self, older_than: datetime) -> int:
         """Drop codes retained before ``older_than`` (the retention window); returns how many."""
         gone = await self._db.transaction(
-            lambda tx: tx.execute("DELETE FROM retained_codes WHERE created_us < ?", (_us(older_than),))
+            lambda tx: tx.execute("DELETE FROM retained_codes WHERE created_us < ?", (to_us(older_than),))
         )
         if gone:
             await self._truncate_log()

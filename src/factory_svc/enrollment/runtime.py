@@ -26,7 +26,7 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -39,6 +39,7 @@ from factory_svc.enrollment.outbox import Outbox
 from factory_svc.enrollment.retained import KEY_FILE, RetainedCodes
 from factory_svc.enrollment.service import EnrollmentService, RevocationLookup
 from provkit.activation_code import DEFAULT_LOG2_N
+from provkit.clock import Clock
 from provkit.cloud import CloudNotConfigured, CloudSettings, EnrollmentPort, load_cloud_settings
 from provkit.cloud_calls import CallObserver
 from provkit.idempotency import LEASE, RequestIds
@@ -98,7 +99,7 @@ class EnrollmentRuntime:
         ca_chain: Sequence[x509.Certificate],
         data_dir: Path,
         database: DatabaseUrl,
-        clock: Callable[[], datetime],
+        clock: Clock,
         *,
         observer: CallObserver | None = None,
         revocations: RevocationLookup | None = None,

@@ -39,7 +39,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
-from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from cryptography import x509
@@ -80,6 +79,7 @@ from factory_svc.enrollment.ownership import (
 from factory_svc.enrollment.retained import RetainedCodes, code_id
 from factory_svc.model import Revocation
 from provkit.activation_code import new_codes
+from provkit.clock import Clock
 from provkit.cloud import (
     CloudAlreadyExists,
     CloudError,
@@ -111,7 +111,6 @@ log = logging.getLogger("factory_svc.enrollment")
 
 R = TypeVar("R")  # an answer of a request
 
-Clock = Callable[[], datetime]
 NewCode = tuple[str, dict[str, Any]]  # the code handed out once, and the hash record DPS keeps
 _MAX_ATTEMPTS = 8
 _BULK = 10
