@@ -14,6 +14,7 @@ A new entry point is one more ``Target`` in ``TARGETS``; a new shape is one more
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -258,36 +259,24 @@ def dps_rest(method: str, path: str, template: str) -> Callable[[Any, Any], Any]
 
 
 # ------------------------------------------------------------------------------------- emulator MQTT
-class HubReportedMqtt:
-    """A device's reported-properties patch: ``$iothub/twin/res/400``, the twin unchanged, the same
-    connection still answering a twin GET."""
+class HubDevice:
+    """A device connected to the default hub over raw MQTT (twin responses and method requests
+    subscribed), and the hub's REST API."""
 
-    template = staticmethod(_in('{"k": %}'))
-
-    def __init__(self, client: MqttTestClient) -> None:
-        self.client = client
+    def __init__(self, client: MqttTestClient, rest: Rest, device_id: str) -> None:
+        self.client, self.rest, self.device_id = client, rest, device_id
 
     async def twin(self) -> dict[str, Any]:
+        """The device's twin GET (also: the connection still answers)."""
         rid = uuid.uuid4().hex
         await self.client.publish(f"$iothub/twin/GET/?$rid={rid}", b" ")
         answer = await self.client.next_publish(TIMEOUT)
         assert answer.topic == f"$iothub/twin/res/200/?$rid={rid}", answer.topic
         return json.loads(answer.payload)
 
-    async def refuses(self, shape: Hostile) -> None:
-        before = await self.twin()
-        rid = uuid.uuid4().hex
-        await self.client.publish(
-            f"$iothub/twin/PATCH/properties/reported/?$rid={rid}", shape.body(self.template)
-        )
-        answer = await self.client.next_publish(TIMEOUT)
-        assert answer.topic == f"$iothub/twin/res/400/?$rid={rid}", answer.topic
-        assert json.loads(answer.payload)["errorCode"] == 400004
-        assert await self.twin() == before  # and the connection is still up
-
 
 @contextlib.asynccontextmanager
-async def hub_reported_mqtt(emulator: Any, folder: Any) -> AsyncIterator[Target]:
+async def hub_device(emulator: Any, folder: Any) -> AsyncIterator[HubDevice]:
     host = emulator.default_hub
     device_id = f"hostile-{uuid.uuid4()}"
     cert = TestCa().issue(folder, device_id, self_signed=True)
@@ -295,16 +284,79 @@ async def hub_reported_mqtt(emulator: Any, folder: Any) -> AsyncIterator[Target]
         rest = Rest(session, emulator.hub_connection_string(host), "iothubowner")
         status, _, _ = await rest.call("PUT", f"/devices/{device_id}", _device_body(device_id, cert.sha1))
         assert status == 200
-    context = client_context(emulator.ca_pem, str(cert.cert_path), str(cert.key_path))
-    client, ack = await MqttTestClient.connect(
-        host, context, client_id=device_id, username=f"{host}/{device_id}/?api-version=2019-10-01"
-    )
-    try:
-        assert ack.return_code == 0
-        await client.subscribe("$iothub/twin/res/#")
-        yield HubReportedMqtt(client)
-    finally:
-        await client.close()
+        context = client_context(emulator.ca_pem, str(cert.cert_path), str(cert.key_path))
+        client, ack = await MqttTestClient.connect(
+            host, context, client_id=device_id, username=f"{host}/{device_id}/?api-version=2019-10-01"
+        )
+        try:
+            assert ack.return_code == 0
+            await client.subscribe("$iothub/twin/res/#")
+            await client.subscribe("$iothub/methods/POST/#")
+            yield HubDevice(client, rest, device_id)
+        finally:
+            await client.close()
+
+
+class HubReportedMqtt:
+    """A device's reported-properties patch: ``$iothub/twin/res/400``, the twin unchanged, the same
+    connection still answering a twin GET."""
+
+    template = staticmethod(_in('{"k": %}'))
+
+    def __init__(self, device: HubDevice) -> None:
+        self.device = device
+
+    async def refuses(self, shape: Hostile) -> None:
+        before = await self.device.twin()
+        rid = uuid.uuid4().hex
+        await self.device.client.publish(
+            f"$iothub/twin/PATCH/properties/reported/?$rid={rid}", shape.body(self.template)
+        )
+        answer = await self.device.client.next_publish(TIMEOUT)
+        assert answer.topic == f"$iothub/twin/res/400/?$rid={rid}", answer.topic
+        assert json.loads(answer.payload)["errorCode"] == 400004
+        assert await self.device.twin() == before  # and the connection is still up
+
+
+@contextlib.asynccontextmanager
+async def hub_reported_mqtt(emulator: Any, folder: Any) -> AsyncIterator[Target]:
+    async with hub_device(emulator, folder) as device:
+        yield HubReportedMqtt(device)
+
+
+class HubMethodResponseMqtt:
+    """A device answering a direct method with hostile JSON: not JSON the hub passes on, so the service
+    gets it as text (as any non-JSON answer), 200 with the device's status, never a 5xx or a dropped
+    connection; the twin unchanged."""
+
+    template = staticmethod(_in('{"k": %}'))
+
+    def __init__(self, device: HubDevice) -> None:
+        self.device = device
+
+    async def refuses(self, shape: Hostile) -> None:
+        before = await self.device.twin()
+        call = {"methodName": "m", "payload": {}, "responseTimeoutInSeconds": TIMEOUT}
+        path = f"/twins/{self.device.device_id}/methods"
+        invoke = asyncio.create_task(self.device.rest.call("POST", path, json.dumps(call).encode()))
+        request = await self.device.client.next_publish(TIMEOUT)
+        assert request.topic.startswith("$iothub/methods/POST/m/?$rid="), request.topic
+        rid = request.topic.split("$rid=", 1)[1]
+        body = shape.body(self.template)
+        await self.device.client.publish(f"$iothub/methods/res/201/?$rid={rid}", body)
+        status, _, answer = await invoke
+        assert status == 200, answer
+        if shape.reason is None:  # JSON the hub passes on as JSON
+            assert answer == {"status": 201, "payload": json.loads(body)}
+        else:
+            assert answer == {"status": 201, "payload": body.decode("utf-8", errors="replace")}
+        assert await self.device.twin() == before  # and the connection is still up
+
+
+@contextlib.asynccontextmanager
+async def hub_method_response_mqtt(emulator: Any, folder: Any) -> AsyncIterator[Target]:
+    async with hub_device(emulator, folder) as device:
+        yield HubMethodResponseMqtt(device)
 
 
 class DpsRegisterMqtt:
@@ -398,6 +450,19 @@ async def dps_register_https(emulator: Any, folder: Any) -> AsyncIterator[Target
 TARGETS: dict[str, Callable[[Any, Any], Any]] = {
     "grpc-activate": grpc_activate,
     "portal-activate": portal_activate,
+    "hub-twin-patch": hub_rest("PATCH", "/twins/{id}", '{"tags": {"k": %}}'),
+    "hub-twin-put": hub_rest("PUT", "/twins/{id}", '{"tags": {"k": %}}'),
+    "hub-twin-patch-desired": hub_rest("PATCH", "/twins/{id}", '{"properties": {"desired": {"k": %}}}'),
+    "hub-device-put": hub_rest("PUT", "/devices/NEW_ID", '{"deviceId": "NEW_ID", "k": %}'),
+    "hub-query": hub_rest("POST", "/devices/query", '{"query": "SELECT * FROM devices", "k": %}'),
+    "hub-method": hub_rest("POST", "/twins/{id}/methods", '{"methodName": "m", "payload": %}'),
+    "dps-enrollment-put": dps_rest("PUT", "/enrollments/NEW_ID", "ENROLLMENT"),
+    "dps-bulk": dps_rest("POST", "/enrollments", '{"mode": "create", "enrollments": [ENROLLMENT]}'),
+    "dps-query": dps_rest("POST", "/enrollments/query", '{"query": "*", "k": %}'),
+    "hub-mqtt-reported": hub_reported_mqtt,
+    "hub-mqtt-method-response": hub_method_response_mqtt,
+    "dps-mqtt-register": dps_register_mqtt,
+    "dps-https-register": dps_register_https,
 }
 
 TEXT_ONLY = frozenset(("grpc-activate",))  # a proto string is UTF-8 by construction: no non-UTF-8 shapes
