@@ -297,14 +297,25 @@ async def hub_device(emulator: Any, folder: Any) -> AsyncIterator[HubDevice]:
             await client.close()
 
 
-class HubReportedMqtt:
-    """A device's reported-properties patch: ``$iothub/twin/res/400``, the twin unchanged, the same
-    connection still answering a twin GET."""
-
+class OnHubDevice:
     template = staticmethod(_in('{"k": %}'))
 
     def __init__(self, device: HubDevice) -> None:
         self.device = device
+
+
+def on_hub_device(kind: Callable[[HubDevice], Target]) -> Callable[[Any, Any], Any]:
+    @contextlib.asynccontextmanager
+    async def target(emulator: Any, folder: Any) -> AsyncIterator[Target]:
+        async with hub_device(emulator, folder) as device:
+            yield kind(device)
+
+    return target
+
+
+class HubReportedMqtt(OnHubDevice):
+    """A device's reported-properties patch: ``$iothub/twin/res/400``, the twin unchanged, the same
+    connection still answering a twin GET."""
 
     async def refuses(self, shape: Hostile) -> None:
         before = await self.device.twin()
@@ -318,21 +329,10 @@ class HubReportedMqtt:
         assert await self.device.twin() == before  # and the connection is still up
 
 
-@contextlib.asynccontextmanager
-async def hub_reported_mqtt(emulator: Any, folder: Any) -> AsyncIterator[Target]:
-    async with hub_device(emulator, folder) as device:
-        yield HubReportedMqtt(device)
-
-
-class HubMethodResponseMqtt:
+class HubMethodResponseMqtt(OnHubDevice):
     """A device answering a direct method with hostile JSON: not JSON the hub passes on, so the service
     gets it as text (as any non-JSON answer), 200 with the device's status, never a 5xx or a dropped
     connection; the twin unchanged."""
-
-    template = staticmethod(_in('{"k": %}'))
-
-    def __init__(self, device: HubDevice) -> None:
-        self.device = device
 
     async def refuses(self, shape: Hostile) -> None:
         before = await self.device.twin()
@@ -351,12 +351,6 @@ class HubMethodResponseMqtt:
         else:
             assert answer == {"status": 201, "payload": body.decode("utf-8", errors="replace")}
         assert await self.device.twin() == before  # and the connection is still up
-
-
-@contextlib.asynccontextmanager
-async def hub_method_response_mqtt(emulator: Any, folder: Any) -> AsyncIterator[Target]:
-    async with hub_device(emulator, folder) as device:
-        yield HubMethodResponseMqtt(device)
 
 
 class DpsRegisterMqtt:
@@ -459,8 +453,8 @@ TARGETS: dict[str, Callable[[Any, Any], Any]] = {
     "dps-enrollment-put": dps_rest("PUT", "/enrollments/NEW_ID", "ENROLLMENT"),
     "dps-bulk": dps_rest("POST", "/enrollments", '{"mode": "create", "enrollments": [ENROLLMENT]}'),
     "dps-query": dps_rest("POST", "/enrollments/query", '{"query": "*", "k": %}'),
-    "hub-mqtt-reported": hub_reported_mqtt,
-    "hub-mqtt-method-response": hub_method_response_mqtt,
+    "hub-mqtt-reported": on_hub_device(HubReportedMqtt),
+    "hub-mqtt-method-response": on_hub_device(HubMethodResponseMqtt),
     "dps-mqtt-register": dps_register_mqtt,
     "dps-https-register": dps_register_https,
 }
