@@ -7,7 +7,10 @@ without ``$``, ``.``, spaces or control characters; values are JSON (strings <= 
 booleans, objects, arrays); ``null`` is refused (in a twin patch it would mean "delete").
 
 ``parse_metadata(text, field="metadata_json") -> TwinMetadata`` raises ``InvalidArgument``
-(reason METADATA_INVALID, or METADATA_NOT_JSON) carrying one field violation per problem found.
+(reason METADATA_INVALID, or METADATA_NOT_JSON) carrying one field violation per problem found.  The text is
+parsed by ``jsonsafe``: what it refuses is METADATA_NOT_JSON when the text is not JSON at all (syntax,
+``NaN``), else METADATA_INVALID (nesting past 64 levels, a lone surrogate, a number beyond a double, a
+duplicate key); either carries ErrorInfo metadata ``json_problem`` = jsonsafe's reason (e.g. TOO_DEEP).
 ``sample_metadata(index=0, interval_s=5.0)`` an OEM's metadata for its ``index``-th machine: the one sample
 the portal's form, ``make up``'s sample-metadata.json and the demo's fleet all show.
 """
@@ -20,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import jsonsafe
 from provkit.errors import FieldViolation, InvalidArgument
 
 MAX_TAGS_BYTES = 8 * 1024
@@ -93,10 +97,6 @@ def _check(value: Any, path: str, depth: int, out: list[FieldViolation]) -> None
         out.append(FieldViolation(path, f"not a JSON value ({type(value).__name__})"))
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def validate_metadata(data: Any, field: str = "metadata_json") -> TwinMetadata:
     violations: list[FieldViolation] = []
     if not isinstance(data, dict):
@@ -156,12 +156,13 @@ def parse_metadata(text: str, field: str = "metadata_json") -> TwinMetadata:
     if not text.strip():
         return TwinMetadata({}, {})
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:
+        data = jsonsafe.loads(text)
+    except jsonsafe.JsonRefused as exc:
         raise InvalidArgument(
-            "METADATA_NOT_JSON",
-            f"the metadata is not valid JSON: {exc}",
-            field_violations=[FieldViolation(field, f"not valid JSON: {exc}")],
+            "METADATA_NOT_JSON" if exc.syntax else "METADATA_INVALID",
+            f"the metadata is refused: {exc}",
+            metadata={"json_problem": exc.reason, **({} if exc.syntax else {"violations": "1"})},
+            field_violations=[FieldViolation(field, str(exc))],
         ) from None
     return validate_metadata(data, field)
 

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import ssl
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -143,10 +144,33 @@ def _when(stamp: timestamp_pb2.Timestamp) -> str:
     return stamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+_NOT_UTF8 = ServiceProblem(
+    title="Not sent",
+    sentence="The form could not be read: it was not sent as UTF-8 text. Nothing was sent.",
+    code="INVALID_ARGUMENT",
+    reason="FORM_NOT_UTF8",
+    message="the form's body is not UTF-8 text",
+    fields=(),
+    http_status=400,
+)
+
+
 # ------------------------------------------------------------------------------------------- handlers
-async def _form_post(request: web.Request) -> tuple[Mapping[str, object], web.Response | None]:
-    """The parsed form, or the answer to send instead (403 on a missing or forged CSRF token)."""
-    form = await request.post()  # raises 413 past client_max_size
+async def _form_post(
+    request: web.Request,
+) -> tuple[Mapping[str, object], web.Response | ServiceProblem | None]:
+    """The parsed form, or the answer to send instead (403 on a missing or forged CSRF token), or the
+    problem to show on an empty form (a body that is not UTF-8: aiohttp would fail on it, or, for a
+    percent-encoded byte, quietly put U+FFFD in its place)."""
+    try:
+        form = await request.post()  # raises 413 past client_max_size
+        if request.content_type == "application/x-www-form-urlencoded":
+            charset = request.charset or "utf-8"
+            text = (await request.read()).decode(charset)  # post() read it already: kept in memory
+            urllib.parse.parse_qsl(text, keep_blank_values=True, encoding=charset, errors="strict")
+    except (UnicodeDecodeError, LookupError):
+        log.info("form refused: not UTF-8", extra={"path": request.path})
+        return {}, _NOT_UTF8
     csrf = request.app[CSRF]
     if not csrf.valid(request, form.get(CSRF_FIELD)):
         log.warning("CSRF token missing or wrong", extra={"path": request.path})
@@ -168,7 +192,7 @@ async def activate_form(request: web.Request) -> web.Response:
 
 async def activate(request: web.Request) -> web.Response:
     form, refusal = await _form_post(request)
-    if refusal is not None:
+    if isinstance(refusal, web.Response):
         return refusal
     settings = request.app[SETTINGS]
     csrf = request.app[CSRF]
@@ -190,6 +214,8 @@ async def activate(request: web.Request) -> web.Response:
             pages.activate_page(state, settings.hubs, token, str(uuid.uuid4())), status, (csrf, fresh)
         )
 
+    if refusal is not None:
+        return again(refusal.http_status, problem=refusal)
     too_long = _too_long(values)
     if too_long:
         return again(400, local_problems=too_long)
@@ -243,7 +269,7 @@ async def status_form(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     form, refusal = await _form_post(request)
-    if refusal is not None:
+    if isinstance(refusal, web.Response):
         return refusal
     settings = request.app[SETTINGS]
     csrf = request.app[CSRF]
@@ -251,6 +277,9 @@ async def status(request: web.Request) -> web.Response:
     values = {name: _text_field(form, name) for name in ("device_id", "activation_code")}
     too_long = _too_long(values)
     device_id = values["device_id"][: pages.MAX_DEVICE_ID]
+    if refusal is not None:
+        page = pages.status_form_page(pages.StatusForm(device_id, problem=refusal), token)
+        return _html(page, refusal.http_status, (csrf, fresh))
     if too_long:
         page = pages.status_form_page(pages.StatusForm(device_id, local_problems=too_long), token)
         return _html(page, 400, (csrf, fresh))

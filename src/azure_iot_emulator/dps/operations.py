@@ -16,7 +16,6 @@ like after any DPS failure, registers again.
 from __future__ import annotations
 
 import collections
-import json
 import math
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
+import jsonsafe
 from azure_iot_emulator.dps.errors import DpsError, bad_request, throttled
 from azure_iot_emulator.dps.service import DpsService, RegistrationOutcome, operation_id
 from azure_iot_emulator.quotas import DpsQuotas
@@ -55,9 +55,9 @@ def parse_register_body(payload: bytes, registration_id: str) -> dict[str, Any]:
     if len(payload) > MAX_REQUEST_BYTES:
         raise DpsError(413, 413001, "registration request too large")
     try:
-        body = json.loads(payload.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request("registration request body is not JSON") from exc
+        body = jsonsafe.loads(payload)
+    except jsonsafe.JsonRefused as exc:
+        raise bad_request(f"registration request body refused ({exc.reason}): {exc}") from exc
     if not isinstance(body, dict):
         raise bad_request("registration request body must be a JSON object")
     reg_id = body.get("registrationId")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -11,6 +10,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+import jsonsafe
 from azure_iot_emulator.dps.errors import DpsError, bad_request, throttled, unauthorized
 from azure_iot_emulator.dps.service import DpsService
 from azure_iot_emulator.https import local_port, self_guarded
@@ -114,9 +114,9 @@ async def _body(request: web.Request) -> Any:
     if not raw:
         return None
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request("request body is not valid JSON") from exc
+        return jsonsafe.loads(raw)
+    except jsonsafe.JsonRefused as exc:  # Azure's 400 for a malformed body
+        raise bad_request(f"request body refused ({exc.reason}): {exc}") from exc
 
 
 def _svc(request: web.Request) -> DpsService:

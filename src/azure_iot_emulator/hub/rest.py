@@ -16,13 +16,15 @@ Routes (``?api-version=...`` accepted and ignored; every request needs an ``ioth
     GET    /devices/{id}/messages?top=N        emulator extension: the device's recent telemetry
                                                (oldest first, with enqueuedTimeUtc and properties)
 
+Bodies are parsed by ``jsonsafe`` (nesting, lone surrogates, numbers beyond a double, duplicate keys, UTF-8):
+what it refuses is 400 ``ArgumentInvalid``, like any other malformed body.
+
 Errors use Azure's envelope: ``{"Message": "ErrorCode:<Name>;<text>", "ExceptionMessage": "Tracking ID:..."}``
 with an ``iothub-errorcode`` header.  Never a ``Retry-After`` on 4xx.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -32,6 +34,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+import jsonsafe
 from azure_iot_emulator import ids
 from azure_iot_emulator.https import local_port, self_guarded
 from azure_iot_emulator.hub.service import HubError, HubService
@@ -96,9 +99,9 @@ async def _read_json(request: web.Request) -> Any:
     if len(raw) > MAX_BODY_BYTES:
         raise HubError(413, "RequestEntityTooLarge", 413002, "request body too large")
     try:
-        return json.loads(raw.decode("utf-8")) if raw else None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HubError(400, "ArgumentInvalid", 400004, "request body is not valid JSON") from exc
+        return jsonsafe.loads(raw) if raw else None
+    except jsonsafe.JsonRefused as exc:
+        raise HubError(400, "ArgumentInvalid", 400004, f"request body refused ({exc.reason}): {exc}") from exc
 
 
 def _int_param(request: web.Request, name: str, default: int, maximum: int) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+import jsonsafe
 from azure_iot_emulator.hub import topics
 from azure_iot_emulator.hub import twin as twinmodel
 from azure_iot_emulator.hub.query import QueryError, parse_query
@@ -326,9 +327,9 @@ class HubService:
     async def patch_reported(self, hub: str, device_id: str, payload: bytes) -> int:
         """A device's reported patch; returns the new reported ``$version``.  HubError(400) on bad input."""
         try:
-            patch = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise _invalid("reported patch is not JSON") from exc
+            patch = jsonsafe.loads(payload)
+        except jsonsafe.JsonRefused as exc:
+            raise _invalid(f"reported patch refused ({exc.reason}): {exc}") from exc
         async with self._lock(hub, device_id):
             _, twin = self._device_and_twin(hub, device_id)
             try:
@@ -496,8 +497,8 @@ class HubService:
             return  # late, unknown or someone else's: Azure drops it too
         result: Any
         try:
-            result = json.loads(payload.decode("utf-8")) if payload else None
-        except (UnicodeDecodeError, ValueError):
+            result = jsonsafe.loads(payload) if payload else None
+        except jsonsafe.JsonRefused:  # not JSON we would pass on: the service gets the text
             result = payload.decode("utf-8", errors="replace")
         pending.future.set_result((status, result))
 
