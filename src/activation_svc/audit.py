@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from activation_svc.intents import HOLD, HOLD_MIGRATION, ActivationIntent, IntentLog
+from activation_svc.intents import HOLD, HOLD_MIGRATION, METADATA_MIGRATION, ActivationIntent, IntentLog
 from activation_svc.intents import MIGRATION as INTENTS_MIGRATION
 from activation_svc.shared_limits import MIGRATION as LIMITS_MIGRATION
 from dbstore import Database, DatabaseUrl, Tx, open_database, reservations
@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS activation_requests (
 # version 4 who holds an open intent (``activation_svc.intents.HOLD_MIGRATION``).
 # version 5 request ids (Activate, Deactivate) reserved before the work, for replicas
 # (``dbstore.reservations``).
+# version 6 what an intent does with the metadata (``activation_svc.intents.METADATA_MIGRATION``).
 RESERVATIONS = "activation_reservations"
 MIGRATIONS = (
     SCHEMA,
@@ -56,6 +57,7 @@ MIGRATIONS = (
     LIMITS_MIGRATION,
     HOLD_MIGRATION,
     reservations.migration(RESERVATIONS),
+    METADATA_MIGRATION,
 )
 # FULL: an audit row is written before the answer is sent; it must not vanish with a power cut after that.
 OPTIONS = Options(synchronous=Synchronous.FULL)

@@ -269,6 +269,16 @@ async def hub_twin(emulator, hub: str, device_id: str):
     return await asyncio.wait_for(asyncio.to_thread(lambda: registry(emulator, hub).get_twin(device_id)), 30)
 
 
+async def set_hub_desired(emulator, hub: str, device_id: str, desired: dict) -> None:
+    """What another of the OEM's tools does: patch desired properties of the hub twin (azure-iot-hub)."""
+    from azure.iot.hub.models import Twin, TwinProperties
+
+    patch = Twin(properties=TwinProperties(desired=desired))
+    await asyncio.wait_for(
+        asyncio.to_thread(lambda: registry(emulator, hub).update_twin(device_id, patch, "*")), 30
+    )
+
+
 async def dps_enrollment(emulator, device_id: str) -> dict | None:
     from azure.core.exceptions import ResourceNotFoundError
     from azure.iot.deviceprovisioning.aio import DeviceProvisioningClient
