@@ -66,7 +66,7 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
         assert code == 0, err
         assert out == (
             f"activated {device.device_id} on hub {hub}; "
-            "the device will pick it up at its next registration.\n"
+            "the device will pick it up at its next registration; metadata replaced by the one sent.\n"
         )
         assert enrolled.activation_code not in out + err
         assert (await dps_enrollment(emulator, device.device_id))["provisioningStatus"] == "enabled"
