@@ -5,11 +5,7 @@ the CLI, driven as a person types it), Microsoft's SDKs for the device and for r
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
-import sys
 
 import grpc
 import pytest
@@ -17,6 +13,7 @@ from enrollment.provisioning_env import (
     OemTls,
     activate_request,
     activation_env,
+    activation_serve_process,
     dps_enrollment,
     enrolled,
     factory_env,
@@ -27,8 +24,7 @@ from enrollment.provisioning_env import (
     running_factory,
     set_hub_desired,
 )
-from support.cli_process import run_module, wait_serving
-from support.emulator import free_port
+from support.cli_process import run_module
 
 from devprov.v1 import activation_service_pb2 as apb
 from devprov.v1 import activation_service_pb2_grpc as apb_grpc
@@ -60,24 +56,9 @@ async def _initial_twin(emulator, device_id: str) -> tuple[dict, dict]:
 
 async def test_the_cli_keeps_the_live_twin_without_metadata_and_clears_it_only_when_told(tmp_path, emulator):
     tls = OemTls.create(tmp_path / "tls")
-    port = free_port("127.0.0.1")
-    target = f"127.0.0.1:{port}"
-    env = {**os.environ, **activation_env(tmp_path, emulator, tls, ACTIVATION_SERVER_PORT=str(port))}
-    log = (tmp_path / "activation.log").open("wb")
-    server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "activation_svc.cli", "serve", env=env, stdout=log, stderr=log
-    )
-    try:
-        await wait_serving(target, tls.client_security(), "activation-svc serve")
+    async with activation_serve_process(tmp_path, emulator, tls) as client_env:
         async with running_factory(factory_env(tmp_path, emulator)) as (_app, factory):
             device, code = await enrolled(factory, tmp_path)
-        client_env = {
-            **os.environ,
-            "ACTIVATION_CLIENT_TARGET": target,
-            "ACTIVATION_CLIENT_CA_FILE": str(tls.ca_file),
-            "ACTIVATION_CLIENT_CERT_FILE": str(tls.client_cert),
-            "ACTIVATION_CLIENT_KEY_FILE": str(tls.client_key),
-        }
 
         async def activate(*options: str) -> tuple[int, str, str]:
             return await run_module(
@@ -118,10 +99,6 @@ async def test_the_cli_keeps_the_live_twin_without_metadata_and_clears_it_only_w
         assert answer["metadata"] == "CLEARED" and answer["path"] == "ENROLLMENT_AND_HUB_TWIN"
         assert await _twin(emulator, hub, device.device_id) == ({}, {})
         assert await _initial_twin(emulator, device.device_id) == ({}, {})
-    finally:
-        server.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(server.wait(), 30)
-        log.close()
 
 
 @pytest.fixture
