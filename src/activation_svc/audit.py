@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from activation_svc.intents import HOLD, HOLD_MIGRATION, ActivationIntent, IntentLog
+from activation_svc.intents import HOLD, HOLD_MIGRATION, METADATA_MIGRATION, ActivationIntent, IntentLog
 from activation_svc.intents import MIGRATION as INTENTS_MIGRATION
 from activation_svc.shared_limits import DROP_DEVICE_CEILING
 from activation_svc.shared_limits import MIGRATION as LIMITS_MIGRATION
@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS activation_requests (
 # version 5 request ids (Activate, Deactivate) reserved before the work, for replicas
 # (``dbstore.reservations``).
 # version 6 drops the per-device ceiling's table (``activation_svc.shared_limits.DROP_DEVICE_CEILING``).
+# version 7 what an intent does with the metadata (``activation_svc.intents.METADATA_MIGRATION``).
 RESERVATIONS = "activation_reservations"
 MIGRATIONS = (
     SCHEMA,
@@ -59,6 +60,7 @@ MIGRATIONS = (
     HOLD_MIGRATION,
     reservations.migration(RESERVATIONS),
     DROP_DEVICE_CEILING,
+    METADATA_MIGRATION,
 )
 # FULL: an audit row is written before the answer is sent; it must not vanish with a power cut after that.
 OPTIONS = Options(synchronous=Synchronous.FULL)

@@ -2,7 +2,8 @@
 
     activation-svc serve [--config FILE]
     activation-svc migrate [--config FILE]     (the database's tables to this version; see dbstore)
-    activation-svc activate ID [--metadata FILE | --metadata-json JSON] [--hub HOST] [--request-id ID]
+    activation-svc activate ID [--metadata FILE | --metadata-json JSON | --clear-metadata] [--hub HOST]
+                               [--request-id ID]
     activation-svc deactivate ID [--request-id ID]
     activation-svc status ID
     activation-svc portal [--listen HOST:PORT] [--config FILE]   (see activation_svc.portal.cli)
@@ -12,7 +13,9 @@ environment (ACTIVATION_CLIENT_CODE), or asked for at the terminal (hidden input
 it from standard input.  Client commands connect with ``--target`` (or ACTIVATION_CLIENT_TARGET, default
 127.0.0.1:50052) over TLS with ``--ca-file`` / ``--cert-file`` / ``--key-file`` (mTLS), or ``--insecure``
 for a loopback development server (the same options as FACTORY_CLIENT_* under ACTIVATION_CLIENT_*).
-Answers are sentences (``--json`` prints the fields for scripts).  The device id is checked before anything
+Without ``--metadata`` / ``--metadata-json`` an activation keeps the device's metadata (tags and desired
+properties); ``--clear-metadata`` removes it.  Answers are sentences, saying whether the metadata was kept,
+replaced or cleared (``--json`` prints the fields for scripts).  The device id is checked before anything
 is sent (``ACTIVATION_CLIENT_DEVICE_IDS``, see ``provkit.device_id``).  Exit codes: 0 done, 1 refused by
 the service (the reason is printed), 2 bad usage or configuration, 3 service unreachable, 130 cancelled
 (Ctrl-C).
@@ -94,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
         "--metadata", type=Path, help='JSON file: {"tags": {...}, "properties": {"desired": {...}}}'
     )
     how.add_argument("--metadata-json", help="the same JSON inline")
+    how.add_argument(
+        "--clear-metadata",
+        action="store_true",
+        help="remove the device's tags and desired properties (without metadata they are kept)",
+    )
     activate.add_argument(
         "--hub", default="", help="linked hub host name (default: the service's default hub)"
     )
@@ -139,15 +147,34 @@ def _security(args: argparse.Namespace, source: SettingsSource) -> ChannelSecuri
     )
 
 
+_METADATA_CLAUSE = {
+    pb.METADATA_CHANGE_KEPT: "metadata kept: its tags and desired properties are unchanged",
+    pb.METADATA_CHANGE_REPLACED: "metadata replaced by the one sent",
+    pb.METADATA_CHANGE_CLEARED: "metadata cleared: its tags and desired properties were removed",
+}
+
+
 def activation_outcome(reply: pb.ActivateResponse) -> str:
-    """What an activation did, in the OEM's words."""
+    """What an activation did, in the OEM's words (what became of the metadata included; a service that
+    does not say, an older one, replaced it)."""
     device, hub, registered = reply.device_id, reply.hub, reply.registered_hub
+    kept = reply.metadata_change == pb.METADATA_CHANGE_KEPT
     if reply.path == pb.ACTIVATION_PATH_UNCHANGED:
-        text = f"{device} was already activated with this metadata on hub {hub}; nothing changed"
-    elif reply.path == pb.ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN:
-        text = f"activated {device}; updated the live device's twin on hub {registered}"
+        how = {
+            pb.METADATA_CHANGE_KEPT: "",
+            pb.METADATA_CHANGE_CLEARED: " without metadata",
+        }.get(reply.metadata_change, " with this metadata")
+        text = f"{device} was already activated{how} on hub {hub}; nothing changed"
+        text += " (metadata kept)" if kept else ""
     else:
-        text = f"activated {device} on hub {hub}; the device will pick it up at its next registration"
+        if reply.path != pb.ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN:
+            text = f"activated {device} on hub {hub}; the device will pick it up at its next registration"
+        elif kept:  # the twin was left alone: the hub identity was enabled again
+            text = f"activated {device}; enabled the live device again on hub {registered}"
+        else:
+            text = f"activated {device}; updated the live device's twin on hub {registered}"
+        if reply.metadata_change in _METADATA_CLAUSE:
+            text += "; " + _METADATA_CLAUSE[reply.metadata_change]
     if registered and registered != hub:
         text += (
             f". It is registered on hub {registered} and keeps using it until it registers again, "
@@ -218,6 +245,7 @@ async def _call(
                         metadata_json=metadata_json,
                         hub=args.hub,
                         request_id=request_id,
+                        clear_metadata=args.clear_metadata,
                     ),
                     metadata=request_metadata(request_id),
                     timeout=args.timeout,
@@ -226,6 +254,7 @@ async def _call(
                     "device id": reply.device_id,
                     "hub": reply.hub,
                     "path": enum_label(pb.ActivationPath, reply.path, "ACTIVATION_PATH_"),
+                    "metadata": enum_label(pb.MetadataChange, reply.metadata_change, "METADATA_CHANGE_"),
                     "lifecycle": enum_label(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
                     "registered hub": reply.registered_hub,
                     "owner": reply.owner_oem,

@@ -1,7 +1,8 @@
 """Activation intents: what an Activate is about to change outside this process, written durably first.
 
 Before its first external write an Activate records an intent (device, caller, request id, hub, the
-initial twin before and the one wanted, the owner to claim, the enrollment etag it read) and, in the same
+initial twin before and the one wanted, whether the metadata is kept, replaced or cleared, the owner to
+claim, the enrollment etag it read) and, in the same
 transaction, its audit row (outcome ``pending``).  Each step is marked as it completes (``dps`` with the
 new enrollment etag, then ``hub``); the intent is then ``done`` and its audit row ``ok``.  An intent whose
 enrollment was changed by someone else before its own write is ``abandoned`` (audit row ``error``, reason
@@ -34,6 +35,7 @@ from dataclasses import replace as dc_replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from activation_svc.model import MetadataChange
 from dbstore import Database, Tx
 from provkit.cloud import InitialTwin
 
@@ -66,6 +68,13 @@ ALTER TABLE activation_intents ADD COLUMN held_until_us INTEGER NOT NULL DEFAULT
 """
 HOLD = timedelta(minutes=1)  # steps take seconds (DPS and hub calls time out well before)
 
+# Version 6 of the audit store: what the intent does with the device's metadata (``MetadataChange``): an
+# activation that KEEPS it leaves the hub twin's tags and desired properties alone.  Intents recorded
+# before it replaced the metadata.
+METADATA_MIGRATION = """
+ALTER TABLE activation_intents ADD COLUMN metadata_change TEXT NOT NULL DEFAULT 'replaced';
+"""
+
 
 @dataclass(frozen=True)
 class ActivationIntent:
@@ -77,7 +86,8 @@ class ActivationIntent:
     after: InitialTwin  # what must be there now
     owner: str  # the owner to claim when the enrollment names none ("" for none)
     basis_etag: str  # the enrollment etag the change is meant for
-    summary: str  # "hub=... metadata_sha256=...", for the audit detail
+    summary: str  # "hub=... metadata_sha256=..." (or "metadata=kept"), for the audit detail
+    metadata: MetadataChange = MetadataChange.REPLACED  # KEPT: the hub twin's metadata is left alone
     id: int = 0
     audit_id: int = 0
     dps_etag: str | None = None  # set when the enrollment step completed
@@ -102,7 +112,7 @@ def _twin(text: str | None) -> InitialTwin | None:
 
 _SELECT_OPEN = (
     "SELECT id, device_id, caller, request_id, hub, twin_before, twin_after, owner, basis_etag, summary, "
-    "dps_etag, hub_done, audit_id, created_us FROM activation_intents WHERE state = 'open'"
+    "dps_etag, hub_done, audit_id, created_us, metadata_change FROM activation_intents WHERE state = 'open'"
 )
 
 
@@ -122,6 +132,7 @@ def _intent(row: tuple[Any, ...]) -> ActivationIntent:
         hub_done=bool(row[11]),
         audit_id=row[12],
         created=datetime.fromtimestamp(row[13] / 1_000_000, UTC),
+        metadata=MetadataChange(row[14]),
     )
 
 
@@ -175,8 +186,8 @@ class IntentLog:
             intent_id = await tx.insert(
                 "INSERT INTO activation_intents (device_id, caller, request_id, hub, twin_before, "
                 "twin_after, owner, basis_etag, summary, state, audit_id, created_us, held_by, "
-                "held_until_us) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?)",
+                "held_until_us, metadata_change) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?)",
                 (
                     intent.device_id,
                     intent.caller,
@@ -191,6 +202,7 @@ class IntentLog:
                     audit_row[0],
                     self.holder,
                     self._until_us(),
+                    intent.metadata.value,
                 ),
                 "id",
             )

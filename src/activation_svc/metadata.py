@@ -11,12 +11,19 @@ booleans, objects, arrays); ``null`` is refused (in a twin patch it would mean "
 parsed by ``jsonsafe``: what it refuses is METADATA_NOT_JSON when the text is not JSON at all (syntax,
 ``NaN``), else METADATA_INVALID (nesting past 64 levels, a lone surrogate, a number beyond a double, a
 duplicate key); either carries ErrorInfo metadata ``json_problem`` = jsonsafe's reason (e.g. TOO_DEEP).
+
+What an Activate asks for (``requested_metadata(text, clear)``): no metadata (an empty or blank text) KEEPS
+the device's metadata; metadata REPLACES it; ``clear`` (and no metadata: both is InvalidArgument
+METADATA_CONFLICT) CLEARS it.  ``target_twin(request, current)`` is the initial twin the enrollment must hold
+then; metadata without tags and desired properties would clear a device that has some, and is refused
+(FailedPrecondition METADATA_EMPTY): clearing is never a side effect, it is asked for.
 ``sample_metadata(index=0, interval_s=5.0)`` an OEM's metadata for its ``index``-th machine: the one sample
 the portal's form, ``make up``'s sample-metadata.json and the demo's fleet all show.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -24,7 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonsafe
-from provkit.errors import FieldViolation, InvalidArgument
+from activation_svc.model import MetadataChange
+from provkit.cloud import InitialTwin
+from provkit.errors import FailedPrecondition, FieldViolation, InvalidArgument
 
 MAX_TAGS_BYTES = 8 * 1024
 MAX_DESIRED_BYTES = 32 * 1024
@@ -165,6 +174,59 @@ def parse_metadata(text: str, field: str = "metadata_json") -> TwinMetadata:
             field_violations=[FieldViolation(field, str(exc))],
         ) from None
     return validate_metadata(data, field)
+
+
+@dataclass(frozen=True)
+class MetadataRequest:
+    """What an activation asks to do with the device's metadata."""
+
+    change: MetadataChange
+    metadata: TwinMetadata | None = None  # the metadata sent (REPLACED only)
+
+    def fingerprint(self) -> str:
+        """The request's metadata for its idempotency fingerprint (a replacement: its canonical JSON)."""
+        return self.metadata.canonical() if self.metadata is not None else self.change.value
+
+    def summary(self) -> str:
+        """For the audit detail: the metadata's SHA-256 (never its values), or what happens to it."""
+        if self.metadata is None:
+            return f"metadata={self.change.value}"
+        return f"metadata_sha256={hashlib.sha256(self.metadata.canonical().encode()).hexdigest()}"
+
+
+def requested_metadata(
+    text: str, clear: bool, field: str = "metadata_json", clear_field: str = "clear_metadata"
+) -> MetadataRequest:
+    """KEPT without metadata, REPLACED with it, CLEARED with ``clear`` (InvalidArgument with both)."""
+    given = bool(text.strip())
+    if clear and given:
+        raise InvalidArgument(
+            "METADATA_CONFLICT",
+            "clear_metadata removes the device's metadata: send it without metadata",
+            field_violations=[FieldViolation(clear_field, "set together with metadata; send one of them")],
+        )
+    if clear:
+        return MetadataRequest(MetadataChange.CLEARED)
+    if not given:
+        return MetadataRequest(MetadataChange.KEPT)
+    return MetadataRequest(MetadataChange.REPLACED, parse_metadata(text, field))
+
+
+def target_twin(request: MetadataRequest, current: InitialTwin | None) -> InitialTwin:
+    """The initial twin the device's enrollment must hold after the activation (``current``: now)."""
+    now = current or InitialTwin()
+    if request.change is MetadataChange.KEPT:
+        return InitialTwin(dict(now.tags), dict(now.desired))
+    if request.change is MetadataChange.CLEARED or request.metadata is None:
+        return InitialTwin()
+    wanted = InitialTwin(dict(request.metadata.tags), dict(request.metadata.desired))
+    if not (wanted.tags or wanted.desired) and (now.tags or now.desired):
+        raise FailedPrecondition(
+            "METADATA_EMPTY",
+            "the metadata has no tags and no desired properties: it would remove the device's; send no "
+            "metadata to keep them, or set clear_metadata to remove them",
+        )
+    return wanted
 
 
 SAMPLE_SITES = (

@@ -22,6 +22,14 @@ class ActivationPath(enum.Enum):
     ENROLLMENT_AND_HUB_TWIN = "enrollment+hub-twin"
 
 
+class MetadataChange(enum.Enum):
+    """What an activation did with the device's metadata (its enrollment's initial twin and hub twin)."""
+
+    KEPT = "kept"  # none was sent: the device keeps its tags and desired properties
+    REPLACED = "replaced"  # the metadata sent is the device's now
+    CLEARED = "cleared"  # asked for explicitly (clear_metadata): the metadata activations wrote is removed
+
+
 @dataclass(frozen=True)
 class ActivateCommand:
     device_id: str
@@ -31,6 +39,7 @@ class ActivateCommand:
     request_id: str = ""
     caller: Caller = field(default_factory=Caller.internal)  # who asks (from the client certificate)
     expected_etag: str = ""  # the enrollment etag this change is meant for ("": the one read first)
+    clear_metadata: bool = False  # remove the device's metadata (an empty metadata_json keeps it)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class ActivateResult:
     registered_hub: str = ""
     replayed: bool = False
     owner: str = ""
+    metadata_change: MetadataChange = MetadataChange.REPLACED
 
 
 @dataclass(frozen=True)

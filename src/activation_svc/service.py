@@ -10,6 +10,11 @@ who counts as one caller: ``_attempt_key``), never per device over all callers, 
 owner's attempts -> ResourceExhausted ACTIVATION_RATE_LIMITED (with retry_after).
 The caller is the ``provkit.context.Caller`` the server resolved from the client certificate.
 
+The metadata: none sent KEEPS the device's (the enrollment's initial twin stays; its hub twin's tags and
+desired properties are not touched), metadata sent REPLACES it, ``clear_metadata`` CLEARS it
+(``activation_svc.metadata.requested_metadata``); the answer says which (``ActivateResult.metadata_change``).
+Metadata without tags and desired properties never clears a device that has some: METADATA_EMPTY.
+
 Activate writes ONE etag-guarded enrollment update: initialTwin = the metadata, iotHubs = [hub],
 allocationPolicy = static, provisioningStatus = enabled, and the owner (the caller's OEM, when none was
 named: the first activation claims the device).  The update is guarded by the etag the call read (or the
@@ -29,7 +34,8 @@ there before the work, and wait for, or take over, each other's).  The domain re
 writes ``provkit.cloud.Enrollment`` records (activation record, initial twin, hub allocation); the DPS
 JSON is the adapter's.
 
-Other reasons: DEVICE_ID_* (id rules), METADATA_INVALID / METADATA_NOT_JSON, HUB_UNKNOWN,
+Other reasons: DEVICE_ID_* (id rules), METADATA_INVALID / METADATA_NOT_JSON / METADATA_CONFLICT /
+METADATA_EMPTY, HUB_UNKNOWN,
 REQUEST_ID_INVALID, REQUEST_ID_REUSED, ENROLLMENT_CHANGED_CONCURRENTLY (metadata ``enrollment_etag``: the
 etag now), ENROLLMENT_CONCURRENTLY_MODIFIED (Deactivate), DPS_UNAVAILABLE, HUB_UNAVAILABLE,
 DPS_REFUSED, HUB_REFUSED.
@@ -38,7 +44,6 @@ DPS_REFUSED, HUB_REFUSED.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -47,7 +52,7 @@ from typing import Any, Protocol
 
 from activation_svc.audit import AuditEntry, AuditLog
 from activation_svc.intents import ActivationIntent
-from activation_svc.metadata import TwinMetadata, parse_metadata
+from activation_svc.metadata import MetadataRequest, requested_metadata, target_twin
 from activation_svc.model import (
     ActivateCommand,
     ActivateResult,
@@ -56,6 +61,7 @@ from activation_svc.model import (
     DeactivateResult,
     DeviceStatus,
     Lifecycle,
+    MetadataChange,
 )
 from activation_svc.ratelimit import AttemptsExhausted
 from activation_svc.shared_limits import FailureLimits
@@ -76,7 +82,6 @@ from provkit.cloud import (
     HubAllocation,
     HubDevice,
     HubTwinPort,
-    InitialTwin,
     ProvisioningStatus,
     disable_hub_device,
 )
@@ -266,18 +271,16 @@ class ActivationService:
     # ----------------------------------------------------------------------------------- activate
     async def activate(self, cmd: ActivateCommand) -> ActivateResult:
         check_request_id(cmd.request_id)
-        metadata = parse_metadata(cmd.metadata_json)
+        metadata = requested_metadata(cmd.metadata_json, cmd.clear_metadata)
         hub = self._hub(cmd.hub)
         device_id, enrollment = await self._authorised(
             "activate", cmd.device_id, cmd.activation_code, cmd.caller, cmd.request_id
         )
         expected = cmd.expected_etag.strip()
         request_fingerprint = fingerprint(
-            ["activate", device_id, metadata.canonical(), hub, *([expected] if expected else [])]
+            ["activate", device_id, metadata.fingerprint(), hub, *([expected] if expected else [])]
         )
-
-        digest = hashlib.sha256(metadata.canonical().encode()).hexdigest()
-        summary = f"hub={hub} metadata_sha256={digest}"
+        summary = f"hub={hub} {metadata.summary()}"
 
         async def execute() -> ActivateResult | LostRace:
             trail = _Trail()
@@ -316,21 +319,24 @@ class ActivationService:
         self,
         device_id: str,
         enrollment: Enrollment,
-        metadata: TwinMetadata,
+        metadata: MetadataRequest,
         hub: str,
         cmd: ActivateCommand,
         summary: str,
         trail: _Trail,
     ) -> ActivateResult:
-        wanted_twin = InitialTwin(dict(metadata.tags), dict(metadata.desired))
+        # The target comes from what this call read (the intent records it): kept, replaced or cleared.
+        wanted_twin = target_twin(metadata, enrollment.initial_twin)
+        change = metadata.change
         registration = enrollment.registration_state
         registered_hub = (registration.assigned_hub or "") if registration and registration.assigned else ""
         if holds(enrollment, wanted_twin, HubAllocation((hub,), "static")):
             twin_written = False
-            if registered_hub:  # the twin may have drifted from the enrollment: bring it back
-                twin_written = await self._steps.sync_hub(registered_hub, device_id, wanted_twin, wanted_twin)
+            if registered_hub:  # the twin may have drifted from the enrollment: bring it back (unless kept)
+                on_hub = None if change is MetadataChange.KEPT else wanted_twin
+                twin_written = await self._steps.sync_hub(registered_hub, device_id, on_hub, wanted_twin)
             path = ActivationPath.ENROLLMENT_AND_HUB_TWIN if twin_written else ActivationPath.UNCHANGED
-            return self._result(device_id, hub, path, enrollment, registered_hub)
+            return self._result(device_id, hub, path, enrollment, registered_hub, change)
         basis = cmd.expected_etag.strip() or enrollment.etag or ""  # the state this change is meant for
         if enrollment.etag != basis:
             raise _changed_meanwhile(enrollment)
@@ -344,6 +350,7 @@ class ActivationService:
             owner=cmd.caller.oem or "",
             basis_etag=basis,
             summary=summary,
+            metadata=change,
         )
         entry = AuditEntry(
             self._clock(),
@@ -360,16 +367,24 @@ class ActivationService:
         if carried is None:
             raise _changed_meanwhile(await self._get(device_id) or enrollment)
         return self._result(
-            device_id, hub, carried.path, carried.enrollment or enrollment, carried.registered_hub
+            device_id, hub, carried.path, carried.enrollment or enrollment, carried.registered_hub, change
         )
 
     def _result(
-        self, device_id: str, hub: str, path: ActivationPath, enrollment: Enrollment, registered_hub: str
+        self,
+        device_id: str,
+        hub: str,
+        path: ActivationPath,
+        enrollment: Enrollment,
+        registered_hub: str,
+        change: MetadataChange,
     ) -> ActivateResult:
         lifecycle = Lifecycle.REGISTERED if registered_hub else Lifecycle.ACTIVATED
-        log.info("activated", extra={"path": path.value, "hub": hub})
+        log.info("activated", extra={"path": path.value, "hub": hub, "metadata": change.value})
         etag, owner = enrollment.etag or "", enrollment.owner or ""
-        return ActivateResult(device_id, hub, path, lifecycle, etag, registered_hub, owner=owner)
+        return ActivateResult(
+            device_id, hub, path, lifecycle, etag, registered_hub, owner=owner, metadata_change=change
+        )
 
     # --------------------------------------------------------------------------------- deactivate
     async def deactivate(self, cmd: DeactivateCommand) -> DeactivateResult:
@@ -492,6 +507,7 @@ async def _replayed_activation(earlier: dict[str, Any]) -> ActivateResult:
         earlier["registered_hub"],
         replayed=True,
         owner=earlier.get("owner", ""),
+        metadata_change=MetadataChange(earlier.get("metadata_change", MetadataChange.REPLACED.value)),
     )
 
 

@@ -7,7 +7,13 @@ from datetime import datetime
 
 from google.protobuf import timestamp_pb2
 
-from activation_svc.model import ActivateCommand, ActivationPath, DeactivateCommand, Lifecycle
+from activation_svc.model import (
+    ActivateCommand,
+    ActivationPath,
+    DeactivateCommand,
+    Lifecycle,
+    MetadataChange,
+)
 from activation_svc.service import ActivationService
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
@@ -27,6 +33,11 @@ PATH_TO_PROTO = {
     ActivationPath.UNCHANGED: pb.ACTIVATION_PATH_UNCHANGED,
     ActivationPath.ENROLLMENT: pb.ACTIVATION_PATH_ENROLLMENT,
     ActivationPath.ENROLLMENT_AND_HUB_TWIN: pb.ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN,
+}
+METADATA_CHANGE_TO_PROTO = {
+    MetadataChange.KEPT: pb.METADATA_CHANGE_KEPT,
+    MetadataChange.REPLACED: pb.METADATA_CHANGE_REPLACED,
+    MetadataChange.CLEARED: pb.METADATA_CHANGE_CLEARED,
 }
 
 
@@ -60,6 +71,7 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
                     request.request_id,
                     current_caller(),
                     request.expected_enrollment_etag,
+                    request.clear_metadata,
                 )
             )
         except DomainError:
@@ -75,6 +87,7 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
             registered_hub=result.registered_hub,
             replayed=result.replayed,
             owner_oem=result.owner,
+            metadata_change=METADATA_CHANGE_TO_PROTO[result.metadata_change],
         )
 
     async def Deactivate(

@@ -10,7 +10,9 @@ next call for one device.  Both go through ``carry_out``, which works from the i
    intent is abandoned, nothing of it written.
 2. **Hub twin**, when the device has registered: the patch is computed from the intent's twin before and
    after (and the twin as it is now), so tags and properties the change removed are removed (set to null)
-   on the hub, whichever run gets there.
+   on the hub, whichever run gets there.  An intent that KEEPS the metadata patches nothing (the hub
+   twin's tags and desired properties stay as they are, changed on the hub since or not); like every
+   intent it re-enables a hub identity a deactivation disabled.
 
 Each step is marked in the intent as it completes; the intent's audit row gets its outcome when it is
 closed (``ok`` / ``error`` with the reason).  An unreachable DPS or hub leaves the intent open (its audit
@@ -34,7 +36,7 @@ from typing import Any
 
 from activation_svc.audit import AuditEntry, AuditLog
 from activation_svc.intents import ActivationIntent
-from activation_svc.model import ActivationPath
+from activation_svc.model import ActivationPath, MetadataChange
 from provkit.clock import Clock
 from provkit.cloud import (
     CloudEtagMismatch,
@@ -252,9 +254,8 @@ class IntentSteps:
         twin_written = False
         if not intent.hub_done:
             if registered_hub:
-                twin_written = await self.sync_hub(
-                    registered_hub, intent.device_id, intent.after, intent.before
-                )
+                wanted = None if intent.metadata is MetadataChange.KEPT else intent.after
+                twin_written = await self.sync_hub(registered_hub, intent.device_id, wanted, intent.before)
                 crash_point("activate.after_hub")
             progress.intent = await self._audit.intents.mark_hub(intent)
         return Carried(enrollment, twin_written, registered_hub)
@@ -270,10 +271,11 @@ class IntentSteps:
         )
 
     async def sync_hub(
-        self, hub: str, device_id: str, wanted: InitialTwin, previous: InitialTwin | None
+        self, hub: str, device_id: str, wanted: InitialTwin | None, previous: InitialTwin | None
     ) -> bool:
         """Merge the metadata into the device's hub twin (and re-enable a disabled identity): keys of
-        ``previous`` that ``wanted`` no longer has are removed."""
+        ``previous`` that ``wanted`` no longer has are removed.  ``wanted`` None: the twin is left alone
+        (the metadata is kept), only the identity is re-enabled."""
         old = previous or InitialTwin()
         with hub_errors():
             for _ in range(_MAX_ATTEMPTS):
@@ -287,6 +289,8 @@ class IntentSteps:
                     except CloudEtagMismatch:
                         continue
                     wrote = True
+                if wanted is None:
+                    return wrote
                 twin = await self._hubs.get_twin_document(hub, device_id)
                 if twin is None:
                     return wrote

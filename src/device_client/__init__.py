@@ -12,13 +12,15 @@ CLI (``device-client``; global options ``--config FILE --state-root DIR --log-fo
 
 Exit codes: 0 ok, 2 usage, 3 state directory missing/corrupted/in use, 4 identity unusable (key does not
 match the certificate, certificate expired / not yet valid), 5 factory unreachable or refused, 6 identity
-exists (use --force), 7 DPS/hub unusable past --give-up-after, 8 invalid settings, 130 interrupted.
+exists (use --force), 7 DPS/hub unusable past --give-up-after, 8 invalid settings, 9 certificate revoked
+(DPS refused the device and the CRL its certificate names, verified against its issuer, lists it; `status`
+then shows "revoked"), 130 interrupted.
 
 Modules: ``settings`` (one typed settings object: defaults < --config TOML < the device's settings.toml <
 DEVICE_CLIENT_* environment < flags), ``state`` (the per-device state directory and its layout),
 ``identity`` (keys, CSR, key/certificate checks), ``buffer`` (bounded persisted SQLite outbox),
 ``telemetry`` (message bodies), ``desired`` (desired properties -> reported acknowledgements),
 ``provisioning`` + ``factory_client`` (provision over gRPC), ``dps`` + ``hub`` (azure-iot-device aio
-clients, every call under a deadline), ``runtime`` (:class:`DeviceRuntime`, the run loop as an async API),
-``cli``.
+clients, every call under a deadline), ``revocation`` (the CRL the certificate names, after a refusal),
+``runtime`` (:class:`DeviceRuntime`, the run loop as an async API), ``cli``.
 """

@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok, 2 usage, 3 state directory missing/corrupted/in use, 4 identity unusable (key does
 not match certificate, certificate expired), 5 factory unreachable or refused, 6 identity exists (use
---force), 7 DPS/hub unusable past --give-up-after, 8 invalid settings, 130 interrupted.
+--force), 7 DPS/hub unusable past --give-up-after, 8 invalid settings, 9 certificate revoked (the CRL it
+names lists it; re-provision), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -299,6 +300,7 @@ def status_report(guid: str, settings: Settings, *, now: datetime) -> dict[str, 
         except sqlite3.OperationalError:
             buffered["error"] = "buffer busy"
     desired = state.read_desired()
+    revoked = state.read_revocation(info.serial_hex)
     return {
         "device": guid,
         "state_dir": str(state.path),
@@ -313,8 +315,9 @@ def status_report(guid: str, settings: Settings, *, now: datetime) -> dict[str, 
             "not_after": info.not_after.isoformat(),
             "expired": remaining.total_seconds() <= 0,
             "days_left": round(remaining.total_seconds() / 86400, 1),
-            "enrollment": ident.metadata.get("enrollment"),
+            "enrollment": "revoked" if revoked else ident.metadata.get("enrollment"),
         },
+        "revocation": revoked.to_json() if revoked else None,
         "assignment": assignment.to_json() if assignment else None,
         "telemetry": buffered,
         "desired": {"version": desired.version, "properties": desired.properties} if desired else None,
@@ -339,6 +342,11 @@ def _status(guid: str, settings: Settings, *, as_json: bool) -> int:
     print(f"thumbprint   {ident['thumbprint_sha1']}")
     print(f"certificate  valid until {ident['not_after']} ({expiry})")
     print(f"enrollment   {ident['enrollment'] or 'unknown'}")
+    if report["revocation"]:
+        r = report["revocation"]
+        why = f" ({r['reason']})" if r["reason"] else ""
+        where = f"per the CRL {r['crl_url']}, checked {r['checked_at']}"
+        print(f"revoked      on {r['revoked_at']}{why}, {where}")
     if a:
         print(f"assignment   hub {a['assigned_hub']}, device id {a['device_id']}, since {a['registered_at']}")
     else:

@@ -21,6 +21,7 @@ EXIT_FACTORY = 5  # factory unreachable or refused the request
 EXIT_EXISTS = 6  # an identity exists already (use --force)
 EXIT_CLOUD = 7  # DPS / hub unreachable or refused, and we were told not to wait longer
 EXIT_SETTINGS = 8  # invalid configuration
+EXIT_REVOKED = 9  # the certificate is revoked (a verified CRL lists it): re-provision the device
 EXIT_INTERRUPTED = 130
 
 
@@ -68,6 +69,12 @@ class FactoryError(DeviceClientError):
     """The factory service is unreachable or refused the request."""
 
     exit_code = EXIT_FACTORY
+
+
+class CertificateRevokedError(DeviceClientError):
+    """The device's certificate is revoked: it can never come online with it."""
+
+    exit_code = EXIT_REVOKED
 
 
 class CloudGaveUpError(DeviceClientError):

@@ -116,7 +116,7 @@ def _public_der(public_key: PublicKeyTypes) -> bytes:
     )
 
 
-def _serial_hex(serial: int) -> str:
+def serial_hex_of(serial: int) -> str:
     """Upper-case hex of the serial's bytes (an even number of digits, as factory_svc reports it)."""
     text = f"{serial:X}"
     return text if len(text) % 2 == 0 else "0" + text
@@ -141,7 +141,7 @@ def inspect_identity(
         )
     info = IdentityInfo(
         guid=guid,
-        serial_hex=_serial_hex(leaf.serial_number),
+        serial_hex=serial_hex_of(leaf.serial_number),
         thumbprint_sha1=leaf.fingerprint(hashes.SHA1()).hex().upper(),  # noqa: S303 - Azure's thumbprint
         thumbprint_sha256=leaf.fingerprint(hashes.SHA256()).hex().upper(),
         not_before=leaf.not_valid_before_utc,

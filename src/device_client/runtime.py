@@ -8,7 +8,11 @@
 
 What it does: with no cached assignment it registers with DPS (X.509) and caches assignedHub/deviceId;
 while the enrollment is disabled it logs "waiting for activation" and retries with capped exponential
-backoff; it connects to the hub with a fresh SDK client per connection; when the hub refuses a cached
+backoff; when DPS refuses it, it also looks at the CRL its certificate names
+(``device_client.revocation``: at the first refusal, then at most every ``crl_check_interval_s``): a
+verified CRL that lists it ends the run with :class:`CertificateRevokedError` (recorded in the state
+directory, so the next run and `status` know without asking); an unreachable or unverifiable CRL changes
+nothing. It connects to the hub with a fresh SDK client per connection; when the hub refuses a cached
 assignment (device deleted, disabled, moved, new certificate) it registers through DPS again; telemetry is
 produced every interval into the persisted outbox and sent strictly in order, so messages produced during
 an outage leave after reconnecting; desired properties (initial twin included) are applied and
@@ -35,17 +39,37 @@ from device_client import abandoned, dps
 from device_client.backoff import Backoff, first_attempt_delay
 from device_client.buffer import TelemetryBuffer
 from device_client.desired import DesiredOutcome, apply_document, apply_patch
-from device_client.errors import CloudGaveUpError
+from device_client.errors import CertificateRevokedError, CloudGaveUpError
 from device_client.hub import HubRefused, HubSession, HubTarget, HubUnavailable
-from device_client.identity import check_validity
+from device_client.identity import check_validity, load_chain
+from device_client.revocation import HttpCrlFetcher, RevocationStatus, check_with_deadline
 from device_client.settings import Settings
-from device_client.state import Assignment, DesiredState, StateDir, StoredIdentity
+from device_client.state import Assignment, DesiredState, Revoked, StateDir, StoredIdentity
 from device_client.telemetry import build_body, message_id
 from provkit.clock import Clock
 from provkit.faults import crash_point
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# DPS answers a revoked device (its enrollment disabled by the factory) as one not activated yet.
+_REFUSALS = frozenset(
+    {
+        dps.RegistrationOutcome.NOT_ACTIVATED,
+        dps.RegistrationOutcome.NOT_ENROLLED,
+        dps.RegistrationOutcome.CREDENTIALS_REFUSED,
+    }
+)
+
+
+def revoked_error(record: Revoked) -> CertificateRevokedError:
+    return CertificateRevokedError(
+        f"the device certificate (serial {record.serial}) was {record.sentence()}, as the factory's CRL "
+        f"{record.crl_url} says: this device cannot come online with it; the factory must give it a new "
+        "certificate (device-client provision --force)",
+        "CERTIFICATE_REVOKED",
+        {"serial": record.serial, "revoked_at": record.revoked_at.isoformat(), "reason": record.reason or ""},
+    )
 
 
 class DeviceState(StrEnum):
@@ -115,6 +139,7 @@ class DeviceRuntime:
         self._trouble_since: float | None = None
         self._hub_backoff = Backoff(rt.backoff_initial_s, rt.backoff_max_s)
         self._fatal: Exception | None = None
+        self._crl_checked: float | None = None  # monotonic time of this run's last CRL check
         self.first_delay_s = 0.0  # the spread first attempt this run waited (see first_attempt_window_s)
 
     # -- public API ----------------------------------------------------------------------------------
@@ -139,6 +164,9 @@ class DeviceRuntime:
         abandoned.install(asyncio.get_running_loop())  # SDK calls it cancels may fail later, unheard
         try:
             identity = self.state_dir.load_identity(now=self._clock())
+            recorded = self.state_dir.read_revocation(identity.info.serial_hex)
+            if recorded is not None:  # revocation is final: no need to knock on DPS again
+                raise revoked_error(recorded)
             with self.state_dir.locked():
                 await self._run_locked(identity)
             if self._fatal is not None:
@@ -286,6 +314,11 @@ class DeviceRuntime:
             except _Stopped:
                 return None
             except dps.RegistrationRefused as refused:
+                if refused.outcome in _REFUSALS:
+                    try:
+                        await self._look_for_revocation(identity)
+                    except _Stopped:
+                        return None
                 if refused.outcome in (
                     dps.RegistrationOutcome.NOT_ACTIVATED,
                     dps.RegistrationOutcome.NOT_ENROLLED,
@@ -319,6 +352,35 @@ class DeviceRuntime:
             self._update(registrations=self._snapshot.registrations + 1, last_error=None)
             return assignment
         return None
+
+    async def _look_for_revocation(self, identity: StoredIdentity) -> None:
+        """Raise :class:`CertificateRevokedError` when a verified CRL lists the certificate (checked at the
+        first refusal of this run, then at most every ``crl_check_interval_s``)."""
+        now = time.monotonic()
+        interval = self.settings.runtime.crl_check_interval_s
+        if self._crl_checked is not None and now - self._crl_checked < interval:
+            return
+        self._crl_checked = now
+        timeout = self.settings.runtime.sdk_timeout_s
+        chain = load_chain(identity.chain_path.read_bytes(), source=str(identity.chain_path))
+        check = await self._unless_stopped(
+            check_with_deadline(chain, HttpCrlFetcher(timeout), self._clock(), timeout)
+        )
+        if check.status is RevocationStatus.REVOKED and check.revoked is not None:
+            self.state_dir.write_revocation(check.revoked)
+            self._log(
+                logging.ERROR,
+                "certificate serial %s %s (%s)",
+                check.revoked.serial,
+                check.revoked.sentence(),
+                check.detail,
+                reason="revoked",
+            )
+            raise revoked_error(check.revoked)
+        if check.status is RevocationStatus.UNKNOWN:
+            self._log(logging.WARNING, "revocation status unknown: %s", check.detail, reason="crl_unknown")
+        else:
+            self._log(logging.INFO, "certificate not revoked: %s", check.detail, reason="crl_not_revoked")
 
     # -- one hub connection ------------------------------------------------------------------------------
     async def _serve(self, identity: StoredIdentity, assignment: Assignment, ca_pem: str | None) -> None:

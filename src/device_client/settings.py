@@ -24,6 +24,8 @@ command-line flags.  Keys::
                                (0, the default: at once; a simulated fleet booting together uses a few s)
     sdk_timeout_s              deadline of every single SDK call (some SDK failure paths never return)
     give_up_after_s            stop `run` with an error when DPS/the hub stays unusable this long (0: never)
+    crl_check_interval_s       while DPS refuses the device, look at the CRL its certificate names at the
+                               first refusal and then at most this often (a verified CRL listing it: revoked)
     log_format                 auto | json | text
     device_ids                 guid (default) | registration-id: which device ids are accepted
                                (see provkit.device_id)
@@ -101,6 +103,7 @@ class RuntimeSettings:
     first_attempt_window_s: float
     sdk_timeout_s: float
     give_up_after_s: float
+    crl_check_interval_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ DEFAULTS: dict[str, Any] = {
     "first_attempt_window_s": 0.0,
     "sdk_timeout_s": 30.0,
     "give_up_after_s": 0.0,
+    "crl_check_interval_s": 3600.0,
     "log_format": "auto",
     "device_ids": DeviceIdPolicy.GUID.value,
 }
@@ -233,6 +237,7 @@ def build_settings(layers: dict[str, Any]) -> Settings:
         first_attempt_window_s=_num(layers, "first_attempt_window_s", minimum=0.0),
         sdk_timeout_s=_num(layers, "sdk_timeout_s", minimum=0.5),
         give_up_after_s=_num(layers, "give_up_after_s", minimum=0.0),
+        crl_check_interval_s=_num(layers, "crl_check_interval_s", minimum=1.0),
     )
     if runtime.backoff_max_s < runtime.backoff_initial_s:
         raise DeviceSettingsError("backoff_max_s must not be below backoff_initial_s", "SETTINGS_INVALID")

@@ -11,6 +11,8 @@ Layout of ``{state_root}/{guid}/`` (everything the device keeps between runs)::
     assignment.json     cached DPS assignment: assigned_hub, device_id, registered_at (a cache: dropped
                         when the hub refuses the device)
     desired.json        last applied desired properties and their $version
+    revocation.json     the certificate's revocation, as a verified CRL listed it (serial, date, reason,
+                        CRL URL and number, when checked); removed with a new certificate
     telemetry.db        SQLite: bounded outbox of telemetry not yet acknowledged + sequence counter
     run.lock            flock held by the one process running this device
 
@@ -42,6 +44,7 @@ SETTINGS_FILE = "settings.toml"
 TRUSTED_CA_FILE = "trusted-ca.pem"
 ASSIGNMENT_FILE = "assignment.json"
 DESIRED_FILE = "desired.json"
+REVOCATION_FILE = "revocation.json"
 BUFFER_FILE = "telemetry.db"
 LOCK_FILE = "run.lock"
 
@@ -97,6 +100,33 @@ class Assignment:
             "registered_at": _iso(self.registered_at),
             "id_scope": self.id_scope,
         }
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """The device's certificate is revoked: what the verified CRL's entry says, and where it came from."""
+
+    serial: str  # upper-case hex, as identity.json and the factory spell it
+    revoked_at: datetime
+    reason: str | None  # RFC 5280 reason, kebab-case ("key-compromise"); None: unspecified
+    crl_url: str
+    crl_number: int | None
+    checked_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "serial": self.serial,
+            "revoked_at": _iso(self.revoked_at),
+            "reason": self.reason,
+            "crl_url": self.crl_url,
+            "crl_number": self.crl_number,
+            "checked_at": _iso(self.checked_at),
+        }
+
+    def sentence(self) -> str:
+        """"revoked on <date> (key-compromise)", for a person."""
+        why = f" ({self.reason})" if self.reason else ""
+        return f"revoked on {_iso(self.revoked_at)}{why}"
 
 
 @dataclass(frozen=True)
@@ -174,8 +204,11 @@ class StateDir:
         atomic_write(self.key_path, key_pem, 0o600)
         atomic_write(self.chain_path, chain_pem)
         atomic_write(self.file(IDENTITY_FILE), json.dumps(metadata, indent=2, sort_keys=True).encode())
-        # A new certificate makes the cached hub assignment stale: the hub knows the old thumbprint.
+        # A new certificate makes the cached hub assignment stale: the hub knows the old thumbprint; the
+        # old one's revocation is not the new one's.
         self.clear_assignment()
+        with contextlib.suppress(FileNotFoundError):
+            self.file(REVOCATION_FILE).unlink()
 
     def read_metadata(self) -> dict[str, Any]:
         path = self.file(IDENTITY_FILE)
@@ -249,6 +282,30 @@ class StateDir:
     def write_desired(self, state: DesiredState) -> None:
         body = {"version": state.version, "properties": state.properties}
         atomic_write(self.file(DESIRED_FILE), json.dumps(body, indent=2, sort_keys=True).encode())
+
+    # -- revocation ------------------------------------------------------------------------------------
+    def read_revocation(self, serial: str) -> Revoked | None:
+        """The recorded revocation of the certificate with ``serial`` (None: none recorded for it)."""
+        path = self.file(REVOCATION_FILE)
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_bytes())
+            number = data.get("crl_number")
+            record = Revoked(
+                serial=str(data["serial"]),
+                revoked_at=_parse_dt(data["revoked_at"], source=str(path)),
+                reason=str(data["reason"]) if data.get("reason") else None,
+                crl_url=str(data["crl_url"]),
+                crl_number=int(number) if number is not None else None,
+                checked_at=_parse_dt(data["checked_at"], source=str(path)),
+            )
+        except (OSError, ValueError, KeyError, TypeError, StateError) as exc:
+            raise StateError(f"{path}: unreadable revocation record", "STATE_CORRUPTED") from exc
+        return record if record.serial.upper() == serial.upper() else None
+
+    def write_revocation(self, record: Revoked) -> None:
+        atomic_write(self.file(REVOCATION_FILE), json.dumps(record.to_json(), indent=2).encode())
 
     # -- exclusive use -----------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -3,38 +3,25 @@ client commands a person would type; the code comes from a file, never from argv
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
-import sys
 import uuid
 
 from enrollment.provisioning_env import (
     OemTls,
-    activation_env,
+    activation_serve_process,
     dps_enrollment,
     factory_env,
     mint,
     running_factory,
 )
-from support.cli_process import run_module, wait_serving
-from support.emulator import free_port
+from support.cli_process import run_module
 
 from devprov.v1 import factory_service_pb2 as fpb
 
 
 async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator):
     tls = OemTls.create(tmp_path / "tls")
-    port = free_port("127.0.0.1")
-    target = f"127.0.0.1:{port}"
-    env = {**os.environ, **activation_env(tmp_path, emulator, tls, ACTIVATION_SERVER_PORT=str(port))}
-    log = (tmp_path / "activation.log").open("wb")
-    server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "activation_svc.cli", "serve", env=env, stdout=log, stderr=log
-    )
-    try:
-        await wait_serving(target, tls.client_security(), "activation-svc serve")
+    async with activation_serve_process(tmp_path, emulator, tls) as client_env:
         async with running_factory(factory_env(tmp_path, emulator)) as (_app, factory):
             device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
             enrolled = await factory.Enroll(
@@ -42,13 +29,6 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
             )
         code_file = tmp_path / "code.txt"
         code_file.write_text(enrolled.activation_code + "\n")
-        client_env = {
-            **os.environ,
-            "ACTIVATION_CLIENT_TARGET": target,
-            "ACTIVATION_CLIENT_CA_FILE": str(tls.ca_file),
-            "ACTIVATION_CLIENT_CERT_FILE": str(tls.client_cert),
-            "ACTIVATION_CLIENT_KEY_FILE": str(tls.client_key),
-        }
         meta = json.dumps({"tags": {"customer": "acme"}, "properties": {"desired": {"interval_s": 5}}})
         hub = emulator.hub_hosts[1]
         code, out, err = await run_module(
@@ -66,7 +46,7 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
         assert code == 0, err
         assert out == (
             f"activated {device.device_id} on hub {hub}; "
-            "the device will pick it up at its next registration.\n"
+            "the device will pick it up at its next registration; metadata replaced by the one sent.\n"
         )
         assert enrolled.activation_code not in out + err
         assert (await dps_enrollment(emulator, device.device_id))["provisioningStatus"] == "enabled"
@@ -132,7 +112,3 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
             "activation_svc.cli", "status", device.device_id, "--code-file", str(code_file), env=no_cert
         )
         assert code in (1, 3) and ("UNAVAILABLE" in err or "UNAUTHENTICATED" in err), err
-    finally:
-        server.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(server.wait(), 30) == 0
-        log.close()

@@ -201,6 +201,48 @@ def test_ctrl_c_at_the_code_prompt_ends_it_with_one_line() -> None:
             f"{GUID} was already activated with this metadata on hub hub-a; nothing changed "
             "(an answer repeated for a retried request).",
         ),
+        (
+            apb.ActivateResponse(
+                device_id=GUID,
+                hub="hub-a",
+                path=apb.ACTIVATION_PATH_UNCHANGED,
+                metadata_change=apb.METADATA_CHANGE_KEPT,
+            ),
+            f"{GUID} was already activated on hub hub-a; nothing changed (metadata kept).",
+        ),
+        (
+            apb.ActivateResponse(
+                device_id=GUID,
+                hub="hub-b",
+                registered_hub="hub-a",
+                path=apb.ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN,
+                metadata_change=apb.METADATA_CHANGE_KEPT,
+            ),
+            f"activated {GUID}; enabled the live device again on hub hub-a; metadata kept: its tags and "
+            "desired properties are unchanged. It is registered on hub hub-a and keeps using it until it "
+            "registers again, then moves to hub hub-b.",
+        ),
+        (
+            apb.ActivateResponse(
+                device_id=GUID,
+                hub="hub-a",
+                path=apb.ACTIVATION_PATH_ENROLLMENT,
+                metadata_change=apb.METADATA_CHANGE_REPLACED,
+            ),
+            f"activated {GUID} on hub hub-a; the device will pick it up at its next registration; "
+            "metadata replaced by the one sent.",
+        ),
+        (
+            apb.ActivateResponse(
+                device_id=GUID,
+                hub="hub-a",
+                registered_hub="hub-a",
+                path=apb.ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN,
+                metadata_change=apb.METADATA_CHANGE_CLEARED,
+            ),
+            f"activated {GUID}; updated the live device's twin on hub hub-a; metadata cleared: its tags and "
+            "desired properties were removed.",
+        ),
     ],
 )
 def test_activation_outcomes_are_sentences_without_service_jargon(reply, sentence: str) -> None:

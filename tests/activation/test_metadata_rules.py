@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from activation_svc.metadata import parse_metadata
-from provkit.errors import InvalidArgument
+from activation_svc.metadata import parse_metadata, requested_metadata, target_twin
+from activation_svc.model import MetadataChange
+from provkit.cloud import InitialTwin
+from provkit.errors import FailedPrecondition, InvalidArgument
 
 
 def violations(text: str) -> dict[str, str]:
@@ -84,3 +86,38 @@ def test_shape_errors_are_all_reported():
     with pytest.raises(InvalidArgument) as caught:
         parse_metadata("[1, 2]")
     assert caught.value.reason == "METADATA_INVALID"
+
+
+HAS = InitialTwin({"location": "Hamburg"}, {"telemetryIntervalSeconds": 5})
+
+
+@pytest.mark.parametrize("text", ["", "   \n"])
+def test_no_metadata_keeps_what_the_device_has(text):
+    request = requested_metadata(text, clear=False)
+    assert request.change is MetadataChange.KEPT
+    assert target_twin(request, HAS) == HAS
+    assert target_twin(request, None) == InitialTwin()  # a first activation of a bare enrollment
+
+
+def test_metadata_replaces_and_the_clear_flag_clears():
+    sent = json.dumps({"tags": {"location": "Lyon"}})
+    replaced = requested_metadata(sent, clear=False)
+    assert replaced.change is MetadataChange.REPLACED
+    assert target_twin(replaced, HAS) == InitialTwin({"location": "Lyon"}, {})
+    cleared = requested_metadata("", clear=True)
+    assert cleared.change is MetadataChange.CLEARED and target_twin(cleared, HAS) == InitialTwin()
+    # what tells them apart in an idempotency fingerprint and in the audit
+    assert len({r.fingerprint() for r in (replaced, cleared, requested_metadata("", clear=False))}) == 3
+    assert replaced.summary().startswith("metadata_sha256=") and cleared.summary() == "metadata=cleared"
+
+
+def test_clearing_is_never_a_side_effect():
+    with pytest.raises(InvalidArgument) as both:
+        requested_metadata('{"tags": {"a": 1}}', clear=True)
+    assert both.value.reason == "METADATA_CONFLICT"
+    assert [v.field for v in both.value.field_violations] == ["clear_metadata"]
+    empty = requested_metadata('{"tags": {}, "properties": {"desired": {}}}', clear=False)
+    with pytest.raises(FailedPrecondition) as refused:
+        target_twin(empty, HAS)
+    assert refused.value.reason == "METADATA_EMPTY"
+    assert target_twin(empty, InitialTwin()) == InitialTwin()  # nothing to remove: fine

@@ -36,9 +36,10 @@ class TinyCa:
         *,
         not_before: datetime | None = None,
         not_after: datetime | None = None,
+        crl_urls: tuple[str, ...] = (),
     ) -> bytes:
         now = datetime.now(UTC)
-        leaf = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
             .issuer_name(self.cert.subject)
@@ -48,8 +49,14 @@ class TinyCa:
             .not_valid_after(not_after or now + timedelta(days=30))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(self.key, hashes.SHA256())
         )
+        if crl_urls:  # as the factory names its CRL (CRL Distribution Points, one full name each)
+            points = [
+                x509.DistributionPoint([x509.UniformResourceIdentifier(url)], None, None, None)
+                for url in crl_urls
+            ]
+            builder = builder.add_extension(x509.CRLDistributionPoints(points), critical=False)
+        leaf = builder.sign(self.key, hashes.SHA256())
         return leaf.public_bytes(serialization.Encoding.PEM) + self.cert.public_bytes(
             serialization.Encoding.PEM
         )
@@ -58,3 +65,26 @@ class TinyCa:
 def make_identity(ca: TinyCa, guid: str, **validity: datetime) -> tuple[bytes, bytes]:
     key = generate_key()
     return key_to_pem(key), ca.issue(guid, key, **validity)
+
+
+def make_crl(
+    ca: TinyCa,
+    revoked: dict[int, x509.ReasonFlags | None],
+    *,
+    signed_by: ec.EllipticCurvePrivateKey | None = None,
+) -> bytes:
+    """A DER CRL in ``ca``'s name listing ``revoked`` (serial -> reason), signed by it (or ``signed_by``)."""
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now)
+        .next_update(now + timedelta(days=7))
+        .add_extension(x509.CRLNumber(7), critical=False)
+    )
+    for serial, reason in revoked.items():
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
+        if reason is not None:
+            entry = entry.add_extension(x509.CRLReason(reason), critical=False)
+        builder = builder.add_revoked_certificate(entry.build())
+    return builder.sign(signed_by or ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -17,8 +20,9 @@ import pytest
 from azure.iot.device import X509
 from azure.iot.device.aio import IoTHubDeviceClient, ProvisioningDeviceClient
 from azure.iot.device.exceptions import ClientError, CredentialError
+from support.cli_process import wait_serving
 from support.dps_device import register_once
-from support.emulator import EmulatorProcess
+from support.emulator import EmulatorProcess, free_port
 from support.parties import FACTORY_URI, party
 
 from activation_svc.app import ActivationApp
@@ -158,6 +162,33 @@ async def running_activation(
         await app.close()
 
 
+@contextlib.asynccontextmanager
+async def activation_serve_process(tmp_path: Path, emulator, tls: OemTls) -> AsyncIterator[dict[str, str]]:
+    """`activation-svc serve` as its own process (mTLS, a free loopback port, its log in
+    ``tmp_path/activation.log``); yields the environment with which the `activation-svc` client commands
+    reach it.  SIGTERM stops it on leaving, and must end it with exit code 0."""
+    port = free_port("127.0.0.1")
+    target = f"127.0.0.1:{port}"
+    env = {**os.environ, **activation_env(tmp_path, emulator, tls, ACTIVATION_SERVER_PORT=str(port))}
+    with (tmp_path / "activation.log").open("wb") as log:
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "activation_svc.cli", "serve", env=env, stdout=log, stderr=log
+        )
+        try:
+            await wait_serving(target, tls.client_security(), "activation-svc serve")
+            yield {
+                **os.environ,
+                "ACTIVATION_CLIENT_TARGET": target,
+                "ACTIVATION_CLIENT_CA_FILE": str(tls.ca_file),
+                "ACTIVATION_CLIENT_CERT_FILE": str(tls.client_cert),
+                "ACTIVATION_CLIENT_KEY_FILE": str(tls.client_key),
+            }
+        finally:
+            server.send_signal(signal.SIGTERM)
+            stopped = await asyncio.wait_for(server.wait(), 30)
+    assert stopped == 0, "activation-svc serve did not stop cleanly on SIGTERM"
+
+
 @dataclass(frozen=True)
 class DeviceFiles:
     device_id: str
@@ -267,6 +298,16 @@ def registry(emulator, hub: str):
 
 async def hub_twin(emulator, hub: str, device_id: str):
     return await asyncio.wait_for(asyncio.to_thread(lambda: registry(emulator, hub).get_twin(device_id)), 30)
+
+
+async def set_hub_desired(emulator, hub: str, device_id: str, desired: dict) -> None:
+    """What another of the OEM's tools does: patch desired properties of the hub twin (azure-iot-hub)."""
+    from azure.iot.hub.models import Twin, TwinProperties
+
+    patch = Twin(properties=TwinProperties(desired=desired))
+    await asyncio.wait_for(
+        asyncio.to_thread(lambda: registry(emulator, hub).update_twin(device_id, patch, "*")), 30
+    )
 
 
 async def dps_enrollment(emulator, device_id: str) -> dict | None:

@@ -28,6 +28,7 @@ from enrollment.provisioning_env import (
     mint,
     register,
     running_factory,
+    set_hub_desired,
 )
 from support.cli_process import wait_serving
 from support.emulator import free_port
@@ -100,7 +101,9 @@ async def crashed(tmp_path, emulator):
     env = activation_env(tmp_path, emulator, tls)
     data_dir = Path(env["ACTIVATION_DATA_DIR"])
 
-    async def crash_at(point: str):
+    async def crash_at(point: str, change: str = json.dumps(AFTER), move: bool = False, drift=None):
+        """``change``: the second activation's metadata; ``move``: to the other hub; ``drift``: desired
+        properties another tool sets on the hub twin before it."""
         async with running_factory(factory_env(tmp_path, emulator)) as (_app, factory):
             device = await mint(factory, str(uuid.uuid4()), tmp_path / "devices")
             enrolled = await factory.Enroll(
@@ -111,9 +114,12 @@ async def crashed(tmp_path, emulator):
             await stub.Activate(activate_request(device.device_id, code, json.dumps(BEFORE)))
             hub = (await register(emulator, device)).registration_state.assigned_hub
             assert (await hub_twin(emulator, hub, device.device_id)).tags == BEFORE["tags"]
+            if drift:
+                await set_hub_desired(emulator, hub, device.device_id, drift)
+            other = next(h for h in emulator.hub_hosts if h != hub) if move else ""
             with pytest.raises(grpc.aio.AioRpcError) as killed:
                 await stub.Activate(
-                    activate_request(device.device_id, code, json.dumps(AFTER), request_id="r-crash"),
+                    activate_request(device.device_id, code, change, other, request_id="r-crash"),
                     timeout=30,
                 )
             assert killed.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -218,3 +224,29 @@ async def test_an_interrupted_change_that_another_change_overtook_is_closed_as_a
     assert [(r[1], r[2]) for r in rows] == [("", "ok"), ("r-crash", "error")]
     assert rows[1][3].startswith("ENROLLMENT_CHANGED_CONCURRENTLY")
     assert open_intents(data_dir) == []
+
+
+async def test_a_change_keeping_the_metadata_killed_after_dps_leaves_the_live_twin_alone(
+    crashed, tmp_path, emulator
+):
+    """No metadata, another hub: the intent keeps the metadata, so finishing it after the crash does not
+    write the enrollment's twin over what another tool set on the hub meanwhile."""
+    tls, env, data_dir, crash_at = crashed
+    device, code, hub = await crash_at("activate.after_dps@2", change="", move=True, drift={"interval_s": 7})
+    enrollment = await dps_enrollment(emulator, device.device_id)
+    assert enrollment["iotHubs"] != [hub] and enrollment["initialTwin"]["tags"] == BEFORE["tags"]
+    assert open_intents(data_dir) == [("r-crash", None, 0)]
+
+    async with activation_process(env, tls, tmp_path / "activation.log") as (_proc, stub):
+        assert open_intents(data_dir) == []  # completed before it served
+        twin = await hub_twin(emulator, hub, device.device_id)
+        assert twin.tags == BEFORE["tags"]
+        assert twin.properties.desired["interval_s"] == 7 and twin.properties.desired["mode"] == "eco"
+        rows = audit_rows(data_dir, device.device_id)
+        assert [(r[1], r[2]) for r in rows] == [("", "ok"), ("r-crash", "ok")]
+        assert "metadata=kept" in rows[1][3] and "completed after an interruption" in rows[1][3]
+        retry = await stub.Activate(
+            activate_request(device.device_id, code, "", enrollment["iotHubs"][0], request_id="r-crash")
+        )
+        assert retry.path == apb.ACTIVATION_PATH_UNCHANGED  # the crash kept its answer from being stored
+        assert retry.metadata_change == apb.METADATA_CHANGE_KEPT

@@ -292,3 +292,31 @@ async def test_repeated_wrong_codes_from_one_address_wait_and_are_told_when_othe
         apb.ActivateRequest(device_id=device.device_id, activation_code=code, metadata_json="{}")
     )
     assert reply.lifecycle == apb.LIFECYCLE_ACTIVATED
+
+
+async def test_an_empty_metadata_field_keeps_the_live_twin_and_the_page_says_so(client, stack):
+    device, code = await stack.enrolled()
+    await post_activate(client, device.device_id, code, json.dumps(META))
+    assert (await register(stack.emulator, device)).status == "assigned"
+    hub = stack.emulator.default_hub
+
+    response, page = await post_activate(client, device.device_id, code, "")
+    assert response.status == 200
+    assert "Metadata kept" in text_of(page, "outcome") and text_of(page, "v-metadata") == "KEPT"
+    twin = await hub_twin(stack.emulator, hub, device.device_id)
+    assert twin.tags == META["tags"] and twin.properties.desired["interval_s"] == 5
+    assert (await stack.enrollment(device.device_id))["initialTwin"]["tags"] == META["tags"]
+
+    # "{}" would wipe it: refused with a sentence that says how to keep or to remove
+    response, page = await post_activate(client, device.device_id, code, "{}")
+    assert response.status == 409
+    assert "METADATA_EMPTY" in page and "Remove the device&#x27;s metadata" in text_of(page, "problem")
+
+    _, hidden = await form(client)
+    data = {**activate_form(hidden, device.device_id, code, "", ""), "clear_metadata": "on"}
+    response = await client.post("/activate", data=data)
+    page = await response.text()
+    assert response.status == 200
+    assert "Metadata cleared" in text_of(page, "outcome") and text_of(page, "v-metadata") == "CLEARED"
+    twin = await hub_twin(stack.emulator, hub, device.device_id)
+    assert twin.tags == {} and "interval_s" not in twin.properties.desired

@@ -11,19 +11,25 @@ from provkit.channels import ChannelSecurity, create_channel
 
 
 async def run_module(
-    module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+    module: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+    stdin: str | None = None,
 ) -> tuple[int, str, str]:
-    """``python -m module args...`` to completion: (exit code, stdout, stderr)."""
+    """``python -m module args...`` to completion (``stdin`` typed into it): (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         module,
         *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else None,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=env,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    typed = stdin.encode() if stdin is not None else None
+    out, err = await asyncio.wait_for(proc.communicate(typed), timeout)
     return proc.returncode or 0, out.decode(), err.decode()
 
 

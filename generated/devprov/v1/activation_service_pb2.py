@@ -25,29 +25,31 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#devprov/v1/activation_service.proto\x12\ndevprov.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\x0f\x41\x63tivateRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x63tivation_code\x18\x02 \x01(\t\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\x12\x0b\n\x03hub\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12 \n\x18\x65xpected_enrollment_etag\x18\x06 \x01(\t\"\xdc\x01\n\x10\x41\x63tivateResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03hub\x18\x02 \x01(\t\x12(\n\x04path\x18\x03 \x01(\x0e\x32\x1a.devprov.v1.ActivationPath\x12(\n\tlifecycle\x18\x04 \x01(\x0e\x32\x15.devprov.v1.Lifecycle\x12\x17\n\x0f\x65nrollment_etag\x18\x05 \x01(\t\x12\x16\n\x0eregistered_hub\x18\x06 \x01(\t\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\x11\n\towner_oem\x18\x08 \x01(\t\"S\n\x11\x44\x65\x61\x63tivateRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x63tivation_code\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x91\x01\n\x12\x44\x65\x61\x63tivateResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12\x1b\n\x13hub_device_disabled\x18\x03 \x01(\x08\x12(\n\tlifecycle\x18\x04 \x01(\x0e\x32\x15.devprov.v1.Lifecycle\x12\x10\n\x08replayed\x18\x05 \x01(\x08\"D\n\x16GetDeviceStatusRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x63tivation_code\x18\x02 \x01(\t\"\xa9\x03\n\x17GetDeviceStatusResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12(\n\tlifecycle\x18\x02 \x01(\x0e\x32\x15.devprov.v1.Lifecycle\x12\x1b\n\x13provisioning_status\x18\x03 \x01(\t\x12\x15\n\rallocated_hub\x18\x04 \x01(\t\x12\x16\n\x0eregistered_hub\x18\x05 \x01(\t\x12\x19\n\x11hub_device_status\x18\x06 \x01(\t\x12\x1c\n\x14hub_connection_state\x18\x07 \x01(\t\x12\x36\n\x12last_activity_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x61\x63tivated_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10\x64\x65\x61\x63tivated_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\towner_oem\x18\x0b \x01(\t\x12\x17\n\x0f\x65nrollment_etag\x18\x0c \x01(\t*\x8e\x01\n\tLifecycle\x12\x19\n\x15LIFECYCLE_UNSPECIFIED\x10\x00\x12\x16\n\x12LIFECYCLE_ENROLLED\x10\x01\x12\x17\n\x13LIFECYCLE_ACTIVATED\x10\x02\x12\x18\n\x14LIFECYCLE_REGISTERED\x10\x03\x12\x1b\n\x17LIFECYCLE_DEPROVISIONED\x10\x04*\x9d\x01\n\x0e\x41\x63tivationPath\x12\x1f\n\x1b\x41\x43TIVATION_PATH_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41\x43TIVATION_PATH_UNCHANGED\x10\x01\x12\x1e\n\x1a\x41\x43TIVATION_PATH_ENROLLMENT\x10\x02\x12+\n\'ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN\x10\x03\x32\x83\x02\n\x11\x41\x63tivationService\x12\x45\n\x08\x41\x63tivate\x12\x1b.devprov.v1.ActivateRequest\x1a\x1c.devprov.v1.ActivateResponse\x12K\n\nDeactivate\x12\x1d.devprov.v1.DeactivateRequest\x1a\x1e.devprov.v1.DeactivateResponse\x12Z\n\x0fGetDeviceStatus\x12\".devprov.v1.GetDeviceStatusRequest\x1a#.devprov.v1.GetDeviceStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#devprov/v1/activation_service.proto\x12\ndevprov.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaf\x01\n\x0f\x41\x63tivateRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x63tivation_code\x18\x02 \x01(\t\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\x12\x0b\n\x03hub\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12 \n\x18\x65xpected_enrollment_etag\x18\x06 \x01(\t\x12\x16\n\x0e\x63lear_metadata\x18\x07 \x01(\x08\"\x91\x02\n\x10\x41\x63tivateResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03hub\x18\x02 \x01(\t\x12(\n\x04path\x18\x03 \x01(\x0e\x32\x1a.devprov.v1.ActivationPath\x12(\n\tlifecycle\x18\x04 \x01(\x0e\x32\x15.devprov.v1.Lifecycle\x12\x17\n\x0f\x65nrollment_etag\x18\x05 \x01(\t\x12\x16\n\x0eregistered_hub\x18\x06 \x01(\t\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\x11\n\towner_oem\x18\x08 \x01(\t\x12\x33\n\x0fmetadata_change\x18\t \x01(\x0e\x32\x1a.devprov.v1.MetadataChange\"S\n\x11\x44\x65\x61\x63tivateRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x63tivation_code\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x91\x01\n\x12\x44\x65\x61\x63tivateResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12\x1b\n\x13hub_device_disabled\x18\x03 \x01(\x08\x12(\n\tlifecycle\x18\x04 \x01(\x0e\x32\x15.devprov.v1.Lifecycle\x12\x10\n\x08replayed\x18\x05 \x01(\x08\"D\n\x16GetDeviceStatusRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x63tivation_code\x18\x02 \x01(\t\"\xa9\x03\n\x17GetDeviceStatusResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12(\n\tlifecycle\x18\x02 \x01(\x0e\x32\x15.devprov.v1.Lifecycle\x12\x1b\n\x13provisioning_status\x18\x03 \x01(\t\x12\x15\n\rallocated_hub\x18\x04 \x01(\t\x12\x16\n\x0eregistered_hub\x18\x05 \x01(\t\x12\x19\n\x11hub_device_status\x18\x06 \x01(\t\x12\x1c\n\x14hub_connection_state\x18\x07 \x01(\t\x12\x36\n\x12last_activity_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x61\x63tivated_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10\x64\x65\x61\x63tivated_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\towner_oem\x18\x0b \x01(\t\x12\x17\n\x0f\x65nrollment_etag\x18\x0c \x01(\t*\x8e\x01\n\tLifecycle\x12\x19\n\x15LIFECYCLE_UNSPECIFIED\x10\x00\x12\x16\n\x12LIFECYCLE_ENROLLED\x10\x01\x12\x17\n\x13LIFECYCLE_ACTIVATED\x10\x02\x12\x18\n\x14LIFECYCLE_REGISTERED\x10\x03\x12\x1b\n\x17LIFECYCLE_DEPROVISIONED\x10\x04*\x86\x01\n\x0eMetadataChange\x12\x1f\n\x1bMETADATA_CHANGE_UNSPECIFIED\x10\x00\x12\x18\n\x14METADATA_CHANGE_KEPT\x10\x01\x12\x1c\n\x18METADATA_CHANGE_REPLACED\x10\x02\x12\x1b\n\x17METADATA_CHANGE_CLEARED\x10\x03*\x9d\x01\n\x0e\x41\x63tivationPath\x12\x1f\n\x1b\x41\x43TIVATION_PATH_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41\x43TIVATION_PATH_UNCHANGED\x10\x01\x12\x1e\n\x1a\x41\x43TIVATION_PATH_ENROLLMENT\x10\x02\x12+\n\'ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN\x10\x03\x32\x83\x02\n\x11\x41\x63tivationService\x12\x45\n\x08\x41\x63tivate\x12\x1b.devprov.v1.ActivateRequest\x1a\x1c.devprov.v1.ActivateResponse\x12K\n\nDeactivate\x12\x1d.devprov.v1.DeactivateRequest\x1a\x1e.devprov.v1.DeactivateResponse\x12Z\n\x0fGetDeviceStatus\x12\".devprov.v1.GetDeviceStatusRequest\x1a#.devprov.v1.GetDeviceStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'devprov.v1.activation_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LIFECYCLE']._serialized_start=1193
-  _globals['_LIFECYCLE']._serialized_end=1335
-  _globals['_ACTIVATIONPATH']._serialized_start=1338
-  _globals['_ACTIVATIONPATH']._serialized_end=1495
+  _globals['_LIFECYCLE']._serialized_start=1270
+  _globals['_LIFECYCLE']._serialized_end=1412
+  _globals['_METADATACHANGE']._serialized_start=1415
+  _globals['_METADATACHANGE']._serialized_end=1549
+  _globals['_ACTIVATIONPATH']._serialized_start=1552
+  _globals['_ACTIVATIONPATH']._serialized_end=1709
   _globals['_ACTIVATEREQUEST']._serialized_start=85
-  _globals['_ACTIVATEREQUEST']._serialized_end=236
-  _globals['_ACTIVATERESPONSE']._serialized_start=239
-  _globals['_ACTIVATERESPONSE']._serialized_end=459
-  _globals['_DEACTIVATEREQUEST']._serialized_start=461
-  _globals['_DEACTIVATEREQUEST']._serialized_end=544
-  _globals['_DEACTIVATERESPONSE']._serialized_start=547
-  _globals['_DEACTIVATERESPONSE']._serialized_end=692
-  _globals['_GETDEVICESTATUSREQUEST']._serialized_start=694
-  _globals['_GETDEVICESTATUSREQUEST']._serialized_end=762
-  _globals['_GETDEVICESTATUSRESPONSE']._serialized_start=765
-  _globals['_GETDEVICESTATUSRESPONSE']._serialized_end=1190
-  _globals['_ACTIVATIONSERVICE']._serialized_start=1498
-  _globals['_ACTIVATIONSERVICE']._serialized_end=1757
+  _globals['_ACTIVATEREQUEST']._serialized_end=260
+  _globals['_ACTIVATERESPONSE']._serialized_start=263
+  _globals['_ACTIVATERESPONSE']._serialized_end=536
+  _globals['_DEACTIVATEREQUEST']._serialized_start=538
+  _globals['_DEACTIVATEREQUEST']._serialized_end=621
+  _globals['_DEACTIVATERESPONSE']._serialized_start=624
+  _globals['_DEACTIVATERESPONSE']._serialized_end=769
+  _globals['_GETDEVICESTATUSREQUEST']._serialized_start=771
+  _globals['_GETDEVICESTATUSREQUEST']._serialized_end=839
+  _globals['_GETDEVICESTATUSRESPONSE']._serialized_start=842
+  _globals['_GETDEVICESTATUSRESPONSE']._serialized_end=1267
+  _globals['_ACTIVATIONSERVICE']._serialized_start=1712
+  _globals['_ACTIVATIONSERVICE']._serialized_end=1971
 # @@protoc_insertion_point(module_scope)

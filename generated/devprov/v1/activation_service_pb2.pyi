@@ -17,6 +17,13 @@ class Lifecycle(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LIFECYCLE_REGISTERED: _ClassVar[Lifecycle]
     LIFECYCLE_DEPROVISIONED: _ClassVar[Lifecycle]
 
+class MetadataChange(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    METADATA_CHANGE_UNSPECIFIED: _ClassVar[MetadataChange]
+    METADATA_CHANGE_KEPT: _ClassVar[MetadataChange]
+    METADATA_CHANGE_REPLACED: _ClassVar[MetadataChange]
+    METADATA_CHANGE_CLEARED: _ClassVar[MetadataChange]
+
 class ActivationPath(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ACTIVATION_PATH_UNSPECIFIED: _ClassVar[ActivationPath]
@@ -28,29 +35,35 @@ LIFECYCLE_ENROLLED: Lifecycle
 LIFECYCLE_ACTIVATED: Lifecycle
 LIFECYCLE_REGISTERED: Lifecycle
 LIFECYCLE_DEPROVISIONED: Lifecycle
+METADATA_CHANGE_UNSPECIFIED: MetadataChange
+METADATA_CHANGE_KEPT: MetadataChange
+METADATA_CHANGE_REPLACED: MetadataChange
+METADATA_CHANGE_CLEARED: MetadataChange
 ACTIVATION_PATH_UNSPECIFIED: ActivationPath
 ACTIVATION_PATH_UNCHANGED: ActivationPath
 ACTIVATION_PATH_ENROLLMENT: ActivationPath
 ACTIVATION_PATH_ENROLLMENT_AND_HUB_TWIN: ActivationPath
 
 class ActivateRequest(_message.Message):
-    __slots__ = ("device_id", "activation_code", "metadata_json", "hub", "request_id", "expected_enrollment_etag")
+    __slots__ = ("device_id", "activation_code", "metadata_json", "hub", "request_id", "expected_enrollment_etag", "clear_metadata")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_CODE_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     HUB_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_ENROLLMENT_ETAG_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_METADATA_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     activation_code: str
     metadata_json: str
     hub: str
     request_id: str
     expected_enrollment_etag: str
-    def __init__(self, device_id: _Optional[str] = ..., activation_code: _Optional[str] = ..., metadata_json: _Optional[str] = ..., hub: _Optional[str] = ..., request_id: _Optional[str] = ..., expected_enrollment_etag: _Optional[str] = ...) -> None: ...
+    clear_metadata: bool
+    def __init__(self, device_id: _Optional[str] = ..., activation_code: _Optional[str] = ..., metadata_json: _Optional[str] = ..., hub: _Optional[str] = ..., request_id: _Optional[str] = ..., expected_enrollment_etag: _Optional[str] = ..., clear_metadata: _Optional[bool] = ...) -> None: ...
 
 class ActivateResponse(_message.Message):
-    __slots__ = ("device_id", "hub", "path", "lifecycle", "enrollment_etag", "registered_hub", "replayed", "owner_oem")
+    __slots__ = ("device_id", "hub", "path", "lifecycle", "enrollment_etag", "registered_hub", "replayed", "owner_oem", "metadata_change")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     HUB_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +72,7 @@ class ActivateResponse(_message.Message):
     REGISTERED_HUB_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     OWNER_OEM_FIELD_NUMBER: _ClassVar[int]
+    METADATA_CHANGE_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     hub: str
     path: ActivationPath
@@ -67,7 +81,8 @@ class ActivateResponse(_message.Message):
     registered_hub: str
     replayed: bool
     owner_oem: str
-    def __init__(self, device_id: _Optional[str] = ..., hub: _Optional[str] = ..., path: _Optional[_Union[ActivationPath, str]] = ..., lifecycle: _Optional[_Union[Lifecycle, str]] = ..., enrollment_etag: _Optional[str] = ..., registered_hub: _Optional[str] = ..., replayed: _Optional[bool] = ..., owner_oem: _Optional[str] = ...) -> None: ...
+    metadata_change: MetadataChange
+    def __init__(self, device_id: _Optional[str] = ..., hub: _Optional[str] = ..., path: _Optional[_Union[ActivationPath, str]] = ..., lifecycle: _Optional[_Union[Lifecycle, str]] = ..., enrollment_etag: _Optional[str] = ..., registered_hub: _Optional[str] = ..., replayed: _Optional[bool] = ..., owner_oem: _Optional[str] = ..., metadata_change: _Optional[_Union[MetadataChange, str]] = ...) -> None: ...
 
 class DeactivateRequest(_message.Message):
     __slots__ = ("device_id", "activation_code", "request_id")

@@ -75,7 +75,9 @@ class ActivationServiceServicer:
     def Activate(self, request, context):
         """Enables the device's enrollment with its initial twin and a static allocation to the chosen hub, in
         one etag-guarded update.  Activating again with the same metadata changes nothing; other metadata is
-        an update, also written to the hub twin when the device has registered already.  A device answers
+        an update, also written to the hub twin when the device has registered already.  Without metadata the
+        device keeps its own (enrollment and hub twin untouched: e.g. to change the hub, or to enable it again
+        after a deactivation); only `clear_metadata` removes it.  `metadata_change` in the answer says which.  A device answers
         only to its owner OEM (or a portal acting for it); the first activation of a device without an owner
         makes the caller's OEM its owner.  Anyone else gets the same PERMISSION_DENIED as for an unknown
         device.  When the enrollment changed between this call's reading and writing it (another Activate,

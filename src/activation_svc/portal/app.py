@@ -76,6 +76,7 @@ _LIMITS = {
     "activation_code": ("Activation code", pages.MAX_CODE),
     "hub": ("IoT hub", pages.MAX_HUB),
     "metadata": ("Metadata", pages.MAX_METADATA_CHARS),
+    "clear_metadata": ("Remove the device's metadata", pages.MAX_CHECKBOX),
     "request_id": ("Request id", pages.MAX_REQUEST_ID),
 }
 
@@ -206,6 +207,7 @@ async def activate(request: web.Request) -> web.Response:
             device_id=values["device_id"][: pages.MAX_DEVICE_ID],
             hub=values["hub"][: pages.MAX_HUB],
             metadata=values["metadata"][: pages.MAX_METADATA_CHARS],
+            clear_metadata=bool(values["clear_metadata"]),
             problem=problem,
             local_problems=local_problems,
         )
@@ -232,6 +234,7 @@ async def activate(request: web.Request) -> web.Response:
                     metadata_json=values["metadata"],
                     hub=values["hub"],
                     request_id=request_id,
+                    clear_metadata=bool(values["clear_metadata"]),
                 ),
                 metadata=(*request_metadata(request_id), (ON_BEHALF_OF_HEADER, _address(request))),
                 timeout=settings.timeout_seconds,
@@ -251,8 +254,12 @@ async def activate(request: web.Request) -> web.Response:
         lifecycle=enum_label(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
         registered_hub=reply.registered_hub,
         replayed=reply.replayed,
+        metadata=enum_label(pb.MetadataChange, reply.metadata_change, "METADATA_CHANGE_"),
     )
-    log.info("activated", extra={"device": view.device_id, "path": view.path, "hub": view.hub})
+    log.info(
+        "activated",
+        extra={"device": view.device_id, "path": view.path, "hub": view.hub, "metadata": view.metadata},
+    )
     return _html(pages.result_page(view), cookie=(csrf, fresh))
 
 

@@ -30,6 +30,8 @@ input, select, textarea { width: 100%; font: inherit; padding: 0.6rem; border: 1
 textarea { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 0.9rem;
   min-height: 14rem; resize: vertical; }
 [aria-invalid="true"] { border-color: var(--bad); outline: 2px solid rgba(180, 35, 24, 0.2); }
+.check { display: flex; gap: 0.5rem; align-items: center; font-weight: 400; }
+.check input { width: auto; }
 .field-error { color: var(--bad); font-size: 0.9rem; margin: 0.25rem 0 0; }
 .row { display: flex; gap: 0.5rem; align-items: center; flex-wrap: wrap; margin-top: 0.4rem; }
 button { font: inherit; border: 0; border-radius: 6px; padding: 0.7rem 1.2rem; cursor: pointer;
@@ -66,7 +68,7 @@ JS = """\
   function check() {
     var text = area.value.trim();
     if (text === "") {
-      note.textContent = "Empty: no tags, no desired properties.";
+      note.textContent = "Empty: the device keeps the metadata it has.";
       note.className = "hint";
       return null;
     }

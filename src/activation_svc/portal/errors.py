@@ -16,6 +16,7 @@ FIELDS = {
     "activation_code": ("activation_code", "Activation code"),
     "metadata_json": ("metadata", "Metadata"),
     "hub": ("hub", "IoT hub"),
+    "clear_metadata": ("clear_metadata", "Remove the device's metadata"),
 }
 
 HTTP_STATUS = {
@@ -35,6 +36,11 @@ SENTENCES = {
     "ACTIVATION_RATE_LIMITED": "Too many failed attempts for this device. Wait, then try again.",
     "METADATA_NOT_JSON": "The metadata is not valid JSON.",
     "METADATA_INVALID": "The metadata breaks the device twin rules.",
+    "METADATA_CONFLICT": "Either send metadata or remove the device's metadata, not both.",
+    "METADATA_EMPTY": (
+        "The metadata is empty: it would remove the device's tags and desired properties. Leave the field "
+        "empty to keep them, or tick \"Remove the device's metadata\" to remove them."
+    ),
     "HUB_UNKNOWN": "The chosen IoT hub is not one of the linked hubs.",
     "HUB_NOT_CONFIGURED": "No IoT hub is configured for activation.",
     "REQUEST_ID_REUSED": "This form was already sent with different values. Reload the form and send again.",

@@ -19,6 +19,7 @@ MAX_CODE = 64
 MAX_HUB = 255
 MAX_REQUEST_ID = 64
 MAX_METADATA_CHARS = 96 * 1024
+MAX_CHECKBOX = 8  # a ticked box sends "on"
 
 SAMPLE_METADATA = json.dumps(sample_metadata(), indent=2)  # the same sample `make up` writes
 
@@ -106,6 +107,7 @@ class ActivateForm:
     device_id: str = ""
     hub: str = ""
     metadata: str = SAMPLE_METADATA
+    clear_metadata: bool = False
     problem: ServiceProblem | None = None
     local_problems: tuple[FieldProblem, ...] = field(default=())
 
@@ -168,10 +170,16 @@ def activate_page(form: ActivateForm, hubs: HubChoice, csrf_token: str, request_
 <label for="metadata">Metadata (device twin)</label>
 <textarea id="metadata" name="metadata" rows="14" spellcheck="false"{_input_attrs("metadata", invalid)}>\
 {escape(form.metadata)}</textarea>
-<p class="hint" id="metadata-hint">JSON: {{"tags": {{...}}, "properties": {{"desired": {{...}}}}}}.</p>
+<p class="hint" id="metadata-hint">JSON: {{"tags": {{...}}, "properties": {{"desired": {{...}}}}}}; \
+it replaces the device's metadata. Empty: the device keeps the metadata it has (e.g. to change its hub).</p>
 <div class="row">
 <button type="button" class="secondary" id="format-json" hidden>Check and format JSON</button>
 <span id="metadata-check" class="hint" aria-live="polite"></span></div>{_field_errors(problems, "metadata")}
+<label class="check" for="clear_metadata"><input type="checkbox" id="clear_metadata" name="clear_metadata" \
+value="on"{attrs(checked=form.clear_metadata)}{_input_attrs("clear_metadata", invalid)}> \
+Remove the device's metadata</label>
+<p class="hint" id="clear_metadata-hint">Removes its tags and desired properties (leave the metadata field \
+empty).</p>{_field_errors(problems, "clear_metadata")}
 <div class="actions"><button type="submit">Activate</button></div>
 </form>"""
     )
@@ -193,6 +201,18 @@ _PATH_TEXT = {
         "The device had registered already: its enrollment and its twin on the hub were both updated.",
     ),
 }
+# When the device kept its metadata, what the path says of "this metadata" and "its twin" does not apply.
+_KEPT_PATH_TEXT = {
+    "UNCHANGED": "The device was already activated on this hub: nothing changed.",
+    "ENROLLMENT": "The enrollment is enabled with this hub. The device registers with it.",
+    "ENROLLMENT_AND_HUB_TWIN": "The device had registered already: its identity on the hub is enabled again.",
+}
+_METADATA_TEXT = {
+    "KEPT": "Metadata kept: no metadata was sent, so the device's tags and desired properties stay as they "
+    "were.",
+    "REPLACED": "Metadata replaced: the device's tags and desired properties are the ones sent.",
+    "CLEARED": "Metadata cleared: the device's tags and desired properties were removed.",
+}
 
 
 def _details(rows: Mapping[str, object]) -> Html:
@@ -213,10 +233,14 @@ class ActivationView:
     lifecycle: str  # ENROLLED | ACTIVATED | REGISTERED | DEPROVISIONED
     registered_hub: str
     replayed: bool
+    metadata: str = ""  # KEPT | REPLACED | CLEARED ("" or UNSPECIFIED: the service did not say)
 
 
 def result_page(view: ActivationView) -> Html:
     heading, text = _PATH_TEXT.get(view.path, ("Done", "The activation service accepted the request."))
+    if view.metadata == "KEPT":
+        text = _KEPT_PATH_TEXT.get(view.path, text)
+    metadata_text = _METADATA_TEXT.get(view.metadata)
     replay = (
         Html("<p>This form had been sent before: this is the answer to the first sending.</p>")
         if view.replayed
@@ -224,7 +248,9 @@ def result_page(view: ActivationView) -> Html:
     )
     body = Html(
         f'<section class="panel ok" role="status" id="outcome"><h2>{escape(heading)}</h2>'
-        f"<p>{escape(text)}</p>{replay}</section>"
+        f"<p>{escape(text)}</p>"
+        + (f'<p id="metadata-outcome">{escape(metadata_text)}</p>' if metadata_text else "")
+        + f"{replay}</section>"
         + _details(
             {
                 "Device ID": view.device_id,
@@ -232,6 +258,7 @@ def result_page(view: ActivationView) -> Html:
                 "Hub": view.hub,
                 "Registered hub": view.registered_hub,
                 "Outcome": view.path,
+                "Metadata": view.metadata if metadata_text else "",
             }
         )
         + f'<p><a href="/status?{escape(_query(view.device_id))}">Check its status</a> · '
