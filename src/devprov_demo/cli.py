@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -170,6 +171,17 @@ def _print_facts(console: Console, stack: Stack) -> None:
         console.print(f"  [bold]{key:<{width}}[/]  {value}", highlight=False, soft_wrap=True)
 
 
+def _claim(console: Console, stack: Stack, args: argparse.Namespace) -> bool:
+    """The work directory's lock, before anything is written under it: a second stack on the same directory
+    (``up`` or ``run``) is refused at once and touches nothing."""
+    try:
+        stack.claim(args.command_line)
+    except RuntimeError as exc:  # StackRunning, or a directory that is not a stack's
+        console.print(f"[red]refused:[/] {exc}", highlight=False, soft_wrap=True)
+        return False
+    return True
+
+
 async def _start(console: Console, stack: Stack, *, fresh: bool) -> None:
     with console.status("starting the emulator, factory_svc and activation_svc ..."):
         await asyncio.to_thread(stack.start, fresh=fresh)
@@ -220,6 +232,8 @@ async def run_demo(args: argparse.Namespace, console: Console) -> int:
         console.print("[red]--devices, --interval and --seconds must be positive[/]")
         return EXIT_FAILED
     stack = Stack(_config(args))
+    if not _claim(console, stack, args):
+        return EXIT_FAILED
     stop = _stop_event()
     fleet: Fleet | None = None
     watch: HubWatch | None = None
@@ -267,6 +281,8 @@ async def run_demo(args: argparse.Namespace, console: Console) -> int:
 
 async def run_up(args: argparse.Namespace, console: Console) -> int:
     stack = Stack(_config(args))
+    if not _claim(console, stack, args):
+        return EXIT_FAILED
     stop = _stop_event()
     try:
         await _start(console, stack, fresh=args.fresh)
@@ -302,7 +318,9 @@ async def run_up(args: argparse.Namespace, console: Console) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(words)
+    args.command_line = shlex.join(["devprov-demo", *words])  # named by a second stack's refusal
     console = Console()
     if not console.is_terminal:  # a log or a pipe: wide enough for a GUID and its columns
         console = Console(width=120)

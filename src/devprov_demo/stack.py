@@ -45,6 +45,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from azure_iot_emulator.process import EmulatorProcess, spawn, terminate
 from devprov_demo import pgcluster
+from devprov_demo.worklock import LOCK_FILE, WorkDirLock
+from litestore.files import DIRECTORY_MODE, private_directory
 from provkit.context import Role
 from provkit.devpki import DevTlsAuthority
 from provkit.pki_cli import issue_party
@@ -132,7 +134,7 @@ class TlsFiles:
         """A fresh development TLS CA with server certificates for both services and one client certificate
         per party (written anew at every start)."""
         authority = DevTlsAuthority.create("devprov demo TLS CA")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        private_directory(self.folder)
         authority.write(self.ca, self.ca_key)
         names = list(dict.fromkeys([service_host, "127.0.0.1", "localhost"]))
         for server in ("factory", "activation"):
@@ -165,6 +167,7 @@ class Stack:
         self._database = contextlib.ExitStack()  # the PostgreSQL cluster of a replicated stack
         self.database_urls: dict[str, str] = {}
         self.database_directory: Path | None = None  # the PostgreSQL cluster's (removed when the stack stops)
+        self._lock: WorkDirLock | None = None
 
     @property
     def logs(self) -> Path:
@@ -175,15 +178,28 @@ class Stack:
         return self.root / "devices"
 
     # ------------------------------------------------------------------------------------ lifecycle
+    def claim(self, command: str = "devprov-demo") -> None:
+        """Make the work directory this stack's, before anything under it is written: refuse a foreign
+        non-empty directory (``RuntimeError``), then take its lock, held until ``stop`` (``StackRunning``
+        when another stack holds it: nothing touched).  ``command`` is what the next one's refusal names."""
+        if self._lock is not None:
+            return
+        marker = self.root / MARKER
+        if self.root.exists() and not marker.exists() and any(
+            entry.name != LOCK_FILE for entry in self.root.iterdir()
+        ):
+            raise RuntimeError(f"{self.root} is not empty and not a stack's work directory; choose another")
+        private_directory(self.root)
+        self._lock = WorkDirLock.acquire(self.root, command)
+
     def start(self, *, fresh: bool) -> None:
         """Start everything and wait until each part answers; on any failure stop what was started."""
-        marker = self.root / MARKER
-        if self.root.exists() and any(self.root.iterdir()) and not marker.exists():
-            raise RuntimeError(f"{self.root} is not empty and not a stack's work directory; choose another")
-        if fresh and self.root.exists():
-            shutil.rmtree(self.root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        marker.write_text("a devprov demo stack's work directory (wiped by `run` and `up --fresh`)\n")
+        self.claim()
+        if fresh:
+            self._wipe()
+        marker = "a devprov demo stack's work directory (wiped by `run` and `up --fresh`)\n"
+        (self.root / MARKER).write_text(marker)
+        os.chmod(self.root, DIRECTORY_MODE)  # ours: narrowed also when it was made before
         self.tls.create(self.config.service_host)
         try:
             self.emulator.start()
@@ -203,6 +219,16 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+
+    def _wipe(self) -> None:
+        """Everything in the work directory but its lock (held: a second stack must find the same file)."""
+        for entry in self.root.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
     def _service_environment(
         self, name: str, prefix: str, port: int, metrics: bool = True
@@ -356,6 +382,9 @@ class Stack:
         self._services.clear()
         terminate(self.emulator.proc)
         self._database.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # --------------------------------------------------------------------------------- what to tell
     def client_environment(self) -> dict[str, str]:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -69,6 +70,36 @@ def _demo(*args: str, **kwargs) -> subprocess.Popen[str]:
     )
 
 
+class Printed:
+    """What a running ``devprov_demo`` process prints, gathered line by line by a thread (to wait for a line
+    while the process keeps running)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 180) -> re.Match[str]:
+        """The first match of the regular expression ``pattern`` in what was printed, once it is there."""
+        return _wait_for(lambda: re.search(pattern, self.text), timeout, pattern, self.proc, self)
+
+    def finish(self, timeout: float = 90) -> str:
+        """Wait for the process to end; everything it printed."""
+        self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return self.text
+
+
 def _hub_messages(work_dir: Path) -> list:
     db = Database(work_dir / "emulator" / "emulator.db")
     try:
@@ -99,18 +130,19 @@ def _processes_under(work_dir: Path) -> list[str]:
     return found
 
 
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, printed=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended ({proc.returncode}) while waiting for {what}")
+            said = printed.finish() if printed is not None else ""
+            raise AssertionError(f"process ended ({proc.returncode}) waiting for {what}:\n{said[-8000:]}")
         time.sleep(0.2)
     if proc is not None:  # say what the process was doing
         proc.kill()
-        output, _ = proc.communicate(timeout=30)
+        output = printed.finish(30) if printed is not None else proc.communicate(timeout=30)[0]
         raise AssertionError(f"timed out waiting for {what}; the process printed:\n{output[-8000:]}")
     raise AssertionError(f"timed out waiting for {what}")
 
