@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dbstore import Database, Tx
 from dbstore.sqlite import SqliteDatabase
+from litestore import private_directory
 
 KEY_FILE = "codes.key"
 _KEY_BYTES = 32
@@ -65,7 +66,7 @@ def _us(moment: datetime) -> int:
 
 def _load_key(path: Path) -> bytes:
     """The AES key, made 0600 on first start (O_EXCL: two starting processes cannot both write one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_directory(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
