@@ -35,6 +35,7 @@ from devprov_demo.view import HubWatch, countdown, labels_table, live_view, summ
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED = 0, 1, 2
 STATUS_EVERY_S = 5.0
+WATCH_EVERY_S = 0.5  # how often `up` looks for a part of the stack that died
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
             type=int,
             default=9101,
             help="Prometheus /metrics of factory, activation, portal, emulator on this port and the next "
-            "three (default 9101; 0: off)",
+            "three (default 9101; 0: off; replica n of a service on its port + 1000 * n)",
         )
 
     run = sub.add_parser("run", allow_abbrev=False, help="the whole flow with a live view")
@@ -87,9 +88,9 @@ def _parser() -> argparse.ArgumentParser:
         "--replicas",
         type=int,
         default=1,
-        help="N > 1: the services' state in a PostgreSQL cluster of the stack's own, and N replicas of each "
-        "service behind its one address (replica n on the port + 1000 * n; kill one to watch the others "
-        "carry on)",
+        help="N > 1: the services' state in a PostgreSQL cluster of the stack's own (in the work directory, "
+        "kept between runs), and N replicas of each service behind its one address (replica n on the port + "
+        "1000 * n, its /metrics too; kill one to watch the others carry on)",
     )
     return parser
 
@@ -152,7 +153,7 @@ def _stack_facts(stack: Stack) -> list[tuple[str, str]]:
                 for n in range(1, config.replicas + 1)
             ]
         facts += [(f"PostgreSQL: {name}'s state", url) for name, url in stack.database_urls.items()]
-        facts.append(("PostgreSQL cluster (removed at exit)", str(stack.database_directory)))
+        facts.append(("PostgreSQL cluster (kept; --fresh wipes it)", str(stack.database_directory)))
     facts += [
         ("emulator CA (DPS, hubs)", str(emu.ca_path)),
         ("services' TLS CA", str(stack.tls.ca)),
@@ -279,6 +280,15 @@ async def run_demo(args: argparse.Namespace, console: Console) -> int:
         console.print(f"stopped; state and logs kept in {stack.root}")
 
 
+async def _watch_parts(console: Console, stack: Stack, stop: asyncio.Event) -> None:
+    """Until ``stop``: say so when a part of the stack dies (a killed replica: the others carry on)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), WATCH_EVERY_S)
+        for line in stack.deaths():
+            console.print(f"[red]{line}[/]", highlight=False, soft_wrap=True)
+
+
 async def run_up(args: argparse.Namespace, console: Console) -> int:
     stack = Stack(_config(args))
     if not _claim(console, stack, args):
@@ -306,7 +316,7 @@ async def run_up(args: argparse.Namespace, console: Console) -> int:
             highlight=False,
             soft_wrap=True,
         )
-        await stop.wait()
+        await _watch_parts(console, stack, stop)
         return EXIT_OK
     except Exception as exc:
         console.print(f"[red]could not start the stack:[/] {type(exc).__name__}: {exc}", highlight=False)
