@@ -60,6 +60,13 @@ def server_binaries() -> Path | None:
     return found[-1].parent if found else None
 
 
+def _binaries() -> Path:
+    binaries = server_binaries()
+    if binaries is None:
+        raise RuntimeError(unavailable() or "no PostgreSQL server")
+    return binaries
+
+
 def unavailable(note: Path | None = None) -> str | None:
     """Why no cluster can be started here (None: one can); ``note`` is where ``make postgresql`` wrote why
     it could not install the server."""
@@ -241,9 +248,7 @@ def _wait_ready(cluster: Cluster, log: Path) -> bool:
 @contextlib.contextmanager
 def _serving(top: Path, port: int, log: Path, user: pwd.struct_passwd | None) -> Iterator[Cluster]:
     """Run the server on ``top/data`` (on ``port``; 0: a free one), yield the cluster, stop it."""
-    binaries = server_binaries()
-    if binaries is None:
-        raise RuntimeError(unavailable() or "no PostgreSQL server")
+    binaries = _binaries()
     data = top / "data"
     password = (top / "password").read_text().strip()
     cluster: Cluster | None = None
@@ -300,9 +305,7 @@ def _tail(path: Path, limit: int = 2000) -> str:
 @contextlib.contextmanager
 def running_cluster(port: int = 0) -> Iterator[Cluster]:
     """A throwaway cluster on ``port`` (0: a free one) in a temporary directory, removed afterwards."""
-    binaries = server_binaries()
-    if binaries is None:
-        raise RuntimeError(unavailable() or "no PostgreSQL server")
+    binaries = _binaries()
     user = server_user()
     top = Path(tempfile.mkdtemp(prefix="devprov-pg-"))
     try:
@@ -318,9 +321,7 @@ def running_cluster(port: int = 0) -> Iterator[Cluster]:
 def kept_cluster(top: Path, log: Path, port: int = 0) -> Iterator[Cluster]:
     """The cluster in ``top`` (made on first use, 0700), started on what an earlier run left there; the
     server's output goes to ``log``.  The caller holds ``top`` (no other user of it runs)."""
-    binaries = server_binaries()
-    if binaries is None:
-        raise RuntimeError(unavailable() or "no PostgreSQL server")
+    binaries = _binaries()
     user = server_user()
     private_directory(top)
     _own(top, user)
