@@ -45,6 +45,7 @@ from azure_iot_emulator.mqtt.websocket import websocket_route
 from azure_iot_emulator.pki import ServerPki, issue_server_certificate
 from azure_iot_emulator.quotas import hub_d2c
 from azure_iot_emulator.store import Database
+from litestore.files import DIRECTORY_MODE, private_directory
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,12 @@ def load_or_create_secrets(db: Database, hub_hosts: Sequence[str]) -> EmulatorSe
     return EmulatorSecrets(values["id_scope"], values["dps_key"], hub_keys)
 
 
-def private_directory(path: Path) -> None:
+def private_data_directory(path: Path) -> None:
     """The data directory holds keys: 0700, also when it already existed (unlike a directory litestore
-    merely finds, this one is the emulator's own).  The database file and its -wal/-shm are made 0600 by
-    litestore when it opens them."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    merely finds, this one is the emulator's own), and so are the parents it creates.  The database file
+    and its -wal/-shm are made 0600 by litestore when it opens them."""
+    private_directory(path)
+    os.chmod(path, DIRECTORY_MODE)
 
 
 def privileged_port_advice(address: str, port: int) -> str:
@@ -174,7 +175,7 @@ class Emulator:
     # ------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> ConnectionInfo:
         cfg = self.config
-        private_directory(cfg.data_dir)
+        private_data_directory(cfg.data_dir)
         self.db = Database(cfg.data_dir / DB_FILE)
         self.secrets = load_or_create_secrets(self.db, cfg.hub_hosts)
         self.pki = issue_server_certificate(cfg.data_dir, [cfg.dps_host, *cfg.hub_hosts], self.clock())

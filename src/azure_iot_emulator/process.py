@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from azure_iot_emulator.connection_info import CONNECTION_FILE, ConnectionInfo, read_connection_info
+from litestore import private_directory
 
 START_TIMEOUT = 30.0
 
@@ -43,7 +44,7 @@ def spawn(
     """Start ``command`` with stdout and stderr appended to ``log_path``, in its own process group (a
     terminal's Ctrl-C reaches only the parent, which stops its children in order), ended with its parent.
     ``env`` is the child's whole environment (default: this process's)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    private_directory(log_path.parent)
     with log_path.open("ab") as log:
         return subprocess.Popen(
             list(command),
@@ -114,7 +115,7 @@ class EmulatorProcess:
         return self.data_dir / CONNECTION_FILE
 
     def start(self, timeout: float = START_TIMEOUT) -> EmulatorProcess:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_directory(self.data_dir)
         self.connection_file.unlink(missing_ok=True)
         self.proc = spawn(self.command, self.log_path)
         deadline = time.monotonic() + timeout

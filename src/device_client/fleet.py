@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from device_client.runtime import DeviceState, RuntimeSnapshot
+from litestore import private_directory
 from provkit.signals import exit_with_parent
 
 READY_TIMEOUT_S = 180.0
@@ -136,7 +137,7 @@ class FleetRunner:
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        private_directory(self.log_dir)
         for worker in self.workers:
             job = self.log_dir / f"worker-{worker.index}.json"
             job.write_text(

@@ -34,6 +34,7 @@ from typing import Any
 
 from device_client.errors import IdentityError, IdentityExistsError, StateError
 from device_client.identity import IdentityInfo, check_validity, inspect_identity, load_chain, load_key
+from litestore import private_directory
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class StateDir:
                 f"device {self.guid!r} already has an identity in {self.path}; use --force to replace it",
                 "IDENTITY_EXISTS",
             )
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_directory(self.path)
         atomic_write(self.key_path, key_pem, 0o600)
         atomic_write(self.chain_path, chain_pem)
         atomic_write(self.file(IDENTITY_FILE), json.dumps(metadata, indent=2, sort_keys=True).encode())

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from devprov_demo.view import HubWatch, countdown, labels_table, live_view, summ
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED = 0, 1, 2
 STATUS_EVERY_S = 5.0
+WATCH_EVERY_S = 0.5  # how often `up` looks for a part of the stack that died
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
             type=int,
             default=9101,
             help="Prometheus /metrics of factory, activation, portal, emulator on this port and the next "
-            "three (default 9101; 0: off)",
+            "three (default 9101; 0: off; replica n of a service on its port + 1000 * n)",
         )
 
     run = sub.add_parser("run", allow_abbrev=False, help="the whole flow with a live view")
@@ -86,9 +88,9 @@ def _parser() -> argparse.ArgumentParser:
         "--replicas",
         type=int,
         default=1,
-        help="N > 1: the services' state in a PostgreSQL cluster of the stack's own, and N replicas of each "
-        "service behind its one address (replica n on the port + 1000 * n; kill one to watch the others "
-        "carry on)",
+        help="N > 1: the services' state in a PostgreSQL cluster of the stack's own (in the work directory, "
+        "kept between runs), and N replicas of each service behind its one address (replica n on the port + "
+        "1000 * n, its /metrics too; kill one to watch the others carry on)",
     )
     return parser
 
@@ -151,7 +153,7 @@ def _stack_facts(stack: Stack) -> list[tuple[str, str]]:
                 for n in range(1, config.replicas + 1)
             ]
         facts += [(f"PostgreSQL: {name}'s state", url) for name, url in stack.database_urls.items()]
-        facts.append(("PostgreSQL cluster (removed at exit)", str(stack.database_directory)))
+        facts.append(("PostgreSQL cluster (kept; --fresh wipes it)", str(stack.database_directory)))
     facts += [
         ("emulator CA (DPS, hubs)", str(emu.ca_path)),
         ("services' TLS CA", str(stack.tls.ca)),
@@ -168,6 +170,17 @@ def _print_facts(console: Console, stack: Stack) -> None:
     width = max(len(k) for k, _ in _stack_facts(stack))
     for key, value in _stack_facts(stack):
         console.print(f"  [bold]{key:<{width}}[/]  {value}", highlight=False, soft_wrap=True)
+
+
+def _claim(console: Console, stack: Stack, args: argparse.Namespace) -> bool:
+    """The work directory's lock, before anything is written under it: a second stack on the same directory
+    (``up`` or ``run``) is refused at once and touches nothing."""
+    try:
+        stack.claim(args.command_line)
+    except RuntimeError as exc:  # StackRunning, or a directory that is not a stack's
+        console.print(f"[red]refused:[/] {exc}", highlight=False, soft_wrap=True)
+        return False
+    return True
 
 
 async def _start(console: Console, stack: Stack, *, fresh: bool) -> None:
@@ -220,6 +233,8 @@ async def run_demo(args: argparse.Namespace, console: Console) -> int:
         console.print("[red]--devices, --interval and --seconds must be positive[/]")
         return EXIT_FAILED
     stack = Stack(_config(args))
+    if not _claim(console, stack, args):
+        return EXIT_FAILED
     stop = _stop_event()
     fleet: Fleet | None = None
     watch: HubWatch | None = None
@@ -265,8 +280,19 @@ async def run_demo(args: argparse.Namespace, console: Console) -> int:
         console.print(f"stopped; state and logs kept in {stack.root}")
 
 
+async def _watch_parts(console: Console, stack: Stack, stop: asyncio.Event) -> None:
+    """Until ``stop``: say so when a part of the stack dies (a killed replica: the others carry on)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), WATCH_EVERY_S)
+        for line in stack.deaths():
+            console.print(f"[red]{line}[/]", highlight=False, soft_wrap=True)
+
+
 async def run_up(args: argparse.Namespace, console: Console) -> int:
     stack = Stack(_config(args))
+    if not _claim(console, stack, args):
+        return EXIT_FAILED
     stop = _stop_event()
     try:
         await _start(console, stack, fresh=args.fresh)
@@ -290,7 +316,7 @@ async def run_up(args: argparse.Namespace, console: Console) -> int:
             highlight=False,
             soft_wrap=True,
         )
-        await stop.wait()
+        await _watch_parts(console, stack, stop)
         return EXIT_OK
     except Exception as exc:
         console.print(f"[red]could not start the stack:[/] {type(exc).__name__}: {exc}", highlight=False)
@@ -302,7 +328,9 @@ async def run_up(args: argparse.Namespace, console: Console) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(words)
+    args.command_line = shlex.join(["devprov-demo", *words])  # named by a second stack's refusal
     console = Console()
     if not console.is_terminal:  # a log or a pipe: wide enough for a GUID and its columns
         console = Console(width=120)

@@ -10,11 +10,19 @@ Everything lives in one work directory::
     factory/        factory_svc data (factory CA, ledger, outbox)
     activation/     activation_svc data (audit)
     devices/        one state directory per device
+    postgres/       with ``replicas`` > 1: the services' PostgreSQL cluster (``pgcluster.kept_cluster``)
     logs/           one log file per process
     env.sh          variables that point the CLIs at this stack (``source`` it)
+    .devprov-stack.lock   held by the running stack (``worklock``): one stack per work directory
+
+Every directory is 0700 (the work directory itself 0710 with group ``postgres`` when root runs replicas:
+the server, run as that user, must pass through), keys and stores 0600.  Everything is kept between runs;
+``run`` and ``up --fresh`` wipe it all first (the lock file excepted).
 
 Prometheus ``/metrics`` of the four programs listen on ``metrics_port`` .. ``metrics_port + 3`` (factory,
-activation, portal, emulator; ``StackConfig.metrics_urls()``); ``metrics_port=0`` turns them off.
+activation, portal, emulator; ``StackConfig.metrics_urls()``); ``metrics_port=0`` turns them off.  With
+replicas, replica n of a service listens on its program's port + 1000 * n, and ``Stack.deaths()`` tells
+which part of the stack died since it was last asked (``up`` prints it).
 
 Each service reads only its own documented settings (FACTORY_*, ACTIVATION_*): the stack is exactly what a
 person would run by hand, started in order, each waited for until it answers.
@@ -33,6 +41,7 @@ import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -45,6 +54,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from azure_iot_emulator.process import EmulatorProcess, spawn, terminate
 from devprov_demo import pgcluster
+from devprov_demo.worklock import LOCK_FILE, WorkDirLock
+from litestore.files import DIRECTORY_MODE, private_directory
 from provkit.context import Role
 from provkit.devpki import DevTlsAuthority
 from provkit.pki_cli import issue_party
@@ -86,17 +97,28 @@ class StackConfig:
     def portal_url(self) -> str:
         return f"http://{self.service_host}:{self.portal_port}/"
 
-    def metrics_listen(self, program: str) -> str:
-        """Where ``program`` (one of ``METRICS_PROGRAMS``) serves /metrics; empty when metrics are off."""
+    def metrics_listen(self, program: str, replica: int = 0) -> str:
+        """Where ``program`` (one of ``METRICS_PROGRAMS``), or its replica n, serves /metrics (replica n on
+        the program's port + 1000 * n, like its gRPC port); empty when metrics are off."""
         if not self.metrics_port:
             return ""
-        return f"{self.service_host}:{self.metrics_port + METRICS_PROGRAMS.index(program)}"
+        return f"{self.service_host}:{self.metrics_port + METRICS_PROGRAMS.index(program) + 1000 * replica}"
 
     def metrics_urls(self) -> dict[str, str]:
-        return {p: f"http://{self.metrics_listen(p)}/metrics" for p in METRICS_PROGRAMS if self.metrics_port}
+        """What serves /metrics -> its URL: the four programs, or with replicas each service's replicas
+        (``factory replica 1``, ...; a dead one's URL stops answering, which monitoring notices)."""
+        urls: dict[str, str] = {}
+        for program in METRICS_PROGRAMS if self.metrics_port else ():
+            if self.replicas > 1 and program in REPLICATED:
+                for n in range(1, self.replicas + 1):
+                    urls[f"{program} replica {n}"] = f"http://{self.metrics_listen(program, n)}/metrics"
+            else:
+                urls[program] = f"http://{self.metrics_listen(program)}/metrics"
+        return urls
 
 
 METRICS_PROGRAMS = ("factory", "activation", "portal", "emulator")
+REPLICATED = ("factory", "activation")  # the services --replicas runs several of
 
 
 # file name -> (role, tenant, who uses it) of the parties the stack starts or points the CLIs at
@@ -132,7 +154,7 @@ class TlsFiles:
         """A fresh development TLS CA with server certificates for both services and one client certificate
         per party (written anew at every start)."""
         authority = DevTlsAuthority.create("devprov demo TLS CA")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        private_directory(self.folder)
         authority.write(self.ca, self.ca_key)
         names = list(dict.fromkeys([service_host, "127.0.0.1", "localhost"]))
         for server in ("factory", "activation"):
@@ -164,7 +186,10 @@ class Stack:
         self._services: dict[str, subprocess.Popen[bytes]] = {}
         self._database = contextlib.ExitStack()  # the PostgreSQL cluster of a replicated stack
         self.database_urls: dict[str, str] = {}
-        self.database_directory: Path | None = None  # the PostgreSQL cluster's (removed when the stack stops)
+        self.database_directory: Path | None = None  # the PostgreSQL cluster's (kept, <work>/postgres)
+        self._lock: WorkDirLock | None = None
+        self._titles: dict[str, str] = {}  # label -> what to call the part in a message
+        self._reported: set[str] = set()  # labels whose end was told
 
     @property
     def logs(self) -> Path:
@@ -175,15 +200,28 @@ class Stack:
         return self.root / "devices"
 
     # ------------------------------------------------------------------------------------ lifecycle
+    def claim(self, command: str = "devprov-demo") -> None:
+        """Make the work directory this stack's, before anything under it is written: refuse a foreign
+        non-empty directory (``RuntimeError``), then take its lock, held until ``stop`` (``StackRunning``
+        when another stack holds it: nothing touched).  ``command`` is what the next one's refusal names."""
+        if self._lock is not None:
+            return
+        marker = self.root / MARKER
+        if self.root.exists() and not marker.exists() and any(
+            entry.name != LOCK_FILE for entry in self.root.iterdir()
+        ):
+            raise RuntimeError(f"{self.root} is not empty and not a stack's work directory; choose another")
+        private_directory(self.root)
+        self._lock = WorkDirLock.acquire(self.root, command)
+
     def start(self, *, fresh: bool) -> None:
         """Start everything and wait until each part answers; on any failure stop what was started."""
-        marker = self.root / MARKER
-        if self.root.exists() and any(self.root.iterdir()) and not marker.exists():
-            raise RuntimeError(f"{self.root} is not empty and not a stack's work directory; choose another")
-        if fresh and self.root.exists():
-            shutil.rmtree(self.root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        marker.write_text("a devprov demo stack's work directory (wiped by `run` and `up --fresh`)\n")
+        self.claim()
+        if fresh:
+            self._wipe()
+        marker = "a devprov demo stack's work directory (wiped by `run` and `up --fresh`)\n"
+        (self.root / MARKER).write_text(marker)
+        os.chmod(self.root, DIRECTORY_MODE)  # ours: narrowed also when it was made before
         self.tls.create(self.config.service_host)
         try:
             self.emulator.start()
@@ -204,9 +242,17 @@ class Stack:
             self.stop()
             raise
 
-    def _service_environment(
-        self, name: str, prefix: str, port: int, metrics: bool = True
-    ) -> dict[str, str]:
+    def _wipe(self) -> None:
+        """Everything in the work directory but its lock (held: a second stack must find the same file)."""
+        for entry in self.root.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    def _service_environment(self, name: str, prefix: str, port: int, metrics: str) -> dict[str, str]:
         return {
             **_clean_environment(),
             f"{prefix}_DATA_DIR": str(self.root / name),
@@ -215,7 +261,7 @@ class Stack:
             f"{prefix}_SERVER_TLS_CERT_FILE": str(self.tls.cert(name)),
             f"{prefix}_SERVER_TLS_KEY_FILE": str(self.tls.key(name)),
             f"{prefix}_SERVER_CLIENT_CA_FILE": str(self.tls.ca),
-            f"{prefix}_METRICS_LISTEN": self.config.metrics_listen(name) if metrics else "",
+            f"{prefix}_METRICS_LISTEN": metrics,
             **(self._crl_environment(port) if prefix == "FACTORY" else {}),
         }
 
@@ -236,26 +282,34 @@ class Stack:
         port: int,
         extra: Mapping[str, str],
         *,
-        label: str = "",
-        metrics: bool = True,
+        replica: int = 0,
     ) -> None:
+        metrics = self.config.metrics_listen(name, replica)
         env = {**self._service_environment(name, prefix, port, metrics), **extra}
-        label = label or name
+        label = f"{name}-{replica}" if replica else name
         log = self.logs / f"{label}.log"
         proc = spawn([sys.executable, "-m", module, "serve"], log, env)
-        self._services[label] = proc
+        self._add(label, f"{module} replica {replica}" if replica else module, proc)
         self._wait_serving(label, proc, f"{self.config.service_host}:{port}", log)
 
     def _start_database(self) -> None:
-        """A PostgreSQL cluster for the replicas (in a temporary directory, removed when the stack stops),
-        one database per service."""
+        """The replicas' PostgreSQL cluster, in ``postgres/`` of the work directory and kept between runs
+        like the SQLite files (``--fresh`` wipes it with the rest), one database per service.  As root the
+        server runs as user ``postgres``: the work directory lets that group through (0710), nobody else."""
         why = pgcluster.unavailable()
         if why is not None:
             raise RuntimeError(f"--replicas needs PostgreSQL: {why}")
-        cluster = self._database.enter_context(pgcluster.running_cluster())
-        self.database_directory = cluster.directory
-        for name in ("factory", "activation"):
-            self.database_urls[name] = cluster.create_database(name)
+        top = self.root / "postgres"
+        server_user = pgcluster.server_user()
+        if server_user is not None:
+            os.chown(self.root, -1, server_user.pw_gid)
+            os.chmod(self.root, 0o710)  # noqa: S103 - search only, for the server's group
+        cluster = self._database.enter_context(pgcluster.kept_cluster(top, self.logs / "postgres.log"))
+        self.database_directory = top
+        if cluster.server is not None:
+            self._add("postgres", "PostgreSQL", cluster.server)
+        for name in REPLICATED:
+            self.database_urls[name] = cluster.database(name)
 
     def _start_replicas(
         self, name: str, module: str, prefix: str, port: int, extra: Mapping[str, str]
@@ -267,15 +321,14 @@ class Stack:
         with log.open("ab") as out:
             migrated = subprocess.run(
                 [sys.executable, "-m", module, "migrate"],
-                env={**self._service_environment(name, prefix, port), **extra},
+                env={**self._service_environment(name, prefix, port, metrics=""), **extra},
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
         if migrated.returncode != 0:
             raise RuntimeError(f"{name} migrate failed; its log:\n{_tail(log)}")
         for n in range(1, self.config.replicas + 1):
-            label = f"{name}-{n}"
-            self._start_service(name, module, prefix, port + 1000 * n, extra, label=label, metrics=n == 1)
+            self._start_service(name, module, prefix, port + 1000 * n, extra, replica=n)
         self._start_balancer(name, port)
         self._wait_serving(
             f"{name} (balancer)",
@@ -294,7 +347,7 @@ class Stack:
             backends += ["--backend", f"{host}:{port + 1000 * n}"]
         log = self.logs / f"{name}-balancer.log"
         command = [sys.executable, "-m", "devprov_demo.balancer", "--listen", f"{host}:{port}", *backends]
-        self._services[f"{name}-balancer"] = spawn(command, log)
+        self._add(f"{name}-balancer", f"the balancer of {name}", spawn(command, log))
 
     def _wait_serving(self, name: str, proc: subprocess.Popen[bytes], address: str, log: Path) -> None:
         creds = grpc.ssl_channel_credentials(
@@ -336,7 +389,7 @@ class Stack:
         }
         log = self.logs / "portal.log"
         proc = spawn([sys.executable, "-m", "activation_svc", "portal"], log, env)
-        self._services["portal"] = proc
+        self._add("portal", "the portal", proc)
         deadline = time.monotonic() + SERVICE_START_TIMEOUT
         while "portal listening on" not in _tail(log):
             if proc.poll() is not None:
@@ -345,17 +398,42 @@ class Stack:
                 raise RuntimeError(f"the portal did not start; its log:\n{_tail(log)}")
             time.sleep(0.1)
 
+    def _add(self, label: str, title: str, proc: subprocess.Popen[bytes]) -> None:
+        self._services[label] = proc
+        self._titles[label] = title
+
     def pid(self, label: str) -> int:
         """The process id of a part of the stack (e.g. ``factory-2``), to kill one by hand."""
         return self._services[label].pid
 
+    def deaths(self) -> list[str]:
+        """A line for each part of the running stack that ended since the last call (which part, its pid,
+        its exit status or signal): nothing stops a part but ``stop``, so each is news to the operator."""
+        parts = [("emulator", "the emulator", self.emulator.proc), *(
+            (label, self._titles[label], proc) for label, proc in self._services.items()
+        )]
+        lines = []
+        for label, title, proc in parts:
+            if proc is None or label in self._reported or proc.poll() is None:
+                continue
+            self._reported.add(label)
+            code = proc.returncode
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            lines.append(f"{title} (pid {proc.pid}) died: {how}")
+        return lines
+
     def stop(self) -> None:
-        """Stop the services, then the emulator (each SIGTERM, graceful; SIGKILL after a grace period)."""
-        for proc in reversed(list(self._services.values())):
-            terminate(proc)
+        """Stop the services, then the emulator (each SIGTERM, graceful; SIGKILL after a grace period), then
+        PostgreSQL."""
+        for label, proc in reversed(list(self._services.items())):
+            if label != "postgres":  # the database goes last, once nobody uses it
+                terminate(proc)
         self._services.clear()
         terminate(self.emulator.proc)
         self._database.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # --------------------------------------------------------------------------------- what to tell
     def client_environment(self) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 Data directory layout (``FactorySettings.data_dir``)::
 
-    <data_dir>/
+    <data_dir>/             0700 when the service creates it, like every directory below (files with
+                            keys or secrets 0600)
       ledger.sqlite3        issued certificates, revocations and request ids (SQLite, WAL; plus -wal/-shm)
       crl/                  the CRL: issuing-ca.crl (DER), issuing-ca.crl.pem (see factory_svc.crl)
       enrollments.sqlite3   the enrollment outbox, its request ids, the enrollment audit, the activation

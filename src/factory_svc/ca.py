@@ -30,6 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from factory_svc.errors import CaConfigError
 from factory_svc.signer import CaKey, CaPublicKey, CaSigner, FileSigner
+from litestore import private_directory
 from provkit.clock import Clock
 from provkit.devpki import CA_KEY_USAGE, write_private_file
 
@@ -170,7 +171,7 @@ def _create_dev_ca(ca_dir: Path, now: datetime) -> None:
         ISSUING_LIFETIME,
         0,
     )
-    ca_dir.parent.mkdir(parents=True, exist_ok=True)
+    private_directory(ca_dir.parent)
     staging = Path(tempfile.mkdtemp(prefix=".ca-", dir=ca_dir.parent))
     try:
         (staging / ROOT_CERT).write_bytes(_pem(root))

@@ -35,7 +35,7 @@ from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc import ca_cli, lot_cli, revoke_cli
 from factory_svc.enrollment import cli_commands as enroll_cli
 from factory_svc.errors import CaConfigError
-from litestore import SchemaError
+from litestore import SchemaError, private_directory
 from provkit import faults
 from provkit.channels import (
     EXIT_INTERRUPTED,
@@ -158,7 +158,7 @@ async def _mint(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> i
         request, metadata=request_metadata(request.request_id), timeout=args.timeout
     )
     cert = reply.certificate
-    args.out.mkdir(parents=True, exist_ok=True)
+    private_directory(args.out)  # may hold the key
     chain_path = args.out / f"{cert.device_id}.chain.pem"
     chain_path.write_text(cert.certificate_chain_pem)
     (args.out / f"{cert.device_id}.cert.pem").write_text(cert.certificate_pem)

@@ -4,7 +4,10 @@ files and over HTTP, regenerated on every revocation and on a schedule.
 Files (``crl.dir``, default ``<data_dir>/crl``): ``issuing-ca.crl`` (DER, what relying parties fetch) and
 ``issuing-ca.crl.pem``, both replaced atomically (not when the directory holds a CRL with a higher number
 already: replicas sharing a directory).  HTTP (when ``crl.http_port`` is set):
-``GET /crl/issuing-ca.crl`` (``application/pkix-crl``) and ``GET /crl/issuing-ca.crl.pem``.
+``GET /crl/issuing-ca.crl`` (``application/pkix-crl``) and ``GET /crl/issuing-ca.crl.pem``.  A CRL is
+public, but the directory needs no reader but this process, which serves it: created 0700 like every state
+directory (``litestore.private_directory``); a directory that exists already keeps its mode (one shared with
+a web server on purpose), and the files are 0644 for that case.
 
 Each CRL carries thisUpdate = now, nextUpdate = now + ``crl.validity_hours``, a CRL number that only grows
 (at least the milliseconds since the epoch and the last file's number + 1, and above every number handed
@@ -42,6 +45,7 @@ from cryptography.hazmat.primitives import serialization
 from factory_svc.ca import IssuingCA
 from factory_svc.ledger import CrlContent
 from factory_svc.model import IssuedCertificate, RevocationReason
+from litestore import private_directory
 from provkit.clock import Clock
 
 log = logging.getLogger("factory_svc.crl")
@@ -167,7 +171,7 @@ class CrlPublisher:
         async with self._lock:
             now = self._clock()
             if self._last_number == 0:
-                self.directory.mkdir(parents=True, exist_ok=True)
+                private_directory(self.directory)
                 self._last_number = await asyncio.to_thread(_number_on_disk, self.directory)
             at_least = max(self._last_number + 1, int(now.timestamp() * 1000))
             content = await self._source.next_crl(now, at_least)

@@ -38,6 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.lots import derived_device_id
+from litestore import private_directory
 from provkit.channels import report_failed_call, request_metadata
 from provkit.devpki import write_private_file
 
@@ -127,7 +128,7 @@ class _Writer:
     def write(self, result: pb.LotItemResult, server_keys: bool) -> None:
         cert = result.certificate
         folder = self._out / cert.device_id
-        folder.mkdir(parents=True, exist_ok=True)
+        private_directory(folder)
         (folder / "chain.pem").write_text(cert.certificate_chain_pem)
         (folder / "cert.pem").write_text(cert.certificate_pem)
         if not server_keys:

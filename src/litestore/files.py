@@ -1,5 +1,8 @@
 """File and directory modes: a database holds what its program was trusted with; only its owner reads it.
 
+:func:`private_directory` is also the one way every program of the project (the services, the emulator, the
+device client, the demo stack) creates a state directory, whether or not a database goes into it.
+
 Directories the program creates are made ``0700``; directories that already exist are left as they are (they
 may be shared on purpose, e.g. a home directory or ``/tmp``).  Database files are ``0600``: a new file is
 created with that mode before SQLite opens it, and an existing one (with its ``-wal`` / ``-shm``

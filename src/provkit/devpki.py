@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from litestore import private_directory
+
 
 def key_usage(
     *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
@@ -53,7 +55,7 @@ SIGNATURE_KEY_USAGE = key_usage(digital_signature=True)
 
 
 def write_private_file(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_directory(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -74,7 +76,7 @@ class TlsPair:
     key_pem: bytes
 
     def write(self, cert_path: Path, key_path: Path) -> None:
-        cert_path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(cert_path.parent)
         cert_path.write_bytes(self.cert_pem)
         write_private_file(key_path, self.key_pem)
 

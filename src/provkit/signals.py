@@ -21,13 +21,14 @@ async def wait_for_stop_signal() -> None:
             loop.remove_signal_handler(signum)
 
 
-def exit_with_parent() -> None:  # pragma: no cover - runs in a child between fork and exec
-    """Linux ``preexec_fn``: the child gets SIGTERM when the process that started it dies."""
+def exit_with_parent(signum: int = signal.SIGTERM) -> None:  # pragma: no cover - runs in a child
+    """Linux ``preexec_fn``: the child gets ``signum`` when the process that started it dies (set after
+    Popen's ``user=``/``group=`` changes, which would clear it; it survives the exec)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        libc.prctl(pr_set_pdeathsig, signum)
     except (OSError, AttributeError):
         pass

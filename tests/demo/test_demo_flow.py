@@ -10,8 +10,10 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -69,6 +71,36 @@ def _demo(*args: str, **kwargs) -> subprocess.Popen[str]:
     )
 
 
+class Printed:
+    """What a running ``devprov_demo`` process prints, gathered line by line by a thread (to wait for a line
+    while the process keeps running)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 180) -> re.Match[str]:
+        """The first match of the regular expression ``pattern`` in what was printed, once it is there."""
+        return _wait_for(lambda: re.search(pattern, self.text), timeout, pattern, self.proc, self)
+
+    def finish(self, timeout: float = 90) -> str:
+        """Wait for the process to end; everything it printed."""
+        self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return self.text
+
+
 def _hub_messages(work_dir: Path) -> list:
     db = Database(work_dir / "emulator" / "emulator.db")
     try:
@@ -99,18 +131,19 @@ def _processes_under(work_dir: Path) -> list[str]:
     return found
 
 
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, printed=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended ({proc.returncode}) while waiting for {what}")
+            said = printed.finish() if printed is not None else ""
+            raise AssertionError(f"process ended ({proc.returncode}) waiting for {what}:\n{said[-8000:]}")
         time.sleep(0.2)
     if proc is not None:  # say what the process was doing
         proc.kill()
-        output, _ = proc.communicate(timeout=30)
+        output = printed.finish(30) if printed is not None else proc.communicate(timeout=30)[0]
         raise AssertionError(f"timed out waiting for {what}; the process printed:\n{output[-8000:]}")
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -203,6 +236,29 @@ def _cli(env: dict[str, str], *args: str, stdin: str | None = None) -> subproces
     return subprocess.run(list(args), env=env, input=stdin, capture_output=True, text=True, timeout=120)
 
 
+SECRET_FILES = ("*.key", "*.sqlite3*", "*.db", "*.db-*", "connection.json")  # keys, SAS keys, codes, stores
+
+
+def _modes_of(work: Path) -> dict[str, str]:
+    """Every directory under ``work`` (itself included) and every file holding a secret, with its mode."""
+    found = {".": oct(stat.S_IMODE(work.stat().st_mode))}
+    for path in work.rglob("*"):
+        if path.is_dir() or any(path.match(pattern) for pattern in SECRET_FILES):
+            found[str(path.relative_to(work))] = oct(stat.S_IMODE(path.stat().st_mode))
+    return found
+
+
+def assert_private_modes(work: Path) -> None:
+    """State directories 0700, files with secrets 0600, as each program created them (README: security)."""
+    modes = _modes_of(work)
+    wrong = {
+        name: mode
+        for name, mode in modes.items()
+        if mode != ("0o700" if (work / name).is_dir() else "0o600")
+    }
+    assert not wrong, f"modes other than 0700 (directories) / 0600 (secrets): {wrong}"
+
+
 def test_up_serves_the_manual_three_step_flow(tmp_path):
     work = tmp_path / "up"
     args = _stack_args(work)
@@ -259,6 +315,14 @@ def test_up_serves_the_manual_three_step_flow(tmp_path):
         assert _sample(metrics["activation"], "devprov_activations_total", 'outcome="enrollment"') == 1
         assert _sample(metrics["emulator"], "iot_emulator_dps_registrations_total", 'result="assigned"') == 1
         assert _sample(metrics["portal"], "devprov_http_requests_total", 'route="/",status="200"') == 1
+        # Every program made its own state (emulator, factory with its CA and CRL, activation, the device's
+        # state, the stack's TLS files): directories 0700, keys and stores 0600.
+        modes = _modes_of(work)
+        made = ["emulator", "factory", "factory/ca", "factory/crl", "activation", f"devices/{guid}", "tls"]
+        secrets = ["factory/codes.key", "factory/ca/issuing-ca.key", "emulator/connection.json", "tls/ca.key"]
+        for name in [*made, *secrets, f"devices/{guid}/device.key", "factory/ledger.sqlite3"]:
+            assert name in modes, sorted(modes)
+        assert_private_modes(work)
         device.send_signal(signal.SIGTERM)
         assert device.wait(60) == 0
         proc.send_signal(signal.SIGINT)

@@ -1,10 +1,18 @@
-"""The stack wipes only a work directory it made itself."""
+"""The stack wipes only a work directory it made itself, and one work directory holds one running stack: a
+second ``up`` or ``run`` on it is refused before it touches anything."""
 
 from __future__ import annotations
 
+import signal
+import uuid
+from pathlib import Path
+
 import pytest
+from demo.test_demo_flow import Printed, _cli, _demo, _env_from, _processes_under, _stack_args, _wait_for
 
 from devprov_demo.stack import MARKER, Stack, StackConfig
+
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.mark.parametrize("fresh", [True, False])
@@ -15,3 +23,59 @@ def test_a_foreign_non_empty_directory_is_refused_and_kept(tmp_path, fresh):
         Stack(StackConfig(work_dir=tmp_path)).start(fresh=fresh)
     assert precious.read_text() == "mine"
     assert not (tmp_path / MARKER).exists()
+
+
+def _snapshot(work: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under the work directory (mtime, size, and the bytes of the small ones: the CAs, keys,
+    connection.json, env.sh), except what the running stack itself keeps writing: its logs and its
+    SQLite files."""
+    found = {}
+    for path in sorted(work.rglob("*")):
+        relative = path.relative_to(work)
+        if path.is_dir() or relative.parts[0] == "logs" or ".sqlite3" in path.name or ".db" in path.name:
+            continue
+        info = path.stat()
+        content = path.read_bytes() if info.st_size < 65536 else b""
+        found[str(relative)] = (info.st_mtime_ns, info.st_size, content)
+    return found
+
+
+def test_a_second_stack_on_a_running_work_dir_is_refused_and_touches_nothing(tmp_path):
+    work = tmp_path / "up"
+    args = _stack_args(work)
+    first = _demo("up", *args)
+    printed = Printed(first)
+    third = None
+    try:
+        printed.wait_for(r"Up\. Ctrl-C stops the stack")
+        env = _env_from(work / "env.sh")
+        before = _snapshot(work)
+        assert {"tls/ca.pem", "tls/ca.key", "emulator/connection.json", "env.sh"} <= set(before)
+
+        for second in (("up", *args), ("up", *args, "--fresh"), ("run", *args, "--devices", "1")):
+            refused = _demo(*second)
+            output, _ = refused.communicate(timeout=120)
+            assert refused.returncode == 2, output
+            assert f"a stack is already running on {work.resolve()} (pid {first.pid}" in output, output
+            assert "devprov-demo up --work-dir" in output  # the first one's command
+        assert _snapshot(work) == before
+
+        guid = str(uuid.uuid4())  # the first stack still serves, on the same CA and connection file
+        provision = _cli(env, "device-client", "provision", guid)
+        assert provision.returncode == 0, provision.stdout + provision.stderr
+
+        first.kill()  # SIGKILL: its lock goes with it, and its children end with it
+        printed.finish()
+        _wait_for(lambda: _processes_under(work) == [], 60, "the killed stack's processes to end")
+        third = _demo("up", *args)
+        again = Printed(third)
+        again.wait_for(r"Up\. Ctrl-C stops the stack")
+        listed = _cli(_env_from(work / "env.sh"), "factory-svc", "list", guid)
+        assert listed.returncode == 0 and guid in listed.stdout, listed.stdout + listed.stderr
+        third.send_signal(signal.SIGINT)
+        assert third.wait(90) == 0, again.finish()
+    finally:
+        for proc in (first, third):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert _processes_under(work) == []

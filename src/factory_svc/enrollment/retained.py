@@ -35,6 +35,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dbstore import Database, Tx
+from litestore import private_directory
 from provkit.clock import to_us
 
 KEY_FILE = "codes.key"
@@ -61,7 +62,7 @@ def code_id(record: Mapping[str, Any] | None) -> str:
 
 def _load_key(path: Path) -> bytes:
     """The AES key, made 0600 on first start (O_EXCL: two starting processes cannot both write one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_directory(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
