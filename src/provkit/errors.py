@@ -33,7 +33,8 @@ Configuration
 ``ConfigurationError``   the root of "the program cannot run with these settings, files or arguments": a
     person fixes them, it is not a bug.  ``provkit.settings.SettingsError`` (and ``CloudNotConfigured``),
     ``provkit.grpc_server.ServerConfigError`` and the services' own derive from it (each keeping its old
-    built-in base too); the CLIs catch this root, never a bare ``ValueError``.  dbstore's ``UrlError``
+    built-in base too); ``InputError`` is a command's argument or input file it cannot use.  The CLIs
+    catch this root, never a bare ``ValueError``.  dbstore's ``UrlError``
     sits below provkit and cannot derive from it: its one reader (``provkit.settings.database_url``)
     turns it into a ``SettingsError``.
 """
@@ -51,6 +52,10 @@ _REASON = re.compile(r"^[A-Z][A-Z0-9_]{0,62}[A-Z0-9]$")
 
 class ConfigurationError(Exception):
     """Settings, files or arguments this program cannot run with (a person fixes them; not a bug)."""
+
+
+class InputError(ConfigurationError, ValueError):
+    """A command-line argument or an input file a command cannot use (a ValueError too, as it was)."""
 
 
 class ReasonEnum(enum.StrEnum):

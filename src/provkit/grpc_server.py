@@ -78,7 +78,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from provkit.authz import SUITE_POLICY, AccessPolicy, Refusal, RefusalLog, is_open
 from provkit.context import Caller, CallerIdentity, Role, deadline_scope, request_scope
-from provkit.errors import DomainError, Reason, Unauthenticated
+from provkit.errors import ConfigurationError, DomainError, Reason, Unauthenticated
 from provkit.grpc_errors import STATUS_BY_KIND, internal_status, to_grpc_status
 from provkit.metrics import NO_METRICS, RpcMetrics
 from provkit.parties import (
@@ -96,7 +96,7 @@ ON_BEHALF_OF_HEADER = "x-devprov-on-behalf-of"  # a portal's end user (ignored f
 _MAX_ON_BEHALF_OF = 64
 
 
-class ServerConfigError(ValueError):
+class ServerConfigError(ConfigurationError, ValueError):
     """The server settings cannot work (reported at start-up, before binding)."""
 
 
