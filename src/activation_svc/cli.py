@@ -52,11 +52,10 @@ from provkit.channels import (
     request_metadata,
 )
 from provkit.device_id import check_device_id
-from provkit.errors import InvalidArgument
-from provkit.grpc_server import ServerConfigError
+from provkit.errors import ConfigurationError, InputError, InvalidArgument
 from provkit.logging import configure_logging
 from provkit.proto_names import enum_label
-from provkit.settings import SettingsError, SettingsSource, device_id_policy
+from provkit.settings import SettingsSource, device_id_policy
 from provkit.storage_cli import add_migrate_command, run_migrations
 
 DEFAULT_TARGET = "127.0.0.1:50052"
@@ -131,9 +130,9 @@ def _code(args: argparse.Namespace, source: SettingsSource) -> str:
         except (KeyboardInterrupt, EOFError):
             raise Cancelled from None
     else:
-        raise ValueError("no activation code: use --code-file, ACTIVATION_CLIENT_CODE or a terminal")
+        raise InputError("no activation code: use --code-file, ACTIVATION_CLIENT_CODE or a terminal")
     if not code:
-        raise ValueError("the activation code is empty: type the code printed on the device's label")
+        raise InputError("the activation code is empty: type the code printed on the device's label")
     return code
 
 
@@ -295,7 +294,7 @@ def _client(args: argparse.Namespace) -> int:
     try:
         device_id = check_device_id(args.device_id, device_id_policy(source))
     except InvalidArgument as exc:
-        raise ValueError(exc.message) from None
+        raise InputError(exc.message) from None
     metadata_json = ""
     if args.command == "activate":
         if args.metadata is not None:
@@ -336,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except (SettingsError, ServerConfigError, SchemaError, ValueError) as exc:
+    except (ConfigurationError, SchemaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

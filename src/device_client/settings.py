@@ -42,7 +42,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from device_client.errors import DeviceSettingsError
+from device_client.errors import DeviceSettingsError, Reason
 from provkit.device_id import DeviceIdPolicy
 
 ENV_PREFIX = "DEVICE_CLIENT_"
@@ -74,7 +74,7 @@ class CloudSettings:
         if not self.id_scope:
             raise DeviceSettingsError(
                 "no DPS ID scope configured (id_scope in settings, DEVICE_CLIENT_ID_SCOPE or --id-scope)",
-                "ID_SCOPE_MISSING",
+                Reason.ID_SCOPE_MISSING,
             )
         return self.id_scope
 
@@ -85,11 +85,12 @@ class CloudSettings:
             text = self.trusted_ca_file.read_text()
         except OSError as exc:
             raise DeviceSettingsError(
-                f"cannot read trusted CA file {self.trusted_ca_file}: {exc.strerror}", "TRUSTED_CA_UNREADABLE"
+                f"cannot read trusted CA file {self.trusted_ca_file}: {exc.strerror}",
+                Reason.TRUSTED_CA_UNREADABLE
             ) from exc
         if "-----BEGIN CERTIFICATE-----" not in text:
             raise DeviceSettingsError(
-                f"trusted CA file {self.trusted_ca_file} holds no PEM certificate", "TRUSTED_CA_INVALID"
+                f"trusted CA file {self.trusted_ca_file} holds no PEM certificate", Reason.TRUSTED_CA_INVALID
             )
         return text
 
@@ -146,14 +147,17 @@ def read_toml(path: Path, *, source: str) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
         raise DeviceSettingsError(
-            f"cannot read {source} {path}: {exc.strerror}", "SETTINGS_UNREADABLE"
+            f"cannot read {source} {path}: {exc.strerror}", Reason.SETTINGS_UNREADABLE
         ) from exc
     except tomllib.TOMLDecodeError as exc:
-        raise DeviceSettingsError(f"{source} {path} is not valid TOML: {exc}", "SETTINGS_INVALID") from exc
+        raise DeviceSettingsError(
+            f"{source} {path} is not valid TOML: {exc}",
+            Reason.SETTINGS_INVALID,
+        ) from exc
     unknown = sorted(set(data) - KEYS)
     if unknown:
         raise DeviceSettingsError(
-            f"{source} {path}: unknown key(s) {', '.join(unknown)}", "SETTINGS_UNKNOWN_KEY"
+            f"{source} {path}: unknown key(s) {', '.join(unknown)}", Reason.SETTINGS_UNKNOWN_KEY
         )
     # Relative file paths in a settings file are relative to that file.
     for key in ("trusted_ca_file", "factory_ca_file", "factory_client_cert_file", "factory_client_key_file"):
@@ -171,10 +175,10 @@ def _num(layers: dict[str, Any], key: str, *, minimum: float, integer: bool = Fa
     try:
         value = int(raw) if integer else float(raw)
     except (TypeError, ValueError) as exc:
-        raise DeviceSettingsError(f"setting {key}: {raw!r} is not a number", "SETTINGS_INVALID") from exc
+        raise DeviceSettingsError(f"setting {key}: {raw!r} is not a number", Reason.SETTINGS_INVALID) from exc
     if value < minimum:
         raise DeviceSettingsError(
-            f"setting {key}: must be at least {minimum}, got {value}", "SETTINGS_INVALID"
+            f"setting {key}: must be at least {minimum}, got {value}", Reason.SETTINGS_INVALID
         )
     return value
 
@@ -187,7 +191,7 @@ def _path(layers: dict[str, Any], key: str) -> Path | None:
 def _check_address(address: str) -> str:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise DeviceSettingsError(f"factory_address {address!r} must be host:port", "SETTINGS_INVALID")
+        raise DeviceSettingsError(f"factory_address {address!r} must be host:port", Reason.SETTINGS_INVALID)
     return address
 
 
@@ -197,7 +201,8 @@ def build_settings(layers: dict[str, Any]) -> Settings:
         tls = FactoryTls(str(layers["factory_tls"]).lower())
     except ValueError as exc:
         raise DeviceSettingsError(
-            f"factory_tls must be insecure, tls or mtls, got {layers['factory_tls']!r}", "SETTINGS_INVALID"
+            f"factory_tls must be insecure, tls or mtls, got {layers['factory_tls']!r}",
+            Reason.SETTINGS_INVALID
         ) from exc
     factory = FactorySettings(
         address=_check_address(str(layers["factory_address"])),
@@ -209,7 +214,8 @@ def build_settings(layers: dict[str, Any]) -> Settings:
     )
     if tls is FactoryTls.MTLS and (factory.client_cert_file is None or factory.client_key_file is None):
         raise DeviceSettingsError(
-            "factory_tls=mtls needs factory_client_cert_file and factory_client_key_file", "SETTINGS_INVALID"
+            "factory_tls=mtls needs factory_client_cert_file and factory_client_key_file",
+            Reason.SETTINGS_INVALID
         )
     if tls is FactoryTls.INSECURE:
         host = factory.address.rpartition(":")[0].strip("[]")
@@ -221,7 +227,7 @@ def build_settings(layers: dict[str, Any]) -> Settings:
             if not loopback:
                 raise DeviceSettingsError(
                     f"factory_tls=insecure is only allowed for a loopback factory address, not {host!r}",
-                    "INSECURE_NOT_LOOPBACK",
+                    Reason.INSECURE_NOT_LOOPBACK,
                 )
     scope = layers.get("id_scope")
     cloud = CloudSettings(
@@ -240,14 +246,17 @@ def build_settings(layers: dict[str, Any]) -> Settings:
         crl_check_interval_s=_num(layers, "crl_check_interval_s", minimum=1.0),
     )
     if runtime.backoff_max_s < runtime.backoff_initial_s:
-        raise DeviceSettingsError("backoff_max_s must not be below backoff_initial_s", "SETTINGS_INVALID")
+        raise DeviceSettingsError(
+            "backoff_max_s must not be below backoff_initial_s",
+            Reason.SETTINGS_INVALID,
+        )
     log_format = str(layers["log_format"])
     if log_format not in ("auto", "json", "text"):
-        raise DeviceSettingsError("log_format must be auto, json or text", "SETTINGS_INVALID")
+        raise DeviceSettingsError("log_format must be auto, json or text", Reason.SETTINGS_INVALID)
     try:
         device_ids = DeviceIdPolicy.parse(str(layers["device_ids"]))
     except ValueError as exc:
-        raise DeviceSettingsError(f"setting device_ids: {exc}", "SETTINGS_INVALID") from exc
+        raise DeviceSettingsError(f"setting device_ids: {exc}", Reason.SETTINGS_INVALID) from exc
     return Settings(
         state_root=Path(str(layers["state_root"])).expanduser(),
         factory=factory,
@@ -282,7 +291,7 @@ def load_settings(
     layers.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = sorted(set(layers) - KEYS)
     if unknown:
-        raise DeviceSettingsError(f"unknown setting(s) {', '.join(unknown)}", "SETTINGS_UNKNOWN_KEY")
+        raise DeviceSettingsError(f"unknown setting(s) {', '.join(unknown)}", Reason.SETTINGS_UNKNOWN_KEY)
     return build_settings(layers)
 
 

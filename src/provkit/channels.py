@@ -16,7 +16,8 @@ For command-line clients: ``add_channel_arguments(parser, target_help=...)`` (--
 --ca-file, --cert-file, --key-file, --server-name); ``report_failed_call(exc) -> exit code`` (prints the
 service's message with its status and reason, the field violations that add to it and the retry delay;
 ``EXIT_UNREACHABLE`` when the service is unavailable, else ``EXIT_REFUSED``); ``read_input(path, what)``
-(a file the person named, or ``ValueError`` with a sentence saying why it cannot be read);
+(a file the person named, or ``provkit.errors.InputError`` with a sentence saying why it cannot be read;
+also what ``ChannelSecurity`` raises for a certificate without its key);
 ``describe_os_error(exc)`` (an ``OSError`` as a sentence).
 """
 
@@ -31,6 +32,7 @@ from typing import Any, TextIO
 
 import grpc
 
+from provkit.errors import InputError
 from provkit.grpc_errors import error_details
 from provkit.grpc_server import REQUEST_ID_HEADER
 
@@ -47,9 +49,9 @@ class ChannelSecurity:
 
     def __post_init__(self) -> None:
         if (self.cert_pem is None) != (self.key_pem is None):
-            raise ValueError("a client certificate needs its key (and the other way round)")
+            raise InputError("a client certificate needs its key (and the other way round)")
         if self.insecure and (self.ca_pem or self.cert_pem):
-            raise ValueError("insecure channels take no certificates")
+            raise InputError("insecure channels take no certificates")
 
     def __repr__(self) -> str:
         mode = "insecure" if self.insecure else ("mtls" if self.cert_pem else "tls")
@@ -137,10 +139,10 @@ def read_input(path: Path, what: str) -> str:
     try:
         return path.read_text()
     except FileNotFoundError:
-        raise ValueError(f"the {what} {path} does not exist") from None
+        raise InputError(f"the {what} {path} does not exist") from None
     except IsADirectoryError:
-        raise ValueError(f"the {what} {path} is a directory, not a file") from None
+        raise InputError(f"the {what} {path} is a directory, not a file") from None
     except UnicodeDecodeError:
-        raise ValueError(f"the {what} {path} is not text (UTF-8)") from None
+        raise InputError(f"the {what} {path} is not text (UTF-8)") from None
     except OSError as exc:
-        raise ValueError(f"cannot read the {what}: {describe_os_error(exc)}") from None
+        raise InputError(f"cannot read the {what}: {describe_os_error(exc)}") from None

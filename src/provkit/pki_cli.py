@@ -26,6 +26,7 @@ from pathlib import Path
 
 from provkit.context import Role
 from provkit.devpki import DevTlsAuthority, TlsPair
+from provkit.errors import ConfigurationError, InputError
 from provkit.parties import PARTY_ROLES, UnrecognisedIdentity, caller_from_certificate, identity_uri
 
 
@@ -43,7 +44,11 @@ def issue_party(
 
 
 def _load(ca_dir: Path) -> DevTlsAuthority:
-    return DevTlsAuthority.load((ca_dir / "ca.pem").read_bytes(), (ca_dir / "ca.key").read_bytes())
+    cert_pem, key_pem = (ca_dir / "ca.pem").read_bytes(), (ca_dir / "ca.key").read_bytes()
+    try:
+        return DevTlsAuthority.load(cert_pem, key_pem)
+    except ValueError as exc:  # not PEM, or a key that is not the certificate's
+        raise InputError(str(exc)) from exc
 
 
 def _init_ca(args: argparse.Namespace) -> int:
@@ -57,6 +62,8 @@ def _init_ca(args: argparse.Namespace) -> int:
 
 
 def _issue(args: argparse.Namespace) -> int:
+    if args.days < 1:
+        raise InputError(f"--days must be at least 1, got {args.days}")
     prefix: Path = args.out or args.ca_dir / f"{args.role}-{args.tenant}"
     pair = issue_party(_load(args.ca_dir), args.role, args.tenant, common_name=args.name, days=args.days)
     cert, key = prefix.with_name(prefix.name + ".pem"), prefix.with_name(prefix.name + ".key")
@@ -66,7 +73,13 @@ def _issue(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    caller = caller_from_certificate(args.cert.read_bytes())
+    pem = args.cert.read_bytes()
+    try:
+        caller = caller_from_certificate(pem)
+    except UnrecognisedIdentity:
+        raise
+    except ValueError as exc:  # not a PEM certificate
+        raise InputError(str(exc)) from exc
     print(f"{caller.uri}  role={caller.role.value} tenant={caller.tenant}  {caller.identity}")
     return 0
 
@@ -98,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (UnrecognisedIdentity, ValueError, OSError) as exc:
+    except (ConfigurationError, UnrecognisedIdentity, OSError) as exc:
         print(f"devprov-pki: {exc}", file=sys.stderr)
         return 2
 

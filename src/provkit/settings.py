@@ -18,7 +18,8 @@ API
     default 30): how long a replica's reservation of a request id lasts without renewal, i.e. how long a
     retry on another replica waits before taking over the request of a replica that died
     (``provkit.idempotency``).
-``SettingsError``   a missing or malformed value (message names the env variable and the file key).
+``SettingsError``   a missing or malformed value (message names the env variable and the file key); a
+    ``provkit.errors.ConfigurationError``, as ``ServerConfigError`` and ``CloudNotConfigured`` are.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 
 from dbstore import DatabaseUrl, UrlError
 from provkit.device_id import DeviceIdPolicy
+from provkit.errors import ConfigurationError
 from provkit.grpc_server import ClientAuth, ServerConfigError, ServerSettings, ServerTLS
 from provkit.idempotency import LEASE
 
@@ -40,7 +42,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-class SettingsError(ValueError):
+class SettingsError(ConfigurationError, ValueError):
     pass
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from activation_svc.portal.settings import PortalSettings, load_portal_settings, parse_listen
 from provkit.channels import ChannelSecurity, add_channel_arguments
+from provkit.errors import InputError
 from provkit.logging import configure_logging
 from provkit.settings import SettingsError
 
@@ -55,7 +56,7 @@ def portal_settings(args: argparse.Namespace) -> PortalSettings:
                 server_name=args.server_name,
                 insecure=args.insecure,
             )
-        except ValueError as exc:
+        except InputError as exc:
             raise SettingsError(str(exc)) from exc
         settings = replace(settings, security=security)
     settings.check()

@@ -35,6 +35,7 @@ from pathlib import Path
 from dbstore import DatabaseUrl
 from provkit.channels import ChannelSecurity
 from provkit.cloud import CloudNotConfigured, load_cloud_settings
+from provkit.errors import InputError
 from provkit.grpc_server import is_loopback_host
 from provkit.observe import ObserveSettings, observe_settings
 from provkit.settings import SettingsError, SettingsSource, database_url_set
@@ -141,7 +142,7 @@ def load_portal_settings(env: Mapping[str, str] | None = None, config: Path | No
         )
     except OSError as exc:
         raise SettingsError(f"cannot read the portal's client TLS files: {exc}") from exc
-    except ValueError as exc:
+    except InputError as exc:
         raise SettingsError(str(exc)) from exc
     allowed = source.text(key("allowed_hosts"), "") or ""
     return PortalSettings(
