@@ -45,10 +45,12 @@ import tomllib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+T = TypeVar("T")
 
 INVALID = "SETTINGS_INVALID"
 UNREADABLE = "SETTINGS_UNREADABLE"
@@ -235,22 +237,19 @@ class SettingsSource:
         return default if value is None else str(value)
 
     def integer(self, key: str, default: int) -> int:
-        value = self.value(key)
-        if value is None or value == "":
-            return default
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise SettingsError(f"{self.describe(key)} must be an integer, got {value!r}") from None
+        return self._converted(key, default, int, "an integer")
 
     def number(self, key: str, default: float) -> float:
+        return self._converted(key, default, float, "a number")
+
+    def _converted(self, key: str, default: T, convert: Callable[[Any], T], what: str) -> T:
         value = self.value(key)
         if value is None or value == "":
             return default
         try:
-            return float(value)
+            return convert(value)
         except (TypeError, ValueError):
-            raise SettingsError(f"{self.describe(key)} must be a number, got {value!r}") from None
+            raise SettingsError(f"{self.describe(key)} must be {what}, got {value!r}") from None
 
     def flag(self, key: str, default: bool) -> bool:
         found = self._find(key)
