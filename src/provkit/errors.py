@@ -47,11 +47,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
+from mainkit.settings import ConfigurationError as ConfigurationError
+
 _REASON = re.compile(r"^[A-Z][A-Z0-9_]{0,62}[A-Z0-9]$")
-
-
-class ConfigurationError(Exception):
-    """Settings, files or arguments this program cannot run with (a person fixes them; not a bug)."""
 
 
 class InputError(ConfigurationError, ValueError):

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from provkit.cli_shell import EXIT_USAGE, Answer, run_cli
 from provkit.context import Role
 from provkit.devpki import DevTlsAuthority, TlsPair
 from provkit.errors import ConfigurationError, InputError
@@ -107,13 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What devprov-pki says for the failures it knows, before the suite's (provkit.cli_shell).
+ANSWERS = (Answer.line((UnrecognisedIdentity, ConfigurationError, OSError), "devprov-pki: {}", EXIT_USAGE),)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return int(args.run(args))
-    except (ConfigurationError, UnrecognisedIdentity, OSError) as exc:
-        print(f"devprov-pki: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: int(args.run(args)), prog="devprov-pki", answers=ANSWERS)
 
 
 if __name__ == "__main__":
