@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from factory_svc.errors import Reason, invalid_field
+from factory_svc.errors import CaConfigError, Reason, invalid_field
 from provkit.device_id import normalise_device_id
 from provkit.errors import Reason as SharedReason
 
@@ -163,6 +163,6 @@ def lint_policy_from_chain(
     for ca in intermediates:
         issuer = next((c for c in everyone if c.subject == ca.issuer and c is not ca), None)
         if issuer is None:
-            raise ValueError(f"the chain lacks the issuer of {ca.subject.rfc4514_string()}")
+            raise CaConfigError(f"the chain lacks the issuer of {ca.subject.rfc4514_string()}")
         ca.verify_directly_issued_by(issuer)
     return LintPolicy(roots, intermediates, min_remaining_validity)
