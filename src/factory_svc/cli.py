@@ -35,8 +35,7 @@ from provkit import faults
 from provkit.channels import CHANNEL_FLAGS, add_channel_arguments, channel_security, create_channel
 from provkit.cli_shell import run_cli
 from provkit.device_id import check_device_id
-from provkit.grpc_server import run_service
-from provkit.logging import configure_logging
+from provkit.grpc_server import serve_command
 from provkit.settings import SettingsSource, device_id_policy
 from provkit.storage_cli import add_migrate_command, run_migrations
 
@@ -122,10 +121,7 @@ def _command(args: argparse.Namespace) -> int:
         from factory_svc.app import run_server
         from factory_svc.settings import load_settings
 
-        settings = load_settings(config=args.config)
-        configure_logging(settings.log_level)
-        run_service(run_server(settings))
-        return 0
+        return serve_command(load_settings(config=args.config), run_server)
     if args.command == "ca":
         from factory_svc.settings import load_settings
 
