@@ -169,7 +169,7 @@ class Revoked:
         }
 
     def sentence(self) -> str:
-        """ "revoked on <date> (key-compromise)", for a person."""
+        """"revoked on <date> (key-compromise)", for a person."""
         why = f" ({self.reason})" if self.reason else ""
         return f"revoked on {_iso(self.revoked_at)}{why}"
 
