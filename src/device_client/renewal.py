@@ -8,8 +8,8 @@ When (:func:`due_at`): once ``fraction`` of the certificate's lifetime has elaps
 are left, whichever comes first (defaults 2/3 and 30 days, as step-ca and Azure's guidance do).  A running
 device looks at boot, then every ``check_interval_s`` (jittered +-10 %, :func:`next_check_in`) and also
 at the moment the certificate becomes due, so a certificate shorter-lived than the interval renews in time.
-A certificate that lives less than ``days_before`` days is due from birth: short-lived test and demo
-certificates set ``days_before = 0``.
+A certificate that lives no longer than ``days_before`` days would be due from birth by the second rule: for
+it the fraction alone decides (short-lived test and demo certificates renew at 2/3 of their minutes).
 
 What (:func:`renewal_request`): a new key of the same kind as the current one (same curve, same RSA size)
 and a PKCS#10 with exactly the current certificate's subject and subjectAltName (RFC 7030 4.2.2).
@@ -48,6 +48,8 @@ def due_at(not_before: datetime, not_after: datetime, *, fraction: float, days_b
     """The moment the certificate valid ``not_before`` .. ``not_after`` is due for renewal."""
     by_fraction = not_before + (not_after - not_before) * fraction
     by_remaining = not_after - timedelta(days=days_before)
+    if by_remaining <= not_before:  # a lifetime shorter than days_before: the fraction alone decides
+        return by_fraction
     return min(by_fraction, by_remaining)
 
 

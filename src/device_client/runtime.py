@@ -364,15 +364,7 @@ class DeviceRuntime:
             if not waiting_logged:  # while waiting for activation, retries do not flap the state
                 self._update(state=DeviceState.REGISTERING)
             try:
-                assignment = await self._unless_stopped(
-                    dps.register(
-                        guid=self.guid,
-                        chain_path=identity.chain_path,
-                        key_path=identity.key_path,
-                        target=target,
-                        timeout_s=rt.sdk_timeout_s * 3,
-                    )
-                )
+                assignment = await self._register_once(identity, target)
             except _Stopped:
                 return None
             except dps.RegistrationRefused as refused:
@@ -414,6 +406,18 @@ class DeviceRuntime:
             self._update(registrations=self._snapshot.registrations + 1, last_error=None)
             return assignment
         return None
+
+    async def _register_once(self, identity: StoredIdentity, target: dps.DpsTarget) -> Assignment:
+        """One DPS registration attempt with ``identity`` (raises RegistrationRefused, _Stopped)."""
+        return await self._unless_stopped(
+            dps.register(
+                guid=self.guid,
+                chain_path=identity.chain_path,
+                key_path=identity.key_path,
+                target=target,
+                timeout_s=self.settings.runtime.sdk_timeout_s * 3,
+            )
+        )
 
     async def _look_for_revocation(self, identity: StoredIdentity) -> None:
         """Raise :class:`CertificateRevokedError` when a verified CRL lists the certificate (checked at the
@@ -647,15 +651,7 @@ class DeviceRuntime:
         self._update(state=DeviceState.REGISTERING)
         target = dps.DpsTarget(self.settings.cloud.global_endpoint, id_scope, ca_pem)
         try:
-            assignment = await self._unless_stopped(
-                dps.register(
-                    guid=self.guid,
-                    chain_path=pending.chain_path,
-                    key_path=pending.key_path,
-                    target=target,
-                    timeout_s=self.settings.runtime.sdk_timeout_s * 3,
-                )
-            )
+            assignment = await self._register_once(pending, target)
         except _Stopped:
             self._changeover_ready = True  # (the run ends; the next start resumes from pending/)
             return None

@@ -42,10 +42,12 @@ def test_the_remaining_days_win_when_they_come_first():
     assert due == T0 + timedelta(days=335)
 
 
-def test_a_certificate_shorter_than_days_before_is_due_from_birth_unless_days_before_is_zero():
+def test_a_certificate_shorter_lived_than_days_before_is_due_by_the_fraction_alone():
     short = T0 + timedelta(minutes=3)
-    assert renewal.due_at(T0, short, fraction=0.667, days_before=30) < T0
+    assert renewal.due_at(T0, short, fraction=0.5, days_before=30) == T0 + timedelta(seconds=90)
     assert renewal.due_at(T0, short, fraction=0.5, days_before=0) == T0 + timedelta(seconds=90)
+    month = T0 + timedelta(days=31)
+    assert renewal.due_at(T0, month, fraction=0.9, days_before=30) == T0 + timedelta(days=1)
 
 
 def test_the_next_look_is_the_jittered_interval_or_the_due_moment_whichever_is_sooner():
