@@ -81,7 +81,7 @@ class CertificateReader(Protocol):
 
 @dataclass(frozen=True)
 class MintPolicy:
-    default_validity: timedelta = timedelta(days=365)
+    default_validity: timedelta = timedelta(days=730)  # shelf time plus the first renewal
     crl_url: str = ""  # set: every leaf names it in a CRL Distribution Points extension
 
 
