@@ -100,7 +100,7 @@ def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def csr_for(device_id: str, key) -> x509.CertificateSigningRequest:  # noqa: ANN001 - any private key
+def csr_for(device_id: str, key) -> x509.CertificateSigningRequest:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
     return x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
 
@@ -130,16 +130,18 @@ class EstClient:
 
     async def _call(self, method: str, path: str, body: bytes | None = None) -> EstAnswer:
         headers = {"Content-Type": CSR_TYPE} if body is not None else {}
-        async with aiohttp.ClientSession() as session:
-            async with session.request(
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
                 method, self.url + path, data=body, headers=headers, ssl=self.context
-            ) as response:
-                return EstAnswer(
-                    response.status,
-                    response.headers.get("X-Devprov-Reason", ""),
-                    response.headers.get("Retry-After"),
-                    await response.read(),
-                )
+            ) as response,
+        ):
+            return EstAnswer(
+                response.status,
+                response.headers.get("X-Devprov-Reason", ""),
+                response.headers.get("Retry-After"),
+                await response.read(),
+            )
 
     async def renew(self, csr: x509.CertificateSigningRequest) -> EstAnswer:
         return await self._call("POST", SIMPLEREENROLL_PATH, encode_csr(csr))
@@ -151,7 +153,7 @@ class EstClient:
         return await self._call("GET", CACERTS_PATH)
 
 
-def as_device(device: DeviceFiles, key, certificates: list[x509.Certificate], folder: Path) -> DeviceFiles:  # noqa: ANN001
+def as_device(device: DeviceFiles, key, certificates: list[x509.Certificate], folder: Path) -> DeviceFiles:
     """The device's files holding the renewed certificate (chain) and its key."""
     folder.mkdir(parents=True, exist_ok=True)
     # leaf first (a certs-only PKCS#7 keeps its certificates in DER SET order)
@@ -168,7 +170,7 @@ def as_device(device: DeviceFiles, key, certificates: list[x509.Certificate], fo
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ),
     )
-    sha1 = certificates[0].fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303 - Azure's thumbprint
+    sha1 = certificates[0].fingerprint(hashes.SHA1()).hex().upper()
     return DeviceFiles(device.device_id, chain, cert_path, key_path, sha1)
 
 

@@ -80,83 +80,79 @@ async def test_a_device_renews_and_its_enrollment_and_hub_identity_change_over(
 ) -> None:
     emulator = module_emulator
     tls, oem = ServerTls.create(tmp_path / "tls"), OemTls.create(tmp_path / "oem-tls")
-    async with running_factory(renewal_env(tmp_path, emulator, tls)) as factory:
-        async with running_activation(activation_env(tmp_path, emulator, oem), oem) as (_app, activation):
-            device, code = await _enrolled(factory, tmp_path / "devices")
-            await activation.Activate(activate_request(device.device_id, code, json.dumps(META)))
-            hub = (await register(emulator, device)).registration_state.assigned_hub
-            before = await dps_enrollment(emulator, device.device_id)
-            old = x509.load_pem_x509_certificates(device.chain_pem.encode())[0]
+    async with (
+        running_factory(renewal_env(tmp_path, emulator, tls)) as factory,
+        running_activation(activation_env(tmp_path, emulator, oem), oem) as (_app, activation),
+    ):
+        device, code = await _enrolled(factory, tmp_path / "devices")
+        await activation.Activate(activate_request(device.device_id, code, json.dumps(META)))
+        hub = (await register(emulator, device)).registration_state.assigned_hub
+        before = await dps_enrollment(emulator, device.device_id)
+        old = x509.load_pem_x509_certificates(device.chain_pem.encode())[0]
 
-            client = EstClient(factory.est_url, tls, device.cert_path, device.key_path)
-            # a certs-only PKCS#7 holds a DER SET: the order is the encoding's, not the chain's
-            assert set((await client.cacerts()).certificates) == set(factory.app.ca.chain)
-            key = new_key()
-            answer = await client.renew(csr_for(device.device_id, key))
-            leaf = _leaf(answer.certificates)
-            issuing, root = factory.app.ca.chain
-            assert set(answer.certificates) == {leaf, issuing, root}
-            assert leaf.subject == old.subject and leaf.issuer == issuing.subject
-            leaf.verify_directly_issued_by(issuing)
-            assert [issuing, root] == list(factory.app.ca.chain)
-            assert leaf.public_key().public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            ) == key.public_key().public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-            points = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
-            assert points[0].full_name[0].value == CRL_URL
-            for extension in old.extensions:  # the same extensions as a minted one
-                if not isinstance(extension.value, x509.SubjectKeyIdentifier):
-                    assert leaf.extensions.get_extension_for_oid(extension.oid).value == extension.value
-            lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
-            assert timedelta(days=365) <= lifetime <= timedelta(days=365, minutes=6)
+        client = EstClient(factory.est_url, tls, device.cert_path, device.key_path)
+        # a certs-only PKCS#7 holds a DER SET: the order is the encoding's, not the chain's
+        assert set((await client.cacerts()).certificates) == set(factory.app.ca.chain)
+        key = new_key()
+        answer = await client.renew(csr_for(device.device_id, key))
+        leaf = _leaf(answer.certificates)
+        issuing, root = factory.app.ca.chain
+        assert set(answer.certificates) == {leaf, issuing, root}
+        assert leaf.subject == old.subject and leaf.issuer == issuing.subject
+        leaf.verify_directly_issued_by(issuing)
+        assert [issuing, root] == list(factory.app.ca.chain)
+        assert leaf.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ) == key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        points = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        assert points[0].full_name[0].value == CRL_URL
+        for extension in old.extensions:  # the same extensions as a minted one
+            if not isinstance(extension.value, x509.SubjectKeyIdentifier):
+                assert leaf.extensions.get_extension_for_oid(extension.oid).value == extension.value
+        lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+        assert timedelta(days=365) <= lifetime <= timedelta(days=365, minutes=6)
 
-            # the enrollment: the new certificate as secondary, everything else as it was
-            during = await dps_enrollment(emulator, device.device_id)
-            assert _slots(during)["primary"]["info"]["sha256Thumbprint"] == _sha256(old)
-            assert _slots(during)["secondary"]["info"]["sha256Thumbprint"] == _sha256(leaf)
-            for field in (
-                "provisioningStatus",
-                "initialTwin",
-                "optionalDeviceInformation",
-                "iotHubs",
-                "deviceId",
-            ):
-                assert during.get(field) == before.get(field), field
+        # the enrollment: the new certificate as secondary, everything else as it was
+        during = await dps_enrollment(emulator, device.device_id)
+        assert _slots(during)["primary"]["info"]["sha256Thumbprint"] == _sha256(old)
+        assert _slots(during)["secondary"]["info"]["sha256Thumbprint"] == _sha256(leaf)
+        for field in (
+            "provisioningStatus",
+            "initialTwin",
+            "optionalDeviceInformation",
+            "iotHubs",
+            "deviceId",
+        ):
+            assert during.get(field) == before.get(field), field
 
-            # a retry with the same key answers the same certificate (no second one)
-            again = await client.renew(csr_for(device.device_id, key))
-            assert _leaf(again.certificates) == leaf
-            listed = await factory.stub.ListCertificates(
-                fpb.ListCertificatesRequest(device_id=device.device_id)
-            )
-            assert len(listed.certificates) == 2
+        # a retry with the same key answers the same certificate (no second one)
+        again = await client.renew(csr_for(device.device_id, key))
+        assert _leaf(again.certificates) == leaf
+        listed = await factory.stub.ListCertificates(fpb.ListCertificatesRequest(device_id=device.device_id))
+        assert len(listed.certificates) == 2
 
-            # the device registers with the new certificate (Microsoft's SDK): the hub identity follows
-            renewed = as_device(device, key, answer.certificates, tmp_path / "renewed")
-            result = await register(emulator, renewed)
-            assert result.status == "assigned" and result.registration_state.assigned_hub == hub
-            identity = await asyncio.to_thread(registry(emulator, hub).get_device, device.device_id)
-            assert identity.authentication.x509_thumbprint.primary_thumbprint.upper() == renewed.sha1
-            await connect_to_hub(emulator, renewed, hub)
+        # the device registers with the new certificate (Microsoft's SDK): the hub identity follows
+        renewed = as_device(device, key, answer.certificates, tmp_path / "renewed")
+        result = await register(emulator, renewed)
+        assert result.status == "assigned" and result.registration_state.assigned_hub == hub
+        identity = await asyncio.to_thread(registry(emulator, hub).get_device, device.device_id)
+        assert identity.authentication.x509_thumbprint.primary_thumbprint.upper() == renewed.sha1
+        await connect_to_hub(emulator, renewed, hub)
 
-            # the promotion signal: a request with the new certificate
-            assert (
-                await EstClient(factory.est_url, tls, renewed.cert_path, renewed.key_path).cacerts()
-            ).status == 200
-            after = await dps_enrollment(emulator, device.device_id)
-            assert set(_slots(after)) == {"primary"}
-            assert _slots(after)["primary"]["info"]["sha256Thumbprint"] == _sha256(leaf)
-            assert after["provisioningStatus"] == "enabled" and after["initialTwin"] == before["initialTwin"]
-            old_serial = f"{old.serial_number:X}".rjust(
-                len(f"{old.serial_number:X}") + len(f"{old.serial_number:X}") % 2, "0"
-            )
-            assert await factory.app.ledger.renewals.superseded_by(old_serial) == listed.certificates[
-                0
-            ].serial_number or (await factory.app.ledger.renewals.superseded_by(old_serial) is not None)
-            refused = await client.renew(csr_for(device.device_id, new_key()))
-            assert (refused.status, refused.reason) == (403, "CERTIFICATE_SUPERSEDED")
+        # the promotion signal: a request with the new certificate
+        assert (
+            await EstClient(factory.est_url, tls, renewed.cert_path, renewed.key_path).cacerts()
+        ).status == 200
+        after = await dps_enrollment(emulator, device.device_id)
+        assert set(_slots(after)) == {"primary"}
+        assert _slots(after)["primary"]["info"]["sha256Thumbprint"] == _sha256(leaf)
+        assert after["provisioningStatus"] == "enabled" and after["initialTwin"] == before["initialTwin"]
+        superseded = await factory.app.ledger.renewals.superseded_by(serial_hex(old.serial_number))
+        assert superseded == serial_hex(leaf.serial_number)
+        refused = await client.renew(csr_for(device.device_id, new_key()))
+        assert (refused.status, refused.reason) == (403, "CERTIFICATE_SUPERSEDED")
 
 
 def _issuing_ca(tmp_path: Path):
@@ -208,7 +204,8 @@ async def test_every_refusal_has_its_status_and_reason_and_writes_nothing(tmp_pa
     clock = MovableClock()
     env = renewal_env(
         tmp_path, emulator, tls,
-        FACTORY_RENEWAL_EXPIRED_GRACE_DAYS="10", FACTORY_RENEWAL_MAX_PER_DAY="3", FACTORY_METRICS_LISTEN="127.0.0.1:0",
+        FACTORY_RENEWAL_EXPIRED_GRACE_DAYS="10", FACTORY_RENEWAL_MAX_PER_DAY="3",
+        FACTORY_METRICS_LISTEN="127.0.0.1:0",
     )  # fmt: skip
     async with running_factory(env, clock) as factory:
         ledger = factory.app.ledger
