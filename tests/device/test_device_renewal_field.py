@@ -1,9 +1,11 @@
 """A device renews its own certificate in the field, with real processes: factory_svc (`serve`, its EST
-listener on) minting a certificate valid for a few minutes, the emulator, and `device-client run` with
-Microsoft's SDK.  Checked: it renews by itself while sending telemetry every second with no gap and no
-duplicate among the acknowledged messages (read back from the hub); the hub identity's thumbprint becomes
-the new certificate's; a kill -9 between "new certificate received" and "promoted" resumes on the next
-start; a revoked device's renewal is refused with its reason and the device keeps its old identity."""
+listener on) minting a short-lived certificate (MintCertificate's shortest validity, an hour, with
+``renewal.fraction`` set so that it falls due soon after the device starts), the emulator, and
+`device-client run` with Microsoft's SDK.  Checked: it renews by itself while sending telemetry every
+second with no gap and no duplicate among the acknowledged messages (read back from the hub); the hub
+identity's thumbprint becomes the new certificate's; a kill -9 between "new certificate received" and
+"promoted" resumes on the next start; a revoked device's renewal is refused with its reason and the device
+keeps its old identity."""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ pytestmark = [
     ),
 ]
 
-LIFETIME = timedelta(minutes=3)  # renewed at 2/3: two minutes after minting
+LIFETIME = timedelta(hours=1)  # MintCertificate's shortest validity
 
 
 class Field:
@@ -59,6 +61,7 @@ class Field:
                 "FACTORY_RENEWAL_LISTEN": self.est_url.removeprefix("https://"),
                 "FACTORY_RENEWAL_TLS_CERT_FILE": str(cert),
                 "FACTORY_RENEWAL_TLS_KEY_FILE": str(key),
+                "FACTORY_ENROLL_MIN_REMAINING_VALIDITY_DAYS": "0",  # an hour-long certificate
             },
             tmp_path / "factory.log",
         )
@@ -77,6 +80,7 @@ class Field:
 
     async def device(self) -> str:
         """A device minted (CSR) with a certificate valid for LIFETIME, enrolled and activated."""
+        self.minted_at = datetime.now(UTC)
         guid = str(uuid.uuid4())
         key = generate_key()
         request = pb.MintCertificateRequest(
@@ -89,6 +93,7 @@ class Field:
             key_pem=key_to_pem(key), chain_pem=chain_pem, metadata={"guid": guid}, force=False
         )
         leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+        self.leaf = leaf
         await self.stub.Enroll(
             pb.EnrollRequest(
                 device_id=guid,
@@ -99,12 +104,16 @@ class Field:
         await activate(self.emulator, guid)
         return guid
 
-    def env(self) -> dict[str, str]:
+    def env(self, due_in: timedelta = timedelta(seconds=45)) -> dict[str, str]:
+        """The device's settings; its certificate falls due ``due_in`` from now (renewal.fraction)."""
+        nb, na = self.leaf.not_valid_before_utc, self.leaf.not_valid_after_utc
+        fraction = max(0.01, (datetime.now(UTC) + due_in - nb) / (na - nb))
         return {
             **_env(self.emulator, self.root),
             "DEVICE_CLIENT_RENEWAL_EST_URL": self.est_url,
             "DEVICE_CLIENT_RENEWAL_CA_FILE": str(self.tls_anchor),
             "DEVICE_CLIENT_RENEWAL_CHECK_INTERVAL_S": "5",
+            "DEVICE_CLIENT_RENEWAL_FRACTION": f"{fraction:.6f}",
         }
 
 
@@ -115,10 +124,10 @@ async def _status(env, guid) -> dict:
     return json.loads(out)
 
 
-def _hub_thumbprint(emulator, guid: str) -> str:
+def _hub_thumbprint(emulator, guid: str, hub: str) -> str:
     from device_cloud import _registry
 
-    device = _registry(emulator).get_device(guid)
+    device = _registry(emulator, hub).get_device(guid)
     return device.authentication.x509_thumbprint.primary_thumbprint.upper()
 
 
@@ -149,8 +158,9 @@ async def test_a_short_lived_device_renews_by_itself_while_telemetry_flows(tmp_p
 
         try:
             await _eventually(renewed, timeout=240)
-            seen = len(await received_telemetry(emulator, guid))
-            await _eventually(lambda: _more_than(emulator, guid, seen + 3), timeout=60)
+            hub = (await _status(env, guid))["assignment"]["assigned_hub"]
+            seen = len(await received_telemetry(emulator, guid, hub))
+            await _eventually(lambda: _more_than(emulator, guid, hub, seen + 3), timeout=60)
         finally:
             proc.send_signal(signal.SIGTERM)
             _, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -158,17 +168,18 @@ async def test_a_short_lived_device_renews_by_itself_while_telemetry_flows(tmp_p
         after = await _status(env, guid)
     assert after["identity"]["serial"] != before["serial"]
     assert after["renewal"]["pending"] is None and not after["renewal"]["previous_kept"]
-    thumbprint = await asyncio.to_thread(_hub_thumbprint, emulator, guid)
+    hub = after["assignment"]["assigned_hub"]  # where the factory's enrollment put it
+    thumbprint = await asyncio.to_thread(_hub_thumbprint, emulator, guid, hub)
     assert thumbprint == after["identity"]["thumbprint_sha1"] != before["thumbprint_sha1"]
-    _acknowledged_without_gap(after, await received_telemetry(emulator, guid))
-    twin = await get_twin(emulator, guid)
+    _acknowledged_without_gap(after, await received_telemetry(emulator, guid, hub))
+    twin = await get_twin(emulator, guid, hub)
     reported = twin.properties.reported["certificate"]
     assert reported["serial"] == after["identity"]["serial"]
     assert reported["renewal"]["state"] == "confirmed"
 
 
-async def _more_than(emulator, guid: str, count: int) -> bool:
-    return len(await received_telemetry(emulator, guid)) > count
+async def _more_than(emulator, guid: str, hub: str, count: int) -> bool:
+    return len(await received_telemetry(emulator, guid, hub)) > count
 
 
 async def test_killed_between_received_and_promoted_the_device_resumes_the_change_over(
@@ -177,7 +188,7 @@ async def test_killed_between_received_and_promoted_the_device_resumes_the_chang
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(emulator.ca_path))
     async with Field(tmp_path, emulator) as field:
         guid = await field.device()
-        env = field.env()
+        env = field.env(due_in=timedelta(seconds=10))
         before = (await _status(env, guid))["identity"]
         crashing = await _start({**env, CRASH_ENV: "renewal.received"}, "run", guid, "--interval", "1")
         await asyncio.wait_for(crashing.communicate(), 300)
@@ -199,9 +210,10 @@ async def test_killed_between_received_and_promoted_the_device_resumes_the_chang
             await asyncio.wait_for(restarted.communicate(), 60)
         after = await _status(env, guid)
     assert after["identity"]["serial"] == killed["renewal"]["pending"]["serial"]
-    thumbprint = await asyncio.to_thread(_hub_thumbprint, emulator, guid)
+    hub = after["assignment"]["assigned_hub"]  # where the factory's enrollment put it
+    thumbprint = await asyncio.to_thread(_hub_thumbprint, emulator, guid, hub)
     assert thumbprint == after["identity"]["thumbprint_sha1"]
-    _acknowledged_without_gap(after, await received_telemetry(emulator, guid))
+    _acknowledged_without_gap(after, await received_telemetry(emulator, guid, hub))
 
 
 async def test_a_revoked_devices_renewal_is_refused_and_it_keeps_its_identity(tmp_path, emulator):
@@ -213,7 +225,7 @@ async def test_a_revoked_devices_renewal_is_refused_and_it_keeps_its_identity(tm
             pb.RevokeCertificateRequest(device_id=guid, request_id=str(uuid.uuid4()))
         )
         # due at once: the listener is asked right at boot
-        proc = await _start({**env, "DEVICE_CLIENT_RENEWAL_FRACTION": "0.01"}, "run", guid)
+        proc = await _start(field.env(due_in=timedelta(0)), "run", guid)
 
         async def refused() -> dict | None:
             last = (await _status(env, guid))["renewal"]["last"]
