@@ -8,6 +8,7 @@ commands (``<feature>/cli.py``) and runs the one asked for.
     factory-svc revoke ...                                      (see factory_svc.revocation.cli)
     factory-svc lot ...                                         (see factory_svc.lots.cli)
     factory-svc ca init | show                                  (see factory_svc.ca.cli)
+    factory-svc expiring [--within 30d] [--json]                (see factory_svc.renewal.cli)
 
 Client commands connect with ``--target`` (or FACTORY_CLIENT_TARGET, default 127.0.0.1:50051) using TLS
 with ``--ca-file`` / ``--cert-file`` / ``--key-file`` (mTLS), or ``--insecure`` for a loopback
@@ -30,6 +31,7 @@ from factory_svc.ca import cli as ca_cli
 from factory_svc.enrollment import cli as enroll_cli
 from factory_svc.lots import cli as lot_cli
 from factory_svc.mint import cli as mint_cli
+from factory_svc.renewal import cli as renewal_cli
 from factory_svc.revocation import cli as revoke_cli
 from provkit import faults
 from provkit.channels import CHANNEL_FLAGS, add_channel_arguments, channel_security, create_channel
@@ -74,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     for feature in CLIENT_FEATURES:
         feature.add_parsers(client)
     ca_cli.add_parsers(sub)
+    renewal_cli.add_parsers(sub)
     return parser
 
 
@@ -126,6 +129,8 @@ def _command(args: argparse.Namespace) -> int:
         from factory_svc.settings import load_settings
 
         return ca_cli.run(args, lambda config: load_settings(config=config))
+    if args.command in renewal_cli.COMMANDS:
+        return renewal_cli.run(args)
     return _client(args)
 
 
