@@ -11,30 +11,15 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from enrollment.provisioning_env import dps_enrollment, mint
 from renewal_env import EstClient, ServerTls, as_device, csr_for, new_key, renewal_env, running_factory
+from test_renewal_est import _leaf, _sha256, _slots
 
 from devprov.v1 import factory_service_pb2 as fpb
 from factory_svc.mint.issuer import serial_hex
 from factory_svc.renewal.model import RenewalState
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _sha256(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex().upper()
-
-
-def _leaf(certificates: list[x509.Certificate]) -> x509.Certificate:
-    (leaf,) = [
-        c for c in certificates if not c.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    ]
-    return leaf
-
-
-def _slots(enrollment: dict) -> dict:
-    return enrollment["attestation"]["x509"]["clientCertificates"]
 
 
 async def _renewing(factory, tls: ServerTls, folder: Path):

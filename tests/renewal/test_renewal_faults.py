@@ -39,6 +39,13 @@ async def _renewal_state(tmp_path, device_id: str) -> RenewalState | None:
         await ledger.close()
 
 
+async def _enrolled(factory: FactoryProcess, folder):
+    async with factory.stub() as stub:
+        device = await mint(stub, str(uuid.uuid4()), folder)
+        await stub.Enroll(fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem))
+    return device
+
+
 async def test_a_renewal_killed_after_the_dps_write_is_completed_at_start_up(
     tmp_path, module_emulator
 ) -> None:
@@ -48,9 +55,7 @@ async def test_a_renewal_killed_after_the_dps_write_is_completed_at_start_up(
     url = f"https://127.0.0.1:{port}"
     try:
         await factory.start(crash_at="renewal.after_dps_secondary")
-        async with factory.stub() as stub:
-            device = await mint(stub, str(uuid.uuid4()), tmp_path / "devices")
-            await stub.Enroll(fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem))
+        device = await _enrolled(factory, tmp_path / "devices")
         client = EstClient(url, tls, device.cert_path, device.key_path)
         key = new_key()
         with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
@@ -120,9 +125,7 @@ async def test_a_renewal_killed_after_the_ledger_write_is_resumed_or_answers_not
     factory = FactoryProcess(renewal_env(tmp_path, module_emulator, tls, port), tmp_path / "factory.log")
     try:
         await factory.start(crash_at="renewal.after_ledger")
-        async with factory.stub() as stub:
-            device = await mint(stub, str(uuid.uuid4()), tmp_path / "devices")
-            await stub.Enroll(fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem))
+        device = await _enrolled(factory, tmp_path / "devices")
         client = EstClient(f"https://127.0.0.1:{port}", tls, device.cert_path, device.key_path)
         key = new_key()
         with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
@@ -165,9 +168,7 @@ async def test_a_promotion_killed_after_the_dps_write_is_completed_at_start_up(
     factory = FactoryProcess(renewal_env(tmp_path, module_emulator, tls, port), tmp_path / "factory.log")
     try:
         await factory.start(crash_at="renewal.after_dps_primary")
-        async with factory.stub() as stub:
-            device = await mint(stub, str(uuid.uuid4()), tmp_path / "devices")
-            await stub.Enroll(fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem))
+        device = await _enrolled(factory, tmp_path / "devices")
         client = EstClient(url, tls, device.cert_path, device.key_path)
         key = new_key()
         answer = await client.renew(csr_for(device.device_id, key))
