@@ -53,7 +53,13 @@ from device_client import abandoned, dps, renewal
 from device_client.backoff import Backoff, first_attempt_delay
 from device_client.buffer import TelemetryBuffer
 from device_client.desired import DesiredOutcome, apply_document, apply_patch
-from device_client.errors import CertificateRevokedError, CloudGaveUpError, DeviceClientError, Reason
+from device_client.errors import (
+    CertificateRevokedError,
+    CloudGaveUpError,
+    DeviceClientError,
+    IdentityError,
+    Reason,
+)
 from device_client.est_client import EstClient, EstEndpoint, EstError, EstRefused
 from device_client.hub import HubRefused, HubSession, HubTarget, HubUnavailable
 from device_client.identity import check_validity, key_to_pem, load_chain, load_key
@@ -208,7 +214,7 @@ class DeviceRuntime:
             self.state_dir.require_present()
             with self.state_dir.locked():
                 self.state_dir.finish_promotion()  # one a kill -9 interrupted
-                identity = self.state_dir.load_identity(now=self._clock())
+                identity = self._identity_to_start_with()
                 recorded = self.state_dir.read_revocation(identity.info.serial_hex)
                 if recorded is not None:  # revocation is final: no need to knock on DPS again
                     raise revoked_error(recorded)
@@ -221,6 +227,24 @@ class DeviceRuntime:
         self._update(state=DeviceState.STOPPED)
 
     # -- internals -------------------------------------------------------------------------------------
+    def _identity_to_start_with(self) -> StoredIdentity:
+        """The identity, valid now; or, when it has expired while a renewed one valid now waits in
+        ``pending/`` (the device was off past its old certificate's end), the expired one: the run
+        changes over to the pending one first (DPS already holds it as the secondary certificate)."""
+        now = self._clock()
+        try:
+            return self.state_dir.load_identity(now=now)
+        except IdentityError as exc:
+            if exc.reason != SharedReason.CERTIFICATE_EXPIRED or not self.state_dir.has_pending():
+                raise
+            try:
+                pending = self.state_dir.load_pending()
+                check_validity(pending.info, now=now, source=str(self.state_dir.pending_path))
+            except DeviceClientError:
+                raise exc from None
+        self._log(logging.WARNING, "the certificate expired; changing over to the renewed one in pending/")
+        return self.state_dir.load_identity()
+
     def _update(self, **changes: Any) -> None:
         new = replace(self._snapshot, **changes)
         if new == self._snapshot:

@@ -100,6 +100,13 @@ class Reason(ReasonEnum):
     DUPLICATE_IN_LOT = auto(), "the device id is another item of the same lot"
     LOT_INCOMPLETE = auto(), "the stream ended before every item of the lot was sent"
     LOT_IN_PROGRESS = auto(), "another attempt of the lot is committing its items: resume it again later"
+    # renewal (the EST listener: simplereenroll)
+    CERTIFICATE_SUPERSEDED = auto(), "a newer certificate replaced this one and is in use: renew with it"
+    CSR_INVALID = auto(), "the EST request body is not a PKCS#10 certificate request"
+    KEY_REUSED = auto(), "the renewal request carries the current certificate's own key: make a new one"
+    RENEWAL_RATE_LIMITED = auto(), "the device renewed too often in 24 hours: retry after the delay given"
+    DEVICE_NOT_ENROLLED = auto(), "the device has no DPS enrollment (any more) to renew"
+    RENEWAL_REPLACED = auto(), "a later renewal (or a revocation) ended the one retried: renew with a new key"
 
 
 class CaConfigError(ConfigurationError, RuntimeError):

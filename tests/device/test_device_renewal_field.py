@@ -182,20 +182,28 @@ async def _more_than(emulator, guid: str, hub: str, count: int) -> bool:
     return len(await received_telemetry(emulator, guid, hub)) > count
 
 
+@pytest.mark.parametrize("point", ["renewal.received", "renewal.before_promote", "renewal.promoted"])
 async def test_killed_between_received_and_promoted_the_device_resumes_the_change_over(
-    tmp_path, emulator, monkeypatch
+    tmp_path, emulator, monkeypatch, point: str
 ):
+    """kill -9 with the new certificate in pending/ (received; registered and connected, about to promote)
+    or just promoted (previous/ kept, not confirmed): the next start ends on the new certificate."""
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(emulator.ca_path))
     async with Field(tmp_path, emulator) as field:
         guid = await field.device()
         env = field.env(due_in=timedelta(seconds=10))
         before = (await _status(env, guid))["identity"]
-        crashing = await _start({**env, CRASH_ENV: "renewal.received"}, "run", guid, "--interval", "1")
+        crashing = await _start({**env, CRASH_ENV: point}, "run", guid, "--interval", "1")
         await asyncio.wait_for(crashing.communicate(), 300)
         assert crashing.returncode == -signal.SIGKILL
         killed = await _status(env, guid)
-        assert killed["identity"]["serial"] == before["serial"]  # not promoted
-        assert killed["renewal"]["pending"]["serial"] != before["serial"]  # received
+        if point == "renewal.promoted":
+            assert killed["renewal"]["pending"] is None and killed["renewal"]["previous_kept"]
+            new_serial = killed["identity"]["serial"]
+        else:
+            assert killed["identity"]["serial"] == before["serial"]  # not promoted
+            new_serial = killed["renewal"]["pending"]["serial"]  # received
+        assert new_serial != before["serial"]
 
         restarted = await _start(env, "run", guid, "--interval", "1")
 
@@ -209,7 +217,7 @@ async def test_killed_between_received_and_promoted_the_device_resumes_the_chang
             restarted.send_signal(signal.SIGTERM)
             await asyncio.wait_for(restarted.communicate(), 60)
         after = await _status(env, guid)
-    assert after["identity"]["serial"] == killed["renewal"]["pending"]["serial"]
+    assert after["identity"]["serial"] == new_serial
     hub = after["assignment"]["assigned_hub"]  # where the factory's enrollment put it
     thumbprint = await asyncio.to_thread(_hub_thumbprint, emulator, guid, hub)
     assert thumbprint == after["identity"]["thumbprint_sha1"]

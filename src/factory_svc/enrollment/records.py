@@ -60,14 +60,19 @@ def with_certificate(
 
 def enrolled_sha256(enrollment: Enrollment) -> str | None:
     """The SHA-256 thumbprint of the certificate an enrollment holds (from the PEM, else DPS's info)."""
-    pem = enrollment.attestation.certificate_pem
+    return slot_sha256(enrollment.attestation.certificate_pem, enrollment.attestation.sha256_thumbprint)
+
+
+def slot_sha256(pem: str | None, reported: str | None) -> str | None:
+    """The upper-case SHA-256 thumbprint of an attestation slot's certificate (its PEM, else the one DPS
+    reports); None for an empty slot."""
     if pem and "BEGIN CERTIFICATE" in pem:
         try:
             cert = x509.load_pem_x509_certificate(pem.encode())
             return cert.fingerprint(hashes.SHA256()).hex().upper()
         except ValueError:
             pass
-    return enrollment.attestation.sha256_thumbprint
+    return reported.upper() if reported else reported
 
 
 class RevocationCheck(Protocol):

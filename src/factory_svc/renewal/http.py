@@ -27,8 +27,10 @@ from pathlib import Path
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
+from factory_svc.errors import Reason
 from factory_svc.renewal.model import RenewalRefused
 from factory_svc.renewal.service import RenewalService
+from provkit.errors import Reason as SharedReason
 from provkit.est import (
     CACERTS_PATH,
     CACERTS_TYPE,
@@ -44,21 +46,22 @@ log = logging.getLogger("factory_svc.renewal.http")
 NO_CHECK_TIME = 0x200000  # OpenSSL's X509_V_FLAG_NO_CHECK_TIME: the service checks the dates itself
 REASON_HEADER = "X-Devprov-Reason"
 
-STATUS = {
-    "CLIENT_CERTIFICATE_REQUIRED": 401,
-    "CERTIFICATE_UNTRUSTED": 403,
-    "CERTIFICATE_REVOKED": 403,
-    "CERTIFICATE_EXPIRED": 403,
-    "CERTIFICATE_SUPERSEDED": 403,
-    "DEVICE_NOT_ENROLLED": 403,
-    "CSR_INVALID": 400,
-    "CSR_SIGNATURE_INVALID": 400,
-    "CSR_SUBJECT_MISMATCH": 400,
-    "KEY_TOO_WEAK": 400,
-    "KEY_REUSED": 400,
-    "RENEWAL_RATE_LIMITED": 429,
-    "DPS_UNAVAILABLE": 503,
-    "ISSUER_EXPIRED": 503,
+STATUS: dict[str, int] = {
+    SharedReason.CLIENT_CERTIFICATE_REQUIRED: 401,
+    Reason.CERTIFICATE_UNTRUSTED: 403,
+    SharedReason.CERTIFICATE_REVOKED: 403,
+    SharedReason.CERTIFICATE_EXPIRED: 403,
+    Reason.CERTIFICATE_SUPERSEDED: 403,
+    Reason.DEVICE_NOT_ENROLLED: 403,
+    Reason.CSR_INVALID: 400,
+    Reason.CSR_SIGNATURE_INVALID: 400,
+    Reason.CSR_SUBJECT_MISMATCH: 400,
+    Reason.KEY_TOO_WEAK: 400,
+    Reason.KEY_REUSED: 400,
+    Reason.RENEWAL_RATE_LIMITED: 429,
+    Reason.RENEWAL_REPLACED: 409,
+    SharedReason.DPS_UNAVAILABLE: 503,
+    Reason.ISSUER_EXPIRED: 503,
 }
 
 

@@ -1,10 +1,11 @@
 """Typed values of renewal: its policy, the recorded intent of one renewal (``Renewal``) and its states, a
 refusal (``RenewalRefused``, with a stable reason), and what the ``expiring`` listing shows.
 
-Reasons (the contract's; string literals until factory_svc has its own reason enum):
-CLIENT_CERTIFICATE_REQUIRED, CERTIFICATE_UNTRUSTED, CERTIFICATE_REVOKED, CERTIFICATE_EXPIRED,
-CERTIFICATE_SUPERSEDED, CSR_INVALID, CSR_SIGNATURE_INVALID, CSR_SUBJECT_MISMATCH, KEY_TOO_WEAK,
-KEY_REUSED, RENEWAL_RATE_LIMITED, DEVICE_NOT_ENROLLED, DPS_UNAVAILABLE.
+Reasons: ``factory_svc.errors.Reason`` (the factory's own: CERTIFICATE_UNTRUSTED, CERTIFICATE_SUPERSEDED,
+CSR_INVALID, CSR_SIGNATURE_INVALID, CSR_SUBJECT_MISMATCH, KEY_TOO_WEAK, KEY_REUSED, RENEWAL_RATE_LIMITED,
+RENEWAL_REPLACED, DEVICE_NOT_ENROLLED, ISSUER_EXPIRED) and ``provkit.errors.Reason`` (the shared ones:
+CLIENT_CERTIFICATE_REQUIRED, CERTIFICATE_REVOKED, CERTIFICATE_EXPIRED, DPS_UNAVAILABLE);
+``factory_svc.renewal.http.STATUS`` maps each to its HTTP status.
 """
 
 from __future__ import annotations
@@ -14,21 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-REASONS = (
-    "CLIENT_CERTIFICATE_REQUIRED",
-    "CERTIFICATE_UNTRUSTED",
-    "CERTIFICATE_REVOKED",
-    "CERTIFICATE_EXPIRED",
-    "CERTIFICATE_SUPERSEDED",
-    "CSR_INVALID",
-    "CSR_SIGNATURE_INVALID",
-    "CSR_SUBJECT_MISMATCH",
-    "KEY_TOO_WEAK",
-    "KEY_REUSED",
-    "RENEWAL_RATE_LIMITED",
-    "DEVICE_NOT_ENROLLED",
-    "DPS_UNAVAILABLE",
-)
+from factory_svc.errors import Reason
+from provkit.errors import Reason as SharedReason
 
 
 @dataclass(frozen=True)
@@ -42,7 +30,8 @@ class RenewalState(enum.StrEnum):
     """Where a renewal's steps are.  ``issued``: the new certificate and this intent are in the ledger;
     ``secondary``: the enrollment holds it as its secondary certificate; ``promote``: the device used it
     (the promotion signal), the enrollment's primary is to become it; ``done``: primary = new, the old
-    superseded; ``abandoned``: a later renewal of the device replaced this one before it was used."""
+    superseded; ``abandoned``: a later renewal of the device replaced this one before it was used, or its new
+    certificate was revoked (a retry of it is refused, never reopened)."""
 
     ISSUED = "issued"
     SECONDARY = "secondary"
@@ -77,9 +66,9 @@ class RenewalRefused(Exception):
     """A renewal (or a request on the renewal listener) refused, with a stable ``reason``; nothing was
     written.  ``retry_after``: seconds after which the same request may succeed."""
 
-    def __init__(self, reason: str, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, reason: Reason | SharedReason, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason = str(reason)  # its wire string, as DomainError keeps it
         self.message = message
         self.retry_after = retry_after
 

@@ -43,11 +43,13 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
+from factory_svc.errors import Reason
 from factory_svc.mint.issuer import LeafIssuer, serial_hex
 from factory_svc.mint.keys import KeyType, PublicKey, classify_public_key
 from factory_svc.mint.model import IssuedCertificate, KeySource
 from factory_svc.mint.service import BACKDATE
 from factory_svc.renewal.model import (
+    OPEN_STATES,
     ExpiringCertificate,
     Renewal,
     RenewalPolicy,
@@ -55,10 +57,18 @@ from factory_svc.renewal.model import (
     RenewalState,
 )
 from provkit.clock import Clock
-from provkit.cloud import CloudError, CloudEtagMismatch, CloudUnavailable, EnrollmentPort, X509Attestation
+from provkit.cloud import (
+    CloudError,
+    CloudEtagMismatch,
+    CloudUnavailable,
+    Enrollment,
+    EnrollmentPort,
+    X509Attestation,
+)
 from provkit.context import bind_device_id
 from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.errors import InvalidArgument
+from provkit.errors import Reason as SharedReason
 from provkit.est import EstFormatError, decode_csr
 from provkit.faults import crash_point
 from provkit.metrics import NO_METRICS, RenewalMetrics
@@ -171,34 +181,39 @@ class RenewalService:
         """The ledger's record of the presented certificate, if it may renew (else ``RenewalRefused``)."""
         if not peer_der:
             raise RenewalRefused(
-                "CLIENT_CERTIFICATE_REQUIRED", "present the device certificate at the TLS handshake"
+                SharedReason.CLIENT_CERTIFICATE_REQUIRED,
+                "present the device certificate at the TLS handshake",
             )
         try:
             presented = x509.load_der_x509_certificate(peer_der)
             presented.verify_directly_issued_by(self._issuer.ca.certificate)
         except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
             raise RenewalRefused(
-                "CERTIFICATE_UNTRUSTED", "the certificate was not issued by this factory's device CA"
+                Reason.CERTIFICATE_UNTRUSTED, "the certificate was not issued by this factory's device CA"
             ) from None
         names = presented.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         try:
             device_id = check_device_id(str(names[0].value) if len(names) == 1 else "", self._device_ids)
         except InvalidArgument:
-            raise RenewalRefused("CERTIFICATE_UNTRUSTED", "the certificate's CN is not a device id") from None
+            raise RenewalRefused(
+                Reason.CERTIFICATE_UNTRUSTED, "the certificate's CN is not a device id"
+            ) from None
         record = await self._ledger.certificate(serial_hex(presented.serial_number))
         sha256 = presented.fingerprint(hashes.SHA256()).hex().upper()
         if record is None or record.sha256_thumbprint != sha256 or record.device_id != device_id:
-            raise RenewalRefused("CERTIFICATE_UNTRUSTED", "the factory has no record of this certificate")
+            raise RenewalRefused(
+                Reason.CERTIFICATE_UNTRUSTED, "the factory has no record of this certificate"
+            )
         if record.revocation is not None:
             raise RenewalRefused(
-                "CERTIFICATE_REVOKED",
+                SharedReason.CERTIFICATE_REVOKED,
                 f"certificate {record.serial_number} was revoked ({record.revocation.reason.value}); "
                 "the device needs a new factory certificate",
             )
         newer = await self._ledger.superseded_by(record.serial_number)
         if newer is not None:
             raise RenewalRefused(
-                "CERTIFICATE_SUPERSEDED",
+                Reason.CERTIFICATE_SUPERSEDED,
                 f"certificate {record.serial_number} was replaced by {newer}, which the device uses; "
                 "renew with that one",
             )
@@ -207,12 +222,12 @@ class RenewalService:
             grace = self._policy.expired_grace.days
             window = f"the grace window of {grace} days" if grace else "no grace window"
             raise RenewalRefused(
-                "CERTIFICATE_EXPIRED",
+                SharedReason.CERTIFICATE_EXPIRED,
                 f"certificate {record.serial_number} expired at {record.not_after.isoformat()} ({window}); "
                 "the device needs a new factory certificate",
             )
         if now < record.not_before - BACKDATE:
-            raise RenewalRefused("CERTIFICATE_UNTRUSTED", "the certificate is not valid yet")
+            raise RenewalRefused(Reason.CERTIFICATE_UNTRUSTED, "the certificate is not valid yet")
         return record
 
     # ----------------------------------------------------------------------------------------- renew
@@ -220,19 +235,19 @@ class RenewalService:
         try:
             csr = decode_csr(body)
         except EstFormatError as exc:
-            raise RenewalRefused("CSR_INVALID", str(exc)) from None
+            raise RenewalRefused(Reason.CSR_INVALID, str(exc)) from None
         try:
             key_type, public_key = classify_public_key(csr.public_key())
         except (InvalidArgument, UnsupportedAlgorithm, ValueError):
             raise RenewalRefused(
-                "KEY_TOO_WEAK", "the key must be ECDSA P-256 or P-384, or RSA of at least 2048 bits"
+                Reason.KEY_TOO_WEAK, "the key must be ECDSA P-256 or P-384, or RSA of at least 2048 bits"
             ) from None
         try:
             signature_ok = csr.is_signature_valid
         except UnsupportedAlgorithm:
             signature_ok = False
         if not signature_ok:
-            raise RenewalRefused("CSR_SIGNATURE_INVALID", "the request's signature does not verify")
+            raise RenewalRefused(Reason.CSR_SIGNATURE_INVALID, "the request's signature does not verify")
         cert = x509.load_pem_x509_certificate(current.certificate_pem.encode())
         try:
             same = csr.subject == cert.subject and _sans(csr.extensions) == _sans(cert.extensions)
@@ -240,14 +255,14 @@ class RenewalService:
             same = False
         if not same:
             raise RenewalRefused(
-                "CSR_SUBJECT_MISMATCH",
+                Reason.CSR_SUBJECT_MISMATCH,
                 f"the request's subject must be the current certificate's ({cert.subject.rfc4514_string()}), "
                 "with the same subject alternative names",
             )
         spki = _spki(public_key)
         if spki == _spki(cert.public_key()):
             raise RenewalRefused(
-                "KEY_REUSED", "the request carries the current certificate's key; make a new one"
+                Reason.KEY_REUSED, "the request carries the current certificate's key; make a new one"
             )
         return public_key, key_type, hashlib.sha256(spki).hexdigest()
 
@@ -267,12 +282,15 @@ class RenewalService:
             public_key, key_type, key_sha256 = self._check_csr(body, current)
             found = await self._ledger.find(current.serial_number, key_sha256)
             if found is not None:
-                if found.state is RenewalState.ABANDONED:
-                    now = self._clock()
-                    await self._ledger.advance(found, (RenewalState.ABANDONED,), RenewalState.ISSUED, now)
-                    found = dc_replace(found, state=RenewalState.ISSUED)
+                if found.state is RenewalState.ABANDONED:  # never reopened: two would race for the slot
+                    raise RenewalRefused(
+                        Reason.RENEWAL_REPLACED,
+                        f"the renewal that issued {found.new_serial} was replaced by a later request of "
+                        f"certificate {current.serial_number} (or its certificate was revoked); "
+                        "renew again with a new key",
+                    )
                 return await self._answer(found, replayed=True)
-            await self._enrolled(current.device_id)
+            enrollment = await self._enrolled(current.device_id)
             now = self._clock()
             await self._rate_limit(current.device_id, now)
             not_before, not_after = self._validity(now)
@@ -307,18 +325,27 @@ class RenewalService:
                         "not_after": issued.not_after.isoformat(),
                     },
                 )
-            return await self._answer(renewal, replayed=replayed)
+            return await self._answer(renewal, replayed=replayed, enrollment=None if replayed else enrollment)
 
-    async def _answer(self, renewal: Renewal, replayed: bool) -> Renewed:
+    async def _answer(
+        self, renewal: Renewal, replayed: bool, enrollment: Enrollment | None = None
+    ) -> Renewed:
         """Complete the renewal's DPS step (the answer waits for it: a device never holds a certificate DPS
-        would refuse) and answer the certificate."""
+        would refuse) and answer the certificate.  ``enrollment``: as read just before issuing (its etag
+        guards the write; a concurrent change is read again)."""
         try:
-            await self._advance(renewal)
+            await self._advance(renewal, enrollment)
+        except NotEnrolled:
+            await self._ledger.failed(renewal, Reason.DEVICE_NOT_ENROLLED)
+            raise RenewalRefused(
+                Reason.DEVICE_NOT_ENROLLED,
+                "the device's DPS enrollment is gone; the renewal stays recorded and completes if it returns",
+            ) from None
         except CloudError as exc:
             await self._ledger.failed(renewal, f"DPS: {exc}")
             self.wake.set()
             raise RenewalRefused(
-                "DPS_UNAVAILABLE",
+                SharedReason.DPS_UNAVAILABLE,
                 "the renewal is recorded but DPS could not be updated; retry with the same request",
                 retry_after=exc.retry_after or _DPS_RETRY_AFTER,
             ) from None
@@ -331,20 +358,21 @@ class RenewalService:
         issuer = self._issuer.ca.certificate
         end = issuer.not_valid_after_utc
         if not issuer.not_valid_before_utc <= now < end:
-            raise RenewalRefused("ISSUER_EXPIRED", "the issuing CA is not valid now", retry_after=3600.0)
+            raise RenewalRefused(Reason.ISSUER_EXPIRED, "the issuing CA is not valid now", retry_after=3600.0)
         return max(now - BACKDATE, issuer.not_valid_before_utc), min(now + self._policy.validity, end)
 
-    async def _enrolled(self, device_id: str) -> None:
+    async def _enrolled(self, device_id: str) -> Enrollment:
         try:
             enrollment = await self._dps.get(device_id)
         except CloudError as exc:
             raise RenewalRefused(
-                "DPS_UNAVAILABLE",
+                SharedReason.DPS_UNAVAILABLE,
                 f"DPS could not be asked for the device's enrollment ({exc}); nothing was issued",
                 retry_after=exc.retry_after or _DPS_RETRY_AFTER,
             ) from None
         if enrollment is None:
-            raise RenewalRefused("DEVICE_NOT_ENROLLED", "the device has no DPS enrollment to renew")
+            raise RenewalRefused(Reason.DEVICE_NOT_ENROLLED, "the device has no DPS enrollment to renew")
+        return enrollment
 
     async def _rate_limit(self, device_id: str, now: datetime) -> None:
         recent = await self._ledger.issued_since(device_id, now - DAY)
@@ -352,7 +380,7 @@ class RenewalService:
         if len(recent) >= limit:
             free_at = recent[-limit] + DAY
             raise RenewalRefused(
-                "RENEWAL_RATE_LIMITED",
+                Reason.RENEWAL_RATE_LIMITED,
                 f"the device renewed {len(recent)} times in 24 hours (at most {limit})",
                 retry_after=max(1.0, (free_at - now).total_seconds()),
             )
@@ -390,17 +418,22 @@ class RenewalService:
             return True
 
     # ------------------------------------------------------------------------------------ the steps
-    async def _advance(self, renewal: Renewal) -> None:
-        """Carry out the renewal's next DPS step and record it; CloudError when DPS could not be updated."""
+    async def _advance(self, renewal: Renewal, enrollment: Enrollment | None = None) -> None:
+        """Carry out the renewal's next DPS step and record it; CloudError when DPS could not be updated,
+        NotEnrolled when the enrollment is gone before the secondary was written.  A renewal whose new
+        certificate was revoked is abandoned: it never goes into the enrollment nor becomes its primary
+        (revocation takes it out of the secondary slot)."""
         new = await self._ledger.certificate(renewal.new_serial)
         assert new is not None
         now = self._clock()
+        if new.revocation is not None:
+            if await self._ledger.advance(renewal, OPEN_STATES, RenewalState.ABANDONED, now):
+                log.info(
+                    "renewal abandoned: its certificate was revoked", extra={"serial": renewal.new_serial}
+                )
+            return
         if renewal.state is RenewalState.ISSUED:
-            try:
-                await self._write(renewal.device_id, lambda a: self._with_secondary(a, new))
-            except NotEnrolled:
-                await self._ledger.failed(renewal, "DEVICE_NOT_ENROLLED")
-                raise CloudUnavailable("the device's enrollment is gone") from None
+            await self._write(renewal.device_id, lambda a: self._with_secondary(a, new), enrollment)
             crash_point("renewal.after_dps_secondary")
             await self._ledger.advance(renewal, (RenewalState.ISSUED,), RenewalState.SECONDARY, now)
         elif renewal.state is RenewalState.PROMOTE:
@@ -429,13 +462,17 @@ class RenewalService:
         return X509Attestation(new.certificate_pem)
 
     async def _write(
-        self, device_id: str, change: Callable[[X509Attestation], X509Attestation | None]
+        self,
+        device_id: str,
+        change: Callable[[X509Attestation], X509Attestation | None],
+        enrollment: Enrollment | None = None,
     ) -> None:
         """Apply ``change`` to the enrollment's attestation, etag-guarded: a concurrent change is read
         again and ``change`` re-applied to it (never overwritten blindly); None from ``change``: nothing
-        to write."""
+        to write.  ``enrollment``: a read just made (its etag guards the first write: one call saved)."""
         for _ in range(_ATTEMPTS):
-            enrollment = await self._dps.get(device_id)
+            if enrollment is None:
+                enrollment = await self._dps.get(device_id)
             if enrollment is None:
                 raise NotEnrolled(device_id)
             target = change(enrollment.attestation)
@@ -444,6 +481,7 @@ class RenewalService:
             try:
                 await self._dps.update(dc_replace(enrollment, attestation=target))
             except CloudEtagMismatch:
+                enrollment = None  # read again
                 continue
             return
         raise CloudUnavailable("the enrollment kept changing under the renewal; tried again later")
@@ -451,9 +489,11 @@ class RenewalService:
     async def _finish_device(self, device_id: str) -> None:
         """The device's open renewal steps a crash left (best effort: a failure stays for the worker)."""
         for renewal in await self._ledger.open_renewals(device_id):
-            if renewal.state in (RenewalState.ISSUED, RenewalState.PROMOTE):
+            if renewal.open:  # (a secondary one: only abandoned, if its certificate was revoked)
                 try:
                     await self._advance(renewal)
+                except NotEnrolled:
+                    await self._ledger.failed(renewal, Reason.DEVICE_NOT_ENROLLED)
                 except CloudError as exc:
                     await self._ledger.failed(renewal, f"DPS: {exc}")
 
@@ -461,11 +501,13 @@ class RenewalService:
         """Carry out every open renewal's next step; how many could not be finished now."""
         failed = 0
         for renewal in await self._ledger.open_renewals():
-            if renewal.state not in (RenewalState.ISSUED, RenewalState.PROMOTE):
+            if not renewal.open:  # (a secondary one: only abandoned, if its certificate was revoked)
                 continue
             with bind_device_id(renewal.device_id):
                 try:
                     await self._advance(renewal)
+                except NotEnrolled:  # nothing to retry soon: the sweep looks again
+                    await self._ledger.failed(renewal, Reason.DEVICE_NOT_ENROLLED)
                 except CloudError as exc:
                     failed += 1
                     await self._ledger.failed(renewal, f"DPS: {exc}")

@@ -36,7 +36,7 @@ from dataclasses import replace as dc_replace
 from datetime import datetime
 from typing import Protocol
 
-from factory_svc.enrollment.records import enrolled_sha256
+from factory_svc.enrollment.records import enrolled_sha256, slot_sha256
 from factory_svc.errors import NotFound, Reason, invalid_field
 from factory_svc.mint.model import IssuedCertificate
 from factory_svc.mint.service import normalise_serial
@@ -311,18 +311,38 @@ class RevocationService:
         with _cloud_step(CloudService.DPS):
             for _ in range(_ATTEMPTS):
                 enrollment = await dps.get(device_id)
-                if enrollment is None or (enrolled_sha256(enrollment) or "").upper() not in revoked:
+                if enrollment is None:
+                    return False, None
+                attestation = enrollment.attestation
+                secondary_revoked = (
+                    slot_sha256(attestation.secondary_pem, attestation.secondary_sha256_thumbprint) in revoked
+                )
+                if secondary_revoked:  # a renewal's new certificate: DPS must not accept it any more
+                    attestation = dc_replace(
+                        attestation, secondary_pem=None, secondary_sha256_thumbprint=None
+                    )
+                if (enrolled_sha256(enrollment) or "").upper() not in revoked:
+                    if not secondary_revoked:
+                        return False, None
+                    try:
+                        await dps.update(dc_replace(enrollment, attestation=attestation))
+                    except (CloudEtagMismatch, CloudNotFound):
+                        continue
+                    log.info("revoked renewal certificate removed from the enrollment's secondary slot")
                     return False, None
                 registration = enrollment.registration_state
                 hub = (
                     registration.assigned_hub if registration else None
                 ) or enrollment.activation.registered_hub
-                if not enrollment.enabled and enrollment.code_hash is None:
+                if not enrollment.enabled and enrollment.code_hash is None and not secondary_revoked:
                     return False, hub
                 try:
                     await dps.update(
                         dc_replace(
-                            enrollment, provisioning_status=ProvisioningStatus.DISABLED, code_hash=None
+                            enrollment,
+                            attestation=attestation,
+                            provisioning_status=ProvisioningStatus.DISABLED,
+                            code_hash=None,
                         )
                     )
                 except (CloudEtagMismatch, CloudNotFound):
