@@ -19,6 +19,7 @@ from enrollment.provisioning_env import (
     running_factory,
 )
 from support.softhsm import init_token_ca
+from support.waiting import ended, until
 
 from device_client.factory_client import GrpcFactory
 from device_client.provisioning import ProvisionRequest, provision_with
@@ -30,15 +31,12 @@ pytestmark = pytest.mark.timeout(180)
 
 
 async def _until(runtime: DeviceRuntime, task: asyncio.Task, predicate, timeout: float = 30.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate(runtime.snapshot):
-        if task.done():
-            task.result()
-            raise AssertionError(f"runtime ended in {runtime.snapshot.state}")
-        if loop.time() > deadline:
-            raise AssertionError(f"not reached; last snapshot {runtime.snapshot}")
-        await asyncio.sleep(0.05)
+    await until(
+        lambda: predicate(runtime.snapshot),
+        lambda: f"not reached; last snapshot {runtime.snapshot}",
+        timeout=timeout,
+        fail_if=ended(task, "the runtime"),
+    )
     return runtime.snapshot
 
 

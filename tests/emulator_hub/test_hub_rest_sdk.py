@@ -15,8 +15,8 @@ from aiohttp import web
 from azure.iot.hub import IoTHubRegistryManager
 from azure.iot.hub.models import CloudToDeviceMethod, Twin, TwinProperties
 from conftest import free_loopback_address
-from hub_certs import make_device_cert, make_server_pki
 from msrest.exceptions import HttpOperationError
+from support.certs import TestCa
 
 from azure_iot_emulator.hub.registry import HubRegistry
 from azure_iot_emulator.hub.rest import build_hub_rest_app
@@ -33,7 +33,7 @@ def now():
 @pytest.fixture
 async def hub_rest(tmp_path, monkeypatch):
     host = free_loopback_address((0,))
-    pki = make_server_pki(tmp_path, [host])
+    pki = TestCa().server(tmp_path, [host])
     db = Database(tmp_path / "emulator.db")
     registry = HubRegistry(db, [host], now)
     service = HubService(registry, TelemetryStore(db, now), now)
@@ -68,7 +68,7 @@ async def call(fn, *args):
 
 async def test_device_crud_with_etags(hub_rest):
     rm = IoTHubRegistryManager.from_connection_string(hub_rest["conn"])
-    cert = make_device_cert(hub_rest["tmp"], "dev-001")
+    cert = TestCa().issue(hub_rest["tmp"], "dev-001", self_signed=True)
     created = await call(lambda: rm.create_device_with_x509("dev-001", cert.sha1, cert.sha256, "enabled"))
     assert created.device_id == "dev-001" and created.authentication.type == "selfSigned"
     assert created.authentication.x509_thumbprint.primary_thumbprint == cert.sha1

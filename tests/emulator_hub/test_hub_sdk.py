@@ -15,8 +15,9 @@ from azure.iot.device.aio import IoTHubDeviceClient
 from azure.iot.device.exceptions import CredentialError
 from azure.iot.hub import IoTHubRegistryManager
 from azure.iot.hub.models import CloudToDeviceMethod, Twin, TwinProperties
-from hub_certs import make_device_cert
 from msrest.exceptions import HttpOperationError
+from support.certs import TestCa
+from support.waiting import until
 
 T = 30  # generous per-call timeout: some SDK failures hang forever
 
@@ -39,7 +40,7 @@ def hub(emulator, monkeypatch):
 
 
 async def register(rm, tmp_path, device_id):
-    cert = make_device_cert(tmp_path, device_id)
+    cert = TestCa().issue(tmp_path, device_id, self_signed=True)
     await in_thread(lambda: rm.create_device_with_x509(device_id, cert.sha1, cert.sha256, "enabled"))
     return cert
 
@@ -58,7 +59,7 @@ def device_client(emulator, host, cert, **kwargs) -> IoTHubDeviceClient:
     return IoTHubDeviceClient.create_from_x509_certificate(
         x509=X509(str(cert.cert_path), str(cert.key_path)),
         hostname=host,
-        device_id=cert.device_id,
+        device_id=cert.registration_id,
         server_verification_cert=emulator.ca_pem,
         **kwargs,
     )
@@ -219,7 +220,8 @@ async def test_unregistered_thumbprint_and_disabled_device_are_refused(hub, tmp_
     await register(rm, tmp_path, "known-1")
     other_dir = tmp_path / "impostor"
     other_dir.mkdir()
-    impostor = make_device_cert(other_dir, "known-1")  # same CN, another key: another thumbprint
+    # same CN, another key: another thumbprint
+    impostor = TestCa().issue(other_dir, "known-1", self_signed=True)
     client = device_client(emulator, host, impostor, connection_retry=False)
     with pytest.raises(CredentialError):
         await sdk(client.connect())
@@ -239,7 +241,7 @@ async def test_initial_twin_from_dps_enrollment_reaches_the_device(emulator, tmp
     from azure.iot.device.aio import ProvisioningDeviceClient
     from azure.iot.deviceprovisioning import DeviceProvisioningClient
 
-    cert = make_device_cert(tmp_path, "dps-twin-1")
+    cert = TestCa().issue(tmp_path, "dps-twin-1", self_signed=True)
     dps = DeviceProvisioningClient.from_connection_string(
         emulator.dps_connection_string, connection_verify=str(emulator.ca_path)
     )
@@ -295,12 +297,12 @@ async def test_restart_keeps_identities_twins_telemetry_and_subscriptions(hub, t
         await asyncio.wait_for(asyncio.to_thread(emulator.restart), 60)
         conn = dict(zip(emulator.hub_hosts, emulator.hub_connection_strings, strict=True))[host]
         rm = IoTHubRegistryManager.from_connection_string(conn)
-        for _ in range(300):  # the SDK reconnects by itself (retry interval 1 s)
-            if (await in_thread(rm.get_device, "persist-1")).connection_state == "Connected":
-                break
-            await asyncio.sleep(0.1)
-        else:
-            pytest.fail("device did not reconnect after the restart")
+
+        async def connected() -> bool:
+            return (await in_thread(rm.get_device, "persist-1")).connection_state == "Connected"
+
+        # the SDK reconnects by itself (retry interval 1 s)
+        await until(connected, "the device reconnected after the restart", interval=0.1)
         twin = await in_thread(rm.get_twin, "persist-1")
         assert twin.properties.reported["boot"] == 1
         # the SDK never re-subscribes: the desired subscription must have survived the restart

@@ -24,6 +24,7 @@ from provisioning_env import (
 )
 from support.cli_process import wait_serving
 from support.emulator import free_port
+from support.waiting import until
 
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
@@ -45,14 +46,16 @@ def new_id() -> str:
 async def wait_state(
     stub, device_id: str, state: int, timeout: float = 30.0
 ) -> pb.GetEnrollmentStatusResponse:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        reply = await stub.GetEnrollmentStatus(pb.GetEnrollmentStatusRequest(device_id=device_id))
-        if reply.state == state:
-            return reply
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{device_id} stayed {pb.EnrollmentState.Name(reply.state)}")
-        await asyncio.sleep(0.1)
+    last: list[pb.GetEnrollmentStatusResponse] = []
+
+    async def reached() -> pb.GetEnrollmentStatusResponse | None:
+        last[:] = [await stub.GetEnrollmentStatus(pb.GetEnrollmentStatusRequest(device_id=device_id))]
+        return last[0] if last[0].state == state else None
+
+    def stayed() -> str:
+        return f"{device_id} stayed {pb.EnrollmentState.Name(last[0].state)}" if last else device_id
+
+    return await until(reached, stayed, timeout=timeout)
 
 
 @contextlib.asynccontextmanager

@@ -26,7 +26,7 @@ from enrollment.provisioning_env import (
     running_activation,
     running_factory,
 )
-from metrics_text import Scrape, scrape
+from support.metrics import Scrape, scrape
 from support.parties import party
 
 from devprov.v1 import activation_service_pb2_grpc as apb_grpc

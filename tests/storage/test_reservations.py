@@ -27,11 +27,14 @@ class Replica:
     """A service on the shared store: its work writes one effect row, and its answer with the reservation's
     end in one transaction (as the ledger does)."""
 
-    def __init__(self, db: Database, lease: float = 30.0, work_seconds: float = 0.3) -> None:
+    def __init__(
+        self, db: Database, lease: float = 30.0, work_seconds: float = 0.3, gate: asyncio.Event | None = None
+    ) -> None:
         self.db = db
         self.reservations = reservations.Reservations(db, "toy_reservations", "answers")
         self.request_ids = RequestIds(self.reservations, lease=timedelta(seconds=lease))
         self.work_seconds = work_seconds
+        self.gate = gate  # when given, the work lasts until the test opens it (instead of work_seconds)
         self.fail = False
 
     async def find(self, request_id: str) -> Stored[int] | None:
@@ -41,7 +44,10 @@ class Replica:
 
     async def call(self, request_id: str, fingerprint: str) -> tuple[int, bool]:
         async def execute() -> tuple[int, bool] | LostRace:
-            await asyncio.sleep(self.work_seconds)
+            if self.gate is not None:
+                await self.gate.wait()
+            else:
+                await asyncio.sleep(self.work_seconds)
             if self.fail:
                 raise RuntimeError("the work failed")
 
@@ -100,18 +106,21 @@ async def test_two_holders_take_turns_the_second_waits_and_replays(shared):
 
 
 async def test_another_body_is_refused_at_once_while_the_first_runs(shared):
-    a, b = Replica(shared, work_seconds=1.0), Replica(shared)
+    work = asyncio.Event()
+    a, b = Replica(shared, gate=work), Replica(shared)
     first = asyncio.create_task(a.call("req-2", "fp-a"))
     while await reservation_rows(shared) == 0:
         await asyncio.sleep(0.01)
     with pytest.raises(RequestIdReused):
-        await b.call("req-2", "fp-b")
-    assert not first.done()  # refused without waiting for the work
+        await asyncio.wait_for(b.call("req-2", "fp-b"), 30)  # refused without waiting for the work
+    assert not first.done()
+    work.set()
     assert (await first)[0] == 1 and await effects(shared) == 1
 
 
 async def test_a_caller_whose_deadline_comes_first_gets_request_in_progress(shared):
-    a, b = Replica(shared, work_seconds=1.5), Replica(shared)
+    work = asyncio.Event()
+    a, b = Replica(shared, gate=work), Replica(shared)
     first = asyncio.create_task(a.call("req-3", "fp"))
     while await reservation_rows(shared) == 0:
         await asyncio.sleep(0.01)
@@ -121,6 +130,7 @@ async def test_a_caller_whose_deadline_comes_first_gets_request_in_progress(shar
     assert busy.value.reason == "REQUEST_IN_PROGRESS" and busy.value.kind.value == "aborted"
     assert busy.value.retry_after and busy.value.metadata == {"request_id": "req-3"}
     assert not first.done()  # never executed twice: the holder is still at it
+    work.set()
     assert (await first)[1] is False
     assert await b.call("req-3", "fp") == (1, True) and await effects(shared) == 1
 

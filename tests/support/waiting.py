@@ -6,8 +6,10 @@
 
 ``check`` is called every ``interval`` seconds (it may be a coroutine function) until it returns something
 truthy, which is returned; after ``timeout`` seconds the test fails with ``what`` (a string, or a callable
-that describes the state reached).  ``fail_if``, called each round before ``check``, ends the wait at once
-when it returns a reason (a process that exited, a task that ended) - it may also raise.
+that describes the state reached).  ``fail_if``, called each round after a falsy ``check``, ends the wait at
+once when it returns a reason - it may also raise: ``ended(task)`` (an asyncio task that finished, its
+exception raised), ``exited(process)`` (a subprocess that exited); their ``what`` may be a callable too (a
+log to show).
 
 The rule these helpers serve: a test never sleeps a fixed time and then asserts that something did NOT
 happen.  It waits for a positive event (a log line, a state, a counter) after which the absence means
@@ -18,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -52,12 +55,12 @@ async def until(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        _failed(fail_if)
         value = check()
         if inspect.isawaitable(value):
             value = await value
         if value:
             return value
+        _failed(fail_if)
         if loop.time() > deadline:
             raise NotReached(f"not reached in {timeout:g} s: {_say(what)}")
         await asyncio.sleep(interval)
@@ -74,10 +77,34 @@ def until_sync(
     """:func:`until` for code without an event loop (threads, subprocesses watched from plain tests)."""
     deadline = time.monotonic() + timeout
     while True:
-        _failed(fail_if)
         value = check()
         if value:
             return value
+        _failed(fail_if)
         if time.monotonic() > deadline:
             raise NotReached(f"not reached in {timeout:g} s: {_say(what)}")
         time.sleep(interval)
+
+
+def ended(task: asyncio.Future[Any], what: Description = "the task") -> Callable[[], str | None]:
+    """For ``fail_if``: the task finished first (its exception, if any, is raised)."""
+
+    def check() -> str | None:
+        if not task.done():
+            return None
+        task.result()
+        return f"{_say(what)} ended first"
+
+    return check
+
+
+def exited(
+    process: subprocess.Popen[Any] | asyncio.subprocess.Process, what: Description = "the process"
+) -> Callable[[], str | None]:
+    """For ``fail_if``: the process exited first."""
+
+    def check() -> str | None:
+        code = process.poll() if isinstance(process, subprocess.Popen) else process.returncode
+        return None if code is None else f"{_say(what)} exited first ({code})"
+
+    return check
