@@ -30,6 +30,7 @@ from rich.live import Live
 
 from activation_svc.metadata import sample_metadata
 from devprov_demo.fleet import Fleet, activate_fleet, provision_fleet, summary, write_json
+from devprov_demo.hub_feed import HubFeed
 from devprov_demo.stack import PARTIES, Stack, StackConfig
 from devprov_demo.view import HubWatch, countdown, labels_table, live_view, summary_table
 
@@ -203,7 +204,7 @@ async def _watch(
         left = remaining()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.25 if left is None else max(0.0, min(0.25, left)))
-        watch.poll()
+        await watch.poll()
         left = remaining()
         return not stop.is_set() and (left is None or left > 0)
 
@@ -254,14 +255,14 @@ async def run_demo(args: argparse.Namespace, console: Console) -> int:
             console.print(f"  activated {label.guid} on {chosen[label.guid]}", highlight=False)
         if stop.is_set():
             return EXIT_INCOMPLETE
-        watch = HubWatch(stack.emulator.data_dir)
+        watch = HubWatch(HubFeed(stack.emulator.connection))
         fleet = Fleet(stack, labels)
         with console.status("starting the fleet's worker processes ..."):
             await fleet.start()
         console.print(f"first boot of {len(labels)} devices (logs: {stack.logs / 'devices.log'})")
         await _watch(console, fleet, watch, stop, args.seconds)
         await fleet.stop()
-        watch.poll()
+        await watch.poll()
         result = summary(fleet, dict(watch.received), chosen)
         console.print(summary_table(result, console.width))
         if args.summary_json:
@@ -274,7 +275,7 @@ async def run_demo(args: argparse.Namespace, console: Console) -> int:
         if fleet is not None:
             await fleet.stop()
         if watch is not None:
-            watch.close()
+            await watch.close()
         with console.status("stopping ..."):
             await asyncio.to_thread(stack.stop)
         console.print(f"stopped; state and logs kept in {stack.root}")
