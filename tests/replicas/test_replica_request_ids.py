@@ -26,7 +26,7 @@ from enrollment.provisioning_env import (
     mint,
     running_factory,
 )
-from storage.test_replicas import migrated
+from replicas.test_replicas import migrated
 from support.factory_process import FactoryProcess
 
 from dbstore import DatabaseUrl
