@@ -135,6 +135,7 @@ async def test_a_caller_whose_deadline_comes_first_gets_request_in_progress(shar
     assert await b.call("req-3", "fp") == (1, True) and await effects(shared) == 1
 
 
+@pytest.mark.slow
 async def test_a_holder_that_stopped_renewing_is_taken_over_after_its_lease(shared):
     dead = reservations.Reservations(shared, "toy_reservations", "answers")
     now_us = int(time.time() * 1_000_000)
@@ -149,6 +150,7 @@ async def test_a_holder_that_stopped_renewing_is_taken_over_after_its_lease(shar
     assert await effects(shared) == 1 and await reservation_rows(shared) == 0
 
 
+@pytest.mark.slow
 async def test_a_long_run_renews_its_lease_and_is_not_taken_over(shared):
     a, b = Replica(shared, lease=0.6, work_seconds=1.5), Replica(shared, lease=0.6)
     first = asyncio.create_task(a.call("req-5", "fp"))

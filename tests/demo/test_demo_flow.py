@@ -26,7 +26,7 @@ from support.waiting import NotReached, until_sync
 from azure_iot_emulator.hub.telemetry import TelemetryStore
 from azure_iot_emulator.store import Database
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 
 def _free_port_block(count: int) -> int:

@@ -134,6 +134,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_run_with_unreachable_dps_gives_up_when_told(tmp_path, capsys, ca):
     from conftest import free_loopback_address
 

@@ -22,7 +22,7 @@ from support.waiting import exited, until
 
 from device_client.state import StateDir
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 
 def _identity(root, guid: str) -> str:

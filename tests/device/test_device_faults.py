@@ -18,7 +18,7 @@ from test_device_cli_run_emulator import _env, _identity, _start
 
 from provkit.faults import CRASH_ENV
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(180), pytest.mark.slow]
 
 
 async def test_device_killed_between_the_hub_ack_and_its_commit_resends_with_the_same_id(emulator, tmp_path):

@@ -27,7 +27,7 @@ from device_client.runtime import DeviceRuntime, DeviceState
 from device_client.settings import load_settings
 from factory_svc.pkcs11_signer import Pkcs11Signer
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 async def _until(runtime: DeviceRuntime, task: asyncio.Task, predicate, timeout: float = 30.0):

@@ -32,7 +32,7 @@ from device_client.runtime import DeviceRuntime, DeviceState, RuntimeSnapshot
 from device_client.settings import Settings, load_settings
 from device_client.state import StateDir
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

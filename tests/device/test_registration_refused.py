@@ -42,6 +42,8 @@ from device_client.revocation import (
 from device_client.state import CHAIN_FILE
 from devprov.v1 import factory_service_pb2 as fpb
 
+pytestmark = pytest.mark.slow
+
 
 @contextlib.contextmanager
 def attempt() -> Iterator[None]:

@@ -87,6 +87,7 @@ def acks(wire: Wire) -> list[int]:
     return [packet.packet_id for packet in wire.received if isinstance(packet, p.PubAck)]
 
 
+@pytest.mark.slow
 async def test_publishes_are_acknowledged_only_after_completion_in_arrival_order(db):
     endpoint = Batching()
     broker = Broker(db, [endpoint])
@@ -132,6 +133,7 @@ async def test_a_task_waits_for_the_batch_before_it(db, first_fails):
     await broker.close()
 
 
+@pytest.mark.slow
 async def test_packets_after_a_batch_wait_for_it(db):
     endpoint = Batching()
     broker = Broker(db, [endpoint])

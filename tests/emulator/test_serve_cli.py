@@ -14,6 +14,8 @@ from support.waiting import exited, until_sync
 
 from azure_iot_emulator.config import build_config
 
+pytestmark = pytest.mark.slow
+
 
 def _serve(args, tmp_path):
     log = (tmp_path / "serve.log").open("wb")

@@ -10,6 +10,7 @@ import threading
 from datetime import UTC, datetime
 from io import StringIO
 
+import pytest
 from support.waiting import until_sync
 
 from azure_iot_emulator.hub import cli
@@ -44,6 +45,7 @@ def test_messages_prints_recent_with_properties(tmp_path):
     assert "127.0.0.2/dev-2" in out.getvalue() and out.getvalue().rstrip().endswith("other")
 
 
+@pytest.mark.slow
 def test_monitor_tails_new_messages_only_for_the_device(tmp_path):
     store = _store(tmp_path)
     store.append("h", "dev-1", PropertyBag(), b"old")

@@ -65,6 +65,7 @@ async def stored(emulator, device_id, top: int = 100):
         return await response.json()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("topic", "qos", "payload"),
     [
@@ -99,6 +100,7 @@ async def test_forbidden_publish_closes_only_that_connection(hub, tmp_path, topi
     assert [m["body"] for m in await stored(emulator, "raw-b")] == ["still fine"]
 
 
+@pytest.mark.slow
 async def test_bad_reported_patches_get_400_and_change_nothing(hub, tmp_path):
     emulator, host, rm = hub
     cert = await register(rm, tmp_path, "raw-t")
@@ -169,6 +171,7 @@ async def test_unknown_device_and_client_id_mismatch_refused(hub, tmp_path):
     await client.close()
 
 
+@pytest.mark.slow
 async def test_method_without_response_is_504_and_late_answer_ignored(hub, tmp_path):
     from azure.iot.hub.models import CloudToDeviceMethod
     from msrest.exceptions import HttpOperationError

@@ -74,6 +74,7 @@ def cli(emulator, *args) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 async def test_telemetry_with_properties_is_stored_and_readable(hub, tmp_path):
     emulator, host, rm = hub
     cert = await register(rm, tmp_path, "tele-1")
@@ -126,6 +127,7 @@ async def test_telemetry_with_properties_is_stored_and_readable(hub, tmp_path):
     assert (await in_thread(rm.get_device, "tele-1")).connection_state == "Disconnected"
 
 
+@pytest.mark.slow
 async def test_twin_reported_and_desired_live_and_after_reconnect(hub, tmp_path):
     emulator, host, rm = hub
     cert = await register(rm, tmp_path, "twin-1")
@@ -165,6 +167,7 @@ async def test_twin_reported_and_desired_live_and_after_reconnect(hub, tmp_path)
         await sdk(client.shutdown())
 
 
+@pytest.mark.slow
 async def test_direct_method_round_trip_and_offline_404(hub, tmp_path):
     emulator, host, rm = hub
     cert = await register(rm, tmp_path, "meth-1")
@@ -193,6 +196,7 @@ async def test_direct_method_round_trip_and_offline_404(hub, tmp_path):
     assert info.value.response.status_code == 404
 
 
+@pytest.mark.slow
 async def test_registry_manager_etags_and_delete_refuses_device(hub, tmp_path):
     emulator, host, rm = hub
     cert = await register(rm, tmp_path, "reg-1")
@@ -237,6 +241,7 @@ async def test_unregistered_thumbprint_and_disabled_device_are_refused(hub, tmp_
     await sdk(client.shutdown())
 
 
+@pytest.mark.slow
 async def test_initial_twin_from_dps_enrollment_reaches_the_device(emulator, tmp_path):
     from azure.iot.device.aio import ProvisioningDeviceClient
     from azure.iot.deviceprovisioning import DeviceProvisioningClient
@@ -281,6 +286,7 @@ async def test_initial_twin_from_dps_enrollment_reaches_the_device(emulator, tmp
         await sdk(client.shutdown())
 
 
+@pytest.mark.slow
 async def test_restart_keeps_identities_twins_telemetry_and_subscriptions(hub, tmp_path):
     emulator, host, rm = hub
     cert = await register(rm, tmp_path, "persist-1")
@@ -316,6 +322,7 @@ async def test_restart_keeps_identities_twins_telemetry_and_subscriptions(hub, t
     assert [json.loads(x)["body"] for x in stored.stdout.splitlines()] == ["before restart", "after restart"]
 
 
+@pytest.mark.slow
 async def test_sas_device_connects_with_its_connection_string(hub):
     emulator, host, rm = hub
     device = await in_thread(lambda: rm.create_device_with_sas("sas-1", "", "", "enabled"))

@@ -35,6 +35,7 @@ def hub(module_emulator, monkeypatch):
     )
 
 
+@pytest.mark.slow
 async def test_device_registers_and_sends_over_websockets(hub, dps, tmp_path):
     emulator, host, _ = hub
     cert = TestCa().issue(tmp_path, "ws-x509", self_signed=True)

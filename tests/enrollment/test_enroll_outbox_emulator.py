@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace as dc_replace
 from datetime import UTC, datetime
 
+import pytest
 from provisioning_env import (
     connection_file,
     dps_enrollment,
@@ -72,6 +73,7 @@ async def dps_and_outbox(tmp_path, emulator) -> AsyncIterator[tuple[DpsEnrollmen
         await dps.close()
 
 
+@pytest.mark.slow
 async def test_enrollments_queued_while_dps_is_down_arrive_exactly_once(tmp_path):
     emulator, env = stopped_emulator(tmp_path)
     try:
@@ -170,6 +172,7 @@ async def _serve(env: dict[str, str], log_path) -> asyncio.subprocess.Process:
         log.close()
 
 
+@pytest.mark.slow
 async def test_kill_9_with_queued_enrollments_then_restart_loses_and_duplicates_nothing(tmp_path):
     emulator, factory_settings = stopped_emulator(tmp_path)
     port = free_port("127.0.0.1")

@@ -24,6 +24,8 @@ from support.waiting import until
 from azure_iot_emulator.sas import generate_sas
 from devprov.v1 import factory_service_pb2 as pb
 
+pytestmark = pytest.mark.slow
+
 DEVICES = 12
 
 

@@ -28,7 +28,7 @@ from provkit.activation_code import hash_code, new_code
 from provkit.cloud import BulkItemError, Enrollment, EnrollmentPort
 from provkit.errors import DomainError
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 def sha256_of(chain_pem: str) -> str:

@@ -32,7 +32,7 @@ from support.waiting import until
 
 from devprov.v1 import factory_service_pb2 as fpb
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240), pytest.mark.slow]
 META = {"tags": {"line": 3}, "properties": {"desired": {"interval_s": 5}}}
 
 

@@ -21,7 +21,7 @@ from devprov.v1 import factory_service_pb2 as fpb
 from factory_svc.crl import DER_NAME
 from factory_svc.ledger import Ledger
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 
 def _replica(tmp_path: Path, name: str, postgres_url: str) -> tuple[FactoryProcess, str]:

@@ -15,7 +15,7 @@ from support.waiting import until
 
 from device_client.fleet import LOST, FleetRunner
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 
 
 def _alive(pid: int) -> bool:

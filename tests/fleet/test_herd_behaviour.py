@@ -75,6 +75,7 @@ def _register_lines(log_text: str, reg_id: str) -> list[tuple[datetime, str]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_a_device_answered_429_waits_at_least_the_retry_after(tmp_path):
     emu = EmulatorProcess(tmp_path / "emu", hubs=1, extra_args=["--azure-quotas"])

@@ -10,7 +10,7 @@ from support.metrics import scrape
 
 from devprov.v1 import factory_service_pb2 as fpb
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 DEVICES = 100
 

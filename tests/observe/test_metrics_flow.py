@@ -34,7 +34,7 @@ from devprov.v1 import factory_service_pb2 as fpb
 from provkit.channels import ChannelSecurity, create_channel
 from provkit.context import Role
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 FACTORY = "devprov.v1.FactoryService"
 ACTIVATION = "devprov.v1.ActivationService"

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from enrollment.provisioning_env import connection_file, factory_env, mint, running_factory
 from support.emulator import EmulatorProcess
 from support.metrics import Scrape, scrape
 from support.waiting import until
 
 from devprov.v1 import factory_service_pb2 as fpb
+
+pytestmark = pytest.mark.slow
 
 
 async def _until_drained(url: str, timeout: float = 60.0) -> Scrape:

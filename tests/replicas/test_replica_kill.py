@@ -59,7 +59,7 @@ from factory_svc.lots import derived_device_id
 from provkit.activation_code import hash_code, new_code, verify_code
 from provkit.grpc_errors import error_details
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240), pytest.mark.slow]
 
 EXIT_UNREACHABLE = 3
 METADATA = json.dumps({"tags": {"customer": "acme"}, "properties": {"desired": {"interval_s": 5}}})

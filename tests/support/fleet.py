@@ -1,4 +1,4 @@
-"""A fleet of device identities for fleet tests and the fleet benchmark: state directories signed by a tiny
+"""A fleet of device identities for fleet tests and the fleet benchmark: state directories signed by the
 test CA, enrolled (enabled, static to the default hub) in DPS through azure-iot-deviceprovisioning's bulk
 operation, so the devices only have to boot."""
 
