@@ -10,6 +10,7 @@ import time
 from datetime import timedelta
 
 import pytest
+from support.waiting import ended, until
 
 from dbstore import Backend, Database, Tx, open_database, reservations
 from litestore import Options, Schema, Synchronous
@@ -86,6 +87,11 @@ async def reservation_rows(db: Database) -> int:
     return int(row[0])
 
 
+async def reserved(db: Database, first: asyncio.Task) -> None:
+    """Until the first call holds its reservation."""
+    await until(lambda: reservation_rows(db), "the first call's reservation", fail_if=ended(first))
+
+
 @pytest.fixture
 async def shared(postgres_url):
     from dbstore import DatabaseUrl
@@ -109,8 +115,7 @@ async def test_another_body_is_refused_at_once_while_the_first_runs(shared):
     work = asyncio.Event()
     a, b = Replica(shared, gate=work), Replica(shared)
     first = asyncio.create_task(a.call("req-2", "fp-a"))
-    while await reservation_rows(shared) == 0:
-        await asyncio.sleep(0.01)
+    await reserved(shared, first)
     with pytest.raises(RequestIdReused):
         await asyncio.wait_for(b.call("req-2", "fp-b"), 30)  # refused without waiting for the work
     assert not first.done()
@@ -122,8 +127,7 @@ async def test_a_caller_whose_deadline_comes_first_gets_request_in_progress(shar
     work = asyncio.Event()
     a, b = Replica(shared, gate=work), Replica(shared)
     first = asyncio.create_task(a.call("req-3", "fp"))
-    while await reservation_rows(shared) == 0:
-        await asyncio.sleep(0.01)
+    await reserved(shared, first)
     deadline = time.monotonic() + 0.5
     with deadline_scope(deadline), pytest.raises(RequestInProgress) as busy:
         await b.call("req-3", "fp")
@@ -154,8 +158,7 @@ async def test_a_holder_that_stopped_renewing_is_taken_over_after_its_lease(shar
 async def test_a_long_run_renews_its_lease_and_is_not_taken_over(shared):
     a, b = Replica(shared, lease=0.6, work_seconds=1.5), Replica(shared, lease=0.6)
     first = asyncio.create_task(a.call("req-5", "fp"))
-    while await reservation_rows(shared) == 0:
-        await asyncio.sleep(0.01)
+    await reserved(shared, first)
     assert await b.call("req-5", "fp") == (1, True)  # waited through several leases, then replayed
     assert await first == (1, False) and await effects(shared) == 1
 
@@ -164,8 +167,7 @@ async def test_a_failed_run_releases_the_id_and_the_next_caller_runs_it(shared):
     a, b = Replica(shared, work_seconds=0.3), Replica(shared, work_seconds=0.0)
     a.fail = True
     first = asyncio.create_task(a.call("req-6", "fp"))
-    while await reservation_rows(shared) == 0:
-        await asyncio.sleep(0.01)
+    await reserved(shared, first)
     second = asyncio.create_task(b.call("req-6", "fp"))
     with pytest.raises(RuntimeError):
         await first

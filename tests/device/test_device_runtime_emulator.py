@@ -25,8 +25,9 @@ from device_cloud import (
     received_telemetry,
     set_desired,
 )
+from runtime_wait import snapshot_until
 from support.certs import TestCa
-from support.waiting import ended, until
+from support.waiting import until
 
 from device_client.runtime import DeviceRuntime, DeviceState, RuntimeSnapshot
 from device_client.settings import Settings, load_settings
@@ -82,15 +83,8 @@ class Device:
     async def until(
         self, predicate: Callable[[RuntimeSnapshot], bool], timeout: float = 30.0
     ) -> RuntimeSnapshot:
-        runtime, task = self.runtime, self.task
-        assert runtime is not None and task is not None
-        await until(
-            lambda: predicate(runtime.snapshot),
-            lambda: f"condition not reached; last snapshot {runtime.snapshot}",
-            timeout=timeout,
-            fail_if=ended(task, "the runtime"),
-        )
-        return runtime.snapshot
+        assert self.runtime is not None and self.task is not None
+        return await snapshot_until(self.runtime, self.task, predicate, timeout)
 
     def backoffs(self) -> int:
         """Back-offs begun so far: every refused or failed attempt waits one out."""
