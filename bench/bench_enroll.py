@@ -178,7 +178,7 @@ async def _phase(root: Path, emu, log2_n: int, tag: str = "") -> dict[str, float
 
 async def _raw_bulk(root: Path, emu, tag: str = "") -> dict[str, float]:
     """The ceiling: the same enrollments written straight into DPS bulk operations (no factory_svc)."""
-    from factory_svc.ca import open_dev_ca
+    from factory_svc.ca.issuing import open_dev_ca
     from provkit.cloud import Enrollment, ProvisioningStatus, X509Attestation, load_cloud_settings
     from provkit.dps import DpsEnrollments
     from provkit.settings import SettingsSource

@@ -93,9 +93,9 @@ def _raw_worker(ca_dir: Path | Any) -> Callable[[str, bytes], tuple[str, str, st
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from factory_svc.ca import open_dev_ca
-    from factory_svc.csr import check_csr
-    from factory_svc.minting import BACKDATE, MintPolicy, leaf_builder, thumbprints
+    from factory_svc.ca.issuing import open_dev_ca
+    from factory_svc.mint.csr import check_csr
+    from factory_svc.mint.service import BACKDATE, MintPolicy, leaf_builder, thumbprints
     from provkit.clock import now_utc
 
     ca = open_dev_ca(ca_dir, now_utc) if isinstance(ca_dir, Path) else ca_dir
@@ -286,7 +286,7 @@ def _mean(runs: list[dict]) -> dict:
 async def run() -> str:
     from factory_svc.app import FactoryApp
     from factory_svc.errors import ERROR_DOMAIN
-    from factory_svc.minting import MintPolicy
+    from factory_svc.mint.service import MintPolicy
     from factory_svc.settings import CaSettings, FactorySettings
     from provkit.grpc_server import ServerSettings
 
@@ -310,7 +310,7 @@ async def run() -> str:
             lot_file = await _grpc_rate(f"127.0.0.1:{server.port}", False, lot=LOT_SIZE)
         finally:
             await server.stop(1)
-            issued = len(await app.ledger.list(None, 10**7, None))
+            issued = len(await app.ledger.certificates.page(None, 10**7, None))
             await app.close()
         raw_after = _raw_rate(data / "ca", pool, RAW_SECONDS)
         raw_work_only = await _reference_rate(data / "ca")
@@ -439,8 +439,8 @@ async def _softhsm_part(folder: Path) -> dict | str:
     import subprocess
 
     from factory_svc.app import FactoryApp, open_ca
-    from factory_svc.ca import ROOT_CERT, ROOT_KEY, open_dev_ca
-    from factory_svc.pkcs11_signer import DEBIAN_SOFTHSM2
+    from factory_svc.ca.issuing import ROOT_CERT, ROOT_KEY, open_dev_ca
+    from factory_svc.ca.pkcs11_signer import DEBIAN_SOFTHSM2
     from factory_svc.settings import load_settings
     from provkit.clock import now_utc
 

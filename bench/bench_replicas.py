@@ -43,7 +43,7 @@ from typing import Any
 from dbstore import DatabaseUrl
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
-from factory_svc.ca import open_dev_ca
+from factory_svc.ca.issuing import open_dev_ca
 from factory_svc.enrollment.outbox import Outbox, OutboxState
 from provkit.channels import ChannelSecurity, create_channel
 

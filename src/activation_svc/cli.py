@@ -32,31 +32,27 @@ import uuid
 from datetime import UTC
 from pathlib import Path
 
-import grpc
 from google.protobuf import timestamp_pb2
 
 from activation_svc.portal.cli import add_portal_command, run_portal
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
-from litestore import SchemaError
 from provkit import faults
 from provkit.channels import (
-    EXIT_INTERRUPTED,
-    EXIT_USAGE,
-    ChannelSecurity,
+    CHANNEL_FLAGS,
     add_channel_arguments,
+    channel_security,
     create_channel,
-    describe_os_error,
     read_input,
-    report_failed_call,
     request_metadata,
 )
+from provkit.cli_shell import EXIT_INTERRUPTED, Answer, run_cli
 from provkit.device_id import check_device_id
-from provkit.errors import InvalidArgument
-from provkit.grpc_server import ServerConfigError
+from provkit.errors import InputError
+from provkit.grpc_server import run_service
 from provkit.logging import configure_logging
 from provkit.proto_names import enum_label
-from provkit.settings import SettingsError, SettingsSource, device_id_policy
+from provkit.settings import SettingsSource, device_id_policy
 from provkit.storage_cli import add_migrate_command, run_migrations
 
 DEFAULT_TARGET = "127.0.0.1:50052"
@@ -131,20 +127,10 @@ def _code(args: argparse.Namespace, source: SettingsSource) -> str:
         except (KeyboardInterrupt, EOFError):
             raise Cancelled from None
     else:
-        raise ValueError("no activation code: use --code-file, ACTIVATION_CLIENT_CODE or a terminal")
+        raise InputError("no activation code: use --code-file, ACTIVATION_CLIENT_CODE or a terminal")
     if not code:
-        raise ValueError("the activation code is empty: type the code printed on the device's label")
+        raise InputError("the activation code is empty: type the code printed on the device's label")
     return code
-
-
-def _security(args: argparse.Namespace, source: SettingsSource) -> ChannelSecurity:
-    return ChannelSecurity.from_files(
-        ca_file=args.ca_file or source.path("ca_file"),
-        cert_file=args.cert_file or source.path("cert_file"),
-        key_file=args.key_file or source.path("key_file"),
-        server_name=args.server_name or source.text("server_name"),
-        insecure=args.insecure or source.flag("insecure", False),
-    )
 
 
 _METADATA_CLAUSE = {
@@ -232,70 +218,64 @@ def _answer(args: argparse.Namespace, fields: dict[str, object], sentence: str) 
 async def _call(
     args: argparse.Namespace, source: SettingsSource, device_id: str, metadata_json: str, code: str
 ) -> int:
-    target = args.target or source.text("target", DEFAULT_TARGET) or DEFAULT_TARGET
-    async with create_channel(target, _security(args, source)) as channel:
+    target = source.text("target", DEFAULT_TARGET) or DEFAULT_TARGET
+    async with create_channel(target, channel_security(source)) as channel:
         stub = pb_grpc.ActivationServiceStub(channel)
-        try:
-            if args.command == "activate":
-                request_id = args.request_id or str(uuid.uuid4())
-                reply = await stub.Activate(
-                    pb.ActivateRequest(
-                        device_id=device_id,
-                        activation_code=code,
-                        metadata_json=metadata_json,
-                        hub=args.hub,
-                        request_id=request_id,
-                        clear_metadata=args.clear_metadata,
-                    ),
-                    metadata=request_metadata(request_id),
-                    timeout=args.timeout,
-                )
-                fields: dict[str, object] = {
-                    "device id": reply.device_id,
-                    "hub": reply.hub,
-                    "path": enum_label(pb.ActivationPath, reply.path, "ACTIVATION_PATH_"),
-                    "metadata": enum_label(pb.MetadataChange, reply.metadata_change, "METADATA_CHANGE_"),
-                    "lifecycle": enum_label(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
-                    "registered hub": reply.registered_hub,
-                    "owner": reply.owner_oem,
-                    "replayed": reply.replayed,
-                }
-                _answer(args, fields, activation_outcome(reply))
-            elif args.command == "deactivate":
-                request_id = args.request_id or str(uuid.uuid4())
-                reply = await stub.Deactivate(
-                    pb.DeactivateRequest(device_id=device_id, activation_code=code, request_id=request_id),
-                    metadata=request_metadata(request_id),
-                    timeout=args.timeout,
-                )
-                fields = {
-                    "device id": reply.device_id,
-                    "changed": reply.changed,
-                    "hub device disabled": reply.hub_device_disabled,
-                    "lifecycle": enum_label(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
-                    "replayed": reply.replayed,
-                }
-                _answer(args, fields, deactivation_outcome(reply))
+        if args.command == "activate":
+            request_id = args.request_id or str(uuid.uuid4())
+            reply = await stub.Activate(
+                pb.ActivateRequest(
+                    device_id=device_id,
+                    activation_code=code,
+                    metadata_json=metadata_json,
+                    hub=args.hub,
+                    request_id=request_id,
+                    clear_metadata=args.clear_metadata,
+                ),
+                metadata=request_metadata(request_id),
+                timeout=args.timeout,
+            )
+            fields: dict[str, object] = {
+                "device id": reply.device_id,
+                "hub": reply.hub,
+                "path": enum_label(pb.ActivationPath, reply.path, "ACTIVATION_PATH_"),
+                "metadata": enum_label(pb.MetadataChange, reply.metadata_change, "METADATA_CHANGE_"),
+                "lifecycle": enum_label(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
+                "registered hub": reply.registered_hub,
+                "owner": reply.owner_oem,
+                "replayed": reply.replayed,
+            }
+            _answer(args, fields, activation_outcome(reply))
+        elif args.command == "deactivate":
+            request_id = args.request_id or str(uuid.uuid4())
+            reply = await stub.Deactivate(
+                pb.DeactivateRequest(device_id=device_id, activation_code=code, request_id=request_id),
+                metadata=request_metadata(request_id),
+                timeout=args.timeout,
+            )
+            fields = {
+                "device id": reply.device_id,
+                "changed": reply.changed,
+                "hub device disabled": reply.hub_device_disabled,
+                "lifecycle": enum_label(pb.Lifecycle, reply.lifecycle, "LIFECYCLE_"),
+                "replayed": reply.replayed,
+            }
+            _answer(args, fields, deactivation_outcome(reply))
+        else:
+            reply = await stub.GetDeviceStatus(
+                pb.GetDeviceStatusRequest(device_id=device_id, activation_code=code),
+                timeout=args.timeout,
+            )
+            if args.json:
+                print(json.dumps(status_fields(reply), indent=2))
             else:
-                reply = await stub.GetDeviceStatus(
-                    pb.GetDeviceStatusRequest(device_id=device_id, activation_code=code),
-                    timeout=args.timeout,
-                )
-                if args.json:
-                    print(json.dumps(status_fields(reply), indent=2))
-                else:
-                    _print_fields(status_fields(reply))
-            return 0
-        except grpc.aio.AioRpcError as exc:
-            return report_failed_call(exc)
+                _print_fields(status_fields(reply))
+        return 0
 
 
 def _client(args: argparse.Namespace) -> int:
-    source = SettingsSource("ACTIVATION_CLIENT")
-    try:
-        device_id = check_device_id(args.device_id, device_id_policy(source))
-    except InvalidArgument as exc:
-        raise ValueError(exc.message) from None
+    source = SettingsSource("ACTIVATION_CLIENT", flags=CHANNEL_FLAGS.values(args))
+    device_id = check_device_id(args.device_id, device_id_policy(source))
     metadata_json = ""
     if args.command == "activate":
         if args.metadata is not None:
@@ -306,39 +286,36 @@ def _client(args: argparse.Namespace) -> int:
     return asyncio.run(_call(args, source, device_id, metadata_json, code))
 
 
+# What this command says for the failures it knows, before the suite's (provkit.cli_shell).
+ANSWERS = (
+    Answer.line(Cancelled, "\ncancelled; nothing was sent", EXIT_INTERRUPTED),
+)
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from activation_svc.app import run_server
+        from activation_svc.settings import load_settings
+
+        settings = load_settings(config=args.config)
+        configure_logging(settings.log_level)
+        run_service(run_server(settings))
+        return 0
+    if args.command == "migrate":
+        from activation_svc.audit import AuditLog
+        from activation_svc.settings import load_settings
+
+        url = load_settings(config=args.config).database_url
+        return run_migrations(url, [("audit", lambda: AuditLog.open(url, migrate=True))])
+    if args.command == "portal":
+        return run_portal(args)
+    return _client(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     faults.arm_from_environment()
-    try:
-        if args.command == "serve":
-            from activation_svc.app import run_server
-            from activation_svc.settings import load_settings
-
-            settings = load_settings(config=args.config)
-            configure_logging(settings.log_level)
-            asyncio.run(run_server(settings))
-            return 0
-        if args.command == "migrate":
-            from activation_svc.audit import AuditLog
-            from activation_svc.settings import load_settings
-
-            url = load_settings(config=args.config).database_url
-            return run_migrations(url, [("audit", lambda: AuditLog.open(url, migrate=True))])
-        if args.command == "portal":
-            return run_portal(args)
-        return _client(args)
-    except Cancelled:
-        print("\ncancelled; nothing was sent", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except OSError as exc:
-        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except (SettingsError, ServerConfigError, SchemaError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_cli(lambda: _command(args), prog="activation-svc", answers=ANSWERS)
 
 
 if __name__ == "__main__":

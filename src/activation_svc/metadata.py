@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonsafe
+from activation_svc.errors import Reason
 from activation_svc.model import MetadataChange
 from provkit.cloud import InitialTwin
 from provkit.errors import FailedPrecondition, FieldViolation, InvalidArgument
@@ -110,7 +111,7 @@ def validate_metadata(data: Any, field: str = "metadata_json") -> TwinMetadata:
     violations: list[FieldViolation] = []
     if not isinstance(data, dict):
         raise InvalidArgument(
-            "METADATA_INVALID",
+            Reason.METADATA_INVALID,
             'the metadata must be a JSON object {"tags": {...}, "properties": {"desired": {...}}}',
             field_violations=[FieldViolation(field, "must be a JSON object")],
         )
@@ -152,7 +153,7 @@ def validate_metadata(data: Any, field: str = "metadata_json") -> TwinMetadata:
         )
     if violations:
         raise InvalidArgument(
-            "METADATA_INVALID",
+            Reason.METADATA_INVALID,
             f"the metadata breaks {len(violations)} twin rule(s); first: "
             f"{violations[0].field}: {violations[0].description}",
             metadata={"violations": str(len(violations))},
@@ -168,7 +169,7 @@ def parse_metadata(text: str, field: str = "metadata_json") -> TwinMetadata:
         data = jsonsafe.loads(text)
     except jsonsafe.JsonRefused as exc:
         raise InvalidArgument(
-            "METADATA_NOT_JSON" if exc.syntax else "METADATA_INVALID",
+            Reason.METADATA_NOT_JSON if exc.syntax else Reason.METADATA_INVALID,
             f"the metadata is refused: {exc}",
             metadata={"json_problem": exc.reason, **({} if exc.syntax else {"violations": "1"})},
             field_violations=[FieldViolation(field, str(exc))],
@@ -201,7 +202,7 @@ def requested_metadata(
     given = bool(text.strip())
     if clear and given:
         raise InvalidArgument(
-            "METADATA_CONFLICT",
+            Reason.METADATA_CONFLICT,
             "clear_metadata removes the device's metadata: send it without metadata",
             field_violations=[FieldViolation(clear_field, "set together with metadata; send one of them")],
         )
@@ -222,7 +223,7 @@ def target_twin(request: MetadataRequest, current: InitialTwin | None) -> Initia
     wanted = InitialTwin(dict(request.metadata.tags), dict(request.metadata.desired))
     if not (wanted.tags or wanted.desired) and (now.tags or now.desired):
         raise FailedPrecondition(
-            "METADATA_EMPTY",
+            Reason.METADATA_EMPTY,
             "the metadata has no tags and no desired properties: it would remove the device's; send no "
             "metadata to keep them, or set clear_metadata to remove them",
         )

@@ -34,11 +34,9 @@ there before the work, and wait for, or take over, each other's).  The domain re
 writes ``provkit.cloud.Enrollment`` records (activation record, initial twin, hub allocation); the DPS
 JSON is the adapter's.
 
-Other reasons: DEVICE_ID_* (id rules), METADATA_INVALID / METADATA_NOT_JSON / METADATA_CONFLICT /
-METADATA_EMPTY, HUB_UNKNOWN,
-REQUEST_ID_INVALID, REQUEST_ID_REUSED, ENROLLMENT_CHANGED_CONCURRENTLY (metadata ``enrollment_etag``: the
-etag now), ENROLLMENT_CONCURRENTLY_MODIFIED (Deactivate), DPS_UNAVAILABLE, HUB_UNAVAILABLE,
-DPS_REFUSED, HUB_REFUSED.
+Reasons: ``activation_svc.errors.Reason`` (this service's) and ``provkit.errors.Reason`` (DEVICE_ID_*,
+REQUEST_ID_*, DPS_/HUB_UNAVAILABLE and _REFUSED through ``provkit.cloud_errors``, ...), each with its
+meaning; the README's table of reasons is rendered from them.
 """
 
 from __future__ import annotations
@@ -51,6 +49,7 @@ from dataclasses import replace as dc_replace
 from typing import Any, Protocol
 
 from activation_svc.audit import AuditEntry, AuditLog
+from activation_svc.errors import Reason
 from activation_svc.intents import ActivationIntent
 from activation_svc.metadata import MetadataRequest, requested_metadata, target_twin
 from activation_svc.model import (
@@ -70,7 +69,6 @@ from activation_svc.steps import (
     get_enrollment,
     holds,
     hub_errors,
-    unavailable,
     update_enrollment,
 )
 from provkit.activation_code import verify_code
@@ -85,6 +83,7 @@ from provkit.cloud import (
     ProvisioningStatus,
     disable_hub_device,
 )
+from provkit.cloud_errors import CloudService, cloud_unavailable
 from provkit.context import Caller, Role, bind_device_id
 from provkit.device_id import normalise_device_id
 from provkit.errors import (
@@ -95,6 +94,7 @@ from provkit.errors import (
     ResourceExhausted,
     invalid_field,
 )
+from provkit.errors import Reason as SharedReason
 from provkit.idempotency import LOST_RACE, LostRace, RequestIds, Stored, check_request_id, fingerprint
 
 log = logging.getLogger("activation_svc")
@@ -111,7 +111,7 @@ class HubSelection(Protocol):
 
 
 def _denied() -> PermissionDenied:
-    return PermissionDenied("ACTIVATION_DENIED", "unknown device or wrong activation code")
+    return PermissionDenied(Reason.ACTIVATION_DENIED, "unknown device or wrong activation code")
 
 
 def _code_hash(enrollment: Enrollment | None) -> Any:
@@ -142,7 +142,7 @@ def _attempt_key(caller: Caller, enrollment: Enrollment | None) -> str:
 
 def _changed_meanwhile(enrollment: Enrollment) -> Aborted:
     return Aborted(
-        "ENROLLMENT_CHANGED_CONCURRENTLY",
+        Reason.ENROLLMENT_CHANGED_CONCURRENTLY,
         "the device's enrollment changed since this call read it (another activation?); "
         "read its status and activate again against the new state",
         metadata={"enrollment_etag": enrollment.etag or ""},
@@ -207,7 +207,7 @@ class ActivationService:
         except AttemptsExhausted as exc:
             await self._audit_entry(action, device_id, str(caller), request_id, "rate-limited")
             raise ResourceExhausted(
-                "ACTIVATION_RATE_LIMITED",
+                Reason.ACTIVATION_RATE_LIMITED,
                 "too many failed attempts for this device; try again later",
                 retry_after=exc.retry_after,
             ) from None
@@ -236,13 +236,13 @@ class ActivationService:
         names = self._selection.hub_names
         if not requested:
             if not self._selection.default_hub:
-                raise FailedPrecondition("HUB_NOT_CONFIGURED", "no linked IoT hub is configured")
+                raise FailedPrecondition(Reason.HUB_NOT_CONFIGURED, "no linked IoT hub is configured")
             return self._selection.default_hub
         for name in names:
             if name.lower() == requested.strip().lower():
                 return name
         raise invalid_field(
-            "hub", "HUB_UNKNOWN", f"{requested!r} is not a linked hub (known: {', '.join(names)})"
+            "hub", Reason.HUB_UNKNOWN, f"{requested!r} is not a linked hub (known: {', '.join(names)})"
         )
 
     async def _stored(self, request_id: str) -> Stored[dict[str, Any]] | None:
@@ -436,7 +436,9 @@ class ActivationService:
                 break
             enrollment = await self._reauthorise(device_id, code, caller)
         else:
-            raise Aborted("ENROLLMENT_CONCURRENTLY_MODIFIED", "the enrollment kept changing; try again")
+            raise Aborted(
+                SharedReason.ENROLLMENT_CONCURRENTLY_MODIFIED, "the enrollment kept changing; try again"
+            )
         hub_disabled = await self._disable_on_hub(enrollment, device_id)
         lifecycle = (
             Lifecycle.DEPROVISIONED if enrollment.activation.activated_at is not None else Lifecycle.ENROLLED
@@ -452,7 +454,9 @@ class ActivationService:
             disabled = await disable_hub_device(self._hubs, hub, device_id, _MAX_ATTEMPTS)
             if disabled is not None:
                 return disabled
-        raise Aborted("HUB_DEVICE_CONCURRENTLY_MODIFIED", "the hub device kept changing; try again")
+        raise Aborted(
+            SharedReason.HUB_DEVICE_CONCURRENTLY_MODIFIED, "the hub device kept changing; try again"
+        )
 
     # ------------------------------------------------------------------------------------- status
     async def status(self, raw_id: str, code: str, caller: Caller | None = None) -> DeviceStatus:
@@ -466,7 +470,8 @@ class ActivationService:
             try:
                 device = await self._hubs.get_device(hub, device_id)
             except CloudUnavailable as exc:
-                raise unavailable(exc, "HUB") from exc
+                # only unreachable is translated here: a refusal of this read stays INTERNAL as it was
+                raise cloud_unavailable(exc, CloudService.HUB) from exc
         activated = record.activated_at is not None
         if not enrollment.enabled:
             lifecycle = Lifecycle.DEPROVISIONED if activated else Lifecycle.ENROLLED

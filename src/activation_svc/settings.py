@@ -83,9 +83,7 @@ class ActivationSettings:
 
 
 def load_settings(env: Mapping[str, str] | None = None, config: Path | None = None) -> ActivationSettings:
-    probe = SettingsSource(PREFIX, env=env)
-    config = config or probe.path("config")
-    source = SettingsSource(PREFIX, env=env, file=config)
+    source = SettingsSource.located(PREFIX, env, config=config)
     max_failures = source.integer("limits.max_failures", 5)
     if source.text("limits.device_ceiling") is not None:
         raise SettingsError(

@@ -22,27 +22,26 @@ Crash points for the fault-injection tests (``provkit.faults``): ``activate.afte
 ``activate.after_dps`` (DPS written, not yet marked), ``activate.after_hub`` (hub written, not marked).
 
 Also here: the DPS and hub calls with their errors mapped to the domain's (``get_enrollment``,
-``update_enrollment``, ``unavailable``, ``hub_errors()``) and ``holds(enrollment, twin, hubs)``.
+``update_enrollment``, ``hub_errors()``, all through ``provkit.cloud_errors``) and
+``holds(enrollment, twin, hubs)``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from typing import Any
 
 from activation_svc.audit import AuditEntry, AuditLog
+from activation_svc.errors import Reason
 from activation_svc.intents import ActivationIntent
 from activation_svc.model import ActivationPath, MetadataChange
 from provkit.clock import Clock
 from provkit.cloud import (
     CloudEtagMismatch,
     CloudNotFound,
-    CloudRejected,
-    CloudUnavailable,
     Enrollment,
     EnrollmentPort,
     HubAllocation,
@@ -52,7 +51,8 @@ from provkit.cloud import (
     ProvisioningStatus,
     TwinPatch,
 )
-from provkit.errors import Aborted, DomainError, ErrorKind, FailedPrecondition, Unavailable
+from provkit.cloud_errors import CloudService, translating_cloud_errors
+from provkit.errors import Aborted, DomainError, ErrorKind
 from provkit.faults import crash_point
 
 log = logging.getLogger("activation_svc.steps")
@@ -60,42 +60,23 @@ log = logging.getLogger("activation_svc.steps")
 _MAX_ATTEMPTS = 16
 
 
-def unavailable(exc: CloudUnavailable, what: str) -> Unavailable:
-    return Unavailable(
-        f"{what}_UNAVAILABLE", f"{what} cannot be reached: {exc}", retry_after=exc.retry_after or 5.0
-    )
-
-
 async def get_enrollment(dps: EnrollmentPort, device_id: str) -> Enrollment | None:
-    try:
+    with translating_cloud_errors(CloudService.DPS):
         return await dps.get(device_id)
-    except CloudUnavailable as exc:
-        raise unavailable(exc, "DPS") from exc
-    except CloudRejected as exc:
-        raise FailedPrecondition("DPS_REFUSED", f"DPS refused the request: {exc}") from exc
 
 
 async def update_enrollment(dps: EnrollmentPort, enrollment: Enrollment) -> Enrollment | None:
     """None on an etag mismatch (someone changed it meanwhile)."""
-    try:
-        return await dps.update(enrollment)
-    except (CloudEtagMismatch, CloudNotFound):
-        return None
-    except CloudUnavailable as exc:
-        raise unavailable(exc, "DPS") from exc
-    except CloudRejected as exc:
-        raise FailedPrecondition("DPS_REFUSED", f"DPS refused the update: {exc}") from exc
+    with translating_cloud_errors(CloudService.DPS, refused="the update"):
+        try:
+            return await dps.update(enrollment)
+        except (CloudEtagMismatch, CloudNotFound):
+            return None
 
 
-@contextlib.contextmanager
-def hub_errors() -> Iterator[None]:
+def hub_errors() -> contextlib.AbstractContextManager[None]:
     """A hub call's failures as the domain's: HUB_UNAVAILABLE (retry later), HUB_REFUSED."""
-    try:
-        yield
-    except CloudUnavailable as exc:
-        raise unavailable(exc, "HUB") from exc
-    except CloudRejected as exc:
-        raise FailedPrecondition("HUB_REFUSED", f"the IoT hub refused the update: {exc}") from exc
+    return translating_cloud_errors(CloudService.HUB, refused="the update")
 
 
 def holds(enrollment: Enrollment, twin: InitialTwin, hubs: HubAllocation) -> bool:
@@ -305,4 +286,4 @@ class IntentSteps:
                 except CloudEtagMismatch:
                     continue
                 return True
-        raise Aborted("HUB_TWIN_CONCURRENTLY_MODIFIED", "the hub twin kept changing; try again")
+        raise Aborted(Reason.HUB_TWIN_CONCURRENTLY_MODIFIED, "the hub twin kept changing; try again")

@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from azure_iot_emulator import logs
-from azure_iot_emulator.config import DEFAULT_DATA_DIR, build_config
+from azure_iot_emulator.config import DEFAULT_DATA_DIR, FLAGS, build_config
 from azure_iot_emulator.connection_info import CONNECTION_FILE, ConnectionInfo
 from azure_iot_emulator.hub import cli as hub_cli
+from mainkit.settings import SettingsError
+from mainkit.shell import EXIT_USAGE, Answer, run_command
 
 log = logging.getLogger("azure_iot_emulator")
 
@@ -64,26 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 def run_serve(args: argparse.Namespace) -> int:
     from azure_iot_emulator.app import Emulator, PrivilegedPortError  # heavy imports only for serve
 
-    try:
-        config = build_config(
-            args.config,
-            {
-                "https_port": args.https_port,
-                "assignment_delay": args.assignment_delay,
-                "azure_quotas": args.azure_quotas,
-                "hub_tier": args.hub_tier,
-                "data_dir": args.data_dir,
-                "dps_host": args.dps_host,
-                "hub_hosts": tuple(args.hub_hosts) if args.hub_hosts else None,
-                "mqtt_port": args.mqtt_port,
-                "ready_file": args.ready_file,
-                "log_level": args.log_level,
-                "metrics_listen": args.metrics_listen,
-            },
-        )
-    except (ValueError, OSError) as exc:
-        print(f"iot-emulator: invalid configuration: {exc}", file=sys.stderr)
-        return 2
+    config = build_config(args.config, FLAGS.values(args))
     logs.configure(config.log_level)
     _raise_open_file_limit()
 
@@ -140,9 +123,13 @@ def _print_summary(info: ConnectionInfo, data_dir: Path) -> None:
     print("\n".join(lines), flush=True)
 
 
+# What iot-emulator says for the failures it knows (anything else is a bug: mainkit.shell).
+ANSWERS = (Answer.line(SettingsError, "iot-emulator: invalid configuration: {}", EXIT_USAGE),)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(lambda: int(args.func(args) or 0), prog="iot-emulator", answers=ANSWERS)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,17 +1,21 @@
-"""The emulator's one settings object, resolved once at start (flags, optional TOML/JSON file)."""
+"""The emulator's one settings object, resolved once at start by the one settings loader
+(``mainkit.settings``): ``serve``'s flags, then the environment (``IOT_EMULATOR_<KEY>``, e.g.
+``IOT_EMULATOR_HUB_HOSTS=127.0.0.2,127.0.0.3``), then the settings file (``--config``: TOML, or JSON for
+any other file name; keys as in ``KEYS``, the flag names with underscores), then the defaults."""
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
-import tomllib
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from azure_iot_emulator.quotas import HUB_D2C_PER_SECOND
+from mainkit.settings import FlagKeys, SettingsError, SettingsFile, SettingsSource
+
+ENV_PREFIX = "IOT_EMULATOR"
 
 DEFAULT_DATA_DIR = Path(".iot-emulator")
 DEFAULT_DPS_HOST = "localhost"
@@ -47,22 +51,25 @@ class EmulatorConfig:
 
     def validated(self) -> EmulatorConfig:
         if not self.hub_hosts:
-            raise ValueError("at least one hub host is required")
+            raise SettingsError("at least one hub host is required")
         lowered = [h.lower() for h in self.hub_hosts]
         if len(set(lowered)) != len(lowered):
-            raise ValueError("hub host names must be distinct")
-        addresses = [listen_address(h) for h in (self.dps_host, *self.hub_hosts)]
+            raise SettingsError("hub host names must be distinct")
+        try:
+            addresses = [listen_address(h) for h in (self.dps_host, *self.hub_hosts)]
+        except OSError as exc:  # a host name that does not resolve
+            raise SettingsError(f"cannot resolve a host name: {exc}") from exc
         if len(set(addresses)) != len(addresses):
-            raise ValueError(
+            raise SettingsError(
                 "the DPS and every hub need their own address (each serves its REST API on its HTTPS port)"
             )
         if self.assignment_delay is not None and not 0 <= self.assignment_delay <= 3600:
-            raise ValueError("assignment_delay must be 'immediate' or 0-3600 seconds")
+            raise SettingsError("assignment_delay must be 'immediate' or 0-3600 seconds")
         if self.hub_tier.upper() not in HUB_D2C_PER_SECOND:
-            raise ValueError(f"hub_tier must be one of {', '.join(HUB_D2C_PER_SECOND)}")
+            raise SettingsError(f"hub_tier must be one of {', '.join(HUB_D2C_PER_SECOND)}")
         for port in (self.mqtt_port, self.https_port):
             if not 0 <= port <= 65535:
-                raise ValueError(f"port {port} out of range")
+                raise SettingsError(f"port {port} out of range")
         return self
 
     @property
@@ -86,50 +93,58 @@ def assignment_delay(value: Any) -> float | None:
     if isinstance(value, str) and value.strip().lower() == "immediate":
         return None
     if isinstance(value, bool):
-        raise ValueError(f"assignment delay must be 'immediate' or seconds, not {value!r}")
+        raise SettingsError(f"assignment delay must be 'immediate' or seconds, not {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"assignment delay must be 'immediate' or seconds, not {value!r}") from None
+        raise SettingsError(f"assignment delay must be 'immediate' or seconds, not {value!r}") from None
 
 
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, not {value!r}")
-    return value
+KEYS = (
+    "data_dir",
+    "dps_host",
+    "hub_hosts",
+    "mqtt_port",
+    "https_port",
+    "assignment_delay",
+    "azure_quotas",
+    "hub_tier",
+    "ready_file",
+    "max_packet_size",
+    "log_level",
+    "metrics_listen",
+)
+
+# Which ``serve`` option sets which key (argparse dest -> key); every key but max_packet_size has one.
+FLAGS = FlagKeys({key: key for key in KEYS if key != "max_packet_size"})
 
 
-_FILE_KEYS: dict[str, Callable[[Any], object]] = {
-    "data_dir": Path,
-    "dps_host": str,
-    "hub_hosts": lambda v: tuple(str(h) for h in v),
-    "mqtt_port": int,
-    "https_port": int,
-    "assignment_delay": assignment_delay,
-    "azure_quotas": _boolean,
-    "hub_tier": str,
-    "ready_file": Path,
-    "max_packet_size": int,
-    "log_level": str,
-    "metrics_listen": str,
-}
+def load_file(path: Path) -> SettingsFile:
+    """A settings file: TOML (``.toml``) or JSON (any other name), with this program's keys only."""
+    return SettingsFile.read(path, json_text=path.suffix.lower() != ".toml", known=KEYS)
 
 
-def load_file(path: Path) -> dict[str, Any]:
-    text = path.read_text()
-    data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a table/object")
-    unknown = set(data) - set(_FILE_KEYS)
-    if unknown:
-        raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
-    return {key: _FILE_KEYS[key](value) for key, value in data.items()}
-
-
-def build_config(file: Path | None, overrides: dict[str, Any]) -> EmulatorConfig:
-    """File values first, then command-line values that were given (not None)."""
-    values: dict[str, Any] = load_file(file) if file else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if isinstance(values.get("assignment_delay"), str):  # the flag's text ("immediate" or seconds)
-        values["assignment_delay"] = assignment_delay(values["assignment_delay"])
-    return replace(EmulatorConfig(), **values).validated()
+def build_config(
+    file: Path | None, overrides: Mapping[str, Any], env: Mapping[str, str] | None = None
+) -> EmulatorConfig:
+    """Command-line values that were given (``overrides``, not None) over the environment (``IOT_EMULATOR_*``)
+    over the settings file over the defaults."""
+    source = SettingsSource(ENV_PREFIX, env, load_file(file) if file else None, flags=overrides)
+    default = EmulatorConfig()
+    ready_file = source.text("ready_file")
+    delay = source.value("assignment_delay")
+    return replace(
+        default,
+        data_dir=Path(source.text("data_dir") or default.data_dir),
+        dps_host=source.text("dps_host") or default.dps_host,
+        hub_hosts=source.text_list("hub_hosts", default.hub_hosts),
+        mqtt_port=source.integer("mqtt_port", default.mqtt_port),
+        https_port=source.integer("https_port", default.https_port),
+        assignment_delay=default.assignment_delay if delay is None else assignment_delay(delay),
+        azure_quotas=source.flag("azure_quotas", default.azure_quotas),
+        hub_tier=source.text("hub_tier") or default.hub_tier,
+        ready_file=Path(ready_file) if ready_file else None,
+        max_packet_size=source.integer("max_packet_size", default.max_packet_size),
+        log_level=source.text("log_level") or default.log_level,
+        metrics_listen=source.text("metrics_listen") or default.metrics_listen,
+    ).validated()

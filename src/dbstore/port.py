@@ -8,6 +8,10 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 - the item type of a group commit
+R = TypeVar("R")
+I_contra = TypeVar("I_contra", contravariant=True)
+R_co = TypeVar("R_co", covariant=True)
 Row = tuple[Any, ...]
 Params = Sequence[object]
 
@@ -45,11 +49,28 @@ class Tx(Protocol):
 
 
 Work = Callable[[Tx], Coroutine[Any, Any, T]]
+# A group's work: the items that arrived together, written in one transaction; one result per item, in order.
+GroupWork = Callable[[Tx, list[I]], Coroutine[Any, Any, list[R]]]
+
+
+class GroupWriter(Protocol[I_contra, R_co]):
+    """Writes that arrive together, committed together (see :meth:`Database.group_commit`)."""
+
+    @property
+    def commits(self) -> int:
+        """Groups committed so far (for tests and metrics)."""
+        ...
+
+    async def submit(self, item: I_contra) -> R_co:
+        """``item``'s result, once the commit that holds it has completed (a failed commit fails every item
+        of its group, and none of the group's writes stays)."""
+        ...
 
 
 class Database(Protocol):
-    """A store's database.  Stores ask what it can do (``shared``, ``compact_log``), never which backend it
-    is; only the SQL of a statement may differ by ``Tx.backend`` (``FOR UPDATE``, ``SKIP LOCKED``)."""
+    """A store's database.  Stores ask what it can do (``shared``, ``compact_log``, ``group_commit``), never
+    which backend it is; only the SQL of a statement may differ by ``Tx.backend`` (``FOR UPDATE``,
+    ``SKIP LOCKED``)."""
 
     backend: Backend
     name: str
@@ -65,6 +86,14 @@ class Database(Protocol):
         in a file (SQLite's WAL, truncated); nothing where the server manages its own log."""
         ...
 
+    def group_commit(self, work: GroupWork[I, R], *, gather: float = 0.0) -> GroupWriter[I, R] | None:
+        """Where one writer orders every write (SQLite's store thread): items submitted together are written
+        by one ``work(tx, items)`` in one transaction, one commit for the group; ``gather`` (seconds): while
+        writers come together, how long a group may wait for as many as the last one had.  ``work`` awaits
+        only its ``tx``.  None where writes do not queue behind one writer (a shared server database): there
+        each write is its own transaction."""
+        ...
+
     async def transaction(self, work: Work[T]) -> T:
         """``work(tx)`` as one transaction: all of it committed, or nothing when it (or the commit) raises."""
         ...
@@ -75,4 +104,3 @@ class Database(Protocol):
         ...
 
     async def close(self) -> None: ...
-

@@ -23,11 +23,13 @@ import psycopg
 from psycopg import errors
 from psycopg_pool import AsyncConnectionPool
 
-from dbstore.port import Backend, Conflict, Params, Row, Work
+from dbstore.port import Backend, Conflict, GroupWork, Params, Row, Work
 from litestore import Schema, SchemaError, SchemaTooNew
 from litestore.schema import statements
 
 T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 - the item type of a group commit
+R = TypeVar("R")
 
 RETRIES = 8
 POOL_SIZE = 8
@@ -162,6 +164,10 @@ class PostgresDatabase:
     async def read(self, work: Work[T]) -> T:
         async with self.pool.connection() as conn:
             return await work(PostgresTx(conn))
+
+    def group_commit(self, work: GroupWork[I, R], *, gather: float = 0.0) -> None:
+        """None: replicas write through a pool of connections, each write its own transaction."""
+        return None
 
     async def compact_log(self) -> None:
         """Nothing to do: the server recycles its own write-ahead log."""

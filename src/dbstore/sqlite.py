@@ -14,10 +14,12 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dbstore.port import Backend, Conflict, Params, Row, Work
-from litestore import Options, Schema, Store
+from dbstore.port import Backend, Conflict, GroupWork, Params, Row, Work
+from litestore import GroupCommit, Options, Schema, Store
 
 T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 - the item type of a group commit
+R = TypeVar("R")
 
 
 def run_now(coro: Coroutine[Any, Any, T]) -> T:
@@ -91,6 +93,14 @@ class SqliteDatabase:
 
     async def read(self, work: Work[T]) -> T:
         return await self.store.run(lambda conn: run_now(work(SqliteTx(conn))))
+
+    def group_commit(self, work: GroupWork[I, R], *, gather: float = 0.0) -> GroupCommit[I, R]:
+        """litestore's group commit: the group's work runs on the store's thread in one transaction."""
+
+        def write(conn: sqlite3.Connection, items: list[I]) -> list[R]:
+            return run_now(work(SqliteTx(conn), items))
+
+        return GroupCommit(self.store, write, gather=gather)
 
     async def compact_log(self) -> None:
         # Read the pragma's result row: an unread one leaves its statement open, and the next COMMIT fails.

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from device_client.errors import StateError
+from device_client.errors import Reason, StateError
 from litestore import GroupedWrites, Options, Schema, SchemaError, Store, Synchronous, connect
 
 _BodyFactory = Callable[[int], tuple[str, datetime, bytes]]
@@ -64,8 +64,11 @@ class BufferStats:
 
 def _unusable(path: Path, exc: Exception) -> StateError:
     if isinstance(exc, SchemaError):
-        return StateError(str(exc), "BUFFER_SCHEMA_UNKNOWN")
-    return StateError(f"{path}: telemetry buffer is not a usable SQLite database ({exc})", "BUFFER_CORRUPTED")
+        return StateError(str(exc), Reason.BUFFER_SCHEMA_UNKNOWN)
+    return StateError(
+        f"{path}: telemetry buffer is not a usable SQLite database ({exc})",
+        Reason.BUFFER_CORRUPTED,
+    )
 
 
 def _check(db: sqlite3.Connection) -> None:

@@ -20,10 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from device_client.errors import EXIT_INTERRUPTED, EXIT_OK, DeviceClientError
+from device_client.errors import EXIT_OK, DeviceClientError, DeviceSettingsError
 from device_client.identity import KeyType, normalise_guid
-from device_client.settings import Settings, load_settings
+from device_client.settings import FLAGS, Settings, load_settings
 from device_client.state import StateDir
+from mainkit.settings import SettingsError
+from mainkit.shell import Answer, run_command
 from provkit import faults
 
 if TYPE_CHECKING:  # the runtime (and the device SDK) load only for `run`
@@ -114,31 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    mapping = {
-        "state_root": "state_root",
-        "log_format": "log_format",
-        "id_scope": "id_scope",
-        "global_endpoint": "global_endpoint",
-        "trusted_ca": "trusted_ca_file",
-        "factory": "factory_address",
-        "factory_tls": "factory_tls",
-        "factory_ca": "factory_ca_file",
-        "factory_client_cert": "factory_client_cert_file",
-        "factory_client_key": "factory_client_key_file",
-        "interval": "telemetry_interval_s",
-        "buffer_max": "buffer_max_messages",
-        "give_up_after": "give_up_after_s",
-    }
-    return {
-        key: getattr(args, attr) for attr, key in mapping.items() if getattr(args, attr, None) is not None
-    }
-
-
 def resolve_settings(args: argparse.Namespace) -> tuple[str, Settings]:
     """The checked device id and the settings (the device's own settings file included)."""
     env = dict(os.environ)  # the one place the environment is read
-    overrides = _overrides(args)
+    overrides = FLAGS.values(args)
     base = load_settings(env=env, config_file=args.config, overrides=overrides)
     guid = normalise_guid(args.guid, base.device_ids)
     device = StateDir(base.state_root, guid)
@@ -157,27 +138,37 @@ def _configure_logging(fmt: str, verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+def _say(exc: DeviceClientError) -> int:
+    print(f"device-client: error: {exc.message} [{exc.reason}]", file=sys.stderr)
+    return exc.exit_code
+
+
+# What device-client says for the failures it knows (anything else is a bug: mainkit.shell).
+ANSWERS = (
+    Answer(DeviceClientError, _say),
+    Answer(SettingsError, lambda exc: _say(DeviceSettingsError(str(exc), exc.reason))),
+)
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "simulate":
+        from device_client.simulate import simulate
+
+        base = load_settings(env=dict(os.environ), config_file=args.config, overrides=FLAGS.values(args))
+        return simulate(args, base)
+    guid, settings = resolve_settings(args)
+    _configure_logging(settings.log_format, args.verbose)
+    if args.command == "provision":
+        return _provision(args, guid, settings)
+    if args.command == "run":
+        return _run(guid, settings)
+    return _status(guid, settings, as_json=args.json)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     faults.arm_from_environment()
-    try:
-        if args.command == "simulate":
-            from device_client.simulate import simulate
-
-            base = load_settings(env=dict(os.environ), config_file=args.config, overrides=_overrides(args))
-            return simulate(args, base)
-        guid, settings = resolve_settings(args)
-        _configure_logging(settings.log_format, args.verbose)
-        if args.command == "provision":
-            return _provision(args, guid, settings)
-        if args.command == "run":
-            return _run(guid, settings)
-        return _status(guid, settings, as_json=args.json)
-    except DeviceClientError as exc:
-        print(f"device-client: error: {exc.message} [{exc.reason}]", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    return run_command(lambda: _command(args), prog="device-client", answers=ANSWERS)
 
 
 # -- provision -------------------------------------------------------------------------------------

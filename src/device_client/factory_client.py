@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from device_client.errors import FactoryError
+from device_client.errors import FactoryError, Reason
 from device_client.factory_port import EnrollDelivery, EnrollOutcome, MintedCertificate
 from device_client.identity import KeyType
 from device_client.settings import FactorySettings, FactoryTls
@@ -40,7 +40,8 @@ def _security(settings: FactorySettings) -> ChannelSecurity:
         )
     except OSError as exc:
         raise FactoryError(
-            f"cannot read a factory TLS file {exc.filename}: {exc.strerror}", "FACTORY_TLS_FILE_UNREADABLE"
+            f"cannot read a factory TLS file {exc.filename}: {exc.strerror}",
+            Reason.FACTORY_TLS_FILE_UNREADABLE
         ) from exc
 
 
@@ -49,7 +50,7 @@ def to_factory_error(exc: grpc.RpcError, address: str) -> FactoryError:
     code = details.code
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not details.reason:
         message = f"factory at {address} is unreachable ({code.name.lower()}): {details.message}"
-        return FactoryError(message, "FACTORY_UNAVAILABLE", {"code": code.name})
+        return FactoryError(message, Reason.FACTORY_UNAVAILABLE, {"code": code.name})
     return FactoryError(
         f"factory refused the request: {details.message} ({code.name})",
         details.reason or code.name,

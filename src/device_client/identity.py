@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from device_client.errors import IdentityError, UsageError
+from device_client.errors import IdentityError, Reason, UsageError
 from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.errors import InvalidArgument
 
@@ -86,9 +86,12 @@ def load_key(pem: bytes, *, source: str) -> PrivateKey:
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
-        raise IdentityError(f"{source}: not a readable unencrypted PEM private key", "KEY_CORRUPTED") from exc
+        raise IdentityError(
+            f"{source}: not a readable unencrypted PEM private key",
+            Reason.KEY_CORRUPTED,
+        ) from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise IdentityError(f"{source}: unsupported key algorithm", "KEY_UNSUPPORTED")
+        raise IdentityError(f"{source}: unsupported key algorithm", Reason.KEY_UNSUPPORTED)
     return key
 
 
@@ -97,10 +100,10 @@ def load_chain(pem: bytes, *, source: str) -> list[x509.Certificate]:
         chain = x509.load_pem_x509_certificates(pem)
     except ValueError as exc:
         raise IdentityError(
-            f"{source}: not a readable PEM certificate chain", "CERTIFICATE_CORRUPTED"
+            f"{source}: not a readable PEM certificate chain", Reason.CERTIFICATE_CORRUPTED
         ) from exc
     if not chain:
-        raise IdentityError(f"{source}: contains no certificate", "CERTIFICATE_CORRUPTED")
+        raise IdentityError(f"{source}: contains no certificate", Reason.CERTIFICATE_CORRUPTED)
     return chain
 
 
@@ -130,14 +133,14 @@ def inspect_identity(
     if _public_der(key.public_key()) != _public_der(leaf.public_key()):
         raise IdentityError(
             f"{source}: the private key does not match the device certificate (re-provision with --force)",
-            "KEY_CERTIFICATE_MISMATCH",
+            Reason.KEY_CERTIFICATE_MISMATCH,
         )
     cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = str(cns[0].value).lower() if cns else ""
     if cn != guid:
         raise IdentityError(
             f"{source}: the certificate is for {cn or '(no CN)'!r}, not for device {guid!r}",
-            "CERTIFICATE_SUBJECT_MISMATCH",
+            Reason.CERTIFICATE_SUBJECT_MISMATCH,
         )
     info = IdentityInfo(
         guid=guid,
@@ -159,13 +162,13 @@ def check_validity(info: IdentityInfo, *, now: datetime, source: str) -> None:
         raise IdentityError(
             f"{source}: the device certificate expired at {info.not_after.isoformat()} "
             f"(serial {info.serial_hex}); re-provision the device",
-            "CERTIFICATE_EXPIRED",
+            Reason.CERTIFICATE_EXPIRED,
             {"not_after": info.not_after.isoformat()},
         )
     if now < info.not_before:
         raise IdentityError(
             f"{source}: the device certificate is not valid before {info.not_before.isoformat()}; "
             "check the device clock",
-            "CERTIFICATE_NOT_YET_VALID",
+            Reason.CERTIFICATE_NOT_YET_VALID,
             {"not_before": info.not_before.isoformat()},
         )

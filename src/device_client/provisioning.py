@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from device_client.errors import FactoryError, IdentityExistsError
+from device_client.errors import FactoryError, IdentityExistsError, Reason
 from device_client.factory_client import GrpcFactory
 from device_client.factory_port import ENROLLED_STATES, EnrollOutcome, FactoryPort
 from device_client.identity import (
@@ -93,14 +93,17 @@ async def provision_with(
             raise IdentityExistsError(
                 f"device {request.guid!r} already has an identity in {state.path} "
                 f"(serial {existing.info.serial_hex}); use --force to replace it",
-                "IDENTITY_EXISTS",
+                Reason.IDENTITY_EXISTS,
             )
         minted = False  # resume: enroll the stored certificate
     if minted:
         if request.server_keygen:
             cert = await factory.mint_with_server_key(request.guid, request.key_type, f"{base_id}:mint")
             if not cert.private_key_pem:
-                raise FactoryError("the factory returned no private key for server-side generation", "NO_KEY")
+                raise FactoryError(
+                    "the factory returned no private key for server-side generation",
+                    Reason.NO_KEY,
+                )
             key = load_key(cert.private_key_pem, source="factory response")
         else:
             key = generate_key(request.key_type)

@@ -39,7 +39,7 @@ from device_client import abandoned, dps
 from device_client.backoff import Backoff, first_attempt_delay
 from device_client.buffer import TelemetryBuffer
 from device_client.desired import DesiredOutcome, apply_document, apply_patch
-from device_client.errors import CertificateRevokedError, CloudGaveUpError
+from device_client.errors import CertificateRevokedError, CloudGaveUpError, Reason
 from device_client.hub import HubRefused, HubSession, HubTarget, HubUnavailable
 from device_client.identity import check_validity, load_chain
 from device_client.revocation import HttpCrlFetcher, RevocationStatus, check_with_deadline
@@ -67,7 +67,7 @@ def revoked_error(record: Revoked) -> CertificateRevokedError:
         f"the device certificate (serial {record.serial}) was {record.sentence()}, as the factory's CRL "
         f"{record.crl_url} says: this device cannot come online with it; the factory must give it a new "
         "certificate (device-client provision --force)",
-        "CERTIFICATE_REVOKED",
+        Reason.CERTIFICATE_REVOKED,
         {"serial": record.serial, "revoked_at": record.revoked_at.isoformat(), "reason": record.reason or ""},
     )
 
@@ -270,7 +270,7 @@ class DeviceRuntime:
             self._trouble_since = now
         give_up = self.settings.runtime.give_up_after_s
         if give_up and now - self._trouble_since >= give_up:
-            raise CloudGaveUpError(f"giving up after {give_up:g} s: {why}", "CLOUD_UNAVAILABLE")
+            raise CloudGaveUpError(f"giving up after {give_up:g} s: {why}", Reason.CLOUD_UNAVAILABLE)
         delay = backoff.next_delay()
         self._log(logging.INFO, "%s; retrying in %.1f s", why, delay, delay_s=round(delay, 2))
         await self._wait(delay)

@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from device_client.errors import DeviceSettingsError
+from device_client.errors import DeviceSettingsError, Reason
+from mainkit.settings import FlagKeys, SettingsError, SettingsFile, SettingsSource
 from provkit.device_id import DeviceIdPolicy
 
 ENV_PREFIX = "DEVICE_CLIENT_"
@@ -74,7 +74,7 @@ class CloudSettings:
         if not self.id_scope:
             raise DeviceSettingsError(
                 "no DPS ID scope configured (id_scope in settings, DEVICE_CLIENT_ID_SCOPE or --id-scope)",
-                "ID_SCOPE_MISSING",
+                Reason.ID_SCOPE_MISSING,
             )
         return self.id_scope
 
@@ -85,11 +85,12 @@ class CloudSettings:
             text = self.trusted_ca_file.read_text()
         except OSError as exc:
             raise DeviceSettingsError(
-                f"cannot read trusted CA file {self.trusted_ca_file}: {exc.strerror}", "TRUSTED_CA_UNREADABLE"
+                f"cannot read trusted CA file {self.trusted_ca_file}: {exc.strerror}",
+                Reason.TRUSTED_CA_UNREADABLE,
             ) from exc
         if "-----BEGIN CERTIFICATE-----" not in text:
             raise DeviceSettingsError(
-                f"trusted CA file {self.trusted_ca_file} holds no PEM certificate", "TRUSTED_CA_INVALID"
+                f"trusted CA file {self.trusted_ca_file} holds no PEM certificate", Reason.TRUSTED_CA_INVALID
             )
         return text
 
@@ -140,76 +141,67 @@ DEFAULTS: dict[str, Any] = {
 }
 KEYS = frozenset(DEFAULTS)
 
-
-def read_toml(path: Path, *, source: str) -> dict[str, Any]:
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise DeviceSettingsError(
-            f"cannot read {source} {path}: {exc.strerror}", "SETTINGS_UNREADABLE"
-        ) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise DeviceSettingsError(f"{source} {path} is not valid TOML: {exc}", "SETTINGS_INVALID") from exc
-    unknown = sorted(set(data) - KEYS)
-    if unknown:
-        raise DeviceSettingsError(
-            f"{source} {path}: unknown key(s) {', '.join(unknown)}", "SETTINGS_UNKNOWN_KEY"
-        )
-    # Relative file paths in a settings file are relative to that file.
-    for key in ("trusted_ca_file", "factory_ca_file", "factory_client_cert_file", "factory_client_key_file"):
-        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
-            data[key] = str(path.parent / data[key])
-    return data
+# Which command-line option sets which key (argparse dest -> key), for every command that has it.
+FLAGS = FlagKeys(
+    {
+        "state_root": "state_root",
+        "log_format": "log_format",
+        "id_scope": "id_scope",
+        "global_endpoint": "global_endpoint",
+        "trusted_ca": "trusted_ca_file",
+        "factory": "factory_address",
+        "factory_tls": "factory_tls",
+        "factory_ca": "factory_ca_file",
+        "factory_client_cert": "factory_client_cert_file",
+        "factory_client_key": "factory_client_key_file",
+        "interval": "telemetry_interval_s",
+        "buffer_max": "buffer_max_messages",
+        "give_up_after": "give_up_after_s",
+    }
+)
 
 
-def env_layer(env: Mapping[str, str]) -> dict[str, Any]:
-    return {key: env[ENV_PREFIX + key.upper()] for key in KEYS if env.get(ENV_PREFIX + key.upper())}
-
-
-def _num(layers: dict[str, Any], key: str, *, minimum: float, integer: bool = False) -> Any:
-    raw = layers[key]
+def _num(source: SettingsSource, key: str, *, minimum: float, integer: bool = False) -> Any:
+    raw = source.value(key)
     try:
         value = int(raw) if integer else float(raw)
     except (TypeError, ValueError) as exc:
-        raise DeviceSettingsError(f"setting {key}: {raw!r} is not a number", "SETTINGS_INVALID") from exc
+        raise DeviceSettingsError(f"setting {key}: {raw!r} is not a number", Reason.SETTINGS_INVALID) from exc
     if value < minimum:
         raise DeviceSettingsError(
-            f"setting {key}: must be at least {minimum}, got {value}", "SETTINGS_INVALID"
+            f"setting {key}: must be at least {minimum}, got {value}", Reason.SETTINGS_INVALID
         )
     return value
-
-
-def _path(layers: dict[str, Any], key: str) -> Path | None:
-    raw = layers.get(key)
-    return Path(str(raw)).expanduser() if raw not in (None, "") else None
 
 
 def _check_address(address: str) -> str:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise DeviceSettingsError(f"factory_address {address!r} must be host:port", "SETTINGS_INVALID")
+        raise DeviceSettingsError(f"factory_address {address!r} must be host:port", Reason.SETTINGS_INVALID)
     return address
 
 
-def build_settings(layers: dict[str, Any]) -> Settings:
-    """Validate merged layers into :class:`Settings`."""
+def build_settings(source: SettingsSource) -> Settings:
+    """Validate the layered values into :class:`Settings`."""
+    tls_text = source.text("factory_tls", "")
     try:
-        tls = FactoryTls(str(layers["factory_tls"]).lower())
+        tls = FactoryTls(str(tls_text).lower())
     except ValueError as exc:
         raise DeviceSettingsError(
-            f"factory_tls must be insecure, tls or mtls, got {layers['factory_tls']!r}", "SETTINGS_INVALID"
+            f"factory_tls must be insecure, tls or mtls, got {tls_text!r}", Reason.SETTINGS_INVALID
         ) from exc
     factory = FactorySettings(
-        address=_check_address(str(layers["factory_address"])),
+        address=_check_address(source.text("factory_address", "") or ""),
         tls=tls,
-        ca_file=_path(layers, "factory_ca_file"),
-        client_cert_file=_path(layers, "factory_client_cert_file"),
-        client_key_file=_path(layers, "factory_client_key_file"),
-        timeout_s=_num(layers, "factory_timeout_s", minimum=0.1),
+        ca_file=source.path("factory_ca_file"),
+        client_cert_file=source.path("factory_client_cert_file"),
+        client_key_file=source.path("factory_client_key_file"),
+        timeout_s=_num(source, "factory_timeout_s", minimum=0.1),
     )
     if tls is FactoryTls.MTLS and (factory.client_cert_file is None or factory.client_key_file is None):
         raise DeviceSettingsError(
-            "factory_tls=mtls needs factory_client_cert_file and factory_client_key_file", "SETTINGS_INVALID"
+            "factory_tls=mtls needs factory_client_cert_file and factory_client_key_file",
+            Reason.SETTINGS_INVALID,
         )
     if tls is FactoryTls.INSECURE:
         host = factory.address.rpartition(":")[0].strip("[]")
@@ -221,35 +213,36 @@ def build_settings(layers: dict[str, Any]) -> Settings:
             if not loopback:
                 raise DeviceSettingsError(
                     f"factory_tls=insecure is only allowed for a loopback factory address, not {host!r}",
-                    "INSECURE_NOT_LOOPBACK",
+                    Reason.INSECURE_NOT_LOOPBACK,
                 )
-    scope = layers.get("id_scope")
     cloud = CloudSettings(
-        id_scope=str(scope) if scope else None,
-        global_endpoint=str(layers["global_endpoint"]),
-        trusted_ca_file=_path(layers, "trusted_ca_file"),
+        id_scope=source.text("id_scope") or None,
+        global_endpoint=source.text("global_endpoint", "") or "",
+        trusted_ca_file=source.path("trusted_ca_file"),
     )
     runtime = RuntimeSettings(
-        telemetry_interval_s=_num(layers, "telemetry_interval_s", minimum=0.01),
-        buffer_max_messages=_num(layers, "buffer_max_messages", minimum=1, integer=True),
-        backoff_initial_s=_num(layers, "backoff_initial_s", minimum=0.01),
-        backoff_max_s=_num(layers, "backoff_max_s", minimum=0.01),
-        first_attempt_window_s=_num(layers, "first_attempt_window_s", minimum=0.0),
-        sdk_timeout_s=_num(layers, "sdk_timeout_s", minimum=0.5),
-        give_up_after_s=_num(layers, "give_up_after_s", minimum=0.0),
-        crl_check_interval_s=_num(layers, "crl_check_interval_s", minimum=1.0),
+        telemetry_interval_s=_num(source, "telemetry_interval_s", minimum=0.01),
+        buffer_max_messages=_num(source, "buffer_max_messages", minimum=1, integer=True),
+        backoff_initial_s=_num(source, "backoff_initial_s", minimum=0.01),
+        backoff_max_s=_num(source, "backoff_max_s", minimum=0.01),
+        first_attempt_window_s=_num(source, "first_attempt_window_s", minimum=0.0),
+        sdk_timeout_s=_num(source, "sdk_timeout_s", minimum=0.5),
+        give_up_after_s=_num(source, "give_up_after_s", minimum=0.0),
+        crl_check_interval_s=_num(source, "crl_check_interval_s", minimum=1.0),
     )
     if runtime.backoff_max_s < runtime.backoff_initial_s:
-        raise DeviceSettingsError("backoff_max_s must not be below backoff_initial_s", "SETTINGS_INVALID")
-    log_format = str(layers["log_format"])
+        raise DeviceSettingsError(
+            "backoff_max_s must not be below backoff_initial_s", Reason.SETTINGS_INVALID
+        )
+    log_format = source.text("log_format", "") or ""
     if log_format not in ("auto", "json", "text"):
-        raise DeviceSettingsError("log_format must be auto, json or text", "SETTINGS_INVALID")
+        raise DeviceSettingsError("log_format must be auto, json or text", Reason.SETTINGS_INVALID)
     try:
-        device_ids = DeviceIdPolicy.parse(str(layers["device_ids"]))
+        device_ids = DeviceIdPolicy.parse(source.text("device_ids", "") or "")
     except ValueError as exc:
-        raise DeviceSettingsError(f"setting device_ids: {exc}", "SETTINGS_INVALID") from exc
+        raise DeviceSettingsError(f"setting device_ids: {exc}", Reason.SETTINGS_INVALID) from exc
     return Settings(
-        state_root=Path(str(layers["state_root"])).expanduser(),
+        state_root=Path(source.text("state_root", "") or "").expanduser(),
         factory=factory,
         cloud=cloud,
         runtime=runtime,
@@ -268,22 +261,24 @@ def load_settings(
     """Merge the layers described in the module docstring.
 
     ``device_settings`` is the device's own settings.toml (used when it exists); ``overrides`` are the
-    command-line values (``None`` values are ignored).
+    command-line values (``FLAGS.values(args)``; ``None`` values are ignored).
     """
-    layers: dict[str, Any] = dict(DEFAULTS)
-    config = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None)
-    if config is not None:
-        layers.update(read_toml(config, source="config file"))
-    if device_settings is not None and device_settings.exists():
-        device_layer = read_toml(device_settings, source="device settings")
-        device_layer.pop("state_root", None)
-        layers.update(device_layer)
-    layers.update(env_layer(env))
-    layers.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    unknown = sorted(set(layers) - KEYS)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - KEYS)
     if unknown:
-        raise DeviceSettingsError(f"unknown setting(s) {', '.join(unknown)}", "SETTINGS_UNKNOWN_KEY")
-    return build_settings(layers)
+        raise DeviceSettingsError(f"unknown setting(s) {', '.join(unknown)}", Reason.SETTINGS_UNKNOWN_KEY)
+    files: list[SettingsFile] = []
+    try:
+        config = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None)
+        if config is not None:
+            files.append(SettingsFile.read(config, what="config file", known=KEYS))
+        if device_settings is not None and device_settings.exists():
+            device = SettingsFile.read(device_settings, what="device settings", known=KEYS)
+            files.append(device.without("state_root"))  # the state root locates this file
+        source = SettingsSource(ENV_PREFIX, env, files, flags=overrides, defaults=DEFAULTS)
+        return build_settings(source)
+    except SettingsError as exc:
+        raise DeviceSettingsError(str(exc), exc.reason) from exc
 
 
 def state_root_from(*, env: Mapping[str, str], config_file: Path | None, override: str | None) -> Path:

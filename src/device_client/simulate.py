@@ -28,7 +28,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from device_client.batch import provision_batches
-from device_client.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, UsageError
+from device_client.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, Reason, UsageError
 from device_client.fleet import FleetRunner, default_workers
 from device_client.fleet_view import live_summary, report_table
 from device_client.settings import Settings
@@ -132,7 +132,7 @@ async def _simulate(args: argparse.Namespace, settings: Settings, console: Conso
     if args.existing:
         guids = existing_devices(root)
         if not guids:
-            raise UsageError(f"no device state directories under {root}", "NO_DEVICES")
+            raise UsageError(f"no device state directories under {root}", Reason.NO_DEVICES)
     else:
         guids = [str(uuid.uuid4()) for _ in range(args.devices)]
         await _provision(console, guids, settings, args)

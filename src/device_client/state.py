@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from device_client.errors import IdentityError, IdentityExistsError, StateError
+from device_client.errors import IdentityError, IdentityExistsError, Reason, StateError
 from device_client.identity import IdentityInfo, check_validity, inspect_identity, load_chain, load_key
 from litestore import private_directory
 
@@ -79,9 +79,9 @@ def _parse_dt(value: Any, *, source: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(str(value))
     except ValueError as exc:
-        raise StateError(f"{source}: bad timestamp {value!r}", "STATE_CORRUPTED") from exc
+        raise StateError(f"{source}: bad timestamp {value!r}", Reason.STATE_CORRUPTED) from exc
     if parsed.tzinfo is None:
-        raise StateError(f"{source}: timestamp without time zone {value!r}", "STATE_CORRUPTED")
+        raise StateError(f"{source}: timestamp without time zone {value!r}", Reason.STATE_CORRUPTED)
     return parsed
 
 
@@ -181,7 +181,7 @@ class StateDir:
             raise StateError(
                 f"no state for device {self.guid!r} in {self.root} "
                 f"(run `device-client provision {self.guid}`)",
-                "STATE_DIR_MISSING",
+                Reason.STATE_DIR_MISSING,
                 {"path": str(self.path)},
             )
         missing = [n for n in (KEY_FILE, CHAIN_FILE, IDENTITY_FILE) if not self.file(n).is_file()]
@@ -189,7 +189,7 @@ class StateDir:
             raise StateError(
                 f"state directory {self.path} is incomplete: missing {', '.join(missing)} "
                 f"(re-provision with `device-client provision {self.guid} --force`)",
-                "STATE_INCOMPLETE",
+                Reason.STATE_INCOMPLETE,
                 {"missing": ",".join(missing)},
             )
 
@@ -199,7 +199,7 @@ class StateDir:
         if self.has_identity() and not force:
             raise IdentityExistsError(
                 f"device {self.guid!r} already has an identity in {self.path}; use --force to replace it",
-                "IDENTITY_EXISTS",
+                Reason.IDENTITY_EXISTS,
             )
         private_directory(self.path)
         atomic_write(self.key_path, key_pem, 0o600)
@@ -216,9 +216,9 @@ class StateDir:
         try:
             data = json.loads(path.read_bytes())
         except (OSError, ValueError) as exc:
-            raise StateError(f"{path}: unreadable or not JSON", "STATE_CORRUPTED") from exc
+            raise StateError(f"{path}: unreadable or not JSON", Reason.STATE_CORRUPTED) from exc
         if not isinstance(data, dict) or str(data.get("guid", "")).lower() != self.guid:
-            raise StateError(f"{path}: does not describe device {self.guid!r}", "STATE_CORRUPTED")
+            raise StateError(f"{path}: does not describe device {self.guid!r}", Reason.STATE_CORRUPTED)
         return data
 
     def load_identity(self, *, now: datetime | None = None) -> StoredIdentity:
@@ -228,14 +228,14 @@ class StateDir:
         if mode & 0o077:
             raise StateError(
                 f"{self.key_path}: private key is readable by others (mode {mode:o}); chmod 600 it",
-                "KEY_PERMISSIONS",
+                Reason.KEY_PERMISSIONS,
             )
         metadata = self.read_metadata()
         try:
             key = load_key(self.key_path.read_bytes(), source=str(self.key_path))
             chain = load_chain(self.chain_path.read_bytes(), source=str(self.chain_path))
         except IdentityError as exc:
-            raise StateError(exc.message, "STATE_CORRUPTED", {"detail": exc.reason}) from exc
+            raise StateError(exc.message, Reason.STATE_CORRUPTED, {"detail": exc.reason}) from exc
         info = inspect_identity(self.guid, key, chain, source=str(self.path))
         if now is not None:
             check_validity(info, now=now, source=str(self.path))
@@ -302,7 +302,7 @@ class StateDir:
                 checked_at=_parse_dt(data["checked_at"], source=str(path)),
             )
         except (OSError, ValueError, KeyError, TypeError, StateError) as exc:
-            raise StateError(f"{path}: unreadable revocation record", "STATE_CORRUPTED") from exc
+            raise StateError(f"{path}: unreadable revocation record", Reason.STATE_CORRUPTED) from exc
         return record if record.serial.upper() == serial.upper() else None
 
     def write_revocation(self, record: Revoked) -> None:
@@ -320,7 +320,7 @@ class StateDir:
             except BlockingIOError as exc:
                 raise StateError(
                     f"device {self.guid!r} is already running (lock {self.file(LOCK_FILE)} is held)",
-                    "STATE_IN_USE",
+                    Reason.STATE_IN_USE,
                 ) from exc
             yield
         finally:

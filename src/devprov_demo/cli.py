@@ -6,10 +6,13 @@
           hub received telemetry from it (--summary-json FILE also writes it).
     up    start the stack and keep it up, printing what a person needs to drive the flow by hand.
 
-Both bind loopback only.  Defaults: factory_svc 127.0.0.1:50051, activation_svc 127.0.0.1:50052, DPS device
-endpoint localhost, hubs 127.0.0.2 and 127.0.0.3, each on Azure's ports of its own address (MQTT/TLS 8883;
-HTTPS 443: its service REST API, so the connection strings name the bare host, which needs root or
-CAP_NET_BIND_SERVICE), the activation portal http://127.0.0.1:8080/.
+Both bind loopback only. Every option is also a setting: ``DEVPROV_DEMO_<OPTION>`` in the environment
+(``DEVPROV_DEMO_FACTORY_PORT=6051``, ``DEVPROV_DEMO_HUB_HOSTS=127.0.0.2,127.0.0.3``) or the key with
+underscores in a TOML file (``--config``), the option winning over the environment over the file. Defaults:
+factory_svc 127.0.0.1:50051, activation_svc 127.0.0.1:50052, DPS device endpoint localhost, hubs 127.0.0.2
+and 127.0.0.3, each on Azure's ports of its own address (MQTT/TLS 8883; HTTPS 443: its service REST API, so
+the connection strings name the bare host, which needs root or CAP_NET_BIND_SERVICE), the activation portal
+http://127.0.0.1:8080/.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from devprov_demo.fleet import Fleet, activate_fleet, provision_fleet, summary, 
 from devprov_demo.hub_feed import HubFeed
 from devprov_demo.stack import PARTIES, Stack, StackConfig
 from devprov_demo.view import HubWatch, countdown, labels_table, live_view, summary_table
+from provkit.cli_shell import run_cli
+from provkit.settings import FlagKeys, SettingsSource
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED = 0, 1, 2
 STATUS_EVERY_S = 5.0
@@ -49,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def stack_options(cmd: argparse.ArgumentParser, work_dir: str) -> None:
-        cmd.add_argument("--work-dir", type=Path, default=Path(work_dir), help=f"default {work_dir}")
-        cmd.add_argument("--dps-host", default="localhost", help="DPS global device endpoint (loopback)")
+        cmd.add_argument("--config", type=Path, help="TOML settings file (or DEVPROV_DEMO_CONFIG)")
+        cmd.add_argument("--work-dir", type=Path, help=f"default {work_dir}")
+        cmd.add_argument("--dps-host", help="DPS global device endpoint (loopback; default localhost)")
         cmd.add_argument(
             "--hub-host",
             action="append",
@@ -59,55 +65,86 @@ def _parser() -> argparse.ArgumentParser:
             help="a linked hub's address, repeatable (default 127.0.0.2 and 127.0.0.3)",
         )
         cmd.add_argument(
-            "--https-port", type=int, default=443,
+            "--https-port", type=int,
             help="the emulator's HTTPS port of every host (default 443, Azure's; another one goes into the "
             "connection strings)",
         )
-        cmd.add_argument("--factory-port", type=int, default=50051)
-        cmd.add_argument("--activation-port", type=int, default=50052)
-        cmd.add_argument("--portal-port", type=int, default=8080, help="the activation portal (HTTP)")
-        cmd.add_argument("--crl-port", type=int, default=8081, help="factory_svc's CRL over HTTP")
+        cmd.add_argument("--factory-port", type=int, help="default 50051")
+        cmd.add_argument("--activation-port", type=int, help="default 50052")
+        cmd.add_argument("--portal-port", type=int, help="the activation portal (HTTP; default 8080)")
+        cmd.add_argument("--crl-port", type=int, help="factory_svc's CRL over HTTP (default 8081)")
         cmd.add_argument(
             "--metrics-port",
             type=int,
-            default=9101,
             help="Prometheus /metrics of factory, activation, portal, emulator on this port and the next "
             "three (default 9101; 0: off; replica n of a service on its port + 1000 * n)",
         )
 
     run = sub.add_parser("run", allow_abbrev=False, help="the whole flow with a live view")
-    stack_options(run, "var/demo")
-    run.add_argument("--devices", type=int, default=5, help="fleet size (default 5)")
-    run.add_argument("--interval", type=float, default=5.0, help="telemetry interval in seconds (default 5)")
+    stack_options(run, WORK_DIRS["run"])
+    run.add_argument("--devices", type=int, help="fleet size (default 5)")
+    run.add_argument("--interval", type=float, help="telemetry interval in seconds (default 5)")
     run.add_argument("--seconds", type=float, help="stop after this long and print a summary")
     run.add_argument("--summary-json", type=Path, help="also write the summary here")
 
     up = sub.add_parser("up", allow_abbrev=False, help="start the stack and keep it up")
-    stack_options(up, "var/up")
+    stack_options(up, WORK_DIRS["up"])
     up.add_argument("--fresh", action="store_true", help="wipe the work directory first")
     up.add_argument(
         "--replicas",
         type=int,
-        default=1,
         help="N > 1: the services' state in a PostgreSQL cluster of the stack's own (in the work directory, "
         "kept between runs), and N replicas of each service behind its one address (replica n on the port + "
-        "1000 * n, its /metrics too; kill one to watch the others carry on)",
+        "1000 * n, its /metrics too; kill one to watch the others carry on; default 1)",
     )
     return parser
 
 
-def _config(args: argparse.Namespace) -> StackConfig:
+# The settings of both commands: these flags over DEVPROV_DEMO_<KEY> over the --config file over DEFAULTS.
+FLAGS = FlagKeys(
+    {
+        key: key
+        for key in (
+            "work_dir", "dps_host", "hub_hosts", "https_port", "factory_port", "activation_port",
+            "portal_port", "crl_port", "metrics_port", "replicas", "devices", "interval", "seconds",
+            "summary_json",
+        )
+    }
+)  # fmt: skip
+WORK_DIRS = {"run": "var/demo", "up": "var/up"}
+DEFAULTS = {
+    "dps_host": "localhost",
+    "hub_hosts": ("127.0.0.2", "127.0.0.3"),
+    "https_port": 443,
+    "factory_port": 50051,
+    "activation_port": 50052,
+    "portal_port": 8080,
+    "crl_port": 8081,
+    "metrics_port": 9101,
+    "replicas": 1,
+    "devices": 5,
+    "interval": 5.0,
+}
+
+
+def _settings(args: argparse.Namespace) -> SettingsSource:
+    defaults = {**DEFAULTS, "work_dir": WORK_DIRS[args.command]}
+    flags = FLAGS.values(args)
+    return SettingsSource.located("DEVPROV_DEMO", config=args.config, flags=flags, defaults=defaults)
+
+
+def _config(source: SettingsSource) -> StackConfig:
     return StackConfig(
-        work_dir=args.work_dir,
-        dps_host=args.dps_host,
-        hub_hosts=tuple(args.hub_hosts or ("127.0.0.2", "127.0.0.3")),
-        https_port=args.https_port,
-        factory_port=args.factory_port,
-        activation_port=args.activation_port,
-        portal_port=args.portal_port,
-        crl_port=args.crl_port,
-        metrics_port=args.metrics_port,
-        replicas=max(1, getattr(args, "replicas", 1)),
+        work_dir=source.path("work_dir") or Path(),
+        dps_host=source.text("dps_host") or "localhost",
+        hub_hosts=source.text_list("hub_hosts"),
+        https_port=source.integer("https_port", 443),
+        factory_port=source.integer("factory_port", 50051),
+        activation_port=source.integer("activation_port", 50052),
+        portal_port=source.integer("portal_port", 8080),
+        crl_port=source.integer("crl_port", 8081),
+        metrics_port=source.integer("metrics_port", 9101),
+        replicas=max(1, source.integer("replicas", 1)),
     )
 
 
@@ -229,11 +266,13 @@ async def _watch(
             console.print(f"status: {states}", markup=False, highlight=False, soft_wrap=True)
 
 
-async def run_demo(args: argparse.Namespace, console: Console) -> int:
-    if args.devices < 1 or args.interval <= 0 or (args.seconds is not None and args.seconds <= 0):
+async def run_demo(args: argparse.Namespace, source: SettingsSource, console: Console) -> int:
+    devices, interval = source.integer("devices", 5), source.number("interval", 5.0)
+    seconds = None if source.value("seconds") is None else source.number("seconds", 0.0)
+    if devices < 1 or interval <= 0 or (seconds is not None and seconds <= 0):
         console.print("[red]--devices, --interval and --seconds must be positive[/]")
         return EXIT_FAILED
-    stack = Stack(_config(args))
+    stack = Stack(_config(source))
     if not _claim(console, stack, args):
         return EXIT_FAILED
     stop = _stop_event()
@@ -244,13 +283,13 @@ async def run_demo(args: argparse.Namespace, console: Console) -> int:
         _log_to_file(stack.logs / "devices.log")
         if stop.is_set():
             return EXIT_INCOMPLETE
-        with console.status(f"factory: minting and enrolling {args.devices} devices (disabled) ..."):
-            labels = await provision_fleet(stack, args.devices)
+        with console.status(f"factory: minting and enrolling {devices} devices (disabled) ..."):
+            labels = await provision_fleet(stack, devices)
         console.print(labels_table(labels))
         if stop.is_set():
             return EXIT_INCOMPLETE
         with console.status("OEM back office: activating with metadata and a hub ..."):
-            chosen = await activate_fleet(stack, labels, args.interval)
+            chosen = await activate_fleet(stack, labels, interval)
         for label in labels:
             console.print(f"  activated {label.guid} on {chosen[label.guid]}", highlight=False)
         if stop.is_set():
@@ -260,13 +299,14 @@ async def run_demo(args: argparse.Namespace, console: Console) -> int:
         with console.status("starting the fleet's worker processes ..."):
             await fleet.start()
         console.print(f"first boot of {len(labels)} devices (logs: {stack.logs / 'devices.log'})")
-        await _watch(console, fleet, watch, stop, args.seconds)
+        await _watch(console, fleet, watch, stop, seconds)
         await fleet.stop()
         await watch.poll()
         result = summary(fleet, dict(watch.received), chosen)
         console.print(summary_table(result, console.width))
-        if args.summary_json:
-            write_json(args.summary_json, result)
+        summary_json = source.path("summary_json")
+        if summary_json is not None:
+            write_json(summary_json, result)
         return EXIT_OK if result["ok"] else EXIT_INCOMPLETE
     except Exception as exc:  # a failed start or party: say what, leave nothing running
         console.print(f"[red]demo failed:[/] {type(exc).__name__}: {exc}", highlight=False)
@@ -290,8 +330,8 @@ async def _watch_parts(console: Console, stack: Stack, stop: asyncio.Event) -> N
             console.print(f"[red]{line}[/]", highlight=False, soft_wrap=True)
 
 
-async def run_up(args: argparse.Namespace, console: Console) -> int:
-    stack = Stack(_config(args))
+async def run_up(args: argparse.Namespace, source: SettingsSource, console: Console) -> int:
+    stack = Stack(_config(source))
     if not _claim(console, stack, args):
         return EXIT_FAILED
     stop = _stop_event()
@@ -336,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not console.is_terminal:  # a log or a pipe: wide enough for a GUID and its columns
         console = Console(width=120)
     handler = run_demo if args.command == "run" else run_up
-    return asyncio.run(handler(args, console))
+    return run_cli(lambda: asyncio.run(handler(args, _settings(args), console)), prog="devprov-demo")
 
 
 if __name__ == "__main__":  # pragma: no cover

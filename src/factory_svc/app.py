@@ -1,11 +1,16 @@
-"""Assembly of the factory service: CA + ledger + domain services + gRPC servicer.
+"""Assembly of the factory service: CA + ledger + each feature's service + the one gRPC servicer.
+
+``FactoryServicer`` is the single FactoryService implementation registered with the server, composed of
+the features' gRPC adapters (``mint.grpc.MintRpcs``, ``revocation.grpc.RevocationRpcs``,
+``lots.grpc.LotRpcs``, ``enrollment.grpc.EnrollmentRpcs``); each adapter declares what it needs of it.
 
 Data directory layout (``FactorySettings.data_dir``)::
 
     <data_dir>/             0700 when the service creates it, like every directory below (files with
                             keys or secrets 0600)
-      ledger.sqlite3        issued certificates, revocations and request ids (SQLite, WAL; plus -wal/-shm)
-      crl/                  the CRL: issuing-ca.crl (DER), issuing-ca.crl.pem (see factory_svc.crl)
+      ledger.sqlite3        issued certificates, revocations, lots and request ids (factory_svc.ledger;
+                            SQLite, WAL; plus -wal/-shm)
+      crl/                  the CRL: issuing-ca.crl (DER), issuing-ca.crl.pem (see factory_svc.revocation.crl)
       enrollments.sqlite3   the enrollment outbox, its request ids, the enrollment audit, the activation
                             codes not yet acknowledged (AES-GCM encrypted) and their events (both
                             files: the default; with database_url = postgresql://... their tables are
@@ -26,20 +31,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from factory_svc.ca import IssuingCA, load_chain, load_configured_ca, open_dev_ca
-from factory_svc.crl import CrlHttp, CrlPublisher
-from factory_svc.enrollment.runtime import EnrollmentRuntime
+from devprov.v1 import factory_service_pb2 as pb
+from devprov.v1 import factory_service_pb2_grpc as pb_grpc
+from factory_svc.ca.issuing import IssuingCA, load_chain, load_configured_ca, open_dev_ca
+from factory_svc.ca.pkcs11_signer import Pkcs11Signer
+from factory_svc.enrollment.assembly import EnrollmentRuntime
+from factory_svc.enrollment.grpc import EnrollmentRpcs
+from factory_svc.enrollment.service import EnrollmentService
 from factory_svc.ledger import Ledger
-from factory_svc.lots import LotService
-from factory_svc.minting import CertificateCatalog, MintingService
-from factory_svc.pkcs11_signer import Pkcs11Signer
-from factory_svc.revocation import CloudSide, RevocationIntents, RevocationService
-from factory_svc.servicer import FactoryServicer
+from factory_svc.lots.grpc import LotRpcs
+from factory_svc.lots.service import LotService
+from factory_svc.mint.grpc import MintRpcs
+from factory_svc.mint.service import CertificateCatalog, MintingService
+from factory_svc.revocation.crl import CrlHttp, CrlPublisher
+from factory_svc.revocation.grpc import RevocationRpcs
+from factory_svc.revocation.service import CloudSide, RevocationIntents, RevocationService
 from factory_svc.settings import FactorySettings
 from provkit.clock import Clock, now_utc
-from provkit.grpc_server import RunningServer, ServiceBinding, serve_app, start_server
+from provkit.device_id import DeviceIdPolicy
+from provkit.grpc_server import RunningServer, ServiceBinding, binding, serve_app, start_server
 from provkit.idempotency import RequestIds
 from provkit.iothub import HubRegistries
+from provkit.metrics import NO_METRICS, SuiteMetrics
 from provkit.observe import Observability
 
 
@@ -57,6 +70,37 @@ def open_ca(settings: FactorySettings, clock: Clock) -> IssuingCA:
         passphrase = ca.key_passphrase.reveal() if ca.key_passphrase else None
         return load_configured_ca(ca.chain_file, ca.key_file, passphrase)
     return open_dev_ca(settings.dev_ca_dir, clock)
+
+
+class FactoryServicer(MintRpcs, RevocationRpcs, LotRpcs, EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
+    """FactoryService: one thin method per RPC, from the features' adapters; this class only holds the
+    services they call."""
+
+    def __init__(
+        self,
+        minting: MintingService,
+        catalog: CertificateCatalog,
+        enrollment: EnrollmentService | None = None,
+        device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID,
+        metrics: SuiteMetrics = NO_METRICS,
+        revocation: RevocationService | None = None,
+        lots: LotService | None = None,
+    ) -> None:
+        self._device_ids = device_ids  # checked at the boundary, by every adapter
+        if lots is not None:
+            self._lots = lots  # MintCertificates (LotRpcs)
+        self._minting = minting
+        self._catalog = catalog
+        self._revocation = revocation
+        self._enrollment = enrollment  # Enroll / EnrollBatch / GetEnrollmentStatus (EnrollmentRpcs)
+        self._metrics = metrics
+
+    def binding(self) -> ServiceBinding:
+        return binding(
+            self,
+            pb_grpc.add_FactoryServiceServicer_to_server,
+            pb.DESCRIPTOR.services_by_name["FactoryService"],
+        )
 
 
 @dataclass
@@ -80,13 +124,13 @@ class FactoryApp:
         observe = observe or Observability.open(settings.observe, "factory_svc")
         ca = open_ca(settings, clock)
         ledger = await Ledger.open(settings.database_url)
-        request_ids = RequestIds(ledger.reservations, lease=settings.request_lease)
-        minting = MintingService(ca, ledger, settings.mint, clock, request_ids)
-        crl = CrlPublisher(ca, ledger, settings.crl_dir, settings.crl, clock)
+        request_ids = RequestIds(ledger.certificates.reservations, lease=settings.request_lease)
+        minting = MintingService(ca, ledger.certificates, settings.mint, clock, request_ids)
+        crl = CrlPublisher(ca, ledger.revocations, settings.crl_dir, settings.crl, clock)
         await crl.publish()  # a fresh CRL at every start
         crl.start()
         enrollment, cloud = None, None
-        intents = RevocationIntents(ledger, clock)
+        intents = RevocationIntents(ledger.revocations, clock)
         if settings.enroll is not None:
             enrollment = await EnrollmentRuntime.open(
                 settings.enroll,
@@ -100,9 +144,9 @@ class FactoryApp:
             )
             hubs = HubRegistries(settings.enroll.cloud.hubs, settings.enroll.cloud.dps.ca_file)
             cloud = CloudSide(enrollment.dps, hubs)
-        revocation = RevocationService(ledger, crl, cloud, clock, intents)
+        revocation = RevocationService(ledger.certificates, ledger.revocations, crl, cloud, clock, intents)
         revocation.start()  # open revocation intents (a crash, an unreachable cloud) are carried out now
-        catalog = CertificateCatalog(ledger)
+        catalog = CertificateCatalog(ledger.certificates)
         app = cls(
             settings, ca, ledger, minting, catalog, crl, revocation, enrollment, observe=observe, clock=clock
         )
@@ -120,7 +164,7 @@ class FactoryApp:
             self.settings.device_ids,
             self.observe.metrics,
             revocation=self.revocation,
-            lots=LotService(self.minting, self.ledger, self.clock, self.settings.device_ids),
+            lots=LotService(self.minting, self.ledger.lots, self.clock, self.settings.device_ids),
         )
         return [servicer.binding()]
 
@@ -139,7 +183,7 @@ class FactoryApp:
         return await start_server(
             self.settings.server,
             self.bindings(),
-            refusals=self.ledger,
+            refusals=self.ledger.refusals,
             metrics=self.observe.metrics,
             interceptors=self.observe.server_interceptors(),
         )

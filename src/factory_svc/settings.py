@@ -27,7 +27,7 @@
 | crl.http_host / crl.http_port | FACTORY_CRL_HTTP_HOST / _HTTP_PORT | 127.0.0.1 / - (no HTTP)  |
 | crl.url                       | FACTORY_CRL_URL                   | - (no CRL DP in certificates) |
 | crl.check_seconds             | FACTORY_CRL_CHECK_SECONDS         | 5 (other replicas' revocations) |
-| enroll.*, cloud.*             | FACTORY_ENROLL_*, FACTORY_CLOUD_*  | see factory_svc.enrollment.runtime |
+| enroll.*, cloud.*             | FACTORY_ENROLL_*, FACTORY_CLOUD_*  | see factory_svc.enrollment.assembly |
 | metrics.listen                | FACTORY_METRICS_LISTEN            | - (off; host:port serves /metrics) |
 | tracing.exporter / otlp_endpoint | FACTORY_TRACING_EXPORTER / _OTLP_ENDPOINT | none (console, otlp) |
 
@@ -52,11 +52,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from dbstore import DatabaseUrl
-from factory_svc.crl import CrlSettings
-from factory_svc.enrollment.runtime import EnrollSettings, load_enroll_settings
+from factory_svc.ca.pkcs11_signer import DEBIAN_SOFTHSM2, TokenRef
+from factory_svc.enrollment.assembly import EnrollSettings, load_enroll_settings
 from factory_svc.errors import ERROR_DOMAIN
-from factory_svc.minting import MintPolicy
-from factory_svc.pkcs11_signer import DEBIAN_SOFTHSM2, TokenRef
+from factory_svc.mint.service import MintPolicy
+from factory_svc.revocation.crl import CrlSettings
 from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ServerSettings
 from provkit.idempotency import LEASE

@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Protocol
 
 from provkit.context import Caller, Role
-from provkit.errors import PermissionDenied
+from provkit.errors import PermissionDenied, Reason
 
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.")
 
@@ -35,7 +35,7 @@ _ACTIVATION = "/devprov.v1.ActivationService/"
 class CallerNotAuthorized(PermissionDenied):
     def __init__(self, method: str, caller: Caller) -> None:
         super().__init__(
-            "CALLER_NOT_AUTHORIZED",
+            Reason.CALLER_NOT_AUTHORIZED,
             f"a caller with role {caller.role.value!r} may not call {method}",
             metadata={"role": caller.role.value, "method": method},
         )

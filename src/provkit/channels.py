@@ -13,10 +13,13 @@ API
 ``request_metadata(request_id) -> tuple``   ``(("x-request-id", request_id),)`` for per-call metadata.
 
 For command-line clients: ``add_channel_arguments(parser, target_help=...)`` (--target, --insecure,
---ca-file, --cert-file, --key-file, --server-name); ``report_failed_call(exc) -> exit code`` (prints the
+--ca-file, --cert-file, --key-file, --server-name), the settings keys they set (``CHANNEL_FLAGS``, a
+``mainkit.settings.FlagKeys``) and ``channel_security(source, section="")`` reading those keys from a
+settings source; ``report_failed_call(exc) -> exit code`` (prints the
 service's message with its status and reason, the field violations that add to it and the retry delay;
 ``EXIT_UNREACHABLE`` when the service is unavailable, else ``EXIT_REFUSED``); ``read_input(path, what)``
-(a file the person named, or ``ValueError`` with a sentence saying why it cannot be read);
+(a file the person named, or ``provkit.errors.InputError`` with a sentence saying why it cannot be read;
+also what ``ChannelSecurity`` raises for a certificate without its key);
 ``describe_os_error(exc)`` (an ``OSError`` as a sentence).
 """
 
@@ -31,10 +34,14 @@ from typing import Any, TextIO
 
 import grpc
 
+from mainkit.settings import FlagKeys, SettingsSource
+from mainkit.shell import EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from mainkit.shell import EXIT_USAGE as EXIT_USAGE
+from provkit.errors import InputError
 from provkit.grpc_errors import error_details
 from provkit.grpc_server import REQUEST_ID_HEADER
 
-EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_REFUSED, EXIT_UNREACHABLE = 1, 3
 
 
 @dataclass(frozen=True)
@@ -47,9 +54,9 @@ class ChannelSecurity:
 
     def __post_init__(self) -> None:
         if (self.cert_pem is None) != (self.key_pem is None):
-            raise ValueError("a client certificate needs its key (and the other way round)")
+            raise InputError("a client certificate needs its key (and the other way round)")
         if self.insecure and (self.ca_pem or self.cert_pem):
-            raise ValueError("insecure channels take no certificates")
+            raise InputError("insecure channels take no certificates")
 
     def __repr__(self) -> str:
         mode = "insecure" if self.insecure else ("mtls" if self.cert_pem else "tls")
@@ -96,6 +103,33 @@ def create_channel(
     return grpc.aio.secure_channel(target, creds, options=opts, interceptors=chain)
 
 
+# The settings keys the options of add_channel_arguments set (``CHANNEL_FLAGS.within("portal")``: under a
+# section); channel_security reads them.
+CHANNEL_FLAGS = FlagKeys(
+    {
+        "target": "target",
+        "insecure": "insecure",
+        "ca_file": "ca_file",
+        "cert_file": "cert_file",
+        "key_file": "key_file",
+        "server_name": "server_name",
+    }
+)
+
+
+def channel_security(source: SettingsSource, section: str = "") -> ChannelSecurity:
+    """The channel's security from the settings keys ``insecure``, ``ca_file``, ``cert_file``, ``key_file``,
+    ``server_name`` (under ``section.`` when given)."""
+    prefix = f"{section}." if section else ""
+    return ChannelSecurity.from_files(
+        ca_file=source.path(prefix + "ca_file"),
+        cert_file=source.path(prefix + "cert_file"),
+        key_file=source.path(prefix + "key_file"),
+        server_name=source.text(prefix + "server_name"),
+        insecure=source.flag(prefix + "insecure", False),
+    )
+
+
 def add_channel_arguments(parser: argparse.ArgumentParser, *, target_help: str) -> None:
     """The options every gRPC client command takes: where the service is and how to secure the channel."""
     parser.add_argument("--target", help=target_help)
@@ -137,10 +171,10 @@ def read_input(path: Path, what: str) -> str:
     try:
         return path.read_text()
     except FileNotFoundError:
-        raise ValueError(f"the {what} {path} does not exist") from None
+        raise InputError(f"the {what} {path} does not exist") from None
     except IsADirectoryError:
-        raise ValueError(f"the {what} {path} is a directory, not a file") from None
+        raise InputError(f"the {what} {path} is a directory, not a file") from None
     except UnicodeDecodeError:
-        raise ValueError(f"the {what} {path} is not text (UTF-8)") from None
+        raise InputError(f"the {what} {path} is not text (UTF-8)") from None
     except OSError as exc:
-        raise ValueError(f"cannot read the {what}: {describe_os_error(exc)}") from None
+        raise InputError(f"cannot read the {what}: {describe_os_error(exc)}") from None

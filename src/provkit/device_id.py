@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 import re
 
-from provkit.errors import InvalidArgument, invalid_field
+from provkit.errors import InvalidArgument, Reason, invalid_field
 
 MAX_LENGTH = 64
 GUID_EXAMPLE = "3f2a9c1e-0000-4000-8000-000000000001"
@@ -62,11 +62,11 @@ def _registration_id(device_id: str, raw: str, field: str) -> str:
     if len(device_id) <= MAX_LENGTH and _REGISTRATION_ID.fullmatch(device_id):
         return device_id
     if not device_id:
-        raise invalid_field(field, "DEVICE_ID_EMPTY", "the device id is empty")
+        raise invalid_field(field, Reason.DEVICE_ID_EMPTY, "the device id is empty")
     if len(device_id) > MAX_LENGTH:
         raise invalid_field(
             field,
-            "DEVICE_ID_TOO_LONG",
+            Reason.DEVICE_ID_TOO_LONG,
             f"the device id has {len(device_id)} characters; at most {MAX_LENGTH} are allowed",
             length=str(len(device_id)),
         )
@@ -74,14 +74,14 @@ def _registration_id(device_id: str, raw: str, field: str) -> str:
     if bad:
         raise invalid_field(
             field,
-            "DEVICE_ID_INVALID_CHARACTERS",
+            Reason.DEVICE_ID_INVALID_CHARACTERS,
             f"the device id {_shown(raw)} may contain only letters, digits and - . _ : "
             f"(found {''.join(bad)!r})",
         )
     if not (device_id[-1].isalnum() or device_id[-1] == "-"):
         raise invalid_field(
             field,
-            "DEVICE_ID_INVALID_LAST_CHARACTER",
+            Reason.DEVICE_ID_INVALID_LAST_CHARACTER,
             f"the device id {_shown(raw)} must end with a letter, a digit or '-'",
         )
     return device_id
@@ -92,11 +92,11 @@ def check_device_id(raw: str, policy: DeviceIdPolicy = DeviceIdPolicy.GUID, fiel
     if policy is DeviceIdPolicy.REGISTRATION_ID:
         return _registration_id(device_id, raw, field)
     if not device_id:
-        raise invalid_field(field, "DEVICE_ID_EMPTY", "the device id is empty")
+        raise invalid_field(field, Reason.DEVICE_ID_EMPTY, "the device id is empty")
     if not _GUID.match(device_id):
         raise invalid_field(
             field,
-            "DEVICE_ID_NOT_A_GUID",
+            Reason.DEVICE_ID_NOT_A_GUID,
             f"the device id {_shown(raw)} is not a GUID: expected 32 hex digits as 8-4-4-4-12, "
             f"like {GUID_EXAMPLE}",
         )

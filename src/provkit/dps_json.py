@@ -1,6 +1,7 @@
 """DPS's JSON for individual enrollments, bulk results and registration states, to and from the typed
 records of ``provkit.cloud``.  Part of the DPS adapter: only ``provkit.dps`` uses it (no SDK import here,
-so it is tested on its own).
+so it is tested on its own), and the enrollment outbox reads with it the entries of files written before
+its entries had their own shape (they held the DPS body).
 
 Where the model lives in the body:
 

@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from provkit.errors import DomainError, ErrorKind, FieldViolation
+from provkit.errors import DomainError, ErrorKind, FieldViolation, Reason
 
 STATUS_BY_KIND: Mapping[ErrorKind, grpc.StatusCode] = MappingProxyType(
     {
@@ -75,7 +75,9 @@ def to_grpc_status(error: DomainError, domain: str, *, request_id: str = "") -> 
 
 
 def internal_status(request_id: str, domain: str) -> grpc.Status:
-    info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=domain, metadata={"request_id": request_id})
+    info = error_details_pb2.ErrorInfo(
+        reason=Reason.INTERNAL.value, domain=domain, metadata={"request_id": request_id}
+    )
     return rpc_status.to_status(
         status_pb2.Status(
             code=code_pb2.INTERNAL,

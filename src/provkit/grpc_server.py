@@ -78,7 +78,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from provkit.authz import SUITE_POLICY, AccessPolicy, Refusal, RefusalLog, is_open
 from provkit.context import Caller, CallerIdentity, Role, deadline_scope, request_scope
-from provkit.errors import DomainError, Unauthenticated
+from provkit.errors import ConfigurationError, DomainError, Reason, Unauthenticated
 from provkit.grpc_errors import STATUS_BY_KIND, internal_status, to_grpc_status
 from provkit.metrics import NO_METRICS, RpcMetrics
 from provkit.parties import (
@@ -96,7 +96,7 @@ ON_BEHALF_OF_HEADER = "x-devprov-on-behalf-of"  # a portal's end user (ignored f
 _MAX_ON_BEHALF_OF = 64
 
 
-class ServerConfigError(ValueError):
+class ServerConfigError(ConfigurationError, ValueError):
     """The server settings cannot work (reported at start-up, before binding)."""
 
 
@@ -208,12 +208,12 @@ class _CallerResolver:
             try:
                 return _for_end_user(caller_from_certificate(pem, context.peer() or ""), context)
             except UnrecognisedIdentity as exc:
-                raise Unauthenticated("CALLER_IDENTITY_UNRECOGNISED", str(exc)) from None
+                raise Unauthenticated(Reason.CALLER_IDENTITY_UNRECOGNISED, str(exc)) from None
         if self._insecure is not None and not tls:
             identity = CallerIdentity("insecure", peer=context.peer() or "")
             return _for_end_user(Caller(*self._insecure, identity), context)
         raise Unauthenticated(
-            "CLIENT_CERTIFICATE_REQUIRED", "a client certificate naming a party is required"
+            Reason.CLIENT_CERTIFICATE_REQUIRED, "a client certificate naming a party is required"
         )
 
 

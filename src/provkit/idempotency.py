@@ -96,7 +96,7 @@ from typing import Any, Final, Generic, Literal, TypeVar
 
 from dbstore.reservations import ClaimKind, Reservations
 from provkit.context import current_deadline
-from provkit.errors import Aborted, InvalidArgument, invalid_field
+from provkit.errors import Aborted, InvalidArgument, Reason, invalid_field
 from provkit.faults import crash_point
 
 log = logging.getLogger("provkit.idempotency")
@@ -123,7 +123,7 @@ LostRace = Literal[_LostRace.LOST_RACE]  # the type of LOST_RACE, for ``execute`
 class RequestIdReused(InvalidArgument):
     def __init__(self, request_id: str) -> None:
         super().__init__(
-            "REQUEST_ID_REUSED",
+            Reason.REQUEST_ID_REUSED,
             "this request_id was already used for a different request",
             metadata={"request_id": request_id},
         )
@@ -132,7 +132,7 @@ class RequestIdReused(InvalidArgument):
 class RequestInProgress(Aborted):
     def __init__(self, request_id: str, retry_after: float) -> None:
         super().__init__(
-            "REQUEST_IN_PROGRESS",
+            Reason.REQUEST_IN_PROGRESS,
             "another replica is still executing this request_id; retry later with the same id",
             metadata={"request_id": request_id},
             retry_after=retry_after,
@@ -154,7 +154,7 @@ def fingerprint(request: Any) -> str:
 def check_request_id(request_id: str, field: str = "request_id") -> None:
     if request_id and not _REQUEST_ID.match(request_id):
         raise invalid_field(
-            field, "REQUEST_ID_INVALID", "the request id must be 1-128 printable ASCII characters"
+            field, Reason.REQUEST_ID_INVALID, "the request id must be 1-128 printable ASCII characters"
         )
 
 

@@ -24,8 +24,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from provkit.cli_shell import EXIT_USAGE, Answer, run_cli
 from provkit.context import Role
 from provkit.devpki import DevTlsAuthority, TlsPair
+from provkit.errors import ConfigurationError, InputError
 from provkit.parties import PARTY_ROLES, UnrecognisedIdentity, caller_from_certificate, identity_uri
 
 
@@ -43,7 +45,11 @@ def issue_party(
 
 
 def _load(ca_dir: Path) -> DevTlsAuthority:
-    return DevTlsAuthority.load((ca_dir / "ca.pem").read_bytes(), (ca_dir / "ca.key").read_bytes())
+    cert_pem, key_pem = (ca_dir / "ca.pem").read_bytes(), (ca_dir / "ca.key").read_bytes()
+    try:
+        return DevTlsAuthority.load(cert_pem, key_pem)
+    except ValueError as exc:  # not PEM, or a key that is not the certificate's
+        raise InputError(str(exc)) from exc
 
 
 def _init_ca(args: argparse.Namespace) -> int:
@@ -57,6 +63,8 @@ def _init_ca(args: argparse.Namespace) -> int:
 
 
 def _issue(args: argparse.Namespace) -> int:
+    if args.days < 1:
+        raise InputError(f"--days must be at least 1, got {args.days}")
     prefix: Path = args.out or args.ca_dir / f"{args.role}-{args.tenant}"
     pair = issue_party(_load(args.ca_dir), args.role, args.tenant, common_name=args.name, days=args.days)
     cert, key = prefix.with_name(prefix.name + ".pem"), prefix.with_name(prefix.name + ".key")
@@ -66,7 +74,13 @@ def _issue(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    caller = caller_from_certificate(args.cert.read_bytes())
+    pem = args.cert.read_bytes()
+    try:
+        caller = caller_from_certificate(pem)
+    except UnrecognisedIdentity:
+        raise
+    except ValueError as exc:  # not a PEM certificate
+        raise InputError(str(exc)) from exc
     print(f"{caller.uri}  role={caller.role.value} tenant={caller.tenant}  {caller.identity}")
     return 0
 
@@ -94,13 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What devprov-pki says for the failures it knows, before the suite's (provkit.cli_shell).
+ANSWERS = (Answer.line((UnrecognisedIdentity, ConfigurationError, OSError), "devprov-pki: {}", EXIT_USAGE),)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return int(args.run(args))
-    except (UnrecognisedIdentity, ValueError, OSError) as exc:
-        print(f"devprov-pki: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: int(args.run(args)), prog="devprov-pki", answers=ANSWERS)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,11 @@
-"""Settings resolved once at start-up from a TOML file and the environment (environment wins).
+"""The suite's settings: ``mainkit.settings`` (the one loader: flags over the environment over a TOML file
+over defaults) and the blocks both services read from it.
 
 API
 ---
-``SettingsSource(prefix, env=os.environ, file=None)``  one program's configuration source.  A dotted key
-    ``"server.port"`` is read from the environment as ``<PREFIX>_SERVER_PORT`` and from the TOML file as
-    ``[server] port = ...``.
-    ``.text(key, default=None)``, ``.integer(key, default)``, ``.number(key, default)``,
-    ``.flag(key, default)``, ``.path(key, default=None)`` (relative paths resolve against the file's folder)
-    ``.secret(key) -> Secret | None``  from ``<PREFIX>_<KEY>`` or a file named by ``<PREFIX>_<KEY>_FILE`` /
-        ``key_file`` in TOML; never from argv.  ``Secret.reveal()`` gives the value; ``repr`` hides it.
+``SettingsSource``, ``SettingsFile``, ``FlagKeys``, ``Secret``, ``SettingsError``   from ``mainkit.settings``
+    (see there): a dotted key ``"server.port"`` is read from a flag, the environment
+    (``<PREFIX>_SERVER_PORT``), the TOML file (``[server] port = ...``), then the defaults.
 ``server_settings(source, section="server", error_domain=...) -> ServerSettings``   the shared
     ``[server]`` block: host, port, insecure, allow_insecure_non_loopback, grace_seconds, tls_cert_file,
     tls_key_file, client_ca_file, client_auth (none|optional|require), insecure_identity (the
@@ -18,136 +15,35 @@ API
     default 30): how long a replica's reservation of a request id lasts without renewal, i.e. how long a
     retry on another replica waits before taking over the request of a replica that died
     (``provkit.idempotency``).
-``SettingsError``   a missing or malformed value (message names the env variable and the file key).
+``database_url(source, data_dir)``, ``database_url_set(source)``   where a service keeps its state.
+``SettingsError``   a missing or malformed value (message names the env variable and the file key); a
+    ``ConfigurationError`` (``mainkit.settings``, re-exported by ``provkit.errors``), as
+    ``ServerConfigError`` and ``CloudNotConfigured`` are.
 """
 
 from __future__ import annotations
 
-import os
-import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from dbstore import DatabaseUrl, UrlError
+from mainkit.settings import FlagKeys, Secret, SettingsError, SettingsFile, SettingsSource
 from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ClientAuth, ServerConfigError, ServerSettings, ServerTLS
 from provkit.idempotency import LEASE
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-class SettingsError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Secret:
-    value: str = ""
-
-    def reveal(self) -> str:
-        return self.value
-
-    def __repr__(self) -> str:
-        return "Secret(****)"
-
-    __str__ = __repr__
-
-
-class SettingsSource:
-    def __init__(self, prefix: str, env: Mapping[str, str] | None = None, file: Path | None = None) -> None:
-        self.prefix = prefix.upper().rstrip("_")
-        self.env = dict(os.environ if env is None else env)
-        self.file = file
-        self._data: dict[str, Any] = {}
-        if file is not None:
-            try:
-                with file.open("rb") as handle:
-                    self._data = tomllib.load(handle)
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise SettingsError(f"cannot read settings file {file}: {exc}") from exc
-
-    def env_name(self, key: str) -> str:
-        return f"{self.prefix}_{key.upper().replace('.', '_').replace('-', '_')}"
-
-    def _from_file(self, key: str) -> Any:
-        node: Any = self._data
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return None
-            node = node[part]
-        return node
-
-    def _raw(self, key: str) -> Any:
-        name = self.env_name(key)
-        if name in self.env:
-            return self.env[name]
-        return self._from_file(key)
-
-    def _describe(self, key: str) -> str:
-        return f"{self.env_name(key)} / {key}"
-
-    def text(self, key: str, default: str | None = None) -> str | None:
-        value = self._raw(key)
-        return default if value is None else str(value)
-
-    def integer(self, key: str, default: int) -> int:
-        value = self._raw(key)
-        if value is None or value == "":
-            return default
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise SettingsError(f"{self._describe(key)} must be an integer, got {value!r}") from None
-
-    def number(self, key: str, default: float) -> float:
-        value = self._raw(key)
-        if value is None or value == "":
-            return default
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise SettingsError(f"{self._describe(key)} must be a number, got {value!r}") from None
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self._raw(key)
-        if value is None:
-            return default
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        raise SettingsError(f"{self._describe(key)} must be true or false, got {value!r}")
-
-    def path(self, key: str, default: Path | None = None) -> Path | None:
-        name = self.env_name(key)
-        if name in self.env:
-            return Path(self.env[name]).expanduser() if self.env[name] else default
-        value = self._from_file(key)
-        if value is None or value == "":
-            return default
-        path = Path(str(value)).expanduser()
-        if not path.is_absolute() and self.file is not None:
-            path = self.file.parent / path
-        return path
-
-    def secret(self, key: str) -> Secret | None:
-        name = self.env_name(key)
-        if self.env.get(name):
-            return Secret(self.env[name])
-        secret_file = self.path(f"{key}_file")
-        if secret_file is None:
-            return None
-        try:
-            return Secret(secret_file.read_text().rstrip("\r\n"))
-        except OSError as exc:
-            raise SettingsError(f"cannot read secret file for {name}: {exc}") from exc
+__all__ = [
+    "FlagKeys",
+    "Secret",
+    "SettingsError",
+    "SettingsFile",
+    "SettingsSource",
+    "database_url",
+    "database_url_set",
+    "device_id_policy",
+    "request_lease",
+    "server_settings",
+]
 
 
 def server_settings(

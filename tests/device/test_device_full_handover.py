@@ -25,7 +25,7 @@ from device_client.factory_client import GrpcFactory
 from device_client.provisioning import ProvisionRequest, provision_with
 from device_client.runtime import DeviceRuntime, DeviceState
 from device_client.settings import load_settings
-from factory_svc.pkcs11_signer import Pkcs11Signer
+from factory_svc.ca.pkcs11_signer import Pkcs11Signer
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from device_client.identity import inspect_identity
-from factory_svc.minting import serial_hex
+from factory_svc.mint.service import serial_hex
 
 
 def _self_signed(guid: str, serial: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:

@@ -244,7 +244,7 @@ async def test_a_device_revoked_while_it_runs_stops_saying_revoked_and_status_sh
         assert report["identity"]["enrollment"] == "revoked"
         assert report["revocation"]["serial"] == serial and report["revocation"]["crl_url"] == crl_url
         assert report["revocation"]["reason"] == "key-compromise"
-        listed = await factory_app.ledger.revocation_audit()
+        listed = await factory_app.ledger.revocations.revocation_audit()
         assert [(a[1], a[3]) for a in listed] == [(serial, "keyCompromise")]
         assert "enrollment   revoked" in text and "revoked      on " in text and "(key-compromise)" in text
 

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from factory_svc.ca import open_dev_ca
+from factory_svc.ca.issuing import open_dev_ca
 from factory_svc.enrollment.lint import lint_certificate, lint_policy_from_chain
 from provkit.devpki import DevTlsAuthority, key_usage
 from provkit.errors import InvalidArgument

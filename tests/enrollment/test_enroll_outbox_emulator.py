@@ -32,7 +32,7 @@ from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.enrollment.delivery import Delivered, NotDelivered, OutboxDelivery
 from factory_svc.enrollment.lint import LintedCertificate
 from factory_svc.enrollment.outbox import EntryIntent, NewEntry, Outbox, OutboxMode
-from factory_svc.enrollment.service import new_enrollment, new_enrollment_of
+from factory_svc.enrollment.records import new_enrollment, new_enrollment_of
 from provkit.activation_code import hash_code, new_code, verify_code
 from provkit.channels import ChannelSecurity, create_channel
 from provkit.cloud import ActivationRecord, load_cloud_settings

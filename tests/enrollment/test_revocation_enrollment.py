@@ -23,7 +23,7 @@ from factory_svc.enrollment.lint import lint_policy_from_chain
 from factory_svc.enrollment.model import EnrollOutcome, EnrollRequest
 from factory_svc.enrollment.outbox import EntryIntent, NewEntry, Outbox, OutboxMode, OutboxState
 from factory_svc.enrollment.service import EnrollmentService
-from factory_svc.revocation import RevokeRequest
+from factory_svc.revocation.model import RevokeRequest
 from provkit.activation_code import hash_code, new_code
 from provkit.cloud import BulkItemError, Enrollment, EnrollmentPort
 from provkit.errors import DomainError
@@ -55,7 +55,7 @@ async def test_a_queued_enrollment_of_a_revoked_certificate_is_refused_not_deliv
                 )
             )
             assert down.code == grpc.StatusCode.UNAVAILABLE and down.reason == "DPS_UNAVAILABLE"
-            intent = await app.ledger.revocation_intent(revoked.device_id)
+            intent = await app.ledger.revocations.revocation_intent(revoked.device_id)
             assert intent is not None and not intent.completed
             assert app.crl.current is not None and len(app.crl.current.crl) == 1
 
@@ -84,7 +84,7 @@ async def test_a_queued_enrollment_of_a_revoked_certificate_is_refused_not_deliv
             assert refused.sha256_thumbprint in audit[0].detail and "not written" in audit[0].detail
 
             async def intent_done() -> bool:
-                found = await app.ledger.revocation_intent(revoked.device_id)
+                found = await app.ledger.revocations.revocation_intent(revoked.device_id)
                 return found is not None and found.completed
 
             await until(intent_done, "the revocation intent carried out once DPS is back", timeout=60)
@@ -164,7 +164,7 @@ async def test_a_revocation_during_a_live_enroll_ends_with_the_enrollment_disabl
 
         service = racing_service(batched.device_id)
         try:
-            batch = await service.enroll_batch(
+            batch = await service.batch.enroll(
                 [
                     EnrollRequest(batched.device_id, batched.chain_pem),
                     EnrollRequest(fine.device_id, fine.chain_pem),
@@ -195,7 +195,7 @@ async def test_a_revocation_racing_with_delivery_ends_with_the_enrollment_disabl
         async def revoke() -> None:
             result = await revocation.revoke(RevokeRequest(device_id=device.device_id))
             assert not result.enrollment_disabled  # nothing in DPS yet: its step had nothing to do
-            intent = await app.ledger.revocation_intent(device.device_id)
+            intent = await app.ledger.revocations.revocation_intent(device.device_id)
             assert intent is not None and intent.completed
 
         # an outbox of its own (the server's delivery never sees it), delivered through the racing adapter
@@ -242,5 +242,5 @@ async def test_a_revocation_racing_with_delivery_ends_with_the_enrollment_disabl
             )
 
         await until(disabled, "the enrollment written with the revoked certificate is disabled", timeout=60)
-        intent = await app.ledger.revocation_intent(device.device_id)
+        intent = await app.ledger.revocations.revocation_intent(device.device_id)
         assert intent is not None and intent.completed

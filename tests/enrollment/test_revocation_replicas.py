@@ -18,8 +18,8 @@ from support.waiting import until
 
 from dbstore import DatabaseUrl
 from devprov.v1 import factory_service_pb2 as fpb
-from factory_svc.crl import DER_NAME
 from factory_svc.ledger import Ledger
+from factory_svc.revocation.crl import DER_NAME
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 

@@ -19,7 +19,7 @@ from support.parties import FACTORY_URI
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.app import FactoryApp
 from factory_svc.errors import ERROR_DOMAIN
-from factory_svc.minting import MintPolicy
+from factory_svc.mint.service import MintPolicy
 from factory_svc.settings import CaSettings, FactorySettings
 from provkit.channels import ChannelSecurity, create_channel
 from provkit.clock import Clock, now_utc

@@ -16,8 +16,8 @@ from support.emulator import free_port
 from test_lots import _csr_lot, _send
 
 from devprov.v1 import factory_service_pb2 as pb
-from factory_svc.crl import DER_NAME, CrlSettings
-from factory_svc.minting import MintPolicy
+from factory_svc.mint.service import MintPolicy
+from factory_svc.revocation.crl import DER_NAME, CrlSettings
 from factory_svc.settings import load_settings
 from provkit.settings import SettingsError
 

@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 
 from dbstore import Conflict
-from factory_svc.keys import KeyType
-from factory_svc.ledger import Ledger, LotEntry, Recorded, RequestIdTaken, StoredLot
-from factory_svc.model import IssuedCertificate, KeySource, Revocation, RevocationReason
+from factory_svc.ledger import Ledger
+from factory_svc.lots.model import LotEntry, StoredLot
+from factory_svc.mint.keys import KeyType
+from factory_svc.mint.model import IssuedCertificate, KeySource
+from factory_svc.mint.store import Recorded, RequestIdTaken
+from factory_svc.revocation.model import Revocation, RevocationReason
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
 
@@ -50,16 +53,16 @@ async def test_concurrent_records_commit_together_and_each_gets_its_ids_count(tm
     try:
         expired = certificate(1, "dev-a", days=-1)
         results = await asyncio.gather(
-            ledger.record(expired, None, NOW),
-            ledger.record(certificate(2, "dev-a"), None, NOW),
-            ledger.record(certificate(3, "dev-a"), None, NOW),
-            ledger.record(certificate(4, "dev-b", "req-4"), "fp-4", NOW),
+            ledger.certificates.record(expired, None, NOW),
+            ledger.certificates.record(certificate(2, "dev-a"), None, NOW),
+            ledger.certificates.record(certificate(3, "dev-a"), None, NOW),
+            ledger.certificates.record(certificate(4, "dev-b", "req-4"), "fp-4", NOW),
         )
-        assert ledger._writes.commits == 1  # one transaction for the four
+        assert ledger.certificates.group_commits == 1  # one transaction for the four
         # dev-a holds two unexpired certificates once the batch is in; dev-b one
         assert results == [Recorded(2), Recorded(2), Recorded(2), Recorded(1)]
         assert stored_serials(path) == ["0001", "0002", "0003", "0004"]
-        stored = await ledger.find_request("req-4")
+        stored = await ledger.certificates.find_request("req-4")
         assert stored is not None and stored.fingerprint == "fp-4"
         assert stored.certificate == certificate(4, "dev-b", "req-4")
     finally:
@@ -68,17 +71,19 @@ async def test_concurrent_records_commit_together_and_each_gets_its_ids_count(tm
 
 async def test_a_conflicting_record_is_refused_alone(database_url) -> None:
     ledger = await Ledger.open(database_url, migrate=True)
+    certificates = ledger.certificates
     try:
-        assert await ledger.record(certificate(10, "dev-c", "taken"), "fp", NOW) == Recorded(1)
+        assert await certificates.record(certificate(10, "dev-c", "taken"), "fp", NOW) == Recorded(1)
         results = await asyncio.gather(
-            ledger.record(certificate(11, "dev-c"), None, NOW),
-            ledger.record(certificate(12, "dev-d", "taken"), "other-fp", NOW),  # request id already used
-            ledger.record(certificate(13, "dev-d", "fresh"), "fp-13", NOW),
-            ledger.record(certificate(10, "dev-e"), None, NOW),  # duplicate serial
+            certificates.record(certificate(11, "dev-c"), None, NOW),
+            certificates.record(certificate(12, "dev-d", "taken"), "other-fp", NOW),  # request id taken
+            certificates.record(certificate(13, "dev-d", "fresh"), "fp-13", NOW),
+            certificates.record(certificate(10, "dev-e"), None, NOW),  # duplicate serial
         )
         assert results == [Recorded(2), RequestIdTaken(), Recorded(1), RequestIdTaken()]
-        assert sorted(c.serial_number for c in await ledger.list(None, 10, None)) == ["000A", "000B", "000D"]
-        stored = await ledger.find_request("taken")
+        listed = await certificates.page(None, 10, None)
+        assert sorted(c.serial_number for c in listed) == ["000A", "000B", "000D"]
+        stored = await certificates.find_request("taken")
         assert stored is not None and stored.certificate.serial_number == "000A"
     finally:
         await ledger.close()
@@ -88,10 +93,10 @@ async def test_records_arriving_during_a_commit_form_the_next_batch(tmp_path: Pa
     path = tmp_path / "ledger.sqlite3"
     ledger = await Ledger.open(path)
     try:
-        first = asyncio.ensure_future(ledger.record(certificate(20, "dev-f"), None, NOW))
+        first = asyncio.ensure_future(ledger.certificates.record(certificate(20, "dev-f"), None, NOW))
         await asyncio.sleep(0)
         await asyncio.sleep(0)  # the first batch has been handed to the ledger thread
-        rest = [ledger.record(certificate(21 + i, "dev-f"), None, NOW) for i in range(5)]
+        rest = [ledger.certificates.record(certificate(21 + i, "dev-f"), None, NOW) for i in range(5)]
         results = [await first, *await asyncio.gather(*rest)]
         assert all(isinstance(r, Recorded) for r in results)
         assert results[-1] == Recorded(6)
@@ -100,7 +105,7 @@ async def test_records_arriving_during_a_commit_form_the_next_batch(tmp_path: Pa
         await ledger.close()
     reopened = await Ledger.open(path)
     try:
-        assert len(await reopened.list("dev-f", 10, None)) == 6
+        assert len(await reopened.certificates.page("dev-f", 10, None)) == 6
     finally:
         await reopened.close()
 
@@ -110,27 +115,27 @@ async def test_a_certificate_is_revoked_once_and_each_revocation_audited(databas
     other = await Ledger.open(database_url)  # another replica's ledger on the same database
     try:
         for serial, days in ((30, 365), (31, 365), (32, -1), (33, 365)):
-            await ledger.record(certificate(serial, "dev-r", days=days), None, NOW)
-        assert [c.serial_number for c in await ledger.certificates_of("dev-r", NOW)] == [
+            await ledger.certificates.record(certificate(serial, "dev-r", days=days), None, NOW)
+        assert [c.serial_number for c in await ledger.certificates.certificates_of("dev-r", NOW)] == [
             "001E",
             "001F",
             "0021",
         ]
         first = Revocation(NOW + timedelta(minutes=1), RevocationReason.KEY_COMPROMISE)
         second = Revocation(NOW + timedelta(minutes=2), RevocationReason.SUPERSEDED)
-        revoked, newly = await ledger.revoke(["001E"], first, "caller-a", "req-1")
+        revoked, newly = await ledger.revocations.revoke(["001E"], first, "caller-a", "req-1")
         assert newly == 1 and [c.revocation for c in revoked] == [first]
-        revoked, newly = await other.revoke(["001E", "001F"], second, "caller-b", "req-2")
+        revoked, newly = await other.revocations.revoke(["001E", "001F"], second, "caller-b", "req-2")
         assert newly == 1 and [c.revocation for c in revoked] == [first, second]  # the first one is kept
         both = await asyncio.gather(
-            ledger.revoke(["0021"], second, "caller-c", "req-3"),
-            other.revoke(["0021"], second, "caller-d", "req-4"),
+            ledger.revocations.revoke(["0021"], second, "caller-c", "req-3"),
+            other.revocations.revoke(["0021"], second, "caller-d", "req-4"),
         )
         assert sorted(n for _, n in both) == [0, 1]
-        assert [c.serial_number for c in await other.revoked(NOW)] == ["001E", "001F", "0021"]
-        assert await ledger.revocation_of(f"{30:064x}") == first  # either case of the thumbprint
-        assert await ledger.revocation_of(f"{32:064X}") is None  # not revoked
-        audit = await other.revocation_audit()
+        assert [c.serial_number for c in await other.revocations.revoked(NOW)] == ["001E", "001F", "0021"]
+        assert await ledger.revocations.revocation_of(f"{30:064x}") == first  # either case of the thumbprint
+        assert await ledger.revocations.revocation_of(f"{32:064X}") is None  # not revoked
+        audit = await other.revocations.revocation_audit()
         assert audit[:2] == [
             (first.time, "001E", "dev-r", "keyCompromise", "caller-a", "req-1"),
             (second.time, "001F", "dev-r", "superseded", "caller-b", "req-2"),
@@ -145,23 +150,23 @@ async def test_a_lot_keeps_its_items_and_their_keys_until_acknowledged(database_
     ledger = await Ledger.open(database_url, migrate=True)
     other = await Ledger.open(database_url)
     try:
-        assert await ledger.open_lot("lot-1", "fp", 3, "caller", NOW) == (StoredLot("fp", 3, False), {})
+        assert await ledger.lots.open_lot("lot-1", "fp", 3, "caller", NOW) == (StoredLot("fp", 3, False), {})
         issued = [LotEntry(0, certificate(40, "lot-0"), "KEY-0"), LotEntry(1, certificate(41, "lot-1"), None)]
-        await ledger.record_lot_items("lot-1", issued)
+        await ledger.lots.record_lot_items("lot-1", issued)
         # a chunk with a duplicate serial is refused whole
         with pytest.raises(Conflict):
             clash = [
                 LotEntry(2, certificate(42, "lot-2"), "KEY-2"),
                 LotEntry(3, certificate(40, "lot-3"), None),
             ]
-            await other.record_lot_items("lot-1", clash)
+            await other.lots.record_lot_items("lot-1", clash)
         # the lot as first opened, whoever opens it again and with whatever header
-        lot, entries = await other.open_lot("lot-1", "other-fp", 5, "someone", NOW)
+        lot, entries = await other.lots.open_lot("lot-1", "other-fp", 5, "someone", NOW)
         assert lot == StoredLot("fp", 3, False)
         assert entries == {entry.index: entry for entry in issued}
-        assert len(await ledger.list(None, 10, None)) == 2
-        await other.acknowledge_lot("lot-1", NOW)
-        lot, entries = await ledger.open_lot("lot-1", "fp", 3, "caller", NOW)
+        assert len(await ledger.certificates.page(None, 10, None)) == 2
+        await other.lots.acknowledge_lot("lot-1", NOW)
+        lot, entries = await ledger.lots.open_lot("lot-1", "fp", 3, "caller", NOW)
         assert lot == StoredLot("fp", 3, True)
         assert [(e.certificate, e.private_key_pem) for e in entries.values()] == [
             (certificate(40, "lot-0"), None),

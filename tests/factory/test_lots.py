@@ -26,7 +26,7 @@ from support.emulator import free_port
 from support.parties import FACTORY_URI
 
 from devprov.v1 import factory_service_pb2 as pb
-from factory_svc.lots import derived_device_id
+from factory_svc.lots.service import derived_device_id
 from provkit.channels import ChannelSecurity
 from provkit.grpc_errors import error_details
 
@@ -64,7 +64,7 @@ async def _send(stub, header: pb.LotHeader, items: list[pb.LotItem], ack: bool =
 
 
 async def _ledger_count(factory) -> int:
-    return len(await factory.app.ledger.list(None, 10_000, None))
+    return len(await factory.app.ledger.certificates.page(None, 10_000, None))
 
 
 async def test_a_csr_lot_is_issued_in_order_and_resumes_without_duplicates(tmp_path: Path) -> None:

@@ -10,11 +10,11 @@ import pytest
 from factory_env import make_csr, make_key
 from support.clock import ManualClock
 
-from factory_svc.ca import open_dev_ca
+from factory_svc.ca.issuing import open_dev_ca
 from factory_svc.errors import FailedPrecondition, InvalidArgument
 from factory_svc.ledger import Ledger
-from factory_svc.minting import MintingService, MintPolicy
-from factory_svc.model import CsrKey, MintRequest
+from factory_svc.mint.model import CsrKey, MintRequest
+from factory_svc.mint.service import MintingService, MintPolicy
 from provkit.device_id import is_valid_device_id, normalise_device_id
 
 
@@ -25,7 +25,8 @@ async def test_validity_never_outlives_the_issuing_ca_and_expired_certificates_a
     ca = open_dev_ca(tmp_path / "ca", clock)
     ledger = await Ledger.open(database_url, migrate=True)
     try:
-        minting = MintingService(ca, ledger, MintPolicy(default_validity=timedelta(days=365)), clock)
+        policy = MintPolicy(default_validity=timedelta(days=365))
+        minting = MintingService(ca, ledger.certificates, policy, clock)
         csr = CsrKey(make_csr(make_key("p256"), "clocked-1").encode())
 
         short = await minting.mint(MintRequest("clocked-1", csr, validity=timedelta(hours=1)))
@@ -46,7 +47,7 @@ async def test_validity_never_outlives_the_issuing_ca_and_expired_certificates_a
         with pytest.raises(FailedPrecondition) as expired:
             await minting.mint(MintRequest("clocked-1", csr))
         assert expired.value.reason == "ISSUER_EXPIRED"
-        assert len(await ledger.list("clocked-1", 10, None)) == 3
+        assert len(await ledger.certificates.page("clocked-1", 10, None)) == 3
     finally:
         await ledger.close()
 
@@ -74,14 +75,14 @@ async def test_two_services_racing_on_one_request_id_issue_one_certificate(
     ledger = await Ledger.open(database_url, migrate=True)
     other = await Ledger.open(database_url)
     try:
-        services = [MintingService(ca, each, MintPolicy(), clock) for each in (ledger, other)]
+        services = [MintingService(ca, each.certificates, MintPolicy(), clock) for each in (ledger, other)]
         request = MintRequest(
             "race-1", CsrKey(make_csr(make_key("p256"), None).encode()), request_id="race-req"
         )
         results = await asyncio.gather(*(s.mint(request) for s in services))
         assert results[0].certificate == results[1].certificate
         assert sorted(r.replayed for r in results) == [False, True]
-        assert len(await ledger.list("race-1", 10, None)) == 1
+        assert len(await ledger.certificates.page("race-1", 10, None)) == 1
     finally:
         await ledger.close()
         await other.close()

@@ -18,8 +18,8 @@ from support.cli_process import run_module
 from support.softhsm import SoftHsm, init_token_ca
 
 from devprov.v1 import factory_service_pb2 as pb
+from factory_svc.ca.pkcs11_signer import TokenRef, open_session
 from factory_svc.errors import CaConfigError
-from factory_svc.pkcs11_signer import TokenRef, open_session
 from factory_svc.settings import load_settings
 from provkit.settings import SettingsError
 
@@ -128,7 +128,7 @@ async def test_a_slow_token_signs_off_the_event_loop(tmp_path: Path, softhsm: So
     import threading
 
     from factory_svc.app import open_ca
-    from factory_svc.minting import MintPolicy, leaf_builder
+    from factory_svc.mint.service import MintPolicy, leaf_builder
     from provkit.clock import now_utc
 
     token_ca = await init_token_ca(softhsm, tmp_path)

@@ -32,8 +32,8 @@ from enrollment.provisioning_env import (
 from support.cli_process import run_module
 
 from devprov.v1 import factory_service_pb2 as fpb
-from factory_svc.crl import DER_NAME, PEM_NAME
-from factory_svc.minting import serial_hex
+from factory_svc.mint.service import serial_hex
+from factory_svc.revocation.crl import DER_NAME, PEM_NAME
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 META = {"tags": {"line": 3}, "properties": {"desired": {"interval_s": 5}}}
@@ -152,7 +152,7 @@ async def test_revoking_an_active_device(tmp_path: Path, emulator) -> None:
         )
         assert again.certificates[0].revocation_reason == fpb.REVOCATION_REASON_KEY_COMPROMISE
         assert again.crl_number > reply.crl_number
-        audit = await factory_app.ledger.revocation_audit()
+        audit = await factory_app.ledger.revocations.revocation_audit()
         assert [(a[1], a[2], a[3]) for a in audit] == [
             (revoked.serial_number, device.device_id, "keyCompromise"),
             (serial_hex(serial), other.device_id, "cessationOfOperation"),

@@ -15,9 +15,9 @@ from support.stores import stored_version, write_at_version
 from support.waiting import until
 
 from devprov.v1 import factory_service_pb2 as pb
-from factory_svc.crl import DER_NAME, CrlSettings
 from factory_svc.ledger import FILE, MIGRATIONS, Ledger
-from factory_svc.model import Revocation, RevocationReason
+from factory_svc.revocation.crl import DER_NAME, CrlSettings
+from factory_svc.revocation.model import Revocation, RevocationReason
 from provkit.grpc_errors import error_details
 
 
@@ -69,7 +69,7 @@ async def test_bad_revocations_are_refused_and_change_nothing(
             assert error_details(caught.value).reason == reason
         got = await factory.stub.GetCertificate(pb.GetCertificateRequest(serial_number=issued.serial_number))
         assert not got.certificate.revoked
-        assert await factory.app.ledger.revocation_audit() == []
+        assert await factory.app.ledger.revocations.revocation_audit() == []
         assert factory.app.crl.current is first_crl
 
 
@@ -122,28 +122,29 @@ async def test_a_version_1_ledger_gains_revocation(database_url) -> None:
     )
     await write_at_version(database_url, FILE, "ledger", MIGRATIONS[:1], [old_row])
     ledger = await Ledger.open(database_url, migrate=True)
+    store = ledger.revocations
     try:
-        assert await ledger.revocation_audit() == []
-        assert await ledger.revocation_of("AB") is None
+        assert await store.revocation_audit() == []
+        assert await store.revocation_of("AB") is None
         now = datetime.now(UTC)
         revocation = Revocation(now, RevocationReason.CESSATION_OF_OPERATION)
-        revoked, newly = await ledger.revoke(["0A"], revocation, "caller", "req")
+        revoked, newly = await store.revoke(["0A"], revocation, "caller", "req")
         assert newly == 1 and [c.revocation for c in revoked] == [revocation]
-        assert await ledger.revocation_of("ab") == revocation
+        assert await store.revocation_of("ab") == revocation
         # version 5: the CRL state replicas share (one generation step per revoking call, numbers that grow)
-        assert await ledger.crl_generation() == 1
-        first = await ledger.next_crl(now, 5)
+        assert await store.crl_generation() == 1
+        first = await store.next_crl(now, 5)
         assert (first.number, first.generation, [c.serial_number for c in first.revoked]) == (5, 1, ["0A"])
-        assert (await ledger.next_crl(now, 0)).number == 6
-        await ledger.revoke(["0A"], revocation, "caller", "again", intent_for="old-dev")
-        assert await ledger.crl_generation() == 1  # nothing newly revoked
-        intent = await ledger.revocation_intent("old-dev")
+        assert (await store.next_crl(now, 0)).number == 6
+        await store.revoke(["0A"], revocation, "caller", "again", intent_for="old-dev")
+        assert await store.crl_generation() == 1  # nothing newly revoked
+        intent = await store.revocation_intent("old-dev")
         assert intent is not None and not intent.completed
-        assert await ledger.open_revocation_intents() == [intent]
-        await ledger.open_revocation_intent("old-dev", now)  # reopened: the earlier read no longer closes it
-        assert not await ledger.close_revocation_intent(intent, now)
-        assert await ledger.close_revocation_intent((await ledger.open_revocation_intents())[0], now)
-        assert await ledger.open_revocation_intents() == []
+        assert await store.open_revocation_intents() == [intent]
+        await store.open_revocation_intent("old-dev", now)  # reopened: the earlier read no longer closes it
+        assert not await store.close_revocation_intent(intent, now)
+        assert await store.close_revocation_intent((await store.open_revocation_intents())[0], now)
+        assert await store.open_revocation_intents() == []
     finally:
         await ledger.close()
     assert stored_version(database_url, FILE, "ledger") == len(MIGRATIONS)

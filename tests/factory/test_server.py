@@ -68,12 +68,12 @@ async def test_mtls_refuses_anonymous_clients_and_records_the_caller(tmp_path: P
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await factory.stub.MintCertificate(_mint("mtls-1"), timeout=5)
         assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
-        assert await factory.app.ledger.list(None, 10, None) == []
+        assert await factory.app.ledger.certificates.page(None, 10, None) == []
 
     trusted = ChannelSecurity(ca_pem=tls_ca.ca_pem, cert_pem=station.cert_pem, key_pem=station.key_pem)
     async with running_factory(settings, security=trusted, target_host="localhost") as factory:
         reply = await factory.stub.MintCertificate(_mint("mtls-1"))
-        stored = await factory.app.ledger.get(reply.certificate.serial_number)
+        stored = await factory.app.ledger.certificates.get(reply.certificate.serial_number)
     thumb = x509.load_pem_x509_certificate(station.cert_pem).fingerprint(hashes.SHA256()).hex().upper()
     assert reply.certificate.caller_identity == f"urn:devprov:factory:plant-1 mes-station-7 sha256:{thumb}"
     assert stored is not None and stored.caller == reply.certificate.caller_identity

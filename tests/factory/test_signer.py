@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.x509.oid import NameOID
 
-from factory_svc.signer import ExternalSignature, FileSigner, hash_for
+from factory_svc.ca.signer import ExternalSignature, FileSigner, hash_for
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "issuer")])

@@ -78,7 +78,7 @@ async def test_120_wrong_codes_from_20_addresses_never_stop_the_owner(portal) ->
     async with browser_at("127.0.99.1") as owner:  # acme's person, at acme's portal
         assert await submit(owner, url, device.device_id, code) == 200
     reply = await stack.activation.Activate(  # and acme's back office, its own certificate
-        apb.ActivateRequest(device_id=device.device_id, activation_code=code, metadata_json="{}")
+        apb.ActivateRequest(device_id=device.device_id, activation_code=code)  # metadata kept
     )
     assert reply.lifecycle == apb.LIFECYCLE_ACTIVATED and reply.owner_oem == "acme"
 

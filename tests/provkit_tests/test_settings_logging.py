@@ -12,7 +12,7 @@ import pytest
 from provkit.context import Caller, bind_device_id, request_scope
 from provkit.grpc_server import ClientAuth
 from provkit.logging import configure_logging
-from provkit.settings import SettingsError, SettingsSource, server_settings
+from provkit.settings import FlagKeys, SettingsError, SettingsFile, SettingsSource, server_settings
 
 
 def _write(path: Path, text: str) -> Path:
@@ -32,6 +32,35 @@ def test_environment_overrides_file_and_paths_resolve_against_the_file(tmp_path:
     assert settings.tls is not None
     assert settings.tls.cert_file == tmp_path / "tls" / "server.pem"
     assert settings.tls.client_auth is ClientAuth.REQUIRE
+
+
+def test_flags_over_environment_over_files_over_defaults(tmp_path: Path) -> None:
+    base = _write(tmp_path / "base.toml", 'port = 1\nhost = "from-base"\nname = "base"\nca = "ca.pem"\n')
+    later = SettingsFile.read(_write(tmp_path / "later.toml", 'port = 2\nhost = "from-later"\n'))
+    keys = FlagKeys({"listen": ("host", "port"), "switch": "switch"}, convert={"listen": str.split})
+
+    class Args:
+        listen = "flag-host 4"
+        switch = False  # a switch not given
+
+    source = SettingsSource(
+        "SVC",
+        env={"SVC_PORT": "3", "SVC_HOST": "", "SVC_SWITCH": "yes"},  # an empty variable is unset
+        file=[SettingsFile.read(base), later],
+        flags={"port": keys.values(Args())["port"]},
+        defaults={"port": 5, "colour": "blue"},
+    )
+    assert source.integer("port", 0) == 4  # the flag
+    assert source.text("host") == "from-later"  # the later file
+    assert source.text("name") == "base" and source.text("colour") == "blue" and source.text("x") is None
+    assert source.path("ca") == tmp_path / "ca.pem"  # relative to the file that names it
+    assert source.flag("switch", False) is True  # the environment: the flag was not given
+    assert keys.values(Args()) == {"host": "flag-host", "port": "4"}
+    assert keys.within("portal").values(Args()) == {"portal.host": "flag-host", "portal.port": "4"}
+    with pytest.raises(SettingsError, match="must be true or false"):  # a file has real booleans
+        SettingsSource("SVC", env={}, file=_write(tmp_path / "b.toml", 'on = "yes"\n')).flag("on", False)
+    with pytest.raises(SettingsError, match=r"unknown settings \['ca', 'host', 'name', 'port'\]"):
+        SettingsFile.read(base, known=())
 
 
 def test_bad_values_name_the_variable(tmp_path: Path) -> None:

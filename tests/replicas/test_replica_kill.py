@@ -55,7 +55,7 @@ from devprov.v1 import factory_service_pb2 as fpb
 from devprov_demo.balancer import Balancer
 from factory_svc.enrollment.codes_file import read_codes
 from factory_svc.enrollment.outbox import NewEntry, Outbox, OutboxMode
-from factory_svc.lots import derived_device_id
+from factory_svc.lots.service import derived_device_id
 from provkit.activation_code import hash_code, new_code, verify_code
 from provkit.grpc_errors import error_details
 

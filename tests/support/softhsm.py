@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from factory_svc.pkcs11_signer import DEBIAN_SOFTHSM2
+from factory_svc.ca.pkcs11_signer import DEBIAN_SOFTHSM2
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN_LABEL = "devprov-tests"
@@ -111,7 +111,7 @@ class TokenCa:
 
 async def init_token_ca(softhsm: SoftHsm, folder: Path, curve: str = "p256") -> TokenCa:
     """Run ``factory-svc ca init`` as a process: key in the token, certificate signed by a fresh root."""
-    from factory_svc.ca import ROOT_CERT, ROOT_KEY, open_dev_ca
+    from factory_svc.ca.issuing import ROOT_CERT, ROOT_KEY, open_dev_ca
     from provkit.clock import now_utc
     from support.cli_process import run_module
 

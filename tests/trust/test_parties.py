@@ -213,7 +213,7 @@ REQUESTS: dict[str, Builder] = {
 
 async def _state(trust: Trust, factory: fpb_grpc.FactoryServiceStub, device_id: str) -> tuple:
     """Everything a call about ``device_id`` could change, and the two refusal trails' lengths."""
-    certificates = await trust.factory_app.ledger.list(device_id, 100, None)
+    certificates = await trust.factory_app.ledger.certificates.page(device_id, 100, None)
     enrollment = await dps_enrollment(trust.emulator, device_id)
     status = await factory.GetEnrollmentStatus(fpb.GetEnrollmentStatusRequest(device_id=device_id))
     audit = await trust.activation_app.audit.entries(device_id)
@@ -226,7 +226,7 @@ async def _state(trust: Trust, factory: fpb_grpc.FactoryServiceStub, device_id: 
 
 
 async def _refusals(trust: Trust) -> tuple[list, list]:
-    factory = await trust.factory_app.ledger.refusals()
+    factory = await trust.factory_app.ledger.refusals.recorded()
     activation = [e for e in await trust.activation_app.audit.entries() if e.outcome == "refused"]
     return factory, activation
 
@@ -338,7 +338,7 @@ async def test_the_oem_takeover_fails_at_the_first_step(trust: Trust) -> None:
             apb.GetDeviceStatusRequest(device_id=device.device_id, activation_code=code)
         )
         assert status.lifecycle == apb.LIFECYCLE_ACTIVATED  # the original code still holds
-    refusals = await trust.factory_app.ledger.refusals()
+    refusals = await trust.factory_app.ledger.refusals.recorded()
     assert [(r.method.rsplit("/", 1)[1], r.role, r.device_id) for r in refusals] == [
         ("MintCertificate", "oem", device.device_id),
         ("Enroll", "oem", device.device_id),

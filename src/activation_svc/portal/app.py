@@ -46,9 +46,10 @@ from google.protobuf import timestamp_pb2
 from opentelemetry import propagate, trace
 
 from activation_svc.audit import AuditLog
+from activation_svc.errors import Reason
 from activation_svc.portal import pages
 from activation_svc.portal.assets import ASSETS
-from activation_svc.portal.errors import FieldProblem, ServiceProblem, describe
+from activation_svc.portal.errors import FieldProblem, PortalReason, ServiceProblem, describe
 from activation_svc.portal.security import CSRF_FIELD, Csrf, add_headers, host_allowed
 from activation_svc.portal.settings import PortalSettings
 from activation_svc.ratelimit import AttemptsExhausted
@@ -117,7 +118,7 @@ async def _begin(request: web.Request) -> Slot | ServiceProblem:
             title="Too many attempts",
             sentence=f"Too many wrong activation codes were sent from your address. Try again in {wait} s.",
             code="RESOURCE_EXHAUSTED",
-            reason="PORTAL_RATE_LIMITED",
+            reason=PortalReason.PORTAL_RATE_LIMITED,
             message="too many failed attempts from this address",
             fields=(),
             http_status=429,
@@ -129,7 +130,7 @@ async def _settle(attempt: Slot, problem: ServiceProblem | None) -> None:
     """A wrong code (or unknown device) counts against the address; anything else does not."""
     if problem is None:
         await attempt.succeeded()
-    elif problem.reason == "ACTIVATION_DENIED":
+    elif problem.reason == Reason.ACTIVATION_DENIED:
         await attempt.failed()
 
 
@@ -149,7 +150,7 @@ _NOT_UTF8 = ServiceProblem(
     title="Not sent",
     sentence="The form could not be read: it was not sent as UTF-8 text. Nothing was sent.",
     code="INVALID_ARGUMENT",
-    reason="FORM_NOT_UTF8",
+    reason=PortalReason.FORM_NOT_UTF8,
     message="the form's body is not UTF-8 text",
     fields=(),
     http_status=400,

@@ -5,21 +5,21 @@
                           [--tls-cert-file F --tls-key-file F] [--allow-non-loopback]
 
 Options override the settings (ACTIVATION_PORTAL_*, ``[portal]`` in the TOML file; see
-``activation_svc.portal.settings``).  Once bound it prints one line to standard output,
-``portal listening on http://127.0.0.1:8080`` (https with a certificate; the real port with ``:0``).
+``activation_svc.portal.settings``), one setting each (``PORTAL_FLAGS``).  Once bound it prints one line to
+standard output, ``portal listening on http://127.0.0.1:8080`` (https with a certificate; the real port
+with ``:0``).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 from pathlib import Path
 
 from activation_svc.portal.settings import PortalSettings, load_portal_settings, parse_listen
-from provkit.channels import ChannelSecurity, add_channel_arguments
+from provkit.channels import CHANNEL_FLAGS, add_channel_arguments
+from provkit.grpc_server import run_service
 from provkit.logging import configure_logging
-from provkit.settings import SettingsError
+from provkit.settings import FlagKeys
 
 
 def add_portal_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,30 +34,23 @@ def add_portal_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     add_channel_arguments(cmd, target_help="activation service host:port (default 127.0.0.1:50052)")
 
 
+# Which option sets which portal setting (keys under [portal]); --listen sets the host and the port.
+PORTAL_FLAGS = (
+    CHANNEL_FLAGS
+    | FlagKeys(
+        {
+            "listen": ("host", "port"),
+            "allow_non_loopback": "allow_non_loopback",
+            "tls_cert_file": "tls_cert_file",
+            "tls_key_file": "tls_key_file",
+        },
+        convert={"listen": parse_listen},
+    )
+).within("portal")
+
+
 def portal_settings(args: argparse.Namespace) -> PortalSettings:
-    settings = load_portal_settings(config=args.config)
-    replace = dataclasses.replace
-    if args.listen:
-        host, port = parse_listen(args.listen)
-        settings = replace(settings, host=host, port=port)
-    if args.allow_non_loopback:
-        settings = replace(settings, allow_non_loopback=True)
-    if args.tls_cert_file or args.tls_key_file:
-        settings = replace(settings, tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file)
-    if args.target:
-        settings = replace(settings, target=args.target)
-    if args.insecure or args.ca_file or args.cert_file or args.key_file or args.server_name:
-        try:
-            security = ChannelSecurity.from_files(
-                ca_file=args.ca_file,
-                cert_file=args.cert_file,
-                key_file=args.key_file,
-                server_name=args.server_name,
-                insecure=args.insecure,
-            )
-        except ValueError as exc:
-            raise SettingsError(str(exc)) from exc
-        settings = replace(settings, security=security)
+    settings = load_portal_settings(config=args.config, flags=PORTAL_FLAGS.values(args))
     settings.check()
     return settings
 
@@ -67,5 +60,5 @@ def run_portal(args: argparse.Namespace) -> int:
 
     settings = portal_settings(args)
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings, on_started=lambda r: print(f"portal listening on {r.url}", flush=True)))
+    run_service(serve(settings, on_started=lambda r: print(f"portal listening on {r.url}", flush=True)))
     return 0

@@ -1,14 +1,28 @@
 """A failed call to the activation service as a person reads it: a title, a sentence, the fields that are
 wrong (named as the form names them) and an HTTP status.  Branches on the gRPC code and ErrorInfo.reason
-only, never on message text; the service's own message is shown (escaped) under the sentence."""
+only, never on message text; the service's own message is shown (escaped) under the sentence.
+
+``PortalReason``: the reasons the portal gives itself, before anything reaches the service (shown like the
+service's; the README's table of reasons is rendered from it).  ``SENTENCES``: what the portal says for a
+reason of the service (``activation_svc.errors.Reason``, ``provkit.errors.Reason``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import auto
 
 import grpc
 
+from activation_svc.errors import Reason
+from provkit.errors import Reason as SharedReason
+from provkit.errors import ReasonEnum
 from provkit.grpc_errors import RpcErrorDetails
+
+
+class PortalReason(ReasonEnum):
+    PORTAL_RATE_LIMITED = auto(), "too many wrong activation codes from this address: nothing sent"
+    FORM_NOT_UTF8 = auto(), "the form's body was not UTF-8 text: nothing sent"
+
 
 # proto field -> (form field name, label)
 FIELDS = {
@@ -31,28 +45,32 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
-SENTENCES = {
-    "ACTIVATION_DENIED": "Unknown device or wrong activation code. Check both against the label.",
-    "ACTIVATION_RATE_LIMITED": "Too many failed attempts for this device. Wait, then try again.",
-    "METADATA_NOT_JSON": "The metadata is not valid JSON.",
-    "METADATA_INVALID": "The metadata breaks the device twin rules.",
-    "METADATA_CONFLICT": "Either send metadata or remove the device's metadata, not both.",
-    "METADATA_EMPTY": (
+SENTENCES: dict[str, str] = {
+    Reason.ACTIVATION_DENIED: "Unknown device or wrong activation code. Check both against the label.",
+    Reason.ACTIVATION_RATE_LIMITED: "Too many failed attempts for this device. Wait, then try again.",
+    Reason.METADATA_NOT_JSON: "The metadata is not valid JSON.",
+    Reason.METADATA_INVALID: "The metadata breaks the device twin rules.",
+    Reason.METADATA_CONFLICT: "Either send metadata or remove the device's metadata, not both.",
+    Reason.METADATA_EMPTY: (
         "The metadata is empty: it would remove the device's tags and desired properties. Leave the field "
         "empty to keep them, or tick \"Remove the device's metadata\" to remove them."
     ),
-    "HUB_UNKNOWN": "The chosen IoT hub is not one of the linked hubs.",
-    "HUB_NOT_CONFIGURED": "No IoT hub is configured for activation.",
-    "REQUEST_ID_REUSED": "This form was already sent with different values. Reload the form and send again.",
-    "ENROLLMENT_CONCURRENTLY_MODIFIED": "The device's enrollment kept changing meanwhile. Try again.",
-    "ENROLLMENT_CHANGED_CONCURRENTLY": (
+    Reason.HUB_UNKNOWN: "The chosen IoT hub is not one of the linked hubs.",
+    Reason.HUB_NOT_CONFIGURED: "No IoT hub is configured for activation.",
+    SharedReason.REQUEST_ID_REUSED: (
+        "This form was already sent with different values. Reload the form and send again."
+    ),
+    SharedReason.ENROLLMENT_CONCURRENTLY_MODIFIED: (
+        "The device's enrollment kept changing meanwhile. Try again."
+    ),
+    Reason.ENROLLMENT_CHANGED_CONCURRENTLY: (
         "Someone else changed this device while you sent the form. Check its status, then send again."
     ),
-    "HUB_TWIN_CONCURRENTLY_MODIFIED": "The device's twin kept changing meanwhile. Try again.",
-    "DPS_UNAVAILABLE": "The provisioning service cannot be reached right now. Try again later.",
-    "HUB_UNAVAILABLE": "The IoT hub cannot be reached right now. Try again later.",
-    "DPS_REFUSED": "The provisioning service refused the change.",
-    "HUB_REFUSED": "The IoT hub refused the change.",
+    Reason.HUB_TWIN_CONCURRENTLY_MODIFIED: "The device's twin kept changing meanwhile. Try again.",
+    SharedReason.DPS_UNAVAILABLE: "The provisioning service cannot be reached right now. Try again later.",
+    SharedReason.HUB_UNAVAILABLE: "The IoT hub cannot be reached right now. Try again later.",
+    SharedReason.DPS_REFUSED: "The provisioning service refused the change.",
+    SharedReason.HUB_REFUSED: "The IoT hub refused the change.",
 }
 
 
@@ -104,7 +122,7 @@ def describe(details: RpcErrorDetails, action: str = "Not activated") -> Service
     else:
         sentence = SENTENCES.get(reason, "The activation service refused the request.")
     fields = tuple(field_problem(v.field, v.description) for v in details.field_violations)
-    if not fields and reason == "ACTIVATION_DENIED":
+    if not fields and reason == Reason.ACTIVATION_DENIED:
         fields = (
             FieldProblem("device_id", "Device ID", "", "check it (an unknown device gets the same answer)"),
             FieldProblem("activation_code", "Activation code", "", "not accepted for this device"),

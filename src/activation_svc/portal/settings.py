@@ -1,7 +1,8 @@
 """The portal's settings: one typed object, resolved once from the environment (ACTIVATION_PORTAL_*) and/or
 the activation TOML file (``--config FILE``, ACTIVATION_PORTAL_CONFIG or ACTIVATION_CONFIG; section
-``[portal]``).  The linked hubs offered in the form come from the SAME cloud settings the activation service
-reads (``[cloud]`` / ACTIVATION_CLOUD_*, see ``provkit.cloud``): the proto has no RPC listing them.  Only the
+``[portal]``), under the command line's options (``activation_svc.portal.cli``).  The linked hubs offered
+in the form come from the SAME cloud settings the activation service reads (``[cloud]`` /
+ACTIVATION_CLOUD_*, see ``provkit.cloud``): the proto has no RPC listing them.  Only the
 host names are kept; the connection strings are dropped at once.  Likewise the service's database URL
 (``database_url`` / ACTIVATION_DATABASE_URL): when it is PostgreSQL, the per-address limit of wrong codes is
 kept there, so every portal replica counts the same failures; otherwise each portal process counts its own.
@@ -31,10 +32,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dbstore import DatabaseUrl
-from provkit.channels import ChannelSecurity
+from provkit.channels import ChannelSecurity, channel_security
 from provkit.cloud import CloudNotConfigured, load_cloud_settings
+from provkit.errors import InputError
 from provkit.grpc_server import is_loopback_host
 from provkit.observe import ObserveSettings, observe_settings
 from provkit.settings import SettingsError, SettingsSource, database_url_set
@@ -123,25 +126,22 @@ def load_hub_choice(source: SettingsSource) -> HubChoice:
     return HubChoice(cloud.hub_names, cloud.default_hub, cloud.source)
 
 
-def load_portal_settings(env: Mapping[str, str] | None = None, config: Path | None = None) -> PortalSettings:
-    probe = SettingsSource(PREFIX, env=env)
-    config = config or probe.path("portal.config") or probe.path("config")
-    source = SettingsSource(PREFIX, env=env, file=config)
+def load_portal_settings(
+    env: Mapping[str, str] | None = None, config: Path | None = None, flags: Mapping[str, Any] | None = None
+) -> PortalSettings:
+    """``flags``: the command line's values (``activation_svc.portal.cli.PORTAL_FLAGS``), over the rest."""
+    source = SettingsSource.located(
+        PREFIX, env, config=config, config_keys=("portal.config", "config"), flags=flags
+    )
 
     def key(name: str) -> str:
         return f"portal.{name}"
 
     try:
-        security = ChannelSecurity.from_files(
-            ca_file=source.path(key("ca_file")),
-            cert_file=source.path(key("cert_file")),
-            key_file=source.path(key("key_file")),
-            server_name=source.text(key("server_name")),
-            insecure=source.flag(key("insecure"), False),
-        )
+        security = channel_security(source, "portal")
     except OSError as exc:
         raise SettingsError(f"cannot read the portal's client TLS files: {exc}") from exc
-    except ValueError as exc:
+    except InputError as exc:
         raise SettingsError(str(exc)) from exc
     allowed = source.text(key("allowed_hosts"), "") or ""
     return PortalSettings(

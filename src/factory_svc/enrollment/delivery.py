@@ -13,7 +13,7 @@ Revocation is checked at delivery, inside the entry's claim: an entry whose cert
 it was queued is not written; it is completed as FAILED with reason CERTIFICATE_REVOKED (what
 GetEnrollmentStatus shows, with the state REVOKED) and audited (``refuse-revoked``).  The check runs again
 after a write: a revocation that committed meanwhile may have looked at DPS before the write, so the
-device's revocation intent is reopened (``RevocationLookup.enforce``; the enrollment ends disabled) and the
+device's revocation intent is reopened (``RevocationCheck.enforce``; the enrollment ends disabled) and the
 entry is completed the same way.  Either way its activation code never enables anything.
 """
 
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 from factory_svc.enrollment.outbox import AuditRecord, Claimed, Outbox, OutboxEntry, OutboxMode
 from factory_svc.enrollment.ownership import owner_refusal, replace_detail, replace_refusal
-from factory_svc.enrollment.service import (
-    RevocationLookup,
+from factory_svc.enrollment.records import (
+    RevocationCheck,
     enrolled_sha256,
     new_enrollment_of,
     revoked_error,
@@ -80,7 +80,7 @@ class OutboxDelivery:
         *,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
-        revocations: RevocationLookup | None = None,
+        revocations: RevocationCheck | None = None,
     ) -> None:
         self._revocations = revocations
         self._dps = dps

@@ -39,6 +39,7 @@ from dbstore.port import Work
 from factory_svc.enrollment import retained
 from litestore import Options, Schema, Synchronous
 from provkit.clock import from_us, to_us
+from provkit.dps_json import enrollment_from_json
 
 T = TypeVar("T")
 
@@ -190,9 +191,8 @@ def _payload(text: str) -> tuple[str, dict[str, Any], EntryIntent]:
             str(body.get("requestId") or ""),
         )
         return str(body["certificatePem"]), dict(body["codeHash"]), intent
-    primary = body["attestation"]["x509"]["clientCertificates"]["primary"]
-    code = dict(body["optionalDeviceInformation"]["activationCode"])
-    return str(primary["certificate"]), code, EntryIntent()
+    enrollment = enrollment_from_json(body)  # the DPS JSON is the DPS adapter's to read
+    return enrollment.attestation.certificate_pem or "", dict(enrollment.code_hash or {}), EntryIntent()
 
 
 def _moment(us: int | None) -> datetime | None:

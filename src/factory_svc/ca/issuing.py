@@ -1,7 +1,7 @@
 """The issuing CA: its certificate, its chain and the signer that holds its key.
 
 ``IssuingCA``: ``certificate`` (the issuing CA certificate), ``chain`` (issuing CA ... root, in that
-order), ``signer`` (``factory_svc.signer.CaSigner``: the only code that uses the key), ``async
+order), ``signer`` (``factory_svc.ca.signer.CaSigner``: the only code that uses the key), ``async
 sign(builder) -> Certificate`` (sets the issuer name and signs) and ``sign_crl(builder)``.  Minting and
 revocation only use this object.
 
@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from factory_svc.ca.signer import CaKey, CaPublicKey, CaSigner, FileSigner
 from factory_svc.errors import CaConfigError
-from factory_svc.signer import CaKey, CaPublicKey, CaSigner, FileSigner
 from litestore import private_directory
 from provkit.clock import Clock
 from provkit.devpki import CA_KEY_USAGE, write_private_file

@@ -29,19 +29,20 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Protocol
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from factory_svc.keys import GENERATABLE, KeyType, private_key_pem
-from factory_svc.ledger import LotEntry, LotItemsTaken, StoredLot
-from factory_svc.minting import MintingService
-from factory_svc.model import CsrKey, IssuedCertificate, MintRequest, ServerKey
+from factory_svc.lots.model import LotEntry, LotHeader, LotItem, LotItemError, LotItemResult, StoredLot
+from factory_svc.lots.store import LotItemsTaken
+from factory_svc.mint.keys import GENERATABLE, private_key_pem
+from factory_svc.mint.model import CsrKey, MintRequest, ServerKey
+from factory_svc.mint.service import MintingService
 from provkit.clock import Clock
 from provkit.device_id import DeviceIdPolicy, check_device_id
-from provkit.errors import Aborted, DomainError, ErrorKind, invalid_field
+from provkit.errors import Aborted, DomainError, invalid_field
 from provkit.faults import crash_point
 from provkit.idempotency import RequestIdReused, check_request_id, fingerprint
 
@@ -61,41 +62,6 @@ class LotLedger(Protocol):
         """All or none; ``LotItemsTaken`` when another attempt committed one of the items first."""
 
     async def acknowledge_lot(self, lot_id: str, now: datetime) -> None: ...
-
-
-@dataclass(frozen=True)
-class LotHeader:
-    lot_id: str
-    server_keys: bool  # False: each item carries a CSR
-    key_type: KeyType = KeyType.EC_P256
-    item_count: int = 0
-    derive_device_ids: bool = False
-    validity: timedelta | None = None
-    caller: str = "internal"
-
-
-@dataclass(frozen=True)
-class LotItem:
-    index: int
-    device_id: str = ""
-    csr_pem: bytes = b""
-
-
-@dataclass(frozen=True)
-class LotItemError:
-    kind: ErrorKind
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class LotItemResult:
-    index: int
-    device_id: str
-    certificate: IssuedCertificate | None
-    private_key_pem: str | None = None
-    replayed: bool = False
-    error: LotItemError | None = None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,8 @@
-"""FactoryService over gRPC: convert the proto request, call the domain, convert the result, count it
-(``provkit.metrics``: certificates minted by key source and key type; enrollments by outcome).
+"""The minting RPCs (MintCertificate, ListCertificates, GetCertificate): convert the proto request, call the
+domain, convert the result, count it (``provkit.metrics``: certificates minted by key source and key type).
 
-``FactoryServicer`` holds the domain services (minting, the certificate catalog and, when configured,
-enrollment, whose RPCs come from ``EnrollmentRpcs``) and has one thin method per RPC; the server builder
-(``factory_svc.app``) wires the services.
+Also the certificate record's conversions every feature's RPCs use (``certificate_to_proto``, key types,
+revocation reasons).  ``MintRpcs`` is one part of ``factory_svc.app.FactoryServicer``.
 """
 
 from __future__ import annotations
@@ -13,20 +12,15 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf import timestamp_pb2
 
 from devprov.v1 import factory_service_pb2 as pb
-from devprov.v1 import factory_service_pb2_grpc as pb_grpc
-from factory_svc.enrollment.grpc_api import EnrollmentRpcs
-from factory_svc.enrollment.service import EnrollmentService
-from factory_svc.errors import FailedPrecondition, invalid_field
-from factory_svc.keys import KeyType
-from factory_svc.lots import LotService
-from factory_svc.lots_grpc import LotRpcs
-from factory_svc.minting import CertificateCatalog, MintingService
-from factory_svc.model import CsrKey, IssuedCertificate, KeySource, MintRequest, RevocationReason, ServerKey
-from factory_svc.revocation import RevocationService, RevokeRequest
+from factory_svc.errors import invalid_field
+from factory_svc.mint.keys import KeyType
+from factory_svc.mint.model import CsrKey, IssuedCertificate, KeySource, MintRequest, ServerKey
+from factory_svc.mint.service import CertificateCatalog, MintingService
+from factory_svc.revocation.model import RevocationReason
 from provkit.context import current_caller
 from provkit.device_id import DeviceIdPolicy, check_device_id
-from provkit.grpc_server import Context, ServiceBinding, binding
-from provkit.metrics import NO_METRICS, SuiteMetrics
+from provkit.grpc_server import Context
+from provkit.metrics import SuiteMetrics
 
 KEY_TYPE_TO_PROTO = {
     KeyType.EC_P256: pb.KEY_TYPE_EC_P256,
@@ -58,7 +52,7 @@ REASON_FROM_PROTO = {v: k for k, v in REASON_TO_PROTO.items()}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     """Same value as ``Timestamp.FromDatetime`` for an aware datetime, without its Python-level work."""
     message = timestamp_pb2.Timestamp()
     _set_time(message, moment)
@@ -120,38 +114,14 @@ def mint_request_from_proto(request: pb.MintCertificateRequest, caller: str) -> 
     return MintRequest(request.device_id, key, validity, request.request_id, caller)
 
 
-def revoke_request_from_proto(request: pb.RevokeCertificateRequest, caller: str) -> RevokeRequest:
-    if request.reason not in REASON_FROM_PROTO:
-        message = f"unknown revocation reason {request.reason}"
-        raise invalid_field("reason", "REVOCATION_REASON_INVALID", message)
-    return RevokeRequest(
-        device_id=request.device_id,
-        serial_number=request.serial_number,
-        reason=REASON_FROM_PROTO[request.reason],
-        request_id=request.request_id,
-        caller=caller,
-    )
+class MintRpcs:
+    """MintCertificate, ListCertificates and GetCertificate; mixed into ``factory_svc.app.FactoryServicer``,
+    which sets ``_minting``, ``_catalog``, ``_device_ids`` and ``_metrics``."""
 
-
-class FactoryServicer(LotRpcs, EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
-    def __init__(
-        self,
-        minting: MintingService,
-        catalog: CertificateCatalog,
-        enrollment: EnrollmentService | None = None,
-        device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID,
-        metrics: SuiteMetrics = NO_METRICS,
-        revocation: RevocationService | None = None,
-        lots: LotService | None = None,
-    ) -> None:
-        self._device_ids = device_ids  # checked here, at the boundary (EnrollmentRpcs too)
-        if lots is not None:
-            self._lots = lots  # MintCertificates (LotRpcs)
-        self._minting = minting
-        self._catalog = catalog
-        self._revocation = revocation
-        self._enrollment = enrollment  # Enroll / EnrollBatch / GetEnrollmentStatus (EnrollmentRpcs)
-        self._metrics = metrics
+    _minting: MintingService
+    _catalog: CertificateCatalog
+    _device_ids: DeviceIdPolicy
+    _metrics: SuiteMetrics
 
     async def MintCertificate(
         self, request: pb.MintCertificateRequest, context: Context
@@ -173,7 +143,7 @@ class FactoryServicer(LotRpcs, EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
         self, request: pb.ListCertificatesRequest, context: Context
     ) -> pb.ListCertificatesResponse:
         device_id = check_device_id(request.device_id, self._device_ids) if request.device_id.strip() else ""
-        page = await self._catalog.list(device_id, request.page_size, request.page_token)
+        page = await self._catalog.page(device_id, request.page_size, request.page_token)
         return pb.ListCertificatesResponse(
             certificates=[certificate_to_proto(c) for c in page.certificates],
             next_page_token=page.next_page_token,
@@ -184,31 +154,4 @@ class FactoryServicer(LotRpcs, EnrollmentRpcs, pb_grpc.FactoryServiceServicer):
     ) -> pb.GetCertificateResponse:
         return pb.GetCertificateResponse(
             certificate=certificate_to_proto(await self._catalog.get(request.serial_number))
-        )
-
-    async def RevokeCertificate(
-        self, request: pb.RevokeCertificateRequest, context: Context
-    ) -> pb.RevokeCertificateResponse:
-        if self._revocation is None:
-            raise FailedPrecondition("REVOCATION_NOT_CONFIGURED", "this factory cannot revoke certificates")
-        if request.device_id:
-            check_device_id(request.device_id, self._device_ids)
-        result = await self._revocation.revoke(revoke_request_from_proto(request, str(current_caller())))
-        if result.newly_revoked:
-            self._metrics.revoked(result.newly_revoked)
-        return pb.RevokeCertificateResponse(
-            device_id=result.device_id,
-            certificates=[certificate_to_proto(c) for c in result.certificates],
-            newly_revoked_count=result.newly_revoked,
-            enrollment_disabled=result.enrollment_disabled,
-            hub_identity_disabled=result.hub_identity_disabled,
-            crl_number=result.crl.number,
-            crl_this_update=_timestamp(result.crl.crl.last_update_utc),
-        )
-
-    def binding(self) -> ServiceBinding:
-        return binding(
-            self,
-            pb_grpc.add_FactoryServiceServicer_to_server,
-            pb.DESCRIPTOR.services_by_name["FactoryService"],
         )

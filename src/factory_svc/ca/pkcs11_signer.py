@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
+from factory_svc.ca.signer import CaPublicKey, ExternalSignature
 from factory_svc.errors import CaConfigError
-from factory_svc.signer import CaPublicKey, ExternalSignature
 
 DEBIAN_SOFTHSM2 = Path("/usr/lib/softhsm/libsofthsm2.so")
 CURVES = {"p256": "secp256r1", "p384": "secp384r1"}

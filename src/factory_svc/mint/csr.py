@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from factory_svc.errors import invalid_field
-from factory_svc.keys import KeyType, PublicKey, classify_public_key
+from factory_svc.mint.keys import KeyType, PublicKey, classify_public_key
 
 FIELD = "csr_pem"
 MAX_CSR_BYTES = 64 * 1024

@@ -1,7 +1,7 @@
-"""The MintCertificates RPC: the lot stream <-> ``factory_svc.lots``, no business rules.
+"""The MintCertificates RPC: the lot stream <-> ``factory_svc.lots.service``, no business rules.
 
-``LotRpcs`` is mixed into ``factory_svc.servicer.FactoryServicer``; it expects ``self._lots`` (a
-``LotService``).  The stream: a header first, then (unless the ids are derived) ``item_count`` items; the
+``LotRpcs`` is one part of ``factory_svc.app.FactoryServicer``, which sets ``_lots`` (a ``LotService``) and
+``_metrics``.  The stream: a header first, then (unless the ids are derived) ``item_count`` items; the
 results go out a chunk at a time as soon as the chunk is committed, then the summary; then an optional
 LotAck, after which the lot's server-generated keys are forgotten.
 """
@@ -15,16 +15,16 @@ from datetime import timedelta
 
 from devprov.v1 import factory_service_pb2 as pb
 from factory_svc.errors import invalid_field
-from factory_svc.keys import KeyType
-from factory_svc.lots import CHUNK, MAX_BATCH, Lot, LotHeader, LotItem, LotItemResult, LotService
+from factory_svc.lots.model import LotHeader, LotItem, LotItemResult
+from factory_svc.lots.service import CHUNK, MAX_BATCH, Lot, LotService
+from factory_svc.mint.grpc import KEY_TYPE_FROM_PROTO, certificate_to_proto
+from factory_svc.mint.keys import KeyType
 from provkit.context import current_caller
 from provkit.grpc_server import Context
 from provkit.metrics import SuiteMetrics
 
 
 def header_from_proto(message: pb.MintCertificatesRequest, caller: str) -> LotHeader:
-    from factory_svc.servicer import KEY_TYPE_FROM_PROTO
-
     if message.WhichOneof("part") != "header":
         raise invalid_field("header", "LOT_HEADER_MISSING", "the first message of a lot is its header")
     header = message.header
@@ -52,8 +52,6 @@ def header_from_proto(message: pb.MintCertificatesRequest, caller: str) -> LotHe
 
 
 def result_to_proto(result: LotItemResult) -> pb.LotItemResult:
-    from factory_svc.servicer import certificate_to_proto
-
     message = pb.LotItemResult(
         index=result.index,
         device_id=result.device_id,

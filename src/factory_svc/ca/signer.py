@@ -7,7 +7,7 @@ device never stalls the event loop (``IssuingCA.sign`` does).  Backends, chosen 
 
 - ``FileSigner`` (``file``): a key held in memory, loaded from a PEM file (development, or a CA whose key
   lives on disk);
-- ``factory_svc.pkcs11_signer.Pkcs11Signer`` (``pkcs11``): a non-extractable key inside a PKCS#11 token,
+- ``factory_svc.ca.pkcs11_signer.Pkcs11Signer`` (``pkcs11``): a non-extractable key inside a PKCS#11 token,
   used by label.
 
 A token signs bytes, not certificates: ``ExternalSignature`` builds the to-be-signed structure with a

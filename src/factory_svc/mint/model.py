@@ -1,4 +1,5 @@
-"""Typed values of the minting domain."""
+"""Typed values of the minting domain: what is asked (``MintRequest``), what the ledger keeps of an issued
+certificate (``IssuedCertificate``, with its revocation mark) and what is answered."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from factory_svc.keys import KeyType
+from factory_svc.mint.keys import KeyType
+from factory_svc.revocation.model import Revocation
 
 
 class KeySource(enum.Enum):
@@ -35,26 +37,6 @@ class MintRequest:
     validity: timedelta | None = None  # None: the service default
     request_id: str = ""
     caller: str = "internal"  # who asks (recorded in the ledger)
-
-
-class RevocationReason(enum.Enum):
-    """RFC 5280 CRLReason, by its ASN.1 name (the CLI's spelling is the kebab-case of it)."""
-
-    UNSPECIFIED = "unspecified"
-    KEY_COMPROMISE = "keyCompromise"
-    CA_COMPROMISE = "cACompromise"
-    AFFILIATION_CHANGED = "affiliationChanged"
-    SUPERSEDED = "superseded"
-    CESSATION_OF_OPERATION = "cessationOfOperation"
-    CERTIFICATE_HOLD = "certificateHold"
-    PRIVILEGE_WITHDRAWN = "privilegeWithdrawn"
-    AA_COMPROMISE = "aACompromise"
-
-
-@dataclass(frozen=True)
-class Revocation:
-    time: datetime
-    reason: RevocationReason
 
 
 @dataclass(frozen=True)

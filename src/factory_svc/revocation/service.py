@@ -36,12 +36,13 @@ from dataclasses import replace as dc_replace
 from datetime import datetime
 from typing import Protocol
 
-from factory_svc.crl import CrlPublisher, PublishedCrl
-from factory_svc.enrollment.service import enrolled_sha256
+from factory_svc.enrollment.records import enrolled_sha256
 from factory_svc.errors import NotFound, invalid_field
-from factory_svc.ledger import RevocationIntent
-from factory_svc.minting import normalise_serial
-from factory_svc.model import IssuedCertificate, Revocation, RevocationReason
+from factory_svc.mint.model import IssuedCertificate
+from factory_svc.mint.service import normalise_serial
+from factory_svc.revocation.crl import CrlPublisher, PublishedCrl
+from factory_svc.revocation.model import Revocation, RevokeRequest
+from factory_svc.revocation.store import RevocationIntent
 from provkit.clock import Clock
 from provkit.cloud import (
     CloudEtagMismatch,
@@ -59,11 +60,19 @@ from provkit.errors import Aborted, DomainError, FailedPrecondition, Unavailable
 from provkit.faults import crash_point
 from provkit.idempotency import check_request_id
 
-log = logging.getLogger("factory_svc.revocation")
+log = logging.getLogger("factory_svc.revocation.service")
 
 _ATTEMPTS = 5
 _SWEEP = 30.0  # seconds between two looks at the open intents when nothing wakes the worker
 _RETRY_FIRST, _RETRY_MAX = 1.0, 30.0  # while an intent cannot be finished (DPS or a hub unreachable)
+
+
+class CertificateLookup(Protocol):
+    """The certificates a revocation names (``factory_svc.mint.store.CertificateStore``)."""
+
+    async def get(self, serial_number: str) -> IssuedCertificate | None: ...
+
+    async def certificates_of(self, device_id: str, now: datetime) -> list[IssuedCertificate]: ...
 
 
 class RevocationLookups(Protocol):
@@ -87,11 +96,8 @@ class IntentLedger(Protocol):
 
 
 class RevocationLedger(RevocationLookups, IntentLedger, Protocol):
-    """The ledger as revocation uses it: find certificates, mark them, and the intents."""
-
-    async def get(self, serial_number: str) -> IssuedCertificate | None: ...
-
-    async def certificates_of(self, device_id: str, now: datetime) -> list[IssuedCertificate]: ...
+    """Where revocations are kept (``factory_svc.revocation.store.RevocationStore``): mark certificates,
+    answer what is revoked, and the intents."""
 
     async def revoke(
         self,
@@ -127,15 +133,6 @@ class RevocationIntents:
 
 
 @dataclass(frozen=True)
-class RevokeRequest:
-    device_id: str = ""  # exactly one of device_id / serial_number
-    serial_number: str = ""
-    reason: RevocationReason = RevocationReason.UNSPECIFIED
-    request_id: str = ""
-    caller: str = "internal"
-
-
-@dataclass(frozen=True)
 class RevokeResult:
     device_id: str
     certificates: tuple[IssuedCertificate, ...]
@@ -165,12 +162,14 @@ def _unavailable(exc: CloudUnavailable, what: str) -> Unavailable:
 class RevocationService:
     def __init__(
         self,
+        certificates: CertificateLookup,
         ledger: RevocationLedger,
         crl: CrlPublisher,
         cloud: CloudSide | None,
         clock: Clock,
         intents: RevocationIntents | None = None,
     ) -> None:
+        self._certificates = certificates
         self._ledger = ledger
         self._crl = crl
         self._cloud = cloud
@@ -185,7 +184,7 @@ class RevocationService:
             )
         if request.serial_number.strip():
             serial = normalise_serial(request.serial_number)
-            found = await self._ledger.get(serial)
+            found = await self._certificates.get(serial)
             if found is None:
                 raise NotFound(
                     "CERTIFICATE_NOT_FOUND",
@@ -194,7 +193,7 @@ class RevocationService:
                 )
             return found.device_id, [found]
         device_id = normalise_device_id(request.device_id)
-        found_all = await self._ledger.certificates_of(device_id, now)
+        found_all = await self._certificates.certificates_of(device_id, now)
         if not found_all:
             raise NotFound(
                 "CERTIFICATE_NOT_FOUND",
@@ -243,7 +242,7 @@ class RevocationService:
             now = self._clock()
             revoked = {
                 c.sha256_thumbprint.upper()
-                for c in await self._ledger.certificates_of(device_id, now)
+                for c in await self._certificates.certificates_of(device_id, now)
                 if c.revocation is not None
             }
             enrollment_disabled, hub = await self._disable_enrollment(self._cloud.dps, device_id, revoked)

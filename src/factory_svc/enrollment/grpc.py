@@ -1,8 +1,9 @@
 """The enrollment RPCs (Enroll, EnrollBatch, GetEnrollmentStatus, TransferOwnership, RotateActivationCode,
 AcknowledgeActivationCodes): proto <-> domain conversions, no business rules.
 
-``EnrollmentRpcs`` is mixed into ``factory_svc.servicer.FactoryServicer``; it expects ``self._enrollment``
-(an ``EnrollmentService``, or None when enrollment is not configured: FAILED_PRECONDITION).
+``EnrollmentRpcs`` is one part of ``factory_svc.app.FactoryServicer``, which sets ``_enrollment`` (an
+``EnrollmentService``, or None when enrollment is not configured: FAILED_PRECONDITION), ``_device_ids`` and
+``_metrics``.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class EnrollmentRpcs:
             )
         batch = BatchResult(())
         if accepted or not refused:  # an empty batch is the domain's to refuse
-            batch = await service.enroll_batch([r for _, r in accepted], request.request_id)
+            batch = await service.batch.enroll([r for _, r in accepted], request.request_id)
         items = [replace(item, index=accepted[item.index][0]) for item in batch.items] + refused
         if batch.replayed:
             self._metrics.enrolled("replayed", len(items))
@@ -219,7 +220,7 @@ class EnrollmentRpcs:
         self, request: pb.RotateActivationCodeRequest, context: Context
     ) -> pb.RotateActivationCodeResponse:
         device_id = check_device_id(request.device_id, self._device_ids)
-        result = await self._service().rotate_code(device_id, request.request_id)
+        result = await self._service().codes.rotate(device_id, request.request_id)
         if not result.replayed:
             self._metrics.codes_rotated()
         return pb.RotateActivationCodeResponse(
@@ -233,7 +234,7 @@ class EnrollmentRpcs:
             check_device_id(raw, self._device_ids, f"device_ids[{index}]")
             for index, raw in enumerate(request.device_ids)
         ]
-        result = await self._service().acknowledge_codes(device_ids, request.request_id)
+        result = await self._service().codes.acknowledge(device_ids, request.request_id)
         return pb.AcknowledgeActivationCodesResponse(
             acknowledged_count=result.acknowledged, replayed=result.replayed
         )

@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from factory_svc.ca import (
+from factory_svc.ca.issuing import (
     ISSUING_LIFETIME,
     IssuingCA,
     certificate_pem,
@@ -31,10 +31,10 @@ from factory_svc.ca import (
     load_chain,
     load_key_file,
 )
+from factory_svc.ca.pkcs11_signer import CURVES, Pkcs11Signer, create_issuing_key
+from factory_svc.ca.signer import FileSigner
 from factory_svc.errors import CaConfigError
-from factory_svc.pkcs11_signer import CURVES, Pkcs11Signer, create_issuing_key
 from factory_svc.settings import pkcs11_settings
-from factory_svc.signer import FileSigner
 from provkit.clock import now_utc
 from provkit.settings import SettingsError, SettingsSource
 

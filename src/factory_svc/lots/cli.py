@@ -37,7 +37,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
-from factory_svc.lots import derived_device_id
+from factory_svc.lots.service import derived_device_id
+from factory_svc.mint.cli import KEY_TYPES  # the names `mint --key-type` takes
 from litestore import private_directory
 from provkit.channels import report_failed_call, request_metadata
 from provkit.devpki import write_private_file
@@ -48,8 +49,6 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusC
 
 
 def add_parsers(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
-    from factory_svc.cli import KEY_TYPES  # the names `mint --key-type` takes (cli imports this module)
-
     lot = client("lot", "mint a production lot (streamed, resumable), one directory per device")
     lot.add_argument("lot_id", help="the lot's id; the same id resumes the lot")
     what = lot.add_mutually_exclusive_group(required=True)
@@ -100,8 +99,6 @@ def _plan(args: argparse.Namespace) -> _Plan:
         header.item_count = len(items)
     else:
         header.key_source = pb.KEY_SOURCE_SERVER_GENERATED
-        from factory_svc.cli import KEY_TYPES
-
         header.key_type = KEY_TYPES[args.key_type]
         if args.ids is not None:
             ids = [line.strip() for line in args.ids.read_text().splitlines() if line.strip()]

@@ -42,13 +42,14 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from factory_svc.ca import IssuingCA
-from factory_svc.ledger import CrlContent
-from factory_svc.model import IssuedCertificate, RevocationReason
+from factory_svc.ca.issuing import IssuingCA
+from factory_svc.mint.model import IssuedCertificate
+from factory_svc.revocation.model import RevocationReason
+from factory_svc.revocation.store import CrlContent
 from litestore import private_directory
 from provkit.clock import Clock
 
-log = logging.getLogger("factory_svc.crl")
+log = logging.getLogger("factory_svc.revocation.crl")
 
 DER_NAME, PEM_NAME = "issuing-ca.crl", "issuing-ca.crl.pem"
 _REQUEST_CHECK_INTERVAL = 1.0  # seconds: at most one generation check a second from HTTP requests

@@ -25,11 +25,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from factory_svc.ca import IssuingCA
-from factory_svc.crl import distribution_points
-from factory_svc.csr import check_csr
+from factory_svc.ca.issuing import IssuingCA
 from factory_svc.errors import FailedPrecondition, NotFound, invalid_field
-from factory_svc.keys import (
+from factory_svc.mint.csr import check_csr
+from factory_svc.mint.keys import (
     GENERATABLE,
     KeyType,
     PrivateKey,
@@ -37,8 +36,7 @@ from factory_svc.keys import (
     generate_private_key,
     private_key_pem,
 )
-from factory_svc.ledger import Cursor, Recorded, RequestIdTaken, StoredRequest, cursor_of
-from factory_svc.model import (
+from factory_svc.mint.model import (
     CertificatePage,
     CsrKey,
     IssuedCertificate,
@@ -47,6 +45,8 @@ from factory_svc.model import (
     MintResult,
     ServerKey,
 )
+from factory_svc.mint.store import Cursor, Recorded, RequestIdTaken, StoredRequest, cursor_of
+from factory_svc.revocation.crl import distribution_points
 from provkit.clock import Clock
 from provkit.context import bind_device_id
 from provkit.device_id import normalise_device_id
@@ -54,7 +54,7 @@ from provkit.devpki import SIGNATURE_KEY_USAGE
 from provkit.idempotency import LOST_RACE, LostRace, RequestIds, Stored, check_request_id
 from provkit.idempotency import fingerprint as request_fingerprint
 
-log = logging.getLogger("factory_svc.minting")
+log = logging.getLogger("factory_svc.mint.service")
 
 BACKDATE = timedelta(minutes=5)  # tolerate clock skew on devices
 MIN_VALIDITY = timedelta(hours=1)
@@ -62,7 +62,9 @@ DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 _SERIAL = re.compile(r"^[0-9A-F]{1,40}$")
 
 
-class Ledger(Protocol):
+class CertificateRecords(Protocol):
+    """Where issued certificates are recorded (``factory_svc.mint.store.CertificateStore``)."""
+
     async def record(
         self, certificate: IssuedCertificate, fingerprint: str | None, now: datetime
     ) -> Recorded | RequestIdTaken: ...
@@ -72,10 +74,10 @@ class Ledger(Protocol):
     async def count_unexpired(self, device_id: str, now: datetime) -> int: ...
 
 
-class LedgerReader(Protocol):
+class CertificateReader(Protocol):
     async def get(self, serial_number: str) -> IssuedCertificate | None: ...
 
-    async def list(
+    async def page(
         self, device_id: str | None, limit: int, after: Cursor | None
     ) -> list[IssuedCertificate]: ...
 
@@ -152,7 +154,7 @@ class MintingService:
     def __init__(
         self,
         ca: IssuingCA,
-        ledger: Ledger,
+        ledger: CertificateRecords,
         policy: MintPolicy,
         clock: Clock,
         request_ids: RequestIds | None = None,  # the ledger's reservations, for replicas
@@ -332,7 +334,7 @@ def _decode_token(token: str, device_id: str) -> Cursor:
 
 
 class CertificateCatalog:
-    def __init__(self, ledger: LedgerReader) -> None:
+    def __init__(self, ledger: CertificateReader) -> None:
         self._ledger = ledger
 
     async def get(self, serial_number: str) -> IssuedCertificate:
@@ -346,13 +348,13 @@ class CertificateCatalog:
             )
         return found
 
-    async def list(self, device_id: str, page_size: int, page_token: str) -> CertificatePage:
+    async def page(self, device_id: str, page_size: int, page_token: str) -> CertificatePage:
         wanted = normalise_device_id(device_id) if device_id.strip() else ""
         if page_size < 0:
             raise invalid_field("page_size", "PAGE_SIZE_INVALID", "page_size must not be negative")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_token(page_token, wanted) if page_token else None
-        rows = await self._ledger.list(wanted or None, size + 1, after)
+        rows = await self._ledger.page(wanted or None, size + 1, after)
         page, more = rows[:size], len(rows) > size
         token = ""
         if more and page:

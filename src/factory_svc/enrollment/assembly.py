@@ -1,4 +1,4 @@
-"""Assembly of the enrollment part of factory_svc: settings, the DPS adapter, the outbox and its delivery.
+"""Wiring of the enrollment part of factory_svc: settings, the DPS adapter, the outbox and its delivery.
 
 Settings (TOML / environment, prefix FACTORY):
 
@@ -36,8 +36,9 @@ from factory_svc.enrollment.delivery import OutboxDelivery
 from factory_svc.enrollment.lint import lint_policy_from_chain
 from factory_svc.enrollment.model import EnrollPolicy
 from factory_svc.enrollment.outbox import Outbox
+from factory_svc.enrollment.records import RevocationCheck
 from factory_svc.enrollment.retained import KEY_FILE, RetainedCodes
-from factory_svc.enrollment.service import EnrollmentService, RevocationLookup
+from factory_svc.enrollment.service import EnrollmentService
 from provkit.activation_code import DEFAULT_LOG2_N
 from provkit.clock import Clock
 from provkit.cloud import CloudNotConfigured, CloudSettings, EnrollmentPort, load_cloud_settings
@@ -102,7 +103,7 @@ class EnrollmentRuntime:
         clock: Clock,
         *,
         observer: CallObserver | None = None,
-        revocations: RevocationLookup | None = None,
+        revocations: RevocationCheck | None = None,
         request_lease: timedelta = LEASE,
     ) -> EnrollmentRuntime:
         from provkit.dps import DpsEnrollments
@@ -115,7 +116,7 @@ class EnrollmentRuntime:
         service = EnrollmentService(
             dps, outbox, codes, lint, settings.policy, clock, revocations, request_ids
         )
-        await service.purge_codes()
+        await service.codes.purge()
         delivery = OutboxDelivery(
             dps,
             outbox,
@@ -147,6 +148,6 @@ async def _purge_every(service: EnrollmentService, period: float) -> None:
     while True:
         await asyncio.sleep(period)
         try:
-            await service.purge_codes()
+            await service.codes.purge()
         except Exception:  # a failed purge is retried next period; it must not stop the service
             log.exception("purging retained activation codes failed")

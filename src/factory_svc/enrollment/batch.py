@@ -1,0 +1,256 @@
+"""EnrollBatch: many devices in one call, each item answered on its own (no business rules of its own beyond
+the batch's: its size, duplicates within it; each item follows Enroll's, ``writer``).
+
+Items are linted in worker threads a bulk's worth at a time; new ones go to DPS in bulk operations of ten (at
+most ``bulk_concurrency`` at a time, their codes hashed first so hashing overlaps with writing), replacements
+one by one; everything goes to the outbox while older entries wait there.  An id DPS already holds is retried
+on the single-record path.  After a bulk write the certificates revoked meanwhile are enforced and refused.
+
+Reasons raised: each item's (see ``writer``), DUPLICATE_IN_BATCH; for the call: BATCH_EMPTY, BATCH_TOO_LARGE,
+REQUEST_ID_INVALID, REQUEST_ID_REUSED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace as dc_replace
+from typing import Any
+
+from factory_svc.enrollment.codes import WORKER_THREADS, CodeIssuer, NewCode
+from factory_svc.enrollment.lint import LintedCertificate
+from factory_svc.enrollment.model import (
+    BatchItemResult,
+    BatchResult,
+    Delivery,
+    EnrollOutcome,
+    EnrollPolicy,
+    EnrollRequest,
+    ItemError,
+)
+from factory_svc.enrollment.outbox import Outbox
+from factory_svc.enrollment.records import dps_refused, new_enrollment, revoked_error
+from factory_svc.enrollment.requests import OnceAnswered, check_count
+from factory_svc.enrollment.writer import (
+    BatchItem,
+    EnrollmentWriter,
+    enroll_fingerprint,
+    item_result,
+    result_from_json,
+    result_json,
+)
+from provkit.cloud import CloudAlreadyExists, CloudRejected, CloudUnavailable, EnrollmentPort
+from provkit.context import bind_device_id
+from provkit.errors import DomainError, ErrorKind
+from provkit.faults import crash_point
+from provkit.idempotency import check_request_id
+
+BULK = 10  # records in one DPS bulk operation
+
+
+class BatchEnrollment:
+    def __init__(
+        self,
+        dps: EnrollmentPort,
+        outbox: Outbox,
+        writer: EnrollmentWriter,
+        issuer: CodeIssuer,
+        policy: EnrollPolicy,
+        answers: OnceAnswered,
+    ) -> None:
+        self._dps = dps
+        self._outbox = outbox
+        self._writer = writer
+        self._issuer = issuer
+        self._policy = policy
+        self._answers = answers
+        self._linters = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="enroll-lint")
+
+    def close(self) -> None:
+        """Stop the lint threads (after the last request)."""
+        self._linters.shutdown(wait=True)
+
+    async def enroll(self, requests: Sequence[EnrollRequest], request_id: str = "") -> BatchResult:
+        check_request_id(request_id)
+        check_count("items", len(requests), self._policy.max_batch, "BATCH_EMPTY", "BATCH_TOO_LARGE")
+        request_fingerprint = enroll_fingerprint(requests)
+        requests = [dc_replace(r, request_id=request_id) for r in requests]  # the batch's, for the audit
+        return await self._answers.run(
+            request_id,
+            request_fingerprint,
+            lambda: self._enroll_batch(requests),
+            _batch_json,
+            self._replayed_batch,
+        )
+
+    async def _enroll_batch(self, requests: Sequence[EnrollRequest]) -> BatchResult:
+        results: list[BatchItemResult] = []
+        valid: list[BatchItem] = []
+        seen: set[str] = set()
+        outcomes = await self._lint_many(requests)
+        for index, (request, linted) in enumerate(zip(requests, outcomes, strict=True)):
+            if not isinstance(linted, DomainError):
+                try:
+                    await self._writer.refuse_revoked(linted, f"items[{index}].")
+                except DomainError as exc:
+                    linted = exc
+            if isinstance(linted, DomainError):
+                results.append(_error_item(index, request.device_id, linted))
+            elif linted.device_id in seen:
+                duplicate = ItemError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "DUPLICATE_IN_BATCH",
+                    "this device id appears earlier in the batch",
+                )
+                results.append(BatchItemResult(index, linted.device_id, None, duplicate))
+            else:
+                seen.add(linted.device_id)
+                valid.append(BatchItem(index, linted, request))
+        results.extend(await self._enroll_many(valid))
+        return BatchResult(tuple(sorted(results, key=lambda r: r.index)))
+
+    async def _lint_many(self, requests: Sequence[EnrollRequest]) -> list[LintedCertificate | DomainError]:
+        """Each item linted (or its lint error), in worker threads a bulk's worth at a time: the signature
+        check releases the GIL, so it runs beside the event loop instead of in it."""
+        loop = asyncio.get_running_loop()
+        parts = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._linters, self._lint_part, start, requests[start : start + BULK])
+                for start in range(0, len(requests), BULK)
+            )
+        )
+        return [item for part in parts for item in part]
+
+    def _lint_part(self, start: int, part: Sequence[EnrollRequest]) -> list[LintedCertificate | DomainError]:
+        out: list[LintedCertificate | DomainError] = []
+        for offset, request in enumerate(part):
+            try:
+                out.append(self._writer.lint(request, f"items[{start + offset}]."))
+            except DomainError as exc:
+                out.append(exc)
+        return out
+
+    async def _enroll_many(self, valid: Sequence[BatchItem]) -> list[BatchItemResult]:
+        """The linted items: new ones in bulk operations of ten (at most ``bulk_concurrency`` at a time),
+        replacements one by one; everything to the outbox while older entries wait there."""
+        if not valid:
+            return []
+        if await self._outbox.pending_count() > 0:
+            codes = await self._issuer.new_codes([item.linted.device_id for item in valid])
+            queued = await self._writer.queue_many(
+                [(item.linted, item.request, code) for item, code in zip(valid, codes, strict=True)]
+            )
+            return [item_result(item, result) for item, result in zip(valid, queued, strict=True)]
+        creates = [item for item in valid if not item.request.replace]
+        replaces = [item for item in valid if item.request.replace]
+        gate = asyncio.Semaphore(self._policy.bulk_concurrency)
+        bulks = await asyncio.gather(
+            *(self._create_bulk(creates[n : n + BULK], gate) for n in range(0, len(creates), BULK))
+        )
+        results = [result for bulk in bulks for result in bulk]
+        codes = await self._issuer.new_codes([item.linted.device_id for item in replaces]) if replaces else []
+        for item, code in zip(replaces, codes, strict=True):
+            results.append(await self._enroll_item(item, code))
+        return results
+
+    async def _create_bulk(self, part: Sequence[BatchItem], gate: asyncio.Semaphore) -> list[BatchItemResult]:
+        """One DPS bulk create for up to ten new items.  Their codes are hashed first (worker threads), so
+        the first operation leaves after ten hashes and hashing overlaps with writing to DPS; an id DPS
+        already holds is retried on the single-record path (it may hold this very certificate)."""
+        codes = await self._issuer.new_codes([item.linted.device_id for item in part])
+        records = [
+            new_enrollment(item.linted, record, item.request.owner)
+            for item, (_, record) in zip(part, codes, strict=True)
+        ]
+        async with gate:
+            try:
+                errors = await self._dps.bulk_create(records)
+            except CloudUnavailable:
+                queued = await self._writer.queue_many(
+                    [(item.linted, item.request, code) for item, code in zip(part, codes, strict=True)]
+                )
+                return [item_result(item, result) for item, result in zip(part, queued, strict=True)]
+            except CloudRejected as exc:
+                return [_error_item(item.index, item.linted.device_id, dps_refused(exc)) for item in part]
+        crash_point("enroll.after_dps_write")
+        failed = {e.registration_id.lower(): e.error for e in errors}
+        revoked = await self._writer.revoked_among(
+            [item.linted for item in part if item.linted.device_id not in failed]
+        )
+        results = []
+        for item, code in zip(part, codes, strict=True):
+            error = failed.get(item.linted.device_id)
+            if item.linted.sha256_thumbprint in revoked:
+                results.append(
+                    _error_item(
+                        item.index,
+                        item.linted.device_id,
+                        revoked_error(item.linted.sha256_thumbprint, None, f"items[{item.index}]."),
+                    )
+                )
+            elif error is None:
+                created = self._writer.result(item.linted, EnrollOutcome.CREATED, Delivery.LIVE, code)
+                results.append(item_result(item, created))
+            elif isinstance(error, CloudAlreadyExists):
+                results.append(await self._enroll_item(item, code))
+            else:
+                results.append(_error_item(item.index, item.linted.device_id, dps_refused(error)))
+        return results
+
+    async def _enroll_item(self, item: BatchItem, code: NewCode) -> BatchItemResult:
+        """One batch item on the single-record path (live, else queued), or its error."""
+        with bind_device_id(item.linted.device_id):
+            try:
+                try:
+                    result = await self._writer.live(item.linted, item.request, code)
+                except CloudUnavailable:
+                    result = (await self._writer.queue_many([(item.linted, item.request, code)]))[0]
+            except DomainError as exc:
+                return _error_item(item.index, item.linted.device_id, exc)
+        return item_result(item, result)
+
+    async def _replayed_batch(self, data: Mapping[str, Any]) -> BatchResult:
+        batch = _batch_from_json(data)
+        codes = await self._issuer.with_codes(
+            [item.result for item in batch.items if item.result is not None]
+        )
+        items = tuple(
+            dc_replace(item, result=dc_replace(item.result, activation_code=codes.get(item.device_id)))
+            if item.result is not None
+            else item
+            for item in batch.items
+        )
+        return dc_replace(batch, items=items)
+
+
+def _error_item(index: int, device_id: str, exc: DomainError) -> BatchItemResult:
+    return BatchItemResult(index, device_id, None, ItemError(exc.kind, exc.reason, exc.message))
+
+
+def _batch_json(batch: BatchResult) -> dict[str, Any]:
+    return {
+        "items": [
+            {
+                "index": item.index,
+                "device_id": item.device_id,
+                "result": result_json(item.result) if item.result else None,
+                "error": (
+                    [item.error.kind.value, item.error.reason, item.error.message] if item.error else None
+                ),
+            }
+            for item in batch.items
+        ]
+    }
+
+
+def _batch_from_json(data: Mapping[str, Any]) -> BatchResult:
+    items = []
+    for item in data["items"]:
+        error = None
+        if item["error"]:
+            kind, reason, message = item["error"]
+            error = ItemError(ErrorKind(kind), reason, message)
+        result = result_from_json(item["result"]) if item["result"] else None
+        items.append(BatchItemResult(item["index"], item["device_id"], result, error))
+    return BatchResult(tuple(items), replayed=True)

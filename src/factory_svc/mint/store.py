@@ -1,0 +1,273 @@
+"""The issued certificates and MintCertificate's request ids, in the ledger database (``factory_svc.ledger``).
+
+Every issued certificate is committed before ``record`` returns.  Where the database has one writer (SQLite,
+the default: WAL, synchronous=FULL) writes from concurrent RPCs are grouped into one transaction per flush
+(the database's group commit, ``Database.group_commit``), written with one multi-row INSERT per table; if one
+record conflicts the batch is redone record by record, each in its own savepoint, so one conflicting record
+never loses the others.  The unexpired count answered with each record is the id's count once its batch is
+in.  One flush costs one hand-off to the database's thread and one wake-up of the event loop, whatever its
+size; the records that arrive meanwhile form the next batch, and while records come together a batch waits
+up to ``GATHER_SECONDS`` for as many as the last one had (fewer commits, each a sync of the WAL, for a few
+milliseconds more per answer under load only).  Crash point (tests): ``ledger.before_commit``, a batch
+written but not committed.
+
+On a database shared by replicas (PostgreSQL) each record is its own transaction; the primary keys (serial
+number, request id) decide between replicas, and the unexpired count is read in the record's transaction.
+
+MintCertificate request ids are reserved before the work (``mint_reservations``, ``dbstore.reservations``;
+written on PostgreSQL only) and the reservation is deleted in the transaction that commits the certificate
+and its request id (``record``).
+
+The row codec of ``certificates`` (``COLUMNS``, ``certificate_row``, ``certificate_from_row``) is shared with
+the other stores of the ledger database (revocation, lots), which read and write the same table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from dbstore import Conflict, Database, Tx, reservations
+from factory_svc.mint.keys import KeyType
+from factory_svc.mint.model import IssuedCertificate, KeySource
+from factory_svc.revocation.model import Revocation, RevocationReason
+from provkit.clock import from_us, to_us
+from provkit.faults import crash_point
+
+T = TypeVar("T")
+
+# MintCertificate request ids reserved before the work, for replicas (``dbstore.reservations``).
+RESERVATIONS = "mint_reservations"
+# While mints come together, a batch waits up to this long for more before it is written (see above).
+GATHER_SECONDS = 0.005
+
+COLUMNS = (
+    "serial_number, device_id, certificate_pem, chain_pem, sha1_thumbprint, sha256_thumbprint, "
+    "not_before_us, not_after_us, issued_at_us, key_type, key_source, caller, request_id, "
+    "revoked_at_us, revocation_reason"
+)
+
+INSERT_CERTIFICATE = (
+    "INSERT INTO certificates (serial_number, device_id, certificate_pem, chain_pem, sha1_thumbprint, "
+    "sha256_thumbprint, not_before_us, not_after_us, issued_at_us, key_type, key_source, caller, request_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_REQUEST = "INSERT INTO mint_requests (request_id, fingerprint, serial_number) VALUES (?, ?, ?)"
+SELECT_BY_SERIAL = f"SELECT {COLUMNS} FROM certificates WHERE serial_number = ?"  # noqa: S608
+_SELECT_REQUEST = (
+    "SELECT r.fingerprint, c.serial_number, c.device_id, c.certificate_pem, c.chain_pem, c.sha1_thumbprint, "
+    "c.sha256_thumbprint, c.not_before_us, c.not_after_us, c.issued_at_us, c.key_type, c.key_source, "
+    "c.caller, c.request_id, c.revoked_at_us, c.revocation_reason "
+    "FROM mint_requests r JOIN certificates c USING (serial_number) "
+    "WHERE r.request_id = ?"
+)
+_COUNT_UNEXPIRED = "SELECT COUNT(*) FROM certificates WHERE device_id = ? AND not_after_us > ?"
+ROWS_PER_INSERT = 64  # 64 rows x 13 columns stays below SQLite's oldest limit of 999 parameters
+
+
+def _insert_many(statement: str, rows: int) -> str:
+    """``INSERT ... VALUES (?, ...)`` for ``rows`` rows (one statement: one step for the whole chunk)."""
+    head, one = statement.split(" VALUES ")
+    return f"{head} VALUES {', '.join([one] * rows)}"
+
+
+async def insert_rows(tx: Tx, statement: str, rows: list[tuple[object, ...]]) -> None:
+    """``rows`` by multi-row INSERTs of ``ROWS_PER_INSERT`` rows at most."""
+    for chunk in chunks(rows, ROWS_PER_INSERT):
+        await tx.execute(_insert_many(statement, len(chunk)), [v for row in chunk for v in row])
+
+
+def _count_unexpired_many(ids: int) -> str:
+    marks = ", ".join("?" * ids)
+    return (
+        f"SELECT device_id, COUNT(*) FROM certificates WHERE device_id IN ({marks}) "  # noqa: S608 - marks only
+        "AND not_after_us > ? GROUP BY device_id"
+    )
+
+
+def chunks(items: list[T], size: int) -> list[list[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def certificate_row(cert: IssuedCertificate) -> tuple[object, ...]:
+    """The values of ``INSERT_CERTIFICATE``."""
+    return (
+        cert.serial_number,
+        cert.device_id,
+        cert.certificate_pem,
+        cert.chain_pem,
+        cert.sha1_thumbprint,
+        cert.sha256_thumbprint,
+        to_us(cert.not_before),
+        to_us(cert.not_after),
+        to_us(cert.issued_at),
+        cert.key_type.value,
+        cert.key_source.value,
+        cert.caller,
+        cert.request_id,
+    )
+
+
+def certificate_from_row(row: Sequence[Any]) -> IssuedCertificate:
+    """A row of ``COLUMNS``."""
+    return IssuedCertificate(
+        serial_number=row[0],
+        device_id=row[1],
+        certificate_pem=row[2],
+        chain_pem=row[3],
+        sha1_thumbprint=row[4],
+        sha256_thumbprint=row[5],
+        not_before=from_us(row[6]),
+        not_after=from_us(row[7]),
+        issued_at=from_us(row[8]),
+        key_type=KeyType(row[9]),
+        key_source=KeySource(row[10]),
+        caller=row[11],
+        request_id=row[12],
+        revocation=None if row[13] is None else Revocation(from_us(row[13]), RevocationReason(row[14])),
+    )
+
+
+@dataclass(frozen=True)
+class StoredRequest:
+    fingerprint: str
+    certificate: IssuedCertificate
+
+
+@dataclass(frozen=True)
+class Recorded:
+    unexpired_count: int
+
+
+@dataclass(frozen=True)
+class RequestIdTaken:
+    """Another record with the same request id won the race."""
+
+
+@dataclass(frozen=True)
+class Cursor:
+    issued_at_us: int
+    serial_number: str
+
+
+def cursor_of(certificate: IssuedCertificate) -> Cursor:
+    return Cursor(to_us(certificate.issued_at), certificate.serial_number)
+
+
+@dataclass
+class _Pending:
+    certificate: IssuedCertificate
+    fingerprint: str | None
+    now_us: int
+
+
+async def _record_one(tx: Tx, item: _Pending) -> Recorded | RequestIdTaken:
+    """One record in its own savepoint: a taken request id (or serial) leaves nothing of it."""
+    try:
+        async with tx.savepoint():
+            await tx.execute(INSERT_CERTIFICATE, certificate_row(item.certificate))
+            if item.fingerprint is not None:
+                request = (item.certificate.request_id, item.fingerprint, item.certificate.serial_number)
+                await tx.execute(_INSERT_REQUEST, request)
+                await reservations.settle(tx, RESERVATIONS, item.certificate.request_id)
+    except Conflict:
+        return RequestIdTaken()
+    row = await tx.fetchone(_COUNT_UNEXPIRED, (item.certificate.device_id, item.now_us))
+    return Recorded(int(row[0]) if row else 0)
+
+
+async def _insert_together(tx: Tx, batch: list[_Pending]) -> list[Recorded | RequestIdTaken]:
+    await insert_rows(tx, INSERT_CERTIFICATE, [certificate_row(item.certificate) for item in batch])
+    requests: list[tuple[object, ...]] = [
+        (item.certificate.request_id, item.fingerprint, item.certificate.serial_number)
+        for item in batch
+        if item.fingerprint is not None
+    ]
+    await insert_rows(tx, _INSERT_REQUEST, requests)
+    # The unexpired count of each id once the batch is in, at the batch's latest moment.
+    now_us = max(item.now_us for item in batch)
+    counts: dict[str, int] = {}
+    for ids in chunks(sorted({item.certificate.device_id for item in batch}), ROWS_PER_INSERT):
+        rows = await tx.fetchall(_count_unexpired_many(len(ids)), (*ids, now_us))
+        counts.update((str(r[0]), int(r[1])) for r in rows)
+    return [Recorded(counts.get(item.certificate.device_id, 0)) for item in batch]
+
+
+async def _write_batch(tx: Tx, batch: list[_Pending]) -> list[Recorded | RequestIdTaken]:
+    """Inside the group's transaction.  Usually a handful of statements whatever its size (each statement
+    is a GIL hand-over between the database's thread and the event loop); when a record conflicts (request
+    id taken by another process, or a duplicate serial) the batch is redone record by record."""
+    try:
+        async with tx.savepoint():
+            results = await _insert_together(tx, batch)
+    except Conflict:
+        results = [await _record_one(tx, item) for item in batch]
+    crash_point("ledger.before_commit")  # the group written, not committed, nobody answered
+    return results
+
+
+class CertificateStore:
+    """``certificates`` and ``mint_requests``: record what MintCertificate issued, and read it back."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.reservations = reservations.Reservations(db, RESERVATIONS, "mint_requests")
+        # One writer (SQLite): records arriving together share one transaction (group commit).
+        self._writes = db.group_commit(_write_batch, gather=GATHER_SECONDS)
+
+    @property
+    def group_commits(self) -> int:
+        """Groups of records committed together so far (0 where each record is its own transaction)."""
+        return 0 if self._writes is None else self._writes.commits
+
+    async def record(
+        self, certificate: IssuedCertificate, fingerprint: str | None, now: datetime
+    ) -> Recorded | RequestIdTaken:
+        """Commit one issued certificate (and its request id when ``fingerprint`` is given)."""
+        item = _Pending(certificate, fingerprint, to_us(now))
+        if self._writes is not None:
+            return await self._writes.submit(item)
+        return await self._db.transaction(lambda tx: _record_one(tx, item))
+
+    async def find_request(self, request_id: str) -> StoredRequest | None:
+        row = await self._db.read(lambda tx: tx.fetchone(_SELECT_REQUEST, (request_id,)))
+        return None if row is None else StoredRequest(row[0], certificate_from_row(row[1:]))
+
+    async def get(self, serial_number: str) -> IssuedCertificate | None:
+        row = await self._db.read(lambda tx: tx.fetchone(SELECT_BY_SERIAL, (serial_number,)))
+        return None if row is None else certificate_from_row(row)
+
+    async def count_unexpired(self, device_id: str, now: datetime) -> int:
+        row = await self._db.read(lambda tx: tx.fetchone(_COUNT_UNEXPIRED, (device_id, to_us(now))))
+        return int(row[0]) if row else 0
+
+    async def page(self, device_id: str | None, limit: int, after: Cursor | None) -> list[IssuedCertificate]:
+        """Newest first; ``after`` continues below the given (issued_at, serial) position."""
+        clauses: list[str] = []
+        params: list[object] = []
+        if device_id:
+            clauses.append("device_id = ?")
+            params.append(device_id)
+        if after is not None:
+            clauses.append("(issued_at_us < ? OR (issued_at_us = ? AND serial_number < ?))")
+            params += [after.issued_at_us, after.issued_at_us, after.serial_number]
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = (
+            f"SELECT {COLUMNS} FROM certificates {where} "  # noqa: S608 - fixed fragments only
+            "ORDER BY issued_at_us DESC, serial_number DESC LIMIT ?"
+        )
+        rows = await self._db.read(lambda tx: tx.fetchall(sql, (*params, limit)))
+        return [certificate_from_row(r) for r in rows]
+
+    async def certificates_of(self, device_id: str, now: datetime) -> list[IssuedCertificate]:
+        """The device's unexpired certificates (revoked or not), oldest first."""
+        rows = await self._db.read(
+            lambda tx: tx.fetchall(
+                f"SELECT {COLUMNS} FROM certificates WHERE device_id = ? AND not_after_us > ? "  # noqa: S608
+                "ORDER BY issued_at_us, serial_number",
+                (device_id, to_us(now)),
+            )
+        )
+        return [certificate_from_row(r) for r in rows]

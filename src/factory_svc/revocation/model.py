@@ -1,0 +1,36 @@
+"""Typed values of revocation: RFC 5280's reasons, a certificate's revocation mark, a revocation request."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class RevocationReason(enum.Enum):
+    """RFC 5280 CRLReason, by its ASN.1 name (the CLI's spelling is the kebab-case of it)."""
+
+    UNSPECIFIED = "unspecified"
+    KEY_COMPROMISE = "keyCompromise"
+    CA_COMPROMISE = "cACompromise"
+    AFFILIATION_CHANGED = "affiliationChanged"
+    SUPERSEDED = "superseded"
+    CESSATION_OF_OPERATION = "cessationOfOperation"
+    CERTIFICATE_HOLD = "certificateHold"
+    PRIVILEGE_WITHDRAWN = "privilegeWithdrawn"
+    AA_COMPROMISE = "aACompromise"
+
+
+@dataclass(frozen=True)
+class Revocation:
+    time: datetime
+    reason: RevocationReason
+
+
+@dataclass(frozen=True)
+class RevokeRequest:
+    device_id: str = ""  # exactly one of device_id / serial_number
+    serial_number: str = ""
+    reason: RevocationReason = RevocationReason.UNSPECIFIED
+    request_id: str = ""
+    caller: str = "internal"
