@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from device_client.errors import EXIT_OK, DeviceClientError, DeviceSettingsError
-from device_client.identity import KeyType, normalise_guid
+from device_client.identity import IdentityInfo, KeyType, normalise_guid
 from device_client.settings import FLAGS, Settings, load_settings
 from device_client.state import StateDir
 from mainkit.settings import SettingsError
@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     prov.add_argument("--key-type", choices=[k.value for k in KeyType], default=KeyType.EC_P256.value)
     prov.add_argument("--no-enroll", action="store_true", help="mint only; do not create the DPS enrollment")
     prov.add_argument("--request-id", help="idempotency key for the factory calls (default: random)")
+    prov.add_argument(
+        "--est-url",
+        help="https://host:port of the factory's EST listener: the device renews its certificate there "
+        "(kept in the device's settings.toml with the factory CA as its trust anchor)",
+    )
     prov_flags(prov)
     cloud_flags(prov)
 
@@ -236,8 +241,6 @@ class RunLogger:
             )
 
 
-
-
 def _run(guid: str, settings: Settings) -> int:
     from device_client.runtime import DeviceRuntime
 
@@ -312,6 +315,35 @@ def status_report(guid: str, settings: Settings, *, now: datetime) -> dict[str, 
         "assignment": assignment.to_json() if assignment else None,
         "telemetry": buffered,
         "desired": {"version": desired.version, "properties": desired.properties} if desired else None,
+        "renewal": _renewal_report(state, settings, info),
+    }
+
+
+def _renewal_report(state: StateDir, settings: Settings, info: IdentityInfo) -> dict[str, Any]:
+    """When the certificate falls due, what the last renewal did, and a renewed identity not yet in use."""
+    from device_client.renewal import due_at
+
+    rs = settings.renewal
+    due = due_at(info.not_before, info.not_after, fraction=rs.fraction, days_before=rs.days_before)
+    record = state.read_renewal()
+    pending: dict[str, Any] | None = None
+    if state.has_pending():
+        try:
+            p = state.load_pending().info
+            pending = {
+                "serial": p.serial_hex,
+                "not_before": p.not_before.isoformat(),
+                "not_after": p.not_after.isoformat(),
+            }
+        except DeviceClientError as exc:
+            pending = {"error": exc.message}
+    return {
+        "enabled": rs.enabled,
+        "est_url": rs.est_url,
+        "due_at": due.isoformat(),
+        "last": record.to_json() if record else None,
+        "pending": pending,
+        "previous_kept": state.has_previous(),
     }
 
 
@@ -338,6 +370,17 @@ def _status(guid: str, settings: Settings, *, as_json: bool) -> int:
         why = f" ({r['reason']})" if r["reason"] else ""
         where = f"per the CRL {r['crl_url']}, checked {r['checked_at']}"
         print(f"revoked      on {r['revoked_at']}{why}, {where}")
+    r = report["renewal"]
+    renew = f"due {r['due_at']} at {r['est_url']}" if r["enabled"] else "off (no renewal.est_url)"
+    print(f"renewal      {renew}")
+    if r["last"]:
+        last = r["last"]
+        why = f" ({last['reason']}: {last['detail']})" if last["reason"] else ""
+        print(f"             last: {last['state']} at {last['at']}{why}")
+    if r["pending"]:
+        pend = r["pending"]
+        what = pend.get("error") or f"serial {pend['serial']}, valid until {pend['not_after']}"
+        print(f"             pending (received, not yet in use): {what}")
     if a:
         print(f"assignment   hub {a['assigned_hub']}, device id {a['device_id']}, since {a['registered_at']}")
     else:

@@ -33,8 +33,8 @@ from device_client.identity import (
     load_chain,
     load_key,
 )
-from device_client.settings import Settings, render_device_settings
-from device_client.state import TRUSTED_CA_FILE, StateDir, atomic_write
+from device_client.settings import RenewalSettings, Settings, render_device_settings
+from device_client.state import EST_CA_FILE, TRUSTED_CA_FILE, StateDir, atomic_write
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,34 @@ def _device_settings(settings: Settings, state: StateDir) -> None:
         if cloud.trusted_ca_file.resolve() != target.resolve():
             shutil.copyfile(cloud.trusted_ca_file, target)
         values["trusted_ca_file"] = TRUSTED_CA_FILE
+    values.update(_renewal_settings(settings, state))
     atomic_write(state.settings_path, render_device_settings(values))
+
+
+def _renewal_settings(settings: Settings, state: StateDir) -> dict[str, str]:
+    """The renewal settings the device keeps (``--est-url``): the listener's URL, its trust anchor (the
+    factory CA the bench used, copied into the state directory: the listener's TLS certificate is the
+    factory's own by default) and any timing that is not the default."""
+    rs = settings.renewal
+    if not rs.est_url:
+        return {}
+    values = {"renewal.est_url": rs.est_url}
+    anchor = rs.ca_file or settings.factory.ca_file
+    if anchor is not None:
+        rs.trusted_ca_pem(settings.factory.ca_file)  # validates
+        target = state.file(EST_CA_FILE)
+        if anchor.resolve() != target.resolve():
+            shutil.copyfile(anchor, target)
+        values["renewal.ca_file"] = EST_CA_FILE
+    defaults = RenewalSettings()
+    for key, value, default in (
+        ("fraction", rs.fraction, defaults.fraction),
+        ("days_before", rs.days_before, defaults.days_before),
+        ("check_interval_s", rs.check_interval_s, defaults.check_interval_s),
+    ):
+        if value != default:
+            values[f"renewal.{key}"] = repr(value)
+    return values
 
 
 def record_enrollment(state: StateDir, outcome: EnrollOutcome) -> None:

@@ -29,6 +29,18 @@ command-line flags.  Keys::
     log_format                 auto | json | text
     device_ids                 guid (default) | registration-id: which device ids are accepted
                                (see provkit.device_id)
+
+Certificate renewal in the field (EST, RFC 7030; see ``device_client.renewal``), a ``[renewal]`` table in a
+file, ``DEVICE_CLIENT_RENEWAL_<KEY>`` in the environment::
+
+    renewal.est_url            https://host:port of the factory's EST listener (empty: renewal off)
+    renewal.ca_file            PEM trust anchor for the EST listener's TLS certificate (omit: the
+                               factory_ca_file, else the system roots); `provision --est-url` copies
+                               the factory CA it used into the state directory and names it here
+    renewal.fraction           renew once this fraction of the lifetime has elapsed (0.667) ...
+    renewal.days_before        ... or this many days before expiry, whichever comes first (30)
+    renewal.check_interval_s   how often a running device looks (86400, jittered +-10 %); it also wakes
+                               when the certificate becomes due, so a short-lived one renews in time
 """
 
 from __future__ import annotations
@@ -108,6 +120,37 @@ class RuntimeSettings:
 
 
 @dataclass(frozen=True)
+class RenewalSettings:
+    est_url: str | None = None  # None: renewal off
+    ca_file: Path | None = None
+    fraction: float = 0.667
+    days_before: float = 30.0
+    check_interval_s: float = 86400.0
+    jitter: float = 0.1
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.est_url)
+
+    def trusted_ca_pem(self, factory_ca_file: Path | None) -> str | None:
+        """The EST server's trust anchor: ``renewal.ca_file``, else the factory CA, else None (system)."""
+        path = self.ca_file or factory_ca_file
+        if path is None:
+            return None
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise DeviceSettingsError(
+                f"cannot read the EST trust anchor {path}: {exc.strerror}", Reason.TRUSTED_CA_UNREADABLE
+            ) from exc
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            raise DeviceSettingsError(
+                f"EST trust anchor {path} holds no PEM certificate", Reason.TRUSTED_CA_INVALID
+            )
+        return text
+
+
+@dataclass(frozen=True)
 class Settings:
     state_root: Path
     factory: FactorySettings
@@ -115,6 +158,7 @@ class Settings:
     runtime: RuntimeSettings
     log_format: str
     device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID
+    renewal: RenewalSettings = RenewalSettings()
 
 
 DEFAULTS: dict[str, Any] = {
@@ -138,8 +182,15 @@ DEFAULTS: dict[str, Any] = {
     "crl_check_interval_s": 3600.0,
     "log_format": "auto",
     "device_ids": DeviceIdPolicy.GUID.value,
+    "renewal.est_url": None,
+    "renewal.ca_file": None,
+    "renewal.fraction": 0.667,
+    "renewal.days_before": 30.0,
+    "renewal.check_interval_s": 86400.0,
 }
 KEYS = frozenset(DEFAULTS)
+# What a settings file may hold at its top level (``renewal.*`` keys live in a ``[renewal]`` table).
+FILE_KEYS = frozenset(key.split(".")[0] for key in KEYS)
 
 # Which command-line option sets which key (argparse dest -> key), for every command that has it.
 FLAGS = FlagKeys(
@@ -157,6 +208,7 @@ FLAGS = FlagKeys(
         "interval": "telemetry_interval_s",
         "buffer_max": "buffer_max_messages",
         "give_up_after": "give_up_after_s",
+        "est_url": "renewal.est_url",
     }
 )
 
@@ -241,13 +293,38 @@ def build_settings(source: SettingsSource) -> Settings:
         device_ids = DeviceIdPolicy.parse(source.text("device_ids", "") or "")
     except ValueError as exc:
         raise DeviceSettingsError(f"setting device_ids: {exc}", Reason.SETTINGS_INVALID) from exc
+    renewal = _renewal(source)
     return Settings(
+        renewal=renewal,
         state_root=Path(source.text("state_root", "") or "").expanduser(),
         factory=factory,
         cloud=cloud,
         runtime=runtime,
         log_format=log_format,
         device_ids=device_ids,
+    )
+
+
+def _renewal(source: SettingsSource) -> RenewalSettings:
+    est_url = (source.text("renewal.est_url", "") or "").strip().rstrip("/") or None
+    if est_url is not None and not est_url.lower().startswith("https://"):
+        raise DeviceSettingsError(
+            f"setting renewal.est_url: {est_url!r} must be an https:// URL (the device authenticates "
+            "with its certificate over TLS)",
+            Reason.SETTINGS_INVALID,
+        )
+    fraction = _num(source, "renewal.fraction", minimum=0.01)
+    if fraction > 1:
+        raise DeviceSettingsError(
+            f"setting renewal.fraction: a fraction of the lifetime, at most 1, got {fraction}",
+            Reason.SETTINGS_INVALID,
+        )
+    return RenewalSettings(
+        est_url=est_url,
+        ca_file=source.path("renewal.ca_file"),
+        fraction=fraction,
+        days_before=_num(source, "renewal.days_before", minimum=0.0),
+        check_interval_s=_num(source, "renewal.check_interval_s", minimum=1.0),
     )
 
 
@@ -271,9 +348,9 @@ def load_settings(
     try:
         config = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None)
         if config is not None:
-            files.append(SettingsFile.read(config, what="config file", known=KEYS))
+            files.append(SettingsFile.read(config, what="config file", known=FILE_KEYS))
         if device_settings is not None and device_settings.exists():
-            device = SettingsFile.read(device_settings, what="device settings", known=KEYS)
+            device = SettingsFile.read(device_settings, what="device settings", known=FILE_KEYS)
             files.append(device.without("state_root"))  # the state root locates this file
         source = SettingsSource(ENV_PREFIX, env, files, flags=overrides, defaults=DEFAULTS)
         return build_settings(source)
@@ -287,7 +364,16 @@ def state_root_from(*, env: Mapping[str, str], config_file: Path | None, overrid
 
 
 def render_device_settings(values: Mapping[str, str]) -> bytes:
-    """A device settings.toml with flat string keys (TOML basic strings accept JSON string escapes)."""
+    """A device settings.toml with string values (TOML basic strings accept JSON string escapes); dotted
+    keys (``renewal.est_url``) go into their table."""
     lines = ["# written by `device-client provision`; environment and flags take precedence"]
-    lines += [f"{key} = {json.dumps(str(value))}" for key, value in sorted(values.items()) if key in KEYS]
+    known = sorted((key, value) for key, value in values.items() if key in KEYS)
+    lines += [f"{key} = {json.dumps(str(value))}" for key, value in known if "." not in key]
+    tables: dict[str, list[str]] = {}
+    for key, value in known:
+        if "." in key:
+            table, _, name = key.partition(".")
+            tables.setdefault(table, []).append(f"{name} = {json.dumps(str(value))}")
+    for table, entries in tables.items():
+        lines += ["", f"[{table}]", *entries]
     return ("\n".join(lines) + "\n").encode()

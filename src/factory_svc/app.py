@@ -23,7 +23,9 @@ Data directory layout (``FactorySettings.data_dir``)::
 API: ``async FactoryApp.open(settings, clock=now_utc, observe=None)``, ``.bindings()``,
 ``async .start()`` (the gRPC server, and ``/metrics`` when configured: ``.observe.metrics_url``),
 ``async .close()``;
-``async run_server(settings)`` (serve until SIGINT/SIGTERM).  ``observe`` (``provkit.observe``) defaults to
+``async run_server(settings)`` (serve until SIGINT/SIGTERM).  With ``renewal.listen`` set, ``open`` also
+starts the EST renewal listener (``.renewal_http``, ``factory_svc.renewal``) and its intent worker.
+``observe`` (``provkit.observe``) defaults to
 what ``settings.observe`` asks for.
 """
 
@@ -43,6 +45,8 @@ from factory_svc.lots.grpc import LotRpcs
 from factory_svc.lots.service import LotService
 from factory_svc.mint.grpc import MintRpcs
 from factory_svc.mint.service import CertificateCatalog, MintingService
+from factory_svc.renewal.http import RenewalHttp, device_ca_pem, server_context
+from factory_svc.renewal.service import RenewalService
 from factory_svc.revocation.crl import CrlHttp, CrlPublisher
 from factory_svc.revocation.grpc import RevocationRpcs
 from factory_svc.revocation.service import CloudSide, RevocationIntents, RevocationService
@@ -54,6 +58,7 @@ from provkit.idempotency import RequestIds
 from provkit.iothub import HubRegistries
 from provkit.metrics import NO_METRICS, SuiteMetrics
 from provkit.observe import Observability
+from provkit.settings import SettingsError
 
 
 def open_ca(settings: FactorySettings, clock: Clock) -> IssuingCA:
@@ -114,6 +119,8 @@ class FactoryApp:
     revocation: RevocationService
     enrollment: EnrollmentRuntime | None = None
     crl_http: CrlHttp | None = None
+    renewal: RenewalService | None = None
+    renewal_http: RenewalHttp | None = None
     observe: Observability = field(default_factory=Observability.off)
     clock: Clock = now_utc
 
@@ -153,7 +160,30 @@ class FactoryApp:
         if settings.crl.http_port is not None:
             app.crl_http = CrlHttp(crl, settings.crl.http_host, settings.crl.http_port)
             await app.crl_http.start()
+        if settings.renewal.listen is not None:
+            await app._start_renewal()
         return app
+
+    async def _start_renewal(self) -> None:
+        """The EST listener and the worker that completes open renewals (``factory_svc.renewal``)."""
+        renewal = self.settings.renewal
+        assert renewal.listen is not None and renewal.tls_cert_file and renewal.tls_key_file
+        if self.enrollment is None:
+            raise SettingsError("FACTORY_RENEWAL_LISTEN needs DPS: renewal changes the device's enrollment")
+        self.renewal = RenewalService(
+            self.minting.issuer,
+            self.ledger.renewals,
+            self.enrollment.dps,
+            renewal.policy,
+            self.clock,
+            self.settings.device_ids,
+            self.observe.metrics,
+        )
+        self.renewal.start()  # open renewals (a crash, DPS unreachable) are carried out now
+        context = server_context(renewal.tls_cert_file, renewal.tls_key_file, device_ca_pem(self.renewal))
+        host, port = renewal.listen
+        self.renewal_http = RenewalHttp(self.renewal, host, port, context, self.observe.metrics)
+        await self.renewal_http.start()
 
     def bindings(self) -> list[ServiceBinding]:
         service = self.enrollment.service if self.enrollment is not None else None
@@ -177,9 +207,12 @@ class FactoryApp:
         age = (self.clock() - oldest.queued_at).total_seconds() if oldest is not None else 0.0
         self.observe.metrics.outbox(depth, age)
 
+    async def _expiry_gauges(self) -> None:
+        self.observe.metrics.certificate_expiry(await self.ledger.renewals.expiry_buckets(self.clock()))
+
     async def start(self) -> RunningServer:
         """``/metrics`` (when configured: ``.observe.metrics_url``), then the gRPC server."""
-        await self.observe.start_endpoint(refresh=[self._outbox_gauges])
+        await self.observe.start_endpoint(refresh=[self._outbox_gauges, self._expiry_gauges])
         return await start_server(
             self.settings.server,
             self.bindings(),
@@ -189,6 +222,10 @@ class FactoryApp:
         )
 
     async def close(self) -> None:
+        if self.renewal_http is not None:
+            await self.renewal_http.stop()
+        if self.renewal is not None:
+            await self.renewal.stop()
         if self.crl_http is not None:
             await self.crl_http.stop()
         await self.crl.stop()

@@ -8,6 +8,7 @@ commands (``<feature>/cli.py``) and runs the one asked for.
     factory-svc revoke ...                                      (see factory_svc.revocation.cli)
     factory-svc lot ...                                         (see factory_svc.lots.cli)
     factory-svc ca init | show                                  (see factory_svc.ca.cli)
+    factory-svc expiring [--within 30d] [--json]                (see factory_svc.renewal.cli)
 
 Client commands connect with ``--target`` (or FACTORY_CLIENT_TARGET, default 127.0.0.1:50051) using TLS
 with ``--ca-file`` / ``--cert-file`` / ``--key-file`` (mTLS), or ``--insecure`` for a loopback
@@ -33,6 +34,7 @@ from factory_svc.enrollment import cli as enroll_cli
 from factory_svc.errors import CaConfigError
 from factory_svc.lots import cli as lot_cli
 from factory_svc.mint import cli as mint_cli
+from factory_svc.renewal import cli as renewal_cli
 from factory_svc.revocation import cli as revoke_cli
 from litestore import SchemaError
 from provkit import faults
@@ -85,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     for feature in CLIENT_FEATURES:
         feature.add_parsers(client)
     ca_cli.add_parsers(sub)
+    renewal_cli.add_parsers(sub)
     return parser
 
 
@@ -150,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "ca":
             return ca_cli.run(args)
+        if args.command in renewal_cli.COMMANDS:
+            return renewal_cli.run(args)
         source = SettingsSource("FACTORY_CLIENT")
         _check_ids(args, source)
         return asyncio.run(_client(args, source))

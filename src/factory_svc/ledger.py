@@ -13,7 +13,8 @@ File: ``<data_dir>/ledger.sqlite3`` (plus its ``-wal``/``-shm`` companions).  On
 
 Versions: 1 the original tables; 2 revocation (the marks on ``certificates`` and the ``revocations`` audit);
 3 production lots (``lots`` and ``lot_items``); 4 MintCertificate request ids reserved before the work
-(``mint_reservations``); 5 revocation intents and the CRL state every replica shares.
+(``mint_reservations``); 5 revocation intents and the CRL state every replica shares; 6 renewals
+(``factory_svc.renewal.store``: the ``renewals`` intents, ``certificates.replaces`` / ``superseded_by``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 from dbstore import Database, DatabaseUrl, open_database, reservations
 from factory_svc.lots.store import LotStore
 from factory_svc.mint.store import RESERVATIONS, CertificateStore
+from factory_svc.renewal.store import MIGRATION as RENEWALS
+from factory_svc.renewal.store import RenewalStore
 from factory_svc.revocation.store import RevocationStore
 from litestore import Options, Schema, Synchronous
 from provkit.authz import Refusal
@@ -127,7 +130,14 @@ INSERT INTO crl_state (id, crl_number, generation) VALUES (1, 0, 0);
 """
 
 # Version 1 is the original schema (files written before versions were kept have version 0 and these tables).
-MIGRATIONS = (SCHEMA, REVOCATION, LOTS, reservations.migration(RESERVATIONS), REVOCATION_INTENTS)
+MIGRATIONS = (
+    SCHEMA,
+    REVOCATION,
+    LOTS,
+    reservations.migration(RESERVATIONS),
+    REVOCATION_INTENTS,
+    RENEWALS,
+)
 # FULL: a certificate handed out must stay on record (limits and audits count it) even after a power cut.
 # One statement cache entry per multi-row INSERT size.
 OPTIONS = Options(synchronous=Synchronous.FULL, cached_statements=512)
@@ -180,10 +190,13 @@ class Ledger:
     revocations: RevocationStore
     lots: LotStore
     refusals: RefusalStore
+    renewals: RenewalStore
 
     @classmethod
     def on(cls, db: Database) -> Ledger:
-        return cls(db, CertificateStore(db), RevocationStore(db), LotStore(db), RefusalStore(db))
+        return cls(
+            db, CertificateStore(db), RevocationStore(db), LotStore(db), RefusalStore(db), RenewalStore(db)
+        )
 
     @classmethod
     async def open(cls, where: Path | DatabaseUrl, *, migrate: bool = False) -> Ledger:

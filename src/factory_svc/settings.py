@@ -19,7 +19,7 @@
 | ca.pkcs11_module              | FACTORY_CA_PKCS11_MODULE          | /usr/lib/softhsm/libsofthsm2.so |
 | ca.pkcs11_token / _key_label  | FACTORY_CA_PKCS11_TOKEN / _KEY_LABEL | - / devprov-issuing-ca |
 | ca.pkcs11_pin_file            | FACTORY_CA_PKCS11_PIN or FACTORY_CA_PKCS11_PIN_FILE | - (pkcs11: required) |
-| mint.default_validity_days    | FACTORY_MINT_DEFAULT_VALIDITY_DAYS | 365                      |
+| mint.default_validity_days    | FACTORY_MINT_DEFAULT_VALIDITY_DAYS | 730 (shelf + first renewal) |
 | device_ids                    | FACTORY_DEVICE_IDS                | guid (see provkit.device_id) |
 | requests.lease_seconds        | FACTORY_REQUESTS_LEASE_SECONDS    | 30 (replicas: a request id's lease) |
 | crl.dir                       | FACTORY_CRL_DIR                   | <data_dir>/crl            |
@@ -28,12 +28,23 @@
 | crl.url                       | FACTORY_CRL_URL                   | - (no CRL DP in certificates) |
 | crl.check_seconds             | FACTORY_CRL_CHECK_SECONDS         | 5 (other replicas' revocations) |
 | enroll.*, cloud.*             | FACTORY_ENROLL_*, FACTORY_CLOUD_*  | see factory_svc.enrollment.assembly |
+| renewal.listen                | FACTORY_RENEWAL_LISTEN            | - (off; host:port: the EST listener) |
+| renewal.tls_cert_file / tls_key_file | FACTORY_RENEWAL_TLS_CERT_FILE / _TLS_KEY_FILE | the gRPC server's |
+| renewal.validity_days         | FACTORY_RENEWAL_VALIDITY_DAYS     | 365 (a renewed certificate) |
+| renewal.expired_grace_days    | FACTORY_RENEWAL_EXPIRED_GRACE_DAYS | 0 (off: expired never renews) |
+| renewal.max_per_day           | FACTORY_RENEWAL_MAX_PER_DAY       | 3 (renewals per device per 24 h) |
 | metrics.listen                | FACTORY_METRICS_LISTEN            | - (off; host:port serves /metrics) |
 | tracing.exporter / otlp_endpoint | FACTORY_TRACING_EXPORTER / _OTLP_ENDPOINT | none (console, otlp) |
 
 ``database_url``: ``postgresql://user:password@host:port/db`` keeps the ledger, the outbox, request ids and
 audits in PostgreSQL, shared by every replica (run ``factory-svc migrate`` first); the default keeps them in
 ``<data_dir>/ledger.sqlite3`` and ``<data_dir>/enrollments.sqlite3`` (one process).
+
+``mint.default_validity_days``: a factory certificate lives through the device's time on the shelf and in
+the OEM's stock (a year or more) and then until its first renewal in the field; 730 days leaves a year of
+each.  Renewed certificates (``renewal.validity_days``) are shorter: the device renews them itself (at
+two thirds of the lifetime or 30 days before expiry).  ``renewal.listen`` starts the EST listener
+(``factory_svc.renewal.http``); it needs DPS (``enroll.*``, ``cloud.*``) and a TLS server certificate.
 
 ``requests.lease_seconds``: with replicas, a request id is reserved in the database while one replica
 executes it (``provkit.idempotency``); a retry of it on another replica waits, and takes the request over
@@ -56,11 +67,12 @@ from factory_svc.ca.pkcs11_signer import DEBIAN_SOFTHSM2, TokenRef
 from factory_svc.enrollment.assembly import EnrollSettings, load_enroll_settings
 from factory_svc.errors import ERROR_DOMAIN
 from factory_svc.mint.service import MintPolicy
+from factory_svc.renewal.model import RenewalPolicy, RenewalSettings
 from factory_svc.revocation.crl import CrlSettings
 from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ServerSettings
 from provkit.idempotency import LEASE
-from provkit.observe import ObserveSettings, observe_settings
+from provkit.observe import ObserveSettings, observe_settings, parse_listen
 from provkit.settings import (
     Secret,
     SettingsError,
@@ -72,6 +84,7 @@ from provkit.settings import (
 )
 
 PREFIX = "FACTORY"
+DEFAULT_VALIDITY_DAYS = 730  # shelf time plus the first renewal (see above)
 DEFAULT_PORT = 50051
 
 
@@ -166,6 +179,7 @@ class FactorySettings:
     crl: CrlSettings = field(default_factory=CrlSettings)
     database: DatabaseUrl | None = None  # None: the SQLite files in data_dir
     request_lease: timedelta = LEASE
+    renewal: RenewalSettings = field(default_factory=RenewalSettings)
 
     @property
     def database_url(self) -> DatabaseUrl:
@@ -184,17 +198,49 @@ class FactorySettings:
         return self.crl.directory or self.data_dir / "crl"
 
 
+def renewal_settings(source: SettingsSource, server: ServerSettings) -> RenewalSettings:
+    validity = source.integer("renewal.validity_days", 365)
+    grace = source.integer("renewal.expired_grace_days", 0)
+    per_day = source.integer("renewal.max_per_day", 3)
+    if validity < 1:
+        raise SettingsError("FACTORY_RENEWAL_VALIDITY_DAYS must be at least 1")
+    if grace < 0:
+        raise SettingsError("FACTORY_RENEWAL_EXPIRED_GRACE_DAYS must not be negative")
+    if per_day < 1:
+        raise SettingsError("FACTORY_RENEWAL_MAX_PER_DAY must be at least 1")
+    policy = RenewalPolicy(timedelta(days=validity), timedelta(days=grace), per_day)
+    listen_text = (source.text("renewal.listen", "") or "").strip()
+    if not listen_text:
+        return RenewalSettings(policy=policy)
+    try:
+        listen = parse_listen(listen_text)
+    except SettingsError:
+        raise SettingsError(f"FACTORY_RENEWAL_LISTEN is host:port, got {listen_text!r}") from None
+    cert, key = source.path("renewal.tls_cert_file"), source.path("renewal.tls_key_file")
+    if (cert is None) != (key is None):
+        raise SettingsError("FACTORY_RENEWAL_TLS_CERT_FILE and FACTORY_RENEWAL_TLS_KEY_FILE go together")
+    if cert is None and server.tls is not None:
+        cert, key = server.tls.cert_file, server.tls.key_file
+    if cert is None:
+        raise SettingsError(
+            "the renewal listener needs a TLS server certificate: set FACTORY_RENEWAL_TLS_CERT_FILE and "
+            "FACTORY_RENEWAL_TLS_KEY_FILE (or the gRPC server's)"
+        )
+    return RenewalSettings(listen, cert, key, policy)
+
+
 def load_settings(env: Mapping[str, str] | None = None, config: Path | None = None) -> FactorySettings:
     probe = SettingsSource(PREFIX, env=env)
     config = config or probe.path("config")
     source = SettingsSource(PREFIX, env=env, file=config)
-    days = source.integer("mint.default_validity_days", 365)
+    days = source.integer("mint.default_validity_days", DEFAULT_VALIDITY_DAYS)
     if days < 1:
         raise SettingsError("FACTORY_MINT_DEFAULT_VALIDITY_DAYS must be at least 1")
     data_dir = source.path("data_dir", Path("factory-data")) or Path("factory-data")
     crl = crl_settings(source)
+    server = server_settings(source, error_domain=ERROR_DOMAIN, default_port=DEFAULT_PORT)
     return FactorySettings(
-        server=server_settings(source, error_domain=ERROR_DOMAIN, default_port=DEFAULT_PORT),
+        server=server,
         data_dir=data_dir,
         database=database_url(source, data_dir),
         ca=ca_settings(source),
@@ -205,4 +251,5 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         request_lease=request_lease(source),
         observe=observe_settings(source),
         crl=crl,
+        renewal=renewal_settings(source, server),
     )

@@ -103,11 +103,14 @@ class RegistrationState:
 
 @dataclass(frozen=True)
 class X509Attestation:
-    """The enrollment's X.509 attestation: its primary client certificate.  ``sha256_thumbprint`` is what
-    the service reports about the certificate it holds (read-only; real DPS may omit the PEM itself)."""
+    """The enrollment's X.509 attestation: its primary client certificate and, while a device changes
+    certificates (renewal), a secondary one DPS accepts as well.  The thumbprints are what the service
+    reports about the certificates it holds (read-only; real DPS may omit the PEM itself)."""
 
     certificate_pem: str | None = None
     sha256_thumbprint: str | None = None
+    secondary_pem: str | None = None
+    secondary_sha256_thumbprint: str | None = None
 
 
 @dataclass(frozen=True)

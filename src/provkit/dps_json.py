@@ -7,7 +7,8 @@ Where the model lives in the body:
 
 - ``registrationId``, ``deviceId``, ``provisioningStatus``, ``etag`` (read-only), ``registrationState``
   (read-only), ``lastUpdatedDateTimeUtc`` (read-only);
-- ``attestation.x509.clientCertificates.primary`` (``certificate``; ``info.sha256Thumbprint`` read-only);
+- ``attestation.x509.clientCertificates.primary`` and ``.secondary`` (``certificate``;
+  ``info.sha256Thumbprint`` read-only); a slot the domain did not change is written back as DPS sent it;
 - ``initialTwin`` (``tags``, ``properties.desired``; ``$metadata`` / ``$version`` are the service's);
 - ``iotHubs``, ``allocationPolicy`` (and the older single ``iotHubHostName``, dropped when the domain
   sets the hubs);
@@ -17,7 +18,7 @@ Where the model lives in the body:
 Writing back (``enrollment_to_json``): the body starts from the enrollment as it was read
 (``Enrollment.unmodelled``), without the read-only fields; each modelled section the domain changed is
 written from the model, each one it left alone stays exactly as DPS sent it, and everything the suite does
-not model (secondary certificates, capabilities, reprovision policy, custom allocation, other device
+not model (capabilities, reprovision policy, custom allocation, other device
 information) goes back untouched.
 """
 
@@ -76,13 +77,17 @@ def registration_state_from_json(state: Mapping[str, Any]) -> RegistrationState:
     )
 
 
+def _slot(value: Any, slot: str) -> tuple[str | None, str | None]:
+    """(PEM, SHA-256 thumbprint) of one client certificate slot (``primary`` / ``secondary``)."""
+    entry = _object(_object(_object(_object(value).get("x509")).get("clientCertificates")).get(slot))
+    thumbprint = _object(entry.get("info")).get("sha256Thumbprint")
+    return entry.get("certificate") or None, str(thumbprint).upper() if thumbprint else None
+
+
 def _attestation(value: Any) -> X509Attestation:
-    primary = _object(_object(_object(_object(value).get("x509")).get("clientCertificates")).get("primary"))
-    thumbprint = _object(primary.get("info")).get("sha256Thumbprint")
-    return X509Attestation(
-        certificate_pem=primary.get("certificate") or None,
-        sha256_thumbprint=str(thumbprint).upper() if thumbprint else None,
-    )
+    primary, primary_sha256 = _slot(value, "primary")
+    secondary, secondary_sha256 = _slot(value, "secondary")
+    return X509Attestation(primary, primary_sha256, secondary, secondary_sha256)
 
 
 def _initial_twin(value: Any) -> InitialTwin | None:
@@ -157,11 +162,22 @@ def bulk_errors_from_json(result: Mapping[str, Any] | None) -> list[BulkItemErro
 
 
 # ------------------------------------------------------------------------------------------------ write
-def _attestation_json(attestation: X509Attestation) -> dict[str, Any]:
-    return {
-        "type": "x509",
-        "x509": {"clientCertificates": {"primary": {"certificate": attestation.certificate_pem}}},
-    }
+def _attestation_json(attestation: X509Attestation, sent: Any = None) -> dict[str, Any]:
+    """The attestation to write: each slot the domain changed from the model, the others as DPS ``sent``
+    them (real DPS may answer a slot's ``info`` without its certificate: it goes back as it came)."""
+    before = _attestation(sent)
+    kept = _object(_object(_object(sent).get("x509")).get("clientCertificates"))
+    certificates: dict[str, Any] = {}
+    for slot, pem, old in (
+        ("primary", attestation.certificate_pem, before.certificate_pem),
+        ("secondary", attestation.secondary_pem, before.secondary_pem),
+    ):
+        if pem != old or slot not in kept:
+            if pem is not None or slot == "primary":
+                certificates[slot] = {"certificate": pem}
+        elif kept.get(slot) is not None:
+            certificates[slot] = copy.deepcopy(kept[slot])
+    return {"type": "x509", "x509": {"clientCertificates": certificates}}
 
 
 def _moment(value: datetime | None) -> str | None:
@@ -197,7 +213,7 @@ def enrollment_to_json(enrollment: Enrollment) -> dict[str, Any]:
     _set(body, "deviceId", enrollment.device_id)
     body["provisioningStatus"] = enrollment.provisioning_status.value
     if enrollment.attestation != before.attestation:
-        body["attestation"] = _attestation_json(enrollment.attestation)
+        body["attestation"] = _attestation_json(enrollment.attestation, source.get("attestation"))
     if enrollment.initial_twin != before.initial_twin:
         twin = enrollment.initial_twin
         _set(body, "initialTwin", None if twin is None else _twin_json(twin))

@@ -11,12 +11,15 @@ API
 ``LifecycleMetrics`` ``codes_rotated(count=1)``, ``revoked(count=1)``, ``outbox(depth, oldest_age_seconds)``
 ``CloudMetrics``     ``cloud_call(service, operation, outcome, seconds)``, ``throttled(service)``
 ``HttpMetrics``      ``http_handled(route, status, seconds)`` (the portal; ``route`` is the route pattern)
-``SuiteMetrics``     all five (what ``provkit.prometheus_metrics.PrometheusMetrics`` implements)
+``RenewalMetrics``   ``renewed(outcome)`` (``issued``, ``replayed``, or the refusal's reason),
+                     ``certificate_expiry(counts)`` (certificates in use by days-to-expiry bucket)
+``SuiteMetrics``     all six (what ``provkit.prometheus_metrics.PrometheusMetrics`` implements)
 ``NO_METRICS``       the no-op implementation every component uses unless given another
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 
@@ -52,7 +55,15 @@ class HttpMetrics(Protocol):
     def http_handled(self, route: str, status: int, seconds: float) -> None: ...
 
 
-class SuiteMetrics(RpcMetrics, DomainMetrics, LifecycleMetrics, CloudMetrics, HttpMetrics, Protocol):
+class RenewalMetrics(Protocol):
+    def renewed(self, outcome: str) -> None: ...
+
+    def certificate_expiry(self, counts: Mapping[str, int]) -> None: ...
+
+
+class SuiteMetrics(
+    RpcMetrics, DomainMetrics, LifecycleMetrics, CloudMetrics, HttpMetrics, RenewalMetrics, Protocol
+):
     pass
 
 
@@ -90,6 +101,12 @@ class NoMetrics:
         pass
 
     def http_handled(self, route: str, status: int, seconds: float) -> None:
+        pass
+
+    def renewed(self, outcome: str) -> None:
+        pass
+
+    def certificate_expiry(self, counts: Mapping[str, int]) -> None:
         pass
 
 

@@ -23,9 +23,15 @@ series).  The names (all label values are closed sets; never a device id):
 | ``devprov_cloud_throttled_total``               | service (every 429 seen, retries included) |
 | ``devprov_http_requests_total``                 | route (the pattern), status     |
 | ``devprov_http_request_seconds`` (histogram)    | route                           |
+| ``devprov_renewals_issued_total``               | outcome (issued, replayed)      |
+| ``devprov_renewals_refused_total``              | reason (the renewal refusal's)  |
+| ``devprov_certificates_expiring``               | within (expired, 7d, 30d, 90d, 365d, later: |
+|                                                 | certificates in use by days to expiry) |
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -119,6 +125,22 @@ class PrometheusMetrics:
             registry=r,
         )
 
+        self._renewed = Counter(
+            "devprov_renewals_issued",
+            "Certificate renewals answered with a certificate, new (issued) or again (replayed).",
+            ["outcome"],
+            registry=r,
+        )
+        self._renewal_refused = Counter(
+            "devprov_renewals_refused", "Certificate renewals refused, by reason.", ["reason"], registry=r
+        )
+        self._expiring = Gauge(
+            "devprov_certificates_expiring",
+            "Device certificates in use (unrevoked, not superseded) by days to expiry (the bucket's bound).",
+            ["within"],
+            registry=r,
+        )
+
     def rpc_handled(self, method: str, code: str, seconds: float) -> None:
         service, name = split_method(method)
         self._handled.labels(service, name, code).inc()
@@ -157,3 +179,13 @@ class PrometheusMetrics:
     def http_handled(self, route: str, status: int, seconds: float) -> None:
         self._http.labels(route, str(status)).inc()
         self._http_seconds.labels(route).observe(seconds)
+
+    def renewed(self, outcome: str) -> None:
+        if outcome in ("issued", "replayed"):
+            self._renewed.labels(outcome).inc()
+        else:
+            self._renewal_refused.labels(outcome).inc()
+
+    def certificate_expiry(self, counts: Mapping[str, int]) -> None:
+        for within, count in counts.items():
+            self._expiring.labels(within).set(count)

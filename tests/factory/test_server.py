@@ -177,7 +177,7 @@ async def test_configured_ca_with_a_passphrase_from_a_file(tmp_path: Path) -> No
     settings = load_settings(env=env)
     async with running_factory(settings) as factory:
         reply = await factory.stub.MintCertificate(_mint("acme-1"))
-        # The default validity (a year) fits; two years would outlive the issuing CA (400 days).
+        # The default validity fits (capped at the issuing CA's end); two years asked for would outlive it.
         too_long = _mint("acme-2")
         too_long.validity.seconds = 2 * 365 * 86400
         with pytest.raises(grpc.aio.AioRpcError) as caught:

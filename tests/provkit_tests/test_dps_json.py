@@ -68,7 +68,7 @@ def test_reading_fills_every_modelled_field() -> None:
     enrollment = enrollment_from_json(AS_READ)
     assert enrollment.registration_id == enrollment.device_id == "dev-1"
     assert enrollment.etag == '"7"' and not enrollment.enabled
-    assert enrollment.attestation == X509Attestation("PEM-1", "AB12")
+    assert enrollment.attestation == X509Attestation("PEM-1", "AB12", "PEM-SPARE")
     assert enrollment.code_hash == CODE and enrollment.owner == "oem-7"
     assert enrollment.activation == ActivationRecord(ACTIVATED, None, "hub-a.example")
     assert enrollment.initial_twin == InitialTwin({"line": "A"}, {"fw": "1.0"})
@@ -123,6 +123,26 @@ def test_a_new_certificate_replaces_the_whole_attestation() -> None:
         "x509": {"clientCertificates": {"primary": {"certificate": "PEM-2"}}},
     }
     assert body["optionalDeviceInformation"]["activationCode"] == {"other": 1}
+    assert body["futureField"] == AS_READ["futureField"]
+
+
+def test_a_secondary_certificate_is_written_and_the_primary_slot_kept_as_read() -> None:
+    read = enrollment_from_json(copy.deepcopy(AS_READ))
+    renewing = replace(read, attestation=replace(read.attestation, secondary_pem="PEM-NEW"))
+    body = enrollment_to_json(renewing)
+    certificates = body["attestation"]["x509"]["clientCertificates"]
+    assert certificates["primary"] == AS_READ["attestation"]["x509"]["clientCertificates"]["primary"]
+    assert certificates["secondary"] == {"certificate": "PEM-NEW"}
+    for key in (*NOT_MODELLED, "optionalDeviceInformation", "initialTwin", "provisioningStatus"):
+        assert body[key] == enrollment_to_json(read)[key]
+    assert enrollment_from_json(body).attestation.secondary_pem == "PEM-NEW"
+
+
+def test_promotion_makes_the_secondary_the_primary_and_drops_the_slot() -> None:
+    read = enrollment_from_json(copy.deepcopy(AS_READ))
+    promoted = replace(read, attestation=X509Attestation("PEM-SPARE"))
+    body = enrollment_to_json(promoted)
+    assert body["attestation"]["x509"]["clientCertificates"] == {"primary": {"certificate": "PEM-SPARE"}}
     assert body["futureField"] == AS_READ["futureField"]
 
 

@@ -21,13 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from factory_svc.ca.issuing import IssuingCA
 from factory_svc.errors import FailedPrecondition, NotFound, invalid_field
 from factory_svc.mint.csr import check_csr
+from factory_svc.mint.issuer import LeafIssuer, leaf_builder, serial_hex, thumbprints
 from factory_svc.mint.keys import (
     GENERATABLE,
     KeyType,
@@ -46,15 +43,15 @@ from factory_svc.mint.model import (
     ServerKey,
 )
 from factory_svc.mint.store import Cursor, Recorded, RequestIdTaken, StoredRequest, cursor_of
-from factory_svc.revocation.crl import distribution_points
 from provkit.clock import Clock
 from provkit.context import bind_device_id
 from provkit.device_id import normalise_device_id
-from provkit.devpki import SIGNATURE_KEY_USAGE
 from provkit.idempotency import LOST_RACE, LostRace, RequestIds, Stored, check_request_id
 from provkit.idempotency import fingerprint as request_fingerprint
 
 log = logging.getLogger("factory_svc.mint.service")
+
+__all__ = ["leaf_builder", "serial_hex", "thumbprints"]  # moved to factory_svc.mint.issuer; kept importable
 
 BACKDATE = timedelta(minutes=5)  # tolerate clock skew on devices
 MIN_VALIDITY = timedelta(hours=1)
@@ -84,7 +81,7 @@ class CertificateReader(Protocol):
 
 @dataclass(frozen=True)
 class MintPolicy:
-    default_validity: timedelta = timedelta(days=365)
+    default_validity: timedelta = timedelta(days=730)  # shelf time plus the first renewal
     crl_url: str = ""  # set: every leaf names it in a CRL Distribution Points extension
 
 
@@ -96,48 +93,6 @@ class Checked:
     not_before: datetime
     not_after: datetime
     fingerprint: str
-
-
-# The leaf's fixed extensions, built once.
-_NOT_A_CA = x509.BasicConstraints(ca=False, path_length=None)
-_CLIENT_AUTH = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
-
-
-def leaf_builder(
-    device_id: str,
-    public_key: PublicKey,
-    not_before: datetime,
-    not_after: datetime,
-    authority_key_id: x509.AuthorityKeyIdentifier,
-    crl_points: x509.CRLDistributionPoints | None = None,
-) -> x509.CertificateBuilder:
-    """The device certificate, unsigned and without issuer name (the CA sets both)."""
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(_NOT_A_CA, critical=True)
-        .add_extension(SIGNATURE_KEY_USAGE, critical=True)
-        .add_extension(_CLIENT_AUTH, critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(authority_key_id, critical=False)
-    )
-    return builder if crl_points is None else builder.add_extension(crl_points, critical=False)
-
-
-def thumbprints(cert: x509.Certificate) -> tuple[str, str]:
-    der = cert.public_bytes(serialization.Encoding.DER)
-    return hashlib.sha1(der, usedforsecurity=False).hexdigest().upper(), hashlib.sha256(
-        der
-    ).hexdigest().upper()
-
-
-def serial_hex(serial: int) -> str:
-    text = f"{serial:X}"
-    return text if len(text) % 2 == 0 else "0" + text
 
 
 def normalise_serial(raw: str) -> str:
@@ -164,10 +119,7 @@ class MintingService:
         self._policy = policy
         self._clock = clock
         self._request_ids = request_ids or RequestIds()
-        ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
-        self._crl_points = distribution_points(policy.crl_url)  # built once, shared by every leaf
-        self._chain_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in ca.chain)
+        self.issuer = LeafIssuer(ca, policy.crl_url)  # the one certificate builder (renewal uses it too)
 
     # ------------------------------------------------------------------------------------- validation
     def _validity(self, requested: timedelta | None, now: datetime) -> tuple[datetime, datetime]:
@@ -288,30 +240,18 @@ class MintingService:
             else:
                 private_key = generate_private_key(checked.key_type)
             public_key = private_key.public_key()
-        leaf = await self._ca.sign(self._leaf_builder(checked, public_key))
-        sha1, sha256 = thumbprints(leaf)
-        leaf_pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
-        issued = IssuedCertificate(
-            serial_number=serial_hex(leaf.serial_number),
-            device_id=checked.device_id,
-            certificate_pem=leaf_pem,
-            chain_pem=leaf_pem + self._chain_pem,
-            sha1_thumbprint=sha1,
-            sha256_thumbprint=sha256,
-            not_before=leaf.not_valid_before_utc,
-            not_after=leaf.not_valid_after_utc,
-            issued_at=now,
+        issued = await self.issuer.issue(
+            checked.device_id,
+            public_key,
+            checked.not_before,
+            checked.not_after,
             key_type=checked.key_type,
             key_source=KeySource.SERVER_GENERATED if private_key is not None else KeySource.CSR,
+            issued_at=now,
             caller=request.caller,
             request_id=request.request_id,
         )
         return issued, private_key
-
-    def _leaf_builder(self, checked: Checked, public_key: PublicKey) -> x509.CertificateBuilder:
-        return leaf_builder(
-            checked.device_id, public_key, checked.not_before, checked.not_after, self._aki, self._crl_points
-        )
 
 
 # ------------------------------------------------------------------------------------------- read side

@@ -1,0 +1,1 @@
+"""Renewal: devices renew their certificates over EST (RFC 7030) with the certificate they hold."""

@@ -1,0 +1,505 @@
+"""Renewal: the rules of EST ``simplereenroll`` and the enrollment's change-over.  Plain async Python (no
+HTTP here: ``factory_svc.renewal.http`` carries requests in and answers out).
+
+Who asks is the certificate the device presented at the TLS handshake (the listener verified its chain
+to the device CA, not its dates).  ``authenticate`` checks it against the ledger: a certificate the
+factory issued (serial and SHA-256 thumbprint), CN = the device id under the id policy, not revoked, not
+superseded by a renewal the device already uses, and within its validity or the grace window.
+
+Order of work for ``renew``: authenticate -> finish the device's open renewal steps (the next request for a
+device completes what a crash left) -> the CSR: PKCS#10, key (EC P-256/P-384 or RSA >= 2048), signature,
+subject and SAN identical to the current certificate's (RFC 7030 4.2.2), not the current key -> a retry
+(same current certificate, same new key) answers the certificate issued for it -> the enrollment exists in
+DPS -> rate limit -> sign (``LeafIssuer``: the same builder and ``CaSigner`` as minting) -> the new
+certificate and the renewal intent in the ledger, one transaction -> DPS: the new certificate in the
+enrollment's secondary slot (etag-guarded, everything else kept) -> step marked -> answer.  Nothing is
+written for a refused request.
+
+The promotion signal (``signal``): a request authenticated with the new certificate of an open renewal
+(the device registered with DPS and connected to its hub with it) moves the renewal to ``promote``; then
+DPS: primary = the new certificate, secondary removed (etag-guarded), and the ledger: the old certificate
+``superseded_by`` the new one, the renewal ``done``.
+
+Every step is recorded before the next; a kill -9 anywhere leaves a state the worker completes at
+start-up (and every few seconds while a step fails) and the next request for the device completes too.
+Crash points (tests): ``renewal.after_ledger``, ``renewal.after_dps_secondary`` (DPS written, step not
+marked), ``renewal.after_dps_primary`` (DPS promoted, ledger not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import replace as dc_replace
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from factory_svc.mint.issuer import LeafIssuer, serial_hex
+from factory_svc.mint.keys import KeyType, PublicKey, classify_public_key
+from factory_svc.mint.model import IssuedCertificate, KeySource
+from factory_svc.mint.service import BACKDATE
+from factory_svc.renewal.model import (
+    ExpiringCertificate,
+    Renewal,
+    RenewalPolicy,
+    RenewalRefused,
+    RenewalState,
+)
+from provkit.clock import Clock
+from provkit.cloud import CloudError, CloudEtagMismatch, CloudUnavailable, EnrollmentPort, X509Attestation
+from provkit.context import bind_device_id
+from provkit.device_id import DeviceIdPolicy, check_device_id
+from provkit.errors import InvalidArgument
+from provkit.est import EstFormatError, decode_csr
+from provkit.faults import crash_point
+from provkit.metrics import NO_METRICS, RenewalMetrics
+
+log = logging.getLogger("factory_svc.renewal.service")
+
+DAY = timedelta(days=1)
+_ATTEMPTS = 5  # etag-guarded writes: reads and re-applies on a concurrent change
+_RETRY, _SWEEP = 5.0, 30.0  # seconds between two passes of the worker: while a step fails / otherwise
+_DPS_RETRY_AFTER = 30.0  # Retry-After of DPS_UNAVAILABLE when DPS named none
+
+
+class RenewalLedger(Protocol):
+    """Where renewals are kept (``factory_svc.renewal.store.RenewalStore``)."""
+
+    async def certificate(self, serial_number: str) -> IssuedCertificate | None: ...
+
+    async def superseded_by(self, serial_number: str) -> str | None: ...
+
+    async def record(self, certificate: IssuedCertificate, renewal: Renewal) -> Renewal: ...
+
+    async def find(self, old_serial: str, key_sha256: str) -> Renewal | None: ...
+
+    async def of_new(self, new_serial: str) -> Renewal | None: ...
+
+    async def open_renewals(self, device_id: str | None = None) -> list[Renewal]: ...
+
+    async def issued_since(self, device_id: str, since: datetime) -> list[datetime]: ...
+
+    async def advance(
+        self, renewal: Renewal, states: tuple[RenewalState, ...], to: RenewalState, now: datetime
+    ) -> bool: ...
+
+    async def complete(self, renewal: Renewal, now: datetime) -> bool: ...
+
+    async def failed(self, renewal: Renewal, reason: str) -> None: ...
+
+    async def expiring(self, now: datetime, until: datetime) -> list[ExpiringCertificate]: ...
+
+    async def expiry_buckets(self, now: datetime) -> dict[str, int]: ...
+
+
+@dataclass(frozen=True)
+class Renewed:
+    """A ``simplereenroll`` answer: the new certificate and its chain (leaf first)."""
+
+    certificate: IssuedCertificate
+    chain: tuple[x509.Certificate, ...]
+    replayed: bool
+
+
+def _spki(key: object) -> bytes:
+    assert hasattr(key, "public_bytes")
+    der: bytes = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return der
+
+
+def _sans(extensions: x509.Extensions) -> set[x509.GeneralName]:
+    try:
+        names = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return set(names)
+
+
+def _holds(pem: str | None, sha256: str | None, certificate: IssuedCertificate) -> bool:
+    """Whether an enrollment slot (its PEM, or the thumbprint DPS reports) holds ``certificate``."""
+    if sha256 and sha256.upper() == certificate.sha256_thumbprint:
+        return True
+    if not pem or "BEGIN CERTIFICATE" not in pem:
+        return False
+    try:
+        held = x509.load_pem_x509_certificate(pem.encode())
+    except ValueError:
+        return False
+    return held.fingerprint(hashes.SHA256()).hex().upper() == certificate.sha256_thumbprint
+
+
+class NotEnrolled(Exception):
+    """The device has no DPS enrollment (any more)."""
+
+
+class RenewalService:
+    def __init__(
+        self,
+        issuer: LeafIssuer,
+        ledger: RenewalLedger,
+        dps: EnrollmentPort,
+        policy: RenewalPolicy,
+        clock: Clock,
+        device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID,
+        metrics: RenewalMetrics = NO_METRICS,
+    ) -> None:
+        self._issuer = issuer
+        self._ledger = ledger
+        self._dps = dps
+        self._policy = policy
+        self._clock = clock
+        self._device_ids = device_ids
+        self._metrics = metrics
+        self._worker: asyncio.Task[None] | None = None
+        self.wake = asyncio.Event()
+
+    @property
+    def ca_chain(self) -> tuple[x509.Certificate, ...]:
+        return self._issuer.ca.chain
+
+    # --------------------------------------------------------------------------------- authentication
+    async def authenticate(self, peer_der: bytes | None) -> IssuedCertificate:
+        """The ledger's record of the presented certificate, if it may renew (else ``RenewalRefused``)."""
+        if not peer_der:
+            raise RenewalRefused(
+                "CLIENT_CERTIFICATE_REQUIRED", "present the device certificate at the TLS handshake"
+            )
+        try:
+            presented = x509.load_der_x509_certificate(peer_der)
+            presented.verify_directly_issued_by(self._issuer.ca.certificate)
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            raise RenewalRefused(
+                "CERTIFICATE_UNTRUSTED", "the certificate was not issued by this factory's device CA"
+            ) from None
+        names = presented.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        try:
+            device_id = check_device_id(str(names[0].value) if len(names) == 1 else "", self._device_ids)
+        except InvalidArgument:
+            raise RenewalRefused("CERTIFICATE_UNTRUSTED", "the certificate's CN is not a device id") from None
+        record = await self._ledger.certificate(serial_hex(presented.serial_number))
+        sha256 = presented.fingerprint(hashes.SHA256()).hex().upper()
+        if record is None or record.sha256_thumbprint != sha256 or record.device_id != device_id:
+            raise RenewalRefused("CERTIFICATE_UNTRUSTED", "the factory has no record of this certificate")
+        if record.revocation is not None:
+            raise RenewalRefused(
+                "CERTIFICATE_REVOKED",
+                f"certificate {record.serial_number} was revoked ({record.revocation.reason.value}); "
+                "the device needs a new factory certificate",
+            )
+        newer = await self._ledger.superseded_by(record.serial_number)
+        if newer is not None:
+            raise RenewalRefused(
+                "CERTIFICATE_SUPERSEDED",
+                f"certificate {record.serial_number} was replaced by {newer}, which the device uses; "
+                "renew with that one",
+            )
+        now = self._clock()
+        if now > record.not_after + self._policy.expired_grace:
+            grace = self._policy.expired_grace.days
+            window = f"the grace window of {grace} days" if grace else "no grace window"
+            raise RenewalRefused(
+                "CERTIFICATE_EXPIRED",
+                f"certificate {record.serial_number} expired at {record.not_after.isoformat()} ({window}); "
+                "the device needs a new factory certificate",
+            )
+        if now < record.not_before - BACKDATE:
+            raise RenewalRefused("CERTIFICATE_UNTRUSTED", "the certificate is not valid yet")
+        return record
+
+    # ----------------------------------------------------------------------------------------- renew
+    def _check_csr(self, body: bytes, current: IssuedCertificate) -> tuple[PublicKey, KeyType, str]:
+        try:
+            csr = decode_csr(body)
+        except EstFormatError as exc:
+            raise RenewalRefused("CSR_INVALID", str(exc)) from None
+        try:
+            key_type, public_key = classify_public_key(csr.public_key())
+        except (InvalidArgument, UnsupportedAlgorithm, ValueError):
+            raise RenewalRefused(
+                "KEY_TOO_WEAK", "the key must be ECDSA P-256 or P-384, or RSA of at least 2048 bits"
+            ) from None
+        try:
+            signature_ok = csr.is_signature_valid
+        except UnsupportedAlgorithm:
+            signature_ok = False
+        if not signature_ok:
+            raise RenewalRefused("CSR_SIGNATURE_INVALID", "the request's signature does not verify")
+        cert = x509.load_pem_x509_certificate(current.certificate_pem.encode())
+        try:
+            same = csr.subject == cert.subject and _sans(csr.extensions) == _sans(cert.extensions)
+        except (ValueError, x509.DuplicateExtension):
+            same = False
+        if not same:
+            raise RenewalRefused(
+                "CSR_SUBJECT_MISMATCH",
+                f"the request's subject must be the current certificate's ({cert.subject.rfc4514_string()}), "
+                "with the same subject alternative names",
+            )
+        spki = _spki(public_key)
+        if spki == _spki(cert.public_key()):
+            raise RenewalRefused(
+                "KEY_REUSED", "the request carries the current certificate's key; make a new one"
+            )
+        return public_key, key_type, hashlib.sha256(spki).hexdigest()
+
+    async def renew(self, peer_der: bytes | None, body: bytes) -> Renewed:
+        try:
+            renewed = await self._renew(peer_der, body)
+        except RenewalRefused as refused:
+            self._metrics.renewed(refused.reason)
+            raise
+        self._metrics.renewed("replayed" if renewed.replayed else "issued")
+        return renewed
+
+    async def _renew(self, peer_der: bytes | None, body: bytes) -> Renewed:
+        current = await self.authenticate(peer_der)
+        with bind_device_id(current.device_id):
+            await self._finish_device(current.device_id)
+            public_key, key_type, key_sha256 = self._check_csr(body, current)
+            found = await self._ledger.find(current.serial_number, key_sha256)
+            if found is not None:
+                if found.state is RenewalState.ABANDONED:
+                    now = self._clock()
+                    await self._ledger.advance(found, (RenewalState.ABANDONED,), RenewalState.ISSUED, now)
+                    found = dc_replace(found, state=RenewalState.ISSUED)
+                return await self._answer(found, replayed=True)
+            await self._enrolled(current.device_id)
+            now = self._clock()
+            await self._rate_limit(current.device_id, now)
+            not_before, not_after = self._validity(now)
+            issued = await self._issuer.issue(
+                current.device_id,
+                public_key,
+                not_before,
+                not_after,
+                key_type=key_type,
+                key_source=KeySource.CSR,
+                issued_at=now,
+                caller=f"renewal:{current.serial_number}",
+            )
+            intent = Renewal(
+                issued.serial_number,
+                current.serial_number,
+                current.device_id,
+                key_sha256,
+                now,
+                RenewalState.ISSUED,
+            )
+            renewal = await self._ledger.record(issued, intent)
+            crash_point("renewal.after_ledger")
+            replayed = renewal.new_serial != issued.serial_number  # another request for it came first
+            if not replayed:
+                log.info(
+                    "certificate renewed",
+                    extra={
+                        "serial": issued.serial_number,
+                        "replaces": current.serial_number,
+                        "sha256_thumbprint": issued.sha256_thumbprint,
+                        "not_after": issued.not_after.isoformat(),
+                    },
+                )
+            return await self._answer(renewal, replayed=replayed)
+
+    async def _answer(self, renewal: Renewal, replayed: bool) -> Renewed:
+        """Complete the renewal's DPS step (the answer waits for it: a device never holds a certificate DPS
+        would refuse) and answer the certificate."""
+        try:
+            await self._advance(renewal)
+        except CloudError as exc:
+            await self._ledger.failed(renewal, f"DPS: {exc}")
+            self.wake.set()
+            raise RenewalRefused(
+                "DPS_UNAVAILABLE",
+                "the renewal is recorded but DPS could not be updated; retry with the same request",
+                retry_after=exc.retry_after or _DPS_RETRY_AFTER,
+            ) from None
+        certificate = await self._ledger.certificate(renewal.new_serial)
+        assert certificate is not None  # written with the renewal
+        leaf = x509.load_pem_x509_certificate(certificate.certificate_pem.encode())
+        return Renewed(certificate, (leaf, *self.ca_chain), replayed)
+
+    def _validity(self, now: datetime) -> tuple[datetime, datetime]:
+        issuer = self._issuer.ca.certificate
+        end = issuer.not_valid_after_utc
+        if not issuer.not_valid_before_utc <= now < end:
+            raise RenewalRefused("ISSUER_EXPIRED", "the issuing CA is not valid now", retry_after=3600.0)
+        return max(now - BACKDATE, issuer.not_valid_before_utc), min(now + self._policy.validity, end)
+
+    async def _enrolled(self, device_id: str) -> None:
+        try:
+            enrollment = await self._dps.get(device_id)
+        except CloudError as exc:
+            raise RenewalRefused(
+                "DPS_UNAVAILABLE",
+                f"DPS could not be asked for the device's enrollment ({exc}); nothing was issued",
+                retry_after=exc.retry_after or _DPS_RETRY_AFTER,
+            ) from None
+        if enrollment is None:
+            raise RenewalRefused("DEVICE_NOT_ENROLLED", "the device has no DPS enrollment to renew")
+
+    async def _rate_limit(self, device_id: str, now: datetime) -> None:
+        recent = await self._ledger.issued_since(device_id, now - DAY)
+        limit = self._policy.max_per_day
+        if len(recent) >= limit:
+            free_at = recent[-limit] + DAY
+            raise RenewalRefused(
+                "RENEWAL_RATE_LIMITED",
+                f"the device renewed {len(recent)} times in 24 hours (at most {limit})",
+                retry_after=max(1.0, (free_at - now).total_seconds()),
+            )
+
+    # -------------------------------------------------------------------------- the promotion signal
+    async def signal(self, peer_der: bytes | None) -> bool:
+        """A request authenticated with ``peer_der``: when it is the new certificate of an open renewal,
+        the device uses it, and the renewal is completed.  True when this request promoted one."""
+        if not peer_der:
+            return False
+        try:
+            current = await self.authenticate(peer_der)
+        except RenewalRefused:
+            return False
+        renewal = await self._ledger.of_new(current.serial_number)
+        if renewal is None or not renewal.open:
+            return False
+        with bind_device_id(renewal.device_id):
+            if renewal.state is not RenewalState.PROMOTE:
+                moved = await self._ledger.advance(
+                    renewal,
+                    (RenewalState.ISSUED, RenewalState.SECONDARY),
+                    RenewalState.PROMOTE,
+                    self._clock(),
+                )
+                if not moved:
+                    return False
+                renewal = dc_replace(renewal, state=RenewalState.PROMOTE)
+            try:
+                await self._advance(renewal)
+            except CloudError as exc:  # recorded: the worker finishes it
+                await self._ledger.failed(renewal, f"DPS: {exc}")
+                self.wake.set()
+                log.warning("renewal promotion left to the worker", extra={"error": str(exc)})
+            return True
+
+    # ------------------------------------------------------------------------------------ the steps
+    async def _advance(self, renewal: Renewal) -> None:
+        """Carry out the renewal's next DPS step and record it; CloudError when DPS could not be updated."""
+        new = await self._ledger.certificate(renewal.new_serial)
+        assert new is not None
+        now = self._clock()
+        if renewal.state is RenewalState.ISSUED:
+            try:
+                await self._write(renewal.device_id, lambda a: self._with_secondary(a, new))
+            except NotEnrolled:
+                await self._ledger.failed(renewal, "DEVICE_NOT_ENROLLED")
+                raise CloudUnavailable("the device's enrollment is gone") from None
+            crash_point("renewal.after_dps_secondary")
+            await self._ledger.advance(renewal, (RenewalState.ISSUED,), RenewalState.SECONDARY, now)
+        elif renewal.state is RenewalState.PROMOTE:
+            with contextlib.suppress(NotEnrolled):  # no enrollment to change: the ledger still follows
+                await self._write(renewal.device_id, lambda a: self._promoted(a, new))
+            crash_point("renewal.after_dps_primary")
+            if await self._ledger.complete(renewal, now):
+                log.info(
+                    "renewal completed",
+                    extra={"serial": renewal.new_serial, "superseded": renewal.old_serial},
+                )
+
+    @staticmethod
+    def _with_secondary(attestation: X509Attestation, new: IssuedCertificate) -> X509Attestation | None:
+        if _holds(attestation.secondary_pem, attestation.secondary_sha256_thumbprint, new) or _holds(
+            attestation.certificate_pem, attestation.sha256_thumbprint, new
+        ):
+            return None  # there already (or promoted already)
+        return dc_replace(attestation, secondary_pem=new.certificate_pem, secondary_sha256_thumbprint=None)
+
+    @staticmethod
+    def _promoted(attestation: X509Attestation, new: IssuedCertificate) -> X509Attestation | None:
+        primary = _holds(attestation.certificate_pem, attestation.sha256_thumbprint, new)
+        if primary and not (attestation.secondary_pem or attestation.secondary_sha256_thumbprint):
+            return None
+        return X509Attestation(new.certificate_pem)
+
+    async def _write(
+        self, device_id: str, change: Callable[[X509Attestation], X509Attestation | None]
+    ) -> None:
+        """Apply ``change`` to the enrollment's attestation, etag-guarded: a concurrent change is read
+        again and ``change`` re-applied to it (never overwritten blindly); None from ``change``: nothing
+        to write."""
+        for _ in range(_ATTEMPTS):
+            enrollment = await self._dps.get(device_id)
+            if enrollment is None:
+                raise NotEnrolled(device_id)
+            target = change(enrollment.attestation)
+            if target is None:
+                return
+            try:
+                await self._dps.update(dc_replace(enrollment, attestation=target))
+            except CloudEtagMismatch:
+                continue
+            return
+        raise CloudUnavailable("the enrollment kept changing under the renewal; tried again later")
+
+    async def _finish_device(self, device_id: str) -> None:
+        """The device's open renewal steps a crash left (best effort: a failure stays for the worker)."""
+        for renewal in await self._ledger.open_renewals(device_id):
+            if renewal.state in (RenewalState.ISSUED, RenewalState.PROMOTE):
+                try:
+                    await self._advance(renewal)
+                except CloudError as exc:
+                    await self._ledger.failed(renewal, f"DPS: {exc}")
+
+    async def finish_open(self) -> int:
+        """Carry out every open renewal's next step; how many could not be finished now."""
+        failed = 0
+        for renewal in await self._ledger.open_renewals():
+            if renewal.state not in (RenewalState.ISSUED, RenewalState.PROMOTE):
+                continue
+            with bind_device_id(renewal.device_id):
+                try:
+                    await self._advance(renewal)
+                except CloudError as exc:
+                    failed += 1
+                    await self._ledger.failed(renewal, f"DPS: {exc}")
+                    log.warning("renewal step failed; retried later", extra={"error": str(exc)})
+        return failed
+
+    # ------------------------------------------------------------------------------------ the worker
+    def start(self) -> None:
+        """The worker: open renewals are carried out now (what a crash left), then again while a step
+        fails and every ``_SWEEP`` seconds (another replica's, if it died)."""
+        self._worker = asyncio.create_task(self._work(), name="renewal-intents")
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                failed = await self.finish_open()
+            except Exception:  # the database is away: the next pass tries again
+                log.exception("renewal worker pass failed")
+                failed = 1
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), _RETRY if failed else _SWEEP)
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+
+    # ---------------------------------------------------------------------------------- the operator
+    async def expiring(self, within: timedelta) -> list[ExpiringCertificate]:
+        now = self._clock()
+        return await self._ledger.expiring(now, now + within)
+
+    async def refresh_gauges(self) -> None:
+        self._metrics.certificate_expiry(await self._ledger.expiry_buckets(self._clock()))
