@@ -49,8 +49,7 @@ from provkit.channels import (
 from provkit.cli_shell import EXIT_INTERRUPTED, Answer, run_cli
 from provkit.device_id import check_device_id
 from provkit.errors import InputError
-from provkit.grpc_server import run_service
-from provkit.logging import configure_logging
+from provkit.grpc_server import serve_command
 from provkit.proto_names import enum_label
 from provkit.settings import SettingsSource, device_id_policy
 from provkit.storage_cli import add_migrate_command, run_migrations
@@ -297,10 +296,7 @@ def _command(args: argparse.Namespace) -> int:
         from activation_svc.app import run_server
         from activation_svc.settings import load_settings
 
-        settings = load_settings(config=args.config)
-        configure_logging(settings.log_level)
-        run_service(run_server(settings))
-        return 0
+        return serve_command(load_settings(config=args.config), run_server)
     if args.command == "migrate":
         from activation_svc.audit import AuditLog
         from activation_svc.settings import load_settings

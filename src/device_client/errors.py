@@ -4,7 +4,8 @@ Every expected failure is a :class:`DeviceClientError` with a stable ``reason`` 
 message a person can act on, and the process exit code the CLI uses.  Anything else is a bug and is
 reported with a traceback.  The client's own reasons are ``Reason`` (each with its meaning; the README's
 table is rendered from it); a refusal passed on from the factory keeps the factory's reason (or the gRPC
-status name), a bad device id argument provkit's ``DEVICE_ID_*``.
+status name), a bad device id argument provkit's ``DEVICE_ID_*``, a certificate that is expired, not yet
+valid, revoked or for another device provkit's ``CERTIFICATE_*`` (the factory gives the same ones).
 """
 
 from __future__ import annotations
@@ -51,10 +52,6 @@ class Reason(ReasonEnum):
     KEY_UNSUPPORTED = auto(), "the device key's algorithm is not supported"
     CERTIFICATE_CORRUPTED = auto(), "the device certificate chain is not readable PEM"
     KEY_CERTIFICATE_MISMATCH = auto(), "the device key does not belong to its certificate"
-    CERTIFICATE_SUBJECT_MISMATCH = auto(), "the certificate's CN is not the device id"
-    CERTIFICATE_EXPIRED = auto(), "the device certificate has expired"
-    CERTIFICATE_NOT_YET_VALID = auto(), "the device certificate is not valid yet (check the clock)"
-    CERTIFICATE_REVOKED = auto(), "a verified CRL lists the device certificate: it needs a new one"
     FACTORY_TLS_FILE_UNREADABLE = auto(), "a TLS file for the factory connection cannot be read"
     FACTORY_UNAVAILABLE = auto(), "the factory cannot be reached or did not answer in time"
     NO_KEY = auto(), "the factory returned no private key for a server-generated key"

@@ -16,6 +16,7 @@ from cryptography.x509.oid import NameOID
 from device_client.errors import IdentityError, Reason, UsageError
 from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.errors import InvalidArgument
+from provkit.errors import Reason as SharedReason
 
 
 class KeyType(StrEnum):
@@ -140,7 +141,7 @@ def inspect_identity(
     if cn != guid:
         raise IdentityError(
             f"{source}: the certificate is for {cn or '(no CN)'!r}, not for device {guid!r}",
-            Reason.CERTIFICATE_SUBJECT_MISMATCH,
+            SharedReason.CERTIFICATE_SUBJECT_MISMATCH,
         )
     info = IdentityInfo(
         guid=guid,
@@ -162,13 +163,13 @@ def check_validity(info: IdentityInfo, *, now: datetime, source: str) -> None:
         raise IdentityError(
             f"{source}: the device certificate expired at {info.not_after.isoformat()} "
             f"(serial {info.serial_hex}); re-provision the device",
-            Reason.CERTIFICATE_EXPIRED,
+            SharedReason.CERTIFICATE_EXPIRED,
             {"not_after": info.not_after.isoformat()},
         )
     if now < info.not_before:
         raise IdentityError(
             f"{source}: the device certificate is not valid before {info.not_before.isoformat()}; "
             "check the device clock",
-            Reason.CERTIFICATE_NOT_YET_VALID,
+            SharedReason.CERTIFICATE_NOT_YET_VALID,
             {"not_before": info.not_before.isoformat()},
         )

@@ -69,6 +69,7 @@ from device_client.state import (
 )
 from device_client.telemetry import build_body, message_id
 from provkit.clock import Clock
+from provkit.errors import Reason as SharedReason
 from provkit.faults import crash_point
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def revoked_error(record: Revoked) -> CertificateRevokedError:
         f"the device certificate (serial {record.serial}) was {record.sentence()}, as the factory's CRL "
         f"{record.crl_url} says: this device cannot come online with it; the factory must give it a new "
         "certificate (device-client provision --force)",
-        Reason.CERTIFICATE_REVOKED,
+        SharedReason.CERTIFICATE_REVOKED,
         {"serial": record.serial, "revoked_at": record.revoked_at.isoformat(), "reason": record.reason or ""},
     )
 

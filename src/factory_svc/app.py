@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
-from factory_svc.ca.issuing import IssuingCA, load_chain, load_configured_ca, open_dev_ca
-from factory_svc.ca.pkcs11_signer import Pkcs11Signer
+from factory_svc.ca.issuing import IssuingCA
+from factory_svc.ca.settings import open_ca
 from factory_svc.enrollment.assembly import EnrollmentRuntime
 from factory_svc.enrollment.grpc import EnrollmentRpcs
 from factory_svc.enrollment.service import EnrollmentService
@@ -59,22 +59,6 @@ from provkit.iothub import HubRegistries
 from provkit.metrics import NO_METRICS, SuiteMetrics
 from provkit.observe import Observability
 from provkit.settings import SettingsError
-
-
-def open_ca(settings: FactorySettings, clock: Clock) -> IssuingCA:
-    ca = settings.ca
-    if ca.pkcs11 is not None and ca.chain_file is not None:
-        chain = load_chain(ca.chain_file)
-        signer = Pkcs11Signer.open(ca.pkcs11.token, ca.pkcs11.pin.reveal())
-        try:
-            return IssuingCA(chain[0], signer, chain)
-        except BaseException:
-            signer.close()
-            raise
-    if ca.chain_file is not None and ca.key_file is not None:
-        passphrase = ca.key_passphrase.reveal() if ca.key_passphrase else None
-        return load_configured_ca(ca.chain_file, ca.key_file, passphrase)
-    return open_dev_ca(settings.dev_ca_dir, clock)
 
 
 class FactoryServicer(MintRpcs, RevocationRpcs, LotRpcs, EnrollmentRpcs, pb_grpc.FactoryServiceServicer):

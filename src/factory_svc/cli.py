@@ -26,33 +26,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-import grpc
-
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.ca import cli as ca_cli
 from factory_svc.enrollment import cli as enroll_cli
-from factory_svc.errors import CaConfigError
 from factory_svc.lots import cli as lot_cli
 from factory_svc.mint import cli as mint_cli
 from factory_svc.renewal import cli as renewal_cli
 from factory_svc.revocation import cli as revoke_cli
-from litestore import SchemaError
 from provkit import faults
-from provkit.channels import (
-    EXIT_INTERRUPTED,
-    EXIT_USAGE,
-    ChannelSecurity,
-    add_channel_arguments,
-    create_channel,
-    describe_os_error,
-    report_failed_call,
-)
+from provkit.channels import CHANNEL_FLAGS, add_channel_arguments, channel_security, create_channel
+from provkit.cli_shell import run_cli
 from provkit.device_id import check_device_id
-from provkit.errors import InvalidArgument
-from provkit.grpc_server import ServerConfigError, run_service
-from provkit.logging import configure_logging
-from provkit.settings import SettingsError, SettingsSource, device_id_policy
+from provkit.grpc_server import serve_command
+from provkit.settings import SettingsSource, device_id_policy
 from provkit.storage_cli import add_migrate_command, run_migrations
+
+DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 class ClientCommands(Protocol):
@@ -91,35 +80,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _security(args: argparse.Namespace, source: SettingsSource) -> ChannelSecurity:
-    return ChannelSecurity.from_files(
-        ca_file=args.ca_file or source.path("ca_file"),
-        cert_file=args.cert_file or source.path("cert_file"),
-        key_file=args.key_file or source.path("key_file"),
-        server_name=args.server_name or source.text("server_name"),
-        insecure=args.insecure or source.flag("insecure", False),
-    )
-
-
 def _check_ids(args: argparse.Namespace, source: SettingsSource) -> None:
-    """The device ids a command names, checked before anything is sent."""
+    """The device ids a command names, checked before anything is sent (InvalidArgument: the shell says
+    what is wrong, exit 2)."""
     policy = device_id_policy(source)
-    try:
-        if getattr(args, "device_id", ""):
-            args.device_id = check_device_id(args.device_id, policy)
-    except InvalidArgument as exc:
-        raise ValueError(exc.message) from None
+    if getattr(args, "device_id", ""):
+        args.device_id = check_device_id(args.device_id, policy)
 
 
-async def _client(args: argparse.Namespace, source: SettingsSource) -> int:
-    target = args.target or source.text("target", "127.0.0.1:50051") or "127.0.0.1:50051"
-    async with create_channel(target, _security(args, source)) as channel:
+async def _call(args: argparse.Namespace, source: SettingsSource) -> int:
+    target = source.text("target", DEFAULT_TARGET) or DEFAULT_TARGET
+    async with create_channel(target, channel_security(source)) as channel:
         stub = pb_grpc.FactoryServiceStub(channel)
-        try:
-            feature = next(f for f in CLIENT_FEATURES if args.command in f.COMMANDS)
-            return await feature.run(stub, args)
-        except grpc.aio.AioRpcError as exc:
-            return report_failed_call(exc)
+        feature = next(f for f in CLIENT_FEATURES if args.command in f.COMMANDS)
+        return await feature.run(stub, args)  # a refused call: the shell reports it (exit 1, or 3)
+
+
+def _client(args: argparse.Namespace) -> int:
+    source = SettingsSource("FACTORY_CLIENT", flags=CHANNEL_FLAGS.values(args))
+    _check_ids(args, source)
+    return asyncio.run(_call(args, source))
 
 
 def _migrate(config: Path | None) -> int:
@@ -137,36 +117,28 @@ def _migrate(config: Path | None) -> int:
     )
 
 
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "migrate":
+        return _migrate(args.config)
+    if args.command == "serve":
+        from factory_svc.app import run_server
+        from factory_svc.settings import load_settings
+
+        return serve_command(load_settings(config=args.config), run_server)
+    if args.command == "ca":
+        from factory_svc.settings import load_settings
+
+        return ca_cli.run(args, lambda config: load_settings(config=config))
+    if args.command in renewal_cli.COMMANDS:
+        return renewal_cli.run(args)
+    return _client(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     faults.arm_from_environment()
-    try:
-        if args.command == "migrate":
-            return _migrate(args.config)
-        if args.command == "serve":
-            from factory_svc.app import run_server
-            from factory_svc.settings import load_settings
-
-            settings = load_settings(config=args.config)
-            configure_logging(settings.log_level)
-            run_service(run_server(settings))
-            return 0
-        if args.command == "ca":
-            return ca_cli.run(args)
-        if args.command in renewal_cli.COMMANDS:
-            return renewal_cli.run(args)
-        source = SettingsSource("FACTORY_CLIENT")
-        _check_ids(args, source)
-        return asyncio.run(_client(args, source))
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except OSError as exc:
-        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except (SettingsError, ServerConfigError, CaConfigError, SchemaError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    # errors, exit codes, Ctrl-C and broken pipes: the suite's shell (provkit.cli_shell)
+    return run_cli(lambda: _command(args), prog="factory-svc")
 
 
 if __name__ == "__main__":

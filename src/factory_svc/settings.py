@@ -55,7 +55,6 @@ The TOML file is given with ``--config FILE`` or ``FACTORY_CONFIG``.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -63,7 +62,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from dbstore import DatabaseUrl
-from factory_svc.ca.pkcs11_signer import DEBIAN_SOFTHSM2, TokenRef
+from factory_svc.ca.settings import CaSettings, ca_settings
 from factory_svc.enrollment.assembly import EnrollSettings, load_enroll_settings
 from factory_svc.errors import ERROR_DOMAIN
 from factory_svc.mint.service import MintPolicy
@@ -74,7 +73,6 @@ from provkit.grpc_server import ServerSettings
 from provkit.idempotency import LEASE
 from provkit.observe import ObserveSettings, observe_settings, parse_listen
 from provkit.settings import (
-    Secret,
     SettingsError,
     SettingsSource,
     database_url,
@@ -86,43 +84,6 @@ from provkit.settings import (
 PREFIX = "FACTORY"
 DEFAULT_VALIDITY_DAYS = 730  # shelf time plus the first renewal (see above)
 DEFAULT_PORT = 50051
-
-
-class CaBackend(enum.Enum):
-    FILE = "file"
-    PKCS11 = "pkcs11"
-
-
-DEFAULT_KEY_LABEL = "devprov-issuing-ca"
-
-
-@dataclass(frozen=True)
-class Pkcs11Settings:
-    token: TokenRef
-    pin: Secret
-
-
-@dataclass(frozen=True)
-class CaSettings:
-    chain_file: Path | None = None  # None (file backend only): the development CA in <data_dir>/ca
-    key_file: Path | None = None
-    key_passphrase: Secret | None = None
-    pkcs11: Pkcs11Settings | None = None  # set: the pkcs11 backend (the key stays in the token)
-
-
-def pkcs11_settings(source: SettingsSource, section: str = "ca") -> Pkcs11Settings:
-    """The token, key label and PIN (PIN from the environment or a file only, never an argument)."""
-    token = source.text(f"{section}.pkcs11_token")
-    if not token:
-        name = source.env_name(section + ".pkcs11_token")
-        raise SettingsError(f"{name} is required for the pkcs11 backend")
-    pin = source.secret(f"{section}.pkcs11_pin")
-    if pin is None:
-        name = source.env_name(section + ".pkcs11_pin")
-        raise SettingsError(f"the token PIN is required: set {name} or {name}_FILE")
-    module = source.path(f"{section}.pkcs11_module", DEBIAN_SOFTHSM2) or DEBIAN_SOFTHSM2
-    label = source.text(f"{section}.pkcs11_key_label", DEFAULT_KEY_LABEL) or DEFAULT_KEY_LABEL
-    return Pkcs11Settings(TokenRef(module, token, label), pin)
 
 
 def crl_settings(source: SettingsSource) -> CrlSettings:
@@ -146,24 +107,6 @@ def crl_settings(source: SettingsSource) -> CrlSettings:
         check=timedelta(seconds=check),
         url=url,
     )
-
-
-def ca_settings(source: SettingsSource) -> CaSettings:
-    backend_name = (source.text("ca.backend", "file") or "file").lower()
-    try:
-        backend = CaBackend(backend_name)
-    except ValueError:
-        raise SettingsError(f"FACTORY_CA_BACKEND must be 'file' or 'pkcs11', not {backend_name!r}") from None
-    chain, key = source.path("ca.chain_file"), source.path("ca.key_file")
-    if backend is CaBackend.PKCS11:
-        if chain is None:
-            raise SettingsError("the pkcs11 backend needs FACTORY_CA_CHAIN_FILE (written by 'ca init')")
-        if key is not None:
-            raise SettingsError("FACTORY_CA_KEY_FILE is for the file backend; pkcs11 keys stay in the token")
-        return CaSettings(chain, None, None, pkcs11_settings(source))
-    if (chain is None) != (key is None):
-        raise SettingsError("FACTORY_CA_CHAIN_FILE and FACTORY_CA_KEY_FILE go together")
-    return CaSettings(chain, key, source.secret("ca.key_passphrase"))
 
 
 @dataclass(frozen=True)
@@ -230,9 +173,7 @@ def renewal_settings(source: SettingsSource, server: ServerSettings) -> RenewalS
 
 
 def load_settings(env: Mapping[str, str] | None = None, config: Path | None = None) -> FactorySettings:
-    probe = SettingsSource(PREFIX, env=env)
-    config = config or probe.path("config")
-    source = SettingsSource(PREFIX, env=env, file=config)
+    source = SettingsSource.located(PREFIX, env, config=config)
     days = source.integer("mint.default_validity_days", DEFAULT_VALIDITY_DAYS)
     if days < 1:
         raise SettingsError("FACTORY_MINT_DEFAULT_VALIDITY_DAYS must be at least 1")

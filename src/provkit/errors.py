@@ -26,7 +26,8 @@ Reasons
     ``NAME = auto(), "what it means"``; ``.meaning`` is that one line and ``markdown()`` renders the
     package's table for the README (a test keeps the README's tables equal to the enums).
 ``Reason``   the reasons every service shares: the caller's identity and access, request ids, device ids,
-    and the cloud (DPS / hub unreachable or refusing, records changed concurrently).
+    the cloud (DPS / hub unreachable or refusing, records changed concurrently), and a device certificate
+    found unusable (the factory refuses to enroll it, the device client to use it).
 
 Configuration
 -------------
@@ -103,6 +104,13 @@ class Reason(ReasonEnum):
     HUB_REFUSED = enum.auto(), "the IoT hub refused the request"
     ENROLLMENT_CONCURRENTLY_MODIFIED = enum.auto(), "the DPS enrollment kept changing meanwhile: call again"
     HUB_DEVICE_CONCURRENTLY_MODIFIED = enum.auto(), "the hub device identity kept changing: call again"
+    CERTIFICATE_SUBJECT_MISMATCH = enum.auto(), "the certificate's CN is not the device id"
+    CERTIFICATE_EXPIRED = enum.auto(), "the device certificate has expired"
+    CERTIFICATE_NOT_YET_VALID = enum.auto(), "the device certificate is not valid yet (check the clock)"
+    CERTIFICATE_REVOKED = (
+        enum.auto(),
+        "the device certificate is revoked (the factory's ledger or a verified CRL lists it): mint a new one",
+    )
     INTERNAL = enum.auto(), "an unexpected failure (logged with the request id); not the caller's fault"
 
 

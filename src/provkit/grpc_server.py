@@ -30,6 +30,9 @@ API
 ``run_service(main)``          run a service's top-level coroutine to completion on uvloop (libuv's event
                                loop; grpc.aio runs on it, and each call costs the loop less than on
                                asyncio's own: see the mint section of BENCHMARKS.md).
+``serve_command(settings, run_server) -> int``
+                               a service's ``serve`` command: logging as ``settings.log_level`` asks, then
+                               ``run_server(settings)`` through ``run_service``; exit code 0.
 ``ServerConfigError``          a settings problem (insecure non-loopback bind, missing files...).
 
 Handlers are plain async servicer methods: they raise ``provkit.errors.DomainError`` (mapped by
@@ -80,6 +83,7 @@ from provkit.authz import SUITE_POLICY, AccessPolicy, Refusal, RefusalLog, is_op
 from provkit.context import Caller, CallerIdentity, Role, deadline_scope, request_scope
 from provkit.errors import ConfigurationError, DomainError, Reason, Unauthenticated
 from provkit.grpc_errors import STATUS_BY_KIND, internal_status, to_grpc_status
+from provkit.logging import configure_logging
 from provkit.metrics import NO_METRICS, RpcMetrics
 from provkit.parties import (
     UnrecognisedIdentity,
@@ -643,3 +647,18 @@ T = TypeVar("T")
 def run_service(main: Coroutine[Any, Any, T]) -> T:
     """Run a service's top-level coroutine (``serve_app(...)``) on uvloop, as ``asyncio.run`` would."""
     return uvloop.run(main)
+
+
+class LoggedSettings(Protocol):
+    @property
+    def log_level(self) -> str: ...
+
+
+SettingsT = TypeVar("SettingsT", bound=LoggedSettings)
+
+
+def serve_command(settings: SettingsT, run_server: Callable[[SettingsT], Coroutine[Any, Any, None]]) -> int:
+    """``<service> serve``: the service until SIGINT/SIGTERM, logging as its settings ask."""
+    configure_logging(settings.log_level)
+    run_service(run_server(settings))
+    return 0

@@ -11,13 +11,20 @@ from activation_svc.errors import Reason as ActivationReason
 from activation_svc.portal.errors import PortalReason
 from device_client.errors import DeviceClientError
 from device_client.errors import Reason as DeviceReason
+from factory_svc.errors import Reason as FactoryReason
 from provkit.cloud import CloudAlreadyExists, CloudRejected, CloudUnavailable
 from provkit.cloud_errors import CloudService, translating_cloud_errors
 from provkit.errors import DomainError, ErrorKind, InvalidArgument, Reason, ReasonEnum
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
-REASON_ENUMS: tuple[type[ReasonEnum], ...] = (Reason, ActivationReason, PortalReason, DeviceReason)
+REASON_ENUMS: tuple[type[ReasonEnum], ...] = (
+    Reason,
+    ActivationReason,
+    PortalReason,
+    DeviceReason,
+    FactoryReason,
+)
 
 
 @pytest.mark.parametrize("reasons", REASON_ENUMS, ids=lambda e: f"{e.__module__}.{e.__name__}")

@@ -15,7 +15,7 @@ FACTORY_CA_CHAIN_FILE, and prints the certificate.  Token, label and module defa
 from __future__ import annotations
 
 import argparse
-import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,11 +32,21 @@ from factory_svc.ca.issuing import (
     load_key_file,
 )
 from factory_svc.ca.pkcs11_signer import CURVES, Pkcs11Signer, create_issuing_key
+from factory_svc.ca.settings import ConfiguredCa, open_ca, pkcs11_settings
 from factory_svc.ca.signer import FileSigner
 from factory_svc.errors import CaConfigError
-from factory_svc.settings import pkcs11_settings
 from provkit.clock import now_utc
-from provkit.settings import SettingsError, SettingsSource
+from provkit.settings import FlagKeys, SettingsError, SettingsSource
+
+# The settings keys the options of ``ca init`` set (over FACTORY_CA_* and the settings file).
+CA_FLAGS = FlagKeys(
+    {
+        "token": "ca.pkcs11_token",
+        "key_label": "ca.pkcs11_key_label",
+        "module": "ca.pkcs11_module",
+        "chain_out": "ca.chain_file",
+    }
+)
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -58,14 +68,6 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     show.add_argument("--config", type=Path, help="TOML settings file (or FACTORY_CONFIG)")
 
 
-def _source(config: Path | None, overrides: dict[str, str | None] | None = None) -> SettingsSource:
-    """The factory's settings (environment and TOML file), with the command line's values on top."""
-    env = dict(os.environ)
-    env.update({f"FACTORY_{key.upper()}": value for key, value in (overrides or {}).items() if value})
-    probe = SettingsSource("FACTORY", env=env)
-    return SettingsSource("FACTORY", env=env, file=config or probe.path("config"))
-
-
 def describe(cert: x509.Certificate) -> str:
     key = cert.public_key()
     if isinstance(key, ec.EllipticCurvePublicKey):
@@ -83,15 +85,10 @@ def describe(cert: x509.Certificate) -> str:
 
 
 def _init(args: argparse.Namespace) -> int:
-    overrides = {
-        "ca_pkcs11_token": args.token,
-        "ca_pkcs11_key_label": args.key_label,
-        "ca_pkcs11_module": str(args.module) if args.module else None,
-    }
-    source = _source(args.config, overrides)
+    source = SettingsSource.located("FACTORY", config=args.config, flags=CA_FLAGS.values(args))
     settings = pkcs11_settings(source)
     ref = settings.token
-    chain_out = args.chain_out or source.path("ca.chain_file")
+    chain_out = source.path("ca.chain_file")
     if chain_out is None:
         raise SettingsError("give --chain-out or FACTORY_CA_CHAIN_FILE: where the CA chain goes")
     if chain_out.exists():
@@ -125,11 +122,7 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show(args: argparse.Namespace) -> int:
-    from factory_svc.app import open_ca
-    from factory_svc.settings import load_settings
-
-    settings = load_settings(config=args.config)
+def _show(settings: ConfiguredCa) -> int:
     ca = open_ca(settings, now_utc)
     try:
         print(describe(ca.certificate))
@@ -144,5 +137,7 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    return _init(args) if args.ca_command == "init" else _show(args)
+def run(args: argparse.Namespace, load_settings: Callable[[Path | None], ConfiguredCa]) -> int:
+    """``ca init``, or ``ca show`` of the program's settings (``load_settings(--config)``: all of them, so
+    ``show`` refuses what ``serve`` would)."""
+    return _init(args) if args.ca_command == "init" else _show(load_settings(args.config))

@@ -30,7 +30,7 @@ from factory_svc.enrollment.model import (
     ItemError,
 )
 from factory_svc.enrollment.outbox import Outbox
-from factory_svc.enrollment.records import dps_refused, new_enrollment, revoked_error
+from factory_svc.enrollment.records import new_enrollment, revoked_error
 from factory_svc.enrollment.requests import OnceAnswered, check_count
 from factory_svc.enrollment.writer import (
     BatchItem,
@@ -40,7 +40,9 @@ from factory_svc.enrollment.writer import (
     result_from_json,
     result_json,
 )
+from factory_svc.errors import Reason
 from provkit.cloud import CloudAlreadyExists, CloudRejected, CloudUnavailable, EnrollmentPort
+from provkit.cloud_errors import CloudService, cloud_refused
 from provkit.context import bind_device_id
 from provkit.errors import DomainError, ErrorKind
 from provkit.faults import crash_point
@@ -73,7 +75,9 @@ class BatchEnrollment:
 
     async def enroll(self, requests: Sequence[EnrollRequest], request_id: str = "") -> BatchResult:
         check_request_id(request_id)
-        check_count("items", len(requests), self._policy.max_batch, "BATCH_EMPTY", "BATCH_TOO_LARGE")
+        check_count(
+            "items", len(requests), self._policy.max_batch, Reason.BATCH_EMPTY, Reason.BATCH_TOO_LARGE
+        )
         request_fingerprint = enroll_fingerprint(requests)
         requests = [dc_replace(r, request_id=request_id) for r in requests]  # the batch's, for the audit
         return await self._answers.run(
@@ -100,7 +104,7 @@ class BatchEnrollment:
             elif linted.device_id in seen:
                 duplicate = ItemError(
                     ErrorKind.INVALID_ARGUMENT,
-                    "DUPLICATE_IN_BATCH",
+                    Reason.DUPLICATE_IN_BATCH,
                     "this device id appears earlier in the batch",
                 )
                 results.append(BatchItemResult(index, linted.device_id, None, duplicate))
@@ -172,7 +176,8 @@ class BatchEnrollment:
                 )
                 return [item_result(item, result) for item, result in zip(part, queued, strict=True)]
             except CloudRejected as exc:
-                return [_error_item(item.index, item.linted.device_id, dps_refused(exc)) for item in part]
+                refused = cloud_refused(exc, CloudService.DPS, what="the enrollment", with_status=True)
+                return [_error_item(item.index, item.linted.device_id, refused) for item in part]
         crash_point("enroll.after_dps_write")
         failed = {e.registration_id.lower(): e.error for e in errors}
         revoked = await self._writer.revoked_among(
@@ -195,7 +200,8 @@ class BatchEnrollment:
             elif isinstance(error, CloudAlreadyExists):
                 results.append(await self._enroll_item(item, code))
             else:
-                results.append(_error_item(item.index, item.linted.device_id, dps_refused(error)))
+                refused = cloud_refused(error, CloudService.DPS, what="the enrollment", with_status=True)
+                results.append(_error_item(item.index, item.linted.device_id, refused))
         return results
 
     async def _enroll_item(self, item: BatchItem, code: NewCode) -> BatchItemResult:

@@ -35,6 +35,7 @@ from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.enrollment.codes_file import CodesFile, Row
 from provkit import faults
 from provkit.channels import read_input, request_metadata
+from provkit.errors import InputError
 from provkit.proto_names import enum_label
 
 COMMANDS = ("enroll", "enroll-batch", "enrollment-status", "transfer-owner", "rotate-code")
@@ -100,7 +101,7 @@ def _batch_files(args: argparse.Namespace) -> list[Path]:
     if args.dir is not None:
         files.extend(sorted(args.dir.glob("*.chain.pem")))
     if not files:
-        raise ValueError("give certificate files or --dir")
+        raise InputError("give certificate files or --dir")
     return files
 
 

@@ -26,22 +26,23 @@ from typing import Any
 
 from factory_svc.enrollment.model import AcknowledgeResult, EnrollPolicy, EnrollResult, RotateResult
 from factory_svc.enrollment.outbox import AuditRecord, Outbox, OutboxState
-from factory_svc.enrollment.records import dps_refused
 from factory_svc.enrollment.requests import OnceAnswered, check_count
 from factory_svc.enrollment.retained import RetainedCodes, code_id
+from factory_svc.errors import Reason
 from provkit.activation_code import new_codes
 from provkit.clock import Clock
 from provkit.cloud import (
     CloudEtagMismatch,
     CloudNotFound,
-    CloudRejected,
     CloudUnavailable,
     Enrollment,
     EnrollmentPort,
 )
+from provkit.cloud_errors import CloudService, cloud_unavailable, translating_cloud_errors
 from provkit.context import bind_device_id, current_caller
 from provkit.device_id import normalise_device_id
-from provkit.errors import Aborted, FailedPrecondition, NotFound, Unavailable
+from provkit.errors import Aborted, FailedPrecondition, NotFound
+from provkit.errors import Reason as SharedReason
 from provkit.faults import crash_point
 from provkit.idempotency import check_request_id, fingerprint
 
@@ -154,30 +155,25 @@ class CodeService:
             pending = await self._outbox.latest_for(device_id)
             if pending is not None and pending.state is OutboxState.PENDING:
                 raise FailedPrecondition(
-                    "ENROLLMENT_PENDING",
+                    Reason.ENROLLMENT_PENDING,
                     f"the enrollment of {device_id} still waits in the outbox; rotate after delivery",
                 )
             fresh: NewCode | None = None
             for _ in range(MAX_ATTEMPTS):
                 try:
                     existing = await self._dps.get(device_id)
-                except CloudUnavailable as exc:
-                    raise Unavailable(
-                        "DPS_UNAVAILABLE", f"DPS cannot be reached: {exc}", retry_after=exc.retry_after or 5.0
-                    ) from exc
+                except CloudUnavailable as exc:  # only unreachable: a refused read stays INTERNAL, as it was
+                    raise cloud_unavailable(exc, CloudService.DPS) from exc
                 if existing is None:
-                    raise NotFound("ENROLLMENT_NOT_FOUND", f"{device_id} has no enrollment")
+                    raise NotFound(Reason.ENROLLMENT_NOT_FOUND, f"{device_id} has no enrollment")
                 fresh = fresh or await self._issuer.new_code(device_id)
-                try:
-                    await self._dps.update(dc_replace(existing, code_hash=fresh[1]))
-                except (CloudEtagMismatch, CloudNotFound):
-                    continue
-                except CloudUnavailable as exc:
-                    raise Unavailable(
-                        "DPS_UNAVAILABLE", f"DPS cannot be reached: {exc}", retry_after=exc.retry_after or 5.0
-                    ) from exc
-                except CloudRejected as exc:
-                    raise dps_refused(exc) from exc
+                with translating_cloud_errors(
+                    CloudService.DPS, refused="the enrollment", refused_metadata=True
+                ):
+                    try:
+                        await self._dps.update(dc_replace(existing, code_hash=fresh[1]))
+                    except (CloudEtagMismatch, CloudNotFound):
+                        continue
                 cid = code_id(fresh[1])
                 crash_point("rotate.after_dps_write")
                 await self._codes.supersede(device_id, cid)
@@ -194,7 +190,8 @@ class CodeService:
                 log.info("activation code rotated", extra={"code_id": cid})
                 return RotateResult(device_id, fresh[0], cid)
         raise Aborted(
-            "ENROLLMENT_CONCURRENTLY_MODIFIED", f"the enrollment of {device_id} kept changing; try again"
+            SharedReason.ENROLLMENT_CONCURRENTLY_MODIFIED,
+            f"the enrollment of {device_id} kept changing; try again",
         )
 
     async def acknowledge(self, raw_device_ids: Sequence[str], request_id: str = "") -> AcknowledgeResult:
@@ -203,7 +200,9 @@ class CodeService:
         already acknowledged ids count 0."""
         check_request_id(request_id)
         limit = self._policy.max_batch
-        check_count("device_ids", len(raw_device_ids), limit, "DEVICE_IDS_EMPTY", "DEVICE_IDS_TOO_MANY")
+        check_count(
+            "device_ids", len(raw_device_ids), limit, Reason.DEVICE_IDS_EMPTY, Reason.DEVICE_IDS_TOO_MANY
+        )
         device_ids = [normalise_device_id(d) for d in raw_device_ids]
 
         async def replay(data: Mapping[str, Any]) -> AcknowledgeResult:

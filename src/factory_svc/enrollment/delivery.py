@@ -35,6 +35,7 @@ from factory_svc.enrollment.records import (
     revoked_error,
     with_certificate,
 )
+from factory_svc.errors import Reason
 from provkit.clock import Clock
 from provkit.cloud import (
     CloudAlreadyExists,
@@ -46,6 +47,7 @@ from provkit.cloud import (
     EnrollmentPort,
 )
 from provkit.context import bind_device_id
+from provkit.errors import Reason as SharedReason
 from provkit.faults import crash_point
 
 log = logging.getLogger("factory_svc.outbox")
@@ -134,10 +136,10 @@ class OutboxDelivery:
             try:
                 outcome = await self.deliver(entry)
             except CloudUnavailable as exc:
-                await claim.record_attempt("DPS_UNAVAILABLE", str(exc))
+                await claim.record_attempt(SharedReason.DPS_UNAVAILABLE, str(exc))
                 return min(self._max, max(delay, exc.retry_after or 0.0))
             except CloudRejected as exc:
-                await claim.mark_failed("DPS_REFUSED", str(exc))
+                await claim.mark_failed(SharedReason.DPS_REFUSED, str(exc))
                 log.warning("queued enrollment refused by DPS", extra={"seq": entry.seq})
                 return 0.0
             if isinstance(outcome, NotDelivered):
@@ -201,7 +203,7 @@ class OutboxDelivery:
             if entry.mode is OutboxMode.CREATE:
                 if enrolled_sha256(existing) != entry.sha256_thumbprint:
                     return NotDelivered(
-                        "ENROLLMENT_EXISTS",
+                        Reason.ENROLLMENT_EXISTS,
                         "the device is enrolled with another certificate; enroll again with replace",
                     )
                 refusal = owner_refusal(existing, intent.owner)

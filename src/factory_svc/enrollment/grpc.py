@@ -27,6 +27,7 @@ from factory_svc.enrollment.model import (
     TransferCommand,
 )
 from factory_svc.enrollment.service import EnrollmentService
+from factory_svc.errors import Reason
 from provkit.context import current_caller
 from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.errors import DomainError, FailedPrecondition, InvalidArgument
@@ -130,7 +131,7 @@ class EnrollmentRpcs:
     def _service(self) -> EnrollmentService:
         if self._enrollment is None:
             raise FailedPrecondition(
-                "ENROLLMENT_NOT_CONFIGURED", "this factory service has no DPS configured"
+                Reason.ENROLLMENT_NOT_CONFIGURED, "this factory service has no DPS configured"
             )
         return self._enrollment
 

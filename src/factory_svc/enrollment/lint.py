@@ -18,8 +18,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from factory_svc.errors import invalid_field
+from factory_svc.errors import CaConfigError, Reason, invalid_field
 from provkit.device_id import normalise_device_id
+from provkit.errors import Reason as SharedReason
 
 FIELD = "certificate_pem"
 
@@ -49,12 +50,12 @@ def lint_certificate(
 
     device_id = normalise_device_id(raw_device_id, field("device_id"))
     if not certificate_pem.strip():
-        raise invalid_field(field(FIELD), "CERTIFICATE_MISSING", "no certificate was given")
+        raise invalid_field(field(FIELD), Reason.CERTIFICATE_MISSING, "no certificate was given")
     try:
         certs = x509.load_pem_x509_certificates(certificate_pem.encode("utf-8", "replace"))
     except ValueError:
         raise invalid_field(
-            field(FIELD), "CERTIFICATE_MALFORMED", "certificate_pem is not a PEM certificate"
+            field(FIELD), Reason.CERTIFICATE_MALFORMED, "certificate_pem is not a PEM certificate"
         ) from None
     leaf = certs[0]  # any chain after the leaf is ignored: only this factory's issuing CAs count
     names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -62,14 +63,14 @@ def lint_certificate(
     if common_name != device_id:
         raise invalid_field(
             field(FIELD),
-            "CERTIFICATE_SUBJECT_MISMATCH",
+            SharedReason.CERTIFICATE_SUBJECT_MISMATCH,
             f"the certificate's subject CN {common_name!r} is not the device id {device_id!r}",
             common_name=common_name,
         )
     try:
         if leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
             raise invalid_field(
-                field(FIELD), "CERTIFICATE_IS_CA", "a CA certificate cannot be a device identity"
+                field(FIELD), Reason.CERTIFICATE_IS_CA, "a CA certificate cannot be a device identity"
             )
     except x509.ExtensionNotFound:
         pass
@@ -80,23 +81,27 @@ def lint_certificate(
         has_client_auth = False
     if not has_client_auth:
         raise invalid_field(
-            field(FIELD), "CERTIFICATE_EKU_MISSING", "the certificate lacks extended key usage clientAuth"
+            field(FIELD),
+            Reason.CERTIFICATE_EKU_MISSING,
+            "the certificate lacks extended key usage clientAuth",
         )
     not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
     if now < not_before:
         raise invalid_field(
             field(FIELD),
-            "CERTIFICATE_NOT_YET_VALID",
+            SharedReason.CERTIFICATE_NOT_YET_VALID,
             f"the certificate is valid from {not_before.isoformat()}",
         )
     if now >= not_after:
         raise invalid_field(
-            field(FIELD), "CERTIFICATE_EXPIRED", f"the certificate expired at {not_after.isoformat()}"
+            field(FIELD),
+            SharedReason.CERTIFICATE_EXPIRED,
+            f"the certificate expired at {not_after.isoformat()}",
         )
     if not_after - now < policy.min_remaining_validity:
         raise invalid_field(
             field(FIELD),
-            "CERTIFICATE_VALIDITY_TOO_SHORT",
+            Reason.CERTIFICATE_VALIDITY_TOO_SHORT,
             f"the certificate expires at {not_after.isoformat()}; at least "
             f"{policy.min_remaining_validity.days} days of validity are required",
         )
@@ -135,12 +140,12 @@ def _verify_issued_by_factory(
             detail = str(exc) or "the signature does not verify with the issuing CA's key"
             raise invalid_field(
                 field_name,
-                "CERTIFICATE_UNTRUSTED",
+                Reason.CERTIFICATE_UNTRUSTED,
                 f"the certificate does not verify to this factory's CA ({detail})",
             ) from None
     raise invalid_field(
         field_name,
-        "CERTIFICATE_UNTRUSTED",
+        Reason.CERTIFICATE_UNTRUSTED,
         f"the certificate does not verify to this factory's CA (issued by "
         f"{leaf.issuer.rfc4514_string()!r}, not by this factory's issuing CA)",
     )
@@ -158,6 +163,6 @@ def lint_policy_from_chain(
     for ca in intermediates:
         issuer = next((c for c in everyone if c.subject == ca.issuer and c is not ca), None)
         if issuer is None:
-            raise ValueError(f"the chain lacks the issuer of {ca.subject.rfc4514_string()}")
+            raise CaConfigError(f"the chain lacks the issuer of {ca.subject.rfc4514_string()}")
         ca.verify_directly_issued_by(issuer)
     return LintPolicy(roots, intermediates, min_remaining_validity)

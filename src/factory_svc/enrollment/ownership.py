@@ -23,18 +23,14 @@ from typing import Any
 
 from factory_svc.enrollment.model import TransferCommand, TransferResult
 from factory_svc.enrollment.outbox import AuditRecord, Outbox
+from factory_svc.errors import Reason
 from provkit.clock import Clock
-from provkit.cloud import (
-    CloudEtagMismatch,
-    CloudNotFound,
-    CloudRejected,
-    CloudUnavailable,
-    Enrollment,
-    EnrollmentPort,
-)
+from provkit.cloud import CloudEtagMismatch, CloudNotFound, Enrollment, EnrollmentPort
+from provkit.cloud_errors import CloudService, translating_cloud_errors
 from provkit.context import bind_device_id
 from provkit.device_id import normalise_device_id
-from provkit.errors import Aborted, DomainError, FailedPrecondition, NotFound, Unavailable, invalid_field
+from provkit.errors import Aborted, DomainError, FailedPrecondition, NotFound, invalid_field
+from provkit.errors import Reason as SharedReason
 from provkit.idempotency import LOST_RACE, LostRace, RequestIds, Stored, check_request_id, fingerprint
 from provkit.parties import is_tenant
 
@@ -49,7 +45,9 @@ def check_owner(value: str, field: str) -> str:
     owner = value.strip()
     if owner and not is_tenant(owner):
         raise invalid_field(
-            field, "OWNER_INVALID", "an OEM id is 1-63 characters of a-z, 0-9 and '-' (not at either end)"
+            field,
+            Reason.OWNER_INVALID,
+            "an OEM id is 1-63 characters of a-z, 0-9 and '-' (not at either end)",
         )
     return owner
 
@@ -58,7 +56,7 @@ def check_reason(value: str, field: str) -> str:
     reason = value.strip()
     if len(reason) > MAX_REASON or any(not c.isprintable() for c in reason):
         raise invalid_field(
-            field, "REASON_INVALID", f"a reason is at most {MAX_REASON} printable characters on one line"
+            field, Reason.REASON_INVALID, f"a reason is at most {MAX_REASON} printable characters on one line"
         )
     return reason
 
@@ -78,7 +76,7 @@ def owner_refusal(existing: Enrollment, owner: str) -> DomainError | None:
     """Enroll names ``owner`` (may be "") for a device that has an enrollment already."""
     if owner and owner != (existing.owner or ""):
         return FailedPrecondition(
-            "OWNER_CHANGE_NEEDS_TRANSFER",
+            Reason.OWNER_CHANGE_NEEDS_TRANSFER,
             f"the device's owner is {existing.owner or 'not named yet'}; "
             "change it with TransferOwnership (before activation)",
             metadata={"owner_oem": existing.owner or ""},
@@ -93,7 +91,7 @@ def replace_refusal(existing: Enrollment, owner: str, reason: str) -> DomainErro
     stage = stage_of(existing)
     if stage != "enrolled" and not reason:
         return FailedPrecondition(
-            "REPLACE_REASON_REQUIRED",
+            Reason.REPLACE_REASON_REQUIRED,
             f"the device has been {stage}: replacing its enrollment needs a reason (replace_reason)",
             metadata={"stage": stage},
         )
@@ -146,10 +144,10 @@ class OwnershipService:
         device_id = normalise_device_id(command.device_id)
         owner = check_owner(command.owner, "owner_oem")
         if not owner:
-            raise invalid_field("owner_oem", "OWNER_MISSING", "name the OEM that is to own the device")
+            raise invalid_field("owner_oem", Reason.OWNER_MISSING, "name the OEM that is to own the device")
         reason = check_reason(command.reason, "reason")
         if not reason:
-            raise invalid_field("reason", "REASON_MISSING", "say why the device changes hands")
+            raise invalid_field("reason", Reason.REASON_MISSING, "say why the device changes hands")
         request_fingerprint = fingerprint(["transfer", device_id, owner, reason])
 
         async def execute() -> TransferResult | LostRace:
@@ -182,18 +180,18 @@ class OwnershipService:
             )
 
     async def _transfer(self, device_id: str, owner: str) -> TransferResult:
-        try:
+        with translating_cloud_errors(CloudService.DPS, refused="the update"):
             for _ in range(_MAX_ATTEMPTS):
                 existing = await self._dps.get(device_id)
                 if existing is None:
-                    raise NotFound("ENROLLMENT_NOT_FOUND", f"{device_id} has no enrollment in DPS")
+                    raise NotFound(Reason.ENROLLMENT_NOT_FOUND, f"{device_id} has no enrollment in DPS")
                 previous = existing.owner or ""
                 if previous == owner:
                     return TransferResult(device_id, owner, previous, False)
                 stage = stage_of(existing)
                 if stage != "enrolled":
                     raise FailedPrecondition(
-                        "DEVICE_ALREADY_ACTIVATED",
+                        Reason.DEVICE_ALREADY_ACTIVATED,
                         f"the device has been {stage}: it stays with its owner {previous or '(none)'}",
                         metadata={"stage": stage, "owner_oem": previous},
                     )
@@ -202,10 +200,6 @@ class OwnershipService:
                 except (CloudEtagMismatch, CloudNotFound):
                     continue
                 return TransferResult(device_id, owner, previous, True)
-        except CloudUnavailable as exc:
-            raise Unavailable(
-                "DPS_UNAVAILABLE", f"DPS cannot be reached: {exc}", retry_after=exc.retry_after or 5.0
-            ) from exc
-        except CloudRejected as exc:
-            raise FailedPrecondition("DPS_REFUSED", f"DPS refused the update: {exc}") from exc
-        raise Aborted("ENROLLMENT_CONCURRENTLY_MODIFIED", f"the enrollment of {device_id} kept changing")
+        raise Aborted(
+            SharedReason.ENROLLMENT_CONCURRENTLY_MODIFIED, f"the enrollment of {device_id} kept changing"
+        )

@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives import hashes
 
 from factory_svc.enrollment.lint import LintedCertificate
 from factory_svc.revocation.model import Revocation
-from provkit.cloud import CloudError, Enrollment, ProvisioningStatus, X509Attestation
+from provkit.cloud import Enrollment, ProvisioningStatus, X509Attestation
 from provkit.errors import DomainError, FailedPrecondition
+from provkit.errors import Reason as SharedReason
 
 
 def new_enrollment_of(
@@ -69,13 +70,6 @@ def enrolled_sha256(enrollment: Enrollment) -> str | None:
     return enrollment.attestation.sha256_thumbprint
 
 
-def dps_refused(exc: CloudError) -> DomainError:
-    """DPS_REFUSED: DPS refused to write the enrollment."""
-    return FailedPrecondition(
-        "DPS_REFUSED", f"DPS refused the enrollment: {exc}", metadata={"status": str(exc.status)}
-    )
-
-
 class RevocationCheck(Protocol):
     async def revocation_of(self, sha256_thumbprint: str) -> Revocation | None: ...
 
@@ -95,7 +89,7 @@ def revoked_error(
     if revocation is not None:
         metadata["revocation_reason"] = revocation.reason.value
     return FailedPrecondition(
-        "CERTIFICATE_REVOKED",
+        SharedReason.CERTIFICATE_REVOKED,
         f"{field_prefix}certificate_pem was revoked{when}; mint a new certificate",
         metadata=metadata,
     )

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from dbstore import Database, Tx
 from litestore import private_directory
 from provkit.clock import to_us
+from provkit.errors import InputError
 
 KEY_FILE = "codes.key"
 _KEY_BYTES = 32
@@ -68,7 +69,7 @@ def _load_key(path: Path) -> bytes:
     except FileExistsError:
         key = path.read_bytes()
         if len(key) != _KEY_BYTES:
-            raise ValueError(f"{path} is not a {_KEY_BYTES}-byte key") from None
+            raise InputError(f"{path} is not a {_KEY_BYTES}-byte key") from None
         return key
     key = secrets.token_bytes(_KEY_BYTES)
     try:

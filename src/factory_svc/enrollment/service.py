@@ -37,8 +37,8 @@ from factory_svc.enrollment.retained import RetainedCodes
 from factory_svc.enrollment.writer import EnrollmentWriter, enroll_fingerprint, result_from_json, result_json
 from provkit.clock import Clock
 from provkit.cloud import CloudUnavailable, EnrollmentPort
+from provkit.cloud_errors import CloudService, cloud_unavailable
 from provkit.device_id import normalise_device_id
-from provkit.errors import Unavailable
 from provkit.idempotency import RequestIds, check_request_id
 
 
@@ -107,9 +107,7 @@ class EnrollmentService:
         except CloudUnavailable as exc:
             if entry is not None:
                 return _status_from_entry(entry)
-            raise Unavailable(
-                "DPS_UNAVAILABLE", f"DPS cannot be reached: {exc}", retry_after=exc.retry_after or 5.0
-            ) from exc
+            raise cloud_unavailable(exc, CloudService.DPS) from exc
         if entry is not None:
             return dc_replace(
                 _status_from_entry(entry),

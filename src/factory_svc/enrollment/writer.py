@@ -53,13 +53,13 @@ from factory_svc.enrollment.ownership import (
 )
 from factory_svc.enrollment.records import (
     RevocationCheck,
-    dps_refused,
     enrolled_sha256,
     new_enrollment,
     revoked_error,
     with_certificate,
 )
 from factory_svc.enrollment.retained import code_id
+from factory_svc.errors import Reason
 from provkit.clock import Clock
 from provkit.cloud import (
     CloudAlreadyExists,
@@ -69,8 +69,10 @@ from provkit.cloud import (
     CloudUnavailable,
     EnrollmentPort,
 )
+from provkit.cloud_errors import CloudService, cloud_refused
 from provkit.context import bind_device_id
 from provkit.errors import Aborted, AlreadyExists
+from provkit.errors import Reason as SharedReason
 from provkit.faults import crash_point
 from provkit.idempotency import fingerprint
 
@@ -240,7 +242,9 @@ class EnrollmentWriter:
                 except CloudAlreadyExists:
                     continue
                 except CloudRejected as exc:
-                    raise dps_refused(exc) from exc
+                    raise cloud_refused(
+                        exc, CloudService.DPS, what="the enrollment", with_status=True
+                    ) from exc
                 crash_point("enroll.after_dps_write")
                 await self.revoked_since(linted)
                 log.info("enrolled (disabled)", extra={"sha256": linted.sha256_thumbprint})
@@ -256,7 +260,7 @@ class EnrollmentWriter:
                     await self._codes.supersede(linted.device_id, code_id(existing.code_hash))  # unused ones
                     return self.result(linted, EnrollOutcome.UNCHANGED, Delivery.LIVE, retained)
                 raise AlreadyExists(
-                    "ENROLLMENT_EXISTS",
+                    Reason.ENROLLMENT_EXISTS,
                     f"{linted.device_id} is enrolled with another certificate; set replace to rework it",
                     metadata={"enrolled_sha256": enrolled or ""},
                 )
@@ -269,7 +273,7 @@ class EnrollmentWriter:
             except (CloudEtagMismatch, CloudNotFound):
                 continue
             except CloudRejected as exc:
-                raise dps_refused(exc) from exc
+                raise cloud_refused(exc, CloudService.DPS, what="the enrollment", with_status=True) from exc
             crash_point("enroll.after_dps_write")
             await self._outbox.record_audit(
                 AuditRecord(
@@ -286,7 +290,7 @@ class EnrollmentWriter:
             log.info("enrollment replaced", extra={"sha256": linted.sha256_thumbprint})
             return self.result(linted, EnrollOutcome.REPLACED, Delivery.LIVE, fresh)
         raise Aborted(
-            "ENROLLMENT_CONCURRENTLY_MODIFIED",
+            SharedReason.ENROLLMENT_CONCURRENTLY_MODIFIED,
             f"the enrollment of {linted.device_id} kept changing; try again",
         )
 

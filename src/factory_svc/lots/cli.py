@@ -40,8 +40,9 @@ from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.lots.service import derived_device_id
 from factory_svc.mint.cli import KEY_TYPES  # the names `mint --key-type` takes
 from litestore import private_directory
-from provkit.channels import report_failed_call, request_metadata
+from provkit.channels import request_metadata
 from provkit.devpki import write_private_file
+from provkit.errors import InputError
 
 COMMANDS = ("lot",)
 BATCH = 64  # items per request message
@@ -75,7 +76,7 @@ class _Plan:
 def _csr_items(folder: Path) -> list[pb.LotItem]:
     files = sorted({*folder.glob("*.csr"), *folder.glob("*.csr.pem")})
     if not files:
-        raise ValueError(f"{folder} holds no *.csr or *.csr.pem files")
+        raise InputError(f"{folder} holds no *.csr or *.csr.pem files")
     items = []
     for index, path in enumerate(files):
         pem = path.read_text()
@@ -209,7 +210,7 @@ async def run(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int
                 break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE or loop.time() > give_up:
-                    return report_failed_call(exc)
+                    raise  # the shell reports it
                 console.print(f"lot {plan.header.lot_id}: {exc.code().name}, resuming in {delay:.1f} s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

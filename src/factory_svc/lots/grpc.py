@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from devprov.v1 import factory_service_pb2 as pb
-from factory_svc.errors import invalid_field
+from factory_svc.errors import Reason, invalid_field
 from factory_svc.lots.model import LotHeader, LotItem, LotItemResult
 from factory_svc.lots.service import CHUNK, MAX_BATCH, Lot, LotService
 from factory_svc.mint.grpc import KEY_TYPE_FROM_PROTO, certificate_to_proto
@@ -26,15 +26,17 @@ from provkit.metrics import SuiteMetrics
 
 def header_from_proto(message: pb.MintCertificatesRequest, caller: str) -> LotHeader:
     if message.WhichOneof("part") != "header":
-        raise invalid_field("header", "LOT_HEADER_MISSING", "the first message of a lot is its header")
+        raise invalid_field("header", Reason.LOT_HEADER_MISSING, "the first message of a lot is its header")
     header = message.header
     if header.key_source not in (pb.KEY_SOURCE_CSR, pb.KEY_SOURCE_SERVER_GENERATED):
-        raise invalid_field("header.key_source", "LOT_KEY_SOURCE_INVALID", "choose CSRs or server-side keys")
+        raise invalid_field(
+            "header.key_source", Reason.LOT_KEY_SOURCE_INVALID, "choose CSRs or server-side keys"
+        )
     key_type = KeyType.EC_P256
     if header.key_type != pb.KEY_TYPE_UNSPECIFIED:
         if header.key_type not in KEY_TYPE_FROM_PROTO:
             raise invalid_field(
-                "header.key_type", "KEY_TYPE_UNSUPPORTED", f"unknown key type {header.key_type}"
+                "header.key_type", Reason.KEY_TYPE_UNSUPPORTED, f"unknown key type {header.key_type}"
             )
         key_type = KEY_TYPE_FROM_PROTO[header.key_type]
     validity = None
@@ -99,11 +101,13 @@ async def _chunks(
     received = 0
     async for message in requests:
         if message.WhichOneof("part") != "items":
-            raise invalid_field("items", "LOT_ITEM_EXPECTED", "items follow the header, then the ack")
+            raise invalid_field("items", Reason.LOT_ITEM_EXPECTED, "items follow the header, then the ack")
         batch = message.items.items
         if len(batch) > MAX_BATCH or received + len(batch) > header.item_count:
             raise invalid_field(
-                "items", "LOT_BATCH_INVALID", f"at most {MAX_BATCH} items a batch, {header.item_count} in all"
+                "items",
+                Reason.LOT_BATCH_INVALID,
+                f"at most {MAX_BATCH} items a batch, {header.item_count} in all",
             )
         pending.extend(LotItem(i.index, i.device_id, i.csr_pem.encode("utf-8", "replace")) for i in batch)
         received += len(batch)
@@ -113,7 +117,7 @@ async def _chunks(
         if received == header.item_count:
             return
     raise invalid_field(
-        "items", "LOT_INCOMPLETE", f"the stream ended after {received} of {header.item_count} items"
+        "items", Reason.LOT_INCOMPLETE, f"the stream ended after {received} of {header.item_count} items"
     )
 
 
@@ -135,7 +139,9 @@ class LotRpcs:
         go out once it is committed; the lot is let go only when no commit is in flight."""
         first = await anext(aiter(requests), None)
         if first is None:
-            raise invalid_field("header", "LOT_HEADER_MISSING", "the first message of a lot is its header")
+            raise invalid_field(
+                "header", Reason.LOT_HEADER_MISSING, "the first message of a lot is its header"
+            )
         header = header_from_proto(first, str(current_caller()))
         async with self._lots.open(header) as lot:
             committing: asyncio.Future[list[LotItemResult]] | None = None

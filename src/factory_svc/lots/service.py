@@ -35,6 +35,7 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from factory_svc.errors import Reason
 from factory_svc.lots.model import LotEntry, LotHeader, LotItem, LotItemError, LotItemResult, StoredLot
 from factory_svc.lots.store import LotItemsTaken
 from factory_svc.mint.keys import GENERATABLE, private_key_pem
@@ -92,7 +93,7 @@ class Lot:
 class LotInProgress(Aborted):
     def __init__(self, lot_id: str) -> None:
         super().__init__(
-            "LOT_IN_PROGRESS",
+            Reason.LOT_IN_PROGRESS,
             "another attempt of this lot is committing its items; resume the lot again",
             metadata={"lot_id": lot_id},
             retry_after=LOT_RETRY_SECONDS,
@@ -132,22 +133,24 @@ class LotService:
 
     def _check_header(self, header: LotHeader) -> str:
         if not header.lot_id:
-            raise invalid_field("header.lot_id", "LOT_ID_MISSING", "a lot needs a lot_id (to resume it by)")
+            raise invalid_field(
+                "header.lot_id", Reason.LOT_ID_MISSING, "a lot needs a lot_id (to resume it by)"
+            )
         check_request_id(header.lot_id, "header.lot_id")
         if not 1 <= header.item_count <= MAX_LOT_ITEMS:
             raise invalid_field(
-                "header.item_count", "LOT_SIZE_INVALID", f"a lot has 1 to {MAX_LOT_ITEMS} items"
+                "header.item_count", Reason.LOT_SIZE_INVALID, f"a lot has 1 to {MAX_LOT_ITEMS} items"
             )
         if header.derive_device_ids and not header.server_keys:
             raise invalid_field(
                 "header.derive_device_ids",
-                "LOT_KEY_SOURCE_INVALID",
+                Reason.LOT_KEY_SOURCE_INVALID,
                 "derived device ids need server-side key generation (there is no CSR to send)",
             )
         if header.server_keys and header.key_type not in GENERATABLE:
             raise invalid_field(
                 "header.key_type",
-                "KEY_TYPE_UNSUPPORTED",
+                Reason.KEY_TYPE_UNSUPPORTED,
                 f"the factory cannot generate {header.key_type.value} keys",
             )
         # the validity rules of MintCertificate, once for the whole lot
@@ -227,7 +230,9 @@ class LotService:
         try:
             if not 0 <= item.index < header.item_count:
                 raise invalid_field(
-                    "item.index", "LOT_INDEX_INVALID", f"the index must be within 0..{header.item_count - 1}"
+                    "item.index",
+                    Reason.LOT_INDEX_INVALID,
+                    f"the index must be within 0..{header.item_count - 1}",
                 )
             device_id = check_device_id(device_id, self._device_ids, "item.device_id")
             key: CsrKey | ServerKey = (
@@ -240,7 +245,7 @@ class LotService:
                 if earlier.certificate.device_id != checked.device_id:
                     raise invalid_field(
                         "item.device_id",
-                        "LOT_ITEM_CHANGED",
+                        Reason.LOT_ITEM_CHANGED,
                         f"item {item.index} of this lot was {earlier.certificate.device_id}",
                     )
                 return LotItemResult(
@@ -249,7 +254,7 @@ class LotService:
             if lot.devices.setdefault(checked.device_id, item.index) != item.index:
                 raise invalid_field(
                     "item.device_id",
-                    "DUPLICATE_IN_LOT",
+                    Reason.DUPLICATE_IN_LOT,
                     f"{checked.device_id} is item {lot.devices[checked.device_id]} of this lot",
                 )
             certificate, private_key = await self._minting.make_certificate(

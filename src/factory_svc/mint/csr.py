@@ -9,7 +9,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from factory_svc.errors import invalid_field
+from factory_svc.errors import Reason, invalid_field
 from factory_svc.mint.keys import KeyType, PublicKey, classify_public_key
 
 FIELD = "csr_pem"
@@ -30,15 +30,17 @@ class CheckedCsr:
 
 def check_csr(pem: bytes, device_id: str) -> CheckedCsr:
     if len(pem) > MAX_CSR_BYTES:
-        raise invalid_field(FIELD, "CSR_MALFORMED", f"the CSR is larger than {MAX_CSR_BYTES} bytes")
+        raise invalid_field(FIELD, Reason.CSR_MALFORMED, f"the CSR is larger than {MAX_CSR_BYTES} bytes")
     try:
         csr = x509.load_pem_x509_csr(pem)
         public_key = csr.public_key()
     except (ValueError, TypeError):
-        raise invalid_field(FIELD, "CSR_MALFORMED", "csr_pem is not a PEM-encoded PKCS#10 request") from None
+        raise invalid_field(
+            FIELD, Reason.CSR_MALFORMED, "csr_pem is not a PEM-encoded PKCS#10 request"
+        ) from None
     except UnsupportedAlgorithm:
         raise invalid_field(
-            FIELD, "KEY_ALGORITHM_UNSUPPORTED", "the CSR's key algorithm is not supported"
+            FIELD, Reason.KEY_ALGORITHM_UNSUPPORTED, "the CSR's key algorithm is not supported"
         ) from None
     key_type, public_key = classify_public_key(public_key, FIELD)
     try:
@@ -46,17 +48,17 @@ def check_csr(pem: bytes, device_id: str) -> CheckedCsr:
     except UnsupportedAlgorithm:
         signature_ok = False
     if not signature_ok:
-        raise invalid_field(FIELD, "CSR_SIGNATURE_INVALID", "the CSR's signature does not verify")
+        raise invalid_field(FIELD, Reason.CSR_SIGNATURE_INVALID, "the CSR's signature does not verify")
     try:
         names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     except ValueError:
-        raise invalid_field(FIELD, "CSR_MALFORMED", "the CSR's subject cannot be read") from None
+        raise invalid_field(FIELD, Reason.CSR_MALFORMED, "the CSR's subject cannot be read") from None
     for name in names:
         common_name = str(name.value)
         if common_name.lower() != device_id:
             raise invalid_field(
                 FIELD,
-                "CSR_SUBJECT_MISMATCH",
+                Reason.CSR_SUBJECT_MISMATCH,
                 f"the CSR's subject CN {common_name!r} differs from the device id {device_id!r}",
                 csr_common_name=common_name,
             )

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf import timestamp_pb2
 
 from devprov.v1 import factory_service_pb2 as pb
-from factory_svc.errors import invalid_field
+from factory_svc.errors import Reason, invalid_field
 from factory_svc.mint.keys import KeyType
 from factory_svc.mint.model import CsrKey, IssuedCertificate, KeySource, MintRequest, ServerKey
 from factory_svc.mint.service import CertificateCatalog, MintingService
@@ -104,10 +104,10 @@ def mint_request_from_proto(request: pb.MintCertificateRequest, caller: str) -> 
             key = ServerKey(KEY_TYPE_FROM_PROTO[wanted])
         else:
             raise invalid_field(
-                "server_key_generation.key_type", "KEY_TYPE_UNSUPPORTED", f"unknown key type {wanted}"
+                "server_key_generation.key_type", Reason.KEY_TYPE_UNSUPPORTED, f"unknown key type {wanted}"
             )
     else:
-        raise invalid_field("key_source", "KEY_SOURCE_MISSING", "set csr_pem or server_key_generation")
+        raise invalid_field("key_source", Reason.KEY_SOURCE_MISSING, "set csr_pem or server_key_generation")
     validity = None
     if request.HasField("validity"):
         validity = timedelta(seconds=request.validity.seconds, microseconds=request.validity.nanos // 1000)

@@ -7,7 +7,7 @@ import enum
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from factory_svc.errors import invalid_field
+from factory_svc.errors import Reason, invalid_field
 
 MIN_RSA_BITS = 2048
 
@@ -33,7 +33,7 @@ def classify_public_key(key: object, field: str = "csr_pem") -> tuple[KeyType, P
         if kind is None:
             raise invalid_field(
                 field,
-                "KEY_CURVE_UNSUPPORTED",
+                Reason.KEY_CURVE_UNSUPPORTED,
                 f"elliptic curve {key.curve.name} is not supported; use P-256 or P-384",
                 curve=key.curve.name,
             )
@@ -43,14 +43,14 @@ def classify_public_key(key: object, field: str = "csr_pem") -> tuple[KeyType, P
         if bits < MIN_RSA_BITS:
             raise invalid_field(
                 field,
-                "KEY_TOO_WEAK",
+                Reason.KEY_TOO_WEAK,
                 f"RSA keys need at least {MIN_RSA_BITS} bits; this one has {bits}",
                 key_bits=str(bits),
             )
         return {2048: KeyType.RSA_2048, 3072: KeyType.RSA_3072}.get(bits, KeyType.RSA_OTHER), key
     raise invalid_field(
         field,
-        "KEY_ALGORITHM_UNSUPPORTED",
+        Reason.KEY_ALGORITHM_UNSUPPORTED,
         f"{type(key).__name__.lstrip('_')} keys are not supported; use ECDSA P-256/P-384 or RSA >= 2048",
     )
 
@@ -65,7 +65,7 @@ def generate_private_key(kind: KeyType) -> PrivateKey:
     if kind is KeyType.RSA_3072:
         return rsa.generate_private_key(65537, 3072)
     raise invalid_field(
-        "server_key_generation.key_type", "KEY_TYPE_UNSUPPORTED", f"cannot generate {kind.value} keys"
+        "server_key_generation.key_type", Reason.KEY_TYPE_UNSUPPORTED, f"cannot generate {kind.value} keys"
     )
 
 

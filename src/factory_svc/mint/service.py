@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from factory_svc.ca.issuing import IssuingCA
-from factory_svc.errors import FailedPrecondition, NotFound, invalid_field
+from factory_svc.errors import FailedPrecondition, NotFound, Reason, invalid_field
 from factory_svc.mint.csr import check_csr
 from factory_svc.mint.issuer import LeafIssuer, leaf_builder, serial_hex, thumbprints
 from factory_svc.mint.keys import (
@@ -99,7 +99,7 @@ def normalise_serial(raw: str) -> str:
     serial = raw.strip().replace(":", "").upper()
     if not _SERIAL.match(serial):
         raise invalid_field(
-            "serial_number", "SERIAL_NUMBER_INVALID", "the serial number must be 1-40 hex digits"
+            "serial_number", Reason.SERIAL_NUMBER_INVALID, "the serial number must be 1-40 hex digits"
         )
     serial = serial.lstrip("0") or "0"
     return serial if len(serial) % 2 == 0 else "0" + serial
@@ -127,7 +127,7 @@ class MintingService:
         issuer_end = issuer.not_valid_after_utc
         if not issuer.not_valid_before_utc <= now < issuer_end:
             raise FailedPrecondition(
-                "ISSUER_EXPIRED",
+                Reason.ISSUER_EXPIRED,
                 "the issuing CA is not valid now; the factory cannot issue certificates",
                 metadata={"issuer_not_after": issuer_end.isoformat()},
             )
@@ -136,13 +136,13 @@ class MintingService:
             return not_before, min(now + self._policy.default_validity, issuer_end)
         if requested < MIN_VALIDITY:
             raise invalid_field(
-                "validity", "VALIDITY_INVALID", f"the validity must be at least {MIN_VALIDITY}"
+                "validity", Reason.VALIDITY_INVALID, f"the validity must be at least {MIN_VALIDITY}"
             )
         not_after = now + requested
         if not_after > issuer_end:
             raise invalid_field(
                 "validity",
-                "VALIDITY_EXCEEDS_ISSUER",
+                Reason.VALIDITY_EXCEEDS_ISSUER,
                 f"the requested validity ends after the issuing CA ({issuer_end.isoformat()})",
                 issuer_not_after=issuer_end.isoformat(),
             )
@@ -166,13 +166,13 @@ class MintingService:
             if key_type not in GENERATABLE:
                 raise invalid_field(
                     "server_key_generation.key_type",
-                    "KEY_TYPE_UNSUPPORTED",
+                    Reason.KEY_TYPE_UNSUPPORTED,
                     f"the factory cannot generate {key_type.value} keys",
                 )
             key_part = {"mode": "server", "key_type": key_type.value}
         else:
             raise invalid_field(
-                "key_source", "KEY_SOURCE_MISSING", "give a CSR or ask for server-side generation"
+                "key_source", Reason.KEY_SOURCE_MISSING, "give a CSR or ask for server-side generation"
             )
         not_before, not_after = self._validity(request.validity, now)
         fingerprint = ""
@@ -267,9 +267,11 @@ def _decode_token(token: str, device_id: str) -> Cursor:
         if version != 1 or not isinstance(issued_at_us, int) or not isinstance(serial, str):
             raise ValueError("bad token")
     except (ValueError, TypeError, binascii.Error):
-        raise invalid_field("page_token", "PAGE_TOKEN_INVALID", "the page token is not valid") from None
+        raise invalid_field("page_token", Reason.PAGE_TOKEN_INVALID, "the page token is not valid") from None
     if token_device != device_id:
-        raise invalid_field("page_token", "PAGE_TOKEN_INVALID", "the page token belongs to another listing")
+        raise invalid_field(
+            "page_token", Reason.PAGE_TOKEN_INVALID, "the page token belongs to another listing"
+        )
     return Cursor(issued_at_us, serial)
 
 
@@ -282,7 +284,7 @@ class CertificateCatalog:
         found = await self._ledger.get(serial)
         if found is None:
             raise NotFound(
-                "CERTIFICATE_NOT_FOUND",
+                Reason.CERTIFICATE_NOT_FOUND,
                 f"no certificate with serial {serial}",
                 metadata={"serial_number": serial},
             )
@@ -291,7 +293,7 @@ class CertificateCatalog:
     async def page(self, device_id: str, page_size: int, page_token: str) -> CertificatePage:
         wanted = normalise_device_id(device_id) if device_id.strip() else ""
         if page_size < 0:
-            raise invalid_field("page_size", "PAGE_SIZE_INVALID", "page_size must not be negative")
+            raise invalid_field("page_size", Reason.PAGE_SIZE_INVALID, "page_size must not be negative")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_token(page_token, wanted) if page_token else None
         rows = await self._ledger.page(wanted or None, size + 1, after)

@@ -7,7 +7,7 @@ the factory cannot revoke: FAILED_PRECONDITION), ``_device_ids`` and ``_metrics`
 from __future__ import annotations
 
 from devprov.v1 import factory_service_pb2 as pb
-from factory_svc.errors import FailedPrecondition, invalid_field
+from factory_svc.errors import FailedPrecondition, Reason, invalid_field
 from factory_svc.mint.grpc import REASON_FROM_PROTO, certificate_to_proto, timestamp
 from factory_svc.revocation.model import RevokeRequest
 from factory_svc.revocation.service import RevocationService
@@ -20,7 +20,7 @@ from provkit.metrics import SuiteMetrics
 def revoke_request_from_proto(request: pb.RevokeCertificateRequest, caller: str) -> RevokeRequest:
     if request.reason not in REASON_FROM_PROTO:
         message = f"unknown revocation reason {request.reason}"
-        raise invalid_field("reason", "REVOCATION_REASON_INVALID", message)
+        raise invalid_field("reason", Reason.REVOCATION_REASON_INVALID, message)
     return RevokeRequest(
         device_id=request.device_id,
         serial_number=request.serial_number,
@@ -39,7 +39,9 @@ class RevocationRpcs:
         self, request: pb.RevokeCertificateRequest, context: Context
     ) -> pb.RevokeCertificateResponse:
         if self._revocation is None:
-            raise FailedPrecondition("REVOCATION_NOT_CONFIGURED", "this factory cannot revoke certificates")
+            raise FailedPrecondition(
+                Reason.REVOCATION_NOT_CONFIGURED, "this factory cannot revoke certificates"
+            )
         if request.device_id:
             check_device_id(request.device_id, self._device_ids)
         result = await self._revocation.revoke(revoke_request_from_proto(request, str(current_caller())))

@@ -37,7 +37,7 @@ from datetime import datetime
 from typing import Protocol
 
 from factory_svc.enrollment.records import enrolled_sha256
-from factory_svc.errors import NotFound, invalid_field
+from factory_svc.errors import NotFound, Reason, invalid_field
 from factory_svc.mint.model import IssuedCertificate
 from factory_svc.mint.service import normalise_serial
 from factory_svc.revocation.crl import CrlPublisher, PublishedCrl
@@ -47,16 +47,16 @@ from provkit.clock import Clock
 from provkit.cloud import (
     CloudEtagMismatch,
     CloudNotFound,
-    CloudRejected,
-    CloudUnavailable,
     EnrollmentPort,
     HubTwinPort,
     ProvisioningStatus,
     disable_hub_device,
 )
+from provkit.cloud_errors import CloudService, translating_cloud_errors
 from provkit.context import bind_device_id
 from provkit.device_id import normalise_device_id
-from provkit.errors import Aborted, DomainError, FailedPrecondition, Unavailable
+from provkit.errors import Aborted, DomainError
+from provkit.errors import Reason as SharedReason
 from provkit.faults import crash_point
 from provkit.idempotency import check_request_id
 
@@ -150,12 +150,13 @@ class CloudSide:
     hubs: HubTwinPort
 
 
-def _unavailable(exc: CloudUnavailable, what: str) -> Unavailable:
-    return Unavailable(
-        f"{what}_UNAVAILABLE",
-        f"{what} cannot be reached: {exc}; the revocation is recorded (ledger, CRL) and the factory keeps "
-        "trying to disable the device; call again to see it done",
-        retry_after=exc.retry_after or 5.0,
+def _cloud_step(service: CloudService) -> contextlib.AbstractContextManager[None]:
+    """A cloud step's failures as RevokeCertificate answers them: unreachable says the revocation holds."""
+    return translating_cloud_errors(
+        service,
+        refused="the update",
+        unavailable_note="; the revocation is recorded (ledger, CRL) and the factory keeps trying to disable "
+        "the device; call again to see it done",
     )
 
 
@@ -180,14 +181,14 @@ class RevocationService:
     async def _targets(self, request: RevokeRequest, now: datetime) -> tuple[str, list[IssuedCertificate]]:
         if bool(request.device_id.strip()) == bool(request.serial_number.strip()):
             raise invalid_field(
-                "target", "REVOCATION_TARGET_MISSING", "give either a device id or a serial number"
+                "target", Reason.REVOCATION_TARGET_MISSING, "give either a device id or a serial number"
             )
         if request.serial_number.strip():
             serial = normalise_serial(request.serial_number)
             found = await self._certificates.get(serial)
             if found is None:
                 raise NotFound(
-                    "CERTIFICATE_NOT_FOUND",
+                    Reason.CERTIFICATE_NOT_FOUND,
                     f"no certificate with serial {serial}",
                     metadata={"serial_number": serial},
                 )
@@ -196,7 +197,7 @@ class RevocationService:
         found_all = await self._certificates.certificates_of(device_id, now)
         if not found_all:
             raise NotFound(
-                "CERTIFICATE_NOT_FOUND",
+                Reason.CERTIFICATE_NOT_FOUND,
                 f"{device_id} has no unexpired certificate from this factory",
                 metadata={"device_id": device_id},
             )
@@ -307,7 +308,7 @@ class RevocationService:
         dps: EnrollmentPort, device_id: str, revoked: set[str]
     ) -> tuple[bool, str | None]:
         """(changed, the hub the device was registered on) when the enrollment holds a revoked certificate."""
-        try:
+        with _cloud_step(CloudService.DPS):
             for _ in range(_ATTEMPTS):
                 enrollment = await dps.get(device_id)
                 if enrollment is None or (enrolled_sha256(enrollment) or "").upper() not in revoked:
@@ -328,22 +329,18 @@ class RevocationService:
                     continue
                 log.info("enrollment disabled (certificate revoked)")
                 return True, hub
-        except CloudUnavailable as exc:
-            raise _unavailable(exc, "DPS") from exc
-        except CloudRejected as exc:
-            raise FailedPrecondition("DPS_REFUSED", f"DPS refused the update: {exc}") from exc
-        raise Aborted("ENROLLMENT_CONCURRENTLY_MODIFIED", "the enrollment kept changing; revoke again")
+        raise Aborted(
+            SharedReason.ENROLLMENT_CONCURRENTLY_MODIFIED, "the enrollment kept changing; revoke again"
+        )
 
     @staticmethod
     async def _disable_hub_identity(hubs: HubTwinPort, hub: str, device_id: str) -> bool:
-        try:
+        with _cloud_step(CloudService.HUB):
             disabled = await disable_hub_device(hubs, hub, device_id, _ATTEMPTS)
-            if disabled is not None:
-                if disabled:
-                    log.info("hub identity disabled (certificate revoked)", extra={"hub": hub})
-                return disabled
-        except CloudUnavailable as exc:
-            raise _unavailable(exc, "HUB") from exc
-        except CloudRejected as exc:
-            raise FailedPrecondition("HUB_REFUSED", f"the IoT hub refused the update: {exc}") from exc
-        raise Aborted("HUB_DEVICE_CONCURRENTLY_MODIFIED", "the hub device kept changing; revoke again")
+        if disabled is not None:
+            if disabled:
+                log.info("hub identity disabled (certificate revoked)", extra={"hub": hub})
+            return disabled
+        raise Aborted(
+            SharedReason.HUB_DEVICE_CONCURRENTLY_MODIFIED, "the hub device kept changing; revoke again"
+        )
