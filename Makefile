@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: install proto proto-check lint typecheck test bench demo up clean browser node softhsm postgresql
+.PHONY: install proto proto-check lint typecheck test test-fast bench demo up clean browser node softhsm postgresql
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ typecheck: install
 
 test: proto-check lint typecheck browser node softhsm postgresql
 	$(BIN)/python -m pytest
+
+# The fast part of the suite while working: every test not marked slow (see tests/README.md), in under two
+# minutes on two cores.  `make test` still runs everything.
+test-fast: browser softhsm postgresql
+	$(BIN)/python -m pytest -m "not slow" -q
 
 # System packages some tests need, from Debian: $(call apt_package,NAME,PACKAGE,FILE); FILE may be a glob.  Never
 # fails the build: when FILE is missing and PACKAGE cannot be installed, the reason is printed and written to

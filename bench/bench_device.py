@@ -36,19 +36,16 @@ _TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 
 def _emulator_process_class():
-    for folder in (_TESTS, _TESTS / "device"):  # the same harness and device CA the tests use
-        if str(folder) not in sys.path:
-            sys.path.insert(0, str(folder))
+    if str(_TESTS) not in sys.path:  # the same harness and device CA the tests use
+        sys.path.insert(0, str(_TESTS))
     from support.emulator import EmulatorProcess
 
     return EmulatorProcess
 
 
 def _write_identity(ca, root: Path, guid: str) -> str:
-    """A device identity signed by the tests' tiny CA, stored as `provision` would; returns the leaf PEM."""
-    from device_certs import make_identity
-
-    key_pem, chain_pem = make_identity(ca, guid)
+    """A device identity signed by the tests' CA, stored as `provision` would; returns the leaf PEM."""
+    key_pem, chain_pem = ca.identity(guid)
     StateDir(root, guid).write_identity(
         key_pem=key_pem, chain_pem=chain_pem, metadata={"guid": guid, "key_origin": "device"}, force=False
     )
@@ -125,9 +122,9 @@ async def _measure(root: Path, assignment: str) -> tuple[list[float], list[float
                 "sdk_timeout_s": 15,
             },
         )
-        from device_certs import TinyCa
+        from support.certs import TestCa
 
-        ca = TinyCa()
+        ca = TestCa()
         guids = [f"bench-{uuid.uuid4()}" for _ in range(DEVICES)]
         for guid in guids:
             await _enroll(emulator, guid, _write_identity(ca, settings.state_root, guid))

@@ -31,14 +31,13 @@ _TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 
 def _imports() -> tuple[Any, ...]:
-    for folder in (_TESTS, _TESTS / "device"):
-        if str(folder) not in sys.path:
-            sys.path.insert(0, str(folder))
-    from device_certs import TinyCa, make_identity
+    if str(_TESTS) not in sys.path:
+        sys.path.insert(0, str(_TESTS))
+    from support.certs import TestCa
     from support.emulator import EmulatorProcess
     from support.fleet import enrolled_fleet, fleet_overrides
 
-    return TinyCa, make_identity, EmulatorProcess, enrolled_fleet, fleet_overrides
+    return TestCa, EmulatorProcess, enrolled_fleet, fleet_overrides
 
 
 def _cpu_s(pids: list[int]) -> float:
@@ -51,12 +50,12 @@ def _cpu_s(pids: list[int]) -> float:
 
 
 async def _one(root: Path, quotas: bool) -> dict[str, Any]:
-    tiny_ca, make_identity, emulator_cls, enrolled_fleet, fleet_overrides = _imports()
+    test_ca, emulator_cls, enrolled_fleet, fleet_overrides = _imports()
     extra = ["--log-level", "INFO"] + (["--azure-quotas"] if quotas else [])
     emulator = emulator_cls(root / "emulator", hubs=2, extra_args=extra)
     await asyncio.to_thread(emulator.start)
     try:
-        guids = await enrolled_fleet(tiny_ca(), make_identity, emulator, root / "devices", DEVICES)
+        guids = await enrolled_fleet(test_ca(), emulator, root / "devices", DEVICES)
         runner = FleetRunner(
             guids,
             root / "devices",

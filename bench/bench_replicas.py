@@ -476,7 +476,7 @@ async def run() -> str:
         "one entry at a time (the entry claimed with its row locked while the GET and PUT go to DPS, and "
         "marked in the same transaction); where the CPUs are all taken, as here, a second replica on the "
         "same machine spreads the same work over two processes rather than adding to it. The last column "
-        "counts failed items and queued enrollments left undelivered (tests/storage/test_replica_kill.py "
+        "counts failed items and queued enrollments left undelivered (tests/replicas/test_replica_kill.py "
         "proves none is delivered twice, also when a replica is killed mid-delivery).",
     ]
     return "\n".join(out)

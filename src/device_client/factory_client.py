@@ -13,8 +13,8 @@ from typing import Any
 import grpc
 
 from device_client.errors import FactoryError, Reason
+from device_client.factory_port import EnrollDelivery, EnrollOutcome, MintedCertificate
 from device_client.identity import KeyType
-from device_client.provisioning import EnrollDelivery, EnrollOutcome, MintedCertificate
 from device_client.settings import FactorySettings, FactoryTls
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc

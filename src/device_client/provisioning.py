@@ -11,18 +11,18 @@ The identity is stored before Enroll, so a failed Enroll never loses a minted ce
 
 from __future__ import annotations
 
-import enum
 import json
 import shutil
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from device_client.errors import FactoryError, IdentityExistsError, Reason
+from device_client.factory_client import GrpcFactory
+from device_client.factory_port import ENROLLED_STATES, EnrollOutcome, FactoryPort
 from device_client.identity import (
     IdentityInfo,
     KeyType,
@@ -35,48 +35,6 @@ from device_client.identity import (
 )
 from device_client.settings import RenewalSettings, Settings, render_device_settings
 from device_client.state import EST_CA_FILE, TRUSTED_CA_FILE, StateDir, atomic_write
-
-
-class EnrollDelivery(enum.Enum):
-    LIVE = "live"  # in DPS now
-    QUEUED = "queued"  # the factory's outbox delivers it later
-
-
-@dataclass(frozen=True)
-class MintedCertificate:
-    certificate_chain_pem: bytes  # leaf first
-    private_key_pem: bytes | None  # only with server-side key generation
-
-
-@dataclass(frozen=True)
-class EnrollOutcome:
-    delivery: EnrollDelivery
-    unchanged: bool  # enrolled earlier with this certificate (no new activation code)
-    activation_code: str | None
-
-    @property
-    def status(self) -> str:
-        """The label kept in the state directory's metadata: "live", "queued", "live (unchanged)"..."""
-        return f"{self.delivery.value} (unchanged)" if self.unchanged else self.delivery.value
-
-
-ENROLLED_STATES = frozenset(
-    EnrollOutcome(delivery, unchanged, None).status
-    for delivery in EnrollDelivery
-    for unchanged in (False, True)
-)
-
-
-class FactoryPort(Protocol):
-    async def mint_with_csr(self, guid: str, csr_pem: bytes, request_id: str) -> MintedCertificate: ...
-
-    async def mint_with_server_key(
-        self, guid: str, key_type: KeyType, request_id: str
-    ) -> MintedCertificate: ...
-
-    async def enroll(
-        self, guid: str, certificate_pem: bytes, request_id: str, *, replace: bool
-    ) -> EnrollOutcome: ...
 
 
 @dataclass(frozen=True)
@@ -213,7 +171,5 @@ async def provision_with(
 
 async def provision(request: ProvisionRequest, settings: Settings) -> ProvisionResult:
     """Provision over gRPC with the configured factory address and TLS options."""
-    from device_client.factory_client import GrpcFactory
-
     async with GrpcFactory(settings.factory) as factory:
         return await provision_with(factory, request, settings)

@@ -33,6 +33,7 @@ from rich.live import Live
 
 from activation_svc.metadata import sample_metadata
 from devprov_demo.fleet import Fleet, activate_fleet, provision_fleet, summary, write_json
+from devprov_demo.hub_feed import HubFeed
 from devprov_demo.stack import PARTIES, Stack, StackConfig
 from devprov_demo.view import HubWatch, countdown, labels_table, live_view, summary_table
 from provkit.cli_shell import run_cli
@@ -240,7 +241,7 @@ async def _watch(
         left = remaining()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.25 if left is None else max(0.0, min(0.25, left)))
-        watch.poll()
+        await watch.poll()
         left = remaining()
         return not stop.is_set() and (left is None or left > 0)
 
@@ -293,14 +294,14 @@ async def run_demo(args: argparse.Namespace, source: SettingsSource, console: Co
             console.print(f"  activated {label.guid} on {chosen[label.guid]}", highlight=False)
         if stop.is_set():
             return EXIT_INCOMPLETE
-        watch = HubWatch(stack.emulator.data_dir)
+        watch = HubWatch(HubFeed(stack.emulator.connection))
         fleet = Fleet(stack, labels)
         with console.status("starting the fleet's worker processes ..."):
             await fleet.start()
         console.print(f"first boot of {len(labels)} devices (logs: {stack.logs / 'devices.log'})")
         await _watch(console, fleet, watch, stop, seconds)
         await fleet.stop()
-        watch.poll()
+        await watch.poll()
         result = summary(fleet, dict(watch.received), chosen)
         console.print(summary_table(result, console.width))
         summary_json = source.path("summary_json")
@@ -314,7 +315,7 @@ async def run_demo(args: argparse.Namespace, source: SettingsSource, console: Co
         if fleet is not None:
             await fleet.stop()
         if watch is not None:
-            watch.close()
+            await watch.close()
         with console.status("stopping ..."):
             await asyncio.to_thread(stack.stop)
         console.print(f"stopped; state and logs kept in {stack.root}")

@@ -7,8 +7,6 @@ import math
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from rich.console import Group, RenderableType
@@ -16,10 +14,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from azure_iot_emulator.hub.telemetry import StoredMessage, TelemetryStore
-from azure_iot_emulator.store import Database
 from device_client.runtime import DeviceState, RuntimeSnapshot
 from devprov_demo.fleet import FleetSummary, Label
+from devprov_demo.hub_feed import HubFeed, ReceivedMessage
 
 STATE_STYLE = {
     DeviceState.IDLE: "dim",
@@ -34,25 +31,26 @@ STATE_STYLE = {
 
 
 class HubWatch:
-    """Tails the telemetry the emulator's hubs have stored (its SQLite file, read beside the server, as
-    ``iot-emulator monitor`` does) and counts it per device."""
+    """Tails the telemetry the emulator's hubs received (through their REST API: ``hub_feed``) and counts it
+    per device."""
 
-    def __init__(self, emulator_data_dir: Path, keep: int = 8) -> None:
-        self._db = Database(emulator_data_dir / "emulator.db")
-        self._store = TelemetryStore(self._db, lambda: datetime.now(UTC))
-        self._cursor = 0
+    def __init__(self, feed: HubFeed | None, keep: int = 8) -> None:
+        self._feed = feed
         self.received: Counter[str] = Counter()
-        self.tail: deque[StoredMessage] = deque(maxlen=keep)
+        self.tail: deque[ReceivedMessage] = deque(maxlen=keep)
 
-    def poll(self) -> None:
-        while batch := self._store.after(self._cursor):
-            for message in batch:
-                self.received[message.device_id] += 1
-                self.tail.append(message)
-            self._cursor = batch[-1].seq
+    def take(self, messages: Iterable[ReceivedMessage]) -> None:
+        for message in messages:
+            self.received[message.device_id] += 1
+            self.tail.append(message)
 
-    def close(self) -> None:
-        self._db.close()
+    async def poll(self) -> None:
+        if self._feed is not None:
+            self.take(await self._feed.read_new())
+
+    async def close(self) -> None:
+        if self._feed is not None:
+            await self._feed.close()
 
 
 def labels_table(labels: list[Label]) -> Table:
@@ -153,7 +151,7 @@ def fleet_table(tracks: Sequence[TrackView], received: Mapping[str, int], layout
     return table
 
 
-def telemetry_panel(tail: Iterable[StoredMessage], layout: Layout) -> Panel:
+def telemetry_panel(tail: Iterable[ReceivedMessage], layout: Layout) -> Panel:
     lines: list[Text] = []
     for message in tail:
         text = message.body_text()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
 from enrollment.provisioning_env import (
     OemTls,
     activation_serve_process,
@@ -17,6 +18,8 @@ from enrollment.provisioning_env import (
 from support.cli_process import run_module
 
 from devprov.v1 import factory_service_pb2 as fpb
+
+pytestmark = pytest.mark.slow
 
 
 async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator):

@@ -42,6 +42,7 @@ def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_a_code_given_as_an_option_is_refused_without_echoing_it() -> None:
     for argv in (["--code", CODE], [f"--code={CODE}"]):
         done = _cli("activate", GUID, *argv, "--metadata-json", "{}")
@@ -70,6 +71,7 @@ def test_what_is_not_a_guid_is_refused_before_the_code_is_asked_for(command: str
     )
 
 
+@pytest.mark.slow
 def test_an_empty_code_is_refused_locally(tmp_path: Path) -> None:
     empty = tmp_path / "code.txt"
     empty.write_text("\n")
@@ -81,6 +83,7 @@ def test_an_empty_code_is_refused_locally(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.slow
 def test_missing_files_are_named_in_a_sentence(tmp_path: Path) -> None:
     code_file = tmp_path / "code.txt"
     code_file.write_text(CODE)

@@ -32,6 +32,8 @@ from enrollment.provisioning_env import (
 from devprov.v1 import activation_service_pb2 as apb
 from provkit.cloud import parse_azure_time
 
+pytestmark = pytest.mark.slow
+
 
 async def send_one_message(emulator, device, hub: str, body: bytes) -> None:
     """Connect as the device, send one device-to-cloud message (acknowledged), disconnect."""

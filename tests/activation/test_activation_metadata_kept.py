@@ -29,6 +29,8 @@ from support.cli_process import run_module
 from devprov.v1 import activation_service_pb2 as apb
 from devprov.v1 import activation_service_pb2_grpc as apb_grpc
 
+pytestmark = pytest.mark.slow
+
 META = {
     "tags": {"location": {"city": "Hamburg", "spot": "hall 3"}, "chassisNumber": "VX200-20260001"},
     "properties": {"desired": {"telemetryIntervalSeconds": 5, "site": "Hamburg"}},

@@ -5,24 +5,14 @@ room instead of being refused (clock injected; no gRPC here)."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
+from support.clock import ManualClock
 
 from activation_svc.ratelimit import AttemptLimiter, AttemptsExhausted
 from activation_svc.settings import load_settings
 from provkit.settings import SettingsError
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 async def fail(limiter: AttemptLimiter, caller: str, device: str = "dev") -> None:
@@ -31,7 +21,7 @@ async def fail(limiter: AttemptLimiter, caller: str, device: str = "dev") -> Non
 
 
 async def test_free_failures_then_a_doubling_back_off_for_that_caller_only() -> None:
-    clock = Clock()
+    clock = ManualClock()
     limiter = AttemptLimiter(clock=clock, free_failures=3, base_delay=timedelta(seconds=2))
     for _ in range(3):
         await fail(limiter, "mallory")
@@ -51,7 +41,7 @@ async def test_free_failures_then_a_doubling_back_off_for_that_caller_only() -> 
 
 
 async def test_a_success_clears_the_pair_and_an_unchecked_attempt_counts_nothing() -> None:
-    clock = Clock()
+    clock = ManualClock()
     limiter = AttemptLimiter(clock=clock, free_failures=2)
     await fail(limiter, "oem")
     with await limiter.begin("oem", "dev") as attempt:
@@ -66,7 +56,7 @@ async def test_a_success_clears_the_pair_and_an_unchecked_attempt_counts_nothing
 
 
 async def test_no_number_of_failing_callers_refuses_another_callers_check() -> None:
-    clock = Clock()
+    clock = ManualClock()
     limiter = AttemptLimiter(clock=clock, free_failures=2, window=timedelta(minutes=10))
     for caller in range(300):  # 600 failed checks on one device, two from each of 300 callers
         await fail(limiter, f"guesser-{caller}")
@@ -78,7 +68,7 @@ async def test_no_number_of_failing_callers_refuses_another_callers_check() -> N
 
 
 async def test_sixty_concurrent_wrong_codes_get_exactly_the_free_checks_the_rest_wait_then_refused() -> None:
-    limiter = AttemptLimiter(clock=Clock(), free_failures=5)
+    limiter = AttemptLimiter(clock=ManualClock(), free_failures=5)
     tasks = [asyncio.ensure_future(limiter.begin("storm", "dev")) for _ in range(60)]
     await asyncio.sleep(0)
     admitted = [t.result() for t in tasks if t.done()]
@@ -90,7 +80,7 @@ async def test_sixty_concurrent_wrong_codes_get_exactly_the_free_checks_the_rest
 
 
 async def test_concurrent_right_codes_wait_for_room_and_are_all_admitted() -> None:
-    limiter = AttemptLimiter(clock=Clock(), free_failures=2)
+    limiter = AttemptLimiter(clock=ManualClock(), free_failures=2)
     in_flight, most = 0, 0
 
     async def check() -> None:

@@ -8,6 +8,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from support.clock import ManualClock
+from support.waiting import until
 
 from activation_svc.audit import AuditLog
 from activation_svc.ratelimit import AttemptsExhausted
@@ -15,20 +17,12 @@ from activation_svc.shared_limits import CHECK_LEASE, DatabaseLimits, Rules, Slo
 from dbstore import DatabaseUrl
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @pytest.fixture
 async def replicas(postgres_url):
     """Two audit stores (as two replicas open them) on one database, and a shared clock."""
     url = DatabaseUrl.parse(postgres_url)
     stores = [await AuditLog.open(url, migrate=True), await AuditLog.open(url)]
-    yield stores, Clock()
+    yield stores, ManualClock(datetime(2026, 5, 1, 12, 0, tzinfo=UTC))
     for store in stores:
         await store.close()
 
@@ -82,9 +76,11 @@ async def test_a_success_clears_the_pair_and_a_dead_replica_s_check_comes_back(r
     assert await _wrong(first, "oem:a", "dev-3") == "checked"  # cleared: the free failure again
     clock.now += timedelta(seconds=2)
     await first.begin("oem:a", "dev-3")  # its replica dies: never reported
+    looked = clock.reads
     waiting = asyncio.create_task(second.begin("oem:a", "dev-3"))
-    await asyncio.sleep(0.3)
-    assert not waiting.done()  # past the free failure one check at a time: the lost one still holds it
+    # past the free failure one check at a time: the lost one still holds it, however often it looks
+    await until(lambda: waiting.done() or clock.reads >= looked + 3, "three looks at the held slot")
+    assert not waiting.done()
     clock.now += CHECK_LEASE  # its lease runs out: the slot comes back
     slot = await waiting
     await slot.failed()

@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 import uuid
 from datetime import UTC, datetime
@@ -22,11 +21,12 @@ from pathlib import Path
 
 import pytest
 from support.emulator import free_port, fresh_addresses
+from support.waiting import NotReached, until_sync
 
 from azure_iot_emulator.hub.telemetry import TelemetryStore
 from azure_iot_emulator.store import Database
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 
 def _free_port_block(count: int) -> int:
@@ -132,20 +132,21 @@ def _processes_under(work_dir: Path) -> list[str]:
 
 
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, printed=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            said = printed.finish() if printed is not None else ""
-            raise AssertionError(f"process ended ({proc.returncode}) waiting for {what}:\n{said[-8000:]}")
-        time.sleep(0.2)
-    if proc is not None:  # say what the process was doing
-        proc.kill()
+    def ended() -> str | None:
+        if proc is None or proc.poll() is None:
+            return None
+        said = printed.finish() if printed is not None else ""
+        return f"process ended ({proc.returncode}) waiting for {what}:\n{said[-8000:]}"
+
+    try:
+        return until_sync(predicate, what, timeout=timeout, interval=0.2, fail_if=ended)
+    except NotReached:
+        if proc is None:
+            raise
+        proc.kill()  # say what the process was doing
         output = printed.finish(30) if printed is not None else proc.communicate(timeout=30)[0]
-        raise AssertionError(f"timed out waiting for {what}; the process printed:\n{output[-8000:]}")
-    raise AssertionError(f"timed out waiting for {what}")
+        said = f"timed out waiting for {what}; the process printed:\n{output[-8000:]}"
+        raise AssertionError(said) from None
 
 
 def test_demo_runs_the_whole_flow_and_summarises(tmp_path):

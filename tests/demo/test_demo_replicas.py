@@ -75,6 +75,7 @@ def _stop(printed: Printed) -> str:
     return output
 
 
+@pytest.mark.slow
 def test_up_with_two_replicas_keeps_its_state_and_reports_a_killed_replica(work_dir):
     why = pgcluster.unavailable()
     if why is not None:
@@ -126,6 +127,7 @@ def test_up_with_two_replicas_keeps_its_state_and_reports_a_killed_replica(work_
     assert _processes_under(work) == []
 
 
+@pytest.mark.slow
 def test_the_kept_cluster_starts_again_on_its_data_after_its_server_was_killed(work_dir):
     why = pgcluster.unavailable()
     if why is not None:

@@ -12,7 +12,7 @@ from demo.test_demo_flow import Printed, _cli, _demo, _env_from, _processes_unde
 
 from devprov_demo.stack import MARKER, Stack, StackConfig
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 @pytest.mark.parametrize("fresh", [True, False])

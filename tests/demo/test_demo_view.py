@@ -13,10 +13,8 @@ from datetime import UTC, datetime
 import pytest
 from rich.console import Console
 
-from azure_iot_emulator.hub.telemetry import TelemetryStore
-from azure_iot_emulator.hub.topics import PropertyBag
-from azure_iot_emulator.store import Database
 from device_client.runtime import DeviceState, RuntimeSnapshot
+from devprov_demo.hub_feed import ReceivedMessage
 from devprov_demo.view import HubWatch, countdown, live_view, shorten_middle, summary_table
 
 GUIDS = (
@@ -51,19 +49,17 @@ def _tracks() -> list[Track]:
 
 
 @pytest.fixture
-def watch(tmp_path):
-    """The hubs' store as the emulator writes it, with a message from each device, tailed by HubWatch."""
-    db = Database(tmp_path / "emulator.db")
-    store = TelemetryStore(db, lambda: datetime.now(UTC))
+def watch():
+    """A message from each device as the hubs' REST API returns them, taken by HubWatch."""
+    hub_watch = HubWatch(None)
+    seq = 0
     for index, guid in enumerate(GUIDS):
-        for seq in range(1, 4):
-            body = json.dumps({"seq": seq, "readings": {"temperatureC": 20 + index}}).encode()
-            store.append(f"127.0.0.{2 + index % 2}", guid, PropertyBag(), body)
-    db.close()
-    hub_watch = HubWatch(tmp_path)
-    hub_watch.poll()
-    yield hub_watch
-    hub_watch.close()
+        for n in range(1, 4):
+            seq += 1
+            body = json.dumps({"seq": n, "readings": {"temperatureC": 20 + index}}).encode()
+            enqueued = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+            hub_watch.take([ReceivedMessage(seq, f"127.0.0.{2 + index % 2}", guid, enqueued, body)])
+    return hub_watch
 
 
 def _render(width: int, watch: HubWatch, footer: str = "stops in 40 s (Ctrl-C stops now)") -> list[str]:

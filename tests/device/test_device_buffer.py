@@ -119,6 +119,7 @@ async def test_many_devices_appending_at_once_keep_every_message(tmp_path: Path)
     assert all(c < per_device for c in commits)  # grouped: fewer commits than messages
 
 
+@pytest.mark.slow
 async def test_a_failed_group_commit_fails_every_append_of_it_and_other_devices_go_on(tmp_path: Path) -> None:
     """Another process holds the write lock of device A's file past the busy timeout: every append of the
     group that was waiting fails and none is stored, while device B on the same event loop keeps storing;

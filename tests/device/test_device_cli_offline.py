@@ -9,7 +9,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from device_certs import TinyCa, make_identity
+from support.certs import TestCa
 
 from device_client.cli import main
 from device_client.state import Assignment, StateDir
@@ -29,13 +29,13 @@ def _restore_logging():
 
 
 @pytest.fixture(scope="module")
-def ca() -> TinyCa:
-    return TinyCa()
+def ca() -> TestCa:
+    return TestCa()
 
 
 def _provisioned(root, ca, **validity) -> StateDir:
     state = StateDir(root, GUID)
-    key_pem, chain_pem = make_identity(ca, GUID, **validity)
+    key_pem, chain_pem = ca.identity(GUID, **validity)
     meta = {"guid": GUID, "key_origin": "device", "enrollment": "live"}
     state.write_identity(key_pem=key_pem, chain_pem=chain_pem, metadata=meta, force=False)
     return state
@@ -80,7 +80,7 @@ def test_status_shows_expired_and_run_refuses(tmp_path, capsys, ca):
 
 def test_run_with_key_not_matching_certificate(tmp_path, capsys, ca):
     state = _provisioned(tmp_path, ca)
-    other_key, _ = make_identity(ca, GUID)
+    other_key, _ = ca.identity(GUID)
     state.key_path.write_bytes(other_key)
     assert run_cli(tmp_path, "run", GUID, "--id-scope", "0ne00000001") == 4
     assert "KEY_CERTIFICATE_MISMATCH" in capsys.readouterr().err
@@ -134,6 +134,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_run_with_unreachable_dps_gives_up_when_told(tmp_path, capsys, ca):
     from conftest import free_loopback_address
 

@@ -12,18 +12,21 @@ import sys
 import uuid
 
 import pytest
+from conftest import running_emulator
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from device_certs import TinyCa, make_identity
 from device_cloud import enroll, received_telemetry
+from support.certs import TestCa
+from support.metrics import scrape
+from support.waiting import exited, until
 
 from device_client.state import StateDir
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 
 def _identity(root, guid: str) -> str:
-    key_pem, chain_pem = make_identity(TinyCa(), guid)
+    key_pem, chain_pem = TestCa().identity(guid)
     StateDir(root, guid).write_identity(
         key_pem=key_pem, chain_pem=chain_pem, metadata={"guid": guid}, force=False
     )
@@ -56,18 +59,6 @@ async def _start(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
     )
 
 
-async def _eventually(check, timeout: float = 30.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.2)
-
-
 async def test_run_sigterm_and_status(emulator, tmp_path):
     guid = str(uuid.uuid4())
     root = tmp_path / "devices"
@@ -82,7 +73,7 @@ async def test_run_sigterm_and_status(emulator, tmp_path):
             return False
 
     try:
-        await _eventually(three_arrived)
+        await until(three_arrived, "three messages at the hub", interval=0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -109,24 +100,36 @@ async def test_run_sigterm_and_status(emulator, tmp_path):
     assert seqs[:3] == [1, 2, 3]
 
 
-async def test_run_before_activation_waits(emulator, tmp_path):
+async def _refused_registrations(emulator) -> float:
+    """DPS registrations the emulator answered "disabled" (its /metrics)."""
+    scraped = await scrape(emulator.connection["metrics_url"])
+    return scraped.value("iot_emulator_dps_registrations_total", result="disabled")
+
+
+async def test_run_before_activation_waits(tmp_path):
     guid = str(uuid.uuid4())
     root = tmp_path / "devices"
-    await enroll(emulator, guid, _identity(root, guid), enabled=False)
-    proc = await _start(_env(emulator, root), "run", guid)
-    collected: list[str] = []
+    with running_emulator(tmp_path / "emulator", ["--metrics-listen", "127.0.0.1:0"]) as emulator:
+        await enroll(emulator, guid, _identity(root, guid), enabled=False)
+        proc = await _start(_env(emulator, root), "run", guid)
+        collected: list[str] = []
 
-    async def waiting_logged():
-        line = await asyncio.wait_for(proc.stderr.readline(), 30)
-        collected.append(line.decode())
-        return "waiting for activation" in collected[-1]
+        async def waiting_logged():
+            line = await asyncio.wait_for(proc.stderr.readline(), 30)
+            collected.append(line.decode())
+            return "waiting for activation" in collected[-1]
 
-    try:
-        await _eventually(waiting_logged)
-        await asyncio.sleep(1.0)  # several refused attempts later it is still running
-        assert proc.returncode is None
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, rest = await asyncio.wait_for(proc.communicate(), 60)
+        async def refused_again() -> bool:
+            return await _refused_registrations(emulator) >= refused + 2
+
+        try:
+            await until(waiting_logged, "waiting for activation logged", interval=0)
+            refused = await _refused_registrations(emulator)
+            # two more refused attempts later it is still running
+            await until(refused_again, "two more refused registrations", fail_if=exited(proc), interval=0.2)
+            assert proc.returncode is None
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, rest = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0
     assert "Traceback" not in "".join(collected) + rest.decode()

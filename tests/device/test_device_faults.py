@@ -13,11 +13,12 @@ from collections import Counter
 
 import pytest
 from device_cloud import enroll, received_telemetry
-from test_device_cli_run_emulator import _env, _eventually, _identity, _start
+from support.waiting import until
+from test_device_cli_run_emulator import _env, _identity, _start
 
 from provkit.faults import CRASH_ENV
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(180), pytest.mark.slow]
 
 
 async def test_device_killed_between_the_hub_ack_and_its_commit_resends_with_the_same_id(emulator, tmp_path):
@@ -37,7 +38,7 @@ async def test_device_killed_between_the_hub_ack_and_its_commit_resends_with_the
         return len(await received_telemetry(emulator, guid)) >= 8
 
     try:
-        await _eventually(enough)
+        await until(enough, "eight messages at the hub", interval=0.2)
     finally:
         restarted.send_signal(signal.SIGTERM)
         await asyncio.wait_for(restarted.communicate(), 60)

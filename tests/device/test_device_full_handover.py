@@ -18,6 +18,7 @@ from enrollment.provisioning_env import (
     running_activation,
     running_factory,
 )
+from runtime_wait import snapshot_until
 from support.softhsm import init_token_ca
 
 from device_client.factory_client import GrpcFactory
@@ -26,20 +27,7 @@ from device_client.runtime import DeviceRuntime, DeviceState
 from device_client.settings import load_settings
 from factory_svc.ca.pkcs11_signer import Pkcs11Signer
 
-pytestmark = pytest.mark.timeout(180)
-
-
-async def _until(runtime: DeviceRuntime, task: asyncio.Task, predicate, timeout: float = 30.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate(runtime.snapshot):
-        if task.done():
-            task.result()
-            raise AssertionError(f"runtime ended in {runtime.snapshot.state}")
-        if loop.time() > deadline:
-            raise AssertionError(f"not reached; last snapshot {runtime.snapshot}")
-        await asyncio.sleep(0.05)
-    return runtime.snapshot
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 @pytest.mark.parametrize("ca_backend", ["file", "pkcs11"])
@@ -90,7 +78,7 @@ async def test_factory_to_first_telemetry(tmp_path, emulator, monkeypatch, reque
         runtime = DeviceRuntime(guid, field)
         task = asyncio.create_task(runtime.run())
         try:
-            await _until(runtime, task, lambda s: s.state is DeviceState.WAITING_FOR_ACTIVATION)
+            await snapshot_until(runtime, task, lambda s: s.state is DeviceState.WAITING_FOR_ACTIVATION)
             hub = emulator.hub_hosts[1]  # the OEM chooses the second hub
             metadata = {
                 "tags": {"customer": "acme", "machine": "press-7"},
@@ -102,7 +90,7 @@ async def test_factory_to_first_telemetry(tmp_path, emulator, monkeypatch, reque
                 activate_request(guid, result.activation_code, json.dumps(metadata), hub)
             )
             assert reply.hub == hub
-            snap = await _until(runtime, task, lambda s: s.telemetry_sent >= 3)
+            snap = await snapshot_until(runtime, task, lambda s: s.telemetry_sent >= 3)
             assert snap.assigned_hub == hub
             assert snap.interval_s == 0.25
         finally:

@@ -145,6 +145,7 @@ async def test_mutual_tls(tmp_path):
     assert leaf.subject.rfc4514_string() == f"CN={GUID}"
 
 
+@pytest.mark.slow
 async def test_cli_provision_and_unreachable_factory(tmp_path):
     async def cli(*args: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from device_certs import TinyCa, make_identity
+from support.certs import TestCa
 
 from device_client import renewal
 from device_client.est_client import EstClient, EstEndpoint, EstRefused, EstUnavailable
@@ -61,14 +61,14 @@ def test_the_next_look_is_the_jittered_interval_or_the_due_moment_whichever_is_s
 
 
 # -- the request and what is accepted back ------------------------------------------------------------
-def _leaf(ca: TinyCa, key, *, san: bool = False) -> x509.Certificate:
-    chain = x509.load_pem_x509_certificates(ca.issue(GUID, key))
+def _leaf(ca: TestCa, key, *, san: bool = False) -> x509.Certificate:
+    chain = x509.load_pem_x509_certificates(ca.chain_pem(GUID, key))
     if not san:
         return chain[0]
     builder = (
         x509.CertificateBuilder()
         .subject_name(chain[0].subject)
-        .issuer_name(ca.cert.subject)
+        .issuer_name(ca.certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(datetime.now(UTC) - timedelta(minutes=1))
@@ -87,7 +87,7 @@ def _leaf(ca: TinyCa, key, *, san: bool = False) -> x509.Certificate:
     ],
 )
 def test_the_request_has_a_new_key_of_the_same_kind_and_the_same_subject_and_san(current):
-    ca = TinyCa()
+    ca = TestCa()
     key = current()
     leaf = _leaf(ca, key, san=True)
     new = renewal.new_key_like(key)
@@ -105,23 +105,23 @@ def test_the_request_has_a_new_key_of_the_same_kind_and_the_same_subject_and_san
 
 
 def test_the_issued_certificate_is_accepted_only_for_our_key_subject_and_ca():
-    ca = TinyCa()
+    ca = TestCa()
     key = generate_key()
-    current_chain = x509.load_pem_x509_certificates(ca.issue(GUID, key))
+    current_chain = x509.load_pem_x509_certificates(ca.chain_pem(GUID, key))
     new = generate_key()
-    issued = x509.load_pem_x509_certificates(ca.issue(GUID, new))
+    issued = x509.load_pem_x509_certificates(ca.chain_pem(GUID, new))
     now = datetime.now(UTC)
     chain = renewal.accept_issued(issued, key=new, current_chain=current_chain, now=now)
     assert chain[0] == issued[0] and chain[1:] == current_chain[1:]
 
     with pytest.raises(renewal.IssuedRejected, match="new key"):
         renewal.accept_issued(issued, key=generate_key(), current_chain=current_chain, now=now)
-    other_cn = x509.load_pem_x509_certificates(ca.issue("someone-else", new))
+    other_cn = x509.load_pem_x509_certificates(ca.chain_pem("someone-else", new))
     with pytest.raises(renewal.IssuedRejected, match="is for"):
         renewal.accept_issued(other_cn, key=new, current_chain=current_chain, now=now)
-    stranger = TinyCa()
-    stranger.cert = ca.cert  # same name, another key: the signature tells
-    forged = x509.load_pem_x509_certificates(stranger.issue(GUID, new))
+    stranger = TestCa()
+    stranger.certificate = ca.certificate  # same name, another key: the signature tells
+    forged = x509.load_pem_x509_certificates(stranger.chain_pem(GUID, new))
     with pytest.raises(renewal.IssuedRejected, match="not signed"):
         renewal.accept_issued(forged, key=new, current_chain=current_chain, now=now)
     with pytest.raises(renewal.IssuedRejected, match="not valid now"):
@@ -129,7 +129,7 @@ def test_the_issued_certificate_is_accepted_only_for_our_key_subject_and_ca():
 
 
 def test_the_twin_report_names_serial_validity_and_the_renewal():
-    root_info = _info(TinyCa())
+    root_info = _info(TestCa())
     report = renewal.CertificateReport(
         root_info, RenewalRecord("refused", T0, "CERTIFICATE_REVOKED", "revoked on ...")
     ).to_twin()
@@ -139,25 +139,25 @@ def test_the_twin_report_names_serial_validity_and_the_renewal():
     assert cert["renewal"] == {"state": "refused", "reason": "CERTIFICATE_REVOKED", "at": T0.isoformat()}
 
 
-def _info(ca: TinyCa):
+def _info(ca: TestCa):
     from device_client.identity import inspect_identity, load_chain
 
     key = generate_key()
-    return inspect_identity(GUID, key, load_chain(ca.issue(GUID, key), source="t"), source="t")
+    return inspect_identity(GUID, key, load_chain(ca.chain_pem(GUID, key), source="t"), source="t")
 
 
 # -- the state directory --------------------------------------------------------------------------------
-def _provisioned(tmp_path) -> tuple[StateDir, TinyCa]:
-    ca = TinyCa()
+def _provisioned(tmp_path) -> tuple[StateDir, TestCa]:
+    ca = TestCa()
     state = StateDir(tmp_path, GUID)
-    key_pem, chain_pem = make_identity(ca, GUID)
+    key_pem, chain_pem = ca.identity(GUID)
     state.write_identity(key_pem=key_pem, chain_pem=chain_pem, metadata={"guid": GUID}, force=False)
     return state, ca
 
 
-def _pending(state: StateDir, ca: TinyCa) -> str:
+def _pending(state: StateDir, ca: TestCa) -> str:
     key = generate_key()
-    chain = ca.issue(GUID, key)
+    chain = ca.chain_pem(GUID, key)
     state.write_pending(key_pem=key_to_pem(key), chain_pem=chain, metadata={"guid": GUID, "replaces": "x"})
     return state.load_pending().info.serial_hex
 
@@ -254,13 +254,13 @@ def test_bad_renewal_settings_are_refused(key, value):
 
 
 # -- the EST client against an RFC 7030 peer ---------------------------------------------------------------
-def _server_identity(tmp_path, ca: TinyCa):
+def _server_identity(tmp_path, ca: TestCa):
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "est.test")]))
-        .issuer_name(ca.cert.subject)
+        .issuer_name(ca.certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=1))
@@ -279,7 +279,7 @@ def _server_identity(tmp_path, ca: TinyCa):
 class EstPeer:
     """An RFC 7030 server on loopback: client certificate required, answers set per test."""
 
-    def __init__(self, tmp_path, device_ca: TinyCa, tls_ca: TinyCa) -> None:
+    def __init__(self, tmp_path, device_ca: TestCa, tls_ca: TestCa) -> None:
         self.device_ca = device_ca
         self.tls_ca = tls_ca
         self.tmp_path = tmp_path
@@ -296,12 +296,13 @@ class EstPeer:
             return web.Response(status=status, text=text, headers=headers)
         if request.path == est.SIMPLEREENROLL_PATH:
             csr = est.decode_csr(body)
-            leaf = x509.load_pem_x509_certificates(self.device_ca.issue(GUID, _KeyOf(csr)))[0]
+            leaf = x509.load_pem_x509_certificates(self.device_ca.chain_pem(GUID, _KeyOf(csr)))[0]
             return web.Response(
-                body=est.encode_certs_only([leaf, self.device_ca.cert]), content_type="application/pkcs7-mime"
+                body=est.encode_certs_only([leaf, self.device_ca.certificate]),
+                content_type="application/pkcs7-mime",
             )
         return web.Response(
-            body=est.encode_certs_only([self.device_ca.cert]), content_type="application/pkcs7-mime"
+            body=est.encode_certs_only([self.device_ca.certificate]), content_type="application/pkcs7-mime"
         )
 
     async def __aenter__(self) -> EstPeer:
@@ -310,7 +311,7 @@ class EstPeer:
         context.load_cert_chain(cert, key)
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(
-            cadata=self.device_ca.cert.public_bytes(serialization.Encoding.PEM).decode()
+            cadata=self.device_ca.certificate.public_bytes(serialization.Encoding.PEM).decode()
         )
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
@@ -327,7 +328,7 @@ class EstPeer:
 
 
 class _KeyOf:
-    """What TinyCa.issue needs of a key: its public key (here the CSR's)."""
+    """What TestCa.chain_pem needs of a key: its public key (here the CSR's)."""
 
     def __init__(self, csr: x509.CertificateSigningRequest) -> None:
         self._public = csr.public_key()
@@ -338,9 +339,9 @@ class _KeyOf:
 
 def _client(tmp_path, peer: EstPeer) -> tuple[EstClient, StateDir]:
     state = StateDir(tmp_path / "devices", GUID)
-    key_pem, chain_pem = make_identity(peer.device_ca, GUID)
+    key_pem, chain_pem = peer.device_ca.identity(GUID)
     state.write_identity(key_pem=key_pem, chain_pem=chain_pem, metadata={"guid": GUID}, force=False)
-    anchor = peer.tls_ca.cert.public_bytes(serialization.Encoding.PEM).decode()
+    anchor = peer.tls_ca.certificate.public_bytes(serialization.Encoding.PEM).decode()
     client = EstClient(
         EstEndpoint(peer.url, anchor, 10.0), chain_path=state.chain_path, key_path=state.key_path
     )
@@ -348,14 +349,14 @@ def _client(tmp_path, peer: EstPeer) -> tuple[EstClient, StateDir]:
 
 
 async def test_simplereenroll_over_mutual_tls_returns_the_issued_chain(tmp_path):
-    async with EstPeer(tmp_path, TinyCa(), TinyCa()) as peer:
+    async with EstPeer(tmp_path, TestCa(), TestCa()) as peer:
         client, state = _client(tmp_path, peer)
         current = x509.load_pem_x509_certificates(state.chain_path.read_bytes())
         new = renewal.new_key_like(load_key(state.key_path.read_bytes(), source="t"))
         issued = await client.simplereenroll(renewal.renewal_request(current[0], new))
         chain = renewal.accept_issued(issued, key=new, current_chain=current, now=datetime.now(UTC))
         assert chain[0].subject == current[0].subject
-        assert await client.cacerts() == [peer.device_ca.cert]
+        assert await client.cacerts() == [peer.device_ca.certificate]
     assert [(path, cn) for path, cn, _ in peer.seen] == [
         (est.SIMPLEREENROLL_PATH, GUID),  # authenticated with the current certificate
         (est.CACERTS_PATH, GUID),
@@ -364,7 +365,7 @@ async def test_simplereenroll_over_mutual_tls_returns_the_issued_chain(tmp_path)
 
 
 async def test_a_refusal_carries_the_listeners_reason_and_retry_after(tmp_path):
-    async with EstPeer(tmp_path, TinyCa(), TinyCa()) as peer:
+    async with EstPeer(tmp_path, TestCa(), TestCa()) as peer:
         client, state = _client(tmp_path, peer)
         current = x509.load_pem_x509_certificates(state.chain_path.read_bytes())
         csr = renewal.renewal_request(current[0], generate_key())
@@ -389,9 +390,9 @@ async def test_a_refusal_carries_the_listeners_reason_and_retry_after(tmp_path):
 
 
 async def test_a_listener_with_another_trust_anchor_is_not_talked_to(tmp_path):
-    async with EstPeer(tmp_path, TinyCa(), TinyCa()) as peer:
+    async with EstPeer(tmp_path, TestCa(), TestCa()) as peer:
         client, _ = _client(tmp_path, peer)
-        stranger = TinyCa().cert.public_bytes(serialization.Encoding.PEM).decode()
+        stranger = TestCa().certificate.public_bytes(serialization.Encoding.PEM).decode()
         wary = EstClient(
             EstEndpoint(peer.url, stranger, 10.0), chain_path=client._chain_path, key_path=client._key_path
         )
@@ -401,7 +402,7 @@ async def test_a_listener_with_another_trust_anchor_is_not_talked_to(tmp_path):
 
 
 async def test_an_unreachable_listener_is_unavailable(tmp_path):
-    async with EstPeer(tmp_path, TinyCa(), TinyCa()) as peer:
+    async with EstPeer(tmp_path, TestCa(), TestCa()) as peer:
         client, _ = _client(tmp_path, peer)
         url = peer.url
     gone = EstClient(EstEndpoint(url, None, 2.0), chain_path=client._chain_path, key_path=client._key_path)

@@ -21,10 +21,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from device_cloud import activate, get_twin, received_telemetry
 from enrollment.provisioning_env import factory_env
+from support.certs import TestCa
 from support.emulator import free_port
 from support.factory_process import FactoryProcess
-from test_device_cli_run_emulator import _env, _eventually, _start
-from test_device_renewal import TinyCa, _server_identity
+from support.waiting import until
+from test_device_cli_run_emulator import _env, _start
+from test_device_renewal import _server_identity
 
 from device_client.identity import build_csr_pem, generate_key, key_to_pem
 from device_client.state import StateDir
@@ -38,6 +40,7 @@ pytestmark = [
         importlib.util.find_spec("factory_svc.renewal") is None,
         reason="the factory's EST listener is not on this branch yet",
     ),
+    pytest.mark.slow,
 ]
 
 LIFETIME = timedelta(hours=1)  # MintCertificate's shortest validity
@@ -50,10 +53,10 @@ class Field:
         self.tmp_path = tmp_path
         self.emulator = emulator
         self.root = tmp_path / "devices"
-        tls_ca = TinyCa()
+        tls_ca = TestCa()
         cert, key = _server_identity(tmp_path, tls_ca)
         self.tls_anchor = tmp_path / "est-anchor.pem"
-        self.tls_anchor.write_bytes(tls_ca.cert.public_bytes(serialization.Encoding.PEM))
+        self.tls_anchor.write_bytes(tls_ca.certificate.public_bytes(serialization.Encoding.PEM))
         self.est_url = f"https://127.0.0.1:{free_port('127.0.0.1')}"
         self.factory = FactoryProcess(
             {
@@ -157,10 +160,15 @@ async def test_a_short_lived_device_renews_by_itself_while_telemetry_flows(tmp_p
             return last is not None and last["state"] == "confirmed"
 
         try:
-            await _eventually(renewed, timeout=240)
+            await until(renewed, "the renewal confirmed", timeout=240, interval=0.2)
             hub = (await _status(env, guid))["assignment"]["assigned_hub"]
             seen = len(await received_telemetry(emulator, guid, hub))
-            await _eventually(lambda: _more_than(emulator, guid, hub, seen + 3), timeout=60)
+            await until(
+                lambda: _more_than(emulator, guid, hub, seen + 3),
+                "three more messages",
+                timeout=60,
+                interval=0.2,
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             _, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -212,7 +220,7 @@ async def test_killed_between_received_and_promoted_the_device_resumes_the_chang
             return last is not None and last["state"] == "confirmed"
 
         try:
-            await _eventually(confirmed, timeout=120)
+            await until(confirmed, "the renewal confirmed after the restart", timeout=120, interval=0.2)
         finally:
             restarted.send_signal(signal.SIGTERM)
             await asyncio.wait_for(restarted.communicate(), 60)
@@ -240,7 +248,7 @@ async def test_a_revoked_devices_renewal_is_refused_and_it_keeps_its_identity(tm
             return last if last is not None and last["state"] == "refused" else None
 
         try:
-            last = await _eventually(refused, timeout=120)
+            last = await until(refused, "the renewal refused", timeout=120, interval=0.2)
         finally:
             proc.send_signal(signal.SIGTERM)
             _, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -16,7 +16,6 @@ from datetime import datetime
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from device_certs import TinyCa, make_identity
 from device_cloud import (
     activate,
     deactivate,
@@ -26,26 +25,29 @@ from device_cloud import (
     received_telemetry,
     set_desired,
 )
+from runtime_wait import snapshot_until
+from support.certs import TestCa
+from support.waiting import until
 
 from device_client.runtime import DeviceRuntime, DeviceState, RuntimeSnapshot
 from device_client.settings import Settings, load_settings
 from device_client.state import StateDir
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def ca() -> TinyCa:
-    return TinyCa()
+def ca() -> TestCa:
+    return TestCa()
 
 
 class Device:
     """One test device: identity in a state dir, settings pointing at the emulator, a runtime on demand."""
 
-    def __init__(self, root, emulator, ca: TinyCa, **overrides) -> None:
+    def __init__(self, root, emulator, ca: TestCa, **overrides) -> None:
         self.guid = f"dev-{uuid.uuid4()}"
         self.emulator = emulator
-        key_pem, chain_pem = make_identity(ca, self.guid)
+        key_pem, chain_pem = ca.identity(self.guid)
         self.state = StateDir(root, self.guid)
         self.state.write_identity(
             key_pem=key_pem, chain_pem=chain_pem, metadata={"guid": self.guid}, force=False
@@ -82,16 +84,12 @@ class Device:
         self, predicate: Callable[[RuntimeSnapshot], bool], timeout: float = 30.0
     ) -> RuntimeSnapshot:
         assert self.runtime is not None and self.task is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not predicate(self.runtime.snapshot):
-            if self.task.done():
-                self.task.result()  # surfaces the runtime's exception
-                raise AssertionError(f"runtime ended early in state {self.runtime.snapshot.state}")
-            if loop.time() > deadline:
-                raise AssertionError(f"condition not reached; last snapshot {self.runtime.snapshot}")
-            await asyncio.sleep(0.05)
-        return self.runtime.snapshot
+        return await snapshot_until(self.runtime, self.task, predicate, timeout)
+
+    def backoffs(self) -> int:
+        """Back-offs begun so far: every refused or failed attempt waits one out."""
+        flags = [s.backing_off for s in self.snapshots]
+        return sum(1 for before, now in zip([False, *flags], flags, strict=False) if now and not before)
 
 
 @pytest.fixture
@@ -144,7 +142,9 @@ async def test_device_started_before_activation_waits_then_succeeds(emulator, de
     await enroll(emulator, d.guid, d.leaf_pem, enabled=False)
     d.start()
     await d.until(lambda s: s.state is DeviceState.WAITING_FOR_ACTIVATION)
-    await asyncio.sleep(0.5)  # a few refused attempts: the runtime must keep waiting, not crash
+    refused = d.backoffs()
+    await d.until(lambda s: d.backoffs() >= refused + 2)  # two refused attempts later: waiting, not crashed
+    assert d.runtime.snapshot.state is DeviceState.WAITING_FOR_ACTIVATION
     assert not d.task.done()
     assert d.runtime.snapshot.telemetry_sent == 0
     twin = {
@@ -234,16 +234,16 @@ async def test_desired_interval_property_changes_the_interval(emulator, device):
 
 
 async def reported_ack(emulator, device_id: str, predicate, timeout: float = 20.0) -> dict:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        reported = (await get_twin(emulator, device_id)).properties.reported
+    reported: dict = {}
+
+    async def matching() -> dict | None:
+        reported.update((await get_twin(emulator, device_id)).properties.reported)
         ack = reported.get("telemetryIntervalSeconds")
-        if isinstance(ack, dict) and predicate(ack):
-            return ack
-        if loop.time() > deadline:
-            raise AssertionError(f"no matching acknowledgement; reported = {reported}")
-        await asyncio.sleep(0.1)
+        return ack if isinstance(ack, dict) and predicate(ack) else None
+
+    return await until(
+        matching, lambda: f"no matching acknowledgement; reported = {reported}", timeout=timeout, interval=0.1
+    )
 
 
 async def test_outage_beyond_the_buffer_bound_drops_the_oldest_and_counts(emulator, device):
@@ -290,7 +290,8 @@ async def test_first_boot_while_dps_is_down_retries_until_it_is_back(emulator, d
     d.start()
     await d.until(lambda s: s.state is DeviceState.REGISTERING and s.last_error is not None)
     assert "unreachable" in d.runtime.snapshot.last_error
-    await asyncio.sleep(0.5)
+    failed = d.backoffs()
+    await d.until(lambda s: d.backoffs() >= failed + 2)  # two failed attempts later it still tries
     assert not d.task.done()
     await asyncio.to_thread(emulator.start)
     snap = await d.until(lambda s: s.telemetry_sent >= 1, timeout=60)

@@ -5,7 +5,7 @@ import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from device_certs import TinyCa, make_identity
+from support.certs import TestCa
 
 from device_client.errors import IdentityError, IdentityExistsError, StateError, UsageError
 from device_client.identity import normalise_guid
@@ -16,13 +16,13 @@ GUID = "7c4f3e1a-0b2d-4c6e-9f8a-1234567890ab"
 
 
 @pytest.fixture(scope="module")
-def ca() -> TinyCa:
-    return TinyCa()
+def ca() -> TestCa:
+    return TestCa()
 
 
-def provisioned(tmp_path, ca: TinyCa, guid: str = GUID, **validity) -> StateDir:
+def provisioned(tmp_path, ca: TestCa, guid: str = GUID, **validity) -> StateDir:
     state = StateDir(tmp_path, guid)
-    key_pem, chain_pem = make_identity(ca, guid, **validity)
+    key_pem, chain_pem = ca.identity(guid, **validity)
     state.write_identity(key_pem=key_pem, chain_pem=chain_pem, metadata={"guid": guid}, force=False)
     return state
 
@@ -40,7 +40,7 @@ def test_identity_round_trip_and_key_mode(tmp_path, ca):
 def test_refuses_overwrite_without_force(tmp_path, ca):
     state = provisioned(tmp_path, ca)
     before = state.chain_path.read_bytes()
-    key_pem, chain_pem = make_identity(ca, GUID)
+    key_pem, chain_pem = ca.identity(GUID)
     with pytest.raises(IdentityExistsError) as err:
         state.write_identity(key_pem=key_pem, chain_pem=chain_pem, metadata={"guid": GUID}, force=False)
     assert err.value.reason == "IDENTITY_EXISTS"
@@ -78,7 +78,7 @@ def test_corrupted_files(tmp_path, ca, victim):
 
 def test_key_not_matching_certificate(tmp_path, ca):
     state = provisioned(tmp_path, ca)
-    other_key, _ = make_identity(ca, GUID)
+    other_key, _ = ca.identity(GUID)
     state.key_path.write_bytes(other_key)
     with pytest.raises(IdentityError) as err:
         state.load_identity()
@@ -87,7 +87,7 @@ def test_key_not_matching_certificate(tmp_path, ca):
 
 def test_certificate_for_another_device(tmp_path, ca):
     state = StateDir(tmp_path, GUID)
-    key_pem, chain_pem = make_identity(ca, "someone-else")
+    key_pem, chain_pem = ca.identity("someone-else")
     state.write_identity(key_pem=key_pem, chain_pem=chain_pem, metadata={"guid": GUID}, force=False)
     with pytest.raises(IdentityError) as err:
         state.load_identity()

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from device_certs import TinyCa, make_crl
 from enrollment.provisioning_env import (
     OemTls,
     activate_request,
@@ -25,6 +24,7 @@ from enrollment.provisioning_env import (
     running_activation,
     running_factory,
 )
+from support.certs import TestCa
 from support.cli_process import run_module
 from support.emulator import free_port
 from test_device_cli_run_emulator import _env, _start
@@ -41,6 +41,8 @@ from device_client.revocation import (
 )
 from device_client.state import CHAIN_FILE
 from devprov.v1 import factory_service_pb2 as fpb
+
+pytestmark = pytest.mark.slow
 
 
 @contextlib.contextmanager
@@ -71,15 +73,15 @@ class Served:
         return self.bodies[url]
 
 
-def _device(ca: TinyCa, *urls: str) -> list[x509.Certificate]:
+def _device(ca: TestCa, *urls: str) -> list[x509.Certificate]:
     key = generate_key()
-    return x509.load_pem_x509_certificates(ca.issue("dev-1", key, crl_urls=urls))
+    return x509.load_pem_x509_certificates(ca.chain_pem("dev-1", key, crl_urls=urls))
 
 
 async def test_a_verified_crl_listing_the_serial_says_revoked_with_its_date_and_reason() -> None:
-    ca = TinyCa()
+    ca = TestCa()
     chain = _device(ca, URL)
-    crl = make_crl(ca, {chain[0].serial_number: x509.ReasonFlags.key_compromise, 12345: None})
+    crl = ca.crl({chain[0].serial_number: x509.ReasonFlags.key_compromise, 12345: None})
     now = datetime.now(UTC)
     check = await check_revocation(chain, Served({URL: crl}), now)
     assert check.status is RevocationStatus.REVOKED and check.revoked is not None
@@ -88,13 +90,13 @@ async def test_a_verified_crl_listing_the_serial_says_revoked_with_its_date_and_
     assert check.revoked.crl_url == URL and check.revoked.checked_at == now
     assert abs((check.revoked.revoked_at - now).total_seconds()) < 5
 
-    clean = await check_revocation(chain, Served({URL: make_crl(ca, {12345: None})}), now)
+    clean = await check_revocation(chain, Served({URL: ca.crl({12345: None})}), now)
     assert clean.status is RevocationStatus.NOT_REVOKED
 
 
-def _forged(ca: TinyCa, serial: int) -> bytes:
+def _forged(ca: TestCa, serial: int) -> bytes:
     """The right issuer's name, listing the device, signed by somebody else's key."""
-    return make_crl(ca, {serial: None}, signed_by=ec.generate_private_key(ec.SECP256R1()))
+    return ca.crl({serial: None}, signed_by=ec.generate_private_key(ec.SECP256R1()))
 
 
 @pytest.mark.parametrize(
@@ -102,13 +104,13 @@ def _forged(ca: TinyCa, serial: int) -> bytes:
     [
         (lambda ca, serial: {}, "cannot be fetched"),
         (_forged, "signature"),
-        (lambda ca, serial: {URL: make_crl(TinyCa(), {serial: None})}, "not the device's issuer"),
+        (lambda ca, serial: {URL: TestCa().crl({serial: None})}, "not the device's issuer"),
         (lambda ca, serial: {URL: b"<html>proxy login</html>"}, "not a CRL"),
     ],
     ids=["unreachable", "forged signature", "another issuer", "not a crl"],
 )
 async def test_a_crl_that_cannot_be_fetched_or_verified_never_says_revoked(bodies, why) -> None:
-    ca = TinyCa()
+    ca = TestCa()
     chain = _device(ca, URL)
     found = bodies(ca, chain[0].serial_number)
     served = found if isinstance(found, dict) else {URL: found}
@@ -118,12 +120,12 @@ async def test_a_crl_that_cannot_be_fetched_or_verified_never_says_revoked(bodie
 
 
 async def test_no_crl_named_is_unknown_and_a_later_usable_crl_counts() -> None:
-    ca = TinyCa()
+    ca = TestCa()
     bare = _device(ca)
     assert (await check_revocation(bare, Served({}), datetime.now(UTC))).status is RevocationStatus.UNKNOWN
     mirror = "https://mirror.example/issuing-ca.crl"
     chain = _device(ca, URL, mirror)
-    crl = make_crl(ca, {chain[0].serial_number: None})
+    crl = ca.crl({chain[0].serial_number: None})
     check = await check_revocation(chain, Served({mirror: crl}), datetime.now(UTC))
     assert check.status is RevocationStatus.REVOKED and check.revoked.reason is None
 

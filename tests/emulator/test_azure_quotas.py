@@ -67,6 +67,7 @@ class Dps:
         raise AssertionError("no 429 after 5,000 operations")
 
 
+@pytest.mark.slow
 async def test_service_operations_past_the_quota_are_429_with_retry_after_and_write_nothing(
     quota_emulator, ca, tmp_path
 ):
@@ -131,6 +132,7 @@ async def test_device_polls_past_5_per_10_seconds_are_429_with_retry_after(quota
         await client.close()
 
 
+@pytest.mark.slow
 async def test_device_sdk_waits_out_a_429_on_register_and_is_assigned(tmp_path, ca):
     """Another client floods register requests (for an id without enrollment: each costs a quota token
     and is answered 404), so the SDK's own register meets the 1,000 per minute quota; once the emulator

@@ -11,7 +11,8 @@ import pytest
 from azure_iot_emulator.mqtt import packets as p
 from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.codec import StreamDecoder, encode
-from azure_iot_emulator.mqtt.endpoint import ConnectInfo, ProtocolViolation, handle_in_order
+from azure_iot_emulator.mqtt.endpoint import ProtocolViolation, handle_in_order
+from azure_iot_emulator.mqtt.link import ConnectInfo
 from azure_iot_emulator.store import Database
 
 

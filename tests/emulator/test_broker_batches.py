@@ -14,7 +14,8 @@ from test_broker import Wire, settle
 from azure_iot_emulator.mqtt import packets as p
 from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.codec import encode
-from azure_iot_emulator.mqtt.endpoint import ConnectInfo, ProtocolViolation, handle_in_order
+from azure_iot_emulator.mqtt.endpoint import ProtocolViolation, handle_in_order
+from azure_iot_emulator.mqtt.link import ConnectInfo
 from azure_iot_emulator.store import Database
 
 
@@ -86,6 +87,7 @@ def acks(wire: Wire) -> list[int]:
     return [packet.packet_id for packet in wire.received if isinstance(packet, p.PubAck)]
 
 
+@pytest.mark.slow
 async def test_publishes_are_acknowledged_only_after_completion_in_arrival_order(db):
     endpoint = Batching()
     broker = Broker(db, [endpoint])
@@ -131,6 +133,7 @@ async def test_a_task_waits_for_the_batch_before_it(db, first_fails):
     await broker.close()
 
 
+@pytest.mark.slow
 async def test_packets_after_a_batch_wait_for_it(db):
     endpoint = Batching()
     broker = Broker(db, [endpoint])

@@ -61,6 +61,7 @@ async def registration_state(emu, reg_id: str) -> dict | None:
             return None
 
 
+@pytest.mark.slow
 async def test_sdk_polls_through_202_until_assigned(slow_emulator, ca, tmp_path):
     reg_id = new_id()
     cert = await enroll(slow_emulator, ca, tmp_path, reg_id)
@@ -75,6 +76,7 @@ async def test_sdk_polls_through_202_until_assigned(slow_emulator, ca, tmp_path)
     assert f"DPS poll {reg_id}: 200 assigned" in log
 
 
+@pytest.mark.slow
 async def test_immediate_mode_answers_the_register_request_with_the_result(tmp_path, ca):
     emu = EmulatorProcess(tmp_path / "emu", hubs=1, extra_args=["--assignment-delay", "immediate"])
     emu.start()
@@ -101,6 +103,7 @@ def base_url(emu) -> str:
     return f"https://{emu.dps_host}:{emu.https_port}/{emu.id_scope}/registrations"
 
 
+@pytest.mark.slow
 async def test_device_https_api_register_then_poll_until_assigned(slow_emulator, ca, tmp_path):
     emu = slow_emulator
     reg_id = new_id()

@@ -50,6 +50,7 @@ async def hub_has_no_device(hubs: dict, device_id: str) -> bool:
     return True
 
 
+@pytest.mark.slow
 async def test_enabled_enrollment_is_assigned_with_hub_identity_and_initial_twin(
     module_emulator, dps, hubs, ca, tmp_path
 ):
@@ -88,6 +89,7 @@ async def test_enabled_enrollment_is_assigned_with_hub_identity_and_initial_twin
     assert embedded == state
 
 
+@pytest.mark.slow
 async def test_hashed_allocation_is_deterministic_and_reregistration_keeps_the_assignment(
     module_emulator, dps, hubs, ca, tmp_path
 ):
@@ -103,6 +105,7 @@ async def test_hashed_allocation_is_deterministic_and_reregistration_keeps_the_a
     assert await hub_has_no_device({h: hubs[h] for h in others}, reg_id)
 
 
+@pytest.mark.slow
 async def test_enrollment_hub_change_moves_the_device_when_the_policy_allows(
     module_emulator, dps, hubs, ca, tmp_path
 ):
@@ -124,6 +127,7 @@ async def test_enrollment_hub_change_moves_the_device_when_the_policy_allows(
     assert (await hub_device(hubs[second_hub], reg_id)).device_id == reg_id
 
 
+@pytest.mark.slow
 async def test_disabled_enrollment_fails_and_creates_no_hub_identity_until_enabled(
     module_emulator, dps, hubs, ca, tmp_path
 ):
@@ -189,6 +193,7 @@ async def test_expired_and_not_yet_valid_leaves_fail(module_emulator, dps, hubs,
     await _refused(module_emulator, dps, hubs, reg_id, future.pem, future)
 
 
+@pytest.mark.slow
 async def test_self_signed_device_certificate_is_accepted(module_emulator, dps, ca, tmp_path):
     reg_id = new_id()
     cert = ca.issue(tmp_path, reg_id, self_signed=True)
@@ -214,6 +219,7 @@ async def test_connect_without_a_client_certificate_is_refused(module_emulator, 
         await dps.device_registration_state.get(id=reg_id)
 
 
+@pytest.mark.slow
 async def test_registration_state_delete_with_etag(module_emulator, dps, ca, tmp_path):
     reg_id = new_id()
     cert = ca.issue(tmp_path, reg_id)

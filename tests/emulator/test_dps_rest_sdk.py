@@ -42,7 +42,7 @@ async def test_create_get_update_with_etag_and_conflicts(dps, ca, tmp_path, modu
     )
     info = created["attestation"]["x509"]["clientCertificates"]["primary"]["info"]
     assert info["sha1Thumbprint"] == cert.sha1 and info["sha256Thumbprint"] == cert.sha256
-    assert info["subjectName"] == f"CN={reg_id}" and info["issuerName"] == "CN=emulator tests device CA"
+    assert info["subjectName"] == f"CN={reg_id}" and info["issuerName"] == "CN=test device CA"
     assert info["version"] == 3 and info["serialNumber"] == format(cert.certificate.serial_number, "X")
     assert created["provisioningStatus"] == "disabled" and created["iotHubHostName"] == hub
     assert created["reprovisionPolicy"] == {"updateHubAssignment": True, "migrateDeviceData": True}

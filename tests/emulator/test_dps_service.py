@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from support.certs import TestCa
+from support.clock import ManualClock
 
 from azure_iot_emulator.dps.errors import DpsError
 from azure_iot_emulator.dps.service import DpsService, hashed_choice
@@ -16,18 +17,10 @@ from azure_iot_emulator.store import Database
 HUBS = ("hub-a.local", "hub-b.local", "hub-c.local")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @pytest.fixture
 def world(tmp_path):
     db = Database(tmp_path / "emulator.db")
-    clock = Clock()
+    clock = ManualClock(datetime.now(UTC))
     registry = HubRegistry(db, HUBS, clock)
     service = DpsService(db, id_scope="0ne00000001", hub_hosts=HUBS, registry=registry, clock=clock)
     yield service, registry, clock

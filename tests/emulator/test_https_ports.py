@@ -77,6 +77,7 @@ async def test_one_listener_per_host_serves_its_service_api_and_the_device_route
             assert status == 400 and b"WebSocket upgrade" in body
 
 
+@pytest.mark.slow
 async def test_another_https_port_goes_into_the_connection_strings_which_python_sdks_follow(tmp_path):
     emu = EmulatorProcess(tmp_path / "emu", hubs=1, https_port=0).start()
     try:

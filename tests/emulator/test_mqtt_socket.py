@@ -44,6 +44,7 @@ async def dps_connect(emu, reg_id, cert, **kwargs):
     )
 
 
+@pytest.mark.slow
 async def test_raw_registration_topics_rid_and_polling(module_emulator, enrolled):
     reg_id, cert = enrolled
     client, ack = await dps_connect(module_emulator, reg_id, cert)

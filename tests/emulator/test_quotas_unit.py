@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
+from support.clock import ManualClock
+
 from azure_iot_emulator.quotas import DpsQuotas, TokenBuckets, hub_d2c
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_dps_service_operations_burst_to_1000_then_refill_at_the_average_rate():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     quotas = DpsQuotas(clock)
     assert all(quotas.operations.take() is None for _ in range(1000))
     assert quotas.operations.take() == 1  # 1000/min: the next token in 60 ms, said as 1 s
@@ -26,7 +20,7 @@ def test_dps_service_operations_burst_to_1000_then_refill_at_the_average_rate():
 
 
 def test_polling_is_5_per_10_seconds_per_device_and_a_refusal_costs_nothing():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     polls = DpsQuotas(clock).polls
     assert [polls.take("dev-a") for _ in range(5)] == [None] * 5
     assert polls.take("dev-a") == 2  # 0.5 poll/s
@@ -38,7 +32,7 @@ def test_polling_is_5_per_10_seconds_per_device_and_a_refusal_costs_nothing():
 
 
 def test_registrations_have_their_own_bucket():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     quotas = DpsQuotas(clock)
     for _ in range(1000):
         quotas.operations.take()
@@ -46,7 +40,7 @@ def test_registrations_have_their_own_bucket():
 
 
 def test_hub_d2c_shapes_by_tier():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     s1 = hub_d2c("s1", clock)
     assert s1.delay("hub", 100) == 0.0
     assert s1.delay("hub", 50) == 0.5  # 50 over the 100/s rate: half a second late
@@ -57,7 +51,7 @@ def test_hub_d2c_shapes_by_tier():
 
 
 def test_full_buckets_are_forgotten():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     buckets = TokenBuckets(DpsQuotas(clock).polls.limit, clock)
     for n in range(10_001):
         buckets.take(f"dev-{n}")

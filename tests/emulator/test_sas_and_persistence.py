@@ -146,6 +146,7 @@ async def test_sdk_endpoint_with_scheme_signs_another_audience_and_is_accepted(m
         assert getattr(info.value, "status_code", None) == 404
 
 
+@pytest.mark.slow
 async def test_restart_keeps_everything(emulator, tmp_path, monkeypatch):
     ca = TestCa()
     reg_id = f"keep-{uuid.uuid4().hex[:8]}"

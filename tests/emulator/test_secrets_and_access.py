@@ -28,6 +28,7 @@ def parts(connection_string: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in connection_string.split(";"))
 
 
+@pytest.mark.slow
 def test_data_directory_0700_and_key_files_0600_also_when_they_existed_looser(tmp_path):
     data = tmp_path / "data"
     data.mkdir(mode=0o755)

@@ -7,12 +7,14 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import free_loopback_address
+from support.waiting import exited, until_sync
 
 from azure_iot_emulator.config import build_config
+
+pytestmark = pytest.mark.slow
 
 
 def _serve(args, tmp_path):
@@ -32,11 +34,8 @@ def test_settings_file_flags_connection_file_ready_file_and_sigterm(tmp_path):
     ready = tmp_path / "ready"
     proc = _serve(["--config", str(config), "--hub-host", hub2, "--ready-file", str(ready)], tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        log = (tmp_path / "serve.log").read_text
+        until_sync(ready.exists, "the ready file", fail_if=exited(proc, lambda: f"the emulator:\n{log()}\n"))
         info = json.loads((data / "connection.json").read_text())
         assert info["pid"] == proc.pid
         assert info["global_endpoint"] == dps

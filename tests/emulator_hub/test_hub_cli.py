@@ -7,9 +7,11 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from datetime import UTC, datetime
 from io import StringIO
+
+import pytest
+from support.waiting import until_sync
 
 from azure_iot_emulator.hub import cli
 from azure_iot_emulator.hub.telemetry import TelemetryStore
@@ -43,21 +45,25 @@ def test_messages_prints_recent_with_properties(tmp_path):
     assert "127.0.0.2/dev-2" in out.getvalue() and out.getvalue().rstrip().endswith("other")
 
 
+@pytest.mark.slow
 def test_monitor_tails_new_messages_only_for_the_device(tmp_path):
     store = _store(tmp_path)
     store.append("h", "dev-1", PropertyBag(), b"old")
     out = StringIO()
-    stop = threading.Event()
+    stop, watching = threading.Event(), threading.Event()
+
+    def should_stop() -> bool:  # asked first once the monitor has taken its starting point
+        watching.set()
+        return stop.is_set()
+
     args = _parse(["monitor", "--device", "dev-1", "--json"], tmp_path)
-    worker = threading.Thread(target=cli.run_monitor, args=(args, out, stop.is_set))
+    worker = threading.Thread(target=cli.run_monitor, args=(args, out, should_stop))
     worker.start()
     try:
-        time.sleep(0.5)
+        assert watching.wait(10)
         store.append("h", "dev-2", PropertyBag(), b"not mine")
         store.append("h", "dev-1", PropertyBag({}, {"k": "v"}), b"new")
-        deadline = time.monotonic() + 10
-        while "new" not in out.getvalue() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        until_sync(lambda: "new" in out.getvalue(), "the new message printed", timeout=10)
     finally:
         stop.set()
         worker.join(5)

@@ -12,6 +12,8 @@ from support.emulator import EmulatorProcess
 from test_hub_ingest_batch import TOPIC, acked, publish
 from test_hub_mqtt_raw import connect, register, stored
 
+pytestmark = pytest.mark.slow
+
 BURST = 200  # twice S1's rate: the last of them is acknowledged about a second after the first
 
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import struct
 
+import pytest
 from hub_raw_mqtt import _string, packet
 from test_hub_mqtt_raw import connect, hub, register, stored  # noqa: F401 - `hub` is a fixture
+
+pytestmark = pytest.mark.slow
 
 TOPIC = "devices/{}/messages/events/%24.ct=application%2Fjson&%24.ce=utf-8&kind=burst"
 

@@ -12,8 +12,8 @@ import time
 import aiohttp
 import pytest
 from azure.iot.hub import IoTHubRegistryManager
-from hub_certs import make_device_cert
 from hub_raw_mqtt import RawMqtt
+from support.certs import TestCa
 
 from azure_iot_emulator.sas import generate_sas
 
@@ -27,13 +27,13 @@ def hub(emulator, monkeypatch):
 
 
 async def register(rm, tmp_path, device_id):
-    cert = make_device_cert(tmp_path, device_id)
+    cert = TestCa().issue(tmp_path, device_id, self_signed=True)
     await asyncio.to_thread(lambda: rm.create_device_with_x509(device_id, cert.sha1, cert.sha256, "enabled"))
     return cert
 
 
 async def connect(emulator, host, cert, client_id=None):
-    device_id = client_id or cert.device_id
+    device_id = client_id or cert.registration_id
     return await RawMqtt.connect(
         host,
         client_id=device_id,
@@ -65,6 +65,7 @@ async def stored(emulator, device_id, top: int = 100):
         return await response.json()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("topic", "qos", "payload"),
     [
@@ -99,6 +100,7 @@ async def test_forbidden_publish_closes_only_that_connection(hub, tmp_path, topi
     assert [m["body"] for m in await stored(emulator, "raw-b")] == ["still fine"]
 
 
+@pytest.mark.slow
 async def test_bad_reported_patches_get_400_and_change_nothing(hub, tmp_path):
     emulator, host, rm = hub
     cert = await register(rm, tmp_path, "raw-t")
@@ -145,7 +147,7 @@ async def test_second_connection_with_same_id_closes_the_first(hub, tmp_path):
 async def test_unknown_device_and_client_id_mismatch_refused(hub, tmp_path):
     emulator, host, rm = hub
     cert = await register(rm, tmp_path, "raw-k")
-    stranger = make_device_cert(tmp_path, "raw-unknown")
+    stranger = TestCa().issue(tmp_path, "raw-unknown", self_signed=True)
     refused, rc = await connect(emulator, host, stranger)
     assert rc == 5
     await refused.close()
@@ -169,6 +171,7 @@ async def test_unknown_device_and_client_id_mismatch_refused(hub, tmp_path):
     await client.close()
 
 
+@pytest.mark.slow
 async def test_method_without_response_is_504_and_late_answer_ignored(hub, tmp_path):
     from azure.iot.hub.models import CloudToDeviceMethod
     from msrest.exceptions import HttpOperationError

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from support.clock import ManualClock
 
 from azure_iot_emulator.hub import twin as twinmodel
 from azure_iot_emulator.hub.registry import DeviceSpec, HubRegistry, RegistryError, device_spec_from_json
@@ -15,12 +16,7 @@ SHA1 = "60BE9F" + "0" * 34
 SHA256 = "AB" * 32
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
+START = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -32,7 +28,7 @@ def db(tmp_path):
 
 @pytest.fixture
 def registry(db):
-    return HubRegistry(db, HUBS, Clock())
+    return HubRegistry(db, HUBS, ManualClock(START))
 
 
 def provision(registry, hub="127.0.0.2", device_id="dev-001", initial_twin=None, apply=True):
@@ -106,11 +102,12 @@ def test_unknown_hub_refused(registry):
 def test_registry_persists_across_reopen(tmp_path):
     path = tmp_path / "emulator.db"
     first = Database(path)
-    provision(HubRegistry(first, HUBS, Clock()), initial_twin={"properties": {"desired": {"x": 1}}})
+    twin = {"properties": {"desired": {"x": 1}}}
+    provision(HubRegistry(first, HUBS, ManualClock(START)), initial_twin=twin)
     first.close()
     second = Database(path)
     try:
-        registry = HubRegistry(second, HUBS, Clock())
+        registry = HubRegistry(second, HUBS, ManualClock(START))
         assert registry.get_twin("127.0.0.2", "dev-001").desired.props == {"x": 1}
     finally:
         second.close()

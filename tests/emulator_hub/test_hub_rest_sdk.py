@@ -15,15 +15,17 @@ from aiohttp import web
 from azure.iot.hub import IoTHubRegistryManager
 from azure.iot.hub.models import CloudToDeviceMethod, Twin, TwinProperties
 from conftest import free_loopback_address
-from hub_certs import make_device_cert, make_server_pki
 from msrest.exceptions import HttpOperationError
+from support.certs import TestCa
 
 from azure_iot_emulator.hub.registry import HubRegistry
 from azure_iot_emulator.hub.rest import build_hub_rest_app
 from azure_iot_emulator.hub.service import HubService
 from azure_iot_emulator.hub.telemetry import TelemetryStore
 from azure_iot_emulator.hub.topics import PropertyBag
+from azure_iot_emulator.sas import generate_sas
 from azure_iot_emulator.store import Database
+from devprov_demo.hub_feed import HubFeed
 
 
 def now():
@@ -33,7 +35,7 @@ def now():
 @pytest.fixture
 async def hub_rest(tmp_path, monkeypatch):
     host = free_loopback_address((0,))
-    pki = make_server_pki(tmp_path, [host])
+    pki = TestCa().server(tmp_path, [host])
     db = Database(tmp_path / "emulator.db")
     registry = HubRegistry(db, [host], now)
     service = HubService(registry, TelemetryStore(db, now), now)
@@ -68,7 +70,7 @@ async def call(fn, *args):
 
 async def test_device_crud_with_etags(hub_rest):
     rm = IoTHubRegistryManager.from_connection_string(hub_rest["conn"])
-    cert = make_device_cert(hub_rest["tmp"], "dev-001")
+    cert = TestCa().issue(hub_rest["tmp"], "dev-001", self_signed=True)
     created = await call(lambda: rm.create_device_with_x509("dev-001", cert.sha1, cert.sha256, "enabled"))
     assert created.device_id == "dev-001" and created.authentication.type == "selfSigned"
     assert created.authentication.x509_thumbprint.primary_thumbprint == cert.sha1
@@ -178,8 +180,6 @@ def _get(url, ca_path, headers):
 
 
 async def test_bad_sas_is_401_and_messages_endpoint(hub_rest):
-    from azure_iot_emulator.sas import generate_sas
-
     base = f"https://{hub_rest['host']}:{hub_rest['port']}"
     hub_rest["registry"].provision_from_dps(
         hub=hub_rest["host"],
@@ -212,6 +212,37 @@ async def test_bad_sas_is_401_and_messages_endpoint(hub_rest):
     assert body[0]["systemProperties"] == {"messageId": "m1"} and body[0]["enqueuedTimeUtc"].endswith("Z")
 
 
+async def test_the_hub_is_tailed_after_a_sequence_number_as_the_demo_view_reads_it(hub_rest):
+    """``GET /messages?after=N`` through the demo's client: every device of this hub, oldest first, in pages,
+    then only what came since; a bad ``after`` is 400 and no SAS is 401."""
+    service, host = hub_rest["service"], hub_rest["host"]
+    for n in range(3):
+        for device in ("dev-a", "dev-b"):
+            await service.ingest(host, device, PropertyBag(), json.dumps({"n": n}).encode())
+    base = f"https://{host}:{hub_rest['port']}"
+    hub = {"host_name": host, "connection_string": hub_rest["conn"], "rest_endpoint": base}
+    feed = HubFeed({"ca_pem_path": str(hub_rest["pki"].ca_path), "hubs": [hub]}, page=4)
+    try:
+        first = await feed.read_new()
+        assert [(m.device_id, json.loads(m.body)["n"]) for m in first] == [
+            (device, n) for n in range(3) for device in ("dev-a", "dev-b")
+        ]
+        assert [m.seq for m in first] == sorted(m.seq for m in first) and {m.hub for m in first} == {host}
+        assert await feed.read_new() == [] and feed.unreachable == {}
+        await service.ingest(host, "dev-b", PropertyBag(), b"binary \xff")
+        (latest,) = await feed.read_new()
+        assert (latest.device_id, latest.body, latest.body_text()) == ("dev-b", b"binary \xff", None)
+    finally:
+        await feed.close()
+    token = generate_sas(host, hub_rest["key"], policy="iothubowner", expiry=int(now().timestamp()) + 600)
+    for after in ("-1", "x", "1" * 19):
+        url = f"{base}/messages?after={after}"
+        status, body = await asyncio.to_thread(_get, url, hub_rest["pki"].ca_path, {"Authorization": token})
+        assert status == 400 and body["Message"].startswith("ErrorCode:ArgumentInvalid")
+    status, _ = await asyncio.to_thread(_get, f"{base}/messages", hub_rest["pki"].ca_path, {})
+    assert status == 401
+
+
 def _send(method, url, ca_path, headers, body=None):
     context = ssl.create_default_context(cafile=str(ca_path))
     data = json.dumps(body).encode() if body is not None else None
@@ -226,8 +257,6 @@ def _send(method, url, ca_path, headers, body=None):
 
 
 async def test_bad_bodies_are_400_and_query_pages(hub_rest):
-    from azure_iot_emulator.sas import generate_sas
-
     base = f"https://{hub_rest['host']}:{hub_rest['port']}"
     auth = {
         "Authorization": generate_sas(

@@ -15,8 +15,9 @@ from azure.iot.device.aio import IoTHubDeviceClient
 from azure.iot.device.exceptions import CredentialError
 from azure.iot.hub import IoTHubRegistryManager
 from azure.iot.hub.models import CloudToDeviceMethod, Twin, TwinProperties
-from hub_certs import make_device_cert
 from msrest.exceptions import HttpOperationError
+from support.certs import TestCa
+from support.waiting import until
 
 T = 30  # generous per-call timeout: some SDK failures hang forever
 
@@ -39,7 +40,7 @@ def hub(emulator, monkeypatch):
 
 
 async def register(rm, tmp_path, device_id):
-    cert = make_device_cert(tmp_path, device_id)
+    cert = TestCa().issue(tmp_path, device_id, self_signed=True)
     await in_thread(lambda: rm.create_device_with_x509(device_id, cert.sha1, cert.sha256, "enabled"))
     return cert
 
@@ -58,7 +59,7 @@ def device_client(emulator, host, cert, **kwargs) -> IoTHubDeviceClient:
     return IoTHubDeviceClient.create_from_x509_certificate(
         x509=X509(str(cert.cert_path), str(cert.key_path)),
         hostname=host,
-        device_id=cert.device_id,
+        device_id=cert.registration_id,
         server_verification_cert=emulator.ca_pem,
         **kwargs,
     )
@@ -73,6 +74,7 @@ def cli(emulator, *args) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 async def test_telemetry_with_properties_is_stored_and_readable(hub, tmp_path):
     emulator, host, rm = hub
     cert = await register(rm, tmp_path, "tele-1")
@@ -125,6 +127,7 @@ async def test_telemetry_with_properties_is_stored_and_readable(hub, tmp_path):
     assert (await in_thread(rm.get_device, "tele-1")).connection_state == "Disconnected"
 
 
+@pytest.mark.slow
 async def test_twin_reported_and_desired_live_and_after_reconnect(hub, tmp_path):
     emulator, host, rm = hub
     cert = await register(rm, tmp_path, "twin-1")
@@ -164,6 +167,7 @@ async def test_twin_reported_and_desired_live_and_after_reconnect(hub, tmp_path)
         await sdk(client.shutdown())
 
 
+@pytest.mark.slow
 async def test_direct_method_round_trip_and_offline_404(hub, tmp_path):
     emulator, host, rm = hub
     cert = await register(rm, tmp_path, "meth-1")
@@ -192,6 +196,7 @@ async def test_direct_method_round_trip_and_offline_404(hub, tmp_path):
     assert info.value.response.status_code == 404
 
 
+@pytest.mark.slow
 async def test_registry_manager_etags_and_delete_refuses_device(hub, tmp_path):
     emulator, host, rm = hub
     cert = await register(rm, tmp_path, "reg-1")
@@ -219,7 +224,8 @@ async def test_unregistered_thumbprint_and_disabled_device_are_refused(hub, tmp_
     await register(rm, tmp_path, "known-1")
     other_dir = tmp_path / "impostor"
     other_dir.mkdir()
-    impostor = make_device_cert(other_dir, "known-1")  # same CN, another key: another thumbprint
+    # same CN, another key: another thumbprint
+    impostor = TestCa().issue(other_dir, "known-1", self_signed=True)
     client = device_client(emulator, host, impostor, connection_retry=False)
     with pytest.raises(CredentialError):
         await sdk(client.connect())
@@ -235,11 +241,12 @@ async def test_unregistered_thumbprint_and_disabled_device_are_refused(hub, tmp_
     await sdk(client.shutdown())
 
 
+@pytest.mark.slow
 async def test_initial_twin_from_dps_enrollment_reaches_the_device(emulator, tmp_path):
     from azure.iot.device.aio import ProvisioningDeviceClient
     from azure.iot.deviceprovisioning import DeviceProvisioningClient
 
-    cert = make_device_cert(tmp_path, "dps-twin-1")
+    cert = TestCa().issue(tmp_path, "dps-twin-1", self_signed=True)
     dps = DeviceProvisioningClient.from_connection_string(
         emulator.dps_connection_string, connection_verify=str(emulator.ca_path)
     )
@@ -279,6 +286,7 @@ async def test_initial_twin_from_dps_enrollment_reaches_the_device(emulator, tmp
         await sdk(client.shutdown())
 
 
+@pytest.mark.slow
 async def test_restart_keeps_identities_twins_telemetry_and_subscriptions(hub, tmp_path):
     emulator, host, rm = hub
     cert = await register(rm, tmp_path, "persist-1")
@@ -295,12 +303,12 @@ async def test_restart_keeps_identities_twins_telemetry_and_subscriptions(hub, t
         await asyncio.wait_for(asyncio.to_thread(emulator.restart), 60)
         conn = dict(zip(emulator.hub_hosts, emulator.hub_connection_strings, strict=True))[host]
         rm = IoTHubRegistryManager.from_connection_string(conn)
-        for _ in range(300):  # the SDK reconnects by itself (retry interval 1 s)
-            if (await in_thread(rm.get_device, "persist-1")).connection_state == "Connected":
-                break
-            await asyncio.sleep(0.1)
-        else:
-            pytest.fail("device did not reconnect after the restart")
+
+        async def connected() -> bool:
+            return (await in_thread(rm.get_device, "persist-1")).connection_state == "Connected"
+
+        # the SDK reconnects by itself (retry interval 1 s)
+        await until(connected, "the device reconnected after the restart", interval=0.1)
         twin = await in_thread(rm.get_twin, "persist-1")
         assert twin.properties.reported["boot"] == 1
         # the SDK never re-subscribes: the desired subscription must have survived the restart
@@ -314,6 +322,7 @@ async def test_restart_keeps_identities_twins_telemetry_and_subscriptions(hub, t
     assert [json.loads(x)["body"] for x in stored.stdout.splitlines()] == ["before restart", "after restart"]
 
 
+@pytest.mark.slow
 async def test_sas_device_connects_with_its_connection_string(hub):
     emulator, host, rm = hub
     device = await in_thread(lambda: rm.create_device_with_sas("sas-1", "", "", "enabled"))

@@ -80,6 +80,7 @@ async def test_count_and_group_by(fleet):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "text",
     [

@@ -14,7 +14,7 @@ from azure.iot.device import X509, Message
 from azure.iot.device.aio import IoTHubDeviceClient, ProvisioningDeviceClient
 from azure.iot.device.exceptions import CredentialError
 from azure.iot.hub import IoTHubRegistryManager
-from hub_certs import make_device_cert
+from support.certs import TestCa
 from support.dps_device import x509_enrollment
 from test_hub_mqtt_raw import stored
 
@@ -35,9 +35,10 @@ def hub(module_emulator, monkeypatch):
     )
 
 
+@pytest.mark.slow
 async def test_device_registers_and_sends_over_websockets(hub, dps, tmp_path):
     emulator, host, _ = hub
-    cert = make_device_cert(tmp_path, "ws-x509")
+    cert = TestCa().issue(tmp_path, "ws-x509", self_signed=True)
     await dps.enrollment.create_or_update(
         id="ws-x509", enrollment=x509_enrollment("ws-x509", cert.cert_path.read_text(), iotHubHostName=host)
     )

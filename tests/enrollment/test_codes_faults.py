@@ -21,7 +21,7 @@ from devprov.v1 import factory_service_pb2 as pb
 from factory_svc.enrollment.codes_file import read_codes
 from provkit.activation_code import verify_code
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240), pytest.mark.slow]
 
 EXIT_UNREACHABLE = 3
 

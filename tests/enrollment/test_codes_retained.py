@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import pytest
 from provisioning_env import dps_enrollment, factory_env, failure, mint, running_factory
 from support.cli_process import run_module
 from support.parties import FACTORY_URI
@@ -29,6 +30,7 @@ def _record(enrollment: dict) -> dict:
     return enrollment["optionalDeviceInformation"]["activationCode"]
 
 
+@pytest.mark.slow
 async def test_a_retry_after_a_restart_returns_the_code_and_the_files_keep_it_encrypted(
     tmp_path, module_emulator
 ):
@@ -169,6 +171,7 @@ async def test_an_enrollment_file_of_version_1_gains_the_retained_codes_by_migra
         await outbox.close()
 
 
+@pytest.mark.slow
 async def test_rotate_code_command_prints_or_appends_the_new_code(tmp_path, module_emulator):
     async with running_factory(factory_env(tmp_path, module_emulator)) as (app, stub):
         env = {**os.environ, "FACTORY_CLIENT_INSECURE": "true", "FACTORY_CLIENT_TARGET": app.grpc_address}

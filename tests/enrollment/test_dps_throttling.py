@@ -20,6 +20,8 @@ from provkit.dps import DpsEnrollments
 from provkit.prometheus_metrics import PrometheusMetrics
 from provkit.settings import Secret
 
+pytestmark = pytest.mark.slow
+
 ENROLLMENT = {"registrationId": "dev-1", "provisioningStatus": "disabled", "etag": "e1"}
 
 

@@ -9,10 +9,13 @@ import os
 import stat
 import uuid
 
+import pytest
 from provisioning_env import dps_enrollment, factory_env, mint, running_factory
 from support.cli_process import run_module
 
 from provkit.activation_code import verify_code
+
+pytestmark = pytest.mark.slow
 
 _cli = functools.partial(run_module, "factory_svc.cli", timeout=120)
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace as dc_replace
 from datetime import UTC, datetime
 
+import pytest
 from provisioning_env import (
     connection_file,
     dps_enrollment,
@@ -24,6 +25,7 @@ from provisioning_env import (
 )
 from support.cli_process import wait_serving
 from support.emulator import free_port
+from support.waiting import until
 
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
@@ -45,14 +47,16 @@ def new_id() -> str:
 async def wait_state(
     stub, device_id: str, state: int, timeout: float = 30.0
 ) -> pb.GetEnrollmentStatusResponse:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        reply = await stub.GetEnrollmentStatus(pb.GetEnrollmentStatusRequest(device_id=device_id))
-        if reply.state == state:
-            return reply
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{device_id} stayed {pb.EnrollmentState.Name(reply.state)}")
-        await asyncio.sleep(0.1)
+    last: list[pb.GetEnrollmentStatusResponse] = []
+
+    async def reached() -> pb.GetEnrollmentStatusResponse | None:
+        last[:] = [await stub.GetEnrollmentStatus(pb.GetEnrollmentStatusRequest(device_id=device_id))]
+        return last[0] if last[0].state == state else None
+
+    def stayed() -> str:
+        return f"{device_id} stayed {pb.EnrollmentState.Name(last[0].state)}" if last else device_id
+
+    return await until(reached, stayed, timeout=timeout)
 
 
 @contextlib.asynccontextmanager
@@ -69,6 +73,7 @@ async def dps_and_outbox(tmp_path, emulator) -> AsyncIterator[tuple[DpsEnrollmen
         await dps.close()
 
 
+@pytest.mark.slow
 async def test_enrollments_queued_while_dps_is_down_arrive_exactly_once(tmp_path):
     emulator, env = stopped_emulator(tmp_path)
     try:
@@ -167,6 +172,7 @@ async def _serve(env: dict[str, str], log_path) -> asyncio.subprocess.Process:
         log.close()
 
 
+@pytest.mark.slow
 async def test_kill_9_with_queued_enrollments_then_restart_loses_and_duplicates_nothing(tmp_path):
     emulator, factory_settings = stopped_emulator(tmp_path)
     port = free_port("127.0.0.1")

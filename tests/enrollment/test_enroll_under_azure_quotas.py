@@ -19,9 +19,12 @@ import aiohttp
 import pytest
 from provisioning_env import dps_enrollment, factory_env, mint, running_factory
 from support.emulator import EmulatorProcess
+from support.waiting import until
 
 from azure_iot_emulator.sas import generate_sas
 from devprov.v1 import factory_service_pb2 as pb
+
+pytestmark = pytest.mark.slow
 
 DEVICES = 12
 
@@ -72,8 +75,10 @@ async def test_enroll_batch_under_quotas_completes_with_nothing_lost(tmp_path, q
         assert reply.enrolled_count + reply.queued_count == DEVICES
         assert all(seconds >= 1 for seconds in throttled)
         for device in devices:  # queued ones are delivered by the outbox once the quota allows
-            deadline = time.monotonic() + 120
-            while (enrollment := await dps_enrollment(quota_emulator, device.device_id)) is None:
-                assert time.monotonic() < deadline, f"{device.device_id} never reached DPS"
-                await asyncio.sleep(0.5)
+            enrollment = await until(
+                lambda: dps_enrollment(quota_emulator, device.device_id),  # noqa: B023 (awaited here)
+                f"{device.device_id} in DPS",
+                timeout=120,
+                interval=0.5,
+            )
             assert enrollment["provisioningStatus"] == "disabled"

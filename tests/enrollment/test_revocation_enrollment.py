@@ -5,7 +5,6 @@ revocation's intent is carried out once DPS is back."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -15,6 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from provisioning_env import dps_enrollment, factory_env, failure, mint, running_factory
+from support.waiting import until
 from test_enroll_outbox_emulator import stopped_emulator
 
 from devprov.v1 import factory_service_pb2 as pb
@@ -28,16 +28,7 @@ from provkit.activation_code import hash_code, new_code
 from provkit.cloud import BulkItemError, Enrollment, EnrollmentPort
 from provkit.errors import DomainError
 
-pytestmark = pytest.mark.timeout(180)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"never: {what}")
-        await asyncio.sleep(0.1)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 def sha256_of(chain_pem: str) -> str:
@@ -75,7 +66,7 @@ async def test_a_queued_enrollment_of_a_revoked_certificate_is_refused_not_deliv
                 states = {e.device_id: e.state for e in await outbox.entries()}
                 return OutboxState.PENDING not in states.values()
 
-            await eventually(settled, "both queued entries completed")
+            await until(settled, "both queued entries completed", timeout=60)
             entries = {e.device_id: e for e in await outbox.entries()}
             refused = entries[revoked.device_id]
             assert refused.state is OutboxState.FAILED and refused.failure_reason == "CERTIFICATE_REVOKED"
@@ -96,7 +87,7 @@ async def test_a_queued_enrollment_of_a_revoked_certificate_is_refused_not_deliv
                 found = await app.ledger.revocations.revocation_intent(revoked.device_id)
                 return found is not None and found.completed
 
-            await eventually(intent_done, "the revocation intent carried out once DPS is back")
+            await until(intent_done, "the revocation intent carried out once DPS is back", timeout=60)
     finally:
         emulator.stop()
 
@@ -186,9 +177,10 @@ async def test_a_revocation_during_a_live_enroll_ends_with_the_enrollment_disabl
         assert second.result is not None and second.result.outcome is EnrollOutcome.CREATED
 
         for device in (single, batched):
-            await eventually(
+            await until(
                 _disabled_without_code(emulator, device.device_id),
                 "the enrollment written after the revocation",
+                timeout=60,
             )
         assert (await dps_enrollment(emulator, fine.device_id))["optionalDeviceInformation"]["activationCode"]
 
@@ -230,7 +222,7 @@ async def test_a_revocation_racing_with_delivery_ends_with_the_enrollment_disabl
                 async def completed() -> bool:
                     return (await outbox.entries())[0].state is not OutboxState.PENDING
 
-                await eventually(completed, "the entry completed")
+                await until(completed, "the entry completed", timeout=60)
             finally:
                 await delivery.stop()
             (done,) = await outbox.entries()
@@ -249,6 +241,6 @@ async def test_a_revocation_racing_with_delivery_ends_with_the_enrollment_disabl
                 and not (found.get("optionalDeviceInformation") or {}).get("activationCode")
             )
 
-        await eventually(disabled, "the enrollment written with the revoked certificate is disabled")
+        await until(disabled, "the enrollment written with the revoked certificate is disabled", timeout=60)
         intent = await app.ledger.revocations.revocation_intent(device.device_id)
         assert intent is not None and intent.completed

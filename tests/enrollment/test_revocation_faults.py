@@ -28,11 +28,11 @@ from provisioning_env import (
     running_activation,
 )
 from support.factory_process import FactoryProcess
-from test_revocation_enrollment import eventually
+from support.waiting import until
 
 from devprov.v1 import factory_service_pb2 as fpb
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240), pytest.mark.slow]
 META = {"tags": {"line": 3}, "properties": {"desired": {"interval_s": 5}}}
 
 
@@ -75,13 +75,13 @@ async def test_a_revocation_killed_midway_is_finished_at_start_up(tmp_path, emul
                 enrollment = await dps_enrollment(emulator, device.device_id)
                 return enrollment is not None and enrollment["provisioningStatus"] == "disabled"
 
-            await eventually(disabled, "the DPS enrollment disabled after the restart")
+            await until(disabled, "the DPS enrollment disabled after the restart", timeout=60)
 
             async def hub_disabled() -> bool:
                 found = await asyncio.to_thread(registry(emulator, hub).get_device, device.device_id)
                 return found.status == "disabled"
 
-            await eventually(hub_disabled, "the hub identity disabled after the restart")
+            await until(hub_disabled, "the hub identity disabled after the restart", timeout=60)
             await assert_locked_out(emulator, device, hub, activation, code, json.dumps(META))
 
             async with factory.stub() as stub:

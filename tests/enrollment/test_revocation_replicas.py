@@ -14,14 +14,14 @@ from factory.factory_env import make_csr, make_key
 from support.emulator import free_port
 from support.factory_process import FactoryProcess
 from support.parties import FACTORY_URI
-from test_revocation_enrollment import eventually
+from support.waiting import until
 
 from dbstore import DatabaseUrl
 from devprov.v1 import factory_service_pb2 as fpb
 from factory_svc.ledger import Ledger
 from factory_svc.revocation.crl import DER_NAME
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 
 def _replica(tmp_path: Path, name: str, postgres_url: str) -> tuple[FactoryProcess, str]:
@@ -84,7 +84,7 @@ async def test_a_revocation_at_one_replica_is_in_the_other_replicas_crl(tmp_path
         async def b_lists_it() -> bool:
             return (await _crl(b_url)).get_revoked_certificate_by_serial_number(serial_a) is not None
 
-        await eventually(b_lists_it, "replica b's CRL lists the revocation made at replica a", timeout=30)
+        await until(b_lists_it, "replica b's CRL lists the revocation made at replica a", timeout=30)
         from_b = await _crl(b_url)
         assert from_b.is_signature_valid(issuing.public_key()) and from_b.issuer == issuing.subject
         assert _number(from_b) > number_a  # one counter for both: b's newer CRL has the higher number
@@ -101,7 +101,7 @@ async def test_a_revocation_at_one_replica_is_in_the_other_replicas_crl(tmp_path
                 crl.get_revoked_certificate_by_serial_number(s) is not None for s in (serial_a, serial_b)
             )
 
-        await eventually(a_lists_both, "replica a's CRL lists both revocations", timeout=30)
+        await until(a_lists_both, "replica a's CRL lists both revocations", timeout=30)
         from_a = await _crl(a_url)
         assert from_a.is_signature_valid(issuing.public_key())
         assert _number(from_a) > number_b and len(from_a) == 2

@@ -11,6 +11,7 @@ import stat
 import sys
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from factory_env import make_csr, make_key, verify_chain
 from support.cli_process import run_module, wait_serving
@@ -18,6 +19,8 @@ from support.emulator import free_port
 from support.parties import FACTORY_URI
 
 from provkit.channels import ChannelSecurity
+
+pytestmark = pytest.mark.slow
 
 FIRST = "c1a0f2e4-5b6d-4e7f-8a9b-0c1d2e3f4a5b"
 JIG = "9d8c7b6a-5f4e-4d3c-9b2a-1f0e9d8c7b6a"

@@ -204,6 +204,7 @@ def _config(tmp_path: Path, port: int) -> Path:
     return config
 
 
+@pytest.mark.slow
 async def test_the_lot_command_writes_a_directory_per_device(tmp_path: Path) -> None:
     port = free_port("127.0.0.1")
     target = f"127.0.0.1:{port}"
@@ -264,6 +265,7 @@ async def test_the_lot_command_writes_a_directory_per_device(tmp_path: Path) -> 
         await asyncio.wait_for(server.wait(), 30)
 
 
+@pytest.mark.slow
 async def test_a_lot_interrupted_by_kill_9_resumes_to_one_certificate_per_device(tmp_path: Path) -> None:
     port = free_port("127.0.0.1")
     target = f"127.0.0.1:{port}"

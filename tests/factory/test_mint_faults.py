@@ -19,7 +19,7 @@ from support.parties import FACTORY_URI
 
 from devprov.v1 import factory_service_pb2 as pb
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(180), pytest.mark.slow]
 
 CALLS = 48
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from factory_env import make_csr, make_key
+from support.clock import ManualClock
 
 from factory_svc.ca.issuing import open_dev_ca
 from factory_svc.errors import FailedPrecondition, InvalidArgument
@@ -17,18 +18,10 @@ from factory_svc.mint.service import MintingService, MintPolicy
 from provkit.device_id import is_valid_device_id, normalise_device_id
 
 
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 async def test_validity_never_outlives_the_issuing_ca_and_expired_certificates_are_not_counted(
     tmp_path: Path, database_url
 ) -> None:
-    clock = Clock(datetime.now(UTC))
+    clock = ManualClock(datetime.now(UTC))
     ca = open_dev_ca(tmp_path / "ca", clock)
     ledger = await Ledger.open(database_url, migrate=True)
     try:
@@ -77,7 +70,7 @@ async def test_two_services_racing_on_one_request_id_issue_one_certificate(
 ) -> None:
     """Two minting services, each with its own ledger on one database (as two replicas are): the ledger's
     request-id constraint decides, the loser answers with the winner's certificate."""
-    clock = Clock(datetime.now(UTC))
+    clock = ManualClock(datetime.now(UTC))
     ca = open_dev_ca(tmp_path / "ca", clock)
     ledger = await Ledger.open(database_url, migrate=True)
     other = await Ledger.open(database_url)

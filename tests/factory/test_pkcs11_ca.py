@@ -36,6 +36,7 @@ def _env(tmp_path: Path, ca_env: dict[str, str]) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("curve", "size"), [("p256", 256), ("p384", 384)])
 async def test_ca_init_then_the_factory_signs_with_the_token_key(
     tmp_path: Path, softhsm: SoftHsm, curve: str, size: int
@@ -80,6 +81,7 @@ async def test_the_issuing_key_cannot_leave_the_token(tmp_path: Path, softhsm: S
             key[Attribute.VALUE]  # the private scalar: refused by the token
 
 
+@pytest.mark.slow
 async def test_ca_init_refuses_a_label_already_in_use(tmp_path: Path, softhsm: SoftHsm) -> None:
     token_ca = await init_token_ca(softhsm, tmp_path)
     env = {**os.environ, **softhsm.env(token_ca.key_label, tmp_path / "second-chain.pem")}
@@ -89,6 +91,7 @@ async def test_ca_init_refuses_a_label_already_in_use(tmp_path: Path, softhsm: S
     assert not (tmp_path / "second-chain.pem").exists()
 
 
+@pytest.mark.slow
 async def test_a_wrong_pin_is_a_clear_start_up_error(tmp_path: Path, softhsm: SoftHsm) -> None:
     token_ca = await init_token_ca(softhsm, tmp_path)
     pin_file = tmp_path / "pin"
@@ -107,6 +110,7 @@ def test_the_pin_comes_from_the_environment_or_a_file_only(tmp_path: Path, softh
         load_settings(env=env)
 
 
+@pytest.mark.slow
 async def test_a_missing_key_label_is_a_clear_start_up_error(tmp_path: Path, softhsm: SoftHsm) -> None:
     from factory_svc.app import FactoryApp
 
@@ -116,6 +120,7 @@ async def test_a_missing_key_label_is_a_clear_start_up_error(tmp_path: Path, sof
         await FactoryApp.open(load_settings(env=env))
 
 
+@pytest.mark.slow
 async def test_a_slow_token_signs_off_the_event_loop(tmp_path: Path, softhsm: SoftHsm) -> None:
     """The token's answer is held back until the event loop itself lets it go: were the signature made on
     the loop's thread, the loop could never get there and the signature would fail."""

@@ -35,7 +35,7 @@ from devprov.v1 import factory_service_pb2 as fpb
 from factory_svc.mint.service import serial_hex
 from factory_svc.revocation.crl import DER_NAME, PEM_NAME
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 META = {"tags": {"line": 3}, "properties": {"desired": {"interval_s": 5}}}
 
 

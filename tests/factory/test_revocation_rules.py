@@ -3,7 +3,6 @@ schedule, and a ledger of schema version 1 (on either backend) gains the revocat
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from cryptography import x509
 from factory_env import factory_settings, make_csr, make_key, running_factory
 from support.stores import stored_version, write_at_version
+from support.waiting import until
 
 from devprov.v1 import factory_service_pb2 as pb
 from factory_svc.ledger import FILE, MIGRATIONS, Ledger
@@ -102,13 +102,11 @@ async def test_the_crl_is_published_again_on_schedule(tmp_path: Path) -> None:
     async with running_factory(settings) as factory:
         first = factory.app.crl.current
         assert first is not None
-        for _ in range(300):
-            current = factory.app.crl.current
-            if current is not None and current.number > first.number:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("no CRL was published after the first")
+        current = await until(
+            lambda: (c := factory.app.crl.current) is not None and c.number > first.number and c,
+            "a CRL published after the first",
+            timeout=15,
+        )
         on_disk = x509.load_der_x509_crl((tmp_path / "crl" / DER_NAME).read_bytes())
         assert on_disk.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number >= current.number
         assert on_disk.next_update_utc - on_disk.last_update_utc == timedelta(hours=1)

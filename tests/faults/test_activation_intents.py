@@ -44,7 +44,7 @@ from provkit.cloud import InitialTwin
 from provkit.dps import DpsEnrollments
 from provkit.faults import CRASH_ENV
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 BEFORE = {
     "tags": {"customer": "acme", "line": {"hall": 3}},

@@ -4,21 +4,18 @@ killed mid-run is reported and leaves no process behind."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "device"))
-from device_certs import TinyCa, make_identity
+from support.certs import TestCa
 from support.fleet import enrolled_fleet, fleet_overrides
+from support.waiting import until
 
 from device_client.fleet import LOST, FleetRunner
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 
 
 def _alive(pid: int) -> bool:
@@ -31,27 +28,18 @@ def _alive(pid: int) -> bool:
         return stat.read().split(") ", 1)[1][0] != "Z"
 
 
-async def _until(runner: FleetRunner, done: object, timeout: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not done() and loop.time() < deadline:  # type: ignore[operator]
-        runner.changed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(runner.changed.wait(), 1.0)
-
-
 async def test_a_hundred_devices_in_two_workers_boot_report_and_a_killed_worker_is_reported(
     emulator, tmp_path
 ):
     root = tmp_path / "devices"
-    guids = await enrolled_fleet(TinyCa(), make_identity, emulator, root, 100)
+    guids = await enrolled_fleet(TestCa(), emulator, root, 100)
     runner = FleetRunner(guids, root, fleet_overrides(emulator), workers=2, log_dir=tmp_path / "logs")
     await runner.start()
     pids = runner.worker_pids()
     assert len(set(pids)) == 2
     runner.go()
     try:
-        await _until(runner, runner.all_acknowledged, 300)
+        await until(runner.all_acknowledged, lambda: f"acknowledged by all: {runner.report()}", timeout=300)
         report = runner.report()
         assert report["counts"]["registered"] == 100, report
         assert report["counts"]["telemetry_acknowledged"] == 100, report
@@ -72,7 +60,7 @@ async def test_a_hundred_devices_in_two_workers_boot_report_and_a_killed_worker_
 
 async def test_simulate_boots_the_devices_under_the_state_root_and_reports_json(emulator, tmp_path):
     root = tmp_path / "devices"
-    guids = await enrolled_fleet(TinyCa(), make_identity, emulator, root, 6)
+    guids = await enrolled_fleet(TestCa(), emulator, root, 6)
     env = {
         **os.environ,
         "DEVICE_CLIENT_STATE_ROOT": str(root),

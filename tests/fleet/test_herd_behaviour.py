@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "device"))
-from device_certs import TinyCa, make_identity
 from device_cloud import enroll
+from support.certs import TestCa
 from support.emulator import EmulatorProcess
 from support.mqtt_client import MqttTestClient, client_context
 
@@ -75,12 +75,13 @@ def _register_lines(log_text: str, reg_id: str) -> list[tuple[datetime, str]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_a_device_answered_429_waits_at_least_the_retry_after(tmp_path):
     emu = EmulatorProcess(tmp_path / "emu", hubs=1, extra_args=["--azure-quotas"])
     emu.start()
-    ca = TinyCa()
-    flood_key, flood_chain = make_identity(ca, "flooder")
+    ca = TestCa()
+    flood_key, flood_chain = ca.identity("flooder")
     (tmp_path / "f.key").write_bytes(flood_key)
     (tmp_path / "f.pem").write_bytes(flood_chain)
     client, _ = await MqttTestClient.connect(
@@ -103,7 +104,7 @@ async def test_a_device_answered_429_waits_at_least_the_retry_after(tmp_path):
     try:
         for attempt in range(5):  # the device may, rarely, catch a refilled token before the flood does
             guid = f"herd-{attempt}-{random.randrange(1 << 32):08x}"
-            key_pem, chain_pem = make_identity(ca, guid)
+            key_pem, chain_pem = ca.identity(guid)
             StateDir(tmp_path / "devices", guid).write_identity(
                 key_pem=key_pem, chain_pem=chain_pem, metadata={"guid": guid}, force=False
             )

@@ -31,7 +31,7 @@ from support.dps_device import x509_enrollment
 
 from devprov.v1 import activation_service_pb2 as apb
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 META = {
     "tags": {"customer": "acme", "machine": "press-7"},

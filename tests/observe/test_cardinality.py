@@ -6,11 +6,11 @@ import uuid
 
 import pytest
 from enrollment.provisioning_env import factory_env, mint, running_factory
-from metrics_text import scrape
+from support.metrics import scrape
 
 from devprov.v1 import factory_service_pb2 as fpb
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 DEVICES = 100
 

@@ -26,7 +26,7 @@ from enrollment.provisioning_env import (
     running_activation,
     running_factory,
 )
-from metrics_text import Scrape, scrape
+from support.metrics import Scrape, scrape
 from support.parties import party
 
 from devprov.v1 import activation_service_pb2_grpc as apb_grpc
@@ -34,7 +34,7 @@ from devprov.v1 import factory_service_pb2 as fpb
 from provkit.channels import ChannelSecurity, create_channel
 from provkit.context import Role
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 FACTORY = "devprov.v1.FactoryService"
 ACTIVATION = "devprov.v1.ActivationService"

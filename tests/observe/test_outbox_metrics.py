@@ -3,25 +3,30 @@ oldest), then drain when it is back; the DPS calls that failed meanwhile are cou
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
+import pytest
 from enrollment.provisioning_env import connection_file, factory_env, mint, running_factory
-from metrics_text import Scrape, scrape
 from support.emulator import EmulatorProcess
+from support.metrics import Scrape, scrape
+from support.waiting import until
 
 from devprov.v1 import factory_service_pb2 as fpb
 
+pytestmark = pytest.mark.slow
+
 
 async def _until_drained(url: str, timeout: float = 60.0) -> Scrape:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        scraped = await scrape(url)
-        if scraped.value("devprov_outbox_depth") == 0:
-            return scraped
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"the outbox still holds {scraped.value('devprov_outbox_depth')}")
-        await asyncio.sleep(0.2)
+    last: list[Scrape] = []
+
+    async def drained() -> Scrape | None:
+        last[:] = [await scrape(url)]
+        return last[0] if last[0].value("devprov_outbox_depth") == 0 else None
+
+    def holds() -> str:
+        return f"the outbox still holds {last[0].value('devprov_outbox_depth')}" if last else "a scrape"
+
+    return await until(drained, holds, timeout=timeout, interval=0.2)
 
 
 async def test_outbox_depth_and_age_while_dps_is_down_then_drained(tmp_path):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import grpc
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from metrics_text import Scrape, scrape
 from prometheus_client import generate_latest
+from support.metrics import Scrape, scrape
 
 from activation_svc.portal.app import create_app
 from activation_svc.portal.settings import PortalSettings

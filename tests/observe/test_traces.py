@@ -36,7 +36,7 @@ from devprov.v1 import factory_service_pb2 as fpb
 from provkit.logging import ContextFilter, JsonFormatter
 from provkit.observe import Observability
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 ACTIVATE = "/devprov.v1.ActivationService/Activate"
 

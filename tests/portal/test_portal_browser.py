@@ -17,6 +17,7 @@ _why = chromium_unavailable()
 pytestmark = [
     pytest.mark.skipif(_why is not None, reason=_why or ""),
     pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.slow,  # a browser
 ]
 async_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed (make install)")
 

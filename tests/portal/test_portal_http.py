@@ -52,6 +52,7 @@ def text_of(page: str, element_id: str) -> str:
     return re.sub(r"<[^>]+>", " ", found.group(1))
 
 
+@pytest.mark.slow
 async def test_form_page_has_fields_sample_hubs_csrf_cookie_and_security_headers(client, stack):
     response = await client.get("/")
     assert response.status == 200 and response.content_type == "text/html"
@@ -259,6 +260,7 @@ async def test_static_assets_health_404_405_and_wrong_host(client):
     assert (await client.get("/", headers={"Host": "localhost:8080"})).status == 200
 
 
+@pytest.mark.slow
 async def test_after_registration_new_metadata_is_shown_as_updated(client, stack):
     device, code = await stack.enrolled()
     await post_activate(client, device.device_id, code, json.dumps(META))
@@ -294,6 +296,7 @@ async def test_repeated_wrong_codes_from_one_address_wait_and_are_told_when_othe
     assert reply.lifecycle == apb.LIFECYCLE_ACTIVATED
 
 
+@pytest.mark.slow
 async def test_an_empty_metadata_field_keeps_the_live_twin_and_the_page_says_so(client, stack):
     device, code = await stack.enrolled()
     await post_activate(client, device.device_id, code, json.dumps(META))

@@ -20,6 +20,8 @@ from activation_svc.portal.app import start_portal
 from devprov.v1 import activation_service_pb2 as apb
 from devprov.v1 import factory_service_pb2 as fpb
 
+pytestmark = pytest.mark.slow
+
 ADDRESSES = 20
 TRIES = 6  # the portal lets 5 through per address, the sixth waits: 100 wrong codes reach the service
 WRONG = "0000-0000-0000-0000"

@@ -16,7 +16,7 @@ import pytest_asyncio
 from enrollment.provisioning_env import connection_file
 from portal_env import hidden_fields, portal_stack
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 START_TIMEOUT = 30
 
 

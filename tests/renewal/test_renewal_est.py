@@ -75,6 +75,7 @@ async def _enrolled(factory, folder: Path):
     return device, reply.activation_code
 
 
+@pytest.mark.slow
 async def test_a_device_renews_and_its_enrollment_and_hub_identity_change_over(
     tmp_path, module_emulator
 ) -> None:

@@ -21,13 +21,14 @@ from enrollment.provisioning_env import dps_enrollment, mint
 from renewal_env import EstClient, ServerTls, as_device, csr_for, new_key, renewal_env
 from support.emulator import free_port
 from support.factory_process import FactoryProcess
+from support.waiting import until
 
 from dbstore import DatabaseUrl
 from devprov.v1 import factory_service_pb2 as fpb
 from factory_svc.ledger import Ledger
 from factory_svc.renewal.model import RenewalState
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240), pytest.mark.slow]
 
 
 async def _renewal_state(tmp_path, device_id: str) -> RenewalState | None:
@@ -69,12 +70,11 @@ async def test_a_renewal_killed_after_the_dps_write_is_completed_at_start_up(
         assert await _renewal_state(tmp_path, device.device_id) is RenewalState.ISSUED
 
         await factory.start()  # no crash point: the worker completes the open intent at start-up
-        for _ in range(600):
-            if await _renewal_state(tmp_path, device.device_id) is RenewalState.SECONDARY:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError(f"the renewal was not completed after the restart:\n{factory.log_tail()}")
+
+        async def completed() -> bool:
+            return await _renewal_state(tmp_path, device.device_id) is RenewalState.SECONDARY
+
+        await until(completed, lambda: f"the renewal completed after the restart:\n{factory.log_tail()}")
 
         answer = await client.renew(csr_for(device.device_id, key))  # the device's retry
         leaf = next(c for c in answer.certificates if c.subject.rfc4514_string() == f"CN={device.device_id}")

@@ -8,6 +8,7 @@ import sys
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from provkit.channels import ChannelSecurity, create_channel
+from support.waiting import until
 
 
 async def run_module(
@@ -36,16 +37,14 @@ async def run_module(
 async def wait_serving(target: str, security: ChannelSecurity, what: str, timeout: float = 90.0) -> None:
     """Poll the gRPC health service until it answers SERVING (0.1 s apart), for up to ``timeout`` seconds:
     a loaded two-core machine can take tens of seconds to start a service with its imports."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
     async with create_channel(target, security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while loop.time() < deadline:
+
+        async def serving() -> bool:
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
             except Exception:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"{what} did not become healthy in {timeout:.0f} s")
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        await until(serving, f"{what} healthy", timeout=timeout, interval=0.1)

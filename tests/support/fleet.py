@@ -1,4 +1,4 @@
-"""A fleet of device identities for fleet tests and the fleet benchmark: state directories signed by a tiny
+"""A fleet of device identities for fleet tests and the fleet benchmark: state directories signed by the
 test CA, enrolled (enabled, static to the default hub) in DPS through azure-iot-deviceprovisioning's bulk
 operation, so the devices only have to boot."""
 
@@ -14,16 +14,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from device_client.state import StateDir
+from support.certs import TestCa
 
 BULK_MAX = 10  # Azure allows at most 10 enrollments per bulk operation
 
 
-async def enrolled_fleet(ca: Any, make_identity: Any, emulator: Any, root: Path, count: int) -> list[str]:
+async def enrolled_fleet(ca: TestCa, emulator: Any, root: Path, count: int) -> list[str]:
     """``count`` devices under ``root``, enrolled and enabled; returns their GUIDs."""
     guids = [str(uuid.uuid4()) for _ in range(count)]
     enrollments = []
     for guid in guids:
-        key_pem, chain_pem = make_identity(ca, guid)
+        key_pem, chain_pem = ca.identity(guid)
         StateDir(root, guid).write_identity(
             key_pem=key_pem, chain_pem=chain_pem, metadata={"guid": guid}, force=False
         )

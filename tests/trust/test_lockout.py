@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 
 import grpc
+import pytest
 from enrollment.provisioning_env import dps_enrollment, failure, mint
 from trust.test_parties import META, Trust, _enrolled
 from trust.test_parties import trust as trust  # the same stack of real servers
@@ -19,6 +20,8 @@ from devprov.v1 import activation_service_pb2 as apb
 from devprov.v1 import activation_service_pb2_grpc as apb_grpc
 from devprov.v1 import factory_service_pb2 as fpb
 from provkit.grpc_server import ON_BEHALF_OF_HEADER
+
+pytestmark = pytest.mark.slow
 
 WRONG = "0000-0000-0000-0000"
 NAMES = 150

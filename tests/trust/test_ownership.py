@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 
 import grpc
+import pytest
 from enrollment.provisioning_env import dps_enrollment, failure, mint
 from trust.test_parties import META, Trust, _enrolled
 from trust.test_parties import trust as trust  # the same stack of real servers
@@ -184,6 +185,7 @@ async def test_the_factory_transfers_a_device_before_activation_and_not_after(tr
     assert "acme->globex" in audit[0].detail and "order 77 resold to globex" in audit[0].detail
 
 
+@pytest.mark.slow
 async def test_reenrolling_an_activated_device_needs_a_reason_keeps_the_owner_and_kills_the_old_code(
     trust: Trust,
 ) -> None:
@@ -224,6 +226,7 @@ async def test_reenrolling_an_activated_device_needs_a_reason_keeps_the_owner_an
     assert "reason=RMA 4711: main board swapped" in audit[0].detail
 
 
+@pytest.mark.slow
 async def test_a_batch_names_each_devices_owner_and_a_malformed_one_fails_only_its_item(trust: Trust) -> None:
     owners = ["acme", "globex", "", "Not An Id"]
     async with trust.stubs("factory") as (bench, _):

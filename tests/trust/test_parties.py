@@ -256,6 +256,7 @@ async def test_every_registered_method_has_a_row_and_every_row_a_method(trust: T
     assert served == set(SUITE_POLICY.rules) == set(REQUESTS)
 
 
+@pytest.mark.slow
 async def test_every_rpc_for_every_party_is_allowed_or_refused_by_the_table_and_a_refusal_changes_nothing(
     trust: Trust,
 ) -> None:
@@ -308,6 +309,7 @@ async def test_every_rpc_for_every_party_is_allowed_or_refused_by_the_table_and_
     assert outcomes == expected
 
 
+@pytest.mark.slow
 async def test_the_oem_takeover_fails_at_the_first_step(trust: Trust) -> None:
     """An OEM's certificate at factory_svc: minting a new key for an activated device is refused, and so
     is the re-enrollment that would have handed it a fresh code; nothing changes anywhere."""
@@ -344,6 +346,7 @@ async def test_the_oem_takeover_fails_at_the_first_step(trust: Trust) -> None:
     assert all(r.caller.startswith("urn:devprov:oem:acme oem sha256:") for r in refusals)
 
 
+@pytest.mark.slow
 async def test_a_storm_of_wrong_codes_from_one_party_never_blocks_anothers_right_code(trust: Trust) -> None:
     async with (
         trust.stubs("factory") as (bench, _),

@@ -26,8 +26,8 @@ from azure_iot_emulator.dps import topics
 from azure_iot_emulator.dps.errors import DpsError
 from azure_iot_emulator.dps.operations import Answer, Assignments, parse_register_body
 from azure_iot_emulator.dps.service import DpsService
-from azure_iot_emulator.mqtt.broker import Link
-from azure_iot_emulator.mqtt.endpoint import ConnectInfo, ProtocolViolation, handle_in_order
+from azure_iot_emulator.mqtt.endpoint import ProtocolViolation, handle_in_order
+from azure_iot_emulator.mqtt.link import ConnectInfo, Link
 from azure_iot_emulator.mqtt.packets import Publish
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ from azure_iot_emulator import ids
 from azure_iot_emulator.hub import topics
 from azure_iot_emulator.hub.service import HubError, HubService
 from azure_iot_emulator.hub.telemetry import MAX_MESSAGE_BYTES
-from azure_iot_emulator.mqtt.endpoint import ConnectInfo, ProtocolViolation, wait_for_turn
+from azure_iot_emulator.mqtt.endpoint import ProtocolViolation, wait_for_turn
+from azure_iot_emulator.mqtt.link import ConnectInfo
 from azure_iot_emulator.mqtt.packets import Publish
 from azure_iot_emulator.sas import SasError, verify_sas
 

@@ -15,6 +15,10 @@ Routes (``?api-version=...`` accepted and ignored; every request needs an ``ioth
     POST   /twins/{id}/methods                 direct method                      200 | 404 | 504
     GET    /devices/{id}/messages?top=N        emulator extension: the device's recent telemetry
                                                (oldest first, with enqueuedTimeUtc and properties)
+    GET    /messages?after=N&top=M             emulator extension: this hub's telemetry from every device
+                                               with a sequenceNumber above N (default 0), oldest first, at
+                                               most M (default 500): a reader tails the hub by passing the
+                                               last sequenceNumber it saw
 
 Bodies are parsed by ``jsonsafe`` (nesting, lone surrogates, numbers beyond a double, duplicate keys, UTF-8):
 what it refuses is 400 ``ArgumentInvalid``, like any other malformed body.
@@ -206,6 +210,15 @@ async def device_messages(request: web.Request) -> web.Response:
     return _json(service.recent_messages(hub, _device_id(request), top))
 
 
+async def hub_messages(request: web.Request) -> web.Response:
+    service, hub = _ctx(request)
+    text = request.query.get("after", "0")
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise HubError(400, "ArgumentInvalid", 400004, "after must be a sequence number (0 or more)")
+    top = _int_param(request, "top", 500, 1000)
+    return _json(service.messages_after(hub, int(text), top))
+
+
 def build_hub_rest_app(
     service: HubService,
     hub: str,
@@ -225,6 +238,7 @@ def build_hub_rest_app(
     app.router.add_get("/devices/", list_devices)  # azure-iothub (Node.js) lists with the trailing slash
     app.router.add_post("/devices/query", query_devices)
     app.router.add_get("/devices/{device_id}/messages", device_messages)
+    app.router.add_get("/messages", hub_messages)
     app.router.add_get("/devices/{device_id}", get_device)
     app.router.add_put("/devices/{device_id}", put_device)
     app.router.add_delete("/devices/{device_id}", delete_device)

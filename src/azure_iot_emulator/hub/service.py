@@ -441,6 +441,10 @@ class HubService:
             raise _not_found(device_id)
         return [m.to_json() for m in self.telemetry.recent(hub=hub, device_id=device_id, limit=limit)]
 
+    def messages_after(self, hub: str, seq: int, limit: int) -> list[dict[str, Any]]:
+        """The hub's messages with a sequence number above ``seq``, oldest first (tailing over REST)."""
+        return [m.to_json() for m in self.telemetry.after(seq, hub=hub, limit=limit)]
+
     # ---------------------------------------------------------------------------------- direct methods
     async def invoke_method(self, hub: str, device_id: str, body: Any) -> dict[str, Any]:
         if not isinstance(body, Mapping):

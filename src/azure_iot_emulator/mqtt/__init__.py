@@ -1,19 +1,19 @@
 """The emulator's MQTT 3.1.1 core: a sans-IO codec (:mod:`.codec`) and per-connection state machine
-(:mod:`.connection`), sessions and routing (:mod:`.broker`), a thin asyncio/pyOpenSSL TLS shell
-(:mod:`.tls`).  Services plug in as endpoints; the interface is documented in :mod:`.endpoint`."""
+(:mod:`.connection`), sessions and routing (:mod:`.broker`), a connection as endpoints see it
+(:mod:`.link`), a thin asyncio/pyOpenSSL TLS shell (:mod:`.tls`).  Services plug in as endpoints; the
+interface is documented in :mod:`.endpoint`."""
 
-from azure_iot_emulator.mqtt.broker import Broker, Link
+from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.endpoint import (
     ConnectGate,
-    ConnectInfo,
     Endpoint,
     LinkObserver,
     ProtocolViolation,
     TrafficHandler,
     handle_in_order,
-    topic_matches,
     wait_for_turn,
 )
+from azure_iot_emulator.mqtt.link import ConnectInfo, Link, topic_matches
 
 __all__ = [
     "Broker",

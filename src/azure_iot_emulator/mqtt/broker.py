@@ -16,20 +16,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography import x509
 
 from azure_iot_emulator.mqtt import connection as sm
 from azure_iot_emulator.mqtt import packets as p
-from azure_iot_emulator.mqtt.endpoint import (
-    ConnectInfo,
-    Endpoint,
-    LinkObserver,
-    ProtocolViolation,
-    topic_matches,
-)
+from azure_iot_emulator.mqtt.endpoint import Endpoint, LinkObserver, ProtocolViolation
+from azure_iot_emulator.mqtt.link import ConnectInfo, Link, Session
 from azure_iot_emulator.store import Database
 
 log = logging.getLogger(__name__)
@@ -44,7 +38,6 @@ SCHEMA = (
     )""",
 )
 
-MAX_INFLIGHT = 1000
 CLOSE_TIMEOUT = 2.0  # graceful stop: per phase (drain handlers, flush transports)
 
 
@@ -54,57 +47,6 @@ class Transport(Protocol):
     def write(self, data: bytes) -> None: ...
 
     def close(self) -> None: ...
-
-
-@dataclass
-class Session:
-    endpoint: str
-    client_id: str
-    persistent: bool
-    subscriptions: dict[str, int] = field(default_factory=dict)
-    inflight: collections.OrderedDict[int, tuple[str, bytes]] = field(default_factory=collections.OrderedDict)
-    next_id: int = 0
-
-    def new_packet_id(self) -> int:
-        for _ in range(65535):
-            self.next_id = self.next_id % 65535 + 1
-            if self.next_id not in self.inflight:
-                return self.next_id
-        raise RuntimeError("no free packet id")
-
-
-class Link:
-    """The core's handle on one live, accepted connection (given to endpoints)."""
-
-    def __init__(self, driver: ConnectionDriver, endpoint: Endpoint, info: ConnectInfo, session: Session):
-        self._driver = driver
-        self.endpoint_name = endpoint.name
-        self.client_id = info.client_id
-        self.info = info
-        self.session = session
-        self.closed = False
-
-    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
-        """Send PUBLISH to the client (QoS 0 or 1).  QoS 1 messages stay in the session until PUBACKed
-        and are re-sent (DUP) when the client reconnects with ``clean_session=False``.  Never waits for
-        the client: the packet goes to the transport now or, while publishes of this client are being
-        handled, right after their PUBACKs.  Raises ``ConnectionError`` if the link is closed."""
-        if self.closed:
-            raise ConnectionError(f"{self.endpoint_name}/{self.client_id} is not connected")
-        qos = 1 if qos else 0
-        packet_id = None
-        if qos:
-            packet_id = self.session.new_packet_id()
-            self.session.inflight[packet_id] = (topic, payload)
-            while len(self.session.inflight) > MAX_INFLIGHT:
-                self.session.inflight.popitem(last=False)
-        self._driver.send(p.Publish(topic, payload, qos, packet_id))
-
-    def is_subscribed(self, topic: str) -> bool:
-        return any(topic_matches(f, topic) for f in self.session.subscriptions)
-
-    def close(self) -> None:
-        self._driver.close()
 
 
 class Broker:
@@ -511,7 +453,7 @@ class ConnectionDriver:
         session, present = self._broker._session(endpoint, info.client_id, clean)
         self._endpoint = endpoint
         self._keepalive = packet.keepalive
-        link = Link(self, endpoint, info, session)
+        link = Link(self, endpoint.name, info, session)
         self._broker._register(link)
         self.link = link
         self._conn.accept(present)

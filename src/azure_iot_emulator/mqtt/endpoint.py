@@ -27,15 +27,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from cryptography import x509
-
+from azure_iot_emulator.mqtt.link import ConnectInfo, Link
 from azure_iot_emulator.mqtt.packets import Publish
-
-if TYPE_CHECKING:
-    from azure_iot_emulator.mqtt.broker import Link
 
 
 class ProtocolViolation(Exception):
@@ -45,21 +40,6 @@ class ProtocolViolation(Exception):
     def __init__(self, message: str, *, handled: int = 0) -> None:
         super().__init__(message)
         self.handled = handled
-
-
-@dataclass(frozen=True)
-class ConnectInfo:
-    client_id: str
-    username: str | None
-    password: bytes | None
-    clean_session: bool
-    keepalive: int
-    peer_certificate: x509.Certificate | None
-    """The leaf the client presented in the TLS handshake (None when it presented none)."""
-    peer_chain: tuple[x509.Certificate, ...] = field(default_factory=tuple)
-    """Further certificates the client sent after its leaf."""
-    local_address: tuple[str, int] = ("", 0)
-    remote_address: tuple[str, int] = ("", 0)
 
 
 class ConnectGate(Protocol):
@@ -136,20 +116,3 @@ def handle_in_order(
                 raise ProtocolViolation(str(exc), handled=index) from exc
 
     return asyncio.get_running_loop().create_task(run())
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT 3.1.1 filter matching (``+`` one level, ``#`` the rest, ``$`` topics not matched by a
-    leading wildcard)."""
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    f_levels = topic_filter.split("/")
-    t_levels = topic.split("/")
-    for i, level in enumerate(f_levels):
-        if level == "#":
-            return True
-        if i >= len(t_levels):
-            return False
-        if level != "+" and level != t_levels[i]:
-            return False
-    return len(f_levels) == len(t_levels)

@@ -26,14 +26,14 @@ from enrollment.provisioning_env import (
     mint,
     running_factory,
 )
-from storage.test_replicas import migrated
+from replicas.test_replicas import migrated
 from support.factory_process import FactoryProcess
 
 from dbstore import DatabaseUrl
 from devprov.v1 import activation_service_pb2 as apb
 from devprov.v1 import factory_service_pb2 as fpb
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240), pytest.mark.slow]
 
 LEASE = "3"  # seconds: how long a dead holder keeps its request ids
 

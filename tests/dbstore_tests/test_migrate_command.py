@@ -12,6 +12,8 @@ import psycopg
 import pytest
 from support.cli_process import run_module
 
+pytestmark = pytest.mark.slow
+
 
 def connection_string(host: str) -> str:
     key = base64.b64encode(b"k" * 32).decode()

@@ -41,6 +41,8 @@ from provkit.grpc_errors import error_details
 from provkit.grpc_server import ON_BEHALF_OF_HEADER
 from provkit.pki_cli import issue_party
 
+pytestmark = pytest.mark.slow
+
 METADATA = json.dumps({"tags": {"customer": "acme"}, "properties": {"desired": {"interval_s": 5}}})
 
 

@@ -10,6 +10,7 @@ import time
 from datetime import timedelta
 
 import pytest
+from support.waiting import ended, until
 
 from dbstore import Backend, Database, Tx, open_database, reservations
 from litestore import Options, Schema, Synchronous
@@ -27,11 +28,14 @@ class Replica:
     """A service on the shared store: its work writes one effect row, and its answer with the reservation's
     end in one transaction (as the ledger does)."""
 
-    def __init__(self, db: Database, lease: float = 30.0, work_seconds: float = 0.3) -> None:
+    def __init__(
+        self, db: Database, lease: float = 30.0, work_seconds: float = 0.3, gate: asyncio.Event | None = None
+    ) -> None:
         self.db = db
         self.reservations = reservations.Reservations(db, "toy_reservations", "answers")
         self.request_ids = RequestIds(self.reservations, lease=timedelta(seconds=lease))
         self.work_seconds = work_seconds
+        self.gate = gate  # when given, the work lasts until the test opens it (instead of work_seconds)
         self.fail = False
 
     async def find(self, request_id: str) -> Stored[int] | None:
@@ -41,7 +45,10 @@ class Replica:
 
     async def call(self, request_id: str, fingerprint: str) -> tuple[int, bool]:
         async def execute() -> tuple[int, bool] | LostRace:
-            await asyncio.sleep(self.work_seconds)
+            if self.gate is not None:
+                await self.gate.wait()
+            else:
+                await asyncio.sleep(self.work_seconds)
             if self.fail:
                 raise RuntimeError("the work failed")
 
@@ -80,6 +87,11 @@ async def reservation_rows(db: Database) -> int:
     return int(row[0])
 
 
+async def reserved(db: Database, first: asyncio.Task) -> None:
+    """Until the first call holds its reservation."""
+    await until(lambda: reservation_rows(db), "the first call's reservation", fail_if=ended(first))
+
+
 @pytest.fixture
 async def shared(postgres_url):
     from dbstore import DatabaseUrl
@@ -100,31 +112,34 @@ async def test_two_holders_take_turns_the_second_waits_and_replays(shared):
 
 
 async def test_another_body_is_refused_at_once_while_the_first_runs(shared):
-    a, b = Replica(shared, work_seconds=1.0), Replica(shared)
+    work = asyncio.Event()
+    a, b = Replica(shared, gate=work), Replica(shared)
     first = asyncio.create_task(a.call("req-2", "fp-a"))
-    while await reservation_rows(shared) == 0:
-        await asyncio.sleep(0.01)
+    await reserved(shared, first)
     with pytest.raises(RequestIdReused):
-        await b.call("req-2", "fp-b")
-    assert not first.done()  # refused without waiting for the work
+        await asyncio.wait_for(b.call("req-2", "fp-b"), 30)  # refused without waiting for the work
+    assert not first.done()
+    work.set()
     assert (await first)[0] == 1 and await effects(shared) == 1
 
 
 async def test_a_caller_whose_deadline_comes_first_gets_request_in_progress(shared):
-    a, b = Replica(shared, work_seconds=1.5), Replica(shared)
+    work = asyncio.Event()
+    a, b = Replica(shared, gate=work), Replica(shared)
     first = asyncio.create_task(a.call("req-3", "fp"))
-    while await reservation_rows(shared) == 0:
-        await asyncio.sleep(0.01)
+    await reserved(shared, first)
     deadline = time.monotonic() + 0.5
     with deadline_scope(deadline), pytest.raises(RequestInProgress) as busy:
         await b.call("req-3", "fp")
     assert busy.value.reason == "REQUEST_IN_PROGRESS" and busy.value.kind.value == "aborted"
     assert busy.value.retry_after and busy.value.metadata == {"request_id": "req-3"}
     assert not first.done()  # never executed twice: the holder is still at it
+    work.set()
     assert (await first)[1] is False
     assert await b.call("req-3", "fp") == (1, True) and await effects(shared) == 1
 
 
+@pytest.mark.slow
 async def test_a_holder_that_stopped_renewing_is_taken_over_after_its_lease(shared):
     dead = reservations.Reservations(shared, "toy_reservations", "answers")
     now_us = int(time.time() * 1_000_000)
@@ -139,11 +154,11 @@ async def test_a_holder_that_stopped_renewing_is_taken_over_after_its_lease(shar
     assert await effects(shared) == 1 and await reservation_rows(shared) == 0
 
 
+@pytest.mark.slow
 async def test_a_long_run_renews_its_lease_and_is_not_taken_over(shared):
     a, b = Replica(shared, lease=0.6, work_seconds=1.5), Replica(shared, lease=0.6)
     first = asyncio.create_task(a.call("req-5", "fp"))
-    while await reservation_rows(shared) == 0:
-        await asyncio.sleep(0.01)
+    await reserved(shared, first)
     assert await b.call("req-5", "fp") == (1, True)  # waited through several leases, then replayed
     assert await first == (1, False) and await effects(shared) == 1
 
@@ -152,8 +167,7 @@ async def test_a_failed_run_releases_the_id_and_the_next_caller_runs_it(shared):
     a, b = Replica(shared, work_seconds=0.3), Replica(shared, work_seconds=0.0)
     a.fail = True
     first = asyncio.create_task(a.call("req-6", "fp"))
-    while await reservation_rows(shared) == 0:
-        await asyncio.sleep(0.01)
+    await reserved(shared, first)
     second = asyncio.create_task(b.call("req-6", "fp"))
     with pytest.raises(RuntimeError):
         await first

@@ -47,6 +47,7 @@ from enrollment.provisioning_env import (
 from factory.factory_env import make_csr, make_key
 from support.cli_process import run_module
 from support.factory_process import FactoryProcess
+from support.waiting import until
 
 from dbstore import DatabaseUrl
 from devprov.v1 import activation_service_pb2 as apb
@@ -58,7 +59,7 @@ from factory_svc.lots.service import derived_device_id
 from provkit.activation_code import hash_code, new_code, verify_code
 from provkit.grpc_errors import error_details
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240), pytest.mark.slow]
 
 EXIT_UNREACHABLE = 3
 METADATA = json.dumps({"tags": {"customer": "acme"}, "properties": {"desired": {"interval_s": 5}}})
@@ -222,11 +223,8 @@ async def test_a_client_retries_its_unanswered_request_id_on_the_other_replica(
 
 
 async def _wait_until(what: str, check, timeout: float = 120.0, detail=lambda: "") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await asyncio.to_thread(check):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not reached in {timeout:.0f} s: {what}\n{detail()}")
-        await asyncio.sleep(0.05)
+    """``check`` runs in a thread (it asks the database synchronously)."""
+    await until(lambda: asyncio.to_thread(check), lambda: f"{what}\n{detail()}", timeout=timeout)
 
 
 @pytest.mark.parametrize("kill", ["crash-point", "random-moment"])
