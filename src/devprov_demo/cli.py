@@ -6,9 +6,9 @@
           hub received telemetry from it (--summary-json FILE also writes it).
     up    start the stack and keep it up, printing what a person needs to drive the flow by hand.
 
-Both bind loopback only. Every option is also a setting: ``DEVPROV_DEMO_<OPTION>`` in the environment
-(``DEVPROV_DEMO_FACTORY_PORT=6051``, ``DEVPROV_DEMO_HUB_HOSTS=127.0.0.2,127.0.0.3``) or the key with
-underscores in a TOML file (``--config``), the option winning over the environment over the file. Defaults:
+Both bind loopback only. Every option is also a setting: DEVPROV_DEMO_<OPTION> in the environment
+(DEVPROV_DEMO_FACTORY_PORT=6051, DEVPROV_DEMO_HUB_HOSTS=127.0.0.2,127.0.0.3) or the key with
+underscores in a TOML file (--config), the option winning over the environment over the file. Defaults:
 factory_svc 127.0.0.1:50051, activation_svc 127.0.0.1:50052, DPS device endpoint localhost, hubs 127.0.0.2
 and 127.0.0.3, each on Azure's ports of its own address (MQTT/TLS 8883; HTTPS 443: its service REST API, so
 the connection strings name the bare host, which needs root or CAP_NET_BIND_SERVICE), the activation portal
