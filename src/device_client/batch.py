@@ -11,6 +11,7 @@ import asyncio
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -39,6 +40,7 @@ async def provision_batches(
     *,
     batch_size: int = 100,
     progress: Progress | None = None,
+    validity: timedelta | None = None,  # None: the factory's default
 ) -> list[Provisioned]:
     if not 1 <= batch_size <= ENROLL_BATCH_MAX:
         raise ValueError(f"batch size must be 1..{ENROLL_BATCH_MAX}")
@@ -52,7 +54,9 @@ async def provision_batches(
             nonlocal minted
             async with gate:
                 if not StateDir(settings.state_root, guid).has_identity():
-                    await provision_with(factory, ProvisionRequest(guid, enroll=False), settings)
+                    await provision_with(
+                        factory, ProvisionRequest(guid, enroll=False, validity=validity), settings
+                    )
             minted += 1
             tell("minted", minted)
 

@@ -7,6 +7,7 @@ carrying the service's ErrorInfo reason (or UNAVAILABLE/DEADLINE_EXCEEDED for an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
@@ -85,19 +86,27 @@ class GrpcFactory:
         except grpc.RpcError as exc:
             raise to_factory_error(exc, self._settings.address) from exc
 
-    async def mint_with_csr(self, guid: str, csr_pem: bytes, request_id: str) -> MintedCertificate:
+    async def mint_with_csr(
+        self, guid: str, csr_pem: bytes, request_id: str, *, validity: timedelta | None = None
+    ) -> MintedCertificate:
         assert self._stub is not None
         request = pb.MintCertificateRequest(device_id=guid, csr_pem=csr_pem.decode(), request_id=request_id)
+        if validity is not None:
+            request.validity.FromTimedelta(validity)
         response = await self._call(self._stub.MintCertificate, request, request_id)
         return MintedCertificate(response.certificate.certificate_chain_pem.encode(), None)
 
-    async def mint_with_server_key(self, guid: str, key_type: KeyType, request_id: str) -> MintedCertificate:
+    async def mint_with_server_key(
+        self, guid: str, key_type: KeyType, request_id: str, *, validity: timedelta | None = None
+    ) -> MintedCertificate:
         assert self._stub is not None
         request = pb.MintCertificateRequest(
             device_id=guid,
             server_key_generation=pb.ServerKeyGeneration(key_type=_KEY_TYPES[key_type]),
             request_id=request_id,
         )
+        if validity is not None:
+            request.validity.FromTimedelta(validity)
         response = await self._call(self._stub.MintCertificate, request, request_id)
         key = response.private_key_pem.encode() if response.private_key_pem else None
         return MintedCertificate(response.certificate.certificate_chain_pem.encode(), key)

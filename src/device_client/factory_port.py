@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Protocol
 
 from device_client.identity import KeyType
@@ -42,10 +43,12 @@ ENROLLED_STATES = frozenset(
 
 
 class FactoryPort(Protocol):
-    async def mint_with_csr(self, guid: str, csr_pem: bytes, request_id: str) -> MintedCertificate: ...
+    async def mint_with_csr(
+        self, guid: str, csr_pem: bytes, request_id: str, *, validity: timedelta | None = None
+    ) -> MintedCertificate: ...
 
     async def mint_with_server_key(
-        self, guid: str, key_type: KeyType, request_id: str
+        self, guid: str, key_type: KeyType, request_id: str, *, validity: timedelta | None = None
     ) -> MintedCertificate: ...
 
     async def enroll(

@@ -38,6 +38,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,10 @@ class DeviceRecord:
     assigned_hub: str | None = None
     last_message: dict[str, Any] | None = None
     reached: list[str] = field(default_factory=list)  # states, in the order first reached
+    certificate_serial: str | None = None  # of the identity in use
+    certificate_not_after: datetime | None = None
+    renewal_state: str | None = None
+    renewals: int = 0  # certificates renewed and promoted during this run
 
     @property
     def snapshot(self) -> RuntimeSnapshot:
@@ -84,6 +89,10 @@ class DeviceRecord:
             last_message=self.last_message,
             last_error=self.error,
             backing_off=self.backing_off,
+            certificate_serial=self.certificate_serial,
+            certificate_not_after=self.certificate_not_after,
+            renewal_state=self.renewal_state,
+            renewals=self.renewals,
         )
 
 
@@ -259,6 +268,11 @@ class FleetRunner:
             record.reached = list(row.get("reached") or [])
             record.registered_s = self._since_boot(row.get("registered_at"))
             record.first_ack_s = self._since_boot(row.get("first_ack_at"))
+            record.certificate_serial = row.get("certificate_serial")
+            not_after = row.get("certificate_not_after")
+            record.certificate_not_after = None if not_after is None else datetime.fromisoformat(not_after)
+            record.renewal_state = row.get("renewal_state")
+            record.renewals = int(row.get("renewals") or 0)
         if kind == "final":
             worker.finished = True
         self.changed.set()

@@ -61,6 +61,12 @@ class _Device:
             "last_message": snap.last_message,
             "reached": self.reached,
             "error": self.error or snap.last_error,
+            "certificate_serial": snap.certificate_serial,
+            "certificate_not_after": (
+                None if snap.certificate_not_after is None else snap.certificate_not_after.isoformat()
+            ),
+            "renewal_state": snap.renewal_state,
+            "renewals": snap.renewals,
         }
 
 

@@ -15,7 +15,7 @@ import json
 import shutil
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -45,6 +45,7 @@ class ProvisionRequest:
     enroll: bool = True
     force: bool = False
     request_id: str | None = None
+    validity: timedelta | None = None  # None: the factory's default (a demo of renewal asks for minutes)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,9 @@ async def provision_with(
         minted = False  # resume: enroll the stored certificate
     if minted:
         if request.server_keygen:
-            cert = await factory.mint_with_server_key(request.guid, request.key_type, f"{base_id}:mint")
+            cert = await factory.mint_with_server_key(
+                request.guid, request.key_type, f"{base_id}:mint", validity=request.validity
+            )
             if not cert.private_key_pem:
                 raise FactoryError(
                     "the factory returned no private key for server-side generation",
@@ -135,7 +138,7 @@ async def provision_with(
         else:
             key = generate_key(request.key_type)
             cert = await factory.mint_with_csr(
-                request.guid, build_csr_pem(key, request.guid), f"{base_id}:mint"
+                request.guid, build_csr_pem(key, request.guid), f"{base_id}:mint", validity=request.validity
             )
         chain = load_chain(cert.certificate_chain_pem, source="factory response")
         info = inspect_identity(request.guid, key, chain, source="factory response")

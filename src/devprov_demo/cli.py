@@ -3,13 +3,17 @@
     run   start the stack, provision a fleet, print the labels, activate the devices, boot them and watch
           telemetry arrive; Ctrl-C stops everything.  --seconds N runs N seconds after the devices boot
           (counted down on screen), prints a summary and exits 0 only if every device registered and its
-          hub received telemetry from it (--summary-json FILE also writes it).
+          hub received telemetry from it (--summary-json FILE also writes it).  --cert-minutes N mints
+          certificates valid N minutes: each device renews its own over EST (RFC 7030) while its telemetry
+          goes on, the view shows each renewal, the summary counts them (and is ok only if every device
+          renewed with no gap in its telemetry); --until-renewed stops once each has renewed.
     up    start the stack and keep it up, printing what a person needs to drive the flow by hand.
 
 Both bind loopback only. Every option is also a setting: DEVPROV_DEMO_<OPTION> in the environment
 (DEVPROV_DEMO_FACTORY_PORT=6051, DEVPROV_DEMO_HUB_HOSTS=127.0.0.2,127.0.0.3) or the key with
 underscores in a TOML file (--config), the option winning over the environment over the file. Defaults:
-factory_svc 127.0.0.1:50051, activation_svc 127.0.0.1:50052, DPS device endpoint localhost, hubs 127.0.0.2
+factory_svc 127.0.0.1:50051 (its EST renewal listener https://127.0.0.1:8443), activation_svc 127.0.0.1:50052,
+DPS device endpoint localhost, hubs 127.0.0.2
 and 127.0.0.3, each on Azure's ports of its own address (MQTT/TLS 8883; HTTPS 443: its service REST API, so
 the connection strings name the bare host, which needs root or CAP_NET_BIND_SERVICE), the activation portal
 http://127.0.0.1:8080/.
@@ -32,10 +36,24 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 
 from activation_svc.metadata import sample_metadata
-from devprov_demo.fleet import Fleet, activate_fleet, provision_fleet, summary, write_json
+from devprov_demo.fleet import (
+    Fleet,
+    ShortCertificates,
+    activate_fleet,
+    provision_fleet,
+    summary,
+    write_json,
+)
 from devprov_demo.hub_feed import HubFeed
 from devprov_demo.stack import PARTIES, Stack, StackConfig
-from devprov_demo.view import HubWatch, countdown, labels_table, live_view, summary_table
+from devprov_demo.view import (
+    HubWatch,
+    RenewalWatch,
+    countdown,
+    labels_table,
+    live_view,
+    summary_table,
+)
 from provkit.cli_shell import run_cli
 from provkit.settings import FlagKeys, SettingsSource
 
@@ -74,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--portal-port", type=int, help="the activation portal (HTTP; default 8080)")
         cmd.add_argument("--crl-port", type=int, help="factory_svc's CRL over HTTP (default 8081)")
         cmd.add_argument(
+            "--est-port", type=int, help="factory_svc's EST renewal listener (HTTPS, mTLS; default 8443)"
+        )
+        cmd.add_argument(
             "--metrics-port",
             type=int,
             help="Prometheus /metrics of factory, activation, portal, emulator on this port and the next "
@@ -86,6 +107,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--interval", type=float, help="telemetry interval in seconds (default 5)")
     run.add_argument("--seconds", type=float, help="stop after this long and print a summary")
     run.add_argument("--summary-json", type=Path, help="also write the summary here")
+    run.add_argument(
+        "--cert-minutes",
+        type=int,
+        help="mint certificates valid this many minutes (the factory backdates each 5 minutes against "
+        "clock skew) and watch the devices renew them; default: the factory's 730 days",
+    )
+    run.add_argument(
+        "--renew-fraction",
+        type=float,
+        help="with --cert-minutes: a device renews once this fraction of its certificate's lifetime has "
+        "elapsed (default 0.667, the device's own)",
+    )
+    run.add_argument(
+        "--until-renewed",
+        action="store_true",
+        help="with --cert-minutes: stop once every device has renewed and sent 3 more messages "
+        "(--seconds, if given, still caps the run)",
+    )
 
     up = sub.add_parser("up", allow_abbrev=False, help="start the stack and keep it up")
     stack_options(up, WORK_DIRS["up"])
@@ -106,8 +145,8 @@ FLAGS = FlagKeys(
         key: key
         for key in (
             "work_dir", "dps_host", "hub_hosts", "https_port", "factory_port", "activation_port",
-            "portal_port", "crl_port", "metrics_port", "replicas", "devices", "interval", "seconds",
-            "summary_json",
+            "portal_port", "crl_port", "est_port", "metrics_port", "replicas", "devices", "interval",
+            "seconds", "summary_json", "cert_minutes", "renew_fraction", "until_renewed",
         )
     }
 )  # fmt: skip
@@ -120,6 +159,7 @@ DEFAULTS = {
     "activation_port": 50052,
     "portal_port": 8080,
     "crl_port": 8081,
+    "est_port": 8443,
     "metrics_port": 9101,
     "replicas": 1,
     "devices": 5,
@@ -133,7 +173,7 @@ def _settings(args: argparse.Namespace) -> SettingsSource:
     return SettingsSource.located("DEVPROV_DEMO", config=args.config, flags=flags, defaults=defaults)
 
 
-def _config(source: SettingsSource) -> StackConfig:
+def _config(source: SettingsSource, short: ShortCertificates | None = None) -> StackConfig:
     return StackConfig(
         work_dir=source.path("work_dir") or Path(),
         dps_host=source.text("dps_host") or "localhost",
@@ -143,6 +183,8 @@ def _config(source: SettingsSource) -> StackConfig:
         activation_port=source.integer("activation_port", 50052),
         portal_port=source.integer("portal_port", 8080),
         crl_port=source.integer("crl_port", 8081),
+        est_port=source.integer("est_port", 8443),
+        cert_minutes=None if short is None else short.minutes,
         metrics_port=source.integer("metrics_port", 9101),
         replicas=max(1, source.integer("replicas", 1)),
     )
@@ -172,6 +214,7 @@ def _stack_facts(stack: Stack) -> list[tuple[str, str]]:
     emu = stack.emulator
     facts = [
         ("factory_svc (gRPC, mTLS)", stack.config.factory_address),
+        ("factory EST renewal (RFC 7030, device certificate)", stack.config.est_url),
         ("activation_svc (gRPC, mTLS)", stack.config.activation_address),
         ("activation portal (web)", stack.config.portal_url),
         ("DPS global endpoint", f"{emu.global_endpoint} (MQTT/TLS 8883)"),
@@ -228,8 +271,35 @@ async def _start(console: Console, stack: Stack, *, fresh: bool) -> None:
     _print_facts(console, stack)
 
 
+class UntilRenewed:
+    """``--until-renewed``: done once every device has renewed its certificate and sent ``AFTER`` more
+    messages acknowledged on the new one."""
+
+    AFTER = 3
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+        self._sent_at_renewal: dict[str, int] = {}
+
+    def __call__(self) -> bool:
+        for track in self._fleet.tracks:
+            snap = track.snapshot
+            if snap.renewals and track.guid not in self._sent_at_renewal:
+                self._sent_at_renewal[track.guid] = snap.telemetry_sent
+        return all(
+            track.guid in self._sent_at_renewal
+            and track.snapshot.telemetry_sent >= self._sent_at_renewal[track.guid] + self.AFTER
+            for track in self._fleet.tracks
+        )
+
+
 async def _watch(
-    console: Console, fleet: Fleet, watch: HubWatch, stop: asyncio.Event, seconds: float | None
+    console: Console,
+    fleet: Fleet,
+    watch: HubWatch,
+    stop: asyncio.Event,
+    seconds: float | None,
+    done: UntilRenewed | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     deadline = None if seconds is None else loop.time() + seconds
@@ -237,16 +307,24 @@ async def _watch(
     def remaining() -> float | None:
         return None if deadline is None else deadline - loop.time()
 
+    renewals = RenewalWatch()
+
     async def tick() -> bool:
         left = remaining()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.25 if left is None else max(0.0, min(0.25, left)))
         await watch.poll()
+        events = len(renewals.events)
+        renewals.observe(fleet.tracks)
+        if not console.is_terminal:  # a log: each renewal as a line of its own
+            for event in list(renewals.events)[events:]:
+                console.print(event, highlight=False, soft_wrap=True)
         left = remaining()
-        return not stop.is_set() and (left is None or left > 0)
+        finished = done is not None and done()
+        return not stop.is_set() and not finished and (left is None or left > 0)
 
     def view() -> RenderableType:  # the terminal's width now: a resized window gets a fitting table
-        return live_view(fleet.tracks, watch, countdown(remaining()), console.width)
+        return live_view(fleet.tracks, watch, countdown(remaining()), console.width, renewals)
 
     if console.is_terminal:
         with Live(view(), console=console, refresh_per_second=4) as live:
@@ -260,10 +338,23 @@ async def _watch(
             next_status = loop.time() + STATUS_EVERY_S
             states = ", ".join(
                 f"{t.guid[:8]} {t.snapshot.state.value} sent={t.snapshot.telemetry_sent} "
-                f"hub={watch.received.get(t.guid, 0)}"
+                f"hub={watch.received.get(t.guid, 0)} renewed={t.snapshot.renewals}"
                 for t in fleet.tracks
             )
             console.print(f"status: {states}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _short_certificates(source: SettingsSource) -> ShortCertificates | None:
+    """``--cert-minutes`` (and ``--renew-fraction``), checked (``ValueError``); None without them."""
+    if source.value("cert_minutes") is None:
+        if source.value("renew_fraction") is not None or source.flag("until_renewed", False):
+            raise ValueError("--renew-fraction and --until-renewed go with --cert-minutes")
+        return None
+    minutes = source.integer("cert_minutes", 0)
+    fraction = source.number("renew_fraction", ShortCertificates.fraction)
+    if minutes < 1 or not 0.01 <= fraction <= 1:
+        raise ValueError("--cert-minutes must be at least 1 and --renew-fraction within 0.01..1")
+    return ShortCertificates(minutes, fraction)
 
 
 async def run_demo(args: argparse.Namespace, source: SettingsSource, console: Console) -> int:
@@ -272,7 +363,12 @@ async def run_demo(args: argparse.Namespace, source: SettingsSource, console: Co
     if devices < 1 or interval <= 0 or (seconds is not None and seconds <= 0):
         console.print("[red]--devices, --interval and --seconds must be positive[/]")
         return EXIT_FAILED
-    stack = Stack(_config(source))
+    try:
+        short = _short_certificates(source)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]", highlight=False)
+        return EXIT_FAILED
+    stack = Stack(_config(source, short))
     if not _claim(console, stack, args):
         return EXIT_FAILED
     stop = _stop_event()
@@ -283,8 +379,9 @@ async def run_demo(args: argparse.Namespace, source: SettingsSource, console: Co
         _log_to_file(stack.logs / "devices.log")
         if stop.is_set():
             return EXIT_INCOMPLETE
-        with console.status(f"factory: minting and enrolling {devices} devices (disabled) ..."):
-            labels = await provision_fleet(stack, devices)
+        lifetime = "" if short is None else f", certificates valid {short.minutes} min"
+        with console.status(f"factory: minting and enrolling {devices} devices (disabled{lifetime}) ..."):
+            labels = await provision_fleet(stack, devices, short)
         console.print(labels_table(labels))
         if stop.is_set():
             return EXIT_INCOMPLETE
@@ -299,10 +396,13 @@ async def run_demo(args: argparse.Namespace, source: SettingsSource, console: Co
         with console.status("starting the fleet's worker processes ..."):
             await fleet.start()
         console.print(f"first boot of {len(labels)} devices (logs: {stack.logs / 'devices.log'})")
-        await _watch(console, fleet, watch, stop, seconds)
+        until = UntilRenewed(fleet) if short is not None and source.flag("until_renewed", False) else None
+        await _watch(console, fleet, watch, stop, seconds, until)
         await fleet.stop()
         await watch.poll()
-        result = summary(fleet, dict(watch.received), chosen)
+        result = summary(
+            fleet, dict(watch.received), chosen, watch.gaps(), expect_renewal=short is not None
+        )
         console.print(summary_table(result, console.width))
         summary_json = source.path("summary_json")
         if summary_json is not None:

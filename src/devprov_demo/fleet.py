@@ -14,7 +14,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -41,7 +41,7 @@ def device_settings(stack: Stack, **overrides: Any) -> Settings:
     """The factory bench's view of the device client settings (as `source env.sh` would give)."""
     env = stack.client_environment()
     values: dict[str, Any] = {
-        key.removeprefix("DEVICE_CLIENT_").lower(): value
+        _setting_key(key.removeprefix("DEVICE_CLIENT_").lower()): value
         for key, value in env.items()
         if key.startswith("DEVICE_CLIENT_")
     }
@@ -49,9 +49,33 @@ def device_settings(stack: Stack, **overrides: Any) -> Settings:
     return load_settings(env={}, overrides=values)
 
 
-async def provision_fleet(stack: Stack, count: int) -> list[Label]:
-    """Mint each device's certificate (key made on the device) and enroll them with EnrollBatch."""
-    results = await provision_batches([str(uuid.uuid4()) for _ in range(count)], device_settings(stack))
+def _setting_key(name: str) -> str:
+    """``renewal_est_url`` (from DEVICE_CLIENT_RENEWAL_EST_URL) is the key ``renewal.est_url``."""
+    table, _, rest = name.partition("_")
+    return f"{table}.{rest}" if table == "renewal" else name
+
+
+@dataclass(frozen=True)
+class ShortCertificates:
+    """The renewal demo (``--cert-minutes``): each device's certificate is valid ``minutes`` (the factory
+    backdates it 5 minutes against clock skew, so it lives minutes + 5), renewed once ``fraction`` of that
+    lifetime has elapsed, looked at every ``check_interval_s``."""
+
+    minutes: int
+    fraction: float = 0.667
+    check_interval_s: float = 5.0
+
+    def device_settings(self) -> dict[str, Any]:
+        return {"renewal.fraction": self.fraction, "renewal.check_interval_s": self.check_interval_s}
+
+
+async def provision_fleet(stack: Stack, count: int, short: ShortCertificates | None = None) -> list[Label]:
+    """Mint each device's certificate (key made on the device) and enroll them with EnrollBatch; each
+    device's settings.toml names the factory's EST listener (and with ``short``, the renewal's timing)."""
+    settings = device_settings(stack, **(short.device_settings() if short else {}))
+    validity = None if short is None else timedelta(minutes=short.minutes)
+    guids = [str(uuid.uuid4()) for _ in range(count)]
+    results = await provision_batches(guids, settings, validity=validity)
     labels = []
     for result in results:
         if result.error or not result.activation_code:
@@ -142,16 +166,29 @@ class DeviceSummary(TypedDict):
     final_state: str
     telemetry_acknowledged: int
     hub_received: int
+    telemetry_gaps: int  # sequence numbers the hub never got below the highest it got
+    renewals: int  # certificates renewed and promoted during the run
+    certificate_serial: str | None
     error: str | None
 
 
 class FleetSummary(TypedDict):
     ok: bool
+    renewals: int
+    expect_renewal: bool
     devices: list[DeviceSummary]
 
 
-def summary(fleet: Fleet, received: dict[str, int], chosen_hubs: dict[str, str]) -> FleetSummary:
-    """What happened to each device; ``ok`` when every device registered and its hub got telemetry."""
+def summary(
+    fleet: Fleet,
+    received: dict[str, int],
+    chosen_hubs: dict[str, str],
+    gaps: Mapping[str, int] | None = None,
+    *,
+    expect_renewal: bool = False,
+) -> FleetSummary:
+    """What happened to each device; ``ok`` when every device registered and its hub got telemetry (and
+    with ``expect_renewal``, when each renewed its certificate with no gap in the telemetry)."""
     devices: list[DeviceSummary] = []
     for track in fleet.tracks:
         snap = track.snapshot
@@ -164,13 +201,19 @@ def summary(fleet: Fleet, received: dict[str, int], chosen_hubs: dict[str, str])
                 "final_state": snap.state.value,
                 "telemetry_acknowledged": snap.telemetry_sent,
                 "hub_received": received.get(track.label.guid, 0),
+                "telemetry_gaps": (gaps or {}).get(track.label.guid, 0),
+                "renewals": snap.renewals,
+                "certificate_serial": snap.certificate_serial,
                 "error": track.error,
             }
         )
     ok = bool(devices) and all(
         DeviceState.REGISTERED.value in d["states_reached"] and d["hub_received"] > 0 for d in devices
     )
-    return {"ok": ok, "devices": devices}
+    if expect_renewal:
+        ok = ok and all(d["renewals"] > 0 and d["telemetry_gaps"] == 0 for d in devices)
+    renewals = sum(d["renewals"] for d in devices)
+    return {"ok": ok, "renewals": renewals, "expect_renewal": expect_renewal, "devices": devices}
 
 
 def write_json(path: Path, data: Mapping[str, object]) -> None:

@@ -7,7 +7,7 @@ Everything lives in one work directory::
                     ``urn:devprov:<role>:<tenant>`` identity, issued with ``provkit.pki_cli`` (the code of the
                     ``devprov-pki`` command, which issues more for this stack: ``--ca-dir <work>/tls``)
     emulator/       the emulator's data (connection.json, its CA, SQLite)
-    factory/        factory_svc data (factory CA, ledger, outbox)
+    factory/        factory_svc data (factory CA, ledger, outbox, renewals)
     activation/     activation_svc data (audit)
     devices/        one state directory per device
     postgres/       with ``replicas`` > 1: the services' PostgreSQL cluster (``pgcluster.kept_cluster``)
@@ -18,6 +18,10 @@ Everything lives in one work directory::
 Every directory is 0700 (the work directory itself 0710 with group ``postgres`` when root runs replicas:
 the server, run as that user, must pass through), keys and stores 0600.  Everything is kept between runs;
 ``run`` and ``up --fresh`` wipe it all first (the lock file excepted).
+
+factory_svc's EST renewal listener (``est_url``) serves the devices' certificate renewals; every device is
+provisioned with it (``renewal.est_url``, trusting the services' TLS CA).  With ``cert_minutes`` the factory
+accepts certificates that short (``FACTORY_MINT_MIN_VALIDITY_MINUTES``) and enrolls them.
 
 Prometheus ``/metrics`` of the four programs listen on ``metrics_port`` .. ``metrics_port + 3`` (factory,
 activation, portal, emulator; ``StackConfig.metrics_urls()``); ``metrics_port=0`` turns them off.  With
@@ -78,6 +82,8 @@ class StackConfig:
     activation_port: int = 50052
     portal_port: int = 8080
     crl_port: int = 8081  # factory_svc's CRL over HTTP (the URL every certificate names)
+    est_port: int = 8443  # factory_svc's EST renewal listener (HTTPS, the device's certificate as client's)
+    cert_minutes: int | None = None  # set: the factory may mint certificates this short (renewal demo)
     metrics_port: int = 9101  # /metrics of the 4 programs (METRICS_PROGRAMS) from here on; 0: off
     replicas: int = 1  # >1: PostgreSQL, and that many of each service behind its one address
 
@@ -92,6 +98,10 @@ class StackConfig:
     @property
     def crl_url(self) -> str:
         return f"http://{self.service_host}:{self.crl_port}/crl/issuing-ca.crl"
+
+    @property
+    def est_url(self) -> str:
+        return f"https://{self.service_host}:{self.est_port}"
 
     @property
     def portal_url(self) -> str:
@@ -262,8 +272,22 @@ class Stack:
             f"{prefix}_SERVER_TLS_KEY_FILE": str(self.tls.key(name)),
             f"{prefix}_SERVER_CLIENT_CA_FILE": str(self.tls.ca),
             f"{prefix}_METRICS_LISTEN": metrics,
-            **(self._crl_environment(port) if prefix == "FACTORY" else {}),
+            **(self._factory_environment(port) if prefix == "FACTORY" else {}),
         }
+
+    def _factory_environment(self, port: int) -> dict[str, str]:
+        """The factory's CRL over HTTP and its EST renewal listener (with its gRPC server's TLS certificate;
+        a replica on ``port + 1000 * n`` serves them on their ports + 1000 * n, behind the balancers), and
+        with ``cert_minutes`` the shortest validity lowered to allow such certificates."""
+        offset = port - self.config.factory_port
+        env = {
+            **self._crl_environment(port),
+            "FACTORY_RENEWAL_LISTEN": f"{self.config.service_host}:{self.config.est_port + offset}",
+        }
+        if self.config.cert_minutes is not None:
+            env["FACTORY_MINT_MIN_VALIDITY_MINUTES"] = str(min(60, self.config.cert_minutes))
+            env["FACTORY_ENROLL_MIN_REMAINING_VALIDITY_DAYS"] = "0"
+        return env
 
     def _crl_environment(self, port: int) -> dict[str, str]:
         """The factory's CRL over HTTP (a replica on ``port + 1000 * n`` serves it on ``crl_port + 1000 * n``,
@@ -338,6 +362,7 @@ class Stack:
         )
         if prefix == "FACTORY":
             self._start_balancer("factory-crl", self.config.crl_port)
+            self._start_balancer("factory-est", self.config.est_port)
 
     def _start_balancer(self, name: str, port: int) -> None:
         """One address (``port``) in front of the replicas' ``port + 1000 * n``."""
@@ -458,6 +483,10 @@ class Stack:
             "DEVICE_CLIENT_ID_SCOPE": self.emulator.id_scope,
             "DEVICE_CLIENT_GLOBAL_ENDPOINT": self.emulator.global_endpoint,
             "DEVICE_CLIENT_TRUSTED_CA_FILE": str(self.emulator.ca_path),
+            # `provision` writes these into the device's settings.toml (the listener's TLS certificate is
+            # the factory's gRPC one, under the services' TLS CA, copied beside the device's identity)
+            "DEVICE_CLIENT_RENEWAL_EST_URL": self.config.est_url,
+            "DEVICE_CLIENT_RENEWAL_CA_FILE": str(tls.ca),
         }
 
     def write_env_file(self) -> Path:

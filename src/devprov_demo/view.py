@@ -7,6 +7,7 @@ import math
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Protocol
 
 from rich.console import Group, RenderableType
@@ -14,6 +15,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from device_client import renewal
 from device_client.runtime import DeviceState, RuntimeSnapshot
 from devprov_demo.fleet import FleetSummary, Label
 from devprov_demo.hub_feed import HubFeed, ReceivedMessage
@@ -32,25 +34,72 @@ STATE_STYLE = {
 
 class HubWatch:
     """Tails the telemetry the emulator's hubs received (through their REST API: ``hub_feed``) and counts it
-    per device."""
+    per device, with the devices' sequence numbers seen (a device numbers its messages from 1, across runs
+    and certificate renewals)."""
 
     def __init__(self, feed: HubFeed | None, keep: int = 8) -> None:
         self._feed = feed
         self.received: Counter[str] = Counter()
         self.tail: deque[ReceivedMessage] = deque(maxlen=keep)
+        self._seqs: dict[str, set[int]] = {}
 
     def take(self, messages: Iterable[ReceivedMessage]) -> None:
         for message in messages:
             self.received[message.device_id] += 1
             self.tail.append(message)
+            seq = _seq(message)
+            if seq is not None:
+                self._seqs.setdefault(message.device_id, set()).add(seq)
 
     async def poll(self) -> None:
         if self._feed is not None:
             self.take(await self._feed.read_new())
 
+    def gaps(self) -> dict[str, int]:
+        """Per device: how many sequence numbers below the highest received the hubs never got."""
+        return {device: max(seqs) - len(seqs) for device, seqs in self._seqs.items()}
+
     async def close(self) -> None:
         if self._feed is not None:
             await self._feed.close()
+
+
+def _seq(message: ReceivedMessage) -> int | None:
+    try:
+        body = json.loads(message.body_text() or "null")
+    except ValueError:
+        return None
+    seq = body.get("seq") if isinstance(body, dict) else None
+    return seq if isinstance(seq, int) and seq > 0 else None
+
+
+class RenewalWatch:
+    """Notices each device's certificate renewals in its runtime's snapshots (the serial in use changes),
+    keeping the latest as lines for the live view."""
+
+    def __init__(self, keep: int = 6) -> None:
+        self._serials: dict[str, str] = {}
+        self.events: deque[Text] = deque(maxlen=keep)
+
+    def observe(self, tracks: Iterable[TrackView], now: datetime | None = None) -> None:
+        at = (now or datetime.now(UTC)).strftime("%H:%M:%S")
+        for track in tracks:
+            snap = track.snapshot
+            serial = snap.certificate_serial
+            if serial is None:
+                continue
+            before = self._serials.get(track.guid)
+            self._serials[track.guid] = serial
+            if before is None or before == serial:
+                continue
+            line = Text(no_wrap=True, overflow="ellipsis")
+            line.append(f"{at} ", style="dim")
+            line.append(f"{shorten_middle(track.guid, 17)} ", style="bold")
+            line.append("renewed ", style="bold green")
+            line.append(f"serial {shorten_middle(before, 11)} -> {shorten_middle(serial, 11)}")
+            if snap.certificate_not_after is not None:
+                line.append(f", valid until {snap.certificate_not_after:%H:%M:%S} UTC")
+            self.events.append(line)
 
 
 def labels_table(labels: list[Label]) -> Table:
@@ -108,7 +157,7 @@ class Layout:
     width: int
     guid: int
     hub: int
-    last_message: bool
+    last_message: bool  # and the certificate's column, when the devices report one
 
     WIDE: ClassVar[int] = 120
     WITH_LAST_MESSAGE: ClassVar[int] = 100
@@ -126,8 +175,37 @@ class Layout:
 _NARROW_STATE = {DeviceState.WAITING_FOR_ACTIVATION: "WAITING"}
 
 
+_RENEWING = (renewal.REQUESTED, renewal.RECEIVED, renewal.REGISTERED, renewal.PROMOTED)
+
+
+def _left(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds <= 0:
+        return "expired"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s left"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600}h left"
+    return f"{seconds // 86400}d left"
+
+
+def certificate_cell(snap: RuntimeSnapshot, now: datetime | None = None) -> Text:
+    """The certificate in use: time left, and its renewal (in progress, refused, how many this run)."""
+    if snap.certificate_not_after is None:
+        return Text("-")
+    text = Text(_left(snap.certificate_not_after - (now or datetime.now(UTC))), no_wrap=True)
+    if snap.renewal_state in _RENEWING:
+        text.append(f" renewing ({snap.renewal_state})", style="bold yellow")
+    elif snap.renewal_state in (renewal.REFUSED, renewal.FAILED):
+        text.append(f" renewal {snap.renewal_state}", style="bold red")
+    if snap.renewals:
+        text.append(f" renewed {snap.renewals}x", style="bold green")
+    return text
+
+
 def fleet_table(tracks: Sequence[TrackView], received: Mapping[str, int], layout: Layout) -> Table:
     table = Table(title="Devices in the field", title_justify="left", expand=True)
+    certificates = layout.last_message and any(t.snapshot.certificate_not_after for t in tracks)
     table.add_column("device", no_wrap=True, min_width=layout.guid)
     table.add_column("state", no_wrap=True, min_width=len("CONNECTED"))
     table.add_column("hub", no_wrap=True, min_width=3)
@@ -135,6 +213,9 @@ def fleet_table(tracks: Sequence[TrackView], received: Mapping[str, int], layout
     table.add_column("hub got", justify="right", no_wrap=True, min_width=7)
     if layout.last_message:
         table.add_column("last message", overflow="ellipsis", no_wrap=True, ratio=1)
+    if certificates:
+        width = len("2m04s left renewed 1x")
+        table.add_column("certificate", no_wrap=True, overflow="ellipsis", min_width=width)
     for track in tracks:
         snap = track.snapshot
         name = snap.state.value if layout.width >= Layout.WIDE else _NARROW_STATE.get(snap.state, snap.state)
@@ -147,6 +228,8 @@ def fleet_table(tracks: Sequence[TrackView], received: Mapping[str, int], layout
         ]
         if layout.last_message:
             row.append(_reading(snap.last_message) or (track.error or ""))
+        if certificates:
+            row.append(certificate_cell(snap))
         table.add_row(*row)
     return table
 
@@ -179,24 +262,46 @@ def countdown(remaining_s: float | None) -> str:
     return f"stops in {max(0, math.ceil(remaining_s))} s (Ctrl-C stops now)"
 
 
-def live_view(tracks: Sequence[TrackView], watch: HubWatch, footer: str, width: int) -> RenderableType:
+def renewals_panel(events: Iterable[Text]) -> Panel:
+    return Panel(Group(*events), title="Certificates renewed (EST, newest last)", expand=True)
+
+
+def live_view(
+    tracks: Sequence[TrackView],
+    watch: HubWatch,
+    footer: str,
+    width: int,
+    renewals: RenewalWatch | None = None,
+) -> RenderableType:
     layout = Layout.for_width(width)
-    return Group(
+    parts: list[RenderableType] = [
         fleet_table(tracks, watch.received, layout),
         telemetry_panel(watch.tail, layout),
-        Text(footer, style="dim"),
-    )
+    ]
+    if renewals is not None and renewals.events:
+        parts.append(renewals_panel(renewals.events))
+    parts.append(Text(footer, style="dim"))
+    return Group(*parts)
 
 
 def summary_table(summary: FleetSummary, width: int = Layout.WIDE) -> Table:
     layout = Layout.for_width(width)
     verdict = "every device registered and its hub received telemetry" if summary["ok"] else "INCOMPLETE"
+    expect_renewal = summary.get("expect_renewal", False)
+    if summary["ok"] and expect_renewal:
+        verdict = "every device renewed its certificate, its hub received telemetry with no gap"
+    renewed = summary.get("renewals", 0)
+    if renewed or expect_renewal:
+        verdict += f"; {renewed} certificate renewal{'' if renewed == 1 else 's'}"
     table = Table(title=f"Summary: {verdict}", title_justify="left")
     table.add_column("device", no_wrap=True, min_width=layout.guid)
     table.add_column("hub", no_wrap=True)
     table.add_column("registered", no_wrap=True, min_width=len("registered"))
     table.add_column("acked", justify="right", no_wrap=True)
     table.add_column("hub got", justify="right", no_wrap=True, min_width=len("hub got"))
+    if renewed or expect_renewal:
+        table.add_column("renewed", justify="right", no_wrap=True)
+        table.add_column("gaps", justify="right", no_wrap=True)
     errors = any(device["error"] for device in summary["devices"])
     if errors:
         table.add_column("error")
@@ -209,6 +314,9 @@ def summary_table(summary: FleetSummary, width: int = Layout.WIDE) -> Table:
             str(device["telemetry_acknowledged"]),
             str(device["hub_received"]),
         ]
+        if renewed or expect_renewal:
+            gaps = device.get("telemetry_gaps", 0)
+            row += [str(device.get("renewals", 0)), Text(str(gaps), style="red" if gaps else "")]
         if errors:
             row.append(device["error"] or "")
         table.add_row(*row)

@@ -20,6 +20,7 @@
 | ca.pkcs11_token / _key_label  | FACTORY_CA_PKCS11_TOKEN / _KEY_LABEL | - / devprov-issuing-ca |
 | ca.pkcs11_pin_file            | FACTORY_CA_PKCS11_PIN or FACTORY_CA_PKCS11_PIN_FILE | - (pkcs11: required) |
 | mint.default_validity_days    | FACTORY_MINT_DEFAULT_VALIDITY_DAYS | 730 (shelf + first renewal) |
+| mint.min_validity_minutes     | FACTORY_MINT_MIN_VALIDITY_MINUTES | 60 (the shortest a caller may ask for) |
 | device_ids                    | FACTORY_DEVICE_IDS                | guid (see provkit.device_id) |
 | requests.lease_seconds        | FACTORY_REQUESTS_LEASE_SECONDS    | 30 (replicas: a request id's lease) |
 | crl.dir                       | FACTORY_CRL_DIR                   | <data_dir>/crl            |
@@ -42,8 +43,11 @@ audits in PostgreSQL, shared by every replica (run ``factory-svc migrate`` first
 
 ``mint.default_validity_days``: a factory certificate lives through the device's time on the shelf and in
 the OEM's stock (a year or more) and then until its first renewal in the field; 730 days leaves a year of
-each.  Renewed certificates (``renewal.validity_days``) are shorter: the device renews them itself (at
-two thirds of the lifetime or 30 days before expiry).  ``renewal.listen`` starts the EST listener
+each.  ``mint.min_validity_minutes`` is the shortest validity a MintCertificate may ask for (an hour); a
+demonstration of renewal lowers it (``make demo DEMO_ARGS="--cert-minutes 3"``), with
+``enroll.min_remaining_validity_days`` = 0 so that such a certificate may be enrolled.  Renewed
+certificates (``renewal.validity_days``) are shorter: the device renews them itself (at two thirds of the
+lifetime or 30 days before expiry).  ``renewal.listen`` starts the EST listener
 (``factory_svc.renewal.http``); it needs DPS (``enroll.*``, ``cloud.*``) and a TLS server certificate.
 
 ``requests.lease_seconds``: with replicas, a request id is reserved in the database while one replica
@@ -65,7 +69,7 @@ from dbstore import DatabaseUrl
 from factory_svc.ca.settings import CaSettings, ca_settings
 from factory_svc.enrollment.assembly import EnrollSettings, load_enroll_settings
 from factory_svc.errors import ERROR_DOMAIN
-from factory_svc.mint.service import MintPolicy
+from factory_svc.mint.service import MIN_VALIDITY, MintPolicy
 from factory_svc.renewal.model import RenewalPolicy, RenewalSettings
 from factory_svc.revocation.crl import CrlSettings
 from provkit.device_id import DeviceIdPolicy
@@ -83,6 +87,7 @@ from provkit.settings import (
 
 PREFIX = "FACTORY"
 DEFAULT_VALIDITY_DAYS = 730  # shelf time plus the first renewal (see above)
+MIN_VALIDITY_MINUTES = int(MIN_VALIDITY.total_seconds() // 60)
 DEFAULT_PORT = 50051
 
 
@@ -177,6 +182,9 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
     days = source.integer("mint.default_validity_days", DEFAULT_VALIDITY_DAYS)
     if days < 1:
         raise SettingsError("FACTORY_MINT_DEFAULT_VALIDITY_DAYS must be at least 1")
+    min_minutes = source.integer("mint.min_validity_minutes", MIN_VALIDITY_MINUTES)
+    if min_minutes < 1:
+        raise SettingsError("FACTORY_MINT_MIN_VALIDITY_MINUTES must be at least 1")
     data_dir = source.path("data_dir", Path("factory-data")) or Path("factory-data")
     crl = crl_settings(source)
     server = server_settings(source, error_domain=ERROR_DOMAIN, default_port=DEFAULT_PORT)
@@ -185,7 +193,11 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         data_dir=data_dir,
         database=database_url(source, data_dir),
         ca=ca_settings(source),
-        mint=MintPolicy(default_validity=timedelta(days=days), crl_url=crl.url),
+        mint=MintPolicy(
+            default_validity=timedelta(days=days),
+            crl_url=crl.url,
+            min_validity=timedelta(minutes=min_minutes),
+        ),
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),
         enroll=load_enroll_settings(source),
         device_ids=device_id_policy(source),

@@ -57,6 +57,7 @@ def _stack_args(work_dir: Path) -> list[str]:
         "--activation-port", str(free_port("127.0.0.1")),
         "--portal-port", str(free_port("127.0.0.1")),
         "--crl-port", str(free_port("127.0.0.1")),
+        "--est-port", str(free_port("127.0.0.1")),
         "--metrics-port", str(_free_port_block(4)),
     ]  # fmt: skip
 

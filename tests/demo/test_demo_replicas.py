@@ -82,7 +82,7 @@ def test_up_with_two_replicas_keeps_its_state_and_reports_a_killed_replica(work_
         pytest.skip(why)
     work = work_dir
     args = _stack_args(work)
-    for option in ("--factory-port", "--activation-port", "--crl-port"):
+    for option in ("--factory-port", "--activation-port", "--crl-port", "--est-port"):
         args[args.index(option) + 1] = str(_replica_port_base())
     args[args.index("--metrics-port") + 1] = str(_replica_port_base(4))
     factory_port = int(args[args.index("--factory-port") + 1])

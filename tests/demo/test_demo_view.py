@@ -15,7 +15,7 @@ from rich.console import Console
 
 from device_client.runtime import DeviceState, RuntimeSnapshot
 from devprov_demo.hub_feed import ReceivedMessage
-from devprov_demo.view import HubWatch, countdown, live_view, shorten_middle, summary_table
+from devprov_demo.view import HubWatch, RenewalWatch, countdown, live_view, shorten_middle, summary_table
 
 GUIDS = (
     "ce8b6f4e-410e-499d-812a-bb3fb86a0c11",
@@ -144,3 +144,66 @@ def test_the_summary_fits_too(width: int) -> None:
     for guid in GUIDS:
         shown = guid if width >= 120 else shorten_middle(guid, 17)
         assert any(f"│ {shown} " in line and " yes " in line for line in lines)
+
+
+def _renewing_tracks(now: datetime) -> list[Track]:
+    """The three devices mid-demo with 3-minute certificates: one changing over, one renewed, one waiting."""
+    from datetime import timedelta
+
+    states = (("received", 0), ("confirmed", 1), (None, 0))
+    tracks = []
+    for index, (track, (renewal_state, renewals)) in enumerate(zip(_tracks(), states, strict=True)):
+        snapshot = RuntimeSnapshot(
+            **{
+                **track.snapshot.__dict__,
+                "certificate_serial": f"{index + 1:02X}" * 20,
+                "certificate_not_after": now + timedelta(minutes=2, seconds=5 + index),
+                "renewal_state": renewal_state,
+                "renewals": renewals,
+            }
+        )
+        tracks.append(Track(track.guid, snapshot))
+    return tracks
+
+
+@pytest.mark.parametrize("width", [80, 100, 120, 200])
+def test_the_certificate_and_its_renewal_show_when_devices_report_them(width: int, watch: HubWatch) -> None:
+    now = datetime.now(UTC)
+    tracks = _renewing_tracks(now)
+    renewals = RenewalWatch()
+    renewals.observe(tracks, now)  # first sight: nothing renewed yet
+    assert not renewals.events
+    renewed = Track(
+        tracks[0].guid,
+        RuntimeSnapshot(**{**tracks[0].snapshot.__dict__, "certificate_serial": "AB" * 20, "renewals": 1}),
+    )
+    renewals.observe([renewed, *tracks[1:]], now)
+    assert len(renewals.events) == 1
+    console = Console(record=True, width=width, color_system=None, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(live_view(tracks, watch, "footer", width, renewals))
+    console.file.close()
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= width for line in lines)
+    text = "\n".join(lines)
+    assert f"{shorten_middle(tracks[0].guid, 17)} renewed serial 01010…10101 -> ABABA…BABAB" in text
+    if width >= 100:  # the certificate's column, beside the last message
+        header = next(line for line in lines if "device" in line and "state" in line)
+        assert "certificate" in header
+        assert "renewing (rec" in text and "renewed 1x" in text
+        assert "2m0" in text and "left" in text
+
+
+def test_the_certificate_cell_says_time_left_and_the_renewal() -> None:
+    from datetime import timedelta
+
+    from devprov_demo.view import certificate_cell
+
+    now = datetime.now(UTC)
+    snap = RuntimeSnapshot(guid=GUIDS[0], state=DeviceState.SENDING, certificate_not_after=now)
+    assert certificate_cell(snap, now).plain == "expired"
+    later = RuntimeSnapshot(
+        guid=GUIDS[0], state=DeviceState.SENDING, certificate_not_after=now + timedelta(days=364, hours=1),
+        renewal_state="refused", renewals=2,
+    )  # fmt: skip
+    assert certificate_cell(later, now).plain == "364d left renewal refused renewed 2x"
+    assert certificate_cell(RuntimeSnapshot(guid=GUIDS[0], state=DeviceState.IDLE), now).plain == "-"

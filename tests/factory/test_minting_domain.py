@@ -86,3 +86,28 @@ async def test_two_services_racing_on_one_request_id_issue_one_certificate(
     finally:
         await ledger.close()
         await other.close()
+
+
+async def test_the_shortest_validity_is_a_setting(tmp_path: Path, database_url) -> None:
+    """An hour by default; ``mint.min_validity_minutes`` lowers it (a demonstration of renewal)."""
+    from factory_svc.settings import load_settings
+
+    assert load_settings({}).mint.min_validity == timedelta(hours=1)
+    lowered = load_settings({"FACTORY_MINT_MIN_VALIDITY_MINUTES": "2"}).mint
+    assert lowered.min_validity == timedelta(minutes=2)
+    clock = ManualClock(datetime.now(UTC))
+    ca = open_dev_ca(tmp_path / "ca", clock)
+    ledger = await Ledger.open(database_url, migrate=True)
+    try:
+        csr = CsrKey(make_csr(make_key("p256"), "short-1").encode())
+        default = MintingService(ca, ledger.certificates, MintPolicy(), clock)
+        with pytest.raises(InvalidArgument) as refused:
+            await default.mint(MintRequest("short-1", csr, validity=timedelta(minutes=3)))
+        assert refused.value.reason == "VALIDITY_INVALID"
+        minting = MintingService(ca, ledger.certificates, lowered, clock)
+        minted = await minting.mint(MintRequest("short-1", csr, validity=timedelta(minutes=3)))
+        assert minted.certificate.not_after == (clock.now + timedelta(minutes=3)).replace(microsecond=0)
+        with pytest.raises(InvalidArgument):
+            await minting.mint(MintRequest("short-1", csr, validity=timedelta(minutes=1)))
+    finally:
+        await ledger.close()

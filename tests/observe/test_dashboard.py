@@ -40,3 +40,24 @@ def test_every_panel_queries_exported_metrics() -> None:
     # what the README's three examples are built on
     examples = {"devprov_enrollments_total", "devprov_refusals_total", "devprov_outbox_oldest_age_seconds"}
     assert examples <= queried
+    # the fleet's certificates: by days to expiry, and renewals issued and refused (README: renewal)
+    renewal = {
+        "devprov_certificates_expiring",
+        "devprov_renewals_issued_total",
+        "devprov_renewals_refused_total",
+    }
+    assert renewal <= queried
+
+
+def test_the_renewal_panels_group_by_the_labels_the_metrics_carry() -> None:
+    labels = {
+        "devprov_certificates_expiring": "within",
+        "devprov_renewals_issued_total": "outcome",
+        "devprov_renewals_refused_total": "reason",
+    }
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", ())]
+    for metric, label in labels.items():
+        expr = next(e for e in exprs if metric in e)
+        assert f"by ({label})" in expr, expr
+        assert f"{{{{{label}}}}}" in json.dumps(dashboard), label  # shown in the legend

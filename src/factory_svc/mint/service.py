@@ -54,7 +54,7 @@ log = logging.getLogger("factory_svc.mint.service")
 __all__ = ["leaf_builder", "serial_hex", "thumbprints"]  # moved to factory_svc.mint.issuer; kept importable
 
 BACKDATE = timedelta(minutes=5)  # tolerate clock skew on devices
-MIN_VALIDITY = timedelta(hours=1)
+MIN_VALIDITY = timedelta(hours=1)  # the default shortest validity a caller may ask for
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 _SERIAL = re.compile(r"^[0-9A-F]{1,40}$")
 
@@ -83,6 +83,7 @@ class CertificateReader(Protocol):
 class MintPolicy:
     default_validity: timedelta = timedelta(days=730)  # shelf time plus the first renewal
     crl_url: str = ""  # set: every leaf names it in a CRL Distribution Points extension
+    min_validity: timedelta = MIN_VALIDITY  # mint.min_validity_minutes (a demo of renewal lowers it)
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,10 @@ class MintingService:
         not_before = max(now - BACKDATE, issuer.not_valid_before_utc)
         if requested is None:
             return not_before, min(now + self._policy.default_validity, issuer_end)
-        if requested < MIN_VALIDITY:
+        shortest = self._policy.min_validity
+        if requested < shortest:
             raise invalid_field(
-                "validity", Reason.VALIDITY_INVALID, f"the validity must be at least {MIN_VALIDITY}"
+                "validity", Reason.VALIDITY_INVALID, f"the validity must be at least {shortest}"
             )
         not_after = now + requested
         if not_after > issuer_end:
