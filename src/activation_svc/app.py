@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from activation_svc.audit import AuditLog
+from activation_svc.grpc import ActivationServicer
 from activation_svc.service import ActivationService
-from activation_svc.servicer import ActivationServicer
 from activation_svc.settings import ActivationSettings
 from activation_svc.shared_limits import failure_limits
 from provkit.clock import Clock, now_utc

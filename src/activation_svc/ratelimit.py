@@ -1,5 +1,6 @@
 """Limits on failed activation attempts: guessing codes must be slow, and nobody's guessing may lock out
-the rightful owner.
+the rightful owner.  The rule lives here once; it is kept in process memory (:class:`MemoryLimits`, here)
+or in database rows every replica sees (``activation_svc.shared_limits.DatabaseLimits``).
 
 One limit, on code checks, **per (caller, device)**: ``free_failures`` failures pass without delay; after
 that one attempt at a time, each after a back-off that doubles per further failure (``base_delay``, 2x, 4x
@@ -17,21 +18,25 @@ README); who counts as one caller is the service's decision (``activation_svc.se
 
 Unknown device ids are limited the same way, so the limit reveals nothing.  Kept in process memory when
 one process serves the API (SQLite; a restart forgives, which is fine for an 80-bit code); several
-replicas on PostgreSQL keep the same limits in the database instead (``activation_svc.shared_limits``).
+replicas on PostgreSQL keep the same limits in the database instead.
 
-API: ``AttemptLimiter(free_failures=5, base_delay=..., max_delay=..., window=..., clock=...)``;
-``async .begin(caller_key, device_id) -> Attempt`` or raises ``AttemptsExhausted(retry_after)``;
-``Attempt.failed()`` / ``.succeeded()``; leaving ``with attempt:`` without either releases the slot
-uncounted (the check did not happen, e.g. DPS was unreachable).
+The rule: :func:`decide` (a pair's state -> :class:`Admit`, :class:`Wait` or :class:`Refuse`) and
+:func:`settle` (a pair's state and an :class:`Outcome` -> its next state), with the numbers in
+:class:`Rules`.  The port the service and the portal use: :class:`FailureLimits` ``.begin(caller_key,
+device_id) -> Slot`` or raises :class:`AttemptsExhausted` (nothing counted then); ``Slot.failed()`` /
+``.succeeded()`` once, and ``.release()`` always (e.g. in ``finally``), which gives the slot back
+uncounted when neither was reported (the check did not happen, e.g. DPS was unreachable).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from types import TracebackType
+from typing import Protocol
 
 from provkit.clock import Clock
 
@@ -44,132 +49,79 @@ class AttemptsExhausted(Exception):
         self.retry_after = retry_after
 
 
-@dataclass
-class _Pair:
+# ------------------------------------------------------------------------------------------ the rule
+@dataclass(frozen=True)
+class Rules:
+    """The numbers of the limit."""
+
+    free_failures: int = 5
+    window: timedelta = timedelta(minutes=15)
+    base_delay: timedelta = timedelta(seconds=2)
+    max_delay: timedelta = timedelta(minutes=15)
+
+    def delay_after(self, failures: int) -> timedelta:
+        """The back-off before the next attempt of a pair that has ``failures`` failures."""
+        return backoff(failures, self.free_failures, self.base_delay, self.max_delay)
+
+    def idle(self, last_failure: datetime | None, now: datetime) -> bool:
+        """Whether a pair whose last failure was at ``last_failure`` is forgotten by ``now``."""
+        return last_failure is not None and now - last_failure >= max(self.window, self.max_delay)
+
+
+@dataclass(frozen=True)
+class PairState:
+    """What is known of one (caller, device): its failures since the last success, its checks in flight."""
+
     failures: int = 0
     in_flight: int = 0
     last_failure: datetime | None = None
     next_allowed: datetime | None = None
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
 
-class Attempt:
-    """One admitted code check; report its outcome once."""
-
-    def __init__(self, limiter: AttemptLimiter, pair_key: tuple[str, str]) -> None:
-        self._limiter = limiter
-        self._key = pair_key
-        self._open = True
-
-    def failed(self) -> None:
-        if self._open:
-            self._open = False
-            self._limiter._finish(self._key, failed=True)
-
-    def succeeded(self) -> None:
-        if self._open:
-            self._open = False
-            self._limiter._finish(self._key, failed=False, clear=True)
-
-    def __enter__(self) -> Attempt:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._open:
-            self._open = False
-            self._limiter._finish(self._key, failed=False)
+@dataclass(frozen=True)
+class Admit:
+    """Let the check through (count it in flight)."""
 
 
-class AttemptLimiter:
-    def __init__(
-        self,
-        *,
-        clock: Clock,
-        free_failures: int = 5,
-        base_delay: timedelta = timedelta(seconds=2),
-        max_delay: timedelta = timedelta(minutes=15),
-        window: timedelta = timedelta(minutes=15),
-    ) -> None:
-        self._clock = clock
-        self._free = free_failures
-        self._base = base_delay
-        self._max = max_delay
-        self._window = window
-        self._pairs: dict[tuple[str, str], _Pair] = {}
+@dataclass(frozen=True)
+class Wait:
+    """The pair's checks in flight decide whether there is room: look again when one has finished."""
 
-    def delay_after(self, failures: int) -> timedelta:
-        """The back-off before the next attempt of a pair that has ``failures`` failures."""
-        return backoff(failures, self._free, self._base, self._max)
 
-    # --------------------------------------------------------------------------------------- admit
-    async def begin(self, caller_key: str, device_id: str) -> Attempt:
-        """Admit one code check, or raise ``AttemptsExhausted`` (nothing counted then).  Waits while the
-        pair's attempts in flight decide whether there is room for this one."""
-        key = (caller_key, device_id)
-        while True:
-            now = self._clock()
-            self._bound(now)
-            pair = self._pair(key, now)
-            if pair.failures + pair.in_flight < self._free:
-                break
-            if pair.in_flight:  # past the free failures one attempt at a time; else wait for the others
-                await self._wait(key, pair)
-                continue
-            if pair.next_allowed is not None and now < pair.next_allowed:
-                raise AttemptsExhausted(seconds_of(pair.next_allowed - now))
-            break
-        pair.in_flight += 1
-        self._pairs[key] = pair
-        return Attempt(self, key)
+@dataclass(frozen=True)
+class Refuse:
+    retry_after: float
 
-    async def _wait(self, key: tuple[str, str], pair: _Pair) -> None:
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        pair.waiters.append(waiter)
-        self._pairs[key] = pair
-        try:
-            await waiter
-        finally:
-            if waiter in pair.waiters:
-                pair.waiters.remove(waiter)
 
-    def _finish(self, key: tuple[str, str], *, failed: bool, clear: bool = False) -> None:
-        now = self._clock()
-        pair = self._pairs.get(key)
-        if pair is None:
-            return
-        pair.in_flight = max(0, pair.in_flight - 1)
-        if clear:
-            pair.failures, pair.last_failure, pair.next_allowed = 0, None, None
-        elif failed:
-            pair.failures += 1
-            pair.last_failure = now
-            pair.next_allowed = now + self.delay_after(pair.failures)
-        waiters, pair.waiters = pair.waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        if not pair.failures and not pair.in_flight and not waiters:
-            del self._pairs[key]
+Decision = Admit | Wait | Refuse
 
-    # ------------------------------------------------------------------------------------ upkeep
-    def _pair(self, key: tuple[str, str], now: datetime) -> _Pair:
-        pair = self._pairs.get(key)
-        if pair is None:
-            return _Pair()
-        idle = pair.last_failure is not None and now - pair.last_failure >= max(self._window, self._max)
-        if idle and not pair.in_flight and not pair.waiters:
-            del self._pairs[key]
-            return _Pair()
-        return pair
 
-    def _bound(self, now: datetime) -> None:
-        """Forget idle entries when too many are tracked (memory stays bounded under a flood of ids)."""
-        if len(self._pairs) < MAX_TRACKED:
-            return
-        for key in list(self._pairs):
-            self._pair(key, now)
+class Outcome(enum.Enum):
+    FAILED = "failed"
+    SUCCEEDED = "succeeded"
+    RELEASED = "released"  # the check did not happen: nothing counted
+
+
+def decide(rules: Rules, pair: PairState, now: datetime) -> Decision:
+    """Whether a new check of ``pair`` (already forgotten if idle) may go ahead at ``now``."""
+    if pair.failures + pair.in_flight < rules.free_failures:
+        return Admit()
+    if pair.in_flight:  # past the free failures one attempt at a time; else wait for the others
+        return Wait()
+    if pair.next_allowed is not None and now < pair.next_allowed:
+        return Refuse(seconds_of(pair.next_allowed - now))
+    return Admit()
+
+
+def settle(rules: Rules, pair: PairState, outcome: Outcome, now: datetime) -> PairState:
+    """``pair`` after one of its checks in flight ended with ``outcome`` at ``now``."""
+    in_flight = max(0, pair.in_flight - 1)
+    if outcome is Outcome.SUCCEEDED:
+        return PairState(in_flight=in_flight)
+    if outcome is Outcome.FAILED:
+        failures = pair.failures + 1
+        return PairState(failures, in_flight, now, now + rules.delay_after(failures))
+    return replace(pair, in_flight=in_flight)
 
 
 def backoff(failures: int, free: int, base: timedelta, ceiling: timedelta) -> timedelta:
@@ -183,3 +135,119 @@ def backoff(failures: int, free: int, base: timedelta, ceiling: timedelta) -> ti
 
 def seconds_of(delta: timedelta) -> float:
     return max(1.0, math.ceil(delta.total_seconds()))
+
+
+# ------------------------------------------------------------------------------------------ the port
+class Slot(Protocol):
+    """One admitted code check: report ``failed`` or ``succeeded`` once; ``release`` (always call it, e.g.
+    in ``finally``) gives the slot back uncounted when neither was reported."""
+
+    async def failed(self) -> None: ...
+
+    async def succeeded(self) -> None: ...
+
+    async def release(self) -> None: ...
+
+
+class FailureLimits(Protocol):
+    async def begin(self, caller_key: str, device_id: str) -> Slot:
+        """Admit one code check, or raise ``AttemptsExhausted`` (nothing counted then)."""
+        ...
+
+
+class SettleOnce:
+    """A :class:`Slot` that hands its first outcome to ``settle`` and ignores the rest."""
+
+    def __init__(self, settle: Callable[[Outcome], Awaitable[None]]) -> None:
+        self._settle: Callable[[Outcome], Awaitable[None]] | None = settle
+
+    async def _report(self, outcome: Outcome) -> None:
+        settle, self._settle = self._settle, None
+        if settle is not None:
+            await settle(outcome)
+
+    async def failed(self) -> None:
+        await self._report(Outcome.FAILED)
+
+    async def succeeded(self) -> None:
+        await self._report(Outcome.SUCCEEDED)
+
+    async def release(self) -> None:
+        await self._report(Outcome.RELEASED)
+
+
+# ---------------------------------------------------------------------------------------- in memory
+@dataclass
+class _Entry:
+    state: PairState = PairState()
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+class MemoryLimits:
+    """The limits in this process's memory (one process serves the API); a waiting check waits for a
+    future the finishing one resolves."""
+
+    def __init__(self, *, clock: Clock, rules: Rules = Rules()) -> None:
+        self._clock = clock
+        self.rules = rules
+        self._pairs: dict[tuple[str, str], _Entry] = {}
+
+    async def begin(self, caller_key: str, device_id: str) -> Slot:
+        """Admit one code check, or raise ``AttemptsExhausted`` (nothing counted then).  Waits while the
+        pair's attempts in flight decide whether there is room for this one."""
+        key = (caller_key, device_id)
+        while True:
+            now = self._clock()
+            self._bound(now)
+            entry = self._entry(key, now)
+            decision = decide(self.rules, entry.state, now)
+            if isinstance(decision, Refuse):
+                raise AttemptsExhausted(decision.retry_after)
+            if isinstance(decision, Admit):
+                break
+            await self._wait(key, entry)
+        entry.state = replace(entry.state, in_flight=entry.state.in_flight + 1)
+        self._pairs[key] = entry
+
+        async def finish(outcome: Outcome) -> None:
+            self._finish(key, outcome)
+
+        return SettleOnce(finish)
+
+    async def _wait(self, key: tuple[str, str], entry: _Entry) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry.waiters.append(waiter)
+        self._pairs[key] = entry
+        try:
+            await waiter
+        finally:
+            if waiter in entry.waiters:
+                entry.waiters.remove(waiter)
+
+    def _finish(self, key: tuple[str, str], outcome: Outcome) -> None:
+        entry = self._pairs.get(key)
+        if entry is None:
+            return
+        entry.state = settle(self.rules, entry.state, outcome, self._clock())
+        waiters, entry.waiters = entry.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if not entry.state.failures and not entry.state.in_flight and not waiters:
+            del self._pairs[key]
+
+    def _entry(self, key: tuple[str, str], now: datetime) -> _Entry:
+        entry = self._pairs.get(key)
+        if entry is None:
+            return _Entry()
+        if self.rules.idle(entry.state.last_failure, now) and not entry.state.in_flight and not entry.waiters:
+            del self._pairs[key]
+            return _Entry()
+        return entry
+
+    def _bound(self, now: datetime) -> None:
+        """Forget idle entries when too many are tracked (memory stays bounded under a flood of ids)."""
+        if len(self._pairs) < MAX_TRACKED:
+            return
+        for key in list(self._pairs):
+            self._entry(key, now)

@@ -62,8 +62,7 @@ from activation_svc.model import (
     Lifecycle,
     MetadataChange,
 )
-from activation_svc.ratelimit import AttemptsExhausted
-from activation_svc.shared_limits import FailureLimits
+from activation_svc.ratelimit import AttemptsExhausted, FailureLimits
 from activation_svc.steps import (
     IntentSteps,
     get_enrollment,

@@ -37,7 +37,7 @@ from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.ca.issuing import IssuingCA
 from factory_svc.ca.settings import open_ca
-from factory_svc.enrollment.assembly import EnrollmentRuntime
+from factory_svc.enrollment.app import EnrollmentApp
 from factory_svc.enrollment.grpc import EnrollmentRpcs
 from factory_svc.enrollment.service import EnrollmentService
 from factory_svc.ledger import Ledger
@@ -101,7 +101,7 @@ class FactoryApp:
     catalog: CertificateCatalog
     crl: CrlPublisher
     revocation: RevocationService
-    enrollment: EnrollmentRuntime | None = None
+    enrollment: EnrollmentApp | None = None
     crl_http: CrlHttp | None = None
     renewal: RenewalService | None = None
     renewal_http: RenewalHttp | None = None
@@ -123,7 +123,7 @@ class FactoryApp:
         enrollment, cloud = None, None
         intents = RevocationIntents(ledger.revocations, clock)
         if settings.enroll is not None:
-            enrollment = await EnrollmentRuntime.open(
+            enrollment = await EnrollmentApp.open(
                 settings.enroll,
                 ca.chain,
                 settings.data_dir,

@@ -28,7 +28,7 @@
 | crl.http_host / crl.http_port | FACTORY_CRL_HTTP_HOST / _HTTP_PORT | 127.0.0.1 / - (no HTTP)  |
 | crl.url                       | FACTORY_CRL_URL                   | - (no CRL DP in certificates) |
 | crl.check_seconds             | FACTORY_CRL_CHECK_SECONDS         | 5 (other replicas' revocations) |
-| enroll.*, cloud.*             | FACTORY_ENROLL_*, FACTORY_CLOUD_*  | see factory_svc.enrollment.assembly |
+| enroll.*, cloud.*             | FACTORY_ENROLL_*, FACTORY_CLOUD_*  | see factory_svc.enrollment.app |
 | renewal.listen                | FACTORY_RENEWAL_LISTEN            | - (off; host:port: the EST listener) |
 | renewal.tls_cert_file / tls_key_file | FACTORY_RENEWAL_TLS_CERT_FILE / _TLS_KEY_FILE | the gRPC server's |
 | renewal.validity_days         | FACTORY_RENEWAL_VALIDITY_DAYS     | 365 (a renewed certificate) |
@@ -67,7 +67,7 @@ from urllib.parse import urlsplit
 
 from dbstore import DatabaseUrl
 from factory_svc.ca.settings import CaSettings, ca_settings
-from factory_svc.enrollment.assembly import EnrollSettings, load_enroll_settings
+from factory_svc.enrollment.app import EnrollSettings, load_enroll_settings
 from factory_svc.errors import ERROR_DOMAIN
 from factory_svc.mint.service import MIN_VALIDITY, MintPolicy
 from factory_svc.renewal.model import RenewalPolicy, RenewalSettings

@@ -52,8 +52,8 @@ from activation_svc.portal.assets import ASSETS
 from activation_svc.portal.errors import FieldProblem, PortalReason, ServiceProblem, describe
 from activation_svc.portal.security import CSRF_FIELD, Csrf, add_headers, host_allowed
 from activation_svc.portal.settings import PortalSettings
-from activation_svc.ratelimit import AttemptsExhausted
-from activation_svc.shared_limits import FailureLimits, Slot, failure_limits
+from activation_svc.ratelimit import AttemptsExhausted, FailureLimits, Slot
+from activation_svc.shared_limits import failure_limits
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
 from provkit.channels import create_channel, request_metadata

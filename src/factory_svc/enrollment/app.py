@@ -84,7 +84,7 @@ def load_enroll_settings(source: SettingsSource) -> EnrollSettings | None:
 
 
 @dataclass
-class EnrollmentRuntime:
+class EnrollmentApp:
     service: EnrollmentService
     delivery: OutboxDelivery
     outbox: Outbox
@@ -105,7 +105,7 @@ class EnrollmentRuntime:
         observer: CallObserver | None = None,
         revocations: RevocationCheck | None = None,
         request_lease: timedelta = LEASE,
-    ) -> EnrollmentRuntime:
+    ) -> EnrollmentApp:
         from provkit.dps import DpsEnrollments
 
         outbox = await Outbox.open(database)  # first: a database at another schema version stops here
