@@ -208,6 +208,20 @@ class DpsEnrollments:
                 raise translate(exc, "bulk create enrollments") from exc
         return bulk_errors_from_json(result)
 
+    async def bulk_update(self, enrollments: Sequence[Enrollment]) -> list[BulkItemError]:
+        if not enrollments:
+            return []
+        if len(enrollments) > MAX_BULK:
+            raise ValueError(f"a DPS bulk operation takes at most {MAX_BULK} enrollments")
+        records = [dict(enrollment_to_json(e), etag=e.etag or "*") for e in enrollments]
+        operation = {"mode": "updateIfMatchETag", "enrollments": records}
+        async with self._observer.call("bulk_update_enrollments"):
+            try:
+                result = await self._client.enrollment.run_bulk_operation(bulk_operation=operation)
+            except AzureError as exc:
+                raise translate(exc, "bulk update enrollments") from exc
+        return bulk_errors_from_json(result)
+
     async def get_registration(self, registration_id: str) -> RegistrationState | None:
         async with self._observer.call("get_registration"):
             try:
