@@ -2,12 +2,13 @@
 one DPS bulk enrollment operation (``updateIfMatchETag``, at most ``MAX_BULK`` = 10 records, Azure's limit)
 instead of one call each.
 
-No write waits for company: when no bulk call is in flight, a write goes out at once (a group of one);
-the writes that arrive while one is in flight go out together as soon as it returns.  Each caller waits for
-the bulk call that holds its record and gets that record's own outcome (``CloudEtagMismatch`` when it
-changed or vanished since it was read; another item's failure is not its failure); a failed call fails
-every record it held.  A group holds one record per enrollment (a second write of the same enrollment
-waits for the next group: two writes guarded by the same etag would fail each other).
+No write waits for company: while fewer than ``PARALLEL`` bulk calls are in flight, a write goes out at
+once (a group of one); the writes that arrive while all are in flight go out together as soon as one
+returns.  Each caller waits for the bulk call that holds its record and gets that record's own outcome
+(``CloudEtagMismatch`` when it changed or vanished since it was read; another item's failure is not its
+failure); a failed call fails every record it held.  A group holds one record per enrollment (a second
+write of the same enrollment waits for the next group: DPS answers an item's failure by its registration
+id).
 """
 
 from __future__ import annotations
@@ -18,22 +19,26 @@ import contextlib
 from provkit.cloud import CloudError, Enrollment, EnrollmentPort
 
 MAX_BULK = 10  # DPS: "Bulk device enrollment operation with maximum of 10 enrollments"
+PARALLEL = 4  # bulk calls in flight at once (the DPS adapter keeps 8 connections)
 
 
 class GroupedWrites:
-    def __init__(self, dps: EnrollmentPort, size: int = MAX_BULK) -> None:
+    def __init__(self, dps: EnrollmentPort, size: int = MAX_BULK, parallel: int = PARALLEL) -> None:
         self._dps = dps
         self._size = size
+        self._parallel = parallel
         self._waiting: list[tuple[Enrollment, asyncio.Future[None]]] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._senders: set[asyncio.Task[None]] = set()
 
     async def update(self, enrollment: Enrollment) -> None:
         """Write ``enrollment`` if its etag still is DPS's (``CloudEtagMismatch`` otherwise, or the
         ``CloudError`` of the bulk call that held it)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((enrollment, done))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send(), name="renewal-enrollment-writes")
+        if len(self._senders) < self._parallel:
+            sender = asyncio.create_task(self._send(), name="renewal-enrollment-writes")
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
         await done
 
     def _group(self) -> list[tuple[Enrollment, asyncio.Future[None]]]:
@@ -83,8 +88,7 @@ class GroupedWrites:
                     done.set_exception(error)
 
     async def close(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
+        for sender in list(self._senders):
+            sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
-            self._sender = None
+                await sender
