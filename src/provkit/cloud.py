@@ -11,7 +11,7 @@ Records (what the domains read and write; no DPS or hub JSON leaves the adapters
     ``HubAllocation``, ``ActivationRecord``, ``RegistrationState``, ``BulkItemError``;
     ``HubDevice`` / ``HubDeviceStatus``, ``TwinDocument`` (a twin's tags and desired properties),
     ``TwinPatch``.
-Ports (Protocols): ``EnrollmentPort`` (get / create / update / bulk_create),
+Ports (Protocols): ``EnrollmentPort`` (get / create / update / bulk_create / bulk_update),
     ``HubTwinPort`` (get_device / get_twin_document / patch_twin / set_device_status);
     ``disable_hub_device(hubs, hub, device_id)`` (the etag-guarded disable both services use).
 ``CloudNotConfigured`` (a SettingsError): nothing configured and no default emulator file.
@@ -195,7 +195,8 @@ def parse_azure_time(text: str) -> datetime | None:
 
 @dataclass(frozen=True)
 class BulkItemError:
-    """One record a bulk create did not write; ``error`` is ``CloudAlreadyExists`` or ``CloudRejected``."""
+    """One record a bulk operation did not write; ``error`` is ``CloudAlreadyExists``, ``CloudEtagMismatch``
+    or ``CloudRejected``."""
 
     registration_id: str
     error: CloudError
@@ -252,6 +253,11 @@ class EnrollmentPort(Protocol):
 
     async def bulk_create(self, enrollments: Sequence[Enrollment]) -> list[BulkItemError]:
         """At most 10 records in one call; the per-record failures (empty: all created)."""
+        ...
+
+    async def bulk_update(self, enrollments: Sequence[Enrollment]) -> list[BulkItemError]:
+        """At most 10 records in one call, each replaced if its etag still is ``enrollment.etag``
+        (``updateIfMatchETag``); the per-record failures (``CloudEtagMismatch``: changed or gone since)."""
         ...
 
 

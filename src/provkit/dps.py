@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import aiohttp
 from azure.core.exceptions import (
@@ -196,16 +197,25 @@ class DpsEnrollments:
         return enrollment_from_json(updated, enrollment.registration_id)
 
     async def bulk_create(self, enrollments: Sequence[Enrollment]) -> list[BulkItemError]:
-        if not enrollments:
+        return await self._bulk("create", [enrollment_to_json(e) for e in enrollments])
+
+    async def bulk_update(self, enrollments: Sequence[Enrollment]) -> list[BulkItemError]:
+        records = [dict(enrollment_to_json(e), etag=e.etag or "*") for e in enrollments]
+        return await self._bulk("updateIfMatchETag", records)
+
+    async def _bulk(self, mode: str, records: list[dict[str, Any]]) -> list[BulkItemError]:
+        if not records:
             return []
-        if len(enrollments) > MAX_BULK:
+        if len(records) > MAX_BULK:
             raise ValueError(f"a DPS bulk operation takes at most {MAX_BULK} enrollments")
-        operation = {"mode": "create", "enrollments": [enrollment_to_json(e) for e in enrollments]}
-        async with self._observer.call("bulk_create_enrollments"):
+        name = "bulk_create" if mode == "create" else "bulk_update"
+        async with self._observer.call(f"{name}_enrollments"):
             try:
-                result = await self._client.enrollment.run_bulk_operation(bulk_operation=operation)
+                result = await self._client.enrollment.run_bulk_operation(
+                    bulk_operation={"mode": mode, "enrollments": records}
+                )
             except AzureError as exc:
-                raise translate(exc, "bulk create enrollments") from exc
+                raise translate(exc, name.replace("_", " ") + " enrollments") from exc
         return bulk_errors_from_json(result)
 
     async def get_registration(self, registration_id: str) -> RegistrationState | None:

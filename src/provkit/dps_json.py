@@ -34,6 +34,8 @@ from provkit.cloud import (
     ActivationRecord,
     BulkItemError,
     CloudAlreadyExists,
+    CloudError,
+    CloudEtagMismatch,
     CloudRejected,
     Enrollment,
     HubAllocation,
@@ -152,11 +154,13 @@ def bulk_errors_from_json(result: Mapping[str, Any] | None) -> list[BulkItemErro
         code = int(item.get("errorCode") or 0)
         message = f"{item.get('errorStatus') or 'refused'} ({code})"
         status = code // 1000 if code >= 100_000 else code
-        error = (
-            CloudAlreadyExists(message, status=status)
-            if status == 409
-            else CloudRejected(message, status=status or None)
-        )
+        error: CloudError
+        if status == 409:
+            error = CloudAlreadyExists(message, status=status)
+        elif status == 412:  # updateIfMatchETag: changed (or gone) since it was read
+            error = CloudEtagMismatch(message, status=status)
+        else:
+            error = CloudRejected(message, status=status or None)
         errors.append(BulkItemError(str(item.get("registrationId") or ""), error))
     return errors
 

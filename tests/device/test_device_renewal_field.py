@@ -5,7 +5,8 @@ listener on) minting a short-lived certificate (MintCertificate's shortest valid
 second with no gap and no duplicate among the acknowledged messages (read back from the hub); the hub
 identity's thumbprint becomes the new certificate's; a kill -9 between "new certificate received" and
 "promoted" resumes on the next start; a revoked device's renewal is refused with its reason and the device
-keeps its old identity."""
+keeps its old identity; a device off past its old certificate's end with a renewed one in pending/ changes
+over to it at start."""
 
 from __future__ import annotations
 
@@ -260,3 +261,85 @@ async def test_a_revoked_devices_renewal_is_refused_and_it_keeps_its_identity(tm
     assert datetime.fromisoformat(after["identity"]["not_after"]) > datetime.now(UTC) - timedelta(minutes=5)
     fingerprint = x509.load_pem_x509_certificates((field.root / guid / "device-chain.pem").read_bytes())[0]
     assert fingerprint.fingerprint(hashes.SHA1()).hex().upper() == before["thumbprint_sha1"]
+
+
+async def test_an_expired_device_with_a_pending_renewal_changes_over_instead_of_stopping(
+    tmp_path, emulator, monkeypatch
+):
+    """The device was off past its old certificate's end with a renewed one already in ``pending/``
+    ("received", kill -9 or power loss before the change-over): the next start changes over to the pending
+    certificate (DPS holds it as the enrollment's secondary) and confirms it, instead of stopping with
+    CERTIFICATE_EXPIRED.  The old certificate is made expired by minting and renewing it while the
+    in-process factory's clock stands 61 minutes back (MintCertificate's shortest validity is an hour)."""
+    from renewal.renewal_env import EstClient, MovableClock, ServerTls, renewal_env, running_factory
+
+    from device_client import renewal as device_renewal
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(emulator.ca_path))
+    root, tls, clock = tmp_path / "devices", ServerTls.create(tmp_path / "tls"), MovableClock()
+    env = renewal_env(tmp_path, emulator, tls, FACTORY_ENROLL_MIN_REMAINING_VALIDITY_DAYS="0")
+    clock.offset = -timedelta(minutes=61)  # before the factory opens: its CA is made valid from then
+    async with running_factory(env, clock=clock) as factory:
+        guid, key = str(uuid.uuid4()), generate_key()
+        request = pb.MintCertificateRequest(
+            device_id=guid, csr_pem=build_csr_pem(key, guid).decode(), request_id=str(uuid.uuid4())
+        )
+        request.validity.FromTimedelta(LIFETIME)
+        chain_pem = (await factory.stub.MintCertificate(request)).certificate.certificate_chain_pem
+        state = StateDir(root, guid)
+        state.write_identity(
+            key_pem=key_to_pem(key), chain_pem=chain_pem.encode(), metadata={"guid": guid}, force=False
+        )
+        old = x509.load_pem_x509_certificates(chain_pem.encode())[0]
+        await factory.stub.Enroll(
+            pb.EnrollRequest(
+                device_id=guid,
+                certificate_pem=old.public_bytes(serialization.Encoding.PEM).decode(),
+                request_id=str(uuid.uuid4()),
+            )
+        )
+        await activate(emulator, guid)
+        # renewed through the listener an hour ago: DPS holds the new certificate as the secondary
+        new_key = generate_key()
+        answer = await EstClient(factory.est_url, tls, state.chain_path, state.key_path).renew(
+            x509.load_pem_x509_csr(build_csr_pem(new_key, guid))
+        )
+        assert answer.status == 200, answer.body
+        clock.offset = timedelta(0)
+        assert old.not_valid_after_utc < datetime.now(UTC)  # the old certificate has expired
+        leaf = next(c for c in answer.certificates if c.subject == old.subject)
+        new_serial = device_renewal.serial_of(leaf)
+        chain = [leaf, *factory.app.ca.chain]
+        state.write_pending(
+            key_pem=key_to_pem(new_key),
+            chain_pem=device_renewal.chain_pem(chain),
+            metadata={"guid": guid, "serial": new_serial, "replaces": device_renewal.serial_of(old)},
+        )
+        assert state.load_pending().info.serial_hex == new_serial
+
+        device_env = {
+            **_env(emulator, root),
+            "DEVICE_CLIENT_RENEWAL_EST_URL": factory.est_url,
+            "DEVICE_CLIENT_RENEWAL_CA_FILE": str(tls.ca_file),
+        }
+        proc = await _start(device_env, "run", guid, "--interval", "1")
+
+        async def confirmed() -> bool:
+            assert proc.returncode is None, "device-client run stopped"
+            last = (await _status(device_env, guid))["renewal"]["last"]
+            return last is not None and last["state"] == "confirmed"
+
+        try:
+            await _eventually(confirmed, timeout=180)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()[-3000:]
+        assert "CERTIFICATE_EXPIRED" not in err.decode()
+        after = await _status(device_env, guid)
+        superseded = await factory.app.ledger.renewals.superseded_by(device_renewal.serial_of(old))
+    assert after["identity"]["serial"] == new_serial == superseded
+    assert after["renewal"]["pending"] is None and not after["renewal"]["previous_kept"]
+    hub = after["assignment"]["assigned_hub"]
+    thumbprint = await asyncio.to_thread(_hub_thumbprint, emulator, guid, hub)
+    assert thumbprint == leaf.fingerprint(hashes.SHA1()).hex().upper() == after["identity"]["thumbprint_sha1"]

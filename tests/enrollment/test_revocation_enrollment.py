@@ -118,6 +118,9 @@ class RevokedBeforeTheWrite:
             await revoke()
         return await self._dps.bulk_create(enrollments)
 
+    async def bulk_update(self, enrollments: Sequence[Enrollment]) -> list[BulkItemError]:
+        return await self._dps.bulk_update(enrollments)
+
 
 def _disabled_without_code(emulator, device_id: str) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from provkit.cloud import (
     ActivationRecord,
     CloudAlreadyExists,
+    CloudEtagMismatch,
     CloudRejected,
     Enrollment,
     HubAllocation,
@@ -167,10 +168,12 @@ def test_bulk_error_codes_become_the_domain_error_kinds() -> None:
             "errors": [
                 {"registrationId": "a", "errorCode": 409201, "errorStatus": "Conflict"},
                 {"registrationId": "b", "errorCode": 400004, "errorStatus": "Bad certificate"},
+                {"registrationId": "c", "errorCode": 412001, "errorStatus": "ETag mismatch"},
             ],
         }
     )
-    assert [e.registration_id for e in errors] == ["a", "b"]
+    assert [e.registration_id for e in errors] == ["a", "b", "c"]
+    assert isinstance(errors[2].error, CloudEtagMismatch) and errors[2].error.status == 412
     assert isinstance(errors[0].error, CloudAlreadyExists) and errors[0].error.status == 409
     assert isinstance(errors[1].error, CloudRejected) and errors[1].error.status == 400
     assert bulk_errors_from_json({"isSuccessful": True, "errors": []}) == []

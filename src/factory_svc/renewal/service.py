@@ -12,8 +12,9 @@ subject and SAN identical to the current certificate's (RFC 7030 4.2.2), not the
 (same current certificate, same new key) answers the certificate issued for it -> the enrollment exists in
 DPS -> rate limit -> sign (``LeafIssuer``: the same builder and ``CaSigner`` as minting) -> the new
 certificate and the renewal intent in the ledger, one transaction -> DPS: the new certificate in the
-enrollment's secondary slot (etag-guarded, everything else kept) -> step marked -> answer.  Nothing is
-written for a refused request.
+enrollment's secondary slot (etag-guarded, everything else kept; concurrent renewals' writes go out as one
+DPS bulk operation, ``factory_svc.renewal.bulk``) -> step marked -> answer.  Nothing is written for a
+refused request.
 
 The promotion signal (``signal``): a request authenticated with the new certificate of an open renewal
 (the device registered with DPS and connected to its hub with it) moves the renewal to ``promote``; then
@@ -48,6 +49,7 @@ from factory_svc.mint.issuer import LeafIssuer, serial_hex
 from factory_svc.mint.keys import KeyType, PublicKey, classify_public_key
 from factory_svc.mint.model import IssuedCertificate, KeySource
 from factory_svc.mint.service import BACKDATE
+from factory_svc.renewal.bulk import GroupedWrites
 from factory_svc.renewal.model import (
     OPEN_STATES,
     ExpiringCertificate,
@@ -165,6 +167,7 @@ class RenewalService:
         self._issuer = issuer
         self._ledger = ledger
         self._dps = dps
+        self._writes = GroupedWrites(dps)  # concurrent renewals' writes: one DPS bulk operation
         self._policy = policy
         self._clock = clock
         self._device_ids = device_ids
@@ -467,9 +470,10 @@ class RenewalService:
         change: Callable[[X509Attestation], X509Attestation | None],
         enrollment: Enrollment | None = None,
     ) -> None:
-        """Apply ``change`` to the enrollment's attestation, etag-guarded: a concurrent change is read
-        again and ``change`` re-applied to it (never overwritten blindly); None from ``change``: nothing
-        to write.  ``enrollment``: a read just made (its etag guards the first write: one call saved)."""
+        """Apply ``change`` to the enrollment's attestation, etag-guarded (grouped with other renewals'
+        writes into one DPS bulk operation): a concurrent change is read again and ``change`` re-applied
+        to it (never overwritten blindly); None from ``change``: nothing to write.  ``enrollment``: a read
+        just made (its etag guards the first write: one call saved)."""
         for _ in range(_ATTEMPTS):
             if enrollment is None:
                 enrollment = await self._dps.get(device_id)
@@ -479,7 +483,7 @@ class RenewalService:
             if target is None:
                 return
             try:
-                await self._dps.update(dc_replace(enrollment, attestation=target))
+                await self._writes.update(dc_replace(enrollment, attestation=target))
             except CloudEtagMismatch:
                 enrollment = None  # read again
                 continue
@@ -532,6 +536,7 @@ class RenewalService:
                 await asyncio.wait_for(self.wake.wait(), _RETRY if failed else _SWEEP)
 
     async def stop(self) -> None:
+        await self._writes.close()
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
