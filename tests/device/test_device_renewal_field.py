@@ -330,7 +330,7 @@ async def test_an_expired_device_with_a_pending_renewal_changes_over_instead_of_
             return last is not None and last["state"] == "confirmed"
 
         try:
-            await _eventually(confirmed, timeout=180)
+            await until(confirmed, "the change-over confirmed", timeout=180, interval=0.2)
         finally:
             proc.send_signal(signal.SIGTERM)
             _, err = await asyncio.wait_for(proc.communicate(), 60)
