@@ -20,7 +20,7 @@ def test_devices_renew_short_lived_certificates_while_telemetry_flows(tmp_path):
     summary_file = tmp_path / "summary.json"
     proc = _demo(
         "run", *_stack_args(work), "--devices", "2", "--interval", "1",
-        "--cert-minutes", "2", "--renew-fraction", "0.8", "--until-renewed", "--seconds", "300",
+        "--cert-minutes", "2", "--renew-fraction", "0.76", "--until-renewed", "--seconds", "300",
         "--summary-json", str(summary_file),
     )  # fmt: skip
     output, _ = proc.communicate(timeout=400)

@@ -108,7 +108,7 @@ class Field:
         await activate(self.emulator, guid)
         return guid
 
-    def env(self, due_in: timedelta = timedelta(seconds=45)) -> dict[str, str]:
+    def env(self, due_in: timedelta = timedelta(seconds=15)) -> dict[str, str]:
         """The device's settings; its certificate falls due ``due_in`` from now (renewal.fraction)."""
         nb, na = self.leaf.not_valid_before_utc, self.leaf.not_valid_after_utc
         fraction = max(0.01, (datetime.now(UTC) + due_in - nb) / (na - nb))
