@@ -22,5 +22,7 @@ DEVICE_CLIENT_* environment < flags), ``state`` (the per-device state directory 
 ``telemetry`` (message bodies), ``desired`` (desired properties -> reported acknowledgements),
 ``provisioning`` + ``factory_client`` (provision over gRPC), ``dps`` + ``hub`` (azure-iot-device aio
 clients, every call under a deadline), ``revocation`` (the CRL the certificate names, after a refusal),
-``runtime`` (:class:`DeviceRuntime`, the run loop as an async API), ``cli``.
+``renewal`` + ``est_client`` (certificate renewal: when, what is asked and accepted, the EST conversation),
+``runtime`` (:class:`DeviceRuntime`, the run loop as an async API) with ``changeover`` (the certificate
+change-over it runs: the renewal side task, DPS with the new certificate, promotion), ``cli``.
 """

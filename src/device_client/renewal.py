@@ -1,8 +1,9 @@
 """The device renews its own certificate (issue 27): when, with what request, and what it accepts back.
 
 Pure functions over certificates and keys; the EST conversation is ``device_client.est_client``, the files
-``device_client.state`` (``pending/``, ``previous/``, ``renewal.json``), the change-over itself (DPS
-re-registration, a new hub session, promotion) ``device_client.runtime``.
+``device_client.state`` (``pending/``, ``previous/``, ``renewal.json``), the change-over itself (the side
+task, DPS re-registration, promotion) ``device_client.changeover``, run by ``device_client.runtime`` (a new
+hub session between two messages).
 
 When (:func:`due_at`): once ``fraction`` of the certificate's lifetime has elapsed or ``days_before`` days
 are left, whichever comes first (defaults 2/3 and 30 days, as step-ca and Azure's guidance do).  A running

@@ -18,7 +18,9 @@ produced every interval into the persisted outbox and sent strictly in order, so
 an outage leave after reconnecting; desired properties (initial twin included) are applied and
 acknowledged as reported properties; ``telemetryIntervalSeconds`` changes the interval at once.
 
-Certificate renewal (``renewal.est_url`` set; ``device_client.renewal``): a side task looks at boot, every
+Certificate renewal (``renewal.est_url`` set; the rules are ``device_client.renewal``; the change-over's
+steps and state are ``device_client.changeover``, whose :class:`Changeover` the runtime creates and calls,
+giving it its state directory, settings, clock and :class:`RuntimeHooks`): a side task looks at boot, every
 check interval and when the certificate falls due; when due it asks the factory's EST listener for a new
 certificate (new key of the same kind, same subject, mTLS with the current identity) and keeps the answer
 in ``pending/`` ("received").  The connection loop then changes over between two messages: it closes the
@@ -47,11 +49,10 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from cryptography.hazmat.primitives import hashes
-
 from device_client import abandoned, dps, renewal
 from device_client.backoff import Backoff, first_attempt_delay
 from device_client.buffer import TelemetryBuffer
+from device_client.changeover import Changeover, RuntimeHooks
 from device_client.desired import DesiredOutcome, apply_document, apply_patch
 from device_client.errors import (
     CertificateRevokedError,
@@ -60,15 +61,13 @@ from device_client.errors import (
     IdentityError,
     Reason,
 )
-from device_client.est_client import EstClient, EstEndpoint, EstError, EstRefused
 from device_client.hub import HubRefused, HubSession, HubTarget, HubUnavailable
-from device_client.identity import check_validity, key_to_pem, load_chain, load_key
+from device_client.identity import check_validity, load_chain
 from device_client.revocation import HttpCrlFetcher, RevocationStatus, check_with_deadline
 from device_client.settings import Settings
 from device_client.state import (
     Assignment,
     DesiredState,
-    RenewalRecord,
     Revoked,
     StateDir,
     StoredIdentity,
@@ -178,15 +177,24 @@ class DeviceRuntime:
         self._hub_backoff = Backoff(rt.backoff_initial_s, rt.backoff_max_s)
         self._fatal: Exception | None = None
         self._crl_checked: float | None = None  # monotonic time of this run's last CRL check
-        # Renewal: the identity of record, the one the next connection uses (the pending one between DPS
-        # accepting it and its promotion), and the hand-offs between the side task and the loop.
-        self._identity: StoredIdentity | None = None
-        self._active: StoredIdentity | None = None
-        self._promote_on_connect = False
-        self._changeover_ready = False  # pending/ is there: the loop should change over
-        self._changeover_failed = False  # the loop could not: the side task backs off before retrying
-        self._report_due = False  # the twin's reported `certificate` should be sent again
-        self._renewal_wake = asyncio.Event()
+        # Renewal: the change-over keeps the identity of record and the one the next connection uses.
+        self._changeover = Changeover(
+            self.state_dir,
+            settings,
+            clock,
+            RuntimeHooks(
+                update=self._update,
+                log=self._log,
+                registering=lambda: self._update(state=DeviceState.REGISTERING),
+                registered=lambda: self._update(
+                    registrations=self._snapshot.registrations + 1, last_error=None
+                ),
+                promoted=lambda: self._update(renewals=self._snapshot.renewals + 1),
+                register_once=self._register_once,
+            ),
+            stop=self._stop,
+            wake_sender=self._wake_sender,
+        )
         self._renewer: asyncio.Task[None] | None = None
         self.first_delay_s = 0.0  # the spread first attempt this run waited (see first_attempt_window_s)
 
@@ -261,8 +269,8 @@ class DeviceRuntime:
             stats = await self._buffer.stats()
             self._update(pending=stats.pending, dropped=stats.dropped)
 
-    def _log(self, level: int, msg: str, *args: Any, **extra: Any) -> None:
-        log.log(level, msg, *args, extra={"device_id": self.guid, **extra})
+    def _log(self, level: int, msg: str, *args: Any, exc_info: bool = False, **extra: Any) -> None:
+        log.log(level, msg, *args, exc_info=exc_info, extra={"device_id": self.guid, **extra})
 
     async def _run_locked(self, identity: StoredIdentity) -> None:
         cloud = self.settings.cloud
@@ -277,15 +285,16 @@ class DeviceRuntime:
             ).interval_s
         self._update(interval_s=self.interval_s)
         await self._refresh_buffer_stats()
-        self._identity = self._active = identity
-        self._show_certificate()
+        changeover = self._changeover
+        changeover.identity = changeover.active = identity
+        changeover.show_certificate()
         if self.settings.renewal.enabled:
-            self._renewer = asyncio.create_task(self._renewal_loop(), name=f"renewal-{self.guid}")
+            self._renewer = asyncio.create_task(changeover.renewal_loop(), name=f"renewal-{self.guid}")
         else:
             self._log(logging.INFO, "certificate renewal off (renewal.est_url is not set)")
         if self.state_dir.has_pending():  # "received" before a kill -9: change over first
             self._log(logging.INFO, "a renewed certificate is pending: changing over to it")
-            self._changeover_ready = True
+            changeover.ready = True
         try:
             backoff = self._hub_backoff
             assignment = self.state_dir.read_assignment()
@@ -294,13 +303,13 @@ class DeviceRuntime:
             self.first_delay_s = first_attempt_delay(rt.first_attempt_window_s)
             await self._wait(self.first_delay_s)
             while not self._stop.is_set():
-                if self._changeover_ready:
-                    self._changeover_ready = False
-                    moved = await self._register_pending(cloud.require_scope(), ca_pem)
+                if changeover.ready:
+                    changeover.ready = False
+                    moved = await changeover.register_pending(cloud.require_scope(), ca_pem)
                     if moved is not None:
                         assignment, fresh = moved, True
                 if assignment is None:
-                    assignment = await self._register(self._active, cloud.require_scope(), ca_pem)
+                    assignment = await self._register(changeover.active, cloud.require_scope(), ca_pem)
                     if assignment is None:
                         break  # stopped while registering
                     fresh = True
@@ -311,7 +320,7 @@ class DeviceRuntime:
                     device_id=assignment.device_id,
                 )
                 try:
-                    await self._serve(self._active, assignment, ca_pem)
+                    await self._serve(changeover.active, assignment, ca_pem)
                 except _ChangeOver:
                     continue
                 except HubRefused as exc:
@@ -324,8 +333,8 @@ class DeviceRuntime:
                     )
                     self._update(last_error=str(exc))
                     self.state_dir.clear_assignment()
-                    if self._promote_on_connect:  # the new certificate cannot be used: back to the old
-                        self._fall_back(renewal.FAILED, "HUB_REFUSED", str(exc))
+                    if changeover.promote_on_connect:  # the new certificate cannot be used: back to the old
+                        changeover.fall_back(renewal.FAILED, "HUB_REFUSED", str(exc))
                     if fresh:  # refused right after DPS put us there: do not hammer DPS
                         await self._pause(backoff, "hub refused a fresh assignment")
                     assignment, fresh = None, False
@@ -390,8 +399,6 @@ class DeviceRuntime:
                 self._update(state=DeviceState.REGISTERING)
             try:
                 assignment = await self._register_once(identity, target)
-            except _Stopped:
-                return None
             except dps.RegistrationRefused as refused:
                 if refused.outcome in _REFUSALS:
                     try:
@@ -419,6 +426,8 @@ class DeviceRuntime:
                     self._update(last_error=str(refused))
                     await self._pause(backoff, f"registration with DPS failed ({refused})")
                 continue
+            if assignment is None:  # stop() came first
+                return None
             self.state_dir.write_assignment(assignment)
             self._trouble_since = None
             self._log(
@@ -432,17 +441,21 @@ class DeviceRuntime:
             return assignment
         return None
 
-    async def _register_once(self, identity: StoredIdentity, target: dps.DpsTarget) -> Assignment:
-        """One DPS registration attempt with ``identity`` (raises RegistrationRefused, _Stopped)."""
-        return await self._unless_stopped(
-            dps.register(
-                guid=self.guid,
-                chain_path=identity.chain_path,
-                key_path=identity.key_path,
-                target=target,
-                timeout_s=self.settings.runtime.sdk_timeout_s * 3,
+    async def _register_once(self, identity: StoredIdentity, target: dps.DpsTarget) -> Assignment | None:
+        """One DPS registration attempt with ``identity``: its assignment, or None when stop() came first
+        (raises RegistrationRefused)."""
+        try:
+            return await self._unless_stopped(
+                dps.register(
+                    guid=self.guid,
+                    chain_path=identity.chain_path,
+                    key_path=identity.key_path,
+                    target=target,
+                    timeout_s=self.settings.runtime.sdk_timeout_s * 3,
+                )
             )
-        )
+        except _Stopped:
+            return None
 
     async def _look_for_revocation(self, identity: StoredIdentity) -> None:
         """Raise :class:`CertificateRevokedError` when a verified CRL lists the certificate (checked at the
@@ -502,11 +515,12 @@ class DeviceRuntime:
             self._update(state=DeviceState.CONNECTED, last_error=None)
             self._hub_backoff.reset()
             self._trouble_since = None
-            if self._promote_on_connect:
-                self._promote()
+            changeover = self._changeover
+            if changeover.promote_on_connect:
+                changeover.promote()
             await self._apply_desired(session, apply_document(desired, self._desired_interval))
-            self._report_due = False
-            await session.report(self._certificate_report())
+            changeover.report_due = False
+            await session.report(changeover.certificate_report())
             await self._pump(session)
         finally:
             self._session = None
@@ -531,11 +545,11 @@ class DeviceRuntime:
             self._wake_sender.clear()
             if self._link_lost.is_set() or not session.connected:
                 raise HubUnavailable("connection to the hub lost")
-            if self._changeover_ready:
+            if self._changeover.ready:
                 raise _ChangeOver
-            if self._report_due:
-                self._report_due = False
-                await session.report(self._certificate_report())
+            if self._changeover.report_due:
+                self._changeover.report_due = False
+                await session.report(self._changeover.certificate_report())
             while not self._patches.empty():
                 patch = self._patches.get_nowait()
                 await self._apply_desired(
@@ -661,227 +675,3 @@ class DeviceRuntime:
             await self._refresh_buffer_stats()
             await self._buffer.close()
             self._buffer = None
-
-    # -- certificate renewal: the change-over (the connection loop's part) -----------------------------------
-    async def _register_pending(self, id_scope: str, ca_pem: str | None) -> Assignment | None:
-        """Register with DPS once with the pending identity; its assignment, or None (then the device stays
-        on the old identity and the side task retries with back-off)."""
-        try:
-            pending = self.state_dir.load_pending()
-            check_validity(pending.info, now=self._clock(), source=str(self.state_dir.pending_path))
-        except DeviceClientError as exc:
-            self.state_dir.drop_pending()
-            self._fall_back(renewal.FAILED, "PENDING_UNUSABLE", exc.message)
-            return None
-        self._update(state=DeviceState.REGISTERING)
-        target = dps.DpsTarget(self.settings.cloud.global_endpoint, id_scope, ca_pem)
-        try:
-            assignment = await self._register_once(pending, target)
-        except _Stopped:
-            self._changeover_ready = True  # (the run ends; the next start resumes from pending/)
-            return None
-        except dps.RegistrationRefused as refused:
-            if refused.outcome in (
-                dps.RegistrationOutcome.CREDENTIALS_REFUSED,
-                dps.RegistrationOutcome.NOT_ENROLLED,
-            ):  # DPS will not take this certificate: the next attempt asks the factory again
-                self.state_dir.drop_pending()
-            self._fall_back(renewal.FAILED, f"DPS_{refused.outcome.value.upper()}", refused.detail)
-            return None
-        crash_point("renewal.registered")  # DPS knows only the new certificate now; pending/ still holds it
-        self.state_dir.write_assignment(assignment)
-        self._active = pending
-        self._promote_on_connect = True
-        self._record(renewal.REGISTERED, serial=pending.info.serial_hex)
-        self._log(
-            logging.INFO,
-            "registered with DPS with the renewed certificate (serial %s): hub %s",
-            pending.info.serial_hex,
-            assignment.assigned_hub,
-            hub=assignment.assigned_hub,
-        )
-        self._update(registrations=self._snapshot.registrations + 1, last_error=None)
-        return assignment
-
-    def _fall_back(self, state: str, reason: str, detail: str) -> None:
-        """The change-over failed: the old identity goes on; the side task retries after a back-off."""
-        self._log(
-            logging.WARNING,
-            "certificate change-over failed (%s: %s); staying on the current one",
-            reason,
-            detail,
-            reason=reason,
-        )
-        self._active = self._identity
-        self._promote_on_connect = False
-        self._changeover_failed = True
-        self._record(state, reason=reason, detail=detail)
-
-    def _promote(self) -> None:
-        """The hub took the new certificate: it becomes the identity (the old kept in previous/)."""
-        crash_point("renewal.before_promote")
-        self.state_dir.promote_pending()
-        crash_point("renewal.promoted")
-        self._identity = self._active = self.state_dir.load_identity()
-        self._promote_on_connect = False
-        info = self._identity.info
-        self._log(
-            logging.INFO,
-            "renewed certificate in use: serial %s, valid until %s",
-            info.serial_hex,
-            info.not_after.isoformat(),
-            serial=info.serial_hex,
-        )
-        self._update(renewals=self._snapshot.renewals + 1)
-        self._record(renewal.PROMOTED, serial=info.serial_hex)
-        self._show_certificate()
-
-    # -- certificate renewal: the side task ---------------------------------------------------------------
-    def _record(
-        self, state: str, *, reason: str | None = None, detail: str | None = None, serial: str | None = None
-    ) -> None:
-        self.state_dir.write_renewal(RenewalRecord(state, self._clock(), reason, detail, serial))
-        self._update(renewal_state=state)
-        self._report_due = True
-        self._wake_sender.set()
-        self._renewal_wake.set()
-
-    def _show_certificate(self) -> None:
-        if self._identity is not None:
-            info = self._identity.info
-            record = self.state_dir.read_renewal()
-            self._update(
-                certificate_serial=info.serial_hex,
-                certificate_not_after=info.not_after,
-                renewal_state=record.state if record else None,
-            )
-
-    def _certificate_report(self) -> dict[str, Any]:
-        assert self._identity is not None
-        return renewal.CertificateReport(self._identity.info, self.state_dir.read_renewal()).to_twin()
-
-    def _est(self, identity: StoredIdentity) -> EstClient:
-        rs = self.settings.renewal
-        assert rs.est_url is not None
-        endpoint = EstEndpoint(
-            rs.est_url, rs.trusted_ca_pem(self.settings.factory.ca_file), self.settings.runtime.sdk_timeout_s
-        )
-        return EstClient(endpoint, chain_path=identity.chain_path, key_path=identity.key_path)
-
-    async def _renewal_loop(self) -> None:
-        rt, rs = self.settings.runtime, self.settings.renewal
-        backoff = Backoff(rt.backoff_initial_s, max(rt.backoff_initial_s, min(rs.check_interval_s, 3600.0)))
-        while not self._stop.is_set():
-            self._renewal_wake.clear()
-            try:
-                delay = await self._renewal_step(backoff)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a disk that fails, say: the device keeps running on what it has
-                log.exception("certificate renewal failed", extra={"device_id": self.guid})
-                self._record(renewal.FAILED, reason="RENEWAL_ERROR", detail=str(exc))
-                delay = backoff.next_delay()
-            waits = [
-                asyncio.ensure_future(self._stop.wait()),
-                asyncio.ensure_future(self._renewal_wake.wait()),
-            ]
-            try:
-                await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waits:
-                    waiter.cancel()
-
-    async def _renewal_step(self, backoff: Backoff) -> float | None:
-        """One look; the seconds until the next one (None: until the connection loop wakes us)."""
-        if self._changeover_ready or self._promote_on_connect:
-            return None  # the connection loop is changing over
-        if self._changeover_failed:
-            self._changeover_failed = False
-            return backoff.next_delay()
-        if self.state_dir.has_previous():
-            return await self._confirm(backoff)
-        if self.state_dir.has_pending():
-            self._changeover_ready = True
-            self._wake_sender.set()
-            return None
-        assert self._identity is not None
-        info, rs, now = self._identity.info, self.settings.renewal, self._clock()
-        due = renewal.due_at(
-            info.not_before, info.not_after, fraction=rs.fraction, days_before=rs.days_before
-        )
-        if now < due:
-            return renewal.next_check_in(rs.check_interval_s, now=now, due=due, jitter=rs.jitter)
-        return await self._request_renewal(self._identity, backoff)
-
-    async def _request_renewal(self, identity: StoredIdentity, backoff: Backoff) -> float | None:
-        rs = self.settings.renewal
-        self._log(
-            logging.INFO,
-            "certificate serial %s is due for renewal: asking %s",
-            identity.info.serial_hex,
-            rs.est_url,
-        )
-        self._record(renewal.REQUESTED)
-        current_key = load_key(identity.key_path.read_bytes(), source=str(identity.key_path))
-        current_chain = load_chain(identity.chain_path.read_bytes(), source=str(identity.chain_path))
-        key = await asyncio.to_thread(renewal.new_key_like, current_key)  # RSA keys take a while
-        csr = renewal.renewal_request(current_chain[0], key)
-        try:
-            issued = await self._est(identity).simplereenroll(csr)
-            chain = renewal.accept_issued(issued, key=key, current_chain=current_chain, now=self._clock())
-        except EstRefused as refused:
-            self._log(logging.WARNING, "certificate renewal refused: %s", refused, reason=refused.reason)
-            self._record(renewal.REFUSED, reason=refused.reason, detail=refused.detail)
-            if refused.retryable:
-                return backoff.next_delay(refused.retry_after_s)
-            backoff.reset()  # final for this certificate until something changes: look again next interval
-            return renewal.next_check_in(
-                rs.check_interval_s, now=self._clock(), due=self._clock() + _FAR, jitter=rs.jitter
-            )
-        except EstError as exc:
-            self._log(logging.WARNING, "certificate renewal failed: %s", exc.detail, reason="EST_UNAVAILABLE")
-            self._record(renewal.FAILED, reason="EST_UNAVAILABLE", detail=exc.detail)
-            return backoff.next_delay(exc.retry_after_s)
-        except renewal.IssuedRejected as exc:
-            self._log(
-                logging.WARNING, "certificate renewal: unusable answer: %s", exc, reason="ISSUED_REJECTED"
-            )
-            self._record(renewal.FAILED, reason="ISSUED_REJECTED", detail=str(exc))
-            return backoff.next_delay()
-        serial = renewal.serial_of(chain[0])
-        metadata = dict(
-            identity.metadata,
-            serial=serial,
-            thumbprint_sha1=chain[0].fingerprint(hashes.SHA1()).hex().upper(),  # noqa: S303 - Azure's
-            thumbprint_sha256=chain[0].fingerprint(hashes.SHA256()).hex().upper(),
-            not_after=chain[0].not_valid_after_utc.isoformat(),
-            renewed_at=self._clock().isoformat(),
-            replaces=identity.info.serial_hex,
-        )
-        self.state_dir.write_pending(
-            key_pem=key_to_pem(key), chain_pem=renewal.chain_pem(chain), metadata=metadata
-        )
-        self._record(renewal.RECEIVED, serial=serial)
-        crash_point("renewal.received")  # pending/ holds the new identity; nothing else changed yet
-        self._log(
-            logging.INFO, "renewed certificate received: serial %s; changing over", serial, serial=serial
-        )
-        backoff.reset()
-        self._changeover_ready = True
-        self._wake_sender.set()
-        return None
-
-    async def _confirm(self, backoff: Backoff) -> float | None:
-        """Tell the listener the new certificate is in use (a request authenticated with it) and drop the
-        previous identity."""
-        assert self._identity is not None
-        try:
-            await self._est(self._identity).cacerts()
-        except EstError as exc:
-            self._log(logging.INFO, "renewal confirmation not delivered yet (%s); retrying", exc)
-            return backoff.next_delay(exc.retry_after_s)
-        self.state_dir.drop_previous()
-        backoff.reset()
-        self._record(renewal.CONFIRMED, serial=self._identity.info.serial_hex)
-        self._log(logging.INFO, "certificate renewal confirmed; the previous identity is dropped")
-        return 0.0
