@@ -3,10 +3,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from google.protobuf import timestamp_pb2
-
 from activation_svc.model import (
     ActivateCommand,
     ActivationPath,
@@ -22,6 +18,7 @@ from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.errors import DomainError
 from provkit.grpc_server import Context, ServiceBinding, binding
 from provkit.metrics import NO_METRICS, DomainMetrics
+from provkit.proto_names import timestamp
 
 LIFECYCLE_TO_PROTO = {
     Lifecycle.ENROLLED: pb.LIFECYCLE_ENROLLED,
@@ -39,12 +36,6 @@ METADATA_CHANGE_TO_PROTO = {
     MetadataChange.REPLACED: pb.METADATA_CHANGE_REPLACED,
     MetadataChange.CLEARED: pb.METADATA_CHANGE_CLEARED,
 }
-
-
-def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
 
 
 class ActivationServicer(pb_grpc.ActivationServiceServicer):
@@ -126,11 +117,11 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
             enrollment_etag=status.enrollment_etag,
         )
         if status.last_activity is not None:
-            reply.last_activity_time.CopyFrom(_timestamp(status.last_activity))
+            reply.last_activity_time.CopyFrom(timestamp(status.last_activity))
         if status.activated_at is not None:
-            reply.activated_time.CopyFrom(_timestamp(status.activated_at))
+            reply.activated_time.CopyFrom(timestamp(status.activated_at))
         if status.deactivated_at is not None:
-            reply.deactivated_time.CopyFrom(_timestamp(status.deactivated_at))
+            reply.deactivated_time.CopyFrom(timestamp(status.deactivated_at))
         return reply
 
     def binding(self) -> ServiceBinding:

@@ -9,9 +9,6 @@ AcknowledgeActivationCodes): proto <-> domain conversions, no business rules.
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime
-
-from google.protobuf import timestamp_pb2
 
 from devprov.v1 import factory_service_pb2 as pb
 from factory_svc.enrollment.model import (
@@ -33,6 +30,7 @@ from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.errors import DomainError, FailedPrecondition, InvalidArgument
 from provkit.grpc_server import Context
 from provkit.metrics import SuiteMetrics
+from provkit.proto_names import timestamp
 
 OUTCOME_TO_PROTO = {
     EnrollOutcome.CREATED: pb.ENROLL_OUTCOME_CREATED,
@@ -52,12 +50,6 @@ STATE_TO_PROTO = {
     EnrollmentState.NOT_FOUND: pb.ENROLLMENT_STATE_NOT_FOUND,
     EnrollmentState.REVOKED: pb.ENROLLMENT_STATE_REVOKED,
 }
-
-
-def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
 
 
 def result_to_proto(result: EnrollResult) -> pb.EnrollResponse:
@@ -108,9 +100,9 @@ def status_to_proto(status: EnrollmentStatus) -> pb.GetEnrollmentStatusResponse:
         owner_oem=status.owner,
     )
     if status.queued_at is not None:
-        reply.queued_time.CopyFrom(_timestamp(status.queued_at))
+        reply.queued_time.CopyFrom(timestamp(status.queued_at))
     if status.delivered_at is not None:
-        reply.delivered_time.CopyFrom(_timestamp(status.delivered_at))
+        reply.delivered_time.CopyFrom(timestamp(status.delivered_at))
     return reply
 
 

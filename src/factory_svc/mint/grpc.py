@@ -7,9 +7,7 @@ revocation reasons).  ``MintRpcs`` is one part of ``factory_svc.app.FactoryServi
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
-from google.protobuf import timestamp_pb2
+from datetime import timedelta
 
 from devprov.v1 import factory_service_pb2 as pb
 from factory_svc.errors import Reason, invalid_field
@@ -21,6 +19,7 @@ from provkit.context import current_caller
 from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.grpc_server import Context
 from provkit.metrics import SuiteMetrics
+from provkit.proto_names import set_time
 
 KEY_TYPE_TO_PROTO = {
     KeyType.EC_P256: pb.KEY_TYPE_EC_P256,
@@ -49,20 +48,6 @@ REASON_TO_PROTO = {
 }
 REASON_FROM_PROTO = {v: k for k, v in REASON_TO_PROTO.items()}
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    """Same value as ``Timestamp.FromDatetime`` for an aware datetime, without its Python-level work."""
-    message = timestamp_pb2.Timestamp()
-    _set_time(message, moment)
-    return message
-
-
-def _set_time(field: timestamp_pb2.Timestamp, moment: datetime) -> None:
-    delta = moment - _EPOCH  # days may be negative; seconds and microseconds never are
-    field.seconds = delta.days * 86_400 + delta.seconds
-    field.nanos = delta.microseconds * 1_000
 
 
 def certificate_to_proto(
@@ -77,16 +62,16 @@ def certificate_to_proto(
     message.certificate_chain_pem = cert.chain_pem
     message.sha1_thumbprint = cert.sha1_thumbprint
     message.sha256_thumbprint = cert.sha256_thumbprint
-    _set_time(message.not_before, cert.not_before)
-    _set_time(message.not_after, cert.not_after)
-    _set_time(message.issue_time, cert.issued_at)
+    set_time(message.not_before, cert.not_before)
+    set_time(message.not_after, cert.not_after)
+    set_time(message.issue_time, cert.issued_at)
     message.key_type = KEY_TYPE_TO_PROTO[cert.key_type]
     message.key_source = KEY_SOURCE_TO_PROTO[cert.key_source]
     message.caller_identity = cert.caller
     message.request_id = cert.request_id
     if cert.revocation is not None:
         message.revoked = True
-        _set_time(message.revocation_time, cert.revocation.time)
+        set_time(message.revocation_time, cert.revocation.time)
         message.revocation_reason = REASON_TO_PROTO[cert.revocation.reason]
     return message
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from devprov.v1 import factory_service_pb2 as pb
 from factory_svc.errors import FailedPrecondition, Reason, invalid_field
-from factory_svc.mint.grpc import REASON_FROM_PROTO, certificate_to_proto, timestamp
+from factory_svc.mint.grpc import REASON_FROM_PROTO, certificate_to_proto
 from factory_svc.revocation.model import RevokeRequest
 from factory_svc.revocation.service import RevocationService
 from provkit.context import current_caller
 from provkit.device_id import DeviceIdPolicy, check_device_id
 from provkit.grpc_server import Context
 from provkit.metrics import SuiteMetrics
+from provkit.proto_names import timestamp
 
 
 def revoke_request_from_proto(request: pb.RevokeCertificateRequest, caller: str) -> RevokeRequest:
