@@ -11,6 +11,7 @@ import pytest
 from azure.iot.device import Message
 from azure.iot.device.iothub.pipeline import mqtt_topic_iothub
 from support.clock import START, ManualClock
+from test_hub_registry import db  # noqa: F401 - a fixture
 
 from azure_iot_emulator.hub import c2d
 from azure_iot_emulator.hub.c2d import C2dLimits, C2dMessage, C2dRefused
@@ -49,8 +50,9 @@ class Channel:
             on_ack()
 
 
-def build(db: Database, clock: ManualClock, limits: C2dLimits | None = None) -> HubService:
-    return HubService(HubRegistry(db, [HUB], clock), TelemetryStore(db, clock), clock, c2d_limits=limits)
+def build(database: Database, clock: ManualClock, limits: C2dLimits | None = None) -> HubService:
+    registry = HubRegistry(database, [HUB], clock)
+    return HubService(registry, TelemetryStore(database, clock), clock, c2d_limits=limits)
 
 
 @pytest.fixture
@@ -59,14 +61,7 @@ def clock():
 
 
 @pytest.fixture
-def db(tmp_path):
-    database = Database(tmp_path / "emulator.db")
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def service(db, clock):
+def service(db, clock):  # noqa: F811
     hub = build(db, clock)
     for device_id in ("d1", "d2"):
         hub.registry.create_device(HUB, DeviceSpec(device_id, auth_type="sas"))
@@ -173,7 +168,7 @@ async def test_the_device_gets_ids_properties_and_content_type_as_the_sdk_parses
     assert received.data == b'{"cmd": "reboot"}'
 
 
-async def test_default_ttl_and_the_two_day_ceiling(db, clock):
+async def test_default_ttl_and_the_two_day_ceiling(db, clock):  # noqa: F811
     service = build(db, clock, C2dLimits(default_ttl=60))
     service.registry.create_device(HUB, DeviceSpec("d1", auth_type="sas"))
     await service.send_c2d(HUB, "d1", C2dMessage(b"default ttl"))
@@ -231,7 +226,7 @@ async def test_unacknowledged_messages_go_out_again_in_order_on_the_next_connect
     assert depth(service, "d1") == 0
 
 
-async def test_a_message_never_acknowledged_is_dropped_after_max_delivery_count(db, clock):
+async def test_a_message_never_acknowledged_is_dropped_after_max_delivery_count(db, clock):  # noqa: F811
     service = build(db, clock, C2dLimits(max_delivery_count=2))
     service.registry.create_device(HUB, DeviceSpec("d1", auth_type="sas"))
     await service.send_c2d(HUB, "d1", C2dMessage(b"poison"))
@@ -276,7 +271,7 @@ async def test_queue_depth_in_device_twin_and_query_and_gone_with_the_device(ser
     assert depth(service, "d1") == 0  # a new device of the same id starts with an empty queue
 
 
-async def test_the_queue_survives_a_restart(db, clock, service, tmp_path):
+async def test_the_queue_survives_a_restart(db, clock, service, tmp_path):  # noqa: F811
     await service.send_c2d(HUB, "d1", C2dMessage(b"durable", message_id="m-9", properties={"k": "v"}))
     db.close()
     reopened = Database(tmp_path / "emulator.db")
