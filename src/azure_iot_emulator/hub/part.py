@@ -14,6 +14,7 @@ from datetime import datetime
 
 from aiohttp import web
 
+from azure_iot_emulator.hub.c2d import C2dLimits
 from azure_iot_emulator.hub.endpoint import HubEndpoint
 from azure_iot_emulator.hub.registry import HubRegistry
 from azure_iot_emulator.hub.rest import build_hub_rest_app
@@ -34,13 +35,14 @@ class HubPart:
         registry: HubRegistry | None = None,
         d2c_quota: TokenBuckets | None = None,
         metrics: TelemetryMetrics | None = None,
+        c2d_limits: C2dLimits | None = None,
     ) -> None:
         self.registry = registry or HubRegistry(db, hub_hosts, clock)
         self.registry.reset_connection_states()  # nobody is connected to a process that just started
         self.telemetry = TelemetryStore(
             db, clock, on_insert=self.registry.record_activity, metrics=metrics
         )
-        self.service = HubService(self.registry, self.telemetry, clock, d2c_quota)
+        self.service = HubService(self.registry, self.telemetry, clock, d2c_quota, c2d_limits=c2d_limits)
         self._clock = clock
         self._keys = service_keys
         self.endpoints = [HubEndpoint(host, self.service) for host in hub_hosts]
