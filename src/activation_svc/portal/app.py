@@ -21,14 +21,20 @@ replica shares (``activation_svc.shared_limits``), so the limit holds exactly ac
 names the address to the service (``x-devprov-on-behalf-of``) so the service counts each web user's
 failures on their own.
 
-Routes: ``GET /`` activate form; ``POST /activate`` -> result page or the form again with the service's
-error; ``GET /status[?device_id=]`` status form; ``POST /status`` -> status page; ``GET /static/portal.css``,
-``/static/portal.js``; ``GET /healthz``.  Anything else: an HTML 404 / 405.
+Routes: ``GET /[?device=GUID]`` activate form (the device filled in; with the OEM's template, asked from
+the service, as form fields, the JSON kept as an advanced view; a label's QR code opens
+``/?device=GUID#code=CODE``: the page's script moves the code from the fragment into the form and removes
+the fragment, so the code never reaches a server, a log or a Referer); ``POST /activate`` -> result page
+or the form again with the service's error; ``GET /batch`` shipment form, ``POST /batch`` (a CSV upload,
+``activation_svc.batch.shipment``; each row one Activate, the per-address limit applied per row) ->
+the result table; ``GET /status[?device_id=]`` status form; ``POST /status`` -> status page;
+``GET /static/portal.css``, ``/static/portal.js``; ``GET /healthz``.  Anything else: an HTML 404 / 405.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import ssl
 import time
@@ -46,6 +52,14 @@ from google.protobuf import timestamp_pb2
 from opentelemetry import propagate, trace
 
 from activation_svc.audit import AuditLog
+from activation_svc.batch.shipment import (
+    REFUSED,
+    RowResult,
+    ShipmentError,
+    ShipmentRow,
+    activate_rows,
+    read_shipment,
+)
 from activation_svc.errors import Reason
 from activation_svc.portal import pages
 from activation_svc.portal.assets import ASSETS
@@ -54,6 +68,13 @@ from activation_svc.portal.security import CSRF_FIELD, Csrf, add_headers, host_a
 from activation_svc.portal.settings import PortalSettings
 from activation_svc.ratelimit import AttemptsExhausted, FailureLimits, Slot
 from activation_svc.shared_limits import failure_limits
+from activation_svc.templates.fields import (
+    FORM_PREFIX,
+    FieldSet,
+    metadata_from_values,
+    parse_template_json,
+    template_fields,
+)
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
 from provkit.channels import create_channel, request_metadata
@@ -71,6 +92,8 @@ STUB = web.AppKey("stub", pb_grpc.ActivationServiceStub)
 CSRF = web.AppKey("csrf", Csrf)
 LIMITS = web.AppKey[FailureLimits]("limits")
 _ALL_DEVICES = "*"  # the portal's limit is per address over all devices
+MAX_BATCH_ROWS = 2000  # one upload (the command line takes more)
+BATCH_CONCURRENCY = 4
 
 _LIMITS = {
     "device_id": ("Device ID", pages.MAX_DEVICE_ID),
@@ -185,11 +208,45 @@ async def _form_post(
     return form, None
 
 
+async def _template(request: web.Request) -> FieldSet | None:
+    """The caller OEM's template as form fields (asked from the service; None: it has none, or the service
+    could not say: the JSON view is shown)."""
+    try:
+        reply = await request.app[STUB].GetMetadataTemplate(
+            pb.GetMetadataTemplateRequest(), timeout=request.app[SETTINGS].timeout_seconds
+        )
+    except grpc.aio.AioRpcError as exc:
+        log.warning("no metadata template from the service", extra={"code": exc.code().name})
+        return None
+    schema = parse_template_json(reply.schema_json)
+    return template_fields(schema) if schema is not None else None
+
+
 async def activate_form(request: web.Request) -> web.Response:
     csrf = request.app[CSRF]
     token, fresh = csrf.token_for(request)
-    page = pages.activate_page(pages.ActivateForm(), request.app[SETTINGS].hubs, token, str(uuid.uuid4()))
+    device_id = request.query.get("device", "")[: pages.MAX_DEVICE_ID]  # a label's QR code names it
+    form = pages.ActivateForm(device_id=device_id, fields=await _template(request))
+    page = pages.activate_page(form, request.app[SETTINGS].hubs, token, str(uuid.uuid4()))
     return _html(page, cookie=(csrf, fresh))
+
+
+def _field_values(form: Mapping[str, object], fields: FieldSet | None) -> dict[str, str]:
+    """The template fields as typed (only the template's; each at most ``pages.MAX_FIELD`` characters)."""
+    known = fields.by_name() if fields is not None else {}
+    values = {}
+    for key in form:
+        name = key.removeprefix(FORM_PREFIX)
+        if key.startswith(FORM_PREFIX) and name in known:
+            values[name] = _text_field(form, key)
+    return values
+
+
+def _metadata_to_send(raw: str, clear: bool, fields: FieldSet | None, values: Mapping[str, str]) -> str:
+    """The JSON view's text when it has any (or the remove box is ticked), else the template's fields."""
+    if raw.strip() or clear or fields is None:
+        return raw
+    return json.dumps(metadata_from_values(fields, values), ensure_ascii=False, separators=(",", ":"))
 
 
 async def activate(request: web.Request) -> web.Response:
@@ -199,6 +256,8 @@ async def activate(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     csrf = request.app[CSRF]
     values = {name: _text_field(form, name) for name in _LIMITS}
+    fields = await _template(request)
+    field_values = _field_values(form, fields)
     token, fresh = csrf.token_for(request)
 
     def again(
@@ -211,6 +270,8 @@ async def activate(request: web.Request) -> web.Response:
             clear_metadata=bool(values["clear_metadata"]),
             problem=problem,
             local_problems=local_problems,
+            fields=fields,
+            values={k: v[: pages.MAX_FIELD] for k, v in field_values.items()},
         )
         # a new request id: the corrected form is a new request
         return _html(
@@ -219,9 +280,16 @@ async def activate(request: web.Request) -> web.Response:
 
     if refusal is not None:
         return again(refusal.http_status, problem=refusal)
-    too_long = _too_long(values)
+    too_long = _too_long(values) + tuple(
+        FieldProblem("metadata", name, name, f"at most {pages.MAX_FIELD} characters (got {len(value)})")
+        for name, value in field_values.items()
+        if len(value) > pages.MAX_FIELD
+    )
     if too_long:
         return again(400, local_problems=too_long)
+    metadata_json = _metadata_to_send(
+        values["metadata"], bool(values["clear_metadata"]), fields, field_values
+    )
     request_id = values["request_id"] or str(uuid.uuid4())
     attempt = await _begin(request)
     if isinstance(attempt, ServiceProblem):
@@ -232,7 +300,7 @@ async def activate(request: web.Request) -> web.Response:
                 pb.ActivateRequest(
                     device_id=values["device_id"].strip(),
                     activation_code=values["activation_code"],
-                    metadata_json=values["metadata"],
+                    metadata_json=metadata_json,
                     hub=values["hub"],
                     request_id=request_id,
                     clear_metadata=bool(values["clear_metadata"]),
@@ -262,6 +330,95 @@ async def activate(request: web.Request) -> web.Response:
         extra={"device": view.device_id, "path": view.path, "hub": view.hub, "metadata": view.metadata},
     )
     return _html(pages.result_page(view), cookie=(csrf, fresh))
+
+
+# --------------------------------------------------------------------------------------------- batch
+def _unusable(sentence: str, message: str) -> ServiceProblem:
+    return ServiceProblem(
+        title="Not sent",
+        sentence=sentence,
+        code="INVALID_ARGUMENT",
+        reason=PortalReason.SHIPMENT_UNUSABLE,
+        message=message,
+        fields=(),
+        http_status=400,
+    )
+
+
+async def batch_form(request: web.Request) -> web.Response:
+    csrf = request.app[CSRF]
+    token, fresh = csrf.token_for(request)
+    fields = await _template(request)
+    columns = tuple(f.name for f in fields.fields) if fields is not None else ()
+    page = pages.batch_form_page(pages.BatchForm(columns), token, request.app[SETTINGS].max_body_bytes)
+    return _html(page, cookie=(csrf, fresh))
+
+
+async def batch(request: web.Request) -> web.Response:
+    form, refusal = await _form_post(request)
+    if isinstance(refusal, web.Response):
+        return refusal
+    settings = request.app[SETTINGS]
+    csrf = request.app[CSRF]
+    token, fresh = csrf.token_for(request)
+    fields = await _template(request)
+    columns = tuple(f.name for f in fields.fields) if fields is not None else ()
+
+    def again(problem: ServiceProblem) -> web.Response:
+        page = pages.batch_form_page(pages.BatchForm(columns, problem), token, settings.max_body_bytes)
+        return _html(page, problem.http_status, (csrf, fresh))
+
+    if refusal is not None:
+        return again(refusal)
+    upload = form.get("shipment")
+    if not isinstance(upload, web.FileField):
+        return again(_unusable("Choose the shipment's CSV file.", "no file was sent"))
+    try:
+        text = upload.file.read().decode("utf-8")
+    except UnicodeDecodeError:
+        return again(_unusable("The file is not UTF-8 text: save the CSV as UTF-8.", "not UTF-8"))
+    metadata = _text_field(form, "metadata")
+    try:
+        rows = read_shipment(
+            text, fields, metadata_json=metadata if metadata.strip() else None, max_rows=MAX_BATCH_ROWS
+        )
+    except ShipmentError as exc:
+        return again(_unusable("The shipment cannot be used as it is; nothing was sent.", str(exc)))
+    slots: dict[int, Slot] = {}
+
+    async def limited(row: ShipmentRow) -> RowResult | None:
+        attempt = await _begin(request)
+        if isinstance(attempt, ServiceProblem):
+            return RowResult(row.line, row.device_id, row.hub, REFUSED, attempt.reason, "", attempt.sentence)
+        slots[row.line] = attempt
+        return None
+
+    async def settle(result: RowResult) -> None:
+        slot = slots.pop(result.line, None)
+        if slot is None:
+            return
+        try:
+            if result.succeeded:
+                await slot.succeeded()
+            elif result.reason == Reason.ACTIVATION_DENIED:
+                await slot.failed()
+        finally:
+            await slot.release()
+
+    results = await activate_rows(
+        request.app[STUB],
+        rows,
+        concurrency=BATCH_CONCURRENCY,
+        call_timeout=settings.timeout_seconds,
+        extra_metadata=((ON_BEHALF_OF_HEADER, _address(request)),),
+        before_row=limited,
+        on_result=settle,
+    )
+    log.info(
+        "shipment activated",
+        extra={"rows": len(results), "succeeded": sum(1 for r in results if r.succeeded)},
+    )
+    return _html(pages.batch_result_page(results), cookie=(csrf, fresh))
 
 
 async def to_form(request: web.Request) -> web.Response:
@@ -454,6 +611,8 @@ def create_app(
     app.router.add_get("/", activate_form)
     app.router.add_post("/activate", activate)
     app.router.add_get("/activate", to_form)
+    app.router.add_get("/batch", batch_form)
+    app.router.add_post("/batch", batch)
     app.router.add_get("/status", status_form)
     app.router.add_post("/status", status)
     app.router.add_get("/static/{name}", static)
