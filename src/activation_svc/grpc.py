@@ -132,7 +132,7 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
         if template is None:
             return pb.GetMetadataTemplateResponse(tenant=caller.oem or "")
         return pb.GetMetadataTemplateResponse(
-            tenant=template.tenant, schema_json=template.canonical(), schema_digest=template.digest
+            tenant=template.tenant, schema_json=template.text(), schema_digest=template.digest
         )
 
     def binding(self) -> ServiceBinding:

@@ -59,6 +59,7 @@ class PortalStack:
     tls: OemTls
     settings: PortalSettings
     folder: Path
+    factory_app: object = None
 
     async def enrolled(self) -> tuple[DeviceFiles, str]:
         """A freshly minted device, enrolled (disabled) through factory_svc, and its activation code."""
@@ -81,15 +82,21 @@ class PortalStack:
 
 
 @contextlib.asynccontextmanager
-async def portal_stack(folder: Path, emulator, **portal_extra: str) -> AsyncIterator[PortalStack]:
+async def portal_stack(
+    folder: Path, emulator, *, service_env: Mapping[str, str] | None = None, **portal_extra: str
+) -> AsyncIterator[PortalStack]:
+    """``service_env``: more settings for activation_svc (e.g. ACTIVATION_TEMPLATES)."""
     tls = OemTls.create(folder / "oem-tls")
     async with (
-        running_factory(factory_env(folder, emulator)) as (_factory_app, factory),
-        running_activation(activation_env(folder, emulator, tls), tls) as (app, activation),
+        running_factory(factory_env(folder, emulator)) as (factory_app, factory),
+        running_activation(activation_env(folder, emulator, tls, **(service_env or {})), tls) as (
+            app,
+            activation,
+        ),
     ):
         address = app.grpc_address  # type: ignore[attr-defined]
         settings = load_portal_settings(env=portal_env(address, tls, emulator, **portal_extra))
-        yield PortalStack(emulator, factory, activation, app, tls, settings, folder)
+        yield PortalStack(emulator, factory, activation, app, tls, settings, folder, factory_app)
 
 
 _HIDDEN = re.compile(r'<input type="hidden" name="(\w+)" value="([^"]*)">')

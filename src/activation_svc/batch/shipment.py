@@ -178,6 +178,8 @@ def read_shipment(
         template_cols[index] = name
     if template_cols and metadata_json is not None:
         raise ShipmentError("give template columns or one metadata file for every row, not both")
+    if len(table) == 1:
+        raise ShipmentError("the shipment has a header but no devices")
     if len(table) - 1 > max_rows:
         raise ShipmentError(f"the shipment has {len(table) - 1} rows; at most {max_rows} are taken at once")
     rows: list[ShipmentRow] = []

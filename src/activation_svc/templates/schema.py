@@ -122,6 +122,10 @@ class Template:
         )
         return cls(tenant, schema, source, validator)
 
+    def text(self) -> str:
+        """The schema as JSON in its own key order (the order the form shows its fields in)."""
+        return json.dumps(self.schema, separators=(",", ":"), ensure_ascii=False)
+
     def canonical(self) -> str:
         return json.dumps(self.schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
