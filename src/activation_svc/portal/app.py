@@ -180,6 +180,18 @@ _NOT_UTF8 = ServiceProblem(
 )
 
 
+_NO_TEMPLATE = ServiceProblem(
+    title="Not sent",
+    sentence="The activation service could not tell the portal your company's template right now, so the "
+    "fields could not be read. Nothing was sent; try again.",
+    code="UNAVAILABLE",
+    reason="",
+    message="GetMetadataTemplate failed",
+    fields=(),
+    http_status=503,
+)
+
+
 # ------------------------------------------------------------------------------------------- handlers
 async def _form_post(
     request: web.Request,
@@ -287,6 +299,11 @@ async def activate(request: web.Request) -> web.Response:
     )
     if too_long:
         return again(400, local_problems=too_long)
+    typed_fields = any(key.startswith(FORM_PREFIX) for key in form)
+    if typed_fields and fields is None and not values["metadata"].strip():
+        # the form had the template's fields but the service cannot say what they are now: sending no
+        # metadata would quietly keep the device's instead of what was typed
+        return again(503, problem=_NO_TEMPLATE)
     metadata_json = _metadata_to_send(
         values["metadata"], bool(values["clear_metadata"]), fields, field_values
     )
