@@ -26,9 +26,9 @@ the service, as form fields, the JSON kept as an advanced view; a label's QR cod
 ``/?device=GUID#code=CODE``: the page's script moves the code from the fragment into the form and removes
 the fragment, so the code never reaches a server, a log or a Referer); ``POST /activate`` -> result page
 or the form again with the service's error; ``GET /batch`` shipment form, ``POST /batch`` (a CSV upload,
-``activation_svc.batch.shipment``; each row one Activate, the per-address limit applied per row) ->
-the result table; ``GET /status[?device_id=]`` status form; ``POST /status`` -> status page;
-``GET /static/portal.css``, ``/static/portal.js``; ``GET /healthz``.  Anything else: an HTML 404 / 405.
+``activation_svc.portal.shipment``) -> the result table; ``GET /status[?device_id=]`` status form;
+``POST /status`` -> status page; ``GET /static/portal.css``, ``/static/portal.js``; ``GET /healthz``.
+Anything else: an HTML 404 / 405.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import json
 import logging
 import ssl
 import time
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -52,28 +51,31 @@ from google.protobuf import timestamp_pb2
 from opentelemetry import propagate, trace
 
 from activation_svc.audit import AuditLog
-from activation_svc.batch.shipment import (
-    REFUSED,
-    RowResult,
-    ShipmentError,
-    ShipmentRow,
-    activate_rows,
-    read_shipment,
-)
 from activation_svc.errors import Reason
 from activation_svc.portal import pages
 from activation_svc.portal.assets import ASSETS
-from activation_svc.portal.errors import FieldProblem, PortalReason, ServiceProblem, describe
-from activation_svc.portal.security import CSRF_FIELD, Csrf, add_headers, host_allowed
+from activation_svc.portal.errors import FieldProblem, ServiceProblem, describe
+from activation_svc.portal.forms import (
+    CSRF,
+    LIMITS,
+    SETTINGS,
+    STUB,
+    begin_attempt,
+    client_address,
+    form_post,
+    html_page,
+    template_of,
+    text_field,
+)
+from activation_svc.portal.security import Csrf, add_headers, host_allowed
 from activation_svc.portal.settings import PortalSettings
-from activation_svc.ratelimit import AttemptsExhausted, FailureLimits, Slot
+from activation_svc.portal.shipment import batch, batch_form
+from activation_svc.ratelimit import Slot
 from activation_svc.shared_limits import failure_limits
 from activation_svc.templates.fields import (
     FORM_PREFIX,
     FieldSet,
     metadata_from_values,
-    parse_template_json,
-    template_fields,
 )
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
@@ -87,14 +89,6 @@ from provkit.signals import wait_for_stop_signal
 
 log = logging.getLogger("activation_svc.portal")
 
-SETTINGS = web.AppKey("settings", PortalSettings)
-STUB = web.AppKey("stub", pb_grpc.ActivationServiceStub)
-CSRF = web.AppKey("csrf", Csrf)
-LIMITS = web.AppKey[FailureLimits]("limits")
-_ALL_DEVICES = "*"  # the portal's limit is per address over all devices
-MAX_BATCH_ROWS = 2000  # one upload (the command line takes more)
-BATCH_CONCURRENCY = 4
-
 _LIMITS = {
     "device_id": ("Device ID", pages.MAX_DEVICE_ID),
     "activation_code": ("Activation code", pages.MAX_CODE),
@@ -105,18 +99,6 @@ _LIMITS = {
 }
 
 
-def _html(body: str, status: int = 200, cookie: tuple[Csrf, str | None] | None = None) -> web.Response:
-    response = web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
-    if cookie is not None and cookie[1] is not None:
-        cookie[0].set_cookie(response, cookie[1])
-    return response
-
-
-def _text_field(form: Mapping[str, object], name: str) -> str:
-    value = form.get(name, "")
-    return value if isinstance(value, str) else ""
-
-
 def _too_long(values: dict[str, str]) -> tuple[FieldProblem, ...]:
     problems = []
     for name, value in values.items():
@@ -124,29 +106,6 @@ def _too_long(values: dict[str, str]) -> tuple[FieldProblem, ...]:
         if len(value) > limit:
             problems.append(FieldProblem(name, label, "", f"at most {limit} characters (got {len(value)})"))
     return tuple(problems)
-
-
-def _address(request: web.Request) -> str:
-    return request.remote or "unknown"
-
-
-async def _begin(request: web.Request) -> Slot | ServiceProblem:
-    """One code check for this client address, or the problem to show (too many wrong codes)."""
-    try:
-        return await request.app[LIMITS].begin(_address(request), _ALL_DEVICES)
-    except AttemptsExhausted as exc:
-        wait = max(1, round(exc.retry_after))
-        log.warning("portal rate limit", extra={"client": _address(request), "retry_after": wait})
-        return ServiceProblem(
-            title="Too many attempts",
-            sentence=f"Too many wrong activation codes were sent from your address. Try again in {wait} s.",
-            code="RESOURCE_EXHAUSTED",
-            reason=PortalReason.PORTAL_RATE_LIMITED,
-            message="too many failed attempts from this address",
-            fields=(),
-            http_status=429,
-            retry_after=exc.retry_after,
-        )
 
 
 async def _settle(attempt: Slot, problem: ServiceProblem | None) -> None:
@@ -169,17 +128,6 @@ def _when(stamp: timestamp_pb2.Timestamp) -> str:
     return stamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-_NOT_UTF8 = ServiceProblem(
-    title="Not sent",
-    sentence="The form could not be read: it was not sent as UTF-8 text. Nothing was sent.",
-    code="INVALID_ARGUMENT",
-    reason=PortalReason.FORM_NOT_UTF8,
-    message="the form's body is not UTF-8 text",
-    fields=(),
-    http_status=400,
-)
-
-
 _NO_TEMPLATE = ServiceProblem(
     title="Not sent",
     sentence="The activation service could not tell the portal your company's template right now, so the "
@@ -193,54 +141,13 @@ _NO_TEMPLATE = ServiceProblem(
 
 
 # ------------------------------------------------------------------------------------------- handlers
-async def _form_post(
-    request: web.Request,
-) -> tuple[Mapping[str, object], web.Response | ServiceProblem | None]:
-    """The parsed form, or the answer to send instead (403 on a missing or forged CSRF token), or the
-    problem to show on an empty form (a body that is not UTF-8: aiohttp would fail on it, or, for a
-    percent-encoded byte, quietly put U+FFFD in its place)."""
-    try:
-        form = await request.post()  # raises 413 past client_max_size
-        if request.content_type == "application/x-www-form-urlencoded":
-            charset = request.charset or "utf-8"
-            text = (await request.read()).decode(charset)  # post() read it already: kept in memory
-            urllib.parse.parse_qsl(text, keep_blank_values=True, encoding=charset, errors="strict")
-    except (UnicodeDecodeError, LookupError):
-        log.info("form refused: not UTF-8", extra={"path": request.path})
-        return {}, _NOT_UTF8
-    csrf = request.app[CSRF]
-    if not csrf.valid(request, form.get(CSRF_FIELD)):
-        log.warning("CSRF token missing or wrong", extra={"path": request.path})
-        page = pages.message_page(
-            "Form expired",
-            "This form could not be verified (it expired or did not come from this site). "
-            "Open the page again and resend it.",
-        )
-        return form, _html(page, 403, (csrf, csrf.token_for(request)[1]))
-    return form, None
-
-
-async def _template(request: web.Request) -> FieldSet | None:
-    """The caller OEM's template as form fields (asked from the service; None: it has none, or the service
-    could not say: the JSON view is shown)."""
-    try:
-        reply = await request.app[STUB].GetMetadataTemplate(
-            pb.GetMetadataTemplateRequest(), timeout=request.app[SETTINGS].timeout_seconds
-        )
-    except grpc.aio.AioRpcError as exc:
-        log.warning("no metadata template from the service", extra={"code": exc.code().name})
-        return None
-    schema = parse_template_json(reply.schema_json)
-    return template_fields(schema) if schema is not None else None
-
-
 async def activate_form(request: web.Request) -> web.Response:
     csrf = request.app[CSRF]
     token, fresh = csrf.token_for(request)
     device_id = request.query.get("device", "")[: pages.MAX_DEVICE_ID]  # a label's QR code names it
-    form = pages.ActivateForm(device_id=device_id, fields=await _template(request))
+    form = pages.ActivateForm(device_id=device_id, fields=await template_of(request))
     page = pages.activate_page(form, request.app[SETTINGS].hubs, token, str(uuid.uuid4()))
-    return _html(page, cookie=(csrf, fresh))
+    return html_page(page, cookie=(csrf, fresh))
 
 
 def _field_values(form: Mapping[str, object], fields: FieldSet | None) -> dict[str, str]:
@@ -250,7 +157,7 @@ def _field_values(form: Mapping[str, object], fields: FieldSet | None) -> dict[s
     for key in form:
         name = key.removeprefix(FORM_PREFIX)
         if key.startswith(FORM_PREFIX) and name in known:
-            values[name] = _text_field(form, key)
+            values[name] = text_field(form, key)
     return values
 
 
@@ -262,13 +169,13 @@ def _metadata_to_send(raw: str, clear: bool, fields: FieldSet | None, values: Ma
 
 
 async def activate(request: web.Request) -> web.Response:
-    form, refusal = await _form_post(request)
+    form, refusal = await form_post(request)
     if isinstance(refusal, web.Response):
         return refusal
     settings = request.app[SETTINGS]
     csrf = request.app[CSRF]
-    values = {name: _text_field(form, name) for name in _LIMITS}
-    fields = await _template(request)
+    values = {name: text_field(form, name) for name in _LIMITS}
+    fields = await template_of(request)
     field_values = _field_values(form, fields)
     token, fresh = csrf.token_for(request)
 
@@ -286,7 +193,7 @@ async def activate(request: web.Request) -> web.Response:
             values={k: v[: pages.MAX_FIELD] for k, v in field_values.items()},
         )
         # a new request id: the corrected form is a new request
-        return _html(
+        return html_page(
             pages.activate_page(state, settings.hubs, token, str(uuid.uuid4())), status, (csrf, fresh)
         )
 
@@ -308,7 +215,7 @@ async def activate(request: web.Request) -> web.Response:
         values["metadata"], bool(values["clear_metadata"]), fields, field_values
     )
     request_id = values["request_id"] or str(uuid.uuid4())
-    attempt = await _begin(request)
+    attempt = await begin_attempt(request)
     if isinstance(attempt, ServiceProblem):
         return _with_retry(again(attempt.http_status, problem=attempt), attempt)
     try:
@@ -322,7 +229,7 @@ async def activate(request: web.Request) -> web.Response:
                     request_id=request_id,
                     clear_metadata=bool(values["clear_metadata"]),
                 ),
-                metadata=(*request_metadata(request_id), (ON_BEHALF_OF_HEADER, _address(request))),
+                metadata=(*request_metadata(request_id), (ON_BEHALF_OF_HEADER, client_address(request))),
                 timeout=settings.timeout_seconds,
             )
         except grpc.aio.AioRpcError as exc:
@@ -346,96 +253,7 @@ async def activate(request: web.Request) -> web.Response:
         "activated",
         extra={"device": view.device_id, "path": view.path, "hub": view.hub, "metadata": view.metadata},
     )
-    return _html(pages.result_page(view), cookie=(csrf, fresh))
-
-
-# --------------------------------------------------------------------------------------------- batch
-def _unusable(sentence: str, message: str) -> ServiceProblem:
-    return ServiceProblem(
-        title="Not sent",
-        sentence=sentence,
-        code="INVALID_ARGUMENT",
-        reason=PortalReason.SHIPMENT_UNUSABLE,
-        message=message,
-        fields=(),
-        http_status=400,
-    )
-
-
-async def batch_form(request: web.Request) -> web.Response:
-    csrf = request.app[CSRF]
-    token, fresh = csrf.token_for(request)
-    fields = await _template(request)
-    columns = tuple(f.name for f in fields.fields) if fields is not None else ()
-    page = pages.batch_form_page(pages.BatchForm(columns), token, request.app[SETTINGS].max_body_bytes)
-    return _html(page, cookie=(csrf, fresh))
-
-
-async def batch(request: web.Request) -> web.Response:
-    form, refusal = await _form_post(request)
-    if isinstance(refusal, web.Response):
-        return refusal
-    settings = request.app[SETTINGS]
-    csrf = request.app[CSRF]
-    token, fresh = csrf.token_for(request)
-    fields = await _template(request)
-    columns = tuple(f.name for f in fields.fields) if fields is not None else ()
-
-    def again(problem: ServiceProblem) -> web.Response:
-        page = pages.batch_form_page(pages.BatchForm(columns, problem), token, settings.max_body_bytes)
-        return _html(page, problem.http_status, (csrf, fresh))
-
-    if refusal is not None:
-        return again(refusal)
-    upload = form.get("shipment")
-    if not isinstance(upload, web.FileField):
-        return again(_unusable("Choose the shipment's CSV file.", "no file was sent"))
-    try:
-        text = upload.file.read().decode("utf-8")
-    except UnicodeDecodeError:
-        return again(_unusable("The file is not UTF-8 text: save the CSV as UTF-8.", "not UTF-8"))
-    metadata = _text_field(form, "metadata")
-    try:
-        rows = read_shipment(
-            text, fields, metadata_json=metadata if metadata.strip() else None, max_rows=MAX_BATCH_ROWS
-        )
-    except ShipmentError as exc:
-        return again(_unusable("The shipment cannot be used as it is; nothing was sent.", str(exc)))
-    slots: dict[int, Slot] = {}
-
-    async def limited(row: ShipmentRow) -> RowResult | None:
-        attempt = await _begin(request)
-        if isinstance(attempt, ServiceProblem):
-            return RowResult(row.line, row.device_id, row.hub, REFUSED, attempt.reason, "", attempt.sentence)
-        slots[row.line] = attempt
-        return None
-
-    async def settle(result: RowResult) -> None:
-        slot = slots.pop(result.line, None)
-        if slot is None:
-            return
-        try:
-            if result.succeeded:
-                await slot.succeeded()
-            elif result.reason == Reason.ACTIVATION_DENIED:
-                await slot.failed()
-        finally:
-            await slot.release()
-
-    results = await activate_rows(
-        request.app[STUB],
-        rows,
-        concurrency=BATCH_CONCURRENCY,
-        call_timeout=settings.timeout_seconds,
-        extra_metadata=((ON_BEHALF_OF_HEADER, _address(request)),),
-        before_row=limited,
-        on_result=settle,
-    )
-    log.info(
-        "shipment activated",
-        extra={"rows": len(results), "succeeded": sum(1 for r in results if r.succeeded)},
-    )
-    return _html(pages.batch_result_page(results), cookie=(csrf, fresh))
+    return html_page(pages.result_page(view), cookie=(csrf, fresh))
 
 
 async def to_form(request: web.Request) -> web.Response:
@@ -446,43 +264,44 @@ async def status_form(request: web.Request) -> web.Response:
     csrf = request.app[CSRF]
     token, fresh = csrf.token_for(request)
     device_id = request.query.get("device_id", "")[: pages.MAX_DEVICE_ID]
-    return _html(pages.status_form_page(pages.StatusForm(device_id=device_id), token), cookie=(csrf, fresh))
+    page = pages.status_form_page(pages.StatusForm(device_id=device_id), token)
+    return html_page(page, cookie=(csrf, fresh))
 
 
 async def status(request: web.Request) -> web.Response:
-    form, refusal = await _form_post(request)
+    form, refusal = await form_post(request)
     if isinstance(refusal, web.Response):
         return refusal
     settings = request.app[SETTINGS]
     csrf = request.app[CSRF]
     token, fresh = csrf.token_for(request)
-    values = {name: _text_field(form, name) for name in ("device_id", "activation_code")}
+    values = {name: text_field(form, name) for name in ("device_id", "activation_code")}
     too_long = _too_long(values)
     device_id = values["device_id"][: pages.MAX_DEVICE_ID]
     if refusal is not None:
         page = pages.status_form_page(pages.StatusForm(device_id, problem=refusal), token)
-        return _html(page, refusal.http_status, (csrf, fresh))
+        return html_page(page, refusal.http_status, (csrf, fresh))
     if too_long:
         page = pages.status_form_page(pages.StatusForm(device_id, local_problems=too_long), token)
-        return _html(page, 400, (csrf, fresh))
-    attempt = await _begin(request)
+        return html_page(page, 400, (csrf, fresh))
+    attempt = await begin_attempt(request)
     if isinstance(attempt, ServiceProblem):
         page = pages.status_form_page(pages.StatusForm(device_id, problem=attempt), token)
-        return _with_retry(_html(page, attempt.http_status, (csrf, fresh)), attempt)
+        return _with_retry(html_page(page, attempt.http_status, (csrf, fresh)), attempt)
     try:
         try:
             reply = await request.app[STUB].GetDeviceStatus(
                 pb.GetDeviceStatusRequest(
                     device_id=device_id.strip(), activation_code=values["activation_code"]
                 ),
-                metadata=((ON_BEHALF_OF_HEADER, _address(request)),),
+                metadata=((ON_BEHALF_OF_HEADER, client_address(request)),),
                 timeout=settings.timeout_seconds,
             )
         except grpc.aio.AioRpcError as exc:
             problem = describe(error_details(exc), "No status")
             await _settle(attempt, problem)
             page = pages.status_form_page(pages.StatusForm(device_id, problem=problem), token)
-            return _with_retry(_html(page, problem.http_status, (csrf, fresh)), problem)
+            return _with_retry(html_page(page, problem.http_status, (csrf, fresh)), problem)
         await _settle(attempt, None)
     finally:
         await attempt.release()
@@ -499,7 +318,7 @@ async def status(request: web.Request) -> web.Response:
         activated=_when(reply.activated_time),
         deactivated=_when(reply.deactivated_time),
     )
-    return _html(pages.status_page(view), cookie=(csrf, fresh))
+    return html_page(pages.status_page(view), cookie=(csrf, fresh))
 
 
 async def static(request: web.Request) -> web.StreamResponse:
@@ -525,18 +344,19 @@ async def healthz(request: web.Request) -> web.Response:
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if not host_allowed(request.headers.get("Host"), settings.host, settings.allowed_hosts):
-        return _html(pages.message_page("Wrong host", "This portal does not answer to that host name."), 421)
+        page = pages.message_page("Wrong host", "This portal does not answer to that host name.")
+        return html_page(page, 421)
     try:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
         limit = settings.max_body_bytes
         page = pages.message_page("Too large", f"The form is larger than {limit} bytes; nothing was sent.")
-        return _html(page, 413)
+        return html_page(page, 413)
     except web.HTTPNotFound:
-        return _html(pages.message_page("Not found", "There is no such page."), 404)
+        return html_page(pages.message_page("Not found", "There is no such page."), 404)
     except web.HTTPMethodNotAllowed as exc:
         page = pages.message_page("Method not allowed", f"{request.method} is not allowed here.")
-        response = _html(page, 405)
+        response = html_page(page, 405)
         response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         return response
 
