@@ -92,7 +92,14 @@ async def _batch(env: dict[str, str], shipment: Path) -> tuple[int, str, float]:
 
 
 async def run() -> str:
-    from provisioning_env import OemTls, activation_env, factory_env, running_activation, running_factory
+    from provisioning_env import (
+        OemTls,
+        activation_client_env,
+        activation_env,
+        factory_env,
+        running_activation,
+        running_factory,
+    )
     from support.emulator import EmulatorProcess
     from support.shipment import TEMPLATE, enroll_shipment, shipment_csv
 
@@ -116,13 +123,7 @@ async def run() -> str:
                 ),
                 running_activation(service, tls) as (app, _),
             ):
-                env = {
-                    **os.environ,
-                    "ACTIVATION_CLIENT_TARGET": app.grpc_address,  # type: ignore[attr-defined]
-                    "ACTIVATION_CLIENT_CA_FILE": str(tls.ca_file),
-                    "ACTIVATION_CLIENT_CERT_FILE": str(tls.client_cert),
-                    "ACTIVATION_CLIENT_KEY_FILE": str(tls.client_key),
-                }
+                env = activation_client_env(app.grpc_address, tls)
                 devices = await enroll_shipment(factory_app, factory, WARMUP + DEVICES)
                 warmup, devices = devices[:WARMUP], devices[WARMUP:]
                 (root / "warmup.csv").write_text(shipment_csv(warmup))

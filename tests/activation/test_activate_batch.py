@@ -7,7 +7,6 @@ the first run finished are answered from it (``replayed``), not done again."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 from collections import Counter
 
@@ -15,6 +14,7 @@ import pytest
 import pytest_asyncio
 from enrollment.provisioning_env import (
     OemTls,
+    activation_client_env,
     activation_env,
     dps_enrollment,
     factory_env,
@@ -41,14 +41,7 @@ async def oem(emulator, tmp_path):
         running_factory(factory_env(tmp_path, emulator)) as (factory_app, factory),
         running_activation(env, tls) as (app, _),
     ):
-        client_env = {
-            **os.environ,
-            "ACTIVATION_CLIENT_TARGET": app.grpc_address,  # type: ignore[attr-defined]
-            "ACTIVATION_CLIENT_CA_FILE": str(tls.ca_file),
-            "ACTIVATION_CLIENT_CERT_FILE": str(tls.client_cert),
-            "ACTIVATION_CLIENT_KEY_FILE": str(tls.client_key),
-        }
-        yield factory_app, factory, app, client_env
+        yield factory_app, factory, app, activation_client_env(app.grpc_address, tls)
 
 
 async def intents_per_device(app) -> Counter[str]:
