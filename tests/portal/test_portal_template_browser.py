@@ -12,9 +12,9 @@ import urllib.parse
 import pytest
 import pytest_asyncio
 from enrollment.provisioning_env import hub_twin, register
-from portal_env import chromium_unavailable, portal_stack
+from portal_env import chromium, chromium_unavailable, portal_stack
 from support.shipment import TEMPLATE
-from test_portal_browser import CHROMIUM_ARGS, PHONE, TIMEOUT_MS, shot
+from test_portal_browser import shot
 
 from activation_svc.portal.app import start_portal
 from devprov.v1 import activation_service_pb2 as apb
@@ -44,17 +44,7 @@ async def stack(module_emulator, tmp_path_factory):
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def page(tmp_path):
-    async with async_api.async_playwright() as playwright:
-        context = await playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),
-            executable_path="/usr/bin/chromium",
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport=PHONE,
-            is_mobile=True,
-            has_touch=True,
-        )
-        context.set_default_timeout(TIMEOUT_MS)
+    async with chromium(tmp_path / "profile") as context:
         page = await context.new_page()
         problems: list[str] = []
         page.on("pageerror", lambda exc: problems.append(str(exc)))
@@ -66,10 +56,7 @@ async def page(tmp_path):
                 else None
             ),
         )
-        try:
-            yield page
-        finally:
-            await context.close()
+        yield page
         assert problems == [], problems  # e.g. a CSP violation
 
 
