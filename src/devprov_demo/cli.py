@@ -54,26 +54,28 @@ from devprov_demo.view import (
     live_view,
     summary_table,
 )
+from mainkit.shell import CommandParser, HelpFormatter
 from provkit.cli_shell import run_cli
 from provkit.settings import FlagKeys, SettingsSource
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED = 0, 1, 2
+
+
+class _Help(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The suite's help, with the description's own line breaks kept."""
 STATUS_EVERY_S = 5.0
 WATCH_EVERY_S = 0.5  # how often `up` looks for a part of the stack that died
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="devprov-demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = CommandParser(prog="devprov-demo", description=__doc__, formatter_class=_Help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def stack_options(cmd: argparse.ArgumentParser, work_dir: str) -> None:
         cmd.add_argument("--config", type=Path, help="TOML settings file (or DEVPROV_DEMO_CONFIG)")
-        cmd.add_argument("--work-dir", type=Path, help=f"default {work_dir}")
+        cmd.add_argument(
+            "--work-dir", type=Path, help=f"state, certificates and logs of the stack (default {work_dir})"
+        )
         cmd.add_argument("--dps-host", help="DPS global device endpoint (loopback; default localhost)")
         cmd.add_argument(
             "--hub-host",
@@ -83,39 +85,58 @@ def _parser() -> argparse.ArgumentParser:
             help="a linked hub's address, repeatable (default 127.0.0.2 and 127.0.0.3)",
         )
         cmd.add_argument(
-            "--https-port", type=int,
+            "--https-port", type=int, metavar="PORT",
             help="the emulator's HTTPS port of every host (default 443, Azure's; another one goes into the "
             "connection strings)",
         )
-        cmd.add_argument("--factory-port", type=int, help="default 50051")
-        cmd.add_argument("--activation-port", type=int, help="default 50052")
-        cmd.add_argument("--portal-port", type=int, help="the activation portal (HTTP; default 8080)")
-        cmd.add_argument("--crl-port", type=int, help="factory_svc's CRL over HTTP (default 8081)")
         cmd.add_argument(
-            "--est-port", type=int, help="factory_svc's EST renewal listener (HTTPS, mTLS; default 8443)"
+            "--factory-port", type=int, metavar="PORT", help="factory_svc's gRPC port (default 50051)"
+        )
+        cmd.add_argument(
+            "--activation-port", type=int, metavar="PORT", help="activation_svc's gRPC port (default 50052)"
+        )
+        cmd.add_argument(
+            "--portal-port", type=int, metavar="PORT", help="the activation portal (HTTP; default 8080)"
+        )
+        cmd.add_argument(
+            "--crl-port", type=int, metavar="PORT", help="factory_svc's CRL over HTTP (default 8081)"
+        )
+        cmd.add_argument(
+            "--est-port",
+            type=int,
+            metavar="PORT",
+            help="factory_svc's EST renewal listener (HTTPS, mTLS; default 8443)",
         )
         cmd.add_argument(
             "--metrics-port",
             type=int,
+            metavar="PORT",
             help="Prometheus /metrics of factory, activation, portal, emulator on this port and the next "
             "three (default 9101; 0: off; replica n of a service on its port + 1000 * n)",
         )
 
-    run = sub.add_parser("run", allow_abbrev=False, help="the whole flow with a live view")
+    run = sub.add_parser("run", help="the whole flow with a live view")
     stack_options(run, WORK_DIRS["run"])
-    run.add_argument("--devices", type=int, help="fleet size (default 5)")
-    run.add_argument("--interval", type=float, help="telemetry interval in seconds (default 5)")
-    run.add_argument("--seconds", type=float, help="stop after this long and print a summary")
+    run.add_argument("--devices", type=int, metavar="N", help="fleet size (default 5)")
+    run.add_argument("--interval", type=float, metavar="SECONDS", help="telemetry interval (default 5)")
+    run.add_argument(
+        "--seconds",
+        type=float,
+        metavar="SECONDS",
+        help="stop this long after the devices boot and print a summary (default: at Ctrl-C)",
+    )
     run.add_argument("--summary-json", type=Path, help="also write the summary here")
     run.add_argument(
         "--cert-minutes",
         type=int,
+        metavar="MINUTES",
         help="mint certificates valid this many minutes (the factory backdates each 5 minutes against "
         "clock skew) and watch the devices renew them; default: the factory's 730 days",
     )
     run.add_argument(
         "--renew-fraction",
         type=float,
+        metavar="FRACTION",
         help="with --cert-minutes: a device renews once this fraction of its certificate's lifetime has "
         "elapsed (default 0.667, the device's own)",
     )
@@ -126,12 +147,13 @@ def _parser() -> argparse.ArgumentParser:
         "(--seconds, if given, still caps the run)",
     )
 
-    up = sub.add_parser("up", allow_abbrev=False, help="start the stack and keep it up")
+    up = sub.add_parser("up", help="start the stack and keep it up")
     stack_options(up, WORK_DIRS["up"])
     up.add_argument("--fresh", action="store_true", help="wipe the work directory first")
     up.add_argument(
         "--replicas",
         type=int,
+        metavar="N",
         help="N > 1: the services' state in a PostgreSQL cluster of the stack's own (in the work directory, "
         "kept between runs), and N replicas of each service behind its one address (replica n on the port + "
         "1000 * n, its /metrics too; kill one to watch the others carry on; default 1)",

@@ -41,6 +41,7 @@ from factory_svc.lots.service import derived_device_id
 from factory_svc.mint.cli import KEY_TYPES  # the names `mint --key-type` takes
 from litestore import private_directory
 from provkit.channels import request_metadata
+from provkit.cli_shell import add_key_type
 from provkit.devpki import write_private_file
 from provkit.errors import InputError
 
@@ -55,15 +56,23 @@ def add_parsers(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
     what = lot.add_mutually_exclusive_group(required=True)
     what.add_argument("--csr-dir", type=Path, help="one CSR per device (*.csr, *.csr.pem)")
     what.add_argument("--ids", type=Path, help="device ids, one per line; the factory generates the keys")
-    what.add_argument("--count", type=int, help="N devices, ids derived by the factory, keys generated there")
+    what.add_argument(
+        "--count", type=int, metavar="N", help="N devices, ids derived by the factory, keys generated there"
+    )
     lot.add_argument("--out", type=Path, required=True, help="one directory per device goes here")
-    lot.add_argument("--key-type", choices=sorted(KEY_TYPES), default="p256")
-    lot.add_argument("--validity-days", type=int)
+    add_key_type(lot, help="for keys the factory generates: their algorithm")
+    lot.add_argument(
+        "--validity-days", type=int, metavar="DAYS", help="certificate lifetime (default: the factory policy)"
+    )
     lot.add_argument(
         "--pkcs12-password-file", type=Path, help="write device.p12 encrypted with this password"
     )
     lot.add_argument(
-        "--retry-seconds", type=float, default=60.0, help="keep resuming a dropped lot this long"
+        "--retry-seconds",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="keep resuming a dropped lot this long",
     )
 
 
