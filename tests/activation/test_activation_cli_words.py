@@ -122,6 +122,19 @@ def test_what_cannot_be_a_code_is_refused_here_and_never_sent(command: str, type
     )
 
 
+def test_status_asks_for_no_code() -> None:
+    """The owner is answered on its identity alone: status calls without a code (here: nothing listens, 3)
+    where it said "no activation code" (2); activate still needs one."""
+    done = _cli("status", GUID)
+    assert done.returncode == 3, done.stderr
+    assert "code" not in done.stderr
+    done = _cli("activate", GUID)
+    assert (done.returncode, done.stderr) == (
+        2,
+        "activation-svc: error: no activation code: use --code-file, ACTIVATION_CLIENT_CODE or a terminal\n",
+    )
+
+
 def test_a_code_typed_loosely_is_still_a_code() -> None:
     """Case, spaces and the look-alike letters are forgiven (provkit.activation_code.normalise): such a code
     goes out, here to a target where nothing listens (exit 3)."""
