@@ -1,9 +1,10 @@
 """devprov-demo, also python -m devprov_demo (make demo / make up).
 
     run   start the stack, provision a fleet, print the labels, activate the devices, boot them and watch
-          telemetry arrive; Ctrl-C stops everything.  --seconds N runs N seconds after the devices boot
-          (counted down on screen), prints a summary and exits 0 only if every device registered and its
-          hub received telemetry from it (--summary-json FILE also writes it).  --cert-minutes N mints
+          telemetry arrive; Ctrl-C stops everything (exit 130, as Ctrl-C everywhere).  --seconds N runs N
+          seconds after the devices boot (counted down on screen), prints a summary and exits 0 only if
+          every device registered and its hub received telemetry from it (--summary-json FILE also
+          writes it).  --cert-minutes N mints
           certificates valid N minutes: each device renews its own over EST (RFC 7030) while its telemetry
           goes on, the view shows each renewal, the summary counts them (and is ok only if every device
           renewed with no gap in its telemetry); --until-renewed stops once each has renewed.
@@ -55,7 +56,7 @@ from devprov_demo.view import (
     summary_table,
 )
 from mainkit.shell import CommandParser, HelpFormatter
-from provkit.cli_shell import run_cli
+from provkit.cli_shell import EXIT_INTERRUPTED, run_cli
 from provkit.settings import FlagKeys, SettingsSource
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED = 0, 1, 2
@@ -64,6 +65,7 @@ EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED = 0, 1, 2
 class _Help(HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The suite's help, with the description's own line breaks kept."""
 STATUS_EVERY_S = 5.0
+EXAMPLE_GUID_PREFIX = "3f2a9c1e-0000-4000-8000-"  # the README's example devices
 WATCH_EVERY_S = 0.5  # how often `up` looks for a part of the stack that died
 
 
@@ -224,12 +226,23 @@ def _log_to_file(path: Path) -> None:
     root.setLevel(logging.INFO)
 
 
-def _stop_event() -> asyncio.Event:
+def _stop_event(received: list[int]) -> asyncio.Event:
+    """Set by SIGINT / SIGTERM (each appended to ``received``: see ``_ended``)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on(sig: int) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on, sig)
     return stop
+
+
+def _ended(received: list[int], code: int) -> int:
+    """The exit code: 130 after Ctrl-C (SIGINT), as every command of the suite; ``code`` otherwise."""
+    return EXIT_INTERRUPTED if signal.SIGINT in received else code
 
 
 def _stack_facts(stack: Stack) -> list[tuple[str, str]]:
@@ -393,26 +406,27 @@ async def run_demo(args: argparse.Namespace, source: SettingsSource, console: Co
     stack = Stack(_config(source, short))
     if not _claim(console, stack, args):
         return EXIT_FAILED
-    stop = _stop_event()
+    received: list[int] = []
+    stop = _stop_event(received)
     fleet: Fleet | None = None
     watch: HubWatch | None = None
     try:
         await _start(console, stack, fresh=True)
         _log_to_file(stack.logs / "devices.log")
         if stop.is_set():
-            return EXIT_INCOMPLETE
+            return _ended(received, EXIT_INCOMPLETE)
         lifetime = "" if short is None else f", certificates valid {short.minutes} min"
         with console.status(f"factory: minting and enrolling {devices} devices (disabled{lifetime}) ..."):
             labels = await provision_fleet(stack, devices, short)
         console.print(labels_table(labels))
         if stop.is_set():
-            return EXIT_INCOMPLETE
+            return _ended(received, EXIT_INCOMPLETE)
         with console.status("OEM back office: activating with metadata and a hub ..."):
             chosen = await activate_fleet(stack, labels, interval)
         for label in labels:
             console.print(f"  activated {label.guid} on {chosen[label.guid]}", highlight=False)
         if stop.is_set():
-            return EXIT_INCOMPLETE
+            return _ended(received, EXIT_INCOMPLETE)
         watch = HubWatch(HubFeed(stack.emulator.connection))
         fleet = Fleet(stack, labels)
         with console.status("starting the fleet's worker processes ..."):
@@ -429,7 +443,7 @@ async def run_demo(args: argparse.Namespace, source: SettingsSource, console: Co
         summary_json = source.path("summary_json")
         if summary_json is not None:
             write_json(summary_json, result)
-        return EXIT_OK if result["ok"] else EXIT_INCOMPLETE
+        return _ended(received, EXIT_OK if result["ok"] else EXIT_INCOMPLETE)
     except Exception as exc:  # a failed start or party: say what, leave nothing running
         console.print(f"[red]demo failed:[/] {type(exc).__name__}: {exc}", highlight=False)
         return EXIT_FAILED
@@ -441,6 +455,16 @@ async def run_demo(args: argparse.Namespace, source: SettingsSource, console: Co
         with console.status("stopping ..."):
             await asyncio.to_thread(stack.stop)
         console.print(f"stopped; state and logs kept in {stack.root}")
+
+
+def next_example_guid(device_root: Path) -> str:
+    """The first of the README's example ids (...0001, ...0002, ...) with no device state under
+    ``device_root`` yet: a stack kept from an earlier ``up`` has provisioned ...0001 already, and provisioning
+    it again is IDENTITY_EXISTS."""
+    n = 1
+    while (device_root / f"{EXAMPLE_GUID_PREFIX}{n:012d}").exists():
+        n += 1
+    return f"{EXAMPLE_GUID_PREFIX}{n:012d}"
 
 
 async def _watch_parts(console: Console, stack: Stack, stop: asyncio.Event) -> None:
@@ -456,31 +480,33 @@ async def run_up(args: argparse.Namespace, source: SettingsSource, console: Cons
     stack = Stack(_config(source))
     if not _claim(console, stack, args):
         return EXIT_FAILED
-    stop = _stop_event()
+    received: list[int] = []
+    stop = _stop_event(received)
     try:
         await _start(console, stack, fresh=args.fresh)
         env_file = stack.write_env_file()
         sample = stack.root / "sample-metadata.json"
         sample.write_text(json.dumps(sample_metadata(), indent=2) + "\n")
         hub = stack.emulator.hub_hosts[-1]
+        guid = next_example_guid(stack.device_root)
         console.print(
             "\nDrive it by hand, in another terminal:\n"
             f"  source {env_file}\n"
-            "  # 1. factory: mint + enroll (disabled); note the activation code it prints once\n"
-            "  device-client provision 3f2a9c1e-0000-4000-8000-000000000001\n"
+            "  # 1. factory: mint + enroll (disabled); note the activation code it prints\n"
+            f"  device-client provision {guid}\n"
             "  # 2. OEM: activate with metadata and a hub (asks for the code)\n"
             f"  #    (or in the browser: {stack.config.portal_url})\n"
-            "  activation-svc activate 3f2a9c1e-0000-4000-8000-000000000001 "
+            f"  activation-svc activate {guid} "
             f"--metadata {sample} --hub {hub}\n"
             "  # 3. first boot: DPS, the hub, telemetry every 5 s (Ctrl-C stops it)\n"
-            "  device-client run 3f2a9c1e-0000-4000-8000-000000000001\n"
+            f"  device-client run {guid}\n"
             f"  # watch the hubs: iot-emulator monitor --data-dir {stack.emulator.data_dir}\n"
             "\nUp. Ctrl-C stops the stack.",
             highlight=False,
             soft_wrap=True,
         )
         await _watch_parts(console, stack, stop)
-        return EXIT_OK
+        return _ended(received, EXIT_OK)
     except Exception as exc:
         console.print(f"[red]could not start the stack:[/] {type(exc).__name__}: {exc}", highlight=False)
         return EXIT_FAILED
