@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
             sp,
             target_help=f"the factory (default {DEFAULTS['factory_address']}; DEVICE_CLIENT_FACTORY_ADDRESS)",
             server_name=False,
+            ca_help="CA that signed the factory's certificate: TLS (mTLS with --cert-file; default: the "
+            "settings' factory_tls, else plaintext on loopback)",
         )
 
     def cloud_flags(sp: argparse.ArgumentParser) -> None:

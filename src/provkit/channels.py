@@ -141,7 +141,11 @@ def channel_security(source: SettingsSource, section: str = "") -> ChannelSecuri
 
 
 def add_channel_arguments(
-    parser: argparse.ArgumentParser, *, target_help: str, server_name: bool = True
+    parser: argparse.ArgumentParser,
+    *,
+    target_help: str,
+    server_name: bool = True,
+    ca_help: str = "CA that signed the service's certificate (default: the system's)",
 ) -> None:
     """The options every gRPC client command takes: where the service is and how to secure the channel
     (the same names in every command: ``provkit.cli_shell``'s conventions); ``server_name=False``: a
@@ -152,7 +156,7 @@ def add_channel_arguments(
         "--ca-file",
         type=Path,
         metavar="PEM",
-        help="CA that signed the service's certificate (default: the system's)",
+        help=ca_help,
     )
     parser.add_argument("--cert-file", type=Path, metavar="PEM", help="client certificate (mTLS)")
     parser.add_argument("--key-file", type=Path, metavar="PEM", help="client key (mTLS)")
