@@ -1,10 +1,10 @@
 """devprov-demo, also python -m devprov_demo (make demo / make up).
 
     run   start the stack, provision a fleet, print the labels, activate the devices, boot them and watch
-          telemetry arrive; Ctrl-C stops everything (exit 130, as Ctrl-C everywhere).  --seconds N runs N
-          seconds after the devices boot (counted down on screen), prints a summary and exits 0 only if
-          every device registered and its hub received telemetry from it (--summary-json FILE also
-          writes it).  --cert-minutes N mints
+          telemetry arrive; Ctrl-C stops everything (exit 130, as Ctrl-C everywhere).
+          --seconds N runs N seconds after the devices boot (counted down on screen), prints a summary and
+          exits 0 only if every device registered and its hub received telemetry from it (--summary-json
+          FILE also writes it).  --cert-minutes N mints
           certificates valid N minutes: each device renews its own over EST (RFC 7030) while its telemetry
           goes on, the view shows each renewal, the summary counts them (and is ok only if every device
           renewed with no gap in its telemetry); --until-renewed stops once each has renewed.
