@@ -8,6 +8,10 @@ same answer, the same work and the same count in the limiter either way: ownersh
 Failed checks are limited per (caller, device) with a growing back-off (``activation_svc.ratelimit``;
 who counts as one caller: ``_attempt_key``), never per device over all callers, so nobody can use up the
 owner's attempts -> ResourceExhausted ACTIVATION_RATE_LIMITED (with retry_after).
+GetDeviceStatus needs no code from the OEM that owns the device (its own back office, ``Role.OEM``, not a
+portal: a portal serves whoever holds a label): its identity suffices.  Without a code anyone else - another
+OEM, a portal, a caller on a device nobody owns yet - gets exactly what a wrong code gets (the same
+answer, counted the same way), so asking without a code tells them nothing new.
 The caller is the ``provkit.context.Caller`` the server resolved from the client certificate.
 
 The metadata: none sent KEEPS the device's (the enrollment's initial twin stays; its hub twin's tags and
@@ -201,14 +205,30 @@ class ActivationService:
         return await get_enrollment(self._dps, device_id)
 
     async def _authorised(
-        self, action: str, raw_id: str, code: str, caller: Caller, request_id: str
+        self,
+        action: str,
+        raw_id: str,
+        code: str,
+        caller: Caller,
+        request_id: str,
+        *,
+        owner_suffices: bool = False,
     ) -> tuple[str, Enrollment]:
-        """The normalised id and its enrollment, or PermissionDenied / ResourceExhausted."""
+        """The normalised id and its enrollment, or PermissionDenied / ResourceExhausted.  With
+        ``owner_suffices`` and no code, the OEM that owns the device passes on its identity alone."""
         device_id = normalise_device_id(raw_id)
         # A portal's end users get budgets of their own only on a device it may act on, which needs the
         # enrollment first; everyone else's budget is known without it (no DPS read when refused).
-        read_first = bool(caller.on_behalf_of)
+        by_owner = owner_suffices and not code and caller.role is Role.OEM
+        read_first = bool(caller.on_behalf_of) or by_owner
         enrollment = await self._get(device_id) if read_first else None
+        if (
+            by_owner
+            and enrollment is not None
+            and enrollment.owner is not None
+            and _answers_to(enrollment, caller)
+        ):
+            return device_id, await self._finished(device_id, enrollment)
         try:
             slot = await self._limits.begin(_attempt_key(caller, enrollment), device_id)
         except AttemptsExhausted as exc:
@@ -233,11 +253,16 @@ class ActivationService:
         finally:
             await slot.release()
         assert enrollment is not None
-        if await self._steps.complete_open(device_id):  # a change a crash interrupted comes first
-            enrollment = await self._get(device_id)
-            if enrollment is None:
+        return device_id, await self._finished(device_id, enrollment)
+
+    async def _finished(self, device_id: str, enrollment: Enrollment) -> Enrollment:
+        """The enrollment once a change a crash interrupted is finished (that comes first)."""
+        if await self._steps.complete_open(device_id):
+            found = await self._get(device_id)
+            if found is None:
                 raise _denied()
-        return device_id, enrollment
+            return found
+        return enrollment
 
     def _hub(self, requested: str) -> str:
         names = self._selection.hub_names
@@ -477,7 +502,9 @@ class ActivationService:
     # ------------------------------------------------------------------------------------- status
     async def status(self, raw_id: str, code: str, caller: Caller | None = None) -> DeviceStatus:
         caller = caller or Caller.internal()
-        device_id, enrollment = await self._authorised("status", raw_id, code, caller, "")
+        device_id, enrollment = await self._authorised(
+            "status", raw_id, code, caller, "", owner_suffices=True
+        )
         record = enrollment.activation
         registration = enrollment.registration_state
         device: HubDevice | None = None

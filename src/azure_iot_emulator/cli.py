@@ -1,5 +1,5 @@
-"""``iot-emulator`` / ``python -m azure_iot_emulator``: ``serve`` runs the emulator; ``monitor`` and
-``messages`` read telemetry (from the IoT Hub half)."""
+"""iot-emulator (python -m azure_iot_emulator): `serve` runs the emulator; `monitor` and `messages` read
+telemetry (from the IoT Hub half)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ from azure_iot_emulator.config import DEFAULT_DATA_DIR, FLAGS, build_config
 from azure_iot_emulator.connection_info import CONNECTION_FILE, ConnectionInfo
 from azure_iot_emulator.hub import cli as hub_cli
 from mainkit.settings import SettingsError
-from mainkit.shell import EXIT_USAGE, Answer, run_command
+from mainkit.shell import EXIT_FAILURE, EXIT_USAGE, Answer, CommandFailed, CommandParser, run_command
 
 log = logging.getLogger("azure_iot_emulator")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="iot-emulator", description=__doc__)
+    parser: argparse.ArgumentParser = CommandParser(prog="iot-emulator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", allow_abbrev=False, help="run the local DPS + IoT Hub emulator")
+    serve = sub.add_parser("serve", help="run the local DPS + IoT Hub emulator")
     serve.add_argument("--config", type=Path, help="TOML or JSON settings file (flags win)")
     serve.add_argument("--data-dir", type=Path, help=f"state directory (default {DEFAULT_DATA_DIR})")
     serve.add_argument("--dps-host", help="DPS global device endpoint host name / IP (default localhost)")
@@ -37,9 +37,11 @@ def _parser() -> argparse.ArgumentParser:
         help="a linked IoT hub host name / IP, repeatable; the first is the default hub "
         "(default 127.0.0.2 and 127.0.0.3)",
     )
-    serve.add_argument("--mqtt-port", type=int, help="MQTT/TLS port (default 8883, the SDK's fixed port)")
     serve.add_argument(
-        "--https-port", type=int,
+        "--mqtt-port", type=int, metavar="PORT", help="MQTT/TLS port (default 8883, the SDK's fixed port)"
+    )
+    serve.add_argument(
+        "--https-port", type=int, metavar="PORT",
         help="HTTPS port of every host: its service REST API, the DPS device API, MQTT over WebSockets "
         "(default 443 as on Azure, so connection strings name the bare host; it needs root or "
         "CAP_NET_BIND_SERVICE; another port, 0 = any, goes into the connection strings: HostName=host:port)",
@@ -87,11 +89,9 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             info = await emulator.start()
         except PrivilegedPortError as exc:
-            print(f"iot-emulator: {exc}", file=sys.stderr)
-            return 1
+            raise CommandFailed(str(exc), exit_code=EXIT_FAILURE) from None
         except OSError as exc:
-            print(f"iot-emulator: cannot listen: {exc}", file=sys.stderr)
-            return 1
+            raise CommandFailed(f"cannot listen: {exc}", exit_code=EXIT_FAILURE) from None
         _print_summary(info, config.data_dir)
         await stop.wait()
         log.info("stopping")
@@ -132,7 +132,7 @@ def _print_summary(info: ConnectionInfo, data_dir: Path) -> None:
 
 
 # What iot-emulator says for the failures it knows (anything else is a bug: mainkit.shell).
-ANSWERS = (Answer.line(SettingsError, "iot-emulator: invalid configuration: {}", EXIT_USAGE),)
+ANSWERS = (Answer.line(SettingsError, "invalid configuration: {}", EXIT_USAGE),)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """`device-client`: provision (factory test bench), run (first boot and every boot), status.
 
-Exit codes: 0 ok, 2 usage, 3 state directory missing/corrupted/in use, 4 identity unusable (key does
-not match certificate, certificate expired), 5 factory unreachable or refused, 6 identity exists (use
---force), 7 DPS/hub unusable past --give-up-after, 8 invalid settings, 9 certificate revoked (the CRL it
-names lists it; re-provision), 130 interrupted.
+Exit codes: 0 ok (run: stopped by SIGTERM), 2 usage, 3 state directory missing/corrupted/in use, 4 identity
+unusable (key does not match certificate, certificate expired), 5 factory unreachable or refused, 6
+identity exists (use --force), 7 DPS/hub unusable past --give-up-after, 8 invalid settings, 9 certificate
+revoked (the CRL it names lists it; re-provision), 130 interrupted (Ctrl-C, run included).
 """
 
 from __future__ import annotations
@@ -20,58 +20,80 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from device_client.errors import EXIT_OK, DeviceClientError, DeviceSettingsError
+from device_client.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    DeviceClientError,
+    DeviceSettingsError,
+    Reason,
+    StateError,
+)
 from device_client.identity import IdentityInfo, KeyType, normalise_guid
-from device_client.settings import FLAGS, Settings, load_settings
+from device_client.settings import DEFAULTS, FLAGS, Settings, load_settings
 from device_client.state import StateDir
 from mainkit.settings import SettingsError
-from mainkit.shell import Answer, run_command
+from mainkit.shell import Answer, CommandParser, Verbatim, error_line, print_json, run_command
 from provkit import faults
+from provkit.channels import STACK_HINT, add_channel_arguments
+from provkit.cli_shell import KEY_TYPE_NAMES, add_device_id, add_json, add_key_type
 
 if TYPE_CHECKING:  # the runtime (and the device SDK) load only for `run`
     from device_client.runtime import RuntimeSnapshot
 
 log = logging.getLogger("device_client")
 
+# --key-type: the suite's one spelling (provkit.cli_shell) of the device's key types.
+KEY_TYPES = dict(
+    zip(KEY_TYPE_NAMES, (KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA_2048, KeyType.RSA_3072), strict=True)
+)
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,
+    p = CommandParser(
         prog="device-client",
         description="IoT concentrator device client: factory provisioning, DPS registration, telemetry.",
         epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
     )
     p.add_argument("--config", type=Path, help="TOML settings file (also DEVICE_CLIENT_CONFIG)")
-    p.add_argument("--state-root", help="directory with one state directory per device")
-    p.add_argument("--log-format", choices=["auto", "json", "text"])
+    p.add_argument(
+        "--state-root",
+        help=f"directory with one state directory per device (default {DEFAULTS['state_root']}; "
+        "DEVICE_CLIENT_STATE_ROOT)",
+    )
+    p.add_argument(
+        "--log-format", choices=["auto", "json", "text"], help="log lines (default auto: text on a terminal)"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (SDK included)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def prov_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--factory", help="factory_svc address host:port")
-        sp.add_argument("--factory-tls", choices=["insecure", "tls", "mtls"])
-        sp.add_argument("--factory-ca", help="PEM trust anchor for factory_svc")
-        sp.add_argument("--factory-client-cert", help="client certificate chain PEM (mtls)")
-        sp.add_argument("--factory-client-key", help="client key PEM (mtls)")
+        # the factory connection: the same options as every client of a service (factory-svc's too)
+        add_channel_arguments(
+            sp,
+            target_help=f"the factory (default {DEFAULTS['factory_address']}; DEVICE_CLIENT_FACTORY_ADDRESS)",
+            server_name=False,
+            ca_help="CA that signed the factory's certificate: TLS (mTLS with --cert-file; default: the "
+            "settings' factory_tls, else plaintext on loopback)",
+        )
 
     def cloud_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--id-scope", help="DPS ID scope")
-        sp.add_argument("--global-endpoint", help="DPS global device endpoint host")
-        sp.add_argument("--trusted-ca", help="PEM trust anchor for DPS and the hubs")
+        sp.add_argument("--global-endpoint", metavar="HOST", help="DPS global device endpoint host")
+        sp.add_argument("--trusted-ca-file", metavar="PEM", help="trust anchor for DPS and the hubs")
 
-    prov = sub.add_parser(
-        "provision", allow_abbrev=False, help="mint the device identity at the factory and enroll it"
-    )
-    prov.add_argument("guid", help="hardware GUID (= DPS registration id = hub device id)")
+    prov = sub.add_parser("provision", help="mint the device identity at the factory and enroll it")
+    add_device_id(prov, help="the device's hardware GUID (= DPS registration id = hub device id)")
     prov.add_argument("--force", action="store_true", help="replace an existing identity")
     prov.add_argument(
         "--server-keygen",
         action="store_true",
         help="let the factory generate the key (for jigs without crypto); default: key made on the device",
     )
-    prov.add_argument("--key-type", choices=[k.value for k in KeyType], default=KeyType.EC_P256.value)
+    add_key_type(prov)
     prov.add_argument("--no-enroll", action="store_true", help="mint only; do not create the DPS enrollment")
-    prov.add_argument("--request-id", help="idempotency key for the factory calls (default: random)")
+    prov.add_argument(
+        "--request-id", metavar="ID", help="idempotency key for the factory calls (default: new)"
+    )
     prov.add_argument(
         "--est-url",
         help="https://host:port of the factory's EST listener: the device renews its certificate there "
@@ -80,42 +102,58 @@ def _parser() -> argparse.ArgumentParser:
     prov_flags(prov)
     cloud_flags(prov)
 
-    run = sub.add_parser(
-        "run", allow_abbrev=False, help="register (first boot), connect and send telemetry until stopped"
+    run = sub.add_parser("run", help="register (first boot), connect and send telemetry until stopped")
+    add_device_id(run)
+    run.add_argument(
+        "--interval", type=float, metavar="SECONDS", help="between telemetry messages (default 5)"
     )
-    run.add_argument("guid")
-    run.add_argument("--interval", type=float, help="seconds between telemetry messages (default 5)")
-    run.add_argument("--buffer-max", type=int, help="bound of the persisted outbox (messages)")
-    run.add_argument("--give-up-after", type=float, help="exit 7 when DPS/the hub stays unusable this long")
+    run.add_argument(
+        "--buffer-max", type=int, metavar="MESSAGES", help="bound of the persisted outbox (default 10000)"
+    )
+    run.add_argument(
+        "--give-up-after",
+        type=float,
+        metavar="SECONDS",
+        help="exit 7 when DPS/the hub stays unusable this long (default 0: never)",
+    )
     cloud_flags(run)
 
-    st = sub.add_parser(
-        "status", allow_abbrev=False, help="identity, certificate expiry, assignment, buffered messages"
-    )
-    st.add_argument("guid")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st = sub.add_parser("status", help="identity, certificate expiry, assignment, buffered messages")
+    add_device_id(st)
+    add_json(st, "machine-readable output")
 
     sim = sub.add_parser(
         "simulate",
-        allow_abbrev=False,
         help="a simulated fleet: provision N devices at the factory, boot them at once in worker processes",
     )
-    sim.add_argument("--devices", type=int, help="provision this many new devices (EnrollBatch) and run them")
+    sim.add_argument(
+        "--devices", type=int, metavar="N", help="provision this many new devices (EnrollBatch) and run them"
+    )
     sim.add_argument("--existing", action="store_true", help="run every device already under --state-root")
-    sim.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
-    sim.add_argument("--batch-size", type=int, default=100, help="devices per EnrollBatch (default 100)")
-    sim.add_argument("--seconds", type=float, help="stop this long after boot (default: at Ctrl-C)")
+    sim.add_argument("--workers", type=int, metavar="N", help="worker processes (default: one per CPU)")
+    sim.add_argument(
+        "--batch-size", type=int, default=100, metavar="N", help="devices per EnrollBatch (default 100)"
+    )
+    sim.add_argument(
+        "--seconds", type=float, metavar="SECONDS", help="stop this long after boot (default: at Ctrl-C)"
+    )
     sim.add_argument(
         "--until-telemetry",
         action="store_true",
         help="stop once every device's first message is acknowledged",
     )
     sim.add_argument(
-        "--spread", type=float, default=5.0, help="spread first attempts over this many seconds (default 5)"
+        "--spread",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="spread first attempts over this long (default 5)",
     )
-    sim.add_argument("--interval", type=float, help="seconds between telemetry messages (default 5)")
+    sim.add_argument(
+        "--interval", type=float, metavar="SECONDS", help="between telemetry messages (default 5)"
+    )
     sim.add_argument("--labels", type=Path, help="write GUIDs and one-time activation codes here (0600)")
-    sim.add_argument("--json", action="store_true", help="print the final report as JSON")
+    add_json(sim, "print the final report as JSON")
     prov_flags(sim)
     cloud_flags(sim)
     return p
@@ -126,7 +164,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, Settings]:
     env = dict(os.environ)  # the one place the environment is read
     overrides = FLAGS.values(args)
     base = load_settings(env=env, config_file=args.config, overrides=overrides)
-    guid = normalise_guid(args.guid, base.device_ids)
+    guid = normalise_guid(args.device_id, base.device_ids)
     device = StateDir(base.state_root, guid)
     settings = load_settings(
         env=env, config_file=args.config, device_settings=device.settings_path, overrides=overrides
@@ -143,16 +181,31 @@ def _configure_logging(fmt: str, verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def _say(exc: DeviceClientError) -> int:
-    print(f"device-client: error: {exc.message} [{exc.reason}]", file=sys.stderr)
+def _say(exc: DeviceClientError, prog: str) -> int:
+    print(error_line(prog, exc.message, exc.reason), file=sys.stderr)
+    for hint in exc.hints:
+        print(f"  {hint}", file=sys.stderr)
     return exc.exit_code
 
 
 # What device-client says for the failures it knows (anything else is a bug: mainkit.shell).
 ANSWERS = (
     Answer(DeviceClientError, _say),
-    Answer(SettingsError, lambda exc: _say(DeviceSettingsError(str(exc), exc.reason))),
+    Answer(SettingsError, lambda exc, prog: _say(DeviceSettingsError(str(exc), exc.reason), prog)),
 )
+
+
+def _state_missing_hints(exc: StateError, guid: str, settings: Settings) -> StateError:
+    """A device with no state here may well have one elsewhere: under the default state root, the
+    likeliest cause is a shell not pointed at the stack's (``make up``: var/up/env.sh)."""
+    if exc.reason != Reason.STATE_DIR_MISSING:
+        return exc
+    exc.message = f"no state for device {guid!r} in {settings.state_root}"
+    hints = ["provisioned elsewhere? --state-root DIR (or DEVICE_CLIENT_STATE_ROOT)"]
+    if settings.state_root == Path(DEFAULTS["state_root"]):
+        hints.insert(0, STACK_HINT)
+    exc.hints = (*hints, f"a new device: device-client provision {guid}")
+    return exc
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -165,9 +218,12 @@ def _command(args: argparse.Namespace) -> int:
     _configure_logging(settings.log_format, args.verbose)
     if args.command == "provision":
         return _provision(args, guid, settings)
-    if args.command == "run":
-        return _run(guid, settings)
-    return _status(guid, settings, as_json=args.json)
+    try:
+        if args.command == "run":
+            return _run(guid, settings)
+        return _status(guid, settings, as_json=args.json)
+    except StateError as exc:
+        raise _state_missing_hints(exc, guid, settings) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,7 +238,7 @@ def _provision(args: argparse.Namespace, guid: str, settings: Settings) -> int:
 
     request = ProvisionRequest(
         guid=guid,
-        key_type=KeyType(args.key_type),
+        key_type=KEY_TYPES[args.key_type],
         server_keygen=args.server_keygen,
         enroll=not args.no_enroll,
         force=args.force,
@@ -199,11 +255,34 @@ def _provision(args: argparse.Namespace, guid: str, settings: Settings) -> int:
     print(f"serial       {info.serial_hex}")
     print(f"thumbprint   {info.thumbprint_sha1} (SHA-1)  {info.thumbprint_sha256} (SHA-256)")
     print(f"valid until  {info.not_after.isoformat()}")
-    print(f"enrollment   {result.enrollment}")
+    print(f"enrollment   {_ENROLLMENT_NOW.get(result.enrollment, result.enrollment)}")
     if result.activation_code:
-        # Shown once, for the label next to the GUID; never stored on the device, never logged.
-        print(f"ACTIVATION CODE (shown once, print it on the label): {result.activation_code}")
+        # For the label next to the GUID; never stored on the device, never logged.
+        if result.enrollment.endswith("(unchanged)"):
+            what = "issued earlier, unchanged: a label printed with it stays right"
+        else:
+            what = "new: print it on the label"
+        print(f"ACTIVATION CODE ({what}): {result.activation_code}")
     return EXIT_OK
+
+
+# What an enrollment's outcome (provisioning.ProvisionResult.enrollment) means for the device now, and
+# (status) what it meant when it was provisioned: enrolled is not yet enabled.
+_UNTIL = "disabled until the OEM activates it"
+_ENROLLMENT_NOW = {
+    "live": f"in DPS, {_UNTIL}",
+    "live (unchanged)": f"in DPS already (unchanged), {_UNTIL}",
+    "queued": f"queued for DPS at the factory, {_UNTIL}",
+    "queued (unchanged)": f"queued for DPS at the factory already, {_UNTIL}",
+    "skipped": "none (--no-enroll)",
+}
+_ENROLLMENT_THEN = {
+    "live": "in DPS since provisioning (disabled until activated)",
+    "live (unchanged)": "in DPS since provisioning (disabled until activated)",
+    "queued": "queued for DPS at provisioning (disabled until activated)",
+    "queued (unchanged)": "queued for DPS at provisioning (disabled until activated)",
+    "skipped": "none (provisioned with --no-enroll)",
+}
 
 
 # -- run -------------------------------------------------------------------------------------------
@@ -245,12 +324,18 @@ def _run(guid: str, settings: Settings) -> int:
     from device_client.runtime import DeviceRuntime
 
     logger = RunLogger(guid)
+    stopped_by: list[signal.Signals] = []
 
     async def go() -> None:
         runtime = DeviceRuntime(guid, settings, on_change=logger)
+
+        def stop(sig: signal.Signals) -> None:
+            stopped_by.append(sig)
+            runtime.stop()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, runtime.stop)
+            loop.add_signal_handler(sig, stop, sig)
         await runtime.run()
         snap = runtime.snapshot
         log.info(
@@ -266,7 +351,8 @@ def _run(guid: str, settings: Settings) -> int:
         asyncio.run(go())
     finally:
         cancel_leftover_timers()
-    return EXIT_OK
+    # Ctrl-C is an interruption, as everywhere (130); SIGTERM is a service manager's orderly stop (0).
+    return EXIT_INTERRUPTED if signal.SIGINT in stopped_by else EXIT_OK
 
 
 # -- status ----------------------------------------------------------------------------------------
@@ -314,7 +400,9 @@ def status_report(guid: str, settings: Settings, *, now: datetime) -> dict[str, 
         "revocation": revoked.to_json() if revoked else None,
         "assignment": assignment.to_json() if assignment else None,
         "telemetry": buffered,
-        "desired": {"version": desired.version, "properties": desired.properties} if desired else None,
+        "desired": {"version": desired.version, "properties": Verbatim(desired.properties)}
+        if desired
+        else None,
         "renewal": _renewal_report(state, settings, info),
     }
 
@@ -350,7 +438,7 @@ def _renewal_report(state: StateDir, settings: Settings, info: IdentityInfo) -> 
 def _status(guid: str, settings: Settings, *, as_json: bool) -> int:
     report = status_report(guid, settings, now=datetime.now(UTC))
     if as_json:
-        print(json.dumps(report, indent=2))
+        print_json(report)
         return EXIT_OK
     ident = report["identity"]
     expiry = "EXPIRED" if ident["expired"] else f"{ident['days_left']} days left"
@@ -364,7 +452,8 @@ def _status(guid: str, settings: Settings, *, as_json: bool) -> int:
     )
     print(f"thumbprint   {ident['thumbprint_sha1']}")
     print(f"certificate  valid until {ident['not_after']} ({expiry})")
-    print(f"enrollment   {ident['enrollment'] or 'unknown'}")
+    enrollment = ident["enrollment"] or "unknown"
+    print(f"enrollment   {_ENROLLMENT_THEN.get(enrollment, enrollment)}")
     if report["revocation"]:
         r = report["revocation"]
         why = f" ({r['reason']})" if r["reason"] else ""

@@ -64,6 +64,7 @@ class DeviceClientError(Exception):
     message: str
     reason: str = Reason.DEVICE_CLIENT_ERROR
     metadata: Mapping[str, str] = field(default_factory=dict)
+    hints: tuple[str, ...] = ()  # what to do next, one line each (the CLI prints them under the error)
     exit_code: ClassVar[int] = EXIT_FAILURE
 
     def __post_init__(self) -> None:

@@ -1,11 +1,15 @@
 """The factory side of `provision`: FactoryService over gRPC with the generated stubs.
 
 Insecure (loopback only), TLS, or mutual TLS as configured.  gRPC failures become :class:`FactoryError`
-carrying the service's ErrorInfo reason (or UNAVAILABLE/DEADLINE_EXCEEDED for an unreachable factory).
+carrying the service's ErrorInfo reason (or FACTORY_UNAVAILABLE for an unreachable factory: then the
+connection is tried by hand, ``provkit.channels.diagnose_connection``, and the error says why it fails,
+e.g. plaintext against the factory's TLS, with the hint to point the shell at the stack when the factory's
+TLS is not configured).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
 from types import TracebackType
@@ -19,7 +23,13 @@ from device_client.identity import KeyType
 from device_client.settings import FactorySettings, FactoryTls
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
-from provkit.channels import ChannelSecurity, create_channel, request_metadata
+from provkit.channels import (
+    STACK_HINT,
+    ChannelSecurity,
+    create_channel,
+    diagnose_connection,
+    request_metadata,
+)
 from provkit.grpc_errors import error_details
 
 _KEY_TYPES = {
@@ -42,15 +52,19 @@ def _security(settings: FactorySettings) -> ChannelSecurity:
     except OSError as exc:
         raise FactoryError(
             f"cannot read a factory TLS file {exc.filename}: {exc.strerror}",
-            Reason.FACTORY_TLS_FILE_UNREADABLE
+            Reason.FACTORY_TLS_FILE_UNREADABLE,
         ) from exc
 
 
-def to_factory_error(exc: grpc.RpcError, address: str) -> FactoryError:
+def to_factory_error(exc: grpc.RpcError, address: str, cause: str | None = None) -> FactoryError:
+    """``cause``: why the connection fails, when it was tried by hand (``diagnose_connection``)."""
     details = error_details(exc)
     code = details.code
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not details.reason:
-        message = f"factory at {address} is unreachable ({code.name.lower()}): {details.message}"
+        if cause is not None:
+            message = f"cannot reach the factory at {address} as configured: {cause}"
+        else:
+            message = f"factory at {address} is unreachable ({code.name.lower()}): {details.message}"
         return FactoryError(message, Reason.FACTORY_UNAVAILABLE, {"code": code.name})
     return FactoryError(
         f"factory refused the request: {details.message} ({code.name})",
@@ -84,7 +98,17 @@ class GrpcFactory:
         try:
             return await method(request, timeout=self._settings.timeout_s, metadata=request_metadata(rid))
         except grpc.RpcError as exc:
-            raise to_factory_error(exc, self._settings.address) from exc
+            cause = await self._diagnose(exc)
+            error = to_factory_error(exc, self._settings.address, cause)
+            if cause is not None and self._settings.ca_file is None:  # its TLS never configured here
+                error.hints = (STACK_HINT,)
+            raise error from exc
+
+    async def _diagnose(self, exc: grpc.RpcError) -> str | None:
+        """Why the factory cannot be reached as configured (None: it was not that, or nothing found)."""
+        if error_details(exc).code is not grpc.StatusCode.UNAVAILABLE:
+            return None
+        return await asyncio.to_thread(diagnose_connection, self._settings.address, _security(self._settings))
 
     async def mint_with_csr(
         self, guid: str, csr_pem: bytes, request_id: str, *, validity: timedelta | None = None

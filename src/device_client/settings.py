@@ -199,17 +199,24 @@ FLAGS = FlagKeys(
         "log_format": "log_format",
         "id_scope": "id_scope",
         "global_endpoint": "global_endpoint",
-        "trusted_ca": "trusted_ca_file",
-        "factory": "factory_address",
-        "factory_tls": "factory_tls",
-        "factory_ca": "factory_ca_file",
-        "factory_client_cert": "factory_client_cert_file",
-        "factory_client_key": "factory_client_key_file",
+        "trusted_ca_file": "trusted_ca_file",
+        # the factory connection: the options of every client of a service (provkit.channels); the TLS
+        # mode follows from them: --ca-file alone is TLS, with --cert-file mTLS, --insecure plaintext
+        "target": "factory_address",
+        "ca_file": ("factory_ca_file", "factory_tls"),
+        "cert_file": ("factory_client_cert_file", "factory_tls"),
+        "key_file": "factory_client_key_file",
+        "insecure": "factory_tls",
         "interval": "telemetry_interval_s",
         "buffer_max": "buffer_max_messages",
         "give_up_after": "give_up_after_s",
         "est_url": "renewal.est_url",
-    }
+    },
+    convert={
+        "ca_file": lambda path: (path, FactoryTls.TLS.value),
+        "cert_file": lambda path: (path, FactoryTls.MTLS.value),
+        "insecure": lambda _: FactoryTls.INSECURE.value,
+    },
 )
 
 

@@ -33,6 +33,7 @@ from device_client.fleet import FleetRunner, default_workers
 from device_client.fleet_view import live_summary, report_table
 from device_client.settings import Settings
 from device_client.state import IDENTITY_FILE, atomic_write
+from mainkit.shell import print_json
 
 STATUS_EVERY_S = 5.0
 
@@ -157,7 +158,7 @@ async def _simulate(args: argparse.Namespace, settings: Settings, console: Conso
             await runner.stop()
     report = runner.report()
     if args.json:
-        print(json.dumps(report, indent=2))
+        print_json(report)
     else:
         console.print(report_table(report, console.width))
     return EXIT_OK if report["ok"] else EXIT_FAILURE

@@ -5,3 +5,7 @@
 ``view``   labels, the live fleet table, the hubs' telemetry tail, the summary (rich)
 ``cli``    ``run`` and ``up``
 """
+
+from mainkit.shell import quiet_native_logs
+
+quiet_native_logs()  # before anything loads gRPC: its C core reads GRPC_VERBOSITY once, when loaded

@@ -1,9 +1,10 @@
 """devprov-demo, also python -m devprov_demo (make demo / make up).
 
     run   start the stack, provision a fleet, print the labels, activate the devices, boot them and watch
-          telemetry arrive; Ctrl-C stops everything.  --seconds N runs N seconds after the devices boot
-          (counted down on screen), prints a summary and exits 0 only if every device registered and its
-          hub received telemetry from it (--summary-json FILE also writes it).  --cert-minutes N mints
+          telemetry arrive; Ctrl-C stops everything (exit 130, as Ctrl-C everywhere).
+          --seconds N runs N seconds after the devices boot (counted down on screen), prints a summary and
+          exits 0 only if every device registered and its hub received telemetry from it (--summary-json
+          FILE also writes it).  --cert-minutes N mints
           certificates valid N minutes: each device renews its own over EST (RFC 7030) while its telemetry
           goes on, the view shows each renewal, the summary counts them (and is ok only if every device
           renewed with no gap in its telemetry); --until-renewed stops once each has renewed.
@@ -54,26 +55,29 @@ from devprov_demo.view import (
     live_view,
     summary_table,
 )
-from provkit.cli_shell import run_cli
+from mainkit.shell import CommandParser, HelpFormatter
+from provkit.cli_shell import EXIT_INTERRUPTED, run_cli
 from provkit.settings import FlagKeys, SettingsSource
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED = 0, 1, 2
+
+
+class _Help(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The suite's help, with the description's own line breaks kept."""
 STATUS_EVERY_S = 5.0
+EXAMPLE_GUID_PREFIX = "3f2a9c1e-0000-4000-8000-"  # the README's example devices
 WATCH_EVERY_S = 0.5  # how often `up` looks for a part of the stack that died
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="devprov-demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = CommandParser(prog="devprov-demo", description=__doc__, formatter_class=_Help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def stack_options(cmd: argparse.ArgumentParser, work_dir: str) -> None:
         cmd.add_argument("--config", type=Path, help="TOML settings file (or DEVPROV_DEMO_CONFIG)")
-        cmd.add_argument("--work-dir", type=Path, help=f"default {work_dir}")
+        cmd.add_argument(
+            "--work-dir", type=Path, help=f"state, certificates and logs of the stack (default {work_dir})"
+        )
         cmd.add_argument("--dps-host", help="DPS global device endpoint (loopback; default localhost)")
         cmd.add_argument(
             "--hub-host",
@@ -83,39 +87,58 @@ def _parser() -> argparse.ArgumentParser:
             help="a linked hub's address, repeatable (default 127.0.0.2 and 127.0.0.3)",
         )
         cmd.add_argument(
-            "--https-port", type=int,
+            "--https-port", type=int, metavar="PORT",
             help="the emulator's HTTPS port of every host (default 443, Azure's; another one goes into the "
             "connection strings)",
         )
-        cmd.add_argument("--factory-port", type=int, help="default 50051")
-        cmd.add_argument("--activation-port", type=int, help="default 50052")
-        cmd.add_argument("--portal-port", type=int, help="the activation portal (HTTP; default 8080)")
-        cmd.add_argument("--crl-port", type=int, help="factory_svc's CRL over HTTP (default 8081)")
         cmd.add_argument(
-            "--est-port", type=int, help="factory_svc's EST renewal listener (HTTPS, mTLS; default 8443)"
+            "--factory-port", type=int, metavar="PORT", help="factory_svc's gRPC port (default 50051)"
+        )
+        cmd.add_argument(
+            "--activation-port", type=int, metavar="PORT", help="activation_svc's gRPC port (default 50052)"
+        )
+        cmd.add_argument(
+            "--portal-port", type=int, metavar="PORT", help="the activation portal (HTTP; default 8080)"
+        )
+        cmd.add_argument(
+            "--crl-port", type=int, metavar="PORT", help="factory_svc's CRL over HTTP (default 8081)"
+        )
+        cmd.add_argument(
+            "--est-port",
+            type=int,
+            metavar="PORT",
+            help="factory_svc's EST renewal listener (HTTPS, mTLS; default 8443)",
         )
         cmd.add_argument(
             "--metrics-port",
             type=int,
+            metavar="PORT",
             help="Prometheus /metrics of factory, activation, portal, emulator on this port and the next "
             "three (default 9101; 0: off; replica n of a service on its port + 1000 * n)",
         )
 
-    run = sub.add_parser("run", allow_abbrev=False, help="the whole flow with a live view")
+    run = sub.add_parser("run", help="the whole flow with a live view")
     stack_options(run, WORK_DIRS["run"])
-    run.add_argument("--devices", type=int, help="fleet size (default 5)")
-    run.add_argument("--interval", type=float, help="telemetry interval in seconds (default 5)")
-    run.add_argument("--seconds", type=float, help="stop after this long and print a summary")
+    run.add_argument("--devices", type=int, metavar="N", help="fleet size (default 5)")
+    run.add_argument("--interval", type=float, metavar="SECONDS", help="telemetry interval (default 5)")
+    run.add_argument(
+        "--seconds",
+        type=float,
+        metavar="SECONDS",
+        help="stop this long after the devices boot and print a summary (default: at Ctrl-C)",
+    )
     run.add_argument("--summary-json", type=Path, help="also write the summary here")
     run.add_argument(
         "--cert-minutes",
         type=int,
+        metavar="MINUTES",
         help="mint certificates valid this many minutes (the factory backdates each 5 minutes against "
         "clock skew) and watch the devices renew them; default: the factory's 730 days",
     )
     run.add_argument(
         "--renew-fraction",
         type=float,
+        metavar="FRACTION",
         help="with --cert-minutes: a device renews once this fraction of its certificate's lifetime has "
         "elapsed (default 0.667, the device's own)",
     )
@@ -126,12 +149,13 @@ def _parser() -> argparse.ArgumentParser:
         "(--seconds, if given, still caps the run)",
     )
 
-    up = sub.add_parser("up", allow_abbrev=False, help="start the stack and keep it up")
+    up = sub.add_parser("up", help="start the stack and keep it up")
     stack_options(up, WORK_DIRS["up"])
     up.add_argument("--fresh", action="store_true", help="wipe the work directory first")
     up.add_argument(
         "--replicas",
         type=int,
+        metavar="N",
         help="N > 1: the services' state in a PostgreSQL cluster of the stack's own (in the work directory, "
         "kept between runs), and N replicas of each service behind its one address (replica n on the port + "
         "1000 * n, its /metrics too; kill one to watch the others carry on; default 1)",
@@ -202,12 +226,23 @@ def _log_to_file(path: Path) -> None:
     root.setLevel(logging.INFO)
 
 
-def _stop_event() -> asyncio.Event:
+def _stop_event(received: list[int]) -> asyncio.Event:
+    """Set by SIGINT / SIGTERM (each appended to ``received``: see ``_ended``)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on(sig: int) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on, sig)
     return stop
+
+
+def _ended(received: list[int], code: int) -> int:
+    """The exit code: 130 after Ctrl-C (SIGINT), as every command of the suite; ``code`` otherwise."""
+    return EXIT_INTERRUPTED if signal.SIGINT in received else code
 
 
 def _stack_facts(stack: Stack) -> list[tuple[str, str]]:
@@ -371,26 +406,27 @@ async def run_demo(args: argparse.Namespace, source: SettingsSource, console: Co
     stack = Stack(_config(source, short))
     if not _claim(console, stack, args):
         return EXIT_FAILED
-    stop = _stop_event()
+    received: list[int] = []
+    stop = _stop_event(received)
     fleet: Fleet | None = None
     watch: HubWatch | None = None
     try:
         await _start(console, stack, fresh=True)
         _log_to_file(stack.logs / "devices.log")
         if stop.is_set():
-            return EXIT_INCOMPLETE
+            return _ended(received, EXIT_INCOMPLETE)
         lifetime = "" if short is None else f", certificates valid {short.minutes} min"
         with console.status(f"factory: minting and enrolling {devices} devices (disabled{lifetime}) ..."):
             labels = await provision_fleet(stack, devices, short)
         console.print(labels_table(labels))
         if stop.is_set():
-            return EXIT_INCOMPLETE
+            return _ended(received, EXIT_INCOMPLETE)
         with console.status("OEM back office: activating with metadata and a hub ..."):
             chosen = await activate_fleet(stack, labels, interval)
         for label in labels:
             console.print(f"  activated {label.guid} on {chosen[label.guid]}", highlight=False)
         if stop.is_set():
-            return EXIT_INCOMPLETE
+            return _ended(received, EXIT_INCOMPLETE)
         watch = HubWatch(HubFeed(stack.emulator.connection))
         fleet = Fleet(stack, labels)
         with console.status("starting the fleet's worker processes ..."):
@@ -407,7 +443,7 @@ async def run_demo(args: argparse.Namespace, source: SettingsSource, console: Co
         summary_json = source.path("summary_json")
         if summary_json is not None:
             write_json(summary_json, result)
-        return EXIT_OK if result["ok"] else EXIT_INCOMPLETE
+        return _ended(received, EXIT_OK if result["ok"] else EXIT_INCOMPLETE)
     except Exception as exc:  # a failed start or party: say what, leave nothing running
         console.print(f"[red]demo failed:[/] {type(exc).__name__}: {exc}", highlight=False)
         return EXIT_FAILED
@@ -419,6 +455,16 @@ async def run_demo(args: argparse.Namespace, source: SettingsSource, console: Co
         with console.status("stopping ..."):
             await asyncio.to_thread(stack.stop)
         console.print(f"stopped; state and logs kept in {stack.root}")
+
+
+def next_example_guid(device_root: Path) -> str:
+    """The first of the README's example ids (...0001, ...0002, ...) with no device state under
+    ``device_root`` yet: a stack kept from an earlier ``up`` has provisioned ...0001 already, and provisioning
+    it again is IDENTITY_EXISTS."""
+    n = 1
+    while (device_root / f"{EXAMPLE_GUID_PREFIX}{n:012d}").exists():
+        n += 1
+    return f"{EXAMPLE_GUID_PREFIX}{n:012d}"
 
 
 async def _watch_parts(console: Console, stack: Stack, stop: asyncio.Event) -> None:
@@ -434,31 +480,33 @@ async def run_up(args: argparse.Namespace, source: SettingsSource, console: Cons
     stack = Stack(_config(source))
     if not _claim(console, stack, args):
         return EXIT_FAILED
-    stop = _stop_event()
+    received: list[int] = []
+    stop = _stop_event(received)
     try:
         await _start(console, stack, fresh=args.fresh)
         env_file = stack.write_env_file()
         sample = stack.root / "sample-metadata.json"
         sample.write_text(json.dumps(sample_metadata(), indent=2) + "\n")
         hub = stack.emulator.hub_hosts[-1]
+        guid = next_example_guid(stack.device_root)
         console.print(
             "\nDrive it by hand, in another terminal:\n"
             f"  source {env_file}\n"
-            "  # 1. factory: mint + enroll (disabled); note the activation code it prints once\n"
-            "  device-client provision 3f2a9c1e-0000-4000-8000-000000000001\n"
+            "  # 1. factory: mint + enroll (disabled); note the activation code it prints\n"
+            f"  device-client provision {guid}\n"
             "  # 2. OEM: activate with metadata and a hub (asks for the code)\n"
             f"  #    (or in the browser: {stack.config.portal_url})\n"
-            "  activation-svc activate 3f2a9c1e-0000-4000-8000-000000000001 "
+            f"  activation-svc activate {guid} "
             f"--metadata {sample} --hub {hub}\n"
             "  # 3. first boot: DPS, the hub, telemetry every 5 s (Ctrl-C stops it)\n"
-            "  device-client run 3f2a9c1e-0000-4000-8000-000000000001\n"
+            f"  device-client run {guid}\n"
             f"  # watch the hubs: iot-emulator monitor --data-dir {stack.emulator.data_dir}\n"
             "\nUp. Ctrl-C stops the stack.",
             highlight=False,
             soft_wrap=True,
         )
         await _watch_parts(console, stack, stop)
-        return EXIT_OK
+        return _ended(received, EXIT_OK)
     except Exception as exc:
         console.print(f"[red]could not start the stack:[/] {type(exc).__name__}: {exc}", highlight=False)
         return EXIT_FAILED

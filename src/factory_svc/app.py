@@ -112,7 +112,7 @@ class FactoryApp:
     async def open(
         cls, settings: FactorySettings, clock: Clock = now_utc, observe: Observability | None = None
     ) -> FactoryApp:
-        observe = observe or Observability.open(settings.observe, "factory_svc")
+        observe = observe or Observability.open(settings.observe, "factory_svc", factory=True)
         ca = open_ca(settings, clock)
         ledger = await Ledger.open(settings.database_url)
         request_ids = RequestIds(ledger.certificates.reservations, lease=settings.request_lease)

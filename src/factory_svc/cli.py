@@ -11,11 +11,11 @@ commands (``<feature>/cli.py``) and runs the one asked for.
     factory-svc ca init | show                                  (see factory_svc.ca.cli)
     factory-svc expiring [--within 30d] [--json]                (see factory_svc.renewal.cli)
 
-Client commands connect with ``--target`` (or FACTORY_CLIENT_TARGET, default 127.0.0.1:50051) using TLS
-with ``--ca-file`` / ``--cert-file`` / ``--key-file`` (mTLS), or ``--insecure`` for a loopback
-development server.  Device ids are checked before anything is sent (``FACTORY_CLIENT_DEVICE_IDS``,
-see ``provkit.device_id``).  Exit codes: 0 done, 1 refused by the service (the
-reason is printed) or nothing found, 2 bad usage or configuration, 3 service unreachable, 130 interrupted.
+Client commands connect with --target (or FACTORY_CLIENT_TARGET, default 127.0.0.1:50051) using TLS
+with --ca-file / --cert-file / --key-file (mTLS), or --insecure for a loopback development server.
+Device ids are checked before anything is sent (FACTORY_CLIENT_DEVICE_IDS, see provkit.device_id).
+Exit codes: 0 done, 1 refused by the service (the reason is printed) or nothing found, 2 bad usage or
+configuration, 3 service unreachable, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -35,9 +35,16 @@ from factory_svc.lots import cli as lot_cli
 from factory_svc.mint import cli as mint_cli
 from factory_svc.renewal import cli as renewal_cli
 from factory_svc.revocation import cli as revoke_cli
+from mainkit.shell import CommandParser
 from provkit import faults
-from provkit.channels import CHANNEL_FLAGS, add_channel_arguments, channel_security, create_channel
-from provkit.cli_shell import run_cli
+from provkit.channels import (
+    CHANNEL_FLAGS,
+    add_channel_arguments,
+    channel_security,
+    create_channel,
+    explained,
+)
+from provkit.cli_shell import add_timeout, run_cli
 from provkit.device_id import check_device_id
 from provkit.grpc_server import serve_command
 from provkit.settings import SettingsSource, device_id_policy
@@ -61,18 +68,20 @@ CLIENT_FEATURES: tuple[ClientCommands, ...] = (mint_cli, enroll_cli, revoke_cli,
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False, prog="factory-svc", description="Device certificate factory."
+    parser: argparse.ArgumentParser = CommandParser(
+        prog="factory-svc", description="Device certificate factory."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", allow_abbrev=False, help="run the gRPC service")
-    serve.add_argument("--config", type=Path, help="TOML settings file (or FACTORY_CONFIG)")
+    serve = sub.add_parser("serve", help="run the gRPC service")
+    serve.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file (or FACTORY_CONFIG)")
     add_migrate_command(sub, "FACTORY_CONFIG")
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, allow_abbrev=False, help=help_text)
-        add_channel_arguments(cmd, target_help="host:port (or FACTORY_CLIENT_TARGET)")
-        cmd.add_argument("--timeout", type=float, default=60.0)
+        cmd = sub.add_parser(name, help=help_text)
+        add_channel_arguments(
+            cmd, target_help=f"the factory (or FACTORY_CLIENT_TARGET; default {DEFAULT_TARGET})"
+        )
+        add_timeout(cmd)
         return cmd
 
     for feature in CLIENT_FEATURES:
@@ -100,7 +109,11 @@ def _feature(args: argparse.Namespace) -> ClientCommands:
 
 async def _call(args: argparse.Namespace, source: SettingsSource) -> int:
     target = source.text("target", DEFAULT_TARGET) or DEFAULT_TARGET
-    async with create_channel(target, channel_security(source)) as channel:
+    security = channel_security(source)
+    async with (
+        create_channel(target, security) as channel,
+        explained(target, security, service="the factory"),
+    ):
         stub = pb_grpc.FactoryServiceStub(channel)
         feature = _feature(args)
         return await feature.run(stub, args)  # a refused call: the shell reports it (exit 1, or 3)

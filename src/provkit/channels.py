@@ -15,9 +15,14 @@ API
 For command-line clients: ``add_channel_arguments(parser, target_help=...)`` (--target, --insecure,
 --ca-file, --cert-file, --key-file, --server-name), the settings keys they set (``CHANNEL_FLAGS``, a
 ``mainkit.settings.FlagKeys``) and ``channel_security(source, section="")`` reading those keys from a
-settings source; ``report_failed_call(exc) -> exit code`` (prints the
-service's message with its status and reason, the field violations that add to it and the retry delay;
-``EXIT_UNREACHABLE`` when the service is unavailable, else ``EXIT_REFUSED``); ``read_input(path, what)``
+settings source; ``report_failed_call(exc, prog) -> exit code`` (prints the
+service's message with its reason, the field violations that add to it and the retry delay;
+``EXIT_UNREACHABLE`` when the service is unavailable, else ``EXIT_REFUSED``); ``explained(target, security,
+service=...)`` (an async context manager: a call that finds the service unavailable is tried again by
+hand, TCP then TLS as configured, and ends in ``mainkit.shell.CommandFailed`` saying why: nothing listens,
+plaintext against TLS, a certificate this client does not trust, a client certificate missing; with the
+hint ``STACK_HINT`` when the channel's trust is not configured); ``diagnose_connection(target, security)``
+(that try by hand: a sentence, or None when the channel as configured works); ``read_input(path, what)``
 (a file the person named, or ``provkit.errors.InputError`` with a sentence saying why it cannot be read;
 also what ``ChannelSecurity`` raises for a certificate without its key);
 ``describe_os_error(exc)`` (an ``OSError`` as a sentence).
@@ -26,8 +31,12 @@ also what ``ChannelSecurity`` raises for a certificate without its key);
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import socket
+import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -37,6 +46,7 @@ import grpc
 from mainkit.settings import FlagKeys, SettingsSource
 from mainkit.shell import EXIT_INTERRUPTED as EXIT_INTERRUPTED
 from mainkit.shell import EXIT_USAGE as EXIT_USAGE
+from mainkit.shell import CommandFailed, error_line
 from provkit.errors import InputError
 from provkit.grpc_errors import error_details
 from provkit.grpc_server import REQUEST_ID_HEADER
@@ -130,33 +140,156 @@ def channel_security(source: SettingsSource, section: str = "") -> ChannelSecuri
     )
 
 
-def add_channel_arguments(parser: argparse.ArgumentParser, *, target_help: str) -> None:
-    """The options every gRPC client command takes: where the service is and how to secure the channel."""
-    parser.add_argument("--target", help=target_help)
+def add_channel_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    target_help: str,
+    server_name: bool = True,
+    ca_help: str = "CA that signed the service's certificate (default: the system's)",
+) -> None:
+    """The options every gRPC client command takes: where the service is and how to secure the channel
+    (the same names in every command: ``provkit.cli_shell``'s conventions); ``server_name=False``: a
+    client without that setting."""
+    parser.add_argument("--target", metavar="HOST:PORT", help=target_help)
     parser.add_argument("--insecure", action="store_true", help="plaintext, loopback development only")
-    parser.add_argument("--ca-file", type=Path, help="CA that signed the service's certificate")
-    parser.add_argument("--cert-file", type=Path, help="client certificate (mTLS)")
-    parser.add_argument("--key-file", type=Path, help="client key (mTLS)")
-    parser.add_argument("--server-name", help="name to check in the service's certificate")
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="PEM",
+        help=ca_help,
+    )
+    parser.add_argument("--cert-file", type=Path, metavar="PEM", help="client certificate (mTLS)")
+    parser.add_argument("--key-file", type=Path, metavar="PEM", help="client key (mTLS)")
+    if server_name:
+        parser.add_argument(
+            "--server-name", metavar="NAME", help="name to check in the service's certificate"
+        )
 
 
-def report_failed_call(exc: grpc.RpcError, stream: TextIO | None = None) -> int:
+def report_failed_call(exc: grpc.RpcError, prog: str, stream: TextIO | None = None) -> int:
     """Tell a person why a call failed (on standard error); returns the command's exit code.
 
-    ``error: <the service's message> [<STATUS> <REASON>]``, then each field violation that says more than
-    the message (a lone violation usually repeats it), then ``try again in N s`` when the service said so.
+    ``<prog>: error: <the service's message> [<REASON>]`` (the status name when the service gave no
+    reason), then each field violation that says more than the message (a lone violation usually repeats
+    it), then ``try again in N s`` when the service said so.
     """
     out = stream or sys.stderr
     details = error_details(exc)
-    label = " ".join(part for part in (details.code.name, details.reason) if part)
     message = details.message.strip() or "the service gave no reason"
-    print(f"error: {message} [{label}]", file=out)
+    print(error_line(prog, message, details.reason or details.code.name), file=out)
     for violation in details.field_violations:
-        if violation.description.strip() != message:
+        if violation.description.strip() not in message:
             print(f"  {violation.field}: {violation.description}", file=out)
     if details.retry_after is not None:
         print(f"  try again in {max(1, round(details.retry_after))} s", file=out)
     return EXIT_UNREACHABLE if details.code is grpc.StatusCode.UNAVAILABLE else EXIT_REFUSED
+
+
+# Said when a channel's trust is not configured and the service cannot be used: the likeliest cause is a
+# shell that was not pointed at the stack `make up` runs.
+STACK_HINT = "running the stack of `make up`? `source var/up/env.sh` points every command at it"
+_PROBE_TIMEOUT_S = 3.0
+
+
+def _host_port(target: str) -> tuple[str, int] | None:
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "localhost", int(port)
+
+
+def _handshake(address: tuple[str, int], context: ssl.SSLContext, server_name: str | None) -> ssl.SSLSocket:
+    raw = socket.create_connection(address, timeout=_PROBE_TIMEOUT_S)
+    try:
+        return context.wrap_socket(raw, server_hostname=server_name)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _speaks_tls(address: tuple[str, int]) -> bool:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        _handshake(address, context, None).close()
+    except (OSError, ssl.SSLError):
+        return False
+    return True
+
+
+def diagnose_connection(target: str, security: ChannelSecurity) -> str | None:
+    """Why a channel to ``target`` secured by ``security`` cannot work, found by connecting by hand (TCP,
+    then the TLS handshake as configured); None when it works or the target is no host:port."""
+    address = _host_port(target)
+    if address is None:
+        return None
+    try:
+        socket.create_connection(address, timeout=_PROBE_TIMEOUT_S).close()
+    except ConnectionRefusedError:
+        return "nothing accepts connections there (is the service running, and is this its address?)"
+    except OSError as exc:
+        return f"cannot connect: {describe_os_error(exc)}"
+    if security.insecure:
+        if _speaks_tls(address):
+            return "the service speaks TLS, but this client is set to connect in plaintext"
+        return None
+    context = ssl.create_default_context()
+    if security.ca_pem is not None:
+        context = ssl.create_default_context(cadata=security.ca_pem.decode(errors="replace"))
+    context.set_alpn_protocols(["h2"])
+    trusted = "the CA file given" if security.ca_pem is not None else "the system's CAs: no CA file is set"
+    try:
+        tls = _handshake(address, context, security.server_name or address[0])
+    except ssl.SSLCertVerificationError as exc:
+        return f"its certificate is not one this client trusts ({exc.verify_message}; trusted: {trusted})"
+    except ssl.SSLError as exc:
+        if exc.reason == "WRONG_VERSION_NUMBER":
+            return "the service does not speak TLS (a plaintext development server? then --insecure)"
+        return f"the TLS handshake fails ({exc.reason or exc})"
+    except OSError as exc:
+        return f"the TLS handshake fails: {describe_os_error(exc)}"
+    with tls:
+        if security.cert_pem is not None:
+            return None
+        tls.settimeout(1.0)
+        try:
+            # A gRPC server speaks first (HTTP/2 SETTINGS); one that wants a client certificate hangs up
+            # instead, or sends the TLS alert that says so.
+            if tls.recv(1) == b"":
+                return (
+                    "the service hangs up after the TLS handshake: it wants a client certificate (mTLS), "
+                    "and none is set"
+                )
+        except ssl.SSLError as exc:
+            if "CERTIFICATE_REQUIRED" in (exc.reason or ""):
+                return "the service asks for a client certificate (mTLS), and none is set"
+        except OSError:
+            pass
+    return None
+
+
+@contextlib.asynccontextmanager
+async def explained(target: str, security: ChannelSecurity, *, service: str) -> AsyncIterator[None]:
+    """Calls to ``service`` (e.g. "the factory") at ``target``: one that finds it unavailable for a reason
+    ``diagnose_connection`` finds ends in ``CommandFailed`` saying it (exit 3), else the failure as it was."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        details = error_details(exc)
+        if details.code is not grpc.StatusCode.UNAVAILABLE or details.reason:
+            raise
+        cause = await asyncio.to_thread(diagnose_connection, target, security)
+        if cause is None:
+            raise
+        hints = (STACK_HINT,) if security.ca_pem is None else ()
+        raise CommandFailed(
+            f"cannot reach {service} at {target} as configured: {cause}",
+            "UNAVAILABLE",
+            exit_code=EXIT_UNREACHABLE,
+            hints=hints,
+        ) from None
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -15,7 +15,8 @@ API
 ---
 ``ObserveSettings(metrics_listen="", exporter="none", otlp_endpoint="")``; ``observe_settings(source,
     section="")`` reads them (``section`` prefixes the keys, e.g. ``"portal"``).
-``Observability.open(settings, service_name) -> Observability``   builds the registry and the tracer
+``Observability.open(settings, service_name, *, factory=False) -> Observability``   builds the registry
+    (with the factory's own series only for ``factory=True``: ``provkit.prometheus_metrics``) and the tracer
     provider the settings ask for; ``Observability.off()``; ``Observability(metrics, registry, provider)``
     (tests pass a provider with an in-memory exporter).
     ``.metrics`` (``SuiteMetrics``), ``.registry`` (None when off), ``.tracer(name)``,
@@ -135,11 +136,11 @@ class Observability:
         return cls()
 
     @classmethod
-    def open(cls, settings: ObserveSettings, service_name: str) -> Observability:
+    def open(cls, settings: ObserveSettings, service_name: str, *, factory: bool = False) -> Observability:
         metrics: SuiteMetrics = NO_METRICS
         registry = None
         if settings.metrics_listen:
-            prometheus = PrometheusMetrics()
+            prometheus = PrometheusMetrics(factory=factory)
             metrics, registry = prometheus, prometheus.registry
         return cls(metrics, registry, tracer_provider(settings, service_name), settings)
 

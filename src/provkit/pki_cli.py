@@ -1,17 +1,17 @@
-"""``devprov-pki``: the operator's command for the suite's client CA and the parties' client certificates.
+"""devprov-pki: the operator's command for the suite's client CA and the parties' client certificates.
 
 Every party that calls factory_svc or activation_svc presents a client certificate from the CA the
 services trust (``*_SERVER_CLIENT_CA_FILE``) carrying its identity ``urn:devprov:<role>:<tenant>``
-(``provkit.parties``); the services take the role and tenant from it and from nothing else.
+(provkit.parties); the services take the role and tenant from it and from nothing else.
 
     devprov-pki init-ca DIR [--name CN]              DIR/ca.pem + DIR/ca.key (0600); refuses to overwrite
     devprov-pki issue --ca-dir DIR --role ROLE --tenant TENANT [--name CN] [--days N] [--out PREFIX]
                                                      PREFIX.pem + PREFIX.key (default DIR/<role>-<tenant>)
     devprov-pki show CERT                            the party a certificate names, or why none
 
-Roles: factory (the MES and the test bench running ``device-client provision``), oem (an OEM's back office),
+Roles: factory (the MES and the test bench running `device-client provision`), oem (an OEM's back office),
 portal (the activation portal, tenant = the OEM it acts for), operator (whoever runs the services).
-The CA here is a development-grade one (``provkit.devpki``); production brings certificates with the same
+The CA here is a development-grade one (provkit.devpki); production brings certificates with the same
 URI from its own PKI.
 
 API: ``issue_party(authority, role, tenant, *, common_name=None, days=825) -> TlsPair``; ``main(argv)``.
@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mainkit.shell import CommandFailed, CommandParser
 from provkit.cli_shell import EXIT_USAGE, Answer, run_cli
 from provkit.context import Role
 from provkit.devpki import DevTlsAuthority, TlsPair
@@ -55,8 +56,7 @@ def _load(ca_dir: Path) -> DevTlsAuthority:
 def _init_ca(args: argparse.Namespace) -> int:
     folder: Path = args.dir
     if (folder / "ca.pem").exists() or (folder / "ca.key").exists():
-        print(f"devprov-pki: {folder} already holds a CA; not overwriting it", file=sys.stderr)
-        return 1
+        raise CommandFailed(f"{folder} already holds a CA; not overwriting it")
     DevTlsAuthority.create(args.name).write(folder / "ca.pem", folder / "ca.key")
     print(f"client CA written: {folder / 'ca.pem'} (key {folder / 'ca.key'}, mode 0600)")
     return 0
@@ -86,30 +86,30 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False, prog="devprov-pki", description=__doc__.split("\n\n")[0]
-    )
+    parser = CommandParser(prog="devprov-pki", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    init = commands.add_parser("init-ca", allow_abbrev=False, help="create a client CA in DIR")
-    init.add_argument("dir", type=Path)
+    init = commands.add_parser("init-ca", help="create a client CA in DIR")
+    init.add_argument("dir", type=Path, help="folder for ca.pem and ca.key (created)")
     init.add_argument("--name", default="devprov client CA", help="the CA's common name")
     init.set_defaults(run=_init_ca)
-    issue = commands.add_parser("issue", allow_abbrev=False, help="issue a party's client certificate")
+    issue = commands.add_parser("issue", help="issue a party's client certificate")
     issue.add_argument("--ca-dir", type=Path, required=True, help="folder holding ca.pem and ca.key")
-    issue.add_argument("--role", required=True, choices=[r.value for r in PARTY_ROLES])
+    issue.add_argument(
+        "--role", required=True, choices=[r.value for r in PARTY_ROLES], help="the party's role"
+    )
     issue.add_argument("--tenant", required=True, help="factory site, OEM id, or the portal's OEM")
     issue.add_argument("--name", default=None, help="subject CN (for people; default <role>-<tenant>)")
-    issue.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    issue.add_argument("--days", type=int, default=825, metavar="DAYS", help="validity (default 825)")
     issue.add_argument("--out", type=Path, default=None, help="output prefix (writes PREFIX.pem/.key)")
     issue.set_defaults(run=_issue)
-    show = commands.add_parser("show", allow_abbrev=False, help="the party a client certificate names")
-    show.add_argument("cert", type=Path)
+    show = commands.add_parser("show", help="the party a client certificate names")
+    show.add_argument("cert", type=Path, help="the certificate (PEM)")
     show.set_defaults(run=_show)
     return parser
 
 
 # What devprov-pki says for the failures it knows, before the suite's (provkit.cli_shell).
-ANSWERS = (Answer.line((UnrecognisedIdentity, ConfigurationError, OSError), "devprov-pki: {}", EXIT_USAGE),)
+ANSWERS = (Answer.line((UnrecognisedIdentity, ConfigurationError, OSError), "{}", EXIT_USAGE),)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,12 @@
 """The Prometheus adapter of ``provkit.metrics``: counters, histograms and gauges on one registry.
 
-``PrometheusMetrics(registry=None)`` implements ``provkit.metrics.SuiteMetrics`` on its own
-``prometheus_client.CollectorRegistry`` (one per program, so two services in one process never share a
-series).  The names (all label values are closed sets; never a device id):
+``PrometheusMetrics(registry=None, *, factory=True)`` implements ``provkit.metrics.SuiteMetrics`` on its
+own ``prometheus_client.CollectorRegistry`` (one per program, so two services in one process never share a
+series).  Each process registers only its own series: a series with labels appears once it has a value, and
+the factory's unlabelled ones (``FACTORY_SERIES``: the outbox, revocations, code rotations), which would
+read 0 forever anywhere else, only with ``factory=True`` (``provkit.observe.Observability.open`` passes
+``factory=False`` for every program but the factory).  The names (all label values are closed sets; never
+a device id):
 
 | metric                                          | labels                          |
 |-------------------------------------------------|---------------------------------|
@@ -38,14 +42,41 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+class _FactorySeries:
+    """``FACTORY_SERIES``, registered in the factory's registry only."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.rotated = Counter(
+            "devprov_activation_codes_rotated", "Activation codes replaced by new ones.", registry=r
+        )
+        self.revoked = Counter("devprov_certificates_revoked", "Certificates revoked.", registry=r)
+        self.outbox_depth = Gauge(
+            "devprov_outbox_depth", "Enrollments waiting in the outbox for DPS.", registry=r
+        )
+        self.outbox_age = Gauge(
+            "devprov_outbox_oldest_age_seconds",
+            "Age of the oldest enrollment waiting in the outbox (0 when none waits).",
+            registry=r,
+        )
+
+
 def split_method(method: str) -> tuple[str, str]:
     """``/devprov.v1.FactoryService/Enroll`` -> (``devprov.v1.FactoryService``, ``Enroll``)."""
     service, _, name = method.lstrip("/").partition("/")
     return service, name
 
 
+# The factory's own unlabelled series (exported at 0 from the start wherever they are registered).
+FACTORY_SERIES = (
+    "devprov_activation_codes_rotated",
+    "devprov_certificates_revoked",
+    "devprov_outbox_depth",
+    "devprov_outbox_oldest_age_seconds",
+)
+
+
 class PrometheusMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, factory: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self._handled = Counter(
@@ -79,18 +110,7 @@ class PrometheusMetrics:
         self._activated = Counter(
             "devprov_activations", "Activation answers, by outcome.", ["outcome"], registry=r
         )
-        self._rotated = Counter(
-            "devprov_activation_codes_rotated", "Activation codes replaced by new ones.", registry=r
-        )
-        self._revoked = Counter("devprov_certificates_revoked", "Certificates revoked.", registry=r)
-        self._outbox_depth = Gauge(
-            "devprov_outbox_depth", "Enrollments waiting in the outbox for DPS.", registry=r
-        )
-        self._outbox_age = Gauge(
-            "devprov_outbox_oldest_age_seconds",
-            "Age of the oldest enrollment waiting in the outbox (0 when none waits).",
-            registry=r,
-        )
+        self._factory = _FactorySeries(r) if factory else None
         self._cloud_calls = Counter(
             "devprov_cloud_calls",
             "Calls to the DPS and IoT Hub service APIs, by operation and outcome.",
@@ -160,14 +180,17 @@ class PrometheusMetrics:
         self._activated.labels(outcome).inc()
 
     def codes_rotated(self, count: int = 1) -> None:
-        self._rotated.inc(count)
+        if self._factory is not None:
+            self._factory.rotated.inc(count)
 
     def revoked(self, count: int = 1) -> None:
-        self._revoked.inc(count)
+        if self._factory is not None:
+            self._factory.revoked.inc(count)
 
     def outbox(self, depth: int, oldest_age_seconds: float) -> None:
-        self._outbox_depth.set(depth)
-        self._outbox_age.set(max(0.0, oldest_age_seconds))
+        if self._factory is not None:
+            self._factory.outbox_depth.set(depth)
+            self._factory.outbox_age.set(max(0.0, oldest_age_seconds))
 
     def cloud_call(self, service: str, operation: str, outcome: str, seconds: float) -> None:
         self._cloud_calls.labels(service, operation, outcome).inc()

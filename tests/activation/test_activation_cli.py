@@ -66,8 +66,11 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
             str(metadata_file),
             env=client_env,
         )
-        assert (
-            code == 1 and "INVALID_ARGUMENT METADATA_INVALID" in err and "metadata_json.tags.bad key" in err
+        # checked here, before anything is sent: one line naming the file (not the proto field)
+        assert (code, err) == (
+            2,
+            f"activation-svc: error: the metadata in {metadata_file} is refused: tags.bad key: keys must not "
+            "contain spaces [METADATA_INVALID]\n",
         )
 
         code, out, err = await run_module(
@@ -80,6 +83,12 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
         assert code == 0, err
         assert json.loads(out)["lifecycle"] == "ACTIVATED"
         assert json.loads(out)["owner"] == "acme"  # the first activation claimed it for the caller's OEM
+        assert json.loads(out)["deactivated"] is None  # absent: null, not ""
+
+        # The owner asks without the code: its identity suffices.
+        code, out, err = await run_module("activation_svc.cli", "status", device.device_id, env=client_env)
+        assert code == 0, err
+        assert "lifecycle" in out and "ACTIVATED" in out and "allocated hub" in out
 
         unknown = str(uuid.uuid4())
         code, out, err = await run_module(
@@ -87,14 +96,14 @@ async def test_serve_activate_status_deactivate_from_a_shell(tmp_path, emulator)
         )
         # An unknown device and a wrong code get the same answer (nobody learns which ids exist).
         assert (code, out) == (1, "")
-        assert err == "error: unknown device or wrong activation code [PERMISSION_DENIED ACTIVATION_DENIED]\n"
+        assert err == "activation-svc: error: unknown device or wrong activation code [ACTIVATION_DENIED]\n"
 
         wrong = tmp_path / "wrong.txt"
         wrong.write_text("0000-0000-0000-0000")
         code, out, err = await run_module(
             "activation_svc.cli", "deactivate", device.device_id, "--code-file", str(wrong), env=client_env
         )
-        assert code == 1 and "PERMISSION_DENIED ACTIVATION_DENIED" in err
+        assert code == 1 and "[ACTIVATION_DENIED]" in err
         code, out, err = await run_module(
             "activation_svc.cli",
             "deactivate",

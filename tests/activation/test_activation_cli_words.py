@@ -67,7 +67,8 @@ def test_what_is_not_a_guid_is_refused_before_the_code_is_asked_for(command: str
     done = _cli(command, raw, "--code-file", "-", stdin=CODE + "\n")
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr == (
-        f"error: the device id '{raw}' is not a GUID: expected 32 hex digits as 8-4-4-4-12, like {GUID}\n"
+        f"activation-svc: error: the device id '{raw}' is not a GUID: expected 32 hex digits as 8-4-4-4-12, "
+        f"like {GUID} [DEVICE_ID_NOT_A_GUID]\n"
     )
 
 
@@ -79,7 +80,8 @@ def test_an_empty_code_is_refused_locally(tmp_path: Path) -> None:
         assert (done.returncode, done.stdout) == (2, "")
         assert (
             done.stderr
-            == "error: the activation code is empty: type the code printed on the device's label\n"
+            == "activation-svc: error: the activation code is empty: "
+            "type the code printed on the device's label\n"
         )
 
 
@@ -89,17 +91,91 @@ def test_missing_files_are_named_in_a_sentence(tmp_path: Path) -> None:
     code_file.write_text(CODE)
     missing = tmp_path / "m.json"
     done = _cli("activate", GUID, "--metadata", str(missing), "--code-file", str(code_file))
-    assert (done.returncode, done.stderr) == (2, f"error: the metadata file {missing} does not exist\n")
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"activation-svc: error: the metadata file {missing} does not exist\n",
+    )
     done = _cli("status", GUID, "--code-file", str(tmp_path / "nope.txt"))
     assert (done.returncode, done.stderr) == (
         2,
-        f"error: the code file {tmp_path / 'nope.txt'} does not exist\n",
+        f"activation-svc: error: the code file {tmp_path / 'nope.txt'} does not exist\n",
     )
     done = _cli("status", GUID, "--code-file", str(tmp_path))
     assert (done.returncode, done.stderr) == (
         2,
-        f"error: the code file {tmp_path} is a directory, not a file\n",
+        f"activation-svc: error: the code file {tmp_path} is a directory, not a file\n",
     )
+
+
+@pytest.mark.parametrize(
+    "typed", ["1234", "X", "PF0E-0QJ5-KVKM", "PF0E-0QJ5-KVKM-TGQ4U", "PF0E-0QJ5-KVKM-TGQ!"]
+)
+@pytest.mark.parametrize("command", ["activate", "deactivate", "status"])
+def test_what_cannot_be_a_code_is_refused_here_and_never_sent(command: str, typed: str) -> None:
+    """Sent, it would count as a wrong attempt against the person's budget: refused before any call (exit
+    2, not 3: nothing listens at TARGET, so a call would have failed differently)."""
+    done = _cli(command, GUID, "--code-file", "-", stdin=typed + "\n")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "activation-svc: error: that is not an activation code: it has 16 letters and digits, printed in "
+        "four groups like 7K3M-Q9XD-2HPA-W4RT (nothing was sent)\n"
+    )
+
+
+def test_status_asks_for_no_code() -> None:
+    """The owner is answered on its identity alone: status calls without a code (here: nothing listens, 3)
+    where it said "no activation code" (2); activate still needs one."""
+    done = _cli("status", GUID)
+    assert done.returncode == 3, done.stderr
+    assert "code" not in done.stderr
+    done = _cli("activate", GUID)
+    assert (done.returncode, done.stderr) == (
+        2,
+        "activation-svc: error: no activation code: use --code-file, ACTIVATION_CLIENT_CODE or a terminal\n",
+    )
+
+
+def test_a_code_typed_loosely_is_still_a_code() -> None:
+    """Case, spaces and the look-alike letters are forgiven (provkit.activation_code.normalise): such a code
+    goes out, here to a target where nothing listens (exit 3)."""
+    done = _cli("status", GUID, "--code-file", "-", stdin="pf0e 0qj5 kvkm tgq4\n")
+    assert done.returncode == 3, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ('{"tags": {"a b": 1}}', "tags.a b: keys must not contain spaces [METADATA_INVALID]\n"),
+        (
+            '{"tags": ',
+            "the text: not valid JSON: Expecting value: line 1 column 10 (char 9) [METADATA_NOT_JSON]\n",
+        ),
+    ],
+)
+def test_metadata_is_checked_here_once_naming_the_file(tmp_path: Path, text: str, said: str) -> None:
+    """Before: sent, refused by the service, printed twice (message and field violation) and named after
+    the proto field metadata_json.  Now: checked before anything is sent or asked, one line naming the
+    file."""
+    metadata = tmp_path / "m.json"
+    metadata.write_text(text)
+    done = _cli("activate", GUID, "--metadata", str(metadata), "--code-file", "-", stdin=CODE + "\n")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"activation-svc: error: the metadata in {metadata} is refused: {said}"
+    done = _cli("activate", GUID, "--metadata-json", text, "--code-file", "-", stdin=CODE + "\n")
+    assert done.stderr == f"activation-svc: error: the metadata in --metadata-json is refused: {said}"
+    assert "metadata_json" not in done.stderr
+
+
+def test_every_twin_rule_broken_is_listed_once(tmp_path: Path) -> None:
+    done = _cli(
+        "activate", GUID, "--metadata-json", '{"tags": {"a b": 1, "$x": 2}}', "--code-file", "-", stdin=CODE
+    )
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and len(lines) == 2, done.stderr
+    assert lines[0].startswith(
+        "activation-svc: error: the metadata in --metadata-json is refused: tags.a b: "
+    )
+    assert lines[1].startswith("  tags.$x: ")
 
 
 def _read_until(fd: int, wanted: bytes, timeout: float = 30.0) -> bytes:

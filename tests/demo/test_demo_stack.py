@@ -3,8 +3,8 @@ second ``up`` or ``run`` on it is refused before it touches anything."""
 
 from __future__ import annotations
 
+import re
 import signal
-import uuid
 from pathlib import Path
 
 import pytest
@@ -60,7 +60,9 @@ def test_a_second_stack_on_a_running_work_dir_is_refused_and_touches_nothing(tmp
             assert "devprov-demo up --work-dir" in output  # the first one's command
         assert _snapshot(work) == before
 
-        guid = str(uuid.uuid4())  # the first stack still serves, on the same CA and connection file
+        # the first stack still serves, on the same CA and connection file: its suggested first step works
+        guid = re.search(r"device-client provision (\S+)", printed.text).group(1)
+        assert guid == "3f2a9c1e-0000-4000-8000-000000000001"
         provision = _cli(env, "device-client", "provision", guid)
         assert provision.returncode == 0, provision.stdout + provision.stderr
 
@@ -72,8 +74,15 @@ def test_a_second_stack_on_a_running_work_dir_is_refused_and_touches_nothing(tmp
         again.wait_for(r"Up\. Ctrl-C stops the stack")
         listed = _cli(_env_from(work / "env.sh"), "factory-svc", "list", guid)
         assert listed.returncode == 0 and guid in listed.stdout, listed.stdout + listed.stderr
+        # The state was kept: ...0001 has its identity, so this stack suggests the next example device
+        # (suggesting ...0001 again was IDENTITY_EXISTS), and that one provisions.
+        suggested = re.search(r"device-client provision (\S+)", again.text).group(1)
+        assert suggested == "3f2a9c1e-0000-4000-8000-000000000002"
+        assert f"device-client run {suggested}" in again.text
+        provision = _cli(_env_from(work / "env.sh"), "device-client", "provision", suggested)
+        assert provision.returncode == 0, provision.stdout + provision.stderr
         third.send_signal(signal.SIGINT)
-        assert third.wait(90) == 0, again.finish()
+        assert third.wait(90) == 130, again.finish()  # Ctrl-C: interrupted, as everywhere
     finally:
         for proc in (first, third):
             if proc is not None and proc.poll() is None:

@@ -102,7 +102,8 @@ def test_run_without_id_scope(tmp_path, capsys, ca, monkeypatch):
 
 def test_run_with_unreadable_trusted_ca(tmp_path, capsys, ca):
     _provisioned(tmp_path, ca)
-    code = run_cli(tmp_path, "run", GUID, "--id-scope", "0ne1", "--trusted-ca", str(tmp_path / "nope.pem"))
+    missing = str(tmp_path / "nope.pem")
+    code = run_cli(tmp_path, "run", GUID, "--id-scope", "0ne1", "--trusted-ca-file", missing)
     assert code == 8
     assert "TRUSTED_CA_UNREADABLE" in capsys.readouterr().err
 

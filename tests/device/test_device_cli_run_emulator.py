@@ -59,26 +59,34 @@ async def _start(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
     )
 
 
-async def test_run_sigterm_and_status(emulator, tmp_path):
+async def _stopped_after(
+    emulator, tmp_path, messages: int, sig: signal.Signals
+) -> tuple[str, dict, int, str]:
+    """An activated device's `run`, stopped by ``sig`` once the hub has ``messages`` messages from it:
+    (device id, its environment, the exit code, standard error)."""
     guid = str(uuid.uuid4())
     root = tmp_path / "devices"
     await enroll(emulator, guid, _identity(root, guid), enabled=True)
     env = _env(emulator, root)
     proc = await _start(env, "run", guid, "--interval", "0.2")
 
-    async def three_arrived():
+    async def arrived():
         try:
-            return len(await received_telemetry(emulator, guid)) >= 3
+            return len(await received_telemetry(emulator, guid)) >= messages
         except Exception:  # the hub does not know the device before its registration
             return False
 
     try:
-        await until(three_arrived, "three messages at the hub", interval=0.2)
+        await until(arrived, f"{messages} message(s) at the hub", interval=0.2, fail_if=exited(proc))
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
-    stderr = err.decode()
-    assert proc.returncode == 0, stderr
+    return guid, env, proc.returncode, err.decode()
+
+
+async def test_run_sigterm_and_status(emulator, tmp_path):
+    guid, env, returncode, stderr = await _stopped_after(emulator, tmp_path, 3, signal.SIGTERM)
+    assert returncode == 0, stderr
     assert "Traceback" not in stderr
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert sum(entry["message"].startswith("connected to hub") for entry in lines) == 1
@@ -133,3 +141,35 @@ async def test_run_before_activation_waits(tmp_path):
             _, rest = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0
     assert "Traceback" not in "".join(collected) + rest.decode()
+
+
+async def test_run_ctrl_c_exits_130_like_every_command_and_status_into_a_closed_pipe_is_quiet(
+    emulator, tmp_path
+):
+    """Ctrl-C (SIGINT) is an interruption: 130, as the help says and every other command does (it was 0);
+    SIGTERM, a service manager's stop, stays 0 (above).  And `status | head` whose reader is gone: 141, no
+    traceback."""
+    guid, env, returncode, stderr = await _stopped_after(emulator, tmp_path, 1, signal.SIGINT)
+    assert returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert any(
+        json.loads(line)["message"].startswith("stopped:") for line in stderr.splitlines() if line[:1] == "{"
+    )
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head` that has gone already
+    try:
+        status = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "device_client",
+            "status",
+            guid,
+            env=env,
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(status.communicate(), 60)
+    assert (status.returncode, err.decode()) == (141, "")

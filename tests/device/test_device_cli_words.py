@@ -30,7 +30,7 @@ def _device_client(tmp_path: Path, *args: str, **env: str) -> subprocess.Complet
 
 @pytest.mark.parametrize("raw", ["not-a-guid", GUID[:-1], GUID.replace("-", "")])
 def test_provision_refuses_what_is_not_a_guid_and_makes_nothing(tmp_path: Path, raw: str) -> None:
-    done = _device_client(tmp_path, "provision", raw, "--factory", "127.0.0.1:9")
+    done = _device_client(tmp_path, "provision", raw, "--target", "127.0.0.1:9")
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr == (
         f"device-client: error: the device id '{raw}' is not a GUID: expected 32 hex digits as 8-4-4-4-12, "
@@ -46,14 +46,37 @@ def test_the_relaxed_setting_accepts_a_registration_id(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", ["status", "run"])
-def test_an_unknown_device_is_one_sentence(tmp_path: Path, command: str) -> None:
+def test_an_unknown_device_is_one_sentence_and_what_to_do_next(tmp_path: Path, command: str) -> None:
     extra = ("--id-scope", "0ne0001") if command == "run" else ()
     done = _device_client(tmp_path, command, GUID.upper(), *extra)
     assert (done.returncode, done.stdout) == (3, "")
     assert done.stderr == (
-        f"device-client: error: no state for device '{GUID}' in {tmp_path / 'devices'} "
-        f"(run `device-client provision {GUID}`) [STATE_DIR_MISSING]\n"
+        f"device-client: error: no state for device '{GUID}' in {tmp_path / 'devices'} [STATE_DIR_MISSING]\n"
+        "  provisioned elsewhere? --state-root DIR (or DEVICE_CLIENT_STATE_ROOT)\n"
+        f"  a new device: device-client provision {GUID}\n"
     )
+
+
+def test_under_the_default_state_root_run_names_the_stack_settings_first(tmp_path: Path) -> None:
+    """`make up` provisions under var/up/devices: `run` in a shell that never sourced var/up/env.sh looks in
+    ./device-state, and must not just send the person to provision a device that has an identity."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("DEVICE_CLIENT_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "device_client", "run", GUID, "--id-scope", "0ne0001"],
+        env=environment,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (3, "")
+    lines = done.stderr.splitlines()
+    assert lines[0] == (
+        f"device-client: error: no state for device '{GUID}' in device-state [STATE_DIR_MISSING]"
+    )
+    assert lines[1] == "  running the stack of `make up`? `source var/up/env.sh` points every command at it"
+    assert lines[-1] == f"  a new device: device-client provision {GUID}"
 
 
 def test_options_are_never_abbreviated(tmp_path: Path) -> None:

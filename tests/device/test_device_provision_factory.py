@@ -162,13 +162,13 @@ async def test_cli_provision_and_unreachable_factory(tmp_path):
         return proc.returncode, out.decode(), err.decode()
 
     async with factory(tmp_path / "factory") as address:
-        code, out, err = await cli("provision", GUID, "--factory", address, "--no-enroll")
+        code, out, err = await cli("provision", GUID, "--target", address, "--no-enroll")
         assert code == 0, err
         assert "serial" in out and "valid until" in out
-        code, _, err = await cli("provision", GUID, "--factory", address, "--no-enroll")
+        code, _, err = await cli("provision", GUID, "--target", address, "--no-enroll")
         assert code == 6 and "IDENTITY_EXISTS" in err
     # The factory is gone now: a clear message and exit 5, no traceback.
-    code, _, err = await cli("provision", str(uuid.uuid4()), "--factory", address, "--no-enroll")
+    code, _, err = await cli("provision", str(uuid.uuid4()), "--target", address, "--no-enroll")
     assert code == 5
     assert "FACTORY_UNAVAILABLE" in err and "Traceback" not in err
     assert not StateDir(tmp_path / "devices", "other-device").has_identity()

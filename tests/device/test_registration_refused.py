@@ -180,7 +180,10 @@ async def _provisioned(env: dict[str, str], guid: str) -> str:
     """`device-client provision` at the factory (key made on the device, enrolled disabled): its code."""
     code, out, err = await run_module("device_client", "provision", guid, env=env)
     assert code == 0, err
+    # enrolled is not live: the enrollment waits, disabled, for the OEM (it said "enrollment   live")
+    assert "enrollment   in DPS, disabled until the OEM activates it" in out.splitlines()
     (line,) = [line for line in out.splitlines() if line.startswith("ACTIVATION CODE")]
+    assert line.startswith("ACTIVATION CODE (new: print it on the label): ")
     return line.rsplit(" ", 1)[1]
 
 

@@ -40,7 +40,7 @@ def test_port_443_without_the_privilege_stops_with_the_ways_out(tmp_path):
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith(f"iot-emulator: cannot listen on port 443 of {dps}: ")
+    assert message.startswith(f"iot-emulator: error: cannot listen on port 443 of {dps}: ")
     for way_out in ("needs root or CAP_NET_BIND_SERVICE", "setcap cap_net_bind_service=+ep", "--https-port"):
         assert way_out in message
     assert not (data / "connection.json").exists()

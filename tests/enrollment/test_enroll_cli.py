@@ -47,17 +47,34 @@ async def test_enroll_batch_with_progress_single_enroll_and_status(tmp_path, mod
         single = await mint(stub, str(uuid.uuid4()), tmp_path / "one")
         code, out, err = await _cli("enroll", single.device_id, "--cert", str(single.cert_path), env=env)
         assert code == 0, err
-        assert "CREATED" in out and "LIVE" in out and "code " in out
+        assert "CREATED" in out and "LIVE" in out
+        first = next(line for line in out.splitlines() if line.startswith("code "))
+        assert first.endswith("(new: print it on the label)")
         code, out, err = await _cli("enroll", single.device_id, "--cert", str(single.cert_path), env=env)
         assert code == 0 and "UNCHANGED" in out
+        again = next(line for line in out.splitlines() if line.startswith("code "))
+        # the same code again (kept until the labels are confirmed): never called "shown once" twice
+        assert again.split()[1] == first.split()[1]
+        assert again.endswith("(the code issued earlier, unchanged: a label printed with it stays right)")
         code, out, err = await _cli("enrollment-status", single.device_id, env=env)
         assert code == 0 and "LIVE" in out and "disabled" in out
         code, out, err = await _cli("enrollment-status", single.device_id, "--json", env=env)
         assert code == 0 and json.loads(out)["state"] == "LIVE"
+        assert json.loads(out)["failure_reason"] is None and json.loads(out)["owner"] is None  # absent: null
+        unknown = str(uuid.uuid4())
+        code, out, err = await _cli("enrollment-status", unknown, env=env)
+        assert (code, out) == (1, "")
+        assert err == (  # not "state NOT_FOUND" with "owner (none yet: the first activation claims it)"
+            f"factory-svc: error: the factory has no enrollment for device {unknown} [NOT_FOUND]\n"
+            f"  enroll it: factory-svc enroll {unknown} --cert FILE\n"
+        )
         code, out, err = await _cli("enroll", "bad id", "--cert", str(single.cert_path), env=env)
-        assert code == 2 and err.startswith("error: the device id 'bad id' is not a GUID")
+        assert code == 2 and err.startswith("factory-svc: error: the device id 'bad id' is not a GUID")
         code, out, err = await _cli("enroll", single.device_id, "--cert", str(tmp_path / "nope.pem"), env=env)
-        assert (code, err) == (2, f"error: the certificate file {tmp_path / 'nope.pem'} does not exist\n")
+        assert (code, err) == (
+            2,
+            f"factory-svc: error: the certificate file {tmp_path / 'nope.pem'} does not exist\n",
+        )
 
 
 async def test_enroll_for_an_owner_transfer_it_and_see_it_in_the_status(tmp_path, module_emulator):
@@ -80,6 +97,8 @@ async def test_enroll_for_an_owner_transfer_it_and_see_it_in_the_status(tmp_path
         code, out, err = await _cli(
             "transfer-owner", device.device_id, "--to", "Globex!", "--reason", "x", env=env
         )
-        assert code == 1 and "INVALID_ARGUMENT OWNER_INVALID" in err
+        assert (
+            code == 1 and err.startswith("factory-svc: error: ") and err.rstrip().endswith("[OWNER_INVALID]")
+        )
     enrollment = await dps_enrollment(module_emulator, device.device_id)
     assert enrollment["optionalDeviceInformation"]["owner"] == {"oem": "globex"}

@@ -99,8 +99,8 @@ async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
         )
         assert (code, out) == (2, "")  # refused before anything is sent (no field violation echo either)
         assert err == (
-            "error: the device id 'bad id' is not a GUID: expected 32 hex digits as 8-4-4-4-12, "
-            "like 3f2a9c1e-0000-4000-8000-000000000001\n"
+            "factory-svc: error: the device id 'bad id' is not a GUID: expected 32 hex digits as 8-4-4-4-12, "
+            "like 3f2a9c1e-0000-4000-8000-000000000001 [DEVICE_ID_NOT_A_GUID]\n"
         )
         assert (tmp_path / "data" / "ledger.sqlite3").exists()
 
@@ -108,14 +108,19 @@ async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
         code, out, err = await run_module(
             "factory_svc.cli", "list", unknown, "--target", target, "--insecure"
         )
-        assert (code, out, err) == (1, "", f"error: no certificate was ever issued for device {unknown}\n")
+        assert (code, out, err) == (
+            1,
+            "",
+            f"factory-svc: error: no certificate was ever issued for device {unknown}\n"
+            f"  mint one: factory-svc mint {unknown} --csr FILE --out DIR\n",
+        )
 
         missing = tmp_path / "nope.csr"
         code, out, err = await run_module(
             "factory_svc.cli", "mint", unknown, "--csr", str(missing), "--out", str(tmp_path / "out"),
             "--target", target, "--insecure",
         )  # fmt: skip
-        assert (code, out, err) == (2, "", f"error: the CSR file {missing} does not exist\n")
+        assert (code, out, err) == (2, "", f"factory-svc: error: the CSR file {missing} does not exist\n")
 
         # A refusal with one field violation that says what the message says: printed once.
         code, out, err = await run_module(
@@ -123,7 +128,7 @@ async def test_serve_mint_list_and_graceful_stop(tmp_path: Path) -> None:
             "--target", target, "--insecure",
         )  # fmt: skip
         assert (code, out) == (1, "")
-        assert re.fullmatch(r"error: [^\n]+ \[INVALID_ARGUMENT CSR_SUBJECT_MISMATCH\]\n", err), err
+        assert re.fullmatch(r"factory-svc: error: [^\n]+ \[CSR_SUBJECT_MISMATCH\]\n", err), err
     finally:
         server.send_signal(signal.SIGTERM)
         _, log = await asyncio.wait_for(server.communicate(), 30)

@@ -130,6 +130,8 @@ async def test_counters_move_by_exactly_what_the_flow_did(tmp_path, emulator):
     assert f1.value("devprov_outbox_depth") == 0 and f1.value("devprov_outbox_oldest_age_seconds") == 0
 
     a0, a1 = before["activation"], after["activation"]
+    assert a1.series("devprov_outbox_depth") == []  # the factory's series, never exported here
+    assert a1.series("devprov_certificates_revoked_total") == []
     assert delta(a1, a0, handled, grpc_service=ACTIVATION, grpc_method="Activate", grpc_code="OK") == 1
     denied_calls = delta(
         a1, a0, handled, grpc_service=ACTIVATION, grpc_method="Activate", grpc_code="PERMISSION_DENIED"

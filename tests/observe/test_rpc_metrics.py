@@ -20,7 +20,7 @@ from provkit.errors import NotFound
 from provkit.grpc_server import ServerSettings, ServiceBinding, start_server
 from provkit.metrics import NO_METRICS
 from provkit.observe import Observability, ObserveSettings, observe_settings
-from provkit.prometheus_metrics import PrometheusMetrics
+from provkit.prometheus_metrics import FACTORY_SERIES, PrometheusMetrics
 from provkit.settings import SettingsError, SettingsSource
 
 SERVICE = "probe.v1.CountedService"
@@ -103,6 +103,7 @@ async def test_each_call_is_counted_by_method_and_code_refusals_by_reason() -> N
     )
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
+
             def unary(name: str):
                 return channel.unary_unary(f"/{SERVICE}/{name}")(b"")
 
@@ -165,7 +166,7 @@ def test_observe_settings_are_checked() -> None:
 
 
 async def test_the_endpoint_serves_the_registry_and_refreshes_gauges_first() -> None:
-    observe = Observability.open(ObserveSettings(metrics_listen="127.0.0.1:0"), "probe")
+    observe = Observability.open(ObserveSettings(metrics_listen="127.0.0.1:0"), "probe", factory=True)
     refreshed: list[int] = []
 
     async def refresh() -> None:
@@ -228,3 +229,19 @@ async def test_console_tracing_prints_each_rpc_span_and_otlp_is_built_from_setti
     otlp = Observability.open(ObserveSettings(exporter="otlp", otlp_endpoint="http://127.0.0.1:4317"), "p")
     assert otlp.provider is not None and otlp.client_interceptors()
     await otlp.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("service", "factory"), [("activation_svc", False), ("activation_portal", False), ("factory_svc", True)]
+)
+def test_each_program_exports_only_its_own_series(service: str, factory: bool) -> None:
+    """The activation service and the portal exported the factory's outbox, revocation and code-rotation
+    series, always 0 there; only the factory registers them now."""
+    observe = Observability.open(ObserveSettings(metrics_listen="127.0.0.1:0"), service, factory=factory)
+    assert observe.registry is not None
+    names = {family.name for family in observe.registry.collect()}
+    assert (set(FACTORY_SERIES) <= names) is factory
+    assert not (set(FACTORY_SERIES) & names) or factory
+    observe.metrics.outbox(3, 1.5)  # what the factory's code calls: nothing to record elsewhere
+    observe.metrics.revoked()
+    assert ("devprov_outbox_depth" in generate_latest(observe.registry).decode()) is factory

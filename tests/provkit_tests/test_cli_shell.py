@@ -17,7 +17,7 @@ import pytest
 from azure_iot_emulator.hub.telemetry import TelemetryStore
 from azure_iot_emulator.hub.topics import PropertyBag
 from azure_iot_emulator.store import Database
-from mainkit.shell import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, Answer, run_command
+from mainkit.shell import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, Answer, CommandFailed, run_command
 
 GUID = "0a1b2c3d-0000-4000-8000-00000000cafe"
 
@@ -44,14 +44,14 @@ def silent_service():
         ),
         (
             "device_client",
-            ["--state-root", "{tmp}", "provision", GUID, "--factory", "{target}"],
+            ["--state-root", "{tmp}", "provision", GUID, "--target", "{target}"],
             {"DEVICE_CLIENT_FACTORY_TIMEOUT_S": "600"},
         ),
     ],
 )
 def test_ctrl_c_during_a_call_exits_130_without_a_traceback(tmp_path, silent_service, module, args, env):
     code = tmp_path / "code.txt"
-    code.write_text("ABCD-EFGH-JKMN\n")
+    code.write_text("ABCD-EFGH-JKMN-PQRS\n")
     target = f"127.0.0.1:{silent_service.getsockname()[1]}"
     words = [a.format(code=code, target=target, tmp=tmp_path / "devices") for a in args]
     proc = subprocess.Popen(
@@ -123,7 +123,8 @@ def test_a_configuration_error_is_one_line_and_exit_2(tmp_path):
     )
     assert (done.returncode, done.stderr) == (
         2,
-        "error: ACTIVATION_SERVER_PORT / server.port must be an integer, got 'eighty'\n",
+        "activation-svc: error: ACTIVATION_SERVER_PORT / server.port must be an integer, got 'eighty' "
+        "[SETTINGS_INVALID]\n",
     )
 
     env = {**os.environ, "DEVICE_CLIENT_TELEMETRY_INTERVAL_S": "soon"}
@@ -142,23 +143,36 @@ def test_a_configuration_error_is_one_line_and_exit_2(tmp_path):
 
 class Refused(Exception):
     exit_code = 5
+    reason = "NOT_TODAY"
 
 
 def test_known_failures_are_answered_and_a_bug_is_one_line_with_its_traceback_logged(capsys, caplog):
-    answers = (Answer.line(Refused, "tool: refused: {}", None), Answer.line(KeyError, "tool: no {}", 4))
+    answers = (Answer.line(Refused, "refused: {}", None), Answer.line(KeyError, "no {}", 4))
 
     def refuse() -> int:
         raise Refused("not today")
 
     assert run_command(refuse, prog="tool", answers=answers) == 5
-    assert capsys.readouterr().err == "tool: refused: not today\n"
+    assert capsys.readouterr().err == "tool: error: refused: not today [NOT_TODAY]\n"
+
+    def missing() -> int:
+        raise KeyError("key")
+
+    assert run_command(missing, prog="tool", answers=answers) == 4
+    assert capsys.readouterr().err == "tool: error: no 'key'\n"  # no reason, no bracket
+
+    def failed() -> int:
+        raise CommandFailed("nothing here", "NOT_FOUND", exit_code=1, hints=["try: tool make"])
+
+    assert run_command(failed, prog="tool") == 1
+    assert capsys.readouterr().err == "tool: error: nothing here [NOT_FOUND]\n  try: tool make\n"
 
     def bug() -> int:
         raise ZeroDivisionError("division by zero")
 
     with caplog.at_level(logging.ERROR, logger="tool"):
         assert run_command(bug, prog="tool", answers=answers) == 1
-    assert capsys.readouterr().err == "tool: unexpected error: ZeroDivisionError: division by zero\n"
+    assert capsys.readouterr().err == "tool: error: unexpected ZeroDivisionError: division by zero [BUG]\n"
     assert caplog.records[-1].exc_info is not None  # the traceback is in the log
 
     def broken_socket() -> int:  # a broken pipe that is not standard output is a failure like others

@@ -384,3 +384,42 @@ async def test_sixty_concurrent_wrong_codes_get_exactly_the_allowed_number_of_ch
     assert reasons.count("ACTIVATION_RATE_LIMITED") == 60 - allowed
     outcomes = [e.outcome for e in await trust.activation_app.audit.entries(device.device_id)]
     assert outcomes.count("denied") == allowed and outcomes.count("rate-limited") == 60 - allowed
+
+
+async def test_the_owning_oem_asks_for_status_without_the_code_and_nobody_else_learns_anything(
+    trust: Trust,
+) -> None:
+    """`activation-svc status` needed the code even for the device's owner.  Now the owner's identity (its
+    back office's certificate) suffices; without a code anyone else - another OEM, a portal even for the
+    owner, anyone before the device has an owner - gets exactly what an unknown device gets."""
+
+    def status(stub: apb_grpc.ActivationServiceStub, device_id: str, code: str = "") -> Any:
+        return stub.GetDeviceStatus(apb.GetDeviceStatusRequest(device_id=device_id, activation_code=code))
+
+    def seen(refused: RpcErrorDetails) -> tuple:
+        metadata = {k: v for k, v in refused.metadata.items() if k != "request_id"}  # each call's own
+        return refused.code, refused.reason, refused.message, metadata, refused.retry_after
+
+    async with (
+        trust.stubs("factory") as (bench, _),
+        trust.stubs("oem") as (_f1, acme),
+        trust.stubs("oem-globex") as (_f2, globex),
+        trust.stubs("portal") as (_f3, portal),
+    ):
+        device, code = await _enrolled(bench, trust.folder)
+        unknown = seen(await failure(status(acme, new_id())))
+        assert unknown[:2] == (grpc.StatusCode.PERMISSION_DENIED, "ACTIVATION_DENIED")
+        assert seen(await failure(status(acme, device.device_id))) == unknown  # nobody owns it yet
+        await acme.Activate(
+            apb.ActivateRequest(device_id=device.device_id, activation_code=code, metadata_json=META)
+        )
+        mine = await status(acme, device.device_id)
+        assert (mine.lifecycle, mine.owner_oem) == (apb.LIFECYCLE_ACTIVATED, "acme")
+        assert seen(await failure(status(globex, device.device_id))) == seen(
+            await failure(status(globex, new_id()))
+        )
+        assert seen(await failure(status(portal, device.device_id))) == seen(
+            await failure(status(portal, new_id()))
+        )
+        with_code = await status(portal, device.device_id, code)  # a portal still gets it with the code
+        assert with_code.owner_oem == "acme"

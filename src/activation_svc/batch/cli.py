@@ -45,7 +45,7 @@ from provkit.channels import (
     create_channel,
     read_input,
 )
-from provkit.cli_shell import EXIT_REFUSED
+from provkit.cli_shell import EXIT_REFUSED, add_timeout
 from provkit.settings import SettingsSource, device_id_policy
 
 DEFAULT_TARGET = "127.0.0.1:50052"
@@ -65,9 +65,13 @@ def add_batch_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     cmd.add_argument("--hub", default="", help="hub for rows that name none (default: the service's)")
     cmd.add_argument("--results", type=Path, help="result CSV (default: <shipment>.results.csv)")
     cmd.add_argument(
-        "--concurrency", type=int, default=8, help=f"activations in flight (1-{MAX_CONCURRENCY})"
+        "--concurrency",
+        type=int,
+        default=8,
+        metavar="N",
+        help=f"activations in flight (1-{MAX_CONCURRENCY})",
     )
-    cmd.add_argument("--timeout", type=float, default=60.0, help="seconds per activation")
+    add_timeout(cmd)
     add_channel_arguments(cmd, target_help="host:port (or ACTIVATION_CLIENT_TARGET)")
 
 

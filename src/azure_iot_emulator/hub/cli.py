@@ -141,7 +141,9 @@ def add_commands(
     monitor.add_argument("--data-dir", default=str(default_data_dir), help="emulator data directory")
     monitor.add_argument("--device", help="only this device id")
     monitor.add_argument("--hub", help="only this hub host name")
-    monitor.add_argument("--last", type=int, default=0, help="first print the last N stored messages")
+    monitor.add_argument(
+        "--last", type=int, default=0, metavar="N", help="first print the last N stored messages"
+    )
     monitor.add_argument("--json", action="store_true", help="one JSON object per line")
     monitor.set_defaults(func=run_monitor)
 
@@ -149,6 +151,6 @@ def add_commands(
     messages.add_argument("--data-dir", default=str(default_data_dir), help="emulator data directory")
     messages.add_argument("--device", required=True, help="device id")
     messages.add_argument("--hub", help="only this hub host name")
-    messages.add_argument("--limit", type=int, default=20, help="how many (newest last)")
+    messages.add_argument("--limit", type=int, default=20, metavar="N", help="how many (newest last)")
     messages.add_argument("--json", action="store_true", help="one JSON object per line")
     messages.set_defaults(func=run_messages)

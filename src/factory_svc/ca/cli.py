@@ -57,10 +57,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     init.add_argument("--token", help="token label (default: FACTORY_CA_PKCS11_TOKEN)")
     init.add_argument("--key-label", help="key label (default: FACTORY_CA_PKCS11_KEY_LABEL)")
     init.add_argument("--module", type=Path, help="PKCS#11 module (default: FACTORY_CA_PKCS11_MODULE)")
-    init.add_argument("--curve", choices=sorted(CURVES), default="p256")
-    init.add_argument("--common-name", default="devprov issuing CA")
-    init.add_argument("--organization", default="devprov")
-    init.add_argument("--validity-days", type=int, default=ISSUING_LIFETIME.days)
+    init.add_argument("--curve", choices=sorted(CURVES), default="p256", help="the issuing key's curve")
+    init.add_argument("--common-name", default="devprov issuing CA", help="the CA certificate's CN")
+    init.add_argument("--organization", default="devprov", help="the CA certificate's O")
+    init.add_argument(
+        "--validity-days",
+        type=int,
+        metavar="DAYS",
+        default=ISSUING_LIFETIME.days,
+        help="the CA certificate's lifetime",
+    )
     init.add_argument("--parent-chain", type=Path, help="the parent CA's chain (PEM, parent first)")
     init.add_argument("--parent-key", type=Path, help="the parent CA's key (PEM)")
     init.add_argument("--chain-out", type=Path, help="chain file to write (default: FACTORY_CA_CHAIN_FILE)")

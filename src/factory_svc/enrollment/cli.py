@@ -27,7 +27,6 @@ enrollment of an activated or registered device needs ``--reason`` (audited).
 from __future__ import annotations
 
 import argparse
-import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +44,9 @@ from factory_svc.enrollment.batch_client import (
     rotate_missing,
 )
 from factory_svc.enrollment.codes_file import CodesFile
+from mainkit.shell import CommandFailed, print_json
 from provkit.channels import read_input, request_metadata
+from provkit.cli_shell import add_device_id, add_json, add_request_id
 from provkit.errors import InputError
 from provkit.proto_names import enum_label
 
@@ -54,7 +55,7 @@ COMMANDS = ("enroll", "enroll-batch", "enrollment-status", "transfer-owner", "ro
 
 def add_parsers(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
     enroll = client("enroll", "enroll a device in DPS (disabled) and get its activation code")
-    enroll.add_argument("device_id")
+    add_device_id(enroll)
     enroll.add_argument(
         "--cert", type=Path, required=True, help="the device certificate (PEM, chain allowed)"
     )
@@ -63,7 +64,7 @@ def add_parsers(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
     )
     enroll.add_argument("--owner", default="", help="the OEM that bought the device (its id, e.g. acme)")
     enroll.add_argument("--reason", default="", help="why an activated device is enrolled again")
-    enroll.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    add_request_id(enroll)
     batch = client("enroll-batch", "enroll many devices, with progress")
     batch.add_argument("files", nargs="*", type=Path, help="<id>.chain.pem or <id>/chain.pem files")
     batch.add_argument(
@@ -79,27 +80,38 @@ def add_parsers(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
         type=Path,
         help="CSV of results and codes (0600, appended); with --lot: the lot's codes.csv",
     )
-    batch.add_argument("--replace", action="store_true")
+    batch.add_argument(
+        "--replace", action="store_true", help="replace other certificates / rotate the codes (see enroll)"
+    )
     batch.add_argument("--owner", default="", help="the OEM that bought these devices")
     batch.add_argument("--reason", default="", help="why activated devices are enrolled again")
-    batch.add_argument("--chunk", type=int, default=100, help="devices per call (at most 1000)")
+    batch.add_argument("--chunk", type=int, default=100, metavar="N", help="devices per call (at most 1000)")
     batch.add_argument(
         "--rotate-missing",
         action="store_true",
         help="issue a new code for each enrolled device that has none in the codes file",
     )
     rotate = client("rotate-code", "issue a new activation code (the old one stops working)")
-    rotate.add_argument("device_id")
+    add_device_id(rotate)
     rotate.add_argument("--codes-out", type=Path, help="append the code to this codes file (0600)")
-    rotate.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    add_request_id(rotate)
     status = client("enrollment-status", "where a device's enrollment stands (outbox / DPS)")
-    status.add_argument("device_id")
-    status.add_argument("--json", action="store_true", help="print the fields as JSON")
+    add_device_id(status)
+    add_json(status, "print the fields as JSON")
     transfer = client("transfer-owner", "name another OEM as the owner of a device not activated yet")
-    transfer.add_argument("device_id")
+    add_device_id(transfer)
     transfer.add_argument("--to", required=True, dest="owner", help="the OEM's id")
     transfer.add_argument("--reason", required=True, help="why (audited)")
-    transfer.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    add_request_id(transfer)
+
+
+def _code_note(reply: pb.EnrollResponse) -> str:
+    """What the code shown is: a new one, or the one issued earlier (kept until the labels are confirmed)."""
+    if reply.replayed:
+        return "the answer to this request id, repeated: the code issued then"
+    if reply.outcome == pb.ENROLL_OUTCOME_UNCHANGED:
+        return "the code issued earlier, unchanged: a label printed with it stays right"
+    return "new: print it on the label"
 
 
 def _show(reply: pb.EnrollResponse) -> str:
@@ -110,7 +122,7 @@ def _show(reply: pb.EnrollResponse) -> str:
         f"sha1        {reply.sha1_thumbprint}",
     ]
     if reply.activation_code:
-        lines.append(f"code        {reply.activation_code}   (shown once: print it on the label)")
+        lines.append(f"code        {reply.activation_code}   ({_code_note(reply)})")
     elif reply.replayed:
         lines.append("code        (replay: the code is no longer kept here; `rotate-code` makes a new one)")
     return "\n".join(lines)
@@ -147,6 +159,7 @@ async def run(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int
             pb.GetEnrollmentStatusRequest(device_id=args.device_id), timeout=args.timeout
         )
         state = enum_label(pb.EnrollmentState, status.state, "ENROLLMENT_STATE_")
+        unknown = status.state == pb.ENROLLMENT_STATE_NOT_FOUND
         if args.json:
             fields = {
                 "device_id": status.device_id,
@@ -160,8 +173,14 @@ async def run(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int
                 "assigned_hub": status.assigned_hub,
                 "hub_connection_state": status.hub_connection_state,
             }
-            print(json.dumps(fields, indent=2))
-            return 0
+            print_json(fields)
+            return 1 if unknown else 0
+        if unknown:
+            raise CommandFailed(
+                f"the factory has no enrollment for device {status.device_id}",
+                state,
+                hints=[f"enroll it: factory-svc enroll {status.device_id} --cert FILE"],
+            )
         print(f"device id   {status.device_id}")
         print(f"state       {state}")
         if status.provisioning_status:

@@ -82,9 +82,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     labels.add_argument("--gap", type=float, default=2.5, metavar="MM", help="PDF: space between labels")
     labels.add_argument(
-        "--zpl-dpi", type=int, choices=(203, 300, 600), default=203, help="the Zebra printer's"
+        "--zpl-dpi",
+        type=int,
+        choices=(203, 300, 600),
+        default=203,
+        metavar="DPI",
+        help="the Zebra printer's resolution",
     )
-    labels.add_argument("--png-dpi", type=int, default=300, help="PNG resolution (default 300)")
+    labels.add_argument("--png-dpi", type=int, default=300, metavar="DPI", help="PNG resolution")
     labels.add_argument("--devices", nargs="+", metavar="ID", help="only these devices of the lot")
     labels.add_argument("--unprinted", action="store_true", help="only devices with no current label printed")
     labels.add_argument(

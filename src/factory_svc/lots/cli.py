@@ -52,8 +52,10 @@ from factory_svc.lots.manifest import DeviceEntry, LotManifest, locked, now_text
 from factory_svc.lots.service import derived_device_id
 from factory_svc.mint.cli import KEY_TYPES  # the names `mint --key-type` takes
 from litestore import private_directory
+from mainkit.shell import RawDescriptionHelpFormatter
 from provkit import faults
 from provkit.channels import request_metadata
+from provkit.cli_shell import add_json, add_key_type
 from provkit.devpki import write_private_file
 from provkit.errors import InputError
 
@@ -69,29 +71,39 @@ def add_parsers(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
     what = lot.add_mutually_exclusive_group(required=True)
     what.add_argument("--csr-dir", type=Path, help="one CSR per device (*.csr, *.csr.pem)")
     what.add_argument("--ids", type=Path, help="device ids, one per line; the factory generates the keys")
-    what.add_argument("--count", type=int, help="N devices, ids derived by the factory, keys generated there")
+    what.add_argument(
+        "--count", type=int, metavar="N", help="N devices, ids derived by the factory, keys generated there"
+    )
     lot.add_argument("--out", type=Path, required=True, help="one directory per device goes here")
-    lot.add_argument("--key-type", choices=sorted(KEY_TYPES), default="p256")
-    lot.add_argument("--validity-days", type=int)
+    add_key_type(lot, help="for keys the factory generates: their algorithm")
+    lot.add_argument(
+        "--validity-days", type=int, metavar="DAYS", help="certificate lifetime (default: the factory policy)"
+    )
     lot.add_argument(
         "--pkcs12-password-file", type=Path, help="write device.p12 encrypted with this password"
     )
     lot.add_argument(
-        "--retry-seconds", type=float, default=60.0, help="keep resuming a dropped lot this long"
+        "--retry-seconds",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="keep resuming a dropped lot this long",
     )
     lot.add_argument(
         "--enroll", action="store_true", help="then enroll what the lot minted (codes to DIR/codes.csv)"
     )
     lot.add_argument("--owner", default="", help="with --enroll: the OEM that bought these devices")
-    lot.add_argument("--chunk", type=int, default=100, help="with --enroll: devices per call (at most 1000)")
+    lot.add_argument(
+        "--chunk", type=int, default=100, metavar="N", help="with --enroll: devices per call (at most 1000)"
+    )
     status = client(
         "lot-status",
         "where each device of a lot stands: minted, enrolled, code printed, activated, registered, last seen",
     )
-    status.formatter_class = argparse.RawDescriptionHelpFormatter
+    status.formatter_class = RawDescriptionHelpFormatter
     status.description = STATUS_COLUMNS
     status.add_argument("lot_dir", type=Path, help="the lot directory (factory-svc lot --out)")
-    status.add_argument("--json", action="store_true", help="print the facts as JSON")
+    add_json(status, "print the facts as JSON")
     status.add_argument(
         "--no-cloud", action="store_true", help="only what the manifest says (do not ask the factory)"
     )

@@ -25,7 +25,6 @@ and nothing is enrolled twice.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,6 +54,7 @@ from factory_svc.lots.manifest import (
     locked,
     now_text,
 )
+from mainkit.shell import print_json
 from provkit.errors import InputError
 from provkit.proto_names import enum_label
 
@@ -270,7 +270,7 @@ async def lot_status(
             "counts": counts,
             "devices": [row.to_json() for row in rows],
         }
-        print(json.dumps(document, indent=2))
+        print_json(document)
     else:
         print(
             f"lot {manifest.lot_id}: {counts['minted']}/{manifest.item_count} minted, {counts['enrolled']} "

@@ -1,8 +1,8 @@
 """The minting commands of ``factory-svc`` (gathered by ``factory_svc.cli``):
 
-    factory-svc mint ID (--csr FILE | --generate-key [--key-type p256|p384|rsa2048|rsa3072])
-                     --out DIR [--validity-days N] [--request-id ID]
-    factory-svc list [ID] [--page-size N] [--all] [--json]
+    factory-svc mint DEVICE_ID (--csr FILE | --generate-key [--key-type p256|p384|rsa2048|rsa3072])
+                     --out DIR [--validity-days DAYS] [--request-id ID]
+    factory-svc list [DEVICE_ID] [--page-size N] [--all] [--json]
     factory-svc get SERIAL [--json]
 
 ``mint`` writes ``DIR/<id>.chain.pem`` (leaf, issuing CA, root), ``DIR/<id>.cert.pem`` and, with
@@ -13,7 +13,6 @@ so and exits 1.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import uuid
 from collections.abc import Callable
@@ -25,7 +24,9 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from litestore import private_directory
-from provkit.channels import EXIT_REFUSED, read_input, request_metadata
+from mainkit.shell import CommandFailed, print_json
+from provkit.channels import read_input, request_metadata
+from provkit.cli_shell import KEY_TYPE_NAMES, add_device_id, add_json, add_key_type, add_request_id
 from provkit.devpki import write_private_file
 
 COMMANDS = ("mint", "list", "get")
@@ -35,26 +36,32 @@ KEY_TYPES = {
     "rsa2048": pb.KEY_TYPE_RSA_2048,
     "rsa3072": pb.KEY_TYPE_RSA_3072,
 }
+assert tuple(KEY_TYPES) == KEY_TYPE_NAMES  # the suite's one spelling
 
 
 def add_parsers(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
     mint = client("mint", "mint a device certificate")
-    mint.add_argument("device_id")
+    add_device_id(mint)
     how = mint.add_mutually_exclusive_group(required=True)
     how.add_argument("--csr", type=Path, help="PKCS#10 CSR (PEM) made on the device")
     how.add_argument("--generate-key", action="store_true", help="let the factory generate the key")
-    mint.add_argument("--key-type", choices=sorted(KEY_TYPES), default="p256")
-    mint.add_argument("--validity-days", type=int)
-    mint.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    add_key_type(mint, help="with --generate-key: the key's algorithm")
+    mint.add_argument(
+        "--validity-days",
+        type=int,
+        metavar="DAYS",
+        help="certificate lifetime (default: the factory's policy)",
+    )
+    add_request_id(mint)
     mint.add_argument("--out", type=Path, required=True, help="directory for the PEM files")
     listing = client("list", "list issued certificates, newest first")
-    listing.add_argument("device_id", nargs="?", default="")
-    listing.add_argument("--page-size", type=int, default=50)
+    add_device_id(listing, optional=True, help="only this device's certificates (default: every device's)")
+    listing.add_argument("--page-size", type=int, default=50, metavar="N", help="certificates per call")
     listing.add_argument("--all", action="store_true", help="follow all pages")
-    listing.add_argument("--json", action="store_true", help="one JSON object per certificate")
+    add_json(listing, "one JSON object per certificate")
     get = client("get", "show one certificate by serial number")
-    get.add_argument("serial_number")
-    get.add_argument("--json", action="store_true", help="print the certificate's fields as JSON")
+    get.add_argument("serial_number", help="the certificate's serial number (hex, as `list` shows it)")
+    add_json(get, "print the certificate's fields as JSON")
 
 
 def _when(stamp: timestamp_pb2.Timestamp) -> str:
@@ -131,7 +138,7 @@ async def _list(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> i
         for cert in reply.certificates:
             shown += 1
             if args.json:
-                print(json.dumps(certificate_fields(cert), sort_keys=True))
+                print_json(certificate_fields(cert), indent=None)
             else:
                 print(
                     f"{cert.serial_number}  {cert.device_id}  not_after={_when(cert.not_after)}  "
@@ -143,8 +150,10 @@ async def _list(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> i
     if shown:
         return 0
     if args.device_id:
-        print(f"error: no certificate was ever issued for device {args.device_id}", file=sys.stderr)
-        return EXIT_REFUSED
+        raise CommandFailed(
+            f"no certificate was ever issued for device {args.device_id}",
+            hints=[f"mint one: factory-svc mint {args.device_id} --csr FILE --out DIR"],
+        )
     if not args.json:
         print("no certificates issued yet", file=sys.stderr)
     return 0
@@ -153,7 +162,7 @@ async def _list(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> i
 async def _get(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int:
     reply = await stub.GetCertificate(pb.GetCertificateRequest(serial_number=args.serial_number))
     if args.json:
-        print(json.dumps(certificate_fields(reply.certificate), indent=2, sort_keys=True))
+        print_json(certificate_fields(reply.certificate))
     else:
         print(_show(reply.certificate))
     return 0

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from factory_svc.renewal.model import ExpiringCertificate
+from mainkit.shell import print_json
+from provkit.cli_shell import add_json
 from provkit.clock import now_utc
 
 COMMANDS = ("expiring",)
@@ -40,8 +41,14 @@ def add_parsers(sub: Any) -> None:
     cmd = sub.add_parser(
         "expiring", allow_abbrev=False, help="devices whose certificate expires soon, and their renewals"
     )
-    cmd.add_argument("--within", type=parse_within, default=timedelta(days=30), help="window (default 30d)")
-    cmd.add_argument("--json", action="store_true", help="a JSON array instead of lines")
+    cmd.add_argument(
+        "--within",
+        type=parse_within,
+        default=timedelta(days=30),
+        metavar="DAYS|HOURS",
+        help="window: days (30d) or hours (12h) (default 30d)",
+    )
+    add_json(cmd, "a JSON array instead of lines")
     cmd.add_argument("--config", type=Path, help="TOML settings file (or FACTORY_CONFIG)")
 
 
@@ -70,7 +77,7 @@ async def _listing(config: Path | None, within: timedelta) -> list[ExpiringCerti
 def run(args: argparse.Namespace) -> int:
     listing = asyncio.run(_listing(args.config, args.within))
     if args.json:
-        print(json.dumps([_as_json(item) for item in listing], indent=2))
+        print_json([_as_json(item) for item in listing])
         return 0
     for item in listing:
         renewal = item.renewal if item.new_serial is None else f"{item.renewal} ({item.new_serial})"

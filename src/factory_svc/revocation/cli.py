@@ -1,6 +1,6 @@
 """``factory-svc revoke``: revoke a device's certificates, or one certificate.
 
-    factory-svc revoke <guid|serial> --reason <RFC 5280 reason> [--device | --serial] [--request-id ID]
+    factory-svc revoke DEVICE_ID|SERIAL --reason <RFC 5280 reason> [--device | --serial] [--request-id ID]
 
 The target is a serial number when it is one the factory issued (asked with GetCertificate first), else a
 device id (every unexpired certificate of the device); ``--device`` / ``--serial`` say it outright.
@@ -21,6 +21,7 @@ import grpc
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from provkit.channels import request_metadata
+from provkit.cli_shell import add_request_id
 
 COMMANDS = ("revoke",)
 REASONS = {
@@ -40,12 +41,14 @@ _SERIAL_LIKE = re.compile(r"^[0-9A-Fa-f:]{1,59}$")
 
 def add_parsers(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
     revoke = client("revoke", "revoke a device's certificates (or one certificate): ledger, CRL, DPS, hub")
-    revoke.add_argument("what", metavar="GUID|SERIAL", help="device id (GUID) or certificate serial number")
+    revoke.add_argument(
+        "what", metavar="DEVICE_ID|SERIAL", help="device id (GUID) or certificate serial number"
+    )
     revoke.add_argument("--reason", required=True, choices=list(REASONS), help="RFC 5280 reason")
     kind = revoke.add_mutually_exclusive_group()
     kind.add_argument("--device", action="store_true", help="the target is a device id")
     kind.add_argument("--serial", action="store_true", help="the target is a serial number")
-    revoke.add_argument("--request-id", help="recorded with the revocation (default: a new UUID)")
+    add_request_id(revoke, "recorded with the revocation (default: new)")
 
 
 async def _is_known_serial(stub: pb_grpc.FactoryServiceStub, target: str, deadline_s: float) -> bool:
