@@ -15,6 +15,10 @@ from provkit.errors import ReasonEnum
 class Reason(ReasonEnum):
     ACTIVATION_DENIED = auto(), "unknown device, wrong activation code or another OEM's device (one answer)"
     ACTIVATION_RATE_LIMITED = auto(), "too many wrong codes for this device from this caller: retry later"
+    ACTIVATION_CODE_MALFORMED = (
+        auto(),
+        "not an activation code (16 letters and digits of its alphabet): refused unread, never counted",
+    )
     METADATA_NOT_JSON = auto(), "the metadata is not JSON (metadata `json_problem` says why)"
     METADATA_INVALID = auto(), "the metadata breaks the device twin rules (one field violation per problem)"
     METADATA_CONFLICT = auto(), "metadata and clear_metadata sent together"

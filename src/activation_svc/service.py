@@ -75,6 +75,7 @@ from activation_svc.steps import (
     update_enrollment,
 )
 from activation_svc.templates.schema import Template, Templates
+from provkit.activation_code import normalise as normalise_code
 from provkit.activation_code import verify_code
 from provkit.clock import Clock
 from provkit.cloud import (
@@ -217,6 +218,13 @@ class ActivationService:
         """The normalised id and its enrollment, or PermissionDenied / ResourceExhausted.  With
         ``owner_suffices`` and no code, the OEM that owns the device passes on its identity alone."""
         device_id = normalise_device_id(raw_id)
+        if code and normalise_code(code) is None:  # a typo, not a guess: refused before any budget is used
+            raise invalid_field(
+                "activation_code",
+                Reason.ACTIVATION_CODE_MALFORMED,
+                "that is not an activation code: it has 16 letters and digits, printed in four groups like "
+                "7K3M-Q9XD-2HPA-W4RT",
+            )
         # A portal's end users get budgets of their own only on a device it may act on, which needs the
         # enrollment first; everyone else's budget is known without it (no DPS read when refused).
         by_owner = owner_suffices and not code and caller.role is Role.OEM
