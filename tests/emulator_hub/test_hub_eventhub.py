@@ -1,0 +1,356 @@
+"""The hub's built-in Event Hub-compatible endpoint (AMQP 1.0 on 5671) against a real emulator process,
+read with Microsoft's azure-eventhub (its aio EventHubConsumerClient, unchanged) while devices send
+through azure-iot-device: positions, consumer groups, properties, and CBS refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import ssl
+import time
+import urllib.parse
+
+import aiohttp
+import pytest
+from azure.core.credentials import AzureSasCredential
+from azure.eventhub.aio import EventHubConsumerClient
+from azure.eventhub.exceptions import AuthenticationError, EventHubError
+from azure.iot.device import X509, Message
+from azure.iot.device.aio import IoTHubDeviceClient
+from azure.iot.hub import IoTHubRegistryManager
+from support.certs import TestCa
+
+from azure_iot_emulator.hub.eventhub.model import partition_of
+from azure_iot_emulator.sas import generate_sas
+
+T = 30
+
+
+async def in_thread(fn, *args):
+    return await asyncio.wait_for(asyncio.to_thread(fn, *args), T)
+
+
+def parse(connection_string: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in connection_string.split(";") if part)
+
+
+class Hub:
+    """One hub of the module's emulator: its registry, its devices, its built-in endpoint."""
+
+    def __init__(self, emulator, host: str, tmp_path) -> None:
+        self.emulator = emulator
+        self.host = host
+        self.tmp_path = tmp_path
+        self.eventhub = emulator.eventhub_connection_string(host)
+        self.rm = IoTHubRegistryManager.from_connection_string(emulator.hub_connection_string(host))
+
+    def consumer(self, group: str = "$Default", **kwargs) -> EventHubConsumerClient:
+        return EventHubConsumerClient.from_connection_string(
+            self.eventhub, consumer_group=group, connection_verify=str(self.emulator.ca_path), **kwargs
+        )
+
+    async def device(self, device_id: str) -> IoTHubDeviceClient:
+        cert = TestCa().issue(self.tmp_path, device_id, self_signed=True)
+        await in_thread(lambda: self.rm.create_device_with_x509(device_id, cert.sha1, cert.sha256, "enabled"))
+        client = IoTHubDeviceClient.create_from_x509_certificate(
+            x509=X509(str(cert.cert_path), str(cert.key_path)),
+            hostname=self.host,
+            device_id=device_id,
+            server_verification_cert=self.emulator.ca_pem,
+        )
+        await asyncio.wait_for(client.connect(), T)
+        return client
+
+    async def rest(self, method: str, path: str) -> tuple[int, object]:
+        settings = parse(self.emulator.hub_connection_string(self.host))
+        token = generate_sas(
+            self.host, settings["SharedAccessKey"], policy="iothubowner", expiry=int(time.time()) + 600
+        )
+        context = ssl.create_default_context(cafile=str(self.emulator.ca_path))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                method, f"https://{self.host}{path}", headers={"Authorization": token}, ssl=context
+            ) as response,
+        ):
+            return response.status, await response.json()
+
+
+@pytest.fixture(scope="module")
+def module_hub(module_emulator, tmp_path_factory):
+    return Hub(module_emulator, module_emulator.default_hub, tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def hub(module_hub, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(module_hub.emulator.ca_path))  # the registry's REST calls
+    return module_hub
+
+
+async def send(client: IoTHubDeviceClient, count: int, tag: str, **system) -> list[str]:
+    """``count`` JSON messages with ids ``{tag}-{i}``, a custom property and the given system properties."""
+    ids = []
+    for i in range(count):
+        message = Message(json.dumps({"tag": tag, "i": i}), message_id=f"{tag}-{i}", **system)
+        message.custom_properties["seq"] = str(i)
+        await asyncio.wait_for(client.send_message(message), T)
+        ids.append(f"{tag}-{i}")
+    return ids
+
+
+async def receive(client: EventHubConsumerClient, want, **kwargs) -> list:
+    """Events received (every partition unless ``partition_id``) until ``want(events)`` is true."""
+    events: list = []
+    errors: list = []
+    done = asyncio.Event()
+
+    async def on_event(partition_context, event):
+        if event is not None:
+            events.append(event)
+            if want(events):
+                done.set()
+
+    async def on_error(partition_context, error):
+        errors.append(error)
+        done.set()
+
+    task = asyncio.create_task(client.receive(on_event=on_event, on_error=on_error, **kwargs))
+    try:
+        await asyncio.wait_for(done.wait(), T)
+    finally:
+        await stop(client, task)
+    if errors:
+        raise errors[0]
+    return events
+
+
+async def stop(client: EventHubConsumerClient, task: asyncio.Task) -> None:
+    """Close the client; its receive() may sleep out a load-balancing interval after that: cancel it."""
+    await client.close()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def of_tag(events, tag: str) -> list:
+    return [e for e in events if e.body_as_json().get("tag") == tag]
+
+
+@pytest.mark.slow
+async def test_reads_telemetry_from_the_beginning_with_iot_hub_properties(hub):
+    a = await hub.device("eh-props-a")
+    b = await hub.device("eh-props-b")
+    try:
+        sent_a = await send(a, 3, "props-a", content_type="application/json", content_encoding="utf-8")
+        sent_b = await send(b, 2, "props-b")
+    finally:
+        await a.shutdown()
+        await b.shutdown()
+    events = await receive(
+        hub.consumer(),
+        lambda got: len(of_tag(got, "props-a")) == 3 and len(of_tag(got, "props-b")) == 2,
+        starting_position="-1",
+    )
+    got_a = of_tag(events, "props-a")
+    assert [e.message_id for e in got_a] == sent_a  # in order
+    assert [e.message_id for e in of_tag(events, "props-b")] == sent_b
+    first = got_a[0]
+    assert first.body_as_json() == {"tag": "props-a", "i": 0}
+    assert first.properties == {b"seq": b"0"}
+    assert first.content_type == "application/json"
+    system = first.system_properties
+    assert system[b"iothub-connection-device-id"] == b"eh-props-a"
+    assert system[b"iothub-message-source"] == b"Telemetry"
+    assert system[b"content-encoding"] == b"utf-8"
+    assert json.loads(system[b"iothub-connection-auth-method"])["type"] == "x509Certificate"
+    assert b"iothub-enqueuedtime" in system
+    # A device's messages stay in one partition (the hash of its id), numbered without gaps.
+    seqs = [e.sequence_number for e in got_a]
+    assert seqs == list(range(seqs[0], seqs[0] + 3))
+    offsets = [int(e.offset) for e in got_a]
+    assert offsets == sorted(offsets) and len(set(offsets)) == 3
+    assert first.enqueued_time is not None and first.enqueued_time.tzinfo is not None
+    partitions = (await hub_props(hub))["partition_ids"]
+    assert partitions == ["0", "1", "2", "3"]
+    expected = str(partition_of("eh-props-a", 4))
+    info = await partition_props(hub, expected)
+    assert info["last_enqueued_sequence_number"] >= seqs[-1]
+    assert not info["is_empty"]
+
+
+async def hub_props(hub) -> dict:
+    client = hub.consumer()
+    try:
+        return await client.get_eventhub_properties()
+    finally:
+        await client.close()
+
+
+async def partition_props(hub, partition_id: str) -> dict:
+    client = hub.consumer()
+    try:
+        return await client.get_partition_properties(partition_id)
+    finally:
+        await client.close()
+
+
+@pytest.mark.slow
+async def test_reads_from_an_offset_a_sequence_number_and_an_enqueued_time(hub):
+    device = await hub.device("eh-positions")
+    partition = str(partition_of("eh-positions", 4))
+    try:
+        await send(device, 3, "pos-early")
+        early = await receive(
+            hub.consumer(),
+            lambda got: len(of_tag(got, "pos-early")) == 3,
+            starting_position="-1",
+            partition_id=partition,
+        )
+        last_early = of_tag(early, "pos-early")[-1]
+        await send(device, 2, "pos-late")
+    finally:
+        await device.shutdown()
+
+    def late_only(events):
+        return [e.body_as_json()["tag"] for e in events if e.body_as_json()["tag"].startswith("pos-")]
+
+    # After the last early event's offset: the late ones only.
+    by_offset = await receive(
+        hub.consumer(),
+        lambda got: len(of_tag(got, "pos-late")) == 2,
+        starting_position=last_early.offset,
+        partition_id=partition,
+    )
+    assert late_only(by_offset) == ["pos-late", "pos-late"]
+    # From a sequence number, inclusive: the last early one, then the late ones.
+    by_seq = await receive(
+        hub.consumer(),
+        lambda got: len(of_tag(got, "pos-late")) == 2,
+        starting_position=last_early.sequence_number,
+        starting_position_inclusive=True,
+        partition_id=partition,
+    )
+    assert late_only(by_seq) == ["pos-early", "pos-late", "pos-late"]
+    assert by_seq[0].sequence_number == last_early.sequence_number
+    # From an enqueued time: everything enqueued at or after the last early event.
+    by_time = await receive(
+        hub.consumer(),
+        lambda got: len(of_tag(got, "pos-late")) == 2,
+        starting_position=last_early.enqueued_time,
+        starting_position_inclusive=True,
+        partition_id=partition,
+    )
+    assert late_only(by_time)[0] == "pos-early" and late_only(by_time)[-2:] == ["pos-late", "pos-late"]
+    assert all(e.enqueued_time >= last_early.enqueued_time for e in by_time)
+
+
+@pytest.mark.slow
+async def test_two_consumer_groups_read_independently_and_new_events_arrive_live(hub):
+    status, body = await hub.rest("PUT", "/eventHubEndpoints/events/ConsumerGroups/analytics")
+    assert status == 200, body
+    assert body["name"] == "analytics" and body["properties"]["created"]
+    status, listed = await hub.rest("GET", "/eventHubEndpoints/events/ConsumerGroups")
+    assert [g["name"] for g in listed["value"]][:2] == ["$Default", "analytics"]
+    device = await hub.device("eh-groups")
+    partition = str(partition_of("eh-groups", 4))
+    try:
+        await send(device, 2, "groups-1")
+        # $Default reads the first two and stops.
+        first = await receive(
+            hub.consumer(),
+            lambda got: len(of_tag(got, "groups-1")) == 2,
+            starting_position="-1",
+            partition_id=partition,
+        )
+        assert len(of_tag(first, "groups-1")) == 2
+        # analytics starts after what is there; once it has read the first new message it is waiting at
+        # the end of the partition, and the second reaches it live (the hub wakes it, nobody polls).
+        info = await partition_props(hub, partition)
+        live = hub.consumer("analytics")
+        events: list = []
+        first_in, second_in = asyncio.Event(), asyncio.Event()
+
+        async def on_event(context, event):
+            events.append(event)
+            (second_in if len(events) >= 2 else first_in).set()
+
+        task = asyncio.create_task(
+            live.receive(
+                on_event=on_event,
+                starting_position=info["last_enqueued_sequence_number"],
+                partition_id=partition,
+            )
+        )
+        try:
+            await send(device, 1, "groups-2a")
+            await asyncio.wait_for(first_in.wait(), T)
+            await send(device, 1, "groups-2b")
+            await asyncio.wait_for(second_in.wait(), T)
+        finally:
+            await stop(live, task)
+        assert [e.message_id for e in events] == ["groups-2a-0", "groups-2b-0"]
+        assert events[0].sequence_number == info["last_enqueued_sequence_number"] + 1
+    finally:
+        await device.shutdown()
+    # $Default still reads everything from the start: the groups do not share positions.
+    again = await receive(
+        hub.consumer(),
+        lambda got: len(of_tag(got, "groups-2b")) == 1,
+        starting_position="-1",
+        partition_id=partition,
+    )
+    assert len(of_tag(again, "groups-1")) == 2
+    status, _ = await hub.rest("DELETE", "/eventHubEndpoints/events/ConsumerGroups/analytics")
+    assert status == 200
+    gone = hub.consumer("analytics", retry_total=0)
+    with pytest.raises(EventHubError):
+        await receive(gone, lambda got: True, starting_position="-1", partition_id=partition)
+
+
+def sas(resource: str, key: str, policy: str, expiry: int) -> str:
+    """A token as Event Hubs' clients sign it: the key's text, ``sr`` URL-encoded."""
+    sr = urllib.parse.quote_plus(resource)
+    digest = hmac.new(key.encode(), f"{sr}\n{expiry}".encode(), hashlib.sha256).digest()
+    sig = urllib.parse.quote_plus(base64.b64encode(digest).decode())
+    return f"SharedAccessSignature sr={sr}&sig={sig}&se={expiry}&skn={policy}"
+
+
+@pytest.mark.slow
+async def test_cbs_refuses_a_wrong_key_another_hubs_token_and_an_expired_token(hub, module_emulator):
+    settings = parse(hub.eventhub)
+    entity = settings["EntityPath"]
+    audience = f"sb://{hub.host}/{entity}"
+    other = next(h for h in module_emulator.hub_hosts if h != hub.host)
+    other_key = parse(module_emulator.eventhub_connection_string(other))["SharedAccessKey"]
+    later, earlier = int(time.time()) + 600, int(time.time()) - 60
+    wrong_key = base64.b64encode(b"x" * 32).decode()
+    tokens = {
+        "good": sas(audience, settings["SharedAccessKey"], "iothubowner", later),
+        "wrong key": sas(audience, wrong_key, "iothubowner", later),
+        "another hub's token": sas(f"sb://{other}/{other}", other_key, "iothubowner", later),
+        "expired": sas(audience, settings["SharedAccessKey"], "iothubowner", earlier),
+    }
+    outcomes = {}
+    for name, token in tokens.items():
+        client = EventHubConsumerClient(
+            fully_qualified_namespace=hub.host,
+            eventhub_name=entity,
+            consumer_group="$Default",
+            credential=AzureSasCredential(token),
+            connection_verify=str(hub.emulator.ca_path),
+            retry_total=0,
+        )
+        try:
+            outcomes[name] = (await client.get_eventhub_properties())["eventhub_name"]
+        except AuthenticationError as exc:
+            outcomes[name] = f"refused: {exc}"
+        finally:
+            await client.close()
+    assert outcomes["good"] == entity
+    assert "InvalidSignature" in outcomes["wrong key"] and "401" in outcomes["wrong key"]
+    assert "InvalidSignature" in outcomes["another hub's token"]
+    assert "ExpiredToken" in outcomes["expired"]
