@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: install proto proto-check lint typecheck test test-fast bench demo up clean browser node softhsm postgresql
+.PHONY: install proto proto-check lint typecheck test test-fast bench demo up clean browser node softhsm postgresql zbar
 
 install: $(STAMP)
 
@@ -35,12 +35,12 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: proto-check lint typecheck browser node softhsm postgresql
+test: proto-check lint typecheck browser node softhsm postgresql zbar
 	$(BIN)/python -m pytest
 
 # The fast part of the suite while working: every test not marked slow (see tests/README.md), in under two
 # minutes on two cores.  `make test` still runs everything.
-test-fast: browser softhsm postgresql
+test-fast: browser softhsm postgresql zbar
 	$(BIN)/python -m pytest -m "not slow" -q
 
 # System packages some tests need, from Debian: $(call apt_package,NAME,PACKAGE,FILE); FILE may be a glob.  Never
@@ -72,6 +72,10 @@ browser: install
 # SoftHSM2, the PKCS#11 token the factory's HSM-backed CA is tested against.
 softhsm: install
 	$(call apt_package,softhsm2,softhsm2,/usr/lib/softhsm/libsofthsm2.so)
+
+# zbarimg (Debian's zbar-tools): the independent QR decoder the label tests read every PNG label back with.
+zbar: install
+	$(call apt_package,zbar-tools,zbar-tools,/usr/bin/zbarimg)
 
 # Node.js and npm (Debian's packages) for the tests that drive the emulator with Microsoft's Node.js SDKs; the
 # tests install the SDKs pinned in tests/node/package-lock.json into $(VENV)/node/ themselves.  Never fails the

@@ -36,6 +36,7 @@ from azure_iot_emulator.connection_info import (
 )
 from azure_iot_emulator.dps.part import DpsPart
 from azure_iot_emulator.https import HttpsListener, add_self_guarded_routes
+from azure_iot_emulator.hub.c2d import C2dLimits
 from azure_iot_emulator.hub.eventhub.model import entity_name
 from azure_iot_emulator.hub.eventhub.store import PartitionCountChanged
 from azure_iot_emulator.hub.part import HubPart
@@ -152,6 +153,7 @@ class Emulator:
                 db, cfg.hub_hosts, self.clock, service_keys=lambda host: {HUB_POLICY: keys.hub_key(host)},
                 d2c_quota=hub_d2c(cfg.hub_tier) if cfg.azure_quotas else None,
                 metrics=self.metrics,
+                c2d_limits=C2dLimits(cfg.c2d_default_ttl, cfg.c2d_max_delivery_count),
                 partitions=cfg.hub_partitions,
                 retention=timedelta(days=cfg.hub_retention_days),
             )

@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
         "retry-after; hub device-to-cloud rate per --hub-tier)",
     )
     serve.add_argument("--hub-tier", help="F1, S1 (default), S2 or S3: the device-to-cloud rate with quotas")
+    serve.add_argument(
+        "--c2d-default-ttl", type=float, metavar="SECONDS",
+        help="cloud-to-device messages without an expiry live this long (default 3600, at most 172800)",
+    )
+    serve.add_argument(
+        "--c2d-max-delivery-count", type=int, metavar="N",
+        help="a cloud-to-device message sent N times without a PUBACK is dropped (default 10, 1-100)",
+    )
     serve.add_argument("--ready-file", type=Path, help="written with the connection.json path when ready")
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
     serve.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics (off)")

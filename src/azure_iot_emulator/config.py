@@ -12,6 +12,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from azure_iot_emulator.hub.c2d import (
+    DEFAULT_MAX_DELIVERY_COUNT,
+    DEFAULT_TTL_SECONDS,
+    MAX_DELIVERY_COUNT,
+    MAX_TTL_SECONDS,
+)
 from azure_iot_emulator.quotas import HUB_D2C_PER_SECOND
 from mainkit.settings import FlagKeys, SettingsError, SettingsFile, SettingsSource
 
@@ -53,6 +59,11 @@ class EmulatorConfig:
     """Enforce Azure's rate quotas for one unit (``quotas.py``)."""
     hub_tier: str = "S1"
     """The IoT Hub tier whose device-to-cloud rate applies with ``azure_quotas``."""
+    c2d_default_ttl: float = DEFAULT_TTL_SECONDS
+    """Seconds a cloud-to-device message lives when its sender set no expiry (Azure: 1 hour, 2 days at
+    most)."""
+    c2d_max_delivery_count: int = DEFAULT_MAX_DELIVERY_COUNT
+    """Deliveries of a cloud-to-device message without a PUBACK before it is dropped (Azure: 10, 1-100)."""
     ready_file: Path | None = None
     max_packet_size: int = 512 * 1024
     log_level: str = "INFO"
@@ -81,6 +92,10 @@ class EmulatorConfig:
             raise SettingsError("hub_partitions must be 2-128 (Azure's range)")
         if not 0 < self.hub_retention_days <= 7:
             raise SettingsError("hub_retention_days must be above 0 and at most 7 (Azure's limit)")
+        if not 1 <= self.c2d_default_ttl <= MAX_TTL_SECONDS:
+            raise SettingsError(f"c2d_default_ttl must be 1 to {MAX_TTL_SECONDS} seconds (2 days)")
+        if not 1 <= self.c2d_max_delivery_count <= MAX_DELIVERY_COUNT:
+            raise SettingsError(f"c2d_max_delivery_count must be 1 to {MAX_DELIVERY_COUNT}")
         for port in (self.mqtt_port, self.https_port, self.amqp_port):
             if not 0 <= port <= 65535:
                 raise SettingsError(f"port {port} out of range")
@@ -137,6 +152,8 @@ KEYS = (
     "assignment_delay",
     "azure_quotas",
     "hub_tier",
+    "c2d_default_ttl",
+    "c2d_max_delivery_count",
     "ready_file",
     "max_packet_size",
     "log_level",
@@ -174,6 +191,8 @@ def build_config(
         assignment_delay=default.assignment_delay if delay is None else assignment_delay(delay),
         azure_quotas=source.flag("azure_quotas", default.azure_quotas),
         hub_tier=source.text("hub_tier") or default.hub_tier,
+        c2d_default_ttl=source.number("c2d_default_ttl", default.c2d_default_ttl),
+        c2d_max_delivery_count=source.integer("c2d_max_delivery_count", default.c2d_max_delivery_count),
         ready_file=Path(ready_file) if ready_file else None,
         max_packet_size=source.integer("max_packet_size", default.max_packet_size),
         log_level=source.text("log_level") or default.log_level,

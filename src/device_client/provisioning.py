@@ -11,6 +11,7 @@ The identity is stored before Enroll, so a failed Enroll never loses a minted ce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import uuid
@@ -112,6 +113,14 @@ async def provision_with(
     factory: FactoryPort, request: ProvisionRequest, settings: Settings
 ) -> ProvisionResult:
     state = StateDir(settings.state_root, request.guid)
+    # A device that is running holds its run lock: its key and chain are not replaced under it.
+    with state.locked() if state.path.is_dir() else contextlib.nullcontext():
+        return await _provision_unlocked(factory, request, settings, state)
+
+
+async def _provision_unlocked(
+    factory: FactoryPort, request: ProvisionRequest, settings: Settings, state: StateDir
+) -> ProvisionResult:
     base_id = request.request_id or str(uuid.uuid4())
     minted = True
     if state.has_identity() and not request.force:

@@ -79,6 +79,7 @@ from provkit.faults import crash_point
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_RENEWAL_GRACE_S = 10.0  # how long a stopping run waits for an EST exchange under way (see _shutdown)
 _FAR = timedelta(days=36500)  # "not due by any interval": the next look is the plain check interval
 
 # DPS answers a revoked device (its enrollment disabled by the factory) as one not activated yet.
@@ -660,6 +661,10 @@ class DeviceRuntime:
 
     async def _shutdown(self) -> None:
         if self._renewer is not None:
+            # An EST exchange under way is let finish (briefly) so that its answer is recorded, not lost:
+            # a run that ends because the certificate is revoked still records the listener's refusal.
+            self._stop.set()
+            await asyncio.wait({self._renewer}, timeout=_RENEWAL_GRACE_S)
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer

@@ -311,8 +311,12 @@ class StateDir:
         # A new certificate makes the cached hub assignment stale: the hub knows the old thumbprint; the
         # old one's revocation is not the new one's.
         self.clear_assignment()
-        with contextlib.suppress(FileNotFoundError):
-            self.file(REVOCATION_FILE).unlink()
+        # Nor does the old certificate's renewal (pending/, previous/, renewal.json) concern the new one.
+        self.drop_pending()
+        self.drop_previous()
+        for stale in (REVOCATION_FILE, RENEWAL_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                self.file(stale).unlink()
 
     def read_metadata(self) -> dict[str, Any]:
         return _read_metadata(self.file(IDENTITY_FILE), self.guid)

@@ -123,6 +123,7 @@ class FactoryApp:
         enrollment, cloud = None, None
         intents = RevocationIntents(ledger.revocations, clock)
         if settings.enroll is not None:
+            hubs = HubRegistries(settings.enroll.cloud.hubs, settings.enroll.cloud.dps.ca_file)
             enrollment = await EnrollmentApp.open(
                 settings.enroll,
                 ca.chain,
@@ -132,8 +133,8 @@ class FactoryApp:
                 request_lease=settings.request_lease,
                 observer=observe.cloud_calls("dps"),
                 revocations=intents,
+                hubs=hubs,
             )
-            hubs = HubRegistries(settings.enroll.cloud.hubs, settings.enroll.cloud.dps.ca_file)
             cloud = CloudSide(enrollment.dps, hubs)
         revocation = RevocationService(ledger.certificates, ledger.revocations, crl, cloud, clock, intents)
         revocation.start()  # open revocation intents (a crash, an unreachable cloud) are carried out now

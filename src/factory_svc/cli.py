@@ -6,7 +6,8 @@ commands (``<feature>/cli.py``) and runs the one asked for.
     factory-svc mint | list | get ...                           (see factory_svc.mint.cli)
     factory-svc enroll | enroll-batch | enrollment-status ...   (see factory_svc.enrollment.cli)
     factory-svc revoke ...                                      (see factory_svc.revocation.cli)
-    factory-svc lot ...                                         (see factory_svc.lots.cli)
+    factory-svc lot | lot-status ...                            (see factory_svc.lots.cli)
+    factory-svc labels LOT_DIR --portal-url URL ...             (see factory_svc.labels.cli)
     factory-svc ca init | show                                  (see factory_svc.ca.cli)
     factory-svc expiring [--within 30d] [--json]                (see factory_svc.renewal.cli)
 
@@ -29,6 +30,7 @@ from typing import Protocol
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.ca import cli as ca_cli
 from factory_svc.enrollment import cli as enroll_cli
+from factory_svc.labels import cli as labels_cli
 from factory_svc.lots import cli as lot_cli
 from factory_svc.mint import cli as mint_cli
 from factory_svc.renewal import cli as renewal_cli
@@ -77,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         feature.add_parsers(client)
     ca_cli.add_parsers(sub)
     renewal_cli.add_parsers(sub)
+    labels_cli.add_parsers(sub)
     return parser
 
 
@@ -88,11 +91,18 @@ def _check_ids(args: argparse.Namespace, source: SettingsSource) -> None:
         args.device_id = check_device_id(args.device_id, policy)
 
 
+def _feature(args: argparse.Namespace) -> ClientCommands:
+    """The feature whose ``run`` serves the command: ``enroll-batch --lot`` is the lot's (its manifest)."""
+    if args.command == "enroll-batch" and args.lot is not None:
+        return lot_cli
+    return next(f for f in CLIENT_FEATURES if args.command in f.COMMANDS)
+
+
 async def _call(args: argparse.Namespace, source: SettingsSource) -> int:
     target = source.text("target", DEFAULT_TARGET) or DEFAULT_TARGET
     async with create_channel(target, channel_security(source)) as channel:
         stub = pb_grpc.FactoryServiceStub(channel)
-        feature = next(f for f in CLIENT_FEATURES if args.command in f.COMMANDS)
+        feature = _feature(args)
         return await feature.run(stub, args)  # a refused call: the shell reports it (exit 1, or 3)
 
 
@@ -131,6 +141,8 @@ def _command(args: argparse.Namespace) -> int:
         return ca_cli.run(args, lambda config: load_settings(config=config))
     if args.command in renewal_cli.COMMANDS:
         return renewal_cli.run(args)
+    if args.command in labels_cli.COMMANDS:
+        return labels_cli.run(args)
     return _client(args)
 
 

@@ -14,7 +14,7 @@ import pytest
 from cryptography import x509
 from support.parties import FACTORY_URI, party
 
-from device_client.errors import FactoryError, IdentityExistsError
+from device_client.errors import FactoryError, IdentityExistsError, StateError
 from device_client.identity import KeyType
 from device_client.provisioning import ProvisionRequest, provision
 from device_client.settings import load_settings
@@ -172,3 +172,25 @@ async def test_cli_provision_and_unreachable_factory(tmp_path):
     assert code == 5
     assert "FACTORY_UNAVAILABLE" in err and "Traceback" not in err
     assert not StateDir(tmp_path / "devices", "other-device").has_identity()
+
+
+async def test_force_waits_for_no_running_device_and_drops_the_old_certificates_renewal(tmp_path):
+    """A device whose `run` holds its lock keeps its key and chain: ``--force`` is refused with
+    STATE_IN_USE before the factory is asked.  Once it is stopped, ``--force`` replaces the identity and
+    drops what the old certificate's renewal left (a pending one would otherwise be promoted)."""
+    async with factory(tmp_path / "factory") as address:
+        settings = device_settings(tmp_path / "devices", address)
+        first = await provision(ProvisionRequest(GUID, enroll=False), settings)
+        state = StateDir(tmp_path / "devices", GUID)
+        chain_before = state.chain_path.read_bytes()
+        with state.locked(), pytest.raises(StateError) as err:  # the lock: what a live `run` holds
+            await provision(ProvisionRequest(GUID, enroll=False, force=True), settings)
+        assert err.value.reason == "STATE_IN_USE"
+        assert state.chain_path.read_bytes() == chain_before
+        assert len(await ledger_for(address, GUID)) == 1
+        key_pem = state.key_path.read_bytes()
+        state.write_pending(key_pem=key_pem, chain_pem=chain_before, metadata={"guid": GUID})
+        second = await provision(ProvisionRequest(GUID, enroll=False, force=True), settings)
+    assert second.identity.serial_hex != first.identity.serial_hex
+    assert not state.has_pending() and not state.has_previous()
+    assert state.read_renewal() is None

@@ -240,3 +240,52 @@ async def test_graceful_close_acknowledges_what_was_already_received(db):
     driver.data_received(encode(p.Publish("data", b"too late", 1, 12)))  # after stop: ignored
     assert endpoint.published == [("slow", b"stored")]
     assert wire.received[-1] == p.PubAck(11) and wire.closed
+
+
+class Watcher(Recorder):
+    """An endpoint that also hears granted subscriptions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.granted: list[tuple[str, tuple[str, ...], int]] = []
+
+    def on_subscribed(self, link, topic_filters) -> None:
+        suback_sent = sum(isinstance(x, p.SubAck) for x in self.wires[link.client_id].received)
+        self.granted.append((link.client_id, tuple(topic_filters), suback_sent))
+
+
+async def test_subscription_observer_hears_granted_filters_after_the_suback(db):
+    endpoint = Watcher()
+    broker = Broker(db, [endpoint])
+    driver, _ = await connect(broker, endpoint, "dev-1")
+    driver.data_received(encode(p.Subscribe(1, (("to/dev-1/#", 1), ("to/dev-2/#", 1)))))
+    driver.data_received(encode(p.Subscribe(2, (("to/dev-2/#", 1),))))
+    await settle()
+    assert endpoint.granted == [("dev-1", ("to/dev-1/#",), 1)]  # a refused-only SUBSCRIBE is not heard
+    await broker.close()
+
+
+async def test_publish_acked_calls_back_on_its_puback_and_is_not_replayed(db):
+    endpoint = Recorder()
+    broker = Broker(db, [endpoint])
+    driver, wire = await connect(broker, endpoint, "dev-1")
+    link = broker.link_for("test", "dev-1")
+    acked: list[str] = []
+    link.session.inflight[1] = ("kept/in/session", b"s")  # an ordinary QoS 1 publish, already in flight
+    link.publish_acked("to/dev-1/a", b"A", lambda: acked.append("a"))
+    link.publish_acked("to/dev-1/b", b"B", lambda: acked.append("b"))
+    first, second = wire.received[-2:]
+    assert (first.topic, first.qos, second.topic) == ("to/dev-1/a", 1, "to/dev-1/b")
+    assert len({first.packet_id, second.packet_id, 1}) == 3  # never an id the session has in flight
+    driver.data_received(encode(p.PubAck(second.packet_id)))
+    driver.data_received(encode(p.PubAck(second.packet_id)))  # a duplicate PUBACK: nothing more
+    await settle()
+    assert acked == ["b"]
+    driver.connection_lost()
+    await settle()
+    _, wire = await connect(broker, endpoint, "dev-1")
+    replayed = [x.topic for x in wire.received if isinstance(x, p.Publish)]
+    assert replayed == ["kept/in/session"]  # "a" was never acknowledged, but its owner resends it
+    with pytest.raises(ConnectionError):
+        link.publish_acked("to/dev-1/c", b"C", lambda: None)  # the old link is closed
+    await broker.close()

@@ -119,3 +119,17 @@ def test_azure_quotas_and_hub_tier_from_file_and_flag(tmp_path):
         build_config(settings, {})
     with pytest.raises(ValueError, match="hub_tier"):
         build_config(None, {"hub_tier": "B1"})
+
+
+def test_c2d_settings_from_file_environment_and_flag(tmp_path):
+    cfg = build_config(None, {})
+    assert (cfg.c2d_default_ttl, cfg.c2d_max_delivery_count) == (3600, 10)  # Azure's defaults
+    settings = tmp_path / "emu.toml"
+    settings.write_text("c2d_default_ttl = 60\nc2d_max_delivery_count = 3\n")
+    cfg = build_config(settings, {}, env={"IOT_EMULATOR_C2D_MAX_DELIVERY_COUNT": "5"})
+    assert (cfg.c2d_default_ttl, cfg.c2d_max_delivery_count) == (60, 5)
+    assert build_config(settings, {"c2d_default_ttl": 120.0}).c2d_default_ttl == 120
+    for key, bad in (("c2d_default_ttl", 0.5), ("c2d_default_ttl", 172801.0), ("c2d_max_delivery_count", 0),
+                     ("c2d_max_delivery_count", 101)):
+        with pytest.raises(ValueError, match=key):
+            build_config(None, {key: bad})

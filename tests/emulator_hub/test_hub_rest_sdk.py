@@ -18,6 +18,7 @@ from conftest import free_loopback_address
 from msrest.exceptions import HttpOperationError
 from support.certs import TestCa
 
+from azure_iot_emulator.hub.c2d import C2dMessage
 from azure_iot_emulator.hub.registry import HubRegistry
 from azure_iot_emulator.hub.rest import build_hub_rest_app
 from azure_iot_emulator.hub.service import HubService
@@ -148,6 +149,25 @@ async def test_twin_get_update_with_etag_replace_and_query(hub_rest):
         rm.query_iot_hub, QuerySpecification(query="SELECT * FROM devices WHERE tags.t = 'x'")
     )
     assert result.items == []
+
+
+async def test_purge_empties_the_c2d_queue_and_answers_the_count(hub_rest):
+    rm = IoTHubRegistryManager.from_connection_string(hub_rest["conn"])
+    service, host = hub_rest["service"], hub_rest["host"]
+    await call(lambda: rm.create_device_with_sas("dev-c2d", "", "", "enabled"))
+    for body in (b"a", b"b", b"c"):
+        await service.send_c2d(host, "dev-c2d", C2dMessage(body))
+    assert (await call(rm.get_device, "dev-c2d")).cloud_to_device_message_count == 3
+    assert (await call(rm.get_twin, "dev-c2d")).cloud_to_device_message_count == 3
+    purge = rm.protocol.cloud_to_device_messages.purge_cloud_to_device_message_queue
+    result = await call(purge, "dev-c2d")
+    assert (result.device_id, result.total_messages_purged, result.module_id) == ("dev-c2d", 3, None)
+    assert (await call(rm.get_device, "dev-c2d")).cloud_to_device_message_count == 0
+    assert (await call(purge, "dev-c2d")).total_messages_purged == 0
+    with pytest.raises(HttpOperationError) as info:
+        await call(purge, "nobody")
+    assert info.value.response.status_code == 404
+    assert info.value.response.headers["iothub-errorcode"] == "DeviceNotFound"
 
 
 async def test_method_to_offline_device_is_404(hub_rest):

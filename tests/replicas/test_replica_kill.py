@@ -330,7 +330,9 @@ async def test_a_lot_whose_replica_dies_resumes_on_the_other_with_one_certificat
     assert sorted(per_device) == [(d, 1) for d in expected]
     assert _rows(postgres_url, "SELECT count(*) FROM lot_items WHERE lot_id = 'line-3-night'") == [(count,)]
     assert _rows(postgres_url, "SELECT count(*) FROM lot_items WHERE private_key_pem IS NOT NULL") == [(0,)]
-    assert sorted(p.name for p in out_dir.iterdir()) == expected
+    assert sorted(p.name for p in out_dir.iterdir() if p.is_dir()) == expected  # beside the lot's manifest
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert sorted(d["device_id"] for d in manifest["devices"] if d["state"] == "minted") == expected
 
 
 class _Stream:

@@ -292,7 +292,7 @@ class GetEnrollmentStatusRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ...) -> None: ...
 
 class GetEnrollmentStatusResponse(_message.Message):
-    __slots__ = ("device_id", "state", "queued_time", "delivered_time", "attempts", "failure_reason", "failure_message", "provisioning_status", "sha256_thumbprint", "owner_oem")
+    __slots__ = ("device_id", "state", "queued_time", "delivered_time", "attempts", "failure_reason", "failure_message", "provisioning_status", "sha256_thumbprint", "owner_oem", "registration_status", "assigned_hub", "registration_updated_time", "last_activity_time", "hub_connection_state")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +303,11 @@ class GetEnrollmentStatusResponse(_message.Message):
     PROVISIONING_STATUS_FIELD_NUMBER: _ClassVar[int]
     SHA256_THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
     OWNER_OEM_FIELD_NUMBER: _ClassVar[int]
+    REGISTRATION_STATUS_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_HUB_FIELD_NUMBER: _ClassVar[int]
+    REGISTRATION_UPDATED_TIME_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVITY_TIME_FIELD_NUMBER: _ClassVar[int]
+    HUB_CONNECTION_STATE_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     state: EnrollmentState
     queued_time: _timestamp_pb2.Timestamp
@@ -313,7 +318,12 @@ class GetEnrollmentStatusResponse(_message.Message):
     provisioning_status: str
     sha256_thumbprint: str
     owner_oem: str
-    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[_Union[EnrollmentState, str]] = ..., queued_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., delivered_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., failure_reason: _Optional[str] = ..., failure_message: _Optional[str] = ..., provisioning_status: _Optional[str] = ..., sha256_thumbprint: _Optional[str] = ..., owner_oem: _Optional[str] = ...) -> None: ...
+    registration_status: str
+    assigned_hub: str
+    registration_updated_time: _timestamp_pb2.Timestamp
+    last_activity_time: _timestamp_pb2.Timestamp
+    hub_connection_state: str
+    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[_Union[EnrollmentState, str]] = ..., queued_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., delivered_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., failure_reason: _Optional[str] = ..., failure_message: _Optional[str] = ..., provisioning_status: _Optional[str] = ..., sha256_thumbprint: _Optional[str] = ..., owner_oem: _Optional[str] = ..., registration_status: _Optional[str] = ..., assigned_hub: _Optional[str] = ..., registration_updated_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_activity_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hub_connection_state: _Optional[str] = ...) -> None: ...
 
 class TransferOwnershipRequest(_message.Message):
     __slots__ = ("device_id", "owner_oem", "reason", "request_id")

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from proton import Message
+from proton import Message, int32
 
 CBS = "$cbs"
 MANAGEMENT = "$management"
@@ -38,8 +38,9 @@ def response(request: Message, reply: Reply) -> Message:
     answer.correlation_id = request.id
     if request.reply_to:
         answer.address = request.reply_to
-    # (proton's stubs type the application properties as None until set)
-    cast(Any, answer).properties = {STATUS_CODE: reply.status, STATUS_DESCRIPTION: reply.description}
+    # The status is an AMQP int, as Azure sends it (uamqp reads nothing else).  (proton's stubs type the
+    # application properties as None until set.)
+    cast(Any, answer).properties = {STATUS_CODE: int32(reply.status), STATUS_DESCRIPTION: reply.description}
     answer.body = reply.body
     return answer
 

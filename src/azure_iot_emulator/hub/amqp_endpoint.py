@@ -21,8 +21,9 @@ One :class:`HubAmqpEndpoint` per hub host; each TLS connection gets a :class:`_C
   (``amqp:link:stolen``); at most 5 receivers without one per partition and consumer group.
 - ``/messages/devicebound`` (the client sends, azure-iot-hub's ``send_c2d_message``): each message, sent
   to the device named by its ``to`` (``/devices/{id}/messages/devicebound``), is handed to the hub's
-  cloud-to-device queue (:class:`C2dOutbox`); the delivery is accepted once queued, rejected with the
-  queue's AMQP condition otherwise.  Needs a CBS grant covering the hub.
+  cloud-to-device queue (``HubService.send_c2d``); the delivery is accepted once the message is
+  committed there, rejected with the queue's AMQP condition (:class:`C2dRefused`) otherwise.  Needs a
+  CBS grant covering the hub.
 
 Anything else is refused at attach (``amqp:not-found``, ``amqp:unauthorized-access``).
 """
@@ -66,6 +67,7 @@ from azure_iot_emulator.amqp.nodes import (
     property_text,
     response,
 )
+from azure_iot_emulator.hub.c2d import C2dMessage, C2dRefused
 from azure_iot_emulator.hub.eventhub.model import Event, PositionError, millis, parse_selector
 from azure_iot_emulator.hub.eventhub.service import EventHubError, EventHubService
 from azure_iot_emulator.hub.registry import HubRegistry
@@ -84,27 +86,12 @@ _DEVICEBOUND = re.compile(r"/devices/([^/]+)/messages/devicebound", re.IGNORECAS
 _AUTH_TYPES = {"sas": "sas", "selfSigned": "x509Certificate", "certificateAuthority": "x509Ca"}
 
 
-# ------------------------------------------------------------------------------ cloud-to-device contract
-@dataclass(frozen=True)
-class AmqpC2d:
-    """A cloud-to-device message as it arrived over AMQP, in the fields of the hub's ``C2dMessage``."""
+# ---------------------------------------------------------------------------------- cloud-to-device
+class C2dSender(Protocol):
+    """Where sent cloud-to-device messages go: the hub service's per-device queue
+    (:meth:`HubService.send_c2d`, which raises :class:`C2dRefused` to refuse one)."""
 
-    body: bytes
-    message_id: str | None
-    correlation_id: str | None
-    user_id: str | None
-    expiry: datetime | None
-    ack: str | None
-    properties: dict[str, str]
-    content_type: str | None
-    content_encoding: str | None
-
-
-class C2dOutbox(Protocol):
-    """Where accepted cloud-to-device messages go (the hub's per-device queue).  ``send`` raises an
-    exception carrying ``condition`` (an AMQP error condition) and ``description`` to refuse one."""
-
-    async def send(self, device_id: str, message: AmqpC2d) -> None: ...
+    async def send_c2d(self, hub: str, device_id: str, message: C2dMessage) -> None: ...
 
 
 def _text(value: Any) -> str | None:
@@ -115,7 +102,7 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
-def c2d_from_amqp(message: Message) -> tuple[str, AmqpC2d]:
+def c2d_from_amqp(message: Message) -> tuple[str, C2dMessage]:
     """(device id, message) from an AMQP message sent to ``/messages/devicebound``; ValueError naming
     what is wrong otherwise."""
     match = _DEVICEBOUND.fullmatch(message.address or "")
@@ -142,7 +129,7 @@ def c2d_from_amqp(message: Message) -> tuple[str, AmqpC2d]:
         else:
             properties[str(key)] = _text(value) or ""
     expiry = datetime.fromtimestamp(message.expiry_time, tz=UTC) if message.expiry_time else None
-    return device_id, AmqpC2d(
+    return device_id, C2dMessage(
         body=body,
         message_id=_text(message.id),
         correlation_id=_text(message.correlation_id),
@@ -215,7 +202,7 @@ class HubAmqpEndpoint:
         registry: HubRegistry,
         keys: Callable[[], dict[str, str]],
         clock: Callable[[], datetime],
-        c2d: C2dOutbox | None = None,
+        c2d: C2dSender | None = None,
     ) -> None:
         self.host = host
         self.names = tuple(dict.fromkeys(n.lower() for n in (host, *names)))
@@ -556,14 +543,13 @@ class _Connection:
             else:
                 try:
                     assert outbox is not None
-                    await outbox.send(device_id, c2d)
-                except Exception as exc:
-                    condition = getattr(exc, "condition", None)
-                    if not isinstance(condition, str):
-                        log.exception("cloud-to-device message to %s failed", device_id)
-                        condition = "amqp:internal-error"
-                    description = str(getattr(exc, "description", None) or exc)
-                    settle(delivery, Delivery.REJECTED, Condition(condition, description))
+                    await outbox.send_c2d(self.endpoint.host, device_id, c2d)
+                except C2dRefused as exc:
+                    settle(delivery, Delivery.REJECTED, Condition(exc.condition, exc.description))
+                except Exception:
+                    log.exception("cloud-to-device message to %s failed", device_id)
+                    failed = Condition("amqp:internal-error", "the message was not queued")
+                    settle(delivery, Delivery.REJECTED, failed)
                 else:
                     settle(delivery, Delivery.ACCEPTED)
             self.connection.flush()

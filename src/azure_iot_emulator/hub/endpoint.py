@@ -10,6 +10,8 @@ may subscribe to and publish, and what each publish means:
 - telemetry is stored durably before the core acknowledges it; over 256 KB closes the connection.
 - twin GET / reported PATCH are answered on ``$iothub/twin/res/...`` echoing ``$rid``.
 - method responses complete the service's pending invocation.
+- cloud-to-device messages go out (``HubService.c2d``) when the device connects with its devicebound
+  subscription kept, subscribes, or gets one while connected; its PUBACK takes the message off its queue.
 - any other topic (another device's, desired properties, unknown) closes the connection.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -45,6 +47,8 @@ class LinkLike(Protocol):
     client_id: str
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None: ...
+
+    def publish_acked(self, topic: str, payload: bytes, on_ack: Callable[[], None]) -> None: ...
 
     def is_subscribed(self, topic: str) -> bool: ...
 
@@ -136,6 +140,11 @@ class HubEndpoint:
     # ----------------------------------------------------------------------------------------- traffic
     def may_subscribe(self, link: LinkLike, topic_filter: str) -> bool:
         return topics.may_subscribe(link.client_id, topic_filter)
+
+    def on_subscribed(self, link: LinkLike, topic_filters: Sequence[str]) -> None:
+        """A granted devicebound subscription: the device's queued cloud-to-device messages go out now."""
+        if any(topics.is_c2d_filter(link.client_id, f) for f in topic_filters):
+            self.service.subscribed(self.name, link.client_id)
 
     def submit_publishes(
         self, link: LinkLike, publishes: Sequence[Publish], after: asyncio.Future[Any] | None

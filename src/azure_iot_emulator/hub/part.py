@@ -15,7 +15,8 @@ from datetime import datetime, timedelta
 
 from aiohttp import web
 
-from azure_iot_emulator.hub.amqp_endpoint import C2dOutbox, HubAmqpEndpoint
+from azure_iot_emulator.hub.amqp_endpoint import HubAmqpEndpoint
+from azure_iot_emulator.hub.c2d import C2dLimits
 from azure_iot_emulator.hub.endpoint import HubEndpoint
 from azure_iot_emulator.hub.eventhub.model import DEFAULT_PARTITIONS, DEFAULT_RETENTION_DAYS
 from azure_iot_emulator.hub.eventhub.rest import consumer_group_routes
@@ -40,11 +41,10 @@ class HubPart:
         registry: HubRegistry | None = None,
         d2c_quota: TokenBuckets | None = None,
         metrics: TelemetryMetrics | None = None,
+        c2d_limits: C2dLimits | None = None,
         partitions: int = DEFAULT_PARTITIONS,
         retention: timedelta = timedelta(days=DEFAULT_RETENTION_DAYS),
-        c2d: Callable[[str], C2dOutbox | None] = lambda host: None,
     ) -> None:
-        """``c2d``: the cloud-to-device queue of a hub, where its AMQP endpoint hands sent messages."""
         self.registry = registry or HubRegistry(db, hub_hosts, clock)
         self.registry.reset_connection_states()  # nobody is connected to a process that just started
         # The built-in endpoint's positions are written in the telemetry's own transactions.
@@ -53,13 +53,12 @@ class HubPart:
             db, clock, on_insert=self.registry.record_activity, on_positions=events.record, metrics=metrics
         )
         events.index_unpositioned()
-        self.service = HubService(self.registry, self.telemetry, clock, d2c_quota)
+        self.service = HubService(self.registry, self.telemetry, clock, d2c_quota, c2d_limits=c2d_limits)
         self.eventhub = EventHubService(events, hub_hosts, clock, retention)
         self.eventhub.prune()
         self.service.add_telemetry_listener(self.eventhub.stored)
         self._clock = clock
         self._keys = service_keys
-        self._c2d = c2d
         self.endpoints = [HubEndpoint(host, self.service) for host in hub_hosts]
         self._amqp: dict[str, HubAmqpEndpoint] = {}
 
@@ -74,7 +73,7 @@ class HubPart:
         if host not in self._amqp:
             self._amqp[host] = HubAmqpEndpoint(
                 host, tuple(names), self.eventhub, self.registry, lambda: self._keys(host), self._clock,
-                self._c2d(host),
+                self.service,
             )
         return self._amqp[host]
 

@@ -165,6 +165,11 @@ class HubRegistry:
         db.register_schema(*SCHEMA)
 
     # ------------------------------------------------------------------------------------------------ util
+    @property
+    def database(self) -> Database:
+        """The emulator's database (the hub's other tables live there too, beside the registry's)."""
+        return self._db
+
     def now(self) -> str:
         return azure_time(self._clock())
 

@@ -6,6 +6,8 @@ Routes (``?api-version=...`` accepted and ignored; every request needs an ``ioth
     GET    /devices/{id}                       device identity                    200 | 404
     PUT    /devices/{id}                       create (no If-Match) / update      200 | 409 | 412
     DELETE /devices/{id}                       delete (If-Match optional)         204 | 404 | 412
+    DELETE /devices/{id}/commands              purge the device's cloud-to-device queue: 200
+                                               {"deviceId", "moduleId": null, "totalMessagesPurged"} | 404
     POST   /devices/query                      {"query": "SELECT ... FROM devices [WHERE ...] [GROUP BY ...]"}
                                                (hub/query.py), paged with x-ms-max-item-count /
                                                x-ms-continuation; unsupported syntax: 400
@@ -156,6 +158,11 @@ async def delete_device(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def purge_c2d(request: web.Request) -> web.Response:
+    service, hub = _ctx(request)
+    return _json(service.purge_c2d(hub, _device_id(request)))
+
+
 async def query_devices(request: web.Request) -> web.Response:
     service, hub = _ctx(request)
     body = await _read_json(request)
@@ -242,6 +249,7 @@ def build_hub_rest_app(
     app.router.add_get("/devices/{device_id}", get_device)
     app.router.add_put("/devices/{device_id}", put_device)
     app.router.add_delete("/devices/{device_id}", delete_device)
+    app.router.add_delete("/devices/{device_id}/commands", purge_c2d)
     app.router.add_get("/twins/{device_id}", get_twin)
     app.router.add_patch("/twins/{device_id}", patch_twin)
     app.router.add_put("/twins/{device_id}", put_twin)

@@ -1,7 +1,8 @@
 """The IoT Hub domain: what the service REST API and the device MQTT endpoint both act on.
 
 Plain asyncio, no HTTP and no MQTT here: identity CRUD with etags, twins (service and device views),
-desired-property pushes to connected devices, direct-method correlation, telemetry ingest.  Errors are
+desired-property pushes to connected devices, direct-method correlation, telemetry ingest, cloud-to-device
+messages (queued per device, delivered to connected devices: ``c2d_queue.py``).  Errors are
 :class:`HubError` carrying Azure's HTTP status and error-code name/number, which the REST layer turns
 into Azure's envelope.
 """
@@ -21,6 +22,8 @@ from typing import Any, Protocol
 import jsonsafe
 from azure_iot_emulator.hub import topics
 from azure_iot_emulator.hub import twin as twinmodel
+from azure_iot_emulator.hub.c2d import C2dLimits, C2dMessage
+from azure_iot_emulator.hub.c2d_queue import C2dQueue, C2dStore
 from azure_iot_emulator.hub.query import QueryError, parse_query
 from azure_iot_emulator.hub.registry import (
     Device,
@@ -69,6 +72,8 @@ class DeviceChannel(Protocol):
     """The live MQTT connection of a device, as the domain needs it (the core's ``Link``)."""
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None: ...
+
+    def publish_acked(self, topic: str, payload: bytes, on_ack: Callable[[], None]) -> None: ...
 
     def is_subscribed(self, topic: str) -> bool: ...
 
@@ -135,12 +140,16 @@ class HubService:
         telemetry: TelemetryStore,
         clock: Callable[[], datetime],
         d2c_quota: TokenBuckets | None = None,
+        *,
+        c2d_limits: C2dLimits | None = None,
     ) -> None:
         """``d2c_quota``: the device-to-cloud rate per hub (``--azure-quotas``): messages over it are
-        stored at once but acknowledged late, as Azure shapes the traffic of a throttled hub."""
+        stored at once but acknowledged late, as Azure shapes the traffic of a throttled hub.
+        ``c2d_limits``: the hub's cloud-to-device settings (default TTL, max delivery count)."""
         self._d2c = d2c_quota
         self.registry = registry
         self.telemetry = telemetry
+        self.c2d = C2dQueue(C2dStore(registry.database), clock, c2d_limits or C2dLimits())
         self._clock = clock
         self._channels: dict[tuple[str, str], DeviceChannel] = {}
         self._device_locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -162,12 +171,14 @@ class HubService:
     def attach(self, hub: str, device_id: str, channel: DeviceChannel) -> None:
         self._channels[(hub, device_id)] = channel
         self.registry.set_connection_state(hub, device_id, True)
+        self.c2d.deliver(hub, device_id, channel)  # the backlog, if its session kept the subscription
 
     def detach(self, hub: str, device_id: str, channel: DeviceChannel) -> None:
         if self._channels.get((hub, device_id)) is not channel:
             return  # a newer connection already replaced this one
         del self._channels[(hub, device_id)]
         self.registry.set_connection_state(hub, device_id, False)
+        self.c2d.forget(hub, device_id, channel)
         for rid, pending in list(self._pending_methods.items()):
             if (pending.hub, pending.device_id) == (hub, device_id) and not pending.future.done():
                 pending.future.set_exception(
@@ -186,10 +197,17 @@ class HubService:
         device = self.registry.get_device(hub, device_id)
         if device is None:
             raise _not_found(device_id)
-        return device.to_json()
+        return self._counted(hub, [device.to_json()])[0]
 
     def list_devices(self, hub: str, top: int | None = None) -> list[dict[str, Any]]:
-        return [device.to_json() for device in self.registry.list_devices(hub, top)]
+        return self._counted(hub, [device.to_json() for device in self.registry.list_devices(hub, top)])
+
+    def _counted(self, hub: str, documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Device or twin documents with Azure's ``cloudToDeviceMessageCount``: the device's queue depth."""
+        depths = self.c2d.depths(hub)
+        for document in documents:
+            document["cloudToDeviceMessageCount"] = depths.get(document["deviceId"], 0)
+        return documents
 
     def put_device(self, hub: str, device_id: str, body: Any, if_match: str | None) -> dict[str, Any]:
         try:
@@ -215,7 +233,7 @@ class HubService:
             != (current.primary_thumbprint, current.secondary_thumbprint)
         ):
             self._drop_connection(hub, device_id)
-        return updated.to_json()
+        return self._counted(hub, [updated.to_json()])[0]
 
     def delete_device(self, hub: str, device_id: str, if_match: str | None) -> None:
         current = self.registry.get_device(hub, device_id)
@@ -244,12 +262,12 @@ class HubService:
             twin = self.registry.get_twin(hub, device.device_id)
             assert twin is not None
             twins.append(self.registry.twin_json(device, twin))
-        return parsed.run(twins)
+        return parsed.run(self._counted(hub, twins))
 
     # ----------------------------------------------------------------------------------------- twins
     def get_twin(self, hub: str, device_id: str) -> dict[str, Any]:
         device, twin = self._device_and_twin(hub, device_id)
-        return self.registry.twin_json(device, twin)
+        return self._counted(hub, [self.registry.twin_json(device, twin)])[0]
 
     def _device_and_twin(self, hub: str, device_id: str) -> tuple[Device, twinmodel.Twin]:
         device = self.registry.get_device(hub, device_id)
@@ -301,7 +319,7 @@ class HubService:
                 self.registry.save_twin(hub, device_id, updated)
             if delta is not None:
                 await self._push_desired(hub, device_id, delta, updated.desired.version)
-            return self.registry.twin_json(device, updated)
+            return self._counted(hub, [self.registry.twin_json(device, updated)])[0]
 
     async def _push_desired(self, hub: str, device_id: str, delta: dict[str, Any], version: int) -> None:
         channel = self._channels.get((hub, device_id))
@@ -444,6 +462,26 @@ class HubService:
     def messages_after(self, hub: str, seq: int, limit: int) -> list[dict[str, Any]]:
         """The hub's messages with a sequence number above ``seq``, oldest first (tailing over REST)."""
         return [m.to_json() for m in self.telemetry.after(seq, hub=hub, limit=limit)]
+
+    # ------------------------------------------------------------------------------ cloud-to-device
+    async def send_c2d(self, hub: str, device_id: str, message: C2dMessage) -> None:
+        """Queue a cloud-to-device message for ``device_id`` of ``hub``; returns once it is committed
+        (and sent, when the device is connected and subscribed).  Raises ``C2dRefused`` (unknown device,
+        full queue, too large, malformed), having queued nothing."""
+        self.c2d.send(hub, device_id, message, self._channels.get((hub, device_id)))
+
+    def subscribed(self, hub: str, device_id: str) -> None:
+        """The device's connection gained subscriptions: send what is queued for it."""
+        channel = self._channels.get((hub, device_id))
+        if channel is not None:
+            self.c2d.deliver(hub, device_id, channel)
+
+    def purge_c2d(self, hub: str, device_id: str) -> dict[str, Any]:
+        """``DELETE /devices/{id}/commands``: Azure's PurgeMessageQueueResult."""
+        if self.registry.get_device(hub, device_id) is None:
+            raise _not_found(device_id)
+        purged = self.c2d.purge(hub, device_id)
+        return {"deviceId": device_id, "moduleId": None, "totalMessagesPurged": purged}
 
     # ---------------------------------------------------------------------------------- direct methods
     async def invoke_method(self, hub: str, device_id: str, body: Any) -> dict[str, Any]:

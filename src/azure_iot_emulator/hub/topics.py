@@ -9,6 +9,7 @@ Topic reference (azure-iot-device 2.14 and Azure's MQTT documentation)::
     S->C $iothub/twin/res/{status}/?$rid={rid}[&$version={v}]   twin responses
     S->C $iothub/twin/PATCH/properties/desired/?$version={v}    desired patch
     S->C $iothub/methods/POST/{name}/?$rid={rid}                direct method request
+    S->C devices/{id}/messages/devicebound/{property bag}      cloud-to-device message
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # Property-bag keys the hub treats as system properties, and the names it gives them.
@@ -115,6 +117,11 @@ def encode_property_bag(bag: PropertyBag) -> str:
     reverse = {name: key for key, name in SYSTEM_PROPERTIES.items()}
     pairs = [(reverse[name], value) for name, value in bag.system.items()]
     pairs += sorted(bag.application.items())
+    return _encode_pairs(pairs)
+
+
+def _encode_pairs(pairs: Iterable[tuple[str, str]]) -> str:
+    """``key=value&...``, both sides URL-encoded whole (``$`` as ``%24``, ``/`` as ``%2F``), as Azure does."""
     return "&".join(
         f"{urllib.parse.quote(key, safe='')}={urllib.parse.quote(value, safe='')}" for key, value in pairs
     )
@@ -183,8 +190,11 @@ def classify_publish(device_id: str, topic: str) -> DevicePublish:
 
 
 def may_subscribe(device_id: str, topic_filter: str) -> bool:
-    if topic_filter in SUBSCRIBABLE_FIXED:
-        return True
+    return topic_filter in SUBSCRIBABLE_FIXED or is_c2d_filter(device_id, topic_filter)
+
+
+def is_c2d_filter(device_id: str, topic_filter: str) -> bool:
+    """The filters through which a device receives its cloud-to-device messages."""
     return topic_filter in (
         f"devices/{device_id}/messages/devicebound/#",
         f"devices/{device_id}/messages/devicebound/",
@@ -206,3 +216,10 @@ def desired_patch_topic(version: int) -> str:
 def method_request_topic(method_name: str, rid: str) -> str:
     name = urllib.parse.quote(method_name, safe="")
     return f"$iothub/methods/POST/{name}/?$rid={urllib.parse.quote(rid, safe='')}"
+
+
+def c2d_topic(device_id: str, properties: Iterable[tuple[str, str]]) -> str:
+    """Where a cloud-to-device message reaches a device: ``devices/{id}/messages/devicebound/`` and the
+    message's property bag (``devices/{id}/messages/devicebound/`` alone matches the device's
+    subscription, whatever the bag)."""
+    return f"devices/{device_id}/messages/devicebound/{_encode_pairs(properties)}"

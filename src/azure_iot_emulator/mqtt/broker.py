@@ -22,7 +22,7 @@ from cryptography import x509
 
 from azure_iot_emulator.mqtt import connection as sm
 from azure_iot_emulator.mqtt import packets as p
-from azure_iot_emulator.mqtt.endpoint import Endpoint, LinkObserver, ProtocolViolation
+from azure_iot_emulator.mqtt.endpoint import Endpoint, LinkObserver, ProtocolViolation, SubscriptionObserver
 from azure_iot_emulator.mqtt.link import ConnectInfo, Link, Session
 from azure_iot_emulator.store import Database
 
@@ -389,7 +389,7 @@ class ConnectionDriver:
             self._on_unsubscribe(event.packet)
         elif isinstance(event, sm.PubAckReceived):
             if self.link is not None:
-                self.link.session.inflight.pop(event.packet_id, None)
+                self.link.acknowledged(event.packet_id)
         elif isinstance(event, sm.ClientDisconnected):
             self.close()
         elif isinstance(event, sm.ProtocolError):
@@ -478,6 +478,8 @@ class ConnectionDriver:
         self.link.session.subscriptions.update(granted)
         self._broker._store_subscriptions(self.link.session, granted, ())
         self.send(p.SubAck(packet.packet_id, tuple(codes)))
+        if granted and isinstance(self._endpoint, SubscriptionObserver):
+            self._endpoint.on_subscribed(self.link, tuple(granted))
 
     def _on_unsubscribe(self, packet: p.Unsubscribe) -> None:
         assert self.link is not None

@@ -14,7 +14,8 @@ and close.  Lifecycle of one connection:
    ``keeps_sessions`` is false; CONNACK; then :meth:`LinkObserver.on_connected`.
 3. SUBSCRIBE: each filter is granted (QoS min(requested, 1)) when :meth:`TrafficHandler.may_subscribe`
    is true, else 0x80.  Kept sessions store their subscriptions in SQLite (they survive reconnects and
-   restarts: the device SDK never re-subscribes).
+   restarts: the device SDK never re-subscribes).  After the SUBACK, a :class:`SubscriptionObserver`
+   hears which filters were granted (to send what waited for them).
 4. PUBLISH: see :meth:`TrafficHandler.submit_publishes`.  Any other packet of the connection waits until
    the publishes before it are handled.
 5. QoS 2, malformed or oversized packets, a second CONNECT: the core closes the connection.
@@ -85,6 +86,15 @@ class LinkObserver(Protocol):
     async def on_connected(self, link: Link) -> None: ...
 
     async def on_closed(self, link: Link) -> None: ...
+
+
+@runtime_checkable
+class SubscriptionObserver(Protocol):
+    """Optional: an endpoint that wants to know when a client's subscriptions were granted."""
+
+    def on_subscribed(self, link: Link, topic_filters: Sequence[str]) -> None:
+        """Called after the SUBACK went out, with the filters granted; must not block."""
+        ...
 
 
 async def wait_for_turn(after: asyncio.Future[Any] | None) -> None:

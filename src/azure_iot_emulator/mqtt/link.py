@@ -7,12 +7,16 @@ import this module, neither the other for these types.
 from __future__ import annotations
 
 import collections
+import logging
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from cryptography import x509
 
 from azure_iot_emulator.mqtt import packets as p
+
+log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 1000
 
@@ -49,10 +53,11 @@ class Session:
     inflight: collections.OrderedDict[int, tuple[str, bytes]] = field(default_factory=collections.OrderedDict)
     next_id: int = 0
 
-    def new_packet_id(self) -> int:
+    def new_packet_id(self, taken: Container[int] = ()) -> int:
+        """A packet id neither in flight in the session nor in ``taken``."""
         for _ in range(65535):
             self.next_id = self.next_id % 65535 + 1
-            if self.next_id not in self.inflight:
+            if self.next_id not in self.inflight and self.next_id not in taken:
                 return self.next_id
         raise RuntimeError("no free packet id")
 
@@ -67,6 +72,7 @@ class Link:
         self.info = info
         self.session = session
         self.closed = False
+        self._on_ack: dict[int, Callable[[], None]] = {}
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
         """Send PUBLISH to the client (QoS 0 or 1).  QoS 1 messages stay in the session until PUBACKed
@@ -83,6 +89,27 @@ class Link:
             while len(self.session.inflight) > MAX_INFLIGHT:
                 self.session.inflight.popitem(last=False)
         self._driver.send(p.Publish(topic, payload, qos, packet_id))
+
+    def publish_acked(self, topic: str, payload: bytes, on_ack: Callable[[], None]) -> None:
+        """Send a QoS 1 PUBLISH and call ``on_ack`` when the client's PUBACK for it arrives on this
+        connection.  Unlike :meth:`publish` it is not kept in the session: if the connection ends first,
+        the caller's own (durable) queue sends it again.  Raises ``ConnectionError`` if the link is closed."""
+        if self.closed:
+            raise ConnectionError(f"{self.endpoint_name}/{self.client_id} is not connected")
+        packet_id = self.session.new_packet_id(self._on_ack)
+        self._on_ack[packet_id] = on_ack
+        self._driver.send(p.Publish(topic, payload, 1, packet_id))
+
+    def acknowledged(self, packet_id: int) -> None:
+        """The client's PUBACK for ``packet_id`` (the core calls this)."""
+        on_ack = self._on_ack.pop(packet_id, None)
+        if on_ack is None:
+            self.session.inflight.pop(packet_id, None)
+            return
+        try:
+            on_ack()
+        except Exception:
+            log.exception("%s/%s: PUBACK handler failed", self.endpoint_name, self.client_id)
 
     def is_subscribed(self, topic: str) -> bool:
         return any(topic_matches(f, topic) for f in self.session.subscriptions)

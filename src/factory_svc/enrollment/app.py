@@ -41,7 +41,13 @@ from factory_svc.enrollment.retained import KEY_FILE, RetainedCodes
 from factory_svc.enrollment.service import EnrollmentService
 from provkit.activation_code import DEFAULT_LOG2_N
 from provkit.clock import Clock
-from provkit.cloud import CloudNotConfigured, CloudSettings, EnrollmentPort, load_cloud_settings
+from provkit.cloud import (
+    CloudNotConfigured,
+    CloudSettings,
+    EnrollmentPort,
+    HubTwinPort,
+    load_cloud_settings,
+)
 from provkit.cloud_calls import CallObserver
 from provkit.idempotency import LEASE, RequestIds
 from provkit.settings import SettingsError, SettingsSource
@@ -105,6 +111,7 @@ class EnrollmentApp:
         observer: CallObserver | None = None,
         revocations: RevocationCheck | None = None,
         request_lease: timedelta = LEASE,
+        hubs: HubTwinPort | None = None,
     ) -> EnrollmentApp:
         from provkit.dps import DpsEnrollments
 
@@ -114,7 +121,7 @@ class EnrollmentApp:
         lint = lint_policy_from_chain(ca_chain, settings.policy.min_remaining_validity)
         request_ids = RequestIds(outbox.reservations, lease=request_lease)
         service = EnrollmentService(
-            dps, outbox, codes, lint, settings.policy, clock, revocations, request_ids
+            dps, outbox, codes, lint, settings.policy, clock, revocations, request_ids, hubs
         )
         await service.codes.purge()
         delivery = OutboxDelivery(

@@ -1,17 +1,20 @@
 """The enrollment commands of ``factory-svc`` (wired into ``factory_svc.cli``):
 
     factory-svc enroll ID --cert FILE [--owner OEM] [--replace [--reason TEXT]] [--request-id ID]
-    factory-svc enroll-batch (--dir DIR | FILE ...) --codes-out FILE [--owner OEM] [--replace [--reason TEXT]]
-                 [--chunk N] [--rotate-missing]
+    factory-svc enroll-batch (--dir DIR | FILE ... | --lot LOT_DIR) [--codes-out FILE] [--owner OEM]
+                 [--replace [--reason TEXT]] [--chunk N] [--rotate-missing]
     factory-svc rotate-code ID [--codes-out FILE] [--request-id ID]
     factory-svc enrollment-status ID [--json]
     factory-svc transfer-owner ID --to OEM --reason TEXT [--request-id ID]
 
 ``enroll`` prints the outcome and, once, the activation code for the label.  ``enroll-batch`` takes the
-PEM files ``factory-svc mint`` writes (``<id>.chain.pem``; the id is the file name up to the first dot),
-sends them in chunks (default 100 per call), shows progress on stderr and appends
-``device_id,outcome,delivery,activation_code,error`` lines to ``--codes-out`` (0600: the codes are
-secrets) as each chunk is answered, fsynced, then tells the service the labels may be printed
+PEM files ``factory-svc mint`` writes (``<id>.chain.pem``; the id is the file name up to the first dot) or
+``factory-svc lot`` writes (``<id>/chain.pem``; the id is the directory's name), or with ``--lot`` the devices
+a lot's manifest lists as minted and not yet enrolled (``factory_svc.lots.line``: the codes go to the lot's
+``codes.csv``, the manifest records each device's enrollment).  It sends them in chunks (default 100 per
+call), shows progress on stderr and appends ``device_id,outcome,delivery,activation_code,error`` lines to
+``--codes-out`` (0600: the codes are secrets) as each chunk is answered, fsynced, then tells the service the
+labels may be printed
 (AcknowledgeActivationCodes).  A crash loses nothing already answered; on exit it names the devices still
 open (not answered, or enrolled with no code in the file).  A re-run appends to the same file: the service
 answers an unchanged device with its code while it still retains it; ``--rotate-missing`` issues a new code
@@ -25,15 +28,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from devprov.v1 import factory_service_pb2 as pb
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
-from factory_svc.enrollment.codes_file import CodesFile, Row
-from provkit import faults
+from factory_svc.enrollment.batch_client import (
+    BatchOptions,
+    BatchTally,
+    batch_files,
+    enroll_in_chunks,
+    report_open,
+    rotate,
+    rotate_into,
+    rotate_missing,
+)
+from factory_svc.enrollment.codes_file import CodesFile
 from provkit.channels import read_input, request_metadata
 from provkit.errors import InputError
 from provkit.proto_names import enum_label
@@ -54,10 +65,19 @@ def add_parsers(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
     enroll.add_argument("--reason", default="", help="why an activated device is enrolled again")
     enroll.add_argument("--request-id", help="idempotency key (default: a new UUID)")
     batch = client("enroll-batch", "enroll many devices, with progress")
-    batch.add_argument("files", nargs="*", type=Path, help="<id>.chain.pem files")
-    batch.add_argument("--dir", type=Path, help="enroll every *.chain.pem in this directory")
+    batch.add_argument("files", nargs="*", type=Path, help="<id>.chain.pem or <id>/chain.pem files")
     batch.add_argument(
-        "--codes-out", type=Path, required=True, help="CSV of results and codes (0600, appended)"
+        "--dir", type=Path, help="enroll every <id>.chain.pem and <id>/chain.pem in this directory"
+    )
+    batch.add_argument(
+        "--lot",
+        type=Path,
+        help="a lot directory (factory-svc lot): enroll what its manifest lists as minted, record it there",
+    )
+    batch.add_argument(
+        "--codes-out",
+        type=Path,
+        help="CSV of results and codes (0600, appended); with --lot: the lot's codes.csv",
     )
     batch.add_argument("--replace", action="store_true")
     batch.add_argument("--owner", default="", help="the OEM that bought these devices")
@@ -136,6 +156,9 @@ async def run(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int
                 "failure_reason": status.failure_reason,
                 "failure_message": status.failure_message,
                 "owner": status.owner_oem,
+                "registration_status": status.registration_status,
+                "assigned_hub": status.assigned_hub,
+                "hub_connection_state": status.hub_connection_state,
             }
             print(json.dumps(fields, indent=2))
             return 0
@@ -144,6 +167,8 @@ async def run(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int
         if status.provisioning_status:
             print(f"dps status  {status.provisioning_status}")
         print(f"owner       {status.owner_oem or '(none yet: the first activation claims it)'}")
+        if status.registration_status:
+            print(f"registered  {status.registration_status} {status.assigned_hub}".rstrip())
         if status.attempts:
             print(f"attempts    {status.attempts}")
         if status.failure_reason:
@@ -167,142 +192,41 @@ async def run(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int
     return await _batch(stub, args)
 
 
-async def _rotate(
-    stub: pb_grpc.FactoryServiceStub, device_id: str, call_timeout: float, request_id: str
-) -> str:
-    reply = await stub.RotateActivationCode(
-        pb.RotateActivationCodeRequest(device_id=device_id, request_id=request_id),
-        metadata=request_metadata(request_id),
-        timeout=call_timeout,
-    )
-    return str(reply.activation_code)
-
-
-async def _acknowledge(stub: pb_grpc.FactoryServiceStub, rows: list[Row], call_timeout: float) -> None:
-    """Tell the service the codes of ``rows`` are safe on disk (call after ``CodesFile.append``)."""
-    device_ids = [row[0] for row in rows if row[3]]
-    if device_ids:
-        request_id = str(uuid.uuid4())
-        await stub.AcknowledgeActivationCodes(
-            pb.AcknowledgeActivationCodesRequest(device_ids=device_ids, request_id=request_id),
-            metadata=request_metadata(request_id),
-            timeout=call_timeout,
-        )
-
-
-async def _rotate_into(
-    stub: pb_grpc.FactoryServiceStub, codes: CodesFile, device_id: str, call_timeout: float, request_id: str
-) -> None:
-    """Rotate the device's code, append it to the codes file (fsynced), then acknowledge it."""
-    rows: list[Row] = [
-        (device_id, "ROTATED", "LIVE", await _rotate(stub, device_id, call_timeout, request_id), "")
-    ]
-    codes.append(rows)
-    await _acknowledge(stub, rows, call_timeout)
-
-
 async def _rotate_one(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int:
     request_id = args.request_id or str(uuid.uuid4())
     device_id = args.device_id.strip().lower()
     if args.codes_out is None:
-        code = await _rotate(stub, args.device_id, args.timeout, request_id)
+        code = await rotate(stub, args.device_id, args.timeout, request_id)
         print(f"device id   {device_id}")
         print(f"code        {code}   (the previous code no longer works; print a new label)")
         return 0
     codes = CodesFile.open(args.codes_out)
     try:
-        await _rotate_into(stub, codes, device_id, args.timeout, request_id)
+        await rotate_into(stub, codes, device_id, args.timeout, request_id)
     finally:
         codes.close()
     print(f"new activation code of {device_id}: {args.codes_out} (0600)")
     return 0
 
 
-def _row(result: pb.EnrollBatchResult) -> Row:
-    if result.HasField("error"):
-        return (result.device_id, "", "", "", f"{result.error.reason}: {result.error.message}")
-    r = result.response
-    return (
-        r.device_id,
-        enum_label(pb.EnrollOutcome, r.outcome, "ENROLL_OUTCOME_"),
-        enum_label(pb.EnrollmentDelivery, r.delivery, "ENROLLMENT_DELIVERY_"),
-        r.activation_code,
-        "",
-    )
+def batch_options(args: argparse.Namespace) -> BatchOptions:
+    return BatchOptions(args.replace, args.owner, args.reason, args.chunk, args.timeout)
 
 
 async def _batch(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int:
-    files = _batch_files(args)
-    chunk = max(1, min(1000, args.chunk))
+    """``enroll-batch`` with files or ``--dir`` (``--lot`` is the lot feature's: ``factory_svc.cli`` routes
+    it to ``factory_svc.lots.cli``)."""
+    if args.codes_out is None:
+        raise InputError("--codes-out is required (the CSV the activation codes go to)")
+    items = batch_files(args.files, args.dir)
     codes = CodesFile.open(args.codes_out)
-    unanswered = [f.name.split(".", 1)[0].lower() for f in files]
-    without_code: list[str] = []  # enrolled, but no code came back and none is in the file
-    done = enrolled = queued = failed = 0
+    tally = BatchTally.of(items)
     try:
-        for start in range(0, len(files), chunk):
-            part = files[start : start + chunk]
-            items = [
-                pb.EnrollBatchItem(
-                    device_id=f.name.split(".", 1)[0],
-                    certificate_pem=read_input(f, "certificate file"),
-                    replace=args.replace,
-                    owner_oem=args.owner,
-                    replace_reason=args.reason,
-                )
-                for f in part
-            ]
-            request_id = str(uuid.uuid4())
-            reply = await stub.EnrollBatch(
-                pb.EnrollBatchRequest(items=items, request_id=request_id),
-                metadata=request_metadata(request_id),
-                timeout=args.timeout,
-            )
-            faults.crash_point("enroll_batch.answered")  # answered, not yet on disk: the service retains
-            rows = [_row(result) for result in reply.results]
-            codes.append(rows)  # on disk before anything else happens
-            await _acknowledge(stub, rows, args.timeout)
-            for row, result in zip(rows, reply.results, strict=True):
-                if result.HasField("error"):
-                    print(f"  {row[0]}: {row[4]}", file=sys.stderr)
-                elif row[0] not in codes.codes:
-                    without_code.append(row[0])
-            del unanswered[: len(part)]
-            done += len(part)
-            enrolled += reply.enrolled_count
-            queued += reply.queued_count
-            failed += reply.failed_count
-            print(
-                f"[{done}/{len(files)}] enrolled {enrolled}, queued {queued}, failed {failed}",
-                file=sys.stderr,
-                flush=True,
-            )
-            faults.crash_point("enroll_batch.after_chunk")
+        await enroll_in_chunks(stub, items, codes, batch_options(args), tally)
         if args.rotate_missing:
-            await _rotate_missing(stub, codes, without_code, args.timeout)
+            await rotate_missing(stub, codes, tally.without_code, args.timeout)
     finally:
         codes.close()
-        _report_open(unanswered, without_code)
+        report_open(tally)
     print(f"results and activation codes: {args.codes_out} (0600)")
-    return 1 if failed or without_code else 0
-
-
-async def _rotate_missing(
-    stub: pb_grpc.FactoryServiceStub, codes: CodesFile, missing: list[str], call_timeout: float
-) -> None:
-    """A new code for each device in ``missing``, appended and acknowledged one by one; each is taken off
-    ``missing`` once its code is on disk (a failed call ends the run with the rest still listed)."""
-    for device_id in list(missing):
-        await _rotate_into(stub, codes, device_id, call_timeout, str(uuid.uuid4()))
-        missing.remove(device_id)
-        print(f"  {device_id}: new activation code (the old one no longer works)", file=sys.stderr)
-
-
-def _report_open(unanswered: list[str], without_code: list[str]) -> None:
-    if unanswered:
-        print(f"not answered ({len(unanswered)}), run again: {' '.join(unanswered)}", file=sys.stderr)
-    if without_code:
-        print(
-            f"enrolled with no code in the file ({len(without_code)}), run again with --rotate-missing: "
-            f"{' '.join(without_code)}",
-            file=sys.stderr,
-        )
+    return 1 if tally.failed or tally.without_code else 0

@@ -7,8 +7,9 @@ may be printed (AcknowledgeActivationCodes), so a crash at any point loses no co
 re-run appends to the same file; a device may then have several lines (the same retained code again, or a
 rotated one): **the last line with a code is the device's code**.
 
-API: ``CodesFile.open(path)`` (reads what is there), ``.codes`` (device id -> last code), ``.append(rows)``,
-``.close()``; ``HEADER``.
+API: ``CodesFile.open(path)`` (reads what is there), ``.codes`` (device id -> last code), ``.answers`` (device
+id -> its last answered line: enrolled, queued, rotated), ``.append(rows)``, ``.close()``; ``read_codes``,
+``read_rows``; ``HEADER``.
 """
 
 from __future__ import annotations
@@ -24,17 +25,26 @@ Row = tuple[str, str, str, str, str]
 
 
 class CodesFile:
-    def __init__(self, path: Path, fd: int, codes: dict[str, str]) -> None:
+    def __init__(self, path: Path, fd: int, rows: Sequence[Row]) -> None:
         self.path = path
         self._fd = fd
-        self.codes = codes  # device id -> the last code written for it
+        self.codes: dict[str, str] = {}  # device id -> the last code written for it
+        self.answers: dict[str, Row] = {}  # device id -> its last line with an outcome
+        self._note(rows)
+
+    def _note(self, rows: Sequence[Row]) -> None:
+        for row in rows:
+            if row[3]:
+                self.codes[row[0]] = row[3]
+            if row[1]:
+                self.answers[row[0]] = row
 
     @classmethod
     def open(cls, path: Path) -> CodesFile:
-        codes = read_codes(path) if path.exists() else {}
+        rows = read_rows(path) if path.exists() else []
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.fchmod(fd, 0o600)  # also when an older file was more open
-        file = cls(path, fd, codes)
+        file = cls(path, fd, rows)
         size = os.fstat(fd).st_size
         if size == 0:
             file._write([HEADER])
@@ -56,20 +66,23 @@ class CodesFile:
         if not rows:
             return
         self._write(rows)
-        for row in rows:
-            if row[3]:
-                self.codes[row[0]] = row[3]
+        self._note(rows)
 
     def close(self) -> None:
         os.close(self._fd)
 
 
-def read_codes(path: Path) -> dict[str, str]:
-    """Device id -> its code (the last line with one) of a codes file.  A torn last line (a crash in the
-    middle of a write) is ignored."""
-    codes: dict[str, str] = {}
+def read_rows(path: Path) -> list[Row]:
+    """The lines of a codes file, in order.  A torn last line (a crash in the middle of a write) is
+    ignored."""
     with path.open(newline="") as handle:
-        for row in csv.reader(handle):
-            if len(row) == len(HEADER) and row[0] != HEADER[0] and row[3]:
-                codes[row[0]] = row[3]
-    return codes
+        return [
+            (row[0], row[1], row[2], row[3], row[4])
+            for row in csv.reader(handle)
+            if len(row) == len(HEADER) and row[0] != HEADER[0]
+        ]
+
+
+def read_codes(path: Path) -> dict[str, str]:
+    """Device id -> its code (the last line with one) of a codes file."""
+    return {row[0]: row[3] for row in read_rows(path) if row[3]}

@@ -98,7 +98,14 @@ def status_to_proto(status: EnrollmentStatus) -> pb.GetEnrollmentStatusResponse:
         provisioning_status=status.provisioning_status,
         sha256_thumbprint=status.sha256_thumbprint,
         owner_oem=status.owner,
+        registration_status=status.registration_status,
+        assigned_hub=status.assigned_hub,
+        hub_connection_state=status.connection_state,
     )
+    if status.registration_updated is not None:
+        reply.registration_updated_time.CopyFrom(timestamp(status.registration_updated))
+    if status.last_activity is not None:
+        reply.last_activity_time.CopyFrom(timestamp(status.last_activity))
     if status.queued_at is not None:
         reply.queued_time.CopyFrom(timestamp(status.queued_at))
     if status.delivered_at is not None:

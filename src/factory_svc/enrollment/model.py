@@ -113,6 +113,12 @@ class EnrollmentStatus:
     provisioning_status: str = ""
     sha256_thumbprint: str = ""
     owner: str = ""
+    # where the device stands in the cloud (read with the enrollment; the hub's registry when reachable)
+    registration_status: str = ""
+    assigned_hub: str = ""
+    registration_updated: datetime | None = None
+    last_activity: datetime | None = None
+    connection_state: str = ""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ holds the enrollment's other services, built on the same DPS port, outbox and co
 in the outbox's database; replicas reserve an id there before the work).  The services own their worker
 threads (code hashing, batch lint): ``close()`` shuts them down.
 
-The status of an enrollment holding a certificate the factory revoked is REVOKED.
+The status of an enrollment holding a certificate the factory revoked is REVOKED.  The status also says where
+the device stands in the cloud: its DPS registration (read with the enrollment) and, when the factory holds
+the assigned hub's credentials (``hubs``), the hub registry's last activity and connection state.
 
 Reasons raised: Enroll's (see ``writer``), REQUEST_ID_INVALID, REQUEST_ID_REUSED; status: DPS_UNAVAILABLE.
 """
@@ -36,7 +38,7 @@ from factory_svc.enrollment.requests import OnceAnswered
 from factory_svc.enrollment.retained import RetainedCodes
 from factory_svc.enrollment.writer import EnrollmentWriter, enroll_fingerprint, result_from_json, result_json
 from provkit.clock import Clock
-from provkit.cloud import CloudUnavailable, EnrollmentPort
+from provkit.cloud import CloudError, CloudUnavailable, Enrollment, EnrollmentPort, HubTwinPort
 from provkit.cloud_errors import CloudService, cloud_unavailable
 from provkit.device_id import normalise_device_id
 from provkit.idempotency import RequestIds, check_request_id
@@ -53,8 +55,10 @@ class EnrollmentService:
         clock: Clock,
         revocations: RevocationCheck | None = None,
         request_ids: RequestIds | None = None,
+        hubs: HubTwinPort | None = None,
     ) -> None:
         self._revocations = revocations
+        self._hubs = hubs
         self._dps = dps
         self._outbox = outbox
         # one for every RPC here (their ids share one answer table): reservations in the outbox's database
@@ -109,19 +113,48 @@ class EnrollmentService:
                 return _status_from_entry(entry)
             raise cloud_unavailable(exc, CloudService.DPS) from exc
         if entry is not None:
-            return dc_replace(
+            status = dc_replace(
                 _status_from_entry(entry),
                 provisioning_status=enrollment.provisioning_status.value if enrollment else "",
                 owner=(enrollment.owner if enrollment else None) or "",
             )
-        if enrollment is None:
+        elif enrollment is None:
             return EnrollmentStatus(device_id, EnrollmentState.NOT_FOUND)
-        return EnrollmentStatus(
-            device_id,
-            EnrollmentState.LIVE,
-            provisioning_status=enrollment.provisioning_status.value,
-            sha256_thumbprint=enrolled_sha256(enrollment) or "",
-            owner=enrollment.owner or "",
+        else:
+            status = EnrollmentStatus(
+                device_id,
+                EnrollmentState.LIVE,
+                provisioning_status=enrollment.provisioning_status.value,
+                sha256_thumbprint=enrolled_sha256(enrollment) or "",
+                owner=enrollment.owner or "",
+            )
+        return await self._in_the_cloud(status, enrollment) if enrollment is not None else status
+
+    async def _in_the_cloud(self, status: EnrollmentStatus, enrollment: Enrollment) -> EnrollmentStatus:
+        """The device's registration and, when its hub is reachable with the factory's credentials, its
+        last activity there (a hub the factory cannot ask leaves those fields empty)."""
+        registration = enrollment.registration_state
+        if registration is None:
+            return status
+        status = dc_replace(
+            status,
+            registration_status=registration.status,
+            assigned_hub=registration.assigned_hub or "",
+            registration_updated=registration.last_updated,
+        )
+        if self._hubs is None or not registration.assigned:
+            return status
+        assert registration.assigned_hub is not None  # registration.assigned says so
+        try:
+            device = await self._hubs.get_device(
+                registration.assigned_hub, registration.device_id or status.device_id
+            )
+        except CloudError:  # not configured here, or unreachable: the status says what DPS knows
+            return status
+        if device is None:
+            return status
+        return dc_replace(
+            status, last_activity=device.last_activity, connection_state=device.connection_state
         )
 
 

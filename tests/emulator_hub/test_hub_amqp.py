@@ -1,6 +1,7 @@
-"""The hub's built-in Event Hub-compatible endpoint (AMQP 1.0 on 5671) against a real emulator process,
-read with Microsoft's azure-eventhub (its aio EventHubConsumerClient, unchanged) while devices send
-through azure-iot-device: positions, consumer groups, properties, and CBS refusals."""
+"""The hub's AMQP side (port 5671) against a real emulator process, with Microsoft's clients unchanged:
+the built-in Event Hub-compatible endpoint read with azure-eventhub (its aio EventHubConsumerClient) while
+devices send through azure-iot-device (positions, consumer groups, properties, CBS refusals), and
+azure-iot-hub's ``send_c2d_message`` reaching devices over MQTT."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import ssl
 import time
 import urllib.parse
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -53,7 +55,7 @@ class Hub:
             self.eventhub, consumer_group=group, connection_verify=str(self.emulator.ca_path), **kwargs
         )
 
-    async def device(self, device_id: str) -> IoTHubDeviceClient:
+    async def device(self, device_id: str, *, connect: bool = True) -> IoTHubDeviceClient:
         cert = TestCa().issue(self.tmp_path, device_id, self_signed=True)
         await in_thread(lambda: self.rm.create_device_with_x509(device_id, cert.sha1, cert.sha256, "enabled"))
         client = IoTHubDeviceClient.create_from_x509_certificate(
@@ -62,7 +64,8 @@ class Hub:
             device_id=device_id,
             server_verification_cert=self.emulator.ca_pem,
         )
-        await asyncio.wait_for(client.connect(), T)
+        if connect:
+            await asyncio.wait_for(client.connect(), T)
         return client
 
     async def rest(self, method: str, path: str) -> tuple[int, object]:
@@ -354,3 +357,68 @@ async def test_cbs_refuses_a_wrong_key_another_hubs_token_and_an_expired_token(h
     assert "InvalidSignature" in outcomes["wrong key"] and "401" in outcomes["wrong key"]
     assert "InvalidSignature" in outcomes["another hub's token"]
     assert "ExpiredToken" in outcomes["expired"]
+
+
+# ------------------------------------------------------------------------------------ cloud-to-device
+@pytest.fixture
+def c2d_service(hub, tmp_path, monkeypatch):
+    """A registry manager whose AMQP client (uamqp, which trusts certifi's bundle) trusts the emulator."""
+    import certifi
+
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text(Path(certifi.where()).read_text() + hub.emulator.ca_pem)
+    monkeypatch.setattr(certifi, "where", lambda: str(bundle))
+    rm = IoTHubRegistryManager.from_connection_string(hub.emulator.hub_connection_string(hub.host))
+    yield rm
+    rm.amqp_svc_client.disconnect_sync()
+
+
+async def inbox_of(client: IoTHubDeviceClient) -> asyncio.Queue:
+    inbox: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    # The setter blocks until the SDK subscribed (and this loop serves the test): set it from a thread.
+    handler = lambda m: loop.call_soon_threadsafe(inbox.put_nowait, m)  # noqa: E731
+    await in_thread(setattr, client, "on_message_received", handler)
+    return inbox
+
+
+@pytest.mark.slow
+async def test_send_c2d_message_reaches_a_connected_device_and_an_offline_one_once_it_connects(
+    hub, c2d_service
+):
+    online = await hub.device("c2d-amqp-online")
+    offline = await hub.device("c2d-amqp-offline", connect=False)
+    try:
+        inbox = await inbox_of(online)
+        properties = {
+            "messageId": "m-1",
+            "correlationId": "req-7",
+            "contentType": "application/json",
+            "iothub-ack": "full",
+            "line": "A/1",
+        }
+        await in_thread(c2d_service.send_c2d_message, "c2d-amqp-online", '{"cmd": "reboot"}', properties)
+        received = await asyncio.wait_for(inbox.get(), T)
+        assert received.data == b'{"cmd": "reboot"}'
+        assert (received.message_id, received.correlation_id, received.ack) == ("m-1", "req-7", "full")
+        assert received.content_type == "application/json"
+        assert received.custom_properties == {"line": "A/1"}
+        # The offline device's message waits in its queue until it connects.
+        await in_thread(c2d_service.send_c2d_message, "c2d-amqp-offline", "later", {"messageId": "m-2"})
+        await asyncio.wait_for(offline.connect(), T)
+        later = await asyncio.wait_for((await inbox_of(offline)).get(), T)
+        assert (later.data, later.message_id) == (b"later", "m-2")
+    finally:
+        await online.shutdown()
+        await offline.shutdown()
+
+
+@pytest.mark.slow
+async def test_send_c2d_message_to_an_unknown_device_is_refused_and_the_sender_goes_on(hub, c2d_service):
+    with pytest.raises(Exception, match="C2D message send failure"):
+        await in_thread(c2d_service.send_c2d_message, "c2d-nobody", "hello", {})
+    # The same sender then queues a message for a known (offline) device: the purge finds exactly it.
+    await hub.device("c2d-amqp-queued", connect=False)
+    await in_thread(c2d_service.send_c2d_message, "c2d-amqp-queued", "queued", {"messageId": "q-1"})
+    status, purged = await hub.rest("DELETE", "/devices/c2d-amqp-queued/commands?api-version=2021-04-12")
+    assert (status, purged["totalMessagesPurged"]) == (200, 1)
