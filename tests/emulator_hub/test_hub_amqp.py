@@ -25,9 +25,11 @@ from azure.iot.device import X509, Message
 from azure.iot.device.aio import IoTHubDeviceClient
 from azure.iot.hub import IoTHubRegistryManager
 from support.certs import TestCa
+from support.waiting import until
 
 from azure_iot_emulator.hub.eventhub.model import partition_of
 from azure_iot_emulator.sas import generate_sas
+from devprov_demo.hub_feed import HubFeed
 
 T = 30
 
@@ -357,6 +359,33 @@ async def test_cbs_refuses_a_wrong_key_another_hubs_token_and_an_expired_token(h
     assert "InvalidSignature" in outcomes["wrong key"] and "401" in outcomes["wrong key"]
     assert "InvalidSignature" in outcomes["another hub's token"]
     assert "ExpiredToken" in outcomes["expired"]
+
+
+@pytest.mark.slow
+async def test_the_demo_feed_reads_every_hub_through_the_built_in_endpoint(hub, module_emulator):
+    """devprov_demo's live view reads like any back end: everything retained first, then only what is new."""
+    device = await hub.device("eh-feed")
+    feed = HubFeed(module_emulator.connection)
+    try:
+        await send(device, 2, "feed-1")
+        seen: list = []
+
+        async def seen_tag(tag: str, count: int):
+            seen.extend(await feed.read_new())
+            return len([m for m in seen if json.loads(m.body).get("tag") == tag]) == count
+
+        await until(lambda: seen_tag("feed-1", 2), "the first two in the feed", timeout=T)
+        assert feed.unreachable == {}
+        mine = [m for m in seen if m.device_id == "eh-feed"]
+        assert [json.loads(m.body)["i"] for m in mine] == [0, 1] and {m.hub for m in mine} == {hub.host}
+        assert mine[0].seq < mine[1].seq and mine[0].enqueued_time.endswith("Z")
+        seen.clear()
+        await send(device, 1, "feed-2")
+        await until(lambda: seen_tag("feed-2", 1), "the new one in the feed", timeout=T)
+        assert [json.loads(m.body)["tag"] for m in seen if m.device_id == "eh-feed"] == ["feed-2"]
+    finally:
+        await feed.close()
+        await device.shutdown()
 
 
 # ------------------------------------------------------------------------------------ cloud-to-device
