@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import socket
 import ssl
 import time
 import urllib.parse
@@ -51,6 +52,7 @@ class Hub:
         self.tmp_path = tmp_path
         self.eventhub = emulator.eventhub_connection_string(host)
         self.rm = IoTHubRegistryManager.from_connection_string(emulator.hub_connection_string(host))
+        self.certs: dict = {}
 
     def consumer(self, group: str = "$Default", **kwargs) -> EventHubConsumerClient:
         return EventHubConsumerClient.from_connection_string(
@@ -60,6 +62,12 @@ class Hub:
     async def device(self, device_id: str, *, connect: bool = True) -> IoTHubDeviceClient:
         cert = TestCa().issue(self.tmp_path, device_id, self_signed=True)
         await in_thread(lambda: self.rm.create_device_with_x509(device_id, cert.sha1, cert.sha256, "enabled"))
+        self.certs[device_id] = cert
+        return await self.client(device_id, connect=connect)
+
+    async def client(self, device_id: str, *, connect: bool = True) -> IoTHubDeviceClient:
+        """A device client of a device registered by :meth:`device`."""
+        cert = self.certs[device_id]
         client = IoTHubDeviceClient.create_from_x509_certificate(
             x509=X509(str(cert.cert_path), str(cert.key_path)),
             hostname=self.host,
@@ -451,3 +459,82 @@ async def test_send_c2d_message_to_an_unknown_device_is_refused_and_the_sender_g
     await in_thread(c2d_service.send_c2d_message, "c2d-amqp-queued", "queued", {"messageId": "q-1"})
     status, purged = await hub.rest("DELETE", "/devices/c2d-amqp-queued/commands?api-version=2021-04-12")
     assert (status, purged["totalMessagesPurged"]) == (200, 1)
+
+
+# ------------------------------------------------------------------------------------ hostile and crashes
+def _raw_exchange(host: str, ca_path: str, payload: bytes) -> bytes:
+    """Send ``payload`` on a TLS connection to 5671 and read until the emulator closes it."""
+    context = ssl.create_default_context(cafile=ca_path)
+    with (
+        socket.create_connection((host, 5671), timeout=T) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        tls.sendall(payload)
+        received = b""
+        while chunk := tls.recv(65536):
+            received += chunk
+        return received
+
+
+@pytest.mark.slow
+async def test_bytes_that_are_not_azure_amqp_close_the_connection_and_the_endpoint_goes_on(hub):
+    ca = str(hub.emulator.ca_path)
+    # sasl-init (0x41) naming PLAIN: frame header (size 21, SASL frame), then the described list
+    sasl_init_plain = bytes.fromhex("0000001502010000 005341 c00801 a305") + b"PLAIN"
+    cases = {
+        "http": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        "plain sasl": b"AMQP\x03\x01\x00\x00" + sasl_init_plain,
+        "garbage frame": b"AMQP\x00\x01\x00\x00" + b"\x00\x00\x00\x10\x02\x00\x00\x00" + b"\xff" * 8,
+        "huge frame": b"AMQP\x00\x01\x00\x00" + b"\x7f\xff\xff\xff\x02\x00\x00\x00",
+    }
+    answers = {
+        name: await asyncio.to_thread(_raw_exchange, hub.host, ca, data) for name, data in cases.items()
+    }
+    assert answers["http"] == b""  # closed without an answer
+    # The mechanisms offered, then sasl-outcome (0x44) with code 1 (auth failed), then closed.
+    plain = answers["plain sasl"]
+    assert plain.startswith(b"AMQP\x03\x01\x00\x00") and b"MSSBCBS" in plain and b"ANONYMOUS" in plain
+    assert plain.endswith(b"\x00SD\xd0\x00\x00\x00\x06\x00\x00\x00\x01P\x01")
+    # Undecodable: closed after the protocol header; oversized: closed with a framing error.
+    assert answers["garbage frame"] == b"AMQP\x00\x01\x00\x00"
+    assert answers["huge frame"].startswith(b"AMQP\x00\x01\x00\x00")
+    assert b"amqp:connection:framing-error" in answers["huge frame"]
+    assert (await hub_props(hub))["partition_ids"] == ["0", "1", "2", "3"]
+
+
+@pytest.mark.slow
+async def test_sequence_numbers_and_offsets_survive_a_kill_and_continue_without_gaps(
+    emulator, tmp_path, monkeypatch
+):
+    """Positions are written in the messages' own transaction: what a consumer saw (and checkpointed) before
+    kill -9 is numbered the same after the restart, and numbering goes on from there."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(emulator.ca_path))
+    hub = Hub(emulator, emulator.default_hub, tmp_path)
+    device = await hub.device("eh-crash")
+    partition = str(partition_of("eh-crash", 4))
+    await send(device, 3, "before")
+    before = await receive(
+        hub.consumer(),
+        lambda got: len(of_tag(got, "before")) == 3,
+        starting_position="-1",
+        partition_id=partition,
+    )
+    await device.shutdown()
+    emulator.kill()
+    emulator.start()  # the same addresses, keys and data dir
+    device = await hub.client("eh-crash")
+    try:
+        await send(device, 2, "after")
+    finally:
+        await device.shutdown()
+    everything = await receive(
+        hub.consumer(),
+        lambda got: len(of_tag(got, "after")) == 2,
+        starting_position="-1",
+        partition_id=partition,
+    )
+    assert [(e.sequence_number, e.offset) for e in everything[:3]] == [
+        (e.sequence_number, e.offset) for e in before
+    ]
+    assert [e.sequence_number for e in everything] == [0, 1, 2, 3, 4]
+    assert [e.message_id for e in everything] == [f"before-{i}" for i in range(3)] + ["after-0", "after-1"]

@@ -247,6 +247,12 @@ class AmqpConnection:
                 event.session.close()
         elif kind == Event.CONNECTION_REMOTE_CLOSE:
             self.connection.close()
+        elif kind == Event.TRANSPORT_TAIL_CLOSED:
+            # Nothing more will be read (the peer closed, or proton refused what it sent, e.g. a frame it
+            # cannot decode): write what proton still has for the peer, then close.
+            self._write_out()
+            self.transport.close_head()
+            self._write_out()
         elif kind == Event.TRANSPORT_CLOSED:
             self._write_out()
             self._shut()

@@ -132,7 +132,7 @@ class SaslServer:
                     self.done = True
                     return SaslResult(reply, header + self._buffer, True, None)
                 if header != SASL_HEADER:
-                    raise SaslRefused("not an AMQP 1.0 SASL header")
+                    raise SaslRefused("not an AMQP 1.0 SASL header", reply)
                 reply += SASL_HEADER + mechanisms_frame()
                 self._state = "init"
             elif self._state == "init":
@@ -140,13 +140,17 @@ class SaslServer:
                     break
                 size, doff, kind, _channel = struct.unpack(">IBBH", self._buffer[:8])
                 if kind != _SASL_FRAME_TYPE or doff < 2 or not 8 <= size <= MAX_SASL_FRAME:
-                    raise SaslRefused("malformed SASL frame")
+                    raise SaslRefused("malformed SASL frame", reply)
                 if len(self._buffer) < size:
                     break
                 body, self._buffer = self._buffer[doff * 4 : size], self._buffer[size:]
-                mechanism = _init_mechanism(body)
+                try:
+                    mechanism = _init_mechanism(body)
+                except SaslRefused as exc:
+                    raise SaslRefused(str(exc), reply) from exc
                 if mechanism not in MECHANISMS:
-                    raise SaslRefused(f"SASL mechanism {mechanism} not offered", outcome_frame(_AUTH_FAILED))
+                    refusal = reply + outcome_frame(_AUTH_FAILED)
+                    raise SaslRefused(f"SASL mechanism {mechanism} not offered", refusal)
                 self.mechanism = mechanism
                 reply += outcome_frame(_OK)
                 self._state = "amqp"
