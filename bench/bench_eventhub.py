@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import os
 import subprocess
 import tempfile
@@ -42,15 +41,6 @@ async def run(settings: Settings = FULL) -> str:
     return await asyncio.to_thread(_run_sync, settings)
 
 
-def _line(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    assert proc.stdout is not None
-    text = proc.stdout.readline()
-    if not text:
-        raise RuntimeError(f"the consumer exited early (code {proc.poll()})")
-    result: dict[str, Any] = json.loads(text)
-    return result
-
-
 def _round(target: servers.Target, eventhub: str, settings: Settings) -> dict[str, Any]:
     """One window: the consumer ready, the load generator's ingest, the consumer's drain and result."""
     consumer = subprocess.Popen(
@@ -60,13 +50,13 @@ def _round(target: servers.Target, eventhub: str, settings: Settings) -> dict[st
     )  # fmt: skip
     assert consumer.stdin is not None
     try:
-        _line(consumer)  # ready
+        measure._read_json_line(consumer)  # ready
         consumer.stdin.write("go\n")
         consumer.stdin.flush()
         ingest = measure.ingest(target, settings)
         consumer.stdin.write(f"drain {ingest['acked']}\n")
         consumer.stdin.flush()
-        read = _line(consumer)
+        read = measure._read_json_line(consumer)
         consumer.wait(30)
     finally:
         if consumer.poll() is None:

@@ -22,10 +22,11 @@ from pathlib import Path
 from azure.eventhub.aio import EventHubConsumerClient
 
 _HERE = Path(__file__).resolve().parent
-if str(_HERE.parent) not in sys.path:
-    sys.path.insert(0, str(_HERE.parent))
+for _folder in (_HERE.parent, _HERE.parents[1] / "tests"):  # bench/ (hub.loadgen), tests/ (support)
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
-from support.mqtt_client import client_context  # noqa: E402 - loadgen put the tests folder on the path
+from support.mqtt_client import client_context  # noqa: E402 - needs the tests folder on the path
 
 from hub.loadgen import TOPIC, LoadDevice, PublishTemplate, Stats, _connect  # noqa: E402
 

@@ -129,17 +129,6 @@ def assignment_delay(value: Any) -> float | None:
         raise SettingsError(f"assignment delay must be 'immediate' or seconds, not {value!r}") from None
 
 
-def _days(value: Any, default: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        raise SettingsError(f"hub_retention_days must be a number of days, not {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise SettingsError(f"hub_retention_days must be a number of days, not {value!r}") from None
-
-
 KEYS = (
     "data_dir",
     "dps_host",
@@ -187,7 +176,7 @@ def build_config(
         https_port=source.integer("https_port", default.https_port),
         amqp_port=source.integer("amqp_port", default.amqp_port),
         hub_partitions=source.integer("hub_partitions", default.hub_partitions),
-        hub_retention_days=_days(source.value("hub_retention_days"), default.hub_retention_days),
+        hub_retention_days=source.number("hub_retention_days", default.hub_retention_days),
         assignment_delay=default.assignment_delay if delay is None else assignment_delay(delay),
         azure_quotas=source.flag("azure_quotas", default.azure_quotas),
         hub_tier=source.text("hub_tier") or default.hub_tier,

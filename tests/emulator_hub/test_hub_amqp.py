@@ -149,6 +149,11 @@ async def stop(client: EventHubConsumerClient, task: asyncio.Task) -> None:
         await task
 
 
+async def read_tagged(hub, tag: str, count: int, group: str = "$Default", **position) -> list:
+    """Events read from ``position`` (receive()'s keywords) until ``count`` of them carry ``tag``."""
+    return await receive(hub.consumer(group), lambda got: len(of_tag(got, tag)) == count, **position)
+
+
 def of_tag(events, tag: str) -> list:
     return [e for e in events if e.body_as_json().get("tag") == tag]
 
@@ -217,12 +222,7 @@ async def test_reads_from_an_offset_a_sequence_number_and_an_enqueued_time(hub):
     partition = str(partition_of("eh-positions", 4))
     try:
         await send(device, 3, "pos-early")
-        early = await receive(
-            hub.consumer(),
-            lambda got: len(of_tag(got, "pos-early")) == 3,
-            starting_position="-1",
-            partition_id=partition,
-        )
+        early = await read_tagged(hub, "pos-early", 3, starting_position="-1", partition_id=partition)
         last_early = of_tag(early, "pos-early")[-1]
         await send(device, 2, "pos-late")
     finally:
@@ -232,17 +232,15 @@ async def test_reads_from_an_offset_a_sequence_number_and_an_enqueued_time(hub):
         return [e.body_as_json()["tag"] for e in events if e.body_as_json()["tag"].startswith("pos-")]
 
     # After the last early event's offset: the late ones only.
-    by_offset = await receive(
-        hub.consumer(),
-        lambda got: len(of_tag(got, "pos-late")) == 2,
-        starting_position=last_early.offset,
-        partition_id=partition,
+    by_offset = await read_tagged(
+        hub, "pos-late", 2, starting_position=last_early.offset, partition_id=partition
     )
     assert late_only(by_offset) == ["pos-late", "pos-late"]
     # From a sequence number, inclusive: the last early one, then the late ones.
-    by_seq = await receive(
-        hub.consumer(),
-        lambda got: len(of_tag(got, "pos-late")) == 2,
+    by_seq = await read_tagged(
+        hub,
+        "pos-late",
+        2,
         starting_position=last_early.sequence_number,
         starting_position_inclusive=True,
         partition_id=partition,
@@ -250,9 +248,10 @@ async def test_reads_from_an_offset_a_sequence_number_and_an_enqueued_time(hub):
     assert late_only(by_seq) == ["pos-early", "pos-late", "pos-late"]
     assert by_seq[0].sequence_number == last_early.sequence_number
     # From an enqueued time: everything enqueued at or after the last early event.
-    by_time = await receive(
-        hub.consumer(),
-        lambda got: len(of_tag(got, "pos-late")) == 2,
+    by_time = await read_tagged(
+        hub,
+        "pos-late",
+        2,
         starting_position=last_early.enqueued_time,
         starting_position_inclusive=True,
         partition_id=partition,
@@ -273,12 +272,7 @@ async def test_two_consumer_groups_read_independently_and_new_events_arrive_live
     try:
         await send(device, 2, "groups-1")
         # $Default reads the first two and stops.
-        first = await receive(
-            hub.consumer(),
-            lambda got: len(of_tag(got, "groups-1")) == 2,
-            starting_position="-1",
-            partition_id=partition,
-        )
+        first = await read_tagged(hub, "groups-1", 2, starting_position="-1", partition_id=partition)
         assert len(of_tag(first, "groups-1")) == 2
         # analytics starts after what is there; once it has read the first new message it is waiting at
         # the end of the partition, and the second reaches it live (the hub wakes it, nobody polls).
@@ -310,12 +304,7 @@ async def test_two_consumer_groups_read_independently_and_new_events_arrive_live
     finally:
         await device.shutdown()
     # $Default still reads everything from the start: the groups do not share positions.
-    again = await receive(
-        hub.consumer(),
-        lambda got: len(of_tag(got, "groups-2b")) == 1,
-        starting_position="-1",
-        partition_id=partition,
-    )
+    again = await read_tagged(hub, "groups-2b", 1, starting_position="-1", partition_id=partition)
     assert len(of_tag(again, "groups-1")) == 2
     status, _ = await hub.rest("DELETE", "/eventHubEndpoints/events/ConsumerGroups/analytics")
     assert status == 200
@@ -513,12 +502,7 @@ async def test_sequence_numbers_and_offsets_survive_a_kill_and_continue_without_
     device = await hub.device("eh-crash")
     partition = str(partition_of("eh-crash", 4))
     await send(device, 3, "before")
-    before = await receive(
-        hub.consumer(),
-        lambda got: len(of_tag(got, "before")) == 3,
-        starting_position="-1",
-        partition_id=partition,
-    )
+    before = await read_tagged(hub, "before", 3, starting_position="-1", partition_id=partition)
     await device.shutdown()
     emulator.kill()
     emulator.start()  # the same addresses, keys and data dir
@@ -527,12 +511,7 @@ async def test_sequence_numbers_and_offsets_survive_a_kill_and_continue_without_
         await send(device, 2, "after")
     finally:
         await device.shutdown()
-    everything = await receive(
-        hub.consumer(),
-        lambda got: len(of_tag(got, "after")) == 2,
-        starting_position="-1",
-        partition_id=partition,
-    )
+    everything = await read_tagged(hub, "after", 2, starting_position="-1", partition_id=partition)
     assert [(e.sequence_number, e.offset) for e in everything[:3]] == [
         (e.sequence_number, e.offset) for e in before
     ]
