@@ -19,11 +19,8 @@ import resource
 import sys
 import tempfile
 import time
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-
-from provkit.devpki import SIGNATURE_KEY_USAGE
 
 TITLE = "Enroll: batched enrollments per second through factory_svc into the emulator's DPS"
 
@@ -81,45 +78,9 @@ def _cpu_fields(meter: CpuMeter, created: int) -> dict[str, float]:
     return {"cpu_self_ms": 1000 * own / per, "cpu_emulator_ms": 1000 * emulator / per}
 
 
-def issue_certificates(ca, count: int) -> list[tuple[str, str]]:
-    """(device id, certificate PEM) pairs signed by the factory's issuing CA, one shared key; the ids are
-    fresh GUIDs, as on the labels."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    out = []
-    for _ in range(count):
-        device_id = str(uuid.uuid4())
-        cert = ca.signer.sign_certificate(
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-            .issuer_name(ca.certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=365))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                SIGNATURE_KEY_USAGE,
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.certificate.public_key()),
-                critical=False,
-            )
-        )
-        out.append((device_id, cert.public_bytes(serialization.Encoding.PEM).decode()))
-    return out
-
-
 async def _phase(root: Path, emu, log2_n: int, tag: str = "") -> dict[str, float]:
     from provisioning_env import factory_env, running_factory
+    from support.shipment import issue_certificates
 
     from devprov.v1 import factory_service_pb2 as pb
 
@@ -178,6 +139,8 @@ async def _phase(root: Path, emu, log2_n: int, tag: str = "") -> dict[str, float
 
 async def _raw_bulk(root: Path, emu, tag: str = "") -> dict[str, float]:
     """The ceiling: the same enrollments written straight into DPS bulk operations (no factory_svc)."""
+    from support.shipment import issue_certificates
+
     from factory_svc.ca.issuing import open_dev_ca
     from provkit.cloud import Enrollment, ProvisioningStatus, X509Attestation, load_cloud_settings
     from provkit.dps import DpsEnrollments

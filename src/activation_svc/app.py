@@ -52,7 +52,9 @@ class ActivationApp:
             window=settings.failure_window,
         )
         request_ids = RequestIds(audit.reservations, lease=settings.request_lease)
-        service = ActivationService(dps, hubs, settings.cloud, limits, audit, clock, request_ids)
+        service = ActivationService(
+            dps, hubs, settings.cloud, limits, audit, clock, request_ids, templates=settings.templates
+        )
         return cls(settings, dps, audit, service, observe)
 
     def bindings(self) -> list[ServiceBinding]:

@@ -6,6 +6,8 @@
                                [--request-id ID]
     activation-svc deactivate ID [--request-id ID]
     activation-svc status ID
+    activation-svc activate-batch SHIPMENT.csv [--metadata FILE] [--hub HOST] [--results FILE]
+                               [--concurrency N]   (see activation_svc.batch.cli)
     activation-svc portal [--listen HOST:PORT] [--config FILE]   (see activation_svc.portal.cli)
 
 The activation code is a secret and never an argument: it is read from ``--code-file FILE``, from the
@@ -34,6 +36,7 @@ from pathlib import Path
 
 from google.protobuf import timestamp_pb2
 
+from activation_svc.batch.cli import add_batch_command, run_batch
 from activation_svc.portal.cli import add_portal_command, run_portal
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
@@ -104,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     deactivate = client("deactivate", "deprovision a device (enrollment and hub identity disabled)")
     deactivate.add_argument("--request-id", help="idempotency key (default: a new UUID)")
     client("status", "show a device's lifecycle state")
+    add_batch_command(sub)
     add_portal_command(sub)
     return parser
 
@@ -305,6 +309,8 @@ def _command(args: argparse.Namespace) -> int:
         return run_migrations(url, [("audit", lambda: AuditLog.open(url, migrate=True))])
     if args.command == "portal":
         return run_portal(args)
+    if args.command == "activate-batch":
+        return run_batch(args)
     return _client(args)
 
 

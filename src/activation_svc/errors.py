@@ -18,6 +18,10 @@ class Reason(ReasonEnum):
     METADATA_NOT_JSON = auto(), "the metadata is not JSON (metadata `json_problem` says why)"
     METADATA_INVALID = auto(), "the metadata breaks the device twin rules (one field violation per problem)"
     METADATA_CONFLICT = auto(), "metadata and clear_metadata sent together"
+    METADATA_TEMPLATE_VIOLATION = (
+        auto(),
+        "the metadata does not match the OEM's template (one field violation per problem; metadata `field`)",
+    )
     METADATA_EMPTY = auto(), "metadata without tags or desired properties would remove the device's"
     HUB_UNKNOWN = auto(), "the requested hub is not one of the linked hubs"
     HUB_NOT_CONFIGURED = auto(), "no hub requested and no default hub configured"

@@ -124,6 +124,17 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
             reply.deactivated_time.CopyFrom(timestamp(status.deactivated_at))
         return reply
 
+    async def GetMetadataTemplate(
+        self, request: pb.GetMetadataTemplateRequest, context: Context
+    ) -> pb.GetMetadataTemplateResponse:
+        caller = current_caller()
+        template = self._service.template_for(caller)
+        if template is None:
+            return pb.GetMetadataTemplateResponse(tenant=caller.oem or "")
+        return pb.GetMetadataTemplateResponse(
+            tenant=template.tenant, schema_json=template.text(), schema_digest=template.digest
+        )
+
     def binding(self) -> ServiceBinding:
         return binding(
             self,

@@ -18,7 +18,7 @@ METADATA_CONFLICT) CLEARS it.  ``target_twin(request, current)`` is the initial 
 then; metadata without tags and desired properties would clear a device that has some, and is refused
 (FailedPrecondition METADATA_EMPTY): clearing is never a side effect, it is asked for.
 ``sample_metadata(index=0, interval_s=5.0)`` an OEM's metadata for its ``index``-th machine: the one sample
-the portal's form, ``make up``'s sample-metadata.json and the demo's fleet all show.
+``make up``'s sample-metadata.json and the demo's fleet show (the portal pre-fills nothing).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ from typing import Any, Protocol
 from activation_svc.audit import AuditEntry, AuditLog
 from activation_svc.errors import Reason
 from activation_svc.intents import ActivationIntent
-from activation_svc.metadata import MetadataRequest, requested_metadata, target_twin
+from activation_svc.metadata import MetadataRequest, TwinMetadata, requested_metadata, target_twin
 from activation_svc.model import (
     ActivateCommand,
     ActivateResult,
@@ -70,6 +70,7 @@ from activation_svc.steps import (
     hub_errors,
     update_enrollment,
 )
+from activation_svc.templates.schema import Template, Templates
 from provkit.activation_code import verify_code
 from provkit.clock import Clock
 from provkit.cloud import (
@@ -165,6 +166,8 @@ class ActivationService:
         audit: AuditLog,
         clock: Clock,
         request_ids: RequestIds | None = None,
+        *,
+        templates: Templates | None = None,
     ) -> None:
         self._dps = dps
         self._hubs = hubs
@@ -174,6 +177,11 @@ class ActivationService:
         self._clock = clock
         self._request_ids = request_ids or RequestIds(audit.reservations)
         self._steps = IntentSteps(dps, hubs, audit, clock)
+        self._templates = templates or Templates()
+
+    def template_for(self, caller: Caller) -> Template | None:
+        """The metadata template the caller's OEM must follow (None: the twin rules only)."""
+        return self._templates.for_caller(caller)
 
     async def complete_open_intents(self) -> int:
         """Start-up: finish every activation a crash left open (how many were closed).  One that cannot be
@@ -271,6 +279,10 @@ class ActivationService:
     async def activate(self, cmd: ActivateCommand) -> ActivateResult:
         check_request_id(cmd.request_id)
         metadata = requested_metadata(cmd.metadata_json, cmd.clear_metadata)
+        template = self.template_for(cmd.caller)
+        if template is not None and metadata.change is not MetadataChange.KEPT:
+            sent = metadata.metadata or TwinMetadata({}, {})  # cleared: no tags, no desired properties
+            template.check(sent.tags, sent.desired)
         hub = self._hub(cmd.hub)
         device_id, enrollment = await self._authorised(
             "activate", cmd.device_id, cmd.activation_code, cmd.caller, cmd.request_id
@@ -327,6 +339,11 @@ class ActivationService:
         # The target comes from what this call read (the intent records it): kept, replaced or cleared.
         wanted_twin = target_twin(metadata, enrollment.initial_twin)
         change = metadata.change
+        template = self.template_for(cmd.caller)
+        first = enrollment.activation.activated_at is None
+        if template is not None and change is MetadataChange.KEPT and first:
+            # a first activation that keeps what the enrollment holds must still meet the template
+            template.check(wanted_twin.tags, wanted_twin.desired)
         registration = enrollment.registration_state
         registered_hub = (registration.assigned_hub or "") if registration and registration.assigned else ""
         if holds(enrollment, wanted_twin, HubAllocation((hub,), "static")):

@@ -18,6 +18,7 @@ TOML file (``--config FILE`` or ACTIVATION_CONFIG).
 | intents.hold_seconds              | ACTIVATION_INTENTS_HOLD_SECONDS           | 60 (replicas, intents.py)  |
 | requests.lease_seconds            | ACTIVATION_REQUESTS_LEASE_SECONDS         | 30 (replicas)              |
 | cloud.*                           | ACTIVATION_CLOUD_*                        | see provkit.cloud          |
+| templates.<tenant>                | ACTIVATION_TEMPLATES (tenant=file,...)    | - (twin rules only)        |
 | metrics.listen                    | ACTIVATION_METRICS_LISTEN                 | - (off; host:port)         |
 | tracing.exporter / otlp_endpoint  | ACTIVATION_TRACING_EXPORTER / _OTLP_ENDPOINT | none (console, otlp)    |
 
@@ -26,6 +27,9 @@ failure counters in PostgreSQL, shared by every replica (run ``activation-svc mi
 keeps them in ``<data_dir>/audit.sqlite3`` (one process).  ``requests.lease_seconds``: how long a replica's
 reservation of a request id lasts unrenewed (a retry on another replica takes over a dead replica's request
 after it; ``provkit.idempotency``).
+
+``templates``: a metadata template (a JSON Schema file) per OEM tenant, read and checked at start-up; a
+file that is not a usable template stops the service naming the tenant (``activation_svc.templates``).
 
 ``cloud.*``: the emulator's connection.json by default (ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE), or the
 DPS / hub connection strings, the CA file and the default hub for real Azure.
@@ -39,6 +43,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from activation_svc.intents import HOLD
+from activation_svc.templates.schema import Templates, load_templates
 from dbstore import DatabaseUrl
 from provkit.cloud import CloudSettings, load_cloud_settings
 from provkit.device_id import DeviceIdPolicy
@@ -72,6 +77,7 @@ class ActivationSettings:
     device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID
     observe: ObserveSettings = field(default_factory=ObserveSettings)  # /metrics, traces: off by default
     database: DatabaseUrl | None = None  # None: the SQLite files in data_dir
+    templates: Templates = field(default_factory=Templates)  # per OEM tenant (activation_svc.templates)
 
     @property
     def database_url(self) -> DatabaseUrl:
@@ -110,4 +116,5 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         log_level=(source.text("log_level", "INFO") or "INFO").upper(),
         device_ids=device_id_policy(source),
         observe=observe_settings(source),
+        templates=load_templates(source),
     )

@@ -86,6 +86,7 @@ SUITE_POLICY = AccessPolicy(
         _ACTIVATION + "Activate": frozenset({Role.OEM, Role.PORTAL}),
         _ACTIVATION + "Deactivate": frozenset({Role.OEM, Role.PORTAL}),
         _ACTIVATION + "GetDeviceStatus": frozenset({Role.OEM, Role.PORTAL}),
+        _ACTIVATION + "GetMetadataTemplate": frozenset({Role.OEM, Role.PORTAL}),  # its own OEM's only
     }
 )
 

@@ -162,6 +162,17 @@ async def running_activation(
         await app.close()
 
 
+def activation_client_env(target: str, tls: OemTls) -> dict[str, str]:
+    """The environment with which the `activation-svc` client commands reach ``target`` as the OEM."""
+    return {
+        **os.environ,
+        "ACTIVATION_CLIENT_TARGET": target,
+        "ACTIVATION_CLIENT_CA_FILE": str(tls.ca_file),
+        "ACTIVATION_CLIENT_CERT_FILE": str(tls.client_cert),
+        "ACTIVATION_CLIENT_KEY_FILE": str(tls.client_key),
+    }
+
+
 @contextlib.asynccontextmanager
 async def activation_serve_process(tmp_path: Path, emulator, tls: OemTls) -> AsyncIterator[dict[str, str]]:
     """`activation-svc serve` as its own process (mTLS, a free loopback port, its log in
@@ -176,13 +187,7 @@ async def activation_serve_process(tmp_path: Path, emulator, tls: OemTls) -> Asy
         )
         try:
             await wait_serving(target, tls.client_security(), "activation-svc serve")
-            yield {
-                **os.environ,
-                "ACTIVATION_CLIENT_TARGET": target,
-                "ACTIVATION_CLIENT_CA_FILE": str(tls.ca_file),
-                "ACTIVATION_CLIENT_CERT_FILE": str(tls.client_cert),
-                "ACTIVATION_CLIENT_KEY_FILE": str(tls.client_key),
-            }
+            yield activation_client_env(target, tls)
         finally:
             server.send_signal(signal.SIGTERM)
             stopped = await asyncio.wait_for(server.wait(), 30)

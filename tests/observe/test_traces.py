@@ -39,6 +39,7 @@ from provkit.observe import Observability
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 ACTIVATE = "/devprov.v1.ActivationService/Activate"
+TEMPLATE = "/devprov.v1.ActivationService/GetMetadataTemplate"
 
 
 def _one(spans: list[ReadableSpan], name: str, kind: SpanKind) -> ReadableSpan:
@@ -132,7 +133,10 @@ async def test_portal_activation_is_one_trace_across_the_grpc_hop(tmp_path, emul
     for span in cloud:
         assert span.kind == SpanKind.CLIENT and span.context.trace_id == trace_id
         assert _ancestors(span, by_id)[:3] == [ACTIVATE, ACTIVATE, "POST /activate"], span.name
-    assert all(s.context.trace_id == trace_id for s in spans if s.name != "GET /")
+    # the form page is a trace of its own: GET / and the template it asks the service for
+    page_trace = _one(spans, "GET /", SpanKind.SERVER).context.trace_id
+    assert {s.name for s in spans if s.context.trace_id == page_trace} == {"GET /", TEMPLATE}
+    assert all(s.context.trace_id == trace_id for s in spans if s.context.trace_id != page_trace)
     assert device.device_id not in json.dumps([dict(s.attributes or {}) for s in cloud])
 
     lines = [json.loads(line) for line in service_log.getvalue().splitlines() if line.strip()]

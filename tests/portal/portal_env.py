@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from enrollment.provisioning_env import (
     DeviceFiles,
@@ -59,6 +60,7 @@ class PortalStack:
     tls: OemTls
     settings: PortalSettings
     folder: Path
+    factory_app: object = None
 
     async def enrolled(self) -> tuple[DeviceFiles, str]:
         """A freshly minted device, enrolled (disabled) through factory_svc, and its activation code."""
@@ -81,15 +83,21 @@ class PortalStack:
 
 
 @contextlib.asynccontextmanager
-async def portal_stack(folder: Path, emulator, **portal_extra: str) -> AsyncIterator[PortalStack]:
+async def portal_stack(
+    folder: Path, emulator, *, service_env: Mapping[str, str] | None = None, **portal_extra: str
+) -> AsyncIterator[PortalStack]:
+    """``service_env``: more settings for activation_svc (e.g. ACTIVATION_TEMPLATES)."""
     tls = OemTls.create(folder / "oem-tls")
     async with (
-        running_factory(factory_env(folder, emulator)) as (_factory_app, factory),
-        running_activation(activation_env(folder, emulator, tls), tls) as (app, activation),
+        running_factory(factory_env(folder, emulator)) as (factory_app, factory),
+        running_activation(activation_env(folder, emulator, tls, **(service_env or {})), tls) as (
+            app,
+            activation,
+        ),
     ):
         address = app.grpc_address  # type: ignore[attr-defined]
         settings = load_portal_settings(env=portal_env(address, tls, emulator, **portal_extra))
-        yield PortalStack(emulator, factory, activation, app, tls, settings, folder)
+        yield PortalStack(emulator, factory, activation, app, tls, settings, folder, factory_app)
 
 
 _HIDDEN = re.compile(r'<input type="hidden" name="(\w+)" value="([^"]*)">')
@@ -103,6 +111,42 @@ def activate_form(
     hidden: Mapping[str, str], device_id: str, code: str, metadata: str, hub: str = ""
 ) -> dict[str, str]:
     return {**hidden, "device_id": device_id, "activation_code": code, "metadata": metadata, "hub": hub}
+
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PHONE = {"width": 390, "height": 844}
+TIMEOUT_MS = 20_000
+
+
+@contextlib.asynccontextmanager
+async def chromium(profile: Path) -> AsyncIterator[Any]:
+    """Debian's Chromium, headless, as a phone (a fresh profile folder), driven by Playwright."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        context = await playwright.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport=PHONE,
+            is_mobile=True,
+            has_touch=True,
+        )
+        context.set_default_timeout(TIMEOUT_MS)
+        try:
+            yield context
+        finally:
+            await context.close()
 
 
 def chromium_unavailable() -> str | None:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import pytest_asyncio
-from portal_env import ARTIFACTS, CHROMIUM, META, chromium_unavailable, portal_stack
+from portal_env import ARTIFACTS, META, chromium, chromium_unavailable, portal_stack
 
 from activation_svc.portal.app import start_portal
 from devprov.v1 import activation_service_pb2 as apb
@@ -20,20 +20,6 @@ pytestmark = [
     pytest.mark.slow,  # a browser
 ]
 async_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed (make install)")
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-PHONE = {"width": 390, "height": 844}
-TIMEOUT_MS = 20_000
-
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def stack(module_emulator, tmp_path_factory):
@@ -52,22 +38,8 @@ async def portal_url(stack):
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def browser(tmp_path_factory):
-    profile = tmp_path_factory.mktemp("chromium-profile")  # a fresh user-data-dir
-    async with async_api.async_playwright() as playwright:
-        context = await playwright.chromium.launch_persistent_context(
-            str(profile),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport=PHONE,
-            is_mobile=True,
-            has_touch=True,
-        )
-        context.set_default_timeout(TIMEOUT_MS)
-        try:
-            yield context
-        finally:
-            await context.close()
+    async with chromium(tmp_path_factory.mktemp("chromium-profile")) as context:  # a fresh user-data-dir
+        yield context
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -3,7 +3,6 @@ and a real emulator process: every route, the service's errors shown precisely, 
 
 from __future__ import annotations
 
-import html
 import json
 import re
 
@@ -53,7 +52,7 @@ def text_of(page: str, element_id: str) -> str:
 
 
 @pytest.mark.slow
-async def test_form_page_has_fields_sample_hubs_csrf_cookie_and_security_headers(client, stack):
+async def test_form_page_has_fields_hubs_csrf_cookie_and_security_headers_and_no_sample_values(client, stack):
     response = await client.get("/")
     assert response.status == 200 and response.content_type == "text/html"
     page = await response.text()
@@ -65,9 +64,11 @@ async def test_form_page_has_fields_sample_hubs_csrf_cookie_and_security_headers
     for hub in emulator.hub_hosts:
         assert f'<option value="{hub}">{hub}</option>' in page
     assert f"Default hub ({emulator.default_hub})" in page
-    sample = re.search(r'<textarea id="metadata"[^>]*>(.*?)</textarea>', page, re.S).group(1)
-    # the one sample: what `make up` writes to sample-metadata.json and the demo's fleet is activated with
-    assert json.loads(html.unescape(sample)) == sample_metadata()
+    box = re.search(r'<textarea id="metadata"([^>]*)>(.*?)</textarea>', page, re.S)
+    # nothing pre-filled that an operator could stamp onto a real twin: the shape is a placeholder only
+    assert box.group(2) == "" and 'placeholder="{&quot;tags&quot;' in box.group(1)
+    sample = sample_metadata()["tags"]
+    assert sample["oem"] not in page and sample["chassisNumber"] not in page
     assert "<script>" not in page and ' style="' not in page  # nothing inline: the CSP forbids it
     headers = response.headers
     csp = headers["Content-Security-Policy"]

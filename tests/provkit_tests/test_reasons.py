@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from activation_svc.batch.shipment import BatchReason
 from activation_svc.errors import Reason as ActivationReason
 from activation_svc.portal.errors import PortalReason
 from device_client.errors import DeviceClientError
@@ -22,6 +23,7 @@ REASON_ENUMS: tuple[type[ReasonEnum], ...] = (
     Reason,
     ActivationReason,
     PortalReason,
+    BatchReason,
     DeviceReason,
     FactoryReason,
 )

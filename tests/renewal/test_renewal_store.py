@@ -1,6 +1,7 @@
 """The renewals in the ledger (version 6) on SQLite and PostgreSQL: a version 5 ledger gains them, a renewal
 and its certificate are one write, a second request for the same old certificate and key meets the first,
-completion supersedes the old certificate, and the operator's listing and gauge buckets read them."""
+the rate limit is checked in the write, completion supersedes the old certificate, and the operator's
+listing and gauge buckets read them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from factory_svc.ledger import FILE, MIGRATIONS, Ledger
 from factory_svc.mint.keys import KeyType
 from factory_svc.mint.model import IssuedCertificate, KeySource
 from factory_svc.renewal.model import Renewal, RenewalState
+from factory_svc.renewal.store import RateLimited
 from provkit.clock import to_us
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
@@ -45,9 +47,17 @@ async def test_a_version_5_ledger_gains_renewals(database_url) -> None:
         # a second request for the same old certificate and key: the first renewal, nothing more written
         assert await store.record(_certificate("0C", 365), replace(renewal, new_serial="0C")) == renewal
         assert await store.certificate("0C") is None
-        assert await store.find("0A", "key-1") == renewal
+        holder, prior = await store.holder_and_prior("0A", "key-1", NOW - timedelta(days=1))
+        assert (prior.found, prior.recent) == (renewal, [NOW])
+        assert holder is not None and holder.superseded_by is None
+        assert [r.new_serial for r in holder.open_renewals] == ["0B"]
         assert [r.new_serial for r in await store.open_renewals("dev-1")] == ["0B"]
-        assert await store.issued_since("dev-1", NOW - timedelta(days=1)) == [NOW]
+        # at the limit: nothing written, when the device's renewals of the last day were requested answered
+        limited = Renewal("0D", "0A", "dev-1", "key-2", NOW + timedelta(hours=1), RenewalState.ISSUED)
+        assert await store.record(_certificate("0D", 365), limited, max_per_day=1) == RateLimited([NOW])
+        assert await store.certificate("0D") is None
+        # a retry of the renewal already recorded is answered whatever the limit
+        assert await store.record(_certificate("0E", 365), replace(renewal, new_serial="0E"), 1) == renewal
         (pending,) = await store.expiring(NOW, NOW + timedelta(days=30))
         assert (pending.renewal, pending.new_serial) == ("pending", "0B")  # 0B itself is not listed (unused)
         buckets = await store.expiry_buckets(NOW)
@@ -57,7 +67,8 @@ async def test_a_version_5_ledger_gains_renewals(database_url) -> None:
         assert not await store.advance(renewal, (RenewalState.ISSUED,), RenewalState.SECONDARY, NOW)
         assert await store.advance(renewal, (RenewalState.SECONDARY,), RenewalState.PROMOTE, NOW)
         assert await store.complete(replace(renewal, state=RenewalState.PROMOTE), NOW)
-        assert await store.superseded_by("0A") == "0B"
+        holder = await store.holder("0A")
+        assert holder is not None and holder.superseded_by == "0B" and holder.open_renewals == []
         assert await store.open_renewals() == []
         (done,) = await store.expiring(NOW, NOW + timedelta(days=30))
         assert (done.renewal, done.new_serial) == ("done", "0B")

@@ -146,7 +146,12 @@ async def test_on_two_replicas_another_oems_portal_naming_150_end_users_never_lo
             except grpc.aio.AioRpcError as exc:
                 reasons.append(error_details(exc).reason)
         allowed = replicas[0][0].settings.max_failures
-        assert reasons == ["ACTIVATION_DENIED"] * allowed + ["ACTIVATION_RATE_LIMITED"] * (150 - allowed)
+        # One budget whatever names the portal gives: its free failures, then refusals.  The back-off doubles
+        # after each checked failure (2 s, 4 s, ...), so however slowly this machine runs the loop, only a
+        # few more guesses get checked; a budget per named person would have checked all 150.
+        assert reasons[:allowed] == ["ACTIVATION_DENIED"] * allowed
+        assert set(reasons) == {"ACTIVATION_DENIED", "ACTIVATION_RATE_LIMITED"} and len(reasons) == 150
+        assert reasons.count("ACTIVATION_DENIED") <= allowed + 8
         for _app, acme in replicas:  # the owner's right code, on either replica, at once
             reply = await acme.Activate(activate_request(device.device_id, code, METADATA))
             assert reply.lifecycle == apb.LIFECYCLE_ACTIVATED and reply.owner_oem == "acme"

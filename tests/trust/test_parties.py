@@ -208,6 +208,9 @@ REQUESTS: dict[str, Builder] = {
     "/devprov.v1.ActivationService/GetDeviceStatus": _about(
         lambda d, c: apb.GetDeviceStatusRequest(device_id=d.device_id, activation_code=c)
     ),
+    "/devprov.v1.ActivationService/GetMetadataTemplate": _about(
+        lambda d, c: apb.GetMetadataTemplateRequest()
+    ),
 }
 
 

@@ -143,3 +143,17 @@ class GetDeviceStatusResponse(_message.Message):
     owner_oem: str
     enrollment_etag: str
     def __init__(self, device_id: _Optional[str] = ..., lifecycle: _Optional[_Union[Lifecycle, str]] = ..., provisioning_status: _Optional[str] = ..., allocated_hub: _Optional[str] = ..., registered_hub: _Optional[str] = ..., hub_device_status: _Optional[str] = ..., hub_connection_state: _Optional[str] = ..., last_activity_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., activated_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deactivated_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner_oem: _Optional[str] = ..., enrollment_etag: _Optional[str] = ...) -> None: ...
+
+class GetMetadataTemplateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetMetadataTemplateResponse(_message.Message):
+    __slots__ = ("tenant", "schema_json", "schema_digest")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    schema_json: str
+    schema_digest: str
+    def __init__(self, tenant: _Optional[str] = ..., schema_json: _Optional[str] = ..., schema_digest: _Optional[str] = ...) -> None: ...

@@ -58,6 +58,11 @@ class ActivationServiceStub:
                 request_serializer=devprov_dot_v1_dot_activation__service__pb2.GetDeviceStatusRequest.SerializeToString,
                 response_deserializer=devprov_dot_v1_dot_activation__service__pb2.GetDeviceStatusResponse.FromString,
                 _registered_method=True)
+        self.GetMetadataTemplate = channel.unary_unary(
+                '/devprov.v1.ActivationService/GetMetadataTemplate',
+                request_serializer=devprov_dot_v1_dot_activation__service__pb2.GetMetadataTemplateRequest.SerializeToString,
+                response_deserializer=devprov_dot_v1_dot_activation__service__pb2.GetMetadataTemplateResponse.FromString,
+                _registered_method=True)
 
 
 class ActivationServiceServicer:
@@ -102,6 +107,14 @@ class ActivationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMetadataTemplate(self, request, context):
+        """The metadata template (a JSON Schema) the caller's OEM must follow, as the service enforces it on
+        every Activate; the portal renders it as a form and `activate-batch` reads CSV columns by it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActivationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +132,11 @@ def add_ActivationServiceServicer_to_server(servicer, server):
                     servicer.GetDeviceStatus,
                     request_deserializer=devprov_dot_v1_dot_activation__service__pb2.GetDeviceStatusRequest.FromString,
                     response_serializer=devprov_dot_v1_dot_activation__service__pb2.GetDeviceStatusResponse.SerializeToString,
+            ),
+            'GetMetadataTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetadataTemplate,
+                    request_deserializer=devprov_dot_v1_dot_activation__service__pb2.GetMetadataTemplateRequest.FromString,
+                    response_serializer=devprov_dot_v1_dot_activation__service__pb2.GetMetadataTemplateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -211,6 +229,33 @@ class ActivationService:
             '/devprov.v1.ActivationService/GetDeviceStatus',
             devprov_dot_v1_dot_activation__service__pb2.GetDeviceStatusRequest.SerializeToString,
             devprov_dot_v1_dot_activation__service__pb2.GetDeviceStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetadataTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devprov.v1.ActivationService/GetMetadataTemplate',
+            devprov_dot_v1_dot_activation__service__pb2.GetMetadataTemplateRequest.SerializeToString,
+            devprov_dot_v1_dot_activation__service__pb2.GetMetadataTemplateResponse.FromString,
             options,
             channel_credentials,
             insecure,

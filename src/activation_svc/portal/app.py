@@ -21,18 +21,23 @@ replica shares (``activation_svc.shared_limits``), so the limit holds exactly ac
 names the address to the service (``x-devprov-on-behalf-of``) so the service counts each web user's
 failures on their own.
 
-Routes: ``GET /`` activate form; ``POST /activate`` -> result page or the form again with the service's
-error; ``GET /status[?device_id=]`` status form; ``POST /status`` -> status page; ``GET /static/portal.css``,
-``/static/portal.js``; ``GET /healthz``.  Anything else: an HTML 404 / 405.
+Routes: ``GET /[?device=GUID]`` activate form (the device filled in; with the OEM's template, asked from
+the service, as form fields, the JSON kept as an advanced view; a label's QR code opens
+``/?device=GUID#code=CODE``: the page's script moves the code from the fragment into the form and removes
+the fragment, so the code never reaches a server, a log or a Referer); ``POST /activate`` -> result page
+or the form again with the service's error; ``GET /batch`` shipment form, ``POST /batch`` (a CSV upload,
+``activation_svc.portal.shipment``) -> the result table; ``GET /status[?device_id=]`` status form;
+``POST /status`` -> status page; ``GET /static/portal.css``, ``/static/portal.js``; ``GET /healthz``.
+Anything else: an HTML 404 / 405.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import ssl
 import time
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -49,11 +54,29 @@ from activation_svc.audit import AuditLog
 from activation_svc.errors import Reason
 from activation_svc.portal import pages
 from activation_svc.portal.assets import ASSETS
-from activation_svc.portal.errors import FieldProblem, PortalReason, ServiceProblem, describe
-from activation_svc.portal.security import CSRF_FIELD, Csrf, add_headers, host_allowed
+from activation_svc.portal.errors import FieldProblem, ServiceProblem, describe
+from activation_svc.portal.forms import (
+    CSRF,
+    LIMITS,
+    SETTINGS,
+    STUB,
+    begin_attempt,
+    client_address,
+    form_post,
+    html_page,
+    template_of,
+    text_field,
+)
+from activation_svc.portal.security import Csrf, add_headers, host_allowed
 from activation_svc.portal.settings import PortalSettings
-from activation_svc.ratelimit import AttemptsExhausted, FailureLimits, Slot
+from activation_svc.portal.shipment import batch, batch_form
+from activation_svc.ratelimit import Slot
 from activation_svc.shared_limits import failure_limits
+from activation_svc.templates.fields import (
+    FORM_PREFIX,
+    FieldSet,
+    metadata_from_values,
+)
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
 from provkit.channels import create_channel, request_metadata
@@ -66,12 +89,6 @@ from provkit.signals import wait_for_stop_signal
 
 log = logging.getLogger("activation_svc.portal")
 
-SETTINGS = web.AppKey("settings", PortalSettings)
-STUB = web.AppKey("stub", pb_grpc.ActivationServiceStub)
-CSRF = web.AppKey("csrf", Csrf)
-LIMITS = web.AppKey[FailureLimits]("limits")
-_ALL_DEVICES = "*"  # the portal's limit is per address over all devices
-
 _LIMITS = {
     "device_id": ("Device ID", pages.MAX_DEVICE_ID),
     "activation_code": ("Activation code", pages.MAX_CODE),
@@ -82,18 +99,6 @@ _LIMITS = {
 }
 
 
-def _html(body: str, status: int = 200, cookie: tuple[Csrf, str | None] | None = None) -> web.Response:
-    response = web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
-    if cookie is not None and cookie[1] is not None:
-        cookie[0].set_cookie(response, cookie[1])
-    return response
-
-
-def _text_field(form: Mapping[str, object], name: str) -> str:
-    value = form.get(name, "")
-    return value if isinstance(value, str) else ""
-
-
 def _too_long(values: dict[str, str]) -> tuple[FieldProblem, ...]:
     problems = []
     for name, value in values.items():
@@ -101,29 +106,6 @@ def _too_long(values: dict[str, str]) -> tuple[FieldProblem, ...]:
         if len(value) > limit:
             problems.append(FieldProblem(name, label, "", f"at most {limit} characters (got {len(value)})"))
     return tuple(problems)
-
-
-def _address(request: web.Request) -> str:
-    return request.remote or "unknown"
-
-
-async def _begin(request: web.Request) -> Slot | ServiceProblem:
-    """One code check for this client address, or the problem to show (too many wrong codes)."""
-    try:
-        return await request.app[LIMITS].begin(_address(request), _ALL_DEVICES)
-    except AttemptsExhausted as exc:
-        wait = max(1, round(exc.retry_after))
-        log.warning("portal rate limit", extra={"client": _address(request), "retry_after": wait})
-        return ServiceProblem(
-            title="Too many attempts",
-            sentence=f"Too many wrong activation codes were sent from your address. Try again in {wait} s.",
-            code="RESOURCE_EXHAUSTED",
-            reason=PortalReason.PORTAL_RATE_LIMITED,
-            message="too many failed attempts from this address",
-            fields=(),
-            http_status=429,
-            retry_after=exc.retry_after,
-        )
 
 
 async def _settle(attempt: Slot, problem: ServiceProblem | None) -> None:
@@ -146,59 +128,55 @@ def _when(stamp: timestamp_pb2.Timestamp) -> str:
     return stamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-_NOT_UTF8 = ServiceProblem(
+_NO_TEMPLATE = ServiceProblem(
     title="Not sent",
-    sentence="The form could not be read: it was not sent as UTF-8 text. Nothing was sent.",
-    code="INVALID_ARGUMENT",
-    reason=PortalReason.FORM_NOT_UTF8,
-    message="the form's body is not UTF-8 text",
+    sentence="The activation service could not tell the portal your company's template right now, so the "
+    "fields could not be read. Nothing was sent; try again.",
+    code="UNAVAILABLE",
+    reason="",
+    message="GetMetadataTemplate failed",
     fields=(),
-    http_status=400,
+    http_status=503,
 )
 
 
 # ------------------------------------------------------------------------------------------- handlers
-async def _form_post(
-    request: web.Request,
-) -> tuple[Mapping[str, object], web.Response | ServiceProblem | None]:
-    """The parsed form, or the answer to send instead (403 on a missing or forged CSRF token), or the
-    problem to show on an empty form (a body that is not UTF-8: aiohttp would fail on it, or, for a
-    percent-encoded byte, quietly put U+FFFD in its place)."""
-    try:
-        form = await request.post()  # raises 413 past client_max_size
-        if request.content_type == "application/x-www-form-urlencoded":
-            charset = request.charset or "utf-8"
-            text = (await request.read()).decode(charset)  # post() read it already: kept in memory
-            urllib.parse.parse_qsl(text, keep_blank_values=True, encoding=charset, errors="strict")
-    except (UnicodeDecodeError, LookupError):
-        log.info("form refused: not UTF-8", extra={"path": request.path})
-        return {}, _NOT_UTF8
-    csrf = request.app[CSRF]
-    if not csrf.valid(request, form.get(CSRF_FIELD)):
-        log.warning("CSRF token missing or wrong", extra={"path": request.path})
-        page = pages.message_page(
-            "Form expired",
-            "This form could not be verified (it expired or did not come from this site). "
-            "Open the page again and resend it.",
-        )
-        return form, _html(page, 403, (csrf, csrf.token_for(request)[1]))
-    return form, None
-
-
 async def activate_form(request: web.Request) -> web.Response:
     csrf = request.app[CSRF]
     token, fresh = csrf.token_for(request)
-    page = pages.activate_page(pages.ActivateForm(), request.app[SETTINGS].hubs, token, str(uuid.uuid4()))
-    return _html(page, cookie=(csrf, fresh))
+    device_id = request.query.get("device", "")[: pages.MAX_DEVICE_ID]  # a label's QR code names it
+    form = pages.ActivateForm(device_id=device_id, fields=await template_of(request))
+    page = pages.activate_page(form, request.app[SETTINGS].hubs, token, str(uuid.uuid4()))
+    return html_page(page, cookie=(csrf, fresh))
+
+
+def _field_values(form: Mapping[str, object], fields: FieldSet | None) -> dict[str, str]:
+    """The template fields as typed (only the template's; each at most ``pages.MAX_FIELD`` characters)."""
+    known = fields.by_name() if fields is not None else {}
+    values = {}
+    for key in form:
+        name = key.removeprefix(FORM_PREFIX)
+        if key.startswith(FORM_PREFIX) and name in known:
+            values[name] = text_field(form, key)
+    return values
+
+
+def _metadata_to_send(raw: str, clear: bool, fields: FieldSet | None, values: Mapping[str, str]) -> str:
+    """The JSON view's text when it has any (or the remove box is ticked), else the template's fields."""
+    if raw.strip() or clear or fields is None:
+        return raw
+    return json.dumps(metadata_from_values(fields, values), ensure_ascii=False, separators=(",", ":"))
 
 
 async def activate(request: web.Request) -> web.Response:
-    form, refusal = await _form_post(request)
+    form, refusal = await form_post(request)
     if isinstance(refusal, web.Response):
         return refusal
     settings = request.app[SETTINGS]
     csrf = request.app[CSRF]
-    values = {name: _text_field(form, name) for name in _LIMITS}
+    values = {name: text_field(form, name) for name in _LIMITS}
+    fields = await template_of(request)
+    field_values = _field_values(form, fields)
     token, fresh = csrf.token_for(request)
 
     def again(
@@ -211,19 +189,33 @@ async def activate(request: web.Request) -> web.Response:
             clear_metadata=bool(values["clear_metadata"]),
             problem=problem,
             local_problems=local_problems,
+            fields=fields,
+            values={k: v[: pages.MAX_FIELD] for k, v in field_values.items()},
         )
         # a new request id: the corrected form is a new request
-        return _html(
+        return html_page(
             pages.activate_page(state, settings.hubs, token, str(uuid.uuid4())), status, (csrf, fresh)
         )
 
     if refusal is not None:
         return again(refusal.http_status, problem=refusal)
-    too_long = _too_long(values)
+    too_long = _too_long(values) + tuple(
+        FieldProblem("metadata", name, name, f"at most {pages.MAX_FIELD} characters (got {len(value)})")
+        for name, value in field_values.items()
+        if len(value) > pages.MAX_FIELD
+    )
     if too_long:
         return again(400, local_problems=too_long)
+    typed_fields = any(key.startswith(FORM_PREFIX) for key in form)
+    if typed_fields and fields is None and not values["metadata"].strip():
+        # the form had the template's fields but the service cannot say what they are now: sending no
+        # metadata would quietly keep the device's instead of what was typed
+        return again(503, problem=_NO_TEMPLATE)
+    metadata_json = _metadata_to_send(
+        values["metadata"], bool(values["clear_metadata"]), fields, field_values
+    )
     request_id = values["request_id"] or str(uuid.uuid4())
-    attempt = await _begin(request)
+    attempt = await begin_attempt(request)
     if isinstance(attempt, ServiceProblem):
         return _with_retry(again(attempt.http_status, problem=attempt), attempt)
     try:
@@ -232,12 +224,12 @@ async def activate(request: web.Request) -> web.Response:
                 pb.ActivateRequest(
                     device_id=values["device_id"].strip(),
                     activation_code=values["activation_code"],
-                    metadata_json=values["metadata"],
+                    metadata_json=metadata_json,
                     hub=values["hub"],
                     request_id=request_id,
                     clear_metadata=bool(values["clear_metadata"]),
                 ),
-                metadata=(*request_metadata(request_id), (ON_BEHALF_OF_HEADER, _address(request))),
+                metadata=(*request_metadata(request_id), (ON_BEHALF_OF_HEADER, client_address(request))),
                 timeout=settings.timeout_seconds,
             )
         except grpc.aio.AioRpcError as exc:
@@ -261,7 +253,7 @@ async def activate(request: web.Request) -> web.Response:
         "activated",
         extra={"device": view.device_id, "path": view.path, "hub": view.hub, "metadata": view.metadata},
     )
-    return _html(pages.result_page(view), cookie=(csrf, fresh))
+    return html_page(pages.result_page(view), cookie=(csrf, fresh))
 
 
 async def to_form(request: web.Request) -> web.Response:
@@ -272,43 +264,44 @@ async def status_form(request: web.Request) -> web.Response:
     csrf = request.app[CSRF]
     token, fresh = csrf.token_for(request)
     device_id = request.query.get("device_id", "")[: pages.MAX_DEVICE_ID]
-    return _html(pages.status_form_page(pages.StatusForm(device_id=device_id), token), cookie=(csrf, fresh))
+    page = pages.status_form_page(pages.StatusForm(device_id=device_id), token)
+    return html_page(page, cookie=(csrf, fresh))
 
 
 async def status(request: web.Request) -> web.Response:
-    form, refusal = await _form_post(request)
+    form, refusal = await form_post(request)
     if isinstance(refusal, web.Response):
         return refusal
     settings = request.app[SETTINGS]
     csrf = request.app[CSRF]
     token, fresh = csrf.token_for(request)
-    values = {name: _text_field(form, name) for name in ("device_id", "activation_code")}
+    values = {name: text_field(form, name) for name in ("device_id", "activation_code")}
     too_long = _too_long(values)
     device_id = values["device_id"][: pages.MAX_DEVICE_ID]
     if refusal is not None:
         page = pages.status_form_page(pages.StatusForm(device_id, problem=refusal), token)
-        return _html(page, refusal.http_status, (csrf, fresh))
+        return html_page(page, refusal.http_status, (csrf, fresh))
     if too_long:
         page = pages.status_form_page(pages.StatusForm(device_id, local_problems=too_long), token)
-        return _html(page, 400, (csrf, fresh))
-    attempt = await _begin(request)
+        return html_page(page, 400, (csrf, fresh))
+    attempt = await begin_attempt(request)
     if isinstance(attempt, ServiceProblem):
         page = pages.status_form_page(pages.StatusForm(device_id, problem=attempt), token)
-        return _with_retry(_html(page, attempt.http_status, (csrf, fresh)), attempt)
+        return _with_retry(html_page(page, attempt.http_status, (csrf, fresh)), attempt)
     try:
         try:
             reply = await request.app[STUB].GetDeviceStatus(
                 pb.GetDeviceStatusRequest(
                     device_id=device_id.strip(), activation_code=values["activation_code"]
                 ),
-                metadata=((ON_BEHALF_OF_HEADER, _address(request)),),
+                metadata=((ON_BEHALF_OF_HEADER, client_address(request)),),
                 timeout=settings.timeout_seconds,
             )
         except grpc.aio.AioRpcError as exc:
             problem = describe(error_details(exc), "No status")
             await _settle(attempt, problem)
             page = pages.status_form_page(pages.StatusForm(device_id, problem=problem), token)
-            return _with_retry(_html(page, problem.http_status, (csrf, fresh)), problem)
+            return _with_retry(html_page(page, problem.http_status, (csrf, fresh)), problem)
         await _settle(attempt, None)
     finally:
         await attempt.release()
@@ -325,7 +318,7 @@ async def status(request: web.Request) -> web.Response:
         activated=_when(reply.activated_time),
         deactivated=_when(reply.deactivated_time),
     )
-    return _html(pages.status_page(view), cookie=(csrf, fresh))
+    return html_page(pages.status_page(view), cookie=(csrf, fresh))
 
 
 async def static(request: web.Request) -> web.StreamResponse:
@@ -351,18 +344,19 @@ async def healthz(request: web.Request) -> web.Response:
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if not host_allowed(request.headers.get("Host"), settings.host, settings.allowed_hosts):
-        return _html(pages.message_page("Wrong host", "This portal does not answer to that host name."), 421)
+        page = pages.message_page("Wrong host", "This portal does not answer to that host name.")
+        return html_page(page, 421)
     try:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
         limit = settings.max_body_bytes
         page = pages.message_page("Too large", f"The form is larger than {limit} bytes; nothing was sent.")
-        return _html(page, 413)
+        return html_page(page, 413)
     except web.HTTPNotFound:
-        return _html(pages.message_page("Not found", "There is no such page."), 404)
+        return html_page(pages.message_page("Not found", "There is no such page."), 404)
     except web.HTTPMethodNotAllowed as exc:
         page = pages.message_page("Method not allowed", f"{request.method} is not allowed here.")
-        response = _html(page, 405)
+        response = html_page(page, 405)
         response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         return response
 
@@ -454,6 +448,8 @@ def create_app(
     app.router.add_get("/", activate_form)
     app.router.add_post("/activate", activate)
     app.router.add_get("/activate", to_form)
+    app.router.add_get("/batch", batch_form)
+    app.router.add_post("/batch", batch)
     app.router.add_get("/status", status_form)
     app.router.add_post("/status", status)
     app.router.add_get("/static/{name}", static)

@@ -1,6 +1,9 @@
 """The portal's only static files: one stylesheet and one small script (served from /static/, so the CSP
-needs no 'unsafe-inline').  The script only helps: it checks and pretty-prints the metadata JSON in the
-browser; the activation service still validates everything."""
+needs no 'unsafe-inline').  The script only helps: it takes the activation code a label's QR code carries
+in the URL fragment (``/?device=GUID#code=CODE``) into the form and removes the fragment from the address
+bar (``history.replaceState``: the code is never sent to a server, never in a log or a Referer, and not
+left in the browser's history), and it checks and pretty-prints the metadata JSON in the browser; the
+activation service still validates everything."""
 
 from __future__ import annotations
 
@@ -54,12 +57,31 @@ dd { margin: 0; overflow-wrap: anywhere; }
 .state { font-weight: 700; letter-spacing: 0.03em; }
 #metadata-check.ok { color: var(--ok); }
 #metadata-check.bad { color: var(--bad); }
+.req { color: var(--bad); font-weight: 700; }
+fieldset.template { border: 1px solid var(--line); border-radius: 6px; margin: 1rem 0 0;
+  padding: 0.2rem 0.8rem 0.8rem; }
+fieldset.template legend { font-weight: 700; padding: 0 0.3rem; }
+details.advanced { margin-top: 1rem; }
+details.advanced summary { cursor: pointer; color: var(--accent); }
+.table { overflow-x: auto; background: #fff; border: 1px solid var(--line); border-radius: 8px; }
+table { border-collapse: collapse; width: 100%; font-size: 0.9rem; }
+th, td { text-align: left; padding: 0.35rem 0.5rem; border-bottom: 1px solid var(--line);
+  vertical-align: top; }
+tr.bad td { color: var(--bad); }
 footer { max-width: 42rem; margin: 1rem auto; padding: 0 1rem; color: var(--muted); font-size: 0.85rem; }
 @media (max-width: 30rem) { dl { grid-template-columns: 1fr; } dd { margin-bottom: 0.4rem; } }
 """
 
 JS = """\
 "use strict";
+(function () {
+  var field = document.getElementById("activation_code");
+  if (!field || location.hash.length < 2) { return; }
+  var code = new URLSearchParams(location.hash.slice(1)).get("code");
+  if (code === null) { return; }
+  field.value = code.trim();
+  history.replaceState(history.state, "", location.pathname + location.search);
+})();
 (function () {
   var area = document.getElementById("metadata");
   var note = document.getElementById("metadata-check");

@@ -22,6 +22,10 @@ from provkit.grpc_errors import RpcErrorDetails
 class PortalReason(ReasonEnum):
     PORTAL_RATE_LIMITED = auto(), "too many wrong activation codes from this address: nothing sent"
     FORM_NOT_UTF8 = auto(), "the form's body was not UTF-8 text: nothing sent"
+    SHIPMENT_UNUSABLE = (
+        auto(),
+        "the shipment CSV cannot be used as a whole (columns, size, text): nothing sent",
+    )
 
 
 # proto field -> (form field name, label)
@@ -50,10 +54,11 @@ SENTENCES: dict[str, str] = {
     Reason.ACTIVATION_RATE_LIMITED: "Too many failed attempts for this device. Wait, then try again.",
     Reason.METADATA_NOT_JSON: "The metadata is not valid JSON.",
     Reason.METADATA_INVALID: "The metadata breaks the device twin rules.",
+    Reason.METADATA_TEMPLATE_VIOLATION: "The metadata does not match your company's template.",
     Reason.METADATA_CONFLICT: "Either send metadata or remove the device's metadata, not both.",
     Reason.METADATA_EMPTY: (
         "The metadata is empty: it would remove the device's tags and desired properties. Leave the field "
-        "empty to keep them, or tick \"Remove the device's metadata\" to remove them."
+        'empty to keep them, or tick "Remove the device\'s metadata" to remove them.'
     ),
     Reason.HUB_UNKNOWN: "The chosen IoT hub is not one of the linked hubs.",
     Reason.HUB_NOT_CONFIGURED: "No IoT hub is configured for activation.",

@@ -3,16 +3,16 @@ contains the activation code: forms that come back with an error leave the code 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from string import Template
 from urllib.parse import urlencode
 
-from activation_svc.metadata import sample_metadata
+from activation_svc.batch.shipment import RowResult
 from activation_svc.portal.errors import FieldProblem, ServiceProblem
 from activation_svc.portal.html import Html, attrs, escape, join, render
 from activation_svc.portal.settings import HubChoice
+from activation_svc.templates.fields import FORM_PREFIX, FieldSet, TemplateField
 
 MAX_DEVICE_ID = 128
 MAX_CODE = 64
@@ -20,8 +20,9 @@ MAX_HUB = 255
 MAX_REQUEST_ID = 64
 MAX_METADATA_CHARS = 96 * 1024
 MAX_CHECKBOX = 8  # a ticked box sends "on"
+MAX_FIELD = 4096  # one template field's text (a twin string is at most 4 KB)
 
-SAMPLE_METADATA = json.dumps(sample_metadata(), indent=2)  # the same sample `make up` writes
+METADATA_PLACEHOLDER = '{"tags": {...}, "properties": {"desired": {...}}}'
 
 _LAYOUT = Template("""<!doctype html>
 <html lang="en">
@@ -35,7 +36,8 @@ _LAYOUT = Template("""<!doctype html>
 </head>
 <body>
 <header><div class="bar"><strong>Device activation</strong>
-<nav><a href="/"$nav_activate>Activate</a> · <a href="/status"$nav_status>Status</a></nav></div></header>
+<nav><a href="/"$nav_activate>Activate</a> · <a href="/batch"$nav_batch>Shipment</a> · \
+<a href="/status"$nav_status>Status</a></nav></div></header>
 <main>
 <h1>$title</h1>
 $body
@@ -56,6 +58,7 @@ def layout(title: str, body: Html, *, section: str = "", script: bool = False) -
         body=body,
         nav_activate=current if section == "activate" else Html(""),
         nav_status=current if section == "status" else Html(""),
+        nav_batch=current if section == "batch" else Html(""),
         scripts=Html('<script src="/static/portal.js" defer></script>') if script else Html(""),
     )
 
@@ -106,10 +109,87 @@ def _input_attrs(name: str, invalid: frozenset[str]) -> Html:
 class ActivateForm:
     device_id: str = ""
     hub: str = ""
-    metadata: str = SAMPLE_METADATA
+    metadata: str = ""  # the advanced view's JSON (never pre-filled with sample values)
     clear_metadata: bool = False
     problem: ServiceProblem | None = None
     local_problems: tuple[FieldProblem, ...] = field(default=())
+    fields: FieldSet | None = None  # the OEM's template as form fields (None: no template, JSON only)
+    values: Mapping[str, str] = field(default_factory=dict)  # the template fields as typed
+
+
+def template_path(problem_path: str) -> str:
+    """A problem's path inside the metadata (``properties.desired.x``) as a template field's name."""
+    return "desired." + problem_path.removeprefix("properties.desired.") if problem_path.startswith(
+        "properties.desired."
+    ) else problem_path
+
+
+def _template_input(item: TemplateField, index: int, value: str, problems: Sequence[FieldProblem]) -> Html:
+    mine = [p for p in problems if p.name == "metadata" and template_path(p.path) == item.name]
+    ident = f"f-{index}"
+    name = FORM_PREFIX + item.name
+    common = attrs(
+        id_=ident,
+        name=name,
+        aria_invalid="true" if mine else None,
+        aria_required="true" if item.required else None,
+        aria_describedby=f"{ident}-hint",
+        data_field=item.name,
+    )
+    if item.kind == "choice" or item.kind == "boolean":
+        choices = (
+            [(item.choice_value(c), str(c)) for c in item.choices]
+            if item.kind == "choice"
+            else [("true", "Yes"), ("false", "No")]
+        )
+        options = [Html(f'<option value=""{attrs(selected=not value)}>— choose —</option>')]
+        options += [
+            Html(f"<option{attrs(value=v, selected=value == v)}>{escape(label)}</option>")
+            for v, label in choices
+        ]
+        control = Html(f"<select{common}>{join(options)}</select>")
+    else:
+        mode = {"integer": "numeric", "number": "decimal"}.get(item.kind, "text")
+        control = Html(
+            f"<input{common}{attrs(value=value, placeholder=item.placeholder or None, inputmode=mode)}"
+            f' maxlength="{MAX_FIELD}" autocomplete="off">'
+        )
+    mark = Html(' <span class="req" title="required">*</span>') if item.required else Html("")
+    kind = {"integer": "a whole number", "number": "a number", "boolean": "yes or no"}.get(item.kind, "")
+    hint = " · ".join(x for x in (item.description, kind) if x)
+    errors = join(Html(f'<p class="field-error">{escape(p.description)}</p>') for p in mine)
+    return Html(
+        f'<label for="{ident}">{escape(item.title)}{mark}</label>{control}'
+        f'<p class="hint" id="{ident}-hint">{escape(hint)}'
+        f' <span class="code">{escape(item.name)}</span></p>{errors}'
+    )
+
+
+def _template_form(fields: FieldSet, values: Mapping[str, str], problems: Sequence[FieldProblem]) -> Html:
+    sections = []
+    for section, legend in (("tags", "Tags"), ("desired", "Desired properties")):
+        items = [
+            _template_input(item, index, values.get(item.name, ""), problems)
+            for index, item in enumerate(fields.fields)
+            if item.path[0] == section
+        ]
+        if items:
+            sections.append(
+                Html(f'<fieldset class="template"><legend>{legend}</legend>{join(items)}</fieldset>')
+            )
+    skipped = (
+        Html(
+            '<p class="hint">Edited in the JSON view only: '
+            + join((Html(f'<span class="code">{escape(p)}</span>') for p in fields.skipped), ", ")
+            + "</p>"
+        )
+        if fields.skipped
+        else Html("")
+    )
+    return Html(
+        '<p class="hint" id="template-hint">The metadata your company\'s template asks for; fields marked '
+        '<span class="req">*</span> are required.</p>' + join(sections) + skipped
+    )
 
 
 def _top_panel(problem: ServiceProblem | None, local_problems: tuple[FieldProblem, ...]) -> Html:
@@ -140,6 +220,31 @@ def _identity_fields(
     )
 
 
+def _raw_metadata(form: ActivateForm, problems: Sequence[FieldProblem], invalid: frozenset[str]) -> Html:
+    """The metadata as JSON (the advanced view), its check button and the remove box."""
+    loose = [p for p in problems if p.name != "metadata" or form.fields is None or not _is_field(form, p)]
+    return Html(
+        f"""<label for="metadata">Metadata (device twin) as JSON</label>
+<textarea id="metadata" name="metadata" rows="10" spellcheck="false"{attrs(placeholder=METADATA_PLACEHOLDER)}\
+{_input_attrs("metadata", invalid)}>{escape(form.metadata)}</textarea>
+<p class="hint" id="metadata-hint">It replaces the device's metadata. Empty: the device keeps the \
+metadata it has (e.g. to change its hub).</p>
+<div class="row">
+<button type="button" class="secondary" id="format-json" hidden>Check and format JSON</button>
+<span id="metadata-check" class="hint" aria-live="polite"></span></div>{_field_errors(loose, "metadata")}
+<label class="check" for="clear_metadata"><input type="checkbox" id="clear_metadata" name="clear_metadata" \
+value="on"{attrs(checked=form.clear_metadata)}{_input_attrs("clear_metadata", invalid)}> \
+Remove the device's metadata</label>
+<p class="hint" id="clear_metadata-hint">Removes its tags and desired properties (leave the metadata field \
+empty).</p>{_field_errors(problems, "clear_metadata")}
+"""
+    )
+
+
+def _is_field(form: ActivateForm, problem: FieldProblem) -> bool:
+    return form.fields is not None and template_path(problem.path) in form.fields.by_name()
+
+
 def activate_page(form: ActivateForm, hubs: HubChoice, csrf_token: str, request_id: str) -> Html:
     problems = (*form.local_problems, *(form.problem.fields if form.problem else ()))
     invalid = frozenset(p.name for p in problems if p.name)
@@ -159,6 +264,19 @@ def activate_page(form: ActivateForm, hubs: HubChoice, csrf_token: str, request_
     identity = _identity_fields(
         form.device_id, problems, invalid, "From the label; dashes, spaces and case do not matter."
     )
+    raw = _raw_metadata(form, problems, invalid)
+    if form.fields is not None:
+        opened = attrs(open=bool(form.metadata.strip() or form.clear_metadata))
+        metadata = Html(
+            _template_form(form.fields, form.values, problems)
+            + f'<details class="advanced"{opened}><summary>Advanced: the metadata as JSON</summary>'
+            '<p class="hint">JSON written here is sent instead of the fields above (it must still match '
+            "the template).</p>"
+            + raw
+            + "</details>"
+        )
+    else:
+        metadata = raw
     body = Html(
         f"""{top}<form method="post" action="/activate" autocomplete="off" novalidate>
 <input type="hidden" name="csrf_token" value="{escape(csrf_token)}">
@@ -167,19 +285,7 @@ def activate_page(form: ActivateForm, hubs: HubChoice, csrf_token: str, request_
 <label for="hub">IoT hub</label>
 <select id="hub" name="hub"{_input_attrs("hub", invalid)}>{join(options)}</select>
 <p class="hint" id="hub-hint">The hub the device will live on.</p>{_field_errors(problems, "hub")}
-<label for="metadata">Metadata (device twin)</label>
-<textarea id="metadata" name="metadata" rows="14" spellcheck="false"{_input_attrs("metadata", invalid)}>\
-{escape(form.metadata)}</textarea>
-<p class="hint" id="metadata-hint">JSON: {{"tags": {{...}}, "properties": {{"desired": {{...}}}}}}; \
-it replaces the device's metadata. Empty: the device keeps the metadata it has (e.g. to change its hub).</p>
-<div class="row">
-<button type="button" class="secondary" id="format-json" hidden>Check and format JSON</button>
-<span id="metadata-check" class="hint" aria-live="polite"></span></div>{_field_errors(problems, "metadata")}
-<label class="check" for="clear_metadata"><input type="checkbox" id="clear_metadata" name="clear_metadata" \
-value="on"{attrs(checked=form.clear_metadata)}{_input_attrs("clear_metadata", invalid)}> \
-Remove the device's metadata</label>
-<p class="hint" id="clear_metadata-hint">Removes its tags and desired properties (leave the metadata field \
-empty).</p>{_field_errors(problems, "clear_metadata")}
+{metadata}
 <div class="actions"><button type="submit">Activate</button></div>
 </form>"""
     )
@@ -352,3 +458,60 @@ def message_page(title: str, sentence: str) -> Html:
         '<p><a href="/">Activate a device</a> · <a href="/status">Device status</a></p>'
     )
     return layout(title, body)
+
+
+# ------------------------------------------------------------------------------------------- batch
+@dataclass(frozen=True)
+class BatchForm:
+    columns: tuple[str, ...] = ()  # the template's fields, the CSV's further columns
+    problem: ServiceProblem | None = None
+
+
+def batch_form_page(form: BatchForm, csrf_token: str, max_bytes: int) -> Html:
+    top = _problem_panel(form.problem) if form.problem is not None else Html("")
+    columns = join(
+        (Html(f'<span class="code">{escape(c)}</span>') for c in ("guid", "code", "hub", *form.columns)), ", "
+    )
+    body = Html(
+        f"""{top}<form method="post" action="/batch" enctype="multipart/form-data" autocomplete="off"
+ novalidate>
+<input type="hidden" name="csrf_token" value="{escape(csrf_token)}">
+<label for="shipment">Shipment (CSV)</label>
+<input type="file" id="shipment" name="shipment" accept=".csv,text/csv" required
+ aria-describedby="shipment-hint">
+<p class="hint" id="shipment-hint">A header row, then one device per row. Columns: {columns} (hub may be \\
+empty: the default hub). At most {escape(max_bytes // 1024)} KB. Sending the same file again finishes \\
+what is left and repeats nothing.</p>
+<label for="metadata">Metadata for every row (JSON, optional)</label>
+<textarea id="metadata" name="metadata" rows="6" spellcheck="false"\\
+{attrs(placeholder=METADATA_PLACEHOLDER)} aria-describedby="batch-metadata-hint"></textarea>
+<p class="hint" id="batch-metadata-hint">Instead of the template's columns: the same metadata for every \\
+device.</p>
+<div class="actions"><button type="submit">Activate the shipment</button></div>
+</form>"""
+    )
+    return layout("Activate a shipment", body, section="batch")
+
+
+def batch_result_page(results: Sequence[RowResult]) -> Html:
+    done = sum(1 for r in results if r.succeeded)
+    rows = [
+        Html(
+            f'<tr class="{"ok" if r.succeeded else "bad"}"><td>{escape(r.line)}</td>'
+            f'<td class="code">{escape(r.device_id)}</td><td>{escape(r.outcome)}'
+            + (" (earlier)" if r.replayed else "")
+            + f'</td><td class="code">{escape(r.reason)}</td><td class="code">{escape(r.field)}</td>'
+            f"<td>{escape(r.detail)}</td></tr>"
+        )
+        for r in results
+    ]
+    verdict = "ok" if done == len(results) else "bad"
+    body = Html(
+        f'<section class="panel {verdict}" role="status" id="outcome"><h2>{done} of {len(results)} activated'
+        " or already active</h2><p>Rows refused keep their reason; fix them and send the file again "
+        "(the rows done are not done twice).</p></section>"
+        '<div class="table"><table id="results"><thead><tr><th>Line</th><th>Device</th><th>Outcome</th>'
+        f"<th>Reason</th><th>Field</th><th>Detail</th></tr></thead><tbody>{join(rows)}</tbody></table></div>"
+        '<p><a href="/batch">Another shipment</a> · <a href="/">Activate one device</a></p>'
+    )
+    return layout("Shipment result", body, section="batch")

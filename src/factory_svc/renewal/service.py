@@ -11,10 +11,18 @@ device completes what a crash left) -> the CSR: PKCS#10, key (EC P-256/P-384 or 
 subject and SAN identical to the current certificate's (RFC 7030 4.2.2), not the current key -> a retry
 (same current certificate, same new key) answers the certificate issued for it -> the enrollment exists in
 DPS -> rate limit -> sign (``LeafIssuer``: the same builder and ``CaSigner`` as minting) -> the new
-certificate and the renewal intent in the ledger, one transaction -> DPS: the new certificate in the
-enrollment's secondary slot (etag-guarded, everything else kept; concurrent renewals' writes go out as one
-DPS bulk operation, ``factory_svc.renewal.bulk``) -> step marked -> answer.  Nothing is written for a
-refused request.
+certificate and the renewal intent in the ledger, one transaction (the rate limit checked again in it) ->
+DPS: the new certificate in the enrollment's secondary slot (etag-guarded, everything else kept; concurrent
+renewals' writes go out as one DPS bulk operation, ``factory_svc.renewal.bulk``) -> answer, while the step
+mark is committed (it records what DPS holds: when a crash loses it, the worker finds the certificate in the
+slot and marks it).  Nothing is written for a refused request.
+
+The CSR is checked against the presented certificate before the ledger is read, so that the ledger is read
+once per request (``holder_and_prior``: the presented certificate's record, its successor, its device's
+open renewals, a renewal already issued for the same key, the device's renewals of the last day); its
+refusal is given after the certificate's, in the order above.  The ledger is written twice (the record,
+the step mark), each write grouped with concurrent renewals' into one commit where the ledger has one
+writer.
 
 The promotion signal (``signal``): a request authenticated with the new certificate of an open renewal
 (the device registered with DPS and connected to its hub with it) moves the renewal to ``promote``; then
@@ -33,11 +41,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -58,6 +66,7 @@ from factory_svc.renewal.model import (
     RenewalRefused,
     RenewalState,
 )
+from factory_svc.renewal.store import Holder, Prior, RateLimited
 from provkit.clock import Clock
 from provkit.cloud import (
     CloudError,
@@ -88,17 +97,19 @@ class RenewalLedger(Protocol):
 
     async def certificate(self, serial_number: str) -> IssuedCertificate | None: ...
 
-    async def superseded_by(self, serial_number: str) -> str | None: ...
+    async def holder(self, serial_number: str) -> Holder | None: ...
 
-    async def record(self, certificate: IssuedCertificate, renewal: Renewal) -> Renewal: ...
+    async def holder_and_prior(
+        self, serial_number: str, key_sha256: str, since: datetime
+    ) -> tuple[Holder | None, Prior]: ...
 
-    async def find(self, old_serial: str, key_sha256: str) -> Renewal | None: ...
+    async def record(
+        self, certificate: IssuedCertificate, renewal: Renewal, max_per_day: int | None = None
+    ) -> Renewal | RateLimited: ...
 
     async def of_new(self, new_serial: str) -> Renewal | None: ...
 
     async def open_renewals(self, device_id: str | None = None) -> list[Renewal]: ...
-
-    async def issued_since(self, device_id: str, since: datetime) -> list[datetime]: ...
 
     async def advance(
         self, renewal: Renewal, states: tuple[RenewalState, ...], to: RenewalState, now: datetime
@@ -173,6 +184,7 @@ class RenewalService:
         self._device_ids = device_ids
         self._metrics = metrics
         self._worker: asyncio.Task[None] | None = None
+        self._marks: set[asyncio.Task[bool]] = set()  # step marks on their way (``_mark_later``)
         self.wake = asyncio.Event()
 
     @property
@@ -182,6 +194,12 @@ class RenewalService:
     # --------------------------------------------------------------------------------- authentication
     async def authenticate(self, peer_der: bytes | None) -> IssuedCertificate:
         """The ledger's record of the presented certificate, if it may renew (else ``RenewalRefused``)."""
+        presented, device_id = self._presented(peer_der)
+        holder = await self._ledger.holder(serial_hex(presented.serial_number))
+        return self._admit(presented, device_id, holder)
+
+    def _presented(self, peer_der: bytes | None) -> tuple[x509.Certificate, str]:
+        """The certificate of the TLS handshake, issued by the device CA, and the device id of its CN."""
         if not peer_der:
             raise RenewalRefused(
                 SharedReason.CLIENT_CERTIFICATE_REQUIRED,
@@ -201,9 +219,20 @@ class RenewalService:
             raise RenewalRefused(
                 Reason.CERTIFICATE_UNTRUSTED, "the certificate's CN is not a device id"
             ) from None
-        record = await self._ledger.certificate(serial_hex(presented.serial_number))
+        return presented, device_id
+
+    def _admit(self, presented: x509.Certificate, device_id: str, holder: Holder | None) -> IssuedCertificate:
+        """The presented certificate's record (``holder``, as the ledger holds it), if it may renew: the
+        very certificate the factory issued (thumbprint), for this device, not revoked, not superseded,
+        within its validity or the grace window."""
+        record = None if holder is None else holder.certificate
         sha256 = presented.fingerprint(hashes.SHA256()).hex().upper()
-        if record is None or record.sha256_thumbprint != sha256 or record.device_id != device_id:
+        if (
+            holder is None
+            or record is None
+            or record.sha256_thumbprint != sha256
+            or record.device_id != device_id
+        ):
             raise RenewalRefused(
                 Reason.CERTIFICATE_UNTRUSTED, "the factory has no record of this certificate"
             )
@@ -213,7 +242,7 @@ class RenewalService:
                 f"certificate {record.serial_number} was revoked ({record.revocation.reason.value}); "
                 "the device needs a new factory certificate",
             )
-        newer = await self._ledger.superseded_by(record.serial_number)
+        newer = holder.superseded_by
         if newer is not None:
             raise RenewalRefused(
                 Reason.CERTIFICATE_SUPERSEDED,
@@ -234,7 +263,9 @@ class RenewalService:
         return record
 
     # ----------------------------------------------------------------------------------------- renew
-    def _check_csr(self, body: bytes, current: IssuedCertificate) -> tuple[PublicKey, KeyType, str]:
+    def _check_csr(self, body: bytes, cert: x509.Certificate) -> tuple[PublicKey, KeyType, str]:
+        """The CSR's rules against the current certificate ``cert`` (the one presented: byte for byte the
+        ledger's, its thumbprint checked)."""
         try:
             csr = decode_csr(body)
         except EstFormatError as exc:
@@ -251,7 +282,6 @@ class RenewalService:
             signature_ok = False
         if not signature_ok:
             raise RenewalRefused(Reason.CSR_SIGNATURE_INVALID, "the request's signature does not verify")
-        cert = x509.load_pem_x509_certificate(current.certificate_pem.encode())
         try:
             same = csr.subject == cert.subject and _sans(csr.extensions) == _sans(cert.extensions)
         except (ValueError, x509.DuplicateExtension):
@@ -279,23 +309,29 @@ class RenewalService:
         return renewed
 
     async def _renew(self, peer_der: bytes | None, body: bytes) -> Renewed:
-        current = await self.authenticate(peer_der)
+        presented, device_id = self._presented(peer_der)
+        # The CSR is checked against the presented certificate before the ledger is read, so that one read
+        # brings everything; a refusal of the certificate still comes first.
+        try:
+            public_key, key_type, key_sha256 = self._check_csr(body, presented)
+            refused = None
+        except RenewalRefused as exc:
+            refused, key_sha256 = exc, ""
+        now = self._clock()
+        holder, prior = await self._ledger.holder_and_prior(
+            serial_hex(presented.serial_number), key_sha256, now - DAY
+        )
+        current = self._admit(presented, device_id, holder)
+        assert holder is not None  # admitted
         with bind_device_id(current.device_id):
-            await self._finish_device(current.device_id)
-            public_key, key_type, key_sha256 = self._check_csr(body, current)
-            found = await self._ledger.find(current.serial_number, key_sha256)
-            if found is not None:
-                if found.state is RenewalState.ABANDONED:  # never reopened: two would race for the slot
-                    raise RenewalRefused(
-                        Reason.RENEWAL_REPLACED,
-                        f"the renewal that issued {found.new_serial} was replaced by a later request of "
-                        f"certificate {current.serial_number} (or its certificate was revoked); "
-                        "renew again with a new key",
-                    )
-                return await self._answer(found, replayed=True)
+            await self._finish_device(holder.open_renewals)
+            if refused is not None:
+                raise refused
+            if prior.found is not None:
+                return await self._replay(prior.found, current)
             enrollment = await self._enrolled(current.device_id)
-            now = self._clock()
-            await self._rate_limit(current.device_id, now)
+            if len(prior.recent) >= self._policy.max_per_day:
+                raise self._rate_limited(prior.recent, now)
             not_before, not_after = self._validity(now)
             issued = await self._issuer.issue(
                 current.device_id,
@@ -315,29 +351,49 @@ class RenewalService:
                 now,
                 RenewalState.ISSUED,
             )
-            renewal = await self._ledger.record(issued, intent)
+            recorded = await self._ledger.record(issued, intent, self._policy.max_per_day)
+            if isinstance(recorded, RateLimited):  # concurrent requests of the device came first
+                raise self._rate_limited(recorded.recent, now)
             crash_point("renewal.after_ledger")
-            replayed = renewal.new_serial != issued.serial_number  # another request for it came first
-            if not replayed:
-                log.info(
-                    "certificate renewed",
-                    extra={
-                        "serial": issued.serial_number,
-                        "replaces": current.serial_number,
-                        "sha256_thumbprint": issued.sha256_thumbprint,
-                        "not_after": issued.not_after.isoformat(),
-                    },
-                )
-            return await self._answer(renewal, replayed=replayed, enrollment=None if replayed else enrollment)
+            if recorded.new_serial != issued.serial_number:  # another request for it came first
+                return await self._replay(recorded, current)
+            log.info(
+                "certificate renewed",
+                extra={
+                    "serial": issued.serial_number,
+                    "replaces": current.serial_number,
+                    "sha256_thumbprint": issued.sha256_thumbprint,
+                    "not_after": issued.not_after.isoformat(),
+                },
+            )
+            return await self._answer(recorded, issued, enrollment)
+
+    async def _replay(self, found: Renewal, current: IssuedCertificate) -> Renewed:
+        """A retry of a renewal already issued (same current certificate, same new key): its certificate,
+        once its DPS step is done; never one that was abandoned."""
+        if found.state is RenewalState.ABANDONED:  # never reopened: two would race for the slot
+            raise RenewalRefused(
+                Reason.RENEWAL_REPLACED,
+                f"the renewal that issued {found.new_serial} was replaced by a later request of "
+                f"certificate {current.serial_number} (or its certificate was revoked); "
+                "renew again with a new key",
+            )
+        certificate = await self._ledger.certificate(found.new_serial)
+        assert certificate is not None  # written with the renewal
+        return await self._answer(found, certificate, replayed=True)
 
     async def _answer(
-        self, renewal: Renewal, replayed: bool, enrollment: Enrollment | None = None
+        self,
+        renewal: Renewal,
+        certificate: IssuedCertificate,
+        enrollment: Enrollment | None = None,
+        replayed: bool = False,
     ) -> Renewed:
         """Complete the renewal's DPS step (the answer waits for it: a device never holds a certificate DPS
-        would refuse) and answer the certificate.  ``enrollment``: as read just before issuing (its etag
-        guards the write; a concurrent change is read again)."""
+        would refuse) and answer ``certificate``, the renewal's new one.  ``enrollment``: as read just
+        before issuing (its etag guards the write; a concurrent change is read again)."""
         try:
-            await self._advance(renewal, enrollment)
+            await self._advance(renewal, enrollment, certificate, answering=True)
         except NotEnrolled:
             await self._ledger.failed(renewal, Reason.DEVICE_NOT_ENROLLED)
             raise RenewalRefused(
@@ -352,8 +408,6 @@ class RenewalService:
                 "the renewal is recorded but DPS could not be updated; retry with the same request",
                 retry_after=exc.retry_after or _DPS_RETRY_AFTER,
             ) from None
-        certificate = await self._ledger.certificate(renewal.new_serial)
-        assert certificate is not None  # written with the renewal
         leaf = x509.load_pem_x509_certificate(certificate.certificate_pem.encode())
         return Renewed(certificate, (leaf, *self.ca_chain), replayed)
 
@@ -377,16 +431,16 @@ class RenewalService:
             raise RenewalRefused(Reason.DEVICE_NOT_ENROLLED, "the device has no DPS enrollment to renew")
         return enrollment
 
-    async def _rate_limit(self, device_id: str, now: datetime) -> None:
-        recent = await self._ledger.issued_since(device_id, now - DAY)
+    def _rate_limited(self, recent: list[datetime], now: datetime) -> RenewalRefused:
+        """The refusal of a device whose renewals of the 24 hours before ``now`` (``recent``, oldest first,
+        at least the limit) reached the limit."""
         limit = self._policy.max_per_day
-        if len(recent) >= limit:
-            free_at = recent[-limit] + DAY
-            raise RenewalRefused(
-                Reason.RENEWAL_RATE_LIMITED,
-                f"the device renewed {len(recent)} times in 24 hours (at most {limit})",
-                retry_after=max(1.0, (free_at - now).total_seconds()),
-            )
+        free_at = recent[-limit] + DAY
+        return RenewalRefused(
+            Reason.RENEWAL_RATE_LIMITED,
+            f"the device renewed {len(recent)} times in 24 hours (at most {limit})",
+            retry_after=max(1.0, (free_at - now).total_seconds()),
+        )
 
     # -------------------------------------------------------------------------- the promotion signal
     async def signal(self, peer_der: bytes | None) -> bool:
@@ -421,12 +475,20 @@ class RenewalService:
             return True
 
     # ------------------------------------------------------------------------------------ the steps
-    async def _advance(self, renewal: Renewal, enrollment: Enrollment | None = None) -> None:
+    async def _advance(
+        self,
+        renewal: Renewal,
+        enrollment: Enrollment | None = None,
+        issued: IssuedCertificate | None = None,
+        answering: bool = False,
+    ) -> None:
         """Carry out the renewal's next DPS step and record it; CloudError when DPS could not be updated,
         NotEnrolled when the enrollment is gone before the secondary was written.  A renewal whose new
         certificate was revoked is abandoned: it never goes into the enrollment nor becomes its primary
-        (revocation takes it out of the secondary slot)."""
-        new = await self._ledger.certificate(renewal.new_serial)
+        (revocation takes it out of the secondary slot).  ``issued``: the new certificate as this request
+        just recorded or read it (else read from the ledger, with its revocation).  ``answering``: a
+        request waits for the answer, not for the ``secondary`` mark to be committed (``_mark_later``)."""
+        new = issued or await self._ledger.certificate(renewal.new_serial)
         assert new is not None
         now = self._clock()
         if new.revocation is not None:
@@ -438,7 +500,11 @@ class RenewalService:
         if renewal.state is RenewalState.ISSUED:
             await self._write(renewal.device_id, lambda a: self._with_secondary(a, new), enrollment)
             crash_point("renewal.after_dps_secondary")
-            await self._ledger.advance(renewal, (RenewalState.ISSUED,), RenewalState.SECONDARY, now)
+            mark = self._ledger.advance(renewal, (RenewalState.ISSUED,), RenewalState.SECONDARY, now)
+            if answering:
+                self._mark_later(mark)
+            else:
+                await mark
         elif renewal.state is RenewalState.PROMOTE:
             with contextlib.suppress(NotEnrolled):  # no enrollment to change: the ledger still follows
                 await self._write(renewal.device_id, lambda a: self._promoted(a, new))
@@ -448,6 +514,21 @@ class RenewalService:
                     "renewal completed",
                     extra={"serial": renewal.new_serial, "superseded": renewal.old_serial},
                 )
+
+    def _mark_later(self, mark: Coroutine[Any, Any, bool]) -> None:
+        """Commit a step mark without making the answer wait for it.  The mark only records what DPS already
+        holds: when it is lost (a crash before its commit, a failed write), the renewal stays ``issued`` and
+        the worker (at start-up, or woken now) finds the certificate in the slot and marks it; ``stop``
+        waits for the marks still on their way."""
+        task = asyncio.create_task(mark, name="renewal-step-mark")
+        self._marks.add(task)
+        task.add_done_callback(self._marked)
+
+    def _marked(self, task: asyncio.Task[bool]) -> None:
+        self._marks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("renewal step mark failed; the worker marks it", exc_info=task.exception())
+            self.wake.set()
 
     @staticmethod
     def _with_secondary(attestation: X509Attestation, new: IssuedCertificate) -> X509Attestation | None:
@@ -490,9 +571,9 @@ class RenewalService:
             return
         raise CloudUnavailable("the enrollment kept changing under the renewal; tried again later")
 
-    async def _finish_device(self, device_id: str) -> None:
+    async def _finish_device(self, open_renewals: list[Renewal]) -> None:
         """The device's open renewal steps a crash left (best effort: a failure stays for the worker)."""
-        for renewal in await self._ledger.open_renewals(device_id):
+        for renewal in open_renewals:
             if renewal.open:  # (a secondary one: only abandoned, if its certificate was revoked)
                 try:
                     await self._advance(renewal)
@@ -536,6 +617,7 @@ class RenewalService:
                 await asyncio.wait_for(self.wake.wait(), _RETRY if failed else _SWEEP)
 
     async def stop(self) -> None:
+        await asyncio.gather(*self._marks, return_exceptions=True)
         await self._writes.close()
         if self._worker is not None:
             self._worker.cancel()

@@ -2,22 +2,34 @@
 ``certificates`` which certificate a renewed one ``replaces`` and which one ``superseded_by`` a renewal.
 
 A renewal is written in one transaction: the new certificate, its ``replaces`` link, the intent (state
-``issued``) and the abandonment of the device's earlier renewals nobody used.  Two requests for the same
-old certificate with the same new key meet on the intent's unique key (old serial, key): the second gets
-the first's renewal.  Completion (old superseded, intent done) is one transaction as well.
+``issued``) and the abandonment of the device's earlier renewals nobody used; the device's renewals of the
+last 24 hours are counted in that same transaction (over the limit: nothing of it stays, ``RateLimited``),
+so concurrent requests of one device cannot pass it together.  Two requests for the same old
+certificate with the same new key meet on the intent's unique key (old serial, key): the second gets the
+first's renewal.  Completion (old superseded, intent done) is one transaction as well.
+
+Where the database has one writer (SQLite), the renewals' writes (``record``, ``advance``) that arrive
+together share one transaction and one commit (``Database.group_commit``; each write in its own savepoint,
+so one that fails leaves nothing and fails alone), as MintCertificate's records do.  A renewal request reads
+the ledger once (``holder_and_prior``: the presented certificate, whether it was superseded, its device's
+open renewals, a renewal already issued for this old certificate and key, and the device's renewals of the
+last 24 hours): one hand-off to the database's thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar, cast
 
 from dbstore import Conflict, Database, Tx
 from factory_svc.mint.model import IssuedCertificate
 from factory_svc.mint.store import COLUMNS, INSERT_CERTIFICATE, certificate_from_row, certificate_row
 from factory_svc.renewal.model import ExpiringCertificate, Renewal, RenewalState
 from provkit.clock import from_us, to_us
+
+T = TypeVar("T")
 
 # Version 6 of the ledger.
 MIGRATION = """
@@ -57,20 +69,124 @@ _EXPIRING = (
 BUCKETS = (("expired", 0), ("7d", 7), ("30d", 30), ("90d", 90), ("365d", 365), ("later", None))
 
 
+_HOLDER = f"SELECT {COLUMNS}, superseded_by FROM certificates WHERE serial_number = ?"  # noqa: S608
+_FIND = f"{_RENEWAL} WHERE old_serial = ? AND key_sha256 = ?"
+_RECENT = "SELECT requested_us FROM renewals WHERE device_id = ? AND requested_us > ? ORDER BY requested_us"
+_DAY = timedelta(days=1)
+
+
 def _renewal(row: Sequence[Any]) -> Renewal:
     return Renewal(row[0], row[1], row[2], row[3], from_us(row[4]), RenewalState(row[5]), int(row[6]), row[7])
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A certificate a device presents, as the ledger knows it: the record, the certificate that
+    superseded it (a renewal the device uses), and its device's open renewals (oldest first)."""
+
+    certificate: IssuedCertificate
+    superseded_by: str | None
+    open_renewals: list[Renewal]
+
+
+@dataclass(frozen=True)
+class Prior:
+    """What the ledger holds before a renewal is issued: the renewal already issued for the same old
+    certificate and new key (a retry), and when the device's renewals of the last 24 hours were requested
+    (oldest first)."""
+
+    found: Renewal | None
+    recent: list[datetime]
+
+
+@dataclass(frozen=True)
+class RateLimited:
+    """``record`` refused: the device had ``max_per_day`` renewals in the 24 hours before this one
+    (``recent``: when they were requested, oldest first); nothing was written."""
+
+    recent: list[datetime]
+
+
+@dataclass(frozen=True)
+class _Raised:
+    """A grouped write that raised: re-raised to its own caller only."""
+
+    error: Exception
+
+
+async def _each_alone(tx: Tx, works: list[Callable[[Tx], Awaitable[Any]]]) -> list[Any]:
+    """A group of writes, each in its own savepoint: one that raises leaves nothing and fails alone."""
+    results: list[Any] = []
+    for work in works:
+        try:
+            async with tx.savepoint():
+                results.append(await work(tx))
+        except Exception as exc:  # handed to the write's own caller
+            results.append(_Raised(exc))
+    return results
+
+
+async def _recent(tx: Tx, device_id: str, since: datetime) -> list[datetime]:
+    return [from_us(r[0]) for r in await tx.fetchall(_RECENT, (device_id, to_us(since)))]
+
+
+async def _holder(tx: Tx, serial_number: str) -> Holder | None:
+    row = await tx.fetchone(_HOLDER, (serial_number,))
+    if row is None:
+        return None
+    certificate = certificate_from_row(row)
+    rows = await tx.fetchall(
+        f"{_RENEWAL} WHERE device_id = ? AND {_OPEN} ORDER BY requested_us, new_serial",
+        (certificate.device_id,),
+    )
+    return Holder(certificate, row[-1], [_renewal(r) for r in rows])
+
+
+async def _prior(tx: Tx, old_serial: str, key_sha256: str, device_id: str, since: datetime) -> Prior:
+    found = await tx.fetchone(_FIND, (old_serial, key_sha256))
+    return Prior(None if found is None else _renewal(found), await _recent(tx, device_id, since))
 
 
 class RenewalStore:
     def __init__(self, db: Database) -> None:
         self._db = db
+        # One writer (SQLite): the writes of concurrent renewals share one transaction (group commit).
+        self._group = db.group_commit(_each_alone)
 
-    async def record(self, certificate: IssuedCertificate, renewal: Renewal) -> Renewal:
+    async def _write(self, work: Callable[[Tx], Awaitable[T]]) -> T:
+        """``work`` in a transaction: the group's, where writes are grouped, else its own."""
+        if self._group is None:
+            return await self._db.transaction(work)  # type: ignore[arg-type]
+        result = await self._group.submit(work)
+        if isinstance(result, _Raised):
+            raise result.error
+        return cast(T, result)
+
+    async def record(
+        self, certificate: IssuedCertificate, renewal: Renewal, max_per_day: int | None = None
+    ) -> Renewal | RateLimited:
         """The new certificate and its renewal (state ``issued``), durably, in one transaction; the device's
         earlier renewals still waiting for use are abandoned.  When another request recorded a renewal for
-        the same old certificate and key first, that one is answered (and nothing of this one written)."""
+        the same old certificate and key first, that one is answered (and nothing of this one written).
+        ``max_per_day``: when the device already had that many renewals in the 24 hours before
+        ``renewal.requested_at``, nothing is written and ``RateLimited`` answered."""
 
-        async def write(tx: Tx) -> Renewal:
+        async def write(tx: Tx) -> Renewal | RateLimited:
+            if max_per_day is not None:
+                recent = await _recent(tx, renewal.device_id, renewal.requested_at - _DAY)
+                if len(recent) >= max_per_day:
+                    found = await tx.fetchone(_FIND, (renewal.old_serial, renewal.key_sha256))
+                    return RateLimited(recent) if found is None else _renewal(found)
+            try:
+                async with tx.savepoint():
+                    return await insert(tx)
+            except Conflict:
+                found = await tx.fetchone(_FIND, (renewal.old_serial, renewal.key_sha256))
+                if found is None:
+                    raise
+                return _renewal(found)
+
+        async def insert(tx: Tx) -> Renewal:
             now_us = to_us(renewal.requested_at)
             await tx.execute(INSERT_CERTIFICATE, certificate_row(certificate))
             await tx.execute(
@@ -97,21 +213,24 @@ class RenewalStore:
             )
             return renewal
 
-        try:
-            return await self._db.transaction(write)
-        except Conflict:
-            found = await self.find(renewal.old_serial, renewal.key_sha256)
-            if found is None:
-                raise
-            return found
+        return await self._write(write)
 
-    async def find(self, old_serial: str, key_sha256: str) -> Renewal | None:
-        row = await self._db.read(
-            lambda tx: tx.fetchone(
-                f"{_RENEWAL} WHERE old_serial = ? AND key_sha256 = ?", (old_serial, key_sha256)
-            )
-        )
-        return None if row is None else _renewal(row)
+    async def holder(self, serial_number: str) -> Holder | None:
+        """The presented certificate's record, its successor in use and its device's open renewals."""
+        return await self._db.read(lambda tx: _holder(tx, serial_number))
+
+    async def holder_and_prior(
+        self, serial_number: str, key_sha256: str, since: datetime
+    ) -> tuple[Holder | None, Prior]:
+        """``holder`` and, for its device, ``prior``: what a renewal request needs, in one read."""
+
+        async def read(tx: Tx) -> tuple[Holder | None, Prior]:
+            holder = await _holder(tx, serial_number)
+            if holder is None:
+                return None, Prior(None, [])
+            return holder, await _prior(tx, serial_number, key_sha256, holder.certificate.device_id, since)
+
+        return await self._db.read(read)
 
     async def of_new(self, new_serial: str) -> Renewal | None:
         """The renewal that issued this certificate (None: a minted one)."""
@@ -132,14 +251,11 @@ class RenewalStore:
 
     async def issued_since(self, device_id: str, since: datetime) -> list[datetime]:
         """When the device's renewals issued since ``since`` were requested, oldest first."""
-        rows = await self._db.read(
-            lambda tx: tx.fetchall(
-                "SELECT requested_us FROM renewals WHERE device_id = ? AND requested_us > ? "
-                "ORDER BY requested_us",
-                (device_id, to_us(since)),
-            )
-        )
-        return [from_us(r[0]) for r in rows]
+        return await self._db.read(lambda tx: _recent(tx, device_id, since))
+
+    async def superseded_by(self, serial_number: str) -> str | None:
+        holder = await self.holder(serial_number)
+        return None if holder is None else holder.superseded_by
 
     async def advance(
         self, renewal: Renewal, states: Sequence[RenewalState], to: RenewalState, now: datetime
@@ -151,7 +267,7 @@ class RenewalStore:
             f"WHERE new_serial = ? AND state IN ({marks})"
         )
         params = (to.value, to_us(now), renewal.new_serial, *(s.value for s in states))
-        return bool(await self._db.transaction(lambda tx: tx.execute(sql, params)))
+        return bool(await self._write(lambda tx: tx.execute(sql, params)))
 
     async def complete(self, renewal: Renewal, now: datetime) -> bool:
         """The old certificate superseded by the new one and the renewal done, in one transaction."""
@@ -179,14 +295,6 @@ class RenewalStore:
                 (reason, renewal.new_serial),
             )
         )
-
-    async def superseded_by(self, serial_number: str) -> str | None:
-        row = await self._db.read(
-            lambda tx: tx.fetchone(
-                "SELECT superseded_by FROM certificates WHERE serial_number = ?", (serial_number,)
-            )
-        )
-        return None if row is None or row[0] is None else str(row[0])
 
     # ------------------------------------------------------------------------------------ the operator
     async def expiring(self, now: datetime, until: datetime) -> list[ExpiringCertificate]:

@@ -1,0 +1,92 @@
+"""The portal's /batch page: a shipment CSV uploaded (multipart, CSRF checked), each row activated through
+activation_svc with the OEM's template, the result table shown; the same file sent again is answered from
+the first sending (no row done twice); files that cannot be used are refused before anything is sent."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient, TestServer
+from portal_env import hidden_fields, portal_stack
+from support.shipment import TEMPLATE, enroll_shipment, shipment_csv
+
+from activation_svc.portal.app import create_app
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]  # the stack
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def portal(module_emulator, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("portal-shipment")
+    template = folder / "acme.schema.json"
+    template.write_text(json.dumps(TEMPLATE))
+    async with (
+        portal_stack(
+            folder, module_emulator, service_env={"ACTIVATION_TEMPLATES": f"acme={template}"}
+        ) as stack,
+        TestClient(TestServer(create_app(stack.settings))) as client,
+    ):
+        yield stack, client
+
+
+async def upload(client: TestClient, csv_text: str, *, csrf: bool = True) -> tuple[int, str]:
+    page = await (await client.get("/batch")).text()
+    form = aiohttp.FormData()
+    if csrf:
+        form.add_field("csrf_token", hidden_fields(page)["csrf_token"])
+    form.add_field("shipment", csv_text.encode(), filename="shipment.csv", content_type="text/csv")
+    form.add_field("metadata", "")
+    response = await client.post("/batch", data=form)
+    return response.status, await response.text()
+
+
+def table(page: str) -> list[list[str]]:
+    body = re.search(r'<table id="results">.*?<tbody>(.*?)</tbody>', page, re.S)
+    assert body is not None, page
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", body.group(1), re.S)
+    return [
+        [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", r, re.S)] for r in rows
+    ]
+
+
+async def test_a_shipment_is_activated_from_an_upload_and_a_resend_does_nothing_twice(portal):
+    stack, client = portal
+    devices = await enroll_shipment(stack.factory_app, stack.factory, 5)
+    text = shipment_csv(devices, fields={3: {"desired.telemetryIntervalSeconds": "0"}})
+    page = await (await client.get("/batch")).text()
+    assert "tags.chassisNumber" in page and "desired.ecoMode" in page  # the columns the template asks for
+    status, page = await upload(client, text)
+    assert status == 200, page
+    rows = table(page)
+    assert [r[2] for r in rows] == ["activated"] * 3 + ["refused"] + ["activated"]
+    assert rows[3][3:5] == [
+        "METADATA_TEMPLATE_VIOLATION",
+        "metadata_json.properties.desired.telemetryIntervalSeconds",
+    ]
+    assert "4 of 5 activated" in page
+    assert all(code not in page for _, code in devices)
+    enrollment = await stack.enrollment(devices[0][0])
+    assert enrollment["initialTwin"]["properties"]["desired"]["telemetryIntervalSeconds"] == 5
+    assert (await stack.enrollment(devices[3][0]))["provisioningStatus"] == "disabled"
+
+    status, page = await upload(client, text)  # the same file again
+    assert status == 200
+    again = table(page)
+    assert [r[2] for r in again] == ["activated (earlier)"] * 3 + ["refused"] + ["activated (earlier)"]
+    assert (await stack.enrollment(devices[0][0]))["etag"] == enrollment["etag"]
+
+
+async def test_unusable_uploads_are_refused_before_anything_is_sent(portal):
+    stack, client = portal
+    devices = await enroll_shipment(stack.factory_app, stack.factory, 1)
+    status, page = await upload(client, shipment_csv(devices), csrf=False)
+    assert status == 403 and "Form expired" in page
+    status, page = await upload(client, "guid,code,tags.colour\nx,y,red\n")
+    assert status == 400 and "SHIPMENT_UNUSABLE" in page and "tags.colour" in page
+    status, page = await upload(client, "guid,code\n")
+    assert status == 400 and "no devices" in page
+    assert (await stack.enrollment(devices[0][0]))["provisioningStatus"] == "disabled"
