@@ -15,6 +15,7 @@ import pytest
 # probed, so parallel test runs on one machine do not collide.
 MQTT_PORT = 8883
 HTTPS_PORT = 443
+AMQP_PORT = 5671
 
 pytest_plugins = ["support.dps_fixtures", "support.node_sdks", "support.softhsm"]
 
@@ -32,7 +33,7 @@ def _address_is_free(host: str, port: int) -> bool:
     return True
 
 
-def free_loopback_address(ports: tuple[int, ...] = (MQTT_PORT, HTTPS_PORT)) -> str:
+def free_loopback_address(ports: tuple[int, ...] = (MQTT_PORT, HTTPS_PORT, AMQP_PORT)) -> str:
     """A 127.x.y.z address on which ``ports`` are currently free."""
     rng = random.SystemRandom()
     for _ in range(200):

@@ -21,13 +21,13 @@ import secrets
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from aiohttp import web
 from OpenSSL import SSL
 
-from azure_iot_emulator.config import HTTPS_PORT, EmulatorConfig, listen_address
+from azure_iot_emulator.config import AMQP_PORT, HTTPS_PORT, EmulatorConfig, listen_address
 from azure_iot_emulator.connection_info import (
     CONNECTION_FILE,
     ConnectionInfo,
@@ -37,16 +37,19 @@ from azure_iot_emulator.connection_info import (
 from azure_iot_emulator.dps.part import DpsPart
 from azure_iot_emulator.https import HttpsListener, add_self_guarded_routes
 from azure_iot_emulator.hub.c2d import C2dLimits
+from azure_iot_emulator.hub.eventhub.model import entity_name
+from azure_iot_emulator.hub.eventhub.store import PartitionCountChanged
 from azure_iot_emulator.hub.part import HubPart
 from azure_iot_emulator.metrics import EmulatorMetrics
 from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.endpoint import Endpoint
-from azure_iot_emulator.mqtt.tls import server_context, start_listener
+from azure_iot_emulator.mqtt.tls import server_context, start_listener, start_tls_listener
 from azure_iot_emulator.mqtt.websocket import websocket_route
 from azure_iot_emulator.pki import ServerPki, issue_server_certificate
 from azure_iot_emulator.quotas import hub_d2c
 from azure_iot_emulator.store import Database
 from litestore.files import DIRECTORY_MODE, private_directory
+from mainkit.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,8 @@ class Emulator:
         self.hub: HubPart | None = None
         self.dps: DpsPart | None = None
         self.endpoints: list[Endpoint] = []
-        self._mqtt_servers: list[asyncio.Server] = []
+        self._mqtt_servers: list[asyncio.Server] = []  # and the AMQP listeners
+        self._amqp_ports: dict[str, int] = {}
         self.service_apps: dict[str, web.Application] = {}
         self.https_routes: dict[str, list[web.RouteDef]] = {}
         self._https: dict[str, HttpsListener] = {}
@@ -144,12 +148,17 @@ class Emulator:
     def _build_parts(self) -> None:
         cfg, db, keys = self.config, self.db, self.secrets
         assert db is not None and keys is not None
-        self.hub = HubPart(
-            db, cfg.hub_hosts, self.clock, service_keys=lambda host: {HUB_POLICY: keys.hub_key(host)},
-            d2c_quota=hub_d2c(cfg.hub_tier) if cfg.azure_quotas else None,
-            metrics=self.metrics,
-            c2d_limits=C2dLimits(cfg.c2d_default_ttl, cfg.c2d_max_delivery_count),
-        )
+        try:
+            self.hub = HubPart(
+                db, cfg.hub_hosts, self.clock, service_keys=lambda host: {HUB_POLICY: keys.hub_key(host)},
+                d2c_quota=hub_d2c(cfg.hub_tier) if cfg.azure_quotas else None,
+                metrics=self.metrics,
+                c2d_limits=C2dLimits(cfg.c2d_default_ttl, cfg.c2d_max_delivery_count),
+                partitions=cfg.hub_partitions,
+                retention=timedelta(days=cfg.hub_retention_days),
+            )
+        except PartitionCountChanged as exc:
+            raise SettingsError(str(exc)) from exc
         self.dps = DpsPart(
             db,
             id_scope=keys.id_scope,
@@ -203,6 +212,13 @@ class Emulator:
         tls = server_context(self.pki.cert_path, self.pki.key_path)
         for address in self.service_apps:
             self._mqtt_servers.append(await start_listener(self.broker, tls, address, cfg.mqtt_port))
+        assert self.hub is not None
+        for host in cfg.hub_hosts:  # AMQP on 5671 of every hub's address
+            address = listen_address(host)
+            endpoint = self.hub.amqp_endpoint(host, names=(address,))
+            server = await start_tls_listener(endpoint.opener(), tls, address, cfg.amqp_port)
+            self._mqtt_servers.append(server)
+            self._amqp_ports[host] = server.sockets[0].getsockname()[1]
         await self._listen_https(tls)
 
     async def _listen_https(self, tls: SSL.Context) -> None:
@@ -244,12 +260,18 @@ class Emulator:
         hubs: list[HubConnection] = []
         for host in cfg.hub_hosts:
             endpoint = self._endpoint(host)
+            port = self._amqp_ports[host]
+            amqp = f"sb://{host}/" if port == AMQP_PORT else f"sb://{host}:{port}/"
             hubs.append(
                 {
                     "host_name": host,
                     "connection_string": f"HostName={endpoint};SharedAccessKeyName={HUB_POLICY};"
                     f"SharedAccessKey={keys.hub_key(host)}",
                     "rest_endpoint": f"https://{endpoint}",
+                    "eventhub_endpoint": amqp,
+                    "eventhub_name": entity_name(host),
+                    "eventhub_connection_string": f"Endpoint={amqp};SharedAccessKeyName={HUB_POLICY};"
+                    f"SharedAccessKey={keys.hub_key(host)};EntityPath={entity_name(host)}",
                 }
             )
         info: ConnectionInfo = {

@@ -47,6 +47,19 @@ def _parser() -> argparse.ArgumentParser:
         "CAP_NET_BIND_SERVICE; another port, 0 = any, goes into the connection strings: HostName=host:port)",
     )
     serve.add_argument(
+        "--amqp-port", type=int,
+        help="AMQP/TLS port of every hub: its built-in Event Hub-compatible endpoint and cloud-to-device "
+        "sends (default 5671 as on Azure)",
+    )
+    serve.add_argument(
+        "--hub-partitions", type=int,
+        help="partitions of each hub's built-in endpoint (default 4; fixed once the hub exists)",
+    )
+    serve.add_argument(
+        "--hub-retention-days", type=float,
+        help="how long the built-in endpoint keeps telemetry (default 1, at most 7)",
+    )
+    serve.add_argument(
         "--assignment-delay", metavar="SECONDS|immediate",
         help="DPS registration: seconds until a polled operation is assigned (default 1, Azure's "
         "202-then-poll flow); 'immediate' answers the register request with the final result",
@@ -125,6 +138,8 @@ def _print_summary(info: ConnectionInfo, data_dir: Path) -> None:
     ]
     for hub in info["hubs"]:
         lines.append(f"  IoT hub:             {hub['host_name']} (service {hub['rest_endpoint']})")
+        if hub.get("eventhub_endpoint"):
+            lines.append(f"    built-in endpoint: {hub['eventhub_endpoint']} (entity {hub['eventhub_name']})")
     if info.get("metrics_url"):
         lines.append(f"  Metrics:             {info['metrics_url']}")
     lines.append(f"  Connection strings (with keys): {(data_dir / CONNECTION_FILE).resolve()}")

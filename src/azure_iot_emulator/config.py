@@ -28,6 +28,9 @@ DEFAULT_DPS_HOST = "localhost"
 DEFAULT_HUB_HOSTS = ("127.0.0.2", "127.0.0.3")
 MQTT_PORT = 8883
 HTTPS_PORT = 443
+AMQP_PORT = 5671
+DEFAULT_HUB_PARTITIONS = 4  # Azure's default for a hub's built-in endpoint (2..128)
+DEFAULT_RETENTION_DAYS = 1.0  # Azure's default (up to 7 days)
 DEFAULT_ASSIGNMENT_DELAY = 1.0
 
 
@@ -42,6 +45,13 @@ class EmulatorConfig:
     the DPS device API and MQTT over WebSockets.  Another port (0: any free one) is for set-ups that cannot
     bind 443; the connection strings then carry it (``HostName=host:port``), which Python's SDKs accept
     and the Node.js SDKs do not."""
+    amqp_port: int = AMQP_PORT
+    """Every hub's AMQP 1.0 over TLS port: the built-in Event Hub-compatible endpoint and cloud-to-device
+    sends (Azure's 5671: Event Hubs' clients dial it, their connection strings carry no port)."""
+    hub_partitions: int = DEFAULT_HUB_PARTITIONS
+    """Partitions of each hub's built-in endpoint, fixed when the hub is first created (as on Azure)."""
+    hub_retention_days: float = DEFAULT_RETENTION_DAYS
+    """How long the built-in endpoint keeps device-to-cloud messages (Azure: 1 to 7 days)."""
     assignment_delay: float | None = DEFAULT_ASSIGNMENT_DELAY
     """Seconds from a device's register request until DPS answers its poll ``assigned`` (Azure's
     asynchronous registration); None is ``immediate``: the final answer on the register request."""
@@ -78,11 +88,15 @@ class EmulatorConfig:
             raise SettingsError("assignment_delay must be 'immediate' or 0-3600 seconds")
         if self.hub_tier.upper() not in HUB_D2C_PER_SECOND:
             raise SettingsError(f"hub_tier must be one of {', '.join(HUB_D2C_PER_SECOND)}")
+        if not 2 <= self.hub_partitions <= 128:
+            raise SettingsError("hub_partitions must be 2-128 (Azure's range)")
+        if not 0 < self.hub_retention_days <= 7:
+            raise SettingsError("hub_retention_days must be above 0 and at most 7 (Azure's limit)")
         if not 1 <= self.c2d_default_ttl <= MAX_TTL_SECONDS:
             raise SettingsError(f"c2d_default_ttl must be 1 to {MAX_TTL_SECONDS} seconds (2 days)")
         if not 1 <= self.c2d_max_delivery_count <= MAX_DELIVERY_COUNT:
             raise SettingsError(f"c2d_max_delivery_count must be 1 to {MAX_DELIVERY_COUNT}")
-        for port in (self.mqtt_port, self.https_port):
+        for port in (self.mqtt_port, self.https_port, self.amqp_port):
             if not 0 <= port <= 65535:
                 raise SettingsError(f"port {port} out of range")
         return self
@@ -121,6 +135,9 @@ KEYS = (
     "hub_hosts",
     "mqtt_port",
     "https_port",
+    "amqp_port",
+    "hub_partitions",
+    "hub_retention_days",
     "assignment_delay",
     "azure_quotas",
     "hub_tier",
@@ -157,6 +174,9 @@ def build_config(
         hub_hosts=source.text_list("hub_hosts", default.hub_hosts),
         mqtt_port=source.integer("mqtt_port", default.mqtt_port),
         https_port=source.integer("https_port", default.https_port),
+        amqp_port=source.integer("amqp_port", default.amqp_port),
+        hub_partitions=source.integer("hub_partitions", default.hub_partitions),
+        hub_retention_days=source.number("hub_retention_days", default.hub_retention_days),
         assignment_delay=default.assignment_delay if delay is None else assignment_delay(delay),
         azure_quotas=source.flag("azure_quotas", default.azure_quotas),
         hub_tier=source.text("hub_tier") or default.hub_tier,

@@ -18,6 +18,10 @@ class HubConnection(TypedDict):
     host_name: str
     connection_string: str
     rest_endpoint: str
+    # The built-in Event Hub-compatible endpoint (AMQP, port 5671 of the hub's address):
+    eventhub_endpoint: NotRequired[str]  # sb://{host}/
+    eventhub_name: NotRequired[str]  # the entity (EntityPath)
+    eventhub_connection_string: NotRequired[str]  # Endpoint=sb://...;SharedAccessKeyName=...;EntityPath=...
 
 
 class ConnectionInfo(TypedDict):
@@ -31,6 +35,19 @@ class ConnectionInfo(TypedDict):
     hubs: list[HubConnection]
     default_hub: str
     metrics_url: NotRequired[str]  # only when the emulator serves /metrics
+
+
+def _hub(data: dict[str, object]) -> HubConnection:
+    hub = HubConnection(
+        host_name=str(data["host_name"]),
+        connection_string=str(data["connection_string"]),
+        rest_endpoint=str(data["rest_endpoint"]),
+    )
+    if data.get("eventhub_connection_string"):
+        hub["eventhub_endpoint"] = str(data.get("eventhub_endpoint", ""))
+        hub["eventhub_name"] = str(data.get("eventhub_name", ""))
+        hub["eventhub_connection_string"] = str(data["eventhub_connection_string"])
+    return hub
 
 
 def parse_connection_info(data: object) -> ConnectionInfo | None:
@@ -53,14 +70,7 @@ def parse_connection_info(data: object) -> ConnectionInfo | None:
             dps=DpsConnection(
                 connection_string=str(dps["connection_string"]), rest_endpoint=str(dps["rest_endpoint"])
             ),
-            hubs=[
-                HubConnection(
-                    host_name=str(h["host_name"]),
-                    connection_string=str(h["connection_string"]),
-                    rest_endpoint=str(h["rest_endpoint"]),
-                )
-                for h in hubs
-            ],
+            hubs=[_hub(h) for h in hubs],
             default_hub=str(data["default_hub"]),
         )
         if data.get("metrics_url"):

@@ -199,6 +199,12 @@ class EmulatorProcess:
     def hub_connection_string(self, host: str) -> str:
         return next(h["connection_string"] for h in self.connection["hubs"] if h["host_name"] == host)
 
+    def eventhub_connection_string(self, host: str) -> str:
+        """The Event Hub-compatible connection string of the hub ``host``'s built-in endpoint."""
+        return next(
+            h.get("eventhub_connection_string", "") for h in self.connection["hubs"] if h["host_name"] == host
+        )
+
     @property
     def default_hub(self) -> str:
         return self.connection["default_hub"]

@@ -33,9 +33,9 @@ STATE_STYLE = {
 
 
 class HubWatch:
-    """Tails the telemetry the emulator's hubs received (through their REST API: ``hub_feed``) and counts it
-    per device, with the devices' sequence numbers seen (a device numbers its messages from 1, across runs
-    and certificate renewals)."""
+    """Tails the telemetry the emulator's hubs received (from their built-in endpoints: ``hub_feed``) and
+    counts it per device, with the devices' sequence numbers seen (a device numbers its messages from 1,
+    across runs and certificate renewals)."""
 
     def __init__(self, feed: HubFeed | None, keep: int = 8) -> None:
         self._feed = feed

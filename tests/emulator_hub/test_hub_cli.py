@@ -1,8 +1,10 @@
-"""The monitor and messages commands, run as real processes against a real database file."""
+"""The monitor and messages commands: ``messages`` against a real database file, ``monitor`` against a real
+emulator (run in this process, fed through its hub service) whose built-in endpoints it reads over AMQP."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import subprocess
 import sys
@@ -11,8 +13,11 @@ from datetime import UTC, datetime
 from io import StringIO
 
 import pytest
-from support.waiting import until_sync
+from conftest import free_loopback_address
+from support.waiting import until
 
+from azure_iot_emulator.app import Emulator
+from azure_iot_emulator.config import EmulatorConfig
 from azure_iot_emulator.hub import cli
 from azure_iot_emulator.hub.telemetry import TelemetryStore
 from azure_iot_emulator.hub.topics import PropertyBag
@@ -45,10 +50,30 @@ def test_messages_prints_recent_with_properties(tmp_path):
     assert "127.0.0.2/dev-2" in out.getvalue() and out.getvalue().rstrip().endswith("other")
 
 
+@pytest.fixture
+async def live(tmp_path):
+    """A running emulator (one hub) and a function storing a message on it as a device's publish would."""
+    config = EmulatorConfig(
+        data_dir=tmp_path / "emulator", dps_host=free_loopback_address(), hub_hosts=(free_loopback_address(),)
+    ).validated()
+    emulator = Emulator(config)
+    await emulator.start()
+    assert emulator.hub is not None
+    host = config.hub_hosts[0]
+
+    async def store(device: str, properties: PropertyBag, body: bytes) -> None:
+        await emulator.hub.service.ingest(host, device, properties, body)
+
+    try:
+        yield config.data_dir, host, store
+    finally:
+        await emulator.stop()
+
+
 @pytest.mark.slow
-def test_monitor_tails_new_messages_only_for_the_device(tmp_path):
-    store = _store(tmp_path)
-    store.append("h", "dev-1", PropertyBag(), b"old")
+async def test_monitor_tails_new_messages_only_for_the_device(live):
+    data_dir, host, store = live
+    await store("dev-1", PropertyBag(), b"old")
     out = StringIO()
     stop, watching = threading.Event(), threading.Event()
 
@@ -56,19 +81,19 @@ def test_monitor_tails_new_messages_only_for_the_device(tmp_path):
         watching.set()
         return stop.is_set()
 
-    args = _parse(["monitor", "--device", "dev-1", "--json"], tmp_path)
-    worker = threading.Thread(target=cli.run_monitor, args=(args, out, should_stop))
-    worker.start()
+    args = _parse(["monitor", "--device", "dev-1", "--json"], data_dir)
+    worker = asyncio.create_task(asyncio.to_thread(cli.run_monitor, args, out, should_stop))
     try:
-        assert watching.wait(10)
-        store.append("h", "dev-2", PropertyBag(), b"not mine")
-        store.append("h", "dev-1", PropertyBag({}, {"k": "v"}), b"new")
-        until_sync(lambda: "new" in out.getvalue(), "the new message printed", timeout=10)
+        await until(watching.is_set, "the monitor watching", timeout=30)
+        await store("dev-2", PropertyBag(), b"not mine")
+        await store("dev-1", PropertyBag({}, {"k": "v"}), b"new")
+        await until(lambda: "new" in out.getvalue(), "the new message printed", timeout=30)
     finally:
         stop.set()
-        worker.join(5)
-    bodies = [json.loads(line)["body"] for line in out.getvalue().splitlines()]
-    assert bodies == ["new"]
+        assert await asyncio.wait_for(worker, 30) == 0
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["body"] for line in lines] == ["new"]
+    assert lines[0]["properties"] == {"k": "v"} and lines[0]["hub"] == host
 
 
 def test_messages_without_database_is_a_clear_error(tmp_path):
@@ -106,8 +131,9 @@ def test_each_message_shows_its_devices_own_sequence_number(tmp_path):
     assert lines[2].endswith(" h/dev-a no number") and "#" not in out.getvalue()
 
 
-def test_monitor_marks_a_repeated_message_id_per_device(tmp_path):
-    store = _store(tmp_path)
+@pytest.mark.slow
+async def test_monitor_marks_a_repeated_message_id_per_device(live):
+    data_dir, host, store = live
     for device, mid, body in [
         ("dev-1", "dev-1:1", b"a"),
         ("dev-1", "dev-1:2", b"b"),
@@ -115,13 +141,27 @@ def test_monitor_marks_a_repeated_message_id_per_device(tmp_path):
         ("dev-1", "dev-1:2", b"b"),  # resent after a lost acknowledgement
         ("dev-1", "dev-1:3", b"c"),
     ]:
-        store.append("h", device, PropertyBag({"messageId": mid}), body)
+        await store(device, PropertyBag({"messageId": mid}), body)
     out = StringIO()
-    args = _parse(["monitor", "--last", "10", "--json"], tmp_path)
-    assert cli.run_monitor(args, out, lambda: True) == 0
+    args = _parse(["monitor", "--last", "10", "--json"], data_dir)
+    assert await asyncio.to_thread(cli.run_monitor, args, out, lambda: True) == 0
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["body"] for line in lines] == ["a", "b", "same id, another device", "b", "c"]  # store order
     assert [line.get("repeatOf") for line in lines] == [None, None, None, lines[1]["sequenceNumber"], None]
     text = StringIO()
-    cli.run_monitor(_parse(["monitor", "--last", "10"], tmp_path), text, lambda: True)
+    await asyncio.to_thread(
+        cli.run_monitor, _parse(["monitor", "--last", "10"], data_dir), text, lambda: True
+    )
     marked = [line for line in text.getvalue().splitlines() if "REPEATED id" in line]
-    assert len(marked) == 1 and " h/dev-1 REPEATED id " in marked[0] and marked[0].endswith(" b")
+    assert len(marked) == 1 and f" {host}/dev-1 REPEATED id " in marked[0] and marked[0].endswith(" b")
+    # --last N: the newest N of them.
+    last2 = StringIO()
+    await asyncio.to_thread(
+        cli.run_monitor, _parse(["monitor", "--last", "2", "--json"], data_dir), last2, lambda: True
+    )
+    assert [json.loads(line)["body"] for line in last2.getvalue().splitlines()] == ["b", "c"]
+
+
+def test_monitor_without_a_running_emulator_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no running emulator"):
+        cli.run_monitor(_parse(["monitor"], tmp_path), StringIO(), lambda: True)

@@ -1,7 +1,11 @@
 """``iot-emulator monitor`` and ``iot-emulator messages``: watch and read stored telemetry.
 
-Both read the emulator's SQLite file directly (WAL mode lets a reader run beside the serving process),
-so they work whether or not the emulator is running.  ``monitor`` marks a message whose message id
+``monitor`` reads the running emulator's hubs like any back end reads Azure's: from each hub's built-in
+Event Hub-compatible endpoint (AMQP 5671, azure-eventhub, the connection strings and CA of the data dir's
+``connection.json``; ``hub/eventhub/reader.py``).  ``messages`` reads the SQLite file (WAL mode lets a
+reader run beside the serving process), so it also works while the emulator is stopped.  Both number a
+message as the hub's store does (its offset on the built-in endpoint).  ``monitor`` marks a message whose
+message id
 (``$.mid``) it has already shown for that device -- the copy a device resends when the acknowledgement of
 the first was lost -- with ``REPEATED id`` (with ``--json``: ``"repeatOf"``, the hub's ``sequenceNumber``
 of the first copy)::
@@ -13,18 +17,20 @@ of the first copy)::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from azure_iot_emulator.connection_info import CONNECTION_FILE, ConnectionInfo, read_connection_info
+from azure_iot_emulator.hub.eventhub.reader import TelemetryTail
 from azure_iot_emulator.hub.telemetry import StoredMessage, TelemetryStore
 from azure_iot_emulator.store import Database
 
-POLL_SECONDS = 0.25
+POLL_SECONDS = 0.1  # how often the monitor asks whether to stop
 _REMEMBERED_IDS = 100_000  # message ids the monitor remembers to spot repeats (oldest forgotten first)
 
 
@@ -103,33 +109,85 @@ def run_messages(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     return 0
 
 
+def _running(data_dir: Path) -> ConnectionInfo:
+    info = read_connection_info(data_dir / CONNECTION_FILE)
+    if info is None:
+        raise SystemExit(
+            f"no running emulator: {data_dir / CONNECTION_FILE} is missing (start `iot-emulator serve` first "
+            "or pass --data-dir)"
+        )
+    return info
+
+
 def run_monitor(
     args: argparse.Namespace,
     out: TextIO = sys.stdout,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> int:
-    db, store = _open_store(Path(args.data_dir))
-    repeats = RepeatedIds()
+    """Tail the hubs' built-in endpoints; ``should_stop`` is first asked once the starting point is taken
+    (and the ``--last`` backlog printed)."""
+    info = _running(Path(args.data_dir))
+    hubs = [hub for hub in info["hubs"] if args.hub is None or hub["host_name"] == args.hub]
+    if not hubs:
+        raise SystemExit(f"the running emulator has no hub {args.hub}")
     try:
-        backlog = store.recent(hub=args.hub, device_id=args.device, limit=args.last) if args.last else []
-        for message in backlog:
-            print(_format(message, args.json, repeats.first_of(message)), file=out, flush=True)
-        cursor = store.last_seq()
+        return asyncio.run(_monitor(args, TelemetryTail(hubs, info["ca_pem_path"]), out, should_stop))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _monitor(
+    args: argparse.Namespace, tail: TelemetryTail, out: TextIO, should_stop: Callable[[], bool]
+) -> int:
+    repeats = RepeatedIds()
+    errors: list[str] = []
+    backlog: list[StoredMessage] = []
+    live: list[StoredMessage] = []
+    pending: set[tuple[str, str]] = set()
+    caught_up = asyncio.Event()
+
+    def show(message: StoredMessage) -> None:
+        print(_format(message, args.json, repeats.first_of(message)), file=out, flush=True)
+
+    try:
+        ends = await tail.ends()
+        after = dict(ends)
+        if args.last:
+            # The backlog: the last N of each partition (a device's all: it shares its partition).
+            after = {key: -1 if args.device else max(-1, end - args.last) for key, end in ends.items()}
+            pending = {key for key, end in ends.items() if end > after[key]}
+
+        def on_message(message: StoredMessage, partition: str, seq: int) -> None:
+            key = (message.hub, partition)
+            if args.device is not None and message.device_id != args.device:
+                pass
+            elif key in ends and seq <= ends[key] and pending:
+                backlog.append(message)
+            elif pending:
+                live.append(message)  # shown after the backlog
+            else:
+                show(message)
+            if key in pending and seq >= ends[key]:
+                pending.discard(key)
+                if not pending:
+                    caught_up.set()
+
+        await tail.start(on_message, after=after, on_error=lambda hub, exc: errors.append(f"{hub}: {exc}"))
+        if pending:
+            await caught_up.wait()
+        for message in sorted(backlog, key=lambda m: m.seq)[-args.last :] if args.last else []:
+            show(message)
+        for message in live:
+            show(message)
         if not args.json:
             target = args.device or "all devices"
             print(f"# watching telemetry from {target} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         while not should_stop():
-            batch = store.after(cursor, hub=args.hub, device_id=args.device)
-            for message in batch:
-                print(_format(message, args.json, repeats.first_of(message)), file=out, flush=True)
-            if batch:
-                cursor = batch[-1].seq
-            else:
-                time.sleep(POLL_SECONDS)
-    except KeyboardInterrupt:
-        return 0
+            if errors:
+                print(f"# built-in endpoint error: {errors.pop(0)}", file=sys.stderr, flush=True)
+            await asyncio.sleep(POLL_SECONDS)
     finally:
-        db.close()
+        await tail.close()
     return 0
 
 
@@ -137,7 +195,9 @@ def add_commands(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser], default_data_dir: str | Path
 ) -> None:
     """Add ``monitor`` and ``messages`` to the emulator CLI (each sets ``func``)."""
-    monitor = subparsers.add_parser("monitor", allow_abbrev=False, help="tail device-to-cloud telemetry live")
+    monitor = subparsers.add_parser(
+        "monitor", allow_abbrev=False, help="tail device-to-cloud telemetry live (the built-in endpoints)"
+    )
     monitor.add_argument("--data-dir", default=str(default_data_dir), help="emulator data directory")
     monitor.add_argument("--device", help="only this device id")
     monitor.add_argument("--hub", help="only this hub host name")

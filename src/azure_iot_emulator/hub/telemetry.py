@@ -94,6 +94,9 @@ def _from_row(row: sqlite3.Row) -> StoredMessage:
 # enqueue time).  The hub's registry uses it to move each sender's lastActivityTime, as Azure does on every
 # device-to-cloud message, in the same commit as the messages.
 InsertHook = Callable[[sqlite3.Connection, set[tuple[str, str]], str], None]
+# Also called inside that transaction: (connection, the batch's first sequence number, each message's (hub,
+# device id) in order).  The built-in endpoint gives each message its partition and sequence number there.
+PositionHook = Callable[[sqlite3.Connection, int, Sequence[tuple[str, str]]], None]
 
 
 def _per_hub(items: Sequence[tuple[str, str, PropertyBag, bytes]]) -> dict[str, tuple[int, int]]:
@@ -116,11 +119,13 @@ class TelemetryStore:
         *,
         create_schema: bool = True,
         on_insert: InsertHook | None = None,
+        on_positions: PositionHook | None = None,
         metrics: TelemetryMetrics | None = None,
     ) -> None:
         self._db = db
         self._clock = clock
         self._on_insert = on_insert
+        self._on_positions = on_positions
         self._metrics = metrics
         if create_schema:
             db.register_schema(*SCHEMA)
@@ -164,11 +169,14 @@ class TelemetryStore:
             )
             # One writer inside one transaction: the batch got consecutive sequence numbers.
             last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            first = last - len(items) + 1
             if self._on_insert is not None:
                 self._on_insert(conn, {(hub, device_id) for hub, device_id, _, _ in items}, enqueued)
+            if self._on_positions is not None:
+                self._on_positions(conn, first, [(hub, device_id) for hub, device_id, _, _ in items])
         if self._metrics is not None:
             self._metrics.telemetry(_per_hub(items), time.perf_counter() - started)
-        return last - len(items) + 1, enqueued
+        return first, enqueued
 
     def recent(
         self, *, hub: str | None = None, device_id: str | None = None, limit: int = 20

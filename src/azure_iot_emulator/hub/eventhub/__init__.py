@@ -1,0 +1,1 @@
+"""The hub's built-in Event Hub-compatible endpoint (``messages/events``): telemetry read over AMQP."""
