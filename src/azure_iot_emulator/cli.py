@@ -47,16 +47,16 @@ def _parser() -> argparse.ArgumentParser:
         "CAP_NET_BIND_SERVICE; another port, 0 = any, goes into the connection strings: HostName=host:port)",
     )
     serve.add_argument(
-        "--amqp-port", type=int,
+        "--amqp-port", type=int, metavar="PORT",
         help="AMQP/TLS port of every hub: its built-in Event Hub-compatible endpoint and cloud-to-device "
         "sends (default 5671 as on Azure)",
     )
     serve.add_argument(
-        "--hub-partitions", type=int,
+        "--hub-partitions", type=int, metavar="N",
         help="partitions of each hub's built-in endpoint (default 4; fixed once the hub exists)",
     )
     serve.add_argument(
-        "--hub-retention-days", type=float,
+        "--hub-retention-days", type=float, metavar="DAYS",
         help="how long the built-in endpoint keeps telemetry (default 1, at most 7)",
     )
     serve.add_argument(

@@ -85,7 +85,7 @@ async def test_counters_move_by_exactly_what_the_flow_did(tmp_path, emulator):
         metadata = json.dumps({"tags": {"line": "a"}})
         await activation.Activate(activate_request(device.device_id, enrolled.activation_code, metadata, hub))
         # refused by the domain (wrong code) and by the access table (a factory party may not activate)
-        wrong = activate_request(device.device_id, "WRONG-CODE", metadata)
+        wrong = activate_request(device.device_id, "0000-0000-0000-0000", metadata)
         denied = await failure(activation.Activate(wrong))
         assert denied.reason == "ACTIVATION_DENIED"
         stranger = party(tls.authority, Role.FACTORY, "plant-1", "mes")

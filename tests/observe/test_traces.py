@@ -111,7 +111,7 @@ async def test_portal_activation_is_one_trace_across_the_grpc_hop(tmp_path, emul
 
         # a refused call: its server span says why
         exporter.clear()
-        wrong = activate_request(device.device_id, "WRONG-CODE", second, hub)
+        wrong = activate_request(device.device_id, "0000-0000-0000-0000", second, hub)
         assert (await failure(activation.Activate(wrong))).reason == "ACTIVATION_DENIED"
         refused = _one(list(exporter.get_finished_spans()), ACTIVATE, SpanKind.SERVER)
         assert refused.status.status_code is StatusCode.ERROR

@@ -97,7 +97,7 @@ async def test_cli_plaintext_loopback_variant_reports_an_unreachable_service(tmp
             form = {
                 **hidden,
                 "device_id": "gw-1",
-                "activation_code": "ABCD-EFGH",
+                "activation_code": "ABCD-EFGH-JKMN-PQRS",
                 "metadata": "{}",
                 "hub": "",
             }

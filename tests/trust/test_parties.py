@@ -357,7 +357,7 @@ async def test_a_storm_of_wrong_codes_from_one_party_never_blocks_anothers_right
         trust.stubs("oem") as (_f2, owner),
     ):
         device, code = await _enrolled(bench, trust.folder)
-        wrong = apb.ActivateRequest(device_id=device.device_id, activation_code="0000-0000-0000-0000-0000")
+        wrong = apb.ActivateRequest(device_id=device.device_id, activation_code="0000-0000-0000-0000")
         storm = [asyncio.ensure_future(failure(mallory.Activate(wrong))) for _ in range(20)]
         reply = await owner.Activate(
             apb.ActivateRequest(device_id=device.device_id, activation_code=code, metadata_json=META)
@@ -377,7 +377,7 @@ async def test_sixty_concurrent_wrong_codes_get_exactly_the_allowed_number_of_ch
     allowed = trust.activation_app.settings.max_failures
     async with trust.stubs("factory") as (bench, _), trust.stubs("oem-globex") as (_f, globex):
         device, _code = await _enrolled(bench, trust.folder)
-        wrong = apb.ActivateRequest(device_id=device.device_id, activation_code="0000-0000-0000-0000-0000")
+        wrong = apb.ActivateRequest(device_id=device.device_id, activation_code="0000-0000-0000-0000")
         refused = await asyncio.gather(*(failure(globex.Activate(wrong)) for _ in range(60)))
     reasons = [r.reason for r in refused]
     assert reasons.count("ACTIVATION_DENIED") == allowed
