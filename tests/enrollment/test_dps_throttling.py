@@ -63,14 +63,19 @@ async def overloaded_dps(tmp_path):
         await runner.cleanup()
 
 
+async def _get_once(config: DpsConfig):
+    """The enrollment ``dev-1`` read through an adapter opened for this one call."""
+    dps = await DpsEnrollments.open(config)
+    try:
+        return await dps.get("dev-1")
+    finally:
+        await dps.close()
+
+
 async def test_429_with_retry_after_is_retried_then_succeeds(overloaded_dps):
     config, state = overloaded_dps
     state["throttle"] = 2
-    dps = await DpsEnrollments.open(config)
-    try:
-        enrollment = await dps.get("dev-1")
-    finally:
-        await dps.close()
+    enrollment = await _get_once(config)
     assert enrollment is not None and enrollment.etag == "e1"
     assert state["requests"] == 3
 
@@ -119,11 +124,7 @@ async def test_the_adapter_sends_what_microsofts_client_sends(overloaded_dps):
     """The adapter leaves policies out of the SDK's pipeline (provkit.dps._DpsClient); DPS must not see a
     difference: the same headers (user agent, SAS authorisation, content negotiation), the same request."""
     config, state = overloaded_dps
-    dps = await DpsEnrollments.open(config)
-    try:
-        enrollment = await dps.get("dev-1")
-    finally:
-        await dps.close()
+    enrollment = await _get_once(config)
     assert enrollment is not None and enrollment.etag == "e1"
     sdk = DeviceProvisioningClient.from_connection_string(
         config.connection_string.reveal(), connection_verify=str(config.ca_file), retry_total=0
