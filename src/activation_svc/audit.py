@@ -22,6 +22,7 @@ from activation_svc.intents import MIGRATION as INTENTS_MIGRATION
 from activation_svc.shared_limits import DROP_DEVICE_CEILING
 from activation_svc.shared_limits import MIGRATION as LIMITS_MIGRATION
 from dbstore import Database, DatabaseUrl, Tx, open_database, reservations
+from dbstore.grouped import GroupedTransactions
 from litestore import Options, Schema, Synchronous
 from provkit.authz import Refusal
 
@@ -95,7 +96,10 @@ class AuditLog:
     def __init__(self, db: Database, intent_hold: timedelta = HOLD) -> None:
         self.db = db  # the service's database (the shared wrong-code limits use it too)
         self._db = db
-        self.intents = IntentLog(db, hold=intent_hold)
+        # On SQLite the writes of concurrent calls share commits (each still all or nothing, answered once
+        # durable): the intents, their audit rows and the request ids' answers.
+        self._writes = GroupedTransactions(db)
+        self.intents = IntentLog(db, hold=intent_hold, writes=self._writes)
         self.reservations = reservations.Reservations(db, RESERVATIONS, "activation_requests")
 
     @classmethod
@@ -109,7 +113,7 @@ class AuditLog:
         await self._db.close()
 
     async def record(self, entry: AuditEntry) -> None:
-        await self._db.transaction(
+        await self._writes.run(
             lambda tx: tx.execute(
                 "INSERT INTO audit (time_us, action, device_id, caller, request_id, outcome, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -169,4 +173,4 @@ class AuditLog:
                 await reservations.settle(tx, RESERVATIONS, request_id)
             return stored == 1
 
-        return await self._db.transaction(go)
+        return await self._writes.run(go)

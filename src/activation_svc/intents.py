@@ -19,9 +19,14 @@ replica that begins an intent holds it while it carries it out; another replica'
 intents nobody holds, or whose hold ran out (``HOLD``, far longer than the steps take: the replica died),
 so two replicas never drive one intent at once.  (On SQLite one process serves: holds are not needed.)
 
-API: ``ActivationIntent``; ``IntentLog(db)``: ``begin(intent, audit_entry) -> ActivationIntent``
-(with ids), ``mark_dps(id, etag)``, ``mark_hub(id)``, ``finish(intent, done, outcome, detail)``,
-``open_intents(device_id=None)``.
+The writes go through ``dbstore.grouped.GroupedTransactions``: on SQLite the intents, marks and audit
+rows of concurrent activations share a commit (each still its own all-or-nothing write, answered once it
+is durable); on PostgreSQL each is its own transaction.
+
+API: ``ActivationIntent``; ``IntentLog(db, writes=None)``: ``begin(intent, audit_entry) -> ActivationIntent``
+(with ids), ``mark_dps(id, etag)``, ``mark_hub(id)``, ``finish(intent, done, outcome, detail)`` (writes
+the intent's step marks with its state, so a step followed by no other external write is marked by the
+close), ``open_intents(device_id=None)``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any
 
 from activation_svc.model import MetadataChange
 from dbstore import Database, Tx
+from dbstore.grouped import GroupedTransactions
 from provkit.cloud import InitialTwin
 
 MIGRATION = """
@@ -138,9 +144,15 @@ def _intent(row: tuple[Any, ...]) -> ActivationIntent:
 
 class IntentLog:
     def __init__(
-        self, db: Database, *, hold: timedelta = HOLD, clock: Callable[[], float] = time.time
+        self,
+        db: Database,
+        *,
+        hold: timedelta = HOLD,
+        clock: Callable[[], float] = time.time,
+        writes: GroupedTransactions | None = None,
     ) -> None:
         self._db = db
+        self._writes = writes or GroupedTransactions(db)
         self._hold_us = int(hold.total_seconds() * 1_000_000)
         self._clock = clock  # wall-clock seconds, for the holds only
         self.holder = secrets.token_hex(8)
@@ -165,7 +177,7 @@ class IntentLog:
 
     async def let_go(self, intent: ActivationIntent) -> None:
         """Give up the hold of an intent left open (any replica may try it next)."""
-        await self._db.transaction(
+        await self._writes.run(
             lambda tx: tx.execute(
                 "UPDATE activation_intents SET held_by = '', held_until_us = 0 WHERE id = ? AND held_by = ?",
                 (intent.id, self.holder),
@@ -208,10 +220,10 @@ class IntentLog:
             )
             return dc_replace(intent, id=intent_id, audit_id=audit_id)
 
-        return await self._db.transaction(go)
+        return await self._writes.run(go)
 
     async def mark_dps(self, intent: ActivationIntent, etag: str) -> ActivationIntent:
-        await self._db.transaction(
+        await self._writes.run(
             lambda tx: tx.execute(
                 "UPDATE activation_intents SET dps_etag = ? WHERE id = ?", (etag, intent.id)
             )
@@ -219,28 +231,29 @@ class IntentLog:
         return dc_replace(intent, dps_etag=etag)
 
     async def mark_hub(self, intent: ActivationIntent) -> ActivationIntent:
-        await self._db.transaction(
+        await self._writes.run(
             lambda tx: tx.execute("UPDATE activation_intents SET hub_done = 1 WHERE id = ?", (intent.id,))
         )
         return dc_replace(intent, hub_done=True)
 
     async def finish(self, intent: ActivationIntent, done: bool, outcome: str, detail: str) -> None:
-        """Close the intent (``done`` or ``abandoned``) and give its audit row its outcome, together."""
+        """Close the intent (``done`` or ``abandoned``) with its step marks as ``intent`` has them, and give
+        its audit row its outcome, together."""
 
         async def go(tx: Tx) -> None:
             await tx.execute(
-                "UPDATE activation_intents SET state = ? WHERE id = ?",
-                ("done" if done else "abandoned", intent.id),
+                "UPDATE activation_intents SET state = ?, dps_etag = ?, hub_done = ? WHERE id = ?",
+                ("done" if done else "abandoned", intent.dps_etag, int(intent.hub_done), intent.id),
             )
             await tx.execute(
                 "UPDATE audit SET outcome = ?, detail = ? WHERE id = ?", (outcome, detail, intent.audit_id)
             )
 
-        await self._db.transaction(go)
+        await self._writes.run(go)
 
     async def note(self, intent: ActivationIntent, detail: str) -> None:
         """Say in the (still pending) audit row why the intent is not finished yet."""
-        await self._db.transaction(
+        await self._writes.run(
             lambda tx: tx.execute("UPDATE audit SET detail = ? WHERE id = ?", (detail, intent.audit_id))
         )
 

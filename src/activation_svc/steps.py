@@ -14,9 +14,12 @@ next call for one device.  Both go through ``carry_out``, which works from the i
    twin's tags and desired properties stay as they are, changed on the hub since or not); like every
    intent it re-enables a hub identity a deactivation disabled.
 
-Each step is marked in the intent as it completes; the intent's audit row gets its outcome when it is
-closed (``ok`` / ``error`` with the reason).  An unreachable DPS or hub leaves the intent open (its audit
-row ``pending``, saying why) for the next attempt; a refusal closes it as ``error``.
+Each step is marked in the intent as it completes, durably before the next external write; the marks of
+the steps after which nothing more is written outside (the hub step, and the DPS step of a device not yet
+registered) are written with the close, in its transaction (a crash before it finds the step done
+again: the enrollment holds the intent, the hub twin needs no patch).  The intent's audit row gets its
+outcome when it is closed (``ok`` / ``error`` with the reason).  An unreachable DPS or hub leaves the
+intent open (its audit row ``pending``, saying why) for the next attempt; a refusal closes it as ``error``.
 
 Crash points for the fault-injection tests (``provkit.faults``): ``activate.after_intent``,
 ``activate.after_dps`` (DPS written, not yet marked), ``activate.after_hub`` (hub written, not marked).
@@ -89,6 +92,12 @@ def holds(enrollment: Enrollment, twin: InitialTwin, hubs: HubAllocation) -> boo
         and record.activated_at is not None
         and record.deactivated_at is None
     )
+
+
+def _registered_hub(enrollment: Enrollment | None) -> str:
+    """The hub the device registered on ("" when it has not)."""
+    registration = enrollment.registration_state if enrollment is not None else None
+    return (registration.assigned_hub or "") if registration and registration.assigned else ""
 
 
 def _changes(wanted: Any, old: Any, current: Any) -> dict[str, Any]:
@@ -226,19 +235,21 @@ class IntentSteps:
                 current = await get_enrollment(self._dps, intent.device_id)
             else:
                 return None
-            intent = progress.intent = await self._audit.intents.mark_dps(intent, current.etag or "")
             enrollment = current
+            intent = progress.intent = dc_replace(intent, dps_etag=current.etag or "")
+            if not intent.hub_done and _registered_hub(enrollment):
+                # marked durably before the hub write; without one, the close writes the mark
+                intent = progress.intent = await self._audit.intents.mark_dps(intent, current.etag or "")
         elif enrollment is None:
             enrollment = await get_enrollment(self._dps, intent.device_id)
-        registration = enrollment.registration_state if enrollment is not None else None
-        registered_hub = (registration.assigned_hub or "") if registration and registration.assigned else ""
+        registered_hub = _registered_hub(enrollment)
         twin_written = False
         if not intent.hub_done:
             if registered_hub:
                 wanted = None if intent.metadata is MetadataChange.KEPT else intent.after
                 twin_written = await self.sync_hub(registered_hub, intent.device_id, wanted, intent.before)
                 crash_point("activate.after_hub")
-            progress.intent = await self._audit.intents.mark_hub(intent)
+            progress.intent = dc_replace(intent, hub_done=True)  # the last step: the close marks it
         return Carried(enrollment, twin_written, registered_hub)
 
     def _activated(self, enrollment: Enrollment, intent: ActivationIntent) -> Enrollment:

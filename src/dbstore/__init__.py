@@ -18,6 +18,9 @@ transaction by :meth:`Database.transaction` (or without one by :meth:`Database.r
   serialization failure is retried (the function runs again from the start, so it must only touch the
   database).
 
+Writes of concurrent calls that may share a commit where one writer orders them (SQLite) go through
+:class:`dbstore.grouped.GroupedTransactions` (each still all or nothing; its own transaction elsewhere).
+
 Schemas: each store declares its ordered migrations once (:class:`litestore.Schema`); PostgreSQL runs them
 translated (:func:`postgres_dialect`) and keeps the versions in a ``schema_versions`` table, one row per
 store.  On SQLite a store migrates its file when opened (as before); on PostgreSQL a service migrates only

@@ -14,6 +14,13 @@ Open it inside the event loop that uses it (``await DpsEnrollments.open(config)`
 - Each SDK call runs inside ``provkit.cloud_calls.CallObserver.call`` (a span, a latency, an outcome);
   every 429 answer the SDK sees (its retries too) is counted by a pipeline policy placed after the retry
   policy (``_additional_pipeline_policies``, which this pinned SDK version reads).
+- The request pipeline is the SDK's own, without the policies that only cost time here
+  (``_DpsClient``): user agent, SAS authorisation, headers, retry and the HTTP log as the SDK builds
+  them, in its order; left out are the second user-agent policy (it never changes the header the first
+  set), the content-decode policy (it parses every JSON body into a context entry only long-running
+  operations read; this client's operations parse the body themselves), azure-core's HTTP tracing
+  span (the suite does not configure azure-core tracing: its spans are CallObserver's) and the network
+  trace log (off unless ``logging_enable``, which the adapter never sets).
 - The ports take and return ``provkit.cloud.Enrollment``; the JSON is ``provkit.dps_json``'s business.
 """
 
@@ -31,9 +38,16 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.core.pipeline import PipelineRequest, PipelineResponse
-from azure.core.pipeline.policies import SansIOHTTPPolicy
+from azure.core.pipeline import AsyncPipeline, PipelineRequest, PipelineResponse
+from azure.core.pipeline.policies import (
+    AsyncRetryPolicy,
+    HeadersPolicy,
+    HttpLoggingPolicy,
+    SansIOHTTPPolicy,
+    UserAgentPolicy,
+)
 from azure.core.pipeline.transport import AioHttpTransport, AsyncHttpResponse, HttpRequest
+from azure.iot.deviceprovisioning import __version__ as SDK_VERSION
 from azure.iot.deviceprovisioning.aio import DeviceProvisioningClient
 
 from provkit.cloud import (
@@ -117,6 +131,26 @@ class _ThrottleCounter(SansIOHTTPPolicy[HttpRequest, AsyncHttpResponse]):
             self._observer.throttled()
 
 
+class _DpsClient(DeviceProvisioningClient):
+    """Microsoft's client, its pipeline without the policies that do nothing useful here (see the module's
+    description).  Per call this saves the parse of every response body a second time, a tracing-settings
+    lookup and two policy hops each way."""
+
+    def _create_pipeline(self, credential: Any, base_url: str, **kwargs: Any) -> AsyncPipeline[Any, Any]:
+        super()._create_pipeline(credential, base_url, **kwargs)  # chooses the SAS policy for the credential
+        extra = kwargs.get("_additional_pipeline_policies")
+        policies = [
+            kwargs.get("user_agent_policy")
+            or UserAgentPolicy(sdk_moniker=f"az-iot-dps-python/{SDK_VERSION}", **kwargs),
+            self._credential_policy,
+            HeadersPolicy(**kwargs),
+            AsyncRetryPolicy(**kwargs),
+            HttpLoggingPolicy(**kwargs),
+            *([extra] if extra else []),
+        ]
+        return AsyncPipeline(kwargs.get("transport") or AioHttpTransport(**kwargs), policies=policies)
+
+
 class DpsEnrollments:
     """Individual enrollments and registration states of one DPS instance."""
 
@@ -145,7 +179,7 @@ class DpsEnrollments:
         )
         transport = AioHttpTransport(session=session, session_owner=False)
         observer = observer or CallObserver("dps")
-        client = DeviceProvisioningClient.from_connection_string(
+        client = _DpsClient.from_connection_string(
             config.connection_string.reveal(),
             transport=transport,
             retry_total=config.retry_total,

@@ -1,7 +1,7 @@
 """The DPS adapter honours 429/503 with Retry-After (a tiny TLS server plays an overloaded DPS answering
 the way Azure does, exactly as often as a test needs; the emulator's own quotas, ``--azure-quotas``, are
 met in test_enroll_under_azure_quotas.py), and reports what is left as CloudUnavailable; every 429 it sees
-is counted, each call once."""
+is counted, each call once.  Its trimmed request pipeline sends what Microsoft's client sends."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import ssl
 
 import pytest
 from aiohttp import web
+from azure.iot.deviceprovisioning.aio import DeviceProvisioningClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -31,10 +32,11 @@ async def overloaded_dps(tmp_path):
     authority = DevTlsAuthority.create()
     (tmp_path / "ca.pem").write_bytes(authority.ca_pem)
     authority.server_certificate(["127.0.0.1"]).write(tmp_path / "server.pem", tmp_path / "server.key")
-    state = {"throttle": 0, "status": 429, "requests": 0, "retry_after": "1"}
+    state = {"throttle": 0, "status": 429, "requests": 0, "retry_after": "1", "headers": []}
 
     async def handler(request: web.Request) -> web.Response:
         state["requests"] += 1
+        state["headers"].append(dict(request.headers))
         if state["requests"] <= state["throttle"]:
             return web.json_response(
                 {"errorCode": 429001, "message": "throttled"},
@@ -61,14 +63,19 @@ async def overloaded_dps(tmp_path):
         await runner.cleanup()
 
 
+async def _get_once(config: DpsConfig):
+    """The enrollment ``dev-1`` read through an adapter opened for this one call."""
+    dps = await DpsEnrollments.open(config)
+    try:
+        return await dps.get("dev-1")
+    finally:
+        await dps.close()
+
+
 async def test_429_with_retry_after_is_retried_then_succeeds(overloaded_dps):
     config, state = overloaded_dps
     state["throttle"] = 2
-    dps = await DpsEnrollments.open(config)
-    try:
-        enrollment = await dps.get("dev-1")
-    finally:
-        await dps.close()
+    enrollment = await _get_once(config)
     assert enrollment is not None and enrollment.etag == "e1"
     assert state["requests"] == 3
 
@@ -111,3 +118,26 @@ async def test_every_429_is_counted_and_the_call_once_with_its_outcome(overloade
     spans = exporter.get_finished_spans()
     assert [s.name for s in spans] == ["dps get_enrollment", "dps get_enrollment"]
     assert spans[1].attributes["devprov.cloud.outcome"] == "throttled"
+
+
+async def test_the_adapter_sends_what_microsofts_client_sends(overloaded_dps):
+    """The adapter leaves policies out of the SDK's pipeline (provkit.dps._DpsClient); DPS must not see a
+    difference: the same headers (user agent, SAS authorisation, content negotiation), the same request."""
+    config, state = overloaded_dps
+    enrollment = await _get_once(config)
+    assert enrollment is not None and enrollment.etag == "e1"
+    sdk = DeviceProvisioningClient.from_connection_string(
+        config.connection_string.reveal(), connection_verify=str(config.ca_file), retry_total=0
+    )
+    try:
+        assert (await sdk.enrollment.get(id="dev-1"))["etag"] == "e1"
+    finally:
+        await sdk.close()
+    ours, theirs = state["headers"]
+    per_request = {"x-ms-client-request-id", "Authorization"}  # a new id and signature each time
+    assert {k: v for k, v in ours.items() if k not in per_request} == {
+        k: v for k, v in theirs.items() if k not in per_request
+    }
+    assert set(ours) == set(theirs)
+    assert ours["Authorization"].startswith("SharedAccessSignature ")
+    assert ours["User-Agent"].startswith("azsdk-python-az-iot-dps-python/")

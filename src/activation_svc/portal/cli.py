@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from activation_svc.portal.settings import PortalSettings, load_portal_settings, parse_listen
 from provkit.channels import CHANNEL_FLAGS, add_channel_arguments
-from provkit.grpc_server import run_service
-from provkit.logging import configure_logging
 from provkit.settings import FlagKeys
+
+# The portal's settings (observability, cloud, the server) are imported when the portal runs: every other
+# activation-svc command (activate-batch among them) starts without them.
+if TYPE_CHECKING:
+    from activation_svc.portal.settings import PortalSettings
 
 
 def add_portal_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,29 +37,36 @@ def add_portal_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     add_channel_arguments(cmd, target_help="activation service host:port (default 127.0.0.1:50052)")
 
 
-# Which option sets which portal setting (keys under [portal]); --listen sets the host and the port.
-PORTAL_FLAGS = (
-    CHANNEL_FLAGS
-    | FlagKeys(
-        {
-            "listen": ("host", "port"),
-            "allow_non_loopback": "allow_non_loopback",
-            "tls_cert_file": "tls_cert_file",
-            "tls_key_file": "tls_key_file",
-        },
-        convert={"listen": parse_listen},
-    )
-).within("portal")
+def portal_flags() -> FlagKeys:
+    """Which option sets which portal setting (keys under [portal]); --listen sets the host and the port."""
+    from activation_svc.portal.settings import parse_listen
+
+    return (
+        CHANNEL_FLAGS
+        | FlagKeys(
+            {
+                "listen": ("host", "port"),
+                "allow_non_loopback": "allow_non_loopback",
+                "tls_cert_file": "tls_cert_file",
+                "tls_key_file": "tls_key_file",
+            },
+            convert={"listen": parse_listen},
+        )
+    ).within("portal")
 
 
 def portal_settings(args: argparse.Namespace) -> PortalSettings:
-    settings = load_portal_settings(config=args.config, flags=PORTAL_FLAGS.values(args))
+    from activation_svc.portal.settings import load_portal_settings
+
+    settings = load_portal_settings(config=args.config, flags=portal_flags().values(args))
     settings.check()
     return settings
 
 
 def run_portal(args: argparse.Namespace) -> int:
     from activation_svc.portal.app import serve
+    from provkit.grpc_server import run_service
+    from provkit.logging import configure_logging
 
     settings = portal_settings(args)
     configure_logging(settings.log_level)

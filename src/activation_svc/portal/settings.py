@@ -129,7 +129,7 @@ def load_hub_choice(source: SettingsSource) -> HubChoice:
 def load_portal_settings(
     env: Mapping[str, str] | None = None, config: Path | None = None, flags: Mapping[str, Any] | None = None
 ) -> PortalSettings:
-    """``flags``: the command line's values (``activation_svc.portal.cli.PORTAL_FLAGS``), over the rest."""
+    """``flags``: the command line's values (``activation_svc.portal.cli.portal_flags()``), over the rest."""
     source = SettingsSource.located(
         PREFIX, env, config=config, config_keys=("portal.config", "config"), flags=flags
     )

@@ -18,12 +18,13 @@ last 24 hours): one hand-off to the database's thread.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from dbstore import Conflict, Database, Tx
+from dbstore.grouped import GroupedTransactions
 from factory_svc.mint.model import IssuedCertificate
 from factory_svc.mint.store import COLUMNS, INSERT_CERTIFICATE, certificate_from_row, certificate_row
 from factory_svc.renewal.model import ExpiringCertificate, Renewal, RenewalState
@@ -107,25 +108,6 @@ class RateLimited:
     recent: list[datetime]
 
 
-@dataclass(frozen=True)
-class _Raised:
-    """A grouped write that raised: re-raised to its own caller only."""
-
-    error: Exception
-
-
-async def _each_alone(tx: Tx, works: list[Callable[[Tx], Awaitable[Any]]]) -> list[Any]:
-    """A group of writes, each in its own savepoint: one that raises leaves nothing and fails alone."""
-    results: list[Any] = []
-    for work in works:
-        try:
-            async with tx.savepoint():
-                results.append(await work(tx))
-        except Exception as exc:  # handed to the write's own caller
-            results.append(_Raised(exc))
-    return results
-
-
 async def _recent(tx: Tx, device_id: str, since: datetime) -> list[datetime]:
     return [from_us(r[0]) for r in await tx.fetchall(_RECENT, (device_id, to_us(since)))]
 
@@ -151,16 +133,11 @@ class RenewalStore:
     def __init__(self, db: Database) -> None:
         self._db = db
         # One writer (SQLite): the writes of concurrent renewals share one transaction (group commit).
-        self._group = db.group_commit(_each_alone)
+        self._writes = GroupedTransactions(db)
 
-    async def _write(self, work: Callable[[Tx], Awaitable[T]]) -> T:
+    async def _write(self, work: Callable[[Tx], Coroutine[Any, Any, T]]) -> T:
         """``work`` in a transaction: the group's, where writes are grouped, else its own."""
-        if self._group is None:
-            return await self._db.transaction(work)  # type: ignore[arg-type]
-        result = await self._group.submit(work)
-        if isinstance(result, _Raised):
-            raise result.error
-        return cast(T, result)
+        return await self._writes.run(work)
 
     async def record(
         self, certificate: IssuedCertificate, renewal: Renewal, max_per_day: int | None = None
