@@ -3,8 +3,8 @@ wrong (named as the form names them) and an HTTP status.  Branches on the gRPC c
 only, never on message text; the service's own message is shown (escaped) under the sentence.
 
 ``PortalReason``: the reasons the portal gives itself, before anything reaches the service (shown like the
-service's; the README's table of reasons is rendered from it).  ``SENTENCES``: what the portal says for a
-reason of the service (``activation_svc.errors.Reason``, ``provkit.errors.Reason``)."""
+service's; docs/error-reasons.md's table of reasons is rendered from it).  ``SENTENCES``: what the portal
+says for a reason of the service (``activation_svc.errors.Reason``, ``provkit.errors.Reason``)."""
 
 from __future__ import annotations
 
