@@ -2,7 +2,7 @@
 
 ``Reason``: what only activation raises; what every service raises (device and request ids, the caller,
 DPS and the hub unreachable or refusing, records changed concurrently) is ``provkit.errors.Reason``.
-The README's table of reasons is rendered from both (``Reason.markdown()``).
+The table of reasons in docs/error-reasons.md is rendered from both (``Reason.markdown()``).
 """
 
 from __future__ import annotations

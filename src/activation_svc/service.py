@@ -40,7 +40,7 @@ JSON is the adapter's.
 
 Reasons: ``activation_svc.errors.Reason`` (this service's) and ``provkit.errors.Reason`` (DEVICE_ID_*,
 REQUEST_ID_*, DPS_/HUB_UNAVAILABLE and _REFUSED through ``provkit.cloud_errors``, ...), each with its
-meaning; the README's table of reasons is rendered from them.
+meaning; the table of reasons in docs/error-reasons.md is rendered from them.
 """
 
 from __future__ import annotations

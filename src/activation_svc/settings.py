@@ -95,7 +95,7 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         raise SettingsError(
             f"{source.env_name('limits.device_ceiling')} (limits.device_ceiling) is no longer a setting: a "
             "ceiling of failed codes per device over all callers let anyone lock the owner out; remove it "
-            "(the README's 'Wrong activation codes' says what limits guessing now)"
+            "(docs/parties.md, 'Wrong activation codes', says what limits guessing now)"
         )
     window = source.number("limits.window_seconds", 900.0)
     hold = source.number("intents.hold_seconds", HOLD.total_seconds())

@@ -2,10 +2,11 @@
 
 Every expected failure is a :class:`DeviceClientError` with a stable ``reason`` (UPPER_SNAKE_CASE), a
 message a person can act on, and the process exit code the CLI uses.  Anything else is a bug and is
-reported with a traceback.  The client's own reasons are ``Reason`` (each with its meaning; the README's
-table is rendered from it); a refusal passed on from the factory keeps the factory's reason (or the gRPC
-status name), a bad device id argument provkit's ``DEVICE_ID_*``, a certificate that is expired, not yet
-valid, revoked or for another device provkit's ``CERTIFICATE_*`` (the factory gives the same ones).
+reported with a traceback.  The client's own reasons are ``Reason`` (each with its meaning;
+docs/error-reasons.md's table is rendered from it); a refusal passed on from the factory keeps the
+factory's reason (or the gRPC status name), a bad device id argument provkit's ``DEVICE_ID_*``, a
+certificate that is expired, not yet valid, revoked or for another device provkit's ``CERTIFICATE_*``
+(the factory gives the same ones).
 """
 
 from __future__ import annotations

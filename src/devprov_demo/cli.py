@@ -48,11 +48,13 @@ from devprov_demo.fleet import (
 from devprov_demo.hub_feed import HubFeed
 from devprov_demo.stack import PARTIES, Stack, StackConfig
 from devprov_demo.view import (
+    LEGEND,
     HubWatch,
     RenewalWatch,
     countdown,
     labels_table,
     live_view,
+    status_line,
     summary_table,
 )
 from mainkit.shell import CommandParser, HelpFormatter
@@ -367,16 +369,13 @@ async def _watch(
                 live.update(view())
             live.update(view())
         return
+    console.print(LEGEND, markup=False, highlight=False)  # once: what the two counts mean
     next_status = loop.time()
     while await tick():
         if loop.time() >= next_status:
             next_status = loop.time() + STATUS_EVERY_S
-            states = ", ".join(
-                f"{t.guid[:8]} {t.snapshot.state.value} sent={t.snapshot.telemetry_sent} "
-                f"hub={watch.received.get(t.guid, 0)} renewed={t.snapshot.renewals}"
-                for t in fleet.tracks
-            )
-            console.print(f"status: {states}", markup=False, highlight=False, soft_wrap=True)
+            line = status_line(fleet.tracks, watch.received, console.width)
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _short_certificates(source: SettingsSource) -> ShortCertificates | None:

@@ -34,22 +34,32 @@ STATE_STYLE = {
 
 class HubWatch:
     """Tails the telemetry the emulator's hubs received (from their built-in endpoints: ``hub_feed``) and
-    counts it per device, with the devices' sequence numbers seen (a device numbers its messages from 1,
-    across runs and certificate renewals)."""
+    counts it per device: each
+    message once.  A device numbers its messages from 1 (``seq``, across runs and certificate renewals) and
+    sends a message again, same number, when its acknowledgement was lost (a reconnect): the hub then
+    stores it twice, and ``received`` still counts it once (``resent`` counts the second copies).  A
+    message without a number (another client's) counts as it comes."""
 
     def __init__(self, feed: HubFeed | None, keep: int = 8) -> None:
         self._feed = feed
-        self.received: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()  # distinct messages per device
+        self.resent: Counter[str] = Counter()  # copies of a message the hub already had
         self.tail: deque[ReceivedMessage] = deque(maxlen=keep)
         self._seqs: dict[str, set[int]] = {}
 
     def take(self, messages: Iterable[ReceivedMessage]) -> None:
         for message in messages:
-            self.received[message.device_id] += 1
             self.tail.append(message)
             seq = _seq(message)
-            if seq is not None:
-                self._seqs.setdefault(message.device_id, set()).add(seq)
+            if seq is None:
+                self.received[message.device_id] += 1
+                continue
+            seen = self._seqs.setdefault(message.device_id, set())
+            if seq in seen:
+                self.resent[message.device_id] += 1
+                continue
+            seen.add(seq)
+            self.received[message.device_id] += 1
 
     async def poll(self) -> None:
         if self._feed is not None:
@@ -151,7 +161,7 @@ class TrackView(Protocol):
 @dataclass(frozen=True)
 class Layout:
     """How much of each device fits a terminal ``width`` columns wide.  The essential columns (device,
-    state, hub, sent, hub got) always show; the GUID and long hub names are shortened in the middle; the
+    state, hub, acked, hub got) always show; the GUID and long hub names are shortened in the middle; the
     last message takes what is left, and is left out below ``WITH_LAST_MESSAGE`` columns."""
 
     width: int
@@ -203,14 +213,31 @@ def certificate_cell(snap: RuntimeSnapshot, now: datetime | None = None) -> Text
     return text
 
 
+# The two counts, said once for the live table, the summary and the log lines.  Both count messages: the
+# device's acknowledged sends, the hub's stored messages each once.  The device's count comes a moment
+# later (its worker reports twice a second), so the hub may be ahead by the messages in between.
+ACKED = "acked"
+HUB_GOT = "hub got"
+LEGEND = (
+    f"{ACKED}: messages the hub acknowledged to the device · {HUB_GOT}: messages the hub stored, each "
+    "once (one sent again counts once); it may lead while an acknowledgement is on its way"
+)
+
+
 def fleet_table(tracks: Sequence[TrackView], received: Mapping[str, int], layout: Layout) -> Table:
-    table = Table(title="Devices in the field", title_justify="left", expand=True)
+    table = Table(
+        title="Devices in the field",
+        title_justify="left",
+        expand=True,
+        caption=LEGEND,
+        caption_justify="left",
+    )
     certificates = layout.last_message and any(t.snapshot.certificate_not_after for t in tracks)
     table.add_column("device", no_wrap=True, min_width=layout.guid)
     table.add_column("state", no_wrap=True, min_width=len("CONNECTED"))
     table.add_column("hub", no_wrap=True, min_width=3)
-    table.add_column("sent", justify="right", no_wrap=True, min_width=4)
-    table.add_column("hub got", justify="right", no_wrap=True, min_width=7)
+    table.add_column(ACKED, justify="right", no_wrap=True, min_width=len(ACKED))
+    table.add_column(HUB_GOT, justify="right", no_wrap=True, min_width=len(HUB_GOT))
     if layout.last_message:
         table.add_column("last message", overflow="ellipsis", no_wrap=True, ratio=1)
     if certificates:
@@ -293,12 +320,12 @@ def summary_table(summary: FleetSummary, width: int = Layout.WIDE) -> Table:
     renewed = summary.get("renewals", 0)
     if renewed or expect_renewal:
         verdict += f"; {renewed} certificate renewal{'' if renewed == 1 else 's'}"
-    table = Table(title=f"Summary: {verdict}", title_justify="left")
+    table = Table(title=f"Summary: {verdict}", title_justify="left", caption=LEGEND, caption_justify="left")
     table.add_column("device", no_wrap=True, min_width=layout.guid)
     table.add_column("hub", no_wrap=True)
     table.add_column("registered", no_wrap=True, min_width=len("registered"))
-    table.add_column("acked", justify="right", no_wrap=True)
-    table.add_column("hub got", justify="right", no_wrap=True, min_width=len("hub got"))
+    table.add_column(ACKED, justify="right", no_wrap=True)
+    table.add_column(HUB_GOT, justify="right", no_wrap=True, min_width=len(HUB_GOT))
     if renewed or expect_renewal:
         table.add_column("renewed", justify="right", no_wrap=True)
         table.add_column("gaps", justify="right", no_wrap=True)
@@ -321,3 +348,28 @@ def summary_table(summary: FleetSummary, width: int = Layout.WIDE) -> Table:
             row.append(device["error"] or "")
         table.add_row(*row)
     return table
+
+
+def status_line(
+    tracks: Sequence[TrackView], received: Mapping[str, int], width: int, now: datetime | None = None
+) -> str:
+    """Off a terminal (a log, a pipe), every few seconds: the fleet in one line of at most ``width``
+    characters however many devices there are: how many are in each state, the two counts summed, and the
+    devices with nothing acknowledged yet (as many as fit, then how many more)."""
+    at = (now or datetime.now(UTC)).strftime("%H:%M:%S")
+    states = Counter(track.snapshot.state.value for track in tracks)
+    by_state = ", ".join(f"{count} {state}" for state, count in sorted(states.items(), key=lambda s: -s[1]))
+    acked = sum(track.snapshot.telemetry_sent for track in tracks)
+    got = sum(received.get(track.guid, 0) for track in tracks)
+    line = f"{at} {len(tracks)} devices: {by_state}; {ACKED} {acked}, {HUB_GOT} {got}"
+    waiting = [track.guid[:8] for track in tracks if track.snapshot.telemetry_sent == 0]
+    if waiting:
+        line += f"; not sending yet ({len(waiting)}):"
+        for index, short in enumerate(waiting):
+            left_after = len(waiting) - index - 1  # room is kept for saying how many more
+            reserve = len(f" +{left_after} more") if left_after else 0
+            if len(line) + 1 + len(short) + reserve > width:
+                line += f" +{len(waiting) - index} more"
+                break
+            line += " " + short
+    return line if len(line) <= width else line[: width - 1] + "…"

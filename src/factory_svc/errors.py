@@ -3,7 +3,8 @@
 Reasons (``ErrorInfo.reason``; domain ``factory.devprov``): ``Reason`` below holds what only the factory
 raises, each member with its meaning; what every service raises (device and request ids, DPS and the hub
 unreachable or refusing, records changed concurrently, a certificate expired or revoked) is
-``provkit.errors.Reason``.  The README's table of reasons is rendered from both (``Reason.markdown()``).
+``provkit.errors.Reason``.  The table of reasons in docs/error-reasons.md is rendered from both
+(``Reason.markdown()``).
 
 ``CaConfigError``: the configured (or stored) CA cannot be used; a ``ConfigurationError`` (the CLI answers
 it with ``error: ...`` and exit 2).

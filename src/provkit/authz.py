@@ -11,7 +11,7 @@ seen (``ErrorInfo.metadata``: ``role``, ``method``).  Ownership of a device (whi
 decided here but in the domain, where the data is.
 
 API: ``AccessPolicy(rules)``; ``.roles_for(method) -> frozenset[Role]``; ``.check(method, caller)``
-(raises ``CallerNotAuthorized``); ``.markdown() -> str`` (the table as shown in the README);
+(raises ``CallerNotAuthorized``); ``.markdown() -> str`` (the table as docs/parties.md shows it);
 ``SUITE_POLICY``; ``is_open(method)``; ``Refusal`` (what a refused call leaves in an audit) and the
 ``RefusalLog`` protocol a service's audit store implements (``async record_refusal(refusal)``).
 """

@@ -24,7 +24,7 @@ Reasons
 ``ReasonEnum``   the base of every package's reasons: a ``StrEnum`` whose member *is* its wire string (so
     ``reason == "ACTIVATION_DENIED"`` holds and the ``ErrorInfo`` is unchanged), declared as
     ``NAME = auto(), "what it means"``; ``.meaning`` is that one line and ``markdown()`` renders the
-    package's table for the README (a test keeps the README's tables equal to the enums).
+    package's table for docs/error-reasons.md (a test keeps those tables equal to the enums).
 ``Reason``   the reasons every service shares: the caller's identity and access, request ids, device ids,
     the cloud (DPS / hub unreachable or refusing, records changed concurrently), and a device certificate
     found unusable (the factory refuses to enroll it, the device client to use it).
@@ -78,7 +78,7 @@ class ReasonEnum(enum.StrEnum):
 
     @classmethod
     def markdown(cls) -> str:
-        """The reasons as the README's table shows them."""
+        """The reasons as the table in docs/error-reasons.md shows them."""
         lines = ["| reason | meaning |", "| --- | --- |"]
         lines.extend(f"| `{member.value}` | {member.meaning} |" for member in cls)
         return "\n".join(lines)

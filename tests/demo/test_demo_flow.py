@@ -162,6 +162,10 @@ def test_demo_runs_the_whole_flow_and_summarises(tmp_path):
     # The labels were printed: GUID and activation code for each device.
     codes = re.findall(r"[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}", output)
     assert len(codes) == 3, output
+    # off a terminal: what the counts mean, once, then a short status line every few seconds
+    assert "acked: messages the hub acknowledged to the device" in output
+    status = [line for line in output.splitlines() if re.match(r"\d\d:\d\d:\d\d 3 devices: ", line)]
+    assert status and all(len(line) <= 120 and "acked " in line for line in status), output
 
     summary = json.loads(summary_file.read_text())
     assert summary["ok"] is True

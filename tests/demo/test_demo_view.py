@@ -15,7 +15,15 @@ from rich.console import Console
 
 from device_client.runtime import DeviceState, RuntimeSnapshot
 from devprov_demo.hub_feed import ReceivedMessage
-from devprov_demo.view import HubWatch, RenewalWatch, countdown, live_view, shorten_middle, summary_table
+from devprov_demo.view import (
+    HubWatch,
+    RenewalWatch,
+    countdown,
+    live_view,
+    shorten_middle,
+    status_line,
+    summary_table,
+)
 
 GUIDS = (
     "ce8b6f4e-410e-499d-812a-bb3fb86a0c11",
@@ -74,8 +82,11 @@ def test_every_essential_column_shows_whole_at_each_width(width: int, watch: Hub
     lines = _render(width, watch)
     assert all(len(line) <= width for line in lines)
     header = next(line for line in lines if "device" in line and "state" in line)
-    for column in ("device", "state", "hub", "sent", "hub got"):
+    for column in ("device", "state", "hub", "acked", "hub got"):
         assert column in header, (width, column)
+    assert "sent" not in header  # one word for the device's count, live and in the summary
+    legend = " ".join(line.strip() for line in lines)
+    assert "acked: messages the hub acknowledged to the device" in legend
     assert ("last message" in header) is (width >= 100)
     for track in _tracks():
         shown_id = track.guid if width >= 120 else shorten_middle(track.guid, 17)
@@ -141,6 +152,7 @@ def test_the_summary_fits_too(width: int) -> None:
     assert all(len(line) <= width for line in lines)
     header = next(line for line in lines if "device" in line and "┃" in line)
     assert all(column in header for column in ("device", "hub", "registered", "acked", "hub got"))
+    assert "hub got: messages the hub stored, each once" in " ".join(line.strip() for line in lines)
     for guid in GUIDS:
         shown = guid if width >= 120 else shorten_middle(guid, 17)
         assert any(f"│ {shown} " in line and " yes " in line for line in lines)
@@ -207,3 +219,60 @@ def test_the_certificate_cell_says_time_left_and_the_renewal() -> None:
     )  # fmt: skip
     assert certificate_cell(later, now).plain == "364d left renewal refused renewed 2x"
     assert certificate_cell(RuntimeSnapshot(guid=GUIDS[0], state=DeviceState.IDLE), now).plain == "-"
+
+
+def _message(hub_seq: int, guid: str, seq: int) -> ReceivedMessage:
+    body = json.dumps({"seq": seq, "readings": {"temperatureC": 20}}).encode()
+    return ReceivedMessage(hub_seq, "127.0.0.2", guid, "2026-01-01T00:00:00.000000Z", body)
+
+
+def test_a_message_sent_again_after_a_reconnect_counts_once_at_the_hub() -> None:
+    """The row that showed "sent 4 / hub got 5": the device's acknowledgement of #3 was lost with its
+    connection, so it sent #3 again (same number) and the hub stored it twice."""
+    guid = GUIDS[0]
+    watch = HubWatch(None)
+    watch.take([_message(n, guid, seq) for n, seq in enumerate((1, 2, 3, 3, 4), 1)])
+    assert watch.received[guid] == 4  # as many as the device saw acknowledged
+    assert watch.resent[guid] == 1
+    assert watch.gaps() == {guid: 0}
+    snapshot = RuntimeSnapshot(
+        guid=guid, state=DeviceState.SENDING, assigned_hub="127.0.0.2", telemetry_sent=4
+    )
+    console = Console(record=True, width=120, color_system=None, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(live_view([Track(guid, snapshot)], watch, "footer", 120))
+    console.file.close()
+    row = next(line for line in console.export_text().splitlines() if guid in line and "│" in line)
+    cells = [cell.strip() for cell in row.strip("│").split("│")]
+    assert cells[3:5] == ["4", "4"]
+    # a message without a number (another client's) still counts, once per message
+    watch.take([ReceivedMessage(9, "127.0.0.2", guid, "2026-01-01T00:00:01.000000Z", b"plain text")])
+    assert watch.received[guid] == 5
+
+
+def _fleet(count: int, sending: int) -> list[Track]:
+    tracks = []
+    for n in range(count):
+        guid = f"{n:08x}-0000-4000-8000-{n:012x}"
+        state = DeviceState.SENDING if n < sending else DeviceState.REGISTERING
+        snap = RuntimeSnapshot(guid=guid, state=state, telemetry_sent=3 if n < sending else 0)
+        tracks.append(Track(guid, snap))
+    return tracks
+
+
+def test_off_a_terminal_the_status_is_one_short_line_for_a_big_fleet() -> None:
+    tracks = _fleet(50, sending=40)
+    received = {t.guid: 3 for t in tracks[:40]}
+    now = datetime(2026, 1, 1, 12, 0, 5, tzinfo=UTC)
+    line = status_line(tracks, received, 120, now)
+    assert len(line) <= 120 and "\n" not in line
+    assert line.startswith("12:00:05 50 devices: 40 SENDING, 10 REGISTERING; acked 120, hub got 120")
+    waiting = line.split("not sending yet (10):", 1)[1].split()
+    shown = [w for w in waiting if len(w) == 8]
+    assert shown == [t.guid[:8] for t in tracks[40 : 40 + len(shown)]] and shown
+    assert waiting[-2:] == [f"+{10 - len(shown)}", "more"]
+
+    everyone = status_line(_fleet(3, sending=3), {}, 120, now)
+    assert "not sending yet" not in everyone and everyone.endswith("acked 9, hub got 0")
+    few = status_line(_fleet(3, sending=1), {}, 120, now)
+    assert few.endswith("not sending yet (2): 00000001 00000002")
+    assert len(status_line(_fleet(500, sending=0), {}, 60, now)) <= 60

@@ -125,8 +125,10 @@ class PortalActivate:
             assert '<form method="post" action="/activate"' in page  # the form again ...
             problem = re.search(r'id="problem"[^>]*>(.*?)</section>', page, re.S)
             assert problem is not None
-            if len(metadata) > MAX_METADATA_CHARS:  # ... naming the field that is too long
-                assert "Metadata" in problem.group(1) and "at most" in problem.group(1)
+            if len(metadata) > MAX_METADATA_CHARS:  # ... naming the field that is too long, saying how
+                assert "Metadata" in problem.group(1)
+                said = re.search(r'id="metadata-error"[^>]*>(.*?)</div>', page, re.S)
+                assert said is not None and "at most" in said.group(1)
             elif not shape.utf8:  # ... saying the form could not be read
                 assert "FORM_NOT_UTF8" in problem.group(1)
             else:  # ... with the service's reason

@@ -127,24 +127,60 @@ async def test_wrong_code_shows_the_error_and_changes_nothing(page, portal_url, 
     assert (await stack.enrollment(device.device_id))["etag"] == before["etag"]
 
 
-async def test_invalid_json_shows_which_field_is_wrong(page, portal_url, stack):
+async def test_invalid_json_is_said_once_under_the_field_and_the_form_is_not_sent(page, portal_url, stack):
     device, code = await stack.enrolled()
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
     await fill_activation(page, portal_url, device.device_id, code, '{"tags": {"site": "north",}}')
-    assert (await page.text_content("#metadata-check")).startswith("Not valid JSON")  # checked in the page
-    await page.click("button[type=submit]")  # the server (the service) decides
-    await page.wait_for_selector("#problem")
-    problem = await page.text_content("#problem")
-    assert "Metadata" in problem and "not valid JSON" in problem and "METADATA_NOT_JSON" in problem
+    said = await page.text_content("#metadata-error")
+    assert said.startswith("Not valid JSON: ")  # checked in the page as it is typed
+    await page.click("button[type=submit]")
+    assert await page.evaluate("document.activeElement.id") == "metadata"  # taken back to the field
+    assert posts == []  # its own check said the JSON is invalid: nothing sent
     assert await page.get_attribute("#metadata", "aria-invalid") == "true"
+    assert await page.text_content("#metadata-check") == ""  # the message once, in one place
+    assert (await page.text_content("main")).count("Not valid JSON") == 1
     await shot(page, "error-invalid-json")
 
+    # JSON the page accepts but the twin rules refuse: the service's answer, once, under the field
     bad_key = {"tags": {"site.name": "north"}, "properties": {"desired": {}}}
-    await page.fill("#activation_code", code)
     await page.fill("#metadata", json.dumps(bad_key))
+    assert await page.text_content("#metadata-error") == ""  # fixed: the page's message is gone
     await page.click("button[type=submit]")
     await page.wait_for_selector("#problem")
+    assert len(posts) == 1
     problem = await page.text_content("#problem")
-    assert "tags.site.name" in problem and "keys must not contain '.'" in problem
+    assert "METADATA_INVALID" in problem and "tags.site.name" not in problem  # said under the field
+    said = await page.text_content("#metadata-error")
+    assert "tags.site.name: keys must not contain '.'" in said
+    assert (await page.text_content("main")).count("keys must not contain") == 1
+    assert await page.text_content("#metadata-check") == ""  # the page does not add its own note
     await shot(page, "error-twin-rules")
     status = await stack.status(device.device_id, code)
     assert status.lifecycle == apb.LIFECYCLE_ENROLLED
+
+
+async def test_a_code_that_cannot_be_a_code_is_refused_before_anything_is_sent(page, portal_url, stack):
+    device, code = await stack.enrolled()
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    for typo in ("1234", "7K3M-Q9XD-2HPA-W4RU", ""):
+        await fill_activation(page, portal_url, device.device_id, typo, json.dumps(META))
+        await page.click("button[type=submit]")
+        said = await page.text_content("#activation_code-error")
+        if typo:
+            assert said.startswith("That is not an activation code: it has 16 letters and digits"), typo
+        else:
+            assert said == "Type the activation code printed on the label."
+        assert await page.evaluate("document.activeElement.id") == "activation_code"
+        assert await page.get_attribute("#activation_code", "aria-invalid") == "true"
+        await shot(page, "error-not-a-code")
+    assert posts == []
+    # typing clears it; forgiving like the service: case, spaces and O for 0 are fine
+    await page.fill("#activation_code", code.lower().replace("-", " ").replace("0", "o"))
+    assert await page.text_content("#activation_code-error") == ""
+    await page.click("button[type=submit]")
+    await page.wait_for_selector("#outcome")
+    assert len(posts) == 1 and "Activated" in await page.text_content("#outcome")
+    assert "switch the device on" in await page.text_content("#outcome")
+    await shot(page, "result-after-typo")

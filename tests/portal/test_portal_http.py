@@ -3,6 +3,7 @@ and a real emulator process: every route, the service's errors shown precisely, 
 
 from __future__ import annotations
 
+import html
 import json
 import re
 
@@ -46,9 +47,19 @@ async def post_activate(client, device_id: str, code: str, metadata: str, hub: s
 
 
 def text_of(page: str, element_id: str) -> str:
-    found = re.search(rf'id="{element_id}"[^>]*>(.*?)</(?:section|dd)>', page, re.S)
+    found = re.search(rf'id="{element_id}"[^>]*>(.*?)</(?:section|dd|div)>', page, re.S)
     assert found, f"no #{element_id} in the page"
     return re.sub(r"<[^>]+>", " ", found.group(1))
+
+
+def error_of(page: str, field: str) -> str:
+    """What the page says under a field (its one place for the field's problems)."""
+    return html.unescape(text_of(page, f"{field}-error")).strip()
+
+
+def visible(page: str) -> str:
+    """The page's text as a person reads it (no markup, no attribute values, entities decoded)."""
+    return html.unescape(re.sub(r"<[^>]+>", " ", page.split("<body>", 1)[1]))
 
 
 @pytest.mark.slow
@@ -91,8 +102,11 @@ async def test_activate_through_the_form_then_replay_and_already_active(client, 
     response, page = await post_activate(client, device.device_id, code, json.dumps(META), chosen, hidden)
     assert response.status == 200
     assert "Activated" in text_of(page, "outcome")
-    visible = re.sub(r"<[^>]+>", " ", page.split("<body>", 1)[1])
-    assert visible.count("Activated") == 1  # the outcome's heading, not repeated as the page's title
+    assert visible(page).count("Activated") == 1  # the outcome's heading, not repeated as the page's title
+    # what happened and what next, in words: no enum names of the API
+    assert "ENROLLMENT" not in visible(page) and "Outcome" not in visible(page)
+    assert '<p id="next">Next: switch the device on' in page
+    assert "may now come online" in text_of(page, "outcome")
     assert text_of(page, "v-lifecycle").strip() == "ACTIVATED"
     assert text_of(page, "v-hub") == chosen
     assert code not in page and code.replace("-", "") not in page
@@ -141,7 +155,8 @@ async def test_invalid_json_and_twin_rules_name_the_wrong_field(client, stack):
     response, page = await post_activate(client, device.device_id, code, '{"tags": {"a": 1,}}')
     assert response.status == 400
     problem = text_of(page, "problem")
-    assert "not valid JSON" in problem and "Metadata" in problem and "METADATA_NOT_JSON" in problem
+    assert "Metadata" in problem and "METADATA_NOT_JSON" in problem
+    assert error_of(page, "metadata").startswith("not valid JSON")
     assert re.search(r'id="metadata"[^>]*aria-invalid="true"', page)
     assert "{&quot;tags&quot;: {&quot;a&quot;: 1,}}" in page  # the text comes back for fixing, escaped
 
@@ -149,9 +164,11 @@ async def test_invalid_json_and_twin_rules_name_the_wrong_field(client, stack):
     response, page = await post_activate(client, device.device_id, code, json.dumps(bad))
     assert response.status == 400
     problem = text_of(page, "problem")
-    assert "METADATA_INVALID" in problem
-    assert "tags.a.b" in problem and "keys must not contain &#x27;.&#x27;" in problem
-    assert "properties.desired.deep.x y" in problem and "spaces" in problem
+    assert "METADATA_INVALID" in problem and "twin rules" in problem
+    said = error_of(page, "metadata")
+    assert "tags.a.b: keys must not contain '.'" in said
+    assert "properties.desired.deep.x y" in said and "spaces" in said
+    assert "tags.a.b" not in problem  # said once, under the field
 
     response, page = await post_activate(client, device.device_id, code, "{}", hub="elsewhere.example")
     assert response.status == 400 and "HUB_UNKNOWN" in page
@@ -174,7 +191,9 @@ async def test_size_limits_oversize_body_is_413_and_long_fields_are_named(client
 
     response, page = await post_activate(client, "g" * 200, "c", "{}", hidden=hidden)
     assert response.status == 400
-    assert "Device ID" in text_of(page, "problem") and "at most 128 characters" in page
+    assert "Device ID" in text_of(page, "problem") and error_of(page, "device_id") == (
+        "at most 128 characters (got 200)"
+    )
 
 
 async def test_csrf_missing_or_wrong_is_403_and_changes_nothing(client, stack):
@@ -229,10 +248,10 @@ async def test_status_page_before_and_after_activation(client, stack):
     assert text_of(page, "v-activated").endswith("UTC")
 
     response = await client.post(
-        "/status", data={**hidden, "device_id": device.device_id, "activation_code": "0000-0000-0000-0000"}
+        "/status", data={**hidden, "device_id": device.device_id, "activation_code": "WXYZ-WXYZ-WXYZ-WXYZ"}
     )
     page = await response.text()
-    assert response.status == 403 and "ACTIVATION_DENIED" in page and "0000-0000-0000-0000" not in page
+    assert response.status == 403 and "ACTIVATION_DENIED" in page and "WXYZ-WXYZ" not in page
     response = await client.post("/status", data={"device_id": device.device_id, "activation_code": code})
     assert response.status == 403  # no CSRF token
 
@@ -280,12 +299,14 @@ async def test_repeated_wrong_codes_from_one_address_wait_and_are_told_when_othe
     device, code = await stack.enrolled()
     statuses = []
     for _ in range(6):  # the portal allows 5 wrong codes per client address, then a growing back-off
-        response, page = await post_activate(client, device.device_id, "0000-0000-0000-0000", "{}")
+        response, page = await post_activate(client, device.device_id, "WXYZ-0000-WXYZ-0000", "{}")
         statuses.append(response.status)
     assert statuses == [403] * 5 + [429]
-    assert "PORTAL_RATE_LIMITED" in page and "Try again in" in page
+    assert "PORTAL_RATE_LIMITED" in page
     assert "Too many wrong activation codes were sent from your address" in page
-    assert int(response.headers["Retry-After"]) > 0
+    wait = int(response.headers["Retry-After"])
+    assert wait > 0
+    assert visible(page).count("Try again") == 1 and f'<p id="retry">Try again in {wait} s.</p>' in page
     response, page = await post_activate(client, device.device_id, code, "{}")
     assert response.status == 429  # this address waits, even with the right code
     denied = [e for e in await stack.activation_app.audit.entries(device.device_id) if e.outcome == "denied"]
@@ -306,7 +327,7 @@ async def test_an_empty_metadata_field_keeps_the_live_twin_and_the_page_says_so(
 
     response, page = await post_activate(client, device.device_id, code, "")
     assert response.status == 200
-    assert "Metadata kept" in text_of(page, "outcome") and text_of(page, "v-metadata") == "KEPT"
+    assert "Metadata kept" in text_of(page, "outcome") and "KEPT" not in visible(page)
     twin = await hub_twin(stack.emulator, hub, device.device_id)
     assert twin.tags == META["tags"] and twin.properties.desired["interval_s"] == 5
     assert (await stack.enrollment(device.device_id))["initialTwin"]["tags"] == META["tags"]
@@ -321,6 +342,38 @@ async def test_an_empty_metadata_field_keeps_the_live_twin_and_the_page_says_so(
     response = await client.post("/activate", data=data)
     page = await response.text()
     assert response.status == 200
-    assert "Metadata cleared" in text_of(page, "outcome") and text_of(page, "v-metadata") == "CLEARED"
+    assert "Metadata cleared" in text_of(page, "outcome") and "CLEARED" not in visible(page)
     twin = await hub_twin(stack.emulator, hub, device.device_id)
     assert twin.tags == {} and "interval_s" not in twin.properties.desired
+
+
+async def test_a_bad_json_error_is_said_once_next_to_the_field(client, stack):
+    device, _code = await stack.enrolled()
+    response, page = await post_activate(client, device.device_id, _code, '{"tags": {"a": 1,}}')
+    assert response.status == 400
+    said = error_of(page, "metadata")
+    assert said.startswith("not valid JSON: ") and "line 1 column 18" in said
+    # once on the whole page, in one wording: the panel above points at the field and names the reason
+    assert visible(page).count("line 1 column 18") == 1
+    assert visible(page).lower().count("valid json") == 1
+    problem = " ".join(html.unescape(text_of(page, "problem")).split())
+    assert "Fix the field marked below: Metadata ." in problem and '<a href="#metadata">Metadata</a>' in page
+    assert "INVALID_ARGUMENT METADATA_NOT_JSON" in problem
+
+
+async def test_a_code_that_cannot_be_a_code_is_said_next_to_it_and_never_counted(client, stack):
+    device, code = await stack.enrolled()
+    for typo in ("1234", "X", "7K3M-Q9XD-2HPA-W4R", "7K3M-Q9XD-2HPA-W4RU"):  # U is not in the alphabet
+        response, page = await post_activate(client, device.device_id, typo, json.dumps(META))
+        assert response.status == 400, typo
+        assert error_of(page, "activation_code").startswith("that is not an activation code: it has 16")
+        assert visible(page).count("not an activation code") == 1
+        assert "INVALID_ARGUMENT ACTIVATION_CODE_MALFORMED" in text_of(page, "problem")
+        assert re.search(r'id="activation_code"[^>]*aria-invalid="true"', page.replace("\n", " "))
+    for _ in range(6):  # more than the address's 5 free failures: none of them counted
+        response, _page = await post_activate(client, device.device_id, "1234", "{}")
+        assert response.status == 400
+    response, page = await post_activate(client, device.device_id, code, json.dumps(META))
+    assert response.status == 200 and "Activated" in text_of(page, "outcome")
+    audit = await stack.activation_app.audit.entries(device.device_id)
+    assert [e.outcome for e in audit if e.action == "activate"] == ["ok"]

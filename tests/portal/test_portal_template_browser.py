@@ -119,9 +119,13 @@ async def test_a_value_off_the_template_is_refused_naming_the_field(page, stack)
     await page.click("button[type=submit]")
     await page.wait_for_selector("#problem")
     problem = await page.text_content("#problem")
-    assert "METADATA_TEMPLATE_VIOLATION" in problem and "tags.chassisNumber" in problem
+    assert "METADATA_TEMPLATE_VIOLATION" in problem and "Fix the field marked below" in problem
     field = '[data-field="tags.chassisNumber"]'
     assert await page.get_attribute(field, "aria-invalid") == "true"
+    ident = await page.get_attribute(field, "id")
+    assert await page.get_attribute("#problem a", "href") == f"#{ident}"  # the panel points at it
+    said = await page.locator(f"#{ident} ~ .field-error").first.text_content()
+    assert said and (await page.text_content("main")).count(said) == 1  # the reason, once, under the field
     assert await page.input_value(field) == "AB-1"  # what was typed stays, to be corrected
     assert await page.input_value("#activation_code") == ""  # the code is never echoed back
     await shot(page, "template-violation")

@@ -1,5 +1,5 @@
 """The party identity scheme (urn:devprov:<role>:<tenant>), the devprov-pki command that issues party
-certificates, and the README's copy of the access table."""
+certificates, and docs/parties.md's copy of the access table."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from provkit.devpki import DevTlsAuthority
 from provkit.parties import UnrecognisedIdentity, caller_from_certificate, identity_uri, parse_identity_uri
 from provkit.pki_cli import main
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PARTIES_PAGE = Path(__file__).resolve().parents[2] / "docs" / "parties.md"  # linked from the README
 
 
 def test_the_scheme_round_trips_and_refuses_what_is_not_a_party() -> None:
@@ -59,5 +59,5 @@ def test_devprov_pki_issues_party_certificates_the_server_reads(tmp_path: Path, 
     assert "no urn:devprov:" in capsys.readouterr().err
 
 
-def test_the_readme_shows_the_access_table_as_enforced() -> None:
-    assert SUITE_POLICY.markdown() in README.read_text()
+def test_the_docs_show_the_access_table_as_enforced() -> None:
+    assert SUITE_POLICY.markdown() in PARTIES_PAGE.read_text()

@@ -1,5 +1,6 @@
-"""Error reasons: one enum per package, the README's tables rendered from them, one translation of cloud
-failures (provkit.cloud_errors) with the reasons, messages and retry delays the call sites had."""
+"""Error reasons: one enum per package, the tables of docs/error-reasons.md rendered from them, one
+translation of cloud failures (provkit.cloud_errors) with the reasons, messages and retry delays the call
+sites had."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from provkit.cloud import CloudAlreadyExists, CloudRejected, CloudUnavailable
 from provkit.cloud_errors import CloudService, translating_cloud_errors
 from provkit.errors import DomainError, ErrorKind, InvalidArgument, Reason, ReasonEnum
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REASONS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "error-reasons.md"  # linked from the README
 
 REASON_ENUMS: tuple[type[ReasonEnum], ...] = (
     Reason,
@@ -30,9 +31,10 @@ REASON_ENUMS: tuple[type[ReasonEnum], ...] = (
 
 
 @pytest.mark.parametrize("reasons", REASON_ENUMS, ids=lambda e: f"{e.__module__}.{e.__name__}")
-def test_the_readme_shows_each_reason_table_as_the_enum_defines_it(reasons: type[ReasonEnum]) -> None:
+def test_the_docs_show_each_reason_table_as_the_enum_defines_it(reasons: type[ReasonEnum]) -> None:
     table = reasons.markdown()
-    assert table in README.read_text(), f"the README's table for {reasons.__module__} should read:\n{table}"
+    said = f"{REASONS_PAGE.name}'s table for {reasons.__module__} should read:\n{table}"
+    assert table in REASONS_PAGE.read_text(), said
 
 
 def test_a_reason_is_declared_once() -> None:

@@ -2,8 +2,9 @@
 needs no 'unsafe-inline').  The script only helps: it takes the activation code a label's QR code carries
 in the URL fragment (``/?device=GUID#code=CODE``) into the form and removes the fragment from the address
 bar (``history.replaceState``: the code is never sent to a server, never in a log or a Referer, and not
-left in the browser's history), and it checks and pretty-prints the metadata JSON in the browser; the
-activation service still validates everything."""
+left in the browser's history); it checks and pretty-prints the metadata JSON, and it keeps a form from
+being sent while a code cannot be a code (``provkit.activation_code.normalise``'s rules) or the JSON is not
+JSON, saying why under the field; the activation service still validates everything."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ textarea { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospa
 .check { display: flex; gap: 0.5rem; align-items: center; font-weight: 400; }
 .check input { width: auto; }
 .field-error { color: var(--bad); font-size: 0.9rem; margin: 0.25rem 0 0; }
+.field-error p { margin: 0; }
+.field-error:empty { display: none; }
 .row { display: flex; gap: 0.5rem; align-items: center; flex-wrap: wrap; margin-top: 0.4rem; }
 button { font: inherit; border: 0; border-radius: 6px; padding: 0.7rem 1.2rem; cursor: pointer;
   background: var(--accent); color: #fff; }
@@ -83,35 +86,94 @@ JS = """\
   history.replaceState(history.state, "", location.pathname + location.search);
 })();
 (function () {
+  // What the page checks before anything is sent (the activation service still checks everything): a
+  // code that cannot be a code (provkit.activation_code.normalise) and metadata that is not JSON.  A
+  // field's problem is said in one place, under the field (where the server's answer goes too).
+  var ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+  var ALIASES = {O: "0", I: "1", L: "1"};
+  var CODE_LENGTH = 16;
+  var NOT_A_CODE = "That is not an activation code: it has 16 letters and digits, printed in four " +
+    "groups like 7K3M-Q9XD-2HPA-W4RT.";
+  var NO_CODE = "Type the activation code printed on the label.";
+  var form = document.querySelector("form[method=post]");
+  var code = document.getElementById("activation_code");
   var area = document.getElementById("metadata");
   var note = document.getElementById("metadata-check");
   var button = document.getElementById("format-json");
-  if (!area || !note || !button) { return; }
-  function check() {
-    var text = area.value.trim();
-    if (text === "") {
-      note.textContent = "Empty: the device keeps the metadata it has.";
-      note.className = "hint";
-      return null;
+  if (!form) { return; }
+
+  function codeProblem(text) {
+    var count = 0;
+    var upper = text.toUpperCase();
+    if (upper.trim() === "") { return NO_CODE; }
+    for (var i = 0; i < upper.length; i++) {
+      var c = upper.charAt(i);
+      if (c === " " || c === "-" || c === "\\t") { continue; }
+      c = ALIASES[c] || c;
+      if (ALPHABET.indexOf(c) < 0) { return NOT_A_CODE; }
+      count += 1;
     }
+    return count === CODE_LENGTH ? "" : NOT_A_CODE;
+  }
+  function jsonProblem(text) {
+    if (text.trim() === "") { return ""; }
     try {
-      var value = JSON.parse(text);
-      note.textContent = "Valid JSON.";
-      note.className = "hint ok";
-      return value;
+      JSON.parse(text);
+      return "";
     } catch (err) {
-      note.textContent = "Not valid JSON: " + err.message;
-      note.className = "hint bad";
-      return undefined;
+      return "Not valid JSON: " + err.message;
     }
   }
-  button.hidden = false;
-  button.addEventListener("click", function () {
-    var value = check();
-    if (value !== undefined && value !== null) { area.value = JSON.stringify(value, null, 2); }
+  function errorBox(field) { return document.getElementById(field.id + "-error"); }
+  function say(field, message) {
+    var box = errorBox(field);
+    if (box) { box.textContent = message; }
+    if (message) {
+      field.setAttribute("aria-invalid", "true");
+    } else {
+      field.removeAttribute("aria-invalid");
+    }
+  }
+  function checkMetadata() {
+    var problem = jsonProblem(area.value);
+    say(area, problem);
+    if (note) {
+      note.textContent = problem ? "" :
+        area.value.trim() === "" ? "Empty: the device keeps the metadata it has." : "Valid JSON.";
+      note.className = problem ? "hint" : area.value.trim() === "" ? "hint" : "hint ok";
+    }
+    return problem;
+  }
+  if (code) {
+    code.addEventListener("input", function () { say(code, ""); });
+  }
+  if (area) {
+    area.addEventListener("input", checkMetadata);
+    var box = errorBox(area);
+    if (!box || box.textContent === "") { checkMetadata(); }  // else the server's answer stays, alone
+    if (button) {
+      button.hidden = false;
+      button.addEventListener("click", function () {
+        if (checkMetadata() === "" && area.value.trim() !== "") {
+          area.value = JSON.stringify(JSON.parse(area.value), null, 2);
+        }
+      });
+    }
+  }
+  form.addEventListener("submit", function (event) {
+    var first = null;
+    if (code) {
+      var problem = codeProblem(code.value);
+      say(code, problem);
+      if (problem) { first = code; }
+    }
+    if (area && checkMetadata() && first === null) { first = area; }
+    if (first === null) { return; }
+    event.preventDefault();  // nothing is sent: the field says why
+    var folded = first.closest("details");
+    if (folded) { folded.open = true; }
+    first.focus();
   });
-  area.addEventListener("input", check);
-  check();
 })();
 """
 

@@ -3,8 +3,8 @@ wrong (named as the form names them) and an HTTP status.  Branches on the gRPC c
 only, never on message text; the service's own message is shown (escaped) under the sentence.
 
 ``PortalReason``: the reasons the portal gives itself, before anything reaches the service (shown like the
-service's; the README's table of reasons is rendered from it).  ``SENTENCES``: what the portal says for a
-reason of the service (``activation_svc.errors.Reason``, ``provkit.errors.Reason``)."""
+service's; docs/error-reasons.md's table of reasons is rendered from it).  ``SENTENCES``: what the portal
+says for a reason of the service (``activation_svc.errors.Reason``, ``provkit.errors.Reason``)."""
 
 from __future__ import annotations
 
@@ -51,8 +51,7 @@ HTTP_STATUS = {
 
 SENTENCES: dict[str, str] = {
     Reason.ACTIVATION_DENIED: "Unknown device or wrong activation code. Check both against the label.",
-    Reason.ACTIVATION_RATE_LIMITED: "Too many failed attempts for this device. Wait, then try again.",
-    Reason.METADATA_NOT_JSON: "The metadata is not valid JSON.",
+    Reason.ACTIVATION_RATE_LIMITED: "Too many failed attempts for this device.",  # the panel says when
     Reason.METADATA_INVALID: "The metadata breaks the device twin rules.",
     Reason.METADATA_TEMPLATE_VIOLATION: "The metadata does not match your company's template.",
     Reason.METADATA_CONFLICT: "Either send metadata or remove the device's metadata, not both.",
@@ -79,6 +78,11 @@ SENTENCES: dict[str, str] = {
 }
 
 
+# Reasons about one field whose own message (shown next to it) says everything: the page says it there,
+# once, and the panel above only points at the field.
+FIELD_SAYS_IT = frozenset({Reason.METADATA_NOT_JSON, Reason.ACTIVATION_CODE_MALFORMED})
+
+
 @dataclass(frozen=True)
 class FieldProblem:
     name: str  # the form field ("metadata"), or "" when it names none of them
@@ -93,7 +97,7 @@ class ServiceProblem:
     sentence: str
     code: str  # gRPC status name
     reason: str
-    message: str  # the service's own message
+    message: str  # the service's own words, shown with the reason when nothing else on the page says more
     fields: tuple[FieldProblem, ...]
     http_status: int
     retry_after: float | None = None
@@ -125,19 +129,23 @@ def describe(details: RpcErrorDetails, action: str = "Not activated") -> Service
     elif reason.startswith("DEVICE_ID_"):
         sentence = "The device ID is not valid."
     else:
-        sentence = SENTENCES.get(reason, "The activation service refused the request.")
+        sentence = SENTENCES.get(reason, "")
     fields = tuple(field_problem(v.field, v.description) for v in details.field_violations)
     if not fields and reason == Reason.ACTIVATION_DENIED:
         fields = (
             FieldProblem("device_id", "Device ID", "", "check it (an unknown device gets the same answer)"),
             FieldProblem("activation_code", "Activation code", "", "not accepted for this device"),
         )
+    if fields and reason in FIELD_SAYS_IT:
+        sentence = ""  # said once, next to the field
+    # the service's own words only where ours say nothing (they would repeat the sentence or the fields)
+    message = details.message if not sentence and not fields else ""
     return ServiceProblem(
         title=action,
-        sentence=sentence,
+        sentence=sentence or ("" if fields else "The activation service refused the request."),
         code=code.name if code is not None else "UNKNOWN",
         reason=reason,
-        message=details.message,
+        message=message,
         fields=fields,
         http_status=HTTP_STATUS.get(code, 502),
         retry_after=details.retry_after,

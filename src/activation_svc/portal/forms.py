@@ -54,10 +54,10 @@ async def begin_attempt(request: web.Request) -> Slot | ServiceProblem:
         log.warning("portal rate limit", extra={"client": client_address(request), "retry_after": wait})
         return ServiceProblem(
             title="Too many attempts",
-            sentence=f"Too many wrong activation codes were sent from your address. Try again in {wait} s.",
+            sentence="Too many wrong activation codes were sent from your address.",  # the panel says when
             code="RESOURCE_EXHAUSTED",
             reason=PortalReason.PORTAL_RATE_LIMITED,
-            message="too many failed attempts from this address",
+            message="",
             fields=(),
             http_status=429,
             retry_after=exc.retry_after,
@@ -69,7 +69,7 @@ _NOT_UTF8 = ServiceProblem(
     sentence="The form could not be read: it was not sent as UTF-8 text. Nothing was sent.",
     code="INVALID_ARGUMENT",
     reason=PortalReason.FORM_NOT_UTF8,
-    message="the form's body is not UTF-8 text",
+    message="",
     fields=(),
     http_status=400,
 )

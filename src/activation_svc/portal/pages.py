@@ -3,7 +3,7 @@ contains the activation code: forms that come back with an error leave the code 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from string import Template
 from urllib.parse import urlencode
@@ -64,45 +64,65 @@ def layout(title: str, body: Html, *, section: str = "", script: bool = False) -
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _problem_panel(problem: ServiceProblem) -> Html:
+# Each problem of a field is said once, next to the field; the panel above the form says what happened and
+# points at the fields.  ``Anchors`` maps a problem to the element it is shown beside (its id and the label
+# to link with), or None when the page has no such field (the panel then says it).
+Anchor = tuple[str, str]
+
+
+def _problem_panel(problem: ServiceProblem, anchor: Callable[[FieldProblem], Anchor | None]) -> Html:
+    loose = [p for p in problem.fields if anchor(p) is None]
+    marked: dict[str, str] = {}
+    for p in problem.fields:
+        found = anchor(p)
+        if found is not None:
+            marked.setdefault(*found)
     items = [
         Html(
             f"<li><strong>{escape(p.label)}</strong>"
             + (f' <span class="code">{escape(p.path)}</span>' if p.path else "")
             + f": {escape(p.description)}</li>"
         )
-        for p in problem.fields
+        for p in loose
     ]
+    links = join((Html(f'<a href="#{escape(i)}">{escape(label)}</a>') for i, label in marked.items()), ", ")
+    pointer = (
+        Html(f'<p id="problem-fields">Fix the field{"s" * (len(marked) > 1)} marked below: {links}.</p>')
+        if marked
+        else Html("")
+    )
     retry = (
-        Html(f"<p>Try again in {escape(max(1, round(problem.retry_after)))} s.</p>")
+        Html(f'<p id="retry">Try again in {escape(max(1, round(problem.retry_after)))} s.</p>')
         if problem.retry_after
         else Html("")
     )
+    said = f": {escape(problem.message)}" if problem.message and not problem.fields else ""
     return Html(
         '<section class="panel bad" role="alert" id="problem">'
-        f"<h2>{escape(problem.title)}</h2><p>{escape(problem.sentence)}</p>"
+        f"<h2>{escape(problem.title)}</h2>"
+        + (f"<p>{escape(problem.sentence)}</p>" if problem.sentence else "")
+        + pointer
         + (f"<ul>{join(items)}</ul>" if items else "")
         + retry
-        + f'<p class="code">{escape(problem.code)} {escape(problem.reason)}: {escape(problem.message)}</p>'
+        + f'<p class="code">{escape(problem.code)} {escape(problem.reason)}{said}</p>'
         "</section>"
     )
 
 
 def _field_errors(problems: Sequence[FieldProblem], name: str) -> Html:
+    """Under a field: its problems (the page's script writes its own checks here too, so a message is
+    never shown twice)."""
     lines = [
-        Html(
-            '<p class="field-error">'
-            + (f"{escape(p.path)}: " if p.path else "")
-            + f"{escape(p.description)}</p>"
-        )
+        Html("<p>" + (f"{escape(p.path)}: " if p.path else "") + f"{escape(p.description)}</p>")
         for p in problems
         if p.name == name
     ]
-    return join(lines)
+    return Html(f'<div class="field-error" id="{name}-error" aria-live="polite">{join(lines)}</div>')
 
 
 def _input_attrs(name: str, invalid: frozenset[str]) -> Html:
-    return attrs(aria_invalid="true" if name in invalid else None, aria_describedby=f"{name}-hint")
+    invalid_now = "true" if name in invalid else None
+    return attrs(aria_invalid=invalid_now, aria_describedby=f"{name}-hint {name}-error")
 
 
 @dataclass(frozen=True)
@@ -192,15 +212,26 @@ def _template_form(fields: FieldSet, values: Mapping[str, str], problems: Sequen
     )
 
 
-def _top_panel(problem: ServiceProblem | None, local_problems: tuple[FieldProblem, ...]) -> Html:
+def _top_panel(
+    problem: ServiceProblem | None,
+    local_problems: tuple[FieldProblem, ...],
+    anchor: Callable[[FieldProblem], Anchor | None],
+) -> Html:
     """The service's answer above a form, or the fields refused before anything was sent."""
     if problem is not None:
-        return _problem_panel(problem)
+        return _problem_panel(problem, anchor)
     if local_problems:
         return _problem_panel(
-            ServiceProblem("Not sent", "Some fields are too long.", "", "", "", local_problems, 400)
+            ServiceProblem("Not sent", "Some fields are too long.", "", "", "", local_problems, 400), anchor
         )
     return Html("")
+
+
+_IDENTITY = frozenset({"device_id", "activation_code"})
+
+
+def _identity_anchor(problem: FieldProblem) -> Anchor | None:
+    return (problem.name, problem.label) if problem.name in _IDENTITY else None
 
 
 def _identity_fields(
@@ -229,9 +260,9 @@ def _raw_metadata(form: ActivateForm, problems: Sequence[FieldProblem], invalid:
 {_input_attrs("metadata", invalid)}>{escape(form.metadata)}</textarea>
 <p class="hint" id="metadata-hint">It replaces the device's metadata. Empty: the device keeps the \
 metadata it has (e.g. to change its hub).</p>
-<div class="row">
+{_field_errors(loose, "metadata")}<div class="row">
 <button type="button" class="secondary" id="format-json" hidden>Check and format JSON</button>
-<span id="metadata-check" class="hint" aria-live="polite"></span></div>{_field_errors(loose, "metadata")}
+<span id="metadata-check" class="hint" aria-live="polite"></span></div>
 <label class="check" for="clear_metadata"><input type="checkbox" id="clear_metadata" name="clear_metadata" \
 value="on"{attrs(checked=form.clear_metadata)}{_input_attrs("clear_metadata", invalid)}> \
 Remove the device's metadata</label>
@@ -243,6 +274,21 @@ empty).</p>{_field_errors(problems, "clear_metadata")}
 
 def _is_field(form: ActivateForm, problem: FieldProblem) -> bool:
     return form.fields is not None and template_path(problem.path) in form.fields.by_name()
+
+
+def _activate_anchor(form: ActivateForm) -> Callable[[FieldProblem], Anchor | None]:
+    """Where the activate page shows a problem: beside its input, a template field's or the JSON's."""
+    positions = {item.name: index for index, item in enumerate(form.fields.fields)} if form.fields else {}
+
+    def anchor(problem: FieldProblem) -> Anchor | None:
+        if problem.name == "metadata" and form.fields is not None and _is_field(form, problem):
+            item = form.fields.by_name()[template_path(problem.path)]
+            return f"f-{positions[item.name]}", item.title
+        if problem.name in _IDENTITY or problem.name in ("hub", "metadata", "clear_metadata"):
+            return problem.name, problem.label
+        return None
+
+    return anchor
 
 
 def activate_page(form: ActivateForm, hubs: HubChoice, csrf_token: str, request_id: str) -> Html:
@@ -260,13 +306,16 @@ def activate_page(form: ActivateForm, hubs: HubChoice, csrf_token: str, request_
         options.append(Html(f"<option{attrs(value=name, selected=chosen)}>{escape(name)}</option>"))
     if form.hub and not any(form.hub.lower() == n.lower() for n in hubs.names):
         options.append(Html(f"<option{attrs(value=form.hub, selected=True)}>{escape(form.hub)}</option>"))
-    top = _top_panel(form.problem, form.local_problems)
+    top = _top_panel(form.problem, form.local_problems, _activate_anchor(form))
     identity = _identity_fields(
         form.device_id, problems, invalid, "From the label; dashes, spaces and case do not matter."
     )
     raw = _raw_metadata(form, problems, invalid)
     if form.fields is not None:
-        opened = attrs(open=bool(form.metadata.strip() or form.clear_metadata))
+        said_in_json = any(
+            p.name in ("metadata", "clear_metadata") and not _is_field(form, p) for p in problems
+        )
+        opened = attrs(open=bool(form.metadata.strip() or form.clear_metadata or said_in_json))
         metadata = Html(
             _template_form(form.fields, form.values, problems)
             + f'<details class="advanced"{opened}><summary>Advanced: the metadata as JSON</summary>'
@@ -292,6 +341,7 @@ def activate_page(form: ActivateForm, hubs: HubChoice, csrf_token: str, request_
     return layout("Activate a device", body, section="activate", script=True)
 
 
+# What happened (the heading and a sentence), then what comes next, for each ActivationPath.
 _PATH_TEXT = {
     "UNCHANGED": (
         "Already active",
@@ -299,18 +349,25 @@ _PATH_TEXT = {
     ),
     "ENROLLMENT": (
         "Activated",
-        "The enrollment is enabled with this metadata and hub (a first activation, or new metadata before "
-        "the device registered). The device receives them when it registers.",
+        "The device may now come online: its enrollment is enabled with this metadata and hub. It gets "
+        "them when it registers.",
     ),
     "ENROLLMENT_AND_HUB_TWIN": (
         "Updated",
         "The device had registered already: its enrollment and its twin on the hub were both updated.",
     ),
 }
+_NEXT_TEXT = {
+    "UNCHANGED": "Nothing else to do.",
+    "ENROLLMENT": "Next: switch the device on (one that is on keeps trying, and gets in within minutes). "
+    "Its status shows when it has registered.",
+    "ENROLLMENT_AND_HUB_TWIN": "Nothing else to do: a connected device gets the change at once, another "
+    "one when it next connects.",
+}
 # When the device kept its metadata, what the path says of "this metadata" and "its twin" does not apply.
 _KEPT_PATH_TEXT = {
     "UNCHANGED": "The device was already activated on this hub: nothing changed.",
-    "ENROLLMENT": "The enrollment is enabled with this hub. The device registers with it.",
+    "ENROLLMENT": "The device may now come online: its enrollment is enabled with this hub.",
     "ENROLLMENT_AND_HUB_TWIN": "The device had registered already: its identity on the hub is enabled again.",
 }
 _METADATA_TEXT = {
@@ -352,19 +409,20 @@ def result_page(view: ActivationView) -> Html:
         if view.replayed
         else Html("")
     )
+    following = _NEXT_TEXT.get(view.path, "")
     body = Html(
         f'<section class="panel ok" role="status" id="outcome"><h2>{escape(heading)}</h2>'
         f"<p>{escape(text)}</p>"
         + (f'<p id="metadata-outcome">{escape(metadata_text)}</p>' if metadata_text else "")
-        + f"{replay}</section>"
-        + _details(
+        + f"{replay}"
+        + (f'<p id="next">{escape(following)}</p>' if following else "")
+        + "</section>"
+        + _details(  # what a person reads: the sentences above say what the path and the change were
             {
                 "Device ID": view.device_id,
                 "Lifecycle": Html(f'<span class="state">{escape(view.lifecycle)}</span>'),
                 "Hub": view.hub,
                 "Registered hub": view.registered_hub,
-                "Outcome": view.path,
-                "Metadata": view.metadata if metadata_text else "",
             }
         )
         + f'<p><a href="/status?{escape(_query(view.device_id))}">Check its status</a> · '
@@ -388,7 +446,7 @@ class StatusForm:
 def status_form_page(form: StatusForm, csrf_token: str) -> Html:
     problems = (*form.local_problems, *(form.problem.fields if form.problem else ()))
     invalid = frozenset(p.name for p in problems if p.name)
-    top = _top_panel(form.problem, form.local_problems)
+    top = _top_panel(form.problem, form.local_problems, _identity_anchor)
     identity = _identity_fields(
         form.device_id, problems, invalid, "The status of a device is shown only with its code."
     )
@@ -399,7 +457,7 @@ def status_form_page(form: StatusForm, csrf_token: str) -> Html:
 <div class="actions"><button type="submit">Show status</button></div>
 </form>"""
     )
-    return layout("Device status", body, section="status")
+    return layout("Device status", body, section="status", script=True)
 
 
 @dataclass(frozen=True)
@@ -468,7 +526,7 @@ class BatchForm:
 
 
 def batch_form_page(form: BatchForm, csrf_token: str, max_bytes: int) -> Html:
-    top = _problem_panel(form.problem) if form.problem is not None else Html("")
+    top = _problem_panel(form.problem, lambda p: None) if form.problem is not None else Html("")
     columns = join(
         (Html(f'<span class="code">{escape(c)}</span>') for c in ("guid", "code", "hub", *form.columns)), ", "
     )
