@@ -499,7 +499,7 @@ async def run_up(args: argparse.Namespace, source: SettingsSource, console: Cons
             f"--metadata {sample} --hub {hub}\n"
             "  # 3. first boot: DPS, the hub, telemetry every 5 s (Ctrl-C stops it)\n"
             f"  device-client run {guid}\n"
-            f"  # watch the hubs: iot-emulator monitor --data-dir {stack.emulator.data_dir}\n"
+            "  # watch the hubs: iot-emulator monitor\n"
             "\nUp. Ctrl-C stops the stack.",
             highlight=False,
             soft_wrap=True,

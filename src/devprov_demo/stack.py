@@ -487,6 +487,7 @@ class Stack:
             # the factory's gRPC one, under the services' TLS CA, copied beside the device's identity)
             "DEVICE_CLIENT_RENEWAL_EST_URL": self.config.est_url,
             "DEVICE_CLIENT_RENEWAL_CA_FILE": str(tls.ca),
+            "IOT_EMULATOR_DATA_DIR": str(self.emulator.data_dir),  # `iot-emulator monitor` / `messages`
         }
 
     def write_env_file(self) -> Path:

@@ -165,3 +165,27 @@ async def test_monitor_marks_a_repeated_message_id_per_device(live):
 def test_monitor_without_a_running_emulator_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no running emulator"):
         cli.run_monitor(_parse(["monitor"], tmp_path), StringIO(), lambda: True)
+
+
+def test_the_data_directory_comes_from_the_environment_as_serve_reads_it(tmp_path, monkeypatch):
+    """After `source var/up/env.sh` (IOT_EMULATOR_DATA_DIR), `messages` and `monitor` need no --data-dir."""
+    store = _store(tmp_path)
+    store.append("127.0.0.2", "dev-1", PropertyBag(), b"from the environment")
+    monkeypatch.setenv("IOT_EMULATOR_DATA_DIR", str(tmp_path))
+    out = StringIO()
+    args = _parse(["messages", "--device", "dev-1"], tmp_path / "elsewhere")
+    assert args.data_dir == str(tmp_path) and cli.run_messages(args, out) == 0
+    assert out.getvalue().rstrip().endswith("from the environment")
+    assert _parse(["monitor"], tmp_path / "elsewhere").data_dir == str(tmp_path)
+    assert _parse(["monitor", "--data-dir", "given"], tmp_path / "elsewhere").data_dir == "given"
+
+
+def test_a_line_for_a_person_is_short_and_names_the_message_id_and_its_properties(tmp_path):
+    store = _store(tmp_path)
+    system = {"messageId": "m-42", "contentType": "application/json", "contentEncoding": "utf-8"}
+    store.append("127.0.0.2", "dev-1", PropertyBag(system, {"alert": "hot"}), b'{"seq": 7, "t": 21.5}')
+    out = StringIO()
+    assert cli.run_messages(_parse(["messages", "--device", "dev-1"], tmp_path), out) == 0
+    (line,) = out.getvalue().splitlines()
+    assert "127.0.0.2/dev-1 seq 7 id=m-42" in line and '{"alert": "hot"}' in line
+    assert "contentEncoding" not in line and len(line) < 100  # all of them: --json

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -78,15 +79,19 @@ def _format(message: StoredMessage, as_json: bool, repeat_of: int | None = None)
     body = (
         text if text is not None else f"<{len(message.body)} bytes, base64 {message.to_json()['bodyBase64']}>"
     )
+    # One short line a person reads: the time of day, who, the message id and the application properties;
+    # every system property (content type, encoding, ...) is in --json.
     props = ""
-    if message.system_properties:
-        props += " system=" + json.dumps(message.system_properties, sort_keys=True)
+    message_id = message.system_properties.get("messageId")
+    if message_id:
+        props += f" id={message_id}"
     if message.application_properties:
-        props += " properties=" + json.dumps(message.application_properties, sort_keys=True)
+        props += " " + json.dumps(message.application_properties, sort_keys=True, ensure_ascii=False)
     seq = device_sequence(message)
     number = f" seq {seq}" if seq is not None else ""
     repeated = " REPEATED id" if repeat_of is not None else ""
-    return f"{message.enqueued_time} {message.hub}/{message.device_id}{number}{repeated}{props} {body}"
+    when = message.enqueued_time[11:23] if len(message.enqueued_time) >= 23 else message.enqueued_time
+    return f"{when} {message.hub}/{message.device_id}{number}{repeated}{props} {body}"
 
 
 def _open_store(data_dir: Path) -> tuple[Database, TelemetryStore]:
@@ -194,11 +199,14 @@ async def _monitor(
 def add_commands(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser], default_data_dir: str | Path
 ) -> None:
-    """Add ``monitor`` and ``messages`` to the emulator CLI (each sets ``func``)."""
+    """Add ``monitor`` and ``messages`` to the emulator CLI (each sets ``func``).  Their data directory is
+    ``--data-dir``, else IOT_EMULATOR_DATA_DIR (as ``serve`` reads it; ``make up``'s env.sh sets it)."""
+    data_dir = os.environ.get("IOT_EMULATOR_DATA_DIR") or str(default_data_dir)
+    data_dir_help = "emulator data directory (or IOT_EMULATOR_DATA_DIR)"
     monitor = subparsers.add_parser(
         "monitor", allow_abbrev=False, help="tail device-to-cloud telemetry live (the built-in endpoints)"
     )
-    monitor.add_argument("--data-dir", default=str(default_data_dir), help="emulator data directory")
+    monitor.add_argument("--data-dir", default=data_dir, metavar="DIR", help=data_dir_help)
     monitor.add_argument("--device", help="only this device id")
     monitor.add_argument("--hub", help="only this hub host name")
     monitor.add_argument(
@@ -208,7 +216,7 @@ def add_commands(
     monitor.set_defaults(func=run_monitor)
 
     messages = subparsers.add_parser("messages", allow_abbrev=False, help="print a device's recent telemetry")
-    messages.add_argument("--data-dir", default=str(default_data_dir), help="emulator data directory")
+    messages.add_argument("--data-dir", default=data_dir, metavar="DIR", help=data_dir_help)
     messages.add_argument("--device", required=True, help="device id")
     messages.add_argument("--hub", help="only this hub host name")
     messages.add_argument("--limit", type=int, default=20, metavar="N", help="how many (newest last)")
