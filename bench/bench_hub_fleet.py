@@ -37,6 +37,7 @@ GOAL_P99_MS = 1000.0
 GOAL_PER_DEVICE_KIB = 20.0
 FD_RESERVE = 500  # descriptors the emulator needs beside its devices (database, listeners, logs)
 DEVICES_PER_GENERATOR = 10_000
+STOP_TIMEOUT = 600.0
 
 
 async def run() -> str:
@@ -65,8 +66,11 @@ def _run_sync() -> str:
         emulator, target = servers.start_emulator(directory, shared, ids, thumbprints)
         try:
             result = measure.scale(target, settings, identities=directory / "identities")
+            stopping = time.monotonic()
+            emulator.stop(timeout=STOP_TIMEOUT)  # graceful: every connection closed, its state written
+            result["stop_seconds"] = time.monotonic() - stopping
         finally:
-            emulator.stop()
+            emulator.kill()
     return _render(
         result, settings, nofile, tls_kib, identities_seconds, load_before, time.monotonic() - started
     )
@@ -147,7 +151,8 @@ def _render(
         "",
         f"CPU during the window: emulator {sc['cpu_percent']:.0f} % of one core, load generators "
         f"{sc['loadgen_cpu_percent']:.0f} % together; connect CPU per device: emulator "
-        f"{sc['connect_cpu_ms']:.1f} ms, generators {sc['loadgen_connect_cpu_ms']:.1f} ms.",
+        f"{sc['connect_cpu_ms']:.1f} ms, generators {sc['loadgen_connect_cpu_ms']:.1f} ms.  Graceful stop "
+        f"(SIGTERM; the generators had disconnected already) took {sc['stop_seconds']:.0f} s.",
         f"Machine: shared with other engineers' work (1-minute load average {load_before:.2f} on "
         f"{os.cpu_count()} CPUs before the run); absolute rates and latencies vary between runs.  "
         f"Bench run time {elapsed:.0f} s.",
