@@ -19,44 +19,34 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
 from azure_iot_emulator.mqtt.tls import server_context
 from azure_iot_emulator.pki import issue_server_certificate
 
+from .servers import TestCa
 
-def _identity(device_id: str, now: datetime) -> tuple[bytes, str]:
+
+def _identity(ca: TestCa, device_id: str, now: datetime) -> tuple[bytes, str]:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=2))
-        .sign(key, hashes.SHA256())
-    )
+    start, end = now - timedelta(hours=1), now + timedelta(days=2)
+    cert = ca.leaf(device_id, key, not_before=start, not_after=end, self_signed=True)
     pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    sha1 = cert.fingerprint(hashes.SHA1()).hex().upper()
-    return pem, sha1
+    return pem, cert.fingerprint(hashes.SHA1()).hex().upper()  # Azure's thumbprint
 
 
 def device_identities(directory: Path, device_ids: Sequence[str]) -> dict[str, str]:
     """Each device's own certificate and key in ``directory/{id}.pem`` (0600); returns id -> SHA-1
     thumbprint (what the hub's registry holds)."""
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.now(UTC)
+    now, ca = datetime.now(UTC), TestCa()
     thumbprints: dict[str, str] = {}
     for device_id in device_ids:
-        pem, sha1 = _identity(device_id, now)
+        pem, sha1 = _identity(ca, device_id, now)
         path = directory / f"{device_id}.pem"
         path.touch(0o600)
         path.write_bytes(pem)
@@ -92,7 +82,7 @@ def tls_connection_kib(directory: Path, connections: int = 500) -> float:
     pki = issue_server_certificate(directory, ["127.0.0.1"], datetime.now(UTC))
     server = server_context(pki.cert_path, pki.key_path)
     client = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    pem, _ = _identity("probe-device", datetime.now(UTC))
+    pem, _ = _identity(TestCa(), "probe-device", datetime.now(UTC))
     (directory / "probe.pem").write_bytes(pem)
     client.use_certificate_file(str(directory / "probe.pem"))
     client.use_privatekey_file(str(directory / "probe.pem"))
