@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: install proto proto-check lint typecheck test test-fast bench demo up clean browser node softhsm postgresql zbar
+.PHONY: install proto proto-check lint typecheck test test-fast bench bench-fleet demo up clean browser node softhsm postgresql zbar
 
 install: $(STAMP)
 
@@ -108,6 +108,10 @@ postgresql: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# The IoT Hub emulator with 50,000 devices (several minutes, most of the machine; not in `make bench`).
+bench-fleet: install
+	$(BIN)/python -m bench hub_fleet
 
 # The whole flow on the embedded emulator; DEMO_ARGS e.g. "--devices 10 --seconds 60" (see --help).
 # Ctrl-C ends it with 130 (interrupted), which is no failure here: the recipe's shell lets the demo stop

@@ -2,7 +2,8 @@
 
 Each ``bench/bench_<name>.py`` exposes ``TITLE`` and ``async def run() -> str`` (a markdown section body);
 ``RUN`` (optional, default ``asyncio.run``) is what runs it: a section whose servers run in this process
-names the event loop their service runs on in production.
+names the event loop their service runs on in production.  ``SEPARATE = True`` keeps a long benchmark
+out of the default set: it runs only when named (its own make target).
 The runner rewrites BENCHMARKS.md: a header describing this machine, then one section per benchmark between
 ``<!-- bench:<name>:start -->`` and ``<!-- bench:<name>:end -->``.  Sections of benchmarks not run this
 time are kept as they were (each says when it was measured).
@@ -95,12 +96,19 @@ def render(sections: dict[str, str]) -> str:
     return "\n".join(parts)
 
 
+def _separate(path: Path) -> bool:
+    """Whether the benchmark says ``SEPARATE = True`` (read from its source: loading it costs imports)."""
+    return re.search(r"^SEPARATE = True", path.read_text(), re.M) is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     benches = available()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all): {', '.join(benches)}")
     args = parser.parse_args(argv)
-    wanted = [n.removeprefix("bench_") for n in args.names] or list(benches)
+    wanted = [n.removeprefix("bench_") for n in args.names] or [
+        n for n in benches if not _separate(benches[n])
+    ]
     unknown = [n for n in wanted if n not in benches]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(benches)}")

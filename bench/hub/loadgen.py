@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import resource
 import ssl
@@ -19,6 +20,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
+
+import uvloop
 
 from azure_iot_emulator.mqtt import packets as p
 from azure_iot_emulator.mqtt.codec import StreamDecoder, encode
@@ -85,10 +89,9 @@ class LoadDevice(asyncio.Protocol):
         self.idle: asyncio.Future[None] | None = None  # set by the ingest run: resolved when drained
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's: a Transport by behaviour)
         connect = p.Connect(self.device_id, False, self.keepalive, USERNAME.format(self.hub, self.device_id))
-        transport.write(encode(connect))
+        self.transport.write(encode(connect))
 
     def data_received(self, data: bytes) -> None:
         for packet in self.decoder.feed(data):
@@ -143,6 +146,7 @@ def raise_nofile() -> int:
 async def _connect(
     device: LoadDevice, args: argparse.Namespace, context: ssl.SSLContext, source: str | None = None
 ) -> None:
+    """TLS (``context``: the device's certificate), CONNECT, and wait for CONNACK 0."""
     loop = asyncio.get_running_loop()
     await loop.create_connection(
         lambda: device,
@@ -161,6 +165,16 @@ async def _connect(
 
 def _context(args: argparse.Namespace) -> ssl.SSLContext:
     return client_context(Path(args.ca).read_text(), args.cert, args.key)
+
+
+def _contexts(args: argparse.Namespace) -> Callable[[str], ssl.SSLContext]:
+    """The TLS context of each device: with ``--identities DIR`` its own certificate and key from
+    ``DIR/{device id}.pem`` (made when it connects), else the one shared ``--cert``/``--key``."""
+    if not args.identities:
+        shared = _context(args)
+        return lambda _: shared
+    directory, ca_pem = Path(args.identities), Path(args.ca).read_text()
+    return lambda device_id: client_context(ca_pem, str(directory / f"{device_id}.pem"))
 
 
 # ---------------------------------------------------------------------------------------------- ingest
@@ -230,7 +244,7 @@ async def scale(args: argparse.Namespace) -> None:
     connects, then on ``go <unix time>`` the window runs and a JSON result line follows."""
     raise_nofile()
     loop = asyncio.get_running_loop()
-    context = _context(args)
+    context_for = _contexts(args)
     stats = Stats()
     indexes = list(range(args.index, args.total, args.stride))
     sources = args.sources.split(",")
@@ -241,6 +255,7 @@ async def scale(args: argparse.Namespace) -> None:
     async def connect(position: int, device: LoadDevice) -> None:
         async with semaphore:
             try:
+                context = context_for(device.device_id)
                 await _connect(device, args, context, sources[position % len(sources)])
             except (OSError, ConnectionError, TimeoutError, ssl.SSLError) as exc:
                 failures.append(type(exc).__name__ + ": " + str(exc)[:80])
@@ -257,6 +272,12 @@ async def scale(args: argparse.Namespace) -> None:
         ),
         flush=True,
     )  # fmt: skip
+    # The connections live for the whole run: move them out of the collector's reach, and collect
+    # nothing during the window, so that a full collection over tens of thousands of connections here
+    # never shows up as the server's ack latency.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     command = await loop.run_in_executor(None, sys.stdin.readline)
     cpu_at_go = time.process_time()
     start_wall = float(command.split()[1])
@@ -333,8 +354,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--period", type=float, default=5.0)
     parser.add_argument("--grace", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--identities", help="scale: a directory with one {device id}.pem per device")
     args = parser.parse_args(argv)
-    asyncio.run(ingest(args) if args.mode == "ingest" else scale(args))
+    # libuv's loop and its TLS: the generators' own cost per message and per handshake stays well below
+    # the servers' (each device's traffic crosses TLS twice, once per side, on the same 2 cores).
+    uvloop.run(ingest(args) if args.mode == "ingest" else scale(args))
 
 
 if __name__ == "__main__":

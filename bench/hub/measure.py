@@ -68,10 +68,11 @@ def ingest(target: Target, settings: Settings) -> dict[str, Any]:
     return result
 
 
-def scale(target: Target, settings: Settings) -> dict[str, Any]:
+def scale(target: Target, settings: Settings, identities: Path | None = None) -> dict[str, Any]:
     """``scale_devices`` devices connect (spread over the generator processes and source addresses),
     then each publishes every ``scale_period`` s for ``scale_seconds``; the server's resident memory is
-    read before, after the connects, every second of the window, and its peak (VmHWM) at the end."""
+    read before, after the connects, every second of the window, and its peak (VmHWM) at the end.
+    ``identities``: a directory with each device's own certificate (else all present the target's)."""
     devices = settings.scale_devices
     time.sleep(0.5)
     before = status_kib(target.pid)
@@ -80,7 +81,7 @@ def scale(target: Target, settings: Settings) -> dict[str, Any]:
         _generator(
             target, "scale", prefix=SCALE_PREFIX, index=index, stride=settings.scale_processes,
             total=devices, sources=",".join(settings.scale_sources), period=settings.scale_period,
-            seconds=settings.scale_seconds, grace=settings.scale_grace,
+            seconds=settings.scale_seconds, grace=settings.scale_grace, identities=identities,
         )
         for index in range(settings.scale_processes)
     ]  # fmt: skip
@@ -144,8 +145,10 @@ def scale(target: Target, settings: Settings) -> dict[str, Any]:
         "cpu_percent": 100 * cpu_used / wall if wall > 0 else 0.0,
         "cpu_ms_per_message": 1000 * cpu_used / max(1, acked),
         "timeline": [
-            [sum(r["timeline"][i][0] for r in results if i < len(r["timeline"])),
-             max(r["timeline"][i][1] for r in results if i < len(r["timeline"]))]
+            [
+                sum(r["timeline"][i][0] for r in results if i < len(r["timeline"])),
+                max(r["timeline"][i][1] for r in results if i < len(r["timeline"])),
+            ]
             for i in range(max(len(r["timeline"]) for r in results))
         ],
         "loadgen_cpu_percent": 100 * sum(r["cpu_seconds"] for r in results) / wall if wall > 0 else 0.0,

@@ -5,16 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from .loadgen import PAYLOAD
-from .settings import MEMORY_GOAL_KIB, SCALE_GOAL_DEVICES, Settings
+from .settings import CPU_RATIO_GOAL, MEMORY_GOAL_KIB, PER_DEVICE_GOAL_KIB, SCALE_GOAL_DEVICES, Settings
 
 
-def _mib(kib: float) -> str:
+def mib(kib: float) -> str:
     return f"{kib / 1024:,.0f} MiB"
 
 
-def render(
-    results: dict[str, dict[str, Any]], settings: Settings, notes: list[str], elapsed: float
-) -> str:
+def render(results: dict[str, dict[str, Any]], settings: Settings, notes: list[str], elapsed: float) -> str:
     lines: list[str] = []
     if not settings.is_full:
         lines += [f"Not the benchmark's configuration (a quick check): {settings}.", ""]
@@ -87,8 +85,8 @@ def _scale(results: dict[str, dict[str, Any]], settings: Settings) -> list[str]:
         per_device = (sc["connected_kib"] - sc["before_kib"]) / max(1, sc["connected"])
         lines.append(
             f"| {name} | {sc['connected']:,} / {sc['devices']:,} | {sc['connect_seconds']:.0f} s | "
-            f"{_mib(sc['before_kib'])} | {_mib(sc['connected_kib'])} | {_mib(sc['window_max_kib'])} | "
-            f"{_mib(sc['hwm_kib'])} | {per_device:.1f} KiB | {sc['rate']:,.0f} ({needed:,.0f}) | "
+            f"{mib(sc['before_kib'])} | {mib(sc['connected_kib'])} | {mib(sc['window_max_kib'])} | "
+            f"{mib(sc['hwm_kib'])} | {per_device:.1f} KiB | {sc['rate']:,.0f} ({needed:,.0f}) | "
             f"{sc['acked']:,} / {sc['sent']:,} | {sc['unacked']:,} | "
             f"{sc['p50_ms']:,.1f} / {sc['p99_ms']:,.1f} / {sc['max_ms']:,.0f} ms | "
             f"{sc['cpu_percent']:.0f} % |"
@@ -107,7 +105,7 @@ def _scale(results: dict[str, dict[str, Any]], settings: Settings) -> list[str]:
     timeline = sc["timeline"]
     worst = [max((b[1] for b in timeline[i : i + 10]), default=0.0) for i in range(0, len(timeline), 10)]
     lines.append(
-        f"Emulator with {sc['connected']:,} connected devices: peak resident {_mib(sc['hwm_kib'])} "
+        f"Emulator with {sc['connected']:,} connected devices: peak resident {mib(sc['hwm_kib'])} "
         f"(goal <= 1,024 MiB: {'within' if memory_ok else 'OVER'}); "
         f"{sc['rate']:,.0f} msgs/s acknowledged against {needed:,.0f} expected; "
         f"acks {'kept up' if keeps_up else 'did NOT keep up'} "
@@ -148,5 +146,37 @@ def _scale(results: dict[str, dict[str, Any]], settings: Settings) -> list[str]:
     lines.append(
         f"Goal {SCALE_GOAL_DEVICES:,} connected devices at 5-second telemetry within 1 GiB resident: "
         f"**{verdict}**."
+    )
+    lines += _issue30_goals(results, devices)
+    return lines
+
+
+def _per_device_kib(sc: dict[str, Any]) -> float:
+    return float(sc["connected_kib"] - sc["before_kib"]) / max(1, sc["connected"])
+
+
+def _issue30_goals(results: dict[str, dict[str, Any]], devices: int) -> list[str]:
+    """CPU per message against Mosquitto's in this run, and memory per connected device."""
+    sc = results["emulator"]["scale"]
+    at_size = devices == SCALE_GOAL_DEVICES
+    lines = []
+    mosq = results.get("mosquitto")
+    if mosq:
+        ratio = sc["cpu_ms_per_message"] / max(1e-9, mosq["scale"]["cpu_ms_per_message"])
+        verdict = (
+            ("met" if ratio <= CPU_RATIO_GOAL else "NOT met") if at_size else "not assessed at this size"
+        )
+        lines.append(
+            f"Goal CPU per message <= {CPU_RATIO_GOAL:.0f}x Mosquitto's in the same run at "
+            f"{SCALE_GOAL_DEVICES:,} devices: **{verdict}** ({ratio:.1f}x: {sc['cpu_ms_per_message']:.3f} "
+            f"against {mosq['scale']['cpu_ms_per_message']:.3f} ms; both figures are a server's CPU over the "
+            "window divided by the messages acknowledged, on a machine shared with other engineers' work)."
+        )
+    per_device = _per_device_kib(sc)
+    verdict = ("met" if per_device <= PER_DEVICE_GOAL_KIB else "NOT met") if at_size else "not assessed"
+    reference = f"; Mosquitto {_per_device_kib(mosq['scale']):.1f} KiB" if mosq else ""
+    lines.append(
+        f"Goal memory per connected device <= {PER_DEVICE_GOAL_KIB:.0f} KiB: **{verdict}** "
+        f"({per_device:.1f} KiB{reference}; where it goes: the fleet section, `make bench-fleet`)."
     )
     return lines

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,9 +52,11 @@ def device_identity(directory: Path) -> DeviceCert:
 
 
 def start_emulator(
-    directory: Path, device: DeviceCert, device_ids: list[str]
+    directory: Path, device: DeviceCert, device_ids: list[str], thumbprints: Mapping[str, str] | None = None
 ) -> tuple[EmulatorProcess, Target]:
-    """The emulator as a real process with ``device_ids`` registered on its one hub beforehand."""
+    """The emulator as a real process with ``device_ids`` registered on its one hub beforehand, each by
+    its own thumbprint in ``thumbprints`` or else by ``device``'s."""
+    thumbprints = thumbprints or {}
     host = free_loopback_address()
     data = directory / "emulator-data"
     data.mkdir(parents=True)
@@ -62,7 +65,12 @@ def start_emulator(
         registry = HubRegistry(db, [host], lambda: datetime.now(UTC))
         with db.transaction():
             for device_id in device_ids:
-                registry.create_device(host, DeviceSpec(device_id=device_id, primary_thumbprint=device.sha1))
+                registry.create_device(
+                    host,
+                    DeviceSpec(
+                        device_id=device_id, primary_thumbprint=thumbprints.get(device_id, device.sha1)
+                    ),
+                )
     finally:
         db.close()
     emulator = EmulatorProcess(data, hub_hosts=[host]).start()

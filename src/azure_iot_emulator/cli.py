@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import uvloop
+
     from azure_iot_emulator.app import Emulator, PrivilegedPortError  # heavy imports only for serve
 
     config = build_config(args.config, FLAGS.values(args))
@@ -111,7 +113,9 @@ def run_serve(args: argparse.Namespace) -> int:
         await emulator.stop()
         return 0
 
-    return asyncio.run(main())
+    # libuv's event loop: its transports, timers and callbacks cost a fraction of asyncio's own in the
+    # per-message path of thousands of device connections (see BENCHMARKS.md, IoT Hub emulator).
+    return uvloop.run(main())
 
 
 def _raise_open_file_limit() -> None:

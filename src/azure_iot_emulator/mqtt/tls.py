@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -85,6 +85,9 @@ def mqtt_opener(broker: Broker) -> Opener:
 
 
 class TlsProtocol(asyncio.Protocol):
+    # One per connection, thousands alive at once: no per-instance dict.
+    __slots__ = ("_closing", "_ctx", "_driver", "_handshake_timer", "_opener", "_ssl", "_transport")
+
     def __init__(self, ctx: SSL.Context, opener: Opener) -> None:
         self._ctx = ctx
         self._opener = opener
@@ -95,8 +98,8 @@ class TlsProtocol(asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # (uvloop's TCP transport is an asyncio.Transport in behaviour, not by class)
+        self._transport = cast(asyncio.Transport, transport)
         self._ssl = SSL.Connection(self._ctx, None)
         self._ssl.set_accept_state()
         self._handshake_timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self.close)
