@@ -34,6 +34,7 @@ from azure_iot_emulator.connection_info import (
     HubConnection,
     read_connection_info,
 )
+from azure_iot_emulator.dps.allocation import CustomAllocationWebhook
 from azure_iot_emulator.dps.part import DpsPart
 from azure_iot_emulator.https import HttpsListener, add_self_guarded_routes
 from azure_iot_emulator.hub.c2d import C2dLimits
@@ -170,6 +171,9 @@ class Emulator:
             names=(cfg.dps_host, listen_address(cfg.dps_host)),
             azure_quotas=cfg.azure_quotas,
             metrics=self.metrics,
+            webhook=CustomAllocationWebhook(
+                timeout=cfg.allocation_webhook_timeout, ca_file=cfg.allocation_webhook_ca
+            ),
         )
         self.endpoints = [self.dps.endpoint, *self.hub.endpoints]
         # The HTTPS port of every host (one aiohttp app per address, the config gives each its own): the

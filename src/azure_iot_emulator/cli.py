@@ -65,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
         "202-then-poll flow); 'immediate' answers the register request with the final result",
     )
     serve.add_argument(
+        "--allocation-webhook-timeout", type=float, metavar="SECONDS",
+        help="DPS custom allocation: seconds to wait for the webhook's answer (default 10, at most 25)",
+    )
+    serve.add_argument(
+        "--allocation-webhook-ca", type=Path, metavar="PEM",
+        help="DPS custom allocation: CA certificates trusted for https webhooks, besides the system's",
+    )
+    serve.add_argument(
         "--azure-quotas", action="store_true", default=None,
         help="enforce Azure's rate quotas for one unit (DPS operations, registrations, polling: 429 with "
         "retry-after; hub device-to-cloud rate per --hub-tier)",

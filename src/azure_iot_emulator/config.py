@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from azure_iot_emulator.dps.allocation import DEFAULT_WEBHOOK_TIMEOUT, MAX_WEBHOOK_TIMEOUT
 from azure_iot_emulator.hub.c2d import (
     DEFAULT_MAX_DELIVERY_COUNT,
     DEFAULT_TTL_SECONDS,
@@ -55,6 +56,10 @@ class EmulatorConfig:
     assignment_delay: float | None = DEFAULT_ASSIGNMENT_DELAY
     """Seconds from a device's register request until DPS answers its poll ``assigned`` (Azure's
     asynchronous registration); None is ``immediate``: the final answer on the register request."""
+    allocation_webhook_timeout: float = DEFAULT_WEBHOOK_TIMEOUT
+    """Seconds DPS waits for a custom allocation webhook's answer before the registration fails."""
+    allocation_webhook_ca: Path | None = None
+    """A PEM file of CA certificates trusted (besides the system's) for https custom allocation webhooks."""
     azure_quotas: bool = False
     """Enforce Azure's rate quotas for one unit (``quotas.py``)."""
     hub_tier: str = "S1"
@@ -86,6 +91,13 @@ class EmulatorConfig:
             )
         if self.assignment_delay is not None and not 0 <= self.assignment_delay <= 3600:
             raise SettingsError("assignment_delay must be 'immediate' or 0-3600 seconds")
+        if not 0 < self.allocation_webhook_timeout <= MAX_WEBHOOK_TIMEOUT:
+            raise SettingsError(
+                f"allocation_webhook_timeout must be above 0 and at most {MAX_WEBHOOK_TIMEOUT:g} seconds "
+                "(the device SDK waits 30 s for each DPS answer)"
+            )
+        if self.allocation_webhook_ca is not None and not self.allocation_webhook_ca.is_file():
+            raise SettingsError(f"allocation_webhook_ca {self.allocation_webhook_ca} is not a file")
         if self.hub_tier.upper() not in HUB_D2C_PER_SECOND:
             raise SettingsError(f"hub_tier must be one of {', '.join(HUB_D2C_PER_SECOND)}")
         if not 2 <= self.hub_partitions <= 128:
@@ -139,6 +151,8 @@ KEYS = (
     "hub_partitions",
     "hub_retention_days",
     "assignment_delay",
+    "allocation_webhook_timeout",
+    "allocation_webhook_ca",
     "azure_quotas",
     "hub_tier",
     "c2d_default_ttl",
@@ -166,6 +180,7 @@ def build_config(
     source = SettingsSource(ENV_PREFIX, env, load_file(file) if file else None, flags=overrides)
     default = EmulatorConfig()
     ready_file = source.text("ready_file")
+    webhook_ca = source.text("allocation_webhook_ca")
     delay = source.value("assignment_delay")
     return replace(
         default,
@@ -178,6 +193,10 @@ def build_config(
         hub_partitions=source.integer("hub_partitions", default.hub_partitions),
         hub_retention_days=source.number("hub_retention_days", default.hub_retention_days),
         assignment_delay=default.assignment_delay if delay is None else assignment_delay(delay),
+        allocation_webhook_timeout=source.number(
+            "allocation_webhook_timeout", default.allocation_webhook_timeout
+        ),
+        allocation_webhook_ca=Path(webhook_ca) if webhook_ca else None,
         azure_quotas=source.flag("azure_quotas", default.azure_quotas),
         hub_tier=source.text("hub_tier") or default.hub_tier,
         c2d_default_ttl=source.number("c2d_default_ttl", default.c2d_default_ttl),

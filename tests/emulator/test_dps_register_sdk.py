@@ -18,15 +18,6 @@ from support.dps_device import x509_enrollment as enrollment
 TIMEOUT = 45
 
 
-@pytest.fixture
-def hubs(module_emulator, monkeypatch):
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(module_emulator.ca_path))
-    return {
-        host: IoTHubRegistryManager.from_connection_string(module_emulator.hub_connection_string(host))
-        for host in module_emulator.hub_hosts
-    }
-
-
 def new_id() -> str:
     return f"dev-{uuid.uuid4().hex[:12]}"
 

@@ -21,7 +21,9 @@ def x509_enrollment(reg_id: str, pem: str, **extra) -> dict:
     }
 
 
-async def sdk_register(emu, reg_id: str, cert, timeout: float = REGISTER_TIMEOUT):
+async def sdk_register(emu, reg_id: str, cert, timeout: float = REGISTER_TIMEOUT, payload=None):
+    """One registration; ``payload``: the SDK's ``provisioning_payload`` (sent to a custom allocation
+    webhook)."""
     client = ProvisioningDeviceClient.create_from_x509_certificate(
         provisioning_host=emu.dps_host,
         registration_id=reg_id,
@@ -29,6 +31,8 @@ async def sdk_register(emu, reg_id: str, cert, timeout: float = REGISTER_TIMEOUT
         x509=X509(str(cert.cert_path), str(cert.key_path)),
         server_verification_cert=emu.ca_pem,
     )
+    if payload is not None:
+        client.provisioning_payload = payload
     return await register_once(client, timeout)
 
 

@@ -1,10 +1,11 @@
-"""Fixtures the DPS tests share (registered in tests/conftest.py): a device CA and Microsoft's DPS service
-client on the module's emulator."""
+"""Fixtures the DPS tests share (registered in tests/conftest.py): a device CA, Microsoft's DPS service
+client on the module's emulator and azure-iot-hub's registry manager for each of its hubs."""
 
 from __future__ import annotations
 
 import pytest
 from azure.iot.deviceprovisioning.aio import DeviceProvisioningClient
+from azure.iot.hub import IoTHubRegistryManager
 
 from support.certs import TestCa
 
@@ -21,3 +22,13 @@ async def dps(module_emulator):
     )
     async with client:
         yield client
+
+
+@pytest.fixture
+def hubs(module_emulator, monkeypatch):
+    """{hub host: IoTHubRegistryManager} for the module's emulator."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(module_emulator.ca_path))
+    return {
+        host: IoTHubRegistryManager.from_connection_string(module_emulator.hub_connection_string(host))
+        for host in module_emulator.hub_hosts
+    }

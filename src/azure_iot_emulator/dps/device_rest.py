@@ -68,8 +68,8 @@ class DpsDeviceApi:
     async def register(self, request: web.Request, reg_id: str) -> Answer:
         if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
             raise DpsError(413, 413001, "registration request too large")
-        parse_register_body(await request.read(), reg_id)
-        answer = self._assignments.register(reg_id, peer_certificate(request))
+        body = parse_register_body(await request.read(), reg_id)
+        answer = await self._assignments.register(reg_id, peer_certificate(request), body.get("payload"))
         log.info("DPS device API register %s: %s %s", reg_id, answer.status, answer.body["status"])
         return answer
 

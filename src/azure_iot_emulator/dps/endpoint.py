@@ -84,8 +84,10 @@ class DpsEndpoint:
                 answer = self._assignments.poll(link.client_id, request.operation_id)
                 log.info("DPS poll %s: %s %s", link.client_id, answer.status, answer.body["status"])
             else:
-                parse_register_body(payload, link.client_id)
-                answer = self._assignments.register(link.client_id, link.info.peer_certificate)
+                body = parse_register_body(payload, link.client_id)
+                answer = await self._assignments.register(
+                    link.client_id, link.info.peer_certificate, body.get("payload")
+                )
                 log_answer(link.client_id, answer)
         except DpsError as exc:
             what = type(request).__name__.lower()

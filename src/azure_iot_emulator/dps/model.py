@@ -5,15 +5,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from azure_iot_emulator import ids
 from azure_iot_emulator.dps.certinfo import CertificateError, certificate_info, parse_certificate
 from azure_iot_emulator.dps.errors import DpsError, bad_request
+from azure_iot_emulator.hub import twin as twinmodel
 
-ALLOCATION_POLICIES = ("hashed", "static", "geoLatency")
+ALLOCATION_POLICIES = ("hashed", "static", "geoLatency", "custom")
 READ_ONLY = ("etag", "createdDateTimeUtc", "lastUpdatedDateTimeUtc", "registrationState")
 
 
@@ -133,7 +136,7 @@ def _hub(value: Any, linked: Sequence[str], what: str) -> str:
     raise bad_request(f"{what} {value!r} is not a linked IoT hub ({', '.join(linked)})", 400011)
 
 
-def _initial_twin(value: Any) -> dict[str, Any] | None:
+def initial_twin(value: Any) -> dict[str, Any] | None:
     twin = _dict(value, "initialTwin")
     if twin is None:
         return None
@@ -180,8 +183,6 @@ def normalise_enrollment(
         out["iotHubs"] = [_hub(h, linked_hubs, "iotHubs entry") for h in body["iotHubs"]]
     policy = body.get("allocationPolicy")
     if policy is not None:
-        if policy == "custom":
-            raise bad_request("allocationPolicy custom is not supported by the emulator")
         if policy not in ALLOCATION_POLICIES:
             raise bad_request(f"allocationPolicy must be one of {', '.join(ALLOCATION_POLICIES)}")
         out["allocationPolicy"] = policy
@@ -189,7 +190,7 @@ def normalise_enrollment(
     if status not in ("enabled", "disabled"):
         raise bad_request("provisioningStatus must be enabled or disabled")
     out["provisioningStatus"] = status
-    twin = _initial_twin(body.get("initialTwin"))
+    twin = initial_twin(body.get("initialTwin"))
     if twin is not None:
         out["initialTwin"] = twin
     rp = _dict(body.get("reprovisionPolicy"), "reprovisionPolicy") or {}
@@ -204,9 +205,49 @@ def normalise_enrollment(
     if info is not None:
         out["optionalDeviceInformation"] = info
     custom = _dict(body.get("customAllocationDefinition"), "customAllocationDefinition")
-    if custom is not None:
-        out["customAllocationDefinition"] = custom
+    if custom is not None or policy == "custom":
+        out["customAllocationDefinition"] = custom_allocation_definition(custom)
     return out
+
+
+_API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-preview)?")
+
+
+def custom_allocation_definition(value: Mapping[str, Any] | None) -> dict[str, str]:
+    """``{"webhookUrl": absolute http(s) URL, "apiVersion": "YYYY-MM-DD[-preview]"}``, both required (the
+    webhook URL may carry an Azure Function's key in its query)."""
+    if value is None:
+        raise bad_request("allocationPolicy custom needs customAllocationDefinition (webhookUrl, apiVersion)")
+    url = value.get("webhookUrl")
+    if not isinstance(url, str) or not url:
+        raise bad_request("customAllocationDefinition.webhookUrl is required")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise bad_request(f"customAllocationDefinition.webhookUrl is not a URL: {exc}") from exc
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise bad_request("customAllocationDefinition.webhookUrl must be an absolute http or https URL")
+    if parts.username is not None or parts.password is not None:
+        raise bad_request("customAllocationDefinition.webhookUrl must not carry user credentials")
+    version = value.get("apiVersion")
+    if not isinstance(version, str) or not _API_VERSION.fullmatch(version):
+        raise bad_request("customAllocationDefinition.apiVersion is required (for example 2021-10-01)")
+    return {"webhookUrl": url, "apiVersion": version}
+
+
+def check_initial_twin(twin: Mapping[str, Any] | None) -> None:
+    """The hub's twin rules (key names, depth, value types, sizes) applied when the enrollment (or a
+    custom allocation's answer) is taken, so a registration never fails on them later."""
+    try:
+        tags, desired = twinmodel.initial_twin_parts(twin)
+        twinmodel.validate_patch(tags, what="tags")
+        twinmodel.validate_patch(desired, what="desired")
+        for what, section in (("tags", tags), ("desired", desired)):
+            if len(json.dumps(section, separators=(",", ":")).encode()) > twinmodel._limit_for(what):
+                raise twinmodel.TwinError("TWIN_TOO_LARGE", f"initialTwin {what} too large")
+    except twinmodel.TwinError as exc:
+        raise bad_request(f"initialTwin: {exc}") from exc
 
 
 def candidate_hubs(enrollment: Mapping[str, Any], linked: Sequence[str]) -> list[str]:

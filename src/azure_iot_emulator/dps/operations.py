@@ -89,12 +89,15 @@ class Assignments:
         self._metrics = metrics
         self._operations: collections.OrderedDict[str, _Operation] = collections.OrderedDict()
 
-    def register(self, registration_id: str, leaf: x509.Certificate | None) -> Answer:
-        """A register request (body already checked with :func:`parse_register_body`).  Refusals are
+    async def register(
+        self, registration_id: str, leaf: x509.Certificate | None, payload: Any = None
+    ) -> Answer:
+        """A register request (body already checked with :func:`parse_register_body`; ``payload``: its
+        ``payload``, for a custom allocation webhook).  Refusals are
         raised as :class:`DpsError` (429 with ``retry_after`` past the registration quota).  Each answer is
         counted by result (assigned, disabled, failed; refused or throttled)."""
         try:
-            op, registered = self._register(registration_id, leaf)
+            op, registered = await self._register(registration_id, leaf, payload)
         except DpsError as exc:
             self._count("throttled" if exc.status == 429 else "refused")
             raise
@@ -109,13 +112,13 @@ class Assignments:
         if self._metrics is not None:
             self._metrics.registration(result)
 
-    def _register(
-        self, registration_id: str, leaf: x509.Certificate | None
+    async def _register(
+        self, registration_id: str, leaf: x509.Certificate | None, payload: Any
     ) -> tuple[str, RegistrationOutcome]:
         if self._quotas is not None and (wait := self._quotas.registrations.take()) is not None:
             raise throttled("device registrations", wait)
         op = operation_id()
-        return op, self._service.register_x509(registration_id, leaf, op)
+        return op, await self._service.register_x509(registration_id, leaf, op, payload)
 
     def poll(self, registration_id: str, op_id: str) -> Answer:
         """An operation-status request: ``202 assigning`` until the operation is done, then its result.

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from aiohttp import web
 
+from azure_iot_emulator.dps.allocation import CustomAllocationWebhook
 from azure_iot_emulator.dps.device_rest import DpsDeviceApi
 from azure_iot_emulator.dps.endpoint import DpsEndpoint
 from azure_iot_emulator.dps.operations import Assignments, RegistrationMetrics
@@ -30,8 +31,11 @@ class DpsPart:
         names: Sequence[str],
         azure_quotas: bool = False,
         metrics: RegistrationMetrics | None = None,
+        webhook: CustomAllocationWebhook | None = None,
     ) -> None:
-        self.service = DpsService(db, id_scope=id_scope, hub_hosts=hub_hosts, registry=registry, clock=clock)
+        self.service = DpsService(
+            db, id_scope=id_scope, hub_hosts=hub_hosts, registry=registry, clock=clock, webhook=webhook
+        )
         self.quotas = DpsQuotas() if azure_quotas else None
         self.assignments = Assignments(
             self.service, delay=assignment_delay, quotas=self.quotas, metrics=metrics
@@ -50,3 +54,4 @@ class DpsPart:
 
     async def close(self) -> None:
         await self.endpoint.close()
+        await self.service.webhook.close()

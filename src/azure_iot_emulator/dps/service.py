@@ -1,12 +1,13 @@
 """The DPS domain: enrollment CRUD with etags, bulk, query, registration states, and device
 registration (attestation checks, hub allocation, hub identity + registration state in one transaction).
 
-Synchronous: each operation is a few local SQLite statements run between awaits."""
+Synchronous but for a registration whose enrollment calls a custom allocation webhook: every operation is
+a few local SQLite statements run between awaits; such a registration reads, awaits the webhook
+(``allocation.py``), then writes in one transaction."""
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import secrets
 import sqlite3
@@ -19,6 +20,15 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from azure_iot_emulator.dps import model
+from azure_iot_emulator.dps.allocation import (
+    INDIVIDUAL,
+    Allocation,
+    AllocationFailed,
+    CustomAllocationWebhook,
+    allocation_request,
+    builtin_hub,
+    linked_hubs,
+)
 from azure_iot_emulator.dps.certinfo import certificate_info, common_name, thumbprints
 from azure_iot_emulator.dps.errors import (
     DpsError,
@@ -78,11 +88,6 @@ def new_etag() -> str:
     return base64.b64encode(guid.encode("ascii")).decode("ascii")
 
 
-def hashed_choice(registration_id: str, hubs: Sequence[str]) -> str:
-    digest = hashlib.sha256(model.registration_key(registration_id).encode("utf-8")).digest()
-    return hubs[int.from_bytes(digest[:8], "big") % len(hubs)]
-
-
 class DpsService:
     def __init__(
         self,
@@ -92,6 +97,7 @@ class DpsService:
         hub_hosts: Sequence[str],
         registry: HubProvisioner,
         clock: Callable[[], datetime],
+        webhook: CustomAllocationWebhook | None = None,
     ) -> None:
         self._db = db
         db.register_schema(*SCHEMA)
@@ -99,6 +105,7 @@ class DpsService:
         self.hub_hosts = tuple(hub_hosts)
         self._registry = registry
         self._clock = clock
+        self.webhook = webhook or CustomAllocationWebhook()
 
     # ------------------------------------------------------------------------------------- enrollments
     def _row(self, registration_id: str) -> Any:
@@ -145,7 +152,7 @@ class DpsService:
         )
         reg_id = model.check_registration_id(stored["registrationId"])
         if stored.get("initialTwin") is not None:
-            _check_initial_twin(stored["initialTwin"])
+            model.check_initial_twin(stored["initialTwin"])
         now = now or azure_time(self._clock())
         if existing is None:
             if mode == "updateIfMatchETag" and if_match not in (None, "*"):
@@ -183,7 +190,7 @@ class DpsService:
             raise conflict(f"Enrollment {reg_id} already exists") from None
         reg_id = model.check_registration_id(stored["registrationId"])
         if stored.get("initialTwin") is not None:
-            _check_initial_twin(stored["initialTwin"])
+            model.check_initial_twin(stored["initialTwin"])
         now = now or azure_time(self._clock())
         try:
             self._db.connection.execute(
@@ -295,11 +302,12 @@ class DpsService:
             conn.execute("DELETE FROM dps_registrations WHERE key = ?", (key,))
 
     # ------------------------------------------------------------------------------ device registration
-    def register_x509(
-        self, registration_id: str, leaf: x509.Certificate | None, operation_id: str
+    async def register_x509(
+        self, registration_id: str, leaf: x509.Certificate | None, operation_id: str, payload: Any = None
     ) -> RegistrationOutcome:
-        """The device's register request.  Errors are raised as :class:`DpsError` (sent as
-        ``res/{status}``); the outcome is ``assigned`` or ``disabled`` (sent as 200)."""
+        """The device's register request (``payload``: the one in its body, for a custom allocation
+        webhook).  Errors are raised as :class:`DpsError` (sent as ``res/{status}``); the outcome is
+        ``assigned``, ``disabled`` or ``failed`` (sent as 200)."""
         row = self._row(registration_id)
         if row is None:
             raise DpsError(404, 404201, f"No enrollment for registration id {registration_id}")
@@ -327,8 +335,19 @@ class DpsService:
                 )
             return RegistrationOutcome(200, {"operationId": operation_id, "status": "disabled",
                                              "registrationState": state})
-        hub, substatus, apply_twin = self._allocate(enrollment, prev_state)
         device_id = enrollment.get("deviceId") or enrollment["registrationId"]
+        try:
+            # Group enrollments plug in here: kind GROUP with the group's service-API JSON.
+            allocation = await self._choose_hub(
+                INDIVIDUAL, self._render(row), enrollment, registration_id,
+                {"x509": {"certificateInfo": cert_info}}, payload, prev_state,
+            )
+        except AllocationFailed as exc:
+            failed = {**base, "status": "failed", "errorCode": exc.code, "errorMessage": exc.message}
+            return RegistrationOutcome(
+                200, {"operationId": operation_id, "status": "failed", "registrationState": failed}
+            )
+        hub, substatus, apply_twin = self._reprovision(enrollment, prev_state, allocation)
         sha1, sha256 = thumbprints(leaf)
         state = {
             **base,
@@ -338,6 +357,11 @@ class DpsService:
             "substatus": substatus,
             "etag": new_etag(),
         }
+        if allocation.payload is not None:
+            state["payload"] = allocation.payload
+        initial_twin = allocation.initial_twin if allocation.initial_twin is not None else enrollment.get(
+            "initialTwin"
+        )
         try:
             with self._db.transaction() as conn:
                 self._registry.provision_from_dps(
@@ -345,7 +369,7 @@ class DpsService:
                     device_id=device_id,
                     thumbprint_sha1=sha1,
                     thumbprint_sha256=sha256,
-                    initial_twin=enrollment.get("initialTwin"),
+                    initial_twin=initial_twin,
                     apply_initial_twin=apply_twin,
                 )
                 conn.execute(
@@ -381,21 +405,53 @@ class DpsService:
                 return
         raise unauthorized("Invalid certificate: thumbprint does not match the enrollment")
 
-    def _allocate(
-        self, enrollment: Mapping[str, Any], prev: Mapping[str, Any] | None
+    async def _choose_hub(
+        self,
+        kind: str,
+        entry: Mapping[str, Any],
+        enrollment: Mapping[str, Any],
+        registration_id: str,
+        attestation: Mapping[str, Any],
+        payload: Any,
+        prev: Mapping[str, Any] | None,
+    ) -> Allocation:
+        """The hub the enrollment's allocation policy chooses; for ``custom``, the webhook's answer
+        (``kind``/``entry``: the enrollment as the AllocationRequest carries it)."""
+        prev_hub = _assigned_hub(prev)
+        if enrollment.get("allocationPolicy") != "custom":
+            candidates = model.candidate_hubs(enrollment, self.hub_hosts)
+            policy = enrollment.get("allocationPolicy")
+            return Allocation(builtin_hub(policy, enrollment["registrationId"], candidates, self.hub_hosts))
+        hubs = linked_hubs(enrollment, self.hub_hosts, prev_hub)
+        request = allocation_request(
+            kind=kind,
+            enrollment=entry,
+            registration_id=registration_id,
+            attestation=attestation,
+            payload=payload,
+            current_hub=prev_hub,
+            current_device_id=(prev or {}).get("deviceId") if prev_hub else None,
+            hubs=hubs,
+        )
+        return await self.webhook.allocate(enrollment["customAllocationDefinition"], request, hubs)
+
+    def _reprovision(
+        self, enrollment: Mapping[str, Any], prev: Mapping[str, Any] | None, allocation: Allocation
     ) -> tuple[str, str, bool]:
-        """(hub, substatus, apply initial twin)."""
-        candidates = model.candidate_hubs(enrollment, self.hub_hosts)
-        if enrollment.get("allocationPolicy") == "static" or len(candidates) == 1:
-            chosen = candidates[0]
-        else:
-            chosen = hashed_choice(enrollment["registrationId"], candidates)
-        prev_hub = prev.get("assignedHub") if prev and prev.get("status") == "assigned" else None
+        """(hub, substatus, apply initial twin): the allocation, under the enrollment's reprovision policy
+        when the device was assigned before."""
+        chosen = allocation.hub
+        prev_hub = _assigned_hub(prev)
         if prev is None or prev_hub is None:
             return chosen, "initialAssignment", True
         device_id = enrollment.get("deviceId") or enrollment["registrationId"]
         policy = enrollment.get("reprovisionPolicy") or {}
-        if prev_hub in candidates or not policy.get("updateHubAssignment", True):
+        # Built-in policies keep a device on any of the enrollment's hubs; a custom webhook decides anew.
+        if enrollment.get("allocationPolicy") == "custom":
+            stays = prev_hub == chosen
+        else:
+            stays = prev_hub in model.candidate_hubs(enrollment, self.hub_hosts)
+        if stays or not policy.get("updateHubAssignment", True):
             # Same assignment; a device deleted on its hub is re-created with the initial twin.
             present = self._registry.device_exists(prev_hub, device_id)
             return prev_hub, prev.get("substatus") or "initialAssignment", not present
@@ -404,18 +460,9 @@ class DpsService:
         return chosen, "deviceDataReset", True
 
 
-def _check_initial_twin(initial_twin: Mapping[str, Any] | None) -> None:
-    """The hub's twin rules (key names, depth, value types, sizes) applied when the enrollment is
-    written, so a registration never fails on them later."""
-    try:
-        tags, desired = twinmodel.initial_twin_parts(initial_twin)
-        twinmodel.validate_patch(tags, what="tags")
-        twinmodel.validate_patch(desired, what="desired")
-        for what, section in (("tags", tags), ("desired", desired)):
-            if len(json.dumps(section, separators=(",", ":")).encode()) > twinmodel._limit_for(what):
-                raise twinmodel.TwinError("TWIN_TOO_LARGE", f"initialTwin {what} too large")
-    except twinmodel.TwinError as exc:
-        raise bad_request(f"initialTwin: {exc}") from exc
+def _assigned_hub(prev: Mapping[str, Any] | None) -> str | None:
+    hub = prev.get("assignedHub") if prev and prev.get("status") == "assigned" else None
+    return hub if isinstance(hub, str) else None
 
 
 def operation_id() -> str:
