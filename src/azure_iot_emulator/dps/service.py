@@ -38,26 +38,23 @@ GROUP_OF_STATE = (
     " json_extract(body, '$.symmetricKey.enrollmentGroupId')))"
 )
 
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS dps_enrollments (
+# Individual enrollments and enrollment groups: one row per record, keyed by its lower-case id.
+_RECORDS = """CREATE TABLE IF NOT EXISTS {} (
         key TEXT PRIMARY KEY,
         body TEXT NOT NULL,
         etag TEXT NOT NULL,
         created TEXT NOT NULL,
         updated TEXT NOT NULL
-    )""",
+    )"""
+
+SCHEMA = (
+    _RECORDS.format("dps_enrollments"),
     """CREATE TABLE IF NOT EXISTS dps_registrations (
         key TEXT PRIMARY KEY,
         body TEXT NOT NULL,
         etag TEXT NOT NULL
     )""",
-    """CREATE TABLE IF NOT EXISTS dps_groups (
-        key TEXT PRIMARY KEY,
-        body TEXT NOT NULL,
-        etag TEXT NOT NULL,
-        created TEXT NOT NULL,
-        updated TEXT NOT NULL
-    )""",
+    _RECORDS.format("dps_groups"),
     # Registration states by enrollment group (POST /registrations/{groupId}/query).
     f"CREATE INDEX IF NOT EXISTS dps_registrations_by_group ON dps_registrations ({GROUP_OF_STATE}, key)",
 )
