@@ -127,6 +127,12 @@ def peer_certificate(request: web.Request) -> x509.Certificate | None:
     return transport.get_extra_info(PEER_CERTIFICATE) if transport is not None else None
 
 
+def peer_chain(request: web.Request) -> tuple[x509.Certificate, ...]:
+    """The certificates the client sent above its leaf (empty if none)."""
+    transport = request.transport
+    return tuple(transport.get_extra_info(PEER_CHAIN) or ()) if transport is not None else ()
+
+
 def local_port(request: web.Request) -> int | None:
     """The port the request reached (the listener's), whatever the Host header says."""
     sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None

@@ -6,7 +6,11 @@ answers as the test tells it."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
+import secrets
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable
@@ -14,10 +18,11 @@ from collections.abc import Awaitable, Callable
 import pytest
 from aiohttp import web
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+from azure.iot.device.aio import ProvisioningDeviceClient
 from azure.iot.device.exceptions import ClientError
 from conftest import running_emulator
 from support.certs import TestCa
-from support.dps_device import sdk_register, x509_enrollment
+from support.dps_device import register_once, sdk_register, x509_enrollment
 
 from azure_iot_emulator.dps.allocation import hashed_choice
 
@@ -321,3 +326,45 @@ async def test_custom_policy_needs_a_valid_definition(module_emulator, dps, ca, 
     assert refused.value.status_code == 400
     with pytest.raises(ResourceNotFoundError):
         await dps.enrollment.get(id=reg_id)
+
+
+async def test_custom_webhook_for_a_symmetric_key_group_is_asked_with_the_group(
+    module_emulator, dps, hubs, webhook
+):
+    """A device of an enrollment group (here a symmetric-key one, its key derived from the group's) is
+    allocated by the group's webhook, whose AllocationRequest carries the group, not an enrollment."""
+    group_id, reg_id = f"grp-{uuid.uuid4().hex[:12]}", new_id()
+    primary, secondary = (base64.b64encode(secrets.token_bytes(32)).decode() for _ in range(2))
+    group = {
+        "enrollmentGroupId": group_id,
+        "attestation": {
+            "type": "symmetricKey",
+            "symmetricKey": {"primaryKey": primary, "secondaryKey": secondary},
+        },
+        **custom(webhook),
+    }
+    await dps.enrollment_group.create_or_update(id=group_id, enrollment_group=group)
+    first, second = module_emulator.hub_hosts
+    webhook.reply({"iotHubHostName": second, "payload": {"line": 3}})
+    device_key = base64.b64encode(
+        hmac.new(base64.b64decode(primary), reg_id.encode(), hashlib.sha256).digest()
+    ).decode()
+    client = ProvisioningDeviceClient.create_from_symmetric_key(
+        provisioning_host=module_emulator.dps_host,
+        registration_id=reg_id,
+        id_scope=module_emulator.id_scope,
+        symmetric_key=device_key,
+        server_verification_cert=module_emulator.ca_pem,
+    )
+    client.provisioning_payload = {"model": "m1"}
+    result = await register_once(client, 45)
+    assert (result.status, result.registration_state.assigned_hub) == ("assigned", second)
+    assert json.loads(result.registration_state.response_payload) == {"line": 3}
+    assert await devices_on(hubs, reg_id) == [second]
+    (sent,) = webhook.requests
+    assert set(sent) == {"enrollmentGroup", "deviceRuntimeContext", "linkedHubs"}
+    assert sent["enrollmentGroup"]["enrollmentGroupId"] == group_id
+    assert primary not in json.dumps(sent) and secondary not in json.dumps(sent)  # no key leaves DPS
+    context = sent["deviceRuntimeContext"]
+    assert context["registrationId"] == reg_id and context["payload"] == {"model": "m1"}
+    assert sent["linkedHubs"] == [first, second]

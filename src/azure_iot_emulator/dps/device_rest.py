@@ -4,7 +4,8 @@ firmware use instead of MQTT; served on port 443 of the DPS host (``azure_iot_em
     PUT /{idScope}/registrations/{registrationId}/register?api-version=...      {"registrationId": ...}
     GET /{idScope}/registrations/{registrationId}/operations/{operationId}?api-version=...
 
-X.509 attestation only: the client certificate of the TLS handshake is the device's.  Answers are the
+The client certificate (and chain) of the TLS handshake is the device's X.509 credential; without one,
+the ``Authorization`` header carries its SAS token (symmetric-key attestation).  Answers are the
 same as over MQTT (``dps/operations.py``): ``202 assigning`` with ``Retry-After`` until done, then ``200``
 with the registration state; errors carry Azure's error body.
 """
@@ -18,9 +19,10 @@ from datetime import datetime
 from aiohttp import web
 
 from azure_iot_emulator.dps import model
+from azure_iot_emulator.dps.attestation import DeviceCredentials
 from azure_iot_emulator.dps.errors import DpsError, bad_request, unauthorized
 from azure_iot_emulator.dps.operations import MAX_REQUEST_BYTES, Answer, Assignments, parse_register_body
-from azure_iot_emulator.https import peer_certificate
+from azure_iot_emulator.https import peer_certificate, peer_chain
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +63,20 @@ class DpsDeviceApi:
         if request.match_info["scope"] != self._id_scope:
             raise unauthorized("Unauthorized: unknown ID scope")
         reg_id = model.check_registration_id(request.match_info["id"])
-        if peer_certificate(request) is None:
-            raise unauthorized("Unauthorized: X.509 attestation needs a client certificate")
+        if peer_certificate(request) is None and not request.headers.get("Authorization"):
+            raise unauthorized("Unauthorized: neither a client certificate nor a SAS token")
         return reg_id
 
     async def register(self, request: web.Request, reg_id: str) -> Answer:
         if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
             raise DpsError(413, 413001, "registration request too large")
         body = parse_register_body(await request.read(), reg_id)
-        answer = await self._assignments.register(reg_id, peer_certificate(request), body.get("payload"))
+        leaf = peer_certificate(request)
+        if leaf is not None:
+            presented = DeviceCredentials(leaf=leaf, chain=peer_chain(request))
+        else:
+            presented = DeviceCredentials(sas=request.headers.get("Authorization"))
+        answer = await self._assignments.register(reg_id, presented, body.get("payload"))
         log.info("DPS device API register %s: %s %s", reg_id, answer.status, answer.body["status"])
         return answer
 

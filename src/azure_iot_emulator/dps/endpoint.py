@@ -1,8 +1,9 @@
 """The DPS device MQTT endpoint (plugged into the MQTT core, see ``mqtt/endpoint.py``).
 
 - CONNECT: username ``{idScope}/registrations/{registrationId}/api-version=...``, client id =
-  registration id, ID scope must be ours; X.509 only, so a client certificate is required (CONNACK 5
-  otherwise).  Whether the certificate fits the enrollment is decided on the register request (401).
+  registration id, ID scope must be ours; a client certificate (X.509) or a password (the SAS token of
+  symmetric-key attestation) is required (CONNACK 5 otherwise).  Whether either fits an enrollment is
+  decided on the register request (401, ``dps/attestation.py``).
 - SUBSCRIBE: only ``$dps/registrations/res/#``.
 - register: ``202 assigning`` with an ``operationId`` and ``retry-after`` (Azure's way), or the final
   answer at once in ``immediate`` mode (see ``dps/operations.py``); errors are ``res/{status}`` with
@@ -23,6 +24,7 @@ from typing import Any
 
 from azure_iot_emulator import ids
 from azure_iot_emulator.dps import topics
+from azure_iot_emulator.dps.attestation import DeviceCredentials
 from azure_iot_emulator.dps.errors import DpsError
 from azure_iot_emulator.dps.operations import Answer, Assignments, parse_register_body
 from azure_iot_emulator.dps.service import DpsService
@@ -60,8 +62,8 @@ class DpsEndpoint:
         if info.client_id != parsed.registration_id:
             log.info("DPS refused %s: client id differs from the username's registration id", info.client_id)
             return 5
-        if info.peer_certificate is None:
-            log.info("DPS refused %s: no client certificate (X.509 attestation only)", info.client_id)
+        if info.peer_certificate is None and not info.password:
+            log.info("DPS refused %s: neither a client certificate nor a SAS token", info.client_id)
             return 5
         return 0
 
@@ -86,7 +88,7 @@ class DpsEndpoint:
             else:
                 body = parse_register_body(payload, link.client_id)
                 answer = await self._assignments.register(
-                    link.client_id, link.info.peer_certificate, body.get("payload")
+                    link.client_id, credentials(link.info), body.get("payload")
                 )
                 log_answer(link.client_id, answer)
         except DpsError as exc:
@@ -116,6 +118,14 @@ class DpsEndpoint:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def credentials(info: ConnectInfo) -> DeviceCredentials:
+    """What the device presented at CONNECT: a certificate chain, or a SAS token as its password."""
+    if info.peer_certificate is not None:
+        return DeviceCredentials(leaf=info.peer_certificate, chain=tuple(info.peer_chain))
+    sas = info.password.decode("utf-8", "replace") if info.password else None
+    return DeviceCredentials(sas=sas)
 
 
 def log_answer(registration_id: str, answer: Answer) -> None:

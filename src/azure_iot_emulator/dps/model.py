@@ -90,7 +90,9 @@ def _certificate_entry(value: Any, what: str, previous: Mapping[str, Any] | None
     return {"certificate": text, "info": certificate_info(cert)}
 
 
-def _attestation(value: Any, previous: Mapping[str, Any] | None) -> dict[str, Any]:
+def _attestation(value: Any, previous: Mapping[str, Any] | None, *, group: bool = False) -> dict[str, Any]:
+    """An individual enrollment's X.509 attestation names client certificates, a group's signing
+    certificates (CA references need DPS's certificate store, which is not emulated); TPM is individual."""
     att = _dict(value, "attestation", optional=False)
     assert att is not None
     kind = att.get("type")
@@ -98,17 +100,24 @@ def _attestation(value: Any, previous: Mapping[str, Any] | None) -> dict[str, An
     if kind == "x509":
         x509 = _dict(att.get("x509"), "attestation.x509", optional=False)
         assert x509 is not None
-        if x509.get("caReferences") or x509.get("signingCertificates"):
-            raise bad_request("individual enrollments support attestation.x509.clientCertificates only")
-        client = _dict(x509.get("clientCertificates"), "attestation.x509.clientCertificates", optional=False)
-        assert client is not None
-        if client.get("primary") is None:
-            raise bad_request("attestation.x509.clientCertificates.primary is required")
-        old = ((prev or {}).get("x509") or {}).get("clientCertificates") or {}
-        certs = {"primary": _certificate_entry(client["primary"], "primary", old.get("primary"))}
-        if client.get("secondary") is not None:
-            certs["secondary"] = _certificate_entry(client["secondary"], "secondary", old.get("secondary"))
-        return {"type": "x509", "x509": {"clientCertificates": certs}}
+        slot, other = ("clientCertificates", "signingCertificates")
+        if group:
+            slot, other = other, slot
+        if x509.get("caReferences"):
+            raise bad_request("attestation.x509.caReferences: DPS CA certificates are not emulated, "
+                              "give the CA as attestation.x509.signingCertificates")
+        if x509.get(other):
+            raise bad_request(f"{'enrollment groups' if group else 'individual enrollments'} support "
+                              f"attestation.x509.{slot} only")
+        given = _dict(x509.get(slot), f"attestation.x509.{slot}", optional=False)
+        assert given is not None
+        if given.get("primary") is None:
+            raise bad_request(f"attestation.x509.{slot}.primary is required")
+        old = ((prev or {}).get("x509") or {}).get(slot) or {}
+        certs = {"primary": _certificate_entry(given["primary"], "primary", old.get("primary"))}
+        if given.get("secondary") is not None:
+            certs["secondary"] = _certificate_entry(given["secondary"], "secondary", old.get("secondary"))
+        return {"type": "x509", "x509": {slot: certs}}
     if kind == "symmetricKey":
         keys = _dict(att.get("symmetricKey"), "attestation.symmetricKey") or {}
         return {
@@ -118,13 +127,14 @@ def _attestation(value: Any, previous: Mapping[str, Any] | None) -> dict[str, An
                 "secondaryKey": _b64key(keys.get("secondaryKey"), "secondaryKey"),
             },
         }
-    if kind == "tpm":
+    if kind == "tpm" and not group:
         tpm = _dict(att.get("tpm"), "attestation.tpm", optional=False)
         assert tpm is not None
         if not isinstance(tpm.get("endorsementKey"), str):
             raise bad_request("attestation.tpm.endorsementKey is required")
         return {"type": "tpm", "tpm": {k: tpm[k] for k in ("endorsementKey", "storageRootKey") if k in tpm}}
-    raise bad_request("attestation.type must be x509, symmetricKey or tpm")
+    kinds = "x509 or symmetricKey" if group else "x509, symmetricKey or tpm"
+    raise bad_request(f"attestation.type must be {kinds}")
 
 
 def _hub(value: Any, linked: Sequence[str], what: str) -> str:
@@ -171,6 +181,32 @@ def normalise_enrollment(
             raise bad_request(f"invalid deviceId {body['deviceId']!r}: {ids.DEVICE_ID_RULE}")
         out["deviceId"] = body["deviceId"]
     out["attestation"] = _attestation(body.get("attestation"), (previous or {}).get("attestation"))
+    return _common_fields(body, out, linked_hubs)
+
+
+def normalise_group(
+    body: Any,
+    *,
+    path_id: str | None,
+    linked_hubs: Sequence[str],
+    previous: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """An EnrollmentGroup body, checked and normalised as :func:`normalise_enrollment` does."""
+    if not isinstance(body, dict):
+        raise bad_request("enrollment group must be a JSON object")
+    group_id = body.get("enrollmentGroupId", path_id)
+    if not ids.is_registration_id(group_id):
+        raise bad_request(f"invalid enrollment group id {group_id!r}: {ids.REGISTRATION_ID_RULE}")
+    if path_id is not None and registration_key(group_id) != registration_key(path_id):
+        raise bad_request("enrollmentGroupId in the body differs from the one in the path")
+    out: dict[str, Any] = {"enrollmentGroupId": group_id}
+    previous_attestation = (previous or {}).get("attestation")
+    out["attestation"] = _attestation(body.get("attestation"), previous_attestation, group=True)
+    return _common_fields(body, out, linked_hubs)
+
+
+def _common_fields(body: dict[str, Any], out: dict[str, Any], linked_hubs: Sequence[str]) -> dict[str, Any]:
+    """The fields individual enrollments and enrollment groups share, added to ``out``."""
     caps = _dict(body.get("capabilities"), "capabilities") or {}
     if not isinstance(caps.get("iotEdge", False), bool):
         raise bad_request("capabilities.iotEdge must be a boolean")

@@ -22,9 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cryptography import x509
-
 import jsonsafe
+from azure_iot_emulator.dps.attestation import DeviceCredentials
 from azure_iot_emulator.dps.errors import DpsError, bad_request, throttled
 from azure_iot_emulator.dps.service import DpsService, RegistrationOutcome, operation_id
 from azure_iot_emulator.quotas import DpsQuotas
@@ -90,14 +89,14 @@ class Assignments:
         self._operations: collections.OrderedDict[str, _Operation] = collections.OrderedDict()
 
     async def register(
-        self, registration_id: str, leaf: x509.Certificate | None, payload: Any = None
+        self, registration_id: str, credentials: DeviceCredentials, payload: Any = None
     ) -> Answer:
         """A register request (body already checked with :func:`parse_register_body`; ``payload``: its
         ``payload``, for a custom allocation webhook).  Refusals are
         raised as :class:`DpsError` (429 with ``retry_after`` past the registration quota).  Each answer is
         counted by result (assigned, disabled, failed; refused or throttled)."""
         try:
-            op, registered = await self._register(registration_id, leaf, payload)
+            op, registered = await self._register(registration_id, credentials, payload)
         except DpsError as exc:
             self._count("throttled" if exc.status == 429 else "refused")
             raise
@@ -113,12 +112,12 @@ class Assignments:
             self._metrics.registration(result)
 
     async def _register(
-        self, registration_id: str, leaf: x509.Certificate | None, payload: Any
+        self, registration_id: str, credentials: DeviceCredentials, payload: Any
     ) -> tuple[str, RegistrationOutcome]:
         if self._quotas is not None and (wait := self._quotas.registrations.take()) is not None:
             raise throttled("device registrations", wait)
         op = operation_id()
-        return op, await self._service.register_x509(registration_id, leaf, op, payload)
+        return op, await self._service.register(registration_id, credentials, op, payload)
 
     def poll(self, registration_id: str, op_id: str) -> Answer:
         """An operation-status request: ``202 assigning`` until the operation is done, then its result.

@@ -12,7 +12,7 @@ from aiohttp.typedefs import Handler
 
 import jsonsafe
 from azure_iot_emulator.dps.errors import DpsError, bad_request, throttled, unauthorized
-from azure_iot_emulator.dps.service import DpsService
+from azure_iot_emulator.dps.service import ENROLLMENTS, GROUPS, DpsService, Kind
 from azure_iot_emulator.https import local_port, self_guarded
 from azure_iot_emulator.quotas import TokenBuckets
 from azure_iot_emulator.sas import SasError, request_resources, resource_allows, verify_sas
@@ -127,48 +127,64 @@ def _with_etag(body: dict[str, Any]) -> web.Response:
     return web.json_response(body, headers={"ETag": f'"{body["etag"]}"'})
 
 
-async def put_enrollment(request: web.Request) -> web.Response:
-    body = await _body(request)
-    result = _svc(request).put_enrollment(request.match_info["id"], body, request.headers.get("If-Match"))
-    return _with_etag(result)
-
-
-async def get_enrollment(request: web.Request) -> web.Response:
-    return _with_etag(_svc(request).get_enrollment(request.match_info["id"]))
-
-
-async def delete_enrollment(request: web.Request) -> web.Response:
-    _svc(request).delete_enrollment(request.match_info["id"], request.headers.get("If-Match"))
-    return web.Response(status=204)
-
-
-async def attestation(request: web.Request) -> web.Response:
-    return web.json_response(_svc(request).attestation_mechanism(request.match_info["id"]))
-
-
-async def bulk(request: web.Request) -> web.Response:
-    body = await _body(request)
-    quota = request.app[QUOTA]
-    items = body.get("enrollments") if isinstance(body, dict) else None
-    # Each enrollment of a bulk call is an operation (the request itself took the first).
-    extra = len(items) - 1 if isinstance(items, list) else 0
-    if quota is not None and extra > 0 and (wait := quota.take(n=extra)) is not None:
-        raise throttled("service operations", wait)
-    return web.json_response(_svc(request).bulk(body))
-
-
-async def query(request: web.Request) -> web.Response:
+def _page_size(request: web.Request) -> int:
     try:
-        size = int(request.headers.get("x-ms-max-item-count", "100"))
+        return int(request.headers.get("x-ms-max-item-count", "100"))
     except ValueError as exc:
         raise bad_request("x-ms-max-item-count must be an integer") from exc
-    items, token = _svc(request).query(
-        await _body(request), size, request.headers.get("x-ms-continuation") or None
-    )
-    headers = {"x-ms-item-type": "Enrollment", "x-ms-max-item-count": str(size)}
+
+
+def _page(items: list[dict[str, Any]], token: str | None, item_type: str, size: int) -> web.Response:
+    headers = {"x-ms-item-type": item_type, "x-ms-max-item-count": str(size)}
     if token:
         headers["x-ms-continuation"] = token
     return web.json_response(items, headers=headers)
+
+
+def _record_routes(prefix: str, kind: Kind) -> list[web.RouteDef]:
+    """The routes individual enrollments (``/enrollments``) and enrollment groups (``/enrollmentGroups``)
+    share: PUT/GET/DELETE with etags, attestation mechanism, bulk, query."""
+
+    async def put(request: web.Request) -> web.Response:
+        body = await _body(request)
+        if_match = request.headers.get("If-Match")
+        return _with_etag(_svc(request).put_enrollment(request.match_info["id"], body, if_match, kind))
+
+    async def get(request: web.Request) -> web.Response:
+        return _with_etag(_svc(request).get_enrollment(request.match_info["id"], kind))
+
+    async def delete(request: web.Request) -> web.Response:
+        _svc(request).delete_enrollment(request.match_info["id"], request.headers.get("If-Match"), kind)
+        return web.Response(status=204)
+
+    async def attestation(request: web.Request) -> web.Response:
+        return web.json_response(_svc(request).attestation_mechanism(request.match_info["id"], kind))
+
+    async def bulk(request: web.Request) -> web.Response:
+        body = await _body(request)
+        quota = request.app[QUOTA]
+        items = body.get(kind.items) if isinstance(body, dict) else None
+        # Each record of a bulk call is an operation (the request itself took the first).
+        extra = len(items) - 1 if isinstance(items, list) else 0
+        if quota is not None and extra > 0 and (wait := quota.take(n=extra)) is not None:
+            raise throttled("service operations", wait)
+        return web.json_response(_svc(request).bulk(body, kind))
+
+    async def query(request: web.Request) -> web.Response:
+        size = _page_size(request)
+        items, token = _svc(request).query(
+            await _body(request), size, request.headers.get("x-ms-continuation") or None, kind
+        )
+        return _page(items, token, "Enrollment" if kind is ENROLLMENTS else "EnrollmentGroup", size)
+
+    return [
+        web.post(f"{prefix}/query", query),
+        web.post(prefix, bulk),
+        web.put(f"{prefix}/{{id}}", put),
+        web.get(f"{prefix}/{{id}}", get),
+        web.delete(f"{prefix}/{{id}}", delete),
+        web.post(f"{prefix}/{{id}}/attestationmechanism", attestation),
+    ]
 
 
 async def get_registration(request: web.Request) -> web.Response:
@@ -180,8 +196,13 @@ async def delete_registration(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def not_supported(request: web.Request) -> web.Response:
-    raise DpsError(404, 404200, "enrollment groups are not supported by this emulator")
+async def query_registrations(request: web.Request) -> web.Response:
+    """``POST /registrations/{enrollmentGroupId}/query`` (no body): the group's registration states."""
+    size = _page_size(request)
+    items, token = _svc(request).query_registrations(
+        request.match_info["id"], size, request.headers.get("x-ms-continuation") or None
+    )
+    return _page(items, token, "DeviceRegistration", size)
 
 
 def build_dps_rest_app(
@@ -199,14 +220,10 @@ def build_dps_rest_app(
     app[SERVICE] = service
     app[CLOCK] = clock
     app[QUOTA] = quota
+    app.router.add_routes(_record_routes("/enrollments", ENROLLMENTS))
+    app.router.add_routes(_record_routes("/enrollmentGroups", GROUPS))
     r = app.router
-    r.add_post("/enrollments/query", query)
-    r.add_post("/enrollments", bulk)
-    r.add_put("/enrollments/{id}", put_enrollment)
-    r.add_get("/enrollments/{id}", get_enrollment)
-    r.add_delete("/enrollments/{id}", delete_enrollment)
-    r.add_post("/enrollments/{id}/attestationmechanism", attestation)
     r.add_get("/registrations/{id}", get_registration)
     r.add_delete("/registrations/{id}", delete_registration)
-    r.add_route("*", "/enrollmentGroups{tail:.*}", not_supported)
+    r.add_post("/registrations/{id}/query", query_registrations)
     return app

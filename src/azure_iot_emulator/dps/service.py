@@ -19,8 +19,9 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
-from azure_iot_emulator.dps import model
+from azure_iot_emulator.dps import attestation, model
 from azure_iot_emulator.dps.allocation import (
+    GROUP,
     INDIVIDUAL,
     Allocation,
     AllocationFailed,
@@ -29,7 +30,8 @@ from azure_iot_emulator.dps.allocation import (
     builtin_hub,
     linked_hubs,
 )
-from azure_iot_emulator.dps.certinfo import certificate_info, common_name, thumbprints
+from azure_iot_emulator.dps.attestation import DeviceCredentials, Match
+from azure_iot_emulator.dps.certinfo import thumbprints
 from azure_iot_emulator.dps.errors import (
     DpsError,
     azure_time,
@@ -37,25 +39,35 @@ from azure_iot_emulator.dps.errors import (
     conflict,
     not_found,
     precondition_failed,
-    unauthorized,
 )
 from azure_iot_emulator.hub import twin as twinmodel
 from azure_iot_emulator.hub.registry import RegistryError
 from azure_iot_emulator.store import Database
 
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS dps_enrollments (
+GROUP_OF_STATE = (
+    "lower(coalesce(json_extract(body, '$.x509.enrollmentGroupId'),"
+    " json_extract(body, '$.symmetricKey.enrollmentGroupId')))"
+)
+
+# Individual enrollments and enrollment groups: one row per record, keyed by its lower-case id.
+_RECORDS = """CREATE TABLE IF NOT EXISTS {} (
         key TEXT PRIMARY KEY,
         body TEXT NOT NULL,
         etag TEXT NOT NULL,
         created TEXT NOT NULL,
         updated TEXT NOT NULL
-    )""",
+    )"""
+
+SCHEMA = (
+    _RECORDS.format("dps_enrollments"),
     """CREATE TABLE IF NOT EXISTS dps_registrations (
         key TEXT PRIMARY KEY,
         body TEXT NOT NULL,
         etag TEXT NOT NULL
     )""",
+    _RECORDS.format("dps_groups"),
+    # Registration states by enrollment group (POST /registrations/{groupId}/query).
+    f"CREATE INDEX IF NOT EXISTS dps_registrations_by_group ON dps_registrations ({GROUP_OF_STATE}, key)",
 )
 
 BULK_MODES = ("create", "update", "updateIfMatchETag", "delete")
@@ -63,10 +75,30 @@ MAX_BULK = 10
 MAX_PAGE = 1000
 
 
+@dataclass(frozen=True)
+class Kind:
+    """Individual enrollments or enrollment groups: the same REST shapes over their own table."""
+
+    table: str
+    id_field: str
+    noun: str
+    items: str  # the bulk request's list
+    normalise: Callable[..., dict[str, Any]]
+
+
+ENROLLMENTS = Kind(
+    "dps_enrollments", "registrationId", "Enrollment", "enrollments", model.normalise_enrollment
+)
+GROUPS = Kind(
+    "dps_groups", "enrollmentGroupId", "Enrollment group", "enrollmentGroups", model.normalise_group
+)
+
+
 class HubProvisioner(Protocol):
     def provision_from_dps(
-        self, *, hub: str, device_id: str, thumbprint_sha1: str, thumbprint_sha256: str,
+        self, *, hub: str, device_id: str, thumbprint_sha1: str | None, thumbprint_sha256: str | None,
         initial_twin: Mapping[str, Any] | None, apply_initial_twin: bool,
+        symmetric_keys: tuple[str, str] | None = None,
     ) -> None: ...
 
     def device_exists(self, hub: str, device_id: str) -> bool: ...
@@ -107,151 +139,157 @@ class DpsService:
         self._clock = clock
         self.webhook = webhook or CustomAllocationWebhook()
 
-    # ------------------------------------------------------------------------------------- enrollments
-    def _row(self, registration_id: str) -> Any:
-        model.check_registration_id(registration_id)  # every path: nothing is looked up by a bad id
+    # ------------------------------------------------------------------------ enrollments and groups
+    def _row(self, record_id: str, kind: Kind = ENROLLMENTS) -> Any:
+        model.check_registration_id(record_id)  # every path: nothing is looked up by a bad id
         return self._db.query_one(
-            "SELECT * FROM dps_enrollments WHERE key = ?", (model.registration_key(registration_id),)
+            f"SELECT * FROM {kind.table} WHERE key = ?", (model.registration_key(record_id),)  # noqa: S608
         )
 
-    def _render(self, row: Any) -> dict[str, Any]:
+    def _render(self, row: Any, kind: Kind = ENROLLMENTS) -> dict[str, Any]:
         body = model.json_object(row["body"])
         body["etag"] = row["etag"]
         body["createdDateTimeUtc"] = row["created"]
         body["lastUpdatedDateTimeUtc"] = row["updated"]
-        state = self._db.query_one("SELECT body FROM dps_registrations WHERE key = ?", (row["key"],))
-        if state is not None:
-            body["registrationState"] = model.json_object(state["body"])
+        if kind is ENROLLMENTS:
+            state = self._db.query_one("SELECT body FROM dps_registrations WHERE key = ?", (row["key"],))
+            if state is not None:
+                body["registrationState"] = model.json_object(state["body"])
         return body
 
-    def get_enrollment(self, registration_id: str) -> dict[str, Any]:
-        row = self._row(registration_id)
+    def get_enrollment(self, record_id: str, kind: Kind = ENROLLMENTS) -> dict[str, Any]:
+        row = self._row(record_id, kind)
         if row is None:
-            raise not_found(f"Enrollment {registration_id} not found")
-        return self._render(row)
+            raise not_found(f"{kind.noun} {record_id} not found")
+        return self._render(row, kind)
 
-    def put_enrollment(self, registration_id: str, body: Any, if_match: str | None) -> dict[str, Any]:
-        model.check_registration_id(registration_id)
+    def put_enrollment(
+        self, record_id: str, body: Any, if_match: str | None, kind: Kind = ENROLLMENTS
+    ) -> dict[str, Any]:
+        model.check_registration_id(record_id)
         with self._db.transaction():
-            self._put(registration_id, body, model.strip_etag(if_match), mode="put")
-            return self.get_enrollment(registration_id)
+            self._put(record_id, body, model.strip_etag(if_match), mode="put", kind=kind)
+            return self.get_enrollment(record_id, kind)
 
     def _put(
-        self, path_id: str | None, body: Any, if_match: str | None, *, mode: str, now: str | None = None
+        self, path_id: str | None, body: Any, if_match: str | None, *, mode: str, now: str | None = None,
+        kind: Kind = ENROLLMENTS,
     ) -> str:
-        """One enrollment write (joins the caller's transaction); returns the registration id.  Every
-        check comes before the write: a refused item writes nothing."""
-        reg_id = body.get("registrationId") if isinstance(body, dict) else None
+        """One enrollment (or group) write (joins the caller's transaction); returns its id.  Every check
+        comes before the write: a refused item writes nothing."""
+        record_id = body.get(kind.id_field) if isinstance(body, dict) else None
         if mode == "create" and path_id is None:
-            return self._create(body, now)
-        key = path_id or (reg_id if isinstance(reg_id, str) else None)
-        existing = self._row(key) if key is not None else None
+            return self._create(body, now, kind)
+        key = path_id or (record_id if isinstance(record_id, str) else None)
+        existing = self._row(key, kind) if key is not None else None
         previous = model.json_object(existing["body"]) if existing is not None else None
-        stored = model.normalise_enrollment(
-            body, path_id=path_id, linked_hubs=self.hub_hosts, previous=previous
-        )
-        reg_id = model.check_registration_id(stored["registrationId"])
+        stored = kind.normalise(body, path_id=path_id, linked_hubs=self.hub_hosts, previous=previous)
+        record_id = model.check_registration_id(stored[kind.id_field])
         if stored.get("initialTwin") is not None:
             model.check_initial_twin(stored["initialTwin"])
         now = now or azure_time(self._clock())
         if existing is None:
             if mode == "updateIfMatchETag" and if_match not in (None, "*"):
-                raise precondition_failed(f"Enrollment {reg_id} does not exist")
+                raise precondition_failed(f"{kind.noun} {record_id} does not exist")
             self._db.connection.execute(
-                "INSERT INTO dps_enrollments (key, body, etag, created, updated) VALUES (?, ?, ?, ?, ?)",
-                (model.registration_key(reg_id), json.dumps(stored), new_etag(), now, now),
+                f"INSERT INTO {kind.table} (key, body, etag, created, updated) VALUES (?, ?, ?, ?, ?)",  # noqa: S608
+                (model.registration_key(record_id), json.dumps(stored), new_etag(), now, now),
             )
-            return reg_id
+            return record_id
         if mode == "create" or (mode == "put" and if_match is None):
-            raise conflict(f"Enrollment {reg_id} already exists")
+            raise conflict(f"{kind.noun} {record_id} already exists")
         if if_match not in (None, "*") and if_match != existing["etag"]:
-            raise precondition_failed(f"ETag mismatch for enrollment {reg_id}")
-        stored["registrationId"] = previous["registrationId"] if previous else reg_id
+            raise precondition_failed(f"ETag mismatch for {kind.noun.lower()} {record_id}")
+        stored[kind.id_field] = previous[kind.id_field] if previous else record_id
         self._db.connection.execute(
-            "UPDATE dps_enrollments SET body = ?, etag = ?, updated = ? WHERE key = ?",
+            f"UPDATE {kind.table} SET body = ?, etag = ?, updated = ? WHERE key = ?",  # noqa: S608
             (json.dumps(stored), new_etag(), now, existing["key"]),
         )
-        return reg_id
+        return record_id
 
-    def _create(self, body: Any, now: str | None) -> str:
+    def _create(self, body: Any, now: str | None, kind: Kind) -> str:
         """Bulk ``create``: the same checks and answers as ``_put``, without reading the row first -- the
-        primary key refuses a second enrollment of the id (case-insensitive key) and that is the 409."""
+        primary key refuses a second record of the id (case-insensitive key) and that is the 409."""
         try:
-            stored = model.normalise_enrollment(body, path_id=None, linked_hubs=self.hub_hosts)
+            stored = kind.normalise(body, path_id=None, linked_hubs=self.hub_hosts)
         except DpsError:
-            # Validated against the existing enrollment (a certificate given by its info only), as _put does.
-            reg_id = body.get("registrationId") if isinstance(body, dict) else None
-            existing = self._row(reg_id) if isinstance(reg_id, str) else None
+            # Validated against the existing record (a certificate given by its info only), as _put does.
+            record_id = body.get(kind.id_field) if isinstance(body, dict) else None
+            existing = self._row(record_id, kind) if isinstance(record_id, str) else None
             if existing is None:
                 raise
-            model.normalise_enrollment(
+            kind.normalise(
                 body, path_id=None, linked_hubs=self.hub_hosts, previous=model.json_object(existing["body"])
             )
-            raise conflict(f"Enrollment {reg_id} already exists") from None
-        reg_id = model.check_registration_id(stored["registrationId"])
+            raise conflict(f"{kind.noun} {record_id} already exists") from None
+        record_id = model.check_registration_id(stored[kind.id_field])
         if stored.get("initialTwin") is not None:
             model.check_initial_twin(stored["initialTwin"])
         now = now or azure_time(self._clock())
         try:
             self._db.connection.execute(
-                "INSERT INTO dps_enrollments (key, body, etag, created, updated) VALUES (?, ?, ?, ?, ?)",
-                (model.registration_key(reg_id), json.dumps(stored), new_etag(), now, now),
+                f"INSERT INTO {kind.table} (key, body, etag, created, updated) VALUES (?, ?, ?, ?, ?)",  # noqa: S608
+                (model.registration_key(record_id), json.dumps(stored), new_etag(), now, now),
             )
         except sqlite3.IntegrityError:
-            raise conflict(f"Enrollment {reg_id} already exists") from None
-        return reg_id
+            raise conflict(f"{kind.noun} {record_id} already exists") from None
+        return record_id
 
-    def delete_enrollment(self, registration_id: str, if_match: str | None) -> None:
+    def delete_enrollment(self, record_id: str, if_match: str | None, kind: Kind = ENROLLMENTS) -> None:
         with self._db.transaction():
-            self._delete(registration_id, model.strip_etag(if_match))
+            self._delete(record_id, model.strip_etag(if_match), kind)
 
-    def _delete(self, registration_id: str, if_match: str | None) -> None:
-        row = self._row(registration_id)
+    def _delete(self, record_id: str, if_match: str | None, kind: Kind = ENROLLMENTS) -> None:
+        """Deleting an individual enrollment deletes its registration state with it (Azure keeps a device's
+        registration record inside its individual enrollment); a group's devices keep theirs."""
+        row = self._row(record_id, kind)
         if row is None:
-            raise not_found(f"Enrollment {registration_id} not found")
+            raise not_found(f"{kind.noun} {record_id} not found")
         if if_match not in (None, "*") and if_match != row["etag"]:
-            raise precondition_failed(f"ETag mismatch for enrollment {registration_id}")
-        self._db.connection.execute("DELETE FROM dps_enrollments WHERE key = ?", (row["key"],))
+            raise precondition_failed(f"ETag mismatch for {kind.noun.lower()} {record_id}")
+        self._db.connection.execute(f"DELETE FROM {kind.table} WHERE key = ?", (row["key"],))  # noqa: S608
+        if kind is ENROLLMENTS:
+            self._db.connection.execute("DELETE FROM dps_registrations WHERE key = ?", (row["key"],))
 
-    def attestation_mechanism(self, registration_id: str) -> dict[str, Any]:
-        return model.json_object(self.get_enrollment(registration_id)["attestation"])
+    def attestation_mechanism(self, record_id: str, kind: Kind = ENROLLMENTS) -> dict[str, Any]:
+        return model.json_object(self.get_enrollment(record_id, kind)["attestation"])
 
-    def bulk(self, body: Any) -> dict[str, Any]:
+    def bulk(self, body: Any, kind: Kind = ENROLLMENTS) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise bad_request("bulk operation must be a JSON object")
         mode = body.get("mode")
         if mode not in BULK_MODES:
             raise bad_request(f"mode must be one of {', '.join(BULK_MODES)}")
-        items = body.get("enrollments")
+        items = body.get(kind.items)
         if not isinstance(items, list) or not items:
-            raise bad_request("enrollments must be a non-empty list")
+            raise bad_request(f"{kind.items} must be a non-empty list")
         if len(items) > MAX_BULK:
-            raise DpsError(400, 400013, f"at most {MAX_BULK} enrollments per bulk operation")
+            raise DpsError(400, 400013, f"at most {MAX_BULK} {kind.items} per bulk operation")
         errors: list[dict[str, Any]] = []
         now = azure_time(self._clock())
         # One transaction (one commit) for the whole request; each item in its own savepoint, so a refused
         # item leaves nothing behind and never undoes the others.
         with self._db.transaction() as conn:
             for item in items:
-                reg_id = item.get("registrationId") if isinstance(item, dict) else None
+                record_id = item.get(kind.id_field) if isinstance(item, dict) else None
                 conn.execute("SAVEPOINT bulk_item")
                 try:
                     if not isinstance(item, dict):
-                        raise bad_request("enrollment must be a JSON object")
+                        raise bad_request(f"{kind.noun.lower()} must be a JSON object")
                     etag = model.strip_etag(item.get("etag")) if isinstance(item.get("etag"), str) else None
                     if mode == "delete":
-                        self._delete(model.check_registration_id(reg_id), etag)
+                        self._delete(model.check_registration_id(record_id), etag, kind)
                     elif mode == "create":
-                        self._put(None, item, None, mode="create", now=now)
+                        self._put(None, item, None, mode="create", now=now, kind=kind)
                     elif mode == "update":
-                        self._put(None, item, "*", mode="update", now=now)
+                        self._put(None, item, "*", mode="update", now=now, kind=kind)
                     else:
-                        self._put(None, item, etag or "", mode="updateIfMatchETag", now=now)
+                        self._put(None, item, etag or "", mode="updateIfMatchETag", now=now, kind=kind)
                 except DpsError as exc:
                     conn.execute("ROLLBACK TO bulk_item")
                     errors.append(
                         {
-                            "registrationId": reg_id if isinstance(reg_id, str) else None,
+                            kind.id_field: record_id if isinstance(record_id, str) else None,
                             "errorCode": exc.code,
                             "errorStatus": exc.message,
                         }
@@ -260,25 +298,20 @@ class DpsService:
         return {"isSuccessful": not errors, "errors": errors}
 
     def query(
-        self, body: Any, page_size: int, continuation: str | None
+        self, body: Any, page_size: int, continuation: str | None, kind: Kind = ENROLLMENTS
     ) -> tuple[list[dict[str, Any]], str | None]:
         if not isinstance(body, dict) or not isinstance(body.get("query"), str) or not body["query"].strip():
             raise bad_request('query specification must be {"query": "..."}')
-        after = ""
-        if continuation:
-            try:
-                after = base64.urlsafe_b64decode(continuation.encode("ascii")).decode("utf-8")
-            except (ValueError, UnicodeError) as exc:
-                raise bad_request("invalid continuation token") from exc
-        size = max(1, min(page_size, MAX_PAGE))
+        after, size = _page(page_size, continuation)
         rows = self._db.query(
-            "SELECT * FROM dps_enrollments WHERE key > ? ORDER BY key LIMIT ?", (after, size + 1)
+            f"SELECT * FROM {kind.table} WHERE key > ? ORDER BY key LIMIT ?", (after, size + 1)  # noqa: S608
         )
-        items = [self._render(r) for r in rows[:size]]
-        token = None
-        if len(rows) > size:
-            token = base64.urlsafe_b64encode(rows[size - 1]["key"].encode("utf-8")).decode("ascii")
-        return items, token
+        return [self._render(r, kind) for r in rows[:size]], _next_token(rows, size)
+
+    def groups(self) -> list[dict[str, Any]]:
+        """Every enrollment group as stored (Azure allows a few hundred per DPS)."""
+        rows = self._db.query("SELECT body FROM dps_groups ORDER BY key")
+        return [model.json_object(r["body"]) for r in rows]
 
     # ---------------------------------------------------------------------------- registration states
     def get_registration(self, registration_id: str) -> dict[str, Any]:
@@ -301,32 +334,53 @@ class DpsService:
                 raise precondition_failed(f"ETag mismatch for registration {registration_id}")
             conn.execute("DELETE FROM dps_registrations WHERE key = ?", (key,))
 
+    def query_registrations(
+        self, group_id: str, page_size: int, continuation: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """The registration states of the devices that registered under enrollment group ``group_id``."""
+        key = model.registration_key(model.check_registration_id(group_id))
+        after, size = _page(page_size, continuation)
+        rows = self._db.query(
+            f"SELECT key, body FROM dps_registrations WHERE {GROUP_OF_STATE} = ? AND key > ?"  # noqa: S608
+            " ORDER BY key LIMIT ?",
+            (key, after, size + 1),
+        )
+        return [model.json_object(r["body"]) for r in rows[:size]], _next_token(rows, size)
+
     # ------------------------------------------------------------------------------ device registration
     async def register_x509(
         self, registration_id: str, leaf: x509.Certificate | None, operation_id: str, payload: Any = None
+    ) -> RegistrationOutcome:
+        return await self.register(registration_id, DeviceCredentials(leaf=leaf), operation_id, payload)
+
+    async def register(
+        self, registration_id: str, credentials: DeviceCredentials, operation_id: str, payload: Any = None
     ) -> RegistrationOutcome:
         """The device's register request (``payload``: the one in its body, for a custom allocation
         webhook).  Errors are raised as :class:`DpsError` (sent as ``res/{status}``); the outcome is
         ``assigned``, ``disabled`` or ``failed`` (sent as 200)."""
         row = self._row(registration_id)
-        if row is None:
-            raise DpsError(404, 404201, f"No enrollment for registration id {registration_id}")
-        enrollment = model.json_object(row["body"])
-        self._check_attestation(enrollment, registration_id, leaf)
-        assert leaf is not None
         now = self._clock()
-        key = row["key"]
+        match = attestation.resolve(
+            registration_id,
+            credentials,
+            id_scope=self.id_scope,
+            individual=model.json_object(row["body"]) if row is not None else None,
+            groups=self.groups() if row is None else (),
+            now=now,
+        )
+        key = model.registration_key(registration_id)
         previous = self._db.query_one("SELECT body FROM dps_registrations WHERE key = ?", (key,))
         prev_state = model.json_object(previous["body"]) if previous else None
         created = prev_state["createdDateTimeUtc"] if prev_state else azure_time(now)
-        cert_info = certificate_info(leaf)
+        reg_id = match.record["registrationId"] if match.kind == "individual" else registration_id
         base = {
-            "x509": {"certificateInfo": cert_info},
-            "registrationId": enrollment["registrationId"],
+            **match.result,
+            "registrationId": reg_id,
             "createdDateTimeUtc": created,
             "lastUpdatedDateTimeUtc": azure_time(now),
         }
-        if enrollment["provisioningStatus"] != "enabled":
+        if not match.enabled:
             state = {**base, "status": "disabled", "etag": new_etag()}
             with self._db.transaction() as conn:
                 conn.execute(
@@ -335,20 +389,18 @@ class DpsService:
                 )
             return RegistrationOutcome(200, {"operationId": operation_id, "status": "disabled",
                                              "registrationState": state})
-        device_id = enrollment.get("deviceId") or enrollment["registrationId"]
+        device_id = match.record.get("deviceId") or reg_id
         try:
-            # Group enrollments plug in here: kind GROUP with the group's service-API JSON.
-            allocation = await self._choose_hub(
-                INDIVIDUAL, self._render(row), enrollment, registration_id,
-                {"x509": {"certificateInfo": cert_info}}, payload, prev_state,
-            )
+            allocation = await self._choose_hub(match, reg_id, payload, prev_state)
         except AllocationFailed as exc:
             failed = {**base, "status": "failed", "errorCode": exc.code, "errorMessage": exc.message}
             return RegistrationOutcome(
                 200, {"operationId": operation_id, "status": "failed", "registrationState": failed}
             )
-        hub, substatus, apply_twin = self._reprovision(enrollment, prev_state, allocation)
-        sha1, sha256 = thumbprints(leaf)
+        hub, substatus, apply_twin = self._reprovision(match.record, reg_id, prev_state, allocation)
+        sha1 = sha256 = None
+        if match.symmetric_keys is None and credentials.leaf is not None:
+            sha1, sha256 = thumbprints(credentials.leaf)
         state = {
             **base,
             "assignedHub": hub,
@@ -359,9 +411,9 @@ class DpsService:
         }
         if allocation.payload is not None:
             state["payload"] = allocation.payload
-        initial_twin = allocation.initial_twin if allocation.initial_twin is not None else enrollment.get(
-            "initialTwin"
-        )
+        initial_twin = allocation.initial_twin
+        if initial_twin is None:
+            initial_twin = match.record.get("initialTwin")
         try:
             with self._db.transaction() as conn:
                 self._registry.provision_from_dps(
@@ -371,6 +423,7 @@ class DpsService:
                     thumbprint_sha256=sha256,
                     initial_twin=initial_twin,
                     apply_initial_twin=apply_twin,
+                    symmetric_keys=match.symmetric_keys,
                 )
                 conn.execute(
                     "INSERT OR REPLACE INTO dps_registrations (key, body, etag) VALUES (?, ?, ?)",
@@ -385,49 +438,28 @@ class DpsService:
         return RegistrationOutcome(200, {"operationId": operation_id, "status": "assigned",
                                          "registrationState": state})
 
-    def _check_attestation(
-        self, enrollment: Mapping[str, Any], registration_id: str, leaf: x509.Certificate | None
-    ) -> None:
-        attestation = enrollment["attestation"]
-        if attestation.get("type") != "x509" or leaf is None:
-            raise unauthorized("Invalid certificate: X.509 attestation needs a client certificate")
-        cn = common_name(leaf)
-        if cn is None or cn.lower() != registration_id.lower():
-            raise unauthorized("Invalid certificate: subject CN does not match the registration id")
-        now = self._clock()
-        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-            raise unauthorized("Invalid certificate: expired or not yet valid")
-        sha1, sha256 = thumbprints(leaf)
-        certs = attestation["x509"]["clientCertificates"]
-        for slot in ("primary", "secondary"):
-            info = (certs.get(slot) or {}).get("info") or {}
-            if sha1 == info.get("sha1Thumbprint") or sha256 == info.get("sha256Thumbprint"):
-                return
-        raise unauthorized("Invalid certificate: thumbprint does not match the enrollment")
-
     async def _choose_hub(
-        self,
-        kind: str,
-        entry: Mapping[str, Any],
-        enrollment: Mapping[str, Any],
-        registration_id: str,
-        attestation: Mapping[str, Any],
-        payload: Any,
-        prev: Mapping[str, Any] | None,
+        self, match: Match, registration_id: str, payload: Any, prev: Mapping[str, Any] | None
     ) -> Allocation:
-        """The hub the enrollment's allocation policy chooses; for ``custom``, the webhook's answer
-        (``kind``/``entry``: the enrollment as the AllocationRequest carries it)."""
+        """The hub the allocation policy of the device's individual enrollment or group (``match``)
+        chooses; for ``custom``, the webhook's answer, asked with that enrollment or group as the service
+        API shows it."""
+        enrollment = match.record
         prev_hub = _assigned_hub(prev)
         if enrollment.get("allocationPolicy") != "custom":
             candidates = model.candidate_hubs(enrollment, self.hub_hosts)
             policy = enrollment.get("allocationPolicy")
-            return Allocation(builtin_hub(policy, enrollment["registrationId"], candidates, self.hub_hosts))
+            return Allocation(builtin_hub(policy, registration_id, candidates, self.hub_hosts))
         hubs = linked_hubs(enrollment, self.hub_hosts, prev_hub)
+        if match.kind == "group":
+            kind, row = GROUP, self._row(str(enrollment["enrollmentGroupId"]), GROUPS)
+        else:
+            kind, row = INDIVIDUAL, self._row(registration_id)
         request = allocation_request(
             kind=kind,
-            enrollment=entry,
+            enrollment=self._render(row, GROUPS if match.kind == "group" else ENROLLMENTS),
             registration_id=registration_id,
-            attestation=attestation,
+            attestation=match.result,
             payload=payload,
             current_hub=prev_hub,
             current_device_id=(prev or {}).get("deviceId") if prev_hub else None,
@@ -436,7 +468,11 @@ class DpsService:
         return await self.webhook.allocate(enrollment["customAllocationDefinition"], request, hubs)
 
     def _reprovision(
-        self, enrollment: Mapping[str, Any], prev: Mapping[str, Any] | None, allocation: Allocation
+        self,
+        enrollment: Mapping[str, Any],
+        registration_id: str,
+        prev: Mapping[str, Any] | None,
+        allocation: Allocation,
     ) -> tuple[str, str, bool]:
         """(hub, substatus, apply initial twin): the allocation, under the enrollment's reprovision policy
         when the device was assigned before."""
@@ -444,7 +480,7 @@ class DpsService:
         prev_hub = _assigned_hub(prev)
         if prev is None or prev_hub is None:
             return chosen, "initialAssignment", True
-        device_id = enrollment.get("deviceId") or enrollment["registrationId"]
+        device_id = enrollment.get("deviceId") or registration_id
         policy = enrollment.get("reprovisionPolicy") or {}
         # Built-in policies keep a device on any of the enrollment's hubs; a custom webhook decides anew.
         if enrollment.get("allocationPolicy") == "custom":
@@ -463,6 +499,23 @@ class DpsService:
 def _assigned_hub(prev: Mapping[str, Any] | None) -> str | None:
     hub = prev.get("assignedHub") if prev and prev.get("status") == "assigned" else None
     return hub if isinstance(hub, str) else None
+
+
+def _page(page_size: int, continuation: str | None) -> tuple[str, int]:
+    """(the key after which a page starts, its size) from ``x-ms-max-item-count``/``x-ms-continuation``."""
+    after = ""
+    if continuation:
+        try:
+            after = base64.urlsafe_b64decode(continuation.encode("ascii")).decode("utf-8")
+        except (ValueError, UnicodeError) as exc:
+            raise bad_request("invalid continuation token") from exc
+    return after, max(1, min(page_size, MAX_PAGE))
+
+
+def _next_token(rows: Sequence[Any], size: int) -> str | None:
+    if len(rows) <= size:
+        return None
+    return base64.urlsafe_b64encode(rows[size - 1]["key"].encode("utf-8")).decode("ascii")
 
 
 def operation_id() -> str:

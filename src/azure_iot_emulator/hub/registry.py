@@ -205,26 +205,33 @@ class HubRegistry:
         *,
         hub: str,
         device_id: str,
-        thumbprint_sha1: str,
-        thumbprint_sha256: str,
+        thumbprint_sha1: str | None,
+        thumbprint_sha256: str | None,
         initial_twin: Mapping[str, Any] | None,
         apply_initial_twin: bool,
+        symmetric_keys: tuple[str, str] | None = None,
     ) -> None:
-        """Create or update ``device_id`` on ``hub`` as an enabled selfSigned X.509 device whose primary
-        thumbprint is the leaf's SHA-1; with ``apply_initial_twin`` set its tags and desired properties
-        from ``initial_twin``.  Removes the device from any other hub.  Joins the caller's transaction."""
+        """Create or update ``device_id`` on ``hub`` as an enabled device: selfSigned X.509 with the leaf's
+        SHA-1 as its primary thumbprint, or, given ``symmetric_keys`` (primary, secondary), a SAS device
+        with those keys; with ``apply_initial_twin`` set its tags and desired properties from
+        ``initial_twin``.  Removes the device from any other hub.  Joins the caller's transaction."""
         self._check_hub(hub)
         tags, desired = twinmodel.initial_twin_parts(initial_twin) if apply_initial_twin else ({}, {})
         # Validate before the first write.
         twinmodel.validate_patch(tags, what="tags")
         twinmodel.validate_patch(desired, what="desired")
-        spec = DeviceSpec(
-            device_id=device_id,
-            status="enabled",
-            auth_type="selfSigned",
-            primary_thumbprint=thumbprint_sha1,
-            secondary_thumbprint=None,
-        )
+        if symmetric_keys is not None:
+            spec = DeviceSpec(
+                device_id=device_id, status="enabled", auth_type="sas",
+                primary_key=symmetric_keys[0], secondary_key=symmetric_keys[1],
+            )
+        elif thumbprint_sha1 is not None:
+            spec = DeviceSpec(
+                device_id=device_id, status="enabled", auth_type="selfSigned",
+                primary_thumbprint=thumbprint_sha1, secondary_thumbprint=None,
+            )
+        else:
+            raise ValueError("a DPS-provisioned device needs a thumbprint or symmetric keys")
         invalidated: list[tuple[str, str]] = []
         with self._db.transaction() as conn:
             moved = conn.execute(
@@ -236,7 +243,10 @@ class HubRegistry:
             if current is None:
                 self.create_device(hub, spec)
             else:
-                if (current.primary_thumbprint or "").upper() != thumbprint_sha1.upper():
+                credentials = (current.auth_type, (current.primary_thumbprint or "").upper(),
+                               current.primary_key, current.secondary_key)
+                if credentials != (spec.auth_type, (spec.primary_thumbprint or "").upper(),
+                                   spec.primary_key, spec.secondary_key):
                     invalidated.append((hub, device_id))
                 self.update_device(hub, spec)
             if apply_initial_twin:
