@@ -61,6 +61,16 @@ async def settle(tx: Tx, table: str, request_id: str) -> None:
     await tx.execute(f"DELETE FROM {_checked(table)} WHERE request_id = ?", (request_id,))  # noqa: S608
 
 
+async def settle_many(tx: Tx, table: str, request_ids: list[str]) -> None:
+    """:func:`settle` for several request ids at once (one statement)."""
+    if request_ids:
+        marks = ", ".join("?" * len(request_ids))
+        await tx.execute(
+            f"DELETE FROM {_checked(table)} WHERE request_id IN ({marks})",  # noqa: S608 - marks only
+            request_ids,
+        )
+
+
 class ClaimKind(enum.Enum):
     RESERVED = "reserved"
     TAKEN_OVER = "taken-over"

@@ -1,0 +1,132 @@
+"""Group commit for a database reached over the network (PostgreSQL): writes that arrive together share one
+transaction, so one commit (one round trip to BEGIN, one to COMMIT, one WAL flush) serves many.
+
+:class:`TransactionGroups` keeps the items submitted while a group is being written; when that group is done
+they form the next one, written by one ``work(tx, items)`` in one transaction (:meth:`Database.transaction`,
+which runs the work again from the start after a deadlock or serialization failure).  The promise is
+litestore's (:class:`litestore.GroupCommit`): a writer's :meth:`~TransactionGroups.submit` answers only after
+the commit that holds its item has completed; if the work raises or the commit fails, every item of the
+group gets that error and none of the group's writes stays (a :class:`litestore.Failed` result fails its one
+item alone, inside a group that commits).  Where a commit's outcome is unknown (the connection broke during
+COMMIT) nobody is answered as if committed either: the error goes to every item, and a retry of a request
+with an id finds what did commit.
+
+The group is written by a task of its own, not by the first writer: a writer that is cancelled (its client
+went away) neither cancels nor splits the transaction; its item's write stands or falls with the group.
+
+``gather`` (seconds), as in litestore: while writers come together (the last group had several), a group
+waits until as many writers as the last one had are in, or ``gather`` at most; a lone writer never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from dbstore.port import GroupWork, Tx, Work
+from litestore import Failed
+
+I = TypeVar("I")  # noqa: E741 - the item type of a group commit
+R = TypeVar("R")
+
+GATHER_ENOUGH = 64  # a group this big starts at once, gathering or not
+
+
+@dataclass
+class _Waiting(Generic[I, R]):
+    item: I
+    future: asyncio.Future[R]
+
+
+class TransactionGroups(Generic[I, R]):
+    """Items submitted together, written by ``work`` in one ``transaction``; see the module's description."""
+
+    def __init__(
+        self,
+        transaction: Callable[[Work[list[R]]], Awaitable[list[R]]],
+        work: GroupWork[I, R],
+        *,
+        gather: float = 0.0,
+    ) -> None:
+        self._transaction = transaction
+        self._work = work
+        self._gather = gather
+        self._pending: list[_Waiting[I, R]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._enough = asyncio.Event()  # set when the gathering group has as many writers as it waits for
+        self._last_size = 0
+        self.commits = 0  # groups committed so far (for tests and metrics)
+
+    async def submit(self, item: I) -> R:
+        """``item``'s result once the commit that holds it has completed (or the group's error)."""
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Waiting(item, future))
+        if len(self._pending) >= self._wanted():
+            self._enough.set()
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_groups(), name="group-commit")
+        return await future
+
+    def _wanted(self) -> int:
+        """How many writers a gathering group waits for (1: none, it starts at once)."""
+        return min(self._last_size, GATHER_ENOUGH) if self._gather and self._last_size > 1 else 1
+
+    async def _write_groups(self) -> None:
+        """The writer task: one group after the other while items wait, then it ends."""
+        try:
+            while self._pending:
+                if len(self._pending) < self._wanted():
+                    self._enough.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._enough.wait(), self._gather)
+                group, self._pending = self._pending, []
+                self._last_size = len(group)
+                await self._commit(group)
+        finally:
+            self._writer = None
+
+    async def _commit(self, group: list[_Waiting[I, R]]) -> None:
+        items = [waiting.item for waiting in group]
+        results: list[R] | None = None
+        error: BaseException | None = None
+
+        async def write(tx: Tx) -> list[R]:
+            answered = await self._work(tx, items)
+            if len(answered) != len(items):
+                raise RuntimeError(f"group writer answered {len(answered)} results for {len(items)} items")
+            return answered
+
+        try:
+            results = await self._transaction(write)
+        except asyncio.CancelledError:  # the service is stopping: nobody of this group is answered as done
+            error = RuntimeError("the group commit was cancelled")
+            self._settle(group, None, error)
+            raise
+        except BaseException as exc:
+            error = exc
+        if results is not None:
+            self.commits += 1
+        self._settle(group, results, error)
+
+    @staticmethod
+    def _settle(
+        group: list[_Waiting[I, R]], results: Sequence[R] | None, error: BaseException | None
+    ) -> None:
+        for index, waiting in enumerate(group):
+            if waiting.future.done():  # its writer was cancelled; the write stands or falls all the same
+                continue
+            outcome: R | Failed = (
+                results[index] if results is not None else Failed(error or RuntimeError("write failed"))
+            )
+            if isinstance(outcome, Failed):
+                waiting.future.set_exception(outcome.error)
+            else:
+                waiting.future.set_result(outcome)
+
+    async def drain(self) -> None:
+        """Wait until every submitted item is answered."""
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
