@@ -11,6 +11,10 @@ item alone, inside a group that commits).  Where a commit's outcome is unknown (
 COMMIT) nobody is answered as if committed either: the error goes to every item, and a retry of a request
 with an id finds what did commit.
 
+The same queue serves statements that need no transaction around them but gain from going out together:
+given :meth:`Database.read` instead of :meth:`Database.transaction`, each statement of the group's work
+commits by itself (``dbstore.reservations``' claims).
+
 The group is written by a task of its own, not by the first writer: a writer that is cancelled (its client
 went away) neither cancels nor splits the transaction; its item's write stands or falls with the group.
 
@@ -42,7 +46,8 @@ class _Waiting(Generic[I, R]):
 
 
 class TransactionGroups(Generic[I, R]):
-    """Items submitted together, written by ``work`` in one ``transaction``; see the module's description."""
+    """Items submitted together, written by ``work`` in one ``transaction`` (or one ``Database.read``); see
+    the module's description."""
 
     def __init__(
         self,
