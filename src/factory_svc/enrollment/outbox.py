@@ -14,11 +14,12 @@ reason (``enrollment_audit``); (migration 3) the activation codes not yet acknow
 
 Stored through ``dbstore``: the SQLite file ``<data_dir>/enrollments.sqlite3`` by default (one process,
 whose delivery loop is the only one), or the service's PostgreSQL database, shared by several replicas.
-There each replica's delivery loop claims the oldest pending entry that no other replica holds and that
-has no older pending entry of its device (``SELECT ... FOR UPDATE SKIP LOCKED``), keeps its row locked
-while it delivers, and marks it in the same transaction (:meth:`Outbox.with_next`): two replicas never
-deliver one entry, a device's entries go in order, and a replica that dies mid-delivery lets go of the
-row with its connection, so another one finishes the entry (recognising a write that was done).  An
+There each replica's delivery loop claims the oldest pending entries that no other replica holds and that
+have no older pending entry of their device (``SELECT ... FOR UPDATE SKIP LOCKED``), keeps their rows
+locked while it delivers, and marks them in the same transaction (:meth:`Outbox.with_next_batch`): two
+replicas never deliver one entry, a device's entries go in order, and a replica that dies mid-delivery lets
+go of the rows with its connection, so another one finishes the entries (recognising writes that were
+done).  An
 idle delivery loop hears of its own process's new entries at once (``changed``) and looks for the other
 replicas' every second (``idle_wait``).
 """
@@ -225,10 +226,10 @@ def _entry(row: tuple[Any, ...]) -> OutboxEntry:
     )
 
 
-_PENDING_FIRST_OF_DEVICE = (
+_PENDING_FIRSTS_OF_DEVICES = (
     "WHERE state = 'pending' AND NOT EXISTS (SELECT 1 FROM outbox older "
     "WHERE older.device_id = outbox.device_id AND older.state = 'pending' AND older.seq < outbox.seq) "
-    "ORDER BY seq LIMIT 1"
+    "ORDER BY seq LIMIT ?"
 )
 
 
@@ -337,10 +338,52 @@ class Outbox:
             return None if entry is None else await handle(Claimed(entry, self._db.transaction))
 
         async def claim(tx: Tx) -> T | None:
-            row = await tx.fetchone(_SELECT + _PENDING_FIRST_OF_DEVICE + " FOR UPDATE SKIP LOCKED")
+            row = await tx.fetchone(_SELECT + _PENDING_FIRSTS_OF_DEVICES + " FOR UPDATE SKIP LOCKED", (1,))
             if row is None:
                 return None
             return await handle(Claimed(_entry(row), lambda work: work(tx)))
+
+        return await self._db.transaction(claim)
+
+    async def with_next_batch(self, limit: int, handle: Callable[[list[Claimed]], Awaitable[T]]) -> T | None:
+        """``handle`` up to ``limit`` entries to deliver next (None when there is none), holding them
+        meanwhile: the oldest pending ones, each the oldest pending entry of its device, so a device's
+        entries still go one at a time and in order.  Their marks are written together once ``handle``
+        returns, in one transaction (one commit for the batch); nothing is marked when it raises.
+
+        On a database shared by replicas (PostgreSQL) the entries are claimed as by :meth:`with_next`
+        (``FOR UPDATE SKIP LOCKED``: rows no other replica holds), locked for the whole of ``handle``, and
+        the marks commit with the claim."""
+        sql = _SELECT + _PENDING_FIRSTS_OF_DEVICES
+
+        async def handled(rows: list[tuple[Any, ...]], marks: list[Work[None]]) -> T:
+            async def defer(work: Work[None]) -> None:
+                marks.append(work)
+
+            return await handle([Claimed(_entry(row), defer) for row in rows])
+
+        async def write_marks(tx: Tx, marks: list[Work[None]]) -> None:
+            for mark in marks:
+                await mark(tx)
+
+        if not self._db.shared:
+            rows = await self._db.read(lambda tx: tx.fetchall(sql, (limit,)))
+            if not rows:
+                return None
+            marks: list[Work[None]] = []
+            result = await handled(rows, marks)
+            if marks:
+                await self._db.transaction(lambda tx: write_marks(tx, marks))
+            return result
+
+        async def claim(tx: Tx) -> T | None:
+            rows = await tx.fetchall(sql + " FOR UPDATE SKIP LOCKED", (limit,))
+            if not rows:
+                return None
+            marks: list[Work[None]] = []  # afresh when the transaction is run again (a deadlock)
+            result = await handled(rows, marks)
+            await write_marks(tx, marks)
+            return result
 
         return await self._db.transaction(claim)
 
