@@ -61,7 +61,7 @@ from provkit.faults import crash_point
 log = logging.getLogger("factory_svc.outbox")
 
 BULK = 10  # records in one DPS bulk operation (Azure's limit)
-CLAIM = 4 * BULK  # entries claimed at once: their bulk operations go to DPS together
+CLAIM = 8 * BULK  # entries claimed at once: their bulks go to DPS together, one per connection of its adapter
 
 
 class Delivered(enum.Enum):
@@ -201,8 +201,9 @@ class OutboxDelivery:
             else:
                 await claim.mark_failed(SharedReason.DPS_REFUSED, str(error))
                 log.warning("queued enrollment refused by DPS", extra={"seq": claim.entry.seq})
+        now = self._clock()  # one moment for the bulk: its marks are one statement
         for claim in await self._not_revoked(written, written=True):
-            await claim.mark_delivered(Delivered.CREATED.value, self._clock())
+            await claim.mark_delivered(Delivered.CREATED.value, now)
         log.info("queued enrollments delivered", extra={"delivered": len(written), "bulk": len(part)})
         return 0.0, retry
 

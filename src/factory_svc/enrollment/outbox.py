@@ -242,12 +242,38 @@ async def _record_attempt(tx: Tx, seq: int, reason: str, message: str) -> None:
 
 
 async def _mark_delivered(tx: Tx, seq: int, outcome: str, now: datetime) -> None:
+    await _mark_all_delivered(tx, [seq], outcome, now)
+
+
+async def _mark_all_delivered(tx: Tx, seqs: Sequence[int], outcome: str, now: datetime) -> None:
+    marks = ", ".join("?" * len(seqs))
     await tx.execute(
-        "UPDATE outbox SET state = 'delivered', attempts = attempts + 1, outcome = ?, "
-        "delivered_us = ?, failure_reason = '', failure_message = '' "
-        "WHERE seq = ? AND state = 'pending'",
-        (outcome, to_us(now), seq),
+        "UPDATE outbox SET state = 'delivered', attempts = attempts + 1, outcome = ?, "  # noqa: S608 - marks
+        f"delivered_us = ?, failure_reason = '', failure_message = '' WHERE seq IN ({marks}) "
+        "AND state = 'pending'",
+        (outcome, to_us(now), *seqs),
     )
+
+
+class _Marks:
+    """The marks of a claimed batch, written together when its handling is done: the delivered ones one
+    statement per (outcome, moment), the rest one by one."""
+
+    def __init__(self) -> None:
+        self.delivered: dict[tuple[str, datetime], list[int]] = {}
+        self.others: list[Work[None]] = []
+
+    async def defer(self, work: Work[None]) -> None:
+        self.others.append(work)
+
+    async def write(self, tx: Tx) -> None:
+        for (outcome, now), seqs in self.delivered.items():
+            await _mark_all_delivered(tx, seqs, outcome, now)
+        for work in self.others:
+            await work(tx)
+
+    def __bool__(self) -> bool:
+        return bool(self.delivered or self.others)
 
 
 async def _mark_failed(tx: Tx, seq: int, reason: str, message: str) -> None:
@@ -262,14 +288,20 @@ class Claimed:
     """The entry a delivery holds; its outcome is written through :meth:`record_attempt` and the marks (in
     the claim's own transaction on PostgreSQL)."""
 
-    def __init__(self, entry: OutboxEntry, run: Callable[[Work[None]], Awaitable[None]]) -> None:
+    def __init__(
+        self, entry: OutboxEntry, run: Callable[[Work[None]], Awaitable[None]], marks: _Marks | None = None
+    ) -> None:
         self.entry = entry
         self._run = run
+        self._marks = marks
 
     async def record_attempt(self, reason: str, message: str) -> None:
         await self._run(lambda tx: _record_attempt(tx, self.entry.seq, reason, message))
 
     async def mark_delivered(self, outcome: str, now: datetime) -> None:
+        if self._marks is not None:  # one of a batch: written with the batch's other deliveries
+            self._marks.delivered.setdefault((outcome, now), []).append(self.entry.seq)
+            return
         await self._run(lambda tx: _mark_delivered(tx, self.entry.seq, outcome, now))
 
     async def mark_failed(self, reason: str, message: str) -> None:
@@ -356,33 +388,26 @@ class Outbox:
         the marks commit with the claim."""
         sql = _SELECT + _PENDING_FIRSTS_OF_DEVICES
 
-        async def handled(rows: list[tuple[Any, ...]], marks: list[Work[None]]) -> T:
-            async def defer(work: Work[None]) -> None:
-                marks.append(work)
-
-            return await handle([Claimed(_entry(row), defer) for row in rows])
-
-        async def write_marks(tx: Tx, marks: list[Work[None]]) -> None:
-            for mark in marks:
-                await mark(tx)
+        async def handled(rows: list[tuple[Any, ...]], marks: _Marks) -> T:
+            return await handle([Claimed(_entry(row), marks.defer, marks) for row in rows])
 
         if not self._db.shared:
             rows = await self._db.read(lambda tx: tx.fetchall(sql, (limit,)))
             if not rows:
                 return None
-            marks: list[Work[None]] = []
+            marks = _Marks()
             result = await handled(rows, marks)
             if marks:
-                await self._db.transaction(lambda tx: write_marks(tx, marks))
+                await self._db.transaction(marks.write)
             return result
 
         async def claim(tx: Tx) -> T | None:
             rows = await tx.fetchall(sql + " FOR UPDATE SKIP LOCKED", (limit,))
             if not rows:
                 return None
-            marks: list[Work[None]] = []  # afresh when the transaction is run again (a deadlock)
-            result = await handled(rows, marks)
-            await write_marks(tx, marks)
+            batch = _Marks()  # afresh when the transaction is run again (a deadlock)
+            result = await handled(rows, batch)
+            await batch.write(tx)
             return result
 
         return await self._db.transaction(claim)
