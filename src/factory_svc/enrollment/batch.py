@@ -1,10 +1,11 @@
 """EnrollBatch: many devices in one call, each item answered on its own (no business rules of its own beyond
 the batch's: its size, duplicates within it; each item follows Enroll's, ``writer``).
 
-Items are linted in worker threads a bulk's worth at a time; new ones go to DPS in bulk operations of ten (at
-most ``bulk_concurrency`` at a time, their codes hashed first so hashing overlaps with writing), replacements
-one by one; everything goes to the outbox while older entries wait there.  An id DPS already holds is retried
-on the single-record path.  After a bulk write the certificates revoked meanwhile are enforced and refused.
+Items are linted in worker threads a bulk's worth at a time, and their certificates looked up among the
+revoked ones together; new ones go to DPS in bulk operations of ten (at most ``bulk_concurrency`` at a time,
+all their codes made and retained first, in one commit), replacements one by one; everything goes to the
+outbox while older entries wait there.  An id DPS already holds is retried on the single-record path.  After
+a bulk write the certificates revoked meanwhile are enforced and refused.
 
 Reasons raised: each item's (see ``writer``), DUPLICATE_IN_BATCH; for the call: BATCH_EMPTY, BATCH_TOO_LARGE,
 REQUEST_ID_INVALID, REQUEST_ID_REUSED.
@@ -93,9 +94,10 @@ class BatchEnrollment:
         valid: list[BatchItem] = []
         seen: set[str] = set()
         outcomes = await self._lint_many(requests)
+        revoked = await self._writer.revoked([o for o in outcomes if not isinstance(o, DomainError)])
         for index, (request, linted) in enumerate(zip(requests, outcomes, strict=True)):
-            if not isinstance(linted, DomainError):
-                try:
+            if not isinstance(linted, DomainError) and linted.sha256_thumbprint in revoked:
+                try:  # the refusal with the revocation's details
                     await self._writer.refuse_revoked(linted, f"items[{index}].")
                 except DomainError as exc:
                     linted = exc
@@ -149,8 +151,13 @@ class BatchEnrollment:
         creates = [item for item in valid if not item.request.replace]
         replaces = [item for item in valid if item.request.replace]
         gate = asyncio.Semaphore(self._policy.bulk_concurrency)
+        # every new item's code made and retained first (one commit), then the bulks go to DPS together
+        codes = await self._issuer.new_codes([item.linted.device_id for item in creates]) if creates else []
         bulks = await asyncio.gather(
-            *(self._create_bulk(creates[n : n + BULK], gate) for n in range(0, len(creates), BULK))
+            *(
+                self._create_bulk(creates[n : n + BULK], codes[n : n + BULK], gate)
+                for n in range(0, len(creates), BULK)
+            )
         )
         results = [result for bulk in bulks for result in bulk]
         codes = await self._issuer.new_codes([item.linted.device_id for item in replaces]) if replaces else []
@@ -158,11 +165,11 @@ class BatchEnrollment:
             results.append(await self._enroll_item(item, code))
         return results
 
-    async def _create_bulk(self, part: Sequence[BatchItem], gate: asyncio.Semaphore) -> list[BatchItemResult]:
-        """One DPS bulk create for up to ten new items.  Their codes are hashed first (worker threads), so
-        the first operation leaves after ten hashes and hashing overlaps with writing to DPS; an id DPS
-        already holds is retried on the single-record path (it may hold this very certificate)."""
-        codes = await self._issuer.new_codes([item.linted.device_id for item in part])
+    async def _create_bulk(
+        self, part: Sequence[BatchItem], codes: Sequence[NewCode], gate: asyncio.Semaphore
+    ) -> list[BatchItemResult]:
+        """One DPS bulk create for up to ten new items with their (retained) codes; an id DPS already holds
+        is retried on the single-record path (it may hold this very certificate)."""
         records = [
             new_enrollment(item.linted, record, item.request.owner)
             for item, (_, record) in zip(part, codes, strict=True)
