@@ -5,7 +5,7 @@ Items are linted in worker threads a bulk's worth at a time, and their certifica
 revoked ones together; new ones go to DPS in bulk operations of ten (at most ``bulk_concurrency`` at a time,
 all their codes made and retained first, in one commit), replacements one by one; everything goes to the
 outbox while older entries wait there.  An id DPS already holds is retried on the single-record path.  After
-a bulk write the certificates revoked meanwhile are enforced and refused.
+the bulk writes the certificates revoked meanwhile are enforced and refused (one look for the call).
 
 Reasons raised: each item's (see ``writer``), DUPLICATE_IN_BATCH; for the call: BATCH_EMPTY, BATCH_TOO_LARGE,
 REQUEST_ID_INVALID, REQUEST_ID_REUSED.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from typing import Any
 
@@ -159,17 +160,36 @@ class BatchEnrollment:
                 for n in range(0, len(creates), BULK)
             )
         )
-        results = [result for bulk in bulks for result in bulk]
+        results = await self._not_revoked_since([result for bulk in bulks for result in bulk])
         codes = await self._issuer.new_codes([item.linted.device_id for item in replaces]) if replaces else []
         for item, code in zip(replaces, codes, strict=True):
             results.append(await self._enroll_item(item, code))
         return results
 
+    async def _not_revoked_since(self, results: list[_Written | BatchItemResult]) -> list[BatchItemResult]:
+        """After the bulk writes (one look for all the items they wrote): the certificates revoked
+        meanwhile have their revocation enforced again and are answered CERTIFICATE_REVOKED."""
+        written = [r.item for r in results if isinstance(r, _Written)]
+        revoked = await self._writer.revoked_among([item.linted for item in written])
+        out = []
+        for result in results:
+            if not isinstance(result, _Written):
+                out.append(result)
+            elif result.item.linted.sha256_thumbprint in revoked:
+                item = result.item
+                refusal = revoked_error(item.linted.sha256_thumbprint, None, f"items[{item.index}].")
+                out.append(_error_item(item.index, item.linted.device_id, refusal))
+            else:
+                out.append(result.result)
+        return out
+
     async def _create_bulk(
         self, part: Sequence[BatchItem], codes: Sequence[NewCode], gate: asyncio.Semaphore
-    ) -> list[BatchItemResult]:
+    ) -> list[_Written | BatchItemResult]:
         """One DPS bulk create for up to ten new items with their (retained) codes; an id DPS already holds
-        is retried on the single-record path (it may hold this very certificate)."""
+        is retried on the single-record path (it may hold this very certificate).  The items it wrote are
+        answered ``_Written``: the check for revocations after the write is the batch's
+        (``_not_revoked_since``)."""
         records = [
             new_enrollment(item.linted, record, item.request.owner)
             for item, (_, record) in zip(part, codes, strict=True)
@@ -187,23 +207,12 @@ class BatchEnrollment:
                 return [_error_item(item.index, item.linted.device_id, refused) for item in part]
         crash_point("enroll.after_dps_write")
         failed = {e.registration_id.lower(): e.error for e in errors}
-        revoked = await self._writer.revoked_among(
-            [item.linted for item in part if item.linted.device_id not in failed]
-        )
-        results = []
+        results: list[_Written | BatchItemResult] = []
         for item, code in zip(part, codes, strict=True):
             error = failed.get(item.linted.device_id)
-            if item.linted.sha256_thumbprint in revoked:
-                results.append(
-                    _error_item(
-                        item.index,
-                        item.linted.device_id,
-                        revoked_error(item.linted.sha256_thumbprint, None, f"items[{item.index}]."),
-                    )
-                )
-            elif error is None:
+            if error is None:
                 created = self._writer.result(item.linted, EnrollOutcome.CREATED, Delivery.LIVE, code)
-                results.append(item_result(item, created))
+                results.append(_Written(item, item_result(item, created)))
             elif isinstance(error, CloudAlreadyExists):
                 results.append(await self._enroll_item(item, code))
             else:
@@ -235,6 +244,14 @@ class BatchEnrollment:
             for item in batch.items
         )
         return dc_replace(batch, items=items)
+
+
+@dataclass(frozen=True)
+class _Written:
+    """A batch item a bulk create wrote, and its answer unless it was revoked meanwhile."""
+
+    item: BatchItem
+    result: BatchItemResult
 
 
 def _error_item(index: int, device_id: str, exc: DomainError) -> BatchItemResult:
