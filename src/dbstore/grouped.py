@@ -27,23 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from dbstore.port import GroupWork, Tx, Work
 from litestore import Failed
+from litestore.store import GATHER_ENOUGH, Waiting
 
 I = TypeVar("I")  # noqa: E741 - the item type of a group commit
 R = TypeVar("R")
-
-GATHER_ENOUGH = 64  # a group this big starts at once, gathering or not
-
-
-@dataclass
-class _Waiting(Generic[I, R]):
-    item: I
-    future: asyncio.Future[R]
-
 
 class TransactionGroups(Generic[I, R]):
     """Items submitted together, written by ``work`` in one ``transaction`` (or one ``Database.read``); see
@@ -59,7 +50,7 @@ class TransactionGroups(Generic[I, R]):
         self._transaction = transaction
         self._work = work
         self._gather = gather
-        self._pending: list[_Waiting[I, R]] = []
+        self._pending: list[Waiting[I, R]] = []
         self._writer: asyncio.Task[None] | None = None
         self._enough = asyncio.Event()  # set when the gathering group has as many writers as it waits for
         self._last_size = 0
@@ -68,7 +59,7 @@ class TransactionGroups(Generic[I, R]):
     async def submit(self, item: I) -> R:
         """``item``'s result once the commit that holds it has completed (or the group's error)."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Waiting(item, future))
+        self._pending.append(Waiting(item, future))
         if len(self._pending) >= self._wanted():
             self._enough.set()
         if self._writer is None:
@@ -93,7 +84,7 @@ class TransactionGroups(Generic[I, R]):
         finally:
             self._writer = None
 
-    async def _commit(self, group: list[_Waiting[I, R]]) -> None:
+    async def _commit(self, group: list[Waiting[I, R]]) -> None:
         items = [waiting.item for waiting in group]
         results: list[R] | None = None
         error: BaseException | None = None
@@ -118,7 +109,7 @@ class TransactionGroups(Generic[I, R]):
 
     @staticmethod
     def _settle(
-        group: list[_Waiting[I, R]], results: Sequence[R] | None, error: BaseException | None
+        group: list[Waiting[I, R]], results: Sequence[R] | None, error: BaseException | None
     ) -> None:
         for index, waiting in enumerate(group):
             if waiting.future.done():  # its writer was cancelled; the write stands or falls all the same

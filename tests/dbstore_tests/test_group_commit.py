@@ -6,10 +6,13 @@ writes, and the next group goes on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 
 from dbstore import Database, DatabaseUrl, Tx, open_database
+from dbstore.port import GroupWriter
 from litestore import Options, Schema, Synchronous
 
 SCHEMA = """
@@ -41,29 +44,33 @@ async def _names(db: Database) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
+@contextlib.asynccontextmanager
+async def _grouped(url: DatabaseUrl) -> AsyncIterator[tuple[Database, GroupWriter[tuple[str, int], str]]]:
+    """The database and its group writer of ``_write`` (closed on leaving)."""
+    db = await _open(url)
+    try:
+        writer = db.group_commit(_write)
+        assert writer is not None
+        yield db, writer
+    finally:
+        await db.close()
+
+
 async def _outcomes(writer, items: list[tuple[str, int]]) -> list[object]:
     return await asyncio.gather(*(writer.submit(item) for item in items), return_exceptions=True)
 
 
 async def test_writes_submitted_together_share_one_commit(database_url):
-    db = await _open(database_url)
-    try:
-        writer = db.group_commit(_write)
-        assert writer is not None
+    async with _grouped(database_url) as (db, writer):
         answers = await _outcomes(writer, [(f"c{k}", 1) for k in range(20)])
         assert answers == [f"stored c{k}" for k in range(20)]
         assert writer.commits == 1
         assert await _names(db) == sorted(f"c{k}" for k in range(20))
-    finally:
-        await db.close()
 
 
 @pytest.mark.parametrize("failing", [("orphan", 99), ("boom", 1)], ids=["commit-fails", "work-raises"])
 async def test_a_failed_group_fails_every_writer_and_keeps_nothing(database_url, failing):
-    db = await _open(database_url)
-    try:
-        writer = db.group_commit(_write)
-        assert writer is not None
+    async with _grouped(database_url) as (db, writer):
         items = [("a", 1), ("b", 1), failing, ("c", 1)]
         answers = await _outcomes(writer, items)
         assert all(isinstance(answer, Exception) for answer in answers), answers
@@ -74,23 +81,16 @@ async def test_a_failed_group_fails_every_writer_and_keeps_nothing(database_url,
         assert await _outcomes(writer, [("a", 1), ("d", 1)]) == ["stored a", "stored d"]
         assert writer.commits == 1
         assert await _names(db) == ["a", "d"]
-    finally:
-        await db.close()
 
 
 async def test_writes_arriving_during_a_commit_form_the_next_group(database_url):
-    db = await _open(database_url)
-    try:
-        writer = db.group_commit(_write)
-        assert writer is not None
+    async with _grouped(database_url) as (_db, writer):
         first = asyncio.ensure_future(writer.submit(("first", 1)))
         await asyncio.sleep(0)
         await asyncio.sleep(0)  # the first group is on its way
         rest = await _outcomes(writer, [(f"n{k}", 1) for k in range(5)])
         assert [await first, *rest] == ["stored first", *(f"stored n{k}" for k in range(5))]
         assert writer.commits == 2
-    finally:
-        await db.close()
 
 
 async def test_a_cancelled_writer_does_not_undo_its_group(database_url):
