@@ -87,11 +87,12 @@ class Database(Protocol):
         ...
 
     def group_commit(self, work: GroupWork[I, R], *, gather: float = 0.0) -> GroupWriter[I, R] | None:
-        """Where one writer orders every write (SQLite's store thread): items submitted together are written
-        by one ``work(tx, items)`` in one transaction, one commit for the group; ``gather`` (seconds): while
-        writers come together, how long a group may wait for as many as the last one had.  ``work`` awaits
-        only its ``tx``.  None where writes do not queue behind one writer (a shared server database): there
-        each write is its own transaction."""
+        """Items submitted together are written by one ``work(tx, items)`` in one transaction, one commit
+        for the group (SQLite: on the store's thread, where one writer orders every write; PostgreSQL: the
+        items of this process, ``dbstore.grouped``); ``gather`` (seconds): while writers come together, how
+        long a group may wait for as many as the last one had.  ``work`` awaits only its ``tx`` (and may be
+        run again from the start after a deadlock).  None where a backend cannot group: each write is then
+        its own transaction."""
         ...
 
     async def transaction(self, work: Work[T]) -> T:

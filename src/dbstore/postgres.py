@@ -17,12 +17,13 @@ import contextlib
 import functools
 import re
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors
 from psycopg_pool import AsyncConnectionPool
 
+from dbstore.grouped import TransactionGroups
 from dbstore.port import Backend, Conflict, GroupWork, Params, Row, Work
 from litestore import Schema, SchemaError, SchemaTooNew
 from litestore.schema import statements
@@ -134,6 +135,7 @@ class PostgresDatabase:
     def __init__(self, pool: AsyncConnectionPool, name: str) -> None:
         self.pool = pool
         self.name = name
+        self._groups: list[TransactionGroups[Any, Any]] = []
 
     @classmethod
     async def open(
@@ -165,14 +167,20 @@ class PostgresDatabase:
         async with self.pool.connection() as conn:
             return await work(PostgresTx(conn))
 
-    def group_commit(self, work: GroupWork[I, R], *, gather: float = 0.0) -> None:
-        """None: replicas write through a pool of connections, each write its own transaction."""
-        return None
+    def group_commit(self, work: GroupWork[I, R], *, gather: float = 0.0) -> TransactionGroups[I, R]:
+        """Writes of this process that arrive together share one transaction (``dbstore.grouped``): one
+        BEGIN / COMMIT and one WAL flush for the group instead of one each.  Between replicas the database
+        decides as for any transaction (keys, row locks)."""
+        groups: TransactionGroups[I, R] = TransactionGroups(self.transaction, work, gather=gather)
+        self._groups.append(groups)
+        return groups
 
     async def compact_log(self) -> None:
         """Nothing to do: the server recycles its own write-ahead log."""
 
     async def close(self) -> None:
+        for groups in self._groups:
+            await groups.drain()
         await self.pool.close()
 
 

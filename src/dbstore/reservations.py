@@ -21,6 +21,9 @@ file belongs to one process, whose per-process lock is enough, so nothing is wri
 Each statement here is safe on its own (an insert that does nothing on a conflict, a look, an update or
 delete guarded by the holder and lease it read), so on PostgreSQL they run without a transaction around
 them, each committed by itself (:meth:`Database.read`): two round trips for a new id instead of four.
+Claims that arrive together share those two round trips (``dbstore.grouped``): one INSERT of all their
+rows, then one look for answers to all of them (in that order, as for one); an id that was not inserted
+(someone holds it) is claimed again on its own, by the full sequence above.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from dbstore.grouped import TransactionGroups
 from dbstore.port import Database, Tx, Work
 
 T = TypeVar("T")
@@ -61,6 +65,16 @@ async def settle(tx: Tx, table: str, request_id: str) -> None:
     await tx.execute(f"DELETE FROM {_checked(table)} WHERE request_id = ?", (request_id,))  # noqa: S608
 
 
+async def settle_many(tx: Tx, table: str, request_ids: list[str]) -> None:
+    """:func:`settle` for several request ids at once (one statement)."""
+    if request_ids:
+        marks = ", ".join("?" * len(request_ids))
+        await tx.execute(
+            f"DELETE FROM {_checked(table)} WHERE request_id IN ({marks})",  # noqa: S608 - marks only
+            request_ids,
+        )
+
+
 class ClaimKind(enum.Enum):
     RESERVED = "reserved"
     TAKEN_OVER = "taken-over"
@@ -76,6 +90,18 @@ class Claimed:
     lease_until_us: int = 0
 
 
+@dataclass(frozen=True)
+class _Claim:
+    request_id: str
+    fingerprint: str
+    holder: str
+    now_us: int
+    lease_until_us: int
+
+
+_CLAIMS_PER_STATEMENT = 64
+
+
 class Reservations:
     """The reservations of one store (``table``), beside its answers (``answers``)."""
 
@@ -83,6 +109,49 @@ class Reservations:
         self._db = db
         self.table = _checked(table)
         self._answers = _checked(answers)
+        # Claims arriving together: one INSERT and one look for all of them (only where reservations are
+        # written, each statement committed by itself).
+        self._claims: TransactionGroups[_Claim, Claimed | None] | None = None
+        if db.shared:
+            self._claims = TransactionGroups(db.read, self._claim_together)
+
+    async def _claim_together(self, tx: Tx, claims: list[_Claim]) -> list[Claimed | None]:
+        """The claims of a group: RESERVED or ANSWERED for the ids this INSERT took; None (claim again,
+        alone) for an id someone holds, or that came twice."""
+        table, answers = self.table, self._answers
+        inserted: set[str] = set()
+        answered: set[str] = set()
+        first = {c.request_id: c for c in reversed(claims)}  # an id twice: the first claims, the rest retry
+        fresh = list(first.values())
+        for start in range(0, len(fresh), _CLAIMS_PER_STATEMENT):
+            part = fresh[start : start + _CLAIMS_PER_STATEMENT]
+            rows = ", ".join(["(?, ?, ?, ?)"] * len(part))
+            taken = await tx.fetchall(
+                f"INSERT INTO {table} (request_id, fingerprint, holder, lease_until_us) "  # noqa: S608
+                f"VALUES {rows} ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+                [v for c in part for v in (c.request_id, c.fingerprint, c.holder, c.lease_until_us)],
+            )
+            inserted.update(str(row[0]) for row in taken)
+        ids = sorted(inserted)
+        for start in range(0, len(ids), _CLAIMS_PER_STATEMENT):
+            part_ids = ids[start : start + _CLAIMS_PER_STATEMENT]
+            marks = ", ".join("?" * len(part_ids))
+            found = await tx.fetchall(
+                f"SELECT request_id FROM {answers} WHERE request_id IN ({marks})",  # noqa: S608 - marks only
+                part_ids,
+            )
+            answered.update(str(row[0]) for row in found)
+        if answered:
+            await settle_many(tx, table, sorted(answered))
+        out: list[Claimed | None] = []
+        for claim in claims:
+            if first[claim.request_id] is not claim or claim.request_id not in inserted:
+                out.append(None)
+            elif claim.request_id in answered:
+                out.append(Claimed(ClaimKind.ANSWERED))
+            else:
+                out.append(Claimed(ClaimKind.RESERVED, claim.holder, claim.lease_until_us))
+        return out
 
     @property
     def shared(self) -> bool:
@@ -92,6 +161,11 @@ class Reservations:
     async def claim(
         self, request_id: str, fingerprint: str, holder: str, now_us: int, lease_until_us: int
     ) -> Claimed:
+        if self._claims is not None:
+            claim = _Claim(request_id, fingerprint, holder, now_us, lease_until_us)
+            claimed = await self._claims.submit(claim)
+            if claimed is not None:
+                return claimed
         table, answers = self.table, self._answers
 
         async def go(tx: Tx) -> Claimed:

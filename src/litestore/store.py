@@ -130,7 +130,9 @@ GATHER_ENOUGH = 64  # a group this big starts at once, gathering or not
 
 
 @dataclass
-class _Waiting(Generic[I, R]):
+class Waiting(Generic[I, R]):
+    """An item of a group commit and the future its writer waits on (also ``dbstore.grouped``'s)."""
+
     item: I
     future: asyncio.Future[R]
 
@@ -158,7 +160,7 @@ class GroupCommit(Generic[I, R]):
         self._gather = gather
         self._last_size = 0  # of the last group handed to the thread
         self._gathering: asyncio.TimerHandle | None = None  # while a group waits for more writers
-        self._pending: list[_Waiting[I, R]] = []
+        self._pending: list[Waiting[I, R]] = []
         self._idle: asyncio.Future[None] | None = None  # set while a group is on its way
         self.commits = 0  # groups committed so far (for tests and metrics)
         store._groups.append(self)
@@ -167,7 +169,7 @@ class GroupCommit(Generic[I, R]):
         """Answer ``item``'s result once the commit that holds it has completed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        self._pending.append(_Waiting(item, future))
+        self._pending.append(Waiting(item, future))
         if self._idle is None:
             self._idle = loop.create_future()
             self._schedule(loop)
@@ -208,7 +210,7 @@ class GroupCommit(Generic[I, R]):
         except BaseException as exc:  # the thread is shut down: nobody will write these
             self._finished(group, None, exc, loop)
 
-    def _commit(self, group: list[_Waiting[I, R]], loop: asyncio.AbstractEventLoop) -> None:
+    def _commit(self, group: list[Waiting[I, R]], loop: asyncio.AbstractEventLoop) -> None:
         """Store thread: write and commit the group, then report back to the event loop once."""
         results: Sequence[R | Failed] | None = None
         error: BaseException | None = None
@@ -224,7 +226,7 @@ class GroupCommit(Generic[I, R]):
 
     def _finished(
         self,
-        group: list[_Waiting[I, R]],
+        group: list[Waiting[I, R]],
         results: Sequence[R | Failed] | None,
         error: BaseException | None,
         loop: asyncio.AbstractEventLoop,

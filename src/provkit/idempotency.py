@@ -65,10 +65,13 @@ API
 ``RequestIds(reservations=None, lease=LEASE)``   one per service; ``reservations``: the store's
     ``dbstore.reservations.Reservations`` (None, or a SQLite one: the per-process lock only).
 ``RequestIds.run(request_id, fingerprint, *, find, replay, execute, look_first=True)``   see above.
-    ``look_first=False`` (a store no other process writes: no reservations): execute at once and look
-    for a stored answer only when the store refuses the id (``LOST_RACE``): one trip to the store for a
-    new id instead of two; a repeat costs one execution whose result is thrown away, so only for work
-    that leaves nothing behind until it is stored (a certificate signed but never recorded nor answered).
+    ``look_first=False``: execute at once, with no reservation even on a shared store, and look for a
+    stored answer only when the store refuses the id (``LOST_RACE``): the store's unique key on its
+    answers decides, between replicas as within one process (the loser's result is thrown away and the
+    winner's answer replayed).  One trip to the store for a new id instead of two (three with a
+    reservation); a repeat, or a race between replicas, costs one execution whose result is thrown away,
+    so only for work that leaves nothing behind until it is stored and answered in one transaction (a
+    certificate signed but never recorded nor answered).
 ``RequestIdReused`` (InvalidArgument)         the one refusal of a reused id.
 ``RequestInProgress`` (Aborted)               another replica still runs it; retry after ``retry_after``.
 ``LOST_RACE`` / ``LostRace``                  what ``execute`` returns when the id had an answer already.
@@ -197,7 +200,7 @@ class RequestIds:
     ) -> T:
         """``execute()`` once per request id (without an id: every time); a repeat gets ``replay(answer)``
         of the stored answer, or ``RequestIdReused`` when its fingerprint differs.  ``look_first``: see
-        the module's description (ignored with shared reservations, which always look first)."""
+        the module's description."""
         if not request_id:
             result = await execute()
             if result is LOST_RACE:
@@ -205,7 +208,7 @@ class RequestIds:
             return result
         check_request_id(request_id)
         async with self._one_at_a_time(request_id):
-            reservations = self._reservations
+            reservations = self._reservations if look_first else None
             if reservations is not None:  # the claim looks for an answer too: one round trip for both
                 stored = await self._reserve(reservations, request_id, fingerprint, find)
             elif look_first:

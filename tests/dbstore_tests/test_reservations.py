@@ -174,6 +174,27 @@ async def test_a_failed_run_releases_the_id_and_the_next_caller_runs_it(shared):
     assert await second == (1, False) and await effects(shared) == 1
 
 
+async def test_claims_arriving_together_each_get_their_own_answer(shared):
+    store = reservations.Reservations(shared, "toy_reservations", "answers")
+    await shared.transaction(
+        lambda tx: tx.execute("INSERT INTO answers (request_id, fingerprint, value) VALUES ('done', 'fp', 7)")
+    )
+    assert (await store.claim("held", "fp", "other", 1, 2**60)).kind is reservations.ClaimKind.RESERVED
+    claims = [
+        ("new-1", "fp", "me"),
+        ("done", "fp", "me"),  # answered: the claim's row is ended at once
+        ("held", "fp", "me"),  # another holder's, lease running: claimed alone, HELD
+        ("held", "other-fp", "me"),  # another body for a held id
+        ("new-2", "fp", "me"),
+        ("new-2", "fp", "me"),  # the same id twice in one group: the second finds the first's
+    ]
+    got = await asyncio.gather(*(store.claim(r, f, h, 1, 2**50) for r, f, h in claims))
+    kinds = [c.kind.value for c in got]
+    assert kinds == ["reserved", "answered", "held", "reused", "reserved", "taken-over"]
+    assert await store.holder_of("done") is None and await store.holder_of("held") == "other"
+    assert await store.holder_of("new-1") == "me" and await store.holder_of("new-2") == "me"
+
+
 async def test_sqlite_writes_no_reservation(tmp_path):
     from dbstore import DatabaseUrl
 

@@ -1,15 +1,18 @@
-"""Activation codes: human-typable, 80 bits, only a salted scrypt hash kept, constant-time checks."""
+"""Activation codes: human-typable, 80 bits, only a salted hash kept (HMAC-SHA-256 by default, scrypt records
+of earlier versions still verify), constant-time checks."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from provkit.activation_code import (
     ALPHABET,
     CODE_LENGTH,
+    CodeHash,
     format_code,
     hash_code,
     new_code,
@@ -37,16 +40,39 @@ def test_typing_is_forgiving():
 
 def test_record_holds_no_code_and_is_salted():
     code = new_code()
-    first, second = hash_code(code, log2_n=8), hash_code(code, log2_n=8)
+    first, second = hash_code(code), hash_code(code)
     text = json.dumps(first)
     assert code not in text and code.replace("-", "") not in text
     assert first["salt"] != second["salt"] and first["hash"] != second["hash"]
-    assert first["alg"] == "scrypt" and first["n"] == 256
+    assert set(first) == {"alg", "salt", "hash"} and first["alg"] == "hmac-sha256"
+    scrypt = hash_code(code, alg=CodeHash.SCRYPT, log2_n=8)
+    assert scrypt["alg"] == "scrypt" and scrypt["n"] == 256 and verify_code(code, scrypt)
 
 
-def test_wrong_malformed_and_missing():
+# A record made by the factory before the fast hash (its hash_code, scrypt N = 2^8, r = 8, p = 1; the salt
+# fixed), with its code.
+OLD_CODE = "7K3M-Q9XD-2HPA-W4RT"
+OLD_RECORD = {
+    "alg": "scrypt",
+    "n": 256,
+    "r": 8,
+    "p": 1,
+    "salt": "3q2+7wABAgMEBQYHCAkKCw==",
+    "hash": "aZHCXJoW4Uid4Nd1Cntu91y+pU61YdYcwJXlNTJwX8E=",
+}
+
+
+def test_a_record_of_the_old_scrypt_kind_still_verifies():
+    assert verify_code(OLD_CODE, OLD_RECORD)
+    assert verify_code(OLD_CODE.lower().replace("-", " "), OLD_RECORD)
+    assert not verify_code(new_code(), OLD_RECORD)
+    assert not verify_code(OLD_CODE, {**OLD_RECORD, "alg": "hmac-sha256"})  # the kind is not interchangeable
+
+
+@pytest.mark.parametrize("alg", list(CodeHash))
+def test_wrong_malformed_and_missing(alg):
     code = new_code()
-    record = hash_code(code, log2_n=8)
+    record = hash_code(code, alg=alg, log2_n=8)
     other = new_code()
     assert not verify_code(other, record)
     assert not verify_code("", record)
@@ -55,11 +81,12 @@ def test_wrong_malformed_and_missing():
     assert not verify_code("UUUU-UUUU-UUUU-UUUU", record)  # U is not in the alphabet
     assert not verify_code(code, None)
     assert not verify_code(code, {"alg": "md5", "hash": record["hash"]})
-    assert not verify_code(code, {**record, "n": 3})
     assert not verify_code(code, {**record, "salt": "***"})
-    tampered = dict(record)
-    tampered["r"] = 1
-    assert not verify_code(code, tampered)
+    assert not verify_code(code, {**record, "salt": ""})
+    assert not verify_code(code, {k: v for k, v in record.items() if k != "hash"})
+    if alg is CodeHash.SCRYPT:
+        assert not verify_code(code, {**record, "n": 3})
+        assert not verify_code(code, {**record, "r": 1})
 
 
 @settings(max_examples=30, deadline=None)

@@ -1,5 +1,6 @@
-"""The ledger: on SQLite, group commit (concurrent records share one transaction, everything answered is
-on disk, read back by a fresh connection); on both backends a conflicting record is refused alone and
+"""The ledger: group commit on both backends (concurrent records share one transaction, everything answered
+is committed, read back by a fresh connection); on PostgreSQL a group ends its request ids' reservations; on
+both backends a conflicting record is refused alone and
 counts are per id, a certificate is revoked once (its first time and reason kept, one audit row, also when
 two ledgers revoke it at once), and a lot keeps its items and their keys until it is acknowledged."""
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dbstore import Conflict
+from dbstore import Conflict, DatabaseUrl
+from dbstore.reservations import ClaimKind
 from factory_svc.ledger import Ledger
 from factory_svc.lots.model import LotEntry, StoredLot
 from factory_svc.mint.keys import KeyType
@@ -47,9 +49,8 @@ def stored_serials(path: Path) -> list[str]:
         return [r[0] for r in fresh.execute("SELECT serial_number FROM certificates ORDER BY serial_number")]
 
 
-async def test_concurrent_records_commit_together_and_each_gets_its_ids_count(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite3"
-    ledger = await Ledger.open(path)
+async def test_concurrent_records_commit_together_and_each_gets_its_ids_count(database_url) -> None:
+    ledger = await Ledger.open(database_url, migrate=True)
     try:
         expired = certificate(1, "dev-a", days=-1)
         results = await asyncio.gather(
@@ -61,7 +62,12 @@ async def test_concurrent_records_commit_together_and_each_gets_its_ids_count(tm
         assert ledger.certificates.group_commits == 1  # one transaction for the four
         # dev-a holds two unexpired certificates once the batch is in; dev-b one
         assert results == [Recorded(2), Recorded(2), Recorded(2), Recorded(1)]
-        assert stored_serials(path) == ["0001", "0002", "0003", "0004"]
+        fresh = await Ledger.open(database_url)  # another connection sees only what was committed
+        try:
+            listed = await fresh.certificates.page(None, 10, None)
+        finally:
+            await fresh.close()
+        assert sorted(c.serial_number for c in listed) == ["0001", "0002", "0003", "0004"]
         stored = await ledger.certificates.find_request("req-4")
         assert stored is not None and stored.fingerprint == "fp-4"
         assert stored.certificate == certificate(4, "dev-b", "req-4")
@@ -85,6 +91,24 @@ async def test_a_conflicting_record_is_refused_alone(database_url) -> None:
         assert sorted(c.serial_number for c in listed) == ["000A", "000B", "000D"]
         stored = await certificates.find_request("taken")
         assert stored is not None and stored.certificate.serial_number == "000A"
+    finally:
+        await ledger.close()
+
+
+async def test_a_group_ends_the_reservations_of_its_request_ids(postgres_url) -> None:
+    ledger = await Ledger.open(DatabaseUrl.parse(postgres_url), migrate=True)
+    certificates = ledger.certificates
+    try:
+        for k in range(3):
+            claimed = await certificates.reservations.claim(f"req-{k}", f"fp-{k}", "me", 1, 2**60)
+            assert claimed.kind is ClaimKind.RESERVED
+        await asyncio.gather(
+            *(certificates.record(certificate(40 + k, "dev-g", f"req-{k}"), f"fp-{k}", NOW) for k in range(3))
+        )
+        assert certificates.group_commits == 1
+        assert [await certificates.reservations.holder_of(f"req-{k}") for k in range(3)] == [None] * 3
+        again = await certificates.reservations.claim("req-1", "fp-1", "me", 1, 2**60)
+        assert again.kind is ClaimKind.ANSWERED
     finally:
         await ledger.close()
 

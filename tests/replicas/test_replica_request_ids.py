@@ -3,7 +3,9 @@ executed once, by the replica that reserved the id; the other waits and answers 
 REQUEST_ID_REUSED at once; a caller whose deadline comes first gets ABORTED REQUEST_IN_PROGRESS; and when the
 holder is killed (SIGKILL, right after it reserved the id) a retry on the other replica takes the request
 over once the lease ran out: exactly one certificate, one DPS write.  Enroll killed after its DPS write is
-taken over the same way and recognises the write (its codes are retained before, its work idempotent)."""
+taken over the same way and recognises the write (its codes are retained before, its work idempotent).  A
+CSR MintCertificate reserves nothing: the ledger's key on the request id decides which replica's certificate
+is recorded, and every answer is that one."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from enrollment.provisioning_env import (
     mint,
     running_factory,
 )
+from factory.factory_env import make_csr, make_key
 from replicas.test_replicas import migrated
 from support.factory_process import FactoryProcess
 
@@ -127,6 +130,38 @@ def _answer(reply: apb.ActivateResponse) -> tuple:
         reply.registered_hub,
         reply.owner_oem,
     )
+
+
+async def test_a_csr_request_id_sent_to_two_replicas_at_once_records_one_certificate(
+    tmp_path, emulator, postgres_url
+):
+    """CSR mode reserves nothing (the ledger's key on the request id decides, between replicas too): the same
+    request sent to both replicas at once, four times each, records one certificate, and every answer is that
+    certificate (the losers' signatures are dropped, never recorded nor answered); another body with the
+    id is REQUEST_ID_REUSED."""
+    await migrated(DatabaseUrl.parse(postgres_url))
+    async with AsyncExitStack() as stack:
+        pg = {"FACTORY_DATABASE_URL": postgres_url}
+        envs = [factory_env(tmp_path / f"r{i}", emulator, **pg) for i in range(2)]
+        stubs = [(await stack.enter_async_context(running_factory(env)))[1] for env in envs]
+        device = str(uuid.uuid4())
+        request = fpb.MintCertificateRequest(
+            device_id=device, csr_pem=make_csr(make_key("p256"), device), request_id="csr-1"
+        )
+        answers = await asyncio.gather(*(stub.MintCertificate(request) for stub in stubs * 4))
+        other = fpb.MintCertificateRequest(
+            device_id=device, csr_pem=make_csr(make_key("p256"), device), request_id="csr-1"
+        )
+        reused = await failure(stubs[1].MintCertificate(other))
+    serials = {answer.certificate.serial_number for answer in answers}
+    assert len(serials) == 1 and sum(not answer.replayed for answer in answers) >= 1
+    issued = "SELECT count(*) FROM certificates WHERE request_id = %s"
+    assert await count(postgres_url, issued, "csr-1") == 1
+    recorded = "SELECT serial_number FROM mint_requests WHERE request_id = %s"
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        assert await (await conn.execute(recorded, ("csr-1",))).fetchall() == [(serials.pop(),)]
+    assert await count(postgres_url, "SELECT count(*) FROM mint_reservations") == 0
+    assert (reused.code, reused.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED")
 
 
 async def test_two_activation_replicas_activate_one_request_id_once(tmp_path, emulator, postgres_url):

@@ -6,7 +6,8 @@ Settings (TOML / environment, prefix FACTORY):
 |-------------------------------------|--------------------------------------------|---------|
 | enroll.enabled                      | FACTORY_ENROLL_ENABLED                     | true    |
 | enroll.min_remaining_validity_days  | FACTORY_ENROLL_MIN_REMAINING_VALIDITY_DAYS | 30      |
-| enroll.code_hash_log2_n             | FACTORY_ENROLL_CODE_HASH_LOG2_N            | 8       |
+| enroll.code_hash                    | FACTORY_ENROLL_CODE_HASH                   | hmac-sha256 (or scrypt) |
+| enroll.code_hash_log2_n             | FACTORY_ENROLL_CODE_HASH_LOG2_N            | 8 (scrypt's cost) |
 | enroll.max_batch                    | FACTORY_ENROLL_MAX_BATCH                   | 1000    |
 | enroll.delivery_backoff_max         | FACTORY_ENROLL_DELIVERY_BACKOFF_MAX        | 30 (s)  |
 | enroll.code_retention_hours         | FACTORY_ENROLL_CODE_RETENTION_HOURS        | 168 (7 days) |
@@ -39,7 +40,7 @@ from factory_svc.enrollment.outbox import Outbox
 from factory_svc.enrollment.records import RevocationCheck
 from factory_svc.enrollment.retained import KEY_FILE, RetainedCodes
 from factory_svc.enrollment.service import EnrollmentService
-from provkit.activation_code import DEFAULT_LOG2_N
+from provkit.activation_code import DEFAULT_HASH, DEFAULT_LOG2_N, CodeHash
 from provkit.clock import Clock
 from provkit.cloud import (
     CloudNotConfigured,
@@ -72,6 +73,14 @@ def load_enroll_settings(source: SettingsSource) -> EnrollSettings | None:
         return None
     days = source.integer("enroll.min_remaining_validity_days", 30)
     log2_n = source.integer("enroll.code_hash_log2_n", DEFAULT_LOG2_N)
+    alg_name = (source.text("enroll.code_hash") or DEFAULT_HASH.value).strip().lower()
+    try:
+        alg = CodeHash(alg_name)
+    except ValueError:
+        choices = ", ".join(kind.value for kind in CodeHash)
+        raise SettingsError(
+            f"{source.describe('enroll.code_hash')} must be one of {choices}, got {alg_name!r}"
+        ) from None
     if days < 0:
         raise SettingsError("FACTORY_ENROLL_MIN_REMAINING_VALIDITY_DAYS must not be negative")
     if not 8 <= log2_n <= 20:
@@ -81,6 +90,7 @@ def load_enroll_settings(source: SettingsSource) -> EnrollSettings | None:
         raise SettingsError("FACTORY_ENROLL_CODE_RETENTION_HOURS must be positive")
     policy = EnrollPolicy(
         min_remaining_validity=timedelta(days=days),
+        code_hash=alg,
         code_hash_log2_n=log2_n,
         max_batch=source.integer("enroll.max_batch", 1000),
         delivery_backoff_max=source.number("enroll.delivery_backoff_max", 30.0),

@@ -1,10 +1,11 @@
 """EnrollBatch: many devices in one call, each item answered on its own (no business rules of its own beyond
 the batch's: its size, duplicates within it; each item follows Enroll's, ``writer``).
 
-Items are linted in worker threads a bulk's worth at a time; new ones go to DPS in bulk operations of ten (at
-most ``bulk_concurrency`` at a time, their codes hashed first so hashing overlaps with writing), replacements
-one by one; everything goes to the outbox while older entries wait there.  An id DPS already holds is retried
-on the single-record path.  After a bulk write the certificates revoked meanwhile are enforced and refused.
+Items are linted in worker threads a bulk's worth at a time, and their certificates looked up among the
+revoked ones together; new ones go to DPS in bulk operations of ten (at most ``bulk_concurrency`` at a time,
+all their codes made and retained first, in one commit), replacements one by one; everything goes to the
+outbox while older entries wait there.  An id DPS already holds is retried on the single-record path.  After
+the bulk writes the certificates revoked meanwhile are enforced and refused (one look for the call).
 
 Reasons raised: each item's (see ``writer``), DUPLICATE_IN_BATCH; for the call: BATCH_EMPTY, BATCH_TOO_LARGE,
 REQUEST_ID_INVALID, REQUEST_ID_REUSED.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from typing import Any
 
@@ -78,7 +80,7 @@ class BatchEnrollment:
         check_count(
             "items", len(requests), self._policy.max_batch, Reason.BATCH_EMPTY, Reason.BATCH_TOO_LARGE
         )
-        request_fingerprint = enroll_fingerprint(requests)
+        request_fingerprint = enroll_fingerprint(requests) if request_id else ""  # only an id needs one
         requests = [dc_replace(r, request_id=request_id) for r in requests]  # the batch's, for the audit
         return await self._answers.run(
             request_id,
@@ -93,9 +95,10 @@ class BatchEnrollment:
         valid: list[BatchItem] = []
         seen: set[str] = set()
         outcomes = await self._lint_many(requests)
+        revoked = await self._writer.revoked([o for o in outcomes if not isinstance(o, DomainError)])
         for index, (request, linted) in enumerate(zip(requests, outcomes, strict=True)):
-            if not isinstance(linted, DomainError):
-                try:
+            if not isinstance(linted, DomainError) and linted.sha256_thumbprint in revoked:
+                try:  # the refusal with the revocation's details
                     await self._writer.refuse_revoked(linted, f"items[{index}].")
                 except DomainError as exc:
                     linted = exc
@@ -149,20 +152,44 @@ class BatchEnrollment:
         creates = [item for item in valid if not item.request.replace]
         replaces = [item for item in valid if item.request.replace]
         gate = asyncio.Semaphore(self._policy.bulk_concurrency)
+        # every new item's code made and retained first (one commit), then the bulks go to DPS together
+        codes = await self._issuer.new_codes([item.linted.device_id for item in creates]) if creates else []
         bulks = await asyncio.gather(
-            *(self._create_bulk(creates[n : n + BULK], gate) for n in range(0, len(creates), BULK))
+            *(
+                self._create_bulk(creates[n : n + BULK], codes[n : n + BULK], gate)
+                for n in range(0, len(creates), BULK)
+            )
         )
-        results = [result for bulk in bulks for result in bulk]
+        results = await self._not_revoked_since([result for bulk in bulks for result in bulk])
         codes = await self._issuer.new_codes([item.linted.device_id for item in replaces]) if replaces else []
         for item, code in zip(replaces, codes, strict=True):
             results.append(await self._enroll_item(item, code))
         return results
 
-    async def _create_bulk(self, part: Sequence[BatchItem], gate: asyncio.Semaphore) -> list[BatchItemResult]:
-        """One DPS bulk create for up to ten new items.  Their codes are hashed first (worker threads), so
-        the first operation leaves after ten hashes and hashing overlaps with writing to DPS; an id DPS
-        already holds is retried on the single-record path (it may hold this very certificate)."""
-        codes = await self._issuer.new_codes([item.linted.device_id for item in part])
+    async def _not_revoked_since(self, results: list[_Written | BatchItemResult]) -> list[BatchItemResult]:
+        """After the bulk writes (one look for all the items they wrote): the certificates revoked
+        meanwhile have their revocation enforced again and are answered CERTIFICATE_REVOKED."""
+        written = [r.item for r in results if isinstance(r, _Written)]
+        revoked = await self._writer.revoked_among([item.linted for item in written])
+        out = []
+        for result in results:
+            if not isinstance(result, _Written):
+                out.append(result)
+            elif result.item.linted.sha256_thumbprint in revoked:
+                item = result.item
+                refusal = revoked_error(item.linted.sha256_thumbprint, None, f"items[{item.index}].")
+                out.append(_error_item(item.index, item.linted.device_id, refusal))
+            else:
+                out.append(result.result)
+        return out
+
+    async def _create_bulk(
+        self, part: Sequence[BatchItem], codes: Sequence[NewCode], gate: asyncio.Semaphore
+    ) -> list[_Written | BatchItemResult]:
+        """One DPS bulk create for up to ten new items with their (retained) codes; an id DPS already holds
+        is retried on the single-record path (it may hold this very certificate).  The items it wrote are
+        answered ``_Written``: the check for revocations after the write is the batch's
+        (``_not_revoked_since``)."""
         records = [
             new_enrollment(item.linted, record, item.request.owner)
             for item, (_, record) in zip(part, codes, strict=True)
@@ -180,23 +207,12 @@ class BatchEnrollment:
                 return [_error_item(item.index, item.linted.device_id, refused) for item in part]
         crash_point("enroll.after_dps_write")
         failed = {e.registration_id.lower(): e.error for e in errors}
-        revoked = await self._writer.revoked_among(
-            [item.linted for item in part if item.linted.device_id not in failed]
-        )
-        results = []
+        results: list[_Written | BatchItemResult] = []
         for item, code in zip(part, codes, strict=True):
             error = failed.get(item.linted.device_id)
-            if item.linted.sha256_thumbprint in revoked:
-                results.append(
-                    _error_item(
-                        item.index,
-                        item.linted.device_id,
-                        revoked_error(item.linted.sha256_thumbprint, None, f"items[{item.index}]."),
-                    )
-                )
-            elif error is None:
+            if error is None:
                 created = self._writer.result(item.linted, EnrollOutcome.CREATED, Delivery.LIVE, code)
-                results.append(item_result(item, created))
+                results.append(_Written(item, item_result(item, created)))
             elif isinstance(error, CloudAlreadyExists):
                 results.append(await self._enroll_item(item, code))
             else:
@@ -228,6 +244,14 @@ class BatchEnrollment:
             for item in batch.items
         )
         return dc_replace(batch, items=items)
+
+
+@dataclass(frozen=True)
+class _Written:
+    """A batch item a bulk create wrote, and its answer unless it was revoked meanwhile."""
+
+    item: BatchItem
+    result: BatchItemResult
 
 
 def _error_item(index: int, device_id: str, exc: DomainError) -> BatchItemResult:

@@ -1,7 +1,8 @@
 """Activation codes: made (hashed in worker threads, retained encrypted before DPS sees the hash), rotated,
 acknowledged and purged.
 
-- ``CodeIssuer`` makes the codes every enrollment path hands out: hashed in its own threads, retained
+- ``CodeIssuer`` makes the codes every enrollment path hands out: hashed (on the event loop with the default
+  HMAC-SHA-256, about a microsecond each; in its own threads when scrypt is configured), retained
   (``RetainedCodes``) before anyone can write the hash to DPS, so a retry -- same request id, or a re-run that
   finds the device UNCHANGED -- returns the code again until the MES acknowledges the label or the retention
   window passes.  ``close()`` shuts its threads down.
@@ -29,7 +30,7 @@ from factory_svc.enrollment.outbox import AuditRecord, Outbox, OutboxState
 from factory_svc.enrollment.requests import OnceAnswered, check_count
 from factory_svc.enrollment.retained import RetainedCodes, code_id
 from factory_svc.errors import Reason
-from provkit.activation_code import new_codes
+from provkit.activation_code import CodeHash, new_codes
 from provkit.clock import Clock
 from provkit.cloud import (
     CloudEtagMismatch,
@@ -50,46 +51,58 @@ log = logging.getLogger("factory_svc.enrollment")
 
 NewCode = tuple[str, dict[str, Any]]  # the code handed out once, and the hash record DPS keeps
 MAX_ATTEMPTS = 8  # etag-guarded updates of one enrollment before ENROLLMENT_CONCURRENTLY_MODIFIED
-# Worker threads, one pool for hashing activation codes (and one for linting batch items, see ``batch``).
-# scrypt and the ECDSA check release the GIL, but each must take it back afterwards, and while another thread
-# runs Python that waits up to the interpreter's switch interval (5 ms): one hashing thread then manages ~230
-# hashes/s whatever the cores.  So: several threads.  (Measured beside a busy Python thread: 1 hashing thread
-# 229/s, 2: 475/s, 4 and 8: ~775/s, which was all the CPU left.)  A job is one DPS bulk operation's worth (ten
-# codes): half the hand-overs of five per job, ~6 % less CPU per enrollment.
+# Worker threads, one pool for hashing activation codes with scrypt (the fast default hash needs none) and
+# one for linting batch items (see ``batch``).  scrypt and the ECDSA check release the GIL, but each must
+# take it back afterwards, and while another thread runs Python that waits up to the interpreter's switch
+# interval (5 ms): one hashing thread then manages ~230 hashes/s whatever the cores.  So: several threads.
+# (Measured beside a busy Python thread: 1 hashing thread 229/s, 2: 475/s, 4 and 8: ~775/s, which was all
+# the CPU left.)  A job is one DPS bulk operation's worth (ten codes): half the hand-overs of five per job,
+# ~6 % less CPU per enrollment.
 WORKER_THREADS = max(4, min(16, 4 * (os.cpu_count() or 2)))
 _HASH_JOB = 10
 
 
-def _hash_job(count: int, log2_n: int) -> list[NewCode]:
-    return new_codes(count, log2_n=log2_n)
+def _hash_job(count: int, alg: CodeHash, log2_n: int) -> list[NewCode]:
+    return new_codes(count, alg=alg, log2_n=log2_n)
 
 
 class CodeIssuer:
-    """New codes, hashed in worker threads and retained; the retained code of an enrollment or a result."""
+    """New codes, hashed and retained; the retained code of an enrollment or a result."""
 
-    def __init__(self, codes: RetainedCodes, log2_n: int, clock: Clock) -> None:
+    def __init__(
+        self, codes: RetainedCodes, log2_n: int, clock: Clock, alg: CodeHash = CodeHash.HMAC_SHA256
+    ) -> None:
         self.retained = codes
+        self._alg = alg
         self._log2_n = log2_n
         self._clock = clock
-        self._hashers = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="code-hash")
+        self._hashers = (
+            ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="code-hash")
+            if alg is CodeHash.SCRYPT
+            else None
+        )
 
     def close(self) -> None:
         """Stop the hashing threads (after the last request)."""
-        self._hashers.shutdown(wait=True)
+        if self._hashers is not None:
+            self._hashers.shutdown(wait=True)
 
     async def new_code(self, device_id: str) -> NewCode:
         return (await self.new_codes([device_id]))[0]
 
     async def new_codes(self, device_ids: Sequence[str]) -> list[NewCode]:
-        """A code for each device, hashed in the hashing threads (ten per job), and retained (encrypted,
-        committed) before anyone can write its hash to DPS."""
+        """A code for each device, hashed (scrypt: in the hashing threads, ten per job), and retained
+        (encrypted, committed) before anyone can write its hash to DPS."""
         count = len(device_ids)
-        loop = asyncio.get_running_loop()
-        jobs = [min(_HASH_JOB, count - k) for k in range(0, count, _HASH_JOB)]
-        parts = await asyncio.gather(
-            *(loop.run_in_executor(self._hashers, _hash_job, n, self._log2_n) for n in jobs)
-        )
-        codes = [item for part in parts for item in part]
+        if self._hashers is None:  # a microsecond a code: a hand-off to a thread would cost more
+            codes = _hash_job(count, self._alg, self._log2_n)
+        else:
+            loop = asyncio.get_running_loop()
+            jobs = [min(_HASH_JOB, count - k) for k in range(0, count, _HASH_JOB)]
+            parts = await asyncio.gather(
+                *(loop.run_in_executor(self._hashers, _hash_job, n, self._alg, self._log2_n) for n in jobs)
+            )
+            codes = [item for part in parts for item in part]
         await self.retained.retain(
             [(d, code, record) for d, (code, record) in zip(device_ids, codes, strict=True)], self._clock()
         )

@@ -1,20 +1,28 @@
 """``OutboxDelivery``: the background task that delivers queued enrollments to DPS, oldest first.
 
-One entry at a time, in sequence order (per replica: on PostgreSQL each replica claims the next entry no
-other holds, see ``Outbox.with_next``, and an idle replica looks every second for entries the others
-queued: ``Outbox.idle_wait``).  While DPS is unreachable the loop waits (capped exponential
-backoff, or DPS's Retry-After) and tries the same entry again; a refusal (e.g. the id is enrolled with
-another certificate) marks the entry FAILED and moves on.  A retry after a crash recognises its own earlier
-write (same certificate and activation-code hash in DPS) and marks the entry delivered without writing.
-The ownership and replace rules (``ownership.py``) are applied to what DPS holds at delivery, and a
-replacement is audited with the caller and the reason the entry carries.
+A batch at a time (``Outbox.with_next_batch``: up to ``CLAIM`` entries, each the oldest pending entry of
+its device, so a device's entries go in order; on PostgreSQL each replica claims entries no other holds, and
+an idle replica looks every second for entries the others queued: ``Outbox.idle_wait``).  New enrollments
+go to DPS in bulk creates of ten (``BULK``), the batch's bulks at once; the entries a bulk wrote are marked
+delivered (CREATED), together, once the batch is done.  An id DPS already holds (HTTP 409 for that record),
+a bulk DPS refused as a whole, and every replacement take the one-by-one path: GET the enrollment, then
+create it or update it etag-guarded.  While DPS is unreachable the loop waits (capped exponential backoff,
+or DPS's Retry-After) and tries the same entries again; a refusal (e.g. the id is enrolled with another
+certificate) marks the entry FAILED and moves on.
 
-Revocation is checked at delivery, inside the entry's claim: an entry whose certificate was revoked after
-it was queued is not written; it is completed as FAILED with reason CERTIFICATE_REVOKED (what
-GetEnrollmentStatus shows, with the state REVOKED) and audited (``refuse-revoked``).  The check runs again
-after a write: a revocation that committed meanwhile may have looked at DPS before the write, so the
-device's revocation intent is reopened (``RevocationCheck.enforce``; the enrollment ends disabled) and the
-entry is completed the same way.  Either way its activation code never enables anything.
+Exactly once in effect: a kill -9 after a bulk write and before the marks leaves those entries pending; the
+next attempt's bulk create gets 409 for each of them, and the one-by-one path finds its own earlier write
+(same certificate and activation-code hash in DPS) and marks the entry delivered (ALREADY_APPLIED) without
+writing.  The ownership and replace rules (``ownership.py``) are applied to what DPS holds at delivery, and
+a replacement is audited with the caller and the reason the entry carries.
+
+Revocation is checked at delivery, inside the entries' claim (one ledger query for a batch): an entry
+whose certificate was revoked after it was queued is not written; it is completed as FAILED with reason
+CERTIFICATE_REVOKED (what GetEnrollmentStatus shows, with the state REVOKED) and audited
+(``refuse-revoked``).  The check runs again after a write: a revocation that committed meanwhile may have
+looked at DPS before the write, so the device's revocation intent is reopened (``RevocationCheck.enforce``;
+the enrollment ends disabled) and the entry is completed the same way.  Either way its activation code
+never enables anything.
 """
 
 from __future__ import annotations
@@ -51,6 +59,9 @@ from provkit.errors import Reason as SharedReason
 from provkit.faults import crash_point
 
 log = logging.getLogger("factory_svc.outbox")
+
+BULK = 10  # records in one DPS bulk operation (Azure's limit)
+CLAIM = 8 * BULK  # entries claimed at once: their bulks go to DPS together, one per connection of its adapter
 
 
 class Delivered(enum.Enum):
@@ -112,7 +123,8 @@ class OutboxDelivery:
         while True:
             try:
                 self._outbox.changed.clear()  # before looking: an enqueue from now on wakes the wait below
-                pause = await self._outbox.with_next(functools.partial(self._handle, delay=delay))
+                handle = functools.partial(self._handle_batch, delay=delay)
+                pause = await self._outbox.with_next_batch(CLAIM, handle)
                 if pause is None:
                     await self._wait(self._outbox.idle_wait)
                 elif pause > 0:
@@ -126,6 +138,74 @@ class OutboxDelivery:
             except Exception:
                 log.exception("outbox delivery error")
                 await asyncio.sleep(min(self._max, delay))
+
+    async def _handle_batch(self, claims: list[Claimed], delay: float) -> float:
+        """Deliver the claimed entries (new enrollments in DPS bulk creates of ten, at once; replacements
+        and anything a bulk did not settle one by one) and mark each; answer how long to pause before the
+        next batch (0: none)."""
+        pending = await self._not_revoked(claims, written=False)
+        creates = [c for c in pending if c.entry.mode is OutboxMode.CREATE]
+        singles = [c for c in pending if c.entry.mode is not OutboxMode.CREATE]
+        outcomes = await asyncio.gather(
+            *(self._create_bulk(creates[n : n + BULK], delay) for n in range(0, len(creates), BULK))
+        )
+        pause = max((p for p, _ in outcomes), default=0.0)
+        singles += [claim for _, rest in outcomes for claim in rest]
+        for claim in sorted(singles, key=lambda c: c.entry.seq):
+            if pause > 0:  # DPS is unreachable: the rest stays pending, untried, for the next attempt
+                break
+            pause = await self._handle(claim, delay)
+        return pause
+
+    async def _not_revoked(self, claims: list[Claimed], *, written: bool) -> list[Claimed]:
+        """The claims whose certificate is not revoked; the others are completed as refused (and, after a
+        write, their revocation enforced again: see ``_refused_as_revoked``)."""
+        if self._revocations is None or not claims:
+            return claims
+        revoked = await self._revocations.revoked_among([c.entry.sha256_thumbprint for c in claims])
+        kept = []
+        for claim in claims:
+            if claim.entry.sha256_thumbprint not in revoked or not await self._refused_as_revoked(
+                claim, written=written
+            ):
+                kept.append(claim)
+        return kept
+
+    async def _create_bulk(self, part: list[Claimed], delay: float) -> tuple[float, list[Claimed]]:
+        """One DPS bulk create of up to ten new enrollments.  Answers the pause it calls for (DPS
+        unreachable) and the claims left to the one-by-one path: an id DPS already holds (perhaps this very
+        write, made by an attempt whose marks a crash lost: the one-by-one path recognises it), or a bulk
+        DPS refused as a whole (one record may be at fault: each is tried alone)."""
+        records = [
+            new_enrollment_of(e.device_id, e.certificate_pem, e.code_hash, e.intent.owner)
+            for e in (claim.entry for claim in part)
+        ]
+        try:
+            errors = await self._dps.bulk_create(records)
+        except CloudUnavailable as exc:
+            for claim in part:
+                await claim.record_attempt(SharedReason.DPS_UNAVAILABLE, str(exc))
+            return min(self._max, max(delay, exc.retry_after or 0.0)), []
+        except CloudRejected:
+            return 0.0, part
+        failed = {e.registration_id.lower(): e.error for e in errors}
+        written: list[Claimed] = []
+        retry: list[Claimed] = []
+        for claim in part:
+            error = failed.get(claim.entry.device_id.lower())
+            if error is None:
+                crash_point("outbox.after_dps_write")  # a retry recognises its own write
+                written.append(claim)
+            elif isinstance(error, CloudAlreadyExists):
+                retry.append(claim)
+            else:
+                await claim.mark_failed(SharedReason.DPS_REFUSED, str(error))
+                log.warning("queued enrollment refused by DPS", extra={"seq": claim.entry.seq})
+        now = self._clock()  # one moment for the bulk: its marks are one statement
+        for claim in await self._not_revoked(written, written=True):
+            await claim.mark_delivered(Delivered.CREATED.value, now)
+        log.info("queued enrollments delivered", extra={"delivered": len(written), "bulk": len(part)})
+        return 0.0, retry
 
     async def _handle(self, claim: Claimed, delay: float) -> float:
         """Deliver the claimed entry and mark it; answer how long to pause before the next (0: none)."""

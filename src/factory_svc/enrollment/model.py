@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from provkit.activation_code import CodeHash
 from provkit.context import Caller
 from provkit.errors import ErrorKind
 
@@ -142,7 +143,8 @@ class TransferResult:
 @dataclass(frozen=True)
 class EnrollPolicy:
     min_remaining_validity: timedelta = timedelta(days=30)
-    code_hash_log2_n: int = 8  # provkit.activation_code.DEFAULT_LOG2_N
+    code_hash: CodeHash = CodeHash.HMAC_SHA256  # provkit.activation_code.DEFAULT_HASH
+    code_hash_log2_n: int = 8  # scrypt's cost, when chosen: provkit.activation_code.DEFAULT_LOG2_N
     max_batch: int = 1000
     bulk_concurrency: int = 8
     delivery_backoff_initial: float = 0.5

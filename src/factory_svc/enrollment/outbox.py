@@ -14,11 +14,12 @@ reason (``enrollment_audit``); (migration 3) the activation codes not yet acknow
 
 Stored through ``dbstore``: the SQLite file ``<data_dir>/enrollments.sqlite3`` by default (one process,
 whose delivery loop is the only one), or the service's PostgreSQL database, shared by several replicas.
-There each replica's delivery loop claims the oldest pending entry that no other replica holds and that
-has no older pending entry of its device (``SELECT ... FOR UPDATE SKIP LOCKED``), keeps its row locked
-while it delivers, and marks it in the same transaction (:meth:`Outbox.with_next`): two replicas never
-deliver one entry, a device's entries go in order, and a replica that dies mid-delivery lets go of the
-row with its connection, so another one finishes the entry (recognising a write that was done).  An
+There each replica's delivery loop claims the oldest pending entries that no other replica holds and that
+have no older pending entry of their device (``SELECT ... FOR UPDATE SKIP LOCKED``), keeps their rows
+locked while it delivers, and marks them in the same transaction (:meth:`Outbox.with_next_batch`): two
+replicas never deliver one entry, a device's entries go in order, and a replica that dies mid-delivery lets
+go of the rows with its connection, so another one finishes the entries (recognising writes that were
+done).  An
 idle delivery loop hears of its own process's new entries at once (``changed``) and looks for the other
 replicas' every second (``idle_wait``).
 """
@@ -225,10 +226,10 @@ def _entry(row: tuple[Any, ...]) -> OutboxEntry:
     )
 
 
-_PENDING_FIRST_OF_DEVICE = (
+_PENDING_FIRSTS_OF_DEVICES = (
     "WHERE state = 'pending' AND NOT EXISTS (SELECT 1 FROM outbox older "
     "WHERE older.device_id = outbox.device_id AND older.state = 'pending' AND older.seq < outbox.seq) "
-    "ORDER BY seq LIMIT 1"
+    "ORDER BY seq LIMIT ?"
 )
 
 
@@ -241,12 +242,38 @@ async def _record_attempt(tx: Tx, seq: int, reason: str, message: str) -> None:
 
 
 async def _mark_delivered(tx: Tx, seq: int, outcome: str, now: datetime) -> None:
+    await _mark_all_delivered(tx, [seq], outcome, now)
+
+
+async def _mark_all_delivered(tx: Tx, seqs: Sequence[int], outcome: str, now: datetime) -> None:
+    marks = ", ".join("?" * len(seqs))
     await tx.execute(
-        "UPDATE outbox SET state = 'delivered', attempts = attempts + 1, outcome = ?, "
-        "delivered_us = ?, failure_reason = '', failure_message = '' "
-        "WHERE seq = ? AND state = 'pending'",
-        (outcome, to_us(now), seq),
+        "UPDATE outbox SET state = 'delivered', attempts = attempts + 1, outcome = ?, "  # noqa: S608 - marks
+        f"delivered_us = ?, failure_reason = '', failure_message = '' WHERE seq IN ({marks}) "
+        "AND state = 'pending'",
+        (outcome, to_us(now), *seqs),
     )
+
+
+class _Marks:
+    """The marks of a claimed batch, written together when its handling is done: the delivered ones one
+    statement per (outcome, moment), the rest one by one."""
+
+    def __init__(self) -> None:
+        self.delivered: dict[tuple[str, datetime], list[int]] = {}
+        self.others: list[Work[None]] = []
+
+    async def defer(self, work: Work[None]) -> None:
+        self.others.append(work)
+
+    async def write(self, tx: Tx) -> None:
+        for (outcome, now), seqs in self.delivered.items():
+            await _mark_all_delivered(tx, seqs, outcome, now)
+        for work in self.others:
+            await work(tx)
+
+    def __bool__(self) -> bool:
+        return bool(self.delivered or self.others)
 
 
 async def _mark_failed(tx: Tx, seq: int, reason: str, message: str) -> None:
@@ -261,14 +288,20 @@ class Claimed:
     """The entry a delivery holds; its outcome is written through :meth:`record_attempt` and the marks (in
     the claim's own transaction on PostgreSQL)."""
 
-    def __init__(self, entry: OutboxEntry, run: Callable[[Work[None]], Awaitable[None]]) -> None:
+    def __init__(
+        self, entry: OutboxEntry, run: Callable[[Work[None]], Awaitable[None]], marks: _Marks | None = None
+    ) -> None:
         self.entry = entry
         self._run = run
+        self._marks = marks
 
     async def record_attempt(self, reason: str, message: str) -> None:
         await self._run(lambda tx: _record_attempt(tx, self.entry.seq, reason, message))
 
     async def mark_delivered(self, outcome: str, now: datetime) -> None:
+        if self._marks is not None:  # one of a batch: written with the batch's other deliveries
+            self._marks.delivered.setdefault((outcome, now), []).append(self.entry.seq)
+            return
         await self._run(lambda tx: _mark_delivered(tx, self.entry.seq, outcome, now))
 
     async def mark_failed(self, reason: str, message: str) -> None:
@@ -337,10 +370,45 @@ class Outbox:
             return None if entry is None else await handle(Claimed(entry, self._db.transaction))
 
         async def claim(tx: Tx) -> T | None:
-            row = await tx.fetchone(_SELECT + _PENDING_FIRST_OF_DEVICE + " FOR UPDATE SKIP LOCKED")
+            row = await tx.fetchone(_SELECT + _PENDING_FIRSTS_OF_DEVICES + " FOR UPDATE SKIP LOCKED", (1,))
             if row is None:
                 return None
             return await handle(Claimed(_entry(row), lambda work: work(tx)))
+
+        return await self._db.transaction(claim)
+
+    async def with_next_batch(self, limit: int, handle: Callable[[list[Claimed]], Awaitable[T]]) -> T | None:
+        """``handle`` up to ``limit`` entries to deliver next (None when there is none), holding them
+        meanwhile: the oldest pending ones, each the oldest pending entry of its device, so a device's
+        entries still go one at a time and in order.  Their marks are written together once ``handle``
+        returns, in one transaction (one commit for the batch); nothing is marked when it raises.
+
+        On a database shared by replicas (PostgreSQL) the entries are claimed as by :meth:`with_next`
+        (``FOR UPDATE SKIP LOCKED``: rows no other replica holds), locked for the whole of ``handle``, and
+        the marks commit with the claim."""
+        sql = _SELECT + _PENDING_FIRSTS_OF_DEVICES
+
+        async def handled(rows: list[tuple[Any, ...]], marks: _Marks) -> T:
+            return await handle([Claimed(_entry(row), marks.defer, marks) for row in rows])
+
+        if not self._db.shared:
+            rows = await self._db.read(lambda tx: tx.fetchall(sql, (limit,)))
+            if not rows:
+                return None
+            marks = _Marks()
+            result = await handled(rows, marks)
+            if marks:
+                await self._db.transaction(marks.write)
+            return result
+
+        async def claim(tx: Tx) -> T | None:
+            rows = await tx.fetchall(sql + " FOR UPDATE SKIP LOCKED", (limit,))
+            if not rows:
+                return None
+            batch = _Marks()  # afresh when the transaction is run again (a deadlock)
+            result = await handled(rows, batch)
+            await batch.write(tx)
+            return result
 
         return await self._db.transaction(claim)
 

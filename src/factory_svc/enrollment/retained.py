@@ -105,9 +105,12 @@ class RetainedCodes:
     async def retain(self, items: Sequence[tuple[str, str, Mapping[str, Any]]], now: datetime) -> None:
         """Keep (device id, code, hash record) triples, encrypted, in one committed transaction."""
         rows = []
-        for device_id, code, record in items:
+        # one call to the random source for every nonce: each call lets go of the GIL (behind busy threads,
+        # taking it back costs more than the call)
+        nonces = secrets.token_bytes(_NONCE_BYTES * len(items))
+        for k, (device_id, code, record) in enumerate(items):
             cid = code_id(record)
-            nonce = secrets.token_bytes(_NONCE_BYTES)
+            nonce = nonces[k * _NONCE_BYTES : (k + 1) * _NONCE_BYTES]
             rows.append(
                 (device_id, cid, nonce, self._aead.encrypt(nonce, code.encode(), _aad(device_id, cid)))
             )

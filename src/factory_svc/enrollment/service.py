@@ -63,7 +63,7 @@ class EnrollmentService:
         self._outbox = outbox
         # one for every RPC here (their ids share one answer table): reservations in the outbox's database
         self._answers = OnceAnswered(outbox, request_ids)
-        self._issuer = CodeIssuer(codes, policy.code_hash_log2_n, clock)
+        self._issuer = CodeIssuer(codes, policy.code_hash_log2_n, clock, policy.code_hash)
         self._writer = EnrollmentWriter(dps, outbox, self._issuer, lint_policy, clock, revocations)
         self.batch = BatchEnrollment(
             dps, outbox, self._writer, self._issuer, policy, self._answers

@@ -157,6 +157,12 @@ class EnrollmentWriter:
             request.device_id, request.certificate_pem, self._lint, self._clock(), field_prefix
         )
 
+    async def revoked(self, linted: Sequence[LintedCertificate]) -> set[str]:
+        """The thumbprints among ``linted`` whose certificate the factory revoked (one look for them all)."""
+        if self._revocations is None or not linted:
+            return set()
+        return await self._revocations.revoked_among([item.sha256_thumbprint for item in linted])
+
     async def refuse_revoked(self, linted: LintedCertificate, field_prefix: str = "") -> None:
         if self._revocations is None:
             return

@@ -2,10 +2,12 @@
 
 Order of work for ``mint``: validate everything (id, key source, CSR, validity) -> idempotency look-up
 (``provkit.idempotency``; the ledger keeps the answers) -> make the key (mode B) -> sign -> commit to the
-ledger -> answer.  Nothing is written for bad input.  In CSR mode on a ledger no other process writes
-(SQLite) the look-up is left to the commit: the ledger refuses a request id it holds, and the certificate
-just signed for it is dropped (never recorded nor answered) and the stored answer replayed; a new id so
-costs one trip to the ledger's thread instead of two.
+ledger -> answer.  Nothing is written for bad input.  In CSR mode the look-up is left to the commit, on
+both backends: the ledger refuses a request id it holds (its key on ``mint_requests``, which on PostgreSQL
+decides between replicas too), and the certificate just signed for it is dropped (never recorded nor
+answered) and the stored answer replayed; a new id so costs one group commit and nothing more (on
+PostgreSQL no reservation either: two round trips fewer).  A server-generated key (seconds for RSA) is made
+only for an id the ledger does not hold, and replicas take turns on it through a reservation.
 """
 
 from __future__ import annotations

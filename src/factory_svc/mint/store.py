@@ -1,18 +1,21 @@
 """The issued certificates and MintCertificate's request ids, in the ledger database (``factory_svc.ledger``).
 
-Every issued certificate is committed before ``record`` returns.  Where the database has one writer (SQLite,
-the default: WAL, synchronous=FULL) writes from concurrent RPCs are grouped into one transaction per flush
-(the database's group commit, ``Database.group_commit``), written with one multi-row INSERT per table; if one
-record conflicts the batch is redone record by record, each in its own savepoint, so one conflicting record
-never loses the others.  The unexpired count answered with each record is the id's count once its batch is
-in.  One flush costs one hand-off to the database's thread and one wake-up of the event loop, whatever its
-size; the records that arrive meanwhile form the next batch, and while records come together a batch waits
-up to ``GATHER_SECONDS`` for as many as the last one had (fewer commits, each a sync of the WAL, for a few
+Every issued certificate is committed before ``record`` returns.  Writes from concurrent RPCs are grouped
+into one transaction per flush (the database's group commit, ``Database.group_commit``: on SQLite, WAL and
+synchronous=FULL, on the store's thread; on PostgreSQL, the records of this process, ``dbstore.grouped``),
+written with one multi-row INSERT per table; if one record conflicts the batch is redone record by record,
+each in its own savepoint, so one conflicting record never loses the others.  A record is answered only once
+the commit holding it has completed; a group whose commit fails fails every record in it (none is answered
+as issued).  The unexpired count answered with each record is the id's count once its batch is in.  On
+SQLite one flush costs one hand-off to the database's thread and one wake-up of the event loop, whatever its
+size; on PostgreSQL one BEGIN, a few statements and one COMMIT instead of six round trips per certificate.
+The records that arrive meanwhile form the next batch, and while records come together a batch waits up to
+``GATHER_SECONDS`` for as many as the last one had (fewer commits, each a sync of the log, for a few
 milliseconds more per answer under load only).  Crash point (tests): ``ledger.before_commit``, a batch
 written but not committed.
 
-On a database shared by replicas (PostgreSQL) each record is its own transaction; the primary keys (serial
-number, request id) decide between replicas, and the unexpired count is read in the record's transaction.
+Between replicas (PostgreSQL) the primary keys (serial number, request id) decide, and the unexpired count is
+read in the batch's transaction.
 
 MintCertificate request ids are reserved before the work (``mint_reservations``, ``dbstore.reservations``;
 written on PostgreSQL only) and the reservation is deleted in the transaction that commits the certificate
@@ -24,12 +27,13 @@ the other stores of the ledger database (revocation, lots), which read and write
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from dbstore import Conflict, Database, Tx, reservations
+from dbstore import Backend, Conflict, Database, Tx, reservations
 from factory_svc.mint.keys import KeyType
 from factory_svc.mint.model import IssuedCertificate, KeySource
 from factory_svc.revocation.model import Revocation, RevocationReason
@@ -178,7 +182,7 @@ async def _record_one(tx: Tx, item: _Pending) -> Recorded | RequestIdTaken:
     return Recorded(int(row[0]) if row else 0)
 
 
-async def _insert_together(tx: Tx, batch: list[_Pending]) -> list[Recorded | RequestIdTaken]:
+async def _insert_together(tx: Tx, batch: list[_Pending], settle: bool) -> list[Recorded | RequestIdTaken]:
     await insert_rows(tx, INSERT_CERTIFICATE, [certificate_row(item.certificate) for item in batch])
     requests: list[tuple[object, ...]] = [
         (item.certificate.request_id, item.fingerprint, item.certificate.serial_number)
@@ -186,6 +190,9 @@ async def _insert_together(tx: Tx, batch: list[_Pending]) -> list[Recorded | Req
         if item.fingerprint is not None
     ]
     await insert_rows(tx, _INSERT_REQUEST, requests)
+    if settle:  # request ids are reserved (``dbstore.reservations``): their reservations end with this commit
+        for ids in chunks([str(row[0]) for row in requests], ROWS_PER_INSERT * 4):
+            await reservations.settle_many(tx, RESERVATIONS, ids)
     # The unexpired count of each id once the batch is in, at the batch's latest moment.
     now_us = max(item.now_us for item in batch)
     counts: dict[str, int] = {}
@@ -195,13 +202,98 @@ async def _insert_together(tx: Tx, batch: list[_Pending]) -> list[Recorded | Req
     return [Recorded(counts.get(item.certificate.device_id, 0)) for item in batch]
 
 
-async def _write_batch(tx: Tx, batch: list[_Pending]) -> list[Recorded | RequestIdTaken]:
+_CERTIFICATE_MARKS = "(" + ", ".join("?" * 13) + ")"
+
+
+async def _insert_in_one_statement(
+    tx: Tx, batch: list[_Pending], settle: bool
+) -> list[Recorded | RequestIdTaken]:
+    """PostgreSQL: the whole batch in one statement (each statement is a round trip, and each round trip a
+    turn of a busy event loop): the certificates and their request ids inserted (a taken serial or request
+    id skipped, not an error that would spoil the transaction), the reservations of the request ids stored
+    ended, and the unexpired counts read.  The statement's reads see the table as it was before its own
+    inserts, so each id's count adds the batch's own unexpired certificates.  A certificate whose request id
+    was taken is deleted again (a second statement, only then)."""
+    now_us = max(item.now_us for item in batch)
+    requests = [
+        (item.certificate.request_id, item.fingerprint, item.certificate.serial_number)
+        for item in batch
+        if item.fingerprint is not None
+    ]
+    device_ids = sorted({item.certificate.device_id for item in batch})
+    sql = (
+        f"WITH c AS ({INSERT_CERTIFICATE.split(' VALUES ')[0]} VALUES "
+        f"{', '.join([_CERTIFICATE_MARKS] * len(batch))} "
+        "ON CONFLICT (serial_number) DO NOTHING RETURNING serial_number)"
+    )
+    params: list[object] = [v for item in batch for v in certificate_row(item.certificate)]
+    taken_rows = "SELECT NULL::text WHERE false"
+    if requests:
+        sql += (
+            ", r AS (INSERT INTO mint_requests (request_id, fingerprint, serial_number) "  # noqa: S608
+            "SELECT v.request_id, v.fingerprint, v.serial_number FROM (VALUES "
+            f"{', '.join(['(?, ?, ?)'] * len(requests))}) AS v (request_id, fingerprint, serial_number) "
+            "JOIN c USING (serial_number) ON CONFLICT (request_id) DO NOTHING RETURNING request_id)"
+        )
+        params += [v for row in requests for v in row]
+        taken_rows = "SELECT request_id FROM r"
+        if settle:
+            sql += f", d AS (DELETE FROM {RESERVATIONS} WHERE request_id IN (SELECT request_id FROM r))"  # noqa: S608
+    sql += (
+        " SELECT 'c', serial_number, 0 FROM c"  # noqa: S608
+        f" UNION ALL SELECT 'r', t.request_id, 0 FROM ({taken_rows}) AS t (request_id)"
+        " UNION ALL SELECT 'n', device_id, COUNT(*) FROM certificates "
+        f"WHERE device_id IN ({', '.join('?' * len(device_ids))}) AND not_after_us > ? GROUP BY device_id"
+    )
+    params += [*device_ids, now_us]
+    inserted: set[str] = set()
+    requested: set[str] = set()
+    counts: dict[str, int] = {}
+    for kind, key, count in await tx.fetchall(sql, params):
+        if kind == "c":
+            inserted.add(str(key))
+        elif kind == "r":
+            requested.add(str(key))
+        else:
+            counts[str(key)] = int(count)
+    kept: list[_Pending] = []
+    undo: list[str] = []
+    results: list[Recorded | RequestIdTaken | None] = []
+    for item in batch:
+        serial = item.certificate.serial_number
+        if serial not in inserted:  # a duplicate serial: nothing of this record was written
+            results.append(RequestIdTaken())
+        elif item.fingerprint is not None and item.certificate.request_id not in requested:
+            undo.append(serial)  # its request id is another record's: its certificate goes again
+            results.append(RequestIdTaken())
+        else:
+            kept.append(item)
+            results.append(None)
+    if undo:
+        marks = ", ".join("?" * len(undo))
+        await tx.execute(f"DELETE FROM certificates WHERE serial_number IN ({marks})", undo)  # noqa: S608
+    for item in kept:
+        if to_us(item.certificate.not_after) > now_us:
+            device_id = item.certificate.device_id
+            counts[device_id] = counts.get(device_id, 0) + 1
+    return [
+        Recorded(counts.get(item.certificate.device_id, 0)) if result is None else result
+        for item, result in zip(batch, results, strict=True)
+    ]
+
+
+async def _write_batch(tx: Tx, batch: list[_Pending], *, settle: bool) -> list[Recorded | RequestIdTaken]:
     """Inside the group's transaction.  Usually a handful of statements whatever its size (each statement
-    is a GIL hand-over between the database's thread and the event loop); when a record conflicts (request
-    id taken by another process, or a duplicate serial) the batch is redone record by record."""
+    is a GIL hand-over between the database's thread and the event loop; on PostgreSQL one statement, see
+    ``_insert_in_one_statement``); when a record conflicts (request id taken by another process, or a
+    duplicate serial) the batch is redone record by record."""
+    if tx.backend is Backend.POSTGRESQL:
+        results = await _insert_in_one_statement(tx, batch, settle)
+        crash_point("ledger.before_commit")
+        return results
     try:
         async with tx.savepoint():
-            results = await _insert_together(tx, batch)
+            results = await _insert_together(tx, batch, settle)
     except Conflict:
         results = [await _record_one(tx, item) for item in batch]
     crash_point("ledger.before_commit")  # the group written, not committed, nobody answered
@@ -214,12 +306,13 @@ class CertificateStore:
     def __init__(self, db: Database) -> None:
         self._db = db
         self.reservations = reservations.Reservations(db, RESERVATIONS, "mint_requests")
-        # One writer (SQLite): records arriving together share one transaction (group commit).
-        self._writes = db.group_commit(_write_batch, gather=GATHER_SECONDS)
+        # Records arriving together share one transaction (group commit).
+        write = functools.partial(_write_batch, settle=self.reservations.shared)
+        self._writes = db.group_commit(write, gather=GATHER_SECONDS)
 
     @property
     def group_commits(self) -> int:
-        """Groups of records committed together so far (0 where each record is its own transaction)."""
+        """Groups of records committed together so far (0 where the database cannot group)."""
         return 0 if self._writes is None else self._writes.commits
 
     async def record(
