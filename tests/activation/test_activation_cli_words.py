@@ -229,6 +229,9 @@ def test_ctrl_c_at_the_code_prompt_ends_it_with_one_line() -> None:
     """A real terminal: the command asks for the code (hidden input), the person presses Ctrl-C once."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: its controlling terminal is the pseudo-terminal
+        # as a terminal's shell starts a command: Ctrl-C on (a background job's shell would ignore SIGINT,
+        # and an ignored signal stays ignored across exec)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execve(sys.executable, [sys.executable, "-m", "activation_svc.cli", "activate", GUID], _env())
     status = None
     try:
