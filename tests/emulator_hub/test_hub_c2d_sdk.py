@@ -140,8 +140,10 @@ async def test_a_message_never_acknowledged_is_delivered_again(running, tmp_path
     cert = running.register(tmp_path, "c2d-again")
     username = f"{running.host}/c2d-again/?api-version=2021-04-12"
     context = client_context(running.ca_pem, str(cert.cert_path), str(cert.key_path))
+    # A clean session: its subscription ends with it, so the message goes out again only once the SDK
+    # below has subscribed with its handler set (a kept one would deliver it at CONNECT, before the handler).
     raw, connack = await MqttTestClient.connect(
-        running.host, context, client_id="c2d-again", username=username
+        running.host, context, client_id="c2d-again", username=username, clean_session=True
     )
     assert connack.return_code == 0
     raw.auto_ack = False  # a device that dies before its PUBACK
