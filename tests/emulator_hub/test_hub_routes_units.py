@@ -5,6 +5,7 @@ the hub domain writes to the built-in endpoint, read back as the AMQP side reads
 from __future__ import annotations
 
 import json
+import sqlite3
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -21,6 +22,7 @@ from azure_iot_emulator.hub.routing import (
     message_row,
     parse_route_flag,
 )
+from azure_iot_emulator.hub.telemetry import TelemetryStore
 from azure_iot_emulator.hub.topics import PropertyBag
 from azure_iot_emulator.store import Database
 from mainkit.settings import SettingsError
@@ -215,3 +217,29 @@ async def test_a_refused_twin_change_writes_no_event(hub):
     assert [e.application_properties["opType"] for e in events_of(hub, HUBS[0], "dev-3")] == [
         "createDeviceIdentity"
     ]
+
+
+def test_a_data_dir_from_before_routes_keeps_its_messages_as_telemetry(tmp_path):
+    """Schema version 2 adds ``hub_messages.source`` to a version-1 file; its messages are telemetry."""
+    path = tmp_path / "emulator.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        """CREATE TABLE hub_messages (seq INTEGER PRIMARY KEY AUTOINCREMENT, hub TEXT NOT NULL,
+           device_id TEXT NOT NULL, enqueued_time TEXT NOT NULL, system_properties TEXT NOT NULL,
+           application_properties TEXT NOT NULL, body BLOB NOT NULL)"""
+    )
+    old.execute(
+        "INSERT INTO hub_messages (hub, device_id, enqueued_time, system_properties, application_properties,"
+        " body) VALUES ('h', 'd', '2026-01-01T00:00:00.0000000Z', '{}', '{}', x'6f6c64')"
+    )
+    old.execute("PRAGMA user_version = 1")
+    old.commit()
+    old.close()
+    db = Database(path)
+    try:
+        store = TelemetryStore(db, lambda: datetime(2026, 1, 2, tzinfo=UTC))
+        assert [(m.body, m.source) for m in store.recent(hub="h")] == [(b"old", "Telemetry")]
+        store.insert_event("h", "d", "twinChangeEvents", {}, {"opType": "updateTwin"}, b"{}")
+        assert [m.body for m in store.recent(hub="h")] == [b"old"]  # the telemetry readers skip events
+    finally:
+        db.close()
