@@ -49,11 +49,14 @@ def loopback_host() -> str:
 
 
 @contextlib.contextmanager
-def running_emulator(data_dir, extra_args: list[str] | None = None):
-    """A started emulator subprocess (DPS + 2 hubs), stopped (killed if need be) on leaving."""
+def running_emulator(data_dir, extra_args: list[str] | None = None, *, hubs: int = 2, hub_args=None):
+    """A started emulator subprocess (DPS + ``hubs`` hubs), stopped (killed if need be) on leaving;
+    ``hub_args(hub_hosts)``: more arguments that name its hubs (chosen when it is created)."""
     from support.emulator import EmulatorProcess
 
-    emu = EmulatorProcess(data_dir, hubs=2, extra_args=extra_args or [])
+    emu = EmulatorProcess(data_dir, hubs=hubs, extra_args=extra_args or [])
+    if hub_args is not None:
+        emu.extra_args += hub_args(emu.hub_hosts)
     emu.start()
     try:
         yield emu

@@ -157,6 +157,7 @@ class Emulator:
                 c2d_limits=C2dLimits(cfg.c2d_default_ttl, cfg.c2d_max_delivery_count),
                 partitions=cfg.hub_partitions,
                 retention=timedelta(days=cfg.hub_retention_days),
+                routing=cfg.routing(),
             )
         except PartitionCountChanged as exc:
             raise SettingsError(str(exc)) from exc

@@ -86,6 +86,18 @@ def _parser() -> argparse.ArgumentParser:
         "--c2d-max-delivery-count", type=int, metavar="N",
         help="a cloud-to-device message sent N times without a PUBACK is dropped (default 10, 1-100)",
     )
+    serve.add_argument(
+        "--route", action="append", dest="routes", metavar="[HUB/]NAME:SOURCE[:CONDITION]",
+        help="a message route to the built-in endpoint, repeatable (replaces the settings file's routes): "
+        "SOURCE DeviceMessages, TwinChangeEvents, DeviceLifecycleEvents or DeviceConnectionStateEvents, "
+        "CONDITION a routing query (default true), HUB one hub (default every hub); none: device messages "
+        "only, as Azure",
+    )
+    serve.add_argument(
+        "--fallback-route", metavar="on|off|HUB,...",
+        help="where the fallback route (device messages no route takes -> built-in endpoint) is enabled: "
+        "on (every hub, default), off, or the hubs named",
+    )
     serve.add_argument("--ready-file", type=Path, help="written with the connection.json path when ready")
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
     serve.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics (off)")

@@ -6,6 +6,7 @@ any other file name; keys as in ``KEYS``, the flag names with underscores), then
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,7 @@ from azure_iot_emulator.hub.c2d import (
     MAX_DELIVERY_COUNT,
     MAX_TTL_SECONDS,
 )
+from azure_iot_emulator.hub.routing import HubRoutes, RouteError, RouteSpec, build_routing, route_from_table
 from azure_iot_emulator.quotas import HUB_D2C_PER_SECOND
 from mainkit.settings import FlagKeys, SettingsError, SettingsFile, SettingsSource
 
@@ -69,6 +71,11 @@ class EmulatorConfig:
     most)."""
     c2d_max_delivery_count: int = DEFAULT_MAX_DELIVERY_COUNT
     """Deliveries of a cloud-to-device message without a PUBACK before it is dropped (Azure: 10, 1-100)."""
+    routes: tuple[RouteSpec, ...] = ()
+    """Message routes to the built-in endpoint (``hub/routing.py``), each for one hub or every hub; none:
+    device messages only, as an Azure hub without routes."""
+    fallback_route: tuple[str, ...] | None = None
+    """The hubs whose fallback route is enabled (None: every hub, Azure's default)."""
     ready_file: Path | None = None
     max_packet_size: int = 512 * 1024
     log_level: str = "INFO"
@@ -111,7 +118,15 @@ class EmulatorConfig:
         for port in (self.mqtt_port, self.https_port, self.amqp_port):
             if not 0 <= port <= 65535:
                 raise SettingsError(f"port {port} out of range")
+        self.routing()
         return self
+
+    def routing(self) -> dict[str, HubRoutes]:
+        """Every hub's routes, checked (a :class:`SettingsError` naming the route and the problem)."""
+        try:
+            return build_routing(self.routes, self.fallback_route, self.hub_hosts)
+        except RouteError as exc:
+            raise SettingsError(f"routes: {exc}") from None
 
     @property
     def default_hub(self) -> str:
@@ -141,6 +156,47 @@ def assignment_delay(value: Any) -> float | None:
         raise SettingsError(f"assignment delay must be 'immediate' or seconds, not {value!r}") from None
 
 
+def routes_setting(value: Any, where: str) -> tuple[RouteSpec, ...]:
+    """Routes from flags (``[HUB/]NAME:SOURCE[:CONDITION]`` each), a settings file (a list of tables
+    ``{name, source, condition?, endpoint?, enabled?, hub?}`` or of flag texts) or the environment (a JSON
+    array of either, or one flag text)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        if not value.lstrip().startswith("["):
+            value = [value]
+        else:
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise SettingsError(f"{where}: not a JSON array of routes: {exc}") from None
+    if not isinstance(value, list | tuple):
+        raise SettingsError(f"{where} must be a list of routes")
+    try:
+        return tuple(route_from_table(item) for item in value)
+    except RouteError as exc:
+        raise SettingsError(f"{where}: {exc}") from None
+
+
+def fallback_setting(value: Any, where: str) -> tuple[str, ...] | None:
+    """``true``/``on`` (every hub: None), ``false``/``off`` (none) or the hubs that keep it (a list, or
+    comma separated)."""
+    if value is None or value is True:
+        return None
+    if value is False:
+        return ()
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("on", "true", "yes", "1", "all"):
+            return None
+        if text in ("off", "false", "no", "0", "none"):
+            return ()
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise SettingsError(f"{where} must be true, false or a list of hubs, not {value!r:.80}")
+
+
 KEYS = (
     "data_dir",
     "dps_host",
@@ -157,6 +213,8 @@ KEYS = (
     "hub_tier",
     "c2d_default_ttl",
     "c2d_max_delivery_count",
+    "routes",
+    "fallback_route",
     "ready_file",
     "max_packet_size",
     "log_level",
@@ -201,6 +259,8 @@ def build_config(
         hub_tier=source.text("hub_tier") or default.hub_tier,
         c2d_default_ttl=source.number("c2d_default_ttl", default.c2d_default_ttl),
         c2d_max_delivery_count=source.integer("c2d_max_delivery_count", default.c2d_max_delivery_count),
+        routes=routes_setting(source.value("routes"), source.describe("routes")),
+        fallback_route=fallback_setting(source.value("fallback_route"), source.describe("fallback_route")),
         ready_file=Path(ready_file) if ready_file else None,
         max_packet_size=source.integer("max_packet_size", default.max_packet_size),
         log_level=source.text("log_level") or default.log_level,

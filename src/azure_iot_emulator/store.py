@@ -28,8 +28,19 @@ from pathlib import Path
 
 import litestore
 
+
+def _message_source(conn: sqlite3.Connection) -> None:
+    """Version 2: ``hub_messages.source``, what produced a stored event (``Telemetry`` for device messages,
+    ``twinChangeEvents``, ``deviceLifecycleEvents``... for the hub's own notifications).  A file without
+    the table yet gets it, with the column, from the hub's own ``CREATE TABLE``."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hub_messages'").fetchone():
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(hub_messages)")}
+        if "source" not in columns:
+            conn.execute("ALTER TABLE hub_messages ADD COLUMN source TEXT NOT NULL DEFAULT 'Telemetry'")
+
+
 # Version 1: the parts' tables, created by the parts themselves (register_schema); nothing to migrate.
-MIGRATIONS: tuple[litestore.Migration, ...] = ("",)
+MIGRATIONS: tuple[litestore.Migration, ...] = ("", _message_source)
 SCHEMA = litestore.Schema("emulator", MIGRATIONS)
 Params = tuple[object, ...] | Mapping[str, object]  # SQL parameters, by position or by name
 OPTIONS = litestore.Options(synchronous=litestore.Synchronous.FULL, row_factory=sqlite3.Row)

@@ -71,6 +71,7 @@ from azure_iot_emulator.hub.c2d import C2dMessage, C2dRefused
 from azure_iot_emulator.hub.eventhub.model import Event, PositionError, millis, parse_selector
 from azure_iot_emulator.hub.eventhub.service import EventHubError, EventHubService
 from azure_iot_emulator.hub.registry import HubRegistry
+from azure_iot_emulator.hub.telemetry import TELEMETRY
 from azure_iot_emulator.mqtt.tls import Inner, Opener, Peer, TlsProtocol
 from azure_iot_emulator.sas import SasError, parse_sas, verify_sas
 
@@ -144,7 +145,8 @@ def c2d_from_amqp(message: Message) -> tuple[str, C2dMessage]:
 
 # ------------------------------------------------------------------------------------- events out
 def event_message(event: Event, auth: tuple[str, str] | None) -> Message:
-    """An event of the built-in endpoint as Azure delivers it."""
+    """An event of the built-in endpoint as Azure delivers it (a device message, or one of the hub's
+    notifications: those carry no connection authentication annotations)."""
     message = Message()
     message.inferred = True  # bytes -> a data section
     message.body = event.body
@@ -155,9 +157,9 @@ def event_message(event: Event, auth: tuple[str, str] | None) -> Message:
         symbol("x-opt-enqueued-time"): enqueued,
         symbol("iothub-connection-device-id"): event.device_id,
         symbol("iothub-enqueuedtime"): enqueued,
-        symbol("iothub-message-source"): "Telemetry",
+        symbol("iothub-message-source"): event.source,
     }
-    if auth is not None:
+    if auth is not None and event.source == TELEMETRY:
         auth_type, generation = auth
         annotations[symbol("iothub-connection-auth-method")] = json.dumps(
             {"scope": "device", "type": auth_type, "issuer": "iothub", "acceptingIpFilterRule": None},

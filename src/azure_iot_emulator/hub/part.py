@@ -10,7 +10,7 @@ await hub.close()            # at shutdown
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from aiohttp import web
@@ -24,8 +24,10 @@ from azure_iot_emulator.hub.eventhub.service import EventHubService
 from azure_iot_emulator.hub.eventhub.store import EventHubStore
 from azure_iot_emulator.hub.registry import HubRegistry
 from azure_iot_emulator.hub.rest import build_hub_rest_app
+from azure_iot_emulator.hub.routing import HubRoutes, message_row
 from azure_iot_emulator.hub.service import HubService
-from azure_iot_emulator.hub.telemetry import TelemetryMetrics, TelemetryStore
+from azure_iot_emulator.hub.telemetry import BuiltinFilter, TelemetryMetrics, TelemetryStore
+from azure_iot_emulator.hub.topics import PropertyBag
 from azure_iot_emulator.quotas import TokenBuckets
 from azure_iot_emulator.store import Database
 
@@ -44,16 +46,25 @@ class HubPart:
         c2d_limits: C2dLimits | None = None,
         partitions: int = DEFAULT_PARTITIONS,
         retention: timedelta = timedelta(days=DEFAULT_RETENTION_DAYS),
+        routing: Mapping[str, HubRoutes] | None = None,
     ) -> None:
+        """``routing``: each hub's message routes (``hub/routing.py``); none: Azure's default."""
         self.registry = registry or HubRegistry(db, hub_hosts, clock)
         self.registry.reset_connection_states()  # nobody is connected to a process that just started
         # The built-in endpoint's positions are written in the telemetry's own transactions.
         events = EventHubStore(db, {host: partitions for host in hub_hosts}, clock())
         self.telemetry = TelemetryStore(
-            db, clock, on_insert=self.registry.record_activity, on_positions=events.record, metrics=metrics
+            db,
+            clock,
+            on_insert=self.registry.record_activity,
+            on_positions=events.record,
+            metrics=metrics,
+            to_builtin=builtin_filter(routing or {}),
         )
         events.index_unpositioned()
-        self.service = HubService(self.registry, self.telemetry, clock, d2c_quota, c2d_limits=c2d_limits)
+        self.service = HubService(
+            self.registry, self.telemetry, clock, d2c_quota, c2d_limits=c2d_limits, routing=routing
+        )
         self.eventhub = EventHubService(events, hub_hosts, clock, retention)
         self.eventhub.prune()
         self.service.add_telemetry_listener(self.eventhub.stored)
@@ -81,3 +92,17 @@ class HubPart:
         for endpoint in self._amqp.values():
             endpoint.close()
         await self.service.close()
+
+
+def builtin_filter(routing: Mapping[str, HubRoutes]) -> BuiltinFilter | None:
+    """Which device messages the built-in endpoint gets; None (all, at no cost) while no hub has routes."""
+    if all(routes.all_device_messages for routes in routing.values()):
+        return None
+
+    def to_builtin(hub: str, device_id: str, properties: PropertyBag, body: bytes) -> bool:
+        routes = routing.get(hub)
+        if routes is None or routes.all_device_messages:
+            return True
+        return routes.device_message(message_row(device_id, properties, body))
+
+    return to_builtin

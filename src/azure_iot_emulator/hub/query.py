@@ -323,3 +323,23 @@ def parse_query(text: str) -> Query:
     if not isinstance(text, str) or not text.strip():
         raise QueryError("the query is empty")
     return _Parser(text).parse()
+
+
+def parse_condition(text: str, check_field: Callable[[str], None] | None = None) -> Predicate:
+    """A condition alone, as message routes take it: ``true``, ``false`` or what may follow ``WHERE``.
+    ``check_field`` sees every field name first and may refuse one (a :class:`QueryError`)."""
+    if not isinstance(text, str) or not text.strip():
+        raise QueryError("the condition is empty (write true to take everything)")
+    parser = _Parser(text)
+    words = [tok for tok in parser.toks if tok.kind == "word"]
+    if len(parser.toks) == 2 and len(words) == 1 and words[0].text.lower() in ("true", "false"):
+        constant = words[0].text.lower() == "true"
+        return lambda row: constant
+    if check_field is not None:
+        for tok in words:
+            if tok.text.lower() not in ("true", "false", "null"):
+                check_field(tok.text)
+    predicate = parser._or()
+    if parser.tok.kind != "end":
+        raise parser._fail("unsupported syntax after the condition")
+    return predicate

@@ -58,6 +58,13 @@ SCHEMA = (
 )
 
 AUTH_TYPES = ("selfSigned", "certificateAuthority", "sas", "none")
+CREATE_IDENTITY = "createDeviceIdentity"
+DELETE_IDENTITY = "deleteDeviceIdentity"
+REPLACE_TWIN = "replaceTwin"
+
+# Called inside the transaction of an identity's creation (after it, with the twin as created), deletion
+# (before it, the device still readable) or a twin replaced by DPS: (hub, device id, Azure's opType).
+IdentityListener = Callable[[str, str, str], None]
 STATUSES = ("enabled", "disabled")
 
 
@@ -162,6 +169,8 @@ class HubRegistry:
         # called with (hub, device_id) after DPS moved a device away from that hub or changed its
         # certificate, so a live connection made with the old identity can be closed
         self.credential_listeners: list[Callable[[str, str], None]] = []
+        # told of identity creations and deletions (and twins DPS replaced), in their transactions
+        self.identity_listeners: list[IdentityListener] = []
         db.register_schema(*SCHEMA)
 
     # ------------------------------------------------------------------------------------------------ util
@@ -238,10 +247,12 @@ class HubRegistry:
                 "SELECT hub FROM hub_devices WHERE device_id = ? AND hub <> ?", (device_id, hub)
             ).fetchall()
             invalidated += [(row["hub"], device_id) for row in moved]
+            for row in moved:
+                self._tell(row["hub"], device_id, DELETE_IDENTITY)
             conn.execute("DELETE FROM hub_devices WHERE device_id = ? AND hub <> ?", (device_id, hub))
             current = self.get_device(hub, device_id)
             if current is None:
-                self.create_device(hub, spec)
+                self.create_device(hub, spec, tell=False)  # told below, with its initial twin
             else:
                 credentials = (current.auth_type, (current.primary_thumbprint or "").upper(),
                                current.primary_key, current.secondary_key)
@@ -256,9 +267,17 @@ class HubRegistry:
                     twin, tags=tags, desired=desired, timestamp=self.now(), replace_all=True
                 )
                 self.save_twin(hub, device_id, updated)
+                if current is not None:
+                    self._tell(hub, device_id, REPLACE_TWIN)
+            if current is None:
+                self._tell(hub, device_id, CREATE_IDENTITY)
         for where, who in invalidated:
             for listener in self.credential_listeners:
                 listener(where, who)
+
+    def _tell(self, hub: str, device_id: str, op_type: str) -> None:
+        for listener in self.identity_listeners:
+            listener(hub, device_id, op_type)
 
     def device_exists(self, hub: str, device_id: str) -> bool:
         return (
@@ -281,7 +300,8 @@ class HubRegistry:
             params = (hub, limit)
         return [self._device_from_row(row) for row in self._db.query(sql, params)]
 
-    def create_device(self, hub: str, spec: DeviceSpec) -> Device:
+    def create_device(self, hub: str, spec: DeviceSpec, *, tell: bool = True) -> Device:
+        """``tell``: tell the identity listeners (the caller does when it goes on writing the device)."""
         self._check_hub(hub)
         now = self.now()
         with self._db.transaction() as conn:
@@ -313,6 +333,8 @@ class HubRegistry:
                 ),
             )
             self.save_twin(hub, spec.device_id, twinmodel.new_twin(now))
+            if tell:
+                self._tell(hub, spec.device_id, CREATE_IDENTITY)
         device = self.get_device(hub, spec.device_id)
         assert device is not None
         return device
@@ -349,6 +371,8 @@ class HubRegistry:
 
     def delete_device(self, hub: str, device_id: str) -> bool:
         with self._db.transaction() as conn:
+            if self.device_exists(hub, device_id):
+                self._tell(hub, device_id, DELETE_IDENTITY)
             cursor = conn.execute("DELETE FROM hub_devices WHERE hub = ? AND device_id = ?", (hub, device_id))
             return cursor.rowcount > 0
 

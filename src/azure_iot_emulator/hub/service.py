@@ -2,7 +2,9 @@
 
 Plain asyncio, no HTTP and no MQTT here: identity CRUD with etags, twins (service and device views),
 desired-property pushes to connected devices, direct-method correlation, telemetry ingest, cloud-to-device
-messages (queued per device, delivered to connected devices: ``c2d_queue.py``).  Errors are
+messages (queued per device, delivered to connected devices: ``c2d_queue.py``), and the notifications the
+hubs' routes take (twin changes, identity lifecycle, connection state: ``notifications.py``), each written
+in the transaction of the change it reports.  Errors are
 :class:`HubError` carrying Azure's HTTP status and error-code name/number, which the REST layer turns
 into Azure's envelope.
 """
@@ -24,6 +26,7 @@ from azure_iot_emulator.hub import topics
 from azure_iot_emulator.hub import twin as twinmodel
 from azure_iot_emulator.hub.c2d import C2dLimits, C2dMessage
 from azure_iot_emulator.hub.c2d_queue import C2dQueue, C2dStore
+from azure_iot_emulator.hub.notifications import Notifier, update_document
 from azure_iot_emulator.hub.query import QueryError, parse_query
 from azure_iot_emulator.hub.registry import (
     Device,
@@ -32,6 +35,7 @@ from azure_iot_emulator.hub.registry import (
     device_spec_from_json,
     twin_etag,
 )
+from azure_iot_emulator.hub.routing import HubRoutes
 from azure_iot_emulator.hub.telemetry import MAX_MESSAGE_BYTES, StoredMessage, TelemetryStore
 from azure_iot_emulator.quotas import TokenBuckets
 
@@ -142,10 +146,12 @@ class HubService:
         d2c_quota: TokenBuckets | None = None,
         *,
         c2d_limits: C2dLimits | None = None,
+        routing: Mapping[str, HubRoutes] | None = None,
     ) -> None:
         """``d2c_quota``: the device-to-cloud rate per hub (``--azure-quotas``): messages over it are
         stored at once but acknowledged late, as Azure shapes the traffic of a throttled hub.
-        ``c2d_limits``: the hub's cloud-to-device settings (default TTL, max delivery count)."""
+        ``c2d_limits``: the hub's cloud-to-device settings (default TTL, max delivery count).
+        ``routing``: each hub's routes (none: Azure's default, device messages only)."""
         self._d2c = d2c_quota
         self.registry = registry
         self.telemetry = telemetry
@@ -156,6 +162,7 @@ class HubService:
         self._pending_methods: dict[str, _PendingMethod] = {}
         self._telemetry_listeners: list[Callable[[StoredMessage], None]] = []
         registry.credential_listeners.append(self._drop_connection)
+        self.notifier = Notifier(routing or {}, registry, telemetry, clock, self._telemetry_listeners)
         self._ingest_items: list[tuple[str, str, topics.PropertyBag, bytes]] = []
         self._ingest_waiters: list[_IngestWaiter] = []
         self._last_commit = float("-inf")
@@ -168,16 +175,21 @@ class HubService:
         return self._device_locks.setdefault((hub, device_id), asyncio.Lock())
 
     # ----------------------------------------------------------------------------------- connections
+    def _connection_state(self, hub: str, device_id: str, connected: bool) -> None:
+        with self.registry.database.transaction():
+            self.registry.set_connection_state(hub, device_id, connected)
+            self.notifier.connection(hub, device_id, connected)
+
     def attach(self, hub: str, device_id: str, channel: DeviceChannel) -> None:
         self._channels[(hub, device_id)] = channel
-        self.registry.set_connection_state(hub, device_id, True)
+        self._connection_state(hub, device_id, True)
         self.c2d.deliver(hub, device_id, channel)  # the backlog, if its session kept the subscription
 
     def detach(self, hub: str, device_id: str, channel: DeviceChannel) -> None:
         if self._channels.get((hub, device_id)) is not channel:
             return  # a newer connection already replaced this one
         del self._channels[(hub, device_id)]
-        self.registry.set_connection_state(hub, device_id, False)
+        self._connection_state(hub, device_id, False)
         self.c2d.forget(hub, device_id, channel)
         for rid, pending in list(self._pending_methods.items()):
             if (pending.hub, pending.device_id) == (hub, device_id) and not pending.future.done():
@@ -316,7 +328,17 @@ class HubService:
             except twinmodel.TwinError as exc:
                 raise _invalid(str(exc)) from exc
             if updated is not twin:
-                self.registry.save_twin(hub, device_id, updated)
+                with self.registry.database.transaction():
+                    self.registry.save_twin(hub, device_id, updated)
+                    if replace_all:
+                        self.notifier.twin_replaced(hub, device_id)
+                    else:
+                        changed_tags = clean_tags if updated.tags != twin.tags else None
+                        self.notifier.twin_updated(
+                            hub,
+                            device_id,
+                            lambda: update_document(updated, tags=changed_tags, desired=delta),
+                        )
             if delta is not None:
                 await self._push_desired(hub, device_id, delta, updated.desired.version)
             return self._counted(hub, [self.registry.twin_json(device, updated)])[0]
@@ -354,7 +376,9 @@ class HubService:
                 updated = twinmodel.apply_reported_patch(twin, patch, timestamp=self.registry.now())
             except twinmodel.TwinError as exc:
                 raise _invalid(str(exc)) from exc
-            self.registry.save_twin(hub, device_id, updated)
+            with self.registry.database.transaction():
+                self.registry.save_twin(hub, device_id, updated)
+                self.notifier.twin_updated(hub, device_id, lambda: update_document(updated, reported=patch))
             return updated.reported.version
 
     # ------------------------------------------------------------------------------------- telemetry

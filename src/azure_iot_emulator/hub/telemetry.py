@@ -3,6 +3,10 @@
 Every accepted message is written before the device gets its PUBACK.  Readers (the REST endpoint, the
 ``messages`` and ``monitor`` CLI commands, possibly in another process on the same file) read by
 sequence number, so tailing is ``after_seq`` polling of an indexed integer column.
+
+The same table holds the hub's own notifications that routes send to the built-in endpoint (twin changes,
+identity lifecycle, connection state: ``source`` says which, ``Telemetry`` for device messages), so every
+event of the built-in endpoint has one numbering (its offset); the telemetry readers skip them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from azure_iot_emulator.hub.topics import PropertyBag
 from azure_iot_emulator.store import Database
 
 MAX_MESSAGE_BYTES = 256 * 1024  # Azure's device-to-cloud message size limit
+TELEMETRY = "Telemetry"  # the source of device messages (``iothub-message-source``)
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS hub_messages (
@@ -30,7 +35,8 @@ SCHEMA = (
         enqueued_time TEXT NOT NULL,
         system_properties TEXT NOT NULL,
         application_properties TEXT NOT NULL,
-        body BLOB NOT NULL
+        body BLOB NOT NULL,
+        source TEXT NOT NULL DEFAULT 'Telemetry'
     )""",
     "CREATE INDEX IF NOT EXISTS hub_messages_device ON hub_messages (hub, device_id, seq)",
 )
@@ -49,6 +55,7 @@ class StoredMessage:
     system_properties: dict[str, str]
     application_properties: dict[str, str]
     body: bytes
+    source: str = TELEMETRY
 
     def body_text(self) -> str | None:
         try:
@@ -87,6 +94,7 @@ def _from_row(row: sqlite3.Row) -> StoredMessage:
         system_properties=json.loads(row["system_properties"]),
         application_properties=json.loads(row["application_properties"]),
         body=bytes(row["body"]),
+        source=row["source"],
     )
 
 
@@ -94,9 +102,12 @@ def _from_row(row: sqlite3.Row) -> StoredMessage:
 # enqueue time).  The hub's registry uses it to move each sender's lastActivityTime, as Azure does on every
 # device-to-cloud message, in the same commit as the messages.
 InsertHook = Callable[[sqlite3.Connection, set[tuple[str, str]], str], None]
-# Also called inside that transaction: (connection, the batch's first sequence number, each message's (hub,
-# device id) in order).  The built-in endpoint gives each message its partition and sequence number there.
-PositionHook = Callable[[sqlite3.Connection, int, Sequence[tuple[str, str]]], None]
+# Also called inside that transaction: (connection, (sequence number, hub, device id) of each message the
+# built-in endpoint serves, in order).  The built-in endpoint gives each its partition and sequence number.
+PositionHook = Callable[[sqlite3.Connection, Sequence[tuple[int, str, str]]], None]
+# Whether a device message goes to the built-in endpoint (the hub's routes): (hub, device id, properties,
+# body).  Messages it refuses are still stored (the hub's telemetry record), without a position.
+BuiltinFilter = Callable[[str, str, PropertyBag, bytes], bool]
 
 
 def _per_hub(items: Sequence[tuple[str, str, PropertyBag, bytes]]) -> dict[str, tuple[int, int]]:
@@ -121,11 +132,14 @@ class TelemetryStore:
         on_insert: InsertHook | None = None,
         on_positions: PositionHook | None = None,
         metrics: TelemetryMetrics | None = None,
+        to_builtin: BuiltinFilter | None = None,
     ) -> None:
+        """``to_builtin``: which device messages the built-in endpoint gets (None: all of them)."""
         self._db = db
         self._clock = clock
         self._on_insert = on_insert
         self._on_positions = on_positions
+        self._to_builtin = to_builtin
         self._metrics = metrics
         if create_schema:
             db.register_schema(*SCHEMA)
@@ -173,10 +187,50 @@ class TelemetryStore:
             if self._on_insert is not None:
                 self._on_insert(conn, {(hub, device_id) for hub, device_id, _, _ in items}, enqueued)
             if self._on_positions is not None:
-                self._on_positions(conn, first, [(hub, device_id) for hub, device_id, _, _ in items])
+                route = self._to_builtin
+                self._on_positions(
+                    conn,
+                    [
+                        (first + i, item[0], item[1])
+                        for i, item in enumerate(items)
+                        if route is None or route(*item)
+                    ],
+                )
         if self._metrics is not None:
             self._metrics.telemetry(_per_hub(items), time.perf_counter() - started)
         return first, enqueued
+
+    def insert_event(
+        self,
+        hub: str,
+        device_id: str,
+        source: str,
+        system: Mapping[str, str],
+        application: Mapping[str, str],
+        body: bytes,
+    ) -> StoredMessage:
+        """Store one of the hub's own notifications for the built-in endpoint (``source``: its
+        ``iothub-message-source``), with its position; joins the caller's transaction, so the change it
+        reports and the event commit together or not at all."""
+        enqueued = azure_time(self._clock())
+        with self._db.transaction() as conn:
+            seq = conn.execute(
+                """INSERT INTO hub_messages (hub, device_id, enqueued_time, system_properties,
+                   application_properties, body, source) VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    hub,
+                    device_id,
+                    enqueued,
+                    json.dumps(dict(system)),
+                    json.dumps(dict(application)),
+                    body,
+                    source,
+                ),
+            ).lastrowid
+            assert seq is not None
+            if self._on_positions is not None:
+                self._on_positions(conn, [(seq, hub, device_id)])
+        return StoredMessage(seq, hub, device_id, enqueued, dict(system), dict(application), body, source)
 
     def recent(
         self, *, hub: str | None = None, device_id: str | None = None, limit: int = 20
@@ -201,7 +255,9 @@ class TelemetryStore:
         return [_from_row(row) for row in rows]
 
     def last_seq(self) -> int:
-        row = self._db.query_one("SELECT COALESCE(MAX(seq), 0) AS seq FROM hub_messages")
+        row = self._db.query_one(
+            f"SELECT COALESCE(MAX(seq), 0) AS seq FROM hub_messages WHERE source = '{TELEMETRY}'"  # noqa: S608
+        )
         return int(row["seq"]) if row else 0
 
     @staticmethod
@@ -211,7 +267,7 @@ class TelemetryStore:
         extra: str | None = None,
         extra_params: tuple[object, ...] = (),
     ) -> tuple[str, tuple[object, ...]]:
-        clauses: list[str] = []
+        clauses: list[str] = [f"source = '{TELEMETRY}'"]
         params: list[Any] = []
         if hub is not None:
             clauses.append("hub = ?")
@@ -222,4 +278,4 @@ class TelemetryStore:
         if extra:
             clauses.append(extra)
             params.extend(extra_params)
-        return ("WHERE " + " AND ".join(clauses)) if clauses else "", tuple(params)
+        return "WHERE " + " AND ".join(clauses), tuple(params)

@@ -109,7 +109,8 @@ def parse_enqueued(text: str) -> datetime:
 
 @dataclass(frozen=True)
 class Event:
-    """One device-to-cloud message as the built-in endpoint serves it."""
+    """One event as the built-in endpoint serves it: a device-to-cloud message (``source`` ``Telemetry``)
+    or one of the hub's notifications that a route sent there (``twinChangeEvents``...)."""
 
     partition: int
     sequence_number: int
@@ -119,6 +120,7 @@ class Event:
     system_properties: dict[str, str]
     application_properties: dict[str, str]
     body: bytes
+    source: str = "Telemetry"
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@
 - ``hub_event_positions``: each stored message's partition and sequence number in it.  Rows are written
   by :meth:`EventHubStore.record` inside the very transaction that stores the messages (the telemetry
   store's hook), so a message is never readable without its position nor the reverse, whatever a crash
-  interrupts.  Messages stored before this table existed are given positions once at start
-  (:meth:`EventHubStore.index_unpositioned`).
+  interrupts.  Only what the hub's routes send to the built-in endpoint gets a row (device messages no
+  route takes stay in ``hub_messages`` without one).  Messages stored before this table existed are given
+  positions once, when the table is created (:meth:`EventHubStore.index_unpositioned`).
 - ``hub_consumer_groups``: the consumer groups created through the REST API (``$Default`` always exists).
 
 Retention is enforced on every read: events enqueued longer ago than the retention are not served and
@@ -56,7 +57,7 @@ SCHEMA = (
 
 _EVENT_COLUMNS = """p.partition AS partition, p.seq AS pseq, m.seq AS offset, m.device_id AS device_id,
     m.enqueued_time AS enqueued_time, m.system_properties AS system_properties,
-    m.application_properties AS application_properties, m.body AS body"""
+    m.application_properties AS application_properties, m.body AS body, m.source AS source"""
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -76,6 +77,7 @@ def _event(row: sqlite3.Row) -> Event:
         system_properties=json.loads(row["system_properties"]),
         application_properties=json.loads(row["application_properties"]),
         body=bytes(row["body"]),
+        source=row["source"],
     )
 
 
@@ -90,6 +92,10 @@ class EventHubStore:
         """``partitions``: the partition count of every hub; each hub's endpoint is created with it on
         first use, after which it may not change (:class:`PartitionCountChanged`)."""
         self._db = db
+        self._new_positions = (
+            db.query_one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hub_event_positions'")
+            is None
+        )
         db.register_schema(*SCHEMA)
         with db.transaction() as conn:
             for hub, count in partitions.items():
@@ -113,12 +119,12 @@ class EventHubStore:
         }
 
     # ---------------------------------------------------------------------------------------- writing
-    def record(self, conn: sqlite3.Connection, first_seq: int, items: Sequence[tuple[str, str]]) -> None:
-        """Give the messages ``first_seq``, ``first_seq + 1``... (their (hub, device id)) their partition
-        and sequence number; runs inside the transaction that stores them."""
+    def record(self, conn: sqlite3.Connection, items: Sequence[tuple[int, str, str]]) -> None:
+        """Give the messages (their store number, hub, device id) their partition and sequence number;
+        runs inside the transaction that stores them."""
         rows: list[tuple[str, int, int, int]] = []
         following: dict[tuple[str, int], int] = {}
-        for i, (hub, device_id) in enumerate(items):
+        for message_seq, hub, device_id in items:
             count = self.partitions.get(hub)
             if count is None:
                 continue
@@ -129,21 +135,22 @@ class EventHubStore:
                     "SELECT MAX(seq) FROM hub_event_positions WHERE hub = ? AND partition = ?", key
                 ).fetchone()
                 seq = 0 if last is None else last + 1
-            rows.append((key[0], key[1], seq, first_seq + i))
+            rows.append((key[0], key[1], seq, message_seq))
             following[key] = seq + 1
         conn.executemany(
             "INSERT INTO hub_event_positions (hub, partition, seq, message_seq) VALUES (?, ?, ?, ?)", rows
         )
 
     def index_unpositioned(self) -> int:
-        """Positions for messages stored before the built-in endpoint existed; returns how many."""
+        """Positions for the messages stored before the built-in endpoint existed (only when this start
+        created its table: afterwards every message the routes send there gets its position as it is
+        stored, and one without a position is one no route took); returns how many."""
+        if not self._new_positions:
+            return 0
         with self._db.transaction() as conn:
-            (last,) = conn.execute("SELECT COALESCE(MAX(message_seq), 0) FROM hub_event_positions").fetchone()
-            rows = conn.execute(
-                "SELECT seq, hub, device_id FROM hub_messages WHERE seq > ? ORDER BY seq", (last,)
-            ).fetchall()
-            for row in rows:
-                self.record(conn, row["seq"], [(row["hub"], row["device_id"])])
+            rows = conn.execute("SELECT seq, hub, device_id FROM hub_messages ORDER BY seq").fetchall()
+            self.record(conn, [(row["seq"], row["hub"], row["device_id"]) for row in rows])
+        self._new_positions = False
         return len(rows)
 
     def prune(self, before: datetime) -> int:
