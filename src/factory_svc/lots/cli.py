@@ -279,7 +279,7 @@ async def run(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int
         return await enroll_lot(stub, args.lot, batch_options(args), args.rotate_missing, args.codes_out)
     plan = _plan(args)
     password = args.pkcs12_password_file.read_bytes().rstrip(b"\r\n") if args.pkcs12_password_file else None
-    with locked(args.out):
+    with locked(args.out, create=True):
         manifest = open_for_lot(
             args.out,
             plan.header.lot_id,

@@ -253,9 +253,7 @@ def load(directory: Path) -> LotManifest:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise InputError(
-            f"{directory} is not a lot directory (no {MANIFEST}; `factory-svc lot` makes one)"
-        ) from None
+        raise _not_a_lot(directory) from None
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
     try:
@@ -287,6 +285,10 @@ def load(directory: Path) -> LotManifest:
     return manifest
 
 
+def _not_a_lot(directory: Path) -> InputError:
+    return InputError(f"{directory} is not a lot directory (no {MANIFEST}; `factory-svc lot` makes one)")
+
+
 def open_for_lot(directory: Path, lot_id: str, key_source: str, item_count: int) -> LotManifest:
     """The manifest of a lot being minted into ``directory``: the one there (the same lot, resumed), or a new
     one (saved at once, so the directory says which lot it holds from the start)."""
@@ -304,10 +306,14 @@ def open_for_lot(directory: Path, lot_id: str, key_source: str, item_count: int)
 
 
 @contextlib.contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    """Hold the lot's lock for a command that updates its manifest; InputError when another holds it."""
-
-    private_directory(directory)
+def locked(directory: Path, *, create: bool = False) -> Iterator[None]:
+    """Hold the lot's lock for a command that updates its manifest; InputError when another holds it.
+    ``create``: the directory is made (0700) when missing (``lot``, which mints into it); else a directory
+    without a manifest is refused as not a lot directory, before anything is written in it."""
+    if create:
+        private_directory(directory)
+    elif not (directory / MANIFEST).is_file():
+        raise _not_a_lot(directory)
     fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:

@@ -1,0 +1,46 @@
+"""The lot commands' inputs (`factory-svc lot`, `labels`, `enroll-batch --lot`, `lot-status`), run in this
+process through `factory_svc.cli.main` against a factory that is not there: a wrong directory, files that
+are not text, are refused with one line and exit 2, before anything is written or sent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from factory_svc import cli
+
+NOWHERE = "127.0.0.1:1"  # nothing listens: a command that got as far as a call would say so
+
+
+@pytest.fixture(autouse=True)
+def _client_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FACTORY_CLIENT_INSECURE", "true")
+    monkeypatch.setenv("FACTORY_CLIENT_TARGET", NOWHERE)
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["labels", "{lot}", "--portal-url", "https://activate.example.com"],
+        ["enroll-batch", "--lot", "{lot}"],
+        ["lot-status", "{lot}", "--no-cloud"],
+    ],
+    ids=lambda command: command[0],
+)
+@pytest.mark.parametrize("exists", [False, True], ids=["missing", "not-a-lot"])
+def test_a_command_on_a_lot_refuses_a_directory_that_holds_none_and_writes_nothing_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], exists: bool
+) -> None:
+    lot = tmp_path / "typo"
+    if exists:
+        lot.mkdir()
+    code = cli.main([part.format(lot=lot) for part in command])
+    assert code == 2
+    assert f"{lot} is not a lot directory" in capsys.readouterr().err
+    assert lot.is_dir() is exists
+    assert _tree(tmp_path) == (["typo"] if exists else [])  # no directory made, no lock file left
