@@ -44,3 +44,23 @@ def test_a_command_on_a_lot_refuses_a_directory_that_holds_none_and_writes_nothi
     assert f"{lot} is not a lot directory" in capsys.readouterr().err
     assert lot.is_dir() is exists
     assert _tree(tmp_path) == (["typo"] if exists else [])  # no directory made, no lock file left
+
+
+@pytest.mark.parametrize(
+    ("option", "name", "what"),
+    [("--csr-dir", "csrs/a.csr", "CSR file"), ("--ids", "ids.txt", "device id file")],
+    ids=["csr-dir", "ids"],
+)
+def test_a_lot_whose_input_file_is_not_text_is_refused_before_its_directory_is_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, name: str, what: str
+) -> None:
+    bad = tmp_path / name
+    bad.parent.mkdir(exist_ok=True)
+    bad.write_bytes(b"\xff\xfe-----BEGIN CERTIFICATE REQUEST-----\n")
+    out = tmp_path / "lot"
+    given = bad.parent if option == "--csr-dir" else bad
+    code = cli.main(["lot", "LOT-1", option, str(given), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"the {what} {bad} is not text (UTF-8)" in err and "[BUG]" not in err
+    assert not out.exists()
