@@ -4,13 +4,16 @@ are not text, are refused with one line and exit 2, before anything is written o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from factory_svc import cli
+from factory_svc.lots.manifest import DeviceEntry, Enrolled, LotManifest, now_text
 
 NOWHERE = "127.0.0.1:1"  # nothing listens: a command that got as far as a call would say so
+DEVICE = "3f2a9c1e-0000-4000-8000-000000000001"
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +67,21 @@ def test_a_lot_whose_input_file_is_not_text_is_refused_before_its_directory_is_m
     assert code == 2, err
     assert f"the {what} {bad} is not text (UTF-8)" in err and "[BUG]" not in err
     assert not out.exists()
+
+
+def test_lot_status_as_json_stays_json_when_the_factory_cannot_say_where_devices_stand(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lot = tmp_path / "lot"
+    lot.mkdir(mode=0o700)
+    manifest = LotManifest(lot, "LOT-1", "server", 1)
+    manifest.devices[0] = DeviceEntry(
+        0, DEVICE, "0A", {"chain": f"{DEVICE}/chain.pem"}, now_text(), Enrolled(now_text(), "CREATED", "LIVE")
+    )
+    manifest.save()
+    code = cli.main(["lot-status", str(lot), "--json", "--timeout", "5"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    status = json.loads(out)  # the whole of standard output
+    assert status["devices"][0]["cloud_error"].startswith("UNAVAILABLE")
+    assert "the factory could not say where 1 device(s) stand" in err
