@@ -210,3 +210,29 @@ def test_a_manifest_of_another_version_or_leaving_its_directory_is_refused(tmp_p
     manifest.path.write_bytes(manifest.path.read_bytes().replace(*change))
     with pytest.raises(InputError, match=re.escape(says)):
         lot_manifest.load(manifest.directory)
+
+
+NOT_PATH_SAFE = ["d\x00x", "a\\b", "x\ny", "Upper-case", "a/b", ".", "..", ""]
+
+
+@pytest.mark.parametrize("device_id", NOT_PATH_SAFE, ids=repr)
+def test_a_minted_device_whose_id_a_path_could_misread_is_refused(tmp_path, device_id):
+    manifest, _ = _lot(tmp_path / "lot", 1)
+    manifest.devices[0].device_id = device_id
+    manifest.save()
+    says = f"devices[0].device_id is not a device id: {device_id!r}"
+    with pytest.raises(InputError, match=re.escape(says)):
+        lot_manifest.load(manifest.directory)
+
+
+def test_an_item_the_factory_refused_keeps_the_id_asked_for_and_the_lot_still_loads(tmp_path):
+    """What `lot` records for a refused item (``_Writer.refused``): the id as given in --ids, any text."""
+    manifest, _ = _lot(tmp_path / "lot", 1)
+    manifest.devices[1] = DeviceEntry(1, "../not an id", error="INVALID_ARGUMENT: DEVICE_ID_NOT_A_GUID")
+    manifest.save()
+    loaded = lot_manifest.load(manifest.directory)
+    assert [(e.device_id, e.state.value) for e in loaded.in_order()][1] == ("../not an id", "mint-failed")
+    loaded.devices[1].enrolled = Enrolled(now_text(), "CREATED", "LIVE")  # never minted, yet enrolled
+    loaded.save()
+    with pytest.raises(InputError, match=re.escape("devices[1] was never minted")):
+        lot_manifest.load(manifest.directory)

@@ -49,6 +49,7 @@ from typing import Any
 import jsonsafe
 from factory_svc.enrollment.codes_file import Row
 from litestore import private_directory
+from provkit.device_id import is_valid_device_id
 from provkit.devpki import write_private_file
 from provkit.errors import InputError
 
@@ -231,12 +232,9 @@ def _entry(value: Any, where: str) -> DeviceEntry:
         _need(path, str, f"{where}.files.{role}")
         if Path(path).is_absolute() or ".." in Path(path).parts:
             raise InputError(f"{where}.files.{role} leaves the lot directory: {path!r}")
-    device_id = _text(data, "device_id", where)
-    if not device_id or "/" in device_id or device_id.startswith("."):
-        raise InputError(f"{where}.device_id is not a device id: {device_id!r}")
-    return DeviceEntry(
+    entry = DeviceEntry(
         index=int(_need(data.get("index"), int, f"{where}.index")),
-        device_id=device_id,
+        device_id=_text(data, "device_id", where),
         serial=_text(data, "serial", where),
         files=dict(files),
         minted=_text(data, "minted", where),
@@ -244,6 +242,14 @@ def _entry(value: Any, where: str) -> DeviceEntry:
         label=_printed(data.get("label"), f"{where}.label"),
         error=_text(data, "error", where),
     )
+    if entry.minted:
+        # A minted device's id names its directory and its label files: the factory's form of an id, nothing
+        # a path could misread.  (A refused item keeps the id that was asked for, whatever it was.)
+        if not is_valid_device_id(entry.device_id) or entry.device_id != entry.device_id.strip().lower():
+            raise InputError(f"{where}.device_id is not a device id: {entry.device_id!r}")
+    elif entry.enrolled is not None or entry.label is not None or files:
+        raise InputError(f"{where} was never minted, yet has files, an enrollment or a label")
+    return entry
 
 
 def load(directory: Path) -> LotManifest:
