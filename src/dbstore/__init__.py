@@ -15,11 +15,11 @@ transaction by :meth:`Database.transaction` (or without one by :meth:`Database.r
 - on SQLite the function runs on the store's own thread (litestore), all of it in one hand-off: it may
   await only the :class:`Tx` (which never suspends there), so one transaction costs what it did before;
 - on PostgreSQL it runs on the event loop with a pooled connection, ``READ COMMITTED``; a deadlock or
-  serialization failure is retried (the function runs again from the start, so it must only touch the
-  database).
+  serialization failure (:class:`dbstore.port.RunAgain`) is retried (the function runs again from the
+  start, so it must only touch the database).
 
-Writes of concurrent calls that may share a commit where one writer orders them (SQLite) go through
-:class:`dbstore.grouped.GroupedTransactions` (each still all or nothing; its own transaction elsewhere).
+Writes of concurrent calls that may share a commit go through :class:`dbstore.grouped.GroupedTransactions`
+(each still all or nothing; one commit for those that arrive together, on either backend).
 
 Schemas: each store declares its ordered migrations once (:class:`litestore.Schema`); PostgreSQL runs them
 translated (:func:`postgres_dialect`) and keeps the versions in a ``schema_versions`` table, one row per

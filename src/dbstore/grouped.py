@@ -26,10 +26,11 @@ grouped.run(work)`` runs ``work(tx)`` as a transaction of its own as far as its 
 written or none of it, answered only once it is durable, its exception raised to its caller alone), while
 the works that arrive together share one transaction (:meth:`Database.group_commit`: SQLite's one writer,
 or :class:`TransactionGroups` here), each in its own savepoint: one that raises leaves nothing and fails
-alone; a failed commit fails every work of its group.  A work must not depend on another of the same group
-being absent: it may see the writes of the works before it in its group, as it would had they committed
-first; on PostgreSQL a group is run again from the start after a deadlock, so a work touches only the
-database.
+alone (but a deadlock's victim is not a failure of its own: the group is run again from the start, as
+one transaction would be); a failed commit fails every work of its group.  A work must not depend on
+another of the same group being absent: it may see the writes of the works before it in its group, as it
+would had they committed first; on PostgreSQL a group is run again from the start after a deadlock, so a
+work touches only the database.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
-from dbstore.port import Database, GroupWork, GroupWriter, Tx, Work
+from dbstore.port import Database, GroupWork, GroupWriter, RunAgain, Tx, Work
 from litestore import Failed
 from litestore.store import GATHER_ENOUGH, Waiting
 
@@ -148,12 +149,15 @@ class _Raised:
 
 
 async def _each_alone(tx: Tx, works: list[Work[Any]]) -> list[Any]:
-    """A group of works, each in its own savepoint: one that raises leaves nothing and fails alone."""
+    """A group of works, each in its own savepoint: one that raises leaves nothing and fails alone; one the
+    database gave up (``RunAgain``) ends the group's transaction, which is run again from the start."""
     results: list[Any] = []
     for work in works:
         try:
             async with tx.savepoint():
                 results.append(await work(tx))
+        except RunAgain:
+            raise
         except Exception as exc:  # handed to the work's own caller
             results.append(_Raised(exc))
     return results

@@ -26,6 +26,12 @@ class Conflict(Exception):
     On PostgreSQL it also spoils the transaction: catch it only around a :meth:`Tx.savepoint`."""
 
 
+class RunAgain(Exception):
+    """The database gave this transaction up (PostgreSQL: a deadlock's victim, a serialization failure):
+    nothing of it stays, and :meth:`Database.transaction` runs it again from the start.  Never caught inside
+    a transaction's work, not even around a :meth:`Tx.savepoint`: the whole transaction is run again."""
+
+
 class Tx(Protocol):
     """One transaction (or, in :meth:`Database.read`, one connection without one).  SQL uses ``?``."""
 

@@ -24,7 +24,7 @@ from psycopg import errors
 from psycopg_pool import AsyncConnectionPool
 
 from dbstore.grouped import TransactionGroups
-from dbstore.port import Backend, Conflict, GroupWork, Params, Row, Work
+from dbstore.port import Backend, Conflict, GroupWork, Params, Row, RunAgain, Work
 from litestore import Schema, SchemaError, SchemaTooNew
 from litestore.schema import statements
 
@@ -34,6 +34,8 @@ R = TypeVar("R")
 
 RETRIES = 8
 POOL_SIZE = 8
+# What PostgreSQL ends a transaction with that succeeds when run again (``RunAgain``).
+_GIVEN_UP = (errors.DeadlockDetected, errors.SerializationFailure)
 # pg_advisory_xact_lock key for migrations: any fixed number ("dbst" in ASCII).
 MIGRATION_LOCK = 0x64627374
 
@@ -75,6 +77,8 @@ class PostgresTx:
             return await self.conn.execute(pg_sql(sql), tuple(params))
         except errors.IntegrityError as exc:
             raise Conflict(str(exc)) from exc
+        except _GIVEN_UP as exc:
+            raise RunAgain(str(exc)) from exc
 
     async def execute(self, sql: str, params: Params = ()) -> int:
         return (await self._run(sql, params)).rowcount
@@ -158,7 +162,7 @@ class PostgresDatabase:
             try:
                 async with self.pool.connection() as conn, conn.transaction():
                     return await work(PostgresTx(conn))
-            except (errors.DeadlockDetected, errors.SerializationFailure):
+            except (RunAgain, *_GIVEN_UP):  # (at COMMIT the driver's own error comes through)
                 if attempt == RETRIES - 1:
                     raise
         raise AssertionError("unreachable")

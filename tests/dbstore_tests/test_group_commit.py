@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from dbstore import Database, DatabaseUrl, Tx, open_database
+from dbstore.grouped import GroupedTransactions
 from dbstore.port import GroupWriter
 from litestore import Options, Schema, Synchronous
 
@@ -106,5 +108,35 @@ async def test_a_cancelled_writer_does_not_undo_its_group(database_url):
         await db.close()  # drains: every submitted write is settled first
         db = await _open(database_url)
         assert await _names(db) == ["gone", "kept"]
+    finally:
+        await db.close()
+
+
+async def test_a_grouped_work_the_database_gives_up_is_run_again_with_its_group(postgres_url):
+    """PostgreSQL ends a transaction it picks as a deadlock's victim (here the server raises that very error,
+    SQLSTATE 40P01, in one work of a group): the group is run again from the start, as a transaction of its
+    own would be, and every caller gets its answer, each write committed once."""
+    db = await _open(DatabaseUrl.parse(postgres_url))
+    try:
+        grouped = GroupedTransactions(db)
+        attempts: Counter[str] = Counter()
+
+        def child(name: str) -> Callable[[Tx], Awaitable[str]]:
+            async def work(tx: Tx) -> str:
+                attempts[name] += 1
+                await tx.execute("INSERT INTO children (name, parent) VALUES (?, 1)", (name,))
+                if name == "victim" and attempts[name] == 1:
+                    await tx.execute(
+                        "DO $$ BEGIN RAISE EXCEPTION 'the deadlock victim' "
+                        "USING ERRCODE = 'deadlock_detected'; END $$"
+                    )
+                return f"stored {name}"
+
+            return work
+
+        answers = await asyncio.gather(*(grouped.run(child(n)) for n in ("a", "victim", "b")))
+        assert answers == ["stored a", "stored victim", "stored b"]
+        assert attempts["victim"] == 2 and grouped.commits == 1
+        assert await _names(db) == ["a", "b", "victim"]
     finally:
         await db.close()

@@ -20,6 +20,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from provkit.errors import InputError
+
 HEADER = ("device_id", "outcome", "delivery", "activation_code", "error")
 Row = tuple[str, str, str, str, str]
 
@@ -74,13 +76,17 @@ class CodesFile:
 
 def read_rows(path: Path) -> list[Row]:
     """The lines of a codes file, in order.  A torn last line (a crash in the middle of a write) is
-    ignored."""
-    with path.open(newline="") as handle:
-        return [
-            (row[0], row[1], row[2], row[3], row[4])
-            for row in csv.reader(handle)
-            if len(row) == len(HEADER) and row[0] != HEADER[0]
-        ]
+    ignored; a character it tore in two reads as U+FFFD.  InputError for a file that is no codes file (a
+    field beyond what the csv module reads)."""
+    try:
+        with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+            return [
+                (row[0], row[1], row[2], row[3], row[4])
+                for row in csv.reader(handle)
+                if len(row) == len(HEADER) and row[0] != HEADER[0]
+            ]
+    except csv.Error as exc:
+        raise InputError(f"{path} is not a codes file: {exc}") from None
 
 
 def read_codes(path: Path) -> dict[str, str]:

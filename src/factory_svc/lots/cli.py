@@ -54,7 +54,7 @@ from factory_svc.mint.cli import KEY_TYPES  # the names `mint --key-type` takes
 from litestore import private_directory
 from mainkit.shell import RawDescriptionHelpFormatter
 from provkit import faults
-from provkit.channels import request_metadata
+from provkit.channels import read_input, request_metadata
 from provkit.cli_shell import add_json, add_key_type
 from provkit.devpki import write_private_file
 from provkit.errors import InputError
@@ -134,7 +134,7 @@ def _csr_items(folder: Path) -> list[pb.LotItem]:
         raise InputError(f"{folder} holds no *.csr or *.csr.pem files")
     items = []
     for index, path in enumerate(files):
-        pem = path.read_text()
+        pem = read_input(path, "CSR file")
         try:
             names = x509.load_pem_x509_csr(pem.encode()).subject.get_attributes_for_oid(
                 x509.NameOID.COMMON_NAME
@@ -157,7 +157,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
         header.key_source = pb.KEY_SOURCE_SERVER_GENERATED
         header.key_type = KEY_TYPES[args.key_type]
         if args.ids is not None:
-            ids = [line.strip() for line in args.ids.read_text().splitlines() if line.strip()]
+            listed = read_input(args.ids, "device id file").splitlines()
+            ids = [line.strip() for line in listed if line.strip()]
             items = [pb.LotItem(index=i, device_id=device_id) for i, device_id in enumerate(ids)]
             header.item_count = len(items)
         else:
@@ -279,7 +280,7 @@ async def run(stub: pb_grpc.FactoryServiceStub, args: argparse.Namespace) -> int
         return await enroll_lot(stub, args.lot, batch_options(args), args.rotate_missing, args.codes_out)
     plan = _plan(args)
     password = args.pkcs12_password_file.read_bytes().rstrip(b"\r\n") if args.pkcs12_password_file else None
-    with locked(args.out):
+    with locked(args.out, create=True):
         manifest = open_for_lot(
             args.out,
             plan.header.lot_id,

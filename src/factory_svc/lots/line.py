@@ -25,6 +25,7 @@ and nothing is enrolled twice.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -279,9 +280,10 @@ async def lot_status(
         )
         print("\n".join(_table(rows)))
     unreachable = [row for row in rows if row.cloud_error]
-    if unreachable:
+    if unreachable:  # on standard error: what --json prints stays one JSON document
         print(
             f"the factory could not say where {len(unreachable)} device(s) stand: "
-            f"{unreachable[0].cloud_error}"
+            f"{unreachable[0].cloud_error}",
+            file=sys.stderr,
         )
     return 0

@@ -49,6 +49,7 @@ from typing import Any
 import jsonsafe
 from factory_svc.enrollment.codes_file import Row
 from litestore import private_directory
+from provkit.device_id import is_valid_device_id
 from provkit.devpki import write_private_file
 from provkit.errors import InputError
 
@@ -231,12 +232,9 @@ def _entry(value: Any, where: str) -> DeviceEntry:
         _need(path, str, f"{where}.files.{role}")
         if Path(path).is_absolute() or ".." in Path(path).parts:
             raise InputError(f"{where}.files.{role} leaves the lot directory: {path!r}")
-    device_id = _text(data, "device_id", where)
-    if not device_id or "/" in device_id or device_id.startswith("."):
-        raise InputError(f"{where}.device_id is not a device id: {device_id!r}")
-    return DeviceEntry(
+    entry = DeviceEntry(
         index=int(_need(data.get("index"), int, f"{where}.index")),
-        device_id=device_id,
+        device_id=_text(data, "device_id", where),
         serial=_text(data, "serial", where),
         files=dict(files),
         minted=_text(data, "minted", where),
@@ -244,6 +242,14 @@ def _entry(value: Any, where: str) -> DeviceEntry:
         label=_printed(data.get("label"), f"{where}.label"),
         error=_text(data, "error", where),
     )
+    if entry.minted:
+        # A minted device's id names its directory and its label files: the factory's form of an id, nothing
+        # a path could misread.  (A refused item keeps the id that was asked for, whatever it was.)
+        if not is_valid_device_id(entry.device_id) or entry.device_id != entry.device_id.strip().lower():
+            raise InputError(f"{where}.device_id is not a device id: {entry.device_id!r}")
+    elif entry.enrolled is not None or entry.label is not None or files:
+        raise InputError(f"{where} was never minted, yet has files, an enrollment or a label")
+    return entry
 
 
 def load(directory: Path) -> LotManifest:
@@ -253,9 +259,7 @@ def load(directory: Path) -> LotManifest:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise InputError(
-            f"{directory} is not a lot directory (no {MANIFEST}; `factory-svc lot` makes one)"
-        ) from None
+        raise _not_a_lot(directory) from None
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
     try:
@@ -287,6 +291,10 @@ def load(directory: Path) -> LotManifest:
     return manifest
 
 
+def _not_a_lot(directory: Path) -> InputError:
+    return InputError(f"{directory} is not a lot directory (no {MANIFEST}; `factory-svc lot` makes one)")
+
+
 def open_for_lot(directory: Path, lot_id: str, key_source: str, item_count: int) -> LotManifest:
     """The manifest of a lot being minted into ``directory``: the one there (the same lot, resumed), or a new
     one (saved at once, so the directory says which lot it holds from the start)."""
@@ -304,10 +312,14 @@ def open_for_lot(directory: Path, lot_id: str, key_source: str, item_count: int)
 
 
 @contextlib.contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    """Hold the lot's lock for a command that updates its manifest; InputError when another holds it."""
-
-    private_directory(directory)
+def locked(directory: Path, *, create: bool = False) -> Iterator[None]:
+    """Hold the lot's lock for a command that updates its manifest; InputError when another holds it.
+    ``create``: the directory is made (0700) when missing (``lot``, which mints into it); else a directory
+    without a manifest is refused as not a lot directory, before anything is written in it."""
+    if create:
+        private_directory(directory)
+    elif not (directory / MANIFEST).is_file():
+        raise _not_a_lot(directory)
     fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
