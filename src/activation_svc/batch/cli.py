@@ -23,7 +23,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-import jsonsafe
 from activation_svc.batch.shipment import (
     ACTIVATED,
     ALREADY,
@@ -33,6 +32,7 @@ from activation_svc.batch.shipment import (
     RowResult,
     ShipmentError,
     activate_rows,
+    check_metadata_json,
     read_shipment,
 )
 from activation_svc.templates.fields import parse_template_json, template_fields
@@ -78,14 +78,7 @@ def add_batch_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def _metadata_file(path: Path) -> str:
     """The metadata file's text, checked as JSON here (hostile input stops before anything is sent)."""
     text = read_input(path, "metadata file")
-    try:
-        value = jsonsafe.loads(text)
-    except jsonsafe.JsonRefused as exc:
-        raise ShipmentError(f"the metadata file {path} is refused: {exc} [{exc.reason}]") from None
-    if not isinstance(value, dict):
-        raise ShipmentError(
-            f'the metadata file {path} must hold one JSON object {{"tags": ..., "properties": ...}}'
-        )
+    check_metadata_json(text, f"the metadata file {path}")
     return text
 
 
