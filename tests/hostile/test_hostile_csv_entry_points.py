@@ -10,35 +10,22 @@ A new entry point is one more walker here; a new shape is one more line in ``SHA
 from __future__ import annotations
 
 import html
-import json
 import re
 
 import aiohttp
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestClient, TestServer
 from enrollment.provisioning_env import activation_client_env
-from portal.portal_env import hidden_fields, portal_stack
+from portal.portal_env import hidden_fields, templated_portal
 from support.cli_process import run_module
 from support.hostile_csv import SHAPES, HostileCsv, shape_id
-from support.shipment import TEMPLATE
-
-from activation_svc.portal.app import create_app
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]  # the stack, a process per shape
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def oem(module_emulator, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hostile-csv")
-    template = folder / "acme.schema.json"
-    template.write_text(json.dumps(TEMPLATE))
-    async with (
-        portal_stack(
-            folder, module_emulator, service_env={"ACTIVATION_TEMPLATES": f"acme={template}"}
-        ) as stack,
-        TestClient(TestServer(create_app(stack.settings))) as client,
-    ):
+    async with templated_portal(tmp_path_factory.mktemp("hostile-csv"), module_emulator) as (stack, client):
         device, code = await stack.enrolled()
         yield stack, client, device.device_id, code
 
