@@ -15,6 +15,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+import jsonsafe
 from device_client import renewal
 from device_client.runtime import DeviceState, RuntimeSnapshot
 from devprov_demo.fleet import FleetSummary, Label
@@ -76,8 +77,8 @@ class HubWatch:
 
 def _seq(message: ReceivedMessage) -> int | None:
     try:
-        body = json.loads(message.body_text() or "null")
-    except ValueError:
+        body = jsonsafe.loads(message.body_text() or "null")
+    except jsonsafe.JsonRefused:
         return None
     seq = body.get("seq") if isinstance(body, dict) else None
     return seq if isinstance(seq, int) and seq > 0 else None
@@ -269,8 +270,8 @@ def telemetry_panel(tail: Iterable[ReceivedMessage], layout: Layout) -> Panel:
             shown = f"<{len(message.body)} bytes>"
         else:
             try:
-                shown = _reading(json.loads(text))
-            except ValueError:
+                shown = _reading(jsonsafe.loads(text))
+            except jsonsafe.JsonRefused:
                 shown = text[:80]
         line = Text(no_wrap=True, overflow="ellipsis")
         line.append(f"{message.enqueued_time[11:23]} ", style="dim")

@@ -331,3 +331,22 @@ def test_activation_outcomes_are_sentences_without_service_jargon(reply, sentenc
     said = activation_outcome(reply)
     assert said == sentence
     assert not any(word in said for word in ("ENROLLMENT", "UNCHANGED", "HUB_TWIN", "path"))
+
+
+@pytest.mark.slow
+def test_activate_batch_never_writes_its_results_over_its_own_input(tmp_path: Path) -> None:
+    shipment = tmp_path / "shipment.csv"
+    text = f"guid,code\n{GUID},{CODE}\n"
+    shipment.write_text(text)
+    metadata = tmp_path / "meta.json"
+    metadata.write_text('{"tags": {"site": "Lyon"}}')
+    for results, what in (
+        (shipment, "shipment"),
+        (tmp_path / "." / "shipment.csv", "shipment"),
+        (metadata, "metadata"),
+    ):
+        done = _cli("activate-batch", str(shipment), "--metadata", str(metadata), "--results", str(results))
+        assert done.returncode == 2, done.stderr
+        assert f"the results would be written over the {what} file" in done.stderr, done.stderr
+    assert shipment.read_text() == text  # the codes are still there
+    assert metadata.read_text() == '{"tags": {"site": "Lyon"}}'

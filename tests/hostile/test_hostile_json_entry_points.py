@@ -2,7 +2,7 @@
 outside, each a real server on loopback with a real client: activation_svc's Activate (gRPC, mTLS, generated
 stubs), the portal (aiohttp), the emulator's hub and DPS service REST APIs (raw HTTPS with a SAS, since the
 SDKs cannot send such bodies), the hub's device MQTT (reported properties) and DPS registration (MQTT and
-the device HTTPS API).
+the device HTTPS API), and the portal's shipment upload (its metadata for every row).
 
 Each check asserts the entry point's own refusal (gRPC INVALID_ARGUMENT with its reason, the portal's form
 again, Azure's 400 error body, a twin or DPS response with an error status), that nothing changed, and that
@@ -148,6 +148,64 @@ async def portal_activate(emulator: Any, folder: Any) -> AsyncIterator[Target]:
     ):
         device, code = await stack.enrolled()
         yield PortalActivate(stack, client, device.device_id, code)
+
+
+class PortalBatchMetadata:
+    """The portal's shipment upload (/batch) with one metadata JSON for every row: refused as a whole."""
+
+    template = staticmethod(GrpcActivate.template)
+
+    def __init__(self, stack: Any, client: TestClient, device_id: str, code: str) -> None:
+        self.stack, self.client, self.device_id, self.code = stack, client, device_id, code
+
+    async def refuses(self, shape: Hostile) -> None:
+        before = await self.stack.enrollment(self.device_id)
+        page = await (await self.client.get("/batch")).text()
+        # built by hand: aiohttp's FormData would send bytes as a file, not as the form's text field
+        boundary = uuid.uuid4().hex
+        parts = (
+            ('name="csrf_token"', hidden_fields(page)["csrf_token"].encode()),
+            (
+                'name="shipment"; filename="shipment.csv"',
+                f"guid,code\n{self.device_id},{self.code}\n".encode(),
+            ),
+            ('name="metadata"', shape.body(self.template)),
+        )
+        body = (
+            b"".join(
+                f"--{boundary}\r\nContent-Disposition: form-data; {head}\r\n\r\n".encode() + value + b"\r\n"
+                for head, value in parts
+            )
+            + f"--{boundary}--\r\n".encode()
+        )
+        response = await self.client.post(
+            "/batch", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
+        page = await response.text()
+        if response.status == 413:  # larger than the portal takes at all
+            assert "Too large" in page
+        else:
+            assert response.status == 400, page
+            problem = re.search(r'id="problem"[^>]*>(.*?)</section>', page, re.S)
+            assert problem is not None, page
+            if not shape.utf8:
+                assert "FORM_NOT_UTF8" in problem.group(1)
+            else:
+                assert "SHIPMENT_UNUSABLE" in problem.group(1)
+                if shape.reason is not None:
+                    assert f"[{shape.reason}]" in problem.group(1)
+        after = await self.stack.enrollment(self.device_id)
+        assert after["etag"] == before["etag"] and after["provisioningStatus"] == "disabled"
+
+
+@contextlib.asynccontextmanager
+async def portal_batch(emulator: Any, folder: Any) -> AsyncIterator[Target]:
+    async with (
+        portal_stack(folder, emulator) as stack,
+        TestClient(TestServer(create_app(stack.settings))) as client,
+    ):
+        device, code = await stack.enrolled()
+        yield PortalBatchMetadata(stack, client, device.device_id, code)
 
 
 # ------------------------------------------------------------------------------------- emulator REST
@@ -446,6 +504,7 @@ async def dps_register_https(emulator: Any, folder: Any) -> AsyncIterator[Target
 TARGETS: dict[str, Callable[[Any, Any], Any]] = {
     "grpc-activate": grpc_activate,
     "portal-activate": portal_activate,
+    "portal-batch-metadata": portal_batch,
     "hub-twin-patch": hub_rest("PATCH", "/twins/{id}", '{"tags": {"k": %}}'),
     "hub-twin-put": hub_rest("PUT", "/twins/{id}", '{"tags": {"k": %}}'),
     "hub-twin-patch-desired": hub_rest("PATCH", "/twins/{id}", '{"properties": {"desired": {"k": %}}}'),

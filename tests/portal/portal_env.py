@@ -5,6 +5,7 @@ mTLS, and small HTML helpers."""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiohttp.test_utils import TestClient, TestServer
 from enrollment.provisioning_env import (
     DeviceFiles,
     OemTls,
@@ -23,8 +25,10 @@ from enrollment.provisioning_env import (
     running_activation,
     running_factory,
 )
+from support.shipment import TEMPLATE
 
 from activation_svc.app import ActivationApp
+from activation_svc.portal.app import create_app
 from activation_svc.portal.settings import PortalSettings, load_portal_settings
 from devprov.v1 import activation_service_pb2 as apb
 from devprov.v1 import activation_service_pb2_grpc as apb_grpc
@@ -98,6 +102,18 @@ async def portal_stack(
         address = app.grpc_address  # type: ignore[attr-defined]
         settings = load_portal_settings(env=portal_env(address, tls, emulator, **portal_extra))
         yield PortalStack(emulator, factory, activation, app, tls, settings, folder, factory_app)
+
+
+@contextlib.asynccontextmanager
+async def templated_portal(folder: Path, emulator) -> AsyncIterator[tuple[PortalStack, TestClient]]:
+    """The stack with the tests' OEM template (tests/support/shipment.py) and a client of its portal."""
+    template = folder / "acme.schema.json"
+    template.write_text(json.dumps(TEMPLATE))
+    async with (
+        portal_stack(folder, emulator, service_env={"ACTIVATION_TEMPLATES": f"acme={template}"}) as stack,
+        TestClient(TestServer(create_app(stack.settings))) as client,
+    ):
+        yield stack, client
 
 
 _HIDDEN = re.compile(r'<input type="hidden" name="(\w+)" value="([^"]*)">')

@@ -4,33 +4,22 @@ the first sending (no row done twice); files that cannot be used are refused bef
 
 from __future__ import annotations
 
-import json
 import re
 
 import aiohttp
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestClient, TestServer
-from portal_env import hidden_fields, portal_stack
-from support.shipment import TEMPLATE, enroll_shipment, shipment_csv
-
-from activation_svc.portal.app import create_app
+from aiohttp.test_utils import TestClient
+from portal_env import hidden_fields, templated_portal
+from support.shipment import enroll_shipment, shipment_csv
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]  # the stack
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def portal(module_emulator, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("portal-shipment")
-    template = folder / "acme.schema.json"
-    template.write_text(json.dumps(TEMPLATE))
-    async with (
-        portal_stack(
-            folder, module_emulator, service_env={"ACTIVATION_TEMPLATES": f"acme={template}"}
-        ) as stack,
-        TestClient(TestServer(create_app(stack.settings))) as client,
-    ):
-        yield stack, client
+    async with templated_portal(tmp_path_factory.mktemp("portal-shipment"), module_emulator) as found:
+        yield found
 
 
 async def upload(client: TestClient, csv_text: str, *, csrf: bool = True) -> tuple[int, str]:

@@ -6,11 +6,12 @@
 The CSV (``activation_svc.batch.shipment``): ``guid``, ``code``, optional ``hub`` and the OEM template's
 fields as columns (asked from the service: GetMetadataTemplate), or ``--metadata FILE`` for every row.
 A progress bar on standard error; one result row per device in ``--results`` (default
-``<shipment>.results.csv``, written as rows finish); a summary line at the end.  The rows' request ids are
-derived from the rows, so running the same file again after a crash or Ctrl-C finishes what is left and
-repeats nothing (rows done before answer ``replayed``).  Exit status: 0 every row activated or already
-active, 1 some row refused or not sent (see the result file), 2 bad usage or an unusable file, 3 the
-service unreachable, 130 interrupted (the rows finished so far are in the result file).
+``<shipment>.results.csv``, written as rows finish; never the shipment or the metadata file itself); a
+summary line at the end.  The rows' request ids are derived from the rows, so running the same file again
+after a crash or Ctrl-C finishes what is left and repeats nothing (rows done before answer ``replayed``).
+Exit status: 0 every row activated or already active, 1 some row refused or not sent (see the result
+file), 2 bad usage or an unusable file, 3 the service unreachable, 130 interrupted (the rows finished so
+far are in the result file).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-import jsonsafe
 from activation_svc.batch.shipment import (
     ACTIVATED,
     ALREADY,
@@ -33,6 +33,7 @@ from activation_svc.batch.shipment import (
     RowResult,
     ShipmentError,
     activate_rows,
+    check_metadata_json,
     read_shipment,
 )
 from activation_svc.templates.fields import parse_template_json, template_fields
@@ -78,14 +79,7 @@ def add_batch_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def _metadata_file(path: Path) -> str:
     """The metadata file's text, checked as JSON here (hostile input stops before anything is sent)."""
     text = read_input(path, "metadata file")
-    try:
-        value = jsonsafe.loads(text)
-    except jsonsafe.JsonRefused as exc:
-        raise ShipmentError(f"the metadata file {path} is refused: {exc} [{exc.reason}]") from None
-    if not isinstance(value, dict):
-        raise ShipmentError(
-            f'the metadata file {path} must hold one JSON object {{"tags": ..., "properties": ...}}'
-        )
+    check_metadata_json(text, f"the metadata file {path}")
     return text
 
 
@@ -99,9 +93,18 @@ def _summary(results: list[RowResult], total: int, where: Path) -> str:
     return f"{head}; results in {where}"
 
 
+def _results_path(args: argparse.Namespace) -> Path:
+    """Where the results go: never over the shipment (its codes) or the metadata file the run reads."""
+    path: Path = args.results or args.shipment.with_name(args.shipment.name + ".results.csv")
+    for what, read in (("shipment", args.shipment), ("metadata", args.metadata)):
+        if read is not None and path.resolve() == read.resolve():
+            raise ShipmentError(f"the results would be written over the {what} file {read}: --results FILE")
+    return path
+
+
 async def _run(args: argparse.Namespace, source: SettingsSource, text: str, metadata: str | None) -> int:
     target = source.text("target", DEFAULT_TARGET) or DEFAULT_TARGET
-    results_path = args.results or args.shipment.with_name(args.shipment.name + ".results.csv")
+    results_path = _results_path(args)
     console = Console(stderr=True)
     async with create_channel(target, channel_security(source)) as channel:
         stub = pb_grpc.ActivationServiceStub(channel)
@@ -149,6 +152,7 @@ def run_batch(args: argparse.Namespace) -> int:
     source = SettingsSource("ACTIVATION_CLIENT", flags=CHANNEL_FLAGS.values(args))
     text = read_input(args.shipment, "shipment file")
     metadata = _metadata_file(args.metadata) if args.metadata is not None else None
+    _results_path(args)  # refused before anyone is called
     return asyncio.run(_run(args, source, text, metadata))
 
 

@@ -8,7 +8,10 @@ default hub, or ``default_hub``), and, when the OEM has a template, one column p
 by its path (``tags.chassisNumber``, ``desired.telemetryIntervalSeconds``; ``activation_svc.templates.
 fields``), typed by the template like the portal's form.  Instead of template columns, one metadata JSON
 (``--metadata FILE``) may apply to every row; both at once is refused.  A column the template does not
-name is refused before anything is sent (a typo would otherwise drop a value silently).  At most
+name is refused before anything is sent (a typo would otherwise drop a value silently), and so is a
+column named twice, a row with more cells than the header (an unquoted comma would shift its values), CSV
+that does not parse strictly (an unclosed quote), a control character (NUL, ESC, ...) anywhere, and a
+metadata JSON that ``jsonsafe`` refuses or that is not one object (``check_metadata_json``).  At most
 ``MAX_ROWS`` rows; each row's device id is checked before anything is sent.
 
 The request id of a row
@@ -37,6 +40,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import auto
@@ -45,6 +49,7 @@ from typing import IO, Any
 
 import grpc
 
+import jsonsafe
 from activation_svc.templates.fields import FieldSet, metadata_from_values
 from devprov.v1 import activation_service_pb2 as pb
 from devprov.v1 import activation_service_pb2_grpc as pb_grpc
@@ -58,6 +63,9 @@ MAX_ROWS = 100_000
 MAX_CELL = 4096
 DEVICE_COLUMNS = ("guid", "device_id", "device id")
 CODE_COLUMNS = ("code", "activation_code", "activation code")
+_ALIASES = (DEVICE_COLUMNS, CODE_COLUMNS, ("hub",))
+# C0 controls but tab and line ends, and DEL: no cell of a shipment holds one (NUL, ESC, ...)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 RESULT_COLUMNS = (
     "line",
     "device_id",
@@ -142,6 +150,47 @@ def _canonical(metadata: Mapping[str, Any]) -> str:
     return json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def check_metadata_json(text: str, what: str) -> None:
+    """``ShipmentError`` unless ``text`` is one JSON object that ``jsonsafe`` takes (``what`` names it)."""
+    try:
+        value = jsonsafe.loads(text)
+    except jsonsafe.JsonRefused as exc:
+        raise ShipmentError(f"{what} is refused: {exc} [{exc.reason}]") from None
+    if not isinstance(value, dict):
+        raise ShipmentError(f'{what} must hold one JSON object {{"tags": ..., "properties": ...}}')
+
+
+def _table(text: str) -> list[tuple[int, list[str]]]:
+    """The CSV's rows that hold anything, each with the file's line it ends on."""
+    bad = _CONTROL.search(text)
+    if bad is not None:
+        line = text.count("\n", 0, bad.start()) + 1
+        raise ShipmentError(
+            f"line {line} holds the control character U+{ord(bad.group()):04X}: not a shipment's text"
+        )
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    table: list[tuple[int, list[str]]] = []
+    try:
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                table.append((reader.line_num, row))
+    except csv.Error as exc:
+        raise ShipmentError(f"the shipment is not readable CSV (line {reader.line_num}: {exc})") from None
+    return table
+
+
+def _no_column_twice(header: Sequence[str]) -> None:
+    """A column named twice (or by two of its names, ``guid`` and ``device_id``) would leave one value
+    unused without a word: refused."""
+    seen: dict[str, int] = {}
+    for index, name in enumerate(header, start=1):
+        key = name.strip().lower()
+        role = next((names[0] for names in _ALIASES if key in names), name.strip())
+        if role in seen:
+            raise ShipmentError(f"column {index} ({name!r}) is column {seen[role]} again: name each once")
+        seen[role] = index
+
+
 def read_shipment(
     text: str,
     fields: FieldSet | None,
@@ -152,21 +201,19 @@ def read_shipment(
     max_rows: int = MAX_ROWS,
 ) -> list[ShipmentRow]:
     """The rows of a shipment (``ShipmentError`` for a file that cannot be used as a whole)."""
-    text = text.removeprefix("\ufeff")
-    try:
-        table = list(csv.reader(io.StringIO(text, newline="")))
-    except csv.Error as exc:
-        raise ShipmentError(f"the shipment is not readable CSV: {exc}") from None
-    table = [row for row in table if any(cell.strip() for cell in row)]
+    if metadata_json is not None:
+        check_metadata_json(metadata_json, "the metadata")
+    table = _table(text.removeprefix("\ufeff"))
     if not table:
         raise ShipmentError(
             "the shipment is empty: a header row (guid, code, hub, ...) and one row per device"
         )
-    header = [h.strip() for h in table[0]]
+    header = [h.strip() for h in table[0][1]]
     device_col, code_col = _column(header, DEVICE_COLUMNS), _column(header, CODE_COLUMNS)
     if device_col is None or code_col is None:
         raise ShipmentError(f"the shipment's header needs a 'guid' and a 'code' column, got {header}")
     hub_col = _column(header, ("hub",))
+    _no_column_twice(header)
     known = fields.by_name() if fields is not None else {}
     template_cols: dict[int, str] = {}
     for index, name in enumerate(header):
@@ -184,7 +231,12 @@ def read_shipment(
         raise ShipmentError(f"the shipment has {len(table) - 1} rows; at most {max_rows} are taken at once")
     rows: list[ShipmentRow] = []
     seen: dict[str, int] = {}
-    for number, row in enumerate(table[1:], start=2):
+    for number, row in table[1:]:
+        if any(cell.strip() for cell in row[len(header) :]):
+            raise ShipmentError(
+                f"line {number} has {len(row)} cells, the header {len(header)}: a value with a comma in it "
+                "goes in double quotes"
+            )
         cells = [cell.strip() for cell in row] + [""] * max(0, len(header) - len(row))
         if any(len(cell) > MAX_CELL for cell in cells):
             raise ShipmentError(f"line {number}: a cell is longer than {MAX_CELL} characters")

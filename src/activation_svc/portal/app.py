@@ -51,7 +51,6 @@ from google.protobuf import timestamp_pb2
 from opentelemetry import propagate, trace
 
 from activation_svc.audit import AuditLog
-from activation_svc.errors import Reason
 from activation_svc.portal import pages
 from activation_svc.portal.assets import ASSETS
 from activation_svc.portal.errors import FieldProblem, ServiceProblem, describe
@@ -64,13 +63,13 @@ from activation_svc.portal.forms import (
     client_address,
     form_post,
     html_page,
+    settle,
     template_of,
     text_field,
 )
 from activation_svc.portal.security import Csrf, add_headers, host_allowed
 from activation_svc.portal.settings import PortalSettings
 from activation_svc.portal.shipment import batch, batch_form
-from activation_svc.ratelimit import Slot
 from activation_svc.shared_limits import failure_limits
 from activation_svc.templates.fields import (
     FORM_PREFIX,
@@ -106,14 +105,6 @@ def _too_long(values: dict[str, str]) -> tuple[FieldProblem, ...]:
         if len(value) > limit:
             problems.append(FieldProblem(name, label, "", f"at most {limit} characters (got {len(value)})"))
     return tuple(problems)
-
-
-async def _settle(attempt: Slot, problem: ServiceProblem | None) -> None:
-    """A wrong code (or unknown device) counts against the address; anything else does not."""
-    if problem is None:
-        await attempt.succeeded()
-    elif problem.reason == Reason.ACTIVATION_DENIED:
-        await attempt.failed()
 
 
 def _with_retry(response: web.Response, problem: ServiceProblem) -> web.Response:
@@ -234,10 +225,10 @@ async def activate(request: web.Request) -> web.Response:
             )
         except grpc.aio.AioRpcError as exc:
             problem = describe(error_details(exc))
-            await _settle(attempt, problem)
+            await settle(attempt, problem.reason)
             log.info("activation refused", extra={"code": problem.code, "reason": problem.reason})
             return _with_retry(again(problem.http_status, problem=problem), problem)
-        await _settle(attempt, None)
+        await settle(attempt, None)
     finally:
         await attempt.release()
     view = pages.ActivationView(
@@ -299,10 +290,10 @@ async def status(request: web.Request) -> web.Response:
             )
         except grpc.aio.AioRpcError as exc:
             problem = describe(error_details(exc), "No status")
-            await _settle(attempt, problem)
+            await settle(attempt, problem.reason)
             page = pages.status_form_page(pages.StatusForm(device_id, problem=problem), token)
             return _with_retry(html_page(page, problem.http_status, (csrf, fresh)), problem)
-        await _settle(attempt, None)
+        await settle(attempt, None)
     finally:
         await attempt.release()
     view = pages.StatusView(

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import grpc
 from aiohttp import web
 
+from activation_svc.errors import Reason
 from activation_svc.portal import pages
 from activation_svc.portal.errors import PortalReason, ServiceProblem
 from activation_svc.portal.security import CSRF_FIELD, Csrf
@@ -62,6 +63,15 @@ async def begin_attempt(request: web.Request) -> Slot | ServiceProblem:
             http_status=429,
             retry_after=exc.retry_after,
         )
+
+
+async def settle(attempt: Slot, refused: str | None) -> None:
+    """The end of one code check: ``refused`` is the service's reason (None: it answered).  A wrong code
+    (or unknown device) counts against the address; anything else does not."""
+    if refused is None:
+        await attempt.succeeded()
+    elif refused == Reason.ACTIVATION_DENIED:
+        await attempt.failed()
 
 
 _NOT_UTF8 = ServiceProblem(

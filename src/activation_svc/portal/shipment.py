@@ -18,7 +18,6 @@ from activation_svc.batch.shipment import (
     activate_rows,
     read_shipment,
 )
-from activation_svc.errors import Reason
 from activation_svc.portal import pages
 from activation_svc.portal.errors import PortalReason, ServiceProblem
 from activation_svc.portal.forms import (
@@ -29,6 +28,7 @@ from activation_svc.portal.forms import (
     client_address,
     form_post,
     html_page,
+    settle,
     template_of,
     text_field,
 )
@@ -102,15 +102,12 @@ async def batch(request: web.Request) -> web.Response:
         slots[row.line] = attempt
         return None
 
-    async def settle(result: RowResult) -> None:
+    async def answered(result: RowResult) -> None:
         slot = slots.pop(result.line, None)
         if slot is None:
             return
         try:
-            if result.succeeded:
-                await slot.succeeded()
-            elif result.reason == Reason.ACTIVATION_DENIED:
-                await slot.failed()
+            await settle(slot, None if result.succeeded else result.reason)
         finally:
             await slot.release()
 
@@ -121,7 +118,7 @@ async def batch(request: web.Request) -> web.Response:
         call_timeout=settings.timeout_seconds,
         extra_metadata=((ON_BEHALF_OF_HEADER, client_address(request)),),
         before_row=limited,
-        on_result=settle,
+        on_result=answered,
     )
     log.info(
         "shipment activated",

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+import jsonsafe
 from azure_iot_emulator.connection_info import CONNECTION_FILE, ConnectionInfo, read_connection_info
 from azure_iot_emulator.hub.eventhub.reader import TelemetryTail
 from azure_iot_emulator.hub.telemetry import StoredMessage, TelemetryStore
@@ -42,8 +43,8 @@ def device_sequence(message: StoredMessage) -> int | None:
     if not text or not text.lstrip().startswith("{"):
         return None
     try:
-        seq = json.loads(text).get("seq")
-    except (ValueError, AttributeError):
+        seq = jsonsafe.loads(text).get("seq")
+    except (jsonsafe.JsonRefused, AttributeError):
         return None
     return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 

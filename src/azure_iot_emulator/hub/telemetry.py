@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+import jsonsafe
 from azure_iot_emulator.hub.timefmt import azure_time
 from azure_iot_emulator.hub.topics import PropertyBag
 from azure_iot_emulator.store import Database
@@ -69,9 +70,9 @@ class StoredMessage:
         if text is None:
             body = None
         else:
-            try:
-                body = json.loads(text)
-            except ValueError:
+            try:  # a device's body, whatever it sent: what jsonsafe refuses is shown as the text
+                body = jsonsafe.loads(text)
+            except jsonsafe.JsonRefused:
                 body = text
         return {
             "sequenceNumber": self.seq,

@@ -1,0 +1,59 @@
+"""The one list of hostile shipment CSV files (``activation_svc.batch.shipment``) every entry point that
+takes a shipment is tested with: ``activation-svc activate-batch`` and the portal's ``/batch`` upload
+(tests/hostile/test_hostile_csv_entry_points.py).  A new shape here is tried at both; a new entry point that
+reads a shipment joins that file.
+
+Each shape is a whole file around one device that could be activated (``file(device_id, code)`` puts them
+in): the file must be refused as a whole, naming what is wrong (``words``), and the device must stay as it
+was.  The columns besides guid and code are fields of the tests' OEM template (tests/support/shipment.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROW = b"{guid},{code},"
+VALID = b"tags.chassisNumber,tags.machineModel,desired.telemetryIntervalSeconds"
+VALUES = b"VX200-20260001,VX-200,5"
+
+
+@dataclass(frozen=True)
+class HostileCsv:
+    name: str
+    value: bytes  # the file, with {guid} and {code} where the device's go
+    words: str  # what the refusal says, at every entry point
+
+    def file(self, device_id: str, code: str) -> bytes:
+        return self.value.replace(b"{guid}", device_id.encode()).replace(b"{code}", code.encode())
+
+
+SHAPES: tuple[HostileCsv, ...] = (
+    HostileCsv("not-utf8", b"guid,code," + VALID + b"\n" + ROW + b"VX200-\xff\xfe,VX-200,5\n", "UTF-8"),
+    HostileCsv("utf16", "guid,code\n{guid},{code}\n".encode("utf-16"), "UTF-8"),
+    HostileCsv("utf8-encoded-surrogate", b"guid,code,tags.site.city\n" + ROW + b"\xed\xa0\x80\n", "UTF-8"),
+    HostileCsv(
+        "nul-in-a-cell", b"guid,code," + VALID + b"\n" + ROW + b"VX200-2026\x000001,VX-200,5\n", "U+0000"
+    ),
+    HostileCsv("escape-in-the-header", b"guid,code,\x1b[31mtags.site.city\n" + ROW + b"Lyon\n", "U+001B"),
+    HostileCsv("delete-in-a-code", b"guid,code\n{guid},{code}\x7f\n", "U+007F"),
+    HostileCsv(
+        "unclosed-quote",
+        b"guid,code," + VALID + b"\n" + ROW + b'"VX200-20260001,VX-200,5\n',
+        "not readable CSV",
+    ),
+    HostileCsv("text-after-a-quote", b'guid,code\n{guid},"{code}"x\n', "not readable CSV"),
+    HostileCsv(
+        "a-column-twice", b"guid,code,tags.site.city,tags.site.city\n" + ROW + b"Lyon,Paris\n", "again"
+    ),
+    HostileCsv("guid-and-device-id", b"guid,device_id,code\n{guid},{guid},{code}\n", "again"),
+    HostileCsv("an-unquoted-comma", b"guid,code,tags.site.city\n" + ROW + b"Lyon, Part-Dieu\n", "cells"),
+    HostileCsv("a-column-not-in-the-template", b"guid,code,tags.colour\n" + ROW + b"red\n", "not a field"),
+    HostileCsv("no-code-column", b"guid,hub\n{guid},\n", "needs a 'guid' and a 'code'"),
+    HostileCsv("header-only", b"guid,code\n", "no devices"),
+    HostileCsv("empty", b"", "empty"),
+    HostileCsv("a-cell-too-long", b"guid,code,tags.site.city\n" + ROW + b"L" * 5000 + b"\n", "longer than"),
+)
+
+
+def shape_id(shape: HostileCsv) -> str:
+    return shape.name
