@@ -202,6 +202,24 @@ class BulkItemError:
     error: CloudError
 
 
+@dataclass(frozen=True)
+class EnrollmentGroup:
+    """An X.509 enrollment group as the suite writes it (group mode): devices whose chain leads to
+    ``signing_certificate_pem`` register; DPS asks the custom allocation webhook at ``webhook_url`` (its
+    function key in the query) which of ``iot_hubs`` each goes to.  ``etag`` is read-only; an update is
+    guarded by it.  ``signing_sha256`` is the thumbprint DPS reports for the signing certificate."""
+
+    group_id: str
+    signing_certificate_pem: str | None
+    webhook_url: str
+    iot_hubs: tuple[str, ...]
+    enabled: bool = True
+    api_version: str = "2021-10-01"
+    etag: str | None = None
+    signing_sha256: str | None = None
+    unmodelled: Unmodelled = field(default_factory=Unmodelled, compare=False, repr=False)
+
+
 class HubDeviceStatus(enum.Enum):
     ENABLED = "enabled"
     DISABLED = "disabled"
