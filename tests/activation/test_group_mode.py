@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sqlite3
-import ssl
-import sys
 import uuid
-from pathlib import Path
 
-import aiohttp
 import pytest
 import pytest_asyncio
 from azure.iot.device import Message
@@ -24,9 +19,7 @@ from conftest import running_emulator
 from enrollment.provisioning_env import (
     OemTls,
     activate_request,
-    activation_env,
     dps_enrollment,
-    factory_env,
     hub_session,
     hub_twin,
     mint,
@@ -37,83 +30,13 @@ from enrollment.provisioning_env import (
 from enrollment.provisioning_env import (
     registry as hub_registry,
 )
-from support.emulator import free_port
-from support.metrics import scrape
+from group_env import META, Stack, emulator_args
 from support.waiting import until
 
 from devprov.v1 import activation_service_pb2 as apb
 from devprov.v1 import factory_service_pb2 as fpb
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
-
-KEY = "group-mode-function-key-0123456789"
-META = {"tags": {"customer": "acme", "line": {"hall": 3}}, "properties": {"desired": {"interval_s": 5}}}
-WRITES = "iot_emulator_dps_service_writes_total"
-
-
-class Stack:
-    def __init__(self, root: Path, emulator, tls: OemTls) -> None:
-        self.root, self.emulator, self.tls = root, emulator, tls
-        self.activation_dir = root / "activation"
-        self.webhook_port = free_port("127.0.0.1")
-        self.webhook = f"https://127.0.0.1:{self.webhook_port}/api/allocate"
-
-    def factory_env(self) -> dict[str, str]:
-        return factory_env(
-            self.root,
-            self.emulator,
-            FACTORY_MODE="group",
-            FACTORY_REGISTRY_DATABASE_URL=f"sqlite:///{self.activation_dir}",
-            FACTORY_GROUP_FUNCTION_KEY=KEY,
-        )
-
-    def activation_env(self) -> dict[str, str]:
-        return activation_env(
-            self.root,
-            self.emulator,
-            self.tls,
-            ACTIVATION_MODE="group",
-            ACTIVATION_ALLOCATION_LISTEN=f"127.0.0.1:{self.webhook_port}",
-            ACTIVATION_ALLOCATION_FUNCTION_KEY=KEY,
-        )
-
-    async def apply_group(self, *extra: str) -> dict:
-        """The operator's command, as its own process."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "factory_svc.cli",
-            "enrollment-group",
-            "--webhook-url",
-            self.webhook,
-            "--json",
-            *extra,
-            env={**os.environ, **self.factory_env()},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, err.decode()
-        return json.loads(out)
-
-    def audit(self, device_id: str) -> list[tuple[str, str]]:
-        with sqlite3.connect(self.activation_dir / "audit.sqlite3") as db:
-            return db.execute(
-                "SELECT outcome, detail FROM audit WHERE action = 'allocate' AND device_id = ? ORDER BY id",
-                (device_id,),
-            ).fetchall()
-
-    async def dps_writes(self) -> float:
-        return (await scrape(self.emulator.connection["metrics_url"])).total(WRITES)
-
-    async def post(self, body: object, key: str = KEY) -> tuple[int, str]:
-        """A direct call to the webhook, as anyone who can reach it."""
-        context = ssl.create_default_context(cafile=str(self.tls.ca_file))
-        async with (
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session,
-            session.post(f"{self.webhook}?code={key}", json=body) as response,
-        ):
-            return response.status, await response.text()
 
 
 @pytest.fixture(scope="module")
@@ -123,17 +46,7 @@ def tls(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def group_emulator(tmp_path_factory, tls):
-    args = [
-        "--assignment-delay",
-        "immediate",
-        "--allocation-webhook-timeout",
-        "5",
-        "--allocation-webhook-ca",
-        str(tls.ca_file),
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ]
-    with running_emulator(tmp_path_factory.mktemp("emulator") / "data", args) as emu:
+    with running_emulator(tmp_path_factory.mktemp("emulator") / "data", emulator_args(tls)) as emu:
         yield emu
 
 
@@ -149,15 +62,6 @@ async def stack(tmp_path_factory, group_emulator, tls):
         applied = await stack.apply_group()
         assert applied["outcome"] in ("created", "unchanged")
         yield stack
-
-
-async def enrolled(stack: Stack) -> tuple:
-    device = await mint(stack.factory, str(uuid.uuid4()), stack.root / "devices")
-    reply = await stack.factory.Enroll(
-        fpb.EnrollRequest(device_id=device.device_id, certificate_pem=device.chain_pem)
-    )
-    assert reply.outcome == fpb.ENROLL_OUTCOME_CREATED and reply.activation_code
-    return device, reply.activation_code
 
 
 async def refused(stack: Stack, device) -> None:
@@ -208,7 +112,7 @@ async def test_the_operator_command_is_idempotent_and_writes_the_group(stack):
 
 async def test_mint_enroll_activate_boot_and_telemetry_with_no_dps_write_per_device(stack):
     writes_before = await stack.dps_writes()
-    device, code = await enrolled(stack)
+    device, code = await stack.enrolled()
     assert await dps_enrollment(stack.emulator, device.device_id) is None  # no individual enrollment
 
     await refused(stack, device)  # not activated yet: the webhook refuses
@@ -237,7 +141,7 @@ async def test_mint_enroll_activate_boot_and_telemetry_with_no_dps_write_per_dev
 
 async def test_unknown_and_unactivated_devices_are_refused_alike_and_audited(stack):
     unknown = await mint(stack.factory, str(uuid.uuid4()), stack.root / "devices")  # never enrolled
-    waiting, _code = await enrolled(stack)
+    waiting, _code = await stack.enrolled()
     await refused(stack, unknown)
     await refused(stack, waiting)
     assert stack.audit(unknown.device_id) == [("refused", "DEVICE_UNKNOWN")]
@@ -254,7 +158,7 @@ async def test_unknown_and_unactivated_devices_are_refused_alike_and_audited(sta
 
 
 async def test_revoked_and_deprovisioned_devices_are_refused(stack):
-    revoked, code = await enrolled(stack)
+    revoked, code = await stack.enrolled()
     await stack.activation.Activate(activate_request(revoked.device_id, code, json.dumps(META)))
     await stack.factory.RevokeCertificate(
         fpb.RevokeCertificateRequest(device_id=revoked.device_id, reason=fpb.REVOCATION_REASON_KEY_COMPROMISE)
@@ -268,7 +172,7 @@ async def test_revoked_and_deprovisioned_devices_are_refused(stack):
     await refused(stack, revoked)
     assert stack.audit(revoked.device_id)[-1] == ("refused", "DEVICE_REVOKED")
 
-    gone, code = await enrolled(stack)
+    gone, code = await stack.enrolled()
     await stack.activation.Activate(activate_request(gone.device_id, code, json.dumps(META)))
     await stack.activation.Deactivate(apb.DeactivateRequest(device_id=gone.device_id, activation_code=code))
     await refused(stack, gone)
@@ -276,9 +180,9 @@ async def test_revoked_and_deprovisioned_devices_are_refused(stack):
 
 
 async def test_a_wrong_key_or_a_registration_id_not_the_certificates_is_refused(stack):
-    device, code = await enrolled(stack)
+    device, code = await stack.enrolled()
     await stack.activation.Activate(activate_request(device.device_id, code, json.dumps(META)))
-    other, _ = await enrolled(stack)
+    other, _ = await stack.enrolled()
     right = runtime_context(device.device_id, f"CN={device.device_id}", sha256_of(device), stack)
 
     status, _ = await stack.post(right, key="not-the-key-at-all-0000000000")
@@ -301,7 +205,7 @@ async def test_a_wrong_key_or_a_registration_id_not_the_certificates_is_refused(
 
 
 async def test_a_registry_that_cannot_be_read_answers_503_and_the_registration_fails(stack):
-    device, code = await enrolled(stack)
+    device, code = await stack.enrolled()
     await stack.activation.Activate(activate_request(device.device_id, code, json.dumps(META)))
     registry_file = stack.activation_dir / "registry.sqlite3"
     with sqlite3.connect(registry_file) as db:  # an operator's mistake: the table is gone
