@@ -26,9 +26,6 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-
 from activation_svc.allocation.model import (
     Allocated,
     AllocationQuery,
@@ -37,7 +34,7 @@ from activation_svc.allocation.model import (
 )
 from activation_svc.audit import AuditEntry, AuditLog
 from provkit.clock import Clock
-from provkit.cloud import CloudUnavailable, Enrollment
+from provkit.cloud import CloudUnavailable, Enrollment, slot_sha256
 
 log = logging.getLogger("activation_svc.allocation")
 
@@ -56,21 +53,12 @@ class AllocationRefused(Exception):
         self.reason = reason
 
 
-def _sha256(pem: str | None, reported: str | None) -> str | None:
-    if pem and "BEGIN CERTIFICATE" in pem:
-        try:
-            return x509.load_pem_x509_certificate(pem.encode()).fingerprint(hashes.SHA256()).hex().upper()
-        except ValueError:
-            pass
-    return reported.upper() if reported else None
-
-
 def enrolled_thumbprints(record: Enrollment) -> set[str]:
     """The SHA-256 thumbprints of the certificates a record holds (primary and secondary slot)."""
     att = record.attestation
     found = {
-        _sha256(att.certificate_pem, att.sha256_thumbprint),
-        _sha256(att.secondary_pem, att.secondary_sha256_thumbprint),
+        slot_sha256(att.certificate_pem, att.sha256_thumbprint),
+        slot_sha256(att.secondary_pem, att.secondary_sha256_thumbprint),
     }
     return {t for t in found if t}
 

@@ -34,9 +34,9 @@ from typing import Protocol
 from urllib.parse import quote, urlsplit
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
-from provkit.cloud import CloudEtagMismatch, CloudSettings, EnrollmentGroup
+from provkit.cloud import CloudEtagMismatch, CloudSettings, EnrollmentGroup, slot_sha256
 from provkit.errors import Aborted
 from provkit.errors import Reason as SharedReason
 from provkit.settings import Secret, SettingsError, SettingsSource
@@ -123,15 +123,6 @@ def _pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def sha256_of(pem: str | None) -> str | None:
-    if not pem:
-        return None
-    try:
-        return x509.load_pem_x509_certificate(pem.encode()).fingerprint(hashes.SHA256()).hex().upper()
-    except ValueError:
-        return None
-
-
 def keyed_url(url: str, key: Secret) -> str:
     return f"{url}{'&' if '?' in url else '?'}code={quote(key.reveal(), safe='')}"
 
@@ -151,8 +142,8 @@ def wanted_group(settings: GroupSettings, chain: Sequence[x509.Certificate]) -> 
 def _holds(current: EnrollmentGroup, wanted: EnrollmentGroup) -> bool:
     policy = current.unmodelled.document.get("allocationPolicy")
     return (
-        (current.signing_sha256 or sha256_of(current.signing_certificate_pem) or "").upper()
-        == sha256_of(wanted.signing_certificate_pem)
+        (current.signing_sha256 or slot_sha256(current.signing_certificate_pem) or "").upper()
+        == slot_sha256(wanted.signing_certificate_pem)
         and current.webhook_url == wanted.webhook_url
         and current.api_version == wanted.api_version
         and sorted(h.lower() for h in current.iot_hubs) == sorted(h.lower() for h in wanted.iot_hubs)

@@ -26,13 +26,12 @@ from factory_svc.enrollment.group import (
     GroupOutcome,
     apply_group,
     load_group_settings,
-    sha256_of,
     wanted_group,
 )
 from mainkit.shell import CommandFailed, print_json
 from provkit.cli_shell import EXIT_REFUSED, EXIT_UNREACHABLE, add_json
 from provkit.clock import now_utc
-from provkit.cloud import CloudError, CloudUnavailable, EnrollmentGroup
+from provkit.cloud import CloudError, CloudUnavailable, EnrollmentGroup, slot_sha256
 from provkit.settings import SettingsError, SettingsSource
 
 COMMANDS = ("enrollment-group",)
@@ -106,7 +105,7 @@ async def _apply(args: argparse.Namespace) -> tuple[GroupOutcome, EnrollmentGrou
 
 def run(args: argparse.Namespace) -> int:
     outcome, group = asyncio.run(_apply(args))
-    thumbprint = group.signing_sha256 or sha256_of(group.signing_certificate_pem)
+    thumbprint = group.signing_sha256 or slot_sha256(group.signing_certificate_pem)
     if args.json:
         print_json(
             {
