@@ -5,32 +5,41 @@ API: ``async ActivationApp.open(settings, clock=..., observe=None)``, ``.binding
 ``async run_server(settings)`` (serve until SIGINT/SIGTERM).  Before serving, the activations a crash left
 unfinished are completed (``ActivationService.complete_open_intents``).  ``observe`` (``provkit.observe``)
 defaults to what ``settings.observe`` asks for.
+
+Group mode (``settings.mode``): the records are the device registry's (``provkit.registry``), not DPS's, and
+``start`` also opens the allocation webhook (``.allocation_http``, ``activation_svc.allocation``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from activation_svc.allocation.http import AllocationHttp, server_context
+from activation_svc.allocation.service import AllocationService
 from activation_svc.audit import AuditLog
 from activation_svc.grpc import ActivationServicer
 from activation_svc.service import ActivationService
 from activation_svc.settings import ActivationSettings
 from activation_svc.shared_limits import failure_limits
 from provkit.clock import Clock, now_utc
+from provkit.cloud import EnrollmentPort
 from provkit.dps import DpsEnrollments
 from provkit.grpc_server import RunningServer, ServiceBinding, serve_app, start_server
 from provkit.idempotency import RequestIds
 from provkit.iothub import HubRegistries
 from provkit.observe import Observability
+from provkit.registry import DeviceRegistry, ProvisioningMode
 
 
 @dataclass
 class ActivationApp:
     settings: ActivationSettings
-    dps: DpsEnrollments
+    dps: DpsEnrollments | DeviceRegistry
     audit: AuditLog
     service: ActivationService
     observe: Observability = field(default_factory=Observability.off)
+    allocation: AllocationService | None = None
+    allocation_http: AllocationHttp | None = None
 
     @classmethod
     async def open(
@@ -42,7 +51,12 @@ class ActivationApp:
         observe = observe or Observability.open(settings.observe, "activation_svc")
         # first: a database at another schema version stops here, before anything outside is opened
         audit = await AuditLog.open(settings.database_url, intent_hold=settings.intent_hold)
-        dps = await DpsEnrollments.open(settings.cloud.dps, observer=observe.cloud_calls("dps"))
+        dps: DpsEnrollments | DeviceRegistry
+        if settings.mode is ProvisioningMode.GROUP:
+            dps = await DeviceRegistry.open(settings.registry_url, clock=clock)
+        else:
+            dps = await DpsEnrollments.open(settings.cloud.dps, observer=observe.cloud_calls("dps"))
+        records: EnrollmentPort = dps
         hub_calls = observe.cloud_calls("hub")
         hubs = HubRegistries(settings.cloud.hubs, settings.cloud.dps.ca_file, observer=hub_calls)
         limits = failure_limits(
@@ -53,9 +67,10 @@ class ActivationApp:
         )
         request_ids = RequestIds(audit.reservations, lease=settings.request_lease)
         service = ActivationService(
-            dps, hubs, settings.cloud, limits, audit, clock, request_ids, templates=settings.templates
+            records, hubs, settings.cloud, limits, audit, clock, request_ids, templates=settings.templates
         )
-        return cls(settings, dps, audit, service, observe)
+        allocation = AllocationService(dps, audit, clock) if isinstance(dps, DeviceRegistry) else None
+        return cls(settings, dps, audit, service, observe, allocation)
 
     def bindings(self) -> list[ServiceBinding]:
         return [ActivationServicer(self.service, self.settings.device_ids, self.observe.metrics).binding()]
@@ -65,6 +80,7 @@ class ActivationApp:
         then the gRPC server."""
         await self.service.complete_open_intents()
         await self.observe.start_endpoint()
+        await self.start_allocation()
         return await start_server(
             self.settings.server,
             self.bindings(),
@@ -73,7 +89,20 @@ class ActivationApp:
             interceptors=self.observe.server_interceptors(),
         )
 
+    async def start_allocation(self) -> None:
+        """Group mode: the allocation webhook's listener (``.allocation_http.url``)."""
+        config = self.settings.allocation
+        if self.allocation is None or config is None or self.allocation_http is not None:
+            return
+        context = server_context(config.cert_file, config.key_file, config.client_ca_file)
+        self.allocation_http = AllocationHttp(
+            self.allocation, config.host, config.port, context, config.function_key
+        )
+        await self.allocation_http.start()
+
     async def close(self) -> None:
+        if self.allocation_http is not None:
+            await self.allocation_http.stop()
         await self.dps.close()
         await self.audit.close()
         await self.observe.shutdown()

@@ -390,9 +390,23 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "migrate":
         from activation_svc.audit import AuditLog
         from activation_svc.settings import load_settings
+        from provkit.registry import DeviceRegistry, ProvisioningMode
+        from provkit.storage_cli import Closable
 
-        url = load_settings(config=args.config).database_url
-        return run_migrations(url, [("audit", lambda: AuditLog.open(url, migrate=True))])
+        settings = load_settings(config=args.config)
+        url = settings.database_url
+        registry = settings.registry_url
+
+        async def open_audit() -> Closable:
+            return await AuditLog.open(url, migrate=True)
+
+        async def open_registry() -> Closable:
+            return await DeviceRegistry.open(registry, migrate=True)
+
+        stores = [("audit", open_audit)]
+        if settings.mode is ProvisioningMode.GROUP:  # the device registry (provkit.registry)
+            stores.append(("device registry", open_registry))
+        return run_migrations(url, stores)
     if args.command == "portal":
         return run_portal(args)
     if args.command == "activate-batch":

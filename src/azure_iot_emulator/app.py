@@ -175,6 +175,7 @@ class Emulator:
             webhook=CustomAllocationWebhook(
                 timeout=cfg.allocation_webhook_timeout, ca_file=cfg.allocation_webhook_ca
             ),
+            writes=self.metrics.service_writes,
         )
         self.endpoints = [self.dps.endpoint, *self.hub.endpoints]
         # The HTTPS port of every host (one aiohttp app per address, the config gives each its own): the

@@ -5,6 +5,7 @@
 |------------------------------------------------|-------------------|
 | ``iot_emulator_connected_devices``             | hub (MQTT links open now) |
 | ``iot_emulator_dps_registrations_total``       | result (assigned, disabled, failed, refused, throttled) |
+| ``iot_emulator_dps_service_writes_total``      | kind (enrollments, enrollmentGroups, registrations) |
 | ``iot_emulator_telemetry_messages_total``      | hub               |
 | ``iot_emulator_telemetry_bytes_total``         | hub (message bodies) |
 | ``iot_emulator_telemetry_commit_seconds``      | - (histogram: one SQLite transaction of telemetry) |
@@ -12,8 +13,12 @@
 
 Messages and bytes per second are ``rate(...)`` of the two totals.  Never a device id as a label.
 
-API: ``EmulatorMetrics()``: ``.registration(result)``, ``.telemetry(hub_counts, seconds)`` (one committed
-batch: ``{hub: (messages, bytes)}``), ``.watch(connected, sqlite_files)`` (gauges read at scrape time);
+``iot_emulator_dps_service_writes_total``: records the DPS service REST API created, replaced or deleted
+(a bulk call counts each record it wrote): what a provisioning flow costs in DPS writes.
+
+API: ``EmulatorMetrics()``: ``.registration(result)``, ``.service_writes(kind, count)``,
+``.telemetry(hub_counts, seconds)`` (one committed batch: ``{hub: (messages, bytes)}``),
+``.watch(connected, sqlite_files)`` (gauges read at scrape time);
 ``async .serve(listen) -> str`` (the URL), ``async .stop()``.
 """
 
@@ -58,6 +63,12 @@ class EmulatorMetrics:
         self._registrations = Counter(
             "iot_emulator_dps_registrations", "DPS registrations answered, by result.", ["result"], registry=r
         )
+        self._writes = Counter(
+            "iot_emulator_dps_service_writes",
+            "Records written (created, replaced, deleted) through the DPS service REST API, by kind.",
+            ["kind"],
+            registry=r,
+        )
         self._messages = Counter(
             "iot_emulator_telemetry_messages", "Device-to-cloud messages stored, per hub.", ["hub"],
             registry=r,
@@ -76,6 +87,9 @@ class EmulatorMetrics:
 
     def registration(self, result: str) -> None:
         self._registrations.labels(result).inc()
+
+    def service_writes(self, kind: str, count: int) -> None:
+        self._writes.labels(kind).inc(count)
 
     def telemetry(self, hub_counts: Mapping[str, tuple[int, int]], seconds: float) -> None:
         for hub, (messages, size) in hub_counts.items():

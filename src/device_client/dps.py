@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 class RegistrationOutcome(StrEnum):
     NOT_ACTIVATED = "not_activated"  # enrollment exists but is disabled
     NOT_ENROLLED = "not_enrolled"  # DPS knows no enrollment for this id (yet)
+    # DPS could not allocate a hub: in group mode the allocation webhook refused the device (not activated
+    # yet, or deactivated or revoked: the device is never told which), so it waits like NOT_ACTIVATED
+    NOT_ALLOCATED = "not_allocated"
     CREDENTIALS_REFUSED = "credentials_refused"
     FAILED = "failed"  # DPS answered with a failed registration
     UNREACHABLE = "unreachable"  # transport / TLS / timeout
@@ -82,7 +85,9 @@ def classify_registration_error(exc: BaseException) -> RegistrationRefused:
                 return RegistrationRefused(RegistrationOutcome.NOT_ACTIVATED, "the enrollment is disabled")
             return RegistrationRefused(RegistrationOutcome.FAILED, f"registration status {status}")
         if _FAILED_STATUS in text:
-            return RegistrationRefused(RegistrationOutcome.FAILED, "DPS reported the registration as failed")
+            return RegistrationRefused(
+                RegistrationOutcome.NOT_ALLOCATED, "DPS could not allocate a hub (not activated yet?)"
+            )
         code = _CODE_RE.search(text)
         if code:
             status_code = int(code.group(1))

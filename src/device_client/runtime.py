@@ -82,12 +82,21 @@ T = TypeVar("T")
 _RENEWAL_GRACE_S = 10.0  # how long a stopping run waits for an EST exchange under way (see _shutdown)
 _FAR = timedelta(days=36500)  # "not due by any interval": the next look is the plain check interval
 
-# DPS answers a revoked device (its enrollment disabled by the factory) as one not activated yet.
+# DPS answers a revoked device (its enrollment disabled by the factory) as one not activated yet; in group
+# mode the allocation webhook's refusal is a failed allocation (NOT_ALLOCATED), which looks the same.
 _REFUSALS = frozenset(
     {
         dps.RegistrationOutcome.NOT_ACTIVATED,
         dps.RegistrationOutcome.NOT_ENROLLED,
+        dps.RegistrationOutcome.NOT_ALLOCATED,
         dps.RegistrationOutcome.CREDENTIALS_REFUSED,
+    }
+)
+_WAITING = frozenset(
+    {
+        dps.RegistrationOutcome.NOT_ACTIVATED,
+        dps.RegistrationOutcome.NOT_ENROLLED,
+        dps.RegistrationOutcome.NOT_ALLOCATED,
     }
 )
 
@@ -406,10 +415,7 @@ class DeviceRuntime:
                         await self._look_for_revocation(identity)
                     except _Stopped:
                         return None
-                if refused.outcome in (
-                    dps.RegistrationOutcome.NOT_ACTIVATED,
-                    dps.RegistrationOutcome.NOT_ENROLLED,
-                ):
+                if refused.outcome in _WAITING:
                     self._update(state=DeviceState.WAITING_FOR_ACTIVATION, last_error=str(refused))
                     if not waiting_logged:
                         self._log(

@@ -10,6 +10,7 @@ commands (``<feature>/cli.py``) and runs the one asked for.
     factory-svc labels LOT_DIR --portal-url URL ...             (see factory_svc.labels.cli)
     factory-svc ca init | show                                  (see factory_svc.ca.cli)
     factory-svc expiring [--within 30d] [--json]                (see factory_svc.renewal.cli)
+    factory-svc enrollment-group [--webhook-url URL] ...        (see factory_svc.enrollment.group_cli)
 
 Client commands connect with --target (or FACTORY_CLIENT_TARGET, default 127.0.0.1:50051) using TLS
 with --ca-file / --cert-file / --key-file (mTLS), or --insecure for a loopback development server.
@@ -30,6 +31,7 @@ from typing import Protocol
 from devprov.v1 import factory_service_pb2_grpc as pb_grpc
 from factory_svc.ca import cli as ca_cli
 from factory_svc.enrollment import cli as enroll_cli
+from factory_svc.enrollment import group_cli
 from factory_svc.labels import cli as labels_cli
 from factory_svc.lots import cli as lot_cli
 from factory_svc.mint import cli as mint_cli
@@ -89,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     ca_cli.add_parsers(sub)
     renewal_cli.add_parsers(sub)
     labels_cli.add_parsers(sub)
+    group_cli.add_parsers(sub)
     return parser
 
 
@@ -156,6 +159,8 @@ def _command(args: argparse.Namespace) -> int:
         return renewal_cli.run(args)
     if args.command in labels_cli.COMMANDS:
         return labels_cli.run(args)
+    if args.command in group_cli.COMMANDS:
+        return group_cli.run(args)
     return _client(args)
 
 

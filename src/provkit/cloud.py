@@ -8,7 +8,8 @@ Records (what the domains read and write; no DPS or hub JSON leaves the adapters
     ``Enrollment`` (attestation, provisioning status, owner, activation-code hash, activation record,
     initial twin, hub allocation, etag; ``unmodelled`` keeps what the suite does not use, so an update
     writes it back untouched), ``X509Attestation``, ``ProvisioningStatus``, ``InitialTwin``,
-    ``HubAllocation``, ``ActivationRecord``, ``RegistrationState``, ``BulkItemError``;
+    ``HubAllocation``, ``ActivationRecord``, ``RegistrationState``, ``BulkItemError``, ``EnrollmentGroup``
+    (group mode); ``slot_sha256(pem, reported)`` (a slot's certificate thumbprint);
     ``HubDevice`` / ``HubDeviceStatus``, ``TwinDocument`` (a twin's tags and desired properties),
     ``TwinPatch``.
 Ports (Protocols): ``EnrollmentPort`` (get / create / update / bulk_create / bulk_update),
@@ -46,6 +47,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from provkit.settings import Secret, SettingsError, SettingsSource
 
@@ -111,6 +115,17 @@ class X509Attestation:
     sha256_thumbprint: str | None = None
     secondary_pem: str | None = None
     secondary_sha256_thumbprint: str | None = None
+
+
+def slot_sha256(pem: str | None, reported: str | None = None) -> str | None:
+    """The upper-case SHA-256 thumbprint of an attestation slot's certificate (its PEM, else the one DPS
+    reports); None for an empty slot."""
+    if pem and "BEGIN CERTIFICATE" in pem:
+        try:
+            return x509.load_pem_x509_certificate(pem.encode()).fingerprint(hashes.SHA256()).hex().upper()
+        except ValueError:
+            pass
+    return reported.upper() if reported else None
 
 
 @dataclass(frozen=True)
@@ -200,6 +215,24 @@ class BulkItemError:
 
     registration_id: str
     error: CloudError
+
+
+@dataclass(frozen=True)
+class EnrollmentGroup:
+    """An X.509 enrollment group as the suite writes it (group mode): devices whose chain leads to
+    ``signing_certificate_pem`` register; DPS asks the custom allocation webhook at ``webhook_url`` (its
+    function key in the query) which of ``iot_hubs`` each goes to.  ``etag`` is read-only; an update is
+    guarded by it.  ``signing_sha256`` is the thumbprint DPS reports for the signing certificate."""
+
+    group_id: str
+    signing_certificate_pem: str | None
+    webhook_url: str
+    iot_hubs: tuple[str, ...]
+    enabled: bool = True
+    api_version: str = "2021-10-01"
+    etag: str | None = None
+    signing_sha256: str | None = None
+    unmodelled: Unmodelled = field(default_factory=Unmodelled, compare=False, repr=False)
 
 
 class HubDeviceStatus(enum.Enum):

@@ -1,6 +1,7 @@
 """The DPS service adapter: the one module that imports azure-iot-deviceprovisioning (its aio client).
 
-``DpsEnrollments(config)`` implements ``provkit.cloud.EnrollmentPort`` and adds ``get_registration``.
+``DpsEnrollments(config)`` implements ``provkit.cloud.EnrollmentPort`` and adds ``get_registration``,
+``get_group`` and ``put_group`` (group mode's enrollment group, ``provkit.cloud.EnrollmentGroup``).
 Open it inside the event loop that uses it (``await DpsEnrollments.open(config)``) and ``await .close()``.
 
 - Authentication: the DPS service connection string (SAS, policy ``provisioningserviceowner``).
@@ -60,12 +61,15 @@ from provkit.cloud import (
     CloudUnavailable,
     DpsConfig,
     Enrollment,
+    EnrollmentGroup,
     RegistrationState,
 )
 from provkit.cloud_calls import CallObserver
 from provkit.dps_json import (
     bulk_errors_from_json,
     enrollment_from_json,
+    enrollment_group_from_json,
+    enrollment_group_to_json,
     enrollment_to_json,
     registration_state_from_json,
 )
@@ -251,6 +255,31 @@ class DpsEnrollments:
             except AzureError as exc:
                 raise translate(exc, name.replace("_", " ") + " enrollments") from exc
         return bulk_errors_from_json(result)
+
+    async def get_group(self, group_id: str) -> EnrollmentGroup | None:
+        async with self._observer.call("get_enrollment_group"):
+            try:
+                body = await self._client.enrollment_group.get(id=group_id)
+            except HttpResponseError as exc:
+                if exc.status_code == 404:
+                    return None
+                raise translate(exc, "get enrollment group") from exc
+            except AzureError as exc:
+                raise translate(exc, "get enrollment group") from exc
+        return enrollment_group_from_json(body)
+
+    async def put_group(self, group: EnrollmentGroup) -> EnrollmentGroup:
+        """Create (``group.etag`` None) or replace the group if its etag still is ``group.etag``."""
+        async with self._observer.call("put_enrollment_group"):
+            try:
+                written = await self._client.enrollment_group.create_or_update(
+                    id=group.group_id,
+                    enrollment_group=enrollment_group_to_json(group),
+                    **({"if_match": group.etag} if group.etag else {}),
+                )
+            except AzureError as exc:
+                raise translate(exc, "write enrollment group") from exc
+        return enrollment_group_from_json(written)
 
     async def get_registration(self, registration_id: str) -> RegistrationState | None:
         async with self._observer.call("get_registration"):

@@ -38,6 +38,7 @@ from provkit.cloud import (
     CloudEtagMismatch,
     CloudRejected,
     Enrollment,
+    EnrollmentGroup,
     HubAllocation,
     InitialTwin,
     ProvisioningStatus,
@@ -264,4 +265,42 @@ def _new_json(enrollment: Enrollment) -> dict[str, Any]:
         info[OWNER_KEY] = {"oem": enrollment.owner}
     if info:
         body["optionalDeviceInformation"] = info
+    return body
+
+
+# ------------------------------------------------------------------------------------ enrollment groups
+def enrollment_group_from_json(body: Mapping[str, Any]) -> EnrollmentGroup:
+    signing = _object(_object(_object(body.get("attestation")).get("x509")).get("signingCertificates"))
+    primary = _object(signing.get("primary"))
+    custom = _object(body.get("customAllocationDefinition"))
+    hubs = body.get("iotHubs")
+    return EnrollmentGroup(
+        group_id=str(body.get("enrollmentGroupId") or ""),
+        signing_certificate_pem=primary.get("certificate") or None,
+        webhook_url=str(custom.get("webhookUrl") or ""),
+        iot_hubs=tuple(str(h) for h in hubs) if isinstance(hubs, list) else (),
+        enabled=body.get("provisioningStatus", "enabled") == "enabled",
+        api_version=str(custom.get("apiVersion") or ""),
+        etag=body.get("etag") or None,
+        signing_sha256=(_object(primary.get("info")).get("sha256Thumbprint") or None),
+        unmodelled=Unmodelled(copy.deepcopy(dict(body))),
+    )
+
+
+def enrollment_group_to_json(group: EnrollmentGroup) -> dict[str, Any]:
+    """The group as DPS takes it: what the suite models written from the record, the rest (capabilities,
+    reprovision policy, device information) as it was read."""
+    body = {k: v for k, v in copy.deepcopy(dict(group.unmodelled.document)).items() if k not in READ_ONLY}
+    body["enrollmentGroupId"] = group.group_id
+    body["attestation"] = {
+        "type": "x509",
+        "x509": {"signingCertificates": {"primary": {"certificate": group.signing_certificate_pem}}},
+    }
+    body["provisioningStatus"] = "enabled" if group.enabled else "disabled"
+    body["allocationPolicy"] = "custom"
+    body["customAllocationDefinition"] = {"webhookUrl": group.webhook_url, "apiVersion": group.api_version}
+    body["iotHubs"] = list(group.iot_hubs)
+    body.pop("iotHubHostName", None)
+    body.setdefault("reprovisionPolicy", {"updateHubAssignment": True, "migrateDeviceData": True})
+    body.setdefault("capabilities", dict(_NEW_CAPABILITIES))
     return body

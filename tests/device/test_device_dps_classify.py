@@ -41,7 +41,7 @@ def _client_error(cause_text: str) -> exceptions.ClientError:
             _client_error(
                 "Query Status operation returned a failed registration status with a status code of 200"
             ),
-            RegistrationOutcome.FAILED,
+            RegistrationOutcome.NOT_ALLOCATED,  # group mode: the allocation webhook said no
         ),
         (
             exceptions.CredentialError("Credentials invalid, could not connect"),

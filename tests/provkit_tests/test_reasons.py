@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from activation_svc.allocation.model import AllocationReason
 from activation_svc.batch.shipment import BatchReason
 from activation_svc.errors import Reason as ActivationReason
 from activation_svc.portal.errors import PortalReason
@@ -25,6 +26,7 @@ REASON_ENUMS: tuple[type[ReasonEnum], ...] = (
     ActivationReason,
     PortalReason,
     BatchReason,
+    AllocationReason,
     DeviceReason,
     FactoryReason,
 )

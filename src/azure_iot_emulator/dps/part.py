@@ -11,7 +11,7 @@ from azure_iot_emulator.dps.allocation import CustomAllocationWebhook
 from azure_iot_emulator.dps.device_rest import DpsDeviceApi
 from azure_iot_emulator.dps.endpoint import DpsEndpoint
 from azure_iot_emulator.dps.operations import Assignments, RegistrationMetrics
-from azure_iot_emulator.dps.rest import build_dps_rest_app
+from azure_iot_emulator.dps.rest import WriteCounter, build_dps_rest_app
 from azure_iot_emulator.dps.service import DpsService, HubProvisioner
 from azure_iot_emulator.quotas import DpsQuotas
 from azure_iot_emulator.store import Database
@@ -32,7 +32,9 @@ class DpsPart:
         azure_quotas: bool = False,
         metrics: RegistrationMetrics | None = None,
         webhook: CustomAllocationWebhook | None = None,
+        writes: WriteCounter | None = None,
     ) -> None:
+        self._writes = writes
         self.service = DpsService(
             db, id_scope=id_scope, hub_hosts=hub_hosts, registry=registry, clock=clock, webhook=webhook
         )
@@ -50,6 +52,7 @@ class DpsPart:
         return build_dps_rest_app(
             self.service, self._keys, self._clock, self._names,
             self.quotas.operations if self.quotas is not None else None,
+            self._writes,
         )
 
     async def close(self) -> None:

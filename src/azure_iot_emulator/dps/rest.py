@@ -70,6 +70,17 @@ class _VerifiedTokens:
         return reason
 
 
+WriteCounter = Callable[[str, int], None]
+WRITES: web.AppKey[WriteCounter | None] = web.AppKey("writes")
+
+
+def _count_write(request: web.Request, kind: str, count: int = 1) -> None:
+    """A service write that succeeded (``--metrics-listen``: ``iot_emulator_dps_service_writes_total``)."""
+    counter = request.app[WRITES]
+    if counter is not None and count > 0:
+        counter(kind, count)
+
+
 def _auth_middleware(
     keys: Callable[[], dict[str, str]],
     clock: Callable[[], datetime],
@@ -148,13 +159,16 @@ def _record_routes(prefix: str, kind: Kind) -> list[web.RouteDef]:
     async def put(request: web.Request) -> web.Response:
         body = await _body(request)
         if_match = request.headers.get("If-Match")
-        return _with_etag(_svc(request).put_enrollment(request.match_info["id"], body, if_match, kind))
+        written = _with_etag(_svc(request).put_enrollment(request.match_info["id"], body, if_match, kind))
+        _count_write(request, kind.items)
+        return written
 
     async def get(request: web.Request) -> web.Response:
         return _with_etag(_svc(request).get_enrollment(request.match_info["id"], kind))
 
     async def delete(request: web.Request) -> web.Response:
         _svc(request).delete_enrollment(request.match_info["id"], request.headers.get("If-Match"), kind)
+        _count_write(request, kind.items)
         return web.Response(status=204)
 
     async def attestation(request: web.Request) -> web.Response:
@@ -168,7 +182,10 @@ def _record_routes(prefix: str, kind: Kind) -> list[web.RouteDef]:
         extra = len(items) - 1 if isinstance(items, list) else 0
         if quota is not None and extra > 0 and (wait := quota.take(n=extra)) is not None:
             raise throttled("service operations", wait)
-        return web.json_response(_svc(request).bulk(body, kind))
+        result = _svc(request).bulk(body, kind)
+        failed = result.get("errors") if isinstance(result, dict) else None
+        _count_write(request, kind.items, len(items or ()) - len(failed or ()))
+        return web.json_response(result)
 
     async def query(request: web.Request) -> web.Response:
         size = _page_size(request)
@@ -193,6 +210,7 @@ async def get_registration(request: web.Request) -> web.Response:
 
 async def delete_registration(request: web.Request) -> web.Response:
     _svc(request).delete_registration(request.match_info["id"], request.headers.get("If-Match"))
+    _count_write(request, "registrations")
     return web.Response(status=204)
 
 
@@ -211,15 +229,18 @@ def build_dps_rest_app(
     clock: Callable[[], datetime],
     names: Sequence[str],
     quota: TokenBuckets | None = None,
+    writes: WriteCounter | None = None,
 ) -> web.Application:
     """``names``: what the DPS is called (host name, address); a SAS token's ``sr`` must name it.
-    ``quota``: the service-operations quota (``--azure-quotas``), else unlimited."""
+    ``quota``: the service-operations quota (``--azure-quotas``), else unlimited.  ``writes``: told
+    every record written (kind, count)."""
     app = web.Application(
         middlewares=[_auth_middleware(keys, clock, names, quota)], client_max_size=MAX_BODY * 2
     )
     app[SERVICE] = service
     app[CLOCK] = clock
     app[QUOTA] = quota
+    app[WRITES] = writes
     app.router.add_routes(_record_routes("/enrollments", ENROLLMENTS))
     app.router.add_routes(_record_routes("/enrollmentGroups", GROUPS))
     r = app.router

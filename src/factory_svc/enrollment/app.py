@@ -12,6 +12,15 @@ Settings (TOML / environment, prefix FACTORY):
 | enroll.delivery_backoff_max         | FACTORY_ENROLL_DELIVERY_BACKOFF_MAX        | 30 (s)  |
 | enroll.code_retention_hours         | FACTORY_ENROLL_CODE_RETENTION_HOURS        | 168 (7 days) |
 | cloud.*                             | FACTORY_CLOUD_*                            | see provkit.cloud |
+| mode                                | FACTORY_MODE                               | individual (or group) |
+| registry.database_url               | FACTORY_REGISTRY_DATABASE_URL (or _FILE)   | - (group: required) |
+
+``mode``: ``individual`` writes each device's disabled individual enrollment to DPS; ``group`` writes the
+very same record to the device registry activation_svc reads (``provkit.registry``, at
+``registry.database_url``: the URL activation_svc's ``registry.database_url`` names) and nothing to DPS per
+device; DPS then holds one enrollment group (``factory-svc enrollment-group apply``).  Everything else
+(the outbox, codes, revocation, renewal) is the same in both modes: only the store behind the
+``EnrollmentPort`` differs.
 
 The outbox lives in the service's database (``database_url``; by default ``<data_dir>/enrollments.sqlite3``),
 and so do the activation codes not yet acknowledged, encrypted with the key in ``<data_dir>/codes.key``
@@ -51,6 +60,7 @@ from provkit.cloud import (
 )
 from provkit.cloud_calls import CallObserver
 from provkit.idempotency import LEASE, RequestIds
+from provkit.registry import DeviceRegistry, ProvisioningMode, provisioning_mode, registry_url
 from provkit.settings import SettingsError, SettingsSource
 
 log = logging.getLogger("factory_svc.enrollment")
@@ -60,6 +70,8 @@ log = logging.getLogger("factory_svc.enrollment")
 class EnrollSettings:
     cloud: CloudSettings
     policy: EnrollPolicy
+    mode: ProvisioningMode = ProvisioningMode.INDIVIDUAL
+    registry: DatabaseUrl | None = None  # group mode: the device registry activation_svc reads
 
 
 def load_enroll_settings(source: SettingsSource) -> EnrollSettings | None:
@@ -96,7 +108,14 @@ def load_enroll_settings(source: SettingsSource) -> EnrollSettings | None:
         delivery_backoff_max=source.number("enroll.delivery_backoff_max", 30.0),
         code_retention=timedelta(hours=retention_hours),
     )
-    return EnrollSettings(cloud, policy)
+    mode = provisioning_mode(source)
+    registry = registry_url(source, None)
+    if mode is ProvisioningMode.GROUP and registry is None:
+        raise SettingsError(
+            f"group mode writes each device's record to the device registry: set "
+            f"{source.env_name('registry.database_url')} to the URL activation_svc's registry is at"
+        )
+    return EnrollSettings(cloud, policy, mode, registry)
 
 
 @dataclass
@@ -126,7 +145,11 @@ class EnrollmentApp:
         from provkit.dps import DpsEnrollments
 
         outbox = await Outbox.open(database)  # first: a database at another schema version stops here
-        dps = await DpsEnrollments.open(settings.cloud.dps, observer=observer)
+        dps: DpsEnrollments | DeviceRegistry
+        if settings.mode is ProvisioningMode.GROUP and settings.registry is not None:
+            dps = await DeviceRegistry.open(settings.registry, clock=clock)
+        else:
+            dps = await DpsEnrollments.open(settings.cloud.dps, observer=observer)
         codes = await RetainedCodes.on(outbox.database, data_dir / KEY_FILE)
         lint = lint_policy_from_chain(ca_chain, settings.policy.min_remaining_validity)
         request_ids = RequestIds(outbox.reservations, lease=request_lease)

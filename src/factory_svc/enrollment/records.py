@@ -17,12 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace as dc_replace
 from typing import Any, Protocol
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-
 from factory_svc.enrollment.lint import LintedCertificate
 from factory_svc.revocation.model import Revocation
-from provkit.cloud import Enrollment, ProvisioningStatus, X509Attestation
+from provkit.cloud import Enrollment, ProvisioningStatus, X509Attestation, slot_sha256
 from provkit.errors import DomainError, FailedPrecondition
 from provkit.errors import Reason as SharedReason
 
@@ -61,18 +58,6 @@ def with_certificate(
 def enrolled_sha256(enrollment: Enrollment) -> str | None:
     """The SHA-256 thumbprint of the certificate an enrollment holds (from the PEM, else DPS's info)."""
     return slot_sha256(enrollment.attestation.certificate_pem, enrollment.attestation.sha256_thumbprint)
-
-
-def slot_sha256(pem: str | None, reported: str | None) -> str | None:
-    """The upper-case SHA-256 thumbprint of an attestation slot's certificate (its PEM, else the one DPS
-    reports); None for an empty slot."""
-    if pem and "BEGIN CERTIFICATE" in pem:
-        try:
-            cert = x509.load_pem_x509_certificate(pem.encode())
-            return cert.fingerprint(hashes.SHA256()).hex().upper()
-        except ValueError:
-            pass
-    return reported.upper() if reported else reported
 
 
 class RevocationCheck(Protocol):

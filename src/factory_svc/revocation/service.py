@@ -36,7 +36,7 @@ from dataclasses import replace as dc_replace
 from datetime import datetime
 from typing import Protocol
 
-from factory_svc.enrollment.records import enrolled_sha256, slot_sha256
+from factory_svc.enrollment.records import enrolled_sha256
 from factory_svc.errors import NotFound, Reason, invalid_field
 from factory_svc.mint.model import IssuedCertificate
 from factory_svc.mint.service import normalise_serial
@@ -51,6 +51,7 @@ from provkit.cloud import (
     HubTwinPort,
     ProvisioningStatus,
     disable_hub_device,
+    slot_sha256,
 )
 from provkit.cloud_errors import CloudService, translating_cloud_errors
 from provkit.context import bind_device_id

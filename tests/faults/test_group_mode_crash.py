@@ -1,0 +1,56 @@
+"""Group mode's activation killed with SIGKILL right after its one write (the device registry's record,
+crash point ``activate.after_dps``), before it answered or closed its intent: a restarted activation_svc
+finishes the intent, and the device, booting after it, gets the activation's hub and twin: nothing
+accepted is lost.  Real processes: activation-svc serve (group mode, its webhook), the emulator, the
+operator's command; factory_svc in process; Microsoft's azure-iot-device for the device."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+import grpc
+import pytest
+from activation.group_env import META, Stack, emulator_args
+from conftest import running_emulator
+from enrollment.provisioning_env import OemTls, activate_request, hub_twin, register, running_factory
+from test_activation_intents import activation_process, audit_rows, open_intents
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+
+async def test_killed_after_the_registry_write_the_device_still_comes_online_on_the_activations_hub(
+    tmp_path,
+):
+    tls = OemTls.create(tmp_path / "tls")
+    with running_emulator(tmp_path / "emulator", emulator_args(tls)) as emulator:
+        stack = Stack(tmp_path, emulator, tls)
+        env = stack.activation_env()
+        chosen = emulator.hub_hosts[1]
+        async with running_factory(stack.factory_env()) as (_app, factory):
+            device, code = await stack.enrolled(factory)
+        log = tmp_path / "activation.log"
+        async with activation_process(env, tls, log, crash_at="activate.after_dps") as (proc, stub):
+            await stack.apply_group()
+            with pytest.raises(grpc.aio.AioRpcError) as killed:
+                await stub.Activate(
+                    activate_request(device.device_id, code, json.dumps(META), chosen, "r-1"), timeout=30
+                )
+            assert killed.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGKILL
+        assert [r[1:3] for r in audit_rows(stack.activation_dir, device.device_id)] == [("r-1", "pending")]
+        assert len(open_intents(stack.activation_dir)) == 1
+
+        async with activation_process(env, tls, log) as (_proc, stub):
+            assert open_intents(stack.activation_dir) == []  # finished at start-up
+            result = await register(emulator, device)
+            assert result.status == "assigned" and result.registration_state.assigned_hub == chosen
+            twin = await hub_twin(emulator, chosen, device.device_id)
+            assert twin.tags == META["tags"]
+            retry = await stub.Activate(
+                activate_request(device.device_id, code, json.dumps(META), chosen, "r-1")
+            )
+            assert retry.hub == chosen
+        rows = audit_rows(stack.activation_dir, device.device_id)
+        assert ("r-1", "ok") in [r[1:3] for r in rows] and ("", "ok") in [r[1:3] for r in rows]
