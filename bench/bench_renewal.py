@@ -53,6 +53,7 @@ CONCURRENCY = 8
 SECONDS = 4.0
 WARMUP_SECONDS = 0.5
 DEVICES = 2000
+MES_IDENTITY = "urn:devprov:factory:bench"  # the party that calls MintCertificate
 
 
 def RUN(main: Any) -> Any:  # the bench runner's hook (bench/__main__.py)
@@ -122,6 +123,22 @@ async def _client(args: argparse.Namespace) -> None:
         async def one(n: int) -> None:
             i = n % len(devices)
             await stub.MintCertificate(pb.MintCertificateRequest(device_id=devices[i]["id"], csr_pem=pems[i]))
+    elif args.client == "mint-mtls":  # the MES's party certificate; a channel (a connection) per call
+        pems = [r.public_bytes(serialization.Encoding.PEM).decode() for r in requests]
+        mes = plan["mes"]
+        security = ChannelSecurity(
+            ca_pem=Path(plan["ca"]).read_bytes(),
+            cert_pem=Path(mes["cert"]).read_bytes(),
+            key_pem=Path(mes["key"]).read_bytes(),
+        )
+        # gRPC shares connections between channels to the same target unless told not to
+        per_call = [("grpc.use_local_subchannel_pool", 1)]
+
+        async def one(n: int) -> None:
+            i = n % len(devices)
+            async with create_channel(plan["grpc_mtls"], security, options=per_call) as own:
+                request = pb.MintCertificateRequest(device_id=devices[i]["id"], csr_pem=pems[i])
+                await pb_grpc.FactoryServiceStub(own).MintCertificate(request)
     else:  # renew: the listener; floor: the bare TLS server
         host, port = plan["est_host"], plan["est_port" if args.client == "renew" else "floor_port"]
         bodies = [
@@ -273,6 +290,7 @@ async def run() -> str:
     from provkit.channels import ChannelSecurity, create_channel
     from provkit.devpki import DevTlsAuthority
     from provkit.est import encode_certs_only
+    from provkit.grpc_server import ServerSettings, ServerTLS, start_server
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-renewal-") as tmp:
@@ -283,10 +301,11 @@ async def run() -> str:
             tls = DevTlsAuthority.create()
             (root / "ca.pem").write_bytes(tls.ca_pem)
             tls.server_certificate(["127.0.0.1"]).write(root / "server.pem", root / "server.key")
+            tls.client_certificate("bench MES", [MES_IDENTITY]).write(root / "mes.pem", root / "mes.key")
             env = {
                 "FACTORY_DATA_DIR": str(root / "factory"),
                 "FACTORY_SERVER_INSECURE": "true",
-                "FACTORY_SERVER_INSECURE_IDENTITY": "urn:devprov:factory:bench",
+                "FACTORY_SERVER_INSECURE_IDENTITY": MES_IDENTITY,
                 "FACTORY_SERVER_PORT": "0",
                 "FACTORY_CLOUD_EMULATOR_CONNECTION_FILE": str(Path(emu.data_dir) / "connection.json"),
                 "FACTORY_ENROLL_CODE_HASH_LOG2_N": "8",
@@ -297,6 +316,12 @@ async def run() -> str:
             }
             app = await FactoryApp.open(load_settings(env=env))
             server = await app.start()
+            # The same factory's gRPC service as its deployments serve it: TLS, client certificate required
+            mtls_server = await start_server(
+                ServerSettings(tls=ServerTLS(root / "server.pem", root / "server.key", root / "ca.pem")),
+                app.bindings(),
+                refusals=app.ledger.refusals,
+            )
             assert app.renewal_http is not None and app.renewal is not None
             context = server_context(root / "server.pem", root / "server.key", device_ca_pem(app.renewal))
             body = encode_certs_only([*app.renewal.ca_chain, app.renewal.ca_chain[0]])  # leaf + chain's size
@@ -313,6 +338,8 @@ async def run() -> str:
                         {
                             "devices": devices,
                             "grpc": server.address,
+                            "grpc_mtls": mtls_server.address,
+                            "mes": {"cert": str(root / "mes.pem"), "key": str(root / "mes.key")},
                             "est_host": "127.0.0.1",
                             "est_port": app.renewal_http.port,
                             "floor_port": floor_server.sockets[0].getsockname()[1],
@@ -321,10 +348,12 @@ async def run() -> str:
                     )
                 )
                 minted = await _measure("mint", plan, emu.proc.pid)
+                minted_mtls = await _measure("mint-mtls", plan, emu.proc.pid)
                 renewed = await _measure("renew", plan, emu.proc.pid)
                 floor = await _measure("floor", plan, emu.proc.pid)
             finally:
                 floor_server.close()
+                await mtls_server.stop(0)
                 await server.stop(0)
                 await app.close()
         finally:
@@ -349,6 +378,7 @@ async def run() -> str:
             "emulator CPU / item | load client CPU / item |",
             "|---|---|---|---|---|---|",
             _row("MintCertificate (unary, CSR, plaintext gRPC, kept-alive channel)", minted),
+            _row("MintCertificate (unary, CSR, a new mutual-TLS gRPC channel per call)", minted_mtls),
             _row("EST simplereenroll (mTLS, new connection each, DPS secondary written)", renewed),
             _row("floor: the listener's TLS handshake + a canned answer (no HTTP stack, no renewal)", floor),
             "",
@@ -385,7 +415,7 @@ async def run() -> str:
 
 def _main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--client", choices=("mint", "renew", "floor"))
+    parser.add_argument("--client", choices=("mint", "mint-mtls", "renew", "floor"))
     parser.add_argument("--plan")
     parser.add_argument("--seconds", type=float, default=SECONDS)
     parser.add_argument("--warmup", type=float, default=WARMUP_SECONDS)
