@@ -24,7 +24,6 @@ information) goes back untouched.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -61,6 +60,16 @@ def _object(value: Any) -> Mapping[str, Any]:
 
 def _strip_meta(section: Any) -> dict[str, Any]:
     return {k: v for k, v in _object(section).items() if not k.startswith("$")}
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of a JSON document (dicts and lists copied, their leaves shared: strings, numbers,
+    booleans and None never change); ``copy.deepcopy``'s memo and dispatch made it a tenth of a DPS call."""
+    if isinstance(value, dict):
+        return {key: _copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy(item) for item in value]
+    return value
 
 
 def _time(value: Any) -> datetime | None:
@@ -181,7 +190,7 @@ def _attestation_json(attestation: X509Attestation, sent: Any = None) -> dict[st
             if pem is not None or slot == "primary":
                 certificates[slot] = {"certificate": pem}
         elif kept.get(slot) is not None:
-            certificates[slot] = copy.deepcopy(kept[slot])
+            certificates[slot] = _copy(kept[slot])
     return {"type": "x509", "x509": {"clientCertificates": certificates}}
 
 
@@ -211,7 +220,7 @@ def enrollment_to_json(enrollment: Enrollment) -> dict[str, Any]:
     if not source:
         return _new_json(enrollment)
     before = enrollment_from_json(source)
-    body = copy.deepcopy(dict(source))
+    body: dict[str, Any] = _copy(dict(source))
     for key in READ_ONLY:
         body.pop(key, None)
     body["registrationId"] = enrollment.registration_id

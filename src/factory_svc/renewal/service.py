@@ -48,7 +48,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
@@ -205,13 +205,18 @@ class RenewalService:
                 SharedReason.CLIENT_CERTIFICATE_REQUIRED,
                 "present the device certificate at the TLS handshake",
             )
+        # The TLS handshake verified the chain; the proof that the factory issued this very certificate is
+        # its SHA-256 thumbprint in the ledger (``_admit``): here only the issuer's name, to refuse another
+        # CA's certificate before the ledger is read (a signature check again would cost a verification).
         try:
             presented = x509.load_der_x509_certificate(peer_der)
-            presented.verify_directly_issued_by(self._issuer.ca.certificate)
-        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            issued_here = presented.issuer == self._issuer.ca.certificate.subject
+        except ValueError:
+            issued_here = False
+        if not issued_here:
             raise RenewalRefused(
                 Reason.CERTIFICATE_UNTRUSTED, "the certificate was not issued by this factory's device CA"
-            ) from None
+            )
         names = presented.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         try:
             device_id = check_device_id(str(names[0].value) if len(names) == 1 else "", self._device_ids)
