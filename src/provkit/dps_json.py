@@ -292,14 +292,14 @@ def enrollment_group_from_json(body: Mapping[str, Any]) -> EnrollmentGroup:
         api_version=str(custom.get("apiVersion") or ""),
         etag=body.get("etag") or None,
         signing_sha256=(_object(primary.get("info")).get("sha256Thumbprint") or None),
-        unmodelled=Unmodelled(copy.deepcopy(dict(body))),
+        unmodelled=Unmodelled(_copy(dict(body))),
     )
 
 
 def enrollment_group_to_json(group: EnrollmentGroup) -> dict[str, Any]:
     """The group as DPS takes it: what the suite models written from the record, the rest (capabilities,
     reprovision policy, device information) as it was read."""
-    body = {k: v for k, v in copy.deepcopy(dict(group.unmodelled.document)).items() if k not in READ_ONLY}
+    body = {k: v for k, v in _copy(dict(group.unmodelled.document)).items() if k not in READ_ONLY}
     body["enrollmentGroupId"] = group.group_id
     body["attestation"] = {
         "type": "x509",
