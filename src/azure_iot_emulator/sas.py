@@ -12,12 +12,16 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 PREFIX = "SharedAccessSignature "
+# Unix seconds in ASCII digits (str.isdigit also takes "²", which int() refuses), short enough for int()
+# and for a float and a SQLite integer on the way.
+_EXPIRY = re.compile(r"[0-9]{1,18}")
 
 
 class SasError(Exception):
@@ -56,8 +60,8 @@ def parse_sas(header: str | None) -> SasToken:
         resource, signature, expiry_text = fields["sr"], fields["sig"], fields["se"]
     except KeyError as exc:
         raise SasError("MALFORMED", f"SharedAccessSignature lacks {exc.args[0]}") from exc
-    if not expiry_text.isdigit():
-        raise SasError("MALFORMED", "SharedAccessSignature se is not an integer")
+    if _EXPIRY.fullmatch(expiry_text) is None:
+        raise SasError("MALFORMED", "SharedAccessSignature se is not an integer of at most 18 digits")
     skn = fields.get("skn")
     return SasToken(
         resource,
