@@ -89,7 +89,11 @@ async def batch(request: web.Request) -> web.Response:
     metadata = text_field(form, "metadata")
     try:
         rows = read_shipment(
-            text, fields, metadata_json=metadata if metadata.strip() else None, max_rows=MAX_BATCH_ROWS
+            text,
+            fields,
+            metadata_json=metadata if metadata.strip() else None,
+            device_ids=settings.device_ids,
+            max_rows=MAX_BATCH_ROWS,
         )
     except ShipmentError as exc:
         return again(_unusable("The shipment cannot be used as it is; nothing was sent.", str(exc)))
