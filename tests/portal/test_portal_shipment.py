@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import uuid
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
-from portal_env import hidden_fields, templated_portal
+from portal_env import activate_form, hidden_fields, templated_portal
 from support.shipment import enroll_shipment, shipment_csv
 
 from activation_svc.portal.app import create_app
@@ -110,3 +111,18 @@ async def test_rows_take_the_device_ids_the_service_takes(portal):
         status, page = await upload(guid_client, shipment_csv([("pump-7", wrong)]))
     assert status == 200 and table(page)[0][3] == "DEVICE_ID_NOT_A_GUID"
 
+
+async def test_wrong_codes_in_a_shipment_count_against_the_address(portal):
+    stack, _ = portal
+    strict = dataclasses.replace(stack.settings, max_failures_per_address=2)
+    devices = [str(uuid.uuid4()) for _ in range(4)]
+    wrong = "WXYZ-0000-WXYZ-0000"
+    async with portal_client(strict) as client:
+        status, page = await upload(client, shipment_csv([(d, wrong) for d in devices]))
+        assert status == 200, page
+        reasons = sorted(r[3] for r in table(page))
+        assert reasons == ["ACTIVATION_DENIED"] * 2 + ["PORTAL_RATE_LIMITED"] * 2
+        page = await (await client.get("/")).text()
+        single = activate_form(hidden_fields(page), devices[0], wrong, "{}")
+        response = await client.post("/activate", data=single)
+        assert response.status == 429  # the single form waits too: one budget per address
