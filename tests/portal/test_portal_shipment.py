@@ -94,6 +94,15 @@ async def test_unusable_uploads_are_refused_before_anything_is_sent(portal):
     assert status == 400 and "SHIPMENT_UNUSABLE" in page and "tags.colour" in page
     status, page = await upload(client, "guid,code\n")
     assert status == 400 and "no devices" in page
+    page = await (await client.get("/batch")).text()
+    form = aiohttp.FormData()
+    form.add_field("csrf_token", hidden_fields(page)["csrf_token"])
+    csv_bytes = shipment_csv(devices).encode()
+    form.add_field("shipment", csv_bytes, filename="shipment.csv", content_type="text/csv")
+    form.add_field("metadata", b'{"tags": {}}', filename="metadata.json", content_type="application/json")
+    response = await client.post("/batch", data=form)
+    page = await response.text()
+    assert response.status == 400 and "SHIPMENT_UNUSABLE" in page and "sent as a file" in page
     assert (await stack.enrollment(devices[0][0]))["provisioningStatus"] == "disabled"
 
 
