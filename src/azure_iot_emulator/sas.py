@@ -79,9 +79,10 @@ def signature_for(resource_as_sent: str, expiry: int, key_b64: str, *, key_as_te
     return base64.b64encode(digest).decode("ascii")
 
 
-def _normalised(resource: str) -> str:
+def normalised_resource(resource: str) -> str:
+    """A resource URI as tokens are scoped: without its scheme, lower case, no trailing ``/``."""
     text = resource.strip().lower()
-    for scheme in ("https://", "http://", "amqps://", "wss://", "sb://"):
+    for scheme in ("https://", "http://", "amqps://", "amqp://", "wss://", "sb://"):
         if text.startswith(scheme):
             text = text[len(scheme) :]
             break
@@ -92,7 +93,7 @@ def resource_allows(token_resource: str, requested: str) -> bool:
     """Azure's scoping: the token's resource URI (scheme-less, lower case) must be the requested resource
     or a prefix of it that ends at a ``/`` segment boundary (``hub/devices`` covers ``hub/devices/x``,
     not ``hub/devicesx``)."""
-    granted, wanted = _normalised(token_resource), _normalised(requested)
+    granted, wanted = normalised_resource(token_resource), normalised_resource(requested)
     return bool(granted) and (wanted == granted or wanted.startswith(granted + "/"))
 
 
