@@ -72,6 +72,7 @@ from activation_svc.steps import (
     get_enrollment,
     holds,
     hub_errors,
+    registered_hub_of,
     update_enrollment,
 )
 from activation_svc.templates.schema import Template, Templates
@@ -377,8 +378,7 @@ class ActivationService:
         if template is not None and change is MetadataChange.KEPT and first:
             # a first activation that keeps what the enrollment holds must still meet the template
             template.check(wanted_twin.tags, wanted_twin.desired)
-        registration = enrollment.registration_state
-        registered_hub = (registration.assigned_hub or "") if registration and registration.assigned else ""
+        registered_hub = registered_hub_of(enrollment)
         if holds(enrollment, wanted_twin, HubAllocation((hub,), "static")):
             twin_written = False
             if registered_hub:  # the twin may have drifted from the enrollment: bring it back (unless kept)

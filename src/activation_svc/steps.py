@@ -94,7 +94,7 @@ def holds(enrollment: Enrollment, twin: InitialTwin, hubs: HubAllocation) -> boo
     )
 
 
-def _registered_hub(enrollment: Enrollment | None) -> str:
+def registered_hub_of(enrollment: Enrollment | None) -> str:
     """The hub the device registered on ("" when it has not)."""
     registration = enrollment.registration_state if enrollment is not None else None
     return (registration.assigned_hub or "") if registration and registration.assigned else ""
@@ -237,12 +237,12 @@ class IntentSteps:
                 return None
             enrollment = current
             intent = progress.intent = dc_replace(intent, dps_etag=current.etag or "")
-            if not intent.hub_done and _registered_hub(enrollment):
+            if not intent.hub_done and registered_hub_of(enrollment):
                 # marked durably before the hub write; without one, the close writes the mark
                 intent = progress.intent = await self._audit.intents.mark_dps(intent, current.etag or "")
         elif enrollment is None:
             enrollment = await get_enrollment(self._dps, intent.device_id)
-        registered_hub = _registered_hub(enrollment)
+        registered_hub = registered_hub_of(enrollment)
         twin_written = False
         if not intent.hub_done:
             if registered_hub:

@@ -12,12 +12,16 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 PREFIX = "SharedAccessSignature "
+# Unix seconds in ASCII digits (str.isdigit also takes "²", which int() refuses), short enough for int()
+# and for a float and a SQLite integer on the way.
+_EXPIRY = re.compile(r"[0-9]{1,18}")
 
 
 class SasError(Exception):
@@ -56,8 +60,8 @@ def parse_sas(header: str | None) -> SasToken:
         resource, signature, expiry_text = fields["sr"], fields["sig"], fields["se"]
     except KeyError as exc:
         raise SasError("MALFORMED", f"SharedAccessSignature lacks {exc.args[0]}") from exc
-    if not expiry_text.isdigit():
-        raise SasError("MALFORMED", "SharedAccessSignature se is not an integer")
+    if _EXPIRY.fullmatch(expiry_text) is None:
+        raise SasError("MALFORMED", "SharedAccessSignature se is not an integer of at most 18 digits")
     skn = fields.get("skn")
     return SasToken(
         resource,
@@ -75,9 +79,10 @@ def signature_for(resource_as_sent: str, expiry: int, key_b64: str, *, key_as_te
     return base64.b64encode(digest).decode("ascii")
 
 
-def _normalised(resource: str) -> str:
+def normalised_resource(resource: str) -> str:
+    """A resource URI as tokens are scoped: without its scheme, lower case, no trailing ``/``."""
     text = resource.strip().lower()
-    for scheme in ("https://", "http://", "amqps://", "wss://", "sb://"):
+    for scheme in ("https://", "http://", "amqps://", "amqp://", "wss://", "sb://"):
         if text.startswith(scheme):
             text = text[len(scheme) :]
             break
@@ -88,7 +93,7 @@ def resource_allows(token_resource: str, requested: str) -> bool:
     """Azure's scoping: the token's resource URI (scheme-less, lower case) must be the requested resource
     or a prefix of it that ends at a ``/`` segment boundary (``hub/devices`` covers ``hub/devices/x``,
     not ``hub/devicesx``)."""
-    granted, wanted = _normalised(token_resource), _normalised(requested)
+    granted, wanted = normalised_resource(token_resource), normalised_resource(requested)
     return bool(granted) and (wanted == granted or wanted.startswith(granted + "/"))
 
 

@@ -362,6 +362,48 @@ async def test_x509_group_refusals_write_nothing(module_emulator, dps, registry,
 
 
 @pytest.mark.slow
+async def test_a_group_device_cannot_sign_itself_another_registration_id(
+    module_emulator, dps, registry, tmp_path
+):
+    """A device of the group holds a key its group's CA certified, but as an end entity (CA:FALSE): a
+    certificate it signs for another id is no proof, though the signatures up to the group's CA verify."""
+    root = TestCa("forgery root")
+    group_id = new_id("x509grp")
+    await dps.enrollment_group.create_or_update(
+        id=group_id, enrollment_group=x509_group(group_id, root.pem.decode())
+    )
+    device_id, victim = new_id(), new_id()
+    device_key = ec.generate_private_key(ec.SECP256R1())
+    device_cert = x509.load_pem_x509_certificate(root.chain_pem(device_id, device_key))
+    forged_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    forged = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, victim)]))
+        .issuer_name(device_cert.subject)
+        .public_key(forged_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(device_key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "forged.pem", tmp_path / "forged.key"
+    cert_path.write_bytes(
+        b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (forged, device_cert)) + root.pem
+    )
+    key_path.write_bytes(
+        forged_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    with pytest.raises(ClientError):
+        await register_once(x509_device(module_emulator, victim, cert_path, key_path), TIMEOUT)
+    with pytest.raises(ResourceNotFoundError):
+        await dps.device_registration_state.get(id=victim)
+    assert await nowhere(module_emulator, registry, victim)
+
+
+@pytest.mark.slow
 async def test_disabled_individual_enrollment_keeps_a_group_device_out(
     module_emulator, dps, registry, tmp_path
 ):

@@ -89,10 +89,16 @@ async def _put(emu, reg_id: str, authorization: str | None, body: dict) -> tuple
             _host(emu) + "/enrollmentsx", _key(emu), policy="provisioningserviceowner",
             expiry=int(time.time()) + 600,
         ),
+        # An expiry that is digits to str.isdigit but not to int(), and one int() refuses for its length.
+        lambda emu: f"SharedAccessSignature sr={_host(emu)}&sig=x&se=\u00b2&skn=provisioningserviceowner",
+        lambda emu: (
+            f"SharedAccessSignature sr={_host(emu)}&sig=x&se={'9' * 5000}&skn=provisioningserviceowner"
+        ),
     ],
     ids=[
         "missing", "empty", "not-sas", "expired", "wrong-key", "wrong-policy", "tampered",
         "other-audience", "other-port", "other-resource", "not-a-segment-prefix",
+        "superscript-expiry", "huge-expiry",
     ],
 )
 async def test_bad_sas_is_401_and_writes_nothing(module_emulator, token, tmp_path):

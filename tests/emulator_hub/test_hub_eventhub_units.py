@@ -12,6 +12,7 @@ from proton import Data
 from azure_iot_emulator.amqp.frames import ARITY, FramePadder, pad_frame
 from azure_iot_emulator.amqp.sasl import AMQP_HEADER, SASL_HEADER, SaslRefused, SaslServer
 from azure_iot_emulator.hub.eventhub.model import Position, PositionError, parse_selector, partition_of
+from azure_iot_emulator.hub.eventhub.service import EventHubError, EventHubService
 from azure_iot_emulator.hub.eventhub.store import EventHubStore, PartitionCountChanged
 from azure_iot_emulator.hub.telemetry import TelemetryStore
 from azure_iot_emulator.hub.topics import PropertyBag
@@ -113,9 +114,30 @@ def test_selector_filters_as_event_hubs_clients_write_them():
     assert parse_selector("amqp.annotation.x-opt-enqueued-time > '1700000000000'") == Position(
         "enqueued", 1700000000000
     )
-    for bad in ("amqp.annotation.x-opt-offset < '5'", "1=1", "amqp.annotation.x-opt-offset > 'abc'"):
+    for bad in (
+        "amqp.annotation.x-opt-offset < '5'",
+        "1=1",
+        "amqp.annotation.x-opt-offset > 'abc'",
+        # beyond what SQLite's integers and a datetime hold: refused here, not an error deeper down
+        f"amqp.annotation.x-opt-offset > '{10**30}'",
+        f"amqp.annotation.x-opt-sequence-number >= '-{10**30}'",
+        f"amqp.annotation.x-opt-enqueued-time > '{10**16}'",
+        "amqp.annotation.x-opt-enqueued-time > '-5'",
+        "amqp.annotation.x-opt-offset > '" + "9" * 5000 + "'",
+    ):
         with pytest.raises(PositionError):
             parse_selector(bad)
+
+
+def test_partition_ids_other_than_plain_numbers_are_not_found(tmp_path):
+    clock = Clock()
+    store = EventHubStore(Database(tmp_path / "emulator.db"), {"hub": 4}, clock())
+    eventhub = EventHubService(store, ["hub"], clock, timedelta(days=1))
+    assert eventhub.partition("hub", "3") == 3
+    for bad in ("4", "03", "-1", "\u00b2", "\u0663", "9" * 5000, "", " 1"):
+        with pytest.raises(EventHubError) as info:
+            eventhub.partition("hub", bad)
+        assert info.value.status == 404 and info.value.condition == "amqp:not-found"
 
 
 class Clock:

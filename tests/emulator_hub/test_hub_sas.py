@@ -27,6 +27,10 @@ def test_token_from_the_hub_service_sdk_verifies():
         ("Bearer x", "MALFORMED"),
         ("SharedAccessSignature sr=a&sig=b", "MALFORMED"),
         ("SharedAccessSignature sr=a&sig=b&se=soon", "MALFORMED"),
+        ("SharedAccessSignature sr=a&sig=b&se=\u00b2", "MALFORMED"),  # a digit to str.isdigit, not to int
+        ("SharedAccessSignature sr=a&sig=b&se=\u0663", "MALFORMED"),  # an Arabic-Indic 3
+        ("SharedAccessSignature sr=a&sig=b&se=" + "9" * 5000, "MALFORMED"),
+        ("SharedAccessSignature sr=a&sig=b&se=-5", "MALFORMED"),
     ],
 )
 def test_malformed(header, reason):

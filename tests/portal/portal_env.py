@@ -105,12 +105,16 @@ async def portal_stack(
 
 
 @contextlib.asynccontextmanager
-async def templated_portal(folder: Path, emulator) -> AsyncIterator[tuple[PortalStack, TestClient]]:
-    """The stack with the tests' OEM template (tests/support/shipment.py) and a client of its portal."""
+async def templated_portal(
+    folder: Path, emulator, **both: str
+) -> AsyncIterator[tuple[PortalStack, TestClient]]:
+    """The stack with the tests' OEM template (tests/support/shipment.py) and a client of its portal;
+    ``both``: settings the service and the portal read alike (ACTIVATION_DEVICE_IDS...)."""
     template = folder / "acme.schema.json"
     template.write_text(json.dumps(TEMPLATE))
+    service_env = {"ACTIVATION_TEMPLATES": f"acme={template}", **both}
     async with (
-        portal_stack(folder, emulator, service_env={"ACTIVATION_TEMPLATES": f"acme={template}"}) as stack,
+        portal_stack(folder, emulator, service_env=service_env, **both) as stack,
         TestClient(TestServer(create_app(stack.settings))) as client,
     ):
         yield stack, client

@@ -48,6 +48,9 @@ SHAPES: tuple[HostileCsv, ...] = (
     HostileCsv("guid-and-device-id", b"guid,device_id,code\n{guid},{guid},{code}\n", "again"),
     HostileCsv("an-unquoted-comma", b"guid,code,tags.site.city\n" + ROW + b"Lyon, Part-Dieu\n", "cells"),
     HostileCsv("a-column-not-in-the-template", b"guid,code,tags.colour\n" + ROW + b"red\n", "not a field"),
+    HostileCsv(
+        "an-unnamed-column", b"guid,code,,tags.site.city\n" + ROW + b",Lyon\n", "column 3 has no name"
+    ),
     HostileCsv("no-code-column", b"guid,hub\n{guid},\n", "needs a 'guid' and a 'code'"),
     HostileCsv("header-only", b"guid,code\n", "no devices"),
     HostileCsv("empty", b"", "empty"),

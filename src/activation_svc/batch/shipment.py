@@ -213,6 +213,9 @@ def read_shipment(
     if device_col is None or code_col is None:
         raise ShipmentError(f"the shipment's header needs a 'guid' and a 'code' column, got {header}")
     hub_col = _column(header, ("hub",))
+    unnamed = next((n for n, name in enumerate(header, start=1) if not name), None)
+    if unnamed is not None:
+        raise ShipmentError(f"the header's column {unnamed} has no name: name it, or remove it and its cells")
     _no_column_twice(header)
     known = fields.by_name() if fields is not None else {}
     template_cols: dict[int, str] = {}

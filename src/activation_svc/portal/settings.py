@@ -20,6 +20,7 @@ kept there, so every portal replica counts the same failures; otherwise each por
 | max_body_bytes                | ACTIVATION_PORTAL_MAX_BODY_BYTES         | 131072                          |
 | max_failures_per_address      | ACTIVATION_PORTAL_MAX_FAILURES_PER_ADDRESS | 5 wrong codes, then back-off  |
 | database_url (the service's)  | ACTIVATION_DATABASE_URL (or _URL_FILE)   | - (limits in this process)      |
+| device_ids (the service's)    | ACTIVATION_DEVICE_IDS                    | guid (the /batch rows' ids)     |
 | allowed_hosts                 | ACTIVATION_PORTAL_ALLOWED_HOSTS          | loopback bind: loopback names   |
 | log_level                     | ACTIVATION_PORTAL_LOG_LEVEL              | INFO                            |
 | metrics.listen                | ACTIVATION_PORTAL_METRICS_LISTEN         | - (off; host:port: /metrics)    |
@@ -37,10 +38,11 @@ from typing import Any
 from dbstore import DatabaseUrl
 from provkit.channels import ChannelSecurity, channel_security
 from provkit.cloud import CloudNotConfigured, load_cloud_settings
+from provkit.device_id import DeviceIdPolicy
 from provkit.errors import InputError
 from provkit.grpc_server import is_loopback_host
 from provkit.observe import ObserveSettings, observe_settings
-from provkit.settings import SettingsError, SettingsSource, database_url_set
+from provkit.settings import SettingsError, SettingsSource, database_url_set, device_id_policy
 
 PREFIX = "ACTIVATION"
 DEFAULT_PORT = 8080
@@ -74,6 +76,7 @@ class PortalSettings:
     log_level: str = "INFO"
     observe: ObserveSettings = field(default_factory=ObserveSettings)  # /metrics, traces: off by default
     limits_database: DatabaseUrl | None = None  # the service's PostgreSQL database: shared per-address limits
+    device_ids: DeviceIdPolicy = DeviceIdPolicy.GUID  # the service's setting: the ids a shipment's rows take
 
     @property
     def https(self) -> bool:
@@ -160,6 +163,7 @@ def load_portal_settings(
         log_level=(source.text(key("log_level"), "INFO") or "INFO").upper(),
         observe=observe_settings(source, "portal"),
         limits_database=_shared(database_url_set(source)),
+        device_ids=device_id_policy(source),
     )
 
 

@@ -86,10 +86,21 @@ async def batch(request: web.Request) -> web.Response:
         text = upload.file.read().decode("utf-8")
     except UnicodeDecodeError:
         return again(_unusable("The file is not UTF-8 text: save the CSV as UTF-8.", "not UTF-8"))
+    if isinstance(form.get("metadata"), web.FileField):
+        return again(
+            _unusable(
+                "Paste the metadata JSON into its field: a file is not read there.",
+                "the metadata was sent as a file, not as text",
+            )
+        )
     metadata = text_field(form, "metadata")
     try:
         rows = read_shipment(
-            text, fields, metadata_json=metadata if metadata.strip() else None, max_rows=MAX_BATCH_ROWS
+            text,
+            fields,
+            metadata_json=metadata if metadata.strip() else None,
+            device_ids=settings.device_ids,
+            max_rows=MAX_BATCH_ROWS,
         )
     except ShipmentError as exc:
         return again(_unusable("The shipment cannot be used as it is; nothing was sent.", str(exc)))

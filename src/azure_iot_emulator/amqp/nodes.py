@@ -18,6 +18,8 @@ from typing import Any, cast
 
 from proton import Message, int32
 
+from azure_iot_emulator.sas import normalised_resource, resource_allows
+
 CBS = "$cbs"
 MANAGEMENT = "$management"
 STATUS_CODE = "status-code"
@@ -62,24 +64,14 @@ class Grants:
     _until: dict[str, float] = field(default_factory=dict)
 
     def add(self, resource: str, expiry: float) -> None:
-        self._until[normalise(resource)] = expiry
+        self._until[normalised_resource(resource)] = expiry
 
     def allows(self, resource: str, now: float | None = None) -> bool:
         """A grant for ``resource`` or a parent of it (cut at a ``/``) that has not expired."""
         moment = time.time() if now is None else now
-        wanted = normalise(resource)
         return any(
-            expiry > moment and (wanted == granted or wanted.startswith(granted + "/"))
-            for granted, expiry in self._until.items()
+            expiry > moment and resource_allows(granted, resource) for granted, expiry in self._until.items()
         )
-
-
-def normalise(resource: str) -> str:
-    text = resource.strip().lower()
-    scheme, sep, rest = text.partition("://")
-    if sep and scheme in ("sb", "amqps", "amqp", "https", "http"):
-        text = rest
-    return text.rstrip("/")
 
 
 def property_text(message: Message, name: str) -> str | None:

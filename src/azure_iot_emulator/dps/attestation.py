@@ -7,7 +7,9 @@ group:
 
 - X.509: the leaf's CN is the registration id, and from the leaf up the chain the device presented, the
   nearest certificate signed by (or equal to) a group's signing certificate (primary or secondary) names
-  the group.  Every certificate on that path must be valid now and each signature must verify.
+  the group.  Every certificate on that path must be valid now, each signature must verify, and each
+  signer must be a CA (basic constraints ``cA``; ``keyCertSign`` when it has a key usage), so a group
+  device cannot certify a key of its own under another registration id.
 - Symmetric key (SAS, the MQTT password or the HTTPS ``Authorization``): ``sr`` is
   ``{idScope}/registrations/{registrationId}``, ``skn`` absent or ``registration``, signed with the
   individual enrollment's key or, for a group, the device key derived from the group's key
@@ -146,8 +148,28 @@ def _valid_now(cert: x509.Certificate, now: datetime) -> bool:
     return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
 
 
+def _is_ca(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` may sign certificates (RFC 5280 4.2.1.9 and 4.2.1.3): ``cA`` true in its basic
+    constraints and, when it has a key usage, ``keyCertSign``.  A device's own certificate is an end
+    entity: what it signs proves nothing."""
+    try:
+        extensions = cert.extensions
+    except ValueError:  # extensions cryptography cannot parse (a duplicate, a malformed one)
+        return False
+    try:
+        if not extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        return bool(extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign)
+    except x509.ExtensionNotFound:
+        return True
+
+
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if cert.issuer != issuer.subject:
+    """``issuer`` is a CA and signed ``cert``."""
+    if cert.issuer != issuer.subject or not _is_ca(issuer):
         return False
     try:
         cert.verify_directly_issued_by(issuer)

@@ -63,7 +63,6 @@ from azure_iot_emulator.amqp.nodes import (
     Grants,
     Reply,
     TokenRefused,
-    normalise,
     property_text,
     response,
 )
@@ -73,7 +72,7 @@ from azure_iot_emulator.hub.eventhub.service import EventHubError, EventHubServi
 from azure_iot_emulator.hub.registry import HubRegistry
 from azure_iot_emulator.hub.telemetry import TELEMETRY
 from azure_iot_emulator.mqtt.tls import Inner, Opener, Peer, TlsProtocol
-from azure_iot_emulator.sas import SasError, parse_sas, verify_sas
+from azure_iot_emulator.sas import SasError, normalised_resource, parse_sas, resource_allows, verify_sas
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +250,8 @@ class HubAmqpEndpoint:
             )
         except SasError as exc:
             raise TokenRefused(401, _cbs_description(exc)) from exc
-        resource = normalise(parsed.resource)
-        if not any(resource == name or resource.startswith(name + "/") for name in self.names):
+        resource = normalised_resource(parsed.resource)
+        if not any(resource_allows(name, resource) for name in self.names):
             raise TokenRefused(
                 401, f"InvalidAudience: the token's audience {parsed.resource[:200]!r} is not this hub"
             )

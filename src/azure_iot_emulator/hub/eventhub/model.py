@@ -74,6 +74,13 @@ _SELECTOR = re.compile(
     re.IGNORECASE,
 )
 _FIELDS = {"x-opt-offset": "offset", "x-opt-sequence-number": "sequence", "x-opt-enqueued-time": "enqueued"}
+# What a position may hold: a SQLite integer (one more is added for ">"), or milliseconds from the epoch to
+# the end of year 9999 (a datetime's range).
+_RANGES = {
+    "offset": (-1, 2**62),
+    "sequence": (-1, 2**62),
+    "enqueued": (0, 253402300799998),
+}
 
 
 def parse_selector(text: str | None) -> Position:
@@ -95,6 +102,9 @@ def parse_selector(text: str | None) -> Position:
         value = int(raw)
     except ValueError:
         raise PositionError(f"{name} must be an integer, not {raw[:50]!r}") from None
+    low, high = _RANGES[field]
+    if not low <= value <= high:
+        raise PositionError(f"{name} must be {low} to {high}, not {raw[:50]!r}")
     return Position(field, value, inclusive)
 
 

@@ -10,6 +10,7 @@ once -- nobody polls.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,6 +29,7 @@ from azure_iot_emulator.hub.eventhub.store import EventHubStore
 from azure_iot_emulator.hub.telemetry import StoredMessage
 
 Wake = Callable[[], None]
+_PARTITION_ID = re.compile(r"0|[1-9][0-9]{0,2}")  # ASCII, no leading zero: at most 128 partitions
 
 
 class EventHubError(Exception):
@@ -76,7 +78,7 @@ class EventHubService:
     def partition(self, hub: str, partition_id: str) -> int:
         """The partition named ``partition_id`` ("0".."n-1"); :class:`EventHubError` otherwise."""
         count = self.store.partitions[hub]
-        if not partition_id.isdigit() or int(partition_id) >= count or str(int(partition_id)) != partition_id:
+        if _PARTITION_ID.fullmatch(partition_id) is None or int(partition_id) >= count:
             raise EventHubError(
                 404,
                 "amqp:not-found",
