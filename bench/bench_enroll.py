@@ -2,7 +2,8 @@
 certificate, makes and hashes its activation code and writes DPS bulk operations of 10 through
 azure-iot-deviceprovisioning into a real emulator process.
 
-The certificates are issued beforehand by the factory's own CA (not timed: minting has its own benchmark).
+The certificates are minted beforehand through the factory's MintCertificate service, in process (not timed:
+minting has its own benchmark), so its ledger holds them as it holds every certificate an MES enrolls.
 Two activation-code hashes: the default (HMAC-SHA-256 keyed with the record's salt) and scrypt N = 2^8 (the
 default before, still a setting); the default and the ceiling run twice, interleaved with the rest, so
 load from elsewhere weighs on them alike.  Goal: the default reaches half the ceiling of the same run.
@@ -21,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -92,9 +94,17 @@ def _cpu_fields(meter: CpuMeter, created: int) -> dict[str, float]:
     return {"cpu_self_ms": 1000 * own / per, "cpu_emulator_ms": 1000 * emulator / per}
 
 
+async def _minted(app: Any, count: int) -> list[tuple[str, str]]:
+    """``count`` devices minted by the factory (server-made EC keys), in its ledger: (device id, PEM)."""
+    from factory_svc.mint.model import MintRequest, ServerKey
+
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    minted = await asyncio.gather(*(app.minting.mint(MintRequest(d, ServerKey())) for d in ids))
+    return [(d, m.certificate.certificate_pem) for d, m in zip(ids, minted, strict=True)]
+
+
 async def _phase(root: Path, emu, alg: str, tag: str = "") -> dict[str, float]:
     from provisioning_env import factory_env, running_factory
-    from support.shipment import issue_certificates
 
     from devprov.v1 import factory_service_pb2 as pb
 
@@ -106,7 +116,7 @@ async def _phase(root: Path, emu, alg: str, tag: str = "") -> dict[str, float]:
         FACTORY_LOG_LEVEL="WARNING",
     )
     async with running_factory(env) as (app, stub):
-        devices = await asyncio.to_thread(issue_certificates, app.ca, WARMUP_DEVICES + DEVICES_PER_PHASE)
+        devices = await _minted(app, WARMUP_DEVICES + DEVICES_PER_PHASE)
         warmup, devices = devices[:WARMUP_DEVICES], devices[WARMUP_DEVICES:]
         calls = [devices[n : n + CALL_SIZE] for n in range(0, len(devices), CALL_SIZE)]
         gate = asyncio.Semaphore(CONCURRENT_CALLS)
