@@ -159,6 +159,9 @@ async def test_a_certificate_is_revoked_once_and_each_revocation_audited(databas
         assert [c.serial_number for c in await other.revocations.revoked(NOW)] == ["001E", "001F", "0021"]
         assert await ledger.revocations.revocation_of(f"{30:064x}") == first  # either case of the thumbprint
         assert await ledger.revocations.revocation_of(f"{32:064X}") is None  # not revoked
+        # the ledger's word on some thumbprints (either case): held or not, revoked or not
+        held = await other.revocations.recorded_among([f"{30:064x}", f"{32:064X}", f"{99:064X}"])
+        assert held == {f"{30:064X}": True, f"{32:064X}": False}
         audit = await other.revocations.revocation_audit()
         assert audit[:2] == [
             (first.time, "001E", "dev-r", "keyCompromise", "caller-a", "req-1"),

@@ -6,7 +6,8 @@ hash), ``enrolled_sha256`` (the thumbprint a record holds).  The records are ``p
 the DPS JSON is the adapter's.
 
 ``RevocationCheck`` is what enrollment needs of revocation (the ledger, through
-``factory_svc.revocation.service.RevocationIntents``): is a certificate revoked, and ``enforce`` (a revoked
+``factory_svc.revocation.service.RevocationIntents``): is a certificate revoked, does the ledger hold it (then
+the factory issued it, see ``lint.recorded_issuer_is_current``), and ``enforce`` (a revoked
 certificate of the device reached DPS: its revocation steps are owed again).  ``revoked_error`` is the
 refusal, CERTIFICATE_REVOKED.
 """
@@ -79,6 +80,11 @@ class RevocationCheck(Protocol):
     async def revocation_of(self, sha256_thumbprint: str) -> Revocation | None: ...
 
     async def revoked_among(self, sha256_thumbprints: Sequence[str]) -> set[str]: ...
+
+    async def recorded_among(self, sha256_thumbprints: Sequence[str]) -> dict[str, bool]:
+        """The thumbprints whose certificate the ledger holds (the factory issued it), each with whether it
+        is revoked."""
+        ...
 
     async def enforce(self, device_id: str) -> None:
         """A revoked certificate of the device was written to DPS: have its revocation steps run again."""

@@ -80,6 +80,8 @@ class RevocationLookups(Protocol):
 
     async def revoked_among(self, sha256_thumbprints: Sequence[str]) -> set[str]: ...
 
+    async def recorded_among(self, sha256_thumbprints: Sequence[str]) -> dict[str, bool]: ...
+
 
 class IntentLedger(Protocol):
     """Where revocation intents are kept (the ledger, ``revocation_intents``)."""
@@ -110,9 +112,9 @@ class RevocationLedger(RevocationLookups, IntentLedger, Protocol):
 
 
 class RevocationIntents:
-    """What the enrollment side needs of revocation: is a certificate revoked, and ``enforce`` (a revoked
-    certificate of the device reached DPS: its revocation steps are owed again).  ``changed`` wakes the
-    intent worker."""
+    """What the enrollment side needs of revocation: is a certificate revoked (or in the ledger at all), and
+    ``enforce`` (a revoked certificate of the device reached DPS: its revocation steps are owed again).
+    ``changed`` wakes the intent worker."""
 
     def __init__(self, ledger: RevocationLedger, clock: Clock) -> None:
         self._ledger = ledger
@@ -124,6 +126,9 @@ class RevocationIntents:
 
     async def revoked_among(self, sha256_thumbprints: Sequence[str]) -> set[str]:
         return await self._ledger.revoked_among(sha256_thumbprints)
+
+    async def recorded_among(self, sha256_thumbprints: Sequence[str]) -> dict[str, bool]:
+        return await self._ledger.recorded_among(sha256_thumbprints)
 
     async def enforce(self, device_id: str) -> None:
         """Reopen the device's revocation intent (durably) and wake the worker that carries it out."""

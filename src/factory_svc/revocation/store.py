@@ -123,15 +123,24 @@ class RevocationStore:
 
     async def revoked_among(self, sha256_thumbprints: Sequence[str]) -> set[str]:
         """Those of the SHA-256 thumbprints (upper case) whose certificate is revoked."""
+        rows = await self._by_sha256(sha256_thumbprints, "sha256_thumbprint", "AND revoked_at_us IS NOT NULL")
+        return {str(r[0]) for r in rows}
+
+    async def recorded_among(self, sha256_thumbprints: Sequence[str]) -> dict[str, bool]:
+        """Those of the SHA-256 thumbprints (upper case) whose certificate the ledger holds, each with
+        whether it is revoked (one look for both)."""
+        rows = await self._by_sha256(sha256_thumbprints, "sha256_thumbprint, revoked_at_us IS NOT NULL", "")
+        return {str(r[0]): bool(r[1]) for r in rows}
+
+    async def _by_sha256(self, sha256_thumbprints: Sequence[str], columns: str, condition: str) -> list[Row]:
+        """``columns`` of the certificates with these SHA-256 thumbprints (any case) that meet ``condition``
+        (fixed SQL fragments only)."""
         wanted = sorted({t.upper() for t in sha256_thumbprints})
-        found: set[str] = set()
+        found: list[Row] = []
         for chunk in chunks(wanted, ROWS_PER_INSERT):
             marks = ", ".join("?" * len(chunk))
-            sql = (
-                f"SELECT sha256_thumbprint FROM certificates WHERE sha256_thumbprint IN ({marks}) "  # noqa: S608
-                "AND revoked_at_us IS NOT NULL"
-            )
-            found.update(str(r[0]) for r in await self._db.read(_fetch_all(sql, chunk)))
+            sql = f"SELECT {columns} FROM certificates WHERE sha256_thumbprint IN ({marks}) {condition}"  # noqa: S608
+            found.extend(await self._db.read(_fetch_all(sql, chunk)))
         return found
 
     async def revocation_of(self, sha256_thumbprint: str) -> Revocation | None:
