@@ -83,7 +83,9 @@ class BatchEnrollment:
             "items", len(requests), self._policy.max_batch, Reason.BATCH_EMPTY, Reason.BATCH_TOO_LARGE
         )
         request_fingerprint = enroll_fingerprint(requests) if request_id else ""  # only an id needs one
-        requests = [dc_replace(r, request_id=request_id) for r in requests]  # the batch's, for the audit
+        requests = [  # the batch's, for the audit
+            r if r.request_id == request_id else dc_replace(r, request_id=request_id) for r in requests
+        ]
         return await self._answers.run(
             request_id,
             request_fingerprint,
