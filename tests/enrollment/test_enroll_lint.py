@@ -1,5 +1,4 @@
-"""Preflight lint of a certificate before enrollment: each problem has its own reason (pure, no DPS); which
-certificates the ledger's record spares the signature check."""
+"""Preflight lint of a certificate before enrollment: each problem has its own reason (pure, no DPS)."""
 
 from __future__ import annotations
 
@@ -12,13 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factory_svc.ca.issuing import open_dev_ca
-from factory_svc.enrollment.lint import (
-    inspect_certificate,
-    lint_certificate,
-    lint_policy_from_chain,
-    recorded_issuer_is_current,
-    verify_issued_by_factory,
-)
+from factory_svc.enrollment.lint import lint_certificate, lint_policy_from_chain
 from provkit.devpki import DevTlsAuthority, key_usage
 from provkit.errors import InvalidArgument
 
@@ -35,9 +28,7 @@ def policy(ca):
     return lint_policy_from_chain(ca.chain, timedelta(days=30))
 
 
-def leaf(
-    ca, cn: str, *, days: int = 365, eku: bool = True, is_ca: bool = False, start=NOW, aki: bool = True
-) -> str:
+def leaf(ca, cn: str, *, days: int = 365, eku: bool = True, is_ca: bool = False, start=NOW) -> str:
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
         x509.CertificateBuilder()
@@ -53,11 +44,10 @@ def leaf(
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    if aki:
-        builder = builder.add_extension(
+        .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.certificate.public_key()), critical=False
         )
+    )
     if eku:
         builder = builder.add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
@@ -106,23 +96,3 @@ def test_foreign_ca_is_untrusted(policy):
     # checked at the time the certificate was made: the module's NOW can be minutes older on a busy machine
     now = datetime.now(UTC)
     assert reason("dev-1", stranger.cert_pem.decode(), policy, now) == "CERTIFICATE_UNTRUSTED"
-
-
-def test_only_a_current_issuing_ca_named_in_a_recorded_leaf_spares_its_signature_check(ca, policy, tmp_path):
-    """What ``recorded_issuer_is_current`` says of a certificate the ledger holds: its issuer name and key id
-    must be a current issuing CA's; a leaf of an earlier CA (same name, another key: a CA made anew) or one
-    without a key id gets the signature check, and an earlier CA's leaf fails it."""
-    current = inspect_certificate("dev-1", leaf(ca, "dev-1"), policy, NOW)
-    assert recorded_issuer_is_current(current, policy)
-    verify_issued_by_factory(current, policy)  # and the check would agree
-
-    no_key_id = inspect_certificate("dev-1", leaf(ca, "dev-1", aki=False), policy, NOW)
-    assert not recorded_issuer_is_current(no_key_id, policy)
-
-    earlier_ca = open_dev_ca(tmp_path / "earlier-ca", lambda: NOW)
-    assert earlier_ca.certificate.subject == ca.certificate.subject  # same name, its own key
-    earlier = inspect_certificate("dev-1", leaf(earlier_ca, "dev-1"), policy, NOW)
-    assert not recorded_issuer_is_current(earlier, policy)
-    with pytest.raises(InvalidArgument) as caught:
-        verify_issued_by_factory(earlier, policy)
-    assert caught.value.reason == "CERTIFICATE_UNTRUSTED"

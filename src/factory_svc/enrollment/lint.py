@@ -2,9 +2,9 @@
 
 ``lint_certificate`` is the whole check: ``inspect_certificate`` (the form, the names, the usage, the
 validity) and ``verify_issued_by_factory`` (the signature, against the factory's issuing CAs).  The signature
-check can be left out only for a certificate the factory's ledger holds (this very DER: the factory's signer
-made it) and whose issuer name and authority key id are a current issuing CA's
-(``recorded_issuer_is_current``): that CA's key made the signature.  Any other certificate gets it checked.
+check is left out (by the enrollment writer) only for a certificate the factory's ledger holds, this very DER,
+recorded with one of the current issuing CA certificates (``LintPolicy.issuer_pems``) as its issuer: that CA's
+key signed it.  Any other certificate gets it checked.
 
 Reasons: DEVICE_ID_* (see provkit.device_id), CERTIFICATE_MISSING, CERTIFICATE_MALFORMED,
 CERTIFICATE_SUBJECT_MISMATCH, CERTIFICATE_IS_CA, CERTIFICATE_EKU_MISSING, CERTIFICATE_NOT_YET_VALID,
@@ -46,18 +46,12 @@ class LintPolicy:
     trust_roots: tuple[x509.Certificate, ...]  # the factory CA's root(s)
     intermediates: tuple[x509.Certificate, ...]  # the factory's issuing CA(s)
     min_remaining_validity: timedelta = timedelta(days=30)
-    # (subject DER, subject key id) of each issuing CA that has a key id: how its leaves name it
-    issuer_ids: frozenset[tuple[bytes, bytes]] = field(init=False)
+    # each issuing CA certificate as the ledger records it in a chain (PEM), for ``RevocationCheck``
+    issuer_pems: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        ids = set()
-        for ca in self.intermediates:
-            try:
-                ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-            except x509.ExtensionNotFound:
-                continue  # its leaves always get the signature check
-            ids.add((ca.subject.public_bytes(), ski.digest))
-        object.__setattr__(self, "issuer_ids", frozenset(ids))
+        pems = tuple(ca.public_bytes(serialization.Encoding.PEM).decode("ascii") for ca in self.intermediates)
+        object.__setattr__(self, "issuer_pems", pems)
 
 
 def lint_certificate(
@@ -151,19 +145,6 @@ def _pem(der: bytes) -> str:
     text = base64.b64encode(der).decode("ascii")
     lines = "\n".join(text[i : i + 64] for i in range(0, len(text), 64))
     return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
-
-
-def recorded_issuer_is_current(linted: LintedCertificate, policy: LintPolicy) -> bool:
-    """For a certificate the ledger holds (this very DER, so the factory's signer made it, naming the CA it
-    signed as and that CA's key in the authority key id): whether that CA is a current issuing CA, the one
-    ``verify_issued_by_factory`` would find.  False (check the signature) when the leaf lacks a key id or
-    names a CA or key the factory no longer issues with."""
-    leaf = linted.leaf
-    try:
-        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
-    except x509.ExtensionNotFound:
-        return False
-    return aki is not None and (leaf.issuer.public_bytes(), aki) in policy.issuer_ids
 
 
 def verify_issued_by_factory(linted: LintedCertificate, policy: LintPolicy, field_prefix: str = "") -> None:

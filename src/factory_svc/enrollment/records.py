@@ -7,7 +7,7 @@ the DPS JSON is the adapter's.
 
 ``RevocationCheck`` is what enrollment needs of revocation (the ledger, through
 ``factory_svc.revocation.service.RevocationIntents``): is a certificate revoked, does the ledger hold it (then
-the factory issued it, see ``lint.recorded_issuer_is_current``), and ``enforce`` (a revoked
+the factory issued it) and under which issuing CA, and ``enforce`` (a revoked
 certificate of the device reached DPS: its revocation steps are owed again).  ``revoked_error`` is the
 refusal, CERTIFICATE_REVOKED.
 """
@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from factory_svc.enrollment.lint import LintedCertificate
-from factory_svc.revocation.model import Revocation
+from factory_svc.revocation.model import Revocation, Standing
 from provkit.cloud import Enrollment, ProvisioningStatus, X509Attestation
 from provkit.errors import DomainError, FailedPrecondition
 from provkit.errors import Reason as SharedReason
@@ -81,9 +81,11 @@ class RevocationCheck(Protocol):
 
     async def revoked_among(self, sha256_thumbprints: Sequence[str]) -> set[str]: ...
 
-    async def recorded_among(self, sha256_thumbprints: Sequence[str]) -> dict[str, bool]:
-        """The thumbprints whose certificate the ledger holds (the factory issued it), each with whether it
-        is revoked."""
+    async def recorded_among(
+        self, sha256_thumbprints: Sequence[str], issuer_pems: Sequence[str]
+    ) -> dict[str, Standing]:
+        """The thumbprints whose certificate the ledger holds (the factory issued it): each revoked or not,
+        and whether it was issued under one of the issuing CA certificates ``issuer_pems``."""
         ...
 
     async def enforce(self, device_id: str) -> None:

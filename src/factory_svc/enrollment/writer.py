@@ -31,7 +31,6 @@ from factory_svc.enrollment.lint import (
     LintedCertificate,
     LintPolicy,
     inspect_certificate,
-    recorded_issuer_is_current,
     verify_issued_by_factory,
 )
 from factory_svc.enrollment.model import (
@@ -178,16 +177,16 @@ class EnrollmentWriter:
 
     async def looked_up(self, linted: Sequence[LintedCertificate]) -> LedgerLook:
         """One look in the ledger for all of ``linted``: which the factory issued under a current issuing CA
-        (no signature check needed) and which it revoked."""
+        certificate (that CA's key signed them: no signature check needed) and which it revoked."""
         if self._revocations is None or not linted:
             return LedgerLook(frozenset(), frozenset())
-        recorded = await self._revocations.recorded_among([item.sha256_thumbprint for item in linted])
-        vouched = frozenset(
-            item.sha256_thumbprint
-            for item in linted
-            if item.sha256_thumbprint in recorded and recorded_issuer_is_current(item, self._lint)
+        recorded = await self._revocations.recorded_among(
+            [item.sha256_thumbprint for item in linted], self._lint.issuer_pems
         )
-        return LedgerLook(vouched, frozenset(t for t, revoked in recorded.items() if revoked))
+        return LedgerLook(
+            frozenset(t for t, standing in recorded.items() if standing.issued_under),
+            frozenset(t for t, standing in recorded.items() if standing.revoked),
+        )
 
     async def refuse_revoked(self, linted: LintedCertificate, field_prefix: str = "") -> None:
         if self._revocations is None:
