@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from provisioning_env import dps_enrollment, factory_env, failure, mint, running_factory
+from support.shipment import device_certificate
 
 from devprov.v1 import factory_service_pb2 as pb
-from provkit.devpki import SIGNATURE_KEY_USAGE
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -26,22 +25,7 @@ pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 def device_leaf(ca_certificate: x509.Certificate, device_id: str) -> x509.CertificateBuilder:
     """A device certificate as the factory makes them, naming ``ca_certificate`` as issuer and its key id."""
     key = ec.generate_private_key(ec.SECP256R1())
-    ski = ca_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    now = datetime.now(UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-        .issuer_name(ca_certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(SIGNATURE_KEY_USAGE, critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-    )
+    return device_certificate(ca_certificate, device_id, key.public_key(), datetime.now(UTC))
 
 
 def pem(certificate: x509.Certificate) -> str:
