@@ -49,7 +49,8 @@ from provkit.channels import ChannelSecurity, create_channel
 
 # After the imports from src/: bench_enroll puts tests/ on the path (its support package), where a folder of
 # tests may carry a package's name.
-from bench_enroll import issue_certificates  # isort: skip
+import bench_enroll  # noqa: F401  # isort: skip
+from support.shipment import issue_certificates  # isort: skip
 
 TITLE = "Factory: MintCertificate and Enroll on SQLite vs PostgreSQL with 1 and 2 replicas"
 

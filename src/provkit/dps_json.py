@@ -52,6 +52,7 @@ OWNER_KEY = "owner"
 READ_ONLY = ("etag", "registrationState", "createdDateTimeUtc", "lastUpdatedDateTimeUtc")
 _NEW_CAPABILITIES = {"iotEdge": False}
 _NO_ACTIVATION = ActivationRecord()
+_NO_ATTESTATION = X509Attestation()
 
 
 def _object(value: Any) -> Mapping[str, Any]:
@@ -179,8 +180,11 @@ def bulk_errors_from_json(result: Mapping[str, Any] | None) -> list[BulkItemErro
 def _attestation_json(attestation: X509Attestation, sent: Any = None) -> dict[str, Any]:
     """The attestation to write: each slot the domain changed from the model, the others as DPS ``sent``
     them (real DPS may answer a slot's ``info`` without its certificate: it goes back as it came)."""
-    before = _attestation(sent)
-    kept = _object(_object(_object(sent).get("x509")).get("clientCertificates"))
+    kept: Mapping[str, Any] = {}
+    before = _NO_ATTESTATION
+    if sent is not None:  # an update; a new enrollment (each item of a bulk create) has nothing to keep
+        before = _attestation(sent)
+        kept = _object(_object(_object(sent).get("x509")).get("clientCertificates"))
     certificates: dict[str, Any] = {}
     for slot, pem, old in (
         ("primary", attestation.certificate_pem, before.certificate_pem),

@@ -20,7 +20,7 @@ from factory_svc.lots.model import LotEntry, StoredLot
 from factory_svc.mint.keys import KeyType
 from factory_svc.mint.model import IssuedCertificate, KeySource
 from factory_svc.mint.store import Recorded, RequestIdTaken
-from factory_svc.revocation.model import Revocation, RevocationReason
+from factory_svc.revocation.model import Revocation, RevocationReason, Standing
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
 
@@ -159,6 +159,13 @@ async def test_a_certificate_is_revoked_once_and_each_revocation_audited(databas
         assert [c.serial_number for c in await other.revocations.revoked(NOW)] == ["001E", "001F", "0021"]
         assert await ledger.revocations.revocation_of(f"{30:064x}") == first  # either case of the thumbprint
         assert await ledger.revocations.revocation_of(f"{32:064X}") is None  # not revoked
+        # the ledger's word on some thumbprints (either case): held or not, revoked or not, and whether the
+        # recorded chain names the given issuing CA certificate right after the leaf
+        issuer = certificate(30, "dev-r").certificate_pem  # the fake chains repeat the leaf
+        held = await other.revocations.recorded_among([f"{30:064x}", f"{32:064X}", f"{99:064X}"], [issuer])
+        assert held == {f"{30:064X}": Standing(True, True), f"{32:064X}": Standing(False, False)}
+        no_issuer = await ledger.revocations.recorded_among([f"{30:064X}"], [])
+        assert no_issuer == {f"{30:064X}": Standing(True, False)}
         audit = await other.revocations.revocation_audit()
         assert audit[:2] == [
             (first.time, "001E", "dev-r", "keyCompromise", "caller-a", "req-1"),

@@ -158,7 +158,11 @@ def test_a_new_enrollment_round_trips() -> None:
     )
     body = enrollment_to_json(new)
     assert body["capabilities"] == {"iotEdge": False} and "initialTwin" not in body
+    slots = {"primary": {"certificate": "PEM-3"}}
+    assert body["attestation"] == {"type": "x509", "x509": {"clientCertificates": slots}}
     assert enrollment_from_json(body) == new
+    both = replace(new, attestation=X509Attestation("PEM-3", secondary_pem="PEM-4"))
+    assert enrollment_from_json(enrollment_to_json(both)) == both  # a new one with both slots
 
 
 def test_bulk_error_codes_become_the_domain_error_kinds() -> None:

@@ -68,6 +68,29 @@ TEMPLATE: dict[str, Any] = {
 }
 
 
+def device_certificate(
+    issuer: x509.Certificate, device_id: str, public_key: Any, now: datetime
+) -> x509.CertificateBuilder:
+    """A device certificate as the factory makes them (a year from ``now``), naming ``issuer`` and its key,
+    not yet signed."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .issuer_name(issuer.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(SIGNATURE_KEY_USAGE, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()), critical=False
+        )
+    )
+
+
 def issue_certificates(ca: Any, count: int) -> list[tuple[str, str]]:
     """(device id, certificate PEM) pairs signed by the factory's issuing CA ``ca``."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -76,21 +99,7 @@ def issue_certificates(ca: Any, count: int) -> list[tuple[str, str]]:
     for _ in range(count):
         device_id = str(uuid.uuid4())
         cert = ca.signer.sign_certificate(
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-            .issuer_name(ca.certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=365))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(SIGNATURE_KEY_USAGE, critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.certificate.public_key()),
-                critical=False,
-            )
+            device_certificate(ca.certificate, device_id, key.public_key(), now)
         )
         out.append((device_id, cert.public_bytes(serialization.Encoding.PEM).decode()))
     return out

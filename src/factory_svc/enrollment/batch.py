@@ -1,11 +1,13 @@
 """EnrollBatch: many devices in one call, each item answered on its own (no business rules of its own beyond
 the batch's: its size, duplicates within it; each item follows Enroll's, ``writer``).
 
-Items are linted in worker threads a bulk's worth at a time, and their certificates looked up among the
-revoked ones together; new ones go to DPS in bulk operations of ten (at most ``bulk_concurrency`` at a time,
-all their codes made and retained first, in one commit), replacements one by one; everything goes to the
-outbox while older entries wait there.  An id DPS already holds is retried on the single-record path.  After
-the bulk writes the certificates revoked meanwhile are enforced and refused (one look for the call).
+Items are linted in the event loop but for their signatures, and their certificates looked up in the ledger
+together (revoked? issued by the factory under a current issuing CA?): only the signatures of certificates the
+ledger does not vouch for are checked, in worker threads a bulk's worth at a time.  New ones go to DPS in bulk
+operations of ten (at most ``bulk_concurrency`` at a time, all their codes made and retained first, in one
+commit), replacements one by one; everything goes to the outbox while older entries wait there.  An id DPS
+already holds is retried on the single-record path.  After the bulk writes the certificates revoked meanwhile
+are enforced and refused (one look for the call).
 
 Reasons raised: each item's (see ``writer``), DUPLICATE_IN_BATCH; for the call: BATCH_EMPTY, BATCH_TOO_LARGE,
 REQUEST_ID_INVALID, REQUEST_ID_REUSED.
@@ -81,7 +83,9 @@ class BatchEnrollment:
             "items", len(requests), self._policy.max_batch, Reason.BATCH_EMPTY, Reason.BATCH_TOO_LARGE
         )
         request_fingerprint = enroll_fingerprint(requests) if request_id else ""  # only an id needs one
-        requests = [dc_replace(r, request_id=request_id) for r in requests]  # the batch's, for the audit
+        requests = [  # the batch's, for the audit
+            r if r.request_id == request_id else dc_replace(r, request_id=request_id) for r in requests
+        ]
         return await self._answers.run(
             request_id,
             request_fingerprint,
@@ -94,8 +98,7 @@ class BatchEnrollment:
         results: list[BatchItemResult] = []
         valid: list[BatchItem] = []
         seen: set[str] = set()
-        outcomes = await self._lint_many(requests)
-        revoked = await self._writer.revoked([o for o in outcomes if not isinstance(o, DomainError)])
+        outcomes, revoked = await self._lint_many(requests)
         for index, (request, linted) in enumerate(zip(requests, outcomes, strict=True)):
             if not isinstance(linted, DomainError) and linted.sha256_thumbprint in revoked:
                 try:  # the refusal with the revocation's details
@@ -117,26 +120,46 @@ class BatchEnrollment:
         results.extend(await self._enroll_many(valid))
         return BatchResult(tuple(sorted(results, key=lambda r: r.index)))
 
-    async def _lint_many(self, requests: Sequence[EnrollRequest]) -> list[LintedCertificate | DomainError]:
-        """Each item linted (or its lint error), in worker threads a bulk's worth at a time: the signature
-        check releases the GIL, so it runs beside the event loop instead of in it."""
-        loop = asyncio.get_running_loop()
-        parts = await asyncio.gather(
-            *(
-                loop.run_in_executor(self._linters, self._lint_part, start, requests[start : start + BULK])
-                for start in range(0, len(requests), BULK)
-            )
-        )
-        return [item for part in parts for item in part]
-
-    def _lint_part(self, start: int, part: Sequence[EnrollRequest]) -> list[LintedCertificate | DomainError]:
-        out: list[LintedCertificate | DomainError] = []
-        for offset, request in enumerate(part):
+    async def _lint_many(
+        self, requests: Sequence[EnrollRequest]
+    ) -> tuple[list[LintedCertificate | DomainError], frozenset[str]]:
+        """Each item linted (or its lint error), and the thumbprints of those the factory revoked.  The
+        checks but the signature run here (cheap); one ledger look for all the items says which the factory
+        issued under a current issuing CA; only the others have their signatures checked, in worker threads
+        a bulk's worth at a time (the check releases the GIL, so it runs beside the event loop)."""
+        outcomes: list[LintedCertificate | DomainError] = []
+        for index, request in enumerate(requests):
             try:
-                out.append(self._writer.lint(request, f"items[{start + offset}]."))
+                outcomes.append(self._writer.inspect(request, f"items[{index}]."))
             except DomainError as exc:
-                out.append(exc)
-        return out
+                outcomes.append(exc)
+        look = await self._writer.looked_up([o for o in outcomes if not isinstance(o, DomainError)])
+        unproven = [
+            (index, linted)
+            for index, linted in enumerate(outcomes)
+            if not isinstance(linted, DomainError) and linted.sha256_thumbprint not in look.vouched
+        ]
+        if unproven:
+            loop = asyncio.get_running_loop()
+            parts = await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._linters, self._verify_part, unproven[n : n + BULK])
+                    for n in range(0, len(unproven), BULK)
+                )
+            )
+            for index, refusal in (failed for part in parts for failed in part):
+                outcomes[index] = refusal
+        return outcomes, look.revoked
+
+    def _verify_part(self, part: Sequence[tuple[int, LintedCertificate]]) -> list[tuple[int, DomainError]]:
+        """The signature checks of some items: those that fail, with their errors."""
+        failed = []
+        for index, linted in part:
+            try:
+                self._writer.verify(linted, f"items[{index}].")
+            except DomainError as exc:
+                failed.append((index, exc))
+        return failed
 
     async def _enroll_many(self, valid: Sequence[BatchItem]) -> list[BatchItemResult]:
         """The linted items: new ones in bulk operations of ten (at most ``bulk_concurrency`` at a time),

@@ -52,9 +52,10 @@ log = logging.getLogger("factory_svc.enrollment")
 NewCode = tuple[str, dict[str, Any]]  # the code handed out once, and the hash record DPS keeps
 MAX_ATTEMPTS = 8  # etag-guarded updates of one enrollment before ENROLLMENT_CONCURRENTLY_MODIFIED
 # Worker threads, one pool for hashing activation codes with scrypt (the fast default hash needs none) and
-# one for linting batch items (see ``batch``).  scrypt and the ECDSA check release the GIL, but each must
-# take it back afterwards, and while another thread runs Python that waits up to the interpreter's switch
-# interval (5 ms): one hashing thread then manages ~230 hashes/s whatever the cores.  So: several threads.
+# one for the signature checks of batch items the ledger does not vouch for (see ``batch``).  scrypt and the
+# ECDSA check release the GIL, but each must take it back afterwards, and while another thread runs Python
+# that waits up to the interpreter's switch interval (5 ms): one hashing thread then manages ~230 hashes/s
+# whatever the cores.  So: several threads.
 # (Measured beside a busy Python thread: 1 hashing thread 229/s, 2: 475/s, 4 and 8: ~775/s, which was all
 # the CPU left.)  A job is one DPS bulk operation's worth (ten codes): half the hand-overs of five per job,
 # ~6 % less CPU per enrollment.

@@ -8,6 +8,7 @@ AcknowledgeActivationCodes): proto <-> domain conversions, no business rules.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 from devprov.v1 import factory_service_pb2 as pb
@@ -184,15 +185,22 @@ class EnrollmentRpcs:
         batch = BatchResult(())
         if accepted or not refused:  # an empty batch is the domain's to refuse
             batch = await service.batch.enroll([r for _, r in accepted], request.request_id)
-        items = [replace(item, index=accepted[item.index][0]) for item in batch.items] + refused
+        items = list(batch.items)
+        if refused:  # the domain numbered the accepted items only
+            items = [replace(item, index=accepted[item.index][0]) for item in items] + refused
+            items.sort(key=lambda i: i.index)
         if batch.replayed:
             self._metrics.enrolled("replayed", len(items))
-        for outcome in items if not batch.replayed else ():
-            if outcome.result is not None:
-                count_enrollment(self._metrics, outcome.result)
-            else:
-                self._metrics.enrolled("refused")
-        return batch_to_proto(BatchResult(tuple(sorted(items, key=lambda i: i.index)), batch.replayed))
+        else:  # as count_enrollment counts each, one call per outcome
+            outcomes = Counter(
+                ("replayed" if i.result.replayed else i.result.outcome.value) if i.result else "refused"
+                for i in items
+            )
+            for outcome, count in outcomes.items():
+                self._metrics.enrolled(outcome, count)
+            if outcomes[EnrollOutcome.REPLACED.value]:
+                self._metrics.codes_rotated(outcomes[EnrollOutcome.REPLACED.value])
+        return batch_to_proto(BatchResult(tuple(items), batch.replayed))
 
     async def TransferOwnership(
         self, request: pb.TransferOwnershipRequest, context: Context

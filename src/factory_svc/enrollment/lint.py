@@ -1,5 +1,11 @@
 """Preflight checks of a certificate before it is enrolled (pure: no I/O, nothing written).
 
+``lint_certificate`` is the whole check: ``inspect_certificate`` (the form, the names, the usage, the
+validity) and ``verify_issued_by_factory`` (the signature, against the factory's issuing CAs).  The signature
+check is left out (by the enrollment writer) only for a certificate the factory's ledger holds, this very DER,
+recorded with one of the current issuing CA certificates (``LintPolicy.issuer_pems``) as its issuer: that CA's
+key signed it.  Any other certificate gets it checked.
+
 Reasons: DEVICE_ID_* (see provkit.device_id), CERTIFICATE_MISSING, CERTIFICATE_MALFORMED,
 CERTIFICATE_SUBJECT_MISMATCH, CERTIFICATE_IS_CA, CERTIFICATE_EKU_MISSING, CERTIFICATE_NOT_YET_VALID,
 CERTIFICATE_EXPIRED, CERTIFICATE_VALIDITY_TOO_SHORT, CERTIFICATE_UNTRUSTED.
@@ -10,7 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cryptography import x509
@@ -40,29 +46,46 @@ class LintPolicy:
     trust_roots: tuple[x509.Certificate, ...]  # the factory CA's root(s)
     intermediates: tuple[x509.Certificate, ...]  # the factory's issuing CA(s)
     min_remaining_validity: timedelta = timedelta(days=30)
+    # each issuing CA certificate as the ledger records it in a chain (PEM), for ``RevocationCheck``
+    issuer_pems: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        pems = tuple(ca.public_bytes(serialization.Encoding.PEM).decode("ascii") for ca in self.intermediates)
+        object.__setattr__(self, "issuer_pems", pems)
 
 
 def lint_certificate(
     raw_device_id: str, certificate_pem: str, policy: LintPolicy, now: datetime, field_prefix: str = ""
 ) -> LintedCertificate:
-    def field(name: str) -> str:
+    """Every check, the signature included."""
+    linted = inspect_certificate(raw_device_id, certificate_pem, policy, now, field_prefix)
+    verify_issued_by_factory(linted, policy, field_prefix)
+    return linted
+
+
+def inspect_certificate(
+    raw_device_id: str, certificate_pem: str, policy: LintPolicy, now: datetime, field_prefix: str = ""
+) -> LintedCertificate:
+    """Every check but the signature (``verify_issued_by_factory``)."""
+
+    def named(name: str) -> str:
         return f"{field_prefix}{name}"
 
-    device_id = normalise_device_id(raw_device_id, field("device_id"))
+    device_id = normalise_device_id(raw_device_id, named("device_id"))
     if not certificate_pem.strip():
-        raise invalid_field(field(FIELD), Reason.CERTIFICATE_MISSING, "no certificate was given")
+        raise invalid_field(named(FIELD), Reason.CERTIFICATE_MISSING, "no certificate was given")
     try:
         certs = x509.load_pem_x509_certificates(certificate_pem.encode("utf-8", "replace"))
     except ValueError:
         raise invalid_field(
-            field(FIELD), Reason.CERTIFICATE_MALFORMED, "certificate_pem is not a PEM certificate"
+            named(FIELD), Reason.CERTIFICATE_MALFORMED, "certificate_pem is not a PEM certificate"
         ) from None
     leaf = certs[0]  # any chain after the leaf is ignored: only this factory's issuing CAs count
     names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     common_name = str(names[0].value) if names else ""
     if common_name != device_id:
         raise invalid_field(
-            field(FIELD),
+            named(FIELD),
             SharedReason.CERTIFICATE_SUBJECT_MISMATCH,
             f"the certificate's subject CN {common_name!r} is not the device id {device_id!r}",
             common_name=common_name,
@@ -70,7 +93,7 @@ def lint_certificate(
     try:
         if leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
             raise invalid_field(
-                field(FIELD), Reason.CERTIFICATE_IS_CA, "a CA certificate cannot be a device identity"
+                named(FIELD), Reason.CERTIFICATE_IS_CA, "a CA certificate cannot be a device identity"
             )
     except x509.ExtensionNotFound:
         pass
@@ -81,31 +104,30 @@ def lint_certificate(
         has_client_auth = False
     if not has_client_auth:
         raise invalid_field(
-            field(FIELD),
+            named(FIELD),
             Reason.CERTIFICATE_EKU_MISSING,
             "the certificate lacks extended key usage clientAuth",
         )
     not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
     if now < not_before:
         raise invalid_field(
-            field(FIELD),
+            named(FIELD),
             SharedReason.CERTIFICATE_NOT_YET_VALID,
             f"the certificate is valid from {not_before.isoformat()}",
         )
     if now >= not_after:
         raise invalid_field(
-            field(FIELD),
+            named(FIELD),
             SharedReason.CERTIFICATE_EXPIRED,
             f"the certificate expired at {not_after.isoformat()}",
         )
     if not_after - now < policy.min_remaining_validity:
         raise invalid_field(
-            field(FIELD),
+            named(FIELD),
             Reason.CERTIFICATE_VALIDITY_TOO_SHORT,
             f"the certificate expires at {not_after.isoformat()}; at least "
             f"{policy.min_remaining_validity.days} days of validity are required",
         )
-    _verify_issued_by_factory(leaf, policy.intermediates, field(FIELD))
     der = leaf.public_bytes(serialization.Encoding.DER)
     return LintedCertificate(
         device_id=device_id,
@@ -125,12 +147,11 @@ def _pem(der: bytes) -> str:
     return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
 
 
-def _verify_issued_by_factory(
-    leaf: x509.Certificate, issuing_cas: Sequence[x509.Certificate], field_name: str
-) -> None:
+def verify_issued_by_factory(linted: LintedCertificate, policy: LintPolicy, field_prefix: str = "") -> None:
     """The leaf's issuer name is an issuing CA's subject and its signature verifies with that CA's key.
     ``verify_directly_issued_by`` compares the names itself (in Rust): no Python ``Name`` objects."""
-    for ca in issuing_cas:
+    leaf, field_name = linted.leaf, f"{field_prefix}{FIELD}"
+    for ca in policy.intermediates:
         try:
             leaf.verify_directly_issued_by(ca)
             return

@@ -6,7 +6,8 @@ hash), ``enrolled_sha256`` (the thumbprint a record holds).  The records are ``p
 the DPS JSON is the adapter's.
 
 ``RevocationCheck`` is what enrollment needs of revocation (the ledger, through
-``factory_svc.revocation.service.RevocationIntents``): is a certificate revoked, and ``enforce`` (a revoked
+``factory_svc.revocation.service.RevocationIntents``): is a certificate revoked, does the ledger hold it (then
+the factory issued it) and under which issuing CA, and ``enforce`` (a revoked
 certificate of the device reached DPS: its revocation steps are owed again).  ``revoked_error`` is the
 refusal, CERTIFICATE_REVOKED.
 """
@@ -18,7 +19,7 @@ from dataclasses import replace as dc_replace
 from typing import Any, Protocol
 
 from factory_svc.enrollment.lint import LintedCertificate
-from factory_svc.revocation.model import Revocation
+from factory_svc.revocation.model import Revocation, Standing
 from provkit.cloud import Enrollment, ProvisioningStatus, X509Attestation, slot_sha256
 from provkit.errors import DomainError, FailedPrecondition
 from provkit.errors import Reason as SharedReason
@@ -64,6 +65,13 @@ class RevocationCheck(Protocol):
     async def revocation_of(self, sha256_thumbprint: str) -> Revocation | None: ...
 
     async def revoked_among(self, sha256_thumbprints: Sequence[str]) -> set[str]: ...
+
+    async def recorded_among(
+        self, sha256_thumbprints: Sequence[str], issuer_pems: Sequence[str]
+    ) -> dict[str, Standing]:
+        """The thumbprints whose certificate the ledger holds (the factory issued it): each revoked or not,
+        and whether it was issued under one of the issuing CA certificates ``issuer_pems``."""
+        ...
 
     async def enforce(self, device_id: str) -> None:
         """A revoked certificate of the device was written to DPS: have its revocation steps run again."""

@@ -80,8 +80,12 @@ class EnrollmentService:
 
     async def enroll(self, request: EnrollRequest) -> EnrollResult:
         check_request_id(request.request_id)
-        linted = self._writer.lint(request)
-        await self._writer.refuse_revoked(linted)
+        linted = self._writer.inspect(request)
+        look = await self._writer.looked_up([linted])
+        if linted.sha256_thumbprint not in look.vouched:
+            self._writer.verify(linted)
+        if linted.sha256_thumbprint in look.revoked:
+            await self._writer.refuse_revoked(linted)
         return await self._answers.run(
             request.request_id,
             enroll_fingerprint([request]),

@@ -27,7 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from factory_svc.enrollment.codes import MAX_ATTEMPTS, CodeIssuer, NewCode
-from factory_svc.enrollment.lint import LintedCertificate, LintPolicy, lint_certificate
+from factory_svc.enrollment.lint import (
+    LintedCertificate,
+    LintPolicy,
+    inspect_certificate,
+    verify_issued_by_factory,
+)
 from factory_svc.enrollment.model import (
     BatchItemResult,
     Delivery,
@@ -128,6 +133,14 @@ class BatchItem:
     request: EnrollRequest
 
 
+@dataclass(frozen=True)
+class LedgerLook:
+    """What the ledger says of some inspected certificates, by SHA-256 thumbprint."""
+
+    vouched: frozenset[str]  # issued by the factory under a current issuing CA: no signature check needed
+    revoked: frozenset[str]
+
+
 def item_result(item: BatchItem, result: EnrollResult) -> BatchItemResult:
     return BatchItemResult(item.index, item.linted.device_id, result, None)
 
@@ -150,18 +163,30 @@ class EnrollmentWriter:
         self._lint = lint_policy
         self._clock = clock
 
-    def lint(self, request: EnrollRequest, field_prefix: str = "") -> LintedCertificate:
+    def inspect(self, request: EnrollRequest, field_prefix: str = "") -> LintedCertificate:
+        """The request's checks but the certificate's signature (``looked_up`` says whether it needs one)."""
         check_owner(request.owner, field_prefix + "owner_oem")
         check_reason(request.replace_reason, field_prefix + "replace_reason")
-        return lint_certificate(
+        return inspect_certificate(
             request.device_id, request.certificate_pem, self._lint, self._clock(), field_prefix
         )
 
-    async def revoked(self, linted: Sequence[LintedCertificate]) -> set[str]:
-        """The thumbprints among ``linted`` whose certificate the factory revoked (one look for them all)."""
+    def verify(self, linted: LintedCertificate, field_prefix: str = "") -> None:
+        """The signature check of an inspected certificate (CERTIFICATE_UNTRUSTED)."""
+        verify_issued_by_factory(linted, self._lint, field_prefix)
+
+    async def looked_up(self, linted: Sequence[LintedCertificate]) -> LedgerLook:
+        """One look in the ledger for all of ``linted``: which the factory issued under a current issuing CA
+        certificate (that CA's key signed them: no signature check needed) and which it revoked."""
         if self._revocations is None or not linted:
-            return set()
-        return await self._revocations.revoked_among([item.sha256_thumbprint for item in linted])
+            return LedgerLook(frozenset(), frozenset())
+        recorded = await self._revocations.recorded_among(
+            [item.sha256_thumbprint for item in linted], self._lint.issuer_pems
+        )
+        return LedgerLook(
+            frozenset(t for t, standing in recorded.items() if standing.issued_under),
+            frozenset(t for t, standing in recorded.items() if standing.revoked),
+        )
 
     async def refuse_revoked(self, linted: LintedCertificate, field_prefix: str = "") -> None:
         if self._revocations is None:

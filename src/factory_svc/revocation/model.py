@@ -1,4 +1,5 @@
-"""Typed values of revocation: RFC 5280's reasons, a certificate's revocation mark, a revocation request."""
+"""Typed values of revocation: RFC 5280's reasons, a certificate's revocation mark, a revocation request, what
+the ledger says of a certificate it holds."""
 
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ class RevocationReason(enum.Enum):
 class Revocation:
     time: datetime
     reason: RevocationReason
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What the ledger says of a certificate it holds (the factory issued it)."""
+
+    revoked: bool
+    issued_under: bool  # issued under one of the issuing CA certificates the question named
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from factory_svc.errors import NotFound, Reason, invalid_field
 from factory_svc.mint.model import IssuedCertificate
 from factory_svc.mint.service import normalise_serial
 from factory_svc.revocation.crl import CrlPublisher, PublishedCrl
-from factory_svc.revocation.model import Revocation, RevokeRequest
+from factory_svc.revocation.model import Revocation, RevokeRequest, Standing
 from factory_svc.revocation.store import RevocationIntent
 from provkit.clock import Clock
 from provkit.cloud import (
@@ -81,6 +81,10 @@ class RevocationLookups(Protocol):
 
     async def revoked_among(self, sha256_thumbprints: Sequence[str]) -> set[str]: ...
 
+    async def recorded_among(
+        self, sha256_thumbprints: Sequence[str], issuer_pems: Sequence[str]
+    ) -> dict[str, Standing]: ...
+
 
 class IntentLedger(Protocol):
     """Where revocation intents are kept (the ledger, ``revocation_intents``)."""
@@ -111,9 +115,9 @@ class RevocationLedger(RevocationLookups, IntentLedger, Protocol):
 
 
 class RevocationIntents:
-    """What the enrollment side needs of revocation: is a certificate revoked, and ``enforce`` (a revoked
-    certificate of the device reached DPS: its revocation steps are owed again).  ``changed`` wakes the
-    intent worker."""
+    """What the enrollment side needs of revocation: is a certificate revoked (or in the ledger at all), and
+    ``enforce`` (a revoked certificate of the device reached DPS: its revocation steps are owed again).
+    ``changed`` wakes the intent worker."""
 
     def __init__(self, ledger: RevocationLedger, clock: Clock) -> None:
         self._ledger = ledger
@@ -125,6 +129,11 @@ class RevocationIntents:
 
     async def revoked_among(self, sha256_thumbprints: Sequence[str]) -> set[str]:
         return await self._ledger.revoked_among(sha256_thumbprints)
+
+    async def recorded_among(
+        self, sha256_thumbprints: Sequence[str], issuer_pems: Sequence[str]
+    ) -> dict[str, Standing]:
+        return await self._ledger.recorded_among(sha256_thumbprints, issuer_pems)
 
     async def enforce(self, device_id: str) -> None:
         """Reopen the device's revocation intent (durably) and wake the worker that carries it out."""

@@ -18,9 +18,11 @@ from dbstore import Database, Tx
 from dbstore.port import Row, Work
 from factory_svc.mint.model import IssuedCertificate
 from factory_svc.mint.store import COLUMNS, ROWS_PER_INSERT, SELECT_BY_SERIAL, certificate_from_row, chunks
-from factory_svc.revocation.model import Revocation, RevocationReason
+from factory_svc.revocation.model import Revocation, RevocationReason, Standing
 from provkit.clock import from_us, to_us
 
+# A recorded chain (leaf, issuing CA, ...) whose issuing CA part starts with the given PEM (its length, it)
+_ISSUED_UNDER = "substr(chain_pem, length(certificate_pem) + 1, CAST(? AS INTEGER)) = ?"
 _AUDIT_REVOCATION = (
     "INSERT INTO revocations (time_us, serial_number, device_id, reason, caller, request_id) "
     "SELECT ?, serial_number, device_id, ?, ?, ? FROM certificates WHERE serial_number = ?"
@@ -123,15 +125,40 @@ class RevocationStore:
 
     async def revoked_among(self, sha256_thumbprints: Sequence[str]) -> set[str]:
         """Those of the SHA-256 thumbprints (upper case) whose certificate is revoked."""
+        rows = await self._by_sha256(sha256_thumbprints, "sha256_thumbprint", "AND revoked_at_us IS NOT NULL")
+        return {str(r[0]) for r in rows}
+
+    async def recorded_among(
+        self, sha256_thumbprints: Sequence[str], issuer_pems: Sequence[str]
+    ) -> dict[str, Standing]:
+        """Those of the SHA-256 thumbprints (any case; answered upper case) whose certificate the ledger
+        holds: revoked or not, and whether it was issued under one of the issuing CA certificates
+        ``issuer_pems`` (PEM, as the ledger keeps them: a recorded chain is the leaf, then its issuing CA).
+        One look; the chains are compared in the database."""
+        under = " OR ".join([_ISSUED_UNDER] * len(issuer_pems)) or "1 = 0"
+        rows = await self._by_sha256(
+            sha256_thumbprints,
+            f"sha256_thumbprint, revoked_at_us IS NOT NULL, ({under})",
+            "",
+            [value for pem in issuer_pems for value in (len(pem), pem)],
+        )
+        return {str(r[0]): Standing(revoked=bool(r[1]), issued_under=bool(r[2])) for r in rows}
+
+    async def _by_sha256(
+        self,
+        sha256_thumbprints: Sequence[str],
+        columns: str,
+        condition: str,
+        column_params: Sequence[object] = (),
+    ) -> list[Row]:
+        """``columns`` (their parameters ``column_params``) of the certificates with these SHA-256
+        thumbprints (any case) that meet ``condition``; fixed SQL fragments only."""
         wanted = sorted({t.upper() for t in sha256_thumbprints})
-        found: set[str] = set()
+        found: list[Row] = []
         for chunk in chunks(wanted, ROWS_PER_INSERT):
             marks = ", ".join("?" * len(chunk))
-            sql = (
-                f"SELECT sha256_thumbprint FROM certificates WHERE sha256_thumbprint IN ({marks}) "  # noqa: S608
-                "AND revoked_at_us IS NOT NULL"
-            )
-            found.update(str(r[0]) for r in await self._db.read(_fetch_all(sql, chunk)))
+            sql = f"SELECT {columns} FROM certificates WHERE sha256_thumbprint IN ({marks}) {condition}"  # noqa: S608
+            found.extend(await self._db.read(_fetch_all(sql, [*column_params, *chunk])))
         return found
 
     async def revocation_of(self, sha256_thumbprint: str) -> Revocation | None:
