@@ -233,11 +233,6 @@ async def test_killed_between_received_and_promoted_the_device_resumes_the_chang
     _acknowledged_without_gap(after, await received_telemetry(emulator, guid, hub))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race, under investigation: in about one full run in four the revoked device's run ends on "
-    "its CRL check before its renewal request is answered, and the refusal is never recorded",
-)
 async def test_a_revoked_devices_renewal_is_refused_and_it_keeps_its_identity(tmp_path, emulator):
     async with Field(tmp_path, emulator) as field:
         guid = await field.device()
