@@ -147,6 +147,7 @@ class Changeover:
         self.promote_on_connect = False
         self._failed = True
         self._record(state, reason=reason, detail=detail)
+        self._hand_back()
 
     def promote(self) -> None:
         """The hub took the new certificate: it becomes the identity (the old kept in previous/)."""
@@ -166,15 +167,23 @@ class Changeover:
         self._hooks.promoted()
         self._record(renewal.PROMOTED, serial=info.serial_hex)
         self.show_certificate()
+        self._hand_back()  # to confirm it
 
     # -- certificate renewal: the side task ---------------------------------------------------------------
     def _record(
         self, state: str, *, reason: str | None = None, detail: str | None = None, serial: str | None = None
     ) -> None:
+        """Write the renewal's state and have the twin told.  It does not wake the side task: a record the
+        side task writes itself must not cut short the wait it returns (the check interval after a final
+        refusal, a back-off, a Retry-After); the connection loop's hand-backs wake it (:meth:`_hand_back`)."""
         self.state_dir.write_renewal(RenewalRecord(state, self._clock(), reason, detail, serial))
         self._hooks.update(renewal_state=state)
         self.report_due = True
         self._wake_sender.set()
+
+    def _hand_back(self) -> None:
+        """The connection loop is done with a change-over (promoted, or fell back): the side task, which
+        waits without a deadline while one is under way, takes over again."""
         self._wake.set()
 
     def show_certificate(self) -> None:
@@ -255,11 +264,16 @@ class Changeover:
         self._record(renewal.REQUESTED)
         current_key = load_key(identity.key_path.read_bytes(), source=str(identity.key_path))
         current_chain = load_chain(identity.chain_path.read_bytes(), source=str(identity.chain_path))
-        key = await asyncio.to_thread(renewal.new_key_like, current_key)  # RSA keys take a while
-        csr = renewal.renewal_request(current_chain[0], key)
         try:
+            key = await asyncio.to_thread(renewal.new_key_like, current_key)  # RSA keys take a while
+            csr = renewal.renewal_request(current_chain[0], key)
             issued = await self._est(identity).simplereenroll(csr)
             chain = renewal.accept_issued(issued, key=key, current_chain=current_chain, now=self._clock())
+        except asyncio.CancelledError:  # the run ended first: the record no longer says "requested"
+            self._record(
+                renewal.FAILED, reason="STOPPED", detail="the run ended before the listener answered"
+            )
+            raise
         except EstRefused as refused:
             self._hooks.log(
                 logging.WARNING, "certificate renewal refused: %s", refused, reason=refused.reason

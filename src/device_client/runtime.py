@@ -79,7 +79,7 @@ from provkit.faults import crash_point
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_RENEWAL_GRACE_S = 10.0  # how long a stopping run waits for an EST exchange under way (see _shutdown)
+_RENEWAL_GRACE_S = 10.0  # how long a stopping run waits for an EST exchange under way (see _end_renewal)
 _FAR = timedelta(days=36500)  # "not due by any interval": the next look is the plain check interval
 
 # DPS answers a revoked device (its enrollment disabled by the factory) as one not activated yet; in group
@@ -478,7 +478,12 @@ class DeviceRuntime:
             check_with_deadline(chain, HttpCrlFetcher(timeout), self._clock(), timeout)
         )
         if check.status is RevocationStatus.REVOKED and check.revoked is not None:
+            # The recorded revocation ends this run and every later one before it asks anything: a renewal
+            # under way gets its answer and records it first (the listener's refusal, with its reason), as
+            # long as its own deadline allows, and only then is the revocation written.
+            await self._end_renewal(self.settings.runtime.sdk_timeout_s + _RENEWAL_GRACE_S)
             self.state_dir.write_revocation(check.revoked)
+            crash_point("revocation.recorded")
             self._log(
                 logging.ERROR,
                 "certificate serial %s %s (%s)",
@@ -665,16 +670,21 @@ class DeviceRuntime:
             stop.cancel()
             changed.cancel()
 
+    async def _end_renewal(self, grace_s: float) -> None:
+        """End the renewal side task (the run is ending): a step under way (an EST exchange) is let finish
+        for up to ``grace_s`` so that its answer is recorded, not lost; past that it is cancelled, and the
+        renewal is recorded as cut short rather than left "requested"."""
+        if self._renewer is None:
+            return
+        self._stop.set()
+        await asyncio.wait({self._renewer}, timeout=grace_s)
+        self._renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._renewer
+        self._renewer = None
+
     async def _shutdown(self) -> None:
-        if self._renewer is not None:
-            # An EST exchange under way is let finish (briefly) so that its answer is recorded, not lost:
-            # a run that ends because the certificate is revoked still records the listener's refusal.
-            self._stop.set()
-            await asyncio.wait({self._renewer}, timeout=_RENEWAL_GRACE_S)
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+        await self._end_renewal(_RENEWAL_GRACE_S)
         if self._producer is not None:
             self._producer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -19,8 +19,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from support.certs import TestCa
+from support.waiting import ended, until
 
 from device_client import renewal
+from device_client.changeover import Changeover, RuntimeHooks
 from device_client.est_client import EstClient, EstEndpoint, EstRefused, EstUnavailable
 from device_client.identity import generate_key, key_to_pem, load_key
 from device_client.settings import load_settings, render_device_settings
@@ -285,12 +287,15 @@ class EstPeer:
         self.tmp_path = tmp_path
         self.seen: list[tuple[str, str, bytes]] = []  # (path, client CN, body)
         self.refusal: tuple[int, str, dict[str, str]] | None = None
+        self.hold: asyncio.Event | None = None  # set: each request waits for it before it is answered
 
     async def handle(self, request: web.Request) -> web.Response:
         peer = request.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
         cn = x509.load_der_x509_certificate(peer).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         body = await request.read()
         self.seen.append((request.path, str(cn), body))
+        if self.hold is not None:
+            await self.hold.wait()
         if self.refusal is not None:
             status, text, headers = self.refusal
             return web.Response(status=status, text=text, headers=headers)
@@ -432,3 +437,95 @@ def test_the_status_report_shows_validity_due_time_and_a_pending_renewal(tmp_pat
         r["due_at"]
         == renewal.due_at(info.not_before, info.not_after, fraction=0.667, days_before=30).isoformat()
     )
+
+
+# -- the renewal side task (Changeover.renewal_loop) against the peer --------------------------------------
+def _side_task(tmp_path, peer: EstPeer) -> tuple[Changeover, EstClient, asyncio.Event, list[str]]:
+    """A change-over whose side task talks to ``peer``; its certificate is due now, the next look is an
+    hour away.  Also: an EST client of the same device, the stop event the side task watches and every
+    renewal state it recorded, in order."""
+    client, state = _client(tmp_path, peer)
+    anchor = tmp_path / "est-anchor.pem"
+    anchor.write_bytes(peer.tls_ca.certificate.public_bytes(serialization.Encoding.PEM))
+    settings = load_settings(
+        env={
+            "DEVICE_CLIENT_STATE_ROOT": str(state.path.parent),
+            "DEVICE_CLIENT_RENEWAL_EST_URL": peer.url,
+            "DEVICE_CLIENT_RENEWAL_CA_FILE": str(anchor),
+            "DEVICE_CLIENT_RENEWAL_CHECK_INTERVAL_S": "3600",
+        }
+    )
+    states: list[str] = []
+
+    def update(**changes) -> None:
+        if "renewal_state" in changes:
+            states.append(changes["renewal_state"])
+
+    async def no_dps(identity, target):
+        raise AssertionError("the side task never registers with DPS")
+
+    stop = asyncio.Event()
+    hooks = RuntimeHooks(
+        update=update,
+        log=lambda level, msg, *args, exc_info=False, **extra: None,
+        registering=lambda: None,
+        registered=lambda: None,
+        promoted=lambda: None,
+        register_once=no_dps,
+    )
+    changeover = Changeover(
+        state, settings, lambda: datetime.now(UTC), hooks, stop=stop, wake_sender=asyncio.Event()
+    )
+    changeover.identity = changeover.active = state.load_identity()
+    return changeover, client, stop, states
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        (403, "CERTIFICATE_REVOKED: it was revoked", {"X-Devprov-Reason": "CERTIFICATE_REVOKED"}),
+        (503, "DPS_UNAVAILABLE: DPS did not answer", {"Retry-After": "3600"}),
+    ],
+    ids=["final", "retry-after"],
+)
+async def test_after_a_refusal_the_side_task_waits_before_asking_again_and_the_refusal_stays_recorded(
+    tmp_path, refusal
+):
+    """A refusal's record does not wake the side task that wrote it: the next request waits for the check
+    interval (a final refusal) or the listener's Retry-After, and renewal.json keeps the refusal's reason
+    meanwhile (it used to be overwritten by the next "requested" at once, again and again)."""
+    async with EstPeer(tmp_path, TestCa(), TestCa()) as peer:
+        peer.refusal = refusal
+        changeover, client, stop, states = _side_task(tmp_path, peer)
+        loop = asyncio.create_task(changeover.renewal_loop())
+        try:
+            await until(lambda: renewal.REFUSED in states, "the refusal recorded", fail_if=ended(loop))
+            # A round trip to the listener after the refusal: a side task woken by its own record would
+            # have recorded its next request within a few turns of the event loop, long before this ends.
+            with pytest.raises(EstRefused):
+                await client.cacerts()
+        finally:
+            stop.set()
+            await asyncio.wait_for(loop, 30)
+    assert states == [renewal.REQUESTED, renewal.REFUSED]
+    assert [path for path, _, _ in peer.seen if path == est.SIMPLEREENROLL_PATH] == [est.SIMPLEREENROLL_PATH]
+    record = changeover.state_dir.read_renewal()
+    assert record is not None and record.state == renewal.REFUSED
+    assert record.reason == refusal[1].split(":")[0]
+
+
+async def test_a_request_cut_short_by_the_end_of_the_run_is_recorded_as_such_not_left_requested(tmp_path):
+    async with EstPeer(tmp_path, TestCa(), TestCa()) as peer:
+        peer.hold = asyncio.Event()
+        changeover, _, _, states = _side_task(tmp_path, peer)
+        loop = asyncio.create_task(changeover.renewal_loop())
+        try:
+            await until(lambda: peer.seen, "the request at the listener", fail_if=ended(loop))
+            loop.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await loop
+        finally:
+            peer.hold.set()
+    assert states == [renewal.REQUESTED, renewal.FAILED]
+    record = changeover.state_dir.read_renewal()
+    assert record is not None and (record.state, record.reason) == (renewal.FAILED, "STOPPED")

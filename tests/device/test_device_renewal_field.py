@@ -29,7 +29,9 @@ from support.waiting import until
 from test_device_cli_run_emulator import _env, _start
 from test_device_renewal import _server_identity
 
+from device_client.errors import EXIT_REVOKED
 from device_client.identity import build_csr_pem, generate_key, key_to_pem
+from device_client.revocation import crl_urls
 from device_client.state import StateDir
 from devprov.v1 import factory_service_pb2 as pb
 from provkit.channels import ChannelSecurity, create_channel
@@ -50,7 +52,8 @@ LIFETIME = timedelta(hours=1)  # MintCertificate's shortest validity
 class Field:
     """factory_svc with its EST listener, and devices minted by it with short-lived certificates."""
 
-    def __init__(self, tmp_path, emulator) -> None:
+    def __init__(self, tmp_path, emulator, *, crl: bool = False) -> None:
+        """``crl``: the factory serves its CRL on loopback and names it in the certificates it mints."""
         self.tmp_path = tmp_path
         self.emulator = emulator
         self.root = tmp_path / "devices"
@@ -59,6 +62,9 @@ class Field:
         self.tls_anchor = tmp_path / "est-anchor.pem"
         self.tls_anchor.write_bytes(tls_ca.certificate.public_bytes(serialization.Encoding.PEM))
         self.est_url = f"https://127.0.0.1:{free_port('127.0.0.1')}"
+        crl_port = free_port("127.0.0.1")
+        self.crl_url = f"http://127.0.0.1:{crl_port}/crl/issuing-ca.crl" if crl else None
+        crl_env = {"FACTORY_CRL_HTTP_PORT": str(crl_port), "FACTORY_CRL_URL": self.crl_url} if crl else {}
         self.factory = FactoryProcess(
             {
                 **factory_env(tmp_path, emulator),
@@ -66,6 +72,7 @@ class Field:
                 "FACTORY_RENEWAL_TLS_CERT_FILE": str(cert),
                 "FACTORY_RENEWAL_TLS_KEY_FILE": str(key),
                 "FACTORY_ENROLL_MIN_REMAINING_VALIDITY_DAYS": "0",  # an hour-long certificate
+                **crl_env,
             },
             tmp_path / "factory.log",
         )
@@ -233,11 +240,6 @@ async def test_killed_between_received_and_promoted_the_device_resumes_the_chang
     _acknowledged_without_gap(after, await received_telemetry(emulator, guid, hub))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race, under investigation: in about one full run in four the revoked device's run ends on "
-    "its CRL check before its renewal request is answered, and the refusal is never recorded",
-)
 async def test_a_revoked_devices_renewal_is_refused_and_it_keeps_its_identity(tmp_path, emulator):
     async with Field(tmp_path, emulator) as field:
         guid = await field.device()
@@ -266,6 +268,37 @@ async def test_a_revoked_devices_renewal_is_refused_and_it_keeps_its_identity(tm
     assert datetime.fromisoformat(after["identity"]["not_after"]) > datetime.now(UTC) - timedelta(minutes=5)
     fingerprint = x509.load_pem_x509_certificates((field.root / guid / "device-chain.pem").read_bytes())[0]
     assert fingerprint.fingerprint(hashes.SHA1()).hex().upper() == before["thumbprint_sha1"]
+
+
+@pytest.mark.faults
+async def test_a_revoked_device_records_its_renewal_refusal_before_its_revocation(tmp_path, emulator):
+    """With the factory's CRL named in its certificate, a revoked device's run ends by itself: DPS refuses
+    it and the CRL lists it.  The renewal it asked for at boot is refused by the listener, and that refusal
+    is recorded before the revocation is (a recorded revocation ends every later run before it asks
+    anything): killed right after the revocation is written, the device has both on record, and the next
+    run stops at once without asking again."""
+    async with Field(tmp_path, emulator, crl=True) as field:
+        guid = await field.device()
+        assert crl_urls(field.leaf) == [field.crl_url]
+        env = field.env(due_in=timedelta(0))  # due at once: the listener is asked right at boot
+        await field.stub.RevokeCertificate(
+            pb.RevokeCertificateRequest(device_id=guid, request_id=str(uuid.uuid4()))
+        )
+        killed = await _start({**env, CRASH_ENV: "revocation.recorded"}, "run", guid)
+        _, err = await asyncio.wait_for(killed.communicate(), 180)
+        assert killed.returncode == -signal.SIGKILL, err.decode()[-3000:]
+        on_record = await _status(env, guid)
+        again = await _start(env, "run", guid)
+        _, again_err = await asyncio.wait_for(again.communicate(), 60)
+        after = await _status(env, guid)
+    serial = on_record["identity"]["serial"]
+    assert on_record["revocation"]["serial"] == serial and on_record["revocation"]["crl_url"] == field.crl_url
+    last = on_record["renewal"]["last"]
+    assert (last["state"], last["reason"]) == ("refused", "CERTIFICATE_REVOKED"), last
+    assert again.returncode == EXIT_REVOKED, again_err.decode()[-3000:]
+    assert "[CERTIFICATE_REVOKED]" in again_err.decode()
+    assert "due for renewal" not in again_err.decode()
+    assert after["renewal"]["last"] == last
 
 
 async def test_an_expired_device_with_a_pending_renewal_changes_over_instead_of_stopping(
