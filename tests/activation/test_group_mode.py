@@ -31,10 +31,13 @@ from enrollment.provisioning_env import (
     registry as hub_registry,
 )
 from group_env import META, Stack, emulator_args, runtime_context, sha256_of
+from support.metrics import scrape
 from support.waiting import until
 
 from devprov.v1 import activation_service_pb2 as apb
 from devprov.v1 import factory_service_pb2 as fpb
+
+HTTP = "devprov_http_requests_total"
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -54,7 +57,9 @@ def group_emulator(tmp_path_factory, tls):
 async def stack(tmp_path_factory, group_emulator, tls):
     stack = Stack(tmp_path_factory.mktemp("stack"), group_emulator, tls)
     async with (
-        running_activation(stack.activation_env(), tls) as (activation_app, activation),
+        running_activation(
+            {**stack.activation_env(), "ACTIVATION_METRICS_LISTEN": "127.0.0.1:0"}, tls
+        ) as (activation_app, activation),
         running_factory(stack.factory_env()) as (factory_app, factory),
     ):
         stack.factory, stack.activation = factory, activation
@@ -165,6 +170,7 @@ async def test_a_wrong_key_or_a_registration_id_not_the_certificates_is_refused(
     await stack.activation.Activate(activate_request(device.device_id, code, json.dumps(META)))
     other, _ = await stack.enrolled()
     right = runtime_context(device.device_id, f"CN={device.device_id}", sha256_of(device), stack)
+    metrics_before = await scrape(stack.activation_app.observe.metrics_url)
 
     status, _ = await stack.post(right, key="not-the-key-at-all-0000000000")
     assert status == 401
@@ -183,6 +189,15 @@ async def test_a_wrong_key_or_a_registration_id_not_the_certificates_is_refused(
         ("refused", "CERTIFICATE_NOT_ENROLLED"),
     ]
     assert (await stack.post(right))[0] == 200  # the real one passes
+
+    # every answer counted on activation_svc's /metrics, by status
+    metrics_after = await scrape(stack.activation_app.observe.metrics_url)
+    answered = {
+        status: metrics_after.value(HTTP, route="/api/allocate", status=status)
+        - metrics_before.value(HTTP, route="/api/allocate", status=status)
+        for status in ("200", "401", "403")
+    }
+    assert answered == {"200": 1, "401": 1, "403": 2}
 
 
 async def test_wrong_content_types_and_oversize_bodies_are_refused_before_the_body_is_read(stack):

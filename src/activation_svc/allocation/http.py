@@ -20,7 +20,8 @@ Answers (the body never says why; the audit log does, ``activation_svc.allocatio
 | the device registry cannot be read                                    | 503    |
 
 DPS fails the registration on any answer but 200 (Azure: 400207, or 400209 for 401); the device sees a
-failed registration and waits as for one not activated (``device_client.dps``).
+failed registration and waits as for one not activated (``device_client.dps``).  Each answer is counted
+and timed on ``/metrics`` (``http_handled``, route ``/api/allocate``).
 
 A request the key admits is read in this order: content type, size, JSON (``jsonsafe``), the
 AllocationRequest's shape; a refusal at any of them reads and writes no record and is audited (detail:
@@ -34,6 +35,7 @@ import hmac
 import json
 import logging
 import ssl
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -42,6 +44,7 @@ import jsonsafe
 from activation_svc.allocation.model import AllocationReason, MalformedRequest, allocation_query
 from activation_svc.allocation.service import AllocationRefused, AllocationService
 from provkit.cloud import CloudUnavailable
+from provkit.metrics import NO_METRICS, HttpMetrics
 from provkit.settings import Secret
 
 log = logging.getLogger("activation_svc.allocation.http")
@@ -73,9 +76,16 @@ def key_matches(request: web.Request, key: Secret) -> bool:
 
 class AllocationHttp:
     def __init__(
-        self, service: AllocationService, host: str, port: int, context: ssl.SSLContext, key: Secret
+        self,
+        service: AllocationService,
+        host: str,
+        port: int,
+        context: ssl.SSLContext,
+        key: Secret,
+        metrics: HttpMetrics = NO_METRICS,
     ) -> None:
         self._service = service
+        self._metrics = metrics
         self._host, self._port = host, port
         self._context = context
         self._key = key
@@ -116,13 +126,17 @@ class AllocationHttp:
         await self._service.audit("", CALLER, "refused", detail[:500])
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
         try:
-            return await self._allocate(request)
-        except web.HTTPException:
+            response = await self._allocate(request)
+        except web.HTTPException as exc:
+            self._metrics.http_handled(PATH, exc.status, time.perf_counter() - started)
             raise
         except Exception:
             log.exception("allocation request failed")
-            return _json(500, {"message": "internal error"})
+            response = _json(500, {"message": "internal error"})
+        self._metrics.http_handled(PATH, response.status, time.perf_counter() - started)
+        return response
 
     async def start(self) -> None:
         app = web.Application(client_max_size=MAX_BODY)
