@@ -4,7 +4,9 @@ activation_svc (group mode, its allocation webhook) in process, the emulator and
 certificate as the secondary: the device registry's record holds both thumbprints during the change-over,
 the webhook allocates the device when it re-registers with the new certificate, and after the change-over
 the record holds the new certificate alone (the old one is refused) and the ledger marks the old one
-superseded.  DPS service writes for the device, counted by the emulator: 0."""
+superseded.  DPS service writes for the device, counted by the emulator: 0.  And kill -9 of factory_svc
+right after each of its registry writes (the crash points of the renewal's steps): the restart completes
+the change-over from the registry and the ledger alone."""
 
 from __future__ import annotations
 
@@ -12,13 +14,15 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiohttp
 import pytest
-from activation.group_env import META, Stack, emulator_args
+from activation.group_env import KEY, META, Stack, emulator_args, sha256_of
 from azure.iot.device.exceptions import ClientError
 from conftest import running_emulator
 from cryptography import x509
@@ -27,19 +31,27 @@ from enrollment.provisioning_env import (
     DeviceFiles,
     OemTls,
     activate_request,
+    dps_enrollment,
     register,
     registry,
     running_activation,
 )
-from renewal_env import ServerTls, running_factory
+from renewal_env import EstClient, ServerTls, as_device, csr_for, new_key, renewal_env, running_factory
+from support.emulator import free_port
+from support.factory_process import FactoryProcess
 from support.waiting import exited, until
+from test_renewal_faults import _enrolled, _until
 
+from activation_svc.allocation.service import enrolled_thumbprints
+from dbstore import DatabaseUrl
 from device_client.identity import build_csr_pem, generate_key, key_to_pem
 from device_client.state import StateDir
 from devprov.v1 import factory_service_pb2 as fpb
 from factory_svc.mint.issuer import serial_hex
+from factory_svc.renewal.model import RenewalState
 from provkit.cloud import slot_sha256
 from provkit.devpki import write_private_file
+from provkit.registry import DeviceRegistry
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -172,3 +184,68 @@ async def test_a_renewed_device_re_registers_through_the_webhook_and_its_old_slo
             assert stack.audit(guid)[-1] == ("refused", "CERTIFICATE_NOT_ENROLLED")
 
             assert await stack.dps_writes() == writes_before  # 0 DPS service writes for the device
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("point", ["renewal.after_dps_secondary", "renewal.after_dps_primary"])
+async def test_killed_after_the_registry_write_the_restart_completes_the_renewal(
+    tmp_path, module_emulator, point: str
+):
+    """kill -9 of factory_svc (group mode, a process) right after its write to the device registry: the new
+    certificate in the secondary slot before the device was answered, or made the primary before the ledger
+    followed.  The restart completes the recorded intent; the registry holds what the webhook must accept:
+    both certificates until the change-over, then the new one alone (the old superseded in the ledger)."""
+    tls = ServerTls.create(tmp_path / "tls")
+    port = free_port("127.0.0.1")
+    url = f"https://127.0.0.1:{port}"
+    registry_url = DatabaseUrl.sqlite(tmp_path / "registry")
+    env = renewal_env(
+        tmp_path, module_emulator, tls, port,
+        FACTORY_MODE="group", FACTORY_REGISTRY_DATABASE_URL=f"sqlite:///{tmp_path / 'registry'}",
+        FACTORY_GROUP_FUNCTION_KEY=KEY,
+    )  # fmt: skip
+    factory = FactoryProcess(env, tmp_path / "factory.log")
+
+    async def accepted(device_id: str) -> set[str]:
+        """The thumbprints the webhook accepts for the device (its registry record's slots)."""
+        registry = await DeviceRegistry.open(registry_url)
+        try:
+            found = await registry.get(device_id)
+        finally:
+            await registry.close()
+        assert found is not None
+        return enrolled_thumbprints(found)
+
+    try:
+        await factory.start(crash_at=point)
+        device = await _enrolled(factory, tmp_path / "devices")
+        old = sha256_of(device)
+        client, key = EstClient(url, tls, device.cert_path, device.key_path), new_key()
+        if point == "renewal.after_dps_secondary":
+            with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+                await client.renew(csr_for(device.device_id, key))
+        else:
+            answer = await client.renew(csr_for(device.device_id, key))
+            renewed = as_device(device, key, answer.certificates, tmp_path / "renewed")
+            with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+                await EstClient(url, tls, renewed.cert_path, renewed.key_path).cacerts()  # the promotion
+        assert await factory.killed() == -signal.SIGKILL
+        left = await accepted(device.device_id)
+        assert await dps_enrollment(module_emulator, device.device_id) is None  # nothing of it in DPS
+
+        await factory.start()
+        if point == "renewal.after_dps_secondary":
+            assert len(left) == 2 and old in left  # written before the crash: both certificates
+            await _until(tmp_path, device.device_id, RenewalState.SECONDARY, factory)
+            answer = await client.renew(csr_for(device.device_id, key))  # the device's retry: the same one
+            renewed = as_device(device, key, answer.certificates, tmp_path / "renewed")
+            assert await accepted(device.device_id) == left == {old, sha256_of(renewed)}
+        else:
+            assert left == {sha256_of(renewed)}  # promoted before the crash: the old slot dropped
+            await _until(tmp_path, device.device_id, None, factory)  # done: no open renewal left
+            refused = await client.renew(csr_for(device.device_id, new_key()))
+            assert (refused.status, refused.reason) == (403, "CERTIFICATE_SUPERSEDED")
+            assert await accepted(device.device_id) == {sha256_of(renewed)}
+    finally:
+        await factory.stop()
+
