@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import ssl
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +36,7 @@ from enrollment.provisioning_env import (
     running_activation,
 )
 from renewal_env import EstClient, ServerTls, as_device, csr_for, new_key, renewal_env, running_factory
+from support.device_process import device_client, device_status
 from support.emulator import free_port
 from support.factory_process import FactoryProcess
 from support.waiting import exited, until
@@ -76,25 +76,6 @@ def device_env(emulator, root: Path, est_url: str, ca_file: Path, leaf: x509.Cer
         "DEVICE_CLIENT_RENEWAL_CHECK_INTERVAL_S": "5",
         "DEVICE_CLIENT_RENEWAL_FRACTION": f"{fraction:.6f}",
     }
-
-
-async def device_client(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "device_client",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-
-
-async def device_status(env: dict[str, str], guid: str) -> dict:
-    proc = await device_client(env, "status", guid, "--json")
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
-    return json.loads(out)
 
 
 def hub_identity_sha1(emulator, hub: str, guid: str) -> str:
@@ -162,9 +143,14 @@ async def test_a_renewed_device_re_registers_through_the_webhook_and_its_old_slo
             new_serial = after["identity"]["serial"]
             assert new.serial_number != old.serial_number and after["assignment"]["assigned_hub"] == chosen
 
-            # the ledger: the old certificate superseded by the new one, the renewal done
-            superseded = await factory.app.ledger.renewals.superseded_by(serial_hex(old.serial_number))
-            assert superseded == new_serial
+            # the ledger: the old certificate superseded by the new one, the renewal done (by the device's
+            # confirmation, or by the worker if that request's registry write failed)
+            async def superseded() -> bool:
+                newer = await factory.app.ledger.renewals.superseded_by(serial_hex(old.serial_number))
+                assert newer in (None, new_serial)
+                return newer == new_serial
+
+            await until(superseded, "the old certificate superseded in the ledger")
 
             # the registry's record: the new certificate alone, still activated on the OEM's hub
             record = await activation_app.dps.get(guid)
@@ -174,9 +160,11 @@ async def test_a_renewed_device_re_registers_through_the_webhook_and_its_old_slo
             assert slot_sha256(attestation.certificate_pem, attestation.sha256_thumbprint) == new_sha256
             assert slot_sha256(attestation.secondary_pem, attestation.secondary_sha256_thumbprint) is None
 
-            # the webhook allocated it twice (first boot, then with the new certificate); the hub knows the
+            # the webhook allocated it at first boot and again with the new certificate (more often when a
+            # registration timed out at DPS and the device tried again), never refused it; the hub knows the
             # new certificate; the old one is refused now, the reason audited
-            assert stack.audit(guid) == [("ok", f"hub={chosen}")] * 2
+            allocations = stack.audit(guid)
+            assert len(allocations) >= 2 and set(allocations) == {("ok", f"hub={chosen}")}
             thumbprint = await asyncio.to_thread(hub_identity_sha1, emulator, chosen, guid)
             assert thumbprint == new.fingerprint(hashes.SHA1()).hex().upper()
             with pytest.raises(ClientError):
