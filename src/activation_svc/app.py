@@ -96,7 +96,7 @@ class ActivationApp:
             return
         context = server_context(config.cert_file, config.key_file, config.client_ca_file)
         self.allocation_http = AllocationHttp(
-            self.allocation, config.host, config.port, context, config.function_key
+            self.allocation, config.host, config.port, context, config.function_key, self.observe.metrics
         )
         await self.allocation_http.start()
 

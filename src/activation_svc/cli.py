@@ -403,10 +403,10 @@ def _command(args: argparse.Namespace) -> int:
         async def open_registry() -> Closable:
             return await DeviceRegistry.open(registry, migrate=True)
 
-        stores = [("audit", open_audit)]
-        if settings.mode is ProvisioningMode.GROUP:  # the device registry (provkit.registry)
-            stores.append(("device registry", open_registry))
-        return run_migrations(url, stores)
+        run_migrations(url, [("audit", open_audit)])
+        if settings.mode is ProvisioningMode.GROUP:  # the device registry (provkit.registry), at its own URL
+            run_migrations(registry, [("device registry", open_registry)])
+        return 0
     if args.command == "portal":
         return run_portal(args)
     if args.command == "activate-batch":

@@ -34,6 +34,7 @@ R = TypeVar("R")
 
 RETRIES = 8
 POOL_SIZE = 8
+WAIT = 30.0  # seconds a call waits for a pool connection (psycopg_pool's default)
 # What PostgreSQL ends a transaction with that succeeds when run again (``RunAgain``).
 _GIVEN_UP = (errors.DeadlockDetected, errors.SerializationFailure)
 # pg_advisory_xact_lock key for migrations: any fixed number ("dbst" in ASCII).
@@ -143,10 +144,24 @@ class PostgresDatabase:
 
     @classmethod
     async def open(
-        cls, dsn: str, schema: Schema, *, migrate: bool = False, label: str = "", pool_size: int = POOL_SIZE
+        cls,
+        dsn: str,
+        schema: Schema,
+        *,
+        migrate: bool = False,
+        label: str = "",
+        pool_size: int = POOL_SIZE,
+        wait: float = WAIT,
     ) -> PostgresDatabase:
+        """``wait``: how long a call waits for a connection (the server away: then ``PoolTimeout``)."""
         pool = AsyncConnectionPool(
-            dsn, min_size=1, max_size=pool_size, open=False, kwargs={"autocommit": True}, name=schema.name
+            dsn,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            kwargs={"autocommit": True},
+            name=schema.name,
+            timeout=wait,
         )
         await pool.open(wait=True, timeout=30)
         try:

@@ -55,11 +55,18 @@ class DatabaseUrl:
 
 
 async def open_database(
-    where: DatabaseUrl | Path, file: str, schema: Schema, options: Options, *, migrate: bool = False
+    where: DatabaseUrl | Path,
+    file: str,
+    schema: Schema,
+    options: Options,
+    *,
+    migrate: bool = False,
+    wait: float | None = None,
 ) -> Database:
     """One store's database: SQLite ``<directory>/<file>`` (migrated when opened, as always), or the
     PostgreSQL database (migrated only with ``migrate=True``, else its version checked).  A ``Path`` is
-    the SQLite file itself (whatever its name)."""
+    the SQLite file itself (whatever its name).  ``wait`` (PostgreSQL): how long a call waits for a
+    connection while the server cannot be reached before it fails (default ``postgres.WAIT``)."""
     url = DatabaseUrl.sqlite(where.parent) if isinstance(where, Path) else where
     if isinstance(where, Path):
         file = where.name
@@ -68,6 +75,8 @@ async def open_database(
 
         assert url.directory is not None
         return await SqliteDatabase.open(url.directory / file, schema, options)
-    from dbstore.postgres import PostgresDatabase
+    from dbstore.postgres import WAIT, PostgresDatabase
 
-    return await PostgresDatabase.open(url.dsn, schema, migrate=migrate, label=url.redacted())
+    return await PostgresDatabase.open(
+        url.dsn, schema, migrate=migrate, label=url.redacted(), wait=WAIT if wait is None else wait
+    )

@@ -46,7 +46,7 @@ from devprov_demo.fleet import (
     write_json,
 )
 from devprov_demo.hub_feed import HubFeed
-from devprov_demo.stack import PARTIES, Stack, StackConfig
+from devprov_demo.stack import MODES, PARTIES, Stack, StackConfig
 from devprov_demo.view import (
     LEGEND,
     HubWatch,
@@ -112,6 +112,18 @@ def _parser() -> argparse.ArgumentParser:
             help="factory_svc's EST renewal listener (HTTPS, mTLS; default 8443)",
         )
         cmd.add_argument(
+            "--mode",
+            choices=MODES,
+            help="individual (default: one DPS enrollment per device) or group (one enrollment group, "
+            "activation_svc's allocation webhook decides each registration; docs/group-mode.md)",
+        )
+        cmd.add_argument(
+            "--webhook-port",
+            type=int,
+            metavar="PORT",
+            help="group mode: activation_svc's allocation webhook (HTTPS; default 8444)",
+        )
+        cmd.add_argument(
             "--metrics-port",
             type=int,
             metavar="PORT",
@@ -172,7 +184,8 @@ FLAGS = FlagKeys(
         for key in (
             "work_dir", "dps_host", "hub_hosts", "https_port", "factory_port", "activation_port",
             "portal_port", "crl_port", "est_port", "metrics_port", "replicas", "devices", "interval",
-            "seconds", "summary_json", "cert_minutes", "renew_fraction", "until_renewed",
+            "seconds", "summary_json", "cert_minutes", "renew_fraction", "until_renewed", "mode",
+            "webhook_port",
         )
     }
 )  # fmt: skip
@@ -188,6 +201,8 @@ DEFAULTS = {
     "est_port": 8443,
     "metrics_port": 9101,
     "replicas": 1,
+    "mode": "individual",
+    "webhook_port": 8444,
     "devices": 5,
     "interval": 5.0,
 }
@@ -213,6 +228,8 @@ def _config(source: SettingsSource, short: ShortCertificates | None = None) -> S
         cert_minutes=None if short is None else short.minutes,
         metrics_port=source.integer("metrics_port", 9101),
         replicas=max(1, source.integer("replicas", 1)),
+        mode=(source.text("mode") or "individual").strip().lower(),
+        webhook_port=source.integer("webhook_port", 8444),
     )
 
 
@@ -250,10 +267,16 @@ def _ended(received: list[int], code: int) -> int:
 def _stack_facts(stack: Stack) -> list[tuple[str, str]]:
     emu = stack.emulator
     facts = [
+        ("provisioning mode", stack.config.mode),
         ("factory_svc (gRPC, mTLS)", stack.config.factory_address),
         ("factory EST renewal (RFC 7030, device certificate)", stack.config.est_url),
         ("activation_svc (gRPC, mTLS)", stack.config.activation_address),
         ("activation portal (web)", stack.config.portal_url),
+        *(
+            [("allocation webhook (DPS calls it; key in secrets/webhook.key)", stack.config.webhook_url)]
+            if stack.config.group
+            else []
+        ),
         ("DPS global endpoint", f"{emu.global_endpoint} (MQTT/TLS 8883)"),
         ("DPS ID scope", emu.id_scope),
         ("DPS service connection string", emu.dps_connection_string),
@@ -399,10 +422,10 @@ async def run_demo(args: argparse.Namespace, source: SettingsSource, console: Co
         return EXIT_FAILED
     try:
         short = _short_certificates(source)
+        stack = Stack(_config(source, short))
     except ValueError as exc:
         console.print(f"[red]{exc}[/]", highlight=False)
         return EXIT_FAILED
-    stack = Stack(_config(source, short))
     if not _claim(console, stack, args):
         return EXIT_FAILED
     received: list[int] = []
@@ -476,7 +499,11 @@ async def _watch_parts(console: Console, stack: Stack, stop: asyncio.Event) -> N
 
 
 async def run_up(args: argparse.Namespace, source: SettingsSource, console: Console) -> int:
-    stack = Stack(_config(source))
+    try:
+        stack = Stack(_config(source))
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]", highlight=False)
+        return EXIT_FAILED
     if not _claim(console, stack, args):
         return EXIT_FAILED
     received: list[int] = []

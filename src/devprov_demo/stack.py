@@ -11,6 +11,7 @@ Everything lives in one work directory::
     activation/     activation_svc data (audit)
     devices/        one state directory per device
     postgres/       with ``replicas`` > 1: the services' PostgreSQL cluster (``pgcluster.kept_cluster``)
+    secrets/        in group mode: the allocation webhook's function key (``webhook.key``)
     logs/           one log file per process
     env.sh          variables that point the CLIs at this stack (``source`` it)
     .devprov-stack.lock   held by the running stack (``worklock``): one stack per work directory
@@ -22,6 +23,11 @@ the server, run as that user, must pass through), keys and stores 0600.  Everyth
 factory_svc's EST renewal listener (``est_url``) serves the devices' certificate renewals; every device is
 provisioned with it (``renewal.est_url``, trusting the services' TLS CA).  With ``cert_minutes`` the factory
 accepts certificates that short (``FACTORY_MINT_MIN_VALIDITY_MINUTES``) and enrolls them.
+
+``mode`` ``group`` (``docs/group-mode.md``): both services in group mode, the device registry in
+activation_svc's data directory, activation_svc's allocation webhook on ``webhook_port`` (its gRPC server's
+TLS certificate, which the emulator is told to trust), a function key made for the stack, and the
+enrollment group written by ``factory-svc enrollment-group`` once the services answer.  One replica each.
 
 Prometheus ``/metrics`` of the four programs listen on ``metrics_port`` .. ``metrics_port + 3`` (factory,
 activation, portal, emulator; ``StackConfig.metrics_urls()``); ``metrics_port=0`` turns them off.  With
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -61,7 +68,7 @@ from devprov_demo import pgcluster
 from devprov_demo.worklock import LOCK_FILE, WorkDirLock
 from litestore.files import DIRECTORY_MODE, private_directory
 from provkit.context import Role
-from provkit.devpki import DevTlsAuthority
+from provkit.devpki import DevTlsAuthority, write_private_file
 from provkit.pki_cli import issue_party
 
 SERVICE_START_TIMEOUT = 60.0
@@ -86,6 +93,22 @@ class StackConfig:
     cert_minutes: int | None = None  # set: the factory may mint certificates this short (renewal demo)
     metrics_port: int = 9101  # /metrics of the 4 programs (METRICS_PROGRAMS) from here on; 0: off
     replicas: int = 1  # >1: PostgreSQL, and that many of each service behind its one address
+    mode: str = "individual"  # or "group": one enrollment group and activation_svc's allocation webhook
+    webhook_port: int = 8444  # group mode: activation_svc's allocation webhook (HTTPS)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.mode == "group" and self.replicas > 1:
+            raise ValueError("group mode runs one replica of each service here (not with replicas)")
+
+    @property
+    def group(self) -> bool:
+        return self.mode == "group"
+
+    @property
+    def webhook_url(self) -> str:
+        return f"https://{self.service_host}:{self.webhook_port}/api/allocate"
 
     @property
     def factory_address(self) -> str:
@@ -127,6 +150,7 @@ class StackConfig:
         return urls
 
 
+MODES = ("individual", "group")
 METRICS_PROGRAMS = ("factory", "activation", "portal", "emulator")
 REPLICATED = ("factory", "activation")  # the services --replicas runs several of
 
@@ -189,9 +213,10 @@ class Stack:
             hub_hosts=config.hub_hosts,
             https_port=config.https_port,
             log_path=self.logs / "emulator.log",
-            extra_args=(
-                ["--metrics-listen", config.metrics_listen("emulator")] if config.metrics_port else []
-            ),
+            extra_args=[
+                *(["--metrics-listen", config.metrics_listen("emulator")] if config.metrics_port else []),
+                *(["--allocation-webhook-ca", str(self.tls.ca)] if config.group else []),
+            ],
         )
         self._services: dict[str, subprocess.Popen[bytes]] = {}
         self._database = contextlib.ExitStack()  # the PostgreSQL cluster of a replicated stack
@@ -233,6 +258,8 @@ class Stack:
         (self.root / MARKER).write_text(marker)
         os.chmod(self.root, DIRECTORY_MODE)  # ours: narrowed also when it was made before
         self.tls.create(self.config.service_host)
+        if self.config.group:
+            self._webhook_key()
         try:
             self.emulator.start()
             connection = str(self.emulator.connection_file)
@@ -248,6 +275,8 @@ class Stack:
                 else:
                     self._start_service(name, module, prefix, port, extra)
             self._start_portal(connection)
+            if self.config.group:
+                self._apply_group(connection)
         except BaseException:
             self.stop()
             raise
@@ -273,7 +302,52 @@ class Stack:
             f"{prefix}_SERVER_CLIENT_CA_FILE": str(self.tls.ca),
             f"{prefix}_METRICS_LISTEN": metrics,
             **(self._factory_environment(port) if prefix == "FACTORY" else {}),
+            **(self._group_environment(prefix) if self.config.group else {}),
         }
+
+    @property
+    def webhook_key_file(self) -> Path:
+        return self.root / "secrets" / "webhook.key"
+
+    def _webhook_key(self) -> None:
+        """Group mode: the allocation webhook's function key (made once, kept with the stack, 0600)."""
+        if not self.webhook_key_file.exists():
+            private_directory(self.webhook_key_file.parent)
+            write_private_file(self.webhook_key_file, secrets.token_urlsafe(32).encode())
+
+    def _group_environment(self, prefix: str) -> dict[str, str]:
+        """Group mode: the factory writes each device's record to the device registry in activation_svc's
+        data directory, activation_svc reads it there and serves the allocation webhook; one key."""
+        if prefix == "FACTORY":
+            return {
+                "FACTORY_MODE": "group",
+                "FACTORY_REGISTRY_DATABASE_URL": f"sqlite:///{self.root / 'activation'}",
+                "FACTORY_GROUP_WEBHOOK_URL": self.config.webhook_url,
+                "FACTORY_GROUP_FUNCTION_KEY_FILE": str(self.webhook_key_file),
+            }
+        return {
+            "ACTIVATION_MODE": "group",
+            "ACTIVATION_ALLOCATION_LISTEN": f"{self.config.service_host}:{self.config.webhook_port}",
+            "ACTIVATION_ALLOCATION_FUNCTION_KEY_FILE": str(self.webhook_key_file),
+        }
+
+    def _apply_group(self, connection: str) -> None:
+        """Group mode: the enrollment group, written by the operator's command (idempotent)."""
+        env = {
+            **self._service_environment("factory", "FACTORY", self.config.factory_port, metrics=""),
+            "FACTORY_CLOUD_EMULATOR_CONNECTION_FILE": connection,
+        }
+        log = self.logs / "enrollment-group.log"
+        with log.open("ab") as out:
+            applied = subprocess.run(
+                [sys.executable, "-m", "factory_svc", "enrollment-group"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=SERVICE_START_TIMEOUT,
+            )
+        if applied.returncode != 0:
+            raise RuntimeError(f"factory-svc enrollment-group failed; its log:\n{_tail(log)}")
 
     def _factory_environment(self, port: int) -> dict[str, str]:
         """The factory's CRL over HTTP and its EST renewal listener (with its gRPC server's TLS certificate;

@@ -18,7 +18,9 @@ Storage (``dbstore``): table ``registry(registration_id PRIMARY KEY, etag, docum
 assigned_hub, assigned_us)``; SQLite file ``registry.sqlite3`` in the URL's directory (two processes may
 share it: every write is one ``BEGIN IMMEDIATE`` transaction, a conditional ``UPDATE``), or a PostgreSQL
 database (``activation-svc migrate`` creates the table).  A database that cannot be reached or read
-raises ``CloudUnavailable`` (the outbox queues, the webhook answers 503), never a wrong answer.
+raises ``CloudUnavailable`` (the outbox queues, the webhook answers 503), never a wrong answer; on
+PostgreSQL after at most ``WAIT`` seconds without a connection (psycopg_pool reconnects with its
+exponential back-off, so the first calls after an outage may still fail for about as long as it lasted).
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ SCHEMA = Schema(
 )
 # FULL: a record is written before Enroll or Activate answers; a power cut must not take it back.
 OPTIONS = Options(synchronous=Synchronous.FULL)
+# PostgreSQL away: a call fails (CloudUnavailable) after this many seconds without a connection, well
+# inside the time DPS gives the webhook (the emulator's default: 10 s), so DPS hears 503 and retries, and
+# Enroll queues in the outbox instead of holding its caller (the pool's default wait is 30 s).
+WAIT = 3.0
 
 
 class ProvisioningMode(enum.Enum):
@@ -156,7 +162,7 @@ class DeviceRegistry:
     async def open(
         cls, where: DatabaseUrl, *, migrate: bool = False, clock: Callable[[], datetime] | None = None
     ) -> DeviceRegistry:
-        return cls(await open_database(where, FILE, SCHEMA, OPTIONS, migrate=migrate), clock)
+        return cls(await open_database(where, FILE, SCHEMA, OPTIONS, migrate=migrate, wait=WAIT), clock)
 
     async def close(self) -> None:
         await self._db.close()

@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from enrollment.provisioning_env import OemTls, activation_env, factory_env, mint
 from support.emulator import free_port
 from support.metrics import scrape
@@ -80,12 +82,19 @@ class Stack:
     async def dps_writes(self) -> float:
         return (await scrape(self.emulator.connection["metrics_url"])).total(WRITES)
 
-    async def post(self, body: object, key: str = KEY) -> tuple[int, str]:
-        """A direct call to the webhook, as anyone who can reach it."""
+    async def post(
+        self, body: object, key: str = KEY, content_type: str | None = "application/json"
+    ) -> tuple[int, str]:
+        """A direct call to the webhook, as anyone who can reach it: ``body`` as JSON, or bytes as they are
+        (``content_type`` None: no Content-Type header at all)."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"Content-Type": content_type} if content_type else {}
         context = ssl.create_default_context(cafile=str(self.tls.ca_file))
         async with (
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session,
-            session.post(f"{self.webhook}?code={key}", json=body) as response,
+            session.post(
+                f"{self.webhook}?code={key}", data=data, headers=headers, skip_auto_headers=["Content-Type"]
+            ) as response,
         ):
             return response.status, await response.text()
 
@@ -108,3 +117,21 @@ def emulator_args(tls: OemTls) -> list[str]:
         "--allocation-webhook-ca", str(tls.ca_file),
         "--metrics-listen", "127.0.0.1:0",
     ]
+
+
+def runtime_context(device_id: str, subject: str, sha256: str, stack: Stack) -> dict:
+    """An AllocationRequest as DPS sends it for an X.509 device of the group."""
+    return {
+        "enrollmentGroup": {"enrollmentGroupId": "devprov-factory"},
+        "deviceRuntimeContext": {
+            "registrationId": device_id,
+            "x509": {"certificateInfo": {"subjectName": subject, "sha256Thumbprint": sha256}},
+        },
+        "linkedHubs": list(stack.emulator.hub_hosts),
+    }
+
+
+def sha256_of(device) -> str:
+    """The SHA-256 thumbprint of a device's leaf certificate, as DPS reports it."""
+    leaf = x509.load_pem_x509_certificates(device.chain_pem.encode())[0]
+    return leaf.fingerprint(hashes.SHA256()).hex().upper()

@@ -30,11 +30,14 @@ from enrollment.provisioning_env import (
 from enrollment.provisioning_env import (
     registry as hub_registry,
 )
-from group_env import META, Stack, emulator_args
+from group_env import META, Stack, emulator_args, runtime_context, sha256_of
+from support.metrics import scrape
 from support.waiting import until
 
 from devprov.v1 import activation_service_pb2 as apb
 from devprov.v1 import factory_service_pb2 as fpb
+
+HTTP = "devprov_http_requests_total"
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -54,7 +57,9 @@ def group_emulator(tmp_path_factory, tls):
 async def stack(tmp_path_factory, group_emulator, tls):
     stack = Stack(tmp_path_factory.mktemp("stack"), group_emulator, tls)
     async with (
-        running_activation(stack.activation_env(), tls) as (activation_app, activation),
+        running_activation(
+            {**stack.activation_env(), "ACTIVATION_METRICS_LISTEN": "127.0.0.1:0"}, tls
+        ) as (activation_app, activation),
         running_factory(stack.factory_env()) as (factory_app, factory),
     ):
         stack.factory, stack.activation = factory, activation
@@ -69,17 +74,6 @@ async def refused(stack: Stack, device) -> None:
         await register(stack.emulator, device)
 
 
-def runtime_context(device_id: str, subject: str, sha256: str, stack: Stack) -> dict:
-    return {
-        "enrollmentGroup": {"enrollmentGroupId": "devprov-factory"},
-        "deviceRuntimeContext": {
-            "registrationId": device_id,
-            "x509": {"certificateInfo": {"subjectName": subject, "sha256Thumbprint": sha256}},
-        },
-        "linkedHubs": list(stack.emulator.hub_hosts),
-    }
-
-
 async def on_no_hub(stack: Stack, device_id: str) -> None:
     """No hub has an identity for the device (azure-iot-hub's registry answers 404 on each)."""
     from msrest.exceptions import HttpOperationError
@@ -88,14 +82,6 @@ async def on_no_hub(stack: Stack, device_id: str) -> None:
         with pytest.raises(HttpOperationError) as missing:
             await asyncio.to_thread(lambda h=hub: hub_registry(stack.emulator, h).get_device(device_id))
         assert missing.value.response.status_code == 404
-
-
-def sha256_of(device) -> str:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-
-    leaf = x509.load_pem_x509_certificates(device.chain_pem.encode())[0]
-    return leaf.fingerprint(hashes.SHA256()).hex().upper()
 
 
 async def test_the_operator_command_is_idempotent_and_writes_the_group(stack):
@@ -184,6 +170,7 @@ async def test_a_wrong_key_or_a_registration_id_not_the_certificates_is_refused(
     await stack.activation.Activate(activate_request(device.device_id, code, json.dumps(META)))
     other, _ = await stack.enrolled()
     right = runtime_context(device.device_id, f"CN={device.device_id}", sha256_of(device), stack)
+    metrics_before = await scrape(stack.activation_app.observe.metrics_url)
 
     status, _ = await stack.post(right, key="not-the-key-at-all-0000000000")
     assert status == 401
@@ -202,6 +189,39 @@ async def test_a_wrong_key_or_a_registration_id_not_the_certificates_is_refused(
         ("refused", "CERTIFICATE_NOT_ENROLLED"),
     ]
     assert (await stack.post(right))[0] == 200  # the real one passes
+
+    # every answer counted on activation_svc's /metrics, by status
+    metrics_after = await scrape(stack.activation_app.observe.metrics_url)
+    answered = {
+        status: metrics_after.value(HTTP, route="/api/allocate", status=status)
+        - metrics_before.value(HTTP, route="/api/allocate", status=status)
+        for status in ("200", "401", "403")
+    }
+    assert answered == {"200": 1, "401": 1, "403": 2}
+
+
+async def test_wrong_content_types_and_oversize_bodies_are_refused_before_the_body_is_read(stack):
+    device, code = await stack.enrolled()
+    await stack.activation.Activate(activate_request(device.device_id, code, json.dumps(META)))
+    proper = runtime_context(device.device_id, f"CN={device.device_id}", sha256_of(device), stack)
+    body = json.dumps(proper).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/jsonx", None):
+        status, answer = await stack.post(body, content_type=content_type)
+        assert status == 415, answer
+    padded = {**proper, "deviceRuntimeContext": {**proper["deviceRuntimeContext"], "payload": "x" * 70_000}}
+    status, _ = await stack.post(padded)
+    assert status == 413
+    refusals = stack.audit("")[-5:]
+    assert [detail.split(": ")[1].split(",")[0] for _, detail in refusals] == [
+        "content type 'text/plain'",
+        "content type 'application/x-www-form-urlencoded'",
+        "content type 'application/jsonx'",
+        "content type 'application/octet-stream'",  # none given: HTTP's default
+        "body over 65536 bytes",
+    ]
+    assert (await stack.activation_app.dps.get(device.device_id)).registration_state is None  # unread
+    # what DPS sends: JSON with its charset
+    assert (await stack.post(body, content_type="application/json; charset=utf-8"))[0] == 200
 
 
 async def test_a_registry_that_cannot_be_read_answers_503_and_the_registration_fails(stack):

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -367,4 +368,34 @@ def test_up_serves_the_manual_three_step_flow(tmp_path):
     assert "source" in output and "activation-svc activate" in output
     assert _printed_metrics(output) == metrics
     assert f"HostName={hubs[0]};SharedAccessKeyName=iothubowner;" in output
+    assert _processes_under(work) == []
+
+
+def test_demo_in_group_mode_boots_the_fleet_through_the_allocation_webhook(tmp_path):
+    """``--mode group``: no individual enrollment in DPS, one enrollment group, each device allocated by
+    activation_svc's webhook (its audit) to the hub its OEM chose, and its telemetry at that hub."""
+    work = tmp_path / "demo"
+    summary_file = tmp_path / "summary.json"
+    proc = _demo(
+        "run", *_stack_args(work), "--mode", "group", "--webhook-port", str(free_port("127.0.0.1")),
+        "--devices", "2", "--interval", "1", "--seconds", "5", "--summary-json", str(summary_file),
+    )  # fmt: skip
+    output, _ = proc.communicate(timeout=200)
+    assert proc.returncode == 0, output
+    assert re.search(r"provisioning mode\s+group", output), output
+    summary = json.loads(summary_file.read_text())
+    assert summary["ok"] is True
+    devices = summary["devices"]
+    received = {m.device_id: m.hub for m in _hub_messages(work)}
+    for device in devices:
+        assert device["assigned_hub"] == device["chosen_hub"] == received[device["guid"]], device
+    with sqlite3.connect(work / "emulator" / "emulator.db") as dps:
+        assert dps.execute("SELECT count(*) FROM dps_enrollments").fetchone() == (0,)
+        assert dps.execute("SELECT key FROM dps_groups").fetchall() == [("devprov-factory",)]
+    with sqlite3.connect(work / "activation" / "audit.sqlite3") as audit:
+        allocated = audit.execute(
+            "SELECT device_id FROM audit WHERE action = 'allocate' AND outcome = 'ok'"
+        ).fetchall()
+    assert sorted(d for (d,) in allocated) == sorted(d["guid"] for d in devices)
+    assert (work / "secrets" / "webhook.key").stat().st_mode & 0o777 == 0o600
     assert _processes_under(work) == []

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from device_cloud import enroll, received_telemetry
 from support.certs import TestCa
+from support.device_process import device_client as _start
 from support.metrics import scrape
 from support.waiting import exited, until
 
@@ -45,18 +46,6 @@ def _env(emulator, root) -> dict[str, str]:
         DEVICE_CLIENT_LOG_FORMAT="json",
     )
     return env
-
-
-async def _start(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "device_client",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
 
 
 async def _stopped_after(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import signal
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from device_cloud import activate, get_twin, received_telemetry
 from enrollment.provisioning_env import factory_env
 from support.certs import TestCa
+from support.device_process import device_status as _status
 from support.emulator import free_port
 from support.factory_process import FactoryProcess
 from support.waiting import until
@@ -126,13 +126,6 @@ class Field:
             "DEVICE_CLIENT_RENEWAL_CHECK_INTERVAL_S": "5",
             "DEVICE_CLIENT_RENEWAL_FRACTION": f"{fraction:.6f}",
         }
-
-
-async def _status(env, guid) -> dict:
-    proc = await _start(env, "status", guid, "--json")
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
-    return json.loads(out)
 
 
 def _hub_thumbprint(emulator, guid: str, hub: str) -> str:

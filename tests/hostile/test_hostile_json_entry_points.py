@@ -2,7 +2,8 @@
 outside, each a real server on loopback with a real client: activation_svc's Activate (gRPC, mTLS, generated
 stubs), the portal (aiohttp), the emulator's hub and DPS service REST APIs (raw HTTPS with a SAS, since the
 SDKs cannot send such bodies), the hub's device MQTT (reported properties) and DPS registration (MQTT and
-the device HTTPS API), and the portal's shipment upload (its metadata for every row).
+the device HTTPS API), the portal's shipment upload (its metadata for every row), and activation_svc's
+allocation webhook in group mode (the device's payload in DPS's AllocationRequest).
 
 Each check asserts the entry point's own refusal (gRPC INVALID_ARGUMENT with its reason, the portal's form
 again, Azure's 400 error body, a twin or DPS response with an error status), that nothing changed, and that
@@ -29,6 +30,7 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
+from activation.group_env import META, Stack, runtime_context, sha256_of
 from aiohttp.test_utils import TestClient, TestServer
 from enrollment.provisioning_env import (
     OemTls,
@@ -47,6 +49,7 @@ from support.dps_device import x509_enrollment
 from support.hostile_json import SHAPES, Hostile, shape_id
 from support.mqtt_client import MqttTestClient, client_context
 
+from activation_svc.allocation.http import MAX_BODY as MAX_ALLOCATION_BODY
 from activation_svc.portal.app import create_app
 from activation_svc.portal.pages import MAX_METADATA_CHARS
 from azure_iot_emulator.sas import generate_sas
@@ -500,6 +503,59 @@ async def dps_register_https(emulator: Any, folder: Any) -> AsyncIterator[Target
         yield DpsRegisterHttps(device, emulator, registration_id, rest)
 
 
+# ---------------------------------------------------------------------------------- allocation webhook
+class AllocationWebhook:
+    """activation_svc's allocation webhook in group mode (``POST /api/allocate``, TLS, the function key),
+    the body an AllocationRequest for an activated device with the hostile value as the device's
+    ``payload`` (what a device sends DPS reaches the webhook): 400 (413 past 64 KiB) with one body, the
+    refusal audited (ALLOCATION_REQUEST_MALFORMED, with ``jsonsafe``'s reason), the device's registry
+    record and registration unchanged; a proper request still allocates the device."""
+
+    def __init__(self, stack: Stack, device: Any) -> None:
+        self.stack, self.device = stack, device
+        proper = runtime_context(device.device_id, f"CN={device.device_id}", sha256_of(device), stack)
+        self.proper = proper
+        proper = {**proper, "deviceRuntimeContext": {**proper["deviceRuntimeContext"], "payload": "@"}}
+        self.template = _in(json.dumps(proper).replace('"@"', "%"))
+
+    async def refuses(self, shape: Hostile) -> None:
+        registry = self.stack.activation_app.dps
+        before = await registry.get(self.device.device_id)
+        audited = self.stack.audit("")
+        body = shape.body(self.template)
+        status, answer = await self.stack.post(body)
+        if len(body) > MAX_ALLOCATION_BODY:
+            assert status == 413, answer
+            assert self.stack.audit("")[len(audited) :] == [
+                ("refused", f"ALLOCATION_REQUEST_MALFORMED: body over {MAX_ALLOCATION_BODY} bytes")
+            ]
+        else:
+            assert (status, json.loads(answer)) == (400, {"message": "not an AllocationRequest"})
+            [(outcome, detail)] = self.stack.audit("")[len(audited) :]
+            assert outcome == "refused" and detail.startswith("ALLOCATION_REQUEST_MALFORMED: ")
+            if shape.reason is not None:
+                assert detail.startswith(f"ALLOCATION_REQUEST_MALFORMED: {shape.reason}: "), detail
+        after = await registry.get(self.device.device_id)
+        assert before is not None and after is not None
+        assert (after.etag, after.registration_state) == (before.etag, before.registration_state)
+        status, answer = await self.stack.post(self.proper)  # and it still allocates
+        assert status == 200 and json.loads(answer)["iotHubHostName"] == self.stack.emulator.default_hub
+
+
+@contextlib.asynccontextmanager
+async def allocation_webhook(emulator: Any, folder: Any) -> AsyncIterator[Target]:
+    tls = OemTls.create(folder / "oem-tls")
+    stack = Stack(folder, emulator, tls)
+    async with (
+        running_activation(stack.activation_env(), tls) as (app, activation),
+        running_factory(stack.factory_env()) as (_, factory),
+    ):
+        stack.factory, stack.activation, stack.activation_app = factory, activation, app
+        device, code = await stack.enrolled()
+        await activation.Activate(activate_request(device.device_id, code, json.dumps(META)))
+        yield AllocationWebhook(stack, device)
+
+
 # ------------------------------------------------------------------------------------------ the matrix
 TARGETS: dict[str, Callable[[Any, Any], Any]] = {
     "grpc-activate": grpc_activate,
@@ -518,6 +574,7 @@ TARGETS: dict[str, Callable[[Any, Any], Any]] = {
     "hub-mqtt-method-response": on_hub_device(HubMethodResponseMqtt),
     "dps-mqtt-register": dps_register_mqtt,
     "dps-https-register": dps_register_https,
+    "allocation-webhook": allocation_webhook,
 }
 
 TEXT_ONLY = frozenset(("grpc-activate",))  # a proto string is UTF-8 by construction: no non-UTF-8 shapes

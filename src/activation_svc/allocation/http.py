@@ -16,10 +16,17 @@ Answers (the body never says why; the audit log does, ``activation_svc.allocatio
 | body not JSON (``jsonsafe``) or not an AllocationRequest              | 400    |
 | function key missing or wrong                                         | 401    |
 | body over 64 KiB                                                      | 413    |
+| ``Content-Type`` not ``application/json``                             | 415    |
 | the device registry cannot be read                                    | 503    |
 
 DPS fails the registration on any answer but 200 (Azure: 400207, or 400209 for 401); the device sees a
-failed registration and waits as for one not activated (``device_client.dps``).
+failed registration and waits as for one not activated (``device_client.dps``).  Each answer is counted
+and timed on ``/metrics`` (``http_handled``, route ``/api/allocate``).
+
+A request the key admits is read in this order: content type, size, JSON (``jsonsafe``), the
+AllocationRequest's shape; a refusal at any of them reads and writes no record and is audited (detail:
+ALLOCATION_REQUEST_MALFORMED, what was wrong, with ``jsonsafe``'s reason), like every refusal of the
+webhook; nothing of the body reaches the answer.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import hmac
 import json
 import logging
 import ssl
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -36,6 +44,7 @@ import jsonsafe
 from activation_svc.allocation.model import AllocationReason, MalformedRequest, allocation_query
 from activation_svc.allocation.service import AllocationRefused, AllocationService
 from provkit.cloud import CloudUnavailable
+from provkit.metrics import NO_METRICS, HttpMetrics
 from provkit.settings import Secret
 
 log = logging.getLogger("activation_svc.allocation.http")
@@ -44,6 +53,7 @@ PATH = "/api/allocate"
 MAX_BODY = 64 * 1024
 CALLER = "dps-allocation-webhook"
 _REFUSED = {"message": "the device is not allocated"}
+_MALFORMED = {"message": "not an AllocationRequest"}
 
 
 def server_context(cert_file: Path, key_file: Path, client_ca_file: Path | None) -> ssl.SSLContext:
@@ -66,9 +76,16 @@ def key_matches(request: web.Request, key: Secret) -> bool:
 
 class AllocationHttp:
     def __init__(
-        self, service: AllocationService, host: str, port: int, context: ssl.SSLContext, key: Secret
+        self,
+        service: AllocationService,
+        host: str,
+        port: int,
+        context: ssl.SSLContext,
+        key: Secret,
+        metrics: HttpMetrics = NO_METRICS,
     ) -> None:
         self._service = service
+        self._metrics = metrics
         self._host, self._port = host, port
         self._context = context
         self._key = key
@@ -79,12 +96,22 @@ class AllocationHttp:
         if not key_matches(request, self._key):
             await self._service.audit("", CALLER, "refused", AllocationReason.FUNCTION_KEY_WRONG.value)
             return _json(401, {"message": "unauthorized"})
+        if request.content_type != "application/json":
+            await self._malformed(f"content type {request.content_type[:100]!r}, not application/json")
+            return _json(415, {"message": "send application/json"})
         try:
-            query = allocation_query(jsonsafe.loads(await request.read()))
-        except (jsonsafe.JsonRefused, MalformedRequest) as exc:
-            detail = f"{AllocationReason.ALLOCATION_REQUEST_MALFORMED.value}: {exc}"
-            await self._service.audit("", CALLER, "refused", detail[:500])
-            return _json(400, {"message": "not an AllocationRequest"})
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            await self._malformed(f"body over {MAX_BODY} bytes")
+            return _json(413, {"message": f"the body is limited to {MAX_BODY} bytes"})
+        try:
+            query = allocation_query(jsonsafe.loads(body))
+        except jsonsafe.JsonRefused as exc:
+            await self._malformed(f"{exc.reason}: {exc}")
+            return _json(400, _MALFORMED)
+        except MalformedRequest as exc:
+            await self._malformed(str(exc))
+            return _json(400, _MALFORMED)
         try:
             allocated = await self._service.allocate(query, CALLER)
         except AllocationRefused:
@@ -94,14 +121,22 @@ class AllocationHttp:
             return _json(503, {"message": "unavailable, retry later"})
         return _json(200, allocated.response())
 
+    async def _malformed(self, what: str) -> None:
+        detail = f"{AllocationReason.ALLOCATION_REQUEST_MALFORMED.value}: {what}"
+        await self._service.audit("", CALLER, "refused", detail[:500])
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
         try:
-            return await self._allocate(request)
-        except web.HTTPException:
+            response = await self._allocate(request)
+        except web.HTTPException as exc:
+            self._metrics.http_handled(PATH, exc.status, time.perf_counter() - started)
             raise
         except Exception:
             log.exception("allocation request failed")
-            return _json(500, {"message": "internal error"})
+            response = _json(500, {"message": "internal error"})
+        self._metrics.http_handled(PATH, response.status, time.perf_counter() - started)
+        return response
 
     async def start(self) -> None:
         app = web.Application(client_max_size=MAX_BODY)

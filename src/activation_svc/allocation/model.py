@@ -33,7 +33,10 @@ class AllocationReason(ReasonEnum):
         "the certificate DPS verified is not the one recorded for the device",
     )
     HUB_NOT_LINKED = auto(), "the device's hub is not among the request's linked hubs"
-    ALLOCATION_REQUEST_MALFORMED = auto(), "the body is not an AllocationRequest"
+    ALLOCATION_REQUEST_MALFORMED = (
+        auto(),
+        "the body is not an AllocationRequest (not JSON, not application/json, over 64 KiB)",
+    )
     FUNCTION_KEY_WRONG = auto(), "the function key (`code`) is missing or wrong"
     REGISTRY_UNAVAILABLE = auto(), "the device registry could not be read (answered 503)"
 
