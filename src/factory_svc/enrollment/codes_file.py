@@ -7,6 +7,11 @@ may be printed (AcknowledgeActivationCodes), so a crash at any point loses no co
 re-run appends to the same file; a device may then have several lines (the same retained code again, or a
 rotated one): **the last line with a code is the device's code**.
 
+A power cut in the middle of a write can leave a torn last line (no line end).  Its chunk was never
+acknowledged, so the service still holds its codes and answers them again; readers ignore it, and
+``CodesFile.open`` cuts it off before appending (ending it instead would leave an open quote, a torn error
+message with a comma in it, that takes every later line into its cell).
+
 API: ``CodesFile.open(path)`` (reads what is there), ``.codes`` (device id -> last code), ``.answers`` (device
 id -> its last answered line: enrolled, queued, rotated), ``.append(rows)``, ``.close()``; ``read_codes``,
 ``read_rows``; ``HEADER``.
@@ -47,11 +52,11 @@ class CodesFile:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.fchmod(fd, 0o600)  # also when an older file was more open
         file = cls(path, fd, rows)
-        size = os.fstat(fd).st_size
-        if size == 0:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            os.ftruncate(fd, data.rfind(b"\n") + 1)  # a torn line (a power cut) goes; the next starts clean
+        if os.fstat(fd).st_size == 0:
             file._write([HEADER])
-        elif not path.read_bytes().endswith(b"\n"):
-            os.write(fd, b"\n")  # end a line torn by a power cut, so the next one starts clean
         return file
 
     def _write(self, rows: Sequence[Sequence[str]]) -> None:
@@ -75,16 +80,17 @@ class CodesFile:
 
 
 def read_rows(path: Path) -> list[Row]:
-    """The lines of a codes file, in order.  A torn last line (a crash in the middle of a write) is
-    ignored; a character it tore in two reads as U+FFFD.  InputError for a file that is no codes file (a
-    field beyond what the csv module reads)."""
+    """The lines of a codes file, in order.  A torn last line (a crash in the middle of a write: no line
+    end) is ignored.  InputError for a file that is no codes file (a field beyond what the csv module
+    reads)."""
+    data = path.read_bytes()
+    text = data[: data.rfind(b"\n") + 1].decode("utf-8", errors="replace")
     try:
-        with path.open(newline="", encoding="utf-8", errors="replace") as handle:
-            return [
-                (row[0], row[1], row[2], row[3], row[4])
-                for row in csv.reader(handle)
-                if len(row) == len(HEADER) and row[0] != HEADER[0]
-            ]
+        return [
+            (row[0], row[1], row[2], row[3], row[4])
+            for row in csv.reader(io.StringIO(text, newline=""))
+            if len(row) == len(HEADER) and row[0] != HEADER[0]
+        ]
     except csv.Error as exc:
         raise InputError(f"{path} is not a codes file: {exc}") from None
 
