@@ -21,7 +21,6 @@ from support.cli_process import run_module
 from support.hostile_json import SHAPES, Hostile, shape_id
 from support.zbar import decode_qr, zbar_unavailable
 
-from factory_svc import cli
 from factory_svc.enrollment.codes_file import CodesFile, read_codes
 from factory_svc.labels import cli as labels_cli
 from factory_svc.labels.render import LabelLayout, Sheet, portal_base, portal_url
@@ -239,32 +238,13 @@ def test_an_item_the_factory_refused_keeps_the_id_asked_for_and_the_lot_still_lo
         lot_manifest.load(manifest.directory)
 
 
-@pytest.mark.parametrize(
-    ("line", "says"),
-    [
-        (b"{device},CREATED,LIVE,^XA^FO0^FDpwned^FS^XZ,\n", "is not an activation code"),
-        (b"{device},CREATED,LIVE," + b"7" * 200_000 + b",\n", "is not a codes file"),
-    ],
-    ids=["zpl-in-the-code", "field-too-large"],
-)
-def test_a_codes_file_with_what_is_no_code_in_it_prints_no_label(tmp_path, capsys, line, says):
-    manifest, _ = _lot(tmp_path / "lot", 1)
-    device_id = manifest.in_order()[0].device_id
-    with manifest.codes_path.open("ab") as codes:
-        codes.write(line.replace(b"{device}", device_id.encode()))
-    code = cli.main(["labels", str(manifest.directory), "--portal-url", PORTAL, "--format", "zpl"])
-    err = capsys.readouterr().err
-    assert code == 2 and says in err and "[BUG]" not in err, err
-    assert not (manifest.directory / "labels").exists()
-
-
 def test_a_torn_line_of_a_codes_file_does_not_keep_the_others_from_being_read(tmp_path):
     """A power cut in the middle of a line, inside a character of a refusal's message: the line before it
     and the lines after it (appended by the next run) are read."""
     manifest, codes = _lot(tmp_path / "lot", 1)
     with manifest.codes_path.open("ab") as file:
         file.write("other,,,,REFUSED: the device id is not a GUID: 'x…'".encode()[:-2])
-    later = CodesFile.open(manifest.codes_path)  # ends the torn line
+    later = CodesFile.open(manifest.codes_path)  # cuts the torn line off
     later.append([("next", "CREATED", "LIVE", new_code(), "")])
     later.close()
     assert sorted(read_codes(manifest.codes_path)) == sorted([*codes, "next"])

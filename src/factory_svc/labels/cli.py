@@ -36,7 +36,6 @@ from factory_svc.labels.render import (
 )
 from factory_svc.lots.manifest import LABELS, LotManifest, Printed, code_digest, load, locked, now_text
 from litestore import private_directory
-from provkit.activation_code import normalise
 from provkit.devpki import write_private_file
 from provkit.errors import InputError
 
@@ -119,14 +118,7 @@ def chosen_labels(
         if code is None:
             without_code.append(entry.device_id)
             continue
-        if normalise(code) is None:  # what a label prints (and a ZPL printer obeys) is a code, nothing else
-            raise InputError(
-                f"{manifest.codes_path}: the code of {entry.device_id} is not an activation code; "
-                f"`factory-svc rotate-code {entry.device_id} --codes-out {manifest.codes_path}` gives it one"
-            )
-        if not (
-            args.unprinted and entry.label is not None and entry.label.code_digest == code_digest(code)
-        ):
+        if not (args.unprinted and entry.label is not None and entry.label.code_digest == code_digest(code)):
             chosen.append((entry.device_id, code))
     if without_code:
         print(
