@@ -248,3 +248,31 @@ def test_a_torn_line_of_a_codes_file_does_not_keep_the_others_from_being_read(tm
     later.append([("next", "CREATED", "LIVE", new_code(), "")])
     later.close()
     assert sorted(read_codes(manifest.codes_path)) == sorted([*codes, "next"])
+
+
+@pytest.mark.parametrize("existing", [0o755, 0o750], ids=["spool-755", "spool-750"])
+def test_labels_out_to_an_existing_directory_keeps_its_mode_and_a_new_one_or_the_lots_own_is_0700(
+    tmp_path, existing
+):
+    manifest, _ = _lot(tmp_path / "lot", 1)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    os.chmod(spool, existing)  # a print spool the printing host reads: not the command's to close
+    fresh = tmp_path / "new" / "labels"
+    own = manifest.directory / "labels"
+    own.mkdir(mode=0o755)  # made more open by someone: the lot's own is closed down again
+    os.chmod(own, 0o755)
+    for out in (spool, fresh, None):
+        extra = ["--out", str(out)] if out is not None else []
+        args = ["labels", str(manifest.directory), "--portal-url", PORTAL, "--format", "zpl", *extra]
+        assert labels_cli.run(_parsed(args)) == 0
+    assert stat.S_IMODE(spool.stat().st_mode) == existing
+    assert stat.S_IMODE((spool / "labels.zpl").stat().st_mode) == 0o600
+    assert stat.S_IMODE(fresh.stat().st_mode) == stat.S_IMODE(fresh.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(own.stat().st_mode) == 0o700
+
+
+def _parsed(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    labels_cli.add_parsers(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
