@@ -119,7 +119,9 @@ STATUS_COLUMNS = """columns:
   REGISTERED  the DPS registration: the hub the device was assigned to and when DPS last updated it
   LAST SEEN   the device's last activity on that hub (lastActivityTime: its last telemetry or other
               message), when the factory holds that hub's credentials; else -
-ACTIVATED, REGISTERED and LAST SEEN are asked of the factory (GetEnrollmentStatus); ?: it could not say."""
+ACTIVATED, REGISTERED and LAST SEEN are asked of the factory (GetEnrollmentStatus); ?: it could not say.
+exit: 0 the factory answered for every enrolled device (or --no-cloud); 1 it answered for some; for none:
+3 unreachable, 1 refused (the table is printed in every case)."""
 
 
 @dataclass(frozen=True)
