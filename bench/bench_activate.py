@@ -3,13 +3,13 @@ activate-batch` (its own process, mTLS, the OEM's template typing every row's fi
 into a real emulator process.
 
 Before the timed part (not timed): the devices are enrolled (disabled) through factory_svc's EnrollBatch, so
-each has its real activation code (scrypt hash) and enrollment, as at an OEM receiving a shipment; a warm-up
-shipment of 100 goes through the same service first (connections, thread pools, lazy imports: a running
-service).  The timed part is the command from start to exit: it asks for the template, reads the CSV,
-activates every row (``CONCURRENCY`` in flight) and writes the result file.  Per activation the service
-checks the template and Azure's twin rules, verifies the code (scrypt), records the intent with its audit
-row, writes the enrollment (one etag-guarded DPS update), closes the intent and stores the answer for the
-request id.
+each has its real activation code (the factory's default record: HMAC-SHA-256) and enrollment, as at an OEM
+receiving a shipment; a warm-up shipment of 100 goes through the same service first (connections, thread
+pools, lazy imports: a running service).  The timed part is the command from start to exit: it asks for the
+template, reads the CSV, activates every row (``CONCURRENCY`` in flight) and writes the result file.  Per
+activation the service checks the template and Azure's twin rules, verifies the code (HMAC-SHA-256), records
+the intent with its audit row, writes the enrollment (one etag-guarded DPS update), closes the intent and
+stores the answer for the request id.
 CPU per activation is given per process: the command, activation_svc (with factory_svc idle beside it in
 this process), the emulator.  activation_svc runs on uvloop, as `activation-svc serve` does.
 Run alone: ``python -m bench activate``.
