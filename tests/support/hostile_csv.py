@@ -76,6 +76,11 @@ def _codes(line: bytes) -> bytes:
 
 
 CODES_SHAPES: tuple[HostileCsv, ...] = (
+    # another file named by mistake (``--codes-out lot/manifest.json``): appending to it would spoil it
+    HostileCsv(
+        "no-header", b'{"format": "devprov-lot-manifest", "version": 1}\n' + GOOD_LINE, "not a codes file"
+    ),
+    HostileCsv("a-shipment", b"guid,code,hub\n{guid},{code},\n", "not a codes file"),
     HostileCsv("nul-in-a-device-id", _codes(b"dev\x00ice,,,,\n"), "U+0000"),
     HostileCsv("utf16", (CODES_HEADER + GOOD_LINE).decode().encode("utf-16"), "U+0000"),
     HostileCsv("escape-in-an-outcome", _codes(b"{guid},\x1b[2J,LIVE,{code},\n"), "U+001B"),

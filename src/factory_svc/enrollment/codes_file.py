@@ -13,7 +13,8 @@ acknowledged, so the service still holds its codes and answers them again; reade
 message with a comma in it, that takes every later line into its cell).
 
 A file that does not read as one is refused as a whole (``InputError`` naming the line), before anything is
-written to it: a NUL byte, a control character in a cell (line breaks and tabs only in an error message), a
+written to it: another file (its first line not the header: ``--codes-out`` naming the manifest, say), a NUL
+byte, a control character in a cell (line breaks and tabs only in an error message), a
 device id, outcome, delivery or code that is not UTF-8, or a code that is not an activation code.  The
 codes reach labels (a ZPL printer obeys what it is sent) and a terminal (``lot-status``).
 
@@ -115,6 +116,8 @@ def read_rows(path: Path) -> list[Row]:
     if b"\0" in data:
         raise InputError(f"{path} is not a codes file: it holds U+0000 (a NUL byte)")
     text = data[: data.rfind(b"\n") + 1].decode("utf-8", errors="replace")
+    if text and text.partition("\n")[0].rstrip("\r") != ",".join(HEADER):  # another file, named by mistake
+        raise InputError(f"{path} is not a codes file: its first line is not {','.join(HEADER)}")
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # a whole line never ends in a quote
     rows: list[Row] = []
     try:
