@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import os
 import platform
 import re
 import sys
@@ -63,11 +62,13 @@ def machine() -> str:
     cpu = _first("/proc/cpuinfo", "model name")
     if cpu == "unknown":
         cpu = platform.processor() or platform.machine()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from host import cores  # bench/ is on the path (load)
+
+    available_cores = cores()
     return "\n".join(
         [
             f"- CPU: {cpu}",
-            f"- Cores available: {cores}",
+            f"- Cores available: {available_cores}",
             f"- Memory: {mem_text}",
             f"- Python: {platform.python_implementation()} {platform.python_version()}",
             f"- OS: {platform.platform()}",

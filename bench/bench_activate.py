@@ -3,13 +3,13 @@ activate-batch` (its own process, mTLS, the OEM's template typing every row's fi
 into a real emulator process.
 
 Before the timed part (not timed): the devices are enrolled (disabled) through factory_svc's EnrollBatch, so
-each has its real activation code (scrypt hash) and enrollment, as at an OEM receiving a shipment; a warm-up
-shipment of 100 goes through the same service first (connections, thread pools, lazy imports: a running
-service).  The timed part is the command from start to exit: it asks for the template, reads the CSV,
-activates every row (``CONCURRENCY`` in flight) and writes the result file.  Per activation the service
-checks the template and Azure's twin rules, verifies the code (scrypt), records the intent with its audit
-row, writes the enrollment (one etag-guarded DPS update), closes the intent and stores the answer for the
-request id.
+each has its real activation code (the factory's default record: HMAC-SHA-256) and enrollment, as at an OEM
+receiving a shipment; a warm-up shipment of 100 goes through the same service first (connections, thread
+pools, lazy imports: a running service).  The timed part is the command from start to exit: it asks for the
+template, reads the CSV, activates every row (``CONCURRENCY`` in flight) and writes the result file.  Per
+activation the service checks the template and Azure's twin rules, verifies the code (HMAC-SHA-256), records
+the intent with its audit row, writes the enrollment (one etag-guarded DPS update), closes the intent and
+stores the answer for the request id.
 CPU per activation is given per process: the command, activation_svc (with factory_svc idle beside it in
 this process), the emulator.  activation_svc runs on uvloop, as `activation-svc serve` does.
 Run alone: ``python -m bench activate``.
@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import host  # isort: skip - bench/'s own (on the path: the runner puts it there)
 
 TITLE = "Activate: a shipment of 1,000 devices activated from one CSV (activate-batch) into the emulator"
 
@@ -72,17 +74,6 @@ def RUN(main: Any) -> Any:  # the bench runner's hook (bench/__main__.py)
     from provkit.grpc_server import run_service
 
     return run_service(main)
-
-
-def _cpu(pid: int | None = None) -> float:
-    if pid is None:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
 
 
 def _children_cpu() -> float:
@@ -148,10 +139,11 @@ async def run() -> str:
                 assert code == 0, err
                 shipment = root / "shipment.csv"
                 shipment.write_text(shipment_csv(devices, hub=emu.hub_hosts[1]))
-                cpu_service, cpu_emulator, cpu_client = _cpu(), _cpu(emu.proc.pid), _children_cpu()
+                cpu_service, cpu_emulator = host.cpu_seconds(), host.cpu_seconds(emu.proc.pid)
+                cpu_client = _children_cpu()
                 code, err, elapsed = await _batch(env, shipment)
-                cpu_service = _cpu() - cpu_service
-                cpu_emulator = _cpu(emu.proc.pid) - cpu_emulator
+                cpu_service = host.cpu_seconds() - cpu_service
+                cpu_emulator = host.cpu_seconds(emu.proc.pid) - cpu_emulator
                 cpu_client = _children_cpu() - cpu_client
                 assert code == 0, err
                 results = read_results((root / "shipment.csv.results.csv").read_text())
@@ -162,7 +154,7 @@ async def run() -> str:
     rate = activated / elapsed
     per = 1000 / activated
     total = (cpu_service + cpu_emulator + cpu_client) * per
-    cores = os.cpu_count() or 1
+    cores = host.cores()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     verdict = "met" if rate >= GOAL else "NOT met"
     ceiling = 1000 * cores / total

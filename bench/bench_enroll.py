@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import host  # isort: skip - bench/'s own (on the path: the runner puts it there)
+
 TITLE = "Enroll: batched enrollments per second through factory_svc into the emulator's DPS"
 
 
@@ -35,6 +36,7 @@ def RUN(main: Any) -> Any:  # the bench runner's hook (bench/__main__.py)
     from provkit.grpc_server import run_service
 
     return run_service(main)
+
 
 DEVICES_PER_PHASE = 1000
 WARMUP_DEVICES = 200  # enrolled first, untimed: connections, thread pools, lazy imports (a running service)
@@ -76,13 +78,7 @@ class CpuMeter:
         self._start = self._read()
 
     def _read(self) -> tuple[float, float]:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        try:
-            fields = Path(f"/proc/{self._pid}/stat").read_text().rsplit(")", 1)[1].split()
-            emulator = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):  # not Linux: no per-process figure for the emulator
-            emulator = float("nan")
-        return usage.ru_utime + usage.ru_stime, emulator
+        return host.cpu_seconds(), host.cpu_seconds(self._pid)
 
     def stop(self) -> tuple[float, float]:
         end = self._read()
@@ -247,7 +243,7 @@ async def run() -> str:
     median_raw = statistics.median(raw["runs"])
     share = median_default / median_raw if median_raw else 0.0
     verdict = "met" if share >= GOAL else "NOT met"
-    cores = os.cpu_count() or 1
+    cores = host.cores()
     per_default = default["cpu_self_ms"] + default["cpu_emulator_ms"]
     cap = 1000 * cores / per_default if per_default > 0 else float("nan")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

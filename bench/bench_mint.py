@@ -38,6 +38,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import host  # isort: skip - bench/'s own (on the path: the runner puts it there)
+
 TITLE = "Factory: MintCertificate (CSR, P-256) over gRPC vs raw in-process signing"
 
 CSR_POOL = 256
@@ -322,7 +324,7 @@ async def run() -> str:
     elapsed = time.monotonic() - started
     ratio = plain["rate"] / raw
     errors = plain["errors"] + with_ids["errors"] + raw_work_only["errors"] + plumbing["errors"]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = host.cores()
     rows = (
         ("gRPC MintCertificate, no request_id", plain),
         ("gRPC MintCertificate, with request_id", with_ids),

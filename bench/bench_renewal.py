@@ -43,6 +43,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import host  # isort: skip - bench/'s own (on the path: the runner puts it there)
+
 ROOT = Path(__file__).resolve().parent.parent
 _TESTS = ROOT / "tests"  # support.emulator: the emulator as a process
 if str(_TESTS) not in sys.path:
@@ -409,7 +411,7 @@ async def run() -> str:
             f"{WARMUP_SECONDS} s of warm-up; {DEVICES} minted and enrolled devices, each renewing once "
             "(a new TLS connection and full handshake with its current certificate, as a device makes it). "
             "factory_svc in the bench process (uvloop), the emulator (DPS) in its own; every process on "
-            f"the same {os.cpu_count()} CPUs, shared with other work (1-minute load average "
+            f"the same {host.cores()} CPUs, shared with other work (1-minute load average "
             f"{load_before:.2f} before, {load_after:.2f} after).  The per-call mutual-TLS row: the factory's "
             "gRPC service with TLS and the client certificate required, as its deployments serve it, called "
             "with the MES's party certificate over a new channel (a new connection, a full handshake) per "

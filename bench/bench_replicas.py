@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -47,6 +46,8 @@ from factory_svc.ca.issuing import open_dev_ca
 from factory_svc.enrollment.outbox import Outbox, OutboxState
 from provkit.channels import ChannelSecurity, create_channel
 
+import host  # isort: skip - bench/'s own (on the path: the runner puts it there)
+
 # After the imports from src/: bench_enroll puts tests/ on the path (its support package), where a folder of
 # tests may carry a package's name.
 import bench_enroll  # noqa: F401  # isort: skip
@@ -60,7 +61,6 @@ WARMUP = 1.5
 IN_FLIGHT = 32  # per replica
 CHANNELS = 4
 IDENTITY = "urn:devprov:factory:bench"
-TICKS = os.sysconf("SC_CLK_TCK")
 # Enroll: devices in all (split over the replicas), per phase
 LIVE_DEVICES = 1200
 OUTBOX_DEVICES = 2000
@@ -76,11 +76,6 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "generated"), str(ROOT / "src")])}
 
 
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
-
-
 def _cluster_cpu(data_dir: Path | None) -> float:
     """CPU seconds of a PostgreSQL cluster so far: its postmaster and the processes it runs now (the
     pooled connections' backends live through a whole run)."""
@@ -91,15 +86,10 @@ def _cluster_cpu(data_dir: Path | None) -> float:
     total = 0.0
     for pid in [postmaster, *map(int, children)]:
         try:
-            total += _cpu(pid)
+            total += host.cpu_seconds(pid)
         except OSError:  # ended meanwhile
             continue
     return total
-
-
-def _self_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 class CpuMeter:
@@ -114,10 +104,10 @@ class CpuMeter:
 
     def _read(self) -> dict[str, Any]:
         return {
-            "replicas": [_cpu(pid) for pid in self._replicas],
+            "replicas": [host.cpu_seconds(pid) for pid in self._replicas],
             "database": _cluster_cpu(self._cluster),
-            "emulator": _cpu(self._emulator) if self._emulator else 0.0,
-            "client": _self_cpu(),
+            "emulator": host.cpu_seconds(self._emulator) if self._emulator else 0.0,
+            "client": host.cpu_seconds(),
         }
 
     def stop(self, operations: int) -> dict[str, Any]:
@@ -504,7 +494,7 @@ async def run() -> str:
     with tempfile.TemporaryDirectory(prefix="bench-replicas-") as tmp, pgcluster.running_cluster() as cluster:
         mint = await _measure_mint(Path(tmp), cluster)
         enroll = await _measure_enroll(Path(tmp), cluster)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = host.cores()
     out = [
         "Real `factory-svc serve` processes; PostgreSQL: a local throwaway cluster (Debian's server, fsync "
         "off). CPU per operation: user + system time of each process over the measured span.",

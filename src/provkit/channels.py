@@ -22,9 +22,11 @@ service=...)`` (an async context manager: a call that finds the service unavaila
 hand, TCP then TLS as configured, and ends in ``mainkit.shell.CommandFailed`` saying why: nothing listens,
 plaintext against TLS, a certificate this client does not trust, a client certificate missing; with the
 hint ``STACK_HINT`` when the channel's trust is not configured); ``diagnose_connection(target, security)``
-(that try by hand: a sentence, or None when the channel as configured works); ``read_input(path, what)``
-(a file the person named, or ``provkit.errors.InputError`` with a sentence saying why it cannot be read;
-also what ``ChannelSecurity`` raises for a certificate without its key);
+(that try by hand: a sentence, or None when the channel as configured works); ``read_input(path, what,
+*, max_bytes=MAX_INPUT_BYTES)`` (a file the person named, as UTF-8 text whatever the locale, at most
+``max_bytes`` of it read; or ``provkit.errors.InputError`` with a sentence saying why it cannot be used:
+missing, a directory, unreadable, larger than the bound, not UTF-8; also what ``ChannelSecurity`` raises for a
+certificate without its key);
 ``describe_os_error(exc)`` (an ``OSError`` as a sentence).
 """
 
@@ -299,15 +301,25 @@ def describe_os_error(exc: OSError) -> str:
     return f"{exc.filename}: {reason}" if exc.filename else reason
 
 
-def read_input(path: Path, what: str) -> str:
-    """The text of a file the person named (``what`` says which, e.g. "metadata file")."""
+MAX_INPUT_BYTES = 1024 * 1024  # what read_input takes by default: a certificate, a CSR, metadata, a code
+
+
+def read_input(path: Path, what: str, *, max_bytes: int = MAX_INPUT_BYTES) -> str:
+    """The text of a file the person named (``what`` says which, e.g. "metadata file"): UTF-8 whatever the
+    locale, and no more than ``max_bytes`` of it read (a wrong path to a huge file, or a device that never
+    ends, is refused rather than read into memory)."""
     try:
-        return path.read_text()
+        with path.open("rb") as handle:
+            data = handle.read(max_bytes + 1)
     except FileNotFoundError:
         raise InputError(f"the {what} {path} does not exist") from None
     except IsADirectoryError:
         raise InputError(f"the {what} {path} is a directory, not a file") from None
-    except UnicodeDecodeError:
-        raise InputError(f"the {what} {path} is not text (UTF-8)") from None
     except OSError as exc:
         raise InputError(f"cannot read the {what}: {describe_os_error(exc)}") from None
+    if len(data) > max_bytes:
+        raise InputError(f"the {what} {path} is larger than {max_bytes:,} bytes: is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"the {what} {path} is not text (UTF-8)") from None

@@ -151,6 +151,15 @@ def _record(registration_id: str, row: tuple[Any, ...]) -> Enrollment:
     return enrollment_from_json(body, registration_id)
 
 
+async def _written(tx: Tx, registration_id: str) -> Enrollment:
+    """The record as the write in ``tx`` left it (read in the same transaction: a write that commits just
+    after it must not pass for this one, with its etag)."""
+    row = await tx.fetchone(_SELECT, (registration_id.lower(),))
+    if row is None:  # pragma: no cover - the write in this transaction made or found it
+        raise CloudNotFound(f"the record of {registration_id} is gone", status=404)
+    return _record(registration_id, row)
+
+
 class DeviceRegistry:
     """The per-device records of group mode (an ``EnrollmentPort``)."""
 
@@ -208,26 +217,23 @@ class DeviceRegistry:
         raise CloudEtagMismatch(f"the record of {enrollment.registration_id} changed meanwhile", status=412)
 
     async def create(self, enrollment: Enrollment) -> Enrollment:
-        async def write(tx: Tx) -> str:
+        async def write(tx: Tx) -> Enrollment:
             try:
-                return await self._insert(tx, enrollment)
+                await self._insert(tx, enrollment)
             except Conflict:
                 raise CloudAlreadyExists(
                     f"{enrollment.registration_id} is recorded already", status=409
                 ) from None
+            return await _written(tx, enrollment.registration_id)
 
-        await self._run(lambda: self._db.transaction(write), "be written")
-        return await self._written(enrollment.registration_id)
+        return await self._run(lambda: self._db.transaction(write), "be written")
 
     async def update(self, enrollment: Enrollment) -> Enrollment:
-        await self._run(lambda: self._db.transaction(lambda tx: self._replace(tx, enrollment)), "be written")
-        return await self._written(enrollment.registration_id)
+        async def write(tx: Tx) -> Enrollment:
+            await self._replace(tx, enrollment)
+            return await _written(tx, enrollment.registration_id)
 
-    async def _written(self, registration_id: str) -> Enrollment:
-        found = await self.get(registration_id)
-        if found is None:  # pragma: no cover - nothing deletes records
-            raise CloudNotFound(f"the record of {registration_id} is gone", status=404)
-        return found
+        return await self._run(lambda: self._db.transaction(write), "be written")
 
     async def bulk_create(self, enrollments: Sequence[Enrollment]) -> list[BulkItemError]:
         async def write(tx: Tx) -> list[BulkItemError]:

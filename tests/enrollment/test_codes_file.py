@@ -1,4 +1,4 @@
-"""The codes file: created 0600, appended, the last line with a code wins, a torn last line is ended."""
+"""The codes file: created 0600, appended, the last line with a code wins, a torn last line is dropped."""
 
 from __future__ import annotations
 
@@ -37,3 +37,20 @@ def test_a_line_torn_by_a_power_cut_is_ignored_and_the_next_starts_clean(tmp_pat
     codes.close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # an older, more open file is closed down
     assert read_codes(path) == {"dev-a": "AAAA-AAAA-AAAA-AAAA", "dev-b": "CCCC-CCCC-CCCC-CCCC"}
+
+
+def test_a_line_torn_inside_a_quoted_cell_does_not_swallow_the_lines_appended_after_it(tmp_path):
+    # An error message with a comma is written quoted; a power cut in the middle of it leaves the quote open.
+    # Had the torn line merely been ended, the open quote would take every later line into its cell.
+    path = tmp_path / "codes.csv"
+    path.write_text(
+        ",".join(HEADER) + '\ndev-a,CREATED,LIVE,AAAA-AAAA-AAAA-AAAA,\ndev-b,,,,"DPS_REFUSED: no, not'
+    )
+    assert read_codes(path) == {"dev-a": "AAAA-AAAA-AAAA-AAAA"}
+    codes = CodesFile.open(path)
+    codes.append([("dev-c", "CREATED", "LIVE", "CCCC-CCCC-CCCC-CCCC", "")])
+    codes.close()
+    again = CodesFile.open(path)
+    again.close()
+    assert read_codes(path) == {"dev-a": "AAAA-AAAA-AAAA-AAAA", "dev-c": "CCCC-CCCC-CCCC-CCCC"}
+    assert again.answers.keys() == {"dev-a", "dev-c"}

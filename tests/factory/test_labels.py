@@ -21,7 +21,6 @@ from support.cli_process import run_module
 from support.hostile_json import SHAPES, Hostile, shape_id
 from support.zbar import decode_qr, zbar_unavailable
 
-from factory_svc import cli
 from factory_svc.enrollment.codes_file import CodesFile, read_codes
 from factory_svc.labels import cli as labels_cli
 from factory_svc.labels.render import LabelLayout, Sheet, portal_base, portal_url
@@ -239,32 +238,41 @@ def test_an_item_the_factory_refused_keeps_the_id_asked_for_and_the_lot_still_lo
         lot_manifest.load(manifest.directory)
 
 
-@pytest.mark.parametrize(
-    ("line", "says"),
-    [
-        (b"{device},CREATED,LIVE,^XA^FO0^FDpwned^FS^XZ,\n", "is not an activation code"),
-        (b"{device},CREATED,LIVE," + b"7" * 200_000 + b",\n", "is not a codes file"),
-    ],
-    ids=["zpl-in-the-code", "field-too-large"],
-)
-def test_a_codes_file_with_what_is_no_code_in_it_prints_no_label(tmp_path, capsys, line, says):
-    manifest, _ = _lot(tmp_path / "lot", 1)
-    device_id = manifest.in_order()[0].device_id
-    with manifest.codes_path.open("ab") as codes:
-        codes.write(line.replace(b"{device}", device_id.encode()))
-    code = cli.main(["labels", str(manifest.directory), "--portal-url", PORTAL, "--format", "zpl"])
-    err = capsys.readouterr().err
-    assert code == 2 and says in err and "[BUG]" not in err, err
-    assert not (manifest.directory / "labels").exists()
-
-
 def test_a_torn_line_of_a_codes_file_does_not_keep_the_others_from_being_read(tmp_path):
     """A power cut in the middle of a line, inside a character of a refusal's message: the line before it
     and the lines after it (appended by the next run) are read."""
     manifest, codes = _lot(tmp_path / "lot", 1)
     with manifest.codes_path.open("ab") as file:
         file.write("other,,,,REFUSED: the device id is not a GUID: 'x…'".encode()[:-2])
-    later = CodesFile.open(manifest.codes_path)  # ends the torn line
+    later = CodesFile.open(manifest.codes_path)  # cuts the torn line off
     later.append([("next", "CREATED", "LIVE", new_code(), "")])
     later.close()
     assert sorted(read_codes(manifest.codes_path)) == sorted([*codes, "next"])
+
+
+@pytest.mark.parametrize("existing", [0o755, 0o750], ids=["spool-755", "spool-750"])
+def test_labels_out_to_an_existing_directory_keeps_its_mode_and_a_new_one_or_the_lots_own_is_0700(
+    tmp_path, existing
+):
+    manifest, _ = _lot(tmp_path / "lot", 1)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    os.chmod(spool, existing)  # a print spool the printing host reads: not the command's to close
+    fresh = tmp_path / "new" / "labels"
+    own = manifest.directory / "labels"
+    own.mkdir(mode=0o755)  # made more open by someone: the lot's own is closed down again
+    os.chmod(own, 0o755)
+    for out in (spool, fresh, None):
+        extra = ["--out", str(out)] if out is not None else []
+        args = ["labels", str(manifest.directory), "--portal-url", PORTAL, "--format", "zpl", *extra]
+        assert labels_cli.run(_parsed(args)) == 0
+    assert stat.S_IMODE(spool.stat().st_mode) == existing
+    assert stat.S_IMODE((spool / "labels.zpl").stat().st_mode) == 0o600
+    assert stat.S_IMODE(fresh.stat().st_mode) == stat.S_IMODE(fresh.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(own.stat().st_mode) == 0o700
+
+
+def _parsed(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    labels_cli.add_parsers(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)

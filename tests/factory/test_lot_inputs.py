@@ -69,7 +69,7 @@ def test_a_lot_whose_input_file_is_not_text_is_refused_before_its_directory_is_m
     assert not out.exists()
 
 
-def test_lot_status_as_json_stays_json_when_the_factory_cannot_say_where_devices_stand(
+def test_lot_status_prints_the_manifest_as_json_and_exits_3_saying_why_when_the_factory_is_unreachable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     lot = tmp_path / "lot"
@@ -81,7 +81,8 @@ def test_lot_status_as_json_stays_json_when_the_factory_cannot_say_where_devices
     manifest.save()
     code = cli.main(["lot-status", str(lot), "--json", "--timeout", "5"])
     out, err = capsys.readouterr()
-    assert code == 0, err
-    status = json.loads(out)  # the whole of standard output
+    assert code == 3, err  # the factory answered for no device: as any command whose service is unreachable
+    status = json.loads(out)  # the whole of standard output: what the manifest says
     assert status["devices"][0]["cloud_error"].startswith("UNAVAILABLE")
-    assert "the factory could not say where 1 device(s) stand" in err
+    assert f"cannot reach the factory at {NOWHERE} as configured: nothing accepts connections" in err
+    assert cli.main(["lot-status", str(lot), "--no-cloud"]) == 0  # not asked: nothing missing

@@ -1,7 +1,10 @@
-"""The one list of hostile shipment CSV files (``activation_svc.batch.shipment``) every entry point that
-takes a shipment is tested with: ``activation-svc activate-batch`` and the portal's ``/batch`` upload
-(tests/hostile/test_hostile_csv_entry_points.py).  A new shape here is tried at both; a new entry point that
-reads a shipment joins that file.
+"""The hostile CSV files every entry point that reads one is tested with (tests/hostile/
+test_hostile_csv_entry_points.py): ``SHAPES``, shipments (``activation_svc.batch.shipment``: ``activation-svc
+activate-batch`` and the portal's ``/batch`` upload), and ``CODES_SHAPES``, codes files
+(``factory_svc.enrollment.codes_file``: a lot's ``codes.csv`` as ``labels``, ``lot-status`` and
+``enroll-batch --lot`` read it, and the ``--codes-out`` file of ``enroll-batch`` and ``rotate-code``).  A new
+shape here is tried at every entry point of its kind; a new entry point that reads such a file joins that
+test file.
 
 Each shape is a whole file around one device that could be activated (``file(device_id, code)`` puts them
 in): the file must be refused as a whole, naming what is wrong (``words``), and the device must stay as it
@@ -60,3 +63,37 @@ SHAPES: tuple[HostileCsv, ...] = (
 
 def shape_id(shape: HostileCsv) -> str:
     return shape.name
+
+
+# A codes file: its header, one good line for the device (``{guid}``, ``{code}``), then the hostile line; the
+# whole file is refused (the good line too), naming the line, never echoing a code.
+CODES_HEADER = b"device_id,outcome,delivery,activation_code,error\n"
+GOOD_LINE = b"{guid},CREATED,LIVE,{code},\n"
+
+
+def _codes(line: bytes) -> bytes:
+    return CODES_HEADER + GOOD_LINE + line
+
+
+CODES_SHAPES: tuple[HostileCsv, ...] = (
+    # another file named by mistake (``--codes-out lot/manifest.json``): appending to it would spoil it
+    HostileCsv(
+        "no-header", b'{"format": "devprov-lot-manifest", "version": 1}\n' + GOOD_LINE, "not a codes file"
+    ),
+    HostileCsv("a-shipment", b"guid,code,hub\n{guid},{code},\n", "not a codes file"),
+    HostileCsv("nul-in-a-device-id", _codes(b"dev\x00ice,,,,\n"), "U+0000"),
+    HostileCsv("utf16", (CODES_HEADER + GOOD_LINE).decode().encode("utf-16"), "U+0000"),
+    HostileCsv("escape-in-an-outcome", _codes(b"{guid},\x1b[2J,LIVE,{code},\n"), "U+001B"),
+    HostileCsv("escape-in-an-error", _codes(b'{guid},,,,"REFUSED: \x1b]0;owned\x07"\n'), "U+001B"),
+    HostileCsv("c1-control-in-a-device-id", _codes("{guid}\u009b,,,,\n".encode()), "U+009B"),
+    HostileCsv("delete-in-a-code", _codes(b"{guid},ROTATED,LIVE,{code}\x7f,\n"), "U+007F"),
+    HostileCsv("not-utf8-in-a-code", _codes(b"{guid},ROTATED,LIVE,\xff\xfe,\n"), "not UTF-8"),
+    HostileCsv(
+        "zpl-in-a-code", _codes(b"{guid},ROTATED,LIVE,^XA^FO0^FDowned^FS^XZ,\n"), "not an activation code"
+    ),
+    HostileCsv("unclosed-quote", _codes(b'{guid},ROTATED,LIVE,"{code},\n'), "not a codes file"),
+    HostileCsv("text-after-a-quote", _codes(b'{guid},ROTATED,LIVE,"{code}"x,\n'), "not a codes file"),
+    HostileCsv(
+        "a-cell-too-large", _codes(b"{guid},ROTATED,LIVE," + b"7" * 200_000 + b",\n"), "not a codes file"
+    ),
+)

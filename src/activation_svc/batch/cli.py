@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from activation_svc.batch.shipment import (
     ACTIVATED,
     ALREADY,
+    MAX_ROWS,
     NOT_SENT,
     REFUSED,
     ResultWriter,
@@ -150,7 +151,7 @@ def run_batch(args: argparse.Namespace) -> int:
     if not 1 <= args.concurrency <= MAX_CONCURRENCY:
         raise ShipmentError(f"--concurrency takes 1 to {MAX_CONCURRENCY}, got {args.concurrency}")
     source = SettingsSource("ACTIVATION_CLIENT", flags=CHANNEL_FLAGS.values(args))
-    text = read_input(args.shipment, "shipment file")
+    text = read_input(args.shipment, "shipment file", max_bytes=MAX_ROWS * 1024)  # the most rows, ample cells
     metadata = _metadata_file(args.metadata) if args.metadata is not None else None
     _results_path(args)  # refused before anyone is called
     return asyncio.run(_run(args, source, text, metadata))

@@ -8,7 +8,9 @@ A label is made for each enrolled device whose code is in the lot's ``codes.csv`
 after ``rotate-code --codes-out LOT/codes.csv`` the new one); enrolled devices without one are named on
 stderr (``enroll-batch --lot LOT --rotate-missing`` gives them one).  The files go to ``LOT/labels/`` (0700;
 every file 0600: they carry the codes): ``labels-a4.pdf`` / ``labels-letter.pdf``, ``labels.zpl``,
-``<device id>.png`` and ``<device id>.svg``, each written atomically.  ``--mark-printed`` records in the
+``<device id>.png`` and ``<device id>.svg``, each written atomically.  ``--out DIR`` puts them elsewhere: a
+directory it makes is 0700, one that exists keeps its mode (a shared print spool is the operator's to
+guard; the files are 0600 all the same).  ``--mark-printed`` records in the
 manifest, once the files are on disk, that these devices' labels are printed (with a digest of the code
 printed, so a later rotation shows as a stale label in ``lot-status``).  Codes go to the files only, never
 to standard output or a log.
@@ -36,7 +38,6 @@ from factory_svc.labels.render import (
 )
 from factory_svc.lots.manifest import LABELS, LotManifest, Printed, code_digest, load, locked, now_text
 from litestore import private_directory
-from provkit.activation_code import normalise
 from provkit.devpki import write_private_file
 from provkit.errors import InputError
 
@@ -96,7 +97,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     labels.add_argument(
         "--mark-printed", action="store_true", help="record in the manifest that these labels are printed"
     )
-    labels.add_argument("--out", type=Path, help="where the files go (default LOT_DIR/labels)")
+    labels.add_argument(
+        "--out", type=Path, help="where the files go (default LOT_DIR/labels); an existing DIR keeps its mode"
+    )
 
 
 def chosen_labels(
@@ -119,14 +122,7 @@ def chosen_labels(
         if code is None:
             without_code.append(entry.device_id)
             continue
-        if normalise(code) is None:  # what a label prints (and a ZPL printer obeys) is a code, nothing else
-            raise InputError(
-                f"{manifest.codes_path}: the code of {entry.device_id} is not an activation code; "
-                f"`factory-svc rotate-code {entry.device_id} --codes-out {manifest.codes_path}` gives it one"
-            )
-        if not (
-            args.unprinted and entry.label is not None and entry.label.code_digest == code_digest(code)
-        ):
+        if not (args.unprinted and entry.label is not None and entry.label.code_digest == code_digest(code)):
             chosen.append((entry.device_id, code))
     if without_code:
         print(
@@ -151,9 +147,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"lot {manifest.lot_id}: no label to render (no enrolled device with a code)")
             return 1
         labels = [Label(device_id, code, portal_url(base, device_id, code)) for device_id, code in chosen]
-        out = args.out or manifest.directory / LABELS
-        private_directory(out)
-        os.chmod(out, 0o700)  # it holds the codes, whoever made it first
+        own = manifest.directory / LABELS
+        out = args.out or own
+        private_directory(out)  # what it makes is 0700
+        if out.resolve() == own.resolve():
+            os.chmod(out, 0o700)  # the lot's own: it holds the codes, whoever made it first
         written = []
         if "pdf" in formats:
             written.append(out / f"labels-{sheet.paper}.pdf")

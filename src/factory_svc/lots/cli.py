@@ -49,7 +49,7 @@ from factory_svc.enrollment.batch_client import BatchOptions
 from factory_svc.enrollment.cli import batch_options
 from factory_svc.lots.line import enroll_lot, enroll_manifest, lot_status
 from factory_svc.lots.manifest import DeviceEntry, LotManifest, locked, now_text, open_for_lot
-from factory_svc.lots.service import derived_device_id
+from factory_svc.lots.service import MAX_LOT_ITEMS, derived_device_id
 from factory_svc.mint.cli import KEY_TYPES  # the names `mint --key-type` takes
 from litestore import private_directory
 from mainkit.shell import RawDescriptionHelpFormatter
@@ -119,7 +119,9 @@ STATUS_COLUMNS = """columns:
   REGISTERED  the DPS registration: the hub the device was assigned to and when DPS last updated it
   LAST SEEN   the device's last activity on that hub (lastActivityTime: its last telemetry or other
               message), when the factory holds that hub's credentials; else -
-ACTIVATED, REGISTERED and LAST SEEN are asked of the factory (GetEnrollmentStatus); ?: it could not say."""
+ACTIVATED, REGISTERED and LAST SEEN are asked of the factory (GetEnrollmentStatus); ?: it could not say.
+exit: 0 the factory answered for every enrolled device (or --no-cloud); 1 it answered for some; for none:
+3 unreachable, 1 refused (the table is printed in every case)."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
         header.key_source = pb.KEY_SOURCE_SERVER_GENERATED
         header.key_type = KEY_TYPES[args.key_type]
         if args.ids is not None:
-            listed = read_input(args.ids, "device id file").splitlines()
+            # a lot's most ids, with room for long ones
+            listed = read_input(args.ids, "device id file", max_bytes=MAX_LOT_ITEMS * 128).splitlines()
             ids = [line.strip() for line in listed if line.strip()]
             items = [pb.LotItem(index=i, device_id=device_id) for i, device_id in enumerate(ids)]
             header.item_count = len(items)

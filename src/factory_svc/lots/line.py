@@ -20,6 +20,11 @@ and nothing is enrolled twice.
   registered   the DPS registration: the hub it was assigned to and when DPS last updated it
   last seen    the device's last activity on that hub (the hub registry's lastActivityTime: its last telemetry
                or other message), when the factory holds that hub's credentials; else ``-``
+
+``lot-status`` prints the manifest's facts in any case, then exits 0 when the factory answered for every
+enrolled device (or was not asked: ``--no-cloud``); 1 when it answered for some (``?`` in the others' rows,
+how many and why on standard error); and when it answered for none, as any command whose service fails:
+3 when it is unreachable (saying why: nothing listens, TLS ...), 1 when it refused (the reason).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from factory_svc.lots.manifest import (
     now_text,
 )
 from mainkit.shell import print_json
+from provkit.channels import EXIT_REFUSED
 from provkit.errors import InputError
 from provkit.proto_names import enum_label
 
@@ -139,6 +145,7 @@ class DeviceStatus:
     code: str  # printed | stale | no | missing | "" (not enrolled)
     cloud: dict[str, Any] = field(default_factory=dict)  # empty: not asked (not enrolled) or unreachable
     cloud_error: str = ""
+    failure: grpc.aio.AioRpcError | None = field(default=None, repr=False)  # the call behind cloud_error
 
     def to_json(self) -> dict[str, Any]:
         entry = self.entry
@@ -207,6 +214,7 @@ async def device_statuses(
                 )
             except grpc.aio.AioRpcError as exc:
                 row.cloud_error = f"{exc.code().name}: {exc.details()}"
+                row.failure = exc
                 return
             row.cloud = _cloud(reply)
 
@@ -279,11 +287,15 @@ async def lot_status(
             f"{counts['registered']} registered, {counts['seen']} seen on a hub"
         )
         print("\n".join(_table(rows)))
-    unreachable = [row for row in rows if row.cloud_error]
-    if unreachable:  # on standard error: what --json prints stays one JSON document
+    asked = [row for row in rows if row.entry.enrolled is not None] if ask_cloud else []
+    failures = [row.failure for row in asked if row.failure is not None]
+    if failures and len(failures) == len(asked):
+        raise failures[0]  # answered for none: the shell says why (unreachable: exit 3)
+    if failures:  # on standard error: what --json prints stays one JSON document
         print(
-            f"the factory could not say where {len(unreachable)} device(s) stand: "
-            f"{unreachable[0].cloud_error}",
+            f"the factory could not say where {len(failures)} of {len(asked)} device(s) stand: "
+            f"{failures[0].code().name}: {failures[0].details()}",
             file=sys.stderr,
         )
+        return EXIT_REFUSED
     return 0
