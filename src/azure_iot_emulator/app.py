@@ -44,7 +44,7 @@ from azure_iot_emulator.hub.part import HubPart
 from azure_iot_emulator.metrics import EmulatorMetrics
 from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.endpoint import Endpoint
-from azure_iot_emulator.mqtt.tls import server_context, start_listener, start_tls_listener
+from azure_iot_emulator.mqtt.tls import OutputGuard, server_context, start_listener, start_tls_listener
 from azure_iot_emulator.mqtt.websocket import websocket_route
 from azure_iot_emulator.pki import ServerPki, issue_server_certificate
 from azure_iot_emulator.quotas import hub_d2c
@@ -144,6 +144,8 @@ class Emulator:
         self.connection: ConnectionInfo | None = None
         self.metrics = EmulatorMetrics()
         self.metrics_url = ""
+        self.output = OutputGuard(config.stalled_peer_timeout)
+        """Back-pressure of every TLS listener (MQTT, AMQP, HTTPS): peers that do not read."""
 
     # ---------------------------------------------------------------------------------------- parts
     def _build_parts(self) -> None:
@@ -217,12 +219,15 @@ class Emulator:
         assert self.pki is not None and self.broker is not None
         tls = server_context(self.pki.cert_path, self.pki.key_path)
         for address in self.service_apps:
-            self._mqtt_servers.append(await start_listener(self.broker, tls, address, cfg.mqtt_port))
+            server = await start_listener(self.broker, tls, address, cfg.mqtt_port, guard=self.output)
+            self._mqtt_servers.append(server)
         assert self.hub is not None
         for host in cfg.hub_hosts:  # AMQP on 5671 of every hub's address
             address = listen_address(host)
             endpoint = self.hub.amqp_endpoint(host, names=(address,))
-            server = await start_tls_listener(endpoint.opener(), tls, address, cfg.amqp_port)
+            server = await start_tls_listener(
+                endpoint.opener(), tls, address, cfg.amqp_port, guard=self.output
+            )
             self._mqtt_servers.append(server)
             self._amqp_ports[host] = server.sockets[0].getsockname()[1]
         await self._listen_https(tls)
@@ -234,7 +239,7 @@ class Emulator:
         port = self.config.https_port
         for address, app in self.service_apps.items():
             add_self_guarded_routes(app, self.https_routes[address])
-            listener = HttpsListener(app, tls, address, port)
+            listener = HttpsListener(app, tls, address, port, self.output)
             try:
                 await listener.start()
             except PermissionError as exc:
@@ -258,6 +263,8 @@ class Emulator:
 
         files = [db_path, db_path.with_name(db_path.name + "-wal")]
         self.metrics.watch(connected, lambda: files)
+        output = self.output
+        self.metrics.watch_output(output.queued_bytes, lambda: len(output.stalled), lambda: output.dropped)
 
     def _connection_info(self) -> ConnectionInfo:
         cfg, keys = self.config, self.secrets

@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
         help="a cloud-to-device message sent N times without a PUBACK is dropped (default 10, 1-100)",
     )
     serve.add_argument(
+        "--stalled-peer-timeout", type=float, metavar="SECONDS",
+        help="a peer that does not read what it is sent (over 256 KiB queued for it, reading from it paused) "
+        "is dropped after SECONDS (default 60), or at once past 16 MiB queued",
+    )
+    serve.add_argument(
         "--route", action="append", dest="routes", metavar="[HUB/]NAME:SOURCE[:CONDITION]",
         help="a message route to the built-in endpoint, repeatable (replaces the settings file's routes): "
         "SOURCE DeviceMessages, TwinChangeEvents, DeviceLifecycleEvents or DeviceConnectionStateEvents, "

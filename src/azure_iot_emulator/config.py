@@ -21,6 +21,7 @@ from azure_iot_emulator.hub.c2d import (
     MAX_TTL_SECONDS,
 )
 from azure_iot_emulator.hub.routing import HubRoutes, RouteError, RouteSpec, build_routing, route_from_table
+from azure_iot_emulator.mqtt.tls import DEFAULT_STALL_TIMEOUT
 from azure_iot_emulator.quotas import HUB_D2C_PER_SECOND
 from mainkit.settings import FlagKeys, SettingsError, SettingsFile, SettingsSource
 
@@ -71,6 +72,9 @@ class EmulatorConfig:
     most)."""
     c2d_max_delivery_count: int = DEFAULT_MAX_DELIVERY_COUNT
     """Deliveries of a cloud-to-device message without a PUBACK before it is dropped (Azure: 10, 1-100)."""
+    stalled_peer_timeout: float = DEFAULT_STALL_TIMEOUT
+    """Seconds a peer that does not read what it is sent (more than the high-water mark queued for it:
+    reading from it is paused) may stay so before it is dropped (``mqtt/tls.py``)."""
     routes: tuple[RouteSpec, ...] = ()
     """Message routes to the built-in endpoint (``hub/routing.py``), each for one hub or every hub; none:
     device messages only, as an Azure hub without routes."""
@@ -115,6 +119,8 @@ class EmulatorConfig:
             raise SettingsError(f"c2d_default_ttl must be 1 to {MAX_TTL_SECONDS} seconds (2 days)")
         if not 1 <= self.c2d_max_delivery_count <= MAX_DELIVERY_COUNT:
             raise SettingsError(f"c2d_max_delivery_count must be 1 to {MAX_DELIVERY_COUNT}")
+        if not 0 < self.stalled_peer_timeout <= 3600:
+            raise SettingsError("stalled_peer_timeout must be above 0 and at most 3600 seconds")
         for port in (self.mqtt_port, self.https_port, self.amqp_port):
             if not 0 <= port <= 65535:
                 raise SettingsError(f"port {port} out of range")
@@ -213,6 +219,7 @@ KEYS = (
     "hub_tier",
     "c2d_default_ttl",
     "c2d_max_delivery_count",
+    "stalled_peer_timeout",
     "routes",
     "fallback_route",
     "ready_file",
@@ -259,6 +266,7 @@ def build_config(
         hub_tier=source.text("hub_tier") or default.hub_tier,
         c2d_default_ttl=source.number("c2d_default_ttl", default.c2d_default_ttl),
         c2d_max_delivery_count=source.integer("c2d_max_delivery_count", default.c2d_max_delivery_count),
+        stalled_peer_timeout=source.number("stalled_peer_timeout", default.stalled_peer_timeout),
         routes=routes_setting(source.value("routes"), source.describe("routes")),
         fallback_route=fallback_setting(source.value("fallback_route"), source.describe("fallback_route")),
         ready_file=Path(ready_file) if ready_file else None,

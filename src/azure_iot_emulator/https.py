@@ -20,7 +20,7 @@ from aiohttp import web
 from cryptography import x509
 from OpenSSL import SSL
 
-from azure_iot_emulator.mqtt.tls import Inner, Peer, TlsProtocol, start_tls_listener
+from azure_iot_emulator.mqtt.tls import Inner, OutputGuard, Peer, TlsProtocol, start_tls_listener
 
 PEER_CERTIFICATE = "peer_certificate"
 PEER_CHAIN = "peer_chain"
@@ -29,7 +29,9 @@ _SELF_GUARDED: web.AppKey[frozenset[web.AbstractResource]] = web.AppKey("self_gu
 
 class _TlsTransport(asyncio.Transport):
     """The asyncio transport aiohttp's protocol writes to: plaintext in, TLS records out through the
-    shell.  Flow control is not needed for the small requests served here (pause/resume are no-ops)."""
+    shell.  Output flow control is the shell's (:class:`_HttpConnection` passes its pause/resume on to
+    aiohttp, whose handlers then wait in ``drain()``); aiohttp's own pause of reading is not needed for
+    the small requests served here (a no-op)."""
 
     def __init__(self, tls: TlsProtocol, extra: dict[str, Any]) -> None:
         super().__init__(extra)
@@ -60,7 +62,7 @@ class _TlsTransport(asyncio.Transport):
         return True
 
     def get_write_buffer_size(self) -> int:
-        return 0
+        return self._tls.buffered
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         return None
@@ -79,13 +81,27 @@ class _HttpConnection:
     def connection_lost(self) -> None:
         self._protocol.connection_lost(None)
 
+    def pause_writing(self) -> None:
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
+
 
 class HttpsListener:
     """One address's 443 listener: ``await start()``, ``await stop()``."""
 
-    def __init__(self, app: web.Application, ctx: SSL.Context, address: str, port: int) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        ctx: SSL.Context,
+        address: str,
+        port: int,
+        guard: OutputGuard | None = None,
+    ) -> None:
         self.app = app
         self._ctx = ctx
+        self._guard = guard
         self.address = address
         self.port = port
         self.bound_port = 0
@@ -111,7 +127,9 @@ class HttpsListener:
             protocol.connection_made(transport)
             return _HttpConnection(protocol)
 
-        self._server = await start_tls_listener(open_http, self._ctx, self.address, self.port)
+        self._server = await start_tls_listener(
+            open_http, self._ctx, self.address, self.port, guard=self._guard
+        )
         self.bound_port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -10,6 +10,9 @@
 | ``iot_emulator_telemetry_bytes_total``         | hub (message bodies) |
 | ``iot_emulator_telemetry_commit_seconds``      | - (histogram: one SQLite transaction of telemetry) |
 | ``iot_emulator_sqlite_bytes``                  | - (database file plus its WAL) |
+| ``iot_emulator_queued_output_bytes``           | - (written for peers, not yet taken by their sockets) |
+| ``iot_emulator_stalled_peers``                 | - (peers not reading their output: not read from) |
+| ``iot_emulator_stalled_peers_dropped_total``   | - (peers dropped for not reading, ``mqtt/tls.py``) |
 
 Messages and bytes per second are ``rate(...)`` of the two totals.  Never a device id as a label.
 
@@ -18,7 +21,7 @@ Messages and bytes per second are ``rate(...)`` of the two totals.  Never a devi
 
 API: ``EmulatorMetrics()``: ``.registration(result)``, ``.service_writes(kind, count)``,
 ``.telemetry(hub_counts, seconds)`` (one committed batch: ``{hub: (messages, bytes)}``),
-``.watch(connected, sqlite_files)`` (gauges read at scrape time);
+``.watch(connected, sqlite_files)``, ``.watch_output(queued, stalled, dropped)`` (read at scrape time);
 ``async .serve(listen) -> str`` (the URL), ``async .stop()``.
 """
 
@@ -30,7 +33,7 @@ from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 _COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -54,6 +57,34 @@ class _Gauges(Collector):
         yield devices
         size = sum(path.stat().st_size for path in self._files() if path.exists())
         yield GaugeMetricFamily("iot_emulator_sqlite_bytes", "Size of the SQLite database and its WAL.", size)
+
+
+class _Output(Collector):
+    """The TLS listeners' back-pressure (``mqtt/tls.OutputGuard``), read at scrape time on the loop."""
+
+    def __init__(
+        self, queued: Callable[[], int], stalled: Callable[[], int], dropped: Callable[[], int]
+    ) -> None:
+        self._queued = queued
+        self._stalled = stalled
+        self._dropped = dropped
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "iot_emulator_queued_output_bytes",
+            "Bytes written for peers (MQTT, AMQP, HTTPS) that their sockets have not taken yet.",
+            self._queued(),
+        )
+        yield GaugeMetricFamily(
+            "iot_emulator_stalled_peers",
+            "Peers not reading what they are sent (above the high-water mark): not read from now.",
+            self._stalled(),
+        )
+        yield CounterMetricFamily(
+            "iot_emulator_stalled_peers_dropped",
+            "Peers dropped for not reading what they were sent (stall timeout or byte bound).",
+            self._dropped(),
+        )
 
 
 class EmulatorMetrics:
@@ -101,6 +132,11 @@ class EmulatorMetrics:
         self, connected: Callable[[], Mapping[str, int]], sqlite_files: Callable[[], Sequence[Path]]
     ) -> None:
         self.registry.register(_Gauges(connected, sqlite_files))
+
+    def watch_output(
+        self, queued: Callable[[], int], stalled: Callable[[], int], dropped: Callable[[], int]
+    ) -> None:
+        self.registry.register(_Output(queued, stalled, dropped))
 
     async def serve(self, listen: str) -> str:
         host, _, port = listen.rpartition(":")

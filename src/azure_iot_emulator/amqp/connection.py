@@ -14,6 +14,15 @@ proton's server lacks (``sasl.py``), writes performatives in full as Azure does 
 proton's idle-timeout timer on the loop, and turns the collector's events into calls on a
 :class:`ConnectionHandler` (the application: which links may open, what a received message means, when a
 sender may send).
+
+Flow control both ways.  A receiving link gets ``receive_credit`` at attach and more only as deliveries
+are settled: what the peer has in flight on a link (credit left plus deliveries received and not yet
+settled) never exceeds ``receive_credit``, however slowly the handler settles.  Sending: when the TLS
+shell finds the peer not reading (``pause_writing``), :attr:`AmqpConnection.writable` turns False and
+handlers stop sending; ``resume_writing`` offers every sender with credit to the handler again.
+
+An unexpected exception in a handler ends that connection only: logged with its traceback, the
+connection closed with ``amqp:internal-error``.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from proton import (
     Collector,
@@ -41,6 +50,7 @@ from azure_iot_emulator.amqp.frames import FramePadder
 from azure_iot_emulator.amqp.sasl import SaslRefused, SaslServer
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 IDLE_TIMEOUT = 240.0  # seconds without a frame from the peer before the connection is dropped (Azure's)
 MAX_FRAME_SIZE = 65536
@@ -76,7 +86,8 @@ class ConnectionHandler(Protocol):
         :meth:`AmqpConnection.flush`)."""
 
     def credit(self, link: Sender) -> None:
-        """``link`` (opened by :meth:`link_opening`) has credit: send what is there to send."""
+        """``link`` (opened by :meth:`link_opening`) has credit, and the peer reads: send what is there
+        to send while :attr:`AmqpConnection.writable` stays True."""
 
     def link_closed(self, link: Link) -> None:
         """The peer detached ``link``, or the connection went away."""
@@ -85,8 +96,12 @@ class ConnectionHandler(Protocol):
 HandlerFactory = Callable[["AmqpConnection"], ConnectionHandler]
 
 
+INTERNAL_ERROR = "amqp:internal-error"
+
+
 def settle(delivery: Delivery, outcome: int, condition: Condition | None = None) -> None:
-    """Settle a received delivery with ``outcome`` (``Delivery.ACCEPTED``/``REJECTED``...)."""
+    """Settle a received delivery with ``outcome`` (``Delivery.ACCEPTED``/``REJECTED``...); outside an
+    event of the connection, call :meth:`AmqpConnection.flush` after (it tops the link's credit up)."""
     if condition is not None:
         delivery.local.condition = condition
     delivery.update(outcome)
@@ -117,12 +132,15 @@ class AmqpConnection:
         self.transport.bind(self.connection)
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._ending = False  # closed on our side: the close frame goes out, then the socket is closed
         self._links: set[Link] = set()
+        self.writable = True
+        """False while the peer does not read what it is sent (the TLS shell paused): send nothing more."""
         self.handler = handler(self)
 
     # ------------------------------------------------------------------------------ from the TLS shell
     def data_received(self, data: bytes) -> None:
-        if self._closed:
+        if self._closed or self._ending:
             return
         if not self._sasl.done:
             try:
@@ -156,6 +174,25 @@ class AmqpConnection:
         for link in list(self._links):
             self._link_gone(link)
 
+    def pause_writing(self) -> None:
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        for link in list(self._links):
+            if isinstance(link, Sender) and link.credit > 0 and not self._closed:
+                self.guarded(self.handler.credit, link)
+        self.flush()
+
+    def guarded(self, call: Callable[[_T], object], arg: _T) -> None:
+        """``call(arg)``; an exception it raises ends this connection (``amqp:internal-error``), logged with
+        its traceback: one connection's bug never reaches the event loop or the other connections."""
+        try:
+            call(arg)
+        except Exception:
+            log.exception("AMQP connection: unexpected error; closing it with %s", INTERNAL_ERROR)
+            self._fail()
+
     # ----------------------------------------------------------------------------------- the engine
     def flush(self) -> None:
         """Run the collector's events through the handler and send what proton has to send.  Call it
@@ -167,10 +204,16 @@ class AmqpConnection:
             if event is None:
                 break
             try:
-                self._dispatch(event)
+                self.guarded(self._dispatch, event)
             finally:
                 self._collector.pop()
+        for link in self._links:
+            if isinstance(link, Receiver):
+                self._top_up(link)
         self._write_out()
+        if self._ending:
+            self._shut()  # the close frame is written (proton's close_tail would replace its condition)
+            return
         self._schedule_tick()
 
     def _write_out(self) -> None:
@@ -205,14 +248,22 @@ class AmqpConnection:
         self._writer.close()
         self.connection_lost()
 
-    def close(self, condition: str | None = None, description: str = "") -> None:
-        """Close the connection (with an error condition when given), then the socket."""
-        if self._closed:
+    def _fail(self) -> None:
+        """Close the connection with ``amqp:internal-error`` once the running flush has written what
+        proton has to send; nothing more is read."""
+        self._end(INTERNAL_ERROR, "internal error; the connection is closed")
+
+    def _end(self, condition: str | None, description: str) -> None:
+        if self._closed or self._ending:
             return
+        self._ending = True
         if condition:
             self.connection.condition = Condition(condition, description)
         self.connection.close()
-        self.transport.close_tail()
+
+    def close(self, condition: str | None = None, description: str = "") -> None:
+        """Close the connection (with an error condition when given), then the socket."""
+        self._end(condition, description)
         self.flush()
 
     # ------------------------------------------------------------------------------------- dispatch
@@ -280,6 +331,13 @@ class AmqpConnection:
         if isinstance(link, Receiver):
             link.flow(self._receive_credit)
 
+    def _top_up(self, link: Receiver) -> None:
+        """Give credit back for settled deliveries, at least half the window at a time: credit left plus
+        deliveries not yet settled stay within ``receive_credit``."""
+        room = self._receive_credit - link.credit - link.unsettled
+        if room >= self._receive_credit // 2 and link.state & Endpoint.LOCAL_ACTIVE:
+            link.flow(room)
+
     def _link_gone(self, link: Link) -> None:
         if link in self._links:
             self._links.discard(link)
@@ -306,7 +364,6 @@ class AmqpConnection:
                 )
                 return
             self.handler.message(link, delivery, message)
-            if link.credit < self._receive_credit // 2:
-                link.flow(self._receive_credit - link.credit)
+            self._top_up(link)
         elif delivery.updated and not delivery.settled:
             delivery.settle()  # the receiver's disposition of an event: nothing more to do

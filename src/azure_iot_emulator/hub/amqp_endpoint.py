@@ -23,7 +23,9 @@ One :class:`HubAmqpEndpoint` per hub host; each TLS connection gets a :class:`_C
   to the device named by its ``to`` (``/devices/{id}/messages/devicebound``), is handed to the hub's
   cloud-to-device queue (``HubService.send_c2d``); the delivery is accepted once the message is
   committed there, rejected with the queue's AMQP condition (:class:`C2dRefused`) otherwise.  Needs a
-  CBS grant covering the hub.
+  CBS grant covering the hub.  One task per link stores its messages in order (the connection keeps a
+  reference until it ends); the link's credit comes back only as they are settled, so a sender has at
+  most the credit window (``AmqpConnection``'s ``receive_credit``) waiting to be stored.
 
 Anything else is refused at attach (``amqp:not-found``, ``amqp:unauthorized-access``).
 """
@@ -31,6 +33,7 @@ Anything else is refused at attach (``amqp:not-found``, ``amqp:unauthorized-acce
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import re
@@ -55,7 +58,7 @@ from proton import (
 )
 
 from azure_iot_emulator import ids
-from azure_iot_emulator.amqp.connection import AmqpConnection, LinkRefused, settle
+from azure_iot_emulator.amqp.connection import INTERNAL_ERROR, AmqpConnection, LinkRefused, settle
 from azure_iot_emulator.amqp.nodes import (
     CBS,
     MANAGEMENT,
@@ -286,6 +289,12 @@ class _Tracked:
         self.registry.discard(self.connection)
         self.connection.connection_lost()
 
+    def pause_writing(self) -> None:
+        self.connection.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.connection.resume_writing()
+
 
 # --------------------------------------------------------------------------------------- consumers
 @dataclass(eq=False)
@@ -299,27 +308,38 @@ class _Consumer:
     epoch: int | None
     unwatch: Callable[[], None] = lambda: None
     scheduled: bool = False
+    pumping: bool = False
     _auth: dict[str, tuple[str, str] | None] = field(default_factory=dict)
 
     def wake(self) -> None:
         if not self.scheduled:
             self.scheduled = True
-            asyncio.get_running_loop().call_soon(self.pump)
+            asyncio.get_running_loop().call_soon(self.connection.guarded, _Consumer.pump, self)
 
     def pump(self) -> None:
+        """Send events while the link has credit and the peer reads what it is sent: each batch goes to
+        the socket before the next is read, so a client that grants a huge credit and stops reading gets
+        a socket buffer's worth (then the shell pauses the connection) and the rest as it reads."""
         self.scheduled = False
+        if self.pumping:
+            return  # a flush below offered the credit again: this loop takes it
+        self.pumping = True
+        try:
+            self._send_batches()
+        finally:
+            self.pumping = False
+
+    def _send_batches(self) -> None:
         link, eventhub, hub = self.link, self.endpoint.eventhub, self.endpoint.host
-        sent = False
-        while link.credit > 0 and not link.state & Link.LOCAL_CLOSED:
+        connection = self.connection
+        while link.credit > 0 and connection.writable and not link.state & Link.LOCAL_CLOSED:
             events = eventhub.read(hub, self.partition, self.next_seq, min(link.credit, READ_BATCH))
             if not events:
                 break
             for event in events:
                 link.send(event_message(event, self._auth_of(event.device_id)))
                 self.next_seq = event.sequence_number + 1
-            sent = True
-        if sent:
-            self.connection.flush()
+            connection.flush()
 
     def _auth_of(self, device_id: str) -> tuple[str, str] | None:
         if device_id not in self._auth:
@@ -348,7 +368,9 @@ class _Connection:
         self.grants = Grants()
         self.reply_links: dict[str, list[Sender]] = {CBS: [], MANAGEMENT: []}
         self.consumers: dict[Sender, _Consumer] = {}
-        self.c2d_order: dict[Receiver, asyncio.Lock] = {}
+        self.c2d_links: dict[Receiver, collections.deque[tuple[Delivery, Message]]] = {}
+        """Per C2D link, its messages received and not yet settled (at most the credit window)."""
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------------------------- attach
     def link_opening(self, link: Link) -> None:
@@ -370,7 +392,7 @@ class _Connection:
                 raise LinkRefused(
                     "amqp:unauthorized-access", "Unauthorized: put a token for this hub on $cbs first"
                 )
-            self.c2d_order[link] = asyncio.Lock()
+            self.c2d_links[link] = collections.deque()
             return
         raise LinkRefused("amqp:not-found", f"The messaging entity '{address[:200]}' could not be found.")
 
@@ -434,7 +456,7 @@ class _Connection:
         for replies in self.reply_links.values():
             if isinstance(link, Sender) and link in replies:
                 replies.remove(link)
-        self.c2d_order.pop(link, None)  # type: ignore[call-overload]
+        self.c2d_links.pop(link, None)  # type: ignore[call-overload]
         consumer = self.consumers.pop(link, None)  # type: ignore[call-overload]
         if consumer is not None:
             consumer.unwatch()
@@ -450,8 +472,12 @@ class _Connection:
         elif address == MANAGEMENT:
             settle(delivery, Delivery.ACCEPTED)
             self._answer(MANAGEMENT, message, self._management(message))
-        elif link in self.c2d_order:
-            asyncio.get_running_loop().create_task(self._send_c2d(link, delivery, message))
+        elif (waiting := self.c2d_links.get(link)) is not None:
+            waiting.append((delivery, message))
+            if len(waiting) == 1:  # else the link's task is at work and takes this one in its turn
+                task = asyncio.get_running_loop().create_task(self._store_c2d(waiting))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         else:
             settle(delivery, Delivery.REJECTED, Condition("amqp:not-allowed", "nothing is received here"))
 
@@ -534,26 +560,32 @@ class _Connection:
             )
         return Reply(400, f"BadRequest: unknown type {str(kind)[:60]!r}")
 
-    async def _send_c2d(self, link: Receiver, delivery: Delivery, message: Message) -> None:
-        outbox, lock = self.endpoint.c2d, self.c2d_order.get(link)
-        async with lock or asyncio.Lock():
-            try:
-                device_id, c2d = c2d_from_amqp(message)
-            except ValueError as exc:
-                settle(delivery, Delivery.REJECTED, Condition("amqp:invalid-field", str(exc)))
-            else:
-                try:
-                    assert outbox is not None
-                    await outbox.send_c2d(self.endpoint.host, device_id, c2d)
-                except C2dRefused as exc:
-                    settle(delivery, Delivery.REJECTED, Condition(exc.condition, exc.description))
-                except Exception:
-                    log.exception("cloud-to-device message to %s failed", device_id)
-                    failed = Condition("amqp:internal-error", "the message was not queued")
-                    settle(delivery, Delivery.REJECTED, failed)
-                else:
-                    settle(delivery, Delivery.ACCEPTED)
+    async def _store_c2d(self, waiting: collections.deque[tuple[Delivery, Message]]) -> None:
+        """Store a link's messages one after the other, in the order they came, each settled (and the
+        link's credit topped up) once stored or refused; ends when none is waiting."""
+        while waiting:
+            delivery, message = waiting[0]
+            await self._send_c2d(delivery, message)
+            waiting.popleft()
             self.connection.flush()
+
+    async def _send_c2d(self, delivery: Delivery, message: Message) -> None:
+        outbox = self.endpoint.c2d
+        try:
+            device_id, c2d = c2d_from_amqp(message)
+        except ValueError as exc:
+            settle(delivery, Delivery.REJECTED, Condition("amqp:invalid-field", str(exc)))
+            return
+        try:
+            assert outbox is not None
+            await outbox.send_c2d(self.endpoint.host, device_id, c2d)
+        except C2dRefused as exc:
+            settle(delivery, Delivery.REJECTED, Condition(exc.condition, exc.description))
+        except Exception:
+            log.exception("cloud-to-device message to %s failed", device_id)
+            settle(delivery, Delivery.REJECTED, Condition(INTERNAL_ERROR, "the message was not queued"))
+        else:
+            settle(delivery, Delivery.ACCEPTED)
 
 
 def _selector(link: Sender) -> str | None:

@@ -5,6 +5,17 @@ Python's ``ssl`` module cannot request a client certificate and then accept *any
 has no verify callback), so TLS runs on pyOpenSSL with memory BIOs driven by an asyncio Protocol:
 the server asks for a certificate, accepts whatever is presented (self-signed or CA-signed), and the
 endpoint decides authorisation after the handshake from the presented leaf.  TLS 1.2 and 1.3.
+
+Back-pressure (:class:`OutputGuard`, one shared by every listener): a peer that sends requests but does
+not read the answers would make its socket's write buffer grow without limit.  When a connection's buffer
+passes :data:`HIGH_WATER` (the transport calls :meth:`TlsProtocol.pause_writing`), the shell stops
+reading from that peer and tells what runs over it (``pause_writing`` of the inner protocol, when it has
+one: AMQP stops sending events, HTTP handlers wait in ``drain()``); below :data:`LOW_WATER` it reads
+again.  A peer whose buffer stays above the low-water mark for ``stall_timeout`` seconds, or goes past
+``max_queued`` bytes meanwhile (what the server sends on its own: C2D, twin updates), is dropped (the
+socket aborted, its buffer discarded).  Mosquitto, by contrast, keeps the client and drops messages past
+``max_queued_messages``; here every message a device was sent is durable (a C2D message stays queued until
+its PUBACK), so dropping the connection loses nothing the device would not get again when it reconnects.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol, cast, runtime_checkable
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -26,6 +37,47 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 30.0
 _READ_CHUNK = 65536
+HIGH_WATER = 256 * 1024  # bytes queued for a peer before the shell stops reading from it
+LOW_WATER = 64 * 1024  # ... and resumes once the peer has read that far
+DEFAULT_STALL_TIMEOUT = 60.0  # seconds a peer may stay above the low-water mark before it is dropped
+MAX_QUEUED = 16 * 1024 * 1024  # bytes queued for a stalled peer past which it is dropped at once
+
+
+class OutputGuard:
+    """The listeners' back-pressure settings and what they did (read by ``/metrics``): the connections
+    alive now, the bytes queued for them, how many are stalled (not read from, their peer not reading) and
+    how many were dropped for it."""
+
+    def __init__(
+        self,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        *,
+        high_water: int = HIGH_WATER,
+        low_water: int = LOW_WATER,
+        max_queued: int = MAX_QUEUED,
+    ) -> None:
+        if not 0 < low_water < high_water < max_queued or stall_timeout <= 0:
+            raise ValueError("need 0 < low_water < high_water < max_queued and a positive stall timeout")
+        self.stall_timeout = stall_timeout
+        self.high_water = high_water
+        self.low_water = low_water
+        self.max_queued = max_queued
+        self.connections: set[TlsProtocol] = set()
+        self.stalled: set[TlsProtocol] = set()
+        self.dropped = 0
+
+    def queued_bytes(self) -> int:
+        """Bytes written for peers that their sockets have not taken yet, over every connection."""
+        return sum(connection.buffered for connection in self.connections)
+
+
+@runtime_checkable
+class FlowControlled(Protocol):
+    """An :class:`Inner` that wants to know when its peer stops reading (optional)."""
+
+    def pause_writing(self) -> None: ...
+
+    def resume_writing(self) -> None: ...
 
 
 def _accept_any(conn: SSL.Connection, cert: object, errnum: int, depth: int, ok: int) -> bool:
@@ -86,23 +138,89 @@ def mqtt_opener(broker: Broker) -> Opener:
 
 class TlsProtocol(asyncio.Protocol):
     # One per connection, thousands alive at once: no per-instance dict.
-    __slots__ = ("_closing", "_ctx", "_driver", "_handshake_timer", "_opener", "_ssl", "_transport")
+    __slots__ = (
+        "_closing",
+        "_ctx",
+        "_driver",
+        "_guard",
+        "_handshake_timer",
+        "_opener",
+        "_ssl",
+        "_stall_timer",
+        "_transport",
+    )
 
-    def __init__(self, ctx: SSL.Context, opener: Opener) -> None:
+    def __init__(self, ctx: SSL.Context, opener: Opener, guard: OutputGuard | None = None) -> None:
         self._ctx = ctx
         self._opener = opener
+        self._guard = guard or OutputGuard()
         self._transport: asyncio.Transport | None = None
         self._ssl: SSL.Connection | None = None
         self._driver: Inner | None = None
         self._closing = False
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's TCP transport is an asyncio.Transport in behaviour, not by class)
         self._transport = cast(asyncio.Transport, transport)
+        guard = self._guard
+        # Both asyncio's and uvloop's transports call pause_writing() from write() once the buffer is
+        # above high, resume_writing() once their socket has taken it down to low.
+        self._transport.set_write_buffer_limits(high=guard.high_water, low=guard.low_water)
+        guard.connections.add(self)
         self._ssl = SSL.Connection(self._ctx, None)
         self._ssl.set_accept_state()
         self._handshake_timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self.close)
+
+    # ------------------------------------------------------------------------------- back-pressure
+    def pause_writing(self) -> None:
+        """The peer is not reading what it is sent: read nothing more from it until it does, and drop it
+        if it does not within the stall timeout."""
+        guard, transport = self._guard, self._transport
+        if transport is None or self in guard.stalled:
+            return
+        guard.stalled.add(self)
+        transport.pause_reading()
+        self._start_stall_timer()
+        if isinstance(self._driver, FlowControlled):
+            self._driver.pause_writing()
+
+    def resume_writing(self) -> None:
+        guard, transport = self._guard, self._transport
+        if transport is None or self not in guard.stalled:
+            return
+        guard.stalled.discard(self)
+        if self._stall_timer is not None and not self._closing:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        if self._closing:
+            return
+        transport.resume_reading()
+        if isinstance(self._driver, FlowControlled):
+            self._driver.resume_writing()
+
+    def _start_stall_timer(self) -> None:
+        if self._stall_timer is None:
+            loop = asyncio.get_running_loop()
+            self._stall_timer = loop.call_later(self._guard.stall_timeout, self._stalled_out)
+
+    def _stalled_out(self) -> None:
+        self._stall_timer = None
+        if self._transport is None or self.buffered <= self._guard.low_water:
+            return
+        self._drop(f"did not read for {self._guard.stall_timeout:g} s")
+
+    def _drop(self, why: str) -> None:
+        log.warning("dropping %s: %s bytes queued for it, %s", self._peer(), self.buffered, why)
+        self._guard.dropped += 1
+        self._abort()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes written for the peer that its socket has not taken yet."""
+        transport = self._transport
+        return transport.get_write_buffer_size() if transport is not None else 0
 
     def data_received(self, data: bytes) -> None:
         ssl_conn = self._ssl
@@ -175,7 +293,9 @@ class TlsProtocol(asyncio.Protocol):
             with contextlib.suppress(SSL.Error):
                 self._ssl.shutdown()
             self._flush_tls(force=True)
-        self._transport.close()
+        self._transport.close()  # the socket closes once its buffer is written ...
+        if self.buffered:
+            self._start_stall_timer()  # ... or once the stall timeout gives up on the peer
 
     # -------------------------------------------------------------------------------------- internals
     def _flush_tls(self, force: bool = False) -> None:
@@ -189,6 +309,9 @@ class TlsProtocol(asyncio.Protocol):
             if not out:
                 return
             self._transport.write(out)
+            if self in self._guard.stalled and self.buffered > self._guard.max_queued:
+                self._drop(f"over {self._guard.max_queued} bytes")
+                return
             if len(out) < _READ_CHUNK:
                 return  # a memory BIO hands over everything it holds: nothing is left (no exception)
 
@@ -209,23 +332,41 @@ class TlsProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._guard.connections.discard(self)
+        self._guard.stalled.discard(self)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         if self._driver is not None:
             self._driver.connection_lost()
         self._ssl = None
 
 
 async def start_tls_listener(
-    opener: Opener, ctx: SSL.Context, host: str, port: int, *, backlog: int = 4096
+    opener: Opener,
+    ctx: SSL.Context,
+    host: str,
+    port: int,
+    *,
+    backlog: int = 4096,
+    guard: OutputGuard | None = None,
 ) -> asyncio.Server:
     loop = asyncio.get_running_loop()
+    shared = guard or OutputGuard()
     return await loop.create_server(
-        lambda: TlsProtocol(ctx, opener), host, port, reuse_address=True, backlog=backlog
+        lambda: TlsProtocol(ctx, opener, shared), host, port, reuse_address=True, backlog=backlog
     )
 
 
 async def start_listener(
-    broker: Broker, ctx: SSL.Context, host: str, port: int, *, backlog: int = 4096
+    broker: Broker,
+    ctx: SSL.Context,
+    host: str,
+    port: int,
+    *,
+    backlog: int = 4096,
+    guard: OutputGuard | None = None,
 ) -> asyncio.Server:
-    return await start_tls_listener(mqtt_opener(broker), ctx, host, port, backlog=backlog)
+    return await start_tls_listener(mqtt_opener(broker), ctx, host, port, backlog=backlog, guard=guard)
