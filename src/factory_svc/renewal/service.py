@@ -148,9 +148,11 @@ def _sans(extensions: x509.Extensions) -> set[x509.GeneralName]:
 
 
 def _holds(pem: str | None, sha256: str | None, certificate: IssuedCertificate) -> bool:
-    """Whether an enrollment slot (its PEM, or the thumbprint DPS reports) holds ``certificate``."""
-    if sha256 and sha256.upper() == certificate.sha256_thumbprint:
-        return True
+    """Whether an enrollment slot (its PEM, or the thumbprint DPS reports) holds ``certificate``.  The
+    thumbprint DPS reports is the slot's certificate's: when there is one, it answers alone (the PEM is
+    parsed only for a slot DPS reported without one)."""
+    if sha256:
+        return sha256.upper() == certificate.sha256_thumbprint
     if not pem or "BEGIN CERTIFICATE" not in pem:
         return False
     try:
