@@ -48,13 +48,26 @@ def loopback_host() -> str:
     return free_loopback_address()
 
 
+# The Python device SDK waits a fixed 2 s after a `202 assigning` before its first poll, so Azure's
+# asynchronous registration (the emulator's default) costs every SDK registration 2 s.  The fixtures'
+# emulators answer the register request with the result instead; the 202-then-poll flow keeps its own
+# tests (tests/emulator/test_dps_async_assignment.py, the raw topics in test_mqtt_socket.py) and the
+# device's whole story goes through it (tests/device/test_device_full_handover.py): they pass their own
+# --assignment-delay.
+IMMEDIATE_ASSIGNMENT = ["--assignment-delay", "immediate"]
+
+
 @contextlib.contextmanager
 def running_emulator(data_dir, extra_args: list[str] | None = None, *, hubs: int = 2, hub_args=None):
     """A started emulator subprocess (DPS + ``hubs`` hubs), stopped (killed if need be) on leaving;
-    ``hub_args(hub_hosts)``: more arguments that name its hubs (chosen when it is created)."""
+    ``hub_args(hub_hosts)``: more arguments that name its hubs (chosen when it is created).  Registrations
+    are answered at once unless ``extra_args`` give an ``--assignment-delay``."""
     from support.emulator import EmulatorProcess
 
-    emu = EmulatorProcess(data_dir, hubs=hubs, extra_args=extra_args or [])
+    args = list(extra_args or [])
+    if "--assignment-delay" not in args:
+        args += IMMEDIATE_ASSIGNMENT
+    emu = EmulatorProcess(data_dir, hubs=hubs, extra_args=args)
     if hub_args is not None:
         emu.extra_args += hub_args(emu.hub_hosts)
     emu.start()

@@ -12,7 +12,7 @@ import json
 import pytest
 from test_demo_flow import _demo, _hub_messages, _processes_under, _stack_args
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 
 
 def test_devices_renew_short_lived_certificates_while_telemetry_flows(tmp_path):

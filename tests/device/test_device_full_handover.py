@@ -9,6 +9,7 @@ import json
 import uuid
 
 import pytest
+from conftest import running_emulator
 from device_cloud import get_twin, received_telemetry
 from enrollment.provisioning_env import (
     OemTls,
@@ -28,6 +29,14 @@ from device_client.settings import load_settings
 from factory_svc.ca.pkcs11_signer import Pkcs11Signer
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+
+
+@pytest.fixture
+def emulator(tmp_path):
+    """Azure's asynchronous registration (202 assigning, then the SDK polls), the emulator's default: the
+    whole story goes through it once, where the other tests' emulators answer at once."""
+    with running_emulator(tmp_path / "emulator", ["--assignment-delay", "1"]) as emu:
+        yield emu
 
 
 @pytest.mark.parametrize("ca_backend", ["file", "pkcs11"])

@@ -93,7 +93,12 @@ class Device:
 
 
 @pytest.fixture
-async def device(tmp_path, emulator, ca, monkeypatch):
+async def device(request, tmp_path, ca, monkeypatch):
+    """Devices on the test's emulator: its own (``emulator``) where the test stops or kills it, else the
+    module's (``module_emulator``; each device has its own identity, so nothing one test does is seen by
+    another)."""
+    own = "emulator" in request.fixturenames
+    emulator = request.getfixturevalue("emulator" if own else "module_emulator")
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(emulator.ca_path))  # azure-iot-hub (requests) trusts it
     made: list[Device] = []
 
@@ -113,20 +118,20 @@ def _seqs(messages: list[dict]) -> list[int]:
     return [m["seq"] for m in messages]
 
 
-async def test_first_run_after_activation_reaches_telemetry(emulator, device):
+async def test_first_run_after_activation_reaches_telemetry(module_emulator, device):
     d = device()
-    await enroll(emulator, d.guid, d.leaf_pem, enabled=False)
-    await activate(emulator, d.guid)
+    await enroll(module_emulator, d.guid, d.leaf_pem, enabled=False)
+    await activate(module_emulator, d.guid)
     d.start()
     snap = await d.until(lambda s: s.telemetry_sent >= 3)
-    assert snap.assigned_hub == emulator.default_hub
+    assert snap.assigned_hub == module_emulator.default_hub
     assert snap.device_id == d.guid
     assert snap.registrations == 1
     final = await d.stop()
     assert final.state is DeviceState.STOPPED
     cached = d.state.read_assignment()
-    assert cached is not None and cached.assigned_hub == emulator.default_hub
-    received = await received_telemetry(emulator, d.guid)
+    assert cached is not None and cached.assigned_hub == module_emulator.default_hub
+    received = await received_telemetry(module_emulator, d.guid)
     seqs = _seqs(received)
     assert seqs[:3] == [1, 2, 3]
     first = received[0]
@@ -137,9 +142,9 @@ async def test_first_run_after_activation_reaches_telemetry(emulator, device):
     assert set(first["body"]["readings"]) == {"temperatureC", "humidityPct", "supplyVoltageV"}
 
 
-async def test_device_started_before_activation_waits_then_succeeds(emulator, device):
+async def test_device_started_before_activation_waits_then_succeeds(module_emulator, device):
     d = device()
-    await enroll(emulator, d.guid, d.leaf_pem, enabled=False)
+    await enroll(module_emulator, d.guid, d.leaf_pem, enabled=False)
     d.start()
     await d.until(lambda s: s.state is DeviceState.WAITING_FOR_ACTIVATION)
     refused = d.backoffs()
@@ -151,10 +156,10 @@ async def test_device_started_before_activation_waits_then_succeeds(emulator, de
         "tags": {"line": "A"},
         "properties": {"desired": {"telemetryIntervalSeconds": 0.3, "machine": "M7"}},
     }
-    await activate(emulator, d.guid, initial_twin=twin)
+    await activate(module_emulator, d.guid, initial_twin=twin)
     snap = await d.until(lambda s: s.telemetry_sent >= 1)
     assert snap.interval_s == 0.3  # the initial twin from activation was applied
-    reported = (await get_twin(emulator, d.guid)).properties.reported
+    reported = (await get_twin(module_emulator, d.guid)).properties.reported
     assert reported["telemetryIntervalSeconds"]["ac"] == 200
     assert reported["telemetryIntervalSeconds"]["value"] == 0.3
     assert reported["machine"]["value"] == "M7"
@@ -167,9 +172,9 @@ def WAITING_STATES_SEEN(snapshots: list[RuntimeSnapshot]) -> bool:
     return DeviceState.CONNECTED in states[w:] or DeviceState.SENDING in states[w:]
 
 
-async def test_second_run_uses_the_cached_assignment(emulator, device):
+async def test_second_run_uses_the_cached_assignment(module_emulator, device):
     d = device()
-    await enroll(emulator, d.guid, d.leaf_pem, enabled=True)
+    await enroll(module_emulator, d.guid, d.leaf_pem, enabled=True)
     d.start()
     await d.until(lambda s: s.telemetry_sent >= 2)
     first = await d.stop()
@@ -178,7 +183,7 @@ async def test_second_run_uses_the_cached_assignment(emulator, device):
     snap = await d.until(lambda s: s.telemetry_sent >= 2)
     assert snap.registrations == 0  # straight to the hub, no DPS registration
     await d.stop()
-    seqs = _seqs(await received_telemetry(emulator, d.guid))
+    seqs = _seqs(await received_telemetry(module_emulator, d.guid))
     assert seqs == sorted(seqs)
     assert max(seqs) > first.last_seq_sent  # numbering continues across runs
 
@@ -202,34 +207,34 @@ async def test_emulator_restart_mid_run_keeps_order(emulator, device, how):
     assert unique == list(range(1, unique[-1] + 1))  # nothing lost, in order, across the outage
 
 
-async def test_device_deleted_on_the_hub_reprovisions(emulator, device):
+async def test_device_deleted_on_the_hub_reprovisions(module_emulator, device):
     d = device()
-    await enroll(emulator, d.guid, d.leaf_pem, enabled=True)
+    await enroll(module_emulator, d.guid, d.leaf_pem, enabled=True)
     d.start()
     await d.until(lambda s: s.telemetry_sent >= 1)
     await d.stop()
-    await delete_hub_device(emulator, d.guid)
+    await delete_hub_device(module_emulator, d.guid)
     d.start()
     snap = await d.until(lambda s: s.telemetry_sent >= 2)
     assert snap.registrations == 1  # the hub refused the cached assignment; DPS put it back
     await d.stop()
 
 
-async def test_desired_interval_property_changes_the_interval(emulator, device):
+async def test_desired_interval_property_changes_the_interval(module_emulator, device):
     d = device(telemetry_interval_s=60.0)
-    await enroll(emulator, d.guid, d.leaf_pem, enabled=True)
+    await enroll(module_emulator, d.guid, d.leaf_pem, enabled=True)
     d.start()
     await d.until(lambda s: s.state in (DeviceState.CONNECTED, DeviceState.SENDING) and s.telemetry_sent >= 1)
     assert d.runtime.snapshot.interval_s == 60.0
-    await set_desired(emulator, d.guid, {"telemetryIntervalSeconds": 0.2})
+    await set_desired(module_emulator, d.guid, {"telemetryIntervalSeconds": 0.2})
     snap = await d.until(lambda s: s.interval_s == 0.2)
     # Five more messages take 300 s at the old 60 s interval, about one at the new one: the wait's bound
     # separates the two by far more than any machine's slowness.
     await d.until(lambda s: s.telemetry_sent >= snap.telemetry_sent + 5, timeout=80)
-    ack = await reported_ack(emulator, d.guid, lambda a: a["value"] == 0.2)
+    ack = await reported_ack(module_emulator, d.guid, lambda a: a["value"] == 0.2)
     assert ack["ac"] == 200
-    await set_desired(emulator, d.guid, {"telemetryIntervalSeconds": "fast"})
-    ack = await reported_ack(emulator, d.guid, lambda a: a["ac"] != 200)
+    await set_desired(module_emulator, d.guid, {"telemetryIntervalSeconds": "fast"})
+    ack = await reported_ack(module_emulator, d.guid, lambda a: a["ac"] != 200)
     assert ack["ac"] == 400 and ack["value"] == 0.2  # refused, the interval in force is reported
     assert d.runtime.snapshot.interval_s == 0.2
 
@@ -269,16 +274,16 @@ async def test_outage_beyond_the_buffer_bound_drops_the_oldest_and_counts(emulat
     assert d.state.read_assignment() is not None
 
 
-async def test_deactivated_while_running_goes_back_to_waiting(emulator, device):
+async def test_deactivated_while_running_goes_back_to_waiting(module_emulator, device):
     d = device()
-    await enroll(emulator, d.guid, d.leaf_pem, enabled=True)
+    await enroll(module_emulator, d.guid, d.leaf_pem, enabled=True)
     d.start()
     await d.until(lambda s: s.telemetry_sent >= 1)
-    await deactivate(emulator, d.guid)  # enrollment disabled + hub device deleted, as Deactivate does
+    await deactivate(module_emulator, d.guid)  # enrollment disabled + hub device deleted, as Deactivate does
     snap = await d.until(lambda s: s.state is DeviceState.WAITING_FOR_ACTIVATION)
     assert d.state.read_assignment() is None  # the refused assignment was dropped
     assert not d.task.done()
-    await activate(emulator, d.guid)
+    await activate(module_emulator, d.guid)
     await d.until(
         lambda s: s.telemetry_sent > snap.telemetry_sent and s.state is not DeviceState.WAITING_FOR_ACTIVATION
     )
@@ -299,17 +304,17 @@ async def test_first_boot_while_dps_is_down_retries_until_it_is_back(emulator, d
     assert snap.registrations == 1
 
 
-async def test_messages_are_one_interval_apart_from_the_first(emulator, device):
+async def test_messages_are_one_interval_apart_from_the_first(module_emulator, device):
     """The twin's interval arrives with the first connection, after the first message was produced: it
     moves the next message's due time, it does not send the second message at once."""
     d = device(telemetry_interval_s=30.0)
     twin = {"properties": {"desired": {"telemetryIntervalSeconds": 1.0}}}
-    await enroll(emulator, d.guid, d.leaf_pem, enabled=False)
-    await activate(emulator, d.guid, initial_twin=twin)
+    await enroll(module_emulator, d.guid, d.leaf_pem, enabled=False)
+    await activate(module_emulator, d.guid, initial_twin=twin)
     d.start()
     await d.until(lambda s: s.telemetry_sent >= 3)
     await d.stop()
-    received = await received_telemetry(emulator, d.guid)
+    received = await received_telemetry(module_emulator, d.guid)
     stamps = [datetime.fromisoformat(m["body"]["timestamp"]) for m in received[:3]]
     gaps = [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(stamps)]
     assert all(gap >= 0.95 for gap in gaps), gaps  # one interval of the device's own clock, not ~0

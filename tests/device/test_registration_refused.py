@@ -196,20 +196,22 @@ async def _status(env: dict[str, str], guid: str) -> tuple[dict, str]:
 
 
 @pytest.mark.timeout(300)
-async def test_a_device_revoked_while_it_runs_stops_saying_revoked_and_status_shows_it(tmp_path, emulator):
+async def test_a_device_revoked_while_it_runs_stops_saying_revoked_and_status_shows_it(
+    tmp_path, module_emulator
+):
     port = free_port("127.0.0.1")
     crl_url = f"http://127.0.0.1:{port}/crl/issuing-ca.crl"
     tls = OemTls.create(tmp_path / "oem-tls")
     factory_settings = factory_env(
-        tmp_path, emulator, FACTORY_CRL_HTTP_PORT=str(port), FACTORY_CRL_URL=crl_url
+        tmp_path, module_emulator, FACTORY_CRL_HTTP_PORT=str(port), FACTORY_CRL_URL=crl_url
     )
     guid = str(uuid.uuid4())
     root = tmp_path / "devices"
     async with (
         running_factory(factory_settings) as (factory_app, _factory),
-        running_activation(activation_env(tmp_path, emulator, tls), tls) as (_app, activation),
+        running_activation(activation_env(tmp_path, module_emulator, tls), tls) as (_app, activation),
     ):
-        env = {**_env(emulator, root), "DEVICE_CLIENT_FACTORY_ADDRESS": factory_app.grpc_address}
+        env = {**_env(module_emulator, root), "DEVICE_CLIENT_FACTORY_ADDRESS": factory_app.grpc_address}
         code = await _provisioned(env, guid)
         leaf = x509.load_pem_x509_certificates((root / guid / CHAIN_FILE).read_bytes())[0]
         assert crl_urls(leaf) == [crl_url]  # the factory named its CRL in the certificate
@@ -258,13 +260,16 @@ async def test_a_device_revoked_while_it_runs_stops_saying_revoked_and_status_sh
 
 
 @pytest.mark.timeout(300)
-async def test_an_unreachable_crl_never_makes_a_refused_device_say_revoked(tmp_path, emulator):
+async def test_an_unreachable_crl_never_makes_a_refused_device_say_revoked(tmp_path, module_emulator):
     """The certificate names a CRL nobody serves: the device cannot tell, so it keeps waiting as before."""
     crl_url = f"http://127.0.0.1:{free_port('127.0.0.1')}/crl/issuing-ca.crl"
     guid = str(uuid.uuid4())
     root = tmp_path / "devices"
-    async with running_factory(factory_env(tmp_path, emulator, FACTORY_CRL_URL=crl_url)) as (app, factory):
-        env = {**_env(emulator, root), "DEVICE_CLIENT_FACTORY_ADDRESS": app.grpc_address}
+    async with running_factory(factory_env(tmp_path, module_emulator, FACTORY_CRL_URL=crl_url)) as (
+        app,
+        factory,
+    ):
+        env = {**_env(module_emulator, root), "DEVICE_CLIENT_FACTORY_ADDRESS": app.grpc_address}
         await _provisioned(env, guid)
         await factory.RevokeCertificate(
             fpb.RevokeCertificateRequest(device_id=guid, reason=fpb.REVOCATION_REASON_KEY_COMPROMISE)

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
+from conftest import running_emulator
 from support.dps_device import x509_enrollment
 from support.mqtt_client import MqttTestClient, client_context
 
@@ -18,6 +19,14 @@ from azure_iot_emulator.mqtt import packets as p
 from azure_iot_emulator.mqtt.codec import encode
 
 API = "api-version=2019-03-31&ClientVersion=raw-test"
+
+
+@pytest.fixture(scope="module")
+def module_emulator(tmp_path_factory):
+    """Azure's asynchronous registration (202 assigning, then polls), the emulator's default: the raw
+    client checks its topics."""
+    with running_emulator(tmp_path_factory.mktemp("emulator") / "data", ["--assignment-delay", "1"]) as emu:
+        yield emu
 
 
 @pytest.fixture

@@ -30,13 +30,24 @@ async def in_thread(fn, *args):
     return await asyncio.wait_for(asyncio.to_thread(fn, *args), T)
 
 
-@pytest.fixture
-def hub(emulator, monkeypatch):
-    """(emulator, hub host, registry manager) with the emulator CA trusted for REST."""
+def _hub(emulator, monkeypatch):
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(emulator.ca_path))
     host = emulator.default_hub
     conn = dict(zip(emulator.hub_hosts, emulator.hub_connection_strings, strict=True))[host]
     return emulator, host, IoTHubRegistryManager.from_connection_string(conn)
+
+
+@pytest.fixture
+def hub(module_emulator, monkeypatch):
+    """(emulator, hub host, registry manager) with the emulator CA trusted for REST: the module's emulator
+    (every test uses device ids of its own)."""
+    return _hub(module_emulator, monkeypatch)
+
+
+@pytest.fixture
+def own_hub(emulator, monkeypatch):
+    """:func:`hub` on an emulator of the test's own, for a test that restarts it."""
+    return _hub(emulator, monkeypatch)
 
 
 async def register(rm, tmp_path, device_id):
@@ -242,13 +253,13 @@ async def test_unregistered_thumbprint_and_disabled_device_are_refused(hub, tmp_
 
 
 @pytest.mark.slow
-async def test_initial_twin_from_dps_enrollment_reaches_the_device(emulator, tmp_path):
+async def test_initial_twin_from_dps_enrollment_reaches_the_device(module_emulator, tmp_path):
     from azure.iot.device.aio import ProvisioningDeviceClient
     from azure.iot.deviceprovisioning import DeviceProvisioningClient
 
     cert = TestCa().issue(tmp_path, "dps-twin-1", self_signed=True)
     dps = DeviceProvisioningClient.from_connection_string(
-        emulator.dps_connection_string, connection_verify=str(emulator.ca_path)
+        module_emulator.dps_connection_string, connection_verify=str(module_emulator.ca_path)
     )
     dps.enrollment.create_or_update(
         id="dps-twin-1",
@@ -264,11 +275,11 @@ async def test_initial_twin_from_dps_enrollment_reaches_the_device(emulator, tmp
     )
     x509 = X509(str(cert.cert_path), str(cert.key_path))
     pdc = ProvisioningDeviceClient.create_from_x509_certificate(
-        provisioning_host=emulator.dps_host,
+        provisioning_host=module_emulator.dps_host,
         registration_id="dps-twin-1",
-        id_scope=emulator.id_scope,
+        id_scope=module_emulator.id_scope,
         x509=x509,
-        server_verification_cert=emulator.ca_pem,
+        server_verification_cert=module_emulator.ca_pem,
     )
     result = await sdk(pdc.register())
     assert result.status == "assigned"
@@ -276,7 +287,7 @@ async def test_initial_twin_from_dps_enrollment_reaches_the_device(emulator, tmp
         x509=x509,
         hostname=result.registration_state.assigned_hub,
         device_id=result.registration_state.device_id,
-        server_verification_cert=emulator.ca_pem,
+        server_verification_cert=module_emulator.ca_pem,
     )
     try:
         await sdk(client.connect())
@@ -287,8 +298,8 @@ async def test_initial_twin_from_dps_enrollment_reaches_the_device(emulator, tmp
 
 
 @pytest.mark.slow
-async def test_restart_keeps_identities_twins_telemetry_and_subscriptions(hub, tmp_path):
-    emulator, host, rm = hub
+async def test_restart_keeps_identities_twins_telemetry_and_subscriptions(own_hub, tmp_path):
+    emulator, host, rm = own_hub
     cert = await register(rm, tmp_path, "persist-1")
     client = device_client(emulator, host, cert, connection_retry_interval=1)
     patches: asyncio.Queue = asyncio.Queue()

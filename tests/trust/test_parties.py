@@ -95,7 +95,10 @@ def _certificates(tls: OemTls) -> dict[str, TlsPair]:
 
 
 @pytest.fixture
-async def trust(tmp_path, emulator) -> AsyncIterator[Trust]:
+async def trust(tmp_path, module_emulator) -> AsyncIterator[Trust]:
+    """Both services of the test's own (data, TLS), on the module's emulator (each test's devices are its
+    own)."""
+    emulator = module_emulator
     tls = OemTls.create(tmp_path / "tls")
     env = {
         **{k: v for k, v in factory_env(tmp_path, emulator).items() if "INSECURE" not in k},
