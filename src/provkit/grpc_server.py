@@ -50,6 +50,8 @@ Every call of a registered service goes through one gate before its servicer run
    not list at all, is PERMISSION_DENIED ``CALLER_NOT_AUTHORIZED``.
 
 A refusal changes nothing, is logged with the caller and handed to ``refusals`` (the service's audit).
+A bidi call the gate lets through gets the response header ``ADMITTED_HEADER`` (``x-devprov-admitted``)
+before its servicer runs; clients write their requests after it (``provkit.channels.admitted_stream``).
 
 The same wrapper reports each call to ``metrics`` (``provkit.metrics.RpcMetrics``): its status code and
 latency, and every refusal under its ``ErrorInfo.reason``, streaming calls included.  ``interceptors``
