@@ -11,6 +11,10 @@ API
     Create it inside the event loop that uses it.  ``interceptors``: e.g. OpenTelemetry's client side
     (``provkit.observe.Observability.client_interceptors()``), so a call carries its trace context.
 ``request_metadata(request_id) -> tuple``   ``(("x-request-id", request_id),)`` for per-call metadata.
+``admitted_stream(method, requests, **call_options) -> grpc.aio.StreamStreamCall``
+    Start a request-streaming call (a stub's method, e.g. ``stub.MintCertificates``) whose requests are
+    held back until the server's gate has admitted the call (``provkit.grpc_server.ADMITTED_HEADER``); a
+    refused call then ends with the gate's status and reason, never grpc.aio's "Internal error from Core".
 
 For command-line clients: ``add_channel_arguments(parser, target_help=...)`` (--target, --insecure,
 --ca-file, --cert-file, --key-file, --server-name), the settings keys they set (``CHANNEL_FLAGS``, a
@@ -38,10 +42,10 @@ import contextlib
 import socket
 import ssl
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import grpc
 
@@ -51,7 +55,7 @@ from mainkit.shell import EXIT_USAGE as EXIT_USAGE
 from mainkit.shell import CommandFailed, error_line
 from provkit.errors import InputError
 from provkit.grpc_errors import error_details
-from provkit.grpc_server import REQUEST_ID_HEADER
+from provkit.grpc_server import ADMITTED_HEADER, REQUEST_ID_HEADER
 
 EXIT_REFUSED, EXIT_UNREACHABLE = 1, 3
 
@@ -94,6 +98,45 @@ class ChannelSecurity:
 
 def request_metadata(request_id: str | None) -> tuple[tuple[str, str], ...]:
     return ((REQUEST_ID_HEADER, request_id),) if request_id else ()
+
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
+
+def admitted_stream(
+    method: grpc.aio.StreamStreamMultiCallable[_Request, _Response],
+    requests: AsyncIterable[_Request] | Iterable[_Request],
+    **call_options: Any,
+) -> grpc.aio.StreamStreamCall[_Request, _Response]:
+    """``method(requests, **call_options)``, its first request written once the gate said yes.
+
+    grpc.aio reports a call whose server ended it while a request was being written as INTERNAL "Internal
+    error from Core", without the server's status and details (grpc/grpc#36066).  The gate refuses before
+    reading any request, so a client streaming at once loses the refusal's reason now and then.  Held back
+    until the response headers, the requests go only into a call the gate admitted; a refused call gets
+    none and ends with its status.  Create it inside the event loop that runs the call.
+    """
+    started: asyncio.Future[grpc.aio.StreamStreamCall[_Request, _Response]] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def held_back() -> AsyncIterator[_Request]:
+        call = await started
+        headers = await call.initial_metadata()
+        if not any(key == ADMITTED_HEADER for key, _value in headers or ()):
+            await call.code()  # refused (or ended) before admission: wait for the status, write nothing
+            return
+        if isinstance(requests, AsyncIterable):
+            async for request in requests:
+                yield request
+        else:
+            for request in requests:
+                yield request
+
+    call = method(held_back(), **call_options)
+    started.set_result(call)
+    return call
 
 
 def create_channel(

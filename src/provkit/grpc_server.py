@@ -50,6 +50,8 @@ Every call of a registered service goes through one gate before its servicer run
    not list at all, is PERMISSION_DENIED ``CALLER_NOT_AUTHORIZED``.
 
 A refusal changes nothing, is logged with the caller and handed to ``refusals`` (the service's audit).
+A bidi call the gate lets through gets the response header ``ADMITTED_HEADER`` (``x-devprov-admitted``)
+before its servicer runs; clients write their requests after it (``provkit.channels.admitted_stream``).
 
 The same wrapper reports each call to ``metrics`` (``provkit.metrics.RpcMetrics``): its status code and
 latency, and every refusal under its ``ErrorInfo.reason``, streaming calls included.  ``interceptors``
@@ -96,6 +98,8 @@ from provkit.signals import wait_for_stop_signal
 log = logging.getLogger("provkit.grpc")
 
 REQUEST_ID_HEADER = "x-request-id"
+# The response header a request-streaming call gets once the gate has admitted it (see _wrap_stream).
+ADMITTED_HEADER = "x-devprov-admitted"
 ON_BEHALF_OF_HEADER = "x-devprov-on-behalf-of"  # a portal's end user (ignored from any other role)
 _MAX_ON_BEHALF_OF = 64
 
@@ -269,13 +273,13 @@ class _HandlerWrapper:
             )
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
+                self._wrap_stream(handler.unary_stream, method, requests_stream=False),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
             return grpc.stream_stream_rpc_method_handler(  # the requests' iterator in place of a request
-                self._wrap_stream(handler.stream_stream, method),
+                self._wrap_stream(handler.stream_stream, method, requests_stream=True),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -393,12 +397,21 @@ class _HandlerWrapper:
 
         return wrapped
 
-    def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def _wrap_stream(
+        self, behavior: Callable[..., Any], method: str, *, requests_stream: bool
+    ) -> Callable[..., Any]:
         async def wrapped(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             error: BaseException | None = None
             try:
                 request_id, caller = await self._enter(context, method, request)
+                if requests_stream:
+                    # The verdict goes out before the servicer runs: the response headers with
+                    # ADMITTED_HEADER, or (above) a refusal with no headers before it.  A client that
+                    # holds its requests back until then (provkit.channels.admitted_stream) writes nothing
+                    # into a refused call, so grpc.aio never turns the refusal into "INTERNAL: Internal
+                    # error from Core" (a write failing on the closed stream replaces the status).
+                    await context.send_initial_metadata(((ADMITTED_HEADER, "1"),))
                 with request_scope(request_id, caller):
                     try:
                         async for item in behavior(request, context):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -14,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from provkit.authz import AccessPolicy, Refusal
-from provkit.channels import ChannelSecurity, create_channel, request_metadata
+from provkit.channels import ChannelSecurity, admitted_stream, create_channel, request_metadata
 from provkit.context import Role, current_caller, current_request_id
 from provkit.devpki import DevTlsAuthority
 from provkit.errors import FieldViolation, InvalidArgument, ResourceExhausted
@@ -37,6 +38,7 @@ POLICY = AccessPolicy(
     {
         **{f"/{SERVICE}/{m}": frozenset({Role.OPERATOR}) for m in ("Invalid", "Throttled", "Boom", "Slow")},
         f"/{SERVICE}/Echo": frozenset({Role.OPERATOR, Role.FACTORY}),
+        f"/{SERVICE}/Lot": frozenset({Role.FACTORY}),
     }
 )
 
@@ -85,8 +87,13 @@ async def _slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     return b"finished"
 
 
+async def _lot(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async for request in requests:  # a bidi stream, as MintCertificates: each request echoed
+        yield request
+
+
 def _add(servicer: object, server: grpc.aio.Server) -> None:
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler] = {
         name: grpc.unary_unary_rpc_method_handler(fn)
         for name, fn in {
             "Echo": _echo,
@@ -97,6 +104,7 @@ def _add(servicer: object, server: grpc.aio.Server) -> None:
             "Unlisted": _echo,
         }.items()
     }
+    handlers["Lot"] = grpc.stream_stream_rpc_method_handler(_lot)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
@@ -292,6 +300,45 @@ async def test_a_certificate_naming_no_party_or_two_is_unauthenticated(pki: dict
                 grpc.StatusCode.UNAUTHENTICATED,
                 "CALLER_IDENTITY_UNRECOGNISED",
             )
+    finally:
+        await running.stop(0)
+
+
+async def test_a_refused_request_stream_always_ends_with_the_gates_status_and_reason(pki: dict) -> None:
+    """grpc.aio reports a call that ends while a request is being written as INTERNAL without the server's
+    details (grpc/grpc#36066), and the gate refuses before reading: a client streaming at once lost the
+    reason in about one call of five.  Requests held back until the gate admits the call
+    (``admitted_stream``) go only into admitted calls, so every refusal keeps its status and reason."""
+    d = pki["dir"]
+    tls = ServerTLS(d / "server.pem", d / "server.key", d / "ca.pem", ClientAuth.REQUIRE)
+    running = await start_server(ServerSettings(tls=tls), [PROBE])
+    lot = [b"item" * 256] * 20
+    expected = {
+        "nameless": (grpc.StatusCode.UNAUTHENTICATED, "CALLER_IDENTITY_UNRECOGNISED"),
+        "oem": (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_AUTHORIZED"),
+    }
+    try:
+        for who, (code, reason) in expected.items():
+            pair = pki[who]
+            security = ChannelSecurity(ca_pem=pki["ca"], cert_pem=pair.cert_pem, key_pem=pair.key_pem)
+            async with create_channel(f"localhost:{running.port}", security) as channel:
+                method = channel.stream_stream(f"/{SERVICE}/Lot")
+                for i in range(100):
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        async for _ in admitted_stream(method, iter(lot), timeout=10):
+                            pass
+                    details = error_details(caught.value)
+                    assert (details.code, details.reason, i) == (code, reason, i), details.message
+        client = pki["client"]
+        security = ChannelSecurity(ca_pem=pki["ca"], cert_pem=client.cert_pem, key_pem=client.key_pem)
+        async with create_channel(f"localhost:{running.port}", security) as channel:
+
+            async def items() -> AsyncIterator[bytes]:
+                for item in lot:
+                    yield item
+
+            method = channel.stream_stream(f"/{SERVICE}/Lot")
+            assert [r async for r in admitted_stream(method, items(), timeout=10)] == lot
     finally:
         await running.stop(0)
 

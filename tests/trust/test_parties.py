@@ -36,7 +36,7 @@ from devprov.v1 import factory_service_pb2_grpc as fpb_grpc
 from factory_svc.app import FactoryApp
 from factory_svc.settings import load_settings as load_factory_settings
 from provkit.authz import SUITE_POLICY
-from provkit.channels import ChannelSecurity, create_channel
+from provkit.channels import ChannelSecurity, admitted_stream, create_channel
 from provkit.context import Role
 from provkit.devpki import DevTlsAuthority, TlsPair
 from provkit.grpc_errors import RpcErrorDetails, error_details
@@ -244,8 +244,8 @@ def _call(stubs: tuple, method: str) -> Callable[..., Any]:
     if name != "MintCertificates":
         return call
 
-    async def stream(messages: list, timeout: float) -> None:  # the lot's answers, to the end
-        async for _ in call(iter(messages), timeout=timeout):
+    async def stream(messages: list, timeout: float) -> None:  # the lot's answers, to the end, as `lot` sends
+        async for _ in admitted_stream(call, messages, timeout=timeout):
             pass
 
     return stream

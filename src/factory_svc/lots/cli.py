@@ -54,7 +54,7 @@ from factory_svc.mint.cli import KEY_TYPES  # the names `mint --key-type` takes
 from litestore import private_directory
 from mainkit.shell import RawDescriptionHelpFormatter
 from provkit import faults
-from provkit.channels import read_input, request_metadata
+from provkit.channels import admitted_stream, read_input, request_metadata
 from provkit.cli_shell import add_json, add_key_type
 from provkit.devpki import write_private_file
 from provkit.errors import InputError
@@ -249,7 +249,9 @@ async def _attempt(
 
     summary: pb.LotSummary | None = None
     failures: list[pb.LotItemResult] = []
-    call = stub.MintCertificates(requests(), metadata=request_metadata(plan.header.lot_id))
+    # the lot goes out once the factory has admitted the call: a refusal then keeps its reason
+    lot_id = request_metadata(plan.header.lot_id)
+    call = admitted_stream(stub.MintCertificates, requests(), metadata=lot_id)
     async for response in call:
         if response.WhichOneof("part") == "summary":
             summary = response.summary
