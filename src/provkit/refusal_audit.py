@@ -29,9 +29,9 @@ one, and nobody without credentials can cause them.
 
 Crash story: a first occurrence is durable before its answer is sent; the repeats of the windows still open
 live only in memory, so kill -9 (or a power cut) loses at most those counts, never a first occurrence nor
-a summary already written.  A graceful stop (SIGTERM) writes every open window's summary before the store
-closes.  A first whose write fails is not remembered (the refusal's log line still holds it): the next
-refusal of its kind is written as a first again.
+a summary already written (crash point ``refusal_audit.repeat_counted``: a repeat counted, not answered).
+A graceful stop (SIGTERM) writes every open window's summary before the store closes.  A first whose write
+fails is not remembered (the refusal's log line still holds it): the next of its kind is a first again.
 
 API
 ---
@@ -53,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from provkit.authz import KINDS_OVER_CAP, Refusal, RefusalLog
+from provkit.faults import crash_point
 
 __all__ = ["KINDS_OVER_CAP", "RefusalAggregator", "RefusalAuditSettings"]
 
@@ -119,6 +120,7 @@ class RefusalAggregator:
             window.repeats += 1
             window.first_repeat = window.first_repeat or refusal
             window.last_repeat = refusal
+            crash_point("refusal_audit.repeat_counted")  # counted in memory only: a crash loses the count
             return
         summary = _overflow_summary(refusal) if kind == _OVERFLOW else _summary_of(refusal)
         window = _Window(summary, self._monotonic() + self._settings.window)
