@@ -21,7 +21,9 @@ through a ``RefusalAggregator`` on their way to the service's ``RefusalLog``:
 
 Every refusal is still logged and counted on ``/metrics`` by its caller (``devprov_refusals_total``, the
 webhook's ``devprov_http_requests_total``): the aggregator changes what is written, not what is counted,
-nor what the refused caller is answered.
+nor what the refused caller is answered.  A repeat is answered without waiting for a write, a first after
+its write: the difference tells a caller only whether its own kind (its own source, method and reason) was
+refused lately, nothing about devices or other parties.
 
 Refusals an authenticated party causes (a device the webhook refuses after a correct key, an authorised
 caller's bad request, a wrong activation code) do not come here: they are per device, the audit needs each
@@ -104,6 +106,7 @@ class RefusalAggregator:
         # Every window lasts as long, so insertion order is closing order: the timer looks at the front.
         self._windows: dict[Kind, _Window] = {}
         self._timer: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()  # the timer's summaries are never cut short by close()
         self._closed = False
 
     @property
@@ -150,13 +153,14 @@ class RefusalAggregator:
     async def close(self) -> None:
         """Stop the timer and write the summary of every open window (a graceful shutdown)."""
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
-            self._timer = None
-        windows, self._windows = list(self._windows.values()), {}
-        await self._write_summaries(windows)
+        async with self._flushing:  # the timer is asleep or waiting for this lock: stopped in either
+            if self._timer is not None:
+                self._timer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._timer
+                self._timer = None
+            windows, self._windows = list(self._windows.values()), {}
+            await self._write_summaries(windows)
 
     async def _write_summaries(self, windows: list[_Window]) -> int:
         written = 0
@@ -191,7 +195,8 @@ class RefusalAggregator:
             wait = self._settings.window if front is None else front.closes - self._monotonic()
             await asyncio.sleep(max(wait, 0.0))
             try:
-                await self.flush_due()
+                async with self._flushing:
+                    await self.flush_due()
             except Exception:  # never let the timer die: the next round tries again
                 log.exception("refusal audit timer failed")
 
