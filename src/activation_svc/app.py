@@ -28,6 +28,7 @@ from provkit.grpc_server import RunningServer, ServiceBinding, serve_app, start_
 from provkit.idempotency import RequestIds
 from provkit.iothub import HubRegistries
 from provkit.observe import Observability
+from provkit.refusal_audit import RefusalAggregator
 from provkit.registry import DeviceRegistry, ProvisioningMode
 
 
@@ -40,6 +41,13 @@ class ActivationApp:
     observe: Observability = field(default_factory=Observability.off)
     allocation: AllocationService | None = None
     allocation_http: AllocationHttp | None = None
+    # refusals anyone can cause, on their way to the audit log: a flood is a first row and a count
+    # (``provkit.refusal_audit``): the gate's, and the webhook's wrong function keys
+    refusal_audit: RefusalAggregator = field(init=False)
+    allocation_refusals: RefusalAggregator | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.refusal_audit = RefusalAggregator(self.audit, self.settings.refusal_audit)
 
     @classmethod
     async def open(
@@ -84,7 +92,7 @@ class ActivationApp:
         return await start_server(
             self.settings.server,
             self.bindings(),
-            refusals=self.audit,
+            refusals=self.refusal_audit,
             metrics=self.observe.metrics,
             interceptors=self.observe.server_interceptors(),
         )
@@ -95,8 +103,15 @@ class ActivationApp:
         if self.allocation is None or config is None or self.allocation_http is not None:
             return
         context = server_context(config.cert_file, config.key_file, config.client_ca_file)
+        self.allocation_refusals = RefusalAggregator(self.allocation, self.settings.refusal_audit)
         self.allocation_http = AllocationHttp(
-            self.allocation, config.host, config.port, context, config.function_key, self.observe.metrics
+            self.allocation,
+            config.host,
+            config.port,
+            context,
+            config.function_key,
+            self.observe.metrics,
+            refusals=self.allocation_refusals,
         )
         await self.allocation_http.start()
 
@@ -104,6 +119,10 @@ class ActivationApp:
         if self.allocation_http is not None:
             await self.allocation_http.stop()
         await self.dps.close()
+        # the open windows' counts, before the audit log closes
+        if self.allocation_refusals is not None:
+            await self.allocation_refusals.close()
+        await self.refusal_audit.close()
         await self.audit.close()
         await self.observe.shutdown()
 

@@ -5,7 +5,9 @@ PostgreSQL database (``database_url``; tables shared by all replicas). Table ``a
 device_id, caller, request_id, outcome, detail)``. Written before the answer is sent. Activation codes and
 metadata values are never recorded (the metadata's SHA-256 is). Calls the server refused before the service
 ran (``provkit.authz``) are rows too: ``record_refusal`` writes action = the RPC's path, outcome ``refused``,
-detail = reason and role. An Activate that changes something outside writes its row when it records its intent
+detail = reason and role; they come through ``provkit.refusal_audit`` (the first of a kind, then one summary
+row per window whose detail ends "and N more like this between T1 and T2"; kill -9 loses at most the counts
+of the open windows). An Activate that changes something outside writes its row when it records its intent
 (outcome ``pending``, ``activation_svc.intents``, same file and transaction) and gives it its outcome when the
 intent is finished: ``ok``, or ``error`` with the reason; a row still ``pending`` is a change not completed
 yet.

@@ -17,6 +17,8 @@ TOML file (``--config FILE`` or ACTIVATION_CONFIG).
 | device_ids                        | ACTIVATION_DEVICE_IDS                     | guid (provkit.device_id)   |
 | intents.hold_seconds              | ACTIVATION_INTENTS_HOLD_SECONDS           | 60 (replicas, intents.py)  |
 | requests.lease_seconds            | ACTIVATION_REQUESTS_LEASE_SECONDS         | 30 (replicas)              |
+| refusal_audit.window_seconds      | ACTIVATION_REFUSAL_AUDIT_WINDOW_SECONDS   | 60 (provkit.refusal_audit) |
+| refusal_audit.max_kinds           | ACTIVATION_REFUSAL_AUDIT_MAX_KINDS        | 10000                      |
 | cloud.*                           | ACTIVATION_CLOUD_*                        | see provkit.cloud          |
 | templates.<tenant>                | ACTIVATION_TEMPLATES (tenant=file,...)    | - (twin rules only)        |
 | metrics.listen                    | ACTIVATION_METRICS_LISTEN                 | - (off; host:port)         |
@@ -62,6 +64,7 @@ from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ServerSettings
 from provkit.idempotency import LEASE
 from provkit.observe import ObserveSettings, observe_settings, parse_listen
+from provkit.refusal_audit import RefusalAuditSettings
 from provkit.registry import ProvisioningMode, provisioning_mode, registry_url
 from provkit.settings import (
     Secret,
@@ -69,6 +72,7 @@ from provkit.settings import (
     SettingsSource,
     database_url,
     device_id_policy,
+    refusal_audit_settings,
     request_lease,
     server_settings,
 )
@@ -107,6 +111,7 @@ class ActivationSettings:
     mode: ProvisioningMode = ProvisioningMode.INDIVIDUAL
     registry: DatabaseUrl | None = None  # group mode: the device registry (None: database_url)
     allocation: AllocationSettings | None = None  # group mode: the webhook's listener
+    refusal_audit: RefusalAuditSettings = field(default_factory=RefusalAuditSettings)
 
     @property
     def registry_url(self) -> DatabaseUrl:
@@ -155,6 +160,7 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         device_ids=device_id_policy(source),
         observe=observe_settings(source),
         templates=load_templates(source),
+        refusal_audit=refusal_audit_settings(source),
     )
 
 

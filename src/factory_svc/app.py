@@ -58,6 +58,7 @@ from provkit.idempotency import RequestIds
 from provkit.iothub import HubRegistries
 from provkit.metrics import NO_METRICS, SuiteMetrics
 from provkit.observe import Observability
+from provkit.refusal_audit import RefusalAggregator
 from provkit.settings import SettingsError
 
 
@@ -107,6 +108,11 @@ class FactoryApp:
     renewal_http: RenewalHttp | None = None
     observe: Observability = field(default_factory=Observability.off)
     clock: Clock = now_utc
+    # the gate's refusals, on their way to the ledger's refusals table: a flood is a first row and a count
+    refusal_audit: RefusalAggregator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.refusal_audit = RefusalAggregator(self.ledger.refusals, self.settings.refusal_audit)
 
     @classmethod
     async def open(
@@ -201,7 +207,7 @@ class FactoryApp:
         return await start_server(
             self.settings.server,
             self.bindings(),
-            refusals=self.ledger.refusals,
+            refusals=self.refusal_audit,
             metrics=self.observe.metrics,
             interceptors=self.observe.server_interceptors(),
         )
@@ -217,6 +223,7 @@ class FactoryApp:
         await self.revocation.stop()
         if self.enrollment is not None:
             await self.enrollment.close()
+        await self.refusal_audit.close()  # the open windows' counts, before the ledger closes
         await self.ledger.close()
         await self.observe.shutdown()
         self.ca.close()

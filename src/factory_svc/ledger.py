@@ -4,9 +4,10 @@ One database holds what the factory issued and decided: the certificates and Min
 (``factory_svc.mint.store``), revocations, their intents and the CRL state (``factory_svc.revocation.store``),
 production lots (``factory_svc.lots.store``), and the calls the server refused before any factory code ran
 (no party identity, or a role the access table does not allow, see ``provkit.authz``): the ``refusals``
-table (``RefusalStore``), the factory's trail of who tried what.  Its migrations are declared here once, in
-order, and never edited (a file of any earlier version opens unchanged); ``Ledger`` opens the database and
-hands it to each store.
+table (``RefusalStore``), the factory's trail of who tried what: the first refusal of each kind, and a
+summary row per window of its repeats (``provkit.refusal_audit``; a row with ``repeats`` N stands for N).
+Its migrations are declared here once, in order, and never edited (a file of any earlier version opens
+unchanged); ``Ledger`` opens the database and hands it to each store.
 
 File: ``<data_dir>/ledger.sqlite3`` (plus its ``-wal``/``-shm`` companions).  On PostgreSQL (the service's
 ``database_url``, shared by replicas) the same tables live in that database.
@@ -14,7 +15,8 @@ File: ``<data_dir>/ledger.sqlite3`` (plus its ``-wal``/``-shm`` companions).  On
 Versions: 1 the original tables; 2 revocation (the marks on ``certificates`` and the ``revocations`` audit);
 3 production lots (``lots`` and ``lot_items``); 4 MintCertificate request ids reserved before the work
 (``mint_reservations``); 5 revocation intents and the CRL state every replica shares; 6 renewals
-(``factory_svc.renewal.store``: the ``renewals`` intents, ``certificates.replaces`` / ``superseded_by``).
+(``factory_svc.renewal.store``: the ``renewals`` intents, ``certificates.replaces`` / ``superseded_by``);
+7 summaries of repeated refusals (``refusals.repeats`` / ``until_us``, ``provkit.refusal_audit``).
 """
 
 from __future__ import annotations
@@ -129,6 +131,13 @@ CREATE TABLE crl_state (
 INSERT INTO crl_state (id, crl_number, generation) VALUES (1, 0, 0);
 """
 
+# Version 7: a refusals row may stand for many (``provkit.refusal_audit``): ``repeats`` more refusals of the
+# kind of the row, between ``time_us`` and ``until_us`` (0 and NULL: the row is one refusal).
+REFUSAL_REPEATS = """
+ALTER TABLE refusals ADD COLUMN repeats INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE refusals ADD COLUMN until_us INTEGER;
+"""
+
 # Version 1 is the original schema (files written before versions were kept have version 0 and these tables).
 MIGRATIONS = (
     SCHEMA,
@@ -137,6 +146,7 @@ MIGRATIONS = (
     reservations.migration(RESERVATIONS),
     REVOCATION_INTENTS,
     RENEWALS,
+    REFUSAL_REPEATS,
 )
 # FULL: a certificate handed out must stay on record (limits and audits count it) even after a power cut.
 # One statement cache entry per multi-row INSERT size.
@@ -161,24 +171,39 @@ class RefusalStore:
             refusal.device_id,
             refusal.request_id,
             refusal.reason,
+            refusal.repeats,
+            None if refusal.until is None else to_us(refusal.until),
         )
         await self._db.transaction(
             lambda tx: tx.execute(
-                "INSERT INTO refusals (time_us, method, caller, role, device_id, request_id, reason) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO refusals (time_us, method, caller, role, device_id, request_id, reason, "
+                "repeats, until_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
         )
 
     async def recorded(self) -> list[Refusal]:
-        """Every refusal, oldest first."""
+        """Every row, oldest first: a refusal, or a summary of ``repeats`` more of its kind."""
         rows = await self._db.read(
             lambda tx: tx.fetchall(
-                "SELECT time_us, method, caller, role, device_id, request_id, reason "
+                "SELECT time_us, method, caller, role, device_id, request_id, reason, repeats, until_us "
                 "FROM refusals ORDER BY id"
             )
         )
-        return [Refusal(from_us(r[0]), *r[1:]) for r in rows]
+        return [
+            Refusal(
+                from_us(r[0]),
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                repeats=r[7],
+                until=None if r[8] is None else from_us(r[8]),
+            )
+            for r in rows
+        ]
 
 
 @dataclass(frozen=True)

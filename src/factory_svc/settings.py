@@ -34,6 +34,8 @@
 | renewal.validity_days         | FACTORY_RENEWAL_VALIDITY_DAYS     | 365 (a renewed certificate) |
 | renewal.expired_grace_days    | FACTORY_RENEWAL_EXPIRED_GRACE_DAYS | 0 (off: expired never renews) |
 | renewal.max_per_day           | FACTORY_RENEWAL_MAX_PER_DAY       | 3 (renewals per device per 24 h) |
+| refusal_audit.window_seconds  | FACTORY_REFUSAL_AUDIT_WINDOW_SECONDS | 60 (provkit.refusal_audit) |
+| refusal_audit.max_kinds       | FACTORY_REFUSAL_AUDIT_MAX_KINDS   | 10000                     |
 | metrics.listen                | FACTORY_METRICS_LISTEN            | - (off; host:port serves /metrics) |
 | tracing.exporter / otlp_endpoint | FACTORY_TRACING_EXPORTER / _OTLP_ENDPOINT | none (console, otlp) |
 
@@ -76,11 +78,13 @@ from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ServerSettings
 from provkit.idempotency import LEASE
 from provkit.observe import ObserveSettings, observe_settings, parse_listen
+from provkit.refusal_audit import RefusalAuditSettings
 from provkit.settings import (
     SettingsError,
     SettingsSource,
     database_url,
     device_id_policy,
+    refusal_audit_settings,
     request_lease,
     server_settings,
 )
@@ -128,6 +132,7 @@ class FactorySettings:
     database: DatabaseUrl | None = None  # None: the SQLite files in data_dir
     request_lease: timedelta = LEASE
     renewal: RenewalSettings = field(default_factory=RenewalSettings)
+    refusal_audit: RefusalAuditSettings = field(default_factory=RefusalAuditSettings)
 
     @property
     def database_url(self) -> DatabaseUrl:
@@ -205,4 +210,5 @@ def load_settings(env: Mapping[str, str] | None = None, config: Path | None = No
         observe=observe_settings(source),
         crl=crl,
         renewal=renewal_settings(source, server),
+        refusal_audit=refusal_audit_settings(source),
     )

@@ -12,8 +12,10 @@ decided here but in the domain, where the data is.
 
 API: ``AccessPolicy(rules)``; ``.roles_for(method) -> frozenset[Role]``; ``.check(method, caller)``
 (raises ``CallerNotAuthorized``); ``.markdown() -> str`` (the table as docs/parties.md shows it);
-``SUITE_POLICY``; ``is_open(method)``; ``Refusal`` (what a refused call leaves in an audit) and the
-``RefusalLog`` protocol a service's audit store implements (``async record_refusal(refusal)``).
+``SUITE_POLICY``; ``is_open(method)``; ``Refusal`` (what a refused call leaves in an audit, or the summary
+of its repeats) and the ``RefusalLog`` protocol a service's audit store implements
+(``async record_refusal(refusal)``); the services put ``provkit.refusal_audit.RefusalAggregator`` in front
+of it, so that a flood of refusals is written as a first row and a count.
 """
 
 from __future__ import annotations
@@ -91,9 +93,14 @@ SUITE_POLICY = AccessPolicy(
 )
 
 
+# The reason of the summary of refusals whose kinds found no room of their own (``provkit.refusal_audit``).
+KINDS_OVER_CAP = "REFUSAL_KINDS_OVER_CAP"
+
+
 @dataclass(frozen=True)
 class Refusal:
-    """One call refused before the servicer ran (no identity, or a role the table does not allow)."""
+    """One call refused before the servicer ran (no identity, or a role the table does not allow), or the
+    summary of ``repeats`` more of its kind between ``time`` and ``until`` (``provkit.refusal_audit``)."""
 
     time: datetime
     method: str
@@ -102,10 +109,28 @@ class Refusal:
     device_id: str  # the request's device_id field when it has one, else ""
     request_id: str
     reason: str
+    # who, for telling kinds apart: the certificate's CN and thumbprint, else the peer without its port
+    # ("" : ``caller``); not stored
+    source: str = ""
+    repeats: int = 0  # a summary: how many more refusals like this one (0: this refusal alone)
+    until: datetime | None = None  # a summary: the time of the last of them (``time``: the first)
+
+    @property
+    def repeats_note(self) -> str:
+        """A summary's "and 1,234 more like this between T1 and T2" ("" for one refusal)."""
+        if not self.repeats:
+            return ""
+        what = "of other kinds" if self.reason == KINDS_OVER_CAP else "like this"
+        until = self.until or self.time
+        return (
+            f"and {self.repeats:,} more {what} between {self.time.isoformat(timespec='milliseconds')} "
+            f"and {until.isoformat(timespec='milliseconds')}"
+        )
 
     @property
     def detail(self) -> str:
-        return f"{self.reason} role={self.role or '-'} method={self.method}"
+        detail = f"{self.reason} role={self.role or '-'} method={self.method or '-'}"
+        return f"{detail} {self.repeats_note}" if self.repeats else detail
 
 
 class RefusalLog(Protocol):

@@ -3,8 +3,8 @@
 API
 ---
 ``CallerIdentity(kind, common_name=None, sha256_thumbprint=None, peer="")``  what the transport proved:
-    ``str(identity)`` is ``"<CN> sha256:<THUMBPRINT>"`` for an mTLS caller, ``"tls-anonymous"`` for a TLS
-    caller without a client certificate, ``"insecure:<peer>"`` otherwise.
+    ``str(identity)`` is ``"<CN> sha256:<THUMBPRINT>"`` for an mTLS caller, ``"tls-anonymous:<peer>"`` for a
+    TLS caller without a client certificate, ``"insecure:<peer>"`` otherwise.
 ``Role``        the parties: FACTORY (the MES and the factory test bench that runs ``device-client
                 provision``), OEM (the machine manufacturer's back office), PORTAL (the activation web
                 portal, acting for one OEM), OPERATOR (whoever runs the services); INTERNAL is in-process
@@ -51,8 +51,8 @@ class CallerIdentity:
     def __str__(self) -> str:
         if self.kind == "mtls":
             return f"{self.common_name or '(no CN)'} sha256:{self.sha256_thumbprint}"
-        if self.kind == "insecure":
-            return f"insecure:{self.peer}"
+        if self.kind in ("insecure", "tls-anonymous") and self.peer:
+            return f"{self.kind}:{self.peer}"
         return self.kind
 
 

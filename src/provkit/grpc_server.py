@@ -49,7 +49,9 @@ Every call of a registered service goes through one gate before its servicer run
 2. the table (``provkit.authz``, ``policy``): a role it does not list for the method, or a method it does
    not list at all, is PERMISSION_DENIED ``CALLER_NOT_AUTHORIZED``.
 
-A refusal changes nothing, is logged with the caller and handed to ``refusals`` (the service's audit).
+A refusal changes nothing, is logged with the caller and handed to ``refusals`` (the service's audit,
+behind a ``provkit.refusal_audit.RefusalAggregator``: anyone can cause these, so the first of a kind is
+written and its repeats are counted; ``Refusal.source`` tells kinds apart).
 A bidi call the gate lets through gets the response header ``ADMITTED_HEADER`` (``x-devprov-admitted``)
 before its servicer runs; clients write their requests after it (``provkit.channels.admitted_stream``).
 
@@ -194,6 +196,20 @@ def transport_identity(context: Context) -> tuple[CallerIdentity, bytes]:
     return CallerIdentity("insecure", peer=peer), b""
 
 
+def peer_host(peer: str) -> str:
+    """A gRPC peer (``ipv4:127.0.0.1:50000``, ``ipv6:[::1]:50000``) without its port."""
+    head, _, port = peer.rpartition(":")
+    return head if head and port.isdigit() else peer
+
+
+def refusal_source(identity: CallerIdentity) -> str:
+    """Who a refusal came from, as far as the transport knows: the certificate's CN and thumbprint, else the
+    peer's address (without the port, which a flooder changes with every connection)."""
+    if identity.kind == "mtls":
+        return str(identity)
+    return f"{identity.kind}:{peer_host(identity.peer)}"
+
+
 def _for_end_user(caller: Caller, context: Context) -> Caller:
     """A portal names the person it calls for (so one web user's failures are not another's)."""
     if caller.role is not Role.PORTAL:
@@ -296,7 +312,8 @@ class _HandlerWrapper:
             caller = self._resolver.resolve(context)
             self._policy.check(method, caller)
         except DomainError as exc:
-            seen = str(caller) if caller is not None else str(transport_identity(context)[0])
+            identity = caller.identity if caller is not None else transport_identity(context)[0]
+            seen = str(caller) if caller is not None else str(identity)
             log.warning(
                 "call refused: %s",
                 exc.message,
@@ -318,6 +335,7 @@ class _HandlerWrapper:
                     _device_id_of(request),
                     request_id,
                     exc.reason,
+                    refusal_source(identity),
                 )
             )
             await context.abort_with_status(to_grpc_status(exc, self._domain, request_id=request_id))

@@ -15,6 +15,9 @@ API
     default 30): how long a replica's reservation of a request id lasts without renewal, i.e. how long a
     retry on another replica waits before taking over the request of a replica that died
     (``provkit.idempotency``).
+``refusal_audit_settings(source) -> RefusalAuditSettings``   ``refusal_audit.window_seconds`` (default 60) and
+    ``refusal_audit.max_kinds`` (default 10000): how refusals by callers nobody vouched for are written
+    (``provkit.refusal_audit``).
 ``database_url(source, data_dir)``, ``database_url_set(source)``   where a service keeps its state.
 ``SettingsError``   a missing or malformed value (message names the env variable and the file key); a
     ``ConfigurationError`` (``mainkit.settings``, re-exported by ``provkit.errors``), as
@@ -31,6 +34,7 @@ from mainkit.settings import FlagKeys, Secret, SettingsError, SettingsFile, Sett
 from provkit.device_id import DeviceIdPolicy
 from provkit.grpc_server import ClientAuth, ServerConfigError, ServerSettings, ServerTLS
 from provkit.idempotency import LEASE
+from provkit.refusal_audit import RefusalAuditSettings
 
 __all__ = [
     "FlagKeys",
@@ -41,6 +45,7 @@ __all__ = [
     "database_url",
     "database_url_set",
     "device_id_policy",
+    "refusal_audit_settings",
     "request_lease",
     "server_settings",
 ]
@@ -95,6 +100,18 @@ def request_lease(source: SettingsSource) -> timedelta:
     if seconds <= 0:
         raise SettingsError(f"{source.env_name('requests.lease_seconds')} must be positive")
     return timedelta(seconds=seconds)
+
+
+def refusal_audit_settings(source: SettingsSource) -> RefusalAuditSettings:
+    default = RefusalAuditSettings()
+    window = source.number("refusal_audit.window_seconds", default.window)
+    kinds = source.integer("refusal_audit.max_kinds", default.max_kinds)
+    if window <= 0 or kinds < 1:
+        raise SettingsError(
+            f"{source.env_name('refusal_audit.window_seconds')} must be positive and "
+            f"{source.env_name('refusal_audit.max_kinds')} at least 1"
+        )
+    return RefusalAuditSettings(window, kinds)
 
 
 def database_url(source: SettingsSource, data_dir: Path) -> DatabaseUrl:

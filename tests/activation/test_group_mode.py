@@ -243,3 +243,36 @@ async def test_a_registry_that_cannot_be_read_answers_503_and_the_registration_f
     await on_no_hub(stack, device.device_id)
     result = await register(stack.emulator, device)  # readable again: it comes online
     assert result.status == "assigned"
+
+
+async def test_a_flood_of_wrong_keys_is_one_row_and_a_count_a_device_refused_after_the_key_is_a_row_each(
+    tmp_path, group_emulator, tls
+):
+    """Wrong function keys, which anyone who reaches the port can send: the first written, the rest counted
+    (``provkit.refusal_audit``) and summarised when the service stops; the refusals a key holder causes for
+    a device stay one row each (the audit needs them per device)."""
+    own = Stack(tmp_path, group_emulator, tls)
+    env = {**own.activation_env(), "ACTIVATION_METRICS_LISTEN": "127.0.0.1:0"}
+    async with running_activation({**env, "ACTIVATION_REFUSAL_AUDIT_WINDOW_SECONDS": "600"}, tls) as (app, _):
+        unknown = str(uuid.uuid4())
+        body = runtime_context(unknown, f"CN={unknown}", "AB" * 32, own)
+        statuses = []
+        for start in range(0, 500, 50):
+            batch = (own.post(body, key=f"wrong-key-{start + n}") for n in range(50))
+            statuses += await asyncio.gather(*batch)
+        assert {status for status, _ in statuses} == {401}
+        for _ in range(3):
+            assert (await own.post(body))[0] == 403
+        assert own.audit(unknown) == [("refused", "DEVICE_UNKNOWN")] * 3  # one row each
+        assert own.audit("") == [("refused", "FUNCTION_KEY_WRONG")]  # the first wrong key, so far
+        metrics = await scrape(app.observe.metrics_url)
+        assert metrics.value(HTTP, route="/api/allocate", status="401") == 500  # every one counted
+        assert metrics.value(HTTP, route="/api/allocate", status="403") == 3
+    # stopped gracefully: the open window's count is written
+    (first, summary) = own.audit("")
+    assert first == ("refused", "FUNCTION_KEY_WRONG")
+    assert summary[0] == "refused"
+    assert summary[1].startswith("FUNCTION_KEY_WRONG and 499 more like this between ")
+    with sqlite3.connect(own.activation_dir / "audit.sqlite3") as db:
+        callers = db.execute("SELECT DISTINCT caller FROM audit WHERE device_id = '' AND action = 'allocate'")
+        assert callers.fetchall() == [("dps-allocation-webhook from 127.0.0.1",)]

@@ -2,7 +2,8 @@
 is committed, read back by a fresh connection); on PostgreSQL a group ends its request ids' reservations; on
 both backends a conflicting record is refused alone and
 counts are per id, a certificate is revoked once (its first time and reason kept, one audit row, also when
-two ledgers revoke it at once), and a lot keeps its items and their keys until it is acknowledged."""
+two ledgers revoke it at once), a lot keeps its items and their keys until it is acknowledged, and a
+refusals row of an older ledger reads as one refusal beside the summaries of version 7."""
 
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from support.stores import stored_version, write_at_version
 
 from dbstore import Conflict, DatabaseUrl
 from dbstore.reservations import ClaimKind
-from factory_svc.ledger import Ledger
+from factory_svc.ledger import FILE, MIGRATIONS, Ledger
 from factory_svc.lots.model import LotEntry, StoredLot
 from factory_svc.mint.keys import KeyType
 from factory_svc.mint.model import IssuedCertificate, KeySource
 from factory_svc.mint.store import Recorded, RequestIdTaken
 from factory_svc.revocation.model import Revocation, RevocationReason, Standing
+from provkit.authz import Refusal
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
 
@@ -206,3 +209,27 @@ async def test_a_lot_keeps_its_items_and_their_keys_until_acknowledged(database_
     finally:
         await other.close()
         await ledger.close()
+
+
+async def test_a_version_6_ledger_keeps_its_refusals_and_gains_their_summaries(database_url) -> None:
+    """Version 7: a refusals row may stand for many (``provkit.refusal_audit``); an older row is one."""
+    old = (
+        "INSERT INTO refusals (time_us, method, caller, role, device_id, request_id, reason) "
+        "VALUES (1000000, '/devprov.v1.FactoryService/Enroll', 'tls-anonymous', '', 'd-1', 'r-1', "
+        "'CLIENT_CERTIFICATE_REQUIRED')"
+    )
+    await write_at_version(database_url, FILE, "ledger", MIGRATIONS[:6], [old])
+    ledger = await Ledger.open(database_url, migrate=True)
+    try:
+        summary = Refusal(
+            NOW, "/devprov.v1.FactoryService/Enroll", "tls-anonymous:ipv4:127.0.0.1:50000", "", "", "",
+            "CLIENT_CERTIFICATE_REQUIRED", repeats=1234, until=NOW + timedelta(seconds=59),
+        )  # fmt: skip
+        await ledger.refusals.record_refusal(summary)
+        before, after = await ledger.refusals.recorded()
+    finally:
+        await ledger.close()
+    assert (before.caller, before.device_id) == ("tls-anonymous", "d-1")
+    assert (before.repeats, before.until) == (0, None)
+    assert after == summary
+    assert stored_version(database_url, FILE, "ledger") == len(MIGRATIONS) == 7

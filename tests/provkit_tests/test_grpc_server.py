@@ -249,7 +249,10 @@ async def test_without_an_identity_every_call_but_health_is_refused_and_audited(
         (f"/{SERVICE}/Echo", "", "CLIENT_CERTIFICATE_REQUIRED", "anon-1")
     ] * 3
     callers = [r.caller for r in refusals.seen]
-    assert callers[:2] == ["tls-anonymous"] * 2 and callers[2].startswith("insecure:")
+    # who, as far as the transport knows: the peer's address (and the kind of channel)
+    assert all(c.startswith("tls-anonymous:ipv") for c in callers[:2]) and callers[2].startswith("insecure:")
+    assert [r.source.split(":")[0] for r in refusals.seen] == ["tls-anonymous"] * 2 + ["insecure"]
+    assert all(r.caller.startswith(r.source + ":") for r in refusals.seen)  # the source less the port
 
 
 async def test_the_table_decides_per_role_and_a_method_missing_from_it_is_refused(pki: dict) -> None:

@@ -76,4 +76,4 @@ async def test_a_version_5_ledger_gains_renewals(database_url) -> None:
         assert (buckets["30d"], buckets["365d"]) == (0, 1)  # the superseded one is no longer in use
     finally:
         await ledger.close()
-    assert stored_version(database_url, FILE, "ledger") == len(MIGRATIONS) == 6
+    assert stored_version(database_url, FILE, "ledger") == len(MIGRATIONS) == 7

@@ -6,7 +6,9 @@ Authentication, as Azure Functions take it: the function key in the URL (``?code
 forwarder such as an Azure Function in front of it).  Nobody without the key learns anything: 401 before
 the body is read.
 
-Answers (the body never says why; the audit log does, ``activation_svc.allocation.service``):
+Answers (the body never says why; the audit log does, ``activation_svc.allocation.service``; wrong keys,
+which anyone can send, through ``refusals``: a ``provkit.refusal_audit.RefusalAggregator`` writes the first
+per peer address and counts the repeats, caller ``dps-allocation-webhook from <address>``):
 
 | situation                                                            | status |
 |----------------------------------------------------------------------|--------|
@@ -43,6 +45,7 @@ from aiohttp import web
 import jsonsafe
 from activation_svc.allocation.model import AllocationReason, MalformedRequest, allocation_query
 from activation_svc.allocation.service import AllocationRefused, AllocationService
+from provkit.authz import RefusalLog
 from provkit.cloud import CloudUnavailable
 from provkit.metrics import NO_METRICS, HttpMetrics
 from provkit.settings import Secret
@@ -83,8 +86,10 @@ class AllocationHttp:
         context: ssl.SSLContext,
         key: Secret,
         metrics: HttpMetrics = NO_METRICS,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self._service = service
+        self._refusals: RefusalLog = refusals or service
         self._metrics = metrics
         self._host, self._port = host, port
         self._context = context
@@ -94,7 +99,12 @@ class AllocationHttp:
 
     async def _allocate(self, request: web.Request) -> web.Response:
         if not key_matches(request, self._key):
-            await self._service.audit("", CALLER, "refused", AllocationReason.FUNCTION_KEY_WRONG.value)
+            # Anyone who reaches the port can send this, as fast as they like: it goes through the
+            # aggregator (the first per peer address written, its repeats counted, provkit.refusal_audit).
+            peer = request.remote or ""
+            wrong_key = AllocationReason.FUNCTION_KEY_WRONG
+            refusal = self._service.refusal(wrong_key, f"{CALLER} from {peer}", peer)
+            await self._refusals.record_refusal(refusal)
             return _json(401, {"message": "unauthorized"})
         if request.content_type != "application/json":
             await self._malformed(f"content type {request.content_type[:100]!r}, not application/json")
@@ -122,6 +132,8 @@ class AllocationHttp:
         return _json(200, allocated.response())
 
     async def _malformed(self, what: str) -> None:
+        # One row each, not aggregated: only a holder of the function key gets this far (DPS, or a
+        # forwarder), and whoever holds it can cause per-device refusals (written one by one) just as well.
         detail = f"{AllocationReason.ALLOCATION_REQUEST_MALFORMED.value}: {what}"
         await self._service.audit("", CALLER, "refused", detail[:500])
 

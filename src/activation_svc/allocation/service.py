@@ -24,6 +24,7 @@ REGISTRY_UNAVAILABLE when the audit can be written): the caller answers 5xx, nev
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Protocol
 
 from activation_svc.allocation.model import (
@@ -33,6 +34,7 @@ from activation_svc.allocation.model import (
     common_name,
 )
 from activation_svc.audit import AuditEntry, AuditLog
+from provkit.authz import Refusal
 from provkit.clock import Clock
 from provkit.cloud import CloudUnavailable, Enrollment, slot_sha256
 
@@ -80,8 +82,21 @@ class AllocationService:
         self._audit = audit
         self._clock = clock
 
-    async def audit(self, device_id: str, caller: str, outcome: str, detail: str) -> None:
-        await self._audit.record(AuditEntry(self._clock(), ACTION, device_id, caller, "", outcome, detail))
+    def refusal(self, reason: AllocationReason, caller: str, source: str) -> Refusal:
+        """A refusal of the webhook's endpoint before any record is read (``record_refusal`` audits it)."""
+        return Refusal(self._clock(), ACTION, caller, "", "", "", reason.value, source)
+
+    async def record_refusal(self, refusal: Refusal) -> None:
+        """Audit a refusal, or a summary of its repeats (``provkit.refusal_audit``): detail = its reason,
+        and for a summary "and N more like this between T1 and T2"."""
+        note = f" {refusal.repeats_note}" if refusal.repeats else ""
+        await self.audit(refusal.device_id, refusal.caller, "refused", refusal.reason + note, refusal.time)
+
+    async def audit(
+        self, device_id: str, caller: str, outcome: str, detail: str, at: datetime | None = None
+    ) -> None:
+        entry = AuditEntry(at or self._clock(), ACTION, device_id, caller, "", outcome, detail)
+        await self._audit.record(entry)
         log.info("audit", extra={"action": ACTION, "outcome": outcome, "caller": caller, "detail": detail})
 
     async def _refuse(
