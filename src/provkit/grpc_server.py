@@ -3,9 +3,11 @@ request ids, caller identity and authorization, domain-error mapping, graceful s
 
 API
 ---
-``ClientAuth``                 enum: NONE (plain TLS), OPTIONAL (certificate checked if sent; calls without
-                               one fail UNAUTHENTICATED except health/reflection), REQUIRE (TLS handshake
-                               refuses clients without a certificate from the client CA).
+``ClientAuth``                 enum: NONE (plain TLS: no client certificate is asked for, so every call but
+                               health/reflection is refused), REQUIRE (TLS handshake refuses clients without
+                               a certificate from the client CA).  There is no "optional": gRPC's Python
+                               server either requires a client certificate or never asks for one, so a
+                               caller's certificate could not be "checked if sent".
 ``ServerTLS(cert_file, key_file, client_ca_file=None, client_auth=ClientAuth.REQUIRE)``
 ``ServerSettings(host="127.0.0.1", port=0, tls=None, insecure=False, allow_insecure_non_loopback=False,
                  grace_seconds=10.0, error_domain="devprov", insecure_identity="")``
@@ -112,7 +114,6 @@ class ServerConfigError(ConfigurationError, ValueError):
 
 class ClientAuth(enum.Enum):
     NONE = "none"
-    OPTIONAL = "optional"
     REQUIRE = "require"
 
 
@@ -124,8 +125,8 @@ class ServerTLS:
     client_auth: ClientAuth = ClientAuth.REQUIRE
 
     def __post_init__(self) -> None:
-        if self.client_auth is not ClientAuth.NONE and self.client_ca_file is None:
-            raise ServerConfigError(f"client_auth={self.client_auth.value} needs a client CA file")
+        if self.client_auth is ClientAuth.REQUIRE and self.client_ca_file is None:
+            raise ServerConfigError("client_auth=require needs a client CA file")
 
 
 @dataclass(frozen=True)
@@ -537,9 +538,7 @@ def _credentials(tls: ServerTLS) -> grpc.ServerCredentials:
         raise ServerConfigError(f"cannot read TLS file: {exc}") from exc
     if tls.client_auth is ClientAuth.NONE:
         return grpc.ssl_server_credentials([(key, cert)])
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=tls.client_auth is ClientAuth.REQUIRE
-    )
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=True)
 
 
 def check_settings(settings: ServerSettings) -> None:

@@ -65,11 +65,18 @@ def server_settings(
         if not (cert and private):
             raise SettingsError(f"{source.env_name(key('tls_cert_file'))} and ..._TLS_KEY_FILE go together")
         auth_text = source.text(key("client_auth"), "require" if client_ca else "none") or "none"
+        if auth_text.lower() == "optional":
+            # gRPC's Python server has no request-but-do-not-require mode: "optional" would never ask for a
+            # certificate, and every party would be refused as anonymous.  Said here, not discovered later.
+            raise SettingsError(
+                f"{source.env_name(key('client_auth'))}=optional cannot be served: gRPC's Python server "
+                "either requires a client certificate or never asks for one; choose require (parties) or none"
+            )
         try:
             auth = ClientAuth(auth_text.lower())
         except ValueError:
             raise SettingsError(
-                f"{source.env_name(key('client_auth'))} must be none, optional or require, got {auth_text!r}"
+                f"{source.env_name(key('client_auth'))} must be none or require, got {auth_text!r}"
             ) from None
         try:
             tls = ServerTLS(cert, private, client_ca, auth)

@@ -26,7 +26,7 @@ from provkit.channels import ChannelSecurity
 from provkit.context import Role
 from provkit.devpki import CA_KEY_USAGE, DevTlsAuthority
 from provkit.grpc_errors import error_details
-from provkit.grpc_server import ClientAuth, ServerConfigError, ServerSettings, ServerTLS
+from provkit.grpc_server import ServerConfigError, ServerSettings, ServerTLS
 from provkit.settings import Secret
 
 
@@ -77,22 +77,6 @@ async def test_mtls_refuses_anonymous_clients_and_records_the_caller(tmp_path: P
     thumb = x509.load_pem_x509_certificate(station.cert_pem).fingerprint(hashes.SHA256()).hex().upper()
     assert reply.certificate.caller_identity == f"urn:devprov:factory:plant-1 mes-station-7 sha256:{thumb}"
     assert stored is not None and stored.caller == reply.certificate.caller_identity
-
-
-async def test_optional_client_auth_answers_unauthenticated(tmp_path: Path) -> None:
-    tls_ca = DevTlsAuthority.create()
-    tls_ca.server_certificate(["localhost"]).write(tmp_path / "server.pem", tmp_path / "server.key")
-    (tmp_path / "clients.pem").write_bytes(tls_ca.ca_pem)
-    tls = ServerTLS(
-        tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "clients.pem", ClientAuth.OPTIONAL
-    )
-    settings = factory_settings(tmp_path / "data", ServerSettings(tls=tls, error_domain=ERROR_DOMAIN))
-    async with running_factory(
-        settings, security=ChannelSecurity(ca_pem=tls_ca.ca_pem), target_host="localhost"
-    ) as factory:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await factory.stub.MintCertificate(_mint("opt-1"))
-        assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_health_and_reflection_describe_the_factory(tmp_path: Path) -> None:

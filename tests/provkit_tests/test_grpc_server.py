@@ -219,17 +219,15 @@ async def test_insecure_mode_refuses_non_loopback_bind() -> None:
 
 
 async def test_without_an_identity_every_call_but_health_is_refused_and_audited(pki: dict) -> None:
-    """Plain TLS, optional client auth without a certificate, insecure mode without an insecure identity."""
+    """Plain TLS (no client certificate asked for) and insecure mode without an insecure identity."""
     d = pki["dir"]
     refusals = Refusals()
     plain_tls = ServerTLS(d / "server.pem", d / "server.key", client_auth=ClientAuth.NONE)
-    optional = ServerTLS(d / "server.pem", d / "server.key", d / "ca.pem", ClientAuth.OPTIONAL)
     servers = [
         await start_server(ServerSettings(tls=plain_tls), [PROBE], refusals),
-        await start_server(ServerSettings(tls=optional), [PROBE], refusals),
         await start_server(ServerSettings(insecure=True), [PROBE], refusals),
     ]
-    securities = [ChannelSecurity(ca_pem=pki["ca"])] * 2 + [ChannelSecurity(insecure=True)]
+    securities = [ChannelSecurity(ca_pem=pki["ca"]), ChannelSecurity(insecure=True)]
     try:
         for server, security in zip(servers, securities, strict=True):
             async with create_channel(f"localhost:{server.port}", security) as channel:

@@ -71,6 +71,27 @@ def test_bad_values_name_the_variable(tmp_path: Path) -> None:
         source.flag("server.insecure", False)
 
 
+def test_optional_client_auth_is_refused_with_its_reason(tmp_path: Path) -> None:
+    """gRPC's Python server cannot ask for a certificate without requiring it: "optional" would quietly
+    mean "never asked", and every party would be refused as anonymous."""
+    env = {
+        "SVC_SERVER_TLS_CERT_FILE": str(tmp_path / "server.pem"),
+        "SVC_SERVER_TLS_KEY_FILE": str(tmp_path / "server.key"),
+        "SVC_SERVER_CLIENT_CA_FILE": str(tmp_path / "ca.pem"),
+        "SVC_SERVER_CLIENT_AUTH": "Optional",
+    }
+    with pytest.raises(SettingsError, match="SVC_SERVER_CLIENT_AUTH=optional cannot be served"):
+        server_settings(SettingsSource("SVC", env=env), error_domain="svc")
+    with pytest.raises(SettingsError, match="must be none or require, got 'sometimes'"):
+        server_settings(
+            SettingsSource("SVC", env={**env, "SVC_SERVER_CLIENT_AUTH": "sometimes"}), error_domain="svc"
+        )
+    settings = server_settings(
+        SettingsSource("SVC", env={**env, "SVC_SERVER_CLIENT_AUTH": "none"}), error_domain="svc"
+    )
+    assert settings.tls is not None and settings.tls.client_auth is ClientAuth.NONE
+
+
 def test_secret_from_env_or_file_and_never_shown(tmp_path: Path) -> None:
     secret_file = _write(tmp_path / "pass.txt", "s3cret\n")
     from_file = SettingsSource("SVC", env={"SVC_CA_KEY_PASSPHRASE_FILE": str(secret_file)}).secret(
