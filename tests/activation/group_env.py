@@ -1,22 +1,32 @@
 """Group mode's test stack: factory_svc and activation_svc settings in group mode (one device registry, the
-allocation webhook on a fixed loopback port, one function key), the operator's command as a process, the
-webhook called directly, the emulator's count of DPS service writes, the allocation audit."""
+allocation webhook on a fixed loopback port, one function key), both services running with the group
+written (``running_stack``), the operator's command as a process, the webhook called directly, the
+emulator's count of DPS service writes, the allocation audit."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
 import ssl
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from enrollment.provisioning_env import OemTls, activation_env, factory_env, mint
+from enrollment.provisioning_env import (
+    OemTls,
+    activation_env,
+    factory_env,
+    mint,
+    running_activation,
+    running_factory,
+)
 from support.emulator import free_port
 from support.metrics import scrape
 
@@ -109,14 +119,44 @@ class Stack:
         return device, reply.activation_code
 
 
-def emulator_args(tls: OemTls) -> list[str]:
-    """The emulator for group mode: immediate answers, the webhook's CA trusted, /metrics on."""
+@contextlib.asynccontextmanager
+async def running_stack(root: Path, emulator, tls: OemTls, **activation_extra: str) -> AsyncIterator[Stack]:
+    """activation_svc (its webhook, ``activation_extra`` added to its settings) and factory_svc in group mode
+    on ``emulator``, the enrollment group written by the operator's command (``stack.group``, its answer):
+    ``stack.factory`` and ``stack.activation`` are their gRPC stubs, ``stack.factory_app`` and
+    ``stack.activation_app`` the apps."""
+    stack = Stack(root, emulator, tls)
+    activation_settings = {**stack.activation_env(), **activation_extra}
+    async with (
+        running_activation(activation_settings, tls) as (activation_app, activation),
+        running_factory(stack.factory_env()) as (factory_app, factory),
+    ):
+        stack.factory, stack.activation = factory, activation
+        stack.activation_app, stack.factory_app = activation_app, factory_app
+        stack.group = await stack.apply_group()
+        assert stack.group["outcome"] in ("created", "unchanged")
+        yield stack
+
+
+def emulator_args(tls: OemTls, assignment_delay: str = "immediate") -> list[str]:
+    """The emulator for group mode: immediate answers (or Azure's ``202 assigning`` for
+    ``assignment_delay`` seconds), the webhook's CA trusted, /metrics on."""
     return [
-        "--assignment-delay", "immediate",
+        "--assignment-delay", assignment_delay,
         "--allocation-webhook-timeout", "5",
         "--allocation-webhook-ca", str(tls.ca_file),
         "--metrics-listen", "127.0.0.1:0",
     ]
+
+
+async def dps_group(emulator, group_id: str) -> dict:
+    """The enrollment group as Python's azure-iot-deviceprovisioning reads it from the emulator's DPS."""
+    from azure.iot.deviceprovisioning.aio import DeviceProvisioningClient
+
+    async with DeviceProvisioningClient.from_connection_string(
+        emulator.dps_connection_string, connection_verify=str(emulator.ca_path)
+    ) as client:
+        return await client.enrollment_group.get(id=group_id)
 
 
 def runtime_context(device_id: str, subject: str, sha256: str, stack: Stack) -> dict:

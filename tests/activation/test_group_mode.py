@@ -25,12 +25,11 @@ from enrollment.provisioning_env import (
     mint,
     register,
     running_activation,
-    running_factory,
 )
 from enrollment.provisioning_env import (
     registry as hub_registry,
 )
-from group_env import META, Stack, emulator_args, runtime_context, sha256_of
+from group_env import META, Stack, emulator_args, running_stack, runtime_context, sha256_of
 from support.metrics import scrape
 from support.waiting import until
 
@@ -55,17 +54,8 @@ def group_emulator(tmp_path_factory, tls):
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def stack(tmp_path_factory, group_emulator, tls):
-    stack = Stack(tmp_path_factory.mktemp("stack"), group_emulator, tls)
-    async with (
-        running_activation(
-            {**stack.activation_env(), "ACTIVATION_METRICS_LISTEN": "127.0.0.1:0"}, tls
-        ) as (activation_app, activation),
-        running_factory(stack.factory_env()) as (factory_app, factory),
-    ):
-        stack.factory, stack.activation = factory, activation
-        stack.activation_app, stack.factory_app = activation_app, factory_app
-        applied = await stack.apply_group()
-        assert applied["outcome"] in ("created", "unchanged")
+    root = tmp_path_factory.mktemp("stack")
+    async with running_stack(root, group_emulator, tls, ACTIVATION_METRICS_LISTEN="127.0.0.1:0") as stack:
         yield stack
 
 

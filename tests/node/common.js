@@ -1,6 +1,6 @@
 // What every script here shares: its input is one JSON argument, its answer one JSON line on stdout.
-// An error the service answered (a status code) is an answer too, {"error": {...}}, so a test can check
-// it; anything else is a failure (message on stderr, exit code 1).  Secrets come from the environment.
+// An error the service answered (a status code, or DPS refusing a registration) is an answer too,
+// {"error": {...}}, so a test can check it; anything else is a failure (message on stderr, exit code 1).  Secrets come from the environment.
 'use strict';
 
 function input() {
@@ -15,10 +15,24 @@ function secret(name) {
   return value;
 }
 
+// DPS's refusal of a device's registration, as azure-iot-provisioning-device reports it: an error status on
+// the MQTT response topic (`err.transportObject.topic`, the body in `err.result`), or a final operation
+// status `failed`/`disabled` (DeviceRegistrationFailedError / SyntaxError, the operation status in
+// `err.result`; the topic said 200).
+function registrationRefusal(err) {
+  if (!err || !err.result || typeof err.result !== 'object') {
+    return null;
+  }
+  const topic = err.transportObject && err.transportObject.topic;
+  const match = typeof topic === 'string' && /^\$dps\/registrations\/res\/(\d+)\//.exec(topic);
+  const status = match ? Number(match[1]) : 200;
+  return { error: { name: err.name, status, message: err.message, result: err.result } };
+}
+
 function serviceError(err) {
   const response = err && (err.response || (err.transportError && err.transportError.response));
   if (!response || !response.statusCode) {
-    return null;
+    return registrationRefusal(err);
   }
   return { error: { name: err.name, status: response.statusCode, message: err.message } };
 }

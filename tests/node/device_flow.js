@@ -5,8 +5,9 @@
 //   node device_flow.js '{"provisioningHost", "idScope", "registrationId", "certFile", "keyFile",
 //                         "reported": {...}, "messages": N, "intervalMs": ms}'
 //
-// Answers {"registration", "desired", "sent": [{"seq", "messageId"}...]}.  The emulator's CA comes from
-// NODE_EXTRA_CA_CERTS, as for any Node.js program.
+// Answers {"registration", "registrationState" (all of it, as DPS sent it), "desired", "sent": [{"seq",
+// "messageId"}...]}, or DPS's refusal of the registration as {"error": {"name", "status", "result"}}
+// (common.js).  The emulator's CA comes from NODE_EXTRA_CA_CERTS, as for any Node.js program.
 'use strict';
 
 const fs = require('fs');
@@ -73,6 +74,7 @@ async function main(options) {
     const sent = await sendEvery(client, registration.deviceId, options.messages, options.intervalMs);
     return {
       registration: { assignedHub: registration.assignedHub, deviceId: registration.deviceId },
+      registrationState: registration,
       desired: twin.properties.desired,
       sent,
     };

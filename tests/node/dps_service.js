@@ -1,10 +1,14 @@
-// DPS individual enrollments with Microsoft's Node.js service SDK (azure-iot-provisioning-service), from
-// the connection string in DPS_CONNECTION_STRING (HostName=<host>: the SDK adds no port):
+// DPS individual enrollments and enrollment groups with Microsoft's Node.js service SDK
+// (azure-iot-provisioning-service), from the connection string in DPS_CONNECTION_STRING (HostName=<host>:
+// the SDK adds no port):
 //
 //   node dps_service.js create '{"enrollment": {...}}'      -> the stored enrollment
 //   node dps_service.js get '{"id"}'                        -> the enrollment
 //   node dps_service.js query '{"query", "pageSize"}'       -> {"pages": [[registrationId...]...]}
 //   node dps_service.js delete '{"id", "etag"}'             -> {"deleted": id}
+//   node dps_service.js get-group '{"id"}'                  -> the enrollment group
+//   node dps_service.js put-group '{"group": {...}}'        -> the stored group (If-Match: group.etag, if any)
+//   node dps_service.js group-registrations '{"id"}'        -> the registration states of the group's devices
 'use strict';
 
 const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
@@ -34,5 +38,19 @@ run({
   async delete({ id, etag }) {
     await client().deleteIndividualEnrollment(id, etag);
     return { deleted: id };
+  },
+  async 'get-group'({ id }) {
+    return (await client().getEnrollmentGroup(id)).responseBody;
+  },
+  async 'put-group'({ group }) {
+    return (await client().createOrUpdateEnrollmentGroup(group)).responseBody;
+  },
+  async 'group-registrations'({ id }) {
+    const states = [];
+    const cursor = client().createEnrollmentGroupDeviceRegistrationStateQuery({ query: '*' }, id);
+    while (cursor.hasMoreResults) {
+      states.push(...(await cursor.next(cursor.continuationToken)).responseBody);
+    }
+    return states;
   },
 });

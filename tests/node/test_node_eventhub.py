@@ -16,6 +16,7 @@ from azure.iot.device import X509, Message
 from azure.iot.device.aio import IoTHubDeviceClient
 from azure.iot.hub import IoTHubRegistryManager
 from support.certs import TestCa
+from support.node_sdks import eventhub_client
 
 from azure_iot_emulator.hub.eventhub.model import partition_of
 from azure_iot_emulator.sas import generate_sas
@@ -64,12 +65,7 @@ async def test_node_event_hubs_reads_the_telemetry_a_python_device_sent(
 ):
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(emulator.ca_path))
     host = emulator.default_hub
-    secrets = {"EVENTHUB_CONNECTION_STRING": emulator.eventhub_connection_string(host)}
-
-    async def node(command: str, **payload):
-        return await node_sdks.run(
-            "eventhub_read.js", command, payload=payload, ca_file=emulator.ca_path, secrets=secrets
-        )
+    node = eventhub_client(node_sdks, emulator, host)
 
     await send_three(emulator, host, tmp_path, "node-eh-1")
     partition = str(partition_of("node-eh-1", 4))

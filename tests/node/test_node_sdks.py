@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import uuid
-from typing import Any
 
 import pytest
 from device.device_cloud import received_telemetry
@@ -28,6 +27,7 @@ from enrollment.provisioning_env import (
     running_factory,
 )
 from support.dps_device import x509_enrollment
+from support.node_sdks import dps_client, hub_client
 
 from devprov.v1 import activation_service_pb2 as apb
 
@@ -37,27 +37,6 @@ META = {
     "tags": {"customer": "acme", "machine": "press-7"},
     "properties": {"desired": {"telemetryIntervalSeconds": 5, "recipe": {"name": "steel", "v": 3}}},
 }
-
-
-def node_client(node_sdks, emulator, script: str, secrets: dict[str, str]):
-    """``await call(command, **payload)``: one run of ``tests/node/<script>`` against ``emulator``."""
-
-    async def call(command: str, **payload: object) -> Any:
-        return await node_sdks.run(
-            script, command, payload=payload, ca_file=emulator.ca_path, secrets=secrets
-        )
-
-    return call
-
-
-def dps_client(node_sdks, emulator):
-    secrets = {"DPS_CONNECTION_STRING": emulator.dps_connection_string}
-    return node_client(node_sdks, emulator, "dps_service.js", secrets)
-
-
-def hub_client(node_sdks, emulator, hub: str):
-    secrets = {"HUB_CONNECTION_STRING": emulator.hub_connection_string(hub)}
-    return node_client(node_sdks, emulator, "hub_service.js", secrets)
 
 
 async def test_the_seeds_device_flow_with_the_node_sdks(tmp_path, module_emulator, node_sdks):

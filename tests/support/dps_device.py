@@ -1,5 +1,6 @@
 """What DPS tests do as a device: the X.509 individual enrollment a device needs, and one registration
-with azure-iot-device's ProvisioningDeviceClient (aio), unchanged."""
+with azure-iot-device's ProvisioningDeviceClient (aio), unchanged; the fields of a registration state as
+the service API shows it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,25 @@ from azure.iot.device.aio import ProvisioningDeviceClient
 from device_client.dps import release
 
 REGISTER_TIMEOUT = 60
+
+# Azure's DeviceRegistrationState, what the service API shows of a registration (GET /registrations/{id}, a
+# group's query, an individual enrollment's registrationState): unlike the device's answer, no `x509`,
+# `symmetricKey` or `tpm` (the REST reference, the Node and Python service SDKs' models).
+SERVICE_REGISTRATION_STATE = frozenset(
+    {
+        "registrationId",
+        "createdDateTimeUtc",
+        "assignedHub",
+        "deviceId",
+        "status",
+        "substatus",
+        "errorCode",
+        "errorMessage",
+        "lastUpdatedDateTimeUtc",
+        "etag",
+        "payload",
+    }
+)
 
 
 def x509_enrollment(reg_id: str, pem: str, **extra) -> dict:

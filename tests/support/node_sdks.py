@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,38 @@ class NodeSdks:
         if what:
             raise NodeScriptError(f"{script} {' '.join(args)} {what}:\n{err.decode(errors='replace')}")
         return json.loads(out.decode().strip().splitlines()[-1])
+
+
+ScriptClient = Callable[..., Awaitable[Any]]
+
+
+def node_client(node_sdks: NodeSdks, emulator: Any, script: str, secrets: Mapping[str, str]) -> ScriptClient:
+    """``await call(command, **payload)``: one run of ``tests/node/<script>`` against ``emulator``."""
+
+    async def call(command: str, **payload: object) -> Any:
+        return await node_sdks.run(
+            script, command, payload=payload, ca_file=emulator.ca_path, secrets=secrets
+        )
+
+    return call
+
+
+def dps_client(node_sdks: NodeSdks, emulator: Any) -> ScriptClient:
+    """``dps_service.js`` (azure-iot-provisioning-service) with the emulator's DPS connection string."""
+    secrets = {"DPS_CONNECTION_STRING": emulator.dps_connection_string}
+    return node_client(node_sdks, emulator, "dps_service.js", secrets)
+
+
+def hub_client(node_sdks: NodeSdks, emulator: Any, hub: str) -> ScriptClient:
+    """``hub_service.js`` (azure-iothub) with the connection string of the emulator's ``hub``."""
+    secrets = {"HUB_CONNECTION_STRING": emulator.hub_connection_string(hub)}
+    return node_client(node_sdks, emulator, "hub_service.js", secrets)
+
+
+def eventhub_client(node_sdks: NodeSdks, emulator: Any, hub: str) -> ScriptClient:
+    """``eventhub_read.js`` (@azure/event-hubs) on the built-in endpoint of the emulator's ``hub``."""
+    secrets = {"EVENTHUB_CONNECTION_STRING": emulator.eventhub_connection_string(hub)}
+    return node_client(node_sdks, emulator, "eventhub_read.js", secrets)
 
 
 def _why_unavailable() -> str | None:

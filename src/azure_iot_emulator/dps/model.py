@@ -20,6 +20,18 @@ ALLOCATION_POLICIES = ("hashed", "static", "geoLatency", "custom")
 READ_ONLY = ("etag", "createdDateTimeUtc", "lastUpdatedDateTimeUtc", "registrationState")
 
 
+# What a device's registration answer carries beside Azure's DeviceRegistrationState (how it attested: the
+# certificate info and group, the symmetric key's group, the TPM key).  The service API's registration
+# states (GET /registrations/{id}, a group's query, an individual enrollment's registrationState) are
+# DeviceRegistrationState alone, so the emulator stores the device's view and shows the service this much.
+DEVICE_ONLY_STATE = ("x509", "symmetricKey", "tpm")
+
+
+def service_registration_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored registration state as the service API shows it (Azure's DeviceRegistrationState)."""
+    return {key: value for key, value in state.items() if key not in DEVICE_ONLY_STATE}
+
+
 def registration_key(registration_id: str) -> str:
     """Registration ids are case-insensitive."""
     return registration_id.lower()

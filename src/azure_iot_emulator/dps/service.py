@@ -154,7 +154,7 @@ class DpsService:
         if kind is ENROLLMENTS:
             state = self._db.query_one("SELECT body FROM dps_registrations WHERE key = ?", (row["key"],))
             if state is not None:
-                body["registrationState"] = model.json_object(state["body"])
+                body["registrationState"] = model.service_registration_state(model.json_object(state["body"]))
         return body
 
     def get_enrollment(self, record_id: str, kind: Kind = ENROLLMENTS) -> dict[str, Any]:
@@ -321,7 +321,7 @@ class DpsService:
         )
         if row is None:
             raise DpsError(404, 404202, f"Registration {registration_id} not found")
-        return model.json_object(row["body"])
+        return model.service_registration_state(model.json_object(row["body"]))
 
     def delete_registration(self, registration_id: str, if_match: str | None) -> None:
         key = model.registration_key(model.check_registration_id(registration_id))
@@ -345,7 +345,8 @@ class DpsService:
             " ORDER BY key LIMIT ?",
             (key, after, size + 1),
         )
-        return [model.json_object(r["body"]) for r in rows[:size]], _next_token(rows, size)
+        states = [model.service_registration_state(model.json_object(r["body"])) for r in rows[:size]]
+        return states, _next_token(rows, size)
 
     # ------------------------------------------------------------------------------ device registration
     async def register_x509(
