@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import ssl
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,6 +28,7 @@ from activation.group_env import KEY, Stack
 from aiohttp import web
 from enrollment.provisioning_env import OemTls, running_factory
 from support.certs import TestCa
+from support.cli_process import run_module
 from support.emulator import fresh_addresses
 
 from azure_iot_emulator.sas import generate_sas
@@ -114,20 +114,9 @@ async def holding_proxy(tmp_path: Path, emulator, group_id: str) -> AsyncIterato
 
 async def enrollment_group(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     """The operator's command as its own process: exit code, standard output, standard error."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "factory_svc.cli",
-        "enrollment-group",
-        "--json",
-        *args,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    return await run_module(
+        "factory_svc.cli", "enrollment-group", "--json", *args, env={**os.environ, **env}, timeout=120
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @pytest.mark.parametrize(

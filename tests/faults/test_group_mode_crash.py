@@ -16,7 +16,10 @@ import asyncio
 import json
 import signal
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -29,17 +32,22 @@ from test_activation_intents import activation_process, audit_rows, open_intents
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 
-async def test_killed_after_the_registry_write_the_device_still_comes_online_on_the_activations_hub(
-    tmp_path,
-):
+@asynccontextmanager
+async def enrolled_in_group_mode(tmp_path: Path) -> AsyncIterator[tuple[Any, Stack, OemTls, Any, str]]:
+    """A group-mode emulator and stack, one device enrolled by factory_svc (not activated) and its code."""
     tls = OemTls.create(tmp_path / "tls")
     with running_emulator(tmp_path / "emulator", emulator_args(tls)) as emulator:
         stack = Stack(tmp_path, emulator, tls)
-        env = stack.activation_env()
-        chosen = emulator.hub_hosts[1]
         async with running_factory(stack.factory_env()) as (_app, factory):
             device, code = await stack.enrolled(factory)
-        log = tmp_path / "activation.log"
+        yield emulator, stack, tls, device, code
+
+
+async def test_killed_after_the_registry_write_the_device_still_comes_online_on_the_activations_hub(
+    tmp_path,
+):
+    async with enrolled_in_group_mode(tmp_path) as (emulator, stack, tls, device, code):
+        env, chosen, log = stack.activation_env(), emulator.hub_hosts[1], tmp_path / "activation.log"
         async with activation_process(env, tls, log, crash_at="activate.after_dps") as (proc, stub):
             await stack.apply_group()
             with pytest.raises(grpc.aio.AioRpcError) as killed:
@@ -78,14 +86,8 @@ def assignment(data_dir: Path, device_id: str) -> tuple[str | None, int | None]:
 async def test_webhook_killed_before_its_answer_the_next_registration_lands_on_the_activations_hub(
     tmp_path, point
 ):
-    tls = OemTls.create(tmp_path / "tls")
-    with running_emulator(tmp_path / "emulator", emulator_args(tls)) as emulator:
-        stack = Stack(tmp_path, emulator, tls)
-        env = stack.activation_env()
-        chosen = emulator.hub_hosts[1]
-        async with running_factory(stack.factory_env()) as (_app, factory):
-            device, code = await stack.enrolled(factory)
-        log = tmp_path / "activation.log"
+    async with enrolled_in_group_mode(tmp_path) as (emulator, stack, tls, device, code):
+        env, chosen, log = stack.activation_env(), emulator.hub_hosts[1], tmp_path / "activation.log"
         async with activation_process(env, tls, log, crash_at=point) as (proc, stub):
             await stack.apply_group()
             reply = await stub.Activate(activate_request(device.device_id, code, json.dumps(META), chosen))
