@@ -114,6 +114,11 @@ class AuditLog:
     async def close(self) -> None:
         await self._db.close()
 
+    @property
+    def write_commits(self) -> int | None:
+        """Commits the grouped writes took so far (None where each is a transaction of its own)."""
+        return self._writes.commits
+
     async def record(self, entry: AuditEntry) -> None:
         await self._writes.run(
             lambda tx: tx.execute(

@@ -85,6 +85,11 @@ class Reason(ReasonEnum):
         auto(),
         "replacing the enrollment of an activated or registered device needs a reason",
     )
+    # group mode's enrollment group (factory-svc enrollment-group)
+    ENROLLMENT_GROUP_CONFLICT = (
+        auto(),
+        "a concurrent run wrote the enrollment group first, with other settings: check, then run again",
+    )
     # revocation (RevokeCertificate)
     REVOCATION_NOT_CONFIGURED = auto(), "this factory cannot revoke certificates"
     REVOCATION_TARGET_MISSING = auto(), "neither a device id nor a serial number was given"

@@ -12,7 +12,9 @@ read and write it exactly as they read and write DPS: the same ``provkit.cloud.E
 stored as the very JSON DPS would hold (``provkit.dps_json``), guarded by an etag that changes with every
 write.  Beside it, what DPS keeps about a registration: ``record_assignment`` (the hub the allocation
 webhook placed the device on) is read back as the record's ``registration_state`` and, as on DPS, does
-not change the record's etag (a registration never makes an activation lose its etag race).
+not change the record's etag (a registration never makes an activation lose its etag race).  The
+assignments of concurrent allocations share commits (``dbstore.grouped``: one fsync on SQLite, one
+transaction per group of this process on PostgreSQL), each still durable before its caller goes on.
 
 Storage (``dbstore``): table ``registry(registration_id PRIMARY KEY, etag, document, updated_us,
 assigned_hub, assigned_us)``; SQLite file ``registry.sqlite3`` in the URL's directory (two processes may
@@ -34,6 +36,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from dbstore import Conflict, Database, DatabaseUrl, Tx, UrlError, open_database
+from dbstore.grouped import GroupedTransactions
 from litestore import Options, Schema, Synchronous
 from provkit.cloud import (
     BulkItemError,
@@ -166,6 +169,9 @@ class DeviceRegistry:
     def __init__(self, db: Database, clock: Callable[[], datetime] | None = None) -> None:
         self._db = db
         self._clock = clock or (lambda: datetime.now(UTC))
+        # The allocation webhook's writes: many devices boot at once, and each assignment is its own work
+        # in a shared commit (one that fails alone leaves nothing and fails alone).
+        self._assignments = GroupedTransactions(db)
 
     @classmethod
     async def open(
@@ -266,7 +272,8 @@ class DeviceRegistry:
 
     # -------------------------------------------------------------------------------- registrations
     async def record_assignment(self, registration_id: str, hub: str) -> None:
-        """The allocation placed the device on ``hub`` (its ``registration_state``; the etag stays)."""
+        """The allocation placed the device on ``hub`` (its ``registration_state``; the etag stays), durable
+        when this returns; concurrent calls share a commit."""
 
         async def write(tx: Tx) -> None:
             await tx.execute(
@@ -274,7 +281,12 @@ class DeviceRegistry:
                 (hub, _micros(self._clock()), registration_id.lower()),
             )
 
-        await self._run(lambda: self._db.transaction(write), "be written")
+        await self._run(lambda: self._assignments.run(write), "be written")
+
+    @property
+    def assignment_commits(self) -> int | None:
+        """Commits the assignments took so far (None where each is a transaction of its own)."""
+        return self._assignments.commits
 
     async def count(self) -> int:
         async def read(tx: Tx) -> int:

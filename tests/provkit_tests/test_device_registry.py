@@ -75,6 +75,25 @@ async def test_records_round_trip_and_every_write_is_etag_guarded(database_url, 
         await activation.close()
 
 
+async def test_assignments_of_devices_booting_together_share_commits(database_url, pem):
+    """The allocation webhook's write: each assignment durable when its call returns, concurrent ones in
+    shared commits (one fsync on SQLite), one that finds no record changing nothing of the others."""
+    registry = await DeviceRegistry.open(database_url, migrate=True)
+    try:
+        ids = [f"dev-boot-{n}" for n in range(12)]
+        assert await registry.bulk_create([record(i, pem) for i in ids]) == []
+        commits = registry.assignment_commits
+        assert commits is not None  # both backends group them
+        await asyncio.gather(*(registry.record_assignment(i, "hub-a.example") for i in [*ids, "dev-none"]))
+        assert 1 <= (registry.assignment_commits or 0) - commits < len(ids)
+        for device_id in ids:
+            state = (await registry.get(device_id)).registration_state
+            assert state is not None and state.assigned_hub == "hub-a.example"
+        assert await registry.get("dev-none") is None
+    finally:
+        await registry.close()
+
+
 async def test_of_two_writers_on_one_etag_exactly_one_wins(database_url, pem):
     registries = [await DeviceRegistry.open(database_url, migrate=True) for _ in range(2)]
     try:

@@ -16,9 +16,18 @@ order, each refusal audited (action ``allocate``, outcome ``refused``, detail = 
    hub instead).
 
 Then the hub is recorded as the device's registration (``record_assignment``: Activate and the status
-see the device as registered, and later metadata changes reach its hub twin) and the allocation is audited
-(outcome ``ok``).  A registry that cannot be read raises ``CloudUnavailable`` (audited as
-REGISTRY_UNAVAILABLE when the audit can be written): the caller answers 5xx, never a hub.
+see the device as registered, and later metadata changes reach its hub twin; skipped when the record read
+says the device is on that hub already: a re-registration, DPS's retry) and the allocation is audited
+(outcome ``ok``), in that order, each durable before the answer.  A registry that cannot be read raises
+``CloudUnavailable`` (audited as REGISTRY_UNAVAILABLE when the audit can be written): the caller answers
+5xx, never a hub.
+
+Two commits, in two databases: the registry's (shared with factory_svc, ``registry.database_url``) and the
+audit's (activation_svc's own), so they cannot be one transaction; each groups the writes of concurrent
+allocations into shared commits instead.  Killed between them (crash point ``allocate.assigned``) the
+registry says the device is on its hub and no ``ok`` row exists: nothing was answered, and DPS's retry (or
+the device's next registration) allocates it again, with one commit, the audit row.  Killed after both
+(``allocate.recorded``), before the answer: the same retry answers the same hub.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from activation_svc.audit import AuditEntry, AuditLog
 from provkit.authz import Refusal
 from provkit.clock import Clock
 from provkit.cloud import CloudUnavailable, Enrollment, slot_sha256
+from provkit.faults import crash_point
 
 log = logging.getLogger("activation_svc.allocation")
 
@@ -128,12 +138,16 @@ class AllocationService:
         hub = linked.get(hubs[0].lower())
         if hub is None:
             raise await self._refuse(query, caller, AllocationReason.HUB_NOT_LINKED)
-        try:
-            await self._records.record_assignment(query.registration_id, hub)
-        except CloudUnavailable:
-            await self._audit_unavailable(query, caller)
-            raise
+        state = record.registration_state
+        if state is None or not state.assigned or state.assigned_hub != hub:
+            try:
+                await self._records.record_assignment(query.registration_id, hub)
+            except CloudUnavailable:
+                await self._audit_unavailable(query, caller)
+                raise
+            crash_point("allocate.assigned")  # the registry's commit done, the audit's not: nothing answered
         await self.audit(query.registration_id, caller, "ok", f"hub={hub}")
+        crash_point("allocate.recorded")  # both durable, the answer not sent: DPS's retry gets the same hub
         twin = record.initial_twin
         return Allocated(hub, twin.tags if twin else {}, twin.desired if twin else {})
 

@@ -9,9 +9,16 @@ printed); hubs = ``group.hubs``, default every hub of the cloud settings.
 
 ``apply_group(port, wanted)`` makes DPS hold it: created when absent, left alone when DPS already holds the
 same (signing certificate by thumbprint, webhook URL, API version, hubs, enabled, custom allocation), else
-replaced guarded by the etag it read (a concurrent change: read again, at most three times, then
-ENROLLMENT_CONCURRENTLY_MODIFIED).  The same code path against the emulator and real Azure: only the
+replaced guarded by the etag it read.  The same code path against the emulator and real Azure: only the
 cloud settings differ.
+
+Two runs at once (two operators, two deployment jobs): a create carries no etag, and DPS, Azure's as the
+emulator's, answers 409 to a create of a group that exists, 412 to an update whose etag is stale.  The run
+that lost reads the group again: DPS holds its settings (the other run wanted the same: ``unchanged``), or
+only the etag moved (the update is tried again on it, at most three times, then
+ENROLLMENT_CONCURRENTLY_MODIFIED), or another run's settings are there: ``GroupConflict``, nothing of this
+run written and nothing of the other's replaced (never ``created`` or ``updated`` over settings this run
+did not see; running the command again replaces them knowingly).
 
 Settings (prefix FACTORY; the command's flags win):
 
@@ -36,7 +43,13 @@ from urllib.parse import quote, urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from provkit.cloud import CloudEtagMismatch, CloudSettings, EnrollmentGroup, slot_sha256
+from provkit.cloud import (
+    CloudAlreadyExists,
+    CloudEtagMismatch,
+    CloudSettings,
+    EnrollmentGroup,
+    slot_sha256,
+)
 from provkit.errors import Aborted
 from provkit.errors import Reason as SharedReason
 from provkit.settings import Secret, SettingsError, SettingsSource
@@ -139,31 +152,69 @@ def wanted_group(settings: GroupSettings, chain: Sequence[x509.Certificate]) -> 
     )
 
 
-def _holds(current: EnrollmentGroup, wanted: EnrollmentGroup) -> bool:
-    policy = current.unmodelled.document.get("allocationPolicy")
+def without_key(url: str) -> str:
+    """A webhook URL as it may be shown: without its query (the function key)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+class GroupConflict(Exception):
+    """Another run wrote the group with other settings between this run's read and its write."""
+
+    def __init__(self, held: EnrollmentGroup) -> None:
+        super().__init__(
+            f"another run wrote the enrollment group {held.group_id} meanwhile, with other settings: DPS "
+            f"holds hubs {', '.join(held.iot_hubs) or '-'}, signing certificate {_signing_sha256(held)}, "
+            f"webhook {without_key(held.webhook_url)}; nothing of this run was written. Check which "
+            "settings are meant, then run the command again to replace them"
+        )
+        self.held = held
+
+
+def _signing_sha256(group: EnrollmentGroup) -> str:
+    return (group.signing_sha256 or slot_sha256(group.signing_certificate_pem) or "").upper()
+
+
+def _settings(group: EnrollmentGroup) -> tuple[object, ...]:
+    """What the command sets in a group, comparable (hubs ignore case and order)."""
     return (
-        (current.signing_sha256 or slot_sha256(current.signing_certificate_pem) or "").upper()
-        == slot_sha256(wanted.signing_certificate_pem)
-        and current.webhook_url == wanted.webhook_url
-        and current.api_version == wanted.api_version
-        and sorted(h.lower() for h in current.iot_hubs) == sorted(h.lower() for h in wanted.iot_hubs)
-        and current.enabled
-        and policy == "custom"
+        _signing_sha256(group),
+        group.webhook_url,
+        group.api_version,
+        sorted(h.lower() for h in group.iot_hubs),
     )
 
 
+def _policy(group: EnrollmentGroup) -> object:
+    return group.unmodelled.document.get("allocationPolicy")
+
+
+def _holds(current: EnrollmentGroup, wanted: EnrollmentGroup) -> bool:
+    return _settings(current) == _settings(wanted) and current.enabled and _policy(current) == "custom"
+
+
+def _same_group(a: EnrollmentGroup, b: EnrollmentGroup) -> bool:
+    """The same settings, whatever the etag says."""
+    return _settings(a) == _settings(b) and a.enabled == b.enabled and _policy(a) == _policy(b)
+
+
 async def apply_group(port: GroupPort, wanted: EnrollmentGroup) -> tuple[GroupOutcome, EnrollmentGroup]:
+    seen: EnrollmentGroup | None = None  # what this run's last write was based on (None: no group)
+    lost = False  # that write lost a race (409: created meanwhile, 412: changed meanwhile)
     for _ in range(_ATTEMPTS):
         current = await port.get_group(wanted.group_id)
-        if current is None:
-            return GroupOutcome.CREATED, await port.put_group(wanted)
-        if _holds(current, wanted):
+        if current is not None and _holds(current, wanted):
             return GroupOutcome.UNCHANGED, current
-        replacement = dc_replace(wanted, etag=current.etag or "*", unmodelled=current.unmodelled)
+        if lost and current is not None and (seen is None or not _same_group(current, seen)):
+            raise GroupConflict(current)
+        seen = current
         try:
+            if current is None:
+                return GroupOutcome.CREATED, await port.put_group(wanted)
+            replacement = dc_replace(wanted, etag=current.etag or "*", unmodelled=current.unmodelled)
             return GroupOutcome.UPDATED, await port.put_group(replacement)
-        except CloudEtagMismatch:
-            continue
+        except (CloudAlreadyExists, CloudEtagMismatch):
+            lost = True
     raise Aborted(
         SharedReason.ENROLLMENT_CONCURRENTLY_MODIFIED,
         f"the enrollment group {wanted.group_id} kept changing meanwhile; run the command again",

@@ -9,8 +9,10 @@ the emulator's connection file or real Azure's DPS connection string); the funct
 ``FACTORY_GROUP_FUNCTION_KEY`` (or ``_FILE``), never from the command line.  Prints ``enrollment group
 <id>: created|updated|unchanged`` with its hubs and signing certificate thumbprint, or with ``--json`` one
 object (``group_id``, ``outcome``, ``etag``, ``signing_certificate_sha256``, ``iot_hubs``,
-``webhook_url`` without the key).  Exit 0 done, 1 DPS refused or a concurrent change, 2 settings, 3 DPS
-unreachable.
+``webhook_url`` without the key).  Exit 0 done (``unchanged`` too when a concurrent run wrote the same
+settings first), 1 DPS refused, 2 settings, 3 DPS unreachable, 4 a concurrent run wrote the group first with
+other settings (ENROLLMENT_GROUP_CONFLICT: what DPS holds is told, nothing of this run written) or kept
+changing it (ENROLLMENT_CONCURRENTLY_MODIFIED).
 """
 
 from __future__ import annotations
@@ -19,22 +21,26 @@ import argparse
 import asyncio
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from factory_svc.enrollment.group import (
     DEFAULT_GROUP_ID,
+    GroupConflict,
     GroupOutcome,
     apply_group,
     load_group_settings,
     wanted_group,
+    without_key,
 )
+from factory_svc.errors import Reason
 from mainkit.shell import CommandFailed, print_json
 from provkit.cli_shell import EXIT_REFUSED, EXIT_UNREACHABLE, add_json
 from provkit.clock import now_utc
 from provkit.cloud import CloudError, CloudUnavailable, EnrollmentGroup, slot_sha256
+from provkit.errors import Aborted
 from provkit.settings import SettingsError, SettingsSource
 
 COMMANDS = ("enrollment-group",)
+EXIT_CONFLICT = 4
 
 
 def add_parsers(sub: Any) -> None:
@@ -66,11 +72,6 @@ def add_parsers(sub: Any) -> None:
     cmd.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file (or FACTORY_CONFIG)")
 
 
-def _without_key(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
-
-
 async def _apply(args: argparse.Namespace) -> tuple[GroupOutcome, EnrollmentGroup]:
     from factory_svc.ca.settings import open_ca
     from factory_svc.settings import load_settings
@@ -95,6 +96,10 @@ async def _apply(args: argparse.Namespace) -> tuple[GroupOutcome, EnrollmentGrou
     dps = await DpsEnrollments.open(settings.enroll.cloud.dps)
     try:
         return await apply_group(dps, wanted)
+    except GroupConflict as exc:
+        raise CommandFailed(str(exc), Reason.ENROLLMENT_GROUP_CONFLICT, exit_code=EXIT_CONFLICT) from exc
+    except Aborted as exc:
+        raise CommandFailed(exc.message, exc.reason, exit_code=EXIT_CONFLICT) from exc
     except CloudUnavailable as exc:
         raise CommandFailed(str(exc), "DPS_UNAVAILABLE", exit_code=EXIT_UNREACHABLE) from exc
     except CloudError as exc:
@@ -114,12 +119,12 @@ def run(args: argparse.Namespace) -> int:
                 "etag": group.etag,
                 "signing_certificate_sha256": thumbprint,
                 "iot_hubs": list(group.iot_hubs),
-                "webhook_url": _without_key(group.webhook_url),
+                "webhook_url": without_key(group.webhook_url),
             }
         )
     else:
         print(
             f"enrollment group {group.group_id}: {outcome.value} (hubs {', '.join(group.iot_hubs)}; "
-            f"signing certificate {thumbprint}; webhook {_without_key(group.webhook_url)})"
+            f"signing certificate {thumbprint}; webhook {without_key(group.webhook_url)})"
         )
     return 0
