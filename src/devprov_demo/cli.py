@@ -124,6 +124,12 @@ def _parser() -> argparse.ArgumentParser:
             help="group mode: activation_svc's allocation webhook (HTTPS; default 8444)",
         )
         cmd.add_argument(
+            "--assignment-delay",
+            metavar="SECONDS|immediate",
+            help="the emulator's DPS: seconds until a registration is assigned (default 1: Azure's flow, "
+            "202 assigning then the device polls, the SDK every 2 s); immediate: at once",
+        )
+        cmd.add_argument(
             "--metrics-port",
             type=int,
             metavar="PORT",
@@ -185,7 +191,7 @@ FLAGS = FlagKeys(
             "work_dir", "dps_host", "hub_hosts", "https_port", "factory_port", "activation_port",
             "portal_port", "crl_port", "est_port", "metrics_port", "replicas", "devices", "interval",
             "seconds", "summary_json", "cert_minutes", "renew_fraction", "until_renewed", "mode",
-            "webhook_port",
+            "webhook_port", "assignment_delay",
         )
     }
 )  # fmt: skip
@@ -230,6 +236,7 @@ def _config(source: SettingsSource, short: ShortCertificates | None = None) -> S
         replicas=max(1, source.integer("replicas", 1)),
         mode=(source.text("mode") or "individual").strip().lower(),
         webhook_port=source.integer("webhook_port", 8444),
+        assignment_delay=source.text("assignment_delay"),
     )
 
 

@@ -63,6 +63,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from azure_iot_emulator import config as emulator_config
 from azure_iot_emulator.process import EmulatorProcess, spawn, terminate
 from devprov_demo import pgcluster
 from devprov_demo.worklock import LOCK_FILE, WorkDirLock
@@ -95,8 +96,15 @@ class StackConfig:
     replicas: int = 1  # >1: PostgreSQL, and that many of each service behind its one address
     mode: str = "individual"  # or "group": one enrollment group and activation_svc's allocation webhook
     webhook_port: int = 8444  # group mode: activation_svc's allocation webhook (HTTPS)
+    # The emulator's --assignment-delay: None is its default, Azure's flow (202 assigning, the device polls:
+    # the SDK waits 2 s); "immediate" answers each registration at once; else seconds (0-3600).
+    assignment_delay: str | None = None
 
     def __post_init__(self) -> None:
+        if self.assignment_delay is not None:
+            delay = emulator_config.assignment_delay(self.assignment_delay)  # SettingsError: a ValueError
+            if delay is not None and not 0 <= delay <= 3600:
+                raise ValueError(f"--assignment-delay must be 'immediate' or 0-3600 seconds, not {delay:g}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.mode == "group" and self.replicas > 1:
@@ -198,6 +206,26 @@ class TlsFiles:
             pair.write(self.cert(client), self.key(client))
 
 
+# A service started and not yet waited for: its label, process, gRPC address and log file.
+_Starting = tuple[str, "subprocess.Popen[bytes]", str, Path]
+STOP_GRACE_S = 15.0  # as azure_iot_emulator.process.terminate: SIGKILL for what has not stopped by then
+
+
+def _terminate_together(procs: list[subprocess.Popen[bytes]], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM to each running process at once, then wait for them all; SIGKILL for any still running
+    ``grace`` seconds after the signal.  Raises nothing."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _clean_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
 
@@ -216,6 +244,7 @@ class Stack:
             extra_args=[
                 *(["--metrics-listen", config.metrics_listen("emulator")] if config.metrics_port else []),
                 *(["--allocation-webhook-ca", str(self.tls.ca)] if config.group else []),
+                *(["--assignment-delay", config.assignment_delay] if config.assignment_delay else []),
             ],
         )
         self._services: dict[str, subprocess.Popen[bytes]] = {}
@@ -265,16 +294,39 @@ class Stack:
             connection = str(self.emulator.connection_file)
             if self.config.replicas > 1:
                 self._start_database()
-            for name, module, prefix, port in (
+            # The services and the portal depend on the emulator (its connection file) and the database,
+            # not on each other: each is started, then each is waited for until it answers (their start-ups
+            # overlap; the portal dials activation_svc only when a page asks).  A service's first replica
+            # makes what its replicas share in the data directory (the development CA): the others start
+            # once it answers.
+            services = (
                 ("factory", "factory_svc", "FACTORY", self.config.factory_port),
                 ("activation", "activation_svc", "ACTIVATION", self.config.activation_port),
-            ):
-                extra = {f"{prefix}_CLOUD_EMULATOR_CONNECTION_FILE": connection}
-                if self.config.replicas > 1:
-                    self._start_replicas(name, module, prefix, port, extra)
-                else:
-                    self._start_service(name, module, prefix, port, extra)
-            self._start_portal(connection)
+            )
+            extras = {
+                name: self._service_extra(name, module, prefix, port, connection)
+                for name, module, prefix, port in services
+            }
+            replicated = self.config.replicas > 1
+
+            def start_replicas(numbers: range) -> list[_Starting]:
+                """Replica n of each service (0: the one service without replicas), on port + 1000 * n."""
+                return [
+                    self._start_service(name, module, prefix, port + 1000 * n, extras[name], replica=n)
+                    for name, module, prefix, port in services
+                    for n in numbers
+                ]
+
+            starting = start_replicas(range(1, 2) if replicated else range(1))
+            portal = self._start_portal(connection)
+            for service in starting:
+                self._wait_serving(*service)
+            self._wait_portal(portal)
+            if replicated:
+                for service in start_replicas(range(2, self.config.replicas + 1)):
+                    self._wait_serving(*service)
+                for name, _, _, port in services:
+                    self._start_balancers(name, port)
             if self.config.group:
                 self._apply_group(connection)
         except BaseException:
@@ -381,14 +433,15 @@ class Stack:
         extra: Mapping[str, str],
         *,
         replica: int = 0,
-    ) -> None:
+    ) -> _Starting:
+        """Start a service; what ``_wait_serving`` waits on until it answers."""
         metrics = self.config.metrics_listen(name, replica)
         env = {**self._service_environment(name, prefix, port, metrics), **extra}
         label = f"{name}-{replica}" if replica else name
         log = self.logs / f"{label}.log"
         proc = spawn([sys.executable, "-m", module, "serve"], log, env)
         self._add(label, f"{module} replica {replica}" if replica else module, proc)
-        self._wait_serving(label, proc, f"{self.config.service_host}:{port}", log)
+        return label, proc, f"{self.config.service_host}:{port}", log
 
     def _start_database(self) -> None:
         """The replicas' PostgreSQL cluster, in ``postgres/`` of the work directory and kept between runs
@@ -409,12 +462,15 @@ class Stack:
         for name in REPLICATED:
             self.database_urls[name] = cluster.database(name)
 
-    def _start_replicas(
-        self, name: str, module: str, prefix: str, port: int, extra: Mapping[str, str]
-    ) -> None:
-        """``migrate``, then the replicas (each on its own port, ``port + 1000 * n``, sharing the data
-        directory: the development CA), then one balancer on ``port`` in front of them."""
-        extra = {**extra, f"{prefix}_DATABASE_URL": self.database_urls[name]}
+    def _service_extra(
+        self, name: str, module: str, prefix: str, port: int, connection: str
+    ) -> dict[str, str]:
+        """What a service gets besides its own settings: the emulator's connection file, and with replicas
+        the service's database, migrated here (``migrate``) before any replica starts."""
+        extra = {f"{prefix}_CLOUD_EMULATOR_CONNECTION_FILE": connection}
+        if self.config.replicas == 1:
+            return extra
+        extra[f"{prefix}_DATABASE_URL"] = self.database_urls[name]
         log = self.logs / f"{name}-migrate.log"
         with log.open("ab") as out:
             migrated = subprocess.run(
@@ -425,8 +481,11 @@ class Stack:
             )
         if migrated.returncode != 0:
             raise RuntimeError(f"{name} migrate failed; its log:\n{_tail(log)}")
-        for n in range(1, self.config.replicas + 1):
-            self._start_service(name, module, prefix, port + 1000 * n, extra, replica=n)
+        return extra
+
+    def _start_balancers(self, name: str, port: int) -> None:
+        """The replicas' one address (``port``), waited for until it answers; the factory's CRL and EST
+        listeners get one each too."""
         self._start_balancer(name, port)
         self._wait_serving(
             f"{name} (balancer)",
@@ -434,7 +493,7 @@ class Stack:
             f"{self.config.service_host}:{port}",
             self.logs / f"{name}-balancer.log",
         )
-        if prefix == "FACTORY":
+        if name == "factory":
             self._start_balancer("factory-crl", self.config.crl_port)
             self._start_balancer("factory-est", self.config.est_port)
 
@@ -472,9 +531,9 @@ class Stack:
                     raise RuntimeError(f"{name} did not answer on {address}; its log:\n{_tail(log)}")
                 time.sleep(0.1)
 
-    def _start_portal(self, connection: str) -> None:
+    def _start_portal(self, connection: str) -> subprocess.Popen[bytes]:
         """The activation portal: plain HTTP on loopback, a client of activation_svc with its own
-        certificate; it offers the hubs of the same cloud settings."""
+        certificate; it offers the hubs of the same cloud settings.  ``_wait_portal`` waits for it."""
         env = {
             **_clean_environment(),
             "ACTIVATION_PORTAL_HOST": self.config.service_host,
@@ -486,9 +545,12 @@ class Stack:
             "ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE": connection,
             "ACTIVATION_PORTAL_METRICS_LISTEN": self.config.metrics_listen("portal"),
         }
-        log = self.logs / "portal.log"
-        proc = spawn([sys.executable, "-m", "activation_svc", "portal"], log, env)
+        proc = spawn([sys.executable, "-m", "activation_svc", "portal"], self.logs / "portal.log", env)
         self._add("portal", "the portal", proc)
+        return proc
+
+    def _wait_portal(self, proc: subprocess.Popen[bytes]) -> None:
+        log = self.logs / "portal.log"
         deadline = time.monotonic() + SERVICE_START_TIMEOUT
         while "portal listening on" not in _tail(log):
             if proc.poll() is not None:
@@ -524,9 +586,9 @@ class Stack:
     def stop(self) -> None:
         """Stop the services, then the emulator (each SIGTERM, graceful; SIGKILL after a grace period), then
         PostgreSQL."""
-        for label, proc in reversed(list(self._services.items())):
-            if label != "postgres":  # the database goes last, once nobody uses it
-                terminate(proc)
+        # Each service is told at once and stops on its own (nothing of the stack calls another while it
+        # stops): the wait is the slowest one's graceful stop, not the sum of them.
+        _terminate_together([proc for label, proc in self._services.items() if label != "postgres"])
         self._services.clear()
         terminate(self.emulator.proc)
         self._database.close()

@@ -47,7 +47,14 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def _stack_args(work_dir: Path) -> list[str]:
+# Azure's DPS answers a registration "202 assigning" and the device polls (the SDK after a fixed 2 s): the
+# demo's default, run by test_demo_runs_the_whole_flow_and_summarises; the other demo runs have their
+# registrations answered at once (the 202-then-poll path itself: tests/emulator/test_dps_async_assignment.py,
+# tests/device/test_device_full_handover.py).
+IMMEDIATE = ("--assignment-delay", "immediate")
+
+
+def _stack_args(work_dir: Path, *, azure_flow: bool = False) -> list[str]:
     dps, hub1, hub2 = fresh_addresses(3)
     return [
         "--work-dir", str(work_dir),
@@ -60,6 +67,7 @@ def _stack_args(work_dir: Path) -> list[str]:
         "--crl-port", str(free_port("127.0.0.1")),
         "--est-port", str(free_port("127.0.0.1")),
         "--metrics-port", str(_free_port_block(4)),
+        *(() if azure_flow else IMMEDIATE),
     ]  # fmt: skip
 
 
@@ -155,11 +163,14 @@ def test_demo_runs_the_whole_flow_and_summarises(tmp_path):
     work = tmp_path / "demo"
     summary_file = tmp_path / "summary.json"
     proc = _demo(
-        "run", *_stack_args(work), "--devices", "3", "--interval", "1", "--seconds", "8",
+        "run", *_stack_args(work, azure_flow=True), "--devices", "3", "--interval", "1", "--seconds", "8",
         "--summary-json", str(summary_file),
     )  # fmt: skip
     output, _ = proc.communicate(timeout=200)
     assert proc.returncode == 0, output
+    # the default is Azure's flow: each registration answered "202 assigning", then assigned on a poll
+    emulator_log = (work / "logs" / "emulator.log").read_text()
+    assert emulator_log.count(": 202 assigning") == 3, emulator_log[-4000:]
     # The labels were printed: GUID and activation code for each device.
     codes = re.findall(r"[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}", output)
     assert len(codes) == 3, output
@@ -386,6 +397,10 @@ def test_demo_in_group_mode_boots_the_fleet_through_the_allocation_webhook(tmp_p
     summary = json.loads(summary_file.read_text())
     assert summary["ok"] is True
     devices = summary["devices"]
+    # --assignment-delay immediate reached the emulator: each registration answered at once, none polled
+    emulator_log = (work / "logs" / "emulator.log").read_text()
+    assert emulator_log.count(": 200 assigned hub=") == len(devices) == 2, emulator_log[-4000:]
+    assert ": 202 assigning" not in emulator_log and "DPS poll" not in emulator_log
     received = {m.device_id: m.hub for m in _hub_messages(work)}
     for device in devices:
         assert device["assigned_hub"] == device["chosen_hub"] == received[device["guid"]], device

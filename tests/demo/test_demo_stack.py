@@ -25,6 +25,26 @@ def test_a_foreign_non_empty_directory_is_refused_and_kept(tmp_path, fresh):
     assert not (tmp_path / MARKER).exists()
 
 
+@pytest.mark.parametrize("delay", ["soon", "-1", "3601", "nan", ""])
+def test_an_assignment_delay_that_is_no_delay_is_refused_before_anything_starts(tmp_path, delay):
+    with pytest.raises(ValueError, match=r"assignment[- ]delay must be 'immediate'"):
+        StackConfig(work_dir=tmp_path, assignment_delay=delay)
+
+
+def test_the_demo_command_refuses_an_assignment_delay_that_is_no_delay_and_creates_nothing(tmp_path):
+    refused = _demo("run", "--work-dir", str(tmp_path / "demo"), "--assignment-delay", "soon")
+    output, _ = refused.communicate(timeout=60)
+    assert refused.returncode == 2, output
+    assert "assignment delay must be 'immediate' or seconds, not 'soon'" in output, output
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("delay", ["immediate", " Immediate", "0", "2.5"])
+def test_an_assignment_delay_goes_to_the_emulator_as_given(tmp_path, delay):
+    stack = Stack(StackConfig(work_dir=tmp_path, assignment_delay=delay))
+    assert stack.emulator.extra_args[-2:] == ["--assignment-delay", delay]
+
+
 def _snapshot(work: Path) -> dict[str, tuple[int, int, bytes]]:
     """Every file under the work directory (mtime, size, and the bytes of the small ones: the CAs, keys,
     connection.json, env.sh), except what the running stack itself keeps writing: its logs and its

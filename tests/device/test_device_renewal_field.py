@@ -49,6 +49,13 @@ pytestmark = [
 LIFETIME = timedelta(hours=1)  # MintCertificate's shortest validity
 
 
+@pytest.fixture
+def emulator(module_emulator):
+    """The module's emulator: each test's devices have ids of their own, and no test stops it or counts
+    what the whole emulator holds (tests/README.md)."""
+    return module_emulator
+
+
 class Field:
     """factory_svc with its EST listener, and devices minted by it with short-lived certificates."""
 
@@ -151,7 +158,7 @@ async def test_a_short_lived_device_renews_by_itself_while_telemetry_flows(tmp_p
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(emulator.ca_path))
     async with Field(tmp_path, emulator) as field:
         guid = await field.device()
-        env = field.env()
+        env = field.env(due_in=timedelta(seconds=10))  # the device sends for a few seconds first
         before = (await _status(env, guid))["identity"]
         proc = await _start(env, "run", guid, "--interval", "1")
 
