@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import ssl
 import sys
 
@@ -15,6 +14,7 @@ import pytest
 import pytest_asyncio
 from enrollment.provisioning_env import connection_file
 from portal_env import hidden_fields, portal_stack
+from support.emulator import free_port
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 START_TIMEOUT = 30
@@ -45,12 +45,6 @@ async def stop_cli(proc) -> int:
     finally:
         if proc.returncode is None:
             proc.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_cli_mtls_to_the_service_serves_https_and_prints_its_address(stack):
@@ -84,7 +78,7 @@ async def test_cli_mtls_to_the_service_serves_https_and_prints_its_address(stack
 
 
 async def test_cli_plaintext_loopback_variant_reports_an_unreachable_service(tmp_path):
-    target = f"127.0.0.1:{free_port()}"  # nothing listens there
+    target = f"127.0.0.1:{free_port('127.0.0.1')}"  # nothing listens there
     proc, line = await start_cli(
         "--insecure", "--target", target, env={"ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE": ""}
     )

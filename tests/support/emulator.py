@@ -11,6 +11,7 @@ Azure's ports of its own address (MQTT 8883, HTTPS 443), so its connection strin
 
 from __future__ import annotations
 
+import random
 import socket
 from pathlib import Path
 
@@ -19,10 +20,39 @@ from conftest import free_loopback_address
 from azure_iot_emulator import process
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_PORT_FLOOR = 10000
+_handed_out: set[tuple[str, int]] = set()
+_ports = random.Random()  # its own generator: a test seeding ``random`` must not make runs pick alike
+
+
 def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port free on ``host`` now, below the kernel's ephemeral range.
+
+    A port the kernel picks for ``bind(0)`` is an ephemeral one, and between this call and the moment the
+    test's server binds it, any outgoing connection of the run (a client, an SDK) may be given the same port
+    as its source: the server then fails with "address in use" (seen in the demo tests).  Ports below the
+    ephemeral range are never handed to outgoing connections; a port is not handed out twice in a run.
+    """
+    ceiling = _ephemeral_low()
+    for _ in range(1000):
+        port = _ports.randrange(_PORT_FLOOR, max(ceiling, _PORT_FLOOR + 1000))
+        if (host, port) in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add((host, port))
+        return port
+    raise RuntimeError(f"no free port below {ceiling} on {host}")
 
 
 def fresh_addresses(count: int, taken: tuple[str, ...] = ()) -> list[str]:
