@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -111,3 +113,22 @@ async def test_the_shortest_validity_is_a_setting(tmp_path: Path, database_url) 
             await minting.mint(MintRequest("short-1", csr, validity=timedelta(minutes=1)))
     finally:
         await ledger.close()
+
+
+def test_replicas_starting_at_once_on_a_fresh_data_directory_share_one_development_ca(tmp_path: Path) -> None:
+    """Each process looks, finds no CA, makes one and renames it into place: all but the first rename find
+    the directory there.  Every process must start, on the CA that won."""
+    script = (
+        "import sys\n"
+        "from datetime import UTC, datetime\n"
+        "from pathlib import Path\n"
+        "from factory_svc.ca.issuing import open_dev_ca\n"
+        "ca = open_dev_ca(Path(sys.argv[1]), lambda: datetime.now(UTC))\n"
+        "print(ca.certificate.serial_number)\n"
+    )
+    command = [sys.executable, "-c", script, str(tmp_path / "data" / "ca")]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE) for _ in range(6)]
+    answers = [process.communicate(timeout=60) for process in processes]
+    assert [process.returncode for process in processes] == [0] * 6
+    assert len({out for out, _ in answers}) == 1
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["ca"]  # no staging directory left

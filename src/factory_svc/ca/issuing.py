@@ -16,6 +16,7 @@ with the self-signed root) and its key (PEM, optionally encrypted with the passp
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shutil
 import tempfile
@@ -179,7 +180,14 @@ def _create_dev_ca(ca_dir: Path, now: datetime) -> None:
         write_private_file(staging / ROOT_KEY, _key_pem(root_key))
         write_private_file(staging / ISSUING_KEY, _key_pem(issuing_key))
         os.chmod(staging, 0o700)
-        os.rename(staging, ca_dir)  # all four files appear at once, or none
+        try:
+            os.rename(staging, ca_dir)  # all four files appear at once, or none
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            # Another process (a replica started at the same moment on the same data directory) created
+            # the CA between our look and our rename; its rename was just as whole, so it is the CA.
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
