@@ -27,7 +27,11 @@ accepts certificates that short (``FACTORY_MINT_MIN_VALIDITY_MINUTES``) and enro
 ``mode`` ``group`` (``docs/group-mode.md``): both services in group mode, the device registry in
 activation_svc's data directory, activation_svc's allocation webhook on ``webhook_port`` (its gRPC server's
 TLS certificate, which the emulator is told to trust), a function key made for the stack, and the
-enrollment group written by ``factory-svc enrollment-group`` once the services answer.  One replica each.
+enrollment group written by ``factory-svc enrollment-group`` once the services answer.  With replicas the
+registry is in activation_svc's PostgreSQL database (migrated before any replica starts: factory_svc
+refuses a registry without its table), every activation_svc replica serves the webhook on
+``webhook_port + 1000 * n``, and the enrollment group's one URL names a balancer on ``webhook_port`` that
+hands each connection to a replica that answers (on Azure: several Function instances behind one URL).
 
 Prometheus ``/metrics`` of the four programs listen on ``metrics_port`` .. ``metrics_port + 3`` (factory,
 activation, portal, emulator; ``StackConfig.metrics_urls()``); ``metrics_port=0`` turns them off.  With
@@ -94,13 +98,11 @@ class StackConfig:
     metrics_port: int = 9101  # /metrics of the 4 programs (METRICS_PROGRAMS) from here on; 0: off
     replicas: int = 1  # >1: PostgreSQL, and that many of each service behind its one address
     mode: str = "individual"  # or "group": one enrollment group and activation_svc's allocation webhook
-    webhook_port: int = 8444  # group mode: activation_svc's allocation webhook (HTTPS)
+    webhook_port: int = 8444  # group mode: activation_svc's allocation webhook (HTTPS; replicas: a balancer)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if self.mode == "group" and self.replicas > 1:
-            raise ValueError("group mode runs one replica of each service here (not with replicas)")
 
     @property
     def group(self) -> bool:
@@ -108,7 +110,12 @@ class StackConfig:
 
     @property
     def webhook_url(self) -> str:
-        return f"https://{self.service_host}:{self.webhook_port}/api/allocate"
+        """The allocation webhook's URL (the enrollment group's; with replicas their balancer's)."""
+        return self.webhook_url_of(0)
+
+    def webhook_url_of(self, replica: int) -> str:
+        """Replica n's own webhook URL (port ``webhook_port + 1000 * n``; 0: ``webhook_url``)."""
+        return f"https://{self.service_host}:{self.webhook_port + 1000 * replica}/api/allocate"
 
     @property
     def factory_address(self) -> str:
@@ -263,17 +270,22 @@ class Stack:
         try:
             self.emulator.start()
             connection = str(self.emulator.connection_file)
+            services = [
+                (name, module, prefix, port, {f"{prefix}_CLOUD_EMULATOR_CONNECTION_FILE": connection})
+                for name, module, prefix, port in (
+                    ("factory", "factory_svc", "FACTORY", self.config.factory_port),
+                    ("activation", "activation_svc", "ACTIVATION", self.config.activation_port),
+                )
+            ]
             if self.config.replicas > 1:
                 self._start_database()
-            for name, module, prefix, port in (
-                ("factory", "factory_svc", "FACTORY", self.config.factory_port),
-                ("activation", "activation_svc", "ACTIVATION", self.config.activation_port),
-            ):
-                extra = {f"{prefix}_CLOUD_EMULATOR_CONNECTION_FILE": connection}
+                for service in services:  # every schema first: group mode's registry is activation_svc's
+                    self._migrate(*service)
+            for service in services:
                 if self.config.replicas > 1:
-                    self._start_replicas(name, module, prefix, port, extra)
+                    self._start_replicas(*service)
                 else:
-                    self._start_service(name, module, prefix, port, extra)
+                    self._start_service(*service)
             self._start_portal(connection)
             if self.config.group:
                 self._apply_group(connection)
@@ -302,7 +314,7 @@ class Stack:
             f"{prefix}_SERVER_CLIENT_CA_FILE": str(self.tls.ca),
             f"{prefix}_METRICS_LISTEN": metrics,
             **(self._factory_environment(port) if prefix == "FACTORY" else {}),
-            **(self._group_environment(prefix) if self.config.group else {}),
+            **(self._group_environment(prefix, port) if self.config.group else {}),
         }
 
     @property
@@ -315,19 +327,27 @@ class Stack:
             private_directory(self.webhook_key_file.parent)
             write_private_file(self.webhook_key_file, secrets.token_urlsafe(32).encode())
 
-    def _group_environment(self, prefix: str) -> dict[str, str]:
+    def _group_environment(self, prefix: str, port: int) -> dict[str, str]:
         """Group mode: the factory writes each device's record to the device registry in activation_svc's
-        data directory, activation_svc reads it there and serves the allocation webhook; one key."""
+        data directory (with replicas its PostgreSQL database), activation_svc reads it there and serves the
+        allocation webhook (the replica on ``port + 1000 * n`` on ``webhook_port + 1000 * n``); one key."""
         if prefix == "FACTORY":
+            replicated = self.config.replicas > 1
             return {
                 "FACTORY_MODE": "group",
-                "FACTORY_REGISTRY_DATABASE_URL": f"sqlite:///{self.root / 'activation'}",
+                "FACTORY_REGISTRY_DATABASE_URL": (
+                    self.database_urls["activation"]
+                    if replicated
+                    else f"sqlite:///{self.root / 'activation'}"
+                ),
                 "FACTORY_GROUP_WEBHOOK_URL": self.config.webhook_url,
                 "FACTORY_GROUP_FUNCTION_KEY_FILE": str(self.webhook_key_file),
             }
         return {
             "ACTIVATION_MODE": "group",
-            "ACTIVATION_ALLOCATION_LISTEN": f"{self.config.service_host}:{self.config.webhook_port}",
+            "ACTIVATION_ALLOCATION_LISTEN": (
+                f"{self.config.service_host}:{self.config.webhook_port + port - self.config.activation_port}"
+            ),
             "ACTIVATION_ALLOCATION_FUNCTION_KEY_FILE": str(self.webhook_key_file),
         }
 
@@ -409,11 +429,9 @@ class Stack:
         for name in REPLICATED:
             self.database_urls[name] = cluster.database(name)
 
-    def _start_replicas(
-        self, name: str, module: str, prefix: str, port: int, extra: Mapping[str, str]
-    ) -> None:
-        """``migrate``, then the replicas (each on its own port, ``port + 1000 * n``, sharing the data
-        directory: the development CA), then one balancer on ``port`` in front of them."""
+    def _migrate(self, name: str, module: str, prefix: str, port: int, extra: Mapping[str, str]) -> None:
+        """A replicated service's tables in its PostgreSQL database (``migrate``; group mode's activation_svc:
+        the device registry's too)."""
         extra = {**extra, f"{prefix}_DATABASE_URL": self.database_urls[name]}
         log = self.logs / f"{name}-migrate.log"
         with log.open("ab") as out:
@@ -425,6 +443,14 @@ class Stack:
             )
         if migrated.returncode != 0:
             raise RuntimeError(f"{name} migrate failed; its log:\n{_tail(log)}")
+
+    def _start_replicas(
+        self, name: str, module: str, prefix: str, port: int, extra: Mapping[str, str]
+    ) -> None:
+        """The replicas (each on its own port, ``port + 1000 * n``, sharing the data directory: the
+        development CA), then one balancer on ``port`` in front of them (in group mode activation_svc's
+        webhook gets one too)."""
+        extra = {**extra, f"{prefix}_DATABASE_URL": self.database_urls[name]}
         for n in range(1, self.config.replicas + 1):
             self._start_service(name, module, prefix, port + 1000 * n, extra, replica=n)
         self._start_balancer(name, port)
@@ -437,16 +463,21 @@ class Stack:
         if prefix == "FACTORY":
             self._start_balancer("factory-crl", self.config.crl_port)
             self._start_balancer("factory-est", self.config.est_port)
+        elif self.config.group:
+            self._start_balancer("activation-webhook", self.config.webhook_port)
 
     def _start_balancer(self, name: str, port: int) -> None:
-        """One address (``port``) in front of the replicas' ``port + 1000 * n``."""
+        """One address (``port``) in front of the replicas' ``port + 1000 * n``, waited for until it
+        listens."""
         host = self.config.service_host
         backends: list[str] = []
         for n in range(1, self.config.replicas + 1):
             backends += ["--backend", f"{host}:{port + 1000 * n}"]
         log = self.logs / f"{name}-balancer.log"
         command = [sys.executable, "-m", "devprov_demo.balancer", "--listen", f"{host}:{port}", *backends]
-        self._add(f"{name}-balancer", f"the balancer of {name}", spawn(command, log))
+        self._spawn_until_logged(
+            f"{name}-balancer", f"the balancer of {name}", command, log, "balancer listening on"
+        )
 
     def _wait_serving(self, name: str, proc: subprocess.Popen[bytes], address: str, log: Path) -> None:
         creds = grpc.ssl_channel_credentials(
@@ -486,15 +517,31 @@ class Stack:
             "ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE": connection,
             "ACTIVATION_PORTAL_METRICS_LISTEN": self.config.metrics_listen("portal"),
         }
-        log = self.logs / "portal.log"
-        proc = spawn([sys.executable, "-m", "activation_svc", "portal"], log, env)
-        self._add("portal", "the portal", proc)
+        command = [sys.executable, "-m", "activation_svc", "portal"]
+        self._spawn_until_logged(
+            "portal", "the portal", command, self.logs / "portal.log", "portal listening on", env
+        )
+
+    def _spawn_until_logged(
+        self,
+        label: str,
+        title: str,
+        command: list[str],
+        log: Path,
+        line: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """Start a part of the stack and wait until it wrote ``line`` to its ``log`` (appended to from run to
+        run: only what this one wrote counts), ``RuntimeError`` when it exits or takes too long."""
+        start = log.stat().st_size if log.exists() else 0
+        proc = spawn(command, log, env)
+        self._add(label, title, proc)
         deadline = time.monotonic() + SERVICE_START_TIMEOUT
-        while "portal listening on" not in _tail(log):
+        while line not in _since(log, start):
             if proc.poll() is not None:
-                raise RuntimeError(f"the portal exited with {proc.returncode}; its log:\n{_tail(log)}")
+                raise RuntimeError(f"{title} exited with {proc.returncode}; its log:\n{_tail(log)}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the portal did not start; its log:\n{_tail(log)}")
+                raise RuntimeError(f"{title} did not start; its log:\n{_tail(log)}")
             time.sleep(0.1)
 
     def _add(self, label: str, title: str, proc: subprocess.Popen[bytes]) -> None:
@@ -574,6 +621,16 @@ class Stack:
         path = self.root / "env.sh"
         path.write_text("\n".join(lines) + "\n")
         return path
+
+
+def _since(path: Path, offset: int) -> str:
+    """What ``path`` holds after its first ``offset`` bytes."""
+    try:
+        with path.open("rb") as file:
+            file.seek(offset)
+            return file.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _tail(path: Path, limit: int = 3000) -> str:
