@@ -253,6 +253,9 @@ class Stack:
             entry.name != LOCK_FILE for entry in self.root.iterdir()
         ):
             raise RuntimeError(f"{self.root} is not empty and not a stack's work directory; choose another")
+        # Missing parents (a checkout's var/) are ordinary directories: with replicas, run as root, the
+        # PostgreSQL server's user must pass through them.  The work directory itself is private.
+        self.root.parent.mkdir(parents=True, exist_ok=True)
         private_directory(self.root)
         self._lock = WorkDirLock.acquire(self.root, command)
 
