@@ -7,6 +7,7 @@ enrollment group's one webhook URL reaches whichever activation_svc replica is a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -82,11 +84,21 @@ def _up(work: Path, args: list[str]) -> Printed:
     return printed
 
 
-def _stop(printed: Printed) -> str:
-    printed.proc.send_signal(signal.SIGINT)
-    output = printed.finish()
-    assert printed.proc.returncode == 130, output  # Ctrl-C: interrupted, as everywhere
-    return output
+@contextlib.contextmanager
+def _running(work: Path, args: list[str]) -> Iterator[Printed]:
+    """``up --replicas 2`` for the block, stopped with Ctrl-C at its end (exit 130, as everywhere; killed
+    when the block failed), leaving no process of the stack (PostgreSQL's server included: its command line
+    names its directory).  ``.text`` holds all it printed."""
+    printed = _up(work, args)
+    try:
+        yield printed
+        printed.proc.send_signal(signal.SIGINT)
+        output = printed.finish()
+        assert printed.proc.returncode == 130, output
+    finally:
+        if printed.proc.poll() is None:
+            printed.proc.kill()
+    assert _processes_under(work) == []
 
 
 @pytest.mark.slow
@@ -98,8 +110,7 @@ def test_up_with_two_replicas_keeps_its_state_and_reports_a_killed_replica(work_
     args = _replicated_args(work)
     factory_port = int(args[args.index("--factory-port") + 1])
     guid = str(uuid.uuid4())
-    printed = _up(work, args)
-    try:
+    with _running(work, args) as printed:
         env = _env_from(work / "env.sh")
         assert env["FACTORY_CLIENT_TARGET"].endswith(f":{factory_port}")  # the one address
         minted = _cli(env, "device-client", "provision", guid)
@@ -116,26 +127,16 @@ def test_up_with_two_replicas_keeps_its_state_and_reports_a_killed_replica(work_
         assert not _answers(metrics["factory replica 1"])  # it is gone, and monitoring sees that
         again = _cli(env, "device-client", "provision", str(uuid.uuid4()))  # on the replica that is left
         assert again.returncode == 0, again.stdout + again.stderr
-        output = _stop(printed)
-    finally:
-        if printed.proc.poll() is None:
-            printed.proc.kill()
+    output = printed.text
     assert "PostgreSQL: factory's state" in output
-    assert _processes_under(work) == []  # the server included (its command line names its directory)
     cluster = re.search(r"PostgreSQL cluster \(kept; --fresh wipes it\)\W+(/\S+)", output)
     assert cluster is not None, output
     assert Path(cluster.group(1)) == work.resolve() / "postgres"
     assert (work / "postgres" / "data" / "PG_VERSION").exists()
 
-    printed = _up(work, args)  # the same work directory: the same DPS, devices and services' state
-    try:
+    with _running(work, args):  # the same work directory: the same DPS, devices and services' state
         listed = _cli(_env_from(work / "env.sh"), "factory-svc", "list", guid)
         assert listed.returncode == 0 and guid in listed.stdout, listed.stdout + listed.stderr
-        _stop(printed)
-    finally:
-        if printed.proc.poll() is None:
-            printed.proc.kill()
-    assert _processes_under(work) == []
 
 
 @pytest.mark.slow
@@ -242,8 +243,7 @@ def test_up_in_group_mode_allocates_through_the_replica_left_when_the_other_is_k
     work = work_dir
     args = _replicated_args(work, webhook=True)
     hubs = [args[i + 1] for i, option in enumerate(args) if option == "--hub-host"]
-    printed = _up(work, args)
-    try:
+    with _running(work, args) as printed:
         env = _env_from(work / "env.sh")
         found = re.findall(r"metrics: (activation replica \d) \(Prometheus\)\s+(http://\S+)", printed.text)
         metrics = dict(found)
@@ -266,11 +266,6 @@ def test_up_in_group_mode_allocates_through_the_replica_left_when_the_other_is_k
             rows = conn.execute("SELECT registration_id, assigned_hub FROM registry").fetchall()
         assert dict(rows) == {first: hubs[0], second: hubs[1]}
         assert not list((work / "activation").glob("registry.sqlite3*"))  # not the single stack's file
-        _stop(printed)
-    finally:
-        if printed.proc.poll() is None:
-            printed.proc.kill()
-    assert _processes_under(work) == []
 
 
 @pytest.mark.slow
