@@ -130,6 +130,16 @@ def _parser() -> argparse.ArgumentParser:
             "202 assigning then the device polls, the SDK every 2 s); immediate: at once",
         )
         cmd.add_argument(
+            "--replicas",
+            type=int,
+            metavar="N",
+            help="N > 1: the services' state in a PostgreSQL cluster of the stack's own (in the work "
+            "directory, kept between runs), and N replicas of each service behind its one address (replica n "
+            "on the port + 1000 * n, its /metrics too; kill one to watch the others carry on; default 1). In "
+            "group mode the device registry is in that cluster and every activation_svc replica serves the "
+            "webhook behind --webhook-port (on Azure: several Function instances behind one URL)",
+        )
+        cmd.add_argument(
             "--metrics-port",
             type=int,
             metavar="PORT",
@@ -172,14 +182,6 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the stack and keep it up")
     stack_options(up, WORK_DIRS["up"])
     up.add_argument("--fresh", action="store_true", help="wipe the work directory first")
-    up.add_argument(
-        "--replicas",
-        type=int,
-        metavar="N",
-        help="N > 1: the services' state in a PostgreSQL cluster of the stack's own (in the work directory, "
-        "kept between runs), and N replicas of each service behind its one address (replica n on the port + "
-        "1000 * n, its /metrics too; kill one to watch the others carry on; default 1)",
-    )
     return parser
 
 
@@ -298,6 +300,11 @@ def _stack_facts(stack: Stack) -> list[tuple[str, str]]:
             facts += [
                 (f"{name} replica {n} (pid {stack.pid(name.split('_')[0] + f'-{n}')})",
                  f"{config.service_host}:{port + 1000 * n}")
+                for n in range(1, config.replicas + 1)
+            ]
+        if config.group:
+            facts += [
+                (f"allocation webhook replica {n}", config.webhook_url_of(n))
                 for n in range(1, config.replicas + 1)
             ]
         facts += [(f"PostgreSQL: {name}'s state", url) for name, url in stack.database_urls.items()]

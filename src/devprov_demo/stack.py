@@ -27,7 +27,11 @@ accepts certificates that short (``FACTORY_MINT_MIN_VALIDITY_MINUTES``) and enro
 ``mode`` ``group`` (``docs/group-mode.md``): both services in group mode, the device registry in
 activation_svc's data directory, activation_svc's allocation webhook on ``webhook_port`` (its gRPC server's
 TLS certificate, which the emulator is told to trust), a function key made for the stack, and the
-enrollment group written by ``factory-svc enrollment-group`` once the services answer.  One replica each.
+enrollment group written by ``factory-svc enrollment-group`` once the services answer.  With replicas the
+registry is in activation_svc's PostgreSQL database (migrated before any replica starts: factory_svc
+refuses a registry without its table), every activation_svc replica serves the webhook on
+``webhook_port + 1000 * n``, and the enrollment group's one URL names a balancer on ``webhook_port`` that
+hands each connection to a replica that answers (on Azure: several Function instances behind one URL).
 
 Prometheus ``/metrics`` of the four programs listen on ``metrics_port`` .. ``metrics_port + 3`` (factory,
 activation, portal, emulator; ``StackConfig.metrics_urls()``); ``metrics_port=0`` turns them off.  With
@@ -95,7 +99,7 @@ class StackConfig:
     metrics_port: int = 9101  # /metrics of the 4 programs (METRICS_PROGRAMS) from here on; 0: off
     replicas: int = 1  # >1: PostgreSQL, and that many of each service behind its one address
     mode: str = "individual"  # or "group": one enrollment group and activation_svc's allocation webhook
-    webhook_port: int = 8444  # group mode: activation_svc's allocation webhook (HTTPS)
+    webhook_port: int = 8444  # group mode: activation_svc's allocation webhook (HTTPS; replicas: a balancer)
     # The emulator's --assignment-delay: None is its default, Azure's flow (202 assigning, the device polls:
     # the SDK waits 2 s); "immediate" answers each registration at once; else seconds (0-3600).
     assignment_delay: str | None = None
@@ -107,8 +111,6 @@ class StackConfig:
                 raise ValueError(f"--assignment-delay must be 'immediate' or 0-3600 seconds, not {delay:g}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if self.mode == "group" and self.replicas > 1:
-            raise ValueError("group mode runs one replica of each service here (not with replicas)")
 
     @property
     def group(self) -> bool:
@@ -116,7 +118,12 @@ class StackConfig:
 
     @property
     def webhook_url(self) -> str:
-        return f"https://{self.service_host}:{self.webhook_port}/api/allocate"
+        """The allocation webhook's URL (the enrollment group's; with replicas their balancer's)."""
+        return self.webhook_url_of(0)
+
+    def webhook_url_of(self, replica: int) -> str:
+        """Replica n's own webhook URL (port ``webhook_port + 1000 * n``; 0: ``webhook_url``)."""
+        return f"https://{self.service_host}:{self.webhook_port + 1000 * replica}/api/allocate"
 
     @property
     def factory_address(self) -> str:
@@ -275,6 +282,9 @@ class Stack:
             entry.name != LOCK_FILE for entry in self.root.iterdir()
         ):
             raise RuntimeError(f"{self.root} is not empty and not a stack's work directory; choose another")
+        # Missing parents (a checkout's var/) are ordinary directories: with replicas, run as root, the
+        # PostgreSQL server's user must pass through them.  The work directory itself is private.
+        self.root.parent.mkdir(parents=True, exist_ok=True)
         private_directory(self.root)
         self._lock = WorkDirLock.acquire(self.root, command)
 
@@ -321,7 +331,7 @@ class Stack:
             portal = self._start_portal(connection)
             for service in starting:
                 self._wait_serving(*service)
-            self._wait_portal(portal)
+            self._wait_logged("portal", *portal, "portal listening on")
             if replicated:
                 for service in start_replicas(range(2, self.config.replicas + 1)):
                     self._wait_serving(*service)
@@ -354,7 +364,7 @@ class Stack:
             f"{prefix}_SERVER_CLIENT_CA_FILE": str(self.tls.ca),
             f"{prefix}_METRICS_LISTEN": metrics,
             **(self._factory_environment(port) if prefix == "FACTORY" else {}),
-            **(self._group_environment(prefix) if self.config.group else {}),
+            **(self._group_environment(prefix, port) if self.config.group else {}),
         }
 
     @property
@@ -367,19 +377,27 @@ class Stack:
             private_directory(self.webhook_key_file.parent)
             write_private_file(self.webhook_key_file, secrets.token_urlsafe(32).encode())
 
-    def _group_environment(self, prefix: str) -> dict[str, str]:
+    def _group_environment(self, prefix: str, port: int) -> dict[str, str]:
         """Group mode: the factory writes each device's record to the device registry in activation_svc's
-        data directory, activation_svc reads it there and serves the allocation webhook; one key."""
+        data directory (with replicas its PostgreSQL database), activation_svc reads it there and serves the
+        allocation webhook (the replica on ``port + 1000 * n`` on ``webhook_port + 1000 * n``); one key."""
         if prefix == "FACTORY":
+            replicated = self.config.replicas > 1
             return {
                 "FACTORY_MODE": "group",
-                "FACTORY_REGISTRY_DATABASE_URL": f"sqlite:///{self.root / 'activation'}",
+                "FACTORY_REGISTRY_DATABASE_URL": (
+                    self.database_urls["activation"]
+                    if replicated
+                    else f"sqlite:///{self.root / 'activation'}"
+                ),
                 "FACTORY_GROUP_WEBHOOK_URL": self.config.webhook_url,
                 "FACTORY_GROUP_FUNCTION_KEY_FILE": str(self.webhook_key_file),
             }
         return {
             "ACTIVATION_MODE": "group",
-            "ACTIVATION_ALLOCATION_LISTEN": f"{self.config.service_host}:{self.config.webhook_port}",
+            "ACTIVATION_ALLOCATION_LISTEN": (
+                f"{self.config.service_host}:{self.config.webhook_port + port - self.config.activation_port}"
+            ),
             "ACTIVATION_ALLOCATION_FUNCTION_KEY_FILE": str(self.webhook_key_file),
         }
 
@@ -496,16 +514,20 @@ class Stack:
         if name == "factory":
             self._start_balancer("factory-crl", self.config.crl_port)
             self._start_balancer("factory-est", self.config.est_port)
+        elif self.config.group:
+            self._start_balancer("activation-webhook", self.config.webhook_port)
 
     def _start_balancer(self, name: str, port: int) -> None:
-        """One address (``port``) in front of the replicas' ``port + 1000 * n``."""
+        """One address (``port``) in front of the replicas' ``port + 1000 * n``, waited for until it
+        listens."""
         host = self.config.service_host
         backends: list[str] = []
         for n in range(1, self.config.replicas + 1):
             backends += ["--backend", f"{host}:{port + 1000 * n}"]
-        log = self.logs / f"{name}-balancer.log"
         command = [sys.executable, "-m", "devprov_demo.balancer", "--listen", f"{host}:{port}", *backends]
-        self._add(f"{name}-balancer", f"the balancer of {name}", spawn(command, log))
+        label = f"{name}-balancer"
+        proc, offset = self._spawn(command, label, f"the balancer of {name}")
+        self._wait_logged(label, proc, offset, "balancer listening on")
 
     def _wait_serving(self, name: str, proc: subprocess.Popen[bytes], address: str, log: Path) -> None:
         creds = grpc.ssl_channel_credentials(
@@ -531,9 +553,9 @@ class Stack:
                     raise RuntimeError(f"{name} did not answer on {address}; its log:\n{_tail(log)}")
                 time.sleep(0.1)
 
-    def _start_portal(self, connection: str) -> subprocess.Popen[bytes]:
+    def _start_portal(self, connection: str) -> tuple[subprocess.Popen[bytes], int]:
         """The activation portal: plain HTTP on loopback, a client of activation_svc with its own
-        certificate; it offers the hubs of the same cloud settings.  ``_wait_portal`` waits for it."""
+        certificate; it offers the hubs of the same cloud settings.  ``_wait_logged`` waits for it."""
         env = {
             **_clean_environment(),
             "ACTIVATION_PORTAL_HOST": self.config.service_host,
@@ -545,18 +567,30 @@ class Stack:
             "ACTIVATION_CLOUD_EMULATOR_CONNECTION_FILE": connection,
             "ACTIVATION_PORTAL_METRICS_LISTEN": self.config.metrics_listen("portal"),
         }
-        proc = spawn([sys.executable, "-m", "activation_svc", "portal"], self.logs / "portal.log", env)
-        self._add("portal", "the portal", proc)
-        return proc
+        return self._spawn([sys.executable, "-m", "activation_svc", "portal"], "portal", "the portal", env)
 
-    def _wait_portal(self, proc: subprocess.Popen[bytes]) -> None:
-        log = self.logs / "portal.log"
+    def _spawn(
+        self, command: list[str], label: str, title: str, env: Mapping[str, str] | None = None
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """Start a part of the stack logging to ``<label>.log``; with where this run's lines begin in it (the
+        log is appended to from run to run), for ``_wait_logged``."""
+        log = self.logs / f"{label}.log"
+        offset = log.stat().st_size if log.exists() else 0
+        proc = spawn(command, log, env)
+        self._add(label, title, proc)
+        return proc, offset
+
+    def _wait_logged(self, label: str, proc: subprocess.Popen[bytes], offset: int, line: str) -> None:
+        """Wait until a part wrote ``line`` to its log in this run; ``RuntimeError`` when it exits first or
+        takes too long."""
+        log = self.logs / f"{label}.log"
+        title = self._titles[label]
         deadline = time.monotonic() + SERVICE_START_TIMEOUT
-        while "portal listening on" not in _tail(log):
+        while line not in _since(log, offset):
             if proc.poll() is not None:
-                raise RuntimeError(f"the portal exited with {proc.returncode}; its log:\n{_tail(log)}")
+                raise RuntimeError(f"{title} exited with {proc.returncode}; its log:\n{_tail(log)}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the portal did not start; its log:\n{_tail(log)}")
+                raise RuntimeError(f"{title} did not start; its log:\n{_tail(log)}")
             time.sleep(0.1)
 
     def _add(self, label: str, title: str, proc: subprocess.Popen[bytes]) -> None:
@@ -636,6 +670,16 @@ class Stack:
         path = self.root / "env.sh"
         path.write_text("\n".join(lines) + "\n")
         return path
+
+
+def _since(path: Path, offset: int) -> str:
+    """What ``path`` holds after its first ``offset`` bytes."""
+    try:
+        with path.open("rb") as file:
+            file.seek(offset)
+            return file.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _tail(path: Path, limit: int = 3000) -> str:

@@ -1,27 +1,43 @@
 """``make up`` with ``--replicas 2``: PostgreSQL and two replicas of each service behind one address each,
 each replica's /metrics on its own port; a replica killed with SIGKILL is reported and the other carries on
 behind the same address; the cluster is kept in the work directory, so a device minted before a restart is
-still there after it."""
+still there after it.  In group mode (``--mode group``) the device registry is in that cluster and the
+enrollment group's one webhook URL reaches whichever activation_svc replica is alive."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import re
 import shutil
 import signal
 import stat
+import subprocess
 import tempfile
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from demo.test_demo_flow import Printed, _bindable, _cli, _demo, _env_from, _processes_under, _stack_args
+from demo.test_demo_flow import (
+    Printed,
+    _bindable,
+    _cli,
+    _demo,
+    _env_from,
+    _hub_messages,
+    _processes_under,
+    _stack_args,
+    _wait_for,
+)
 from support import pgcluster
 from support.emulator import free_port
+from support.metrics import Scrape
 
 from devprov_demo.balancer import Balancer
 from devprov_demo.pgcluster import kept_cluster
@@ -68,11 +84,21 @@ def _up(work: Path, args: list[str]) -> Printed:
     return printed
 
 
-def _stop(printed: Printed) -> str:
-    printed.proc.send_signal(signal.SIGINT)
-    output = printed.finish()
-    assert printed.proc.returncode == 130, output  # Ctrl-C: interrupted, as everywhere
-    return output
+@contextlib.contextmanager
+def _running(work: Path, args: list[str]) -> Iterator[Printed]:
+    """``up --replicas 2`` for the block, stopped with Ctrl-C at its end (exit 130, as everywhere; killed
+    when the block failed), leaving no process of the stack (PostgreSQL's server included: its command line
+    names its directory).  ``.text`` holds all it printed."""
+    printed = _up(work, args)
+    try:
+        yield printed
+        printed.proc.send_signal(signal.SIGINT)
+        output = printed.finish()
+        assert printed.proc.returncode == 130, output
+    finally:
+        if printed.proc.poll() is None:
+            printed.proc.kill()
+    assert _processes_under(work) == []
 
 
 @pytest.mark.slow
@@ -81,14 +107,10 @@ def test_up_with_two_replicas_keeps_its_state_and_reports_a_killed_replica(work_
     if why is not None:
         pytest.skip(why)
     work = work_dir
-    args = _stack_args(work)
-    for option in ("--factory-port", "--activation-port", "--crl-port", "--est-port"):
-        args[args.index(option) + 1] = str(_replica_port_base())
-    args[args.index("--metrics-port") + 1] = str(_replica_port_base(4))
+    args = _replicated_args(work)
     factory_port = int(args[args.index("--factory-port") + 1])
     guid = str(uuid.uuid4())
-    printed = _up(work, args)
-    try:
+    with _running(work, args) as printed:
         env = _env_from(work / "env.sh")
         assert env["FACTORY_CLIENT_TARGET"].endswith(f":{factory_port}")  # the one address
         minted = _cli(env, "device-client", "provision", guid)
@@ -105,26 +127,16 @@ def test_up_with_two_replicas_keeps_its_state_and_reports_a_killed_replica(work_
         assert not _answers(metrics["factory replica 1"])  # it is gone, and monitoring sees that
         again = _cli(env, "device-client", "provision", str(uuid.uuid4()))  # on the replica that is left
         assert again.returncode == 0, again.stdout + again.stderr
-        output = _stop(printed)
-    finally:
-        if printed.proc.poll() is None:
-            printed.proc.kill()
+    output = printed.text
     assert "PostgreSQL: factory's state" in output
-    assert _processes_under(work) == []  # the server included (its command line names its directory)
     cluster = re.search(r"PostgreSQL cluster \(kept; --fresh wipes it\)\W+(/\S+)", output)
     assert cluster is not None, output
     assert Path(cluster.group(1)) == work.resolve() / "postgres"
     assert (work / "postgres" / "data" / "PG_VERSION").exists()
 
-    printed = _up(work, args)  # the same work directory: the same DPS, devices and services' state
-    try:
+    with _running(work, args):  # the same work directory: the same DPS, devices and services' state
         listed = _cli(_env_from(work / "env.sh"), "factory-svc", "list", guid)
         assert listed.returncode == 0 and guid in listed.stdout, listed.stdout + listed.stderr
-        _stop(printed)
-    finally:
-        if printed.proc.poll() is None:
-            printed.proc.kill()
-    assert _processes_under(work) == []
 
 
 @pytest.mark.slow
@@ -176,3 +188,107 @@ async def test_the_balancer_skips_a_replica_that_refuses_connections():
     assert [await call() for _ in range(3)] == [b"bhello"] * 3
     front.close()
     servers[1].close()
+
+
+def _replicated_args(work: Path, *, webhook: bool = False) -> list[str]:
+    """The stack's options with every replicated port's +1000 and +2000 free too (the webhook's with
+    ``webhook``)."""
+    args = _stack_args(work)
+    for option in ("--factory-port", "--activation-port", "--crl-port", "--est-port"):
+        args[args.index(option) + 1] = str(_replica_port_base())
+    args[args.index("--metrics-port") + 1] = str(_replica_port_base(4))
+    return [*args, "--mode", "group", "--webhook-port", str(_replica_port_base())] if webhook else args
+
+
+def _allocated(metrics_url: str) -> float:
+    """How many registrations the activation_svc replica with this /metrics allocated (its webhook's 200s)."""
+    with urllib.request.urlopen(metrics_url, timeout=30) as response:
+        scrape = Scrape(response.read().decode())
+    return scrape.value("devprov_http_requests_total", route="/api/allocate", status="200")
+
+
+def _boot(env: dict[str, str], work: Path, hub: str) -> str:
+    """A new device through the whole flow by hand (provision, activate on ``hub``, run until its first
+    message reached the hub; then stopped): its id."""
+    guid = str(uuid.uuid4())
+    minted = _cli(env, "device-client", "provision", guid)
+    assert minted.returncode == 0, minted.stdout + minted.stderr
+    code = re.search(r"ACTIVATION CODE .*: (\S+)", minted.stdout)
+    assert code is not None, minted.stdout
+    activated = _cli(
+        env, "activation-svc", "activate", guid, "--metadata", str(work / "sample-metadata.json"),
+        "--hub", hub, "--code-file", "-", stdin=code.group(1) + "\n",
+    )  # fmt: skip
+    assert activated.returncode == 0, activated.stdout + activated.stderr
+    device = subprocess.Popen(
+        ["device-client", "run", guid], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        messages = _wait_for(
+            lambda: [m for m in _hub_messages(work) if m.device_id == guid], 120, "its telemetry", device
+        )
+        assert messages[0].hub == hub
+        device.send_signal(signal.SIGTERM)
+        assert device.wait(60) == 0
+    finally:
+        if device.poll() is None:
+            device.kill()
+    return guid
+
+
+@pytest.mark.slow
+def test_up_in_group_mode_allocates_through_the_replica_left_when_the_other_is_killed(work_dir):
+    why = pgcluster.unavailable()
+    assert why is None, why  # `make test` installs PostgreSQL (`make postgresql`)
+    work = work_dir
+    args = _replicated_args(work, webhook=True)
+    hubs = [args[i + 1] for i, option in enumerate(args) if option == "--hub-host"]
+    with _running(work, args) as printed:
+        env = _env_from(work / "env.sh")
+        found = re.findall(r"metrics: (activation replica \d) \(Prometheus\)\s+(http://\S+)", printed.text)
+        metrics = dict(found)
+        assert len(metrics) == 2, printed.text
+        first = _boot(env, work, hubs[0])  # DPS called the one webhook URL; one replica answered
+        served = [name for name, url in metrics.items() if _allocated(url) == 1]
+        assert len(served) == 1, served
+        (left,) = set(metrics) - set(served)
+        number = served[0].rsplit(" ", 1)[1]
+        pid = int(printed.wait_for(rf"activation_svc replica {number} \(pid (\d+)\)").group(1))
+        os.kill(pid, signal.SIGKILL)
+        printed.wait_for(rf"activation_svc replica {number} \(pid {pid}\) died: killed by SIGKILL")
+
+        second = _boot(env, work, hubs[1])  # allocated by the replica left, behind the same URL
+        assert _allocated(metrics[left]) == 1
+
+        database = re.search(r"PostgreSQL: activation's state\s+(postgresql://\S+)", printed.text)
+        assert database is not None, printed.text
+        with psycopg.connect(database.group(1)) as conn:
+            rows = conn.execute("SELECT registration_id, assigned_hub FROM registry").fetchall()
+        assert dict(rows) == {first: hubs[0], second: hubs[1]}
+        assert not list((work / "activation").glob("registry.sqlite3*"))  # not the single stack's file
+
+
+@pytest.mark.slow
+def test_demo_in_group_mode_with_two_replicas_boots_the_fleet_through_the_webhook(work_dir, tmp_path):
+    why = pgcluster.unavailable()
+    assert why is None, why
+    work = work_dir
+    summary_file = tmp_path / "summary.json"
+    proc = _demo(
+        "run", *_replicated_args(work, webhook=True), "--replicas", "2", "--devices", "2", "--interval", "1",
+        "--seconds", "4", "--summary-json", str(summary_file),
+    )  # fmt: skip
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert re.search(r"allocation webhook replica 2\s+https://", output), output
+    devices = json.loads(summary_file.read_text())["devices"]
+    received = {m.device_id: m.hub for m in _hub_messages(work)}
+    for device in devices:
+        assert device["assigned_hub"] == device["chosen_hub"] == received[device["guid"]], device
+    assert _processes_under(work) == []
+    with (
+        kept_cluster(work / "postgres", work / "logs" / "postgres.log") as cluster,  # the stack's, kept
+        psycopg.connect(cluster.database("activation")) as conn,
+    ):
+        rows = conn.execute("SELECT registration_id, assigned_hub FROM registry").fetchall()
+    assert dict(rows) == {device["guid"]: device["chosen_hub"] for device in devices}

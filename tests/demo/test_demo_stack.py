@@ -3,8 +3,10 @@ second ``up`` or ``run`` on it is refused before it touches anything."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import stat
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,21 @@ def test_the_demo_command_refuses_an_assignment_delay_that_is_no_delay_and_creat
 def test_an_assignment_delay_goes_to_the_emulator_as_given(tmp_path, delay):
     stack = Stack(StackConfig(work_dir=tmp_path, assignment_delay=delay))
     assert stack.emulator.extra_args[-2:] == ["--assignment-delay", delay]
+
+
+def test_only_the_work_directory_is_private_not_the_parents_it_made(tmp_path):
+    """As ``make demo`` makes var/demo in a fresh checkout: with replicas, run as root, the PostgreSQL
+    server's user must pass through var/ to the cluster under var/demo."""
+    work = tmp_path / "var" / "demo"
+    umask = os.umask(0o022)  # a login shell's
+    stack = Stack(StackConfig(work_dir=work))
+    try:
+        stack.claim()
+        assert stat.S_IMODE(work.stat().st_mode) == 0o700
+        assert stat.S_IMODE(work.parent.stat().st_mode) == 0o755
+    finally:
+        stack.stop()
+        os.umask(umask)
 
 
 def _snapshot(work: Path) -> dict[str, tuple[int, int, bytes]]:
