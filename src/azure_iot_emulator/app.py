@@ -46,6 +46,7 @@ from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.endpoint import Endpoint
 from azure_iot_emulator.mqtt.tls import OutputGuard, server_context, start_listener, start_tls_listener
 from azure_iot_emulator.mqtt.websocket import websocket_route
+from azure_iot_emulator.pauses import PauseRecorder
 from azure_iot_emulator.pki import ServerPki, issue_server_certificate
 from azure_iot_emulator.quotas import hub_d2c
 from azure_iot_emulator.store import Database
@@ -146,6 +147,7 @@ class Emulator:
         self.metrics_url = ""
         self.output = OutputGuard(config.stalled_peer_timeout)
         """Back-pressure of every TLS listener (MQTT, AMQP, HTTPS): peers that do not read."""
+        self.pauses = PauseRecorder(config.pause_log) if config.pause_log is not None else None
 
     # ---------------------------------------------------------------------------------------- parts
     def _build_parts(self) -> None:
@@ -195,6 +197,8 @@ class Emulator:
     async def start(self) -> ConnectionInfo:
         cfg = self.config
         private_data_directory(cfg.data_dir)
+        if self.pauses is not None:
+            self.pauses.start()
         self.db = Database(cfg.data_dir / DB_FILE)
         self.secrets = load_or_create_secrets(self.db, cfg.hub_hosts)
         self.pki = issue_server_certificate(cfg.data_dir, [cfg.dps_host, *cfg.hub_hosts], self.clock())
@@ -333,6 +337,8 @@ class Emulator:
         if self.db is not None:
             self.db.close()
             self.db = None
+        if self.pauses is not None:
+            await self.pauses.stop()
         with_path = self.config.data_dir / CONNECTION_FILE
         if self.connection is not None and with_path.exists():
             current = read_connection_info(with_path)

@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-file", type=Path, help="written with the connection.json path when ready")
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
     serve.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics (off)")
+    serve.add_argument(
+        "--pause-log", type=Path, metavar="FILE",
+        help="append every garbage-collector pause and event-loop stall to FILE as JSON lines (off)",
+    )
     serve.set_defaults(func=run_serve)
     hub_cli.add_commands(sub, DEFAULT_DATA_DIR)
     return parser
