@@ -157,7 +157,7 @@ class Emulator:
             self.hub = HubPart(
                 db, cfg.hub_hosts, self.clock, service_keys=lambda host: {HUB_POLICY: keys.hub_key(host)},
                 d2c_quota=hub_d2c(cfg.hub_tier) if cfg.azure_quotas else None,
-                metrics=self.metrics,
+                metrics=self.metrics if self.pauses is None else self.pauses.watching(self.metrics),
                 c2d_limits=C2dLimits(cfg.c2d_default_ttl, cfg.c2d_max_delivery_count),
                 partitions=cfg.hub_partitions,
                 retention=timedelta(days=cfg.hub_retention_days),

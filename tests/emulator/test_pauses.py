@@ -46,10 +46,26 @@ def test_every_full_collection_and_only_the_longer_young_ones_are_written(tmp_pa
 
 def test_lateness_past_the_threshold_is_a_stall(tmp_path) -> None:
     rec = recorder(tmp_path, Clock())
-    rec.woke(expected=10.0, now=10.019)
-    rec.woke(expected=11.0, now=11.25)
+    rec.woke(expected=10.0, now=10.019, cpu_seconds=0.019)
+    rec.woke(expected=11.0, now=11.25, cpu_seconds=0.004)
     rec.flush()
-    assert read(tmp_path / "pauses.jsonl") == [{"t": 5e8, "kind": "stall", "ms": 250.0}]
+    assert read(tmp_path / "pauses.jsonl") == [{"t": 5e8, "kind": "stall", "ms": 250.0, "cpu_ms": 4.0}]
+
+
+def test_long_telemetry_commits_are_written_and_the_store_metrics_still_see_every_commit(tmp_path) -> None:
+    seen: list[float] = []
+
+    class Metrics:
+        def telemetry(self, hub_counts, seconds: float) -> None:
+            seen.append(seconds)
+
+    rec = recorder(tmp_path, Clock())
+    watched = rec.watching(Metrics())
+    watched.telemetry({"hub": (3, 90)}, 0.002)
+    watched.telemetry({"hub": (1, 30)}, 0.120)
+    rec.flush()
+    assert seen == [0.002, 0.120]
+    assert read(tmp_path / "pauses.jsonl") == [{"t": 5e8, "kind": "commit", "ms": 120.0}]
 
 
 def test_a_torn_last_line_is_skipped(tmp_path) -> None:
