@@ -41,6 +41,7 @@ from azure_iot_emulator.hub.c2d import C2dLimits
 from azure_iot_emulator.hub.eventhub.model import entity_name
 from azure_iot_emulator.hub.eventhub.store import PartitionCountChanged
 from azure_iot_emulator.hub.part import HubPart
+from azure_iot_emulator.longlived import LongLivedObjects
 from azure_iot_emulator.metrics import EmulatorMetrics
 from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.endpoint import Endpoint
@@ -127,7 +128,15 @@ def endpoint_host(host: str, port: int) -> str:
 
 
 class Emulator:
-    def __init__(self, config: EmulatorConfig, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        config: EmulatorConfig,
+        clock: Callable[[], datetime] | None = None,
+        long_lived: LongLivedObjects | None = None,
+    ) -> None:
+        """``long_lived``: freeze long-lived objects out of the garbage collector's walks
+        (``longlived.py``), a decision for the whole process: ``serve`` makes it, an embedding test
+        need not."""
         self.config = config
         self.clock = clock or (lambda: datetime.now(UTC))
         self.db: Database | None = None
@@ -148,6 +157,7 @@ class Emulator:
         self.output = OutputGuard(config.stalled_peer_timeout)
         """Back-pressure of every TLS listener (MQTT, AMQP, HTTPS): peers that do not read."""
         self.pauses = PauseRecorder(config.pause_log) if config.pause_log is not None else None
+        self.long_lived = long_lived
 
     # ---------------------------------------------------------------------------------------- parts
     def _build_parts(self) -> None:
@@ -203,7 +213,11 @@ class Emulator:
         self.secrets = load_or_create_secrets(self.db, cfg.hub_hosts)
         self.pki = issue_server_certificate(cfg.data_dir, [cfg.dps_host, *cfg.hub_hosts], self.clock())
         self._build_parts()
-        self.broker = Broker(self.db, self.endpoints, max_packet_size=cfg.max_packet_size)
+        self.broker = Broker(
+            self.db, self.endpoints, max_packet_size=cfg.max_packet_size, counter=self.long_lived
+        )
+        if self.long_lived is not None:
+            self.long_lived.start()  # before the first connection: what start-up made lives as long as we do
         for routes in self.https_routes.values():  # MQTT over WebSockets on 443 of every host
             routes.append(websocket_route(self.broker))
         self._watch(self.broker, self.db.path)
@@ -330,6 +344,8 @@ class Emulator:
         self._https.clear()
         if self.broker is not None:
             await self.broker.close()
+        if self.long_lived is not None:
+            self.long_lived.stop()
         if self.hub is not None:
             await self.hub.close()
         if self.dps is not None:

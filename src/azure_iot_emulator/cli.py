@@ -119,13 +119,15 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from azure_iot_emulator.app import Emulator, PrivilegedPortError  # heavy imports only for serve
+    from azure_iot_emulator.longlived import LongLivedObjects
 
     config = build_config(args.config, FLAGS.values(args))
     logs.configure(config.log_level)
     _raise_open_file_limit()
 
     async def main() -> int:
-        emulator = Emulator(config)
+        # This process is the emulator's alone: its long-lived objects may leave the collector's walks.
+        emulator = Emulator(config, long_lived=LongLivedObjects())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
