@@ -15,9 +15,10 @@ Three sources, because a sampling profiler sees CPU, not pauses:
   ``stall_threshold`` or more, its fsync included, since it runs on the loop.
 
 Each line is ``{"t": unix time at the end, "kind": "gc" | "stall" | "commit", "ms": duration, ...}``
-(for ``gc`` also ``gen`` and ``collected``, the unreachable objects it found; for ``stall`` also
-``cpu_ms``, the CPU the loop's thread used meanwhile).  Lines are kept in memory and written once a
-second (not from inside the collector), and at :meth:`stop`.
+(for ``gc`` also ``gen`` and ``collected``, the unreachable objects it found; for ``gc`` and ``stall``
+``cpu_ms``, the CPU the loop's thread used meanwhile: on a busy machine the rest is waiting for a
+core).  Lines are kept in memory and written once a second (not from inside the collector), and at
+:meth:`stop`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class PauseRecorder:
         self._cpu = cpu
         self._pending: list[dict[str, Any]] = []
         self._gc_started: float | None = None
+        self._gc_cpu = 0.0
         self._file: IO[str] | None = None
         self._ticker: asyncio.Task[None] | None = None
 
@@ -89,12 +91,12 @@ class PauseRecorder:
     def on_gc(self, phase: str, info: dict[str, int]) -> None:
         """A :data:`gc.callbacks` entry: ``start`` and ``stop`` of one collection."""
         if phase == "start":
-            self._gc_started = self._clock()
+            self._gc_started, self._gc_cpu = self._clock(), self._cpu()
             return
         started, self._gc_started = self._gc_started, None
         if started is None:  # hooked in the middle of a collection
             return
-        seconds = self._clock() - started
+        seconds, cpu_seconds = self._clock() - started, self._cpu() - self._gc_cpu
         generation = info.get("generation", -1)
         if generation == 2 or seconds >= self.gc_threshold:
             self._pending.append(
@@ -102,6 +104,7 @@ class PauseRecorder:
                     "t": self._wall(),
                     "kind": "gc",
                     "ms": round(seconds * 1000, 3),
+                    "cpu_ms": round(cpu_seconds * 1000, 3),
                     "gen": generation,
                     "collected": info.get("collected", 0),
                 }

@@ -20,7 +20,12 @@ class Clock:
 
 def recorder(tmp_path, clock: Clock) -> PauseRecorder:
     return PauseRecorder(
-        tmp_path / "pauses.jsonl", stall_threshold=0.020, gc_threshold=0.001, clock=clock, wall=lambda: 5e8
+        tmp_path / "pauses.jsonl",
+        stall_threshold=0.020,
+        gc_threshold=0.001,
+        clock=clock,
+        wall=lambda: 5e8,
+        cpu=lambda: clock.now / 2,  # the thread had half of the wall time
     )
 
 
@@ -39,8 +44,8 @@ def test_every_full_collection_and_only_the_longer_young_ones_are_written(tmp_pa
     rec.on_gc("stop", {"generation": 2, "collected": 0, "uncollectable": 0})  # no start seen: ignored
     rec.flush()
     assert read(tmp_path / "pauses.jsonl") == [
-        {"t": 5e8, "kind": "gc", "ms": 2.5, "gen": 1, "collected": 7},
-        {"t": 5e8, "kind": "gc", "ms": 0.2, "gen": 2, "collected": 0},
+        {"t": 5e8, "kind": "gc", "ms": 2.5, "cpu_ms": 1.25, "gen": 1, "collected": 7},
+        {"t": 5e8, "kind": "gc", "ms": 0.2, "cpu_ms": 0.1, "gen": 2, "collected": 0},
     ]
 
 
