@@ -28,7 +28,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from hub import measure, report, servers
+from hub import measure, report, servers, stalls
 from hub.loadgen import raise_nofile
 from hub.settings import FULL, QUICK, Settings
 
@@ -55,7 +55,8 @@ def _run_sync(settings: Settings) -> str:
         ids = [f"{measure.INGEST_PREFIX}{i:05d}" for i in range(settings.ingest_devices)]
         if settings.with_scale:
             ids += [f"{measure.SCALE_PREFIX}{i:05d}" for i in range(settings.scale_devices)]
-        emulator, target = servers.start_emulator(directory, device, ids)
+        pause_log = directory / "pauses.jsonl"
+        emulator, target = servers.start_emulator(directory, device, ids, pause_log=pause_log)
         stop.callback(emulator.stop)
         targets = [target]
         if settings.with_mosquitto:
@@ -77,6 +78,9 @@ def _run_sync(settings: Settings) -> str:
         if settings.with_scale:
             for target in targets:
                 results[target.name]["scale"] = measure.scale(target, settings)
+            stop.close()  # the servers stop: the emulator has written its whole pause log
+            emulator_scale = results["emulator"]["scale"]
+            emulator_scale["pauses"] = stalls.summarize(pause_log, emulator_scale)
     notes.append(
         f"Machine load average (1 min) before the run: {load_before:.2f} on {os.cpu_count()} CPUs "
         "(the machine is shared; rates vary between runs, the ratio is taken within one run). "

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hub import fleet, measure, servers
+from hub import fleet, measure, servers, stalls
 from hub.loadgen import raise_nofile
 from hub.report import mib
 from hub.settings import FULL
@@ -63,7 +63,8 @@ def _run_sync() -> str:
         identities_seconds = time.monotonic() - made
         tls_kib = fleet.tls_connection_kib(directory / "probe")
         shared = servers.device_identity(directory / "device")
-        emulator, target = servers.start_emulator(directory, shared, ids, thumbprints)
+        pause_log = directory / "pauses.jsonl"
+        emulator, target = servers.start_emulator(directory, shared, ids, thumbprints, pause_log=pause_log)
         try:
             result = measure.scale(target, settings, identities=directory / "identities")
             stopping = time.monotonic()
@@ -71,6 +72,7 @@ def _run_sync() -> str:
             result["stop_seconds"] = time.monotonic() - stopping
         finally:
             emulator.kill()
+        result["pauses"] = stalls.summarize(pause_log, result)
     return _render(
         result, settings, nofile, tls_kib, identities_seconds, load_before, time.monotonic() - started
     )
@@ -90,6 +92,7 @@ def _render(
     at_goal = devices == GOAL_DEVICES
     rss_50k = sc["hwm_kib"] if at_goal else sc["before_kib"] + GOAL_DEVICES * per_device
     all_acked = sc["acked"] == sc["sent"] and sc["unacked"] == 0 and sc["lost"] == 0
+    window = sc["pauses"]["window"]
     lines = [
         f"{devices:,} devices, each with its own certificate (self-signed P-256, registered by thumbprint; "
         f"{identities_seconds:.0f} s to make them), connect over TLS from {settings.scale_processes} "
@@ -110,14 +113,17 @@ def _render(
     lines += [
         "| connected | connect time | RSS before | RSS connected | VmHWM | per device | TLS alone per "
         "connection | msgs/s acked (expected) | acked / sent | unacked | lost | ack latency p50 / p99 / max "
-        "| emulator CPU | CPU per message |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| longest GC pause / loop stall in the window | emulator CPU | CPU per message |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {sc['connected']:,} / {devices:,} | {sc['connect_seconds']:.0f} s | {mib(sc['before_kib'])} | "
         f"{mib(sc['connected_kib'])} | {mib(sc['hwm_kib'])} | {per_device:.1f} KiB | {tls_kib:.1f} KiB | "
         f"{sc['rate']:,.0f} ({devices / period:,.0f}) | {sc['acked']:,} / {sc['sent']:,} | "
         f"{sc['unacked']:,} | "
         f"{sc['lost']:,} | {sc['p50_ms']:,.1f} / {sc['p99_ms']:,.1f} / {sc['max_ms']:,.0f} ms | "
+        f"{window['gc_ms']:,.0f} / {window['stall_ms']:,.0f} ms | "
         f"{sc['cpu_percent']:.0f} % | {sc['cpu_ms_per_message']:.3f} ms |",
+        "",
+        stalls.sentence(sc["pauses"], sc),
         "",
         "Goals (issue 30):",
         "",

@@ -75,6 +75,7 @@ def scale(target: Target, settings: Settings, identities: Path | None = None) ->
     ``identities``: a directory with each device's own certificate (else all present the target's)."""
     devices = settings.scale_devices
     time.sleep(0.5)
+    connects_from = time.time()
     before = status_kib(target.pid)
     cpu_before = cpu_seconds(target.pid)
     procs = [
@@ -125,6 +126,11 @@ def scale(target: Target, settings: Settings, identities: Path | None = None) ->
 
     return {
         "devices": devices,
+        # unix times: the connects began, the window's origin (the generators' ``begin``), its span
+        "connects_from": connects_from,
+        "go_wall": start,
+        "window_from": start + min(r["window_start"] for r in results),
+        "window_to": start + max(r["window_end"] for r in results),
         "connected": sum(h["connected"] for h in heads),
         "connect_failed": sum(h["failed"] for h in heads),
         "failures": [f for h in heads for f in h["failures"]][:3],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import stalls
 from .loadgen import PAYLOAD
 from .settings import CPU_RATIO_GOAL, MEMORY_GOAL_KIB, PER_DEVICE_GOAL_KIB, SCALE_GOAL_DEVICES, Settings
 
@@ -114,6 +115,7 @@ def _scale(results: dict[str, dict[str, Any]], settings: Settings) -> list[str]:
         f"{sc['p99_ms']:,.0f} ms; criterion: all acknowledged and p99 below the {period:.0f} s period).  "
         f"Worst ack latency per 10 s of the window: {', '.join(f'{w:,.0f}' for w in worst)} ms."
     )
+    lines.append(stalls.sentence(sc["pauses"], sc))
     slow = [
         f"{name} {sum(1 for _, worst_ms in data['scale']['timeline'] if worst_ms > 1000)} of "
         f"{len(data['scale']['timeline'])}"

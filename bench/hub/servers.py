@@ -52,10 +52,15 @@ def device_identity(directory: Path) -> DeviceCert:
 
 
 def start_emulator(
-    directory: Path, device: DeviceCert, device_ids: list[str], thumbprints: Mapping[str, str] | None = None
+    directory: Path,
+    device: DeviceCert,
+    device_ids: list[str],
+    thumbprints: Mapping[str, str] | None = None,
+    pause_log: Path | None = None,
 ) -> tuple[EmulatorProcess, Target]:
     """The emulator as a real process with ``device_ids`` registered on its one hub beforehand, each by
-    its own thumbprint in ``thumbprints`` or else by ``device``'s."""
+    its own thumbprint in ``thumbprints`` or else by ``device``'s; ``pause_log``: where it records its
+    collector pauses and loop stalls (``--pause-log``)."""
     thumbprints = thumbprints or {}
     host = free_loopback_address()
     data = directory / "emulator-data"
@@ -73,7 +78,8 @@ def start_emulator(
                 )
     finally:
         db.close()
-    emulator = EmulatorProcess(data, hub_hosts=[host]).start()
+    extra = ["--pause-log", str(pause_log)] if pause_log is not None else []
+    emulator = EmulatorProcess(data, hub_hosts=[host], extra_args=extra).start()
     assert emulator.proc is not None
     target = Target(
         "emulator", host, host, str(emulator.ca_path), str(device.cert_path), str(device.key_path),

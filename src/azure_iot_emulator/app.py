@@ -41,11 +41,13 @@ from azure_iot_emulator.hub.c2d import C2dLimits
 from azure_iot_emulator.hub.eventhub.model import entity_name
 from azure_iot_emulator.hub.eventhub.store import PartitionCountChanged
 from azure_iot_emulator.hub.part import HubPart
+from azure_iot_emulator.longlived import LongLivedObjects
 from azure_iot_emulator.metrics import EmulatorMetrics
 from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.endpoint import Endpoint
 from azure_iot_emulator.mqtt.tls import OutputGuard, server_context, start_listener, start_tls_listener
 from azure_iot_emulator.mqtt.websocket import websocket_route
+from azure_iot_emulator.pauses import PauseRecorder
 from azure_iot_emulator.pki import ServerPki, issue_server_certificate
 from azure_iot_emulator.quotas import hub_d2c
 from azure_iot_emulator.store import Database
@@ -126,7 +128,15 @@ def endpoint_host(host: str, port: int) -> str:
 
 
 class Emulator:
-    def __init__(self, config: EmulatorConfig, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        config: EmulatorConfig,
+        clock: Callable[[], datetime] | None = None,
+        long_lived: LongLivedObjects | None = None,
+    ) -> None:
+        """``long_lived``: freeze long-lived objects out of the garbage collector's walks
+        (``longlived.py``), a decision for the whole process: ``serve`` makes it, an embedding test
+        need not."""
         self.config = config
         self.clock = clock or (lambda: datetime.now(UTC))
         self.db: Database | None = None
@@ -146,6 +156,8 @@ class Emulator:
         self.metrics_url = ""
         self.output = OutputGuard(config.stalled_peer_timeout)
         """Back-pressure of every TLS listener (MQTT, AMQP, HTTPS): peers that do not read."""
+        self.pauses = PauseRecorder(config.pause_log) if config.pause_log is not None else None
+        self.long_lived = long_lived
 
     # ---------------------------------------------------------------------------------------- parts
     def _build_parts(self) -> None:
@@ -155,7 +167,7 @@ class Emulator:
             self.hub = HubPart(
                 db, cfg.hub_hosts, self.clock, service_keys=lambda host: {HUB_POLICY: keys.hub_key(host)},
                 d2c_quota=hub_d2c(cfg.hub_tier) if cfg.azure_quotas else None,
-                metrics=self.metrics,
+                metrics=self.metrics if self.pauses is None else self.pauses.watching(self.metrics),
                 c2d_limits=C2dLimits(cfg.c2d_default_ttl, cfg.c2d_max_delivery_count),
                 partitions=cfg.hub_partitions,
                 retention=timedelta(days=cfg.hub_retention_days),
@@ -195,11 +207,17 @@ class Emulator:
     async def start(self) -> ConnectionInfo:
         cfg = self.config
         private_data_directory(cfg.data_dir)
+        if self.pauses is not None:
+            self.pauses.start()
         self.db = Database(cfg.data_dir / DB_FILE)
         self.secrets = load_or_create_secrets(self.db, cfg.hub_hosts)
         self.pki = issue_server_certificate(cfg.data_dir, [cfg.dps_host, *cfg.hub_hosts], self.clock())
         self._build_parts()
-        self.broker = Broker(self.db, self.endpoints, max_packet_size=cfg.max_packet_size)
+        self.broker = Broker(
+            self.db, self.endpoints, max_packet_size=cfg.max_packet_size, counter=self.long_lived
+        )
+        if self.long_lived is not None:
+            self.long_lived.start()  # before the first connection: what start-up made lives as long as we do
         for routes in self.https_routes.values():  # MQTT over WebSockets on 443 of every host
             routes.append(websocket_route(self.broker))
         self._watch(self.broker, self.db.path)
@@ -326,6 +344,8 @@ class Emulator:
         self._https.clear()
         if self.broker is not None:
             await self.broker.close()
+        if self.long_lived is not None:
+            self.long_lived.stop()
         if self.hub is not None:
             await self.hub.close()
         if self.dps is not None:
@@ -333,6 +353,8 @@ class Emulator:
         if self.db is not None:
             self.db.close()
             self.db = None
+        if self.pauses is not None:
+            await self.pauses.stop()
         with_path = self.config.data_dir / CONNECTION_FILE
         if self.connection is not None and with_path.exists():
             current = read_connection_info(with_path)

@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-file", type=Path, help="written with the connection.json path when ready")
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
     serve.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics (off)")
+    serve.add_argument(
+        "--pause-log", type=Path, metavar="FILE",
+        help="append every garbage-collector pause and event-loop stall to FILE as JSON lines (off)",
+    )
     serve.set_defaults(func=run_serve)
     hub_cli.add_commands(sub, DEFAULT_DATA_DIR)
     return parser
@@ -115,13 +119,15 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from azure_iot_emulator.app import Emulator, PrivilegedPortError  # heavy imports only for serve
+    from azure_iot_emulator.longlived import LongLivedObjects
 
     config = build_config(args.config, FLAGS.values(args))
     logs.configure(config.log_level)
     _raise_open_file_limit()
 
     async def main() -> int:
-        emulator = Emulator(config)
+        # This process is the emulator's alone: its long-lived objects may leave the collector's walks.
+        emulator = Emulator(config, long_lived=LongLivedObjects())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

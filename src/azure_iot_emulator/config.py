@@ -84,6 +84,9 @@ class EmulatorConfig:
     max_packet_size: int = 512 * 1024
     log_level: str = "INFO"
     metrics_listen: str = ""  # host:port serving /metrics (off when empty)
+    pause_log: Path | None = None
+    """Append every garbage-collector pause and event-loop stall to this file, as JSON lines
+    (``pauses.py``; off when None): for finding what delays acknowledgements under load."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validated(self) -> EmulatorConfig:
@@ -226,6 +229,7 @@ KEYS = (
     "max_packet_size",
     "log_level",
     "metrics_listen",
+    "pause_log",
 )
 
 # Which ``serve`` option sets which key (argparse dest -> key); every key but max_packet_size has one.
@@ -245,6 +249,7 @@ def build_config(
     source = SettingsSource(ENV_PREFIX, env, load_file(file) if file else None, flags=overrides)
     default = EmulatorConfig()
     ready_file = source.text("ready_file")
+    pause_log = source.text("pause_log")
     webhook_ca = source.text("allocation_webhook_ca")
     delay = source.value("assignment_delay")
     return replace(
@@ -273,4 +278,5 @@ def build_config(
         max_packet_size=source.integer("max_packet_size", default.max_packet_size),
         log_level=source.text("log_level") or default.log_level,
         metrics_listen=source.text("metrics_listen") or default.metrics_listen,
+        pause_log=Path(pause_log) if pause_log else None,
     ).validated()

@@ -49,6 +49,15 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+class ConnectionCounter(Protocol):
+    """Told of every connection opened (returns a token) and closed (with that token):
+    :class:`azure_iot_emulator.longlived.LongLivedObjects`."""
+
+    def opened(self) -> int: ...
+
+    def closed(self, token: int) -> None: ...
+
+
 class Broker:
     def __init__(
         self,
@@ -58,6 +67,7 @@ class Broker:
         max_packet_size: int = 512 * 1024,
         connect_timeout: float = 30.0,
         monotonic: Callable[[], float] = time.monotonic,
+        counter: ConnectionCounter | None = None,
     ) -> None:
         self._db = db
         db.register_schema(*SCHEMA)
@@ -69,6 +79,7 @@ class Broker:
         self._sessions: dict[tuple[str, str], Session] = {}
         self._drivers: set[ConnectionDriver] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._counter = counter
 
     def add_endpoint(self, endpoint: Endpoint) -> None:
         self.endpoints.append(endpoint)
@@ -102,6 +113,8 @@ class Broker:
             self, transport, peer_certificate, tuple(peer_chain), local_address, remote_address
         )
         self._drivers.add(driver)
+        if self._counter is not None:
+            driver.token = self._counter.opened()
         self._ensure_sweeper()
         return driver
 
@@ -184,7 +197,10 @@ class Broker:
                 self._sessions.pop(key, None)
 
     def _forget(self, driver: ConnectionDriver) -> None:
-        self._drivers.discard(driver)
+        if driver in self._drivers:
+            self._drivers.discard(driver)
+            if self._counter is not None:
+                self._counter.closed(driver.token)
 
 
 class ConnectionDriver:
@@ -225,6 +241,7 @@ class ConnectionDriver:
         self._last_rx = self._opened
         self._reading = True
         self._lost = asyncio.Event()
+        self.token = 0  # the broker's counter's, for when this connection is gone
 
     # --------------------------------------------------------------------------------- transport side
     def data_received(self, data: bytes) -> None:
