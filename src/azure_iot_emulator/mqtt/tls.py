@@ -259,7 +259,11 @@ class TlsProtocol(asyncio.Protocol):
             self._handshake_done()
             if self._driver is None:
                 return
-        while not self._closing:
+        incoming = self._incoming
+        # Read while bytes are left to decrypt: a read past the last record would only raise
+        # SSLWantReadError, about half the CPU of the record itself.  (ssl leaves read-ahead off, so
+        # what OpenSSL has not taken is still in the BIO.)
+        while not self._closing and (incoming.pending or ssl_conn.pending()):
             try:
                 chunk = ssl_conn.read(_READ_CHUNK)
             except ssl.SSLWantReadError:
