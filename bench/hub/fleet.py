@@ -6,8 +6,9 @@ connection holds in memory (the floor under the emulator's memory per connected 
   device with its own thumbprint.
 - :func:`tls_connection_kib` completes handshakes in memory (the emulator's own server context, a
   client presenting a device certificate, TLS 1.3, one record each way) and reports the heap bytes
-  (glibc ``mallinfo2``) each server-side connection keeps: OpenSSL's state through pyOpenSSL, no
-  socket, no MQTT.
+  (glibc ``mallinfo2``) each server-side connection keeps: OpenSSL's state through Python's ``ssl``
+  (the ``SSLObject`` and its two memory BIOs, as the emulator's TLS shell holds them), no socket, no
+  MQTT.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import ssl
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from OpenSSL import SSL
 
 from azure_iot_emulator.mqtt.tls import server_context
 from azure_iot_emulator.pki import issue_server_certificate
@@ -68,12 +69,16 @@ def _heap_in_use() -> int:
     return int(libc.mallinfo2().uordblks)
 
 
-def _pump(source: SSL.Connection, sink: SSL.Connection) -> None:
-    try:
-        while data := source.bio_read(65536):
-            sink.bio_write(data)
-    except SSL.WantReadError:
-        return
+class _End:
+    """One side of an in-memory TLS connection."""
+
+    def __init__(self, ctx: ssl.SSLContext, server_side: bool) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
+
+    def send_to(self, other: _End) -> None:
+        if data := self.outgoing.read():
+            other.incoming.write(data)
 
 
 def tls_connection_kib(directory: Path, connections: int = 500) -> float:
@@ -81,28 +86,29 @@ def tls_connection_kib(directory: Path, connections: int = 500) -> float:
     directory.mkdir(parents=True, exist_ok=True)
     pki = issue_server_certificate(directory, ["127.0.0.1"], datetime.now(UTC))
     server = server_context(pki.cert_path, pki.key_path)
-    client = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
     pem, _ = _identity(TestCa(), "probe-device", datetime.now(UTC))
     (directory / "probe.pem").write_bytes(pem)
-    client.use_certificate_file(str(directory / "probe.pem"))
-    client.use_privatekey_file(str(directory / "probe.pem"))
+    client.load_cert_chain(directory / "probe.pem")
 
-    def handshake() -> SSL.Connection:
-        s, c = SSL.Connection(server, None), SSL.Connection(client, None)
-        s.set_accept_state()
-        c.set_connect_state()
+    def handshake() -> _End:
+        s, c = _End(server, True), _End(client, False)
         for _ in range(8):
             for side in (c, s):
-                with contextlib.suppress(SSL.WantReadError):
-                    side.do_handshake()
-            _pump(c, s)
-            _pump(s, c)
-        c.sendall(b"x" * 100)
-        _pump(c, s)
-        s.recv(65536)
-        s.sendall(b"ack!")
-        _pump(s, c)
-        c.recv(100)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    side.tls.do_handshake()
+            c.send_to(s)
+            s.send_to(c)
+        if s.tls.getpeercert(binary_form=True) is None:
+            raise RuntimeError("the probe's client certificate did not reach the server")
+        c.tls.write(b"x" * 100)
+        c.send_to(s)
+        s.tls.read(65536)
+        s.tls.write(b"ack!")
+        s.send_to(c)
+        c.tls.read(100)
         return s
 
     for _ in range(20):

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from aiohttp import web
-from OpenSSL import SSL
 
 from azure_iot_emulator.config import AMQP_PORT, HTTPS_PORT, EmulatorConfig, listen_address
 from azure_iot_emulator.connection_info import (
@@ -250,7 +250,7 @@ class Emulator:
             self._amqp_ports[host] = server.sockets[0].getsockname()[1]
         await self._listen_https(tls)
 
-    async def _listen_https(self, tls: SSL.Context) -> None:
+    async def _listen_https(self, tls: ssl.SSLContext) -> None:
         """Every host's service REST API lives on its HTTPS port, so the emulator cannot run without it:
         a port it may not bind (443 without root or CAP_NET_BIND_SERVICE) stops the start with one
         sentence naming the ways out (:func:`privileged_port_advice`)."""

@@ -120,6 +120,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from azure_iot_emulator.app import Emulator, PrivilegedPortError  # heavy imports only for serve
     from azure_iot_emulator.longlived import LongLivedObjects
+    from azure_iot_emulator.mqtt.accept_any import LayoutError
 
     config = build_config(args.config, FLAGS.values(args))
     logs.configure(config.log_level)
@@ -136,6 +137,8 @@ def run_serve(args: argparse.Namespace) -> int:
             info = await emulator.start()
         except PrivilegedPortError as exc:
             raise CommandFailed(str(exc), exit_code=EXIT_FAILURE) from None
+        except LayoutError as exc:  # this Python's ssl cannot be given the client-certificate hook
+            raise CommandFailed(f"cannot set up TLS: {exc}", exit_code=EXIT_FAILURE) from None
         except OSError as exc:
             raise CommandFailed(f"cannot listen: {exc}", exit_code=EXIT_FAILURE) from None
         _print_summary(info, config.data_dir)

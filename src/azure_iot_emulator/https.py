@@ -1,6 +1,6 @@
-"""The HTTPS listener on port 443 of a host: an aiohttp application served over the pyOpenSSL TLS shell
+"""The HTTPS listener on port 443 of a host: an aiohttp application served over the emulator's TLS shell
 (``mqtt/tls.py``), so a request sees the client certificate the device presented, whatever CA issued it
-(Python's ``ssl`` can only accept certificates of CAs it was given).
+(aiohttp's own TLS, Python's ``ssl`` as it comes, accepts only certificates of CAs it was given).
 
 What it serves is an ordinary ``web.Application`` per address, as on Azure: the service REST API of the
 host (the DPS's, or the hub's) is the app, and the routes that authenticate their callers themselves join
@@ -13,12 +13,12 @@ guard lets those through (:func:`self_guarded`).  A handler reads the device's l
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 from cryptography import x509
-from OpenSSL import SSL
 
 from azure_iot_emulator.mqtt.tls import Inner, OutputGuard, Peer, TlsProtocol, start_tls_listener
 
@@ -94,7 +94,7 @@ class HttpsListener:
     def __init__(
         self,
         app: web.Application,
-        ctx: SSL.Context,
+        ctx: ssl.SSLContext,
         address: str,
         port: int,
         guard: OutputGuard | None = None,

@@ -223,6 +223,9 @@ async def test_registry_manager_etags_and_delete_refuses_device(hub, tmp_path):
     with pytest.raises(HttpOperationError) as info:
         await in_thread(rm.get_device, "reg-1")
     assert info.value.response.status_code == 404
+    # The hub drops a deleted device's connection: shut down once the SDK has seen it (a shutdown racing
+    # with the drop fails inside the SDK with NoConnectionError).
+    await until(lambda: not client.connected, "the SDK to see the deleted device's connection dropped")
     await sdk(client.shutdown())
     again = device_client(emulator, host, cert, connection_retry=False)
     with pytest.raises(CredentialError):

@@ -3,7 +3,7 @@
 Why the engine and not proton's reactor: the emulator is one asyncio program whose parts (the hub service,
 SQLite, the MQTT core) run on one event loop without locks.  Proton's ``Connection``/``Transport``/
 ``Collector`` are sans-IO -- bytes in, events out, bytes out -- so each connection is driven from the
-same TLS shell as MQTT and HTTPS (``mqtt/tls.py``: pyOpenSSL over memory BIOs), every callback into the
+same TLS shell as MQTT and HTTPS (``mqtt/tls.py``: Python's ssl over memory BIOs), every callback into the
 hub runs on the loop, and there is no second thread to hop to and from.  The reactor would own its
 sockets and its own thread, and every hub call would cross threads (``call_soon_threadsafe`` one way,
 futures the other).

@@ -1,7 +1,7 @@
 """The emulator's MQTT 3.1.1 core: a sans-IO codec (:mod:`.codec`) and per-connection state machine
 (:mod:`.connection`), sessions and routing (:mod:`.broker`), a connection as endpoints see it
-(:mod:`.link`), a thin asyncio/pyOpenSSL TLS shell (:mod:`.tls`).  Services plug in as endpoints; the
-interface is documented in :mod:`.endpoint`."""
+(:mod:`.link`), a thin asyncio TLS shell on Python's ssl (:mod:`.tls`, with :mod:`.accept_any`).  Services
+plug in as endpoints; the interface is documented in :mod:`.endpoint`."""
 
 from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.endpoint import (

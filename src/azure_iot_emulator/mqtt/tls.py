@@ -1,10 +1,10 @@
 """The thin asyncio + TLS shell: moves bytes between a socket and the MQTT core (or, on the HTTPS
 listener, an HTTP server: see ``azure_iot_emulator/https.py``).
 
-Python's ``ssl`` module cannot request a client certificate and then accept *any* certificate (it
-has no verify callback), so TLS runs on pyOpenSSL with memory BIOs driven by an asyncio Protocol:
-the server asks for a certificate, accepts whatever is presented (self-signed or CA-signed), and the
-endpoint decides authorisation after the handshake from the presented leaf.  TLS 1.2 and 1.3.
+TLS is Python's ``ssl`` (``SSLObject`` over memory BIOs) driven by an asyncio Protocol: the server
+asks for a certificate, accepts whatever is presented (self-signed or CA-signed: :mod:`.accept_any`
+gives ``ssl`` the verify hook it lacks), and the endpoint decides authorisation after the handshake from
+the presented leaf.  TLS 1.2 and 1.3.
 
 Back-pressure (:class:`OutputGuard`, one shared by every listener): a peer that sends requests but does
 not read the answers would make its socket's write buffer grow without limit.  When a connection's buffer
@@ -20,17 +20,19 @@ its PUBACK), so dropping the connection loses nothing the device would not get a
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast, runtime_checkable
 
 from cryptography import x509
-from OpenSSL import SSL
 
+from azure_iot_emulator.mqtt.accept_any import accept_any_client_certificate
 from azure_iot_emulator.mqtt.broker import Broker
 
 log = logging.getLogger(__name__)
@@ -80,24 +82,18 @@ class FlowControlled(Protocol):
     def resume_writing(self) -> None: ...
 
 
-def _accept_any(conn: SSL.Connection, cert: object, errnum: int, depth: int, ok: int) -> bool:
-    return True
-
-
-def server_context(cert_path: Path, key_path: Path) -> SSL.Context:
-    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-    ctx.use_certificate_chain_file(str(cert_path))
-    ctx.use_privatekey_file(str(key_path))
-    ctx.check_privatekey()
-    ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
-    ctx.set_session_id(b"azure-iot-emulator")
-    # Idle device connections dominate (thousands at one message per 5 s): let OpenSSL free its
-    # per-connection read/write buffers between records.
-    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    # No resumption cache: it would pin a session (with the peer certificate) per device in memory.
-    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    ctx.set_options(SSL.OP_NO_TICKET)
+def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
+    """The listeners' TLS: TLS 1.2 and 1.3, a client certificate requested (not required: SAS devices
+    and service clients present none) and any accepted.  ``ssl`` already lets OpenSSL free each
+    connection's read/write buffers between records (SSL_MODE_RELEASE_BUFFERS), which matters with
+    thousands of idle devices; no resumption (no tickets, no session cache, which would pin a session
+    with the peer's certificate per device in memory)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_path, key_path)  # checks that the key is the certificate's
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
+    accept_any_client_certificate(ctx)
     return ctx
 
 
@@ -136,6 +132,24 @@ def mqtt_opener(broker: Broker) -> Opener:
     return open_mqtt
 
 
+def peer_certificates(
+    ssl_object: ssl.SSLObject,
+) -> tuple[x509.Certificate | None, Sequence[x509.Certificate]]:
+    """The leaf the peer presented and the certificates it sent above it (raises ValueError when
+    cryptography cannot read one)."""
+    der = ssl_object.getpeercert(binary_form=True)
+    if der is None:
+        return None, ()
+    leaf = x509.load_der_x509_certificate(der)
+    # On a server the unverified chain is the peer's whole Certificate message, the leaf first.  (Python
+    # 3.13 names it SSLObject.get_unverified_chain; 3.11 has it on the C object only.)
+    sent = ssl_object._sslobj.get_unverified_chain() or []  # type: ignore[attr-defined]
+    above = [c.public_bytes(_ssl.ENCODING_DER) for c in sent]
+    if above and above[0] == der:
+        above = above[1:]
+    return leaf, [x509.load_der_x509_certificate(c) for c in above]
+
+
 class TlsProtocol(asyncio.Protocol):
     # One per connection, thousands alive at once: no per-instance dict.
     __slots__ = (
@@ -144,18 +158,22 @@ class TlsProtocol(asyncio.Protocol):
         "_driver",
         "_guard",
         "_handshake_timer",
+        "_incoming",
         "_opener",
+        "_outgoing",
         "_ssl",
         "_stall_timer",
         "_transport",
     )
 
-    def __init__(self, ctx: SSL.Context, opener: Opener, guard: OutputGuard | None = None) -> None:
+    def __init__(self, ctx: ssl.SSLContext, opener: Opener, guard: OutputGuard | None = None) -> None:
         self._ctx = ctx
         self._opener = opener
         self._guard = guard or OutputGuard()
         self._transport: asyncio.Transport | None = None
-        self._ssl: SSL.Connection | None = None
+        self._ssl: ssl.SSLObject | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
         self._driver: Inner | None = None
         self._closing = False
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -169,8 +187,7 @@ class TlsProtocol(asyncio.Protocol):
         # above high, resume_writing() once their socket has taken it down to low.
         self._transport.set_write_buffer_limits(high=guard.high_water, low=guard.low_water)
         guard.connections.add(self)
-        self._ssl = SSL.Connection(self._ctx, None)
-        self._ssl.set_accept_state()
+        self._ssl = self._ctx.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._handshake_timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self.close)
 
     # ------------------------------------------------------------------------------- back-pressure
@@ -226,14 +243,14 @@ class TlsProtocol(asyncio.Protocol):
         ssl_conn = self._ssl
         if ssl_conn is None or self._closing:
             return
-        ssl_conn.bio_write(data)
+        self._incoming.write(data)
         if self._driver is None:
             try:
                 ssl_conn.do_handshake()
-            except SSL.WantReadError:
+            except ssl.SSLWantReadError:
                 self._flush_tls()
                 return
-            except SSL.Error as exc:
+            except ssl.SSLError as exc:
                 log.info("TLS handshake with %s failed: %s", self._peer(), exc)
                 self._flush_tls()
                 self._abort()
@@ -242,19 +259,24 @@ class TlsProtocol(asyncio.Protocol):
             self._handshake_done()
             if self._driver is None:
                 return
-        while not self._closing:
+        incoming = self._incoming
+        # Read while bytes are left to decrypt: a read past the last record would only raise
+        # SSLWantReadError, about half the CPU of the record itself.  (ssl leaves read-ahead off, so
+        # what OpenSSL has not taken is still in the BIO.)
+        while not self._closing and (incoming.pending or ssl_conn.pending()):
             try:
-                chunk = ssl_conn.recv(_READ_CHUNK)
-            except SSL.WantReadError:
+                chunk = ssl_conn.read(_READ_CHUNK)
+            except ssl.SSLWantReadError:
                 break
-            except SSL.ZeroReturnError:
+            except ssl.SSLZeroReturnError:
                 self.close()
                 break
-            except SSL.Error as exc:
+            except ssl.SSLError as exc:
                 log.info("TLS error from %s: %s", self._peer(), exc)
                 self._abort()
                 break
-            if not chunk:
+            if not chunk:  # the peer's close_notify
+                self.close()
                 break
             self._driver.data_received(chunk)
         self._flush_tls()
@@ -263,10 +285,12 @@ class TlsProtocol(asyncio.Protocol):
         assert self._ssl is not None and self._transport is not None
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
-        leaf = self._ssl.get_peer_certificate(as_cryptography=True)
-        chain: Sequence[x509.Certificate] = self._ssl.get_peer_cert_chain(as_cryptography=True) or []
-        if leaf is not None and chain and chain[0] == leaf:
-            chain = chain[1:]
+        try:
+            leaf, chain = peer_certificates(self._ssl)
+        except ValueError as exc:  # OpenSSL took it, cryptography cannot read it
+            log.info("TLS peer %s presented a certificate that cannot be read: %s", self._peer(), exc)
+            self._abort()
+            return
         local = self._transport.get_extra_info("sockname") or ("", 0)
         remote = self._transport.get_extra_info("peername") or ("", 0)
         self._driver = self._opener(
@@ -275,11 +299,11 @@ class TlsProtocol(asyncio.Protocol):
 
     # ----------------------------------------------------------------------- Transport for the driver
     def write(self, data: bytes) -> None:
-        if self._ssl is None or self._closing:
+        if self._ssl is None or self._closing or not data:
             return
         try:
-            self._ssl.sendall(data)
-        except SSL.Error as exc:
+            self._ssl.write(data)  # all of it: the memory BIO takes every record
+        except ssl.SSLError as exc:
             log.info("TLS write to %s failed: %s", self._peer(), exc)
             self._abort()
             return
@@ -290,8 +314,8 @@ class TlsProtocol(asyncio.Protocol):
             return
         self._closing = True
         if self._ssl is not None:
-            with contextlib.suppress(SSL.Error):
-                self._ssl.shutdown()
+            with contextlib.suppress(ssl.SSLError):  # close_notify written, the peer's not awaited
+                self._ssl.unwrap()
             self._flush_tls(force=True)
         self._transport.close()  # the socket closes once its buffer is written ...
         if self.buffered:
@@ -301,19 +325,12 @@ class TlsProtocol(asyncio.Protocol):
     def _flush_tls(self, force: bool = False) -> None:
         if self._ssl is None or self._transport is None or (self._closing and not force):
             return
-        while True:
-            try:
-                out = self._ssl.bio_read(_READ_CHUNK)
-            except SSL.WantReadError:
-                return
-            if not out:
-                return
-            self._transport.write(out)
-            if self in self._guard.stalled and self.buffered > self._guard.max_queued:
-                self._drop(f"over {self._guard.max_queued} bytes")
-                return
-            if len(out) < _READ_CHUNK:
-                return  # a memory BIO hands over everything it holds: nothing is left (no exception)
+        out = self._outgoing.read()  # every record written so far
+        if not out:
+            return
+        self._transport.write(out)
+        if self in self._guard.stalled and self.buffered > self._guard.max_queued:
+            self._drop(f"over {self._guard.max_queued} bytes")
 
     @property
     def closing(self) -> bool:
@@ -346,7 +363,7 @@ class TlsProtocol(asyncio.Protocol):
 
 async def start_tls_listener(
     opener: Opener,
-    ctx: SSL.Context,
+    ctx: ssl.SSLContext,
     host: str,
     port: int,
     *,
@@ -362,7 +379,7 @@ async def start_tls_listener(
 
 async def start_listener(
     broker: Broker,
-    ctx: SSL.Context,
+    ctx: ssl.SSLContext,
     host: str,
     port: int,
     *,
