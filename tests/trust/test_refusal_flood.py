@@ -1,6 +1,6 @@
 """A flood of calls the gate refuses is a first row and a count, not a durable write each
 (``provkit.refusal_audit``): real factory_svc and activation_svc gRPC servers on loopback TLS (factory_svc
-with client certificates optional, so that a caller without one reaches the gate; activation_svc requiring
+asking for no client certificate, so that every caller reaches the gate anonymous; activation_svc requiring
 them, for callers with a certificate naming no party or a party the table refuses), their real SQLite files,
 and their ``/metrics``, which still count every refusal."""
 
@@ -129,7 +129,7 @@ async def services(folder: Path, emulator: Any, **refusal_audit: str) -> AsyncIt
         "FACTORY_SERVER_TLS_CERT_FILE": str(tls.server_cert),
         "FACTORY_SERVER_TLS_KEY_FILE": str(tls.server_key),
         "FACTORY_SERVER_CLIENT_CA_FILE": str(tls.ca_file),
-        "FACTORY_SERVER_CLIENT_AUTH": "optional",
+        "FACTORY_SERVER_CLIENT_AUTH": "none",
         "FACTORY_METRICS_LISTEN": "127.0.0.1:0",
         **{f"FACTORY_REFUSAL_AUDIT_{k.upper()}": v for k, v in refusal_audit.items()},
     }
