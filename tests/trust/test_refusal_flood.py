@@ -254,3 +254,17 @@ async def test_past_the_cap_new_kinds_are_summarised_together(tmp_path, module_e
         assert "ops-2 sha256:" in rows[2][2]
         assert " and 9 more of other kinds between " in rows[5][1]
         assert sum(stands_for(d) for _, d, _ in rows) == 25
+
+
+async def test_what_a_refused_caller_sends_is_audited_bounded(tmp_path, module_emulator) -> None:
+    # an anonymous caller chooses the request's device id: a first refusal row keeps at most 128 characters
+    async with services(tmp_path, module_emulator) as up:
+        async with create_channel(up.servers[0].address, up.security(None)) as channel:
+            request = fpb.MintCertificateRequest(
+                device_id="d" * 1_000_000, server_key_generation=fpb.ServerKeyGeneration()
+            )
+            refused = await failure(fpb_grpc.FactoryServiceStub(channel).MintCertificate(request))
+        assert refused.reason == "CLIENT_CERTIFICATE_REQUIRED"
+        with contextlib.closing(sqlite3.connect(tmp_path / "factory" / "ledger.sqlite3")) as db:
+            [(length,)] = db.execute("SELECT length(device_id) FROM refusals").fetchall()
+        assert length == 128
