@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -73,8 +74,8 @@ class RefusalAuditSettings:
     max_kinds: int = 10_000  # open windows at most; refusals of further kinds share one overflow window
 
     def __post_init__(self) -> None:
-        if self.window <= 0:
-            raise ValueError("the refusal audit window must be positive")
+        if not 0 < self.window < math.inf:  # NaN too: every window would close at once, inf: never
+            raise ValueError("the refusal audit window must be a positive number of seconds")
         if self.max_kinds < 1:
             raise ValueError("the refusal audit needs room for at least one kind")
 

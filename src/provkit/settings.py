@@ -113,12 +113,13 @@ def refusal_audit_settings(source: SettingsSource) -> RefusalAuditSettings:
     default = RefusalAuditSettings()
     window = source.number("refusal_audit.window_seconds", default.window)
     kinds = source.integer("refusal_audit.max_kinds", default.max_kinds)
-    if window <= 0 or kinds < 1:
+    try:
+        return RefusalAuditSettings(window, kinds)
+    except ValueError:
         raise SettingsError(
-            f"{source.env_name('refusal_audit.window_seconds')} must be positive and "
-            f"{source.env_name('refusal_audit.max_kinds')} at least 1"
-        )
-    return RefusalAuditSettings(window, kinds)
+            f"{source.env_name('refusal_audit.window_seconds')} must be a positive (finite) number and "
+            f"{source.env_name('refusal_audit.max_kinds')} at least 1, got {window:g} and {kinds}"
+        ) from None
 
 
 def database_url(source: SettingsSource, data_dir: Path) -> DatabaseUrl:
