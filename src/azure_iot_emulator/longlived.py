@@ -20,8 +20,9 @@ The remedy servers with large long-lived heaps use: move what lives long out of 
   freeze;
 - the price: a reference cycle among frozen objects is never collected.  A closed connection's own
   objects are freed by reference counting but for one small cycle (transport, TLS shell, driver, a
-  timer: about 13 objects, its OpenSSL state is freed); so once the frozen connections that closed reach
-  ``thaw_fraction`` of those frozen (and at least ``thaw_min``), everything is unfrozen while the churn
+  timer: about 13 objects, its OpenSSL state is freed); so once the frozen connections that closed since
+  the last thaw (through any number of freezes) reach ``thaw_fraction`` of those open at the last freeze
+  (and at least ``thaw_min``), everything is unfrozen while the churn
   lasts (the collector works as it did without this module) and frozen again ``settle`` seconds after
   the last connection opened or closed.
 
@@ -87,8 +88,8 @@ class LongLivedObjects:
         self._frozen_below = 0  # tokens below this are frozen connections (0 after a thaw: none)
         self._open = 0  # connections open now
         self._opened = 0  # connections opened since the last freeze
-        self._frozen = 0  # connections frozen by the last freeze ...
-        self._closed_frozen = 0  # ... and closed since
+        self._frozen = 0  # connections open at the last freeze (all frozen) ...
+        self._closed_frozen = 0  # ... and frozen connections closed since the last thaw (their cycles stay)
         self._thawed = False  # unfrozen for churn: freeze again once it settles
         self._last_change = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -151,7 +152,8 @@ class LongLivedObjects:
         self._gc.freeze()
         self._epoch += 1
         self._frozen_below = self._epoch
-        self._frozen, self._closed_frozen, self._opened = self._open, 0, 0
+        # What closed frozen connections left stays frozen through this freeze: their count goes on.
+        self._frozen, self._opened = self._open, 0
         self._thawed = False
         self.freezes += 1
 

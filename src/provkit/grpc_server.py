@@ -259,9 +259,14 @@ def _deadline(context: Context) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+# A refused caller chooses the request (up to gRPC's 4 MiB): its audit row keeps this much of the device id
+# (DPS's registration ids are 128 characters at most).
+_MAX_AUDITED_DEVICE_ID = 128
+
+
 def _device_id_of(request: Any) -> str:
     value = getattr(request, "device_id", "")
-    return value if isinstance(value, str) else ""
+    return value[:_MAX_AUDITED_DEVICE_ID] if isinstance(value, str) else ""
 
 
 class _HandlerWrapper:

@@ -33,7 +33,8 @@ Crash story: a first occurrence is durable before its answer is sent; the repeat
 live only in memory, so kill -9 (or a power cut) loses at most those counts, never a first occurrence nor
 a summary already written (crash point ``refusal_audit.repeat_counted``: a repeat counted, not answered).
 A graceful stop (SIGTERM) writes every open window's summary before the store closes.  A first whose write
-fails is not remembered (the refusal's log line still holds it): the next of its kind is a first again.
+fails is not remembered (the refusal's log line still holds it): the next of its kind is a first again.  A
+first whose caller goes away (cancelled) is still written, and its window stays open.
 
 API
 ---
@@ -50,9 +51,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 from provkit.authz import KINDS_OVER_CAP, Refusal, RefusalLog
 from provkit.faults import crash_point
@@ -71,8 +74,8 @@ class RefusalAuditSettings:
     max_kinds: int = 10_000  # open windows at most; refusals of further kinds share one overflow window
 
     def __post_init__(self) -> None:
-        if self.window <= 0:
-            raise ValueError("the refusal audit window must be positive")
+        if not 0 < self.window < math.inf:  # NaN too: every window would close at once, inf: never
+            raise ValueError("the refusal audit window must be a positive number of seconds")
         if self.max_kinds < 1:
             raise ValueError("the refusal audit needs room for at least one kind")
 
@@ -82,8 +85,9 @@ class _Window:
     summary: Refusal  # what the summary row says besides its count and times
     closes: float  # monotonic seconds
     repeats: int = 0
-    first_repeat: Refusal | None = None
-    last_repeat: Refusal | None = None
+    # the times only: a repeat itself (a device id of megabytes, say) is not kept for each open window
+    first_repeat: datetime | None = None
+    last_repeat: datetime | None = None
 
 
 def kind_of(refusal: Refusal) -> Kind:
@@ -107,6 +111,7 @@ class RefusalAggregator:
         self._windows: dict[Kind, _Window] = {}
         self._timer: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()  # the timer's summaries are never cut short by close()
+        self._writing: set[asyncio.Future[None]] = set()  # first writes under way (their callers may be gone)
         self._closed = False
 
     @property
@@ -121,22 +126,28 @@ class RefusalAggregator:
             window = self._windows.get(kind)
         if window is not None:
             window.repeats += 1
-            window.first_repeat = window.first_repeat or refusal
-            window.last_repeat = refusal
+            window.first_repeat = window.first_repeat or refusal.time
+            window.last_repeat = refusal.time
             crash_point("refusal_audit.repeat_counted")  # counted in memory only: a crash loses the count
             return
         summary = _overflow_summary(refusal) if kind == _OVERFLOW else _summary_of(refusal)
         window = _Window(summary, self._monotonic() + self._settings.window)
         self._windows[kind] = window  # before the write: refusals arriving meanwhile are its repeats
         self._start_timer()
-        try:
-            await self._log.record_refusal(refusal)
-        except BaseException:
+        # The write goes on when the caller goes away (a refused client may cancel every call at once, and
+        # the store commits a write it was handed all the same): the window stays unless the write fails.
+        write = asyncio.ensure_future(self._log.record_refusal(refusal))
+        self._writing.add(write)
+        write.add_done_callback(lambda done: self._first_written(kind, window, done))
+        await asyncio.shield(write)
+
+    def _first_written(self, kind: Kind, window: _Window, write: asyncio.Future[None]) -> None:
+        self._writing.discard(write)
+        failed = write.cancelled() or write.exception() is not None
+        if failed and self._windows.get(kind) is window:
             # Not remembered as written: the next refusal of the kind is a first again.  What arrived
             # during the failed write is counted in the log lines of each refusal, not here.
-            if self._windows.get(kind) is window:
-                del self._windows[kind]
-            raise
+            del self._windows[kind]
 
     async def flush_due(self) -> int:
         """Close the windows whose time is up, writing their summaries; how many summaries were written."""
@@ -159,6 +170,8 @@ class RefusalAggregator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._timer
                 self._timer = None
+            if self._writing:  # a first's write lands before the store closes, and its window stays
+                await asyncio.gather(*self._writing, return_exceptions=True)
             windows, self._windows = list(self._windows.values()), {}
             await self._write_summaries(windows)
 
@@ -169,10 +182,7 @@ class RefusalAggregator:
                 continue
             assert window.first_repeat is not None and window.last_repeat is not None
             summary = replace(
-                window.summary,
-                time=window.first_repeat.time,
-                repeats=window.repeats,
-                until=window.last_repeat.time,
+                window.summary, time=window.first_repeat, repeats=window.repeats, until=window.last_repeat
             )
             try:
                 await self._log.record_refusal(summary)

@@ -8,7 +8,7 @@ API
     (``<PREFIX>_SERVER_PORT``), the TOML file (``[server] port = ...``), then the defaults.
 ``server_settings(source, section="server", error_domain=...) -> ServerSettings``   the shared
     ``[server]`` block: host, port, insecure, allow_insecure_non_loopback, grace_seconds, tls_cert_file,
-    tls_key_file, client_ca_file, client_auth (none|optional|require), insecure_identity (the
+    tls_key_file, client_ca_file, client_auth (none|require; optional is refused), insecure_identity (the
     ``urn:devprov:<role>:<tenant>`` every caller of an insecure server is taken for; unset: none).
 ``device_id_policy(source) -> DeviceIdPolicy``   the ``device_ids`` setting (see ``provkit.device_id``).
 ``request_lease(source) -> timedelta``   ``requests.lease_seconds`` (``<PREFIX>_REQUESTS_LEASE_SECONDS``,
@@ -113,12 +113,13 @@ def refusal_audit_settings(source: SettingsSource) -> RefusalAuditSettings:
     default = RefusalAuditSettings()
     window = source.number("refusal_audit.window_seconds", default.window)
     kinds = source.integer("refusal_audit.max_kinds", default.max_kinds)
-    if window <= 0 or kinds < 1:
+    try:
+        return RefusalAuditSettings(window, kinds)
+    except ValueError:
         raise SettingsError(
-            f"{source.env_name('refusal_audit.window_seconds')} must be positive and "
-            f"{source.env_name('refusal_audit.max_kinds')} at least 1"
-        )
-    return RefusalAuditSettings(window, kinds)
+            f"{source.env_name('refusal_audit.window_seconds')} must be a positive (finite) number and "
+            f"{source.env_name('refusal_audit.max_kinds')} at least 1, got {window:g} and {kinds}"
+        ) from None
 
 
 def database_url(source: SettingsSource, data_dir: Path) -> DatabaseUrl:

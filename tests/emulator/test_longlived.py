@@ -103,6 +103,23 @@ async def test_thawing_waits_for_the_share_and_the_minimum_then_freezes_once_the
     heap.stop()
 
 
+async def test_frozen_connections_that_closed_still_count_after_a_later_freeze() -> None:
+    # What a closed frozen connection leaves stays frozen through every later freeze: churn that closes
+    # fewer than the share between two freezes (devices reconnecting, anyone opening connections on 8883)
+    # must still reach a thaw, not pile up uncollectable cycles for as long as the process runs.
+    collector = Collector()
+    heap = LongLivedObjects(batch=2, settle=3600, thaw_fraction=0.5, thaw_min=1, collector=collector)
+    heap.start()
+    for _ in range(4):  # long-lived: frozen, never closed
+        heap.opened()
+    for _ in range(3):  # each round: two connections, frozen with the rest (6), then closed
+        churn = [heap.opened() for _ in range(2)]
+        for token in churn:
+            heap.closed(token)
+    assert heap.thaws == 1  # 3 of 6 frozen ones closed, over two freezes
+    heap.stop()
+
+
 class Sink:
     def __init__(self) -> None:
         self.closed = False

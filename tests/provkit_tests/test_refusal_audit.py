@@ -3,6 +3,10 @@ summarised, a cap on the kinds held; driven by an injected clock (no sleeps, no 
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import weakref
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import pytest
@@ -199,3 +203,57 @@ def test_settings_are_checked() -> None:
         RefusalAuditSettings(window=0)
     with pytest.raises(ValueError):
         RefusalAuditSettings(max_kinds=0)
+
+
+class Held(Written):
+    """A refusal log whose writes wait until released, and then land whoever still waits for them (as the
+    stores' do: a write handed to the store's thread commits even when its caller was cancelled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.asked = 0
+
+    async def record_refusal(self, refusal: Refusal) -> None:
+        self.asked += 1
+        self.started.set()
+        await asyncio.shield(self._land(refusal))
+
+    async def _land(self, refusal: Refusal) -> None:
+        await self.release.wait()
+        await super().record_refusal(refusal)
+
+
+async def test_a_caller_that_goes_away_during_its_first_write_does_not_make_the_next_a_first() -> None:
+    # A refused caller can cancel its call at once (the server then cancels its handler): were its kind
+    # forgotten, every cancelled call would be a first, a durable row each, and the flood one row per call.
+    held = Held()
+    audit = RefusalAggregator(held, RefusalAuditSettings(), monotonic=ManualClock(1000.0))
+    at = ManualClock()()
+    gone = asyncio.create_task(audit.record_refusal(refusal(at, 0)))
+    await held.started.wait()
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    more = [asyncio.create_task(audit.record_refusal(refusal(at, n))) for n in range(1, 4)]
+    for _ in range(3):
+        await asyncio.sleep(0)  # let them run
+    # meanwhile, more of the kind: repeats, answered without a write
+    assert [task.done() for task in more] == [True] * 3 and held.asked == 1
+    held.release.set()
+    await audit.close()  # waits for the first's write, then writes the summary
+    assert [(r.request_id, r.repeats) for r in held.rows] == [("request-0", 0), ("", 3)]
+
+
+async def test_a_window_holds_no_repeat_it_counted() -> None:
+    # what a refused caller sends (a device id of megabytes) is not kept for each of 10,000 open windows
+    audit, _, _ = aggregator()
+    at = ManualClock()()
+    await audit.record_refusal(refusal(at, 0))
+    repeat = replace(refusal(at, 1), device_id="x" * 1_000_000)
+    seen = weakref.ref(repeat)
+    await audit.record_refusal(repeat)
+    del repeat
+    gc.collect()
+    assert seen() is None

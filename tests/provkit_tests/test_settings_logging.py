@@ -12,7 +12,15 @@ import pytest
 from provkit.context import Caller, bind_device_id, request_scope
 from provkit.grpc_server import ClientAuth
 from provkit.logging import configure_logging
-from provkit.settings import FlagKeys, SettingsError, SettingsFile, SettingsSource, server_settings
+from provkit.refusal_audit import RefusalAuditSettings
+from provkit.settings import (
+    FlagKeys,
+    SettingsError,
+    SettingsFile,
+    SettingsSource,
+    refusal_audit_settings,
+    server_settings,
+)
 
 
 def _write(path: Path, text: str) -> Path:
@@ -90,6 +98,22 @@ def test_optional_client_auth_is_refused_with_its_reason(tmp_path: Path) -> None
         SettingsSource("SVC", env={**env, "SVC_SERVER_CLIENT_AUTH": "none"}), error_domain="svc"
     )
     assert settings.tls is not None and settings.tls.client_auth is ClientAuth.NONE
+
+
+def test_refusal_audit_settings_are_finite_and_positive() -> None:
+    def read(**env: str) -> RefusalAuditSettings:
+        return refusal_audit_settings(
+            SettingsSource("SVC", env={f"SVC_REFUSAL_AUDIT_{k}": v for k, v in env.items()})
+        )
+
+    assert read(WINDOW_SECONDS="2.5", MAX_KINDS="7") == RefusalAuditSettings(2.5, 7)
+    for window in ("0", "-1", "nan", "inf"):  # nan would make every window close at once; inf never
+        with pytest.raises(SettingsError, match="SVC_REFUSAL_AUDIT_WINDOW_SECONDS"):
+            read(WINDOW_SECONDS=window)
+    with pytest.raises(SettingsError, match="SVC_REFUSAL_AUDIT_MAX_KINDS"):
+        read(MAX_KINDS="0")
+    with pytest.raises(ValueError):
+        RefusalAuditSettings(window=float("nan"))
 
 
 def test_secret_from_env_or_file_and_never_shown(tmp_path: Path) -> None:

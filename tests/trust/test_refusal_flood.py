@@ -1,6 +1,6 @@
 """A flood of calls the gate refuses is a first row and a count, not a durable write each
 (``provkit.refusal_audit``): real factory_svc and activation_svc gRPC servers on loopback TLS (factory_svc
-with client certificates optional, so that a caller without one reaches the gate; activation_svc requiring
+asking for no client certificate, so that every caller reaches the gate anonymous; activation_svc requiring
 them, for callers with a certificate naming no party or a party the table refuses), their real SQLite files,
 and their ``/metrics``, which still count every refusal."""
 
@@ -129,7 +129,7 @@ async def services(folder: Path, emulator: Any, **refusal_audit: str) -> AsyncIt
         "FACTORY_SERVER_TLS_CERT_FILE": str(tls.server_cert),
         "FACTORY_SERVER_TLS_KEY_FILE": str(tls.server_key),
         "FACTORY_SERVER_CLIENT_CA_FILE": str(tls.ca_file),
-        "FACTORY_SERVER_CLIENT_AUTH": "optional",
+        "FACTORY_SERVER_CLIENT_AUTH": "none",
         "FACTORY_METRICS_LISTEN": "127.0.0.1:0",
         **{f"FACTORY_REFUSAL_AUDIT_{k.upper()}": v for k, v in refusal_audit.items()},
     }
@@ -254,3 +254,17 @@ async def test_past_the_cap_new_kinds_are_summarised_together(tmp_path, module_e
         assert "ops-2 sha256:" in rows[2][2]
         assert " and 9 more of other kinds between " in rows[5][1]
         assert sum(stands_for(d) for _, d, _ in rows) == 25
+
+
+async def test_what_a_refused_caller_sends_is_audited_bounded(tmp_path, module_emulator) -> None:
+    # an anonymous caller chooses the request's device id: a first refusal row keeps at most 128 characters
+    async with services(tmp_path, module_emulator) as up:
+        async with create_channel(up.servers[0].address, up.security(None)) as channel:
+            request = fpb.MintCertificateRequest(
+                device_id="d" * 1_000_000, server_key_generation=fpb.ServerKeyGeneration()
+            )
+            refused = await failure(fpb_grpc.FactoryServiceStub(channel).MintCertificate(request))
+        assert refused.reason == "CLIENT_CERTIFICATE_REQUIRED"
+        with contextlib.closing(sqlite3.connect(tmp_path / "factory" / "ledger.sqlite3")) as db:
+            [(length,)] = db.execute("SELECT length(device_id) FROM refusals").fetchall()
+        assert length == 128
