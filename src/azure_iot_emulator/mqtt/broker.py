@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +23,13 @@ from cryptography import x509
 
 from azure_iot_emulator.mqtt import connection as sm
 from azure_iot_emulator.mqtt import packets as p
-from azure_iot_emulator.mqtt.endpoint import Endpoint, LinkObserver, ProtocolViolation, SubscriptionObserver
+from azure_iot_emulator.mqtt.endpoint import (
+    Endpoint,
+    ForgetsCredentials,
+    LinkObserver,
+    ProtocolViolation,
+    SubscriptionObserver,
+)
 from azure_iot_emulator.mqtt.link import ConnectInfo, Link, Session
 from azure_iot_emulator.store import Database
 
@@ -476,6 +483,7 @@ class ConnectionDriver:
             local_address=self._local,
             remote_address=self._remote,
         )
+        self._peer, self._chain = None, ()  # CONNECT comes once: the info holds them from now on
         endpoint = next((e for e in self._broker.endpoints if e.claims(info)), None)
         if endpoint is None:
             log.info("CONNECT from %s refused: no endpoint for username %r", self._remote, packet.username)
@@ -492,6 +500,8 @@ class ConnectionDriver:
         session, present = self._broker._session(endpoint, info.client_id, clean)
         self._endpoint = endpoint
         self._keepalive = packet.keepalive
+        if isinstance(endpoint, ForgetsCredentials) and endpoint.forgets_credentials:
+            info = dataclasses.replace(info, password=None, peer_certificate=None, peer_chain=())
         link = Link(self, endpoint.name, info, session)
         self._broker._register(link)
         self.link = link
