@@ -1,25 +1,98 @@
-"""What a live connection keeps, trimmed (issue 30, memory per device): an endpoint that reads credentials
-at CONNECT only gets a link without them; the driver's graceful-stop wait works without a per-connection
-event object."""
+"""What a live connection keeps, trimmed (issue 30, memory per device): the memory BIOs give back the
+handshake's buffers once emptied (``mqtt/membio.py``) and the TLS shell does so after each handshake; an
+endpoint that reads credentials at CONNECT only gets a link without them; the driver's graceful-stop wait
+works without a per-connection event object.  Real TLS (in memory, and over a loopback socket)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 
 import pytest
 from support.certs import TestCa
 
+from azure_iot_emulator.mqtt import membio
 from azure_iot_emulator.mqtt import packets as p
+from azure_iot_emulator.mqtt.accept_any import LayoutError
 from azure_iot_emulator.mqtt.broker import Broker
 from azure_iot_emulator.mqtt.codec import StreamDecoder, encode
 from azure_iot_emulator.mqtt.endpoint import handle_in_order
 from azure_iot_emulator.mqtt.link import ConnectInfo, Link
+from azure_iot_emulator.mqtt.tls import OutputGuard, TlsProtocol, server_context, start_listener
 from azure_iot_emulator.store import Database
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return TestCa("emulator CA").server(tmp_path_factory.mktemp("pki"), ["127.0.0.1"])
 
 
 @pytest.fixture(scope="module")
 def device(tmp_path_factory):
     return TestCa().issue(tmp_path_factory.mktemp("device"), "memory-device", self_signed=True)
+
+
+def _client(device, version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.maximum_version = version
+    ctx.load_cert_chain(device.cert_path, device.key_path)
+    return ctx
+
+
+# ------------------------------------------------------------------------------------------- membio
+def test_an_emptied_bio_gives_its_buffer_back_and_works_as_before() -> None:
+    bio = ssl.MemoryBIO()
+    bio.write(b"x" * 3000)
+    assert membio.allocated(bio) >= 3000
+    assert not membio.release(bio)  # bytes pending: nothing done
+    assert bio.read(1000) == b"x" * 1000 and membio.allocated(bio) >= 2000
+    bio.read()
+    assert membio.allocated(bio) >= 3000  # drained, not shrunk: what OpenSSL does by itself
+    assert membio.release(bio)
+    assert membio.allocated(bio) == 0
+    bio.write(b"after")
+    assert bio.pending == 5 and bio.read() == b"after"
+    bio.write_eof()
+    assert bio.eof
+
+
+def test_the_layout_is_proven_and_anything_else_is_refused() -> None:
+    assert membio.layout_proven()
+    with pytest.raises(LayoutError, match="not an ssl memory BIO"):
+        membio.allocated(object())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_a_tls_connection_whose_bios_were_released_carries_records_both_ways(pki, device, version) -> None:
+    server = server_context(pki.cert_path, pki.key_path)
+    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    c = _client(device, version).wrap_bio(c_in, c_out)
+    for _ in range(8):
+        for side in (c, s):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    assert s.getpeercert(binary_form=True) == device.der
+    assert membio.allocated(s_in) > 0 and membio.allocated(s_out) > 0  # the handshake's flights
+    assert membio.release(s_in) and membio.release(s_out)
+    for size in (100, 20_000):
+        c.write(b"u" * size)
+        s_in.write(c_out.read())
+        got = b""
+        while len(got) < size:
+            got += s.read(65536)
+        assert got == b"u" * size
+        s.write(b"d" * size)
+        c_in.write(s_out.read())
+        got = b""
+        while len(got) < size:
+            got += c.read(65536)
+        assert got == b"d" * size
 
 
 # ---------------------------------------------------------------------------------- the MQTT core
@@ -113,4 +186,38 @@ async def test_credentials_are_dropped_after_connect_only_where_the_endpoint_say
         await broker.close()  # waits for every transport to go (the driver's transport_gone)
         assert broker.connection_count == 0
     finally:
+        db.close()
+
+
+# ---------------------------------------------------------------------------------- the TLS shell
+async def test_the_tls_shell_gives_the_handshake_buffers_back(tmp_path, pki, device, loopback_host) -> None:
+    db = Database(tmp_path / "emulator.db")
+    guard = OutputGuard()
+    endpoint = Endpoint(True)
+    broker = Broker(db, [endpoint])
+    server = await start_listener(broker, server_context(pki.cert_path, pki.key_path), loopback_host, 0,
+                                  guard=guard)  # fmt: skip
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            reader, writer = await asyncio.open_connection(loopback_host, port, ssl=_client(device, version))
+            writer.write(encode(p.Connect(f"dev-{version.name}", True, 60, "user")))
+            assert await reader.readexactly(4) == encode(p.ConnAck(0, False))
+            (shell,) = guard.connections
+            assert isinstance(shell, TlsProtocol)
+            for bio in (shell._incoming, shell._outgoing):
+                assert membio.allocated(bio) < 200  # the handshake's flights (> 500 bytes) were given back
+            writer.write(encode(p.Publish("t", b"y" * 5000, 1, 7)))
+            assert await reader.readexactly(4) == encode(p.PubAck(7))
+            writer.close()
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.wait_closed()
+            for _ in range(200):
+                if not guard.connections:
+                    break
+                await asyncio.sleep(0.01)
+            assert not guard.connections
+    finally:
+        server.close()
+        await broker.close()
         db.close()
