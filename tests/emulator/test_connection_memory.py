@@ -81,18 +81,13 @@ def test_a_tls_connection_whose_bios_were_released_carries_records_both_ways(pki
     assert membio.allocated(s_in) > 0 and membio.allocated(s_out) > 0  # the handshake's flights
     assert membio.release(s_in) and membio.release(s_out)
     for size in (100, 20_000):
-        c.write(b"u" * size)
-        s_in.write(c_out.read())
-        got = b""
-        while len(got) < size:
-            got += s.read(65536)
-        assert got == b"u" * size
-        s.write(b"d" * size)
-        c_in.write(s_out.read())
-        got = b""
-        while len(got) < size:
-            got += c.read(65536)
-        assert got == b"d" * size
+        for sender, out, into, receiver in ((c, c_out, s_in, s), (s, s_out, c_in, c)):
+            sender.write(b"u" * size)
+            into.write(out.read())
+            got = b""
+            while len(got) < size:
+                got += receiver.read(65536)
+            assert got == b"u" * size
 
 
 # ---------------------------------------------------------------------------------- the MQTT core
