@@ -67,6 +67,8 @@ class HubEndpoint:
     """The endpoint of hub ``host`` (its ``name`` is the hub host name)."""
 
     keeps_sessions = True
+    forgets_credentials = True  # the certificate and SAS are checked at CONNECT only (a change to the
+    # device's credentials in the registry drops its connection: HubService.put_device)
 
     def __init__(self, host: str, service: HubService) -> None:
         self.name = host

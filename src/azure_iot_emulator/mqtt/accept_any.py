@@ -55,7 +55,7 @@ class LayoutError(RuntimeError):
 
 
 class _LibSsl:
-    """The few OpenSSL functions used, with their C signatures."""
+    """The few OpenSSL functions used (here and in :mod:`.membio`), with their C signatures."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.version_num = lib.OpenSSL_version_num
@@ -73,6 +73,19 @@ class _LibSsl:
         self.set_cert_verify_callback = lib.SSL_CTX_set_cert_verify_callback
         self.set_cert_verify_callback.argtypes = [ctypes.c_void_p, _VerifyCallback, ctypes.c_void_p]
         self.set_cert_verify_callback.restype = None
+        # the memory BIOs' buffers (:mod:`.membio`)
+        self.bio_ctrl = lib.BIO_ctrl
+        self.bio_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        self.bio_ctrl.restype = ctypes.c_long
+        self.bio_method_type = lib.BIO_method_type
+        self.bio_method_type.argtypes = [ctypes.c_void_p]
+        self.bio_method_type.restype = ctypes.c_int
+        self.buf_mem_new = lib.BUF_MEM_new
+        self.buf_mem_new.argtypes = []
+        self.buf_mem_new.restype = ctypes.c_void_p
+        self.buf_mem_free = lib.BUF_MEM_free
+        self.buf_mem_free.argtypes = [ctypes.c_void_p]
+        self.buf_mem_free.restype = None
 
 
 @cache

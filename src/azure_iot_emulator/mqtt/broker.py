@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +23,13 @@ from cryptography import x509
 
 from azure_iot_emulator.mqtt import connection as sm
 from azure_iot_emulator.mqtt import packets as p
-from azure_iot_emulator.mqtt.endpoint import Endpoint, LinkObserver, ProtocolViolation, SubscriptionObserver
+from azure_iot_emulator.mqtt.endpoint import (
+    Endpoint,
+    ForgetsCredentials,
+    LinkObserver,
+    ProtocolViolation,
+    SubscriptionObserver,
+)
 from azure_iot_emulator.mqtt.link import ConnectInfo, Link, Session
 from azure_iot_emulator.store import Database
 
@@ -213,6 +220,13 @@ class ConnectionDriver:
     The transport's side is two calls: :meth:`data_received` with plaintext bytes, and
     :meth:`connection_lost` once, when the connection is gone."""
 
+    # One per connection, thousands alive at once: no per-instance dict.
+    __slots__ = (
+        "_batches", "_broker", "_chain", "_closed", "_conn", "_connecting", "_endpoint", "_events", "_gone",
+        "_held", "_keepalive", "_last_rx", "_local", "_lost", "_opened", "_peer", "_reading", "_remote",
+        "_transport", "link", "token",
+    )  # fmt: skip
+
     def __init__(
         self,
         broker: Broker,
@@ -229,9 +243,12 @@ class ConnectionDriver:
         self._local = local_address
         self._remote = remote_address
         self._conn = sm.ServerConnection(broker.max_packet_size)
-        self._events: collections.deque[sm.Event] = collections.deque()
+        # Lists, not deques: an idle connection's empty list holds no storage (a deque keeps a 528-byte
+        # block even when empty, and thousands of connections are idle at any time).  Both are consumed
+        # from the head by an index and trimmed once per pass.
+        self._events: list[sm.Event] = []
         self._connecting: asyncio.Task[None] | None = None
-        self._batches: collections.deque[tuple[asyncio.Future[Any], list[p.Publish]]] = collections.deque()
+        self._batches: list[tuple[asyncio.Future[Any], list[p.Publish]]] = []
         self._held: list[p.Packet] | None = None  # what the link sends while batches are pending
         self._endpoint: Endpoint | None = None
         self.link: Link | None = None
@@ -240,7 +257,8 @@ class ConnectionDriver:
         self._opened = broker._monotonic()
         self._last_rx = self._opened
         self._reading = True
-        self._lost = asyncio.Event()
+        self._lost = False
+        self._gone: asyncio.Future[None] | None = None  # made only when someone waits for the loss
         self.token = 0  # the broker's counter's, for when this connection is gone
 
     # --------------------------------------------------------------------------------- transport side
@@ -256,7 +274,9 @@ class ConnectionDriver:
                 self._advance()
 
     def connection_lost(self) -> None:
-        self._lost.set()
+        self._lost = True
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
         if self._closed and self.link is None:
             return
         self._closed = True
@@ -279,7 +299,11 @@ class ConnectionDriver:
             await asyncio.wait(pending)
 
     async def transport_gone(self) -> None:
-        await self._lost.wait()
+        if self._lost:
+            return
+        if self._gone is None:
+            self._gone = asyncio.get_running_loop().create_future()
+        await self._gone
 
     def check_timeouts(self, now: float) -> None:
         if self._closed:
@@ -318,30 +342,32 @@ class ConnectionDriver:
     def _advance(self) -> None:
         """Take queued events in order until one has to wait or none is left."""
         events = self._events
-        while events and self._connecting is None and not self._closed:
-            event = events[0]
+        taken = 0  # events[:taken] are done with (removed after the loop, in one step)
+        while taken < len(events) and self._connecting is None and not self._closed:
+            event = events[taken]
             try:
                 if isinstance(event, sm.PublishReceived):
-                    events.popleft()
+                    taken += 1
                     batch = [event.packet]
-                    while events:
-                        following = events[0]
+                    while taken < len(events):
+                        following = events[taken]
                         if not isinstance(following, sm.PublishReceived):
                             break
-                        events.popleft()
+                        taken += 1
                         batch.append(following.packet)
                     self._submit(batch)
                 elif self._batches:
-                    return  # resumed by _batch_done once no batch is pending
+                    break  # resumed by _batch_done once no batch is pending
                 elif isinstance(event, sm.ConnectRequested):
-                    events.popleft()
+                    taken += 1
                     self._connecting = asyncio.get_running_loop().create_task(self._on_connect(event.packet))
                     self._connecting.add_done_callback(self._connected)
                 else:
-                    events.popleft()
+                    taken += 1
                     self._handle(event)
             except Exception as exc:
                 self._fail(exc)
+        del events[:taken]  # (a close meanwhile cleared the list: nothing left to remove then)
 
     def _submit(self, batch: list[p.Publish]) -> None:
         assert self._endpoint is not None and self.link is not None
@@ -358,13 +384,16 @@ class ConnectionDriver:
         batches = self._batches
         ids: list[int] = []
         failure: BaseException | None = None
-        while batches and batches[0][0].done():
-            future, batch = batches.popleft()
+        done = 0
+        while done < len(batches) and batches[done][0].done():
+            future, batch = batches[done]
+            done += 1
             failure = ConnectionError("cancelled") if future.cancelled() else future.exception()
             handled = batch if failure is None else batch[: _handled(failure)]
             ids += [packet.packet_id for packet in handled if packet.packet_id is not None]  # QoS 1
             if failure is not None:
                 break
+        del batches[:done]
         if self._closed:
             batches.clear()
             return
@@ -454,6 +483,7 @@ class ConnectionDriver:
             local_address=self._local,
             remote_address=self._remote,
         )
+        self._peer, self._chain = None, ()  # CONNECT comes once: the info holds them from now on
         endpoint = next((e for e in self._broker.endpoints if e.claims(info)), None)
         if endpoint is None:
             log.info("CONNECT from %s refused: no endpoint for username %r", self._remote, packet.username)
@@ -470,6 +500,8 @@ class ConnectionDriver:
         session, present = self._broker._session(endpoint, info.client_id, clean)
         self._endpoint = endpoint
         self._keepalive = packet.keepalive
+        if isinstance(endpoint, ForgetsCredentials) and endpoint.forgets_credentials:
+            info = dataclasses.replace(info, password=None, peer_certificate=None, peer_chain=())
         link = Link(self, endpoint.name, info, session)
         self._broker._register(link)
         self.link = link

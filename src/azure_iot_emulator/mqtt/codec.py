@@ -276,6 +276,8 @@ class StreamDecoder:
     header included); a larger announced length raises ``MalformedPacket("PACKET_TOO_LARGE")`` before
     the body is buffered."""
 
+    __slots__ = ("_buffer", "max_packet_size")  # one per connection: no per-instance dict
+
     def __init__(self, max_packet_size: int = 512 * 1024) -> None:
         self.max_packet_size = max_packet_size
         self._buffer = bytearray()

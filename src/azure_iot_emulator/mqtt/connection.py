@@ -88,6 +88,8 @@ def valid_topic_filter(topic_filter: str) -> bool:
 
 
 class ServerConnection:
+    __slots__ = ("_decoder", "_out", "state")  # one per connection: no per-instance dict
+
     def __init__(self, max_packet_size: int = 512 * 1024) -> None:
         self.state = State.AWAIT_CONNECT
         self._decoder = StreamDecoder(max_packet_size)

@@ -11,7 +11,8 @@ and close.  Lifecycle of one connection:
    return code and the connection is closed.  Nobody claims it -> CONNACK 5.
 2. Accepted: a previous connection of the same ``(endpoint.name, client_id)`` is closed; the session
    (subscriptions, unacknowledged QoS 1 publishes) is resumed unless ``clean_session`` or the endpoint's
-   ``keeps_sessions`` is false; CONNACK; then :meth:`LinkObserver.on_connected`.
+   ``keeps_sessions`` is false; CONNACK; then :meth:`LinkObserver.on_connected`.  The link keeps the
+   client's credentials unless the endpoint is a :class:`ForgetsCredentials`.
 3. SUBSCRIBE: each filter is granted (QoS min(requested, 1)) when :meth:`TrafficHandler.may_subscribe`
    is true, else 0x80.  Kept sessions store their subscriptions in SQLite (they survive reconnects and
    restarts: the device SDK never re-subscribes).  After the SUBACK, a :class:`SubscriptionObserver`
@@ -86,6 +87,17 @@ class LinkObserver(Protocol):
     async def on_connected(self, link: Link) -> None: ...
 
     async def on_closed(self, link: Link) -> None: ...
+
+
+@runtime_checkable
+class ForgetsCredentials(Protocol):
+    """Optional: an endpoint that reads what the client authenticated with (its certificates, its
+    password) in :meth:`ConnectGate.authenticate` only.  When ``forgets_credentials`` is true the core
+    drops them once the client is accepted: the :class:`Link`'s ``info`` has no ``password``,
+    ``peer_certificate`` or ``peer_chain`` (a certificate object is about 1 KiB a connection, for as long
+    as the connection lives).  Without it the link keeps them (DPS reads them with every request)."""
+
+    forgets_credentials: bool
 
 
 @runtime_checkable

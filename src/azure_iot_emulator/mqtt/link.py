@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 MAX_INFLIGHT = 1000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConnectInfo:
     client_id: str
     username: str | None
@@ -44,7 +44,7 @@ class PacketSink(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Session:
     endpoint: str
     client_id: str
@@ -64,6 +64,9 @@ class Session:
 
 class Link:
     """The core's handle on one live, accepted connection (given to endpoints)."""
+
+    # One per connected device, like the core's other per-connection objects: no per-instance dict.
+    __slots__ = ("_driver", "_on_ack", "client_id", "closed", "endpoint_name", "info", "session")
 
     def __init__(self, driver: PacketSink, endpoint_name: str, info: ConnectInfo, session: Session):
         self._driver = driver

@@ -34,6 +34,7 @@ from cryptography import x509
 
 from azure_iot_emulator.mqtt.accept_any import accept_any_client_certificate
 from azure_iot_emulator.mqtt.broker import Broker
+from azure_iot_emulator.mqtt.membio import layout_proven, release
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_TICKET
     ctx.num_tickets = 0
     accept_any_client_certificate(ctx)
+    layout_proven()  # once, at start-up: whether the handshakes' BIO buffers can be given back (membio.py)
     return ctx
 
 
@@ -244,6 +246,7 @@ class TlsProtocol(asyncio.Protocol):
         if ssl_conn is None or self._closing:
             return
         self._incoming.write(data)
+        handshake_ended = False
         if self._driver is None:
             try:
                 ssl_conn.do_handshake()
@@ -259,6 +262,7 @@ class TlsProtocol(asyncio.Protocol):
             self._handshake_done()
             if self._driver is None:
                 return
+            handshake_ended = True
         incoming = self._incoming
         # Read while bytes are left to decrypt: a read past the last record would only raise
         # SSLWantReadError, about half the CPU of the record itself.  (ssl leaves read-ahead off, so
@@ -280,11 +284,17 @@ class TlsProtocol(asyncio.Protocol):
                 break
             self._driver.data_received(chunk)
         self._flush_tls()
+        if handshake_ended:
+            # The two BIOs keep buffers the size of the handshake's flights (~1.7 KiB) for the
+            # connection's life unless given back once emptied (membio.py).
+            release(self._incoming)
+            release(self._outgoing)
 
     def _handshake_done(self) -> None:
         assert self._ssl is not None and self._transport is not None
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+            self._handshake_timer = None  # (a cancelled timer kept is ~0.3 KiB a connection)
         try:
             leaf, chain = peer_certificates(self._ssl)
         except ValueError as exc:  # OpenSSL took it, cryptography cannot read it
