@@ -164,11 +164,12 @@ class HubEndpoint:
         device_id: str, publishes: Sequence[Publish]
     ) -> list[tuple[topics.PropertyBag, bytes]] | None:
         run: list[tuple[topics.PropertyBag, bytes]] = []
+        telemetry_properties = topics.telemetry_properties
         for packet in publishes:
-            kind = topics.classify_publish(device_id, packet.topic)
-            if type(kind) is not topics.Telemetry or len(packet.payload) > MAX_MESSAGE_BYTES:
+            properties = telemetry_properties(device_id, packet.topic)
+            if properties is None or len(packet.payload) > MAX_MESSAGE_BYTES:
                 return None
-            run.append((kind.properties, packet.payload))
+            run.append((properties, packet.payload))
         return run
 
     async def _handle_in_order(
@@ -185,10 +186,10 @@ class HubEndpoint:
             run: list[tuple[topics.PropertyBag, bytes]] = []
             while index < count:
                 packet = publishes[index]
-                kind = topics.classify_publish(device_id, packet.topic)
-                if type(kind) is not topics.Telemetry or len(packet.payload) > MAX_MESSAGE_BYTES:
+                properties = topics.telemetry_properties(device_id, packet.topic)
+                if properties is None or len(packet.payload) > MAX_MESSAGE_BYTES:
                     break
-                run.append((kind.properties, packet.payload))
+                run.append((properties, packet.payload))
                 index += 1
             if run:
                 await self.service.ingest_many(self.name, device_id, run)
