@@ -192,6 +192,8 @@ class ServerConnection:
         self.state = State.CLOSED
 
     def data_to_send(self) -> bytes:
+        if not self._out:  # after nearly every PUBLISH read: nothing to answer until its commit
+            return b""
         data = bytes(self._out)
         self._out.clear()
         return data

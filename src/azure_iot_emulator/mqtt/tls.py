@@ -262,10 +262,12 @@ class TlsProtocol(asyncio.Protocol):
         incoming = self._incoming
         # Read while bytes are left to decrypt: a read past the last record would only raise
         # SSLWantReadError, about half the CPU of the record itself.  (ssl leaves read-ahead off, so
-        # what OpenSSL has not taken is still in the BIO.)
-        while not self._closing and (incoming.pending or ssl_conn.pending()):
+        # what OpenSSL has not taken is still in the BIO.)  The C object's methods directly: the
+        # SSLObject's are Python frames that only pass the call on.
+        tls = ssl_conn._sslobj  # type: ignore[attr-defined]
+        while not self._closing and (incoming.pending or tls.pending()):
             try:
-                chunk = ssl_conn.read(_READ_CHUNK)
+                chunk = tls.read(_READ_CHUNK)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -279,7 +281,8 @@ class TlsProtocol(asyncio.Protocol):
                 self.close()
                 break
             self._driver.data_received(chunk)
-        self._flush_tls()
+        if self._outgoing.pending:  # what reading made OpenSSL answer (the driver's writes flush themselves)
+            self._flush_tls()
 
     def _handshake_done(self) -> None:
         assert self._ssl is not None and self._transport is not None
@@ -302,7 +305,7 @@ class TlsProtocol(asyncio.Protocol):
         if self._ssl is None or self._closing or not data:
             return
         try:
-            self._ssl.write(data)  # all of it: the memory BIO takes every record
+            self._ssl._sslobj.write(data)  # type: ignore[attr-defined]  # all of it: the BIO takes every record
         except ssl.SSLError as exc:
             log.info("TLS write to %s failed: %s", self._peer(), exc)
             self._abort()
