@@ -378,7 +378,7 @@ class ConnectionDriver:
             self._flush()
         if failure is not None:
             self._fail(failure)
-        elif not batches:
+        elif not batches and self._events:
             self._advance()
 
     def _connected(self, task: asyncio.Task[None]) -> None:
