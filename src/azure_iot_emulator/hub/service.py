@@ -415,13 +415,15 @@ class HubService:
     ) -> asyncio.Future[list[StoredMessage] | None]:
         """:meth:`ingest_many` without the coroutine: queue the messages for the next group commit and
         return a future that completes once they are committed (or fails if the commit fails)."""
-        for _, body in messages:
+        items: list[tuple[str, str, topics.PropertyBag, bytes]] = []
+        for properties, body in messages:  # (a loop, not a comprehension: one frame less per batch)
             if len(body) > MAX_MESSAGE_BYTES:
                 raise _too_large(len(body))
+            items.append((hub, device_id, properties, body))
         waiter = _IngestWaiter(
             asyncio.get_running_loop().create_future(), len(self._ingest_items), len(messages), False
         )
-        self._queue_ingest([(hub, device_id, properties, body) for properties, body in messages], waiter)
+        self._queue_ingest(items, waiter)
         return waiter.future
 
     def _queue_ingest(

@@ -362,7 +362,9 @@ class ConnectionDriver:
             future, batch = batches.popleft()
             failure = ConnectionError("cancelled") if future.cancelled() else future.exception()
             handled = batch if failure is None else batch[: _handled(failure)]
-            ids += [packet.packet_id for packet in handled if packet.packet_id is not None]  # QoS 1
+            for publish in handled:
+                if publish.packet_id is not None:  # QoS 1
+                    ids.append(publish.packet_id)
             if failure is not None:
                 break
         if self._closed:
