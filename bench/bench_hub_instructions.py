@@ -3,16 +3,19 @@ busy machine, where CPU seconds move by +-15 % between runs).
 
 The emulator runs as ``iot-emulator serve`` under ``valgrind --tool=callgrind`` with counting off; a load
 generator of its own process (``hub/loadgen.py count``) connects ``devices`` devices (TLS, client
-certificate), then the counters are zeroed and switched on (``callgrind_control``) for two windows, each
-dumped on its own:
+certificate), then the counters are zeroed and switched on (``callgrind_control``) for three windows,
+each dumped on its own:
 
 - idle: ``idle_seconds`` with the devices connected and silent: instructions per second of the steady
   state (timers, tickers, the collector);
+- single: ``single_messages`` QoS 1 PUBLISHes one at a time (the next once the PUBACK is in), so each is
+  a group commit of its own: the same count every run, the figure to compare two versions by;
 - messages: ``messages`` QoS 1 PUBLISHes, in rounds of ``round_size`` devices one message each (the round
   back to back, the next once its PUBACKs are in: about the 10,000-device run's shape, one message per
-  connection per read, a few connections per group commit).
+  connection per read, a few connections per group commit; how they fall into commits varies a little
+  between runs, hence the commits per message beside it).
 
-Instructions per message = (messages window - idle rate x its length) / messages.  The per-part rows are
+Instructions per message = (window - idle rate x its length) / messages.  The per-part rows are
 callgrind's inclusive counts of C functions at the edges (TLS in and out, the socket's send, SQLite, the
 fsync of each commit), per message; Python's own functions show as the interpreter's frames, so pair a
 change with a cProfile of the same workload for names.  The dumps are kept when ``--keep DIR`` is given
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hub import loadgen, servers
+from hub import measure, servers
 
 SEPARATE = True  # minutes under valgrind: run when named
 TITLE = "IoT Hub emulator: instructions per telemetry message (callgrind)"
@@ -63,6 +66,7 @@ class Options:
     devices: int = 100
     round_size: int = 8
     messages: int = 20_000
+    single_messages: int = 2_000  # first, one at a time: each its own commit, the same count every run
     idle_seconds: float = 20.0
     pause_log: bool = False
     keep: Path | None = None
@@ -115,7 +119,7 @@ def read_dump(path: Path) -> tuple[int, dict[str, int], dict[str, int]]:
     return total, dict(inclusive), dict(calls)
 
 
-def measure(options: Options) -> dict[str, Any]:
+def count(options: Options) -> dict[str, Any]:
     os.environ.setdefault("PYTHONHASHSEED", "0")  # the same dict layouts run to run
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise RuntimeError("valgrind (with callgrind_control) is not installed")
@@ -138,22 +142,13 @@ def measure(options: Options) -> dict[str, Any]:
         try:
             assert emulator.proc is not None
             pid = emulator.proc.pid
-            generator = subprocess.Popen(
-                loadgen.command(
-                    "count", host=target.host, hub=target.hub, ca=target.ca, cert=target.cert,
-                    key=target.key, prefix="instr-", devices=options.devices, window=options.round_size,
-                ),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            assert generator.stdin is not None and generator.stdout is not None
+            generator = measure._generator(
+                target, "count", prefix="instr-", devices=options.devices, window=options.round_size
+            )
+            assert generator.stdin is not None
 
             def line() -> dict[str, Any]:
-                assert generator.stdout is not None
-                text = generator.stdout.readline()
-                if not text:
-                    raise RuntimeError(f"load generator exited early (code {generator.poll()})")
-                result: dict[str, Any] = json.loads(text)
-                return result
+                return measure._read_json_line(generator)
 
             def control(*args: str) -> None:
                 if options.profile is None:  # (cProfile: the whole run, no windows)
@@ -168,13 +163,19 @@ def measure(options: Options) -> dict[str, Any]:
             control("--dump=idle")
             control("--instr=off")
 
-            control("--instr=on")
-            control("--zero")
-            generator.stdin.write(f"send {options.messages}\n")
-            generator.stdin.flush()
-            sent = line()
-            control("--dump=messages")
-            control("--instr=off")
+            def window(label: str, messages: int, round_size: int) -> dict[str, Any]:
+                assert generator.stdin is not None
+                control("--instr=on")
+                control("--zero")
+                generator.stdin.write(f"send {messages} {round_size}\n")
+                generator.stdin.flush()
+                sent = line()
+                control(f"--dump={label}")
+                control("--instr=off")
+                return sent
+
+            single = window("single", options.single_messages, 1)
+            sent = window("messages", options.messages, options.round_size)
             generator.stdin.write("quit\n")
             generator.stdin.flush()
             generator.wait(60)
@@ -188,10 +189,15 @@ def measure(options: Options) -> dict[str, Any]:
                 shutil.copy(path, options.keep / path.name)
         idle_total, _, _ = read_dump(_dump_file(dumps, "idle"))
         total, parts, calls = read_dump(_dump_file(dumps, "messages"))
+        single_total, single_parts, _ = read_dump(_dump_file(dumps, "single"))
     idle_rate = idle_total / options.idle_seconds
     messages = int(sent["acked"])
     per_message = (total - idle_rate * float(sent["seconds"])) / messages
+    single_messages = int(single["acked"])
     return {
+        "single_messages": single_messages,
+        "single_per_message": (single_total - idle_rate * float(single["seconds"])) / single_messages,
+        "single_sqlite": single_parts.get(SQLITE, 0) / single_messages,
         "devices": options.devices,
         "round_size": options.round_size,
         "messages": messages,
@@ -224,6 +230,10 @@ def render(result: dict[str, Any]) -> str:
             f"{parts[SQLITE]:,.0f} and the rest {result['per_message'] - parts[SQLITE]:,.0f}",
             f"- Group commits per message: {commits:.3f} (how arrivals fall into commits varies between "
             f"runs: compare SQLite per commit, {sqlite_per_commit:,.0f}, and the rest per message)",
+            f"- One message at a time ({result['single_messages']:,} messages, each its own group commit: "
+            f"the figure to compare between versions, it does not depend on timing): "
+            f"**{result['single_per_message']:,.0f}** per message, of which SQLite "
+            f"{result['single_sqlite']:,.0f}",
             f"- Idle with {result['devices']} devices connected: {result['idle_per_second']:,.0f} "
             "instructions per second",
             "",
@@ -235,7 +245,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def _run_sync(options: Options = Options()) -> str:
-    return render(measure(options))
+    return render(count(options))
 
 
 async def run() -> str:
@@ -247,6 +257,7 @@ async def run() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--messages", type=int, default=Options.messages)
+    parser.add_argument("--single-messages", type=int, default=Options.single_messages)
     parser.add_argument("--devices", type=int, default=Options.devices)
     parser.add_argument("--round-size", type=int, default=Options.round_size)
     parser.add_argument("--idle-seconds", type=float, default=Options.idle_seconds)
@@ -256,10 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", type=Path, help="cProfile instead: statistics file")
     args = parser.parse_args(argv)
     options = Options(
-        args.devices, args.round_size, args.messages, args.idle_seconds, args.pause_log, args.keep,
-        args.profile,
+        devices=args.devices, round_size=args.round_size, messages=args.messages,
+        single_messages=args.single_messages, idle_seconds=args.idle_seconds, pause_log=args.pause_log,
+        keep=args.keep, profile=args.profile,
     )  # fmt: skip
-    result = measure(options)
+    result = count(options)
     print(json.dumps(result, indent=1) if args.json or args.profile else render(result))
 
 

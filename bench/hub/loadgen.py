@@ -329,9 +329,10 @@ async def scale(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- count
 async def count(args: argparse.Namespace) -> None:
     """A fixed workload for counting the server's instructions (``bench_hub_instructions.py``): connect
-    ``devices`` (one JSON line), then for each ``send M`` on stdin send exactly M messages in rounds of
-    ``window`` devices, one message each, the round's writes back to back and the next round once all of
-    its PUBACKs are in (a JSON line when done); ``quit`` (or end of input) disconnects them all."""
+    ``devices`` (one JSON line), then for each ``send M [R]`` on stdin send exactly M messages in rounds
+    of R (default ``window``) devices, one message each, the round's writes back to back and the next
+    round once all of its PUBACKs are in (a JSON line when done); ``quit`` (or end of input)
+    disconnects them all."""
     loop = asyncio.get_running_loop()
     context = _context(args)
     stats = Stats()
@@ -348,9 +349,11 @@ async def count(args: argparse.Namespace) -> None:
     print(json.dumps({"connected": len(devices)}), flush=True)
     turn = 0
     while (line := await loop.run_in_executor(None, sys.stdin.readline)).startswith("send"):
-        wanted, started, first = int(line.split()[1]), loop.time(), stats.acked
+        words = line.split()  # send M [round size]
+        wanted, started, first = int(words[1]), loop.time(), stats.acked
+        size = int(words[2]) if len(words) > 2 else args.window
         while stats.acked - first < wanted:
-            batch = min(args.window, wanted - (stats.acked - first), len(devices))
+            batch = min(size, wanted - (stats.acked - first), len(devices))
             round_done, round_end = loop.create_future(), stats.acked + batch
             for _ in range(batch):
                 devices[turn % len(devices)].publish()
