@@ -16,10 +16,11 @@ each dumped on its own:
   between runs, hence the commits per message beside it).
 
 Instructions per message = (window - idle rate x its length) / messages.  The per-part rows are
-callgrind's inclusive counts of C functions at the edges (TLS in and out, the socket's send, SQLite, the
-fsync of each commit), per message; Python's own functions show as the interpreter's frames, so pair a
-change with a cProfile of the same workload for names.  The dumps are kept when ``--keep DIR`` is given
-(``callgrind_annotate DIR/callgrind.out.*``).
+callgrind's inclusive counts of C functions at the edges (TLS in and out, SQLite's statements) and how
+often the system calls ran (read, write, the WAL's pwrite, each commit's fdatasync: their kernel side is
+not counted), per message; Python's own functions show as the interpreter's frames, so pair a change
+with ``--profile FILE`` (cProfile, the same workload) for names.  The dumps are kept when ``--keep DIR``
+is given (``callgrind_annotate DIR/callgrind.out.*``).
 
     python bench/bench_hub_instructions.py [--messages 20000] [--devices 100] [--pause-log] [--keep DIR]
     python -m bench hub_instructions      (rewrites its section of BENCHMARKS.md)
