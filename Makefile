@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: install proto proto-check lint typecheck test test-fast bench bench-fleet demo up clean browser node softhsm postgresql zbar
+.PHONY: install proto proto-check lint typecheck test test-fast bench bench-fleet bench-hub-instructions valgrind demo up clean browser node softhsm postgresql zbar
 
 install: $(STAMP)
 
@@ -112,6 +112,15 @@ bench: install
 # The IoT Hub emulator with 50,000 devices (several minutes, most of the machine; not in `make bench`).
 bench-fleet: install
 	$(BIN)/python -m bench hub_fleet
+
+# valgrind (callgrind) for counting the emulator's instructions per message.
+valgrind: install
+	$(call apt_package,valgrind,valgrind,/usr/bin/callgrind_control)
+
+# The IoT Hub emulator's instructions per telemetry message, counted by callgrind (a few minutes under
+# valgrind; not in `make bench`): repeatable on a busy machine, unlike CPU seconds.
+bench-hub-instructions: valgrind
+	$(BIN)/python -m bench hub_instructions
 
 # The whole flow on the embedded emulator; DEMO_ARGS e.g. "--devices 10 --seconds 60" (see --help).
 # Ctrl-C ends it with 130 (interrupted), which is no failure here: the recipe's shell lets the demo stop

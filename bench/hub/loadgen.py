@@ -326,6 +326,47 @@ async def scale(args: argparse.Namespace) -> None:
     await asyncio.sleep(0.5)
 
 
+# ----------------------------------------------------------------------------------------------- count
+async def count(args: argparse.Namespace) -> None:
+    """A fixed workload for counting the server's instructions (``bench_hub_instructions.py``): connect
+    ``devices`` (one JSON line), then for each ``send M [R]`` on stdin send exactly M messages in rounds
+    of R (default ``window``) devices, one message each, the round's writes back to back and the next
+    round once all of its PUBACKs are in (a JSON line when done); ``quit`` (or end of input)
+    disconnects them all."""
+    loop = asyncio.get_running_loop()
+    context = _context(args)
+    stats = Stats()
+    round_done: asyncio.Future[None] = loop.create_future()
+    round_end = 0  # stats.acked once the round is in
+
+    def acked(_: LoadDevice) -> None:
+        if stats.acked >= round_end and not round_done.done():
+            round_done.set_result(None)
+
+    devices = [LoadDevice(f"{args.prefix}{i:05d}", args.hub, stats, 0, acked) for i in range(args.devices)]
+    for device in devices:
+        await _connect(device, args, context)
+    print(json.dumps({"connected": len(devices)}), flush=True)
+    turn = 0
+    while (line := await loop.run_in_executor(None, sys.stdin.readline)).startswith("send"):
+        words = line.split()  # send M [round size]
+        wanted, started, first = int(words[1]), loop.time(), stats.acked
+        size = int(words[2]) if len(words) > 2 else args.window
+        while stats.acked - first < wanted:
+            batch = min(size, wanted - (stats.acked - first), len(devices))
+            round_done, round_end = loop.create_future(), stats.acked + batch
+            for _ in range(batch):
+                devices[turn % len(devices)].publish()
+                turn += 1
+            await asyncio.wait_for(round_done, 600)
+            if stats.lost:
+                raise ConnectionError("a device lost its connection")
+        print(json.dumps({"acked": stats.acked - first, "seconds": loop.time() - started}), flush=True)
+    for device in devices:
+        device.close()
+    await asyncio.sleep(0.5)
+
+
 def command(mode: str, **options: object) -> list[str]:
     """The command line that runs this generator in ``mode`` with ``options`` (underscores -> dashes)."""
     args = [sys.executable, str(Path(__file__).resolve()), mode]
@@ -337,7 +378,7 @@ def command(mode: str, **options: object) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="hub benchmark load generator")
-    parser.add_argument("mode", choices=("ingest", "scale"))
+    parser.add_argument("mode", choices=("ingest", "scale", "count"))
     parser.add_argument("--host", required=True)
     parser.add_argument("--hub", required=True)
     parser.add_argument("--ca", required=True)
@@ -358,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # libuv's loop and its TLS: the generators' own cost per message and per handshake stays well below
     # the servers' (each device's traffic crosses TLS twice, once per side, on the same 2 cores).
-    uvloop.run(ingest(args) if args.mode == "ingest" else scale(args))
+    uvloop.run({"ingest": ingest, "scale": scale, "count": count}[args.mode](args))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from azure_iot_emulator.hub.registry import DeviceSpec, HubRegistry
 from azure_iot_emulator.pki import issue_server_certificate
@@ -57,10 +58,14 @@ def start_emulator(
     device_ids: list[str],
     thumbprints: Mapping[str, str] | None = None,
     pause_log: Path | None = None,
+    *,
+    wrapper: Sequence[str] = (),
+    start_timeout: float = 30.0,
 ) -> tuple[EmulatorProcess, Target]:
     """The emulator as a real process with ``device_ids`` registered on its one hub beforehand, each by
     its own thumbprint in ``thumbprints`` or else by ``device``'s; ``pause_log``: where it records its
-    collector pauses and loop stalls (``--pause-log``)."""
+    collector pauses and loop stalls (``--pause-log``); ``wrapper``: the command that stands for the
+    interpreter (valgrind and the interpreter, or the interpreter with ``-m cProfile -o FILE``)."""
     thumbprints = thumbprints or {}
     host = free_loopback_address()
     data = directory / "emulator-data"
@@ -79,13 +84,24 @@ def start_emulator(
     finally:
         db.close()
     extra = ["--pause-log", str(pause_log)] if pause_log is not None else []
-    emulator = EmulatorProcess(data, hub_hosts=[host], extra_args=extra).start()
+    emulator = _Wrapped(data, hub_hosts=[host], extra_args=extra, wrapper=wrapper).start(start_timeout)
     assert emulator.proc is not None
     target = Target(
         "emulator", host, host, str(emulator.ca_path), str(device.cert_path), str(device.key_path),
         emulator.proc.pid,
     )  # fmt: skip
     return emulator, target
+
+
+class _Wrapped(EmulatorProcess):
+    def __init__(self, data: Path, *, wrapper: Sequence[str], **options: Any) -> None:
+        super().__init__(data, **options)
+        self.wrapper = list(wrapper)
+
+    @property
+    def command(self) -> list[str]:
+        command = super().command  # the interpreter first: the wrapper's command runs it
+        return [*self.wrapper, *command[1:]] if self.wrapper else command
 
 
 def find_mosquitto() -> tuple[str | None, str]:

@@ -200,3 +200,28 @@ def test_the_partition_count_is_fixed_when_the_hub_is_created_and_old_messages_g
     with pytest.raises(PartitionCountChanged, match="4 partitions"):
         EventHubStore(db, {"hub": 8}, clock())
     db.close()
+
+
+def test_a_batch_over_every_partition_of_three_hubs_continues_each_partition_from_where_it_stood(tmp_path):
+    """One commit touching more partitions (3 hubs x 128) than one statement reads at once: each partition
+    still counts on from its own last sequence number, none skipped or repeated."""
+    clock = Clock()
+    db = Database(tmp_path / "emulator.db")
+    hubs = ("hub-a", "hub-b", "hub-c")
+    events = EventHubStore(db, dict.fromkeys(hubs, 128), clock())
+    telemetry = TelemetryStore(db, clock, on_positions=events.record)
+    devices: dict[int, str] = {}
+    for i in range(100_000):
+        devices.setdefault(partition_of(f"dev-{i}", 128), f"dev-{i}")
+        if len(devices) == 128:
+            break
+    bag = PropertyBag()
+    telemetry.insert([(hubs[0], devices[0], bag, b"first")])  # hub-a's partition 0 stands at 1
+    telemetry.insert([(hub, device, bag, b"x") for hub in hubs for device in devices.values()] * 2)
+    since = clock() - timedelta(days=1)
+    for hub in hubs:
+        for partition in range(128):
+            read = events.read(hub, partition, 0, 10, since)
+            start = 1 if (hub, partition) == (hubs[0], 0) else 0
+            assert [e.sequence_number for e in read] == list(range(start + 2)), (hub, partition)
+    db.close()

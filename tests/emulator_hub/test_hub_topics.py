@@ -85,3 +85,20 @@ def test_sdk_style_encoding_decodes(custom):
     encoded = urllib.parse.urlencode(sorted(custom.items()), quote_via=urllib.parse.quote)
     kind = t.classify_publish("dev", "devices/dev/messages/events/" + encoded)
     assert kind == t.Telemetry(t.PropertyBag({}, custom))
+
+
+_PIECES = st.sampled_from(["devices/", "dev-1", "dev-12", "/messages/events", "/", "%24.ct=a", "x", "?"])
+
+
+@given(st.sampled_from(["dev-1", "dev-12", "d"]), st.lists(_PIECES, max_size=6).map("".join))
+def test_telemetry_topic_is_exactly_the_devices_events_topic_or_below_it(device_id, topic):
+    """The fast test of the telemetry topic says yes for exactly the device's events topic and the
+    topics one level below it (with their property bag), whatever else a topic is made of."""
+    events = f"devices/{device_id}/messages/events"
+    properties = t.telemetry_properties(device_id, topic)
+    if topic == events or topic.startswith(events + "/"):
+        assert properties == t.decode_property_bag(topic[len(events) + 1 :])
+        assert t.classify_publish(device_id, topic) == t.Telemetry(properties)
+    else:
+        assert properties is None
+        assert not isinstance(t.classify_publish(device_id, topic), t.Telemetry)

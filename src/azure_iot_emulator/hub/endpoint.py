@@ -156,22 +156,16 @@ class HubEndpoint:
         queue keeps the order) unless a task of this connection is still running; anything else is
         handled in order by a task (:meth:`_handle_in_order`) after the previous batch."""
         if not (isinstance(after, asyncio.Task) and not after.done()):
-            run = self._telemetry_only(link.client_id, publishes)
-            if run is not None:
-                return self.service.submit_many(self.name, link.client_id, run)
+            device_id = link.client_id
+            run: list[tuple[topics.PropertyBag, bytes]] = []
+            for packet in publishes:
+                properties = topics.telemetry_properties(device_id, packet.topic)
+                if properties is None or len(packet.payload) > MAX_MESSAGE_BYTES:
+                    break
+                run.append((properties, packet.payload))
+            else:  # all telemetry
+                return self.service.submit_many(self.name, device_id, run)
         return asyncio.get_running_loop().create_task(self._handle_in_order(link, publishes, after))
-
-    @staticmethod
-    def _telemetry_only(
-        device_id: str, publishes: Sequence[Publish]
-    ) -> list[tuple[topics.PropertyBag, bytes]] | None:
-        run: list[tuple[topics.PropertyBag, bytes]] = []
-        for packet in publishes:
-            kind = topics.classify_publish(device_id, packet.topic)
-            if type(kind) is not topics.Telemetry or len(packet.payload) > MAX_MESSAGE_BYTES:
-                return None
-            run.append((kind.properties, packet.payload))
-        return run
 
     async def _handle_in_order(
         self, link: LinkLike, publishes: Sequence[Publish], after: asyncio.Future[Any] | None
@@ -187,10 +181,10 @@ class HubEndpoint:
             run: list[tuple[topics.PropertyBag, bytes]] = []
             while index < count:
                 packet = publishes[index]
-                kind = topics.classify_publish(device_id, packet.topic)
-                if type(kind) is not topics.Telemetry or len(packet.payload) > MAX_MESSAGE_BYTES:
+                properties = topics.telemetry_properties(device_id, packet.topic)
+                if properties is None or len(packet.payload) > MAX_MESSAGE_BYTES:
                     break
-                run.append((kind.properties, packet.payload))
+                run.append((properties, packet.payload))
                 index += 1
             if run:
                 await self.service.ingest_many(self.name, device_id, run)

@@ -50,7 +50,7 @@ from azure_iot_emulator.hub.routing import (
     HubRoutes,
     notification_row,
 )
-from azure_iot_emulator.hub.telemetry import StoredMessage, TelemetryStore
+from azure_iot_emulator.hub.telemetry import TelemetryStore
 from azure_iot_emulator.hub.timefmt import azure_time
 
 UPDATE_TWIN = "updateTwin"
@@ -64,6 +64,10 @@ _KINDS = {
     DEVICE_CONNECTION_STATE_EVENTS: ("deviceConnectionStateEvents", "deviceConnectionStateNotification"),
 }
 _TICKS_EPOCH = datetime(1601, 1, 1, tzinfo=UTC)  # connection sequence numbers start with FILETIME ticks
+
+# Told (hub, device id) of each event committed to a hub's built-in store, in order: the built-in
+# endpoint wakes the receivers of that device's partition.
+EventListener = Callable[[str, str], None]
 
 
 def twin_document(device_id: str, twin: twinmodel.Twin) -> dict[str, Any]:
@@ -120,7 +124,7 @@ class Notifier:
         registry: HubRegistry,
         telemetry: TelemetryStore,
         clock: Callable[[], datetime],
-        listeners: list[Callable[[StoredMessage], None]],
+        listeners: list[EventListener],
     ) -> None:
         self._routing = routing
         self._registry = registry
@@ -195,5 +199,5 @@ class Notifier:
         data = json.dumps(body, separators=(",", ":")).encode("utf-8")
         stored = self._telemetry.insert_event(hub, device_id, message_source, system, application, data)
         for listener in self._listeners:
-            listener(stored)
+            listener(stored.hub, stored.device_id)
 

@@ -26,7 +26,7 @@ from azure_iot_emulator.hub import topics
 from azure_iot_emulator.hub import twin as twinmodel
 from azure_iot_emulator.hub.c2d import C2dLimits, C2dMessage
 from azure_iot_emulator.hub.c2d_queue import C2dQueue, C2dStore
-from azure_iot_emulator.hub.notifications import Notifier, update_document
+from azure_iot_emulator.hub.notifications import EventListener, Notifier, update_document
 from azure_iot_emulator.hub.query import QueryError, parse_query
 from azure_iot_emulator.hub.registry import (
     Device,
@@ -129,6 +129,9 @@ def _resolve(future: asyncio.Future[list[StoredMessage] | None], value: list[Sto
 def _settle(waiter: _IngestWaiter, value: list[StoredMessage] | None) -> None:
     """Tell the caller its messages are stored, at once or (traffic shaping) at ``release_at``."""
     future = waiter.future
+    if not waiter.release_at:  # not shaped
+        future.set_result(value)
+        return
     loop = future.get_loop()
     wait = waiter.release_at - loop.time()
     if wait <= 0:
@@ -160,7 +163,7 @@ class HubService:
         self._channels: dict[tuple[str, str], DeviceChannel] = {}
         self._device_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._pending_methods: dict[str, _PendingMethod] = {}
-        self._telemetry_listeners: list[Callable[[StoredMessage], None]] = []
+        self._telemetry_listeners: list[EventListener] = []
         registry.credential_listeners.append(self._drop_connection)
         self.notifier = Notifier(routing or {}, registry, telemetry, clock, self._telemetry_listeners)
         self._ingest_items: list[tuple[str, str, topics.PropertyBag, bytes]] = []
@@ -382,7 +385,9 @@ class HubService:
             return updated.reported.version
 
     # ------------------------------------------------------------------------------------- telemetry
-    def add_telemetry_listener(self, listener: Callable[[StoredMessage], None]) -> None:
+    def add_telemetry_listener(self, listener: EventListener) -> None:
+        """``listener(hub, device_id)`` after each committed event of the hub's built-in store (device
+        messages and the hub's own notifications), in order."""
         self._telemetry_listeners.append(listener)
 
     async def ingest(
@@ -410,13 +415,15 @@ class HubService:
     ) -> asyncio.Future[list[StoredMessage] | None]:
         """:meth:`ingest_many` without the coroutine: queue the messages for the next group commit and
         return a future that completes once they are committed (or fails if the commit fails)."""
-        for _, body in messages:
+        items: list[tuple[str, str, topics.PropertyBag, bytes]] = []
+        for properties, body in messages:  # (a loop, not a comprehension: one frame less per batch)
             if len(body) > MAX_MESSAGE_BYTES:
                 raise _too_large(len(body))
+            items.append((hub, device_id, properties, body))
         waiter = _IngestWaiter(
             asyncio.get_running_loop().create_future(), len(self._ingest_items), len(messages), False
         )
-        self._queue_ingest([(hub, device_id, properties, body) for properties, body in messages], waiter)
+        self._queue_ingest(items, waiter)
         return waiter.future
 
     def _queue_ingest(
@@ -456,11 +463,12 @@ class HubService:
                 if not waiter.future.done():
                     waiter.future.set_exception(error)
             return
-        listeners = self._telemetry_listeners
+        # Message objects only for the callers that take them (``ingest``): the endpoint's batches do
+        # not (their future only says "committed"), nor do the listeners.
         for waiter in waiters:
             if waiter.future.done():
                 continue
-            if waiter.wants_messages or listeners:
+            if waiter.wants_messages:
                 _settle(
                     waiter,
                     [
@@ -470,11 +478,9 @@ class HubService:
                 )
             else:
                 _settle(waiter, None)
-        if listeners:
-            for i, item in enumerate(items):
-                message = _stored(first + i, enqueued, item)
-                for listener in listeners:
-                    listener(message)
+        for listener in self._telemetry_listeners:
+            for hub, device_id, _, _ in items:
+                listener(hub, device_id)
 
     def recent_messages(self, hub: str, device_id: str, limit: int) -> list[dict[str, Any]]:
         if self.registry.get_device(hub, device_id) is None and not self.telemetry.recent(

@@ -164,11 +164,31 @@ def _rid(query: str) -> str | None:
     return rid or None
 
 
+_EVENTS = "/messages/events"
+
+
+def telemetry_properties(device_id: str, topic: str) -> PropertyBag | None:
+    """The property bag of a telemetry PUBLISH (``devices/{device_id}/messages/events[/{bag}]``), or None
+    when ``topic`` is not this device's telemetry topic: :func:`classify_publish`'s answer for the topic
+    nearly every message has, without building a string or an object per message."""
+    end = 8 + len(device_id)  # after "devices/{device_id}"
+    if not topic.startswith(device_id, 8) or not topic.startswith(_EVENTS, end):
+        return None
+    if not topic.startswith("devices/"):
+        return None
+    end += len(_EVENTS)
+    if len(topic) == end:
+        return decode_property_bag("")
+    if topic[end] != "/":
+        return None
+    return decode_property_bag(topic[end + 1 :])
+
+
 def classify_publish(device_id: str, topic: str) -> DevicePublish:
     """What a PUBLISH from ``device_id`` to ``topic`` means."""
-    events = f"devices/{device_id}/messages/events"
-    if topic == events or topic.startswith(events + "/"):
-        return Telemetry(decode_property_bag(topic[len(events) + 1 :]))
+    properties = telemetry_properties(device_id, topic)
+    if properties is not None:
+        return Telemetry(properties)
     if topic.startswith("devices/"):
         return Forbidden(f"topic {topic!r} does not belong to device {device_id!r}")
     path, sep, query = topic.partition("?")

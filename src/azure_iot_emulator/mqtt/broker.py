@@ -390,7 +390,9 @@ class ConnectionDriver:
             done += 1
             failure = ConnectionError("cancelled") if future.cancelled() else future.exception()
             handled = batch if failure is None else batch[: _handled(failure)]
-            ids += [packet.packet_id for packet in handled if packet.packet_id is not None]  # QoS 1
+            for publish in handled:
+                if publish.packet_id is not None:  # QoS 1
+                    ids.append(publish.packet_id)
             if failure is not None:
                 break
         del batches[:done]
@@ -407,7 +409,7 @@ class ConnectionDriver:
             self._flush()
         if failure is not None:
             self._fail(failure)
-        elif not batches:
+        elif not batches and self._events:
             self._advance()
 
     def _connected(self, task: asyncio.Task[None]) -> None:

@@ -299,6 +299,8 @@ class StreamDecoder:
 
     def next_packet(self) -> p.Packet | None:
         """The next complete packet, or None until more bytes arrive."""
+        if not self._buffer:  # the usual end of a read: every packet taken
+            return None
         header = self._header()
         if header is None:
             return None

@@ -71,10 +71,6 @@ Event = (
 )
 
 
-def valid_topic_name(topic: str) -> bool:
-    return bool(topic) and "+" not in topic and "#" not in topic
-
-
 def valid_topic_filter(topic_filter: str) -> bool:
     if not topic_filter:
         return False
@@ -144,7 +140,8 @@ class ServerConnection:
         if isinstance(packet, p.Publish):
             if packet.qos == 2:
                 return self._fail(ProtocolError("QOS2_UNSUPPORTED", "QoS 2 PUBLISH is not supported"))
-            if not valid_topic_name(packet.topic):
+            topic = packet.topic
+            if not topic or "+" in topic or "#" in topic:
                 return self._fail(ProtocolError("BAD_TOPIC", "PUBLISH topic is empty or has wildcards"))
             return PublishReceived(packet)
         if isinstance(packet, p.PubAck):
@@ -194,6 +191,8 @@ class ServerConnection:
         self.state = State.CLOSED
 
     def data_to_send(self) -> bytes:
+        if not self._out:  # after nearly every PUBLISH read: nothing to answer until its commit
+            return b""
         data = bytes(self._out)
         self._out.clear()
         return data

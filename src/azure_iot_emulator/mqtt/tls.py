@@ -266,10 +266,12 @@ class TlsProtocol(asyncio.Protocol):
         incoming = self._incoming
         # Read while bytes are left to decrypt: a read past the last record would only raise
         # SSLWantReadError, about half the CPU of the record itself.  (ssl leaves read-ahead off, so
-        # what OpenSSL has not taken is still in the BIO.)
-        while not self._closing and (incoming.pending or ssl_conn.pending()):
+        # what OpenSSL has not taken is still in the BIO.)  The C object's methods directly: the
+        # SSLObject's are Python frames that only pass the call on.
+        tls = ssl_conn._sslobj  # type: ignore[attr-defined]
+        while not self._closing and (incoming.pending or tls.pending()):
             try:
-                chunk = ssl_conn.read(_READ_CHUNK)
+                chunk = tls.read(_READ_CHUNK)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -283,7 +285,8 @@ class TlsProtocol(asyncio.Protocol):
                 self.close()
                 break
             self._driver.data_received(chunk)
-        self._flush_tls()
+        if self._outgoing.pending:  # what reading made OpenSSL answer (the driver's writes flush themselves)
+            self._flush_tls()
         if handshake_ended:
             # The two BIOs keep buffers the size of the handshake's flights (~1.7 KiB) for the
             # connection's life unless given back once emptied (membio.py).
@@ -312,7 +315,7 @@ class TlsProtocol(asyncio.Protocol):
         if self._ssl is None or self._closing or not data:
             return
         try:
-            self._ssl.write(data)  # all of it: the memory BIO takes every record
+            self._ssl._sslobj.write(data)  # type: ignore[attr-defined]  # all of it: the BIO takes every record
         except ssl.SSLError as exc:
             log.info("TLS write to %s failed: %s", self._peer(), exc)
             self._abort()

@@ -26,7 +26,6 @@ from azure_iot_emulator.hub.eventhub.model import (
     valid_consumer_group,
 )
 from azure_iot_emulator.hub.eventhub.store import EventHubStore
-from azure_iot_emulator.hub.telemetry import StoredMessage
 
 Wake = Callable[[], None]
 _PARTITION_ID = re.compile(r"0|[1-9][0-9]{0,2}")  # ASCII, no leading zero: at most 128 partitions
@@ -138,19 +137,15 @@ class EventHubService:
         waiting.add(wake)
         return functools.partial(waiting.discard, wake)
 
-    def stored(self, message: StoredMessage) -> None:
-        """The hub service's telemetry listener: ``message`` is committed."""
-        count = self.store.partitions.get(message.hub)
-        if count is None:
+    def stored(self, hub: str, device_id: str) -> None:
+        """The hub service's telemetry listener: an event of ``device_id`` on ``hub`` is committed."""
+        count = self.store.partitions.get(hub)
+        if count is None or not self._waiting:
             return
-        for wake in list(self._waiting.get((message.hub, _partition(message.device_id, count)), ())):
+        for wake in list(self._waiting.get((hub, partition_of(device_id, count)), ())):
             wake()
 
     def prune(self) -> int:
         """Delete what is out of retention; returns how many messages."""
         return self.store.prune(self._retained_since())
 
-
-@functools.lru_cache(maxsize=65536)
-def _partition(device_id: str, count: int) -> int:
-    return partition_of(device_id, count)
