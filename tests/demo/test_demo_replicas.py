@@ -102,44 +102,6 @@ def _running(work: Path, args: list[str]) -> Iterator[Printed]:
 
 
 @pytest.mark.slow
-def test_up_with_two_replicas_keeps_its_state_and_reports_a_killed_replica(work_dir):
-    why = pgcluster.unavailable()
-    if why is not None:
-        pytest.skip(why)
-    work = work_dir
-    args = _replicated_args(work)
-    factory_port = int(args[args.index("--factory-port") + 1])
-    guid = str(uuid.uuid4())
-    with _running(work, args) as printed:
-        env = _env_from(work / "env.sh")
-        assert env["FACTORY_CLIENT_TARGET"].endswith(f":{factory_port}")  # the one address
-        minted = _cli(env, "device-client", "provision", guid)
-        assert minted.returncode == 0, minted.stdout + minted.stderr
-        assert re.search(r"ACTIVATION CODE .*: (\S+)", minted.stdout)
-
-        metrics = dict(re.findall(r"metrics: (\w+ replica \d) \(Prometheus\)\s+(http://\S+)", printed.text))
-        assert set(metrics) == {f"{s} replica {n}" for s in ("factory", "activation") for n in (1, 2)}
-        assert all(_answers(url) for url in metrics.values())  # each replica on its own port
-        pid = int(printed.wait_for(r"factory_svc replica 1 \(pid (\d+)\)").group(1))
-        os.kill(pid, signal.SIGKILL)
-        printed.wait_for(rf"factory_svc replica 1 \(pid {pid}\) died: killed by SIGKILL")
-        assert _answers(metrics["factory replica 2"])
-        assert not _answers(metrics["factory replica 1"])  # it is gone, and monitoring sees that
-        again = _cli(env, "device-client", "provision", str(uuid.uuid4()))  # on the replica that is left
-        assert again.returncode == 0, again.stdout + again.stderr
-    output = printed.text
-    assert "PostgreSQL: factory's state" in output
-    cluster = re.search(r"PostgreSQL cluster \(kept; --fresh wipes it\)\W+(/\S+)", output)
-    assert cluster is not None, output
-    assert Path(cluster.group(1)) == work.resolve() / "postgres"
-    assert (work / "postgres" / "data" / "PG_VERSION").exists()
-
-    with _running(work, args):  # the same work directory: the same DPS, devices and services' state
-        listed = _cli(_env_from(work / "env.sh"), "factory-svc", "list", guid)
-        assert listed.returncode == 0 and guid in listed.stdout, listed.stdout + listed.stderr
-
-
-@pytest.mark.slow
 def test_the_kept_cluster_starts_again_on_its_data_after_its_server_was_killed(work_dir):
     why = pgcluster.unavailable()
     if why is not None:
@@ -237,28 +199,44 @@ def _boot(env: dict[str, str], work: Path, hub: str) -> str:
 
 
 @pytest.mark.slow
-def test_up_in_group_mode_allocates_through_the_replica_left_when_the_other_is_killed(work_dir):
+def test_up_with_two_replicas_in_group_mode_survives_killed_replicas_and_keeps_its_state(work_dir):
+    """One ``up --replicas 2 --mode group`` stack: each replica's /metrics on its own port; the factory
+    replica killed is reported and the one left mints behind the same address; the webhook replica that
+    allocated is killed and the one left allocates behind the same URL, the registry in the stack's
+    PostgreSQL; stopped and started again on the same work directory, the kept cluster still has the
+    device."""
     why = pgcluster.unavailable()
     assert why is None, why  # `make test` installs PostgreSQL (`make postgresql`)
     work = work_dir
     args = _replicated_args(work, webhook=True)
+    factory_port = int(args[args.index("--factory-port") + 1])
     hubs = [args[i + 1] for i, option in enumerate(args) if option == "--hub-host"]
     with _running(work, args) as printed:
         env = _env_from(work / "env.sh")
-        found = re.findall(r"metrics: (activation replica \d) \(Prometheus\)\s+(http://\S+)", printed.text)
-        metrics = dict(found)
-        assert len(metrics) == 2, printed.text
+        assert env["FACTORY_CLIENT_TARGET"].endswith(f":{factory_port}")  # the one address
+        metrics = dict(re.findall(r"metrics: (\w+ replica \d) \(Prometheus\)\s+(http://\S+)", printed.text))
+        assert set(metrics) == {f"{s} replica {n}" for s in ("factory", "activation") for n in (1, 2)}
+        assert all(_answers(url) for url in metrics.values())  # each replica on its own port
         first = _boot(env, work, hubs[0])  # DPS called the one webhook URL; one replica answered
-        served = [name for name, url in metrics.items() if _allocated(url) == 1]
+
+        pid = int(printed.wait_for(r"factory_svc replica 1 \(pid (\d+)\)").group(1))
+        os.kill(pid, signal.SIGKILL)
+        printed.wait_for(rf"factory_svc replica 1 \(pid {pid}\) died: killed by SIGKILL")
+        assert _answers(metrics["factory replica 2"])
+        assert not _answers(metrics["factory replica 1"])  # it is gone, and monitoring sees that
+
+        webhooks = {name: url for name, url in metrics.items() if name.startswith("activation")}
+        served = [name for name, url in webhooks.items() if _allocated(url) == 1]
         assert len(served) == 1, served
-        (left,) = set(metrics) - set(served)
+        (left,) = set(webhooks) - set(served)
         number = served[0].rsplit(" ", 1)[1]
         pid = int(printed.wait_for(rf"activation_svc replica {number} \(pid (\d+)\)").group(1))
         os.kill(pid, signal.SIGKILL)
         printed.wait_for(rf"activation_svc replica {number} \(pid {pid}\) died: killed by SIGKILL")
 
-        second = _boot(env, work, hubs[1])  # allocated by the replica left, behind the same URL
-        assert _allocated(metrics[left]) == 1
+        # minted by the factory replica left, allocated by the webhook replica left, behind the same URLs
+        second = _boot(env, work, hubs[1])
+        assert _allocated(webhooks[left]) == 1
 
         database = re.search(r"PostgreSQL: activation's state\s+(postgresql://\S+)", printed.text)
         assert database is not None, printed.text
@@ -266,6 +244,16 @@ def test_up_in_group_mode_allocates_through_the_replica_left_when_the_other_is_k
             rows = conn.execute("SELECT registration_id, assigned_hub FROM registry").fetchall()
         assert dict(rows) == {first: hubs[0], second: hubs[1]}
         assert not list((work / "activation").glob("registry.sqlite3*"))  # not the single stack's file
+    output = printed.text
+    assert "PostgreSQL: factory's state" in output
+    cluster = re.search(r"PostgreSQL cluster \(kept; --fresh wipes it\)\W+(/\S+)", output)
+    assert cluster is not None, output
+    assert Path(cluster.group(1)) == work.resolve() / "postgres"
+    assert (work / "postgres" / "data" / "PG_VERSION").exists()
+
+    with _running(work, args):  # the same work directory: the same DPS, devices and services' state
+        listed = _cli(_env_from(work / "env.sh"), "factory-svc", "list", first)
+        assert listed.returncode == 0 and first in listed.stdout, listed.stdout + listed.stderr
 
 
 @pytest.mark.slow
