@@ -18,9 +18,10 @@ The remedy servers with large long-lived heaps use: move what lives long out of 
 - as connections arrive: once ``batch`` connections opened since the last freeze, or ``settle`` seconds
   after the last one of a burst, collect (which walks only what is not frozen yet: the newcomers) and
   freeze;
-- the price: a reference cycle among frozen objects is never collected.  A closed connection's own
-  objects are freed by reference counting but for one small cycle (transport, TLS shell, driver, a
-  timer: about 13 objects, its OpenSSL state is freed); so once the frozen connections that closed since
+- the price: a reference cycle among frozen objects is never collected.  A closed MQTT connection's
+  objects are freed by reference counting alone (the TLS shell drops its transport and driver when the
+  connection is lost: tested), but whatever else a connection's life left in cycles (an AMQP or HTTPS
+  connection, an endpoint's own bookkeeping) would stay; so once the frozen connections that closed since
   the last thaw (through any number of freezes) reach ``thaw_fraction`` of those open at the last freeze
   (and at least ``thaw_min``), everything is unfrozen while the churn
   lasts (the collector works as it did without this module) and frozen again ``settle`` seconds after

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ssl
 
 import pytest
@@ -185,7 +186,12 @@ async def test_credentials_are_dropped_after_connect_only_where_the_endpoint_say
 
 
 # ---------------------------------------------------------------------------------- the TLS shell
+def _shells() -> list[object]:
+    return [o for o in gc.get_objects() if isinstance(o, TlsProtocol)]
+
+
 async def test_the_tls_shell_gives_the_handshake_buffers_back(tmp_path, pki, device, loopback_host) -> None:
+    gc.collect()  # what earlier tests left is not this test's
     db = Database(tmp_path / "emulator.db")
     guard = OutputGuard()
     endpoint = Endpoint(True)
@@ -207,11 +213,18 @@ async def test_the_tls_shell_gives_the_handshake_buffers_back(tmp_path, pki, dev
             writer.close()
             with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await writer.wait_closed()
-            for _ in range(200):
-                if not guard.connections:
-                    break
-                await asyncio.sleep(0.01)
-            assert not guard.connections
+            del shell
+            endpoint.links.clear()  # (what this test's endpoint kept; the hub's forgets a closed link)
+            gc.disable()  # freed by reference counting alone: a closed connection leaves no cycle behind
+            try:
+                for _ in range(200):
+                    if not guard.connections and not _shells():
+                        break
+                    await asyncio.sleep(0.01)
+                assert not guard.connections
+                assert not _shells(), "the closed TLS shell is still referenced (a cycle or a leak)"
+            finally:
+                gc.enable()
     finally:
         server.close()
         await broker.close()

@@ -366,12 +366,17 @@ class TlsProtocol(asyncio.Protocol):
         self._guard.stalled.discard(self)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+            self._handshake_timer = None
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
-        if self._driver is not None:
-            self._driver.connection_lost()
+        driver, self._driver = self._driver, None
+        if driver is not None:
+            driver.connection_lost()
+        # Nothing kept that points back here (the transport holds this protocol, the driver this shell):
+        # a closed connection is freed by reference counting alone, with no cycle left for the collector.
         self._ssl = None
+        self._transport = None
 
 
 async def start_tls_listener(
