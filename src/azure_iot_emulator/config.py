@@ -22,6 +22,7 @@ from azure_iot_emulator.hub.c2d import (
 )
 from azure_iot_emulator.hub.routing import HubRoutes, RouteError, RouteSpec, build_routing, route_from_table
 from azure_iot_emulator.mqtt.tls import DEFAULT_STALL_TIMEOUT
+from azure_iot_emulator.pauses import refuse_foreign
 from azure_iot_emulator.quotas import HUB_D2C_PER_SECOND
 from mainkit.settings import FlagKeys, SettingsError, SettingsFile, SettingsSource
 
@@ -112,6 +113,8 @@ class EmulatorConfig:
             )
         if self.allocation_webhook_ca is not None and not self.allocation_webhook_ca.is_file():
             raise SettingsError(f"allocation_webhook_ca {self.allocation_webhook_ca} is not a file")
+        if self.pause_log is not None and (why := refuse_foreign(self.pause_log)) is not None:
+            raise SettingsError(why)
         if self.hub_tier.upper() not in HUB_D2C_PER_SECOND:
             raise SettingsError(f"hub_tier must be one of {', '.join(HUB_D2C_PER_SECOND)}")
         if not 2 <= self.hub_partitions <= 128:

@@ -157,6 +157,28 @@ class PauseRecorder:
         self._file.flush()
 
 
+def refuse_foreign(path: Path) -> str | None:
+    """Why ``path`` must not be appended to as a pause log (None: it is one, empty, or not there yet).
+
+    The log is appended to: pointed by mistake at another file (the emulator's database, a key), it would
+    append JSON lines to it.  A file that exists must be a regular file whose first line is a record."""
+    if not path.exists():
+        return None
+    if not path.is_file():
+        return f"pause_log {path} is not a regular file"
+    with path.open("rb") as existing:
+        first = existing.readline(4096)
+    if not first:
+        return None
+    try:
+        record = json.loads(first)
+    except ValueError:
+        record = None
+    if not (isinstance(record, dict) and "kind" in record and "t" in record):
+        return f"pause_log {path} exists and is not a pause log (refusing to append to it)"
+    return None
+
+
 def read(path: Path) -> list[dict[str, Any]]:
     """The records of a pause log, oldest first (a torn last line, from a killed process, is skipped)."""
     records: list[dict[str, Any]] = []

@@ -13,6 +13,7 @@ from conftest import free_loopback_address
 from support.waiting import exited, until_sync
 
 from azure_iot_emulator.config import build_config
+from mainkit.settings import SettingsError
 
 pytestmark = pytest.mark.slow
 
@@ -133,3 +134,20 @@ def test_c2d_settings_from_file_environment_and_flag(tmp_path):
                      ("c2d_max_delivery_count", 101)):
         with pytest.raises(ValueError, match=key):
             build_config(None, {key: bad})
+
+
+def test_a_pause_log_pointed_at_another_file_is_refused_and_left_alone(tmp_path):
+    """The log is appended to: pointed by mistake at the emulator's database (or any file that is not a
+    pause log), serve must refuse before writing a byte to it."""
+    database = tmp_path / "emulator.db"
+    database.write_bytes(b"SQLite format 3\x00" + bytes(100))
+    before = database.read_bytes()
+    with pytest.raises(SettingsError, match="not a pause log"):
+        build_config(None, {"pause_log": str(database)})
+    with pytest.raises(SettingsError, match="not a regular file"):
+        build_config(None, {"pause_log": str(tmp_path)})
+    assert database.read_bytes() == before
+    log = tmp_path / "pauses.jsonl"
+    assert build_config(None, {"pause_log": str(log)}).pause_log == log  # not there yet
+    log.write_text('{"t": 1.0, "kind": "stall", "ms": 25.0}\n')
+    assert build_config(None, {"pause_log": str(log)}).pause_log == log  # an earlier run's: appended to
