@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from device_client.dps import cancel_leftover_timers
-from device_client.runtime import DeviceRuntime, RuntimeSnapshot
+from device_client.runtime import DeviceRuntime, DeviceState, RuntimeSnapshot
 from device_client.settings import load_settings
 
 STATUS_EVERY_S = 0.5
@@ -40,6 +40,10 @@ class _Device:
 
     def seen(self, snap: RuntimeSnapshot) -> None:
         now = time.time()
+        if snap.assigned_hub is not None and DeviceState.REGISTERED.value not in self.reached:
+            # A device with a hub has registered, whether or not a snapshot caught it in that state (with
+            # DPS answering at once, it goes on to connect before the next snapshot is taken).
+            self.reached.append(DeviceState.REGISTERED.value)
         if snap.state.value not in self.reached:
             self.reached.append(snap.state.value)
         if self.registered_at is None and snap.assigned_hub is not None:
